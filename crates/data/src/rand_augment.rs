@@ -1,0 +1,713 @@
+//! timm 1.0.31 RandAugment (`timm/data/auto_augment.py`).
+//!
+//! [`RandAugmentConfig::parse`] reads timm's config strings
+//! (`rand-m7-mstd0.5-inc1`, ...), [`RandAugment::apply`] draws `n` ops
+//! uniformly with replacement from timm's `_RAND_TRANSFORMS` or
+//! `_RAND_INCREASING_TRANSFORMS` and applies each with probability `p`, with
+//! per-call magnitude noise, timm's level-to-argument functions and random
+//! negation, on top of the Pillow-exact image operations of
+//! [`crate::image`]. The random draws come from our [`Rng`] rather than
+//! Python's, so only their distributions match timm; [`RaOp::apply_level`]
+//! and [`RaOp::apply`] are the deterministic entry points the parity tests use.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use crate::image::{geometry, ops, Filter, RgbImage};
+use crate::rng::Rng;
+
+/// timm's `_LEVEL_DENOM`: magnitudes are on a 0..=10 scale.
+pub const LEVEL_DENOM: f64 = 10.0;
+
+/// timm's default `translate_pct` for the relative translations.
+pub const TRANSLATE_PCT: f64 = 0.45;
+
+/// One RandAugment operation, named as in timm's `NAME_TO_OP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RaOp {
+    /// `ImageOps.autocontrast`.
+    AutoContrast,
+    /// `ImageOps.equalize`.
+    Equalize,
+    /// `ImageOps.invert`.
+    Invert,
+    /// `img.rotate(±30 m / 10 degrees)`.
+    Rotate,
+    /// Posterize to `int(4 m / 10)` bits.
+    Posterize,
+    /// Posterize to `4 - int(4 m / 10)` bits.
+    PosterizeIncreasing,
+    /// Solarize above `min(256, int(256 m / 10))`.
+    Solarize,
+    /// Solarize above `256 - min(256, int(256 m / 10))`.
+    SolarizeIncreasing,
+    /// Add `min(128, int(110 m / 10))` below 128.
+    SolarizeAdd,
+    /// Colour enhance by `1.8 m / 10 + 0.1`.
+    Color,
+    /// Colour enhance by `max(0.1, 1 ± 0.9 m / 10)`.
+    ColorIncreasing,
+    /// Contrast enhance by `1.8 m / 10 + 0.1`.
+    Contrast,
+    /// Contrast enhance by `max(0.1, 1 ± 0.9 m / 10)`.
+    ContrastIncreasing,
+    /// Brightness enhance by `1.8 m / 10 + 0.1`.
+    Brightness,
+    /// Brightness enhance by `max(0.1, 1 ± 0.9 m / 10)`.
+    BrightnessIncreasing,
+    /// Sharpness enhance by `1.8 m / 10 + 0.1`.
+    Sharpness,
+    /// Sharpness enhance by `max(0.1, 1 ± 0.9 m / 10)`.
+    SharpnessIncreasing,
+    /// Horizontal shear by `±0.3 m / 10`.
+    ShearX,
+    /// Vertical shear by `±0.3 m / 10`.
+    ShearY,
+    /// Horizontal translation by `±0.45 m / 10` of the width.
+    TranslateXRel,
+    /// Vertical translation by `±0.45 m / 10` of the height.
+    TranslateYRel,
+}
+
+/// timm's `_RAND_TRANSFORMS` (the default op set), in timm's order.
+pub const RAND_TRANSFORMS: [RaOp; 15] = [
+    RaOp::AutoContrast,
+    RaOp::Equalize,
+    RaOp::Invert,
+    RaOp::Rotate,
+    RaOp::Posterize,
+    RaOp::Solarize,
+    RaOp::SolarizeAdd,
+    RaOp::Color,
+    RaOp::Contrast,
+    RaOp::Brightness,
+    RaOp::Sharpness,
+    RaOp::ShearX,
+    RaOp::ShearY,
+    RaOp::TranslateXRel,
+    RaOp::TranslateYRel,
+];
+
+/// timm's `_RAND_INCREASING_TRANSFORMS` (selected by `inc1`), in timm's order.
+pub const RAND_INCREASING_TRANSFORMS: [RaOp; 15] = [
+    RaOp::AutoContrast,
+    RaOp::Equalize,
+    RaOp::Invert,
+    RaOp::Rotate,
+    RaOp::PosterizeIncreasing,
+    RaOp::SolarizeIncreasing,
+    RaOp::SolarizeAdd,
+    RaOp::ColorIncreasing,
+    RaOp::ContrastIncreasing,
+    RaOp::BrightnessIncreasing,
+    RaOp::SharpnessIncreasing,
+    RaOp::ShearX,
+    RaOp::ShearY,
+    RaOp::TranslateXRel,
+    RaOp::TranslateYRel,
+];
+
+const ALL_OPS: [RaOp; 21] = [
+    RaOp::AutoContrast,
+    RaOp::Equalize,
+    RaOp::Invert,
+    RaOp::Rotate,
+    RaOp::Posterize,
+    RaOp::PosterizeIncreasing,
+    RaOp::Solarize,
+    RaOp::SolarizeIncreasing,
+    RaOp::SolarizeAdd,
+    RaOp::Color,
+    RaOp::ColorIncreasing,
+    RaOp::Contrast,
+    RaOp::ContrastIncreasing,
+    RaOp::Brightness,
+    RaOp::BrightnessIncreasing,
+    RaOp::Sharpness,
+    RaOp::SharpnessIncreasing,
+    RaOp::ShearX,
+    RaOp::ShearY,
+    RaOp::TranslateXRel,
+    RaOp::TranslateYRel,
+];
+
+/// Python's `int(x)` for the non-negative levels timm converts.
+fn py_int(x: f64) -> f64 {
+    x.trunc()
+}
+
+fn maybe_negate(v: f64, negate: bool) -> f64 {
+    if negate {
+        -v
+    } else {
+        v
+    }
+}
+
+impl RaOp {
+    /// The op's name in timm (`'SolarizeIncreasing'`, ...).
+    pub fn timm_name(self) -> &'static str {
+        match self {
+            RaOp::AutoContrast => "AutoContrast",
+            RaOp::Equalize => "Equalize",
+            RaOp::Invert => "Invert",
+            RaOp::Rotate => "Rotate",
+            RaOp::Posterize => "Posterize",
+            RaOp::PosterizeIncreasing => "PosterizeIncreasing",
+            RaOp::Solarize => "Solarize",
+            RaOp::SolarizeIncreasing => "SolarizeIncreasing",
+            RaOp::SolarizeAdd => "SolarizeAdd",
+            RaOp::Color => "Color",
+            RaOp::ColorIncreasing => "ColorIncreasing",
+            RaOp::Contrast => "Contrast",
+            RaOp::ContrastIncreasing => "ContrastIncreasing",
+            RaOp::Brightness => "Brightness",
+            RaOp::BrightnessIncreasing => "BrightnessIncreasing",
+            RaOp::Sharpness => "Sharpness",
+            RaOp::SharpnessIncreasing => "SharpnessIncreasing",
+            RaOp::ShearX => "ShearX",
+            RaOp::ShearY => "ShearY",
+            RaOp::TranslateXRel => "TranslateXRel",
+            RaOp::TranslateYRel => "TranslateYRel",
+        }
+    }
+
+    /// The op with timm name `name`, if it is one of the RandAugment ops.
+    pub fn from_timm_name(name: &str) -> Option<RaOp> {
+        ALL_OPS.iter().copied().find(|op| op.timm_name() == name)
+    }
+
+    /// Whether the op resamples geometry (and so takes an interpolation and
+    /// the fill colour).
+    pub fn is_geometric(self) -> bool {
+        matches!(
+            self,
+            RaOp::Rotate | RaOp::ShearX | RaOp::ShearY | RaOp::TranslateXRel | RaOp::TranslateYRel
+        )
+    }
+
+    /// Whether timm's level function negates its value with probability 1/2.
+    pub fn draws_sign(self) -> bool {
+        matches!(
+            self,
+            RaOp::Rotate
+                | RaOp::ColorIncreasing
+                | RaOp::ContrastIncreasing
+                | RaOp::BrightnessIncreasing
+                | RaOp::SharpnessIncreasing
+                | RaOp::ShearX
+                | RaOp::ShearY
+                | RaOp::TranslateXRel
+                | RaOp::TranslateYRel
+        )
+    }
+
+    /// timm's `LEVEL_TO_ARG[name](magnitude)`: the op argument for a (clipped)
+    /// magnitude, with the random negation decided by `negate` (ignored by ops
+    /// that do not negate). `None` for ops without argument. Integer arguments
+    /// (posterize bits, solarize thresholds, solarize-add amount) are returned
+    /// as integral floats.
+    pub fn level_arg(self, magnitude: f64, negate: bool) -> Option<f64> {
+        let level = magnitude / LEVEL_DENOM;
+        let enhance = level * 1.8 + 0.1;
+        let enhance_increasing = || {
+            let v = 1.0 + maybe_negate(level * 0.9, negate);
+            if v > 0.1 {
+                v
+            } else {
+                0.1
+            }
+        };
+        let posterize = py_int(level * 4.0);
+        let solarize = py_int(level * 256.0).min(256.0);
+        Some(match self {
+            RaOp::AutoContrast | RaOp::Equalize | RaOp::Invert => return None,
+            RaOp::Rotate => maybe_negate(level * 30.0, negate),
+            RaOp::Posterize => posterize,
+            RaOp::PosterizeIncreasing => 4.0 - posterize,
+            RaOp::Solarize => solarize,
+            RaOp::SolarizeIncreasing => 256.0 - solarize,
+            RaOp::SolarizeAdd => py_int(level * 110.0).min(128.0),
+            RaOp::Color | RaOp::Contrast | RaOp::Brightness | RaOp::Sharpness => enhance,
+            RaOp::ColorIncreasing
+            | RaOp::ContrastIncreasing
+            | RaOp::BrightnessIncreasing
+            | RaOp::SharpnessIncreasing => enhance_increasing(),
+            RaOp::ShearX | RaOp::ShearY => maybe_negate(level * 0.3, negate),
+            RaOp::TranslateXRel | RaOp::TranslateYRel => {
+                maybe_negate(level * TRANSLATE_PCT, negate)
+            }
+        })
+    }
+
+    /// Applies the op with argument `arg` (as returned by
+    /// [`RaOp::level_arg`]; ignored by ops without argument), exactly as
+    /// timm's `NAME_TO_OP[name](img, arg, resample=filter, fillcolor=fill)`
+    /// on Pillow 13 — except that posterize to 0 bits gives black where Pillow
+    /// 13 raises (see [`ops::posterize`]).
+    pub fn apply(self, img: &RgbImage, arg: f64, filter: Filter, fill: [u8; 3]) -> RgbImage {
+        let int_arg = arg as i64;
+        match self {
+            RaOp::AutoContrast => ops::autocontrast(img),
+            RaOp::Equalize => ops::equalize(img),
+            RaOp::Invert => ops::invert(img),
+            RaOp::Rotate => geometry::rotate(img, arg, filter, fill),
+            RaOp::Posterize | RaOp::PosterizeIncreasing => ops::posterize(img, int_arg),
+            RaOp::Solarize | RaOp::SolarizeIncreasing => ops::solarize(img, int_arg),
+            RaOp::SolarizeAdd => ops::solarize_add(img, int_arg, 128),
+            RaOp::Color | RaOp::ColorIncreasing => ops::enhance_color(img, arg),
+            RaOp::Contrast | RaOp::ContrastIncreasing => ops::enhance_contrast(img, arg),
+            RaOp::Brightness | RaOp::BrightnessIncreasing => ops::enhance_brightness(img, arg),
+            RaOp::Sharpness | RaOp::SharpnessIncreasing => ops::enhance_sharpness(img, arg),
+            RaOp::ShearX => geometry::affine(img, [1.0, arg, 0.0, 0.0, 1.0, 0.0], filter, fill),
+            RaOp::ShearY => geometry::affine(img, [1.0, 0.0, 0.0, arg, 1.0, 0.0], filter, fill),
+            RaOp::TranslateXRel => {
+                let pixels = arg * f64::from(img.width);
+                geometry::affine(img, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], filter, fill)
+            }
+            RaOp::TranslateYRel => {
+                let pixels = arg * f64::from(img.height);
+                geometry::affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], filter, fill)
+            }
+        }
+    }
+
+    /// [`RaOp::level_arg`] followed by [`RaOp::apply`]: timm's `AugmentOp`
+    /// with probability 1 and a fixed, already clipped magnitude.
+    pub fn apply_level(
+        self,
+        img: &RgbImage,
+        magnitude: f64,
+        negate: bool,
+        filter: Filter,
+        fill: [u8; 3],
+    ) -> RgbImage {
+        let arg = self.level_arg(magnitude, negate).unwrap_or(0.0);
+        self.apply(img, arg, filter, fill)
+    }
+}
+
+/// A parsed timm RandAugment config string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandAugmentConfig {
+    /// `m`: magnitude (timm default 10).
+    pub magnitude: u32,
+    /// `n`: ops per image (default 2).
+    pub num_layers: usize,
+    /// `p`: probability of applying each chosen op (default 0.5).
+    pub prob: f64,
+    /// `mstd`: standard deviation of the per-call magnitude noise (default 0);
+    /// infinite (from `mstd` > 100) means uniform in [0, m].
+    pub magnitude_std: f64,
+    /// `mmax`: upper clip of the magnitude (default: [`LEVEL_DENOM`]; like
+    /// timm, `mmax0` also means the default).
+    pub magnitude_max: Option<u32>,
+    /// `inc`: use the 'increasing' op set (default false).
+    pub increasing: bool,
+}
+
+impl Default for RandAugmentConfig {
+    fn default() -> Self {
+        RandAugmentConfig {
+            magnitude: 10,
+            num_layers: 2,
+            prob: 0.5,
+            magnitude_std: 0.0,
+            magnitude_max: None,
+            increasing: false,
+        }
+    }
+}
+
+/// Why a RandAugment config string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RandAugmentError {
+    /// The string does not start with the `rand` section.
+    #[error("RandAugment config {config:?} must start with 'rand'")]
+    NotRand {
+        /// The whole config string.
+        config: String,
+    },
+    /// A section whose key timm does not know (timm asserts), e.g. the removed `w`.
+    #[error("unknown RandAugment config section {token:?}")]
+    UnknownSection {
+        /// The offending section.
+        token: String,
+    },
+    /// A known key whose value does not parse (timm raises `ValueError`).
+    #[error("invalid value in RandAugment config section {token:?}")]
+    InvalidValue {
+        /// The offending section.
+        token: String,
+    },
+    /// A `t<name>` transform set other than the default ones (weighted or 3-Augment sets).
+    #[error("RandAugment transform set in section {token:?} is not supported")]
+    UnsupportedTransforms {
+        /// The offending section.
+        token: String,
+    },
+}
+
+impl RandAugmentConfig {
+    /// Parses a timm RandAugment string as timm 1.0.31
+    /// `rand_augment_transform` does: sections separated by `-`, the first
+    /// being `rand`; each other section is a key followed by a value starting
+    /// at its first digit: `m` (int), `n` (int), `p` (float), `mstd` (float;
+    /// above 100 means uniform), `mmax` (int), `inc` (int; `inc0` is false in
+    /// 1.0.31). For `mstd` and `mmax` the first occurrence wins, for the others
+    /// the last. Sections without a digit are ignored, as in timm. A section
+    /// starting with `t` names the transform set (the first one wins): the
+    /// weighted and 3-Augment sets (`tweights`, `t3aw`, `t3a`) are not
+    /// supported; any other name selects the default set, as in timm.
+    pub fn parse(s: &str) -> Result<RandAugmentConfig, RandAugmentError> {
+        let mut sections = s.split('-');
+        if sections.next() != Some("rand") {
+            return Err(RandAugmentError::NotRand { config: s.to_string() });
+        }
+        let mut cfg = RandAugmentConfig::default();
+        let mut mstd: Option<f64> = None;
+        let mut mmax: Option<u32> = None;
+        let mut transforms: Option<&str> = None;
+        for c in sections {
+            if let Some(name) = c.strip_prefix('t') {
+                if transforms.is_none() {
+                    transforms = Some(name);
+                    if matches!(name, "weights" | "3aw" | "3a") {
+                        return Err(RandAugmentError::UnsupportedTransforms {
+                            token: c.to_string(),
+                        });
+                    }
+                }
+                continue;
+            }
+            let Some(split) = c.find(|ch: char| ch.is_ascii_digit()) else {
+                continue;
+            };
+            let (key, val) = c.split_at(split);
+            let bad = || RandAugmentError::InvalidValue { token: c.to_string() };
+            let int = || val.parse::<u32>().map_err(|_| bad());
+            let float = || val.parse::<f64>().map_err(|_| bad());
+            match key {
+                "mstd" => {
+                    let v = float()?;
+                    let v = if v > 100.0 { f64::INFINITY } else { v };
+                    mstd.get_or_insert(v);
+                }
+                "mmax" => {
+                    let v = int()?;
+                    mmax.get_or_insert(v);
+                }
+                "inc" => {
+                    // Python `bool(int(val))`, for any number of digits.
+                    if !val.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(bad());
+                    }
+                    cfg.increasing = val.bytes().any(|b| b != b'0');
+                }
+                "m" => cfg.magnitude = int()?,
+                "n" => cfg.num_layers = val.parse::<usize>().map_err(|_| bad())?,
+                "p" => cfg.prob = float()?,
+                _ => return Err(RandAugmentError::UnknownSection { token: c.to_string() }),
+            }
+        }
+        cfg.magnitude_std = mstd.unwrap_or(0.0);
+        cfg.magnitude_max = mmax;
+        Ok(cfg)
+    }
+
+    /// The op set this config draws from.
+    pub fn ops(&self) -> &'static [RaOp] {
+        if self.increasing {
+            &RAND_INCREASING_TRANSFORMS
+        } else {
+            &RAND_TRANSFORMS
+        }
+    }
+
+    /// The upper clip of the per-call magnitude (`magnitude_max or 10`).
+    pub fn upper_bound(&self) -> f64 {
+        match self.magnitude_max {
+            Some(m) if m != 0 => f64::from(m),
+            _ => LEVEL_DENOM,
+        }
+    }
+
+    /// timm's clip of a (noisy) magnitude: `max(0, min(m, upper_bound))`.
+    pub fn clip_magnitude(&self, m: f64) -> f64 {
+        let upper = self.upper_bound();
+        let m = if upper < m { upper } else { m };
+        if m > 0.0 {
+            m
+        } else {
+            0.0
+        }
+    }
+}
+
+impl FromStr for RandAugmentConfig {
+    type Err = RandAugmentError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RandAugmentConfig::parse(s)
+    }
+}
+
+/// Interpolation of the geometric ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaInterpolation {
+    /// Always this filter (timm with `--train-interpolation bilinear|bicubic`).
+    Fixed(Filter),
+    /// Bilinear or bicubic with equal probability, drawn per geometric op call
+    /// (timm with `--train-interpolation random`).
+    Random,
+}
+
+/// timm's `RandAugment` transform.
+#[derive(Debug, Clone)]
+pub struct RandAugment {
+    config: RandAugmentConfig,
+    fill: [u8; 3],
+    interpolation: RaInterpolation,
+}
+
+impl RandAugment {
+    /// A RandAugment with the given config, fill colour of the geometric ops
+    /// (timm's `img_mean`, e.g. (124, 116, 104)) and interpolation.
+    pub fn new(config: RandAugmentConfig, fill: [u8; 3], interpolation: RaInterpolation) -> Self {
+        RandAugment { config, fill, interpolation }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &RandAugmentConfig {
+        &self.config
+    }
+
+    /// Draws one op-call magnitude (timm `AugmentOp.__call__`): `m`, plus
+    /// Gaussian noise of std `mstd` (or uniform in [0, m] when `mstd` is
+    /// infinite), clipped to [0, upper bound].
+    pub fn sample_magnitude(&self, rng: &mut Rng) -> f64 {
+        let mut m = f64::from(self.config.magnitude);
+        let std = self.config.magnitude_std;
+        if std > 0.0 {
+            m = if std == f64::INFINITY { rng.uniform_range(0.0, m) } else { rng.gauss(m, std) };
+        }
+        self.config.clip_magnitude(m)
+    }
+
+    /// Applies RandAugment to `img`: `num_layers` ops drawn uniformly with
+    /// replacement, each applied with probability `prob`.
+    pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
+        let set = self.config.ops();
+        let chosen: Vec<RaOp> = (0..self.config.num_layers)
+            .map(|_| set[rng.below(set.len() as u64) as usize])
+            .collect();
+        let mut cur = Cow::Borrowed(img);
+        for op in chosen {
+            if self.config.prob < 1.0 && rng.uniform() > self.config.prob {
+                continue;
+            }
+            let magnitude = self.sample_magnitude(rng);
+            let negate = op.draws_sign() && rng.uniform() > 0.5;
+            let filter = match self.interpolation {
+                _ if !op.is_geometric() => Filter::Bicubic,
+                RaInterpolation::Fixed(f) => f,
+                RaInterpolation::Random => {
+                    if rng.below(2) == 0 {
+                        Filter::Bilinear
+                    } else {
+                        Filter::Bicubic
+                    }
+                }
+            };
+            cur = Cow::Owned(op.apply_level(&cur, magnitude, negate, filter, self.fill));
+        }
+        cur.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> RandAugmentConfig {
+        RandAugmentConfig::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn parses_rsb_strings() {
+        let c = parse("rand-m7-mstd0.5-inc1");
+        assert_eq!(
+            c,
+            RandAugmentConfig {
+                magnitude: 7,
+                num_layers: 2,
+                prob: 0.5,
+                magnitude_std: 0.5,
+                magnitude_max: None,
+                increasing: true
+            }
+        );
+        assert_eq!(c.ops(), &RAND_INCREASING_TRANSFORMS);
+        let c = parse("rand-m9-n3-mstd0.5");
+        assert_eq!((c.magnitude, c.num_layers, c.increasing), (9, 3, false));
+        assert_eq!(c.ops(), &RAND_TRANSFORMS);
+        assert_eq!(parse("rand-m6-mstd101").magnitude_std, f64::INFINITY);
+        assert_eq!(parse("rand-m6-mstd100").magnitude_std, 100.0);
+        assert_eq!(parse("rand"), RandAugmentConfig::default());
+    }
+
+    #[test]
+    fn parse_follows_timm_quirks() {
+        // timm 1.0.31 uses bool(int(val)): inc0 is false.
+        assert!(!parse("rand-inc0").increasing);
+        assert!(parse("rand-inc01").increasing);
+        // mstd/mmax go through hparams.setdefault: the first one wins.
+        let c = parse("rand-mstd0.5-mstd1-mmax15-mmax20");
+        assert_eq!((c.magnitude_std, c.magnitude_max), (0.5, Some(15)));
+        // The others: the last one wins.
+        assert_eq!(parse("rand-m3-m5-n1-n4").magnitude, 5);
+        assert_eq!(parse("rand-p0.25").prob, 0.25);
+        // mmax0 is falsy in timm: the default bound 10 applies.
+        assert_eq!(parse("rand-mmax0").upper_bound(), 10.0);
+        assert_eq!(parse("rand-mmax15").upper_bound(), 15.0);
+        // Sections without a digit are skipped; unknown set names mean the default set.
+        assert_eq!(parse("rand-foo--m7").magnitude, 7);
+        assert_eq!(parse("rand-tdefault-tweights").ops(), &RAND_TRANSFORMS);
+    }
+
+    #[test]
+    fn parse_errors_name_the_token() {
+        let err = |s: &str| RandAugmentConfig::parse(s).unwrap_err();
+        assert_eq!(err("rnd-m7"), RandAugmentError::NotRand { config: "rnd-m7".into() });
+        assert_eq!(err(""), RandAugmentError::NotRand { config: String::new() });
+        assert_eq!(err("rand-m7-w0"), RandAugmentError::UnknownSection { token: "w0".into() });
+        assert_eq!(err("rand-x3"), RandAugmentError::UnknownSection { token: "x3".into() });
+        assert_eq!(err("rand-m7.5"), RandAugmentError::InvalidValue { token: "m7.5".into() });
+        assert_eq!(
+            err("rand-mstd0.5x"),
+            RandAugmentError::InvalidValue { token: "mstd0.5x".into() }
+        );
+        assert_eq!(
+            err("rand-n99999999999999999999999"),
+            RandAugmentError::InvalidValue { token: "n99999999999999999999999".into() }
+        );
+        assert_eq!(
+            err("rand-m9-tweights"),
+            RandAugmentError::UnsupportedTransforms { token: "tweights".into() }
+        );
+        assert!(err("rand-t3a").to_string().contains("t3a"));
+        assert!(err("rand-m7-w0").to_string().contains("w0"));
+    }
+
+    #[test]
+    fn level_args_at_m7_match_timm() {
+        // Values printed by timm 1.0.31 LEVEL_TO_ARG at magnitude 7 (no negation).
+        let want = [
+            (RaOp::Rotate, 21.0),
+            (RaOp::Posterize, 2.0),
+            (RaOp::PosterizeIncreasing, 2.0),
+            (RaOp::Solarize, 179.0),
+            (RaOp::SolarizeIncreasing, 77.0),
+            (RaOp::SolarizeAdd, 77.0),
+            (RaOp::Color, 1.36),
+            (RaOp::ColorIncreasing, 1.63),
+            (RaOp::Sharpness, 1.36),
+            (RaOp::BrightnessIncreasing, 1.63),
+            (RaOp::ShearX, 0.21),
+            (RaOp::TranslateYRel, 0.315),
+        ];
+        for (op, v) in want {
+            assert_eq!(op.level_arg(7.0, false), Some(v), "{op:?}");
+        }
+        assert_eq!(RaOp::Rotate.level_arg(7.0, true), Some(-21.0));
+        assert_eq!(RaOp::ContrastIncreasing.level_arg(7.0, true), Some(1.0 - 0.63));
+        assert_eq!(RaOp::Contrast.level_arg(7.0, true), Some(1.36));
+        assert_eq!(RaOp::Brightness.level_arg(7.3, false), Some(1.4140000000000001));
+        assert_eq!(RaOp::TranslateXRel.level_arg(7.3, false), Some(0.3285));
+        assert_eq!(RaOp::Solarize.level_arg(7.3, false), Some(186.0));
+        assert_eq!(RaOp::SolarizeAdd.level_arg(10.0, false), Some(110.0));
+        assert_eq!(RaOp::SolarizeAdd.level_arg(15.0, false), Some(128.0));
+        assert_eq!(RaOp::PosterizeIncreasing.level_arg(10.0, false), Some(0.0));
+        assert_eq!(RaOp::ColorIncreasing.level_arg(10.0, true), Some(0.1));
+        assert_eq!(RaOp::Equalize.level_arg(7.0, true), None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for op in ALL_OPS {
+            assert_eq!(RaOp::from_timm_name(op.timm_name()), Some(op));
+        }
+        assert_eq!(RaOp::from_timm_name("Cutout"), None);
+    }
+
+    #[test]
+    fn magnitude_distribution() {
+        let mut rng = Rng::from_key(&[3]);
+        let ra = RandAugment::new(parse("rand-m7-mstd0.5"), [0; 3], RaInterpolation::Random);
+        let n = 20_000;
+        let s: Vec<f64> = (0..n).map(|_| ra.sample_magnitude(&mut rng)).collect();
+        let mean = s.iter().sum::<f64>() / n as f64;
+        assert!((mean - 7.0).abs() < 0.02, "{mean}");
+        let ra = RandAugment::new(parse("rand-m9-mstd101"), [0; 3], RaInterpolation::Random);
+        let s: Vec<f64> = (0..n).map(|_| ra.sample_magnitude(&mut rng)).collect();
+        assert!(s.iter().all(|&m| (0.0..=9.0).contains(&m)));
+        assert!((s.iter().sum::<f64>() / n as f64 - 4.5).abs() < 0.1);
+        // Clipped to [0, 10] by default, to mmax when set.
+        let ra = RandAugment::new(parse("rand-m15"), [0; 3], RaInterpolation::Random);
+        assert_eq!(ra.sample_magnitude(&mut rng), 10.0);
+        let ra = RandAugment::new(parse("rand-m15-mmax12"), [0; 3], RaInterpolation::Random);
+        assert_eq!(ra.sample_magnitude(&mut rng), 12.0);
+        let ra = RandAugment::new(parse("rand-m0-mstd3"), [0; 3], RaInterpolation::Random);
+        assert!((0..100).all(|_| ra.sample_magnitude(&mut rng) >= 0.0));
+    }
+
+    #[test]
+    fn apply_is_deterministic_and_total() {
+        let mut data = Vec::new();
+        for i in 0..(23 * 17) {
+            data.extend_from_slice(&[(i * 7 % 256) as u8, (i * 13 % 256) as u8, (i % 256) as u8]);
+        }
+        let img = RgbImage::new(23, 17, data);
+        let ra = RandAugment::new(
+            parse("rand-m9-n4-mstd101-inc1-p0.9"),
+            [124, 116, 104],
+            RaInterpolation::Random,
+        );
+        let a = ra.apply(&img, &mut Rng::from_key(&[1, 2]));
+        let b = ra.apply(&img, &mut Rng::from_key(&[1, 2]));
+        assert_eq!(a, b);
+        for key in 0..200 {
+            let out = ra.apply(&img, &mut Rng::from_key(&[key]));
+            assert_eq!((out.width, out.height), (23, 17));
+        }
+        let one = RgbImage::filled(1, 1, [9, 9, 9]);
+        for key in 0..200 {
+            assert_eq!(ra.apply(&one, &mut Rng::from_key(&[key])).data.len(), 3);
+        }
+        let none = RandAugment::new(parse("rand-n0"), [0; 3], RaInterpolation::Random);
+        assert_eq!(none.apply(&img, &mut Rng::from_key(&[0])), img);
+    }
+
+    #[test]
+    fn every_op_applies_with_probability_p() {
+        let img = RgbImage::filled(8, 8, [100, 50, 25]);
+        // With `p0` nothing is applied.
+        let ra = RandAugment::new(parse("rand-n5-p0"), [0; 3], RaInterpolation::Random);
+        assert_eq!(ra.apply(&img, &mut Rng::from_key(&[5])), img);
+        // With m0 and increasing ops, a flat image changes only through
+        // Invert, AutoContrast/Equalize (no-ops here), SolarizeIncreasing (256: no-op)...
+        let ra = RandAugment::new(parse("rand-m0-n1-p1-inc1"), [0; 3], RaInterpolation::Random);
+        let mut changed = 0;
+        for key in 0..300 {
+            if ra.apply(&img, &mut Rng::from_key(&[key])) != img {
+                changed += 1;
+            }
+        }
+        // ... and PosterizeIncreasing (4 bits: 100 -> 96, 50 -> 48, 25 -> 16):
+        // 2 ops of 15 change the image.
+        let frac = changed as f64 / 300.0;
+        assert!((frac - 2.0 / 15.0).abs() < 0.07, "{frac}");
+    }
+}

@@ -1,0 +1,473 @@
+//! The single-process training loop: builds model, data, optimizer and
+//! schedule from a recipe, runs the epochs (one optimizer update = one
+//! micro-batch from each sampler stream, gradients accumulated), evaluates,
+//! logs `metrics.jsonl`, checkpoints every epoch, and resumes exactly.
+//!
+//! Exact resumption rests on three facts: every data-side random draw is keyed
+//! by its position in the run (see `rsb_data::pipeline`), libtorch's generator
+//! is reseeded from the update index before each update (drop-path masks), and
+//! the checkpoint holds the model, the LAMB moments and the update count.
+
+use crate::batch::Normalizer;
+use crate::checkpoint::{self, TrainState};
+use crate::error::TrainError;
+use crate::lamb::Lamb;
+use crate::loss::Loss;
+use crate::metrics::{MetricsLog, TopK};
+use crate::schedule::CosineWithWarmup;
+use rsb_data::dataset::ImageFolder;
+use rsb_data::image::Filter;
+use rsb_data::loader::default_threads;
+use rsb_data::mixup::{MixMode, MixupConfig};
+use rsb_data::pipeline::{EvalData, TrainData};
+use rsb_data::rand_augment::{RaInterpolation, RandAugment, RandAugmentConfig};
+use rsb_data::rng::{Rng, Stream};
+use rsb_data::sampler::{SamplerKind, StreamSampler};
+use rsb_data::transforms::{CropInterpolation, EvalTransform, TrainTransform};
+use rsb_recipes::schema::{
+    Interpolation, MixupMode, OptimizerSection, Precision, Recipe, ScheduleSection,
+};
+use rsb_vision::{ForwardMode, Model, ModelConfig};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How a run is executed (everything that is not part of the recipe).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run folder: `metrics.jsonl`, checkpoints.
+    pub out_dir: PathBuf,
+    /// Checkpoint (or run folder) to continue from.
+    pub resume: Option<PathBuf>,
+    /// Training device.
+    pub device: Device,
+    /// Draw a progress bar (a terminal); plain log lines otherwise.
+    pub progress: bool,
+    /// Stop after this many optimizer updates in this invocation (smoke tests).
+    pub max_updates: Option<u64>,
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EpochReport {
+    /// Epoch (0-based).
+    pub epoch: u64,
+    /// Optimizer updates done after it.
+    pub updates: u64,
+    /// Mean training loss over its updates.
+    pub train_loss: f64,
+    /// Training images per second (loading included, evaluation excluded).
+    pub images_per_sec: f64,
+    /// Validation top-1 in percent, when evaluated.
+    pub top1: Option<f64>,
+    /// Validation top-5 in percent, when evaluated.
+    pub top5: Option<f64>,
+    /// Wall time since the start of this invocation, in seconds.
+    pub elapsed_s: f64,
+}
+
+/// The result of [`Trainer::run`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Finished epochs of this invocation.
+    pub epochs: Vec<EpochReport>,
+    /// Losses of every update of this invocation, in order.
+    pub update_losses: Vec<f64>,
+    /// Wall time in seconds.
+    pub wall_s: f64,
+}
+
+fn filter_of(interpolation: Interpolation) -> Option<Filter> {
+    match interpolation {
+        Interpolation::Bilinear => Some(Filter::Bilinear),
+        Interpolation::Bicubic => Some(Filter::Bicubic),
+        Interpolation::Random => None,
+    }
+}
+
+/// timm's RandAugment fill colour: `min(255, round(255 * mean))` per channel.
+pub fn fill_colour(mean: [f64; 3]) -> [u8; 3] {
+    mean.map(|m| rsb_data::transforms::round_half_even(255.0 * m).clamp(0.0, 255.0) as u8)
+}
+
+/// The training transform a recipe describes.
+pub fn train_transform(recipe: &Recipe) -> Result<TrainTransform, TrainError> {
+    let a = &recipe.augment;
+    let rand_augment = match &a.rand_augment {
+        Some(spec) => {
+            let config = RandAugmentConfig::parse(spec)
+                .map_err(|e| TrainError::Recipe(format!("augment.rand_augment: {e}")))?;
+            let interpolation = match filter_of(a.interpolation) {
+                Some(f) => RaInterpolation::Fixed(f),
+                None => RaInterpolation::Random,
+            };
+            Some(RandAugment::new(config, fill_colour(recipe.data.mean), interpolation))
+        }
+        None => None,
+    };
+    Ok(TrainTransform {
+        size: a.input_size,
+        scale: a.scale,
+        ratio: a.ratio,
+        interpolation: match filter_of(a.interpolation) {
+            Some(f) => CropInterpolation::Fixed(f),
+            None => CropInterpolation::Random,
+        },
+        hflip: a.hflip,
+        rand_augment,
+    })
+}
+
+/// The evaluation transform a recipe describes.
+pub fn eval_transform(recipe: &Recipe) -> Result<EvalTransform, TrainError> {
+    let e = &recipe.eval;
+    let filter = filter_of(e.interpolation).ok_or_else(|| {
+        TrainError::Recipe("eval.interpolation: `random` is for training only".into())
+    })?;
+    Ok(EvalTransform::new(e.input_size, e.crop_pct, filter))
+}
+
+/// Number of sampler streams (micro-batches per optimizer update).
+pub fn num_streams(recipe: &Recipe) -> usize {
+    (recipe.batch.global_size / recipe.batch.micro_size.max(1)) as usize
+}
+
+/// The training data a recipe describes.
+pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
+    let root = Path::new(&recipe.data.root).join(&recipe.data.train_split);
+    let folder = ImageFolder::open(&root)?;
+    let kind = match recipe.batch.repeated_augmentation {
+        0 | 1 => SamplerKind::Distributed,
+        r => SamplerKind::RepeatAug { num_repeats: r },
+    };
+    let sampler = StreamSampler::new(folder.len(), num_streams(recipe), kind, recipe.seed);
+    let mixup = recipe.mixup.as_ref().map(|m| MixupConfig {
+        mixup_alpha: m.mixup_alpha,
+        cutmix_alpha: m.cutmix_alpha,
+        prob: m.prob,
+        switch_prob: m.switch_prob,
+        mode: match m.mode {
+            MixupMode::Batch => MixMode::Batch,
+            MixupMode::Elem => MixMode::Elem,
+        },
+        label_smoothing: m.label_smoothing,
+    });
+    Ok(TrainData::new(
+        folder,
+        train_transform(recipe)?,
+        mixup,
+        Loss::smoothing(&recipe.loss),
+        sampler,
+        recipe.batch.micro_size as usize,
+        recipe.model.num_classes as usize,
+        recipe.seed,
+    )?)
+}
+
+/// Runs the model over an evaluation set and counts top-1/top-5.
+pub fn evaluate(
+    model: &mut Model,
+    data: &Arc<EvalData>,
+    normalizer: &Normalizer,
+    threads: usize,
+    prefetch: usize,
+) -> Result<TopK, TrainError> {
+    let _guard = tch::no_grad_guard();
+    let mut acc = TopK::default();
+    for batch in data.loader(threads, prefetch) {
+        let batch = batch?;
+        if batch.len == 0 {
+            continue;
+        }
+        let xs = normalizer.images(&batch.images, batch.len, batch.size, batch.size)?;
+        let logits = model.forward(&xs, ForwardMode::Eval)?;
+        acc.add(&logits, &normalizer.labels(&batch.labels)?)?;
+    }
+    Ok(acc)
+}
+
+/// A configured training run.
+#[derive(Debug)]
+pub struct Trainer {
+    recipe: Recipe,
+    options: RunOptions,
+    model: Model,
+    optimizer: Lamb,
+    schedule: CosineWithWarmup,
+    loss: Loss,
+    train: Arc<TrainData>,
+    eval: Arc<EvalData>,
+    normalizer: Normalizer,
+    metrics: MetricsLog,
+    state: TrainState,
+    threads: usize,
+    prefetch: usize,
+}
+
+/// A libtorch seed derived from a purpose and position.
+fn torch_seed(key: &[u64]) -> i64 {
+    (Rng::from_key(key).next_u64() >> 1) as i64
+}
+
+impl Trainer {
+    /// Builds everything the recipe describes and, with `options.resume`,
+    /// restores the checkpoint.
+    pub fn new(recipe: Recipe, options: RunOptions) -> Result<Trainer, TrainError> {
+        let device = options.device;
+        let cuda = device != Device::Cpu;
+        if recipe.runtime.torch_threads > 0 {
+            tch::set_num_threads(recipe.runtime.torch_threads as i32);
+        }
+        let precision = match recipe.runtime.precision {
+            Precision::Auto if cuda => Kind::BFloat16,
+            Precision::Bf16 if !cuda => {
+                return Err(TrainError::Recipe(
+                    "runtime.precision: bf16 needs a GPU; use auto or fp32".into(),
+                ))
+            }
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::Auto | Precision::Fp32 => Kind::Float,
+        };
+        let channels_last = cuda && recipe.runtime.channels_last;
+        tch::manual_seed(torch_seed(&[recipe.seed, Stream::Torch as u64, u64::MAX]));
+        let config = ModelConfig {
+            num_classes: i64::from(recipe.model.num_classes),
+            in_chans: 3,
+            drop_path_rate: recipe.model.drop_path_rate,
+            zero_init_last: recipe.model.zero_init_last,
+        };
+        let mut model = Model::new(&recipe.model.name, config, device)?;
+        model.set_compute_kind(precision);
+        if channels_last {
+            model.to_channels_last()?;
+        }
+        let OptimizerSection::Lamb(lamb) = &recipe.optimizer;
+        let mut optimizer = Lamb::new(&model, lamb)?;
+        let train = Arc::new(train_data(&recipe)?);
+        let ScheduleSection::Cosine(cosine) = &recipe.schedule;
+        let schedule = CosineWithWarmup::new(cosine, lamb.lr, train.steps_per_epoch());
+        let val_root = Path::new(&recipe.data.root).join(&recipe.data.val_split);
+        let eval = Arc::new(EvalData::new(
+            ImageFolder::open(&val_root)?,
+            eval_transform(&recipe)?,
+            recipe.eval.batch_size as usize,
+        ));
+        std::fs::create_dir_all(&options.out_dir)
+            .map_err(|e| TrainError::io(&options.out_dir, e))?;
+        let metrics = MetricsLog::open(&options.out_dir.join("metrics.jsonl"))?;
+        let mut state = TrainState {
+            recipe: recipe.name.clone(),
+            model: recipe.model.name.clone(),
+            next_epoch: 0,
+            next_step: 0,
+            updates: 0,
+            optimizer: optimizer.steps(),
+            replaced_samples: 0,
+            best_top1: None,
+        };
+        if let Some(resume) = &options.resume {
+            let path = checkpoint::resolve(resume)?;
+            state = checkpoint::load(&path, &mut model, &mut optimizer)?;
+            tracing::info!(checkpoint = %path.display(), epoch = state.next_epoch, update = state.updates, "resumed");
+        }
+        let threads = match recipe.data.loader_threads {
+            0 => default_threads(),
+            n => n as usize,
+        };
+        let prefetch = recipe.data.prefetch_batches.max(1) as usize;
+        let normalizer = Normalizer::new(recipe.data.mean, recipe.data.std, device, channels_last);
+        Ok(Trainer {
+            loss: Loss::from_recipe(&recipe.loss),
+            recipe,
+            options,
+            model,
+            optimizer,
+            schedule,
+            train,
+            eval,
+            normalizer,
+            metrics,
+            state,
+            threads,
+            prefetch,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Optimizer updates per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.train.steps_per_epoch()
+    }
+
+    /// Total epochs of the recipe (cosine plus cooldown).
+    pub fn total_epochs(&self) -> u64 {
+        let ScheduleSection::Cosine(c) = &self.recipe.schedule;
+        u64::from(c.epochs + c.cooldown_epochs)
+    }
+
+    /// Evaluates the current weights on the validation split.
+    pub fn evaluate(&mut self) -> Result<TopK, TrainError> {
+        evaluate(&mut self.model, &self.eval, &self.normalizer, self.threads, self.prefetch)
+    }
+
+    /// Trains until the recipe's last epoch (or `max_updates`).
+    pub fn run(&mut self) -> Result<RunSummary, TrainError> {
+        let start = Instant::now();
+        let spe = self.train.steps_per_epoch();
+        let streams: Vec<usize> = (0..self.train.num_streams()).collect();
+        let micro = self.recipe.batch.micro_size as u64;
+        let images_per_update = micro * streams.len() as u64;
+        let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
+        let total_epochs = self.total_epochs();
+        let bar = self.options.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(total_epochs * spe);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} updates {msg} [{elapsed_precise}<{eta_precise}]",
+                )
+                .expect("static template"),
+            );
+            bar.set_position(self.state.updates);
+            bar
+        });
+        let mut summary = RunSummary { epochs: Vec::new(), update_losses: Vec::new(), wall_s: 0.0 };
+        let mut done_here = 0u64;
+        'epochs: for epoch in self.state.next_epoch..total_epochs {
+            let start_step = if epoch == self.state.next_epoch { self.state.next_step } else { 0 };
+            let epoch_start = Instant::now();
+            let mut epoch_loss = 0.0;
+            let mut epoch_updates = 0u64;
+            let mut window_start = Instant::now();
+            let mut window_updates = 0u64;
+            let mut window_loss = Tensor::zeros([], (Kind::Float, self.options.device));
+            let mut loader = self.train.epoch_loader(
+                epoch,
+                start_step,
+                streams.clone(),
+                self.threads,
+                self.prefetch,
+            );
+            for step in start_step..spe {
+                if self.options.max_updates.is_some_and(|m| done_here >= m) {
+                    break 'epochs;
+                }
+                let update = epoch * spe + step;
+                let lr = self.schedule.lr(update);
+                tch::manual_seed(torch_seed(&[self.recipe.seed, Stream::Torch as u64, update]));
+                self.optimizer.zero_grad();
+                let mut update_loss = Tensor::zeros([], (Kind::Float, self.options.device));
+                for _ in &streams {
+                    let mb = loader
+                        .next()
+                        .ok_or_else(|| TrainError::Recipe("loader ended early".into()))??;
+                    let xs = self.normalizer.images(&mb.images, mb.len, mb.height, mb.width)?;
+                    let ys = self.normalizer.targets(&mb.targets, mb.len)?;
+                    let logits = self.model.forward(&xs, ForwardMode::Train)?;
+                    let loss =
+                        self.loss.compute(&logits, &ys)?.f_div_scalar(streams.len() as f64)?;
+                    loss.f_backward()?;
+                    update_loss = update_loss.f_add(&loss.f_detach()?)?;
+                }
+                self.optimizer.step(lr)?;
+                let loss_value = update_loss.f_double_value(&[])?;
+                if !loss_value.is_finite() {
+                    return Err(TrainError::Diverged { epoch, update, value: loss_value });
+                }
+                summary.update_losses.push(loss_value);
+                window_loss = window_loss.f_add(&update_loss)?;
+                epoch_loss += loss_value;
+                epoch_updates += 1;
+                window_updates += 1;
+                done_here += 1;
+                self.state.updates = update + 1;
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                }
+                if (update + 1).is_multiple_of(log_every) {
+                    let secs = window_start.elapsed().as_secs_f64();
+                    let ips = (window_updates * images_per_update) as f64 / secs.max(1e-9);
+                    let mean_loss = window_loss.f_double_value(&[])? / window_updates as f64;
+                    self.metrics.write(&json!({
+                        "kind": "step", "epoch": epoch, "step": update + 1, "lr": lr,
+                        "loss": mean_loss, "images_per_sec": ips,
+                    }))?;
+                    let line = format!(
+                        "epoch {epoch} update {} lr {lr:.3e} loss {mean_loss:.4} {ips:.0} img/s",
+                        update + 1
+                    );
+                    match &bar {
+                        Some(bar) => bar.set_message(format!("loss {mean_loss:.4} {ips:.0} img/s")),
+                        None => tracing::info!("{line}"),
+                    }
+                    window_start = Instant::now();
+                    window_updates = 0;
+                    window_loss = Tensor::zeros([], (Kind::Float, self.options.device));
+                }
+            }
+            drop(loader);
+            let train_secs = epoch_start.elapsed().as_secs_f64();
+            let last_epoch = epoch + 1 == total_epochs;
+            let every = u64::from(self.recipe.eval.every_epochs.max(1));
+            let eval =
+                if last_epoch || (epoch + 1).is_multiple_of(every) { Some(self.evaluate()?) } else { None };
+            if let Some(acc) = &eval {
+                let best = self.state.best_top1.unwrap_or(f64::MIN).max(acc.top1_pct());
+                self.state.best_top1 = Some(best);
+            }
+            self.state.next_epoch = epoch + 1;
+            self.state.next_step = 0;
+            self.state.optimizer = self.optimizer.steps();
+            self.state.replaced_samples = self.train.bad_files().replacements();
+            let report = EpochReport {
+                epoch,
+                updates: self.state.updates,
+                train_loss: epoch_loss / epoch_updates.max(1) as f64,
+                images_per_sec: (epoch_updates * images_per_update) as f64 / train_secs.max(1e-9),
+                top1: eval.map(|a| a.top1_pct()),
+                top5: eval.map(|a| a.top5_pct()),
+                elapsed_s: start.elapsed().as_secs_f64(),
+            };
+            self.metrics.write(&json!({
+                "kind": "epoch", "epoch": epoch, "step": self.state.updates,
+                "lr": self.schedule.lr(self.state.updates.saturating_sub(1)),
+                "loss": report.train_loss, "images_per_sec": report.images_per_sec,
+                "top1": report.top1, "top5": report.top5,
+                "val_loss": eval.map(|a| a.mean_loss()),
+                "replaced_samples": self.state.replaced_samples,
+                "elapsed_s": report.elapsed_s,
+            }))?;
+            let acc_text = match (report.top1, report.top5) {
+                (Some(t1), Some(t5)) => format!(" top1 {t1:.2} top5 {t5:.2}"),
+                _ => String::new(),
+            };
+            let line = format!(
+                "epoch {epoch} done: loss {:.4} {:.0} img/s{acc_text} ({:.0} s)",
+                report.train_loss, report.images_per_sec, report.elapsed_s
+            );
+            match &bar {
+                Some(bar) => bar.println(line),
+                None => tracing::info!("{line}"),
+            }
+            checkpoint::save(
+                &self.options.out_dir,
+                epoch,
+                &self.model,
+                &self.optimizer,
+                &self.state,
+                self.recipe.runtime.keep_last_checkpoints as usize,
+            )?;
+            summary.epochs.push(report);
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        summary.wall_s = start.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    rsb_torch_link::emit();
+}

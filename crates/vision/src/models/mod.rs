@@ -1,0 +1,3 @@
+//! Model families, one file each, named as in timm.
+
+pub mod resnet;

@@ -1,0 +1,129 @@
+//! Finds the line and column of a dotted key (`optimizer.lamb.lr`) in YAML source.
+//!
+//! serde_norway exposes no spans, but it stamps the position of the current
+//! event on any error a visitor returns. So we walk the document with a
+//! visitor that follows the path and fails on purpose, with a marker message,
+//! when it reads the last key: the error's location is that key's position.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+use crate::error::Location;
+
+/// Message of the deliberate error; cannot be a key of a real recipe.
+const MARKER: &str = "\u{0}rsb-recipes-locate\u{0}";
+
+/// Line and column of the key at `path` (mapping keys only), if present.
+pub(crate) fn locate(source: &str, path: &str) -> Option<Location> {
+    let segments: Vec<&str> = path.split('.').collect();
+    if path.is_empty() {
+        return None;
+    }
+    let de = serde_norway::Deserializer::from_str(source);
+    match (Navigate { path: &segments }).deserialize(de) {
+        Err(e) if e.to_string().contains(MARKER) => {
+            e.location().map(|l| Location { line: l.line(), column: l.column() })
+        }
+        _ => None,
+    }
+}
+
+/// Follows a non-empty path through nested mappings.
+struct Navigate<'a> {
+    path: &'a [&'a str],
+}
+
+impl<'de> DeserializeSeed<'de> for Navigate<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Navigate<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((head, rest)) = self.path.split_first() else {
+            return Ok(());
+        };
+        while let Some(found) = map.next_key_seed(Key { wanted: head, last: rest.is_empty() })? {
+            if found {
+                return map.next_value_seed(Navigate { path: rest });
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one mapping key: `true` if it is the wanted one; the marker error
+/// if it is the wanted one and the last of the path.
+struct Key<'a> {
+    wanted: &'a str,
+    last: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        match (key == self.wanted, self.last) {
+            (true, true) => Err(E::custom(MARKER)),
+            (found, _) => Ok(found),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "\
+name: x
+optimizer:
+  lamb:
+    lr: 0.1   # comment
+    betas: [0.9, 0.999]
+flow: {a: 1, b: {c: 2}}
+";
+
+    fn at(path: &str) -> Option<(usize, usize)> {
+        locate(SOURCE, path).map(|l| (l.line, l.column))
+    }
+
+    #[test]
+    fn finds_nested_keys() {
+        assert_eq!(at("name"), Some((1, 1)));
+        assert_eq!(at("optimizer"), Some((2, 1)));
+        assert_eq!(at("optimizer.lamb.lr"), Some((4, 5)));
+        assert_eq!(at("optimizer.lamb.betas"), Some((5, 5)));
+        assert_eq!(at("flow.b.c"), Some((6, 18)));
+    }
+
+    #[test]
+    fn missing_or_malformed_paths_give_none() {
+        assert_eq!(at("optimizer.lamb.eps"), None);
+        assert_eq!(at("name.x"), None);
+        assert_eq!(at(""), None);
+        assert_eq!(locate("[1, 2", "a"), None);
+    }
+}

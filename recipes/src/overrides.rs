@@ -1,0 +1,165 @@
+//! `--set key=value` overrides applied to the YAML tree of a recipe.
+//!
+//! The key is a dotted path of mapping keys (`optimizer.lamb.lr`); the value
+//! is parsed as a YAML scalar or flow value (`0.004`, `resnet50`, `null`,
+//! `[0.35, 1.0]`, `{cross_entropy: {smoothing: 0.1}}`). A missing key, or a
+//! `null` on the way, becomes a fresh mapping, so `mixup.mixup_alpha=0.2`
+//! works on a recipe without a `mixup` section. Sequences cannot be indexed:
+//! replace the whole list instead (`augment.scale=[0.35,1.0]`).
+
+use serde_norway::{Mapping, Value};
+
+use crate::error::RecipeError;
+
+/// One parsed `--set key=value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The override as given, `key=value` (used in error messages).
+    pub raw: String,
+    /// The key split on `.`; never empty, no empty segment.
+    pub key: Vec<String>,
+    /// The parsed value.
+    pub value: Value,
+}
+
+impl Override {
+    /// Parses `key=value`, splitting at the first `=`.
+    pub fn parse(raw: &str) -> Result<Override, RecipeError> {
+        let syntax = |message: String| RecipeError::OverrideSyntax { set: raw.to_owned(), message };
+        let Some((key, value)) = raw.split_once('=') else {
+            return Err(syntax(
+                "expected `key=value` (e.g. `optimizer.lamb.lr=0.004`), found no `=`".into(),
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(syntax("the key before `=` is empty".into()));
+        }
+        let segments: Vec<String> = key.split('.').map(|s| s.trim().to_owned()).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(syntax(format!("the key `{key}` has an empty segment")));
+        }
+        let value: Value = serde_norway::from_str(value).map_err(|e| {
+            syntax(format!("the value `{value}` is not a YAML scalar or flow value: {e}"))
+        })?;
+        Ok(Override { raw: raw.to_owned(), key: segments, value })
+    }
+
+    /// The dotted key.
+    pub fn dotted_key(&self) -> String {
+        self.key.join(".")
+    }
+
+    /// Whether this override wrote `field` (a dotted path) or a value above
+    /// or below it, i.e. one path is a segment-wise prefix of the other.
+    pub fn touches(&self, field: &str) -> bool {
+        if field.is_empty() {
+            return false;
+        }
+        self.key.iter().map(String::as_str).zip(field.split('.')).all(|(a, b)| a == b)
+    }
+
+    /// Writes the value into `root`, creating missing mappings on the way.
+    pub fn apply(&self, root: &mut Value) -> Result<(), RecipeError> {
+        let mut node = root;
+        for (depth, segment) in self.key.iter().enumerate() {
+            if node.is_null() {
+                *node = Value::Mapping(Mapping::new());
+            }
+            let Value::Mapping(mapping) = node else {
+                return Err(RecipeError::OverridePath {
+                    set: self.raw.clone(),
+                    key: self.dotted_key(),
+                    parent: self.key.get(..depth).unwrap_or_default().join("."),
+                    found: describe(node).to_owned(),
+                });
+            };
+            node = mapping.entry(Value::String(segment.clone())).or_insert(Value::Null);
+        }
+        *node = self.value.clone();
+        Ok(())
+    }
+}
+
+/// `a string`, `a sequence`, ... for error messages.
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a sequence",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(yaml: &str) -> Value {
+        serde_norway::from_str(yaml).expect("test YAML parses")
+    }
+
+    #[test]
+    fn parses_scalars_and_flow_values() {
+        let o = Override::parse("optimizer.lamb.lr=0.004").unwrap();
+        assert_eq!(o.key, ["optimizer", "lamb", "lr"]);
+        assert_eq!(o.value, Value::from(0.004));
+        assert_eq!(Override::parse("a=null").unwrap().value, Value::Null);
+        assert_eq!(Override::parse("a=/x=y").unwrap().value, Value::from("/x=y"));
+        let seq = Override::parse("augment.scale=[0.35,1.0]").unwrap().value;
+        assert_eq!(seq, tree("[0.35, 1.0]"));
+    }
+
+    #[test]
+    fn rejects_bad_syntax() {
+        let msg = Override::parse("foo").unwrap_err().to_string();
+        assert!(msg.starts_with("--set foo: expected `key=value`"), "{msg}");
+        let msg = Override::parse("=1").unwrap_err().to_string();
+        assert!(msg.contains("key before `=` is empty"), "{msg}");
+        let msg = Override::parse("a..b=1").unwrap_err().to_string();
+        assert!(msg.contains("empty segment"), "{msg}");
+        let msg = Override::parse("a=[1, 2").unwrap_err().to_string();
+        assert!(msg.contains("not a YAML scalar or flow value"), "{msg}");
+    }
+
+    #[test]
+    fn creates_missing_and_null_mappings() {
+        let mut root = tree("a: 1\nb: null\n");
+        Override::parse("b.c.d=2").unwrap().apply(&mut root).unwrap();
+        Override::parse("e.f=3").unwrap().apply(&mut root).unwrap();
+        assert_eq!(root, tree("a: 1\nb: {c: {d: 2}}\ne: {f: 3}\n"));
+    }
+
+    #[test]
+    fn refuses_to_descend_into_a_scalar() {
+        let mut root = tree("name: x\n");
+        let err = Override::parse("name.y=1").unwrap().apply(&mut root).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--set name.y=1: cannot set `name.y`: `name` is a string, not a mapping"
+        );
+    }
+
+    #[test]
+    fn refuses_a_non_mapping_document() {
+        let mut root = tree("[1, 2]\n");
+        let err = Override::parse("a=1").unwrap().apply(&mut root).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--set a=1: cannot set `a`: the top level is a sequence, not a mapping"
+        );
+    }
+
+    #[test]
+    fn touches_is_a_prefix_relation() {
+        let o = Override::parse("augment.scale=[0.1,1]").unwrap();
+        assert!(o.touches("augment.scale"));
+        assert!(o.touches("augment"));
+        assert!(!o.touches("augment.ratio"));
+        assert!(!o.touches("augmentation"));
+        assert!(!o.touches(""));
+    }
+}

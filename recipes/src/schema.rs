@@ -1,0 +1,396 @@
+//! The recipe schema: one strict struct per section, every struct
+//! `deny_unknown_fields`, enums externally tagged (`optimizer: {lamb: {...}}`).
+//!
+//! A recipe is a whole run: model, data, augmentation, loss, optimizer,
+//! schedule, batch layout and runtime knobs. A new feature is a new field
+//! here, not a new command-line flag.
+//!
+//! serde_norway reads an externally tagged enum only from a YAML tag
+//! (`!lamb`), not from a single-key mapping, unless the deserializer is wrapped
+//! in `serde_norway::with::singleton_map_recursive`. [`crate::load`],
+//! [`crate::load_str`] and [`crate::to_yaml`] do that: use them rather than
+//! `serde_norway::from_str::<Recipe>`. (JSON's default enum form is already
+//! the single-key mapping.)
+
+use serde::{Deserialize, Serialize};
+
+/// A complete training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Human-readable name of the recipe (`resnet50_a1`).
+    pub name: String,
+    /// Seed of every random stream (init, sampler, augmentation, mixup, drop-path).
+    #[serde(default)]
+    pub seed: u64,
+    /// The network.
+    pub model: ModelSection,
+    /// Where the images are.
+    pub data: DataSection,
+    /// Training-time augmentation of each image.
+    pub augment: AugmentSection,
+    /// Mixup / CutMix over each micro-batch; absent = off.
+    #[serde(default)]
+    pub mixup: Option<MixupSection>,
+    /// Training loss.
+    pub loss: LossSection,
+    /// Optimizer.
+    pub optimizer: OptimizerSection,
+    /// Learning-rate schedule (its length is the training length).
+    pub schedule: ScheduleSection,
+    /// How the global batch is split.
+    pub batch: BatchSection,
+    /// Evaluation.
+    pub eval: EvalSection,
+    /// Precision, memory layout, logging, checkpoints.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// The network and its training-time regularisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// timm name (`resnet50`).
+    pub name: String,
+    /// Classifier outputs; must equal the number of class folders.
+    pub num_classes: u32,
+    /// Stochastic depth rate of the last block (linear from 0 over blocks).
+    #[serde(default)]
+    pub drop_path_rate: f64,
+    /// Zero-init the last BN gamma of each residual branch.
+    #[serde(default = "default_true")]
+    pub zero_init_last: bool,
+}
+
+/// The dataset: an ImageNet-layout folder (`ROOT/train/<class>/*`, `ROOT/val/<class>/*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Folder holding the splits.
+    pub root: String,
+    /// Training split folder under `root`.
+    #[serde(default = "default_train_split")]
+    pub train_split: String,
+    /// Validation split folder under `root`.
+    #[serde(default = "default_val_split")]
+    pub val_split: String,
+    /// Per-channel mean in [0, 1] (timm's `IMAGENET_DEFAULT_MEAN`).
+    #[serde(default = "default_mean")]
+    pub mean: [f64; 3],
+    /// Per-channel std in [0, 1] (timm's `IMAGENET_DEFAULT_STD`).
+    #[serde(default = "default_std")]
+    pub std: [f64; 3],
+    /// Decoding threads; 0 = one per available core.
+    #[serde(default)]
+    pub loader_threads: u32,
+    /// Micro-batches decoded ahead of the trainer (bounded queue).
+    #[serde(default = "default_prefetch")]
+    pub prefetch_batches: u32,
+}
+
+/// Resampling filter, with timm's `random` (bilinear or bicubic per image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// PIL bilinear (antialiased when downscaling).
+    Bilinear,
+    /// PIL bicubic (a = -0.5, antialiased when downscaling).
+    Bicubic,
+    /// Bilinear or bicubic, chosen uniformly per image (timm's train default).
+    Random,
+}
+
+/// RandomResizedCrop, flip and RandAugment, in timm's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentSection {
+    /// Output side of the random crop, in pixels.
+    pub input_size: u32,
+    /// Crop area range as a fraction of the image.
+    #[serde(default = "default_scale")]
+    pub scale: [f64; 2],
+    /// Crop aspect-ratio range.
+    #[serde(default = "default_ratio")]
+    pub ratio: [f64; 2],
+    /// Resampling filter of the crop (and of RandAugment's geometric ops).
+    #[serde(default = "default_train_interpolation")]
+    pub interpolation: Interpolation,
+    /// Horizontal flip probability.
+    #[serde(default = "default_hflip")]
+    pub hflip: f64,
+    /// timm RandAugment string (`rand-m7-mstd0.5-inc1`); absent = off.
+    #[serde(default)]
+    pub rand_augment: Option<String>,
+}
+
+/// How Mixup and CutMix are applied (timm's `Mixup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixupMode {
+    /// One lambda and one box for the whole micro-batch.
+    Batch,
+    /// Independent lambda per sample.
+    Elem,
+}
+
+/// Mixup / CutMix (timm `Mixup`: reversed-batch pairing, corrected lambda).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixupSection {
+    /// Beta(alpha, alpha) for Mixup; 0 = off.
+    pub mixup_alpha: f64,
+    /// Beta(alpha, alpha) for CutMix; 0 = off.
+    pub cutmix_alpha: f64,
+    /// Probability of mixing a batch at all.
+    #[serde(default = "default_one")]
+    pub prob: f64,
+    /// Probability of CutMix instead of Mixup when both are on.
+    #[serde(default = "default_switch_prob")]
+    pub switch_prob: f64,
+    /// Per batch or per element.
+    #[serde(default = "default_mixup_mode")]
+    pub mode: MixupMode,
+    /// Label smoothing applied to the mixed targets.
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+/// Training loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LossSection {
+    /// timm `BinaryCrossEntropy` over (mixed) soft targets.
+    Bce(BceLoss),
+    /// Softmax cross-entropy over (mixed) soft targets.
+    CrossEntropy(CrossEntropyLoss),
+}
+
+/// timm `BinaryCrossEntropy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BceLoss {
+    /// Targets above this become 1, the rest 0; absent = soft targets.
+    #[serde(default)]
+    pub target_threshold: Option<f64>,
+    /// Label smoothing used when Mixup is off (Mixup smooths its own targets).
+    #[serde(default)]
+    pub smoothing: f64,
+}
+
+/// Softmax cross-entropy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossEntropyLoss {
+    /// Label smoothing used when Mixup is off.
+    #[serde(default)]
+    pub smoothing: f64,
+}
+
+/// Optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerSection {
+    /// timm `Lamb`.
+    Lamb(LambOptimizer),
+}
+
+/// timm `Lamb` with its defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LambOptimizer {
+    /// Peak learning rate (absolute, not scaled by batch size).
+    pub lr: f64,
+    /// Weight decay of the decay group (conv/linear weights).
+    pub weight_decay: f64,
+    /// Adam betas.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// Adam epsilon.
+    #[serde(default = "default_lamb_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip applied inside the step; absent = none.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// Clip the trust ratio at 1 (timm's `lambc`).
+    #[serde(default)]
+    pub trust_clip: bool,
+    /// Apply the trust ratio to the no-decay group as well.
+    #[serde(default)]
+    pub always_adapt: bool,
+}
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ScheduleSection {
+    /// timm `CosineLRScheduler` with linear warmup, stepped per optimizer update.
+    Cosine(CosineSchedule),
+}
+
+/// timm `CosineLRScheduler` (cycle_limit 1, k_decay 1, warmup_prefix false).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CosineSchedule {
+    /// Length of the cosine, in epochs (timm's `t_initial`).
+    pub epochs: u32,
+    /// Linear warmup from `warmup_lr` to the peak, in epochs.
+    pub warmup_epochs: f64,
+    /// Learning rate at the first update.
+    pub warmup_lr: f64,
+    /// Floor of the cosine.
+    pub min_lr: f64,
+    /// Extra epochs at `min_lr` after the cosine (timm's `--cooldown-epochs`).
+    #[serde(default)]
+    pub cooldown_epochs: u32,
+}
+
+/// How the global batch is made of micro-batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSection {
+    /// Images per optimizer update, over all ranks and accumulation steps.
+    pub global_size: u32,
+    /// Images per forward pass; BN statistics and Mixup pairs are per
+    /// micro-batch, as timm's per-GPU batch. `global_size / micro_size`
+    /// sampler streams exist whatever the world size.
+    pub micro_size: u32,
+    /// Repeated augmentation: copies of each sampled image per epoch (1 = off).
+    #[serde(default = "default_repeats")]
+    pub repeated_augmentation: u32,
+}
+
+/// Evaluation after each epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Centre-crop side, in pixels.
+    pub input_size: u32,
+    /// Fraction kept by the centre crop: resize the shorter side to
+    /// `floor(input_size / crop_pct)` first.
+    pub crop_pct: f64,
+    /// Resampling filter of the resize.
+    #[serde(default = "default_eval_interpolation")]
+    pub interpolation: Interpolation,
+    /// Images per evaluation forward pass.
+    pub batch_size: u32,
+    /// Evaluate every this many epochs (and after the last).
+    #[serde(default = "default_one_u32")]
+    pub every_epochs: u32,
+}
+
+/// Numeric precision of the forward/backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 activations on a GPU, f32 everywhere on a CPU.
+    Auto,
+    /// f32 everywhere.
+    Fp32,
+    /// bf16 activations (GPU only).
+    Bf16,
+}
+
+/// Runtime knobs that do not change the maths (except precision).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Mixed precision.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// Channels-last memory layout on a GPU.
+    #[serde(default = "default_true")]
+    pub channels_last: bool,
+    /// One metrics line every this many optimizer updates.
+    #[serde(default = "default_log_every")]
+    pub log_every_steps: u32,
+    /// Checkpoints kept (the newest ones).
+    #[serde(default = "default_keep_last")]
+    pub keep_last_checkpoints: u32,
+    /// libtorch intra-op threads on a CPU; 0 = libtorch's default.
+    #[serde(default)]
+    pub torch_threads: u32,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            precision: default_precision(),
+            channels_last: true,
+            log_every_steps: default_log_every(),
+            keep_last_checkpoints: default_keep_last(),
+            torch_threads: 0,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_one_u32() -> u32 {
+    1
+}
+fn default_train_split() -> String {
+    "train".into()
+}
+fn default_val_split() -> String {
+    "val".into()
+}
+/// timm's `IMAGENET_DEFAULT_MEAN`.
+pub const IMAGENET_DEFAULT_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+/// timm's `IMAGENET_DEFAULT_STD`.
+pub const IMAGENET_DEFAULT_STD: [f64; 3] = [0.229, 0.224, 0.225];
+fn default_mean() -> [f64; 3] {
+    IMAGENET_DEFAULT_MEAN
+}
+fn default_std() -> [f64; 3] {
+    IMAGENET_DEFAULT_STD
+}
+fn default_prefetch() -> u32 {
+    4
+}
+fn default_scale() -> [f64; 2] {
+    [0.08, 1.0]
+}
+fn default_ratio() -> [f64; 2] {
+    [3.0 / 4.0, 4.0 / 3.0]
+}
+fn default_train_interpolation() -> Interpolation {
+    Interpolation::Random
+}
+fn default_eval_interpolation() -> Interpolation {
+    Interpolation::Bicubic
+}
+fn default_hflip() -> f64 {
+    0.5
+}
+fn default_switch_prob() -> f64 {
+    0.5
+}
+fn default_mixup_mode() -> MixupMode {
+    MixupMode::Batch
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_lamb_eps() -> f64 {
+    1e-6
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_repeats() -> u32 {
+    1
+}
+fn default_precision() -> Precision {
+    Precision::Auto
+}
+fn default_log_every() -> u32 {
+    50
+}
+fn default_keep_last() -> u32 {
+    2
+}

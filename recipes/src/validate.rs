@@ -1,0 +1,249 @@
+//! Range and consistency checks that the type system cannot express.
+//!
+//! [`validate`] returns the first violation in file order, naming the field by
+//! its dotted path (`schedule.cosine.min_lr`). [`crate::load`] adds where the
+//! value came from (file line or `--set`). Every float check also rejects NaN
+//! and infinities.
+
+use crate::error::{Origin, RecipeError};
+use crate::schema::{LossSection, OptimizerSection, Recipe, ScheduleSection};
+
+/// A failed check, before its origin is known.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Violation {
+    /// Dotted path of the field the message is about.
+    pub field: String,
+    /// Another field whose value takes part in the check (cross-field rules),
+    /// used to blame a `--set` that changed it.
+    pub related: Option<String>,
+    /// What is wrong, with the value found.
+    pub message: String,
+}
+
+impl Violation {
+    /// The public error, with `origin` attached.
+    pub fn into_error(self, origin: Origin) -> RecipeError {
+        RecipeError::Invalid { origin, field: self.field, message: self.message }
+    }
+}
+
+/// Checks every value of `recipe` against its allowed range and the
+/// cross-field rules (`micro_size` divides `global_size`, `warmup_epochs <
+/// epochs`, `min_lr <= lr`, ...). The error names the field.
+pub fn validate(recipe: &Recipe) -> Result<(), RecipeError> {
+    check(recipe).map_err(|v| v.into_error(Origin::Unknown))
+}
+
+type Check = Result<(), Violation>;
+
+fn fail(field: &str, message: String) -> Check {
+    Err(Violation { field: field.to_owned(), related: None, message })
+}
+
+fn fail_with(field: &str, related: &str, message: String) -> Check {
+    Err(Violation { field: field.to_owned(), related: Some(related.to_owned()), message })
+}
+
+fn non_empty(field: &str, v: &str) -> Check {
+    if v.trim().is_empty() {
+        return fail(field, "must not be empty".into());
+    }
+    Ok(())
+}
+
+fn at_least_one(field: &str, v: u32) -> Check {
+    if v == 0 {
+        return fail(field, "must be at least 1, got 0".into());
+    }
+    Ok(())
+}
+
+fn positive(field: &str, v: f64) -> Check {
+    if !(v.is_finite() && v > 0.0) {
+        return fail(field, format!("must be a finite number > 0, got {v}"));
+    }
+    Ok(())
+}
+
+fn non_negative(field: &str, v: f64) -> Check {
+    if !(v.is_finite() && v >= 0.0) {
+        return fail(field, format!("must be a finite number >= 0, got {v}"));
+    }
+    Ok(())
+}
+
+/// In `[0, 1]` (a probability).
+fn probability(field: &str, v: f64) -> Check {
+    if !(0.0..=1.0).contains(&v) {
+        return fail(field, format!("must be a probability in [0, 1], got {v}"));
+    }
+    Ok(())
+}
+
+/// In `[0, 1)`.
+fn unit_open(field: &str, v: f64) -> Check {
+    if !(0.0..1.0).contains(&v) {
+        return fail(field, format!("must be in [0, 1), got {v}"));
+    }
+    Ok(())
+}
+
+/// A `[low, high]` range with `0 < low <= high` (and `high <= max` if given).
+fn ordered_range(field: &str, [low, high]: [f64; 2], max: Option<f64>) -> Check {
+    let ok = low.is_finite() && high.is_finite() && low > 0.0 && low <= high;
+    let under_max = max.is_none_or(|max| high <= max);
+    if !(ok && under_max) {
+        let bound = match max {
+            Some(max) => format!(" <= {max}"),
+            None => String::new(),
+        };
+        return fail(
+            field,
+            format!("must be [low, high] with 0 < low <= high{bound}, got [{low}, {high}]"),
+        );
+    }
+    Ok(())
+}
+
+/// All the checks, in file order; the first failure wins.
+pub(crate) fn check(r: &Recipe) -> Check {
+    non_empty("name", &r.name)?;
+
+    let m = &r.model;
+    non_empty("model.name", &m.name)?;
+    at_least_one("model.num_classes", m.num_classes)?;
+    unit_open("model.drop_path_rate", m.drop_path_rate)?;
+
+    let d = &r.data;
+    non_empty("data.root", &d.root)?;
+    non_empty("data.train_split", &d.train_split)?;
+    non_empty("data.val_split", &d.val_split)?;
+    for (i, &mean) in d.mean.iter().enumerate() {
+        if !(0.0..=1.0).contains(&mean) {
+            return fail("data.mean", format!("channel {i} must be in [0, 1], got {mean}"));
+        }
+    }
+    for (i, &std) in d.std.iter().enumerate() {
+        if !(std.is_finite() && std > 0.0 && std <= 1.0) {
+            return fail("data.std", format!("channel {i} must be in (0, 1], got {std}"));
+        }
+    }
+
+    let a = &r.augment;
+    at_least_one("augment.input_size", a.input_size)?;
+    ordered_range("augment.scale", a.scale, Some(1.0))?;
+    ordered_range("augment.ratio", a.ratio, None)?;
+    probability("augment.hflip", a.hflip)?;
+    if let Some(ra) = &a.rand_augment {
+        if ra.split('-').next() != Some("rand") {
+            return fail(
+                "augment.rand_augment",
+                format!(
+                    "must be a timm RandAugment string starting with `rand` \
+                     (e.g. `rand-m7-mstd0.5-inc1`), got `{ra}`; use null to turn it off"
+                ),
+            );
+        }
+    }
+
+    if let Some(x) = &r.mixup {
+        non_negative("mixup.mixup_alpha", x.mixup_alpha)?;
+        non_negative("mixup.cutmix_alpha", x.cutmix_alpha)?;
+        if x.mixup_alpha == 0.0 && x.cutmix_alpha == 0.0 {
+            return fail_with(
+                "mixup.mixup_alpha",
+                "mixup.cutmix_alpha",
+                "is 0 and so is mixup.cutmix_alpha; to turn Mixup/CutMix off, \
+                 remove the `mixup` section (or set `mixup: null`)"
+                    .into(),
+            );
+        }
+        probability("mixup.prob", x.prob)?;
+        probability("mixup.switch_prob", x.switch_prob)?;
+        unit_open("mixup.label_smoothing", x.label_smoothing)?;
+    }
+
+    match &r.loss {
+        LossSection::Bce(bce) => {
+            if let Some(t) = bce.target_threshold {
+                probability("loss.bce.target_threshold", t)?;
+            }
+            unit_open("loss.bce.smoothing", bce.smoothing)?;
+        }
+        LossSection::CrossEntropy(ce) => unit_open("loss.cross_entropy.smoothing", ce.smoothing)?,
+    }
+
+    let lr = match &r.optimizer {
+        OptimizerSection::Lamb(o) => {
+            positive("optimizer.lamb.lr", o.lr)?;
+            non_negative("optimizer.lamb.weight_decay", o.weight_decay)?;
+            for (i, &beta) in o.betas.iter().enumerate() {
+                if !(0.0..1.0).contains(&beta) {
+                    return fail(
+                        "optimizer.lamb.betas",
+                        format!("beta{} must be in [0, 1), got {beta}", i + 1),
+                    );
+                }
+            }
+            positive("optimizer.lamb.eps", o.eps)?;
+            if let Some(norm) = o.max_grad_norm {
+                positive("optimizer.lamb.max_grad_norm", norm)?;
+            }
+            ("optimizer.lamb.lr", o.lr)
+        }
+    };
+
+    match &r.schedule {
+        ScheduleSection::Cosine(s) => {
+            at_least_one("schedule.cosine.epochs", s.epochs)?;
+            non_negative("schedule.cosine.warmup_epochs", s.warmup_epochs)?;
+            if s.warmup_epochs >= f64::from(s.epochs) {
+                return fail_with(
+                    "schedule.cosine.warmup_epochs",
+                    "schedule.cosine.epochs",
+                    format!(
+                        "must be less than schedule.cosine.epochs ({}), got {}",
+                        s.epochs, s.warmup_epochs
+                    ),
+                );
+            }
+            non_negative("schedule.cosine.warmup_lr", s.warmup_lr)?;
+            non_negative("schedule.cosine.min_lr", s.min_lr)?;
+            if s.min_lr > lr.1 {
+                return fail_with(
+                    "schedule.cosine.min_lr",
+                    lr.0,
+                    format!("must be <= {} ({}), got {}", lr.0, lr.1, s.min_lr),
+                );
+            }
+        }
+    }
+
+    let b = &r.batch;
+    at_least_one("batch.global_size", b.global_size)?;
+    at_least_one("batch.micro_size", b.micro_size)?;
+    // (Not `is_multiple_of`: the workspace's MSRV is 1.85.)
+    let remainder = b.global_size % b.micro_size;
+    if remainder != 0 {
+        return fail_with(
+            "batch.micro_size",
+            "batch.global_size",
+            format!(
+                "must divide batch.global_size ({}), got {} (remainder {remainder})",
+                b.global_size, b.micro_size
+            ),
+        );
+    }
+    at_least_one("batch.repeated_augmentation", b.repeated_augmentation)?;
+
+    let e = &r.eval;
+    at_least_one("eval.input_size", e.input_size)?;
+    if !(e.crop_pct > 0.0 && e.crop_pct <= 1.0) {
+        return fail("eval.crop_pct", format!("must be in (0, 1], got {}", e.crop_pct));
+    }
+    at_least_one("eval.batch_size", e.batch_size)?;
+    at_least_one("eval.every_epochs", e.every_epochs)?;
+
+    at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
+    Ok(())
+}

@@ -1,0 +1,69 @@
+"""Generates every oracle fixture the parity tests compare against, using
+timm 1.0.31 and Pillow from the project venv.
+
+    .venv/bin/python tests/oracle/gen_fixtures.py [--out target/fixtures]
+
+The fixtures are generated (in CI too), not committed: weights alone are
+hundreds of megabytes. A marker file records the timm/torch/Pillow versions so
+that stale fixtures are regenerated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "target" / "fixtures")
+    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    args = parser.parse_args()
+
+    import PIL
+    import timm
+    import torch
+
+    versions = {"timm": timm.__version__, "torch": torch.__version__, "pillow": PIL.__version__,
+                "generator": (HERE / "gen_fixtures.py").stat().st_mtime_ns}
+    sources = sorted(p for p in HERE.glob("*.py"))
+    versions["sources"] = {p.name: p.read_text() .__hash__() for p in sources}
+    marker = args.out / "VERSIONS.json"
+    stamp = {k: v for k, v in versions.items() if k != "generator"}
+    stamp["sources"] = {p.name: len(p.read_bytes()) for p in sources}
+    if not args.force and marker.is_file() and json.loads(marker.read_text()) == stamp:
+        print(f"fixtures in {args.out} are up to date")
+        return 0
+    if timm.__version__ != "1.0.31":
+        print(f"error: the oracle is timm 1.0.31, this venv has {timm.__version__}", file=sys.stderr)
+        return 2
+
+    import assets
+    import models
+    import numerics
+    import pil_ops
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = [
+        ("models", lambda: models.generate(args.out / "models")),
+        ("lamb", lambda: numerics.generate_lamb(args.out / "lamb")),
+        ("mixup+bce", lambda: numerics.generate_mixup(args.out / "mixup")),
+        ("schedule", lambda: numerics.generate_schedule(args.out / "schedule")),
+        ("sampler", lambda: numerics.generate_sampler(args.out / "sampler")),
+        ("pil_ops", lambda: pil_ops.generate(args.out / "pil_ops", assets.photos())),
+    ]
+    for name, step in steps:
+        print(f"generating {name} fixtures", flush=True)
+        step()
+    marker.write_text(json.dumps(stamp, indent=1))
+    print(f"fixtures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Time timm's training step on random input (the timm side of the speed comparison).
+
+One step = forward, timm BinaryCrossEntropy(target_threshold=0.2) on random
+soft (mixup-like) targets, backward, timm Lamb step (create_optimizer_v2
+'lamb', lr 8e-3, weight decay 0.02, timm defaults otherwise, i.e. global
+grad-norm clip 1.0 and no decay / no trust ratio for biases and norm
+weights), zero_grad. The model is timm.create_model(M, num_classes=C) in
+train mode; the input is a fixed random N(0, 1) batch of B x 3 x S x S.
+
+`--warmup` untimed steps run first, then `--steps` timed ones (each timed
+alone, with a device synchronisation on a GPU). Output on stdout: ONE JSON
+line
+
+  {"impl":"timm","model":M,"batch":B,"size":S,"threads":T,
+   "images_per_sec": B * steps / (sum of timed step times),
+   "step_ms_median": median timed step time in ms, ...}
+
+(extra keys: channels_last, device, precision, num_classes, steps, warmup,
+step_ms_min, step_ms_max, torch, timm). Progress goes to stderr. The Rust
+side (`worker bench step`) prints the same keys with "impl":"ours";
+bench/compare_train_step.py runs both.
+
+Usage:
+  .venv/bin/python tests/oracle/timm_step_bench.py --model resnet18 \
+      --batch 128 --size 32 --num-classes 10 --steps 30 --warmup 5 --threads 2
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Time timm's train step (forward, BCE, backward, Lamb, zero_grad) on random input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='resnet18', help='timm model name')
+    p.add_argument('--batch', type=int, default=128, help='images per step')
+    p.add_argument('--size', type=int, default=32, help='input side in pixels')
+    p.add_argument('--num-classes', type=int, default=10, help='classifier outputs')
+    p.add_argument('--steps', type=int, default=30, help='timed steps')
+    p.add_argument('--warmup', type=int, default=5, help='untimed steps first')
+    p.add_argument('--threads', type=int, default=2, help='torch intra-op threads')
+    p.add_argument('--channels-last', action='store_true', help='channels-last model and input')
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                   help='auto = cuda when available, else cpu')
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
+                   help='auto = bf16 autocast on a GPU, fp32 on a CPU (the recipe runtime.precision rule)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the weights and the random batch')
+    return p.parse_args(argv)
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for name in ('batch', 'size', 'num_classes', 'steps', 'threads'):
+        if getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        die('--warmup must be >= 0')
+
+    import torch
+    import timm
+    from timm.loss import BinaryCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.device == 'auto':
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    elif args.device == 'cuda':
+        if not torch.cuda.is_available():
+            die('--device cuda given but torch.cuda.is_available() is False')
+        device = torch.device('cuda')
+    else:
+        device = torch.device('cpu')
+    on_gpu = device.type == 'cuda'
+    if on_gpu:  # as timm's train.py main()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if args.precision == 'bf16' and not on_gpu:
+        die('--precision bf16 is GPU only (as the recipe schema)')
+    amp_dtype = torch.bfloat16 if on_gpu and args.precision in ('auto', 'bf16') else None
+
+    try:
+        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    except RuntimeError as e:
+        die(f"timm.create_model({args.model!r}): {e}")
+    model.to(device)
+    model.train()
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=mf)
+    loss_fn = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2).to(device)
+    optimizer = create_optimizer_v2(model, 'lamb', lr=8e-3, weight_decay=0.02)
+
+    B, C = args.batch, args.num_classes
+    x = torch.randn(B, 3, args.size, args.size, device=device).contiguous(memory_format=mf)
+    # random mixup-like soft targets: lam * onehot(a) + (1 - lam) * onehot(b)
+    a = torch.randint(0, C, (B,), device=device)
+    b = torch.randint(0, C, (B,), device=device)
+    lam = torch.rand(B, 1, device=device)
+    eye = torch.eye(C, device=device)
+    target = lam * eye[a] + (1 - lam) * eye[b]
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step():
+        if amp_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                out = model(x)
+                loss = loss_fn(out, target)
+        else:
+            out = model(x)
+            loss = loss_fn(out, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    for i in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        print(f"step {i} {times[-1] * 1e3:.1f} ms loss {loss.item():.4f}", file=sys.stderr)
+
+    res = {
+        'impl': 'timm',
+        'model': args.model,
+        'batch': B,
+        'size': args.size,
+        'threads': args.threads,
+        'images_per_sec': B * len(times) / sum(times),
+        'step_ms_median': statistics.median(times) * 1e3,
+        'step_ms_min': min(times) * 1e3,
+        'step_ms_max': max(times) * 1e3,
+        'num_classes': C,
+        'steps': args.steps,
+        'warmup': args.warmup,
+        'channels_last': args.channels_last,
+        'device': str(device) if not on_gpu else torch.cuda.get_device_name(device),
+        'precision': 'bf16' if amp_dtype is not None else 'fp32',
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+    }
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,81 @@
+//! Test harness shared by the integration tests: where the oracle fixtures
+//! live, how to read them, where the built binaries and the project's Python
+//! are, and small comparison helpers.
+
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Folder of the timm-generated fixtures: `$RSB_FIXTURES`, or `target/fixtures`.
+/// Panics with the command to run when they are missing: a parity test must
+/// not pass without its oracle.
+pub fn fixtures(sub: &str) -> PathBuf {
+    let root = std::env::var_os("RSB_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target").join("fixtures"));
+    let dir = root.join(sub);
+    assert!(
+        dir.is_dir(),
+        "oracle fixtures {} are missing; generate them with `.venv/bin/python tests/oracle/gen_fixtures.py` \
+         (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Reads a `.npy` array as a tensor.
+pub fn read_npy(path: &Path) -> Tensor {
+    Tensor::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Largest `|a - b| / max(|b|, floor)`, elementwise, in f64.
+pub fn max_relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let err = (&a - &b).abs() / b.abs().clamp_min(floor);
+    err.max().double_value(&[])
+}
+
+/// A binary of this workspace (`target/<profile>/<name>`), rebuilt first with
+/// the test's own profile so that a test never runs a stale binary (cargo does
+/// not rebuild other packages' binaries for this package's tests).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let package = format!("rsb-{name}");
+        let mut cargo =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.current_dir(workspace_root()).args(["build", "-q", "-p", &package, "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("running cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+        built.push(name.to_string());
+    }
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// The project's Python (the venv with torch and timm).
+pub fn python() -> PathBuf {
+    let p = workspace_root().join(".venv").join("bin").join("python");
+    assert!(p.is_file(), "{} is missing; run scripts/setup", p.display());
+    p
+}

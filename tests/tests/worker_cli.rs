@@ -1,0 +1,310 @@
+//! End-to-end runs of the `worker` binary on real Fashion-MNIST images (a
+//! subset of Debian's `dataset-fashion-mnist`, imported by `worker data
+//! import`): training with every RSB ingredient, the run folder it leaves
+//! (metrics, resolved recipe, checkpoints with timm keys), an exact resume,
+//! evaluation and inference from the checkpoint, undecodable files survived,
+//! and recipe errors that name the file and line.
+
+use rsb_integration_tests::{binary, workspace_root};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+fn read_gz(path: &Path) -> Vec<u8> {
+    let raw = std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; install the Debian package dataset-fashion-mnist (scripts/setup does)",
+            path.display()
+        )
+    });
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).unwrap();
+    out
+}
+
+/// Writes IDX files holding the first `per_class` images of each class.
+fn subset_idx(dir: &Path, stem: &str, labels_stem: &str, per_class: usize) {
+    let images = read_gz(&Path::new(FASHION_MNIST).join(format!("{stem}.gz")));
+    let labels = read_gz(&Path::new(FASHION_MNIST).join(format!("{labels_stem}.gz")));
+    let mut counts = [0usize; 10];
+    let mut keep = Vec::new();
+    for (i, &l) in labels[8..].iter().enumerate() {
+        if counts[l as usize] < per_class {
+            counts[l as usize] += 1;
+            keep.push(i);
+        }
+    }
+    let mut img = vec![0, 0, 8, 3];
+    img.extend_from_slice(&(keep.len() as u32).to_be_bytes());
+    img.extend_from_slice(&28u32.to_be_bytes());
+    img.extend_from_slice(&28u32.to_be_bytes());
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend_from_slice(&(keep.len() as u32).to_be_bytes());
+    for &i in &keep {
+        img.extend_from_slice(&images[16 + i * 784..16 + (i + 1) * 784]);
+        lab.push(labels[8 + i]);
+    }
+    std::fs::write(dir.join(stem), img).unwrap();
+    std::fs::write(dir.join(labels_stem), lab).unwrap();
+}
+
+/// A small ImageNet-layout copy of Fashion-MNIST made with `worker data import`.
+fn tiny_dataset(root: &Path) -> PathBuf {
+    let idx = root.join("idx");
+    std::fs::create_dir_all(&idx).unwrap();
+    subset_idx(&idx, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 16);
+    subset_idx(&idx, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 4);
+    let out = root.join("fashion");
+    let run = worker(&[
+        "data",
+        "import",
+        "fashion-mnist",
+        "--idx-dir",
+        idx.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "import failed: {}", String::from_utf8_lossy(&run.stderr));
+    out
+}
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(binary("worker"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("running worker")
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let recipe = workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml");
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--recipe".into(),
+        recipe.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--set".into(),
+        format!("data.root={}", data.display()),
+        "--set".into(),
+        "model.num_classes=10".into(),
+        "--set".into(),
+        "schedule.cosine.epochs=2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = worker(&args);
+    assert!(run.status.success(), "worker train failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    run
+}
+
+fn records(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn train_resume_eval_infer_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_dataset(tmp.path());
+
+    // Uninterrupted: two epochs.
+    let full = tmp.path().join("full");
+    train(&data, &full, &[]);
+    let steps = records(&full, "step");
+    let epochs = records(&full, "epoch");
+    assert_eq!(epochs.len(), 2);
+    for r in &steps {
+        for field in ["step", "epoch", "lr", "loss", "images_per_sec"] {
+            assert!(r[field].is_number(), "step record lacks {field}: {r}");
+        }
+    }
+    for r in &epochs {
+        for field in ["step", "epoch", "lr", "loss", "images_per_sec", "top1", "top5"] {
+            assert!(r[field].is_number(), "epoch record lacks {field}: {r}");
+        }
+    }
+    let resolved = std::fs::read_to_string(full.join("recipe.yaml")).unwrap();
+    assert!(resolved.contains("num_classes: 10"), "resolved recipe lacks the override");
+    let ckpt = full.join("checkpoints/epoch-0002");
+    for part in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(ckpt.join(part).is_file(), "checkpoint lacks {part}");
+    }
+    // keep_last_checkpoints = 1 in the tiny recipe.
+    assert!(!full.join("checkpoints/epoch-0001").exists());
+
+    // Interrupted after one epoch, then resumed: the second epoch's losses are identical.
+    let split = tmp.path().join("split");
+    train(
+        &data,
+        &split,
+        &[
+            "--set",
+            "runtime.keep_last_checkpoints=3",
+            "--max-updates",
+            &steps.len().div_ceil(2).to_string(),
+        ],
+    );
+    assert!(split.join("checkpoints/epoch-0001/state.json").is_file());
+    train(
+        &data,
+        &split,
+        &["--set", "runtime.keep_last_checkpoints=3", "--resume", split.to_str().unwrap()],
+    );
+    let resumed = records(&split, "step");
+    assert_eq!(resumed.len(), steps.len());
+    for (a, b) in steps.iter().zip(&resumed) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["loss"], b["loss"], "loss after resume differs at update {}", a["step"]);
+    }
+    assert_eq!(records(&split, "epoch").last().unwrap()["top1"], epochs.last().unwrap()["top1"]);
+
+    // worker eval on the checkpoint reproduces the epoch's top-1.
+    let eval = worker(&[
+        "eval",
+        "--model",
+        "resnet18",
+        "--weights",
+        ckpt.join("model.safetensors").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--input-size",
+        "32",
+        "--crop-pct",
+        "0.95",
+        "--device",
+        "cpu",
+    ]);
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let text = String::from_utf8_lossy(&eval.stdout);
+    let top1 = epochs.last().unwrap()["top1"].as_f64().unwrap();
+    assert!(
+        text.contains(&format!("top-1 {top1:.3}%")),
+        "eval printed `{text}`, epoch record says {top1}"
+    );
+
+    // worker infer maps an .npy batch to logits of the right shape.
+    let input = tmp.path().join("x.npy");
+    tch::Tensor::randn([3, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu))
+        .write_npy(&input)
+        .unwrap();
+    let output = tmp.path().join("y.npy");
+    let infer = worker(&[
+        "infer",
+        "--model",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--weights",
+        ckpt.join("model.safetensors").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(infer.status.success(), "{}", String::from_utf8_lossy(&infer.stderr));
+    assert_eq!(tch::Tensor::read_npy(&output).unwrap().size(), vec![3, 10]);
+}
+
+#[test]
+fn undecodable_images_are_replaced_logged_once_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_dataset(tmp.path());
+    let class_dir = data.join("train/03_dress");
+    let good = std::fs::read(
+        class_dir.join(std::fs::read_dir(&class_dir).unwrap().next().unwrap().unwrap().file_name()),
+    )
+    .unwrap();
+    std::fs::write(class_dir.join("zz_empty.png"), b"").unwrap();
+    std::fs::write(class_dir.join("zz_text.png"), b"not an image").unwrap();
+    std::fs::write(class_dir.join("zz_truncated.png"), &good[..good.len() / 2]).unwrap();
+    let out = tmp.path().join("run");
+    let run = train(&data, &out, &["--set", "schedule.cosine.epochs=1"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    for bad in ["zz_empty.png", "zz_text.png", "zz_truncated.png"] {
+        let mentions = stderr.matches(bad).count();
+        assert!(mentions <= 1, "{bad} logged {mentions} times:\n{stderr}");
+    }
+    let epoch = records(&out, "epoch");
+    let replaced = epoch.last().unwrap()["replaced_samples"].as_u64().unwrap();
+    let logged = ["zz_empty.png", "zz_text.png", "zz_truncated.png"]
+        .iter()
+        .filter(|b| stderr.contains(*b))
+        .count();
+    assert!(logged >= 1, "no undecodable file was logged:\n{stderr}");
+    assert!(replaced >= logged as u64, "replaced {replaced} < logged {logged}");
+}
+
+#[test]
+fn recipe_errors_name_file_line_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("bad.yaml");
+    let source =
+        std::fs::read_to_string(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+            .unwrap();
+    std::fs::write(
+        &recipe,
+        source.replace("  weight_decay: 0.01", "  weight_decay: 0.01\n    wieght_decay: 0.02"),
+    )
+    .unwrap();
+    let run = worker(&[
+        "train",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("bad.yaml:") && err.contains("wieght_decay"), "{err}");
+    let run = worker(&[
+        "train",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        "x",
+        "--set",
+        "optimizer.lamb.lr",
+    ]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--set optimizer.lamb.lr"));
+    let run = worker(&[
+        "eval",
+        "--model",
+        "resnet5O",
+        "--weights",
+        "w.safetensors",
+        "--data",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+}
+
+#[test]
+fn every_recipe_in_the_tree_parses() {
+    for entry in walk(&workspace_root().join("recipes")) {
+        if entry.extension().is_some_and(|e| e == "yaml") {
+            rsb_recipes::load(&entry, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,0 +1,125 @@
+//! `worker bench step`: the time of one training step (forward, BCE loss,
+//! backward, LAMB update) on random data, the same work as
+//! `tests/oracle/timm_step_bench.py` does with timm; `bench/compare_train_step.py`
+//! runs both and prints the ratio. Prints one JSON line.
+
+use crate::commands::parse_device;
+use anyhow::Result;
+use clap::Args;
+use rsb_recipes::schema::LambOptimizer;
+use rsb_train::lamb::Lamb;
+use rsb_train::loss::Loss;
+use rsb_vision::{ForwardMode, Model, ModelConfig};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Arguments of `worker bench step`.
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// Registered model name.
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    pub batch: i64,
+    /// Image side.
+    #[arg(long, default_value_t = 32)]
+    pub size: i64,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    pub num_classes: i64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Channels-last memory layout.
+    #[arg(long)]
+    pub channels_last: bool,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// bf16 activations (GPU).
+    #[arg(long)]
+    pub bf16: bool,
+}
+
+/// Runs the benchmark.
+pub fn step(args: StepArgs) -> Result<()> {
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    let device = parse_device(&args.device)?;
+    tch::manual_seed(0);
+    let mut model = Model::new(
+        &args.model,
+        ModelConfig { num_classes: args.num_classes, ..Default::default() },
+        device,
+    )?;
+    if args.channels_last {
+        model.to_channels_last()?;
+    }
+    if args.bf16 {
+        model.set_compute_kind(Kind::BFloat16);
+    }
+    let config = LambOptimizer {
+        lr: 5e-3,
+        weight_decay: 0.02,
+        betas: [0.9, 0.999],
+        eps: 1e-6,
+        max_grad_norm: Some(1.0),
+        trust_clip: false,
+        always_adapt: false,
+    };
+    let mut optimizer = Lamb::new(&model, &config)?;
+    let loss_fn = Loss::Bce { target_threshold: Some(0.2) };
+    let mut xs = Tensor::randn([args.batch, 3, args.size, args.size], (Kind::Float, device));
+    if args.channels_last {
+        xs = xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+    }
+    let ys = Tensor::rand([args.batch, args.num_classes], (Kind::Float, device));
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        optimizer.zero_grad();
+        let logits = model.forward(&xs, ForwardMode::Train)?;
+        let loss = loss_fn.compute(&logits, &ys)?;
+        loss.f_backward()?;
+        optimizer.step(5e-3)?;
+        if device != Device::Cpu {
+            tch::Cuda::synchronize(device_index(device));
+        } else {
+            let _ = loss.double_value(&[]);
+        }
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let total: f64 = times.iter().sum();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let report = serde_json::json!({
+        "impl": "ours",
+        "model": args.model,
+        "batch": args.batch,
+        "size": args.size,
+        "threads": tch::get_num_threads(),
+        "channels_last": args.channels_last,
+        "device": format!("{device:?}"),
+        "images_per_sec": (args.batch as f64 * args.steps as f64) / total,
+        "step_ms_median": median * 1e3,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn device_index(device: Device) -> i64 {
+    match device {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
+    }
+}

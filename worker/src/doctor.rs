@@ -1,0 +1,95 @@
+//! `worker doctor`: what this process can see — the libtorch it loaded (path
+//! and version), CUDA and cuDNN availability, GPU count, and whether an NCCL
+//! library can be loaded (and which one).
+
+use std::path::{Path, PathBuf};
+
+/// The loaded `libtorch_cpu.so`, from this process's memory map.
+fn loaded_libtorch() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(PathBuf::from)
+}
+
+/// Version of the torch install holding `lib/libtorch_cpu.so`: `version.py`
+/// of a PyPI wheel, or `build-version` of a libtorch archive.
+fn torch_version(lib_file: &Path) -> Option<String> {
+    let root = lib_file.parent()?.parent()?;
+    rsb_torch_link::installed_torch_version(root).or_else(|| {
+        std::fs::read_to_string(root.join("build-version")).ok().map(|s| s.trim().to_string())
+    })
+}
+
+/// Where NCCL was found and its version, or why not.
+pub fn find_nccl(torch_lib: Option<&Path>) -> Result<(String, String), String> {
+    let mut candidates = vec![PathBuf::from("libnccl.so.2")];
+    if let Some(site) =
+        torch_lib.and_then(|l| l.parent()).and_then(|t| t.parent()).and_then(|t| t.parent())
+    {
+        candidates.push(site.join("nvidia/nccl/lib/libnccl.so.2"));
+    }
+    let mut errors = Vec::new();
+    for candidate in candidates {
+        // SAFETY: loading NCCL runs its (side-effect free) initialisers only.
+        match unsafe { libloading::Library::new(&candidate) } {
+            Ok(lib) => {
+                // SAFETY: ncclGetVersion(int*) is NCCL's stable C API.
+                let version = unsafe {
+                    lib.get::<unsafe extern "C" fn(*mut i32) -> i32>(b"ncclGetVersion\0")
+                        .ok()
+                        .and_then(|f| {
+                            let mut v = 0i32;
+                            (f(&mut v) == 0).then_some(v)
+                        })
+                };
+                let version = version
+                    .map(|v| format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+                    .unwrap_or_else(|| "unknown".into());
+                return Ok((candidate.display().to_string(), version));
+            }
+            Err(e) => errors.push(format!("{}: {e}", candidate.display())),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Prints the report; returns it as JSON as well.
+pub fn run() -> serde_json::Value {
+    // Touch libtorch so that it is loaded before reading the memory map.
+    let cuda = tch::Cuda::is_available();
+    let devices = tch::Cuda::device_count();
+    let cudnn = tch::Cuda::cudnn_is_available();
+    let lib = loaded_libtorch();
+    let version = lib.as_deref().and_then(torch_version);
+    let nccl = find_nccl(lib.as_deref());
+    let report = serde_json::json!({
+        "libtorch": lib.as_ref().map(|p| p.display().to_string()),
+        "torch_version": version,
+        "built_for_torch": rsb_torch_link::pinned_torch_version(),
+        "cuda_available": cuda,
+        "cuda_device_count": devices,
+        "cudnn_available": cudnn,
+        "torch_threads": tch::get_num_threads(),
+        "nccl": match &nccl { Ok((path, v)) => serde_json::json!({"found": true, "path": path, "version": v}), Err(e) => serde_json::json!({"found": false, "error": e}) },
+    });
+    println!(
+        "libtorch        {}",
+        lib.map(|p| p.display().to_string()).unwrap_or_else(|| "not found in memory map".into())
+    );
+    println!(
+        "torch version   {} (built for {})",
+        version.unwrap_or_else(|| "unknown".into()),
+        rsb_torch_link::pinned_torch_version()
+    );
+    println!("CUDA available  {cuda}");
+    println!("CUDA devices    {devices}");
+    println!("cuDNN available {cudnn}");
+    println!("torch threads   {}", tch::get_num_threads());
+    match nccl {
+        Ok((path, v)) => println!("NCCL            found: {path} (version {v})"),
+        Err(e) => println!("NCCL            not found ({e})"),
+    }
+    report
+}

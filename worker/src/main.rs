@@ -1,0 +1,106 @@
+//! `worker`: the process that runs on a GPU host (or a CPU box) and does the
+//! numerical work through libtorch — training a recipe in one process,
+//! evaluating and running timm-compatible weights, importing data, and
+//! reporting what the host can do (`doctor`).
+
+mod bench;
+mod commands;
+mod doctor;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Train and run timm-compatible ImageNet classifiers with the ResNet Strikes Back recipes.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the libtorch in use, CUDA/cuDNN availability, GPU count and NCCL.
+    Doctor {
+        /// Also print the report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every registered model with its parameter count and default resolutions.
+    Models,
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Train a recipe in this process (CPU, or one GPU).
+    Train(commands::TrainArgs),
+    /// Evaluate weights on an image folder: top-1 / top-5.
+    Eval(commands::EvalArgs),
+    /// Run a model in eval mode on a float32 NCHW .npy and write the logits as .npy.
+    Infer(commands::InferArgs),
+    /// Benchmarks (numbers, not pass/fail).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Import a dataset into the ImageNet folder layout.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportSource {
+    /// Fashion-MNIST IDX files (Debian package `dataset-fashion-mnist`).
+    FashionMnist {
+        /// Folder with `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
+        #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+        idx_dir: PathBuf,
+        /// Output folder (gets `train/<class>/*.png` and `val/<class>/*.png`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time forward + BCE + backward + LAMB steps on random data; prints one JSON line.
+    Step(bench::StepArgs),
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Doctor { json } => {
+            let report = doctor::run();
+            if json {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Models => commands::models(),
+        Command::Data {
+            command: DataCommand::Import { source: ImportSource::FashionMnist { idx_dir, out } },
+        } => commands::import_fashion_mnist(&idx_dir, &out),
+        Command::Train(args) => commands::train(args),
+        Command::Eval(args) => commands::eval(args),
+        Command::Infer(args) => commands::infer(args),
+        Command::Bench { command: BenchCommand::Step(args) } => bench::step(args),
+    }
+}
