@@ -1,4 +1,6 @@
-//! Coordinator logic that does not depend on the network: how a recipe's
-//! global batch maps onto a given number of ranks.
+//! The coordinator: batch planning ([`plan`]), the job state machine
+//! ([`job`]) and its gRPC face ([`service`]). Nothing here links libtorch.
 
+pub mod job;
 pub mod plan;
+pub mod service;

@@ -1,10 +1,23 @@
 //! `coordinator`: schedules data-parallel training across worker hosts. It
 //! never links libtorch or CUDA, so it runs on any small CPU node.
+//!
+//! `coordinator up --nodes N --recipe FILE --out DIR` waits for N `worker join`
+//! hosts, assigns ranks, streams the job's progress, writes `DIR/metrics.jsonl`
+//! and the resolved `DIR/recipe.yaml`, and exits 0 when every rank finished
+//! (1 when the job failed). With `--local` it also starts the N workers itself.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rsb_coordinator::job::{Job, Phase};
 use rsb_coordinator::plan::BatchPlan;
+use rsb_coordinator::service::Shared;
+use rsb_proto::v1 as pb;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default gRPC listen address of `coordinator up`.
+const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
 
 /// Plan and coordinate ResNet-strikes-back training runs over worker hosts.
 #[derive(Debug, Parser)]
@@ -16,6 +29,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a job: wait for N worker hosts, train, exit when done.
+    Up {
+        /// Worker hosts to wait for.
+        #[arg(long)]
+        nodes: u32,
+        /// Recipe YAML file.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe field (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints under it).
+        #[arg(long)]
+        out: PathBuf,
+        /// gRPC listen address (`--local` defaults to 127.0.0.1 and a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Start the N workers on this host too (CPU ranks unless GPUs are present).
+        #[arg(long)]
+        local: bool,
+        /// Devices of each local worker (`--local`): all, cpu, or a list like 0,1.
+        #[arg(long, default_value = "cpu")]
+        devices: String,
+        /// Shared secret workers must present.
+        #[arg(long, default_value = "")]
+        auth_token: String,
+        /// Continue from a checkpoint folder or run folder (read by rank 0).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Show members, generation and progress of a running coordinator.
+    Status {
+        /// Coordinator URL, e.g. http://10.0.0.1:50051.
+        #[arg(long)]
+        coordinator: String,
+    },
     /// Show how a recipe's global batch splits over a number of ranks.
     Plan {
         /// Recipe YAML file.
@@ -31,13 +80,17 @@ enum Command {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(Cli::parse())) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plan { recipe, overrides, ranks } => {
             let recipe = rsb_recipes::load(&recipe, &overrides)?;
@@ -51,5 +104,150 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Status { coordinator } => status(&coordinator).await,
+        Command::Up {
+            nodes,
+            recipe,
+            overrides,
+            out,
+            listen,
+            local,
+            devices,
+            auth_token,
+            resume,
+        } => up(nodes, recipe, overrides, out, listen, local, devices, auth_token, resume).await,
     }
+}
+
+async fn status(url: &str) -> Result<()> {
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let s = client.status(pb::StatusRequest {}).await?.into_inner();
+    println!("job {} generation {}: {}", s.job_id, s.generation, s.state);
+    println!("members {}/{}:", s.members.len(), s.nodes_expected);
+    for m in &s.members {
+        println!(
+            "  {} {} ranks={} last heartbeat {} ms ago",
+            m.member_id, m.host_name, m.local_ranks, m.last_heartbeat_ms_ago
+        );
+    }
+    println!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn up(
+    nodes: u32,
+    recipe_path: PathBuf,
+    overrides: Vec<String>,
+    out: PathBuf,
+    listen: Option<SocketAddr>,
+    local: bool,
+    devices: String,
+    auth_token: String,
+    resume: Option<PathBuf>,
+) -> Result<()> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let recipe = rsb_recipes::load(&recipe_path, &overrides)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
+    std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))
+        .with_context(|| format!("writing {}/recipe.yaml", out.display()))?;
+    let listen = listen.unwrap_or_else(|| {
+        if local {
+            "127.0.0.1:0".parse().expect("literal")
+        } else {
+            DEFAULT_LISTEN.parse().expect("literal")
+        }
+    });
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr()?;
+    let mut job = Job::new(recipe, out.clone(), nodes, auth_token.clone());
+    if let Some(path) = resume {
+        let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
+        job.resume_from = Some(path.display().to_string());
+    }
+    let shared = Shared::new(job);
+    println!(
+        "coordinator listening on {bound}; waiting for {nodes} worker host(s); run folder {}",
+        out.display()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::coordinator_server::CoordinatorServer::new(shared.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let mut children = Vec::new();
+    if local {
+        let worker = sibling_binary("worker")?;
+        let url = format!("http://{bound}");
+        for i in 0..nodes {
+            let mut cmd = tokio::process::Command::new(&worker);
+            cmd.args([
+                "join",
+                "--coordinator",
+                &url,
+                "--devices",
+                &devices,
+                "--host-name",
+                &format!("local{i}"),
+            ]);
+            if !auth_token.is_empty() {
+                cmd.args(["--auth-token", &auth_token]);
+            }
+            cmd.kill_on_drop(true);
+            children.push(cmd.spawn().with_context(|| format!("starting {}", worker.display()))?);
+        }
+    }
+    let outcome = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Ok(Some(code)) = child.try_wait() {
+                if !code.success() {
+                    shared.update(|job| job.fail(format!("local worker {i} exited with {code}")));
+                }
+            }
+        }
+        let phase = shared.update(|job| {
+            job.check_liveness();
+            job.phase.clone()
+        });
+        match phase {
+            Phase::Finished => break Ok(()),
+            Phase::Failed(reason) => break Err(anyhow::anyhow!("job failed: {reason}")),
+            Phase::Waiting | Phase::Running => {}
+        }
+    };
+    // Let workers see the final state through their heartbeats before stopping.
+    let grace = tokio::time::Instant::now() + Duration::from_secs(5);
+    for child in &mut children {
+        let _ = tokio::time::timeout_at(grace, child.wait()).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    outcome
+}
+
+/// A binary installed next to this one (`target/release/worker` beside `coordinator`).
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating this executable")?;
+    let path = me.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to {}; build it (cargo build --release -p rsb-{name})",
+            path.display(),
+            me.display()
+        );
+    }
+    Ok(path)
 }

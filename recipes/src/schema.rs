@@ -287,7 +287,7 @@ pub enum Precision {
     Auto,
     /// f32 everywhere.
     Fp32,
-    /// bf16 activations (GPU only).
+    /// bf16 activations, on a GPU or a CPU (fast on CPUs with AVX512-BF16 or AMX).
     Bf16,
 }
 

@@ -212,29 +212,35 @@ fn a3_matches_table_1() {
 
 #[test]
 fn fashion_mnist_default_keeps_every_ingredient() {
+    // The values are tuning (see the recipe's comments); the ingredient list is not.
     let r = load_named("fashion_mnist_resnet18.yaml");
-    assert_eq!(r.model.name, "resnet18");
-    assert_eq!(r.model.num_classes, 10);
-    assert_eq!(r.model.drop_path_rate, 0.05);
+    assert_eq!((r.model.name.as_str(), r.model.num_classes), ("resnet18", 10));
     assert_eq!(r.data.root, "data/fashion-mnist");
-    assert_eq!(r.augment.input_size, 32);
-    assert_eq!(r.augment.scale, [0.35, 1.0]);
-    assert_eq!(r.augment.hflip, 0.5);
-    assert_eq!(r.augment.rand_augment.as_deref(), Some("rand-m3-mstd0.5-inc1"));
+    assert!(r.model.drop_path_rate > 0.0, "stochastic depth");
+    assert!(r.augment.scale[0] < 1.0, "RandomResizedCrop");
+    assert!(r.augment.hflip > 0.0, "flip");
+    assert!(
+        r.augment.rand_augment.as_deref().is_some_and(|s| s.starts_with("rand-")),
+        "RandAugment"
+    );
     let mixup = r.mixup.as_ref().expect("mixup on");
-    assert_eq!((mixup.mixup_alpha, mixup.cutmix_alpha, mixup.prob), (0.1, 1.0, 0.5));
+    assert!(
+        mixup.mixup_alpha > 0.0 && mixup.cutmix_alpha > 0.0 && mixup.prob > 0.0,
+        "Mixup and CutMix"
+    );
     let LossSection::Bce(bce) = &r.loss else { panic!("BCE loss expected") };
-    assert_eq!(bce.target_threshold, Some(0.2));
+    assert!(bce.target_threshold.is_some(), "BCE target threshold");
     let OptimizerSection::Lamb(lamb) = &r.optimizer;
-    assert_eq!((lamb.lr, lamb.weight_decay), (6e-3, 0.02));
+    assert!(lamb.weight_decay > 0.0 && lamb.max_grad_norm == Some(1.0), "LAMB as timm's");
     let ScheduleSection::Cosine(cos) = &r.schedule;
-    assert_eq!((cos.epochs, cos.warmup_epochs), (6, 1.0));
-    assert_eq!((cos.warmup_lr, cos.min_lr), (1e-4, 1e-6));
-    assert_eq!((r.batch.global_size, r.batch.micro_size), (256, 64));
-    assert_eq!(r.batch.repeated_augmentation, 2);
-    assert_eq!((r.eval.input_size, r.eval.crop_pct, r.eval.batch_size), (32, 0.95, 512));
-    assert_eq!(r.eval.interpolation, Interpolation::Bicubic);
-    assert_eq!(r.runtime.log_every_steps, 20);
+    assert!(cos.warmup_epochs > 0.0, "cosine with warmup");
+    let streams = r.batch.global_size / r.batch.micro_size;
+    assert!(r.batch.repeated_augmentation >= 2, "repeated augmentation");
+    assert!(
+        streams >= r.batch.repeated_augmentation,
+        "copies of an image must land in different micro-batches"
+    );
+    assert_eq!((r.eval.crop_pct, r.eval.interpolation), (0.95, Interpolation::Bicubic));
 }
 
 #[test]

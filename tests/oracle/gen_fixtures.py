@@ -29,13 +29,16 @@ def main() -> int:
     import timm
     import torch
 
-    versions = {"timm": timm.__version__, "torch": torch.__version__, "pillow": PIL.__version__,
-                "generator": (HERE / "gen_fixtures.py").stat().st_mtime_ns}
-    sources = sorted(p for p in HERE.glob("*.py"))
-    versions["sources"] = {p.name: p.read_text() .__hash__() for p in sources}
+    import hashlib
+
+    sources = sorted(HERE.glob("*.py"))
+    stamp = {
+        "timm": timm.__version__,
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "sources": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},
+    }
     marker = args.out / "VERSIONS.json"
-    stamp = {k: v for k, v in versions.items() if k != "generator"}
-    stamp["sources"] = {p.name: len(p.read_bytes()) for p in sources}
     if not args.force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         print(f"fixtures in {args.out} are up to date")
         return 0
@@ -44,6 +47,7 @@ def main() -> int:
         return 2
 
     import assets
+    import decode_eval
     import models
     import numerics
     import pil_ops
@@ -56,6 +60,7 @@ def main() -> int:
         ("schedule", lambda: numerics.generate_schedule(args.out / "schedule")),
         ("sampler", lambda: numerics.generate_sampler(args.out / "sampler")),
         ("pil_ops", lambda: pil_ops.generate(args.out / "pil_ops", assets.photos())),
+        ("decode+eval", lambda: decode_eval.generate(args.out / "decode_eval", assets.photos())),
     ]
     for name, step in steps:
         print(f"generating {name} fixtures", flush=True)

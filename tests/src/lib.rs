@@ -2,6 +2,7 @@
 //! live, how to read them, where the built binaries and the project's Python
 //! are, and small comparison helpers.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -78,4 +79,69 @@ pub fn python() -> PathBuf {
     let p = workspace_root().join(".venv").join("bin").join("python");
     assert!(p.is_file(), "{} is missing; run scripts/setup", p.display());
     p
+}
+
+/// Debian's `dataset-fashion-mnist` files.
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+fn read_gz(path: &Path) -> Vec<u8> {
+    let raw = std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; install the Debian package dataset-fashion-mnist (scripts/setup does)",
+            path.display()
+        )
+    });
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).unwrap();
+    out
+}
+
+/// Writes IDX files holding the first `per_class` images of each class.
+fn subset_idx(dir: &Path, stem: &str, labels_stem: &str, per_class: usize) {
+    let images = read_gz(&Path::new(FASHION_MNIST).join(format!("{stem}.gz")));
+    let labels = read_gz(&Path::new(FASHION_MNIST).join(format!("{labels_stem}.gz")));
+    let mut counts = [0usize; 10];
+    let mut keep = Vec::new();
+    for (i, &l) in labels[8..].iter().enumerate() {
+        if counts[l as usize] < per_class {
+            counts[l as usize] += 1;
+            keep.push(i);
+        }
+    }
+    let mut img = vec![0, 0, 8, 3];
+    img.extend_from_slice(&(keep.len() as u32).to_be_bytes());
+    img.extend_from_slice(&28u32.to_be_bytes());
+    img.extend_from_slice(&28u32.to_be_bytes());
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend_from_slice(&(keep.len() as u32).to_be_bytes());
+    for &i in &keep {
+        img.extend_from_slice(&images[16 + i * 784..16 + (i + 1) * 784]);
+        lab.push(labels[8 + i]);
+    }
+    std::fs::write(dir.join(stem), img).unwrap();
+    std::fs::write(dir.join(labels_stem), lab).unwrap();
+}
+
+/// A small ImageNet-layout copy of real Fashion-MNIST (`train_per_class` and
+/// `val_per_class` images of each class), made with `worker data import`.
+pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize) -> PathBuf {
+    let idx = root.join("idx");
+    std::fs::create_dir_all(&idx).unwrap();
+    subset_idx(&idx, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_per_class);
+    subset_idx(&idx, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", val_per_class);
+    let out = root.join("fashion");
+    let run = std::process::Command::new(binary("worker"))
+        .args([
+            "data",
+            "import",
+            "fashion-mnist",
+            "--idx-dir",
+            idx.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .expect("running worker data import");
+    assert!(run.status.success(), "import failed: {}", String::from_utf8_lossy(&run.stderr));
+    out
 }

@@ -5,69 +5,12 @@
 //! evaluation and inference from the checkpoint, undecodable files survived,
 //! and recipe errors that name the file and line.
 
-use rsb_integration_tests::{binary, workspace_root};
-use std::io::Read;
+use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
-
-fn read_gz(path: &Path) -> Vec<u8> {
-    let raw = std::fs::read(path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; install the Debian package dataset-fashion-mnist (scripts/setup does)",
-            path.display()
-        )
-    });
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).unwrap();
-    out
-}
-
-/// Writes IDX files holding the first `per_class` images of each class.
-fn subset_idx(dir: &Path, stem: &str, labels_stem: &str, per_class: usize) {
-    let images = read_gz(&Path::new(FASHION_MNIST).join(format!("{stem}.gz")));
-    let labels = read_gz(&Path::new(FASHION_MNIST).join(format!("{labels_stem}.gz")));
-    let mut counts = [0usize; 10];
-    let mut keep = Vec::new();
-    for (i, &l) in labels[8..].iter().enumerate() {
-        if counts[l as usize] < per_class {
-            counts[l as usize] += 1;
-            keep.push(i);
-        }
-    }
-    let mut img = vec![0, 0, 8, 3];
-    img.extend_from_slice(&(keep.len() as u32).to_be_bytes());
-    img.extend_from_slice(&28u32.to_be_bytes());
-    img.extend_from_slice(&28u32.to_be_bytes());
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend_from_slice(&(keep.len() as u32).to_be_bytes());
-    for &i in &keep {
-        img.extend_from_slice(&images[16 + i * 784..16 + (i + 1) * 784]);
-        lab.push(labels[8 + i]);
-    }
-    std::fs::write(dir.join(stem), img).unwrap();
-    std::fs::write(dir.join(labels_stem), lab).unwrap();
-}
-
-/// A small ImageNet-layout copy of Fashion-MNIST made with `worker data import`.
 fn tiny_dataset(root: &Path) -> PathBuf {
-    let idx = root.join("idx");
-    std::fs::create_dir_all(&idx).unwrap();
-    subset_idx(&idx, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 16);
-    subset_idx(&idx, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 4);
-    let out = root.join("fashion");
-    let run = worker(&[
-        "data",
-        "import",
-        "fashion-mnist",
-        "--idx-dir",
-        idx.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "import failed: {}", String::from_utf8_lossy(&run.stderr));
-    out
+    fashion_subset(root, 16, 4)
 }
 
 fn worker(args: &[&str]) -> Output {

@@ -106,13 +106,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     std::fs::rename(&tmp, &resolved).with_context(|| format!("writing {}", resolved.display()))?;
     let device = parse_device(&args.device)?;
     tracing::info!(recipe = %args.recipe.display(), ?device, out = %args.out.display(), "training");
-    let options = RunOptions {
-        out_dir: args.out.clone(),
-        resume: args.resume,
-        device,
-        progress: std::io::stderr().is_terminal(),
-        max_updates: args.max_updates,
-    };
+    let mut options = RunOptions::new(args.out.clone(), device);
+    options.resume = args.resume;
+    options.progress = std::io::stderr().is_terminal();
+    options.max_updates = args.max_updates;
     let mut trainer = Trainer::new(recipe, options)?;
     let summary = trainer.run()?;
     if let Some(last) = summary.epochs.last() {
@@ -122,11 +119,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         };
         println!("finished epoch {} after {:.0} s: {acc}", last.epoch, summary.wall_s);
     } else {
-        println!(
-            "stopped after {} updates in {:.0} s",
-            summary.update_losses.len(),
-            summary.wall_s
-        );
+        println!("stopped after {} updates in {:.0} s", summary.updates, summary.wall_s);
     }
     Ok(())
 }
@@ -189,7 +182,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     );
     let threads =
         if args.threads == 0 { rsb_data::loader::default_threads() } else { args.threads };
-    let acc = evaluate(&mut model, &data, &normalizer, threads, 4)?;
+    let acc = evaluate(&mut model, &data, &normalizer, threads, 4, (0, 1))?;
     let skipped = data.bad_files().replacements();
     println!(
         "{}: {} images ({} undecodable, skipped)  top-1 {:.3}%  top-5 {:.3}%  loss {:.4}",

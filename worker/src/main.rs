@@ -6,6 +6,7 @@
 mod bench;
 mod commands;
 mod doctor;
+mod join;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,11 @@ enum Command {
     Eval(commands::EvalArgs),
     /// Run a model in eval mode on a float32 NCHW .npy and write the logits as .npy.
     Infer(commands::InferArgs),
+    /// Join a coordinated job with this host's GPUs (or CPU ranks).
+    Join(join::JoinArgs),
+    /// One rank of a joined job (started by `worker join`).
+    #[command(hide = true)]
+    Rank(join::RankArgs),
     /// Benchmarks (numbers, not pass/fail).
     Bench {
         #[command(subcommand)]
@@ -101,6 +107,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => commands::train(args),
         Command::Eval(args) => commands::eval(args),
         Command::Infer(args) => commands::infer(args),
+        Command::Join(args) => join::join(args),
+        Command::Rank(args) => join::rank(args),
         Command::Bench { command: BenchCommand::Step(args) } => bench::step(args),
     }
 }

@@ -368,7 +368,21 @@ impl EvalData {
 
     /// Starts loader threads over one full pass, in dataset order.
     pub fn loader(self: &Arc<Self>, threads: usize, prefetch: usize) -> Loader<EvalBatch> {
+        self.shard_loader(threads, prefetch, 0, 1)
+    }
+
+    /// Starts loader threads over rank `rank`'s share of a pass: batches
+    /// `rank, rank + world, ...`, so `world` ranks cover the set exactly once.
+    pub fn shard_loader(
+        self: &Arc<Self>,
+        threads: usize,
+        prefetch: usize,
+        rank: usize,
+        world: usize,
+    ) -> Loader<EvalBatch> {
         let data = Arc::clone(self);
-        Loader::spawn(self.num_batches(), threads, prefetch, move |k| data.batch(k))
+        let world = world.max(1);
+        let mine = self.num_batches().saturating_sub(rank).div_ceil(world);
+        Loader::spawn(mine, threads, prefetch, move |k| data.batch(rank + k * world))
     }
 }

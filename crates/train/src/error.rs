@@ -33,6 +33,9 @@ pub enum TrainError {
         /// What is wrong.
         problem: String,
     },
+    /// A collective operation between ranks failed.
+    #[error("collective: {0}")]
+    Collective(String),
     /// The loss became NaN or infinite.
     #[error("loss is {value} at epoch {epoch}, update {update}: training diverged")]
     Diverged {

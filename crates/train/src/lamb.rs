@@ -137,6 +137,8 @@ impl Lamb {
             let step = group.step as i32;
             let bias_correction1 = 1.0 - beta1.powi(step);
             let bias_correction2 = 1.0 - beta2.powi(step);
+            let bc2_sqrt = bias_correction2.sqrt();
+            let scale = bc2_sqrt / bias_correction1;
             let adapt = group.weight_decay != 0.0 || self.config.always_adapt;
             for slot in &mut group.params {
                 let grad = slot.param.grad();
@@ -151,18 +153,19 @@ impl Lamb {
                 let _ = slot.exp_avg_sq.f_mul_scalar_(beta2)?;
                 // PyTorch's addcmul_(g, g, value=c) computes v + (c * g) * g.
                 let _ = slot.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
-                let denom = slot
-                    .exp_avg_sq
-                    .f_sqrt()?
-                    .f_div_scalar(bias_correction2.sqrt())?
-                    .f_add_scalar(self.config.eps)?;
-                let mut update = slot.exp_avg.f_div_scalar(bias_correction1)?.f_div(&denom)?;
+                // As timm's multi-tensor path: the bias corrections are folded
+                // into scalars (m_hat / (sqrt(v_hat) + eps) == scale * m /
+                // (sqrt(v) + eps * sqrt(bc2)), scale = sqrt(bc2) / bc1), which
+                // saves full passes over every parameter.
+                let mut denom = slot.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_add_scalar_(self.config.eps * bc2_sqrt)?;
+                let mut update = slot.exp_avg.f_div(&denom)?;
                 if group.weight_decay != 0.0 {
-                    update = update.f_add(&slot.param.f_mul_scalar(group.weight_decay)?)?;
+                    let _ = update.f_add_(&slot.param.f_mul_scalar(group.weight_decay / scale)?)?;
                 }
                 if adapt {
                     let w_norm = slot.param.f_norm()?;
-                    let u_norm = update.f_norm()?;
+                    let u_norm = update.f_norm()?.f_mul_scalar(scale)?;
                     let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
                     let ratio = w_norm.f_div(&u_norm)?;
                     let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
@@ -170,9 +173,12 @@ impl Lamb {
                     if self.config.trust_clip {
                         ratio = ratio.f_clamp_max(1.0)?;
                     }
-                    update = update.f_mul(&ratio)?;
+                    let step_size = ratio.f_mul_scalar(-lr * scale)?;
+                    let _ = slot.param.f_addcmul_(&update, &step_size)?;
+                } else {
+                    let _ = update.f_mul_scalar_(-lr * scale)?;
+                    let _ = slot.param.f_add_(&update)?;
                 }
-                let _ = slot.param.f_sub_(&update.f_mul_scalar(lr)?)?;
             }
         }
         Ok(global_norm)
@@ -191,6 +197,21 @@ impl Lamb {
     /// The step counts.
     pub fn steps(&self) -> LambSteps {
         LambSteps { group_steps: self.groups.iter().map(|g| g.step).collect() }
+    }
+
+    /// Sets the step counts (the moments are restored separately).
+    pub fn load_steps(&mut self, steps: &LambSteps) -> Result<(), String> {
+        if steps.group_steps.len() != self.groups.len() {
+            return Err(format!(
+                "{} parameter groups given, {} here",
+                steps.group_steps.len(),
+                self.groups.len()
+            ));
+        }
+        for (group, &step) in self.groups.iter_mut().zip(&steps.group_steps) {
+            group.step = step;
+        }
+        Ok(())
     }
 
     /// Restores moments and step counts saved by [`Lamb::state_tensors`] and [`Lamb::steps`].

@@ -1,20 +1,25 @@
-//! The single-process training loop: builds model, data, optimizer and
-//! schedule from a recipe, runs the epochs (one optimizer update = one
-//! micro-batch from each sampler stream, gradients accumulated), evaluates,
-//! logs `metrics.jsonl`, checkpoints every epoch, and resumes exactly.
+//! The training loop: builds model, data, optimizer and schedule from a
+//! recipe, runs the epochs (one optimizer update = one micro-batch from each
+//! sampler stream, gradients accumulated), evaluates, logs `metrics.jsonl`,
+//! checkpoints every epoch, and resumes exactly. In one process a rank runs
+//! every stream; with [`Distributed`] it runs its share and the gradients,
+//! BN statistics and evaluation counts are combined over the ranks.
 //!
-//! Exact resumption rests on three facts: every data-side random draw is keyed
-//! by its position in the run (see `rsb_data::pipeline`), libtorch's generator
-//! is reseeded from the update index before each update (drop-path masks), and
-//! the checkpoint holds the model, the LAMB moments and the update count.
+//! Exact resumption (and the equality of 1 rank x N streams with N ranks x 1
+//! stream) rests on three facts: every data-side random draw is keyed by its
+//! position in the run (see `rsb_data::pipeline`), libtorch's generator is
+//! reseeded from (update, stream) before each micro-batch (drop-path masks),
+//! and the checkpoint holds the model, the LAMB moments and the update count.
 
 use crate::batch::Normalizer;
 use crate::checkpoint::{self, TrainState};
+use crate::ddp::{broadcast_integers, reduce_tensors, sum_scalars, Reduction};
 use crate::error::TrainError;
 use crate::lamb::Lamb;
 use crate::loss::Loss;
 use crate::metrics::{MetricsLog, TopK};
 use crate::schedule::CosineWithWarmup;
+use rsb_collective::Collective;
 use rsb_data::dataset::ImageFolder;
 use rsb_data::image::Filter;
 use rsb_data::loader::default_threads;
@@ -47,6 +52,53 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after this many optimizer updates in this invocation (smoke tests).
     pub max_updates: Option<u64>,
+    /// File of the run folder that gets the metrics records.
+    pub metrics_file: String,
+    /// Log a checksum of the parameters after every update (replica checks).
+    pub checksum_every_update: bool,
+}
+
+impl RunOptions {
+    /// Options for a single-process run writing `metrics.jsonl` into `out_dir`.
+    pub fn new(out_dir: PathBuf, device: Device) -> RunOptions {
+        RunOptions {
+            out_dir,
+            resume: None,
+            device,
+            progress: false,
+            max_updates: None,
+            metrics_file: "metrics.jsonl".into(),
+            checksum_every_update: false,
+        }
+    }
+}
+
+/// Receives every metrics record (rank 0 forwards them to the coordinator).
+pub type MetricsSink = Box<dyn FnMut(&serde_json::Value) + Send>;
+
+/// Hears about each checkpoint written (epoch, folder).
+pub type CheckpointSink = Box<dyn FnMut(u64, &Path) + Send>;
+
+/// This process's part in a data-parallel job.
+pub struct Distributed {
+    /// The collective over all ranks.
+    pub collective: Box<dyn Collective>,
+    /// Sampler streams this rank runs, in accumulation order.
+    pub streams: Vec<usize>,
+    /// Metrics records of rank 0.
+    pub on_metrics: Option<MetricsSink>,
+    /// Checkpoints written by rank 0.
+    pub on_checkpoint: Option<CheckpointSink>,
+}
+
+impl std::fmt::Debug for Distributed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distributed")
+            .field("rank", &self.collective.rank())
+            .field("world_size", &self.collective.world_size())
+            .field("streams", &self.streams)
+            .finish()
+    }
 }
 
 /// One finished epoch.
@@ -73,8 +125,8 @@ pub struct EpochReport {
 pub struct RunSummary {
     /// Finished epochs of this invocation.
     pub epochs: Vec<EpochReport>,
-    /// Losses of every update of this invocation, in order.
-    pub update_losses: Vec<f64>,
+    /// Optimizer updates done by this invocation.
+    pub updates: u64,
     /// Wall time in seconds.
     pub wall_s: f64,
 }
@@ -166,17 +218,19 @@ pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
     )?)
 }
 
-/// Runs the model over an evaluation set and counts top-1/top-5.
+/// Runs the model over an evaluation set and counts top-1/top-5. With
+/// `shard = (rank, world)` only every `world`-th batch from `rank` on.
 pub fn evaluate(
     model: &mut Model,
     data: &Arc<EvalData>,
     normalizer: &Normalizer,
     threads: usize,
     prefetch: usize,
+    shard: (usize, usize),
 ) -> Result<TopK, TrainError> {
     let _guard = tch::no_grad_guard();
     let mut acc = TopK::default();
-    for batch in data.loader(threads, prefetch) {
+    for batch in data.shard_loader(threads, prefetch, shard.0, shard.1) {
         let batch = batch?;
         if batch.len == 0 {
             continue;
@@ -204,6 +258,7 @@ pub struct Trainer {
     state: TrainState,
     threads: usize,
     prefetch: usize,
+    distributed: Option<Distributed>,
 }
 
 /// A libtorch seed derived from a purpose and position.
@@ -220,13 +275,10 @@ impl Trainer {
         if recipe.runtime.torch_threads > 0 {
             tch::set_num_threads(recipe.runtime.torch_threads as i32);
         }
+        // bf16 on a CPU is allowed when asked for explicitly: oneDNN runs it
+        // fast on CPUs with AVX512-BF16 or AMX (and correctly, if slowly, elsewhere).
         let precision = match recipe.runtime.precision {
             Precision::Auto if cuda => Kind::BFloat16,
-            Precision::Bf16 if !cuda => {
-                return Err(TrainError::Recipe(
-                    "runtime.precision: bf16 needs a GPU; use auto or fp32".into(),
-                ))
-            }
             Precision::Bf16 => Kind::BFloat16,
             Precision::Auto | Precision::Fp32 => Kind::Float,
         };
@@ -256,7 +308,11 @@ impl Trainer {
         ));
         std::fs::create_dir_all(&options.out_dir)
             .map_err(|e| TrainError::io(&options.out_dir, e))?;
-        let metrics = MetricsLog::open(&options.out_dir.join("metrics.jsonl"))?;
+        let metrics_path = options.out_dir.join(&options.metrics_file);
+        if let Some(parent) = metrics_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
+        }
+        let metrics = MetricsLog::open(&metrics_path)?;
         let mut state = TrainState {
             recipe: recipe.name.clone(),
             model: recipe.model.name.clone(),
@@ -292,7 +348,57 @@ impl Trainer {
             state,
             threads,
             prefetch,
+            distributed: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel job: rank 0's model,
+    /// buffers, optimizer state and position (it may have resumed from a
+    /// checkpoint) are broadcast to every rank.
+    pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
+        let collective = distributed.collective.as_mut();
+        let tensors: Vec<Tensor> = self
+            .model
+            .named_parameters()
+            .iter()
+            .chain(self.model.named_buffers())
+            .map(|(_, t)| t.shallow_clone())
+            .chain(self.optimizer.state_tensors().into_iter().map(|(_, t)| t))
+            .collect();
+        reduce_tensors(collective, &tensors, Reduction::Broadcast(0))?;
+        let mut position = vec![self.state.next_epoch, self.state.next_step, self.state.updates];
+        position.extend(self.state.optimizer.group_steps.iter().copied());
+        broadcast_integers(collective, &mut position, 0)?;
+        self.state.next_epoch = position[0];
+        self.state.next_step = position[1];
+        self.state.updates = position[2];
+        self.state.optimizer.group_steps = position[3..].to_vec();
+        self.optimizer
+            .load_steps(&self.state.optimizer)
+            .map_err(|p| TrainError::Recipe(format!("optimizer state from rank 0: {p}")))?;
+        self.distributed = Some(distributed);
+        Ok(self)
+    }
+
+    fn rank(&self) -> usize {
+        self.distributed.as_ref().map_or(0, |d| d.collective.rank())
+    }
+
+    fn world_size(&self) -> usize {
+        self.distributed.as_ref().map_or(1, |d| d.collective.world_size())
+    }
+
+    /// Writes a metrics record (every rank, into its own file) and hands rank
+    /// 0's to the job's sink.
+    fn record(&mut self, record: serde_json::Value) -> Result<(), TrainError> {
+        self.metrics.write(&record)?;
+        if let Some(Distributed { on_metrics: Some(sink), collective, .. }) = &mut self.distributed
+        {
+            if collective.rank() == 0 {
+                sink(&record);
+            }
+        }
+        Ok(())
     }
 
     /// The model being trained.
@@ -311,21 +417,81 @@ impl Trainer {
         u64::from(c.epochs + c.cooldown_epochs)
     }
 
-    /// Evaluates the current weights on the validation split.
+    /// Evaluates the current weights on the validation split (each rank a
+    /// shard of the batches, counts summed over the ranks).
     pub fn evaluate(&mut self) -> Result<TopK, TrainError> {
-        evaluate(&mut self.model, &self.eval, &self.normalizer, self.threads, self.prefetch)
+        let shard = (self.rank(), self.world_size());
+        let mut acc = evaluate(
+            &mut self.model,
+            &self.eval,
+            &self.normalizer,
+            self.threads,
+            self.prefetch,
+            shard,
+        )?;
+        if let Some(d) = &mut self.distributed {
+            let mut counts = [acc.count as f64, acc.top1 as f64, acc.top5 as f64, acc.loss_sum];
+            sum_scalars(d.collective.as_mut(), &mut counts)?;
+            acc = TopK {
+                count: counts[0].round() as u64,
+                top1: counts[1].round() as u64,
+                top5: counts[2].round() as u64,
+                loss_sum: counts[3],
+            };
+        }
+        Ok(acc)
+    }
+
+    /// Sums the gradients over the ranks (each rank's micro-batch losses are
+    /// already divided by the global number of micro-batches, so the sum is
+    /// the mean over the global batch).
+    fn reduce_gradients(&mut self) -> Result<(), TrainError> {
+        if let Some(d) = &mut self.distributed {
+            let grads: Vec<Tensor> =
+                self.optimizer.gradients().into_iter().filter(Tensor::defined).collect();
+            reduce_tensors(d.collective.as_mut(), &grads, Reduction::Sum)?;
+        }
+        Ok(())
+    }
+
+    /// Averages the BN running statistics over the ranks (timm's `--dist-bn reduce`).
+    fn reduce_batch_norm_statistics(&mut self) -> Result<(), TrainError> {
+        if let Some(d) = &mut self.distributed {
+            let buffers: Vec<Tensor> =
+                self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
+            reduce_tensors(d.collective.as_mut(), &buffers, Reduction::Mean)?;
+        }
+        Ok(())
+    }
+
+    /// Sum and sum of squares of every parameter, for replica comparisons.
+    fn parameter_checksum(&self) -> Result<(f64, f64), TrainError> {
+        let mut sum = 0.0;
+        let mut squares = 0.0;
+        for (_, p) in self.model.named_parameters() {
+            let p = p.f_to_kind(Kind::Double)?;
+            sum += p.f_sum(Kind::Double)?.f_double_value(&[])?;
+            squares += p.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+        }
+        Ok((sum, squares))
     }
 
     /// Trains until the recipe's last epoch (or `max_updates`).
     pub fn run(&mut self) -> Result<RunSummary, TrainError> {
         let start = Instant::now();
         let spe = self.train.steps_per_epoch();
-        let streams: Vec<usize> = (0..self.train.num_streams()).collect();
+        let total_streams = self.train.num_streams();
+        let streams: Vec<usize> = match &self.distributed {
+            Some(d) => d.streams.clone(),
+            None => (0..total_streams).collect(),
+        };
         let micro = self.recipe.batch.micro_size as u64;
-        let images_per_update = micro * streams.len() as u64;
+        // Throughput counts the whole global batch (all ranks).
+        let images_per_update = micro * total_streams as u64;
         let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
         let total_epochs = self.total_epochs();
-        let bar = self.options.progress.then(|| {
+        let is_root = self.rank() == 0;
+        let bar = (self.options.progress && is_root).then(|| {
             let bar = indicatif::ProgressBar::new(total_epochs * spe);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -336,12 +502,13 @@ impl Trainer {
             bar.set_position(self.state.updates);
             bar
         });
-        let mut summary = RunSummary { epochs: Vec::new(), update_losses: Vec::new(), wall_s: 0.0 };
-        let mut done_here = 0u64;
+        let mut summary = RunSummary { epochs: Vec::new(), updates: 0, wall_s: 0.0 };
         'epochs: for epoch in self.state.next_epoch..total_epochs {
             let start_step = if epoch == self.state.next_epoch { self.state.next_step } else { 0 };
             let epoch_start = Instant::now();
-            let mut epoch_loss = 0.0;
+            // Losses stay on the device and are read only when logged, so a GPU
+            // never waits for the host between updates.
+            let mut epoch_loss = Tensor::zeros([], (Kind::Float, self.options.device));
             let mut epoch_updates = 0u64;
             let mut window_start = Instant::now();
             let mut window_updates = 0u64;
@@ -354,15 +521,22 @@ impl Trainer {
                 self.prefetch,
             );
             for step in start_step..spe {
-                if self.options.max_updates.is_some_and(|m| done_here >= m) {
+                if self.options.max_updates.is_some_and(|m| summary.updates >= m) {
                     break 'epochs;
                 }
                 let update = epoch * spe + step;
                 let lr = self.schedule.lr(update);
-                tch::manual_seed(torch_seed(&[self.recipe.seed, Stream::Torch as u64, update]));
                 self.optimizer.zero_grad();
                 let mut update_loss = Tensor::zeros([], (Kind::Float, self.options.device));
-                for _ in &streams {
+                for &stream in &streams {
+                    // Drop-path masks depend on (update, stream) only: the same
+                    // whichever rank runs the stream.
+                    tch::manual_seed(torch_seed(&[
+                        self.recipe.seed,
+                        Stream::Torch as u64,
+                        update,
+                        stream as u64,
+                    ]));
                     let mb = loader
                         .next()
                         .ok_or_else(|| TrainError::Recipe("loader ended early".into()))??;
@@ -370,21 +544,24 @@ impl Trainer {
                     let ys = self.normalizer.targets(&mb.targets, mb.len)?;
                     let logits = self.model.forward(&xs, ForwardMode::Train)?;
                     let loss =
-                        self.loss.compute(&logits, &ys)?.f_div_scalar(streams.len() as f64)?;
+                        self.loss.compute(&logits, &ys)?.f_div_scalar(total_streams as f64)?;
                     loss.f_backward()?;
                     update_loss = update_loss.f_add(&loss.f_detach()?)?;
                 }
+                self.reduce_gradients()?;
                 self.optimizer.step(lr)?;
-                let loss_value = update_loss.f_double_value(&[])?;
-                if !loss_value.is_finite() {
-                    return Err(TrainError::Diverged { epoch, update, value: loss_value });
+                if self.options.checksum_every_update {
+                    let (sum, squares) = self.parameter_checksum()?;
+                    self.metrics.write(&json!({
+                        "kind": "checksum", "rank": self.rank(), "step": update + 1,
+                        "sum": sum, "sum_of_squares": squares,
+                    }))?;
                 }
-                summary.update_losses.push(loss_value);
                 window_loss = window_loss.f_add(&update_loss)?;
-                epoch_loss += loss_value;
+                epoch_loss = epoch_loss.f_add(&update_loss)?;
                 epoch_updates += 1;
+                summary.updates += 1;
                 window_updates += 1;
-                done_here += 1;
                 self.state.updates = update + 1;
                 if let Some(bar) = &bar {
                     bar.inc(1);
@@ -392,10 +569,18 @@ impl Trainer {
                 if (update + 1).is_multiple_of(log_every) {
                     let secs = window_start.elapsed().as_secs_f64();
                     let ips = (window_updates * images_per_update) as f64 / secs.max(1e-9);
-                    let mean_loss = window_loss.f_double_value(&[])? / window_updates as f64;
-                    self.metrics.write(&json!({
+                    let mut window = [window_loss.f_double_value(&[])?];
+                    if let Some(d) = &mut self.distributed {
+                        sum_scalars(d.collective.as_mut(), &mut window)?;
+                    }
+                    let mean_loss = window[0] / window_updates as f64;
+                    if !mean_loss.is_finite() {
+                        return Err(TrainError::Diverged { epoch, update, value: mean_loss });
+                    }
+                    self.record(json!({
                         "kind": "step", "epoch": epoch, "step": update + 1, "lr": lr,
                         "loss": mean_loss, "images_per_sec": ips,
+                        "total_updates": total_epochs * spe,
                     }))?;
                     let line = format!(
                         "epoch {epoch} update {} lr {lr:.3e} loss {mean_loss:.4} {ips:.0} img/s",
@@ -403,7 +588,8 @@ impl Trainer {
                     );
                     match &bar {
                         Some(bar) => bar.set_message(format!("loss {mean_loss:.4} {ips:.0} img/s")),
-                        None => tracing::info!("{line}"),
+                        None if is_root => tracing::info!("{line}"),
+                        None => {}
                     }
                     window_start = Instant::now();
                     window_updates = 0;
@@ -411,11 +597,27 @@ impl Trainer {
                 }
             }
             drop(loader);
+            let mut epoch_sum = [epoch_loss.f_double_value(&[])?];
+            if let Some(d) = &mut self.distributed {
+                sum_scalars(d.collective.as_mut(), &mut epoch_sum)?;
+            }
+            let epoch_loss = epoch_sum[0] / epoch_updates.max(1) as f64;
+            self.reduce_batch_norm_statistics()?;
+            if !epoch_loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    update: self.state.updates,
+                    value: epoch_loss,
+                });
+            }
             let train_secs = epoch_start.elapsed().as_secs_f64();
             let last_epoch = epoch + 1 == total_epochs;
             let every = u64::from(self.recipe.eval.every_epochs.max(1));
-            let eval =
-                if last_epoch || (epoch + 1).is_multiple_of(every) { Some(self.evaluate()?) } else { None };
+            let eval = if last_epoch || (epoch + 1).is_multiple_of(every) {
+                Some(self.evaluate()?)
+            } else {
+                None
+            };
             if let Some(acc) = &eval {
                 let best = self.state.best_top1.unwrap_or(f64::MIN).max(acc.top1_pct());
                 self.state.best_top1 = Some(best);
@@ -427,13 +629,13 @@ impl Trainer {
             let report = EpochReport {
                 epoch,
                 updates: self.state.updates,
-                train_loss: epoch_loss / epoch_updates.max(1) as f64,
+                train_loss: epoch_loss,
                 images_per_sec: (epoch_updates * images_per_update) as f64 / train_secs.max(1e-9),
                 top1: eval.map(|a| a.top1_pct()),
                 top5: eval.map(|a| a.top5_pct()),
                 elapsed_s: start.elapsed().as_secs_f64(),
             };
-            self.metrics.write(&json!({
+            self.record(json!({
                 "kind": "epoch", "epoch": epoch, "step": self.state.updates,
                 "lr": self.schedule.lr(self.state.updates.saturating_sub(1)),
                 "loss": report.train_loss, "images_per_sec": report.images_per_sec,
@@ -452,16 +654,22 @@ impl Trainer {
             );
             match &bar {
                 Some(bar) => bar.println(line),
-                None => tracing::info!("{line}"),
+                None if is_root => tracing::info!("{line}"),
+                None => {}
             }
-            checkpoint::save(
-                &self.options.out_dir,
-                epoch,
-                &self.model,
-                &self.optimizer,
-                &self.state,
-                self.recipe.runtime.keep_last_checkpoints as usize,
-            )?;
+            if is_root {
+                let path = checkpoint::save(
+                    &self.options.out_dir,
+                    epoch,
+                    &self.model,
+                    &self.optimizer,
+                    &self.state,
+                    self.recipe.runtime.keep_last_checkpoints as usize,
+                )?;
+                if let Some(Distributed { on_checkpoint: Some(sink), .. }) = &mut self.distributed {
+                    sink(epoch, &path);
+                }
+            }
             summary.epochs.push(report);
         }
         if let Some(bar) = bar {

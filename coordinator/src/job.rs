@@ -1,0 +1,519 @@
+//! The job state machine: members join until the expected number of hosts is
+//! there, ranks are assigned in join order (then local rank), the ranks
+//! rendezvous, train, report and leave. A member that stops heartbeating, or
+//! a rank that leaves with a failure, fails the job (restarts are the job of a
+//! supervisor or of `--resume`; the job says so instead of hanging).
+
+use crate::plan::{BatchPlan, PlanError};
+use rsb_recipes::Recipe;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What runs the ranks of a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// CPU ranks (TCP ring).
+    Cpu,
+    /// One rank per GPU (NCCL).
+    Cuda,
+}
+
+/// A joined worker host.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Identifier handed out at join.
+    pub id: String,
+    /// Host name it reported.
+    pub host: String,
+    /// Device kind of its ranks.
+    pub kind: DeviceKind,
+    /// Ranks it runs.
+    pub local_ranks: u32,
+    /// First global rank of this member.
+    pub first_rank: u32,
+    /// Last heartbeat.
+    pub last_seen: Instant,
+}
+
+/// Where the job is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Waiting for hosts to join.
+    Waiting,
+    /// Ranks assigned; training.
+    Running,
+    /// Every rank left successfully.
+    Finished,
+    /// Something failed; the reason.
+    Failed(String),
+}
+
+/// Rendezvous data a rank publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RendezvousPayload {
+    /// 128-byte NCCL unique id (rank 0 of a CUDA job).
+    NcclId(Vec<u8>),
+    /// `host:port` of a CPU rank's ring listener.
+    RingAddress(String),
+}
+
+/// A rank's assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankAssignment {
+    /// Global rank.
+    pub global_rank: u32,
+    /// World size.
+    pub world_size: u32,
+    /// The batch plan.
+    pub plan: BatchPlan,
+}
+
+/// Errors the service maps onto gRPC statuses.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum JobError {
+    /// The caller named something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The job cannot do this now (full, failed, wrong generation).
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// The whole coordinator state.
+#[derive(Debug)]
+pub struct Job {
+    /// Job identifier.
+    pub id: String,
+    /// Generation (bumped when the membership of a running job changes).
+    pub generation: u64,
+    /// Hosts to wait for.
+    pub nodes_expected: u32,
+    /// The resolved recipe.
+    pub recipe: Recipe,
+    /// The resolved recipe as YAML (sent to ranks).
+    pub recipe_yaml: String,
+    /// Run folder.
+    pub out_dir: PathBuf,
+    /// Required token; empty = none.
+    pub auth_token: String,
+    /// Heartbeat interval members are told to use.
+    pub heartbeat_interval: Duration,
+    /// A member silent for this long fails the job.
+    pub heartbeat_timeout: Duration,
+    /// Current phase.
+    pub phase: Phase,
+    /// Members in join order.
+    pub members: Vec<Member>,
+    /// Published rendezvous payloads by global rank.
+    pub rendezvous: BTreeMap<u32, RendezvousPayload>,
+    /// Ranks that left successfully.
+    pub finished_ranks: u32,
+    /// Latest epoch / update / global images per second reported.
+    pub progress: (u64, u64, f64),
+    /// Checkpoints committed, newest last.
+    pub checkpoints: Vec<(u64, String)>,
+    /// Checkpoint (or run folder) rank 0 resumes from.
+    pub resume_from: Option<String>,
+    metrics: Option<std::fs::File>,
+    next_member: u64,
+}
+
+impl Job {
+    /// A job waiting for `nodes_expected` hosts.
+    pub fn new(recipe: Recipe, out_dir: PathBuf, nodes_expected: u32, auth_token: String) -> Job {
+        let recipe_yaml = rsb_recipes::to_yaml(&recipe);
+        let id = format!("{}-{}", recipe.name, std::process::id());
+        Job {
+            id,
+            generation: 1,
+            nodes_expected,
+            recipe,
+            recipe_yaml,
+            out_dir,
+            auth_token,
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(30),
+            phase: Phase::Waiting,
+            members: Vec::new(),
+            rendezvous: BTreeMap::new(),
+            finished_ranks: 0,
+            progress: (0, 0, 0.0),
+            checkpoints: Vec::new(),
+            resume_from: None,
+            metrics: None,
+            next_member: 0,
+        }
+    }
+
+    /// Total ranks of the joined members.
+    pub fn world_size(&self) -> u32 {
+        self.members.iter().map(|m| m.local_ranks).sum()
+    }
+
+    /// A host joins; when the last expected host has joined, ranks are
+    /// assigned and the job starts (or fails if the world cannot run the recipe).
+    pub fn join(
+        &mut self,
+        host: &str,
+        kind: DeviceKind,
+        local_ranks: u32,
+        token: &str,
+    ) -> Result<String, JobError> {
+        if !self.auth_token.is_empty() && token != self.auth_token {
+            return Err(JobError::Precondition("wrong auth token".into()));
+        }
+        if local_ranks == 0 {
+            return Err(JobError::Invalid("local_ranks must be at least 1".into()));
+        }
+        if self.phase != Phase::Waiting {
+            return Err(JobError::Precondition(format!(
+                "the job is {:?}; it takes no new members",
+                self.phase
+            )));
+        }
+        if let Some(first) = self.members.first() {
+            if first.kind != kind {
+                return Err(JobError::Invalid(format!(
+                    "host {host} brings {kind:?} ranks but the job already has {:?} ranks",
+                    first.kind
+                )));
+            }
+        }
+        self.next_member += 1;
+        let id = format!("m{}-{}", self.next_member, host);
+        let first_rank = self.world_size();
+        self.members.push(Member {
+            id: id.clone(),
+            host: host.to_string(),
+            kind,
+            local_ranks,
+            first_rank,
+            last_seen: Instant::now(),
+        });
+        tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts)", self.members.len(), self.nodes_expected);
+        if self.members.len() as u32 == self.nodes_expected {
+            match BatchPlan::new(&self.recipe, self.world_size()) {
+                Ok(plan) => {
+                    self.phase = Phase::Running;
+                    tracing::info!(
+                        world = self.world_size(),
+                        "all hosts joined: global batch {} = {} x {} x {} ranks",
+                        plan.global_size,
+                        plan.micro_size,
+                        plan.accumulation,
+                        plan.world_size
+                    );
+                }
+                Err(e) => self.fail(format!("cannot start: {e}")),
+            }
+        }
+        Ok(id)
+    }
+
+    fn member(&self, id: &str) -> Result<&Member, JobError> {
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| JobError::NotFound(format!("unknown member `{id}`")))
+    }
+
+    /// Records a heartbeat; false once the job is over.
+    pub fn heartbeat(&mut self, id: &str) -> Result<bool, JobError> {
+        let member = self
+            .members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .ok_or_else(|| JobError::NotFound(format!("unknown member `{id}`")))?;
+        member.last_seen = Instant::now();
+        Ok(matches!(self.phase, Phase::Waiting | Phase::Running))
+    }
+
+    /// Fails the job if a member has been silent too long.
+    pub fn check_liveness(&mut self) {
+        if !matches!(self.phase, Phase::Waiting | Phase::Running) {
+            return;
+        }
+        let timeout = self.heartbeat_timeout;
+        if let Some(m) = self.members.iter().find(|m| m.last_seen.elapsed() > timeout) {
+            let msg = format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout);
+            self.fail(msg);
+        }
+    }
+
+    /// Moves to `Failed` (once) and says why.
+    pub fn fail(&mut self, reason: String) {
+        if matches!(self.phase, Phase::Waiting | Phase::Running) {
+            tracing::error!("job failed: {reason}");
+            self.phase = Phase::Failed(reason);
+        }
+    }
+
+    /// The assignment of a member's local rank, once the job runs (`None` while waiting).
+    pub fn assignment(
+        &self,
+        member_id: &str,
+        local_rank: u32,
+    ) -> Result<Option<RankAssignment>, JobError> {
+        let member = self.member(member_id)?;
+        if local_rank >= member.local_ranks {
+            return Err(JobError::Invalid(format!(
+                "member {member_id} runs {} ranks, not rank {local_rank}",
+                member.local_ranks
+            )));
+        }
+        match &self.phase {
+            Phase::Waiting => Ok(None),
+            Phase::Failed(reason) => Err(JobError::Precondition(format!("job failed: {reason}"))),
+            Phase::Finished => Err(JobError::Precondition("job finished".into())),
+            Phase::Running => {
+                let plan = BatchPlan::new(&self.recipe, self.world_size())
+                    .map_err(|e: PlanError| JobError::Precondition(e.to_string()))?;
+                Ok(Some(RankAssignment {
+                    global_rank: member.first_rank + local_rank,
+                    world_size: self.world_size(),
+                    plan,
+                }))
+            }
+        }
+    }
+
+    /// Records a rank's rendezvous payload; returns everybody's once complete.
+    pub fn publish(
+        &mut self,
+        generation: u64,
+        rank: u32,
+        payload: Option<RendezvousPayload>,
+    ) -> Result<(), JobError> {
+        self.check_generation(generation)?;
+        if rank >= self.world_size() {
+            return Err(JobError::Invalid(format!(
+                "rank {rank} of a world of {}",
+                self.world_size()
+            )));
+        }
+        if let Some(p) = payload {
+            if let RendezvousPayload::NcclId(id) = &p {
+                if id.len() != 128 {
+                    return Err(JobError::Invalid(format!(
+                        "NCCL unique id has {} bytes, expected 128",
+                        id.len()
+                    )));
+                }
+            }
+            self.rendezvous.insert(rank, p);
+        }
+        Ok(())
+    }
+
+    /// The rendezvous result, once every rank (CPU) or rank 0 (CUDA) published.
+    pub fn rendezvous_result(&self) -> Option<(Vec<u8>, Vec<String>)> {
+        let kind = self.members.first()?.kind;
+        match kind {
+            DeviceKind::Cuda => match self.rendezvous.get(&0) {
+                Some(RendezvousPayload::NcclId(id)) => Some((id.clone(), Vec::new())),
+                _ => None,
+            },
+            DeviceKind::Cpu => {
+                let world = self.world_size();
+                let addresses: Option<Vec<String>> = (0..world)
+                    .map(|r| match self.rendezvous.get(&r) {
+                        Some(RendezvousPayload::RingAddress(a)) => Some(a.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                addresses.map(|a| (Vec::new(), a))
+            }
+        }
+    }
+
+    fn check_generation(&self, generation: u64) -> Result<(), JobError> {
+        if generation != self.generation {
+            return Err(JobError::Precondition(format!(
+                "stale generation {generation}, the job is at {}",
+                self.generation
+            )));
+        }
+        match &self.phase {
+            Phase::Running => Ok(()),
+            other => Err(JobError::Precondition(format!("the job is {other:?}"))),
+        }
+    }
+
+    /// Appends a metrics record (from rank 0) to `metrics.jsonl` and returns the progress line to print.
+    pub fn record_metrics(
+        &mut self,
+        generation: u64,
+        record_json: &str,
+    ) -> Result<Option<String>, JobError> {
+        self.check_generation(generation)?;
+        let record: serde_json::Value = serde_json::from_str(record_json)
+            .map_err(|e| JobError::Invalid(format!("metrics record is not JSON: {e}")))?;
+        if !record.is_object() {
+            return Err(JobError::Invalid("metrics record must be a JSON object".into()));
+        }
+        if self.metrics.is_none() {
+            let path = self.out_dir.join("metrics.jsonl");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| JobError::Precondition(format!("{}: {e}", path.display())))?;
+            self.metrics = Some(file);
+        }
+        if let Some(file) = &mut self.metrics {
+            let _ = writeln!(file, "{record}");
+        }
+        let num = |k: &str| record.get(k).and_then(|v| v.as_f64());
+        let epoch = num("epoch").unwrap_or(0.0) as u64;
+        let step = num("step").unwrap_or(0.0) as u64;
+        let ips = num("images_per_sec").unwrap_or(0.0);
+        self.progress = (epoch, step, ips);
+        let kind = record.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let line = match kind {
+            "step" => {
+                let eta = match (num("total_updates"), ips > 0.0) {
+                    (Some(total), true) => {
+                        let secs = (total - step as f64).max(0.0)
+                            * f64::from(self.recipe.batch.global_size)
+                            / ips;
+                        format!(" ETA {}", format_duration(secs))
+                    }
+                    _ => String::new(),
+                };
+                Some(format!(
+                    "epoch {epoch} step {step} loss {:.4} lr {:.3e} {:.0} img/s (all ranks){eta}",
+                    num("loss").unwrap_or(f64::NAN),
+                    num("lr").unwrap_or(f64::NAN),
+                    ips
+                ))
+            }
+            "epoch" => Some(format!(
+                "epoch {epoch} done: loss {:.4} top1 {} top5 {} ({:.0} img/s)",
+                num("loss").unwrap_or(f64::NAN),
+                num("top1").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+                num("top5").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
+                ips
+            )),
+            _ => None,
+        };
+        Ok(line)
+    }
+
+    /// Records a committed checkpoint.
+    pub fn commit_checkpoint(
+        &mut self,
+        generation: u64,
+        epoch: u64,
+        path: String,
+    ) -> Result<(), JobError> {
+        self.check_generation(generation)?;
+        self.checkpoints.push((epoch, path));
+        Ok(())
+    }
+
+    /// A rank leaves; the job finishes when every rank left successfully.
+    pub fn leave(
+        &mut self,
+        member_id: &str,
+        local_rank: u32,
+        success: bool,
+        message: &str,
+    ) -> Result<(), JobError> {
+        let member = self.member(member_id)?.clone();
+        if !success {
+            self.fail(format!(
+                "rank {} on {} failed: {message}",
+                member.first_rank + local_rank,
+                member.host
+            ));
+            return Ok(());
+        }
+        self.finished_ranks += 1;
+        if self.finished_ranks == self.world_size() && self.phase == Phase::Running {
+            self.phase = Phase::Finished;
+            tracing::info!("every rank finished");
+        }
+        Ok(())
+    }
+}
+
+fn format_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(nodes: u32) -> Job {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = rsb_recipes::load(&path, &[]).unwrap();
+        Job::new(recipe, std::env::temp_dir(), nodes, String::new())
+    }
+
+    #[test]
+    fn ranks_follow_join_order_and_the_job_starts_when_all_joined() {
+        let mut j = job(2);
+        let a = j.join("a", DeviceKind::Cpu, 1, "").unwrap();
+        assert_eq!(j.assignment(&a, 0).unwrap(), None);
+        let b = j.join("b", DeviceKind::Cpu, 1, "").unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().global_rank, 0);
+        assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
+        assert!(j.join("c", DeviceKind::Cpu, 1, "").is_err());
+        assert!(j.assignment(&b, 1).is_err());
+    }
+
+    #[test]
+    fn rendezvous_completes_when_every_cpu_rank_published() {
+        let mut j = job(2);
+        j.join("a", DeviceKind::Cpu, 1, "").unwrap();
+        j.join("b", DeviceKind::Cpu, 1, "").unwrap();
+        j.publish(1, 1, Some(RendezvousPayload::RingAddress("b:2".into()))).unwrap();
+        assert_eq!(j.rendezvous_result(), None);
+        j.publish(1, 0, Some(RendezvousPayload::RingAddress("a:1".into()))).unwrap();
+        assert_eq!(
+            j.rendezvous_result(),
+            Some((vec![], vec!["a:1".to_string(), "b:2".to_string()]))
+        );
+        assert!(j.publish(7, 0, None).is_err(), "stale generation accepted");
+    }
+
+    #[test]
+    fn a_world_that_cannot_hold_the_batch_fails_with_the_reason() {
+        let mut j = job(1);
+        j.join("a", DeviceKind::Cpu, 3, "").unwrap(); // 2 streams over 3 ranks
+        assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("3 ranks")), "{:?}", j.phase);
+    }
+
+    #[test]
+    fn failures_and_silence_fail_the_job() {
+        let mut j = job(1);
+        let a = j.join("a", DeviceKind::Cpu, 2, "").unwrap();
+        j.leave(&a, 1, false, "boom").unwrap();
+        assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("boom")));
+        let mut j = job(1);
+        j.heartbeat_timeout = Duration::from_millis(0);
+        j.join("a", DeviceKind::Cpu, 2, "").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        j.check_liveness();
+        assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("missed heartbeats")));
+    }
+
+    #[test]
+    fn the_token_is_checked() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = rsb_recipes::load(&path, &[]).unwrap();
+        let mut j = Job::new(recipe, std::env::temp_dir(), 1, "secret".into());
+        assert!(j.join("a", DeviceKind::Cpu, 1, "nope").is_err());
+        assert!(j.join("a", DeviceKind::Cpu, 1, "secret").is_ok());
+    }
+}

@@ -1,0 +1,142 @@
+//! Benchmark (numbers, not pass/fail): ring all-reduce of ResNet-50's
+//! gradient (25.6 M float32) over loopback TCP with N ranks (threads of one
+//! process, one ring link each), against the loopback bound measured in the
+//! same run: the same N links carrying the same bytes with plain send/receive
+//! and no reduction.
+//!
+//!     cargo run --release -p rsb-collective --example ring_bench -- [RANKS...] [--floats N] [--rounds R]
+//!
+//! For each N it prints algorithm bandwidth (S / t), bus bandwidth
+//! (S / t * 2(N-1)/N, nccl-tests' definition) and the ratio of bus bandwidth
+//! to the per-link loopback bound.
+
+use rsb_collective::ring::{RingConfig, RingListener, TcpRing};
+use rsb_collective::{Buffer, Collective};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+fn form_rings(n: usize) -> Vec<TcpRing> {
+    let listeners: Vec<RingListener> =
+        (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+    let addresses: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addresses = addresses.clone();
+                s.spawn(move || l.connect(rank, &addresses, RingConfig::default()).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Seconds for `n` links in a ring to each carry `bytes` (send right, receive
+/// left, concurrently): the bound the all-reduce's links work against.
+fn loopback_ring_seconds(n: usize, bytes: usize) -> f64 {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let payload = vec![7u8; bytes];
+    let start = std::sync::Barrier::new(n);
+    let t0 = std::sync::Mutex::new(None::<Instant>);
+    std::thread::scope(|s| {
+        for (r, listener) in listeners.into_iter().enumerate() {
+            let right = addrs[(r + 1) % n];
+            let payload = &payload;
+            let start = &start;
+            let t0 = &t0;
+            s.spawn(move || {
+                let out = TcpStream::connect(right).unwrap();
+                let (inp, _) = listener.accept().unwrap();
+                out.set_nodelay(true).unwrap();
+                start.wait();
+                t0.lock().unwrap().get_or_insert_with(Instant::now);
+                std::thread::scope(|s2| {
+                    s2.spawn(|| (&out).write_all(payload).unwrap());
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut left = payload.len();
+                    while left > 0 {
+                        let k = (&inp).read(&mut buf[..left.min(1 << 20)]).unwrap();
+                        left -= k;
+                    }
+                });
+            });
+        }
+    });
+    let started = t0.lock().unwrap().expect("the links started");
+    started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut floats = 25_557_032usize;
+    let mut rounds = 3usize;
+    let mut worlds = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--floats" => {
+                floats = args[i + 1].parse().expect("--floats N");
+                i += 1;
+            }
+            "--rounds" => {
+                rounds = args[i + 1].parse().expect("--rounds R");
+                i += 1;
+            }
+            n => worlds.push(n.parse::<usize>().expect("world sizes are integers")),
+        }
+        i += 1;
+    }
+    if worlds.is_empty() {
+        worlds = vec![2, 4];
+    }
+    let bytes = floats * 4;
+    println!(
+        "all-reduce of {floats} float32 ({:.1} MB), {rounds} rounds, loopback TCP",
+        bytes as f64 / 1e6
+    );
+    for n in worlds {
+        let mut rings = form_rings(n);
+        let mut best = f64::MAX;
+        let mut best_bound = f64::MAX;
+        for _ in 0..rounds {
+            let barrier = std::sync::Barrier::new(n);
+            let times: Vec<f64> = std::thread::scope(|s| {
+                let handles: Vec<_> = rings
+                    .iter_mut()
+                    .map(|ring| {
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            let mut data = vec![1.0f32; floats];
+                            barrier.wait();
+                            let t = Instant::now();
+                            ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                            assert!(data.iter().all(|&v| v == n as f32));
+                            t.elapsed().as_secs_f64()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            best = best.min(times.iter().cloned().fold(0.0, f64::max));
+            // Each link carries 2(N-1)/N * S bytes during an all-reduce.
+            best_bound = best_bound.min(loopback_ring_seconds(n, bytes * 2 * (n - 1) / n));
+        }
+        let algbw = bytes as f64 / best / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        let bound_busbw = (bytes * 2 * (n - 1) / n) as f64 / best_bound / 1e9;
+        println!(
+            "ranks {n}: {:.1} ms  algbw {algbw:.2} GB/s  busbw {busbw:.2} GB/s  loopback bound {bound_busbw:.2} GB/s per link  ratio {:.2}",
+            best * 1e3,
+            busbw / bound_busbw
+        );
+        println!(
+            "{{\"ranks\":{n},\"floats\":{floats},\"seconds\":{best:.6},\"algbw_gbs\":{algbw:.4},\"busbw_gbs\":{busbw:.4},\"loopback_bound_gbs\":{bound_busbw:.4},\"ratio\":{:.4}}}",
+            busbw / bound_busbw
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! Collective operations of data-parallel training behind one trait,
+//! [`Collective`]: all-reduce (sum), broadcast and barrier over all ranks.
+//!
+//! * [`ring::TcpRing`]: CPU ranks joined in a ring of TCP connections; the
+//!   all-reduce is the bandwidth-optimal ring algorithm (reduce-scatter then
+//!   all-gather, `2 (N-1)/N * S` bytes sent per rank), each chunk pipelined in
+//!   segments so that summing overlaps the transfer.
+//! * [`nccl::NcclCollective`] (feature `nccl`): NCCL through `cudarc`, on
+//!   device memory, on the legacy default CUDA stream that libtorch's default
+//!   stream is, so it is ordered after the kernels that produced the data.
+//! * [`Single`]: world size 1, every operation a no-op.
+
+pub mod ring;
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+/// Errors of collective operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A connection to a peer failed or timed out.
+    #[error("rank {rank}: link to rank {peer} ({address}): {source}")]
+    Link {
+        /// This rank.
+        rank: usize,
+        /// The peer.
+        peer: usize,
+        /// Its address.
+        address: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The peers disagree (wrong rank on a link, different buffer sizes).
+    #[error("rank {rank}: {problem}")]
+    Protocol {
+        /// This rank.
+        rank: usize,
+        /// What went wrong.
+        problem: String,
+    },
+    /// The buffer lives where this backend cannot reach it.
+    #[error("{backend} cannot reduce a buffer in {location}")]
+    WrongMemory {
+        /// The backend.
+        backend: &'static str,
+        /// Where the buffer is.
+        location: &'static str,
+    },
+    /// NCCL or CUDA reported an error.
+    #[error("nccl: {0}")]
+    Nccl(String),
+}
+
+/// A buffer of `f32` to reduce in place.
+#[derive(Debug)]
+pub enum Buffer<'a> {
+    /// Host memory.
+    Host(&'a mut [f32]),
+    /// Device memory: a CUDA pointer to `len` floats on device `device`.
+    Cuda {
+        /// Device pointer.
+        ptr: u64,
+        /// Number of floats.
+        len: usize,
+        /// CUDA device index.
+        device: usize,
+    },
+}
+
+impl Buffer<'_> {
+    fn location(&self) -> &'static str {
+        match self {
+            Buffer::Host(_) => "host memory",
+            Buffer::Cuda { .. } => "CUDA device memory",
+        }
+    }
+}
+
+/// The collective operations a data-parallel trainer needs.
+pub trait Collective: Send {
+    /// This rank.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// Replaces `buffer` on every rank by the element-wise sum over all ranks.
+    fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError>;
+
+    /// Replaces `buffer` on every rank by rank `root`'s.
+    fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        let mut token = [1.0f32];
+        self.all_reduce_sum(Buffer::Host(&mut token))
+    }
+}
+
+/// The collective of a world of one rank.
+#[derive(Debug, Default)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buffer: Buffer<'_>) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn broadcast(&mut self, _buffer: Buffer<'_>, _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}

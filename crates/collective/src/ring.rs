@@ -1,0 +1,459 @@
+//! Ring all-reduce over TCP for CPU ranks.
+//!
+//! The ranks form a ring: each holds one connection to its right neighbour
+//! (sending) and one from its left (receiving). An all-reduce of `S` bytes
+//! splits the buffer into `N` chunks and runs `N-1` reduce-scatter steps (send
+//! one chunk right, receive another from the left and add it in) and `N-1`
+//! all-gather steps (pass the reduced chunks around), so every rank sends
+//! `2 (N-1)/N * S` bytes: the bandwidth-optimal amount. Within a step the send
+//! runs on its own thread while the receive is consumed in segments, so the
+//! link stays busy in both directions and the summing overlaps the transfer.
+//!
+//! Every collective starts with a small header passed around the ring (an
+//! operation counter and the buffer length), so ranks that disagree fail with
+//! an error instead of corrupting each other's data. Reads and writes time
+//! out, so a dead peer is an error, never a hang. Floats travel in the hosts'
+//! native byte order; every rank of a job is assumed to share it.
+
+use crate::{Buffer, Collective, CollectiveError};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+const MAGIC: u32 = 0x5253_4231; // "RSB1"
+
+/// Tuning of the ring.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// Longest wait for a peer's data (or for a connection) before failing.
+    pub timeout: Duration,
+    /// Floats received per segment (the unit of overlap between receive and sum).
+    pub segment_floats: usize,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig { timeout: Duration::from_secs(600), segment_floats: 256 * 1024 }
+    }
+}
+
+/// A bound ring port whose address is published before the ring is formed.
+#[derive(Debug)]
+pub struct RingListener {
+    listener: TcpListener,
+}
+
+impl RingListener {
+    /// Binds `address` (port 0 picks a free port).
+    pub fn bind(address: SocketAddr) -> std::io::Result<RingListener> {
+        Ok(RingListener { listener: TcpListener::bind(address)? })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Forms the ring: connects to the right neighbour (`addresses[rank + 1]`)
+    /// and accepts the left one. `addresses` holds every rank's `host:port`.
+    pub fn connect(
+        self,
+        rank: usize,
+        addresses: &[String],
+        config: RingConfig,
+    ) -> Result<TcpRing, CollectiveError> {
+        let world = addresses.len();
+        if rank >= world {
+            return Err(CollectiveError::Protocol {
+                rank,
+                problem: format!("rank {rank} of a world of {world}"),
+            });
+        }
+        if world == 1 {
+            return Ok(TcpRing { rank, world, links: None, config, op: 0 });
+        }
+        let right = (rank + 1) % world;
+        let left = (rank + world - 1) % world;
+        let right_address = addresses[right].clone();
+        let deadline = Instant::now() + config.timeout;
+        let link_err = |peer: usize, address: &str, source: std::io::Error| CollectiveError::Link {
+            rank,
+            peer,
+            address: address.to_string(),
+            source,
+        };
+        let (to_right, from_left) = std::thread::scope(|scope| {
+            let connecting = scope.spawn(|| -> Result<TcpStream, CollectiveError> {
+                let stream = connect_with_retry(&right_address, deadline)
+                    .map_err(|e| link_err(right, &right_address, e))?;
+                let mut hello = Vec::with_capacity(12);
+                for v in [MAGIC, rank as u32, world as u32] {
+                    hello.extend_from_slice(&v.to_le_bytes());
+                }
+                (&stream).write_all(&hello).map_err(|e| link_err(right, &right_address, e))?;
+                Ok(stream)
+            });
+            let accepted = accept_left(&self.listener, rank, left, world, deadline);
+            let connected = connecting.join().unwrap_or_else(|_| {
+                Err(CollectiveError::Protocol {
+                    rank,
+                    problem: "connecting thread panicked".into(),
+                })
+            });
+            Ok::<_, CollectiveError>((connected?, accepted?))
+        })?;
+        for stream in [&to_right, &from_left] {
+            let _ = stream.set_nodelay(true);
+            stream.set_read_timeout(Some(config.timeout)).map_err(|e| link_err(left, "", e))?;
+            stream.set_write_timeout(Some(config.timeout)).map_err(|e| link_err(right, "", e))?;
+        }
+        Ok(TcpRing {
+            rank,
+            world,
+            links: Some(Links { to_right, from_left, right_address }),
+            config,
+            op: 0,
+        })
+    }
+}
+
+fn connect_with_retry(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut wait = Duration::from_millis(10);
+    loop {
+        let attempt = address
+            .to_socket_addrs()
+            .and_then(|mut addrs| {
+                addrs.next().ok_or_else(|| std::io::Error::other("address resolves to nothing"))
+            })
+            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+fn accept_left(
+    listener: &TcpListener,
+    rank: usize,
+    left: usize,
+    world: usize,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    listener.set_nonblocking(true).map_err(|e| CollectiveError::Link {
+        rank,
+        peer: left,
+        address: "listener".into(),
+        source: e,
+    })?;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer_addr)) => {
+                stream.set_nonblocking(false).ok();
+                stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let mut hello = [0u8; 12];
+                if (&stream).read_exact(&mut hello).is_err() {
+                    continue; // not one of ours
+                }
+                let word = |i: usize| {
+                    u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]])
+                };
+                if word(0) != MAGIC {
+                    tracing::warn!(%peer_addr, "ignored a connection that is not a ring peer");
+                    continue;
+                }
+                if word(4) as usize != left || word(8) as usize != world {
+                    return Err(CollectiveError::Protocol {
+                        rank,
+                        problem: format!(
+                            "expected rank {left} of {world} on the left link, got rank {} of {}",
+                            word(4),
+                            word(8)
+                        ),
+                    });
+                }
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(CollectiveError::Link {
+                        rank,
+                        peer: left,
+                        address: "(incoming)".into(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "left neighbour never connected",
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(CollectiveError::Link {
+                    rank,
+                    peer: left,
+                    address: "(incoming)".into(),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Links {
+    to_right: TcpStream,
+    from_left: TcpStream,
+    right_address: String,
+}
+
+/// A formed ring of CPU ranks.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    links: Option<Links>,
+    config: RingConfig,
+    /// Collectives run so far (checked against the neighbours').
+    op: u64,
+}
+
+/// The range of chunk `i` of `n` over `len` elements (balanced).
+fn chunk(len: usize, n: usize, i: usize) -> Range<usize> {
+    (i * len / n)..((i + 1) * len / n)
+}
+
+/// Borrows `a` immutably and `b` mutably from one slice (disjoint ranges).
+fn split_pair(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
+    if a.start >= b.end {
+        let (low, high) = buf.split_at_mut(a.start);
+        (&high[..a.len()], &mut low[b])
+    } else {
+        let (low, high) = buf.split_at_mut(b.start);
+        (&low[a], &mut high[..b.len()])
+    }
+}
+
+impl TcpRing {
+    fn link_err(&self, peer: usize, source: std::io::Error) -> CollectiveError {
+        let address = self.links.as_ref().map(|l| l.right_address.clone()).unwrap_or_default();
+        CollectiveError::Link { rank: self.rank, peer, address, source }
+    }
+
+    /// Sends `send` right while receiving as many floats from the left into
+    /// `recv` (added to it when `add`, copied otherwise).
+    fn exchange(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        add: bool,
+        scratch: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        let links = self.links.as_ref().expect("exchange needs links");
+        let right = (self.rank + 1) % self.world;
+        let left = (self.rank + self.world - 1) % self.world;
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| (&links.to_right).write_all(bytemuck::cast_slice(send)));
+            let mut reader = &links.from_left;
+            let mut read_result = Ok(());
+            for target in recv.chunks_mut(self.config.segment_floats) {
+                let r = if add {
+                    let seg = &mut scratch[..target.len()];
+                    reader.read_exact(bytemuck::cast_slice_mut(seg)).map(|_| {
+                        for (t, s) in target.iter_mut().zip(seg.iter()) {
+                            *t += *s;
+                        }
+                    })
+                } else {
+                    reader.read_exact(bytemuck::cast_slice_mut(target))
+                };
+                if let Err(e) = r {
+                    read_result = Err(self.link_err(left, e));
+                    break;
+                }
+            }
+            let write_result = writer
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
+                .map_err(|e| self.link_err(right, e));
+            read_result.and(write_result)
+        })
+    }
+
+    /// Passes `(op, len)` around the ring and checks the left neighbour agrees.
+    fn check_header(&mut self, len: usize) -> Result<(), CollectiveError> {
+        let words =
+            |op: u64, len: u64| [op as u32, (op >> 32) as u32, len as u32, (len >> 32) as u32];
+        // Raw bits in f32 slots: copied, never computed with.
+        let header = words(self.op, len as u64).map(f32::from_bits);
+        let mut theirs = [0f32; 4];
+        let mut scratch = [0f32; 4];
+        self.exchange(&header, &mut theirs, false, &mut scratch)?;
+        let t = theirs.map(f32::to_bits);
+        if t != header.map(f32::to_bits) {
+            return Err(CollectiveError::Protocol {
+                rank: self.rank,
+                problem: format!(
+                    "collective #{} of {len} floats here, but the left neighbour runs #{} of {} floats",
+                    self.op,
+                    u64::from(t[0]) | (u64::from(t[1]) << 32),
+                    u64::from(t[2]) | (u64::from(t[3]) << 32)
+                ),
+            });
+        }
+        self.op += 1;
+        Ok(())
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
+        let data = match buffer {
+            Buffer::Host(data) => data,
+            other => {
+                return Err(CollectiveError::WrongMemory {
+                    backend: "TCP ring",
+                    location: other.location(),
+                })
+            }
+        };
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.check_header(data.len())?;
+        let (n, r, len) = (self.world, self.rank, data.len());
+        let mut scratch = vec![0f32; self.config.segment_floats.min(len.div_ceil(n).max(1))];
+        // Reduce-scatter: after step s, chunk (r - s - 1) holds s + 2 ranks' sum.
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + n - s) % n);
+            let recv = chunk(len, n, (r + n - s - 1) % n);
+            let (send, recv) = split_pair(data, send, recv);
+            self.exchange(send, recv, true, &mut scratch)?;
+        }
+        // All-gather: rank r now owns the full sum of chunk (r + 1).
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + 1 + n - s) % n);
+            let recv = chunk(len, n, (r + n - s) % n);
+            let (send, recv) = split_pair(data, send, recv);
+            self.exchange(send, recv, false, &mut scratch)?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
+        let data = match buffer {
+            Buffer::Host(data) => data,
+            other => {
+                return Err(CollectiveError::WrongMemory {
+                    backend: "TCP ring",
+                    location: other.location(),
+                })
+            }
+        };
+        // Everyone but the root contributes zeros: the sum is the root's buffer.
+        // Twice the traffic of a pipelined broadcast, paid once per job.
+        if self.rank != root {
+            data.fill(0.0);
+        }
+        self.all_reduce_sum(Buffer::Host(data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forms a ring of `n` ranks on loopback, one thread each, and runs `f` on every rank.
+    pub(crate) fn with_ring<T: Send>(n: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<RingListener> =
+            (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+        let addresses: Vec<String> =
+            listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addresses = addresses.clone();
+                    let f = &f;
+                    scope.spawn(move || {
+                        let config =
+                            RingConfig { timeout: Duration::from_secs(20), segment_floats: 7 };
+                        let mut ring = l.connect(rank, &addresses, config).unwrap();
+                        f(&mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn all_reduce_sums_exactly_for_many_sizes_and_worlds() {
+        for n in [1, 2, 3, 4, 5] {
+            for len in [0, 1, 3, 4, 17, 1000] {
+                let results = with_ring(n, |ring| {
+                    let r = ring.rank() as f32;
+                    let mut data: Vec<f32> = (0..len).map(|i| r * 1000.0 + i as f32).collect();
+                    ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                    data
+                });
+                let want: Vec<f32> =
+                    (0..len).map(|i| (0..n).map(|r| r as f32 * 1000.0 + i as f32).sum()).collect();
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got, &want, "world {n}, len {len}, rank {rank}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_and_barrier() {
+        let results = with_ring(3, |ring| {
+            let mut data = vec![ring.rank() as f32 + 1.0; 10];
+            ring.broadcast(Buffer::Host(&mut data), 2).unwrap();
+            ring.barrier().unwrap();
+            data
+        });
+        assert!(results.iter().all(|d| d.iter().all(|&v| v == 3.0)));
+    }
+
+    #[test]
+    fn mismatched_sizes_are_an_error_not_corruption() {
+        let results = with_ring(2, |ring| {
+            let mut data = vec![1.0f32; 10 + ring.rank()];
+            ring.all_reduce_sum(Buffer::Host(&mut data)).map(|_| ()).map_err(|e| e.to_string())
+        });
+        assert!(
+            results.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("floats"))),
+            "{results:?}"
+        );
+    }
+
+    #[test]
+    fn a_dead_peer_is_a_timely_error() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        drop(b); // rank 1 never shows up
+        let start = Instant::now();
+        let config = RingConfig { timeout: Duration::from_millis(500), segment_floats: 16 };
+        let err = a.connect(0, &addresses, config).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+        assert!(err.contains("rank 1") || err.contains("never connected"), "{err}");
+    }
+}

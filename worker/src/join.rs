@@ -1,0 +1,354 @@
+//! `worker join`: one worker host in a coordinated job. The agent joins the
+//! coordinator with its devices, starts one rank process per GPU (or the CPU
+//! ranks asked for), heartbeats while they run, and stops them if the job
+//! fails. Each rank process (`worker rank`, started by the agent) asks for its
+//! assignment, rendezvous with the others (NCCL unique id for GPUs, ring
+//! addresses for CPUs), trains its share with the code of `worker train`, and
+//! reports metrics and checkpoints to the coordinator.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rsb_collective::ring::{RingConfig, RingListener};
+use rsb_collective::Collective;
+use rsb_proto::v1 as pb;
+use rsb_proto::v1::coordinator_client::CoordinatorClient;
+use rsb_train::trainer::{Distributed, RunOptions, Trainer};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tch::Device;
+use tonic::transport::Channel;
+
+/// Arguments of `worker join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Coordinator URL, e.g. http://10.0.0.1:50051.
+    #[arg(long)]
+    pub coordinator: String,
+    /// `all` (every GPU), `cpu`, or a list of GPU indices like `0,1`.
+    #[arg(long, default_value = "all")]
+    pub devices: String,
+    /// Number of CPU ranks with `--devices cpu`.
+    #[arg(long, default_value_t = 1)]
+    pub cpu_ranks: u32,
+    /// Name reported to the coordinator (default: the host name).
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// Address other hosts reach this one at (default: the local address of
+    /// the route to the coordinator).
+    #[arg(long)]
+    pub advertise: Option<IpAddr>,
+    /// Run folder for checkpoints (default: the coordinator's).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Shared secret of the coordinator.
+    #[arg(long, default_value = "")]
+    pub auth_token: String,
+}
+
+/// Arguments of `worker rank` (started by `worker join`).
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// Coordinator URL.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Member id from the join.
+    #[arg(long)]
+    pub member: String,
+    /// Local rank on this host.
+    #[arg(long)]
+    pub local_rank: u32,
+    /// `cpu` or `cuda` (the agent restricts CUDA_VISIBLE_DEVICES to this rank's GPU).
+    #[arg(long)]
+    pub device: String,
+    /// Address other hosts reach this one at.
+    #[arg(long)]
+    pub advertise: IpAddr,
+    /// Run folder override.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// libtorch threads of this rank (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub torch_threads: i32,
+}
+
+async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match CoordinatorClient::connect(url.to_string()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "coordinator not reachable yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("connecting to the coordinator at {url}"))
+            }
+        }
+    }
+}
+
+/// The local address of the route towards `url`'s host: what peers can reach.
+fn route_address(url: &str) -> Result<IpAddr> {
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next().unwrap_or_default();
+    let target: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to nothing"))?;
+    let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// `worker join`.
+pub fn join(args: JoinArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(join_async(args))
+}
+
+async fn join_async(args: JoinArgs) -> Result<()> {
+    let (kind, gpus): (pb::DeviceKind, Vec<usize>) = match args.devices.as_str() {
+        "cpu" => (pb::DeviceKind::Cpu, Vec::new()),
+        "all" => {
+            let n = tch::Cuda::device_count() as usize;
+            if n == 0 {
+                bail!("--devices all: this host has no CUDA device; use --devices cpu");
+            }
+            (pb::DeviceKind::Cuda, (0..n).collect())
+        }
+        list => {
+            let ids: Vec<usize> = list
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("--devices `{list}`: `{s}` is not a GPU index"))
+                })
+                .collect::<Result<_>>()?;
+            let n = tch::Cuda::device_count() as usize;
+            if let Some(bad) = ids.iter().find(|&&i| i >= n) {
+                bail!("--devices {list}: GPU {bad} does not exist ({n} on this host)");
+            }
+            (pb::DeviceKind::Cuda, ids)
+        }
+    };
+    let ranks = if kind == pb::DeviceKind::Cpu { args.cpu_ranks.max(1) } else { gpus.len() as u32 };
+    let host = args.host_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into())
+    });
+    let advertise = match args.advertise {
+        Some(a) => a,
+        None => route_address(&args.coordinator)?,
+    };
+    let mut client = connect(&args.coordinator).await?;
+    let joined = client
+        .join(pb::JoinRequest {
+            host_name: host.clone(),
+            advertise_address: advertise.to_string(),
+            device_kind: kind as i32,
+            local_ranks: ranks,
+            auth_token: args.auth_token.clone(),
+        })
+        .await
+        .context("joining the coordinator")?
+        .into_inner();
+    tracing::info!(member = %joined.member_id, ranks, %advertise, "joined");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for local_rank in 0..ranks {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["rank", "--coordinator", &args.coordinator, "--member", &joined.member_id])
+            .args(["--local-rank", &local_rank.to_string(), "--advertise", &advertise.to_string()]);
+        if kind == pb::DeviceKind::Cpu {
+            let threads = (cores / ranks as usize).max(1);
+            cmd.args(["--device", "cpu", "--torch-threads", &threads.to_string()]);
+        } else {
+            // One process per GPU, which sees only its own GPU as cuda:0.
+            cmd.args(["--device", "cuda"])
+                .env("CUDA_VISIBLE_DEVICES", gpus[local_rank as usize].to_string());
+        }
+        if let Some(dir) = &args.run_dir {
+            cmd.arg("--run-dir").arg(dir);
+        }
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        children.push(cmd.spawn().context("starting a rank process")?);
+    }
+    let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
+    let mut failed = None;
+    let mut done = vec![false; children.len()];
+    loop {
+        for (i, child) in children.iter_mut().enumerate() {
+            if !done[i] {
+                if let Some(status) = child.try_wait()? {
+                    done[i] = true;
+                    if !status.success() && failed.is_none() {
+                        failed = Some(format!("rank process {i} exited with {status}"));
+                    }
+                }
+            }
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        match client.heartbeat(pb::HeartbeatRequest { member_id: joined.member_id.clone() }).await {
+            Ok(r) if !r.get_ref().keep_going => {
+                // The job failed elsewhere: stop our ranks instead of letting them wait on dead peers.
+                tracing::warn!("the coordinator ended the job; stopping local ranks");
+                for (i, child) in children.iter_mut().enumerate() {
+                    if !done[i] {
+                        let _ = child.kill().await;
+                    }
+                }
+                failed.get_or_insert_with(|| "job ended by the coordinator".into());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+    match failed {
+        Some(reason) => bail!("{reason}"),
+        None => Ok(()),
+    }
+}
+
+/// `worker rank`.
+pub fn rank(args: RankArgs) -> Result<()> {
+    let runtime = Arc::new(tokio::runtime::Runtime::new()?);
+    let mut client = runtime.block_on(connect(&args.coordinator))?;
+    let outcome = run_rank(&args, &runtime, &mut client);
+    let (success, message) = match &outcome {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    let leave = pb::LeaveRequest {
+        member_id: args.member.clone(),
+        local_rank: args.local_rank,
+        success,
+        message,
+    };
+    if let Err(e) = runtime.block_on(client.leave(leave)) {
+        tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
+    }
+    outcome
+}
+
+fn run_rank(
+    args: &RankArgs,
+    runtime: &Arc<tokio::runtime::Runtime>,
+    client: &mut CoordinatorClient<Channel>,
+) -> Result<()> {
+    if args.torch_threads > 0 {
+        tch::set_num_threads(args.torch_threads);
+    }
+    let assignment = runtime
+        .block_on(client.get_assignment(pb::AssignmentRequest {
+            member_id: args.member.clone(),
+            local_rank: args.local_rank,
+        }))
+        .context("waiting for an assignment")?
+        .into_inner();
+    let rank = assignment.global_rank as usize;
+    let world = assignment.world_size as usize;
+    let recipe =
+        rsb_recipes::load_str(&assignment.recipe_yaml, Path::new("<coordinator recipe>"), &[])?;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("rank {rank}: assigned a GPU but CUDA is not available in this process");
+            }
+            Device::Cuda(0)
+        }
+        other => bail!("--device `{other}`: expected cpu or cuda"),
+    };
+    let rendezvous = |payload: Option<pb::rendezvous_request::Payload>| {
+        runtime.block_on(client.clone().rendezvous(pb::RendezvousRequest {
+            job_id: assignment.job_id.clone(),
+            generation: assignment.generation,
+            global_rank: assignment.global_rank,
+            payload,
+        }))
+    };
+    let collective: Box<dyn Collective> = if device == Device::Cpu {
+        let listener = RingListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+        let port = listener.local_addr()?.port();
+        let address = SocketAddr::new(args.advertise, port).to_string();
+        let reply = rendezvous(Some(pb::rendezvous_request::Payload::RingAddress(address)))
+            .context("ring rendezvous")?
+            .into_inner();
+        Box::new(listener.connect(rank, &reply.ring_addresses, RingConfig::default())?)
+    } else {
+        nccl_collective(rank, world, rendezvous)?
+    };
+    tracing::info!(rank, world, "collective ready");
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
+    let mut options = RunOptions::new(run_dir, device);
+    options.metrics_file = format!("ranks/rank-{rank}.jsonl");
+    options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
+    if !assignment.resume_from.is_empty() && rank == 0 {
+        options.resume = Some(PathBuf::from(&assignment.resume_from));
+    }
+    let accumulation = assignment.accumulation_steps as usize;
+    let streams: Vec<usize> = (rank * accumulation..(rank + 1) * accumulation).collect();
+    let metrics_client = client.clone();
+    let metrics_rt = Arc::clone(runtime);
+    let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
+    let on_metrics = Box::new(move |record: &serde_json::Value| {
+        let report = pb::MetricsReport {
+            job_id: job_id.clone(),
+            generation,
+            global_rank: 0,
+            record_json: record.to_string(),
+        };
+        if let Err(e) = metrics_rt.block_on(metrics_client.clone().report_metrics(report)) {
+            tracing::warn!(error = %e, "could not report metrics");
+        }
+    });
+    let checkpoint_client = client.clone();
+    let checkpoint_rt = Arc::clone(runtime);
+    let job_id = assignment.job_id.clone();
+    let on_checkpoint = Box::new(move |epoch: u64, path: &Path| {
+        let commit = pb::CheckpointCommit {
+            job_id: job_id.clone(),
+            generation,
+            epoch,
+            path: path.display().to_string(),
+        };
+        if let Err(e) = checkpoint_rt.block_on(checkpoint_client.clone().commit_checkpoint(commit))
+        {
+            tracing::warn!(error = %e, "could not report a checkpoint");
+        }
+    });
+    let trainer = Trainer::new(recipe, options)?;
+    let mut trainer = trainer.into_distributed(Distributed {
+        collective,
+        streams,
+        on_metrics: Some(on_metrics),
+        on_checkpoint: Some(on_checkpoint),
+    })?;
+    trainer.run()?;
+    Ok(())
+}
+
+fn nccl_collective(
+    rank: usize,
+    world: usize,
+    rendezvous: impl Fn(
+        Option<pb::rendezvous_request::Payload>,
+    ) -> Result<tonic::Response<pb::RendezvousResponse>, tonic::Status>,
+) -> Result<Box<dyn Collective>> {
+    use rsb_collective::nccl::{unique_id, NcclCollective};
+    let payload = if rank == 0 {
+        Some(pb::rendezvous_request::Payload::NcclUniqueId(unique_id()?))
+    } else {
+        None
+    };
+    let reply = rendezvous(payload).context("NCCL rendezvous")?.into_inner();
+    Ok(Box::new(NcclCollective::new(&reply.nccl_unique_id, rank, world)?))
+}
