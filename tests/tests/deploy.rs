@@ -9,7 +9,11 @@ use std::process::Command;
 fn validate(path: &std::path::Path) -> std::process::Output {
     let tool = workspace_root().join(".venv/bin/kubernetes-validate");
     assert!(tool.is_file(), "{} is missing; run scripts/setup --test", tool.display());
-    Command::new(tool).args(["--strict", "-k", "1.33.0"]).arg(path).output().expect("running kubernetes-validate")
+    Command::new(tool)
+        .args(["--strict", "-k", "1.33.0"])
+        .arg(path)
+        .output()
+        .expect("running kubernetes-validate")
 }
 
 #[test]
@@ -32,6 +36,10 @@ fn kubernetes_manifests_validate_strictly() {
 
 #[test]
 fn slurm_script_is_valid_bash() {
-    let out = Command::new("bash").arg("-n").arg(workspace_root().join("deploy/slurm/train.sbatch")).output().unwrap();
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(workspace_root().join("deploy/slurm/train.sbatch"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -14,14 +14,22 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(workspace_root().join("scripts/slurm-local")).arg("stop").arg(&self.dir).status();
+        let _ = Command::new(workspace_root().join("scripts/slurm-local"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
     }
 }
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)).map(|v| v == "0"))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .map(|v| v == "0")
+        })
         .unwrap_or(false)
 }
 
@@ -31,12 +39,19 @@ fn sbatch_runs_a_two_node_job() {
         eprintln!("SKIPPED: starting slurmctld/slurmd/munged needs root (CI runs as root)");
         return;
     }
-    assert!(Path::new("/usr/sbin/slurmctld").is_file(), "Slurm is not installed; run scripts/setup --test");
+    assert!(
+        Path::new("/usr/sbin/slurmctld").is_file(),
+        "Slurm is not installed; run scripts/setup --test"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 16, 4);
     let _ = (binary("worker"), binary("coordinator"));
     let state = tmp.path().join("slurm");
-    let started = Command::new(workspace_root().join("scripts/slurm-local")).arg("start").arg(&state).status().unwrap();
+    let started = Command::new(workspace_root().join("scripts/slurm-local"))
+        .arg("start")
+        .arg(&state)
+        .status()
+        .unwrap();
     let cluster = Cluster { dir: state.clone() };
     assert!(started.success(), "the local Slurm cluster did not start");
     let out = tmp.path().join("run");
@@ -59,8 +74,15 @@ fn sbatch_runs_a_two_node_job() {
         .output()
         .unwrap();
     let log = std::fs::read_to_string(&job_log).unwrap_or_default();
-    assert!(run.status.success(), "sbatch job failed:\n{}\n{log}", String::from_utf8_lossy(&run.stderr));
-    assert!(log.contains("every rank") || log.contains("img/s (all ranks)"), "no progress in the job log:\n{log}");
+    assert!(
+        run.status.success(),
+        "sbatch job failed:\n{}\n{log}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        log.contains("every rank") || log.contains("img/s (all ranks)"),
+        "no progress in the job log:\n{log}"
+    );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"kind\":\"epoch\"")), "{metrics}");
     assert!(out.join("checkpoints/epoch-0001/model.safetensors").is_file());

@@ -4,7 +4,7 @@
 //! same run: the same N links carrying the same bytes with plain send/receive
 //! and no reduction.
 //!
-//!     cargo run --release -p rsb-collective --example ring_bench -- [RANKS...] [--floats N] [--rounds R]
+//!     cargo run --release -p rsb-collective --example ring_bench -- [RANKS...] [--floats N] [--rounds R] [--segment FLOATS]
 //!
 //! For each N it prints algorithm bandwidth (S / t), bus bandwidth
 //! (S / t * 2(N-1)/N, nccl-tests' definition) and the ratio of bus bandwidth
@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
-fn form_rings(n: usize) -> Vec<TcpRing> {
+fn form_rings(n: usize, segment_floats: usize) -> Vec<TcpRing> {
     let listeners: Vec<RingListener> =
         (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
     let addresses: Vec<String> =
@@ -27,7 +27,14 @@ fn form_rings(n: usize) -> Vec<TcpRing> {
             .enumerate()
             .map(|(rank, l)| {
                 let addresses = addresses.clone();
-                s.spawn(move || l.connect(rank, &addresses, RingConfig::default()).unwrap())
+                s.spawn(move || {
+                    l.connect(
+                        rank,
+                        &addresses,
+                        RingConfig { segment_floats, ..RingConfig::default() },
+                    )
+                    .unwrap()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -75,12 +82,17 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut floats = 25_557_032usize;
     let mut rounds = 3usize;
+    let mut segment_floats = RingConfig::default().segment_floats;
     let mut worlds = Vec::new();
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--floats" => {
                 floats = args[i + 1].parse().expect("--floats N");
+                i += 1;
+            }
+            "--segment" => {
+                segment_floats = args[i + 1].parse().expect("--segment FLOATS");
                 i += 1;
             }
             "--rounds" => {
@@ -100,7 +112,7 @@ fn main() {
         bytes as f64 / 1e6
     );
     for n in worlds {
-        let mut rings = form_rings(n);
+        let mut rings = form_rings(n, segment_floats);
         let mut best = f64::MAX;
         let mut best_bound = f64::MAX;
         for _ in 0..rounds {

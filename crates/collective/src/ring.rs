@@ -34,7 +34,7 @@ pub struct RingConfig {
 
 impl Default for RingConfig {
     fn default() -> Self {
-        RingConfig { timeout: Duration::from_secs(600), segment_floats: 256 * 1024 }
+        RingConfig { timeout: Duration::from_secs(600), segment_floats: 64 * 1024 }
     }
 }
 
