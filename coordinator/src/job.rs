@@ -233,6 +233,14 @@ impl Job {
         Ok(matches!(self.phase, Phase::Waiting | Phase::Running))
     }
 
+    /// Why the job failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Failed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
     /// Fails the job if a member has been silent too long.
     pub fn check_liveness(&mut self) {
         if !matches!(self.phase, Phase::Waiting | Phase::Running) {
@@ -505,6 +513,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         j.check_liveness();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("missed heartbeats")));
+    }
+
+    #[test]
+    fn a_finished_job_stops_heartbeats_without_a_failure() {
+        // Members must tell "finished" from "failed": a member whose ranks
+        // are still exiting when the last rank leaves must not report an error.
+        let mut j = job(1);
+        let a = j.join("a", DeviceKind::Cpu, 2, "").unwrap();
+        j.leave(&a, 0, true, "").unwrap();
+        assert!(j.heartbeat(&a).unwrap());
+        j.leave(&a, 1, true, "").unwrap();
+        assert_eq!(j.phase, Phase::Finished);
+        assert!(!j.heartbeat(&a).unwrap());
+        assert_eq!(j.failure(), None);
+        let mut j = job(1);
+        let a = j.join("a", DeviceKind::Cpu, 2, "").unwrap();
+        j.leave(&a, 0, false, "boom").unwrap();
+        assert!(!j.heartbeat(&a).unwrap());
+        assert!(j.failure().unwrap().contains("boom"));
     }
 
     #[test]

@@ -150,13 +150,14 @@ impl Coordinator for Shared {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         require("member_id", &r.member_id)?;
-        let (keep_going, generation) = self
+        let (keep_going, generation, failure) = self
             .update(|job| {
                 job.check_liveness();
-                job.heartbeat(&r.member_id).map(|k| (k, job.generation))
+                let keep_going = job.heartbeat(&r.member_id)?;
+                Ok((keep_going, job.generation, job.failure().unwrap_or_default().to_string()))
             })
             .map_err(status)?;
-        Ok(Response::new(pb::HeartbeatResponse { keep_going, generation }))
+        Ok(Response::new(pb::HeartbeatResponse { keep_going, generation, failure }))
     }
 
     async fn get_assignment(

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::error::Location;
 
@@ -61,6 +61,26 @@ impl<'de> Visitor<'de> for Navigate<'_> {
         }
         Ok(())
     }
+
+    /// A numeric path segment indexes a sequence (`eval.sets.1.name`).
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((head, rest)) = self.path.split_first() else {
+            return Ok(());
+        };
+        let Ok(index) = head.parse::<usize>() else {
+            return Ok(());
+        };
+        if rest.is_empty() {
+            return Ok(());
+        }
+        for _ in 0..index {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+        }
+        seq.next_element_seed(Navigate { path: rest })?;
+        Ok(())
+    }
 }
 
 /// Reads one mapping key: `true` if it is the wanted one; the marker error
@@ -104,6 +124,10 @@ optimizer:
     lr: 0.1   # comment
     betas: [0.9, 0.999]
 flow: {a: 1, b: {c: 2}}
+sets:
+  - name: a
+  - name: b
+    root: r
 ";
 
     fn at(path: &str) -> Option<(usize, usize)> {
@@ -117,6 +141,8 @@ flow: {a: 1, b: {c: 2}}
         assert_eq!(at("optimizer.lamb.lr"), Some((4, 5)));
         assert_eq!(at("optimizer.lamb.betas"), Some((5, 5)));
         assert_eq!(at("flow.b.c"), Some((6, 18)));
+        assert_eq!(at("sets.1.root"), Some((10, 5)));
+        assert_eq!(at("sets.0.name"), Some((8, 5)));
     }
 
     #[test]

@@ -81,12 +81,19 @@ pub struct DataSection {
     /// Per-channel std in [0, 1] (timm's `IMAGENET_DEFAULT_STD`).
     #[serde(default = "default_std")]
     pub std: [f64; 3],
-    /// Decoding threads; 0 = one per available core.
+    /// Decoding threads; 0 = the cores this process may use, divided by
+    /// `LOCAL_WORLD_SIZE` (the ranks on this host) when set.
     #[serde(default)]
     pub loader_threads: u32,
     /// Micro-batches decoded ahead of the trainer (bounded queue).
     #[serde(default = "default_prefetch")]
     pub prefetch_batches: u32,
+    /// Decode a training JPEG at 1/2, 1/4 or 1/8 scale (in the DCT) when its
+    /// random crop stays at least the input size at that scale: faster on
+    /// large photos, but pixels differ slightly from timm's full-size decode
+    /// and resize (docs/data.md). Evaluation always decodes at full size.
+    #[serde(default = "default_true")]
+    pub scaled_decode: bool,
 }
 
 /// Resampling filter, with timm's `random` (bilinear or bicubic per image).
@@ -277,6 +284,42 @@ pub struct EvalSection {
     /// Evaluate every this many epochs (and after the last).
     #[serde(default = "default_one_u32")]
     pub every_epochs: u32,
+    /// Further evaluation sets (ImageNet-ReaL, ImageNet-V2, ...), each
+    /// reported with its own top-1/top-5 next to the validation split's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<EvalSetSection>,
+}
+
+/// Layout and scoring of an extra evaluation set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalSetKind {
+    /// Class folders in timm's natural order (or a folder of tar shards),
+    /// scored against each image's class.
+    Folder,
+    /// ImageNet-V2: class folders named `0`..`999`, the name being the index.
+    V2,
+    /// A flat folder of images plus `labels`, a label file
+    /// (`file<TAB>class` lines, or Kaggle's `LOC_val_solution.csv`).
+    Labelled,
+    /// ImageNet-ReaL: the ImageNet validation images (flat, class folders or
+    /// shards) scored against `labels`, a `real.json` (timm's `RealLabelsImagenet`).
+    Real,
+}
+
+/// An extra evaluation set (`eval.sets`). Relative paths are taken relative to `data.root`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSetSection {
+    /// Name in metrics and reports (`real`, `v2`); unique, not `val`.
+    pub name: String,
+    /// Layout and scoring.
+    pub kind: EvalSetKind,
+    /// Folder of the images.
+    pub root: String,
+    /// Label file: required for `labelled` and `real`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<String>,
 }
 
 /// Numeric precision of the forward/backward pass.

@@ -6,7 +6,7 @@
 //! and infinities.
 
 use crate::error::{Origin, RecipeError};
-use crate::schema::{LossSection, OptimizerSection, Recipe, ScheduleSection};
+use crate::schema::{EvalSetKind, LossSection, OptimizerSection, Recipe, ScheduleSection};
 
 /// A failed check, before its origin is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +103,15 @@ fn ordered_range(field: &str, [low, high]: [f64; 2], max: Option<f64>) -> Check 
         );
     }
     Ok(())
+}
+
+fn kind_name(kind: EvalSetKind) -> &'static str {
+    match kind {
+        EvalSetKind::Folder => "folder",
+        EvalSetKind::V2 => "v2",
+        EvalSetKind::Labelled => "labelled",
+        EvalSetKind::Real => "real",
+    }
 }
 
 /// All the checks, in file order; the first failure wins.
@@ -243,6 +252,51 @@ pub(crate) fn check(r: &Recipe) -> Check {
     }
     at_least_one("eval.batch_size", e.batch_size)?;
     at_least_one("eval.every_epochs", e.every_epochs)?;
+    for (i, set) in e.sets.iter().enumerate() {
+        let field = |key: &str| format!("eval.sets.{i}.{key}");
+        non_empty(&field("name"), &set.name)?;
+        if set.name == "val" {
+            return fail(
+                &field("name"),
+                "`val` is the validation split's name in the metrics; choose another".into(),
+            );
+        }
+        if let Some(j) = e.sets[..i].iter().position(|o| o.name == set.name) {
+            return fail(
+                &field("name"),
+                format!("`{}` is already the name of eval.sets.{j}", set.name),
+            );
+        }
+        non_empty(&field("root"), &set.root)?;
+        match (set.kind, &set.labels) {
+            (EvalSetKind::Labelled | EvalSetKind::Real, None) => {
+                return fail(
+                    &field("kind"),
+                    format!(
+                        "a `{}` set needs `labels` ({})",
+                        kind_name(set.kind),
+                        if set.kind == EvalSetKind::Real {
+                            "the ReaL real.json"
+                        } else {
+                            "a `file<TAB>class` file or LOC_val_solution.csv"
+                        }
+                    ),
+                );
+            }
+            (EvalSetKind::Folder | EvalSetKind::V2, Some(_)) => {
+                return fail(
+                    &field("labels"),
+                    format!(
+                        "a `{}` set takes its labels from its folders; remove `labels` \
+                         or use kind `labelled`",
+                        kind_name(set.kind)
+                    ),
+                );
+            }
+            (_, Some(labels)) => non_empty(&field("labels"), labels)?,
+            _ => {}
+        }
+    }
 
     at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
     Ok(())

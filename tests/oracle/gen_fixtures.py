@@ -47,7 +47,9 @@ def main() -> int:
         return 2
 
     import assets
+    import bad_images
     import decode_eval
+    import eval_sets
     import models
     import numerics
     import pil_ops
@@ -61,6 +63,8 @@ def main() -> int:
         ("sampler", lambda: numerics.generate_sampler(args.out / "sampler")),
         ("pil_ops", lambda: pil_ops.generate(args.out / "pil_ops", assets.photos())),
         ("decode+eval", lambda: decode_eval.generate(args.out / "decode_eval", assets.photos())),
+        ("eval sets (ReaL, V2)", lambda: eval_sets.generate(args.out / "eval_sets")),
+        ("bad images (Pillow sdist)", lambda: bad_images.generate(args.out / "bad_images")),
     ]
     for name, step in steps:
         print(f"generating {name} fixtures", flush=True)

@@ -230,11 +230,28 @@ fn free_port(ip: &str) -> u16 {
 
 fn check_job(out: &Path, coordinator: Child, workers: Vec<Child>) {
     let up = wait_with_timeout(coordinator, Duration::from_secs(300), "coordinator up");
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let joined: Vec<_> = workers
+        .into_iter()
+        .map(|w| wait_with_timeout(w, Duration::from_secs(60), "worker join"))
+        .collect();
+    // On any failure, show every process's log: the first failure is often
+    // only visible in another process's output.
+    let all_ok = up.status.success() && joined.iter().all(|o| o.status.success());
+    if !all_ok {
+        let mut report =
+            format!("coordinator ({}):\n{}\n", up.status, String::from_utf8_lossy(&up.stderr));
+        for (i, o) in joined.iter().enumerate() {
+            report +=
+                &format!("worker {i} ({}):\n{}\n", o.status, String::from_utf8_lossy(&o.stderr));
+        }
+        for rank in 0..2 {
+            let log = out.join(format!("ranks/rank-{rank}.log"));
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                report += &format!("{}:\n{text}\n", log.display());
+            }
+        }
+        panic!("the distributed job failed:\n{report}");
     }
-    assert!(up.status.success(), "coordinator failed:\n{}", String::from_utf8_lossy(&up.stderr));
     assert!(!records(&out.join("metrics.jsonl"), "epoch").is_empty());
     assert!(out.join("checkpoints/epoch-0001/model.safetensors").is_file());
 }

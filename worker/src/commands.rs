@@ -3,11 +3,12 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rsb_data::dataset::ImageFolder;
+use rsb_data::eval_sets::EvalSet;
 use rsb_data::image::Filter;
 use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
 use rsb_train::batch::Normalizer;
-use rsb_train::trainer::{evaluate, RunOptions, Trainer};
+use rsb_train::trainer::{evaluate, evaluate_set, RunOptions, Trainer};
 use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -33,18 +34,26 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// `worker models`.
+/// `worker models`: every registered model with its parameter count (1000
+/// classes) and its default A1/A2 and A3 resolutions and crop fractions.
 pub fn models() -> Result<()> {
-    println!("{:<12} {:>12} {:>6} {:>6} {:>6}", "name", "params", "train", "test", "crop");
+    println!(
+        "{:<22} {:<18} {:>12}  {:>9} {:>9} {:>7}  {:>9} {:>9} {:>7}",
+        "name", "family", "params", "A1/A2 trn", "test", "crop", "A3 train", "test", "crop"
+    );
     for spec in registered_models() {
         let model = tch::no_grad(|| Model::new(spec.name, ModelConfig::default(), Device::Cpu))?;
         println!(
-            "{:<12} {:>12} {:>6} {:>6} {:>6.3}",
+            "{:<22} {:<18} {:>12}  {:>9} {:>9} {:>7.3}  {:>9} {:>9} {:>7.3}",
             spec.name,
+            spec.family,
             model.parameter_count(),
             spec.input_size,
             spec.test_input_size,
-            spec.crop_pct
+            spec.crop_pct,
+            spec.a3_input_size,
+            spec.a3_test_input_size,
+            spec.a3_crop_pct
         );
     }
     Ok(())
@@ -92,11 +101,20 @@ pub struct TrainArgs {
     /// Stop after this many optimizer updates (smoke tests, benchmarks).
     #[arg(long)]
     pub max_updates: Option<u64>,
+    /// Loader threads (same as `--set data.loader_threads=N`; default: the
+    /// recipe's, where 0 means this process's cores divided by
+    /// `LOCAL_WORLD_SIZE`, the number of ranks on this host).
+    #[arg(long)]
+    pub loader_threads: Option<u32>,
 }
 
 /// `worker train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    let recipe = rsb_recipes::load(&args.recipe, &args.overrides)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(n) = args.loader_threads {
+        overrides.push(format!("data.loader_threads={n}"));
+    }
+    let recipe = rsb_recipes::load(&args.recipe, &overrides)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let resolved = args.out.join("recipe.yaml");
@@ -127,22 +145,40 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// Arguments of `worker eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Registered model name (timm's).
+    /// Registered model name (timm's); default: the recipe's.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Weights (.safetensors with timm keys).
     #[arg(long)]
     pub weights: PathBuf,
-    /// Image folder: a split (`<class>/<image>`) or a dataset root with `val/`.
+    /// Images: a split (class folders, or tar shards) or a dataset root with
+    /// `val/`; default: the recipe's `data.root`/`data.val_split`.
     #[arg(long)]
-    pub data: PathBuf,
-    /// Classes of the head; default: the number of class folders.
+    pub data: Option<PathBuf>,
+    /// `--data` is a flat folder labelled by this file (`file<TAB>class`
+    /// lines, or Kaggle's LOC_val_solution.csv; class names in natural order).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// `--data` is ImageNet-V2: class folders named by class index.
+    #[arg(long)]
+    pub v2: bool,
+    /// Also score the `--data` images against ImageNet-ReaL (`real.json`).
+    #[arg(long)]
+    pub real_labels: Option<PathBuf>,
+    /// Recipe: model, classes, evaluation transform, normalisation, and its
+    /// further evaluation sets (`eval.sets`), each reported.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe field (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Classes of the head; default: the recipe's, else the number of class folders.
     #[arg(long)]
     pub num_classes: Option<i64>,
-    /// Centre-crop side; default: the model's test resolution.
+    /// Centre-crop side; default: the recipe's, else the model's test resolution.
     #[arg(long)]
     pub input_size: Option<u32>,
-    /// Crop fraction; default: the model's.
+    /// Crop fraction; default: the recipe's, else the model's.
     #[arg(long)]
     pub crop_pct: Option<f64>,
     /// Images per batch.
@@ -156,32 +192,84 @@ pub struct EvalArgs {
     pub threads: usize,
 }
 
-/// `worker eval`.
+/// `worker eval`: top-1/top-5 on the given images (and ReaL on them with
+/// `--real-labels`), then on each of the recipe's `eval.sets`.
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let split =
-        if args.data.join("val").is_dir() { args.data.join("val") } else { args.data.clone() };
-    let folder = ImageFolder::open(&split)?;
-    let num_classes = args.num_classes.unwrap_or(folder.classes().len() as i64);
+    let recipe = match &args.recipe {
+        Some(path) => Some(rsb_recipes::load(path, &args.overrides)?),
+        None if !args.overrides.is_empty() => bail!("--set needs --recipe"),
+        None => None,
+    };
+    let model_name = match (&args.model, &recipe) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => r.model.name.clone(),
+        (None, None) => bail!("--model is required without --recipe"),
+    };
+    let split = match (&args.data, &recipe) {
+        (Some(d), _) if d.join("val").is_dir() && args.labels.is_none() => d.join("val"),
+        (Some(d), _) => d.clone(),
+        (None, Some(r)) => Path::new(&r.data.root).join(&r.data.val_split),
+        (None, None) => bail!("--data is required without --recipe"),
+    };
+    let recipe_classes = recipe.as_ref().map(|r| r.model.num_classes as usize);
+    let folder = if let Some(labels) = &args.labels {
+        ImageFolder::open_flat(&split, labels, None)?
+    } else if args.v2 {
+        let n = args.num_classes.map(|n| n as usize).or(recipe_classes).unwrap_or(1000);
+        ImageFolder::open_numbered(&split, n)?
+    } else {
+        ImageFolder::open_any(&split)?
+    };
+    let num_classes = args
+        .num_classes
+        .or(recipe_classes.map(|n| n as i64))
+        .unwrap_or(folder.classes().len() as i64);
+    folder.check_labels(num_classes as usize)?;
     let device = parse_device(&args.device)?;
-    let spec = rsb_vision::find_model(&args.model)?;
+    let spec = rsb_vision::find_model(&model_name)?;
     let mut model =
-        Model::new(&args.model, ModelConfig { num_classes, ..Default::default() }, device)?;
+        Model::new(&model_name, ModelConfig { num_classes, ..Default::default() }, device)?;
     model.load_safetensors(&args.weights)?;
-    let transform = EvalTransform::new(
-        args.input_size.unwrap_or(spec.test_input_size as u32),
-        args.crop_pct.unwrap_or(spec.crop_pct),
-        Filter::Bicubic,
-    );
-    let images = folder.len();
-    let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
-    let normalizer = Normalizer::new(
-        rsb_recipes::schema::IMAGENET_DEFAULT_MEAN,
-        rsb_recipes::schema::IMAGENET_DEFAULT_STD,
-        device,
-        false,
-    );
+    let transform = match &recipe {
+        Some(r) => {
+            let mut t = rsb_train::trainer::eval_transform(r)?;
+            if args.input_size.is_some() || args.crop_pct.is_some() {
+                t = EvalTransform::new(
+                    args.input_size.unwrap_or(r.eval.input_size),
+                    args.crop_pct.unwrap_or(r.eval.crop_pct),
+                    t.filter,
+                );
+            }
+            t
+        }
+        None => EvalTransform::new(
+            args.input_size.unwrap_or(spec.test_input_size as u32),
+            args.crop_pct.unwrap_or(spec.crop_pct),
+            Filter::Bicubic,
+        ),
+    };
+    let (mean, std) = match &recipe {
+        Some(r) => (r.data.mean, r.data.std),
+        None => {
+            (rsb_recipes::schema::IMAGENET_DEFAULT_MEAN, rsb_recipes::schema::IMAGENET_DEFAULT_STD)
+        }
+    };
+    let normalizer = Normalizer::new(mean, std, device, false);
     let threads =
         if args.threads == 0 { rsb_data::loader::default_threads() } else { args.threads };
+    let classes = folder.classes().to_vec();
+    let images = folder.len();
+    let real_set = match &args.real_labels {
+        Some(path) => {
+            let real = rsb_data::labels::RealLabels::read(path)?;
+            let scoring = rsb_data::labels::Scoring::Real(Arc::new(real));
+            scoring.check(folder.samples())?;
+            let data = Arc::new(EvalData::new(folder.clone(), transform, args.batch_size));
+            Some(EvalSet { name: "real".into(), data, scoring })
+        }
+        None => None,
+    };
+    let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
     let acc = evaluate(&mut model, &data, &normalizer, threads, 4, (0, 1))?;
     let skipped = data.bad_files().replacements();
     println!(
@@ -193,6 +281,25 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         acc.top5_pct(),
         acc.mean_loss()
     );
+    let mut sets: Vec<EvalSet> = real_set.into_iter().collect();
+    if let Some(r) = &recipe {
+        let mut r = r.clone();
+        r.model.num_classes = num_classes as u32;
+        r.eval.batch_size = args.batch_size as u32;
+        sets.extend(rsb_train::trainer::eval_sets(&r, &classes)?);
+    }
+    for set in &sets {
+        let score = evaluate_set(&mut model, set, &normalizer, threads, 4, (0, 1))?;
+        println!(
+            "{}: {} images scored ({} without a valid label, {} undecodable)  top-1 {:.3}%  top-5 {:.3}%",
+            set.name,
+            score.count,
+            score.excluded,
+            set.data.bad_files().replacements(),
+            score.top1_pct(),
+            score.top5_pct()
+        );
+    }
     Ok(())
 }
 

@@ -181,6 +181,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
     let mut failed = None;
     let mut done = vec![false; children.len()];
+    let mut job_over = false;
     loop {
         for (i, child) in children.iter_mut().enumerate() {
             if !done[i] {
@@ -195,19 +196,31 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         if done.iter().all(|d| *d) {
             break;
         }
-        match client.heartbeat(pb::HeartbeatRequest { member_id: joined.member_id.clone() }).await {
-            Ok(r) if !r.get_ref().keep_going => {
-                // The job failed elsewhere: stop our ranks instead of letting them wait on dead peers.
-                tracing::warn!("the coordinator ended the job; stopping local ranks");
-                for (i, child) in children.iter_mut().enumerate() {
-                    if !done[i] {
-                        let _ = child.kill().await;
+        if !job_over {
+            match client
+                .heartbeat(pb::HeartbeatRequest { member_id: joined.member_id.clone() })
+                .await
+            {
+                Ok(r) if !r.get_ref().keep_going => {
+                    job_over = true;
+                    let failure = &r.get_ref().failure;
+                    if !failure.is_empty() {
+                        // The job failed elsewhere: stop our ranks instead of
+                        // letting them wait on dead peers.
+                        tracing::warn!(%failure, "the coordinator ended the job; stopping local ranks");
+                        for (i, child) in children.iter_mut().enumerate() {
+                            if !done[i] {
+                                let _ = child.kill().await;
+                            }
+                        }
+                        failed.get_or_insert_with(|| format!("job failed: {failure}"));
                     }
+                    // A finished job: every rank has already reported success
+                    // and our rank processes are exiting on their own.
                 }
-                failed.get_or_insert_with(|| "job ended by the coordinator".into());
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         tokio::time::sleep(interval).await;
     }

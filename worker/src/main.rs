@@ -4,7 +4,9 @@
 //! reporting what the host can do (`doctor`).
 
 mod bench;
+mod bench_data;
 mod commands;
+mod data_shard;
 mod doctor;
 mod join;
 
@@ -60,6 +62,8 @@ enum DataCommand {
         #[command(subcommand)]
         source: ImportSource,
     },
+    /// Pack a dataset into WebDataset tar shards (optionally pre-resized).
+    Shard(data_shard::ShardArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +83,8 @@ enum ImportSource {
 enum BenchCommand {
     /// Time forward + BCE + backward + LAMB steps on random data; prints one JSON line.
     Step(bench::StepArgs),
+    /// Images/s of the training input pipeline (decode, crop, RandAugment, batch).
+    Data(bench_data::DataArgs),
 }
 
 fn main() {
@@ -104,11 +110,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             command: DataCommand::Import { source: ImportSource::FashionMnist { idx_dir, out } },
         } => commands::import_fashion_mnist(&idx_dir, &out),
+        Command::Data { command: DataCommand::Shard(args) } => data_shard::shard(args),
         Command::Train(args) => commands::train(args),
         Command::Eval(args) => commands::eval(args),
         Command::Infer(args) => commands::infer(args),
         Command::Join(args) => join::join(args),
         Command::Rank(args) => join::rank(args),
         Command::Bench { command: BenchCommand::Step(args) } => bench::step(args),
+        Command::Bench { command: BenchCommand::Data(args) } => bench_data::data(args),
     }
 }

@@ -1,28 +1,105 @@
-//! Datasets in the ImageNet folder layout: `ROOT/<split>/<class>/<image>`.
+//! Datasets: which images exist, with which labels, and how to read them.
 //!
-//! Classes are the sub-folders of the split, in timm's natural sort order
-//! (`natural_key`: digit runs compare as numbers, so ImageNet-V2's folders
-//! `0`..`999` map to indices 0..999 and ImageNet's `n01440764`.. sort as
-//! text). Images are the files with an image extension anywhere below a class
-//! folder, in natural order of their path.
+//! Four layouts give the same [`ImageFolder`] (a list of labelled samples):
+//!
+//! * **class folders** ([`ImageFolder::open`]), `ROOT/<split>/<class>/<image>`:
+//!   classes are the sub-folders of the split, in timm's natural sort order
+//!   (`natural_key`: digit runs compare as numbers, so ImageNet-V2's folders
+//!   `0`..`999` map to indices 0..999 and ImageNet's `n01440764`.. sort as
+//!   text). Images are the files with an image extension anywhere below a
+//!   class folder, in natural order of their path;
+//! * **numbered class folders** ([`ImageFolder::open_numbered`], ImageNet-V2):
+//!   the folder name *is* the class index, so a missing folder cannot shift
+//!   the labels of the others;
+//! * **a flat folder and a label file** ([`ImageFolder::open_flat`], ImageNet's
+//!   `val/ILSVRC2012_val_00000001.JPEG`...), see [`crate::labels`] for the
+//!   label-file formats;
+//! * **WebDataset tar shards** ([`ImageFolder::open_shards`]), see
+//!   [`crate::shards`]: samples are read by random access into the tar files.
 
 use crate::error::DataError;
+use crate::labels::{ClassRef, LabelFile};
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// File extensions treated as images (case-insensitive), as timm's `IMG_EXTENSIONS`.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 
-/// One labelled image file.
+/// Where an image lies inside a tar shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardMember {
+    /// Member name in the tar (`000123.jpg`).
+    pub name: String,
+    /// Byte offset of the member's data in the tar file.
+    pub offset: u64,
+    /// Length of the member's data.
+    pub len: u64,
+}
+
+/// One labelled image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// The image file.
+    /// The image file, or the tar shard holding it.
     pub path: PathBuf,
     /// Class index.
     pub label: u32,
+    /// Where the image lies inside `path` when `path` is a tar shard.
+    pub member: Option<ShardMember>,
 }
 
-/// An indexed split of an image-folder dataset.
+impl Sample {
+    /// A sample stored as its own file.
+    pub fn file(path: PathBuf, label: u32) -> Sample {
+        Sample { path, label, member: None }
+    }
+
+    /// The encoded image bytes.
+    pub fn read(&self) -> Result<Vec<u8>, DataError> {
+        match &self.member {
+            None => std::fs::read(&self.path).map_err(|e| DataError::io(&self.path, e)),
+            Some(m) => {
+                use std::os::unix::fs::FileExt;
+                let file =
+                    std::fs::File::open(&self.path).map_err(|e| DataError::io(&self.path, e))?;
+                let len = usize::try_from(m.len).map_err(|_| DataError::Format {
+                    path: self.path.clone(),
+                    problem: format!("member {} is too large ({} bytes)", m.name, m.len),
+                })?;
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, m.offset).map_err(|e| DataError::Format {
+                    path: self.path.clone(),
+                    problem: format!(
+                        "member {} ({} bytes at offset {}): {e}",
+                        m.name, m.len, m.offset
+                    ),
+                })?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// The image's own name: the file name, or the member name in its shard
+    /// (what ImageNet-ReaL labels are looked up by).
+    pub fn file_name(&self) -> String {
+        match &self.member {
+            Some(m) => m.name.clone(),
+            None => {
+                self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// `path` for a file, `shard.tar:member` for a shard member (for messages).
+    pub fn display(&self) -> String {
+        match &self.member {
+            Some(m) => format!("{}:{}", self.path.display(), m.name),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// An indexed split of a dataset, in any of the layouts of this module.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     root: PathBuf,
@@ -31,37 +108,151 @@ pub struct ImageFolder {
 }
 
 impl ImageFolder {
-    /// Indexes `root` (one split). Fails with the folder named when it has no
-    /// class folders or a class folder holds no image.
+    /// Indexes `root` (one split in class folders). Fails with the folder
+    /// named when it has no class folders or a class folder holds no image.
     pub fn open(root: &Path) -> Result<ImageFolder, DataError> {
+        let class_dirs = class_folders(root)?;
         let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
-        let entries = std::fs::read_dir(root).map_err(|e| DataError::io(root, e))?;
-        let mut class_dirs = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| DataError::io(root, e))?;
-            if entry.file_type().map_err(|e| DataError::io(entry.path(), e))?.is_dir() {
-                class_dirs.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-        if class_dirs.is_empty() {
-            return Err(layout("no class folders (expected ROOT/<split>/<class>/<image>)".into()));
-        }
-        class_dirs.sort_by(|a, b| natural_cmp(a, b));
         let mut samples = Vec::new();
         for (label, class) in class_dirs.iter().enumerate() {
-            let dir = root.join(class);
-            let mut files = Vec::new();
-            collect_images(&dir, &mut files)?;
-            if files.is_empty() {
-                return Err(layout(format!(
-                    "class folder `{class}` holds no image ({})",
-                    IMAGE_EXTENSIONS.join(", ")
-                )));
-            }
-            files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
-            samples.extend(files.into_iter().map(|path| Sample { path, label: label as u32 }));
+            let files = class_images(root, class)?;
+            samples.extend(files.into_iter().map(|path| Sample::file(path, label as u32)));
+        }
+        if samples.is_empty() {
+            return Err(layout("no images".into()));
         }
         Ok(ImageFolder { root: root.to_path_buf(), classes: class_dirs, samples })
+    }
+
+    /// Indexes class folders named by their class index (`0`, `1`, ...,
+    /// ImageNet-V2's layout): a folder's number is its label, whatever other
+    /// folders exist. `num_classes` bounds the numbers; `classes()` lists
+    /// `"0"` to `num_classes - 1`.
+    pub fn open_numbered(root: &Path, num_classes: usize) -> Result<ImageFolder, DataError> {
+        let class_dirs = class_folders(root)?;
+        let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
+        let mut samples = Vec::new();
+        for class in &class_dirs {
+            let label: usize = class.parse().map_err(|_| {
+                layout(format!("class folder `{class}` is not a class index (expected 0, 1, ...)"))
+            })?;
+            if label >= num_classes {
+                return Err(layout(format!(
+                    "class folder `{class}` is out of range for {num_classes} classes"
+                )));
+            }
+            let files = class_images(root, class)?;
+            samples.extend(files.into_iter().map(|path| Sample::file(path, label as u32)));
+        }
+        let classes = (0..num_classes).map(|i| i.to_string()).collect();
+        Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
+    }
+
+    /// Indexes a folder of images without class folders, labelled by the
+    /// label file `labels` (formats: [`crate::labels`]). Class names in the
+    /// file map to indices through `classes` (e.g. the training split's class
+    /// folders) or, without it, through the natural-sorted set of names the
+    /// file uses (for ImageNet: the 1000 sorted synsets, timm's order). Every
+    /// image must have a label and every label an image.
+    pub fn open_flat(
+        root: &Path,
+        labels: &Path,
+        classes: Option<&[String]>,
+    ) -> Result<ImageFolder, DataError> {
+        let file = LabelFile::read(labels)?;
+        let (classes, index) = file.class_index(classes)?;
+        let images = flat_images(root)?;
+        let mut by_name: HashMap<&str, (usize, &ClassRef)> = HashMap::new();
+        for (line, (name, class)) in file.entries.iter().enumerate() {
+            if by_name.insert(name.as_str(), (line, class)).is_some() {
+                return Err(DataError::Format {
+                    path: labels.to_path_buf(),
+                    problem: format!("`{name}` is labelled twice"),
+                });
+            }
+        }
+        let mut samples = Vec::with_capacity(images.len());
+        let mut used = 0usize;
+        for path in images {
+            let name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem =
+                path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let found = by_name.get(name.as_str()).or_else(|| by_name.get(stem.as_str()));
+            let Some(&(_, class)) = found else {
+                return Err(DataError::Layout {
+                    path: root.to_path_buf(),
+                    problem: format!("`{name}` has no label in {}", labels.display()),
+                });
+            };
+            used += 1;
+            samples.push(Sample::file(path, index.get(class)?));
+        }
+        if used != file.entries.len() {
+            let have: std::collections::HashSet<String> = samples
+                .iter()
+                .flat_map(|s| {
+                    let p = &s.path;
+                    [
+                        p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let missing = file.entries.iter().find(|(n, _)| !have.contains(n.as_str()));
+            if let Some((name, _)) = missing {
+                return Err(DataError::Layout {
+                    path: root.to_path_buf(),
+                    problem: format!(
+                        "{} labels `{name}`, which is not an image of this folder",
+                        labels.display()
+                    ),
+                });
+            }
+        }
+        if samples.is_empty() {
+            return Err(DataError::Layout {
+                path: root.to_path_buf(),
+                problem: "no images".into(),
+            });
+        }
+        Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
+    }
+
+    /// Indexes a folder of images without labels (for sets scored by other
+    /// means, e.g. ImageNet-ReaL): every label is 0 and there are no classes.
+    pub fn open_unlabelled(root: &Path) -> Result<ImageFolder, DataError> {
+        let samples: Vec<Sample> =
+            flat_images(root)?.into_iter().map(|p| Sample::file(p, 0)).collect();
+        if samples.is_empty() {
+            return Err(DataError::Layout {
+                path: root.to_path_buf(),
+                problem: "no images".into(),
+            });
+        }
+        Ok(ImageFolder { root: root.to_path_buf(), classes: Vec::new(), samples })
+    }
+
+    /// Indexes the WebDataset tar shards of a folder (see [`crate::shards`]).
+    pub fn open_shards(root: &Path) -> Result<ImageFolder, DataError> {
+        let (classes, samples) = crate::shards::index_folder(root)?;
+        Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
+    }
+
+    /// Opens `root` in whichever layout it has: tar shards if it holds
+    /// `*.tar` files, class folders otherwise.
+    pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
+        if crate::shards::has_shards(root)? {
+            ImageFolder::open_shards(root)
+        } else {
+            ImageFolder::open(root)
+        }
+    }
+
+    /// A dataset made of the given samples (class names may be empty when
+    /// unknown).
+    pub fn from_samples(root: PathBuf, classes: Vec<String>, samples: Vec<Sample>) -> ImageFolder {
+        ImageFolder { root, classes, samples }
     }
 
     /// The split folder.
@@ -69,12 +260,12 @@ impl ImageFolder {
         &self.root
     }
 
-    /// Class folder names in label order.
+    /// Class names in label order (empty when the layout does not name them).
     pub fn classes(&self) -> &[String] {
         &self.classes
     }
 
-    /// All samples, grouped by class, in natural order.
+    /// All samples, in the layout's order.
     pub fn samples(&self) -> &[Sample] {
         &self.samples
     }
@@ -88,15 +279,112 @@ impl ImageFolder {
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
+
+    /// Checks the dataset against a model with `num_classes` outputs: the
+    /// class count (when the layout names classes) must match, and every
+    /// label must be below `num_classes`. The error names the sample.
+    pub fn check_labels(&self, num_classes: usize) -> Result<(), DataError> {
+        if !self.classes.is_empty() && self.classes.len() != num_classes {
+            return Err(DataError::Layout {
+                path: self.root.clone(),
+                problem: format!(
+                    "{} classes but the model has {num_classes} classes",
+                    self.classes.len()
+                ),
+            });
+        }
+        if let Some(bad) = self.samples.iter().find(|s| s.label as usize >= num_classes) {
+            return Err(DataError::Layout {
+                path: self.root.clone(),
+                problem: format!(
+                    "label {} of {} is out of range for {num_classes} classes",
+                    bad.label,
+                    bad.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The class sub-folders of `root`, natural-sorted; an error if none.
+fn class_folders(root: &Path) -> Result<Vec<String>, DataError> {
+    let entries = std::fs::read_dir(root).map_err(|e| DataError::io(root, e))?;
+    let mut class_dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| DataError::io(root, e))?;
+        if std::fs::metadata(entry.path()).map_err(|e| DataError::io(entry.path(), e))?.is_dir() {
+            class_dirs.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    if class_dirs.is_empty() {
+        return Err(DataError::Layout {
+            path: root.to_path_buf(),
+            problem: "no class folders (expected ROOT/<split>/<class>/<image>)".into(),
+        });
+    }
+    class_dirs.sort_by(|a, b| natural_cmp(a, b));
+    Ok(class_dirs)
+}
+
+/// The images of one class folder, natural-sorted; an error if none.
+fn class_images(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
+    let dir = root.join(class);
+    let mut files = Vec::new();
+    collect_images(&dir, &mut files)?;
+    if files.is_empty() {
+        return Err(DataError::Layout {
+            path: root.to_path_buf(),
+            problem: format!(
+                "class folder `{class}` holds no image ({})",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
+        });
+    }
+    files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
+    Ok(files)
+}
+
+/// The image files directly in `root`, natural-sorted.
+fn flat_images(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
+        let entry = entry.map_err(|e| DataError::io(root, e))?;
+        let path = entry.path();
+        if has_image_extension(&path) && !std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            files.push(path);
+        }
+    }
+    files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
+    Ok(files)
 }
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    collect_images_below(dir, out, 0)
+}
+
+/// Deepest folder nesting followed below a class folder (a guard against
+/// symbolic-link cycles).
+const MAX_DEPTH: usize = 16;
+
+fn collect_images_below(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), DataError> {
     for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
         let path = entry.path();
-        let kind = entry.file_type().map_err(|e| DataError::io(&path, e))?;
-        if kind.is_dir() {
-            collect_images(&path, out)?;
+        // Follow symbolic links (folders of links into a shared copy are
+        // common); a dangling link counts as a file, which then fails to
+        // decode and is handled like any undecodable image.
+        let is_dir = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        if is_dir {
+            if depth >= MAX_DEPTH {
+                return Err(DataError::Layout {
+                    path: path.clone(),
+                    problem: format!(
+                        "folders nested deeper than {MAX_DEPTH} levels (a link cycle?)"
+                    ),
+                });
+            }
+            collect_images_below(&path, out, depth + 1)?;
         } else if has_image_extension(&path) {
             out.push(path);
         }
@@ -104,7 +392,8 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     Ok(())
 }
 
-fn has_image_extension(path: &Path) -> bool {
+/// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))

@@ -1,13 +1,77 @@
 //! Decoding image files into 8-bit RGB, as timm's `img.convert('RGB')`:
 //! grayscale is replicated, alpha is dropped, CMYK and 16-bit are converted.
 //! EXIF orientation is not applied (timm does not apply it either).
+//!
+//! JPEGs go through libjpeg-turbo ([`crate::jpeg`]), the decoder Pillow uses,
+//! so full decodes equal Pillow's. For training crops, [`decode_for_crop`]
+//! decodes only the part of the file a crop needs (libjpeg-turbo's partial
+//! decompression: whole iMCU columns, skipped rows), and optionally at a DCT
+//! scale of 1/2, 1/4 or 1/8 when the crop is much larger than the output.
+//! Partial decoding alone does not change a single pixel of the crop (tested);
+//! DCT scaling does (see [`decode_for_crop`]). PNGs are decoded with the
+//! `image` crate.
 
 use crate::error::DataError;
+use crate::image::resize::Region;
 use crate::image::RgbImage;
+use crate::jpeg::{self, JpegHeader, Partial};
+use crate::transforms::CropBox;
 use std::path::Path;
 
-/// Refuse images above this many pixels instead of allocating gigabytes.
+/// Refuse images above this many pixels instead of allocating gigabytes
+/// (Pillow's `DecompressionBombError` threshold, `2 * MAX_IMAGE_PIXELS`).
 pub const MAX_PIXELS: u64 = 178_956_970;
+
+/// The container format of an encoded image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JPEG (decoded by libjpeg-turbo).
+    Jpeg,
+    /// PNG (decoded by the `image` crate).
+    Png,
+}
+
+/// What the header of an encoded image says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Container format.
+    pub format: Format,
+    jpeg: Option<JpegHeader>,
+}
+
+/// Reads the dimensions and format of an encoded image without decoding it.
+/// Fails on empty, unrecognised or oversized ([`MAX_PIXELS`]) data.
+pub fn probe(bytes: &[u8]) -> Result<ImageInfo, String> {
+    if bytes.is_empty() {
+        return Err("empty file".into());
+    }
+    let info = if bytes.starts_with(&[0xFF, 0xD8]) {
+        let h = jpeg::header(bytes)?;
+        ImageInfo { width: h.width, height: h.height, format: Format::Jpeg, jpeg: Some(h) }
+    } else {
+        let format = ::image::guess_format(bytes).map_err(|e| e.to_string())?;
+        if format != ::image::ImageFormat::Png {
+            return Err(format!("unsupported image format {format:?}"));
+        }
+        let reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        ImageInfo { width, height, format: Format::Png, jpeg: None }
+    };
+    if info.width == 0 || info.height == 0 {
+        return Err(format!("image has no pixels ({}x{})", info.width, info.height));
+    }
+    if u64::from(info.width) * u64::from(info.height) > MAX_PIXELS {
+        return Err(format!(
+            "{}x{} exceeds the {MAX_PIXELS}-pixel limit (Pillow's decompression-bomb limit)",
+            info.width, info.height
+        ));
+    }
+    Ok(info)
+}
 
 /// Decodes the file at `path` (JPEG or PNG, detected from its content).
 pub fn decode_file(path: &Path) -> Result<RgbImage, DataError> {
@@ -15,11 +79,19 @@ pub fn decode_file(path: &Path) -> Result<RgbImage, DataError> {
     decode_bytes(&bytes).map_err(|reason| DataError::Decode { path: path.to_path_buf(), reason })
 }
 
-/// Decodes an in-memory JPEG or PNG.
+/// Decodes an in-memory JPEG or PNG, whole.
 pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, String> {
-    if bytes.is_empty() {
-        return Err("empty file".into());
+    let info = probe(bytes)?;
+    match info.format {
+        Format::Jpeg => {
+            let (data, w, h) = jpeg::decode(bytes, None)?;
+            Ok(RgbImage::new(w, h, data))
+        }
+        Format::Png => decode_with_image_crate(bytes),
     }
+}
+
+fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
     let format = ::image::guess_format(bytes).map_err(|e| e.to_string())?;
     let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = ::image::Limits::default();
@@ -35,6 +107,99 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, String> {
     }
     let rgb = decoded.into_rgb8();
     Ok(RgbImage::new(w, h, rgb.into_raw()))
+}
+
+/// The pixels a crop needs: `image` holds at least the crop, which is the
+/// rectangle `bx` (`[x0, y0, x1, y1]`, relative to `region`, fractional
+/// after DCT scaling) of the integer `region` of `image`.
+#[derive(Debug, Clone)]
+pub struct CropSource {
+    /// Decoded pixels (the whole image, or an iMCU-aligned part of it).
+    pub image: RgbImage,
+    /// The pixels covering the crop.
+    pub region: Region,
+    /// The crop within `region`; `[0, 0, region.width, region.height]` unless scaled.
+    pub bx: [f32; 4],
+    /// The DCT scale denominator used (1 = full resolution).
+    pub denom: u32,
+}
+
+/// The coarsest DCT scale `1 / d` (`d` in 8, 4, 2, else 1) at which a
+/// `crop_w` x `crop_h` crop still has at least `out_w` x `out_h` pixels.
+pub fn dct_denominator(crop_w: u32, crop_h: u32, out_w: u32, out_h: u32) -> u32 {
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|&d| {
+            f64::from(crop_w) / f64::from(d) >= f64::from(out_w)
+                && f64::from(crop_h) / f64::from(d) >= f64::from(out_h)
+        })
+        .unwrap_or(1)
+}
+
+/// Decodes what the crop `crop` (in pixels of the full image described by
+/// `info`) needs before it is resized to `out_w` x `out_h`.
+///
+/// JPEGs are decoded partially: only the iMCU columns and the rows around the
+/// crop (with one iMCU of margin, so chroma upsampling sees the same
+/// neighbours as in a full decode: the crop's pixels equal a full decode's).
+/// With `scaled`, a JPEG is also decoded at the coarsest DCT scale (1/2, 1/4,
+/// 1/8) at which the crop keeps at least the output size: faster, but the
+/// pixels differ from timm's (which decodes at full size and then resizes):
+/// libjpeg's scaled IDCT averages blocks where Pillow's antialiased resize
+/// would filter, so results are close but not equal. PNGs are decoded whole.
+pub fn decode_for_crop(
+    bytes: &[u8],
+    info: &ImageInfo,
+    crop: CropBox,
+    out_w: u32,
+    out_h: u32,
+    scaled: bool,
+) -> Result<CropSource, String> {
+    let whole_crop = |image: RgbImage| {
+        let region =
+            Region { left: crop.left, top: crop.top, width: crop.width, height: crop.height };
+        let bx = [0.0, 0.0, crop.width as f32, crop.height as f32];
+        CropSource { image, region, bx, denom: 1 }
+    };
+    let Some(hdr) = info.jpeg else {
+        return decode_with_image_crate(bytes).map(whole_crop);
+    };
+    let d = if scaled { dct_denominator(crop.width, crop.height, out_w, out_h) } else { 1 };
+    let (sw, sh) = (jpeg::scaled(hdr.width, d), jpeg::scaled(hdr.height, d));
+    let df = f64::from(d);
+    let fx0 = f64::from(crop.left) / df;
+    let fy0 = f64::from(crop.top) / df;
+    let fx1 = f64::from(crop.left + crop.width) / df;
+    let fy1 = f64::from(crop.top + crop.height) / df;
+    let ix0 = (fx0.floor() as u32).min(sw - 1);
+    let iy0 = (fy0.floor() as u32).min(sh - 1);
+    let ix1 = (fx1.ceil() as u32).clamp(ix0 + 1, sw);
+    let iy1 = (fy1.ceil() as u32).clamp(iy0 + 1, sh);
+    let partial = match hdr.mcu {
+        Some((mw, mh)) => {
+            let (mw, mh) = (jpeg::scaled(mw, d).max(1), jpeg::scaled(mh, d).max(1));
+            let x = ix0.saturating_sub(mw) / mw * mw;
+            let right = (ix1 + mw).min(sw);
+            let y = iy0.saturating_sub(2 * mh);
+            let bottom = (iy1 + mh).min(sh);
+            Partial { denom: d, x, y, w: right - x, h: bottom - y }
+        }
+        None => Partial { denom: d, x: 0, y: 0, w: sw, h: sh },
+    };
+    let (data, w, h) = jpeg::decode(bytes, Some(partial))?;
+    let region =
+        Region { left: ix0 - partial.x, top: iy0 - partial.y, width: ix1 - ix0, height: iy1 - iy0 };
+    let bx = if d == 1 {
+        [0.0, 0.0, region.width as f32, region.height as f32]
+    } else {
+        [
+            (fx0 - f64::from(ix0)) as f32,
+            (fy0 - f64::from(iy0)) as f32,
+            (fx1 - f64::from(ix0)) as f32,
+            (fy1 - f64::from(iy0)) as f32,
+        ]
+    };
+    Ok(CropSource { image: RgbImage::new(w, h, data), region, bx, denom: d })
 }
 
 #[cfg(test)]

@@ -29,9 +29,19 @@ impl<T> std::fmt::Debug for Loader<T> {
     }
 }
 
-/// Threads to use when a recipe says 0: the cores this process may use.
+/// Threads to use when a recipe says 0: the cores this process may use
+/// (its CPU affinity and cgroup quota), shared evenly by the ranks of this
+/// host when `LOCAL_WORLD_SIZE` (torchrun's variable) says how many there are.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let local = std::env::var("LOCAL_WORLD_SIZE").ok();
+    threads_per_rank(cores, local.as_deref())
+}
+
+/// `cores / local_world_size` (at least 1); an absent or malformed size counts as 1.
+pub fn threads_per_rank(cores: usize, local_world_size: Option<&str>) -> usize {
+    let ranks = local_world_size.and_then(|s| s.trim().parse::<usize>().ok()).unwrap_or(1).max(1);
+    (cores / ranks).max(1)
 }
 
 impl<T: Send + 'static> Loader<T> {
@@ -116,6 +126,16 @@ impl<T> Drop for Loader<T> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn default_threads_are_shared_by_local_ranks() {
+        assert_eq!(threads_per_rank(16, None), 16);
+        assert_eq!(threads_per_rank(16, Some("8")), 2);
+        assert_eq!(threads_per_rank(16, Some("32")), 1);
+        assert_eq!(threads_per_rank(16, Some("x")), 16);
+        assert_eq!(threads_per_rank(16, Some("0")), 16);
+        assert!(default_threads() >= 1);
+    }
 
     #[test]
     fn results_arrive_in_job_order_whatever_the_timing() {

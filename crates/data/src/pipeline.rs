@@ -6,17 +6,15 @@
 //! micro-batch is a pure function of where it sits in the run: the same
 //! whatever the loader thread count, and the same after a resume.
 
-use crate::dataset::ImageFolder;
-use crate::decode::decode_file;
+use crate::dataset::{ImageFolder, Sample};
+use crate::decode::decode_bytes;
 use crate::error::DataError;
-use crate::image::RgbImage;
 use crate::loader::Loader;
 use crate::mixup::{apply_plan, mixed_targets, MixupConfig};
 use crate::rng::{Rng, Stream};
 use crate::sampler::StreamSampler;
 use crate::transforms::{EvalTransform, TrainTransform};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -26,23 +24,34 @@ pub const MAX_REPLACEMENTS: u32 = 16;
 /// Files that failed to decode: each is logged once, every use is counted.
 #[derive(Debug, Default)]
 pub struct BadFiles {
-    seen: Mutex<HashMap<PathBuf, String>>,
+    seen: Mutex<HashMap<String, String>>,
     replaced: AtomicU64,
 }
 
 impl BadFiles {
-    /// Records a failure; logs it the first time this file fails.
-    fn record(&self, path: &Path, reason: &str) {
+    /// Records a failure of `sample`; logs it the first time it fails.
+    fn record(&self, sample: &Sample, reason: &str, what: &str) {
+        let name = sample.display();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if !seen.contains_key(path) {
-            tracing::warn!(file = %path.display(), %reason, "undecodable image; using another sample instead");
-            seen.insert(path.to_path_buf(), reason.to_string());
+        if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(name) {
+            tracing::warn!(file = %slot.key(), %reason, "undecodable image; {what}");
+            slot.insert(reason.to_string());
         }
         self.replaced.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn is_bad(&self, path: &Path) -> Option<String> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned()
+    fn is_bad(&self, sample: &Sample) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&sample.display()).cloned()
+    }
+
+    /// The files that failed so far, with the reason of their first failure,
+    /// sorted by name.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, String)> =
+            seen.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+        v.sort();
+        v
     }
 
     /// Distinct files that failed.
@@ -99,12 +108,15 @@ pub struct TrainData {
     micro_size: usize,
     num_classes: usize,
     seed: u64,
+    scaled_decode: bool,
     bad_files: Arc<BadFiles>,
 }
 
 impl TrainData {
     /// Ties a dataset to its transform, mixing and sampler. `smoothing` is the
-    /// label smoothing used when Mixup is off (Mixup carries its own).
+    /// label smoothing used when Mixup is off (Mixup carries its own). The
+    /// dataset's class count and labels are checked against `num_classes`.
+    /// DCT-scaled JPEG decoding is on (see [`TrainData::with_scaled_decode`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         folder: ImageFolder,
@@ -116,15 +128,7 @@ impl TrainData {
         num_classes: usize,
         seed: u64,
     ) -> Result<TrainData, DataError> {
-        if folder.classes().len() != num_classes {
-            return Err(DataError::Layout {
-                path: folder.root().to_path_buf(),
-                problem: format!(
-                    "{} class folders but the model has {num_classes} classes",
-                    folder.classes().len()
-                ),
-            });
-        }
+        folder.check_labels(num_classes)?;
         let data = TrainData {
             folder,
             transform,
@@ -134,6 +138,7 @@ impl TrainData {
             micro_size,
             num_classes,
             seed,
+            scaled_decode: true,
             bad_files: Arc::new(BadFiles::default()),
         };
         if data.steps_per_epoch() == 0 {
@@ -146,6 +151,30 @@ impl TrainData {
             )));
         }
         Ok(data)
+    }
+
+    /// Turns DCT-scaled JPEG decoding on or off (recipe `data.scaled_decode`):
+    /// when on, a crop at least twice the output size in both directions is
+    /// decoded at 1/2, 1/4 or 1/8 scale, which is faster but not pixel-equal
+    /// to timm's full-size decode and resize.
+    pub fn with_scaled_decode(mut self, on: bool) -> TrainData {
+        self.scaled_decode = on;
+        self
+    }
+
+    /// Whether DCT-scaled decoding is on.
+    pub fn scaled_decode(&self) -> bool {
+        self.scaled_decode
+    }
+
+    /// The sampler.
+    pub fn sampler(&self) -> &StreamSampler {
+        &self.sampler
+    }
+
+    /// Images per micro-batch.
+    pub fn micro_size(&self) -> usize {
+        self.micro_size
     }
 
     /// Optimizer updates per epoch (the sampler's per-stream length over the
@@ -169,26 +198,37 @@ impl TrainData {
         self.sampler.num_streams()
     }
 
-    /// Loads one sample, replacing it deterministically if its file is bad.
+    /// Loads and augments one sample, replacing it deterministically if its
+    /// file is bad. The augmentation draws depend on the position, not on
+    /// which file ends up being used.
     fn load_sample(
         &self,
         epoch: u64,
         stream: usize,
         position: usize,
         index: usize,
-    ) -> Result<(RgbImage, u32), DataError> {
+    ) -> Result<(Vec<u8>, u32), DataError> {
         let mut index = index;
         let mut last = String::new();
         for attempt in 0..=MAX_REPLACEMENTS {
             let sample = &self.folder.samples()[index];
-            let decoded = match self.bad_files.is_bad(&sample.path) {
+            let mut rng = Rng::from_key(&[
+                self.seed,
+                Stream::Augment as u64,
+                epoch,
+                stream as u64,
+                position as u64,
+            ]);
+            let augmented = match self.bad_files.is_bad(sample) {
                 Some(reason) => Err(reason),
-                None => decode_file(&sample.path).map_err(|e| failure_reason(&e)),
+                None => sample.read().map_err(|e| failure_reason(&e)).and_then(|bytes| {
+                    self.transform.apply_encoded(&bytes, &mut rng, self.scaled_decode)
+                }),
             };
-            match decoded {
-                Ok(img) => return Ok((img, sample.label)),
+            match augmented {
+                Ok(img) => return Ok((img.data, sample.label)),
                 Err(reason) => {
-                    self.bad_files.record(&sample.path, &reason);
+                    self.bad_files.record(sample, &reason, "using another sample instead");
                     last = reason;
                     let mut rng = Rng::from_key(&[
                         self.seed,
@@ -229,16 +269,8 @@ impl TrainData {
         let mut labels = Vec::with_capacity(indices.len());
         for (offset, &index) in indices.iter().enumerate() {
             let position = start + offset;
-            let (img, label) = self.load_sample(epoch, stream, position, index)?;
-            let mut rng = Rng::from_key(&[
-                self.seed,
-                Stream::Augment as u64,
-                epoch,
-                stream as u64,
-                position as u64,
-            ]);
-            let out = self.transform.apply(&img, &mut rng);
-            images.extend_from_slice(&out.data);
+            let (pixels, label) = self.load_sample(epoch, stream, position, index)?;
+            images.extend_from_slice(&pixels);
             labels.push(label);
         }
         let n = labels.len();
@@ -352,7 +384,9 @@ impl EvalData {
             EvalBatch { len: 0, size, images: Vec::new(), labels: Vec::new(), indices: Vec::new() };
         for index in start..end {
             let sample = &self.folder.samples()[index];
-            match decode_file(&sample.path) {
+            let decoded =
+                sample.read().map_err(|e| failure_reason(&e)).and_then(|b| decode_bytes(&b));
+            match decoded {
                 Ok(img) => {
                     let out = self.transform.apply(&img);
                     batch.images.extend_from_slice(&out.data);
@@ -360,7 +394,7 @@ impl EvalData {
                     batch.indices.push(index);
                     batch.len += 1;
                 }
-                Err(e) => self.bad_files.record(&sample.path, &failure_reason(&e)),
+                Err(reason) => self.bad_files.record(sample, &reason, "skipped"),
             }
         }
         Ok(batch)
@@ -384,5 +418,60 @@ impl EvalData {
         let world = world.max(1);
         let mine = self.num_batches().saturating_sub(rank).div_ceil(world);
         Loader::spawn(mine, threads, prefetch, move |k| data.batch(rank + k * world))
+    }
+}
+
+/// Normalises NHWC `u8` images into NCHW `f32`, `(x / 255 - mean) / std`
+/// per channel (timm's `ToTensor` + `Normalize`, for consumers that want
+/// float batches from the loader threads; the trainer normalises on the
+/// device instead).
+pub fn normalize_nchw(
+    images: &[u8],
+    n: usize,
+    h: u32,
+    w: u32,
+    mean: [f64; 3],
+    std: [f64; 3],
+) -> Vec<f32> {
+    let plane = h as usize * w as usize;
+    let mut out = vec![0f32; n * 3 * plane];
+    // (x - 255 mean) / (255 std) = x * scale + shift
+    let scale: [f32; 3] = std::array::from_fn(|c| (1.0 / (255.0 * std[c])) as f32);
+    let shift: [f32; 3] = std::array::from_fn(|c| (-mean[c] / std[c]) as f32);
+    for (img, dst) in images.chunks_exact(plane * 3).zip(out.chunks_exact_mut(plane * 3)).take(n) {
+        let (r, rest) = dst.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in img.chunks_exact(3).enumerate() {
+            r[i] = f32::from(px[0]) * scale[0] + shift[0];
+            g[i] = f32::from(px[1]) * scale[1] + shift[1];
+            b[i] = f32::from(px[2]) * scale[2] + shift[2];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_matches_timm_formula() {
+        let img = [0u8, 128, 255, 10, 20, 30];
+        let out = normalize_nchw(&img, 1, 1, 2, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        let want = |x: f64, c: usize| {
+            let (m, s) = ([0.485, 0.456, 0.406][c], [0.229, 0.224, 0.225][c]);
+            ((x / 255.0 - m) / s) as f32
+        };
+        let expect = [
+            want(0.0, 0),
+            want(10.0, 0),
+            want(128.0, 1),
+            want(20.0, 1),
+            want(255.0, 2),
+            want(30.0, 2),
+        ];
+        for (a, b) in out.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{a} {b}");
+        }
     }
 }

@@ -13,6 +13,17 @@
 //! Permutations are `torch.randperm(n, generator=torch.Generator().manual_seed(s))`
 //! reproduced bit for bit (MT19937 and libtorch's Fisher-Yates), so with the
 //! same seed the index lists equal timm's.
+//!
+//! Ranks own disjoint sets of streams ([`streams_of_rank`]: contiguous blocks,
+//! as `coordinator plan` assigns them). [`RankSampler`] is one rank's view: its
+//! streams and its position ([`SamplerPosition`], the next optimizer update);
+//! [`RankSampler::reshard`] rebuilds it for another world size at the same
+//! position, and [`StreamSampler::remaining_indices`] says what is left of an
+//! epoch. Because the streams do not depend on the world size, the rest of an
+//! epoch after a re-shard is exactly the rest of the uninterrupted epoch:
+//! nothing dropped, nothing duplicated beyond repeated augmentation's copies.
+
+use crate::error::DataError;
 
 /// MT19937 as libtorch's CPU generator seeds and runs it.
 #[derive(Debug, Clone)]
@@ -145,6 +156,161 @@ impl StreamSampler {
                 (stream..total).step_by(w).take(take).map(|p| perm[(p % (n * r)) / r]).collect()
             }
         }
+    }
+}
+
+impl StreamSampler {
+    /// Optimizer updates per epoch with micro-batches of `micro` samples per
+    /// stream (a partial last micro-batch is dropped, timm's `drop_last`).
+    pub fn steps_per_epoch(&self, micro: usize) -> u64 {
+        (self.samples_per_stream() / micro.max(1)) as u64
+    }
+
+    /// What `streams` still visit in `epoch` from update `step` on, stream by
+    /// stream: positions `step * micro` up to the last full micro-batch.
+    pub fn remaining_indices(
+        &self,
+        epoch: u64,
+        step: u64,
+        micro: usize,
+        streams: &[usize],
+    ) -> Vec<Vec<usize>> {
+        let end = self.steps_per_epoch(micro) as usize * micro;
+        let start = (step as usize).saturating_mul(micro).min(end);
+        streams
+            .iter()
+            .map(|&s| {
+                let mut list = self.stream_indices(epoch, s);
+                list.truncate(end);
+                list.drain(..start);
+                list
+            })
+            .collect()
+    }
+}
+
+/// The sampler streams rank `rank` of `world` runs: the contiguous block
+/// `rank * k .. (rank + 1) * k` with `k = num_streams / world` (the
+/// coordinator's plan). The world size must divide the stream count.
+pub fn streams_of_rank(
+    num_streams: usize,
+    world: usize,
+    rank: usize,
+) -> Result<Vec<usize>, DataError> {
+    if world == 0 || rank >= world || !num_streams.is_multiple_of(world) {
+        return Err(DataError::Config(format!(
+            "{num_streams} sampler streams cannot be split over {world} ranks (rank {rank}); \
+             the world size must divide the stream count"
+        )));
+    }
+    let k = num_streams / world;
+    Ok((rank * k..(rank + 1) * k).collect())
+}
+
+/// A position in a run: the next optimizer update to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct SamplerPosition {
+    /// Epoch.
+    pub epoch: u64,
+    /// Update within the epoch (0-based); every stream has consumed
+    /// `step * micro` samples of the epoch.
+    pub step: u64,
+}
+
+/// One rank's share of the sampler, with its position: yields, update by
+/// update, the micro-batch index lists of the rank's streams.
+#[derive(Debug, Clone)]
+pub struct RankSampler {
+    sampler: StreamSampler,
+    micro: usize,
+    streams: Vec<usize>,
+    position: SamplerPosition,
+    /// Index lists of the current epoch, one per stream (computed lazily).
+    lists: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+impl RankSampler {
+    /// Rank `rank` of `world` at the start of epoch 0.
+    pub fn new(
+        sampler: StreamSampler,
+        micro: usize,
+        world: usize,
+        rank: usize,
+    ) -> Result<RankSampler, DataError> {
+        if micro == 0 || sampler.steps_per_epoch(micro) == 0 {
+            return Err(DataError::Config(format!(
+                "micro-batches of {micro} do not fit the {} samples of a stream",
+                sampler.samples_per_stream()
+            )));
+        }
+        let streams = streams_of_rank(sampler.num_streams(), world, rank)?;
+        Ok(RankSampler {
+            sampler,
+            micro,
+            streams,
+            position: SamplerPosition::default(),
+            lists: None,
+        })
+    }
+
+    /// The streams this rank runs, in accumulation order.
+    pub fn streams(&self) -> &[usize] {
+        &self.streams
+    }
+
+    /// The next update this rank will produce (save it to resume).
+    pub fn position(&self) -> SamplerPosition {
+        self.position
+    }
+
+    /// Continues from `position` (e.g. a checkpoint's).
+    pub fn seek(&mut self, position: SamplerPosition) {
+        self.position = position;
+    }
+
+    /// Optimizer updates per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.sampler.steps_per_epoch(self.micro)
+    }
+
+    /// The micro-batches of the next update, `(stream, indices)` in
+    /// accumulation order; moves to the following update (and epoch).
+    pub fn next_update(&mut self) -> Vec<(usize, Vec<usize>)> {
+        let SamplerPosition { epoch, step } = self.position;
+        if self.lists.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let lists =
+                self.streams.iter().map(|&s| self.sampler.stream_indices(epoch, s)).collect();
+            self.lists = Some((epoch, lists));
+        }
+        let (_, lists) = self.lists.as_ref().expect("just filled");
+        let start = step as usize * self.micro;
+        let batches = self
+            .streams
+            .iter()
+            .zip(lists)
+            .map(|(&s, list)| (s, list[start..start + self.micro].to_vec()))
+            .collect();
+        self.position = if step + 1 >= self.steps_per_epoch() {
+            SamplerPosition { epoch: epoch + 1, step: 0 }
+        } else {
+            SamplerPosition { epoch, step: step + 1 }
+        };
+        batches
+    }
+
+    /// The same sampler at the same position, for rank `rank` of a world of
+    /// `world` ranks (at an update boundary, which is where positions are).
+    pub fn reshard(&self, world: usize, rank: usize) -> Result<RankSampler, DataError> {
+        let mut next = RankSampler::new(self.sampler.clone(), self.micro, world, rank)?;
+        next.position = self.position;
+        Ok(next)
+    }
+
+    /// What this rank still visits in the current epoch (see
+    /// [`StreamSampler::remaining_indices`]).
+    pub fn remaining_indices(&self) -> Vec<Vec<usize>> {
+        let p = self.position;
+        self.sampler.remaining_indices(p.epoch, p.step, self.micro, &self.streams)
     }
 }
 

@@ -1,9 +1,17 @@
 //! timm's per-image transforms: the training chain
 //! (RandomResizedCrop -> horizontal flip -> RandAugment) and the evaluation
 //! chain (resize the shorter side to `floor(size / crop_pct)`, centre crop).
-//! Normalisation happens later, on the batch tensor, as timm's prefetcher does.
+//! Normalisation happens later, on the batch tensor, as timm's prefetcher does
+//! (or in the loader threads, see [`crate::pipeline::normalize_nchw`]).
+//!
+//! [`TrainTransform::apply_encoded`] is the loader's fast path: it reads the
+//! image header, draws the crop, decodes only what the crop needs
+//! ([`crate::decode::decode_for_crop`]), resizes straight from the decoded
+//! region and flips in place; with DCT scaling off its output equals
+//! [`TrainTransform::apply`] on the fully decoded image.
 
-use crate::image::resize::{crop, resize};
+use crate::decode::{decode_for_crop, probe};
+use crate::image::resize::{crop, resize, resize_region, resize_region_box, Region};
 use crate::image::{Filter, RgbImage};
 use crate::rand_augment::RandAugment;
 use crate::rng::Rng;
@@ -77,6 +85,23 @@ pub fn random_resized_crop_box(
     CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
 }
 
+/// Mirrors an image left to right in place.
+pub fn flip_horizontal_in_place(img: &mut RgbImage) {
+    let row = img.width as usize * 3;
+    if row == 0 {
+        return;
+    }
+    for line in img.data.chunks_exact_mut(row) {
+        let w = line.len() / 3;
+        for x in 0..w / 2 {
+            let (a, b) = (x * 3, (w - 1 - x) * 3);
+            for c in 0..3 {
+                line.swap(a + c, b + c);
+            }
+        }
+    }
+}
+
 /// Mirrors an image left to right.
 pub fn flip_horizontal(img: &RgbImage) -> RgbImage {
     let row = img.width as usize * 3;
@@ -108,10 +133,8 @@ pub struct TrainTransform {
 }
 
 impl TrainTransform {
-    /// Augments one decoded image with draws from `rng`.
-    pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
-        let b = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng);
-        let filter = match self.interpolation {
+    fn draw_filter(&self, rng: &mut Rng) -> Filter {
+        match self.interpolation {
             CropInterpolation::Fixed(f) => f,
             CropInterpolation::Random => {
                 if rng.below(2) == 0 {
@@ -120,16 +143,47 @@ impl TrainTransform {
                     Filter::Bicubic
                 }
             }
-        };
-        let region = crop(img, b.left, b.top, b.width, b.height);
-        let mut out = resize(&region, self.size, self.size, filter);
+        }
+    }
+
+    /// Flip and RandAugment of an already cropped image.
+    fn finish(&self, mut out: RgbImage, rng: &mut Rng) -> RgbImage {
         if rng.bernoulli(self.hflip) {
-            out = flip_horizontal(&out);
+            flip_horizontal_in_place(&mut out);
         }
         match &self.rand_augment {
             Some(ra) => ra.apply(&out, rng),
             None => out,
         }
+    }
+
+    /// Augments one decoded image with draws from `rng`.
+    pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
+        let b = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng);
+        let filter = self.draw_filter(rng);
+        let region = Region { left: b.left, top: b.top, width: b.width, height: b.height };
+        let out = resize_region(img, region, self.size, self.size, filter);
+        self.finish(out, rng)
+    }
+
+    /// Augments one encoded image (JPEG or PNG bytes): the same draws from
+    /// `rng` as [`TrainTransform::apply`], but only the part of the file the
+    /// crop needs is decoded. With `scaled_decode`, a JPEG crop much larger
+    /// than the output is decoded at a DCT scale of 1/2, 1/4 or 1/8 (see
+    /// [`crate::decode::decode_for_crop`]); without it the result equals
+    /// `apply` on the full decode, pixel for pixel.
+    pub fn apply_encoded(
+        &self,
+        bytes: &[u8],
+        rng: &mut Rng,
+        scaled_decode: bool,
+    ) -> Result<RgbImage, String> {
+        let info = probe(bytes)?;
+        let b = random_resized_crop_box(info.width, info.height, self.scale, self.ratio, rng);
+        let filter = self.draw_filter(rng);
+        let src = decode_for_crop(bytes, &info, b, self.size, self.size, scaled_decode)?;
+        let out = resize_region_box(&src.image, src.region, src.bx, self.size, self.size, filter);
+        Ok(self.finish(out, rng))
     }
 }
 
@@ -205,6 +259,10 @@ mod tests {
     fn flip_mirrors_rows() {
         let img = RgbImage::new(2, 1, vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(flip_horizontal(&img).data, vec![4, 5, 6, 1, 2, 3]);
+        let mut odd = RgbImage::new(3, 2, (0..18).collect());
+        let want = flip_horizontal(&odd);
+        flip_horizontal_in_place(&mut odd);
+        assert_eq!(odd, want);
     }
 
     #[test]

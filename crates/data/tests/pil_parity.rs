@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use rsb_data::image::{affine, crop, ops, resize, rotate, Filter, RgbImage};
+use rsb_data::image::{affine, crop, ops, resize, resize_region, rotate, Filter, Region, RgbImage};
 use rsb_data::rand_augment::{RaOp, RandAugmentConfig};
 use serde_json::Value;
 
@@ -83,7 +83,23 @@ fn run_case(case: &Value, img: &RgbImage) -> (RgbImage, Option<String>) {
                 uint(case, "crop_width"),
                 uint(case, "crop_height"),
             );
-            resize(&region, uint(case, "width"), uint(case, "height"), filter(case))
+            let out = resize(&region, uint(case, "width"), uint(case, "height"), filter(case));
+            // The loader's fused form (resampling straight from the source
+            // region) must give the same pixels, hence Pillow's.
+            let fused = resize_region(
+                img,
+                Region {
+                    left: uint(case, "left"),
+                    top: uint(case, "top"),
+                    width: uint(case, "crop_width"),
+                    height: uint(case, "crop_height"),
+                },
+                uint(case, "width"),
+                uint(case, "height"),
+                filter(case),
+            );
+            assert!(fused == out, "fused resized crop differs from crop + resize: {case}");
+            out
         }
         "op" => {
             let args: Vec<f64> =

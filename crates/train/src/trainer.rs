@@ -20,8 +20,10 @@ use crate::loss::Loss;
 use crate::metrics::{MetricsLog, TopK};
 use crate::schedule::CosineWithWarmup;
 use rsb_collective::Collective;
-use rsb_data::dataset::ImageFolder;
+use rsb_data::dataset::{ImageFolder, Sample};
+use rsb_data::eval_sets::{EvalSet, EvalSetKind as DataSetKind, EvalSetSpec};
 use rsb_data::image::Filter;
+use rsb_data::labels::{Scoring, SetScore};
 use rsb_data::loader::default_threads;
 use rsb_data::mixup::{MixMode, MixupConfig};
 use rsb_data::pipeline::{EvalData, TrainData};
@@ -30,7 +32,7 @@ use rsb_data::rng::{Rng, Stream};
 use rsb_data::sampler::{SamplerKind, StreamSampler};
 use rsb_data::transforms::{CropInterpolation, EvalTransform, TrainTransform};
 use rsb_recipes::schema::{
-    Interpolation, MixupMode, OptimizerSection, Precision, Recipe, ScheduleSection,
+    EvalSetKind, Interpolation, MixupMode, OptimizerSection, Precision, Recipe, ScheduleSection,
 };
 use rsb_vision::{ForwardMode, Model, ModelConfig};
 use serde_json::json;
@@ -116,8 +118,38 @@ pub struct EpochReport {
     pub top1: Option<f64>,
     /// Validation top-5 in percent, when evaluated.
     pub top5: Option<f64>,
+    /// The recipe's further evaluation sets (`eval.sets`), when evaluated.
+    pub eval_sets: Vec<SetResult>,
     /// Wall time since the start of this invocation, in seconds.
     pub elapsed_s: f64,
+}
+
+/// Accuracy on one further evaluation set.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SetResult {
+    /// The set's name (`real`, `v2`, ...).
+    pub name: String,
+    /// Top-1 in percent.
+    pub top1: f64,
+    /// Top-5 in percent.
+    pub top5: f64,
+    /// Images scored.
+    pub count: u64,
+    /// Images left out (ReaL: no valid label).
+    pub excluded: u64,
+}
+
+impl SetResult {
+    /// The percentages of a score.
+    pub fn new(name: &str, score: &SetScore) -> SetResult {
+        SetResult {
+            name: name.to_string(),
+            top1: score.top1_pct(),
+            top5: score.top5_pct(),
+            count: score.count,
+            excluded: score.excluded,
+        }
+    }
 }
 
 /// The result of [`Trainer::run`].
@@ -186,10 +218,10 @@ pub fn num_streams(recipe: &Recipe) -> usize {
     (recipe.batch.global_size / recipe.batch.micro_size.max(1)) as usize
 }
 
-/// The training data a recipe describes.
+/// The training data a recipe describes (class folders or tar shards).
 pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
     let root = Path::new(&recipe.data.root).join(&recipe.data.train_split);
-    let folder = ImageFolder::open(&root)?;
+    let folder = ImageFolder::open_any(&root)?;
     let kind = match recipe.batch.repeated_augmentation {
         0 | 1 => SamplerKind::Distributed,
         r => SamplerKind::RepeatAug { num_repeats: r },
@@ -215,7 +247,43 @@ pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
         recipe.batch.micro_size as usize,
         recipe.model.num_classes as usize,
         recipe.seed,
-    )?)
+    )?
+    .with_scaled_decode(recipe.data.scaled_decode))
+}
+
+/// The further evaluation sets of a recipe (`eval.sets`), opened and
+/// checked; relative paths are taken relative to `data.root`, and class names
+/// of label files map through `train_classes`.
+pub fn eval_sets(recipe: &Recipe, train_classes: &[String]) -> Result<Vec<EvalSet>, TrainError> {
+    let root = Path::new(&recipe.data.root);
+    let transform = eval_transform(recipe)?;
+    let classes = (!train_classes.is_empty()).then_some(train_classes);
+    recipe
+        .eval
+        .sets
+        .iter()
+        .map(|s| {
+            let spec = EvalSetSpec {
+                name: s.name.clone(),
+                kind: match s.kind {
+                    EvalSetKind::Folder => DataSetKind::Folder,
+                    EvalSetKind::V2 => DataSetKind::V2,
+                    EvalSetKind::Labelled => DataSetKind::Labelled,
+                    EvalSetKind::Real => DataSetKind::Real,
+                },
+                root: root.join(&s.root),
+                labels: s.labels.as_ref().map(|l| root.join(l)),
+            };
+            let set = EvalSet::open(
+                &spec,
+                transform,
+                recipe.eval.batch_size as usize,
+                recipe.model.num_classes as usize,
+                classes,
+            )?;
+            Ok(set)
+        })
+        .collect()
 }
 
 /// Runs the model over an evaluation set and counts top-1/top-5. With
@@ -242,6 +310,53 @@ pub fn evaluate(
     Ok(acc)
 }
 
+/// Runs the model over an evaluation set and scores its top-5 predictions
+/// with the set's [`rsb_data::labels::Scoring`] (timm's `accuracy`, or
+/// `RealLabelsImagenet` for ReaL). With `shard = (rank, world)` only every
+/// `world`-th batch from `rank` on.
+pub fn evaluate_set(
+    model: &mut Model,
+    set: &EvalSet,
+    normalizer: &Normalizer,
+    threads: usize,
+    prefetch: usize,
+    shard: (usize, usize),
+) -> Result<SetScore, TrainError> {
+    let _guard = tch::no_grad_guard();
+    let mut score = SetScore::default();
+    let samples = set.data.folder().samples();
+    for batch in set.data.shard_loader(threads, prefetch, shard.0, shard.1) {
+        let batch = batch?;
+        if batch.len == 0 {
+            continue;
+        }
+        let xs = normalizer.images(&batch.images, batch.len, batch.size, batch.size)?;
+        let logits = model.forward(&xs, ForwardMode::Eval)?;
+        score_logits(&logits, &set.scoring, samples, &batch.indices, &mut score)?;
+    }
+    Ok(score)
+}
+
+/// Scores a batch of `logits` `[N, C]` whose rows are the dataset samples
+/// `indices`: their top-5 (`topk(5, sorted)`, as timm) on the host, then
+/// `scoring`.
+pub fn score_logits(
+    logits: &Tensor,
+    scoring: &Scoring,
+    samples: &[Sample],
+    indices: &[usize],
+    score: &mut SetScore,
+) -> Result<(), TrainError> {
+    let k = logits.size()[1].min(5);
+    let (_, top) = logits.f_topk(k, 1, true, true)?;
+    let top = top.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?;
+    let predictions = Vec::<i64>::try_from(&top)?;
+    for (row, &index) in predictions.chunks_exact(k.max(1) as usize).zip(indices) {
+        scoring.add(score, &samples[index], row);
+    }
+    Ok(())
+}
+
 /// A configured training run.
 #[derive(Debug)]
 pub struct Trainer {
@@ -253,6 +368,7 @@ pub struct Trainer {
     loss: Loss,
     train: Arc<TrainData>,
     eval: Arc<EvalData>,
+    eval_sets: Vec<EvalSet>,
     normalizer: Normalizer,
     metrics: MetricsLog,
     state: TrainState,
@@ -302,10 +418,11 @@ impl Trainer {
         let schedule = CosineWithWarmup::new(cosine, lamb.lr, train.steps_per_epoch());
         let val_root = Path::new(&recipe.data.root).join(&recipe.data.val_split);
         let eval = Arc::new(EvalData::new(
-            ImageFolder::open(&val_root)?,
+            ImageFolder::open_any(&val_root)?,
             eval_transform(&recipe)?,
             recipe.eval.batch_size as usize,
         ));
+        let eval_sets = eval_sets(&recipe, train.folder().classes())?;
         std::fs::create_dir_all(&options.out_dir)
             .map_err(|e| TrainError::io(&options.out_dir, e))?;
         let metrics_path = options.out_dir.join(&options.metrics_file);
@@ -343,6 +460,7 @@ impl Trainer {
             schedule,
             train,
             eval,
+            eval_sets,
             normalizer,
             metrics,
             state,
@@ -440,6 +558,40 @@ impl Trainer {
             };
         }
         Ok(acc)
+    }
+
+    /// Evaluates the current weights on each further evaluation set of the
+    /// recipe (each rank a shard of the batches, counts summed over the ranks).
+    pub fn evaluate_sets(&mut self) -> Result<Vec<SetResult>, TrainError> {
+        let shard = (self.rank(), self.world_size());
+        let mut results = Vec::with_capacity(self.eval_sets.len());
+        for set in &self.eval_sets {
+            let mut score = evaluate_set(
+                &mut self.model,
+                set,
+                &self.normalizer,
+                self.threads,
+                self.prefetch,
+                shard,
+            )?;
+            if let Some(d) = &mut self.distributed {
+                let mut counts = [
+                    score.count as f64,
+                    score.top1 as f64,
+                    score.top5 as f64,
+                    score.excluded as f64,
+                ];
+                sum_scalars(d.collective.as_mut(), &mut counts)?;
+                score = SetScore {
+                    count: counts[0].round() as u64,
+                    top1: counts[1].round() as u64,
+                    top5: counts[2].round() as u64,
+                    excluded: counts[3].round() as u64,
+                };
+            }
+            results.push(SetResult::new(&set.name, &score));
+        }
+        Ok(results)
     }
 
     /// Sums the gradients over the ranks (each rank's micro-batch losses are
@@ -618,6 +770,7 @@ impl Trainer {
             } else {
                 None
             };
+            let eval_sets = if eval.is_some() { self.evaluate_sets()? } else { Vec::new() };
             if let Some(acc) = &eval {
                 let best = self.state.best_top1.unwrap_or(f64::MIN).max(acc.top1_pct());
                 self.state.best_top1 = Some(best);
@@ -633,9 +786,10 @@ impl Trainer {
                 images_per_sec: (epoch_updates * images_per_update) as f64 / train_secs.max(1e-9),
                 top1: eval.map(|a| a.top1_pct()),
                 top5: eval.map(|a| a.top5_pct()),
+                eval_sets,
                 elapsed_s: start.elapsed().as_secs_f64(),
             };
-            self.record(json!({
+            let mut record = json!({
                 "kind": "epoch", "epoch": epoch, "step": self.state.updates,
                 "lr": self.schedule.lr(self.state.updates.saturating_sub(1)),
                 "loss": report.train_loss, "images_per_sec": report.images_per_sec,
@@ -643,11 +797,27 @@ impl Trainer {
                 "val_loss": eval.map(|a| a.mean_loss()),
                 "replaced_samples": self.state.replaced_samples,
                 "elapsed_s": report.elapsed_s,
-            }))?;
-            let acc_text = match (report.top1, report.top5) {
+            });
+            if !report.eval_sets.is_empty() {
+                record["eval_sets"] = report
+                    .eval_sets
+                    .iter()
+                    .map(|s| {
+                        let v = json!({"top1": s.top1, "top5": s.top5, "count": s.count,
+                                       "excluded": s.excluded});
+                        (s.name.clone(), v)
+                    })
+                    .collect::<serde_json::Map<String, serde_json::Value>>()
+                    .into();
+            }
+            self.record(record)?;
+            let mut acc_text = match (report.top1, report.top5) {
                 (Some(t1), Some(t5)) => format!(" top1 {t1:.2} top5 {t5:.2}"),
                 _ => String::new(),
             };
+            for s in &report.eval_sets {
+                acc_text.push_str(&format!(" | {} top1 {:.2} top5 {:.2}", s.name, s.top1, s.top5));
+            }
             let line = format!(
                 "epoch {epoch} done: loss {:.4} {:.0} img/s{acc_text} ({:.0} s)",
                 report.train_loss, report.images_per_sec, report.elapsed_s

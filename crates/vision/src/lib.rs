@@ -1,9 +1,11 @@
 //! timm-compatible image classification models on libtorch.
 //!
-//! Every model is registered under its timm name ([`registry`]); its variables
-//! carry timm's state-dict keys, so a `safetensors` file saved by timm loads
-//! here and one saved here loads into timm ([`weights`]). Shared building
-//! blocks live in [`layers`], one file per family in [`models`].
+//! Every model of the "ResNet strikes back" zoo is registered under its timm
+//! name ([`registry`]) with its A1/A2 and A3 resolutions; its variables carry
+//! timm's state-dict keys, so a `safetensors` file saved by timm loads here and
+//! one saved here loads into timm ([`weights`]). Shared building blocks live
+//! in [`layers`], one file per family in [`models`] (ResNet and its D / SE /
+//! ResNeXt / ECA variants, RegNetY, EfficientNet and EfficientNetV2-rw, ViT).
 
 pub mod error;
 pub mod layers;

@@ -16,6 +16,12 @@ pub trait Network: Send + std::fmt::Debug {
     fn no_weight_decay(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// The stochastic-depth rate of every residual block in block order (0 for
+    /// a block timm builds without `DropPath`), for checking the per-family rule.
+    fn drop_path_rates(&self) -> Vec<f64> {
+        Vec::new()
+    }
 }
 
 /// Options that change a model's variables or its training-time behaviour.
@@ -27,7 +33,8 @@ pub struct ModelConfig {
     pub in_chans: i64,
     /// Stochastic-depth rate of the last block (timm's `drop_path_rate`).
     pub drop_path_rate: f64,
-    /// Start the last BN of each residual branch at gamma = 0.
+    /// Start the last BN of each residual branch at gamma = 0 (the ResNet and
+    /// RegNet families, as timm's `zero_init_last`; EfficientNet and ViT have none).
     pub zero_init_last: bool,
 }
 
@@ -179,6 +186,11 @@ impl Model {
         tensor.dim() <= 1
             || name.ends_with(".bias")
             || self.net.no_weight_decay().iter().any(|n| n == name)
+    }
+
+    /// The stochastic-depth rate of every residual block, in block order.
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        self.net.drop_path_rates()
     }
 
     /// BN batches seen in training (timm's `num_batches_tracked`).

@@ -9,7 +9,7 @@ pub mod ops;
 pub mod resize;
 
 pub use geometry::{affine, rotate};
-pub use resize::{crop, resize};
+pub use resize::{crop, resize, resize_region, resize_region_box, Region};
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved `RGBRGB...`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,10 @@ pub fn drop_path(xs: &Tensor, rate: f64, train: bool) -> Result<Tensor, tch::Tch
         return Ok(xs.shallow_clone());
     }
     let keep = 1.0 - rate;
-    let batch = xs.size()[0];
+    let batch = *xs
+        .size()
+        .first()
+        .ok_or_else(|| tch::TchError::Shape("drop_path needs a batch dimension".to_string()))?;
     let mut mask_shape = vec![batch];
     mask_shape.extend(std::iter::repeat_n(1, xs.dim() - 1));
     let mut mask = Tensor::f_empty(mask_shape.as_slice(), (Kind::Float, xs.device()))?;
@@ -28,9 +31,41 @@ pub fn stochastic_depth_rates(rate: f64, num_blocks: usize) -> Vec<f64> {
     (0..num_blocks).map(|i| rate * i as f64 / (num_blocks - 1) as f64).collect()
 }
 
+/// timm's `calculate_drop_path_rates(rate, n)` (RegNet, ViT): the values of
+/// `torch.linspace(0, rate, n)`, which libtorch computes in float32 from both
+/// ends (`start + step * i` for the first half, `end - step * (n - 1 - i)` after).
+pub fn linspace_rates(rate: f64, num_blocks: usize) -> Vec<f64> {
+    match num_blocks {
+        0 => Vec::new(),
+        1 => vec![0.0],
+        n => {
+            let end = rate as f32;
+            let step = end / (n - 1) as f32;
+            let halfway = n / 2;
+            (0..n)
+                .map(|i| {
+                    let v =
+                        if i < halfway { step * i as f32 } else { end - step * (n - 1 - i) as f32 };
+                    f64::from(v)
+                })
+                .collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linspace_rates_end_exactly_at_the_rate() {
+        let rates = linspace_rates(0.1, 12);
+        assert_eq!(rates.len(), 12);
+        assert_eq!(rates[0], 0.0);
+        assert_eq!(rates[11], f64::from(0.1f32));
+        assert!((rates[6] - 0.1 * 6.0 / 11.0).abs() < 1e-7);
+        assert_eq!(linspace_rates(0.1, 1), vec![0.0]);
+    }
 
     #[test]
     fn rates_rise_linearly_from_zero() {

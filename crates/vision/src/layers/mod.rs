@@ -1,19 +1,35 @@
 //! Building blocks shared by the model families: convolution, batch norm,
-//! linear head, stochastic depth and their initialisers.
+//! conv-norm-act, activations, squeeze-excite and ECA channel attention, the
+//! EfficientNet mobile blocks, attention / MLP / layer norm for transformers,
+//! linear heads, stochastic depth and their initialisers.
 //!
 //! Each layer keeps its parameters in `f32` and casts them to the dtype of the
 //! activations it receives, which is how bf16 mixed precision runs on a GPU:
 //! the network sees bf16 activations, the optimizer and BN statistics stay f32.
 
+mod activation;
+mod attention;
 mod batch_norm;
 mod conv;
+mod conv_norm_act;
 mod drop_path;
+mod eca;
+mod layer_norm;
 mod linear;
+mod mbconv;
+mod squeeze_excite;
 
+pub use activation::Activation;
+pub use attention::{Attention, Mlp};
 pub use batch_norm::BatchNorm2d;
-pub use conv::{Conv2d, ConvConfig};
-pub use drop_path::{drop_path, stochastic_depth_rates};
-pub use linear::Linear;
+pub use conv::{symmetric_padding, Conv2d, ConvConfig, ConvInit};
+pub use conv_norm_act::ConvNormAct;
+pub use drop_path::{drop_path, linspace_rates, stochastic_depth_rates};
+pub use eca::{eca_kernel_size, Eca};
+pub use layer_norm::LayerNorm;
+pub use linear::{Linear, LinearInit};
+pub use mbconv::{MbBlock, MbConfig, MbKind};
+pub use squeeze_excite::{make_divisible, SqueezeExcite};
 
 use tch::Kind;
 

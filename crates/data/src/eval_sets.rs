@@ -1,0 +1,119 @@
+//! Evaluation sets beyond the validation split: ImageNet val in any layout,
+//! ImageNet-V2, ImageNet-ReaL, each built from a [`EvalSetSpec`] into data
+//! plus the way its predictions are scored ([`Scoring`]).
+
+use crate::dataset::ImageFolder;
+use crate::error::DataError;
+use crate::labels::{RealLabels, Scoring};
+use crate::pipeline::EvalData;
+use crate::shards::has_shards;
+use crate::transforms::EvalTransform;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The layout and scoring of an evaluation set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSetKind {
+    /// Class folders in natural order (ImageNet `val/<synset>/`), or tar shards.
+    Folder,
+    /// Class folders named by class index (ImageNet-V2's `0`..`999`).
+    V2,
+    /// A flat folder with a label file (`labels`, see [`crate::labels`]).
+    Labelled,
+    /// ImageNet-ReaL: ImageNet val images (flat, class folders or shards)
+    /// scored against `real.json` (`labels`).
+    Real,
+}
+
+/// Where an evaluation set is and how to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalSetSpec {
+    /// Name in reports (`real`, `v2`, ...).
+    pub name: String,
+    /// Layout and scoring.
+    pub kind: EvalSetKind,
+    /// The images.
+    pub root: PathBuf,
+    /// Label file (`Labelled`) or `real.json` (`Real`).
+    pub labels: Option<PathBuf>,
+}
+
+/// An opened evaluation set.
+#[derive(Debug, Clone)]
+pub struct EvalSet {
+    /// Name in reports.
+    pub name: String,
+    /// Batches of the set.
+    pub data: Arc<EvalData>,
+    /// How predictions are scored.
+    pub scoring: Scoring,
+}
+
+impl EvalSet {
+    /// Opens the set: indexes the images, reads the labels, and checks that
+    /// every image can be scored with a model of `num_classes` outputs.
+    /// `train_classes` maps class names of label files to indices.
+    pub fn open(
+        spec: &EvalSetSpec,
+        transform: EvalTransform,
+        batch_size: usize,
+        num_classes: usize,
+        train_classes: Option<&[String]>,
+    ) -> Result<EvalSet, DataError> {
+        let labels = || {
+            spec.labels.clone().ok_or_else(|| {
+                DataError::Config(format!("eval set `{}` needs a `labels` file", spec.name))
+            })
+        };
+        let (folder, scoring) = match spec.kind {
+            EvalSetKind::Folder => (ImageFolder::open_any(&spec.root)?, Scoring::Labels),
+            EvalSetKind::V2 => {
+                (ImageFolder::open_numbered(&spec.root, num_classes)?, Scoring::Labels)
+            }
+            EvalSetKind::Labelled => {
+                (ImageFolder::open_flat(&spec.root, &labels()?, train_classes)?, Scoring::Labels)
+            }
+            EvalSetKind::Real => {
+                let real = RealLabels::read(&labels()?)?;
+                let folder = if has_shards(&spec.root)? {
+                    ImageFolder::open_shards(&spec.root)?
+                } else if has_class_folders(&spec.root)? {
+                    ImageFolder::open(&spec.root)?
+                } else {
+                    ImageFolder::open_unlabelled(&spec.root)?
+                };
+                let real = Arc::new(real);
+                if let Some(bad) = folder.samples().iter().find_map(|s| {
+                    real.labels_of(&s.file_name())?.iter().find(|&&l| l as usize >= num_classes)
+                }) {
+                    return Err(DataError::Config(format!(
+                        "eval set `{}`: ReaL label {bad} is out of range for {num_classes} classes",
+                        spec.name
+                    )));
+                }
+                (folder, Scoring::Real(real))
+            }
+        };
+        if matches!(scoring, Scoring::Labels) {
+            folder
+                .check_labels(num_classes)
+                .map_err(|e| DataError::Config(format!("eval set `{}`: {e}", spec.name)))?;
+        }
+        scoring.check(folder.samples())?;
+        Ok(EvalSet {
+            name: spec.name.clone(),
+            data: Arc::new(EvalData::new(folder, transform, batch_size)),
+            scoring,
+        })
+    }
+}
+
+fn has_class_folders(root: &std::path::Path) -> Result<bool, DataError> {
+    for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
+        let entry = entry.map_err(|e| DataError::io(root, e))?;
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -1,0 +1,389 @@
+//! Label files for flat image folders, and ImageNet-ReaL's label sets.
+//!
+//! A flat folder (ImageNet's `val/ILSVRC2012_val_00000001.JPEG` ...) is
+//! labelled by one of two formats, chosen by the file name:
+//!
+//! * **`*.csv`: Kaggle's `LOC_val_solution.csv`** (header
+//!   `ImageId,PredictionString`; each row `ILSVRC2012_val_00008726,n02119789
+//!   255 142 454 329 ...`): the image is `ImageId` (a file stem) and its class
+//!   is the first token of `PredictionString` (a synset);
+//! * **anything else: one `file<TAB>class` line per image** (any run of
+//!   spaces or tabs separates the two fields; blank lines and lines starting
+//!   with `#` are ignored). `file` is a file name or stem in the folder;
+//!   `class` is a class name (a synset) or a class index (digits only).
+//!
+//! Class names become indices through a given class list (the training
+//! split's class folders) or, without one, through the natural-sorted set of
+//! names in the file: for ImageNet's 1000 synsets that is timm's order.
+//!
+//! ImageNet-ReaL ([`RealLabels`]) is `real.json`: a JSON list of 50,000 lists
+//! of class indices, entry `i` for `ILSVRC2012_val_{i+1:08d}.JPEG`; an empty
+//! list excludes the image. [`Scoring`] scores predictions as timm's
+//! `RealLabelsImagenet` does (by file name, so loader order is irrelevant).
+
+use crate::dataset::{natural_cmp, Sample};
+use crate::error::DataError;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A class as a label file writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassRef {
+    /// A class index.
+    Index(u32),
+    /// A class name (e.g. a synset), mapped through a class list.
+    Name(String),
+}
+
+/// A parsed label file: (file name or stem, class) in file order, with the
+/// line each entry came from.
+#[derive(Debug, Clone)]
+pub struct LabelFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The entries.
+    pub entries: Vec<(String, ClassRef)>,
+    lines: Vec<usize>,
+}
+
+/// Maps the [`ClassRef`]s of one label file to indices.
+#[derive(Debug, Clone)]
+pub struct ClassIndex {
+    path: PathBuf,
+    names: HashMap<String, u32>,
+}
+
+impl ClassIndex {
+    /// The index of `class`; an unknown name is an error naming the file.
+    pub fn get(&self, class: &ClassRef) -> Result<u32, DataError> {
+        match class {
+            ClassRef::Index(i) => Ok(*i),
+            ClassRef::Name(n) => self.names.get(n).copied().ok_or_else(|| DataError::Format {
+                path: self.path.clone(),
+                problem: format!("class `{n}` is not one of the dataset's classes"),
+            }),
+        }
+    }
+}
+
+impl LabelFile {
+    /// Reads and parses `path` (format chosen by its extension).
+    pub fn read(path: &Path) -> Result<LabelFile, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        LabelFile::parse(&text, path)
+    }
+
+    /// Parses label-file text; `path` decides the format and names errors.
+    pub fn parse(text: &str, path: &Path) -> Result<LabelFile, DataError> {
+        let csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+        let bad = |line: usize, problem: String| DataError::Format {
+            path: path.to_path_buf(),
+            problem: format!("line {line}: {problem}"),
+        };
+        let mut entries = Vec::new();
+        let mut lines = Vec::new();
+        let mut header_seen = false;
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let t = raw.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if csv {
+                if !header_seen {
+                    header_seen = true;
+                    if !t.starts_with("ImageId,PredictionString") {
+                        return Err(bad(
+                            line,
+                            format!("expected the header `ImageId,PredictionString`, got `{t}`"),
+                        ));
+                    }
+                    continue;
+                }
+                let (id, prediction) = t.split_once(',').ok_or_else(|| {
+                    bad(line, format!("expected `ImageId,PredictionString`, got `{t}`"))
+                })?;
+                let synset = prediction
+                    .split_whitespace()
+                    .next()
+                    .ok_or_else(|| bad(line, format!("`{id}` has an empty PredictionString")))?;
+                entries.push((id.trim().to_string(), ClassRef::Name(synset.to_string())));
+            } else {
+                let mut fields = t.split_whitespace();
+                let (Some(name), Some(class), None) = (fields.next(), fields.next(), fields.next())
+                else {
+                    return Err(bad(line, format!("expected `<file> <class>`, got `{t}`")));
+                };
+                let class =
+                    if class.bytes().all(|b| b.is_ascii_digit()) {
+                        ClassRef::Index(class.parse().map_err(|_| {
+                            bad(line, format!("class index `{class}` is too large"))
+                        })?)
+                    } else {
+                        ClassRef::Name(class.to_string())
+                    };
+                entries.push((name.to_string(), class));
+            }
+            lines.push(line);
+        }
+        if entries.is_empty() {
+            return Err(DataError::Format {
+                path: path.to_path_buf(),
+                problem: "no labels".into(),
+            });
+        }
+        Ok(LabelFile { path: path.to_path_buf(), entries, lines })
+    }
+
+    /// The class list of the labelled set and the mapping of this file's
+    /// classes to indices: through `classes` when given, else through the
+    /// natural-sorted names of the file (no names: the classes stay unnamed).
+    pub fn class_index(
+        &self,
+        classes: Option<&[String]>,
+    ) -> Result<(Vec<String>, ClassIndex), DataError> {
+        let names: BTreeSet<&str> = self
+            .entries
+            .iter()
+            .filter_map(|(_, c)| match c {
+                ClassRef::Name(n) => Some(n.as_str()),
+                ClassRef::Index(_) => None,
+            })
+            .collect();
+        let list: Vec<String> = match classes {
+            Some(c) => c.to_vec(),
+            None if names.is_empty() => Vec::new(),
+            None => {
+                if let Some(k) =
+                    self.entries.iter().position(|(_, c)| matches!(c, ClassRef::Index(_)))
+                {
+                    return Err(DataError::Format {
+                        path: self.path.clone(),
+                        problem: format!(
+                            "line {}: a class index among class names; without a class list \
+                             the names cannot be ordered against the indices",
+                            self.lines[k]
+                        ),
+                    });
+                }
+                let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+                v.sort_by(|a, b| natural_cmp(a, b));
+                v
+            }
+        };
+        let map = list.iter().enumerate().map(|(i, n)| (n.clone(), i as u32)).collect();
+        Ok((list, ClassIndex { path: self.path.clone(), names: map }))
+    }
+}
+
+/// ImageNet-ReaL label sets, by image file stem (`ILSVRC2012_val_00000001`).
+#[derive(Debug, Clone)]
+pub struct RealLabels {
+    path: PathBuf,
+    by_stem: HashMap<String, Vec<u32>>,
+}
+
+/// The stem of a file name: everything before the first `.` (WebDataset's
+/// key rule; `ILSVRC2012_val_00000001.JPEG` -> `ILSVRC2012_val_00000001`).
+pub fn stem_of(file_name: &str) -> &str {
+    file_name.split('.').next().unwrap_or(file_name)
+}
+
+impl RealLabels {
+    /// Reads `real.json` (a list of lists of class indices, entry `i` for
+    /// `ILSVRC2012_val_{i+1:08d}.JPEG`).
+    pub fn read(path: &Path) -> Result<RealLabels, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let lists: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| DataError::Format {
+            path: path.to_path_buf(),
+            problem: format!(
+                "expected real.json's list of lists of class indices (line {}, column {}): {e}",
+                e.line(),
+                e.column()
+            ),
+        })?;
+        Ok(RealLabels::from_lists(path, lists))
+    }
+
+    /// Label sets given in ImageNet validation order.
+    pub fn from_lists(path: &Path, lists: Vec<Vec<u32>>) -> RealLabels {
+        let by_stem = lists
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (format!("ILSVRC2012_val_{:08}", i + 1), l))
+            .collect();
+        RealLabels { path: path.to_path_buf(), by_stem }
+    }
+
+    /// Number of images with an entry (including empty ones).
+    pub fn len(&self) -> usize {
+        self.by_stem.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.by_stem.is_empty()
+    }
+
+    /// The valid classes of an image, by file name or stem (`None`: unknown
+    /// image; an empty slice: the image is excluded from ReaL accuracy).
+    pub fn labels_of(&self, file_name: &str) -> Option<&[u32]> {
+        self.by_stem.get(stem_of(file_name)).map(Vec::as_slice)
+    }
+}
+
+/// Top-1 / top-5 counts of one evaluation set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetScore {
+    /// Images scored.
+    pub count: u64,
+    /// Images whose top prediction is right.
+    pub top1: u64,
+    /// Images with a right prediction among the top five.
+    pub top5: u64,
+    /// Images left out (ReaL: no valid label).
+    pub excluded: u64,
+}
+
+impl SetScore {
+    /// Top-1 accuracy in percent.
+    pub fn top1_pct(&self) -> f64 {
+        100.0 * self.top1 as f64 / self.count.max(1) as f64
+    }
+
+    /// Top-5 accuracy in percent.
+    pub fn top5_pct(&self) -> f64 {
+        100.0 * self.top5 as f64 / self.count.max(1) as f64
+    }
+
+    /// Adds another shard's counts.
+    pub fn merge(&mut self, other: &SetScore) {
+        self.count += other.count;
+        self.top1 += other.top1;
+        self.top5 += other.top5;
+        self.excluded += other.excluded;
+    }
+}
+
+/// How predictions are scored against an evaluation set.
+#[derive(Debug, Clone)]
+pub enum Scoring {
+    /// Against each sample's own label (ImageNet val, ImageNet-V2).
+    Labels,
+    /// Against ImageNet-ReaL's label sets, looked up by file name.
+    Real(Arc<RealLabels>),
+}
+
+impl Scoring {
+    /// Checks before evaluating that every sample can be scored (ReaL: every
+    /// image has an entry); the error names the first that cannot.
+    pub fn check(&self, samples: &[Sample]) -> Result<(), DataError> {
+        if let Scoring::Real(real) = self {
+            if let Some(s) = samples.iter().find(|s| real.labels_of(&s.file_name()).is_none()) {
+                return Err(DataError::Format {
+                    path: real.path.clone(),
+                    problem: format!(
+                        "no ReaL entry for {} (expected ImageNet validation names, \
+                         ILSVRC2012_val_00000001 to ILSVRC2012_val_{:08})",
+                        s.display(),
+                        real.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores one image from its predictions (class indices, best first; five
+    /// or fewer): timm's `accuracy` for labels, `RealLabelsImagenet` for ReaL
+    /// (an image counts when any of its top-k predictions is a valid label).
+    pub fn add(&self, score: &mut SetScore, sample: &Sample, predictions: &[i64]) {
+        let top5 = &predictions[..predictions.len().min(5)];
+        let (hit1, hit5) = match self {
+            Scoring::Labels => {
+                let l = i64::from(sample.label);
+                (top5.first() == Some(&l), top5.contains(&l))
+            }
+            Scoring::Real(real) => match real.labels_of(&sample.file_name()) {
+                Some(valid) if !valid.is_empty() => {
+                    let ok = |p: &i64| valid.iter().any(|&v| i64::from(v) == *p);
+                    (top5.first().is_some_and(ok), top5.iter().any(ok))
+                }
+                _ => {
+                    score.excluded += 1;
+                    return;
+                }
+            },
+        };
+        score.count += 1;
+        score.top1 += u64::from(hit1);
+        score.top5 += u64::from(hit5);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_labels_with_names_and_indices() {
+        let f = LabelFile::parse(
+            "# comment\nILSVRC2012_val_00000002.JPEG\tn015\n\nb.jpg  n002\n",
+            Path::new("val.txt"),
+        )
+        .unwrap();
+        assert_eq!(f.entries.len(), 2);
+        let (classes, index) = f.class_index(None).unwrap();
+        assert_eq!(classes, vec!["n002".to_string(), "n015".to_string()]);
+        assert_eq!(index.get(&f.entries[0].1).unwrap(), 1);
+        let (_, index) = f.class_index(Some(&["n015".into(), "n002".into()])).unwrap();
+        assert_eq!(index.get(&f.entries[0].1).unwrap(), 0);
+        let err = index.get(&ClassRef::Name("n999".into())).unwrap_err().to_string();
+        assert!(err.contains("n999") && err.contains("val.txt"), "{err}");
+
+        let f = LabelFile::parse("a.jpg 3\nb.jpg 0\n", Path::new("v.tsv")).unwrap();
+        assert_eq!(f.class_index(None).unwrap().0, Vec::<String>::new());
+        let err = LabelFile::parse("a.jpg 3\nb.jpg n01\n", Path::new("v.tsv"))
+            .unwrap()
+            .class_index(None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
+        let err = LabelFile::parse("a.jpg\n", Path::new("v.tsv")).unwrap_err().to_string();
+        assert!(err.contains("v.tsv") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn kaggle_solution_csv() {
+        let text = "ImageId,PredictionString\n\
+                    ILSVRC2012_val_00008726,n02119789 255 142 454 329 n02119789 44 21 322 295\n\
+                    ILSVRC2012_val_00000001,n01751748 111 0 499 333\n";
+        let f = LabelFile::parse(text, Path::new("LOC_val_solution.csv")).unwrap();
+        assert_eq!(
+            f.entries[0],
+            ("ILSVRC2012_val_00008726".into(), ClassRef::Name("n02119789".into()))
+        );
+        assert_eq!(f.class_index(None).unwrap().0, vec!["n01751748", "n02119789"]);
+        let err = LabelFile::parse("Id,Label\nx,y\n", Path::new("s.csv")).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("ImageId"), "{err}");
+    }
+
+    #[test]
+    fn real_scoring_follows_timm() {
+        let real = Arc::new(RealLabels::from_lists(
+            Path::new("real.json"),
+            vec![vec![3, 7], vec![], vec![1]],
+        ));
+        let scoring = Scoring::Real(real);
+        let s = |i: usize| Sample::file(format!("val/ILSVRC2012_val_{:08}.JPEG", i + 1).into(), 0);
+        let mut score = SetScore::default();
+        scoring.add(&mut score, &s(0), &[7, 0, 1, 2, 4]); // top-1 hit
+        scoring.add(&mut score, &s(1), &[7, 0, 1, 2, 4]); // excluded
+        scoring.add(&mut score, &s(2), &[7, 0, 1, 2, 4]); // top-5 hit only
+        assert_eq!(score, SetScore { count: 2, top1: 1, top5: 2, excluded: 1 });
+        assert!(scoring.check(&[s(0), s(2)]).is_ok());
+        let err = scoring.check(&[s(5)]).unwrap_err().to_string();
+        assert!(err.contains("ILSVRC2012_val_00000006"), "{err}");
+    }
+}

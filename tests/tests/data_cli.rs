@@ -1,0 +1,173 @@
+//! End to end through the `worker` binary, on real Fashion-MNIST images:
+//! `worker data shard` packs the training split into WebDataset shards
+//! (pre-resized), `worker train` trains from the shards and reports every
+//! `eval.sets` entry (ImageNet-V2 layout, a flat folder with a label file,
+//! ReaL-style label sets) after each epoch, and `worker eval --recipe`
+//! reports the same sets from the checkpoint.
+
+use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn worker(args: &[&str]) -> Output {
+    Command::new(binary("worker"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("running worker")
+}
+
+fn ok(run: Output) -> String {
+    assert!(run.status.success(), "worker failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// The validation split again, as ImageNet-V2 (`0`..`9`), flat with a label
+/// file, and flat with ImageNet validation names plus a `real.json`.
+fn eval_layouts(data: &Path) -> usize {
+    let val = data.join("val");
+    let mut classes: Vec<String> = std::fs::read_dir(&val)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    let (flat, real) = (data.join("flat"), data.join("realval"));
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::create_dir_all(&real).unwrap();
+    let (mut labels, mut real_json) = (String::new(), Vec::new());
+    let mut k = 0;
+    for (c, class) in classes.iter().enumerate() {
+        let v2 = data.join("v2").join(c.to_string());
+        std::fs::create_dir_all(&v2).unwrap();
+        let mut files: Vec<_> =
+            std::fs::read_dir(val.join(class)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in files {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            std::fs::copy(&f, v2.join(&name)).unwrap();
+            std::fs::copy(&f, flat.join(format!("{class}_{name}"))).unwrap();
+            labels.push_str(&format!("{class}_{name}\t{class}\n"));
+            k += 1;
+            std::fs::copy(&f, real.join(format!("ILSVRC2012_val_{k:08}.png"))).unwrap();
+            // Every third image has no valid label (excluded), others one or two.
+            real_json.push(match k % 3 {
+                0 => vec![],
+                1 => vec![c],
+                _ => vec![c, (c + 1) % classes.len()],
+            });
+        }
+    }
+    std::fs::write(data.join("flat_labels.txt"), labels).unwrap();
+    std::fs::write(data.join("real.json"), serde_json::to_string(&real_json).unwrap()).unwrap();
+    k
+}
+
+#[test]
+fn shards_train_and_every_eval_set_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 3);
+    let images = eval_layouts(&data);
+
+    let shards = data.join("shards");
+    let text = ok(worker(&[
+        "data",
+        "shard",
+        "--src",
+        data.join("train").to_str().unwrap(),
+        "--out",
+        shards.to_str().unwrap(),
+        "--shard-size",
+        "30",
+        "--resize-shorter",
+        "24",
+        "--quality",
+        "90",
+    ]));
+    assert!(text.contains("80 samples") && text.contains("in 3 shards"), "{text}");
+    let classes = std::fs::read_to_string(shards.join("classes.txt")).unwrap();
+    assert_eq!(classes.lines().count(), 10);
+
+    let out = tmp.path().join("run");
+    let recipe = workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml");
+    let sets = "[{name: v2, kind: v2, root: v2}, \
+                 {name: flat, kind: labelled, root: flat, labels: flat_labels.txt}, \
+                 {name: real, kind: real, root: realval, labels: real.json}]";
+    ok(worker(&[
+        "train",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--set",
+        &format!("data.root={}", data.display()),
+        "--set",
+        "data.train_split=shards",
+        "--set",
+        "model.num_classes=10",
+        "--set",
+        &format!("eval.sets={sets}"),
+    ]));
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "epoch")
+        .collect();
+    let last = epochs.last().unwrap();
+    let sets = last["eval_sets"].as_object().unwrap_or_else(|| panic!("no eval_sets in {last}"));
+    // Same images, same labels: V2 layout and labelled flat folder agree with val.
+    for name in ["v2", "flat"] {
+        assert_eq!(sets[name]["top1"], last["top1"], "{name}: {last}");
+        assert_eq!(sets[name]["count"], images);
+    }
+    assert_eq!(
+        sets["real"]["count"].as_u64().unwrap() + sets["real"]["excluded"].as_u64().unwrap(),
+        images as u64
+    );
+    assert_eq!(sets["real"]["excluded"], images / 3);
+
+    // worker eval on a flat folder with a label file, without a recipe.
+    let ckpt = out.join("checkpoints/epoch-0001/model.safetensors");
+    let top1 = last["top1"].as_f64().unwrap();
+    let text = ok(worker(&[
+        "eval",
+        "--model",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--input-size",
+        "32",
+        "--crop-pct",
+        "0.95",
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--data",
+        data.join("flat").to_str().unwrap(),
+        "--labels",
+        data.join("flat_labels.txt").to_str().unwrap(),
+    ]));
+    assert!(text.contains(&format!("top-1 {top1:.3}%")), "{text}");
+    // worker eval with the resolved recipe reports the same numbers for every set.
+    let text = ok(worker(&[
+        "eval",
+        "--recipe",
+        out.join("recipe.yaml").to_str().unwrap(),
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    assert!(text.contains(&format!("top-1 {top1:.3}%")), "{text}");
+    for name in ["v2", "flat", "real"] {
+        let t1 = sets[name]["top1"].as_f64().unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains(&format!("top-1 {t1:.3}%")), "{line} vs {t1}");
+    }
+}
