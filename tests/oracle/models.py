@@ -25,6 +25,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.layers import DropPath
+from timm.optim import param_groups_weight_decay
 
 # (name, num_classes, input side, extra create_model kwargs): small inputs keep CI
 # fast; 72 px gives odd feature maps (9, 5, 3) for the ceil-mode average-pool
@@ -105,6 +106,18 @@ def parameter_count_1000(model: torch.nn.Module, num_classes: int) -> int:
     return params + (1000 - num_classes) * (head.in_features + 1)
 
 
+def no_weight_decay_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters timm's `param_groups_weight_decay` (as
+    `create_optimizer_v2` calls it, with `model.no_weight_decay()`) puts in the
+    group without weight decay."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_weight_decay(model, weight_decay=0.05, no_weight_decay_list=skip)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0]
+    assert len(no_decay) == 1, groups
+    return sorted(by_id[id(p)] for p in no_decay[0]["params"])
+
+
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     index = []
@@ -128,7 +141,8 @@ def generate(out: Path) -> None:
                 "parameter_count": sum(p.numel() for p in model.parameters()),
                 "parameter_count_1000": parameter_count_1000(model, num_classes),
                 "create_kwargs": kwargs, "drop_path_rate": DROP_PATH_RATE,
-                "drop_path_rates": drop_path_rates(model), "keys": list(state.keys())}
+                "drop_path_rates": drop_path_rates(model), "keys": list(state.keys()),
+                "no_weight_decay": no_weight_decay_names(model)}
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
         index.append(name)
         print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)

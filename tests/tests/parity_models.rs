@@ -2,7 +2,8 @@
 //! (`tests/oracle/models.py`): identical state-dict keys and parameter counts,
 //! and eval-mode logits within a relative error of 1e-4 (max |ours - timm|
 //! over max |timm|, float32 on CPU), and the per-block stochastic-depth
-//! rates timm builds for `drop_path_rate=0.1`. Then the other direction, for one model
+//! rates timm builds for `drop_path_rate=0.1`, and the parameters left
+//! without weight decay (timm's `param_groups_weight_decay`). Then the other direction, for one model
 //! of each family: weights saved by us load into timm with
 //! `pretrained_cfg_overlay=dict(file=...)` and give our logits. Last, the
 //! worker: `worker models` lists the zoo, `worker infer` runs a zoo model on
@@ -70,6 +71,22 @@ fn timm_weights_give_timm_logits() {
         ours.sort();
         theirs.sort();
         assert_eq!(ours, theirs, "{name}: state-dict keys differ from timm's");
+        // The weight-decay groups come from the model, as timm's
+        // `param_groups_weight_decay(model, wd, model.no_weight_decay())`.
+        let mut no_decay: Vec<String> = model
+            .named_parameters()
+            .iter()
+            .filter(|(n, t)| model.excluded_from_weight_decay(n, t))
+            .map(|(n, _)| n.clone())
+            .collect();
+        no_decay.sort();
+        let timm_no_decay: Vec<String> = meta["no_weight_decay"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(no_decay, timm_no_decay, "{name}: parameters without weight decay differ");
         model.load_safetensors(&folder.join("weights.safetensors")).unwrap();
         if theirs.iter().any(|k| k.ends_with(".num_batches_tracked")) {
             assert_eq!(model.num_batches_tracked(), 17, "{name}: num_batches_tracked not loaded");
