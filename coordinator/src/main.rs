@@ -191,6 +191,10 @@ async fn up(
     if local {
         let worker = sibling_binary("worker")?;
         let url = format!("http://{bound}");
+        // The local workers share this host: give each its share of the cores
+        // (GPU ranks only use theirs for loading).
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let share = (cores / nodes as usize).max(1);
         for i in 0..nodes {
             let mut cmd = tokio::process::Command::new(&worker);
             cmd.args([
@@ -201,9 +205,16 @@ async fn up(
                 &devices,
                 "--host-name",
                 &format!("local{i}"),
+                "--cores",
+                &share.to_string(),
             ]);
             if !auth_token.is_empty() {
                 cmd.args(["--auth-token", &auth_token]);
+            }
+            if std::env::var_os("RUST_LOG").is_none() {
+                // This process already prints one progress line per logged
+                // update; the local ranks keep their warnings and errors.
+                cmd.env("RUST_LOG", "warn,worker::join=info");
             }
             cmd.kill_on_drop(true);
             children.push(cmd.spawn().with_context(|| format!("starting {}", worker.display()))?);

@@ -58,12 +58,17 @@ fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
 }
 
 fn coordinator_local(data: &Path, out: &Path, nodes: u32) -> Output {
+    coordinator_local_with(data, out, nodes, &[])
+}
+
+fn coordinator_local_with(data: &Path, out: &Path, nodes: u32, extra: &[&str]) -> Output {
     let child = Command::new(binary("coordinator"))
         .args(["up", "--local", "--nodes", &nodes.to_string(), "--recipe"])
         .arg(tiny_recipe())
         .arg("--out")
         .arg(out)
         .args(common_sets(data))
+        .args(extra)
         .env("RSB_CHECKSUM_EVERY_UPDATE", "1")
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
@@ -141,6 +146,35 @@ fn two_ranks_equal_one_rank_accumulating_and_replicas_stay_identical() {
     // Sharded evaluation covered the whole validation set once.
     let epoch = records(&multi.join("metrics.jsonl"), "epoch");
     assert!(epoch.last().unwrap()["top1"].is_number());
+}
+
+#[test]
+fn a_job_resumed_through_the_coordinator_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let two_epochs =
+        ["--set", "schedule.cosine.epochs=2", "--set", "runtime.keep_last_checkpoints=2"];
+    let full = tmp.path().join("full");
+    let up = coordinator_local_with(&data, &full, 2, &two_epochs);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let steps = records(&full.join("metrics.jsonl"), "step");
+    let first_epoch_updates = records(&full.join("metrics.jsonl"), "epoch")[0]["step"].clone();
+    // The run as it stood after its first epoch, continued by a new job.
+    let resumed = tmp.path().join("resumed");
+    let checkpoint = full.join("checkpoints/epoch-0001");
+    let mut args = two_epochs.to_vec();
+    args.extend(["--resume", checkpoint.to_str().unwrap()]);
+    let up = coordinator_local_with(&data, &resumed, 2, &args);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let after: Vec<_> = records(&resumed.join("metrics.jsonl"), "step");
+    let expected: Vec<_> =
+        steps.iter().filter(|r| r["step"].as_u64() > first_epoch_updates.as_u64()).collect();
+    assert!(!expected.is_empty());
+    assert_eq!(after.len(), expected.len(), "updates after the resume");
+    for (a, b) in expected.iter().zip(&after) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["loss"], b["loss"], "loss after the resume differs at update {}", a["step"]);
+    }
 }
 
 /// Network namespaces `rsbw1`, `rsbw2` on a bridge with the host; removed on drop.

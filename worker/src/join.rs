@@ -46,6 +46,11 @@ pub struct JoinArgs {
     /// Shared secret of the coordinator.
     #[arg(long, default_value = "")]
     pub auth_token: String,
+    /// CPU cores this worker's ranks share, split evenly between them for
+    /// libtorch and loader threads (default: every core this process may
+    /// use). `coordinator up --local` gives each local worker its share.
+    #[arg(long)]
+    pub cores: Option<usize>,
 }
 
 /// Arguments of `worker rank` (started by `worker join`).
@@ -72,6 +77,10 @@ pub struct RankArgs {
     /// libtorch threads of this rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub torch_threads: i32,
+    /// Loader threads of this rank where the recipe leaves them automatic
+    /// (`data.loader_threads: 0`); 0 keeps the automatic choice.
+    #[arg(long, default_value_t = 0)]
+    pub loader_threads: u32,
 }
 
 async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
@@ -157,16 +166,18 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         .context("joining the coordinator")?
         .into_inner();
     tracing::info!(member = %joined.member_id, ranks, %advertise, "joined");
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = args.cores.unwrap_or(available).clamp(1, available);
+    let cores_per_rank = (cores / ranks as usize).max(1);
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for local_rank in 0..ranks {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["rank", "--coordinator", &args.coordinator, "--member", &joined.member_id])
             .args(["--local-rank", &local_rank.to_string(), "--advertise", &advertise.to_string()]);
+        cmd.args(["--loader-threads", &cores_per_rank.to_string()]);
         if kind == pb::DeviceKind::Cpu {
-            let threads = (cores / ranks as usize).max(1);
-            cmd.args(["--device", "cpu", "--torch-threads", &threads.to_string()]);
+            cmd.args(["--device", "cpu", "--torch-threads", &cores_per_rank.to_string()]);
         } else {
             // One process per GPU, which sees only its own GPU as cuda:0.
             cmd.args(["--device", "cuda"])
@@ -268,8 +279,12 @@ fn run_rank(
         .into_inner();
     let rank = assignment.global_rank as usize;
     let world = assignment.world_size as usize;
-    let recipe =
+    let mut recipe =
         rsb_recipes::load_str(&assignment.recipe_yaml, Path::new("<coordinator recipe>"), &[])?;
+    if recipe.data.loader_threads == 0 && args.loader_threads > 0 {
+        // The host's share of cores, split by `worker join` between its ranks.
+        recipe.data.loader_threads = args.loader_threads;
+    }
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => {

@@ -5,9 +5,13 @@
 //! splits the buffer into `N` chunks and runs `N-1` reduce-scatter steps (send
 //! one chunk right, receive another from the left and add it in) and `N-1`
 //! all-gather steps (pass the reduced chunks around), so every rank sends
-//! `2 (N-1)/N * S` bytes: the bandwidth-optimal amount. Within a step the send
-//! runs on its own thread while the receive is consumed in segments, so the
-//! link stays busy in both directions and the summing overlaps the transfer.
+//! `2 (N-1)/N * S` bytes: the bandwidth-optimal amount. The steps are not run
+//! one after the other: a sending thread streams the chunks segment by
+//! segment, forwarding each segment as soon as the receiving side has summed
+//! (or copied) it, while the receiving side reads the left link without pause.
+//! So both directions of every link stay busy for the whole collective and
+//! the summing overlaps the transfer; progress counters order every access
+//! to a segment shared by the two threads.
 //!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
@@ -228,14 +232,159 @@ fn chunk(len: usize, n: usize, i: usize) -> Range<usize> {
     (i * len / n)..((i + 1) * len / n)
 }
 
-/// Borrows `a` immutably and `b` mutably from one slice (disjoint ranges).
-fn split_pair(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
-    if a.start >= b.end {
-        let (low, high) = buf.split_at_mut(a.start);
-        (&high[..a.len()], &mut low[b])
-    } else {
-        let (low, high) = buf.split_at_mut(b.start);
-        (&low[a], &mut high[..b.len()])
+/// Which chunk each of the `2 (N-1)` steps sends and receives, and how a
+/// chunk splits into segments (every rank splits a chunk the same way, so a
+/// segment sent is the segment received).
+struct Schedule {
+    world: usize,
+    rank: usize,
+    len: usize,
+    segment: usize,
+    /// Flat index of the first segment of each step (steps send and receive
+    /// chunks of the same segment counts: step s+1 sends what step s received).
+    recv_offsets: Vec<usize>,
+    send_offsets: Vec<usize>,
+}
+
+impl Schedule {
+    fn new(world: usize, rank: usize, len: usize, segment: usize) -> Schedule {
+        let mut schedule = Schedule {
+            world,
+            rank,
+            len,
+            segment,
+            recv_offsets: Vec::new(),
+            send_offsets: Vec::new(),
+        };
+        let (mut recv, mut send) = (0, 0);
+        for step in 0..schedule.steps() {
+            schedule.recv_offsets.push(recv);
+            schedule.send_offsets.push(send);
+            recv += schedule.segments(schedule.recv_chunk(step)).len();
+            send += schedule.segments(schedule.send_chunk(step)).len();
+        }
+        schedule
+    }
+
+    fn steps(&self) -> usize {
+        2 * (self.world - 1)
+    }
+
+    /// Reduce-scatter step s sends chunk r - s; all-gather step s sends
+    /// chunk r + 1 - s, the one it finished (or received) just before.
+    fn send_chunk(&self, step: usize) -> usize {
+        let (n, r) = (self.world, self.rank);
+        if step < n - 1 {
+            (r + n - step) % n
+        } else {
+            (r + 1 + n - (step - (n - 1))) % n
+        }
+    }
+
+    /// Every step receives the chunk that the next step sends.
+    fn recv_chunk(&self, step: usize) -> usize {
+        self.send_chunk(step + 1)
+    }
+
+    fn segments(&self, chunk_index: usize) -> impl ExactSizeIterator<Item = Range<usize>> {
+        let range = chunk(self.len, self.world, chunk_index);
+        let segment = self.segment;
+        let count = range.len().div_ceil(segment);
+        (0..count).map(move |k| {
+            let start = range.start + k * segment;
+            start..(start + segment).min(range.end)
+        })
+    }
+
+    fn recv_index(&self, step: usize, k: usize) -> usize {
+        self.recv_offsets[step] + k
+    }
+
+    fn send_index(&self, step: usize, k: usize) -> usize {
+        self.send_offsets[step] + k
+    }
+}
+
+/// The all-reduce buffer, shared by the sending and the receiving thread.
+/// They touch the same range only in the order [`Progress`] enforces.
+struct SharedFloats {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` that outlives both threads
+// (they are scoped); access is coordinated through `Progress`.
+unsafe impl Sync for SharedFloats {}
+
+impl SharedFloats {
+    /// # Safety
+    /// No other thread may write `range` while the slice lives.
+    unsafe fn slice(&self, range: Range<usize>) -> &[f32] {
+        assert!(range.end <= self.len);
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
+    }
+
+    /// # Safety
+    /// No other thread may read or write `range` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [f32] {
+        assert!(range.end <= self.len);
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+/// Segments sent and received so far in one all-reduce; a failed side wakes
+/// the other so that nothing waits forever.
+#[derive(Default)]
+struct Progress {
+    state: std::sync::Mutex<ProgressState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    sent: usize,
+    received: usize,
+    failed: bool,
+}
+
+impl Progress {
+    fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+    }
+
+    fn mark_sent(&self) {
+        self.update(|s| s.sent += 1);
+    }
+
+    fn mark_received(&self) {
+        self.update(|s| s.received += 1);
+    }
+
+    fn fail(&self) {
+        self.update(|s| s.failed = true);
+    }
+
+    fn wait(&self, done: impl Fn(&ProgressState) -> bool) -> std::io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !done(&state) {
+            if state.failed {
+                return Err(std::io::Error::other("the other direction of the ring failed"));
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    fn wait_received(&self, count: usize) -> std::io::Result<()> {
+        self.wait(|s| s.received >= count)
+    }
+
+    fn wait_sent(&self, count: usize) -> std::io::Result<()> {
+        self.wait(|s| s.sent >= count)
     }
 }
 
@@ -283,6 +432,109 @@ impl TcpRing {
                 .map_err(|e| self.link_err(right, e));
             read_result.and(write_result)
         })
+    }
+
+    /// The ring all-reduce as one continuous stream per link (see the module
+    /// documentation): a sending thread forwards each segment as soon as the
+    /// receiving side has finished it, so no step waits for the previous one
+    /// to drain.
+    fn pipelined_all_reduce(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let links = self.links.as_ref().expect("a ring of two or more has links");
+        let (n, r, len) = (self.world, self.rank, data.len());
+        let schedule = Schedule::new(n, r, len, self.config.segment_floats.max(1));
+        let shared = SharedFloats { ptr: data.as_mut_ptr(), len };
+        let progress = Progress::default();
+        let right = (r + 1) % n;
+        let left = (r + n - 1) % n;
+        let mut scratch = vec![0f32; self.config.segment_floats.max(1).min(len.max(1))];
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
+                if outcome.is_err() {
+                    progress.fail();
+                    let _ = links.from_left.shutdown(std::net::Shutdown::Both);
+                }
+                outcome
+            });
+            let received =
+                self.receive_stream(&links.from_left, &schedule, &shared, &progress, &mut scratch);
+            if received.is_err() {
+                progress.fail();
+                let _ = links.to_right.shutdown(std::net::Shutdown::Both);
+            }
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
+            match (received, sent) {
+                (Err(e), _) => Err(self.link_err(left, e)),
+                (Ok(()), Err(e)) => Err(self.link_err(right, e)),
+                (Ok(()), Ok(())) => Ok(()),
+            }
+        })
+    }
+
+    /// Sends every step's chunk, segment by segment, each once it is final.
+    fn send_stream(
+        &self,
+        mut out: &TcpStream,
+        schedule: &Schedule,
+        shared: &SharedFloats,
+        progress: &Progress,
+    ) -> std::io::Result<()> {
+        for step in 0..schedule.steps() {
+            for (k, range) in schedule.segments(schedule.send_chunk(step)).enumerate() {
+                if step > 0 {
+                    // The segment is what the receiver got (and summed) one step ago.
+                    progress.wait_received(schedule.recv_index(step - 1, k) + 1)?;
+                }
+                // SAFETY: `range` is in bounds, and nothing writes it now: the
+                // receiver finished it (waited for above, or it is this rank's
+                // own chunk at step 0), and it writes it again only after
+                // `wait_sent` says this send is complete.
+                let segment = unsafe { shared.slice(range) };
+                out.write_all(bytemuck::cast_slice(segment))?;
+                progress.mark_sent();
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives every step's chunk, summing during the reduce-scatter and
+    /// copying during the all-gather.
+    fn receive_stream(
+        &self,
+        mut input: &TcpStream,
+        schedule: &Schedule,
+        shared: &SharedFloats,
+        progress: &Progress,
+        scratch: &mut [f32],
+    ) -> std::io::Result<()> {
+        let reduce_steps = schedule.world - 1;
+        for step in 0..schedule.steps() {
+            for (k, range) in schedule.segments(schedule.recv_chunk(step)).enumerate() {
+                let add = step < reduce_steps;
+                if !add {
+                    // The all-gather overwrites a chunk this rank sent during the
+                    // reduce-scatter (same chunk, same segment): wait until it left.
+                    progress.wait_sent(schedule.send_index(step - reduce_steps, k) + 1)?;
+                }
+                // SAFETY: `range` is in bounds and the sender does not read it
+                // now: it reads a received segment only after `mark_received`
+                // below, and the wait above covers its earlier send of it.
+                let target = unsafe { shared.slice_mut(range) };
+                if add {
+                    let incoming = &mut scratch[..target.len()];
+                    input.read_exact(bytemuck::cast_slice_mut(incoming))?;
+                    for (t, s) in target.iter_mut().zip(incoming.iter()) {
+                        *t += *s;
+                    }
+                } else {
+                    input.read_exact(bytemuck::cast_slice_mut(target))?;
+                }
+                progress.mark_received();
+            }
+        }
+        Ok(())
     }
 
     /// Passes `(op, len)` around the ring and checks the left neighbour agrees.
@@ -334,23 +586,7 @@ impl Collective for TcpRing {
             return Ok(());
         }
         self.check_header(data.len())?;
-        let (n, r, len) = (self.world, self.rank, data.len());
-        let mut scratch = vec![0f32; self.config.segment_floats.min(len.div_ceil(n).max(1))];
-        // Reduce-scatter: after step s, chunk (r - s - 1) holds s + 2 ranks' sum.
-        for s in 0..n - 1 {
-            let send = chunk(len, n, (r + n - s) % n);
-            let recv = chunk(len, n, (r + n - s - 1) % n);
-            let (send, recv) = split_pair(data, send, recv);
-            self.exchange(send, recv, true, &mut scratch)?;
-        }
-        // All-gather: rank r now owns the full sum of chunk (r + 1).
-        for s in 0..n - 1 {
-            let send = chunk(len, n, (r + 1 + n - s) % n);
-            let recv = chunk(len, n, (r + n - s) % n);
-            let (send, recv) = split_pair(data, send, recv);
-            self.exchange(send, recv, false, &mut scratch)?;
-        }
-        Ok(())
+        self.pipelined_all_reduce(data)
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
