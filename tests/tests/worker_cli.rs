@@ -251,3 +251,47 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The dynamic libraries a binary asks the loader for (`readelf -d`).
+fn needed_libraries(binary: &Path) -> Vec<String> {
+    let out = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(binary)
+        .output()
+        .expect("readelf (binutils) is needed for this test");
+    assert!(out.status.success(), "readelf -d {}", binary.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1).map(|s| s.trim_end_matches(']').to_string()))
+        .collect()
+}
+
+#[test]
+fn the_worker_links_libtorch_cuda_and_the_coordinator_no_libtorch() {
+    // The linker drops libtorch_cuda.so under --as-needed (nothing refers to
+    // it by symbol), and then a CUDA host shows no GPU: the build forces it.
+    let torch_lib = rsb_integration_tests::workspace_root().join(".venv/libtorch/lib");
+    let worker_libs = needed_libraries(&rsb_integration_tests::binary("worker"));
+    assert!(worker_libs.iter().any(|l| l == "libtorch_cpu.so"), "{worker_libs:?}");
+    if torch_lib.join("libtorch_cuda.so").exists() {
+        assert!(
+            worker_libs.iter().any(|l| l == "libtorch_cuda.so"),
+            "the worker does not load libtorch_cuda.so: {worker_libs:?}"
+        );
+    } else {
+        eprintln!("SKIPPED the CUDA half: this libtorch has no libtorch_cuda.so");
+    }
+    let coordinator_libs = needed_libraries(&rsb_integration_tests::binary("coordinator"));
+    assert!(
+        !coordinator_libs.iter().any(|l| l.contains("torch") || l.contains("cuda")),
+        "the coordinator links {coordinator_libs:?}"
+    );
+    // And `worker doctor` reports what it loaded.
+    let doctor = worker(&["doctor"]);
+    assert!(doctor.status.success(), "{}", String::from_utf8_lossy(&doctor.stderr));
+    let text = String::from_utf8_lossy(&doctor.stdout).to_string();
+    for field in ["2.11.0", "CUDA", "NCCL"] {
+        assert!(text.contains(field), "worker doctor does not report {field}:\n{text}");
+    }
+}
