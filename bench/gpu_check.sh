@@ -6,6 +6,9 @@
 #
 #   bench/gpu_check.sh WORKER_BINARY PHOTO_FOLDER OUT_DIR
 #
+# The coordinator binary (no libtorch) is looked up next to the worker binary
+# for the last part: one worker joined over gRPC, NCCL with world size 1.
+#
 # The worker binary is built on a CPU machine against the PyPI torch wheel and
 # runs here against this host's own torch: LD_LIBRARY_PATH points the loader at
 # that torch's lib/ and its nvidia/*/lib folders.
@@ -39,3 +42,15 @@ tail -n 3 "$out/a2/metrics.jsonl"
 echo "== worker eval of the last checkpoint on the GPU"
 "$worker" eval --model resnet50 --weights "$out/a2/checkpoints/epoch-0004/model.safetensors" --data "$photos" \
   --input-size 224 --crop-pct 0.95 --device cuda:0
+
+coordinator="$(dirname "$worker")/coordinator"
+if [ -x "$coordinator" ]; then
+  echo "== coordinator up --local --nodes 1 --devices 0: NCCL all-reduce (world size 1), ResNet-50, 8 updates"
+  timeout 300 "$coordinator" up --local --nodes 1 --devices 0 --recipe recipes/resnet50_a2.yaml --out "$out/nccl" \
+    --set data.root="$photos" --set model.num_classes=8 --set batch.global_size=128 --set batch.micro_size=64 \
+    --set batch.repeated_augmentation=1 --set schedule.cosine.epochs=4 --set schedule.cosine.warmup_epochs=1 \
+    --set eval.batch_size=64 --set runtime.log_every_steps=1 --set data.loader_threads=14 2>&1 | grep -v "^\s*$" | tail -n 20
+  tail -n 2 "$out/nccl/metrics.jsonl"
+else
+  echo "== no coordinator binary next to $worker: NCCL check skipped"
+fi
