@@ -38,6 +38,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMM_BENCH = os.path.join(REPO, 'tests', 'oracle', 'timm_step_bench.py')
 DEFAULT_WORKER = os.path.join(REPO, 'target', 'release', 'worker')
+# What `worker` sets for itself with mallopt at start-up (worker/src/main.rs).
+TIMM_MALLOC_LIKE_OURS = {'MALLOC_MMAP_THRESHOLD_': str(64 << 20), 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
 REQUIRED_KEYS = ('impl', 'model', 'batch', 'size', 'threads', 'images_per_sec', 'step_ms_median')
 
 
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument('--worker', default=DEFAULT_WORKER, help='path of the Rust worker binary')
     p.add_argument('--python', default=sys.executable, help='Python with torch + timm for the timm side')
     p.add_argument('--timeout', type=float, default=1800, help='seconds allowed per run')
+    p.add_argument('--timm-malloc-like-ours', action='store_true',
+                   help="run the timm side with glibc's allocator set as the worker sets it for itself "
+                        "(no trimming, mmap threshold 64 MiB): compares the libtorch work alone")
     return p.parse_args(argv)
 
 
@@ -77,8 +82,11 @@ def common_flags(a):
 def run_one(impl, cmd, a):
     print(f"[{impl}] {' '.join(cmd)}", file=sys.stderr, flush=True)
     try:
+        env = dict(os.environ)
+        if impl == 'timm' and a.timm_malloc_like_ours:
+            env.update(TIMM_MALLOC_LIKE_OURS)
         p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           timeout=a.timeout)
+                           timeout=a.timeout, env=env)
     except subprocess.TimeoutExpired:
         die(f"{impl} bench ran past --timeout {a.timeout}s: {' '.join(cmd)}")
     if p.returncode != 0:
@@ -158,6 +166,7 @@ def main(argv=None):
         'rounds': a.rounds,
         'model': a.model, 'batch': a.batch, 'size': a.size, 'num_classes': a.num_classes,
         'steps': a.steps, 'warmup': a.warmup, 'threads': a.threads, 'channels_last': a.channels_last,
+        'timm_malloc_like_ours': a.timm_malloc_like_ours,
         'runs': runs,
     }), flush=True)
 

@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--models', default='', help='comma-separated subset of the models above')
+    p.add_argument('--timm-malloc-like-ours', action='store_true',
+                   help="give timm's process the allocator settings the worker uses (see compare_train_step.py)")
     args = p.parse_args()
     wanted = set(filter(None, args.models.split(',')))
     results = []
@@ -51,6 +53,8 @@ def main() -> int:
         cmd = [sys.executable, COMPARE, '--model', model, '--batch', str(batch), '--size', str(size),
                '--num-classes', '1000', '--steps', str(args.steps), '--warmup', str(args.warmup),
                '--threads', str(args.threads), '--rounds', str(args.rounds), '--channels-last']
+        if args.timm_malloc_like_ours:
+            cmd.append('--timm-malloc-like-ours')
         print(f'== {model}: batch {batch}, {size} px', file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:

@@ -91,11 +91,17 @@ pub fn step(args: StepArgs) -> Result<()> {
     };
     let mut times = Vec::with_capacity(args.steps);
     let mut optimizer_times = Vec::with_capacity(args.steps);
+    let mut forward_times = Vec::with_capacity(args.steps);
+    let mut backward_times = Vec::with_capacity(args.steps);
+    let mut zero_grad_times = Vec::with_capacity(args.steps);
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         optimizer.zero_grad();
+        let before_forward = Instant::now();
         let logits = model.forward(&xs, ForwardMode::Train)?;
         let loss = loss_fn.compute(&logits, &ys)?;
+        sync(&loss);
+        let before_backward = Instant::now();
         loss.f_backward()?;
         sync(&loss);
         let before_step = Instant::now();
@@ -104,9 +110,15 @@ pub fn step(args: StepArgs) -> Result<()> {
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64());
             optimizer_times.push(before_step.elapsed().as_secs_f64());
+            zero_grad_times.push((before_forward - start).as_secs_f64());
+            forward_times.push((before_backward - before_forward).as_secs_f64());
+            backward_times.push((before_step - before_backward).as_secs_f64());
         }
     }
-    optimizer_times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN) * 1e3
+    };
     let total: f64 = times.iter().sum();
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
@@ -124,7 +136,10 @@ pub fn step(args: StepArgs) -> Result<()> {
         },
         "images_per_sec": (args.batch as f64 * args.steps as f64) / total,
         "step_ms_median": median * 1e3,
-        "optimizer_ms_median": optimizer_times.get(optimizer_times.len() / 2).copied().unwrap_or(f64::NAN) * 1e3,
+        "zero_grad_ms_median": median_ms(zero_grad_times),
+        "forward_ms_median": median_ms(forward_times),
+        "backward_ms_median": median_ms(backward_times),
+        "optimizer_ms_median": median_ms(optimizer_times),
     });
     println!("{report}");
     Ok(())
