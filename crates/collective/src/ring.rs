@@ -347,7 +347,14 @@ struct Progress {
 struct ProgressState {
     sent: usize,
     received: usize,
-    failed: bool,
+    failed: Option<Direction>,
+}
+
+/// One half of a rank's part in the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Send,
+    Receive,
 }
 
 impl Progress {
@@ -364,14 +371,20 @@ impl Progress {
         self.update(|s| s.received += 1);
     }
 
-    fn fail(&self) {
-        self.update(|s| s.failed = true);
+    fn fail(&self, direction: Direction) {
+        self.update(|s| {
+            s.failed.get_or_insert(direction);
+        });
+    }
+
+    fn first_failure(&self) -> Option<Direction> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).failed
     }
 
     fn wait(&self, done: impl Fn(&ProgressState) -> bool) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while !done(&state) {
-            if state.failed {
+            if state.failed.is_some() {
                 return Err(std::io::Error::other("the other direction of the ring failed"));
             }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -451,7 +464,7 @@ impl TcpRing {
             let sender = scope.spawn(|| {
                 let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
                 if outcome.is_err() {
-                    progress.fail();
+                    progress.fail(Direction::Send);
                     let _ = links.from_left.shutdown(std::net::Shutdown::Both);
                 }
                 outcome
@@ -459,16 +472,20 @@ impl TcpRing {
             let received =
                 self.receive_stream(&links.from_left, &schedule, &shared, &progress, &mut scratch);
             if received.is_err() {
-                progress.fail();
+                progress.fail(Direction::Receive);
                 let _ = links.to_right.shutdown(std::net::Shutdown::Both);
             }
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            match (received, sent) {
-                (Err(e), _) => Err(self.link_err(left, e)),
-                (Ok(()), Err(e)) => Err(self.link_err(right, e)),
-                (Ok(()), Ok(())) => Ok(()),
+            // Report the direction that failed first; the other one only
+            // stopped because of it.
+            match (received, sent, progress.first_failure()) {
+                (Err(e), Ok(()), _) | (Err(e), Err(_), Some(Direction::Receive)) => {
+                    Err(self.link_err(left, e))
+                }
+                (_, Err(e), _) => Err(self.link_err(right, e)),
+                (Ok(()), Ok(()), _) => Ok(()),
             }
         })
     }
@@ -677,6 +694,27 @@ mod tests {
             results.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("floats"))),
             "{results:?}"
         );
+    }
+
+    #[test]
+    fn a_peer_that_leaves_mid_collective_is_an_error_not_a_hang() {
+        let start = Instant::now();
+        let results = with_ring(3, |ring| {
+            let mut data = vec![1.0f32; 1 << 20];
+            if ring.rank() == 1 {
+                // Agrees to the collective, then leaves: its links close when
+                // the ring drops, while the others are streaming.
+                ring.check_header(data.len()).map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            ring.all_reduce_sum(Buffer::Host(&mut data)).map_err(|e| e.to_string())
+        });
+        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+        for rank in [0, 2] {
+            let err =
+                results[rank].as_ref().expect_err("rank 1 left, the all-reduce cannot succeed");
+            assert!(err.contains("rank"), "{err}");
+        }
     }
 
     #[test]
