@@ -26,7 +26,7 @@ use rsb_data::image::Filter;
 use rsb_data::labels::{Scoring, SetScore};
 use rsb_data::loader::default_threads;
 use rsb_data::mixup::{MixMode, MixupConfig};
-use rsb_data::pipeline::{EvalData, TrainData};
+use rsb_data::pipeline::{EvalBatch, EvalData, TrainData};
 use rsb_data::rand_augment::{RaInterpolation, RandAugment, RandAugmentConfig};
 use rsb_data::rng::{Rng, Stream};
 use rsb_data::sampler::{SamplerKind, StreamSampler};
@@ -296,8 +296,25 @@ pub fn evaluate(
     prefetch: usize,
     shard: (usize, usize),
 ) -> Result<TopK, TrainError> {
-    let _guard = tch::no_grad_guard();
     let mut acc = TopK::default();
+    for_each_eval_batch(model, data, normalizer, threads, prefetch, shard, |logits, batch| {
+        Ok(acc.add(logits, &normalizer.labels(&batch.labels)?)?)
+    })?;
+    Ok(acc)
+}
+
+/// Runs the model in eval mode, without gradients, over this rank's share of
+/// an evaluation set's batches and hands each batch's logits to `score`.
+fn for_each_eval_batch(
+    model: &mut Model,
+    data: &Arc<EvalData>,
+    normalizer: &Normalizer,
+    threads: usize,
+    prefetch: usize,
+    shard: (usize, usize),
+    mut score: impl FnMut(&Tensor, &EvalBatch) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let _guard = tch::no_grad_guard();
     for batch in data.shard_loader(threads, prefetch, shard.0, shard.1) {
         let batch = batch?;
         if batch.len == 0 {
@@ -305,9 +322,9 @@ pub fn evaluate(
         }
         let xs = normalizer.images(&batch.images, batch.len, batch.size, batch.size)?;
         let logits = model.forward(&xs, ForwardMode::Eval)?;
-        acc.add(&logits, &normalizer.labels(&batch.labels)?)?;
+        score(&logits, &batch)?;
     }
-    Ok(acc)
+    Ok(())
 }
 
 /// Runs the model over an evaluation set and scores its top-5 predictions
@@ -322,18 +339,17 @@ pub fn evaluate_set(
     prefetch: usize,
     shard: (usize, usize),
 ) -> Result<SetScore, TrainError> {
-    let _guard = tch::no_grad_guard();
     let mut score = SetScore::default();
     let samples = set.data.folder().samples();
-    for batch in set.data.shard_loader(threads, prefetch, shard.0, shard.1) {
-        let batch = batch?;
-        if batch.len == 0 {
-            continue;
-        }
-        let xs = normalizer.images(&batch.images, batch.len, batch.size, batch.size)?;
-        let logits = model.forward(&xs, ForwardMode::Eval)?;
-        score_logits(&logits, &set.scoring, samples, &batch.indices, &mut score)?;
-    }
+    for_each_eval_batch(
+        model,
+        &set.data,
+        normalizer,
+        threads,
+        prefetch,
+        shard,
+        |logits, batch| score_logits(logits, &set.scoring, samples, &batch.indices, &mut score),
+    )?;
     Ok(score)
 }
 
