@@ -195,28 +195,23 @@ fn worker_lists_runs_and_refuses_models_by_timm_name() {
     let folder = fixtures("models").join("efficientnet_b0");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.npy");
-    let run = std::process::Command::new(&worker)
-        .args(["infer", "--model", "efficientnet_b0", "--num-classes", "10", "--weights"])
-        .arg(folder.join("weights.safetensors"))
-        .arg("--input")
-        .arg(folder.join("input.npy"))
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let infer = |model: &str| {
+        std::process::Command::new(&worker)
+            .args(["infer", "--model", model, "--num-classes", "10", "--weights"])
+            .arg(folder.join("weights.safetensors"))
+            .arg("--input")
+            .arg(folder.join("input.npy"))
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let run = infer("efficientnet_b0");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let err = norm_relative_error(&read_npy(&out), &read_npy(&folder.join("logits.npy")));
     assert!(err <= LOGITS_TOLERANCE, "worker infer: relative logit error {err:.3e}");
 
-    let refused = std::process::Command::new(&worker)
-        .args(["infer", "--model", "efficientnet_b9", "--num-classes", "10", "--weights"])
-        .arg(folder.join("weights.safetensors"))
-        .arg("--input")
-        .arg(folder.join("input.npy"))
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let refused = infer("efficientnet_b9");
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
