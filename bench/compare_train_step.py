@@ -4,7 +4,7 @@
 Runs, in one invocation and on the same machine, alternately (timm, ours,
 timm, ours, ... for --rounds rounds):
 
-  * timm:  <python> tests/oracle/timm_step_bench.py --model M --batch B
+  * timm:  <python> bench/timm/step_bench.py --model M --batch B
            --size S --num-classes C --steps N --warmup W --threads T
            [--channels-last]
   * ours:  target/release/worker bench step --model M --batch B --size S
@@ -36,7 +36,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMM_BENCH = os.path.join(REPO, 'tests', 'oracle', 'timm_step_bench.py')
+TIMM_BENCH = os.path.join(REPO, 'bench', 'timm', 'step_bench.py')
 DEFAULT_WORKER = os.path.join(REPO, 'target', 'release', 'worker')
 # What `worker` sets for itself with mallopt at start-up (worker/src/main.rs).
 TIMM_MALLOC_LIKE_OURS = {'MALLOC_MMAP_THRESHOLD_': str(64 << 20), 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}

@@ -28,7 +28,7 @@ echo "== train step, resnet50, batch 256, 224 px, channels_last, bf16 (ours, tim
 for round in 1 2; do
   "$worker" bench step --model resnet50 --batch 256 --size 224 --num-classes 1000 --steps 30 --warmup 10 \
     --channels-last --bf16 --device cuda:0
-  python3 tests/oracle/timm_step_bench.py --model resnet50 --batch 256 --size 224 --num-classes 1000 \
+  python3 bench/timm/step_bench.py --model resnet50 --batch 256 --size 224 --num-classes 1000 \
     --steps 30 --warmup 10 --channels-last --device cuda --precision bf16 2>/dev/null
 done
 

@@ -5,6 +5,7 @@
 //! supervisor or of `--resume`; the job says so instead of hanging).
 
 use crate::plan::{BatchPlan, PlanError};
+use rsb_job::MetricsRecord;
 use rsb_recipes::Recipe;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -352,20 +353,16 @@ impl Job {
         }
     }
 
-    /// Appends a metrics record (from rank 0) to `metrics.jsonl` and returns the progress line to print.
+    /// Appends a metrics record (from rank 0) to `metrics.jsonl` and returns
+    /// the progress line to print, if the record has one.
     pub fn record_metrics(
         &mut self,
         generation: u64,
-        record_json: &str,
+        record: &MetricsRecord,
     ) -> Result<Option<String>, JobError> {
         self.check_generation(generation)?;
-        let record: serde_json::Value = serde_json::from_str(record_json)
-            .map_err(|e| JobError::Invalid(format!("metrics record is not JSON: {e}")))?;
-        if !record.is_object() {
-            return Err(JobError::Invalid("metrics record must be a JSON object".into()));
-        }
+        let path = self.out_dir.join("metrics.jsonl");
         if self.metrics.is_none() {
-            let path = self.out_dir.join("metrics.jsonl");
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -374,42 +371,64 @@ impl Job {
             self.metrics = Some(file);
         }
         if let Some(file) = &mut self.metrics {
-            let _ = writeln!(file, "{record}");
+            let line = serde_json::to_string(record).map_err(|e| {
+                JobError::Invalid(format!("{} record cannot be written: {e}", record.kind()))
+            })?;
+            writeln!(file, "{line}")
+                .map_err(|e| JobError::Precondition(format!("{}: {e}", path.display())))?;
         }
-        let num = |k: &str| record.get(k).and_then(|v| v.as_f64());
-        let epoch = num("epoch").unwrap_or(0.0) as u64;
-        let step = num("step").unwrap_or(0.0) as u64;
-        let ips = num("images_per_sec").unwrap_or(0.0);
-        self.progress = (epoch, step, ips);
-        let kind = record.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        let line = match kind {
-            "step" => {
-                let eta = match (num("total_updates"), ips > 0.0) {
-                    (Some(total), true) => {
-                        let secs = (total - step as f64).max(0.0)
-                            * f64::from(self.recipe.batch.global_size)
-                            / ips;
-                        format!(" ETA {}", format_duration(secs))
-                    }
-                    _ => String::new(),
+        Ok(self.progress_line(record))
+    }
+
+    /// Updates the job's progress from a record and says it in one line.
+    fn progress_line(&mut self, record: &MetricsRecord) -> Option<String> {
+        match record {
+            MetricsRecord::Loading { epoch, step, .. } => {
+                self.progress = (*epoch, *step, self.progress.2);
+                Some(format!("epoch {epoch}: loading"))
+            }
+            MetricsRecord::FirstUpdate { epoch, step, elapsed_s } => {
+                self.progress = (*epoch, *step, self.progress.2);
+                Some(format!("first update done in {elapsed_s:.1} s"))
+            }
+            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, total_updates } => {
+                self.progress = (*epoch, *step, *images_per_sec);
+                let eta = if *images_per_sec > 0.0 {
+                    let secs = total_updates.saturating_sub(*step) as f64
+                        * f64::from(self.recipe.batch.global_size)
+                        / images_per_sec;
+                    format!(" ETA {}", format_duration(secs))
+                } else {
+                    String::new()
                 };
                 Some(format!(
-                    "epoch {epoch} step {step} loss {:.4} lr {:.3e} {:.0} img/s (all ranks){eta}",
-                    num("loss").unwrap_or(f64::NAN),
-                    num("lr").unwrap_or(f64::NAN),
-                    ips
+                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){eta}"
                 ))
             }
-            "epoch" => Some(format!(
-                "epoch {epoch} done: loss {:.4} top1 {} top5 {} ({:.0} img/s)",
-                num("loss").unwrap_or(f64::NAN),
-                num("top1").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
-                num("top5").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
-                ips
-            )),
-            _ => None,
-        };
-        Ok(line)
+            MetricsRecord::Epoch {
+                epoch,
+                step,
+                loss,
+                images_per_sec,
+                top1,
+                top5,
+                eval_sets,
+                ..
+            } => {
+                self.progress = (*epoch, *step, *images_per_sec);
+                let percent = |v: &Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
+                let mut sets = String::new();
+                for (name, a) in eval_sets {
+                    sets.push_str(&format!(" | {name} top1 {:.2} top5 {:.2}", a.top1, a.top5));
+                }
+                Some(format!(
+                    "epoch {epoch} done: loss {loss:.4} top1 {} top5 {}{sets} ({images_per_sec:.0} img/s)",
+                    percent(top1),
+                    percent(top5),
+                ))
+            }
+            MetricsRecord::Checksum { .. } => None,
+        }
     }
 
     /// Records a committed checkpoint.
@@ -542,5 +561,45 @@ mod tests {
         let mut j = Job::new(recipe, std::env::temp_dir(), 1, "secret".into());
         assert!(j.join("a", DeviceKind::Cpu, 1, "nope").is_err());
         assert!(j.join("a", DeviceKind::Cpu, 1, "secret").is_ok());
+    }
+
+    #[test]
+    fn typed_records_are_written_with_their_field_names_and_reported() {
+        let dir = std::env::temp_dir().join(format!("rsb-job-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
+        let mut j = job(1);
+        j.out_dir = dir.clone();
+        j.join("a", DeviceKind::Cpu, 2, "").unwrap();
+        let loading = MetricsRecord::Loading { epoch: 0, step: 0, elapsed_s: 1.0 };
+        let line = j.record_metrics(1, &loading).unwrap().unwrap();
+        assert_eq!(line, "epoch 0: loading");
+        let first = MetricsRecord::FirstUpdate { epoch: 0, step: 1, elapsed_s: 12.34 };
+        let line = j.record_metrics(1, &first).unwrap().unwrap();
+        assert_eq!(line, "first update done in 12.3 s");
+        let step = MetricsRecord::Step {
+            epoch: 0,
+            step: 2,
+            lr: 1e-3,
+            loss: 0.75,
+            images_per_sec: 16.0,
+            total_updates: 4,
+        };
+        let line = j.record_metrics(1, &step).unwrap().unwrap();
+        assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");
+        assert!(line.ends_with("ETA 0:00:02"), "2 updates of 16 images at 16 img/s: {line}");
+        assert_eq!(j.progress, (0, 2, 16.0));
+        let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
+        assert_eq!(j.record_metrics(1, &checksum).unwrap(), None);
+        assert!(j.record_metrics(9, &step).is_err(), "stale generation accepted");
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["loading", "first_update", "step", "checksum"]);
+        assert_eq!(lines[2]["loss"], 0.75);
+        assert_eq!(lines[2]["total_updates"], 4);
+        assert_eq!(lines[1]["elapsed_s"], 12.34);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

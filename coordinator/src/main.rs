@@ -5,6 +5,8 @@
 //! hosts, assigns ranks, streams the job's progress, writes `DIR/metrics.jsonl`
 //! and the resolved `DIR/recipe.yaml`, and exits 0 when every rank finished
 //! (1 when the job failed). With `--local` it also starts the N workers itself.
+//! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
+//! model with one of the paper's procedures at its Table-3 resolutions.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -34,9 +36,9 @@ enum Command {
         /// Worker hosts to wait for.
         #[arg(long)]
         nodes: u32,
-        /// Recipe YAML file.
-        #[arg(long)]
-        recipe: PathBuf,
+        /// The recipe: `--recipe FILE`, or `--procedure a1|a2|a3 --model NAME`.
+        #[command(flatten)]
+        recipe: rsb_recipes::RecipeArgs,
         /// Override a recipe field (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -67,9 +69,9 @@ enum Command {
     },
     /// Show how a recipe's global batch splits over a number of ranks.
     Plan {
-        /// Recipe YAML file.
-        #[arg(long)]
-        recipe: PathBuf,
+        /// The recipe: `--recipe FILE`, or `--procedure a1|a2|a3 --model NAME`.
+        #[command(flatten)]
+        recipe: rsb_recipes::RecipeArgs,
         /// Override a recipe field (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -82,7 +84,13 @@ enum Command {
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour codes only to a terminal: logs written to a file or a pipe stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     if let Err(e) = runtime.block_on(run(Cli::parse())) {
         eprintln!("error: {e:#}");
@@ -93,11 +101,18 @@ fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plan { recipe, overrides, ranks } => {
-            let recipe = rsb_recipes::load(&recipe, &overrides)?;
+            let recipe = recipe.load(&overrides)?;
             let plan = BatchPlan::new(&recipe, ranks)?;
             println!(
                 "{}: global batch {} = micro-batch {} x {} accumulation step(s) x {} rank(s)",
                 recipe.name, plan.global_size, plan.micro_size, plan.accumulation, plan.world_size
+            );
+            println!(
+                "  model {}: train at {} px, test at {} px (crop {})",
+                recipe.model.name,
+                recipe.augment.input_size,
+                recipe.eval.input_size,
+                recipe.eval.crop_pct
             );
             for rank in 0..ranks {
                 println!("  rank {rank}: sampler streams {:?}", plan.streams_of(rank));
@@ -139,7 +154,7 @@ async fn status(url: &str) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 async fn up(
     nodes: u32,
-    recipe_path: PathBuf,
+    recipe_args: rsb_recipes::RecipeArgs,
     overrides: Vec<String>,
     out: PathBuf,
     listen: Option<SocketAddr>,
@@ -151,7 +166,7 @@ async fn up(
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let recipe = rsb_recipes::load(&recipe_path, &overrides)?;
+    let recipe = recipe_args.load(&overrides)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
     std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))

@@ -4,6 +4,7 @@
 //! (assignment, rendezvous) long-poll on the job's change notifications.
 
 use crate::job::{DeviceKind, Job, JobError, Phase, RendezvousPayload};
+use rsb_job::MetricsRecord;
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_server::Coordinator;
 use std::sync::{Arc, Mutex};
@@ -214,8 +215,10 @@ impl Coordinator for Shared {
         request: Request<pb::MetricsReport>,
     ) -> Result<Response<pb::Ack>, Status> {
         let r = request.into_inner();
-        let line =
-            self.update(|job| job.record_metrics(r.generation, &r.record_json)).map_err(status)?;
+        let record = MetricsRecord::from(
+            r.record.ok_or_else(|| Status::invalid_argument("`record` is required"))?,
+        );
+        let line = self.update(|job| job.record_metrics(r.generation, &record)).map_err(status)?;
         if let Some(line) = line {
             println!("{line}");
         }

@@ -26,6 +26,7 @@
 pub mod error;
 mod locate;
 mod overrides;
+pub mod procedure;
 pub mod schema;
 mod validate;
 
@@ -36,6 +37,10 @@ use serde_norway::with::singleton_map_recursive;
 use serde_norway::Value;
 
 pub use error::{Location, Origin, RecipeError};
+pub use procedure::{
+    procedure_recipe, table3, table3_row, Procedure, ProcedureError, RecipeArgs, RecipeSource,
+    Table3Row,
+};
 pub use schema::*;
 pub use validate::validate;
 

@@ -231,13 +231,26 @@ pub struct LambOptimizer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ScheduleSection {
-    /// timm `CosineLRScheduler` with linear warmup, stepped per optimizer update.
+    /// timm `CosineLRScheduler` with linear warmup, stepped per epoch or per
+    /// optimizer update (`step_on`).
     Cosine(CosineSchedule),
+}
+
+/// When the schedule advances: timm's `t_in_epochs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOn {
+    /// Once per epoch, the learning rate constant within it, warmup included:
+    /// timm v0.5.x, the RSB-era code (`t_in_epochs=True`).
+    Epoch,
+    /// After every optimizer update: timm's later `--sched-on-updates`
+    /// (`t_in_epochs=False`).
+    Update,
 }
 
 /// timm `CosineLRScheduler` (cycle_limit 1, k_decay 1, warmup_prefix false).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "CosineScheduleFields")]
 pub struct CosineSchedule {
     /// Length of the cosine, in epochs (timm's `t_initial`).
     pub epochs: u32,
@@ -248,8 +261,47 @@ pub struct CosineSchedule {
     /// Floor of the cosine.
     pub min_lr: f64,
     /// Extra epochs at `min_lr` after the cosine (timm's `--cooldown-epochs`).
-    #[serde(default)]
     pub cooldown_epochs: u32,
+    /// Per epoch (timm v0.5.x) or per optimizer update. Required: the two
+    /// give different runs, so a recipe must say which it follows.
+    pub step_on: StepOn,
+}
+
+/// [`CosineSchedule`] as read, before the required `step_on` is checked (so
+/// that its absence is refused with the choices, not serde's bare
+/// "missing field").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CosineScheduleFields {
+    epochs: u32,
+    warmup_epochs: f64,
+    warmup_lr: f64,
+    min_lr: f64,
+    #[serde(default)]
+    cooldown_epochs: u32,
+    #[serde(default)]
+    step_on: Option<StepOn>,
+}
+
+impl TryFrom<CosineScheduleFields> for CosineSchedule {
+    type Error = String;
+
+    fn try_from(fields: CosineScheduleFields) -> Result<CosineSchedule, String> {
+        let step_on = fields.step_on.ok_or_else(|| {
+            "missing field `step_on`: choose `epoch` (the learning rate constant within \
+             each epoch, timm v0.5.x's t_in_epochs=True) or `update` (a new learning \
+             rate after every optimizer update, t_in_epochs=False)"
+                .to_owned()
+        })?;
+        Ok(CosineSchedule {
+            epochs: fields.epochs,
+            warmup_epochs: fields.warmup_epochs,
+            warmup_lr: fields.warmup_lr,
+            min_lr: fields.min_lr,
+            cooldown_epochs: fields.cooldown_epochs,
+            step_on,
+        })
+    }
 }
 
 /// How the global batch is made of micro-batches.

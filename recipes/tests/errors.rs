@@ -33,6 +33,7 @@ schedule:
     warmup_epochs: 1
     warmup_lr: 1.0e-4
     min_lr: 1.0e-6
+    step_on: update
 batch:
   global_size: 128
   micro_size: 64
@@ -41,7 +42,7 @@ eval:
   crop_pct: 0.95
   batch_size: 256
 ";
-// Lines: lr 19, weight_decay 20, epochs 23, min_lr 26, micro_size 29, crop_pct 32.
+// Lines: lr 19, weight_decay 20, epochs 23, min_lr 26, step_on 27, micro_size 30, crop_pct 33.
 
 const FILE: &str = "recipes/x.yaml";
 
@@ -95,7 +96,7 @@ fn unknown_key_names_line_and_section() {
 #[test]
 fn unknown_top_level_key() {
     let msg = err(&format!("{BASE}extra: 1\n"), &[]);
-    assert_starts(&msg, "recipes/x.yaml:34:1: unknown field `extra`, expected one of `name`");
+    assert_starts(&msg, "recipes/x.yaml:35:1: unknown field `extra`, expected one of `name`");
 }
 
 #[test]
@@ -123,6 +124,48 @@ fn missing_required_field() {
     assert_eq!(msg, "recipes/x.yaml:23:5: schedule.cosine: missing field `warmup_lr`");
     let msg = err(&edit("name: base\n", ""), &[]);
     assert_eq!(msg, "recipes/x.yaml:1:1: missing field `name`");
+}
+
+#[test]
+fn schedule_step_on_is_required_and_names_its_choices() {
+    let msg = err(&edit("    step_on: update\n", ""), &[]);
+    // The position is the `cosine:` key whose mapping lacks the field.
+    assert_starts(
+        &msg,
+        "recipes/x.yaml:22:3: schedule.cosine: missing field `step_on`: choose `epoch`",
+    );
+    assert!(msg.contains("or `update`"), "{msg}");
+    assert!(msg.contains("t_in_epochs=True"), "{msg}");
+    // An override may complete the file.
+    let r = ok(&edit("    step_on: update\n", ""), &["schedule.cosine.step_on=epoch"]);
+    let rsb_recipes::ScheduleSection::Cosine(cosine) = &r.schedule;
+    assert_eq!(cosine.step_on, rsb_recipes::StepOn::Epoch);
+}
+
+#[test]
+fn schedule_step_on_refuses_other_values_with_the_choices() {
+    let msg = err(&edit("step_on: update", "step_on: epochs"), &[]);
+    assert_eq!(
+        msg,
+        "recipes/x.yaml:27:14: schedule.cosine.step_on: unknown variant `epochs`, \
+         expected `epoch` or `update`"
+    );
+    let msg = err(BASE, &["schedule.cosine.step_on=batch"]);
+    assert_starts(
+        &msg,
+        "--set schedule.cosine.step_on=batch: schedule.cosine.step_on: unknown variant `batch`, \
+         expected `epoch` or `update`",
+    );
+}
+
+#[test]
+fn schedule_step_on_survives_the_resolved_yaml() {
+    for step_on in ["epoch", "update"] {
+        let r = ok(BASE, &[&format!("schedule.cosine.step_on={step_on}")]);
+        let yaml = to_yaml(&r);
+        assert!(yaml.contains(&format!("    step_on: {step_on}\n")), "{yaml}");
+        assert_eq!(ok(&yaml, &[]), r);
+    }
 }
 
 #[test]
@@ -388,11 +431,11 @@ fn each_validation_rule_names_its_field() {
 #[test]
 fn validation_errors_from_the_file_name_the_line() {
     let msg = err(&edit("  micro_size: 64", "  micro_size: 48"), &[]);
-    assert_eq!(msg, "recipes/x.yaml:29:3: batch.micro_size: must divide batch.global_size (128), got 48 (remainder 32)");
+    assert_eq!(msg, "recipes/x.yaml:30:3: batch.micro_size: must divide batch.global_size (128), got 48 (remainder 32)");
     let msg = err(&edit("    lr: 8.0e-3", "    lr: -1"), &[]);
     assert_eq!(msg, "recipes/x.yaml:19:5: optimizer.lamb.lr: must be a finite number > 0, got -1");
     let msg = err(&edit("  crop_pct: 0.95", "  crop_pct: 1.5"), &[]);
-    assert_eq!(msg, "recipes/x.yaml:32:3: eval.crop_pct: must be in (0, 1], got 1.5");
+    assert_eq!(msg, "recipes/x.yaml:33:3: eval.crop_pct: must be in (0, 1], got 1.5");
     let msg = err(&edit("    min_lr: 1.0e-6", "    min_lr: 1.0"), &[]);
     assert_starts(
         &msg,

@@ -27,6 +27,7 @@ schedule:
     warmup_epochs: 1
     warmup_lr: 1.0e-4
     min_lr: 1.0e-6
+    step_on: update
 batch:
   global_size: 128
   micro_size: 64
@@ -84,10 +85,10 @@ fn defaults_parse_and_round_trip() {
 #[test]
 fn unknown_keys_and_kinds_are_refused_with_their_line() {
     let msg = err(&with_sets(&SETS.replace("      labels: real.json", "      label: real.json")));
-    assert!(msg.starts_with("recipes/x.yaml:32:7: "), "{msg}");
+    assert!(msg.starts_with("recipes/x.yaml:33:7: "), "{msg}");
     assert!(msg.contains("unknown field `label`"), "{msg}");
     let msg = err(&with_sets(&SETS.replace("kind: v2", "kind: imagenet_v2")));
-    assert!(msg.starts_with("recipes/x.yaml:34:13: "), "{msg}");
+    assert!(msg.starts_with("recipes/x.yaml:35:13: "), "{msg}");
     assert!(msg.contains("unknown variant `imagenet_v2`"), "{msg}");
 }
 
@@ -96,20 +97,20 @@ fn validation_names_the_set_field_and_line() {
     let msg = err(&with_sets(&SETS.replace("      labels: real.json\n", "")));
     assert_eq!(
         msg,
-        "recipes/x.yaml:30:7: eval.sets.0.kind: a `real` set needs `labels` (the ReaL real.json)"
+        "recipes/x.yaml:31:7: eval.sets.0.kind: a `real` set needs `labels` (the ReaL real.json)"
     );
     let msg = err(&with_sets(&format!("{SETS}      labels: x.txt\n")));
-    assert!(msg.starts_with("recipes/x.yaml:36:7: eval.sets.1.labels: a `v2` set takes"), "{msg}");
+    assert!(msg.starts_with("recipes/x.yaml:37:7: eval.sets.1.labels: a `v2` set takes"), "{msg}");
     let msg = err(&with_sets(&SETS.replace("name: v2", "name: real")));
     assert_eq!(
         msg,
-        "recipes/x.yaml:33:7: eval.sets.1.name: `real` is already the name of eval.sets.0"
+        "recipes/x.yaml:34:7: eval.sets.1.name: `real` is already the name of eval.sets.0"
     );
     let msg = err(&with_sets(&SETS.replace("name: v2", "name: val")));
     assert!(
-        msg.starts_with("recipes/x.yaml:33:7: eval.sets.1.name: `val` is the validation"),
+        msg.starts_with("recipes/x.yaml:34:7: eval.sets.1.name: `val` is the validation"),
         "{msg}"
     );
     let msg = err(&with_sets(&SETS.replace("root: val", "root: ''")));
-    assert!(msg.starts_with("recipes/x.yaml:31:7: eval.sets.0.root: must not be empty"), "{msg}");
+    assert!(msg.starts_with("recipes/x.yaml:32:7: eval.sets.0.root: must not be empty"), "{msg}");
 }

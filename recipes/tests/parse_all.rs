@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use rsb_recipes::{
     load, load_str, to_yaml, validate, Interpolation, LossSection, OptimizerSection, Recipe,
-    ScheduleSection,
+    ScheduleSection, StepOn,
 };
 
 fn recipes_dir() -> PathBuf {
@@ -110,6 +110,8 @@ fn assert_common_rsb(r: &Recipe) {
     assert_eq!(cos.warmup_lr, 1e-4);
     assert_eq!(cos.min_lr, 1e-6);
     assert_eq!(cos.cooldown_epochs, 0);
+    // timm v0.5.x (t_in_epochs=True): one LR per epoch.
+    assert_eq!(cos.step_on, StepOn::Epoch);
     assert_eq!(r.batch.global_size, 2048);
     assert_eq!(r.batch.micro_size, 512);
     assert_eq!(r.eval.input_size, 224);
@@ -241,6 +243,19 @@ fn fashion_mnist_default_keeps_every_ingredient() {
         "copies of an image must land in different micro-batches"
     );
     assert_eq!((r.eval.crop_pct, r.eval.interpolation), (0.95, Interpolation::Bicubic));
+}
+
+#[test]
+fn fashion_mnist_recipes_step_per_update() {
+    // 8 epochs with a 1-epoch warmup: per-epoch stepping would hold the whole
+    // first epoch at warmup_lr. The recipes say so in a comment.
+    for name in ["fashion_mnist_resnet18.yaml", "fashion_mnist_a3_strict.yaml"] {
+        let r = load_named(name);
+        let ScheduleSection::Cosine(cos) = &r.schedule;
+        assert_eq!(cos.step_on, StepOn::Update, "{name}");
+        let text = std::fs::read_to_string(recipes_dir().join(name)).unwrap();
+        assert!(text.contains("t_in_epochs=False"), "{name} must say why it steps per update");
+    }
 }
 
 #[test]

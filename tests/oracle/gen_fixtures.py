@@ -49,6 +49,7 @@ def main() -> int:
     import assets
     import bad_images
     import decode_eval
+    import eval_cli
     import eval_sets
     import models
     import numerics
@@ -65,6 +66,9 @@ def main() -> int:
         ("decode+eval", lambda: decode_eval.generate(args.out / "decode_eval", assets.photos())),
         ("eval sets (ReaL, V2)", lambda: eval_sets.generate(args.out / "eval_sets")),
         ("bad images (Pillow sdist)", lambda: bad_images.generate(args.out / "bad_images")),
+        ("train step (BN, BCE, LAMB, drop path)", lambda: __import__("train_step").generate(args.out / "train_step")),
+        ("rand_augment draws", lambda: __import__("rand_augment_draws").generate(args.out / "rand_augment")),
+        ("worker eval CLI (ReaL, V2)", lambda: eval_cli.generate(args.out / "eval_cli")),
     ]
     for name, step in steps:
         print(f"generating {name} fixtures", flush=True)

@@ -8,7 +8,8 @@ tests in `tests/tests/parity_*.rs` read them back and compare:
 * `mixup/`     timm `FastCollateMixup` outputs (images, targets) with the random
                decisions timm drew, so that our code can replay them;
 * `bce/`       timm `BinaryCrossEntropy` losses and input gradients;
-* `schedule/`  timm `CosineLRScheduler` learning rates per update;
+* `schedule/`  timm `CosineLRScheduler` learning rates per update, stepped per
+               epoch (`t_in_epochs=True`) and per update (`t_in_epochs=False`);
 * `sampler/`   timm `RepeatAugSampler` and torch `DistributedSampler` index lists.
 """
 from __future__ import annotations
@@ -194,27 +195,52 @@ def generate_mixup(out: Path) -> None:
 
 # ---------------------------------------------------------------- schedule
 def generate_schedule(out: Path) -> None:
-    from timm.scheduler import CosineLRScheduler
+    """timm's cosine schedule built as train.py builds it (`create_scheduler_v2`)
+    and driven as train.py drives it, in both of its modes:
+
+    * `step_on: epoch` (`step_on_epochs=True`, `t_in_epochs=True`, timm v0.5.x):
+      lengths in epochs; `step(epoch + 1)` at each epoch's end, so epoch e runs
+      at lr(e) (epoch 0 at the value set by the constructor);
+    * `step_on: update` (`--sched-on-updates`, `t_in_epochs=False`): lengths
+      times the updates per epoch; `step_update(num_updates)` after each update.
+
+    train.py calls both methods in both modes (the other one is a no-op), and
+    so does this driver. The LR of every optimizer update is read from the
+    optimizer's param group, over `num_epochs` as `create_scheduler_v2`
+    returns it (the cosine plus the cooldown).
+    """
+    from timm.scheduler import create_scheduler_v2
 
     out.mkdir(parents=True, exist_ok=True)
     cases = []
-    for epochs, warmup_epochs, warmup_lr, min_lr, cooldown, lr, upe in [
-        (8, 1, 1e-4, 1e-6, 0, 8e-3, 468),
-        (100, 5, 1e-4, 1e-6, 0, 8e-3, 625),
-        (6, 1.5, 1e-5, 0.0, 2, 5e-3, 37),
-    ]:
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-        sched = CosineLRScheduler(opt, t_initial=epochs * upe, warmup_t=warmup_epochs * upe,
-                                  warmup_lr_init=warmup_lr, lr_min=min_lr, t_in_epochs=False,
-                                  cycle_limit=1)
-        total = (epochs + cooldown) * upe
-        lrs = []
-        for update in range(total):
-            lrs.append(opt.param_groups[0]["lr"])
-            sched.step_update(update + 1)
-        cases.append({"epochs": epochs, "warmup_epochs": warmup_epochs, "warmup_lr": warmup_lr,
-                      "min_lr": min_lr, "cooldown_epochs": cooldown, "lr": lr,
-                      "updates_per_epoch": upe, "lrs": lrs})
+    # epochs, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, lr, updates per epoch
+    configs = [
+        (8, 1, 1e-4, 1e-6, 0, 8e-3, 468),     # the Fashion-MNIST default: whole warmup epoch
+        (100, 5, 1e-4, 1e-6, 0, 8e-3, 625),   # an A3-like run, shortened updates per epoch
+        (6, 1.5, 1e-5, 0.0, 2, 5e-3, 37),     # fractional warmup, cooldown, min_lr 0
+        (10, 0, 1e-4, 1e-5, 3, 2e-3, 11),     # no warmup, cooldown, min_lr > 0
+        (4, 0.5, 0.0, 1e-6, 1, 1e-2, 13),     # warmup shorter than an epoch from warmup_lr 0
+        (7, 2.25, 3e-4, 2e-4, 0, 6e-4, 5),    # min_lr close to the peak, warmup_lr above min_lr
+    ]
+    for step_on in ("epoch", "update"):
+        for epochs, warmup_epochs, warmup_lr, min_lr, cooldown, lr, upe in configs:
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+            sched, num_epochs = create_scheduler_v2(
+                opt, sched="cosine", num_epochs=epochs, warmup_epochs=warmup_epochs,
+                warmup_lr=warmup_lr, min_lr=min_lr, cooldown_epochs=cooldown, cycle_limit=1,
+                step_on_epochs=step_on == "epoch", updates_per_epoch=upe)
+            assert sched.t_in_epochs == (step_on == "epoch")
+            lrs = []
+            num_updates = 0
+            for epoch in range(num_epochs):
+                for _ in range(upe):
+                    lrs.append(opt.param_groups[0]["lr"])
+                    num_updates += 1
+                    sched.step_update(num_updates=num_updates)
+                sched.step(epoch + 1)
+            cases.append({"step_on": step_on, "epochs": epochs, "warmup_epochs": warmup_epochs,
+                          "warmup_lr": warmup_lr, "min_lr": min_lr, "cooldown_epochs": cooldown,
+                          "lr": lr, "updates_per_epoch": upe, "lrs": lrs})
     _write_json(out / "cases.json", cases)
 
 

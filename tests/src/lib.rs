@@ -1,32 +1,15 @@
 //! Test harness shared by the integration tests: where the oracle fixtures
-//! live, how to read them, where the built binaries and the project's Python
+//! live (re-exported from `rsb-test-support`, which checks their version
+//! stamp), how to read them, where the built binaries and the project's Python
 //! are, and small comparison helpers.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-/// The workspace root.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
-
-/// Folder of the timm-generated fixtures: `$RSB_FIXTURES`, or `target/fixtures`.
-/// Panics with the command to run when they are missing: a parity test must
-/// not pass without its oracle.
-pub fn fixtures(sub: &str) -> PathBuf {
-    let root = std::env::var_os("RSB_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target").join("fixtures"));
-    let dir = root.join(sub);
-    assert!(
-        dir.is_dir(),
-        "oracle fixtures {} are missing; generate them with `.venv/bin/python tests/oracle/gen_fixtures.py` \
-         (the README's test command does)",
-        dir.display()
-    );
-    dir
-}
+pub use rsb_test_support::{
+    fixtures, fixtures_root, in_ci, is_executable, is_root, on_path, require, workspace_root,
+};
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {

@@ -10,7 +10,7 @@
 //!
 //! The data is a small real Fashion-MNIST subset, as in `worker_cli.rs`.
 
-use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::{binary, fashion_subset, is_root, on_path, require, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -262,6 +262,23 @@ fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
+/// Each rank's log (`ranks/rank-N.log`, written by `worker rank`) and
+/// metrics (`ranks/rank-N.jsonl`), for a failure report; a missing file is
+/// named as missing rather than left out silently.
+fn rank_files(out: &Path) -> String {
+    let mut report = String::new();
+    for rank in 0..2 {
+        for ext in ["log", "jsonl"] {
+            let path = out.join(format!("ranks/rank-{rank}.{ext}"));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => report += &format!("{}:\n{text}\n", path.display()),
+                Err(e) => report += &format!("{}: not readable ({e})\n", path.display()),
+            }
+        }
+    }
+    report
+}
+
 fn check_job(out: &Path, coordinator: Child, workers: Vec<Child>) {
     let up = wait_with_timeout(coordinator, Duration::from_secs(300), "coordinator up");
     let joined: Vec<_> = workers
@@ -278,12 +295,7 @@ fn check_job(out: &Path, coordinator: Child, workers: Vec<Child>) {
             report +=
                 &format!("worker {i} ({}):\n{}\n", o.status, String::from_utf8_lossy(&o.stderr));
         }
-        for rank in 0..2 {
-            let log = out.join(format!("ranks/rank-{rank}.log"));
-            if let Ok(text) = std::fs::read_to_string(&log) {
-                report += &format!("{}:\n{text}\n", log.display());
-            }
-        }
+        report += &rank_files(out);
         panic!("the distributed job failed:\n{report}");
     }
     assert!(!records(&out.join("metrics.jsonl"), "epoch").is_empty());
@@ -304,8 +316,9 @@ fn coordinator_and_two_joined_workers_on_loopback() {
 
 #[test]
 fn workers_as_separate_hosts_in_network_namespaces() {
-    if effective_uid() != 0 {
-        eprintln!("SKIPPED: network namespaces need root (CI runs as root)");
+    if !require(is_root(), "root, to create network namespaces")
+        || !require(on_path("ip"), "the `ip` tool (iproute2), to create network namespaces")
+    {
         return;
     }
     let tag = format!("{}", std::process::id() % 1000);
@@ -328,16 +341,4 @@ fn workers_as_separate_hosts_in_network_namespaces() {
     let log = std::fs::read_to_string(out.join("ranks/rank-0.jsonl")).unwrap();
     assert!(!log.is_empty());
     drop(netns);
-}
-
-fn effective_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(u32::MAX)
 }

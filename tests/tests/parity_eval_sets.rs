@@ -8,10 +8,10 @@
 use rsb_data::dataset::{ImageFolder, Sample};
 use rsb_data::eval_sets::{EvalSet, EvalSetKind, EvalSetSpec};
 use rsb_data::image::Filter;
-use rsb_data::labels::{RealLabels, Scoring, SetScore};
+use rsb_data::labels::{EvalCounts, RealLabels, Scoring};
 use rsb_data::transforms::EvalTransform;
 use rsb_integration_tests::{fixtures, read_json, read_npy};
-use rsb_train::trainer::score_logits;
+use rsb_train::evaluation::score_logits;
 use std::sync::Arc;
 
 fn close(a: f64, b: f64) -> bool {
@@ -35,7 +35,7 @@ fn real_and_plain_accuracy_equal_timm() {
     let samples: Vec<Sample> =
         files.iter().map(|f| Sample::file(format!("/imagenet/val/{f}").into(), 0)).collect();
     scoring.check(&samples).unwrap();
-    let mut score = SetScore::default();
+    let mut score = EvalCounts::default();
     let mut per_image = Vec::new();
     // Batches of 300 (timm's fixture used 256): batching must not matter.
     for start in (0..n).step_by(300) {
@@ -44,7 +44,7 @@ fn real_and_plain_accuracy_equal_timm() {
         let batch = logits.narrow(0, start as i64, len as i64);
         score_logits(&batch, &scoring, &samples, &indices, &mut score).unwrap();
         for &i in &indices {
-            let mut one = SetScore::default();
+            let mut one = EvalCounts::default();
             score_logits(&logits.narrow(0, i as i64, 1), &scoring, &samples, &[i], &mut one)
                 .unwrap();
             if one.count == 1 {
@@ -73,7 +73,7 @@ fn real_and_plain_accuracy_equal_timm() {
         .enumerate()
         .map(|(i, &t)| Sample::file(format!("x/{i}.png").into(), t))
         .collect();
-    let mut score = SetScore::default();
+    let mut score = EvalCounts::default();
     let indices: Vec<usize> = (0..n).collect();
     score_logits(&logits, &Scoring::Labels, &samples, &indices, &mut score).unwrap();
     // timm.utils.accuracy computes in float32: equal up to its rounding.

@@ -4,7 +4,9 @@
 //! Fashion-MNIST images. The job must end successfully with metrics and a
 //! checkpoint in the run folder; the cluster is stopped afterwards.
 
-use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::{
+    binary, fashion_subset, is_executable, is_root, on_path, require, workspace_root,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,28 +23,19 @@ impl Drop for Cluster {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                .map(|v| v == "0")
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn sbatch_runs_a_two_node_job() {
-    if !is_root() {
-        eprintln!("SKIPPED: starting slurmctld/slurmd/munged needs root (CI runs as root)");
+    if !require(is_root(), "root, to start slurmctld/slurmd/munged")
+        || !require(
+            ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged"]
+                .iter()
+                .all(|p| is_executable(Path::new(p)))
+                && on_path("sbatch"),
+            "Slurm and munge (slurmctld, slurmd, munged, sbatch; scripts/setup --test installs them)",
+        )
+    {
         return;
     }
-    assert!(
-        Path::new("/usr/sbin/slurmctld").is_file(),
-        "Slurm is not installed; run scripts/setup --test"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 16, 4);
     let _ = (binary("worker"), binary("coordinator"));

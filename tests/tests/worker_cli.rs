@@ -295,3 +295,116 @@ fn the_worker_links_libtorch_cuda_and_the_coordinator_no_libtorch() {
         assert!(text.contains(field), "worker doctor does not report {field}:\n{text}");
     }
 }
+
+fn coordinator(args: &[&str]) -> Output {
+    Command::new(binary("coordinator"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("running coordinator")
+}
+
+#[test]
+fn a_table_3_model_and_procedure_is_one_command() {
+    // Table 3 of the paper: efficientnetv2_rw_s trains A3 at 224 and tests
+    // at 288; A2 at 288 and 384; every procedure tests with crop 0.95.
+    for (procedure, train, test) in [("a3", 224, 288), ("a2", 288, 384)] {
+        let plan = coordinator(&[
+            "plan",
+            "--procedure",
+            procedure,
+            "--model",
+            "efficientnetv2_rw_s",
+            "--ranks",
+            "2",
+        ]);
+        assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+        let text = String::from_utf8_lossy(&plan.stdout).to_string();
+        assert!(
+            text.starts_with(&format!("efficientnetv2_rw_s_{procedure}: global batch")),
+            "{text}"
+        );
+        let sizes = format!(
+            "model efficientnetv2_rw_s: train at {train} px, test at {test} px (crop 0.95)"
+        );
+        assert!(text.contains(&sizes), "{text}");
+    }
+    // --set still applies, after the table.
+    let plan = coordinator(&[
+        "plan",
+        "--procedure",
+        "a3",
+        "--model",
+        "resnet18",
+        "--set",
+        "eval.input_size=256",
+        "--ranks",
+        "2",
+    ]);
+    let text = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(text.contains("model resnet18: train at 160 px, test at 256 px"), "{text}");
+
+    // Exactly one of --recipe and --procedure/--model.
+    let recipe = workspace_root().join("recipes/resnet50_a3.yaml").display().to_string();
+    for args in [
+        vec!["plan", "--ranks", "2"],
+        vec![
+            "plan",
+            "--recipe",
+            &recipe,
+            "--procedure",
+            "a3",
+            "--model",
+            "resnet18",
+            "--ranks",
+            "2",
+        ],
+        vec!["plan", "--procedure", "a3", "--ranks", "2"],
+        vec!["plan", "--model", "resnet18", "--ranks", "2"],
+    ] {
+        let refused = coordinator(&args);
+        assert!(!refused.status.success(), "{args:?} was accepted");
+    }
+
+    // An unknown model is refused, naming the closest ones, by both binaries.
+    let unknown = coordinator(&["plan", "--procedure", "a1", "--model", "resnet5", "--ranks", "2"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr).to_string();
+    assert!(!unknown.status.success() && stderr.contains("closest: resnet50"), "{stderr}");
+    let out = tempfile::tempdir().unwrap();
+    let unknown = worker(&[
+        "train",
+        "--procedure",
+        "a2",
+        "--model",
+        "efficientnet_b9",
+        "--out",
+        &out.path().display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr).to_string();
+    assert!(!unknown.status.success(), "worker train accepted efficientnet_b9");
+    assert!(stderr.contains("unknown model `efficientnet_b9`"), "{stderr}");
+}
+
+#[test]
+fn worker_models_prints_table_3() {
+    let listed = worker(&["models"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let table = String::from_utf8_lossy(&listed.stdout).to_string();
+    // Rows of the paper's Table 3 (A1/A2 train, test; A3 train, test; crop;
+    // the paper's A1/A2/A3 top-1).
+    for (name, cells) in [
+        ("resnet50", "224 224 160 224 0.95 80.4/79.8/78.1"),
+        ("efficientnet_b2", "260 260 192 256 0.95 80.4/80.1/77.5"),
+        ("efficientnetv2_rw_s", "288 384 224 288 0.95 82.3/82.9/80.9"),
+        ("ecaresnet269d", "320 416 256 320 0.95 83.3/83.9/83.3"),
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing from `worker models`:\n{table}"));
+        let words: Vec<&str> = row.split_whitespace().collect();
+        // name, family, parameter count, then the Table-3 cells.
+        assert!(words[2].parse::<u64>().is_ok_and(|n| n > 1_000_000), "{row}");
+        assert_eq!(words[3..].join(" "), cells, "{row}");
+    }
+}

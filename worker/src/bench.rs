@@ -1,6 +1,6 @@
 //! `worker bench step`: the time of one training step (forward, BCE loss,
 //! backward, LAMB update) on random data, the same work as
-//! `tests/oracle/timm_step_bench.py` does with timm; `bench/compare_train_step.py`
+//! `bench/timm/step_bench.py` does with timm; `bench/compare_train_step.py`
 //! runs both and prints the ratio. Prints one JSON line.
 
 use crate::commands::parse_device;

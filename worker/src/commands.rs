@@ -8,7 +8,8 @@ use rsb_data::image::Filter;
 use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
 use rsb_train::batch::Normalizer;
-use rsb_train::trainer::{evaluate, evaluate_set, RunOptions, Trainer};
+use rsb_train::evaluation::{evaluate, evaluate_set, EvalShard};
+use rsb_train::trainer::{RunOptions, Trainer};
 use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -34,26 +35,44 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// `worker models`: every registered model with its parameter count (1000
-/// classes) and its default A1/A2 and A3 resolutions and crop fractions.
+/// `worker models`: Table 3 of the paper as the registry holds it: every
+/// model with its parameter count (1000 classes), its A1/A2 and A3 training
+/// and test resolutions, the test crop, and the paper's top-1 after A1/A2/A3.
 pub fn models() -> Result<()> {
     println!(
-        "{:<22} {:<18} {:>12}  {:>9} {:>9} {:>7}  {:>9} {:>9} {:>7}",
-        "name", "family", "params", "A1/A2 trn", "test", "crop", "A3 train", "test", "crop"
+        "{:<22} {:<18} {:>11}  {:>11} {:>5}  {:>8} {:>5}  {:>5}  {:>16}",
+        "name",
+        "family",
+        "params",
+        "A1/A2 train",
+        "test",
+        "A3 train",
+        "test",
+        "crop",
+        "paper A1/A2/A3"
     );
     for spec in registered_models() {
         let model = tch::no_grad(|| Model::new(spec.name, ModelConfig::default(), Device::Cpu))?;
+        let paper = match rsb_recipes::table3_row(spec.name) {
+            Ok(row) => format!("{:.1}/{:.1}/{:.1}", row.a1_top1, row.a2_top1, row.a3_top1),
+            Err(_) => "-".to_string(),
+        };
+        let crop = if spec.crop_pct == spec.a3_crop_pct {
+            format!("{:.2}", spec.crop_pct)
+        } else {
+            format!("{:.2}/{:.2}", spec.crop_pct, spec.a3_crop_pct)
+        };
         println!(
-            "{:<22} {:<18} {:>12}  {:>9} {:>9} {:>7.3}  {:>9} {:>9} {:>7.3}",
+            "{:<22} {:<18} {:>11}  {:>11} {:>5}  {:>8} {:>5}  {:>5}  {:>16}",
             spec.name,
             spec.family,
             model.parameter_count(),
             spec.input_size,
             spec.test_input_size,
-            spec.crop_pct,
             spec.a3_input_size,
             spec.a3_test_input_size,
-            spec.a3_crop_pct
+            crop,
+            paper
         );
     }
     Ok(())
@@ -83,9 +102,9 @@ pub fn import_fashion_mnist(idx_dir: &Path, out: &Path) -> Result<()> {
 /// Arguments of `worker train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Recipe YAML file.
-    #[arg(long)]
-    pub recipe: PathBuf,
+    /// The recipe: `--recipe FILE`, or `--procedure a1|a2|a3 --model NAME`.
+    #[command(flatten)]
+    pub recipe: rsb_recipes::RecipeArgs,
     /// Override a recipe field, e.g. `--set optimizer.lamb.lr=0.004` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -114,7 +133,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(n) = args.loader_threads {
         overrides.push(format!("data.loader_threads={n}"));
     }
-    let recipe = rsb_recipes::load(&args.recipe, &overrides)?;
+    let source = args.recipe.source()?;
+    let recipe = source.load(&overrides)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let resolved = args.out.join("recipe.yaml");
@@ -123,7 +143,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &resolved).with_context(|| format!("writing {}", resolved.display()))?;
     let device = parse_device(&args.device)?;
-    tracing::info!(recipe = %args.recipe.display(), ?device, out = %args.out.display(), "training");
+    tracing::info!(recipe = %recipe.name, %source, ?device, out = %args.out.display(), "training");
     let mut options = RunOptions::new(args.out.clone(), device);
     options.resume = args.resume;
     options.progress = std::io::stderr().is_terminal();
@@ -232,7 +252,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     model.load_safetensors(&args.weights)?;
     let transform = match &recipe {
         Some(r) => {
-            let mut t = rsb_train::trainer::eval_transform(r)?;
+            let mut t = rsb_train::from_recipe::eval_transform(r)?;
             if args.input_size.is_some() || args.crop_pct.is_some() {
                 t = EvalTransform::new(
                     args.input_size.unwrap_or(r.eval.input_size),
@@ -270,7 +290,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         None => None,
     };
     let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
-    let acc = evaluate(&mut model, &data, &normalizer, threads, 4, (0, 1))?;
+    let acc = evaluate(&mut model, &data, &normalizer, EvalShard::whole(threads, 4))?;
     let skipped = data.bad_files().replacements();
     println!(
         "{}: {} images ({} undecodable, skipped)  top-1 {:.3}%  top-5 {:.3}%  loss {:.4}",
@@ -286,10 +306,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let mut r = r.clone();
         r.model.num_classes = num_classes as u32;
         r.eval.batch_size = args.batch_size as u32;
-        sets.extend(rsb_train::trainer::eval_sets(&r, &classes)?);
+        sets.extend(rsb_train::from_recipe::eval_sets(&r, &classes)?);
     }
     for set in &sets {
-        let score = evaluate_set(&mut model, set, &normalizer, threads, 4, (0, 1))?;
+        let score = evaluate_set(&mut model, set, &normalizer, EvalShard::whole(threads, 4))?;
         println!(
             "{}: {} images scored ({} without a valid label, {} undecodable)  top-1 {:.3}%  top-5 {:.3}%",
             set.name,

@@ -59,7 +59,7 @@ fn prepare(folder: &ImageFolder, index: usize, args: &ShardArgs) -> Result<Prepa
     };
     let info = match probe(&bytes) {
         Ok(i) => i,
-        Err(reason) => return Ok(Err((sample.display(), reason))),
+        Err(reason) => return Ok(Err((sample.display(), reason.to_string()))),
     };
     let ext = match info.format {
         Format::Jpeg => "jpg",
@@ -69,12 +69,12 @@ fn prepare(folder: &ImageFolder, index: usize, args: &ShardArgs) -> Result<Prepa
         // Stored as it is; check it decodes so the shards hold no broken file.
         return Ok(match decode_bytes(&bytes) {
             Ok(_) => Ok((stem, ext, bytes, sample.label)),
-            Err(reason) => Err((sample.display(), reason)),
+            Err(reason) => Err((sample.display(), reason.to_string())),
         });
     };
     let img = match decode_bytes(&bytes) {
         Ok(img) => img,
-        Err(reason) => return Ok(Err((sample.display(), reason))),
+        Err(reason) => return Ok(Err((sample.display(), reason.to_string()))),
     };
     let (w, h) = (u64::from(img.width), u64::from(img.height));
     if w.min(h) <= u64::from(short) && info.format == Format::Jpeg {
@@ -85,7 +85,7 @@ fn prepare(folder: &ImageFolder, index: usize, args: &ShardArgs) -> Result<Prepa
     let (nw, nh) = if w <= h { (s, s * h / w) } else { (s * w / h, s) };
     let small = resize(&img, nw as u32, nh as u32, Filter::Bicubic);
     let jpeg = rsb_data::jpeg::encode_rgb(&small, args.quality)
-        .map_err(|reason| DataError::Decode { path: sample.path.clone(), reason })?;
+        .map_err(|e| DataError::Decode { path: sample.path.clone(), source: e.into() })?;
     Ok(Ok((stem, "jpg", jpeg, sample.label)))
 }
 

@@ -4,15 +4,18 @@
 //! fails. Each rank process (`worker rank`, started by the agent) asks for its
 //! assignment, rendezvous with the others (NCCL unique id for GPUs, ring
 //! addresses for CPUs), trains its share with the code of `worker train`, and
-//! reports metrics and checkpoints to the coordinator.
+//! reports metrics and checkpoints to the coordinator. A rank's log lines go
+//! to its stderr and, without colour, to `<run dir>/ranks/rank-N.log`.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rsb_collective::ring::{RingConfig, RingListener};
 use rsb_collective::Collective;
+use rsb_job::{BatchPlan, MetricsRecord};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
 use rsb_train::trainer::{Distributed, RunOptions, Trainer};
+use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -278,6 +281,24 @@ fn run_rank(
         .context("waiting for an assignment")?
         .into_inner();
     let rank = assignment.global_rank as usize;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
+    let log = RankLog::install(&run_dir, rank)?;
+    let outcome = train_rank(args, runtime, client, &assignment, &run_dir);
+    if let Err(e) = &outcome {
+        log.note_failure(e);
+    }
+    outcome
+}
+
+/// The rank's share of the job, once it has its assignment.
+fn train_rank(
+    args: &RankArgs,
+    runtime: &Arc<tokio::runtime::Runtime>,
+    client: &mut CoordinatorClient<Channel>,
+    assignment: &pb::Assignment,
+    run_dir: &Path,
+) -> Result<()> {
+    let rank = assignment.global_rank as usize;
     let world = assignment.world_size as usize;
     let mut recipe =
         rsb_recipes::load_str(&assignment.recipe_yaml, Path::new("<coordinator recipe>"), &[])?;
@@ -315,24 +336,31 @@ fn run_rank(
         nccl_collective(rank, world, rendezvous)?
     };
     tracing::info!(rank, world, "collective ready");
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
-    let mut options = RunOptions::new(run_dir, device);
+    let mut options = RunOptions::new(run_dir.to_path_buf(), device);
     options.metrics_file = format!("ranks/rank-{rank}.jsonl");
     options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
     if !assignment.resume_from.is_empty() && rank == 0 {
         options.resume = Some(PathBuf::from(&assignment.resume_from));
     }
-    let accumulation = assignment.accumulation_steps as usize;
-    let streams: Vec<usize> = (rank * accumulation..(rank + 1) * accumulation).collect();
+    let plan = BatchPlan::new(&recipe, assignment.world_size)?;
+    if plan.accumulation != assignment.accumulation_steps {
+        bail!(
+            "rank {rank}: the coordinator assigned {} micro-batches per update, the recipe plans {}",
+            assignment.accumulation_steps,
+            plan.accumulation
+        );
+    }
+    let streams: Vec<usize> =
+        rsb_job::streams_of_rank(plan.streams as usize, world, rank)?.collect();
     let metrics_client = client.clone();
     let metrics_rt = Arc::clone(runtime);
     let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
-    let on_metrics = Box::new(move |record: &serde_json::Value| {
+    let on_metrics = Box::new(move |record: &MetricsRecord| {
         let report = pb::MetricsReport {
             job_id: job_id.clone(),
             generation,
             global_rank: 0,
-            record_json: record.to_string(),
+            record: Some(record.into()),
         };
         if let Err(e) = metrics_rt.block_on(metrics_client.clone().report_metrics(report)) {
             tracing::warn!(error = %e, "could not report metrics");
@@ -364,6 +392,58 @@ fn run_rank(
     Ok(())
 }
 
+/// The rank's log file, `<run dir>/ranks/rank-N.log`: while installed, this
+/// thread's log lines go to stderr as before and, without colour, appended
+/// to the file.
+struct RankLog {
+    path: PathBuf,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl RankLog {
+    /// Creates `<run_dir>/ranks/` and routes this thread's log lines to
+    /// stderr and the rank's file.
+    fn install(run_dir: &Path, rank: usize) -> Result<RankLog> {
+        use tracing_subscriber::layer::SubscriberExt;
+        let folder = run_dir.join("ranks");
+        std::fs::create_dir_all(&folder)
+            .with_context(|| format!("creating {}", folder.display()))?;
+        let path = folder.join(format!("rank-{rank}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::sync::Mutex::new(file))
+                    .with_ansi(false),
+            );
+        let guard = tracing::subscriber::set_default(subscriber);
+        Ok(RankLog { path, _guard: guard })
+    }
+
+    /// Appends why the rank failed (the process prints it on stderr itself).
+    fn note_failure(&self, error: &anyhow::Error) {
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "error: {error:#}"));
+        if let Err(e) = written {
+            eprintln!("{}: {e}", self.path.display());
+        }
+    }
+}
+
 fn nccl_collective(
     rank: usize,
     world: usize,
@@ -379,4 +459,32 @@ fn nccl_collective(
     };
     let reply = rendezvous(payload).context("NCCL rendezvous")?.into_inner();
     Ok(Box::new(NcclCollective::new(&reply.nccl_unique_id, rank, world)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_log_is_written_without_colour_and_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ranks/rank-3.log");
+        {
+            let _log = RankLog::install(dir.path(), 3).unwrap();
+            tracing::info!(update = 7, "first line");
+        }
+        {
+            let log = RankLog::install(dir.path(), 3).unwrap();
+            tracing::warn!("second line");
+            log.note_failure(&anyhow::anyhow!("boom"));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("INFO") && lines[0].contains("first line"), "{text}");
+        assert!(lines[0].contains("update=7"), "{text}");
+        assert!(lines[1].contains("WARN") && lines[1].contains("second line"), "{text}");
+        assert_eq!(lines[2], "error: boom");
+        assert!(!text.contains('\u{1b}'), "ANSI escape in {text:?}");
+    }
 }

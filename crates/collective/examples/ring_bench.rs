@@ -16,6 +16,9 @@
 //! (S / t * 2(N-1)/N, nccl-tests' definition) and the ratio of bus bandwidth
 //! to the per-link loopback bound.
 
+// A benchmark, not library code: a failed setup step may just panic.
+#![allow(clippy::unwrap_used)]
+
 use rsb_collective::ring::{RingConfig, RingListener, TcpRing};
 use rsb_collective::{Buffer, Collective};
 use std::io::{Read, Write};

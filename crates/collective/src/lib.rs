@@ -56,23 +56,80 @@ pub enum CollectiveError {
 pub enum Buffer<'a> {
     /// Host memory.
     Host(&'a mut [f32]),
-    /// Device memory: a CUDA pointer to `len` floats on device `device`.
-    Cuda {
-        /// Device pointer.
-        ptr: u64,
-        /// Number of floats.
-        len: usize,
-        /// CUDA device index.
-        device: usize,
-    },
+    /// Device memory, described by a [`CudaBuffer`] (only built by its
+    /// `unsafe` constructor, whose caller vouches for the memory).
+    Cuda(CudaBuffer),
 }
 
 impl Buffer<'_> {
     fn location(&self) -> &'static str {
         match self {
             Buffer::Host(_) => "host memory",
-            Buffer::Cuda { .. } => "CUDA device memory",
+            Buffer::Cuda(_) => "CUDA device memory",
         }
+    }
+}
+
+/// `len` floats of CUDA device memory at `ptr` on device `device`, to be
+/// reduced in place by a GPU backend.
+///
+/// A collective writes through the pointer, so safe code cannot build one:
+/// the only constructor, [`CudaBuffer::new`], is `unsafe`. Its fields are
+/// private:
+///
+/// ```compile_fail,E0451
+/// let buffer = rsb_collective::CudaBuffer { ptr: 0x1000, len: 4, device: 0 };
+/// ```
+///
+/// and the constructor needs an `unsafe` block:
+///
+/// ```compile_fail,E0133
+/// let buffer = rsb_collective::CudaBuffer::new(0x1000, 4, 0);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaBuffer {
+    ptr: u64,
+    len: usize,
+    device: usize,
+}
+
+impl CudaBuffer {
+    /// Describes `len` floats of device memory at `ptr` on CUDA device `device`.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the returned value (or a [`Buffer`] holding it) is
+    /// used, and until the collective operation it is passed to has completed
+    /// in the order of the stream the backend uses (NCCL: the legacy default
+    /// stream, libtorch's default stream):
+    ///
+    /// * `ptr` points to a live allocation of at least `len` contiguous `f32`
+    ///   (`4 * len` bytes) in the memory of CUDA device `device`, which is the
+    ///   device of the communicator the buffer is passed to;
+    /// * nothing else reads or writes that memory meanwhile (no other mutable
+    ///   alias, no kernel on another stream), and it is not freed or reused.
+    pub unsafe fn new(ptr: u64, len: usize, device: usize) -> CudaBuffer {
+        CudaBuffer { ptr, len, device }
+    }
+
+    /// The device pointer.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Number of floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no float.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The CUDA device index.
+    pub fn device(&self) -> usize {
+        self.device
     }
 }
 

@@ -64,7 +64,7 @@ impl NcclCollective {
 
     fn device_buffer(buffer: Buffer<'_>) -> Result<(u64, usize), CollectiveError> {
         match buffer {
-            Buffer::Cuda { ptr, len, .. } => Ok((ptr, len)),
+            Buffer::Cuda(device_memory) => Ok((device_memory.ptr(), device_memory.len())),
             other => {
                 Err(CollectiveError::WrongMemory { backend: "NCCL", location: other.location() })
             }
@@ -91,8 +91,9 @@ impl Collective for NcclCollective {
     fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
         let (ptr, len) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
-        // SAFETY: `ptr` is a device allocation of `len` floats (the caller's
-        // contract for Buffer::Cuda); in-place reduction is allowed by NCCL.
+        // SAFETY: `ptr` is a live device allocation of `len` floats, used by
+        // nothing else until this stream-ordered call completes (the contract
+        // of `CudaBuffer::new`); in-place reduction is allowed by NCCL.
         unsafe {
             result::all_reduce(
                 p,

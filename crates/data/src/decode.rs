@@ -11,7 +11,7 @@
 //! DCT scaling does (see [`decode_for_crop`]). PNGs are decoded with the
 //! `image` crate.
 
-use crate::error::DataError;
+use crate::error::{DataError, DecodeError};
 use crate::image::resize::Region;
 use crate::image::RgbImage;
 use crate::jpeg::{self, JpegHeader, Partial};
@@ -45,42 +45,45 @@ pub struct ImageInfo {
 
 /// Reads the dimensions and format of an encoded image without decoding it.
 /// Fails on empty, unrecognised or oversized ([`MAX_PIXELS`]) data.
-pub fn probe(bytes: &[u8]) -> Result<ImageInfo, String> {
+pub fn probe(bytes: &[u8]) -> Result<ImageInfo, DecodeError> {
     if bytes.is_empty() {
-        return Err("empty file".into());
+        return Err(DecodeError::Empty);
     }
     let info = if bytes.starts_with(&[0xFF, 0xD8]) {
         let h = jpeg::header(bytes)?;
         ImageInfo { width: h.width, height: h.height, format: Format::Jpeg, jpeg: Some(h) }
     } else {
-        let format = ::image::guess_format(bytes).map_err(|e| e.to_string())?;
+        let format = ::image::guess_format(bytes)?;
         if format != ::image::ImageFormat::Png {
-            return Err(format!("unsupported image format {format:?}"));
+            return Err(DecodeError::UnsupportedFormat(format));
         }
         let reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-        let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        let (width, height) = reader.into_dimensions()?;
         ImageInfo { width, height, format: Format::Png, jpeg: None }
     };
-    if info.width == 0 || info.height == 0 {
-        return Err(format!("image has no pixels ({}x{})", info.width, info.height));
-    }
-    if u64::from(info.width) * u64::from(info.height) > MAX_PIXELS {
-        return Err(format!(
-            "{}x{} exceeds the {MAX_PIXELS}-pixel limit (Pillow's decompression-bomb limit)",
-            info.width, info.height
-        ));
-    }
+    check_size(info.width, info.height)?;
     Ok(info)
+}
+
+/// Refuses an image without pixels or above [`MAX_PIXELS`].
+fn check_size(width: u32, height: u32) -> Result<(), DecodeError> {
+    if width == 0 || height == 0 {
+        return Err(DecodeError::NoPixels { width, height });
+    }
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(DecodeError::TooManyPixels { width, height, limit: MAX_PIXELS });
+    }
+    Ok(())
 }
 
 /// Decodes the file at `path` (JPEG or PNG, detected from its content).
 pub fn decode_file(path: &Path) -> Result<RgbImage, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    decode_bytes(&bytes).map_err(|reason| DataError::Decode { path: path.to_path_buf(), reason })
+    decode_bytes(&bytes).map_err(|source| DataError::Decode { path: path.to_path_buf(), source })
 }
 
 /// Decodes an in-memory JPEG or PNG, whole.
-pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, String> {
+pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
     let info = probe(bytes)?;
     match info.format {
         Format::Jpeg => {
@@ -91,20 +94,15 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, String> {
     }
 }
 
-fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
-    let format = ::image::guess_format(bytes).map_err(|e| e.to_string())?;
+fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
+    let format = ::image::guess_format(bytes)?;
     let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = ::image::Limits::default();
     limits.max_alloc = Some(MAX_PIXELS * 8);
     reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| e.to_string())?;
+    let decoded = reader.decode()?;
     let (w, h) = (decoded.width(), decoded.height());
-    if w == 0 || h == 0 {
-        return Err(format!("image has no pixels ({w}x{h})"));
-    }
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(format!("{w}x{h} exceeds the {MAX_PIXELS}-pixel limit"));
-    }
+    check_size(w, h)?;
     let rgb = decoded.into_rgb8();
     Ok(RgbImage::new(w, h, rgb.into_raw()))
 }
@@ -154,7 +152,7 @@ pub fn decode_for_crop(
     out_w: u32,
     out_h: u32,
     scaled: bool,
-) -> Result<CropSource, String> {
+) -> Result<CropSource, DecodeError> {
     let whole_crop = |image: RgbImage| {
         let region =
             Region { left: crop.left, top: crop.top, width: crop.width, height: crop.height };
@@ -229,9 +227,27 @@ mod tests {
 
     #[test]
     fn garbage_and_empty_and_truncated_are_errors() {
-        assert!(decode_bytes(b"").unwrap_err().contains("empty"));
-        assert!(decode_bytes(b"this is not an image at all").is_err());
+        let empty = decode_bytes(b"").unwrap_err();
+        assert!(matches!(empty, DecodeError::Empty), "{empty:?}");
+        assert_eq!(empty.to_string(), "empty file");
+        let garbage = decode_bytes(b"this is not an image at all").unwrap_err();
+        assert!(matches!(garbage, DecodeError::Image(_)), "{garbage:?}");
         let png = encode_png(::image::DynamicImage::ImageRgb8(::image::RgbImage::new(64, 64)));
-        assert!(decode_bytes(&png[..png.len() / 2]).is_err());
+        let truncated = decode_bytes(&png[..png.len() / 2]).unwrap_err();
+        assert!(matches!(truncated, DecodeError::Image(_)), "{truncated:?}");
+    }
+
+    #[test]
+    fn unsupported_formats_and_truncated_jpegs_are_typed() {
+        let err = probe(b"GIF89a\x02\x00\x02\x00\x00\x00\x00;").unwrap_err();
+        assert!(
+            matches!(err, DecodeError::UnsupportedFormat(::image::ImageFormat::Gif)),
+            "{err:?}"
+        );
+        let img = RgbImage::new(64, 48, (0..64 * 48 * 3).map(|i| (i * 7 % 251) as u8).collect());
+        let jpeg = jpeg::encode_rgb(&img, 90).unwrap();
+        let err = decode_bytes(&jpeg[..jpeg.len() / 2]).unwrap_err();
+        assert!(matches!(err, DecodeError::Jpeg(jpeg::JpegError::Truncated)), "{err:?}");
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 }

@@ -1,6 +1,44 @@
 //! Errors of the input pipeline.
 
+use crate::jpeg::JpegError;
 use std::path::PathBuf;
+
+/// Why encoded image bytes could not be turned into pixels.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// No bytes at all.
+    #[error("empty file")]
+    Empty,
+    /// A format other than JPEG or PNG.
+    #[error("unsupported image format {0:?}")]
+    UnsupportedFormat(image::ImageFormat),
+    /// The header gives a width or height of 0.
+    #[error("image has no pixels ({width}x{height})")]
+    NoPixels {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// More pixels than the decompression-bomb limit (refused from the header).
+    #[error(
+        "{width}x{height} exceeds the {limit}-pixel limit (Pillow's decompression-bomb limit)"
+    )]
+    TooManyPixels {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// The limit, [`crate::decode::MAX_PIXELS`].
+        limit: u64,
+    },
+    /// libjpeg-turbo failed.
+    #[error(transparent)]
+    Jpeg(#[from] JpegError),
+    /// The `image` crate (format detection, PNG) failed.
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+}
 
 /// Everything that can go wrong between a folder of images and a batch.
 #[derive(Debug, thiserror::Error)]
@@ -22,12 +60,12 @@ pub enum DataError {
         problem: String,
     },
     /// An image could not be decoded.
-    #[error("cannot decode {path}: {reason}")]
+    #[error("cannot decode {path}: {source}")]
     Decode {
         /// The image file.
         path: PathBuf,
-        /// The decoder's message.
-        reason: String,
+        /// Why.
+        source: DecodeError,
     },
     /// A source file (IDX, label file) is malformed.
     #[error("{path}: {problem}")]

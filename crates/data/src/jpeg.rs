@@ -22,6 +22,51 @@ use turbojpeg::raw;
 /// Most progressive scans accepted (a normal progressive JPEG has about 10).
 const SCAN_LIMIT: c_int = 500;
 
+/// Why libjpeg-turbo could not read, decode or encode a JPEG.
+#[derive(Debug, thiserror::Error)]
+pub enum JpegError {
+    /// libjpeg-turbo could not allocate a decompressor.
+    #[error("libjpeg-turbo could not create a decompressor")]
+    NoDecompressor,
+    /// libjpeg-turbo refused the data (corrupt header, unsupported feature,
+    /// too many progressive scans).
+    #[error("{message}")]
+    Refused {
+        /// libjpeg-turbo's message.
+        message: String,
+    },
+    /// The header gives a width or height below 1.
+    #[error("invalid JPEG dimensions {width}x{height}")]
+    InvalidDimensions {
+        /// Width from the header.
+        width: i32,
+        /// Height from the header.
+        height: i32,
+    },
+    /// The data ends before the image does (Pillow refuses such files too).
+    #[error("image file is truncated (premature end of JPEG data)")]
+    Truncated,
+    /// A partial decode asked for pixels outside the (scaled) image.
+    #[error("cropping region {width}x{height}+{x}+{y} outside the {scaled_width}x{scaled_height} scaled image")]
+    CropOutside {
+        /// Left column of the region.
+        x: u32,
+        /// Top row of the region.
+        y: u32,
+        /// Columns of the region.
+        width: u32,
+        /// Rows of the region.
+        height: u32,
+        /// Width of the image at the DCT scale.
+        scaled_width: u32,
+        /// Height of the image at the DCT scale.
+        scaled_height: u32,
+    },
+    /// Encoding an RGB image failed.
+    #[error("JPEG encoding failed: {0}")]
+    Encode(#[source] turbojpeg::Error),
+}
+
 /// What the JPEG header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JpegHeader {
@@ -72,17 +117,18 @@ impl Drop for Handle {
 }
 
 impl Handle {
-    fn new() -> Result<Handle, String> {
+    fn new() -> Result<Handle, JpegError> {
         // SAFETY: plain constructor; a null result is checked.
         let ptr = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as c_int) };
         if ptr.is_null() {
-            return Err("libjpeg-turbo could not create a decompressor".into());
+            return Err(JpegError::NoDecompressor);
         }
         let mut h = Handle(ptr);
         h.set(raw::TJPARAM_TJPARAM_SCANLIMIT, SCAN_LIMIT)?;
         Ok(h)
     }
 
+    /// The last error: whether it is only a warning, and libjpeg's message.
     fn error(&mut self) -> (bool, String) {
         // SAFETY: the handle is valid; the returned string is owned by it and
         // copied before the next call.
@@ -94,10 +140,15 @@ impl Handle {
         (code == raw::TJERR_TJERR_WARNING as c_int, msg)
     }
 
-    fn set(&mut self, param: raw::TJPARAM, value: c_int) -> Result<(), String> {
+    /// The last error as a [`JpegError`].
+    fn refusal(&mut self) -> JpegError {
+        JpegError::Refused { message: self.error().1 }
+    }
+
+    fn set(&mut self, param: raw::TJPARAM, value: c_int) -> Result<(), JpegError> {
         // SAFETY: valid handle, plain integer parameter.
         if unsafe { raw::tj3Set(self.0, param as c_int, value) } != 0 {
-            return Err(self.error().1);
+            return Err(self.refusal());
         }
         Ok(())
     }
@@ -107,19 +158,19 @@ impl Handle {
         unsafe { raw::tj3Get(self.0, param as c_int) }
     }
 
-    fn header(&mut self, bytes: &[u8]) -> Result<JpegHeader, String> {
+    fn header(&mut self, bytes: &[u8]) -> Result<JpegHeader, JpegError> {
         // SAFETY: the buffer outlives the call; libjpeg-turbo only reads it.
         let rc = unsafe { raw::tj3DecompressHeader(self.0, bytes.as_ptr(), bytes.len() as _) };
         if rc != 0 {
-            let (warning, msg) = self.error();
+            let (warning, message) = self.error();
             if !warning {
-                return Err(msg);
+                return Err(JpegError::Refused { message });
             }
         }
         let width = self.get(raw::TJPARAM_TJPARAM_JPEGWIDTH);
         let height = self.get(raw::TJPARAM_TJPARAM_JPEGHEIGHT);
         if width < 1 || height < 1 {
-            return Err(format!("invalid JPEG dimensions {width}x{height}"));
+            return Err(JpegError::InvalidDimensions { width, height });
         }
         let colorspace = self.get(raw::TJPARAM_TJPARAM_COLORSPACE);
         let cmyk = colorspace == raw::TJCS_TJCS_CMYK as c_int
@@ -145,7 +196,7 @@ impl Handle {
         out: &mut [u8],
         w: u32,
         format: c_int,
-    ) -> Result<(), String> {
+    ) -> Result<(), JpegError> {
         let channels = if format == raw::TJPF_TJPF_CMYK { 4 } else { 3 };
         let pitch = (w * channels) as c_int;
         // SAFETY: `out` holds `h` rows of `pitch` bytes for the (scaled,
@@ -162,33 +213,32 @@ impl Handle {
             )
         };
         if rc != 0 {
-            let (warning, msg) = self.error();
+            let (warning, message) = self.error();
             // Pillow ignores libjpeg's warnings, but not running out of data.
-            if !warning || msg.contains("Premature end") {
-                return Err(if msg.contains("Premature end") {
-                    "image file is truncated (premature end of JPEG data)".into()
-                } else {
-                    msg
-                });
+            if message.contains("Premature end") {
+                return Err(JpegError::Truncated);
+            }
+            if !warning {
+                return Err(JpegError::Refused { message });
             }
         }
         Ok(())
     }
 
-    fn set_scaling(&mut self, denom: u32) -> Result<(), String> {
+    fn set_scaling(&mut self, denom: u32) -> Result<(), JpegError> {
         let sf = raw::tjscalingfactor { num: 1, denom: denom as c_int };
         // SAFETY: valid handle; the factor is one libjpeg-turbo supports.
         if unsafe { raw::tj3SetScalingFactor(self.0, sf) } != 0 {
-            return Err(self.error().1);
+            return Err(self.refusal());
         }
         Ok(())
     }
 
-    fn set_cropping(&mut self, x: u32, y: u32, w: u32, h: u32) -> Result<(), String> {
+    fn set_cropping(&mut self, x: u32, y: u32, w: u32, h: u32) -> Result<(), JpegError> {
         let region = raw::tjregion { x: x as c_int, y: y as c_int, w: w as c_int, h: h as c_int };
         // SAFETY: valid handle; the region is validated by libjpeg-turbo.
         if unsafe { raw::tj3SetCroppingRegion(self.0, region) } != 0 {
-            return Err(self.error().1);
+            return Err(self.refusal());
         }
         Ok(())
     }
@@ -198,13 +248,13 @@ thread_local! {
     static HANDLE: RefCell<Option<Handle>> = const { RefCell::new(None) };
 }
 
-fn with_handle<T>(f: impl FnOnce(&mut Handle) -> Result<T, String>) -> Result<T, String> {
+fn with_handle<T>(f: impl FnOnce(&mut Handle) -> Result<T, JpegError>) -> Result<T, JpegError> {
     HANDLE.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(Handle::new()?);
-        }
-        let handle = slot.as_mut().expect("just created");
+        let handle = match slot.as_mut() {
+            Some(handle) => handle,
+            None => slot.insert(Handle::new()?),
+        };
         let result = f(handle);
         if result.is_err() {
             // A failed decode may leave state behind: start afresh next time.
@@ -215,7 +265,7 @@ fn with_handle<T>(f: impl FnOnce(&mut Handle) -> Result<T, String>) -> Result<T,
 }
 
 /// Reads the header of a JPEG.
-pub fn header(bytes: &[u8]) -> Result<JpegHeader, String> {
+pub fn header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
     with_handle(|h| h.header(bytes))
 }
 
@@ -223,7 +273,7 @@ pub fn header(bytes: &[u8]) -> Result<JpegHeader, String> {
 /// replicated by libjpeg, CMYK/YCCK files are decoded as CMYK and converted
 /// as Pillow's `convert('RGB')` does ([`cmyk_to_rgb`]). Returns the pixels and
 /// their width and height.
-pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u32), String> {
+pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u32), JpegError> {
     with_handle(|h| {
         let hdr = h.header(bytes)?;
         let (denom, x, y, w, hgt) = match partial {
@@ -233,9 +283,14 @@ pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u
         h.set_scaling(denom)?;
         let (sw, sh) = (scaled(hdr.width, denom), scaled(hdr.height, denom));
         if w == 0 || hgt == 0 || x + w > sw || y + hgt > sh {
-            return Err(format!(
-                "cropping region {w}x{hgt}+{x}+{y} outside the {sw}x{sh} scaled image"
-            ));
+            return Err(JpegError::CropOutside {
+                x,
+                y,
+                width: w,
+                height: hgt,
+                scaled_width: sw,
+                scaled_height: sh,
+            });
         }
         if (x, y, w, hgt) == (0, 0, sw, sh) {
             h.set_cropping(0, 0, 0, 0)?;
@@ -263,7 +318,7 @@ pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u
 
 /// Encodes an RGB image as a baseline JPEG of `quality` (1..=100) with 4:2:0
 /// chroma subsampling (Pillow's default for `img.save(f, quality=q)`).
-pub fn encode_rgb(img: &crate::image::RgbImage, quality: i32) -> Result<Vec<u8>, String> {
+pub fn encode_rgb(img: &crate::image::RgbImage, quality: i32) -> Result<Vec<u8>, JpegError> {
     let image = turbojpeg::Image {
         pixels: img.data.as_slice(),
         width: img.width as usize,
@@ -272,7 +327,7 @@ pub fn encode_rgb(img: &crate::image::RgbImage, quality: i32) -> Result<Vec<u8>,
         format: turbojpeg::PixelFormat::RGB,
     };
     let out = turbojpeg::compress(image, quality.clamp(1, 100), turbojpeg::Subsamp::Sub2x2)
-        .map_err(|e| e.to_string())?;
+        .map_err(JpegError::Encode)?;
     Ok(out.to_vec())
 }
 

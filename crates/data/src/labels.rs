@@ -233,9 +233,12 @@ impl RealLabels {
     }
 }
 
-/// Top-1 / top-5 counts of one evaluation set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetScore {
+/// What an evaluation counts: images scored, right top-1 and top-5
+/// predictions, images left out and the summed loss. The one count type of
+/// every evaluation (the validation split, ImageNet-V2, ReaL); counts of
+/// shards (ranks, batches) add up with [`EvalCounts::merge`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalCounts {
     /// Images scored.
     pub count: u64,
     /// Images whose top prediction is right.
@@ -244,9 +247,11 @@ pub struct SetScore {
     pub top5: u64,
     /// Images left out (ReaL: no valid label).
     pub excluded: u64,
+    /// Sum of per-image cross-entropy (0 where the loss is not computed).
+    pub loss_sum: f64,
 }
 
-impl SetScore {
+impl EvalCounts {
     /// Top-1 accuracy in percent.
     pub fn top1_pct(&self) -> f64 {
         100.0 * self.top1 as f64 / self.count.max(1) as f64
@@ -257,12 +262,34 @@ impl SetScore {
         100.0 * self.top5 as f64 / self.count.max(1) as f64
     }
 
+    /// Mean cross-entropy over the scored images.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.count.max(1) as f64
+    }
+
     /// Adds another shard's counts.
-    pub fn merge(&mut self, other: &SetScore) {
+    pub fn merge(&mut self, other: &EvalCounts) {
         self.count += other.count;
         self.top1 += other.top1;
         self.top5 += other.top5;
         self.excluded += other.excluded;
+        self.loss_sum += other.loss_sum;
+    }
+
+    /// The counts as floats, in a fixed order (for sums over ranks).
+    pub fn to_array(&self) -> [f64; 5] {
+        [self.count as f64, self.top1 as f64, self.top5 as f64, self.excluded as f64, self.loss_sum]
+    }
+
+    /// The counts of [`EvalCounts::to_array`] (whole numbers rounded).
+    pub fn from_array(values: [f64; 5]) -> EvalCounts {
+        EvalCounts {
+            count: values[0].round() as u64,
+            top1: values[1].round() as u64,
+            top5: values[2].round() as u64,
+            excluded: values[3].round() as u64,
+            loss_sum: values[4],
+        }
     }
 }
 
@@ -298,7 +325,7 @@ impl Scoring {
     /// Scores one image from its predictions (class indices, best first; five
     /// or fewer): timm's `accuracy` for labels, `RealLabelsImagenet` for ReaL
     /// (an image counts when any of its top-k predictions is a valid label).
-    pub fn add(&self, score: &mut SetScore, sample: &Sample, predictions: &[i64]) {
+    pub fn add(&self, score: &mut EvalCounts, sample: &Sample, predictions: &[i64]) {
         let top5 = &predictions[..predictions.len().min(5)];
         let (hit1, hit5) = match self {
             Scoring::Labels => {
@@ -377,11 +404,15 @@ mod tests {
         ));
         let scoring = Scoring::Real(real);
         let s = |i: usize| Sample::file(format!("val/ILSVRC2012_val_{:08}.JPEG", i + 1).into(), 0);
-        let mut score = SetScore::default();
+        let mut score = EvalCounts::default();
         scoring.add(&mut score, &s(0), &[7, 0, 1, 2, 4]); // top-1 hit
         scoring.add(&mut score, &s(1), &[7, 0, 1, 2, 4]); // excluded
         scoring.add(&mut score, &s(2), &[7, 0, 1, 2, 4]); // top-5 hit only
-        assert_eq!(score, SetScore { count: 2, top1: 1, top5: 2, excluded: 1 });
+        assert_eq!(score, EvalCounts { count: 2, top1: 1, top5: 2, excluded: 1, loss_sum: 0.0 });
+        let mut twice = score;
+        twice.merge(&score);
+        assert_eq!(EvalCounts::from_array(twice.to_array()), twice);
+        assert_eq!((twice.count, twice.excluded), (4, 2));
         assert!(scoring.check(&[s(0), s(2)]).is_ok());
         let err = scoring.check(&[s(5)]).unwrap_err().to_string();
         assert!(err.contains("ILSVRC2012_val_00000006"), "{err}");

@@ -68,7 +68,7 @@ impl BadFiles {
 /// The reason of a decode failure without the path (the log line names it).
 fn failure_reason(error: &DataError) -> String {
     match error {
-        DataError::Decode { reason, .. } => reason.clone(),
+        DataError::Decode { source, .. } => source.to_string(),
         DataError::Io { source, .. } => source.to_string(),
         other => other.to_string(),
     }
@@ -222,7 +222,9 @@ impl TrainData {
             let augmented = match self.bad_files.is_bad(sample) {
                 Some(reason) => Err(reason),
                 None => sample.read().map_err(|e| failure_reason(&e)).and_then(|bytes| {
-                    self.transform.apply_encoded(&bytes, &mut rng, self.scaled_decode)
+                    self.transform
+                        .apply_encoded(&bytes, &mut rng, self.scaled_decode)
+                        .map_err(|e| e.to_string())
                 }),
             };
             match augmented {
@@ -384,8 +386,10 @@ impl EvalData {
             EvalBatch { len: 0, size, images: Vec::new(), labels: Vec::new(), indices: Vec::new() };
         for index in start..end {
             let sample = &self.folder.samples()[index];
-            let decoded =
-                sample.read().map_err(|e| failure_reason(&e)).and_then(|b| decode_bytes(&b));
+            let decoded = sample
+                .read()
+                .map_err(|e| failure_reason(&e))
+                .and_then(|b| decode_bytes(&b).map_err(|e| e.to_string()));
             match decoded {
                 Ok(img) => {
                     let out = self.transform.apply(&img);

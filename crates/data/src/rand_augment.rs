@@ -8,7 +8,11 @@
 //! negation, on top of the Pillow-exact image operations of
 //! [`crate::image`]. The random draws come from our [`Rng`] rather than
 //! Python's, so only their distributions match timm; [`RaOp::apply_level`]
-//! and [`RaOp::apply`] are the deterministic entry points the parity tests use.
+//! and [`RaOp::apply`] are the deterministic entry points the parity tests use,
+//! and [`RandAugment::apply_replayed`] runs the same decision code on draws
+//! recorded from timm ([`RaDraw`]), so that the op choice, the apply
+//! probability, the magnitude noise and clip, the sign and the interpolation
+//! choice are checked against timm's own draws.
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -488,10 +492,18 @@ impl RandAugment {
     /// Gaussian noise of std `mstd` (or uniform in [0, m] when `mstd` is
     /// infinite), clipped to [0, upper bound].
     pub fn sample_magnitude(&self, rng: &mut Rng) -> f64 {
+        self.draw_magnitude(rng)
+    }
+
+    fn draw_magnitude(&self, draws: &mut impl Draws) -> f64 {
         let mut m = f64::from(self.config.magnitude);
         let std = self.config.magnitude_std;
         if std > 0.0 {
-            m = if std == f64::INFINITY { rng.uniform_range(0.0, m) } else { rng.gauss(m, std) };
+            m = if std == f64::INFINITY {
+                draws.uniform_range(0.0, m)
+            } else {
+                draws.gauss(m, std)
+            };
         }
         self.config.clip_magnitude(m)
     }
@@ -499,31 +511,262 @@ impl RandAugment {
     /// Applies RandAugment to `img`: `num_layers` ops drawn uniformly with
     /// replacement, each applied with probability `prob`.
     pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
+        self.apply_with(img, rng, &mut Vec::new())
+    }
+
+    /// [`RandAugment::apply`] driven by draws recorded from timm's
+    /// `RandAugment.__call__` (in the order timm makes them) instead of our
+    /// [`Rng`]. Returns the image and what was decided for each chosen op.
+    /// Fails if the plan does not hold the draw the next decision needs, holds
+    /// an index out of range, or has draws left over.
+    pub fn apply_replayed(
+        &self,
+        img: &RgbImage,
+        plan: &[RaDraw],
+    ) -> Result<(RgbImage, Vec<RaDecision>), RaReplayError> {
+        let mut replay = Replay { plan, next: 0, error: None };
+        let mut decisions = Vec::new();
+        let out = self.apply_with(img, &mut replay, &mut decisions);
+        if let Some(error) = replay.error {
+            return Err(error);
+        }
+        if replay.next < plan.len() {
+            return Err(RaReplayError::Unused { left: plan.len() - replay.next });
+        }
+        Ok((out, decisions))
+    }
+
+    /// The decision code shared by [`RandAugment::apply`] and
+    /// [`RandAugment::apply_replayed`], in timm's draw order: all op choices
+    /// first (numpy), then per op the apply draw, the magnitude noise, the
+    /// sign and the interpolation (Python's `random`).
+    fn apply_with(
+        &self,
+        img: &RgbImage,
+        draws: &mut impl Draws,
+        decisions: &mut Vec<RaDecision>,
+    ) -> RgbImage {
         let set = self.config.ops();
-        let chosen: Vec<RaOp> = (0..self.config.num_layers)
-            .map(|_| set[rng.below(set.len() as u64) as usize])
-            .collect();
+        let chosen: Vec<RaOp> =
+            (0..self.config.num_layers).map(|_| set[draws.op_index(set.len())]).collect();
         let mut cur = Cow::Borrowed(img);
         for op in chosen {
-            if self.config.prob < 1.0 && rng.uniform() > self.config.prob {
+            if self.config.prob < 1.0 && draws.random() > self.config.prob {
+                decisions.push(RaDecision {
+                    op,
+                    applied: false,
+                    magnitude: None,
+                    arg: None,
+                    filter: None,
+                });
                 continue;
             }
-            let magnitude = self.sample_magnitude(rng);
-            let negate = op.draws_sign() && rng.uniform() > 0.5;
+            let magnitude = self.draw_magnitude(draws);
+            let negate = op.draws_sign() && draws.random() > 0.5;
             let filter = match self.interpolation {
                 _ if !op.is_geometric() => Filter::Bicubic,
                 RaInterpolation::Fixed(f) => f,
-                RaInterpolation::Random => {
-                    if rng.below(2) == 0 {
-                        Filter::Bilinear
-                    } else {
-                        Filter::Bicubic
-                    }
-                }
+                RaInterpolation::Random => RANDOM_INTERPOLATION[draws.interpolation_index(2)],
             };
-            cur = Cow::Owned(op.apply_level(&cur, magnitude, negate, filter, self.fill));
+            let arg = op.level_arg(magnitude, negate);
+            cur = Cow::Owned(op.apply(&cur, arg.unwrap_or(0.0), filter, self.fill));
+            decisions.push(RaDecision {
+                op,
+                applied: true,
+                magnitude: Some(magnitude),
+                arg,
+                filter: op.is_geometric().then_some(filter),
+            });
         }
         cur.into_owned()
+    }
+}
+
+/// timm's `_RANDOM_INTERPOLATION`, in its order.
+const RANDOM_INTERPOLATION: [Filter; 2] = [Filter::Bilinear, Filter::Bicubic];
+
+/// One random draw of timm's RandAugment, as recorded from Python, in call order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RaDraw {
+    /// One `np.random.choice` pick of an op: its index in the op set.
+    OpChoice(usize),
+    /// `random.random()` (the apply draw, `> p` skips the op; the sign draw,
+    /// `> 0.5` negates).
+    Random(f64),
+    /// The value `random.gauss(m, mstd)` returned (before the clip).
+    Gauss(f64),
+    /// The value `random.uniform(0, m)` returned (`mstd` above 100).
+    Uniform(f64),
+    /// `random.choice` over `_RANDOM_INTERPOLATION` (bilinear, bicubic): the index.
+    InterpolationChoice(usize),
+}
+
+/// What RandAugment decided for one chosen op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaDecision {
+    /// The op drawn.
+    pub op: RaOp,
+    /// Whether the apply draw let it run.
+    pub applied: bool,
+    /// The magnitude after noise and clip (applied ops only).
+    pub magnitude: Option<f64>,
+    /// timm's level argument (applied ops with an argument only).
+    pub arg: Option<f64>,
+    /// The interpolation (applied geometric ops only).
+    pub filter: Option<Filter>,
+}
+
+/// Why a recorded plan could not be replayed.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum RaReplayError {
+    /// The next planned draw is not the kind the decision needs, or the plan ended.
+    #[error("draw {position}: RandAugment needs {needed}, the plan has {found:?}")]
+    Mismatch {
+        /// Index of the draw in the plan.
+        position: usize,
+        /// The kind of draw needed (`op choice`, `random`, ...).
+        needed: &'static str,
+        /// The planned draw (`None`: the plan ended).
+        found: Option<RaDraw>,
+    },
+    /// A planned index is outside the set it picks from.
+    #[error("draw {position}: index {index} out of range for {len} choices")]
+    OutOfRange {
+        /// Index of the draw in the plan.
+        position: usize,
+        /// The planned index.
+        index: usize,
+        /// The number of choices.
+        len: usize,
+    },
+    /// The decisions used fewer draws than planned.
+    #[error("{left} planned draws were not used")]
+    Unused {
+        /// Draws left.
+        left: usize,
+    },
+}
+
+/// Where RandAugment's random decisions come from: our [`Rng`], or a plan of
+/// draws recorded from timm. One method per kind of draw timm makes.
+trait Draws {
+    /// An op index in `[0, len)` (numpy's choice with replacement).
+    fn op_index(&mut self, len: usize) -> usize;
+    /// Uniform in `[0, 1)` (`random.random()`).
+    fn random(&mut self) -> f64;
+    /// Normal(`mean`, `std`) (`random.gauss`).
+    fn gauss(&mut self, mean: f64, std: f64) -> f64;
+    /// Uniform in `[lo, hi)` (`random.uniform`).
+    fn uniform_range(&mut self, lo: f64, hi: f64) -> f64;
+    /// An interpolation index in `[0, len)` (`random.choice`).
+    fn interpolation_index(&mut self, len: usize) -> usize;
+}
+
+impl Draws for Rng {
+    fn op_index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    fn random(&mut self) -> f64 {
+        self.uniform()
+    }
+
+    fn gauss(&mut self, mean: f64, std: f64) -> f64 {
+        Rng::gauss(self, mean, std)
+    }
+
+    fn uniform_range(&mut self, lo: f64, hi: f64) -> f64 {
+        Rng::uniform_range(self, lo, hi)
+    }
+
+    fn interpolation_index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+}
+
+/// A recorded plan being replayed; the first problem is kept and later
+/// draws return neutral values (the result is discarded on error).
+struct Replay<'a> {
+    plan: &'a [RaDraw],
+    next: usize,
+    error: Option<RaReplayError>,
+}
+
+impl Replay<'_> {
+    /// The next planned draw if `pick` accepts its kind; records a mismatch otherwise.
+    fn take<T>(&mut self, needed: &'static str, pick: impl Fn(RaDraw) -> Option<T>) -> Option<T> {
+        if self.error.is_some() {
+            return None;
+        }
+        let position = self.next;
+        let found = self.plan.get(position).copied();
+        match found.and_then(&pick) {
+            Some(v) => {
+                self.next += 1;
+                Some(v)
+            }
+            None => {
+                self.error = Some(RaReplayError::Mismatch { position, needed, found });
+                None
+            }
+        }
+    }
+
+    /// Checks a drawn index against the number of choices.
+    fn index(&mut self, len: usize, draw: Option<usize>) -> usize {
+        match draw {
+            Some(index) if index < len => index,
+            Some(index) => {
+                if self.error.is_none() {
+                    self.error =
+                        Some(RaReplayError::OutOfRange { position: self.next - 1, index, len });
+                }
+                0
+            }
+            None => 0,
+        }
+    }
+}
+
+impl Draws for Replay<'_> {
+    fn op_index(&mut self, len: usize) -> usize {
+        let draw = self.take("op choice", |d| match d {
+            RaDraw::OpChoice(i) => Some(i),
+            _ => None,
+        });
+        self.index(len, draw)
+    }
+
+    fn random(&mut self) -> f64 {
+        self.take("random", |d| match d {
+            RaDraw::Random(v) => Some(v),
+            _ => None,
+        })
+        .unwrap_or(0.0)
+    }
+
+    fn gauss(&mut self, _mean: f64, _std: f64) -> f64 {
+        self.take("gauss", |d| match d {
+            RaDraw::Gauss(v) => Some(v),
+            _ => None,
+        })
+        .unwrap_or(0.0)
+    }
+
+    fn uniform_range(&mut self, _lo: f64, _hi: f64) -> f64 {
+        self.take("uniform", |d| match d {
+            RaDraw::Uniform(v) => Some(v),
+            _ => None,
+        })
+        .unwrap_or(0.0)
+    }
+
+    fn interpolation_index(&mut self, len: usize) -> usize {
+        let draw = self.take("interpolation choice", |d| match d {
+            RaDraw::InterpolationChoice(i) => Some(i),
+            _ => None,
+        });
+        self.index(len, draw)
     }
 }
 
@@ -709,5 +952,136 @@ mod tests {
         // 2 ops of 15 change the image.
         let frac = changed as f64 / 300.0;
         assert!((frac - 2.0 / 15.0).abs() < 0.07, "{frac}");
+    }
+
+    /// Our `Rng`, recording what it draws as a replay plan.
+    struct Recorder {
+        rng: Rng,
+        plan: Vec<RaDraw>,
+    }
+
+    impl Draws for Recorder {
+        fn op_index(&mut self, len: usize) -> usize {
+            let i = self.rng.op_index(len);
+            self.plan.push(RaDraw::OpChoice(i));
+            i
+        }
+        fn random(&mut self) -> f64 {
+            let v = Draws::random(&mut self.rng);
+            self.plan.push(RaDraw::Random(v));
+            v
+        }
+        fn gauss(&mut self, mean: f64, std: f64) -> f64 {
+            let v = Draws::gauss(&mut self.rng, mean, std);
+            self.plan.push(RaDraw::Gauss(v));
+            v
+        }
+        fn uniform_range(&mut self, lo: f64, hi: f64) -> f64 {
+            let v = Draws::uniform_range(&mut self.rng, lo, hi);
+            self.plan.push(RaDraw::Uniform(v));
+            v
+        }
+        fn interpolation_index(&mut self, len: usize) -> usize {
+            let i = self.rng.interpolation_index(len);
+            self.plan.push(RaDraw::InterpolationChoice(i));
+            i
+        }
+    }
+
+    #[test]
+    fn replaying_our_own_draws_gives_our_output() {
+        let mut data = Vec::new();
+        for i in 0..(19 * 13) {
+            data.extend_from_slice(&[
+                (i * 5 % 256) as u8,
+                (i * 11 % 256) as u8,
+                (i * 3 % 256) as u8,
+            ]);
+        }
+        let img = RgbImage::new(19, 13, data);
+        for spec in ["rand-m7-mstd0.5-inc1", "rand-m9-n3-mstd101-p0.9", "rand-m1-n4-mstd3"] {
+            let ra = RandAugment::new(parse(spec), [124, 116, 104], RaInterpolation::Random);
+            for key in 0..50 {
+                let mut recorder = Recorder { rng: Rng::from_key(&[key]), plan: Vec::new() };
+                let recorded = ra.apply_with(&img, &mut recorder, &mut Vec::new());
+                assert_eq!(recorded, ra.apply(&img, &mut Rng::from_key(&[key])), "{spec} {key}");
+                let (replayed, decisions) = ra.apply_replayed(&img, &recorder.plan).unwrap();
+                assert_eq!(replayed, recorded, "{spec} {key}");
+                assert_eq!(decisions.len(), ra.config().num_layers);
+            }
+        }
+    }
+
+    #[test]
+    fn replay_clips_the_planned_magnitude_and_reads_the_sign() {
+        let img = RgbImage::filled(6, 5, [10, 20, 30]);
+        let ra = RandAugment::new(parse("rand-m9-n1-mstd2"), [0; 3], RaInterpolation::Random);
+        // Rotate is op 3 of the default set; apply (0.1 <= 0.5), magnitude
+        // 12.5 clipped to 10, sign draw 0.7 > 0.5 negates, bicubic.
+        let plan = [
+            RaDraw::OpChoice(3),
+            RaDraw::Random(0.1),
+            RaDraw::Gauss(12.5),
+            RaDraw::Random(0.7),
+            RaDraw::InterpolationChoice(1),
+        ];
+        let (_, decisions) = ra.apply_replayed(&img, &plan).unwrap();
+        assert_eq!(
+            decisions,
+            vec![RaDecision {
+                op: RaOp::Rotate,
+                applied: true,
+                magnitude: Some(10.0),
+                arg: Some(-30.0),
+                filter: Some(Filter::Bicubic),
+            }]
+        );
+        let plan = [
+            RaDraw::OpChoice(3),
+            RaDraw::Random(0.1),
+            RaDraw::Gauss(-0.5),
+            RaDraw::Random(0.2),
+            RaDraw::InterpolationChoice(0),
+        ];
+        let (_, decisions) = ra.apply_replayed(&img, &plan).unwrap();
+        assert_eq!(
+            (decisions[0].magnitude, decisions[0].filter),
+            (Some(0.0), Some(Filter::Bilinear))
+        );
+        // An apply draw above p skips the op and draws nothing else.
+        let (out, decisions) =
+            ra.apply_replayed(&img, &[RaDraw::OpChoice(3), RaDraw::Random(0.6)]).unwrap();
+        assert_eq!(out, img);
+        assert!(!decisions[0].applied);
+    }
+
+    #[test]
+    fn replay_refuses_plans_that_do_not_fit() {
+        let img = RgbImage::filled(4, 4, [1, 2, 3]);
+        let ra = RandAugment::new(parse("rand-m5-n1"), [0; 3], RaInterpolation::Random);
+        assert_eq!(
+            ra.apply_replayed(&img, &[RaDraw::Random(0.1)]).unwrap_err(),
+            RaReplayError::Mismatch {
+                position: 0,
+                needed: "op choice",
+                found: Some(RaDraw::Random(0.1))
+            }
+        );
+        assert_eq!(
+            ra.apply_replayed(&img, &[RaDraw::OpChoice(0)]).unwrap_err(),
+            RaReplayError::Mismatch { position: 1, needed: "random", found: None }
+        );
+        assert_eq!(
+            ra.apply_replayed(&img, &[RaDraw::OpChoice(15), RaDraw::Random(0.9)]).unwrap_err(),
+            RaReplayError::OutOfRange { position: 0, index: 15, len: 15 }
+        );
+        assert_eq!(
+            ra.apply_replayed(
+                &img,
+                &[RaDraw::OpChoice(0), RaDraw::Random(0.9), RaDraw::Random(0.9)]
+            )
+            .unwrap_err(),
+            RaReplayError::Unused { left: 1 }
+        );
     }
 }

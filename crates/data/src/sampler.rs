@@ -189,22 +189,18 @@ impl StreamSampler {
     }
 }
 
-/// The sampler streams rank `rank` of `world` runs: the contiguous block
-/// `rank * k .. (rank + 1) * k` with `k = num_streams / world` (the
-/// coordinator's plan). The world size must divide the stream count.
+/// The sampler streams rank `rank` of `world` runs, in accumulation order:
+/// the job's one stream rule, [`rsb_job::streams_of_rank`] (contiguous
+/// blocks, as the coordinator's plan assigns them). The world size must
+/// divide the stream count.
 pub fn streams_of_rank(
     num_streams: usize,
     world: usize,
     rank: usize,
 ) -> Result<Vec<usize>, DataError> {
-    if world == 0 || rank >= world || !num_streams.is_multiple_of(world) {
-        return Err(DataError::Config(format!(
-            "{num_streams} sampler streams cannot be split over {world} ranks (rank {rank}); \
-             the world size must divide the stream count"
-        )));
-    }
-    let k = num_streams / world;
-    Ok((rank * k..(rank + 1) * k).collect())
+    rsb_job::streams_of_rank(num_streams, world, rank)
+        .map(Iterator::collect)
+        .map_err(|e| DataError::Config(format!("rank {rank}: {e}")))
 }
 
 /// A position in a run: the next optimizer update to run.

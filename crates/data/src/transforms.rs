@@ -11,6 +11,7 @@
 //! [`TrainTransform::apply`] on the fully decoded image.
 
 use crate::decode::{decode_for_crop, probe};
+use crate::error::DecodeError;
 use crate::image::resize::{crop, resize, resize_region, resize_region_box, Region};
 use crate::image::{Filter, RgbImage};
 use crate::rand_augment::RandAugment;
@@ -177,7 +178,7 @@ impl TrainTransform {
         bytes: &[u8],
         rng: &mut Rng,
         scaled_decode: bool,
-    ) -> Result<RgbImage, String> {
+    ) -> Result<RgbImage, DecodeError> {
         let info = probe(bytes)?;
         let b = random_resized_crop_box(info.width, info.height, self.scale, self.ratio, rng);
         let filter = self.draw_filter(rng);

@@ -15,16 +15,7 @@ use rsb_data::transforms::EvalTransform;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    let root = std::env::var_os("RSB_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures"));
-    let dir = root.join("decode_eval");
-    assert!(
-        dir.is_dir(),
-        "{} is missing; run `.venv/bin/python tests/oracle/gen_fixtures.py`",
-        dir.display()
-    );
-    dir
+    rsb_test_support::fixtures("decode_eval")
 }
 
 fn read_rgb(path: &std::path::Path) -> RgbImage {

@@ -23,15 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 fn fixture_files(sub: &str) -> Vec<PathBuf> {
-    let root = std::env::var_os("RSB_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures"));
-    let dir = root.join(sub).join("files");
-    assert!(
-        dir.is_dir(),
-        "{} is missing; run `.venv/bin/python tests/oracle/gen_fixtures.py`",
-        dir.display()
-    );
+    let dir = rsb_test_support::fixtures(sub).join("files");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -16,11 +16,7 @@ use rsb_data::rand_augment::{RaOp, RandAugmentConfig};
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
-    let root = match std::env::var_os("RSB_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures"),
-    };
-    root.join("pil_ops")
+    rsb_test_support::fixtures("pil_ops")
 }
 
 fn load_npy(path: &Path) -> RgbImage {
@@ -154,9 +150,9 @@ fn pil_ops_match_pillow_and_timm_bit_for_bit() {
     let manifest_path = dir.join("manifest.json");
     let Ok(text) = std::fs::read_to_string(&manifest_path) else {
         panic!(
-            "missing {}: generate the fixtures with `.venv/bin/python tests/oracle/gen_fixtures.py` \
-             (or only these: `.venv/bin/python tests/oracle/pil_ops.py --out target/fixtures/pil_ops`)",
-            manifest_path.display()
+            "missing {}: generate the fixtures with `{}`",
+            manifest_path.display(),
+            rsb_test_support::GENERATE_FIXTURES
         );
     };
     let manifest: Value = serde_json::from_str(&text).expect("manifest.json is not JSON");

@@ -2,14 +2,14 @@
 //! fixed parts: `model.safetensors` (timm keys, loads into timm as is),
 //! `optimizer.safetensors` (LAMB moments) and `state.json` (position in the
 //! run, optimizer step counts, loader counters). The folder is assembled under
-//! a temporary name, every file fsynced, then renamed into place, so a
+//! a temporary name, every file written through [`crate::atomic_file`]
+//! (fsynced), then the folder is fsynced and renamed into place, so a
 //! checkpoint folder that exists is complete. The newest `keep_last` are kept.
 
+use crate::atomic_file::{self, sync_and_rename, temporary_sibling};
 use crate::error::TrainError;
 use crate::lamb::{Lamb, LambSteps};
-use rsb_vision::weights::{
-    read_safetensors, sync_and_rename, temporary_sibling, write_safetensors_atomic,
-};
+use rsb_vision::weights::{read_safetensors, write_safetensors};
 use rsb_vision::Model;
 use std::path::{Path, PathBuf};
 
@@ -59,13 +59,19 @@ pub fn save(
         std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
     }
     std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
-    model.save_safetensors(&staging.join("model.safetensors"))?;
-    write_safetensors_atomic(&optimizer.state_tensors(), &staging.join("optimizer.safetensors"))?;
-    let json = serde_json::to_string_pretty(state).expect("state serialises");
+    atomic_file::write_with(&staging.join("model.safetensors"), |staged| {
+        Ok(model.save_safetensors(staged)?)
+    })?;
+    let moments = optimizer.state_tensors();
+    atomic_file::write_with(&staging.join("optimizer.safetensors"), |staged| {
+        Ok(write_safetensors(&moments, staged)?)
+    })?;
     let state_path = staging.join("state.json");
-    let tmp = temporary_sibling(&state_path);
-    std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
-    sync_and_rename(&tmp, &state_path).map_err(|e| TrainError::io(&state_path, e))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+        path: state_path.clone(),
+        problem: format!("cannot serialise the training state: {e}"),
+    })?;
+    atomic_file::write_bytes(&state_path, json.as_bytes())?;
     if target.exists() {
         // Re-running an epoch (after a resume from an older checkpoint) replaces it.
         std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;

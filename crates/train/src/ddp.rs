@@ -15,12 +15,6 @@ use tch::{Device, Kind, Tensor};
 /// Floats per bucket: 25 MB of f32.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 
-impl From<CollectiveError> for TrainError {
-    fn from(e: CollectiveError) -> TrainError {
-        TrainError::Collective(e.to_string())
-    }
-}
-
 /// What to do with each bucket.
 #[derive(Debug, Clone, Copy)]
 pub enum Reduction {
@@ -49,9 +43,17 @@ fn reduce_flat(
             let data = unsafe { std::slice::from_raw_parts_mut(flat.data_ptr() as *mut f32, len) };
             Buffer::Host(data)
         }
-        Device::Cuda(device) => Buffer::Cuda { ptr: flat.data_ptr() as u64, len, device },
-        other => {
-            return Err(TrainError::Collective(format!("no collective for tensors on {other:?}")))
+        // SAFETY: `flat` is a contiguous f32 tensor of `len` elements on CUDA
+        // device `device` that we own exclusively and keep alive past the
+        // collective below; the backends enqueue on libtorch's default stream.
+        Device::Cuda(device) => Buffer::Cuda(unsafe {
+            rsb_collective::CudaBuffer::new(flat.data_ptr() as u64, len, device)
+        }),
+        _ => {
+            return Err(TrainError::Collective(CollectiveError::WrongMemory {
+                backend: "rsb-train's data parallelism",
+                location: "memory other than the host's or CUDA's",
+            }))
         }
     };
     match reduction {

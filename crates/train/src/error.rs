@@ -34,8 +34,8 @@ pub enum TrainError {
         problem: String,
     },
     /// A collective operation between ranks failed.
-    #[error("collective: {0}")]
-    Collective(String),
+    #[error("collective operation between ranks failed")]
+    Collective(#[from] rsb_collective::CollectiveError),
     /// The loss became NaN or infinite.
     #[error("loss is {value} at epoch {epoch}, update {update}: training diverged")]
     Diverged {

@@ -20,6 +20,17 @@ struct Group {
     params: Vec<Slot>,
 }
 
+impl Group {
+    /// timm's name for the group: parameters with or without weight decay.
+    fn name(&self) -> &'static str {
+        if self.weight_decay == 0.0 {
+            "no_decay"
+        } else {
+            "decay"
+        }
+    }
+}
+
 /// A parameter with its moments.
 #[derive(Debug)]
 struct Slot {
@@ -42,6 +53,53 @@ pub struct Lamb {
 pub struct LambSteps {
     /// Steps of each group, in group order.
     pub group_steps: Vec<u64>,
+}
+
+/// Saved optimizer state that does not fit this optimizer.
+#[derive(Debug, thiserror::Error)]
+pub enum LambStateError {
+    /// The saved state has step counts for another number of parameter groups.
+    #[error("{saved} parameter groups saved, {} in this run ({})", here.len(), here.join(", "))]
+    GroupCount {
+        /// Groups in the saved state.
+        saved: usize,
+        /// This optimizer's groups, by name (`no_decay`, `decay`).
+        here: Vec<&'static str>,
+    },
+    /// A moment of one of this optimizer's parameters is not in the saved state.
+    #[error("missing `{key}` (parameter group {group})")]
+    MissingTensor {
+        /// The parameter group (`no_decay` or `decay`).
+        group: &'static str,
+        /// The tensor name (`exp_avg.<param>` or `exp_avg_sq.<param>`).
+        key: String,
+    },
+    /// A saved moment has another shape than its parameter.
+    #[error("`{key}` (parameter group {group}) has shape {saved:?}, expected {expected:?}")]
+    Shape {
+        /// The parameter group (`no_decay` or `decay`).
+        group: &'static str,
+        /// The tensor name.
+        key: String,
+        /// Shape in the saved state.
+        saved: Vec<i64>,
+        /// Shape of the parameter here.
+        expected: Vec<i64>,
+    },
+    /// The saved state has a tensor that belongs to no parameter here.
+    #[error("unexpected optimizer tensor `{key}`")]
+    UnexpectedTensor {
+        /// The tensor name.
+        key: String,
+    },
+    /// Copying a saved moment into place failed in libtorch.
+    #[error("restoring `{key}`: {source}")]
+    Copy {
+        /// The tensor name.
+        key: String,
+        /// The libtorch error.
+        source: TchError,
+    },
 }
 
 impl Lamb {
@@ -200,14 +258,8 @@ impl Lamb {
     }
 
     /// Sets the step counts (the moments are restored separately).
-    pub fn load_steps(&mut self, steps: &LambSteps) -> Result<(), String> {
-        if steps.group_steps.len() != self.groups.len() {
-            return Err(format!(
-                "{} parameter groups given, {} here",
-                steps.group_steps.len(),
-                self.groups.len()
-            ));
-        }
+    pub fn load_steps(&mut self, steps: &LambSteps) -> Result<(), LambStateError> {
+        self.check_group_count(steps)?;
         for (group, &step) in self.groups.iter_mut().zip(&steps.group_steps) {
             group.step = step;
         }
@@ -219,38 +271,155 @@ impl Lamb {
         &mut self,
         tensors: Vec<(String, Tensor)>,
         steps: &LambSteps,
-    ) -> Result<(), String> {
-        if steps.group_steps.len() != self.groups.len() {
-            return Err(format!(
-                "{} parameter groups saved, {} in this run",
-                steps.group_steps.len(),
-                self.groups.len()
-            ));
-        }
+    ) -> Result<(), LambStateError> {
+        self.check_group_count(steps)?;
         let mut by_name: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         let _guard = tch::no_grad_guard();
         for (group, &step) in self.groups.iter_mut().zip(&steps.group_steps) {
             group.step = step;
+            let group_name = group.name();
             for slot in &mut group.params {
                 for (prefix, target) in
                     [("exp_avg", &mut slot.exp_avg), ("exp_avg_sq", &mut slot.exp_avg_sq)]
                 {
                     let key = format!("{prefix}.{}", slot.name);
-                    let src = by_name.remove(&key).ok_or_else(|| format!("missing `{key}`"))?;
+                    let Some(src) = by_name.remove(&key) else {
+                        return Err(LambStateError::MissingTensor { group: group_name, key });
+                    };
                     if src.size() != target.size() {
-                        return Err(format!(
-                            "`{key}` has shape {:?}, expected {:?}",
-                            src.size(),
-                            target.size()
-                        ));
+                        return Err(LambStateError::Shape {
+                            group: group_name,
+                            key,
+                            saved: src.size(),
+                            expected: target.size(),
+                        });
                     }
-                    target.f_copy_(&src).map_err(|e| e.to_string())?;
+                    target
+                        .f_copy_(&src)
+                        .map_err(|source| LambStateError::Copy { key: key.clone(), source })?;
                 }
             }
         }
-        if let Some(extra) = by_name.keys().next() {
-            return Err(format!("unexpected optimizer tensor `{extra}`"));
+        let mut extra: Vec<String> = by_name.into_keys().collect();
+        extra.sort();
+        if let Some(key) = extra.into_iter().next() {
+            return Err(LambStateError::UnexpectedTensor { key });
         }
         Ok(())
+    }
+
+    fn check_group_count(&self, steps: &LambSteps) -> Result<(), LambStateError> {
+        if steps.group_steps.len() != self.groups.len() {
+            return Err(LambStateError::GroupCount {
+                saved: steps.group_steps.len(),
+                here: self.groups.iter().map(Group::name).collect(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(weight_decay: f64) -> LambOptimizer {
+        LambOptimizer {
+            lr: 1e-3,
+            weight_decay,
+            betas: [0.9, 0.999],
+            eps: 1e-6,
+            max_grad_norm: Some(1.0),
+            trust_clip: false,
+            always_adapt: false,
+        }
+    }
+
+    /// A weight (decay group) and a bias (no-decay group), with gradients.
+    fn optimizer() -> Lamb {
+        let weight = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).reshape([2, 2]);
+        let bias = Tensor::from_slice(&[0.1f32, -0.2]);
+        let params = vec![
+            ("fc.weight".to_string(), weight.set_requires_grad(true), true),
+            ("fc.bias".to_string(), bias.set_requires_grad(true), false),
+        ];
+        let mut lamb = Lamb::from_parameters(params, &config(0.02)).unwrap();
+        let loss = lamb
+            .groups
+            .iter()
+            .flat_map(|g| g.params.iter())
+            .map(|s| s.param.square().sum(Kind::Float))
+            .reduce(|a, b| a + b)
+            .unwrap();
+        loss.backward();
+        lamb.step(0.01).unwrap();
+        lamb
+    }
+
+    #[test]
+    fn saved_state_restores_moments_and_steps() {
+        let saved = optimizer();
+        let mut fresh = optimizer();
+        fresh.zero_grad();
+        fresh.load_steps(&LambSteps { group_steps: vec![0, 0] }).unwrap();
+        for (_, t) in fresh.state_tensors() {
+            let _ = t.detach().zero_();
+        }
+        fresh.load_state(saved.state_tensors(), &saved.steps()).unwrap();
+        assert_eq!(fresh.steps(), LambSteps { group_steps: vec![1, 1] });
+        for ((name, a), (_, b)) in saved.state_tensors().iter().zip(fresh.state_tensors()) {
+            assert!(a.equal(&b), "{name} differs after the restore");
+            assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} is all zeros");
+        }
+    }
+
+    #[test]
+    fn group_count_mismatch_names_the_groups() {
+        let mut lamb = optimizer();
+        let err = lamb.load_steps(&LambSteps { group_steps: vec![3] }).unwrap_err();
+        assert!(matches!(err, LambStateError::GroupCount { saved: 1, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "1 parameter groups saved, 2 in this run (no_decay, decay)");
+        let err = lamb.load_state(lamb.state_tensors(), &LambSteps { group_steps: vec![] });
+        assert!(matches!(err, Err(LambStateError::GroupCount { saved: 0, .. })), "{err:?}");
+    }
+
+    #[test]
+    fn missing_misshapen_and_extra_tensors_are_named() {
+        let mut lamb = optimizer();
+        let steps = lamb.steps();
+
+        let mut tensors = lamb.state_tensors();
+        tensors.retain(|(name, _)| name != "exp_avg_sq.fc.weight");
+        let err = lamb.load_state(tensors, &steps).unwrap_err();
+        assert!(
+            matches!(&err, LambStateError::MissingTensor { group: "decay", key }
+                if key == "exp_avg_sq.fc.weight"),
+            "{err:?}"
+        );
+
+        let mut tensors = lamb.state_tensors();
+        for (name, tensor) in &mut tensors {
+            if name == "exp_avg.fc.bias" {
+                *tensor = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+            }
+        }
+        let err = lamb.load_state(tensors, &steps).unwrap_err();
+        assert!(
+            matches!(&err, LambStateError::Shape { group: "no_decay", saved, expected, .. }
+                if saved == &[3] && expected == &[2]),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("`exp_avg.fc.bias`"), "{err}");
+
+        let mut tensors = lamb.state_tensors();
+        tensors.push((
+            "exp_avg.head.weight".into(),
+            Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+        ));
+        let err = lamb.load_state(tensors, &steps).unwrap_err();
+        assert!(
+            matches!(&err, LambStateError::UnexpectedTensor { key } if key == "exp_avg.head.weight"),
+            "{err:?}"
+        );
     }
 }

@@ -2,16 +2,22 @@
 //!
 //! [`loss`] (timm's BCE, soft-target CE), [`lamb`] (timm's LAMB with its
 //! parameter groups), [`schedule`] (cosine with warmup per update),
-//! [`metrics`] (top-k, `metrics.jsonl`), [`checkpoint`] (atomic, resumable)
-//! [`ddp`] (data parallelism over a collective) and [`trainer`] (the loop).
+//! [`checkpoint`] (atomic, resumable), [`ddp`] (data parallelism over a
+//! collective), [`from_recipe`] (the recipe as domain types),
+//! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
+//! progress) and [`trainer`] (the loop: epochs of updates).
 
+pub mod atomic_file;
 pub mod batch;
 pub mod checkpoint;
 pub mod ddp;
 pub mod error;
+pub mod evaluation;
+pub mod from_recipe;
 pub mod lamb;
 pub mod loss;
-pub mod metrics;
+pub mod precision;
+pub mod report;
 pub mod schedule;
 pub mod trainer;
 

@@ -27,6 +27,14 @@ pub enum VisionError {
         /// What does not match (missing, unexpected or mis-shaped keys).
         problem: String,
     },
+    /// libtorch could not read or write a `safetensors` file.
+    #[error("weights {path}: {source}")]
+    Safetensors {
+        /// The weights file.
+        path: PathBuf,
+        /// libtorch's error.
+        source: tch::TchError,
+    },
     /// Reading or writing a weights file failed.
     #[error("weights {path}: {source}")]
     WeightsIo {

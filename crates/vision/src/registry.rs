@@ -1,21 +1,11 @@
 //! The model registry, keyed by timm names: every architecture of Table 3 of
-//! "ResNet strikes back" (arXiv 2110.00476) with its default training and
-//! evaluation resolutions for the A1/A2 and the A3 procedures.
+//! "ResNet strikes back" (arXiv 2110.00476) with its A1/A2 and A3 training
+//! and test resolutions.
 //!
-//! Where the resolutions come from (timm 1.0.31's `pretrained_cfg`):
-//!
-//! * Models with RSB weights in timm (`.a1_in1k` / `.a3_in1k` tags: the
-//!   ResNets, `resnet50d`, `seresnet50`, `resnext50_32x4d`, `ecaresnet50t`):
-//!   A1/A2 train at the `.a1_in1k` `input_size` (224) and evaluate there with
-//!   its `crop_pct` (0.95), as the paper reports (timm's `test_input_size` 288
-//!   at crop 1.0 is a test-time resolution boost the paper does not use); A3
-//!   trains at the `.a3_in1k` `input_size` (160) and evaluates at its
-//!   `test_input_size` / `test_crop_pct` (224, 0.95).
-//! * The others (no RSB tag in timm): A1/A2 from the default tag's
-//!   `input_size` and `crop_pct` (the tag is named on each entry). A3 keeps
-//!   that evaluation and trains at the paper's A3 ratio 160/224 of the A1
-//!   resolution rounded to a multiple of 16 (224 -> 160, 240 -> 176,
-//!   256 -> 176, 288 -> 208, 320 -> 224); this rule is ours, not timm's.
+//! The resolutions are Table 3's (transcribed in `recipes/table3.csv`, which
+//! `tests/table3.rs` compares with every entry): A1/A2 train and test at the
+//! resolution of the paper that introduced the architecture, A3 trains
+//! smaller. Every procedure tests with the centre crop 0.95 (Table 1).
 
 use crate::error::VisionError;
 use crate::model::{ModelConfig, Network};
@@ -32,176 +22,127 @@ pub struct ModelSpec {
     pub name: &'static str,
     /// Family (file under `models/`).
     pub family: &'static str,
-    /// A1/A2 training resolution (square), as timm's `input_size`.
+    /// A1/A2 training resolution (square; Table 3 "A1/A2 train").
     pub input_size: i64,
-    /// A1/A2 evaluation resolution (square).
+    /// A1/A2 test resolution (Table 3 "A1/A2 test").
     pub test_input_size: i64,
-    /// A1/A2 fraction of the resized image kept by the evaluation centre crop.
+    /// A1/A2 fraction of the resized image kept by the test centre crop (0.95).
     pub crop_pct: f64,
-    /// A3 training resolution.
+    /// A3 training resolution (Table 3 "A3 train").
     pub a3_input_size: i64,
-    /// A3 evaluation resolution.
+    /// A3 test resolution (Table 3 "A3 test").
     pub a3_test_input_size: i64,
-    /// A3 evaluation crop fraction.
+    /// A3 test crop fraction (0.95).
     pub a3_crop_pct: f64,
-    /// The timm `pretrained_cfg` tags the resolutions were taken from.
-    pub resolution_source: &'static str,
     /// Builds the variables under the given path and returns the network.
     pub build: fn(&nn::Path, &ModelConfig) -> Box<dyn Network>,
 }
 
-/// `(input_size, test_input_size, crop_pct)` of one procedure.
-type Res = (i64, i64, f64);
+/// The test centre-crop fraction of every RSB procedure (the paper's Table 1).
+pub const RSB_TEST_CROP_PCT: f64 = 0.95;
 
-/// RSB-tagged models: `.a1_in1k` at 224 / 0.95, `.a3_in1k` 160 -> 224 / 0.95.
-const RSB: (Res, Res, &str) =
-    ((224, 224, 0.95), (160, 224, 0.95), "timm .a1_in1k (input_size, crop_pct) and .a3_in1k");
-
+/// One entry: name, family, Table 3's `[A1/A2 train, A1/A2 test, A3 train,
+/// A3 test]`, the network type and its definition.
 macro_rules! spec {
-    ($name:literal, $family:literal, $res:expr, $net:ident, $def:expr) => {{
-        const RES: (Res, Res, &str) = $res;
+    ($name:literal, $family:literal, [$train:literal, $test:literal, $a3_train:literal, $a3_test:literal], $net:ident, $def:expr) => {
         ModelSpec {
             name: $name,
             family: $family,
-            input_size: RES.0 .0,
-            test_input_size: RES.0 .1,
-            crop_pct: RES.0 .2,
-            a3_input_size: RES.1 .0,
-            a3_test_input_size: RES.1 .1,
-            a3_crop_pct: RES.1 .2,
-            resolution_source: RES.2,
+            input_size: $train,
+            test_input_size: $test,
+            crop_pct: RSB_TEST_CROP_PCT,
+            a3_input_size: $a3_train,
+            a3_test_input_size: $a3_test,
+            a3_crop_pct: RSB_TEST_CROP_PCT,
             build: |root, config| -> Box<dyn Network> { Box::new($net::new(root, $def, config)) },
         }
-    }};
-}
-
-/// Resolutions from a default tag without RSB weights: evaluate at the train
-/// resolution with its crop, A3 at 160/224 of it (multiple of 16).
-macro_rules! default_tag {
-    ($train:literal, $a3:literal, $crop:literal, $tag:literal) => {
-        (($train, $train, $crop), ($a3, $train, $crop), concat!("timm default tag .", $tag))
     };
 }
 
+/// Table 3's resolutions: `[A1/A2 train, A1/A2 test, A3 train, A3 test]`.
 static MODELS: &[ModelSpec] = &[
-    spec!("resnet18", "resnet", RSB, ResNet, resnet::RESNET18),
-    spec!("resnet34", "resnet", RSB, ResNet, resnet::RESNET34),
-    spec!("resnet50", "resnet", RSB, ResNet, resnet::RESNET50),
-    spec!("resnet101", "resnet", RSB, ResNet, resnet::RESNET101),
-    spec!("resnet152", "resnet", RSB, ResNet, resnet::RESNET152),
-    spec!("resnet50d", "resnet", RSB, ResNet, resnet::RESNET50D),
-    spec!("seresnet50", "resnet", RSB, ResNet, resnet::SERESNET50),
-    spec!(
-        "senet154",
-        "resnet",
-        default_tag!(224, 160, 0.875, "gluon_in1k"),
-        ResNet,
-        resnet::SENET154
-    ),
-    spec!("resnext50_32x4d", "resnet", RSB, ResNet, resnet::RESNEXT50_32X4D),
-    spec!("ecaresnet50t", "resnet", RSB, ResNet, resnet::ECARESNET50T),
-    spec!(
-        "ecaresnet269d",
-        "resnet",
-        default_tag!(320, 224, 0.95, "ra2_in1k"),
-        ResNet,
-        resnet::ECARESNET269D
-    ),
-    spec!(
-        "regnety_040",
-        "regnet",
-        default_tag!(224, 160, 0.95, "ra3_in1k"),
-        RegNet,
-        regnet::REGNETY_040
-    ),
-    spec!(
-        "regnety_080",
-        "regnet",
-        default_tag!(224, 160, 0.95, "ra3_in1k"),
-        RegNet,
-        regnet::REGNETY_080
-    ),
-    spec!(
-        "regnety_160",
-        "regnet",
-        default_tag!(224, 160, 0.95, "sw_in12k_ft_in1k"),
-        RegNet,
-        regnet::REGNETY_160
-    ),
-    spec!(
-        "regnety_320",
-        "regnet",
-        default_tag!(224, 160, 0.965, "tv2_in1k"),
-        RegNet,
-        regnet::REGNETY_320
-    ),
+    spec!("resnet18", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET18),
+    spec!("resnet34", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET34),
+    spec!("resnet50", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET50),
+    spec!("resnet101", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET101),
+    spec!("resnet152", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET152),
+    spec!("resnet50d", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNET50D),
+    spec!("seresnet50", "resnet", [224, 224, 160, 224], ResNet, resnet::SERESNET50),
+    spec!("senet154", "resnet", [224, 224, 160, 224], ResNet, resnet::SENET154),
+    spec!("resnext50_32x4d", "resnet", [224, 224, 160, 224], ResNet, resnet::RESNEXT50_32X4D),
+    spec!("ecaresnet50t", "resnet", [224, 224, 160, 224], ResNet, resnet::ECARESNET50T),
+    spec!("ecaresnet269d", "resnet", [320, 416, 256, 320], ResNet, resnet::ECARESNET269D),
+    spec!("regnety_040", "regnet", [224, 224, 160, 224], RegNet, regnet::REGNETY_040),
+    spec!("regnety_080", "regnet", [224, 224, 160, 224], RegNet, regnet::REGNETY_080),
+    spec!("regnety_160", "regnet", [224, 224, 160, 224], RegNet, regnet::REGNETY_160),
+    spec!("regnety_320", "regnet", [224, 224, 160, 224], RegNet, regnet::REGNETY_320),
     spec!(
         "efficientnet_b0",
         "efficientnet",
-        default_tag!(224, 160, 0.875, "ra_in1k"),
+        [224, 224, 160, 224],
         EfficientNet,
         efficientnet::EFFICIENTNET_B0
     ),
     spec!(
         "efficientnet_b1",
         "efficientnet",
-        default_tag!(240, 176, 0.9, "ra4_e3600_r240_in1k"),
+        [240, 240, 160, 224],
         EfficientNet,
         efficientnet::EFFICIENTNET_B1
     ),
     spec!(
         "efficientnet_b2",
         "efficientnet",
-        default_tag!(256, 176, 0.875, "ra_in1k"),
+        [260, 260, 192, 256],
         EfficientNet,
         efficientnet::EFFICIENTNET_B2
     ),
     spec!(
         "efficientnet_b3",
         "efficientnet",
-        default_tag!(288, 208, 0.875, "ra2_in1k"),
+        [300, 300, 224, 288],
         EfficientNet,
         efficientnet::EFFICIENTNET_B3
     ),
     spec!(
         "efficientnet_b4",
         "efficientnet",
-        default_tag!(320, 224, 0.875, "ra2_in1k"),
+        [380, 380, 320, 380],
         EfficientNet,
         efficientnet::EFFICIENTNET_B4
     ),
     spec!(
         "efficientnetv2_rw_s",
         "efficientnet",
-        default_tag!(288, 208, 1.0, "ra2_in1k"),
+        [288, 384, 224, 288],
         EfficientNet,
         efficientnet::EFFICIENTNETV2_RW_S
     ),
     spec!(
         "efficientnetv2_rw_m",
         "efficientnet",
-        default_tag!(320, 224, 1.0, "agc_in1k"),
+        [320, 384, 256, 352],
         EfficientNet,
         efficientnet::EFFICIENTNETV2_RW_M
     ),
     spec!(
         "vit_tiny_patch16_224",
         "vision_transformer",
-        default_tag!(224, 160, 0.9, "augreg_in21k_ft_in1k"),
+        [224, 224, 160, 224],
         VisionTransformer,
         vision_transformer::VIT_TINY_PATCH16_224
     ),
     spec!(
         "vit_small_patch16_224",
         "vision_transformer",
-        default_tag!(224, 160, 0.9, "augreg_in21k_ft_in1k"),
+        [224, 224, 160, 224],
         VisionTransformer,
         vision_transformer::VIT_SMALL_PATCH16_224
     ),
     spec!(
         "vit_base_patch16_224",
         "vision_transformer",
-        default_tag!(224, 160, 0.9, "augreg2_in21k_ft_in1k"),
+        [224, 224, 160, 224],
         VisionTransformer,
         vision_transformer::VIT_BASE_PATCH16_224
     ),
@@ -262,13 +203,12 @@ mod tests {
         assert_eq!(names.len(), MODELS.len());
         assert_eq!(MODELS.len(), 25);
         for m in MODELS {
+            // Table 3: A3 trains below A1/A2, and no procedure tests below its training size.
             assert!(m.a3_input_size < m.input_size, "{}", m.name);
-            assert_eq!(m.a3_input_size % 16, 0, "{}", m.name);
-            assert!(m.crop_pct > 0.0 && m.crop_pct <= 1.0 && m.a3_crop_pct <= 1.0, "{}", m.name);
+            assert!(m.test_input_size >= m.input_size, "{}", m.name);
+            assert!(m.a3_test_input_size >= m.a3_input_size, "{}", m.name);
+            assert_eq!((m.crop_pct, m.a3_crop_pct), (0.95, 0.95), "{}", m.name);
         }
-        let r50 = find_model("resnet50").unwrap();
-        assert_eq!((r50.input_size, r50.test_input_size, r50.crop_pct), (224, 224, 0.95));
-        assert_eq!((r50.a3_input_size, r50.a3_test_input_size, r50.a3_crop_pct), (160, 224, 0.95));
     }
 
     #[test]

@@ -6,41 +6,20 @@
 
 use crate::error::VisionError;
 use crate::model::Model;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Tensor};
 
-/// Writes named tensors as one `safetensors` file, atomically: a temporary file
-/// in the same folder, fsync, rename over `path`, fsync of the folder. A crash
-/// leaves either the old file or the new one, never a torn one.
-pub fn write_safetensors_atomic(
-    tensors: &[(String, Tensor)],
-    path: &Path,
-) -> Result<(), VisionError> {
-    let io_err = |source| VisionError::WeightsIo { path: path.to_path_buf(), source };
+/// Writes named tensors (moved to the CPU, made contiguous) as one
+/// `safetensors` file at `path`, directly: a crash mid-write leaves a torn
+/// file. Checkpoints write through a temporary file and rename it into place
+/// (`rsb_train::atomic_file`).
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), VisionError> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.f_to_device(Device::Cpu)?.f_contiguous()?)))
         .collect::<Result<_, tch::TchError>>()?;
-    let tmp = temporary_sibling(path);
-    Tensor::write_safetensors(&cpu, &tmp)?;
-    sync_and_rename(&tmp, path).map_err(io_err)
-}
-
-/// Fsyncs `tmp`, renames it to `path` and fsyncs the parent folder.
-pub fn sync_and_rename(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    File::open(tmp)?.sync_all()?;
-    std::fs::rename(tmp, path)?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// `dir/.name.tmp-<pid>`: a hidden sibling on the same file system.
-pub fn temporary_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    Tensor::write_safetensors(&cpu, path)
+        .map_err(|source| VisionError::Safetensors { path: path.to_path_buf(), source })
 }
 
 /// Reads every tensor of a `safetensors` file.
@@ -51,13 +30,14 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionErro
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    Ok(Tensor::read_safetensors(path)?)
+    Tensor::read_safetensors(path)
+        .map_err(|source| VisionError::Safetensors { path: path.to_path_buf(), source })
 }
 
 impl Model {
-    /// Saves the state dict (timm keys) to `path`, atomically.
+    /// Saves the state dict (timm keys) to `path` (directly, see [`write_safetensors`]).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), VisionError> {
-        write_safetensors_atomic(&self.state_dict()?, path)
+        write_safetensors(&self.state_dict()?, path)
     }
 
     /// Loads a state dict saved by timm or by [`Model::save_safetensors`].

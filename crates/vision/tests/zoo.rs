@@ -8,18 +8,10 @@ use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
-/// `$RSB_FIXTURES/models`, or `target/fixtures/models` of the workspace.
+/// `$RSB_FIXTURES/models`, or `target/fixtures/models` of the workspace
+/// (stamp checked).
 fn fixture_dir() -> PathBuf {
-    let root = std::env::var_os("RSB_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures"));
-    let dir = root.join("models");
-    assert!(
-        dir.is_dir(),
-        "timm fixtures {} are missing; generate them with `.venv/bin/python tests/oracle/gen_fixtures.py`",
-        dir.display()
-    );
-    dir
+    rsb_test_support::fixtures("models")
 }
 
 /// timm's `sum(p.numel() for p in model.parameters())` with 1000 classes.

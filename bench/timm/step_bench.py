@@ -22,7 +22,7 @@ side (`worker bench step`) prints the same keys with "impl":"ours";
 bench/compare_train_step.py runs both.
 
 Usage:
-  .venv/bin/python tests/oracle/timm_step_bench.py --model resnet18 \
+  .venv/bin/python bench/timm/step_bench.py --model resnet18 \
       --batch 128 --size 32 --num-classes 10 --steps 30 --warmup 5 --threads 2
 """
 

@@ -27,11 +27,13 @@ errors) and trains it the way timm's train.py would, using
   * timm.optim.create_optimizer_v2(model, 'lamb' | 'lambc', lr,
     weight_decay, betas, eps, max_grad_norm, always_adapt) (timm's
     weight-decay exclusion of biases / 1-d params)
-  * timm.scheduler.CosineLRScheduler(t_initial=epochs*U, warmup_t=
-    warmup_epochs*U, warmup_lr_init, lr_min, t_in_epochs=False,
-    cycle_limit=1) stepped with step_update(num_updates) after every
-    optimizer update (U = optimizer updates per epoch); cooldown_epochs extra
-    epochs run at lr_min, as timm's create_scheduler_v2 adds them.
+  * timm.scheduler.CosineLRScheduler(t_initial=epochs*S, warmup_t=
+    warmup_epochs*S, warmup_lr_init, lr_min, t_in_epochs=(step_on ==
+    epoch), cycle_limit=1), S = 1 for `step_on: epoch` and U (optimizer
+    updates per epoch) for `step_on: update`; stepped as train.py steps it,
+    step_update(num_updates) after every optimizer update and step(epoch + 1)
+    after every epoch; cooldown_epochs extra epochs run at lr_min, as timm's
+    create_scheduler_v2 adds them.
   * top-1 / top-5 with timm.utils.accuracy after every `eval.every_epochs`
     epochs and after the last one.
 
@@ -66,11 +68,11 @@ Output (DIR is created):
 Accuracies are in percent.
 
 Usage (CPU, 2 threads, 2 loader workers):
-  .venv/bin/python tests/oracle/timm_reference_train.py \
+  .venv/bin/python bench/timm/reference_train.py \
       --recipe recipes/fashion_mnist_a3_strict.yaml \
       --data data/fashion-mnist --out runs/timm_a3_strict
   # quick check on a subset
-  .venv/bin/python tests/oracle/timm_reference_train.py --recipe ... \
+  .venv/bin/python bench/timm/reference_train.py --recipe ... \
       --data /tmp/fmnist --out /tmp/timm_out --max-steps 30
 
 The data folder given by --data replaces the recipe's data.root.
@@ -270,6 +272,7 @@ SCHEDULE = TaggedEnum({
         'warmup_lr': (t_f64, REQUIRED),
         'min_lr': (t_f64, REQUIRED),
         'cooldown_epochs': (t_u32, 0),
+        'step_on': (t_unit_enum('epoch', 'update'), REQUIRED),
     }),
 })
 BATCH = Section({
@@ -562,17 +565,20 @@ def main(argv=None):
     assert sched_kind == 'cosine'
     if sc.epochs == 0:
         die('recipe field `schedule.cosine.epochs`: must be >= 1')
+    # step_on: epoch -> lengths in epochs, t_in_epochs=True (timm v0.5.x);
+    # update -> lengths in updates, t_in_epochs=False (--sched-on-updates).
+    steps_per_epoch = 1 if sc.step_on == 'epoch' else updates_per_epoch
     lr_scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=sc.epochs * updates_per_epoch,
+        t_initial=sc.epochs * steps_per_epoch,
         lr_min=sc.min_lr,
         cycle_mul=1.0,
         cycle_decay=1.0,
         cycle_limit=1,
-        warmup_t=sc.warmup_epochs * updates_per_epoch,
+        warmup_t=sc.warmup_epochs * steps_per_epoch,
         warmup_lr_init=sc.warmup_lr,
         warmup_prefix=False,
-        t_in_epochs=False,
+        t_in_epochs=sc.step_on == 'epoch',
         k_decay=1.0,
     )
     num_epochs = sc.epochs + sc.cooldown_epochs
@@ -723,6 +729,7 @@ def main(argv=None):
         if stop:
             print(f"stopped after --max-steps {args.max_steps} updates")
             break
+        lr_scheduler.step(epoch + 1)  # train.py; a no-op when stepping per update
 
     wall = time.perf_counter() - t_start
     metrics_f.close()

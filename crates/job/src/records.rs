@@ -1,0 +1,216 @@
+//! The metrics records of a run: one typed enum for every line of
+//! `metrics.jsonl` (serialized with a `kind` tag, so each line reads
+//! `{"kind":"step","epoch":0,...}`), written by every rank into its own file
+//! and sent by rank 0 to the coordinator, which writes the job's file.
+//!
+//! Epochs are 0-based; `step` is always the number of optimizer updates done
+//! since the start of the run (resumed invocations included).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsRecord {
+    /// The loader of an epoch is starting (sent before its first update).
+    Loading {
+        /// Epoch.
+        epoch: u64,
+        /// Updates done before it.
+        step: u64,
+        /// Wall time since the start of this invocation, in seconds.
+        elapsed_s: f64,
+    },
+    /// The first update of this invocation is done.
+    FirstUpdate {
+        /// Epoch.
+        epoch: u64,
+        /// Updates done after it.
+        step: u64,
+        /// Wall time since the start of this invocation, in seconds.
+        elapsed_s: f64,
+    },
+    /// A log step: the mean over the updates since the previous one.
+    Step {
+        /// Epoch.
+        epoch: u64,
+        /// Updates done.
+        step: u64,
+        /// Learning rate of the last update.
+        lr: f64,
+        /// Mean training loss of the window (all ranks).
+        loss: f64,
+        /// Training images per second of the window (all ranks).
+        images_per_sec: f64,
+        /// Updates of the whole run.
+        total_updates: u64,
+    },
+    /// A finished epoch.
+    Epoch {
+        /// Epoch.
+        epoch: u64,
+        /// Updates done.
+        step: u64,
+        /// Learning rate of the epoch's last update.
+        lr: f64,
+        /// Mean training loss of the epoch.
+        loss: f64,
+        /// Training images per second (loading included, evaluation excluded).
+        images_per_sec: f64,
+        /// Validation top-1 in percent, when evaluated.
+        top1: Option<f64>,
+        /// Validation top-5 in percent, when evaluated.
+        top5: Option<f64>,
+        /// Validation mean cross-entropy, when evaluated.
+        val_loss: Option<f64>,
+        /// Undecodable training images replaced so far.
+        replaced_samples: u64,
+        /// Wall time since the start of this invocation, in seconds.
+        elapsed_s: f64,
+        /// The recipe's further evaluation sets by name, when evaluated.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        eval_sets: BTreeMap<String, EvalSetAccuracy>,
+    },
+    /// Sum and sum of squares of every parameter after an update (replica checks).
+    Checksum {
+        /// Rank that computed it.
+        rank: u64,
+        /// Updates done.
+        step: u64,
+        /// Sum of every parameter.
+        sum: f64,
+        /// Sum of the squares of every parameter.
+        sum_of_squares: f64,
+    },
+}
+
+/// Accuracy on one further evaluation set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSetAccuracy {
+    /// Top-1 in percent.
+    pub top1: f64,
+    /// Top-5 in percent.
+    pub top5: f64,
+    /// Images scored.
+    pub count: u64,
+    /// Images left out (ReaL: no valid label).
+    pub excluded: u64,
+}
+
+impl MetricsRecord {
+    /// The record's `kind` as written to `metrics.jsonl`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MetricsRecord::Loading { .. } => "loading",
+            MetricsRecord::FirstUpdate { .. } => "first_update",
+            MetricsRecord::Step { .. } => "step",
+            MetricsRecord::Epoch { .. } => "epoch",
+            MetricsRecord::Checksum { .. } => "checksum",
+        }
+    }
+
+    /// The epoch the record belongs to (checksums: none).
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            MetricsRecord::Loading { epoch, .. }
+            | MetricsRecord::FirstUpdate { epoch, .. }
+            | MetricsRecord::Step { epoch, .. }
+            | MetricsRecord::Epoch { epoch, .. } => Some(*epoch),
+            MetricsRecord::Checksum { .. } => None,
+        }
+    }
+
+    /// Updates done when the record was made.
+    pub fn step(&self) -> u64 {
+        match self {
+            MetricsRecord::Loading { step, .. }
+            | MetricsRecord::FirstUpdate { step, .. }
+            | MetricsRecord::Step { step, .. }
+            | MetricsRecord::Epoch { step, .. }
+            | MetricsRecord::Checksum { step, .. } => *step,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn keys(record: &MetricsRecord) -> Vec<String> {
+        let value = serde_json::to_value(record).unwrap();
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn step_and_epoch_lines_keep_their_field_names() {
+        // The names tests and bench/*.py read from metrics.jsonl.
+        let step = MetricsRecord::Step {
+            epoch: 1,
+            step: 20,
+            lr: 1e-3,
+            loss: 0.5,
+            images_per_sec: 100.0,
+            total_updates: 80,
+        };
+        assert_eq!(
+            keys(&step),
+            ["epoch", "images_per_sec", "kind", "loss", "lr", "step", "total_updates"]
+        );
+        assert_eq!(serde_json::to_value(&step).unwrap()["kind"], "step");
+        let mut epoch = MetricsRecord::Epoch {
+            epoch: 0,
+            step: 40,
+            lr: 1e-3,
+            loss: 0.5,
+            images_per_sec: 100.0,
+            top1: None,
+            top5: None,
+            val_loss: None,
+            replaced_samples: 0,
+            elapsed_s: 3.0,
+            eval_sets: BTreeMap::new(),
+        };
+        let value = serde_json::to_value(&epoch).unwrap();
+        assert_eq!(value["top1"], Value::Null, "not evaluated is written as null");
+        assert!(value.get("eval_sets").is_none(), "no sets, no eval_sets key");
+        if let MetricsRecord::Epoch { eval_sets, top1, .. } = &mut epoch {
+            *top1 = Some(87.5);
+            eval_sets.insert(
+                "real".into(),
+                EvalSetAccuracy { top1: 90.0, top5: 99.0, count: 10, excluded: 2 },
+            );
+        }
+        let value = serde_json::to_value(&epoch).unwrap();
+        assert_eq!(value["top1"], 87.5);
+        assert_eq!(value["eval_sets"]["real"]["excluded"], 2);
+        assert_eq!(value["kind"], "epoch");
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_json() {
+        let records = [
+            MetricsRecord::Loading { epoch: 2, step: 10, elapsed_s: 0.5 },
+            MetricsRecord::FirstUpdate { epoch: 0, step: 1, elapsed_s: 4.0 },
+            MetricsRecord::Checksum { rank: 1, step: 3, sum: -2.0, sum_of_squares: 9.0 },
+        ];
+        let kinds: Vec<&str> = records.iter().map(MetricsRecord::kind).collect();
+        assert_eq!(kinds, ["loading", "first_update", "checksum"]);
+        for record in records {
+            let line = serde_json::to_string(&record).unwrap();
+            let value: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(value["kind"], record.kind(), "{line}");
+            let back: MetricsRecord = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, record);
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_is_refused() {
+        let err = serde_json::from_str::<MetricsRecord>(r#"{"kind":"nope","epoch":1}"#);
+        assert!(err.unwrap_err().to_string().contains("nope"));
+    }
+}

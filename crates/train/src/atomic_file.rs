@@ -1,0 +1,150 @@
+//! Crash-safe file and folder replacement, the one implementation of "write
+//! to a temporary sibling, fsync it, rename it over the target, fsync the
+//! parent folder" that checkpoints are built from.
+//!
+//! The temporary sibling lives in the target's folder, so the rename stays on
+//! one file system and is atomic: after a crash, the target is either absent,
+//! or the old complete version, or the new complete version, never a torn
+//! one. Fsyncing the parent folder makes the rename itself durable.
+
+use crate::error::TrainError;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// `dir/.name.tmp-<pid>`: a hidden sibling of `path` on the same file system.
+pub fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Fsyncs `staged` (a file or a folder), renames it to `target` (replacing a
+/// file of that name) and fsyncs the folder that holds `target`.
+pub fn sync_and_rename(staged: &Path, target: &Path) -> std::io::Result<()> {
+    File::open(staged)?.sync_all()?;
+    std::fs::rename(staged, target)?;
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(parent)?.sync_all()
+}
+
+/// Writes the file `path` atomically: `write` fills a temporary sibling (the
+/// path it is given), which is then fsynced and renamed over `path`, and the
+/// folder is fsynced. If `write` or any step fails, the temporary file is
+/// removed and `path` is left as it was.
+pub fn write_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let staged = temporary_sibling(path);
+    let result = write(&staged)
+        .and_then(|()| sync_and_rename(&staged, path).map_err(|e| TrainError::io(path, e)));
+    if result.is_err() && staged.exists() {
+        // Best effort: the error being returned matters more than a leftover
+        // hidden file, which the next write of `path` replaces anyway.
+        let _ = std::fs::remove_file(&staged);
+    }
+    result
+}
+
+/// Writes `bytes` to the file `path` atomically (see [`write_with`]).
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    write_with(path, |staged| std::fs::write(staged, bytes).map_err(|e| TrainError::io(staged, e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Files in `dir`, hidden ones included, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_target_appears_only_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+        write_with(&target, |staged| {
+            let mut file = File::create(staged).unwrap();
+            file.write_all(b"{\"half\":").unwrap();
+            file.flush().unwrap();
+            // Half written: a crash now would leave no `state.json` at all.
+            assert!(!target.exists(), "the target exists before the write finished");
+            file.write_all(b" false}").unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "{\"half\": false}");
+        assert_eq!(names(dir.path()), ["state.json"], "the temporary file is left behind");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_target_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model.safetensors");
+        let err = write_with(&target, |staged| {
+            std::fs::write(staged, b"torn").unwrap();
+            Err(TrainError::Recipe("the writer crashed".into()))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("the writer crashed"), "{err}");
+        assert!(names(dir.path()).is_empty(), "left behind: {:?}", names(dir.path()));
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+        std::fs::write(&target, b"old, complete").unwrap();
+        let result = write_with(&target, |staged| {
+            std::fs::write(staged, b"new bu").unwrap();
+            Err(TrainError::Recipe("interrupted".into()))
+        });
+        assert!(result.is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"old, complete");
+        assert_eq!(names(dir.path()), ["state.json"]);
+    }
+
+    #[test]
+    fn an_existing_target_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+        std::fs::write(&target, vec![b'x'; 10_000]).unwrap();
+        write_bytes(&target, b"short").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"short");
+        assert_eq!(names(dir.path()), ["state.json"]);
+    }
+
+    #[test]
+    fn a_staged_folder_is_renamed_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("epoch-0001");
+        let staged = temporary_sibling(&target);
+        std::fs::create_dir(&staged).unwrap();
+        write_bytes(&staged.join("state.json"), b"{}").unwrap();
+        sync_and_rename(&staged, &target).unwrap();
+        assert_eq!(names(dir.path()), ["epoch-0001"]);
+        assert_eq!(std::fs::read(target.join("state.json")).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("missing-folder").join("state.json");
+        let err = write_bytes(&target, b"{}").unwrap_err().to_string();
+        assert!(err.contains("missing-folder"), "{err}");
+    }
+
+    #[test]
+    fn the_temporary_is_a_hidden_sibling() {
+        let staged = temporary_sibling(Path::new("/runs/a/state.json"));
+        assert_eq!(staged.parent(), Some(Path::new("/runs/a")));
+        let name = staged.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(".state.json.tmp-"), "{name}");
+    }
+}

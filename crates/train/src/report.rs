@@ -1,0 +1,334 @@
+//! What a run tells the world: the typed [`MetricsRecord`]s, written to the
+//! rank's `metrics.jsonl` (one JSON object per line, flushed as written so a
+//! crash loses nothing already reported) and handed to the job's sink on rank
+//! 0, and the progress a person sees — a progress bar on a terminal, log
+//! lines otherwise, from rank 0 only.
+
+use crate::error::TrainError;
+use rsb_data::labels::EvalCounts;
+use rsb_job::{EvalSetAccuracy, MetricsRecord};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Receives every metrics record of rank 0 (the worker forwards them to the coordinator).
+pub type MetricsSink = Box<dyn FnMut(&MetricsRecord) + Send>;
+
+/// Append-only JSON-lines log of [`MetricsRecord`]s.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsLog {
+    /// Opens (appending; a resumed run continues the same file) `path`,
+    /// creating its folder.
+    pub fn open(path: &Path) -> Result<MetricsLog, TrainError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::io(path, e))?;
+        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(file) })
+    }
+
+    /// Writes one record and flushes it.
+    pub fn write(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
+        let line = serde_json::to_string(record).map_err(|e| {
+            TrainError::io(&self.path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })?;
+        writeln!(self.out, "{line}")
+            .and_then(|_| self.out.flush())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
+}
+
+/// Where a rank's records go: its own file, and on rank 0 the job's sink.
+pub struct Records {
+    log: MetricsLog,
+    sink: Option<MetricsSink>,
+}
+
+impl std::fmt::Debug for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records")
+            .field("log", &self.log)
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
+}
+
+impl Records {
+    /// Records into `log` only.
+    pub fn new(log: MetricsLog) -> Records {
+        Records { log, sink: None }
+    }
+
+    /// Also hands every published record to `sink` (rank 0 of a job).
+    pub fn set_sink(&mut self, sink: Option<MetricsSink>) {
+        self.sink = sink;
+    }
+
+    /// Writes a record to the rank's own file and hands it to the sink.
+    pub fn publish(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
+        self.log.write(record)?;
+        if let Some(sink) = &mut self.sink {
+            sink(record);
+        }
+        Ok(())
+    }
+
+    /// Writes a record to the rank's own file only (per-rank checksums).
+    pub fn write_local(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
+        self.log.write(record)
+    }
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EpochReport {
+    /// Epoch (0-based).
+    pub epoch: u64,
+    /// Optimizer updates done after it.
+    pub updates: u64,
+    /// Mean training loss over its updates.
+    pub train_loss: f64,
+    /// Training images per second (loading included, evaluation excluded).
+    pub images_per_sec: f64,
+    /// Validation top-1 in percent, when evaluated.
+    pub top1: Option<f64>,
+    /// Validation top-5 in percent, when evaluated.
+    pub top5: Option<f64>,
+    /// Validation mean cross-entropy, when evaluated.
+    pub val_loss: Option<f64>,
+    /// The recipe's further evaluation sets (`eval.sets`), when evaluated.
+    pub eval_sets: Vec<SetResult>,
+    /// Wall time since the start of this invocation, in seconds.
+    pub elapsed_s: f64,
+}
+
+impl EpochReport {
+    /// The epoch's metrics record; `lr` is the learning rate of its last
+    /// update, `replaced_samples` the undecodable images replaced so far.
+    pub fn record(&self, lr: f64, replaced_samples: u64) -> MetricsRecord {
+        MetricsRecord::Epoch {
+            epoch: self.epoch,
+            step: self.updates,
+            lr,
+            loss: self.train_loss,
+            images_per_sec: self.images_per_sec,
+            top1: self.top1,
+            top5: self.top5,
+            val_loss: self.val_loss,
+            replaced_samples,
+            elapsed_s: self.elapsed_s,
+            eval_sets: self
+                .eval_sets
+                .iter()
+                .map(|s| {
+                    let accuracy = EvalSetAccuracy {
+                        top1: s.top1,
+                        top5: s.top5,
+                        count: s.count,
+                        excluded: s.excluded,
+                    };
+                    (s.name.clone(), accuracy)
+                })
+                .collect(),
+        }
+    }
+
+    /// The line a person reads at the end of the epoch.
+    pub fn line(&self) -> String {
+        let mut accuracy = match (self.top1, self.top5) {
+            (Some(t1), Some(t5)) => format!(" top1 {t1:.2} top5 {t5:.2}"),
+            _ => String::new(),
+        };
+        for s in &self.eval_sets {
+            accuracy.push_str(&format!(" | {} top1 {:.2} top5 {:.2}", s.name, s.top1, s.top5));
+        }
+        format!(
+            "epoch {} done: loss {:.4} {:.0} img/s{accuracy} ({:.0} s)",
+            self.epoch, self.train_loss, self.images_per_sec, self.elapsed_s
+        )
+    }
+}
+
+/// Accuracy on one further evaluation set.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SetResult {
+    /// The set's name (`real`, `v2`, ...).
+    pub name: String,
+    /// Top-1 in percent.
+    pub top1: f64,
+    /// Top-5 in percent.
+    pub top5: f64,
+    /// Images scored.
+    pub count: u64,
+    /// Images left out (ReaL: no valid label).
+    pub excluded: u64,
+}
+
+impl SetResult {
+    /// The percentages of a set's counts.
+    pub fn new(name: &str, counts: &EvalCounts) -> SetResult {
+        SetResult {
+            name: name.to_string(),
+            top1: counts.top1_pct(),
+            top5: counts.top5_pct(),
+            count: counts.count,
+            excluded: counts.excluded,
+        }
+    }
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Finished epochs of this invocation.
+    pub epochs: Vec<EpochReport>,
+    /// Optimizer updates done by this invocation.
+    pub updates: u64,
+    /// Wall time in seconds.
+    pub wall_s: f64,
+}
+
+/// What a person sees of a run: a progress bar, or log lines; nothing on
+/// ranks other than 0.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    speaks: bool,
+}
+
+impl Progress {
+    /// Progress of rank `rank` for a run of `total_updates` updates of which
+    /// `done` are done; a bar where `bar` asks for one (a terminal).
+    pub fn new(bar: bool, rank: usize, total_updates: u64, done: u64) -> Progress {
+        let speaks = rank == 0;
+        let bar = (bar && speaks).then(|| {
+            let bar = indicatif::ProgressBar::new(total_updates);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} updates {msg} [{elapsed_precise}<{eta_precise}]",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_position(done);
+            bar
+        });
+        Progress { bar, speaks }
+    }
+
+    /// A line that stays (printed above the bar, or logged).
+    fn line(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None if self.speaks => tracing::info!("{line}"),
+            None => {}
+        }
+    }
+
+    /// A passing status (the bar's message, or logged).
+    fn status(&self, message: String, line: String) {
+        match &self.bar {
+            Some(bar) => bar.set_message(message),
+            None if self.speaks => tracing::info!("{line}"),
+            None => {}
+        }
+    }
+
+    /// Says what a record says, where a person should hear it.
+    pub fn show(&self, record: &MetricsRecord) {
+        match record {
+            MetricsRecord::Loading { epoch, .. } => {
+                self.status("loading".into(), format!("epoch {epoch}: loading"));
+            }
+            MetricsRecord::FirstUpdate { elapsed_s, .. } => {
+                self.line(format!("first update done in {elapsed_s:.1} s"));
+            }
+            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, .. } => self.status(
+                format!("loss {loss:.4} {images_per_sec:.0} img/s"),
+                format!(
+                    "epoch {epoch} update {step} lr {lr:.3e} loss {loss:.4} {images_per_sec:.0} img/s"
+                ),
+            ),
+            MetricsRecord::Epoch { .. } | MetricsRecord::Checksum { .. } => {}
+        }
+    }
+
+    /// Says that an epoch is done.
+    pub fn epoch_done(&self, report: &EpochReport) {
+        self.line(report.line());
+    }
+
+    /// One more update done.
+    pub fn update_done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_reach_the_file_and_the_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ranks/rank-0.jsonl");
+        let mut records = Records::new(MetricsLog::open(&path).unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink_seen = std::sync::Arc::clone(&seen);
+        records.set_sink(Some(Box::new(move |r: &MetricsRecord| {
+            sink_seen.lock().unwrap().push(r.kind());
+        })));
+        records.publish(&MetricsRecord::Loading { epoch: 0, step: 0, elapsed_s: 0.5 }).unwrap();
+        let checksum = MetricsRecord::Checksum { rank: 0, step: 1, sum: 1.0, sum_of_squares: 1.0 };
+        records.write_local(&checksum).unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["loading"], "checksums stay local");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kinds: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+            .collect();
+        assert_eq!(kinds, ["\"loading\"", "\"checksum\""]);
+    }
+
+    #[test]
+    fn an_epoch_record_carries_the_report() {
+        let report = EpochReport {
+            epoch: 1,
+            updates: 20,
+            train_loss: 0.5,
+            images_per_sec: 10.0,
+            top1: Some(75.0),
+            top5: Some(100.0),
+            val_loss: Some(0.7),
+            eval_sets: vec![SetResult::new(
+                "v2",
+                &EvalCounts { count: 4, top1: 3, top5: 4, excluded: 1, loss_sum: 0.0 },
+            )],
+            elapsed_s: 3.0,
+        };
+        let value = serde_json::to_value(report.record(1e-4, 2)).unwrap();
+        assert_eq!(value["kind"], "epoch");
+        assert_eq!(value["step"], 20);
+        assert_eq!(value["val_loss"], 0.7);
+        assert_eq!(value["replaced_samples"], 2);
+        assert_eq!(value["eval_sets"]["v2"]["top1"], 75.0);
+        assert_eq!(value["eval_sets"]["v2"]["excluded"], 1);
+        assert!(report.line().contains("| v2 top1 75.00 top5 100.00"), "{}", report.line());
+    }
+}

@@ -1,0 +1,169 @@
+//! [`MetricsRecord`] <-> the `record` of a `MetricsReport`: field for field,
+//! so what rank 0 sends is exactly what the coordinator writes.
+
+use crate::v1::{self as pb, metrics_report::Record};
+use rsb_job::{EvalSetAccuracy, MetricsRecord};
+
+impl From<&MetricsRecord> for Record {
+    fn from(record: &MetricsRecord) -> Record {
+        match record.clone() {
+            MetricsRecord::Loading { epoch, step, elapsed_s } => {
+                Record::Loading(pb::LoadingRecord { epoch, step, elapsed_s })
+            }
+            MetricsRecord::FirstUpdate { epoch, step, elapsed_s } => {
+                Record::FirstUpdate(pb::FirstUpdateRecord { epoch, step, elapsed_s })
+            }
+            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, total_updates } => {
+                Record::Step(pb::StepRecord {
+                    epoch,
+                    step,
+                    lr,
+                    loss,
+                    images_per_sec,
+                    total_updates,
+                })
+            }
+            MetricsRecord::Epoch {
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                top1,
+                top5,
+                val_loss,
+                replaced_samples,
+                elapsed_s,
+                eval_sets,
+            } => Record::Epoch(pb::EpochRecord {
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                top1,
+                top5,
+                val_loss,
+                replaced_samples,
+                elapsed_s,
+                eval_sets: eval_sets
+                    .into_iter()
+                    .map(|(name, a)| pb::EvalSetAccuracy {
+                        name,
+                        top1: a.top1,
+                        top5: a.top5,
+                        count: a.count,
+                        excluded: a.excluded,
+                    })
+                    .collect(),
+            }),
+            MetricsRecord::Checksum { rank, step, sum, sum_of_squares } => {
+                Record::Checksum(pb::ChecksumRecord { rank, step, sum, sum_of_squares })
+            }
+        }
+    }
+}
+
+impl From<Record> for MetricsRecord {
+    fn from(record: Record) -> MetricsRecord {
+        match record {
+            Record::Loading(r) => {
+                MetricsRecord::Loading { epoch: r.epoch, step: r.step, elapsed_s: r.elapsed_s }
+            }
+            Record::FirstUpdate(r) => {
+                MetricsRecord::FirstUpdate { epoch: r.epoch, step: r.step, elapsed_s: r.elapsed_s }
+            }
+            Record::Step(r) => MetricsRecord::Step {
+                epoch: r.epoch,
+                step: r.step,
+                lr: r.lr,
+                loss: r.loss,
+                images_per_sec: r.images_per_sec,
+                total_updates: r.total_updates,
+            },
+            Record::Epoch(r) => MetricsRecord::Epoch {
+                epoch: r.epoch,
+                step: r.step,
+                lr: r.lr,
+                loss: r.loss,
+                images_per_sec: r.images_per_sec,
+                top1: r.top1,
+                top5: r.top5,
+                val_loss: r.val_loss,
+                replaced_samples: r.replaced_samples,
+                elapsed_s: r.elapsed_s,
+                eval_sets: r
+                    .eval_sets
+                    .into_iter()
+                    .map(|s| {
+                        let accuracy = EvalSetAccuracy {
+                            top1: s.top1,
+                            top5: s.top5,
+                            count: s.count,
+                            excluded: s.excluded,
+                        };
+                        (s.name, accuracy)
+                    })
+                    .collect(),
+            },
+            Record::Checksum(r) => MetricsRecord::Checksum {
+                rank: r.rank,
+                step: r.step,
+                sum: r.sum,
+                sum_of_squares: r.sum_of_squares,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn every_kind_survives_the_wire() {
+        let mut sets = std::collections::BTreeMap::new();
+        sets.insert(
+            "real".to_string(),
+            EvalSetAccuracy { top1: 81.5, top5: 95.0, count: 40, excluded: 3 },
+        );
+        let records = [
+            MetricsRecord::Loading { epoch: 1, step: 10, elapsed_s: 2.5 },
+            MetricsRecord::FirstUpdate { epoch: 0, step: 1, elapsed_s: 7.25 },
+            MetricsRecord::Step {
+                epoch: 0,
+                step: 20,
+                lr: 1.5e-3,
+                loss: 0.625,
+                images_per_sec: 300.0,
+                total_updates: 80,
+            },
+            MetricsRecord::Epoch {
+                epoch: 2,
+                step: 30,
+                lr: 1e-6,
+                loss: 0.5,
+                images_per_sec: 250.0,
+                top1: Some(87.5),
+                top5: None,
+                val_loss: Some(0.25),
+                replaced_samples: 2,
+                elapsed_s: 99.0,
+                eval_sets: sets,
+            },
+            MetricsRecord::Checksum { rank: 1, step: 4, sum: -3.5, sum_of_squares: 12.0 },
+        ];
+        for record in records {
+            let report = pb::MetricsReport {
+                job_id: "job".into(),
+                generation: 1,
+                global_rank: 0,
+                record: Some(Record::from(&record)),
+            };
+            let decoded = pb::MetricsReport::decode(report.encode_to_vec().as_slice()).unwrap();
+            let back = MetricsRecord::from(decoded.record.unwrap());
+            assert_eq!(back, record);
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! Table 3 of "ResNet strikes back" (`recipes/table3.csv`, embedded) and the
+//! recipes it yields: any Table-3 architecture trained with the ResNet-50
+//! procedure A1, A2 or A3, unchanged except for the model and its resolutions.
+//!
+//! ```
+//! use rsb_recipes::procedure::{procedure_recipe, Procedure};
+//! let recipe = procedure_recipe(Procedure::A2, "efficientnet_b2", &[])?;
+//! assert_eq!(recipe.name, "efficientnet_b2_a2");
+//! assert_eq!((recipe.augment.input_size, recipe.eval.input_size), (260, 260));
+//! # Ok::<(), rsb_recipes::procedure::ProcedureError>(())
+//! ```
+//!
+//! The paper trains every architecture "without any hyper-parameter change":
+//! the recipe is `recipes/resnet50_a{1,2,3}.yaml` with `model.name` set, the
+//! training resolution (`augment.input_size`) and test resolution
+//! (`eval.input_size`) taken from Table 3, and the test crop set to 0.95
+//! (Table 1). The user's `--set` overrides come after, so they win.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use crate::error::RecipeError;
+use crate::schema::Recipe;
+
+/// `recipes/table3.csv`, as compiled in.
+pub const TABLE3_CSV: &str = include_str!("../table3.csv");
+
+/// Where [`TABLE3_CSV`] lives in the repository (for error messages).
+pub const TABLE3_PATH: &str = "recipes/table3.csv";
+
+/// The columns of `recipes/table3.csv`, in order.
+pub const TABLE3_COLUMNS: [&str; 8] = [
+    "timm_name",
+    "a1a2_train",
+    "a1a2_test",
+    "a3_train",
+    "a3_test",
+    "a1_top1",
+    "a2_top1",
+    "a3_top1",
+];
+
+/// The test crop fraction of every RSB procedure (the paper's Table 1).
+pub const RSB_TEST_CROP_PCT: f64 = 0.95;
+
+/// One of the paper's three training procedures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Procedure {
+    /// 600 epochs, BCE, LAMB; the best accuracy.
+    A1,
+    /// 300 epochs.
+    A2,
+    /// 100 epochs at a reduced training resolution.
+    A3,
+}
+
+impl Procedure {
+    /// The three procedures, in order.
+    pub const ALL: [Procedure; 3] = [Procedure::A1, Procedure::A2, Procedure::A3];
+
+    /// Lower-case name (`a2`), as written on the command line and in recipe names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Procedure::A1 => "a1",
+            Procedure::A2 => "a2",
+            Procedure::A3 => "a3",
+        }
+    }
+
+    /// The ResNet-50 recipe of this procedure, as compiled in, and its path
+    /// in the repository (for error messages).
+    pub fn base_recipe(self) -> (&'static str, &'static str) {
+        match self {
+            Procedure::A1 => (include_str!("../resnet50_a1.yaml"), "recipes/resnet50_a1.yaml"),
+            Procedure::A2 => (include_str!("../resnet50_a2.yaml"), "recipes/resnet50_a2.yaml"),
+            Procedure::A3 => (include_str!("../resnet50_a3.yaml"), "recipes/resnet50_a3.yaml"),
+        }
+    }
+}
+
+impl fmt::Display for Procedure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Procedure {
+    type Err = ProcedureError;
+
+    /// `a1`, `a2` or `a3` (any case).
+    fn from_str(s: &str) -> Result<Procedure, ProcedureError> {
+        Procedure::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ProcedureError::UnknownProcedure { name: s.to_owned() })
+    }
+}
+
+/// One row of Table 3: an architecture's resolutions and the paper's accuracies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table3Row {
+    /// timm's name of the architecture (`efficientnet_b2`).
+    pub timm_name: String,
+    /// A1 and A2 training resolution (square, pixels).
+    pub a1a2_train: u32,
+    /// A1 and A2 test resolution.
+    pub a1a2_test: u32,
+    /// A3 training resolution.
+    pub a3_train: u32,
+    /// A3 test resolution.
+    pub a3_test: u32,
+    /// The paper's ImageNet-1k val top-1 (%) after A1.
+    pub a1_top1: f64,
+    /// After A2.
+    pub a2_top1: f64,
+    /// After A3.
+    pub a3_top1: f64,
+}
+
+impl Table3Row {
+    /// `(train, test)` resolution of `procedure`.
+    pub fn resolutions(&self, procedure: Procedure) -> (u32, u32) {
+        match procedure {
+            Procedure::A1 | Procedure::A2 => (self.a1a2_train, self.a1a2_test),
+            Procedure::A3 => (self.a3_train, self.a3_test),
+        }
+    }
+
+    /// The paper's top-1 (%) after `procedure`.
+    pub fn top1(&self, procedure: Procedure) -> f64 {
+        match procedure {
+            Procedure::A1 => self.a1_top1,
+            Procedure::A2 => self.a2_top1,
+            Procedure::A3 => self.a3_top1,
+        }
+    }
+}
+
+/// A malformed line of a Table-3 CSV file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", source_name.display())]
+pub struct Table3Error {
+    /// The file (or a name for the text) being parsed.
+    pub source_name: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters) of the offending field.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What can go wrong while resolving a recipe by procedure and model.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcedureError {
+    /// Not `a1`, `a2` or `a3`.
+    #[error("unknown procedure `{name}`: expected a1, a2 or a3")]
+    UnknownProcedure {
+        /// The name given.
+        name: String,
+    },
+    /// The model is not a row of Table 3.
+    #[error("unknown model `{name}`: not in Table 3 ({TABLE3_PATH}); closest: {suggestions}")]
+    UnknownModel {
+        /// The name given.
+        name: String,
+        /// The closest timm names of Table 3, comma-separated.
+        suggestions: String,
+    },
+    /// The embedded Table 3 does not parse (a broken build).
+    #[error(transparent)]
+    Table(#[from] Table3Error),
+    /// Loading, overriding or validating the recipe failed.
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    /// Neither or both of `--recipe` and `--procedure`/`--model`.
+    #[error(transparent)]
+    Args(#[from] RecipeArgsError),
+}
+
+/// Parses a Table-3 CSV: `#` comment lines and blank lines are skipped, the
+/// first other line must be the header [`TABLE3_COLUMNS`], then one row per
+/// architecture. `source_name` is only used in error messages.
+pub fn parse_table3(text: &str, source_name: &Path) -> Result<Vec<Table3Row>, Table3Error> {
+    let error = |line: usize, column: usize, message: String| Table3Error {
+        source_name: source_name.to_owned(),
+        line,
+        column,
+        message,
+    };
+    let mut rows: Vec<Table3Row> = Vec::new();
+    let mut header_seen = false;
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        if raw.trim().is_empty() || raw.trim_start().starts_with('#') {
+            continue;
+        }
+        // (1-based column where the field starts, the field trimmed)
+        let mut fields: Vec<(usize, &str)> = Vec::new();
+        let mut column = 1;
+        for field in raw.split(',') {
+            fields.push((column, field.trim()));
+            column += field.chars().count() + 1;
+        }
+        if fields.len() != TABLE3_COLUMNS.len() {
+            return Err(error(
+                line,
+                1,
+                format!(
+                    "expected {} comma-separated fields ({}), found {}",
+                    TABLE3_COLUMNS.len(),
+                    TABLE3_COLUMNS.join(","),
+                    fields.len()
+                ),
+            ));
+        }
+        if !header_seen {
+            for ((column, found), expected) in fields.iter().zip(TABLE3_COLUMNS) {
+                if *found != expected {
+                    return Err(error(
+                        line,
+                        *column,
+                        format!("header: expected column `{expected}`, found `{found}`"),
+                    ));
+                }
+            }
+            header_seen = true;
+            continue;
+        }
+        let name_of = |i: usize| TABLE3_COLUMNS.get(i).copied().unwrap_or("?");
+        let resolution = |i: usize| -> Result<u32, Table3Error> {
+            let (column, value) = fields.get(i).copied().unwrap_or((1, ""));
+            match value.parse::<u32>() {
+                Ok(v) if v > 0 => Ok(v),
+                _ => Err(error(
+                    line,
+                    column,
+                    format!(
+                        "{}: expected a resolution in pixels (>= 1), found `{value}`",
+                        name_of(i)
+                    ),
+                )),
+            }
+        };
+        let accuracy = |i: usize| -> Result<f64, Table3Error> {
+            let (column, value) = fields.get(i).copied().unwrap_or((1, ""));
+            match value.parse::<f64>() {
+                Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+                _ => Err(error(
+                    line,
+                    column,
+                    format!("{}: expected a top-1 in [0, 100] (%), found `{value}`", name_of(i)),
+                )),
+            }
+        };
+        let (name_column, timm_name) = fields.first().copied().unwrap_or((1, ""));
+        let name_ok = !timm_name.is_empty()
+            && timm_name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok {
+            return Err(error(
+                line,
+                name_column,
+                format!("timm_name: expected a timm name ([a-z0-9_]+), found `{timm_name}`"),
+            ));
+        }
+        if rows.iter().any(|r| r.timm_name == timm_name) {
+            return Err(error(line, name_column, format!("timm_name: `{timm_name}` repeated")));
+        }
+        rows.push(Table3Row {
+            timm_name: timm_name.to_owned(),
+            a1a2_train: resolution(1)?,
+            a1a2_test: resolution(2)?,
+            a3_train: resolution(3)?,
+            a3_test: resolution(4)?,
+            a1_top1: accuracy(5)?,
+            a2_top1: accuracy(6)?,
+            a3_top1: accuracy(7)?,
+        });
+    }
+    if !header_seen {
+        return Err(error(
+            text.lines().count().max(1),
+            1,
+            format!("no header line ({})", TABLE3_COLUMNS.join(",")),
+        ));
+    }
+    Ok(rows)
+}
+
+/// The rows of the embedded `recipes/table3.csv`, in the paper's order.
+pub fn table3() -> Result<&'static [Table3Row], Table3Error> {
+    static TABLE: OnceLock<Result<Vec<Table3Row>, Table3Error>> = OnceLock::new();
+    TABLE
+        .get_or_init(|| parse_table3(TABLE3_CSV, Path::new(TABLE3_PATH)))
+        .as_ref()
+        .map(Vec::as_slice)
+        .map_err(Clone::clone)
+}
+
+/// The Table-3 row of `model`; an unknown name gets the closest ones.
+pub fn table3_row(model: &str) -> Result<&'static Table3Row, ProcedureError> {
+    let rows = table3()?;
+    if let Some(row) = rows.iter().find(|r| r.timm_name == model) {
+        return Ok(row);
+    }
+    let mut ranked: Vec<(usize, &str)> =
+        rows.iter().map(|r| (edit_distance(model, &r.timm_name), r.timm_name.as_str())).collect();
+    ranked.sort();
+    let suggestions = ranked.iter().take(3).map(|(_, n)| *n).collect::<Vec<_>>().join(", ");
+    Err(ProcedureError::UnknownModel { name: model.to_owned(), suggestions })
+}
+
+/// The overrides that turn the ResNet-50 recipe of a procedure into the one
+/// of `row`'s architecture: name, model, train and test resolution, test crop.
+pub fn procedure_overrides(procedure: Procedure, row: &Table3Row) -> Vec<String> {
+    let (train, test) = row.resolutions(procedure);
+    vec![
+        format!("name={}_{procedure}", row.timm_name),
+        format!("model.name={}", row.timm_name),
+        format!("augment.input_size={train}"),
+        format!("eval.input_size={test}"),
+        format!("eval.crop_pct={RSB_TEST_CROP_PCT}"),
+    ]
+}
+
+/// The recipe of Table-3 architecture `model` trained with `procedure`:
+/// `recipes/resnet50_<procedure>.yaml` with the model, its Table-3
+/// resolutions and the test crop 0.95 filled in, named `<model>_<procedure>`
+/// (`efficientnet_b2_a2`), then `overrides` (`key=value`, as `--set`)
+/// applied, then validated.
+pub fn procedure_recipe(
+    procedure: Procedure,
+    model: &str,
+    overrides: &[String],
+) -> Result<Recipe, ProcedureError> {
+    let row = table3_row(model)?;
+    let (source, path) = procedure.base_recipe();
+    let mut all = procedure_overrides(procedure, row);
+    all.extend(overrides.iter().cloned());
+    Ok(crate::load_str(source, Path::new(path), &all)?)
+}
+
+/// Where a command's recipe comes from: a file, or a procedure and a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipeSource {
+    /// A recipe YAML file.
+    File(PathBuf),
+    /// [`procedure_recipe`] of a Table-3 model.
+    Procedure {
+        /// A1, A2 or A3.
+        procedure: Procedure,
+        /// timm name of a Table-3 architecture.
+        model: String,
+    },
+}
+
+impl RecipeSource {
+    /// Loads the recipe, applies `overrides` and validates.
+    pub fn load(&self, overrides: &[String]) -> Result<Recipe, ProcedureError> {
+        match self {
+            RecipeSource::File(path) => Ok(crate::load(path, overrides)?),
+            RecipeSource::Procedure { procedure, model } => {
+                procedure_recipe(*procedure, model, overrides)
+            }
+        }
+    }
+}
+
+impl fmt::Display for RecipeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecipeSource::File(path) => write!(f, "{}", path.display()),
+            RecipeSource::Procedure { procedure, model } => {
+                write!(f, "procedure {procedure} with model {model}")
+            }
+        }
+    }
+}
+
+/// The command-line flags that choose a recipe: `--recipe FILE`, or
+/// `--procedure a1|a2|a3 --model NAME`; exactly one of the two forms.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("recipe_source").required(true).args(["recipe", "procedure"])))]
+pub struct RecipeArgs {
+    /// Recipe YAML file.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Train a Table-3 model (`--model`) with the ResNet-50 procedure a1, a2
+    /// or a3 at its Table-3 resolutions (instead of `--recipe`).
+    #[arg(long, requires = "model", value_name = "a1|a2|a3")]
+    pub procedure: Option<Procedure>,
+    /// timm name of a Table-3 architecture, with `--procedure` (`worker models` lists them).
+    #[arg(long, requires = "procedure", conflicts_with = "recipe", value_name = "NAME")]
+    pub model: Option<String>,
+}
+
+impl RecipeArgs {
+    /// The source the flags name. clap enforces exactly one form; a
+    /// hand-built value with neither, or with both, is refused here.
+    pub fn source(&self) -> Result<RecipeSource, RecipeArgsError> {
+        match (&self.recipe, self.procedure, &self.model) {
+            (Some(path), None, None) => Ok(RecipeSource::File(path.clone())),
+            (None, Some(procedure), Some(model)) => {
+                Ok(RecipeSource::Procedure { procedure, model: model.clone() })
+            }
+            _ => Err(RecipeArgsError),
+        }
+    }
+
+    /// Loads the recipe the flags name, with `overrides` (`--set`) applied.
+    pub fn load(&self, overrides: &[String]) -> Result<Recipe, ProcedureError> {
+        self.source()?.load(overrides)
+    }
+}
+
+/// [`RecipeArgs`] without exactly one of `--recipe` or `--procedure` + `--model`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("give either --recipe FILE or --procedure a1|a2|a3 --model NAME")]
+pub struct RecipeArgsError;
+
+/// Levenshtein distance, for "closest" suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn sizes(recipe: &Recipe) -> (u32, u32, f64) {
+        (recipe.augment.input_size, recipe.eval.input_size, recipe.eval.crop_pct)
+    }
+
+    #[test]
+    fn embedded_table_has_the_25_architectures() {
+        let rows = table3().unwrap();
+        assert_eq!(rows.len(), 25);
+        assert_eq!(rows[0].timm_name, "resnet18");
+        assert_eq!(rows[24].timm_name, "ecaresnet269d");
+        let v2s = table3_row("efficientnetv2_rw_s").unwrap();
+        assert_eq!(v2s.resolutions(Procedure::A2), (288, 384));
+        assert_eq!(v2s.resolutions(Procedure::A3), (224, 288));
+        assert_eq!(v2s.top1(Procedure::A2), 82.9);
+    }
+
+    #[test]
+    fn procedure_recipe_takes_table_3_resolutions() {
+        let a3 = procedure_recipe(Procedure::A3, "efficientnetv2_rw_s", &[]).unwrap();
+        assert_eq!(sizes(&a3), (224, 288, 0.95));
+        assert_eq!(a3.name, "efficientnetv2_rw_s_a3");
+        assert_eq!(a3.model.name, "efficientnetv2_rw_s");
+        let a2 = procedure_recipe(Procedure::A2, "efficientnetv2_rw_s", &[]).unwrap();
+        assert_eq!(sizes(&a2), (288, 384, 0.95));
+        let r50 = procedure_recipe(Procedure::A3, "resnet50", &[]).unwrap();
+        assert_eq!(sizes(&r50), (160, 224, 0.95));
+        let b2 = procedure_recipe(Procedure::A1, "efficientnet_b2", &[]).unwrap();
+        assert_eq!(sizes(&b2), (260, 260, 0.95));
+    }
+
+    #[test]
+    fn procedure_recipe_keeps_the_resnet50_hyper_parameters() {
+        for procedure in Procedure::ALL {
+            let (source, path) = procedure.base_recipe();
+            let base = crate::load_str(source, Path::new(path), &[]).unwrap();
+            let mut ours = procedure_recipe(procedure, "vit_small_patch16_224", &[]).unwrap();
+            assert_eq!(ours.model.name, "vit_small_patch16_224");
+            // Everything but the name and the model equals the ResNet-50
+            // recipe (whose resolutions are Table 3's ResNet-50 ones, which
+            // ViT-S shares).
+            ours.name = base.name.clone();
+            ours.model.name = base.model.name.clone();
+            assert_eq!(ours, base, "{procedure}");
+        }
+    }
+
+    #[test]
+    fn overrides_apply_after_the_table() {
+        let sets = ["eval.input_size=320".to_string(), "name=mine".to_string()];
+        let r = procedure_recipe(Procedure::A2, "efficientnet_b2", &sets).unwrap();
+        assert_eq!((r.augment.input_size, r.eval.input_size), (260, 320));
+        assert_eq!(r.name, "mine");
+        let bad = ["batch.micro_size=500".to_string()];
+        let err = procedure_recipe(Procedure::A2, "efficientnet_b2", &bad).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--set batch.micro_size=500: batch.micro_size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_model_names_the_closest_ones() {
+        let err = procedure_recipe(Procedure::A1, "efficientnet_b9", &[]).unwrap_err();
+        assert!(matches!(err, ProcedureError::UnknownModel { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("unknown model `efficientnet_b9`"), "{message}");
+        assert!(message.contains("closest: efficientnet_b"), "{message}");
+        let err = table3_row("resnet5").unwrap_err().to_string();
+        assert!(err.contains("resnet50"), "{err}");
+    }
+
+    #[test]
+    fn procedure_parses_any_case() {
+        assert_eq!("a2".parse::<Procedure>().unwrap(), Procedure::A2);
+        assert_eq!("A3".parse::<Procedure>().unwrap(), Procedure::A3);
+        let err = "a4".parse::<Procedure>().unwrap_err().to_string();
+        assert_eq!(err, "unknown procedure `a4`: expected a1, a2 or a3");
+    }
+
+    const HEADER: &str = "timm_name,a1a2_train,a1a2_test,a3_train,a3_test,a1_top1,a2_top1,a3_top1";
+
+    fn parse_err(text: &str) -> String {
+        parse_table3(text, Path::new("t.csv")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parse_errors_name_line_and_column() {
+        let row = "resnet18,224,224,160,224,71.5,70.6,68.2";
+        let ok = parse_table3(&format!("# c\n\n{HEADER}\n{row}\n"), Path::new("t.csv")).unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].a3_train, 160);
+        assert_eq!(
+            parse_err(&format!("# c\n{HEADER}\nresnet18,224,22x,160,224,71.5,70.6,68.2\n")),
+            "t.csv:3:14: a1a2_test: expected a resolution in pixels (>= 1), found `22x`"
+        );
+        assert_eq!(
+            parse_err(&format!("{HEADER}\nresnet18,224,224,160,224,71.5,170.6,68.2\n")),
+            "t.csv:2:31: a2_top1: expected a top-1 in [0, 100] (%), found `170.6`"
+        );
+        assert!(parse_err(&format!("{HEADER}\nresnet18,224,224\n"))
+            .starts_with("t.csv:2:1: expected 8 comma-separated fields"));
+        assert_eq!(
+            parse_err(&HEADER.replace("a3_test", "a3_tst")),
+            "t.csv:1:41: header: expected column `a3_test`, found `a3_tst`"
+        );
+        assert_eq!(
+            parse_err(&format!("{HEADER}\n{row}\n{row}\n")),
+            "t.csv:3:1: timm_name: `resnet18` repeated"
+        );
+        assert_eq!(
+            parse_err(&format!("{HEADER}\nResNet-18,224,224,160,224,71.5,70.6,68.2\n")),
+            "t.csv:2:1: timm_name: expected a timm name ([a-z0-9_]+), found `ResNet-18`"
+        );
+        assert!(parse_err("# only a comment\n").contains("no header line"));
+    }
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+    }
+
+    #[test]
+    fn recipe_flags_take_exactly_one_form() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["x"].iter().chain(args));
+        let file = parse(&["--recipe", "r.yaml"]).unwrap().recipe.source().unwrap();
+        assert_eq!(file, RecipeSource::File("r.yaml".into()));
+        let by_procedure = parse(&["--procedure", "a2", "--model", "efficientnet_b2"]).unwrap();
+        assert_eq!(
+            by_procedure.recipe.source().unwrap(),
+            RecipeSource::Procedure { procedure: Procedure::A2, model: "efficientnet_b2".into() }
+        );
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--recipe", "r.yaml", "--procedure", "a1", "--model", "resnet50"]).is_err());
+        assert!(parse(&["--recipe", "r.yaml", "--model", "resnet50"]).is_err());
+        assert!(parse(&["--procedure", "a1"]).is_err());
+        assert!(parse(&["--model", "resnet50"]).is_err());
+        let bad = parse(&["--procedure", "b1", "--model", "resnet50"]).unwrap_err().to_string();
+        assert!(bad.contains("unknown procedure `b1`"), "{bad}");
+    }
+}
