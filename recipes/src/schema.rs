@@ -378,7 +378,8 @@ pub struct EvalSetSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// bf16 activations on a GPU, f32 everywhere on a CPU.
+    /// bf16 activations on a GPU, and on a CPU with native bf16 (AVX512-BF16 or
+    /// AMX, unless capped by `ONEDNN_MAX_CPU_ISA`/`ATEN_CPU_CAPABILITY`); f32 elsewhere.
     Auto,
     /// f32 everywhere.
     Fp32,

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rsb_recipes::{
-    load, load_str, to_yaml, validate, Interpolation, LossSection, OptimizerSection, Recipe,
-    ScheduleSection, StepOn,
+    load, load_str, to_yaml, validate, Interpolation, LossSection, OptimizerSection, Precision,
+    Recipe, ScheduleSection, StepOn,
 };
 
 fn recipes_dir() -> PathBuf {
@@ -243,6 +243,8 @@ fn fashion_mnist_default_keeps_every_ingredient() {
         "copies of an image must land in different micro-batches"
     );
     assert_eq!((r.eval.crop_pct, r.eval.interpolation), (0.95, Interpolation::Bicubic));
+    // Fast on any x86-64 CPU: bf16 only where the CPU has it natively.
+    assert_eq!(r.runtime.precision, Precision::Auto, "the main job must not force bf16");
 }
 
 #[test]
