@@ -4,6 +4,9 @@
 //! [`rsb_job::MetricsRecord`]. Other domain types live in the binaries; they
 //! convert at the edge.
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 /// Version 1 of the protocol.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

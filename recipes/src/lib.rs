@@ -23,6 +23,9 @@
 //! (`!lamb`) there, so always go through [`load`] / [`load_str`] / [`to_yaml`]
 //! rather than calling `serde_norway::from_str::<Recipe>` directly.
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 pub mod error;
 mod locate;
 mod overrides;

@@ -300,6 +300,14 @@ fn check_job(out: &Path, coordinator: Child, workers: Vec<Child>) {
     }
     assert!(!records(&out.join("metrics.jsonl"), "epoch").is_empty());
     assert!(out.join("checkpoints/epoch-0001/model.safetensors").is_file());
+    // Every rank wrote its own log, without colour codes.
+    for rank in 0..2 {
+        let path = out.join(format!("ranks/rank-{rank}.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(log.contains("collective ready"), "{}:\n{log}", path.display());
+        assert!(!log.contains('\x1b'), "{} carries ANSI codes", path.display());
+    }
 }
 
 #[test]

@@ -274,13 +274,16 @@ fn the_worker_links_libtorch_cuda_and_the_coordinator_no_libtorch() {
     let torch_lib = rsb_integration_tests::workspace_root().join(".venv/libtorch/lib");
     let worker_libs = needed_libraries(&rsb_integration_tests::binary("worker"));
     assert!(worker_libs.iter().any(|l| l == "libtorch_cpu.so"), "{worker_libs:?}");
-    if torch_lib.join("libtorch_cuda.so").exists() {
+    // The pinned wheel is the CUDA build: under CI a libtorch without
+    // libtorch_cuda.so fails the test instead of skipping its CUDA half.
+    if rsb_integration_tests::require(
+        torch_lib.join("libtorch_cuda.so").exists(),
+        "libtorch_cuda.so in .venv/libtorch/lib (the CUDA torch wheel of python/torch.txt)",
+    ) {
         assert!(
             worker_libs.iter().any(|l| l == "libtorch_cuda.so"),
             "the worker does not load libtorch_cuda.so: {worker_libs:?}"
         );
-    } else {
-        eprintln!("SKIPPED the CUDA half: this libtorch has no libtorch_cuda.so");
     }
     let coordinator_libs = needed_libraries(&rsb_integration_tests::binary("coordinator"));
     assert!(

@@ -4,6 +4,9 @@
 //! Mixup/CutMix, repeated-augmentation-aware samplers, the threaded loader,
 //! and the evaluation sets (ImageNet-ReaL, ImageNet-V2).
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 pub mod dataset;
 pub mod decode;
 pub mod error;

@@ -3,6 +3,9 @@
 //! the metrics records the trainer writes to `metrics.jsonl` and rank 0 sends
 //! to the coordinator ([`records`]).
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 pub mod plan;
 pub mod records;
 

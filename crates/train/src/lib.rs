@@ -1,11 +1,15 @@
 //! Training on libtorch: everything between a micro-batch and a checkpoint.
 //!
 //! [`loss`] (timm's BCE, soft-target CE), [`lamb`] (timm's LAMB with its
-//! parameter groups), [`schedule`] (cosine with warmup per update),
+//! parameter groups), [`schedule`] (cosine with warmup, stepped per epoch or per update),
+//! [`precision`] (what `precision: auto` picks on this CPU or GPU),
 //! [`checkpoint`] (atomic, resumable), [`ddp`] (data parallelism over a
 //! collective), [`from_recipe`] (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
 //! progress) and [`trainer`] (the loop: epochs of updates).
+
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
 
 pub mod atomic_file;
 pub mod batch;

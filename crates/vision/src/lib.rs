@@ -7,6 +7,9 @@
 //! in [`layers`], one file per family in [`models`] (ResNet and its D / SE /
 //! ResNeXt / ECA variants, RegNetY, EfficientNet and EfficientNetV2-rw, ViT).
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 pub mod error;
 pub mod layers;
 pub mod model;
