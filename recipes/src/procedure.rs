@@ -305,8 +305,10 @@ pub fn table3_row(model: &str) -> Result<&'static Table3Row, ProcedureError> {
     if let Some(row) = rows.iter().find(|r| r.timm_name == model) {
         return Ok(row);
     }
-    let mut ranked: Vec<(usize, &str)> =
-        rows.iter().map(|r| (edit_distance(model, &r.timm_name), r.timm_name.as_str())).collect();
+    let mut ranked: Vec<(usize, &str)> = rows
+        .iter()
+        .map(|r| (strsim::levenshtein(model, &r.timm_name), r.timm_name.as_str()))
+        .collect();
     ranked.sort();
     let suggestions = ranked.iter().take(3).map(|(_, n)| *n).collect::<Vec<_>>().join(", ");
     Err(ProcedureError::UnknownModel { name: model.to_owned(), suggestions })
@@ -419,21 +421,6 @@ impl RecipeArgs {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("give either --recipe FILE or --procedure a1|a2|a3 --model NAME")]
 pub struct RecipeArgsError;
-
-/// Levenshtein distance, for "closest" suggestions.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = previous[j] + usize::from(ca != *cb);
-            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
-}
 
 #[cfg(test)]
 mod tests {

@@ -88,9 +88,15 @@ fn isa_cap(onednn: Option<String>, aten: Option<String>) -> Option<String> {
 }
 
 /// The activation kind of a run: bf16 or f32 (weights, BN statistics, the
-/// loss and LAMB stay f32 whatever this says).
+/// loss and LAMB stay f32 whatever this says). `auto` on a CPU logs its
+/// choice and the reason.
 pub fn compute_kind(precision: Precision, device: Device) -> Kind {
-    compute_kind_with(precision, device, &CpuFeatures::detect())
+    let cpu = CpuFeatures::detect();
+    let kind = compute_kind_with(precision, device, &cpu);
+    if precision == Precision::Auto && device == Device::Cpu {
+        tracing::info!(cpu = %cpu.model, "precision auto: {kind:?}, since {}", cpu.auto_reason());
+    }
+    kind
 }
 
 /// [`compute_kind`] with the CPU facts given (tests).

@@ -159,25 +159,10 @@ pub fn find_model(name: &str) -> Result<&'static ModelSpec, VisionError> {
         return Ok(spec);
     }
     let mut ranked: Vec<(usize, &str)> =
-        MODELS.iter().map(|m| (edit_distance(name, m.name), m.name)).collect();
+        MODELS.iter().map(|m| (strsim::levenshtein(name, m.name), m.name)).collect();
     ranked.sort();
     let suggestions = ranked.iter().take(3).map(|(_, n)| *n).collect::<Vec<_>>().join(", ");
     Err(VisionError::UnknownModel { name: name.to_string(), suggestions })
-}
-
-/// Levenshtein distance, for "did you mean" suggestions.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -209,12 +194,5 @@ mod tests {
             assert!(m.a3_test_input_size >= m.a3_input_size, "{}", m.name);
             assert_eq!((m.crop_pct, m.a3_crop_pct), (0.95, 0.95), "{}", m.name);
         }
-    }
-
-    #[test]
-    fn edit_distance_basics() {
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("same", "same"), 0);
     }
 }
