@@ -394,7 +394,8 @@ pub struct RuntimeSection {
     /// Mixed precision.
     #[serde(default = "default_precision")]
     pub precision: Precision,
-    /// Channels-last memory layout on a GPU.
+    /// Channels-last (NHWC) memory layout, on GPUs and CPUs: speed only, the
+    /// maths is the same up to float rounding.
     #[serde(default = "default_true")]
     pub channels_last: bool,
     /// One metrics line every this many optimizer updates.

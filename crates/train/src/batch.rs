@@ -1,7 +1,7 @@
 //! Turning loader output (NHWC `u8`) into model input: a normalised float NCHW
 //! tensor on the training device, as timm's prefetcher does
-//! (`(x - 255 * mean) / (255 * std)`). The NHWC bytes are viewed as NCHW, so on
-//! a GPU the input is channels-last without a copy.
+//! (`(x - 255 * mean) / (255 * std)`). The NHWC bytes are viewed as NCHW, so
+//! with `runtime.channels_last` the input is channels-last without a copy.
 
 use tch::{Device, Kind, TchError, Tensor};
 
