@@ -191,6 +191,9 @@ async fn up(
         "coordinator listening on {bound}; waiting for {nodes} worker host(s); run folder {}",
         out.display()
     );
+    // From here on, Ctrl-C and `kill` stop the local workers before this
+    // process exits (and `kill -9` stops them through their death signal).
+    let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -232,11 +235,21 @@ async fn up(
                 cmd.env("RUST_LOG", "warn,worker::join=info");
             }
             cmd.kill_on_drop(true);
+            rsb_process::die_with_parent(&mut cmd);
             children.push(cmd.spawn().with_context(|| format!("starting {}", worker.display()))?);
         }
     }
     let outcome = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            signal = stop_signals.recv() => {
+                let reason = format!("coordinator stopped by {signal}");
+                shared.update(|job| job.fail(reason.clone()));
+                tracing::warn!("{reason}; stopping the local workers");
+                rsb_process::terminate(&mut children, Duration::from_secs(10)).await;
+                break Err(anyhow::anyhow!("job failed: {reason}"));
+            }
+        }
         for (i, child) in children.iter_mut().enumerate() {
             if let Ok(Some(code)) = child.try_wait() {
                 if !code.success() {

@@ -1,7 +1,9 @@
 //! `worker join`: one worker host in a coordinated job. The agent joins the
 //! coordinator with its devices, starts one rank process per GPU (or the CPU
 //! ranks asked for), heartbeats while they run, and stops them if the job
-//! fails. Each rank process (`worker rank`, started by the agent) asks for its
+//! fails, if it is stopped itself (SIGINT, SIGTERM, or its parent's death) or
+//! if the coordinator stays unreachable past `--coordinator-deadline-secs`;
+//! the ranks die with it whatever kills it. Each rank process (`worker rank`, started by the agent) asks for its
 //! assignment, rendezvous with the others (NCCL unique id for GPUs, ring
 //! addresses for CPUs), trains its share with the code of `worker train`, and
 //! reports metrics and checkpoints to the coordinator. A rank's log lines go
@@ -54,6 +56,10 @@ pub struct JoinArgs {
     /// use). `coordinator up --local` gives each local worker its share.
     #[arg(long)]
     pub cores: Option<usize>,
+    /// Seconds without a successful heartbeat after which this agent stops
+    /// its ranks and exits: the coordinator is dead or cut off.
+    #[arg(long, env = "RSB_COORDINATOR_DEADLINE_SECS", default_value_t = 60)]
+    pub coordinator_deadline_secs: u64,
 }
 
 /// Arguments of `worker rank` (started by `worker join`).
@@ -85,6 +91,12 @@ pub struct RankArgs {
     #[arg(long, default_value_t = 0)]
     pub loader_threads: u32,
 }
+
+/// How long a rank may take to exit after `SIGTERM` before it is killed.
+const RANK_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Deadline of one heartbeat call (at most the coordinator deadline).
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
 
 async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -190,8 +202,12 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             cmd.arg("--run-dir").arg(dir);
         }
         cmd.stdin(Stdio::null()).kill_on_drop(true);
+        rsb_process::die_with_parent(&mut cmd);
         children.push(cmd.spawn().context("starting a rank process")?);
     }
+    let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
+    let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
+    let mut last_heartbeat = tokio::time::Instant::now();
     let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
     let mut failed = None;
     let mut done = vec![false; children.len()];
@@ -211,10 +227,18 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             break;
         }
         if !job_over {
-            match client
-                .heartbeat(pb::HeartbeatRequest { member_id: joined.member_id.clone() })
-                .await
+            let request = pb::HeartbeatRequest { member_id: joined.member_id.clone() };
+            // A partitioned coordinator never answers: every call has a deadline.
+            let call_deadline = HEARTBEAT_DEADLINE.min(coordinator_deadline);
+            let answer = match tokio::time::timeout(call_deadline, client.heartbeat(request)).await
             {
+                Ok(answer) => answer,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no heartbeat answer within {call_deadline:?}"
+                ))),
+            };
+            let heartbeat_ok = answer.is_ok();
+            match answer {
                 Ok(r) if !r.get_ref().keep_going => {
                     job_over = true;
                     let failure = &r.get_ref().failure;
@@ -235,8 +259,26 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
+            if heartbeat_ok {
+                last_heartbeat = tokio::time::Instant::now();
+            } else if last_heartbeat.elapsed() > coordinator_deadline {
+                let reason = format!(
+                    "the coordinator at {} has not answered a heartbeat for {:?}",
+                    args.coordinator, coordinator_deadline
+                );
+                tracing::error!("{reason}; stopping the local ranks");
+                rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                bail!("{reason}");
+            }
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            signal = stop_signals.recv() => {
+                tracing::warn!("stopped by {signal}; stopping the local ranks");
+                rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                bail!("worker stopped by {signal}");
+            }
+        }
     }
     match failed {
         Some(reason) => bail!("{reason}"),

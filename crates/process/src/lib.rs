@@ -1,0 +1,144 @@
+//! Child processes that never outlive their parent.
+//!
+//! A job is a tree: `coordinator up --local` starts `worker join` agents and
+//! each agent starts one `worker rank` per device. Whatever kills a parent
+//! (Ctrl-C, `kill`, `kill -9`, the OOM killer) must not leave the subtree
+//! training on its own and heart-beating into the void:
+//!
+//! * [`die_with_parent`] asks Linux to send the child `SIGTERM` when its
+//!   parent dies (`PR_SET_PDEATHSIG`), which covers even `SIGKILL` of the
+//!   parent, where no handler runs;
+//! * [`stop_signal`] resolves on `SIGINT` or `SIGTERM`, so that a parent can
+//!   stop its children in order and say why;
+//! * [`terminate`] stops children: `SIGTERM`, a grace period, then `SIGKILL`.
+#![warn(missing_docs, clippy::unwrap_used)]
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Makes the child started by `command` receive `SIGTERM` as soon as this
+/// process dies, however it dies. Linux ties the death signal to the thread
+/// that forks: spawn from a thread that lives as long as the process (the
+/// main thread, or an async task of a runtime's worker pool, never
+/// `spawn_blocking`).
+pub fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (prctl, getppid, _exit); it allocates
+    // nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // The parent may have died between fork and prctl: then no signal
+            // will ever come, and the child has been re-parented already.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Which stop signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// `SIGINT` (Ctrl-C).
+    Interrupt,
+    /// `SIGTERM` (`kill`, a scheduler's stop).
+    Terminate,
+}
+
+impl std::fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        })
+    }
+}
+
+/// Listens for `SIGINT` and `SIGTERM` from now on (their default action,
+/// dying on the spot, is replaced for this process).
+#[derive(Debug)]
+pub struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+/// Installs the `SIGINT`/`SIGTERM` handlers; call inside a tokio runtime.
+pub fn stop_signal() -> std::io::Result<StopSignals> {
+    Ok(StopSignals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+    })
+}
+
+impl StopSignals {
+    /// Resolves with the first stop signal received.
+    pub async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            _ = self.interrupt.recv() => StopSignal::Interrupt,
+            _ = self.terminate.recv() => StopSignal::Terminate,
+        }
+    }
+}
+
+/// Stops `children`: `SIGTERM` to each one still running, then waits up to
+/// `grace` for all of them, then `SIGKILL`s the rest and reaps them.
+pub async fn terminate(children: &mut [Child], grace: Duration) {
+    for child in children.iter_mut() {
+        if let Some(pid) = child.id() {
+            if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+                tracing::debug!(pid, error = %e, "SIGTERM");
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for child in children.iter_mut() {
+        if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+            tracing::warn!(pid = child.id(), "still running {grace:?} after SIGTERM; killing");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // Signal 0 checks existence; a zombie (exited, not reaped) counts as gone.
+        kill(Pid::from_raw(pid as i32), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+    }
+
+    #[tokio::test]
+    async fn terminate_stops_a_child_at_sigterm_within_the_grace() {
+        let child = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = child.id().expect("pid");
+        let mut children = [child];
+        let start = std::time::Instant::now();
+        terminate(&mut children, Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(4), "SIGTERM alone should stop sleep");
+        assert!(!alive(pid));
+    }
+
+    #[tokio::test]
+    async fn terminate_kills_a_child_that_ignores_sigterm() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+        let child = cmd.spawn().expect("sh");
+        let pid = child.id().expect("pid");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut children = [child];
+        let start = std::time::Instant::now();
+        terminate(&mut children, Duration::from_millis(500)).await;
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        assert!(!alive(pid));
+    }
+}

@@ -1,0 +1,197 @@
+//! Stopping a job's coordinator never orphans its workers or their ranks.
+//!
+//! `coordinator up --local --nodes 2` starts two `worker join` agents, each of
+//! which starts a `worker rank`. SIGINT, SIGTERM and SIGKILL of the
+//! coordinator alone (not its process group, as `kill PID` does) must each
+//! leave none of those four processes running within a deadline: SIGINT and
+//! SIGTERM through the coordinator's own handler, SIGKILL through the death
+//! signal (`PR_SET_PDEATHSIG`) armed in every child. A frozen coordinator
+//! (SIGSTOP: the port open, no answer) makes the agents stop their ranks and
+//! exit once `--coordinator-deadline-secs` has passed.
+
+use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The parent pid of `pid`, from `/proc/PID/stat` (None once it is gone).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" {
+        return None; // exited, waiting to be reaped
+    }
+    fields.next()?.parse().ok()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Every live descendant of `root`, with its command line.
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![root];
+    loop {
+        let before = found.len();
+        for &pid in &pids {
+            if !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p)) {
+                found.push(pid);
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    found.into_iter().skip(1).map(|pid| (pid, cmdline(pid))).collect()
+}
+
+/// The processes of `watched` still alive and still running our worker.
+fn survivors(watched: &[(u32, String)]) -> Vec<(u32, String)> {
+    watched
+        .iter()
+        .filter(|(pid, line)| parent_of(*pid).is_some() && cmdline(*pid) == *line)
+        .cloned()
+        .collect()
+}
+
+fn start_job(data: &Path, out: &Path) -> Child {
+    let _ = binary("worker"); // built before the coordinator starts it
+    Command::new(binary("coordinator"))
+        // Inherited by the local agents (`worker join --coordinator-deadline-secs`).
+        .env("RSB_COORDINATOR_DEADLINE_SECS", "3")
+        .args(["up", "--local", "--nodes", "2", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(out)
+        .args(["--set", &format!("data.root={}", data.display())])
+        .args(["--set", "model.num_classes=10"])
+        // Long enough to be killed mid-run.
+        .args(["--set", "schedule.cosine.epochs=500"])
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator")
+}
+
+/// Waits until both ranks have joined the collective and are training.
+fn wait_for_training(out: &Path, coordinator: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = (0..2).all(|r| {
+            std::fs::read_to_string(out.join(format!("ranks/rank-{r}.log")))
+                .is_ok_and(|log| log.contains("collective ready"))
+        });
+        if ready {
+            return;
+        }
+        if let Some(status) = coordinator.try_wait().expect("try_wait") {
+            panic!("the coordinator exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "the ranks did not start within 180 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop_and_check(signal: &str) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let mut coordinator = start_job(&data, &out);
+    wait_for_training(&out, &mut coordinator);
+    let pid = coordinator.id();
+    let children = descendants(pid);
+    let agents = children.iter().filter(|(_, l)| l.contains(" join ")).count();
+    let ranks = children.iter().filter(|(_, l)| l.contains(" rank ")).count();
+    assert_eq!(
+        (agents, ranks),
+        (2, 2),
+        "expected 2 agents and 2 ranks under the coordinator: {children:#?}"
+    );
+
+    let sent = Command::new("kill").args(["-s", signal, &pid.to_string()]).status().expect("kill");
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = coordinator.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator did not exit within 30 s of SIG{signal}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a stopped job must not report success");
+    loop {
+        let left = survivors(&children);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after SIG{signal} to the coordinator these still run: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if signal != "KILL" {
+        let mut stderr = String::new();
+        use std::io::Read;
+        coordinator.stderr.take().expect("piped").read_to_string(&mut stderr).expect("stderr");
+        assert!(
+            stderr.contains(&format!("stopped by SIG{signal}")),
+            "stderr does not name the signal:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn sigint_to_the_coordinator_stops_every_worker_and_rank() {
+    stop_and_check("INT");
+}
+
+#[test]
+fn sigterm_to_the_coordinator_stops_every_worker_and_rank() {
+    stop_and_check("TERM");
+}
+
+#[test]
+fn sigkill_of_the_coordinator_stops_every_worker_and_rank() {
+    stop_and_check("KILL");
+}
+
+#[test]
+fn a_frozen_coordinator_makes_the_agents_stop_their_ranks_after_the_deadline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let mut coordinator = start_job(&data, &out);
+    wait_for_training(&out, &mut coordinator);
+    let pid = coordinator.id().to_string();
+    let children = descendants(coordinator.id());
+    assert_eq!(children.len(), 4, "{children:#?}");
+    let stopped = Command::new("kill").args(["-s", "STOP", &pid]).status().expect("kill");
+    assert!(stopped.success());
+    // Deadline 3 s (heartbeat calls time out after 3 s too) plus a margin.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let left = loop {
+        let left = survivors(&children);
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = coordinator.kill();
+    let _ = Command::new("kill").args(["-s", "CONT", &pid]).status();
+    let _ = coordinator.wait();
+    assert!(left.is_empty(), "30 s after the coordinator froze these still run: {left:#?}");
+}
