@@ -582,3 +582,29 @@ fn worker_models_prints_table_3() {
         assert_eq!(words[3..].join(" "), cells, "{row}");
     }
 }
+
+#[test]
+fn coordinator_up_keeps_the_same_run_folder_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(out.join("checkpoints/epoch-0001")).unwrap();
+    std::fs::write(out.join("checkpoints/epoch-0001/state.json"), "{}").unwrap();
+    let recipe = tiny_recipe().display().to_string();
+    let out_arg = out.display().to_string();
+    let up = |extra: &[&str]| {
+        let mut args = vec!["up", "--nodes", "1", "--recipe", &recipe, "--out", &out_arg];
+        args.extend(["--listen", "127.0.0.1:0"]);
+        args.extend(extra);
+        coordinator(&args)
+    };
+    // Another run's folder, without --resume: refused before anything starts.
+    let refused = up(&[]);
+    let log = stderr(&refused);
+    assert!(!refused.status.success(), "coordinator up started a second run in {out_arg}");
+    assert!(log.contains("already holds a run") && log.contains("--resume"), "{log}");
+    // With --resume, its only checkpoint is torn (no manifest): refused, naming it.
+    let torn = up(&["--resume", &out_arg]);
+    let log = stderr(&torn);
+    assert!(!torn.status.success(), "coordinator up resumed from a torn checkpoint");
+    assert!(log.contains("no intact checkpoint") && log.contains("manifest.json"), "{log}");
+}
