@@ -5,6 +5,7 @@
 //! supervisor or of `--resume`; the job says so instead of hanging).
 
 use crate::plan::{BatchPlan, PlanError};
+use rsb_job::records::skipped_updates_note;
 use rsb_job::MetricsRecord;
 use rsb_recipes::Recipe;
 use std::collections::BTreeMap;
@@ -391,7 +392,15 @@ impl Job {
                 self.progress = (*epoch, *step, self.progress.2);
                 Some(format!("first update done in {elapsed_s:.1} s"))
             }
-            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, total_updates } => {
+            MetricsRecord::Step {
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                total_updates,
+                skipped_updates,
+            } => {
                 self.progress = (*epoch, *step, *images_per_sec);
                 let eta = if *images_per_sec > 0.0 {
                     let secs = total_updates.saturating_sub(*step) as f64
@@ -402,7 +411,8 @@ impl Job {
                     String::new()
                 };
                 Some(format!(
-                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){eta}"
+                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){eta}{}",
+                    skipped_updates_note(*skipped_updates)
                 ))
             }
             MetricsRecord::Epoch {
@@ -413,6 +423,7 @@ impl Job {
                 top1,
                 top5,
                 eval_sets,
+                skipped_updates,
                 ..
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
@@ -422,9 +433,10 @@ impl Job {
                     sets.push_str(&format!(" | {name} top1 {:.2} top5 {:.2}", a.top1, a.top5));
                 }
                 Some(format!(
-                    "epoch {epoch} done: loss {loss:.4} top1 {} top5 {}{sets} ({images_per_sec:.0} img/s)",
+                    "epoch {epoch} done: loss {loss:.4} top1 {} top5 {}{sets} ({images_per_sec:.0} img/s){}",
                     percent(top1),
                     percent(top5),
+                    skipped_updates_note(*skipped_updates),
                 ))
             }
             MetricsRecord::Checksum { .. } => None,
@@ -584,10 +596,20 @@ mod tests {
             loss: 0.75,
             images_per_sec: 16.0,
             total_updates: 4,
+            skipped_updates: 0,
         };
         let line = j.record_metrics(1, &step).unwrap().unwrap();
         assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");
         assert!(line.ends_with("ETA 0:00:02"), "2 updates of 16 images at 16 img/s: {line}");
+        let mut skipping = step.clone();
+        if let MetricsRecord::Step { skipped_updates, .. } = &mut skipping {
+            *skipped_updates = 1;
+        }
+        let line = j.record_metrics(1, &skipping).unwrap().unwrap();
+        assert!(
+            line.ends_with("ETA 0:00:02, 1 update(s) skipped (non-finite gradients)"),
+            "{line}"
+        );
         assert_eq!(j.progress, (0, 2, 16.0));
         let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
         assert_eq!(j.record_metrics(1, &checksum).unwrap(), None);
@@ -596,7 +618,7 @@ mod tests {
         let lines: Vec<serde_json::Value> =
             text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["loading", "first_update", "step", "checksum"]);
+        assert_eq!(kinds, ["loading", "first_update", "step", "step", "checksum"]);
         assert_eq!(lines[2]["loss"], 0.75);
         assert_eq!(lines[2]["total_updates"], 4);
         assert_eq!(lines[1]["elapsed_s"], 12.34);

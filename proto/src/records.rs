@@ -13,16 +13,23 @@ impl From<&MetricsRecord> for Record {
             MetricsRecord::FirstUpdate { epoch, step, elapsed_s } => {
                 Record::FirstUpdate(pb::FirstUpdateRecord { epoch, step, elapsed_s })
             }
-            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, total_updates } => {
-                Record::Step(pb::StepRecord {
-                    epoch,
-                    step,
-                    lr,
-                    loss,
-                    images_per_sec,
-                    total_updates,
-                })
-            }
+            MetricsRecord::Step {
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                total_updates,
+                skipped_updates,
+            } => Record::Step(pb::StepRecord {
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                total_updates,
+                skipped_updates,
+            }),
             MetricsRecord::Epoch {
                 epoch,
                 step,
@@ -35,6 +42,7 @@ impl From<&MetricsRecord> for Record {
                 replaced_samples,
                 elapsed_s,
                 eval_sets,
+                skipped_updates,
             } => Record::Epoch(pb::EpochRecord {
                 epoch,
                 step,
@@ -56,6 +64,7 @@ impl From<&MetricsRecord> for Record {
                         excluded: a.excluded,
                     })
                     .collect(),
+                skipped_updates,
             }),
             MetricsRecord::Checksum { rank, step, sum, sum_of_squares } => {
                 Record::Checksum(pb::ChecksumRecord { rank, step, sum, sum_of_squares })
@@ -80,6 +89,7 @@ impl From<Record> for MetricsRecord {
                 loss: r.loss,
                 images_per_sec: r.images_per_sec,
                 total_updates: r.total_updates,
+                skipped_updates: r.skipped_updates,
             },
             Record::Epoch(r) => MetricsRecord::Epoch {
                 epoch: r.epoch,
@@ -105,6 +115,7 @@ impl From<Record> for MetricsRecord {
                         (s.name, accuracy)
                     })
                     .collect(),
+                skipped_updates: r.skipped_updates,
             },
             Record::Checksum(r) => MetricsRecord::Checksum {
                 rank: r.rank,
@@ -138,6 +149,7 @@ mod tests {
                 loss: 0.625,
                 images_per_sec: 300.0,
                 total_updates: 80,
+                skipped_updates: 1,
             },
             MetricsRecord::Epoch {
                 epoch: 2,
@@ -151,6 +163,7 @@ mod tests {
                 replaced_samples: 2,
                 elapsed_s: 99.0,
                 eval_sets: sets,
+                skipped_updates: 3,
             },
             MetricsRecord::Checksum { rank: 1, step: 4, sum: -3.5, sum_of_squares: 12.0 },
         ];

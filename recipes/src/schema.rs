@@ -401,12 +401,16 @@ pub struct RuntimeSection {
     /// One metrics line every this many optimizer updates.
     #[serde(default = "default_log_every")]
     pub log_every_steps: u32,
-    /// Checkpoints kept (the newest ones).
+    /// Checkpoints kept (the newest ones; the best by validation top-1 is kept too).
     #[serde(default = "default_keep_last")]
     pub keep_last_checkpoints: u32,
     /// libtorch intra-op threads on a CPU; 0 = libtorch's default.
     #[serde(default)]
     pub torch_threads: u32,
+    /// An update whose global gradient norm is NaN or infinite is skipped
+    /// (counted in the metrics); this many in a row stop the run (at least 1).
+    #[serde(default = "default_max_nonfinite_updates")]
+    pub max_nonfinite_updates: u32,
 }
 
 impl Default for RuntimeSection {
@@ -417,6 +421,7 @@ impl Default for RuntimeSection {
             log_every_steps: default_log_every(),
             keep_last_checkpoints: default_keep_last(),
             torch_threads: 0,
+            max_nonfinite_updates: default_max_nonfinite_updates(),
         }
     }
 }
@@ -490,4 +495,7 @@ fn default_log_every() -> u32 {
 }
 fn default_keep_last() -> u32 {
     2
+}
+fn default_max_nonfinite_updates() -> u32 {
+    3
 }

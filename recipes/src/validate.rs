@@ -299,5 +299,6 @@ pub(crate) fn check(r: &Recipe) -> Check {
     }
 
     at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
+    at_least_one("runtime.max_nonfinite_updates", r.runtime.max_nonfinite_updates)?;
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! import`): training with every RSB ingredient, the run folder it leaves
 //! (metrics, resolved recipe, checkpoints with timm keys), an exact resume,
 //! evaluation and inference from the checkpoint, undecodable files survived,
-//! and recipe errors that name the file and line.
+//! recipe errors that name the file and line, and the checkpoint and
+//! run-folder rules: torn or corrupt checkpoints skipped (or, named, refused),
+//! a changed recipe refused unless `--set` explains it, an `--out` holding a
+//! run refused without `--resume`.
 
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::{Path, PathBuf};
@@ -21,8 +24,18 @@ fn worker(args: &[&str]) -> Output {
         .expect("running worker")
 }
 
+fn tiny_recipe() -> PathBuf {
+    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
+}
+
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
-    let recipe = workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml");
+    let run = train_with(&tiny_recipe(), data, out, extra);
+    assert!(run.status.success(), "worker train failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    run
+}
+
+/// `worker train` with `recipe`, the tiny dataset and two epochs, whatever its outcome.
+fn train_with(recipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<String> = vec![
         "train".into(),
         "--recipe".into(),
@@ -40,9 +53,7 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = worker(&args);
-    assert!(run.status.success(), "worker train failed:\n{}", String::from_utf8_lossy(&run.stderr));
-    run
+    worker(&args)
 }
 
 fn records(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
@@ -81,8 +92,15 @@ fn train_resume_eval_infer_round_trip() {
     for part in ["model.safetensors", "optimizer.safetensors", "state.json"] {
         assert!(ckpt.join(part).is_file(), "checkpoint lacks {part}");
     }
-    // keep_last_checkpoints = 1 in the tiny recipe.
-    assert!(!full.join("checkpoints/epoch-0001").exists());
+    // keep_last_checkpoints = 1 in the tiny recipe, and the best top-1 is kept too.
+    let top1: Vec<f64> = epochs.iter().map(|e| e["top1"].as_f64().unwrap()).collect();
+    assert_eq!(
+        full.join("checkpoints/epoch-0001").exists(),
+        top1[0] >= top1[1],
+        "epoch 1 (top-1 {}) is kept only while it is the best (epoch 2: {})",
+        top1[0],
+        top1[1]
+    );
 
     // Interrupted after one epoch, then resumed: the second epoch's losses are identical.
     let split = tmp.path().join("split");
@@ -155,6 +173,159 @@ fn train_resume_eval_infer_round_trip() {
     ]);
     assert!(infer.status.success(), "{}", String::from_utf8_lossy(&infer.stderr));
     assert_eq!(tch::Tensor::read_npy(&output).unwrap().size(), vec![3, 10]);
+}
+
+fn stderr(run: &Output) -> String {
+    String::from_utf8_lossy(&run.stderr).into_owned()
+}
+
+/// The `checkpoint=...` named by the log line `resumed` in `stderr`.
+fn resumed_from(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .unwrap_or_else(|| panic!("no `resumed` line:\n{stderr}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("checkpoint="))
+        .unwrap_or_else(|| panic!("no checkpoint in `{line}`"))
+        .to_string()
+}
+
+#[test]
+fn torn_or_corrupt_checkpoints_are_skipped_and_resumes_keep_their_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_dataset(tmp.path());
+    let run = tmp.path().join("run");
+    let keep = ["--set", "runtime.keep_last_checkpoints=2"];
+    train(&data, &run, &keep);
+    let first = run.join("checkpoints/epoch-0001");
+    let newest = run.join("checkpoints/epoch-0002");
+    for checkpoint in [&first, &newest] {
+        assert!(
+            checkpoint.join("manifest.json").is_file(),
+            "{} has no manifest",
+            checkpoint.display()
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(newest.join("manifest.json")).unwrap())
+            .unwrap();
+    for part in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        let size = std::fs::metadata(newest.join(part)).unwrap().len();
+        assert_eq!(manifest["parts"][part]["bytes"], size, "{part}");
+        assert_eq!(manifest["parts"][part]["sha256"].as_str().unwrap().len(), 64, "{part}");
+    }
+    // Resuming the run folder without training (--max-updates 0) says which
+    // checkpoint it took.
+    let resume = |extra: &[&str]| {
+        let mut args = keep.to_vec();
+        args.extend(["--max-updates", "0"]);
+        args.extend(extra);
+        train_with(&tiny_recipe(), &data, &run, &args)
+    };
+    let intact = resume(&["--resume", run.to_str().unwrap()]);
+    assert!(intact.status.success(), "{}", stderr(&intact));
+    assert_eq!(resumed_from(&stderr(&intact)), newest.display().to_string());
+
+    // Each kind of damage to the newest: the one before is taken, and the log
+    // names the damaged file and why.
+    let model = newest.join("model.safetensors");
+    let optimizer = newest.join("optimizer.safetensors");
+    let manifest_path = newest.join("manifest.json");
+    let good_model = std::fs::read(&model).unwrap();
+    let good_optimizer = std::fs::read(&optimizer).unwrap();
+    let good_manifest = std::fs::read(&manifest_path).unwrap();
+    let mut flipped = good_model.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x10;
+    // What is done, how, which file it damages, and the reason the log gives.
+    type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a Path, &'a str);
+    let damages: [Damage; 3] = [
+        (
+            "flipped byte",
+            Box::new(|| std::fs::write(&model, &flipped).unwrap()),
+            model.as_path(),
+            "SHA-256",
+        ),
+        (
+            "truncated part",
+            Box::new(|| std::fs::write(&optimizer, &good_optimizer[..100]).unwrap()),
+            optimizer.as_path(),
+            "truncated",
+        ),
+        (
+            "deleted manifest",
+            Box::new(|| std::fs::remove_file(&manifest_path).unwrap()),
+            manifest_path.as_path(),
+            "no manifest",
+        ),
+    ];
+    for (what, damage, file, reason) in damages {
+        damage();
+        let skipped = resume(&["--resume", run.to_str().unwrap()]);
+        let log = stderr(&skipped);
+        assert!(skipped.status.success(), "{what}: {log}");
+        assert_eq!(resumed_from(&log), first.display().to_string(), "{what}:\n{log}");
+        let warning = log
+            .lines()
+            .find(|l| l.contains("skipping a torn or corrupt checkpoint"))
+            .unwrap_or_else(|| panic!("{what}: no warning:\n{log}"));
+        assert!(
+            warning.contains(&file.display().to_string()) && warning.contains(reason),
+            "{what}: the warning does not name {} and `{reason}`: {warning}",
+            file.display()
+        );
+        // Named explicitly, the damaged checkpoint is refused, naming the file.
+        let refused = resume(&["--resume", newest.to_str().unwrap()]);
+        let log = stderr(&refused);
+        assert!(!refused.status.success(), "{what}: resumed from a damaged checkpoint");
+        assert!(log.contains(&file.display().to_string()), "{what}: {log}");
+        std::fs::write(&model, &good_model).unwrap();
+        std::fs::write(&optimizer, &good_optimizer).unwrap();
+        std::fs::write(&manifest_path, &good_manifest).unwrap();
+    }
+
+    // A recipe changed in its file is refused, listing the field ...
+    let changed = tmp.path().join("changed.yaml");
+    let source = std::fs::read_to_string(tiny_recipe()).unwrap();
+    assert!(source.contains("    lr: 5.0e-3\n"));
+    std::fs::write(&changed, source.replace("    lr: 5.0e-3\n", "    lr: 4.0e-3\n")).unwrap();
+    let mut args = keep.to_vec();
+    args.extend(["--max-updates", "0", "--resume", run.to_str().unwrap()]);
+    let refused = train_with(&changed, &data, &run, &args);
+    let log = stderr(&refused);
+    assert!(!refused.status.success(), "a changed recipe was resumed");
+    assert!(log.contains("optimizer.lamb.lr (checkpoint 0.005, now 0.004)"), "{log}");
+    assert!(!log.contains("data.root"), "a field --set gave the same value is listed: {log}");
+    // ... and accepted when --set says so, which is logged.
+    args.extend(["--set", "optimizer.lamb.lr=0.004"]);
+    let accepted = train_with(&changed, &data, &run, &args);
+    let log = stderr(&accepted);
+    assert!(accepted.status.success(), "{log}");
+    assert!(
+        log.contains("recipe field changed by --set") && log.contains("optimizer.lamb.lr"),
+        "{log}"
+    );
+
+    // Reusing the folder without --resume is refused and leaves the run as it was.
+    let before = std::fs::read(newest.join("state.json")).unwrap();
+    let reused = train_with(&tiny_recipe(), &data, &run, &keep);
+    let log = stderr(&reused);
+    assert!(!reused.status.success(), "a second run was started in a run folder");
+    assert!(log.contains("already holds a run") && log.contains("--resume"), "{log}");
+    assert_eq!(std::fs::read(newest.join("state.json")).unwrap(), before);
+    assert!(first.is_dir() && newest.join("manifest.json").is_file());
+
+    // A corrupt newest checkpoint, resumed for real: the epoch is trained
+    // again from the one before and its checkpoint is written anew, intact.
+    std::fs::write(&model, &flipped).unwrap();
+    let mut args = keep.to_vec();
+    args.extend(["--resume", run.to_str().unwrap()]);
+    let redo = train_with(&tiny_recipe(), &data, &run, &args);
+    assert!(redo.status.success(), "{}", stderr(&redo));
+    assert_eq!(resumed_from(&stderr(&redo)), first.display().to_string());
+    let again = resume(&["--resume", run.to_str().unwrap()]);
+    assert_eq!(resumed_from(&stderr(&again)), newest.display().to_string(), "{}", stderr(&again));
 }
 
 #[test]
@@ -410,4 +581,30 @@ fn worker_models_prints_table_3() {
         assert!(words[2].parse::<u64>().is_ok_and(|n| n > 1_000_000), "{row}");
         assert_eq!(words[3..].join(" "), cells, "{row}");
     }
+}
+
+#[test]
+fn coordinator_up_keeps_the_same_run_folder_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(out.join("checkpoints/epoch-0001")).unwrap();
+    std::fs::write(out.join("checkpoints/epoch-0001/state.json"), "{}").unwrap();
+    let recipe = tiny_recipe().display().to_string();
+    let out_arg = out.display().to_string();
+    let up = |extra: &[&str]| {
+        let mut args = vec!["up", "--nodes", "1", "--recipe", &recipe, "--out", &out_arg];
+        args.extend(["--listen", "127.0.0.1:0"]);
+        args.extend(extra);
+        coordinator(&args)
+    };
+    // Another run's folder, without --resume: refused before anything starts.
+    let refused = up(&[]);
+    let log = stderr(&refused);
+    assert!(!refused.status.success(), "coordinator up started a second run in {out_arg}");
+    assert!(log.contains("already holds a run") && log.contains("--resume"), "{log}");
+    // With --resume, its only checkpoint is torn (no manifest): refused, naming it.
+    let torn = up(&["--resume", &out_arg]);
+    let log = stderr(&torn);
+    assert!(!torn.status.success(), "coordinator up resumed from a torn checkpoint");
+    assert!(log.contains("no intact checkpoint") && log.contains("manifest.json"), "{log}");
 }

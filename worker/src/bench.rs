@@ -105,7 +105,8 @@ pub fn step(args: StepArgs) -> Result<()> {
         loss.f_backward()?;
         sync(&loss);
         let before_step = Instant::now();
-        optimizer.step(5e-3)?;
+        // As the trainer does: the update is skipped on a non-finite gradient norm.
+        optimizer.step_if_finite(5e-3)?;
         sync(&loss);
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64());

@@ -9,7 +9,7 @@ use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
 use rsb_train::batch::Normalizer;
 use rsb_train::evaluation::{evaluate, evaluate_set, EvalShard};
-use rsb_train::trainer::{RunOptions, Trainer};
+use rsb_train::trainer::{RecipeCheck, RunOptions, Trainer};
 use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -108,10 +108,14 @@ pub struct TrainArgs {
     /// Override a recipe field, e.g. `--set optimizer.lamb.lr=0.004` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Run folder: metrics.jsonl, the resolved recipe, checkpoints.
+    /// Run folder: metrics.jsonl, the resolved recipe, checkpoints. One that
+    /// already holds a run is only continued, with `--resume`.
     #[arg(long)]
     pub out: PathBuf,
-    /// Continue from a checkpoint folder, or from the newest checkpoint of a run folder.
+    /// Continue from a checkpoint folder, or from the newest intact checkpoint
+    /// of a run folder (newer torn or corrupt ones are skipped, with a
+    /// warning). The recipe must be the checkpoint's, except for the fields
+    /// that `--set` changes. Without it, `--out` must not hold a run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// auto, cpu or cuda:N.
@@ -135,20 +139,21 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let source = args.recipe.source()?;
     let recipe = source.load(&overrides)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let resolved = args.out.join("recipe.yaml");
-    let tmp = args.out.join(".recipe.yaml.tmp");
-    std::fs::write(&tmp, rsb_recipes::to_yaml(&recipe))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &resolved).with_context(|| format!("writing {}", resolved.display()))?;
+    rsb_job::check_out_folder(&args.out, args.resume.as_deref())?;
     let device = parse_device(&args.device)?;
     tracing::info!(recipe = %recipe.name, %source, ?device, out = %args.out.display(), "training");
+    let yaml = rsb_recipes::to_yaml(&recipe);
     let mut options = RunOptions::new(args.out.clone(), device);
     options.resume = args.resume;
     options.progress = std::io::stderr().is_terminal();
     options.max_updates = args.max_updates;
+    options.recipe_check = RecipeCheck::ExplainedBy(overrides);
+    // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;
+    let resolved = args.out.join("recipe.yaml");
+    let tmp = args.out.join(".recipe.yaml.tmp");
+    std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &resolved).with_context(|| format!("writing {}", resolved.display()))?;
     let summary = trainer.run()?;
     if let Some(last) = summary.epochs.last() {
         let acc = match (last.top1, last.top5) {

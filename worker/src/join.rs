@@ -383,6 +383,8 @@ fn train_rank(
     options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
     if !assignment.resume_from.is_empty() && rank == 0 {
         options.resume = Some(PathBuf::from(&assignment.resume_from));
+        // `coordinator up --resume` compared the recipes, knowing the `--set`s.
+        options.recipe_check = rsb_train::trainer::RecipeCheck::Done;
     }
     let plan = BatchPlan::new(&recipe, assignment.world_size)?;
     if plan.accumulation != assignment.accumulation_steps {

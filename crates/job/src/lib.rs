@@ -1,13 +1,20 @@
 //! What every process of a job agrees on, without libtorch: the batch plan
-//! and the one rule for which rank runs which sampler streams ([`plan`]), and
-//! the metrics records the trainer writes to `metrics.jsonl` and rank 0 sends
-//! to the coordinator ([`records`]).
+//! and the one rule for which rank runs which sampler streams ([`plan`]), the
+//! metrics records the trainer writes to `metrics.jsonl` and rank 0 sends
+//! to the coordinator ([`records`]), what makes a checkpoint folder count
+//! and which one a resume uses ([`checkpoint`]), and the rules of a run
+//! folder: no second run in one `--out`, no silent recipe change on resume
+//! ([`run_folder`]).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod checkpoint;
 pub mod plan;
 pub mod records;
+pub mod run_folder;
 
+pub use checkpoint::CheckpointError;
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
 pub use records::{EvalSetAccuracy, MetricsRecord};
+pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};

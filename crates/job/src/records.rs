@@ -45,6 +45,10 @@ pub enum MetricsRecord {
         images_per_sec: f64,
         /// Updates of the whole run.
         total_updates: u64,
+        /// Updates of the window skipped because their gradient norm was
+        /// not finite (counted in `step`, left out of `loss`).
+        #[serde(default)]
+        skipped_updates: u64,
     },
     /// A finished epoch.
     Epoch {
@@ -71,6 +75,10 @@ pub enum MetricsRecord {
         /// The recipe's further evaluation sets by name, when evaluated.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         eval_sets: BTreeMap<String, EvalSetAccuracy>,
+        /// Updates of the epoch skipped because their gradient norm was not
+        /// finite (counted in `step`, left out of `loss`).
+        #[serde(default)]
+        skipped_updates: u64,
     },
     /// Sum and sum of squares of every parameter after an update (replica checks).
     Checksum {
@@ -83,6 +91,16 @@ pub enum MetricsRecord {
         /// Sum of the squares of every parameter.
         sum_of_squares: f64,
     },
+}
+
+/// `, N update(s) skipped (non-finite gradients)` for a record's
+/// `skipped_updates` when any were, nothing otherwise: how progress lines say it.
+pub fn skipped_updates_note(skipped_updates: u64) -> String {
+    if skipped_updates == 0 {
+        String::new()
+    } else {
+        format!(", {skipped_updates} update(s) skipped (non-finite gradients)")
+    }
 }
 
 /// Accuracy on one further evaluation set.
@@ -155,10 +173,20 @@ mod tests {
             loss: 0.5,
             images_per_sec: 100.0,
             total_updates: 80,
+            skipped_updates: 0,
         };
         assert_eq!(
             keys(&step),
-            ["epoch", "images_per_sec", "kind", "loss", "lr", "step", "total_updates"]
+            [
+                "epoch",
+                "images_per_sec",
+                "kind",
+                "loss",
+                "lr",
+                "skipped_updates",
+                "step",
+                "total_updates"
+            ]
         );
         assert_eq!(serde_json::to_value(&step).unwrap()["kind"], "step");
         let mut epoch = MetricsRecord::Epoch {
@@ -173,6 +201,7 @@ mod tests {
             replaced_samples: 0,
             elapsed_s: 3.0,
             eval_sets: BTreeMap::new(),
+            skipped_updates: 2,
         };
         let value = serde_json::to_value(&epoch).unwrap();
         assert_eq!(value["top1"], Value::Null, "not evaluated is written as null");
@@ -188,6 +217,14 @@ mod tests {
         assert_eq!(value["top1"], 87.5);
         assert_eq!(value["eval_sets"]["real"]["excluded"], 2);
         assert_eq!(value["kind"], "epoch");
+        assert_eq!(value["skipped_updates"], 2);
+    }
+
+    #[test]
+    fn lines_written_before_skipped_updates_still_read() {
+        let old = r#"{"kind":"step","epoch":0,"step":3,"lr":0.1,"loss":2.0,"images_per_sec":5.0,"total_updates":9}"#;
+        let record: MetricsRecord = serde_json::from_str(old).unwrap();
+        assert!(matches!(record, MetricsRecord::Step { skipped_updates: 0, .. }), "{record:?}");
     }
 
     #[test]

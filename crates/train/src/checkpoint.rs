@@ -1,25 +1,37 @@
 //! Checkpoints: one folder per finished epoch, `checkpoints/epoch-NNNN/`, with
 //! fixed parts: `model.safetensors` (timm keys, loads into timm as is),
 //! `optimizer.safetensors` (LAMB moments) and `state.json` (position in the
-//! run, optimizer step counts, loader counters). The folder is assembled under
-//! a temporary name, every file written through [`crate::atomic_file`]
-//! (fsynced), then the folder is fsynced and renamed into place, so a
-//! checkpoint folder that exists is complete. The newest `keep_last` are kept.
+//! run, optimizer step counts, loader counters, the resolved recipe), and
+//! `manifest.json` (size and SHA-256 of every part, see
+//! [`rsb_job::checkpoint`]).
+//!
+//! Commit protocol: the folder is assembled under a temporary name, every
+//! part written through [`crate::atomic_file`] (fsynced); then the manifest
+//! is computed from the parts as they are on disk and written the same way;
+//! then the folder is fsynced and renamed into place and its parent fsynced.
+//! A checkpoint counts only when its manifest verifies, so a torn or corrupt
+//! folder (however it came about) is never resumed from: [`resolve`] skips it
+//! for the one before, with a warning, and [`load`] refuses it naming the
+//! file.
+//!
+//! Retention: the newest `keep_last` checkpoints are kept, and the best by
+//! validation top-1 ([`TrainState::best_epoch`]) is never pruned while it is
+//! the best.
 
 use crate::atomic_file::{self, sync_and_rename, temporary_sibling};
 use crate::error::TrainError;
 use crate::lamb::{Lamb, LambSteps};
+use rsb_job::checkpoint::{Manifest, FOLDER_PREFIX, MANIFEST, PARTS, STATE};
 use rsb_vision::weights::{read_safetensors, write_safetensors};
 use rsb_vision::Model;
 use std::path::{Path, PathBuf};
 
-/// Checkpoint sub-folder of a run directory.
-pub const CHECKPOINTS: &str = "checkpoints";
+pub use rsb_job::checkpoint::{list, verify, CHECKPOINTS};
 
 /// The scalar part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainState {
-    /// Recipe name, to refuse resuming a different run by mistake.
+    /// Recipe name.
     pub recipe: String,
     /// Model name.
     pub model: String,
@@ -27,22 +39,33 @@ pub struct TrainState {
     pub next_epoch: u64,
     /// Update within `next_epoch` to run next.
     pub next_step: u64,
-    /// Optimizer updates done so far (the schedule's position).
+    /// Optimizer updates done so far (the schedule's position; skipped
+    /// non-finite updates included).
     pub updates: u64,
-    /// LAMB step counts.
+    /// LAMB step counts (skipped updates excluded).
     pub optimizer: LambSteps,
     /// Samples replaced because their file was undecodable, so far.
     pub replaced_samples: u64,
     /// Best validation top-1 so far, in percent.
     pub best_top1: Option<f64>,
+    /// The epoch (0-based) whose checkpoint scored `best_top1`: never pruned
+    /// while it is the best. Absent in checkpoints from before it was kept.
+    #[serde(default)]
+    pub best_epoch: Option<u64>,
+    /// The whole resolved recipe ([`rsb_job::run_folder::recipe_value`]),
+    /// compared with the recipe of a resume. Absent in checkpoints from
+    /// before it was stored.
+    #[serde(default)]
+    pub resolved_recipe: Option<serde_json::Value>,
 }
 
 /// Folder name of the checkpoint written after epoch `epoch` (0-based).
 pub fn folder_name(epoch: u64) -> String {
-    format!("epoch-{:04}", epoch + 1)
+    format!("{FOLDER_PREFIX}{:04}", epoch + 1)
 }
 
-/// Writes a checkpoint into `run_dir/checkpoints/<folder_name(epoch)>`.
+/// Writes and commits a checkpoint into `run_dir/checkpoints/<folder_name(epoch)>`
+/// (see the module documentation), then prunes the older ones.
 pub fn save(
     run_dir: &Path,
     epoch: u64,
@@ -59,81 +82,83 @@ pub fn save(
         std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
     }
     std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
-    atomic_file::write_with(&staging.join("model.safetensors"), |staged| {
-        Ok(model.save_safetensors(staged)?)
-    })?;
+    atomic_file::write_with(&staging.join(PARTS[0]), |staged| Ok(model.save_safetensors(staged)?))?;
     let moments = optimizer.state_tensors();
-    atomic_file::write_with(&staging.join("optimizer.safetensors"), |staged| {
+    atomic_file::write_with(&staging.join(PARTS[1]), |staged| {
         Ok(write_safetensors(&moments, staged)?)
     })?;
-    let state_path = staging.join("state.json");
+    let state_path = staging.join(STATE);
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
         path: state_path.clone(),
         problem: format!("cannot serialise the training state: {e}"),
     })?;
     atomic_file::write_bytes(&state_path, json.as_bytes())?;
+    // The manifest describes the parts as they are on disk, and is written last.
+    let manifest = Manifest::of_parts(&staging, &PARTS)?;
+    atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
     if target.exists() {
         // Re-running an epoch (after a resume from an older checkpoint) replaces it.
         std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
     }
     sync_and_rename(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
-    prune(&root, keep_last.max(1));
+    prune(run_dir, keep_last.max(1), state.best_epoch.map(folder_name).as_deref());
     Ok(target)
 }
 
-/// Complete checkpoint folders of a run, oldest first.
-pub fn list(run_dir: &Path) -> Vec<PathBuf> {
-    let root = run_dir.join(CHECKPOINTS);
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("epoch-"))
-                && p.join("state.json").is_file()
-        })
-        .collect();
-    found.sort();
-    found
-}
-
-fn prune(root: &Path, keep_last: usize) {
-    let run_dir = root.parent().unwrap_or(root);
+/// Deletes every checkpoint but the newest `keep_last` and `best` (a folder
+/// name), and the staging folders of saves that never finished.
+fn prune(run_dir: &Path, keep_last: usize, best: Option<&str>) {
     let all = list(run_dir);
-    if all.len() > keep_last {
-        for old in &all[..all.len() - keep_last] {
-            if let Err(e) = std::fs::remove_dir_all(old) {
-                tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
-            }
+    let is_best = |p: &Path| best.is_some_and(|b| p.file_name().is_some_and(|n| n == b));
+    let mut delete: Vec<PathBuf> = all
+        .iter()
+        .take(all.len().saturating_sub(keep_last))
+        .filter(|p| !is_best(p))
+        .cloned()
+        .collect();
+    let root = run_dir.join(CHECKPOINTS);
+    delete.extend(
+        std::fs::read_dir(&root).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
+        }),
+    );
+    for old in delete {
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
         }
     }
 }
 
-/// Resolves `--resume PATH`: a checkpoint folder, or a run folder (its newest checkpoint).
+/// Resolves `--resume PATH` to an intact checkpoint: a checkpoint folder
+/// (refused, naming the file, when torn or corrupt), or a run folder (its
+/// newest intact checkpoint; newer torn or corrupt ones are logged and
+/// skipped). See [`rsb_job::checkpoint::resolve`].
 pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
-    if path.join("state.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    list(path).pop().ok_or_else(|| TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        problem: format!(
-            "neither a checkpoint (no state.json) nor a run folder with {CHECKPOINTS}/epoch-*"
-        ),
+    Ok(rsb_job::checkpoint::resolve(path)?)
+}
+
+/// Reads the state of a checkpoint (without verifying the checkpoint).
+pub fn read_state(checkpoint: &Path) -> Result<TrainState, TrainError> {
+    let state_path = checkpoint.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: checkpoint.to_path_buf(),
+        problem: format!("{STATE}: {e}"),
     })
 }
 
-/// Restores model, optimizer and returns the position saved in `checkpoint`.
+/// Verifies `checkpoint` (manifest, sizes, checksums), then restores model
+/// and optimizer and returns the position it saved.
 pub fn load(
     checkpoint: &Path,
     model: &mut Model,
     optimizer: &mut Lamb,
 ) -> Result<TrainState, TrainError> {
+    verify(checkpoint)?;
     let bad = |problem: String| TrainError::Checkpoint { path: checkpoint.to_path_buf(), problem };
-    let state_path = checkpoint.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    let state = read_state(checkpoint)?;
     if state.model != model.spec().name {
         return Err(bad(format!(
             "saved for model `{}`, this run trains `{}`",
@@ -141,10 +166,63 @@ pub fn load(
             model.spec().name
         )));
     }
-    model.load_safetensors(&checkpoint.join("model.safetensors"))?;
-    let moments = read_safetensors(&checkpoint.join("optimizer.safetensors"))?;
+    model.load_safetensors(&checkpoint.join(PARTS[0]))?;
+    let moments = read_safetensors(&checkpoint.join(PARTS[1]))?;
     optimizer
         .load_state(moments, &state.optimizer)
-        .map_err(|p| bad(format!("optimizer.safetensors: {p}")))?;
+        .map_err(|p| bad(format!("{}: {p}", PARTS[1])))?;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(best_epoch: Option<u64>) -> TrainState {
+        TrainState {
+            recipe: "r".into(),
+            model: "m".into(),
+            next_epoch: 0,
+            next_step: 0,
+            updates: 0,
+            optimizer: LambSteps { group_steps: vec![] },
+            replaced_samples: 0,
+            best_top1: None,
+            best_epoch,
+            resolved_recipe: Some(serde_json::json!({"name": "r"})),
+        }
+    }
+
+    #[test]
+    fn the_state_stores_the_recipe_where_the_coordinator_reads_it() {
+        let value = serde_json::to_value(state(Some(2))).unwrap();
+        assert_eq!(value[rsb_job::run_folder::STATE_RECIPE_KEY]["name"], "r");
+        assert_eq!(value["best_epoch"], 2);
+        // A state from before the recipe and the best epoch were stored still reads.
+        let mut old = value.as_object().unwrap().clone();
+        old.remove("best_epoch");
+        old.remove(rsb_job::run_folder::STATE_RECIPE_KEY);
+        let back: TrainState = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
+        assert_eq!((back.best_epoch, back.resolved_recipe), (None, None));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_best() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        for epoch in 0..5 {
+            std::fs::create_dir_all(root.join(folder_name(epoch))).unwrap();
+        }
+        std::fs::create_dir_all(root.join(".epoch-0009.tmp-12345")).unwrap();
+        prune(run.path(), 2, Some(&folder_name(1)));
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(names, ["epoch-0002", "epoch-0004", "epoch-0005"]);
+        prune(run.path(), 1, None);
+        assert_eq!(list(run.path()), [root.join("epoch-0005")]);
+    }
 }

@@ -33,6 +33,14 @@ pub enum TrainError {
         /// What is wrong.
         problem: String,
     },
+    /// A checkpoint is torn or corrupt (the error names the file), or there
+    /// is no intact checkpoint to resume from.
+    #[error(transparent)]
+    InvalidCheckpoint(#[from] rsb_job::CheckpointError),
+    /// The checkpoint to resume was trained with another recipe (the error
+    /// lists the fields), or the run folder refuses this run.
+    #[error(transparent)]
+    RunFolder(#[from] rsb_job::RunFolderError),
     /// A collective operation between ranks failed.
     #[error("collective operation between ranks failed")]
     Collective(#[from] rsb_collective::CollectiveError),
@@ -45,6 +53,34 @@ pub enum TrainError {
         update: u64,
         /// The non-finite value.
         value: f64,
+    },
+    /// `runtime.max_nonfinite_updates` updates in a row had a non-finite
+    /// gradient norm; each was skipped, so the weights (and every
+    /// checkpoint) are those from before the first of them.
+    #[error(
+        "update {update} (epoch {epoch}) makes {consecutive} updates in a row with a \
+         non-finite gradient norm (now {grad_norm}), the limit of \
+         runtime.max_nonfinite_updates: stopping. Each was skipped, so the weights and the \
+         last checkpoint are from before them"
+    )]
+    NonFiniteUpdates {
+        /// Epoch.
+        epoch: u64,
+        /// The last bad update, counted from 1 (the `step` of metrics records).
+        update: u64,
+        /// Bad updates in a row.
+        consecutive: u64,
+        /// Its global gradient norm.
+        grad_norm: f64,
+    },
+    /// A weight or buffer is not finite at the end of an epoch, so no
+    /// checkpoint is written from it.
+    #[error("`{tensor}` holds non-finite values after epoch {epoch}: training diverged; no checkpoint written")]
+    NonFiniteWeights {
+        /// Epoch.
+        epoch: u64,
+        /// The parameter or buffer.
+        tensor: String,
     },
 }
 

@@ -55,6 +55,22 @@ pub struct LambSteps {
     pub group_steps: Vec<u64>,
 }
 
+/// What [`Lamb::step_if_finite`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CheckedStep {
+    /// The update was applied; the global gradient norm before clipping
+    /// (none when no parameter had a gradient).
+    Applied {
+        /// Global gradient norm.
+        grad_norm: Option<f64>,
+    },
+    /// The global gradient norm was NaN or infinite: nothing was changed.
+    Skipped {
+        /// The non-finite norm.
+        grad_norm: f64,
+    },
+}
+
 /// Saved optimizer state that does not fit this optimizer.
 #[derive(Debug, thiserror::Error)]
 pub enum LambStateError {
@@ -184,7 +200,33 @@ impl Lamb {
     pub fn step(&mut self, lr: f64) -> Result<Option<Tensor>, TrainError> {
         let _guard = tch::no_grad_guard();
         let global_norm = self.global_grad_norm()?;
-        let clip = match (&global_norm, self.config.max_grad_norm) {
+        self.apply(lr, global_norm.as_ref())?;
+        Ok(global_norm)
+    }
+
+    /// As [`Lamb::step`], unless the global gradient norm (the one the
+    /// clipping uses) is NaN or infinite: then nothing changes, neither a
+    /// parameter nor a moment nor a step count, and the update is
+    /// [`CheckedStep::Skipped`]. Reading the norm waits for the gradients.
+    /// Under data parallelism every rank holds the same reduced gradients,
+    /// so every rank decides alike.
+    pub fn step_if_finite(&mut self, lr: f64) -> Result<CheckedStep, TrainError> {
+        let _guard = tch::no_grad_guard();
+        let Some(norm) = self.global_grad_norm()? else {
+            self.apply(lr, None)?;
+            return Ok(CheckedStep::Applied { grad_norm: None });
+        };
+        let grad_norm = norm.f_double_value(&[])?;
+        if !grad_norm.is_finite() {
+            return Ok(CheckedStep::Skipped { grad_norm });
+        }
+        self.apply(lr, Some(&norm))?;
+        Ok(CheckedStep::Applied { grad_norm: Some(grad_norm) })
+    }
+
+    /// The update itself, given the global gradient norm.
+    fn apply(&mut self, lr: f64, global_norm: Option<&Tensor>) -> Result<(), TrainError> {
+        let clip = match (global_norm, self.config.max_grad_norm) {
             (Some(norm), Some(max)) => Some(norm.f_div_scalar(max)?.f_clamp_min(1.0)?),
             _ => None,
         };
@@ -239,7 +281,7 @@ impl Lamb {
                 }
             }
         }
-        Ok(global_norm)
+        Ok(())
     }
 
     /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`).
@@ -371,6 +413,41 @@ mod tests {
             assert!(a.equal(&b), "{name} differs after the restore");
             assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} is all zeros");
         }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_changes_nothing() {
+        let mut lamb = optimizer();
+        let params: Vec<Tensor> =
+            lamb.groups.iter().flat_map(|g| g.params.iter()).map(|s| s.param.copy()).collect();
+        let moments: Vec<Tensor> =
+            lamb.state_tensors().into_iter().map(|(_, t)| t.copy()).collect();
+        let steps = lamb.steps();
+        for poison in [f64::NAN, f64::INFINITY] {
+            let mut grad = lamb.groups[1].params[0].param.grad();
+            let _ = grad.fill_(1.0);
+            let _ = grad.get(0).get(1).fill_(poison);
+            let outcome = lamb.step_if_finite(0.01).unwrap();
+            assert!(
+                matches!(outcome, CheckedStep::Skipped { grad_norm } if !grad_norm.is_finite()),
+                "{outcome:?}"
+            );
+            let after = lamb.groups.iter().flat_map(|g| g.params.iter()).map(|s| &s.param);
+            for (a, b) in params.iter().zip(after) {
+                assert!(a.equal(b), "a parameter changed");
+            }
+            for (a, (name, b)) in moments.iter().zip(lamb.state_tensors()) {
+                assert!(a.equal(&b), "{name} changed");
+            }
+            assert_eq!(lamb.steps(), steps);
+        }
+        let _ = lamb.groups[1].params[0].param.grad().fill_(0.5);
+        let outcome = lamb.step_if_finite(0.01).unwrap();
+        assert!(
+            matches!(outcome, CheckedStep::Applied { grad_norm: Some(n) } if n > 0.0),
+            "{outcome:?}"
+        );
+        assert_eq!(lamb.steps(), LambSteps { group_steps: vec![2, 2] });
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! [`loss`] (timm's BCE, soft-target CE), [`lamb`] (timm's LAMB with its
 //! parameter groups), [`schedule`] (cosine with warmup, stepped per epoch or per update),
 //! [`precision`] (what `precision: auto` picks on this CPU or GPU),
-//! [`checkpoint`] (atomic, resumable), [`ddp`] (data parallelism over a
-//! collective), [`from_recipe`] (the recipe as domain types),
+//! [`checkpoint`] (committed with a manifest of checksums, verified on
+//! resume), [`ddp`] (data parallelism over a collective), [`from_recipe`]
+//! (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
 //! progress) and [`trainer`] (the loop: epochs of updates).
 

@@ -6,6 +6,7 @@
 
 use crate::error::TrainError;
 use rsb_data::labels::EvalCounts;
+use rsb_job::records::skipped_updates_note;
 use rsb_job::{EvalSetAccuracy, MetricsRecord};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -109,6 +110,8 @@ pub struct EpochReport {
     pub eval_sets: Vec<SetResult>,
     /// Wall time since the start of this invocation, in seconds.
     pub elapsed_s: f64,
+    /// Updates skipped because their gradient norm was not finite.
+    pub skipped_updates: u64,
 }
 
 impl EpochReport {
@@ -139,6 +142,7 @@ impl EpochReport {
                     (s.name.clone(), accuracy)
                 })
                 .collect(),
+            skipped_updates: self.skipped_updates,
         }
     }
 
@@ -152,8 +156,12 @@ impl EpochReport {
             accuracy.push_str(&format!(" | {} top1 {:.2} top5 {:.2}", s.name, s.top1, s.top5));
         }
         format!(
-            "epoch {} done: loss {:.4} {:.0} img/s{accuracy} ({:.0} s)",
-            self.epoch, self.train_loss, self.images_per_sec, self.elapsed_s
+            "epoch {} done: loss {:.4} {:.0} img/s{accuracy} ({:.0} s){}",
+            self.epoch,
+            self.train_loss,
+            self.images_per_sec,
+            self.elapsed_s,
+            skipped_updates_note(self.skipped_updates)
         )
     }
 }
@@ -250,12 +258,17 @@ impl Progress {
             MetricsRecord::FirstUpdate { elapsed_s, .. } => {
                 self.line(format!("first update done in {elapsed_s:.1} s"));
             }
-            MetricsRecord::Step { epoch, step, lr, loss, images_per_sec, .. } => self.status(
-                format!("loss {loss:.4} {images_per_sec:.0} img/s"),
-                format!(
-                    "epoch {epoch} update {step} lr {lr:.3e} loss {loss:.4} {images_per_sec:.0} img/s"
-                ),
-            ),
+            MetricsRecord::Step {
+                epoch, step, lr, loss, images_per_sec, skipped_updates, ..
+            } => {
+                let skipped = skipped_updates_note(*skipped_updates);
+                self.status(
+                    format!("loss {loss:.4} {images_per_sec:.0} img/s{skipped}"),
+                    format!(
+                        "epoch {epoch} update {step} lr {lr:.3e} loss {loss:.4} {images_per_sec:.0} img/s{skipped}"
+                    ),
+                )
+            }
             MetricsRecord::Epoch { .. } | MetricsRecord::Checksum { .. } => {}
         }
     }
@@ -321,8 +334,11 @@ mod tests {
                 &EvalCounts { count: 4, top1: 3, top5: 4, excluded: 1, loss_sum: 0.0 },
             )],
             elapsed_s: 3.0,
+            skipped_updates: 1,
         };
         let value = serde_json::to_value(report.record(1e-4, 2)).unwrap();
+        assert_eq!(value["skipped_updates"], 1);
+        assert!(report.line().ends_with(", 1 update(s) skipped (non-finite gradients)"));
         assert_eq!(value["kind"], "epoch");
         assert_eq!(value["step"], 20);
         assert_eq!(value["val_loss"], 0.7);

@@ -12,6 +12,17 @@
 //! position in the run (see `rsb_data::pipeline`), libtorch's generator is
 //! reseeded from (update, stream) before each micro-batch (drop-path masks),
 //! and the checkpoint holds the model, the LAMB moments and the update count.
+//!
+//! Non-finite values: every update reads the global gradient norm (which
+//! LAMB computes anyway for clipping) and skips the update when it is NaN or
+//! infinite: no parameter, moment, step count or BN statistic changes (the
+//! BN buffers are restored from a copy taken before the forward passes). The
+//! update still counts in the schedule and the sampler, and is counted in
+//! the metrics (`skipped_updates` of step and epoch records).
+//! `runtime.max_nonfinite_updates` in a row stop the run with
+//! [`TrainError::NonFiniteUpdates`], and no checkpoint is ever written from
+//! non-finite weights. With data parallelism every rank holds the same
+//! reduced gradients and so skips the same updates, without a collective.
 
 use crate::batch::Normalizer;
 use crate::checkpoint::{self, TrainState};
@@ -19,7 +30,7 @@ use crate::ddp::{broadcast_integers, reduce_tensors, sum_scalars, Reduction};
 use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
 use crate::from_recipe;
-use crate::lamb::Lamb;
+use crate::lamb::{CheckedStep, Lamb};
 use crate::loss::Loss;
 use crate::report::{MetricsLog, Progress, Records};
 use crate::schedule::CosineWithWarmup;
@@ -28,9 +39,11 @@ use rsb_data::eval_sets::EvalSet;
 use rsb_data::loader::Loader;
 use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
+use rsb_job::run_folder::{check_resume, recipe_value};
 use rsb_job::MetricsRecord;
 use rsb_recipes::Recipe;
 use rsb_vision::{ForwardMode, Model};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,6 +74,24 @@ pub struct RunOptions {
     pub checksum_every_update: bool,
     /// Start of this invocation: the records' `elapsed_s` count from here.
     pub started: Instant,
+    /// How a resumed run's recipe is compared with its checkpoint's.
+    pub recipe_check: RecipeCheck,
+    /// Test hook: the input images of these updates (0-based, counted over
+    /// the run) are made NaN before the forward pass, as corrupt data or an
+    /// overflow would; empty in real runs.
+    pub nonfinite_inputs_at: BTreeSet<u64>,
+}
+
+/// How a resumed run's recipe is compared with the recipe saved in its
+/// checkpoint (see [`rsb_job::run_folder`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecipeCheck {
+    /// Every differing field must be explained by one of these `--set`
+    /// overrides (`key=value`); the explained ones are logged.
+    ExplainedBy(Vec<String>),
+    /// Already compared by whoever started this process (the coordinator,
+    /// for the ranks of a job).
+    Done,
 }
 
 impl RunOptions {
@@ -76,6 +107,8 @@ impl RunOptions {
             metrics_file: "metrics.jsonl".into(),
             checksum_every_update: false,
             started: Instant::now(),
+            recipe_check: RecipeCheck::ExplainedBy(Vec::new()),
+            nonfinite_inputs_at: BTreeSet::new(),
         }
     }
 }
@@ -123,6 +156,11 @@ pub struct Trainer {
     threads: usize,
     prefetch: usize,
     distributed: Option<Distributed>,
+    /// Copies of the BN buffers from before the current update's forward
+    /// passes, restored when the update is skipped.
+    buffer_backup: Vec<Tensor>,
+    /// Non-finite updates in a row, up to the current one.
+    nonfinite_streak: u64,
 }
 
 /// A libtorch seed derived from a purpose and position.
@@ -130,12 +168,15 @@ fn torch_seed(key: &[u64]) -> i64 {
     (Rng::from_key(key).next_u64() >> 1) as i64
 }
 
-/// The running sums of the updates since the last log step.
+/// The running sums of the updates since the last log step (or of an epoch).
 struct LossWindow {
-    /// Sum of the update losses, on the device (read only when logged, so a
-    /// GPU never waits for the host between updates).
+    /// Sum of the applied updates' losses, on the device (read only when
+    /// logged, so a GPU never waits for the host between updates).
     loss: Tensor,
+    /// Updates run (applied or skipped).
     updates: u64,
+    /// Updates skipped for a non-finite gradient norm (not in `loss`).
+    skipped: u64,
     started: Instant,
 }
 
@@ -144,17 +185,39 @@ impl LossWindow {
         Ok(LossWindow {
             loss: Tensor::f_zeros([], (Kind::Float, device))?,
             updates: 0,
+            skipped: 0,
             started: Instant::now(),
         })
+    }
+
+    /// Adds an update: its loss when it was applied, `None` when skipped.
+    fn add(&mut self, loss: Option<&Tensor>) -> Result<(), TrainError> {
+        self.updates += 1;
+        match loss {
+            Some(loss) => self.loss = self.loss.f_add(loss)?,
+            None => self.skipped += 1,
+        }
+        Ok(())
+    }
+
+    /// Updates applied (whose losses are summed).
+    fn applied(&self) -> u64 {
+        self.updates - self.skipped
     }
 }
 
 /// An epoch's training, before the end-of-epoch work.
-struct EpochTraining {
-    /// Sum of the update losses of this rank, on the device.
-    loss: Tensor,
-    updates: u64,
-    started: Instant,
+type EpochTraining = LossWindow;
+
+/// What one update did.
+enum UpdateOutcome {
+    /// Applied; this rank's share of its loss, on the device.
+    Applied(Tensor),
+    /// Skipped: the global gradient norm was not finite.
+    Skipped {
+        /// The norm.
+        grad_norm: f64,
+    },
 }
 
 /// What the epochs of one invocation share.
@@ -179,9 +242,6 @@ impl Trainer {
         let schedule = from_recipe::schedule(&recipe, train.steps_per_epoch());
         let eval = Arc::new(from_recipe::val_data(&recipe)?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
-        std::fs::create_dir_all(&options.out_dir)
-            .map_err(|e| TrainError::io(&options.out_dir, e))?;
-        let records = Records::new(MetricsLog::open(&options.out_dir.join(&options.metrics_file))?);
         let mut state = TrainState {
             recipe: recipe.name.clone(),
             model: recipe.model.name.clone(),
@@ -191,12 +251,23 @@ impl Trainer {
             optimizer: optimizer.steps(),
             replaced_samples: 0,
             best_top1: None,
+            best_epoch: None,
+            resolved_recipe: Some(recipe_value(&recipe)),
         };
         if let Some(resume) = &options.resume {
-            let path = checkpoint::resolve(resume)?;
+            let path = match &options.recipe_check {
+                RecipeCheck::ExplainedBy(overrides) => check_resume(resume, &recipe, overrides)?,
+                RecipeCheck::Done => checkpoint::resolve(resume)?,
+            };
             state = checkpoint::load(&path, &mut model, &mut optimizer)?;
+            // The run goes on with this recipe (changes, if any, explained).
+            state.resolved_recipe = Some(recipe_value(&recipe));
             tracing::info!(checkpoint = %path.display(), epoch = state.next_epoch, update = state.updates, "resumed");
         }
+        // Only once a resume is accepted does the run folder get a record.
+        std::fs::create_dir_all(&options.out_dir)
+            .map_err(|e| TrainError::io(&options.out_dir, e))?;
+        let records = Records::new(MetricsLog::open(&options.out_dir.join(&options.metrics_file))?);
         Ok(Trainer {
             loss: Loss::from_recipe(&recipe.loss),
             threads: from_recipe::loader_threads(&recipe),
@@ -213,6 +284,8 @@ impl Trainer {
             records,
             state,
             distributed: None,
+            buffer_backup: Vec::new(),
+            nonfinite_streak: 0,
         })
     }
 
@@ -412,9 +485,7 @@ impl Trainer {
             MetricsRecord::Loading { epoch, step: self.state.updates, elapsed_s: self.elapsed_s() };
         self.publish(loading, &invocation.progress)?;
         let device = self.options.device;
-        let started = Instant::now();
-        let mut epoch_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-        let mut epoch_updates = 0u64;
+        let mut epoch_window = LossWindow::new(device)?;
         let mut window = LossWindow::new(device)?;
         let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
         let mut loader =
@@ -425,14 +496,16 @@ impl Trainer {
             }
             let update = epoch * steps + step;
             let lr = self.schedule.lr(update);
-            let update_loss = self.update(update, lr, &mut loader)?;
+            let outcome = self.update(update, lr, &mut loader)?;
             if self.options.checksum_every_update {
                 self.record_checksum(update + 1)?;
             }
-            window.loss = window.loss.f_add(&update_loss)?;
-            window.updates += 1;
-            epoch_loss = epoch_loss.f_add(&update_loss)?;
-            epoch_updates += 1;
+            let update_loss = match &outcome {
+                UpdateOutcome::Applied(loss) => Some(loss),
+                UpdateOutcome::Skipped { .. } => None,
+            };
+            window.add(update_loss)?;
+            epoch_window.add(update_loss)?;
             invocation.updates += 1;
             self.state.updates = update + 1;
             invocation.progress.update_done();
@@ -444,25 +517,67 @@ impl Trainer {
                 };
                 self.publish(first, &invocation.progress)?;
             }
-            if (update + 1).is_multiple_of(log_every) {
+            if let UpdateOutcome::Skipped { grad_norm } = outcome {
+                self.count_nonfinite(epoch, update, grad_norm)?;
+            } else {
+                self.nonfinite_streak = 0;
+            }
+            // A window of skipped updates only has no loss to report: it is
+            // reported with the next log step that has one.
+            if (update + 1).is_multiple_of(log_every) && window.applied() > 0 {
                 self.log_step(epoch, update, lr, &window, &invocation.progress)?;
                 window = LossWindow::new(device)?;
             }
         }
-        Ok(Some(EpochTraining { loss: epoch_loss, updates: epoch_updates, started }))
+        Ok(Some(epoch_window))
+    }
+
+    /// Counts a skipped update and stops the run at
+    /// `runtime.max_nonfinite_updates` in a row.
+    fn count_nonfinite(
+        &mut self,
+        epoch: u64,
+        update: u64,
+        grad_norm: f64,
+    ) -> Result<(), TrainError> {
+        self.nonfinite_streak += 1;
+        let limit = u64::from(self.recipe.runtime.max_nonfinite_updates.max(1));
+        if self.rank() == 0 {
+            tracing::warn!(
+                epoch,
+                update = update + 1,
+                grad_norm,
+                in_a_row = self.nonfinite_streak,
+                limit,
+                "update skipped: its global gradient norm is not finite"
+            );
+        }
+        if self.nonfinite_streak >= limit {
+            return Err(TrainError::NonFiniteUpdates {
+                epoch,
+                update: update + 1,
+                consecutive: self.nonfinite_streak,
+                grad_norm,
+            });
+        }
+        Ok(())
     }
 
     /// One optimizer update: a micro-batch from each of this rank's streams
-    /// (gradients accumulated), gradients summed over the ranks, a LAMB step.
-    /// Returns this rank's share of the update's loss, on the device.
+    /// (gradients accumulated), gradients summed over the ranks, a LAMB step
+    /// unless the global gradient norm is not finite (then the BN buffers
+    /// are restored too, and nothing has changed). Returns this rank's share
+    /// of the update's loss, on the device, or the skip.
     fn update(
         &mut self,
         update: u64,
         lr: f64,
         loader: &mut Loader<MicroBatch>,
-    ) -> Result<Tensor, TrainError> {
+    ) -> Result<UpdateOutcome, TrainError> {
         let total_streams = self.train.num_streams() as f64;
         self.optimizer.zero_grad();
+        self.back_up_buffers()?;
+        let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
         for stream in self.streams() {
             // Drop-path masks depend on (update, stream) only: the same
@@ -475,7 +590,10 @@ impl Trainer {
             ]));
             let mb =
                 loader.next().ok_or_else(|| TrainError::Recipe("loader ended early".into()))??;
-            let xs = self.normalizer.images(&mb.images, mb.len, mb.height, mb.width)?;
+            let mut xs = self.normalizer.images(&mb.images, mb.len, mb.height, mb.width)?;
+            if poison {
+                xs = xs.f_mul_scalar(f64::NAN)?;
+            }
             let ys = self.normalizer.targets(&mb.targets, mb.len)?;
             let logits = self.model.forward(&xs, ForwardMode::Train)?;
             let loss = self.loss.compute(&logits, &ys)?.f_div_scalar(total_streams)?;
@@ -483,8 +601,50 @@ impl Trainer {
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
         }
         self.reduce_gradients()?;
-        self.optimizer.step(lr)?;
-        Ok(update_loss)
+        match self.optimizer.step_if_finite(lr)? {
+            CheckedStep::Applied { .. } => Ok(UpdateOutcome::Applied(update_loss)),
+            CheckedStep::Skipped { grad_norm } => {
+                self.restore_buffers()?;
+                Ok(UpdateOutcome::Skipped { grad_norm })
+            }
+        }
+    }
+
+    /// Copies the BN buffers (running statistics) aside, before the forward
+    /// passes of an update update them.
+    fn back_up_buffers(&mut self) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let buffers = self.model.named_buffers();
+        if self.buffer_backup.len() != buffers.len() {
+            self.buffer_backup =
+                buffers.iter().map(|(_, b)| b.f_empty_like()).collect::<Result<_, _>>()?;
+        }
+        for (backup, (_, buffer)) in self.buffer_backup.iter_mut().zip(buffers) {
+            backup.f_copy_(buffer)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the BN buffers back as [`Trainer::back_up_buffers`] found them.
+    fn restore_buffers(&mut self) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        for (backup, (_, buffer)) in self.buffer_backup.iter().zip(self.model.named_buffers()) {
+            buffer.shallow_clone().f_copy_(backup)?;
+        }
+        Ok(())
+    }
+
+    /// The first parameter or buffer holding a NaN or an infinity, if any.
+    fn first_nonfinite_tensor(&self) -> Result<Option<String>, TrainError> {
+        let _guard = tch::no_grad_guard();
+        for (name, tensor) in self.model.named_parameters().iter().chain(self.model.named_buffers())
+        {
+            if tensor.is_floating_point() && tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0
+            {
+                return Ok(Some(name.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// Writes this rank's parameter checksum after `step` updates into its own file.
@@ -508,7 +668,7 @@ impl Trainer {
         let images_per_sec = (window.updates * self.images_per_update()) as f64 / secs.max(1e-9);
         let mut sum = [window.loss.f_double_value(&[])?];
         self.sum_over_ranks(&mut sum)?;
-        let loss = sum[0] / window.updates as f64;
+        let loss = sum[0] / window.applied() as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { epoch, update, value: loss });
         }
@@ -520,6 +680,7 @@ impl Trainer {
             loss,
             images_per_sec,
             total_updates,
+            skipped_updates: window.skipped,
         };
         self.publish(step, progress)
     }
@@ -541,7 +702,8 @@ impl Trainer {
     ) -> Result<EpochReport, TrainError> {
         let mut loss_sum = [trained.loss.f_double_value(&[])?];
         self.sum_over_ranks(&mut loss_sum)?;
-        let train_loss = loss_sum[0] / trained.updates.max(1) as f64;
+        // NaN when every update of the epoch was skipped.
+        let train_loss = loss_sum[0] / trained.applied() as f64;
         self.reduce_batch_norm_statistics()?;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -550,6 +712,11 @@ impl Trainer {
                 value: train_loss,
             });
         }
+        // Replicas hold the same weights and (averaged) buffers: every rank
+        // decides alike, and no checkpoint is written from poisoned weights.
+        if let Some(tensor) = self.first_nonfinite_tensor()? {
+            return Err(TrainError::NonFiniteWeights { epoch, tensor });
+        }
         let train_secs = trained.started.elapsed().as_secs_f64();
         let (val, eval_sets) = if self.evaluates_after(epoch) {
             (Some(self.evaluate()?), self.evaluate_sets()?)
@@ -557,8 +724,11 @@ impl Trainer {
             (None, Vec::new())
         };
         if let Some(val) = &val {
-            let best = self.state.best_top1.unwrap_or(f64::MIN).max(val.top1_pct());
-            self.state.best_top1 = Some(best);
+            let top1 = val.top1_pct();
+            if self.state.best_top1.is_none_or(|best| top1 > best) {
+                self.state.best_top1 = Some(top1);
+                self.state.best_epoch = Some(epoch);
+            }
         }
         self.state.next_epoch = epoch + 1;
         self.state.next_step = 0;
@@ -575,6 +745,7 @@ impl Trainer {
             val_loss: val.map(|v| v.mean_loss()),
             eval_sets,
             elapsed_s: self.elapsed_s(),
+            skipped_updates: trained.skipped,
         };
         let lr = self.schedule.lr(self.state.updates.saturating_sub(1));
         self.records.publish(&report.record(lr, self.state.replaced_samples))?;

@@ -1,0 +1,435 @@
+//! What makes a checkpoint folder count, without libtorch: its manifest.
+//!
+//! A checkpoint is the folder `checkpoints/epoch-NNNN/` of a run folder with
+//! fixed parts (`model.safetensors`, `optimizer.safetensors`, `state.json`)
+//! and `manifest.json`, which lists the size and SHA-256 of every part. The
+//! trainer writes the manifest last, atomically, after every part is fsynced,
+//! so a folder counts as a checkpoint only when [`verify`] accepts it: the
+//! manifest is there, lists every part, and every part has its size and
+//! checksum. Anything else (no manifest, a missing or truncated part, a
+//! flipped byte) is torn or corrupt.
+//!
+//! [`resolve`] is the one rule for `--resume PATH`: a checkpoint folder named
+//! explicitly must be intact (else a [`CheckpointError`] naming the file); a
+//! run folder resumes from its newest intact checkpoint, and every newer torn
+//! or corrupt one is logged with its reason and skipped. The coordinator
+//! uses it too, so both binaries pick the same checkpoint.
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Checkpoint sub-folder of a run folder.
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// Prefix of a checkpoint folder's name (`epoch-0001`).
+pub const FOLDER_PREFIX: &str = "epoch-";
+
+/// The manifest file of a checkpoint folder.
+pub const MANIFEST: &str = "manifest.json";
+
+/// The training state part (JSON) of a checkpoint.
+pub const STATE: &str = "state.json";
+
+/// The parts every checkpoint has.
+pub const PARTS: [&str; 3] = ["model.safetensors", "optimizer.safetensors", STATE];
+
+/// Version of the manifest format.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Why a checkpoint folder does not count.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The manifest is missing: the checkpoint was never committed.
+    #[error("{path}: no manifest, so the checkpoint was never committed (torn write, or written before manifests)")]
+    MissingManifest {
+        /// The manifest file that should be there.
+        path: PathBuf,
+    },
+    /// The manifest cannot be read as a manifest.
+    #[error("{path}: not a checkpoint manifest: {reason}")]
+    BadManifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A part every checkpoint has is not listed in the manifest.
+    #[error("{path}: the manifest does not list the part `{part}`")]
+    UnlistedPart {
+        /// The manifest file.
+        path: PathBuf,
+        /// The part.
+        part: String,
+    },
+    /// A listed part is missing.
+    #[error("{path}: listed in the manifest but missing")]
+    MissingPart {
+        /// The part's file.
+        path: PathBuf,
+    },
+    /// A part has another size than the manifest says (truncated, torn).
+    #[error("{path}: {actual} bytes, the manifest says {expected} (truncated or torn)")]
+    Size {
+        /// The part's file.
+        path: PathBuf,
+        /// Size in the manifest.
+        expected: u64,
+        /// Size on disk.
+        actual: u64,
+    },
+    /// A part's content does not match its checksum (corrupt).
+    #[error("{path}: SHA-256 {actual} does not match the manifest's {expected} (corrupt)")]
+    Checksum {
+        /// The part's file.
+        path: PathBuf,
+        /// Checksum in the manifest.
+        expected: String,
+        /// Checksum of the file.
+        actual: String,
+    },
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `state.json` is not JSON.
+    #[error("{path}: not JSON: {reason}")]
+    BadState {
+        /// The state file.
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The path is neither a checkpoint nor a run folder with checkpoints.
+    #[error(
+        "{path}: neither a checkpoint folder nor a run folder with {CHECKPOINTS}/{FOLDER_PREFIX}*"
+    )]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A run folder whose every checkpoint is torn or corrupt.
+    #[error("{path}: no intact checkpoint ({})", .rejected.join("; "))]
+    NoIntactCheckpoint {
+        /// The run folder.
+        path: PathBuf,
+        /// Why each checkpoint was rejected, newest first.
+        rejected: Vec<String>,
+    },
+}
+
+impl CheckpointError {
+    fn io(path: &Path, source: std::io::Error) -> CheckpointError {
+        CheckpointError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Size and checksum of one part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartDigest {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the content, lower-case hex.
+    pub sha256: String,
+}
+
+/// `manifest.json`: what a committed checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Every part by file name.
+    pub parts: BTreeMap<String, PartDigest>,
+}
+
+/// Size and SHA-256 of a file, read in blocks.
+pub fn digest_file(path: &Path) -> Result<PartDigest, CheckpointError> {
+    let mut file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CheckpointError::io(path, e)),
+        };
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+    let mut sha256 = String::with_capacity(64);
+    for byte in hasher.finalize() {
+        // Writing into a String cannot fail.
+        let _ = write!(sha256, "{byte:02x}");
+    }
+    Ok(PartDigest { bytes, sha256 })
+}
+
+impl Manifest {
+    /// The manifest of the parts `names` of the folder `dir`, as they are on disk.
+    pub fn of_parts(dir: &Path, names: &[&str]) -> Result<Manifest, CheckpointError> {
+        let mut parts = BTreeMap::new();
+        for name in names {
+            parts.insert((*name).to_string(), digest_file(&dir.join(name))?);
+        }
+        Ok(Manifest { format: MANIFEST_FORMAT, parts })
+    }
+
+    /// The manifest as the JSON text of `manifest.json`.
+    pub fn to_json(&self) -> String {
+        // A struct of strings and integers always serializes.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Reads `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Manifest, CheckpointError> {
+        let path = dir.join(MANIFEST);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingManifest { path });
+            }
+            Err(e) => return Err(CheckpointError::io(&path, e)),
+        };
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+            CheckpointError::BadManifest { path: path.clone(), reason: e.to_string() }
+        })?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(CheckpointError::BadManifest {
+                path,
+                reason: format!(
+                    "format {}, this build reads format {MANIFEST_FORMAT}",
+                    manifest.format
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+}
+
+/// Checks the checkpoint folder `dir`: its manifest lists every part of
+/// [`PARTS`], and every listed part has the size and SHA-256 it lists.
+pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let manifest = Manifest::read(dir)?;
+    for part in PARTS {
+        if !manifest.parts.contains_key(part) {
+            return Err(CheckpointError::UnlistedPart {
+                path: dir.join(MANIFEST),
+                part: part.to_string(),
+            });
+        }
+    }
+    for (name, expected) in &manifest.parts {
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(CheckpointError::BadManifest {
+                path: dir.join(MANIFEST),
+                reason: format!("part name `{name}` is not a file of the folder"),
+            });
+        }
+        let path = dir.join(name);
+        let actual = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingPart { path });
+            }
+            Err(e) => return Err(CheckpointError::io(&path, e)),
+        };
+        if actual != expected.bytes {
+            return Err(CheckpointError::Size { path, expected: expected.bytes, actual });
+        }
+        let digest = digest_file(&path)?;
+        if digest.sha256 != expected.sha256 {
+            return Err(CheckpointError::Checksum {
+                path,
+                expected: expected.sha256.clone(),
+                actual: digest.sha256,
+            });
+        }
+    }
+    Ok(manifest)
+}
+
+/// Checkpoint folders of a run folder (`checkpoints/epoch-*`), intact or
+/// not, oldest first.
+pub fn list(run_dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(run_dir.join(CHECKPOINTS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(FOLDER_PREFIX))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Whether `path` looks like a checkpoint folder (it holds a manifest or a part).
+pub fn is_checkpoint_folder(path: &Path) -> bool {
+    std::iter::once(MANIFEST).chain(PARTS).any(|name| path.join(name).is_file())
+}
+
+/// Resolves `--resume PATH` to an intact checkpoint folder: `path` itself
+/// when it is a checkpoint folder (an error naming the bad file when it is
+/// torn or corrupt), else the newest intact checkpoint of the run folder
+/// `path`, logging each newer one skipped and why.
+pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if is_checkpoint_folder(path) {
+        verify(path)?;
+        return Ok(path.to_path_buf());
+    }
+    let mut rejected = Vec::new();
+    for candidate in list(path).into_iter().rev() {
+        match verify(&candidate) {
+            Ok(_) => return Ok(candidate),
+            Err(reason) => {
+                tracing::warn!(
+                    checkpoint = %candidate.display(),
+                    %reason,
+                    "skipping a torn or corrupt checkpoint for the one before"
+                );
+                rejected.push(reason.to_string());
+            }
+        }
+    }
+    if rejected.is_empty() {
+        Err(CheckpointError::NotFound { path: path.to_path_buf() })
+    } else {
+        Err(CheckpointError::NoIntactCheckpoint { path: path.to_path_buf(), rejected })
+    }
+}
+
+/// The JSON of a checkpoint's `state.json`.
+pub fn read_state(checkpoint: &Path) -> Result<serde_json::Value, CheckpointError> {
+    let path = checkpoint.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A committed checkpoint `run/checkpoints/epoch-000N` with small parts.
+    fn committed(run: &Path, epoch: u32) -> PathBuf {
+        let dir = run.join(CHECKPOINTS).join(format!("{FOLDER_PREFIX}{epoch:04}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, part) in PARTS.iter().enumerate() {
+            std::fs::write(dir.join(part), format!("part {i} of epoch {epoch}").repeat(100))
+                .unwrap();
+        }
+        let manifest = Manifest::of_parts(&dir, &PARTS).unwrap();
+        std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_committed_checkpoint_verifies_and_lists_every_part() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = committed(run.path(), 1);
+        let manifest = verify(&dir).unwrap();
+        assert_eq!(manifest.parts.len(), 3);
+        let state = &manifest.parts[STATE];
+        assert_eq!(state.bytes, std::fs::metadata(dir.join(STATE)).unwrap().len());
+        assert_eq!(state.sha256.len(), 64);
+        // SHA-256 of a known input.
+        std::fs::write(run.path().join("abc"), b"abc").unwrap();
+        assert_eq!(
+            digest_file(&run.path().join("abc")).unwrap().sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn flipped_truncated_missing_and_unlisted_are_each_named() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = committed(run.path(), 1);
+        let model = dir.join("model.safetensors");
+        let good = std::fs::read(&model).unwrap();
+
+        let mut flipped = good.clone();
+        flipped[10] ^= 0x01;
+        std::fs::write(&model, &flipped).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(&err, CheckpointError::Checksum { path, .. } if path == &model), "{err}");
+        assert!(err.to_string().contains("model.safetensors"), "{err}");
+
+        std::fs::write(&model, &good[..good.len() / 2]).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(&err, CheckpointError::Size { path, .. } if path == &model), "{err}");
+
+        std::fs::remove_file(&model).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(&err, CheckpointError::MissingPart { path } if path == &model), "{err}");
+        std::fs::write(&model, &good).unwrap();
+        verify(&dir).unwrap();
+
+        let mut manifest = Manifest::read(&dir).unwrap();
+        manifest.parts.remove("optimizer.safetensors");
+        std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::UnlistedPart { part, .. } if part == "optimizer.safetensors"),
+            "{err}"
+        );
+
+        std::fs::write(dir.join(MANIFEST), "{\"format\": 1, \"parts\": ").unwrap();
+        assert!(matches!(verify(&dir), Err(CheckpointError::BadManifest { .. })));
+
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::MissingManifest { path } if path == &dir.join(MANIFEST)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_run_folder_resumes_from_its_newest_intact_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let first = committed(run.path(), 1);
+        let second = committed(run.path(), 2);
+        let third = committed(run.path(), 3);
+        // Staging folders of an interrupted save are not checkpoints.
+        std::fs::create_dir_all(run.path().join(CHECKPOINTS).join(".epoch-0004.tmp-1")).unwrap();
+        assert_eq!(list(run.path()), [first.clone(), second.clone(), third.clone()]);
+        assert_eq!(resolve(run.path()).unwrap(), third);
+
+        std::fs::remove_file(third.join(MANIFEST)).unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), second);
+        let state = second.join(STATE);
+        let mut bytes = std::fs::read(&state).unwrap();
+        bytes[0] ^= 0x20;
+        std::fs::write(&state, bytes).unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), first);
+
+        // Named explicitly, a corrupt checkpoint is an error naming the file.
+        let err = resolve(&second).unwrap_err();
+        assert!(matches!(&err, CheckpointError::Checksum { path, .. } if path == &state), "{err}");
+        let err = resolve(&third).unwrap_err();
+        assert!(err.to_string().contains("manifest.json"), "{err}");
+
+        std::fs::remove_file(first.join("optimizer.safetensors")).unwrap();
+        let err = resolve(run.path()).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::NoIntactCheckpoint { rejected, .. } if rejected.len() == 3),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(resolve(empty.path()), Err(CheckpointError::NotFound { .. })));
+    }
+}
