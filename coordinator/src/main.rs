@@ -110,8 +110,8 @@ struct TlsArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) the `--local` workers check --tls-cert against
-    /// (default: --tls-cert itself, for a self-signed certificate).
+    /// CA certificate (PEM) that signed --tls-cert: the `--local` workers
+    /// check the coordinator against it (needed with `--local`).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
 }
@@ -241,6 +241,9 @@ async fn up(
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr()?;
     let identity = tls.identity()?;
+    if local && identity.is_some() && tls.tls_ca.is_none() {
+        bail!("--local with --tls-cert needs --tls-ca (the CA certificate that signed it)");
+    }
     if identity.is_none() && !bound.ip().is_loopback() {
         tracing::warn!(
             "listening on {bound} without TLS: calls, the job token included, cross the \
@@ -290,7 +293,7 @@ async fn up(
                 "--cores",
                 &share.to_string(),
             ]);
-            if let Some(ca) = tls.tls_ca.as_ref().or(tls.tls_cert.as_ref()) {
+            if let Some(ca) = &tls.tls_ca {
                 cmd.arg("--tls-ca").arg(ca);
             }
             // The token travels in the environment, never on the command line.

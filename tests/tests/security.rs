@@ -429,17 +429,37 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // A test CA, and the coordinator's certificate for 127.0.0.1 signed by it.
+    let (ca, cert, key) =
+        (tmp.path().join("ca.pem"), tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(
+        tmp.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for args in [
+        &[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=rsb-test-ca"]]
+            .concat()
+            .iter()
+            .chain(&["-keyout", "ca.key", "-out", "ca.pem"])
+            .copied()
+            .collect::<Vec<_>>(),
+        &[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem"]]
+            .concat()
+            .iter()
+            .chain(&["-out", "leaf.csr"])
+            .copied()
+            .collect::<Vec<_>>(),
+        &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]
+            .iter()
+            .chain(&["-CAcreateserial", "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf"])
+            .copied()
+            .collect::<Vec<_>>(),
+    ] {
+        let made = Command::new("openssl").args(args).current_dir(tmp.path()).output().unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    }
     let token = "tls-test-token-6b0f2d9c1e";
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -460,13 +480,13 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
     join.env(TOKEN_ENV, token)
         .args(["join", "--coordinator", &url, "--devices", "cpu", "--host-name", "t"])
         .arg("--tls-ca")
-        .arg(&cert);
+        .arg(&ca);
     let worker = spawn_logged(&mut join, &logs.join("worker"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let tls_status = || {
         runtime.block_on(async {
             let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(read(&cert)));
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(&ca)));
             let channel = tonic::transport::Endpoint::from_shared(url.clone())
                 .unwrap()
                 .tls_config(tls)
