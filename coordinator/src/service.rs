@@ -125,7 +125,7 @@ impl Interceptor for TokenCheck {
             return Ok(request);
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        if refused <= 10 || refused % 1000 == 0 {
+        if refused <= 10 || refused.is_multiple_of(1000) {
             tracing::warn!(
                 peer = ?request.remote_addr(),
                 refused,
