@@ -7,19 +7,28 @@
 //! (1 when the job failed). With `--local` it also starts the N workers itself.
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
+//!
+//! Every RPC needs the job token. `up` reads it from `--token-file FILE` or
+//! the environment variable `RSB_JOB_TOKEN` (never from the command line);
+//! without either it generates one into `DIR/job.token` (mode 0600), and its
+//! `--local` workers receive it through their environment. It listens on
+//! loopback unless `--listen` says otherwise, and serves TLS (rustls) when
+//! given `--tls-cert` and `--tls-key`.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rsb_coordinator::job::{Job, Phase};
 use rsb_coordinator::plan::BatchPlan;
 use rsb_coordinator::service::Shared;
+use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Default gRPC listen address of `coordinator up`.
-const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// Default gRPC listen address of `coordinator up`: loopback only; other
+/// hosts need `--listen 0.0.0.0:50051` (or the address of an interface).
+const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// Plan and coordinate ResNet-strikes-back training runs over worker hosts.
 #[derive(Debug, Parser)]
@@ -29,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a job: wait for N worker hosts, train, exit when done.
@@ -45,7 +56,8 @@ enum Command {
         /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints under it).
         #[arg(long)]
         out: PathBuf,
-        /// gRPC listen address (`--local` defaults to 127.0.0.1 and a free port).
+        /// gRPC listen address (default 127.0.0.1:50051, loopback only;
+        /// `--local` defaults to 127.0.0.1 and a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Start the N workers on this host too (CPU ranks unless GPUs are present).
@@ -54,9 +66,13 @@ enum Command {
         /// Devices of each local worker (`--local`): all, cpu, or a list like 0,1.
         #[arg(long, default_value = "cpu")]
         devices: String,
-        /// Shared secret workers must present.
-        #[arg(long, default_value = "")]
-        auth_token: String,
+        /// File holding the job token every call must present (default: the
+        /// environment variable RSB_JOB_TOKEN; without either, a new token is
+        /// written to OUT/job.token).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Continue from a checkpoint folder or run folder (read by rank 0).
         #[arg(long)]
         resume: Option<PathBuf>,
@@ -66,6 +82,12 @@ enum Command {
         /// Coordinator URL, e.g. http://10.0.0.1:50051.
         #[arg(long)]
         coordinator: String,
+        /// File holding the job token (default: the environment variable RSB_JOB_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// CA certificate (PEM) of an https:// coordinator.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
     },
     /// Show how a recipe's global batch splits over a number of ranks.
     Plan {
@@ -79,6 +101,31 @@ enum Command {
         #[arg(long)]
         ranks: u32,
     },
+}
+
+/// TLS of the coordinator's gRPC port.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// Serve TLS with this certificate (PEM, the chain from the leaf); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed --tls-cert: the `--local` workers
+    /// check the coordinator against it (needed with `--local`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server identity, when TLS is asked for.
+    fn identity(&self) -> Result<Option<tonic::transport::Identity>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        Ok(Some(tonic::transport::Identity::from_pem(read(cert)?, read(key)?)))
+    }
 }
 
 fn main() {
@@ -119,7 +166,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { coordinator } => status(&coordinator).await,
+        Command::Status { coordinator, token_file, tls_ca } => {
+            status(&coordinator, token_file.as_deref(), tls_ca.as_deref()).await
+        }
         Command::Up {
             nodes,
             recipe,
@@ -128,16 +177,27 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             local,
             devices,
-            auth_token,
+            token_file,
+            tls,
             resume,
-        } => up(nodes, recipe, overrides, out, listen, local, devices, auth_token, resume).await,
+        } => {
+            up(nodes, recipe, overrides, out, listen, local, devices, token_file, tls, resume).await
+        }
     }
 }
 
-async fn status(url: &str) -> Result<()> {
-    let mut client = pb::coordinator_client::CoordinatorClient::connect(url.to_string())
+async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> Result<()> {
+    let token = Secret::job_token(token_file)?.with_context(|| {
+        format!("no job token: pass --token-file FILE or set {}", auth::TOKEN_ENV)
+    })?;
+    let channel = auth::endpoint(url, tls_ca)?
+        .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
+    let mut client = pb::coordinator_client::CoordinatorClient::with_interceptor(
+        channel,
+        Credentials::token(token),
+    );
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
     println!("job {} generation {}: {}", s.job_id, s.generation, s.state);
     println!("members {}/{}:", s.members.len(), s.nodes_expected);
@@ -160,7 +220,8 @@ async fn up(
     listen: Option<SocketAddr>,
     local: bool,
     devices: String,
-    auth_token: String,
+    token_file: Option<PathBuf>,
+    tls: TlsArgs,
     resume: Option<PathBuf>,
 ) -> Result<()> {
     if nodes == 0 {
@@ -185,7 +246,18 @@ async fn up(
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr()?;
-    let mut job = Job::new(recipe, out.clone(), nodes, auth_token.clone());
+    let identity = tls.identity()?;
+    if local && identity.is_some() && tls.tls_ca.is_none() {
+        bail!("--local with --tls-cert needs --tls-ca (the CA certificate that signed it)");
+    }
+    if identity.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {bound} without TLS: calls, the job token included, cross the \
+             network in clear text; give --tls-cert and --tls-key"
+        );
+    }
+    let token = job_token(token_file.as_deref(), &out)?;
+    let mut job = Job::new(recipe, out.clone(), nodes);
     if let Some(path) = resume {
         let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
         job.resume_from = Some(path.display().to_string());
@@ -199,20 +271,20 @@ async fn up(
     // process exits (and `kill -9` stops them through their death signal).
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::coordinator_server::CoordinatorServer::new(shared.clone()))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let server = tokio::spawn(rsb_coordinator::service::serve(
+        shared.clone(),
+        token.clone(),
+        identity,
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut children = Vec::new();
     if local {
         let worker = sibling_binary("worker")?;
-        let url = format!("http://{bound}");
+        let scheme = if tls.tls_cert.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{bound}");
         // The local workers share this host: give each its share of the cores
         // (GPU ranks only use theirs for loading).
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -230,9 +302,11 @@ async fn up(
                 "--cores",
                 &share.to_string(),
             ]);
-            if !auth_token.is_empty() {
-                cmd.args(["--auth-token", &auth_token]);
+            if let Some(ca) = &tls.tls_ca {
+                cmd.arg("--tls-ca").arg(ca);
             }
+            // The token travels in the environment, never on the command line.
+            cmd.env(auth::TOKEN_ENV, token.expose());
             if std::env::var_os("RUST_LOG").is_none() {
                 // This process already prints one progress line per logged
                 // update; the local ranks keep their warnings and errors.
@@ -279,6 +353,35 @@ async fn up(
     let _ = stop_tx.send(());
     let _ = server.await;
     outcome
+}
+
+/// The job token: from `--token-file`, else from `RSB_JOB_TOKEN`, else a
+/// new one written to `<out>/job.token` (mode 0600). Says where workers get
+/// it, never the token itself.
+fn job_token(file: Option<&Path>, out: &Path) -> Result<Secret> {
+    if let Some(token) = Secret::job_token(file)? {
+        let source = match file {
+            Some(path) => format!("--token-file {}", path.display()),
+            None => auth::TOKEN_ENV.to_string(),
+        };
+        println!(
+            "job token from {source}; workers need the same token (worker join --token-file \
+             FILE, or the environment variable {})",
+            auth::TOKEN_ENV
+        );
+        return Ok(token);
+    }
+    let token = Secret::generate()?;
+    let path = out.join(auth::TOKEN_FILE_NAME);
+    auth::write_token_file(&path, &token)?;
+    println!(
+        "job token written to {} (mode 0600); workers read it with \
+         `worker join --token-file {}` or from the environment variable {}",
+        path.display(),
+        path.display(),
+        auth::TOKEN_ENV
+    );
+    Ok(token)
 }
 
 /// A binary installed next to this one (`target/release/worker` beside `coordinator`).

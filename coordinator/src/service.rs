@@ -1,16 +1,45 @@
 //! The gRPC service over a [`Job`]: wire types are converted to domain
-//! values at the edge (a malformed request is answered `INVALID_ARGUMENT`),
-//! job errors map onto statuses in one place, and the calls that wait
-//! (assignment, rendezvous) long-poll on the job's change notifications.
+//! values at the edge (a malformed request is answered `INVALID_ARGUMENT`
+//! naming the field), job errors map onto statuses in one place, and the
+//! calls that wait (assignment, rendezvous) long-poll on the job's change
+//! notifications.
+//!
+//! Every call passes [`TokenCheck`] first: without the job token it is
+//! answered `UNAUTHENTICATED` before its message is decoded. Calls after
+//! `Join` also authenticate the calling member ([`Job::authenticate`]) and
+//! may act only for that member's own ranks. [`serve`] runs the service with
+//! bounded message sizes and concurrency.
 
 use crate::job::{DeviceKind, Job, JobError, Phase, RendezvousPayload};
 use rsb_job::MetricsRecord;
+use rsb_proto::auth::{presented_member, presents_token, Secret};
 use rsb_proto::v1 as pb;
-use rsb_proto::v1::coordinator_server::Coordinator;
+use rsb_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
+
+/// Longest host name, member id, job id, ring address or evaluation-set name.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest checkpoint path.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest `Leave` message (workers cut longer ones).
+pub const MAX_MESSAGE_LEN: usize = 16 * 1024;
+/// Most evaluation sets in one epoch record.
+pub const MAX_EVAL_SETS: usize = 64;
+/// Most ranks one host may bring.
+pub const MAX_LOCAL_RANKS: u32 = 1024;
+/// Largest request message accepted (the default of tonic is 4 MiB).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Calls served at once over one connection.
+pub const MAX_CALLS_PER_CONNECTION: usize = 64;
+/// Calls served at once in all (the waiting calls of every rank included).
+pub const MAX_CALLS: usize = 4096;
 
 /// The shared job plus its change notification.
 #[derive(Debug, Clone)]
@@ -32,6 +61,19 @@ impl Shared {
         let out = f(&mut self.job.lock().unwrap_or_else(|p| p.into_inner()));
         self.changed.notify_waiters();
         out
+    }
+
+    /// The id of the member whose credentials `request` presents, for the
+    /// call `rpc` (a refusal is logged, without the credentials).
+    fn caller<T>(&self, rpc: &str, request: &Request<T>) -> Result<String, Status> {
+        let job = self.job.lock().unwrap_or_else(|p| p.into_inner());
+        match job.authenticate(presented_member(request.metadata())) {
+            Ok(member) => Ok(member.id.clone()),
+            Err(e) => {
+                tracing::warn!(rpc, peer = ?request.remote_addr(), "refused: {e}");
+                Err(status(e))
+            }
+        }
     }
 
     /// Waits until `ready` returns `Some`, re-checking on every change (and
@@ -60,18 +102,128 @@ impl Shared {
     }
 }
 
+/// The job-token check in front of every RPC (a tonic interceptor): the
+/// `x-rsb-job-token` metadata must hold the token, compared in constant
+/// time. Refusals are logged (the first ten, then every thousandth), never
+/// with what was presented.
+#[derive(Debug, Clone)]
+pub struct TokenCheck {
+    token: Arc<Secret>,
+    refused: Arc<AtomicU64>,
+}
+
+impl TokenCheck {
+    /// Checks calls against `token`.
+    pub fn new(token: Secret) -> TokenCheck {
+        TokenCheck { token: Arc::new(token), refused: Arc::new(AtomicU64::new(0)) }
+    }
+}
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if presents_token(request.metadata(), &self.token) {
+            return Ok(request);
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused <= 10 || refused.is_multiple_of(1000) {
+            tracing::warn!(
+                peer = ?request.remote_addr(),
+                refused,
+                "refused a call without the job token"
+            );
+        }
+        Err(Status::unauthenticated(
+            "this coordinator requires the job token in the x-rsb-job-token metadata \
+             (workers read it from --token-file or RSB_JOB_TOKEN)",
+        ))
+    }
+}
+
+/// The service as served: [`TokenCheck`] in front, requests of at most
+/// [`MAX_REQUEST_BYTES`].
+pub fn service(
+    shared: Shared,
+    token: Secret,
+) -> InterceptedService<CoordinatorServer<Shared>, TokenCheck> {
+    let server = CoordinatorServer::new(shared).max_decoding_message_size(MAX_REQUEST_BYTES);
+    InterceptedService::new(server, TokenCheck::new(token))
+}
+
+/// Serves [`service`] on `listener` until `shutdown` completes, with at most
+/// [`MAX_CALLS_PER_CONNECTION`] calls per connection and [`MAX_CALLS`] in
+/// all; over TLS (rustls) when `tls` gives the certificate and key.
+pub async fn serve(
+    shared: Shared,
+    token: Secret,
+    tls: Option<tonic::transport::Identity>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    builder
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION as u32)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CALLS))
+        .add_service(service(shared, token))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
 /// The one mapping of job errors onto gRPC statuses.
 fn status(e: JobError) -> Status {
     match e {
         JobError::NotFound(m) => Status::not_found(m),
         JobError::Invalid(m) => Status::invalid_argument(m),
         JobError::Precondition(m) => Status::failed_precondition(m),
+        JobError::Unauthenticated(m) => Status::unauthenticated(m),
+        JobError::Denied(m) => Status::permission_denied(m),
     }
 }
 
-fn require(field: &str, value: &str) -> Result<(), Status> {
+/// `value` of the field `field`: at most `max` bytes, no control characters.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "`{field}` is {} bytes long; at most {max} are accepted",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("`{field}` holds a control character")));
+    }
+    Ok(())
+}
+
+/// Like [`bounded`], and not empty.
+fn required(field: &str, value: &str, max: usize) -> Result<(), Status> {
     if value.trim().is_empty() {
         return Err(Status::invalid_argument(format!("`{field}` is required")));
+    }
+    bounded(field, value, max)
+}
+
+/// A `member_id` field names the calling member (or is left empty).
+fn own_member(field: &str, value: &str, caller: &str) -> Result<(), Status> {
+    bounded(field, value, MAX_NAME_LEN)?;
+    if !value.is_empty() && value != caller {
+        return Err(Status::permission_denied(format!(
+            "`{field}` {value} is not the calling member ({caller})"
+        )));
+    }
+    Ok(())
+}
+
+/// A `job_id` field names this job.
+fn this_job(job: &Job, job_id: &str) -> Result<(), JobError> {
+    if job.id != job_id {
+        return Err(JobError::NotFound(format!("`job_id`: unknown job `{job_id}`")));
     }
     Ok(())
 }
@@ -81,31 +233,45 @@ struct Join {
     host: String,
     kind: DeviceKind,
     local_ranks: u32,
-    token: String,
+    advertise: Option<IpAddr>,
 }
 
 impl TryFrom<pb::JoinRequest> for Join {
     type Error = Status;
 
     fn try_from(r: pb::JoinRequest) -> Result<Join, Status> {
-        require("host_name", &r.host_name)?;
+        required("host_name", &r.host_name, MAX_NAME_LEN)?;
+        if r.host_name.chars().any(char::is_whitespace) {
+            return Err(Status::invalid_argument("`host_name` holds white space"));
+        }
         let kind = match pb::DeviceKind::try_from(r.device_kind) {
             Ok(pb::DeviceKind::Cpu) => DeviceKind::Cpu,
             Ok(pb::DeviceKind::Cuda) => DeviceKind::Cuda,
             _ => {
                 return Err(Status::invalid_argument(format!(
-                    "device_kind {} is not CPU or CUDA",
+                    "`device_kind` {} is not CPU or CUDA",
                     r.device_kind
                 )))
             }
         };
-        if r.local_ranks == 0 || r.local_ranks > 1024 {
+        if r.local_ranks == 0 || r.local_ranks > MAX_LOCAL_RANKS {
             return Err(Status::invalid_argument(format!(
-                "local_ranks {} is not in 1..=1024",
+                "`local_ranks` {} is not in 1..={MAX_LOCAL_RANKS}",
                 r.local_ranks
             )));
         }
-        Ok(Join { host: r.host_name, kind, local_ranks: r.local_ranks, token: r.auth_token })
+        bounded("advertise_address", &r.advertise_address, MAX_NAME_LEN)?;
+        let advertise = if r.advertise_address.is_empty() {
+            None
+        } else {
+            Some(r.advertise_address.parse::<IpAddr>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "`advertise_address` `{}` is not an IP address",
+                    r.advertise_address
+                ))
+            })?)
+        };
+        Ok(Join { host: r.host_name, kind, local_ranks: r.local_ranks, advertise })
     }
 }
 
@@ -113,17 +279,41 @@ fn payload(r: &pb::RendezvousRequest) -> Result<Option<RendezvousPayload>, Statu
     Ok(match &r.payload {
         None => None,
         Some(pb::rendezvous_request::Payload::NcclUniqueId(id)) => {
+            if id.len() != 128 {
+                return Err(Status::invalid_argument(format!(
+                    "`nccl_unique_id` has {} bytes, expected 128",
+                    id.len()
+                )));
+            }
             Some(RendezvousPayload::NcclId(id.clone()))
         }
         Some(pb::rendezvous_request::Payload::RingAddress(a)) => {
-            if a.parse::<std::net::SocketAddr>().is_err() && !a.contains(':') {
+            required("ring_address", a, MAX_NAME_LEN)?;
+            if a.parse::<std::net::SocketAddr>().is_err() {
                 return Err(Status::invalid_argument(format!(
-                    "ring_address `{a}` is not host:port"
+                    "`ring_address` `{a}` is not an ip:port address"
                 )));
             }
             Some(RendezvousPayload::RingAddress(a.clone()))
         }
     })
+}
+
+/// A metrics record, with its strings bounded.
+fn record(r: Option<pb::metrics_report::Record>) -> Result<MetricsRecord, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("`record` is required"))?;
+    if let pb::metrics_report::Record::Epoch(e) = &r {
+        if e.eval_sets.len() > MAX_EVAL_SETS {
+            return Err(Status::invalid_argument(format!(
+                "`record.epoch.eval_sets` has {} entries; at most {MAX_EVAL_SETS} are accepted",
+                e.eval_sets.len()
+            )));
+        }
+        for set in &e.eval_sets {
+            required("record.epoch.eval_sets.name", &set.name, MAX_NAME_LEN)?;
+        }
+    }
+    Ok(MetricsRecord::from(r))
 }
 
 #[tonic::async_trait]
@@ -133,15 +323,16 @@ impl Coordinator for Shared {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let join = Join::try_from(request.into_inner())?;
-        let (id, interval) = self
+        let (id, secret, interval) = self
             .update(|job| {
-                job.join(&join.host, join.kind, join.local_ranks, &join.token)
-                    .map(|id| (id, job.heartbeat_interval))
+                job.join(&join.host, join.kind, join.local_ranks, join.advertise)
+                    .map(|(id, secret)| (id, secret, job.heartbeat_interval))
             })
             .map_err(status)?;
         Ok(Response::new(pb::JoinResponse {
             member_id: id,
             heartbeat_interval_ms: interval.as_millis() as u32,
+            member_secret: secret.expose().to_string(),
         }))
     }
 
@@ -149,12 +340,13 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = self.caller("Heartbeat", &request)?;
         let r = request.into_inner();
-        require("member_id", &r.member_id)?;
+        own_member("member_id", &r.member_id, &caller)?;
         let (keep_going, generation, failure) = self
             .update(|job| {
                 job.check_liveness();
-                let keep_going = job.heartbeat(&r.member_id)?;
+                let keep_going = job.heartbeat(&caller)?;
                 Ok((keep_going, job.generation, job.failure().unwrap_or_default().to_string()))
             })
             .map_err(status)?;
@@ -165,11 +357,12 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::AssignmentRequest>,
     ) -> Result<Response<pb::Assignment>, Status> {
+        let caller = self.caller("GetAssignment", &request)?;
         let r = request.into_inner();
-        require("member_id", &r.member_id)?;
+        own_member("member_id", &r.member_id, &caller)?;
         let assignment = self
             .wait_for(|job| {
-                Ok(job.assignment(&r.member_id, r.local_rank)?.map(|a| pb::Assignment {
+                Ok(job.assignment(&caller, r.local_rank)?.map(|a| pb::Assignment {
                     job_id: job.id.clone(),
                     generation: job.generation,
                     global_rank: a.global_rank,
@@ -190,13 +383,13 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let caller = self.caller("Rendezvous", &request)?;
         let r = request.into_inner();
+        required("job_id", &r.job_id, MAX_NAME_LEN)?;
         let published = payload(&r)?;
         self.update(|job| {
-            if job.id != r.job_id {
-                return Err(JobError::NotFound(format!("unknown job `{}`", r.job_id)));
-            }
-            job.publish(r.generation, r.global_rank, published)
+            this_job(job, &r.job_id)?;
+            job.publish(&caller, r.generation, r.global_rank, published)
         })
         .map_err(status)?;
         let (nccl_unique_id, ring_addresses) = self
@@ -214,11 +407,23 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::MetricsReport>,
     ) -> Result<Response<pb::Ack>, Status> {
+        let caller = self.caller("ReportMetrics", &request)?;
         let r = request.into_inner();
-        let record = MetricsRecord::from(
-            r.record.ok_or_else(|| Status::invalid_argument("`record` is required"))?,
-        );
-        let line = self.update(|job| job.record_metrics(r.generation, &record)).map_err(status)?;
+        required("job_id", &r.job_id, MAX_NAME_LEN)?;
+        if r.global_rank != 0 {
+            return Err(Status::invalid_argument(format!(
+                "`global_rank` {}: rank 0 reports the job's metrics",
+                r.global_rank
+            )));
+        }
+        let record = record(r.record)?;
+        let line = self
+            .update(|job| {
+                this_job(job, &r.job_id)?;
+                job.check_runs_rank(&caller, r.global_rank)?;
+                job.record_metrics(r.generation, &record)
+            })
+            .map_err(status)?;
         if let Some(line) = line {
             println!("{line}");
         }
@@ -229,18 +434,32 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::Ack>, Status> {
+        let caller = self.caller("CommitCheckpoint", &request)?;
         let r = request.into_inner();
-        require("path", &r.path)?;
-        self.update(|job| job.commit_checkpoint(r.generation, r.epoch, r.path.clone()))
-            .map_err(status)?;
+        required("job_id", &r.job_id, MAX_NAME_LEN)?;
+        required("path", &r.path, MAX_PATH_LEN)?;
+        self.update(|job| {
+            this_job(job, &r.job_id)?;
+            // Rank 0 writes the checkpoints.
+            job.check_runs_rank(&caller, 0)?;
+            job.commit_checkpoint(r.generation, r.epoch, r.path.clone())
+        })
+        .map_err(status)?;
         println!("checkpoint committed: epoch {} at {}", r.epoch, r.path);
         Ok(Response::new(pb::Ack {}))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
+        let caller = self.caller("Leave", &request)?;
         let r = request.into_inner();
-        require("member_id", &r.member_id)?;
-        self.update(|job| job.leave(&r.member_id, r.local_rank, r.success, &r.message))
+        own_member("member_id", &r.member_id, &caller)?;
+        if r.message.len() > MAX_MESSAGE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "`message` is {} bytes long; at most {MAX_MESSAGE_LEN} are accepted",
+                r.message.len()
+            )));
+        }
+        self.update(|job| job.leave(&caller, r.local_rank, r.success, &r.message))
             .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
@@ -249,6 +468,7 @@ impl Coordinator for Shared {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        // Callers hold the job token (checked in front); member secrets are never shown.
         let job = self.job.lock().unwrap_or_else(|p| p.into_inner());
         let state = match &job.phase {
             Phase::Waiting => "waiting".to_string(),
@@ -275,5 +495,57 @@ impl Coordinator for Shared {
             step: job.progress.1,
             images_per_sec: job.progress.2,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rsb_proto::auth::{Credentials, TOKEN_HEADER};
+
+    #[test]
+    fn the_token_check_refuses_calls_without_the_token() {
+        let token = Secret::generate().unwrap();
+        let mut check = TokenCheck::new(token.clone());
+        let refused = check.call(Request::new(())).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let mut wrong = Request::new(());
+        wrong.metadata_mut().insert(TOKEN_HEADER, "0123456789abcdef0123".parse().unwrap());
+        assert_eq!(check.call(wrong).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let mut with = Credentials::token(token);
+        let request = with.call(Request::new(())).unwrap();
+        assert!(check.call(request).is_ok());
+    }
+
+    #[test]
+    fn fields_are_bounded_and_named() {
+        let e = bounded("path", &"x".repeat(MAX_PATH_LEN + 1), MAX_PATH_LEN).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("`path`"), "{}", e.message());
+        assert!(required("job_id", "", MAX_NAME_LEN).is_err());
+        assert!(bounded("host_name", "a\nb", MAX_NAME_LEN).is_err());
+        assert!(own_member("member_id", "", "m1-a").is_ok());
+        assert_eq!(
+            own_member("member_id", "m2-b", "m1-a").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        let join = |advertise: &str| {
+            Join::try_from(pb::JoinRequest {
+                host_name: "a".into(),
+                advertise_address: advertise.into(),
+                device_kind: pb::DeviceKind::Cpu as i32,
+                local_ranks: 1,
+            })
+        };
+        assert!(join("10.0.0.1").is_ok());
+        let e = join("10.0.0.1:80").err().unwrap();
+        assert!(e.message().contains("advertise_address"), "{}", e.message());
+        let ring = pb::RendezvousRequest {
+            job_id: "j".into(),
+            generation: 1,
+            global_rank: 0,
+            payload: Some(pb::rendezvous_request::Payload::RingAddress("host:1".into())),
+        };
+        assert!(payload(&ring).unwrap_err().message().contains("ring_address"));
     }
 }

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The job token of the jobs started by hand here (`up --local` makes its own).
+const TOKEN: &str = "distributed-test-token-4f1c9a7e";
+
 fn tiny_recipe() -> PathBuf {
     workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
 }
@@ -237,6 +240,7 @@ fn join_worker(coordinator: &str, netns: Option<&str>, name: &str) -> Child {
         None => Command::new(&worker),
     };
     cmd.args(["join", "--coordinator", coordinator, "--devices", "cpu", "--host-name", name])
+        .env("RSB_JOB_TOKEN", TOKEN)
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -251,6 +255,7 @@ fn coordinator_on(listen: &str, data: &Path, out: &Path) -> Child {
         .arg("--out")
         .arg(out)
         .args(common_sets(data))
+        .env("RSB_JOB_TOKEN", TOKEN)
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

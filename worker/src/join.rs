@@ -8,12 +8,19 @@
 //! addresses for CPUs), trains its share with the code of `worker train`, and
 //! reports metrics and checkpoints to the coordinator. A rank's log lines go
 //! to its stderr and, without colour, to `<run dir>/ranks/rank-N.log`.
+//!
+//! Credentials: the agent reads the job token from `--token-file` or
+//! `RSB_JOB_TOKEN` (never from the command line) and gets a member secret at
+//! join; its rank processes receive both through their environment. Every
+//! call carries them ([`Credentials`]); the ring's links authenticate with a
+//! key derived from the token ([`RingKey`]).
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rsb_collective::ring::{RingConfig, RingListener};
+use rsb_collective::ring::{RingConfig, RingKey, RingListener};
 use rsb_collective::Collective;
 use rsb_job::{BatchPlan, MetricsRecord};
+use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
 use rsb_train::trainer::{Distributed, RunOptions, Trainer};
@@ -24,7 +31,14 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tch::Device;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A coordinator client that presents its credentials with every call.
+type Client = CoordinatorClient<InterceptedService<Channel, Credentials>>;
+
+/// Longest `Leave` message the coordinator accepts (longer ones are cut).
+const MAX_LEAVE_MESSAGE: usize = 16 * 1024;
 
 /// Arguments of `worker join`.
 #[derive(Debug, Args)]
@@ -48,9 +62,13 @@ pub struct JoinArgs {
     /// Run folder for checkpoints (default: the coordinator's).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Shared secret of the coordinator.
-    #[arg(long, default_value = "")]
-    pub auth_token: String,
+    /// File holding the job token (`coordinator up` writes one to
+    /// OUT/job.token; default: the environment variable RSB_JOB_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of an https:// coordinator (TLS).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// CPU cores this worker's ranks share, split evenly between them for
     /// libtorch and loader threads (default: every core this process may
     /// use). `coordinator up --local` gives each local worker its share.
@@ -83,6 +101,9 @@ pub struct RankArgs {
     /// Run folder override.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// CA certificate (PEM) of an https:// coordinator.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// libtorch threads of this rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub torch_threads: i32,
@@ -98,10 +119,11 @@ const RANK_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Deadline of one heartbeat call (at most the coordinator deadline).
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
 
-async fn connect(url: &str) -> Result<CoordinatorClient<Channel>> {
+async fn connect(url: &str, tls_ca: Option<&Path>) -> Result<Channel> {
+    let endpoint = auth::endpoint(url, tls_ca)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        match CoordinatorClient::connect(url.to_string()).await {
+        match endpoint.connect().await {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(error = %e, "coordinator not reachable yet");
@@ -168,19 +190,29 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         Some(a) => a,
         None => route_address(&args.coordinator)?,
     };
-    let mut client = connect(&args.coordinator).await?;
-    let joined = client
-        .join(pb::JoinRequest {
-            host_name: host.clone(),
-            advertise_address: advertise.to_string(),
-            device_kind: kind as i32,
-            local_ranks: ranks,
-            auth_token: args.auth_token.clone(),
-        })
-        .await
-        .context("joining the coordinator")?
-        .into_inner();
+    let token = Secret::job_token(args.token_file.as_deref())?.with_context(|| {
+        format!(
+            "no job token: pass --token-file FILE (`coordinator up` writes OUT/{}) or set {}",
+            auth::TOKEN_FILE_NAME,
+            auth::TOKEN_ENV
+        )
+    })?;
+    let channel = connect(&args.coordinator, args.tls_ca.as_deref()).await?;
+    let joined =
+        CoordinatorClient::with_interceptor(channel.clone(), Credentials::token(token.clone()))
+            .join(pb::JoinRequest {
+                host_name: host.clone(),
+                advertise_address: advertise.to_string(),
+                device_kind: kind as i32,
+                local_ranks: ranks,
+            })
+            .await
+            .context("joining the coordinator")?
+            .into_inner();
     tracing::info!(member = %joined.member_id, ranks, %advertise, "joined");
+    let secret = Secret::new(joined.member_secret.clone(), "member secret from the coordinator")?;
+    let credentials = Credentials::member(token.clone(), &joined.member_id, secret.clone())?;
+    let mut client = CoordinatorClient::with_interceptor(channel, credentials);
     let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cores = args.cores.unwrap_or(available).clamp(1, available);
     let cores_per_rank = (cores / ranks as usize).max(1);
@@ -201,6 +233,11 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         if let Some(dir) = &args.run_dir {
             cmd.arg("--run-dir").arg(dir);
         }
+        if let Some(ca) = &args.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        // Credentials travel in the environment, never on the command line.
+        cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
         cmd.stdin(Stdio::null()).kill_on_drop(true);
         rsb_process::die_with_parent(&mut cmd);
         children.push(cmd.spawn().context("starting a rank process")?);
@@ -286,14 +323,40 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     }
 }
 
+/// The credentials `worker join` hands its rank processes through the environment.
+fn rank_credentials(member: &str) -> Result<(Secret, Credentials)> {
+    let missing =
+        |var: &str| format!("{var} is not set (`worker rank` is started by `worker join`)");
+    let token = Secret::from_env(auth::TOKEN_ENV)?.with_context(|| missing(auth::TOKEN_ENV))?;
+    let secret = Secret::from_env(auth::MEMBER_SECRET_ENV)?
+        .with_context(|| missing(auth::MEMBER_SECRET_ENV))?;
+    let credentials = Credentials::member(token.clone(), member, secret)?;
+    Ok((token, credentials))
+}
+
+/// `message` cut to at most `max` bytes, at a character boundary.
+fn truncated(message: String, max: usize) -> String {
+    if message.len() <= max {
+        return message;
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}
+
 /// `worker rank`.
 pub fn rank(args: RankArgs) -> Result<()> {
+    let (token, credentials) = rank_credentials(&args.member)?;
     let runtime = Arc::new(tokio::runtime::Runtime::new()?);
-    let mut client = runtime.block_on(connect(&args.coordinator))?;
-    let outcome = run_rank(&args, &runtime, &mut client);
+    let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
+    let mut client = CoordinatorClient::with_interceptor(channel, credentials);
+    let ring_key = RingKey::derive(token.expose().as_bytes());
+    let outcome = run_rank(&args, &runtime, &mut client, &ring_key);
     let (success, message) = match &outcome {
         Ok(()) => (true, String::new()),
-        Err(e) => (false, format!("{e:#}")),
+        Err(e) => (false, truncated(format!("{e:#}"), MAX_LEAVE_MESSAGE)),
     };
     let leave = pb::LeaveRequest {
         member_id: args.member.clone(),
@@ -310,7 +373,8 @@ pub fn rank(args: RankArgs) -> Result<()> {
 fn run_rank(
     args: &RankArgs,
     runtime: &Arc<tokio::runtime::Runtime>,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
+    ring_key: &RingKey,
 ) -> Result<()> {
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
@@ -325,7 +389,7 @@ fn run_rank(
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
     let log = RankLog::install(&run_dir, rank)?;
-    let outcome = train_rank(args, runtime, client, &assignment, &run_dir);
+    let outcome = train_rank(args, runtime, client, &assignment, &run_dir, ring_key);
     if let Err(e) = &outcome {
         log.note_failure(e);
     }
@@ -336,9 +400,10 @@ fn run_rank(
 fn train_rank(
     args: &RankArgs,
     runtime: &Arc<tokio::runtime::Runtime>,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     assignment: &pb::Assignment,
     run_dir: &Path,
+    ring_key: &RingKey,
 ) -> Result<()> {
     let rank = assignment.global_rank as usize;
     let world = assignment.world_size as usize;
@@ -367,13 +432,13 @@ fn train_rank(
         }))
     };
     let collective: Box<dyn Collective> = if device == Device::Cpu {
-        let listener = RingListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))?;
+        let listener = ring_listener(args.advertise)?;
         let port = listener.local_addr()?.port();
         let address = SocketAddr::new(args.advertise, port).to_string();
         let reply = rendezvous(Some(pb::rendezvous_request::Payload::RingAddress(address)))
             .context("ring rendezvous")?
             .into_inner();
-        Box::new(listener.connect(rank, &reply.ring_addresses, RingConfig::default())?)
+        Box::new(listener.connect(rank, &reply.ring_addresses, ring_key, RingConfig::default())?)
     } else {
         nccl_collective(rank, world, rendezvous)?
     };
@@ -434,6 +499,28 @@ fn train_rank(
     })?;
     trainer.run()?;
     Ok(())
+}
+
+/// The ring listener, on the advertised address; on every interface only
+/// when that address is not one of this host's (behind NAT), with a warning.
+fn ring_listener(advertise: IpAddr) -> Result<RingListener> {
+    match RingListener::bind(SocketAddr::new(advertise, 0)) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            let any = if advertise.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
+            tracing::warn!(
+                %advertise,
+                "the advertised address is not on this host; the ring listens on {any} \
+                 (its links still authenticate)"
+            );
+            Ok(RingListener::bind(SocketAddr::new(any, 0))?)
+        }
+        Err(e) => Err(e).with_context(|| format!("binding a ring port on {advertise}")),
+    }
 }
 
 /// The rank's log file, `<run dir>/ranks/rank-N.log`: while installed, this

@@ -19,7 +19,7 @@
 // A benchmark, not library code: a failed setup step may just panic.
 #![allow(clippy::unwrap_used)]
 
-use rsb_collective::ring::{RingConfig, RingListener, TcpRing};
+use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};
 use rsb_collective::{Buffer, Collective};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -40,6 +40,7 @@ fn form_rings(n: usize, segment_floats: usize) -> Vec<TcpRing> {
                     l.connect(
                         rank,
                         &addresses,
+                        &RingKey::derive(b"ring_bench"),
                         RingConfig { segment_floats, ..RingConfig::default() },
                     )
                     .unwrap()

@@ -13,6 +13,15 @@
 //! the summing overlaps the transfer; progress counters order every access
 //! to a segment shared by the two threads.
 //!
+//! Every link is authenticated before it carries anything: the connecting
+//! rank sends a hello with a fresh nonce, the accepting rank answers with its
+//! own nonce and an HMAC-SHA256 (keyed by the job's [`RingKey`]) over both,
+//! and the connecting rank answers with its own HMAC; each side checks the
+//! other's in constant time. A connection that fails the challenge (an
+//! impostor, or a rank of another job) is refused and logged, and the ring
+//! keeps waiting for its real neighbour; a listener that fails it is an
+//! error. The key never crosses the wire.
+//!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
 //! an error instead of corrupting each other's data. Reads and writes time
@@ -20,12 +29,88 @@
 //! native byte order; every rank of a job is assumed to share it.
 
 use crate::{Buffer, Collective, CollectiveError};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const MAGIC: u32 = 0x5253_4231; // "RSB1"
+/// "RSB2": the authenticated hello (version 1 had none).
+const MAGIC: u32 = 0x5253_4232;
+/// Bytes of a nonce and of an HMAC-SHA256 tag.
+const NONCE_LEN: usize = 32;
+const TAG_LEN: usize = 32;
+/// Magic, rank, world, nonce.
+const HELLO_LEN: usize = 12 + NONCE_LEN;
+/// The accepting side's answer to a proof it accepted.
+const ACCEPTED: u8 = 1;
+/// Longest wait for one handshake message (a silent stranger holds the
+/// listener no longer than this).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key ring links authenticate with: derived from the job's shared
+/// secret, so only ranks of the same job can link up. Never printed.
+#[derive(Clone)]
+pub struct RingKey([u8; 32]);
+
+impl std::fmt::Debug for RingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingKey(<redacted>)")
+    }
+}
+
+impl RingKey {
+    /// The ring key of a job whose shared secret is `secret` (the job token):
+    /// HMAC-SHA256(secret, "rsb ring key v1"), so the token itself is never
+    /// used as the key of anything but this derivation.
+    pub fn derive(secret: &[u8]) -> RingKey {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&tag(secret, &[b"rsb ring key v1"]));
+        RingKey(key)
+    }
+
+    /// The proof of one side of the handshake over the hello and the
+    /// accepting side's nonce; `role` keeps one side's proof from serving as
+    /// the other's.
+    fn proof(&self, role: &[u8], hello: &[u8], nonce: &[u8]) -> [u8; TAG_LEN] {
+        tag(&self.0, &[role, hello, nonce])
+    }
+
+    /// Whether `candidate` is that proof (constant-time comparison).
+    fn verify(&self, role: &[u8], hello: &[u8], nonce: &[u8], candidate: &[u8]) -> bool {
+        let mut mac = hmac_of(&self.0);
+        for part in [role, hello, nonce] {
+            mac.update(part);
+        }
+        mac.verify_slice(candidate).is_ok()
+    }
+}
+
+fn hmac_of(key: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length: this cannot fail.
+    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC key length"))
+}
+
+fn tag(key: &[u8], parts: &[&[u8]]) -> [u8; TAG_LEN] {
+    let mut mac = hmac_of(key);
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+const ACCEPTOR_ROLE: &[u8] = b"rsb ring acceptor";
+const CONNECTOR_ROLE: &[u8] = b"rsb ring connector";
+
+fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::fill(&mut n).map_err(|e| std::io::Error::other(format!("random nonce: {e}")))?;
+    Ok(n)
+}
 
 /// Tuning of the ring.
 #[derive(Debug, Clone)]
@@ -60,11 +145,13 @@ impl RingListener {
     }
 
     /// Forms the ring: connects to the right neighbour (`addresses[rank + 1]`)
-    /// and accepts the left one. `addresses` holds every rank's `host:port`.
+    /// and accepts the left one, each link authenticated with `key` (see the
+    /// module documentation). `addresses` holds every rank's `host:port`.
     pub fn connect(
         self,
         rank: usize,
         addresses: &[String],
+        key: &RingKey,
         config: RingConfig,
     ) -> Result<TcpRing, CollectiveError> {
         let world = addresses.len();
@@ -87,18 +174,30 @@ impl RingListener {
             address: address.to_string(),
             source,
         };
+        // Set when the right link failed: the left one need not be waited for.
+        let right_failed = AtomicBool::new(false);
         let (to_right, from_left) = std::thread::scope(|scope| {
             let connecting = scope.spawn(|| -> Result<TcpStream, CollectiveError> {
-                let stream = connect_with_retry(&right_address, deadline)
-                    .map_err(|e| link_err(right, &right_address, e))?;
-                let mut hello = Vec::with_capacity(12);
-                for v in [MAGIC, rank as u32, world as u32] {
-                    hello.extend_from_slice(&v.to_le_bytes());
-                }
-                (&stream).write_all(&hello).map_err(|e| link_err(right, &right_address, e))?;
+                let stream = connect_with_retry(&right_address, deadline).map_err(|e| {
+                    right_failed.store(true, Ordering::Relaxed);
+                    link_err(right, &right_address, e)
+                })?;
+                prove_to_right(&stream, rank, world, key).map_err(|e| {
+                    right_failed.store(true, Ordering::Relaxed);
+                    match e {
+                        Handshake::Io(e) => link_err(right, &right_address, e),
+                        Handshake::Refused(problem) => CollectiveError::Protocol {
+                            rank,
+                            problem: format!(
+                                "right neighbour (rank {right} at {right_address}): {problem}"
+                            ),
+                        },
+                    }
+                })?;
                 Ok(stream)
             });
-            let accepted = accept_left(&self.listener, rank, left, world, deadline);
+            let accepted =
+                accept_left(&self.listener, rank, left, world, key, deadline, &right_failed);
             let connected = connecting.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Protocol {
                     rank,
@@ -142,12 +241,90 @@ fn connect_with_retry(address: &str, deadline: Instant) -> std::io::Result<TcpSt
     }
 }
 
+/// How a handshake failed.
+#[derive(Debug)]
+enum Handshake {
+    /// The connection failed.
+    Io(std::io::Error),
+    /// The other side failed the challenge (or refused ours).
+    Refused(String),
+}
+
+impl From<std::io::Error> for Handshake {
+    fn from(e: std::io::Error) -> Handshake {
+        Handshake::Io(e)
+    }
+}
+
+/// The connecting side: hello with a nonce, check the listener's proof,
+/// send ours, wait for the verdict.
+fn prove_to_right(
+    stream: &TcpStream,
+    rank: usize,
+    world: usize,
+    key: &RingKey,
+) -> Result<(), Handshake> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut hello = Vec::with_capacity(HELLO_LEN);
+    for v in [MAGIC, rank as u32, world as u32] {
+        hello.extend_from_slice(&v.to_le_bytes());
+    }
+    hello.extend_from_slice(&nonce()?);
+    let mut io = stream;
+    io.write_all(&hello)?;
+    let mut answer = [0u8; NONCE_LEN + TAG_LEN];
+    io.read_exact(&mut answer)?;
+    let (their_nonce, their_proof) = answer.split_at(NONCE_LEN);
+    if !key.verify(ACCEPTOR_ROLE, &hello, their_nonce, their_proof) {
+        tracing::warn!(
+            peer = ?stream.peer_addr().ok(),
+            "refused a ring listener that failed the challenge (not a rank of this job?)"
+        );
+        return Err(Handshake::Refused(
+            "the listener failed the ring challenge: it does not hold this job's key".into(),
+        ));
+    }
+    io.write_all(&key.proof(CONNECTOR_ROLE, &hello, their_nonce))?;
+    let mut verdict = [0u8; 1];
+    match io.read_exact(&mut verdict) {
+        Ok(()) if verdict[0] == ACCEPTED => Ok(()),
+        _ => Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into())),
+    }
+}
+
+/// The accepting side: read the hello, answer with a nonce and our proof,
+/// check the connecting side's proof. Returns the connecting rank and world.
+fn challenge_left(stream: &TcpStream, key: &RingKey) -> Result<(u32, u32), Handshake> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut io = stream;
+    let mut hello = [0u8; HELLO_LEN];
+    io.read_exact(&mut hello)?;
+    let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
+    if word(0) != MAGIC {
+        return Err(Handshake::Refused("it is not a ring peer (wrong hello)".into()));
+    }
+    let our_nonce = nonce()?;
+    let mut answer = Vec::with_capacity(NONCE_LEN + TAG_LEN);
+    answer.extend_from_slice(&our_nonce);
+    answer.extend_from_slice(&key.proof(ACCEPTOR_ROLE, &hello, &our_nonce));
+    io.write_all(&answer)?;
+    let mut proof = [0u8; TAG_LEN];
+    io.read_exact(&mut proof)?;
+    if !key.verify(CONNECTOR_ROLE, &hello, &our_nonce, &proof) {
+        return Err(Handshake::Refused("it failed the ring challenge".into()));
+    }
+    io.write_all(&[ACCEPTED])?;
+    Ok((word(4), word(8)))
+}
+
 fn accept_left(
     listener: &TcpListener,
     rank: usize,
     left: usize,
     world: usize,
+    key: &RingKey,
     deadline: Instant,
+    give_up: &AtomicBool,
 ) -> Result<TcpStream, CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::Link {
         rank,
@@ -159,31 +336,40 @@ fn accept_left(
         match listener.accept() {
             Ok((stream, peer_addr)) => {
                 stream.set_nonblocking(false).ok();
-                stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                let mut hello = [0u8; 12];
-                if (&stream).read_exact(&mut hello).is_err() {
-                    continue; // not one of ours
-                }
-                let word = |i: usize| {
-                    u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]])
+                let (their_rank, their_world) = match challenge_left(&stream, key) {
+                    Ok(hello) => hello,
+                    Err(Handshake::Refused(why)) => {
+                        tracing::warn!(rank, %peer_addr, "refused a ring connection: {why}");
+                        continue;
+                    }
+                    Err(Handshake::Io(e)) => {
+                        tracing::warn!(
+                            rank,
+                            %peer_addr,
+                            "refused a ring connection that broke off the handshake: {e}"
+                        );
+                        continue;
+                    }
                 };
-                if word(0) != MAGIC {
-                    tracing::warn!(%peer_addr, "ignored a connection that is not a ring peer");
-                    continue;
-                }
-                if word(4) as usize != left || word(8) as usize != world {
+                if their_rank as usize != left || their_world as usize != world {
                     return Err(CollectiveError::Protocol {
                         rank,
                         problem: format!(
-                            "expected rank {left} of {world} on the left link, got rank {} of {}",
-                            word(4),
-                            word(8)
+                            "expected rank {left} of {world} on the left link, got rank \
+                             {their_rank} of {their_world}"
                         ),
                     });
                 }
                 return Ok(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if give_up.load(Ordering::Relaxed) {
+                    return Err(CollectiveError::Protocol {
+                        rank,
+                        problem: "stopped waiting for the left neighbour: the right link failed"
+                            .into(),
+                    });
+                }
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::Link {
                         rank,
@@ -629,6 +815,10 @@ impl Collective for TcpRing {
 mod tests {
     use super::*;
 
+    fn key() -> RingKey {
+        RingKey::derive(b"the job token of these tests")
+    }
+
     /// Forms a ring of `n` ranks on loopback, one thread each, and runs `f` on every rank.
     pub(crate) fn with_ring<T: Send>(n: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
         let listeners: Vec<RingListener> =
@@ -645,7 +835,7 @@ mod tests {
                     scope.spawn(move || {
                         let config =
                             RingConfig { timeout: Duration::from_secs(20), segment_floats: 7 };
-                        let mut ring = l.connect(rank, &addresses, config).unwrap();
+                        let mut ring = l.connect(rank, &addresses, &key(), config).unwrap();
                         f(&mut ring)
                     })
                 })
@@ -726,8 +916,117 @@ mod tests {
         drop(b); // rank 1 never shows up
         let start = Instant::now();
         let config = RingConfig { timeout: Duration::from_millis(500), segment_floats: 16 };
-        let err = a.connect(0, &addresses, config).unwrap_err().to_string();
+        let err = a.connect(0, &addresses, &key(), config).unwrap_err().to_string();
         assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
         assert!(err.contains("rank 1") || err.contains("never connected"), "{err}");
+    }
+
+    /// An impostor that knows the protocol but not the key.
+    fn impostor_hello(rank: u32, world: u32) -> Vec<u8> {
+        let mut hello = Vec::new();
+        for v in [MAGIC, rank, world] {
+            hello.extend_from_slice(&v.to_le_bytes());
+        }
+        hello.extend_from_slice(&[7u8; NONCE_LEN]);
+        hello
+    }
+
+    #[test]
+    fn an_impostor_left_neighbour_is_refused_and_the_real_one_still_links() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        let target = addresses[1].clone();
+        // Connects to rank 1 before rank 0 does, claims to be rank 0, and
+        // answers the challenge with a proof made from a guessed key.
+        let (queued_tx, queued) = std::sync::mpsc::channel();
+        let impostor = std::thread::spawn(move || {
+            let stream = TcpStream::connect(&target).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let hello = impostor_hello(0, 2);
+            (&stream).write_all(&hello).unwrap();
+            queued_tx.send(()).unwrap();
+            let mut answer = [0u8; NONCE_LEN + TAG_LEN];
+            (&stream).read_exact(&mut answer).unwrap();
+            let guess = RingKey::derive(b"a guessed token");
+            let proof = guess.proof(CONNECTOR_ROLE, &hello, &answer[..NONCE_LEN]);
+            (&stream).write_all(&proof).unwrap();
+            // Refused: the connection closes without the verdict byte.
+            let mut verdict = [0u8; 1];
+            let read = (&stream).read(&mut verdict);
+            assert!(matches!(read, Ok(0) | Err(_)), "the impostor was accepted: {read:?}");
+        });
+        queued.recv().unwrap();
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
+        let rings = std::thread::scope(|scope| {
+            let addrs = &addresses;
+            let config = &config;
+            let ha = scope.spawn(move || a.connect(0, addrs, &key(), config.clone()));
+            let hb = scope.spawn(move || b.connect(1, addrs, &key(), config.clone()));
+            [ha.join().unwrap(), hb.join().unwrap()]
+        });
+        impostor.join().unwrap();
+        let mut rings: Vec<TcpRing> = rings.into_iter().map(|r| r.unwrap()).collect();
+        std::thread::scope(|scope| {
+            for ring in rings.iter_mut() {
+                scope.spawn(move || {
+                    let mut data = vec![1.0f32; 5];
+                    ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                    assert_eq!(data, vec![2.0; 5]);
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_listener_without_the_key_is_refused_by_the_connecting_rank() {
+        // "Rank 1" is an impostor listener: it answers the hello with a proof
+        // made from another key.
+        let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_address = fake.local_addr().unwrap().to_string();
+        let impostor = std::thread::spawn(move || {
+            let (stream, _) = fake.accept().unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            (&stream).read_exact(&mut hello).unwrap();
+            let other = RingKey::derive(b"another job's token");
+            let mut answer = vec![9u8; NONCE_LEN];
+            answer.extend_from_slice(&other.proof(ACCEPTOR_ROLE, &hello, &[9u8; NONCE_LEN]));
+            (&stream).write_all(&answer).unwrap();
+            // Nothing must follow: the real rank does not send its proof.
+            let mut rest = [0u8; TAG_LEN];
+            assert!(
+                (&stream).read_exact(&mut rest).is_err(),
+                "rank 0 proved itself to an impostor"
+            );
+        });
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses = vec![a.local_addr().unwrap().to_string(), fake_address];
+        let config = RingConfig { timeout: Duration::from_secs(2), segment_floats: 16 };
+        let err = a.connect(0, &addresses, &key(), config).unwrap_err().to_string();
+        assert!(err.contains("failed the ring challenge"), "{err}");
+        impostor.join().unwrap();
+    }
+
+    #[test]
+    fn ranks_with_different_keys_do_not_link() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        let config = RingConfig { timeout: Duration::from_secs(2), segment_floats: 16 };
+        let results = std::thread::scope(|scope| {
+            let addrs = &addresses;
+            let config = &config;
+            let ha = scope.spawn(move || a.connect(0, addrs, &key(), config.clone()).map(|_| ()));
+            let other = RingKey::derive(b"another job's token");
+            let hb = scope.spawn(move || b.connect(1, addrs, &other, config.clone()).map(|_| ()));
+            [ha.join().unwrap(), hb.join().unwrap()]
+        });
+        for r in &results {
+            assert!(r.is_err(), "a ring formed across two keys: {results:?}");
+        }
+        assert!(!format!("{:?}", key()).contains("the job token"));
     }
 }

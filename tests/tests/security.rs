@@ -1,0 +1,530 @@
+//! Secure by default, tried from outside: a coordinator started the default
+//! way (loopback, no token given, so it generates one into `job.token`) with
+//! one `worker join` host in it, waiting for a second host. Then:
+//!
+//! * a client without the token, and one with a wrong token, calls every RPC
+//!   of `proto/orchestrator/v1/coordinator.proto` (the list is read from the
+//!   file, so a new RPC must be added here): all are `UNAUTHENTICATED`, and
+//!   the job is unaffected (still waiting, the same one member, heartbeating);
+//! * a client with the token and the real member id but without its secret,
+//!   or with a wrong one, calls every member RPC: all are refused, while the
+//!   real secret (read from the rank process's environment, as its owner
+//!   can) is accepted, so the refusals are the credentials' doing;
+//! * neither the token nor the member secret is on any process's command
+//!   line (coordinator, worker agent, rank) or in any log, while the rank's
+//!   environment does carry them.
+//!
+//! With `--tls-cert`/`--tls-key` the coordinator serves TLS: a worker given
+//! the CA joins over `https://`, and a plain-text client gets nowhere.
+//!
+//! The ring's challenge-response (an impostor on a ring port is refused) is
+//! tested in `rsb-collective` (`ring::tests`), where both sides can be
+//! played without a job.
+
+use rsb_integration_tests::{binary, on_path, require, workspace_root};
+use rsb_proto::auth::{MEMBER_HEADER, MEMBER_SECRET_ENV, SECRET_HEADER, TOKEN_ENV, TOKEN_HEADER};
+use rsb_proto::v1 as pb;
+use rsb_proto::v1::coordinator_client::CoordinatorClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// A client interceptor that attaches exactly the given metadata.
+#[derive(Clone)]
+struct Attach(Vec<(&'static str, String)>);
+
+impl tonic::service::Interceptor for Attach {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        for (key, value) in &self.0 {
+            let value = AsciiMetadataValue::try_from(value.as_str())
+                .map_err(|_| Status::internal("bad test metadata"))?;
+            request.metadata_mut().insert(*key, value);
+        }
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
+
+/// A child process killed when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Proc {
+    let out = std::fs::File::create(log.with_extension("out")).unwrap();
+    let err = std::fs::File::create(log.with_extension("err")).unwrap();
+    let child = cmd
+        .env("RUST_LOG", "debug")
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("starting a process");
+    Proc(child)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The RPC names of the protocol, read from the proto file.
+fn rpcs_of_the_proto() -> Vec<String> {
+    let proto = workspace_root().join("proto/orchestrator/v1/coordinator.proto");
+    read(&proto)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = read(&entry.path().join("stat"));
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// NUL-separated `/proc/PID/<file>` (cmdline, environ) as text.
+fn proc_text(pid: u32, file: &str) -> String {
+    let bytes = std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).replace('\0', " ")
+}
+
+/// A variable of a process's environment.
+fn environ_var(pid: u32, var: &str) -> Option<String> {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    bytes.split(|b| *b == 0).find_map(|entry| {
+        let entry = String::from_utf8_lossy(entry);
+        entry.strip_prefix(&format!("{var}=")).map(str::to_string)
+    })
+}
+
+struct Job {
+    job_id: String,
+    member_id: String,
+}
+
+/// Calls every RPC with plausible arguments for this job (so a refusal is
+/// never the arguments' fault); `None` for an RPC the caller does not try.
+async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
+    let member_id = job.member_id.clone();
+    let job_id = job.job_id.clone();
+    match rpc {
+        "Join" => client
+            .join(pb::JoinRequest {
+                host_name: "intruder".into(),
+                advertise_address: "127.0.0.1".into(),
+                device_kind: pb::DeviceKind::Cpu as i32,
+                local_ranks: 1,
+            })
+            .await
+            .map(drop),
+        "Heartbeat" => client.heartbeat(pb::HeartbeatRequest { member_id }).await.map(drop),
+        "GetAssignment" => {
+            let request = pb::AssignmentRequest { member_id, local_rank: 0 };
+            // Answered at once when refused; a granted one would wait for the job.
+            match tokio::time::timeout(Duration::from_secs(5), client.get_assignment(request)).await
+            {
+                Ok(r) => r.map(drop),
+                Err(_) => Ok(()),
+            }
+        }
+        "Rendezvous" => {
+            let request = pb::RendezvousRequest {
+                job_id,
+                generation: 1,
+                global_rank: 0,
+                payload: Some(pb::rendezvous_request::Payload::RingAddress("127.0.0.1:9".into())),
+            };
+            match tokio::time::timeout(Duration::from_secs(5), client.rendezvous(request)).await {
+                Ok(r) => r.map(drop),
+                Err(_) => Ok(()),
+            }
+        }
+        "ReportMetrics" => client
+            .report_metrics(pb::MetricsReport {
+                job_id,
+                generation: 1,
+                global_rank: 0,
+                record: Some(pb::metrics_report::Record::Step(pb::StepRecord {
+                    epoch: 0,
+                    step: 1,
+                    lr: 0.1,
+                    loss: 0.0,
+                    images_per_sec: 1e9,
+                    total_updates: 1,
+                })),
+            })
+            .await
+            .map(drop),
+        "CommitCheckpoint" => client
+            .commit_checkpoint(pb::CheckpointCommit {
+                job_id,
+                generation: 1,
+                epoch: 600,
+                path: "/tmp/forged-checkpoint".into(),
+            })
+            .await
+            .map(drop),
+        "Leave" => client
+            .leave(pb::LeaveRequest {
+                member_id,
+                local_rank: 0,
+                success: false,
+                message: "x".into(),
+            })
+            .await
+            .map(drop),
+        "Status" => client.status(pb::StatusRequest {}).await.map(drop),
+        other => panic!("the test does not know the RPC {other}: add it to `call`"),
+    }
+}
+
+async fn client(url: &str, metadata: Vec<(&'static str, String)>) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to the coordinator");
+    CoordinatorClient::with_interceptor(channel, Attach(metadata))
+}
+
+async fn status(url: &str, token: &str) -> pb::StatusResponse {
+    let mut c = client(url, vec![(TOKEN_HEADER, token.to_string())]).await;
+    c.status(pb::StatusRequest {}).await.expect("Status with the token").into_inner()
+}
+
+/// The first "coordinator listening on ADDR;" of a coordinator's stdout.
+fn listening_address(stdout: &Path) -> std::net::SocketAddr {
+    let listening = wait_until(Duration::from_secs(30), "the coordinator to listen", || {
+        read(stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("coordinator listening on "))
+            .and_then(|l| l.split(';').next())
+            .map(str::to_string)
+    });
+    listening.parse().unwrap()
+}
+
+#[test]
+fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let (coordinator_bin, worker_bin) = (binary("coordinator"), binary("worker"));
+
+    // The default way: no token, no --listen (127.0.0.1:50051). Another job
+    // on this host may hold that port: then a free loopback port.
+    let default_port_free = std::net::TcpListener::bind("127.0.0.1:50051").is_ok();
+    let mut up = Command::new(&coordinator_bin);
+    up.env_remove(TOKEN_ENV)
+        .env_remove(MEMBER_SECRET_ENV)
+        .args(["up", "--nodes", "2", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(&out);
+    if !default_port_free {
+        eprintln!("127.0.0.1:50051 is in use: the coordinator listens on a free port");
+        up.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut coordinator = spawn_logged(&mut up, &logs.join("coordinator"));
+    let stdout = logs.join("coordinator.out");
+    let bound = listening_address(&stdout);
+    assert!(bound.ip().is_loopback(), "the default listen address is {bound}, not loopback");
+    if default_port_free {
+        assert_eq!(bound.port(), 50051);
+    }
+    let url = format!("http://{bound}");
+
+    // The generated token: in a file only its owner can read, and `up` says
+    // how workers get it.
+    let token_file = out.join("job.token");
+    let token = read(&token_file).trim().to_string();
+    assert_eq!(token.len(), 64, "job.token holds {token:?}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "job.token has mode {mode:o}");
+    }
+    let printed = read(&stdout);
+    assert!(printed.contains("--token-file") && printed.contains(TOKEN_ENV), "{printed}");
+
+    // One worker host joins (with the token from the file) and its rank waits.
+    let mut join = Command::new(&worker_bin);
+    join.env_remove(TOKEN_ENV)
+        .env_remove(MEMBER_SECRET_ENV)
+        .args(["join", "--coordinator", &url, "--devices", "cpu", "--host-name", "a"])
+        .arg("--token-file")
+        .arg(&token_file);
+    let mut worker = spawn_logged(&mut join, &logs.join("worker"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let member_id = wait_until(Duration::from_secs(60), "the worker to join", || {
+        let s = runtime.block_on(status(&url, &token));
+        s.members.first().map(|m| m.member_id.clone())
+    });
+    let job = Job { job_id: runtime.block_on(status(&url, &token)).job_id, member_id };
+    let rank = wait_until(Duration::from_secs(30), "the rank process", || {
+        children_of(worker.0.id()).first().copied()
+    });
+    let secret = wait_until(Duration::from_secs(10), "the rank's environment", || {
+        environ_var(rank, MEMBER_SECRET_ENV)
+    });
+    assert_eq!(environ_var(rank, TOKEN_ENV).as_deref(), Some(token.as_str()));
+
+    let rpcs = rpcs_of_the_proto();
+    assert_eq!(rpcs.len(), 8, "RPCs read from the proto: {rpcs:?}");
+    let member_rpcs =
+        ["Heartbeat", "GetAssignment", "Rendezvous", "ReportMetrics", "CommitCheckpoint", "Leave"];
+    assert!(member_rpcs.iter().all(|r| rpcs.iter().any(|p| p == r)), "{rpcs:?}");
+    let wrong_token = "f".repeat(64);
+    let refusals: Vec<String> = runtime.block_on(async {
+        let mut refusals = Vec::new();
+        // (a) Without the token, and with a wrong one: every RPC.
+        for (who, metadata) in [
+            ("no token", vec![]),
+            ("a wrong token", vec![(TOKEN_HEADER, wrong_token.clone())]),
+            (
+                "a wrong token and the real member credentials",
+                vec![
+                    (TOKEN_HEADER, wrong_token.clone()),
+                    (MEMBER_HEADER, job.member_id.clone()),
+                    (SECRET_HEADER, secret.clone()),
+                ],
+            ),
+        ] {
+            let mut c = client(&url, metadata).await;
+            for rpc in &rpcs {
+                match call(&mut c, rpc, &job).await {
+                    Err(s) if s.code() == Code::Unauthenticated => {
+                        assert!(!s.message().contains(&job.member_id), "{s:?}");
+                        refusals.push(format!("{who}: {rpc}"));
+                    }
+                    other => panic!("{rpc} with {who} was not refused: {other:?}"),
+                }
+            }
+        }
+        // (b) The token and the real member id, but not its secret.
+        for (who, member) in [
+            ("no member secret", vec![(MEMBER_HEADER, job.member_id.clone())]),
+            (
+                "a wrong member secret",
+                vec![(MEMBER_HEADER, job.member_id.clone()), (SECRET_HEADER, "0".repeat(64))],
+            ),
+            (
+                "the secret with another member id",
+                vec![(MEMBER_HEADER, "m2-a".into()), (SECRET_HEADER, secret.clone())],
+            ),
+        ] {
+            let mut metadata = vec![(TOKEN_HEADER, token.clone())];
+            metadata.extend(member);
+            let mut c = client(&url, metadata).await;
+            for rpc in member_rpcs {
+                match call(&mut c, rpc, &job).await {
+                    Err(s) if s.code() == Code::Unauthenticated => {
+                        refusals.push(format!("{who}: {rpc}"))
+                    }
+                    other => panic!("{rpc} with the token and {who} was not refused: {other:?}"),
+                }
+            }
+        }
+        // The control: the real credentials are accepted.
+        let mut real = client(
+            &url,
+            vec![
+                (TOKEN_HEADER, token.clone()),
+                (MEMBER_HEADER, job.member_id.clone()),
+                (SECRET_HEADER, secret.clone()),
+            ],
+        )
+        .await;
+        let beat = real
+            .heartbeat(pb::HeartbeatRequest { member_id: job.member_id.clone() })
+            .await
+            .expect("a heartbeat with the member's real credentials")
+            .into_inner();
+        assert!(beat.keep_going && beat.failure.is_empty(), "{beat:?}");
+        refusals
+    });
+    assert_eq!(refusals.len(), 3 * rpcs.len() + 3 * member_rpcs.len(), "{refusals:#?}");
+
+    // The job is unaffected: still waiting, one member, heartbeating, and the
+    // processes alive.
+    let after = runtime.block_on(status(&url, &token));
+    assert_eq!(after.state, "waiting", "{after:?}");
+    assert_eq!(after.members.len(), 1, "{after:?}");
+    assert_eq!(after.members[0].member_id, job.member_id);
+    assert!(after.members[0].last_heartbeat_ms_ago < 10_000, "{after:?}");
+    assert!(coordinator.0.try_wait().unwrap().is_none(), "the coordinator exited");
+    assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
+    assert!(Path::new(&format!("/proc/{rank}")).exists(), "the rank process exited");
+
+    // (d) No credential on a command line; the refusals were logged, the
+    // credentials never.
+    for (what, pid) in
+        [("coordinator", coordinator.0.id()), ("worker", worker.0.id()), ("rank", rank)]
+    {
+        let cmdline = proc_text(pid, "cmdline");
+        assert!(!cmdline.is_empty(), "{what} ({pid}) has no command line");
+        assert!(!cmdline.contains(&token), "the job token is on the {what}'s command line");
+        assert!(!cmdline.contains(&secret), "the member secret is on the {what}'s command line");
+    }
+    assert!(proc_text(rank, "cmdline").contains(&job.member_id), "pid {rank} is not the rank");
+    let _ = Command::new("kill").arg(rank.to_string()).status();
+    drop(worker);
+    drop(coordinator);
+    let mut logged: Vec<PathBuf> =
+        std::fs::read_dir(&logs).unwrap().flatten().map(|e| e.path()).collect();
+    let ranks = out.join("ranks");
+    if ranks.is_dir() {
+        logged.extend(std::fs::read_dir(&ranks).unwrap().flatten().map(|e| e.path()));
+    }
+    for path in &logged {
+        let text = read(path);
+        assert!(!text.contains(&token), "the job token is in {}", path.display());
+        assert!(!text.contains(&secret), "the member secret is in {}", path.display());
+    }
+    let coordinator_log = read(&logs.join("coordinator.err"));
+    assert!(
+        coordinator_log.contains("refused a call without the job token"),
+        "the refusals were not logged:\n{coordinator_log}"
+    );
+    assert!(coordinator_log.contains("member credentials not accepted"), "{coordinator_log}");
+}
+
+#[test]
+fn the_coordinator_serves_tls_when_given_a_certificate() {
+    if !require(on_path("openssl"), "openssl, to make a test certificate") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A test CA, and the coordinator's certificate for 127.0.0.1 signed by it.
+    let (ca, cert, key) =
+        (tmp.path().join("ca.pem"), tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(
+        tmp.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for args in [
+        &[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=rsb-test-ca"]]
+            .concat()
+            .iter()
+            .chain(&["-keyout", "ca.key", "-out", "ca.pem"])
+            .copied()
+            .collect::<Vec<_>>(),
+        &[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem"]]
+            .concat()
+            .iter()
+            .chain(&["-out", "leaf.csr"])
+            .copied()
+            .collect::<Vec<_>>(),
+        &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]
+            .iter()
+            .chain(&["-CAcreateserial", "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf"])
+            .copied()
+            .collect::<Vec<_>>(),
+    ] {
+        let made = Command::new("openssl").args(args).current_dir(tmp.path()).output().unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    }
+    let token = "tls-test-token-6b0f2d9c1e";
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut up = Command::new(binary("coordinator"));
+    up.env(TOKEN_ENV, token)
+        .args(["up", "--nodes", "2", "--listen", "127.0.0.1:0", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
+    let _coordinator = spawn_logged(&mut up, &logs.join("coordinator"));
+    let bound = listening_address(&logs.join("coordinator.out"));
+    let url = format!("https://{bound}");
+    let mut join = Command::new(binary("worker"));
+    join.env(TOKEN_ENV, token)
+        .args(["join", "--coordinator", &url, "--devices", "cpu", "--host-name", "t"])
+        .arg("--tls-ca")
+        .arg(&ca);
+    let worker = spawn_logged(&mut join, &logs.join("worker"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tls_status = || {
+        runtime.block_on(async {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(&ca)));
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .expect("a TLS connection with the CA");
+            let mut c = CoordinatorClient::with_interceptor(
+                channel,
+                Attach(vec![(TOKEN_HEADER, token.to_string())]),
+            );
+            c.status(pb::StatusRequest {}).await.expect("Status over TLS").into_inner()
+        })
+    };
+    wait_until(Duration::from_secs(60), "the worker to join over TLS", || {
+        (tls_status().members.len() == 1).then_some(())
+    });
+    // The rank process is told the CA too.
+    let rank = wait_until(Duration::from_secs(30), "the rank process", || {
+        children_of(worker.0.id()).first().copied()
+    });
+    assert!(proc_text(rank, "cmdline").contains("--tls-ca"), "{}", proc_text(rank, "cmdline"));
+    // A plain-text client gets no answer from the TLS port.
+    let plain = runtime.block_on(async {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{bound}"))
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut c = CoordinatorClient::with_interceptor(
+                channel,
+                Attach(vec![(TOKEN_HEADER, token.to_string())]),
+            );
+            c.status(pb::StatusRequest {}).await.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt).await
+    });
+    assert!(!matches!(plain, Ok(Ok(_))), "a plain-text call was answered: {plain:?}");
+    let _ = Command::new("kill").arg(rank.to_string()).status();
+}
