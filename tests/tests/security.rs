@@ -184,6 +184,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                     loss: 0.0,
                     images_per_sec: 1e9,
                     total_updates: 1,
+                    skipped_updates: 0,
                 })),
             })
             .await
