@@ -76,6 +76,10 @@ enum Command {
         /// Continue from a checkpoint folder or run folder (read by rank 0).
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// A worker host silent (no heartbeat) for this many seconds fails
+        /// the job, naming the host.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        heartbeat_timeout_secs: u64,
     },
     /// Show members, generation and progress of a running coordinator.
     Status {
@@ -180,8 +184,23 @@ async fn run(cli: Cli) -> Result<()> {
             token_file,
             tls,
             resume,
+            heartbeat_timeout_secs,
         } => {
-            up(nodes, recipe, overrides, out, listen, local, devices, token_file, tls, resume).await
+            let heartbeat_timeout = Duration::from_secs(heartbeat_timeout_secs);
+            up(
+                nodes,
+                recipe,
+                overrides,
+                out,
+                listen,
+                local,
+                devices,
+                token_file,
+                tls,
+                resume,
+                heartbeat_timeout,
+            )
+            .await
         }
     }
 }
@@ -223,6 +242,7 @@ async fn up(
     token_file: Option<PathBuf>,
     tls: TlsArgs,
     resume: Option<PathBuf>,
+    heartbeat_timeout: Duration,
 ) -> Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -258,6 +278,7 @@ async fn up(
     }
     let token = job_token(token_file.as_deref(), &out)?;
     let mut job = Job::new(recipe, out.clone(), nodes);
+    job.heartbeat_timeout = heartbeat_timeout;
     if let Some(path) = resume {
         let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
         job.resume_from = Some(path.display().to_string());

@@ -192,7 +192,13 @@ pub fn write_token_file(path: &Path, token: &Secret) -> Result<(), AuthError> {
 /// against; `http://` URLs take no `ca`.
 pub fn endpoint(url: &str, ca: Option<&Path>) -> Result<Endpoint, AuthError> {
     let problem = |problem: String| AuthError::Endpoint { url: url.to_string(), problem };
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| problem(e.to_string()))?;
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| problem(e.to_string()))?
+        // A dead or cut-off coordinator is noticed on an idle connection too.
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true);
     match (url.starts_with("https://"), ca) {
         (true, Some(ca)) => {
             let pem = std::fs::read(ca)

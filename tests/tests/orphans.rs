@@ -1,4 +1,5 @@
-//! Stopping a job's coordinator never orphans its workers or their ranks.
+//! A job's process tree: stopping the coordinator never orphans its workers
+//! or their ranks, and a rank that dies is reported at once.
 //!
 //! `coordinator up --local --nodes 2` starts two `worker join` agents, each of
 //! which starts a `worker rank`. SIGINT, SIGTERM and SIGKILL of the
@@ -7,7 +8,9 @@
 //! SIGTERM through the coordinator's own handler, SIGKILL through the death
 //! signal (`PR_SET_PDEATHSIG`) armed in every child. A frozen coordinator
 //! (SIGSTOP: the port open, no answer) makes the agents stop their ranks and
-//! exit once `--coordinator-deadline-secs` has passed.
+//! exit once `--coordinator-deadline-secs` has passed. A rank killed outright
+//! (no chance to say so itself) is reported by its agent, and the job fails
+//! naming it long before the host's heartbeat timeout.
 
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::Path;
@@ -85,9 +88,14 @@ fn start_job(data: &Path, out: &Path) -> Child {
 
 /// Waits until both ranks have joined the collective and are training.
 fn wait_for_training(out: &Path, coordinator: &mut Child) {
+    wait_for_ranks(out, coordinator, 2);
+}
+
+/// Waits until `ranks` ranks have joined the collective and are training.
+fn wait_for_ranks(out: &Path, coordinator: &mut Child, ranks: u32) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let ready = (0..2).all(|r| {
+        let ready = (0..ranks).all(|r| {
             std::fs::read_to_string(out.join(format!("ranks/rank-{r}.log")))
                 .is_ok_and(|log| log.contains("collective ready"))
         });
@@ -194,4 +202,75 @@ fn a_frozen_coordinator_makes_the_agents_stop_their_ranks_after_the_deadline() {
     let _ = Command::new("kill").args(["-s", "CONT", &pid]).status();
     let _ = coordinator.wait();
     assert!(left.is_empty(), "30 s after the coordinator froze these still run: {left:#?}");
+}
+
+#[test]
+fn a_killed_rank_is_reported_at_once_and_fails_the_job_naming_it() {
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let _ = binary("worker");
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(["up", "--nodes", "1", "--listen", &format!("127.0.0.1:{port}")])
+        // The host stays silent for at most 60 s before the coordinator would
+        // notice by itself; the agent's report must come long before.
+        .args(["--heartbeat-timeout-secs", "60", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--set", &format!("data.root={}", data.display())])
+        .args(["--set", "model.num_classes=10", "--set", "schedule.cosine.epochs=500"])
+        .env("RSB_JOB_TOKEN", TOKEN)
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    let mut worker = Command::new(binary("worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args(["--devices", "cpu", "--host-name", "victim"])
+        .env("RSB_JOB_TOKEN", TOKEN)
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting worker join");
+    wait_for_ranks(&out, &mut coordinator, 1);
+    let rank: Vec<u32> = descendants(worker.id())
+        .into_iter()
+        .filter(|(_, line)| line.contains(" rank "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(rank.len(), 1, "expected one rank process under the worker");
+    let killed = Command::new("kill").args(["-s", "KILL", &rank[0].to_string()]).status();
+    assert!(killed.expect("kill").success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = coordinator.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let Some(status) = status else {
+        let _ = coordinator.kill();
+        panic!("the coordinator had not failed the job 20 s after its only rank was killed");
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    use std::io::Read;
+    coordinator.stderr.take().expect("piped").read_to_string(&mut stderr).expect("stderr");
+    assert!(
+        stderr.contains("rank 0 on victim failed: rank process 0 exited with signal: 9"),
+        "the failure does not name the killed rank:\n{stderr}"
+    );
 }

@@ -1,13 +1,15 @@
 //! `worker join`: one worker host in a coordinated job. The agent joins the
 //! coordinator with its devices, starts one rank process per GPU (or the CPU
 //! ranks asked for), heartbeats while they run, and stops them if the job
-//! fails, if it is stopped itself (SIGINT, SIGTERM, or its parent's death) or
-//! if the coordinator stays unreachable past `--coordinator-deadline-secs`;
-//! the ranks die with it whatever kills it. Each rank process (`worker rank`, started by the agent) asks for its
-//! assignment, rendezvous with the others (NCCL unique id for GPUs, ring
-//! addresses for CPUs), trains its share with the code of `worker train`, and
-//! reports metrics and checkpoints to the coordinator. A rank's log lines go
-//! to its stderr and, without colour, to `<run dir>/ranks/rank-N.log`.
+//! fails (a rank that dies is reported to the coordinator at once), if it is
+//! stopped itself (SIGINT, SIGTERM, or its parent's death) or if the
+//! coordinator stays unreachable past `--coordinator-deadline-secs`; the
+//! ranks die with it whatever kills it. Each rank process (`worker rank`,
+//! started by the agent) asks for its assignment, rendezvous with the others
+//! (NCCL unique id for GPUs, ring addresses for CPUs), trains its share with
+//! the code of `worker train`, and reports metrics and checkpoints to the
+//! coordinator. A rank's log lines go to its stderr and, without colour, to
+//! `<run dir>/ranks/rank-N.log`.
 //!
 //! Credentials: the agent reads the job token from `--token-file` or
 //! `RSB_JOB_TOKEN` (never from the command line) and gets a member secret at
@@ -254,8 +256,25 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             if !done[i] {
                 if let Some(status) = child.try_wait()? {
                     done[i] = true;
-                    if !status.success() && failed.is_none() {
-                        failed = Some(format!("rank process {i} exited with {status}"));
+                    if !status.success() {
+                        let reason = format!("rank process {i} exited with {status}");
+                        // Report it at once: a rank killed outright (OOM
+                        // killer, kill -9) cannot say so itself. A rank that
+                        // already left is refused here, which is harmless.
+                        let leave = pb::LeaveRequest {
+                            member_id: joined.member_id.clone(),
+                            local_rank: i as u32,
+                            success: false,
+                            message: reason.clone(),
+                        };
+                        match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
+                            Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "{reason}; not reported again")
+                            }
+                            Err(_) => tracing::warn!("{reason}; the coordinator did not answer"),
+                        }
+                        failed.get_or_insert(reason);
                     }
                 }
             }
