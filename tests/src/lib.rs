@@ -11,6 +11,25 @@ pub use rsb_test_support::{
     fixtures, fixtures_root, in_ci, is_executable, is_root, on_path, require, workspace_root,
 };
 
+/// The records of one `kind` (`step`, `epoch`, ...) in a `metrics.jsonl`
+/// file (a missing or malformed file fails the test, naming it).
+pub fn records_in(metrics_file: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(metrics_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", metrics_file.display()))
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("{}: {e}: {l}", metrics_file.display()))
+        })
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+/// The records of one `kind` in a run folder's `metrics.jsonl`.
+pub fn run_records(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    records_in(&run_dir.join("metrics.jsonl"), kind)
+}
+
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

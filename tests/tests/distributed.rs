@@ -10,6 +10,7 @@
 //!
 //! The data is a small real Fashion-MNIST subset, as in `worker_cli.rs`.
 
+use rsb_integration_tests::records_in as records;
 use rsb_integration_tests::{binary, fashion_subset, is_root, on_path, require, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,15 +32,6 @@ fn common_sets(data: &Path) -> Vec<String> {
     .into_iter()
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
-}
-
-fn records(path: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .collect()
 }
 
 fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {

@@ -6,6 +6,7 @@
 //! `runtime.max_nonfinite_updates` in a row stop the run with an error naming
 //! the update, and the last checkpoint stays intact and finite.
 
+use rsb_integration_tests::run_records as records;
 use rsb_integration_tests::{fashion_subset, workspace_root};
 use rsb_train::trainer::{RunOptions, Trainer};
 use rsb_train::TrainError;
@@ -20,15 +21,6 @@ fn recipe(data: &Path, epochs: u32) -> rsb_recipes::Recipe {
     ];
     rsb_recipes::load(&workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"), &sets)
         .unwrap()
-}
-
-fn records(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .collect()
 }
 
 /// The parameter checksum after `step` updates.

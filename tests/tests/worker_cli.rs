@@ -8,6 +8,7 @@
 //! a changed recipe refused unless `--set` explains it, an `--out` holding a
 //! run refused without `--resume`.
 
+use rsb_integration_tests::run_records as records;
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -54,15 +55,6 @@ fn train_with(recipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output 
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     worker(&args)
-}
-
-fn records(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .collect()
 }
 
 #[test]
