@@ -250,8 +250,9 @@ async fn up(
     let recipe = recipe_args.load(&overrides)?;
     rsb_job::check_out_folder(&out, resume.as_deref())?;
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
-    let resume =
-        resume.map(|path| rsb_job::check_resume(&path, &recipe, &overrides)).transpose()?;
+    let resume = resume
+        .map(|path| rsb_job::check_resume(&path, &recipe, &overrides).map(|v| v.path().to_owned()))
+        .transpose()?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
     std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))

@@ -282,19 +282,32 @@ pub fn is_checkpoint_folder(path: &Path) -> bool {
     std::iter::once(MANIFEST).chain(PARTS).any(|name| path.join(name).is_file())
 }
 
+/// A checkpoint folder whose manifest, sizes and checksums [`resolve`] has
+/// verified in this process: what a loader may read without hashing every
+/// part a second time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCheckpoint(PathBuf);
+
+impl VerifiedCheckpoint {
+    /// The checkpoint folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// Resolves `--resume PATH` to an intact checkpoint folder: `path` itself
 /// when it is a checkpoint folder (an error naming the bad file when it is
 /// torn or corrupt), else the newest intact checkpoint of the run folder
 /// `path`, logging each newer one skipped and why.
-pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
+pub fn resolve(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     if is_checkpoint_folder(path) {
         verify(path)?;
-        return Ok(path.to_path_buf());
+        return Ok(VerifiedCheckpoint(path.to_path_buf()));
     }
     let mut rejected = Vec::new();
     for candidate in list(path).into_iter().rev() {
         match verify(&candidate) {
-            Ok(_) => return Ok(candidate),
+            Ok(_) => return Ok(VerifiedCheckpoint(candidate)),
             Err(reason) => {
                 tracing::warn!(
                     checkpoint = %candidate.display(),
@@ -407,15 +420,15 @@ mod tests {
         // Staging folders of an interrupted save are not checkpoints.
         std::fs::create_dir_all(run.path().join(CHECKPOINTS).join(".epoch-0004.tmp-1")).unwrap();
         assert_eq!(list(run.path()), [first.clone(), second.clone(), third.clone()]);
-        assert_eq!(resolve(run.path()).unwrap(), third);
+        assert_eq!(resolve(run.path()).unwrap().path(), third);
 
         std::fs::remove_file(third.join(MANIFEST)).unwrap();
-        assert_eq!(resolve(run.path()).unwrap(), second);
+        assert_eq!(resolve(run.path()).unwrap().path(), second);
         let state = second.join(STATE);
         let mut bytes = std::fs::read(&state).unwrap();
         bytes[0] ^= 0x20;
         std::fs::write(&state, bytes).unwrap();
-        assert_eq!(resolve(run.path()).unwrap(), first);
+        assert_eq!(resolve(run.path()).unwrap().path(), first);
 
         // Named explicitly, a corrupt checkpoint is an error naming the file.
         let err = resolve(&second).unwrap_err();

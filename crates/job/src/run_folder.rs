@@ -11,7 +11,7 @@
 //!   any other refuses the resume with the list. Only [`HOST_FIELDS`] (what
 //!   each host sets for itself, which changes no result) are not compared.
 
-use crate::checkpoint::{self, CheckpointError, CHECKPOINTS};
+use crate::checkpoint::{self, CheckpointError, VerifiedCheckpoint, CHECKPOINTS};
 use rsb_recipes::Recipe;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -173,18 +173,19 @@ pub fn check_resumed_recipe(
 
 /// Resolves `--resume PATH` (see [`checkpoint::resolve`]) and checks `now`
 /// against the recipe its state holds (see [`check_resumed_recipe`]), logging
-/// every change a `--set` explains. Returns the checkpoint folder. A
+/// every change a `--set` explains. Returns the verified checkpoint. A
 /// checkpoint from before recipes were stored is accepted with a warning.
 pub fn check_resume(
     resume: &Path,
     now: &Recipe,
     overrides: &[String],
-) -> Result<PathBuf, RunFolderError> {
-    let checkpoint = checkpoint::resolve(resume)?;
-    let state = checkpoint::read_state(&checkpoint)?;
+) -> Result<VerifiedCheckpoint, RunFolderError> {
+    let verified = checkpoint::resolve(resume)?;
+    let checkpoint = verified.path();
+    let state = checkpoint::read_state(checkpoint)?;
     match state.get(STATE_RECIPE_KEY) {
         Some(saved) => {
-            for change in check_resumed_recipe(&checkpoint, saved, now, overrides)? {
+            for change in check_resumed_recipe(checkpoint, saved, now, overrides)? {
                 tracing::info!(checkpoint = %checkpoint.display(), %change, "recipe field changed by --set");
             }
         }
@@ -193,7 +194,7 @@ pub fn check_resume(
             "the checkpoint does not record its recipe; it cannot be compared with this one"
         ),
     }
-    Ok(checkpoint)
+    Ok(verified)
 }
 
 #[cfg(test)]

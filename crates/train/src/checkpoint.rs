@@ -11,8 +11,9 @@
 //! then the folder is fsynced and renamed into place and its parent fsynced.
 //! A checkpoint counts only when its manifest verifies, so a torn or corrupt
 //! folder (however it came about) is never resumed from: [`resolve`] skips it
-//! for the one before, with a warning, and [`load`] refuses it naming the
-//! file.
+//! for the one before, with a warning, or refuses a folder named directly,
+//! naming the file; [`load`] reads only what [`resolve`] verified (a
+//! [`VerifiedCheckpoint`]), so each part is hashed once per resume.
 //!
 //! Retention: the newest `keep_last` checkpoints are kept, and the best by
 //! validation top-1 ([`TrainState::best_epoch`]) is never pruned while it is
@@ -26,7 +27,7 @@ use rsb_vision::weights::{read_safetensors, write_safetensors};
 use rsb_vision::Model;
 use std::path::{Path, PathBuf};
 
-pub use rsb_job::checkpoint::{list, verify, CHECKPOINTS};
+pub use rsb_job::checkpoint::{list, verify, VerifiedCheckpoint, CHECKPOINTS};
 
 /// The scalar part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -135,7 +136,7 @@ fn prune(run_dir: &Path, keep_last: usize, best: Option<&str>) {
 /// (refused, naming the file, when torn or corrupt), or a run folder (its
 /// newest intact checkpoint; newer torn or corrupt ones are logged and
 /// skipped). See [`rsb_job::checkpoint::resolve`].
-pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+pub fn resolve(path: &Path) -> Result<VerifiedCheckpoint, TrainError> {
     Ok(rsb_job::checkpoint::resolve(path)?)
 }
 
@@ -149,14 +150,14 @@ pub fn read_state(checkpoint: &Path) -> Result<TrainState, TrainError> {
     })
 }
 
-/// Verifies `checkpoint` (manifest, sizes, checksums), then restores model
-/// and optimizer and returns the position it saved.
+/// Restores model and optimizer from a checkpoint [`resolve`] verified
+/// (manifest, sizes, checksums) and returns the position it saved.
 pub fn load(
-    checkpoint: &Path,
+    verified: &VerifiedCheckpoint,
     model: &mut Model,
     optimizer: &mut Lamb,
 ) -> Result<TrainState, TrainError> {
-    verify(checkpoint)?;
+    let checkpoint = verified.path();
     let bad = |problem: String| TrainError::Checkpoint { path: checkpoint.to_path_buf(), problem };
     let state = read_state(checkpoint)?;
     if state.model != model.spec().name {

@@ -255,11 +255,12 @@ impl Trainer {
             resolved_recipe: Some(recipe_value(&recipe)),
         };
         if let Some(resume) = &options.resume {
-            let path = match &options.recipe_check {
+            let verified = match &options.recipe_check {
                 RecipeCheck::ExplainedBy(overrides) => check_resume(resume, &recipe, overrides)?,
                 RecipeCheck::Done => checkpoint::resolve(resume)?,
             };
-            state = checkpoint::load(&path, &mut model, &mut optimizer)?;
+            state = checkpoint::load(&verified, &mut model, &mut optimizer)?;
+            let path = verified.path();
             // The run goes on with this recipe (changes, if any, explained).
             state.resolved_recipe = Some(recipe_value(&recipe));
             tracing::info!(checkpoint = %path.display(), epoch = state.next_epoch, update = state.updates, "resumed");
