@@ -228,6 +228,9 @@ DATA = Section({
     'std': (t_array(t_f64, 3), lambda: list(IMAGENET_DEFAULT_STD)),
     'loader_threads': (t_u32, 0),
     'prefetch_batches': (t_u32, 4),
+    # Ours only (DCT-scaled JPEG decoding, a speed option): timm always decodes
+    # at full size, so the reference accepts the field and ignores it.
+    'scaled_decode': (t_bool, True),
 })
 AUGMENT = Section({
     'input_size': (t_u32, REQUIRED),
@@ -293,6 +296,9 @@ RUNTIME = Section({
     'log_every_steps': (t_u32, 50),
     'keep_last_checkpoints': (t_u32, 2),
     'torch_threads': (t_u32, 0),
+    # Ours only (non-finite updates skipped, K in a row stop the run): timm
+    # applies every update; accepted and ignored.
+    'max_nonfinite_updates': (t_u32, 3),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),

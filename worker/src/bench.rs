@@ -46,6 +46,11 @@ pub struct StepArgs {
     /// bf16 activations (GPU).
     #[arg(long)]
     pub bf16: bool,
+    /// On a GPU, also time forward, backward and the optimizer apart, which
+    /// synchronises the device between them (and so slows the step a little).
+    /// A CPU step is synchronous: its phase times are always reported.
+    #[arg(long)]
+    pub phase_times: bool,
 }
 
 /// Runs the benchmark.
@@ -54,6 +59,10 @@ pub fn step(args: StepArgs) -> Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = parse_device(&args.device)?;
+    if device != Device::Cpu {
+        // As timm's train.py on a GPU.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     tch::manual_seed(0);
     let mut model = Model::new(
         &args.model,
@@ -89,6 +98,12 @@ pub fn step(args: StepArgs) -> Result<()> {
             let _ = t.double_value(&[]);
         }
     };
+    // Between phases: only when their times are asked for (GPU) or free (CPU).
+    let phase_sync = |t: &Tensor| {
+        if device == Device::Cpu || args.phase_times {
+            sync(t);
+        }
+    };
     let mut times = Vec::with_capacity(args.steps);
     let mut optimizer_times = Vec::with_capacity(args.steps);
     let mut forward_times = Vec::with_capacity(args.steps);
@@ -100,10 +115,10 @@ pub fn step(args: StepArgs) -> Result<()> {
         let before_forward = Instant::now();
         let logits = model.forward(&xs, ForwardMode::Train)?;
         let loss = loss_fn.compute(&logits, &ys)?;
-        sync(&loss);
+        phase_sync(&loss);
         let before_backward = Instant::now();
         loss.f_backward()?;
-        sync(&loss);
+        phase_sync(&loss);
         let before_step = Instant::now();
         // As the trainer does: the update is skipped on a non-finite gradient norm.
         optimizer.step_if_finite(5e-3)?;
@@ -116,9 +131,12 @@ pub fn step(args: StepArgs) -> Result<()> {
             backward_times.push((before_step - before_backward).as_secs_f64());
         }
     }
+    // Phase times are null when they were not measured (a GPU without --phase-times).
+    let phases_measured = device == Device::Cpu || args.phase_times;
     let median_ms = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN) * 1e3
+        let median = v.get(v.len() / 2).copied().unwrap_or(f64::NAN) * 1e3;
+        phases_measured.then_some(median)
     };
     let total: f64 = times.iter().sum();
     times.sort_by(|a, b| a.total_cmp(b));

@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""The measurements of `bench/gpu.sh`, ours against timm 1.0.31 on one device.
+
+Four checks, each bounded by its own timeout, each ours and (where timm has a
+counterpart) timm on the same device, the same settings, one after the other:
+
+  synthetic  ResNet-50 training steps (A2's LAMB + BCE, bf16, channels-last)
+             on random input, micro-batch 256 at 224 px: `worker bench step`
+             against `bench/timm/step_bench.py`, alternated over two rounds;
+  jpeg       the same model trained on a folder of real JPEG photos through
+             each side's own loader (16 threads / DataLoader workers):
+             `worker train` against `bench/timm/reference_train.py` (timm's
+             components, the oracle), fed the resolved recipe ours wrote;
+  ring2      a 2-rank job on the one device over the TCP ring
+             (`distributed.backend: ring`, CUDA tensors staged through pinned
+             host memory): the multi-rank GPU path, since NCCL refuses two
+             ranks on one GPU (no timm counterpart);
+  nccl1      NCCL at world size 1 with every collective call made
+             (`distributed.collectives_at_world_size_one: true`).
+
+Throughput is images per second of the training steps (the median of the
+logged windows after the first, which holds start-up). Peak memory is the
+device memory in use (nvidia-smi, minus what was in use before the run) on a
+GPU, the resident set of the process on a CPU; both sides are measured the
+same way. The summary goes to stdout and to OUT/summary.md and OUT/summary.json
+(its rows typed as below); every command's output goes to OUT/logs/.
+
+`--dry-run` rehearses everything on the CPU at toy sizes (CI runs it): same
+commands, same parsing, same table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# MLPerf Training v4.0, ResNet-50, 8x H200 (MXNet + DALI): about 7,950 img/s per GPU.
+MLPERF_IMAGES_PER_SEC_PER_H200 = 7950.0
+
+
+@dataclass
+class Sizes:
+    """What each check runs at: the real sizes on a GPU, toy ones in a dry run."""
+
+    device: str
+    model: str
+    micro_batch: int
+    image_size: int
+    num_classes: int
+    steps: int
+    warmup: int
+    train_updates: int
+    loader_threads: int
+    classes: int
+    train_per_class: int
+    val_per_class: int
+
+    @staticmethod
+    def for_mode(dry_run: bool) -> "Sizes":
+        if dry_run:
+            return Sizes("cpu", "resnet50", 8, 32, 10, 2, 1, 4, 2, 4, 8, 2)
+        return Sizes("cuda", "resnet50", 256, 224, 1000, 30, 10, 40, 16, 8, 512, 8)
+
+
+@dataclass
+class Side:
+    """One side's result of a check."""
+
+    images_per_sec: float | None = None
+    step_ms: float | None = None
+    peak_memory_mib: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Check:
+    """A row of the summary."""
+
+    name: str
+    what: str
+    ours: Side = field(default_factory=Side)
+    timm: Side | None = None
+
+    def ratio(self) -> float | None:
+        if self.timm is None or not self.ours.images_per_sec or not self.timm.images_per_sec:
+            return None
+        return self.ours.images_per_sec / self.timm.images_per_sec
+
+    def ok(self) -> bool:
+        sides = [self.ours] + ([self.timm] if self.timm is not None else [])
+        return all(s.error is None and s.images_per_sec for s in sides)
+
+
+class PeakMemory:
+    """Samples the memory a run uses while it runs: the device's memory in
+    use (nvidia-smi) on a GPU, the process's resident set on a CPU."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+        self.pid: int | None = None
+        self.peak = 0.0
+        self.baseline = self._gpu_used() if on_gpu else 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def _gpu_used() -> float:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              "--id=0"], capture_output=True, text=True, timeout=20)
+        return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else float("nan")
+
+    def _rss_mib(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return 0.0
+
+    def _poll(self):
+        while not self._stop.wait(0.1):
+            if self.on_gpu:
+                self.peak = max(self.peak, self._gpu_used() - self.baseline)
+            elif self.pid is not None:
+                self.peak = max(self.peak, self._rss_mib())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run(cmd: list[str], log: Path, timeout: float, memory: PeakMemory | None = None,
+        env: dict | None = None) -> tuple[str, float]:
+    """Runs `cmd` (stdout and stderr to `log`), returns (stdout text, seconds).
+    Raises RuntimeError naming the command, its exit status and its last
+    output lines when it fails or outlives `timeout`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True,
+                                env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True)
+        if memory is not None:
+            memory.pid = proc.pid
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise RuntimeError(f"{Path(cmd[0]).name} ran past its {timeout:.0f} s limit (log: {log})")
+        out.write(stdout)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+        raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail[-400:]} (log: {log})")
+    return stdout, seconds
+
+
+def last_json(stdout: str, what: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{what} printed no JSON line")
+
+
+def step_throughput(metrics: Path) -> float:
+    """Median images/s of the step windows of a metrics.jsonl after the first."""
+    if not metrics.exists():
+        raise RuntimeError(f"{metrics} was not written")
+    rates = []
+    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RuntimeError(f"{metrics}:{n}: not JSON: {e}")
+        if record.get("kind") == "step" and record.get("images_per_sec"):
+            rates.append(float(record["images_per_sec"]))
+    if not rates:
+        raise RuntimeError(f"{metrics} holds no step record with images_per_sec")
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.sizes = Sizes.for_mode(args.dry_run)
+        self.out = args.out.resolve()
+        self.logs = self.out / "logs"
+        self.on_gpu = not args.dry_run
+        self.photos = self.out / "photos"
+        # The whole script must end within 8 minutes on the GPU host.
+        self.deadline = time.monotonic() + args.budget_s
+
+    def limit(self, seconds: float) -> float:
+        """`seconds`, or what is left of the overall budget if less."""
+        left = self.deadline - time.monotonic()
+        if left < 5:
+            raise RuntimeError("skipped: the overall time budget is spent")
+        return min(seconds, left)
+
+    def side(self, fn) -> Side:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every failure becomes the row's error, the bench goes on
+            return Side(error=str(e))
+
+    def make_photos(self):
+        s = self.sizes
+        cmd = [self.args.python, str(REPO / "bench" / "make_photo_folder.py"), "--out", str(self.photos),
+               "--classes", str(s.classes), "--train-per-class", str(s.train_per_class),
+               "--val-per-class", str(s.val_per_class), "--jobs", str(max(1, os.cpu_count() or 1))]
+        if self.args.photos_src:
+            cmd += ["--photos", str(self.args.photos_src)]
+        run(cmd, self.logs / "photos.log", timeout=self.limit(300))
+
+    def recipe_sets(self, micro: int, global_size: int, threads: int) -> list[str]:
+        s = self.sizes
+        sets = {
+            "data.root": str(self.photos),
+            "model.num_classes": s.classes,
+            "batch.global_size": global_size,
+            "batch.micro_size": micro,
+            "batch.repeated_augmentation": 1,
+            "augment.input_size": s.image_size,
+            "eval.input_size": s.image_size,
+            "eval.batch_size": 64,
+            "runtime.log_every_steps": 2 if self.args.dry_run else 5,
+            "data.loader_threads": threads,
+        }
+        return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+    # -- synthetic -----------------------------------------------------------------
+    def synthetic(self) -> Check:
+        s = self.sizes
+        check = Check("synthetic", f"{s.model} train step, batch {s.micro_batch}, {s.image_size} px, random input",
+                      timm=Side())
+        common = ["--model", s.model, "--batch", str(s.micro_batch), "--size", str(s.image_size),
+                  "--num-classes", str(s.num_classes), "--steps", str(s.steps), "--warmup", str(s.warmup),
+                  "--channels-last"]
+        ours_cmd = [self.args.worker, "bench", "step", *common, "--device", "cuda:0" if self.on_gpu else "cpu"]
+        timm_cmd = [self.args.python, str(REPO / "bench" / "timm" / "step_bench.py"), *common,
+                    "--device", s.device, "--precision", "bf16" if self.on_gpu else "fp32"]
+        if self.on_gpu:
+            ours_cmd.append("--bf16")
+        else:
+            ours_cmd += ["--threads", "2"]
+            timm_cmd += ["--threads", "2"]
+        results = {"ours": [], "timm": []}
+        for round_ in (1, 2):
+            for name, cmd in (("ours", ours_cmd), ("timm", timm_cmd)):
+                def one(cmd=cmd, name=name):
+                    with PeakMemory(self.on_gpu) as memory:
+                        stdout, secs = run(cmd, self.logs / f"synthetic-{name}-{round_}.log",
+                                           timeout=self.limit(150), memory=memory)
+                    report = last_json(stdout, name)
+                    return Side(report["images_per_sec"], report["step_ms_median"], memory.peak, secs)
+                results[name].append(self.side(one))
+        for name in ("ours", "timm"):
+            sides = results[name]
+            good = [x for x in sides if x.error is None]
+            if not good:
+                setattr(check, name, sides[0])
+                continue
+            best = max(good, key=lambda x: x.images_per_sec)
+            best.peak_memory_mib = max(x.peak_memory_mib or 0 for x in good)
+            setattr(check, name, best)
+        return check
+
+    # -- jpeg ----------------------------------------------------------------------
+    def jpeg(self) -> Check:
+        s = self.sizes
+        check = Check("jpeg", f"{s.model} A2 training on real JPEGs, batch {s.micro_batch}, {s.image_size} px, "
+                      f"{s.loader_threads} loader threads", timm=Side())
+        ours_dir = self.out / "jpeg-ours"
+        timm_dir = self.out / "jpeg-timm"
+        for d in (ours_dir, timm_dir):
+            shutil.rmtree(d, ignore_errors=True)
+
+        def ours():
+            cmd = [self.args.worker, "train", "--recipe", "recipes/resnet50_a2.yaml", "--out", str(ours_dir),
+                   "--device", "cuda:0" if self.on_gpu else "cpu", "--max-updates", str(s.train_updates),
+                   *self.recipe_sets(s.micro_batch, s.micro_batch, s.loader_threads)]
+            with PeakMemory(self.on_gpu) as memory:
+                _, secs = run(cmd, self.logs / "jpeg-ours.log", timeout=self.limit(240), memory=memory)
+            return Side(step_throughput(ours_dir / "metrics.jsonl"), None, memory.peak, secs)
+
+        def timm():
+            recipe = ours_dir / "recipe.yaml"
+            if not recipe.exists():
+                raise RuntimeError(f"{recipe} missing: ours did not write its resolved recipe")
+            cmd = [self.args.python, str(REPO / "bench" / "timm" / "reference_train.py"), "--recipe", str(recipe),
+                   "--data", str(self.photos), "--out", str(timm_dir), "--workers", str(s.loader_threads),
+                   "--threads", str(s.loader_threads if self.on_gpu else 2), "--max-steps", str(s.train_updates),
+                   "--device", s.device]
+            with PeakMemory(self.on_gpu) as memory:
+                _, secs = run(cmd, self.logs / "jpeg-timm.log", timeout=self.limit(240), memory=memory)
+            return Side(step_throughput(timm_dir / "metrics.jsonl"), None, memory.peak, secs)
+
+        check.ours = self.side(ours)
+        check.timm = self.side(timm)
+        return check
+
+    # -- multi-rank jobs through the coordinator -----------------------------------------
+    def job(self, name: str, what: str, devices: list[str], extra_sets: list[str]) -> Check:
+        s = self.sizes
+        check = Check(name, what)
+        out = self.out / f"job-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        ranks = 2 if name == "ring2" else 1
+        micro = max(1, s.micro_batch // 2) if ranks == 2 else s.micro_batch
+
+        def ours():
+            cmd = [self.args.coordinator, "up", "--local", *devices, "--recipe", "recipes/resnet50_a2.yaml",
+                   "--out", str(out), *self.recipe_sets(micro, micro * ranks, max(1, s.loader_threads // ranks)),
+                   "--set", f"schedule.cosine.epochs={1 if self.args.dry_run else 2}",
+                   "--set", "schedule.cosine.warmup_epochs=0", *extra_sets]
+            with PeakMemory(self.on_gpu) as memory:
+                _, secs = run(cmd, self.logs / f"job-{name}.log", timeout=self.limit(240), memory=memory)
+            return Side(step_throughput(out / "metrics.jsonl"), None, memory.peak if self.on_gpu else None, secs)
+
+        check.ours = self.side(ours)
+        return check
+
+    def all(self) -> list[Check]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        checks = [self.synthetic()]
+        try:
+            self.make_photos()
+            photos_error = None
+        except RuntimeError as e:
+            photos_error = f"photo folder: {e}"
+        if photos_error:
+            for name in ("jpeg", "ring2", "nccl1"):
+                checks.append(Check(name, "needs the photo folder", ours=Side(error=photos_error)))
+            return checks
+        checks.append(self.jpeg())
+        if self.on_gpu:
+            two = ["--nodes", "1", "--devices", "0,0"]
+            one = ["--nodes", "1", "--devices", "0"]
+            backend = "nccl"
+        else:
+            two = ["--nodes", "2", "--devices", "cpu"]
+            one = ["--nodes", "1", "--devices", "cpu"]
+            backend = "ring"
+        checks.append(self.job("ring2", "2 ranks on one device over the TCP ring (CUDA tensors staged via pinned host memory)",
+                               two, ["--set", "distributed.backend=ring"]))
+        checks.append(self.job("nccl1", f"world size 1 over {backend} with every collective call made",
+                               one, ["--set", f"distributed.backend={backend}",
+                                     "--set", "distributed.collectives_at_world_size_one=true"]))
+        return checks
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def summary(checks: list[Check], args, device_name: str) -> str:
+    lines = [f"bench/gpu.sh{' --dry-run' if args.dry_run else ''} on {device_name}", "",
+             "| check | ours img/s | timm img/s | ours / timm | ours step ms | timm step ms | "
+             "ours peak MiB | timm peak MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        t = c.timm or Side()
+        ratio = c.ratio()
+        errors = [f"{who}: {side.error}" for who, side in (("ours", c.ours), ("timm", c.timm))
+                  if side is not None and side.error]
+        status = "ok" if c.ok() else "FAILED " + "; ".join(errors)
+        lines.append(f"| {c.name} | {fmt(c.ours.images_per_sec)} | {fmt(t.images_per_sec) if c.timm else 'n/a'} | "
+                     f"{fmt(ratio, 2) + 'x' if ratio else '—'} | {fmt(c.ours.step_ms)} | {fmt(t.step_ms)} | "
+                     f"{fmt(c.ours.peak_memory_mib, 0)} | {fmt(t.peak_memory_mib, 0)} | {status} |")
+    lines.append("")
+    for c in checks:
+        lines.append(f"- {c.name}: {c.what}")
+    jpeg = next((c for c in checks if c.name == "jpeg"), None)
+    if jpeg and jpeg.ours.images_per_sec and not args.dry_run:
+        share = jpeg.ours.images_per_sec / MLPERF_IMAGES_PER_SEC_PER_H200
+        lines.append(f"- real-JPEG end to end: {share:.0%} of MLPerf's ~7,950 img/s per H200 "
+                     "(Training v4.0, 8x H200, MXNet + DALI)")
+    lines.append("- goals: synthetic ours/timm >= 1.0x, jpeg ours/timm >= 1.3x")
+    return "\n".join(lines) + "\n"
+
+
+def device_name(dry_run: bool) -> str:
+    if not dry_run:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout.strip().splitlines()[0]
+        return "an unknown GPU (nvidia-smi failed)"
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({model}, {os.cpu_count()} cores; dry run at toy sizes: the numbers mean nothing)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", required=True)
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--python", default=sys.executable, help="the Python with torch and timm 1.0.31")
+    p.add_argument("--photos-src", type=Path, default=None, help="folder of source JPEGs (default: the wheels')")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--budget-s", type=float, default=450.0, help="overall time limit of the checks")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    bench = Bench(args)
+    checks = bench.all()
+    text = summary(checks, args, device_name(args.dry_run))
+    text += f"- wall time {time.monotonic() - started:.0f} s\n"
+    print(text)
+    (bench.out / "summary.md").write_text(text)
+    (bench.out / "summary.json").write_text(json.dumps(
+        {"dry_run": args.dry_run, "checks": [{**asdict(c), "ratio": c.ratio(), "ok": c.ok()} for c in checks]},
+        indent=2) + "\n")
+    return 0 if all(c.ok() for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

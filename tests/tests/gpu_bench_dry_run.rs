@@ -1,0 +1,86 @@
+//! `bench/gpu.sh` rehearsed on the CPU, as its header asks before any GPU
+//! time is spent: `--pack` builds the bundle that travels to the GPU host
+//! (stripped binaries that still run, the timm 1.0.31 wheel, the source
+//! photos, all within the device tool's 64 MiB), and `--dry-run` runs every
+//! check of the real script (ours and timm's synthetic steps, both loaders on
+//! real JPEGs, a 2-rank ring job, a world-size-1 job with every collective
+//! call made) at toy sizes. Every check must succeed and the summary must
+//! hold a row with a throughput for each.
+
+use rsb_integration_tests::{binary, read_json, workspace_root};
+use std::process::Command;
+
+#[test]
+fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
+    let root = workspace_root();
+    // The script runs target/release's binaries: build them first.
+    binary("worker");
+    binary("coordinator");
+
+    let pack = Command::new(root.join("bench/gpu.sh")).arg("--pack").output().expect("bench/gpu.sh --pack");
+    assert!(
+        pack.status.success(),
+        "bench/gpu.sh --pack failed:\n{}{}",
+        String::from_utf8_lossy(&pack.stdout),
+        String::from_utf8_lossy(&pack.stderr)
+    );
+    let bundle = root.join("target/gpu-bundle");
+    let mut bytes = 0u64;
+    for entry in walk(&bundle) {
+        bytes += entry.metadata().expect("bundle file").len();
+    }
+    assert!(bytes < 60 << 20, "the bundle is {} MiB, over what the device tool carries", bytes >> 20);
+    let wheels: Vec<_> = std::fs::read_dir(bundle.join("wheels"))
+        .expect("bundle wheels")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(wheels.iter().any(|w| w.starts_with("timm-1.0.31-")), "no timm 1.0.31 wheel in {wheels:?}");
+    for b in ["worker", "coordinator"] {
+        let out = Command::new(bundle.join("bin").join(b)).arg("--version").output().expect(b);
+        assert!(out.status.success(), "stripped {b} does not run: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let run = Command::new(root.join("bench/gpu.sh"))
+        .args(["--dry-run", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("bench/gpu.sh --dry-run");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "bench/gpu.sh --dry-run failed:\n{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary = read_json(&out_dir.path().join("summary.json"));
+    let checks = summary["checks"].as_array().expect("checks");
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap_or("?")).collect();
+    assert_eq!(names, ["synthetic", "jpeg", "ring2", "nccl1"]);
+    for check in checks {
+        assert_eq!(check["ok"], true, "{check}");
+        let ours = check["ours"]["images_per_sec"].as_f64().unwrap_or(0.0);
+        assert!(ours > 0.0, "{check}");
+        if !check["timm"].is_null() {
+            assert!(check["timm"]["images_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{check}");
+            assert!(check["ratio"].as_f64().unwrap_or(0.0) > 0.0, "{check}");
+        }
+    }
+    let table = std::fs::read_to_string(out_dir.path().join("summary.md")).expect("summary.md");
+    assert_eq!(table, stdout.trim_end().to_string() + "\n", "summary.md differs from what was printed");
+    for name in names {
+        assert!(table.contains(&format!("| {name} |")), "no row {name} in\n{table}");
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_dir() {
+            files.extend(walk(&entry.path()));
+        } else {
+            files.push(entry);
+        }
+    }
+    files
+}
