@@ -17,7 +17,10 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     binary("worker");
     binary("coordinator");
 
-    let pack = Command::new(root.join("bench/gpu.sh")).arg("--pack").output().expect("bench/gpu.sh --pack");
+    let pack = Command::new(root.join("bench/gpu.sh"))
+        .arg("--pack")
+        .output()
+        .expect("bench/gpu.sh --pack");
     assert!(
         pack.status.success(),
         "bench/gpu.sh --pack failed:\n{}{}",
@@ -29,15 +32,26 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     for entry in walk(&bundle) {
         bytes += entry.metadata().expect("bundle file").len();
     }
-    assert!(bytes < 60 << 20, "the bundle is {} MiB, over what the device tool carries", bytes >> 20);
+    assert!(
+        bytes < 60 << 20,
+        "the bundle is {} MiB, over what the device tool carries",
+        bytes >> 20
+    );
     let wheels: Vec<_> = std::fs::read_dir(bundle.join("wheels"))
         .expect("bundle wheels")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(wheels.iter().any(|w| w.starts_with("timm-1.0.31-")), "no timm 1.0.31 wheel in {wheels:?}");
+    assert!(
+        wheels.iter().any(|w| w.starts_with("timm-1.0.31-")),
+        "no timm 1.0.31 wheel in {wheels:?}"
+    );
     for b in ["worker", "coordinator"] {
         let out = Command::new(bundle.join("bin").join(b)).arg("--version").output().expect(b);
-        assert!(out.status.success(), "stripped {b} does not run: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stripped {b} does not run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     let out_dir = tempfile::tempdir().expect("tempdir");
@@ -66,7 +80,11 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
         }
     }
     let table = std::fs::read_to_string(out_dir.path().join("summary.md")).expect("summary.md");
-    assert_eq!(table, stdout.trim_end().to_string() + "\n", "summary.md differs from what was printed");
+    assert_eq!(
+        table,
+        stdout.trim_end().to_string() + "\n",
+        "summary.md differs from what was printed"
+    );
     for name in names {
         assert!(table.contains(&format!("| {name} |")), "no row {name} in\n{table}");
     }
