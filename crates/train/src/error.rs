@@ -41,6 +41,9 @@ pub enum TrainError {
     /// lists the fields), or the run folder refuses this run.
     #[error(transparent)]
     RunFolder(#[from] rsb_job::RunFolderError),
+    /// Reducing the gradients during the backward pass failed.
+    #[error("gradient reduction: {0}")]
+    GradientReduction(String),
     /// A collective operation between ranks failed.
     #[error("collective operation between ranks failed")]
     Collective(#[from] rsb_collective::CollectiveError),

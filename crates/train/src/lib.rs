@@ -4,7 +4,8 @@
 //! parameter groups), [`schedule`] (cosine with warmup, stepped per epoch or per update),
 //! [`precision`] (what `precision: auto` picks on this CPU or GPU),
 //! [`checkpoint`] (committed with a manifest of checksums, verified on
-//! resume), [`ddp`] (data parallelism over a collective), [`from_recipe`]
+//! resume), [`ddp`] (data parallelism over a collective), [`overlap`]
+//! (gradient buckets reduced during the backward pass), [`from_recipe`]
 //! (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
 //! progress) and [`trainer`] (the loop: epochs of updates).
@@ -21,6 +22,7 @@ pub mod evaluation;
 pub mod from_recipe;
 pub mod lamb;
 pub mod loss;
+pub mod overlap;
 pub mod precision;
 pub mod report;
 pub mod schedule;

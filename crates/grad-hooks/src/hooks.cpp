@@ -1,0 +1,62 @@
+// Post-accumulate-grad hooks for parameters held by tch (the `at::Tensor*`
+// behind tch's C_tensor). libtorch calls a tensor's hook right after the
+// backward pass has accumulated its gradient into `.grad`; the hook calls back
+// into Rust with a context pointer and the parameter's index. Exceptions never
+// cross into Rust: errors come back as a message.
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstring>
+#include <memory>
+
+namespace {
+
+using Callback = void (*)(void* context, size_t index);
+
+struct GradReadyHook : public torch::autograd::PostAccumulateGradHook {
+  GradReadyHook(Callback callback, void* context, size_t index)
+      : callback_(callback), context_(context), index_(index) {}
+  void operator()(const torch::autograd::Variable& /*tensor*/) override {
+    callback_(context_, index_);
+  }
+  Callback callback_;
+  void* context_;
+  size_t index_;
+};
+
+void copy_message(const char* what, char* error, size_t error_len) {
+  if (error != nullptr && error_len > 0) {
+    std::strncpy(error, what, error_len - 1);
+    error[error_len - 1] = '\0';
+  }
+}
+
+}  // namespace
+
+extern "C" int rsb_set_grad_ready_hook(void* tensor, Callback callback, void* context, size_t index,
+                                       char* error, size_t error_len) {
+  try {
+    auto* t = static_cast<at::Tensor*>(tensor);
+    if (!t->defined() || !t->requires_grad() || !t->is_leaf()) {
+      copy_message("the tensor is not a leaf that requires grad", error, error_len);
+      return 1;
+    }
+    torch::autograd::impl::set_post_acc_grad_hooks(
+        *t, std::make_unique<GradReadyHook>(callback, context, index));
+    return 0;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), error, error_len);
+    return 1;
+  }
+}
+
+extern "C" void rsb_clear_grad_ready_hook(void* tensor) {
+  try {
+    auto* t = static_cast<at::Tensor*>(tensor);
+    if (t->defined()) {
+      torch::autograd::impl::set_post_acc_grad_hooks(*t, nullptr);
+    }
+  } catch (...) {
+  }
+}

@@ -1,0 +1,346 @@
+//! Gradient buckets, reduced over the ranks either after the backward pass or
+//! while it still runs (PyTorch DDP's overlap).
+//!
+//! [`GradientBuckets`] packs the parameters into buckets of at most
+//! [`crate::ddp::BUCKET_FLOATS`] floats (in training) in reverse parameter order, the order in which a
+//! backward pass finishes their gradients (last layers first), as DDP does.
+//! Both paths reduce exactly these buckets in exactly this order, so their
+//! results are bit-identical whatever the world size:
+//!
+//! * [`GradientBuckets::reduce_after_backward`]: every bucket once the whole
+//!   backward pass is done;
+//! * [`GradientBuckets::backward_and_reduce`]: a post-accumulate-grad hook on
+//!   every parameter ([`rsb_grad_hooks`]) counts the gradients of each bucket
+//!   down while the backward pass runs; a scoped thread reduces bucket 0 as
+//!   soon as all of its gradients are accumulated, then bucket 1, and so on,
+//!   while the backward pass computes the rest. The buckets are reduced in
+//!   index order on every rank (the collectives are sequential protocols), and
+//!   a bucket whose parameters got no gradient in this pass is reduced once
+//!   the pass has ended, with what it has.
+//!
+//! With gradient accumulation only the last micro-batch's backward pass
+//! overlaps (the earlier ones only accumulate locally, like DDP's `no_sync`).
+
+use crate::ddp::{reduce_tensors, Reduction};
+use crate::error::TrainError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rsb_collective::Collective;
+use rsb_grad_hooks::GradReadyHooks;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// Sent after the backward pass has returned (no more hooks will fire).
+const BACKWARD_DONE: usize = usize::MAX;
+
+/// The hooks of an overlapped reduction and their channel.
+struct Overlap {
+    ready: Receiver<usize>,
+    done: Sender<usize>,
+    armed: Arc<AtomicBool>,
+    _hooks: GradReadyHooks,
+}
+
+/// The parameters' gradient buckets and, with overlap, their hooks.
+pub struct GradientBuckets {
+    params: Vec<Tensor>,
+    /// Parameter indices of each bucket, in reduction order.
+    buckets: Vec<Vec<usize>>,
+    /// The bucket of each parameter.
+    bucket_of: Vec<usize>,
+    overlap: Option<Overlap>,
+}
+
+impl std::fmt::Debug for GradientBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradientBuckets")
+            .field("params", &self.params.len())
+            .field("buckets", &self.buckets.len())
+            .field("overlap", &self.overlap.is_some())
+            .finish()
+    }
+}
+
+impl GradientBuckets {
+    /// Buckets `params` (the optimizer's parameters, the same order on every
+    /// rank) into buckets of at most `bucket_floats` floats (a larger
+    /// parameter gets a bucket of its own; [`crate::ddp::BUCKET_FLOATS`] in
+    /// training);
+    /// with `overlap`, hooks them so that their reduction can start during
+    /// the backward pass.
+    pub fn new(
+        params: Vec<Tensor>,
+        bucket_floats: usize,
+        overlap: bool,
+    ) -> Result<GradientBuckets, TrainError> {
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut floats = 0;
+        for index in (0..params.len()).rev() {
+            let n = params[index].numel();
+            match buckets.last_mut() {
+                Some(bucket) if floats + n <= bucket_floats => {
+                    bucket.push(index);
+                    floats += n;
+                }
+                _ => {
+                    buckets.push(vec![index]);
+                    floats = n;
+                }
+            }
+        }
+        let mut bucket_of = vec![0; params.len()];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for &i in bucket {
+                bucket_of[i] = b;
+            }
+        }
+        let overlap = if overlap {
+            let (sender, ready) = crossbeam_channel::unbounded();
+            let armed = Arc::new(AtomicBool::new(false));
+            let hook_sender = sender.clone();
+            let hook_armed = armed.clone();
+            let hooks = GradReadyHooks::install(
+                &params,
+                Arc::new(move |index| {
+                    if hook_armed.load(Ordering::Acquire) {
+                        // The receiver lives as long as the hooks.
+                        let _ = hook_sender.send(index);
+                    }
+                }),
+            )
+            .map_err(|e| TrainError::GradientReduction(e.to_string()))?;
+            Some(Overlap { ready, done: sender, armed, _hooks: hooks })
+        } else {
+            None
+        };
+        Ok(GradientBuckets { params, buckets, bucket_of, overlap })
+    }
+
+    /// Number of buckets.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether there is no parameter.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Whether the reduction overlaps the backward pass.
+    pub fn overlaps(&self) -> bool {
+        self.overlap.is_some()
+    }
+
+    /// Sums every bucket's gradients over the ranks, after the backward pass.
+    pub fn reduce_after_backward(&self, collective: &mut dyn Collective) -> Result<(), TrainError> {
+        for bucket in &self.buckets {
+            reduce_bucket(collective, &self.params, bucket)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `backward` (the update's last backward pass) and sums the
+    /// gradients over the ranks, each bucket as soon as its gradients are
+    /// accumulated (without overlap: after `backward`). A bucket still
+    /// waiting for gradients after `deadline` is an error naming it.
+    pub fn backward_and_reduce(
+        &self,
+        collective: &mut dyn Collective,
+        deadline: Duration,
+        backward: impl FnOnce() -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        let Some(overlap) = &self.overlap else {
+            backward()?;
+            return self.reduce_after_backward(collective);
+        };
+        // Left over from a pass that failed half way: not this pass's.
+        while overlap.ready.try_recv().is_ok() {}
+        overlap.armed.store(true, Ordering::Release);
+        let (backward_result, reduce_result) = std::thread::scope(|scope| {
+            // Tensors are not `Sync`: the thread gets its own handles.
+            let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
+            let ready = &overlap.ready;
+            let (buckets, bucket_of) = (&self.buckets, &self.bucket_of);
+            let reducer = scope.spawn(move || {
+                reduce_as_ready(collective, &params, buckets, bucket_of, ready, deadline)
+            });
+            let result = backward();
+            overlap.armed.store(false, Ordering::Release);
+            let _ = overlap.done.send(BACKWARD_DONE);
+            let reduced = reducer.join().unwrap_or_else(|_| {
+                Err(TrainError::GradientReduction("the reducing thread panicked".into()))
+            });
+            (result, reduced)
+        });
+        backward_result?;
+        reduce_result
+    }
+}
+
+/// Sums the gradients of one bucket's parameters that this backward pass
+/// defined.
+fn reduce_bucket(
+    collective: &mut dyn Collective,
+    params: &[Tensor],
+    bucket: &[usize],
+) -> Result<(), TrainError> {
+    let grads: Vec<Tensor> =
+        bucket.iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
+    reduce_tensors(collective, &grads, Reduction::Sum)
+}
+
+/// The reducing thread: bucket after bucket, each once all its gradients
+/// are ready or the backward pass has ended.
+fn reduce_as_ready(
+    collective: &mut dyn Collective,
+    params: &[Tensor],
+    buckets: &[Vec<usize>],
+    bucket_of: &[usize],
+    ready: &Receiver<usize>,
+    deadline: Duration,
+) -> Result<(), TrainError> {
+    let mut waiting: Vec<usize> = buckets.iter().map(Vec::len).collect();
+    let mut backward_done = false;
+    let until = Instant::now() + deadline;
+    for b in 0..buckets.len() {
+        while waiting[b] > 0 && !backward_done {
+            let left = until.saturating_duration_since(Instant::now());
+            match ready.recv_timeout(left) {
+                Ok(BACKWARD_DONE) => backward_done = true,
+                Ok(index) => {
+                    if let Some(&bucket) = bucket_of.get(index) {
+                        waiting[bucket] = waiting[bucket].saturating_sub(1);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(TrainError::GradientReduction(format!(
+                        "gradient bucket {b} of {}: {} of its gradients not ready after {:.0} s \
+                             of backward pass",
+                        buckets.len(),
+                        waiting[b],
+                        deadline.as_secs_f64()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => backward_done = true,
+            }
+        }
+        reduce_bucket(collective, params, &buckets[b])?;
+    }
+    // Drain the end marker if the last bucket completed before it came.
+    while !backward_done {
+        match ready.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(BACKWARD_DONE) | Err(_) => backward_done = true,
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ddp::BUCKET_FLOATS;
+    use rsb_collective::ring::{RingConfig, RingKey, RingListener};
+    use std::sync::Mutex;
+    use tch::{nn, nn::Module, Device, Kind};
+
+    static INIT: Mutex<()> = Mutex::new(());
+
+    /// A small MLP whose weights are the same on every rank (seeded), its
+    /// loss on rank-specific data, and its gradients after one update of
+    /// `micro_batches` accumulated micro-batches, reduced with or without
+    /// overlap over a 3-rank ring of threads.
+    fn gradients(overlap: bool, micro_batches: usize, bucket_floats: usize) -> Vec<Vec<Vec<f32>>> {
+        let world = 3;
+        let listeners: Vec<RingListener> = (0..world)
+            .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
+            .collect();
+        let addresses: Vec<String> =
+            listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addresses = addresses.clone();
+                    scope.spawn(move || {
+                        let config =
+                            RingConfig { timeout: Duration::from_secs(30), segment_floats: 5 };
+                        let key = RingKey::derive(b"overlap tests");
+                        let mut ring = listener.connect(rank, &addresses, &key, config).unwrap();
+                        // libtorch's generator is global: seed and draw the
+                        // weights one rank at a time.
+                        let init = INIT.lock().unwrap();
+                        tch::manual_seed(7);
+                        let vs = nn::VarStore::new(Device::Cpu);
+                        let net = nn::seq()
+                            .add(nn::linear(vs.root() / "a", 16, 64, Default::default()))
+                            .add_fn(|x| x.relu())
+                            .add(nn::linear(vs.root() / "b", 64, 64, Default::default()))
+                            .add_fn(|x| x.tanh())
+                            .add(nn::linear(vs.root() / "c", 64, 10, Default::default()));
+                        drop(init);
+                        let params = vs.trainable_variables();
+                        let buckets = GradientBuckets::new(
+                            params.iter().map(Tensor::shallow_clone).collect(),
+                            bucket_floats,
+                            overlap,
+                        )
+                        .unwrap();
+                        for micro in 0..micro_batches {
+                            // Rank- and micro-batch-specific data, without the global generator.
+                            let phase = (1 + rank * micro_batches + micro) as f64;
+                            let x = (Tensor::arange(8 * 16, (Kind::Float, Device::Cpu)) * phase)
+                                .sin()
+                                .reshape([8, 16]);
+                            let loss = net.forward(&x).square().mean(Kind::Float);
+                            if micro + 1 < micro_batches {
+                                loss.backward();
+                            } else {
+                                buckets
+                                    .backward_and_reduce(&mut ring, Duration::from_secs(30), || {
+                                        loss.f_backward()?;
+                                        Ok(())
+                                    })
+                                    .unwrap();
+                            }
+                        }
+                        params
+                            .iter()
+                            .map(|p| Vec::<f32>::try_from(p.grad().reshape([-1])).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn buckets_go_last_layers_first_and_never_exceed_the_bucket_size() {
+        let big = Tensor::zeros([BUCKET_FLOATS as i64 - 10], (Kind::Float, Device::Cpu));
+        let small = || Tensor::zeros([20], (Kind::Float, Device::Cpu));
+        let buckets =
+            GradientBuckets::new(vec![small(), big, small(), small()], BUCKET_FLOATS, false)
+                .unwrap();
+        assert_eq!(buckets.buckets, vec![vec![3, 2], vec![1], vec![0]]);
+        assert_eq!(buckets.bucket_of, vec![2, 1, 0, 0]);
+    }
+
+    #[test]
+    fn overlapped_and_after_backward_reductions_give_identical_gradients() {
+        // One bucket per parameter (100 floats), and everything in one.
+        for (micro_batches, bucket_floats) in [(1, 100), (2, 100), (2, BUCKET_FLOATS)] {
+            let after = gradients(false, micro_batches, bucket_floats);
+            let overlapped = gradients(true, micro_batches, bucket_floats);
+            // Every rank holds the same sum...
+            assert_eq!(after[0], after[1]);
+            assert_eq!(after[0], after[2]);
+            // ...and the overlapped path the same bits.
+            assert_eq!(after, overlapped, "micro-batches {micro_batches}, bucket {bucket_floats}");
+            // The sum is not one rank's own gradient: the ranks' data differ.
+            assert!(after[0].iter().flatten().any(|g| *g != 0.0));
+        }
+    }
+}
