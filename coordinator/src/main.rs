@@ -36,6 +36,10 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: text (colour only to a terminal) or json (one
+    /// object per line); the processes this one starts log the same way.
+    #[arg(long, global = true, value_enum, env = rsb_logging::FORMAT_ENV, default_value = "text")]
+    log_format: rsb_logging::LogFormat,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -133,17 +137,10 @@ impl TlsArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only to a terminal: logs written to a file or a pipe stay plain text.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
+    let cli = Cli::parse();
+    rsb_logging::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(Cli::parse())) {
+    if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

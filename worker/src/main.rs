@@ -20,6 +20,10 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: text (colour only to a terminal) or json (one
+    /// object per line); the processes this one starts log the same way.
+    #[arg(long, global = true, value_enum, env = rsb_logging::FORMAT_ENV, default_value = "text")]
+    log_format: rsb_logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,16 +127,9 @@ fn keep_freed_memory_mapped() {}
 
 fn main() {
     keep_freed_memory_mapped();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only to a terminal: logs written to a file or a pipe stay plain text.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    rsb_logging::init(cli.log_format);
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
