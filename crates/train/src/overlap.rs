@@ -10,7 +10,7 @@
 //! * [`GradientBuckets::reduce_after_backward`]: every bucket once the whole
 //!   backward pass is done;
 //! * [`GradientBuckets::backward_and_reduce`]: a post-accumulate-grad hook on
-//!   every parameter ([`rsb_grad_hooks`]) counts the gradients of each bucket
+//!   every parameter ([`rsb_torch_shim::hooks`]) counts the gradients of each bucket
 //!   down while the backward pass runs; a scoped thread reduces bucket 0 as
 //!   soon as all of its gradients are accumulated, then bucket 1, and so on,
 //!   while the backward pass computes the rest. The buckets are reduced in
@@ -25,7 +25,7 @@ use crate::ddp::{reduce_tensors, Reduction};
 use crate::error::TrainError;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rsb_collective::Collective;
-use rsb_grad_hooks::GradReadyHooks;
+use rsb_torch_shim::GradReadyHooks;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,11 +1,18 @@
+// What tch lacks from libtorch's C++ API (see src/lib.rs).
+//
 // Post-accumulate-grad hooks for parameters held by tch (the `at::Tensor*`
-// behind tch's C_tensor). libtorch calls a tensor's hook right after the
+// behind tch's C_tensor): libtorch calls a tensor's hook right after the
 // backward pass has accumulated its gradient into `.grad`; the hook calls back
-// into Rust with a context pointer and the parameter's index. Exceptions never
-// cross into Rust: errors come back as a message.
+// into Rust with a context pointer and the parameter's index.
+//
+// Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
+// headers needed).
+//
+// Exceptions never cross into Rust: errors come back as a message.
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
 #include <memory>
@@ -58,5 +65,29 @@ extern "C" void rsb_clear_grad_ready_hook(void* tensor) {
       torch::autograd::impl::set_post_acc_grad_hooks(*t, nullptr);
     }
   } catch (...) {
+  }
+}
+
+extern "C" int rsb_cuda_peak_memory(int device, int reset, uint64_t* allocated, uint64_t* reserved,
+                                    char* error, size_t error_len) {
+  try {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (allocator == nullptr || !allocator->initialized()) {
+      copy_message("the CUDA allocator is not initialised (no GPU used yet, or no CUDA)", error,
+                   error_len);
+      return 1;
+    }
+    auto index = static_cast<c10::DeviceIndex>(device);
+    auto stats = allocator->getDeviceStats(index);
+    auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = static_cast<uint64_t>(stats.allocated_bytes[aggregate].peak);
+    *reserved = static_cast<uint64_t>(stats.reserved_bytes[aggregate].peak);
+    if (reset != 0) {
+      allocator->resetPeakStats(index);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), error, error_len);
+    return 1;
   }
 }

@@ -1,17 +1,13 @@
 //! Post-accumulate-grad hooks on libtorch parameters.
 //!
-//! tch 0.24 has no autograd hooks. This crate compiles a small C++ shim
-//! (`src/hooks.cpp`) against the wheel's headers that registers, on each
-//! parameter, libtorch's `PostAccumulateGradHook`: it runs right after a
+//! tch 0.24 has no autograd hooks. The shim registers, on each parameter,
+//! libtorch's `PostAccumulateGradHook`: it runs right after a
 //! backward pass has accumulated the parameter's gradient into `.grad`
 //! (PyTorch's `Tensor.register_post_accumulate_grad_hook`), on the thread that
 //! runs the backward pass. [`GradReadyHooks::install`] calls a Rust closure
 //! with the parameter's index there, which is what a data-parallel reducer
 //! needs to start reducing a bucket while the rest of the backward pass is
 //! still running. Dropping the [`GradReadyHooks`] removes the hooks.
-
-#![warn(missing_docs)]
-#![warn(clippy::unwrap_used)]
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
@@ -53,7 +49,7 @@ extern "C" fn trampoline(context: *mut c_void, index: usize) {
     // the hooks are removed in `drop` (which happens before it is freed).
     let on_ready = unsafe { &*(context as *const OnGradReady) };
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_ready(index))).is_err() {
-        eprintln!("rsb-grad-hooks: the gradient-ready callback panicked; aborting");
+        eprintln!("rsb-torch-shim: the gradient-ready callback panicked; aborting");
         std::process::abort();
     }
 }

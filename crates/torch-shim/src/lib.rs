@@ -1,0 +1,18 @@
+//! What libtorch's C++ API offers and tch 0.24 does not, through a small C++
+//! shim (`src/shim.cpp`) compiled against the wheel's own headers:
+//!
+//! * [`hooks`]: post-accumulate-grad hooks on parameters, so that gradients
+//!   can be reduced over ranks while the backward pass still runs;
+//! * [`memory`]: the caching allocator's statistics of a GPU (peak memory
+//!   allocated and reserved, as `torch.cuda.max_memory_allocated` reports).
+//!
+//! The shim never lets a C++ exception reach Rust: failures come back as
+//! messages.
+
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
+pub mod hooks;
+pub mod memory;
+
+pub use hooks::{GradReadyHooks, HookError, OnGradReady};
