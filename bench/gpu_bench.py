@@ -243,6 +243,8 @@ class Bench:
             "eval.batch_size": 64,
             "runtime.log_every_steps": 2 if self.args.dry_run else 5,
             "data.loader_threads": threads,
+            # The RSB recipes also score ImageNet-ReaL and -V2 at the end; not here.
+            "eval.sets": "[]",
         }
         return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 

@@ -105,7 +105,7 @@ pub enum RecipeError {
 
     /// A `--set` key goes through a value that is not a mapping
     /// (e.g. `name.x=1` when `name` is a string).
-    #[error("--set {set}: cannot set `{key}`: {} is {found}, not a mapping", parent_name(parent))]
+    #[error("--set {set}: cannot set `{key}`: {} is {found}", parent_name(parent))]
     OverridePath {
         /// The override as given, `key=value`.
         set: String,
@@ -114,7 +114,8 @@ pub enum RecipeError {
         /// The dotted prefix of `key` that holds a non-mapping value
         /// (empty for the top level).
         parent: String,
-        /// What `parent` holds instead (`a string`, `a sequence`, ...).
+        /// What `parent` holds instead and why it does not do (`a string,
+        /// not a mapping`, `a sequence without an element ...`).
         found: String,
     },
 

@@ -4,8 +4,11 @@
 //! is parsed as a YAML scalar or flow value (`0.004`, `resnet50`, `null`,
 //! `[0.35, 1.0]`, `{cross_entropy: {smoothing: 0.1}}`). A missing key, or a
 //! `null` on the way, becomes a fresh mapping, so `mixup.mixup_alpha=0.2`
-//! works on a recipe without a `mixup` section. Sequences cannot be indexed:
-//! replace the whole list instead (`augment.scale=[0.35,1.0]`).
+//! works on a recipe without a `mixup` section. An element of a sequence is
+//! addressed by its index (`eval.sets.0.root=...`) or, for a sequence of
+//! mappings, by its `name` field (`eval.sets.real.root=...`); setting such an
+//! element to `null` removes it (`eval.sets.v2=null`), and a whole list can be
+//! replaced (`augment.scale=[0.35,1.0]`).
 
 use serde_norway::{Mapping, Value};
 
@@ -59,25 +62,62 @@ impl Override {
         self.key.iter().map(String::as_str).zip(field.split('.')).all(|(a, b)| a == b)
     }
 
-    /// Writes the value into `root`, creating missing mappings on the way.
+    /// Writes the value into `root`, creating missing mappings on the way
+    /// (see the module documentation for sequence elements).
     pub fn apply(&self, root: &mut Value) -> Result<(), RecipeError> {
         let mut node = root;
         for (depth, segment) in self.key.iter().enumerate() {
             if node.is_null() {
                 *node = Value::Mapping(Mapping::new());
             }
-            let Value::Mapping(mapping) = node else {
-                return Err(RecipeError::OverridePath {
-                    set: self.raw.clone(),
-                    key: self.dotted_key(),
-                    parent: self.key.get(..depth).unwrap_or_default().join("."),
-                    found: describe(node).to_owned(),
-                });
+            let path_error = |found: String| RecipeError::OverridePath {
+                set: self.raw.clone(),
+                key: self.dotted_key(),
+                parent: self.key.get(..depth).unwrap_or_default().join("."),
+                found,
             };
-            node = mapping.entry(Value::String(segment.clone())).or_insert(Value::Null);
+            node = match node {
+                Value::Mapping(mapping) => {
+                    mapping.entry(Value::String(segment.clone())).or_insert(Value::Null)
+                }
+                Value::Sequence(elements) => {
+                    let Some(index) = element_index(elements, segment) else {
+                        return Err(path_error(format!(
+                            "a sequence without an element `{segment}` ({})",
+                            element_names(elements)
+                        )));
+                    };
+                    if depth + 1 == self.key.len() && self.value.is_null() {
+                        elements.remove(index);
+                        return Ok(());
+                    }
+                    &mut elements[index]
+                }
+                other => return Err(path_error(format!("{}, not a mapping", describe(other)))),
+            };
         }
         *node = self.value.clone();
         Ok(())
+    }
+}
+
+/// The element `segment` addresses: an index, or the element whose `name`
+/// field equals it.
+fn element_index(elements: &[Value], segment: &str) -> Option<usize> {
+    if let Ok(index) = segment.parse::<usize>() {
+        return (index < elements.len()).then_some(index);
+    }
+    elements.iter().position(|e| e.get("name").and_then(Value::as_str) == Some(segment))
+}
+
+/// What a sequence's elements can be called, for error messages.
+fn element_names(elements: &[Value]) -> String {
+    let names: Vec<&str> =
+        elements.iter().filter_map(|e| e.get("name").and_then(Value::as_str)).collect();
+    match (elements.len(), names.len()) {
+        (0, _) => "it is empty".to_owned(),
+        (n, k) if k == n => format!("its elements are {}, or indices 0..{n}", names.join(", ")),
+        (n, _) => format!("indices 0..{n}"),
     }
 }
 
@@ -126,6 +166,28 @@ mod tests {
     }
 
     #[test]
+    fn sequence_elements_are_addressed_by_index_or_name_and_removed_by_null() {
+        let yaml = "eval:\n  sets:\n  - {name: real, root: a}\n  - {name: v2, root: b}\n";
+        let mut root = tree(yaml);
+        Override::parse("eval.sets.real.root=/data/val").unwrap().apply(&mut root).unwrap();
+        Override::parse("eval.sets.1.root=/data/v2").unwrap().apply(&mut root).unwrap();
+        assert_eq!(
+            root,
+            tree("eval:\n  sets:\n  - {name: real, root: /data/val}\n  - {name: v2, root: /data/v2}\n")
+        );
+        Override::parse("eval.sets.v2=null").unwrap().apply(&mut root).unwrap();
+        assert_eq!(root, tree("eval:\n  sets:\n  - {name: real, root: /data/val}\n"));
+        let msg = Override::parse("eval.sets.v3.root=x").unwrap().apply(&mut root).unwrap_err();
+        assert_eq!(
+            msg.to_string(),
+            "--set eval.sets.v3.root=x: cannot set `eval.sets.v3.root`: `eval.sets` is a sequence \
+             without an element `v3` (its elements are real, or indices 0..1)"
+        );
+        let msg = Override::parse("eval.sets.4=null").unwrap().apply(&mut root).unwrap_err();
+        assert!(msg.to_string().contains("without an element `4`"), "{msg}");
+    }
+
+    #[test]
     fn creates_missing_and_null_mappings() {
         let mut root = tree("a: 1\nb: null\n");
         Override::parse("b.c.d=2").unwrap().apply(&mut root).unwrap();
@@ -149,7 +211,7 @@ mod tests {
         let err = Override::parse("a=1").unwrap().apply(&mut root).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--set a=1: cannot set `a`: the top level is a sequence, not a mapping"
+            "--set a=1: cannot set `a`: the top level is a sequence without an element `a` (indices 0..2)"
         );
     }
 

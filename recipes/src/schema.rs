@@ -372,6 +372,21 @@ pub struct EvalSetSection {
     /// Label file: required for `labelled` and `real`, refused otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<String>,
+    /// When it is evaluated: with every evaluation of the validation split,
+    /// or only after the last epoch (the RSB recipes' ReaL and V2).
+    #[serde(default)]
+    pub at: EvalSetTiming,
+}
+
+/// When an extra evaluation set is evaluated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalSetTiming {
+    /// Whenever the validation split is evaluated (`eval.every_epochs`).
+    #[default]
+    EveryEvaluation,
+    /// Only after the last epoch.
+    End,
 }
 
 /// Numeric precision of the forward/backward pass.

@@ -294,10 +294,12 @@ fn override_into_a_scalar_names_the_key() {
         msg,
         "--set model.name.depth=50: cannot set `model.name.depth`: `model.name` is a string, not a mapping"
     );
-    let msg = err(BASE, &["augment.scale.0=0.5"]);
-    assert_starts(
-        &msg,
-        "--set augment.scale.0=0.5: cannot set `augment.scale.0`: `augment.scale` is a sequence",
+    // Elements are addressed by index; past the end is an error naming the range.
+    let msg = err(BASE, &["augment.scale.2=0.5"]);
+    assert_eq!(
+        msg,
+        "--set augment.scale.2=0.5: cannot set `augment.scale.2`: `augment.scale` is a sequence \
+         without an element `2` (indices 0..2)",
     );
 }
 

@@ -171,3 +171,89 @@ fn shards_train_and_every_eval_set_is_reported() {
         assert!(line.contains(&format!("top-1 {t1:.3}%")), "{line} vs {t1}");
     }
 }
+
+/// The RSB recipe's own settings, shrunk to a few Fashion-MNIST images and
+/// resnet18 at 32 px, 2 epochs.
+fn rsb_a3_tiny(data: &Path, out: &Path) -> Vec<String> {
+    let recipe = workspace_root().join("recipes/resnet50_a3.yaml");
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--recipe".into(),
+        recipe.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+    ];
+    for set in [
+        format!("data.root={}", data.display()),
+        "model.name=resnet18".into(),
+        "model.num_classes=10".into(),
+        "augment.input_size=32".into(),
+        "eval.input_size=32".into(),
+        "eval.batch_size=16".into(),
+        "batch.global_size=24".into(),
+        "batch.micro_size=8".into(),
+        "schedule.cosine.epochs=2".into(),
+        "schedule.cosine.warmup_epochs=0".into(),
+    ] {
+        args.push("--set".into());
+        args.push(set);
+    }
+    args
+}
+
+#[test]
+fn the_rsb_recipes_score_real_and_v2_after_the_last_epoch_and_refuse_missing_sets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 3);
+    let images = eval_layouts(&data);
+
+    // As shipped, ReaL's labels and V2's folder are not there: the run stops
+    // before training, naming the missing path.
+    let out = tmp.path().join("missing");
+    let args = rsb_a3_tiny(&data, &out);
+    let run = worker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "ran without its evaluation sets:\n{stderr}");
+    let error =
+        stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(error.starts_with("error: eval.sets.real: ") && error.contains("real.json"), "{error}");
+    assert!(!out.join("metrics.jsonl").exists(), "the run started: {stderr}");
+
+    // Pointed at the sets (by name), both are scored after the last epoch only.
+    let out = tmp.path().join("run");
+    let mut args = rsb_a3_tiny(&data, &out);
+    for set in
+        ["eval.sets.real.root=realval", "eval.sets.real.labels=real.json", "eval.sets.v2.root=v2"]
+    {
+        args.push("--set".into());
+        args.push(set.into());
+    }
+    ok(worker(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let epochs = rsb_integration_tests::run_records(&out, "epoch");
+    assert_eq!(epochs.len(), 2);
+    assert!(
+        epochs[0]["eval_sets"].as_object().is_none_or(|s| s.is_empty()),
+        "sets marked `at: end` were scored before the end: {}",
+        epochs[0]
+    );
+    let sets = epochs[1]["eval_sets"].as_object().unwrap_or_else(|| panic!("{}", epochs[1]));
+    assert_eq!(sets.keys().collect::<Vec<_>>(), ["real", "v2"]);
+    assert_eq!(sets["v2"]["count"], images);
+    assert_eq!(sets["v2"]["top1"], epochs[1]["top1"]);
+
+    // Leaving one out is explicit: `=null` removes it.
+    let out = tmp.path().join("no-v2");
+    let mut args = rsb_a3_tiny(&data, &out);
+    for set in
+        ["eval.sets.real.root=realval", "eval.sets.real.labels=real.json", "eval.sets.v2=null"]
+    {
+        args.push("--set".into());
+        args.push(set.into());
+    }
+    args.extend(["--max-updates".into(), "1".into()]);
+    ok(worker(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let resolved = std::fs::read_to_string(out.join("recipe.yaml")).unwrap();
+    assert!(resolved.contains("name: real") && !resolved.contains("name: v2"), "{resolved}");
+}

@@ -41,6 +41,15 @@ pub enum TrainError {
     /// lists the fields), or the run folder refuses this run.
     #[error(transparent)]
     RunFolder(#[from] rsb_job::RunFolderError),
+    /// An extra evaluation set of the recipe cannot be opened (missing
+    /// folder or label file, labels that do not fit).
+    #[error("eval.sets.{name}: {problem}")]
+    EvalSet {
+        /// The set's name.
+        name: String,
+        /// What is wrong, naming the file.
+        problem: String,
+    },
     /// Reducing the gradients during the backward pass failed.
     #[error("gradient reduction: {0}")]
     GradientReduction(String),

@@ -151,14 +151,15 @@ pub fn eval_sets(recipe: &Recipe, train_classes: &[String]) -> Result<Vec<EvalSe
                 root: root.join(&s.root),
                 labels: s.labels.as_ref().map(|l| root.join(l)),
             };
-            let set = EvalSet::open(
+            // Named by its recipe field, so a missing set says which one.
+            EvalSet::open(
                 &spec,
                 transform,
                 recipe.eval.batch_size as usize,
                 recipe.model.num_classes as usize,
                 classes,
-            )?;
-            Ok(set)
+            )
+            .map_err(|e| TrainError::EvalSet { name: s.name.clone(), problem: e.to_string() })
         })
         .collect()
 }

@@ -41,6 +41,7 @@ use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
 use rsb_job::run_folder::{check_resume, recipe_value};
 use rsb_job::MetricsRecord;
+use rsb_recipes::schema::EvalSetTiming;
 use rsb_recipes::Recipe;
 use rsb_vision::{ForwardMode, Model};
 use std::collections::BTreeSet;
@@ -150,6 +151,8 @@ pub struct Trainer {
     train: Arc<TrainData>,
     eval: Arc<EvalData>,
     eval_sets: Vec<EvalSet>,
+    /// When each of `eval_sets` is evaluated.
+    eval_set_timings: Vec<EvalSetTiming>,
     normalizer: Normalizer,
     records: Records,
     state: TrainState,
@@ -242,6 +245,7 @@ impl Trainer {
         let schedule = from_recipe::schedule(&recipe, train.steps_per_epoch());
         let eval = Arc::new(from_recipe::val_data(&recipe)?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
+        let eval_set_timings = recipe.eval.sets.iter().map(|s| s.at).collect();
         let mut state = TrainState {
             recipe: recipe.name.clone(),
             model: recipe.model.name.clone(),
@@ -281,6 +285,7 @@ impl Trainer {
             schedule,
             train,
             eval,
+            eval_set_timings,
             eval_sets,
             records,
             state,
@@ -400,11 +405,15 @@ impl Trainer {
     }
 
     /// Evaluates the current weights on each further evaluation set of the
-    /// recipe (each rank a shard of the batches, counts summed over the ranks).
-    pub fn evaluate_sets(&mut self) -> Result<Vec<SetResult>, TrainError> {
+    /// recipe (each rank a shard of the batches, counts summed over the
+    /// ranks); the sets marked `at: end` only when `last` (after the last epoch).
+    pub fn evaluate_sets(&mut self, last: bool) -> Result<Vec<SetResult>, TrainError> {
         let shard = self.eval_shard();
         let mut results = Vec::with_capacity(self.eval_sets.len());
-        for set in &self.eval_sets {
+        for (set, timing) in self.eval_sets.iter().zip(&self.eval_set_timings) {
+            if *timing == EvalSetTiming::End && !last {
+                continue;
+            }
             let mut counts = evaluate_set(&mut self.model, set, &self.normalizer, shard)?;
             if let Some(d) = &mut self.distributed {
                 counts = evaluation::sum_over_ranks(d.collective.as_mut(), counts)?;
@@ -720,7 +729,8 @@ impl Trainer {
         }
         let train_secs = trained.started.elapsed().as_secs_f64();
         let (val, eval_sets) = if self.evaluates_after(epoch) {
-            (Some(self.evaluate()?), self.evaluate_sets()?)
+            let last = epoch + 1 == self.total_epochs();
+            (Some(self.evaluate()?), self.evaluate_sets(last)?)
         } else {
             (None, Vec::new())
         };
