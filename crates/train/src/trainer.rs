@@ -26,7 +26,7 @@
 
 use crate::batch::Normalizer;
 use crate::checkpoint::{self, TrainState};
-use crate::ddp::{broadcast_integers, reduce_tensors, sum_scalars, Reduction};
+use crate::ddp::{broadcast_integers, reduce_tensors, sum_scalars, Calls, Reduction};
 use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
 use crate::from_recipe;
@@ -294,6 +294,7 @@ impl Trainer {
     /// buffers, optimizer state and position (it may have resumed from a
     /// checkpoint) are broadcast to every rank.
     pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
+        let calls = self.calls();
         let collective = distributed.collective.as_mut();
         let tensors: Vec<Tensor> = self
             .model
@@ -303,10 +304,12 @@ impl Trainer {
             .map(|(_, t)| t.shallow_clone())
             .chain(self.optimizer.state_tensors().into_iter().map(|(_, t)| t))
             .collect();
-        reduce_tensors(collective, &tensors, Reduction::Broadcast(0))?;
+        let what = "broadcast of the start state (weights, buffers, optimizer state) from rank 0";
+        reduce_tensors(collective, calls, &tensors, Reduction::Broadcast(0), what)?;
         let mut position = vec![self.state.next_epoch, self.state.next_step, self.state.updates];
         position.extend(self.state.optimizer.group_steps.iter().copied());
-        broadcast_integers(collective, &mut position, 0)?;
+        let what = "broadcast of the start position from rank 0";
+        broadcast_integers(collective, calls, &mut position, 0, what)?;
         self.state.next_epoch = position[0];
         self.state.next_step = position[1];
         self.state.updates = position[2];
@@ -370,10 +373,20 @@ impl Trainer {
         Ok(())
     }
 
-    /// Sums host values over the ranks (a no-op in one process).
-    fn sum_over_ranks(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
+    /// How this rank makes its collective calls.
+    fn calls(&self) -> Calls {
+        Calls {
+            device: self.options.device,
+            at_world_size_one: self.recipe.distributed.collectives_at_world_size_one,
+        }
+    }
+
+    /// Sums host values over the ranks (a no-op in one process); `what`
+    /// names the sum in errors.
+    fn sum_over_ranks(&mut self, values: &mut [f64], what: &str) -> Result<(), TrainError> {
+        let calls = self.calls();
         if let Some(d) = &mut self.distributed {
-            sum_scalars(d.collective.as_mut(), values)?;
+            sum_scalars(d.collective.as_mut(), calls, values, what)?;
         }
         Ok(())
     }
@@ -393,8 +406,9 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<EvalCounts, TrainError> {
         let shard = self.eval_shard();
         let counts = evaluate(&mut self.model, &self.eval, &self.normalizer, shard)?;
+        let calls = self.calls();
         match &mut self.distributed {
-            Some(d) => evaluation::sum_over_ranks(d.collective.as_mut(), counts),
+            Some(d) => evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, "val"),
             None => Ok(counts),
         }
     }
@@ -403,11 +417,13 @@ impl Trainer {
     /// recipe (each rank a shard of the batches, counts summed over the ranks).
     pub fn evaluate_sets(&mut self) -> Result<Vec<SetResult>, TrainError> {
         let shard = self.eval_shard();
+        let calls = self.calls();
         let mut results = Vec::with_capacity(self.eval_sets.len());
         for set in &self.eval_sets {
             let mut counts = evaluate_set(&mut self.model, set, &self.normalizer, shard)?;
             if let Some(d) = &mut self.distributed {
-                counts = evaluation::sum_over_ranks(d.collective.as_mut(), counts)?;
+                counts =
+                    evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, &set.name)?;
             }
             results.push(SetResult::new(&set.name, &counts));
         }
@@ -417,21 +433,25 @@ impl Trainer {
     /// Sums the gradients over the ranks (each rank's micro-batch losses are
     /// already divided by the global number of micro-batches, so the sum is
     /// the mean over the global batch).
-    fn reduce_gradients(&mut self) -> Result<(), TrainError> {
+    fn reduce_gradients(&mut self, update: u64) -> Result<(), TrainError> {
+        let calls = self.calls();
         if let Some(d) = &mut self.distributed {
             let grads: Vec<Tensor> =
                 self.optimizer.gradients().into_iter().filter(Tensor::defined).collect();
-            reduce_tensors(d.collective.as_mut(), &grads, Reduction::Sum)?;
+            let what = format!("all-reduce of the gradients of update {}", update + 1);
+            reduce_tensors(d.collective.as_mut(), calls, &grads, Reduction::Sum, &what)?;
         }
         Ok(())
     }
 
     /// Averages the BN running statistics over the ranks (timm's `--dist-bn reduce`).
-    fn reduce_batch_norm_statistics(&mut self) -> Result<(), TrainError> {
+    fn reduce_batch_norm_statistics(&mut self, epoch: u64) -> Result<(), TrainError> {
+        let calls = self.calls();
         if let Some(d) = &mut self.distributed {
             let buffers: Vec<Tensor> =
                 self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
-            reduce_tensors(d.collective.as_mut(), &buffers, Reduction::Mean)?;
+            let what = format!("average of the BN statistics of epoch {epoch}");
+            reduce_tensors(d.collective.as_mut(), calls, &buffers, Reduction::Mean, &what)?;
         }
         Ok(())
     }
@@ -601,7 +621,7 @@ impl Trainer {
             loss.f_backward()?;
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
         }
-        self.reduce_gradients()?;
+        self.reduce_gradients(update)?;
         match self.optimizer.step_if_finite(lr)? {
             CheckedStep::Applied { .. } => Ok(UpdateOutcome::Applied(update_loss)),
             CheckedStep::Skipped { grad_norm } => {
@@ -668,7 +688,10 @@ impl Trainer {
         let secs = window.started.elapsed().as_secs_f64();
         let images_per_sec = (window.updates * self.images_per_update()) as f64 / secs.max(1e-9);
         let mut sum = [window.loss.f_double_value(&[])?];
-        self.sum_over_ranks(&mut sum)?;
+        self.sum_over_ranks(
+            &mut sum,
+            &format!("metric sum (loss of the log step at update {})", update + 1),
+        )?;
         let loss = sum[0] / window.applied() as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { epoch, update, value: loss });
@@ -702,10 +725,13 @@ impl Trainer {
         progress: &Progress,
     ) -> Result<EpochReport, TrainError> {
         let mut loss_sum = [trained.loss.f_double_value(&[])?];
-        self.sum_over_ranks(&mut loss_sum)?;
+        self.sum_over_ranks(
+            &mut loss_sum,
+            &format!("metric sum (training loss of epoch {epoch})"),
+        )?;
         // NaN when every update of the epoch was skipped.
         let train_loss = loss_sum[0] / trained.applied() as f64;
-        self.reduce_batch_norm_statistics()?;
+        self.reduce_batch_norm_statistics(epoch)?;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged {
                 epoch,
