@@ -45,6 +45,9 @@ pub struct Recipe {
     /// Precision, memory layout, logging, checkpoints.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// Collectives between the ranks of a job: backend and timeout.
+    #[serde(default)]
+    pub distributed: DistributedSection,
 }
 
 /// The network and its training-time regularisation.
@@ -441,6 +444,59 @@ impl Default for RuntimeSection {
     }
 }
 
+/// Which collective backend the ranks of a job use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveBackend {
+    /// NCCL on CUDA ranks, the TCP ring on CPU ranks.
+    Auto,
+    /// The TCP ring (CPU ranks; CUDA tensors are staged through pinned host memory).
+    Ring,
+    /// NCCL (CUDA ranks only).
+    Nccl,
+}
+
+/// Collectives between the ranks of a job (ignored by a single-process run).
+/// None of these fields changes the maths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// Collective backend: `auto` (NCCL on CUDA, the ring on CPU), `ring` or `nccl`.
+    #[serde(default = "default_backend")]
+    pub backend: CollectiveBackend,
+    /// Seconds a rank waits for its peers inside one collective before it
+    /// gives up with an error naming the collective and the peer (at least 1;
+    /// the default 600 is torch's NCCL default of 10 minutes).
+    #[serde(default = "default_collective_timeout_secs")]
+    pub collective_timeout_secs: u64,
+    /// Make every collective call even at world size 1 (normally skipped
+    /// there): exercises a backend on one device, e.g. NCCL in `bench/gpu.sh`.
+    #[serde(default)]
+    pub collectives_at_world_size_one: bool,
+    /// Reduce each ~25 MB bucket of gradients as soon as the backward pass
+    /// has produced it, while the pass still runs (PyTorch DDP's overlap);
+    /// off: after the backward pass. Same buckets, same order: same results.
+    #[serde(default = "default_true")]
+    pub overlap_backward: bool,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        DistributedSection {
+            backend: default_backend(),
+            collective_timeout_secs: default_collective_timeout_secs(),
+            collectives_at_world_size_one: false,
+            overlap_backward: true,
+        }
+    }
+}
+
+fn default_backend() -> CollectiveBackend {
+    CollectiveBackend::Auto
+}
+fn default_collective_timeout_secs() -> u64 {
+    600
+}
 fn default_true() -> bool {
     true
 }

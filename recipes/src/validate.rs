@@ -36,6 +36,9 @@ pub fn validate(recipe: &Recipe) -> Result<(), RecipeError> {
 
 type Check = Result<(), Violation>;
 
+/// Longest collective timeout a recipe may ask for: a week.
+const MAX_COLLECTIVE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 fn fail(field: &str, message: String) -> Check {
     Err(Violation { field: field.to_owned(), related: None, message })
 }
@@ -300,5 +303,51 @@ pub(crate) fn check(r: &Recipe) -> Check {
 
     at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
     at_least_one("runtime.max_nonfinite_updates", r.runtime.max_nonfinite_updates)?;
+    let timeout = r.distributed.collective_timeout_secs;
+    if !(1..=MAX_COLLECTIVE_TIMEOUT_SECS).contains(&timeout) {
+        return fail(
+            "distributed.collective_timeout_secs",
+            format!("must be between 1 and {MAX_COLLECTIVE_TIMEOUT_SECS} (a week), got {timeout}"),
+        );
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{load, CollectiveBackend, RecipeError};
+    use std::path::Path;
+
+    fn tiny(overrides: &[&str]) -> Result<crate::Recipe, RecipeError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("debug/resnet18_tiny_cpu.yaml");
+        let sets: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(&path, &sets)
+    }
+
+    #[test]
+    fn the_distributed_section_has_defaults_and_checked_ranges() {
+        let r = tiny(&[]).unwrap();
+        assert_eq!(r.distributed.backend, CollectiveBackend::Auto);
+        assert_eq!(r.distributed.collective_timeout_secs, 600);
+        assert!(!r.distributed.collectives_at_world_size_one);
+        let r = tiny(&[
+            "distributed.backend=ring",
+            "distributed.collective_timeout_secs=15",
+            "distributed.collectives_at_world_size_one=true",
+        ])
+        .unwrap();
+        assert_eq!(r.distributed.backend, CollectiveBackend::Ring);
+        assert_eq!(r.distributed.collective_timeout_secs, 15);
+        assert!(r.distributed.collectives_at_world_size_one);
+        for (set, needle) in [
+            ("distributed.collective_timeout_secs=0", "between 1 and 604800 (a week), got 0"),
+            ("distributed.collective_timeout_secs=604801", "got 604801"),
+            ("distributed.backend=gloo", "unknown variant `gloo`"),
+            ("distributed.timeout=5", "unknown field `timeout`"),
+        ] {
+            let e = tiny(&[set]).unwrap_err().to_string();
+            assert!(e.contains("distributed"), "{set}: the error names no field: {e}");
+            assert!(e.contains(needle), "{set}: {e}");
+        }
+    }
 }

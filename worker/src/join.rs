@@ -25,6 +25,7 @@ use rsb_job::{BatchPlan, MetricsRecord};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
+use rsb_recipes::CollectiveBackend;
 use rsb_train::trainer::{Distributed, RunOptions, Trainer};
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -220,6 +221,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     let cores_per_rank = (cores / ranks as usize).max(1);
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
+    let mut relays = Vec::new();
     for local_rank in 0..ranks {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["rank", "--coordinator", &args.coordinator, "--member", &joined.member_id])
@@ -240,9 +242,13 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         }
         // Credentials travel in the environment, never on the command line.
         cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
-        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        // stderr is relayed line by line, and its last error line kept for
+        // the report of a rank that dies.
+        cmd.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         rsb_process::die_with_parent(&mut cmd);
-        children.push(cmd.spawn().context("starting a rank process")?);
+        let mut child = cmd.spawn().context("starting a rank process")?;
+        relays.push(StderrRelay::start(child.stderr.take()));
+        children.push(child);
     }
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
@@ -257,7 +263,15 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                 if let Some(status) = child.try_wait()? {
                     done[i] = true;
                     if !status.success() {
-                        let reason = format!("rank process {i} exited with {status}");
+                        let reason = match relays[i].last_error().await {
+                            Some(line) => {
+                                format!(
+                                    "rank process {i} exited with {status}; its last error: {line}"
+                                )
+                            }
+                            None => format!("rank process {i} exited with {status}"),
+                        };
+                        let reason = truncated(reason, MAX_LEAVE_MESSAGE);
                         // Report it at once: a rank killed outright (OOM
                         // killer, kill -9) cannot say so itself. A rank that
                         // already left is refused here, which is harmless.
@@ -340,6 +354,56 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         Some(reason) => bail!("{reason}"),
         None => Ok(()),
     }
+}
+
+/// Relays a rank process's stderr to the agent's, line by line, and keeps
+/// its last error line (`error: ...`, as `worker` prints a failure, or a
+/// tracing `ERROR` line) for the report of a rank that dies.
+struct StderrRelay {
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl StderrRelay {
+    /// Longest wait for a dead rank's last stderr lines.
+    const DRAIN: Duration = Duration::from_secs(3);
+
+    fn start(stderr: Option<tokio::process::ChildStderr>) -> StderrRelay {
+        use tokio::io::AsyncBufReadExt;
+        let last_error = Arc::new(std::sync::Mutex::new(None));
+        let task = stderr.map(|stderr| {
+            let keep = Arc::clone(&last_error);
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                    if let Some(error) = error_line(&line) {
+                        *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                    }
+                }
+            })
+        });
+        StderrRelay { last_error, task }
+    }
+
+    /// The last error line, once the stream has ended (or [`Self::DRAIN`] passed).
+    async fn last_error(&mut self) -> Option<String> {
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Self::DRAIN, task).await;
+        }
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The error a stderr line reports, if it reports one: `error: WHAT` (how
+/// `worker` prints the failure it exits with) or a tracing line at `ERROR`.
+fn error_line(line: &str) -> Option<String> {
+    let line = line.trim();
+    if let Some(what) = line.strip_prefix("error: ") {
+        return Some(what.to_string());
+    }
+    let (_, after) = line.split_once(" ERROR ")?;
+    Some(after.trim().to_string())
 }
 
 /// The credentials `worker join` hands its rank processes through the environment.
@@ -450,18 +514,23 @@ fn train_rank(
             payload,
         }))
     };
-    let collective: Box<dyn Collective> = if device == Device::Cpu {
-        let listener = ring_listener(args.advertise)?;
-        let port = listener.local_addr()?.port();
-        let address = SocketAddr::new(args.advertise, port).to_string();
-        let reply = rendezvous(Some(pb::rendezvous_request::Payload::RingAddress(address)))
-            .context("ring rendezvous")?
-            .into_inner();
-        Box::new(listener.connect(rank, &reply.ring_addresses, ring_key, RingConfig::default())?)
-    } else {
-        nccl_collective(rank, world, rendezvous)?
+    let backend = collective_backend(recipe.distributed.backend, device)
+        .with_context(|| format!("rank {rank}"))?;
+    let timeout = Duration::from_secs(recipe.distributed.collective_timeout_secs);
+    let collective: Box<dyn Collective> = match backend {
+        CollectiveBackend::Nccl => nccl_collective(rank, world, timeout, rendezvous)?,
+        _ => {
+            let listener = ring_listener(args.advertise)?;
+            let port = listener.local_addr()?.port();
+            let address = SocketAddr::new(args.advertise, port).to_string();
+            let reply = rendezvous(Some(pb::rendezvous_request::Payload::RingAddress(address)))
+                .context("ring rendezvous")?
+                .into_inner();
+            let config = RingConfig { timeout, ..RingConfig::default() };
+            Box::new(listener.connect(rank, &reply.ring_addresses, ring_key, config)?)
+        }
     };
-    tracing::info!(rank, world, "collective ready");
+    tracing::info!(rank, world, ?backend, ?timeout, "collective ready");
     let mut options = RunOptions::new(run_dir.to_path_buf(), device);
     options.metrics_file = format!("ranks/rank-{rank}.jsonl");
     options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
@@ -594,9 +663,24 @@ impl RankLog {
     }
 }
 
+/// The backend `distributed.backend` asks for on `device`: `auto` is NCCL
+/// on CUDA and the ring on the CPU; NCCL on the CPU is an error.
+fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<CollectiveBackend> {
+    match (asked, device) {
+        (CollectiveBackend::Auto, Device::Cpu) => Ok(CollectiveBackend::Ring),
+        (CollectiveBackend::Auto, _) => Ok(CollectiveBackend::Nccl),
+        (CollectiveBackend::Nccl, Device::Cpu) => bail!(
+            "distributed.backend: nccl needs a CUDA rank, but this rank runs on the CPU \
+             (use `auto` or `ring`)"
+        ),
+        (backend, _) => Ok(backend),
+    }
+}
+
 fn nccl_collective(
     rank: usize,
     world: usize,
+    timeout: Duration,
     rendezvous: impl Fn(
         Option<pb::rendezvous_request::Payload>,
     ) -> Result<tonic::Response<pb::RendezvousResponse>, tonic::Status>,
@@ -608,12 +692,31 @@ fn nccl_collective(
         None
     };
     let reply = rendezvous(payload).context("NCCL rendezvous")?.into_inner();
-    Ok(Box::new(NcclCollective::new(&reply.nccl_unique_id, rank, world)?))
+    Ok(Box::new(NcclCollective::new(&reply.nccl_unique_id, rank, world, timeout)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_lines_are_recognised() {
+        assert_eq!(error_line("error: rank 1: boom").as_deref(), Some("rank 1: boom"));
+        let traced = "2026-01-01T00:00:00.000Z ERROR rsb_collective::nccl: rank 0: aborted";
+        assert_eq!(error_line(traced).as_deref(), Some("rsb_collective::nccl: rank 0: aborted"));
+        assert_eq!(error_line("2026-01-01T00:00:00.000Z  INFO training"), None);
+    }
+
+    #[test]
+    fn the_backend_follows_the_recipe_and_the_device() {
+        use CollectiveBackend::*;
+        assert_eq!(collective_backend(Auto, Device::Cpu).unwrap(), Ring);
+        assert_eq!(collective_backend(Auto, Device::Cuda(0)).unwrap(), Nccl);
+        assert_eq!(collective_backend(Ring, Device::Cuda(0)).unwrap(), Ring);
+        assert_eq!(collective_backend(Nccl, Device::Cuda(0)).unwrap(), Nccl);
+        let e = collective_backend(Nccl, Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("distributed.backend") && e.contains("CPU"), "{e}");
+    }
 
     #[test]
     fn a_rank_log_is_written_without_colour_and_appended() {

@@ -46,6 +46,23 @@ pub enum CollectiveError {
         /// Where the buffer is.
         location: &'static str,
     },
+    /// A peer sent nothing (or took nothing) for the whole collective
+    /// timeout: it is stopped, hung or cut off.
+    #[error(
+        "rank {rank}: rank {peer} ({address}) did not answer for {} s, the collective timeout \
+         (distributed.collective_timeout_secs): it is stopped, hung or unreachable",
+        waited.as_secs()
+    )]
+    Timeout {
+        /// This rank.
+        rank: usize,
+        /// The silent peer.
+        peer: usize,
+        /// Its address.
+        address: String,
+        /// How long this rank waited.
+        waited: std::time::Duration,
+    },
     /// NCCL or CUDA reported an error.
     #[error("nccl: {0}")]
     Nccl(String),
@@ -147,7 +164,14 @@ pub trait Collective: Send {
     /// Replaces `buffer` on every rank by rank `root`'s.
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError>;
 
-    /// Returns once every rank has called it.
+    /// Whether [`Buffer::Cuda`] can be handed to this backend directly (NCCL);
+    /// callers stage CUDA memory through host memory for the others.
+    fn reduces_device_memory(&self) -> bool {
+        false
+    }
+
+    /// Returns once every rank has called it (host memory: backends that
+    /// reduce device memory only override it).
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut token = [1.0f32];
         self.all_reduce_sum(Buffer::Host(&mut token))

@@ -214,7 +214,12 @@ impl RingListener {
         Ok(TcpRing {
             rank,
             world,
-            links: Some(Links { to_right, from_left, right_address }),
+            links: Some(Links {
+                to_right,
+                from_left,
+                right_address,
+                left_address: addresses[left].clone(),
+            }),
             config,
             op: 0,
         })
@@ -400,6 +405,7 @@ struct Links {
     to_right: TcpStream,
     from_left: TcpStream,
     right_address: String,
+    left_address: String,
 }
 
 /// A formed ring of CPU ranks.
@@ -588,9 +594,28 @@ impl Progress {
 }
 
 impl TcpRing {
+    /// The error of the link to `peer` (the left or the right neighbour): a
+    /// read or write that waited the whole timeout is a [`CollectiveError::Timeout`].
     fn link_err(&self, peer: usize, source: std::io::Error) -> CollectiveError {
-        let address = self.links.as_ref().map(|l| l.right_address.clone()).unwrap_or_default();
-        CollectiveError::Link { rank: self.rank, peer, address, source }
+        let left = (self.rank + self.world - 1) % self.world;
+        let address = self
+            .links
+            .as_ref()
+            .map(|l| if peer == left { &l.left_address } else { &l.right_address })
+            .cloned()
+            .unwrap_or_default();
+        match source.kind() {
+            // A socket timeout reads as WouldBlock on Unix, TimedOut elsewhere.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                CollectiveError::Timeout {
+                    rank: self.rank,
+                    peer,
+                    address,
+                    waited: self.config.timeout,
+                }
+            }
+            _ => CollectiveError::Link { rank: self.rank, peer, address, source },
+        }
     }
 
     /// Sends `send` right while receiving as many floats from the left into

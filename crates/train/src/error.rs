@@ -53,9 +53,17 @@ pub enum TrainError {
     /// Reducing the gradients during the backward pass failed.
     #[error("gradient reduction: {0}")]
     GradientReduction(String),
-    /// A collective operation between ranks failed.
-    #[error("collective operation between ranks failed")]
-    Collective(#[from] rsb_collective::CollectiveError),
+    /// A collective call between ranks failed or timed out (the error names
+    /// the call, this rank and, when known, the peer).
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{operation} failed: {error}")]
+    Collective {
+        /// The call: "all-reduce of gradients, bucket 2 (tensors 40..62)", ...
+        operation: String,
+        /// What the backend reported.
+        error: rsb_collective::CollectiveError,
+    },
     /// The loss became NaN or infinite.
     #[error("loss is {value} at epoch {epoch}, update {update}: training diverged")]
     Diverged {

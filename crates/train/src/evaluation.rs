@@ -6,7 +6,7 @@
 //! summed with [`sum_over_ranks`].
 
 use crate::batch::Normalizer;
-use crate::ddp::sum_scalars;
+use crate::ddp::{sum_scalars, Calls};
 use crate::error::TrainError;
 use rsb_collective::Collective;
 use rsb_data::dataset::Sample;
@@ -121,13 +121,16 @@ pub fn score_logits(
     Ok(())
 }
 
-/// The counts of every rank, summed (every rank gets the total).
+/// The counts of every rank, summed (every rank gets the total); `set`
+/// names the evaluation set in errors.
 pub fn sum_over_ranks(
     collective: &mut dyn Collective,
+    calls: Calls,
     counts: EvalCounts,
+    set: &str,
 ) -> Result<EvalCounts, TrainError> {
     let mut values = counts.to_array();
-    sum_scalars(collective, &mut values)?;
+    sum_scalars(collective, calls, &mut values, &format!("evaluation sum of `{set}`"))?;
     Ok(EvalCounts::from_array(values))
 }
 

@@ -176,6 +176,11 @@ impl Lamb {
         }
     }
 
+    /// The parameters (shallow clones), in the order of [`Lamb::gradients`].
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.groups.iter().flat_map(|g| g.params.iter()).map(|s| s.param.shallow_clone()).collect()
+    }
+
     /// The parameters' gradients (undefined tensors for parameters without one).
     pub fn gradients(&self) -> Vec<Tensor> {
         self.groups.iter().flat_map(|g| g.params.iter()).map(|s| s.param.grad()).collect()

@@ -21,7 +21,7 @@
 //! With gradient accumulation only the last micro-batch's backward pass
 //! overlaps (the earlier ones only accumulate locally, like DDP's `no_sync`).
 
-use crate::ddp::{reduce_tensors, Reduction};
+use crate::ddp::{reduce_tensors, Calls, Reduction};
 use crate::error::TrainError;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rsb_collective::Collective;
@@ -132,10 +132,16 @@ impl GradientBuckets {
         self.overlap.is_some()
     }
 
-    /// Sums every bucket's gradients over the ranks, after the backward pass.
-    pub fn reduce_after_backward(&self, collective: &mut dyn Collective) -> Result<(), TrainError> {
-        for bucket in &self.buckets {
-            reduce_bucket(collective, &self.params, bucket)?;
+    /// Sums every bucket's gradients over the ranks, after the backward
+    /// pass of optimizer update `update` (0-based; named in errors).
+    pub fn reduce_after_backward(
+        &self,
+        collective: &mut dyn Collective,
+        calls: Calls,
+        update: u64,
+    ) -> Result<(), TrainError> {
+        for b in 0..self.buckets.len() {
+            reduce_bucket(collective, calls, &self.params, &self.buckets, b, update)?;
         }
         Ok(())
     }
@@ -147,12 +153,17 @@ impl GradientBuckets {
     pub fn backward_and_reduce(
         &self,
         collective: &mut dyn Collective,
+        calls: Calls,
+        update: u64,
         deadline: Duration,
         backward: impl FnOnce() -> Result<(), TrainError>,
     ) -> Result<(), TrainError> {
-        let Some(overlap) = &self.overlap else {
-            backward()?;
-            return self.reduce_after_backward(collective);
+        let overlap = match &self.overlap {
+            Some(overlap) if calls.made(collective) => overlap,
+            _ => {
+                backward()?;
+                return self.reduce_after_backward(collective, calls, update);
+            }
         };
         // Left over from a pass that failed half way: not this pass's.
         while overlap.ready.try_recv().is_ok() {}
@@ -163,7 +174,8 @@ impl GradientBuckets {
             let ready = &overlap.ready;
             let (buckets, bucket_of) = (&self.buckets, &self.bucket_of);
             let reducer = scope.spawn(move || {
-                reduce_as_ready(collective, &params, buckets, bucket_of, ready, deadline)
+                let plan = Plan { params: &params, buckets, bucket_of, calls, update };
+                reduce_as_ready(collective, &plan, ready, deadline)
             });
             let result = backward();
             overlap.armed.store(false, Ordering::Release);
@@ -178,28 +190,45 @@ impl GradientBuckets {
     }
 }
 
-/// Sums the gradients of one bucket's parameters that this backward pass
+/// Sums the gradients of bucket `b`'s parameters that this backward pass
 /// defined.
 fn reduce_bucket(
     collective: &mut dyn Collective,
+    calls: Calls,
     params: &[Tensor],
-    bucket: &[usize],
+    buckets: &[Vec<usize>],
+    b: usize,
+    update: u64,
 ) -> Result<(), TrainError> {
     let grads: Vec<Tensor> =
-        bucket.iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
-    reduce_tensors(collective, &grads, Reduction::Sum)
+        buckets[b].iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
+    let what = format!(
+        "all-reduce of the gradients of update {}, bucket {} of {}",
+        update + 1,
+        b + 1,
+        buckets.len()
+    );
+    reduce_tensors(collective, calls, &grads, Reduction::Sum, &what)
+}
+
+/// What the reducing thread reduces.
+struct Plan<'a> {
+    params: &'a [Tensor],
+    buckets: &'a [Vec<usize>],
+    bucket_of: &'a [usize],
+    calls: Calls,
+    update: u64,
 }
 
 /// The reducing thread: bucket after bucket, each once all its gradients
 /// are ready or the backward pass has ended.
 fn reduce_as_ready(
     collective: &mut dyn Collective,
-    params: &[Tensor],
-    buckets: &[Vec<usize>],
-    bucket_of: &[usize],
+    plan: &Plan<'_>,
     ready: &Receiver<usize>,
     deadline: Duration,
 ) -> Result<(), TrainError> {
+    let (buckets, bucket_of) = (plan.buckets, plan.bucket_of);
     let mut waiting: Vec<usize> = buckets.iter().map(Vec::len).collect();
     let mut backward_done = false;
     let until = Instant::now() + deadline;
@@ -215,8 +244,10 @@ fn reduce_as_ready(
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(TrainError::GradientReduction(format!(
-                        "gradient bucket {b} of {}: {} of its gradients not ready after {:.0} s \
-                             of backward pass",
+                        "update {}, gradient bucket {} of {}: {} of its gradients not ready after \
+                         {:.0} s of backward pass",
+                        plan.update + 1,
+                        b + 1,
                         buckets.len(),
                         waiting[b],
                         deadline.as_secs_f64()
@@ -225,7 +256,7 @@ fn reduce_as_ready(
                 Err(RecvTimeoutError::Disconnected) => backward_done = true,
             }
         }
-        reduce_bucket(collective, params, &buckets[b])?;
+        reduce_bucket(collective, plan.calls, plan.params, buckets, b, plan.update)?;
     }
     // Drain the end marker if the last bucket completed before it came.
     while !backward_done {
@@ -246,6 +277,7 @@ mod tests {
     use tch::{nn, nn::Module, Device, Kind};
 
     static INIT: Mutex<()> = Mutex::new(());
+    const CALLS: Calls = Calls { device: Device::Cpu, at_world_size_one: false };
 
     /// A small MLP whose weights are the same on every rank (seeded), its
     /// loss on rank-specific data, and its gradients after one update of
@@ -299,10 +331,16 @@ mod tests {
                                 loss.backward();
                             } else {
                                 buckets
-                                    .backward_and_reduce(&mut ring, Duration::from_secs(30), || {
-                                        loss.f_backward()?;
-                                        Ok(())
-                                    })
+                                    .backward_and_reduce(
+                                        &mut ring,
+                                        CALLS,
+                                        0,
+                                        Duration::from_secs(30),
+                                        || {
+                                            loss.f_backward()?;
+                                            Ok(())
+                                        },
+                                    )
                                     .unwrap();
                             }
                         }

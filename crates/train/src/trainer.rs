@@ -26,12 +26,15 @@
 
 use crate::batch::Normalizer;
 use crate::checkpoint::{self, TrainState};
-use crate::ddp::{broadcast_integers, reduce_tensors, sum_scalars, Reduction};
+use crate::ddp::{
+    broadcast_integers, reduce_tensors, sum_scalars, Calls, Reduction, BUCKET_FLOATS,
+};
 use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
 use crate::from_recipe;
 use crate::lamb::{CheckedStep, Lamb};
 use crate::loss::Loss;
+use crate::overlap::GradientBuckets;
 use crate::report::{MetricsLog, Progress, Records};
 use crate::schedule::CosineWithWarmup;
 use rsb_collective::Collective;
@@ -47,7 +50,7 @@ use rsb_vision::{ForwardMode, Model};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 pub use crate::evaluation::{evaluate, evaluate_set, score_logits};
@@ -159,6 +162,8 @@ pub struct Trainer {
     threads: usize,
     prefetch: usize,
     distributed: Option<Distributed>,
+    /// The gradient buckets of a distributed run (hooked for overlap).
+    gradient_buckets: Option<GradientBuckets>,
     /// Copies of the BN buffers from before the current update's forward
     /// passes, restored when the update is skipped.
     buffer_backup: Vec<Tensor>,
@@ -290,6 +295,7 @@ impl Trainer {
             records,
             state,
             distributed: None,
+            gradient_buckets: None,
             buffer_backup: Vec::new(),
             nonfinite_streak: 0,
         })
@@ -299,6 +305,7 @@ impl Trainer {
     /// buffers, optimizer state and position (it may have resumed from a
     /// checkpoint) are broadcast to every rank.
     pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
+        let calls = self.calls();
         let collective = distributed.collective.as_mut();
         let tensors: Vec<Tensor> = self
             .model
@@ -308,10 +315,12 @@ impl Trainer {
             .map(|(_, t)| t.shallow_clone())
             .chain(self.optimizer.state_tensors().into_iter().map(|(_, t)| t))
             .collect();
-        reduce_tensors(collective, &tensors, Reduction::Broadcast(0))?;
+        let what = "broadcast of the start state (weights, buffers, optimizer state) from rank 0";
+        reduce_tensors(collective, calls, &tensors, Reduction::Broadcast(0), what)?;
         let mut position = vec![self.state.next_epoch, self.state.next_step, self.state.updates];
         position.extend(self.state.optimizer.group_steps.iter().copied());
-        broadcast_integers(collective, &mut position, 0)?;
+        let what = "broadcast of the start position from rank 0";
+        broadcast_integers(collective, calls, &mut position, 0, what)?;
         self.state.next_epoch = position[0];
         self.state.next_step = position[1];
         self.state.updates = position[2];
@@ -322,6 +331,11 @@ impl Trainer {
         if collective.rank() == 0 {
             self.records.set_sink(distributed.on_metrics.take());
         }
+        self.gradient_buckets = Some(GradientBuckets::new(
+            self.optimizer.parameters(),
+            BUCKET_FLOATS,
+            self.recipe.distributed.overlap_backward,
+        )?);
         self.distributed = Some(distributed);
         Ok(self)
     }
@@ -375,10 +389,20 @@ impl Trainer {
         Ok(())
     }
 
-    /// Sums host values over the ranks (a no-op in one process).
-    fn sum_over_ranks(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
+    /// How this rank makes its collective calls.
+    fn calls(&self) -> Calls {
+        Calls {
+            device: self.options.device,
+            at_world_size_one: self.recipe.distributed.collectives_at_world_size_one,
+        }
+    }
+
+    /// Sums host values over the ranks (a no-op in one process); `what`
+    /// names the sum in errors.
+    fn sum_over_ranks(&mut self, values: &mut [f64], what: &str) -> Result<(), TrainError> {
+        let calls = self.calls();
         if let Some(d) = &mut self.distributed {
-            sum_scalars(d.collective.as_mut(), values)?;
+            sum_scalars(d.collective.as_mut(), calls, values, what)?;
         }
         Ok(())
     }
@@ -398,8 +422,9 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<EvalCounts, TrainError> {
         let shard = self.eval_shard();
         let counts = evaluate(&mut self.model, &self.eval, &self.normalizer, shard)?;
+        let calls = self.calls();
         match &mut self.distributed {
-            Some(d) => evaluation::sum_over_ranks(d.collective.as_mut(), counts),
+            Some(d) => evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, "val"),
             None => Ok(counts),
         }
     }
@@ -409,6 +434,7 @@ impl Trainer {
     /// ranks); the sets marked `at: end` only when `last` (after the last epoch).
     pub fn evaluate_sets(&mut self, last: bool) -> Result<Vec<SetResult>, TrainError> {
         let shard = self.eval_shard();
+        let calls = self.calls();
         let mut results = Vec::with_capacity(self.eval_sets.len());
         for (set, timing) in self.eval_sets.iter().zip(&self.eval_set_timings) {
             if *timing == EvalSetTiming::End && !last {
@@ -416,31 +442,39 @@ impl Trainer {
             }
             let mut counts = evaluate_set(&mut self.model, set, &self.normalizer, shard)?;
             if let Some(d) = &mut self.distributed {
-                counts = evaluation::sum_over_ranks(d.collective.as_mut(), counts)?;
+                counts =
+                    evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, &set.name)?;
             }
             results.push(SetResult::new(&set.name, &counts));
         }
         Ok(results)
     }
 
-    /// Sums the gradients over the ranks (each rank's micro-batch losses are
-    /// already divided by the global number of micro-batches, so the sum is
-    /// the mean over the global batch).
-    fn reduce_gradients(&mut self) -> Result<(), TrainError> {
-        if let Some(d) = &mut self.distributed {
-            let grads: Vec<Tensor> =
-                self.optimizer.gradients().into_iter().filter(Tensor::defined).collect();
-            reduce_tensors(d.collective.as_mut(), &grads, Reduction::Sum)?;
+    /// The update's last backward pass, and the sum of the gradients over
+    /// the ranks (each rank's micro-batch losses are already divided by the
+    /// global number of micro-batches, so the sum is the mean over the global
+    /// batch), bucket by bucket, during the pass or after it.
+    fn backward_and_reduce(&mut self, loss: &Tensor, update: u64) -> Result<(), TrainError> {
+        let calls = self.calls();
+        let deadline = Duration::from_secs(self.recipe.distributed.collective_timeout_secs);
+        match (&mut self.distributed, &self.gradient_buckets) {
+            (Some(d), Some(buckets)) => {
+                buckets.backward_and_reduce(d.collective.as_mut(), calls, update, deadline, || {
+                    Ok(loss.f_backward()?)
+                })
+            }
+            _ => Ok(loss.f_backward()?),
         }
-        Ok(())
     }
 
     /// Averages the BN running statistics over the ranks (timm's `--dist-bn reduce`).
-    fn reduce_batch_norm_statistics(&mut self) -> Result<(), TrainError> {
+    fn reduce_batch_norm_statistics(&mut self, epoch: u64) -> Result<(), TrainError> {
+        let calls = self.calls();
         if let Some(d) = &mut self.distributed {
             let buffers: Vec<Tensor> =
                 self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
-            reduce_tensors(d.collective.as_mut(), &buffers, Reduction::Mean)?;
+            let what = format!("average of the BN statistics of epoch {epoch}");
+            reduce_tensors(d.collective.as_mut(), calls, &buffers, Reduction::Mean, &what)?;
         }
         Ok(())
     }
@@ -589,7 +623,9 @@ impl Trainer {
         self.back_up_buffers()?;
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
-        for stream in self.streams() {
+        let streams = self.streams();
+        let last_stream = streams.len().saturating_sub(1);
+        for (position, stream) in streams.into_iter().enumerate() {
             // Drop-path masks depend on (update, stream) only: the same
             // whichever rank runs the stream.
             tch::manual_seed(torch_seed(&[
@@ -607,10 +643,15 @@ impl Trainer {
             let ys = self.normalizer.targets(&mb.targets, mb.len)?;
             let logits = self.model.forward(&xs, ForwardMode::Train)?;
             let loss = self.loss.compute(&logits, &ys)?.f_div_scalar(total_streams)?;
-            loss.f_backward()?;
+            if position == last_stream {
+                // The last backward pass sums the gradients over the ranks
+                // (overlapped with it when `distributed.overlap_backward`).
+                self.backward_and_reduce(&loss, update)?;
+            } else {
+                loss.f_backward()?;
+            }
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
         }
-        self.reduce_gradients()?;
         match self.optimizer.step_if_finite(lr)? {
             CheckedStep::Applied { .. } => Ok(UpdateOutcome::Applied(update_loss)),
             CheckedStep::Skipped { grad_norm } => {
@@ -677,7 +718,10 @@ impl Trainer {
         let secs = window.started.elapsed().as_secs_f64();
         let images_per_sec = (window.updates * self.images_per_update()) as f64 / secs.max(1e-9);
         let mut sum = [window.loss.f_double_value(&[])?];
-        self.sum_over_ranks(&mut sum)?;
+        self.sum_over_ranks(
+            &mut sum,
+            &format!("metric sum (loss of the log step at update {})", update + 1),
+        )?;
         let loss = sum[0] / window.applied() as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { epoch, update, value: loss });
@@ -711,10 +755,13 @@ impl Trainer {
         progress: &Progress,
     ) -> Result<EpochReport, TrainError> {
         let mut loss_sum = [trained.loss.f_double_value(&[])?];
-        self.sum_over_ranks(&mut loss_sum)?;
+        self.sum_over_ranks(
+            &mut loss_sum,
+            &format!("metric sum (training loss of epoch {epoch})"),
+        )?;
         // NaN when every update of the epoch was skipped.
         let train_loss = loss_sum[0] / trained.applied() as f64;
-        self.reduce_batch_norm_statistics()?;
+        self.reduce_batch_norm_statistics(epoch)?;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged {
                 epoch,

@@ -1,0 +1,203 @@
+//! No hang, ever: one rank of a 3-rank TCP-ring job is frozen (SIGSTOP)
+//! mid-epoch, after its first step record. Its neighbours wait for it for
+//! `distributed.collective_timeout_secs` (15 s here), then fail with an error
+//! naming the collective call and the silent rank; the job fails naming it,
+//! and no process of the job is left behind.
+
+use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TIMEOUT_SECS: u64 = 15;
+
+/// The parent pid of a live (not zombie) process.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.next()?.parse().ok()
+}
+
+/// Every live descendant of `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![root];
+    loop {
+        let before = found.len();
+        for &pid in &pids {
+            if !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p)) {
+                found.push(pid);
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    found.split_off(1)
+}
+
+/// The process among `pids` that holds `file` open (a rank keeps its log open).
+fn holder_of(pids: &[u32], file: &Path) -> Option<u32> {
+    pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(Result::ok)
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
+        })
+    })
+}
+
+fn signal(pid: u32, name: &str) -> bool {
+    Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits (up to `limit`) until `ready` holds, failing early if the coordinator exits.
+fn wait_until(coordinator: &mut Child, limit: Duration, what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if let Some(status) = coordinator.try_wait().expect("try_wait") {
+            panic!("the coordinator exited with {status} before {what}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a rank's metrics file holds a step record.
+fn has_step_record(file: &Path) -> bool {
+    std::fs::read_to_string(file).is_ok_and(|text| {
+        text.lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|r| r["kind"] == "step")
+        })
+    })
+}
+
+#[test]
+fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let _ = binary("worker");
+    let started = Instant::now();
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(["up", "--local", "--nodes", "3", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--set", &format!("data.root={}", data.display())])
+        .args(["--set", "model.num_classes=10", "--set", "schedule.cosine.epochs=500"])
+        // Three sampler streams, one per rank.
+        .args(["--set", "batch.global_size=24", "--set", "batch.repeated_augmentation=1"])
+        .args(["--set", &format!("distributed.collective_timeout_secs={TIMEOUT_SECS}")])
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    // Drained all along: the job's processes share this pipe, and a full
+    // pipe would block them.
+    let output = Arc::new(Mutex::new(String::new()));
+    let mut stderr = coordinator.stderr.take().expect("piped");
+    let reader = {
+        let output = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        })
+    };
+    let log = |rank: u32| out.join(format!("ranks/rank-{rank}.log"));
+    wait_until(&mut coordinator, Duration::from_secs(300), "the 3 ranks' first steps", || {
+        (0..3).all(|r| has_step_record(&out.join(format!("ranks/rank-{r}.jsonl"))))
+    });
+    let job = descendants(coordinator.id());
+    let stopped = holder_of(&job, &log(1)).expect("no process holds ranks/rank-1.log open");
+    let others: Vec<u32> = [0, 2]
+        .iter()
+        .map(|&r| holder_of(&job, &log(r)).unwrap_or_else(|| panic!("rank {r} not found")))
+        .collect();
+    assert!(signal(stopped, "STOP"), "SIGSTOP of rank 1 ({stopped})");
+    let frozen_at = Instant::now();
+    eprintln!("rank 1 (pid {stopped}) frozen {:?} after the job started", started.elapsed());
+
+    // Timeout plus a generous margin for a loaded machine.
+    let limit = Duration::from_secs(TIMEOUT_SECS + 120);
+    let status = loop {
+        if let Some(status) = coordinator.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if frozen_at.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let failed_after = frozen_at.elapsed();
+    eprintln!("the coordinator exited {failed_after:?} after the freeze");
+    let others_left: Vec<u32> =
+        others.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
+    // Clean up before asserting: the frozen rank first, then whatever is left.
+    signal(stopped, "KILL");
+    if status.is_none() {
+        let _ = coordinator.kill();
+    }
+    let _ = coordinator.wait();
+    let cleanup = Instant::now() + Duration::from_secs(30);
+    while !job.iter().all(|&pid| parent_of(pid).is_none()) && Instant::now() < cleanup {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left: Vec<u32> = job.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
+    for &pid in &left {
+        signal(pid, "KILL");
+    }
+    let _ = reader.join();
+    let output = output.lock().unwrap().clone();
+
+    let status = status.unwrap_or_else(|| {
+        panic!("the job had not failed {limit:?} after rank 1 froze:\n{output}")
+    });
+    assert!(!status.success(), "a job with a frozen rank must fail:\n{output}");
+    assert!(
+        failed_after >= Duration::from_secs(TIMEOUT_SECS - 1),
+        "the job failed {failed_after:?} after the freeze, before the {TIMEOUT_SECS} s timeout:\n{output}"
+    );
+    assert!(others_left.is_empty(), "ranks 0 and 2 still run: {others_left:?}\n{output}");
+    assert!(left.is_empty(), "processes of the job left behind: {left:?}\n{output}");
+    // The job's failure names the collective call and the silent rank.
+    let failure = output
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    assert!(
+        failure.contains("rank 1 (")
+            && failure.contains(&format!("did not answer for {TIMEOUT_SECS} s")),
+        "the failure does not name the frozen rank and the timeout: {failure}"
+    );
+    let calls = ["gradients", "metric sum", "evaluation sum", "BN statistics"];
+    assert!(
+        calls.iter().any(|call| failure.contains(call)),
+        "the failure does not name the collective call: {failure}"
+    );
+    // The rank that reported it says so in its own log too.
+    let logged = [0u32, 2].iter().any(|&r| {
+        std::fs::read_to_string(log(r)).is_ok_and(|text| {
+            text.lines().any(|l| l.starts_with("error: ") && l.contains("rank 1 ("))
+        })
+    });
+    assert!(logged, "neither rank 0 nor rank 2 logged the error naming rank 1:\n{output}");
+}
