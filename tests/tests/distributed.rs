@@ -4,6 +4,8 @@
 //!   update, as 1 rank accumulating the same 2 micro-batches (tolerance: exact
 //!   equality; both sum the same two gradients, and a + b == b + a);
 //! * every rank holds bit-identical parameters after every update (checksums);
+//! * the gradient all-reduce overlapped with the backward pass (the default)
+//!   and done after it give the same parameters and losses, bit for bit;
 //! * `coordinator up --nodes 2` with two `worker join` processes, on loopback
 //!   and with the workers as separate hosts in network namespaces (their own
 //!   addresses, loopback down), so nothing silently relies on 127.0.0.1.
@@ -141,6 +143,22 @@ fn two_ranks_equal_one_rank_accumulating_and_replicas_stay_identical() {
     // Sharded evaluation covered the whole validation set once.
     let epoch = records(&multi.join("metrics.jsonl"), "epoch");
     assert!(epoch.last().unwrap()["top1"].is_number());
+
+    // The gradient all-reduce overlapped with the backward pass (the default,
+    // above) and after it: the same buckets in the same order, so the same bits.
+    let after = tmp.path().join("after-backward");
+    let up =
+        coordinator_local_with(&data, &after, 2, &["--set", "distributed.overlap_backward=false"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let c = records(&after.join("metrics.jsonl"), "step");
+    assert_eq!(b.len(), c.len());
+    for (x, y) in b.iter().zip(&c) {
+        assert_eq!(x["loss"], y["loss"], "overlap changed the loss at update {}", x["step"]);
+    }
+    let wc = load(after.join("checkpoints/epoch-0001/model.safetensors"));
+    for ((k, tb), (_, tc)) in wb.iter().zip(&wc) {
+        assert!(tb.equal(tc), "{k} differs with and without overlap");
+    }
 }
 
 #[test]
