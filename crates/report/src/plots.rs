@@ -116,6 +116,7 @@ pub fn histogram(path: &Path, set: &str, values: &[f64]) -> Result<(), ReportErr
             .configure_mesh()
             .x_desc(format!("{set} top-1 (%)"))
             .y_desc("runs")
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .x_label_formatter(&|v| format!("{v:.2}"))
             .draw()
             .map_err(e)?;
@@ -178,7 +179,7 @@ pub fn curves(path: &Path, run: &Run) -> Result<(), ReportError> {
                 .configure_mesh()
                 .x_desc("epoch")
                 .y_desc(*label)
-                .y_label_formatter(&|v| if small { format!("{v:.1e}") } else { format!("{v:.3}") })
+                .y_label_formatter(&|v| if small { format!("{v:.1e}") } else { format!("{v:.2}") })
                 .draw()
                 .map_err(e)?;
             chart
