@@ -161,7 +161,11 @@ fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
             .map(|a| format!("; grid {} = {}", a.key, a.values.join(", ")))
             .collect::<String>(),
     );
-    out.push_str("Final top-1 (%) per eval set:\n\n");
+    out.push_str(if m.grid.is_empty() {
+        "Final top-1 (%) per eval set:\n\n"
+    } else {
+        "Final top-1 (%) per eval set, over every cell of the grid:\n\n"
+    });
     out.push_str(&tables::set_table_markdown(rows));
     if !grid.is_empty() {
         out.push_str("\n### Grid: final top-1, mean ± std over the runs with each value\n");
@@ -292,4 +296,16 @@ pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
     written.files.push(csv);
     written.summary = format!("{comparison}\n{section_a}\n{section_b}");
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_read_as_a_range_when_contiguous() {
+        assert_eq!(seeds_text(&[0, 1, 2, 3]), "0..4");
+        assert_eq!(seeds_text(&[0, 1]), "0, 1");
+        assert_eq!(seeds_text(&[5, 2, 9]), "5, 2, 9");
+    }
 }

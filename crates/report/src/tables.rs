@@ -341,3 +341,43 @@ pub fn comparison_markdown(rows: &[ComparisonRow], name_a: &str, name_b: &str) -
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, difference: f64, p: Option<f64>) -> ComparisonRow {
+        ComparisonRow {
+            set: "v2".into(),
+            n_a: n,
+            mean_a: 68.0,
+            std_a: None,
+            n_b: n,
+            mean_b: 68.0 + difference,
+            std_b: None,
+            difference,
+            ci95_low: p.map(|_| difference - 0.3),
+            ci95_high: p.map(|_| difference + 0.3),
+            df: p.map(|_| 10.0),
+            t: p.map(|_| 1.0),
+            p_value: p,
+            within_noise: p.map(|p| p >= 0.05),
+            seeds_needed: p.map(|_| 40),
+        }
+    }
+
+    #[test]
+    fn the_sentence_says_noise_difference_or_not_comparable() {
+        let within = comparison_sentence(&row(10, 0.1, Some(0.4)), "a2", "b");
+        assert!(within.starts_with("V2: b − a2 = +0.10 points"), "{within}");
+        assert!(
+            within.contains("within seed noise") && within.contains("about 40 seeds"),
+            "{within}"
+        );
+        let outside = comparison_sentence(&row(10, -0.5, Some(0.0001)), "a2", "b");
+        assert!(outside.contains("outside seed noise, a2 is better"), "{outside}");
+        assert!(outside.contains("p = 1.0e-4"), "{outside}");
+        let single = comparison_sentence(&row(1, 0.2, None), "a2", "b");
+        assert!(single.contains("cannot be compared with seed noise"), "{single}");
+    }
+}
