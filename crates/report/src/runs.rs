@@ -6,16 +6,15 @@
 //! `val` is that record's `top1`, and on every further set (`real`, `v2`)
 //! the record's `eval_sets` entry. A run without `metrics.jsonl` (not
 //! started) or without that record (stopped, failed or still running) is
-//! skipped and listed with its reason. A line that is not a metrics record,
-//! or a run folder whose `recipe.yaml` does not load, is an error naming the
-//! file (and line).
+//! skipped and listed with its reason. A line that is not a metrics record
+//! (but an incomplete last line, still being written), or a run folder whose
+//! `recipe.yaml` does not load, is an error naming the file (and line).
 
 use crate::ReportError;
 use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
 use rsb_job::MetricsRecord;
 use rsb_recipes::ScheduleSection;
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 
 /// Name of the validation split in reports and in [`Run::finals`].
@@ -155,22 +154,33 @@ impl Sweep {
 }
 
 /// The records of a metrics file; an unreadable line is an error naming
-/// `path:line`.
+/// `path:line`, except a last line without its newline (a record being
+/// written while the report reads), which is left out with a warning.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
-    let io = |source| ReportError::Io { path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
     let mut records = Vec::new();
-    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io)?;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let record = serde_json::from_str(&line).map_err(|e| ReportError::Metrics {
-            path: path.to_path_buf(),
-            line: index + 1,
-            message: e.to_string(),
-        })?;
-        records.push(record);
+        match serde_json::from_str(line) {
+            Ok(record) => records.push(record),
+            Err(_) if !line.ends_with('\n') => {
+                tracing::warn!(
+                    metrics = %path.display(),
+                    line = index + 1,
+                    "last line is incomplete (still being written?); left out"
+                );
+            }
+            Err(e) => {
+                return Err(ReportError::Metrics {
+                    path: path.to_path_buf(),
+                    line: index + 1,
+                    message: e.to_string(),
+                })
+            }
+        }
     }
     Ok(records)
 }
@@ -225,5 +235,24 @@ pub fn display_name(set: &str) -> String {
         "real" => "ReaL".into(),
         "v2" => "V2".into(),
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_left_out_and_a_bad_line_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("metrics.jsonl");
+        let good = r#"{"kind":"loading","epoch":0,"step":0,"elapsed_s":0.5}"#;
+        std::fs::write(&path, format!("{good}\n\n{good}\n{{\"kind\":\"epo")).unwrap();
+        assert_eq!(read_metrics(&path).unwrap().len(), 2);
+        std::fs::write(&path, format!("{good}\n{{\"kind\":\"epo\n{good}\n")).unwrap();
+        let err = read_metrics(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:2: not a metrics record", path.display())), "{err}");
+        std::fs::write(&path, format!("{good}\n{{\"kind\":\"epo\n")).unwrap();
+        assert!(read_metrics(&path).is_err(), "a complete bad last line is an error");
     }
 }
