@@ -8,6 +8,10 @@
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
 //!
+//! `coordinator report DIR [DIR_B]` writes a sweep's seed-study report
+//! (tables, histogram, curves) into `DIR/report/`, or compares sweep B
+//! against A (see `rsb-report`).
+//!
 //! Every RPC needs the job token. `up` reads it from `--token-file FILE` or
 //! the environment variable `RSB_JOB_TOKEN` (never from the command line);
 //! without either it generates one into `DIR/job.token` (mode 0600), and its
@@ -109,6 +113,14 @@ enum Command {
         #[arg(long)]
         ranks: u32,
     },
+    /// Report a seed study: tables and charts of a sweep folder into
+    /// DIR/report/, or (with DIR_B) the comparison of sweep B against A.
+    Report {
+        /// Sweep folder (sweep.json, runs/<id>/metrics.jsonl).
+        dir: PathBuf,
+        /// A second sweep folder, compared against the first.
+        dir_b: Option<PathBuf>,
+    },
 }
 
 /// TLS of the coordinator's gRPC port.
@@ -167,6 +179,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Report { dir, dir_b } => report(&dir, dir_b.as_deref()),
         Command::Status { coordinator, token_file, tls_ca } => {
             status(&coordinator, token_file.as_deref(), tls_ca.as_deref()).await
         }
@@ -200,6 +213,28 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
     }
+}
+
+/// `coordinator report`: writes the report and prints its tables, the
+/// skipped runs and the files written.
+fn report(dir: &Path, dir_b: Option<&Path>) -> Result<()> {
+    let written = match dir_b {
+        None => rsb_report::report(dir)?,
+        Some(b) => rsb_report::compare(dir, b)?,
+    };
+    println!("{}", written.summary);
+    if !written.skipped.is_empty() {
+        println!(
+            "{} run(s) skipped as unfinished, {} reported (see the list above)",
+            written.skipped.len(),
+            written.runs
+        );
+    }
+    println!("wrote {} file(s) into {}:", written.files.len(), written.dir.display());
+    for file in &written.files {
+        println!("  {}", file.display());
+    }
+    Ok(())
 }
 
 async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> Result<()> {

@@ -69,6 +69,7 @@ def main() -> int:
         ("train step (BN, BCE, LAMB, drop path)", lambda: __import__("train_step").generate(args.out / "train_step")),
         ("rand_augment draws", lambda: __import__("rand_augment_draws").generate(args.out / "rand_augment")),
         ("worker eval CLI (ReaL, V2)", lambda: eval_cli.generate(args.out / "eval_cli")),
+        ("seed-study statistics (scipy.stats)", lambda: __import__("seed_stats").generate(args.out / "seed_stats")),
     ]
     for name, step in steps:
         print(f"generating {name} fixtures", flush=True)

@@ -4,7 +4,8 @@
 //! to the coordinator ([`records`]), what makes a checkpoint folder count
 //! and which one a resume uses ([`checkpoint`]), and the rules of a run
 //! folder: no second run in one `--out`, no silent recipe change on resume
-//! ([`run_folder`]).
+//! ([`run_folder`]), and what a sweep of seeds and grids is: its arguments,
+//! cells, manifest and folder layout ([`sweep`]).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -13,8 +14,10 @@ pub mod checkpoint;
 pub mod plan;
 pub mod records;
 pub mod run_folder;
+pub mod sweep;
 
 pub use checkpoint::CheckpointError;
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
 pub use records::{EvalSetAccuracy, MetricsRecord};
 pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};
+pub use sweep::{parse_seeds, GridAxis, SweepCell, SweepError, SweepLayout, SweepManifest};

@@ -1,0 +1,311 @@
+//! Seed-study reports of sweeps (`coordinator report DIR [DIR_B]`), without
+//! libtorch.
+//!
+//! [`report`] reads a sweep folder ([`runs::Sweep`]: `sweep.json`, then each
+//! `runs/<id>/metrics.jsonl`) and writes `DIR/report/`:
+//!
+//! * `report.md`, `report.csv`: per eval set (`val`, and `real`/`v2` when the
+//!   recipe evaluated them) the final top-1's mean, std (n − 1), max, min,
+//!   seed 0, the mean's 95% confidence interval and n, shaped like the
+//!   paper's seed table ([`tables::SetRow`]);
+//! * `top1_histogram.png`: the final val top-1 with the fitted Gaussian, the
+//!   normality test's p-value in the caption ([`stats::normality`]);
+//! * `curves/<id>.png`: loss, learning rate and val top-1 per epoch of each run;
+//! * with grids, `grid.csv`, a section of `report.md` per axis (mean ± std
+//!   over the seeds) and `grid_<axis>.png`.
+//!
+//! [`compare`] does the same for sweep A and adds the comparison of B
+//! against A ([`tables::ComparisonRow`]): `comparison.csv` and a section of
+//! A's `report.md` with the difference of means, its 95% CI, Welch's p-value,
+//! a sentence saying whether the difference is within seed noise, and the
+//! seeds per sweep needed to resolve it. Nothing is written into B.
+//!
+//! The statistics match `scipy.stats` ([`stats`]; tested against it).
+
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
+pub mod plots;
+pub mod runs;
+pub mod stats;
+pub mod tables;
+
+use rsb_job::sweep::{id_safe, SweepError};
+use runs::{Skipped, Sweep, VAL};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use tables::{ComparisonRow, GridRow, SetRow};
+
+/// The report's Markdown file.
+pub const REPORT_MD: &str = "report.md";
+/// The seed table as CSV.
+pub const REPORT_CSV: &str = "report.csv";
+/// The grid table as CSV.
+pub const GRID_CSV: &str = "grid.csv";
+/// The comparison as CSV.
+pub const COMPARISON_CSV: &str = "comparison.csv";
+/// The histogram of the final val top-1.
+pub const HISTOGRAM_PNG: &str = "top1_histogram.png";
+/// The folder of per-run training curves.
+pub const CURVES: &str = "curves";
+
+/// Why a report cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The sweep manifest is missing or wrong.
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    /// A line of a metrics file is not a metrics record.
+    #[error("{path}:{line}: not a metrics record: {message}")]
+    Metrics {
+        /// The metrics file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A run's `recipe.yaml` does not load.
+    #[error("{path}: {source}")]
+    Recipe {
+        /// The recipe file.
+        path: PathBuf,
+        /// Why.
+        source: Box<rsb_recipes::RecipeError>,
+    },
+    /// No run of the sweep finished.
+    #[error("{dir}: no finished run to report ({} cell(s) skipped: {})", .skipped.len(),
+        .skipped.iter().map(|s| format!("{} {}", s.id, s.reason)).collect::<Vec<_>>().join("; "))]
+    NoFinishedRuns {
+        /// The sweep folder.
+        dir: PathBuf,
+        /// Every cell, with why it was skipped.
+        skipped: Vec<Skipped>,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A CSV file could not be written.
+    #[error("{path}: {source}")]
+    Csv {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: csv::Error,
+    },
+    /// A chart could not be drawn or written.
+    #[error("{path}: drawing the chart failed: {message}")]
+    Plot {
+        /// The PNG file.
+        path: PathBuf,
+        /// The cause.
+        message: String,
+    },
+}
+
+/// What a report wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The report folder.
+    pub dir: PathBuf,
+    /// Every file written, in order.
+    pub files: Vec<PathBuf>,
+    /// The tables (and comparison sentences) as Markdown, for the terminal.
+    pub summary: String,
+    /// Cells left out because their run did not finish (of A for a comparison).
+    pub skipped: Vec<Skipped>,
+    /// Finished runs reported (of A for a comparison).
+    pub runs: usize,
+}
+
+fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<(), ReportError> {
+    let fail = |source| ReportError::Csv { path: path.to_path_buf(), source };
+    let mut writer = csv::Writer::from_path(path).map_err(fail)?;
+    for row in rows {
+        writer.serialize(row).map_err(fail)?;
+    }
+    writer.flush().map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), ReportError> {
+    std::fs::write(path, text)
+        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+}
+
+fn read_finished(dir: &Path) -> Result<Sweep, ReportError> {
+    let sweep = Sweep::read(dir)?;
+    if sweep.runs.is_empty() {
+        return Err(ReportError::NoFinishedRuns { dir: dir.to_path_buf(), skipped: sweep.skipped });
+    }
+    Ok(sweep)
+}
+
+/// The Markdown of one sweep: its seed table, the grid tables and the skips.
+fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
+    let m = &sweep.manifest;
+    let mut out = format!(
+        "## {}: recipe `{}` ({})\n\n{} finished run(s) of {} cell(s); seeds {}{}.\n\n",
+        sweep.name(),
+        m.recipe,
+        m.source,
+        sweep.runs.len(),
+        m.cells.len(),
+        seeds_text(&m.seeds),
+        m.grid
+            .iter()
+            .map(|a| format!("; grid {} = {}", a.key, a.values.join(", ")))
+            .collect::<String>(),
+    );
+    out.push_str(if m.grid.is_empty() {
+        "Final top-1 (%) per eval set:\n\n"
+    } else {
+        "Final top-1 (%) per eval set, over every cell of the grid:\n\n"
+    });
+    out.push_str(&tables::set_table_markdown(rows));
+    if !grid.is_empty() {
+        out.push_str("\n### Grid: final top-1, mean ± std over the runs with each value\n");
+        out.push_str(&tables::grid_markdown(grid, &sweep.sets()));
+    }
+    if !sweep.skipped.is_empty() {
+        let _ =
+            writeln!(out, "\n{} cell(s) skipped (not in the statistics):\n", sweep.skipped.len());
+        for s in &sweep.skipped {
+            let _ = writeln!(out, "- `{}`: {}", s.id, s.reason);
+        }
+    }
+    out
+}
+
+fn seeds_text(seeds: &[u64]) -> String {
+    let contiguous = seeds.windows(2).all(|w| w[1] == w[0] + 1);
+    match (seeds.first(), seeds.last()) {
+        (Some(a), Some(b)) if contiguous && seeds.len() > 2 => format!("{a}..{}", b + 1),
+        _ => seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// Writes the report of one sweep into `sweep.dir/report/`; returns what
+/// was written and the Markdown of the sweep's section.
+fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
+    let dir = rsb_job::SweepLayout::new(&sweep.dir).report_dir();
+    let curves_dir = dir.join(CURVES);
+    std::fs::create_dir_all(&curves_dir)
+        .map_err(|source| ReportError::Io { path: curves_dir.clone(), source })?;
+    let mut files = Vec::new();
+    let rows = tables::set_rows(sweep);
+    let csv = dir.join(REPORT_CSV);
+    write_csv(&csv, &rows)?;
+    files.push(csv);
+    let grid = tables::grid_rows(sweep);
+    if !grid.is_empty() {
+        let csv = dir.join(GRID_CSV);
+        write_csv(&csv, &grid)?;
+        files.push(csv);
+        for axis in &sweep.manifest.grid {
+            let groups: Vec<(String, Vec<f64>)> = axis
+                .values
+                .iter()
+                .map(|value| {
+                    let values = sweep
+                        .runs
+                        .iter()
+                        .filter(|r| r.cell.value_of(&axis.key) == Some(value.as_str()))
+                        .filter_map(|r| r.finals.get(VAL).copied())
+                        .collect();
+                    (value.clone(), values)
+                })
+                .collect();
+            let png = dir.join(format!("grid_{}.png", id_safe(&axis.key)));
+            plots::grid_axis(&png, &axis.key, VAL, &groups)?;
+            files.push(png);
+        }
+    }
+    let values = sweep.finals(VAL);
+    if !values.is_empty() {
+        let png = dir.join(HISTOGRAM_PNG);
+        plots::histogram(&png, VAL, &values)?;
+        files.push(png);
+    }
+    for run in &sweep.runs {
+        let png = curves_dir.join(format!("{}.png", run.cell.id));
+        plots::curves(&png, run)?;
+        files.push(png);
+    }
+    let mut section = sweep_markdown(sweep, &rows, &grid);
+    if !values.is_empty() {
+        let _ = writeln!(
+            section,
+            "\n![final val top-1 histogram]({HISTOGRAM_PNG})\n\n{} (D'Agostino-Pearson K² test, \
+             scipy.stats.normaltest).",
+            plots::normality_caption(&values)
+        );
+    }
+    let written = Written {
+        dir,
+        files,
+        summary: String::new(),
+        skipped: sweep.skipped.clone(),
+        runs: sweep.runs.len(),
+    };
+    Ok((written, section))
+}
+
+/// Writes `DIR/report/` for the sweep folder `dir` (see the crate doc).
+pub fn report(dir: &Path) -> Result<Written, ReportError> {
+    let sweep = read_finished(dir)?;
+    let (mut written, section) = write_sweep(&sweep)?;
+    let md = written.dir.join(REPORT_MD);
+    write_text(&md, &format!("# Seed study\n\n{section}"))?;
+    written.files.insert(0, md);
+    written.summary = section;
+    Ok(written)
+}
+
+/// Writes `A/report/` for sweep `a` plus the comparison of sweep `b`
+/// against it (`comparison.csv`, a section of `report.md`).
+pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
+    let sweep_a = read_finished(a)?;
+    let sweep_b = read_finished(b)?;
+    for s in &sweep_b.skipped {
+        tracing::warn!(run = %s.id, reason = %s.reason, sweep = %b.display(), "run of B skipped");
+    }
+    let (mut written, section_a) = write_sweep(&sweep_a)?;
+    let rows_b = tables::set_rows(&sweep_b);
+    let section_b = sweep_markdown(&sweep_b, &rows_b, &tables::grid_rows(&sweep_b));
+    let (name_a, name_b) = (sweep_a.name(), sweep_b.name());
+    let (name_a, name_b) =
+        if name_a == name_b { ("A".to_string(), "B".to_string()) } else { (name_a, name_b) };
+    let rows: Vec<ComparisonRow> = tables::comparison_rows(&sweep_a, &sweep_b);
+    let csv = written.dir.join(COMPARISON_CSV);
+    write_csv(&csv, &rows)?;
+    let comparison = format!(
+        "## Comparison: {name_b} against {name_a}\n\n\
+         Welch's t-test (unequal variances); 95% CIs by Welch–Satterthwaite. Seeds needed: \
+         n = ⌈2 (z₀.₉₇₅ + z₀.₈₀)² σ² / δ²⌉ per sweep, σ² the mean of the two variances, δ the \
+         difference (80% power, two-sided 5%).\n\n{}",
+        tables::comparison_markdown(&rows, &name_a, &name_b)
+    );
+    let md = written.dir.join(REPORT_MD);
+    write_text(&md, &format!("# Seed study comparison\n\n{comparison}\n{section_a}\n{section_b}"))?;
+    written.files.insert(0, md);
+    written.files.push(csv);
+    written.summary = format!("{comparison}\n{section_a}\n{section_b}");
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_read_as_a_range_when_contiguous() {
+        assert_eq!(seeds_text(&[0, 1, 2, 3]), "0..4");
+        assert_eq!(seeds_text(&[0, 1]), "0, 1");
+        assert_eq!(seeds_text(&[5, 2, 9]), "5, 2, 9");
+    }
+}
