@@ -22,6 +22,9 @@
 //! epoch. Because the streams do not depend on the world size, the rest of an
 //! epoch after a re-shard is exactly the rest of the uninterrupted epoch:
 //! nothing dropped, nothing duplicated beyond repeated augmentation's copies.
+//! The trainer draws every update from a `RankSampler` (built at the start,
+//! moved to a checkpoint's position on a resume, re-sharded to the rank's
+//! streams in a job), and `TrainData::epoch_loader` loads what it plans.
 
 use crate::error::DataError;
 use std::sync::Arc;

@@ -276,7 +276,7 @@ impl Trainer {
         let schedule = from_recipe::schedule(&recipe, train.steps_per_epoch());
         let eval = Arc::new(from_recipe::val_data(&recipe)?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
-        let mut sampler = RankSampler::new(train.sampler().clone(), train.micro_size(), 1, 0)?;
+        let mut sampler = train.rank_sampler(1, 0)?;
         let batch = BatchShape {
             global_size: recipe.batch.global_size,
             streams: train.num_streams() as u32,
@@ -577,7 +577,7 @@ impl Trainer {
         let mut window = LossWindow::new(device)?;
         let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
         let checkpoint_every = u64::from(self.recipe.runtime.checkpoint_every_updates);
-        let mut loader = self.epoch_loader();
+        let mut loader = self.train.epoch_loader(&mut self.sampler, self.threads, self.prefetch)?;
         for step in start_step..steps {
             if self.reached_max_updates(invocation) {
                 return Ok(None);
@@ -627,23 +627,6 @@ impl Trainer {
             }
         }
         Ok(Some(epoch_window))
-    }
-
-    /// The loader of the rest of the current epoch: the micro-batches of this
-    /// rank's streams from the sampler's position on, update by update and,
-    /// within an update, in accumulation order (the sampler's index lists,
-    /// sliced as [`RankSampler::next_update`] slices them).
-    fn epoch_loader(&mut self) -> Loader<MicroBatch> {
-        let SamplerPosition { epoch, step: start } = self.sampler.position();
-        let lists = self.sampler.epoch_lists();
-        let streams = self.sampler.streams().to_vec();
-        let steps = self.sampler.steps_per_epoch().saturating_sub(start) as usize;
-        let per_update = streams.len();
-        let data = Arc::clone(&self.train);
-        Loader::spawn(steps * per_update, self.threads, self.prefetch, move |k| {
-            let slot = k % per_update;
-            data.micro_batch(epoch, start + (k / per_update) as u64, streams[slot], &lists[slot])
-        })
     }
 
     /// Appends an update's micro-batches to the sample trace, when on.
