@@ -145,9 +145,9 @@ fn call() -> impl Strategy<Value = Call> {
                 Call::Report(pb::MetricsReport { job_id, generation, global_rank, record })
             }
         ),
-        (text(), generation(), any::<u64>(), text()).prop_map(
-            |(job_id, generation, epoch, path)| {
-                Call::Commit(pb::CheckpointCommit { job_id, generation, epoch, path })
+        (text(), generation(), any::<u64>(), text(), any::<u64>()).prop_map(
+            |(job_id, generation, epoch, path, updates)| {
+                Call::Commit(pb::CheckpointCommit { job_id, generation, epoch, path, updates })
             }
         ),
         (text(), small(), any::<bool>(), text()).prop_map(

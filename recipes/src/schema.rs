@@ -429,6 +429,12 @@ pub struct RuntimeSection {
     /// (counted in the metrics); this many in a row stop the run (at least 1).
     #[serde(default = "default_max_nonfinite_updates")]
     pub max_nonfinite_updates: u32,
+    /// Also write a checkpoint every this many optimizer updates (counted
+    /// over the run), mid-epoch, with the sampler position; 0 = at epoch
+    /// ends only. Resumes (at any world size the batch plan allows) lose at
+    /// most this many updates.
+    #[serde(default)]
+    pub checkpoint_every_updates: u32,
 }
 
 impl Default for RuntimeSection {
@@ -440,6 +446,7 @@ impl Default for RuntimeSection {
             keep_last_checkpoints: default_keep_last(),
             torch_threads: 0,
             max_nonfinite_updates: default_max_nonfinite_updates(),
+            checkpoint_every_updates: 0,
         }
     }
 }

@@ -195,6 +195,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 generation: 1,
                 epoch: 600,
                 path: "/tmp/forged-checkpoint".into(),
+                updates: 600,
             })
             .await
             .map(drop),

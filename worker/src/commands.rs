@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// `LOCAL_WORLD_SIZE`, the number of ranks on this host).
     #[arg(long)]
     pub loader_threads: Option<u32>,
+    /// Write which dataset indices every update consumed into
+    /// `<out>/samples/rank-0.jsonl` (sample accounting in tests).
+    #[arg(long)]
+    pub trace_samples: bool,
 }
 
 /// `worker train`.
@@ -147,6 +151,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     options.resume = args.resume;
     options.progress = std::io::stderr().is_terminal();
     options.max_updates = args.max_updates;
+    options.trace_samples = args.trace_samples;
     options.recipe_check = RecipeCheck::ExplainedBy(overrides);
     // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;

@@ -26,7 +26,7 @@ use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
 use rsb_recipes::CollectiveBackend;
-use rsb_train::trainer::{Distributed, RunOptions, Trainer};
+use rsb_train::trainer::{CommittedCheckpoint, Distributed, RunOptions, Trainer};
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -534,6 +534,14 @@ fn train_rank(
     let mut options = RunOptions::new(run_dir.to_path_buf(), device);
     options.metrics_file = format!("ranks/rank-{rank}.jsonl");
     options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
+    // Test hooks, inherited from `coordinator up --local`: the sample trace,
+    // and a stop after some updates (a resume at another world size follows).
+    options.trace_samples = std::env::var_os("RSB_TRACE_SAMPLES").is_some();
+    if let Ok(max) = std::env::var("RSB_MAX_UPDATES") {
+        options.max_updates = Some(max.parse().with_context(|| {
+            format!("rank {rank}: RSB_MAX_UPDATES=`{max}` is not a number of updates")
+        })?);
+    }
     if !assignment.resume_from.is_empty() && rank == 0 {
         options.resume = Some(PathBuf::from(&assignment.resume_from));
         // `coordinator up --resume` compared the recipes, knowing the `--set`s.
@@ -547,8 +555,6 @@ fn train_rank(
             plan.accumulation
         );
     }
-    let streams: Vec<usize> =
-        rsb_job::streams_of_rank(plan.streams as usize, world, rank)?.collect();
     let metrics_client = client.clone();
     let metrics_rt = Arc::clone(runtime);
     let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
@@ -566,12 +572,13 @@ fn train_rank(
     let checkpoint_client = client.clone();
     let checkpoint_rt = Arc::clone(runtime);
     let job_id = assignment.job_id.clone();
-    let on_checkpoint = Box::new(move |epoch: u64, path: &Path| {
+    let on_checkpoint = Box::new(move |checkpoint: &CommittedCheckpoint| {
         let commit = pb::CheckpointCommit {
             job_id: job_id.clone(),
             generation,
-            epoch,
-            path: path.display().to_string(),
+            epoch: checkpoint.epoch,
+            path: checkpoint.path.display().to_string(),
+            updates: checkpoint.updates,
         };
         if let Err(e) = checkpoint_rt.block_on(checkpoint_client.clone().commit_checkpoint(commit))
         {
@@ -581,7 +588,6 @@ fn train_rank(
     let trainer = Trainer::new(recipe, options)?;
     let mut trainer = trainer.into_distributed(Distributed {
         collective,
-        streams,
         on_metrics: Some(on_metrics),
         on_checkpoint: Some(on_checkpoint),
     })?;

@@ -12,7 +12,7 @@ use crate::error::DataError;
 use crate::loader::Loader;
 use crate::mixup::{apply_plan, mixed_targets, MixupConfig};
 use crate::rng::{Rng, Stream};
-use crate::sampler::StreamSampler;
+use crate::sampler::{RankSampler, SamplerPosition, StreamSampler};
 use crate::transforms::{EvalTransform, TrainTransform};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -302,28 +302,43 @@ impl TrainData {
         })
     }
 
-    /// Starts loader threads producing the micro-batches of `epoch` from update
-    /// `start_step` on, for the given streams (all of them in one process; a
-    /// rank's share when distributed), ordered update by update and, within an
-    /// update, in the order of `streams`.
+    /// Rank `rank` of `world`'s share of this data's sampler, at the start
+    /// of epoch 0 (see [`RankSampler`]).
+    pub fn rank_sampler(&self, world: usize, rank: usize) -> Result<RankSampler, DataError> {
+        RankSampler::new(self.sampler.clone(), self.micro_size, world, rank)
+    }
+
+    /// Starts loader threads producing the rest of the current epoch of
+    /// `sampler` (one rank's streams, from its position on), ordered update by
+    /// update and, within an update, in the sampler's accumulation order: the
+    /// micro-batches whose indices [`RankSampler::next_update`] yields.
     pub fn epoch_loader(
         self: &Arc<Self>,
-        epoch: u64,
-        start_step: u64,
-        streams: Vec<usize>,
+        sampler: &mut RankSampler,
         threads: usize,
         prefetch: usize,
-    ) -> Loader<MicroBatch> {
-        let steps = self.steps_per_epoch().saturating_sub(start_step) as usize;
-        let lists: Arc<Vec<Vec<usize>>> =
-            Arc::new(streams.iter().map(|&s| self.sampler.stream_indices(epoch, s)).collect());
-        let data = Arc::clone(self);
+    ) -> Result<Loader<MicroBatch>, DataError> {
+        if sampler.micro() != self.micro_size
+            || sampler.sampler().num_streams() != self.sampler.num_streams()
+        {
+            return Err(DataError::Config(format!(
+                "a sampler of {} streams of micro-batches of {} for data of {} streams of {}",
+                sampler.sampler().num_streams(),
+                sampler.micro(),
+                self.sampler.num_streams(),
+                self.micro_size
+            )));
+        }
+        let SamplerPosition { epoch, step: start } = sampler.position();
+        let lists = sampler.epoch_lists();
+        let streams = sampler.streams().to_vec();
+        let steps = self.steps_per_epoch().saturating_sub(start) as usize;
         let per_step = streams.len();
-        Loader::spawn(steps * per_step, threads, prefetch, move |k| {
-            let step = start_step + (k / per_step) as u64;
+        let data = Arc::clone(self);
+        Ok(Loader::spawn(steps * per_step, threads, prefetch, move |k| {
             let slot = k % per_step;
-            data.micro_batch(epoch, step, streams[slot], &lists[slot])
-        })
+            data.micro_batch(epoch, start + (k / per_step) as u64, streams[slot], &lists[slot])
+        }))
     }
 }
 

@@ -22,8 +22,12 @@
 //! epoch. Because the streams do not depend on the world size, the rest of an
 //! epoch after a re-shard is exactly the rest of the uninterrupted epoch:
 //! nothing dropped, nothing duplicated beyond repeated augmentation's copies.
+//! The trainer draws every update from a `RankSampler` (built at the start,
+//! moved to a checkpoint's position on a resume, re-sharded to the rank's
+//! streams in a job), and `TrainData::epoch_loader` loads what it plans.
 
 use crate::error::DataError;
+use std::sync::Arc;
 
 /// MT19937 as libtorch's CPU generator seeds and runs it.
 #[derive(Debug, Clone)]
@@ -222,7 +226,7 @@ pub struct RankSampler {
     streams: Vec<usize>,
     position: SamplerPosition,
     /// Index lists of the current epoch, one per stream (computed lazily).
-    lists: Option<(u64, Vec<Vec<usize>>)>,
+    lists: Option<(u64, Arc<Vec<Vec<usize>>>)>,
 }
 
 impl RankSampler {
@@ -259,9 +263,18 @@ impl RankSampler {
         self.position
     }
 
-    /// Continues from `position` (e.g. a checkpoint's).
-    pub fn seek(&mut self, position: SamplerPosition) {
+    /// Continues from `position` (e.g. a checkpoint's); refused past the
+    /// end of an epoch.
+    pub fn seek(&mut self, position: SamplerPosition) -> Result<(), DataError> {
+        let steps = self.steps_per_epoch();
+        if position.step >= steps {
+            return Err(DataError::Config(format!(
+                "position: update {} of epoch {} is past the epoch's {steps} updates",
+                position.step, position.epoch
+            )));
+        }
         self.position = position;
+        Ok(())
     }
 
     /// Optimizer updates per epoch.
@@ -269,21 +282,44 @@ impl RankSampler {
         self.sampler.steps_per_epoch(self.micro)
     }
 
+    /// Images per micro-batch.
+    pub fn micro(&self) -> usize {
+        self.micro
+    }
+
+    /// The stream sampler (all streams of the job).
+    pub fn sampler(&self) -> &StreamSampler {
+        &self.sampler
+    }
+
+    /// The full index lists of this rank's streams in the epoch of the
+    /// current position, in accumulation order (what a loader slices its
+    /// micro-batches from: micro-batch `step` of a stream is
+    /// `list[step * micro..(step + 1) * micro]`).
+    pub fn epoch_lists(&mut self) -> Arc<Vec<Vec<usize>>> {
+        let epoch = self.position.epoch;
+        match &self.lists {
+            Some((e, lists)) if *e == epoch => Arc::clone(lists),
+            _ => {
+                let lists: Arc<Vec<Vec<usize>>> = Arc::new(
+                    self.streams.iter().map(|&s| self.sampler.stream_indices(epoch, s)).collect(),
+                );
+                self.lists = Some((epoch, Arc::clone(&lists)));
+                lists
+            }
+        }
+    }
+
     /// The micro-batches of the next update, `(stream, indices)` in
     /// accumulation order; moves to the following update (and epoch).
     pub fn next_update(&mut self) -> Vec<(usize, Vec<usize>)> {
         let SamplerPosition { epoch, step } = self.position;
-        if self.lists.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let lists =
-                self.streams.iter().map(|&s| self.sampler.stream_indices(epoch, s)).collect();
-            self.lists = Some((epoch, lists));
-        }
-        let (_, lists) = self.lists.as_ref().expect("just filled");
+        let lists = self.epoch_lists();
         let start = step as usize * self.micro;
         let batches = self
             .streams
             .iter()
-            .zip(lists)
+            .zip(lists.iter())
             .map(|(&s, list)| (s, list[start..start + self.micro].to_vec()))
             .collect();
         self.position = if step + 1 >= self.steps_per_epoch() {

@@ -205,7 +205,11 @@ fn training_replaces_and_counts_bad_files_and_evaluation_skips_them() {
     let data = Arc::new(
         TrainData::new(folder.clone(), transform(), Some(mix), 0.0, sampler, n, 2, 3).unwrap(),
     );
-    let batches: Vec<_> = data.epoch_loader(0, 0, vec![0], 2, 2).map(|b| b.unwrap()).collect();
+    let batches: Vec<_> = data
+        .epoch_loader(&mut data.rank_sampler(1, 0).unwrap(), 2, 2)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].len, n, "every position is filled");
     let bad_files = data.bad_files();
@@ -216,7 +220,11 @@ fn training_replaces_and_counts_bad_files_and_evaluation_skips_them() {
         assert!(listed.iter().any(|f| f.ends_with(b)), "{b} not recorded: {listed:?}");
     }
     // Deterministic: the same batch again, whatever was learned about bad files.
-    let again: Vec<_> = data.epoch_loader(0, 0, vec![0], 1, 1).map(|b| b.unwrap()).collect();
+    let again: Vec<_> = data
+        .epoch_loader(&mut data.rank_sampler(1, 0).unwrap(), 1, 1)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(again[0].images, batches[0].images);
     assert_eq!(again[0].labels, batches[0].labels);
     assert_eq!(bad_files.distinct(), bad.len(), "each file logged once");
@@ -240,7 +248,13 @@ fn all_bad_files_stop_training_with_an_error_not_a_hang() {
     let folder = ImageFolder::open(tmp.path()).unwrap();
     let sampler = StreamSampler::new(4, 1, SamplerKind::Distributed, 0);
     let data = Arc::new(TrainData::new(folder, transform(), None, 0.0, sampler, 2, 2, 0).unwrap());
-    let err = data.epoch_loader(0, 0, vec![0], 2, 2).next().unwrap().unwrap_err().to_string();
+    let err = data
+        .epoch_loader(&mut data.rank_sampler(1, 0).unwrap(), 2, 2)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("undecodable images in a row"), "{err}");
 }
 

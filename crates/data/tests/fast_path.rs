@@ -17,7 +17,7 @@ use rsb_data::mixup::{MixMode, MixupConfig};
 use rsb_data::pipeline::TrainData;
 use rsb_data::rand_augment::{RaInterpolation, RandAugment, RandAugmentConfig};
 use rsb_data::rng::Rng;
-use rsb_data::sampler::{SamplerKind, StreamSampler};
+use rsb_data::sampler::{SamplerKind, SamplerPosition, StreamSampler};
 use rsb_data::transforms::{random_resized_crop_box, CropInterpolation, TrainTransform};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -168,7 +168,9 @@ fn batches_do_not_depend_on_the_thread_count_and_resume_exactly() {
     let spe = data.steps_per_epoch();
     assert!(spe >= 3, "{spe} steps");
     let run = |threads: usize, start: u64| -> Vec<_> {
-        data.epoch_loader(1, start, vec![0, 1], threads, 4).map(|b| b.unwrap()).collect()
+        let mut sampler = data.rank_sampler(1, 0).unwrap();
+        sampler.seek(SamplerPosition { epoch: 1, step: start }).unwrap();
+        data.epoch_loader(&mut sampler, threads, 4).unwrap().map(|b| b.unwrap()).collect()
     };
     let one = run(1, 0);
     let three = run(3, 0);

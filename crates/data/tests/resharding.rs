@@ -100,7 +100,7 @@ fn a_resumed_rank_continues_with_the_same_batches() {
         }
         let saved = a.position();
         let mut b = RankSampler::new(sampler, MICRO, 2, 1).unwrap();
-        b.seek(saved);
+        b.seek(saved).unwrap();
         for _ in 0..10 {
             assert_eq!(a.next_update(), b.next_update());
         }

@@ -1,5 +1,10 @@
-//! Checkpoints: one folder per finished epoch, `checkpoints/epoch-NNNN/`, with
-//! fixed parts: `model.safetensors` (timm keys, loads into timm as is),
+//! Checkpoints: one folder per finished epoch, `checkpoints/epoch-NNNN/`
+//! (`NNNN` epochs done), and with `runtime.checkpoint_every_updates` one
+//! mid-epoch folder every N updates, `checkpoints/epoch-NNNN-update-UUUUUUUUU/`
+//! (`NNNN` epochs done, then `UUUUUUUUU` updates done over the run): the names
+//! sort in run order (`epoch-0001` < `epoch-0001-update-…` < `epoch-0002`),
+//! which is the order [`list`] and so the resume and the retention go by.
+//! Every folder has the same fixed parts: `model.safetensors` (timm keys, loads into timm as is),
 //! `optimizer.safetensors` (LAMB moments) and `state.json` (position in the
 //! run, optimizer step counts, loader counters, the resolved recipe), and
 //! `manifest.json` (size and SHA-256 of every part, see
@@ -58,6 +63,44 @@ pub struct TrainState {
     /// before it was stored.
     #[serde(default)]
     pub resolved_recipe: Option<serde_json::Value>,
+    /// The batch the run was planned with: a resume must keep it (the
+    /// world size may change). Absent in checkpoints from before it was kept.
+    #[serde(default)]
+    pub batch: Option<BatchShape>,
+    /// What the epoch `next_epoch` had trained before `next_step`, so a
+    /// mid-epoch resume reports the same epoch loss (zero at epoch ends).
+    #[serde(default)]
+    pub epoch_so_far: EpochSoFar,
+    /// Non-finite updates in a row up to `updates` (the stop rule's count).
+    #[serde(default)]
+    pub nonfinite_streak: u64,
+}
+
+/// The batch plan's invariants: what stays fixed whatever the world size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchShape {
+    /// Images per optimizer update over all ranks.
+    pub global_size: u32,
+    /// Sampler streams (micro-batches per update over all ranks).
+    pub streams: u32,
+}
+
+/// The part of an epoch trained before a mid-epoch checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochSoFar {
+    /// Sum over the ranks of the applied updates' losses.
+    pub loss_sum: f64,
+    /// Updates run (applied or skipped).
+    pub updates: u64,
+    /// Updates skipped for a non-finite gradient norm.
+    pub skipped: u64,
+}
+
+impl TrainState {
+    /// Whether the state is at an epoch's start.
+    pub fn at_epoch_start(&self) -> bool {
+        self.next_step == 0
+    }
 }
 
 /// Folder name of the checkpoint written after epoch `epoch` (0-based).
@@ -65,11 +108,28 @@ pub fn folder_name(epoch: u64) -> String {
     format!("{FOLDER_PREFIX}{:04}", epoch + 1)
 }
 
-/// Writes and commits a checkpoint into `run_dir/checkpoints/<folder_name(epoch)>`
-/// (see the module documentation), then prunes the older ones.
+/// Folder name of a mid-epoch checkpoint of `epoch` (0-based), written after
+/// `updates` updates over the run: it sorts after the end of the epoch
+/// before and before the end of this one.
+pub fn mid_epoch_folder_name(epoch: u64, updates: u64) -> String {
+    format!("{FOLDER_PREFIX}{epoch:04}-update-{updates:09}")
+}
+
+/// The folder name of the checkpoint of `state`: an epoch end when its
+/// position is an epoch's start, else mid-epoch.
+pub fn folder_name_of(state: &TrainState) -> String {
+    if state.at_epoch_start() {
+        folder_name(state.next_epoch.saturating_sub(1))
+    } else {
+        mid_epoch_folder_name(state.next_epoch, state.updates)
+    }
+}
+
+/// Writes and commits a checkpoint of `state` into
+/// `run_dir/checkpoints/<folder_name_of(state)>` (see the module
+/// documentation), then prunes the older ones.
 pub fn save(
     run_dir: &Path,
-    epoch: u64,
     model: &Model,
     optimizer: &Lamb,
     state: &TrainState,
@@ -77,7 +137,7 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     let root = run_dir.join(CHECKPOINTS);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let target = root.join(folder_name(epoch));
+    let target = root.join(folder_name_of(state));
     let staging = temporary_sibling(&target);
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
@@ -191,6 +251,9 @@ mod tests {
             best_top1: None,
             best_epoch,
             resolved_recipe: Some(serde_json::json!({"name": "r"})),
+            batch: Some(BatchShape { global_size: 16, streams: 2 }),
+            epoch_so_far: EpochSoFar::default(),
+            nonfinite_streak: 0,
         }
     }
 
@@ -203,8 +266,63 @@ mod tests {
         let mut old = value.as_object().unwrap().clone();
         old.remove("best_epoch");
         old.remove(rsb_job::run_folder::STATE_RECIPE_KEY);
+        // ... and one from before mid-epoch checkpoints.
+        for key in ["batch", "epoch_so_far", "nonfinite_streak"] {
+            assert!(old.remove(key).is_some(), "{key}");
+        }
         let back: TrainState = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
         assert_eq!((back.best_epoch, back.resolved_recipe), (None, None));
+        assert_eq!(
+            (back.batch, back.epoch_so_far, back.nonfinite_streak),
+            (None, EpochSoFar::default(), 0)
+        );
+    }
+
+    #[test]
+    fn mid_epoch_folders_sort_between_the_epoch_ends_around_them() {
+        let at = |next_epoch, next_step, updates| TrainState {
+            next_epoch,
+            next_step,
+            updates,
+            ..state(None)
+        };
+        // 10 updates per epoch, a checkpoint every 4 updates and at epoch ends.
+        let written = [
+            at(0, 4, 4),
+            at(0, 8, 8),
+            at(1, 0, 10),
+            at(1, 2, 12),
+            at(1, 6, 16),
+            at(2, 0, 20),
+            at(2, 4, 24),
+        ];
+        let names: Vec<String> = written.iter().map(folder_name_of).collect();
+        assert_eq!(
+            names,
+            [
+                "epoch-0000-update-000000004",
+                "epoch-0000-update-000000008",
+                "epoch-0001",
+                "epoch-0001-update-000000012",
+                "epoch-0001-update-000000016",
+                "epoch-0002",
+                "epoch-0002-update-000000024",
+            ]
+        );
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        // Created out of order: `list` gives them in run order.
+        for name in names.iter().rev() {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+        }
+        let listed: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
+        assert_eq!(list(run.path()), listed);
+        // Retention: the newest two, and the best epoch's end.
+        prune(run.path(), 2, Some(&folder_name(0)));
+        assert_eq!(
+            list(run.path()),
+            [root.join("epoch-0001"), root.join(&names[5]), root.join(&names[6])]
+        );
     }
 
     #[test]
@@ -225,5 +343,62 @@ mod tests {
         assert_eq!(names, ["epoch-0002", "epoch-0004", "epoch-0005"]);
         prune(run.path(), 1, None);
         assert_eq!(list(run.path()), [root.join("epoch-0005")]);
+    }
+
+    #[test]
+    fn a_mid_epoch_checkpoint_round_trips_and_is_resumed_before_the_epoch_end_before_it() {
+        let yaml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = rsb_recipes::load(&yaml, &[]).unwrap();
+        let device = tch::Device::Cpu;
+        let build = || {
+            let model = crate::from_recipe::model(&recipe, device).unwrap();
+            let optimizer = crate::from_recipe::optimizer(&recipe, &model).unwrap();
+            (model, optimizer)
+        };
+        let (model, mut optimizer) = build();
+        tch::manual_seed(7);
+        for (_, p) in model.named_parameters() {
+            let _guard = tch::no_grad_guard();
+            p.shallow_clone().f_copy_(&p.f_rand_like().unwrap()).unwrap();
+        }
+        let groups = optimizer.steps().group_steps.len();
+        let steps = LambSteps { group_steps: vec![13; groups] };
+        optimizer.load_steps(&steps).unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let end = TrainState {
+            next_epoch: 1,
+            next_step: 0,
+            updates: 10,
+            model: "resnet18".into(),
+            ..state(None)
+        };
+        let end_path = save(run.path(), &model, &optimizer, &end, 5).unwrap();
+        let mid = TrainState {
+            next_epoch: 1,
+            next_step: 3,
+            updates: 13,
+            optimizer: steps.clone(),
+            replaced_samples: 2,
+            epoch_so_far: EpochSoFar { loss_sum: 1.25, updates: 3, skipped: 1 },
+            nonfinite_streak: 1,
+            model: "resnet18".into(),
+            ..state(Some(0))
+        };
+        let mid_path = save(run.path(), &model, &optimizer, &mid, 5).unwrap();
+        assert_eq!(end_path.file_name().unwrap(), "epoch-0001");
+        assert_eq!(mid_path.file_name().unwrap(), "epoch-0001-update-000000013");
+        assert_eq!(list(run.path()), [end_path, mid_path.clone()]);
+
+        // A run folder resumes from its newest checkpoint: the mid-epoch one.
+        let verified = resolve(run.path()).unwrap();
+        assert_eq!(verified.path(), mid_path);
+        let (mut fresh, mut fresh_optimizer) = build();
+        let back = load(&verified, &mut fresh, &mut fresh_optimizer).unwrap();
+        assert_eq!(back, mid);
+        assert_eq!(fresh_optimizer.steps(), steps);
+        for ((name, a), (_, b)) in model.named_parameters().iter().zip(fresh.named_parameters()) {
+            assert!(a.equal(b), "{name} differs after the round trip");
+        }
     }
 }

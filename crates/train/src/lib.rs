@@ -8,7 +8,7 @@
 //! (gradient buckets reduced during the backward pass), [`from_recipe`]
 //! (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
-//! progress) and [`trainer`] (the loop: epochs of updates).
+//! progress), [`sample_trace`] (which samples each update used, for tests) and [`trainer`] (the loop: epochs of updates).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -25,6 +25,7 @@ pub mod loss;
 pub mod overlap;
 pub mod precision;
 pub mod report;
+pub mod sample_trace;
 pub mod schedule;
 pub mod trainer;
 

@@ -13,6 +13,17 @@
 //! reseeded from (update, stream) before each micro-batch (drop-path masks),
 //! and the checkpoint holds the model, the LAMB moments and the update count.
 //!
+//! Which samples a rank trains on comes from one place, its
+//! [`RankSampler`]: built for the whole job in [`Trainer::new`], moved to
+//! the checkpoint's position on a resume, and re-sharded to the rank's
+//! streams ([`rsb_job::streams_of_rank`]) by [`Trainer::into_distributed`].
+//! Since a stream's samples and random draws do not depend on the world
+//! size, a run resumed at another world size (same global batch, same
+//! streams, accumulation re-derived) trains the rest of the epoch exactly as
+//! the uninterrupted run would. With `runtime.checkpoint_every_updates` a
+//! checkpoint is also written mid-epoch every N updates, with the position
+//! and the epoch's loss so far (see [`checkpoint`]).
+//!
 //! Non-finite values: every update reads the global gradient norm (which
 //! LAMB computes anyway for clipping) and skips the update when it is NaN or
 //! infinite: no parameter, moment, step count or BN statistic changes (the
@@ -25,7 +36,7 @@
 //! reduced gradients and so skips the same updates, without a collective.
 
 use crate::batch::Normalizer;
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{self, BatchShape, EpochSoFar, TrainState};
 use crate::ddp::{
     broadcast_integers, reduce_tensors, sum_scalars, Calls, Reduction, BUCKET_FLOATS,
 };
@@ -36,12 +47,14 @@ use crate::lamb::{CheckedStep, Lamb};
 use crate::loss::Loss;
 use crate::overlap::GradientBuckets;
 use crate::report::{MetricsLog, Progress, Records};
+use crate::sample_trace::{SampleRecord, SampleTrace};
 use crate::schedule::CosineWithWarmup;
 use rsb_collective::Collective;
 use rsb_data::eval_sets::EvalSet;
 use rsb_data::loader::Loader;
 use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
+use rsb_data::sampler::{RankSampler, SamplerPosition};
 use rsb_job::run_folder::{check_resume, recipe_value};
 use rsb_job::MetricsRecord;
 use rsb_recipes::schema::EvalSetTiming;
@@ -84,6 +97,9 @@ pub struct RunOptions {
     /// the run) are made NaN before the forward pass, as corrupt data or an
     /// overflow would; empty in real runs.
     pub nonfinite_inputs_at: BTreeSet<u64>,
+    /// Write which dataset indices every update consumed into
+    /// `samples/rank-N.jsonl` of the run folder (see [`crate::sample_trace`]).
+    pub trace_samples: bool,
 }
 
 /// How a resumed run's recipe is compared with the recipe saved in its
@@ -113,19 +129,32 @@ impl RunOptions {
             started: Instant::now(),
             recipe_check: RecipeCheck::ExplainedBy(Vec::new()),
             nonfinite_inputs_at: BTreeSet::new(),
+            trace_samples: false,
         }
     }
 }
 
-/// Hears about each checkpoint written (epoch, folder).
-pub type CheckpointSink = Box<dyn FnMut(u64, &Path) + Send>;
+/// A checkpoint rank 0 has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedCheckpoint {
+    /// The epoch (0-based) it ends, or is in the middle of.
+    pub epoch: u64,
+    /// Optimizer updates done over the run (its position).
+    pub updates: u64,
+    /// Whether it was written at the end of `epoch` (else mid-epoch).
+    pub epoch_end: bool,
+    /// The checkpoint folder.
+    pub path: PathBuf,
+}
 
-/// This process's part in a data-parallel job.
+/// Hears about each checkpoint committed.
+pub type CheckpointSink = Box<dyn FnMut(&CommittedCheckpoint) + Send>;
+
+/// This process's part in a data-parallel job. The rank's sampler streams
+/// follow from its rank and the world size ([`rsb_job::streams_of_rank`]).
 pub struct Distributed {
     /// The collective over all ranks.
     pub collective: Box<dyn Collective>,
-    /// Sampler streams this rank runs, in accumulation order.
-    pub streams: Vec<usize>,
     /// Metrics records of rank 0.
     pub on_metrics: Option<MetricsSink>,
     /// Checkpoints written by rank 0.
@@ -137,7 +166,6 @@ impl std::fmt::Debug for Distributed {
         f.debug_struct("Distributed")
             .field("rank", &self.collective.rank())
             .field("world_size", &self.collective.world_size())
-            .field("streams", &self.streams)
             .finish()
     }
 }
@@ -159,6 +187,10 @@ pub struct Trainer {
     normalizer: Normalizer,
     records: Records,
     state: TrainState,
+    /// This rank's streams and the next update's position.
+    sampler: RankSampler,
+    /// The sample trace, while `options.trace_samples` (opened by `run`).
+    trace: Option<SampleTrace>,
     threads: usize,
     prefetch: usize,
     distributed: Option<Distributed>,
@@ -233,6 +265,8 @@ struct Invocation {
     progress: Progress,
     /// Updates done by this invocation.
     updates: u64,
+    /// The update (over the run) the invocation started at.
+    start_update: u64,
 }
 
 impl Trainer {
@@ -251,6 +285,11 @@ impl Trainer {
         let eval = Arc::new(from_recipe::val_data(&recipe)?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
         let eval_set_timings = recipe.eval.sets.iter().map(|s| s.at).collect();
+        let mut sampler = train.rank_sampler(1, 0)?;
+        let batch = BatchShape {
+            global_size: recipe.batch.global_size,
+            streams: train.num_streams() as u32,
+        };
         let mut state = TrainState {
             recipe: recipe.name.clone(),
             model: recipe.model.name.clone(),
@@ -262,6 +301,9 @@ impl Trainer {
             best_top1: None,
             best_epoch: None,
             resolved_recipe: Some(recipe_value(&recipe)),
+            batch: Some(batch),
+            epoch_so_far: EpochSoFar::default(),
+            nonfinite_streak: 0,
         };
         if let Some(resume) = &options.resume {
             let verified = match &options.recipe_check {
@@ -270,10 +312,19 @@ impl Trainer {
             };
             state = checkpoint::load(&verified, &mut model, &mut optimizer)?;
             let path = verified.path();
+            check_batch(path, state.batch, batch)?;
+            state.batch = Some(batch);
             // The run goes on with this recipe (changes, if any, explained).
             state.resolved_recipe = Some(recipe_value(&recipe));
-            tracing::info!(checkpoint = %path.display(), epoch = state.next_epoch, update = state.updates, "resumed");
+            tracing::info!(
+                checkpoint = %path.display(),
+                epoch = state.next_epoch,
+                step = state.next_step,
+                update = state.updates,
+                "resumed"
+            );
         }
+        sampler.seek(SamplerPosition { epoch: state.next_epoch, step: state.next_step })?;
         // Only once a resume is accepted does the run folder get a record.
         std::fs::create_dir_all(&options.out_dir)
             .map_err(|e| TrainError::io(&options.out_dir, e))?;
@@ -293,17 +344,20 @@ impl Trainer {
             eval_set_timings,
             eval_sets,
             records,
+            nonfinite_streak: state.nonfinite_streak,
             state,
+            sampler,
+            trace: None,
             distributed: None,
             gradient_buckets: None,
             buffer_backup: Vec::new(),
-            nonfinite_streak: 0,
         })
     }
 
     /// Makes this trainer one rank of a data-parallel job: rank 0's model,
     /// buffers, optimizer state and position (it may have resumed from a
-    /// checkpoint) are broadcast to every rank.
+    /// checkpoint, written at any world size) are broadcast to every rank,
+    /// and the sampler is re-sharded to this rank's streams at that position.
     pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
         let calls = self.calls();
         let collective = distributed.collective.as_mut();
@@ -317,18 +371,36 @@ impl Trainer {
             .collect();
         let what = "broadcast of the start state (weights, buffers, optimizer state) from rank 0";
         reduce_tensors(collective, calls, &tensors, Reduction::Broadcast(0), what)?;
-        let mut position = vec![self.state.next_epoch, self.state.next_step, self.state.updates];
+        let so_far = self.state.epoch_so_far;
+        let mut position = vec![
+            self.state.next_epoch,
+            self.state.next_step,
+            self.state.updates,
+            so_far.updates,
+            so_far.skipped,
+            self.nonfinite_streak,
+        ];
         position.extend(self.state.optimizer.group_steps.iter().copied());
         let what = "broadcast of the start position from rank 0";
         broadcast_integers(collective, calls, &mut position, 0, what)?;
         self.state.next_epoch = position[0];
         self.state.next_step = position[1];
         self.state.updates = position[2];
-        self.state.optimizer.group_steps = position[3..].to_vec();
+        // The loss so far is summed over the ranks at the epoch's end: rank
+        // 0 brings it, once.
+        let loss_sum = if collective.rank() == 0 { so_far.loss_sum } else { 0.0 };
+        self.state.epoch_so_far =
+            EpochSoFar { loss_sum, updates: position[3], skipped: position[4] };
+        self.nonfinite_streak = position[5];
+        self.state.optimizer.group_steps = position[6..].to_vec();
         self.optimizer
             .load_steps(&self.state.optimizer)
             .map_err(|p| TrainError::Recipe(format!("optimizer state from rank 0: {p}")))?;
-        if collective.rank() == 0 {
+        let (rank, world) = (collective.rank(), collective.world_size());
+        self.sampler
+            .seek(SamplerPosition { epoch: self.state.next_epoch, step: self.state.next_step })?;
+        self.sampler = self.sampler.reshard(world, rank)?;
+        if rank == 0 {
             self.records.set_sink(distributed.on_metrics.take());
         }
         self.gradient_buckets = Some(GradientBuckets::new(
@@ -349,11 +421,8 @@ impl Trainer {
     }
 
     /// The sampler streams this rank runs, in accumulation order.
-    fn streams(&self) -> Vec<usize> {
-        match &self.distributed {
-            Some(d) => d.streams.clone(),
-            None => (0..self.train.num_streams()).collect(),
-        }
+    pub fn streams(&self) -> &[usize] {
+        self.sampler.streams()
     }
 
     /// The model being trained.
@@ -501,7 +570,10 @@ impl Trainer {
         let total_updates = self.total_epochs() * self.steps_per_epoch();
         let progress =
             Progress::new(self.options.progress, self.rank(), total_updates, self.state.updates);
-        let mut invocation = Invocation { progress, updates: 0 };
+        let mut invocation = Invocation { progress, updates: 0, start_update: self.state.updates };
+        if self.options.trace_samples && self.trace.is_none() {
+            self.trace = Some(SampleTrace::open(&self.options.out_dir, self.rank())?);
+        }
         let mut epochs = Vec::new();
         for epoch in self.state.next_epoch..self.total_epochs() {
             let Some(trained) = self.train_epoch(epoch, &mut invocation)? else {
@@ -521,7 +593,14 @@ impl Trainer {
         invocation: &mut Invocation,
     ) -> Result<Option<EpochTraining>, TrainError> {
         let steps = self.steps_per_epoch();
-        let start_step = if epoch == self.state.next_epoch { self.state.next_step } else { 0 };
+        let position = self.sampler.position();
+        if position.epoch != epoch {
+            return Err(TrainError::Recipe(format!(
+                "the sampler stands at epoch {}, update {}, not at epoch {epoch}",
+                position.epoch, position.step
+            )));
+        }
+        let start_step = position.step;
         if start_step < steps && self.reached_max_updates(invocation) {
             return Ok(None);
         }
@@ -530,17 +609,27 @@ impl Trainer {
         self.publish(loading, &invocation.progress)?;
         let device = self.options.device;
         let mut epoch_window = LossWindow::new(device)?;
+        // A mid-epoch resume continues the epoch's sums where the
+        // checkpoint left them.
+        let so_far = std::mem::take(&mut self.state.epoch_so_far);
+        if start_step > 0 {
+            epoch_window.loss = epoch_window.loss.f_add_scalar(so_far.loss_sum)?;
+            epoch_window.updates = so_far.updates;
+            epoch_window.skipped = so_far.skipped;
+        }
         let mut window = LossWindow::new(device)?;
         let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
-        let mut loader =
-            self.train.epoch_loader(epoch, start_step, self.streams(), self.threads, self.prefetch);
+        let checkpoint_every = u64::from(self.recipe.runtime.checkpoint_every_updates);
+        let mut loader = self.train.epoch_loader(&mut self.sampler, self.threads, self.prefetch)?;
         for step in start_step..steps {
             if self.reached_max_updates(invocation) {
                 return Ok(None);
             }
             let update = epoch * steps + step;
             let lr = self.schedule.lr(update);
-            let outcome = self.update(update, lr, &mut loader)?;
+            let batches = self.sampler.next_update();
+            self.trace_update(invocation.start_update, update, epoch, step, &batches)?;
+            let outcome = self.update(update, epoch, step, &batches, lr, &mut loader)?;
             if self.options.checksum_every_update {
                 self.record_checksum(update + 1)?;
             }
@@ -572,8 +661,78 @@ impl Trainer {
                 self.log_step(epoch, update, lr, &window, &invocation.progress)?;
                 window = LossWindow::new(device)?;
             }
+            // The epoch's end writes its own checkpoint.
+            if checkpoint_every > 0
+                && (update + 1).is_multiple_of(checkpoint_every)
+                && step + 1 < steps
+            {
+                self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
+            }
         }
         Ok(Some(epoch_window))
+    }
+
+    /// Appends an update's micro-batches to the sample trace, when on.
+    fn trace_update(
+        &mut self,
+        start_update: u64,
+        update: u64,
+        epoch: u64,
+        step: u64,
+        batches: &[(usize, Vec<usize>)],
+    ) -> Result<(), TrainError> {
+        let (rank, world_size) = (self.rank(), self.world_size());
+        let Some(trace) = &mut self.trace else {
+            return Ok(());
+        };
+        let records: Vec<SampleRecord> = batches
+            .iter()
+            .map(|(stream, indices)| SampleRecord {
+                start_update,
+                update,
+                epoch,
+                step,
+                stream: *stream,
+                rank,
+                world_size,
+                indices: indices.clone(),
+            })
+            .collect();
+        trace.write(&records)
+    }
+
+    /// A checkpoint in the middle of `epoch`, before its update `next_step`:
+    /// every rank averages the BN statistics (as at an epoch's end; the
+    /// average is linear, so the epoch-end average is unchanged) and sums
+    /// the epoch's loss so far, then rank 0 writes it.
+    fn save_mid_epoch(
+        &mut self,
+        epoch: u64,
+        next_step: u64,
+        trained: &LossWindow,
+    ) -> Result<(), TrainError> {
+        self.reduce_batch_norm_statistics(epoch)?;
+        let mut loss_sum = [trained.loss.f_double_value(&[])?];
+        self.sum_over_ranks(
+            &mut loss_sum,
+            "sum of the epoch's loss before a mid-epoch checkpoint",
+        )?;
+        if let Some(tensor) = self.first_nonfinite_tensor()? {
+            return Err(TrainError::NonFiniteWeights { epoch, tensor });
+        }
+        self.state.next_epoch = epoch;
+        self.state.next_step = next_step;
+        self.state.optimizer = self.optimizer.steps();
+        self.state.replaced_samples = self.train.bad_files().replacements();
+        self.state.nonfinite_streak = self.nonfinite_streak;
+        self.state.epoch_so_far = EpochSoFar {
+            loss_sum: loss_sum[0],
+            updates: trained.updates,
+            skipped: trained.skipped,
+        };
+        let saved = self.save_checkpoint(epoch);
+        self.state.epoch_so_far = EpochSoFar::default();
+        saved
     }
 
     /// Counts a skipped update and stops the run at
@@ -615,6 +774,9 @@ impl Trainer {
     fn update(
         &mut self,
         update: u64,
+        epoch: u64,
+        step: u64,
+        batches: &[(usize, Vec<usize>)],
         lr: f64,
         loader: &mut Loader<MicroBatch>,
     ) -> Result<UpdateOutcome, TrainError> {
@@ -623,9 +785,8 @@ impl Trainer {
         self.back_up_buffers()?;
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
-        let streams = self.streams();
-        let last_stream = streams.len().saturating_sub(1);
-        for (position, stream) in streams.into_iter().enumerate() {
+        let last_stream = batches.len().saturating_sub(1);
+        for (position, &(stream, _)) in batches.iter().enumerate() {
             // Drop-path masks depend on (update, stream) only: the same
             // whichever rank runs the stream.
             tch::manual_seed(torch_seed(&[
@@ -636,6 +797,13 @@ impl Trainer {
             ]));
             let mb =
                 loader.next().ok_or_else(|| TrainError::Recipe("loader ended early".into()))??;
+            if (mb.epoch, mb.step, mb.stream) != (epoch, step, stream) {
+                return Err(TrainError::Recipe(format!(
+                    "the loader produced epoch {} update {} stream {}, the sampler planned \
+                     epoch {epoch} update {step} stream {stream}",
+                    mb.epoch, mb.step, mb.stream
+                )));
+            }
             let mut xs = self.normalizer.images(&mb.images, mb.len, mb.height, mb.width)?;
             if poison {
                 xs = xs.f_mul_scalar(f64::NAN)?;
@@ -790,6 +958,8 @@ impl Trainer {
         }
         self.state.next_epoch = epoch + 1;
         self.state.next_step = 0;
+        self.state.epoch_so_far = EpochSoFar::default();
+        self.state.nonfinite_streak = self.nonfinite_streak;
         self.state.optimizer = self.optimizer.steps();
         self.state.replaced_samples = self.train.bad_files().replacements();
         let report = EpochReport {
@@ -812,22 +982,77 @@ impl Trainer {
         Ok(report)
     }
 
-    /// Rank 0 writes the epoch's checkpoint and tells the job.
+    /// Rank 0 writes the checkpoint of the current state (an epoch's end
+    /// or mid-`epoch`) and tells the job.
     fn save_checkpoint(&mut self, epoch: u64) -> Result<(), TrainError> {
         if self.rank() != 0 {
             return Ok(());
         }
         let path = checkpoint::save(
             &self.options.out_dir,
-            epoch,
             &self.model,
             &self.optimizer,
             &self.state,
             self.recipe.runtime.keep_last_checkpoints as usize,
         )?;
+        let committed = CommittedCheckpoint {
+            epoch,
+            updates: self.state.updates,
+            epoch_end: self.state.at_epoch_start(),
+            path,
+        };
+        tracing::info!(
+            epoch,
+            update = committed.updates,
+            checkpoint = %committed.path.display(),
+            "checkpoint committed"
+        );
         if let Some(Distributed { on_checkpoint: Some(sink), .. }) = &mut self.distributed {
-            sink(epoch, &path);
+            sink(&committed);
         }
         Ok(())
+    }
+}
+
+/// Refuses a resume whose checkpoint was planned with another global batch
+/// or stream count (`saved` is absent in checkpoints from before it was
+/// kept): the world size may change across a resume, the batch may not.
+fn check_batch(
+    checkpoint: &Path,
+    saved: Option<BatchShape>,
+    now: BatchShape,
+) -> Result<(), TrainError> {
+    match saved {
+        Some(saved) if saved != now => Err(TrainError::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            problem: format!(
+                "written with a global batch of {} images in {} sampler streams, this run plans \
+                 a global batch of {} in {} streams; a resume may change the world size \
+                 (accumulation is re-derived), never the global batch or the stream count",
+                saved.global_size, saved.streams, now.global_size, now.streams
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_may_change_the_world_size_but_not_the_batch() {
+        let path = Path::new("run/checkpoints/epoch-0001-update-000000004");
+        let planned = BatchShape { global_size: 12, streams: 6 };
+        assert!(check_batch(path, Some(planned), planned).is_ok());
+        // Checkpoints from before the batch was kept are compared by recipe only.
+        assert!(check_batch(path, None, planned).is_ok());
+        let bigger = BatchShape { global_size: 24, streams: 6 };
+        let err = check_batch(path, Some(planned), bigger).unwrap_err().to_string();
+        assert!(err.contains("epoch-0001-update-000000004"), "{err}");
+        assert!(err.contains("global batch of 12") && err.contains("global batch of 24"), "{err}");
+        let finer = BatchShape { global_size: 12, streams: 12 };
+        let err = check_batch(path, Some(planned), finer).unwrap_err().to_string();
+        assert!(err.contains("in 6 sampler streams") && err.contains("in 12 streams"), "{err}");
     }
 }
