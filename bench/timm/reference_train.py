@@ -299,6 +299,16 @@ RUNTIME = Section({
     # Ours only (non-finite updates skipped, K in a row stop the run): timm
     # applies every update; accepted and ignored.
     'max_nonfinite_updates': (t_u32, 3),
+    # Ours only (mid-epoch checkpoints): the reference writes none; accepted and ignored.
+    'checkpoint_every_updates': (t_u32, 0),
+})
+# Ours only (collectives between ranks): the reference is one process, so the
+# section is accepted and ignored.
+DISTRIBUTED = Section({
+    'backend': (t_unit_enum('auto', 'ring', 'nccl'), 'auto'),
+    'collective_timeout_secs': (t_u64, 600),
+    'collectives_at_world_size_one': (t_bool, False),
+    'overlap_backward': (t_bool, True),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),
@@ -313,6 +323,7 @@ RECIPE = Section({
     'batch': (BATCH, REQUIRED),
     'eval': (EVAL, REQUIRED),
     'runtime': (RUNTIME, lambda: RUNTIME.defaults('runtime')),
+    'distributed': (DISTRIBUTED, lambda: DISTRIBUTED.defaults('distributed')),
 })
 
 
