@@ -16,5 +16,5 @@ pub mod run_folder;
 
 pub use checkpoint::CheckpointError;
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
-pub use records::{EvalSetAccuracy, MetricsRecord};
+pub use records::{EvalSetAccuracy, GenerationReason, MetricsRecord};
 pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};
