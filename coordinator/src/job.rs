@@ -62,6 +62,8 @@ pub struct Member {
     pub advertise: Option<IpAddr>,
     /// Session secret handed out at join (never shown).
     pub secret: Secret,
+    /// The newest generation whose assignment one of its ranks fetched.
+    pub ranks_generation: u64,
 }
 
 impl Member {
@@ -142,6 +144,8 @@ pub struct Beat {
     pub keep_going: bool,
     /// The member waits to be admitted at the next generation.
     pub pending: bool,
+    /// The newest generation whose assignment one of its ranks fetched.
+    pub ranks_generation: u64,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
 }
@@ -356,6 +360,7 @@ impl Job {
             last_seen: Instant::now(),
             advertise,
             secret: secret.clone(),
+            ranks_generation: 0,
         };
         if pending {
             self.pending.push(member);
@@ -524,21 +529,36 @@ impl Job {
         Err(JobError::NotFound(format!("unknown member `{id}`")))
     }
 
+    /// Notes that a rank of `member_id` fetched the current generation's assignment.
+    pub fn note_assigned(&mut self, member_id: &str) {
+        let generation = self.generation;
+        if let Some(m) = self.members.iter_mut().find(|m| m.id == member_id) {
+            m.ranks_generation = m.ranks_generation.max(generation);
+        }
+    }
+
     /// Records a heartbeat and says whether the member goes on.
     pub fn heartbeat(&mut self, id: &str) -> Result<Beat, JobError> {
         let on = matches!(self.phase, Phase::Waiting | Phase::Running);
         let failure = self.failure().map(str::to_string);
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
-            return Ok(Beat { keep_going: on, pending: false, failure });
+            let ranks_generation = m.ranks_generation;
+            return Ok(Beat { keep_going: on, pending: false, failure, ranks_generation });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
-            return Ok(Beat { keep_going: on, pending: true, failure });
+            return Ok(Beat { keep_going: on, pending: true, failure, ranks_generation: 0 });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
             let failure = format!("member {id} ({}) was dropped from the job: {why}", m.host);
-            return Ok(Beat { keep_going: false, pending: false, failure: Some(failure) });
+            let ranks_generation = m.ranks_generation;
+            return Ok(Beat {
+                keep_going: false,
+                pending: false,
+                failure: Some(failure),
+                ranks_generation,
+            });
         }
         Err(JobError::NotFound(format!("unknown member `{id}`")))
     }
@@ -636,6 +656,9 @@ impl Job {
                 Phase::Failed(reason) => {
                     Err(JobError::Precondition(format!("job failed: {reason}")))
                 }
+                Phase::Finished => Err(JobError::Precondition(
+                    "job finished before this member was admitted".into(),
+                )),
                 _ => Ok(None),
             };
         }
@@ -1073,8 +1096,15 @@ mod tests {
         j.record_metrics(1, &step(6)).unwrap();
         j.commit_checkpoint(1, 1, "/run/checkpoints/epoch-0002".into()).unwrap();
         j.record_metrics(1, &step(7)).unwrap();
+        j.note_assigned(&a);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
         silence(&mut j, &b);
         j.check_liveness();
+        // Its agent learns that its ranks run in an older generation.
+        let beat = j.heartbeat(&a).unwrap();
+        assert_eq!((beat.keep_going, beat.ranks_generation), (true, 1));
+        j.note_assigned(&a);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 2);
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
         let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
         assert_eq!(hosts, ["a", "c"]);

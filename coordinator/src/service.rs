@@ -360,6 +360,7 @@ impl Coordinator for Shared {
             generation,
             failure: beat.failure.unwrap_or_default(),
             pending: beat.pending,
+            ranks_generation: beat.ranks_generation,
         }))
     }
 
@@ -372,7 +373,11 @@ impl Coordinator for Shared {
         own_member("member_id", &r.member_id, &caller)?;
         let assignment = self
             .wait_for(|job| {
-                Ok(job.assignment(&caller, r.local_rank)?.map(|a| pb::Assignment {
+                let assignment = job.assignment(&caller, r.local_rank)?;
+                if assignment.is_some() {
+                    job.note_assigned(&caller);
+                }
+                Ok(assignment.map(|a| pb::Assignment {
                     job_id: job.id.clone(),
                     generation: job.generation,
                     global_rank: a.global_rank,

@@ -249,7 +249,7 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
 #[test]
 fn a_host_joining_a_running_job_is_admitted_at_the_next_checkpoint() {
     let (_tmp, data, out, port) = setup("grow");
-    let mut up = coordinator(port, &data, &out, 4, &["--nodes", "2", "--max-nodes", "3"]);
+    let mut up = coordinator(port, &data, &out, 5, &["--nodes", "2", "--max-nodes", "3"]);
     let mut workers: Vec<Child> = ["a", "b"].iter().map(|h| worker(port, h)).collect();
     wait_for_records(&out, &mut up, "the first update", |records| {
         records.iter().any(|r| r["kind"] == "step")

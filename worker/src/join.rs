@@ -340,6 +340,14 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                     let generation = r.get_ref().generation;
                     match rank_generation {
                         None => rank_generation = Some(generation),
+                        // The current ranks already fetched its assignment
+                        // (it opened while they were starting).
+                        Some(current)
+                            if generation > current
+                                && r.get_ref().ranks_generation >= generation =>
+                        {
+                            rank_generation = Some(generation);
+                        }
                         Some(current) if generation > current => {
                             tracing::warn!(
                                 generation,
