@@ -1,8 +1,22 @@
 //! The job state machine: members join until the expected number of hosts is
 //! there, ranks are assigned in join order (then local rank), the ranks
-//! rendezvous, train, report and leave. A member that stops heartbeating, or
-//! a rank that leaves with a failure, fails the job (restarts are the job of a
-//! supervisor or of `--resume`; the job says so instead of hanging).
+//! rendezvous, train, report and leave.
+//!
+//! A fixed job (`min_nodes == max_nodes`, the default) is fail-stop: a member
+//! that stops heartbeating, or a rank that leaves with a failure, fails the
+//! job, naming it. An elastic job (`min_nodes < max_nodes`) runs in
+//! generations instead. A lost member (silent past the heartbeat timeout) is
+//! dropped; a failed rank restarts every rank (its host stays, since its
+//! agent is alive; at most `max_restarts` times without a committed
+//! checkpoint in between); a host that joins the running job waits, pending,
+//! for the next committed checkpoint. Each of these opens a new generation:
+//! the generation number is bumped, ranks are renumbered over the members in
+//! join order, the batch plan is re-derived for the new world size, the
+//! rendezvous starts over, and every assignment resumes from the newest
+//! committed checkpoint. Calls of an older generation are refused. With
+//! fewer than `min_nodes` members left the job waits for joins up to
+//! `rejoin_timeout`, then fails naming the lost hosts. Each generation that
+//! starts is written to `metrics.jsonl` as a [`MetricsRecord::Generation`].
 //!
 //! Each member gets a session secret at join; [`Job::authenticate`] checks a
 //! call's member credentials (in constant time), and every later operation
@@ -10,7 +24,7 @@
 
 use crate::plan::{BatchPlan, PlanError};
 use rsb_job::records::skipped_updates_note;
-use rsb_job::MetricsRecord;
+use rsb_job::{GenerationReason, MetricsRecord};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,6 +62,8 @@ pub struct Member {
     pub advertise: Option<IpAddr>,
     /// Session secret handed out at join (never shown).
     pub secret: Secret,
+    /// The newest generation whose assignment one of its ranks fetched.
+    pub ranks_generation: u64,
 }
 
 impl Member {
@@ -110,6 +126,36 @@ pub enum JobError {
     Denied(String),
 }
 
+/// A checkpoint rank 0 wrote and the job recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedCheckpoint {
+    /// Epoch (0-based) it was written in.
+    pub epoch: u64,
+    /// Optimizer updates done over the run at it (its position, as the
+    /// commit says).
+    pub step: u64,
+    /// Its folder on rank 0's host.
+    pub path: String,
+}
+
+/// What a heartbeat tells the member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beat {
+    /// False once the job is over for this member.
+    pub keep_going: bool,
+    /// The member waits to be admitted at the next generation.
+    pub pending: bool,
+    /// The newest generation whose assignment one of its ranks fetched.
+    pub ranks_generation: u64,
+    /// Why the job (or this member's part in it) ended, when it failed.
+    pub failure: Option<String>,
+}
+
+/// Default of [`Job::rejoin_timeout`].
+pub const DEFAULT_REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default of [`Job::max_restarts`].
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+
 /// The whole coordinator state.
 #[derive(Debug)]
 pub struct Job {
@@ -119,6 +165,15 @@ pub struct Job {
     pub generation: u64,
     /// Hosts to wait for.
     pub nodes_expected: u32,
+    /// Fewest hosts an elastic job runs with (see [`Job::set_node_bounds`]).
+    pub min_nodes: u32,
+    /// Most hosts an elastic job admits.
+    pub max_nodes: u32,
+    /// How long a job below `min_nodes` waits for joins before failing.
+    pub rejoin_timeout: Duration,
+    /// Generations opened for failed ranks, in a row without a committed
+    /// checkpoint, before the job fails instead.
+    pub max_restarts: u32,
     /// The resolved recipe.
     pub recipe: Recipe,
     /// The resolved recipe as YAML (sent to ranks).
@@ -133,6 +188,10 @@ pub struct Job {
     pub phase: Phase,
     /// Members in join order.
     pub members: Vec<Member>,
+    /// Hosts that joined the running job, admitted at the next generation.
+    pub pending: Vec<Member>,
+    /// Members dropped from the job, and why (their heartbeats are told so).
+    pub dropped: Vec<(Member, String)>,
     /// Published rendezvous payloads by global rank.
     pub rendezvous: BTreeMap<u32, RendezvousPayload>,
     /// Ranks that left successfully.
@@ -142,9 +201,21 @@ pub struct Job {
     /// Latest epoch / update / global images per second reported.
     pub progress: (u64, u64, f64),
     /// Checkpoints committed, newest last.
-    pub checkpoints: Vec<(u64, String)>,
+    pub checkpoints: Vec<CommittedCheckpoint>,
     /// Checkpoint (or run folder) rank 0 resumes from.
     pub resume_from: Option<String>,
+    /// Updates done in `resume_from`, when the job committed it.
+    pub resume_step: Option<u64>,
+    /// Whether a generation ever ran (a later `Waiting` is a regroup).
+    started: bool,
+    /// Since when a started job waits below `min_nodes`.
+    regroup_since: Option<Instant>,
+    /// Hosts lost since the last generation started (host and why).
+    lost: Vec<String>,
+    /// Why the next generation opens.
+    reasons: Vec<GenerationReason>,
+    /// Generations opened for failed ranks since the last commit.
+    restarts: u32,
     metrics: Option<std::fs::File>,
     next_member: u64,
 }
@@ -158,6 +229,10 @@ impl Job {
             id,
             generation: 1,
             nodes_expected,
+            min_nodes: nodes_expected,
+            max_nodes: nodes_expected,
+            rejoin_timeout: DEFAULT_REJOIN_TIMEOUT,
+            max_restarts: DEFAULT_MAX_RESTARTS,
             recipe,
             recipe_yaml,
             out_dir,
@@ -165,15 +240,44 @@ impl Job {
             heartbeat_timeout: Duration::from_secs(30),
             phase: Phase::Waiting,
             members: Vec::new(),
+            pending: Vec::new(),
+            dropped: Vec::new(),
             rendezvous: BTreeMap::new(),
             finished_ranks: 0,
             left_ranks: BTreeSet::new(),
             progress: (0, 0, 0.0),
             checkpoints: Vec::new(),
             resume_from: None,
+            resume_step: None,
+            started: false,
+            regroup_since: None,
+            lost: Vec::new(),
+            reasons: vec![GenerationReason::Start],
+            restarts: 0,
             metrics: None,
             next_member: 0,
         }
+    }
+
+    /// Makes the job elastic when `min < max`: it runs with `min..=max`
+    /// hosts (it still starts with `nodes_expected`). Needs
+    /// `1 <= min <= nodes_expected <= max`.
+    pub fn set_node_bounds(&mut self, min: u32, max: u32) -> Result<(), JobError> {
+        if min == 0 || min > self.nodes_expected || max < self.nodes_expected {
+            return Err(JobError::Invalid(format!(
+                "node bounds {min}..={max} must hold the {} host(s) the job starts with, \
+                 with at least 1 (--min-nodes <= --nodes <= --max-nodes)",
+                self.nodes_expected
+            )));
+        }
+        self.min_nodes = min;
+        self.max_nodes = max;
+        Ok(())
+    }
+
+    /// Whether membership may change while running (else: fail-stop).
+    pub fn elastic(&self) -> bool {
+        self.min_nodes < self.max_nodes
     }
 
     /// Total ranks of the joined members.
@@ -183,24 +287,54 @@ impl Job {
 
     /// A host joins; when the last expected host has joined, ranks are
     /// assigned and the job starts (or fails if the world cannot run the
-    /// recipe). Returns the member id and its session secret.
+    /// recipe). An elastic job also takes hosts while it runs, up to
+    /// `max_nodes`: they are pending until the next generation. Returns the
+    /// member id, its session secret, and whether it is pending.
     pub fn join(
         &mut self,
         host: &str,
         kind: DeviceKind,
         local_ranks: u32,
         advertise: Option<IpAddr>,
-    ) -> Result<(String, Secret), JobError> {
+    ) -> Result<(String, Secret, bool), JobError> {
         if local_ranks == 0 {
             return Err(JobError::Invalid("local_ranks must be at least 1".into()));
         }
-        if self.phase != Phase::Waiting {
-            return Err(JobError::Precondition(format!(
-                "the job is {:?}; it takes no new members",
-                self.phase
-            )));
-        }
-        if let Some(first) = self.members.first() {
+        let pending = match &self.phase {
+            Phase::Waiting => false,
+            Phase::Running if self.elastic() => {
+                let hosts = self.members.len() + self.pending.len();
+                if hosts as u32 >= self.max_nodes {
+                    return Err(JobError::Precondition(format!(
+                        "the job has {hosts} host(s) (running and pending), the most it takes \
+                         (--max-nodes {})",
+                        self.max_nodes
+                    )));
+                }
+                let world = self.world_size()
+                    + self.pending.iter().map(|m| m.local_ranks).sum::<u32>()
+                    + local_ranks;
+                BatchPlan::new(&self.recipe, world).map_err(|e| {
+                    JobError::Precondition(format!(
+                        "host {host} with {local_ranks} rank(s) would make a world of {world}: {e}"
+                    ))
+                })?;
+                true
+            }
+            Phase::Running => {
+                return Err(JobError::Precondition(
+                    "the job is running and takes no new members (an elastic job, \
+                     `coordinator up --max-nodes` above --nodes, does)"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err(JobError::Precondition(format!(
+                    "the job is {other:?}; it takes no new members"
+                )))
+            }
+        };
+        if let Some(first) = self.members.first().or(self.pending.first()) {
             if first.kind != kind {
                 return Err(JobError::Invalid(format!(
                     "host {host} brings {kind:?} ranks but the job already has {:?} ranks",
@@ -218,35 +352,130 @@ impl Job {
             .map_err(|e| JobError::Precondition(format!("cannot make a member secret: {e}")))?;
         self.next_member += 1;
         let id = format!("m{}-{}", self.next_member, host);
-        let first_rank = self.world_size();
-        self.members.push(Member {
+        let member = Member {
             id: id.clone(),
             host: host.to_string(),
             kind,
             local_ranks,
-            first_rank,
+            first_rank: self.world_size(),
             last_seen: Instant::now(),
             advertise,
             secret: secret.clone(),
-        });
-        tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts)", self.members.len(), self.nodes_expected);
-        if self.members.len() as u32 == self.nodes_expected {
-            match BatchPlan::new(&self.recipe, self.world_size()) {
-                Ok(plan) => {
-                    self.phase = Phase::Running;
-                    tracing::info!(
-                        world = self.world_size(),
-                        "all hosts joined: global batch {} = {} x {} x {} ranks",
-                        plan.global_size,
-                        plan.micro_size,
-                        plan.accumulation,
-                        plan.world_size
-                    );
-                }
-                Err(e) => self.fail(format!("cannot start: {e}")),
+            ranks_generation: 0,
+        };
+        if pending {
+            self.pending.push(member);
+            tracing::info!(
+                member = %id,
+                host,
+                local_ranks,
+                "joined the running job; admitted at its next committed checkpoint"
+            );
+            return Ok((id, secret, true));
+        }
+        self.members.push(member);
+        if self.started {
+            self.reasons.push(GenerationReason::Admitted { host: host.to_string() });
+            tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts needed)", self.members.len(), self.min_nodes);
+            if self.members.len() as u32 >= self.min_nodes {
+                self.start_generation();
+            }
+        } else {
+            tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts)", self.members.len(), self.nodes_expected);
+            if self.members.len() as u32 == self.nodes_expected {
+                self.start_generation();
             }
         }
-        Ok((id, secret))
+        Ok((id, secret, false))
+    }
+
+    /// Numbers the ranks over the members in join order.
+    fn assign_ranks(&mut self) {
+        let mut next = 0;
+        for m in &mut self.members {
+            m.first_rank = next;
+            next += m.local_ranks;
+        }
+    }
+
+    /// Starts the current generation with the current members (or fails
+    /// the job if their world cannot run the recipe), and writes its record.
+    fn start_generation(&mut self) {
+        self.assign_ranks();
+        let plan = match BatchPlan::new(&self.recipe, self.world_size()) {
+            Ok(plan) => plan,
+            Err(e) if !self.started => return self.fail(format!("cannot start: {e}")),
+            Err(e) => {
+                let hosts: Vec<&str> = self.members.iter().map(|m| m.host.as_str()).collect();
+                return self.fail(format!(
+                    "cannot start generation {} on {} ({}): {e}",
+                    self.generation,
+                    hosts.join(", "),
+                    self.reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; ")
+                ));
+            }
+        };
+        self.phase = Phase::Running;
+        self.started = true;
+        self.regroup_since = None;
+        self.lost.clear();
+        let record = MetricsRecord::Generation {
+            generation: self.generation,
+            hosts: self.members.iter().map(|m| m.host.clone()).collect(),
+            world_size: plan.world_size,
+            accumulation: plan.accumulation,
+            resume_from: self.resume_from.clone(),
+            resume_step: self.resume_step,
+            reasons: std::mem::take(&mut self.reasons),
+        };
+        tracing::info!(
+            generation = self.generation,
+            world = plan.world_size,
+            "global batch {} = {} x {} x {} ranks",
+            plan.global_size,
+            plan.micro_size,
+            plan.accumulation,
+            plan.world_size
+        );
+        if let Some(line) = self.progress_line(&record) {
+            println!("{line}");
+        }
+        if let Err(e) = self.append(&record) {
+            tracing::error!("cannot record generation {}: {e}", self.generation);
+        }
+    }
+
+    /// Ends the running generation: the next one starts with the members
+    /// left (and the pending ones), from the newest committed checkpoint,
+    /// or waits for joins when fewer than `min_nodes` are left.
+    fn next_generation(&mut self, reason: Option<GenerationReason>) {
+        self.reasons.extend(reason);
+        self.generation += 1;
+        self.rendezvous.clear();
+        self.left_ranks.clear();
+        self.finished_ranks = 0;
+        for m in std::mem::take(&mut self.pending) {
+            self.reasons.push(GenerationReason::Admitted { host: m.host.clone() });
+            self.members.push(m);
+        }
+        if let Some(c) = self.checkpoints.last() {
+            self.resume_from = Some(c.path.clone());
+            self.resume_step = Some(c.step);
+        }
+        if self.members.len() as u32 >= self.min_nodes {
+            self.start_generation();
+        } else {
+            self.assign_ranks();
+            self.phase = Phase::Waiting;
+            self.regroup_since.get_or_insert_with(Instant::now);
+            tracing::warn!(
+                generation = self.generation,
+                "{} of the {} host(s) needed (--min-nodes) are left; waiting up to {:?} for joins",
+                self.members.len(),
+                self.min_nodes,
+                self.rejoin_timeout
+            );
+        }
     }
 
     /// The member whose credentials a call presents: its id and session
@@ -260,7 +489,9 @@ impl Job {
                     .into(),
             ));
         };
-        match self.members.iter().find(|m| m.id == id) {
+        let known =
+            self.members.iter().chain(&self.pending).chain(self.dropped.iter().map(|d| &d.0));
+        match known.into_iter().find(|m| m.id == id) {
             Some(m) if m.secret.matches(secret) => Ok(m),
             _ => Err(JobError::Unauthenticated(
                 "member credentials not accepted: unknown member or wrong secret".into(),
@@ -280,22 +511,57 @@ impl Job {
         Ok(member)
     }
 
+    /// A member of the current membership (not a pending or dropped one).
     fn member(&self, id: &str) -> Result<&Member, JobError> {
-        self.members
-            .iter()
-            .find(|m| m.id == id)
-            .ok_or_else(|| JobError::NotFound(format!("unknown member `{id}`")))
+        if let Some(m) = self.members.iter().find(|m| m.id == id) {
+            return Ok(m);
+        }
+        if self.pending.iter().any(|m| m.id == id) {
+            return Err(JobError::Precondition(format!(
+                "member {id} is pending: it is admitted at the job's next generation"
+            )));
+        }
+        if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
+            return Err(JobError::Precondition(format!(
+                "member {id} ({}) was dropped from the job: {why}",
+                m.host
+            )));
+        }
+        Err(JobError::NotFound(format!("unknown member `{id}`")))
     }
 
-    /// Records a heartbeat; false once the job is over.
-    pub fn heartbeat(&mut self, id: &str) -> Result<bool, JobError> {
-        let member = self
-            .members
-            .iter_mut()
-            .find(|m| m.id == id)
-            .ok_or_else(|| JobError::NotFound(format!("unknown member `{id}`")))?;
-        member.last_seen = Instant::now();
-        Ok(matches!(self.phase, Phase::Waiting | Phase::Running))
+    /// Notes that a rank of `member_id` fetched the current generation's assignment.
+    pub fn note_assigned(&mut self, member_id: &str) {
+        let generation = self.generation;
+        if let Some(m) = self.members.iter_mut().find(|m| m.id == member_id) {
+            m.ranks_generation = m.ranks_generation.max(generation);
+        }
+    }
+
+    /// Records a heartbeat and says whether the member goes on.
+    pub fn heartbeat(&mut self, id: &str) -> Result<Beat, JobError> {
+        let on = matches!(self.phase, Phase::Waiting | Phase::Running);
+        let failure = self.failure().map(str::to_string);
+        if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
+            m.last_seen = Instant::now();
+            let ranks_generation = m.ranks_generation;
+            return Ok(Beat { keep_going: on, pending: false, failure, ranks_generation });
+        }
+        if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
+            m.last_seen = Instant::now();
+            return Ok(Beat { keep_going: on, pending: true, failure, ranks_generation: 0 });
+        }
+        if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
+            let failure = format!("member {id} ({}) was dropped from the job: {why}", m.host);
+            let ranks_generation = m.ranks_generation;
+            return Ok(Beat {
+                keep_going: false,
+                pending: false,
+                failure: Some(failure),
+                ranks_generation,
+            });
+        }
+        Err(JobError::NotFound(format!("unknown member `{id}`")))
     }
 
     /// Why the job failed, if it did.
@@ -306,15 +572,63 @@ impl Job {
         }
     }
 
-    /// Fails the job if a member has been silent too long.
+    /// Deals with members silent too long: a fixed job fails; an elastic
+    /// one drops them (a new generation when it was running). Fails an
+    /// elastic job that waited below `min_nodes` past `rejoin_timeout`.
     pub fn check_liveness(&mut self) {
         if !matches!(self.phase, Phase::Waiting | Phase::Running) {
             return;
         }
         let timeout = self.heartbeat_timeout;
-        if let Some(m) = self.members.iter().find(|m| m.last_seen.elapsed() > timeout) {
-            let msg = format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout);
-            self.fail(msg);
+        let silent = |m: &Member| m.last_seen.elapsed() > timeout;
+        if !self.elastic() {
+            if let Some(m) = self.members.iter().find(|m| silent(m)) {
+                let msg =
+                    format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout);
+                self.fail(msg);
+            }
+            return;
+        }
+        let why = format!("missed heartbeats for {timeout:?}");
+        let (gone, kept): (Vec<Member>, Vec<Member>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|m| silent(m));
+        self.pending = kept;
+        for m in gone {
+            tracing::warn!(member = %m.id, host = %m.host, "pending member {why}; dropped");
+            self.dropped.push((m, why.clone()));
+        }
+        let (gone, kept): (Vec<Member>, Vec<Member>) =
+            std::mem::take(&mut self.members).into_iter().partition(|m| silent(m));
+        self.members = kept;
+        if !gone.is_empty() {
+            for m in &gone {
+                tracing::error!(member = %m.id, host = %m.host, "lost: {why}; dropped from the job");
+                self.lost.push(format!("{} ({why})", m.host));
+                if self.phase == Phase::Running {
+                    self.reasons.push(GenerationReason::LostHost {
+                        host: m.host.clone(),
+                        detail: why.clone(),
+                    });
+                }
+            }
+            self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
+            match self.phase {
+                Phase::Running => self.next_generation(None),
+                _ => self.assign_ranks(),
+            }
+        }
+        if let Some(since) = self.regroup_since {
+            if self.phase == Phase::Waiting && since.elapsed() > self.rejoin_timeout {
+                let reason = format!(
+                    "{} of the {} host(s) needed (--min-nodes) after waiting {:?} for joins; \
+                     lost: {}",
+                    self.members.len(),
+                    self.min_nodes,
+                    self.rejoin_timeout,
+                    self.lost.join(", ")
+                );
+                self.fail(reason);
+            }
         }
     }
 
@@ -332,6 +646,23 @@ impl Job {
         member_id: &str,
         local_rank: u32,
     ) -> Result<Option<RankAssignment>, JobError> {
+        if let Some(m) = self.pending.iter().find(|m| m.id == member_id) {
+            if local_rank >= m.local_ranks {
+                return Err(JobError::Invalid(format!(
+                    "local_rank {local_rank}: member {member_id} runs {} rank(s)",
+                    m.local_ranks
+                )));
+            }
+            return match &self.phase {
+                Phase::Failed(reason) => {
+                    Err(JobError::Precondition(format!("job failed: {reason}")))
+                }
+                Phase::Finished => Err(JobError::Precondition(
+                    "job finished before this member was admitted".into(),
+                )),
+                _ => Ok(None),
+            };
+        }
         let member = self.member(member_id)?;
         if local_rank >= member.local_ranks {
             return Err(JobError::Invalid(format!(
@@ -464,6 +795,12 @@ impl Job {
         record: &MetricsRecord,
     ) -> Result<Option<String>, JobError> {
         self.check_generation(generation)?;
+        self.append(record)?;
+        Ok(self.progress_line(record))
+    }
+
+    /// Appends a record to `metrics.jsonl`.
+    fn append(&mut self, record: &MetricsRecord) -> Result<(), JobError> {
         let path = self.out_dir.join("metrics.jsonl");
         if self.metrics.is_none() {
             let file = std::fs::OpenOptions::new()
@@ -480,7 +817,7 @@ impl Job {
             writeln!(file, "{line}")
                 .map_err(|e| JobError::Precondition(format!("{}: {e}", path.display())))?;
         }
-        Ok(self.progress_line(record))
+        Ok(())
     }
 
     /// Updates the job's progress from a record and says it in one line.
@@ -542,30 +879,87 @@ impl Job {
                 ))
             }
             MetricsRecord::Checksum { .. } => None,
+            MetricsRecord::Generation {
+                generation,
+                hosts,
+                world_size,
+                accumulation,
+                resume_from,
+                reasons,
+                ..
+            } => {
+                let from = resume_from
+                    .as_deref()
+                    .map_or_else(|| "a fresh start".to_string(), |p| format!("checkpoint {p}"));
+                let why: Vec<String> = reasons.iter().map(|r| r.to_string()).collect();
+                Some(format!(
+                    "generation {generation}: {} host(s) ({}), {world_size} rank(s) x {accumulation} \
+                     micro-batch(es), from {from} ({})",
+                    hosts.len(),
+                    hosts.join(", "),
+                    why.join("; ")
+                ))
+            }
         }
     }
 
-    /// Records a committed checkpoint.
+    /// Records a committed checkpoint at `updates` optimizer updates.
+    /// Pending members are admitted now: the next generation resumes from
+    /// this checkpoint, so a grow loses no update.
     pub fn commit_checkpoint(
         &mut self,
         generation: u64,
         epoch: u64,
+        updates: u64,
         path: String,
     ) -> Result<(), JobError> {
         self.check_generation(generation)?;
-        self.checkpoints.push((epoch, path));
+        self.checkpoints.push(CommittedCheckpoint { epoch, step: updates, path });
+        self.restarts = 0;
+        if !self.pending.is_empty() {
+            self.next_generation(None);
+        }
         Ok(())
     }
 
-    /// A rank leaves; the job finishes when every rank left successfully.
-    /// A rank leaves once; it cannot succeed before the job runs.
+    /// A rank of `generation` (0: a rank that never got an assignment, taken
+    /// as the current one) leaves; the job finishes when every rank left
+    /// successfully. A rank leaves once; it cannot succeed before the job
+    /// runs. A failure fails a fixed job; an elastic one restarts every rank
+    /// in a new generation (at most `max_restarts` times in a row without a
+    /// committed checkpoint). A pending member whose rank fails is dropped.
     pub fn leave(
         &mut self,
         member_id: &str,
+        generation: u64,
         local_rank: u32,
         success: bool,
         message: &str,
     ) -> Result<(), JobError> {
+        if generation != 0 && generation != self.generation {
+            return Err(JobError::Precondition(format!(
+                "stale generation {generation}, the job is at {}: the rank was replaced",
+                self.generation
+            )));
+        }
+        if let Some(i) = self.pending.iter().position(|m| m.id == member_id) {
+            if local_rank >= self.pending[i].local_ranks {
+                return Err(JobError::Invalid(format!(
+                    "local_rank {local_rank}: member {member_id} runs {} rank(s)",
+                    self.pending[i].local_ranks
+                )));
+            }
+            if success {
+                return Err(JobError::Precondition(format!(
+                    "member {member_id} is pending: its ranks have not started"
+                )));
+            }
+            let m = self.pending.remove(i);
+            let why = format!("local rank {local_rank} failed before admission: {message}");
+            tracing::warn!(member = %m.id, host = %m.host, "{why}; dropped");
+            self.dropped.push((m, why));
+            return Ok(());
+        }
         let member = self.member(member_id)?.clone();
         if local_rank >= member.local_ranks {
             return Err(JobError::Invalid(format!(
@@ -583,11 +977,24 @@ impl Job {
             return Err(JobError::Precondition(format!("rank {rank} has already left")));
         }
         if !success {
-            self.fail(format!(
-                "rank {} on {} failed: {message}",
-                member.first_rank + local_rank,
-                member.host
-            ));
+            let failure = format!("rank {rank} on {} failed: {message}", member.host);
+            if !self.elastic() || self.phase != Phase::Running {
+                self.fail(failure);
+            } else if self.restarts >= self.max_restarts {
+                self.fail(format!(
+                    "{failure} (after {} restart(s) without a committed checkpoint; \
+                     --max-restarts {})",
+                    self.restarts, self.max_restarts
+                ));
+            } else {
+                self.restarts += 1;
+                tracing::warn!("{failure}; restarting every rank (restart {})", self.restarts);
+                self.next_generation(Some(GenerationReason::RankFailed {
+                    rank,
+                    host: member.host.clone(),
+                    detail: message.to_string(),
+                }));
+            }
             return Ok(());
         }
         self.finished_ranks += 1;
@@ -608,18 +1015,269 @@ fn format_duration(secs: f64) -> String {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// The run folders of this test's jobs, deleted when its thread ends.
+        static SCRATCH: std::cell::RefCell<Vec<tempfile::TempDir>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn scratch() -> PathBuf {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        SCRATCH.with(|s| s.borrow_mut().push(dir));
+        path
+    }
+
     fn job(nodes: u32) -> Job {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../recipes/debug/resnet18_tiny_cpu.yaml");
         let recipe = rsb_recipes::load(&path, &[]).unwrap();
-        Job::new(recipe, std::env::temp_dir(), nodes)
+        Job::new(recipe, scratch(), nodes)
+    }
+
+    /// An elastic job of `nodes` hosts within `min..=max`, with 6 sampler
+    /// streams (worlds of 1, 2, 3 and 6 ranks).
+    fn elastic(nodes: u32, min: u32, max: u32) -> Job {
+        let mut j = job(nodes);
+        j.recipe.batch.global_size = 48;
+        j.recipe.batch.micro_size = 8;
+        j.set_node_bounds(min, max).unwrap();
+        j
+    }
+
+    /// Makes member `id` look silent past the heartbeat timeout.
+    fn silence(j: &mut Job, id: &str) {
+        let long_ago = Instant::now().checked_sub(j.heartbeat_timeout * 2).unwrap();
+        let m = j.members.iter_mut().chain(&mut j.pending).find(|m| m.id == id).unwrap();
+        m.last_seen = long_ago;
+    }
+
+    fn generations(j: &Job) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(j.out_dir.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "generation")
+            .collect()
+    }
+
+    fn step(step: u64) -> MetricsRecord {
+        MetricsRecord::Step {
+            epoch: 0,
+            step,
+            lr: 1e-3,
+            loss: 1.0,
+            images_per_sec: 1.0,
+            total_updates: 100,
+            skipped_updates: 0,
+        }
+    }
+
+    #[test]
+    fn node_bounds_must_hold_the_starting_hosts() {
+        let mut j = job(2);
+        for (min, max) in [(0, 2), (3, 3), (1, 1)] {
+            assert!(j.set_node_bounds(min, max).is_err(), "{min}..={max} accepted for 2 hosts");
+        }
+        j.set_node_bounds(2, 2).unwrap();
+        assert!(!j.elastic(), "fixed bounds made the job elastic");
+        j.set_node_bounds(1, 2).unwrap();
+        assert!(j.elastic());
+    }
+
+    #[test]
+    fn a_lost_member_opens_a_generation_over_the_others_from_the_newest_checkpoint() {
+        let mut j = elastic(3, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 1));
+        assert_eq!(j.assignment(&c, 0).unwrap().unwrap().plan.accumulation, 2);
+        j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
+        j.record_metrics(1, &step(4)).unwrap();
+        j.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0001".into()).unwrap();
+        j.record_metrics(1, &step(6)).unwrap();
+        j.commit_checkpoint(1, 1, 6, "/run/checkpoints/epoch-0002".into()).unwrap();
+        j.record_metrics(1, &step(7)).unwrap();
+        j.note_assigned(&a);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
+        silence(&mut j, &b);
+        j.check_liveness();
+        // Its agent learns that its ranks run in an older generation.
+        let beat = j.heartbeat(&a).unwrap();
+        assert_eq!((beat.keep_going, beat.ranks_generation), (true, 1));
+        j.note_assigned(&a);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 2);
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
+        let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a", "c"]);
+        // Ranks renumbered contiguously in join order, the plan re-derived.
+        let ca = j.assignment(&c, 0).unwrap().unwrap();
+        assert_eq!((ca.global_rank, ca.world_size, ca.plan.accumulation), (1, 2, 3));
+        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().global_rank, 0);
+        assert_eq!(j.resume_from.as_deref(), Some("/run/checkpoints/epoch-0002"));
+        assert!(j.rendezvous.is_empty(), "the rendezvous of generation 1 was kept");
+        let records = generations(&j);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records[0]["reasons"][0]["kind"], "start");
+        assert_eq!(records[0]["world_size"], 3);
+        let g = &records[1];
+        assert_eq!((g["generation"].as_u64(), g["world_size"].as_u64()), (Some(2), Some(2)));
+        assert_eq!(g["accumulation"], 3);
+        assert_eq!(g["hosts"], serde_json::json!(["a", "c"]));
+        assert_eq!(g["resume_from"], "/run/checkpoints/epoch-0002");
+        assert_eq!(g["resume_step"], 6, "the updates of the resumed checkpoint");
+        assert_eq!(g["reasons"][0]["kind"], "lost_host");
+        assert_eq!(g["reasons"][0]["host"], "b");
+        // The dropped member is told so, and can do nothing else.
+        let beat = j.heartbeat(&b).unwrap();
+        assert!(!beat.keep_going);
+        assert!(beat.failure.unwrap().contains("dropped"));
+        assert!(matches!(j.assignment(&b, 0), Err(JobError::Precondition(_))));
+    }
+
+    #[test]
+    fn calls_of_an_older_generation_are_refused_naming_both() {
+        let mut j = elastic(3, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        join(&mut j, "c", 1).unwrap();
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert_eq!(j.generation, 2);
+        let stale = [
+            j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap_err(),
+            j.record_metrics(1, &step(1)).unwrap_err(),
+            j.commit_checkpoint(1, 0, 1, "/x".into()).unwrap_err(),
+            j.leave(&a, 1, 0, false, "ring broken").unwrap_err(),
+        ];
+        for e in stale {
+            assert!(
+                matches!(&e, JobError::Precondition(m) if m.contains("generation 1") && m.contains('2')),
+                "{e:?}"
+            );
+        }
+        assert_eq!(j.generation, 2, "a stale failure opened a generation");
+        j.publish(&a, 2, 0, ring("127.0.0.1:1")).unwrap();
+    }
+
+    #[test]
+    fn a_failed_rank_restarts_every_rank_and_keeps_its_host_a_bounded_number_of_times() {
+        let mut j = elastic(2, 1, 2);
+        j.max_restarts = 2;
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 1, 0, false, "ring: connection reset").unwrap();
+        assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Running, 2, 2));
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["reasons"][0]["kind"], "rank_failed");
+        assert_eq!(g["reasons"][0]["rank"], 1);
+        // The rank that already left in generation 1 runs again.
+        assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
+        j.leave(&a, 2, 0, false, "boom").unwrap();
+        assert_eq!(j.generation, 3);
+        // A commit resets the count; without one, the next failure fails the job.
+        j.record_metrics(3, &step(2)).unwrap();
+        j.commit_checkpoint(3, 0, 1, "/ck".into()).unwrap();
+        j.leave(&a, 3, 0, false, "boom").unwrap();
+        j.leave(&a, 4, 0, false, "boom").unwrap();
+        assert_eq!(j.generation, 5);
+        j.leave(&a, 5, 0, false, "boom again").unwrap();
+        assert!(
+            matches!(&j.phase, Phase::Failed(r) if r.contains("boom again") && r.contains("--max-restarts 2")),
+            "{:?}",
+            j.phase
+        );
+    }
+
+    #[test]
+    fn below_min_nodes_the_job_waits_for_joins_then_fails_naming_the_lost_hosts() {
+        let mut j = elastic(2, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 2));
+        assert_eq!(j.assignment(&a, 0).unwrap(), None, "a rank ran below min_nodes");
+        assert!(j.heartbeat(&a).unwrap().keep_going);
+        // A host that joins now is admitted at once.
+        let c = join(&mut j, "c", 1).unwrap();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
+        assert_eq!(j.assignment(&c, 0).unwrap().unwrap().global_rank, 1);
+        let reasons = &generations(&j)[1]["reasons"];
+        assert_eq!(reasons[0]["host"], "b");
+        assert_eq!((&reasons[1]["kind"], &reasons[1]["host"]), (&"admitted".into(), &"c".into()));
+        // Without a join, the rejoin timeout ends the job, naming the lost host.
+        silence(&mut j, &c);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 3));
+        j.rejoin_timeout = Duration::from_millis(1);
+        std::thread::sleep(Duration::from_millis(5));
+        j.check_liveness();
+        assert!(
+            matches!(&j.phase, Phase::Failed(r) if r.contains("c (missed heartbeats") && r.contains("--min-nodes")),
+            "{:?}",
+            j.phase
+        );
+    }
+
+    #[test]
+    fn a_host_joining_a_running_job_is_pending_until_the_next_commit() {
+        let mut j = elastic(2, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        let (c, _, pending) = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(pending);
+        assert_eq!(j.generation, 1, "a join stopped the running generation");
+        assert_eq!(j.assignment(&c, 0).unwrap(), None);
+        assert!(j.heartbeat(&c).unwrap().pending);
+        let full = j.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
+        assert!(full.to_string().contains("--max-nodes 3"), "{full}");
+        j.record_metrics(1, &step(5)).unwrap();
+        j.commit_checkpoint(1, 0, 5, "/run/checkpoints/epoch-0001".into()).unwrap();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
+        assert!(j.pending.is_empty());
+        let ca = j.assignment(&c, 0).unwrap().unwrap();
+        assert_eq!((ca.global_rank, ca.world_size, ca.plan.accumulation), (2, 3, 2));
+        assert!(!j.heartbeat(&c).unwrap().pending);
+        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().world_size, 3);
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["resume_from"], "/run/checkpoints/epoch-0001");
+        assert_eq!(g["resume_step"], 5);
+        assert_eq!(g["reasons"][0]["kind"], "admitted");
+    }
+
+    #[test]
+    fn a_join_the_batch_plan_cannot_hold_is_refused() {
+        let mut j = job(2); // 2 sampler streams
+        j.set_node_bounds(1, 3).unwrap();
+        join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        let e = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
+        assert!(e.to_string().contains("world of 3"), "{e}");
+    }
+
+    #[test]
+    fn a_fixed_job_refuses_joins_while_running_and_fails_on_a_loss() {
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        let e = join(&mut j, "c", 1).unwrap_err();
+        assert!(e.to_string().contains("--max-nodes"), "{e}");
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert!(
+            matches!(&j.phase, Phase::Failed(r) if r.contains("(b) missed heartbeats")),
+            "{:?}",
+            j.phase
+        );
+        assert_eq!(j.generation, 1);
     }
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
     /// Joins a CPU host advertising 127.0.0.1; returns its member id.
     fn join(j: &mut Job, host: &str, ranks: u32) -> Result<String, JobError> {
-        j.join(host, DeviceKind::Cpu, ranks, LOOPBACK).map(|(id, _)| id)
+        j.join(host, DeviceKind::Cpu, ranks, LOOPBACK).map(|(id, _, _)| id)
     }
 
     fn ring(a: &str) -> Option<RendezvousPayload> {
@@ -678,14 +1336,14 @@ mod tests {
     #[test]
     fn member_credentials_are_checked() {
         let mut j = job(2);
-        let (a, secret) = j.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        let (a, secret, _) = j.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         let m = j.authenticate(Some((&a, secret.expose().as_bytes()))).unwrap();
         assert_eq!(m.id, a);
         for presented in [None, Some((a.as_str(), &b"wrong"[..])), Some(("m9-x", &b"wrong"[..]))] {
             let e = j.authenticate(presented).unwrap_err();
             assert!(matches!(e, JobError::Unauthenticated(_)), "{e:?}");
         }
-        let (b, other) = j.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        let (b, other, _) = j.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         assert_ne!(secret, other, "two members share a secret");
         let crossed = j.authenticate(Some((&b, secret.expose().as_bytes())));
         assert!(crossed.is_err(), "member b accepted with member a's secret");
@@ -703,13 +1361,13 @@ mod tests {
     fn a_rank_leaves_once_and_only_its_own_ranks() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        assert!(matches!(j.leave(&a, 2, true, ""), Err(JobError::Invalid(_))));
-        j.leave(&a, 0, true, "").unwrap();
-        assert!(matches!(j.leave(&a, 0, true, ""), Err(JobError::Precondition(_))));
+        assert!(matches!(j.leave(&a, 0, 2, true, ""), Err(JobError::Invalid(_))));
+        j.leave(&a, 0, 0, true, "").unwrap();
+        assert!(matches!(j.leave(&a, 0, 0, true, ""), Err(JobError::Precondition(_))));
         assert_eq!(j.phase, Phase::Running, "one rank leaving twice finished the job");
         let mut w = job(2);
         let a = join(&mut w, "a", 1).unwrap();
-        assert!(matches!(w.leave(&a, 0, true, ""), Err(JobError::Precondition(_))));
+        assert!(matches!(w.leave(&a, 0, 0, true, ""), Err(JobError::Precondition(_))));
     }
 
     #[test]
@@ -723,7 +1381,7 @@ mod tests {
     fn failures_and_silence_fail_the_job() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 1, false, "boom").unwrap();
+        j.leave(&a, 0, 1, false, "boom").unwrap();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("boom")));
         let mut j = job(1);
         j.heartbeat_timeout = Duration::from_millis(0);
@@ -739,16 +1397,16 @@ mod tests {
         // are still exiting when the last rank leaves must not report an error.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, true, "").unwrap();
-        assert!(j.heartbeat(&a).unwrap());
-        j.leave(&a, 1, true, "").unwrap();
+        j.leave(&a, 0, 0, true, "").unwrap();
+        assert!(j.heartbeat(&a).unwrap().keep_going);
+        j.leave(&a, 0, 1, true, "").unwrap();
         assert_eq!(j.phase, Phase::Finished);
-        assert!(!j.heartbeat(&a).unwrap());
+        assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert_eq!(j.failure(), None);
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, false, "boom").unwrap();
-        assert!(!j.heartbeat(&a).unwrap());
+        j.leave(&a, 0, 0, false, "boom").unwrap();
+        assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert!(j.failure().unwrap().contains("boom"));
     }
 
@@ -795,10 +1453,12 @@ mod tests {
         let lines: Vec<serde_json::Value> =
             text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["loading", "first_update", "step", "step", "checksum"]);
-        assert_eq!(lines[2]["loss"], 0.75);
-        assert_eq!(lines[2]["total_updates"], 4);
-        assert_eq!(lines[1]["elapsed_s"], 12.34);
+        // The coordinator's own record of the job's start comes first.
+        assert_eq!(kinds, ["generation", "loading", "first_update", "step", "step", "checksum"]);
+        assert_eq!(lines[0]["world_size"], 2);
+        assert_eq!(lines[3]["loss"], 0.75);
+        assert_eq!(lines[3]["total_updates"], 4);
+        assert_eq!(lines[2]["elapsed_s"], 12.34);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,11 @@
 //! hosts, assigns ranks, streams the job's progress, writes `DIR/metrics.jsonl`
 //! and the resolved `DIR/recipe.yaml`, and exits 0 when every rank finished
 //! (1 when the job failed). With `--local` it also starts the N workers itself.
+//! `--min-nodes M --max-nodes X` make the job elastic: it goes on with as few
+//! as M hosts when hosts are lost (resuming every rank from the newest
+//! committed checkpoint), waits up to `--rejoin-timeout-secs` for joins below
+//! M, and admits hosts that join while it runs, up to X. Without them the job
+//! is fail-stop.
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
 //!
@@ -88,6 +93,8 @@ enum Command {
         /// the job, naming the host.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         heartbeat_timeout_secs: u64,
+        #[command(flatten)]
+        elastic: ElasticArgs,
     },
     /// Show members, generation and progress of a running coordinator.
     Status {
@@ -121,6 +128,27 @@ enum Command {
         /// A second sweep folder, compared against the first.
         dir_b: Option<PathBuf>,
     },
+}
+
+/// Elastic membership of `up`.
+#[derive(Debug, clap::Args)]
+struct ElasticArgs {
+    /// Fewest hosts the job goes on with (default: --nodes, so that a lost
+    /// host fails the job). Below it the job waits for joins.
+    #[arg(long)]
+    min_nodes: Option<u32>,
+    /// Most hosts the job takes: hosts that join while it runs are admitted
+    /// at its next committed checkpoint (default: --nodes).
+    #[arg(long)]
+    max_nodes: Option<u32>,
+    /// How long a job left with fewer than --min-nodes hosts waits for joins
+    /// before it fails, naming the lost hosts.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    rejoin_timeout_secs: u64,
+    /// An elastic job restarts every rank when one fails, at most this many
+    /// times in a row without a committed checkpoint; then it fails.
+    #[arg(long, default_value_t = rsb_coordinator::job::DEFAULT_MAX_RESTARTS)]
+    max_restarts: u32,
 }
 
 /// TLS of the coordinator's gRPC port.
@@ -195,6 +223,7 @@ async fn run(cli: Cli) -> Result<()> {
             tls,
             resume,
             heartbeat_timeout_secs,
+            elastic,
         } => {
             let heartbeat_timeout = Duration::from_secs(heartbeat_timeout_secs);
             up(
@@ -209,6 +238,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tls,
                 resume,
                 heartbeat_timeout,
+                elastic,
             )
             .await
         }
@@ -251,12 +281,27 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
     );
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
     println!("job {} generation {}: {}", s.job_id, s.generation, s.state);
-    println!("members {}/{}:", s.members.len(), s.nodes_expected);
+    println!(
+        "members {}/{} (min {}, max {}):",
+        s.members.len(),
+        s.nodes_expected,
+        s.min_nodes,
+        s.max_nodes
+    );
     for m in &s.members {
         println!(
             "  {} {} ranks={} last heartbeat {} ms ago",
             m.member_id, m.host_name, m.local_ranks, m.last_heartbeat_ms_ago
         );
+    }
+    if !s.pending.is_empty() {
+        println!("pending (admitted at the next generation):");
+        for m in &s.pending {
+            println!(
+                "  {} {} ranks={} last heartbeat {} ms ago",
+                m.member_id, m.host_name, m.local_ranks, m.last_heartbeat_ms_ago
+            );
+        }
     }
     println!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
     Ok(())
@@ -275,9 +320,18 @@ async fn up(
     tls: TlsArgs,
     resume: Option<PathBuf>,
     heartbeat_timeout: Duration,
+    elastic: ElasticArgs,
 ) -> Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
+    }
+    let (min_nodes, max_nodes) =
+        (elastic.min_nodes.unwrap_or(nodes), elastic.max_nodes.unwrap_or(nodes));
+    if min_nodes == 0 || min_nodes > nodes || max_nodes < nodes {
+        bail!(
+            "--min-nodes {min_nodes} --nodes {nodes} --max-nodes {max_nodes}: need \
+             1 <= --min-nodes <= --nodes <= --max-nodes"
+        );
     }
     let recipe = recipe_args.load(&overrides)?;
     rsb_job::check_out_folder(&out, resume.as_deref())?;
@@ -312,6 +366,10 @@ async fn up(
     let token = job_token(token_file.as_deref(), &out)?;
     let mut job = Job::new(recipe, out.clone(), nodes);
     job.heartbeat_timeout = heartbeat_timeout;
+    job.set_node_bounds(min_nodes, max_nodes)?;
+    job.rejoin_timeout = Duration::from_secs(elastic.rejoin_timeout_secs);
+    job.max_restarts = elastic.max_restarts;
+    let is_elastic = job.elastic();
     if let Some(path) = resume {
         let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
         job.resume_from = Some(path.display().to_string());
@@ -371,6 +429,7 @@ async fn up(
             children.push(cmd.spawn().with_context(|| format!("starting {}", worker.display()))?);
         }
     }
+    let mut exited = vec![false; children.len()];
     let outcome = loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -383,9 +442,19 @@ async fn up(
             }
         }
         for (i, child) in children.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
             if let Ok(Some(code)) = child.try_wait() {
+                exited[i] = true;
                 if !code.success() {
-                    shared.update(|job| job.fail(format!("local worker {i} exited with {code}")));
+                    let what = format!("local worker {i} exited with {code}");
+                    if is_elastic {
+                        // Its heartbeats stop: the job drops it and goes on.
+                        tracing::warn!("{what}");
+                    } else {
+                        shared.update(|job| job.fail(what));
+                    }
                 }
             }
         }
@@ -405,7 +474,11 @@ async fn up(
         let _ = tokio::time::timeout_at(grace, child.wait()).await;
     }
     let _ = stop_tx.send(());
-    let _ = server.await;
+    // A graceful stop waits for open connections, and those of a frozen or
+    // cut-off host never close: bounded.
+    if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+        tracing::warn!("connections still open 5 s after the job ended; closing them");
+    }
     outcome
 }
 

@@ -302,6 +302,11 @@ fn payload(r: &pb::RendezvousRequest) -> Result<Option<RendezvousPayload>, Statu
 /// A metrics record, with its strings bounded.
 fn record(r: Option<pb::metrics_report::Record>) -> Result<MetricsRecord, Status> {
     let r = r.ok_or_else(|| Status::invalid_argument("`record` is required"))?;
+    if let pb::metrics_report::Record::GenerationStart(_) = &r {
+        return Err(Status::invalid_argument(
+            "`record.generation_start`: generation records are written by the coordinator",
+        ));
+    }
     if let pb::metrics_report::Record::Epoch(e) = &r {
         if e.eval_sets.len() > MAX_EVAL_SETS {
             return Err(Status::invalid_argument(format!(
@@ -323,16 +328,17 @@ impl Coordinator for Shared {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let join = Join::try_from(request.into_inner())?;
-        let (id, secret, interval) = self
+        let (id, secret, pending, interval) = self
             .update(|job| {
                 job.join(&join.host, join.kind, join.local_ranks, join.advertise)
-                    .map(|(id, secret)| (id, secret, job.heartbeat_interval))
+                    .map(|(id, secret, pending)| (id, secret, pending, job.heartbeat_interval))
             })
             .map_err(status)?;
         Ok(Response::new(pb::JoinResponse {
             member_id: id,
             heartbeat_interval_ms: interval.as_millis() as u32,
             member_secret: secret.expose().to_string(),
+            pending,
         }))
     }
 
@@ -343,14 +349,19 @@ impl Coordinator for Shared {
         let caller = self.caller("Heartbeat", &request)?;
         let r = request.into_inner();
         own_member("member_id", &r.member_id, &caller)?;
-        let (keep_going, generation, failure) = self
+        let (beat, generation) = self
             .update(|job| {
                 job.check_liveness();
-                let keep_going = job.heartbeat(&caller)?;
-                Ok((keep_going, job.generation, job.failure().unwrap_or_default().to_string()))
+                Ok((job.heartbeat(&caller)?, job.generation))
             })
             .map_err(status)?;
-        Ok(Response::new(pb::HeartbeatResponse { keep_going, generation, failure }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            keep_going: beat.keep_going,
+            generation,
+            failure: beat.failure.unwrap_or_default(),
+            pending: beat.pending,
+            ranks_generation: beat.ranks_generation,
+        }))
     }
 
     async fn get_assignment(
@@ -362,7 +373,11 @@ impl Coordinator for Shared {
         own_member("member_id", &r.member_id, &caller)?;
         let assignment = self
             .wait_for(|job| {
-                Ok(job.assignment(&caller, r.local_rank)?.map(|a| pb::Assignment {
+                let assignment = job.assignment(&caller, r.local_rank)?;
+                if assignment.is_some() {
+                    job.note_assigned(&caller);
+                }
+                Ok(assignment.map(|a| pb::Assignment {
                     job_id: job.id.clone(),
                     generation: job.generation,
                     global_rank: a.global_rank,
@@ -397,6 +412,11 @@ impl Coordinator for Shared {
                 Phase::Failed(reason) => {
                     Err(JobError::Precondition(format!("job failed: {reason}")))
                 }
+                // The membership changed while this rank waited.
+                _ if job.generation != r.generation => Err(JobError::Precondition(format!(
+                    "stale generation {}, the job is at {}",
+                    r.generation, job.generation
+                ))),
                 _ => Ok(job.rendezvous_result()),
             })
             .await?;
@@ -442,7 +462,7 @@ impl Coordinator for Shared {
             this_job(job, &r.job_id)?;
             // Rank 0 writes the checkpoints.
             job.check_runs_rank(&caller, 0)?;
-            job.commit_checkpoint(r.generation, r.epoch, r.path.clone())
+            job.commit_checkpoint(r.generation, r.epoch, r.updates, r.path.clone())
         })
         .map_err(status)?;
         println!("checkpoint committed: epoch {} at {}", r.epoch, r.path);
@@ -459,7 +479,7 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        self.update(|job| job.leave(&caller, r.local_rank, r.success, &r.message))
+        self.update(|job| job.leave(&caller, r.generation, r.local_rank, r.success, &r.message))
             .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
@@ -476,20 +496,20 @@ impl Coordinator for Shared {
             Phase::Finished => "finished".to_string(),
             Phase::Failed(r) => format!("failed: {r}"),
         };
+        let shown = |m: &crate::job::Member| pb::Member {
+            member_id: m.id.clone(),
+            host_name: m.host.clone(),
+            local_ranks: m.local_ranks,
+            last_heartbeat_ms_ago: m.last_seen.elapsed().as_millis() as u64,
+        };
         Ok(Response::new(pb::StatusResponse {
             job_id: job.id.clone(),
             generation: job.generation,
             state,
-            members: job
-                .members
-                .iter()
-                .map(|m| pb::Member {
-                    member_id: m.id.clone(),
-                    host_name: m.host.clone(),
-                    local_ranks: m.local_ranks,
-                    last_heartbeat_ms_ago: m.last_seen.elapsed().as_millis() as u64,
-                })
-                .collect(),
+            members: job.members.iter().map(shown).collect(),
+            pending: job.pending.iter().map(shown).collect(),
+            min_nodes: job.min_nodes,
+            max_nodes: job.max_nodes,
             nodes_expected: job.nodes_expected,
             epoch: job.progress.0,
             step: job.progress.1,

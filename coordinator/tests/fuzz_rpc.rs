@@ -150,9 +150,15 @@ fn call() -> impl Strategy<Value = Call> {
                 Call::Commit(pb::CheckpointCommit { job_id, generation, epoch, path, updates })
             }
         ),
-        (text(), small(), any::<bool>(), text()).prop_map(
-            |(member_id, local_rank, success, message)| {
-                Call::Leave(pb::LeaveRequest { member_id, local_rank, success, message })
+        (text(), generation(), small(), any::<bool>(), text()).prop_map(
+            |(member_id, generation, local_rank, success, message)| {
+                Call::Leave(pb::LeaveRequest {
+                    member_id,
+                    local_rank,
+                    success,
+                    message,
+                    generation,
+                })
             }
         ),
         Just(Call::Status),

@@ -1,8 +1,37 @@
 //! [`MetricsRecord`] <-> the `record` of a `MetricsReport`: field for field,
 //! so what rank 0 sends is exactly what the coordinator writes.
 
+use crate::v1::generation_reason::Reason;
 use crate::v1::{self as pb, metrics_report::Record};
-use rsb_job::{EvalSetAccuracy, MetricsRecord};
+use rsb_job::{EvalSetAccuracy, GenerationReason, MetricsRecord};
+
+impl From<&GenerationReason> for pb::GenerationReason {
+    fn from(reason: &GenerationReason) -> pb::GenerationReason {
+        let reason = match reason.clone() {
+            GenerationReason::Start => Reason::Start(pb::GenerationStart {}),
+            GenerationReason::LostHost { host, detail } => {
+                Reason::LostHost(pb::LostHost { host, detail })
+            }
+            GenerationReason::RankFailed { rank, host, detail } => {
+                Reason::RankFailed(pb::RankFailed { rank, host, detail })
+            }
+            GenerationReason::Admitted { host } => Reason::Admitted(pb::HostAdmitted { host }),
+        };
+        pb::GenerationReason { reason: Some(reason) }
+    }
+}
+
+/// The reason a wire message gives (none when it sets no reason).
+fn reason_of(reason: pb::GenerationReason) -> Option<GenerationReason> {
+    Some(match reason.reason? {
+        Reason::Start(_) => GenerationReason::Start,
+        Reason::LostHost(r) => GenerationReason::LostHost { host: r.host, detail: r.detail },
+        Reason::RankFailed(r) => {
+            GenerationReason::RankFailed { rank: r.rank, host: r.host, detail: r.detail }
+        }
+        Reason::Admitted(r) => GenerationReason::Admitted { host: r.host },
+    })
+}
 
 impl From<&MetricsRecord> for Record {
     fn from(record: &MetricsRecord) -> Record {
@@ -69,6 +98,23 @@ impl From<&MetricsRecord> for Record {
             MetricsRecord::Checksum { rank, step, sum, sum_of_squares } => {
                 Record::Checksum(pb::ChecksumRecord { rank, step, sum, sum_of_squares })
             }
+            MetricsRecord::Generation {
+                generation,
+                hosts,
+                world_size,
+                accumulation,
+                resume_from,
+                resume_step,
+                reasons,
+            } => Record::GenerationStart(pb::GenerationRecord {
+                generation,
+                hosts,
+                world_size,
+                accumulation,
+                resume_from,
+                resume_step,
+                reasons: reasons.iter().map(pb::GenerationReason::from).collect(),
+            }),
         }
     }
 }
@@ -123,6 +169,15 @@ impl From<Record> for MetricsRecord {
                 sum: r.sum,
                 sum_of_squares: r.sum_of_squares,
             },
+            Record::GenerationStart(r) => MetricsRecord::Generation {
+                generation: r.generation,
+                hosts: r.hosts,
+                world_size: r.world_size,
+                accumulation: r.accumulation,
+                resume_from: r.resume_from,
+                resume_step: r.resume_step,
+                reasons: r.reasons.into_iter().filter_map(reason_of).collect(),
+            },
         }
     }
 }
@@ -166,6 +221,24 @@ mod tests {
                 skipped_updates: 3,
             },
             MetricsRecord::Checksum { rank: 1, step: 4, sum: -3.5, sum_of_squares: 12.0 },
+            MetricsRecord::Generation {
+                generation: 3,
+                hosts: vec!["a".into(), "c".into()],
+                world_size: 2,
+                accumulation: 3,
+                resume_from: Some("/run/checkpoints/epoch-0002".into()),
+                resume_step: Some(12),
+                reasons: vec![
+                    GenerationReason::Start,
+                    GenerationReason::LostHost { host: "b".into(), detail: "silent".into() },
+                    GenerationReason::RankFailed {
+                        rank: 1,
+                        host: "c".into(),
+                        detail: "ring".into(),
+                    },
+                    GenerationReason::Admitted { host: "d".into() },
+                ],
+            },
         ];
         for record in records {
             let report = pb::MetricsReport {

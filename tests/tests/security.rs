@@ -205,6 +205,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 local_rank: 0,
                 success: false,
                 message: "x".into(),
+                generation: 1,
             })
             .await
             .map(drop),

@@ -11,6 +11,13 @@
 //! coordinator. A rank's log lines go to its stderr and, without colour, to
 //! `<run dir>/ranks/rank-N.log`.
 //!
+//! Generations: when the coordinator opens a new generation of an elastic
+//! job (a host lost, a rank failed, a host admitted), the heartbeat answers
+//! carry its number; the agent then stops its ranks (SIGTERM, then SIGKILL
+//! after a grace period) and starts new ones, which fetch the new
+//! assignment. A rank that fails does not end the agent while the job goes
+//! on: it waits for the next generation, or for the job's end.
+//!
 //! Credentials: the agent reads the job token from `--token-file` or
 //! `RSB_JOB_TOKEN` (never from the command line) and gets a member secret at
 //! join; its rank processes receive both through their environment. Every
@@ -220,43 +227,56 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     let cores = args.cores.unwrap_or(available).clamp(1, available);
     let cores_per_rank = (cores / ranks as usize).max(1);
     let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    let mut relays = Vec::new();
-    for local_rank in 0..ranks {
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["rank", "--coordinator", &args.coordinator, "--member", &joined.member_id])
-            .args(["--local-rank", &local_rank.to_string(), "--advertise", &advertise.to_string()]);
-        cmd.args(["--loader-threads", &cores_per_rank.to_string()]);
-        if kind == pb::DeviceKind::Cpu {
-            cmd.args(["--device", "cpu", "--torch-threads", &cores_per_rank.to_string()]);
-        } else {
-            // One process per GPU, which sees only its own GPU as cuda:0.
-            cmd.args(["--device", "cuda"])
-                .env("CUDA_VISIBLE_DEVICES", gpus[local_rank as usize].to_string());
+    let start_ranks = || -> Result<(Vec<tokio::process::Child>, Vec<StderrRelay>)> {
+        let mut children = Vec::new();
+        let mut relays = Vec::new();
+        for local_rank in 0..ranks {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(["rank", "--coordinator", &args.coordinator, "--member", &joined.member_id])
+                .args(["--local-rank", &local_rank.to_string()])
+                .args(["--advertise", &advertise.to_string()]);
+            cmd.args(["--loader-threads", &cores_per_rank.to_string()]);
+            if kind == pb::DeviceKind::Cpu {
+                cmd.args(["--device", "cpu", "--torch-threads", &cores_per_rank.to_string()]);
+            } else {
+                // One process per GPU, which sees only its own GPU as cuda:0.
+                cmd.args(["--device", "cuda"])
+                    .env("CUDA_VISIBLE_DEVICES", gpus[local_rank as usize].to_string());
+            }
+            if let Some(dir) = &args.run_dir {
+                cmd.arg("--run-dir").arg(dir);
+            }
+            if let Some(ca) = &args.tls_ca {
+                cmd.arg("--tls-ca").arg(ca);
+            }
+            // Credentials travel in the environment, never on the command line.
+            cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
+            // stderr is relayed line by line, and its last error line kept
+            // for the report of a rank that dies.
+            cmd.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+            rsb_process::die_with_parent(&mut cmd);
+            let mut child = cmd.spawn().context("starting a rank process")?;
+            relays.push(StderrRelay::start(child.stderr.take()));
+            children.push(child);
         }
-        if let Some(dir) = &args.run_dir {
-            cmd.arg("--run-dir").arg(dir);
-        }
-        if let Some(ca) = &args.tls_ca {
-            cmd.arg("--tls-ca").arg(ca);
-        }
-        // Credentials travel in the environment, never on the command line.
-        cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
-        // stderr is relayed line by line, and its last error line kept for
-        // the report of a rank that dies.
-        cmd.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        rsb_process::die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().context("starting a rank process")?;
-        relays.push(StderrRelay::start(child.stderr.take()));
-        children.push(child);
+        Ok((children, relays))
+    };
+    if joined.pending {
+        tracing::info!("the job is running: admitted at its next generation");
     }
+    let (mut children, mut relays) = start_ranks()?;
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
     let mut last_heartbeat = tokio::time::Instant::now();
     let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
+    // A failure of one of the current ranks, then of the job.
     let mut failed = None;
+    let mut job_failed = None;
     let mut done = vec![false; children.len()];
     let mut job_over = false;
+    // The generation the current ranks run in (known from the first
+    // heartbeat answer that does not say "pending").
+    let mut rank_generation: Option<u64> = None;
     loop {
         for (i, child) in children.iter_mut().enumerate() {
             if !done[i] {
@@ -280,6 +300,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                             local_rank: i as u32,
                             success: false,
                             message: reason.clone(),
+                            generation: rank_generation.unwrap_or(0),
                         };
                         match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                             Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -293,7 +314,9 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                 }
             }
         }
-        if done.iter().all(|d| *d) {
+        // Every rank is done: they all succeeded, or the job is over. After
+        // a failure the job may go on in a new generation: wait for it.
+        if done.iter().all(|d| *d) && (failed.is_none() || job_over) {
             break;
         }
         if !job_over {
@@ -321,12 +344,38 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                                 let _ = child.kill().await;
                             }
                         }
-                        failed.get_or_insert_with(|| format!("job failed: {failure}"));
+                        job_failed = Some(format!("job failed: {failure}"));
                     }
                     // A finished job: every rank has already reported success
                     // and our rank processes are exiting on their own.
                 }
-                Ok(_) => {}
+                Ok(r) if r.get_ref().pending => {}
+                Ok(r) => {
+                    let generation = r.get_ref().generation;
+                    match rank_generation {
+                        None => rank_generation = Some(generation),
+                        // The current ranks already fetched its assignment
+                        // (it opened while they were starting).
+                        Some(current)
+                            if generation > current
+                                && r.get_ref().ranks_generation >= generation =>
+                        {
+                            rank_generation = Some(generation);
+                        }
+                        Some(current) if generation > current => {
+                            tracing::warn!(
+                                generation,
+                                "the job opened a new generation; restarting the local ranks"
+                            );
+                            rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                            (children, relays) = start_ranks()?;
+                            done = vec![false; children.len()];
+                            failed = None;
+                            rank_generation = Some(generation);
+                        }
+                        Some(_) => {}
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
             if heartbeat_ok {
@@ -350,7 +399,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             }
         }
     }
-    match failed {
+    match failed.or(job_failed) {
         Some(reason) => bail!("{reason}"),
         None => Ok(()),
     }
@@ -436,7 +485,8 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
     let mut client = CoordinatorClient::with_interceptor(channel, credentials);
     let ring_key = RingKey::derive(token.expose().as_bytes());
-    let outcome = run_rank(&args, &runtime, &mut client, &ring_key);
+    let mut generation = 0;
+    let outcome = run_rank(&args, &runtime, &mut client, &ring_key, &mut generation);
     let (success, message) = match &outcome {
         Ok(()) => (true, String::new()),
         Err(e) => (false, truncated(format!("{e:#}"), MAX_LEAVE_MESSAGE)),
@@ -446,6 +496,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
         local_rank: args.local_rank,
         success,
         message,
+        generation,
     };
     if let Err(e) = runtime.block_on(client.leave(leave)) {
         tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
@@ -458,6 +509,7 @@ fn run_rank(
     runtime: &Arc<tokio::runtime::Runtime>,
     client: &mut Client,
     ring_key: &RingKey,
+    generation: &mut u64,
 ) -> Result<()> {
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
@@ -469,6 +521,7 @@ fn run_rank(
         }))
         .context("waiting for an assignment")?
         .into_inner();
+    *generation = assignment.generation;
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
     let log = RankLog::install(&run_dir, rank)?;

@@ -18,6 +18,6 @@ pub mod sweep;
 
 pub use checkpoint::CheckpointError;
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
-pub use records::{EvalSetAccuracy, MetricsRecord};
+pub use records::{EvalSetAccuracy, GenerationReason, MetricsRecord};
 pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};
 pub use sweep::{parse_seeds, GridAxis, SweepCell, SweepError, SweepLayout, SweepManifest};

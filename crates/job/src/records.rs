@@ -5,6 +5,11 @@
 //!
 //! Epochs are 0-based; `step` is always the number of optimizer updates done
 //! since the start of the run (resumed invocations included).
+//!
+//! One kind is written by the coordinator alone: [`MetricsRecord::Generation`],
+//! when a job's membership changes and its ranks restart from a checkpoint.
+//! The records of the updates lost by such a restart (made after the
+//! checkpoint it resumes from) stay in the file before it.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -91,6 +96,68 @@ pub enum MetricsRecord {
         /// Sum of the squares of every parameter.
         sum_of_squares: f64,
     },
+    /// A generation of the job starts (written by the coordinator): its
+    /// ranks, in rank order over the hosts, restart from `resume_from`.
+    Generation {
+        /// Generation number (1 for the job's start).
+        generation: u64,
+        /// Member hosts in rank order (join order).
+        hosts: Vec<String>,
+        /// Ranks in all.
+        world_size: u32,
+        /// Micro-batches each rank accumulates per update (the global batch
+        /// stays the recipe's).
+        accumulation: u32,
+        /// Checkpoint rank 0 resumes from (none: a fresh start).
+        resume_from: Option<String>,
+        /// Updates done in that checkpoint (none: a fresh start, or a
+        /// checkpoint the job did not write itself).
+        resume_step: Option<u64>,
+        /// Why the generation opened, oldest first.
+        reasons: Vec<GenerationReason>,
+    },
+}
+
+/// Why a job opened a new generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GenerationReason {
+    /// The job started (generation 1).
+    Start,
+    /// A member host was lost and dropped from the job.
+    LostHost {
+        /// The host.
+        host: String,
+        /// What happened (missed heartbeats, ...).
+        detail: String,
+    },
+    /// A rank failed; its host stays (its agent is alive) and every rank restarts.
+    RankFailed {
+        /// Global rank in the generation that failed.
+        rank: u32,
+        /// Its host.
+        host: String,
+        /// The failure it reported.
+        detail: String,
+    },
+    /// A host that joined the running job was admitted.
+    Admitted {
+        /// The host.
+        host: String,
+    },
+}
+
+impl std::fmt::Display for GenerationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GenerationReason::Start => write!(f, "start"),
+            GenerationReason::LostHost { host, detail } => write!(f, "lost host {host}: {detail}"),
+            GenerationReason::RankFailed { rank, host, detail } => {
+                write!(f, "rank {rank} on {host} failed: {detail}")
+            }
+            GenerationReason::Admitted { host } => write!(f, "admitted host {host}"),
+        }
+    }
 }
 
 /// `, N update(s) skipped (non-finite gradients)` for a record's
@@ -125,21 +192,23 @@ impl MetricsRecord {
             MetricsRecord::Step { .. } => "step",
             MetricsRecord::Epoch { .. } => "epoch",
             MetricsRecord::Checksum { .. } => "checksum",
+            MetricsRecord::Generation { .. } => "generation",
         }
     }
 
-    /// The epoch the record belongs to (checksums: none).
+    /// The epoch the record belongs to (checksums and generations: none).
     pub fn epoch(&self) -> Option<u64> {
         match self {
             MetricsRecord::Loading { epoch, .. }
             | MetricsRecord::FirstUpdate { epoch, .. }
             | MetricsRecord::Step { epoch, .. }
             | MetricsRecord::Epoch { epoch, .. } => Some(*epoch),
-            MetricsRecord::Checksum { .. } => None,
+            MetricsRecord::Checksum { .. } | MetricsRecord::Generation { .. } => None,
         }
     }
 
-    /// Updates done when the record was made.
+    /// Updates done when the record was made (a generation: the updates
+    /// of the checkpoint it resumes from).
     pub fn step(&self) -> u64 {
         match self {
             MetricsRecord::Loading { step, .. }
@@ -147,6 +216,7 @@ impl MetricsRecord {
             | MetricsRecord::Step { step, .. }
             | MetricsRecord::Epoch { step, .. }
             | MetricsRecord::Checksum { step, .. } => *step,
+            MetricsRecord::Generation { resume_step, .. } => resume_step.unwrap_or(0),
         }
     }
 }
@@ -243,6 +313,29 @@ mod tests {
             let back: MetricsRecord = serde_json::from_str(&line).unwrap();
             assert_eq!(back, record);
         }
+    }
+
+    #[test]
+    fn a_generation_line_names_its_reasons() {
+        let record = MetricsRecord::Generation {
+            generation: 2,
+            hosts: vec!["a".into(), "b".into()],
+            world_size: 2,
+            accumulation: 3,
+            resume_from: Some("/run/checkpoints/epoch-0002".into()),
+            resume_step: Some(10),
+            reasons: vec![GenerationReason::LostHost { host: "c".into(), detail: "silent".into() }],
+        };
+        let value = serde_json::to_value(&record).unwrap();
+        assert_eq!(value["kind"], "generation");
+        assert_eq!(value["world_size"], 2);
+        assert_eq!(value["reasons"][0]["kind"], "lost_host");
+        assert_eq!(value["reasons"][0]["host"], "c");
+        assert_eq!(record.step(), 10);
+        let back: MetricsRecord = serde_json::from_str(&value.to_string()).unwrap();
+        assert_eq!(back, record);
+        let reason = GenerationReason::RankFailed { rank: 1, host: "b".into(), detail: "x".into() };
+        assert_eq!(reason.to_string(), "rank 1 on b failed: x");
     }
 
     #[test]

@@ -269,7 +269,9 @@ impl Progress {
                     ),
                 )
             }
-            MetricsRecord::Epoch { .. } | MetricsRecord::Checksum { .. } => {}
+            MetricsRecord::Epoch { .. }
+            | MetricsRecord::Checksum { .. }
+            | MetricsRecord::Generation { .. } => {}
         }
     }
 
