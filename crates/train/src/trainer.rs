@@ -277,6 +277,11 @@ impl Trainer {
         if recipe.runtime.torch_threads > 0 {
             tch::set_num_threads(recipe.runtime.torch_threads as i32);
         }
+        if device.is_cuda() {
+            // As timm's train.py: cuDNN picks the fastest convolution
+            // algorithm per shape (the shapes of a run are fixed).
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         tch::manual_seed(torch_seed(&[recipe.seed, Stream::Torch as u64, u64::MAX]));
         let mut model = from_recipe::model(&recipe, device)?;
         let mut optimizer = from_recipe::optimizer(&recipe, &model)?;
