@@ -839,6 +839,7 @@ impl Job {
                 images_per_sec,
                 total_updates,
                 skipped_updates,
+                peak_gpu_memory_mib,
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
                 let eta = if *images_per_sec > 0.0 {
@@ -849,8 +850,10 @@ impl Job {
                 } else {
                     String::new()
                 };
+                let memory = peak_gpu_memory_mib
+                    .map_or_else(String::new, |mib| format!(" peak GPU memory {mib:.0} MiB"));
                 Some(format!(
-                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){eta}{}",
+                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){memory}{eta}{}",
                     skipped_updates_note(*skipped_updates)
                 ))
             }
@@ -1069,6 +1072,7 @@ mod tests {
             images_per_sec: 1.0,
             total_updates: 100,
             skipped_updates: 0,
+            peak_gpu_memory_mib: None,
         }
     }
 
@@ -1432,6 +1436,7 @@ mod tests {
             images_per_sec: 16.0,
             total_updates: 4,
             skipped_updates: 0,
+            peak_gpu_memory_mib: None,
         };
         let line = j.record_metrics(1, &step).unwrap().unwrap();
         assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");

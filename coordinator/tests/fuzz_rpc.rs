@@ -67,6 +67,7 @@ fn record() -> impl Strategy<Value = Option<pb::metrics_report::Record>> {
                 images_per_sec,
                 total_updates,
                 skipped_updates: step % 3,
+                peak_gpu_memory_mib: (step % 2 == 0).then_some(lr),
             })
         },
     );

@@ -50,6 +50,7 @@ impl From<&MetricsRecord> for Record {
                 images_per_sec,
                 total_updates,
                 skipped_updates,
+                peak_gpu_memory_mib,
             } => Record::Step(pb::StepRecord {
                 epoch,
                 step,
@@ -57,6 +58,7 @@ impl From<&MetricsRecord> for Record {
                 loss,
                 images_per_sec,
                 total_updates,
+                peak_gpu_memory_mib,
                 skipped_updates,
             }),
             MetricsRecord::Epoch {
@@ -136,6 +138,7 @@ impl From<Record> for MetricsRecord {
                 images_per_sec: r.images_per_sec,
                 total_updates: r.total_updates,
                 skipped_updates: r.skipped_updates,
+                peak_gpu_memory_mib: r.peak_gpu_memory_mib,
             },
             Record::Epoch(r) => MetricsRecord::Epoch {
                 epoch: r.epoch,
@@ -205,6 +208,7 @@ mod tests {
                 images_per_sec: 300.0,
                 total_updates: 80,
                 skipped_updates: 1,
+                peak_gpu_memory_mib: Some(20_480.5),
             },
             MetricsRecord::Epoch {
                 epoch: 2,

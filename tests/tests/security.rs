@@ -185,6 +185,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                     images_per_sec: 1e9,
                     total_updates: 1,
                     skipped_updates: 0,
+                    peak_gpu_memory_mib: None,
                 })),
             })
             .await

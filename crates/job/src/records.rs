@@ -54,6 +54,11 @@ pub enum MetricsRecord {
         /// not finite (counted in `step`, left out of `loss`).
         #[serde(default)]
         skipped_updates: u64,
+        /// Peak GPU memory held by tensors during the window on rank 0's
+        /// device, in MiB (`torch.cuda.max_memory_allocated`, reset at each
+        /// log step); absent on a CPU.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peak_gpu_memory_mib: Option<f64>,
     },
     /// A finished epoch.
     Epoch {
@@ -244,6 +249,7 @@ mod tests {
             images_per_sec: 100.0,
             total_updates: 80,
             skipped_updates: 0,
+            peak_gpu_memory_mib: None,
         };
         assert_eq!(
             keys(&step),
@@ -290,6 +296,28 @@ mod tests {
         assert_eq!(value["skipped_updates"], 2);
     }
 
+    #[test]
+    fn a_gpu_step_line_carries_its_peak_memory_and_a_cpu_line_does_not() {
+        let cpu = MetricsRecord::Step {
+            epoch: 0,
+            step: 1,
+            lr: 1e-3,
+            loss: 0.5,
+            images_per_sec: 10.0,
+            total_updates: 2,
+            skipped_updates: 0,
+            peak_gpu_memory_mib: None,
+        };
+        let line = serde_json::to_string(&cpu).unwrap();
+        assert!(!line.contains("peak_gpu_memory_mib"), "{line}");
+        let mut gpu = cpu;
+        if let MetricsRecord::Step { peak_gpu_memory_mib, .. } = &mut gpu {
+            *peak_gpu_memory_mib = Some(1536.5);
+        }
+        let line = serde_json::to_string(&gpu).unwrap();
+        assert!(line.contains("\"peak_gpu_memory_mib\":1536.5"), "{line}");
+        assert_eq!(serde_json::from_str::<MetricsRecord>(&line).unwrap(), gpu);
+    }
     #[test]
     fn lines_written_before_skipped_updates_still_read() {
         let old = r#"{"kind":"step","epoch":0,"step":3,"lr":0.1,"loss":2.0,"images_per_sec":5.0,"total_updates":9}"#;

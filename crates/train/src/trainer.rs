@@ -196,6 +196,8 @@ pub struct Trainer {
     distributed: Option<Distributed>,
     /// The gradient buckets of a distributed run (hooked for overlap).
     gradient_buckets: Option<GradientBuckets>,
+    /// Whether the allocator's refusal to give peak memory was logged.
+    memory_unavailable_logged: bool,
     /// Copies of the BN buffers from before the current update's forward
     /// passes, restored when the update is skipped.
     buffer_backup: Vec<Tensor>,
@@ -355,6 +357,7 @@ impl Trainer {
             trace: None,
             distributed: None,
             gradient_buckets: None,
+            memory_unavailable_logged: false,
             buffer_backup: Vec::new(),
         })
     }
@@ -908,8 +911,26 @@ impl Trainer {
             images_per_sec,
             total_updates,
             skipped_updates: window.skipped,
+            peak_gpu_memory_mib: self.peak_gpu_memory_mib(),
         };
         self.publish(step, progress)
+    }
+
+    /// The peak GPU memory held by tensors since the previous call (MiB),
+    /// on a CUDA device; `None` on a CPU, or (logged once) when libtorch's
+    /// allocator cannot say.
+    fn peak_gpu_memory_mib(&mut self) -> Option<f64> {
+        let Device::Cuda(index) = self.options.device else { return None };
+        match rsb_torch_shim::memory::cuda_peak_memory(index, true) {
+            Ok(peak) => Some(peak.allocated_bytes as f64 / (1024.0 * 1024.0)),
+            Err(e) => {
+                if !self.memory_unavailable_logged {
+                    tracing::warn!("peak GPU memory is not recorded: {e}");
+                    self.memory_unavailable_logged = true;
+                }
+                None
+            }
+        }
     }
 
     /// Whether the epoch ends with an evaluation (every `eval.every_epochs`,
