@@ -147,3 +147,86 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     assert!(run.status.success(), "import failed: {}", String::from_utf8_lossy(&run.stderr));
     out
 }
+
+/// The processes of the tests' jobs, read from `/proc`, and waits with deadlines.
+pub mod processes {
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The parent pid of a live process, from `/proc/PID/stat` (`None` once
+    /// it is gone or a zombie waiting to be reaped).
+    pub fn parent_of(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut fields = rest.split_whitespace();
+        if fields.next()? == "Z" {
+            return None;
+        }
+        fields.next()?.parse().ok()
+    }
+
+    /// The command line of `pid` (empty once it is gone).
+    pub fn cmdline(pid: u32) -> String {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default()
+    }
+
+    /// The live children of `pid`.
+    pub fn children_of(pid: u32) -> Vec<u32> {
+        all_pids().into_iter().filter(|&p| parent_of(p) == Some(pid)).collect()
+    }
+
+    /// Every live descendant of `root`.
+    pub fn descendants(root: u32) -> Vec<u32> {
+        let pids = all_pids();
+        let mut found = vec![root];
+        loop {
+            let before = found.len();
+            for &pid in &pids {
+                if !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p)) {
+                    found.push(pid);
+                }
+            }
+            if found.len() == before {
+                break;
+            }
+        }
+        found.split_off(1)
+    }
+
+    fn all_pids() -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Sends signal `name` (`KILL`, `STOP`, ...) to `pid`; whether it was sent.
+    pub fn signal(pid: u32, name: &str) -> bool {
+        Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Waits for `child`, killing it and failing the test (with its stderr)
+    /// past `limit`.
+    pub fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
+        let start = Instant::now();
+        while child.try_wait().expect("try_wait").is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "{what} did not finish within {limit:?}:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().expect("wait")
+    }
+}

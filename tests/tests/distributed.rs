@@ -12,11 +12,12 @@
 //!
 //! The data is a small real Fashion-MNIST subset, as in `worker_cli.rs`.
 
+use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::records_in as records;
 use rsb_integration_tests::{binary, fashion_subset, is_root, on_path, require, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The job token of the jobs started by hand here (`up --local` makes its own).
 const TOKEN: &str = "distributed-test-token-4f1c9a7e";
@@ -34,24 +35,6 @@ fn common_sets(data: &Path) -> Vec<String> {
     .into_iter()
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
-}
-
-fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} did not finish within {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn coordinator_local(data: &Path, out: &Path, nodes: u32) -> Output {

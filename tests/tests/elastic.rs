@@ -14,6 +14,7 @@
 //! * with the default `--min-nodes` (= `--nodes`) a lost host still fails
 //!   the job at once, naming it.
 
+use rsb_integration_tests::processes::{children_of, signal, wait_with_timeout};
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -98,42 +99,6 @@ fn wait_for_records(
     }
 }
 
-/// Waits for a process, killing it past `limit`.
-fn finish(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "{what} did not finish within {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().expect("wait")
-}
-
-/// The rank processes an agent started (its children).
-fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|stat| {
-                let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-                rest.split_whitespace().nth(1) == Some(&pid.to_string())
-            })
-        })
-        .collect()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let sent = Command::new("kill").args(["-s", sig, &pid.to_string()]).status().expect("kill");
-    assert!(sent.success(), "kill -s {sig} {pid}");
-}
-
 /// The coordinator's output and every worker's, for a failure report.
 fn report(up: &Output, workers: Vec<Child>, out: &Path) -> String {
     let mut text = format!(
@@ -143,7 +108,7 @@ fn report(up: &Output, workers: Vec<Child>, out: &Path) -> String {
         String::from_utf8_lossy(&up.stderr)
     );
     for (i, w) in workers.into_iter().enumerate() {
-        let o = finish(w, Duration::from_secs(30), "worker join");
+        let o = wait_with_timeout(w, Duration::from_secs(30), "worker join");
         text += &format!("worker {i} ({}):\n{}\n", o.status, String::from_utf8_lossy(&o.stderr));
     }
     text += &format!(
@@ -219,9 +184,9 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     let victim = workers[2].id();
     let ranks = children_of(victim);
     assert_eq!(ranks.len(), 1, "worker c runs one rank: {ranks:?}");
-    signal(victim, "KILL");
+    assert!(signal(victim, "KILL"), "kill -9 of worker c ({victim})");
     for rank in ranks {
-        signal(rank, "KILL");
+        assert!(signal(rank, "KILL"), "kill -9 of its rank ({rank})");
     }
     // Time to recover: from the kill to the first update of the new generation.
     let killed_at = Instant::now();
@@ -230,14 +195,14 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
             .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
     });
     let recovery = killed_at.elapsed();
-    let output = finish(up, Duration::from_secs(400), "the elastic job");
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
     let mut workers = workers;
     let _killed = workers.remove(2).wait();
     if !output.status.success() {
         panic!("the job failed after losing a host:\n{}", report(&output, workers, &out));
     }
     for (i, w) in workers.into_iter().enumerate() {
-        let o = finish(w, Duration::from_secs(60), "worker join");
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
         assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
     let records = all_records(&out);
@@ -287,12 +252,12 @@ fn a_host_joining_a_running_job_is_admitted_at_the_next_checkpoint() {
         records.iter().any(|r| r["kind"] == "step")
     });
     workers.push(worker(port, "c"));
-    let output = finish(up, Duration::from_secs(400), "the growing job");
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the growing job");
     if !output.status.success() {
         panic!("the job failed after a join:\n{}", report(&output, workers, &out));
     }
     for (i, w) in workers.into_iter().enumerate() {
-        let o = finish(w, Duration::from_secs(60), "worker join");
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
         assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
     let records = all_records(&out);
@@ -326,13 +291,13 @@ fn without_min_nodes_a_lost_host_fails_the_job_at_once_naming_it() {
     let frozen: Vec<u32> =
         std::iter::once(workers[1].id()).chain(children_of(workers[1].id())).collect();
     for &pid in &frozen {
-        signal(pid, "STOP");
+        assert!(signal(pid, "STOP"), "kill -STOP {pid}");
     }
     let started = Instant::now();
-    let output = finish(up, Duration::from_secs(120), "the fixed job");
+    let output = wait_with_timeout(up, Duration::from_secs(120), "the fixed job");
     let took = started.elapsed();
     for &pid in &frozen {
-        signal(pid, "KILL");
+        let _ = signal(pid, "KILL");
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a job that lost a host succeeded");
@@ -345,6 +310,6 @@ fn without_min_nodes_a_lost_host_fails_the_job_at_once_naming_it() {
     let generations = records_in(&out.join("metrics.jsonl"), "generation");
     assert_eq!(generations.len(), 1, "a fixed job opened a generation: {generations:?}");
     for w in workers {
-        let _ = finish(w, Duration::from_secs(60), "worker join");
+        let _ = wait_with_timeout(w, Duration::from_secs(60), "worker join");
     }
 }

@@ -29,13 +29,14 @@
 //! margin over the rounding.
 
 use rsb_data::sampler::{streams_of_rank, StreamSampler};
+use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use rsb_job::MetricsRecord;
 use rsb_train::sample_trace::{read_run, SampleRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Training images per class (10 classes): 120 images, 20 per stream.
 const TRAIN_PER_CLASS: usize = 12;
@@ -63,24 +64,6 @@ fn sets(data: &Path) -> Vec<String> {
         "schedule.cosine.warmup_lr=1e-6".into(),
         "schedule.cosine.min_lr=1e-8".into(),
     ]
-}
-
-fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} did not finish within {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `coordinator up --local` with `nodes` one-rank workers, tracing samples,

@@ -4,6 +4,7 @@
 //! naming the collective call and the silent rank; the job fails naming it,
 //! and no process of the job is left behind.
 
+use rsb_integration_tests::processes::{descendants, parent_of, signal};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::io::Read;
 use std::path::Path;
@@ -13,38 +14,6 @@ use std::time::{Duration, Instant};
 
 const TIMEOUT_SECS: u64 = 15;
 
-/// The parent pid of a live (not zombie) process.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.next()?.parse().ok()
-}
-
-/// Every live descendant of `root`.
-fn descendants(root: u32) -> Vec<u32> {
-    let pids: Vec<u32> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut found = vec![root];
-    loop {
-        let before = found.len();
-        for &pid in &pids {
-            if !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p)) {
-                found.push(pid);
-            }
-        }
-        if found.len() == before {
-            break;
-        }
-    }
-    found.split_off(1)
-}
-
 /// The process among `pids` that holds `file` open (a rank keeps its log open).
 fn holder_of(pids: &[u32], file: &Path) -> Option<u32> {
     pids.iter().copied().find(|pid| {
@@ -53,14 +22,6 @@ fn holder_of(pids: &[u32], file: &Path) -> Option<u32> {
                 .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
         })
     })
-}
-
-fn signal(pid: u32, name: &str) -> bool {
-    Command::new("kill")
-        .args(["-s", name, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Waits (up to `limit`) until `ready` holds, failing early if the coordinator exits.
@@ -152,7 +113,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     let others_left: Vec<u32> =
         others.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
     // Clean up before asserting: the frozen rank first, then whatever is left.
-    signal(stopped, "KILL");
+    let _ = signal(stopped, "KILL");
     if status.is_none() {
         let _ = coordinator.kill();
     }
@@ -163,7 +124,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     }
     let left: Vec<u32> = job.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
     for &pid in &left {
-        signal(pid, "KILL");
+        let _ = signal(pid, "KILL");
     }
     let _ = reader.join();
     let output = output.lock().unwrap().clone();

@@ -12,49 +12,15 @@
 //! (no chance to say so itself) is reported by its agent, and the job fails
 //! naming it long before the host's heartbeat timeout.
 
+use rsb_integration_tests::processes::{self, cmdline, parent_of};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The parent pid of `pid`, from `/proc/PID/stat` (None once it is gone).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" {
-        return None; // exited, waiting to be reaped
-    }
-    fields.next()?.parse().ok()
-}
-
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
-}
-
 /// Every live descendant of `root`, with its command line.
 fn descendants(root: u32) -> Vec<(u32, String)> {
-    let pids: Vec<u32> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut found = vec![root];
-    loop {
-        let before = found.len();
-        for &pid in &pids {
-            if !found.contains(&pid) && parent_of(pid).is_some_and(|p| found.contains(&p)) {
-                found.push(pid);
-            }
-        }
-        if found.len() == before {
-            break;
-        }
-    }
-    found.into_iter().skip(1).map(|pid| (pid, cmdline(pid))).collect()
+    processes::descendants(root).into_iter().map(|pid| (pid, cmdline(pid))).collect()
 }
 
 /// The processes of `watched` still alive and still running our worker.
