@@ -147,3 +147,74 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     assert!(run.status.success(), "import failed: {}", String::from_utf8_lossy(&run.stderr));
     out
 }
+
+/// Runs `ip` (iproute2) with `args`; its stderr on failure.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out =
+        std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Hosts as network namespaces `rsbw{tag}{i}` (i = 1..), each with a veth
+/// pair (`rsbv{tag}{i}` on the host side, `eth0` inside) on a bridge
+/// `rsbbr{tag}` holding `10.{subnet}.0.1/24`; host i is `10.{subnet}.0.{i+1}`.
+/// Everything is removed on drop, also when a test fails.
+pub struct Netns {
+    /// The namespaces, host 1 first.
+    pub names: Vec<String>,
+    /// The host-side end of each namespace's veth pair.
+    pub host_ends: Vec<String>,
+    /// The host side's address on the bridge (where a coordinator listens).
+    pub bridge_address: String,
+    bridge: String,
+}
+
+impl Netns {
+    /// `hosts` namespaces on subnet `10.{subnet}.0.0/24` (a distinct subnet
+    /// per test file, so that concurrent test binaries do not collide).
+    pub fn create(tag: &str, subnet: u8, hosts: usize) -> Result<Netns, String> {
+        let bridge = format!("rsbbr{tag}");
+        let bridge_address = format!("10.{subnet}.0.1");
+        let mut ns = Netns {
+            names: Vec::new(),
+            host_ends: Vec::new(),
+            bridge_address: bridge_address.clone(),
+            bridge: bridge.clone(),
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{bridge_address}/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 1..=hosts {
+            let name = format!("rsbw{tag}{i}");
+            let host_end = format!("rsbv{tag}{i}");
+            ip(&["netns", "add", &name])?;
+            ns.names.push(name.clone());
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ])?;
+            ns.host_ends.push(host_end.clone());
+            ip(&["link", "set", &host_end, "master", &bridge])?;
+            ip(&["link", "set", &host_end, "up"])?;
+            let addr = format!("10.{subnet}.0.{}/24", i + 1);
+            ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        for end in &self.host_ends {
+            let _ = ip(&["link", "del", end]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
