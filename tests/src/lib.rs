@@ -148,6 +148,40 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     out
 }
 
+/// Reading a job's `metrics.jsonl` while it runs, for the elastic tests.
+pub mod elastic_records {
+    use std::path::Path;
+
+    /// Every record of `out/metrics.jsonl` in order (none while it does not
+    /// exist; a line being written is left out).
+    pub fn all_records(out: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The index of the first record of `kind` matching `pred`.
+    pub fn position(
+        records: &[serde_json::Value],
+        kind: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<usize> {
+        records.iter().position(|r| r["kind"] == kind && pred(r))
+    }
+
+    /// The most updates any step record before `index` reports.
+    pub fn steps_before(records: &[serde_json::Value], index: usize) -> u64 {
+        records[..index]
+            .iter()
+            .filter(|r| r["kind"] == "step")
+            .filter_map(|r| r["step"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// The processes of the tests' jobs, read from `/proc`, and waits with deadlines.
 pub mod processes {
     use std::process::{Child, Command, Output, Stdio};
@@ -228,5 +262,76 @@ pub mod processes {
             std::thread::sleep(Duration::from_millis(100));
         }
         child.wait_with_output().expect("wait")
+    }
+}
+
+/// Runs `ip` (iproute2) with `args`; its stderr on failure.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out =
+        std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Hosts as network namespaces `rsbw{tag}{i}` (i = 1..), each with a veth
+/// pair (`rsbv{tag}{i}` on the host side, `eth0` inside) on a bridge
+/// `rsbbr{tag}` holding `10.{subnet}.0.1/24`; host i is `10.{subnet}.0.{i+1}`.
+/// Everything is removed on drop, also when a test fails.
+pub struct Netns {
+    /// The namespaces, host 1 first.
+    pub names: Vec<String>,
+    /// The host-side end of each namespace's veth pair.
+    pub host_ends: Vec<String>,
+    /// The host side's address on the bridge (where a coordinator listens).
+    pub bridge_address: String,
+    bridge: String,
+}
+
+impl Netns {
+    /// `hosts` namespaces on subnet `10.{subnet}.0.0/24` (a distinct subnet
+    /// per test file, so that concurrent test binaries do not collide).
+    pub fn create(tag: &str, subnet: u8, hosts: usize) -> Result<Netns, String> {
+        let bridge = format!("rsbbr{tag}");
+        let bridge_address = format!("10.{subnet}.0.1");
+        let mut ns = Netns {
+            names: Vec::new(),
+            host_ends: Vec::new(),
+            bridge_address: bridge_address.clone(),
+            bridge: bridge.clone(),
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{bridge_address}/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 1..=hosts {
+            let name = format!("rsbw{tag}{i}");
+            let host_end = format!("rsbv{tag}{i}");
+            ip(&["netns", "add", &name])?;
+            ns.names.push(name.clone());
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ])?;
+            ns.host_ends.push(host_end.clone());
+            ip(&["link", "set", &host_end, "master", &bridge])?;
+            ip(&["link", "set", &host_end, "up"])?;
+            let addr = format!("10.{subnet}.0.{}/24", i + 1);
+            ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"])?;
+            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        for end in &self.host_ends {
+            let _ = ip(&["link", "del", end]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
     }
 }

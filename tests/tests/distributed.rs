@@ -14,7 +14,9 @@
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::records_in as records;
-use rsb_integration_tests::{binary, fashion_subset, is_root, on_path, require, workspace_root};
+use rsb_integration_tests::{
+    binary, fashion_subset, is_root, on_path, require, workspace_root, Netns,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -173,55 +175,6 @@ fn a_job_resumed_through_the_coordinator_continues_exactly() {
     }
 }
 
-/// Network namespaces `rsbw1`, `rsbw2` on a bridge with the host; removed on drop.
-struct Netns {
-    names: Vec<String>,
-    bridge: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-impl Netns {
-    fn create(tag: &str) -> Result<Netns, String> {
-        let bridge = format!("rsbbr{tag}");
-        let mut ns = Netns { names: Vec::new(), bridge: bridge.clone() };
-        ip(&["link", "add", &bridge, "type", "bridge"])?;
-        ip(&["addr", "add", "10.77.0.1/24", "dev", &bridge])?;
-        ip(&["link", "set", &bridge, "up"])?;
-        for i in 1..=2 {
-            let name = format!("rsbw{tag}{i}");
-            let host_end = format!("rsbv{tag}{i}");
-            ip(&["netns", "add", &name])?;
-            ns.names.push(name.clone());
-            ip(&[
-                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
-            ])?;
-            ip(&["link", "set", &host_end, "master", &bridge])?;
-            ip(&["link", "set", &host_end, "up"])?;
-            let addr = format!("10.77.0.{}/24", i + 1);
-            ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"])?;
-            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
-        }
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = ip(&["netns", "del", n]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
-    }
-}
-
 fn join_worker(coordinator: &str, netns: Option<&str>, name: &str) -> Child {
     let worker = binary("worker");
     let mut cmd = match netns {
@@ -328,7 +281,7 @@ fn workers_as_separate_hosts_in_network_namespaces() {
         return;
     }
     let tag = format!("{}", std::process::id() % 1000);
-    let netns = match Netns::create(&tag) {
+    let netns = match Netns::create(&tag, 77, 2) {
         Ok(n) => n,
         Err(e) => panic!("could not create network namespaces: {e}"),
     };

@@ -14,6 +14,7 @@
 //! * with the default `--min-nodes` (= `--nodes`) a lost host still fails
 //!   the job at once, naming it.
 
+use rsb_integration_tests::elastic_records::{all_records, position, steps_before};
 use rsb_integration_tests::processes::{children_of, signal, wait_with_timeout};
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
 use std::path::{Path, PathBuf};
@@ -73,15 +74,6 @@ fn worker(port: u16, name: &str) -> Child {
         .expect("starting worker join")
 }
 
-/// Every record of `metrics.jsonl` in order (none while it does not exist).
-fn all_records(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Waits (at most 240 s) until `ready` holds for the records so far.
 fn wait_for_records(
     out: &Path,
@@ -122,25 +114,6 @@ fn report(up: &Output, workers: Vec<Child>, out: &Path) -> String {
 fn planned_updates(out: &Path) -> u64 {
     let steps = records_in(&out.join("metrics.jsonl"), "step");
     steps.last().expect("no step record")["total_updates"].as_u64().expect("total_updates")
-}
-
-/// The index of the first record of `kind` matching `pred`.
-fn position(
-    records: &[serde_json::Value],
-    kind: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Option<usize> {
-    records.iter().position(|r| r["kind"] == kind && pred(r))
-}
-
-/// The most updates any step record before `index` reports.
-fn steps_before(records: &[serde_json::Value], index: usize) -> u64 {
-    records[..index]
-        .iter()
-        .filter(|r| r["kind"] == "step")
-        .filter_map(|r| r["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 fn setup(tag: &str) -> (tempfile::TempDir, PathBuf, PathBuf, u16) {
