@@ -68,13 +68,20 @@ torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__
 site=$(dirname "$torch_dir")
 nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
 export LD_LIBRARY_PATH="$torch_dir/lib${nvidia_libs:+:$nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# timm (and Pillow, torchvision) only serve timm's side of the checks: a
+# problem there is reported, and our own checks still run.
 host_timm=$("$python" -c 'import timm; print(timm.__version__)' 2>/dev/null || echo none)
 if [ "$host_timm" != "$timm_version" ]; then
   echo "host timm is $host_timm: using the carried timm $timm_version wheel" >&2
-  "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/rsb-timm "$bundle"/wheels/timm-*.whl
+  rm -rf /tmp/rsb-timm && mkdir -p /tmp/rsb-timm
+  # A wheel is a zip: unpacked without pip, which a venv may lack.
+  "$python" -m zipfile -e "$bundle"/wheels/timm-*.whl /tmp/rsb-timm \
+    || echo "could not unpack the timm wheel: timm's side of the checks will fail" >&2
   export PYTHONPATH=/tmp/rsb-timm${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$python" -c 'import torch, timm; print("host torch", torch.__version__, "timm", timm.__version__, "cuda", torch.cuda.is_available())'
+"$python" -c 'import torch; print("host torch", torch.__version__, "cuda", torch.cuda.is_available())' || true
+"$python" -c 'import timm, torchvision, PIL; print("timm", timm.__version__, "torchvision", torchvision.__version__, "Pillow", PIL.__version__)' \
+  || echo "timm, torchvision or Pillow does not import: timm's side of the checks will fail" >&2
 "$bundle/bin/worker" doctor || true
 exec "$python" bench/gpu_bench.py --worker "$bundle/bin/worker" --coordinator "$bundle/bin/coordinator" \
   --python "$python" --photos-src "$bundle/photos" --out "$out"

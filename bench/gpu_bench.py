@@ -115,9 +115,14 @@ class PeakMemory:
 
     @staticmethod
     def _gpu_used() -> float:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                              "--id=0"], capture_output=True, text=True, timeout=20)
-        return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else float("nan")
+        """MiB in use on the GPU the checks run on (NaN when nvidia-smi cannot say)."""
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  f"--id={gpu}"], capture_output=True, text=True, timeout=20)
+            return float(out.stdout.strip().splitlines()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return float("nan")
 
     def _rss_mib(self) -> float:
         try:
@@ -163,7 +168,9 @@ def run(cmd: list[str], log: Path, timeout: float, memory: PeakMemory | None = N
             stdout, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
-            proc.communicate()
+            rest, _ = proc.communicate()
+            # What it printed before the kill is what a hang is diagnosed from.
+            out.write(rest or "")
             raise RuntimeError(f"{Path(cmd[0]).name} ran past its {timeout:.0f} s limit (log: {log})")
         out.write(stdout)
     seconds = time.monotonic() - start
@@ -401,11 +408,12 @@ def summary(checks: list[Check], args, device_name: str) -> str:
 
 def device_name(dry_run: bool) -> str:
     if not dry_run:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        if out.returncode == 0:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
             return out.stdout.strip().splitlines()[0]
-        return "an unknown GPU (nvidia-smi failed)"
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "an unknown GPU (nvidia-smi failed)"
     model = "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):

@@ -33,6 +33,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// How long after a rank's first collective-timeout report the coordinator
+/// waits for the other ranks' reports before it names the rank to blame.
+const BLAME_GRACE: Duration = Duration::from_secs(5);
+
 /// What runs the ranks of a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -216,6 +220,11 @@ pub struct Job {
     reasons: Vec<GenerationReason>,
     /// Generations opened for failed ranks since the last commit.
     restarts: u32,
+    /// Ranks that failed because a peer stayed silent in a collective:
+    /// rank -> (that peer, its failure), while the blame is being assigned.
+    silent_peers: BTreeMap<u32, (u32, String)>,
+    /// When to assign the blame (a short grace after the first report).
+    blame_at: Option<Instant>,
     metrics: Option<std::fs::File>,
     next_member: u64,
 }
@@ -254,6 +263,8 @@ impl Job {
             lost: Vec::new(),
             reasons: vec![GenerationReason::Start],
             restarts: 0,
+            silent_peers: BTreeMap::new(),
+            blame_at: None,
             metrics: None,
             next_member: 0,
         }
@@ -579,6 +590,10 @@ impl Job {
         if !matches!(self.phase, Phase::Waiting | Phase::Running) {
             return;
         }
+        if self.blame_at.is_some_and(|at| Instant::now() >= at) {
+            self.blame_silent_rank();
+            return;
+        }
         let timeout = self.heartbeat_timeout;
         let silent = |m: &Member| m.last_seen.elapsed() > timeout;
         if !self.elastic() {
@@ -630,6 +645,36 @@ impl Job {
                 self.fail(reason);
             }
         }
+    }
+
+    /// Fails a job whose ranks timed out in a collective, naming the rank
+    /// their reports lead to: follow each reporter's silent peer until a
+    /// rank that reported nothing (a stopped or cut-off rank cannot report).
+    fn blame_silent_rank(&mut self) {
+        self.blame_at = None;
+        let Some((&first, (_, first_failure))) = self.silent_peers.iter().next() else { return };
+        let first_failure = first_failure.clone();
+        let mut rank = first;
+        let mut hops = 0;
+        while let Some((peer, _)) = self.silent_peers.get(&rank) {
+            rank = *peer;
+            hops += 1;
+            if hops > self.silent_peers.len() {
+                // Every rank on the way reported: no single rank to blame.
+                self.fail(first_failure);
+                return;
+            }
+        }
+        let host = self
+            .members
+            .iter()
+            .find(|m| m.ranks().contains(&rank))
+            .map_or_else(|| "an unknown host".to_string(), |m| m.host.clone());
+        self.fail(format!(
+            "rank {rank} on {host} stopped answering in a collective: {} rank(s) timed out \
+             waiting for it or for a rank waiting for it; first report: {first_failure}",
+            self.silent_peers.len()
+        ));
     }
 
     /// Moves to `Failed` (once) and says why.
@@ -938,6 +983,7 @@ impl Job {
         local_rank: u32,
         success: bool,
         message: &str,
+        silent_peer: Option<u32>,
     ) -> Result<(), JobError> {
         if generation != 0 && generation != self.generation {
             return Err(JobError::Precondition(format!(
@@ -981,6 +1027,15 @@ impl Job {
         }
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
+            if let (Some(peer), false) = (silent_peer, self.elastic()) {
+                // Wait a moment for the other ranks' reports: the rank to
+                // blame is the one the chain of silent peers ends at.
+                if self.phase == Phase::Running {
+                    self.silent_peers.insert(rank, (peer, failure));
+                    self.blame_at.get_or_insert(Instant::now() + BLAME_GRACE);
+                    return Ok(());
+                }
+            }
             if !self.elastic() || self.phase != Phase::Running {
                 self.fail(failure);
             } else if self.restarts >= self.max_restarts {
@@ -1152,7 +1207,7 @@ mod tests {
             j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap_err(),
             j.record_metrics(1, &step(1)).unwrap_err(),
             j.commit_checkpoint(1, 0, 1, "/x".into()).unwrap_err(),
-            j.leave(&a, 1, 0, false, "ring broken").unwrap_err(),
+            j.leave(&a, 1, 0, false, "ring broken", None).unwrap_err(),
         ];
         for e in stale {
             assert!(
@@ -1170,22 +1225,22 @@ mod tests {
         j.max_restarts = 2;
         let a = join(&mut j, "a", 1).unwrap();
         let b = join(&mut j, "b", 1).unwrap();
-        j.leave(&b, 1, 0, false, "ring: connection reset").unwrap();
+        j.leave(&b, 1, 0, false, "ring: connection reset", None).unwrap();
         assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Running, 2, 2));
         let g = generations(&j).pop().unwrap();
         assert_eq!(g["reasons"][0]["kind"], "rank_failed");
         assert_eq!(g["reasons"][0]["rank"], 1);
         // The rank that already left in generation 1 runs again.
         assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
-        j.leave(&a, 2, 0, false, "boom").unwrap();
+        j.leave(&a, 2, 0, false, "boom", None).unwrap();
         assert_eq!(j.generation, 3);
         // A commit resets the count; without one, the next failure fails the job.
         j.record_metrics(3, &step(2)).unwrap();
         j.commit_checkpoint(3, 0, 1, "/ck".into()).unwrap();
-        j.leave(&a, 3, 0, false, "boom").unwrap();
-        j.leave(&a, 4, 0, false, "boom").unwrap();
+        j.leave(&a, 3, 0, false, "boom", None).unwrap();
+        j.leave(&a, 4, 0, false, "boom", None).unwrap();
         assert_eq!(j.generation, 5);
-        j.leave(&a, 5, 0, false, "boom again").unwrap();
+        j.leave(&a, 5, 0, false, "boom again", None).unwrap();
         assert!(
             matches!(&j.phase, Phase::Failed(r) if r.contains("boom again") && r.contains("--max-restarts 2")),
             "{:?}",
@@ -1365,13 +1420,13 @@ mod tests {
     fn a_rank_leaves_once_and_only_its_own_ranks() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        assert!(matches!(j.leave(&a, 0, 2, true, ""), Err(JobError::Invalid(_))));
-        j.leave(&a, 0, 0, true, "").unwrap();
-        assert!(matches!(j.leave(&a, 0, 0, true, ""), Err(JobError::Precondition(_))));
+        assert!(matches!(j.leave(&a, 0, 2, true, "", None), Err(JobError::Invalid(_))));
+        j.leave(&a, 0, 0, true, "", None).unwrap();
+        assert!(matches!(j.leave(&a, 0, 0, true, "", None), Err(JobError::Precondition(_))));
         assert_eq!(j.phase, Phase::Running, "one rank leaving twice finished the job");
         let mut w = job(2);
         let a = join(&mut w, "a", 1).unwrap();
-        assert!(matches!(w.leave(&a, 0, 0, true, ""), Err(JobError::Precondition(_))));
+        assert!(matches!(w.leave(&a, 0, 0, true, "", None), Err(JobError::Precondition(_))));
     }
 
     #[test]
@@ -1385,7 +1440,7 @@ mod tests {
     fn failures_and_silence_fail_the_job() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 1, false, "boom").unwrap();
+        j.leave(&a, 0, 1, false, "boom", None).unwrap();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("boom")));
         let mut j = job(1);
         j.heartbeat_timeout = Duration::from_millis(0);
@@ -1396,20 +1451,46 @@ mod tests {
     }
 
     #[test]
+    fn ranks_timing_out_in_a_ring_blame_the_rank_their_reports_lead_to() {
+        // Ranks 0, 1, 2 on hosts a, b, c; rank 1 stops: rank 2 waits on it,
+        // rank 0 waits on rank 2, and each names its own neighbour. A fixed
+        // job (min = max = 3 hosts) of 6 sampler streams.
+        let mut j = elastic(3, 3, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let _b = join(&mut j, "b", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        j.leave(&a, 0, 0, false, "rank 0: rank 2 did not answer for 15 s", Some(2)).unwrap();
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running, "blamed before the other reports could come");
+        j.leave(&c, 0, 0, false, "rank 2: rank 1 did not answer for 15 s", Some(1)).unwrap();
+        j.blame_at = Some(Instant::now());
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 1 on b stopped answering in a collective"), "{reason}");
+        assert!(reason.contains("2 rank(s) timed out"), "{reason}");
+        // A failure of another kind fails the job at once, as before.
+        let mut j = job(1);
+        let a = join(&mut j, "a", 2).unwrap();
+        j.leave(&a, 0, 0, false, "out of memory", None).unwrap();
+        assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("out of memory")));
+    }
+
+    #[test]
     fn a_finished_job_stops_heartbeats_without_a_failure() {
         // Members must tell "finished" from "failed": a member whose ranks
         // are still exiting when the last rank leaves must not report an error.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 0, true, "").unwrap();
+        j.leave(&a, 0, 0, true, "", None).unwrap();
         assert!(j.heartbeat(&a).unwrap().keep_going);
-        j.leave(&a, 0, 1, true, "").unwrap();
+        j.leave(&a, 0, 1, true, "", None).unwrap();
         assert_eq!(j.phase, Phase::Finished);
         assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert_eq!(j.failure(), None);
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 0, false, "boom").unwrap();
+        j.leave(&a, 0, 0, false, "boom", None).unwrap();
         assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert!(j.failure().unwrap().contains("boom"));
     }

@@ -479,8 +479,10 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        self.update(|job| job.leave(&caller, r.generation, r.local_rank, r.success, &r.message))
-            .map_err(status)?;
+        self.update(|job| {
+            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, r.silent_peer)
+        })
+        .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
 

@@ -159,6 +159,7 @@ fn call() -> impl Strategy<Value = Call> {
                     success,
                     message,
                     generation,
+                    silent_peer: None,
                 })
             }
         ),

@@ -207,6 +207,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 success: false,
                 message: "x".into(),
                 generation: 1,
+                silent_peer: None,
             })
             .await
             .map(drop),

@@ -301,6 +301,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                             success: false,
                             message: reason.clone(),
                             generation: rank_generation.unwrap_or(0),
+                            silent_peer: None,
                         };
                         match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                             Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -497,6 +498,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
         success,
         message,
         generation,
+        silent_peer: outcome.as_ref().err().and_then(silent_peer),
     };
     if let Err(e) = runtime.block_on(client.leave(leave)) {
         tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
@@ -736,6 +738,19 @@ fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<Collec
     }
 }
 
+/// The peer that stayed silent past the collective timeout, when that is
+/// why the rank failed (the coordinator follows these reports to the rank
+/// to blame).
+fn silent_peer(error: &anyhow::Error) -> Option<u32> {
+    error.chain().find_map(|cause| match cause.downcast_ref::<rsb_train::TrainError>()? {
+        rsb_train::TrainError::Collective {
+            error: rsb_collective::CollectiveError::Timeout { peer, .. },
+            ..
+        } => u32::try_from(*peer).ok(),
+        _ => None,
+    })
+}
+
 fn nccl_collective(
     rank: usize,
     world: usize,
@@ -745,6 +760,12 @@ fn nccl_collective(
     ) -> Result<tonic::Response<pb::RendezvousResponse>, tonic::Status>,
 ) -> Result<Box<dyn Collective>> {
     use rsb_collective::nccl::{unique_id, NcclCollective};
+    // NCCL enqueues on the CUDA context current on this thread: let libtorch
+    // create its (primary) context for the rank's GPU, which it sees as
+    // cuda:0, before the communicator is made (nothing else has touched the
+    // GPU yet; the model is built later).
+    let _context = tch::Tensor::f_zeros([1], (tch::Kind::Float, Device::Cuda(0)))
+        .context("creating the CUDA context of this rank's GPU")?;
     let payload = if rank == 0 {
         Some(pb::rendezvous_request::Payload::NcclUniqueId(unique_id()?))
     } else {

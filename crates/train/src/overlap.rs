@@ -33,6 +33,25 @@ use tch::Tensor;
 
 /// Sent after the backward pass has returned (no more hooks will fire).
 const BACKWARD_DONE: usize = usize::MAX;
+/// Sent instead when the backward pass failed (or panicked): the reducer
+/// stops at once, so no rank reduces a bucket that its peers would reduce
+/// with other gradients; the rank then fails with the backward pass's error.
+const BACKWARD_FAILED: usize = usize::MAX - 1;
+
+/// Disarms the hooks and tells the reducer how the backward pass ended,
+/// also when it panics.
+struct EndOfBackward<'a> {
+    overlap: &'a Overlap,
+    message: usize,
+}
+
+impl Drop for EndOfBackward<'_> {
+    fn drop(&mut self) {
+        self.overlap.armed.store(false, Ordering::Release);
+        // The receiver lives as long as `overlap`.
+        let _ = self.overlap.done.send(self.message);
+    }
+}
 
 /// The hooks of an overlapped reduction and their channel.
 struct Overlap {
@@ -177,9 +196,12 @@ impl GradientBuckets {
                 let plan = Plan { params: &params, buckets, bucket_of, calls, update };
                 reduce_as_ready(collective, &plan, ready, deadline)
             });
+            let mut end = EndOfBackward { overlap, message: BACKWARD_FAILED };
             let result = backward();
-            overlap.armed.store(false, Ordering::Release);
-            let _ = overlap.done.send(BACKWARD_DONE);
+            if result.is_ok() {
+                end.message = BACKWARD_DONE;
+            }
+            drop(end);
             let reduced = reducer.join().unwrap_or_else(|_| {
                 Err(TrainError::GradientReduction("the reducing thread panicked".into()))
             });
@@ -237,6 +259,8 @@ fn reduce_as_ready(
             let left = until.saturating_duration_since(Instant::now());
             match ready.recv_timeout(left) {
                 Ok(BACKWARD_DONE) => backward_done = true,
+                // This rank fails with the backward pass's own error.
+                Ok(BACKWARD_FAILED) => return Ok(()),
                 Ok(index) => {
                     if let Some(&bucket) = bucket_of.get(index) {
                         waiting[bucket] = waiting[bucket].saturating_sub(1);
@@ -244,8 +268,8 @@ fn reduce_as_ready(
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(TrainError::GradientReduction(format!(
-                        "update {}, gradient bucket {} of {}: {} of its gradients not ready after \
-                         {:.0} s of backward pass",
+                        "update {}, gradient bucket {} of {}: {} of its gradients still not \
+                         ready {:.0} s after the backward pass began",
                         plan.update + 1,
                         b + 1,
                         buckets.len(),
@@ -261,7 +285,7 @@ fn reduce_as_ready(
     // Drain the end marker if the last bucket completed before it came.
     while !backward_done {
         match ready.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(BACKWARD_DONE) | Err(_) => backward_done = true,
+            Ok(BACKWARD_DONE | BACKWARD_FAILED) | Err(_) => backward_done = true,
             Ok(_) => {}
         }
     }
@@ -380,5 +404,65 @@ mod tests {
             // The sum is not one rank's own gradient: the ranks' data differ.
             assert!(after[0].iter().flatten().any(|g| *g != 0.0));
         }
+    }
+
+    /// A world of one rank that counts the all-reduces made on it.
+    #[derive(Default)]
+    struct Counting {
+        all_reduces: usize,
+    }
+
+    impl Collective for Counting {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn all_reduce_sum(
+            &mut self,
+            _buffer: rsb_collective::Buffer<'_>,
+        ) -> Result<(), rsb_collective::CollectiveError> {
+            self.all_reduces += 1;
+            Ok(())
+        }
+        fn broadcast(
+            &mut self,
+            _buffer: rsb_collective::Buffer<'_>,
+            _root: usize,
+        ) -> Result<(), rsb_collective::CollectiveError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_backward_pass_stops_the_reducer_at_once_with_its_own_error() {
+        let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        // One bucket per parameter, `b`'s first; the calls made even at world size 1.
+        let buckets = GradientBuckets::new(vec![a.shallow_clone(), b], 3, true).unwrap();
+        let calls = Calls { device: Device::Cpu, at_world_size_one: true };
+        let mut counting = Counting::default();
+        let started = std::time::Instant::now();
+        let err = buckets
+            .backward_and_reduce(&mut counting, calls, 4, Duration::from_secs(30), || {
+                // Only `a` gets its gradient, then the pass fails.
+                (&a * 2.0).sum(Kind::Float).backward();
+                Err(TrainError::GradientReduction("the backward pass failed".into()))
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "gradient reduction: the backward pass failed");
+        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+        // Nothing was reduced after the failure (peers would have reduced
+        // other gradients): `a`'s bucket waits behind `b`'s, which never came.
+        assert_eq!(counting.all_reduces, 0);
+        // Sanity of the setup: a pass that succeeds reduces `a`'s bucket.
+        buckets
+            .backward_and_reduce(&mut counting, calls, 5, Duration::from_secs(30), || {
+                (&a * 2.0).sum(Kind::Float).backward();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(counting.all_reduces, 1);
     }
 }
