@@ -56,46 +56,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a job: wait for N worker hosts, train, exit when done.
-    Up {
-        /// Worker hosts to wait for.
-        #[arg(long)]
-        nodes: u32,
-        /// The recipe: `--recipe FILE`, or `--procedure a1|a2|a3 --model NAME`.
-        #[command(flatten)]
-        recipe: rsb_recipes::RecipeArgs,
-        /// Override a recipe field (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints under it).
-        #[arg(long)]
-        out: PathBuf,
-        /// gRPC listen address (default 127.0.0.1:50051, loopback only;
-        /// `--local` defaults to 127.0.0.1 and a free port).
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Start the N workers on this host too (CPU ranks unless GPUs are present).
-        #[arg(long)]
-        local: bool,
-        /// Devices of each local worker (`--local`): all, cpu, or a list like 0,1.
-        #[arg(long, default_value = "cpu")]
-        devices: String,
-        /// File holding the job token every call must present (default: the
-        /// environment variable RSB_JOB_TOKEN; without either, a new token is
-        /// written to OUT/job.token).
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        #[command(flatten)]
-        tls: TlsArgs,
-        /// Continue from a checkpoint folder or run folder (read by rank 0).
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// A worker host silent (no heartbeat) for this many seconds fails
-        /// the job, naming the host.
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-        heartbeat_timeout_secs: u64,
-        #[command(flatten)]
-        elastic: ElasticArgs,
-    },
+    Up(UpArgs),
     /// Show members, generation and progress of a running coordinator.
     Status {
         /// Coordinator URL, e.g. http://10.0.0.1:50051.
@@ -149,6 +110,49 @@ struct ElasticArgs {
     /// times in a row without a committed checkpoint; then it fails.
     #[arg(long, default_value_t = rsb_coordinator::job::DEFAULT_MAX_RESTARTS)]
     max_restarts: u32,
+}
+
+/// Arguments of `coordinator up`.
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Worker hosts to wait for.
+    #[arg(long)]
+    nodes: u32,
+    /// The recipe: `--recipe FILE`, or `--procedure a1|a2|a3 --model NAME`.
+    #[command(flatten)]
+    recipe: rsb_recipes::RecipeArgs,
+    /// Override a recipe field (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints under it).
+    #[arg(long)]
+    out: PathBuf,
+    /// gRPC listen address (default 127.0.0.1:50051, loopback only;
+    /// `--local` defaults to 127.0.0.1 and a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Start the N workers on this host too (CPU ranks unless GPUs are present).
+    #[arg(long)]
+    local: bool,
+    /// Devices of each local worker (`--local`): all, cpu, or a list like 0,1.
+    #[arg(long, default_value = "cpu")]
+    devices: String,
+    /// File holding the job token every call must present (default: the
+    /// environment variable RSB_JOB_TOKEN; without either, a new token is
+    /// written to OUT/job.token).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Continue from a checkpoint folder or run folder (read by rank 0).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// A worker host silent (no heartbeat) for this many seconds fails
+    /// the job, naming the host.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_timeout_secs: u64,
+    #[command(flatten)]
+    elastic: ElasticArgs,
 }
 
 /// TLS of the coordinator's gRPC port.
@@ -211,37 +215,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status { coordinator, token_file, tls_ca } => {
             status(&coordinator, token_file.as_deref(), tls_ca.as_deref()).await
         }
-        Command::Up {
-            nodes,
-            recipe,
-            overrides,
-            out,
-            listen,
-            local,
-            devices,
-            token_file,
-            tls,
-            resume,
-            heartbeat_timeout_secs,
-            elastic,
-        } => {
-            let heartbeat_timeout = Duration::from_secs(heartbeat_timeout_secs);
-            up(
-                nodes,
-                recipe,
-                overrides,
-                out,
-                listen,
-                local,
-                devices,
-                token_file,
-                tls,
-                resume,
-                heartbeat_timeout,
-                elastic,
-            )
-            .await
-        }
+        Command::Up(args) => up(args).await,
     }
 }
 
@@ -307,21 +281,23 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn up(
-    nodes: u32,
-    recipe_args: rsb_recipes::RecipeArgs,
-    overrides: Vec<String>,
-    out: PathBuf,
-    listen: Option<SocketAddr>,
-    local: bool,
-    devices: String,
-    token_file: Option<PathBuf>,
-    tls: TlsArgs,
-    resume: Option<PathBuf>,
-    heartbeat_timeout: Duration,
-    elastic: ElasticArgs,
-) -> Result<()> {
+/// `coordinator up`.
+async fn up(args: UpArgs) -> Result<()> {
+    let UpArgs {
+        nodes,
+        recipe: recipe_args,
+        overrides,
+        out,
+        listen,
+        local,
+        devices,
+        token_file,
+        tls,
+        resume,
+        heartbeat_timeout_secs,
+        elastic,
+    } = args;
+    let heartbeat_timeout = Duration::from_secs(heartbeat_timeout_secs);
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }

@@ -180,6 +180,60 @@ pub mod elastic_records {
             .max()
             .unwrap_or(0)
     }
+
+    /// Updates of the whole run, as the ranks planned it.
+    pub fn planned_updates(out: &Path) -> u64 {
+        let steps = crate::records_in(&out.join("metrics.jsonl"), "step");
+        steps.last().expect("no step record")["total_updates"].as_u64().expect("total_updates")
+    }
+
+    /// Checks, from `out/metrics.jsonl`, a 3-host job of 6 sampler streams
+    /// that lost `host` and finished its `epochs` epochs: a generation of 2
+    /// hosts without it (accumulation 3), a generation naming it lost, a
+    /// resume from a mid-epoch checkpoint, at most `interval` updates lost.
+    /// Returns the updates lost.
+    pub fn assert_shrunk_without(out: &Path, host: &str, interval: u64, epochs: u64) -> u64 {
+        let records = all_records(out);
+        let at = position(&records, "generation", |g| g["world_size"] == 2)
+            .unwrap_or_else(|| panic!("no generation of world size 2: {records:#?}"));
+        let generation = &records[at];
+        assert_eq!(generation["accumulation"], 3, "6 streams over 2 ranks");
+        let hosts: Vec<&str> = generation["hosts"]
+            .as_array()
+            .expect("hosts")
+            .iter()
+            .filter_map(|h| h.as_str())
+            .collect();
+        assert!(!hosts.contains(&host) && hosts.len() == 2, "{generation}");
+        let lost_host = records[..=at].iter().filter(|r| r["kind"] == "generation").any(|g| {
+            g["reasons"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().any(|r| r["kind"] == "lost_host" && r["host"] == host))
+        });
+        assert!(lost_host, "no generation names the lost host {host}: {records:#?}");
+        let resumed = generation["resume_from"].as_str().expect("a checkpoint to resume from");
+        assert!(resumed.contains("epoch-"), "{resumed}");
+        let resume_step = generation["resume_step"].as_u64().expect("resume_step");
+        let epoch_records = crate::records_in(&out.join("metrics.jsonl"), "epoch");
+        let epoch_updates = epoch_records[0]["step"].as_u64().expect("updates of an epoch");
+        assert!(
+            resume_step > epoch_updates,
+            "resumed from an epoch end, not mid-epoch: {generation}"
+        );
+        let lost = steps_before(&records, at).saturating_sub(resume_step);
+        assert!(
+            lost <= interval,
+            "{lost} updates lost, more than the checkpoint interval of {interval}"
+        );
+        let planned = planned_updates(out);
+        assert_eq!(planned, epochs * epoch_updates);
+        let last = epoch_records.last().expect("epoch records");
+        assert_eq!(
+            (last["epoch"].as_u64(), last["step"].as_u64()),
+            (Some(epochs - 1), Some(planned))
+        );
+        lost
+    }
 }
 
 /// The processes of the tests' jobs, read from `/proc`, and waits with deadlines.

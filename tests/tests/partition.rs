@@ -15,10 +15,10 @@
 //! * the test prints the updates lost, the time from the cut to the first
 //!   update of the new generation and the time until c's agent exited.
 
-use rsb_integration_tests::elastic_records::{all_records, position, steps_before};
+use rsb_integration_tests::elastic_records::{all_records, assert_shrunk_without, position};
 use rsb_integration_tests::processes::children_of;
 use rsb_integration_tests::{
-    binary, fashion_subset, ip, is_root, on_path, records_in, require, workspace_root, Netns,
+    binary, fashion_subset, ip, is_root, on_path, require, workspace_root, Netns,
 };
 use std::io::Read;
 use std::path::Path;
@@ -302,34 +302,7 @@ fn a_host_cut_off_the_network_is_dropped_and_stops_itself() {
     }
 
     // The new generation, from the metrics.
-    let records = all_records(&out);
-    let at = position(&records, "generation", |g| g["world_size"] == 2)
-        .unwrap_or_else(|| panic!("no generation of world size 2: {records:#?}"));
-    let generation = &records[at];
-    assert_eq!(generation["accumulation"], 3, "6 streams over 2 ranks");
-    let hosts: Vec<&str> =
-        generation["hosts"].as_array().unwrap().iter().filter_map(|h| h.as_str()).collect();
-    assert!(!hosts.contains(&"c") && hosts.len() == 2, "{generation}");
-    let lost_c = records[..=at].iter().filter(|r| r["kind"] == "generation").any(|g| {
-        g["reasons"]
-            .as_array()
-            .is_some_and(|rs| rs.iter().any(|r| r["kind"] == "lost_host" && r["host"] == "c"))
-    });
-    assert!(lost_c, "no generation names the cut host c as lost: {records:#?}");
-    let resume_step = generation["resume_step"].as_u64().expect("resume_step");
-    let epochs = records_in(&out.join("metrics.jsonl"), "epoch");
-    let epoch_updates = epochs[0]["step"].as_u64().expect("updates of an epoch");
-    assert!(resume_step > epoch_updates, "resumed from an epoch end, not mid-epoch: {generation}");
-    let lost = steps_before(&records, at).saturating_sub(resume_step);
-    assert!(
-        lost <= CHECKPOINT_INTERVAL,
-        "{lost} updates lost, more than the checkpoint interval of {CHECKPOINT_INTERVAL}"
-    );
-    let steps = records_in(&out.join("metrics.jsonl"), "step");
-    let planned = steps.last().expect("step records")["total_updates"].as_u64().unwrap();
-    assert_eq!(planned, 5 * epoch_updates);
-    let last = epochs.last().expect("epoch records");
-    assert_eq!((last["epoch"].as_u64(), last["step"].as_u64()), (Some(4), Some(planned)));
+    let lost = assert_shrunk_without(&out, "c", CHECKPOINT_INTERVAL, 5);
     println!(
         "MEASURED host cut off (veth down) 1 of 3, --min-nodes 2: {lost} updates lost \
          (checkpoint every {CHECKPOINT_INTERVAL}); first update of the new generation {:.1} s \

@@ -237,7 +237,7 @@ fn reduce_parts(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};
     use std::time::Duration;
@@ -245,7 +245,7 @@ mod tests {
     const CPU: Calls = Calls { device: Device::Cpu, at_world_size_one: false };
 
     /// Runs `f` on each rank of a ring of `n` CPU ranks (one thread each).
-    fn on_ring<T: Send>(n: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
+    pub(crate) fn on_ring<T: Send>(n: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
         let listeners: Vec<RingListener> =
             (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
         let addresses: Vec<String> =
@@ -304,8 +304,8 @@ mod tests {
 
     /// A world of one rank that counts the calls made on it.
     #[derive(Default)]
-    struct Counting {
-        calls: usize,
+    pub(crate) struct Counting {
+        pub(crate) calls: usize,
     }
 
     impl Collective for Counting {

@@ -295,8 +295,8 @@ fn reduce_as_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ddp::tests::{on_ring, Counting};
     use crate::ddp::BUCKET_FLOATS;
-    use rsb_collective::ring::{RingConfig, RingKey, RingListener};
     use std::sync::Mutex;
     use tch::{nn, nn::Module, Device, Kind};
 
@@ -308,74 +308,48 @@ mod tests {
     /// `micro_batches` accumulated micro-batches, reduced with or without
     /// overlap over a 3-rank ring of threads.
     fn gradients(overlap: bool, micro_batches: usize, bucket_floats: usize) -> Vec<Vec<Vec<f32>>> {
-        let world = 3;
-        let listeners: Vec<RingListener> = (0..world)
-            .map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-            .collect();
-        let addresses: Vec<String> =
-            listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let addresses = addresses.clone();
-                    scope.spawn(move || {
-                        let config =
-                            RingConfig { timeout: Duration::from_secs(30), segment_floats: 5 };
-                        let key = RingKey::derive(b"overlap tests");
-                        let mut ring = listener.connect(rank, &addresses, &key, config).unwrap();
-                        // libtorch's generator is global: seed and draw the
-                        // weights one rank at a time.
-                        let init = INIT.lock().unwrap();
-                        tch::manual_seed(7);
-                        let vs = nn::VarStore::new(Device::Cpu);
-                        let net = nn::seq()
-                            .add(nn::linear(vs.root() / "a", 16, 64, Default::default()))
-                            .add_fn(|x| x.relu())
-                            .add(nn::linear(vs.root() / "b", 64, 64, Default::default()))
-                            .add_fn(|x| x.tanh())
-                            .add(nn::linear(vs.root() / "c", 64, 10, Default::default()));
-                        drop(init);
-                        let params = vs.trainable_variables();
-                        let buckets = GradientBuckets::new(
-                            params.iter().map(Tensor::shallow_clone).collect(),
-                            bucket_floats,
-                            overlap,
-                        )
+        on_ring(3, |ring| {
+            // libtorch's generator is global: seed and draw the weights one
+            // rank at a time.
+            let init = INIT.lock().unwrap();
+            tch::manual_seed(7);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = nn::seq()
+                .add(nn::linear(vs.root() / "a", 16, 64, Default::default()))
+                .add_fn(|x| x.relu())
+                .add(nn::linear(vs.root() / "b", 64, 64, Default::default()))
+                .add_fn(|x| x.tanh())
+                .add(nn::linear(vs.root() / "c", 64, 10, Default::default()));
+            drop(init);
+            let params = vs.trainable_variables();
+            let buckets = GradientBuckets::new(
+                params.iter().map(Tensor::shallow_clone).collect(),
+                bucket_floats,
+                overlap,
+            )
+            .unwrap();
+            for micro in 0..micro_batches {
+                // Rank- and micro-batch-specific data, without the global generator.
+                let phase = (1 + ring.rank() * micro_batches + micro) as f64;
+                let x = (Tensor::arange(8 * 16, (Kind::Float, Device::Cpu)) * phase)
+                    .sin()
+                    .reshape([8, 16]);
+                let loss = net.forward(&x).square().mean(Kind::Float);
+                if micro + 1 < micro_batches {
+                    loss.backward();
+                } else {
+                    buckets
+                        .backward_and_reduce(ring, CALLS, 0, Duration::from_secs(30), || {
+                            loss.f_backward()?;
+                            Ok(())
+                        })
                         .unwrap();
-                        for micro in 0..micro_batches {
-                            // Rank- and micro-batch-specific data, without the global generator.
-                            let phase = (1 + rank * micro_batches + micro) as f64;
-                            let x = (Tensor::arange(8 * 16, (Kind::Float, Device::Cpu)) * phase)
-                                .sin()
-                                .reshape([8, 16]);
-                            let loss = net.forward(&x).square().mean(Kind::Float);
-                            if micro + 1 < micro_batches {
-                                loss.backward();
-                            } else {
-                                buckets
-                                    .backward_and_reduce(
-                                        &mut ring,
-                                        CALLS,
-                                        0,
-                                        Duration::from_secs(30),
-                                        || {
-                                            loss.f_backward()?;
-                                            Ok(())
-                                        },
-                                    )
-                                    .unwrap();
-                            }
-                        }
-                        params
-                            .iter()
-                            .map(|p| Vec::<f32>::try_from(p.grad().reshape([-1])).unwrap())
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+                }
+            }
+            params
+                .iter()
+                .map(|p| Vec::<f32>::try_from(p.grad().reshape([-1])).unwrap())
+                .collect::<Vec<_>>()
         })
     }
 
@@ -406,35 +380,6 @@ mod tests {
         }
     }
 
-    /// A world of one rank that counts the all-reduces made on it.
-    #[derive(Default)]
-    struct Counting {
-        all_reduces: usize,
-    }
-
-    impl Collective for Counting {
-        fn rank(&self) -> usize {
-            0
-        }
-        fn world_size(&self) -> usize {
-            1
-        }
-        fn all_reduce_sum(
-            &mut self,
-            _buffer: rsb_collective::Buffer<'_>,
-        ) -> Result<(), rsb_collective::CollectiveError> {
-            self.all_reduces += 1;
-            Ok(())
-        }
-        fn broadcast(
-            &mut self,
-            _buffer: rsb_collective::Buffer<'_>,
-            _root: usize,
-        ) -> Result<(), rsb_collective::CollectiveError> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_failed_backward_pass_stops_the_reducer_at_once_with_its_own_error() {
         let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
@@ -455,7 +400,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
         // Nothing was reduced after the failure (peers would have reduced
         // other gradients): `a`'s bucket waits behind `b`'s, which never came.
-        assert_eq!(counting.all_reduces, 0);
+        assert_eq!(counting.calls, 0);
         // Sanity of the setup: a pass that succeeds reduces `a`'s bucket.
         buckets
             .backward_and_reduce(&mut counting, calls, 5, Duration::from_secs(30), || {
@@ -463,6 +408,6 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(counting.all_reduces, 1);
+        assert_eq!(counting.calls, 1);
     }
 }

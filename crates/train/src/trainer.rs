@@ -182,8 +182,6 @@ pub struct Trainer {
     train: Arc<TrainData>,
     eval: Arc<EvalData>,
     eval_sets: Vec<EvalSet>,
-    /// When each of `eval_sets` is evaluated.
-    eval_set_timings: Vec<EvalSetTiming>,
     normalizer: Normalizer,
     records: Records,
     state: TrainState,
@@ -291,7 +289,6 @@ impl Trainer {
         let schedule = from_recipe::schedule(&recipe, train.steps_per_epoch());
         let eval = Arc::new(from_recipe::val_data(&recipe)?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
-        let eval_set_timings = recipe.eval.sets.iter().map(|s| s.at).collect();
         let mut sampler = train.rank_sampler(1, 0)?;
         let batch = BatchShape {
             global_size: recipe.batch.global_size,
@@ -348,7 +345,6 @@ impl Trainer {
             schedule,
             train,
             eval,
-            eval_set_timings,
             eval_sets,
             records,
             nonfinite_streak: state.nonfinite_streak,
@@ -513,8 +509,9 @@ impl Trainer {
         let shard = self.eval_shard();
         let calls = self.calls();
         let mut results = Vec::with_capacity(self.eval_sets.len());
-        for (set, timing) in self.eval_sets.iter().zip(&self.eval_set_timings) {
-            if *timing == EvalSetTiming::End && !last {
+        // `eval_sets` holds the recipe's sets, opened, in the recipe's order.
+        for (set, spec) in self.eval_sets.iter().zip(&self.recipe.eval.sets) {
+            if spec.at == EvalSetTiming::End && !last {
                 continue;
             }
             let mut counts = evaluate_set(&mut self.model, set, &self.normalizer, shard)?;
