@@ -220,9 +220,10 @@ pub struct Job {
     reasons: Vec<GenerationReason>,
     /// Generations opened for failed ranks since the last commit.
     restarts: u32,
-    /// Ranks that failed because a peer stayed silent in a collective:
-    /// rank -> (that peer, its failure), while the blame is being assigned.
-    silent_peers: BTreeMap<u32, (u32, String)>,
+    /// Ranks that failed in a collective because of a peer (silent, or its
+    /// link closed): rank -> (that peer, its failure), while the blame is
+    /// being assigned.
+    collective_failures: BTreeMap<u32, (u32, String)>,
     /// When to assign the blame (a short grace after the first report).
     blame_at: Option<Instant>,
     metrics: Option<std::fs::File>,
@@ -263,7 +264,7 @@ impl Job {
             lost: Vec::new(),
             reasons: vec![GenerationReason::Start],
             restarts: 0,
-            silent_peers: BTreeMap::new(),
+            collective_failures: BTreeMap::new(),
             blame_at: None,
             metrics: None,
             next_member: 0,
@@ -647,19 +648,21 @@ impl Job {
         }
     }
 
-    /// Fails a job whose ranks timed out in a collective, naming the rank
-    /// their reports lead to: follow each reporter's silent peer until a
-    /// rank that reported nothing (a stopped or cut-off rank cannot report).
+    /// Fails a job whose ranks failed in a collective, naming the rank their
+    /// reports lead to: follow each reporter's peer until a rank that
+    /// reported nothing (a stopped or cut-off rank cannot report).
     fn blame_silent_rank(&mut self) {
         self.blame_at = None;
-        let Some((&first, (_, first_failure))) = self.silent_peers.iter().next() else { return };
+        let Some((&first, (_, first_failure))) = self.collective_failures.iter().next() else {
+            return;
+        };
         let first_failure = first_failure.clone();
         let mut rank = first;
         let mut hops = 0;
-        while let Some((peer, _)) = self.silent_peers.get(&rank) {
+        while let Some((peer, _)) = self.collective_failures.get(&rank) {
             rank = *peer;
             hops += 1;
-            if hops > self.silent_peers.len() {
+            if hops > self.collective_failures.len() {
                 // Every rank on the way reported: no single rank to blame.
                 self.fail(first_failure);
                 return;
@@ -671,9 +674,9 @@ impl Job {
             .find(|m| m.ranks().contains(&rank))
             .map_or_else(|| "an unknown host".to_string(), |m| m.host.clone());
         self.fail(format!(
-            "rank {rank} on {host} stopped answering in a collective: {} rank(s) timed out \
+            "rank {rank} on {host} stopped answering in a collective: {} rank(s) failed \
              waiting for it or for a rank waiting for it; first report: {first_failure}",
-            self.silent_peers.len()
+            self.collective_failures.len()
         ));
     }
 
@@ -983,7 +986,7 @@ impl Job {
         local_rank: u32,
         success: bool,
         message: &str,
-        silent_peer: Option<u32>,
+        collective_peer: Option<u32>,
     ) -> Result<(), JobError> {
         if generation != 0 && generation != self.generation {
             return Err(JobError::Precondition(format!(
@@ -1027,11 +1030,11 @@ impl Job {
         }
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
-            if let (Some(peer), false) = (silent_peer, self.elastic()) {
+            if let (Some(peer), false) = (collective_peer, self.elastic()) {
                 // Wait a moment for the other ranks' reports: the rank to
                 // blame is the one the chain of silent peers ends at.
                 if self.phase == Phase::Running {
-                    self.silent_peers.insert(rank, (peer, failure));
+                    self.collective_failures.insert(rank, (peer, failure));
                     self.blame_at.get_or_insert(Instant::now() + BLAME_GRACE);
                     return Ok(());
                 }
@@ -1468,7 +1471,7 @@ mod tests {
         j.check_liveness();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(reason.starts_with("rank 1 on b stopped answering in a collective"), "{reason}");
-        assert!(reason.contains("2 rank(s) timed out"), "{reason}");
+        assert!(reason.contains("2 rank(s) failed waiting"), "{reason}");
         // A failure of another kind fails the job at once, as before.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();

@@ -480,7 +480,7 @@ impl Coordinator for Shared {
             )));
         }
         self.update(|job| {
-            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, r.silent_peer)
+            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, r.collective_peer)
         })
         .map_err(status)?;
         Ok(Response::new(pb::Ack {}))

@@ -159,7 +159,7 @@ fn call() -> impl Strategy<Value = Call> {
                     success,
                     message,
                     generation,
-                    silent_peer: None,
+                    collective_peer: None,
                 })
             }
         ),

@@ -207,7 +207,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 success: false,
                 message: "x".into(),
                 generation: 1,
-                silent_peer: None,
+                collective_peer: None,
             })
             .await
             .map(drop),

@@ -301,7 +301,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                             success: false,
                             message: reason.clone(),
                             generation: rank_generation.unwrap_or(0),
-                            silent_peer: None,
+                            collective_peer: None,
                         };
                         match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                             Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -498,7 +498,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
         success,
         message,
         generation,
-        silent_peer: outcome.as_ref().err().and_then(silent_peer),
+        collective_peer: outcome.as_ref().err().and_then(collective_peer),
     };
     if let Err(e) = runtime.block_on(client.leave(leave)) {
         tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
@@ -738,13 +738,14 @@ fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<Collec
     }
 }
 
-/// The peer that stayed silent past the collective timeout, when that is
-/// why the rank failed (the coordinator follows these reports to the rank
-/// to blame).
-fn silent_peer(error: &anyhow::Error) -> Option<u32> {
+/// The peer a collective failed on (it stayed silent past the collective
+/// timeout, or its link closed), when that is why the rank failed: the
+/// coordinator follows these reports to the rank to blame.
+fn collective_peer(error: &anyhow::Error) -> Option<u32> {
+    use rsb_collective::CollectiveError::{Link, Timeout};
     error.chain().find_map(|cause| match cause.downcast_ref::<rsb_train::TrainError>()? {
         rsb_train::TrainError::Collective {
-            error: rsb_collective::CollectiveError::Timeout { peer, .. },
+            error: Timeout { peer, .. } | Link { peer, .. },
             ..
         } => u32::try_from(*peer).ok(),
         _ => None,
