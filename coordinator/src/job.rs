@@ -66,11 +66,18 @@ pub struct Member {
     pub advertise: Option<IpAddr>,
     /// Session secret handed out at join (never shown).
     pub secret: Secret,
-    /// The newest generation whose assignment one of its ranks fetched.
-    pub ranks_generation: u64,
+    /// By local rank: the newest generation whose assignment that rank
+    /// fetched (0: none yet).
+    pub rank_generations: Vec<u64>,
 }
 
 impl Member {
+    /// The newest generation every one of its ranks fetched the assignment
+    /// of (the oldest of theirs): its ranks need no restart for it.
+    pub fn ranks_generation(&self) -> u64 {
+        self.rank_generations.iter().copied().min().unwrap_or(0)
+    }
+
     /// The global ranks this member runs.
     pub fn ranks(&self) -> std::ops::Range<u32> {
         self.first_rank..self.first_rank + self.local_ranks
@@ -228,6 +235,15 @@ pub struct Job {
     blame_at: Option<Instant>,
     metrics: Option<std::fs::File>,
     next_member: u64,
+    /// Prefix of the member ids this job hands out (a sweep's jobs share
+    /// one service, so their ids must differ).
+    pub member_prefix: String,
+    /// The run this job is, in a sweep: its progress lines start with it.
+    pub label: Option<String>,
+    /// Where progress lines go.
+    pub printer: crate::printer::Printer,
+    /// Updates the run makes in all, once a step record said so.
+    pub total_updates: Option<u64>,
 }
 
 impl Job {
@@ -268,7 +284,33 @@ impl Job {
             blame_at: None,
             metrics: None,
             next_member: 0,
+            member_prefix: String::new(),
+            label: None,
+            printer: crate::printer::Printer::default(),
+            total_updates: None,
         }
+    }
+
+    /// Prints a progress line of this job (prefixed by its run id in a sweep).
+    pub fn say(&self, line: &str) {
+        match &self.label {
+            Some(label) => self.printer.line(&format!("[{label}] {line}")),
+            None => self.printer.line(line),
+        }
+    }
+
+    /// Whether `id` is (or was) one of this job's members.
+    pub fn knows_member(&self, id: &str) -> bool {
+        self.members
+            .iter()
+            .chain(&self.pending)
+            .chain(self.dropped.iter().map(|d| &d.0))
+            .any(|m| m.id == id)
+    }
+
+    /// Whether the job has ended (finished or failed).
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Finished | Phase::Failed(_))
     }
 
     /// Makes the job elastic when `min < max`: it runs with `min..=max`
@@ -363,7 +405,7 @@ impl Job {
         let secret = Secret::generate()
             .map_err(|e| JobError::Precondition(format!("cannot make a member secret: {e}")))?;
         self.next_member += 1;
-        let id = format!("m{}-{}", self.next_member, host);
+        let id = format!("{}m{}-{}", self.member_prefix, self.next_member, host);
         let member = Member {
             id: id.clone(),
             host: host.to_string(),
@@ -373,7 +415,7 @@ impl Job {
             last_seen: Instant::now(),
             advertise,
             secret: secret.clone(),
-            ranks_generation: 0,
+            rank_generations: vec![0; local_ranks as usize],
         };
         if pending {
             self.pending.push(member);
@@ -450,7 +492,7 @@ impl Job {
             plan.world_size
         );
         if let Some(line) = self.progress_line(&record) {
-            println!("{line}");
+            self.say(&line);
         }
         if let Err(e) = self.append(&record) {
             tracing::error!("cannot record generation {}: {e}", self.generation);
@@ -542,11 +584,14 @@ impl Job {
         Err(JobError::NotFound(format!("unknown member `{id}`")))
     }
 
-    /// Notes that a rank of `member_id` fetched the current generation's assignment.
-    pub fn note_assigned(&mut self, member_id: &str) {
+    /// Notes that local rank `local_rank` of `member_id` fetched the current
+    /// generation's assignment.
+    pub fn note_assigned(&mut self, member_id: &str, local_rank: u32) {
         let generation = self.generation;
         if let Some(m) = self.members.iter_mut().find(|m| m.id == member_id) {
-            m.ranks_generation = m.ranks_generation.max(generation);
+            if let Some(g) = m.rank_generations.get_mut(local_rank as usize) {
+                *g = (*g).max(generation);
+            }
         }
     }
 
@@ -556,7 +601,7 @@ impl Job {
         let failure = self.failure().map(str::to_string);
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
-            let ranks_generation = m.ranks_generation;
+            let ranks_generation = m.ranks_generation();
             return Ok(Beat { keep_going: on, pending: false, failure, ranks_generation });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
@@ -565,7 +610,7 @@ impl Job {
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
             let failure = format!("member {id} ({}) was dropped from the job: {why}", m.host);
-            let ranks_generation = m.ranks_generation;
+            let ranks_generation = m.ranks_generation();
             return Ok(Beat {
                 keep_going: false,
                 pending: false,
@@ -890,6 +935,7 @@ impl Job {
                 peak_gpu_memory_mib,
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
+                self.total_updates = Some(*total_updates);
                 let eta = if *images_per_sec > 0.0 {
                     let secs = total_updates.saturating_sub(*step) as f64
                         * f64::from(self.recipe.batch.global_size)
@@ -1160,14 +1206,14 @@ mod tests {
         j.record_metrics(1, &step(6)).unwrap();
         j.commit_checkpoint(1, 1, 6, "/run/checkpoints/epoch-0002".into()).unwrap();
         j.record_metrics(1, &step(7)).unwrap();
-        j.note_assigned(&a);
+        j.note_assigned(&a, 0);
         assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
         silence(&mut j, &b);
         j.check_liveness();
         // Its agent learns that its ranks run in an older generation.
         let beat = j.heartbeat(&a).unwrap();
         assert_eq!((beat.keep_going, beat.ranks_generation), (true, 1));
-        j.note_assigned(&a);
+        j.note_assigned(&a, 0);
         assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 2);
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
         let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
@@ -1344,6 +1390,23 @@ mod tests {
 
     fn ring(a: &str) -> Option<RendezvousPayload> {
         Some(RendezvousPayload::RingAddress(a.into()))
+    }
+
+    #[test]
+    fn a_member_ranks_generation_waits_for_its_slowest_rank() {
+        let mut j = elastic(2, 1, 2);
+        let a = join(&mut j, "a", 2).unwrap();
+        let _b = join(&mut j, "b", 1).unwrap();
+        assert_eq!(j.generation, 1);
+        j.note_assigned(&a, 1);
+        // Rank 0 of `a` has not fetched generation 1 yet: a restart is
+        // still needed if the generation moves on.
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 0);
+        j.note_assigned(&a, 0);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
+        // A local rank the member does not run changes nothing.
+        j.note_assigned(&a, 7);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
     }
 
     #[test]

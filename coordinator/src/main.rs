@@ -13,6 +13,12 @@
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
 //!
+//! `--seeds 0..20` and `--grid KEY=V1,V2` (repeatable) make `up` a sweep:
+//! one run per seed and grid cell, each in `OUT/runs/<id>/`, queued over the
+//! joined hosts (`--ranks-per-run`, `--max-parallel-runs`), a failed run
+//! retried from its own last checkpoint (`--max-retries`); `--resume OUT`
+//! continues an interrupted sweep, running only what did not finish.
+//!
 //! `coordinator report DIR [DIR_B]` writes a sweep's seed-study report
 //! (tables, histogram, curves) into `DIR/report/`, or compares sweep B
 //! against A (see `rsb-report`).
@@ -28,9 +34,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rsb_coordinator::job::{Job, Phase};
 use rsb_coordinator::plan::BatchPlan;
+use rsb_coordinator::progress::SweepProgress;
 use rsb_coordinator::service::Shared;
+use rsb_coordinator::state::Coordination;
+use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
+use rsb_job::{GridAxis, RunEnd, RunOutcome, SweepLayout, SweepManifest};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -124,9 +135,11 @@ struct UpArgs {
     /// Override a recipe field (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints under it).
+    /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints
+    /// under it); for a sweep, the sweep folder (sweep.json, runs/<id>/).
+    /// A sweep resumed with `--resume DIR` defaults to DIR.
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// gRPC listen address (default 127.0.0.1:50051, loopback only;
     /// `--local` defaults to 127.0.0.1 and a free port).
     #[arg(long)]
@@ -144,7 +157,10 @@ struct UpArgs {
     token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Continue from a checkpoint folder or run folder (read by rank 0).
+    /// Continue from a checkpoint folder or run folder (read by rank 0);
+    /// or, given a sweep folder (with its sweep.json), continue that sweep:
+    /// finished runs are kept, the others run again (from their own newest
+    /// checkpoint when they have one).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// A worker host silent (no heartbeat) for this many seconds fails
@@ -153,6 +169,39 @@ struct UpArgs {
     heartbeat_timeout_secs: u64,
     #[command(flatten)]
     elastic: ElasticArgs,
+    #[command(flatten)]
+    sweep: SweepArgs,
+}
+
+/// Sweeps of `up`: many runs of one recipe.
+#[derive(Debug, clap::Args)]
+struct SweepArgs {
+    /// Run the recipe once per seed: a half-open range `0..20`, one seed
+    /// `7`, or a list `0,3,9` (the seed sets every random stream).
+    #[arg(long, value_name = "SEEDS")]
+    seeds: Option<String>,
+    /// Run once per value of a recipe field: `KEY=V1,V2,...` (a dotted
+    /// `--set` key). Several make a product; combined with --seeds (default:
+    /// the recipe's seed).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,...")]
+    grid: Vec<String>,
+    /// Ranks of each run of a sweep (hosts whose ranks divide it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    ranks_per_run: u32,
+    /// Most runs of a sweep at once (default: as many as the hosts allow).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_parallel_runs: Option<u32>,
+    /// A failed run of a sweep is retried from its own last checkpoint at
+    /// most this many times; then it is recorded as failed.
+    #[arg(long, default_value_t = 2)]
+    max_retries: u32,
+}
+
+impl SweepArgs {
+    /// Whether any sweep option was given.
+    fn given(&self) -> bool {
+        self.seeds.is_some() || !self.grid.is_empty()
+    }
 }
 
 /// TLS of the coordinator's gRPC port.
@@ -278,47 +327,59 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         }
     }
     println!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
+    if !s.sweep_runs.is_empty() {
+        println!("runs:");
+        for run in &s.sweep_runs {
+            let state =
+                pb::SweepRunState::try_from(run.state).map_or("unknown", |state| match state {
+                    pb::SweepRunState::Queued => "queued",
+                    pb::SweepRunState::Running => "running",
+                    pb::SweepRunState::Finished => "finished",
+                    pb::SweepRunState::Failed => "failed",
+                    pb::SweepRunState::Unspecified => "unknown",
+                });
+            let progress = if run.total_updates > 0 {
+                format!(" epoch {} update {}/{}", run.epoch, run.step, run.total_updates)
+            } else {
+                String::new()
+            };
+            let hosts = if run.hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", run.hosts.join(", "))
+            };
+            let failure = if run.failure.is_empty() {
+                String::new()
+            } else {
+                format!("; last failure: {}", run.failure)
+            };
+            println!("  {} {state} (attempts {}){progress}{hosts}{failure}", run.id, run.attempts);
+        }
+    }
     Ok(())
+}
+
+/// What `up` runs: one job, or a sweep with its feedback.
+enum Work {
+    /// One job; elastic or not.
+    Job { elastic: bool },
+    /// A sweep.
+    Sweep(SweepProgress),
 }
 
 /// `coordinator up`.
 async fn up(args: UpArgs) -> Result<()> {
-    let UpArgs {
-        nodes,
-        recipe: recipe_args,
-        overrides,
-        out,
-        listen,
-        local,
-        devices,
-        token_file,
-        tls,
-        resume,
-        heartbeat_timeout_secs,
-        elastic,
-    } = args;
-    let heartbeat_timeout = Duration::from_secs(heartbeat_timeout_secs);
-    if nodes == 0 {
+    if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    let (min_nodes, max_nodes) =
-        (elastic.min_nodes.unwrap_or(nodes), elastic.max_nodes.unwrap_or(nodes));
-    if min_nodes == 0 || min_nodes > nodes || max_nodes < nodes {
-        bail!(
-            "--min-nodes {min_nodes} --nodes {nodes} --max-nodes {max_nodes}: need \
-             1 <= --min-nodes <= --nodes <= --max-nodes"
-        );
-    }
-    let recipe = recipe_args.load(&overrides)?;
-    rsb_job::check_out_folder(&out, resume.as_deref())?;
-    // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
-    let resume = resume
-        .map(|path| rsb_job::check_resume(&path, &recipe, &overrides).map(|v| v.path().to_owned()))
-        .transpose()?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
-    std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))
-        .with_context(|| format!("writing {}/recipe.yaml", out.display()))?;
+    let resumes_sweep =
+        args.resume.as_deref().is_some_and(|dir| SweepLayout::new(dir).manifest().is_file());
+    let (state, out, mut work) = if args.sweep.given() || resumes_sweep {
+        prepare_sweep(&args)?
+    } else {
+        prepare_job(&args)?
+    };
+    let UpArgs { nodes, listen, local, devices, token_file, tls, .. } = args;
     let listen = listen.unwrap_or_else(|| {
         if local {
             "127.0.0.1:0".parse().expect("literal")
@@ -340,19 +401,10 @@ async fn up(args: UpArgs) -> Result<()> {
         );
     }
     let token = job_token(token_file.as_deref(), &out)?;
-    let mut job = Job::new(recipe, out.clone(), nodes);
-    job.heartbeat_timeout = heartbeat_timeout;
-    job.set_node_bounds(min_nodes, max_nodes)?;
-    job.rejoin_timeout = Duration::from_secs(elastic.rejoin_timeout_secs);
-    job.max_restarts = elastic.max_restarts;
-    let is_elastic = job.elastic();
-    if let Some(path) = resume {
-        let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
-        job.resume_from = Some(path.display().to_string());
-    }
-    let shared = Shared::new(job);
+    let shared = Shared::new(state);
+    let folder = if matches!(work, Work::Sweep(_)) { "sweep folder" } else { "run folder" };
     println!(
-        "coordinator listening on {bound}; waiting for {nodes} worker host(s); run folder {}",
+        "coordinator listening on {bound}; waiting for {nodes} worker host(s); {folder} {}",
         out.display()
     );
     // From here on, Ctrl-C and `kill` stop the local workers before this
@@ -411,7 +463,10 @@ async fn up(args: UpArgs) -> Result<()> {
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
             signal = stop_signals.recv() => {
                 let reason = format!("coordinator stopped by {signal}");
-                shared.update(|job| job.fail(reason.clone()));
+                shared.update(|state| state.fail_all(&reason));
+                if let Work::Sweep(progress) = &mut work {
+                    progress.finish();
+                }
                 tracing::warn!("{reason}; stopping the local workers");
                 rsb_process::terminate(&mut children, Duration::from_secs(10)).await;
                 break Err(anyhow::anyhow!("job failed: {reason}"));
@@ -425,26 +480,72 @@ async fn up(args: UpArgs) -> Result<()> {
                 exited[i] = true;
                 if !code.success() {
                     let what = format!("local worker {i} exited with {code}");
-                    if is_elastic {
-                        // Its heartbeats stop: the job drops it and goes on.
-                        tracing::warn!("{what}");
-                    } else {
-                        shared.update(|job| job.fail(what));
+                    match work {
+                        // Its heartbeats stop: an elastic job drops it and
+                        // goes on; a sweep's run fails and is retried.
+                        Work::Job { elastic: true } | Work::Sweep(_) => tracing::warn!("{what}"),
+                        Work::Job { elastic: false } => {
+                            shared.update(|state| state.fail_all(&what))
+                        }
                     }
                 }
             }
         }
-        let phase = shared.update(|job| {
-            job.check_liveness();
-            job.phase.clone()
-        });
-        match phase {
-            Phase::Finished => break Ok(()),
-            Phase::Failed(reason) => break Err(anyhow::anyhow!("job failed: {reason}")),
-            Phase::Waiting | Phase::Running => {}
+        match &mut work {
+            Work::Job { .. } => {
+                let phase = shared.update(|state| {
+                    state.check_liveness();
+                    state.jobs[0].phase.clone()
+                });
+                match phase {
+                    Phase::Finished => break Ok(()),
+                    Phase::Failed(reason) => break Err(anyhow::anyhow!("job failed: {reason}")),
+                    Phase::Waiting | Phase::Running => {}
+                }
+            }
+            Work::Sweep(progress) => {
+                let snapshot = shared.update(|state| {
+                    state.check_liveness();
+                    let jobs = &state.jobs;
+                    state.sweep.as_ref().map(|s| (s.counts(), s.views(jobs), s.is_over()))
+                });
+                let Some((counts, views, over)) = snapshot else {
+                    break Err(anyhow::anyhow!("the sweep's queue is gone"));
+                };
+                progress.update(counts, &views);
+                if over {
+                    progress.finish();
+                    let failed: Vec<&str> = views
+                        .iter()
+                        .filter(|v| v.state == RunState::Failed)
+                        .map(|v| v.id.as_str())
+                        .collect();
+                    println!(
+                        "sweep over: {} finished, {} failed of {} run(s); report with \
+                         `coordinator report {}`",
+                        counts.finished,
+                        counts.failed,
+                        counts.total,
+                        out.display()
+                    );
+                    break if failed.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(anyhow::anyhow!(
+                            "{} of {} run(s) failed: {} (why: runs/<id>/outcome.json; \
+                             `coordinator up --resume {}` runs them again)",
+                            failed.len(),
+                            counts.total,
+                            failed.join(", "),
+                            out.display()
+                        ))
+                    };
+                }
+            }
         }
     };
-    // Let workers see the final state through their heartbeats before stopping.
+    // Let workers see the final state through their heartbeats (or their
+    // next join, in a sweep) before stopping.
     let grace = tokio::time::Instant::now() + Duration::from_secs(5);
     for child in &mut children {
         let _ = tokio::time::timeout_at(grace, child.wait()).await;
@@ -456,6 +557,180 @@ async fn up(args: UpArgs) -> Result<()> {
         tracing::warn!("connections still open 5 s after the job ended; closing them");
     }
     outcome
+}
+
+/// The one job of `up`: recipe, run folder and membership checked, the
+/// resolved recipe written.
+fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
+    let nodes = args.nodes;
+    let elastic = &args.elastic;
+    let (min_nodes, max_nodes) =
+        (elastic.min_nodes.unwrap_or(nodes), elastic.max_nodes.unwrap_or(nodes));
+    if min_nodes == 0 || min_nodes > nodes || max_nodes < nodes {
+        bail!(
+            "--min-nodes {min_nodes} --nodes {nodes} --max-nodes {max_nodes}: need \
+             1 <= --min-nodes <= --nodes <= --max-nodes"
+        );
+    }
+    if args.sweep.ranks_per_run != 1 || args.sweep.max_parallel_runs.is_some() {
+        bail!("--ranks-per-run and --max-parallel-runs are for sweeps (--seeds or --grid)");
+    }
+    let out = args.out.clone().context("--out DIR is required (the run folder)")?;
+    let recipe = args.recipe.load(&args.overrides)?;
+    rsb_job::check_out_folder(&out, args.resume.as_deref())?;
+    // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
+    let resume = args
+        .resume
+        .as_ref()
+        .map(|path| {
+            rsb_job::check_resume(path, &recipe, &args.overrides).map(|v| v.path().to_owned())
+        })
+        .transpose()?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
+    std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))
+        .with_context(|| format!("writing {}/recipe.yaml", out.display()))?;
+    let mut job = Job::new(recipe, out.clone(), nodes);
+    job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
+    job.set_node_bounds(min_nodes, max_nodes)?;
+    job.rejoin_timeout = Duration::from_secs(elastic.rejoin_timeout_secs);
+    job.max_restarts = elastic.max_restarts;
+    let is_elastic = job.elastic();
+    if let Some(path) = resume {
+        let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
+        job.resume_from = Some(path.display().to_string());
+    }
+    Ok((Coordination::one(job), out, Work::Job { elastic: is_elastic }))
+}
+
+/// The sweep of `up`: its manifest written (or, with `--resume DIR`, read
+/// and checked against the options given), every cell's recipe resolved,
+/// the runs that finished before kept, and the rest queued, each resuming
+/// from its own newest checkpoint when it has one.
+fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
+    if args.elastic.min_nodes.is_some() || args.elastic.max_nodes.is_some() {
+        bail!(
+            "--min-nodes/--max-nodes: the runs of a sweep are fixed jobs; a failed run is \
+             retried from its own last checkpoint instead (--max-retries)"
+        );
+    }
+    let source = args.recipe.source()?;
+    let grid = args.sweep.grid.iter().map(|g| GridAxis::parse(g)).collect::<Result<Vec<_>, _>>()?;
+    let (dir, manifest) = match &args.resume {
+        Some(dir) => {
+            if let Some(out) = &args.out {
+                if out.canonicalize().ok() != dir.canonicalize().ok() {
+                    bail!(
+                        "--out {} and --resume {}: a sweep is resumed in its own folder; \
+                         give only --resume",
+                        out.display(),
+                        dir.display()
+                    );
+                }
+            }
+            let manifest = SweepManifest::read(dir)?;
+            if let Some(seeds) = &args.sweep.seeds {
+                if rsb_job::parse_seeds(seeds)? != manifest.seeds {
+                    bail!(
+                        "--seeds {seeds}: the sweep in {} has the seeds {:?}; leave --seeds out \
+                         to resume it",
+                        dir.display(),
+                        manifest.seeds
+                    );
+                }
+            }
+            if !grid.is_empty() && grid != manifest.grid {
+                bail!(
+                    "--grid: the sweep in {} has another grid; leave --grid out to resume it",
+                    dir.display()
+                );
+            }
+            if args.overrides != manifest.overrides {
+                bail!(
+                    "--set: the sweep in {} was started with {:?}, not {:?}",
+                    dir.display(),
+                    manifest.overrides,
+                    args.overrides
+                );
+            }
+            (dir.clone(), manifest)
+        }
+        None => {
+            let dir = args.out.clone().context("--out DIR is required (the sweep folder)")?;
+            if SweepLayout::new(&dir).manifest().exists() {
+                bail!(
+                    "{} already holds a sweep; pass `--resume {}` to continue it, or choose \
+                     another --out",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            let base = source.load(&args.overrides)?;
+            let seeds = match &args.sweep.seeds {
+                Some(seeds) => rsb_job::parse_seeds(seeds)?,
+                None => vec![base.seed],
+            };
+            let manifest = SweepManifest::new(
+                &base.name,
+                &source.to_string(),
+                args.overrides.clone(),
+                seeds,
+                grid,
+            )?;
+            (dir, manifest)
+        }
+    };
+    let layout = SweepLayout::new(&dir);
+    let mut runs = Vec::with_capacity(manifest.cells.len());
+    for cell in &manifest.cells {
+        let recipe = cell.load(&source, &manifest.overrides)?;
+        let run_dir = layout.run_dir(&cell.id);
+        let outcome = RunOutcome::read(&layout, &cell.id)?;
+        let finished = outcome.as_ref().is_some_and(|o| o.end == RunEnd::Finished);
+        let mut resume_from = None;
+        if args.resume.is_none() {
+            rsb_job::check_out_folder(&run_dir, None)?;
+        } else if !finished && run_dir.join(rsb_job::checkpoint::CHECKPOINTS).is_dir() {
+            match rsb_job::check_resume(&run_dir, &recipe, &cell.overrides(&manifest.overrides)) {
+                Ok(verified) => resume_from = Some(verified.path().display().to_string()),
+                Err(e) => tracing::warn!(
+                    run = %cell.id,
+                    "no checkpoint to resume from ({e}); the run starts afresh"
+                ),
+            }
+        }
+        runs.push(SweepRun {
+            cell: cell.clone(),
+            recipe,
+            state: if finished { RunState::Finished } else { RunState::Queued },
+            attempts: outcome.as_ref().map_or(0, |o| o.attempts),
+            failure: outcome.and_then(|o| o.failure),
+            job: None,
+            resume_from,
+        });
+    }
+    if args.resume.is_none() {
+        manifest.write(&dir)?;
+    }
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let kept = runs.iter().filter(|r| r.state == RunState::Finished).count();
+    println!(
+        "sweep of {} run(s) in {}: {kept} finished before (kept), {} to run; {} rank(s) per run{}",
+        runs.len(),
+        dir.display(),
+        runs.len() - kept,
+        args.sweep.ranks_per_run,
+        args.sweep.max_parallel_runs.map_or_else(String::new, |n| format!(", at most {n} at once"))
+    );
+    let (progress, printer) = SweepProgress::new(runs.len(), std::io::stdout().is_terminal());
+    let settings = SweepSettings {
+        ranks_per_run: args.sweep.ranks_per_run,
+        max_parallel: args.sweep.max_parallel_runs,
+        max_retries: args.sweep.max_retries,
+        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs),
+    };
+    let scheduler = Scheduler::new(SweepLayout::new(&dir), settings, runs, printer)?;
+    Ok((Coordination::sweep(scheduler), dir, Work::Sweep(progress)))
 }
 
 /// The job token: from `--token-file`, else from `RSB_JOB_TOKEN`, else a

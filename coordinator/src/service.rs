@@ -1,4 +1,5 @@
-//! The gRPC service over a [`Job`]: wire types are converted to domain
+//! The gRPC service over the coordinator's jobs ([`Coordination`]: the job
+//! of `up`, or a sweep's): wire types are converted to domain
 //! values at the edge (a malformed request is answered `INVALID_ARGUMENT`
 //! naming the field), job errors map onto statuses in one place, and the
 //! calls that wait (assignment, rendezvous) long-poll on the job's change
@@ -6,11 +7,14 @@
 //!
 //! Every call passes [`TokenCheck`] first: without the job token it is
 //! answered `UNAUTHENTICATED` before its message is decoded. Calls after
-//! `Join` also authenticate the calling member ([`Job::authenticate`]) and
-//! may act only for that member's own ranks. [`serve`] runs the service with
+//! `Join` also authenticate the calling member ([`Job::authenticate`]),
+//! are routed to that member's job, and may act only for that member's own
+//! ranks. [`serve`] runs the service with
 //! bounded message sizes and concurrency.
 
 use crate::job::{DeviceKind, Job, JobError, Phase, RendezvousPayload};
+use crate::state::Coordination;
+use crate::sweep::{Placement, RunState};
 use rsb_job::MetricsRecord;
 use rsb_proto::auth::{presented_member, presents_token, Secret};
 use rsb_proto::v1 as pb;
@@ -41,34 +45,39 @@ pub const MAX_CALLS_PER_CONNECTION: usize = 64;
 /// Calls served at once in all (the waiting calls of every rank included).
 pub const MAX_CALLS: usize = 4096;
 
-/// The shared job plus its change notification.
+/// The shared state plus its change notification.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    /// The job state.
-    pub job: Arc<Mutex<Job>>,
+    /// The jobs.
+    pub state: Arc<Mutex<Coordination>>,
     /// Woken on every state change.
     pub changed: Arc<Notify>,
 }
 
 impl Shared {
-    /// Wraps a job.
-    pub fn new(job: Job) -> Shared {
-        Shared { job: Arc::new(Mutex::new(job)), changed: Arc::new(Notify::new()) }
+    /// Wraps the state.
+    pub fn new(state: Coordination) -> Shared {
+        Shared { state: Arc::new(Mutex::new(state)), changed: Arc::new(Notify::new()) }
     }
 
-    /// Runs `f` on the job and wakes waiters.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Job) -> T) -> T {
-        let out = f(&mut self.job.lock().unwrap_or_else(|p| p.into_inner()));
+    /// Runs `f` on the state and wakes waiters.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
+        let out = f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
         self.changed.notify_waiters();
         out
     }
 
-    /// The id of the member whose credentials `request` presents, for the
-    /// call `rpc` (a refusal is logged, without the credentials).
-    fn caller<T>(&self, rpc: &str, request: &Request<T>) -> Result<String, Status> {
-        let job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        match job.authenticate(presented_member(request.metadata())) {
-            Ok(member) => Ok(member.id.clone()),
+    /// Runs `f` on job `index` and wakes waiters.
+    fn update_job<T>(&self, index: usize, f: impl FnOnce(&mut Job) -> T) -> T {
+        self.update(|state| f(&mut state.jobs[index]))
+    }
+
+    /// The job and id of the member whose credentials `request` presents,
+    /// for the call `rpc` (a refusal is logged, without the credentials).
+    fn caller<T>(&self, rpc: &str, request: &Request<T>) -> Result<(usize, String), Status> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.authenticate(presented_member(request.metadata())) {
+            Ok((job, member)) => Ok((job, member.id.clone())),
             Err(e) => {
                 tracing::warn!(rpc, peer = ?request.remote_addr(), "refused: {e}");
                 Err(status(e))
@@ -76,10 +85,11 @@ impl Shared {
         }
     }
 
-    /// Waits until `ready` returns `Some`, re-checking on every change (and
-    /// at least every second, so liveness failures are seen).
+    /// Waits until `ready` returns `Some` for job `index`, re-checking on
+    /// every change (and at least every second, so liveness failures are seen).
     async fn wait_for<T>(
         &self,
+        index: usize,
         mut ready: impl FnMut(&mut Job) -> Result<Option<T>, JobError>,
     ) -> Result<T, Status> {
         loop {
@@ -87,9 +97,9 @@ impl Shared {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let outcome = {
-                let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-                job.check_liveness();
-                ready(&mut job)
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.check_liveness();
+                ready(&mut state.jobs[index])
             };
             match outcome {
                 Ok(Some(v)) => return Ok(v),
@@ -328,29 +338,45 @@ impl Coordinator for Shared {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let join = Join::try_from(request.into_inner())?;
-        let (id, secret, pending, interval) = self
-            .update(|job| {
-                job.join(&join.host, join.kind, join.local_ranks, join.advertise)
-                    .map(|(id, secret, pending)| (id, secret, pending, job.heartbeat_interval))
+        let (placement, sweep) = self
+            .update(|state| {
+                let placement = state.join(&join.host, join.kind, join.local_ranks, join.advertise);
+                placement.map(|p| (p, state.sweep.is_some()))
             })
             .map_err(status)?;
-        Ok(Response::new(pb::JoinResponse {
-            member_id: id,
-            heartbeat_interval_ms: interval.as_millis() as u32,
-            member_secret: secret.expose().to_string(),
-            pending,
-        }))
+        let response = match placement {
+            Placement::Member { job, id, secret, pending } => {
+                let interval = self.update_job(job, |job| job.heartbeat_interval);
+                pb::JoinResponse {
+                    member_id: id,
+                    heartbeat_interval_ms: interval.as_millis() as u32,
+                    member_secret: secret.expose().to_string(),
+                    pending,
+                    sweep,
+                    ..pb::JoinResponse::default()
+                }
+            }
+            Placement::JoinAgain(after) => pb::JoinResponse {
+                sweep,
+                retry_after_ms: after.as_millis() as u32,
+                ..pb::JoinResponse::default()
+            },
+            Placement::SweepOver => {
+                pb::JoinResponse { sweep, sweep_over: true, ..pb::JoinResponse::default() }
+            }
+        };
+        Ok(Response::new(response))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let caller = self.caller("Heartbeat", &request)?;
+        let (index, caller) = self.caller("Heartbeat", &request)?;
         let r = request.into_inner();
         own_member("member_id", &r.member_id, &caller)?;
         let (beat, generation) = self
-            .update(|job| {
+            .update_job(index, |job| {
                 job.check_liveness();
                 Ok((job.heartbeat(&caller)?, job.generation))
             })
@@ -368,14 +394,14 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::AssignmentRequest>,
     ) -> Result<Response<pb::Assignment>, Status> {
-        let caller = self.caller("GetAssignment", &request)?;
+        let (index, caller) = self.caller("GetAssignment", &request)?;
         let r = request.into_inner();
         own_member("member_id", &r.member_id, &caller)?;
         let assignment = self
-            .wait_for(|job| {
+            .wait_for(index, |job| {
                 let assignment = job.assignment(&caller, r.local_rank)?;
                 if assignment.is_some() {
-                    job.note_assigned(&caller);
+                    job.note_assigned(&caller, r.local_rank);
                 }
                 Ok(assignment.map(|a| pb::Assignment {
                     job_id: job.id.clone(),
@@ -398,17 +424,17 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
-        let caller = self.caller("Rendezvous", &request)?;
+        let (index, caller) = self.caller("Rendezvous", &request)?;
         let r = request.into_inner();
         required("job_id", &r.job_id, MAX_NAME_LEN)?;
         let published = payload(&r)?;
-        self.update(|job| {
+        self.update_job(index, |job| {
             this_job(job, &r.job_id)?;
             job.publish(&caller, r.generation, r.global_rank, published)
         })
         .map_err(status)?;
         let (nccl_unique_id, ring_addresses) = self
-            .wait_for(|job| match &job.phase {
+            .wait_for(index, |job| match &job.phase {
                 Phase::Failed(reason) => {
                     Err(JobError::Precondition(format!("job failed: {reason}")))
                 }
@@ -427,7 +453,7 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::MetricsReport>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let caller = self.caller("ReportMetrics", &request)?;
+        let (index, caller) = self.caller("ReportMetrics", &request)?;
         let r = request.into_inner();
         required("job_id", &r.job_id, MAX_NAME_LEN)?;
         if r.global_rank != 0 {
@@ -437,16 +463,15 @@ impl Coordinator for Shared {
             )));
         }
         let record = record(r.record)?;
-        let line = self
-            .update(|job| {
-                this_job(job, &r.job_id)?;
-                job.check_runs_rank(&caller, r.global_rank)?;
-                job.record_metrics(r.generation, &record)
-            })
-            .map_err(status)?;
-        if let Some(line) = line {
-            println!("{line}");
-        }
+        self.update_job(index, |job| {
+            this_job(job, &r.job_id)?;
+            job.check_runs_rank(&caller, r.global_rank)?;
+            if let Some(line) = job.record_metrics(r.generation, &record)? {
+                job.say(&line);
+            }
+            Ok(())
+        })
+        .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -454,23 +479,24 @@ impl Coordinator for Shared {
         &self,
         request: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let caller = self.caller("CommitCheckpoint", &request)?;
+        let (index, caller) = self.caller("CommitCheckpoint", &request)?;
         let r = request.into_inner();
         required("job_id", &r.job_id, MAX_NAME_LEN)?;
         required("path", &r.path, MAX_PATH_LEN)?;
-        self.update(|job| {
+        self.update_job(index, |job| {
             this_job(job, &r.job_id)?;
             // Rank 0 writes the checkpoints.
             job.check_runs_rank(&caller, 0)?;
-            job.commit_checkpoint(r.generation, r.epoch, r.updates, r.path.clone())
+            job.commit_checkpoint(r.generation, r.epoch, r.updates, r.path.clone())?;
+            job.say(&format!("checkpoint committed: epoch {} at {}", r.epoch, r.path));
+            Ok(())
         })
         .map_err(status)?;
-        println!("checkpoint committed: epoch {} at {}", r.epoch, r.path);
         Ok(Response::new(pb::Ack {}))
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
-        let caller = self.caller("Leave", &request)?;
+        let (index, caller) = self.caller("Leave", &request)?;
         let r = request.into_inner();
         own_member("member_id", &r.member_id, &caller)?;
         if r.message.len() > MAX_MESSAGE_LEN {
@@ -479,7 +505,7 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        self.update(|job| {
+        self.update_job(index, |job| {
             job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, r.collective_peer)
         })
         .map_err(status)?;
@@ -491,32 +517,62 @@ impl Coordinator for Shared {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         // Callers hold the job token (checked in front); member secrets are never shown.
-        let job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        let state = match &job.phase {
-            Phase::Waiting => "waiting".to_string(),
-            Phase::Running => "running".to_string(),
-            Phase::Finished => "finished".to_string(),
-            Phase::Failed(r) => format!("failed: {r}"),
-        };
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let shown = |m: &crate::job::Member| pb::Member {
             member_id: m.id.clone(),
             host_name: m.host.clone(),
             local_ranks: m.local_ranks,
             last_heartbeat_ms_ago: m.last_seen.elapsed().as_millis() as u64,
         };
-        Ok(Response::new(pb::StatusResponse {
-            job_id: job.id.clone(),
-            generation: job.generation,
-            state,
-            members: job.members.iter().map(shown).collect(),
-            pending: job.pending.iter().map(shown).collect(),
-            min_nodes: job.min_nodes,
-            max_nodes: job.max_nodes,
-            nodes_expected: job.nodes_expected,
-            epoch: job.progress.0,
-            step: job.progress.1,
-            images_per_sec: job.progress.2,
-        }))
+        let mut response = match state.primary() {
+            Some(job) => pb::StatusResponse {
+                job_id: job.id.clone(),
+                generation: job.generation,
+                state: match &job.phase {
+                    Phase::Waiting => "waiting".to_string(),
+                    Phase::Running => "running".to_string(),
+                    Phase::Finished => "finished".to_string(),
+                    Phase::Failed(r) => format!("failed: {r}"),
+                },
+                members: job.members.iter().map(shown).collect(),
+                pending: job.pending.iter().map(shown).collect(),
+                min_nodes: job.min_nodes,
+                max_nodes: job.max_nodes,
+                nodes_expected: job.nodes_expected,
+                epoch: job.progress.0,
+                step: job.progress.1,
+                images_per_sec: job.progress.2,
+                sweep_runs: Vec::new(),
+            },
+            None => pb::StatusResponse { state: "waiting".into(), ..pb::StatusResponse::default() },
+        };
+        if let Some(sweep) = &state.sweep {
+            let counts = sweep.counts();
+            response.state = format!(
+                "sweep: {} finished, {} running, {} queued, {} failed of {}",
+                counts.finished, counts.running, counts.queued, counts.failed, counts.total
+            );
+            response.sweep_runs = sweep
+                .views(&state.jobs)
+                .into_iter()
+                .map(|v| pb::SweepRun {
+                    id: v.id,
+                    state: match v.state {
+                        RunState::Queued => pb::SweepRunState::Queued,
+                        RunState::Running => pb::SweepRunState::Running,
+                        RunState::Finished => pb::SweepRunState::Finished,
+                        RunState::Failed => pb::SweepRunState::Failed,
+                    } as i32,
+                    attempts: v.attempts,
+                    epoch: v.epoch,
+                    step: v.step,
+                    total_updates: v.total_updates.unwrap_or(0),
+                    hosts: v.hosts,
+                    failure: v.failure.unwrap_or_default(),
+                })
+                .collect();
+        }
+        Ok(Response::new(response))
     }
 }
 

@@ -4,11 +4,15 @@
 //! a wrong secret, in any order, never panic. Each call answers a response or
 //! a status; the long-polling calls (assignment, rendezvous) are cut after a
 //! few milliseconds, which is not a failure. After the sequence the job still
-//! answers `Status`.
+//! answers `Status`. Half the cases serve a sweep (jobs made as hosts join,
+//! calls routed by member) instead of one job.
 
 use proptest::prelude::*;
 use rsb_coordinator::job::Job;
+use rsb_coordinator::printer::Printer;
 use rsb_coordinator::service::Shared;
+use rsb_coordinator::state::Coordination;
+use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
 use rsb_proto::auth::{Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_server::Coordinator;
@@ -16,6 +20,31 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::service::Interceptor;
 use tonic::Request;
+
+/// A sweep of two seeds whose runs have `ranks` ranks.
+fn sweep_of(recipe: &rsb_recipes::Recipe, dir: &Path, ranks: u32) -> Scheduler {
+    let runs = rsb_job::sweep::expand(&[0, 1], &[])
+        .expect("two seeds")
+        .into_iter()
+        .map(|cell| SweepRun {
+            cell,
+            recipe: recipe.clone(),
+            state: RunState::Queued,
+            attempts: 0,
+            failure: None,
+            job: None,
+            resume_from: None,
+        })
+        .collect();
+    let settings = SweepSettings {
+        ranks_per_run: ranks,
+        max_parallel: None,
+        max_retries: 1,
+        heartbeat_timeout: Duration::from_secs(30),
+    };
+    Scheduler::new(rsb_job::SweepLayout::new(dir), settings, runs, Printer::default())
+        .expect("a valid sweep")
+}
 
 /// Who a call claims to be.
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +273,7 @@ proptest! {
     #[test]
     fn no_sequence_of_calls_panics_a_handler(
         nodes in 1u32..3,
+        sweep in any::<bool>(),
         calls in proptest::collection::vec((call(), caller(), any::<bool>()), 1..16),
     ) {
         let out = tempfile::tempdir().expect("tempdir");
@@ -254,8 +284,12 @@ proptest! {
             .enable_time()
             .build()
             .expect("runtime");
-        let shared = Shared::new(Job::new(recipe, out.path().to_path_buf(), nodes));
-        let job_id = shared.update(|job| job.id.clone());
+        let state = if sweep {
+            Coordination::sweep(sweep_of(&recipe, out.path(), nodes))
+        } else {
+            Coordination::one(Job::new(recipe, out.path().to_path_buf(), nodes))
+        };
+        let shared = Shared::new(state);
         runtime.block_on(async {
             // One real member, so that calls can carry real credentials.
             let joined = shared
@@ -268,6 +302,7 @@ proptest! {
                 .await
                 .expect("a valid join is accepted")
                 .into_inner();
+            let job_id = shared.update(|state| state.jobs[0].id.clone());
             let token = Secret::generate().expect("token");
             let secret = Secret::new(joined.member_secret.clone(), "member secret").expect("secret");
             let wrong = Secret::generate().expect("wrong secret");

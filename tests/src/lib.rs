@@ -148,6 +148,49 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     out
 }
 
+/// `coordinator up --local` sweeps of the tiny recipe, for the sweep tests.
+pub mod sweeps {
+    use super::{binary, workspace_root};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+
+    /// The job token of these sweeps (given through the environment).
+    pub const TOKEN: &str = "sweep-test-token-5c81f0aa";
+
+    /// Starts `coordinator up --local` on the tiny recipe with `sets`
+    /// (`--set`) and `extra` arguments, its output going to `log` (a file:
+    /// a pipe nobody reads would fill and stop it).
+    pub fn start(out: &Path, sets: &[String], extra: &[&str], log: &Path) -> Child {
+        let file = std::fs::File::create(log).expect("creating the log");
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.args(["up", "--local", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(out);
+        for set in sets {
+            cmd.args(["--set", set]);
+        }
+        cmd.args(extra)
+            .env("RSB_JOB_TOKEN", TOKEN)
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("starting coordinator up")
+    }
+
+    /// The tiny recipe.
+    pub fn tiny_recipe() -> PathBuf {
+        workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
+    }
+
+    /// The losses of every step record of a run folder, in order.
+    pub fn step_losses(run_dir: &Path) -> Vec<f64> {
+        super::run_records(run_dir, "step")
+            .iter()
+            .map(|r| r["loss"].as_f64().expect("a step record has a loss"))
+            .collect()
+    }
+}
+
 /// Reading a job's `metrics.jsonl` while it runs, for the elastic tests.
 pub mod elastic_records {
     use std::path::Path;

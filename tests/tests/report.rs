@@ -1,25 +1,24 @@
 //! `coordinator report` end to end: sweep folders built from typed metrics
-//! records (and one trained for real by `worker train` on a tiny recipe),
-//! reported by the binary, checked against the runs' own `metrics.jsonl`:
+//! records (and two swept for real by `coordinator up --local --seeds` and
+//! `--grid` on a tiny recipe), reported by the binary, checked against the runs' own `metrics.jsonl`:
 //! the CSV's numbers, the PNGs (decodable, of the right size), the skipped
 //! runs, the grid tables, the comparison sentence that flips between a pair
 //! within seed noise and a clearly different pair, and the errors for a
 //! corrupt metrics file.
 
-use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::processes::wait_with_timeout;
+use rsb_integration_tests::sweeps::{self, tiny_recipe};
+use rsb_integration_tests::{binary, fashion_subset};
 use rsb_job::sweep::{GridAxis, SweepLayout, SweepManifest};
 use rsb_job::{EvalSetAccuracy, MetricsRecord};
 use rsb_recipes::RecipeSource;
 use rsb_report::tables::{ComparisonRow, GridRow, SetRow};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 const EPOCHS: u64 = 3;
-
-fn tiny_recipe() -> PathBuf {
-    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
-}
 
 fn coordinator(args: &[&Path]) -> Output {
     Command::new(binary("coordinator"))
@@ -331,58 +330,96 @@ fn a_corrupt_metrics_file_is_an_error_naming_its_line() {
     assert!(!run.status.success() && stderr.contains("sweep.json"), "{stderr}");
 }
 
+/// The final val top-1 and the last epoch record's loss of a run folder.
+fn final_of(run_dir: &Path) -> (f64, f64) {
+    let epochs = rsb_integration_tests::run_records(run_dir, "epoch");
+    let last = epochs.last().unwrap_or_else(|| panic!("{}: no epoch record", run_dir.display()));
+    (last["top1"].as_f64().unwrap(), last["loss"].as_f64().unwrap())
+}
+
+/// `coordinator up --local` with `--seeds`, then with a 2x2 `--grid`, on
+/// two local hosts: every cell runs and is recorded finished, the reports'
+/// numbers are the runs' own, the PNGs are valid, and the grid cell that
+/// equals seed 0 of the seed sweep repeats its every step loss exactly
+/// (while another seed does not).
 #[test]
-fn a_sweep_of_real_tiny_runs_reports_their_metrics() {
+fn sweeps_through_coordinator_up_run_every_cell_and_report_their_own_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 8, 2);
-    let dir = tmp.path().join("real");
     let base = vec![
         format!("data.root={}", data.display()),
         "model.num_classes=10".to_string(),
         "schedule.cosine.epochs=1".to_string(),
     ];
-    let seeds = rsb_job::parse_seeds("0,1").unwrap();
-    let manifest = SweepManifest::new("tiny", "tiny", base.clone(), seeds, vec![]).unwrap();
-    manifest.write(&dir).unwrap();
-    let layout = SweepLayout::new(&dir);
-    for cell in &manifest.cells {
-        let mut args = vec![
-            "train".to_string(),
-            "--recipe".into(),
-            tiny_recipe().display().to_string(),
-            "--out".into(),
-            layout.run_dir(&cell.id).display().to_string(),
-            "--device".into(),
-            "cpu".into(),
-        ];
-        for set in cell.overrides(&base) {
-            args.extend(["--set".to_string(), set]);
+    let run = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let log = tmp.path().join(format!("{name}.log"));
+        let child = sweeps::start(&dir, &base, extra, &log);
+        let status = wait_with_timeout(child, Duration::from_secs(300), name).status;
+        let output = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "sweep {name} failed:\n{output}");
+        (dir, output)
+    };
+    let (seeds, output) = run("seeds", &["--nodes", "2", "--seeds", "0..3"]);
+    assert!(output.contains("sweep over: 3 finished, 0 failed of 3 run(s)"), "{output}");
+    let grid_args = [
+        "--nodes",
+        "2",
+        "--grid",
+        "optimizer.lamb.lr=5.0e-3,8.0e-3",
+        "--grid",
+        "optimizer.lamb.weight_decay=0.01,0.05",
+    ];
+    let (grid, output) = run("grid", &grid_args);
+    assert!(output.contains("sweep over: 4 finished, 0 failed of 4 run(s)"), "{output}");
+    for dir in [&seeds, &grid] {
+        let manifest = SweepManifest::read(dir).unwrap();
+        let layout = SweepLayout::new(dir);
+        let finals: Vec<(u64, f64)> = manifest
+            .cells
+            .iter()
+            .map(|cell| {
+                let outcome = rsb_job::RunOutcome::read(&layout, &cell.id).unwrap().unwrap();
+                assert_eq!(outcome.end, rsb_job::RunEnd::Finished, "{}", cell.id);
+                (cell.seed, final_of(&layout.run_dir(&cell.id)).0)
+            })
+            .collect();
+        ok(coordinator(&[dir]));
+        let rows: Vec<SetRow> = read_csv(&dir.join("report/report.csv"));
+        assert_eq!(rows.len(), 1, "val only: {rows:?}");
+        let values: Vec<f64> = finals.iter().map(|f| f.1).collect();
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        assert_eq!(rows[0].n, values.len());
+        close("mean", rows[0].mean, mean);
+        close("max", rows[0].max, values.iter().copied().fold(f64::MIN, f64::max));
+        close("min", rows[0].min, values.iter().copied().fold(f64::MAX, f64::min));
+        let seed0: Vec<f64> = finals.iter().filter(|f| f.0 == 0).map(|f| f.1).collect();
+        if let [only] = seed0.as_slice() {
+            close("seed 0", rows[0].seed0.unwrap(), *only);
         }
-        let run = Command::new(binary("worker")).args(&args).output().unwrap();
-        assert!(run.status.success(), "worker train: {}", String::from_utf8_lossy(&run.stderr));
+        png_of_size(&dir.join("report/top1_histogram.png"), rsb_report::plots::CHART_SIZE);
+        for cell in &manifest.cells {
+            png_of_size(
+                &dir.join(format!("report/curves/{}.png", cell.id)),
+                rsb_report::plots::CURVES_SIZE,
+            );
+        }
     }
-    ok(coordinator(&[&dir]));
-    let rows: Vec<SetRow> = read_csv(&dir.join("report/report.csv"));
-    assert_eq!(rows.len(), 1, "val only: {rows:?}");
-    let finals: Vec<(u64, f64)> = manifest
-        .cells
-        .iter()
-        .map(|cell| {
-            let text = std::fs::read_to_string(layout.run_metrics(&cell.id)).unwrap();
-            let top1 = text
-                .lines()
-                .rev()
-                .find_map(|l| match serde_json::from_str(l).unwrap() {
-                    MetricsRecord::Epoch { top1, .. } => top1,
-                    _ => None,
-                })
-                .unwrap();
-            (cell.seed, top1)
-        })
-        .collect();
-    assert_eq!(rows[0].n, 2);
-    close("mean", rows[0].mean, (finals[0].1 + finals[1].1) / 2.0);
-    close("seed 0", rows[0].seed0.unwrap(), finals[0].1);
-    close("max", rows[0].max, finals[0].1.max(finals[1].1));
-    png_of_size(&dir.join("report/curves/seed-000.png"), rsb_report::plots::CURVES_SIZE);
+    let grid_rows: Vec<GridRow> = read_csv(&grid.join("report/grid.csv"));
+    for axis in ["optimizer.lamb.lr", "optimizer.lamb.weight_decay"] {
+        let rows: Vec<&GridRow> = grid_rows.iter().filter(|r| r.axis == axis).collect();
+        assert_eq!(rows.len(), 2, "{axis}: {grid_rows:?}");
+        assert!(rows.iter().all(|r| r.n == 2), "{axis}: {rows:?}");
+    }
+    // The same seed gives the same run: the grid's corner at the recipe's
+    // own values is seed 0 of the seed sweep, update for update.
+    let seeds_layout = SweepLayout::new(&seeds);
+    let seed0 = sweeps::step_losses(&seeds_layout.run_dir("seed-000"));
+    let corner = SweepLayout::new(&grid)
+        .run_dir("optimizer.lamb.lr=5.0e-3,optimizer.lamb.weight_decay=0.01,seed-000");
+    assert!(!seed0.is_empty());
+    assert_eq!(sweeps::step_losses(&corner), seed0, "same seed, same recipe, other losses");
+    assert_eq!(final_of(&corner), final_of(&seeds_layout.run_dir("seed-000")));
+    assert_ne!(sweeps::step_losses(&seeds_layout.run_dir("seed-001")), seed0, "seed had no effect");
 }

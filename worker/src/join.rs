@@ -18,6 +18,13 @@
 //! assignment. A rank that fails does not end the agent while the job goes
 //! on: it waits for the next generation, or for the job's end.
 //!
+//! Sweeps (`coordinator up --seeds/--grid`): the coordinator places the host
+//! in one run at a time. When that run ends, finished or failed, the agent
+//! joins again and is placed in the next run; it is told to join again later
+//! while no run can take it, and exits successfully once the sweep has no
+//! run left. Between runs, a coordinator that does not answer is retried
+//! until `--coordinator-deadline-secs`.
+//!
 //! Credentials: the agent reads the job token from `--token-file` or
 //! `RSB_JOB_TOKEN` (never from the command line) and gets a member secret at
 //! join; its rank processes receive both through their environment. Every
@@ -207,22 +214,133 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             auth::TOKEN_ENV
         )
     })?;
+    let host = Host { kind, gpus, ranks, name: host, advertise, token };
     let channel = connect(&args.coordinator, args.tls_ca.as_deref()).await?;
-    let joined =
-        CoordinatorClient::with_interceptor(channel.clone(), Credentials::token(token.clone()))
-            .join(pb::JoinRequest {
-                host_name: host.clone(),
-                advertise_address: advertise.to_string(),
-                device_kind: kind as i32,
-                local_ranks: ranks,
-            })
-            .await
-            .context("joining the coordinator")?
-            .into_inner();
+    let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
+    let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
+    // A sweep's member joins again after each run; the first join of all
+    // fails at once when the coordinator cannot be reached.
+    let mut in_sweep = false;
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let mut told_to_wait = false;
+    loop {
+        let request = pb::JoinRequest {
+            host_name: host.name.clone(),
+            advertise_address: host.advertise.to_string(),
+            device_kind: host.kind as i32,
+            local_ranks: host.ranks,
+        };
+        let mut client = CoordinatorClient::with_interceptor(
+            channel.clone(),
+            Credentials::token(host.token.clone()),
+        );
+        let answer = tokio::time::timeout(HEARTBEAT_DEADLINE, client.join(request)).await;
+        let joined = match answer {
+            Ok(Ok(joined)) => joined.into_inner(),
+            Ok(Err(e)) if !in_sweep || e.code() != tonic::Code::Unavailable => {
+                return Err(anyhow::Error::new(e).context("joining the coordinator"))
+            }
+            Err(_) if !in_sweep => bail!(
+                "joining the coordinator at {}: no answer within {HEARTBEAT_DEADLINE:?}",
+                args.coordinator
+            ),
+            // Between two runs of a sweep: the coordinator may be busy or
+            // restarting; join again until the coordinator deadline.
+            failed => {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > coordinator_deadline {
+                    bail!(
+                        "the coordinator at {} has not answered a join for {coordinator_deadline:?}",
+                        args.coordinator
+                    );
+                }
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {HEARTBEAT_DEADLINE:?}"),
+                };
+                tracing::warn!("joining the coordinator again failed ({why}); retrying");
+                wait_or_stop(&mut stop_signals, JOIN_RETRY).await?;
+                continue;
+            }
+        };
+        unreachable_since = None;
+        in_sweep |= joined.sweep;
+        if joined.sweep_over {
+            tracing::info!("the sweep has no run left for this host; done");
+            return Ok(());
+        }
+        if joined.member_id.is_empty() {
+            let after = Duration::from_millis(u64::from(joined.retry_after_ms).max(100));
+            if !std::mem::replace(&mut told_to_wait, true) {
+                tracing::info!(
+                    "no run of the sweep can take this host now; joining again every {after:?}"
+                );
+            }
+            wait_or_stop(&mut stop_signals, after).await?;
+            continue;
+        }
+        told_to_wait = false;
+        let end = serve_member(&args, &host, &channel, &joined, &mut stop_signals).await?;
+        match (joined.sweep, end) {
+            (false, MemberEnd::Finished) => return Ok(()),
+            (false, MemberEnd::Failed(reason)) => bail!("{reason}"),
+            (true, MemberEnd::Finished) => {
+                tracing::info!("the run finished; joining again for the sweep's next run")
+            }
+            (true, MemberEnd::Failed(reason)) => {
+                tracing::warn!("the run ended: {reason}; joining again for the sweep's next run")
+            }
+        }
+    }
+}
+
+/// Delay between joins that found no coordinator, between two runs of a sweep.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+
+/// What this worker host brings, as it joins.
+struct Host {
+    kind: pb::DeviceKind,
+    /// GPU indices of its ranks (CUDA).
+    gpus: Vec<usize>,
+    ranks: u32,
+    name: String,
+    advertise: IpAddr,
+    token: Secret,
+}
+
+/// How the job of one membership ended for this host.
+enum MemberEnd {
+    /// Every local rank finished.
+    Finished,
+    /// A local rank or the job failed (why).
+    Failed(String),
+}
+
+/// Sleeps `after`, unless this agent is stopped first (an error).
+async fn wait_or_stop(stop_signals: &mut rsb_process::StopSignals, after: Duration) -> Result<()> {
+    tokio::select! {
+        () = tokio::time::sleep(after) => Ok(()),
+        signal = stop_signals.recv() => bail!("worker stopped by {signal}"),
+    }
+}
+
+/// One membership: starts the ranks, heartbeats while they run, restarts
+/// them at a new generation, and stops them when the job fails. Returns
+/// how the job ended for this host; an error means the agent itself must
+/// stop (a signal, or the coordinator unreachable past its deadline).
+async fn serve_member(
+    args: &JoinArgs,
+    host: &Host,
+    channel: &Channel,
+    joined: &pb::JoinResponse,
+    stop_signals: &mut rsb_process::StopSignals,
+) -> Result<MemberEnd> {
+    let Host { kind, gpus, ranks, advertise, token, .. } = host;
+    let (kind, ranks, advertise) = (*kind, *ranks, *advertise);
     tracing::info!(member = %joined.member_id, ranks, %advertise, "joined");
     let secret = Secret::new(joined.member_secret.clone(), "member secret from the coordinator")?;
     let credentials = Credentials::member(token.clone(), &joined.member_id, secret.clone())?;
-    let mut client = CoordinatorClient::with_interceptor(channel, credentials);
+    let mut client = CoordinatorClient::with_interceptor(channel.clone(), credentials);
     let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cores = args.cores.unwrap_or(available).clamp(1, available);
     let cores_per_rank = (cores / ranks as usize).max(1);
@@ -265,7 +383,6 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         tracing::info!("the job is running: admitted at its next generation");
     }
     let (mut children, mut relays) = start_ranks()?;
-    let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
     let mut last_heartbeat = tokio::time::Instant::now();
     let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
@@ -400,10 +517,10 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             }
         }
     }
-    match failed.or(job_failed) {
-        Some(reason) => bail!("{reason}"),
-        None => Ok(()),
-    }
+    Ok(match failed.or(job_failed) {
+        Some(reason) => MemberEnd::Failed(reason),
+        None => MemberEnd::Finished,
+    })
 }
 
 /// Relays a rank process's stderr to the agent's, line by line, and keeps

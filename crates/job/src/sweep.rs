@@ -41,6 +41,8 @@ pub const RUN_RECIPE: &str = "recipe.yaml";
 pub const RUN_METRICS: &str = "metrics.jsonl";
 /// The folder `coordinator report` writes into.
 pub const REPORT: &str = "report";
+/// How a run of the sweep ended ([`RunOutcome`]); absent while it has not.
+pub const RUN_OUTCOME: &str = "outcome.json";
 /// Version of the manifest format this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
 /// The most cells one sweep may have (a typo like `0..1000000` is refused).
@@ -499,9 +501,77 @@ impl SweepLayout {
     pub fn run_metrics(&self, id: &str) -> PathBuf {
         self.run_dir(id).join(RUN_METRICS)
     }
+    /// `DIR/runs/<id>/outcome.json`.
+    pub fn run_outcome(&self, id: &str) -> PathBuf {
+        self.run_dir(id).join(RUN_OUTCOME)
+    }
     /// `DIR/report/`.
     pub fn report_dir(&self) -> PathBuf {
         self.dir.join(REPORT)
+    }
+}
+
+/// How a run ended, as the coordinator recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunEnd {
+    /// Every rank finished.
+    Finished,
+    /// Its last attempt failed, with no retry left.
+    Failed,
+}
+
+/// `DIR/runs/<id>/outcome.json`: written atomically by the coordinator when
+/// a run ends for good. A run without it was interrupted (or never
+/// started): `coordinator up --resume DIR` runs it again, as it does a
+/// failed one; a finished one is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub end: RunEnd,
+    /// Attempts made (a failed attempt is retried from the run's own last
+    /// checkpoint), over every invocation of the sweep.
+    pub attempts: u32,
+    /// Why the last attempt failed (absent when none did).
+    pub failure: Option<String>,
+}
+
+impl RunOutcome {
+    /// Writes the outcome of run `id` atomically (temporary file, fsync,
+    /// rename).
+    pub fn write(&self, layout: &SweepLayout, id: &str) -> Result<PathBuf, SweepError> {
+        let path = layout.run_outcome(id);
+        let dir = layout.run_dir(id);
+        let io = |source| SweepError::Io { path: path.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        // Plain data: serialization cannot fail.
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.write_all(b"\n").map_err(io)?;
+        file.as_file().sync_all().map_err(io)?;
+        file.persist(&path).map_err(|e| io(e.error))?;
+        Ok(path)
+    }
+
+    /// The outcome of run `id`, `None` when it has none; a file that is
+    /// not a valid outcome is an error naming it.
+    pub fn read(layout: &SweepLayout, id: &str) -> Result<Option<RunOutcome>, SweepError> {
+        let path = layout.run_outcome(id);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SweepError::Io { path, source }),
+        };
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de).map(Some).map_err(|e| {
+            let inner = e.inner();
+            SweepError::Manifest {
+                path: path.clone(),
+                message: format!("line {}: {}: {}", inner.line(), e.path(), inner),
+            }
+        })
     }
 }
 
@@ -512,6 +582,21 @@ mod tests {
 
     fn axis(arg: &str) -> GridAxis {
         GridAxis::parse(arg).unwrap()
+    }
+
+    #[test]
+    fn run_outcomes_round_trip_and_bad_ones_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = SweepLayout::new(tmp.path());
+        assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap(), None);
+        let outcome =
+            RunOutcome { end: RunEnd::Failed, attempts: 3, failure: Some("rank 0 died".into()) };
+        let path = outcome.write(&layout, "seed-000").unwrap();
+        assert_eq!(path, layout.run_outcome("seed-000"));
+        assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap(), Some(outcome));
+        std::fs::write(&path, "{\"end\": \"done\", \"attempts\": 1, \"failure\": null}").unwrap();
+        let err = RunOutcome::read(&layout, "seed-000").unwrap_err().to_string();
+        assert!(err.contains("outcome.json") && err.contains("end"), "{err}");
     }
 
     #[test]

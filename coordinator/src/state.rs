@@ -1,0 +1,97 @@
+//! The coordinator's whole state: the one job of `coordinator up`, or the
+//! jobs (one per run attempt) and the queue of a sweep. Members are routed
+//! to their job by their id, which is unique across the jobs.
+
+use crate::job::{DeviceKind, Job, JobError, Member};
+use crate::sweep::{Placement, Scheduler};
+use std::net::IpAddr;
+
+/// Every job the service answers for.
+#[derive(Debug)]
+pub struct Coordination {
+    /// The jobs: one for `up`; a sweep's attempts in the order they started.
+    pub jobs: Vec<Job>,
+    /// The sweep's queue, when this is a sweep.
+    pub sweep: Option<Scheduler>,
+}
+
+impl Coordination {
+    /// One job.
+    pub fn one(job: Job) -> Coordination {
+        Coordination { jobs: vec![job], sweep: None }
+    }
+
+    /// A sweep (its jobs start as hosts join).
+    pub fn sweep(scheduler: Scheduler) -> Coordination {
+        Coordination { jobs: Vec::new(), sweep: Some(scheduler) }
+    }
+
+    /// The index of the job `member_id` belongs (or belonged) to.
+    pub fn job_of(&self, member_id: &str) -> Option<usize> {
+        self.jobs.iter().position(|j| j.knows_member(member_id))
+    }
+
+    /// The job and member whose credentials a call presents (see
+    /// [`Job::authenticate`]); unknown ids and wrong secrets get the same answer.
+    pub fn authenticate(
+        &self,
+        presented: Option<(&str, &[u8])>,
+    ) -> Result<(usize, &Member), JobError> {
+        let index = presented.and_then(|(id, _)| self.job_of(id));
+        match index {
+            Some(i) => self.jobs[i].authenticate(presented).map(|m| (i, m)),
+            // Refused as a wrong secret would be (no credentials: named so).
+            None => match self.jobs.first() {
+                Some(job) if presented.is_none() => job.authenticate(None).map(|m| (0, m)),
+                _ => Err(JobError::Unauthenticated(
+                    "member credentials not accepted: unknown member or wrong secret".into(),
+                )),
+            },
+        }
+    }
+
+    /// A host joins: the job of `up`, or the sweep's placement.
+    pub fn join(
+        &mut self,
+        host: &str,
+        kind: DeviceKind,
+        local_ranks: u32,
+        advertise: Option<IpAddr>,
+    ) -> Result<Placement, JobError> {
+        match &mut self.sweep {
+            Some(sweep) => sweep.place(&mut self.jobs, host, kind, local_ranks, advertise),
+            None => {
+                let (id, secret, pending) =
+                    self.jobs[0].join(host, kind, local_ranks, advertise)?;
+                Ok(Placement::Member { job: 0, id, secret, pending })
+            }
+        }
+    }
+
+    /// Liveness checks of every job still going, then (sweeps) moves the
+    /// runs whose job ended.
+    pub fn check_liveness(&mut self) {
+        for job in self.jobs.iter_mut().filter(|j| !j.is_over()) {
+            job.check_liveness();
+        }
+        if let Some(sweep) = &mut self.sweep {
+            sweep.tick(&self.jobs);
+        }
+    }
+
+    /// Fails every job still going (the coordinator is stopping).
+    pub fn fail_all(&mut self, reason: &str) {
+        for job in &mut self.jobs {
+            job.fail(reason.to_string());
+        }
+    }
+
+    /// The job `coordinator status` describes first: the one of `up`, or a
+    /// sweep's first running attempt (else its latest).
+    pub fn primary(&self) -> Option<&Job> {
+        match &self.sweep {
+            None => self.jobs.first(),
+            Some(sweep) => sweep.running_jobs().next().map(|j| &self.jobs[j]).or(self.jobs.last()),
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Sweeps on the cluster: the runs of `coordinator up --seeds/--grid` (one
+//! per [`SweepCell`]) queued over the hosts that join.
+//!
+//! Each run is a fixed [`Job`] of `--ranks-per-run` ranks with its own run
+//! folder `DIR/runs/<id>/`. A host that joins is placed in a run still
+//! waiting for hosts, else in the next queued run (while fewer than
+//! `--max-parallel-runs` go at once), else told to join again later; once
+//! no run is left it is told the sweep is over. When a run's job ends, its
+//! hosts join again for the next run. A failed attempt is queued again, in
+//! front, resuming from the newest checkpoint it (or an earlier attempt)
+//! committed, at most `--max-retries` times. A run that ends for good gets
+//! its [`RunOutcome`] file; one without (interrupted) or failed runs again
+//! under `coordinator up --resume DIR`, while a finished one is kept.
+
+use crate::job::{DeviceKind, Job, JobError, Phase};
+use crate::printer::Printer;
+use rsb_job::{RunEnd, RunOutcome, SweepCell, SweepLayout};
+use rsb_proto::auth::Secret;
+use rsb_recipes::Recipe;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// How long a host that no run can take waits before joining again.
+pub const JOIN_AGAIN_AFTER: Duration = Duration::from_secs(2);
+
+/// Where a run of the sweep is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Waiting for hosts and a free slot.
+    Queued,
+    /// Its current attempt's job waits for hosts or trains.
+    Running,
+    /// Done: every rank finished.
+    Finished,
+    /// Its last attempt failed, with no retry left.
+    Failed,
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone)]
+pub struct SweepRun {
+    /// The cell (id, seed, grid values).
+    pub cell: SweepCell,
+    /// Its resolved recipe.
+    pub recipe: Recipe,
+    /// Where it is.
+    pub state: RunState,
+    /// Attempts started, over every invocation of the sweep.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub failure: Option<String>,
+    /// Index (in the service's job list) of the current or last attempt's job.
+    pub job: Option<usize>,
+    /// Checkpoint the next attempt resumes from (the run's own newest).
+    pub resume_from: Option<String>,
+}
+
+/// How the sweep's runs are placed and retried.
+#[derive(Debug, Clone)]
+pub struct SweepSettings {
+    /// Ranks of each run (hosts of equal rank counts that divide it).
+    pub ranks_per_run: u32,
+    /// Most runs at once (`None`: as many as the hosts allow).
+    pub max_parallel: Option<u32>,
+    /// Retries of a failed run (attempts are at most one more).
+    pub max_retries: u32,
+    /// Heartbeat timeout of each run's job.
+    pub heartbeat_timeout: Duration,
+}
+
+/// Where a joining host goes.
+#[derive(Debug)]
+pub enum Placement {
+    /// A member of the job at this index of the service's job list.
+    Member {
+        /// The job's index.
+        job: usize,
+        /// Member id.
+        id: String,
+        /// Its session secret.
+        secret: Secret,
+        /// Whether it waits to be admitted (an elastic single job).
+        pending: bool,
+    },
+    /// No run can take the host now; it joins again after this long.
+    JoinAgain(Duration),
+    /// The sweep has no run left.
+    SweepOver,
+}
+
+/// How many runs are where (for the progress bar and the end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Runs in the sweep.
+    pub total: usize,
+    /// Finished ones.
+    pub finished: usize,
+    /// Running ones.
+    pub running: usize,
+    /// Queued ones.
+    pub queued: usize,
+    /// Failed for good.
+    pub failed: usize,
+}
+
+/// What is known of one run, for `coordinator status` and the progress bars.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunView {
+    /// Cell id.
+    pub id: String,
+    /// Where it is.
+    pub state: RunState,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Epoch and update of its current (or last) attempt.
+    pub epoch: u64,
+    /// Updates done.
+    pub step: u64,
+    /// Updates in all, once known.
+    pub total_updates: Option<u64>,
+    /// Hosts of the current attempt.
+    pub hosts: Vec<String>,
+    /// Why the last attempt failed.
+    pub failure: Option<String>,
+}
+
+/// The queue of a sweep's runs.
+#[derive(Debug)]
+pub struct Scheduler {
+    layout: SweepLayout,
+    settings: SweepSettings,
+    /// Every run, in manifest order.
+    pub runs: Vec<SweepRun>,
+    queue: VecDeque<usize>,
+    /// Device kind and ranks of the first host placed: every host must match.
+    host_shape: Option<(DeviceKind, u32)>,
+    printer: Printer,
+}
+
+impl Scheduler {
+    /// A sweep over `runs` (in manifest order); those not `Queued` are kept
+    /// as they are (finished or failed in an earlier invocation).
+    pub fn new(
+        layout: SweepLayout,
+        settings: SweepSettings,
+        runs: Vec<SweepRun>,
+        printer: Printer,
+    ) -> Result<Scheduler, JobError> {
+        if settings.ranks_per_run == 0 {
+            return Err(JobError::Invalid("--ranks-per-run must be at least 1".into()));
+        }
+        if settings.max_parallel == Some(0) {
+            return Err(JobError::Invalid("--max-parallel-runs must be at least 1".into()));
+        }
+        let queue = runs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RunState::Queued)
+            .map(|(i, _)| i)
+            .collect();
+        Ok(Scheduler { layout, settings, runs, queue, host_shape: None, printer })
+    }
+
+    /// How many runs are where.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts { total: self.runs.len(), ..Counts::default() };
+        for run in &self.runs {
+            match run.state {
+                RunState::Queued => c.queued += 1,
+                RunState::Running => c.running += 1,
+                RunState::Finished => c.finished += 1,
+                RunState::Failed => c.failed += 1,
+            }
+        }
+        c
+    }
+
+    /// Whether every run ended (finished or failed for good).
+    pub fn is_over(&self) -> bool {
+        self.runs.iter().all(|r| matches!(r.state, RunState::Finished | RunState::Failed))
+    }
+
+    /// Places a joining host: in a run waiting for hosts, else in the next
+    /// queued run (a new job pushed onto `jobs`), else nowhere for now.
+    pub fn place(
+        &mut self,
+        jobs: &mut Vec<Job>,
+        host: &str,
+        kind: DeviceKind,
+        local_ranks: u32,
+        advertise: Option<IpAddr>,
+    ) -> Result<Placement, JobError> {
+        if self.is_over() {
+            return Ok(Placement::SweepOver);
+        }
+        let per_run = self.settings.ranks_per_run;
+        if local_ranks == 0 || !per_run.is_multiple_of(local_ranks) {
+            return Err(JobError::Invalid(format!(
+                "host {host} brings {local_ranks} rank(s); each run of this sweep has \
+                 --ranks-per-run {per_run}, which a host's ranks must divide"
+            )));
+        }
+        match self.host_shape {
+            None => self.host_shape = Some((kind, local_ranks)),
+            Some(shape) if shape != (kind, local_ranks) => {
+                return Err(JobError::Invalid(format!(
+                    "host {host} brings {local_ranks} {kind:?} rank(s); the sweep's hosts bring \
+                     {} {:?} rank(s) each, and every host of a sweep must be alike",
+                    shape.1, shape.0
+                )))
+            }
+            Some(_) => {}
+        }
+        let waiting = self.running_jobs().find(|&j| jobs[j].phase == Phase::Waiting);
+        let running = self.counts().running as u32;
+        let index = match waiting {
+            Some(j) => j,
+            None if self.settings.max_parallel.is_none_or(|cap| running < cap) => {
+                match self.queue.pop_front() {
+                    Some(run) => self.start(jobs, run, per_run / local_ranks)?,
+                    None => return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER)),
+                }
+            }
+            None => return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER)),
+        };
+        let (id, secret, pending) = jobs[index].join(host, kind, local_ranks, advertise)?;
+        Ok(Placement::Member { job: index, id, secret, pending })
+    }
+
+    /// Starts the next attempt of run `i`: a fixed job of `hosts` hosts in
+    /// the run's folder, pushed onto `jobs`. Returns its index.
+    fn start(&mut self, jobs: &mut Vec<Job>, i: usize, hosts: u32) -> Result<usize, JobError> {
+        let run = &mut self.runs[i];
+        let id = run.cell.id.clone();
+        let dir = self.layout.run_dir(&id);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                std::fs::write(self.layout.run_recipe(&id), rsb_recipes::to_yaml(&run.recipe))
+            })
+            .map_err(|e| JobError::Precondition(format!("{}: {e}", dir.display())))?;
+        run.attempts += 1;
+        run.state = RunState::Running;
+        let mut job = Job::new(run.recipe.clone(), dir, hosts);
+        job.id = format!("sweep{}-run{}-attempt{}", std::process::id(), i, run.attempts);
+        job.member_prefix = format!("r{i}a{}-", run.attempts);
+        job.label = Some(id.clone());
+        job.printer = self.printer.clone();
+        job.heartbeat_timeout = self.settings.heartbeat_timeout;
+        job.resume_from = run.resume_from.clone();
+        let from = run
+            .resume_from
+            .as_deref()
+            .map_or_else(|| "scratch".to_string(), |p| format!("checkpoint {p}"));
+        job.say(&format!("attempt {} starts from {from}", run.attempts));
+        jobs.push(job);
+        run.job = Some(jobs.len() - 1);
+        Ok(jobs.len() - 1)
+    }
+
+    /// Moves runs whose current job ended: finished ones are recorded;
+    /// failed ones are queued again in front (from their newest committed
+    /// checkpoint) while retries are left, else recorded as failed.
+    pub fn tick(&mut self, jobs: &[Job]) {
+        for i in 0..self.runs.len() {
+            let run = &mut self.runs[i];
+            let Some(j) = run.job.filter(|_| run.state == RunState::Running) else { continue };
+            let job = &jobs[j];
+            if let Some(c) = job.checkpoints.last() {
+                run.resume_from = Some(c.path.clone());
+            }
+            match &job.phase {
+                Phase::Finished => {
+                    run.state = RunState::Finished;
+                    job.say(&format!("finished (attempt {})", run.attempts));
+                    self.record(i, RunEnd::Finished);
+                }
+                Phase::Failed(reason) => {
+                    run.failure = Some(reason.clone());
+                    if run.attempts <= self.settings.max_retries {
+                        run.state = RunState::Queued;
+                        let from = run
+                            .resume_from
+                            .as_deref()
+                            .map_or_else(|| "scratch".to_string(), |p| format!("checkpoint {p}"));
+                        job.say(&format!(
+                            "attempt {} failed: {reason}; queued again from {from} (retry {} of \
+                             --max-retries {})",
+                            run.attempts, run.attempts, self.settings.max_retries
+                        ));
+                        self.queue.push_front(i);
+                    } else {
+                        run.state = RunState::Failed;
+                        job.say(&format!(
+                            "failed after {} attempt(s) (--max-retries {}): {reason}",
+                            run.attempts, self.settings.max_retries
+                        ));
+                        self.record(i, RunEnd::Failed);
+                    }
+                }
+                Phase::Waiting | Phase::Running => {}
+            }
+        }
+    }
+
+    /// Writes run `i`'s outcome file (an error is logged: the run's own
+    /// files are intact, and a later `--resume` only runs it again).
+    fn record(&self, i: usize, end: RunEnd) {
+        let run = &self.runs[i];
+        let outcome = RunOutcome { end, attempts: run.attempts, failure: run.failure.clone() };
+        if let Err(e) = outcome.write(&self.layout, &run.cell.id) {
+            tracing::error!(run = %run.cell.id, "cannot record how the run ended: {e}");
+        }
+    }
+
+    /// Every run as `coordinator status` and the progress bars show it.
+    pub fn views(&self, jobs: &[Job]) -> Vec<RunView> {
+        self.runs
+            .iter()
+            .map(|run| {
+                let job = run.job.map(|j| &jobs[j]);
+                RunView {
+                    id: run.cell.id.clone(),
+                    state: run.state,
+                    attempts: run.attempts,
+                    epoch: job.map_or(0, |j| j.progress.0),
+                    step: job.map_or(0, |j| j.progress.1),
+                    total_updates: job.and_then(|j| j.total_updates),
+                    hosts: job
+                        .filter(|_| run.state == RunState::Running)
+                        .map(|j| j.members.iter().map(|m| m.host.clone()).collect())
+                        .unwrap_or_default(),
+                    failure: run.failure.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The jobs of the running runs' current attempts.
+    pub fn running_jobs(&self) -> impl Iterator<Item = usize> + '_ {
+        self.runs.iter().filter(|r| r.state == RunState::Running).filter_map(|r| r.job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rsb_job::GridAxis;
+
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    fn recipe() -> Recipe {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        rsb_recipes::load(&path, &[]).unwrap()
+    }
+
+    fn scheduler(dir: &std::path::Path, seeds: &[u64], settings: SweepSettings) -> Scheduler {
+        let cells = rsb_job::sweep::expand(seeds, &[] as &[GridAxis]).unwrap();
+        let runs = cells
+            .into_iter()
+            .map(|cell| SweepRun {
+                cell,
+                recipe: recipe(),
+                state: RunState::Queued,
+                attempts: 0,
+                failure: None,
+                job: None,
+                resume_from: None,
+            })
+            .collect();
+        Scheduler::new(SweepLayout::new(dir), settings, runs, Printer::default()).unwrap()
+    }
+
+    fn settings(ranks_per_run: u32, max_parallel: Option<u32>, max_retries: u32) -> SweepSettings {
+        SweepSettings {
+            ranks_per_run,
+            max_parallel,
+            max_retries,
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn member(p: Placement) -> (usize, String) {
+        match p {
+            Placement::Member { job, id, .. } => (job, id),
+            other => panic!("expected a member, got {other:?}"),
+        }
+    }
+
+    /// Every rank of job `j` leaves, successfully or not.
+    fn end(jobs: &mut [Job], j: usize, success: bool) {
+        let job = &mut jobs[j];
+        let members: Vec<(String, u32)> =
+            job.members.iter().map(|m| (m.id.clone(), m.local_ranks)).collect();
+        let generation = job.generation;
+        for (id, ranks) in members {
+            for r in 0..ranks {
+                let _ = job.leave(&id, generation, r, success, "boom", None);
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_fill_runs_in_order_and_the_cap_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0, 1, 2], settings(2, Some(1), 0));
+        let mut jobs = Vec::new();
+        let (j0, a) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[j0].phase, Phase::Waiting);
+        // The second host completes run 0 instead of opening run 1.
+        let (j1, _) = member(s.place(&mut jobs, "b", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!((j0, j1, jobs[j0].phase.clone()), (0, 0, Phase::Running));
+        assert!(a.starts_with("r0a1-"), "{a}");
+        assert!(tmp.path().join("runs/seed-000/recipe.yaml").is_file());
+        // At most one run at once: a third host waits.
+        assert!(matches!(
+            s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap(),
+            Placement::JoinAgain(_)
+        ));
+        assert_eq!(s.counts(), Counts { total: 3, running: 1, queued: 2, ..Counts::default() });
+        // Hosts that do not divide the run's ranks, or differ, are refused.
+        let e = s.place(&mut jobs, "d", DeviceKind::Cpu, 3, LOOPBACK).unwrap_err();
+        assert!(e.to_string().contains("--ranks-per-run 2"), "{e}");
+        let e = s.place(&mut jobs, "d", DeviceKind::Cuda, 1, None).unwrap_err();
+        assert!(e.to_string().contains("alike"), "{e}");
+        end(&mut jobs, j0, true);
+        s.tick(&jobs);
+        assert_eq!(s.counts().finished, 1);
+        let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap();
+        assert_eq!(outcome.map(|o| o.end), Some(RunEnd::Finished));
+        let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!((j, s.runs[1].state), (1, RunState::Running));
+    }
+
+    #[test]
+    fn a_failed_run_is_retried_first_from_its_checkpoint_then_recorded_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0, 1], settings(1, None, 1));
+        let mut jobs = Vec::new();
+        let (j0, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        jobs[j0].commit_checkpoint(1, 0, 4, "/runs/seed-000/checkpoints/x".into()).unwrap();
+        end(&mut jobs, j0, false);
+        s.tick(&jobs);
+        assert_eq!(s.runs[0].state, RunState::Queued);
+        assert_eq!(s.runs[0].resume_from.as_deref(), Some("/runs/seed-000/checkpoints/x"));
+        // The retry goes before run 1, resuming from the checkpoint.
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[j].resume_from.as_deref(), Some("/runs/seed-000/checkpoints/x"));
+        assert_eq!(s.runs[0].attempts, 2);
+        end(&mut jobs, j, false);
+        s.tick(&jobs);
+        assert_eq!(s.runs[0].state, RunState::Failed);
+        let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap().unwrap();
+        assert_eq!((outcome.end, outcome.attempts), (RunEnd::Failed, 2));
+        assert!(outcome.failure.unwrap().contains("boom"));
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        end(&mut jobs, j, true);
+        s.tick(&jobs);
+        assert!(s.is_over());
+        assert!(matches!(
+            s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap(),
+            Placement::SweepOver
+        ));
+        assert_eq!(s.counts(), Counts { total: 2, finished: 1, failed: 1, ..Counts::default() });
+    }
+}
