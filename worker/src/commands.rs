@@ -79,8 +79,14 @@ pub fn models() -> Result<()> {
 }
 
 /// `worker data import fashion-mnist`.
-pub fn import_fashion_mnist(idx_dir: &Path, out: &Path) -> Result<()> {
-    if let Some(done) = rsb_data::fashion_mnist::existing_import(out) {
+pub fn import_fashion_mnist(
+    idx_dir: &Path,
+    out: &Path,
+    train_per_class: Option<usize>,
+) -> Result<()> {
+    if let Some(done) = rsb_data::fashion_mnist::existing_import(out)
+        .filter(|done| done.train_per_class == train_per_class)
+    {
         println!(
             "{} already holds a complete import ({} train, {} val images)",
             out.display(),
@@ -89,7 +95,7 @@ pub fn import_fashion_mnist(idx_dir: &Path, out: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    let summary = rsb_data::fashion_mnist::import(idx_dir, out)?;
+    let summary = rsb_data::fashion_mnist::import_subset(idx_dir, out, train_per_class)?;
     println!(
         "imported {} train and {} val images into {}",
         summary.train,

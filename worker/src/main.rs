@@ -80,6 +80,10 @@ enum ImportSource {
         /// Output folder (gets `train/<class>/*.png` and `val/<class>/*.png`).
         #[arg(long)]
         out: PathBuf,
+        /// Keep only the first N training images of each class (the
+        /// validation split stays whole): a smaller set for short runs.
+        #[arg(long, value_name = "N")]
+        train_per_class: Option<usize>,
     },
 }
 
@@ -146,8 +150,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models => commands::models(),
         Command::Data {
-            command: DataCommand::Import { source: ImportSource::FashionMnist { idx_dir, out } },
-        } => commands::import_fashion_mnist(&idx_dir, &out),
+            command:
+                DataCommand::Import {
+                    source: ImportSource::FashionMnist { idx_dir, out, train_per_class },
+                },
+        } => commands::import_fashion_mnist(&idx_dir, &out, train_per_class),
         Command::Data { command: DataCommand::Shard(args) } => data_shard::shard(args),
         Command::Train(args) => commands::train(args),
         Command::Eval(args) => commands::eval(args),

@@ -4,6 +4,9 @@
 //! two-digit prefix so that their sorted order is the dataset's label order.
 //! The tree is written into a temporary sibling and renamed into place at the
 //! end, so an interrupted import never leaves a partial dataset behind.
+//! [`import_subset`] keeps only the first N training images of each class
+//! (in the IDX files' order): a smaller real training set for short runs,
+//! such as the README's seed study; the validation split stays whole.
 
 use crate::error::DataError;
 use flate2::read::GzDecoder;
@@ -34,6 +37,9 @@ pub struct ImportSummary {
     pub train: usize,
     /// Validation (test-set) images written.
     pub val: usize,
+    /// Training images kept per class, when the import was limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_per_class: Option<usize>,
 }
 
 struct IdxImages {
@@ -122,13 +128,20 @@ fn write_split(
     split: &str,
     images: &IdxImages,
     labels: &[u8],
+    per_class: Option<usize>,
 ) -> Result<usize, DataError> {
     for class in CLASS_FOLDERS {
         let dir = out.join(split).join(class);
         std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     }
     let per_image = images.rows * images.cols;
+    let mut kept = [0usize; CLASS_FOLDERS.len()];
     for (i, label) in labels.iter().enumerate() {
+        let class = &mut kept[usize::from(*label)];
+        if per_class.is_some_and(|n| *class >= n) {
+            continue;
+        }
+        *class += 1;
         let pixels = &images.pixels[i * per_image..(i + 1) * per_image];
         let path =
             out.join(split).join(CLASS_FOLDERS[usize::from(*label)]).join(format!("{i:05}.png"));
@@ -141,7 +154,7 @@ fn write_split(
         )
         .map_err(|e| DataError::io(&path, std::io::Error::other(e.to_string())))?;
     }
-    Ok(labels.len())
+    Ok(kept.iter().sum())
 }
 
 /// Whether `out` already holds a complete import.
@@ -153,8 +166,37 @@ pub fn existing_import(out: &Path) -> Option<ImportSummary> {
 /// Converts the four IDX files in `idx_dir` into `out` (which must not exist,
 /// unless it holds a complete earlier import, which is then kept as is).
 pub fn import(idx_dir: &Path, out: &Path) -> Result<ImportSummary, DataError> {
+    import_subset(idx_dir, out, None)
+}
+
+/// [`import`], keeping only the first `train_per_class` training images of
+/// each class when given. An earlier complete import in `out` is kept if it
+/// was made with the same limit, and refused otherwise.
+pub fn import_subset(
+    idx_dir: &Path,
+    out: &Path,
+    train_per_class: Option<usize>,
+) -> Result<ImportSummary, DataError> {
     if let Some(done) = existing_import(out) {
+        if done.train_per_class != train_per_class {
+            let show = |n: Option<usize>| n.map_or_else(|| "all".to_string(), |n| n.to_string());
+            return Err(DataError::Layout {
+                path: out.to_path_buf(),
+                problem: format!(
+                    "holds an import of {} training image(s) per class, not {}; remove it or \
+                     choose another --out",
+                    show(done.train_per_class),
+                    show(train_per_class)
+                ),
+            });
+        }
         return Ok(done);
+    }
+    if train_per_class == Some(0) {
+        return Err(DataError::Layout {
+            path: out.to_path_buf(),
+            problem: "--train-per-class 0 would leave every class without an image".into(),
+        });
     }
     if out.exists() {
         return Err(DataError::Layout {
@@ -184,8 +226,9 @@ pub fn import(idx_dir: &Path, out: &Path) -> Result<ImportSummary, DataError> {
         std::fs::remove_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
     }
     let summary = ImportSummary {
-        train: write_split(&staging, "train", &train_images, &train_labels)?,
-        val: write_split(&staging, "val", &test_images, &test_labels)?,
+        train: write_split(&staging, "train", &train_images, &train_labels, train_per_class)?,
+        val: write_split(&staging, "val", &test_images, &test_labels, None)?,
+        train_per_class,
     };
     let marker = staging.join(MARKER);
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
@@ -233,14 +276,24 @@ mod tests {
         let out_root = tempfile::tempdir().unwrap();
         let out = out_root.path().join("fm");
         let summary = import(src.path(), &out).unwrap();
-        assert_eq!(summary, ImportSummary { train: 3, val: 1 });
+        assert_eq!(summary, ImportSummary { train: 3, val: 1, train_per_class: None });
         let folder = crate::dataset::ImageFolder::open(&out.join("train")).unwrap_err();
         // Classes with no training image make the folder unusable: here 8 classes are empty.
         assert!(folder.to_string().contains("holds no image"));
         let img = crate::decode::decode_file(&out.join("train/09_ankle_boot/00002.png")).unwrap();
         assert_eq!((img.width, img.height, img.pixel(0, 0)), (3, 2, [20, 20, 20]));
-        // A second import keeps the complete one.
+        // A second import keeps the complete one, unless it asks for another limit.
         assert_eq!(import(src.path(), &out).unwrap(), summary);
+        let err = import_subset(src.path(), &out, Some(1)).unwrap_err().to_string();
+        assert!(err.contains("all training image(s) per class, not 1"), "{err}");
+        // The first image of each class only.
+        let limited = out_root.path().join("fm1");
+        let summary = import_subset(src.path(), &limited, Some(1)).unwrap();
+        assert_eq!(summary, ImportSummary { train: 2, val: 1, train_per_class: Some(1) });
+        assert!(limited.join("train/09_ankle_boot/00000.png").is_file());
+        assert!(!limited.join("train/09_ankle_boot/00002.png").exists());
+        assert!(limited.join("train/00_tshirt_top/00001.png").is_file());
+        assert_eq!(existing_import(&limited), Some(summary));
     }
 
     #[test]
