@@ -30,7 +30,7 @@ use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long after a rank's first collective-timeout report the coordinator
@@ -244,6 +244,11 @@ pub struct Job {
     pub printer: crate::printer::Printer,
     /// Updates the run makes in all, once a step record said so.
     pub total_updates: Option<u64>,
+    /// Where the job's state is saved for a restart of the coordinator
+    /// ([`crate::saved`]); `None`: not saved (a sweep's runs).
+    pub state_file: Option<PathBuf>,
+    /// What was saved last (written again only when it changes).
+    last_saved: Option<crate::saved::SavedJob>,
 }
 
 impl Job {
@@ -288,6 +293,47 @@ impl Job {
             label: None,
             printer: crate::printer::Printer::default(),
             total_updates: None,
+            state_file: None,
+            last_saved: None,
+        }
+    }
+
+    /// Whether a generation ever ran.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Member ids handed out so far.
+    pub fn next_member(&self) -> u64 {
+        self.next_member
+    }
+
+    /// A restored job's counters: ids go on from `next_member`; `started`
+    /// as saved; no generation reason pending.
+    pub(crate) fn restore_counters(&mut self, next_member: u64, started: bool) {
+        self.next_member = next_member;
+        self.started = started;
+        self.reasons.clear();
+    }
+
+    /// Opens the next generation for `reason` (a restored job).
+    pub(crate) fn restart_generation(&mut self, reason: GenerationReason) {
+        self.next_generation(Some(reason));
+    }
+
+    /// Saves the job's state to [`Job::state_file`] when it changed since
+    /// the last save (a failure is logged: the job goes on, and only a
+    /// restart of the coordinator would miss it).
+    pub fn save_if_changed(&mut self) {
+        let Some(file) = &self.state_file else { return };
+        let saved = crate::saved::SavedJob::of(self);
+        if self.last_saved.as_ref() == Some(&saved) {
+            return;
+        }
+        let dir = file.parent().unwrap_or(Path::new("."));
+        match saved.write(dir) {
+            Ok(()) => self.last_saved = Some(saved),
+            Err(e) => tracing::error!("cannot save the job's state for a restart: {e}"),
         }
     }
 

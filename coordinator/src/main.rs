@@ -9,7 +9,9 @@
 //! as M hosts when hosts are lost (resuming every rank from the newest
 //! committed checkpoint), waits up to `--rejoin-timeout-secs` for joins below
 //! M, and admits hosts that join while it runs, up to X. Without them the job
-//! is fail-stop.
+//! is fail-stop. `--restore` continues the job after the coordinator itself
+//! was killed or restarted, from its state file in OUT (see
+//! `rsb_coordinator::saved`).
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
 //!
@@ -35,6 +37,7 @@ use clap::{Parser, Subcommand};
 use rsb_coordinator::job::{Job, Phase};
 use rsb_coordinator::plan::BatchPlan;
 use rsb_coordinator::progress::SweepProgress;
+use rsb_coordinator::saved::{SavedJob, STATE_FILE};
 use rsb_coordinator::service::Shared;
 use rsb_coordinator::state::Coordination;
 use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
@@ -163,6 +166,13 @@ struct UpArgs {
     /// checkpoint when they have one).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Continue the job this coordinator ran in OUT before it was killed or
+    /// restarted (from OUT/coordinator-state.json, with the same recipe):
+    /// its members keep their credentials, and the job goes on in a new
+    /// generation from its newest committed checkpoint once their agents
+    /// (still within --coordinator-deadline-secs) heartbeat again.
+    #[arg(long, conflicts_with = "resume")]
+    restore: bool,
     /// A worker host silent (no heartbeat) for this many seconds fails
     /// the job, naming the host.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -374,12 +384,23 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     let resumes_sweep =
         args.resume.as_deref().is_some_and(|dir| SweepLayout::new(dir).manifest().is_file());
+    if args.restore && (args.sweep.given() || args.local) {
+        bail!(
+            "--restore continues one job whose workers joined on their own; a sweep is \
+             continued with --resume DIR, and --local workers die with their coordinator"
+        );
+    }
     let (state, out, mut work) = if args.sweep.given() || resumes_sweep {
         prepare_sweep(&args)?
     } else {
         prepare_job(&args)?
     };
-    let UpArgs { nodes, listen, local, devices, token_file, tls, .. } = args;
+    let UpArgs { nodes, listen, local, devices, token_file, tls, restore, .. } = args;
+    // A restored job keeps its token: the agents still present it.
+    let token_file = token_file.or_else(|| {
+        let saved = out.join(auth::TOKEN_FILE_NAME);
+        (restore && std::env::var_os(auth::TOKEN_ENV).is_none() && saved.is_file()).then_some(saved)
+    });
     let listen = listen.unwrap_or_else(|| {
         if local {
             "127.0.0.1:0".parse().expect("literal")
@@ -577,6 +598,9 @@ fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
     }
     let out = args.out.clone().context("--out DIR is required (the run folder)")?;
     let recipe = args.recipe.load(&args.overrides)?;
+    if args.restore {
+        return restore_job(args, recipe, &out);
+    }
     rsb_job::check_out_folder(&out, args.resume.as_deref())?;
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
     let resume = args
@@ -600,7 +624,42 @@ fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         let path = path.canonicalize().with_context(|| format!("--resume {}", path.display()))?;
         job.resume_from = Some(path.display().to_string());
     }
+    job.state_file = Some(out.join(STATE_FILE));
     Ok((Coordination::one(job), out, Work::Job { elastic: is_elastic }))
+}
+
+/// `up --restore`: the job saved in `out` by a coordinator that was killed
+/// or restarted, continued with the same recipe and hosts.
+fn restore_job(
+    args: &UpArgs,
+    recipe: rsb_recipes::Recipe,
+    out: &Path,
+) -> Result<(Coordination, PathBuf, Work)> {
+    let out = out.canonicalize().with_context(|| format!("--restore: {}", out.display()))?;
+    let saved = SavedJob::read(&out)?;
+    if saved.nodes_expected != args.nodes {
+        bail!(
+            "--nodes {}: the job in {} was started with --nodes {}",
+            args.nodes,
+            out.display(),
+            saved.nodes_expected
+        );
+    }
+    let mut job = Job::restore(recipe, out.clone(), saved)?;
+    job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
+    job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
+    job.max_restarts = args.elastic.max_restarts;
+    job.state_file = Some(out.join(STATE_FILE));
+    println!(
+        "restored job {} in {}: generation {} over {} host(s), from {}",
+        job.id,
+        out.display(),
+        job.generation,
+        job.members.len(),
+        job.resume_from.as_deref().unwrap_or("a fresh start (no checkpoint was committed)")
+    );
+    let elastic = job.elastic();
+    Ok((Coordination::one(job), out, Work::Job { elastic }))
 }
 
 /// The sweep of `up`: its manifest written (or, with `--resume DIR`, read

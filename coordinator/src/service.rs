@@ -62,7 +62,12 @@ impl Shared {
 
     /// Runs `f` on the state and wakes waiters.
     pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
-        let out = f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        let out = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let out = f(&mut state);
+            state.save();
+            out
+        };
         self.changed.notify_waiters();
         out
     }
@@ -99,7 +104,9 @@ impl Shared {
             let outcome = {
                 let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.check_liveness();
-                ready(&mut state.jobs[index])
+                let outcome = ready(&mut state.jobs[index]);
+                state.save();
+                outcome
             };
             match outcome {
                 Ok(Some(v)) => return Ok(v),

@@ -79,6 +79,13 @@ impl Coordination {
         }
     }
 
+    /// Saves what a restarted coordinator needs, where it changed.
+    pub fn save(&mut self) {
+        for job in &mut self.jobs {
+            job.save_if_changed();
+        }
+    }
+
     /// Fails every job still going (the coordinator is stopping).
     pub fn fail_all(&mut self, reason: &str) {
         for job in &mut self.jobs {

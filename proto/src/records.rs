@@ -16,6 +16,9 @@ impl From<&GenerationReason> for pb::GenerationReason {
                 Reason::RankFailed(pb::RankFailed { rank, host, detail })
             }
             GenerationReason::Admitted { host } => Reason::Admitted(pb::HostAdmitted { host }),
+            GenerationReason::CoordinatorRestarted => {
+                Reason::CoordinatorRestarted(pb::CoordinatorRestarted {})
+            }
         };
         pb::GenerationReason { reason: Some(reason) }
     }
@@ -30,6 +33,7 @@ fn reason_of(reason: pb::GenerationReason) -> Option<GenerationReason> {
             GenerationReason::RankFailed { rank: r.rank, host: r.host, detail: r.detail }
         }
         Reason::Admitted(r) => GenerationReason::Admitted { host: r.host },
+        Reason::CoordinatorRestarted(_) => GenerationReason::CoordinatorRestarted,
     })
 }
 
@@ -241,6 +245,7 @@ mod tests {
                         detail: "ring".into(),
                     },
                     GenerationReason::Admitted { host: "d".into() },
+                    GenerationReason::CoordinatorRestarted,
                 ],
             },
         ];

@@ -148,33 +148,61 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     out
 }
 
-/// `coordinator up --local` sweeps of the tiny recipe, for the sweep tests.
+/// Jobs and sweeps of the tiny recipe started from tests, their output
+/// going to log files.
 pub mod sweeps {
     use super::{binary, workspace_root};
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
 
-    /// The job token of these sweeps (given through the environment).
+    /// The job token of these jobs (given through the environment).
     pub const TOKEN: &str = "sweep-test-token-5c81f0aa";
 
     /// Starts `coordinator up --local` on the tiny recipe with `sets`
-    /// (`--set`) and `extra` arguments, its output going to `log` (a file:
-    /// a pipe nobody reads would fill and stop it).
+    /// (`--set`) and `extra` arguments, its output going to `log`.
     pub fn start(out: &Path, sets: &[String], extra: &[&str], log: &Path) -> Child {
-        let file = std::fs::File::create(log).expect("creating the log");
+        let mut args = vec!["--local"];
+        args.extend_from_slice(extra);
+        coordinator_up(out, sets, &args, log)
+    }
+
+    /// Starts `coordinator up` on the tiny recipe with `sets` (`--set`) and
+    /// `extra` arguments, its output going to `log` (a file: a pipe nobody
+    /// reads would fill and stop it).
+    pub fn coordinator_up(out: &Path, sets: &[String], extra: &[&str], log: &Path) -> Child {
         let mut cmd = Command::new(binary("coordinator"));
-        cmd.args(["up", "--local", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(out);
+        cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(out);
         for set in sets {
             cmd.args(["--set", set]);
         }
-        cmd.args(extra)
-            .env("RSB_JOB_TOKEN", TOKEN)
+        cmd.args(extra);
+        spawn_logged(cmd, log)
+    }
+
+    /// Starts `worker join --devices cpu --cores 1` against the coordinator
+    /// on `port` as host `name`, its output going to `log`.
+    pub fn worker_join(port: u16, name: &str, log: &Path) -> Child {
+        let mut cmd = Command::new(binary("worker"));
+        cmd.args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")]).args([
+            "--devices",
+            "cpu",
+            "--cores",
+            "1",
+            "--host-name",
+            name,
+        ]);
+        spawn_logged(cmd, log)
+    }
+
+    fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+        let file = std::fs::File::create(log).expect("creating the log");
+        cmd.env("RSB_JOB_TOKEN", TOKEN)
             .current_dir(workspace_root())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
             .spawn()
-            .expect("starting coordinator up")
+            .expect("starting a binary")
     }
 
     /// The tiny recipe.

@@ -150,6 +150,8 @@ pub enum GenerationReason {
         /// The host.
         host: String,
     },
+    /// The coordinator restarted and continues the job from its state file.
+    CoordinatorRestarted,
 }
 
 impl std::fmt::Display for GenerationReason {
@@ -161,6 +163,7 @@ impl std::fmt::Display for GenerationReason {
                 write!(f, "rank {rank} on {host} failed: {detail}")
             }
             GenerationReason::Admitted { host } => write!(f, "admitted host {host}"),
+            GenerationReason::CoordinatorRestarted => write!(f, "the coordinator restarted"),
         }
     }
 }

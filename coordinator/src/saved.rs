@@ -1,0 +1,323 @@
+//! What a coordinator keeps on disk so that, killed and restarted
+//! (`coordinator up --restore`), it continues its job: the job id and
+//! recipe, the generation, the members (with their session secrets, so
+//! that their agents' calls are accepted again) and the committed
+//! checkpoints. The file, `OUT/coordinator-state.json`, is written
+//! atomically (temporary file, fsync, rename) whenever one of these
+//! changes, with mode 0600 since it holds the secrets.
+//!
+//! A restored job opens a new generation over the saved members (pending
+//! ones admitted) from its newest committed checkpoint: the agents see the
+//! generation move on in their next heartbeat and restart their ranks, as
+//! after any regroup. At most the updates since that checkpoint are lost.
+//! A member that does not come back is silent, and handled as such (a fixed
+//! job fails naming it; an elastic one drops it).
+
+use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
+use rsb_job::GenerationReason;
+use rsb_proto::auth::Secret;
+use rsb_recipes::Recipe;
+use serde::{Deserialize, Serialize};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The state file in the run folder.
+pub const STATE_FILE: &str = "coordinator-state.json";
+/// Version of the state format this build writes and reads.
+pub const STATE_FORMAT: u32 = 1;
+
+/// A member as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedMember {
+    /// Member id.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// `true`: CUDA ranks; `false`: CPU ranks.
+    pub cuda: bool,
+    /// Ranks it runs.
+    pub local_ranks: u32,
+    /// Address its ring listeners are reached at.
+    pub advertise: Option<IpAddr>,
+    /// Its session secret.
+    pub secret: String,
+}
+
+/// A committed checkpoint as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedCheckpoint {
+    /// Epoch it was written in.
+    pub epoch: u64,
+    /// Updates done at it.
+    pub step: u64,
+    /// Its folder.
+    pub path: String,
+}
+
+/// The saved job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedJob {
+    /// [`STATE_FORMAT`] of the writer.
+    pub format: u32,
+    /// Job id.
+    pub job_id: String,
+    /// The resolved recipe (YAML), compared with the one given at restore.
+    pub recipe_yaml: String,
+    /// Generation when saved.
+    pub generation: u64,
+    /// Hosts the job started with, and its bounds.
+    pub nodes_expected: u32,
+    /// Fewest hosts.
+    pub min_nodes: u32,
+    /// Most hosts.
+    pub max_nodes: u32,
+    /// Whether a generation ever ran.
+    pub started: bool,
+    /// Why the job ended, when it did (`finished`, or the failure).
+    pub ended: Option<String>,
+    /// Members in join order.
+    pub members: Vec<SavedMember>,
+    /// Members waiting to be admitted.
+    pub pending: Vec<SavedMember>,
+    /// Committed checkpoints, newest last.
+    pub checkpoints: Vec<SavedCheckpoint>,
+    /// What the current generation resumed from.
+    pub resume_from: Option<String>,
+    /// Updates done in it.
+    pub resume_step: Option<u64>,
+    /// Member ids handed out so far (ids stay unique after a restore).
+    pub next_member: u64,
+}
+
+/// Why a state file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SavedError {
+    /// It cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// It is not a valid state file.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the field and line.
+        message: String,
+    },
+}
+
+fn saved_member(m: &Member) -> SavedMember {
+    SavedMember {
+        id: m.id.clone(),
+        host: m.host.clone(),
+        cuda: m.kind == DeviceKind::Cuda,
+        local_ranks: m.local_ranks,
+        advertise: m.advertise,
+        secret: m.secret.expose().to_string(),
+    }
+}
+
+impl SavedJob {
+    /// The state of `job` worth keeping.
+    pub fn of(job: &Job) -> SavedJob {
+        SavedJob {
+            format: STATE_FORMAT,
+            job_id: job.id.clone(),
+            recipe_yaml: job.recipe_yaml.clone(),
+            generation: job.generation,
+            nodes_expected: job.nodes_expected,
+            min_nodes: job.min_nodes,
+            max_nodes: job.max_nodes,
+            started: job.started(),
+            ended: match &job.phase {
+                Phase::Finished => Some("finished".into()),
+                Phase::Failed(reason) => Some(format!("failed: {reason}")),
+                Phase::Waiting | Phase::Running => None,
+            },
+            members: job.members.iter().map(saved_member).collect(),
+            pending: job.pending.iter().map(saved_member).collect(),
+            checkpoints: job
+                .checkpoints
+                .iter()
+                .map(|c| SavedCheckpoint { epoch: c.epoch, step: c.step, path: c.path.clone() })
+                .collect(),
+            resume_from: job.resume_from.clone(),
+            resume_step: job.resume_step,
+            next_member: job.next_member(),
+        }
+    }
+
+    /// Reads `OUT/coordinator-state.json`.
+    pub fn read(out: &Path) -> Result<SavedJob, SavedError> {
+        let path = out.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| SavedError::Io { path: path.clone(), source })?;
+        let mut de = serde_json::Deserializer::from_str(&text);
+        let saved: SavedJob = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.inner();
+            SavedError::Invalid {
+                path: path.clone(),
+                message: format!("line {}: {}: {}", inner.line(), e.path(), inner),
+            }
+        })?;
+        if saved.format != STATE_FORMAT {
+            return Err(SavedError::Invalid {
+                path,
+                message: format!(
+                    "format: {} is not the format this build reads ({STATE_FORMAT})",
+                    saved.format
+                ),
+            });
+        }
+        Ok(saved)
+    }
+
+    /// Writes it as `OUT/coordinator-state.json`, atomically, mode 0600.
+    pub fn write(&self, out: &Path) -> Result<(), SavedError> {
+        let path = out.join(STATE_FILE);
+        let io = |source| SavedError::Io { path: path.clone(), source };
+        // A temporary file is created with mode 0600.
+        let mut file = tempfile::NamedTempFile::new_in(out).map_err(io)?;
+        // Plain data: serialization cannot fail.
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.as_file().sync_all().map_err(io)?;
+        file.persist(&path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+}
+
+/// Rebuilds a member (its heartbeat clock starts now).
+fn member(saved: &SavedMember) -> Result<Member, JobError> {
+    let secret = Secret::new(saved.secret.clone(), "saved member secret")
+        .map_err(|e| JobError::Invalid(format!("member {}: {e}", saved.id)))?;
+    Ok(Member {
+        id: saved.id.clone(),
+        host: saved.host.clone(),
+        kind: if saved.cuda { DeviceKind::Cuda } else { DeviceKind::Cpu },
+        local_ranks: saved.local_ranks,
+        first_rank: 0,
+        last_seen: Instant::now(),
+        advertise: saved.advertise,
+        secret,
+        rank_generations: vec![0; saved.local_ranks as usize],
+    })
+}
+
+impl Job {
+    /// The job `saved` describes, continued by a restarted coordinator with
+    /// `recipe` (which must be the saved one) in `out_dir`: a new generation
+    /// over the saved members from the newest committed checkpoint, or, if
+    /// it never started, still waiting for hosts.
+    pub fn restore(recipe: Recipe, out_dir: PathBuf, saved: SavedJob) -> Result<Job, JobError> {
+        if let Some(ended) = &saved.ended {
+            return Err(JobError::Precondition(format!(
+                "the job in {} already ended ({ended}); nothing to continue",
+                out_dir.display()
+            )));
+        }
+        let mut job = Job::new(recipe, out_dir, saved.nodes_expected);
+        if job.recipe_yaml != saved.recipe_yaml {
+            return Err(JobError::Invalid(format!(
+                "the recipe differs from the one job {} ran with (saved in {}); restore it \
+                 with the same recipe and --set options",
+                saved.job_id, STATE_FILE
+            )));
+        }
+        job.set_node_bounds(saved.min_nodes, saved.max_nodes)?;
+        job.id = saved.job_id.clone();
+        job.generation = saved.generation;
+        job.restore_counters(saved.next_member, saved.started);
+        job.members =
+            saved.members.iter().chain(&saved.pending).map(member).collect::<Result<_, _>>()?;
+        job.checkpoints = saved
+            .checkpoints
+            .iter()
+            .map(|c| CommittedCheckpoint { epoch: c.epoch, step: c.step, path: c.path.clone() })
+            .collect();
+        job.resume_from = saved.resume_from.clone();
+        job.resume_step = saved.resume_step;
+        if saved.started {
+            job.restart_generation(GenerationReason::CoordinatorRestarted);
+        }
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::RendezvousPayload;
+    use std::net::Ipv4Addr;
+
+    fn recipe() -> Recipe {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        rsb_recipes::load(&path, &[]).unwrap()
+    }
+
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+
+    #[test]
+    fn a_restored_job_goes_on_from_its_newest_checkpoint_with_the_same_members() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 2);
+        job.state_file = Some(tmp.path().join(STATE_FILE));
+        let (a, secret_a, _) = job.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        let (b, _, _) = job.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        job.publish(&a, 1, 0, Some(RendezvousPayload::RingAddress("127.0.0.1:1".into()))).unwrap();
+        job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
+            .unwrap();
+        job.save_if_changed();
+        let saved = SavedJob::read(tmp.path()).unwrap();
+        assert_eq!(saved, SavedJob::of(&job));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(tmp.path().join(STATE_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the state file holds secrets");
+        }
+        let restored = Job::restore(recipe(), tmp.path().to_path_buf(), saved.clone()).unwrap();
+        assert_eq!((restored.generation, restored.phase.clone()), (2, Phase::Running));
+        assert_eq!(restored.id, job.id);
+        assert_eq!(
+            restored.resume_from.as_deref(),
+            Some("/run/checkpoints/epoch-0000-update-000000004")
+        );
+        assert_eq!(restored.resume_step, Some(4));
+        // The members' credentials still work; new ids stay unique.
+        let presented = (a.as_str(), secret_a.expose().as_bytes());
+        assert_eq!(restored.authenticate(Some(presented)).unwrap().id, a);
+        assert!(restored.knows_member(&b));
+        let mut restored = restored;
+        assert!(restored.join("c", DeviceKind::Cpu, 1, LOOPBACK).is_err(), "a fixed job is full");
+        assert_eq!(restored.next_member(), 2);
+        let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+        assert!(text.contains("coordinator_restarted"), "{text}");
+        // Another recipe, or a job that ended, is refused.
+        let mut other = recipe();
+        other.seed += 1;
+        let e = Job::restore(other, tmp.path().to_path_buf(), saved.clone()).unwrap_err();
+        assert!(e.to_string().contains("recipe differs"), "{e}");
+        let ended = SavedJob { ended: Some("finished".into()), ..saved };
+        let e = Job::restore(recipe(), tmp.path().to_path_buf(), ended).unwrap_err();
+        assert!(e.to_string().contains("already ended"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_state_file_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(STATE_FILE), "{\"format\": 1, \"job_id\": 3}").unwrap();
+        let e = SavedJob::read(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains(STATE_FILE) && e.contains("job_id"), "{e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The coordinator killed (`kill -9`) mid-run and restarted with
+//! `coordinator up --restore`, end to end with real binaries, two `worker
+//! join` hosts of one CPU rank each and the tiny recipe with a checkpoint
+//! every 2 updates: the agents keep their ranks' host alive through the
+//! outage, heartbeat the new coordinator with their old credentials, and the
+//! job goes on in a new generation (reason `coordinator_restarted`) from its
+//! newest committed checkpoint and finishes with its planned updates. The
+//! updates lost (recorded before the kill, after that checkpoint) are at
+//! most one checkpoint interval. Nothing is left running.
+
+use rsb_integration_tests::elastic_records::{all_records, planned_updates};
+use rsb_integration_tests::processes::{signal, wait_with_timeout};
+use rsb_integration_tests::{fashion_subset, run_records, sweeps};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// `runtime.checkpoint_every_updates` of the job.
+const CHECKPOINT_INTERVAL: u64 = 2;
+
+/// Waits (at most 180 s) until `ready` holds, failing with the log.
+fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "timed out waiting for {what}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 2);
+    let out = tmp.path().join("run");
+    let sets = vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".to_string(),
+        "schedule.cosine.epochs=6".to_string(),
+        "eval.every_epochs=1000".to_string(),
+        format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
+        "runtime.keep_last_checkpoints=1000".to_string(),
+    ];
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--listen", &listen, "--nodes", "2", "--heartbeat-timeout-secs", "10"];
+    let first_log = tmp.path().join("coordinator-1.log");
+    let mut first = sweeps::coordinator_up(&out, &sets, &args, &first_log);
+    let workers: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| sweeps::worker_join(port, name, &tmp.path().join(format!("worker-{name}.log"))))
+        .collect();
+    let steps = || run_records_or_empty(&out, "step");
+    wait_until("a committed checkpoint and a few more updates", &first_log, || {
+        std::fs::read_to_string(&first_log).unwrap_or_default().contains("checkpoint committed")
+            && steps().last().is_some_and(|s| s["step"].as_u64().unwrap() >= 5)
+    });
+    assert!(signal(first.id(), "KILL"));
+    let _ = first.wait();
+    let killed = Instant::now();
+    let recorded = steps().last().unwrap()["step"].as_u64().unwrap();
+    let records_before = all_records(&out).len();
+
+    let log = tmp.path().join("coordinator-2.log");
+    let mut restore_args = args.to_vec();
+    restore_args.push("--restore");
+    let second = sweeps::coordinator_up(&out, &sets, &restore_args, &log);
+    wait_until("the first update after the restore", &log, || {
+        all_records(&out).iter().skip(records_before).any(|r| r["kind"] == "step")
+    });
+    let recovered = killed.elapsed();
+    let status =
+        wait_with_timeout(second, Duration::from_secs(240), "the restored coordinator").status;
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "the restored job failed:\n{output}");
+    assert!(output.contains("restored job"), "{output}");
+    for (i, worker) in workers.into_iter().enumerate() {
+        let status = wait_with_timeout(worker, Duration::from_secs(30), "a worker").status;
+        assert!(status.success(), "worker {i} failed");
+    }
+
+    // The generation the restore opened: from a committed checkpoint, and
+    // its first update came after the kill.
+    let generations = run_records(&out, "generation");
+    assert_eq!(generations.len(), 2, "{generations:?}");
+    let restored = &generations[1];
+    assert_eq!(restored["reasons"][0]["kind"], "coordinator_restarted", "{restored}");
+    assert!(restored["resume_from"].as_str().is_some_and(|p| p.contains("update")), "{restored}");
+    let resumed_at = restored["resume_step"].as_u64().expect("the restore resumes a checkpoint");
+    let lost = recorded.saturating_sub(resumed_at);
+    assert!(
+        lost <= CHECKPOINT_INTERVAL,
+        "{lost} updates lost: recorded {recorded}, resumed {resumed_at}"
+    );
+    let after: Vec<_> = all_records(&out).split_off(records_before);
+    let first_step = after.iter().find(|r| r["kind"] == "step").expect("updates after the restore");
+    assert_eq!(first_step["step"].as_u64().unwrap(), resumed_at + 1, "{first_step}");
+    let last = run_records(&out, "step").last().cloned().unwrap();
+    assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&out), "{last}");
+    println!(
+        "coordinator kill -9 + restore: {lost} update(s) lost; first update {:.1} s after the \
+         kill (restarted after about 0.1 s)",
+        recovered.as_secs_f64()
+    );
+}
+
+/// The records of `kind` so far (none while the file does not exist).
+fn run_records_or_empty(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    all_records(out).into_iter().filter(|r| r["kind"] == kind).collect()
+}
