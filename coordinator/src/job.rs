@@ -401,6 +401,18 @@ impl Job {
             return Err(JobError::Invalid("local_ranks must be at least 1".into()));
         }
         let pending = match &self.phase {
+            // A regroup (an elastic job below its fewest hosts) starts as soon
+            // as enough hosts are back: a host whose ranks would make a world
+            // the batch cannot split over is refused now, not the job later.
+            Phase::Waiting if self.started => {
+                let world = self.world_size() + local_ranks;
+                BatchPlan::new(&self.recipe, world).map_err(|e| {
+                    JobError::Precondition(format!(
+                        "host {host} with {local_ranks} rank(s) would make a world of {world}: {e}"
+                    ))
+                })?;
+                false
+            }
             Phase::Waiting => false,
             Phase::Running if self.elastic() => {
                 let hosts = self.members.len() + self.pending.len();
@@ -1436,6 +1448,24 @@ mod tests {
 
     fn ring(a: &str) -> Option<RendezvousPayload> {
         Some(RendezvousPayload::RingAddress(a.into()))
+    }
+
+    #[test]
+    fn a_join_during_a_regroup_that_the_batch_cannot_split_over_is_refused() {
+        // 6 sampler streams: worlds of 1, 2, 3 and 6 ranks.
+        let mut j = elastic(2, 2, 3);
+        let _a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Waiting, "one host left, two needed");
+        // 1 + 3 = 4 ranks cannot share 6 streams: refused, the job waits on.
+        let e = join(&mut j, "c", 3).unwrap_err();
+        assert!(e.to_string().contains("world of 4"), "{e}");
+        assert_eq!(j.phase, Phase::Waiting);
+        join(&mut j, "d", 2).unwrap();
+        assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 3));
     }
 
     #[test]
