@@ -403,6 +403,11 @@ pub enum Precision {
     Fp32,
     /// bf16 activations, on a GPU or a CPU (fast on CPUs with AVX512-BF16 or AMX).
     Bf16,
+    /// fp16 activations with dynamic loss scaling (the paper's AMP: torch's
+    /// `GradScaler` with its defaults, initial scale 65536, growth factor
+    /// 2 every 2000 applied updates, backoff 0.5 on a non-finite gradient);
+    /// meant for GPUs (libtorch's CPU fp16 kernels are slow).
+    Fp16,
 }
 
 /// Runtime knobs that do not change the maths (except precision).
