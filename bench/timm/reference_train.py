@@ -309,6 +309,7 @@ DISTRIBUTED = Section({
     'collective_timeout_secs': (t_u64, 600),
     'collectives_at_world_size_one': (t_bool, False),
     'overlap_backward': (t_bool, True),
+    'gradient_compression': (t_unit_enum('none', 'bf16'), 'none'),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),

@@ -458,6 +458,7 @@ impl Trainer {
             self.optimizer.parameters(),
             BUCKET_FLOATS,
             self.recipe.distributed.overlap_backward,
+            self.recipe.distributed.gradient_compression,
         )?);
         self.distributed = Some(distributed);
         Ok(self)
