@@ -291,7 +291,7 @@ EVAL = Section({
     'every_epochs': (t_u32, 1),
 })
 RUNTIME = Section({
-    'precision': (t_unit_enum('auto', 'fp32', 'bf16'), 'auto'),
+    'precision': (t_unit_enum('auto', 'fp32', 'bf16', 'fp16'), 'auto'),
     'channels_last': (t_bool, True),
     'log_every_steps': (t_u32, 50),
     'keep_last_checkpoints': (t_u32, 2),
@@ -309,6 +309,7 @@ DISTRIBUTED = Section({
     'collective_timeout_secs': (t_u64, 600),
     'collectives_at_world_size_one': (t_bool, False),
     'overlap_backward': (t_bool, True),
+    'gradient_compression': (t_unit_enum('none', 'bf16'), 'none'),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),
@@ -469,9 +470,13 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     rt = recipe.runtime
-    if rt.precision == 'bf16' and not on_gpu:
-        die('runtime.precision bf16 is GPU only (schema); this run is on the CPU')
+    if rt.precision in ('bf16', 'fp16') and not on_gpu:
+        die(f'runtime.precision {rt.precision} is GPU only here; this run is on the CPU')
     amp_dtype = torch.bfloat16 if (on_gpu and rt.precision in ('auto', 'bf16')) else None
+    if on_gpu and rt.precision == 'fp16':
+        amp_dtype = torch.float16
+    # fp16: timm's NativeScaler, i.e. torch's GradScaler with its defaults.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     channels_last = on_gpu and rt.channels_last  # schema: channels-last on a GPU
 
     seed = recipe.seed if args.seed is None else args.seed
@@ -697,7 +702,7 @@ def main(argv=None):
                 loss = train_loss_fn(out, y)
             if accum_steps > 1:
                 loss = loss / accum_steps
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_val = loss.item() * accum_steps
             b = x.size(0)
             ep_images += b
@@ -707,7 +712,8 @@ def main(argv=None):
             log_loss_n += 1
             if not need_update:
                 continue
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad()
             num_updates += 1
             lr_used = optimizer.param_groups[0]['lr']

@@ -403,6 +403,11 @@ pub enum Precision {
     Fp32,
     /// bf16 activations, on a GPU or a CPU (fast on CPUs with AVX512-BF16 or AMX).
     Bf16,
+    /// fp16 activations with dynamic loss scaling (the paper's AMP: torch's
+    /// `GradScaler` with its defaults, initial scale 65536, growth factor
+    /// 2 every 2000 applied updates, backoff 0.5 on a non-finite gradient);
+    /// meant for GPUs (libtorch's CPU fp16 kernels are slow).
+    Fp16,
 }
 
 /// Runtime knobs that do not change the maths (except precision).
@@ -464,7 +469,7 @@ pub enum CollectiveBackend {
 }
 
 /// Collectives between the ranks of a job (ignored by a single-process run).
-/// None of these fields changes the maths.
+/// None of these fields changes the maths, except `gradient_compression`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistributedSection {
@@ -485,6 +490,24 @@ pub struct DistributedSection {
     /// off: after the backward pass. Same buckets, same order: same results.
     #[serde(default = "default_true")]
     pub overlap_backward: bool,
+    /// Gradient buckets travel compressed: `none` (f32, the default, and
+    /// every RSB recipe's) or `bf16` (PyTorch DDP's `bf16_compress_hook`:
+    /// each bucket rounded to bf16 before the all-reduce, summed in bf16,
+    /// widened back to f32 after; half the bytes on the wire, at bf16's
+    /// 8-bit precision on the summed gradients). Changes the maths slightly.
+    #[serde(default)]
+    pub gradient_compression: GradientCompression,
+}
+
+/// How gradient buckets travel between the ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientCompression {
+    /// f32, exact sums.
+    #[default]
+    None,
+    /// bf16 (PyTorch DDP's `bf16_compress_hook`).
+    Bf16,
 }
 
 impl Default for DistributedSection {
@@ -494,6 +517,7 @@ impl Default for DistributedSection {
             collective_timeout_secs: default_collective_timeout_secs(),
             collectives_at_world_size_one: false,
             overlap_backward: true,
+            gradient_compression: GradientCompression::None,
         }
     }
 }

@@ -119,6 +119,36 @@ fn assert_common_rsb(r: &Recipe) {
     assert_eq!(r.eval.interpolation, Interpolation::Bicubic);
     assert_eq!(r.runtime.precision, rsb_recipes::Precision::Auto);
     assert!(r.runtime.channels_last);
+    // Exact f32 gradient sums, as the paper's runs.
+    assert_eq!(r.distributed.gradient_compression, rsb_recipes::GradientCompression::None);
+}
+
+#[test]
+fn gradient_compression_is_off_unless_asked_for() {
+    for path in all_recipes() {
+        let r = load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            r.distributed.gradient_compression,
+            rsb_recipes::GradientCompression::None,
+            "{}",
+            path.display()
+        );
+    }
+    let on = load(
+        &recipes_dir().join("resnet50_a2.yaml"),
+        &["distributed.gradient_compression=bf16".to_string()],
+    )
+    .unwrap();
+    assert_eq!(on.distributed.gradient_compression, rsb_recipes::GradientCompression::Bf16);
+    let fp16 =
+        load(&recipes_dir().join("resnet50_a2.yaml"), &["runtime.precision=fp16".to_string()])
+            .unwrap();
+    assert_eq!(fp16.runtime.precision, Precision::Fp16);
+    assert!(load(
+        &recipes_dir().join("resnet50_a2.yaml"),
+        &["distributed.gradient_compression=fp8".to_string()]
+    )
+    .is_err());
 }
 
 /// The Table-1 rows that differ between A1, A2 and A3.

@@ -68,11 +68,17 @@ pub enum CollectiveError {
     Nccl(String),
 }
 
-/// A buffer of `f32` to reduce in place.
+/// A buffer to reduce in place.
 #[derive(Debug)]
 pub enum Buffer<'a> {
-    /// Host memory.
+    /// `f32` in host memory.
     Host(&'a mut [f32]),
+    /// bf16 values in host memory, each as its 16 bits (the upper half of
+    /// the f32 it rounds): half the bytes of [`Buffer::Host`] on the wire.
+    /// Summed in f32 and rounded back to bf16 (nearest even) at each
+    /// partial sum; only backends whose [`Collective::sums_bf16`] says so
+    /// take it.
+    HostBf16(&'a mut [u16]),
     /// Device memory, described by a [`CudaBuffer`] (only built by its
     /// `unsafe` constructor, whose caller vouches for the memory).
     Cuda(CudaBuffer),
@@ -82,6 +88,7 @@ impl Buffer<'_> {
     fn location(&self) -> &'static str {
         match self {
             Buffer::Host(_) => "host memory",
+            Buffer::HostBf16(_) => "host memory (bf16)",
             Buffer::Cuda(_) => "CUDA device memory",
         }
     }
@@ -167,6 +174,12 @@ pub trait Collective: Send {
     /// Whether [`Buffer::Cuda`] can be handed to this backend directly (NCCL);
     /// callers stage CUDA memory through host memory for the others.
     fn reduces_device_memory(&self) -> bool {
+        false
+    }
+
+    /// Whether this backend reduces [`Buffer::HostBf16`] (the TCP ring);
+    /// callers that want bf16 sums otherwise round f32 buffers themselves.
+    fn sums_bf16(&self) -> bool {
         false
     }
 

@@ -22,7 +22,14 @@
 //! collective: the next call returns it. Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
 //! no further call comes, the watchdog ends the process (exit status 1, the
-//! error on stderr) if it is still alive [`EXIT_GRACE`] later.
+//! error on stderr) if it is still alive [`EXIT_GRACE`] later, with
+//! `_exit`: no atexit handler or static destructor runs, since those of
+//! CUDA and NCCL can block for ever on the very stream that hangs.
+//!
+//! A communicator that failed or was aborted is never destroyed with
+//! `ncclCommDestroy` (which flushes outstanding work and can wait for a
+//! dead peer): the watchdog and every failing call abort it, and dropping
+//! one with a recorded failure or unfinished collectives aborts it too.
 
 use crate::{Buffer, Collective, CollectiveError};
 use cudarc::driver::sys as cuda;
@@ -355,7 +362,12 @@ fn watch(shared: Shared, context: cuda::CUcontext, rank: usize) {
             });
             if since.elapsed() > EXIT_GRACE {
                 eprintln!("error: {failed}");
-                std::process::exit(1);
+                // `_exit`, not `std::process::exit`: the latter runs the
+                // atexit handlers (CUDA's and NCCL's among them), which can
+                // block for ever on the stream the aborted collective hangs
+                // on. stderr is unbuffered, so the message above is out.
+                // SAFETY: `_exit` has no preconditions; it ends the process.
+                unsafe { libc::_exit(1) };
             }
         }
     }
@@ -368,13 +380,30 @@ impl Drop for NcclCollective {
             let _ = watchdog.join();
         }
         let mut state = lock(&self.shared);
+        // A collective not yet complete (the watchdog retires finished ones
+        // only every POLL) means a peer may never take part: destroying would
+        // flush it and wait. The same holds after a failure and while
+        // unwinding from a panic, when this rank's peers are in an unknown
+        // state. Those cases abort the communicator; only a healthy, idle
+        // one is destroyed (the orderly end NCCL documents).
+        let mut unfinished = false;
         for pending in state.pending.drain(..) {
+            // SAFETY: the event is live until destroyed here.
+            let query = unsafe { cuda::cuEventQuery(pending.event as cuda::CUevent) };
+            unfinished |= query != cuda::CUresult::CUDA_SUCCESS;
             // SAFETY: created by `cuEventCreate`, destroyed once.
             let _ = unsafe { cuda::cuEventDestroy_v2(pending.event as cuda::CUevent) };
         }
+        let healthy = state.failed.is_none() && !unfinished && !std::thread::panicking();
         if let Some(comm) = state.comm.take() {
-            // SAFETY: the communicator was initialised and is destroyed once.
-            let _ = unsafe { result::comm_destroy(comm.0) };
+            if healthy {
+                // SAFETY: the communicator was initialised, is idle, and is
+                // destroyed once (taken).
+                let _ = unsafe { result::comm_destroy(comm.0) };
+            } else {
+                // SAFETY: the communicator is live and never used again (taken).
+                let _ = unsafe { result::comm_abort(comm.0) };
+            }
         }
     }
 }

@@ -27,6 +27,11 @@
 //! an error instead of corrupting each other's data. Reads and writes time
 //! out, so a dead peer is an error, never a hang. Floats travel in the hosts'
 //! native byte order; every rank of a job is assumed to share it.
+//!
+//! Two element types travel: f32 ([`Buffer::Host`]) and bf16
+//! ([`Buffer::HostBf16`], 2 bytes per element on the wire, for compressed
+//! gradients). A bf16 reduction adds in f32 and rounds each partial sum back
+//! to bf16 (round to nearest even, as libtorch and NCCL's bf16 sums do).
 
 use crate::{Buffer, Collective, CollectiveError};
 use hmac::{Hmac, Mac};
@@ -34,7 +39,7 @@ use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// "RSB2": the authenticated hello (version 1 had none).
@@ -162,7 +167,14 @@ impl RingListener {
             });
         }
         if world == 1 {
-            return Ok(TcpRing { rank, world, links: None, config, op: 0 });
+            return Ok(TcpRing {
+                rank,
+                world,
+                links: None,
+                config,
+                op: 0,
+                bytes_sent: AtomicU64::new(0),
+            });
         }
         let right = (rank + 1) % world;
         let left = (rank + world - 1) % world;
@@ -222,6 +234,7 @@ impl RingListener {
             }),
             config,
             op: 0,
+            bytes_sent: AtomicU64::new(0),
         })
     }
 }
@@ -417,6 +430,8 @@ pub struct TcpRing {
     config: RingConfig,
     /// Collectives run so far (checked against the neighbours').
     op: u64,
+    /// Payload bytes this rank sent to its right neighbour in reductions.
+    bytes_sent: AtomicU64,
 }
 
 /// The range of chunk `i` of `n` over `len` elements (balanced).
@@ -497,21 +512,77 @@ impl Schedule {
     }
 }
 
+/// An element type the ring sums: f32, or bf16 carried as its 16 bits.
+trait Element: bytemuck::Pod + Send + Sync {
+    /// `self + other` in this type's arithmetic.
+    fn add(self, other: Self) -> Self;
+}
+
+impl Element for f32 {
+    fn add(self, other: f32) -> f32 {
+        self + other
+    }
+}
+
+/// A bf16 value: the upper 16 bits of an f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+struct Bf16(u16);
+
+// SAFETY: a `repr(transparent)` wrapper of `u16`: any bit pattern is valid,
+// no padding.
+unsafe impl bytemuck::Zeroable for Bf16 {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for Bf16 {}
+
+impl Bf16 {
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+
+    /// Round to nearest even, NaN to the canonical quiet NaN: libtorch's
+    /// `c10::BFloat16` conversion, bit for bit.
+    fn from_f32(value: f32) -> Bf16 {
+        if value.is_nan() {
+            return Bf16(0x7fc0);
+        }
+        let bits = value.to_bits();
+        let bias = ((bits >> 16) & 1) + 0x7fff;
+        Bf16((bits.wrapping_add(bias) >> 16) as u16)
+    }
+}
+
+impl Element for Bf16 {
+    fn add(self, other: Bf16) -> Bf16 {
+        Bf16::from_f32(self.to_f32() + other.to_f32())
+    }
+}
+
+/// What the header says about the elements: 0 for f32, 1 for bf16.
+fn element_code<T: Element>() -> u32 {
+    if std::mem::size_of::<T>() == 2 {
+        1
+    } else {
+        0
+    }
+}
+
 /// The all-reduce buffer, shared by the sending and the receiving thread.
 /// They touch the same range only in the order [`Progress`] enforces.
-struct SharedFloats {
-    ptr: *mut f32,
+struct SharedSlice<T> {
+    ptr: *mut T,
     len: usize,
 }
 
-// SAFETY: the pointer comes from a `&mut [f32]` that outlives both threads
-// (they are scoped); access is coordinated through `Progress`.
-unsafe impl Sync for SharedFloats {}
+// SAFETY: the pointer comes from a `&mut [T]` (of `Send + Sync` elements)
+// that outlives both threads (they are scoped); access is coordinated
+// through `Progress`.
+unsafe impl<T: Element> Sync for SharedSlice<T> {}
 
-impl SharedFloats {
+impl<T: Element> SharedSlice<T> {
     /// # Safety
     /// No other thread may write `range` while the slice lives.
-    unsafe fn slice(&self, range: Range<usize>) -> &[f32] {
+    unsafe fn slice(&self, range: Range<usize>) -> &[T] {
         assert!(range.end <= self.len);
         // SAFETY: in bounds (checked); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
@@ -520,7 +591,7 @@ impl SharedFloats {
     /// # Safety
     /// No other thread may read or write `range` while the slice lives.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [f32] {
+    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [T] {
         assert!(range.end <= self.len);
         // SAFETY: in bounds (checked); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
@@ -594,6 +665,22 @@ impl Progress {
 }
 
 impl TcpRing {
+    /// Payload bytes this rank has sent to its right neighbour in
+    /// reductions so far (headers and handshakes aside): 4 per f32 and 2 per
+    /// bf16 element, times `2 (N-1)/N` of the buffer.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// One all-reduce of `data`, header first.
+    fn reduce<T: Element>(&mut self, data: &mut [T]) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.check_header(data.len(), element_code::<T>())?;
+        self.pipelined_all_reduce(data)
+    }
+
     /// The error of the link to `peer` (the left or the right neighbour): a
     /// read or write that waited the whole timeout is a [`CollectiveError::Timeout`].
     fn link_err(&self, peer: usize, source: std::io::Error) -> CollectiveError {
@@ -662,15 +749,15 @@ impl TcpRing {
     /// documentation): a sending thread forwards each segment as soon as the
     /// receiving side has finished it, so no step waits for the previous one
     /// to drain.
-    fn pipelined_all_reduce(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+    fn pipelined_all_reduce<T: Element>(&self, data: &mut [T]) -> Result<(), CollectiveError> {
         let links = self.links.as_ref().expect("a ring of two or more has links");
         let (n, r, len) = (self.world, self.rank, data.len());
         let schedule = Schedule::new(n, r, len, self.config.segment_floats.max(1));
-        let shared = SharedFloats { ptr: data.as_mut_ptr(), len };
+        let shared = SharedSlice { ptr: data.as_mut_ptr(), len };
         let progress = Progress::default();
         let right = (r + 1) % n;
         let left = (r + n - 1) % n;
-        let mut scratch = vec![0f32; self.config.segment_floats.max(1).min(len.max(1))];
+        let mut scratch = vec![T::zeroed(); self.config.segment_floats.max(1).min(len.max(1))];
         std::thread::scope(|scope| {
             let sender = scope.spawn(|| {
                 let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
@@ -702,11 +789,11 @@ impl TcpRing {
     }
 
     /// Sends every step's chunk, segment by segment, each once it is final.
-    fn send_stream(
+    fn send_stream<T: Element>(
         &self,
         mut out: &TcpStream,
         schedule: &Schedule,
-        shared: &SharedFloats,
+        shared: &SharedSlice<T>,
         progress: &Progress,
     ) -> std::io::Result<()> {
         for step in 0..schedule.steps() {
@@ -720,7 +807,9 @@ impl TcpRing {
                 // own chunk at step 0), and it writes it again only after
                 // `wait_sent` says this send is complete.
                 let segment = unsafe { shared.slice(range) };
-                out.write_all(bytemuck::cast_slice(segment))?;
+                let bytes: &[u8] = bytemuck::cast_slice(segment);
+                out.write_all(bytes)?;
+                self.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 progress.mark_sent();
             }
         }
@@ -729,13 +818,13 @@ impl TcpRing {
 
     /// Receives every step's chunk, summing during the reduce-scatter and
     /// copying during the all-gather.
-    fn receive_stream(
+    fn receive_stream<T: Element>(
         &self,
         mut input: &TcpStream,
         schedule: &Schedule,
-        shared: &SharedFloats,
+        shared: &SharedSlice<T>,
         progress: &Progress,
-        scratch: &mut [f32],
+        scratch: &mut [T],
     ) -> std::io::Result<()> {
         let reduce_steps = schedule.world - 1;
         for step in 0..schedule.steps() {
@@ -754,7 +843,7 @@ impl TcpRing {
                     let incoming = &mut scratch[..target.len()];
                     input.read_exact(bytemuck::cast_slice_mut(incoming))?;
                     for (t, s) in target.iter_mut().zip(incoming.iter()) {
-                        *t += *s;
+                        *t = t.add(*s);
                     }
                 } else {
                     input.read_exact(bytemuck::cast_slice_mut(target))?;
@@ -765,24 +854,30 @@ impl TcpRing {
         Ok(())
     }
 
-    /// Passes `(op, len)` around the ring and checks the left neighbour agrees.
-    fn check_header(&mut self, len: usize) -> Result<(), CollectiveError> {
-        let words =
-            |op: u64, len: u64| [op as u32, (op >> 32) as u32, len as u32, (len >> 32) as u32];
+    /// Passes `(op, len, element type)` around the ring and checks the left
+    /// neighbour agrees.
+    fn check_header(&mut self, len: usize, element: u32) -> Result<(), CollectiveError> {
+        let words = |op: u64, len: u64, element: u32| {
+            [op as u32, (op >> 32) as u32, len as u32, (len >> 32) as u32, element]
+        };
         // Raw bits in f32 slots: copied, never computed with.
-        let header = words(self.op, len as u64).map(f32::from_bits);
-        let mut theirs = [0f32; 4];
-        let mut scratch = [0f32; 4];
+        let header = words(self.op, len as u64, element).map(f32::from_bits);
+        let mut theirs = [0f32; 5];
+        let mut scratch = [0f32; 5];
         self.exchange(&header, &mut theirs, false, &mut scratch)?;
         let t = theirs.map(f32::to_bits);
         if t != header.map(f32::to_bits) {
+            let kind = |code: u32| if code == 1 { "bf16" } else { "f32" };
             return Err(CollectiveError::Protocol {
                 rank: self.rank,
                 problem: format!(
-                    "collective #{} of {len} floats here, but the left neighbour runs #{} of {} floats",
+                    "collective #{} of {len} {} floats here, but the left neighbour runs #{} of {} \
+                     {} floats",
                     self.op,
+                    kind(element),
                     u64::from(t[0]) | (u64::from(t[1]) << 32),
-                    u64::from(t[2]) | (u64::from(t[3]) << 32)
+                    u64::from(t[2]) | (u64::from(t[3]) << 32),
+                    kind(t[4])
                 ),
             });
         }
@@ -801,38 +896,40 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
-        let data = match buffer {
-            Buffer::Host(data) => data,
-            other => {
-                return Err(CollectiveError::WrongMemory {
-                    backend: "TCP ring",
-                    location: other.location(),
-                })
-            }
-        };
-        if self.world == 1 {
-            return Ok(());
+        match buffer {
+            Buffer::Host(data) => self.reduce(data),
+            Buffer::HostBf16(data) => self.reduce(bytemuck::cast_slice_mut::<u16, Bf16>(data)),
+            other => Err(CollectiveError::WrongMemory {
+                backend: "TCP ring",
+                location: other.location(),
+            }),
         }
-        self.check_header(data.len())?;
-        self.pipelined_all_reduce(data)
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
-        let data = match buffer {
-            Buffer::Host(data) => data,
-            other => {
-                return Err(CollectiveError::WrongMemory {
-                    backend: "TCP ring",
-                    location: other.location(),
-                })
+        // Everyone but the root contributes zeros: the sum is the root's
+        // buffer (x + 0 is x exactly, in bf16 too). Twice the traffic of a
+        // pipelined broadcast, paid once per job.
+        let buffer = match buffer {
+            Buffer::Host(data) => {
+                if self.rank != root {
+                    data.fill(0.0);
+                }
+                Buffer::Host(data)
             }
+            Buffer::HostBf16(data) => {
+                if self.rank != root {
+                    data.fill(0);
+                }
+                Buffer::HostBf16(data)
+            }
+            other => other,
         };
-        // Everyone but the root contributes zeros: the sum is the root's buffer.
-        // Twice the traffic of a pipelined broadcast, paid once per job.
-        if self.rank != root {
-            data.fill(0.0);
-        }
-        self.all_reduce_sum(Buffer::Host(data))
+        self.all_reduce_sum(buffer)
+    }
+
+    fn sums_bf16(&self) -> bool {
+        true
     }
 }
 
@@ -867,6 +964,86 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    fn bits(v: f32) -> u16 {
+        Bf16::from_f32(v).0
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_as_libtorch() {
+        assert_eq!(bits(1.0), 0x3f80);
+        // Ties go to the even neighbour: 1 + 2^-8 to 1, 1 + 3 * 2^-8 to 1 + 2^-6.
+        assert_eq!(bits(1.0 + 2f32.powi(-8)), 0x3f80);
+        assert_eq!(bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        // Above a tie rounds up, below rounds down.
+        assert_eq!(bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bits(f32::from_bits(0x3f80_7fff)), 0x3f80);
+        assert_eq!(bits(-2.5), 0xc020);
+        assert_eq!(bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bits(f32::MAX), 0x7f80, "rounds past bf16's largest value to inf");
+        assert_eq!(bits(f32::NAN), 0x7fc0);
+        assert_eq!(Bf16(0x3f80).add(Bf16(bits(2f32.powi(-8)))), Bf16(0x3f80));
+    }
+
+    #[test]
+    fn bf16_all_reduce_sums_with_half_the_bytes_on_the_wire() {
+        for n in [2, 3, 4] {
+            for len in [1, 3, 17, 1000] {
+                // Small integers: exact in bf16, and so are their sums.
+                let value = |r: usize, i: usize| ((r * 31 + i) % 17) as f32;
+                let results = with_ring(n, |ring| {
+                    let r = ring.rank();
+                    let mut wide: Vec<f32> = (0..len).map(|i| value(r, i)).collect();
+                    ring.all_reduce_sum(Buffer::Host(&mut wide)).unwrap();
+                    let f32_bytes = ring.bytes_sent();
+                    let mut half: Vec<u16> = (0..len).map(|i| bits(value(r, i))).collect();
+                    ring.all_reduce_sum(Buffer::HostBf16(&mut half)).unwrap();
+                    let bf16_bytes = ring.bytes_sent() - f32_bytes;
+                    (wide, half, f32_bytes, bf16_bytes)
+                });
+                for (rank, (wide, half, f32_bytes, bf16_bytes)) in results.iter().enumerate() {
+                    let want: Vec<u16> = wide.iter().map(|v| bits(*v)).collect();
+                    assert_eq!(half, &want, "world {n}, len {len}, rank {rank}");
+                    assert_eq!(*f32_bytes, 2 * bf16_bytes, "world {n}, len {len}, rank {rank}");
+                }
+                // 2 (N-1)/N of the buffer per rank, in total over the ranks.
+                let total: u64 = results.iter().map(|r| r.3).sum();
+                assert_eq!(total, 2 * (n as u64 - 1) * len as u64 * 2, "world {n}, len {len}");
+            }
+        }
+        // Rounding at each partial sum: 1 + 2^-8 is a tie that goes to 1.
+        let results = with_ring(2, |ring| {
+            let mut data =
+                [bits(if ring.rank() == 0 { 1.0 } else { 2f32.powi(-8) }), bits(1.5), bits(-0.25)];
+            ring.all_reduce_sum(Buffer::HostBf16(&mut data)).unwrap();
+            data
+        });
+        for data in results {
+            assert_eq!(data, [bits(1.0), bits(3.0), bits(-0.5)]);
+        }
+        // A broadcast of bf16 values is exact.
+        let results = with_ring(3, |ring| {
+            let mut data = vec![bits(ring.rank() as f32 + 0.1); 10];
+            ring.broadcast(Buffer::HostBf16(&mut data), 1).unwrap();
+            data
+        });
+        assert!(results.iter().all(|d| d == &vec![bits(1.1); 10]));
+    }
+
+    #[test]
+    fn ranks_that_disagree_on_the_element_type_fail_instead_of_corrupting() {
+        let results = with_ring(2, |ring| {
+            if ring.rank() == 0 {
+                ring.all_reduce_sum(Buffer::Host(&mut [1.0f32; 6])).map_err(|e| e.to_string())
+            } else {
+                ring.all_reduce_sum(Buffer::HostBf16(&mut [0u16; 6])).map_err(|e| e.to_string())
+            }
+        });
+        for r in results {
+            let e = r.unwrap_err();
+            assert!(e.contains("bf16") && e.contains("f32"), "{e}");
+        }
     }
 
     #[test]
@@ -919,7 +1096,7 @@ mod tests {
             if ring.rank() == 1 {
                 // Agrees to the collective, then leaves: its links close when
                 // the ring drops, while the others are streaming.
-                ring.check_header(data.len()).map_err(|e| e.to_string())?;
+                ring.check_header(data.len(), 0).map_err(|e| e.to_string())?;
                 return Ok(());
             }
             ring.all_reduce_sum(Buffer::Host(&mut data)).map_err(|e| e.to_string())

@@ -38,7 +38,7 @@ extern "C" {
         error: *mut c_char,
         error_len: usize,
     ) -> i32;
-    fn rsb_clear_grad_ready_hook(tensor: *mut c_void);
+    fn rsb_clear_grad_ready_hook(tensor: *mut c_void, context: *mut c_void) -> i32;
 }
 
 /// The trampoline libtorch's hook calls: runs the closure, never unwinds
@@ -121,10 +121,19 @@ impl GradReadyHooks {
 impl Drop for GradReadyHooks {
     fn drop(&mut self) {
         for param in &mut self.params {
-            // SAFETY: a live tensor, which had our hook.
-            unsafe { rsb_clear_grad_ready_hook(param.as_mut_ptr() as *mut c_void) };
+            // Only our own hook is removed: a parameter holds one hook, and a
+            // later install on it (another `GradReadyHooks`) replaced ours,
+            // which the shim recognises by its context pointer and leaves be.
+            // SAFETY: a live tensor; `context` is only compared, not read.
+            unsafe {
+                rsb_clear_grad_ready_hook(
+                    param.as_mut_ptr() as *mut c_void,
+                    self.context as *mut c_void,
+                )
+            };
         }
-        // SAFETY: made by `Box::into_raw` in `install`; no hook refers to it now.
+        // SAFETY: made by `Box::into_raw` in `install`; no hook refers to it
+        // now (ours were removed above, or replaced before).
         drop(unsafe { Box::from_raw(self.context) });
     }
 }
@@ -172,6 +181,27 @@ mod tests {
         let loss = (&a * 2.0).sum(Kind::Float);
         loss.backward();
         assert_eq!(seen.lock().unwrap().len(), 4, "a hook fired after drop");
+    }
+
+    #[test]
+    fn dropping_replaced_hooks_leaves_the_newer_ones_in_place() {
+        let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = [a.shallow_clone()];
+        let counter = |seen: &Arc<Mutex<usize>>| -> OnGradReady {
+            let seen = seen.clone();
+            Arc::new(move |_| *seen.lock().unwrap() += 1)
+        };
+        let (old_seen, new_seen) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(0)));
+        let old = GradReadyHooks::install(&params, counter(&old_seen)).unwrap();
+        // The second install replaces the first hook on `a`...
+        let new = GradReadyHooks::install(&params, counter(&new_seen)).unwrap();
+        // ...and dropping the first set must not remove the second's hook.
+        drop(old);
+        (&a * 2.0).sum(Kind::Float).backward();
+        assert_eq!((*old_seen.lock().unwrap(), *new_seen.lock().unwrap()), (0, 1));
+        drop(new);
+        (&a * 2.0).sum(Kind::Float).backward();
+        assert_eq!(*new_seen.lock().unwrap(), 1, "a hook fired after drop");
     }
 
     #[test]

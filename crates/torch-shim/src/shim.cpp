@@ -58,13 +58,26 @@ extern "C" int rsb_set_grad_ready_hook(void* tensor, Callback callback, void* co
   }
 }
 
-extern "C" void rsb_clear_grad_ready_hook(void* tensor) {
+// Removes the tensor's post-accumulate-grad hook only if it is still the one
+// installed with `context`: a tensor holds a single such hook, so a later
+// install (another GradReadyHooks on the same parameters, or a hook set by
+// other code) replaced ours, and clearing blindly would remove theirs.
+// Returns 1 when it removed the hook, 0 otherwise.
+extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
   try {
     auto* t = static_cast<at::Tensor*>(tensor);
-    if (t->defined()) {
-      torch::autograd::impl::set_post_acc_grad_hooks(*t, nullptr);
+    if (!t->defined()) {
+      return 0;
     }
+    auto& current = torch::autograd::impl::post_acc_grad_hooks(*t);
+    auto* ours = dynamic_cast<GradReadyHook*>(current.get());
+    if (ours == nullptr || ours->context_ != context) {
+      return 0;
+    }
+    torch::autograd::impl::set_post_acc_grad_hooks(*t, nullptr);
+    return 1;
   } catch (...) {
+    return 0;
   }
 }
 

@@ -6,7 +6,8 @@
 //! which is the order [`list`] and so the resume and the retention go by.
 //! Every folder has the same fixed parts: `model.safetensors` (timm keys, loads into timm as is),
 //! `optimizer.safetensors` (LAMB moments) and `state.json` (position in the
-//! run, optimizer step counts, loader counters, the resolved recipe), and
+//! run, optimizer step counts, loader counters, the resolved recipe, and in
+//! fp16 runs the loss scaler as torch's `GradScaler.state_dict()`), and
 //! `manifest.json` (size and SHA-256 of every part, see
 //! [`rsb_job::checkpoint`]).
 //!
@@ -26,6 +27,7 @@
 
 use crate::atomic_file::{self, sync_and_rename, temporary_sibling};
 use crate::error::TrainError;
+use crate::grad_scaler::ScalerState;
 use crate::lamb::{Lamb, LambSteps};
 use rsb_job::checkpoint::{Manifest, FOLDER_PREFIX, MANIFEST, PARTS, STATE};
 use rsb_vision::weights::{read_safetensors, write_safetensors};
@@ -74,6 +76,11 @@ pub struct TrainState {
     /// Non-finite updates in a row up to `updates` (the stop rule's count).
     #[serde(default)]
     pub nonfinite_streak: u64,
+    /// fp16 runs: the dynamic loss scaler, with the keys of torch's
+    /// `GradScaler.state_dict()` (timm saves it as `scaler`). Absent in
+    /// other precisions and in checkpoints from before fp16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<ScalerState>,
 }
 
 /// The batch plan's invariants: what stays fixed whatever the world size.
@@ -254,6 +261,7 @@ mod tests {
             batch: Some(BatchShape { global_size: 16, streams: 2 }),
             epoch_so_far: EpochSoFar::default(),
             nonfinite_streak: 0,
+            scaler: None,
         }
     }
 
@@ -382,6 +390,13 @@ mod tests {
             replaced_samples: 2,
             epoch_so_far: EpochSoFar { loss_sum: 1.25, updates: 3, skipped: 1 },
             nonfinite_streak: 1,
+            scaler: Some(ScalerState {
+                scale: 16384.0,
+                growth_factor: 2.0,
+                backoff_factor: 0.5,
+                growth_interval: 2000,
+                growth_tracker: 7,
+            }),
             model: "resnet18".into(),
             ..state(Some(0))
         };

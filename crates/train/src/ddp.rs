@@ -13,6 +13,11 @@
 //! multi-rank CUDA job runs on either backend, and the ring on the CPU runs
 //! exactly the code NCCL runs but for that staging.
 //!
+//! Gradient buckets may travel as bf16 ([`Reduction::SumBf16`], DDP's
+//! `bf16_compress_hook`): over the ring as bf16 on the wire (half the
+//! bytes), over NCCL rounded to bf16 around an f32 reduction (same values
+//! for two ranks, no saving in bytes: NCCL would need a bf16 `CudaBuffer`).
+//!
 //! At world size 1 every call returns at once, unless [`Calls`] asks for
 //! them (`distributed.collectives_at_world_size_one`, to exercise a backend
 //! on one device). Every failure names the collective call ([`TrainError::Collective`]).
@@ -25,10 +30,17 @@ use tch::{Device, Kind, Tensor};
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 
 /// What to do with each bucket.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reduction {
     /// Element-wise sum over ranks.
     Sum,
+    /// Element-wise sum over ranks of the bucket rounded to bf16, the sum
+    /// rounded to bf16 and widened back to f32: PyTorch DDP's
+    /// `bf16_compress_hook` (`distributed.gradient_compression: bf16`).
+    /// DDP's hook also divides by the world size, because DDP averages; our
+    /// gradients come already divided by the global number of micro-batches
+    /// (the loss is), so the sum is the mean and nothing is divided here.
+    SumBf16,
     /// Element-wise mean over ranks.
     Mean,
     /// Rank `root`'s values everywhere.
@@ -69,7 +81,25 @@ fn reduce_flat(
     if len == 0 {
         return Ok(());
     }
+    if reduction == Reduction::SumBf16 && !collective.sums_bf16() {
+        // A backend without bf16 sums (NCCL here, whose buffers are f32):
+        // the values are rounded to bf16 before, and the sum rounded after,
+        // as a bf16 all-reduce of two ranks leaves it; the wire carries f32.
+        round_to_bf16(flat)?;
+        reduce_flat(collective, flat, Reduction::Sum, what)?;
+        return round_to_bf16(flat);
+    }
     match flat.device() {
+        Device::Cpu if reduction == Reduction::SumBf16 => {
+            // The ring carries bf16: 2 bytes per element on the wire.
+            let half = flat.f_to_kind(Kind::BFloat16)?.f_contiguous()?;
+            // SAFETY: `half` is a contiguous bf16 CPU tensor of `len`
+            // elements (2 bytes each, the layout `Buffer::HostBf16` means)
+            // that only this function holds, for the duration of the call.
+            let data = unsafe { std::slice::from_raw_parts_mut(half.data_ptr() as *mut u16, len) };
+            run(collective, Buffer::HostBf16(data), reduction, what)?;
+            flat.f_copy_(&half)?;
+        }
         Device::Cpu => {
             // SAFETY: `flat` is a contiguous f32 CPU tensor of `len` elements
             // that we own exclusively for the duration of the call.
@@ -111,6 +141,13 @@ fn reduce_flat(
     Ok(())
 }
 
+/// `flat` rounded to bf16 (round to nearest even) and widened back, in place.
+fn round_to_bf16(flat: &mut Tensor) -> Result<(), TrainError> {
+    let rounded = flat.f_to_kind(Kind::BFloat16)?.f_to_kind(Kind::Float)?;
+    flat.f_copy_(&rounded)?;
+    Ok(())
+}
+
 fn run(
     collective: &mut dyn Collective,
     buffer: Buffer<'_>,
@@ -118,7 +155,7 @@ fn run(
     what: &str,
 ) -> Result<(), TrainError> {
     match reduction {
-        Reduction::Sum | Reduction::Mean => collective.all_reduce_sum(buffer),
+        Reduction::Sum | Reduction::Mean | Reduction::SumBf16 => collective.all_reduce_sum(buffer),
         Reduction::Broadcast(root) => collective.broadcast(buffer, root),
     }
     .map_err(|e| failed(what, e))
@@ -299,6 +336,51 @@ pub(crate) mod tests {
             assert_eq!(ints, &[u64::MAX, 0, 123_456_789_012_345, 1 << 48], "rank {rank}");
             assert_eq!(grads, &[vec![3.0, 3.0, 6.0], vec![30.0; 4]], "rank {rank}");
             assert_eq!(*mean, 3.0, "rank {rank}");
+        }
+    }
+
+    /// `v` rounded to bf16 (nearest even) and back, as libtorch rounds.
+    fn bf16(v: f32) -> f32 {
+        Tensor::from_slice(&[v]).to_kind(Kind::BFloat16).to_kind(Kind::Float).double_value(&[])
+            as f32
+    }
+
+    #[test]
+    fn bf16_compression_is_the_bf16_rounding_of_the_sum_of_bf16_inputs() {
+        // 2 ranks: one addition, so the result is exactly what a bf16
+        // all-reduce computes: bf16(bf16(a) + bf16(b)).
+        let n = 300;
+        let value = |rank: usize, i: usize| ((i * 7 + rank * 13) as f32 * 0.37).sin() * 3.0;
+        let results = on_ring(2, |ring| {
+            let r = ring.rank();
+            let grads = [Tensor::from_slice(&(0..n).map(|i| value(r, i)).collect::<Vec<f32>>())];
+            reduce_tensors(ring, CPU, &grads, Reduction::SumBf16, "compressed").unwrap();
+            Vec::<f32>::try_from(&grads[0]).unwrap()
+        });
+        assert_eq!(results[0], results[1], "the ranks disagree");
+        let mut rounded = 0;
+        for (i, got) in results[0].iter().enumerate() {
+            let (a, b) = (value(0, i), value(1, i));
+            assert_eq!(got.to_bits(), bf16(bf16(a) + bf16(b)).to_bits(), "element {i}");
+            rounded += usize::from(*got != a + b);
+        }
+        assert!(rounded > n / 2, "only {rounded} of {n} sums were rounded");
+        // 3 ranks: identical everywhere, bf16 values, within bf16's
+        // rounding of the exact sum.
+        let results = on_ring(3, |ring| {
+            let r = ring.rank();
+            let grads = [Tensor::from_slice(&(0..n).map(|i| value(r, i)).collect::<Vec<f32>>())];
+            reduce_tensors(ring, CPU, &grads, Reduction::SumBf16, "compressed").unwrap();
+            Vec::<f32>::try_from(&grads[0]).unwrap()
+        });
+        assert_eq!(results[0], results[1]);
+        assert_eq!(results[0], results[2]);
+        for (i, got) in results[0].iter().enumerate() {
+            let terms = [value(0, i), value(1, i), value(2, i)];
+            let exact: f32 = terms.iter().sum();
+            let magnitude: f32 = terms.iter().map(|t| t.abs()).sum();
+            assert_eq!(got.to_bits() & 0xffff, 0, "element {i}: {got} is not a bf16 value");
+            assert!((got - exact).abs() <= 3.0 * 2f32.powi(-9) * magnitude, "element {i}");
         }
     }
 

@@ -3,6 +3,7 @@
 //! [`loss`] (timm's BCE, soft-target CE), [`lamb`] (timm's LAMB with its
 //! parameter groups), [`schedule`] (cosine with warmup, stepped per epoch or per update),
 //! [`precision`] (what `precision: auto` picks on this CPU or GPU),
+//! [`grad_scaler`] (fp16's dynamic loss scaling, torch's `GradScaler`),
 //! [`checkpoint`] (committed with a manifest of checksums, verified on
 //! resume), [`ddp`] (data parallelism over a collective), [`overlap`]
 //! (gradient buckets reduced during the backward pass), [`from_recipe`]
@@ -20,6 +21,7 @@ pub mod ddp;
 pub mod error;
 pub mod evaluation;
 pub mod from_recipe;
+pub mod grad_scaler;
 pub mod lamb;
 pub mod loss;
 pub mod overlap;

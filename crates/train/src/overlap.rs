@@ -20,11 +20,15 @@
 //!
 //! With gradient accumulation only the last micro-batch's backward pass
 //! overlaps (the earlier ones only accumulate locally, like DDP's `no_sync`).
+//!
+//! With `distributed.gradient_compression: bf16` every bucket, on either
+//! path, is reduced as [`Reduction::SumBf16`] (DDP's `bf16_compress_hook`).
 
 use crate::ddp::{reduce_tensors, Calls, Reduction};
 use crate::error::TrainError;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rsb_collective::Collective;
+use rsb_recipes::GradientCompression;
 use rsb_torch_shim::GradReadyHooks;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,6 +68,9 @@ struct Overlap {
 /// The parameters' gradient buckets and, with overlap, their hooks.
 pub struct GradientBuckets {
     params: Vec<Tensor>,
+    /// How each bucket is reduced: [`Reduction::Sum`], or
+    /// [`Reduction::SumBf16`] with bf16 gradient compression.
+    reduction: Reduction,
     /// Parameter indices of each bucket, in reduction order.
     buckets: Vec<Vec<usize>>,
     /// The bucket of each parameter.
@@ -87,12 +94,18 @@ impl GradientBuckets {
     /// parameter gets a bucket of its own; [`crate::ddp::BUCKET_FLOATS`] in
     /// training);
     /// with `overlap`, hooks them so that their reduction can start during
-    /// the backward pass.
+    /// the backward pass; with `compression` the buckets travel as bf16
+    /// ([`Reduction::SumBf16`], on both paths).
     pub fn new(
         params: Vec<Tensor>,
         bucket_floats: usize,
         overlap: bool,
+        compression: GradientCompression,
     ) -> Result<GradientBuckets, TrainError> {
+        let reduction = match compression {
+            GradientCompression::None => Reduction::Sum,
+            GradientCompression::Bf16 => Reduction::SumBf16,
+        };
         let mut buckets: Vec<Vec<usize>> = Vec::new();
         let mut floats = 0;
         for index in (0..params.len()).rev() {
@@ -133,7 +146,7 @@ impl GradientBuckets {
         } else {
             None
         };
-        Ok(GradientBuckets { params, buckets, bucket_of, overlap })
+        Ok(GradientBuckets { params, reduction, buckets, bucket_of, overlap })
     }
 
     /// Number of buckets.
@@ -160,7 +173,15 @@ impl GradientBuckets {
         update: u64,
     ) -> Result<(), TrainError> {
         for b in 0..self.buckets.len() {
-            reduce_bucket(collective, calls, &self.params, &self.buckets, b, update)?;
+            reduce_bucket(
+                collective,
+                calls,
+                &self.params,
+                &self.buckets,
+                b,
+                update,
+                self.reduction,
+            )?;
         }
         Ok(())
     }
@@ -192,8 +213,9 @@ impl GradientBuckets {
             let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
             let ready = &overlap.ready;
             let (buckets, bucket_of) = (&self.buckets, &self.bucket_of);
+            let reduction = self.reduction;
             let reducer = scope.spawn(move || {
-                let plan = Plan { params: &params, buckets, bucket_of, calls, update };
+                let plan = Plan { params: &params, buckets, bucket_of, calls, update, reduction };
                 reduce_as_ready(collective, &plan, ready, deadline)
             });
             let mut end = EndOfBackward { overlap, message: BACKWARD_FAILED };
@@ -221,6 +243,7 @@ fn reduce_bucket(
     buckets: &[Vec<usize>],
     b: usize,
     update: u64,
+    reduction: Reduction,
 ) -> Result<(), TrainError> {
     let grads: Vec<Tensor> =
         buckets[b].iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
@@ -230,7 +253,7 @@ fn reduce_bucket(
         b + 1,
         buckets.len()
     );
-    reduce_tensors(collective, calls, &grads, Reduction::Sum, &what)
+    reduce_tensors(collective, calls, &grads, reduction, &what)
 }
 
 /// What the reducing thread reduces.
@@ -240,6 +263,7 @@ struct Plan<'a> {
     bucket_of: &'a [usize],
     calls: Calls,
     update: u64,
+    reduction: Reduction,
 }
 
 /// The reducing thread: bucket after bucket, each once all its gradients
@@ -280,7 +304,15 @@ fn reduce_as_ready(
                 Err(RecvTimeoutError::Disconnected) => backward_done = true,
             }
         }
-        reduce_bucket(collective, plan.calls, plan.params, buckets, b, plan.update)?;
+        reduce_bucket(
+            collective,
+            plan.calls,
+            plan.params,
+            buckets,
+            b,
+            plan.update,
+            plan.reduction,
+        )?;
     }
     // Drain the end marker if the last bucket completed before it came.
     while !backward_done {
@@ -307,7 +339,12 @@ mod tests {
     /// loss on rank-specific data, and its gradients after one update of
     /// `micro_batches` accumulated micro-batches, reduced with or without
     /// overlap over a 3-rank ring of threads.
-    fn gradients(overlap: bool, micro_batches: usize, bucket_floats: usize) -> Vec<Vec<Vec<f32>>> {
+    fn gradients(
+        overlap: bool,
+        micro_batches: usize,
+        bucket_floats: usize,
+        compression: GradientCompression,
+    ) -> Vec<Vec<Vec<f32>>> {
         on_ring(3, |ring| {
             // libtorch's generator is global: seed and draw the weights one
             // rank at a time.
@@ -326,6 +363,7 @@ mod tests {
                 params.iter().map(Tensor::shallow_clone).collect(),
                 bucket_floats,
                 overlap,
+                compression,
             )
             .unwrap();
             for micro in 0..micro_batches {
@@ -357,9 +395,13 @@ mod tests {
     fn buckets_go_last_layers_first_and_never_exceed_the_bucket_size() {
         let big = Tensor::zeros([BUCKET_FLOATS as i64 - 10], (Kind::Float, Device::Cpu));
         let small = || Tensor::zeros([20], (Kind::Float, Device::Cpu));
-        let buckets =
-            GradientBuckets::new(vec![small(), big, small(), small()], BUCKET_FLOATS, false)
-                .unwrap();
+        let buckets = GradientBuckets::new(
+            vec![small(), big, small(), small()],
+            BUCKET_FLOATS,
+            false,
+            GradientCompression::None,
+        )
+        .unwrap();
         assert_eq!(buckets.buckets, vec![vec![3, 2], vec![1], vec![0]]);
         assert_eq!(buckets.bucket_of, vec![2, 1, 0, 0]);
     }
@@ -368,8 +410,9 @@ mod tests {
     fn overlapped_and_after_backward_reductions_give_identical_gradients() {
         // One bucket per parameter (100 floats), and everything in one.
         for (micro_batches, bucket_floats) in [(1, 100), (2, 100), (2, BUCKET_FLOATS)] {
-            let after = gradients(false, micro_batches, bucket_floats);
-            let overlapped = gradients(true, micro_batches, bucket_floats);
+            let none = GradientCompression::None;
+            let after = gradients(false, micro_batches, bucket_floats, none);
+            let overlapped = gradients(true, micro_batches, bucket_floats, none);
             // Every rank holds the same sum...
             assert_eq!(after[0], after[1]);
             assert_eq!(after[0], after[2]);
@@ -381,11 +424,37 @@ mod tests {
     }
 
     #[test]
+    fn bf16_compression_applies_alike_on_both_paths_and_stays_near_the_exact_sum() {
+        let bf16 = GradientCompression::Bf16;
+        for (micro_batches, bucket_floats) in [(1, 100), (2, BUCKET_FLOATS)] {
+            let exact = gradients(false, micro_batches, bucket_floats, GradientCompression::None);
+            let after = gradients(false, micro_batches, bucket_floats, bf16);
+            let overlapped = gradients(true, micro_batches, bucket_floats, bf16);
+            assert_eq!(after, overlapped, "micro-batches {micro_batches}, bucket {bucket_floats}");
+            assert_eq!(after[0], after[1]);
+            assert_eq!(after[0], after[2]);
+            let (mut error, mut largest) = (0f32, 0f32);
+            for (c, e) in after[0].iter().flatten().zip(exact[0].iter().flatten()) {
+                // A bf16 value: its low 16 bits are zero.
+                assert_eq!(c.to_bits() & 0xffff, 0, "{c} is not a bf16 value");
+                error = error.max((c - e).abs());
+                largest = largest.max(e.abs());
+            }
+            // Three ranks' inputs and their sum rounded to bf16 (8
+            // significant bits): a few bf16 ulps of the largest gradient,
+            // and not exact.
+            assert!(error > 0.0 && error <= 2f32.powi(-5) * largest, "{error} of {largest}");
+        }
+    }
+
+    #[test]
     fn a_failed_backward_pass_stops_the_reducer_at_once_with_its_own_error() {
         let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         // One bucket per parameter, `b`'s first; the calls made even at world size 1.
-        let buckets = GradientBuckets::new(vec![a.shallow_clone(), b], 3, true).unwrap();
+        let buckets =
+            GradientBuckets::new(vec![a.shallow_clone(), b], 3, true, GradientCompression::None)
+                .unwrap();
         let calls = Calls { device: Device::Cpu, at_world_size_one: true };
         let mut counting = Counting::default();
         let started = std::time::Instant::now();

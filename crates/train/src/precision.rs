@@ -87,7 +87,7 @@ fn isa_cap(onednn: Option<String>, aten: Option<String>) -> Option<String> {
     None
 }
 
-/// The activation kind of a run: bf16 or f32 (weights, BN statistics, the
+/// The activation kind of a run: bf16, fp16 or f32 (weights, BN statistics, the
 /// loss and LAMB stay f32 whatever this says). `auto` on a CPU logs its
 /// choice and the reason.
 pub fn compute_kind(precision: Precision, device: Device) -> Kind {
@@ -103,6 +103,7 @@ pub fn compute_kind(precision: Precision, device: Device) -> Kind {
 pub fn compute_kind_with(precision: Precision, device: Device, cpu: &CpuFeatures) -> Kind {
     match precision {
         Precision::Bf16 => Kind::BFloat16,
+        Precision::Fp16 => Kind::Half,
         Precision::Fp32 => Kind::Float,
         Precision::Auto if device != Device::Cpu => Kind::BFloat16,
         Precision::Auto if cpu.fast_bf16() => Kind::BFloat16,
@@ -214,6 +215,8 @@ mod tests {
         assert_eq!(compute_kind_with(Precision::Bf16, Device::Cpu, &slow), Kind::BFloat16);
         assert_eq!(compute_kind_with(Precision::Fp32, Device::Cpu, &fast), Kind::Float);
         assert_eq!(compute_kind_with(Precision::Fp32, Device::Cuda(0), &fast), Kind::Float);
+        assert_eq!(compute_kind_with(Precision::Fp16, Device::Cpu, &fast), Kind::Half);
+        assert_eq!(compute_kind_with(Precision::Fp16, Device::Cuda(0), &slow), Kind::Half);
     }
 
     #[test]

@@ -34,6 +34,25 @@
 //! [`TrainError::NonFiniteUpdates`], and no checkpoint is ever written from
 //! non-finite weights. With data parallelism every rank holds the same
 //! reduced gradients and so skips the same updates, without a collective.
+//!
+//! fp16 (`runtime.precision: fp16`) adds torch's dynamic loss scaler
+//! ([`crate::grad_scaler`]): the loss is scaled before the backward passes,
+//! the gradients are summed over the ranks scaled (as DDP sums them before
+//! `GradScaler.unscale_`), then checked and unscaled before LAMB's norm,
+//! clipping and step. An update whose scaled gradients hold an inf or NaN is
+//! skipped (as above: nothing changes, BN buffers restored, counted in
+//! `skipped_updates`) and the scale backs off. Such overflows are the
+//! scaler's normal work (torch skips them silently, often a few at the start
+//! of a run), so they do not count towards `runtime.max_nonfinite_updates`
+//! while the scale they ran at is above 1, and leave the count as it was;
+//! an update skipped at a scale of at most 1 had non-finite gradients
+//! without any amplification, which no further backoff cures, so it counts
+//! like a non-finite update of an fp32 run. A run fed bad data therefore
+//! still stops, after the 16 backoffs from 65536 to 1 plus the limit. Where
+//! torch's BN running statistics keep the skipped update's batch, ours are
+//! restored, as for every skipped update. The scaler's state (torch's
+//! `state_dict()` keys) is in the checkpoint and broadcast from rank 0 at
+//! the start of a job.
 
 use crate::batch::Normalizer;
 use crate::checkpoint::{self, BatchShape, EpochSoFar, TrainState};
@@ -43,6 +62,7 @@ use crate::ddp::{
 use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
 use crate::from_recipe;
+use crate::grad_scaler::GradScaler;
 use crate::lamb::{CheckedStep, Lamb};
 use crate::loss::Loss;
 use crate::overlap::GradientBuckets;
@@ -58,7 +78,7 @@ use rsb_data::sampler::{RankSampler, SamplerPosition};
 use rsb_job::run_folder::{check_resume, recipe_value};
 use rsb_job::MetricsRecord;
 use rsb_recipes::schema::EvalSetTiming;
-use rsb_recipes::Recipe;
+use rsb_recipes::{Precision, Recipe};
 use rsb_vision::{ForwardMode, Model};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -201,6 +221,8 @@ pub struct Trainer {
     buffer_backup: Vec<Tensor>,
     /// Non-finite updates in a row, up to the current one.
     nonfinite_streak: u64,
+    /// The dynamic loss scaler of an fp16 run.
+    scaler: Option<GradScaler>,
 }
 
 /// A libtorch seed derived from a purpose and position.
@@ -253,10 +275,13 @@ type EpochTraining = LossWindow;
 enum UpdateOutcome {
     /// Applied; this rank's share of its loss, on the device.
     Applied(Tensor),
-    /// Skipped: the global gradient norm was not finite.
+    /// Skipped: the global gradient norm was not finite, or (fp16) the
+    /// scaled gradients held an inf or NaN.
     Skipped {
-        /// The norm.
+        /// The norm (of the unscaled gradients).
         grad_norm: f64,
+        /// fp16: the loss scale the update ran at (before its backoff).
+        loss_scale: Option<f32>,
     },
 }
 
@@ -308,7 +333,9 @@ impl Trainer {
             batch: Some(batch),
             epoch_so_far: EpochSoFar::default(),
             nonfinite_streak: 0,
+            scaler: None,
         };
+        let mut scaler = (recipe.runtime.precision == Precision::Fp16).then(GradScaler::default);
         if let Some(resume) = &options.resume {
             let verified = match &options.recipe_check {
                 RecipeCheck::ExplainedBy(overrides) => check_resume(resume, &recipe, overrides)?,
@@ -316,6 +343,16 @@ impl Trainer {
             };
             state = checkpoint::load(&verified, &mut model, &mut optimizer)?;
             let path = verified.path();
+            // An fp16 run goes on at the saved scale; one resumed from a
+            // checkpoint without a scaler (trained in another precision)
+            // starts a fresh one, as timm's `--resume` does.
+            if let (Some(scaler), Some(saved)) = (&mut scaler, &state.scaler) {
+                *scaler =
+                    GradScaler::from_state(saved).map_err(|problem| TrainError::Checkpoint {
+                        path: path.to_path_buf(),
+                        problem: format!("scaler: {problem}"),
+                    })?;
+            }
             check_batch(path, state.batch, batch)?;
             state.batch = Some(batch);
             // The run goes on with this recipe (changes, if any, explained).
@@ -355,6 +392,7 @@ impl Trainer {
             gradient_buckets: None,
             memory_unavailable_logged: false,
             buffer_backup: Vec::new(),
+            scaler,
         })
     }
 
@@ -383,6 +421,8 @@ impl Trainer {
             so_far.updates,
             so_far.skipped,
             self.nonfinite_streak,
+            self.scaler.as_ref().map_or(0, |s| u64::from(s.scale().to_bits())),
+            self.scaler.as_ref().map_or(0, |s| u64::from(s.growth_tracker())),
         ];
         position.extend(self.state.optimizer.group_steps.iter().copied());
         let what = "broadcast of the start position from rank 0";
@@ -396,7 +436,14 @@ impl Trainer {
         self.state.epoch_so_far =
             EpochSoFar { loss_sum, updates: position[3], skipped: position[4] };
         self.nonfinite_streak = position[5];
-        self.state.optimizer.group_steps = position[6..].to_vec();
+        if let Some(scaler) = &mut self.scaler {
+            let mut state = scaler.state();
+            state.scale = f64::from(f32::from_bits(position[6] as u32));
+            state.growth_tracker = position[7];
+            *scaler = GradScaler::from_state(&state)
+                .map_err(|p| TrainError::Recipe(format!("loss scaler from rank 0: {p}")))?;
+        }
+        self.state.optimizer.group_steps = position[8..].to_vec();
         self.optimizer
             .load_steps(&self.state.optimizer)
             .map_err(|p| TrainError::Recipe(format!("optimizer state from rank 0: {p}")))?;
@@ -411,6 +458,7 @@ impl Trainer {
             self.optimizer.parameters(),
             BUCKET_FLOATS,
             self.recipe.distributed.overlap_backward,
+            self.recipe.distributed.gradient_compression,
         )?);
         self.distributed = Some(distributed);
         Ok(self)
@@ -655,10 +703,14 @@ impl Trainer {
                 };
                 self.publish(first, &invocation.progress)?;
             }
-            if let UpdateOutcome::Skipped { grad_norm } = outcome {
-                self.count_nonfinite(epoch, update, grad_norm)?;
-            } else {
-                self.nonfinite_streak = 0;
+            match outcome {
+                UpdateOutcome::Skipped { loss_scale: Some(scale), .. } if scale > 1.0 => {
+                    self.log_overflow(epoch, update, scale);
+                }
+                UpdateOutcome::Skipped { grad_norm, .. } => {
+                    self.count_nonfinite(epoch, update, grad_norm)?;
+                }
+                UpdateOutcome::Applied(_) => self.nonfinite_streak = 0,
             }
             // A window of skipped updates only has no loss to report: it is
             // reported with the next log step that has one.
@@ -730,6 +782,7 @@ impl Trainer {
         self.state.optimizer = self.optimizer.steps();
         self.state.replaced_samples = self.train.bad_files().replacements();
         self.state.nonfinite_streak = self.nonfinite_streak;
+        self.state.scaler = self.scaler.as_ref().map(GradScaler::state);
         self.state.epoch_so_far = EpochSoFar {
             loss_sum: loss_sum[0],
             updates: trained.updates,
@@ -738,6 +791,21 @@ impl Trainer {
         let saved = self.save_checkpoint(epoch);
         self.state.epoch_so_far = EpochSoFar::default();
         saved
+    }
+
+    /// Logs an fp16 update skipped by the loss scaler at a scale above 1:
+    /// the scaler's normal work, not counted towards
+    /// `runtime.max_nonfinite_updates` (see the module documentation).
+    fn log_overflow(&self, epoch: u64, update: u64, scale: f32) {
+        if self.rank() == 0 {
+            tracing::info!(
+                epoch,
+                update = update + 1,
+                loss_scale = f64::from(scale),
+                next_scale = self.scaler.as_ref().map_or(f64::NAN, |s| f64::from(s.scale())),
+                "update skipped: fp16 gradients overflowed at this loss scale; backing off"
+            );
+        }
     }
 
     /// Counts a skipped update and stops the run at
@@ -816,20 +884,42 @@ impl Trainer {
             let ys = self.normalizer.targets(&mb.targets, mb.len)?;
             let logits = self.model.forward(&xs, ForwardMode::Train)?;
             let loss = self.loss.compute(&logits, &ys)?.f_div_scalar(total_streams)?;
+            // fp16: the backward passes run on the scaled loss.
+            let backward_loss = match &self.scaler {
+                Some(scaler) => scaler.scale_loss(&loss)?,
+                None => loss.shallow_clone(),
+            };
             if position == last_stream {
                 // The last backward pass sums the gradients over the ranks
                 // (overlapped with it when `distributed.overlap_backward`).
-                self.backward_and_reduce(&loss, update)?;
+                self.backward_and_reduce(&backward_loss, update)?;
             } else {
-                loss.f_backward()?;
+                backward_loss.f_backward()?;
             }
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
+        }
+        let mut loss_scale = None;
+        if let Some(scaler) = &mut self.scaler {
+            // torch's order: unscale (checking the scaled gradients), step
+            // unless an inf or NaN was found, update the scale.
+            let scale = scaler.scale();
+            loss_scale = Some(scale);
+            let found_inf = scaler.unscale(&self.optimizer.gradients())?;
+            scaler.update(found_inf);
+            if found_inf {
+                self.restore_buffers()?;
+                let grad_norm = match self.optimizer.global_grad_norm()? {
+                    Some(norm) => norm.f_double_value(&[])?,
+                    None => f64::NAN,
+                };
+                return Ok(UpdateOutcome::Skipped { grad_norm, loss_scale });
+            }
         }
         match self.optimizer.step_if_finite(lr)? {
             CheckedStep::Applied { .. } => Ok(UpdateOutcome::Applied(update_loss)),
             CheckedStep::Skipped { grad_norm } => {
                 self.restore_buffers()?;
-                Ok(UpdateOutcome::Skipped { grad_norm })
+                Ok(UpdateOutcome::Skipped { grad_norm, loss_scale })
             }
         }
     }
@@ -983,6 +1073,7 @@ impl Trainer {
         self.state.next_step = 0;
         self.state.epoch_so_far = EpochSoFar::default();
         self.state.nonfinite_streak = self.nonfinite_streak;
+        self.state.scaler = self.scaler.as_ref().map(GradScaler::state);
         self.state.optimizer = self.optimizer.steps();
         self.state.replaced_samples = self.train.bad_files().replacements();
         let report = EpochReport {

@@ -1,0 +1,68 @@
+//! Our fp16 loss scaler against `torch.amp.GradScaler` on the CPU
+//! (`tests/oracle/grad_scaler.py`): the same scripted sequences of finite,
+//! infinite, NaN and overflowing-once-scaled gradients, with torch's defaults
+//! and with short growth intervals (growth up to f32's ceiling, backoff into
+//! the subnormals and to zero). Compared exactly, step by step: the scale
+//! before, the skip decision, the unscaled gradients (bit for bit, NaN
+//! included), the scale and growth tracker after, and the final
+//! `state_dict()`.
+
+use rsb_integration_tests::{fixtures, read_json};
+use rsb_train::grad_scaler::{GradScaler, ScalerState, BACKOFF_FACTOR, GROWTH_FACTOR};
+use std::collections::HashMap;
+use tch::Tensor;
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    Vec::<f32>::try_from(&t.reshape([-1])).unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn the_scaler_replays_torchs_decisions_exactly() {
+    let dir = fixtures("grad_scaler");
+    let cases = read_json(&dir.join("cases.json"));
+    let cases = cases["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    let mut skipped = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let tensors: HashMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join(case["file"].as_str().unwrap()))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let mut scaler = GradScaler::new(
+            case["init_scale"].as_f64().unwrap() as f32,
+            GROWTH_FACTOR,
+            BACKOFF_FACTOR,
+            case["growth_interval"].as_u64().unwrap() as u32,
+        );
+        for (i, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+            let at = format!("{name}, step {i}");
+            assert_eq!(f64::from(scaler.scale()), step["scale_before"].as_f64().unwrap(), "{at}");
+            // The backward pass of sum(p * g) * scale gives p the gradient g * scale.
+            let grads: Vec<Tensor> = (0..2)
+                .map(|j| tensors[&format!("step{i}.g{j}")].f_mul_scalar(f64::from(scaler.scale())))
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let found_inf = scaler.unscale(&grads).unwrap();
+            assert_eq!(found_inf, step["found_inf"].as_bool().unwrap(), "{at}: found_inf");
+            assert_eq!(!found_inf, step["applied"].as_bool().unwrap(), "{at}: applied");
+            skipped += usize::from(found_inf);
+            for (j, grad) in grads.iter().enumerate() {
+                let want = &tensors[&format!("step{i}.u{j}")];
+                assert_eq!(bits(grad), bits(want), "{at}: unscaled gradient {j}");
+            }
+            scaler.update(found_inf);
+            assert_eq!(f64::from(scaler.scale()), step["scale_after"].as_f64().unwrap(), "{at}");
+            assert_eq!(
+                u64::from(scaler.growth_tracker()),
+                step["growth_tracker"].as_u64().unwrap(),
+                "{at}: growth tracker"
+            );
+        }
+        let want: ScalerState = serde_json::from_value(case["state_dict"].clone()).unwrap();
+        assert_eq!(scaler.state(), want, "{name}: state_dict");
+    }
+    // The sequences exercise both outcomes.
+    assert!(skipped >= 8, "{skipped} skipped steps");
+}
