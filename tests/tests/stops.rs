@@ -230,16 +230,16 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
     assert_eq!(total, STOPPED_UPDATES_PER_EPOCH * u64::from(epochs));
     // No update repeated or lost relative to the stop point.
     assert_eq!(steps(resumed), (stop + 1..=total).collect::<Vec<_>>(), "updates after the resume");
-    let last_epoch = resumed.iter().filter(|r| r["kind"] == "epoch").last().expect("epoch record");
+    let last_epoch = resumed.iter().rfind(|r| r["kind"] == "epoch").expect("epoch record");
     assert_eq!(last_epoch["step"].as_u64(), Some(total));
     assert_eq!(last_epoch["epoch"].as_u64(), Some(u64::from(epochs) - 1));
     println!(
         "MEASURED coordinator kill -9: the agents (deadline {DEADLINE_SECS} s) stopped their ranks \
          and exited {:.1} s after the kill; rank 0's stop checkpoint at update {stop} (last \
-         periodic: update {newest_before}, every {CHECKPOINT_INTERVAL}), {} mid-epoch; the resume \
+         periodic: update {newest_before}, every {CHECKPOINT_INTERVAL}), {}; the resume \
          trained updates {}..={total}, none lost or repeated",
         stopped_after.as_secs_f64(),
-        if stop % STOPPED_UPDATES_PER_EPOCH == 0 { "not" } else { "" },
+        if stop.is_multiple_of(STOPPED_UPDATES_PER_EPOCH) { "at the epoch's end" } else { "mid-epoch" },
         stop + 1,
     );
 }
