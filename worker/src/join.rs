@@ -13,9 +13,14 @@
 //!
 //! Generations: when the coordinator opens a new generation of an elastic
 //! job (a host lost, a rank failed, a host admitted), the heartbeat answers
-//! carry its number; the agent then stops its ranks (SIGTERM, then SIGKILL
-//! after a grace period) and starts new ones, which fetch the new
-//! assignment. A rank that fails does not end the agent while the job goes
+//! carry its number; the agent then kills its ranks (the new generation
+//! resumes from the coordinator's committed checkpoint) and starts new ones,
+//! which fetch the new assignment.
+//!
+//! Stopping: a rank given SIGTERM or SIGINT (the agent at its coordinator
+//! deadline or its own stop, or the agent's death) stops after its current
+//! update, with the other ranks, rank 0 writing a checkpoint there (see
+//! `rsb_train::stop`); it exits within [`RANK_STOP_DEADLINE`] in any case. A rank that fails does not end the agent while the job goes
 //! on: it waits for the next generation, or for the job's end.
 //!
 //! Credentials: the agent reads the job token from `--token-file` or
