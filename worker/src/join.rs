@@ -552,7 +552,8 @@ pub fn rank(args: RankArgs) -> Result<()> {
 /// On the first `SIGTERM` or `SIGINT` (from the agent, or its death),
 /// asks the training to stop at the next update boundary (rank 0 writes a
 /// checkpoint there); if the rank is still running [`RANK_STOP_DEADLINE`]
-/// later (a peer gone silent, a hung disk) it exits at once, saying so.
+/// later (a peer gone silent, a hung disk) it exits at once, saying so. A
+/// rank that has not begun training exits at once.
 fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> Result<()> {
     let mut signals = {
         let _inside = runtime.enter();
@@ -560,6 +561,11 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
     };
     runtime.spawn(async move {
         let signal = signals.recv().await;
+        if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing to checkpoint yet (joining, rendezvous, building).
+            eprintln!("error: stopped by {signal} before training began");
+            std::process::exit(STOP_DEADLINE_EXIT_CODE);
+        }
         stop.request(signal.to_string());
         tracing::warn!(
             "{signal}: stopping after the current update (rank 0 writes a checkpoint); exiting \
@@ -575,8 +581,13 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
     Ok(())
 }
 
-/// Exit status of a rank that stopped past [`RANK_STOP_DEADLINE`].
+/// Exit status of a rank that stopped past [`RANK_STOP_DEADLINE`], or
+/// before it began training.
 const STOP_DEADLINE_EXIT_CODE: i32 = 3;
+
+/// Whether this rank process trains (a stop signal then stops it at an
+/// update boundary; before, it exits at once).
+static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run_rank(
     args: &RankArgs,
@@ -739,6 +750,7 @@ fn train_rank(
         on_metrics: Some(on_metrics),
         on_checkpoint: Some(on_checkpoint),
     })?;
+    TRAINING.store(true, std::sync::atomic::Ordering::SeqCst);
     trainer.run()?;
     Ok(())
 }
