@@ -153,7 +153,9 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
             && failure.contains(&format!("did not answer for {TIMEOUT_SECS} s")),
         "the failure does not name the frozen rank and the timeout: {failure}"
     );
-    let calls = ["gradients", "metric sum", "evaluation sum", "BN statistics"];
+    // The stop vote follows every update (a rank frozen after its gradients
+    // are summed is waited for there).
+    let calls = ["gradients", "metric sum", "evaluation sum", "BN statistics", "stop vote"];
     assert!(
         calls.iter().any(|call| failure.contains(call)),
         "the failure does not name the collective call: {failure}"

@@ -13,9 +13,14 @@
 //!
 //! Generations: when the coordinator opens a new generation of an elastic
 //! job (a host lost, a rank failed, a host admitted), the heartbeat answers
-//! carry its number; the agent then stops its ranks (SIGTERM, then SIGKILL
-//! after a grace period) and starts new ones, which fetch the new
-//! assignment. A rank that fails does not end the agent while the job goes
+//! carry its number; the agent then kills its ranks (the new generation
+//! resumes from the coordinator's committed checkpoint) and starts new ones,
+//! which fetch the new assignment.
+//!
+//! Stopping: a rank given SIGTERM or SIGINT (the agent at its coordinator
+//! deadline or its own stop, or the agent's death) stops after its current
+//! update, with the other ranks, rank 0 writing a checkpoint there (see
+//! `rsb_train::stop`); it exits within [`RANK_STOP_DEADLINE`] in any case. A rank that fails does not end the agent while the job goes
 //! on: it waits for the next generation, or for the job's end.
 //!
 //! Sweeps (`coordinator up --seeds/--grid`): the coordinator places the host
@@ -40,6 +45,7 @@ use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
 use rsb_recipes::CollectiveBackend;
+use rsb_train::stop::StopRequest;
 use rsb_train::trainer::{CommittedCheckpoint, Distributed, RunOptions, Trainer};
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -130,8 +136,24 @@ pub struct RankArgs {
     pub loader_threads: u32,
 }
 
-/// How long a rank may take to exit after `SIGTERM` before it is killed.
-const RANK_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a rank may take to stop on its own after `SIGTERM` (finish its
+/// update, agree with the other ranks to stop, rank 0 writing a checkpoint,
+/// or, at an epoch's last update, that epoch's end with its evaluation and
+/// checkpoint) before it gives up and exits without finishing. A ResNet-50
+/// checkpoint with its LAMB moments is about 300 MB: seconds on a local
+/// disk, tens of seconds on a slow network file system.
+const RANK_STOP_DEADLINE: Duration = Duration::from_secs(90);
+
+/// How long the agent waits for a rank to exit after `SIGTERM` before it
+/// kills it: the rank's own stop deadline plus a margin for its last words
+/// (its `Leave`, bounded by [`RANK_CALL_DEADLINE`]).
+const RANK_STOP_GRACE: Duration =
+    Duration::from_secs(RANK_STOP_DEADLINE.as_secs() + RANK_CALL_DEADLINE.as_secs() + 5);
+
+/// Deadline of a rank's reports to the coordinator (metrics, checkpoints,
+/// its `Leave`): a frozen or cut-off coordinator never holds a rank (and,
+/// through it, the collective) for longer.
+const RANK_CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Deadline of one heartbeat call (at most the coordinator deadline).
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
@@ -485,7 +507,11 @@ async fn serve_member(
                                 generation,
                                 "the job opened a new generation; restarting the local ranks"
                             );
-                            rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                            // Killed, not stopped: the new generation resumes
+                            // from the committed checkpoint the coordinator
+                            // chose, and a stop checkpoint written now could
+                            // race with the new ranks' own.
+                            kill_ranks(&mut children).await;
                             (children, relays) = start_ranks()?;
                             done = vec![false; children.len()];
                             failed = None;
@@ -521,6 +547,13 @@ async fn serve_member(
         Some(reason) => MemberEnd::Failed(reason),
         None => MemberEnd::Finished,
     })
+}
+
+/// Kills every rank process at once (SIGKILL) and reaps it.
+async fn kill_ranks(children: &mut [tokio::process::Child]) {
+    for child in children.iter_mut() {
+        let _ = child.kill().await;
+    }
 }
 
 /// Relays a rank process's stderr to the agent's, line by line, and keeps
@@ -603,8 +636,10 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
     let mut client = CoordinatorClient::with_interceptor(channel, credentials);
     let ring_key = RingKey::derive(token.expose().as_bytes());
+    let stop = StopRequest::new();
+    watch_stop_signals(&runtime, stop.clone())?;
     let mut generation = 0;
-    let outcome = run_rank(&args, &runtime, &mut client, &ring_key, &mut generation);
+    let outcome = run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop);
     let (success, message) = match &outcome {
         Ok(()) => (true, String::new()),
         Err(e) => (false, truncated(format!("{e:#}"), MAX_LEAVE_MESSAGE)),
@@ -617,11 +652,59 @@ pub fn rank(args: RankArgs) -> Result<()> {
         generation,
         collective_peer: outcome.as_ref().err().and_then(collective_peer),
     };
-    if let Err(e) = runtime.block_on(client.leave(leave)) {
-        tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
+    match runtime
+        .block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await })
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not tell the coordinator that this rank left")
+        }
+        Err(_) => tracing::warn!(
+            "the coordinator did not answer this rank's Leave within {RANK_CALL_DEADLINE:?}"
+        ),
     }
     outcome
 }
+
+/// On the first `SIGTERM` or `SIGINT` (from the agent, or its death),
+/// asks the training to stop at the next update boundary (rank 0 writes a
+/// checkpoint there); if the rank is still running [`RANK_STOP_DEADLINE`]
+/// later (a peer gone silent, a hung disk) it exits at once, saying so. A
+/// rank that has not begun training exits at once.
+fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> Result<()> {
+    let mut signals = {
+        let _inside = runtime.enter();
+        rsb_process::stop_signal().context("installing signal handlers")?
+    };
+    runtime.spawn(async move {
+        let signal = signals.recv().await;
+        if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing to checkpoint yet (joining, rendezvous, building).
+            eprintln!("error: stopped by {signal} before training began");
+            std::process::exit(STOP_DEADLINE_EXIT_CODE);
+        }
+        stop.request(signal.to_string());
+        tracing::warn!(
+            "{signal}: stopping after the current update (rank 0 writes a checkpoint); exiting \
+             within {RANK_STOP_DEADLINE:?} in any case"
+        );
+        tokio::time::sleep(RANK_STOP_DEADLINE).await;
+        eprintln!(
+            "error: stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
+             (a peer gone, or a slow checkpoint write); exiting without it"
+        );
+        std::process::exit(STOP_DEADLINE_EXIT_CODE);
+    });
+    Ok(())
+}
+
+/// Exit status of a rank that stopped past [`RANK_STOP_DEADLINE`], or
+/// before it began training.
+const STOP_DEADLINE_EXIT_CODE: i32 = 3;
+
+/// Whether this rank process trains (a stop signal then stops it at an
+/// update boundary; before, it exits at once).
+static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run_rank(
     args: &RankArgs,
@@ -629,6 +712,7 @@ fn run_rank(
     client: &mut Client,
     ring_key: &RingKey,
     generation: &mut u64,
+    stop: &StopRequest,
 ) -> Result<()> {
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
@@ -644,7 +728,7 @@ fn run_rank(
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
     let log = RankLog::install(&run_dir, rank)?;
-    let outcome = train_rank(args, runtime, client, &assignment, &run_dir, ring_key);
+    let outcome = train_rank(args, runtime, client, &assignment, &run_dir, ring_key, stop);
     if let Err(e) = &outcome {
         log.note_failure(e);
     }
@@ -659,6 +743,7 @@ fn train_rank(
     assignment: &pb::Assignment,
     run_dir: &Path,
     ring_key: &RingKey,
+    stop: &StopRequest,
 ) -> Result<()> {
     let rank = assignment.global_rank as usize;
     let world = assignment.world_size as usize;
@@ -709,6 +794,13 @@ fn train_rank(
     // Test hooks, inherited from `coordinator up --local`: the sample trace,
     // and a stop after some updates (a resume at another world size follows).
     options.trace_samples = std::env::var_os("RSB_TRACE_SAMPLES").is_some();
+    options.stop = Some(stop.clone());
+    if let Ok(ms) = std::env::var("RSB_CHECKPOINT_DELAY_MS") {
+        // Test hook: a disk slower than the collective timeout.
+        options.checkpoint_delay = Duration::from_millis(ms.parse().with_context(|| {
+            format!("rank {rank}: RSB_CHECKPOINT_DELAY_MS=`{ms}` is not a number of milliseconds")
+        })?);
+    }
     if let Ok(max) = std::env::var("RSB_MAX_UPDATES") {
         options.max_updates = Some(max.parse().with_context(|| {
             format!("rank {rank}: RSB_MAX_UPDATES=`{max}` is not a number of updates")
@@ -737,8 +829,14 @@ fn train_rank(
             global_rank: 0,
             record: Some(record.into()),
         };
-        if let Err(e) = metrics_rt.block_on(metrics_client.clone().report_metrics(report)) {
-            tracing::warn!(error = %e, "could not report metrics");
+        let mut client = metrics_client.clone();
+        let call = client.report_metrics(report);
+        match metrics_rt.block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, call).await }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not report metrics"),
+            Err(_) => {
+                tracing::warn!("the coordinator did not take metrics within {RANK_CALL_DEADLINE:?}")
+            }
         }
     });
     let checkpoint_client = client.clone();
@@ -752,9 +850,15 @@ fn train_rank(
             path: checkpoint.path.display().to_string(),
             updates: checkpoint.updates,
         };
-        if let Err(e) = checkpoint_rt.block_on(checkpoint_client.clone().commit_checkpoint(commit))
+        let mut client = checkpoint_client.clone();
+        let call = client.commit_checkpoint(commit);
+        match checkpoint_rt.block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, call).await })
         {
-            tracing::warn!(error = %e, "could not report a checkpoint");
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not report a checkpoint"),
+            Err(_) => tracing::warn!(
+                "the coordinator did not take a checkpoint report within {RANK_CALL_DEADLINE:?}"
+            ),
         }
     });
     let trainer = Trainer::new(recipe, options)?;
@@ -763,6 +867,7 @@ fn train_rank(
         on_metrics: Some(on_metrics),
         on_checkpoint: Some(on_checkpoint),
     })?;
+    TRAINING.store(true, std::sync::atomic::Ordering::SeqCst);
     trainer.run()?;
     Ok(())
 }

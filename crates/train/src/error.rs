@@ -93,6 +93,28 @@ pub enum TrainError {
         /// Its global gradient norm.
         grad_norm: f64,
     },
+    /// Another rank's write (a checkpoint) failed, or did not finish within
+    /// its deadline, while this rank waited for it.
+    #[error("rank {rank}'s {what} failed or did not finish within {deadline:?} (see its log)")]
+    PeerWrite {
+        /// The rank that wrote.
+        rank: usize,
+        /// The write.
+        what: String,
+        /// Its deadline.
+        deadline: std::time::Duration,
+    },
+    /// The run was asked to stop (a signal) and stopped at an update
+    /// boundary, every rank after the same update.
+    #[error("stopped by {reason} after update {update}: {checkpoint}")]
+    Stopped {
+        /// Who asked ("SIGTERM", ...).
+        reason: String,
+        /// Updates done over the run.
+        update: u64,
+        /// Where the run can resume from ("checkpoint PATH written", ...).
+        checkpoint: String,
+    },
     /// A weight or buffer is not finite at the end of an epoch, so no
     /// checkpoint is written from it.
     #[error("`{tensor}` holds non-finite values after epoch {epoch}: training diverged; no checkpoint written")]

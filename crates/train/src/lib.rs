@@ -9,7 +9,9 @@
 //! (gradient buckets reduced during the backward pass), [`from_recipe`]
 //! (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
-//! progress), [`sample_trace`] (which samples each update used, for tests) and [`trainer`] (the loop: epochs of updates).
+//! progress), [`sample_trace`] (which samples each update used, for tests), [`stop`] (stopping
+//! at an update boundary; checkpoint writes the other ranks wait for without
+//! timing out) and [`trainer`] (the loop: epochs of updates).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -29,6 +31,7 @@ pub mod precision;
 pub mod report;
 pub mod sample_trace;
 pub mod schedule;
+pub mod stop;
 pub mod trainer;
 
 pub use error::TrainError;

@@ -69,6 +69,7 @@ use crate::overlap::GradientBuckets;
 use crate::report::{MetricsLog, Progress, Records};
 use crate::sample_trace::{SampleRecord, SampleTrace};
 use crate::schedule::CosineWithWarmup;
+use crate::stop::{poll_period, write_while_answering, StopRequest, CHECKPOINT_WRITE_DEADLINE};
 use rsb_collective::Collective;
 use rsb_data::eval_sets::EvalSet;
 use rsb_data::loader::Loader;
@@ -120,6 +121,15 @@ pub struct RunOptions {
     /// Write which dataset indices every update consumed into
     /// `samples/rank-N.jsonl` of the run folder (see [`crate::sample_trace`]).
     pub trace_samples: bool,
+    /// When requested (a signal), the run stops after the current update,
+    /// every rank after the same one, rank 0 having written a checkpoint of
+    /// that position, and `run` fails with [`TrainError::Stopped`] (see
+    /// [`crate::stop`]). At an epoch's last update the stop waits for the
+    /// epoch's end, whose checkpoint is the one written.
+    pub stop: Option<StopRequest>,
+    /// Test hook: every checkpoint write takes this much longer (a slow
+    /// disk); zero in real runs.
+    pub checkpoint_delay: Duration,
 }
 
 /// How a resumed run's recipe is compared with the recipe saved in its
@@ -150,6 +160,8 @@ impl RunOptions {
             recipe_check: RecipeCheck::ExplainedBy(Vec::new()),
             nonfinite_inputs_at: BTreeSet::new(),
             trace_samples: false,
+            stop: None,
+            checkpoint_delay: Duration::ZERO,
         }
     }
 }
@@ -223,6 +235,11 @@ pub struct Trainer {
     nonfinite_streak: u64,
     /// The dynamic loss scaler of an fp16 run.
     scaler: Option<GradScaler>,
+    /// The ranks agreed to stop (see [`RunOptions::stop`]) at an epoch's
+    /// last update: the run stops after the epoch's end.
+    stopping: bool,
+    /// The last checkpoint this rank wrote.
+    last_checkpoint: Option<PathBuf>,
 }
 
 /// A libtorch seed derived from a purpose and position.
@@ -393,6 +410,8 @@ impl Trainer {
             memory_unavailable_logged: false,
             buffer_backup: Vec::new(),
             scaler,
+            stopping: false,
+            last_checkpoint: None,
         })
     }
 
@@ -633,6 +652,9 @@ impl Trainer {
                 break;
             };
             epochs.push(self.end_epoch(epoch, trained, &invocation.progress)?);
+            if self.stopping && epoch + 1 < self.total_epochs() {
+                return Err(self.stopped());
+            }
         }
         invocation.progress.finish();
         Ok(RunSummary { epochs, updates: invocation.updates, wall_s: self.elapsed_s() })
@@ -719,14 +741,51 @@ impl Trainer {
                 window = LossWindow::new(device)?;
             }
             // The epoch's end writes its own checkpoint.
-            if checkpoint_every > 0
+            let periodic = checkpoint_every > 0
                 && (update + 1).is_multiple_of(checkpoint_every)
-                && step + 1 < steps
-            {
+                && step + 1 < steps;
+            if periodic {
                 self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
+            }
+            if self.stop_agreed(update)? {
+                if step + 1 == steps {
+                    // The epoch's end (next) writes the checkpoint.
+                    self.stopping = true;
+                    break;
+                }
+                if !periodic {
+                    self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
+                }
+                return Err(self.stopped());
             }
         }
         Ok(Some(epoch_window))
+    }
+
+    /// Whether the ranks agree to stop after `update` (see
+    /// [`RunOptions::stop`]): one vote, summed over the ranks, when a stop
+    /// can be requested at all.
+    fn stop_agreed(&mut self, update: u64) -> Result<bool, TrainError> {
+        let Some(stop) = &self.options.stop else { return Ok(false) };
+        let mut vote = [f64::from(u8::from(stop.reason().is_some()))];
+        self.sum_over_ranks(&mut vote, &format!("stop vote after update {}", update + 1))?;
+        self.stopping |= vote[0] > 0.0;
+        Ok(self.stopping)
+    }
+
+    /// The error a run agreed to stop ends with.
+    fn stopped(&self) -> TrainError {
+        let reason = self.options.stop.as_ref().and_then(StopRequest::reason);
+        let checkpoint = match (&self.last_checkpoint, self.rank()) {
+            (Some(path), 0) => format!("checkpoint {} written; resume from it", path.display()),
+            (None, 0) => "no checkpoint written".to_string(),
+            _ => "rank 0 wrote the checkpoint".to_string(),
+        };
+        TrainError::Stopped {
+            reason: reason.unwrap_or("another rank's stop request").to_string(),
+            update: self.state.updates,
+            checkpoint,
+        }
     }
 
     /// Appends an update's micro-batches to the sample trace, when on.
@@ -1097,32 +1156,53 @@ impl Trainer {
     }
 
     /// Rank 0 writes the checkpoint of the current state (an epoch's end
-    /// or mid-`epoch`) and tells the job.
+    /// or mid-`epoch`) and tells the job, while the other ranks wait for it
+    /// in short votes that it answers ([`write_while_answering`]): a write
+    /// slower than the collective timeout gets nobody blamed as silent.
     fn save_checkpoint(&mut self, epoch: u64) -> Result<(), TrainError> {
-        if self.rank() != 0 {
-            return Ok(());
-        }
-        let path = checkpoint::save(
-            &self.options.out_dir,
-            &self.model,
-            &self.optimizer,
-            &self.state,
-            self.recipe.runtime.keep_last_checkpoints as usize,
-        )?;
-        let committed = CommittedCheckpoint {
-            epoch,
-            updates: self.state.updates,
-            epoch_end: self.state.at_epoch_start(),
-            path,
+        let calls = self.calls();
+        let collective_timeout =
+            Duration::from_secs(self.recipe.distributed.collective_timeout_secs);
+        let (options, model, optimizer, state) =
+            (&self.options, &self.model, &self.optimizer, &self.state);
+        let keep = self.recipe.runtime.keep_last_checkpoints as usize;
+        let write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
+            std::thread::sleep(options.checkpoint_delay);
+            let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep)?;
+            let committed = CommittedCheckpoint {
+                epoch,
+                updates: state.updates,
+                epoch_end: state.at_epoch_start(),
+                path,
+            };
+            tracing::info!(
+                epoch,
+                update = committed.updates,
+                checkpoint = %committed.path.display(),
+                "checkpoint committed"
+            );
+            if let Some(sink) = sink {
+                sink(&committed);
+            }
+            Ok(committed.path)
         };
-        tracing::info!(
-            epoch,
-            update = committed.updates,
-            checkpoint = %committed.path.display(),
-            "checkpoint committed"
-        );
-        if let Some(Distributed { on_checkpoint: Some(sink), .. }) = &mut self.distributed {
-            sink(&committed);
+        let written = match &mut self.distributed {
+            Some(Distributed { collective, on_checkpoint, .. }) if collective.world_size() > 1 => {
+                write_while_answering(
+                    collective.as_mut(),
+                    calls,
+                    0,
+                    poll_period(collective_timeout),
+                    CHECKPOINT_WRITE_DEADLINE,
+                    "checkpoint write",
+                    || write(on_checkpoint.as_mut()),
+                )?
+            }
+            Some(Distributed { on_checkpoint, .. }) => Some(write(on_checkpoint.as_mut())?),
+            None => Some(write(None)?),
+        };
+        if written.is_some() {
+            self.last_checkpoint = written;
         }
         Ok(())
     }

@@ -1,0 +1,303 @@
+//! Ranks that stop, and ranks that wait for a checkpoint, with real binaries,
+//! CPU ranks and the tiny recipe (2 hosts of one rank each, 6 sampler
+//! streams):
+//!
+//! * the coordinator is SIGKILLed mid-epoch; each agent stops its rank at
+//!   its `--coordinator-deadline-secs` (SIGTERM), the ranks agree to stop
+//!   after the same update, rank 0 writes a checkpoint of that position
+//!   (newer than the last periodic one, verified by its manifest) and both
+//!   exit non-zero saying so; `coordinator up --resume` then finishes the
+//!   job from that checkpoint, and the metrics show every update of the run
+//!   trained exactly once counting from the stop (none lost, none redone);
+//! * every checkpoint write takes longer than `distributed.collective_timeout_secs`
+//!   (a test hook delays it): the other rank, waiting for rank 0, does not
+//!   time out and blame it as silent; the job finishes.
+
+use rsb_integration_tests::processes::wait_with_timeout;
+use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The job token of these jobs (given through the environment).
+const TOKEN: &str = "stops-test-token-4c1a9e07b2";
+
+/// Training images per class of the slow-checkpoint job: 120 images, 10
+/// updates of 12 per epoch.
+const TRAIN_PER_CLASS: usize = 12;
+
+/// Training images per class of the stopped job: 240 images, 20 updates of
+/// 12 per epoch (a stop 3 s after a kill mid-epoch lands mid-epoch).
+const STOPPED_PER_CLASS: usize = 24;
+
+/// Updates per epoch of the stopped job.
+const STOPPED_UPDATES_PER_EPOCH: u64 = 20;
+
+/// `worker join --coordinator-deadline-secs` of the stopped job.
+const DEADLINE_SECS: u64 = 3;
+
+/// `runtime.checkpoint_every_updates` of the stopped job: the coordinator
+/// is killed just after the periodic checkpoint at update 10, and the stop
+/// comes some updates later, before the epoch's end at 20 (else the stop
+/// checkpoint is the epoch end's; the test holds either way).
+const CHECKPOINT_INTERVAL: u64 = 10;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// The `--set`s of a job of `epochs` epochs on `data`.
+fn sets(data: &Path, epochs: u32) -> Vec<String> {
+    vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".into(),
+        "batch.global_size=12".into(),
+        "batch.micro_size=2".into(),
+        "data.loader_threads=1".into(),
+        format!("schedule.cosine.epochs={epochs}"),
+        "eval.every_epochs=1000".into(),
+        "runtime.log_every_steps=1".into(),
+        "runtime.keep_last_checkpoints=1000".into(),
+    ]
+}
+
+/// `coordinator up` (2 hosts) on `port`, its output to `log`.
+fn coordinator(port: u16, sets: &[String], out: &Path, resume: bool, log: &Path) -> Child {
+    let mut cmd = Command::new(binary("coordinator"));
+    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}"), "--nodes", "2", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(out);
+    if resume {
+        cmd.arg("--resume").arg(out);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let log = std::fs::File::create(log).expect("coordinator log");
+    cmd.env("RSB_JOB_TOKEN", TOKEN)
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the coordinator")
+}
+
+/// `worker join` with one CPU rank, its output to `log`.
+fn worker(port: u16, name: &str, log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("worker log");
+    Command::new(binary("worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args(["--devices", "cpu", "--cores", "1", "--host-name", name])
+        .args(["--coordinator-deadline-secs", &DEADLINE_SECS.to_string()])
+        .env("RSB_JOB_TOKEN", TOKEN)
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting worker join")
+}
+
+/// The `step` values of the step records of a records file, in order.
+fn steps(records: &[serde_json::Value]) -> Vec<u64> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect()
+}
+
+/// Every record of a JSON-lines file (none when it is missing).
+fn lines_of(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The updates done at a checkpoint (from its name, `...-update-UUUUUUUUU`,
+/// or its state for an epoch end).
+fn updates_of(checkpoint: &Path) -> u64 {
+    let state = rsb_job::checkpoint::read_state(checkpoint).expect("state.json");
+    state["updates"].as_u64().expect("updates")
+}
+
+#[test]
+fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_from_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), STOPPED_PER_CLASS, 1);
+    let out = tmp.path().join("run");
+    let logs = tmp.path();
+    let epochs = 2;
+    let mut sets = sets(&data, epochs);
+    sets.push(format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"));
+    let port = free_port();
+    let mut up = coordinator(port, &sets, &out, false, &logs.join("up.log"));
+    let workers: Vec<Child> =
+        ["a", "b"].iter().map(|h| worker(port, h, &logs.join(format!("worker-{h}.log")))).collect();
+    // Mid-epoch, just past the first periodic checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while steps(&lines_of(&out.join("metrics.jsonl"))).last() < Some(&(CHECKPOINT_INTERVAL + 1)) {
+        if let Some(status) = up.try_wait().expect("try_wait") {
+            panic!("the coordinator exited with {status}:\n{}", read(&logs.join("up.log")));
+        }
+        assert!(Instant::now() < deadline, "no update past the first checkpoint within 240 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before: Vec<PathBuf> = rsb_job::checkpoint::list(&out);
+    let newest_before = before.iter().map(|c| updates_of(c)).max().expect("a periodic checkpoint");
+    up.kill().expect("kill -9 of the coordinator");
+    let killed_at = Instant::now();
+    let _ = up.wait();
+    // Each agent stops its rank at its deadline; the ranks stop together.
+    let mut exits = Vec::new();
+    for (h, w) in ["a", "b"].iter().zip(workers) {
+        let o = wait_with_timeout(
+            w,
+            Duration::from_secs(120),
+            "worker join after the coordinator's death",
+        );
+        exits.push((h, o.status, killed_at.elapsed(), read(&logs.join(format!("worker-{h}.log")))));
+    }
+    let all_logs: String = exits.iter().map(|e| format!("worker {}:\n{}\n", e.0, e.3)).collect();
+    for (h, status, _, log) in &exits {
+        assert!(!status.success(), "worker {h} succeeded without its coordinator:\n{log}");
+        assert!(log.contains("has not answered a heartbeat"), "worker {h}:\n{log}");
+    }
+    let stopped_after = exits.iter().map(|e| e.2).max().expect("two workers");
+    // The deadline, a heartbeat call, the rank's stop: well within a minute here.
+    assert!(
+        stopped_after < Duration::from_secs(60),
+        "agents exited {stopped_after:?} after the kill"
+    );
+    // The stop checkpoint: the newest, newer than anything before the kill,
+    // intact.
+    let after = rsb_job::checkpoint::list(&out);
+    let stop_checkpoint = after.last().expect("checkpoints").clone();
+    let stop = updates_of(&stop_checkpoint);
+    assert!(
+        stop > newest_before && !before.contains(&stop_checkpoint),
+        "no checkpoint newer than update {newest_before}: {after:?}\n{all_logs}"
+    );
+    rsb_job::checkpoint::verify(&stop_checkpoint)
+        .unwrap_or_else(|e| panic!("{}: {e}", stop_checkpoint.display()));
+    // Both ranks say why they stopped, after the same update.
+    let said = format!("stopped by SIGTERM after update {stop}");
+    let stop_lines = all_logs.lines().filter(|l| l.contains(&said)).count();
+    assert!(stop_lines >= 2, "both ranks should say `{said}`:\n{all_logs}");
+    assert!(
+        all_logs.contains(&format!("checkpoint {} written", stop_checkpoint.display())),
+        "rank 0 should name its checkpoint:\n{all_logs}"
+    );
+    // Rank 0 trained updates 1..=stop exactly once, and none after the stop.
+    let first_run = steps(&lines_of(&out.join("ranks/rank-0.jsonl")));
+    assert_eq!(first_run, (1..=stop).collect::<Vec<_>>(), "updates of the stopped run");
+    // The job resumed from the run folder: from the stop checkpoint.
+    let metrics_before = lines_of(&out.join("metrics.jsonl")).len();
+    let port = free_port();
+    let up = coordinator(port, &sets, &out, true, &logs.join("resumed.log"));
+    let workers: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|h| worker(port, h, &logs.join(format!("resumed-{h}.log"))))
+        .collect();
+    let output = wait_with_timeout(up, Duration::from_secs(300), "the resumed job");
+    for w in workers {
+        let _ = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+    }
+    assert!(
+        output.status.success(),
+        "the resumed job failed:\n{}",
+        read(&logs.join("resumed.log"))
+    );
+    let records = lines_of(&out.join("metrics.jsonl"));
+    let resumed = &records[metrics_before..];
+    let generation =
+        resumed.iter().find(|r| r["kind"] == "generation").expect("a generation record");
+    assert_eq!(
+        generation["resume_from"].as_str(),
+        Some(stop_checkpoint.to_string_lossy().as_ref()),
+        "{generation}"
+    );
+    let total = records_in(&out.join("metrics.jsonl"), "step").last().expect("steps")
+        ["total_updates"]
+        .as_u64()
+        .expect("total_updates");
+    assert_eq!(total, STOPPED_UPDATES_PER_EPOCH * u64::from(epochs));
+    // No update repeated or lost relative to the stop point.
+    assert_eq!(steps(resumed), (stop + 1..=total).collect::<Vec<_>>(), "updates after the resume");
+    let last_epoch = resumed.iter().rfind(|r| r["kind"] == "epoch").expect("epoch record");
+    assert_eq!(last_epoch["step"].as_u64(), Some(total));
+    assert_eq!(last_epoch["epoch"].as_u64(), Some(u64::from(epochs) - 1));
+    println!(
+        "MEASURED coordinator kill -9: the agents (deadline {DEADLINE_SECS} s) stopped their ranks \
+         and exited {:.1} s after the kill; rank 0's stop checkpoint at update {stop} (last \
+         periodic: update {newest_before}, every {CHECKPOINT_INTERVAL}), {}; the resume \
+         trained updates {}..={total}, none lost or repeated",
+        stopped_after.as_secs_f64(),
+        if stop.is_multiple_of(STOPPED_UPDATES_PER_EPOCH) { "at the epoch's end" } else { "mid-epoch" },
+        stop + 1,
+    );
+}
+
+#[test]
+fn a_checkpoint_write_slower_than_the_collective_timeout_blames_nobody() {
+    const TIMEOUT_SECS: u64 = 3;
+    const DELAY_MS: u64 = 8_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), TRAIN_PER_CLASS, 1);
+    let out = tmp.path().join("run");
+    let mut sets = sets(&data, 1);
+    sets.push("runtime.checkpoint_every_updates=5".into());
+    sets.push(format!("distributed.collective_timeout_secs={TIMEOUT_SECS}"));
+    let mut cmd = Command::new(binary("coordinator"));
+    cmd.args(["up", "--local", "--nodes", "2", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(&out);
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let _ = binary("worker"); // built before the coordinator starts it
+    let started = Instant::now();
+    let child = cmd
+        // Inherited by the ranks: every checkpoint write takes 8 s more.
+        .env("RSB_CHECKPOINT_DELAY_MS", DELAY_MS.to_string())
+        .current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    let output = wait_with_timeout(child, Duration::from_secs(300), "the slow-checkpoint job");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "a slow checkpoint failed the job:\n{stderr}");
+    assert!(!stderr.contains("did not answer"), "a rank timed out:\n{stderr}");
+    // The mid-epoch checkpoint after update 5 and the epoch's end, each
+    // written in more than twice the collective timeout.
+    let names: Vec<String> = rsb_job::checkpoint::list(&out)
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].ends_with("update-000000005"), "{names:?}");
+    // Each write was slow: the second manifest came at least one delay
+    // after the first, and the job took at least both delays.
+    let written: Vec<std::time::SystemTime> = rsb_job::checkpoint::list(&out)
+        .iter()
+        .map(|c| c.join("manifest.json").metadata().and_then(|m| m.modified()).expect("mtime"))
+        .collect();
+    let between = written[1].duration_since(written[0]).expect("in order");
+    assert!(between >= Duration::from_millis(DELAY_MS), "the writes were {between:?} apart");
+    assert!(took >= Duration::from_millis(2 * DELAY_MS), "the delay was not applied: {took:?}");
+    println!(
+        "MEASURED two checkpoint writes of {} s each, collective timeout {TIMEOUT_SECS} s: the \
+         job finished in {:.1} s",
+        DELAY_MS / 1000,
+        took.as_secs_f64()
+    );
+}
