@@ -759,13 +759,11 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
             }
         }
         runs.push(SweepRun {
-            cell: cell.clone(),
-            recipe,
             state: if finished { RunState::Finished } else { RunState::Queued },
             attempts: outcome.as_ref().map_or(0, |o| o.attempts),
             failure: outcome.and_then(|o| o.failure),
-            job: None,
             resume_from,
+            ..SweepRun::queued(cell.clone(), recipe)
         });
     }
     if args.resume.is_none() {

@@ -56,6 +56,21 @@ pub struct SweepRun {
     pub resume_from: Option<String>,
 }
 
+impl SweepRun {
+    /// A run not started yet.
+    pub fn queued(cell: SweepCell, recipe: Recipe) -> SweepRun {
+        SweepRun {
+            cell,
+            recipe,
+            state: RunState::Queued,
+            attempts: 0,
+            failure: None,
+            job: None,
+            resume_from: None,
+        }
+    }
+}
+
 /// How the sweep's runs are placed and retried.
 #[derive(Debug, Clone)]
 pub struct SweepSettings {
@@ -357,18 +372,7 @@ mod tests {
 
     fn scheduler(dir: &std::path::Path, seeds: &[u64], settings: SweepSettings) -> Scheduler {
         let cells = rsb_job::sweep::expand(seeds, &[] as &[GridAxis]).unwrap();
-        let runs = cells
-            .into_iter()
-            .map(|cell| SweepRun {
-                cell,
-                recipe: recipe(),
-                state: RunState::Queued,
-                attempts: 0,
-                failure: None,
-                job: None,
-                resume_from: None,
-            })
-            .collect();
+        let runs = cells.into_iter().map(|cell| SweepRun::queued(cell, recipe())).collect();
         Scheduler::new(SweepLayout::new(dir), settings, runs, Printer::default()).unwrap()
     }
 

@@ -12,7 +12,7 @@ use rsb_coordinator::job::Job;
 use rsb_coordinator::printer::Printer;
 use rsb_coordinator::service::Shared;
 use rsb_coordinator::state::Coordination;
-use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
+use rsb_coordinator::sweep::{Scheduler, SweepRun, SweepSettings};
 use rsb_proto::auth::{Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_server::Coordinator;
@@ -26,15 +26,7 @@ fn sweep_of(recipe: &rsb_recipes::Recipe, dir: &Path, ranks: u32) -> Scheduler {
     let runs = rsb_job::sweep::expand(&[0, 1], &[])
         .expect("two seeds")
         .into_iter()
-        .map(|cell| SweepRun {
-            cell,
-            recipe: recipe.clone(),
-            state: RunState::Queued,
-            attempts: 0,
-            failure: None,
-            job: None,
-            resume_from: None,
-        })
+        .map(|cell| SweepRun::queued(cell, recipe.clone()))
         .collect();
     let settings = SweepSettings {
         ranks_per_run: ranks,

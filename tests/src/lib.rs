@@ -205,6 +205,19 @@ pub mod sweeps {
             .expect("starting a binary")
     }
 
+    /// Waits (at most 180 s) until `ready` holds, failing with `log`.
+    pub fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !ready() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(180),
+                "timed out waiting for {what}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The tiny recipe.
     pub fn tiny_recipe() -> PathBuf {
         workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")

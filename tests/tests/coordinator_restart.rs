@@ -10,25 +10,13 @@
 
 use rsb_integration_tests::elastic_records::{all_records, planned_updates};
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
-use rsb_integration_tests::{fashion_subset, run_records, sweeps};
+use rsb_integration_tests::sweeps::{self, wait_until};
+use rsb_integration_tests::{fashion_subset, run_records};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// `runtime.checkpoint_every_updates` of the job.
 const CHECKPOINT_INTERVAL: u64 = 2;
-
-/// Waits (at most 180 s) until `ready` holds, failing with the log.
-fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "timed out waiting for {what}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {

@@ -12,23 +12,11 @@
 //!   are untouched, and every run ends finished.
 
 use rsb_integration_tests::processes::{cmdline, descendants, signal, wait_with_timeout};
-use rsb_integration_tests::{fashion_subset, run_records, sweeps};
+use rsb_integration_tests::sweeps::{self, wait_until};
+use rsb_integration_tests::{fashion_subset, run_records};
 use rsb_job::{RunEnd, RunOutcome, SweepLayout};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Waits (at most 180 s) until `ready` holds, failing with the log.
-fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "timed out waiting for {what}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_what_was_left() {

@@ -428,18 +428,7 @@ impl SweepManifest {
     /// Writes `DIR/sweep.json` atomically (a temporary file in `DIR`,
     /// fsynced, renamed over the old one). Returns its path.
     pub fn write(&self, dir: &Path) -> Result<PathBuf, SweepError> {
-        let layout = SweepLayout::new(dir);
-        let path = layout.manifest();
-        let io = |source| SweepError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-        // Plain data (strings, numbers, lists): serialization cannot fail.
-        let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.write_all(b"\n").map_err(io)?;
-        file.as_file().sync_all().map_err(io)?;
-        file.persist(&path).map_err(|e| io(e.error))?;
-        Ok(path)
+        write_json_atomically(self, &SweepLayout::new(dir).manifest())
     }
 
     /// Reads and checks `DIR/sweep.json`: known format, and cells that are
@@ -468,6 +457,23 @@ impl SweepManifest {
         }
         Ok(manifest)
     }
+}
+
+/// Writes `value` as pretty JSON to `path` atomically: a temporary file in
+/// its folder (created if need be), fsynced, renamed over the old one.
+/// Returns the path.
+fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
+    let io = |source| SweepError::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    // Plain data (strings, numbers, lists): serialization cannot fail.
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.write_all(b"\n").map_err(io)?;
+    file.as_file().sync_all().map_err(io)?;
+    file.persist(path).map_err(|e| io(e.error))?;
+    Ok(path.to_path_buf())
 }
 
 /// The paths of a sweep folder.
@@ -541,18 +547,7 @@ impl RunOutcome {
     /// Writes the outcome of run `id` atomically (temporary file, fsync,
     /// rename).
     pub fn write(&self, layout: &SweepLayout, id: &str) -> Result<PathBuf, SweepError> {
-        let path = layout.run_outcome(id);
-        let dir = layout.run_dir(id);
-        let io = |source| SweepError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-        // Plain data: serialization cannot fail.
-        let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.write_all(b"\n").map_err(io)?;
-        file.as_file().sync_all().map_err(io)?;
-        file.persist(&path).map_err(|e| io(e.error))?;
-        Ok(path)
+        write_json_atomically(self, &layout.run_outcome(id))
     }
 
     /// The outcome of run `id`, `None` when it has none; a file that is

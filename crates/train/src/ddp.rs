@@ -283,6 +283,15 @@ pub(crate) mod tests {
 
     /// Runs `f` on each rank of a ring of `n` CPU ranks (one thread each).
     pub(crate) fn on_ring<T: Send>(n: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
+        on_ring_with_timeout(n, Duration::from_secs(60), f)
+    }
+
+    /// [`on_ring`] whose calls fail after `timeout` without a peer's data.
+    pub(crate) fn on_ring_with_timeout<T: Send>(
+        n: usize,
+        timeout: Duration,
+        f: impl Fn(&mut TcpRing) -> T + Sync,
+    ) -> Vec<T> {
         let listeners: Vec<RingListener> =
             (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
         let addresses: Vec<String> =
@@ -295,10 +304,7 @@ pub(crate) mod tests {
                 .map(|(rank, listener)| {
                     let (addresses, key, f) = (&addresses, &key, &f);
                     scope.spawn(move || {
-                        let config = RingConfig {
-                            timeout: Duration::from_secs(60),
-                            ..RingConfig::default()
-                        };
+                        let config = RingConfig { timeout, ..RingConfig::default() };
                         f(&mut listener.connect(rank, addresses, key, config).unwrap())
                     })
                 })

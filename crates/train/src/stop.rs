@@ -131,38 +131,10 @@ pub fn write_while_answering<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rsb_collective::ring::{RingConfig, RingKey, RingListener};
+    use crate::ddp::tests::on_ring_with_timeout as on_ring;
 
     fn calls() -> Calls {
         Calls { device: tch::Device::Cpu, at_world_size_one: false }
-    }
-
-    /// Runs `f` on each rank of a TCP ring of `n` CPU ranks (one thread
-    /// each) whose calls fail after `timeout` without a peer's data.
-    fn on_ring<T: Send>(
-        n: usize,
-        timeout: Duration,
-        f: impl Fn(&mut dyn Collective) -> T + Sync,
-    ) -> Vec<T> {
-        let listeners: Vec<RingListener> =
-            (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
-        let addresses: Vec<String> =
-            listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-        let key = RingKey::derive(b"stop tests");
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let (addresses, key, f) = (&addresses, &key, &f);
-                    scope.spawn(move || {
-                        let config = RingConfig { timeout, ..RingConfig::default() };
-                        f(&mut listener.connect(rank, addresses, key, config).unwrap())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
     }
 
     /// A write on rank 0 of 3 ranks taking `takes` (failing when `fails`),
