@@ -562,6 +562,16 @@ async fn up(args: UpArgs) -> Result<()> {
                         ))
                     };
                 }
+                // Checked after the end: workers exit once the sweep is over.
+                if !children.is_empty() && exited.iter().all(|e| *e) {
+                    shared.update(|state| state.fail_all("every local worker exited"));
+                    progress.finish();
+                    break Err(anyhow::anyhow!(
+                        "every local worker exited before the sweep ended; `coordinator up \
+                         --resume {}` runs what is left",
+                        out.display()
+                    ));
+                }
             }
         }
     };

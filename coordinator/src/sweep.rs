@@ -228,16 +228,32 @@ impl Scheduler {
             Some(_) => {}
         }
         let waiting = self.running_jobs().find(|&j| jobs[j].phase == Phase::Waiting);
-        let running = self.counts().running as u32;
         let index = match waiting {
             Some(j) => j,
-            None if self.settings.max_parallel.is_none_or(|cap| running < cap) => {
-                match self.queue.pop_front() {
-                    Some(run) => self.start(jobs, run, per_run / local_ranks)?,
-                    None => return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER)),
+            None => loop {
+                let running = self.counts().running as u32;
+                if self.settings.max_parallel.is_some_and(|cap| running >= cap) {
+                    return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 }
-            }
-            None => return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER)),
+                let Some(run) = self.queue.pop_front() else {
+                    return Ok(if self.is_over() {
+                        Placement::SweepOver
+                    } else {
+                        Placement::JoinAgain(JOIN_AGAIN_AFTER)
+                    });
+                };
+                match self.start(jobs, run, per_run / local_ranks) {
+                    Ok(j) => break j,
+                    // Its folder cannot be written: the run fails, the
+                    // sweep goes on with the next one.
+                    Err(e) => {
+                        let run = &mut self.runs[run];
+                        tracing::error!(run = %run.cell.id, "cannot start: {e}");
+                        run.state = RunState::Failed;
+                        run.failure = Some(format!("cannot start: {e}"));
+                    }
+                }
+            },
         };
         let (id, secret, pending) = jobs[index].join(host, kind, local_ranks, advertise)?;
         Ok(Placement::Member { job: index, id, secret, pending })
@@ -435,6 +451,23 @@ mod tests {
         assert_eq!(outcome.map(|o| o.end), Some(RunEnd::Finished));
         let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert_eq!((j, s.runs[1].state), (1, RunState::Running));
+    }
+
+    #[test]
+    fn a_run_whose_folder_cannot_be_written_fails_and_the_sweep_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0, 1], settings(1, None, 2));
+        // A file where run 0's folder must go.
+        std::fs::create_dir_all(tmp.path().join("runs")).unwrap();
+        std::fs::write(tmp.path().join("runs/seed-000"), "in the way").unwrap();
+        let mut jobs = Vec::new();
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[j].label.as_deref(), Some("seed-001"));
+        assert_eq!(s.runs[0].state, RunState::Failed);
+        assert!(s.runs[0].failure.as_deref().is_some_and(|f| f.contains("cannot start")));
+        end(&mut jobs, j, true);
+        s.tick(&jobs);
+        assert!(s.is_over());
     }
 
     #[test]

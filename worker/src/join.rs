@@ -98,7 +98,9 @@ pub struct JoinArgs {
     #[arg(long)]
     pub cores: Option<usize>,
     /// Seconds without a successful heartbeat after which this agent stops
-    /// its ranks and exits: the coordinator is dead or cut off.
+    /// its ranks and exits: the coordinator is dead or cut off. Until then
+    /// it keeps trying, waiting twice as long after each failure (up to 8 s),
+    /// so a coordinator restarted with `up --restore` finds it again.
     #[arg(long, env = "RSB_COORDINATOR_DEADLINE_SECS", default_value_t = 60)]
     pub coordinator_deadline_secs: u64,
 }
@@ -154,6 +156,10 @@ const RANK_STOP_GRACE: Duration =
 /// its `Leave`): a frozen or cut-off coordinator never holds a rank (and,
 /// through it, the collective) for longer.
 const RANK_CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Longest wait between two heartbeat tries while the coordinator does not
+/// answer (the wait doubles from the heartbeat interval).
+const HEARTBEAT_BACKOFF_MAX: Duration = Duration::from_secs(8);
 
 /// Deadline of one heartbeat call (at most the coordinator deadline).
 const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
@@ -244,6 +250,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     // fails at once when the coordinator cannot be reached.
     let mut in_sweep = false;
     let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let mut join_backoff = JOIN_RETRY;
     let mut told_to_wait = false;
     loop {
         let request = pb::JoinRequest {
@@ -280,12 +287,16 @@ async fn join_async(args: JoinArgs) -> Result<()> {
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("no answer within {HEARTBEAT_DEADLINE:?}"),
                 };
-                tracing::warn!("joining the coordinator again failed ({why}); retrying");
-                wait_or_stop(&mut stop_signals, JOIN_RETRY).await?;
+                tracing::warn!(
+                    "joining the coordinator again failed ({why}); retrying in {join_backoff:?}"
+                );
+                wait_or_stop(&mut stop_signals, join_backoff).await?;
+                join_backoff = (join_backoff * 2).min(HEARTBEAT_BACKOFF_MAX);
                 continue;
             }
         };
         unreachable_since = None;
+        join_backoff = JOIN_RETRY;
         in_sweep |= joined.sweep;
         if joined.sweep_over {
             tracing::info!("the sweep has no run left for this host; done");
@@ -316,7 +327,8 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     }
 }
 
-/// Delay between joins that found no coordinator, between two runs of a sweep.
+/// First delay between joins that found no coordinator, between two runs of
+/// a sweep (it doubles, up to [`HEARTBEAT_BACKOFF_MAX`]).
 const JOIN_RETRY: Duration = Duration::from_secs(2);
 
 /// What this worker host brings, as it joins.
@@ -407,7 +419,10 @@ async fn serve_member(
     let (mut children, mut relays) = start_ranks()?;
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
     let mut last_heartbeat = tokio::time::Instant::now();
+    // When to heartbeat next, and the wait after a failed one.
+    let mut next_heartbeat = last_heartbeat;
     let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
+    let mut backoff = interval;
     // A failure of one of the current ranks, then of the job.
     let mut failed = None;
     let mut job_failed = None;
@@ -459,7 +474,7 @@ async fn serve_member(
         if done.iter().all(|d| *d) && (failed.is_none() || job_over) {
             break;
         }
-        if !job_over {
+        if !job_over && tokio::time::Instant::now() >= next_heartbeat {
             let request = pb::HeartbeatRequest { member_id: joined.member_id.clone() };
             // A partitioned coordinator never answers: every call has a deadline.
             let call_deadline = HEARTBEAT_DEADLINE.min(coordinator_deadline);
@@ -524,15 +539,23 @@ async fn serve_member(
             }
             if heartbeat_ok {
                 last_heartbeat = tokio::time::Instant::now();
-            } else if last_heartbeat.elapsed() > coordinator_deadline {
-                let reason = format!(
-                    "the coordinator at {} has not answered a heartbeat for {:?}",
-                    args.coordinator, coordinator_deadline
-                );
-                tracing::error!("{reason}; stopping the local ranks");
-                rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
-                bail!("{reason}");
+                backoff = interval;
+            } else {
+                // Back off while the coordinator is away (restarting, or cut
+                // off), up to HEARTBEAT_BACKOFF_MAX between tries.
+                backoff = (backoff * 2).min(HEARTBEAT_BACKOFF_MAX).max(interval);
+                next_heartbeat = tokio::time::Instant::now() + backoff;
+                tracing::info!("next heartbeat try in {backoff:?}");
             }
+        }
+        if !job_over && last_heartbeat.elapsed() > coordinator_deadline {
+            let reason = format!(
+                "the coordinator at {} has not answered a heartbeat for {:?}",
+                args.coordinator, coordinator_deadline
+            );
+            tracing::error!("{reason}; stopping the local ranks");
+            rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+            bail!("{reason}");
         }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
