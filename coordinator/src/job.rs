@@ -137,6 +137,25 @@ pub enum JobError {
     Denied(String),
 }
 
+impl JobError {
+    /// A call that presents no member credentials.
+    pub fn no_credentials() -> JobError {
+        JobError::Unauthenticated(
+            "this call needs the member's credentials (x-rsb-member and x-rsb-member-secret \
+             from Join)"
+                .into(),
+        )
+    }
+
+    /// Member credentials that match no member: an unknown id and a wrong
+    /// secret get this same answer.
+    pub fn credentials_refused() -> JobError {
+        JobError::Unauthenticated(
+            "member credentials not accepted: unknown member or wrong secret".into(),
+        )
+    }
+}
+
 /// A checkpoint rank 0 wrote and the job recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommittedCheckpoint {
@@ -347,11 +366,7 @@ impl Job {
 
     /// Whether `id` is (or was) one of this job's members.
     pub fn knows_member(&self, id: &str) -> bool {
-        self.members
-            .iter()
-            .chain(&self.pending)
-            .chain(self.dropped.iter().map(|d| &d.0))
-            .any(|m| m.id == id)
+        self.known_members().any(|m| m.id == id)
     }
 
     /// Whether the job has ended (finished or failed).
@@ -594,21 +609,16 @@ impl Job {
     /// secret (compared in constant time). Unknown ids and wrong secrets get
     /// the same answer.
     pub fn authenticate(&self, presented: Option<(&str, &[u8])>) -> Result<&Member, JobError> {
-        let Some((id, secret)) = presented else {
-            return Err(JobError::Unauthenticated(
-                "this call needs the member's credentials (x-rsb-member and \
-                 x-rsb-member-secret from Join)"
-                    .into(),
-            ));
-        };
-        let known =
-            self.members.iter().chain(&self.pending).chain(self.dropped.iter().map(|d| &d.0));
-        match known.into_iter().find(|m| m.id == id) {
+        let Some((id, secret)) = presented else { return Err(JobError::no_credentials()) };
+        match self.known_members().find(|m| m.id == id) {
             Some(m) if m.secret.matches(secret) => Ok(m),
-            _ => Err(JobError::Unauthenticated(
-                "member credentials not accepted: unknown member or wrong secret".into(),
-            )),
+            _ => Err(JobError::credentials_refused()),
         }
+    }
+
+    /// Every member the job has (or had): current, pending and dropped.
+    fn known_members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().chain(&self.pending).chain(self.dropped.iter().map(|d| &d.0))
     }
 
     /// Checks that `member_id` runs global rank `rank`.

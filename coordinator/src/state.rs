@@ -37,16 +37,11 @@ impl Coordination {
         &self,
         presented: Option<(&str, &[u8])>,
     ) -> Result<(usize, &Member), JobError> {
-        let index = presented.and_then(|(id, _)| self.job_of(id));
-        match index {
+        let Some((id, _)) = presented else { return Err(JobError::no_credentials()) };
+        match self.job_of(id) {
             Some(i) => self.jobs[i].authenticate(presented).map(|m| (i, m)),
-            // Refused as a wrong secret would be (no credentials: named so).
-            None => match self.jobs.first() {
-                Some(job) if presented.is_none() => job.authenticate(None).map(|m| (0, m)),
-                _ => Err(JobError::Unauthenticated(
-                    "member credentials not accepted: unknown member or wrong secret".into(),
-                )),
-            },
+            // Refused as a wrong secret would be.
+            None => Err(JobError::credentials_refused()),
         }
     }
 
