@@ -148,11 +148,35 @@ pub fn fashion_subset(root: &Path, train_per_class: usize, val_per_class: usize)
     out
 }
 
+/// The tiny CPU recipe most end-to-end tests train.
+pub fn tiny_recipe() -> PathBuf {
+    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
+}
+
+/// A free TCP port on `ip` (free when asked; tests bind it soon after).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// The `--set`s of the multi-rank job tests on the tiny recipe: `data`'s 10
+/// classes, a global batch of 12 in micro-batches of 2 (6 sampler streams:
+/// worlds of 1, 2, 3 and 6 ranks), and a record per update.
+pub fn small_batch_sets(data: &Path) -> Vec<String> {
+    vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".into(),
+        "batch.global_size=12".into(),
+        "batch.micro_size=2".into(),
+        "runtime.log_every_steps=1".into(),
+    ]
+}
+
 /// Jobs and sweeps of the tiny recipe started from tests, their output
 /// going to log files.
 pub mod sweeps {
+    pub use super::tiny_recipe;
     use super::{binary, workspace_root};
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
 
     /// The job token of these jobs (given through the environment).
@@ -216,11 +240,6 @@ pub mod sweeps {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-    }
-
-    /// The tiny recipe.
-    pub fn tiny_recipe() -> PathBuf {
-        workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
     }
 
     /// The losses of every step record of a run folder, in order.

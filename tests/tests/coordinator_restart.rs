@@ -9,6 +9,7 @@
 //! most one checkpoint interval. Nothing is left running.
 
 use rsb_integration_tests::elastic_records::{all_records, planned_updates};
+use rsb_integration_tests::free_port;
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
 use rsb_integration_tests::sweeps::{self, wait_until};
 use rsb_integration_tests::{fashion_subset, run_records};
@@ -31,7 +32,7 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
         "runtime.keep_last_checkpoints=1000".to_string(),
     ];
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+    let port = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
     let args = ["--listen", &listen, "--nodes", "2", "--heartbeat-timeout-secs", "10"];
     let first_log = tmp.path().join("coordinator-1.log");

@@ -19,16 +19,13 @@ use rsb_integration_tests::records_in as records;
 use rsb_integration_tests::{
     binary, fashion_subset, is_root, on_path, require, workspace_root, Netns,
 };
+use rsb_integration_tests::{free_port, tiny_recipe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 /// The job token of the jobs started by hand here (`up --local` makes its own).
 const TOKEN: &str = "distributed-test-token-4f1c9a7e";
-
-fn tiny_recipe() -> PathBuf {
-    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
-}
 
 fn common_sets(data: &Path) -> Vec<String> {
     [
@@ -247,10 +244,6 @@ fn coordinator_on(listen: &str, data: &Path, out: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting the coordinator")
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// Each rank's log (`ranks/rank-N.log`, written by `worker rank`) and

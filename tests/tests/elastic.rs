@@ -19,6 +19,7 @@ use rsb_integration_tests::elastic_records::{
 };
 use rsb_integration_tests::processes::{children_of, signal, wait_with_timeout};
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
+use rsb_integration_tests::{free_port, small_batch_sets, tiny_recipe};
 use rsb_train::sample_trace::SampleRecord;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -31,28 +32,16 @@ const TOKEN: &str = "elastic-test-token-7d2e91b3";
 /// `runtime.checkpoint_every_updates` of the job that loses a host.
 const CHECKPOINT_INTERVAL: u64 = 2;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
-
-/// The tiny recipe of these jobs.
-fn tiny_recipe() -> PathBuf {
-    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
-}
-
 /// The `--set`s of a job of `epochs` short epochs on `data`.
 fn sets(data: &Path, epochs: u32) -> Vec<String> {
-    vec![
-        format!("data.root={}", data.display()),
-        "model.num_classes=10".into(),
-        "batch.global_size=12".into(),
-        "batch.micro_size=2".into(),
+    let mut sets = small_batch_sets(data);
+    sets.extend([
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".into(),
-        "runtime.log_every_steps=1".into(),
         // Every epoch's checkpoint stays: nothing a restart resumes from is pruned.
         "runtime.keep_last_checkpoints=1000".into(),
-    ]
+    ]);
+    sets
 }
 
 /// `coordinator up` for the tiny recipe over `epochs` short epochs, with
@@ -130,7 +119,7 @@ fn setup(tag: &str) -> (tempfile::TempDir, PathBuf, PathBuf, u16) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = fashion_subset(tmp.path(), 4, 1);
     let out = tmp.path().join(tag);
-    (tmp, data, out, free_port())
+    (tmp, data, out, free_port("127.0.0.1"))
 }
 
 /// Epochs of the job that loses a host.
@@ -165,7 +154,7 @@ fn seed_noise_of_the_uninterrupted_job() {
     let (tmp, data, _, _) = setup("seeds");
     for seed in 0..5 {
         let out = tmp.path().join(format!("seed-{seed}"));
-        let port = free_port();
+        let port = free_port("127.0.0.1");
         let up = shrinking_job(port, &data, &out, &[format!("seed={seed}")]);
         let workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
         let output = wait_with_timeout(up, Duration::from_secs(400), "the uninterrupted job");

@@ -31,10 +31,11 @@
 use rsb_data::sampler::{streams_of_rank, StreamSampler};
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::{small_batch_sets, tiny_recipe};
 use rsb_job::MetricsRecord;
 use rsb_train::sample_trace::{read_run, SampleRecord};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -45,25 +46,18 @@ const UPDATES: u64 = 10;
 /// Relative tolerance on a loss (see the module documentation).
 const LOSS_TOLERANCE: f64 = 1e-5;
 
-fn tiny_recipe() -> PathBuf {
-    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
-}
-
 fn sets(data: &Path) -> Vec<String> {
-    vec![
-        format!("data.root={}", data.display()),
-        "model.num_classes=10".into(),
-        "batch.global_size=12".into(),
-        "batch.micro_size=2".into(),
+    let mut sets = small_batch_sets(data);
+    sets.extend([
         "data.loader_threads=1".into(),
-        "runtime.log_every_steps=1".into(),
         "runtime.checkpoint_every_updates=2".into(),
         "runtime.keep_last_checkpoints=20".into(),
         // Small steps: see the module documentation on the tolerance.
         "optimizer.lamb.lr=5e-5".into(),
         "schedule.cosine.warmup_lr=1e-6".into(),
         "schedule.cosine.min_lr=1e-8".into(),
-    ]
+    ]);
+    sets
 }
 
 /// `coordinator up --local` with `nodes` one-rank workers, tracing samples,

@@ -16,6 +16,7 @@
 //!   update of the new generation and the time until c's agent exited.
 
 use rsb_integration_tests::elastic_records::{all_records, assert_shrunk_without, position};
+use rsb_integration_tests::free_port;
 use rsb_integration_tests::processes::children_of;
 use rsb_integration_tests::{
     binary, fashion_subset, ip, is_root, on_path, require, workspace_root, Netns,
@@ -115,10 +116,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn coordinator(listen: &str, data: &Path, out: &Path) -> Proc {

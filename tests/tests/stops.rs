@@ -15,6 +15,7 @@
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
+use rsb_integration_tests::{free_port, small_batch_sets};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,23 +43,16 @@ const DEADLINE_SECS: u64 = 3;
 /// checkpoint is the epoch end's; the test holds either way).
 const CHECKPOINT_INTERVAL: u64 = 10;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
-
 /// The `--set`s of a job of `epochs` epochs on `data`.
 fn sets(data: &Path, epochs: u32) -> Vec<String> {
-    vec![
-        format!("data.root={}", data.display()),
-        "model.num_classes=10".into(),
-        "batch.global_size=12".into(),
-        "batch.micro_size=2".into(),
+    let mut sets = small_batch_sets(data);
+    sets.extend([
         "data.loader_threads=1".into(),
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".into(),
-        "runtime.log_every_steps=1".into(),
         "runtime.keep_last_checkpoints=1000".into(),
-    ]
+    ]);
+    sets
 }
 
 /// `coordinator up` (2 hosts) on `port`, its output to `log`.
@@ -136,7 +130,7 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
     let epochs = 2;
     let mut sets = sets(&data, epochs);
     sets.push(format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"));
-    let port = free_port();
+    let port = free_port("127.0.0.1");
     let mut up = coordinator(port, &sets, &out, false, &logs.join("up.log"));
     let workers: Vec<Child> =
         ["a", "b"].iter().map(|h| worker(port, h, &logs.join(format!("worker-{h}.log")))).collect();
@@ -199,7 +193,7 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
     assert_eq!(first_run, (1..=stop).collect::<Vec<_>>(), "updates of the stopped run");
     // The job resumed from the run folder: from the stop checkpoint.
     let metrics_before = lines_of(&out.join("metrics.jsonl")).len();
-    let port = free_port();
+    let port = free_port("127.0.0.1");
     let up = coordinator(port, &sets, &out, true, &logs.join("resumed.log"));
     let workers: Vec<Child> = ["a", "b"]
         .iter()

@@ -9,6 +9,7 @@
 //! run refused without `--resume`.
 
 use rsb_integration_tests::run_records as records;
+use rsb_integration_tests::tiny_recipe;
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -23,10 +24,6 @@ fn worker(args: &[&str]) -> Output {
         .current_dir(workspace_root())
         .output()
         .expect("running worker")
-}
-
-fn tiny_recipe() -> PathBuf {
-    workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
