@@ -120,8 +120,9 @@ pub fn step(args: StepArgs) -> Result<()> {
         loss.f_backward()?;
         phase_sync(&loss);
         let before_step = Instant::now();
-        // As the trainer does: the update is skipped on a non-finite gradient norm.
-        optimizer.step_if_finite(5e-3)?;
+        // As the trainer does: the update is skipped on a non-finite gradient
+        // norm, decided on the device.
+        optimizer.step_unless_nonfinite(5e-3, None)?;
         sync(&loss);
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64());

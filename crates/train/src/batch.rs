@@ -27,12 +27,7 @@ impl Normalizer {
     pub fn images(&self, bytes: &[u8], n: usize, h: u32, w: u32) -> Result<Tensor, TchError> {
         let dims = [n as i64, i64::from(h), i64::from(w), 3];
         let host = Tensor::f_from_slice(bytes)?.f_view(dims)?;
-        let on_device = if self.device == Device::Cpu {
-            host
-        } else {
-            host.f_pin_memory(self.device)?.f_to_device_(self.device, Kind::Uint8, true, false)?
-        };
-        let nchw = on_device.f_permute([0, 3, 1, 2])?;
+        let nchw = self.to_device(host)?.f_permute([0, 3, 1, 2])?;
         let nchw = if self.channels_last { nchw } else { nchw.f_contiguous()? };
         nchw.f_to_kind(Kind::Float)?.f_sub(&self.mean)?.f_div(&self.std)
     }
@@ -40,17 +35,23 @@ impl Normalizer {
     /// `[n, classes]` float targets on the device.
     pub fn targets(&self, values: &[f32], n: usize) -> Result<Tensor, TchError> {
         let classes = (values.len() / n.max(1)) as i64;
-        Tensor::f_from_slice(values)?.f_view([n as i64, classes])?.f_to_device_(
-            self.device,
-            Kind::Float,
-            true,
-            false,
-        )
+        self.to_device(Tensor::f_from_slice(values)?.f_view([n as i64, classes])?)
     }
 
     /// Integer labels on the device.
     pub fn labels(&self, labels: &[u32]) -> Result<Tensor, TchError> {
         let as_i64: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
-        Tensor::f_from_slice(&as_i64)?.f_to_device_(self.device, Kind::Int64, true, false)
+        self.to_device(Tensor::f_from_slice(&as_i64)?)
+    }
+
+    /// A host tensor on the device: on a GPU through pinned memory with a
+    /// non-blocking copy (a copy from pageable memory would make the host
+    /// wait for the device).
+    fn to_device(&self, host: Tensor) -> Result<Tensor, TchError> {
+        if self.device == Device::Cpu {
+            return Ok(host);
+        }
+        let kind = host.kind();
+        host.f_pin_memory(self.device)?.f_to_device_(self.device, kind, true, false)
     }
 }

@@ -23,6 +23,7 @@
 //! on one device). Every failure names the collective call ([`TrainError::Collective`]).
 
 use crate::error::TrainError;
+use crate::host_read;
 use rsb_collective::{Buffer, Collective, CollectiveError};
 use tch::{Device, Kind, Tensor};
 
@@ -270,10 +271,11 @@ fn reduce_parts(
     let _guard = tch::no_grad_guard();
     let mut flat = Tensor::f_from_slice(parts)?.f_to_device(calls.device)?.f_contiguous()?;
     reduce_flat(collective, &mut flat, reduction, what)?;
-    Ok(Vec::<f32>::try_from(&flat.f_to_device(Device::Cpu)?)?)
+    Ok(host_read::f32s_of(&flat)?)
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 pub(crate) mod tests {
     use super::*;
     use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};

@@ -8,6 +8,7 @@
 use crate::batch::Normalizer;
 use crate::ddp::{sum_scalars, Calls};
 use crate::error::TrainError;
+use crate::host_read;
 use rsb_collective::Collective;
 use rsb_data::dataset::Sample;
 use rsb_data::eval_sets::EvalSet;
@@ -15,7 +16,7 @@ use rsb_data::labels::Scoring;
 use rsb_data::pipeline::{EvalBatch, EvalData};
 use rsb_vision::{ForwardMode, Model};
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub use rsb_data::labels::EvalCounts;
 
@@ -84,14 +85,17 @@ pub fn count_labelled(
     let k = logits.size()[1].min(5);
     let (_, top) = logits.f_topk(k, 1, true, true)?;
     let hits = top.f_eq_tensor(&labels.f_unsqueeze(1)?)?;
-    let top1 = hits.f_narrow(1, 0, 1)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    let top5 = hits.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    let loss =
-        logits.f_cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Sum, -100, 0.0)?;
+    let top1 = hits.f_narrow(1, 0, 1)?.f_sum(Kind::Double)?;
+    let top5 = hits.f_sum(Kind::Double)?;
+    let loss = logits
+        .f_cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Sum, -100, 0.0)?
+        .f_to_kind(Kind::Double)?;
+    // One read for the three sums.
+    let sums = host_read::f64s_of(&Tensor::f_stack(&[top1, top5, loss], 0)?)?;
     counts.count += n as u64;
-    counts.top1 += top1 as u64;
-    counts.top5 += top5 as u64;
-    counts.loss_sum += loss.f_double_value(&[])?;
+    counts.top1 += sums[0] as u64;
+    counts.top5 += sums[1] as u64;
+    counts.loss_sum += sums[2];
     Ok(())
 }
 
@@ -107,8 +111,7 @@ pub fn score_logits(
 ) -> Result<(), TrainError> {
     let k = logits.size()[1].min(5);
     let (_, top) = logits.f_topk(k, 1, true, true)?;
-    let top = top.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?;
-    let predictions = Vec::<i64>::try_from(&top)?;
+    let predictions = host_read::i64s_of(&top)?;
     for (row, &index) in predictions.chunks_exact(k.max(1) as usize).zip(indices) {
         let sample = samples.get(index).ok_or_else(|| {
             TrainError::Recipe(format!(
@@ -157,6 +160,7 @@ fn for_each_eval_batch(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -16,15 +16,17 @@
 //! halves the scale and resets the growth tracker; `growth_interval` applied
 //! updates in a row double it (unless that would overflow f32).
 //!
-//! The state is host-side (the scale is an f32, as torch's scale tensor):
-//! the decision needs one host read per update, which the trainer makes
-//! anyway for LAMB's non-finite check. It is device-independent: the same
-//! code scales f32 gradients on a CPU and fp16-produced ones on a GPU.
-//! [`ScalerState`] is torch's `GradScaler.state_dict()` with its key names,
-//! stored in checkpoints.
+//! The state lives on the training device, as torch's `_scale` (an f32)
+//! and `_growth_tracker` (an i32), and the check, the unscaling and the
+//! update are torch's own kernels (`_amp_foreach_non_finite_check_and_unscale_`
+//! and `_amp_update_scale_`): the decision never goes through the host, so
+//! an update on a GPU does not wait for it. The same code runs on a CPU and
+//! on a GPU. [`ScalerState`] is torch's `GradScaler.state_dict()` with its
+//! key names, stored in checkpoints (reading it is a host read).
 
 use crate::error::TrainError;
-use tch::{Kind, Tensor};
+use crate::host_read;
+use tch::{Device, Kind, Tensor};
 
 /// torch's `GradScaler` defaults.
 pub const INIT_SCALE: f32 = 65536.0;
@@ -53,162 +55,137 @@ pub struct ScalerState {
     pub growth_tracker: u64,
 }
 
-/// What [`GradScaler::update`] did to the scale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScaleChange {
-    /// Unchanged (one more applied update towards a growth).
-    Kept,
-    /// Multiplied by the growth factor.
-    Grown,
-    /// Multiplied by the backoff factor (the update was skipped).
-    BackedOff,
-}
-
 /// torch's dynamic loss scaler.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct GradScaler {
-    scale: f32,
+    /// torch's `_scale`: a 0-d f32 tensor on the training device.
+    scale: Tensor,
+    /// torch's `_growth_tracker`: a 0-d i32 tensor on the training device.
+    growth_tracker: Tensor,
     growth_factor: f64,
     backoff_factor: f64,
     growth_interval: u32,
-    growth_tracker: u32,
-}
-
-impl Default for GradScaler {
-    fn default() -> Self {
-        GradScaler::new(INIT_SCALE, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)
-    }
 }
 
 impl GradScaler {
     /// A scaler with these parameters (torch's `GradScaler(init_scale,
-    /// growth_factor, backoff_factor, growth_interval)`).
+    /// growth_factor, backoff_factor, growth_interval)`), its state on `device`.
     pub fn new(
         init_scale: f32,
         growth_factor: f64,
         backoff_factor: f64,
         growth_interval: u32,
-    ) -> GradScaler {
-        GradScaler {
-            scale: init_scale,
+        device: Device,
+    ) -> Result<GradScaler, TrainError> {
+        Ok(GradScaler {
+            scale: Tensor::f_full([], f64::from(init_scale), (Kind::Float, device))?,
+            growth_tracker: Tensor::f_zeros([], (Kind::Int, device))?,
             growth_factor,
             backoff_factor,
             growth_interval: growth_interval.max(1),
-            growth_tracker: 0,
-        }
+        })
     }
 
-    /// The current scale.
-    pub fn scale(&self) -> f32 {
-        self.scale
+    /// A scaler with torch's defaults, on `device`.
+    pub fn with_defaults(device: Device) -> Result<GradScaler, TrainError> {
+        GradScaler::new(INIT_SCALE, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL, device)
     }
 
-    /// Applied updates in a row since the last growth or backoff.
-    pub fn growth_tracker(&self) -> u32 {
-        self.growth_tracker
+    /// The current scale, on the device (a copy: a later update leaves it as it is).
+    pub fn scale(&self) -> Result<Tensor, TrainError> {
+        Ok(self.scale.f_detach_copy()?)
     }
 
     /// `loss` times the scale (torch's `scaler.scale(loss)`: an f32 product).
     pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor, TrainError> {
-        Ok(loss.f_mul_scalar(f64::from(self.scale))?)
+        Ok(loss.f_mul(&self.scale)?)
     }
 
-    /// The factor that unscales: `1 / scale` computed in f64, rounded to f32.
-    pub fn inv_scale(&self) -> f32 {
-        (1.0 / f64::from(self.scale)) as f32
-    }
-
-    /// Checks the scaled gradients and unscales them in place: returns
-    /// whether any element was NaN or infinite before unscaling (the update
-    /// must then be skipped). Undefined gradients are left alone.
-    pub fn unscale(&self, grads: &[Tensor]) -> Result<bool, TrainError> {
+    /// Checks the scaled gradients and unscales them in place, as torch's
+    /// `unscale_`: returns `found_inf`, a 0-d f32 tensor on the device, 1
+    /// when any element was NaN or infinite before unscaling (the update
+    /// must then be skipped), else 0. The factor is `1 / scale` computed in
+    /// f64 and rounded to f32 (`_scale.double().reciprocal().float()`).
+    /// Undefined gradients are left alone.
+    pub fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, TrainError> {
         let _guard = tch::no_grad_guard();
-        let inv_scale = self.inv_scale();
-        let mut all_finite: Option<Tensor> = None;
+        let mut found_inf = Tensor::f_zeros([], (Kind::Float, self.scale.device()))?;
+        let inv_scale =
+            self.scale.f_to_kind(Kind::Double)?.f_reciprocal()?.f_to_kind(Kind::Float)?;
         for grad in grads.iter().filter(|g| g.defined()) {
-            let finite = grad.f_isfinite()?.f_all()?;
-            all_finite = Some(match all_finite {
-                None => finite,
-                Some(so_far) => so_far.f_logical_and(&finite)?,
-            });
-            // torch leaves the values as they are when the factor is 1.
-            if inv_scale != 1.0 {
-                let _ = grad.shallow_clone().f_mul_scalar_(f64::from(inv_scale))?;
-            }
+            grad.shallow_clone()
+                .f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv_scale)?;
         }
-        match all_finite {
-            Some(finite) => Ok(finite.f_to_kind(Kind::Int64)?.f_int64_value(&[])? == 0),
-            None => Ok(false),
-        }
+        Ok(found_inf)
     }
 
     /// torch's `_amp_update_scale_` after an update whose scaled gradients
-    /// were (`found_inf`) or were not all finite.
-    pub fn update(&mut self, found_inf: bool) -> ScaleChange {
-        if found_inf {
-            self.scale = (f64::from(self.scale) * self.backoff_factor) as f32;
-            self.growth_tracker = 0;
-            return ScaleChange::BackedOff;
-        }
-        let successful = self.growth_tracker + 1;
-        if successful == self.growth_interval {
-            self.growth_tracker = 0;
-            let grown = (f64::from(self.scale) * self.growth_factor) as f32;
-            // torch does not grow the scale past f32's range.
-            if grown.is_finite() {
-                self.scale = grown;
-                return ScaleChange::Grown;
-            }
-            ScaleChange::Kept
-        } else {
-            self.growth_tracker = successful;
-            ScaleChange::Kept
-        }
+    /// were (`found_inf` 1) or were not (0) all finite: a skipped update
+    /// multiplies the scale by the backoff factor and resets the growth
+    /// tracker; `growth_interval` applied updates in a row multiply it by
+    /// the growth factor (unless that would overflow f32).
+    pub fn update(&mut self, found_inf: &Tensor) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let _ = self.scale.f_internal_amp_update_scale_(
+            &self.growth_tracker,
+            found_inf,
+            self.growth_factor,
+            self.backoff_factor,
+            i64::from(self.growth_interval),
+        )?;
+        Ok(())
     }
 
-    /// torch's `state_dict()`.
-    pub fn state(&self) -> ScalerState {
-        ScalerState {
-            scale: f64::from(self.scale),
+    /// torch's `state_dict()` (a host read).
+    pub fn state(&self) -> Result<ScalerState, TrainError> {
+        Ok(ScalerState {
+            scale: host_read::f64_of(&self.scale)?,
             growth_factor: self.growth_factor,
             backoff_factor: self.backoff_factor,
             growth_interval: u64::from(self.growth_interval),
-            growth_tracker: u64::from(self.growth_tracker),
-        }
+            growth_tracker: host_read::i64_of(&self.growth_tracker)? as u64,
+        })
     }
 
-    /// The scaler of a saved state (torch's `load_state_dict`).
-    pub fn from_state(state: &ScalerState) -> Result<GradScaler, String> {
+    /// The scaler of a saved state (torch's `load_state_dict`), on `device`.
+    pub fn from_state(state: &ScalerState, device: Device) -> Result<GradScaler, String> {
         let scale = state.scale as f32;
         if !(scale.is_finite() && scale >= 0.0 && f64::from(scale) == state.scale) {
             return Err(format!("scale {} is not a finite, non-negative f32", state.scale));
         }
         let interval = u32::try_from(state.growth_interval)
             .ok()
-            .filter(|i| *i > 0)
+            .filter(|i| *i > 0 && *i <= i32::MAX as u32)
             .ok_or_else(|| format!("growth_interval {} is out of range", state.growth_interval))?;
         let tracker = u32::try_from(state.growth_tracker)
             .ok()
             .filter(|t| *t < interval)
             .ok_or_else(|| format!("_growth_tracker {} is out of range", state.growth_tracker))?;
-        Ok(GradScaler {
-            scale,
-            growth_factor: state.growth_factor,
-            backoff_factor: state.backoff_factor,
-            growth_interval: interval,
-            growth_tracker: tracker,
-        })
+        let mut scaler =
+            GradScaler::new(scale, state.growth_factor, state.backoff_factor, interval, device)
+                .map_err(|e| e.to_string())?;
+        scaler.growth_tracker = Tensor::f_full([], i64::from(tracker), (Kind::Int, device))
+            .map_err(|e| e.to_string())?;
+        Ok(scaler)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
-    use tch::Device;
+
+    fn on_cpu(init_scale: f32, growth_interval: u32) -> GradScaler {
+        GradScaler::new(init_scale, 2.0, 0.5, growth_interval, Device::Cpu).unwrap()
+    }
+
+    fn flag(found: bool) -> Tensor {
+        Tensor::from(f32::from(u8::from(found)))
+    }
 
     #[test]
     fn defaults_are_torchs() {
-        let s = GradScaler::default().state();
+        let s = GradScaler::with_defaults(Device::Cpu).unwrap().state().unwrap();
         assert_eq!(
             s,
             ScalerState {
@@ -230,43 +207,49 @@ mod tests {
 
     #[test]
     fn backoff_growth_and_the_f32_ceiling() {
-        let mut s = GradScaler::new(4.0, 2.0, 0.5, 3);
-        assert_eq!(s.update(false), ScaleChange::Kept);
-        assert_eq!(s.update(false), ScaleChange::Kept);
-        assert_eq!((s.update(false), s.scale(), s.growth_tracker()), (ScaleChange::Grown, 8.0, 0));
-        s.update(false);
-        assert_eq!(
-            (s.update(true), s.scale(), s.growth_tracker()),
-            (ScaleChange::BackedOff, 4.0, 0)
-        );
-        let mut top = GradScaler::new(f32::MAX / 1.5, 2.0, 0.5, 1);
-        assert_eq!(top.update(false), ScaleChange::Kept);
-        assert_eq!(top.scale(), f32::MAX / 1.5);
+        let mut s = on_cpu(4.0, 3);
+        let at = |s: &GradScaler| {
+            let state = s.state().unwrap();
+            (state.scale, state.growth_tracker)
+        };
+        s.update(&flag(false)).unwrap();
+        assert_eq!(at(&s), (4.0, 1));
+        s.update(&flag(false)).unwrap();
+        s.update(&flag(false)).unwrap();
+        assert_eq!(at(&s), (8.0, 0));
+        s.update(&flag(false)).unwrap();
+        s.update(&flag(true)).unwrap();
+        assert_eq!(at(&s), (4.0, 0));
+        let mut top = on_cpu(f32::MAX / 1.5, 1);
+        top.update(&flag(false)).unwrap();
+        assert_eq!(at(&top), (f64::from(f32::MAX / 1.5), 0));
     }
 
     #[test]
     fn unscale_checks_before_it_multiplies() {
-        let s = GradScaler::new(1024.0, 2.0, 0.5, 2000);
+        let s = on_cpu(1024.0, 2000);
+        let found = |grads: &[Tensor]| s.unscale(grads).unwrap().double_value(&[]);
         let a = Tensor::from_slice(&[1024.0f32, -2048.0]);
         let b = Tensor::from_slice(&[512.0f32]);
-        assert!(!s.unscale(&[a.shallow_clone(), b.shallow_clone(), Tensor::new()]).unwrap());
+        assert_eq!(found(&[a.shallow_clone(), b.shallow_clone(), Tensor::new()]), 0.0);
         assert_eq!(Vec::<f32>::try_from(&a).unwrap(), [1.0, -2.0]);
         assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [0.5]);
-        let c = Tensor::from_slice(&[f32::INFINITY, 4.0]).to_device(Device::Cpu);
-        assert!(s.unscale(&[b, c]).unwrap());
-        assert!(s.unscale(&[Tensor::from_slice(&[f32::NAN])]).unwrap());
+        let c = Tensor::from_slice(&[f32::INFINITY, 4.0]);
+        assert_eq!(found(&[b, c]), 1.0);
+        assert_eq!(found(&[Tensor::from_slice(&[f32::NAN])]), 1.0);
     }
 
     #[test]
     fn a_state_round_trips_and_bad_ones_are_refused() {
-        let mut s = GradScaler::new(128.0, 2.0, 0.5, 5);
-        s.update(false);
-        s.update(false);
-        let back = GradScaler::from_state(&s.state()).unwrap();
-        assert_eq!(back, s);
-        let bad = ScalerState { growth_tracker: 5, ..s.state() };
-        assert!(GradScaler::from_state(&bad).unwrap_err().contains("_growth_tracker"));
-        let bad = ScalerState { scale: f64::INFINITY, ..s.state() };
-        assert!(GradScaler::from_state(&bad).is_err());
+        let mut s = on_cpu(128.0, 5);
+        s.update(&flag(false)).unwrap();
+        s.update(&flag(false)).unwrap();
+        let back = GradScaler::from_state(&s.state().unwrap(), Device::Cpu).unwrap();
+        assert_eq!(back.state().unwrap(), s.state().unwrap());
+        assert_eq!(back.state().unwrap().growth_tracker, 2);
+        let bad = ScalerState { growth_tracker: 5, ..s.state().unwrap() };
+        assert!(GradScaler::from_state(&bad, Device::Cpu).unwrap_err().contains("_growth_tracker"));
+        let bad = ScalerState { scale: f64::INFINITY, ..s.state().unwrap() };
+        assert!(GradScaler::from_state(&bad, Device::Cpu).is_err());
     }
 }

@@ -5,18 +5,26 @@
 //! into timm's two groups from the model itself
 //! (`Model::excluded_from_weight_decay`). All state is named tensors plus a
 //! step count per group, so it is saved and restored exactly.
+//!
+//! [`Lamb::step_unless_nonfinite`] skips an update whose global gradient
+//! norm is NaN or infinite without the host ever seeing the norm: the step
+//! counts live on the device, and every parameter, moment and count takes
+//! its new value or keeps its old one by a device-side select on the
+//! verdict. So an update on a GPU does not wait for the device.
 
 use crate::error::TrainError;
+use crate::host_read;
 use rsb_recipes::schema::LambOptimizer;
 use rsb_vision::Model;
-use tch::{Kind, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// One parameter group.
 #[derive(Debug)]
 struct Group {
     weight_decay: f64,
-    /// Optimizer steps taken by this group.
-    step: u64,
+    /// Optimizer steps taken by this group: a 0-d f64 tensor on the
+    /// parameters' device (a skipped update leaves it as it is, decided there).
+    step: Tensor,
     params: Vec<Slot>,
 }
 
@@ -55,20 +63,14 @@ pub struct LambSteps {
     pub group_steps: Vec<u64>,
 }
 
-/// What [`Lamb::step_if_finite`] did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum CheckedStep {
-    /// The update was applied; the global gradient norm before clipping
-    /// (none when no parameter had a gradient).
-    Applied {
-        /// Global gradient norm.
-        grad_norm: Option<f64>,
-    },
-    /// The global gradient norm was NaN or infinite: nothing was changed.
-    Skipped {
-        /// The non-finite norm.
-        grad_norm: f64,
-    },
+/// What [`Lamb::step_unless_nonfinite`] did, on the device.
+#[derive(Debug)]
+pub struct GatedStep {
+    /// A 0-d bool tensor: whether the update was applied.
+    pub applied: Tensor,
+    /// The global gradient norm before clipping (a 0-d tensor; none when no
+    /// parameter had a gradient).
+    pub grad_norm: Option<Tensor>,
 }
 
 /// Saved optimizer state that does not fit this optimizer.
@@ -154,12 +156,18 @@ impl Lamb {
                 decay.push(slot);
             }
         }
+        let device = no_decay.iter().chain(&decay).next().map_or(Device::Cpu, |s| s.param.device());
+        let zero_steps = || Tensor::f_zeros([], (Kind::Double, device));
         let mut groups = Vec::new();
         if !no_decay.is_empty() {
-            groups.push(Group { weight_decay: 0.0, step: 0, params: no_decay });
+            groups.push(Group { weight_decay: 0.0, step: zero_steps()?, params: no_decay });
         }
         if !decay.is_empty() {
-            groups.push(Group { weight_decay: config.weight_decay, step: 0, params: decay });
+            groups.push(Group {
+                weight_decay: config.weight_decay,
+                step: zero_steps()?,
+                params: decay,
+            });
         }
         Ok(Lamb { config: config.clone(), groups })
     }
@@ -205,32 +213,44 @@ impl Lamb {
     pub fn step(&mut self, lr: f64) -> Result<Option<Tensor>, TrainError> {
         let _guard = tch::no_grad_guard();
         let global_norm = self.global_grad_norm()?;
-        self.apply(lr, global_norm.as_ref())?;
+        self.apply(lr, global_norm.as_ref(), None)?;
         Ok(global_norm)
     }
 
     /// As [`Lamb::step`], unless the global gradient norm (the one the
-    /// clipping uses) is NaN or infinite: then nothing changes, neither a
-    /// parameter nor a moment nor a step count, and the update is
-    /// [`CheckedStep::Skipped`]. Reading the norm waits for the gradients.
-    /// Under data parallelism every rank holds the same reduced gradients,
-    /// so every rank decides alike.
-    pub fn step_if_finite(&mut self, lr: f64) -> Result<CheckedStep, TrainError> {
+    /// clipping uses) is NaN or infinite, or `found_inf` (a 0-d tensor,
+    /// fp16's loss scaler) is non-zero: then nothing changes, neither a
+    /// parameter nor a moment nor a step count. The verdict stays on the
+    /// device ([`GatedStep::applied`]): nothing here waits for the
+    /// gradients. Under data parallelism every rank holds the same reduced
+    /// gradients, so every rank decides alike.
+    pub fn step_unless_nonfinite(
+        &mut self,
+        lr: f64,
+        found_inf: Option<&Tensor>,
+    ) -> Result<GatedStep, TrainError> {
         let _guard = tch::no_grad_guard();
-        let Some(norm) = self.global_grad_norm()? else {
-            self.apply(lr, None)?;
-            return Ok(CheckedStep::Applied { grad_norm: None });
+        let norm = self.global_grad_norm()?;
+        let mut applied = match (&norm, self.groups.first()) {
+            (Some(norm), _) => norm.f_isfinite()?,
+            (None, Some(group)) => Tensor::f_ones([], (Kind::Bool, group.step.device()))?,
+            (None, None) => Tensor::f_ones([], (Kind::Bool, Device::Cpu))?,
         };
-        let grad_norm = norm.f_double_value(&[])?;
-        if !grad_norm.is_finite() {
-            return Ok(CheckedStep::Skipped { grad_norm });
+        if let Some(found_inf) = found_inf {
+            applied = applied.f_logical_and(&found_inf.f_eq(0.0)?)?;
         }
-        self.apply(lr, Some(&norm))?;
-        Ok(CheckedStep::Applied { grad_norm: Some(grad_norm) })
+        self.apply(lr, norm.as_ref(), Some(&applied))?;
+        Ok(GatedStep { applied, grad_norm: norm })
     }
 
-    /// The update itself, given the global gradient norm.
-    fn apply(&mut self, lr: f64, global_norm: Option<&Tensor>) -> Result<(), TrainError> {
+    /// The update itself, given the global gradient norm; with `gate` (a
+    /// 0-d bool tensor) every new value is taken only where it is true.
+    fn apply(
+        &mut self,
+        lr: f64,
+        global_norm: Option<&Tensor>,
+        gate: Option<&Tensor>,
+    ) -> Result<(), TrainError> {
         let clip = match (global_norm, self.config.max_grad_norm) {
             (Some(norm), Some(max)) => Some(norm.f_div_scalar(max)?.f_clamp_min(1.0)?),
             _ => None,
@@ -238,12 +258,20 @@ impl Lamb {
         let [beta1, beta2] = self.config.betas;
         let beta3 = 1.0 - beta1;
         for group in &mut self.groups {
-            group.step += 1;
-            let step = group.step as i32;
-            let bias_correction1 = 1.0 - beta1.powi(step);
-            let bias_correction2 = 1.0 - beta2.powi(step);
-            let bc2_sqrt = bias_correction2.sqrt();
-            let scale = bc2_sqrt / bias_correction1;
+            let device = group.step.device();
+            let double = |v: f64| Tensor::f_full([], v, (Kind::Double, device));
+            let step = group.step.f_add_scalar(1.0)?;
+            // As timm, in f64: 1 - beta ** step.
+            let bias_correction1 = double(beta1)?.f_pow(&step)?.f_neg()?.f_add_scalar(1.0)?;
+            let bias_correction2 = double(beta2)?.f_pow(&step)?.f_neg()?.f_add_scalar(1.0)?;
+            let bc2_sqrt = bias_correction2.f_sqrt()?;
+            let scale = bc2_sqrt.f_div(&bias_correction1)?;
+            let scale_f32 = scale.f_to_kind(Kind::Float)?;
+            let eps = bc2_sqrt.f_mul_scalar(self.config.eps)?;
+            // -lr * scale, rounded to f32 once, as a Python float is when it
+            // multiplies an f32 tensor.
+            let neg_lr_scale = scale.f_mul_scalar(-lr)?.f_to_kind(Kind::Float)?;
+            let decay_over_scale = double(group.weight_decay)?.f_div(&scale)?;
             let adapt = group.weight_decay != 0.0 || self.config.always_adapt;
             for slot in &mut group.params {
                 let grad = slot.param.grad();
@@ -254,23 +282,25 @@ impl Lamb {
                     Some(c) => grad.f_div(c)?,
                     None => grad,
                 };
-                let _ = slot.exp_avg.f_lerp_(&grad, beta3)?;
-                let _ = slot.exp_avg_sq.f_mul_scalar_(beta2)?;
+                let exp_avg = slot.exp_avg.f_lerp(&grad, beta3)?;
                 // PyTorch's addcmul_(g, g, value=c) computes v + (c * g) * g.
-                let _ = slot.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+                let exp_avg_sq = slot
+                    .exp_avg_sq
+                    .f_mul_scalar(beta2)?
+                    .f_addcmul(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
                 // As timm's multi-tensor path: the bias corrections are folded
                 // into scalars (m_hat / (sqrt(v_hat) + eps) == scale * m /
                 // (sqrt(v) + eps * sqrt(bc2)), scale = sqrt(bc2) / bc1), which
                 // saves full passes over every parameter.
-                let mut denom = slot.exp_avg_sq.f_sqrt()?;
-                let _ = denom.f_add_scalar_(self.config.eps * bc2_sqrt)?;
-                let mut update = slot.exp_avg.f_div(&denom)?;
+                let mut denom = exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_add_(&eps)?;
+                let mut update = exp_avg.f_div(&denom)?;
                 if group.weight_decay != 0.0 {
-                    let _ = update.f_add_(&slot.param.f_mul_scalar(group.weight_decay / scale)?)?;
+                    let _ = update.f_add_(&slot.param.f_mul(&decay_over_scale)?)?;
                 }
-                if adapt {
+                let param = if adapt {
                     let w_norm = slot.param.f_norm()?;
-                    let u_norm = update.f_norm()?.f_mul_scalar(scale)?;
+                    let u_norm = update.f_norm()?.f_mul(&scale_f32)?;
                     let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
                     let ratio = w_norm.f_div(&u_norm)?;
                     let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
@@ -278,13 +308,17 @@ impl Lamb {
                     if self.config.trust_clip {
                         ratio = ratio.f_clamp_max(1.0)?;
                     }
-                    let step_size = ratio.f_mul_scalar(-lr * scale)?;
-                    let _ = slot.param.f_addcmul_(&update, &step_size)?;
+                    let step_size = ratio.f_mul(&neg_lr_scale)?;
+                    slot.param.f_addcmul(&update, &step_size)?
                 } else {
-                    let _ = update.f_mul_scalar_(-lr * scale)?;
-                    let _ = slot.param.f_add_(&update)?;
-                }
+                    let _ = update.f_mul_(&neg_lr_scale)?;
+                    slot.param.f_add(&update)?
+                };
+                take(&mut slot.exp_avg, &exp_avg, gate)?;
+                take(&mut slot.exp_avg_sq, &exp_avg_sq, gate)?;
+                take(&mut slot.param, &param, gate)?;
             }
+            take(&mut group.step, &step, gate)?;
         }
         Ok(())
     }
@@ -299,16 +333,21 @@ impl Lamb {
         out
     }
 
-    /// The step counts.
-    pub fn steps(&self) -> LambSteps {
-        LambSteps { group_steps: self.groups.iter().map(|g| g.step).collect() }
+    /// The step counts (a host read).
+    pub fn steps(&self) -> Result<LambSteps, TrainError> {
+        let group_steps = self
+            .groups
+            .iter()
+            .map(|g| Ok(host_read::f64_of(&g.step)? as u64))
+            .collect::<Result<_, TchError>>()?;
+        Ok(LambSteps { group_steps })
     }
 
     /// Sets the step counts (the moments are restored separately).
     pub fn load_steps(&mut self, steps: &LambSteps) -> Result<(), LambStateError> {
         self.check_group_count(steps)?;
         for (group, &step) in self.groups.iter_mut().zip(&steps.group_steps) {
-            group.step = step;
+            set_step(group, step)?;
         }
         Ok(())
     }
@@ -323,7 +362,7 @@ impl Lamb {
         let mut by_name: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         let _guard = tch::no_grad_guard();
         for (group, &step) in self.groups.iter_mut().zip(&steps.group_steps) {
-            group.step = step;
+            set_step(group, step)?;
             let group_name = group.name();
             for slot in &mut group.params {
                 for (prefix, target) in
@@ -366,7 +405,30 @@ impl Lamb {
     }
 }
 
+/// `current` becomes `new` (in place), or, with `gate`, only where the
+/// gate is true (a select on the device: NaN in `new` is not taken).
+fn take(current: &mut Tensor, new: &Tensor, gate: Option<&Tensor>) -> Result<(), TchError> {
+    match gate {
+        None => current.f_copy_(new),
+        Some(gate) => {
+            // Element by element in place: `current` is both an input and
+            // the output, at the same positions.
+            let _ = new.f_where_self_out(current, gate, current)?;
+            Ok(())
+        }
+    }
+}
+
+/// Sets a group's step count (a value from the host).
+fn set_step(group: &mut Group, step: u64) -> Result<(), LambStateError> {
+    group.step.f_fill_(step as f64).map(|_| ()).map_err(|source| LambStateError::Copy {
+        key: format!("step count of group {}", group.name()),
+        source,
+    })
+}
+
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -412,8 +474,8 @@ mod tests {
         for (_, t) in fresh.state_tensors() {
             let _ = t.detach().zero_();
         }
-        fresh.load_state(saved.state_tensors(), &saved.steps()).unwrap();
-        assert_eq!(fresh.steps(), LambSteps { group_steps: vec![1, 1] });
+        fresh.load_state(saved.state_tensors(), &saved.steps().unwrap()).unwrap();
+        assert_eq!(fresh.steps().unwrap(), LambSteps { group_steps: vec![1, 1] });
         for ((name, a), (_, b)) in saved.state_tensors().iter().zip(fresh.state_tensors()) {
             assert!(a.equal(&b), "{name} differs after the restore");
             assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} is all zeros");
@@ -421,22 +483,23 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_gradient_changes_nothing() {
+    fn a_non_finite_gradient_or_a_found_inf_changes_nothing() {
         let mut lamb = optimizer();
         let params: Vec<Tensor> =
             lamb.groups.iter().flat_map(|g| g.params.iter()).map(|s| s.param.copy()).collect();
         let moments: Vec<Tensor> =
             lamb.state_tensors().into_iter().map(|(_, t)| t.copy()).collect();
-        let steps = lamb.steps();
-        for poison in [f64::NAN, f64::INFINITY] {
+        let steps = lamb.steps().unwrap();
+        let no_inf = Tensor::from(0.0f32);
+        let cases = [(f64::NAN, &no_inf), (f64::INFINITY, &no_inf), (1.0, &Tensor::from(1.0f32))];
+        for (poison, found_inf) in cases {
             let mut grad = lamb.groups[1].params[0].param.grad();
             let _ = grad.fill_(1.0);
             let _ = grad.get(0).get(1).fill_(poison);
-            let outcome = lamb.step_if_finite(0.01).unwrap();
-            assert!(
-                matches!(outcome, CheckedStep::Skipped { grad_norm } if !grad_norm.is_finite()),
-                "{outcome:?}"
-            );
+            let outcome = lamb.step_unless_nonfinite(0.01, Some(found_inf)).unwrap();
+            assert!(!outcome.applied.is_nonzero(), "applied with {poison} and {found_inf}");
+            let norm = outcome.grad_norm.unwrap().double_value(&[]);
+            assert_eq!(norm.is_finite(), poison.is_finite(), "norm {norm}");
             let after = lamb.groups.iter().flat_map(|g| g.params.iter()).map(|s| &s.param);
             for (a, b) in params.iter().zip(after) {
                 assert!(a.equal(b), "a parameter changed");
@@ -444,15 +507,36 @@ mod tests {
             for (a, (name, b)) in moments.iter().zip(lamb.state_tensors()) {
                 assert!(a.equal(&b), "{name} changed");
             }
-            assert_eq!(lamb.steps(), steps);
+            assert_eq!(lamb.steps().unwrap(), steps);
         }
         let _ = lamb.groups[1].params[0].param.grad().fill_(0.5);
-        let outcome = lamb.step_if_finite(0.01).unwrap();
-        assert!(
-            matches!(outcome, CheckedStep::Applied { grad_norm: Some(n) } if n > 0.0),
-            "{outcome:?}"
-        );
-        assert_eq!(lamb.steps(), LambSteps { group_steps: vec![2, 2] });
+        let outcome = lamb.step_unless_nonfinite(0.01, Some(&no_inf)).unwrap();
+        assert!(outcome.applied.is_nonzero());
+        assert!(outcome.grad_norm.unwrap().double_value(&[]) > 0.0);
+        assert_eq!(lamb.steps().unwrap(), LambSteps { group_steps: vec![2, 2] });
+        let after = lamb.groups.iter().flat_map(|g| g.params.iter()).map(|s| &s.param);
+        assert!(params.iter().zip(after).all(|(a, b)| !a.equal(b)), "every parameter moves");
+    }
+
+    #[test]
+    fn the_gated_step_equals_the_plain_step_when_applied() {
+        let mut plain = optimizer();
+        let mut gated = optimizer();
+        for lamb in [&mut plain, &mut gated] {
+            for slot in lamb.groups.iter().flat_map(|g| g.params.iter()) {
+                let _ = slot.param.grad().fill_(0.25);
+            }
+        }
+        plain.step(0.01).unwrap();
+        let applied = gated.step_unless_nonfinite(0.01, None).unwrap().applied;
+        assert!(applied.is_nonzero());
+        for ((name, a), (_, b)) in plain.state_tensors().iter().zip(gated.state_tensors()) {
+            assert!(a.equal(&b), "{name} differs");
+        }
+        for (a, b) in plain.parameters().iter().zip(gated.parameters()) {
+            assert!(a.equal(&b), "a parameter differs");
+        }
+        assert_eq!(plain.steps().unwrap(), gated.steps().unwrap());
     }
 
     #[test]
@@ -468,7 +552,7 @@ mod tests {
     #[test]
     fn missing_misshapen_and_extra_tensors_are_named() {
         let mut lamb = optimizer();
-        let steps = lamb.steps();
+        let steps = lamb.steps().unwrap();
 
         let mut tensors = lamb.state_tensors();
         tensors.retain(|(name, _)| name != "exp_avg_sq.fc.weight");

@@ -4,6 +4,7 @@
 //! parameter groups), [`schedule`] (cosine with warmup, stepped per epoch or per update),
 //! [`precision`] (what `precision: auto` picks on this CPU or GPU),
 //! [`grad_scaler`] (fp16's dynamic loss scaling, torch's `GradScaler`),
+//! [`host_read`] (every read of a device value on the host, counted),
 //! [`checkpoint`] (committed with a manifest of checksums, verified on
 //! resume), [`ddp`] (data parallelism over a collective), [`overlap`]
 //! (gradient buckets reduced during the backward pass), [`from_recipe`]
@@ -24,6 +25,7 @@ pub mod error;
 pub mod evaluation;
 pub mod from_recipe;
 pub mod grad_scaler;
+pub mod host_read;
 pub mod lamb;
 pub mod loss;
 pub mod overlap;

@@ -62,6 +62,7 @@ impl Loss {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use tch::{Device, Kind};

@@ -325,6 +325,7 @@ fn reduce_as_ready(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::ddp::tests::{on_ring, Counting};

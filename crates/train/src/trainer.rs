@@ -24,7 +24,7 @@
 //! checkpoint is also written mid-epoch every N updates, with the position
 //! and the epoch's loss so far (see [`checkpoint`]).
 //!
-//! Non-finite values: every update reads the global gradient norm (which
+//! Non-finite values: every update checks the global gradient norm (which
 //! LAMB computes anyway for clipping) and skips the update when it is NaN or
 //! infinite: no parameter, moment, step count or BN statistic changes (the
 //! BN buffers are restored from a copy taken before the forward passes). The
@@ -34,6 +34,20 @@
 //! [`TrainError::NonFiniteUpdates`], and no checkpoint is ever written from
 //! non-finite weights. With data parallelism every rank holds the same
 //! reduced gradients and so skips the same updates, without a collective.
+//!
+//! No host read within an update: the skip is decided on the device
+//! ([`Lamb::step_unless_nonfinite`], the loss scaler's own kernels, the BN
+//! buffers selected there), and each update leaves a small record of what
+//! it did on the device. The host reads them all at once at the next sync
+//! point, the only places where the host waits for the device: a log step
+//! (every `runtime.log_every_steps`), a mid-epoch checkpoint, an epoch's
+//! last update, and the end of `max_updates`. There the skipped updates are
+//! counted, logged and checked against `runtime.max_nonfinite_updates` (an
+//! error still names the update that reached the limit; the updates run
+//! past it until the sync point were all skipped too, or the streak would
+//! have ended, so nothing changed), and the ranks vote on a stop
+//! ([`RunOptions::stop`]). [`crate::host_read`] counts the reads and those
+//! made within an update, which stay at zero.
 //!
 //! fp16 (`runtime.precision: fp16`) adds torch's dynamic loss scaler
 //! ([`crate::grad_scaler`]): the loss is scaled before the backward passes,
@@ -63,7 +77,8 @@ use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
 use crate::from_recipe;
 use crate::grad_scaler::GradScaler;
-use crate::lamb::{CheckedStep, Lamb};
+use crate::host_read;
+use crate::lamb::Lamb;
 use crate::loss::Loss;
 use crate::overlap::GradientBuckets;
 use crate::report::{MetricsLog, Progress, Records};
@@ -121,7 +136,8 @@ pub struct RunOptions {
     /// Write which dataset indices every update consumed into
     /// `samples/rank-N.jsonl` of the run folder (see [`crate::sample_trace`]).
     pub trace_samples: bool,
-    /// When requested (a signal), the run stops after the current update,
+    /// When requested (a signal), the run stops at the next sync point (a
+    /// log step, checkpoint or epoch end: see the module documentation),
     /// every rank after the same one, rank 0 having written a checkpoint of
     /// that position, and `run` fails with [`TrainError::Stopped`] (see
     /// [`crate::stop`]). At an epoch's last update the stop waits for the
@@ -231,8 +247,10 @@ pub struct Trainer {
     /// Copies of the BN buffers from before the current update's forward
     /// passes, restored when the update is skipped.
     buffer_backup: Vec<Tensor>,
-    /// Non-finite updates in a row, up to the current one.
+    /// Non-finite updates in a row, up to the last one read.
     nonfinite_streak: u64,
+    /// Updates whose records are still on the device (read at the next sync point).
+    pending: Vec<PendingUpdate>,
     /// The dynamic loss scaler of an fp16 run.
     scaler: Option<GradScaler>,
     /// The ranks agreed to stop (see [`RunOptions::stop`]) at an epoch's
@@ -269,13 +287,11 @@ impl LossWindow {
         })
     }
 
-    /// Adds an update: its loss when it was applied, `None` when skipped.
-    fn add(&mut self, loss: Option<&Tensor>) -> Result<(), TrainError> {
+    /// Adds an update: its loss where `applied` (a 0-d bool tensor) holds,
+    /// on the device. Its skip is counted when the records are read.
+    fn add(&mut self, loss: &Tensor, applied: &Tensor) -> Result<(), TrainError> {
         self.updates += 1;
-        match loss {
-            Some(loss) => self.loss = self.loss.f_add(loss)?,
-            None => self.skipped += 1,
-        }
+        self.loss = self.loss.f_add(&loss.f_where_scalarother(applied, 0.0)?)?;
         Ok(())
     }
 
@@ -288,19 +304,37 @@ impl LossWindow {
 /// An epoch's training, before the end-of-epoch work.
 type EpochTraining = LossWindow;
 
-/// What one update did.
-enum UpdateOutcome {
-    /// Applied; this rank's share of its loss, on the device.
-    Applied(Tensor),
-    /// Skipped: the global gradient norm was not finite, or (fp16) the
-    /// scaled gradients held an inf or NaN.
-    Skipped {
-        /// The norm (of the unscaled gradients).
-        grad_norm: f64,
-        /// fp16: the loss scale the update ran at (before its backoff).
-        loss_scale: Option<f32>,
-    },
+/// What one update did, on the device.
+struct UpdateOnDevice {
+    /// This rank's share of the update's loss.
+    loss: Tensor,
+    /// A 0-d bool: whether the update was applied.
+    applied: Tensor,
+    /// The update's record: see [`PendingUpdate`].
+    record: Tensor,
 }
+
+/// An update whose record is still on the device: a 1-d f64 tensor of the
+/// [`RECORD_LEN`] values at the `RECORD_*` indices.
+#[derive(Debug)]
+struct PendingUpdate {
+    epoch: u64,
+    update: u64,
+    record: Tensor,
+}
+
+/// 1 when the update was applied, 0 when it was skipped.
+const RECORD_APPLIED: usize = 0;
+/// The global gradient norm before clipping (NaN when no parameter had a gradient).
+const RECORD_GRAD_NORM: usize = 1;
+/// fp16: 1 when the scaled gradients held an inf or NaN (0 without a scaler).
+const RECORD_FOUND_INF: usize = 2;
+/// fp16: the loss scale the update ran at (NaN without a scaler).
+const RECORD_SCALE: usize = 3;
+/// fp16: the loss scale after the update (NaN without a scaler).
+const RECORD_NEXT_SCALE: usize = 4;
+/// Values in a record.
+const RECORD_LEN: usize = 5;
 
 /// What the epochs of one invocation share.
 struct Invocation {
@@ -342,7 +376,7 @@ impl Trainer {
             next_epoch: 0,
             next_step: 0,
             updates: 0,
-            optimizer: optimizer.steps(),
+            optimizer: optimizer.steps()?,
             replaced_samples: 0,
             best_top1: None,
             best_epoch: None,
@@ -352,7 +386,9 @@ impl Trainer {
             nonfinite_streak: 0,
             scaler: None,
         };
-        let mut scaler = (recipe.runtime.precision == Precision::Fp16).then(GradScaler::default);
+        let mut scaler = (recipe.runtime.precision == Precision::Fp16)
+            .then(|| GradScaler::with_defaults(device))
+            .transpose()?;
         if let Some(resume) = &options.resume {
             let verified = match &options.recipe_check {
                 RecipeCheck::ExplainedBy(overrides) => check_resume(resume, &recipe, overrides)?,
@@ -364,11 +400,12 @@ impl Trainer {
             // checkpoint without a scaler (trained in another precision)
             // starts a fresh one, as timm's `--resume` does.
             if let (Some(scaler), Some(saved)) = (&mut scaler, &state.scaler) {
-                *scaler =
-                    GradScaler::from_state(saved).map_err(|problem| TrainError::Checkpoint {
+                *scaler = GradScaler::from_state(saved, device).map_err(|problem| {
+                    TrainError::Checkpoint {
                         path: path.to_path_buf(),
                         problem: format!("scaler: {problem}"),
-                    })?;
+                    }
+                })?;
             }
             check_batch(path, state.batch, batch)?;
             state.batch = Some(batch);
@@ -402,6 +439,7 @@ impl Trainer {
             eval_sets,
             records,
             nonfinite_streak: state.nonfinite_streak,
+            pending: Vec::new(),
             state,
             sampler,
             trace: None,
@@ -433,6 +471,7 @@ impl Trainer {
         let what = "broadcast of the start state (weights, buffers, optimizer state) from rank 0";
         reduce_tensors(collective, calls, &tensors, Reduction::Broadcast(0), what)?;
         let so_far = self.state.epoch_so_far;
+        let scaler_state = self.scaler.as_ref().map(GradScaler::state).transpose()?;
         let mut position = vec![
             self.state.next_epoch,
             self.state.next_step,
@@ -440,8 +479,8 @@ impl Trainer {
             so_far.updates,
             so_far.skipped,
             self.nonfinite_streak,
-            self.scaler.as_ref().map_or(0, |s| u64::from(s.scale().to_bits())),
-            self.scaler.as_ref().map_or(0, |s| u64::from(s.growth_tracker())),
+            scaler_state.map_or(0, |s| u64::from((s.scale as f32).to_bits())),
+            scaler_state.map_or(0, |s| s.growth_tracker),
         ];
         position.extend(self.state.optimizer.group_steps.iter().copied());
         let what = "broadcast of the start position from rank 0";
@@ -455,11 +494,10 @@ impl Trainer {
         self.state.epoch_so_far =
             EpochSoFar { loss_sum, updates: position[3], skipped: position[4] };
         self.nonfinite_streak = position[5];
-        if let Some(scaler) = &mut self.scaler {
-            let mut state = scaler.state();
+        if let (Some(scaler), Some(mut state)) = (&mut self.scaler, scaler_state) {
             state.scale = f64::from(f32::from_bits(position[6] as u32));
             state.growth_tracker = position[7];
-            *scaler = GradScaler::from_state(&state)
+            *scaler = GradScaler::from_state(&state, self.options.device)
                 .map_err(|p| TrainError::Recipe(format!("loss scaler from rank 0: {p}")))?;
         }
         self.state.optimizer.group_steps = position[8..].to_vec();
@@ -626,8 +664,8 @@ impl Trainer {
         let mut squares = 0.0;
         for (_, p) in self.model.named_parameters() {
             let p = p.f_to_kind(Kind::Double)?;
-            sum += p.f_sum(Kind::Double)?.f_double_value(&[])?;
-            squares += p.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            sum += host_read::f64_of(&p.f_sum(Kind::Double)?)?;
+            squares += host_read::f64_of(&p.f_square()?.f_sum(Kind::Double)?)?;
         }
         Ok((sum, squares))
     }
@@ -700,20 +738,18 @@ impl Trainer {
             if self.reached_max_updates(invocation) {
                 return Ok(None);
             }
+            let span = host_read::UpdateSpan::open();
             let update = epoch * steps + step;
             let lr = self.schedule.lr(update);
             let batches = self.sampler.next_update();
             self.trace_update(invocation.start_update, update, epoch, step, &batches)?;
-            let outcome = self.update(update, epoch, step, &batches, lr, &mut loader)?;
+            let done = self.update(update, epoch, step, &batches, lr, &mut loader)?;
             if self.options.checksum_every_update {
                 self.record_checksum(update + 1)?;
             }
-            let update_loss = match &outcome {
-                UpdateOutcome::Applied(loss) => Some(loss),
-                UpdateOutcome::Skipped { .. } => None,
-            };
-            window.add(update_loss)?;
-            epoch_window.add(update_loss)?;
+            window.add(&done.loss, &done.applied)?;
+            epoch_window.add(&done.loss, &done.applied)?;
+            self.pending.push(PendingUpdate { epoch, update, record: done.record });
             invocation.updates += 1;
             self.state.updates = update + 1;
             invocation.progress.update_done();
@@ -725,30 +761,30 @@ impl Trainer {
                 };
                 self.publish(first, &invocation.progress)?;
             }
-            match outcome {
-                UpdateOutcome::Skipped { loss_scale: Some(scale), .. } if scale > 1.0 => {
-                    self.log_overflow(epoch, update, scale);
-                }
-                UpdateOutcome::Skipped { grad_norm, .. } => {
-                    self.count_nonfinite(epoch, update, grad_norm)?;
-                }
-                UpdateOutcome::Applied(_) => self.nonfinite_streak = 0,
-            }
-            // A window of skipped updates only has no loss to report: it is
-            // reported with the next log step that has one.
-            if (update + 1).is_multiple_of(log_every) && window.applied() > 0 {
-                self.log_step(epoch, update, lr, &window, &invocation.progress)?;
-                window = LossWindow::new(device)?;
-            }
+            drop(span);
+            // The sync points: the only places where the host reads values
+            // of the device (see the module documentation).
+            let log_point = (update + 1).is_multiple_of(log_every);
             // The epoch's end writes its own checkpoint.
             let periodic = checkpoint_every > 0
                 && (update + 1).is_multiple_of(checkpoint_every)
                 && step + 1 < steps;
+            let last = step + 1 == steps;
+            if !(log_point || periodic || last || self.reached_max_updates(invocation)) {
+                continue;
+            }
+            self.read_pending_updates(&mut [&mut window, &mut epoch_window])?;
+            // A window of skipped updates only has no loss to report: it is
+            // reported with the next log step that has one.
+            if log_point && window.applied() > 0 {
+                self.log_step(epoch, update, lr, &window, &invocation.progress)?;
+                window = LossWindow::new(device)?;
+            }
             if periodic {
                 self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
             }
-            if self.stop_agreed(update)? {
-                if step + 1 == steps {
+            if (log_point || periodic || last) && self.stop_agreed(update)? {
+                if last {
                     // The epoch's end (next) writes the checkpoint.
                     self.stopping = true;
                     break;
@@ -762,7 +798,36 @@ impl Trainer {
         Ok(Some(epoch_window))
     }
 
-    /// Whether the ranks agree to stop after `update` (see
+    /// Reads the records of the updates since the last sync point, all at
+    /// once, and accounts for them in order: skips counted in `windows`,
+    /// fp16 overflows logged, non-finite updates counted towards
+    /// `runtime.max_nonfinite_updates` (which stops the run).
+    fn read_pending_updates(&mut self, windows: &mut [&mut LossWindow]) -> Result<(), TrainError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let records: Vec<Tensor> = pending.iter().map(|p| p.record.shallow_clone()).collect();
+        let values = host_read::f64s_of(&Tensor::f_stack(&records, 0)?)?;
+        for (p, record) in pending.iter().zip(values.chunks_exact(RECORD_LEN)) {
+            if record[RECORD_APPLIED] == 1.0 {
+                self.nonfinite_streak = 0;
+                continue;
+            }
+            for window in windows.iter_mut() {
+                window.skipped += 1;
+            }
+            let scale = record[RECORD_SCALE];
+            if record[RECORD_FOUND_INF] != 0.0 && scale > 1.0 {
+                self.log_overflow(p.epoch, p.update, scale, record[RECORD_NEXT_SCALE]);
+            } else {
+                self.count_nonfinite(p.epoch, p.update, record[RECORD_GRAD_NORM])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the ranks agree to stop after `update`, a sync point (see
     /// [`RunOptions::stop`]): one vote, summed over the ranks, when a stop
     /// can be requested at all.
     fn stop_agreed(&mut self, update: u64) -> Result<bool, TrainError> {
@@ -828,7 +893,7 @@ impl Trainer {
         trained: &LossWindow,
     ) -> Result<(), TrainError> {
         self.reduce_batch_norm_statistics(epoch)?;
-        let mut loss_sum = [trained.loss.f_double_value(&[])?];
+        let mut loss_sum = [host_read::f64_of(&trained.loss)?];
         self.sum_over_ranks(
             &mut loss_sum,
             "sum of the epoch's loss before a mid-epoch checkpoint",
@@ -838,10 +903,10 @@ impl Trainer {
         }
         self.state.next_epoch = epoch;
         self.state.next_step = next_step;
-        self.state.optimizer = self.optimizer.steps();
+        self.state.optimizer = self.optimizer.steps()?;
         self.state.replaced_samples = self.train.bad_files().replacements();
         self.state.nonfinite_streak = self.nonfinite_streak;
-        self.state.scaler = self.scaler.as_ref().map(GradScaler::state);
+        self.state.scaler = self.scaler.as_ref().map(GradScaler::state).transpose()?;
         self.state.epoch_so_far = EpochSoFar {
             loss_sum: loss_sum[0],
             updates: trained.updates,
@@ -855,13 +920,13 @@ impl Trainer {
     /// Logs an fp16 update skipped by the loss scaler at a scale above 1:
     /// the scaler's normal work, not counted towards
     /// `runtime.max_nonfinite_updates` (see the module documentation).
-    fn log_overflow(&self, epoch: u64, update: u64, scale: f32) {
+    fn log_overflow(&self, epoch: u64, update: u64, scale: f64, next_scale: f64) {
         if self.rank() == 0 {
             tracing::info!(
                 epoch,
                 update = update + 1,
-                loss_scale = f64::from(scale),
-                next_scale = self.scaler.as_ref().map_or(f64::NAN, |s| f64::from(s.scale())),
+                loss_scale = scale,
+                next_scale,
                 "update skipped: fp16 gradients overflowed at this loss scale; backing off"
             );
         }
@@ -902,7 +967,8 @@ impl Trainer {
     /// (gradients accumulated), gradients summed over the ranks, a LAMB step
     /// unless the global gradient norm is not finite (then the BN buffers
     /// are restored too, and nothing has changed). Returns this rank's share
-    /// of the update's loss, on the device, or the skip.
+    /// of the update's loss, whether it was applied and its record, all on
+    /// the device: nothing here waits for the device.
     fn update(
         &mut self,
         update: u64,
@@ -911,7 +977,7 @@ impl Trainer {
         batches: &[(usize, Vec<usize>)],
         lr: f64,
         loader: &mut Loader<MicroBatch>,
-    ) -> Result<UpdateOutcome, TrainError> {
+    ) -> Result<UpdateOnDevice, TrainError> {
         let total_streams = self.train.num_streams() as f64;
         self.optimizer.zero_grad();
         self.back_up_buffers()?;
@@ -957,30 +1023,45 @@ impl Trainer {
             }
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
         }
-        let mut loss_scale = None;
-        if let Some(scaler) = &mut self.scaler {
-            // torch's order: unscale (checking the scaled gradients), step
-            // unless an inf or NaN was found, update the scale.
-            let scale = scaler.scale();
-            loss_scale = Some(scale);
-            let found_inf = scaler.unscale(&self.optimizer.gradients())?;
-            scaler.update(found_inf);
-            if found_inf {
-                self.restore_buffers()?;
-                let grad_norm = match self.optimizer.global_grad_norm()? {
-                    Some(norm) => norm.f_double_value(&[])?,
-                    None => f64::NAN,
-                };
-                return Ok(UpdateOutcome::Skipped { grad_norm, loss_scale });
+        let device = self.options.device;
+        let nan = || Tensor::f_full([], f64::NAN, (Kind::Double, device));
+        // torch's order: unscale (checking the scaled gradients), step
+        // unless an inf or NaN was found, update the scale.
+        let (found_inf, scale) = match &self.scaler {
+            Some(scaler) => {
+                (Some(scaler.unscale(&self.optimizer.gradients())?), Some(scaler.scale()?))
             }
+            None => (None, None),
+        };
+        let step = self.optimizer.step_unless_nonfinite(lr, found_inf.as_ref())?;
+        if let (Some(scaler), Some(found_inf)) = (&mut self.scaler, &found_inf) {
+            scaler.update(found_inf)?;
         }
-        match self.optimizer.step_if_finite(lr)? {
-            CheckedStep::Applied { .. } => Ok(UpdateOutcome::Applied(update_loss)),
-            CheckedStep::Skipped { grad_norm } => {
-                self.restore_buffers()?;
-                Ok(UpdateOutcome::Skipped { grad_norm, loss_scale })
-            }
-        }
+        self.restore_buffers_unless(&step.applied)?;
+        let as_double = |t: &Tensor| t.f_to_kind(Kind::Double);
+        let record = Tensor::f_stack(
+            &[
+                as_double(&step.applied)?,
+                match &step.grad_norm {
+                    Some(norm) => as_double(norm)?,
+                    None => nan()?,
+                },
+                match &found_inf {
+                    Some(found_inf) => as_double(found_inf)?,
+                    None => Tensor::f_zeros([], (Kind::Double, device))?,
+                },
+                match &scale {
+                    Some(scale) => as_double(scale)?,
+                    None => nan()?,
+                },
+                match &self.scaler {
+                    Some(scaler) => as_double(&scaler.scale()?)?,
+                    None => nan()?,
+                },
+            ],
+            0,
+        )?;
+        Ok(UpdateOnDevice { loss: update_loss, applied: step.applied, record })
     }
 
     /// Copies the BN buffers (running statistics) aside, before the forward
@@ -998,11 +1079,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// Puts the BN buffers back as [`Trainer::back_up_buffers`] found them.
-    fn restore_buffers(&mut self) -> Result<(), TrainError> {
+    /// Puts the BN buffers back as [`Trainer::back_up_buffers`] found them
+    /// unless the update was `applied` (a 0-d bool tensor): a select on the
+    /// device.
+    fn restore_buffers_unless(&mut self, applied: &Tensor) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
         for (backup, (_, buffer)) in self.buffer_backup.iter().zip(self.model.named_buffers()) {
-            buffer.shallow_clone().f_copy_(backup)?;
+            let _ = buffer.f_where_self_out(buffer, applied, backup)?;
         }
         Ok(())
     }
@@ -1012,7 +1095,7 @@ impl Trainer {
         let _guard = tch::no_grad_guard();
         for (name, tensor) in self.model.named_parameters().iter().chain(self.model.named_buffers())
         {
-            if tensor.is_floating_point() && tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0
+            if tensor.is_floating_point() && host_read::i64_of(&tensor.f_isfinite()?.f_all()?)? == 0
             {
                 return Ok(Some(name.clone()));
             }
@@ -1039,7 +1122,7 @@ impl Trainer {
     ) -> Result<(), TrainError> {
         let secs = window.started.elapsed().as_secs_f64();
         let images_per_sec = (window.updates * self.images_per_update()) as f64 / secs.max(1e-9);
-        let mut sum = [window.loss.f_double_value(&[])?];
+        let mut sum = [host_read::f64_of(&window.loss)?];
         self.sum_over_ranks(
             &mut sum,
             &format!("metric sum (loss of the log step at update {})", update + 1),
@@ -1094,7 +1177,7 @@ impl Trainer {
         trained: EpochTraining,
         progress: &Progress,
     ) -> Result<EpochReport, TrainError> {
-        let mut loss_sum = [trained.loss.f_double_value(&[])?];
+        let mut loss_sum = [host_read::f64_of(&trained.loss)?];
         self.sum_over_ranks(
             &mut loss_sum,
             &format!("metric sum (training loss of epoch {epoch})"),
@@ -1132,8 +1215,8 @@ impl Trainer {
         self.state.next_step = 0;
         self.state.epoch_so_far = EpochSoFar::default();
         self.state.nonfinite_streak = self.nonfinite_streak;
-        self.state.scaler = self.scaler.as_ref().map(GradScaler::state);
-        self.state.optimizer = self.optimizer.steps();
+        self.state.scaler = self.scaler.as_ref().map(GradScaler::state).transpose()?;
+        self.state.optimizer = self.optimizer.steps()?;
         self.state.replaced_samples = self.train.bad_files().replacements();
         let report = EpochReport {
             epoch,
