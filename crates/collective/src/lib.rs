@@ -6,8 +6,11 @@
 //!   all-gather, `2 (N-1)/N * S` bytes sent per rank), each chunk pipelined in
 //!   segments so that summing overlaps the transfer.
 //! * [`nccl::NcclCollective`] (feature `nccl`): NCCL through `cudarc`, on
-//!   device memory, on the legacy default CUDA stream that libtorch's default
-//!   stream is, so it is ordered after the kernels that produced the data.
+//!   device memory (f32 or bf16), on a stream of its own that waits for the
+//!   work libtorch's default stream had queued when the collective was
+//!   issued; [`Collective::join`] makes the default stream wait for it in
+//!   turn. So the reduction runs alongside the kernels queued after it (the
+//!   rest of a backward pass) and is ordered before what reads its result.
 //! * [`Single`]: world size 1, every operation a no-op.
 
 pub mod ring;
@@ -94,46 +97,69 @@ impl Buffer<'_> {
     }
 }
 
-/// `len` floats of CUDA device memory at `ptr` on device `device`, to be
-/// reduced in place by a GPU backend.
+/// The element type of a [`CudaBuffer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceElement {
+    /// `f32`, 4 bytes.
+    F32,
+    /// bf16, 2 bytes: summed by the backend in bf16 (as [`Buffer::HostBf16`]),
+    /// only where [`Collective::sums_bf16`] says so.
+    Bf16,
+}
+
+/// `len` elements (f32 or bf16) of CUDA device memory at `ptr` on device
+/// `device`, to be reduced in place by a GPU backend.
 ///
 /// A collective writes through the pointer, so safe code cannot build one:
 /// the only constructor, [`CudaBuffer::new`], is `unsafe`. Its fields are
 /// private:
 ///
 /// ```compile_fail,E0451
-/// let buffer = rsb_collective::CudaBuffer { ptr: 0x1000, len: 4, device: 0 };
+/// let buffer = rsb_collective::CudaBuffer {
+///     ptr: 0x1000,
+///     len: 4,
+///     device: 0,
+///     element: rsb_collective::DeviceElement::F32,
+/// };
 /// ```
 ///
 /// and the constructor needs an `unsafe` block:
 ///
 /// ```compile_fail,E0133
-/// let buffer = rsb_collective::CudaBuffer::new(0x1000, 4, 0);
+/// let buffer =
+///     rsb_collective::CudaBuffer::new(0x1000, 4, 0, rsb_collective::DeviceElement::F32);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CudaBuffer {
     ptr: u64,
     len: usize,
     device: usize,
+    element: DeviceElement,
 }
 
 impl CudaBuffer {
-    /// Describes `len` floats of device memory at `ptr` on CUDA device `device`.
+    /// Describes `len` elements of type `element` of device memory at `ptr`
+    /// on CUDA device `device`.
     ///
     /// # Safety
     ///
-    /// For as long as the returned value (or a [`Buffer`] holding it) is
-    /// used, and until the collective operation it is passed to has completed
-    /// in the order of the stream the backend uses (NCCL: the legacy default
-    /// stream, libtorch's default stream):
+    /// From the call until the collective operation it is passed to has
+    /// completed, which the caller learns by calling [`Collective::join`] on
+    /// that backend after the operation (work queued on libtorch's default
+    /// stream after the join runs after the operation):
     ///
-    /// * `ptr` points to a live allocation of at least `len` contiguous `f32`
-    ///   (`4 * len` bytes) in the memory of CUDA device `device`, which is the
-    ///   device of the communicator the buffer is passed to;
+    /// * `ptr` points to a live allocation of at least `len` contiguous
+    ///   elements of type `element` (4 or 2 bytes each) in the memory of CUDA
+    ///   device `device`, which is the device of the communicator the buffer
+    ///   is passed to, and the values to reduce are written there by work
+    ///   already queued on libtorch's default stream (or done);
     /// * nothing else reads or writes that memory meanwhile (no other mutable
-    ///   alias, no kernel on another stream), and it is not freed or reused.
-    pub unsafe fn new(ptr: u64, len: usize, device: usize) -> CudaBuffer {
-        CudaBuffer { ptr, len, device }
+    ///   alias, no kernel queued on any stream before the join), and it is
+    ///   not freed: the caller keeps the allocation (the tensor) alive until
+    ///   after the join, so that libtorch's caching allocator can only hand
+    ///   it out again to work ordered after the operation.
+    pub unsafe fn new(ptr: u64, len: usize, device: usize, element: DeviceElement) -> CudaBuffer {
+        CudaBuffer { ptr, len, device, element }
     }
 
     /// The device pointer.
@@ -141,12 +167,17 @@ impl CudaBuffer {
         self.ptr
     }
 
-    /// Number of floats.
+    /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether the buffer holds no float.
+    /// The element type.
+    pub fn element(&self) -> DeviceElement {
+        self.element
+    }
+
+    /// Whether the buffer holds no element.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -177,10 +208,20 @@ pub trait Collective: Send {
         false
     }
 
-    /// Whether this backend reduces [`Buffer::HostBf16`] (the TCP ring);
-    /// callers that want bf16 sums otherwise round f32 buffers themselves.
+    /// Whether this backend sums bf16 buffers: [`Buffer::HostBf16`] (the TCP
+    /// ring) or [`DeviceElement::Bf16`] device buffers (NCCL); callers that
+    /// want bf16 sums otherwise round f32 buffers themselves.
     fn sums_bf16(&self) -> bool {
         false
+    }
+
+    /// Orders libtorch's default stream after every collective issued so
+    /// far: work queued there after this call (reading a result, freeing a
+    /// buffer) runs after them. Only a backend that runs its collectives on
+    /// a stream of its own (NCCL) has anything to do; the others complete a
+    /// collective before returning from it. Does not wait on the host.
+    fn join(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
     }
 
     /// Returns once every rank has called it (host memory: backends that

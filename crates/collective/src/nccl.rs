@@ -3,12 +3,18 @@
 //! wheel brings, found through `LD_LIBRARY_PATH`), so nothing NCCL or CUDA is
 //! needed at build time.
 //!
-//! Stream: collectives are enqueued on the legacy default stream (the null
-//! stream), which is libtorch's default stream. Work that libtorch enqueued
-//! before (the backward pass writing the gradients) therefore completes before
-//! the reduction starts, and kernels enqueued after (the optimizer step) wait
-//! for it, without an explicit synchronisation. Code that reads the result on
-//! the host must synchronise the device first, as for any CUDA result.
+//! Streams, as PyTorch's `ProcessGroupNCCL`: collectives run on a stream of
+//! the communicator's own (created non-blocking, so the legacy default
+//! stream does not serialise with it). Each one first makes that stream
+//! wait for an event recorded on libtorch's default stream (the legacy null
+//! stream) when it is issued: the work queued before it (the backward pass
+//! that wrote a bucket's gradients, the copy into the bucket) is done before
+//! it starts. The kernels queued on the default stream after it (the rest of
+//! the backward pass) run alongside. [`Collective::join`] makes the default
+//! stream wait for the last collective's completion event: whatever is
+//! queued there after the join (unpacking the buckets into the gradients,
+//! the optimizer step, a read on the host) sees the results, without the
+//! host waiting. bf16 buffers are reduced as `ncclBfloat16`: half the bytes.
 //!
 //! No hang: the communicator is created non-blocking (`ncclConfig_t`
 //! `blocking = 0`), so no NCCL call blocks the host; every call that answers
@@ -31,7 +37,7 @@
 //! dead peer): the watchdog and every failing call abort it, and dropping
 //! one with a recorded failure or unfinished collectives aborts it too.
 
-use crate::{Buffer, Collective, CollectiveError};
+use crate::{Buffer, Collective, CollectiveError, DeviceElement};
 use cudarc::driver::sys as cuda;
 use cudarc::nccl::{result, sys};
 use std::collections::VecDeque;
@@ -148,10 +154,23 @@ fn abort(state: &mut State, why: String) {
     state.failed.get_or_insert(why);
 }
 
-/// One rank's NCCL communicator, with its watchdog.
+/// A CUDA stream, shared with nothing: the communicator's.
+#[derive(Debug)]
+struct CommStream(cuda::CUstream);
+
+// SAFETY: a CUDA stream handle may be used from any thread of the process
+// (with the context current); it is only used by the rank's calls.
+unsafe impl Send for CommStream {}
+
+/// One rank's NCCL communicator, with its stream and its watchdog.
 #[derive(Debug)]
 pub struct NcclCollective {
     shared: Shared,
+    /// The stream the collectives run on.
+    stream: CommStream,
+    /// The CUDA context of the rank's device (made current by each call:
+    /// the overlapped reduction calls from a thread of its own).
+    context: usize,
     rank: usize,
     world: usize,
     timeout: Duration,
@@ -227,6 +246,16 @@ impl NcclCollective {
                 }
             }
         }
+        let mut stream: cuda::CUstream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current on this thread.
+        let created = unsafe {
+            cuda::cuStreamCreate(&mut stream, cuda::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        };
+        if created != cuda::CUresult::CUDA_SUCCESS {
+            let why = format!("rank {rank}: creating the NCCL stream: {created:?}");
+            abort(&mut lock(&shared), why.clone());
+            return Err(CollectiveError::Nccl(why));
+        }
         let context = context as usize;
         let dog = Arc::clone(&shared);
         let watchdog = std::thread::Builder::new()
@@ -235,15 +264,63 @@ impl NcclCollective {
             .map_err(|e| {
                 CollectiveError::Nccl(format!("rank {rank}: starting the watchdog: {e}"))
             })?;
-        Ok(NcclCollective { shared, rank, world, timeout, watchdog: Some(watchdog) })
+        Ok(NcclCollective {
+            shared,
+            stream: CommStream(stream),
+            context,
+            rank,
+            world,
+            timeout,
+            watchdog: Some(watchdog),
+        })
     }
 
-    fn device_buffer(buffer: Buffer<'_>) -> Result<(u64, usize), CollectiveError> {
+    /// The device buffer's pointer, length, NCCL type and the type's name.
+    fn device_buffer(
+        buffer: Buffer<'_>,
+    ) -> Result<(u64, usize, sys::ncclDataType_t, &'static str), CollectiveError> {
         match buffer {
-            Buffer::Cuda(device_memory) => Ok((device_memory.ptr(), device_memory.len())),
+            Buffer::Cuda(memory) => {
+                let (kind, name) = match memory.element() {
+                    DeviceElement::F32 => (sys::ncclDataType_t::ncclFloat32, "f32"),
+                    DeviceElement::Bf16 => (sys::ncclDataType_t::ncclBfloat16, "bf16"),
+                };
+                Ok((memory.ptr(), memory.len(), kind, name))
+            }
             other => {
                 Err(CollectiveError::WrongMemory { backend: "NCCL", location: other.location() })
             }
+        }
+    }
+
+    /// Makes the communicator's stream wait for the work queued so far on
+    /// libtorch's default stream (the legacy null stream).
+    fn wait_for_default_stream(&self) -> Result<(), String> {
+        let mut event: cuda::CUevent = std::ptr::null_mut();
+        // SAFETY: the context is the rank's device's; `event` is a valid
+        // out-pointer, recorded on the null stream, waited on by our stream,
+        // and destroyed (CUDA releases it once the wait no longer needs it).
+        let code = unsafe {
+            let mut code = cuda::cuCtxSetCurrent(self.context as cuda::CUcontext);
+            if code == cuda::CUresult::CUDA_SUCCESS {
+                code = cuda::cuEventCreate(
+                    &mut event,
+                    cuda::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
+                );
+            }
+            if code == cuda::CUresult::CUDA_SUCCESS {
+                code = cuda::cuEventRecord(event, std::ptr::null_mut());
+                if code == cuda::CUresult::CUDA_SUCCESS {
+                    code = cuda::cuStreamWaitEvent(self.stream.0, event, 0);
+                }
+                let _ = cuda::cuEventDestroy_v2(event);
+            }
+            code
+        };
+        if code == cuda::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(format!("ordering the NCCL stream after the default stream: {code:?}"))
         }
     }
 
@@ -252,7 +329,7 @@ impl NcclCollective {
     fn run(
         &mut self,
         what: String,
-        enqueue: impl FnOnce(sys::ncclComm_t) -> sys::ncclResult_t,
+        enqueue: impl FnOnce(sys::ncclComm_t, cuda::CUstream) -> sys::ncclResult_t,
     ) -> Result<(), CollectiveError> {
         let rank = self.rank;
         let mut state = lock(&self.shared);
@@ -262,9 +339,14 @@ impl NcclCollective {
         let Some(comm) = state.comm else {
             return Err(CollectiveError::Nccl(format!("rank {rank}: the communicator is gone")));
         };
+        if let Err(e) = self.wait_for_default_stream() {
+            let why = format!("rank {rank}: {what}: {e}");
+            abort(&mut state, why.clone());
+            return Err(CollectiveError::Nccl(why));
+        }
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let code = enqueue(comm.0);
+        let code = enqueue(comm.0, self.stream.0);
         if !matches!(code, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
             let why = format!("rank {rank}: {what}: NCCL refused it: {code:?}");
             abort(&mut state, why.clone());
@@ -289,14 +371,14 @@ impl NcclCollective {
             }
         }
         let mut event: cuda::CUevent = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the null stream is the legacy default
-        // stream the collective was enqueued on.
+        // SAFETY: valid out-pointer; our stream is the one the collective
+        // was enqueued on.
         let recorded = unsafe {
             cuda::cuEventCreate(
                 &mut event,
                 cuda::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
             ) == cuda::CUresult::CUDA_SUCCESS
-                && cuda::cuEventRecord(event, std::ptr::null_mut()) == cuda::CUresult::CUDA_SUCCESS
+                && cuda::cuEventRecord(event, self.stream.0) == cuda::CUresult::CUDA_SUCCESS
         };
         if !recorded {
             let why = format!("rank {rank}: {what}: recording its CUDA event failed");
@@ -405,6 +487,9 @@ impl Drop for NcclCollective {
                 let _ = unsafe { result::comm_abort(comm.0) };
             }
         }
+        // SAFETY: created in `new`, destroyed once; CUDA releases it once
+        // the work queued on it (if any) is done.
+        let _ = unsafe { cuda::cuStreamDestroy_v2(self.stream.0) };
     }
 }
 
@@ -421,44 +506,60 @@ impl Collective for NcclCollective {
         true
     }
 
+    fn sums_bf16(&self) -> bool {
+        true
+    }
+
     fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
-        let (ptr, len) = Self::device_buffer(buffer)?;
+        let (ptr, len, kind, name) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
-        self.run(format!("ncclAllReduce of {len} floats"), |comm| {
-            // SAFETY: `ptr` is a live device allocation of `len` floats, used by
-            // nothing else until this stream-ordered call completes (the contract
-            // of `CudaBuffer::new`); in-place reduction is allowed by NCCL.
+        self.run(format!("ncclAllReduce of {len} {name}"), |comm, stream| {
+            // SAFETY: `ptr` is a live device allocation of `len` elements of
+            // `kind`, used by nothing else until the caller's join (the
+            // contract of `CudaBuffer::new`); in-place reduction is allowed
+            // by NCCL.
             unsafe {
-                sys::ncclAllReduce(
-                    p,
-                    p,
-                    len,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    std::ptr::null_mut(),
-                )
+                sys::ncclAllReduce(p, p, len, kind, sys::ncclRedOp_t::ncclSum, comm, stream as _)
             }
         })
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
-        let (ptr, len) = Self::device_buffer(buffer)?;
+        let (ptr, len, kind, name) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
-        self.run(format!("ncclBroadcast of {len} floats from rank {root}"), |comm| {
+        self.run(format!("ncclBroadcast of {len} {name} from rank {root}"), |comm, stream| {
             // SAFETY: as for all_reduce_sum.
-            unsafe {
-                sys::ncclBroadcast(
-                    p,
-                    p,
-                    len,
-                    sys::ncclDataType_t::ncclFloat32,
-                    root as i32,
-                    comm,
-                    std::ptr::null_mut(),
-                )
-            }
+            unsafe { sys::ncclBroadcast(p, p, len, kind, root as i32, comm, stream as _) }
         })
+    }
+
+    fn join(&mut self) -> Result<(), CollectiveError> {
+        let rank = self.rank;
+        let mut state = lock(&self.shared);
+        if let Some(failed) = &state.failed {
+            return Err(CollectiveError::Nccl(failed.clone()));
+        }
+        // Our stream runs its collectives in order: waiting for the last
+        // one's event waits for all. An empty queue: the watchdog retired
+        // them all, complete.
+        let Some(last) = state.pending.back() else { return Ok(()) };
+        // SAFETY: the context is the rank's device's; the event is live
+        // while it is in the queue (we hold the lock the watchdog takes to
+        // destroy it), and the null stream is libtorch's default stream.
+        let code = unsafe {
+            match cuda::cuCtxSetCurrent(self.context as cuda::CUcontext) {
+                cuda::CUresult::CUDA_SUCCESS => {
+                    cuda::cuStreamWaitEvent(std::ptr::null_mut(), last.event as cuda::CUevent, 0)
+                }
+                failed => failed,
+            }
+        };
+        if code != cuda::CUresult::CUDA_SUCCESS {
+            let why = format!("rank {rank}: ordering the default stream after NCCL: {code:?}");
+            abort(&mut state, why.clone());
+            return Err(CollectiveError::Nccl(why));
+        }
+        Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {

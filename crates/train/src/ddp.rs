@@ -5,7 +5,7 @@
 //! `--dist-bn reduce`), and metric and evaluation sums are summed.
 //!
 //! One device path: every call, gradients and scalars alike, reduces a flat
-//! f32 tensor on the training device through [`reduce_flat`]. Scalars are
+//! f32 tensor on the training device through `issue_flat`. Scalars are
 //! packed into such a tensor (f64 as two f32 parts, integers as 16-bit
 //! parts, so both stay exact). CUDA memory goes to a backend that reduces
 //! device memory (NCCL) as it is; for the others (the TCP ring) it is staged
@@ -13,10 +13,18 @@
 //! multi-rank CUDA job runs on either backend, and the ring on the CPU runs
 //! exactly the code NCCL runs but for that staging.
 //!
+//! A call is issued, then finished ([`issue_tensors`], [`finish`]): NCCL
+//! runs its collectives on a stream of its own, so a bucket's values are
+//! unpacked into its tensors only after [`Collective::join`], which orders
+//! libtorch's default stream after them without waiting on the host. The
+//! overlapped backward pass issues its buckets as they become ready and
+//! finishes them all once the pass is done; the other calls finish at once.
+//! The ring completes a collective before it returns, so there the join is
+//! a no-op, and the order is the same.
+//!
 //! Gradient buckets may travel as bf16 ([`Reduction::SumBf16`], DDP's
-//! `bf16_compress_hook`): over the ring as bf16 on the wire (half the
-//! bytes), over NCCL rounded to bf16 around an f32 reduction (same values
-//! for two ranks, no saving in bytes: NCCL would need a bf16 `CudaBuffer`).
+//! `bf16_compress_hook`): over the ring and over NCCL as bf16 on the wire
+//! (half the bytes; summed in bf16).
 //!
 //! At world size 1 every call returns at once, unless [`Calls`] asks for
 //! them (`distributed.collectives_at_world_size_one`, to exercise a backend
@@ -24,7 +32,7 @@
 
 use crate::error::TrainError;
 use crate::host_read;
-use rsb_collective::{Buffer, Collective, CollectiveError};
+use rsb_collective::{Buffer, Collective, CollectiveError, DeviceElement};
 use tch::{Device, Kind, Tensor};
 
 /// Floats per bucket: 25 MB of f32.
@@ -69,26 +77,33 @@ fn failed(what: &str, error: CollectiveError) -> TrainError {
     TrainError::Collective { operation: what.to_string(), error }
 }
 
-/// Runs `reduction` on a flat, contiguous f32 tensor in place, on its
-/// device (staged through pinned host memory for a backend that cannot
-/// reduce CUDA memory).
-fn reduce_flat(
+/// Issues `reduction` of a flat, contiguous f32 tensor on its device
+/// (staged through pinned host memory for a backend that cannot reduce
+/// CUDA memory) and returns the tensor that holds the result once the
+/// collective is joined ([`Collective::join`]): `flat` itself, or the bf16
+/// copy that [`Reduction::SumBf16`] reduced. A [`Reduction::Mean`] is
+/// issued as a sum (the division comes after the join). The caller keeps
+/// the returned tensor alive until after the join.
+fn issue_flat(
     collective: &mut dyn Collective,
-    flat: &mut Tensor,
+    flat: Tensor,
     reduction: Reduction,
     what: &str,
-) -> Result<(), TrainError> {
+) -> Result<Tensor, TrainError> {
     let len = flat.numel();
     if len == 0 {
-        return Ok(());
+        return Ok(flat);
     }
     if reduction == Reduction::SumBf16 && !collective.sums_bf16() {
-        // A backend without bf16 sums (NCCL here, whose buffers are f32):
-        // the values are rounded to bf16 before, and the sum rounded after,
-        // as a bf16 all-reduce of two ranks leaves it; the wire carries f32.
-        round_to_bf16(flat)?;
-        reduce_flat(collective, flat, Reduction::Sum, what)?;
-        return round_to_bf16(flat);
+        // A backend without bf16 sums: the values are rounded to bf16
+        // before, and the sum rounded after, as a bf16 all-reduce of two
+        // ranks leaves it; the wire carries f32.
+        let mut flat = flat;
+        round_to_bf16(&mut flat)?;
+        let mut sum = issue_flat(collective, flat, Reduction::Sum, what)?;
+        collective.join().map_err(|e| failed(what, e))?;
+        round_to_bf16(&mut sum)?;
+        return Ok(sum);
     }
     match flat.device() {
         Device::Cpu if reduction == Reduction::SumBf16 => {
@@ -99,47 +114,53 @@ fn reduce_flat(
             // that only this function holds, for the duration of the call.
             let data = unsafe { std::slice::from_raw_parts_mut(half.data_ptr() as *mut u16, len) };
             run(collective, Buffer::HostBf16(data), reduction, what)?;
-            flat.f_copy_(&half)?;
+            Ok(half)
         }
         Device::Cpu => {
             // SAFETY: `flat` is a contiguous f32 CPU tensor of `len` elements
             // that we own exclusively for the duration of the call.
             let data = unsafe { std::slice::from_raw_parts_mut(flat.data_ptr() as *mut f32, len) };
             run(collective, Buffer::Host(data), reduction, what)?;
+            Ok(flat)
         }
         Device::Cuda(device) if collective.reduces_device_memory() => {
-            // SAFETY: `flat` is a contiguous f32 tensor of `len` elements on
-            // CUDA device `device` that we own exclusively and keep alive past
-            // the collective below; the backend enqueues on libtorch's default
-            // stream, so the tensor is neither freed nor reused before it ran.
-            let buffer =
-                unsafe { rsb_collective::CudaBuffer::new(flat.data_ptr() as u64, len, device) };
-            run(collective, Buffer::Cuda(buffer), reduction, what)?;
+            let (buffer, element) = match reduction {
+                // NCCL sums bf16: half the bytes on the wire.
+                Reduction::SumBf16 => {
+                    (flat.f_to_kind(Kind::BFloat16)?.f_contiguous()?, DeviceElement::Bf16)
+                }
+                _ => (flat, DeviceElement::F32),
+            };
+            // SAFETY: `buffer` is a contiguous tensor of `len` elements of
+            // `element` on CUDA device `device`, written by work queued on
+            // libtorch's default stream; we own it exclusively and return it
+            // to the caller, who keeps it alive until after the join.
+            let memory = unsafe {
+                rsb_collective::CudaBuffer::new(buffer.data_ptr() as u64, len, device, element)
+            };
+            run(collective, Buffer::Cuda(memory), reduction, what)?;
+            Ok(buffer)
         }
         Device::Cuda(device) => {
             // The only branch CI cannot run: stage through pinned host memory
-            // (blocking copies), then reduce the host copy like any CPU tensor.
+            // (blocking copies), then reduce the host copy like any CPU
+            // tensor (a host backend completes before it returns).
             let mut host = Tensor::f_empty([len as i64], (Kind::Float, Device::Cpu))?
                 .f_pin_memory(Device::Cuda(device))?;
-            host.f_copy_(flat)?;
-            reduce_flat(collective, &mut host, reduction, what)?;
-            flat.f_copy_(&host)?;
-            return Ok(());
+            host.f_copy_(&flat)?;
+            let reduced = issue_flat(collective, host, reduction, what)?;
+            let mut flat = flat;
+            flat.f_copy_(&reduced)?;
+            Ok(flat)
         }
-        _ => {
-            return Err(failed(
-                what,
-                CollectiveError::WrongMemory {
-                    backend: "rsb-train's data parallelism",
-                    location: "memory other than the host's or CUDA's",
-                },
-            ))
-        }
+        _ => Err(failed(
+            what,
+            CollectiveError::WrongMemory {
+                backend: "rsb-train's data parallelism",
+                location: "memory other than the host's or CUDA's",
+            },
+        )),
     }
-    if let Reduction::Mean = reduction {
-        let _ = flat.f_div_scalar_(collective.world_size() as f64)?;
-    }
-    Ok(())
 }
 
 /// `flat` rounded to bf16 (round to nearest even) and widened back, in place.
@@ -162,25 +183,42 @@ fn run(
     .map_err(|e| failed(what, e))
 }
 
-/// Applies `reduction` to every tensor (in place), packed into buckets of at
-/// most [`BUCKET_FLOATS`] floats in the given order (the same on every rank).
-/// Undefined tensors (parameters without a gradient) are skipped on every
-/// rank alike only if they are undefined everywhere; callers pass gradients
-/// after a backward pass that reached every parameter.
-/// `what` names the call in errors (the bucket number is added).
-pub fn reduce_tensors(
+/// A bucket whose collective has been issued, perhaps not yet completed (a
+/// device backend runs it on a stream of its own): [`finish`] unpacks it
+/// into its tensors after the join. Dropped without [`finish`] only after a
+/// join ([`abandon`]), so that its memory cannot be reused before the
+/// collective that writes it has run.
+#[derive(Debug)]
+pub struct Issued {
+    /// The tensors the bucket packs, in order.
+    targets: Vec<Tensor>,
+    /// The reduced values once joined (f32, or bf16 for [`Reduction::SumBf16`]).
+    result: Tensor,
+    /// [`Reduction::Mean`]: the world size to divide by after the join.
+    mean_over: Option<usize>,
+}
+
+/// Issues `reduction` of every tensor, packed into buckets of at most
+/// [`BUCKET_FLOATS`] floats in the given order (the same on every rank);
+/// [`finish`] completes them. Undefined tensors (parameters without a
+/// gradient) are skipped on every rank alike only if they are undefined
+/// everywhere; callers pass gradients after a backward pass that reached
+/// every parameter. `what` names the call in errors (the bucket number is
+/// added).
+pub fn issue_tensors(
     collective: &mut dyn Collective,
     calls: Calls,
     tensors: &[Tensor],
     reduction: Reduction,
     what: &str,
-) -> Result<(), TrainError> {
+) -> Result<Vec<Issued>, TrainError> {
+    let mut issued = Vec::new();
     if !calls.made(collective) {
-        return Ok(());
+        return Ok(issued);
     }
     let _guard = tch::no_grad_guard();
+    let mean_over = (reduction == Reduction::Mean).then(|| collective.world_size());
     let mut start = 0;
-    let mut bucket_index = 0;
     while start < tensors.len() {
         let mut end = start;
         let mut floats = 0;
@@ -191,25 +229,83 @@ pub fn reduce_tensors(
             end += 1;
         }
         let bucket = &tensors[start..end];
-        let views: Vec<Tensor> = bucket
+        let bucket_what = format!("{what}, bucket {} (tensors {start}..{end})", issued.len() + 1);
+        let packed = bucket
             .iter()
             .map(|t| t.f_to_kind(Kind::Float)?.f_reshape([-1]))
-            .collect::<Result<_, _>>()?;
-        let mut flat = Tensor::f_cat(&views, 0)?.f_contiguous()?;
-        bucket_index += 1;
-        let bucket_what = format!("{what}, bucket {bucket_index} (tensors {start}..{end})");
-        reduce_flat(collective, &mut flat, reduction, &bucket_what)?;
-        let mut offset = 0;
-        for t in bucket {
-            let n = t.numel() as i64;
-            let mut target = t.shallow_clone();
-            let part = flat.f_narrow(0, offset, n)?.f_view(t.size().as_slice())?;
-            target.f_copy_(&part)?;
-            offset += n;
+            .collect::<Result<Vec<Tensor>, _>>()
+            .and_then(|views| Tensor::f_cat(&views, 0)?.f_contiguous());
+        let result = match packed {
+            Ok(flat) => issue_flat(collective, flat, reduction, &bucket_what),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(result) => issued.push(Issued {
+                targets: bucket.iter().map(Tensor::shallow_clone).collect(),
+                result,
+                mean_over,
+            }),
+            Err(e) => {
+                abandon(collective, issued);
+                return Err(e);
+            }
         }
         start = end;
     }
+    Ok(issued)
+}
+
+/// Joins the issued buckets' collectives and unpacks every bucket into its
+/// tensors (dividing by the world size for a mean). `what` names the join
+/// in errors.
+pub fn finish(
+    collective: &mut dyn Collective,
+    issued: Vec<Issued>,
+    what: &str,
+) -> Result<(), TrainError> {
+    if issued.is_empty() {
+        return Ok(());
+    }
+    collective.join().map_err(|e| failed(what, e))?;
+    let _guard = tch::no_grad_guard();
+    for bucket in issued {
+        let result = match bucket.mean_over {
+            Some(world) => bucket.result.f_div_scalar(world as f64)?,
+            None => bucket.result,
+        };
+        let mut offset = 0;
+        for t in &bucket.targets {
+            let n = t.numel() as i64;
+            let part = result.f_narrow(0, offset, n)?.f_view(t.size().as_slice())?;
+            t.shallow_clone().f_copy_(&part)?;
+            offset += n;
+        }
+    }
     Ok(())
+}
+
+/// Drops issued buckets that will not be finished (a later call failed),
+/// after a join, so that their memory is not reused before their
+/// collectives ran. The join's own failure is the backend's, already
+/// reported by the failure that got us here.
+pub fn abandon(collective: &mut dyn Collective, issued: Vec<Issued>) {
+    if !issued.is_empty() {
+        let _ = collective.join();
+    }
+    drop(issued);
+}
+
+/// Applies `reduction` to every tensor (in place): [`issue_tensors`], then
+/// [`finish`].
+pub fn reduce_tensors(
+    collective: &mut dyn Collective,
+    calls: Calls,
+    tensors: &[Tensor],
+    reduction: Reduction,
+    what: &str,
+) -> Result<(), TrainError> {
+    let issued = issue_tensors(collective, calls, tensors, reduction, what)?;
+    finish(collective, issued, what)
 }
 
 /// Sums a few host scalars over ranks (metrics, evaluation counts), packed
@@ -269,9 +365,10 @@ fn reduce_parts(
     what: &str,
 ) -> Result<Vec<f32>, TrainError> {
     let _guard = tch::no_grad_guard();
-    let mut flat = Tensor::f_from_slice(parts)?.f_to_device(calls.device)?.f_contiguous()?;
-    reduce_flat(collective, &mut flat, reduction, what)?;
-    Ok(host_read::f32s_of(&flat)?)
+    let flat = Tensor::f_from_slice(parts)?.f_to_device(calls.device)?.f_contiguous()?;
+    let result = issue_flat(collective, flat, reduction, what)?;
+    collective.join().map_err(|e| failed(what, e))?;
+    Ok(host_read::f32s_of(&result)?)
 }
 
 #[cfg(test)]
@@ -429,6 +526,69 @@ pub(crate) mod tests {
     fn world_size_one_skips_the_calls_unless_asked_to_make_them() {
         assert_eq!(calls_made(CPU), 0);
         assert_eq!(calls_made(Calls { at_world_size_one: true, ..CPU }), 4);
+    }
+
+    /// A world of two identical ranks whose collectives, like NCCL's on its
+    /// own stream, take effect only at the join: each sum doubles its
+    /// buffer then. Results read before the join, or buffers freed before
+    /// it, would be wrong.
+    #[derive(Default)]
+    pub(crate) struct OnItsOwnStream {
+        /// Issued, not yet joined: (address, floats).
+        issued: Vec<(usize, usize)>,
+        pub(crate) joins: usize,
+        pub(crate) sums: usize,
+    }
+
+    impl Collective for OnItsOwnStream {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
+            let Buffer::Host(data) = buffer else { panic!("a host buffer") };
+            self.issued.push((data.as_mut_ptr() as usize, data.len()));
+            self.sums += 1;
+            Ok(())
+        }
+        fn broadcast(&mut self, _buffer: Buffer<'_>, _root: usize) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+        fn join(&mut self) -> Result<(), CollectiveError> {
+            self.joins += 1;
+            for (address, len) in self.issued.drain(..) {
+                // SAFETY: the contract under test: an issued buffer stays
+                // alive, and untouched by anyone else, until the join.
+                let data = unsafe { std::slice::from_raw_parts_mut(address as *mut f32, len) };
+                data.iter_mut().for_each(|v| *v *= 2.0);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn results_are_unpacked_after_the_join_and_buffers_live_until_it() {
+        let mut stream = OnItsOwnStream::default();
+        let calls = Calls { device: Device::Cpu, at_world_size_one: false };
+        let grads = [Tensor::from_slice(&[1.0f32, -2.0]), Tensor::from_slice(&[0.5f32; 4])];
+        reduce_tensors(&mut stream, calls, &grads, Reduction::Sum, "sum").unwrap();
+        assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), [2.0, -4.0]);
+        assert_eq!(Vec::<f32>::try_from(&grads[1]).unwrap(), [1.0; 4]);
+        // A mean divides the joined sum: a division before it would halve.
+        let stats = [Tensor::from_slice(&[3.0f32])];
+        reduce_tensors(&mut stream, calls, &stats, Reduction::Mean, "mean").unwrap();
+        assert_eq!(Vec::<f32>::try_from(&stats[0]).unwrap(), [3.0]);
+        let mut sums = [1.25, 1e9 + 0.5];
+        sum_scalars(&mut stream, calls, &mut sums, "scalars").unwrap();
+        assert_eq!(sums, [2.5, 2e9 + 1.0]);
+        // Issued together, joined once.
+        let issued = issue_tensors(&mut stream, calls, &grads, Reduction::Sum, "sum").unwrap();
+        assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), [2.0, -4.0], "not yet joined");
+        finish(&mut stream, issued, "sum").unwrap();
+        assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), [4.0, -8.0]);
+        assert_eq!((stream.sums, stream.joins), (4, 4));
     }
 
     /// A collective whose every call fails, as a dead peer makes them.

@@ -18,13 +18,18 @@
 //!   a bucket whose parameters got no gradient in this pass is reduced once
 //!   the pass has ended, with what it has.
 //!
+//! On both paths every bucket is issued first and all are finished
+//! ([`crate::ddp::finish`]) once the pass is done: NCCL runs them on its
+//! own stream, alongside the backward kernels queued after them, and only
+//! the unpacking into the gradients waits for them (on the device).
+//!
 //! With gradient accumulation only the last micro-batch's backward pass
 //! overlaps (the earlier ones only accumulate locally, like DDP's `no_sync`).
 //!
 //! With `distributed.gradient_compression: bf16` every bucket, on either
 //! path, is reduced as [`Reduction::SumBf16`] (DDP's `bf16_compress_hook`).
 
-use crate::ddp::{reduce_tensors, Calls, Reduction};
+use crate::ddp::{abandon, finish, issue_tensors, Calls, Issued, Reduction};
 use crate::error::TrainError;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rsb_collective::Collective;
@@ -172,8 +177,9 @@ impl GradientBuckets {
         calls: Calls,
         update: u64,
     ) -> Result<(), TrainError> {
+        let mut issued = Vec::new();
         for b in 0..self.buckets.len() {
-            reduce_bucket(
+            let bucket = issue_bucket(
                 collective,
                 calls,
                 &self.params,
@@ -181,9 +187,16 @@ impl GradientBuckets {
                 b,
                 update,
                 self.reduction,
-            )?;
+            );
+            match bucket {
+                Ok(bucket) => issued.extend(bucket),
+                Err(e) => {
+                    abandon(collective, issued);
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
+        finish(collective, issued, &gradients_of(update))
     }
 
     /// Runs `backward` (the update's last backward pass) and sums the
@@ -209,6 +222,7 @@ impl GradientBuckets {
         while overlap.ready.try_recv().is_ok() {}
         overlap.armed.store(true, Ordering::Release);
         let (backward_result, reduce_result) = std::thread::scope(|scope| {
+            let collective = &mut *collective;
             // Tensors are not `Sync`: the thread gets its own handles.
             let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
             let ready = &overlap.ready;
@@ -229,14 +243,26 @@ impl GradientBuckets {
             });
             (result, reduced)
         });
-        backward_result?;
-        reduce_result
+        match (backward_result, reduce_result) {
+            (Ok(()), Ok(issued)) => finish(collective, issued, &gradients_of(update)),
+            (Err(e), Ok(issued)) => {
+                abandon(collective, issued);
+                Err(e)
+            }
+            // The reducer abandoned what it had issued.
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
+        }
     }
 }
 
-/// Sums the gradients of bucket `b`'s parameters that this backward pass
-/// defined.
-fn reduce_bucket(
+/// Names the reduction of an update's gradients in errors.
+fn gradients_of(update: u64) -> String {
+    format!("all-reduce of the gradients of update {}", update + 1)
+}
+
+/// Issues the sum of the gradients of bucket `b`'s parameters that this
+/// backward pass defined.
+fn issue_bucket(
     collective: &mut dyn Collective,
     calls: Calls,
     params: &[Tensor],
@@ -244,16 +270,11 @@ fn reduce_bucket(
     b: usize,
     update: u64,
     reduction: Reduction,
-) -> Result<(), TrainError> {
+) -> Result<Vec<Issued>, TrainError> {
     let grads: Vec<Tensor> =
         buckets[b].iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
-    let what = format!(
-        "all-reduce of the gradients of update {}, bucket {} of {}",
-        update + 1,
-        b + 1,
-        buckets.len()
-    );
-    reduce_tensors(collective, calls, &grads, reduction, &what)
+    let what = format!("{}, bucket {} of {}", gradients_of(update), b + 1, buckets.len());
+    issue_tensors(collective, calls, &grads, reduction, &what)
 }
 
 /// What the reducing thread reduces.
@@ -266,13 +287,32 @@ struct Plan<'a> {
     reduction: Reduction,
 }
 
-/// The reducing thread: bucket after bucket, each once all its gradients
-/// are ready or the backward pass has ended.
+/// The reducing thread: issues bucket after bucket, each once all its
+/// gradients are ready or the backward pass has ended; returns them for
+/// [`finish`] (on a failure, abandoned after a join).
 fn reduce_as_ready(
     collective: &mut dyn Collective,
     plan: &Plan<'_>,
     ready: &Receiver<usize>,
     deadline: Duration,
+) -> Result<Vec<Issued>, TrainError> {
+    let mut issued = Vec::new();
+    match issue_as_ready(collective, plan, ready, deadline, &mut issued) {
+        Ok(()) => Ok(issued),
+        Err(e) => {
+            abandon(collective, issued);
+            Err(e)
+        }
+    }
+}
+
+/// [`reduce_as_ready`]'s loop, collecting into `issued`.
+fn issue_as_ready(
+    collective: &mut dyn Collective,
+    plan: &Plan<'_>,
+    ready: &Receiver<usize>,
+    deadline: Duration,
+    issued: &mut Vec<Issued>,
 ) -> Result<(), TrainError> {
     let (buckets, bucket_of) = (plan.buckets, plan.bucket_of);
     let mut waiting: Vec<usize> = buckets.iter().map(Vec::len).collect();
@@ -304,7 +344,7 @@ fn reduce_as_ready(
                 Err(RecvTimeoutError::Disconnected) => backward_done = true,
             }
         }
-        reduce_bucket(
+        issued.extend(issue_bucket(
             collective,
             plan.calls,
             plan.params,
@@ -312,7 +352,7 @@ fn reduce_as_ready(
             b,
             plan.update,
             plan.reduction,
-        )?;
+        )?);
     }
     // Drain the end marker if the last bucket completed before it came.
     while !backward_done {
@@ -328,7 +368,7 @@ fn reduce_as_ready(
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
-    use crate::ddp::tests::{on_ring, Counting};
+    use crate::ddp::tests::{on_ring, Counting, OnItsOwnStream};
     use crate::ddp::BUCKET_FLOATS;
     use std::sync::Mutex;
     use tch::{nn, nn::Module, Device, Kind};
@@ -445,6 +485,31 @@ mod tests {
             // significant bits): a few bf16 ulps of the largest gradient,
             // and not exact.
             assert!(error > 0.0 && error <= 2f32.powi(-5) * largest, "{error} of {largest}");
+        }
+    }
+
+    #[test]
+    fn every_bucket_is_issued_during_the_pass_and_unpacked_after_one_join() {
+        let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        for overlap in [false, true] {
+            // One bucket per parameter.
+            let params = vec![a.shallow_clone(), b.shallow_clone()];
+            let buckets =
+                GradientBuckets::new(params, 3, overlap, GradientCompression::None).unwrap();
+            let mut stream = OnItsOwnStream::default();
+            a.shallow_clone().zero_grad();
+            b.shallow_clone().zero_grad();
+            buckets
+                .backward_and_reduce(&mut stream, CALLS, 0, Duration::from_secs(30), || {
+                    ((&a * 3.0).sum(Kind::Float) + (&b * 5.0).sum(Kind::Float)).backward();
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!((stream.sums, stream.joins), (2, 1), "overlap {overlap}");
+            // The world of two identical ranks: twice each gradient.
+            assert_eq!(Vec::<f32>::try_from(a.grad()).unwrap(), [6.0; 3], "overlap {overlap}");
+            assert_eq!(Vec::<f32>::try_from(b.grad()).unwrap(), [10.0; 2], "overlap {overlap}");
         }
     }
 
