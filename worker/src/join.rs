@@ -138,8 +138,9 @@ pub struct RankArgs {
     pub loader_threads: u32,
 }
 
-/// How long a rank may take to stop on its own after `SIGTERM` (finish its
-/// update, agree with the other ranks to stop, rank 0 writing a checkpoint,
+/// How long a rank may take to stop on its own after `SIGTERM` (train on
+/// to its next sync point, at most `runtime.log_every_steps` updates: 50
+/// with the RSB recipes; agree with the other ranks to stop, rank 0 writing a checkpoint,
 /// or, at an epoch's last update, that epoch's end with its evaluation and
 /// checkpoint) before it gives up and exits without finishing. A ResNet-50
 /// checkpoint with its LAMB moments is about 300 MB: seconds on a local
@@ -690,7 +691,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
 }
 
 /// On the first `SIGTERM` or `SIGINT` (from the agent, or its death),
-/// asks the training to stop at the next update boundary (rank 0 writes a
+/// asks the training to stop at its next sync point (rank 0 writes a
 /// checkpoint there); if the rank is still running [`RANK_STOP_DEADLINE`]
 /// later (a peer gone silent, a hung disk) it exits at once, saying so. A
 /// rank that has not begun training exits at once.

@@ -8,9 +8,10 @@
 //!
 //! [`Lamb::step_unless_nonfinite`] skips an update whose global gradient
 //! norm is NaN or infinite without the host ever seeing the norm: the step
-//! counts live on the device, and every parameter, moment and count takes
-//! its new value or keeps its old one by a device-side select on the
-//! verdict. So an update on a GPU does not wait for the device.
+//! counts live on the device, and the verdict turns the update's
+//! coefficients into the identity there (see `Lamb::apply`), in place. So
+//! an update on a GPU does not wait for the device, and costs one more pass
+//! over the gradients than timm's.
 
 use crate::error::TrainError;
 use crate::host_read;
@@ -243,8 +244,13 @@ impl Lamb {
         Ok(GatedStep { applied, grad_norm: norm })
     }
 
-    /// The update itself, given the global gradient norm; with `gate` (a
-    /// 0-d bool tensor) every new value is taken only where it is true.
+    /// The update itself, in place, given the global gradient norm. With
+    /// `gate` (a 0-d bool tensor) a false gate changes nothing, on the
+    /// device: the (clipped) gradients are zeroed there first (in place), and
+    /// every coefficient becomes the identity (moment decays 1, lerp weight
+    /// and step size 0, step count +0), so that no NaN reaches a moment or a
+    /// parameter. A true gate gives exactly the ungated update: the factors
+    /// are 1 and the same f32 values as timm's scalars.
     fn apply(
         &mut self,
         lr: f64,
@@ -260,6 +266,13 @@ impl Lamb {
         for group in &mut self.groups {
             let device = group.step.device();
             let double = |v: f64| Tensor::f_full([], v, (Kind::Double, device));
+            // 1 when the update is applied, else 0 (f32 and f64).
+            let applied = match gate {
+                Some(gate) => gate.f_to_kind(Kind::Float)?,
+                None => Tensor::f_ones([], (Kind::Float, device))?,
+            };
+            // The coefficients of the step the update would take: finite
+            // whether or not it is applied.
             let step = group.step.f_add_scalar(1.0)?;
             // As timm, in f64: 1 - beta ** step.
             let bias_correction1 = double(beta1)?.f_pow(&step)?.f_neg()?.f_add_scalar(1.0)?;
@@ -269,36 +282,41 @@ impl Lamb {
             let scale_f32 = scale.f_to_kind(Kind::Float)?;
             let eps = bc2_sqrt.f_mul_scalar(self.config.eps)?;
             // -lr * scale, rounded to f32 once, as a Python float is when it
-            // multiplies an f32 tensor.
-            let neg_lr_scale = scale.f_mul_scalar(-lr)?.f_to_kind(Kind::Float)?;
+            // multiplies an f32 tensor; 0 when not applied.
+            let neg_lr_scale = scale.f_mul_scalar(-lr)?.f_to_kind(Kind::Float)?.f_mul(&applied)?;
             let decay_over_scale = double(group.weight_decay)?.f_div(&scale)?;
+            // The moments' lerp weight and decay: beta3 and beta2, or 0 and 1.
+            let lerp_weight = applied.f_mul_scalar(beta3)?;
+            let decay2 = applied.f_mul_scalar(beta2)?.f_add(&applied.f_neg()?.f_add_scalar(1.0)?)?;
+            let zero = Tensor::f_zeros([], (Kind::Float, device))?;
             let adapt = group.weight_decay != 0.0 || self.config.always_adapt;
             for slot in &mut group.params {
-                let grad = slot.param.grad();
+                let mut grad = slot.param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let grad = match &clip {
-                    Some(c) => grad.f_div(c)?,
-                    None => grad,
-                };
-                let exp_avg = slot.exp_avg.f_lerp(&grad, beta3)?;
+                if let Some(c) = &clip {
+                    let _ = grad.f_div_(c)?;
+                }
+                if let Some(gate) = gate {
+                    // In place: a skipped update's NaN and infinities become 0.
+                    let _ = grad.f_where_self_out(&grad, gate, &zero)?;
+                }
+                let _ = slot.exp_avg.f_lerp_tensor_(&grad, &lerp_weight)?;
+                let _ = slot.exp_avg_sq.f_mul_(&decay2)?;
                 // PyTorch's addcmul_(g, g, value=c) computes v + (c * g) * g.
-                let exp_avg_sq = slot
-                    .exp_avg_sq
-                    .f_mul_scalar(beta2)?
-                    .f_addcmul(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+                let _ = slot.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
                 // As timm's multi-tensor path: the bias corrections are folded
                 // into scalars (m_hat / (sqrt(v_hat) + eps) == scale * m /
                 // (sqrt(v) + eps * sqrt(bc2)), scale = sqrt(bc2) / bc1), which
                 // saves full passes over every parameter.
-                let mut denom = exp_avg_sq.f_sqrt()?;
+                let mut denom = slot.exp_avg_sq.f_sqrt()?;
                 let _ = denom.f_add_(&eps)?;
-                let mut update = exp_avg.f_div(&denom)?;
+                let mut update = slot.exp_avg.f_div(&denom)?;
                 if group.weight_decay != 0.0 {
                     let _ = update.f_add_(&slot.param.f_mul(&decay_over_scale)?)?;
                 }
-                let param = if adapt {
+                if adapt {
                     let w_norm = slot.param.f_norm()?;
                     let u_norm = update.f_norm()?.f_mul(&scale_f32)?;
                     let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
@@ -309,16 +327,13 @@ impl Lamb {
                         ratio = ratio.f_clamp_max(1.0)?;
                     }
                     let step_size = ratio.f_mul(&neg_lr_scale)?;
-                    slot.param.f_addcmul(&update, &step_size)?
+                    let _ = slot.param.f_addcmul_(&update, &step_size)?;
                 } else {
                     let _ = update.f_mul_(&neg_lr_scale)?;
-                    slot.param.f_add(&update)?
-                };
-                take(&mut slot.exp_avg, &exp_avg, gate)?;
-                take(&mut slot.exp_avg_sq, &exp_avg_sq, gate)?;
-                take(&mut slot.param, &param, gate)?;
+                    let _ = slot.param.f_add_(&update)?;
+                }
             }
-            take(&mut group.step, &step, gate)?;
+            let _ = group.step.f_add_(&applied.f_to_kind(Kind::Double)?)?;
         }
         Ok(())
     }
@@ -402,20 +417,6 @@ impl Lamb {
             });
         }
         Ok(())
-    }
-}
-
-/// `current` becomes `new` (in place), or, with `gate`, only where the
-/// gate is true (a select on the device: NaN in `new` is not taken).
-fn take(current: &mut Tensor, new: &Tensor, gate: Option<&Tensor>) -> Result<(), TchError> {
-    match gate {
-        None => current.f_copy_(new),
-        Some(gate) => {
-            // Element by element in place: `current` is both an input and
-            // the output, at the same positions.
-            let _ = new.f_where_self_out(current, gate, current)?;
-            Ok(())
-        }
     }
 }
 

@@ -4,9 +4,11 @@
 //! [`StopRequest`]: a process that is asked to stop (`worker rank` on
 //! `SIGTERM`/`SIGINT`, which its agent sends when the coordinator stays
 //! unreachable past its deadline) sets the request; the trainer reads it at
-//! every update boundary, and the ranks vote on it with one small all-reduce
-//! ([`Trainer`](crate::trainer::Trainer)), so they all stop after the same
-//! update, rank 0 having written a checkpoint of that position.
+//! every sync point (a log step, a checkpoint, an epoch's end: the host
+//! waits for the device there anyway), and the ranks vote on it with one
+//! small all-reduce ([`Trainer`](crate::trainer::Trainer)), so they all stop
+//! after the same update, rank 0 having written a checkpoint of that
+//! position.
 //!
 //! [`write_while_answering`]: while rank 0 writes a checkpoint, the other
 //! ranks would wait for it in their next collective, against
