@@ -16,7 +16,10 @@ counterpart) timm on the same device, the same settings, one after the other:
              host memory): the multi-rank GPU path, since NCCL refuses two
              ranks on one GPU (no timm counterpart);
   nccl1      NCCL at world size 1 with every collective call made
-             (`distributed.collectives_at_world_size_one: true`).
+             (`distributed.collectives_at_world_size_one: true`), with
+             libtorch's sync debug mode on within every update
+             (RSB_CUDA_SYNC_DEBUG=warn): the note counts the synchronising
+             CUDA calls an update made (the goal is none).
 
 Throughput is images per second of the training steps (the median of the
 logged windows after the first, which holds start-up). Peak memory is the
@@ -45,6 +48,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # MLPerf Training v4.0, ResNet-50, 8x H200 (MXNet + DALI): about 7,950 img/s per GPU.
 MLPERF_IMAGES_PER_SEC_PER_H200 = 7950.0
+# libtorch's sync debug mode, which the worker turns on within every update
+# on a GPU when asked (RSB_CUDA_SYNC_DEBUG), and its warning.
+SYNC_DEBUG_ENV = "RSB_CUDA_SYNC_DEBUG"
+SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Check:
     what: str
     ours: Side = field(default_factory=Side)
     timm: Side | None = None
+    note: str | None = None
 
     def ratio(self) -> float | None:
         if self.timm is None or not self.ours.images_per_sec or not self.timm.images_per_sec:
@@ -327,7 +335,8 @@ class Bench:
         return check
 
     # -- multi-rank jobs through the coordinator -----------------------------------------
-    def job(self, name: str, what: str, devices: list[str], extra_sets: list[str]) -> Check:
+    def job(self, name: str, what: str, devices: list[str], extra_sets: list[str],
+            env: dict | None = None) -> Check:
         s = self.sizes
         check = Check(name, what)
         out = self.out / f"job-{name}"
@@ -341,10 +350,13 @@ class Bench:
                    "--set", f"schedule.cosine.epochs={1 if self.args.dry_run else 2}",
                    "--set", "schedule.cosine.warmup_epochs=0", *extra_sets]
             with PeakMemory(self.on_gpu) as memory:
-                _, secs = run(cmd, self.logs / f"job-{name}.log", timeout=self.limit(240), memory=memory)
+                _, secs = run(cmd, self.logs / f"job-{name}.log", timeout=self.limit(240), memory=memory,
+                              env=env)
             return Side(step_throughput(out / "metrics.jsonl"), None, memory.peak if self.on_gpu else None, secs)
 
         check.ours = self.side(ours)
+        if env and env.get(SYNC_DEBUG_ENV) == "warn":
+            check.note = sync_note(self.logs / f"job-{name}.log", self.on_gpu)
         return check
 
     def all(self) -> list[Check]:
@@ -372,8 +384,23 @@ class Bench:
                                two, ["--set", "distributed.backend=ring"]))
         checks.append(self.job("nccl1", f"world size 1 over {backend} with every collective call made",
                                one, ["--set", f"distributed.backend={backend}",
-                                     "--set", "distributed.collectives_at_world_size_one=true"]))
+                                     "--set", "distributed.collectives_at_world_size_one=true"],
+                               env={SYNC_DEBUG_ENV: "warn"}))
         return checks
+
+
+def sync_note(log: Path, on_gpu: bool) -> str:
+    """What libtorch's sync debug mode, on within every update of the run
+    (RSB_CUDA_SYNC_DEBUG=warn), saw: one warning per synchronising CUDA call."""
+    if not on_gpu:
+        return "synchronising CUDA calls within updates: not checked on a CPU"
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as e:
+        return f"synchronising CUDA calls within updates: log unreadable ({e})"
+    count = text.count(SYNC_WARNING)
+    return (f"synchronising CUDA calls within updates ({SYNC_DEBUG_ENV}=warn): {count}"
+            + ("" if count == 0 else f" (see {log})"))
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -396,7 +423,7 @@ def summary(checks: list[Check], args, device_name: str) -> str:
                      f"{fmt(c.ours.peak_memory_mib, 0)} | {fmt(t.peak_memory_mib, 0)} | {status} |")
     lines.append("")
     for c in checks:
-        lines.append(f"- {c.name}: {c.what}")
+        lines.append(f"- {c.name}: {c.what}" + (f"; {c.note}" if c.note else ""))
     jpeg = next((c for c in checks if c.name == "jpeg"), None)
     if jpeg and jpeg.ours.images_per_sec and not args.dry_run:
         share = jpeg.ours.images_per_sec / MLPERF_IMAGES_PER_SEC_PER_H200

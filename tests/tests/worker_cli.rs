@@ -597,3 +597,25 @@ fn coordinator_up_keeps_the_same_run_folder_rules() {
     assert!(!torn.status.success(), "coordinator up resumed from a torn checkpoint");
     assert!(log.contains("no intact checkpoint") && log.contains("manifest.json"), "{log}");
 }
+
+#[test]
+fn an_unknown_cuda_sync_debug_mode_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Command::new(binary("worker"))
+        .args(["train", "--recipe"])
+        .arg(tiny_recipe())
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .args(["--device", "cpu", "--set"])
+        .arg(format!("data.root={}", tmp.path().join("data").display()))
+        .env("RSB_CUDA_SYNC_DEBUG", "sometimes")
+        .current_dir(workspace_root())
+        .output()
+        .expect("running worker");
+    assert!(!run.status.success());
+    let said = stderr(&run);
+    assert!(
+        said.contains("RSB_CUDA_SYNC_DEBUG=`sometimes`: expected off, warn or error"),
+        "{said}"
+    );
+}

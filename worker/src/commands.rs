@@ -159,6 +159,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     options.max_updates = args.max_updates;
     options.trace_samples = args.trace_samples;
     options.recipe_check = RecipeCheck::ExplainedBy(overrides);
+    options.cuda_sync_debug = cuda_sync_debug_from_env()?;
     // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;
     let resolved = args.out.join("recipe.yaml");
@@ -391,4 +392,18 @@ pub fn infer(args: InferArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     println!("{}: logits {:?}", args.output.display(), logits.size());
     Ok(())
+}
+
+/// `RSB_CUDA_SYNC_DEBUG` (`off`, `warn` or `error`): libtorch's CUDA sync
+/// debug mode within every training update on a GPU, to show that an update
+/// makes no synchronising CUDA call (`bench/gpu.sh` sets `warn`).
+pub fn cuda_sync_debug_from_env() -> Result<Option<rsb_train::trainer::SyncDebugMode>> {
+    use rsb_train::trainer::SyncDebugMode;
+    let Ok(value) = std::env::var("RSB_CUDA_SYNC_DEBUG") else { return Ok(None) };
+    match value.as_str() {
+        "" | "off" => Ok(None),
+        "warn" => Ok(Some(SyncDebugMode::Warn)),
+        "error" => Ok(Some(SyncDebugMode::Error)),
+        other => bail!("RSB_CUDA_SYNC_DEBUG=`{other}`: expected off, warn or error"),
+    }
 }

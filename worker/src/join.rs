@@ -825,6 +825,7 @@ fn train_rank(
             format!("rank {rank}: RSB_CHECKPOINT_DELAY_MS=`{ms}` is not a number of milliseconds")
         })?);
     }
+    options.cuda_sync_debug = crate::commands::cuda_sync_debug_from_env()?;
     if let Ok(max) = std::env::var("RSB_MAX_UPDATES") {
         options.max_updates = Some(max.parse().with_context(|| {
             format!("rank {rank}: RSB_MAX_UPDATES=`{max}` is not a number of updates")

@@ -4,7 +4,9 @@
 //! * [`hooks`]: post-accumulate-grad hooks on parameters, so that gradients
 //!   can be reduced over ranks while the backward pass still runs;
 //! * [`memory`]: the caching allocator's statistics of a GPU (peak memory
-//!   allocated and reserved, as `torch.cuda.max_memory_allocated` reports).
+//!   allocated and reserved, as `torch.cuda.max_memory_allocated` reports);
+//! * [`sync_debug`]: libtorch's CUDA sync debug mode, to show that a span of
+//!   work makes no synchronising CUDA call.
 //!
 //! The shim never lets a C++ exception reach Rust: failures come back as
 //! messages.
@@ -14,5 +16,6 @@
 
 pub mod hooks;
 pub mod memory;
+pub mod sync_debug;
 
 pub use hooks::{GradReadyHooks, HookError, OnGradReady};

@@ -8,6 +8,9 @@
 // Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
 // headers needed).
 //
+// libtorch's CUDA sync debug mode (`torch.cuda.set_sync_debug_mode`), found at
+// run time, so that neither CUDA headers nor libc10_cuda are needed to build.
+//
 // Exceptions never cross into Rust: errors come back as a message.
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -15,6 +18,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
+#include <dlfcn.h>
 #include <memory>
 
 namespace {
@@ -98,6 +102,52 @@ extern "C" int rsb_cuda_peak_memory(int device, int reset, uint64_t* allocated, 
     if (reset != 0) {
       allocator->resetPeakStats(index);
     }
+    return 0;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), error, error_len);
+    return 1;
+  }
+}
+
+// c10/cuda/CUDAFunctions.h keeps the sync debug mode in a `WarningState`
+// whose only member is the mode (`enum class SyncDebugMode : int`), the
+// static of the inline `c10::cuda::warning_state()`: libc10_cuda.so exports
+// that static (a GNU unique symbol), and every library of the process uses
+// that one object. Its mode is read by libtorch before every synchronising
+// CUDA call (an item, a blocking copy, a stream synchronisation), which then
+// warns (1) or throws (2) through `c10::cuda::warn_or_error_on_sync`.
+static int* sync_debug_mode() {
+  static int* mode =
+      static_cast<int*>(dlsym(RTLD_DEFAULT, "_ZZN3c104cuda13warning_stateEvE14warning_state_"));
+  return mode;
+}
+
+// Sets the mode (0 off, 1 warn, 2 error; -1 only reads it) and returns the
+// previous one, or -1 when this libtorch has no CUDA (no libc10_cuda loaded).
+extern "C" int rsb_cuda_sync_debug_mode(int mode) {
+  int* state = sync_debug_mode();
+  if (state == nullptr) {
+    return -1;
+  }
+  int previous = *state;
+  if (mode >= 0 && mode <= 2) {
+    *state = mode;
+  }
+  return previous;
+}
+
+// Calls `c10::cuda::warn_or_error_on_sync()`, what libtorch calls before a
+// synchronising CUDA operation while the mode is on: returns 1 with its
+// message when it threw (mode 2), 0 otherwise, -1 without libc10_cuda. A
+// check of the mode's effect that needs no GPU.
+extern "C" int rsb_cuda_sync_debug_probe(char* error, size_t error_len) {
+  using Probe = void (*)();
+  auto probe = reinterpret_cast<Probe>(dlsym(RTLD_DEFAULT, "_ZN3c104cuda21warn_or_error_on_syncEv"));
+  if (probe == nullptr) {
+    return -1;
+  }
+  try {
+    probe();
     return 0;
   } catch (const std::exception& e) {
     copy_message(e.what(), error, error_len);

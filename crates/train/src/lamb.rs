@@ -287,7 +287,8 @@ impl Lamb {
             let decay_over_scale = double(group.weight_decay)?.f_div(&scale)?;
             // The moments' lerp weight and decay: beta3 and beta2, or 0 and 1.
             let lerp_weight = applied.f_mul_scalar(beta3)?;
-            let decay2 = applied.f_mul_scalar(beta2)?.f_add(&applied.f_neg()?.f_add_scalar(1.0)?)?;
+            let decay2 =
+                applied.f_mul_scalar(beta2)?.f_add(&applied.f_neg()?.f_add_scalar(1.0)?)?;
             let zero = Tensor::f_zeros([], (Kind::Float, device))?;
             let adapt = group.weight_decay != 0.0 || self.config.always_adapt;
             for slot in &mut group.params {

@@ -107,6 +107,7 @@ pub use crate::from_recipe::{
     eval_sets, eval_transform, fill_colour, num_streams, train_data, train_transform,
 };
 pub use crate::report::{EpochReport, MetricsSink, RunSummary, SetResult};
+pub use rsb_torch_shim::sync_debug::{self, SyncDebugMode};
 
 /// How a run is executed (everything that is not part of the recipe).
 #[derive(Debug, Clone)]
@@ -146,6 +147,10 @@ pub struct RunOptions {
     /// Test hook: every checkpoint write takes this much longer (a slow
     /// disk); zero in real runs.
     pub checkpoint_delay: Duration,
+    /// On a CUDA device, libtorch's sync debug mode within every update
+    /// (off between them): a synchronising CUDA call there warns or fails
+    /// (`RSB_CUDA_SYNC_DEBUG=warn|error` of the worker). None: off.
+    pub cuda_sync_debug: Option<SyncDebugMode>,
 }
 
 /// How a resumed run's recipe is compared with the recipe saved in its
@@ -178,6 +183,7 @@ impl RunOptions {
             trace_samples: false,
             stop: None,
             checkpoint_delay: Duration::ZERO,
+            cuda_sync_debug: None,
         }
     }
 }
@@ -258,6 +264,30 @@ pub struct Trainer {
     stopping: bool,
     /// The last checkpoint this rank wrote.
     last_checkpoint: Option<PathBuf>,
+}
+
+/// libtorch's CUDA sync debug mode for the span of an update
+/// ([`RunOptions::cuda_sync_debug`]), turned off when dropped.
+struct CudaSyncCheck {
+    on: bool,
+}
+
+impl CudaSyncCheck {
+    fn open(options: &RunOptions) -> Result<CudaSyncCheck, TrainError> {
+        let Some(mode) = options.cuda_sync_debug.filter(|_| options.device.is_cuda()) else {
+            return Ok(CudaSyncCheck { on: false });
+        };
+        sync_debug::set_mode(mode).map_err(|e| TrainError::Recipe(e.to_string()))?;
+        Ok(CudaSyncCheck { on: true })
+    }
+}
+
+impl Drop for CudaSyncCheck {
+    fn drop(&mut self) {
+        if self.on {
+            let _ = sync_debug::set_mode(SyncDebugMode::Off);
+        }
+    }
 }
 
 /// A libtorch seed derived from a purpose and position.
@@ -739,6 +769,7 @@ impl Trainer {
                 return Ok(None);
             }
             let span = host_read::UpdateSpan::open();
+            let sync_check = CudaSyncCheck::open(&self.options)?;
             let update = epoch * steps + step;
             let lr = self.schedule.lr(update);
             let batches = self.sampler.next_update();
@@ -761,6 +792,7 @@ impl Trainer {
                 };
                 self.publish(first, &invocation.progress)?;
             }
+            drop(sync_check);
             drop(span);
             // The sync points: the only places where the host reads values
             // of the device (see the module documentation).
