@@ -763,7 +763,10 @@ impl Job {
 
     /// Fails a job whose ranks failed in a collective, naming the rank their
     /// reports lead to: follow each reporter's peer until a rank that
-    /// reported nothing (a stopped or cut-off rank cannot report).
+    /// reported nothing (a stopped or cut-off rank cannot report). The
+    /// failure quotes the report of the rank that waited for it directly
+    /// (its neighbour's timeout), not that of a rank further along, whose
+    /// link only closed when its own neighbour gave up.
     fn blame_silent_rank(&mut self) {
         self.blame_at = None;
         let Some((&first, (_, first_failure))) = self.collective_failures.iter().next() else {
@@ -771,8 +774,10 @@ impl Job {
         };
         let first_failure = first_failure.clone();
         let mut rank = first;
+        let mut reporter = first;
         let mut hops = 0;
         while let Some((peer, _)) = self.collective_failures.get(&rank) {
+            reporter = rank;
             rank = *peer;
             hops += 1;
             if hops > self.collective_failures.len() {
@@ -786,9 +791,11 @@ impl Job {
             .iter()
             .find(|m| m.ranks().contains(&rank))
             .map_or_else(|| "an unknown host".to_string(), |m| m.host.clone());
+        let report = self.collective_failures.get(&reporter).map_or(first_failure, |f| f.1.clone());
         self.fail(format!(
             "rank {rank} on {host} stopped answering in a collective: {} rank(s) failed \
-             waiting for it or for a rank waiting for it; first report: {first_failure}",
+             waiting for it or for a rank waiting for it; the report of the rank that waited \
+             for it: {report}",
             self.collective_failures.len()
         ));
     }
@@ -1621,6 +1628,14 @@ mod tests {
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(reason.starts_with("rank 1 on b stopped answering in a collective"), "{reason}");
         assert!(reason.contains("2 rank(s) failed waiting"), "{reason}");
+        // It quotes the report of the rank that waited for rank 1 itself.
+        assert!(
+            reason.ends_with(
+                "the report of the rank that waited for it: rank 2 on c failed: rank 2: rank 1 \
+                 did not answer for 15 s"
+            ),
+            "{reason}"
+        );
         // A failure of another kind fails the job at once, as before.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();

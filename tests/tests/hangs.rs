@@ -153,8 +153,8 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
             && failure.contains(&format!("did not answer for {TIMEOUT_SECS} s")),
         "the failure does not name the frozen rank and the timeout: {failure}"
     );
-    // The stop vote follows every update (a rank frozen after its gradients
-    // are summed is waited for there).
+    // A rank frozen after its gradients are summed is waited for at the
+    // next sync point (the log step's metric sum, or the stop vote).
     let calls = ["gradients", "metric sum", "evaluation sum", "BN statistics", "stop vote"];
     assert!(
         calls.iter().any(|call| failure.contains(call)),
