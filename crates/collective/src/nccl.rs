@@ -154,6 +154,34 @@ fn abort(state: &mut State, why: String) {
     state.failed.get_or_insert(why);
 }
 
+/// A new CUDA event recorded on `stream` (the null stream: libtorch's
+/// default one); the caller destroys it. Nothing is left behind on failure.
+///
+/// # Safety
+///
+/// The rank's CUDA context is current on this thread and `stream` is null or
+/// a live stream of it.
+unsafe fn record_event(stream: cuda::CUstream) -> Result<cuda::CUevent, cuda::CUresult> {
+    let mut event: cuda::CUevent = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the caller vouches for the context and stream.
+    unsafe {
+        let created = cuda::cuEventCreate(
+            &mut event,
+            cuda::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
+        );
+        if created != cuda::CUresult::CUDA_SUCCESS {
+            return Err(created);
+        }
+        match cuda::cuEventRecord(event, stream) {
+            cuda::CUresult::CUDA_SUCCESS => Ok(event),
+            failed => {
+                let _ = cuda::cuEventDestroy_v2(event);
+                Err(failed)
+            }
+        }
+    }
+}
+
 /// A CUDA stream, shared with nothing: the communicator's.
 #[derive(Debug)]
 struct CommStream(cuda::CUstream);
@@ -296,26 +324,21 @@ impl NcclCollective {
     /// Makes the communicator's stream wait for the work queued so far on
     /// libtorch's default stream (the legacy null stream).
     fn wait_for_default_stream(&self) -> Result<(), String> {
-        let mut event: cuda::CUevent = std::ptr::null_mut();
-        // SAFETY: the context is the rank's device's; `event` is a valid
-        // out-pointer, recorded on the null stream, waited on by our stream,
-        // and destroyed (CUDA releases it once the wait no longer needs it).
+        // SAFETY: the context is the rank's device's; the event is recorded
+        // on the null stream, waited on by our stream, and destroyed (CUDA
+        // releases it once the wait no longer needs it).
         let code = unsafe {
-            let mut code = cuda::cuCtxSetCurrent(self.context as cuda::CUcontext);
-            if code == cuda::CUresult::CUDA_SUCCESS {
-                code = cuda::cuEventCreate(
-                    &mut event,
-                    cuda::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
-                );
+            match cuda::cuCtxSetCurrent(self.context as cuda::CUcontext) {
+                cuda::CUresult::CUDA_SUCCESS => match record_event(std::ptr::null_mut()) {
+                    Ok(event) => {
+                        let code = cuda::cuStreamWaitEvent(self.stream.0, event, 0);
+                        let _ = cuda::cuEventDestroy_v2(event);
+                        code
+                    }
+                    Err(code) => code,
+                },
+                failed => failed,
             }
-            if code == cuda::CUresult::CUDA_SUCCESS {
-                code = cuda::cuEventRecord(event, std::ptr::null_mut());
-                if code == cuda::CUresult::CUDA_SUCCESS {
-                    code = cuda::cuStreamWaitEvent(self.stream.0, event, 0);
-                }
-                let _ = cuda::cuEventDestroy_v2(event);
-            }
-            code
         };
         if code == cuda::CUresult::CUDA_SUCCESS {
             Ok(())
@@ -370,21 +393,15 @@ impl NcclCollective {
                 }
             }
         }
-        let mut event: cuda::CUevent = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; our stream is the one the collective
-        // was enqueued on.
-        let recorded = unsafe {
-            cuda::cuEventCreate(
-                &mut event,
-                cuda::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as u32,
-            ) == cuda::CUresult::CUDA_SUCCESS
-                && cuda::cuEventRecord(event, self.stream.0) == cuda::CUresult::CUDA_SUCCESS
+        // SAFETY: our stream is the one the collective was enqueued on.
+        let event = match unsafe { record_event(self.stream.0) } {
+            Ok(event) => event,
+            Err(code) => {
+                let why = format!("rank {rank}: {what}: recording its CUDA event failed: {code:?}");
+                abort(&mut state, why.clone());
+                return Err(CollectiveError::Nccl(why));
+            }
         };
-        if !recorded {
-            let why = format!("rank {rank}: {what}: recording its CUDA event failed");
-            abort(&mut state, why.clone());
-            return Err(CollectiveError::Nccl(why));
-        }
         state.pending.push_back(Pending { event: event as usize, what, deadline });
         Ok(())
     }

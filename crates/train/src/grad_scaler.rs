@@ -91,9 +91,10 @@ impl GradScaler {
         GradScaler::new(INIT_SCALE, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL, device)
     }
 
-    /// The current scale, on the device (a copy: a later update leaves it as it is).
-    pub fn scale(&self) -> Result<Tensor, TrainError> {
-        Ok(self.scale.f_detach_copy()?)
+    /// The current scale, as a 0-d f64 tensor on the device: a snapshot (a
+    /// later update leaves it as it is), in the type of an update's record.
+    pub fn scale_f64(&self) -> Result<Tensor, TrainError> {
+        Ok(self.scale.f_to_kind(Kind::Double)?)
     }
 
     /// `loss` times the scale (torch's `scaler.scale(loss)`: an f32 product).

@@ -1061,7 +1061,7 @@ impl Trainer {
         // unless an inf or NaN was found, update the scale.
         let (found_inf, scale) = match &self.scaler {
             Some(scaler) => {
-                (Some(scaler.unscale(&self.optimizer.gradients())?), Some(scaler.scale()?))
+                (Some(scaler.unscale(&self.optimizer.gradients())?), Some(scaler.scale_f64()?))
             }
             None => (None, None),
         };
@@ -1082,12 +1082,12 @@ impl Trainer {
                     Some(found_inf) => as_double(found_inf)?,
                     None => Tensor::f_zeros([], (Kind::Double, device))?,
                 },
-                match &scale {
-                    Some(scale) => as_double(scale)?,
+                match scale {
+                    Some(scale) => scale,
                     None => nan()?,
                 },
                 match &self.scaler {
-                    Some(scaler) => as_double(&scaler.scale()?)?,
+                    Some(scaler) => scaler.scale_f64()?,
                     None => nan()?,
                 },
             ],
