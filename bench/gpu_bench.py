@@ -25,8 +25,14 @@ Throughput is images per second of the training steps (the median of the
 logged windows after the first, which holds start-up). Peak memory is the
 device memory in use (nvidia-smi, minus what was in use before the run) on a
 GPU, the resident set of the process on a CPU; both sides are measured the
-same way. The summary goes to stdout and to OUT/summary.md and OUT/summary.json
-(its rows typed as below); every command's output goes to OUT/logs/.
+same way.
+
+The runs work in a scratch folder (`--work`, a fresh temporary one by
+default: the photo folder and the checkpoints are gigabytes). OUT receives
+three files only, since the device tool brings back at most 8: summary.md
+and summary.json (its rows typed as below), rewritten after every check so
+that a run cut short still leaves its table, and logs.tar.gz (every
+command's output, each run's metrics.jsonl and resolved recipe).
 
 `--dry-run` rehearses everything on the CPU at toy sizes (CI runs it): same
 commands, same parsing, same table.
@@ -34,20 +40,32 @@ commands, same parsing, same table.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# MLPerf Training v4.0, ResNet-50, 8x H200 (MXNet + DALI): about 7,950 img/s per GPU.
+# MLPerf Training v4.0, ResNet-50, 8x H200 (MXNet + DALI): about 7,950 img/s per GPU
+# (mlcommons/training_results_v4.0, NVIDIA/results/h200_ngc24.04_mxnet/resnet/result_0.txt:
+# steady ~63,600 img/s over 8 GPUs).
 MLPERF_IMAGES_PER_SEC_PER_H200 = 7950.0
+MLPERF_SOURCE = "MLPerf Training v4.0, 8x H200, MXNet + DALI, h200_ngc24.04_mxnet"
+# Collective timeout of the two jobs: a hang ends in a minute, not in the
+# recipe's ten, and leaves the other checks their time.
+JOB_COLLECTIVE_TIMEOUT_S = 60
+# A log file larger than this goes into logs.tar.gz as its head and tail.
+LOG_BYTES_KEPT = 2 << 20
 # libtorch's sync debug mode, which the worker turns on within every update
 # on a GPU when asked (RSB_CUDA_SYNC_DEBUG), and its warning.
 SYNC_DEBUG_ENV = "RSB_CUDA_SYNC_DEBUG"
@@ -74,8 +92,10 @@ class Sizes:
     @staticmethod
     def for_mode(dry_run: bool) -> "Sizes":
         if dry_run:
-            return Sizes("cpu", "resnet50", 8, 32, 10, 2, 1, 4, 2, 4, 8, 2)
-        return Sizes("cuda", "resnet50", 256, 224, 1000, 30, 10, 40, 16, 8, 512, 8)
+            return Sizes("cpu", "resnet50", 8, 32, 10, 2, 1, 4, 2, 4, 12, 2)
+        # The jpeg check's 40 updates of 256 stay within one epoch of 8 x 1,344
+        # photos (42 updates): no epoch-end evaluation or checkpoint in its windows.
+        return Sizes("cuda", "resnet50", 256, 224, 1000, 30, 10, 40, 16, 8, 1344, 8)
 
 
 @dataclass
@@ -143,11 +163,19 @@ class PeakMemory:
         return 0.0
 
     def _poll(self):
-        while not self._stop.wait(0.1):
+        # Half a second: nvidia-smi is a process start per look, beside 16
+        # loader threads.
+        while not self._stop.wait(0.5 if self.on_gpu else 0.1):
             if self.on_gpu:
                 self.peak = max(self.peak, self._gpu_used() - self.baseline)
             elif self.pid is not None:
                 self.peak = max(self.peak, self._rss_mib())
+
+    def peak_mib(self) -> float | None:
+        """The peak, or None when it could not be measured (nvidia-smi failed)."""
+        if math.isnan(self.peak) or math.isnan(self.baseline) or self.peak <= 0:
+            return None
+        return self.peak
 
     def __enter__(self):
         self._thread.start()
@@ -183,7 +211,7 @@ def run(cmd: list[str], log: Path, timeout: float, memory: PeakMemory | None = N
         out.write(stdout)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+        tail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail[-400:]} (log: {log})")
     return stdout, seconds
 
@@ -213,13 +241,17 @@ def step_throughput(metrics: Path) -> float:
 
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, work: Path):
         self.args = args
         self.sizes = Sizes.for_mode(args.dry_run)
         self.out = args.out.resolve()
-        self.logs = self.out / "logs"
+        self.work = work
+        self.logs = work / "logs"
         self.on_gpu = not args.dry_run
-        self.photos = self.out / "photos"
+        self.photos = work / "photos"
+        self.checks: list[Check] = []
+        self.device = device_name(args.dry_run)
+        self.started = time.monotonic()
         # The whole script must end within 8 minutes on the GPU host.
         self.deadline = time.monotonic() + args.budget_s
 
@@ -282,12 +314,14 @@ class Bench:
         results = {"ours": [], "timm": []}
         for round_ in (1, 2):
             for name, cmd in (("ours", ours_cmd), ("timm", timm_cmd)):
+                if results[name] and results[name][0].error is not None:
+                    continue  # a side that failed (or hung) once is not given the time again
                 def one(cmd=cmd, name=name):
                     with PeakMemory(self.on_gpu) as memory:
                         stdout, secs = run(cmd, self.logs / f"synthetic-{name}-{round_}.log",
                                            timeout=self.limit(150), memory=memory)
                     report = last_json(stdout, name)
-                    return Side(report["images_per_sec"], report["step_ms_median"], memory.peak, secs)
+                    return Side(report["images_per_sec"], report["step_ms_median"], memory.peak_mib(), secs)
                 results[name].append(self.side(one))
         for name in ("ours", "timm"):
             sides = results[name]
@@ -296,7 +330,8 @@ class Bench:
                 setattr(check, name, sides[0])
                 continue
             best = max(good, key=lambda x: x.images_per_sec)
-            best.peak_memory_mib = max(x.peak_memory_mib or 0 for x in good)
+            peaks = [x.peak_memory_mib for x in good if x.peak_memory_mib is not None]
+            best.peak_memory_mib = max(peaks) if peaks else None
             setattr(check, name, best)
         return check
 
@@ -305,30 +340,41 @@ class Bench:
         s = self.sizes
         check = Check("jpeg", f"{s.model} A2 training on real JPEGs, batch {s.micro_batch}, {s.image_size} px, "
                       f"{s.loader_threads} loader threads", timm=Side())
-        ours_dir = self.out / "jpeg-ours"
-        timm_dir = self.out / "jpeg-timm"
+        ours_dir = self.work / "jpeg-ours"
+        timm_dir = self.work / "jpeg-timm"
         for d in (ours_dir, timm_dir):
             shutil.rmtree(d, ignore_errors=True)
 
+        def train_cmd(out: Path, device: str, updates: int) -> list[str]:
+            return [self.args.worker, "train", "--recipe", "recipes/resnet50_a2.yaml", "--out", str(out),
+                    "--device", device, "--max-updates", str(updates),
+                    *self.recipe_sets(s.micro_batch, s.micro_batch, s.loader_threads)]
+
         def ours():
-            cmd = [self.args.worker, "train", "--recipe", "recipes/resnet50_a2.yaml", "--out", str(ours_dir),
-                   "--device", "cuda:0" if self.on_gpu else "cpu", "--max-updates", str(s.train_updates),
-                   *self.recipe_sets(s.micro_batch, s.micro_batch, s.loader_threads)]
+            cmd = train_cmd(ours_dir, "cuda:0" if self.on_gpu else "cpu", s.train_updates)
             with PeakMemory(self.on_gpu) as memory:
                 _, secs = run(cmd, self.logs / "jpeg-ours.log", timeout=self.limit(240), memory=memory)
-            return Side(step_throughput(ours_dir / "metrics.jsonl"), None, memory.peak, secs)
+            return Side(step_throughput(ours_dir / "metrics.jsonl"), None, memory.peak_mib(), secs)
 
         def timm():
             recipe = ours_dir / "recipe.yaml"
             if not recipe.exists():
-                raise RuntimeError(f"{recipe} missing: ours did not write its resolved recipe")
+                # Ours failed before writing its resolved recipe: resolve the
+                # same one on the CPU, with no update, so that timm's side is
+                # still measured.
+                resolve_dir = self.work / "jpeg-recipe"
+                shutil.rmtree(resolve_dir, ignore_errors=True)
+                run(train_cmd(resolve_dir, "cpu", 0), self.logs / "jpeg-recipe.log", timeout=self.limit(120))
+                recipe = resolve_dir / "recipe.yaml"
+                if not recipe.exists():
+                    raise RuntimeError(f"{recipe} missing: the recipe could not be resolved")
             cmd = [self.args.python, str(REPO / "bench" / "timm" / "reference_train.py"), "--recipe", str(recipe),
                    "--data", str(self.photos), "--out", str(timm_dir), "--workers", str(s.loader_threads),
                    "--threads", str(s.loader_threads if self.on_gpu else 2), "--max-steps", str(s.train_updates),
                    "--device", s.device]
             with PeakMemory(self.on_gpu) as memory:
                 _, secs = run(cmd, self.logs / "jpeg-timm.log", timeout=self.limit(240), memory=memory)
-            return Side(step_throughput(timm_dir / "metrics.jsonl"), None, memory.peak, secs)
+            return Side(step_throughput(timm_dir / "metrics.jsonl"), None, memory.peak_mib(), secs)
 
         check.ours = self.side(ours)
         check.timm = self.side(timm)
@@ -339,7 +385,7 @@ class Bench:
             env: dict | None = None) -> Check:
         s = self.sizes
         check = Check(name, what)
-        out = self.out / f"job-{name}"
+        out = self.work / f"job-{name}"
         shutil.rmtree(out, ignore_errors=True)
         ranks = 2 if name == "ring2" else 1
         micro = max(1, s.micro_batch // 2) if ranks == 2 else s.micro_batch
@@ -348,30 +394,49 @@ class Bench:
             cmd = [self.args.coordinator, "up", "--local", *devices, "--recipe", "recipes/resnet50_a2.yaml",
                    "--out", str(out), *self.recipe_sets(micro, micro * ranks, max(1, s.loader_threads // ranks)),
                    "--set", f"schedule.cosine.epochs={1 if self.args.dry_run else 2}",
-                   "--set", "schedule.cosine.warmup_epochs=0", *extra_sets]
+                   "--set", "schedule.cosine.warmup_epochs=0",
+                   "--set", f"distributed.collective_timeout_secs={JOB_COLLECTIVE_TIMEOUT_S}", *extra_sets]
             with PeakMemory(self.on_gpu) as memory:
                 _, secs = run(cmd, self.logs / f"job-{name}.log", timeout=self.limit(240), memory=memory,
                               env=env)
-            return Side(step_throughput(out / "metrics.jsonl"), None, memory.peak if self.on_gpu else None, secs)
+            return Side(step_throughput(out / "metrics.jsonl"), None,
+                        memory.peak_mib() if self.on_gpu else None, secs)
 
         check.ours = self.side(ours)
         if env and env.get(SYNC_DEBUG_ENV) == "warn":
-            check.note = sync_note(self.logs / f"job-{name}.log", self.on_gpu)
+            check.note = (sync_note(self.logs / f"job-{name}.log", self.on_gpu) if check.ours.error is None
+                          else "synchronising CUDA calls within updates: not measured (the job failed)")
         return check
 
-    def all(self) -> list[Check]:
+    def add(self, check: Check):
+        """Records a finished check and rewrites the summary with it."""
+        self.checks.append(check)
+        self.save()
+
+    def save(self, final: bool = False):
+        """OUT/summary.md and summary.json as they stand (and, at the end,
+        logs.tar.gz): a run cut short still leaves what it measured."""
         self.out.mkdir(parents=True, exist_ok=True)
-        checks = [self.synthetic()]
+        text = summary(self.checks, self.args, self.device, self.args.bundle_version)
+        text += f"- wall time {time.monotonic() - self.started:.0f} s" + ("" if final else " (unfinished)") + "\n"
+        (self.out / "summary.md").write_text(text)
+        (self.out / "summary.json").write_text(json.dumps(summary_json(self.checks, self.args), indent=2) + "\n")
+        if final:
+            pack_logs(self.work, self.out / "logs.tar.gz")
+        return text
+
+    def all(self):
+        self.add(self.synthetic())
         try:
             self.make_photos()
             photos_error = None
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - the table still gets its rows
             photos_error = f"photo folder: {e}"
         if photos_error:
-            for name in ("jpeg", "ring2", "nccl1"):
-                checks.append(Check(name, "needs the photo folder", ours=Side(error=photos_error)))
-            return checks
-        checks.append(self.jpeg())
+            for name in ("jpeg", "nccl1", "ring2"):
+                self.add(Check(name, "needs the photo folder", ours=Side(error=photos_error)))
+            return
+        self.add(self.jpeg())
         if self.on_gpu:
             two = ["--nodes", "1", "--devices", "0,0"]
             one = ["--nodes", "1", "--devices", "0"]
@@ -380,13 +445,14 @@ class Bench:
             two = ["--nodes", "2", "--devices", "cpu"]
             one = ["--nodes", "1", "--devices", "cpu"]
             backend = "ring"
-        checks.append(self.job("ring2", "2 ranks on one device over the TCP ring (CUDA tensors staged via pinned host memory)",
-                               two, ["--set", "distributed.backend=ring"]))
-        checks.append(self.job("nccl1", f"world size 1 over {backend} with every collective call made",
-                               one, ["--set", f"distributed.backend={backend}",
-                                     "--set", "distributed.collectives_at_world_size_one=true"],
-                               env={SYNC_DEBUG_ENV: "warn"}))
-        return checks
+        # nccl1 first: the ring's CUDA staging has never run on a GPU, and a
+        # hang there must not take NCCL's time.
+        self.add(self.job("nccl1", f"world size 1 over {backend} with every collective call made",
+                          one, ["--set", f"distributed.backend={backend}",
+                                "--set", "distributed.collectives_at_world_size_one=true"],
+                          env={SYNC_DEBUG_ENV: "warn"}))
+        self.add(self.job("ring2", "2 ranks on one device over the TCP ring (CUDA tensors staged via pinned host memory)",
+                          two, ["--set", "distributed.backend=ring"]))
 
 
 def sync_note(log: Path, on_gpu: bool) -> str:
@@ -407,8 +473,22 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:,.{digits}f}"
 
 
-def summary(checks: list[Check], args, device_name: str) -> str:
-    lines = [f"bench/gpu.sh{' --dry-run' if args.dry_run else ''} on {device_name}", "",
+def cell(text: str) -> str:
+    """`text` made safe for a Markdown table cell."""
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def mlperf_share(checks: list[Check]) -> float | None:
+    """Our real-JPEG end-to-end img/s as a fraction of MLPerf's per H200."""
+    jpeg = next((c for c in checks if c.name == "jpeg"), None)
+    if jpeg is None or not jpeg.ours.images_per_sec:
+        return None
+    return jpeg.ours.images_per_sec / MLPERF_IMAGES_PER_SEC_PER_H200
+
+
+def summary(checks: list[Check], args, device_name: str, bundle_version: str | None) -> str:
+    binaries = f" (binaries: {bundle_version})" if bundle_version else ""
+    lines = [f"bench/gpu.sh{' --dry-run' if args.dry_run else ''} on {device_name}{binaries}", "",
              "| check | ours img/s | timm img/s | ours / timm | ours step ms | timm step ms | "
              "ours peak MiB | timm peak MiB | status |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -420,17 +500,53 @@ def summary(checks: list[Check], args, device_name: str) -> str:
         status = "ok" if c.ok() else "FAILED " + "; ".join(errors)
         lines.append(f"| {c.name} | {fmt(c.ours.images_per_sec)} | {fmt(t.images_per_sec) if c.timm else 'n/a'} | "
                      f"{fmt(ratio, 2) + 'x' if ratio else '—'} | {fmt(c.ours.step_ms)} | {fmt(t.step_ms)} | "
-                     f"{fmt(c.ours.peak_memory_mib, 0)} | {fmt(t.peak_memory_mib, 0)} | {status} |")
+                     f"{fmt(c.ours.peak_memory_mib, 0)} | {fmt(t.peak_memory_mib, 0)} | {cell(status)} |")
     lines.append("")
     for c in checks:
         lines.append(f"- {c.name}: {c.what}" + (f"; {c.note}" if c.note else ""))
-    jpeg = next((c for c in checks if c.name == "jpeg"), None)
-    if jpeg and jpeg.ours.images_per_sec and not args.dry_run:
-        share = jpeg.ours.images_per_sec / MLPERF_IMAGES_PER_SEC_PER_H200
-        lines.append(f"- real-JPEG end to end: {share:.0%} of MLPerf's ~7,950 img/s per H200 "
-                     "(Training v4.0, 8x H200, MXNet + DALI)")
+    if not args.dry_run and any(c.name == "jpeg" for c in checks):
+        share = mlperf_share(checks)
+        lines.append("- real-JPEG end to end: " + (f"{share:.0%}" if share is not None else "not measured")
+                     + f" of MLPerf's ~{MLPERF_IMAGES_PER_SEC_PER_H200:,.0f} img/s per H200 ({MLPERF_SOURCE})")
     lines.append("- goals: synthetic ours/timm >= 1.0x, jpeg ours/timm >= 1.3x")
     return "\n".join(lines) + "\n"
+
+
+def summary_json(checks: list[Check], args) -> dict:
+    return {
+        "dry_run": args.dry_run,
+        "binaries": args.bundle_version,
+        "mlperf_images_per_sec_per_h200": MLPERF_IMAGES_PER_SEC_PER_H200,
+        "mlperf_source": MLPERF_SOURCE,
+        "jpeg_share_of_mlperf": None if args.dry_run else mlperf_share(checks),
+        "checks": [{**asdict(c), "ratio": c.ratio(), "ok": c.ok()} for c in checks],
+    }
+
+
+def pack_logs(work: Path, tarball: Path):
+    """Every log, metrics.jsonl and resolved recipe under `work` into one
+    gzipped tar (photos and checkpoints stay behind); a log over
+    LOG_BYTES_KEPT keeps its head and tail."""
+    keep = [p for p in sorted(work.rglob("*")) if p.is_file() and not p.is_symlink()
+            and (p.suffix in (".log", ".jsonl") or p.name in ("recipe.yaml", "summary.json"))
+            and "photos" not in p.relative_to(work).parts]
+    with tarfile.open(tarball, "w:gz") as tar:
+        for path in keep:
+            name = str(path.relative_to(work))
+            size = path.stat().st_size
+            if size <= LOG_BYTES_KEPT:
+                tar.add(path, arcname=name)
+                continue
+            half = LOG_BYTES_KEPT // 2
+            with open(path, "rb") as f:
+                head = f.read(half)
+                f.seek(size - half)
+                tail = f.read()
+            data = head + f"\n[... {size - 2 * half:,} bytes left out ...]\n".encode() + tail
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def device_name(dry_run: bool) -> str:
@@ -458,21 +574,25 @@ def main(argv=None) -> int:
     p.add_argument("--coordinator", required=True)
     p.add_argument("--python", default=sys.executable, help="the Python with torch and timm 1.0.31")
     p.add_argument("--photos-src", type=Path, default=None, help="folder of source JPEGs (default: the wheels')")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="summary.md, summary.json and logs.tar.gz go here")
+    p.add_argument("--work", type=Path, default=None,
+                   help="scratch folder of the runs (default: a fresh temporary one, removed at the end)")
+    p.add_argument("--bundle-version", default=None, help="what the binaries were built from, for the summary")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--budget-s", type=float, default=450.0, help="overall time limit of the checks")
     args = p.parse_args(argv)
-    started = time.monotonic()
-    bench = Bench(args)
-    checks = bench.all()
-    text = summary(checks, args, device_name(args.dry_run))
-    text += f"- wall time {time.monotonic() - started:.0f} s\n"
-    print(text)
-    (bench.out / "summary.md").write_text(text)
-    (bench.out / "summary.json").write_text(json.dumps(
-        {"dry_run": args.dry_run, "checks": [{**asdict(c), "ratio": c.ratio(), "ok": c.ok()} for c in checks]},
-        indent=2) + "\n")
-    return 0 if all(c.ok() for c in checks) else 1
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="rsb-gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, work)
+    try:
+        bench.all()
+    finally:
+        # Whatever happened above, the table of what was measured is written.
+        text = bench.save(final=True)
+        print(text, flush=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if bench.checks and all(c.ok() for c in bench.checks) else 1
 
 
 if __name__ == "__main__":

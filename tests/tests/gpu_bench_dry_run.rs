@@ -1,11 +1,13 @@
 //! `bench/gpu.sh` rehearsed on the CPU, as its header asks before any GPU
 //! time is spent: `--pack` builds the bundle that travels to the GPU host
 //! (stripped binaries that still run, the timm 1.0.31 wheel, the source
-//! photos, all within the device tool's 64 MiB), and `--dry-run` runs every
-//! check of the real script (ours and timm's synthetic steps, both loaders on
-//! real JPEGs, a 2-rank ring job, a world-size-1 job with every collective
-//! call made) at toy sizes. Every check must succeed and the summary must
-//! hold a row with a throughput for each.
+//! photos, all within the device tool's 64 MiB, with the commit they were
+//! built from), and `--dry-run --bundle` runs every check of the real script
+//! with the binaries that travel (ours and timm's synthetic steps, both
+//! loaders on real JPEGs, a world-size-1 job with every collective call
+//! made, a 2-rank ring job) at toy sizes. Every check must succeed, the
+//! summary must hold a row with a throughput for each, and the output folder
+//! must hold what the device tool brings back: three files, the logs packed.
 
 use rsb_integration_tests::{binary, read_json, workspace_root};
 use std::process::Command;
@@ -45,6 +47,14 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
         wheels.iter().any(|w| w.starts_with("timm-1.0.31-")),
         "no timm 1.0.31 wheel in {wheels:?}"
     );
+    let version = std::fs::read_to_string(bundle.join("VERSION")).expect("bundle VERSION");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .expect("git rev-parse");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert!(!head.is_empty() && version.contains(&head), "VERSION {version:?} is not HEAD {head}");
     for b in ["worker", "coordinator"] {
         let out = Command::new(bundle.join("bin").join(b)).arg("--version").output().expect(b);
         assert!(
@@ -56,7 +66,7 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
 
     let out_dir = tempfile::tempdir().expect("tempdir");
     let run = Command::new(root.join("bench/gpu.sh"))
-        .args(["--dry-run", "--out"])
+        .args(["--dry-run", "--bundle", "--out"])
         .arg(out_dir.path())
         .output()
         .expect("bench/gpu.sh --dry-run");
@@ -69,10 +79,15 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     let summary = read_json(&out_dir.path().join("summary.json"));
     let checks = summary["checks"].as_array().expect("checks");
     let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap_or("?")).collect();
-    assert_eq!(names, ["synthetic", "jpeg", "ring2", "nccl1"]);
+    assert_eq!(names, ["synthetic", "jpeg", "nccl1", "ring2"]);
+    assert!(
+        summary["binaries"].as_str().is_some_and(|b| b.contains(&head)),
+        "the summary does not name the bundle's commit: {}",
+        summary["binaries"]
+    );
     // The sync check rides on the nccl1 job; a CPU has nothing to count.
     assert_eq!(
-        checks[3]["note"], "synchronising CUDA calls within updates: not checked on a CPU",
+        checks[2]["note"], "synchronising CUDA calls within updates: not checked on a CPU",
         "{}",
         checks[3]
     );
@@ -94,6 +109,24 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     for name in names {
         assert!(table.contains(&format!("| {name} |")), "no row {name} in\n{table}");
     }
+    // What comes back from the device: the summary and one archive of the
+    // logs, each run's metrics and recipe (not the photos or checkpoints).
+    let mut files: Vec<String> = std::fs::read_dir(out_dir.path())
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["logs.tar.gz", "summary.json", "summary.md"]);
+    let listing = Command::new("tar")
+        .arg("tzf")
+        .arg(out_dir.path().join("logs.tar.gz"))
+        .output()
+        .expect("tar");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for member in ["logs/synthetic-ours-1.log", "logs/job-nccl1.log", "jpeg-ours/metrics.jsonl"] {
+        assert!(listing.lines().any(|l| l == member), "{member} not in logs.tar.gz:\n{listing}");
+    }
+    assert!(!listing.contains("photos/") && !listing.contains(".safetensors"), "{listing}");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {

@@ -457,6 +457,17 @@ fn the_worker_links_libtorch_cuda_and_the_coordinator_no_libtorch() {
     for field in ["2.11.0", "CUDA", "NCCL"] {
         assert!(text.contains(field), "worker doctor does not report {field}:\n{text}");
     }
+    // NCCL as a rank loads it: the CUDA wheel's libnccl.so.2 (the name
+    // cudarc's own loader never tries), which makes a unique id without a GPU.
+    if torch_lib.join("libtorch_cuda.so").exists() {
+        let nccl = text.lines().find(|l| l.starts_with("NCCL")).unwrap_or_default();
+        assert!(
+            nccl.contains("found: ")
+                && nccl.contains("nvidia/nccl/lib/libnccl.so.2 (version 2.")
+                && nccl.contains("a unique id made"),
+            "worker doctor: {nccl}"
+        );
+    }
 }
 
 fn coordinator(args: &[&str]) -> Output {

@@ -396,7 +396,11 @@ pub fn infer(args: InferArgs) -> Result<()> {
 
 /// `RSB_CUDA_SYNC_DEBUG` (`off`, `warn` or `error`): libtorch's CUDA sync
 /// debug mode within every training update on a GPU, to show that an update
-/// makes no synchronising CUDA call (`bench/gpu.sh` sets `warn`).
+/// makes no synchronising CUDA call (`bench/gpu.sh` sets `warn`). `error`
+/// is refused with the ring backend on a GPU, which stages each gradient
+/// bucket through host memory by design; a checksum a debugging run asks
+/// for after each update (`RSB_CHECKSUM_EVERY_UPDATE`) is read with the
+/// check off.
 pub fn cuda_sync_debug_from_env() -> Result<Option<rsb_train::trainer::SyncDebugMode>> {
     use rsb_train::trainer::SyncDebugMode;
     let Ok(value) = std::env::var("RSB_CUDA_SYNC_DEBUG") else { return Ok(None) };

@@ -25,56 +25,13 @@ fn torch_version(lib_file: &Path) -> Option<String> {
     })
 }
 
-/// No candidate NCCL library could be loaded.
-#[derive(Debug)]
-pub struct NcclNotFound {
-    /// Each library tried, with the dynamic loader's message.
-    pub attempts: Vec<(PathBuf, String)>,
-}
-
-impl std::fmt::Display for NcclNotFound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (path, reason)) in self.attempts.iter().enumerate() {
-            let separator = if i == 0 { "" } else { "; " };
-            write!(f, "{separator}{}: {reason}", path.display())?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for NcclNotFound {}
-
-/// Where NCCL was found and its version, or every place tried and why it failed.
-pub fn find_nccl(torch_lib: Option<&Path>) -> Result<(String, String), NcclNotFound> {
-    let mut candidates = vec![PathBuf::from("libnccl.so.2")];
-    if let Some(site) =
-        torch_lib.and_then(|l| l.parent()).and_then(|t| t.parent()).and_then(|t| t.parent())
-    {
-        candidates.push(site.join("nvidia/nccl/lib/libnccl.so.2"));
-    }
-    let mut attempts = Vec::new();
-    for candidate in candidates {
-        // SAFETY: loading NCCL runs its (side-effect free) initialisers only.
-        match unsafe { libloading::Library::new(&candidate) } {
-            Ok(lib) => {
-                // SAFETY: ncclGetVersion(int*) is NCCL's stable C API.
-                let version = unsafe {
-                    lib.get::<unsafe extern "C" fn(*mut i32) -> i32>(b"ncclGetVersion\0")
-                        .ok()
-                        .and_then(|f| {
-                            let mut v = 0i32;
-                            (f(&mut v) == 0).then_some(v)
-                        })
-                };
-                let version = version
-                    .map(|v| format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
-                    .unwrap_or_else(|| "unknown".into());
-                return Ok((candidate.display().to_string(), version));
-            }
-            Err(e) => attempts.push((candidate, e.to_string())),
-        }
-    }
-    Err(NcclNotFound { attempts })
+/// NCCL as a GPU rank loads it (the same loader, so that what this reports
+/// is what a rank finds): its file and version, and whether it makes a
+/// unique id (which needs no GPU); or why it cannot be loaded.
+pub fn nccl_report() -> Result<(String, String, Result<(), String>), String> {
+    let nccl = rsb_collective::nccl::library::Nccl::get().map_err(|e| e.to_string())?;
+    let unique_id = rsb_collective::nccl::unique_id().map(|_| ()).map_err(|e| e.to_string());
+    Ok((nccl.path().to_string(), nccl.version(), unique_id))
 }
 
 /// Prints the report; returns it as JSON as well.
@@ -85,7 +42,7 @@ pub fn run() -> serde_json::Value {
     let cudnn = tch::Cuda::cudnn_is_available();
     let lib = loaded_libtorch();
     let version = lib.as_deref().and_then(torch_version);
-    let nccl = find_nccl(lib.as_deref());
+    let nccl = nccl_report();
     let cpu = CpuFeatures::detect();
     let auto_on_cpu = match compute_kind_with(Precision::Auto, tch::Device::Cpu, &cpu) {
         tch::Kind::BFloat16 => "bf16",
@@ -104,7 +61,13 @@ pub fn run() -> serde_json::Value {
         "cuda_device_count": devices,
         "cudnn_available": cudnn,
         "torch_threads": tch::get_num_threads(),
-        "nccl": match &nccl { Ok((path, v)) => serde_json::json!({"found": true, "path": path, "version": v}), Err(e) => serde_json::json!({"found": false, "error": e.to_string()}) },
+        "nccl": match &nccl {
+            Ok((path, v, id)) => serde_json::json!({
+                "found": true, "path": path, "version": v,
+                "unique_id": id.as_ref().map(|()| "made").unwrap_or_else(|e| e.as_str()),
+            }),
+            Err(e) => serde_json::json!({"found": false, "error": e}),
+        },
     });
     println!(
         "libtorch        {}",
@@ -123,7 +86,10 @@ pub fn run() -> serde_json::Value {
     println!("cuDNN available {cudnn}");
     println!("torch threads   {}", tch::get_num_threads());
     match nccl {
-        Ok((path, v)) => println!("NCCL            found: {path} (version {v})"),
+        Ok((path, v, id)) => {
+            let id = id.map(|()| "a unique id made".to_string()).unwrap_or_else(|e| e);
+            println!("NCCL            found: {path} (version {v}; {id})")
+        }
         Err(e) => println!("NCCL            not found ({e})"),
     }
     report

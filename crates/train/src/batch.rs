@@ -46,12 +46,13 @@ impl Normalizer {
 
     /// A host tensor on the device: on a GPU through pinned memory with a
     /// non-blocking copy (a copy from pageable memory would make the host
-    /// wait for the device).
+    /// wait for the device). Pinned by `_pin_memory`: `pin_memory(device)`
+    /// prints two deprecation warnings per call in libtorch 2.11.
     fn to_device(&self, host: Tensor) -> Result<Tensor, TchError> {
         if self.device == Device::Cpu {
             return Ok(host);
         }
         let kind = host.kind();
-        host.f_pin_memory(self.device)?.f_to_device_(self.device, kind, true, false)
+        host.f_internal_pin_memory(self.device)?.f_to_device_(self.device, kind, true, false)
     }
 }

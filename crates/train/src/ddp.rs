@@ -144,9 +144,10 @@ fn issue_flat(
         Device::Cuda(device) => {
             // The only branch CI cannot run: stage through pinned host memory
             // (blocking copies), then reduce the host copy like any CPU
-            // tensor (a host backend completes before it returns).
+            // tensor (a host backend completes before it returns). Pinned
+            // by `_pin_memory`, as batches are (`pin_memory(device)` warns).
             let mut host = Tensor::f_empty([len as i64], (Kind::Float, Device::Cpu))?
-                .f_pin_memory(Device::Cuda(device))?;
+                .f_internal_pin_memory(Device::Cuda(device))?;
             host.f_copy_(&flat)?;
             let reduced = issue_flat(collective, host, reduction, what)?;
             let mut flat = flat;

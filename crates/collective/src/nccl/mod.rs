@@ -1,7 +1,7 @@
-//! NCCL for GPU ranks, through `cudarc`'s raw NCCL API; `libnccl.so.2` is
-//! loaded at run time (the one from the `nvidia-nccl` package that the torch
-//! wheel brings, found through `LD_LIBRARY_PATH`), so nothing NCCL or CUDA is
-//! needed at build time.
+//! NCCL for GPU ranks: `libnccl.so.2` is loaded at run time ([`library`]:
+//! the one from the `nvidia-nccl` package that the torch wheel brings, which
+//! libtorch_cuda has loaded already), CUDA's driver API through `cudarc`, so
+//! nothing NCCL or CUDA is needed at build time.
 //!
 //! Streams, as PyTorch's `ProcessGroupNCCL`: collectives run on a stream of
 //! the communicator's own (created non-blocking, so the legacy default
@@ -27,26 +27,66 @@
 //! waits on it go on) and record the error, naming the rank and the
 //! collective: the next call returns it. Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
-//! no further call comes, the watchdog ends the process (exit status 1, the
-//! error on stderr) if it is still alive [`EXIT_GRACE`] later, with
-//! `_exit`: no atexit handler or static destructor runs, since those of
-//! CUDA and NCCL can block for ever on the very stream that hangs.
+//! no further call comes, a failure arms an exit timer (before the watchdog
+//! calls `ncclCommAbort`, which might itself not return): the process ends
+//! (exit status 1, the error on stderr) if the collective has not been
+//! dropped [`EXIT_GRACE`] later, with `_exit`: no atexit handler or static
+//! destructor runs, since those of CUDA and NCCL can block for ever on the
+//! very stream that hangs. The watchdog logs to the log of the thread that
+//! made the communicator (a rank's log file).
 //!
 //! A communicator that failed or was aborted is never destroyed with
 //! `ncclCommDestroy` (which flushes outstanding work and can wait for a
 //! dead peer): the watchdog and every failing call abort it, and dropping
 //! one with a recorded failure or unfinished collectives aborts it too.
 
+pub mod library;
+
 use crate::{Buffer, Collective, CollectiveError, DeviceElement};
 use cudarc::driver::sys as cuda;
-use cudarc::nccl::{result, sys};
+use cudarc::nccl::sys;
+use library::Nccl;
 use std::collections::VecDeque;
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often the watchdog and the host-side polls look at NCCL.
+/// How often the watchdog looks at the outstanding collectives.
 const POLL: Duration = Duration::from_millis(50);
+
+/// The host-side waits for a non-blocking communicator (joining, and NCCL
+/// taking each collective, which it answers `ncclInProgress` to while its
+/// own thread enqueues it: typically microseconds) look again after a pause
+/// that starts at [`FIRST_PAUSE`] and doubles up to [`LONGEST_PAUSE`]: a
+/// collective is not held up by a coarse poll, and a long wait (a peer
+/// still joining) costs no CPU to speak of.
+const FIRST_PAUSE: Duration = Duration::from_micros(2);
+/// See [`FIRST_PAUSE`].
+const LONGEST_PAUSE: Duration = Duration::from_millis(1);
+
+/// The pauses between the looks of a host-side wait.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: FIRST_PAUSE }
+    }
+
+    /// The pause before the next look (and the one after it doubles).
+    fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(LONGEST_PAUSE);
+        pause
+    }
+
+    fn pause(&mut self) {
+        std::thread::sleep(self.next_pause());
+    }
+}
 
 /// How long the watchdog leaves the process to report an aborted
 /// collective itself before it ends it.
@@ -54,16 +94,16 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(20);
 
 /// The 128 bytes that identify an NCCL clique (made by rank 0, shared by the coordinator).
 pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
-    let id = result::get_uniqueid()
-        .map_err(|e| CollectiveError::Nccl(format!("ncclGetUniqueId: {e:?}")))?;
+    let nccl = Nccl::get()?;
+    let id = nccl.unique_id().map_err(|code| {
+        CollectiveError::Nccl(format!("ncclGetUniqueId: {}", nccl.describe(code)))
+    })?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
 /// The loaded NCCL's version, e.g. `2.28.9`.
 pub fn version() -> Result<String, CollectiveError> {
-    let v = result::get_nccl_version()
-        .map_err(|e| CollectiveError::Nccl(format!("ncclGetVersion: {e:?}")))?;
-    Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+    Ok(Nccl::get()?.version())
 }
 
 /// `NCCL_CONFIG_INITIALIZER` of nccl.h 2.28 (the layout of cudarc's
@@ -118,34 +158,49 @@ struct State {
     failed: Option<String>,
 }
 
-type Shared = Arc<(Mutex<State>, AtomicBool)>;
+/// What the rank's thread, the watchdog and the exit timer share.
+#[derive(Debug, Default)]
+struct Flags {
+    state: Mutex<State>,
+    /// Set when the collective is dropped: the watchdog stops.
+    stop: AtomicBool,
+    /// Set once the drop has finished: an armed exit timer stands down.
+    ended: AtomicBool,
+}
+
+type Shared = Arc<Flags>;
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
-    shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The asynchronous state of `comm`: `Ok(true)` done, `Ok(false)` still in
 /// progress, `Err` an NCCL error.
-fn async_state(comm: Comm) -> Result<bool, String> {
-    let mut state = sys::ncclResult_t::ncclSuccess;
-    // SAFETY: `comm` is live (callers hold it from the shared state) and
-    // `state` is a valid out-pointer.
-    let call = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
-    if call != sys::ncclResult_t::ncclSuccess {
-        return Err(format!("ncclCommGetAsyncError failed: {call:?}"));
+fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, String> {
+    // SAFETY: `comm` is live (callers hold it from the shared state).
+    match unsafe { nccl.async_error(comm.0) } {
+        Err(call) => Err(format!("ncclCommGetAsyncError failed: {}", nccl.describe(call))),
+        Ok(library::SUCCESS) => Ok(true),
+        Ok(library::IN_PROGRESS) => Ok(false),
+        // SAFETY: as above.
+        Ok(other) => Err(with_detail(nccl.describe(other), unsafe { nccl.last_error(comm.0) })),
     }
-    match state {
-        sys::ncclResult_t::ncclSuccess => Ok(true),
-        sys::ncclResult_t::ncclInProgress => Ok(false),
-        other => Err(format!("{other:?}")),
+}
+
+/// An NCCL status, and NCCL's last error message when it has one.
+fn with_detail(status: String, detail: String) -> String {
+    if detail.is_empty() {
+        status
+    } else {
+        format!("{status}: {detail}")
     }
 }
 
 /// Aborts the communicator (once) and records `why`.
-fn abort(state: &mut State, why: String) {
+fn abort(nccl: &Nccl, state: &mut State, why: String) {
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
-        let _ = unsafe { result::comm_abort(comm.0) };
+        let _ = unsafe { nccl.comm_abort(comm.0) };
     }
     for pending in state.pending.drain(..) {
         // SAFETY: the event was created by `cuEventCreate` and is destroyed once.
@@ -193,6 +248,7 @@ unsafe impl Send for CommStream {}
 /// One rank's NCCL communicator, with its stream and its watchdog.
 #[derive(Debug)]
 pub struct NcclCollective {
+    nccl: &'static Nccl,
     shared: Shared,
     /// The stream the collectives run on.
     stream: CommStream,
@@ -216,6 +272,8 @@ impl NcclCollective {
         world: usize,
         timeout: Duration,
     ) -> Result<NcclCollective, CollectiveError> {
+        let nccl = Nccl::get()
+            .map_err(|e| CollectiveError::Nccl(format!("rank {rank}: loading NCCL: {e}")))?;
         if id.len() != 128 {
             return Err(CollectiveError::Nccl(format!(
                 "unique id has {} bytes, expected 128",
@@ -241,25 +299,34 @@ impl NcclCollective {
         }
         let mut comm = std::ptr::null_mut();
         let mut config = non_blocking_config();
-        // SAFETY: `comm` and `config` are valid pointers; NCCL initialises `comm`.
-        unsafe {
-            result::comm_init_rank_config(&mut comm, world as i32, unique, rank as i32, &mut config)
+        // SAFETY: the device is current (checked above); `comm` and `config`
+        // are valid pointers, and NCCL initialises `comm`.
+        let code = unsafe {
+            nccl.comm_init_rank_config(
+                &mut comm,
+                world as c_int,
+                unique,
+                rank as c_int,
+                &mut config,
+            )
+        };
+        if !matches!(code, library::SUCCESS | library::IN_PROGRESS) {
+            return Err(CollectiveError::Nccl(format!(
+                "rank {rank}: ncclCommInitRankConfig (rank {rank} of {world}): {}",
+                nccl.describe(code)
+            )));
         }
-        .map_err(|e| {
-            CollectiveError::Nccl(format!(
-                "rank {rank}: ncclCommInitRankConfig (rank {rank} of {world}): {e:?}"
-            ))
-        })?;
-        let shared: Shared = Arc::new((
-            Mutex::new(State { comm: Some(Comm(comm)), ..State::default() }),
-            AtomicBool::new(false),
-        ));
+        let shared: Shared = Arc::new(Flags {
+            state: Mutex::new(State { comm: Some(Comm(comm)), ..State::default() }),
+            ..Flags::default()
+        });
         // Joining is asynchronous: wait for it, up to the timeout.
         let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
         loop {
-            match async_state(Comm(comm)) {
+            match async_state(nccl, Comm(comm)) {
                 Ok(true) => break,
-                Ok(false) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Ok(false) if Instant::now() < deadline => backoff.pause(),
                 outcome => {
                     let why = match outcome {
                         Err(e) => format!("rank {rank}: joining the NCCL clique failed: {e}"),
@@ -269,7 +336,7 @@ impl NcclCollective {
                             timeout.as_secs()
                         ),
                     };
-                    abort(&mut lock(&shared), why.clone());
+                    abort(nccl, &mut lock(&shared), why.clone());
                     return Err(CollectiveError::Nccl(why));
                 }
             }
@@ -281,18 +348,31 @@ impl NcclCollective {
         };
         if created != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: creating the NCCL stream: {created:?}");
-            abort(&mut lock(&shared), why.clone());
+            abort(nccl, &mut lock(&shared), why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         let context = context as usize;
         let dog = Arc::clone(&shared);
-        let watchdog = std::thread::Builder::new()
-            .name(format!("nccl-watchdog-{rank}"))
-            .spawn(move || watch(dog, context as cuda::CUcontext, rank))
-            .map_err(|e| {
-                CollectiveError::Nccl(format!("rank {rank}: starting the watchdog: {e}"))
-            })?;
+        // The watchdog logs where this thread logs (a rank's log file is
+        // this thread's default subscriber, not the process's).
+        let log = tracing::dispatcher::get_default(|log| log.clone());
+        let watchdog =
+            std::thread::Builder::new().name(format!("nccl-watchdog-{rank}")).spawn(move || {
+                let _log = tracing::dispatcher::set_default(&log);
+                watch(nccl, dog, context as cuda::CUcontext, rank)
+            });
+        let watchdog = match watchdog {
+            Ok(watchdog) => watchdog,
+            Err(e) => {
+                let why = format!("rank {rank}: starting the NCCL watchdog: {e}");
+                abort(nccl, &mut lock(&shared), why.clone());
+                // SAFETY: created above, used by nothing (the communicator is aborted).
+                let _ = unsafe { cuda::cuStreamDestroy_v2(stream) };
+                return Err(CollectiveError::Nccl(why));
+            }
+        };
         Ok(NcclCollective {
+            nccl,
             shared,
             stream: CommStream(stream),
             context,
@@ -306,12 +386,12 @@ impl NcclCollective {
     /// The device buffer's pointer, length, NCCL type and the type's name.
     fn device_buffer(
         buffer: Buffer<'_>,
-    ) -> Result<(u64, usize, sys::ncclDataType_t, &'static str), CollectiveError> {
+    ) -> Result<(u64, usize, c_int, &'static str), CollectiveError> {
         match buffer {
             Buffer::Cuda(memory) => {
                 let (kind, name) = match memory.element() {
-                    DeviceElement::F32 => (sys::ncclDataType_t::ncclFloat32, "f32"),
-                    DeviceElement::Bf16 => (sys::ncclDataType_t::ncclBfloat16, "bf16"),
+                    DeviceElement::F32 => (library::element::F32, "f32"),
+                    DeviceElement::Bf16 => (library::element::BF16, "bf16"),
                 };
                 Ok((memory.ptr(), memory.len(), kind, name))
             }
@@ -352,9 +432,9 @@ impl NcclCollective {
     fn run(
         &mut self,
         what: String,
-        enqueue: impl FnOnce(sys::ncclComm_t, cuda::CUstream) -> sys::ncclResult_t,
+        enqueue: impl FnOnce(&Nccl, sys::ncclComm_t, cuda::CUstream) -> c_int,
     ) -> Result<(), CollectiveError> {
-        let rank = self.rank;
+        let (rank, nccl) = (self.rank, self.nccl);
         let mut state = lock(&self.shared);
         if let Some(failed) = &state.failed {
             return Err(CollectiveError::Nccl(failed.clone()));
@@ -364,21 +444,27 @@ impl NcclCollective {
         };
         if let Err(e) = self.wait_for_default_stream() {
             let why = format!("rank {rank}: {what}: {e}");
-            abort(&mut state, why.clone());
+            abort(nccl, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let code = enqueue(comm.0, self.stream.0);
-        if !matches!(code, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
-            let why = format!("rank {rank}: {what}: NCCL refused it: {code:?}");
-            abort(&mut state, why.clone());
+        let code = enqueue(nccl, comm.0, self.stream.0);
+        if !matches!(code, library::SUCCESS | library::IN_PROGRESS) {
+            // SAFETY: the communicator is live until the abort below.
+            let detail = unsafe { nccl.last_error(comm.0) };
+            let why = format!(
+                "rank {rank}: {what}: NCCL refused it: {}",
+                with_detail(nccl.describe(code), detail)
+            );
+            abort(nccl, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
+        let mut backoff = Backoff::new();
         loop {
-            match async_state(comm) {
+            match async_state(nccl, comm) {
                 Ok(true) => break,
-                Ok(false) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Ok(false) if Instant::now() < deadline => backoff.pause(),
                 outcome => {
                     let why = match outcome {
                         Err(e) => format!("rank {rank}: {what}: NCCL error {e}"),
@@ -388,7 +474,7 @@ impl NcclCollective {
                             self.timeout.as_secs()
                         ),
                     };
-                    abort(&mut state, why.clone());
+                    abort(nccl, &mut state, why.clone());
                     return Err(CollectiveError::Nccl(why));
                 }
             }
@@ -398,7 +484,7 @@ impl NcclCollective {
             Ok(event) => event,
             Err(code) => {
                 let why = format!("rank {rank}: {what}: recording its CUDA event failed: {code:?}");
-                abort(&mut state, why.clone());
+                abort(nccl, &mut state, why.clone());
                 return Err(CollectiveError::Nccl(why));
             }
         };
@@ -407,74 +493,99 @@ impl NcclCollective {
     }
 }
 
+/// Ends the process [`EXIT_GRACE`] after a failure, unless the collective
+/// has been dropped by then: the rank's own thread may be blocked on the
+/// aborted collective's stream (or `ncclCommAbort` itself may not return).
+/// Armed before the watchdog aborts, so that nothing NCCL does can stop it.
+fn arm_exit_timer(shared: &Shared, why: &str, rank: usize) {
+    tracing::error!("{why}");
+    let shared = Arc::clone(shared);
+    let why = why.to_string();
+    let timer = std::thread::Builder::new().name(format!("nccl-exit-{rank}")).spawn(move || {
+        std::thread::sleep(EXIT_GRACE);
+        if shared.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        eprintln!("error: {why}");
+        // `_exit`, not `std::process::exit`: the latter runs the atexit
+        // handlers (CUDA's and NCCL's among them), which can block for ever
+        // on the stream the aborted collective hangs on. stderr is
+        // unbuffered, so the message above is out.
+        // SAFETY: `_exit` has no preconditions; it ends the process.
+        unsafe { libc::_exit(1) };
+    });
+    if let Err(e) = timer {
+        tracing::error!("rank {rank}: cannot start the NCCL exit timer: {e}");
+    }
+}
+
 /// The watchdog: retires completed collectives, aborts on an asynchronous
-/// error or a collective past its deadline, and ends the process if it is
-/// still alive [`EXIT_GRACE`] after an abort.
-fn watch(shared: Shared, context: cuda::CUcontext, rank: usize) {
+/// error or a collective past its deadline, and arms the exit timer on any
+/// failure (its own or one a call recorded).
+fn watch(nccl: &Nccl, shared: Shared, context: cuda::CUcontext, rank: usize) {
+    let mut armed = false;
     // SAFETY: `context` is the rank thread's current context, kept alive by
     // libtorch for the life of the process.
     if unsafe { cuda::cuCtxSetCurrent(context) } != cuda::CUresult::CUDA_SUCCESS {
-        let mut state = lock(&shared);
-        abort(&mut state, format!("rank {rank}: the NCCL watchdog cannot use the CUDA context"));
+        let why = format!("rank {rank}: the NCCL watchdog cannot use the CUDA context");
+        arm_exit_timer(&shared, &why, rank);
+        armed = true;
+        abort(nccl, &mut lock(&shared), why);
     }
-    let mut aborted_at: Option<Instant> = None;
-    while !shared.1.load(Ordering::Relaxed) {
+    while !shared.stop.load(Ordering::SeqCst) {
         std::thread::sleep(POLL);
         let mut state = lock(&shared);
-        if let Some(comm) = state.comm {
-            while let Some(first) = state.pending.front() {
-                // SAFETY: the event is live until destroyed here or in `abort`.
-                match unsafe { cuda::cuEventQuery(first.event as cuda::CUevent) } {
-                    cuda::CUresult::CUDA_SUCCESS => {
-                        if let Some(done) = state.pending.pop_front() {
-                            // SAFETY: destroyed once, after completion.
-                            let _ = unsafe { cuda::cuEventDestroy_v2(done.event as cuda::CUevent) };
-                        }
-                    }
-                    cuda::CUresult::CUDA_ERROR_NOT_READY => break,
-                    other => {
-                        let why = format!("rank {rank}: {}: CUDA error {other:?}", first.what);
-                        abort(&mut state, why);
-                        break;
-                    }
+        if let Some(why) = overdue_or_failed(nccl, &mut state, rank) {
+            if !armed {
+                arm_exit_timer(&shared, &why, rank);
+                armed = true;
+            }
+            abort(nccl, &mut state, why);
+        }
+        if let (Some(failed), false) = (&state.failed, armed) {
+            arm_exit_timer(&shared, failed, rank);
+            armed = true;
+        }
+    }
+}
+
+/// One look of the watchdog: retires the completed collectives and answers
+/// why the communicator must be aborted, if it must.
+fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<String> {
+    let comm = state.comm?;
+    while let Some(first) = state.pending.front() {
+        // SAFETY: the event is live until destroyed here or in `abort`.
+        match unsafe { cuda::cuEventQuery(first.event as cuda::CUevent) } {
+            cuda::CUresult::CUDA_SUCCESS => {
+                if let Some(done) = state.pending.pop_front() {
+                    // SAFETY: destroyed once, after completion.
+                    let _ = unsafe { cuda::cuEventDestroy_v2(done.event as cuda::CUevent) };
                 }
             }
-            let overdue = state.pending.front().filter(|p| Instant::now() > p.deadline);
-            if let Some(p) = overdue {
-                let why = format!(
-                    "rank {rank}: {} did not complete within the collective timeout \
-                     (distributed.collective_timeout_secs): a peer is stopped, hung or \
-                     unreachable; NCCL communicator aborted",
-                    p.what
-                );
-                abort(&mut state, why);
-            } else if let Err(e) = async_state(comm) {
-                let what = state.pending.front().map_or("the communicator", |p| p.what.as_str());
-                let why = format!("rank {rank}: {what}: NCCL asynchronous error {e}");
-                abort(&mut state, why);
-            }
+            cuda::CUresult::CUDA_ERROR_NOT_READY => break,
+            other => return Some(format!("rank {rank}: {}: CUDA error {other:?}", first.what)),
         }
-        if let Some(failed) = &state.failed {
-            let since = *aborted_at.get_or_insert_with(|| {
-                tracing::error!("{failed}");
-                Instant::now()
-            });
-            if since.elapsed() > EXIT_GRACE {
-                eprintln!("error: {failed}");
-                // `_exit`, not `std::process::exit`: the latter runs the
-                // atexit handlers (CUDA's and NCCL's among them), which can
-                // block for ever on the stream the aborted collective hangs
-                // on. stderr is unbuffered, so the message above is out.
-                // SAFETY: `_exit` has no preconditions; it ends the process.
-                unsafe { libc::_exit(1) };
-            }
+    }
+    if let Some(p) = state.pending.front().filter(|p| Instant::now() > p.deadline) {
+        return Some(format!(
+            "rank {rank}: {} did not complete within the collective timeout \
+             (distributed.collective_timeout_secs): a peer is stopped, hung or \
+             unreachable; NCCL communicator aborted",
+            p.what
+        ));
+    }
+    match async_state(nccl, comm) {
+        Err(e) => {
+            let what = state.pending.front().map_or("the communicator", |p| p.what.as_str());
+            Some(format!("rank {rank}: {what}: NCCL asynchronous error {e}"))
         }
+        Ok(_) => None,
     }
 }
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
-        self.shared.1.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(watchdog) = self.watchdog.take() {
             let _ = watchdog.join();
         }
@@ -498,15 +609,16 @@ impl Drop for NcclCollective {
             if healthy {
                 // SAFETY: the communicator was initialised, is idle, and is
                 // destroyed once (taken).
-                let _ = unsafe { result::comm_destroy(comm.0) };
+                let _ = unsafe { self.nccl.comm_destroy(comm.0) };
             } else {
                 // SAFETY: the communicator is live and never used again (taken).
-                let _ = unsafe { result::comm_abort(comm.0) };
+                let _ = unsafe { self.nccl.comm_abort(comm.0) };
             }
         }
         // SAFETY: created in `new`, destroyed once; CUDA releases it once
         // the work queued on it (if any) is done.
         let _ = unsafe { cuda::cuStreamDestroy_v2(self.stream.0) };
+        self.shared.ended.store(true, Ordering::SeqCst);
     }
 }
 
@@ -530,28 +642,26 @@ impl Collective for NcclCollective {
     fn all_reduce_sum(&mut self, buffer: Buffer<'_>) -> Result<(), CollectiveError> {
         let (ptr, len, kind, name) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
-        self.run(format!("ncclAllReduce of {len} {name}"), |comm, stream| {
+        self.run(format!("ncclAllReduce of {len} {name}"), |nccl, comm, stream| {
             // SAFETY: `ptr` is a live device allocation of `len` elements of
             // `kind`, used by nothing else until the caller's join (the
-            // contract of `CudaBuffer::new`); in-place reduction is allowed
-            // by NCCL.
-            unsafe {
-                sys::ncclAllReduce(p, p, len, kind, sys::ncclRedOp_t::ncclSum, comm, stream as _)
-            }
+            // contract of `CudaBuffer::new`); `comm` is live and `stream` is
+            // the communicator's.
+            unsafe { nccl.all_reduce_sum(p, len, kind, comm, stream as _) }
         })
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
         let (ptr, len, kind, name) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
-        self.run(format!("ncclBroadcast of {len} {name} from rank {root}"), |comm, stream| {
+        self.run(format!("ncclBroadcast of {len} {name} from rank {root}"), |nccl, comm, stream| {
             // SAFETY: as for all_reduce_sum.
-            unsafe { sys::ncclBroadcast(p, p, len, kind, root as i32, comm, stream as _) }
+            unsafe { nccl.broadcast(p, len, kind, root as c_int, comm, stream as _) }
         })
     }
 
     fn join(&mut self) -> Result<(), CollectiveError> {
-        let rank = self.rank;
+        let (rank, nccl) = (self.rank, self.nccl);
         let mut state = lock(&self.shared);
         if let Some(failed) = &state.failed {
             return Err(CollectiveError::Nccl(failed.clone()));
@@ -573,7 +683,7 @@ impl Collective for NcclCollective {
         };
         if code != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: ordering the default stream after NCCL: {code:?}");
-            abort(&mut state, why.clone());
+            abort(nccl, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         Ok(())
@@ -587,6 +697,19 @@ impl Collective for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_waits_look_again_within_microseconds_then_back_off_to_a_millisecond() {
+        let mut backoff = Backoff::new();
+        let pauses: Vec<Duration> = (0..16).map(|_| backoff.next_pause()).collect();
+        // NCCL takes a collective within microseconds: the first looks come
+        // that soon (a fixed 50 ms poll cost 50 ms per collective).
+        assert!(pauses[0] <= Duration::from_micros(10), "{pauses:?}");
+        assert!(pauses[..4].iter().sum::<Duration>() < Duration::from_micros(100), "{pauses:?}");
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
+        assert_eq!(pauses[15], LONGEST_PAUSE, "{pauses:?}");
+        assert!(pauses.iter().all(|p| *p <= LONGEST_PAUSE), "{pauses:?}");
+    }
 
     #[test]
     fn the_config_is_nccl_2_28s_initializer_made_non_blocking() {
