@@ -106,6 +106,8 @@ timeout 60 "$python" -c 'import torch; print("host torch", torch.__version__, "c
 timeout 60 "$python" -c 'import timm, torchvision, PIL; print("timm", timm.__version__, "torchvision", torchvision.__version__, "Pillow", PIL.__version__)' \
   || echo "timm, torchvision or Pillow does not import: timm's side of the checks will fail" >&2
 timeout 60 "$bundle/bin/worker" doctor || echo "worker doctor failed (status $?)" >&2
+# timm's DataLoader workers hand their batches over in /dev/shm.
+df -h /dev/shm 2>/dev/null | tail -1 | sed 's/^/shared memory: /' || true
 budget=$((450 - SECONDS))
 exec "$python" bench/gpu_bench.py --worker "$bundle/bin/worker" --coordinator "$bundle/bin/coordinator" \
   --python "$python" --photos-src "$bundle/photos" --out "$out" --budget-s "$budget" \

@@ -10,7 +10,9 @@ counterpart) timm on the same device, the same settings, one after the other:
   jpeg       the same model trained on a folder of real JPEG photos through
              each side's own loader (16 threads / DataLoader workers):
              `worker train` against `bench/timm/reference_train.py` (timm's
-             components, the oracle), fed the resolved recipe ours wrote;
+             components, the oracle, fed with train.py's default GPU input
+             path: its prefetcher, FastCollateMixup in the workers), given
+             the resolved recipe ours wrote;
   ring2      a 2-rank job on the one device over the TCP ring
              (`distributed.backend: ring`, CUDA tensors staged through pinned
              host memory): the multi-rank GPU path, since NCCL refuses two
@@ -21,8 +23,11 @@ counterpart) timm on the same device, the same settings, one after the other:
              (RSB_CUDA_SYNC_DEBUG=warn): the note counts the synchronising
              CUDA calls an update made (the goal is none).
 
-Throughput is images per second of the training steps (the median of the
-logged windows after the first, which holds start-up). Peak memory is the
+Throughput is images per second of the training steps: the images of the
+logged windows after the first (which holds start-up) over their time, a
+ratio of sums, not a median of the windows' rates. A loader that keeps
+several batches in flight delivers them in bursts: a median would see only
+the windows that found batches waiting, and report the device's speed. Peak memory is the
 device memory in use (nvidia-smi, minus what was in use before the run) on a
 GPU, the resident set of the process on a CPU; both sides are measured the
 same way.
@@ -45,7 +50,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -93,9 +97,10 @@ class Sizes:
     def for_mode(dry_run: bool) -> "Sizes":
         if dry_run:
             return Sizes("cpu", "resnet50", 8, 32, 10, 2, 1, 4, 2, 4, 12, 2)
-        # The jpeg check's 40 updates of 256 stay within one epoch of 8 x 1,344
-        # photos (42 updates): no epoch-end evaluation or checkpoint in its windows.
-        return Sizes("cuda", "resnet50", 256, 224, 1000, 30, 10, 40, 16, 8, 1344, 8)
+        # The jpeg check's 48 updates of 256 stay within one epoch of 8 x 1,600
+        # photos (50 updates): no epoch-end evaluation or checkpoint in its
+        # windows, which span 8 updates (half a round of the 16 loader threads).
+        return Sizes("cuda", "resnet50", 256, 224, 1000, 30, 10, 48, 16, 8, 1600, 8)
 
 
 @dataclass
@@ -224,20 +229,29 @@ def last_json(stdout: str, what: str) -> dict:
 
 
 def step_throughput(metrics: Path) -> float:
-    """Median images/s of the step windows of a metrics.jsonl after the first."""
+    """Images/s over the step windows of a metrics.jsonl after the first: the
+    windows' images over their time (each window's updates, `step` minus the
+    previous record's, over its rate; the batch size cancels out)."""
     if not metrics.exists():
         raise RuntimeError(f"{metrics} was not written")
-    rates = []
+    windows = []  # (updates, updates / rate)
+    previous = 0
     for n, line in enumerate(metrics.read_text().splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise RuntimeError(f"{metrics}:{n}: not JSON: {e}")
         if record.get("kind") == "step" and record.get("images_per_sec"):
-            rates.append(float(record["images_per_sec"]))
-    if not rates:
+            updates = int(record["step"]) - previous
+            if updates > 0:
+                windows.append((updates, updates / float(record["images_per_sec"])))
+            previous = int(record["step"])
+        elif record.get("kind") == "epoch" and "step" in record:
+            previous = int(record["step"])
+    if not windows:
         raise RuntimeError(f"{metrics} holds no step record with images_per_sec")
-    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+    counted = windows[1:] if len(windows) > 1 else windows
+    return sum(u for u, _ in counted) / sum(t for _, t in counted)
 
 
 class Bench:
@@ -288,7 +302,7 @@ class Bench:
             "augment.input_size": s.image_size,
             "eval.input_size": s.image_size,
             "eval.batch_size": 64,
-            "runtime.log_every_steps": 2 if self.args.dry_run else 5,
+            "runtime.log_every_steps": 2 if self.args.dry_run else 8,
             "data.loader_threads": threads,
             # The RSB recipes also score ImageNet-ReaL and -V2 at the end; not here.
             "eval.sets": "[]",
@@ -306,11 +320,12 @@ class Bench:
         ours_cmd = [self.args.worker, "bench", "step", *common, "--device", "cuda:0" if self.on_gpu else "cpu"]
         timm_cmd = [self.args.python, str(REPO / "bench" / "timm" / "step_bench.py"), *common,
                     "--device", s.device, "--precision", "bf16" if self.on_gpu else "fp32"]
+        # The same intra-op threads on both sides (on a GPU they hardly matter).
+        threads = ["--threads", str(s.loader_threads)]
+        ours_cmd += threads
+        timm_cmd += threads
         if self.on_gpu:
             ours_cmd.append("--bf16")
-        else:
-            ours_cmd += ["--threads", "2"]
-            timm_cmd += ["--threads", "2"]
         results = {"ours": [], "timm": []}
         for round_ in (1, 2):
             for name, cmd in (("ours", ours_cmd), ("timm", timm_cmd)):
@@ -371,7 +386,7 @@ class Bench:
             cmd = [self.args.python, str(REPO / "bench" / "timm" / "reference_train.py"), "--recipe", str(recipe),
                    "--data", str(self.photos), "--out", str(timm_dir), "--workers", str(s.loader_threads),
                    "--threads", str(s.loader_threads if self.on_gpu else 2), "--max-steps", str(s.train_updates),
-                   "--device", s.device]
+                   "--device", s.device, "--prefetcher"]
             with PeakMemory(self.on_gpu) as memory:
                 _, secs = run(cmd, self.logs / "jpeg-timm.log", timeout=self.limit(240), memory=memory)
             return Side(step_throughput(timm_dir / "metrics.jsonl"), None, memory.peak_mib(), secs)
@@ -393,7 +408,7 @@ class Bench:
         def ours():
             cmd = [self.args.coordinator, "up", "--local", *devices, "--recipe", "recipes/resnet50_a2.yaml",
                    "--out", str(out), *self.recipe_sets(micro, micro * ranks, max(1, s.loader_threads // ranks)),
-                   "--set", f"schedule.cosine.epochs={1 if self.args.dry_run else 2}",
+                   "--set", "schedule.cosine.epochs=1",
                    "--set", "schedule.cosine.warmup_epochs=0",
                    "--set", f"distributed.collective_timeout_secs={JOB_COLLECTIVE_TIMEOUT_S}", *extra_sets]
             with PeakMemory(self.on_gpu) as memory:

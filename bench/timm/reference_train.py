@@ -20,7 +20,10 @@ errors) and trains it the way timm's train.py would, using
     with `batch.repeated_augmentation` R > 1, timm's RepeatAugSampler with
     W = global_size / micro_size virtual ranks (see below)
   * timm.data.Mixup on each micro-batch (normalised float tensors, as
-    train.py without the prefetcher)
+    train.py without the prefetcher); with --prefetcher, train.py's default
+    GPU input path instead: timm.data.create_loader(use_prefetcher=True)
+    with FastCollateMixup in the workers, uint8 batches copied on a side
+    stream and normalised on the device (repeated augmentation 1 only)
   * timm.loss.BinaryCrossEntropy(target_threshold, smoothing) (or, for
     `cross_entropy`, train.py's choice: SoftTargetCrossEntropy with Mixup,
     LabelSmoothingCrossEntropy with smoothing, nn.CrossEntropyLoss else)
@@ -83,6 +86,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -389,6 +393,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=None, help='replaces the recipe seed')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                    help='auto = cuda when available, else cpu')
+    p.add_argument('--prefetcher', action='store_true',
+                   help="train.py's default input path (create_loader with use_prefetcher=True, "
+                        "FastCollateMixup in the workers); needs batch.repeated_augmentation 1")
     return p.parse_args(argv)
 
 
@@ -448,7 +455,7 @@ def main(argv=None):
     import torch
     import torch.nn as nn
     import timm
-    from timm.data import create_dataset, create_transform, Mixup
+    from timm.data import create_dataset, create_loader, create_transform, FastCollateMixup, Mixup
     from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy, LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -551,11 +558,41 @@ def main(argv=None):
 
     mixup_fn = None
     mx = recipe.mixup
+    mixup_args = None
     if mx is not None and (mx.mixup_alpha > 0 or mx.cutmix_alpha > 0):
-        mixup_fn = Mixup(
+        mixup_args = dict(
             mixup_alpha=mx.mixup_alpha, cutmix_alpha=mx.cutmix_alpha, cutmix_minmax=None,
             prob=mx.prob, switch_prob=mx.switch_prob, mode=mx.mode,
             label_smoothing=mx.label_smoothing, num_classes=num_classes)
+        mixup_fn = Mixup(**mixup_args)
+    if args.prefetcher:
+        # train.py's default: uint8 batches (mixed in the workers by
+        # FastCollateMixup), copied on a side stream and normalised on the
+        # device by timm's PrefetchLoader, which yields device tensors.
+        if repeats > 1:
+            die('--prefetcher needs batch.repeated_augmentation 1 (RepeatAugSampler needs torch.distributed)')
+        if accum != 1:
+            die('--prefetcher needs batch.global_size == batch.micro_size')
+        if on_gpu and args.workers > 0:
+            # Each worker keeps two batches in shared memory (uint8 here).
+            need = args.workers * 2 * micro * 3 * aug.input_size * aug.input_size
+            try:
+                free = shutil.disk_usage('/dev/shm').free
+            except OSError:
+                free = None
+            if free is not None and free < need:
+                die(f'/dev/shm has {free / 2**20:.0f} MiB free; {args.workers} DataLoader workers need about '
+                    f'{need / 2**20:.0f} MiB for their batches: use fewer --workers or a larger /dev/shm')
+        ds_train.transform = None  # create_loader builds train.py's transform (uint8 output)
+        loader_train = create_loader(
+            ds_train, input_size=(3, aug.input_size, aug.input_size), batch_size=micro, is_training=True,
+            use_prefetcher=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=0.0,
+            color_jitter=None, auto_augment=aug.rand_augment, interpolation=aug.interpolation, re_prob=0.0,
+            mean=tuple(recipe.data.mean), std=tuple(recipe.data.std), num_workers=args.workers,
+            collate_fn=FastCollateMixup(**mixup_args) if mixup_args else None, pin_memory=on_gpu,
+            device=device, persistent_workers=args.workers > 0)
+        updates_per_epoch = len(loader_train)
+        mixup_fn = None
 
     # ---------------- model, loss, optimizer, schedule ----------------
     model = timm.create_model(
@@ -633,9 +670,10 @@ def main(argv=None):
     print(f"batch global {recipe.batch.global_size} = {accum} x micro {micro}, repeats {repeats}, "
           f"{updates_per_epoch} updates/epoch, {num_epochs} epochs ({sc.epochs} cosine + {sc.cooldown_epochs} "
           f"cooldown), seed {seed}, max_steps {args.max_steps}")
-    print(f"train transform: {train_tf}")
+    print(f"train transform: {ds_train.transform if args.prefetcher else train_tf}")
     print(f"eval transform: {eval_tf}")
-    print(f"mixup: {vars(mx) if mixup_fn is not None else None}; loss: {train_loss_fn.__class__.__name__} "
+    where = " (FastCollateMixup in the workers, the prefetcher's input path)" if args.prefetcher else ""
+    print(f"mixup: {vars(mx) if mixup_args else None}{where}; loss: {train_loss_fn.__class__.__name__} "
           f"{vars(loss_cfg)}")
 
     # ---------------- evaluation ----------------
@@ -691,8 +729,9 @@ def main(argv=None):
             need_update = batch_idx == n_batches - 1 or (batch_idx + 1) % accum == 0
             if batch_idx >= last_batch_idx_to_accum:
                 accum_steps = last_accum
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+            if not args.prefetcher:  # the prefetcher's batches are on the device already
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             if channels_last:

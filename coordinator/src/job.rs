@@ -469,10 +469,10 @@ impl Job {
                 )));
             }
         }
-        if kind == DeviceKind::Cpu && advertise.is_none() {
+        if self.meets_over_ring(kind) && advertise.is_none() {
             return Err(JobError::Invalid(format!(
-                "advertise_address is required: host {host} brings CPU ranks, whose ring \
-                 listeners other hosts must reach"
+                "advertise_address is required: host {host} brings ranks that meet over the \
+                 TCP ring, whose listeners other hosts must reach"
             )));
         }
         let secret = Secret::generate()
@@ -854,6 +854,19 @@ impl Job {
         }
     }
 
+    /// Whether ranks of `kind` meet over the TCP ring (each publishes its
+    /// ring address) rather than NCCL (rank 0 publishes the unique id): the
+    /// recipe's backend decides, and `auto` goes by the device kind, as the
+    /// ranks resolve it. CUDA ranks on the ring are what the ring's pinned
+    /// staging is for (two ranks on one GPU, which NCCL refuses).
+    fn meets_over_ring(&self, kind: DeviceKind) -> bool {
+        match self.recipe.distributed.backend {
+            rsb_recipes::CollectiveBackend::Ring => true,
+            rsb_recipes::CollectiveBackend::Nccl => false,
+            rsb_recipes::CollectiveBackend::Auto => kind == DeviceKind::Cpu,
+        }
+    }
+
     /// Records the rendezvous payload of `rank`, published by `member_id`
     /// (which must run that rank); see [`Job::rendezvous_result`] for everybody's.
     /// A rank publishes once per generation (the same payload again is a no-op).
@@ -873,8 +886,8 @@ impl Job {
         }
         let member = self.check_runs_rank(member_id, rank)?;
         let Some(p) = payload else { return Ok(()) };
-        match (&p, member.kind) {
-            (RendezvousPayload::NcclId(id), DeviceKind::Cuda) => {
+        match (&p, self.meets_over_ring(member.kind)) {
+            (RendezvousPayload::NcclId(id), false) => {
                 if rank != 0 {
                     return Err(JobError::Invalid(format!(
                         "nccl_unique_id comes from rank 0, not rank {rank}"
@@ -887,7 +900,7 @@ impl Job {
                     )));
                 }
             }
-            (RendezvousPayload::RingAddress(a), DeviceKind::Cpu) => {
+            (RendezvousPayload::RingAddress(a), true) => {
                 let address: SocketAddr = a.parse().map_err(|_| {
                     JobError::Invalid(format!("ring_address `{a}` is not an ip:port address"))
                 })?;
@@ -899,14 +912,18 @@ impl Job {
                     )));
                 }
             }
-            (RendezvousPayload::NcclId(_), DeviceKind::Cpu) => {
+            (RendezvousPayload::NcclId(_), true) => {
                 return Err(JobError::Invalid(
-                    "nccl_unique_id in a job of CPU ranks (they publish ring_address)".into(),
+                    "nccl_unique_id in a job whose ranks meet over the TCP ring (they publish \
+                     ring_address)"
+                        .into(),
                 ))
             }
-            (RendezvousPayload::RingAddress(_), DeviceKind::Cuda) => {
+            (RendezvousPayload::RingAddress(_), false) => {
                 return Err(JobError::Invalid(
-                    "ring_address in a job of CUDA ranks (rank 0 publishes nccl_unique_id)".into(),
+                    "ring_address in a job whose ranks meet over NCCL (rank 0 publishes \
+                     nccl_unique_id)"
+                        .into(),
                 ))
             }
         }
@@ -921,15 +938,15 @@ impl Job {
         }
     }
 
-    /// The rendezvous result, once every rank (CPU) or rank 0 (CUDA) published.
+    /// The rendezvous result, once every rank (the ring) or rank 0 (NCCL) published.
     pub fn rendezvous_result(&self) -> Option<(Vec<u8>, Vec<String>)> {
         let kind = self.members.first()?.kind;
-        match kind {
-            DeviceKind::Cuda => match self.rendezvous.get(&0) {
+        match self.meets_over_ring(kind) {
+            false => match self.rendezvous.get(&0) {
                 Some(RendezvousPayload::NcclId(id)) => Some((id.clone(), Vec::new())),
                 _ => None,
             },
-            DeviceKind::Cpu => {
+            true => {
                 let world = self.world_size();
                 let addresses: Option<Vec<String>> = (0..world)
                     .map(|r| match self.rendezvous.get(&r) {
@@ -1532,6 +1549,33 @@ mod tests {
         j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
         let again = j.publish(&a, 1, 0, ring("127.0.0.1:9")).unwrap_err();
         assert!(matches!(again, JobError::Precondition(_)), "{again:?}");
+    }
+
+    #[test]
+    fn cuda_ranks_meet_over_the_ring_when_the_recipe_says_so_and_over_nccl_by_default() {
+        // `coordinator up --local --devices 0,0` with `distributed.backend:
+        // ring`: one host, two CUDA ranks on one GPU, staged through the ring.
+        let mut j = job(1);
+        j.recipe.distributed.backend = rsb_recipes::CollectiveBackend::Ring;
+        let (a, _, _) = j.join("gpu-host", DeviceKind::Cuda, 2, LOOPBACK).unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        let nccl = j.publish(&a, 1, 0, Some(RendezvousPayload::NcclId(vec![0; 128])));
+        assert!(matches!(nccl, Err(JobError::Invalid(_))), "{nccl:?}");
+        j.publish(&a, 1, 0, ring("127.0.0.1:4000")).unwrap();
+        assert_eq!(j.rendezvous_result(), None);
+        j.publish(&a, 1, 1, ring("127.0.0.1:4001")).unwrap();
+        assert_eq!(
+            j.rendezvous_result(),
+            Some((vec![], vec!["127.0.0.1:4000".to_string(), "127.0.0.1:4001".to_string()]))
+        );
+        // `auto` (the RSB recipes): CUDA ranks meet over NCCL, rank 0's id.
+        let mut j = job(1);
+        assert_eq!(j.recipe.distributed.backend, rsb_recipes::CollectiveBackend::Auto);
+        let (a, _, _) = j.join("gpu-host", DeviceKind::Cuda, 2, LOOPBACK).unwrap();
+        let address = j.publish(&a, 1, 1, ring("127.0.0.1:4001"));
+        assert!(matches!(address, Err(JobError::Invalid(_))), "{address:?}");
+        j.publish(&a, 1, 0, Some(RendezvousPayload::NcclId(vec![7; 128]))).unwrap();
+        assert_eq!(j.rendezvous_result(), Some((vec![7; 128], vec![])));
     }
 
     #[test]

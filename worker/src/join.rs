@@ -223,6 +223,14 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             if let Some(bad) = ids.iter().find(|&&i| i >= n) {
                 bail!("--devices {list}: GPU {bad} does not exist ({n} on this host)");
             }
+            if let Some(shared) = ids.iter().find(|&&i| ids.iter().filter(|&&j| j == i).count() > 1)
+            {
+                tracing::warn!(
+                    "--devices {list}: GPU {shared} runs more than one rank; NCCL refuses that \
+                     (the job's ranks fail as they meet), so such a job needs \
+                     `distributed.backend: ring`"
+                );
+            }
             (pb::DeviceKind::Cuda, ids)
         }
     };
@@ -389,12 +397,16 @@ async fn serve_member(
                 .args(["--local-rank", &local_rank.to_string()])
                 .args(["--advertise", &advertise.to_string()]);
             cmd.args(["--loader-threads", &cores_per_rank.to_string()]);
+            // The host's cores are shared out: a rank's libtorch threads
+            // too (on a GPU they serve the host-side work).
+            cmd.args(["--torch-threads", &cores_per_rank.to_string()]);
             if kind == pb::DeviceKind::Cpu {
-                cmd.args(["--device", "cpu", "--torch-threads", &cores_per_rank.to_string()]);
+                cmd.args(["--device", "cpu"]);
             } else {
                 // One process per GPU, which sees only its own GPU as cuda:0.
-                cmd.args(["--device", "cuda"])
-                    .env("CUDA_VISIBLE_DEVICES", gpus[local_rank as usize].to_string());
+                let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+                let gpu = physical_gpu(visible.as_deref(), gpus[local_rank as usize]);
+                cmd.args(["--device", "cuda"]).env("CUDA_VISIBLE_DEVICES", gpu);
             }
             if let Some(dir) = &args.run_dir {
                 cmd.arg("--run-dir").arg(dir);
@@ -705,7 +717,7 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
         if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing to checkpoint yet (joining, rendezvous, building).
             eprintln!("error: stopped by {signal} before training began");
-            std::process::exit(STOP_DEADLINE_EXIT_CODE);
+            rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
         stop.request(signal.to_string());
         tracing::warn!(
@@ -717,7 +729,7 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
             "error: stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
              (a peer gone, or a slow checkpoint write); exiting without it"
         );
-        std::process::exit(STOP_DEADLINE_EXIT_CODE);
+        rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
     });
     Ok(())
 }
@@ -999,6 +1011,17 @@ fn collective_peer(error: &anyhow::Error) -> Option<u32> {
     })
 }
 
+/// The `CUDA_VISIBLE_DEVICES` entry that gives a rank the agent's GPU
+/// `index`: the agent's own `--devices` indices count the GPUs it sees, so
+/// under an inherited `CUDA_VISIBLE_DEVICES` (a scheduler's `3,5`, or GPU
+/// and MIG UUIDs) the rank gets that list's entry, not physical GPU `index`.
+fn physical_gpu(inherited: Option<&str>, index: usize) -> String {
+    inherited
+        .map(|list| list.split(',').map(str::trim).filter(|e| !e.is_empty()).collect::<Vec<_>>())
+        .and_then(|entries| entries.get(index).map(|e| (*e).to_string()))
+        .unwrap_or_else(|| index.to_string())
+}
+
 fn nccl_collective(
     rank: usize,
     world: usize,
@@ -1026,6 +1049,15 @@ fn nccl_collective(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_gets_the_gpu_the_agent_sees_as_its_index() {
+        assert_eq!(physical_gpu(None, 1), "1");
+        assert_eq!(physical_gpu(Some(""), 0), "0");
+        assert_eq!(physical_gpu(Some("3,5"), 0), "3");
+        assert_eq!(physical_gpu(Some("3, 5"), 1), "5");
+        assert_eq!(physical_gpu(Some("GPU-8f2c,MIG-77ab"), 1), "MIG-77ab");
+    }
 
     #[test]
     fn error_lines_are_recognised() {

@@ -10,7 +10,9 @@
 //!   parent, where no handler runs;
 //! * [`stop_signal`] resolves on `SIGINT` or `SIGTERM`, so that a parent can
 //!   stop its children in order and say why;
-//! * [`terminate`] stops children: `SIGTERM`, a grace period, then `SIGKILL`.
+//! * [`terminate`] stops children: `SIGTERM`, a grace period, then `SIGKILL`;
+//! * [`exit_now`] ends a process that may be stuck, without the exit
+//!   handlers that could keep it stuck.
 #![warn(missing_docs, clippy::unwrap_used)]
 
 use nix::sys::signal::{kill, Signal};
@@ -103,6 +105,17 @@ pub async fn terminate(children: &mut [Child], grace: Duration) {
             let _ = child.kill().await;
         }
     }
+}
+
+/// Ends this process with `code` at once: no atexit handler or static
+/// destructor runs (CUDA's and NCCL's can block for ever on a stream that a
+/// dead peer hangs), as for a process past its deadline. Flush what must be
+/// seen first: `eprintln!` is unbuffered, stdout is flushed here.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` has no preconditions; it ends the process.
+    unsafe { nix::libc::_exit(code) }
 }
 
 #[cfg(test)]
