@@ -39,6 +39,16 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# The commit of the working tree, `-dirty` when it has uncommitted changes.
+tree_version() {
+  local commit
+  commit=$(git rev-parse --short HEAD 2>/dev/null) || { echo unknown; return; }
+  if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    commit="$commit-dirty"
+  fi
+  echo "$commit"
+}
+
 if [ "$mode" = pack ]; then
   [ -d .venv/libtorch ] || { echo ".venv/libtorch missing: run scripts/setup first" >&2; exit 1; }
   # The binaries of this very tree: a bundle packed from an older build
@@ -51,8 +61,7 @@ if [ "$mode" = pack ]; then
   for b in worker coordinator; do
     strip -o "$bundle/bin/$b" "target/release/$b"
   done
-  version=$(git describe --always --dirty 2>/dev/null || echo unknown)
-  echo "$version built $(date -u +%Y-%m-%dT%H:%MZ)" >"$bundle/VERSION"
+  echo "$(tree_version) built $(date -u +%Y-%m-%dT%H:%MZ)" >"$bundle/VERSION"
   .venv/bin/python tests/oracle/assets.py >/dev/null   # the wheels' photos into .cache/photos
   cp .cache/photos/*.jpg "$bundle/photos/"
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$bundle/wheels" "timm==$timm_version"
@@ -64,7 +73,7 @@ fi
 if [ "$mode" = dry-run ]; then
   python=.venv/bin/python
   worker=target/release/worker coordinator=target/release/coordinator
-  version=(--bundle-version "target/release, $(git describe --always --dirty 2>/dev/null || echo unknown)")
+  version=(--bundle-version "target/release, $(tree_version)")
   if [ -n "$use_bundle" ]; then
     worker=$bundle/bin/worker coordinator=$bundle/bin/coordinator
     version=(--bundle-version "$(cat "$bundle/VERSION" 2>/dev/null || echo 'no VERSION')")

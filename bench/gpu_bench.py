@@ -13,15 +13,16 @@ counterpart) timm on the same device, the same settings, one after the other:
              components, the oracle, fed with train.py's default GPU input
              path: its prefetcher, FastCollateMixup in the workers), given
              the resolved recipe ours wrote;
-  ring2      a 2-rank job on the one device over the TCP ring
-             (`distributed.backend: ring`, CUDA tensors staged through pinned
-             host memory): the multi-rank GPU path, since NCCL refuses two
-             ranks on one GPU (no timm counterpart);
   nccl1      NCCL at world size 1 with every collective call made
              (`distributed.collectives_at_world_size_one: true`), with
              libtorch's sync debug mode on within every update
              (RSB_CUDA_SYNC_DEBUG=warn): the note counts the synchronising
-             CUDA calls an update made (the goal is none).
+             CUDA calls an update made (the goal is none);
+  ring2      a 2-rank job on the one device over the TCP ring
+             (`distributed.backend: ring`, CUDA tensors staged through pinned
+             host memory): the multi-rank GPU path, since NCCL refuses two
+             ranks on one GPU (no timm counterpart). The two jobs run one
+             epoch each, with a 60 s collective timeout.
 
 Throughput is images per second of the training steps: the images of the
 logged windows after the first (which holds start-up) over their time, a
@@ -50,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -191,6 +193,12 @@ class PeakMemory:
         self._thread.join()
 
 
+def archived(log: Path) -> str:
+    """Where `log` is found afterwards: its member of OUT/logs.tar.gz (the
+    work folder is temporary)."""
+    return f"logs.tar.gz: logs/{log.name}" if log.parent.name == "logs" else f"logs.tar.gz: {log.name}"
+
+
 def run(cmd: list[str], log: Path, timeout: float, memory: PeakMemory | None = None,
         env: dict | None = None) -> tuple[str, float]:
     """Runs `cmd` (stdout and stderr to `log`), returns (stdout text, seconds).
@@ -212,12 +220,12 @@ def run(cmd: list[str], log: Path, timeout: float, memory: PeakMemory | None = N
             rest, _ = proc.communicate()
             # What it printed before the kill is what a hang is diagnosed from.
             out.write(rest or "")
-            raise RuntimeError(f"{Path(cmd[0]).name} ran past its {timeout:.0f} s limit (log: {log})")
+            raise RuntimeError(f"{Path(cmd[0]).name} ran past its {timeout:.0f} s limit ({archived(log)})")
         out.write(stdout)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
         tail = " / ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-        raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail[-400:]} (log: {log})")
+        raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail[-400:]} ({archived(log)})")
     return stdout, seconds
 
 
@@ -428,16 +436,17 @@ class Bench:
         self.checks.append(check)
         self.save()
 
-    def save(self, final: bool = False):
-        """OUT/summary.md and summary.json as they stand (and, at the end,
-        logs.tar.gz): a run cut short still leaves what it measured."""
+    def save(self, final: bool = False, stopped: str | None = None):
+        """OUT/summary.md, summary.json and logs.tar.gz as they stand: a run
+        cut short still leaves what it measured, and why."""
         self.out.mkdir(parents=True, exist_ok=True)
         text = summary(self.checks, self.args, self.device, self.args.bundle_version)
         text += f"- wall time {time.monotonic() - self.started:.0f} s" + ("" if final else " (unfinished)") + "\n"
+        if stopped:
+            text += f"- stopped before the end: {stopped}\n"
         (self.out / "summary.md").write_text(text)
         (self.out / "summary.json").write_text(json.dumps(summary_json(self.checks, self.args), indent=2) + "\n")
-        if final:
-            pack_logs(self.work, self.out / "logs.tar.gz")
+        pack_logs(self.work, self.out / "logs.tar.gz")
         return text
 
     def all(self):
@@ -481,7 +490,7 @@ def sync_note(log: Path, on_gpu: bool) -> str:
         return f"synchronising CUDA calls within updates: log unreadable ({e})"
     count = text.count(SYNC_WARNING)
     return (f"synchronising CUDA calls within updates ({SYNC_DEBUG_ENV}=warn): {count}"
-            + ("" if count == 0 else f" (see {log})"))
+            + ("" if count == 0 else f" (see {archived(log)})"))
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -596,14 +605,21 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--budget-s", type=float, default=450.0, help="overall time limit of the checks")
     args = p.parse_args(argv)
+    # A SIGTERM (the device tool's limit) ends the run through the `finally`
+    # below, as an exception would: the summary and the logs are written.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="rsb-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, work)
+    stopped = None
     try:
         bench.all()
+    except BaseException as e:
+        stopped = f"SIGTERM (exit {e.code})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise
     finally:
         # Whatever happened above, the table of what was measured is written.
-        text = bench.save(final=True)
+        text = bench.save(final=True, stopped=stopped)
         print(text, flush=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

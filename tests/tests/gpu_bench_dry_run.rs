@@ -89,7 +89,7 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     assert_eq!(
         checks[2]["note"], "synchronising CUDA calls within updates: not checked on a CPU",
         "{}",
-        checks[3]
+        checks[2]
     );
     for check in checks {
         assert_eq!(check["ok"], true, "{check}");

@@ -90,7 +90,7 @@ pub fn run() -> serde_json::Value {
             let id = id.map(|()| "a unique id made".to_string()).unwrap_or_else(|e| e);
             println!("NCCL            found: {path} (version {v}; {id})")
         }
-        Err(e) => println!("NCCL            not found ({e})"),
+        Err(e) => println!("NCCL            unusable: {e}"),
     }
     report
 }

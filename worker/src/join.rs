@@ -716,7 +716,8 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
         let signal = signals.recv().await;
         if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing to checkpoint yet (joining, rendezvous, building).
-            eprintln!("error: stopped by {signal} before training began");
+            // Not `eprintln!`, which panics when stderr is gone (a dead agent).
+            let _ = writeln!(std::io::stderr(), "error: stopped by {signal} before training began");
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
         stop.request(signal.to_string());
@@ -725,7 +726,8 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
              within {RANK_STOP_DEADLINE:?} in any case"
         );
         tokio::time::sleep(RANK_STOP_DEADLINE).await;
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "error: stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
              (a peer gone, or a slow checkpoint write); exiting without it"
         );

@@ -5,7 +5,8 @@
 //!   all-reduce is the bandwidth-optimal ring algorithm (reduce-scatter then
 //!   all-gather, `2 (N-1)/N * S` bytes sent per rank), each chunk pipelined in
 //!   segments so that summing overlaps the transfer.
-//! * [`nccl::NcclCollective`] (feature `nccl`): NCCL through `cudarc`, on
+//! * [`nccl::NcclCollective`] (feature `nccl`): NCCL (`libnccl.so.2`,
+//!   loaded at run time; the CUDA driver API through `cudarc`), on
 //!   device memory (f32 or bf16), on a stream of its own that waits for the
 //!   work libtorch's default stream had queued when the collective was
 //!   issued; [`Collective::join`] makes the default stream wait for it in

@@ -109,11 +109,9 @@ pub async fn terminate(children: &mut [Child], grace: Duration) {
 
 /// Ends this process with `code` at once: no atexit handler or static
 /// destructor runs (CUDA's and NCCL's can block for ever on a stream that a
-/// dead peer hangs), as for a process past its deadline. Flush what must be
-/// seen first: `eprintln!` is unbuffered, stdout is flushed here.
+/// dead peer hangs), as for a process past its deadline. Nothing is flushed
+/// (a flush can block too): say why on stderr first, which is unbuffered.
 pub fn exit_now(code: i32) -> ! {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     // SAFETY: `_exit` has no preconditions; it ends the process.
     unsafe { nix::libc::_exit(code) }
 }

@@ -298,8 +298,9 @@ fn entry_points(library: libloading::Library, name: &str) -> Result<Nccl, String
     let nccl = unsafe {
         let get_version: GetVersion = entry(&library, name, "ncclGetVersion")?;
         let mut version = 0;
-        if get_version(&mut version) != SUCCESS {
-            return Err(format!("{name}: ncclGetVersion failed"));
+        let status = get_version(&mut version);
+        if status != SUCCESS {
+            return Err(format!("{name}: ncclGetVersion answered status {status}"));
         }
         Nccl {
             path: mapped_file(get_version as *const c_void).unwrap_or_else(|| name.to_string()),
@@ -338,16 +339,4 @@ fn mapped_file(address: *const c_void) -> Option<String> {
     let info = unsafe { info.assume_init() };
     // SAFETY: dli_fname is null or the loader's NUL-terminated path.
     found.then(|| unsafe { c_text(info.dli_fname) }).flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_status_names_follow_nccl_h() {
-        assert_eq!(STATUS_NAMES[SUCCESS as usize], "ncclSuccess");
-        assert_eq!(STATUS_NAMES[IN_PROGRESS as usize], "ncclInProgress");
-        assert_eq!(STATUS_NAMES.len(), 8, "ncclNumResults");
-    }
 }

@@ -27,13 +27,15 @@
 //! waits on it go on) and record the error, naming the rank and the
 //! collective: the next call returns it. Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
-//! no further call comes, a failure arms an exit timer (before the watchdog
-//! calls `ncclCommAbort`, which might itself not return): the process ends
-//! (exit status 1, the error on stderr) if the collective has not been
-//! dropped [`EXIT_GRACE`] later, with `_exit`: no atexit handler or static
-//! destructor runs, since those of CUDA and NCCL can block for ever on the
-//! very stream that hangs. The watchdog logs to the log of the thread that
-//! made the communicator (a rank's log file).
+//! no further call comes, the first failure arms an exit timer, before
+//! `ncclCommAbort` is called (which might itself not return), whichever
+//! thread meets it: the process ends (exit status 1, the error on stderr)
+//! [`EXIT_GRACE`] later if it has not ended by itself, with `_exit`: no
+//! atexit handler or static destructor runs, since those of CUDA and NCCL
+//! can block for ever on the very stream that hangs (and a rank that
+//! reported its failure and exits normally may hang in them too). The
+//! watchdog logs to the log of the thread that made the communicator (a
+//! rank's log file).
 //!
 //! A communicator that failed or was aborted is never destroyed with
 //! `ncclCommDestroy` (which flushes outstanding work and can wait for a
@@ -48,6 +50,7 @@ use cudarc::nccl::sys;
 use library::Nccl;
 use std::collections::VecDeque;
 use std::ffi::c_int;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,8 +91,8 @@ impl Backoff {
     }
 }
 
-/// How long the watchdog leaves the process to report an aborted
-/// collective itself before it ends it.
+/// How long a rank whose communicator failed has to report the failure
+/// itself and exit before the exit timer ends it.
 pub const EXIT_GRACE: Duration = Duration::from_secs(20);
 
 /// The 128 bytes that identify an NCCL clique (made by rank 0, shared by the coordinator).
@@ -99,11 +102,6 @@ pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
         CollectiveError::Nccl(format!("ncclGetUniqueId: {}", nccl.describe(code)))
     })?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
-}
-
-/// The loaded NCCL's version, e.g. `2.28.9`.
-pub fn version() -> Result<String, CollectiveError> {
-    Ok(Nccl::get()?.version())
 }
 
 /// `NCCL_CONFIG_INITIALIZER` of nccl.h 2.28 (the layout of cudarc's
@@ -164,8 +162,8 @@ struct Flags {
     state: Mutex<State>,
     /// Set when the collective is dropped: the watchdog stops.
     stop: AtomicBool,
-    /// Set once the drop has finished: an armed exit timer stands down.
-    ended: AtomicBool,
+    /// Set by the first failure, which arms the exit timer.
+    exit_armed: AtomicBool,
 }
 
 type Shared = Arc<Flags>;
@@ -196,8 +194,12 @@ fn with_detail(status: String, detail: String) -> String {
     }
 }
 
-/// Aborts the communicator (once) and records `why`.
-fn abort(nccl: &Nccl, state: &mut State, why: String) {
+/// Records `why` (the first failure arms the exit timer) and aborts the
+/// communicator (once).
+fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) {
+    if !flags.exit_armed.swap(true, Ordering::SeqCst) {
+        arm_exit_timer(&why);
+    }
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
         let _ = unsafe { nccl.comm_abort(comm.0) };
@@ -272,8 +274,10 @@ impl NcclCollective {
         world: usize,
         timeout: Duration,
     ) -> Result<NcclCollective, CollectiveError> {
-        let nccl = Nccl::get()
-            .map_err(|e| CollectiveError::Nccl(format!("rank {rank}: loading NCCL: {e}")))?;
+        let nccl = Nccl::get().map_err(|e| match e {
+            CollectiveError::Nccl(why) => CollectiveError::Nccl(format!("rank {rank}: {why}")),
+            other => other,
+        })?;
         if id.len() != 128 {
             return Err(CollectiveError::Nccl(format!(
                 "unique id has {} bytes, expected 128",
@@ -336,7 +340,7 @@ impl NcclCollective {
                             timeout.as_secs()
                         ),
                     };
-                    abort(nccl, &mut lock(&shared), why.clone());
+                    abort(nccl, &shared, &mut lock(&shared), why.clone());
                     return Err(CollectiveError::Nccl(why));
                 }
             }
@@ -348,7 +352,7 @@ impl NcclCollective {
         };
         if created != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: creating the NCCL stream: {created:?}");
-            abort(nccl, &mut lock(&shared), why.clone());
+            abort(nccl, &shared, &mut lock(&shared), why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         let context = context as usize;
@@ -365,7 +369,7 @@ impl NcclCollective {
             Ok(watchdog) => watchdog,
             Err(e) => {
                 let why = format!("rank {rank}: starting the NCCL watchdog: {e}");
-                abort(nccl, &mut lock(&shared), why.clone());
+                abort(nccl, &shared, &mut lock(&shared), why.clone());
                 // SAFETY: created above, used by nothing (the communicator is aborted).
                 let _ = unsafe { cuda::cuStreamDestroy_v2(stream) };
                 return Err(CollectiveError::Nccl(why));
@@ -444,7 +448,7 @@ impl NcclCollective {
         };
         if let Err(e) = self.wait_for_default_stream() {
             let why = format!("rank {rank}: {what}: {e}");
-            abort(nccl, &mut state, why.clone());
+            abort(nccl, &self.shared, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         let started = Instant::now();
@@ -457,7 +461,7 @@ impl NcclCollective {
                 "rank {rank}: {what}: NCCL refused it: {}",
                 with_detail(nccl.describe(code), detail)
             );
-            abort(nccl, &mut state, why.clone());
+            abort(nccl, &self.shared, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         let mut backoff = Backoff::new();
@@ -474,7 +478,7 @@ impl NcclCollective {
                             self.timeout.as_secs()
                         ),
                     };
-                    abort(nccl, &mut state, why.clone());
+                    abort(nccl, &self.shared, &mut state, why.clone());
                     return Err(CollectiveError::Nccl(why));
                 }
             }
@@ -484,7 +488,7 @@ impl NcclCollective {
             Ok(event) => event,
             Err(code) => {
                 let why = format!("rank {rank}: {what}: recording its CUDA event failed: {code:?}");
-                abort(nccl, &mut state, why.clone());
+                abort(nccl, &self.shared, &mut state, why.clone());
                 return Err(CollectiveError::Nccl(why));
             }
         };
@@ -493,20 +497,16 @@ impl NcclCollective {
     }
 }
 
-/// Ends the process [`EXIT_GRACE`] after a failure, unless the collective
-/// has been dropped by then: the rank's own thread may be blocked on the
-/// aborted collective's stream (or `ncclCommAbort` itself may not return).
-/// Armed before the watchdog aborts, so that nothing NCCL does can stop it.
-fn arm_exit_timer(shared: &Shared, why: &str, rank: usize) {
+/// Ends the process [`EXIT_GRACE`] after a failure: the rank's own thread
+/// may be blocked on the aborted collective's stream, `ncclCommAbort` may
+/// not return, and a normal exit may hang in CUDA's handlers.
+fn arm_exit_timer(why: &str) {
     tracing::error!("{why}");
-    let shared = Arc::clone(shared);
     let why = why.to_string();
-    let timer = std::thread::Builder::new().name(format!("nccl-exit-{rank}")).spawn(move || {
+    let timer = std::thread::Builder::new().name("nccl-exit".into()).spawn(move || {
         std::thread::sleep(EXIT_GRACE);
-        if shared.ended.load(Ordering::SeqCst) {
-            return;
-        }
-        eprintln!("error: {why}");
+        // Not `eprintln!`, which panics when stderr is gone (a dead agent).
+        let _ = writeln!(std::io::stderr(), "error: {why}");
         // `_exit`, not `std::process::exit`: the latter runs the atexit
         // handlers (CUDA's and NCCL's among them), which can block for ever
         // on the stream the aborted collective hangs on. stderr is
@@ -515,36 +515,24 @@ fn arm_exit_timer(shared: &Shared, why: &str, rank: usize) {
         unsafe { libc::_exit(1) };
     });
     if let Err(e) = timer {
-        tracing::error!("rank {rank}: cannot start the NCCL exit timer: {e}");
+        tracing::error!("cannot start the NCCL exit timer: {e}");
     }
 }
 
-/// The watchdog: retires completed collectives, aborts on an asynchronous
-/// error or a collective past its deadline, and arms the exit timer on any
-/// failure (its own or one a call recorded).
+/// The watchdog: retires completed collectives, and aborts on an
+/// asynchronous error or a collective past its deadline.
 fn watch(nccl: &Nccl, shared: Shared, context: cuda::CUcontext, rank: usize) {
-    let mut armed = false;
     // SAFETY: `context` is the rank thread's current context, kept alive by
     // libtorch for the life of the process.
     if unsafe { cuda::cuCtxSetCurrent(context) } != cuda::CUresult::CUDA_SUCCESS {
         let why = format!("rank {rank}: the NCCL watchdog cannot use the CUDA context");
-        arm_exit_timer(&shared, &why, rank);
-        armed = true;
-        abort(nccl, &mut lock(&shared), why);
+        abort(nccl, &shared, &mut lock(&shared), why);
     }
     while !shared.stop.load(Ordering::SeqCst) {
         std::thread::sleep(POLL);
         let mut state = lock(&shared);
         if let Some(why) = overdue_or_failed(nccl, &mut state, rank) {
-            if !armed {
-                arm_exit_timer(&shared, &why, rank);
-                armed = true;
-            }
-            abort(nccl, &mut state, why);
-        }
-        if let (Some(failed), false) = (&state.failed, armed) {
-            arm_exit_timer(&shared, failed, rank);
-            armed = true;
+            abort(nccl, &shared, &mut state, why);
         }
     }
 }
@@ -605,20 +593,23 @@ impl Drop for NcclCollective {
             let _ = unsafe { cuda::cuEventDestroy_v2(pending.event as cuda::CUevent) };
         }
         let healthy = state.failed.is_none() && !unfinished && !std::thread::panicking();
-        if let Some(comm) = state.comm.take() {
-            if healthy {
+        if healthy {
+            if let Some(comm) = state.comm.take() {
                 // SAFETY: the communicator was initialised, is idle, and is
                 // destroyed once (taken).
                 let _ = unsafe { self.nccl.comm_destroy(comm.0) };
-            } else {
-                // SAFETY: the communicator is live and never used again (taken).
-                let _ = unsafe { self.nccl.comm_abort(comm.0) };
             }
+        } else {
+            let why = format!(
+                "rank {}: the NCCL communicator was dropped with collectives unfinished \
+                 or while unwinding; aborted",
+                self.rank
+            );
+            abort(self.nccl, &self.shared, &mut state, why);
         }
         // SAFETY: created in `new`, destroyed once; CUDA releases it once
         // the work queued on it (if any) is done.
         let _ = unsafe { cuda::cuStreamDestroy_v2(self.stream.0) };
-        self.shared.ended.store(true, Ordering::SeqCst);
     }
 }
 
@@ -683,7 +674,7 @@ impl Collective for NcclCollective {
         };
         if code != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: ordering the default stream after NCCL: {code:?}");
-            abort(nccl, &mut state, why.clone());
+            abort(nccl, &self.shared, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
         Ok(())
