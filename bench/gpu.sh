@@ -39,6 +39,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# What the bundle's binaries were built from (its VERSION file).
+bundle_version() {
+  cat "$bundle/VERSION" 2>/dev/null || echo 'no VERSION file'
+}
+
 # The commit of the working tree, `-dirty` when it has uncommitted changes.
 tree_version() {
   local commit
@@ -66,7 +71,7 @@ if [ "$mode" = pack ]; then
   cp .cache/photos/*.jpg "$bundle/photos/"
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$bundle/wheels" "timm==$timm_version"
   du -sh "$bundle"
-  echo "bundle of $(cat "$bundle/VERSION"): carry $bundle and run: bash bench/gpu.sh"
+  echo "bundle of $(bundle_version): carry $bundle and run: bash bench/gpu.sh"
   exit 0
 fi
 
@@ -76,7 +81,7 @@ if [ "$mode" = dry-run ]; then
   version=(--bundle-version "target/release, $(tree_version)")
   if [ -n "$use_bundle" ]; then
     worker=$bundle/bin/worker coordinator=$bundle/bin/coordinator
-    version=(--bundle-version "$(cat "$bundle/VERSION" 2>/dev/null || echo 'no VERSION')")
+    version=(--bundle-version "$(bundle_version)")
   fi
   photos=()
   [ -d .cache/photos ] && photos=(--photos-src .cache/photos)
@@ -95,7 +100,7 @@ for b in worker coordinator; do
   [ -f "$bundle/bin/$b" ] || { echo "$bundle/bin/$b missing: run bench/gpu.sh --pack here and carry $bundle" >&2; exit 1; }
   chmod +x "$bundle/bin/$b"   # in case the transfer dropped the mode
 done
-echo "bundle: $(cat "$bundle/VERSION" 2>/dev/null || echo 'no VERSION file')"
+echo "bundle: $(bundle_version)"
 torch_dir=$(timeout 120 "$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 site=$(dirname "$torch_dir")
 nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
@@ -120,4 +125,4 @@ df -h /dev/shm 2>/dev/null | tail -1 | sed 's/^/shared memory: /' || true
 budget=$((450 - SECONDS))
 exec "$python" bench/gpu_bench.py --worker "$bundle/bin/worker" --coordinator "$bundle/bin/coordinator" \
   --python "$python" --photos-src "$bundle/photos" --out "$out" --budget-s "$budget" \
-  --bundle-version "$(cat "$bundle/VERSION" 2>/dev/null || echo 'no VERSION file')"
+  --bundle-version "$(bundle_version)"

@@ -278,8 +278,12 @@ impl CudaSyncCheck {
         let Some(mode) = options.cuda_sync_debug.filter(|_| options.device.is_cuda()) else {
             return Ok(CudaSyncCheck { mode: None });
         };
-        sync_debug::set_mode(mode).map_err(|e| TrainError::Recipe(e.to_string()))?;
+        Self::set(mode)?;
         Ok(CudaSyncCheck { mode: Some(mode) })
+    }
+
+    fn set(mode: SyncDebugMode) -> Result<(), TrainError> {
+        sync_debug::set_mode(mode).map(|_| ()).map_err(|e| TrainError::Recipe(e.to_string()))
     }
 
     /// Runs `read`, a deliberate read of device values within the update
@@ -287,10 +291,9 @@ impl CudaSyncCheck {
     /// read is counted by `host_read`, not refused or warned about.
     fn allowing<T>(&self, read: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
         let Some(mode) = self.mode else { return read() };
-        let set = |mode| sync_debug::set_mode(mode).map_err(|e| TrainError::Recipe(e.to_string()));
-        set(SyncDebugMode::Off)?;
+        Self::set(SyncDebugMode::Off)?;
         let result = read();
-        set(mode)?;
+        Self::set(mode)?;
         result
     }
 }

@@ -185,6 +185,29 @@ fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, String> {
     }
 }
 
+/// Why a wait for a non-blocking communicator ended unfinished.
+enum Unfinished {
+    /// NCCL reported an error.
+    Failed(String),
+    /// Still in progress at the deadline.
+    TimedOut,
+}
+
+/// Waits until `comm` has finished what it was asked (joining the clique,
+/// taking a collective), looking again after each of [`Backoff`]'s pauses,
+/// up to `deadline`.
+fn wait_until_done(nccl: &Nccl, comm: Comm, deadline: Instant) -> Result<(), Unfinished> {
+    let mut backoff = Backoff::new();
+    loop {
+        match async_state(nccl, comm) {
+            Ok(true) => return Ok(()),
+            Ok(false) if Instant::now() < deadline => backoff.pause(),
+            Ok(false) => return Err(Unfinished::TimedOut),
+            Err(e) => return Err(Unfinished::Failed(e)),
+        }
+    }
+}
+
 /// An NCCL status, and NCCL's last error message when it has one.
 fn with_detail(status: String, detail: String) -> String {
     if detail.is_empty() {
@@ -326,24 +349,19 @@ impl NcclCollective {
         });
         // Joining is asynchronous: wait for it, up to the timeout.
         let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new();
-        loop {
-            match async_state(nccl, Comm(comm)) {
-                Ok(true) => break,
-                Ok(false) if Instant::now() < deadline => backoff.pause(),
-                outcome => {
-                    let why = match outcome {
-                        Err(e) => format!("rank {rank}: joining the NCCL clique failed: {e}"),
-                        _ => format!(
-                            "rank {rank}: joining the NCCL clique of {world} ranks did not finish \
-                             within {} s (distributed.collective_timeout_secs): a rank is missing",
-                            timeout.as_secs()
-                        ),
-                    };
-                    abort(nccl, &shared, &mut lock(&shared), why.clone());
-                    return Err(CollectiveError::Nccl(why));
+        if let Err(unfinished) = wait_until_done(nccl, Comm(comm), deadline) {
+            let why = match unfinished {
+                Unfinished::Failed(e) => {
+                    format!("rank {rank}: joining the NCCL clique failed: {e}")
                 }
-            }
+                Unfinished::TimedOut => format!(
+                    "rank {rank}: joining the NCCL clique of {world} ranks did not finish \
+                     within {} s (distributed.collective_timeout_secs): a rank is missing",
+                    timeout.as_secs()
+                ),
+            };
+            abort(nccl, &shared, &mut lock(&shared), why.clone());
+            return Err(CollectiveError::Nccl(why));
         }
         let mut stream: cuda::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current on this thread.
@@ -464,24 +482,17 @@ impl NcclCollective {
             abort(nccl, &self.shared, &mut state, why.clone());
             return Err(CollectiveError::Nccl(why));
         }
-        let mut backoff = Backoff::new();
-        loop {
-            match async_state(nccl, comm) {
-                Ok(true) => break,
-                Ok(false) if Instant::now() < deadline => backoff.pause(),
-                outcome => {
-                    let why = match outcome {
-                        Err(e) => format!("rank {rank}: {what}: NCCL error {e}"),
-                        _ => format!(
-                            "rank {rank}: {what}: NCCL did not take it within {} s \
-                             (distributed.collective_timeout_secs); communicator aborted",
-                            self.timeout.as_secs()
-                        ),
-                    };
-                    abort(nccl, &self.shared, &mut state, why.clone());
-                    return Err(CollectiveError::Nccl(why));
-                }
-            }
+        if let Err(unfinished) = wait_until_done(nccl, comm, deadline) {
+            let why = match unfinished {
+                Unfinished::Failed(e) => format!("rank {rank}: {what}: NCCL error {e}"),
+                Unfinished::TimedOut => format!(
+                    "rank {rank}: {what}: NCCL did not take it within {} s \
+                     (distributed.collective_timeout_secs); communicator aborted",
+                    self.timeout.as_secs()
+                ),
+            };
+            abort(nccl, &self.shared, &mut state, why.clone());
+            return Err(CollectiveError::Nccl(why));
         }
         // SAFETY: our stream is the one the collective was enqueued on.
         let event = match unsafe { record_event(self.stream.0) } {
