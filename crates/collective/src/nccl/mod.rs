@@ -217,6 +217,12 @@ fn with_detail(status: String, detail: String) -> String {
     }
 }
 
+/// [`abort`]s, and answers the error the failing call returns: `why`.
+fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) -> CollectiveError {
+    abort(nccl, flags, state, why.clone());
+    CollectiveError::Nccl(why)
+}
+
 /// Records `why` (the first failure arms the exit timer) and aborts the
 /// communicator (once).
 fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) {
@@ -360,8 +366,7 @@ impl NcclCollective {
                     timeout.as_secs()
                 ),
             };
-            abort(nccl, &shared, &mut lock(&shared), why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &shared, &mut lock(&shared), why));
         }
         let mut stream: cuda::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current on this thread.
@@ -370,8 +375,7 @@ impl NcclCollective {
         };
         if created != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: creating the NCCL stream: {created:?}");
-            abort(nccl, &shared, &mut lock(&shared), why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &shared, &mut lock(&shared), why));
         }
         let context = context as usize;
         let dog = Arc::clone(&shared);
@@ -387,10 +391,10 @@ impl NcclCollective {
             Ok(watchdog) => watchdog,
             Err(e) => {
                 let why = format!("rank {rank}: starting the NCCL watchdog: {e}");
-                abort(nccl, &shared, &mut lock(&shared), why.clone());
+                let error = fail(nccl, &shared, &mut lock(&shared), why);
                 // SAFETY: created above, used by nothing (the communicator is aborted).
                 let _ = unsafe { cuda::cuStreamDestroy_v2(stream) };
-                return Err(CollectiveError::Nccl(why));
+                return Err(error);
             }
         };
         Ok(NcclCollective {
@@ -466,8 +470,7 @@ impl NcclCollective {
         };
         if let Err(e) = self.wait_for_default_stream() {
             let why = format!("rank {rank}: {what}: {e}");
-            abort(nccl, &self.shared, &mut state, why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &self.shared, &mut state, why));
         }
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -479,8 +482,7 @@ impl NcclCollective {
                 "rank {rank}: {what}: NCCL refused it: {}",
                 with_detail(nccl.describe(code), detail)
             );
-            abort(nccl, &self.shared, &mut state, why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &self.shared, &mut state, why));
         }
         if let Err(unfinished) = wait_until_done(nccl, comm, deadline) {
             let why = match unfinished {
@@ -491,16 +493,14 @@ impl NcclCollective {
                     self.timeout.as_secs()
                 ),
             };
-            abort(nccl, &self.shared, &mut state, why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &self.shared, &mut state, why));
         }
         // SAFETY: our stream is the one the collective was enqueued on.
         let event = match unsafe { record_event(self.stream.0) } {
             Ok(event) => event,
             Err(code) => {
                 let why = format!("rank {rank}: {what}: recording its CUDA event failed: {code:?}");
-                abort(nccl, &self.shared, &mut state, why.clone());
-                return Err(CollectiveError::Nccl(why));
+                return Err(fail(nccl, &self.shared, &mut state, why));
             }
         };
         state.pending.push_back(Pending { event: event as usize, what, deadline });
@@ -685,8 +685,7 @@ impl Collective for NcclCollective {
         };
         if code != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: ordering the default stream after NCCL: {code:?}");
-            abort(nccl, &self.shared, &mut state, why.clone());
-            return Err(CollectiveError::Nccl(why));
+            return Err(fail(nccl, &self.shared, &mut state, why));
         }
         Ok(())
     }
