@@ -3,6 +3,8 @@
 //!
 //! * [`hooks`]: post-accumulate-grad hooks on parameters, so that gradients
 //!   can be reduced over ranks while the backward pass still runs;
+//! * [`amp`]: torch's fused check-and-unscale of a list of gradients, as
+//!   `GradScaler.unscale_` calls it;
 //! * [`memory`]: the caching allocator's statistics of a GPU (peak memory
 //!   allocated and reserved, as `torch.cuda.max_memory_allocated` reports);
 //! * [`sync_debug`]: libtorch's CUDA sync debug mode, to show that a span of
@@ -14,6 +16,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod amp;
 pub mod hooks;
 pub mod memory;
 pub mod sync_debug;

@@ -5,6 +5,10 @@
 // backward pass has accumulated its gradient into `.grad`; the hook calls back
 // into Rust with a context pointer and the parameter's index.
 //
+// torch's fused check-and-unscale of a list of gradients
+// (`_amp_foreach_non_finite_check_and_unscale_`, what `GradScaler.unscale_`
+// calls), which tch does not generate.
+//
 // Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
 // headers needed).
 //
@@ -15,11 +19,13 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
 #include <dlfcn.h>
 #include <memory>
+#include <vector>
 
 namespace {
 
@@ -82,6 +88,26 @@ extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
     return 1;
   } catch (...) {
     return 0;
+  }
+}
+
+// `tensors` are `count` tch tensors (`at::Tensor*`), unscaled in place;
+// `found_inf` (a one-element f32 tensor) is set to 1 when any of them held a
+// NaN or an infinity before unscaling.
+extern "C" int rsb_amp_foreach_unscale(void* const* tensors, size_t count, void* found_inf,
+                                       const void* inv_scale, char* error, size_t error_len) {
+  try {
+    std::vector<at::Tensor> list;
+    list.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+      list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
+    }
+    at::_amp_foreach_non_finite_check_and_unscale_(list, *static_cast<at::Tensor*>(found_inf),
+                                                   *static_cast<const at::Tensor*>(inv_scale));
+    return 0;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), error, error_len);
+    return 1;
   }
 }
 

@@ -24,9 +24,30 @@ impl Normalizer {
     }
 
     /// `n` NHWC RGB images of `h x w` as a float NCHW tensor on the device.
+    ///
+    /// The bytes are read in place, through a tensor that borrows them, and
+    /// copied once: into pinned memory on a GPU (then a non-blocking copy to
+    /// the device), or straight into the float tensor on a CPU. The borrow
+    /// ends within this call: every path copies before it returns.
     pub fn images(&self, bytes: &[u8], n: usize, h: u32, w: u32) -> Result<Tensor, TchError> {
         let dims = [n as i64, i64::from(h), i64::from(w), 3];
-        let host = Tensor::f_from_slice(bytes)?.f_view(dims)?;
+        let expected =
+            dims.iter().try_fold(1i64, |total, &d| if d < 0 { None } else { total.checked_mul(d) });
+        if expected != i64::try_from(bytes.len()).ok() {
+            let expected = expected.map_or("too many".to_owned(), |e| e.to_string());
+            return Err(TchError::Shape(format!(
+                "{} bytes of images for {n} RGB image(s) of {h}x{w} ({expected} bytes)",
+                bytes.len()
+            )));
+        }
+        let strides = [i64::from(h) * i64::from(w) * 3, i64::from(w) * 3, 3, 1];
+        // SAFETY: `bytes` holds exactly the `n*h*w*3` bytes the view spans
+        // (checked above), contiguous NHWC with these strides, and outlives
+        // the view, which is dropped within this call: the result never
+        // aliases it, because pinning copies (GPU), and on a CPU the u8 to
+        // f32 conversion below writes new memory. No path writes through it.
+        let host =
+            unsafe { Tensor::from_blob(bytes.as_ptr(), &dims, &strides, Kind::Uint8, Device::Cpu) };
         let nchw = self.to_device(host)?.f_permute([0, 3, 1, 2])?;
         let nchw = if self.channels_last { nchw } else { nchw.f_contiguous()? };
         nchw.f_to_kind(Kind::Float)?.f_sub(&self.mean)?.f_div(&self.std)
@@ -54,5 +75,45 @@ impl Normalizer {
         }
         let kind = host.kind();
         host.f_internal_pin_memory(self.device)?.f_to_device_(self.device, kind, true, false)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_normalised_copies_that_outlive_the_borrowed_bytes() {
+        // 2 NHWC images of 2x3, every byte different.
+        let mut bytes: Vec<u8> = (0..2 * 2 * 3 * 3).map(|v| (v * 7) as u8).collect();
+        let original = bytes.clone();
+        for channels_last in [false, true] {
+            let normalizer =
+                Normalizer::new([0.1, 0.2, 0.3], [0.5, 0.25, 0.125], Device::Cpu, channels_last);
+            let images = normalizer.images(&bytes, 2, 2, 3).unwrap();
+            assert_eq!(images.size(), [2, 3, 2, 3]);
+            // Overwriting the source afterwards changes nothing: a copy.
+            bytes.iter_mut().for_each(|b| *b = 255);
+            for (n, c, y, x) in [(0, 0, 0, 0), (1, 2, 1, 2), (0, 1, 1, 0), (1, 0, 0, 1)] {
+                let byte = f64::from(original[((n * 2 + y) * 3 + x) * 3 + c]);
+                let (mean, std) = ([0.1, 0.2, 0.3][c] * 255.0, [0.5, 0.25, 0.125][c] * 255.0);
+                let expected = (byte - mean as f32 as f64) / (std as f32 as f64);
+                let got = images.double_value(&[n as i64, c as i64, y as i64, x as i64]);
+                assert!((got - expected).abs() < 1e-5, "({n},{c},{y},{x}): {got} vs {expected}");
+            }
+            bytes.copy_from_slice(&original);
+        }
+    }
+
+    #[test]
+    fn images_of_the_wrong_byte_count_are_refused_before_they_are_read() {
+        let normalizer = Normalizer::new([0.5; 3], [0.5; 3], Device::Cpu, true);
+        let err = normalizer.images(&[0u8; 2 * 4 * 4 * 3 - 1], 2, 4, 4).unwrap_err();
+        let expected = "95 bytes of images for 2 RGB image(s) of 4x4 (96 bytes)";
+        assert!(err.to_string().contains(expected), "{err}");
+        // A size whose byte count does not fit in i64 is refused, not wrapped.
+        let err = normalizer.images(&[0u8; 12], 1 << 40, u32::MAX, u32::MAX).unwrap_err();
+        assert!(err.to_string().contains("(too many bytes)"), "{err}");
     }
 }

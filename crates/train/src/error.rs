@@ -14,6 +14,9 @@ pub enum TrainError {
     /// The input pipeline failed.
     #[error(transparent)]
     Data(#[from] rsb_data::DataError),
+    /// The loss scaler's fused check-and-unscale failed.
+    #[error("loss scaler: {0}")]
+    Unscale(#[from] rsb_torch_shim::amp::UnscaleError),
     /// The recipe asks for something this build cannot do.
     #[error("recipe: {0}")]
     Recipe(String),

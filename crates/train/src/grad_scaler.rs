@@ -107,16 +107,17 @@ impl GradScaler {
     /// when any element was NaN or infinite before unscaling (the update
     /// must then be skipped), else 0. The factor is `1 / scale` computed in
     /// f64 and rounded to f32 (`_scale.double().reciprocal().float()`).
-    /// Undefined gradients are left alone.
+    /// Undefined gradients are left alone. All gradients go to torch's
+    /// fused kernel in one call, as `GradScaler.unscale_` hands them over.
     pub fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, TrainError> {
         let _guard = tch::no_grad_guard();
         let mut found_inf = Tensor::f_zeros([], (Kind::Float, self.scale.device()))?;
         let inv_scale =
             self.scale.f_to_kind(Kind::Double)?.f_reciprocal()?.f_to_kind(Kind::Float)?;
-        for grad in grads.iter().filter(|g| g.defined()) {
-            grad.shallow_clone()
-                .f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv_scale)?;
-        }
+        let defined: Vec<Tensor> =
+            grads.iter().filter(|g| g.defined()).map(Tensor::shallow_clone).collect();
+        // One fused call for all of them, as `GradScaler.unscale_`.
+        rsb_torch_shim::amp::non_finite_check_and_unscale(&defined, &mut found_inf, &inv_scale)?;
         Ok(found_inf)
     }
 
