@@ -68,12 +68,45 @@ pub fn binary(name: &str) -> PathBuf {
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             cargo.arg("--release");
         }
+        without_package_variables(&mut cargo);
         let status = cargo.status().expect("running cargo build");
         assert!(status.success(), "cargo build -p {package} failed");
         built.push(name.to_string());
     }
     assert!(path.is_file(), "{} was not built", path.display());
     path
+}
+
+/// Leaves out of `command`'s environment the variables cargo gives a test
+/// process for its package (CARGO_MANIFEST_DIR, OUT_DIR, CARGO_PKG_*, ...),
+/// for a command that runs cargo. Inherited, they change what build scripts
+/// watch (ring reruns when CARGO_MANIFEST_DIR or OUT_DIR changes), so half
+/// the workspace would be rebuilt there and again by the next `cargo test`.
+pub fn without_package_variables(
+    command: &mut std::process::Command,
+) -> &mut std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(is_package_variable) {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Whether `name` is one of the variables cargo sets for the package whose
+/// target it runs, rather than one that configures cargo itself.
+fn is_package_variable(name: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "OUT_DIR",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
 }
 
 /// The project's Python (the venv with torch and timm).
@@ -490,5 +523,20 @@ impl Drop for Netns {
             let _ = ip(&["link", "del", end]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_package_variable;
+
+    #[test]
+    fn only_the_package_variables_are_left_out_of_a_nested_build() {
+        for name in ["CARGO_MANIFEST_DIR", "OUT_DIR", "CARGO_PKG_NAME", "CARGO_BIN_EXE_worker"] {
+            assert!(is_package_variable(name), "{name}");
+        }
+        for name in ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "CARGO", "PATH"] {
+            assert!(!is_package_variable(name), "{name}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! summary must hold a row with a throughput for each, and the output folder
 //! must hold what the device tool brings back: three files, the logs packed.
 
-use rsb_integration_tests::{binary, read_json, workspace_root};
+use rsb_integration_tests::{binary, read_json, without_package_variables, workspace_root};
 use std::process::Command;
 
 #[test]
@@ -19,7 +19,8 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
     binary("worker");
     binary("coordinator");
 
-    let pack = Command::new(root.join("bench/gpu.sh"))
+    // --pack runs cargo: without this test's package variables, as binary().
+    let pack = without_package_variables(&mut Command::new(root.join("bench/gpu.sh")))
         .arg("--pack")
         .output()
         .expect("bench/gpu.sh --pack");
