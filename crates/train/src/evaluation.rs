@@ -168,15 +168,22 @@ impl PredictionTally {
             return Ok(counts);
         };
         let predictions = host_read::i64s_of(&Tensor::f_cat(&self.tops, 0)?)?;
-        score_predictions(&predictions, k, scoring, samples, &self.indices, &mut counts)?;
+        for (row, &index) in predictions.chunks_exact(k.max(1) as usize).zip(&self.indices) {
+            let sample = samples.get(index).ok_or_else(|| {
+                TrainError::Recipe(format!(
+                    "evaluation batch names sample {index} of a set of {}",
+                    samples.len()
+                ))
+            })?;
+            scoring.add(&mut counts, sample, row);
+        }
         Ok(counts)
     }
 }
 
 /// Scores a batch of `logits` `[N, C]` whose rows are the dataset samples
-/// `indices`: their top-5 (`topk(5, sorted)`, as timm) on the host, then
-/// `scoring`. One host read per call; [`PredictionTally`] reads once for
-/// many batches.
+/// `indices` into `counts`: a [`PredictionTally`] of that one batch (the
+/// path every evaluation takes), read at once.
 pub fn score_logits(
     logits: &Tensor,
     scoring: &Scoring,
@@ -184,30 +191,9 @@ pub fn score_logits(
     indices: &[usize],
     counts: &mut EvalCounts,
 ) -> Result<(), TrainError> {
-    let k = logits.size()[1].min(5);
-    let (_, top) = logits.f_topk(k, 1, true, true)?;
-    let predictions = host_read::i64s_of(&top)?;
-    score_predictions(&predictions, k, scoring, samples, indices, counts)
-}
-
-/// Scores rows of `k` predictions (row `i` for sample `indices[i]`).
-fn score_predictions(
-    predictions: &[i64],
-    k: i64,
-    scoring: &Scoring,
-    samples: &[Sample],
-    indices: &[usize],
-    counts: &mut EvalCounts,
-) -> Result<(), TrainError> {
-    for (row, &index) in predictions.chunks_exact(k.max(1) as usize).zip(indices) {
-        let sample = samples.get(index).ok_or_else(|| {
-            TrainError::Recipe(format!(
-                "evaluation batch names sample {index} of a set of {}",
-                samples.len()
-            ))
-        })?;
-        scoring.add(counts, sample, row);
-    }
+    let mut tally = PredictionTally::default();
+    tally.add(logits, indices)?;
+    counts.merge(&tally.finish(scoring, samples)?);
     Ok(())
 }
 
