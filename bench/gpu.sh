@@ -58,10 +58,10 @@ if [ "$mode" = pack ]; then
   [ -d .venv/libtorch ] || { echo ".venv/libtorch missing: run scripts/setup first" >&2; exit 1; }
   # The binaries of this very tree: a bundle packed from an older build
   # would spend the GPU's one chance on old code.
-  # (One package at a time, as the tests build them: no rebuild under CI.)
-  for b in worker coordinator; do
-    cargo build --release -q -p "rsb-$b" --bin "$b"
-  done
+  # Built as the tests build them (tests/src/lib.rs, BINARIES_BUILD): with
+  # --examples, cargo resolves features as `cargo test --workspace` does and
+  # reuses that build's libraries, so nothing is rebuilt under CI.
+  cargo build -q --workspace --bins --examples --release
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels" "$bundle/photos"
   for b in worker coordinator; do
     strip -o "$bundle/bin/$b" "target/release/$b"
@@ -101,10 +101,14 @@ for b in worker coordinator; do
   chmod +x "$bundle/bin/$b"   # in case the transfer dropped the mode
 done
 echo "bundle: $(bundle_version)"
-torch_dir=$(timeout 120 "$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
-site=$(dirname "$torch_dir")
-nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
-export LD_LIBRARY_PATH="$torch_dir/lib${nvidia_libs:+:$nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# A torch that does not import fails the checks that need it, in the table.
+torch_dir=$(timeout 120 "$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))') \
+  || { echo "torch does not import with $python" >&2; torch_dir=; }
+if [ -n "$torch_dir" ]; then
+  site=$(dirname "$torch_dir")
+  nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
+  export LD_LIBRARY_PATH="$torch_dir/lib${nvidia_libs:+:$nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 # timm (and Pillow, torchvision) only serve timm's side of the checks: a
 # problem there is reported, and our own checks still run.
 host_timm=$(timeout 60 "$python" -c 'import timm; print(timm.__version__)' 2>/dev/null || echo none)
@@ -120,6 +124,10 @@ timeout 60 "$python" -c 'import torch; print("host torch", torch.__version__, "c
 timeout 60 "$python" -c 'import timm, torchvision, PIL; print("timm", timm.__version__, "torchvision", torchvision.__version__, "Pillow", PIL.__version__)' \
   || echo "timm, torchvision or Pillow does not import: timm's side of the checks will fail" >&2
 timeout 60 "$bundle/bin/worker" doctor || echo "worker doctor failed (status $?)" >&2
+# What a failure to start our binaries, or a second rank on the GPU, would
+# come from: the C library (ours need glibc 2.34) and the GPU's compute mode.
+ldd --version 2>/dev/null | head -1 | sed 's/^/C library: /' || true
+timeout 20 nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | sed 's/^/compute mode: /' || true
 # timm's DataLoader workers hand their batches over in /dev/shm.
 df -h /dev/shm 2>/dev/null | tail -1 | sed 's/^/shared memory: /' || true
 budget=$((450 - SECONDS))

@@ -53,29 +53,36 @@ pub fn max_relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
 /// A binary of this workspace (`target/<profile>/<name>`), rebuilt first with
 /// the test's own profile so that a test never runs a stale binary (cargo does
 /// not rebuild other packages' binaries for this package's tests).
+///
+/// All of the workspace's binaries are built at once, with the arguments of
+/// [`BINARIES_BUILD`]: `--examples` makes cargo resolve features with the
+/// dev-dependencies, as `cargo test --workspace` does, so the build reuses
+/// every library that test build made. (`-p rsb-worker` alone resolves other
+/// features, libc's among them, and rebuilt half the tree a second time.)
 pub fn binary(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     // Test executables live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let path = profile_dir.join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !built.iter().any(|b| b == name) {
-        let package = format!("rsb-{name}");
+    BUILT.get_or_init(|| {
         let mut cargo =
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo.current_dir(workspace_root()).args(["build", "-q", "-p", &package, "--bin", name]);
+        cargo.current_dir(workspace_root()).args(BINARIES_BUILD);
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             cargo.arg("--release");
         }
         without_package_variables(&mut cargo);
         let status = cargo.status().expect("running cargo build");
-        assert!(status.success(), "cargo build -p {package} failed");
-        built.push(name.to_string());
-    }
+        assert!(status.success(), "cargo {} failed", BINARIES_BUILD.join(" "));
+    });
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }
+
+/// The cargo arguments that build the workspace's binaries with the feature
+/// resolution of `cargo test --workspace`; `bench/gpu.sh --pack` uses the same.
+pub const BINARIES_BUILD: [&str; 5] = ["build", "-q", "--workspace", "--bins", "--examples"];
 
 /// Leaves out of `command`'s environment the variables cargo gives a test
 /// process for its package (CARGO_MANIFEST_DIR, OUT_DIR, CARGO_PKG_*, ...),
@@ -528,7 +535,7 @@ impl Drop for Netns {
 
 #[cfg(test)]
 mod tests {
-    use super::is_package_variable;
+    use super::{is_package_variable, workspace_root, BINARIES_BUILD};
 
     #[test]
     fn only_the_package_variables_are_left_out_of_a_nested_build() {
@@ -538,5 +545,15 @@ mod tests {
         for name in ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "CARGO", "PATH"] {
             assert!(!is_package_variable(name), "{name}");
         }
+    }
+
+    #[test]
+    fn the_gpu_bundle_builds_the_binaries_as_the_tests_do() {
+        // Another build would resolve other features and rebuild the tree
+        // under CI, where the GPU dry run packs its bundle.
+        let script = std::fs::read_to_string(workspace_root().join("bench/gpu.sh")).unwrap();
+        let command = format!("cargo {} --release", BINARIES_BUILD.join(" "));
+        assert!(script.contains(&command), "bench/gpu.sh does not run `{command}`");
+        assert!(!script.contains("cargo build --release -q -p"), "bench/gpu.sh builds one package");
     }
 }
