@@ -27,8 +27,9 @@ impl Normalizer {
     ///
     /// The bytes are read in place, through a tensor that borrows them, and
     /// copied once: into pinned memory on a GPU (then a non-blocking copy to
-    /// the device), or straight into the float tensor on a CPU. The borrow
-    /// ends within this call: every path copies before it returns.
+    /// the device), or straight into the float tensor on a CPU, in the
+    /// layout the model takes, then normalised in place. The borrow ends
+    /// within this call: every path copies before it returns.
     pub fn images(&self, bytes: &[u8], n: usize, h: u32, w: u32) -> Result<Tensor, TchError> {
         let dims = [n as i64, i64::from(h), i64::from(w), 3];
         let expected =
@@ -49,8 +50,19 @@ impl Normalizer {
         let host =
             unsafe { Tensor::from_blob(bytes.as_ptr(), &dims, &strides, Kind::Uint8, Device::Cpu) };
         let nchw = self.to_device(host)?.f_permute([0, 3, 1, 2])?;
-        let nchw = if self.channels_last { nchw } else { nchw.f_contiguous()? };
-        nchw.f_to_kind(Kind::Float)?.f_sub(&self.mean)?.f_div(&self.std)
+        // One pass from bytes to floats, into the layout the model takes
+        // (the view's own, NHWC, for channels-last; NCHW otherwise), then
+        // timm's `sub_(mean).div_(std)` in place: no further copies.
+        let mut float = if self.channels_last {
+            nchw.f_internal_to_copy((Kind::Float, self.device), false)?
+        } else {
+            let mut contiguous = Tensor::f_empty(nchw.size(), (Kind::Float, self.device))?;
+            contiguous.f_copy_(&nchw)?;
+            contiguous
+        };
+        let _ = float.f_sub_(&self.mean)?;
+        let _ = float.f_div_(&self.std)?;
+        Ok(float)
     }
 
     /// `[n, classes]` float targets on the device.
@@ -93,6 +105,9 @@ mod tests {
                 Normalizer::new([0.1, 0.2, 0.3], [0.5, 0.25, 0.125], Device::Cpu, channels_last);
             let images = normalizer.images(&bytes, 2, 2, 3).unwrap();
             assert_eq!(images.size(), [2, 3, 2, 3]);
+            // The model's layout: NHWC strides for channels-last, else NCHW.
+            let strides = if channels_last { [18, 1, 9, 3] } else { [18, 6, 3, 1] };
+            assert_eq!(images.stride(), strides, "channels_last {channels_last}");
             // Overwriting the source afterwards changes nothing: a copy.
             bytes.iter_mut().for_each(|b| *b = 255);
             for (n, c, y, x) in [(0, 0, 0, 0), (1, 2, 1, 2), (0, 1, 1, 0), (1, 0, 0, 1)] {
