@@ -65,6 +65,9 @@ extern "C" int rsb_set_grad_ready_hook(void* tensor, Callback callback, void* co
   } catch (const std::exception& e) {
     copy_message(e.what(), error, error_len);
     return 1;
+  } catch (...) {
+    copy_message("a C++ exception that is not a std::exception", error, error_len);
+    return 1;
   }
 }
 
@@ -108,6 +111,9 @@ extern "C" int rsb_amp_foreach_unscale(void* const* tensors, size_t count, void*
   } catch (const std::exception& e) {
     copy_message(e.what(), error, error_len);
     return 1;
+  } catch (...) {
+    copy_message("a C++ exception that is not a std::exception", error, error_len);
+    return 1;
   }
 }
 
@@ -131,6 +137,9 @@ extern "C" int rsb_cuda_peak_memory(int device, int reset, uint64_t* allocated, 
     return 0;
   } catch (const std::exception& e) {
     copy_message(e.what(), error, error_len);
+    return 1;
+  } catch (...) {
+    copy_message("a C++ exception that is not a std::exception", error, error_len);
     return 1;
   }
 }
@@ -177,6 +186,9 @@ extern "C" int rsb_cuda_sync_debug_probe(char* error, size_t error_len) {
     return 0;
   } catch (const std::exception& e) {
     copy_message(e.what(), error, error_len);
+    return 1;
+  } catch (...) {
+    copy_message("a C++ exception that is not a std::exception", error, error_len);
     return 1;
   }
 }

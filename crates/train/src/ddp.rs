@@ -33,7 +33,7 @@
 use crate::error::TrainError;
 use crate::host_read;
 use rsb_collective::{Buffer, Collective, CollectiveError, DeviceElement};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Floats per bucket: 25 MB of f32.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
@@ -144,14 +144,14 @@ fn issue_flat(
         Device::Cuda(device) => {
             // The only branch CI cannot run: stage through pinned host memory
             // (blocking copies), then reduce the host copy like any CPU
-            // tensor (a host backend completes before it returns). Pinned
-            // by `_pin_memory`, as batches are (`pin_memory(device)` warns).
-            let mut host = Tensor::f_empty([len as i64], (Kind::Float, Device::Cpu))?
-                .f_internal_pin_memory(Device::Cuda(device))?;
+            // tensor (a host backend completes before it returns, and the
+            // copies block: the buffer is free again once copied back).
+            let mut host = take_staging(device, len as i64)?;
             host.f_copy_(&flat)?;
-            let reduced = issue_flat(collective, host, reduction, what)?;
+            let reduced = issue_flat(collective, host.shallow_clone(), reduction, what)?;
             let mut flat = flat;
             flat.f_copy_(&reduced)?;
+            put_back_staging(device, host);
             Ok(flat)
         }
         _ => Err(failed(
@@ -162,6 +162,33 @@ fn issue_flat(
             },
         )),
     }
+}
+
+/// Pinned f32 host buffers that stage CUDA tensors for a host backend, one
+/// per device and length (a bucket's, a scalar pack's), kept as DDP keeps
+/// its buckets: made once, not pinned again (with an uninitialised copy) at
+/// every update. Shared by the threads that reduce (the overlapped backward
+/// pass reduces on a thread of its own): a buffer is taken out while it
+/// stages, and put back after.
+static STAGING: std::sync::Mutex<Vec<((usize, i64), Tensor)>> = std::sync::Mutex::new(Vec::new());
+
+/// A pinned staging buffer of `len` f32 for CUDA device `device`, taken
+/// out of [`STAGING`] (or made); [`put_back_staging`] returns it. One lost
+/// on an error path is only made again. Pinned by `_pin_memory`, as
+/// batches are (`pin_memory(device)` warns).
+fn take_staging(device: usize, len: i64) -> Result<Tensor, TchError> {
+    let mut buffers = STAGING.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(at) = buffers.iter().position(|(key, _)| *key == (device, len)) {
+        return Ok(buffers.swap_remove(at).1);
+    }
+    drop(buffers);
+    Tensor::f_empty([len], (Kind::Float, Device::Cpu))?.f_internal_pin_memory(Device::Cuda(device))
+}
+
+/// Returns a buffer from [`take_staging`] for the next call to use.
+fn put_back_staging(device: usize, buffer: Tensor) {
+    let len = buffer.numel() as i64;
+    STAGING.lock().unwrap_or_else(|p| p.into_inner()).push(((device, len), buffer));
 }
 
 /// `flat` rounded to bf16 (round to nearest even) and widened back, in place.

@@ -93,6 +93,7 @@ pub struct Nccl {
     all_reduce: AllReduce,
     broadcast: Broadcast,
     comm_abort: CommEnd,
+    comm_finalize: CommEnd,
     comm_destroy: CommEnd,
     get_error_string: GetErrorString,
     get_last_error: GetLastError,
@@ -226,11 +227,24 @@ impl Nccl {
         unsafe { (self.comm_abort)(comm) }
     }
 
-    /// `ncclCommDestroy`.
+    /// `ncclCommFinalize`: flushes the communicator's work and ends its
+    /// part in the clique; on a non-blocking communicator it answers
+    /// `ncclInProgress`, and `ncclCommGetAsyncError` says when it is done.
     ///
     /// # Safety
     ///
-    /// `comm` is live, idle, and never used again.
+    /// `comm` is live; afterwards it is only polled, then destroyed.
+    pub unsafe fn comm_finalize(&self, comm: sys::ncclComm_t) -> c_int {
+        // SAFETY: the caller vouches for `comm`.
+        unsafe { (self.comm_finalize)(comm) }
+    }
+
+    /// `ncclCommDestroy`: frees what is left of a finalized communicator
+    /// (blocking, even on a non-blocking communicator).
+    ///
+    /// # Safety
+    ///
+    /// `comm` is live, finalized, and never used again.
     pub unsafe fn comm_destroy(&self, comm: sys::ncclComm_t) -> c_int {
         // SAFETY: the caller vouches for `comm`.
         unsafe { (self.comm_destroy)(comm) }
@@ -311,6 +325,7 @@ fn entry_points(library: libloading::Library, name: &str) -> Result<Nccl, String
             all_reduce: entry(&library, name, "ncclAllReduce")?,
             broadcast: entry(&library, name, "ncclBroadcast")?,
             comm_abort: entry(&library, name, "ncclCommAbort")?,
+            comm_finalize: entry(&library, name, "ncclCommFinalize")?,
             comm_destroy: entry(&library, name, "ncclCommDestroy")?,
             get_error_string: entry(&library, name, "ncclGetErrorString")?,
             get_last_error: entry(&library, name, "ncclGetLastError")?,

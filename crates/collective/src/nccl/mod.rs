@@ -39,8 +39,13 @@
 //!
 //! A communicator that failed or was aborted is never destroyed with
 //! `ncclCommDestroy` (which flushes outstanding work and can wait for a
-//! dead peer): the watchdog and every failing call abort it, and dropping
-//! one with a recorded failure or unfinished collectives aborts it too.
+//! dead peer): the watchdog and every failing call abort it. Dropping a
+//! healthy one ends it in NCCL's recommended order: its collectives
+//! complete (each by its deadline), `ncclCommFinalize` finishes within the
+//! collective timeout (polled: NCCL's own thread does that work), then
+//! `ncclCommDestroy` (which blocks, but has only local memory left to
+//! free). Dropping one after a failure, or when a step of that order fails
+//! or times out, aborts it.
 
 pub mod library;
 
@@ -589,38 +594,92 @@ impl Drop for NcclCollective {
             let _ = watchdog.join();
         }
         let mut state = lock(&self.shared);
-        // A collective not yet complete (the watchdog retires finished ones
-        // only every POLL) means a peer may never take part: destroying would
-        // flush it and wait. The same holds after a failure and while
-        // unwinding from a panic, when this rank's peers are in an unknown
-        // state. Those cases abort the communicator; only a healthy, idle
-        // one is destroyed (the orderly end NCCL documents).
-        let mut unfinished = false;
-        for pending in state.pending.drain(..) {
-            // SAFETY: the event is live until destroyed here.
-            let query = unsafe { cuda::cuEventQuery(pending.event as cuda::CUevent) };
-            unfinished |= query != cuda::CUresult::CUDA_SUCCESS;
-            // SAFETY: created by `cuEventCreate`, destroyed once.
-            let _ = unsafe { cuda::cuEventDestroy_v2(pending.event as cuda::CUevent) };
-        }
-        let healthy = state.failed.is_none() && !unfinished && !std::thread::panicking();
-        if healthy {
-            if let Some(comm) = state.comm.take() {
-                // SAFETY: the communicator was initialised, is idle, and is
-                // destroyed once (taken).
-                let _ = unsafe { self.nccl.comm_destroy(comm.0) };
-            }
-        } else {
-            let why = format!(
-                "rank {}: the NCCL communicator was dropped with collectives unfinished \
-                 or while unwinding; aborted",
+        // After a failure, and while unwinding from a panic, this rank's
+        // peers are in an unknown state: the communicator is aborted. A
+        // healthy one ends in NCCL's documented order, and is aborted if
+        // that fails or outlasts the collective timeout.
+        let ending = if state.failed.is_some() || std::thread::panicking() {
+            Err(format!(
+                "rank {}: the NCCL communicator was dropped after a failure or while \
+                 unwinding; aborted",
                 self.rank
-            );
+            ))
+        } else {
+            self.end_in_order(&mut state)
+        };
+        if let Err(why) = ending {
             abort(self.nccl, &self.shared, &mut state, why);
         }
         // SAFETY: created in `new`, destroyed once; CUDA releases it once
         // the work queued on it (if any) is done.
         let _ = unsafe { cuda::cuStreamDestroy_v2(self.stream.0) };
+    }
+}
+
+impl NcclCollective {
+    /// The orderly end of a healthy communicator: the outstanding
+    /// collectives complete, each by its own deadline as the watchdog
+    /// would have it (which retires finished ones only every [`POLL`]),
+    /// `ncclCommFinalize` is polled until done, up to the collective
+    /// timeout, then `ncclCommDestroy` frees it. `ncclCommDestroy` alone
+    /// would do the finalizing work (syncing NCCL's streams, stopping its
+    /// proxy) blocking, even on a non-blocking communicator, with no
+    /// deadline; finalized first, that work runs on NCCL's thread under the
+    /// timeout, and only local memory is left for the destroy. The error
+    /// says what did not finish; the caller aborts.
+    fn end_in_order(&self, state: &mut State) -> Result<(), String> {
+        let ending = format!("rank {}: ending the NCCL communicator", self.rank);
+        // The thread that drops may not be the one that made the
+        // communicator (the overlapped reduction has its own).
+        // SAFETY: the rank's device's context, alive for the process.
+        let current = unsafe { cuda::cuCtxSetCurrent(self.context as cuda::CUcontext) };
+        if current != cuda::CUresult::CUDA_SUCCESS {
+            return Err(format!("{ending}: cannot use the CUDA context: {current:?}"));
+        }
+        let Some(comm) = state.comm else {
+            return Ok(());
+        };
+        // The watchdog's part, now that it has stopped: each outstanding
+        // collective by its own deadline, an NCCL error (a peer lost)
+        // noticed meanwhile.
+        let mut backoff = Backoff::new();
+        loop {
+            if let Some(why) = overdue_or_failed(self.nccl, state, self.rank) {
+                return Err(why);
+            }
+            if state.pending.is_empty() {
+                break;
+            }
+            backoff.pause();
+        }
+        // SAFETY: live and idle (every collective completed above); after
+        // this it is only polled, then destroyed.
+        let code = unsafe { self.nccl.comm_finalize(comm.0) };
+        if !matches!(code, library::SUCCESS | library::IN_PROGRESS) {
+            return Err(format!("{ending}: ncclCommFinalize: {}", self.nccl.describe(code)));
+        }
+        let deadline = Instant::now() + self.timeout;
+        wait_until_done(self.nccl, comm, deadline).map_err(|unfinished| match unfinished {
+            Unfinished::Failed(e) => format!("{ending}: ncclCommFinalize: {e}"),
+            Unfinished::TimedOut => format!(
+                "{ending}: ncclCommFinalize did not finish within {} s \
+                 (distributed.collective_timeout_secs)",
+                self.timeout.as_secs()
+            ),
+        })?;
+        state.comm = None;
+        // SAFETY: finalized above, and never used again (taken).
+        let code = unsafe { self.nccl.comm_destroy(comm.0) };
+        if !matches!(code, library::SUCCESS | library::IN_PROGRESS) {
+            // Finalized: its peers are done with it. Only local memory is
+            // left, which the process's exit returns.
+            tracing::warn!(
+                "rank {}: ncclCommDestroy after ncclCommFinalize: {}",
+                self.rank,
+                self.nccl.describe(code)
+            );
+        }
+        Ok(())
     }
 }
 
