@@ -49,11 +49,26 @@ void copy_message(const char* what, char* error, size_t error_len) {
   }
 }
 
+// Runs `body` (which answers 0, or 1 with its message written) so that no
+// exception crosses into Rust: any it throws answers 1 and its message.
+template <typename Body>
+int guarded(char* error, size_t error_len, Body&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    copy_message(e.what(), error, error_len);
+    return 1;
+  } catch (...) {
+    copy_message("a C++ exception that is not a std::exception", error, error_len);
+    return 1;
+  }
+}
+
 }  // namespace
 
 extern "C" int rsb_set_grad_ready_hook(void* tensor, Callback callback, void* context, size_t index,
                                        char* error, size_t error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     auto* t = static_cast<at::Tensor*>(tensor);
     if (!t->defined() || !t->requires_grad() || !t->is_leaf()) {
       copy_message("the tensor is not a leaf that requires grad", error, error_len);
@@ -62,13 +77,7 @@ extern "C" int rsb_set_grad_ready_hook(void* tensor, Callback callback, void* co
     torch::autograd::impl::set_post_acc_grad_hooks(
         *t, std::make_unique<GradReadyHook>(callback, context, index));
     return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), error, error_len);
-    return 1;
-  } catch (...) {
-    copy_message("a C++ exception that is not a std::exception", error, error_len);
-    return 1;
-  }
+  });
 }
 
 // Removes the tensor's post-accumulate-grad hook only if it is still the one
@@ -99,7 +108,7 @@ extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
 // NaN or an infinity before unscaling.
 extern "C" int rsb_amp_foreach_unscale(void* const* tensors, size_t count, void* found_inf,
                                        const void* inv_scale, char* error, size_t error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     std::vector<at::Tensor> list;
     list.reserve(count);
     for (size_t i = 0; i < count; ++i) {
@@ -108,18 +117,12 @@ extern "C" int rsb_amp_foreach_unscale(void* const* tensors, size_t count, void*
     at::_amp_foreach_non_finite_check_and_unscale_(list, *static_cast<at::Tensor*>(found_inf),
                                                    *static_cast<const at::Tensor*>(inv_scale));
     return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), error, error_len);
-    return 1;
-  } catch (...) {
-    copy_message("a C++ exception that is not a std::exception", error, error_len);
-    return 1;
-  }
+  });
 }
 
 extern "C" int rsb_cuda_peak_memory(int device, int reset, uint64_t* allocated, uint64_t* reserved,
                                     char* error, size_t error_len) {
-  try {
+  return guarded(error, error_len, [&] {
     auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     if (allocator == nullptr || !allocator->initialized()) {
       copy_message("the CUDA allocator is not initialised (no GPU used yet, or no CUDA)", error,
@@ -135,13 +138,7 @@ extern "C" int rsb_cuda_peak_memory(int device, int reset, uint64_t* allocated, 
       allocator->resetPeakStats(index);
     }
     return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), error, error_len);
-    return 1;
-  } catch (...) {
-    copy_message("a C++ exception that is not a std::exception", error, error_len);
-    return 1;
-  }
+  });
 }
 
 // c10/cuda/CUDAFunctions.h keeps the sync debug mode in a `WarningState`
@@ -181,14 +178,8 @@ extern "C" int rsb_cuda_sync_debug_probe(char* error, size_t error_len) {
   if (probe == nullptr) {
     return -1;
   }
-  try {
+  return guarded(error, error_len, [&] {
     probe();
     return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), error, error_len);
-    return 1;
-  } catch (...) {
-    copy_message("a C++ exception that is not a std::exception", error, error_len);
-    return 1;
-  }
+  });
 }
