@@ -24,7 +24,7 @@
 
 use crate::plan::{BatchPlan, PlanError};
 use rsb_job::records::skipped_updates_note;
-use rsb_job::{GenerationReason, MetricsRecord};
+use rsb_job::{GenerationReason, MetricsRecord, RankBalance};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1005,6 +1005,20 @@ impl Job {
         Ok(())
     }
 
+    /// `; straggler: rank 1 on host-b took 2.0x ...` when a step's slowest
+    /// rank took at least `distributed.straggler_warn_ratio` times the
+    /// others' median; nothing otherwise.
+    fn straggler_note(&self, balance: Option<&RankBalance>) -> String {
+        let warn_ratio = self.recipe.distributed.straggler_warn_ratio;
+        let Some(balance) = balance.filter(|b| b.straggles(warn_ratio)) else {
+            return String::new();
+        };
+        let host = u32::try_from(balance.slowest_rank).ok().and_then(|rank| {
+            self.members.iter().find(|m| m.ranks().contains(&rank)).map(|m| m.host.as_str())
+        });
+        format!("; straggler: {}", balance.describe(host))
+    }
+
     /// Updates the job's progress from a record and says it in one line.
     fn progress_line(&mut self, record: &MetricsRecord) -> Option<String> {
         match record {
@@ -1025,6 +1039,7 @@ impl Job {
                 total_updates,
                 skipped_updates,
                 peak_gpu_memory_mib,
+                rank_balance,
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
                 self.total_updates = Some(*total_updates);
@@ -1039,8 +1054,9 @@ impl Job {
                 let memory = peak_gpu_memory_mib
                     .map_or_else(String::new, |mib| format!(" peak GPU memory {mib:.0} MiB"));
                 Some(format!(
-                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){memory}{eta}{}",
-                    skipped_updates_note(*skipped_updates)
+                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){memory}{eta}{}{}",
+                    skipped_updates_note(*skipped_updates),
+                    self.straggler_note(rank_balance.as_ref()),
                 ))
             }
             MetricsRecord::Epoch {
@@ -1269,6 +1285,7 @@ mod tests {
             total_updates: 100,
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
+            rank_balance: None,
         }
     }
 
@@ -1729,6 +1746,7 @@ mod tests {
             total_updates: 4,
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
+            rank_balance: None,
         };
         let line = j.record_metrics(1, &step).unwrap().unwrap();
         assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");
@@ -1743,6 +1761,29 @@ mod tests {
             "{line}"
         );
         assert_eq!(j.progress, (0, 2, 16.0));
+        // A straggler is named with its host once it passes the recipe's
+        // ratio (1.5 by default); a balanced window says nothing more.
+        for (slowest_s, named) in [(0.4, true), (0.29, false)] {
+            let mut balanced = step.clone();
+            if let MetricsRecord::Step { rank_balance, .. } = &mut balanced {
+                *rank_balance = Some(RankBalance {
+                    slowest_rank: 1,
+                    slowest_s,
+                    slowest_input_wait_s: 0.05,
+                    others_median_s: 0.2,
+                });
+            }
+            let line = j.record_metrics(1, &balanced).unwrap().unwrap();
+            assert_eq!(
+                line.ends_with(
+                    "ETA 0:00:02; straggler: rank 1 on a took 2.0x the other ranks' median time \
+                     per update (0.400 s against 0.200 s, 0.050 s of it waiting for its input)"
+                ),
+                named,
+                "{line}"
+            );
+            assert!(line.ends_with("ETA 0:00:02") != named, "{line}");
+        }
         let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
         assert_eq!(j.record_metrics(1, &checksum).unwrap(), None);
         assert!(j.record_metrics(9, &step).is_err(), "stale generation accepted");
@@ -1751,10 +1792,15 @@ mod tests {
             text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
         // The coordinator's own record of the job's start comes first.
-        assert_eq!(kinds, ["generation", "loading", "first_update", "step", "step", "checksum"]);
+        assert_eq!(
+            kinds,
+            ["generation", "loading", "first_update", "step", "step", "step", "step", "checksum"]
+        );
         assert_eq!(lines[0]["world_size"], 2);
         assert_eq!(lines[3]["loss"], 0.75);
         assert_eq!(lines[3]["total_updates"], 4);
+        assert!(lines[3].get("rank_balance").is_none(), "no balance, no key");
+        assert_eq!(lines[5]["rank_balance"]["slowest_rank"], 1);
         assert_eq!(lines[2]["elapsed_s"], 12.34);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -89,6 +89,12 @@ fn record() -> impl Strategy<Value = Option<pb::metrics_report::Record>> {
                 total_updates,
                 skipped_updates: step % 3,
                 peak_gpu_memory_mib: (step % 2 == 0).then_some(lr),
+                rank_balance: (step % 5 < 2).then_some(pb::RankBalance {
+                    slowest_rank: epoch,
+                    slowest_s: loss,
+                    slowest_input_wait_s: lr,
+                    others_median_s: images_per_sec,
+                }),
             })
         },
     );

@@ -3,7 +3,7 @@
 
 use crate::v1::generation_reason::Reason;
 use crate::v1::{self as pb, metrics_report::Record};
-use rsb_job::{EvalSetAccuracy, GenerationReason, MetricsRecord};
+use rsb_job::{EvalSetAccuracy, GenerationReason, MetricsRecord, RankBalance};
 
 impl From<&GenerationReason> for pb::GenerationReason {
     fn from(reason: &GenerationReason) -> pb::GenerationReason {
@@ -55,6 +55,7 @@ impl From<&MetricsRecord> for Record {
                 total_updates,
                 skipped_updates,
                 peak_gpu_memory_mib,
+                rank_balance,
             } => Record::Step(pb::StepRecord {
                 epoch,
                 step,
@@ -64,6 +65,12 @@ impl From<&MetricsRecord> for Record {
                 total_updates,
                 peak_gpu_memory_mib,
                 skipped_updates,
+                rank_balance: rank_balance.map(|b| pb::RankBalance {
+                    slowest_rank: b.slowest_rank,
+                    slowest_s: b.slowest_s,
+                    slowest_input_wait_s: b.slowest_input_wait_s,
+                    others_median_s: b.others_median_s,
+                }),
             }),
             MetricsRecord::Epoch {
                 epoch,
@@ -143,6 +150,12 @@ impl From<Record> for MetricsRecord {
                 total_updates: r.total_updates,
                 skipped_updates: r.skipped_updates,
                 peak_gpu_memory_mib: r.peak_gpu_memory_mib,
+                rank_balance: r.rank_balance.map(|b| RankBalance {
+                    slowest_rank: b.slowest_rank,
+                    slowest_s: b.slowest_s,
+                    slowest_input_wait_s: b.slowest_input_wait_s,
+                    others_median_s: b.others_median_s,
+                }),
             },
             Record::Epoch(r) => MetricsRecord::Epoch {
                 epoch: r.epoch,
@@ -213,6 +226,23 @@ mod tests {
                 total_updates: 80,
                 skipped_updates: 1,
                 peak_gpu_memory_mib: Some(20_480.5),
+                rank_balance: None,
+            },
+            MetricsRecord::Step {
+                epoch: 0,
+                step: 25,
+                lr: 1.5e-3,
+                loss: 0.5,
+                images_per_sec: 310.0,
+                total_updates: 80,
+                skipped_updates: 0,
+                peak_gpu_memory_mib: None,
+                rank_balance: Some(RankBalance {
+                    slowest_rank: 3,
+                    slowest_s: 0.75,
+                    slowest_input_wait_s: 0.125,
+                    others_median_s: 0.5,
+                }),
             },
             MetricsRecord::Epoch {
                 epoch: 2,

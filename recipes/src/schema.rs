@@ -497,6 +497,12 @@ pub struct DistributedSection {
     /// 8-bit precision on the summed gradients). Changes the maths slightly.
     #[serde(default)]
     pub gradient_compression: GradientCompression,
+    /// Each log step names the rank that held the others back (its own
+    /// time per update: wall time less the wait for its peers' gradient
+    /// sums) and warns when it took at least this many times the other
+    /// ranks' median: a straggler (between 1.05 and 1000; default 1.5).
+    #[serde(default = "default_straggler_warn_ratio")]
+    pub straggler_warn_ratio: f64,
 }
 
 /// How gradient buckets travel between the ranks.
@@ -518,6 +524,7 @@ impl Default for DistributedSection {
             collectives_at_world_size_one: false,
             overlap_backward: true,
             gradient_compression: GradientCompression::None,
+            straggler_warn_ratio: default_straggler_warn_ratio(),
         }
     }
 }
@@ -527,6 +534,9 @@ fn default_backend() -> CollectiveBackend {
 }
 fn default_collective_timeout_secs() -> u64 {
     600
+}
+fn default_straggler_warn_ratio() -> f64 {
+    1.5
 }
 fn default_true() -> bool {
     true

@@ -310,6 +310,13 @@ pub(crate) fn check(r: &Recipe) -> Check {
             format!("must be between 1 and {MAX_COLLECTIVE_TIMEOUT_SECS} (a week), got {timeout}"),
         );
     }
+    let ratio = r.distributed.straggler_warn_ratio;
+    if !(1.05..=1000.0).contains(&ratio) {
+        return fail(
+            "distributed.straggler_warn_ratio",
+            format!("must be between 1.05 and 1000 (times the other ranks' median), got {ratio}"),
+        );
+    }
     Ok(())
 }
 
@@ -330,16 +337,21 @@ mod tests {
         assert_eq!(r.distributed.backend, CollectiveBackend::Auto);
         assert_eq!(r.distributed.collective_timeout_secs, 600);
         assert!(!r.distributed.collectives_at_world_size_one);
+        assert_eq!(r.distributed.straggler_warn_ratio, 1.5);
         let r = tiny(&[
             "distributed.backend=ring",
             "distributed.collective_timeout_secs=15",
             "distributed.collectives_at_world_size_one=true",
+            "distributed.straggler_warn_ratio=1.2",
         ])
         .unwrap();
         assert_eq!(r.distributed.backend, CollectiveBackend::Ring);
         assert_eq!(r.distributed.collective_timeout_secs, 15);
         assert!(r.distributed.collectives_at_world_size_one);
+        assert_eq!(r.distributed.straggler_warn_ratio, 1.2);
         for (set, needle) in [
+            ("distributed.straggler_warn_ratio=1", "between 1.05 and 1000"),
+            ("distributed.straggler_warn_ratio=.nan", "got NaN"),
             ("distributed.collective_timeout_secs=0", "between 1 and 604800 (a week), got 0"),
             ("distributed.collective_timeout_secs=604801", "got 604801"),
             ("distributed.backend=gloo", "unknown variant `gloo`"),

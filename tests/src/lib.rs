@@ -434,6 +434,17 @@ pub mod processes {
             .collect()
     }
 
+    /// The process among `pids` that holds `file` open (a rank keeps its
+    /// log open).
+    pub fn holder_of(pids: &[u32], file: &std::path::Path) -> Option<u32> {
+        pids.iter().copied().find(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
+            })
+        })
+    }
+
     /// Sends signal `name` (`KILL`, `STOP`, ...) to `pid`; whether it was sent.
     pub fn signal(pid: u32, name: &str) -> bool {
         Command::new("kill")

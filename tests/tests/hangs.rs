@@ -5,7 +5,7 @@
 //! follows these reports to the rank that reported nothing and fails the job
 //! naming it (rank 1), and no process of the job is left behind.
 
-use rsb_integration_tests::processes::{descendants, parent_of, signal};
+use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::io::Read;
 use std::path::Path;
@@ -14,16 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TIMEOUT_SECS: u64 = 15;
-
-/// The process among `pids` that holds `file` open (a rank keeps its log open).
-fn holder_of(pids: &[u32], file: &Path) -> Option<u32> {
-    pids.iter().copied().find(|pid| {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-            fds.filter_map(Result::ok)
-                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
-        })
-    })
-}
 
 /// Waits (up to `limit`) until `ready` holds, failing early if the coordinator exits.
 fn wait_until(coordinator: &mut Child, limit: Duration, what: &str, ready: impl Fn() -> bool) {

@@ -186,6 +186,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                     total_updates: 1,
                     skipped_updates: 0,
                     peak_gpu_memory_mib: None,
+                    rank_balance: None,
                 })),
             })
             .await

@@ -59,6 +59,11 @@ pub enum MetricsRecord {
         /// log step); absent on a CPU.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peak_gpu_memory_mib: Option<f64>,
+        /// Which rank held the others back during the window, and by how
+        /// much; absent in one process, and where the host cannot tell (see
+        /// [`RankBalance`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rank_balance: Option<RankBalance>,
     },
     /// A finished epoch.
     Epoch {
@@ -229,10 +234,138 @@ impl MetricsRecord {
     }
 }
 
+/// Which rank held the others back in a log step's window (PyTorch DDP
+/// waits for its slowest rank at every update and never says which one).
+///
+/// A rank's *own time* is its updates' wall time less the time it waited,
+/// after its backward pass, for the gradient sums: what the other ranks wait
+/// for when it is the slowest. Its input is part of it, since a rank starved
+/// by its loader holds the job back as much as a slow device does. Known
+/// where the host waits for the sums (the TCP ring, CUDA memory staged
+/// through it included); NCCL sums on a stream the host does not wait for,
+/// so a job on NCCL has no balance to report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RankBalance {
+    /// The rank with the longest own time.
+    pub slowest_rank: u64,
+    /// Its own seconds per update.
+    pub slowest_s: f64,
+    /// Of those, the seconds per update it waited for its input.
+    pub slowest_input_wait_s: f64,
+    /// The median own seconds per update of the other ranks.
+    pub others_median_s: f64,
+}
+
+impl RankBalance {
+    /// From each rank's own seconds and input-wait seconds (indexed by
+    /// rank) over `updates` updates; `None` with fewer than two ranks, no
+    /// update, or a time that is not a finite number of seconds.
+    pub fn of_ranks(own_s: &[f64], input_wait_s: &[f64], updates: u64) -> Option<RankBalance> {
+        let finite = |v: &[f64]| v.iter().all(|s| s.is_finite() && *s >= 0.0);
+        if own_s.len() < 2
+            || input_wait_s.len() != own_s.len()
+            || updates == 0
+            || !finite(own_s)
+            || !finite(input_wait_s)
+        {
+            return None;
+        }
+        let slowest = (0..own_s.len()).max_by(|&a, &b| own_s[a].total_cmp(&own_s[b]))?;
+        let mut others: Vec<f64> =
+            own_s.iter().enumerate().filter(|&(r, _)| r != slowest).map(|(_, &s)| s).collect();
+        others.sort_by(f64::total_cmp);
+        let middle = others.len() / 2;
+        let median = if others.len() % 2 == 1 {
+            others[middle]
+        } else {
+            (others[middle - 1] + others[middle]) / 2.0
+        };
+        let per_update = updates as f64;
+        Some(RankBalance {
+            slowest_rank: slowest as u64,
+            slowest_s: own_s[slowest] / per_update,
+            slowest_input_wait_s: input_wait_s[slowest] / per_update,
+            others_median_s: median / per_update,
+        })
+    }
+
+    /// How many times the other ranks' median own time the slowest rank's
+    /// is (1 when neither took any time).
+    pub fn ratio(&self) -> f64 {
+        if self.others_median_s > 0.0 {
+            self.slowest_s / self.others_median_s
+        } else if self.slowest_s > 0.0 {
+            f64::INFINITY
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether the slowest rank straggles: took at least `warn_ratio` times
+    /// the others' median (`distributed.straggler_warn_ratio`).
+    pub fn straggles(&self, warn_ratio: f64) -> bool {
+        self.ratio() >= warn_ratio
+    }
+
+    /// `rank 1 on HOST took 2.0x the other ranks' median time per update
+    /// (0.840 s against 0.420 s, 0.100 s of it waiting for its input)`,
+    /// naming the rank's host where it is known.
+    pub fn describe(&self, host: Option<&str>) -> String {
+        let on_host = host.map_or_else(String::new, |h| format!(" on {h}"));
+        format!(
+            "rank {}{on_host} took {:.1}x the other ranks' median time per update ({:.3} s \
+             against {:.3} s, {:.3} s of it waiting for its input)",
+            self.slowest_rank,
+            self.ratio(),
+            self.slowest_s,
+            self.others_median_s,
+            self.slowest_input_wait_s
+        )
+    }
+}
+
+impl std::fmt::Display for RankBalance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe(None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn the_balance_names_the_slowest_rank_against_the_others_median() {
+        // Seconds over 4 updates; rank 2 is the slowest.
+        let own = [4.0, 3.2, 9.6, 4.8];
+        let input = [0.4, 0.0, 2.0, 0.0];
+        let b = RankBalance::of_ranks(&own, &input, 4).unwrap();
+        assert_eq!(b.slowest_rank, 2);
+        assert_eq!(b.slowest_s, 2.4);
+        assert_eq!(b.slowest_input_wait_s, 0.5);
+        assert_eq!(b.others_median_s, 1.0, "the median of 3.2, 4.0 and 4.8, per update");
+        assert!((b.ratio() - 2.4).abs() < 1e-12);
+        assert!(b.straggles(1.5) && !b.straggles(2.5));
+        assert!(b.to_string().starts_with("rank 2 took 2.4x"), "{b}");
+        let named = b.describe(Some("node-c"));
+        assert!(named.starts_with("rank 2 on node-c took 2.4x the other ranks' median"), "{named}");
+        assert!(named.ends_with("(2.400 s against 1.000 s, 0.500 s of it waiting for its input)"));
+        // Two ranks: the other rank is the median; an even count of others
+        // takes the mean of the middle two.
+        let b = RankBalance::of_ranks(&[1.0, 3.0], &[0.0, 0.0], 1).unwrap();
+        assert_eq!((b.slowest_rank, b.others_median_s), (1, 1.0));
+        let b = RankBalance::of_ranks(&[1.0, 2.0, 6.0], &[0.0; 3], 1).unwrap();
+        assert_eq!(b.others_median_s, 1.5);
+        // Nothing to compare, or nothing to trust.
+        assert_eq!(RankBalance::of_ranks(&[1.0], &[0.0], 1), None);
+        assert_eq!(RankBalance::of_ranks(&[1.0, 2.0], &[0.0, 0.0], 0), None);
+        assert_eq!(RankBalance::of_ranks(&[1.0, f64::NAN], &[0.0, 0.0], 1), None);
+        assert_eq!(RankBalance::of_ranks(&[1.0, 2.0], &[0.0], 1), None);
+        let idle = RankBalance::of_ranks(&[0.0, 0.0], &[0.0, 0.0], 1).unwrap();
+        assert_eq!(idle.ratio(), 1.0);
+        assert!(!idle.straggles(1.5));
+    }
 
     fn keys(record: &MetricsRecord) -> Vec<String> {
         let value = serde_json::to_value(record).unwrap();
@@ -253,6 +386,7 @@ mod tests {
             total_updates: 80,
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
+            rank_balance: None,
         };
         assert_eq!(
             keys(&step),
@@ -310,6 +444,7 @@ mod tests {
             total_updates: 2,
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
+            rank_balance: None,
         };
         let line = serde_json::to_string(&cpu).unwrap();
         assert!(!line.contains("peak_gpu_memory_mib"), "{line}");
@@ -321,6 +456,29 @@ mod tests {
         assert!(line.contains("\"peak_gpu_memory_mib\":1536.5"), "{line}");
         assert_eq!(serde_json::from_str::<MetricsRecord>(&line).unwrap(), gpu);
     }
+    #[test]
+    fn a_step_line_carries_its_rank_balance_when_known() {
+        let balance = RankBalance::of_ranks(&[1.0, 2.5], &[0.0, 0.5], 5).unwrap();
+        let record = MetricsRecord::Step {
+            epoch: 0,
+            step: 5,
+            lr: 1e-3,
+            loss: 0.5,
+            images_per_sec: 10.0,
+            total_updates: 10,
+            skipped_updates: 0,
+            peak_gpu_memory_mib: None,
+            rank_balance: Some(balance),
+        };
+        let value = serde_json::to_value(&record).unwrap();
+        assert_eq!(value["rank_balance"]["slowest_rank"], 1);
+        assert_eq!(value["rank_balance"]["slowest_s"], 0.5);
+        assert_eq!(value["rank_balance"]["slowest_input_wait_s"], 0.1);
+        assert_eq!(value["rank_balance"]["others_median_s"], 0.2);
+        let back: MetricsRecord = serde_json::from_str(&value.to_string()).unwrap();
+        assert_eq!(back, record);
+    }
+
     #[test]
     fn lines_written_before_skipped_updates_still_read() {
         let old = r#"{"kind":"step","epoch":0,"step":3,"lr":0.1,"loss":2.0,"images_per_sec":5.0,"total_updates":9}"#;

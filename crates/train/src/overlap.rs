@@ -203,6 +203,8 @@ impl GradientBuckets {
     /// gradients over the ranks, each bucket as soon as its gradients are
     /// accumulated (without overlap: after `backward`). A bucket still
     /// waiting for gradients after `deadline` is an error naming it.
+    /// Returns how long the caller waited for the sums once `backward` had
+    /// returned (the other ranks' lateness, on a host-synchronous backend).
     pub fn backward_and_reduce(
         &self,
         collective: &mut dyn Collective,
@@ -210,18 +212,20 @@ impl GradientBuckets {
         update: u64,
         deadline: Duration,
         backward: impl FnOnce() -> Result<(), TrainError>,
-    ) -> Result<(), TrainError> {
+    ) -> Result<Duration, TrainError> {
         let overlap = match &self.overlap {
             Some(overlap) if calls.made(collective) => overlap,
             _ => {
                 backward()?;
-                return self.reduce_after_backward(collective, calls, update);
+                let backward_done = Instant::now();
+                self.reduce_after_backward(collective, calls, update)?;
+                return Ok(backward_done.elapsed());
             }
         };
         // Left over from a pass that failed half way: not this pass's.
         while overlap.ready.try_recv().is_ok() {}
         overlap.armed.store(true, Ordering::Release);
-        let (backward_result, reduce_result) = std::thread::scope(|scope| {
+        let (backward_result, reduce_result, backward_done) = std::thread::scope(|scope| {
             let collective = &mut *collective;
             // Tensors are not `Sync`: the thread gets its own handles.
             let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
@@ -234,6 +238,7 @@ impl GradientBuckets {
             });
             let mut end = EndOfBackward { overlap, message: BACKWARD_FAILED };
             let result = backward();
+            let backward_done = Instant::now();
             if result.is_ok() {
                 end.message = BACKWARD_DONE;
             }
@@ -241,10 +246,13 @@ impl GradientBuckets {
             let reduced = reducer.join().unwrap_or_else(|_| {
                 Err(TrainError::GradientReduction("the reducing thread panicked".into()))
             });
-            (result, reduced)
+            (result, reduced, backward_done)
         });
         match (backward_result, reduce_result) {
-            (Ok(()), Ok(issued)) => finish(collective, issued, &gradients_of(update)),
+            (Ok(()), Ok(issued)) => {
+                finish(collective, issued, &gradients_of(update))?;
+                Ok(backward_done.elapsed())
+            }
             (Err(e), Ok(issued)) => {
                 abandon(collective, issued);
                 Err(e)
@@ -430,6 +438,38 @@ mod tests {
                 .map(|p| Vec::<f32>::try_from(p.grad().reshape([-1])).unwrap())
                 .collect::<Vec<_>>()
         })
+    }
+
+    #[test]
+    fn the_wait_after_backward_is_the_late_ranks_lateness_with_and_without_overlap() {
+        // Rank 1's backward pass takes 400 ms longer: rank 0 waits for it
+        // after its own pass, rank 1 finds rank 0's buckets ready.
+        const LATE: Duration = Duration::from_millis(400);
+        for overlap in [false, true] {
+            let waits = on_ring(2, |ring| {
+                let w = Tensor::ones([64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                let buckets = GradientBuckets::new(
+                    vec![w.shallow_clone()],
+                    BUCKET_FLOATS,
+                    overlap,
+                    GradientCompression::None,
+                )
+                .unwrap();
+                let late = ring.rank() == 1;
+                let loss = (&w * 2.0).sum(Kind::Float);
+                buckets
+                    .backward_and_reduce(ring, CALLS, 0, Duration::from_secs(30), || {
+                        if late {
+                            std::thread::sleep(LATE);
+                        }
+                        loss.f_backward()?;
+                        Ok(())
+                    })
+                    .unwrap()
+            });
+            assert!(waits[0] >= LATE / 2, "overlap {overlap}: rank 0 waited {:?}", waits[0]);
+            assert!(waits[1] < LATE / 2, "overlap {overlap}: rank 1 waited {:?}", waits[1]);
+        }
     }
 
     #[test]

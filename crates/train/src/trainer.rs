@@ -92,7 +92,7 @@ use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
 use rsb_data::sampler::{RankSampler, SamplerPosition};
 use rsb_job::run_folder::{check_resume, recipe_value};
-use rsb_job::MetricsRecord;
+use rsb_job::{MetricsRecord, RankBalance};
 use rsb_recipes::schema::EvalSetTiming;
 use rsb_recipes::{Precision, Recipe};
 use rsb_vision::{ForwardMode, Model};
@@ -350,6 +350,24 @@ impl LossWindow {
 /// An epoch's training, before the end-of-epoch work.
 type EpochTraining = LossWindow;
 
+/// This rank's share of a log window's time, for [`RankBalance`].
+#[derive(Debug, Default)]
+struct OwnTimes {
+    /// Wall time of the window's updates less the waits, after their
+    /// backward passes, for the other ranks' gradient sums.
+    own: Duration,
+    /// Of `own`, the time spent waiting for the loader's batches.
+    input_wait: Duration,
+}
+
+impl OwnTimes {
+    /// Adds an update that took `wall`.
+    fn add(&mut self, wall: Duration, update: &UpdateOnDevice) {
+        self.own += wall.saturating_sub(update.sums_wait);
+        self.input_wait += update.input_wait;
+    }
+}
+
 /// What one update did, on the device.
 struct UpdateOnDevice {
     /// This rank's share of the update's loss.
@@ -358,6 +376,11 @@ struct UpdateOnDevice {
     applied: Tensor,
     /// The update's record: see [`PendingUpdate`].
     record: Tensor,
+    /// How long the host waited for the loader's micro-batches.
+    input_wait: Duration,
+    /// How long the host waited, after the last backward pass, for the
+    /// gradient sums over the ranks.
+    sums_wait: Duration,
 }
 
 /// An update whose record is still on the device: a 1-d f64 tensor of the
@@ -690,8 +713,9 @@ impl Trainer {
     /// The update's last backward pass, and the sum of the gradients over
     /// the ranks (each rank's micro-batch losses are already divided by the
     /// global number of micro-batches, so the sum is the mean over the global
-    /// batch), bucket by bucket, during the pass or after it.
-    fn backward_and_reduce(&mut self, loss: &Tensor, update: u64) -> Result<(), TrainError> {
+    /// batch), bucket by bucket, during the pass or after it. Returns how
+    /// long the sums kept this rank waiting after its pass.
+    fn backward_and_reduce(&mut self, loss: &Tensor, update: u64) -> Result<Duration, TrainError> {
         let calls = self.calls();
         let deadline = Duration::from_secs(self.recipe.distributed.collective_timeout_secs);
         match (&mut self.distributed, &self.gradient_buckets) {
@@ -700,7 +724,10 @@ impl Trainer {
                     Ok(loss.f_backward()?)
                 })
             }
-            _ => Ok(loss.f_backward()?),
+            _ => {
+                loss.f_backward()?;
+                Ok(Duration::ZERO)
+            }
         }
     }
 
@@ -789,6 +816,7 @@ impl Trainer {
             epoch_window.skipped = so_far.skipped;
         }
         let mut window = LossWindow::new(device)?;
+        let mut own_times = OwnTimes::default();
         let log_every = u64::from(self.recipe.runtime.log_every_steps.max(1));
         let checkpoint_every = u64::from(self.recipe.runtime.checkpoint_every_updates);
         let mut loader = self.train.epoch_loader(&mut self.sampler, self.threads, self.prefetch)?;
@@ -802,7 +830,9 @@ impl Trainer {
             let lr = self.schedule.lr(update);
             let batches = self.sampler.next_update();
             self.trace_update(invocation.start_update, update, epoch, step, &batches)?;
+            let update_started = Instant::now();
             let done = self.update(update, epoch, step, &batches, lr, &mut loader)?;
+            own_times.add(update_started.elapsed(), &done);
             if self.options.checksum_every_update {
                 sync_check.allowing(|| self.record_checksum(update + 1))?;
             }
@@ -837,8 +867,9 @@ impl Trainer {
             // A window of skipped updates only has no loss to report: it is
             // reported with the next log step that has one.
             if log_point && window.applied() > 0 {
-                self.log_step(epoch, update, lr, &window, &invocation.progress)?;
+                self.log_step(epoch, update, lr, &window, &own_times, &invocation.progress)?;
                 window = LossWindow::new(device)?;
+                own_times = OwnTimes::default();
             }
             if periodic {
                 self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
@@ -1044,6 +1075,8 @@ impl Trainer {
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
         let last_stream = batches.len().saturating_sub(1);
+        let mut input_wait = Duration::ZERO;
+        let mut sums_wait = Duration::ZERO;
         for (position, &(stream, _)) in batches.iter().enumerate() {
             // Drop-path masks depend on (update, stream) only: the same
             // whichever rank runs the stream.
@@ -1053,8 +1086,10 @@ impl Trainer {
                 update,
                 stream as u64,
             ]));
+            let waiting = Instant::now();
             let mb =
                 loader.next().ok_or_else(|| TrainError::Recipe("loader ended early".into()))??;
+            input_wait += waiting.elapsed();
             if (mb.epoch, mb.step, mb.stream) != (epoch, step, stream) {
                 return Err(TrainError::Recipe(format!(
                     "the loader produced epoch {} update {} stream {}, the sampler planned \
@@ -1077,7 +1112,7 @@ impl Trainer {
             if position == last_stream {
                 // The last backward pass sums the gradients over the ranks
                 // (overlapped with it when `distributed.overlap_backward`).
-                self.backward_and_reduce(&backward_loss, update)?;
+                sums_wait = self.backward_and_reduce(&backward_loss, update)?;
             } else {
                 backward_loss.f_backward()?;
             }
@@ -1121,7 +1156,13 @@ impl Trainer {
             ],
             0,
         )?;
-        Ok(UpdateOnDevice { loss: update_loss, applied: step.applied, record })
+        Ok(UpdateOnDevice {
+            loss: update_loss,
+            applied: step.applied,
+            record,
+            input_wait,
+            sums_wait,
+        })
     }
 
     /// Copies the BN buffers (running statistics) aside, before the forward
@@ -1170,23 +1211,48 @@ impl Trainer {
         self.records.write_local(&MetricsRecord::Checksum { rank, step, sum, sum_of_squares })
     }
 
-    /// Records a log step: the mean loss of the window over all ranks and
-    /// the throughput of the whole global batch.
+    /// Records a log step: the mean loss of the window over all ranks, the
+    /// throughput of the whole global batch and, where it can be measured,
+    /// which rank held the others back (in the same one sum: each rank
+    /// fills its own slots of the rank times).
     fn log_step(
         &mut self,
         epoch: u64,
         update: u64,
         lr: f64,
         window: &LossWindow,
+        own_times: &OwnTimes,
         progress: &Progress,
     ) -> Result<(), TrainError> {
         let secs = window.started.elapsed().as_secs_f64();
         let images_per_sec = (window.updates * self.images_per_update()) as f64 / secs.max(1e-9);
-        let mut sum = [host_read::f64_of(&window.loss)?];
+        let world = self.world_size();
+        let balance_known = self.rank_balance_known();
+        let mut sum = vec![host_read::f64_of(&window.loss)?];
+        if balance_known {
+            sum.resize(1 + 2 * world, 0.0);
+            sum[1 + self.rank()] = own_times.own.as_secs_f64();
+            sum[1 + world + self.rank()] = own_times.input_wait.as_secs_f64();
+        }
         self.sum_over_ranks(
             &mut sum,
             &format!("metric sum (loss of the log step at update {})", update + 1),
         )?;
+        let rank_balance = if balance_known {
+            RankBalance::of_ranks(&sum[1..=world], &sum[1 + world..], window.updates)
+        } else {
+            None
+        };
+        if let Some(balance) = rank_balance {
+            let warn_ratio = self.recipe.distributed.straggler_warn_ratio;
+            if self.rank() == 0 && balance.straggles(warn_ratio) {
+                tracing::warn!(
+                    "straggler at update {}: {balance}; the other ranks wait for it \
+                     (distributed.straggler_warn_ratio {warn_ratio})",
+                    update + 1
+                );
+            }
+        }
         let loss = sum[0] / window.applied() as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { epoch, update, value: loss });
@@ -1201,8 +1267,17 @@ impl Trainer {
             total_updates,
             skipped_updates: window.skipped,
             peak_gpu_memory_mib: self.peak_gpu_memory_mib(),
+            rank_balance,
         };
         self.publish(step, progress)
+    }
+
+    /// Whether this job's log steps can say which rank held the others back
+    /// ([`RankBalance`]): CPU ranks of a job of two or more. A GPU rank's
+    /// host does not wait for its own device's backward pass, so its wait
+    /// for the sums would mix the device's time with the other ranks'.
+    fn rank_balance_known(&self) -> bool {
+        self.options.device == Device::Cpu && self.world_size() > 1 && self.distributed.is_some()
     }
 
     /// The peak GPU memory held by tensors since the previous call (MiB),
