@@ -314,6 +314,7 @@ DISTRIBUTED = Section({
     'collectives_at_world_size_one': (t_bool, False),
     'overlap_backward': (t_bool, True),
     'gradient_compression': (t_unit_enum('none', 'bf16'), 'none'),
+    'straggler_warn_ratio': (t_f64, 1.5),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),
