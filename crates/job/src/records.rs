@@ -240,10 +240,11 @@ impl MetricsRecord {
 /// A rank's *own time* is its updates' wall time less the time it waited,
 /// after its backward pass, for the gradient sums: what the other ranks wait
 /// for when it is the slowest. Its input is part of it, since a rank starved
-/// by its loader holds the job back as much as a slow device does. Known
-/// where the host waits for the sums (the TCP ring, CUDA memory staged
-/// through it included); NCCL sums on a stream the host does not wait for,
-/// so a job on NCCL has no balance to report.
+/// by its loader holds the job back as much as a slow device does. Known on
+/// CPU ranks only: a GPU rank's host does not wait for its own device's
+/// backward pass (and NCCL sums on a stream the host does not wait for), so
+/// its wait would mix its device's time with its peers'; a GPU job has no
+/// balance to report (CUDA events could measure one).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RankBalance {
     /// The rank with the longest own time.
