@@ -4,7 +4,8 @@
 //!
 //! * the coordinator is SIGKILLed mid-epoch; each agent stops its rank at
 //!   its `--coordinator-deadline-secs` (SIGTERM), the ranks agree to stop
-//!   after the same update, rank 0 writes a checkpoint of that position
+//!   after the same update (the first SIGTERM suffices: a rank whose own
+//!   comes later has already stopped at the other's request), rank 0 writes a checkpoint of that position
 //!   (newer than the last periodic one, verified by its manifest) and both
 //!   exit non-zero saying so; `coordinator up --resume` then finishes the
 //!   job from that checkpoint, and the metrics show every update of the run
@@ -180,10 +181,18 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
     );
     rsb_job::checkpoint::verify(&stop_checkpoint)
         .unwrap_or_else(|e| panic!("{}: {e}", stop_checkpoint.display()));
-    // Both ranks say why they stopped, after the same update.
-    let said = format!("stopped by SIGTERM after update {stop}");
-    let stop_lines = all_logs.lines().filter(|l| l.contains(&said)).count();
-    assert!(stop_lines >= 2, "both ranks should say `{said}`:\n{all_logs}");
+    // Both ranks say why they stopped, after the same update: each its own
+    // agent's SIGTERM, or, when the ranks agreed to stop before its agent's
+    // deadline came (the agents' heartbeats are out of phase), the other
+    // rank's stop request; at least one of them its SIGTERM.
+    let by_signal = format!("stopped by SIGTERM after update {stop}");
+    let by_request = format!("stopped by another rank's stop request after update {stop}");
+    let signalled = all_logs.lines().filter(|l| l.contains(&by_signal)).count();
+    let requested = all_logs.lines().filter(|l| l.contains(&by_request)).count();
+    assert!(
+        signalled >= 1 && signalled + requested >= 2,
+        "both ranks should say `{by_signal}` (or one of them `{by_request}`):\n{all_logs}"
+    );
     assert!(
         all_logs.contains(&format!("checkpoint {} written", stop_checkpoint.display())),
         "rank 0 should name its checkpoint:\n{all_logs}"
