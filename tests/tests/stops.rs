@@ -5,8 +5,8 @@
 //! * the coordinator is SIGKILLed mid-epoch; each agent stops its rank at
 //!   its `--coordinator-deadline-secs` (SIGTERM), the ranks agree to stop
 //!   after the same update (the first SIGTERM suffices: a rank whose own
-//!   comes later has already stopped at the other's request), rank 0 writes a checkpoint of that position
-//!   (newer than the last periodic one, verified by its manifest) and both
+//!   comes later has already stopped at the other's request), rank 0
+//!   writes a checkpoint of that position (newer than the last periodic one, verified by its manifest) and both
 //!   exit non-zero saying so; `coordinator up --resume` then finishes the
 //!   job from that checkpoint, and the metrics show every update of the run
 //!   trained exactly once counting from the stop (none lost, none redone);

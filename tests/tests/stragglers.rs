@@ -7,6 +7,7 @@
 use rsb_integration_tests::processes::{descendants, holder_of, signal};
 use rsb_integration_tests::sweeps::{start, wait_until};
 use rsb_integration_tests::{binary, fashion_subset, records_in};
+use rsb_job::{MetricsRecord, RankBalance};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -97,36 +98,34 @@ fn a_slowed_rank_is_named_as_the_straggler_in_the_records_and_the_coordinators_l
     }
     assert!(status.is_some_and(|s| s.success()), "the job failed:\n{output}");
 
-    // The windows wholly inside the slowed time.
-    let steps = records_in(&out.join("metrics.jsonl"), "step");
-    let windows: Vec<&serde_json::Value> = steps
-        .iter()
-        .filter(|r| r["step"].as_u64().is_some_and(|s| s >= throttled_from + 2 * LOG_EVERY))
-        .collect();
-    for r in &steps {
-        eprintln!("step {}: {}", r["step"], r["rank_balance"]);
-    }
-    eprintln!("slowed from step {throttled_from}");
-    assert!(windows.len() >= 4, "only {} slowed windows:\n{output}", windows.len());
-    let named: Vec<&&serde_json::Value> = windows
-        .iter()
-        .filter(|r| {
-            let b = &r["rank_balance"];
-            let ratio = b["slowest_s"].as_f64().unwrap_or(0.0)
-                / b["others_median_s"].as_f64().unwrap_or(f64::INFINITY);
-            b["slowest_rank"] == 1 && ratio >= WARN_RATIO
+    // Each step record's update count and balance, typed.
+    let steps: Vec<(u64, Option<RankBalance>)> = records_in(&out.join("metrics.jsonl"), "step")
+        .into_iter()
+        .map(|r| match serde_json::from_value(r) {
+            Ok(MetricsRecord::Step { step, rank_balance, .. }) => (step, rank_balance),
+            other => panic!("not a step record: {other:?}"),
         })
         .collect();
+    for (step, balance) in &steps {
+        eprintln!("step {step}: {balance:?}");
+    }
+    eprintln!("slowed from step {throttled_from}");
+    // Every window of the job measured its balance (a CPU ring job).
+    assert!(steps.iter().all(|(_, b)| b.is_some()), "{steps:#?}");
+    // The windows wholly inside the slowed time.
+    let windows: Vec<RankBalance> = steps
+        .iter()
+        .filter(|(step, _)| *step >= throttled_from + 2 * LOG_EVERY)
+        .filter_map(|(_, b)| *b)
+        .collect();
+    assert!(windows.len() >= 4, "only {} slowed windows:\n{output}", windows.len());
+    let named = windows.iter().filter(|b| b.slowest_rank == 1 && b.straggles(WARN_RATIO)).count();
     // A loaded machine may blur a window; most must name rank 1.
     assert!(
-        named.len() * 4 >= windows.len() * 3,
-        "{} of {} slowed windows name rank 1 as the straggler: {:#?}",
-        named.len(),
-        windows.len(),
-        windows.iter().map(|r| &r["rank_balance"]).collect::<Vec<_>>()
+        named * 4 >= windows.len() * 3,
+        "{named} of {} slowed windows name rank 1 as the straggler: {windows:#?}",
+        windows.len()
     );
-    // Every window of the job measured its balance (a CPU ring job).
-    assert!(steps.iter().all(|r| r["rank_balance"].is_object()), "{steps:#?}");
     assert!(
         output.lines().any(|l| l.contains("; straggler: rank 1 on ")
             && l.contains("the other ranks' median time per update")),

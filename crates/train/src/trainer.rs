@@ -1277,7 +1277,7 @@ impl Trainer {
     /// host does not wait for its own device's backward pass, so its wait
     /// for the sums would mix the device's time with the other ranks'.
     fn rank_balance_known(&self) -> bool {
-        self.options.device == Device::Cpu && self.world_size() > 1 && self.distributed.is_some()
+        self.options.device == Device::Cpu && self.world_size() > 1
     }
 
     /// The peak GPU memory held by tensors since the previous call (MiB),
