@@ -315,6 +315,9 @@ DISTRIBUTED = Section({
     'overlap_backward': (t_bool, True),
     'gradient_compression': (t_unit_enum('none', 'bf16'), 'none'),
     'straggler_warn_ratio': (t_f64, 1.5),
+    'fabric_probe_mib': (t_u32, 25),
+    'slow_link_warn_ratio': (t_f64, 3.0),
+    'expected_bus_gb_per_s': (t_option(t_f64), None),
 })
 RECIPE = Section({
     'name': (t_str, REQUIRED),

@@ -1013,10 +1013,13 @@ impl Job {
         let Some(balance) = balance.filter(|b| b.straggles(warn_ratio)) else {
             return String::new();
         };
-        let host = u32::try_from(balance.slowest_rank).ok().and_then(|rank| {
-            self.members.iter().find(|m| m.ranks().contains(&rank)).map(|m| m.host.as_str())
-        });
-        format!("; straggler: {}", balance.describe(host))
+        format!("; straggler: {}", balance.describe(self.host_of_rank(balance.slowest_rank)))
+    }
+
+    /// The host of the member that holds global rank `rank`, if any.
+    fn host_of_rank(&self, rank: u64) -> Option<&str> {
+        let rank = u32::try_from(rank).ok()?;
+        self.members.iter().find(|m| m.ranks().contains(&rank)).map(|m| m.host.as_str())
     }
 
     /// Updates the job's progress from a record and says it in one line.
@@ -1084,6 +1087,19 @@ impl Job {
                 ))
             }
             MetricsRecord::Checksum { .. } => None,
+            MetricsRecord::Fabric(probe) => {
+                let section = &self.recipe.distributed;
+                let warnings = probe.warnings(
+                    section.slow_link_warn_ratio,
+                    section.expected_bus_gb_per_s,
+                    |rank| self.host_of_rank(rank),
+                );
+                let mut line = format!("fabric: {}", probe.summary());
+                for warning in warnings {
+                    line += &format!("; {warning}");
+                }
+                Some(line)
+            }
             MetricsRecord::Generation {
                 generation,
                 hosts,
@@ -1229,6 +1245,7 @@ fn format_duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rsb_job::{FabricProbe, LinkSpeed};
 
     thread_local! {
         /// The run folders of this test's jobs, deleted when its thread ends.
@@ -1786,6 +1803,31 @@ mod tests {
         }
         let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
         assert_eq!(j.record_metrics(1, &checksum).unwrap(), None);
+        // A fabric probe: its summary, and a link 3x (the default) below the
+        // others' median named with the hosts at both ends.
+        let link = |from_rank, to_rank, gb_per_s| LinkSpeed { from_rank, to_rank, gb_per_s };
+        let probe = FabricProbe {
+            epoch: 0,
+            step: 0,
+            world_size: 2,
+            probe_bytes: 1 << 20,
+            all_reduce_s: 0.01,
+            bus_gb_per_s: 0.105,
+            links: vec![link(1, 0, 1.0), link(0, 1, 0.1)],
+        };
+        let line = j.record_metrics(1, &MetricsRecord::Fabric(probe.clone())).unwrap().unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "fabric: {}; slow link: the link from rank 0 on a to rank 1 on a carried 0.100 \
+                 GB/s, 1/10.0 of the other links' median 1.00 GB/s; every all-reduce runs at its \
+                 pace (distributed.slow_link_warn_ratio 3)",
+                probe.summary()
+            )
+        );
+        let even = FabricProbe { links: vec![link(1, 0, 1.0), link(0, 1, 0.5)], ..probe };
+        let line = j.record_metrics(1, &MetricsRecord::Fabric(even.clone())).unwrap().unwrap();
+        assert_eq!(line, format!("fabric: {}", even.summary()));
         assert!(j.record_metrics(9, &step).is_err(), "stale generation accepted");
         let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
         let lines: Vec<serde_json::Value> =
@@ -1794,8 +1836,20 @@ mod tests {
         // The coordinator's own record of the job's start comes first.
         assert_eq!(
             kinds,
-            ["generation", "loading", "first_update", "step", "step", "step", "step", "checksum"]
+            [
+                "generation",
+                "loading",
+                "first_update",
+                "step",
+                "step",
+                "step",
+                "step",
+                "checksum",
+                "fabric",
+                "fabric"
+            ]
         );
+        assert_eq!(lines[8]["links"][1]["gb_per_s"], 0.1);
         assert_eq!(lines[0]["world_size"], 2);
         assert_eq!(lines[3]["loss"], 0.75);
         assert_eq!(lines[3]["total_updates"], 4);

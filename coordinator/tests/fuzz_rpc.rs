@@ -134,7 +134,26 @@ fn record() -> impl Strategy<Value = Option<pb::metrics_report::Record>> {
     });
     let loading = (any::<u64>(), float())
         .prop_map(|(n, x)| Record::Loading(pb::LoadingRecord { epoch: n, step: n, elapsed_s: x }));
-    proptest::option::of(prop_oneof![step, epoch, other, loading])
+    let fabric = (any::<u64>(), float(), proptest::collection::vec((any::<u64>(), float()), 0..9))
+        .prop_map(|(n, x, links)| {
+            Record::Fabric(pb::FabricRecord {
+                epoch: n,
+                step: n,
+                world_size: links.len() as u32,
+                probe_bytes: n,
+                all_reduce_s: x,
+                bus_gb_per_s: x,
+                links: links
+                    .into_iter()
+                    .map(|(rank, gb_per_s)| pb::LinkSpeed {
+                        from_rank: rank,
+                        to_rank: rank / 2,
+                        gb_per_s,
+                    })
+                    .collect(),
+            })
+        });
+    proptest::option::of(prop_oneof![step, epoch, other, loading, fabric])
 }
 
 fn call() -> impl Strategy<Value = Call> {

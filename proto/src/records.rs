@@ -3,7 +3,9 @@
 
 use crate::v1::generation_reason::Reason;
 use crate::v1::{self as pb, metrics_report::Record};
-use rsb_job::{EvalSetAccuracy, GenerationReason, MetricsRecord, RankBalance};
+use rsb_job::{
+    EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance,
+};
 
 impl From<&GenerationReason> for pb::GenerationReason {
     fn from(reason: &GenerationReason) -> pb::GenerationReason {
@@ -111,6 +113,30 @@ impl From<&MetricsRecord> for Record {
             MetricsRecord::Checksum { rank, step, sum, sum_of_squares } => {
                 Record::Checksum(pb::ChecksumRecord { rank, step, sum, sum_of_squares })
             }
+            MetricsRecord::Fabric(FabricProbe {
+                epoch,
+                step,
+                world_size,
+                probe_bytes,
+                all_reduce_s,
+                bus_gb_per_s,
+                links,
+            }) => Record::Fabric(pb::FabricRecord {
+                epoch,
+                step,
+                world_size,
+                probe_bytes,
+                all_reduce_s,
+                bus_gb_per_s,
+                links: links
+                    .into_iter()
+                    .map(|l| pb::LinkSpeed {
+                        from_rank: l.from_rank,
+                        to_rank: l.to_rank,
+                        gb_per_s: l.gb_per_s,
+                    })
+                    .collect(),
+            }),
             MetricsRecord::Generation {
                 generation,
                 hosts,
@@ -189,6 +215,23 @@ impl From<Record> for MetricsRecord {
                 sum: r.sum,
                 sum_of_squares: r.sum_of_squares,
             },
+            Record::Fabric(r) => MetricsRecord::Fabric(FabricProbe {
+                epoch: r.epoch,
+                step: r.step,
+                world_size: r.world_size,
+                probe_bytes: r.probe_bytes,
+                all_reduce_s: r.all_reduce_s,
+                bus_gb_per_s: r.bus_gb_per_s,
+                links: r
+                    .links
+                    .into_iter()
+                    .map(|l| LinkSpeed {
+                        from_rank: l.from_rank,
+                        to_rank: l.to_rank,
+                        gb_per_s: l.gb_per_s,
+                    })
+                    .collect(),
+            }),
             Record::GenerationStart(r) => MetricsRecord::Generation {
                 generation: r.generation,
                 hosts: r.hosts,
@@ -259,6 +302,27 @@ mod tests {
                 skipped_updates: 3,
             },
             MetricsRecord::Checksum { rank: 1, step: 4, sum: -3.5, sum_of_squares: 12.0 },
+            MetricsRecord::Fabric(FabricProbe {
+                epoch: 0,
+                step: 0,
+                world_size: 2,
+                probe_bytes: 25 << 20,
+                all_reduce_s: 0.0125,
+                bus_gb_per_s: 2.097152,
+                links: vec![
+                    LinkSpeed { from_rank: 1, to_rank: 0, gb_per_s: 2.5 },
+                    LinkSpeed { from_rank: 0, to_rank: 1, gb_per_s: 0.005 },
+                ],
+            }),
+            MetricsRecord::Fabric(FabricProbe {
+                epoch: 3,
+                step: 90,
+                world_size: 8,
+                probe_bytes: 1 << 20,
+                all_reduce_s: 0.001,
+                bus_gb_per_s: 1.835,
+                links: vec![],
+            }),
             MetricsRecord::Generation {
                 generation: 3,
                 hosts: vec!["a".into(), "c".into()],

@@ -503,6 +503,23 @@ pub struct DistributedSection {
     /// ranks' median: a straggler (between 1.05 and 1000; default 1.5).
     #[serde(default = "default_straggler_warn_ratio")]
     pub straggler_warn_ratio: f64,
+    /// MiB of the fabric probe made before the first update of a run of two
+    /// or more ranks: an all-reduce of this size through the gradients' own
+    /// path and, on the TCP ring, every link's rate with all links busy at
+    /// once (a `fabric` record in `metrics.jsonl`). 0: no probe; at most
+    /// 1024; default 25, one gradient bucket.
+    #[serde(default = "default_fabric_probe_mib")]
+    pub fabric_probe_mib: u32,
+    /// The probe warns, naming both ends, when a link carried this many
+    /// times less than the other links' median (between 1.05 and 1000;
+    /// default 3).
+    #[serde(default = "default_slow_link_warn_ratio")]
+    pub slow_link_warn_ratio: f64,
+    /// The bus bandwidth (GB/s, nccl-tests' definition) this fabric should
+    /// deliver, e.g. what `all_reduce_perf` measured on it: the probe warns
+    /// when it measures less. Unset (the default): no expectation.
+    #[serde(default)]
+    pub expected_bus_gb_per_s: Option<f64>,
 }
 
 /// How gradient buckets travel between the ranks.
@@ -525,6 +542,9 @@ impl Default for DistributedSection {
             overlap_backward: true,
             gradient_compression: GradientCompression::None,
             straggler_warn_ratio: default_straggler_warn_ratio(),
+            fabric_probe_mib: default_fabric_probe_mib(),
+            slow_link_warn_ratio: default_slow_link_warn_ratio(),
+            expected_bus_gb_per_s: None,
         }
     }
 }
@@ -537,6 +557,12 @@ fn default_collective_timeout_secs() -> u64 {
 }
 fn default_straggler_warn_ratio() -> f64 {
     1.5
+}
+fn default_fabric_probe_mib() -> u32 {
+    25
+}
+fn default_slow_link_warn_ratio() -> f64 {
+    3.0
 }
 fn default_true() -> bool {
     true

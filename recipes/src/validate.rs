@@ -38,6 +38,8 @@ type Check = Result<(), Violation>;
 
 /// Longest collective timeout a recipe may ask for: a week.
 const MAX_COLLECTIVE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// The largest fabric probe, in MiB (`distributed.fabric_probe_mib`).
+const MAX_FABRIC_PROBE_MIB: u32 = 1024;
 
 fn fail(field: &str, message: String) -> Check {
     Err(Violation { field: field.to_owned(), related: None, message })
@@ -317,6 +319,28 @@ pub(crate) fn check(r: &Recipe) -> Check {
             format!("must be between 1.05 and 1000 (times the other ranks' median), got {ratio}"),
         );
     }
+    let ratio = r.distributed.slow_link_warn_ratio;
+    if !(1.05..=1000.0).contains(&ratio) {
+        return fail(
+            "distributed.slow_link_warn_ratio",
+            format!("must be between 1.05 and 1000 (times the other links' median), got {ratio}"),
+        );
+    }
+    let probe = r.distributed.fabric_probe_mib;
+    if probe > MAX_FABRIC_PROBE_MIB {
+        return fail(
+            "distributed.fabric_probe_mib",
+            format!("must be at most {MAX_FABRIC_PROBE_MIB} (0: no probe), got {probe}"),
+        );
+    }
+    if let Some(expected) = r.distributed.expected_bus_gb_per_s {
+        if !(expected.is_finite() && expected > 0.0) {
+            return fail(
+                "distributed.expected_bus_gb_per_s",
+                format!("must be a positive number of GB/s, got {expected}"),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -338,20 +362,33 @@ mod tests {
         assert_eq!(r.distributed.collective_timeout_secs, 600);
         assert!(!r.distributed.collectives_at_world_size_one);
         assert_eq!(r.distributed.straggler_warn_ratio, 1.5);
+        assert_eq!(r.distributed.fabric_probe_mib, 25);
+        assert_eq!(r.distributed.slow_link_warn_ratio, 3.0);
+        assert_eq!(r.distributed.expected_bus_gb_per_s, None);
         let r = tiny(&[
             "distributed.backend=ring",
             "distributed.collective_timeout_secs=15",
             "distributed.collectives_at_world_size_one=true",
             "distributed.straggler_warn_ratio=1.2",
+            "distributed.fabric_probe_mib=0",
+            "distributed.slow_link_warn_ratio=10",
+            "distributed.expected_bus_gb_per_s=370",
         ])
         .unwrap();
         assert_eq!(r.distributed.backend, CollectiveBackend::Ring);
         assert_eq!(r.distributed.collective_timeout_secs, 15);
         assert!(r.distributed.collectives_at_world_size_one);
         assert_eq!(r.distributed.straggler_warn_ratio, 1.2);
+        assert_eq!(r.distributed.fabric_probe_mib, 0);
+        assert_eq!(r.distributed.slow_link_warn_ratio, 10.0);
+        assert_eq!(r.distributed.expected_bus_gb_per_s, Some(370.0));
         for (set, needle) in [
             ("distributed.straggler_warn_ratio=1", "between 1.05 and 1000"),
             ("distributed.straggler_warn_ratio=.nan", "got NaN"),
+            ("distributed.slow_link_warn_ratio=1001", "times the other links' median), got 1001"),
+            ("distributed.fabric_probe_mib=1025", "at most 1024 (0: no probe), got 1025"),
+            ("distributed.expected_bus_gb_per_s=0", "positive number of GB/s, got 0"),
+            ("distributed.expected_bus_gb_per_s=-3", "got -3"),
             ("distributed.collective_timeout_secs=0", "between 1 and 604800 (a week), got 0"),
             ("distributed.collective_timeout_secs=604801", "got 604801"),
             ("distributed.backend=gloo", "unknown variant `gloo`"),

@@ -231,6 +231,28 @@ pub trait Collective: Send {
         let mut token = [1.0f32];
         self.all_reduce_sum(Buffer::Host(&mut token))
     }
+
+    /// Measures the backend's own links, where it has fixed ones: every
+    /// rank sends `bytes` to the peer it sends to in an all-reduce while it
+    /// receives as many from the peer it receives from, all ranks at once
+    /// (each link carries one stream, as in a ring all-reduce), and learns
+    /// the rate at which they arrived. `None` where the backend has no links
+    /// of its own to measure: a world of one, or NCCL, which picks its own
+    /// paths. Every rank calls it together.
+    fn probe_incoming_link(&mut self, bytes: usize) -> Result<Option<LinkRate>, CollectiveError> {
+        let _ = bytes;
+        Ok(None)
+    }
+}
+
+/// The measured rate of one rank's incoming link
+/// ([`Collective::probe_incoming_link`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkRate {
+    /// The rank at the sending end.
+    pub from_rank: usize,
+    /// Bytes per second that arrived, once the first ones had.
+    pub bytes_per_sec: f64,
 }
 
 /// The collective of a world of one rank.

@@ -33,7 +33,7 @@
 //! gradients). A bf16 reduction adds in f32 and rounds each partial sum back
 //! to bf16 (round to nearest even, as libtorch and NCCL's bf16 sums do).
 
-use crate::{Buffer, Collective, CollectiveError};
+use crate::{Buffer, Collective, CollectiveError, LinkRate};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{Read, Write};
@@ -558,6 +558,15 @@ impl Element for Bf16 {
     }
 }
 
+/// The header's element code of a link probe, whose elements are bytes.
+const PROBE_CODE: u32 = 2;
+
+/// The fewest bytes a link probe sends: enough to time past its first block.
+const PROBE_MIN_BYTES: usize = 64 * 1024;
+
+/// The largest block a link probe writes or reads at once.
+const PROBE_BLOCK: usize = 1 << 20;
+
 /// What the header says about the elements: 0 for f32, 1 for bf16.
 fn element_code<T: Element>() -> u32 {
     if std::mem::size_of::<T>() == 2 {
@@ -867,12 +876,15 @@ impl TcpRing {
         self.exchange(&header, &mut theirs, false, &mut scratch)?;
         let t = theirs.map(f32::to_bits);
         if t != header.map(f32::to_bits) {
-            let kind = |code: u32| if code == 1 { "bf16" } else { "f32" };
+            let kind = |code: u32| match code {
+                0 => "f32 floats",
+                1 => "bf16 floats",
+                _ => "link-probe bytes",
+            };
             return Err(CollectiveError::Protocol {
                 rank: self.rank,
                 problem: format!(
-                    "collective #{} of {len} {} floats here, but the left neighbour runs #{} of {} \
-                     {} floats",
+                    "collective #{} of {len} {} here, but the left neighbour runs #{} of {} {}",
                     self.op,
                     kind(element),
                     u64::from(t[0]) | (u64::from(t[1]) << 32),
@@ -883,6 +895,79 @@ impl TcpRing {
         }
         self.op += 1;
         Ok(())
+    }
+}
+
+impl TcpRing {
+    /// The link probe (see [`Collective::probe_incoming_link`]): after a
+    /// header and a barrier, so that the ranks start within about one hop of
+    /// each other, `bytes` of zeros go right while as many come from the
+    /// left; the rate counts from the arrival of the first block, so a
+    /// neighbour that started a little later is not charged to its link.
+    fn probe_links(&mut self, bytes: usize) -> Result<Option<LinkRate>, CollectiveError> {
+        if self.world == 1 {
+            return Ok(None);
+        }
+        let len = bytes.max(PROBE_MIN_BYTES);
+        let block = (len / 8).min(PROBE_BLOCK);
+        self.check_header(len, PROBE_CODE)?;
+        self.barrier()?;
+        let links = self.links.as_ref().expect("a ring of two or more has links");
+        let right = (self.rank + 1) % self.world;
+        let left = (self.rank + self.world - 1) % self.world;
+        let zeros = vec![0u8; block];
+        let first_failure = std::sync::OnceLock::new();
+        let (received, sent) = std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                let mut out = &links.to_right;
+                let mut remaining = len;
+                let outcome = (|| {
+                    while remaining > 0 {
+                        let n = remaining.min(block);
+                        out.write_all(&zeros[..n])?;
+                        remaining -= n;
+                    }
+                    Ok(())
+                })();
+                if outcome.is_err() {
+                    let _ = first_failure.set(Direction::Send);
+                    let _ = links.from_left.shutdown(std::net::Shutdown::Both);
+                }
+                outcome
+            });
+            let mut input = &links.from_left;
+            let mut incoming = vec![0u8; block];
+            let received = (|| -> std::io::Result<Duration> {
+                input.read_exact(&mut incoming)?;
+                let start = Instant::now();
+                let mut remaining = len - block;
+                while remaining > 0 {
+                    let n = remaining.min(block);
+                    input.read_exact(&mut incoming[..n])?;
+                    remaining -= n;
+                }
+                Ok(start.elapsed())
+            })();
+            if received.is_err() {
+                let _ = first_failure.set(Direction::Receive);
+                let _ = links.to_right.shutdown(std::net::Shutdown::Both);
+            }
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
+            (received, sent)
+        });
+        // Report the direction that failed first; the other one only
+        // stopped because of it.
+        let elapsed = match (received, sent, first_failure.get()) {
+            (Err(e), Ok(()), _) | (Err(e), Err(_), Some(Direction::Receive)) => {
+                return Err(self.link_err(left, e))
+            }
+            (_, Err(e), _) => return Err(self.link_err(right, e)),
+            (Ok(elapsed), Ok(()), _) => elapsed,
+        };
+        let bytes_per_sec = (len - block) as f64 / elapsed.as_secs_f64().max(1e-9);
+        Ok(Some(LinkRate { from_rank: left, bytes_per_sec }))
     }
 }
 
@@ -930,6 +1015,10 @@ impl Collective for TcpRing {
 
     fn sums_bf16(&self) -> bool {
         true
+    }
+
+    fn probe_incoming_link(&mut self, bytes: usize) -> Result<Option<LinkRate>, CollectiveError> {
+        self.probe_links(bytes)
     }
 }
 
@@ -1106,6 +1195,38 @@ mod tests {
             let err =
                 results[rank].as_ref().expect_err("rank 1 left, the all-reduce cannot succeed");
             assert!(err.contains("rank"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_link_probe_measures_each_incoming_link_and_leaves_the_ring_in_step() {
+        let results = with_ring(3, |ring| {
+            let rate = ring.probe_incoming_link(1 << 20).unwrap();
+            let mut data = vec![ring.rank() as f32; 100];
+            ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+            (rate, data)
+        });
+        for (rank, (rate, data)) in results.iter().enumerate() {
+            let rate = rate.expect("a ring of three has links");
+            assert_eq!(rate.from_rank, (rank + 2) % 3);
+            assert!(rate.bytes_per_sec.is_finite() && rate.bytes_per_sec > 0.0, "{rate:?}");
+            assert_eq!(data, &vec![3.0; 100], "the all-reduce after the probe");
+        }
+        let alone = with_ring(1, |ring| ring.probe_incoming_link(1 << 20).unwrap());
+        assert_eq!(alone, [None]);
+    }
+
+    #[test]
+    fn ranks_that_disagree_on_a_link_probe_fail_instead_of_hanging() {
+        let start = Instant::now();
+        let results = with_ring(2, |ring| {
+            let bytes = if ring.rank() == 0 { 1 << 20 } else { 2 << 20 };
+            ring.probe_incoming_link(bytes).map_err(|e| e.to_string())
+        });
+        assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+        for result in results {
+            let err = result.expect_err("the probes differ");
+            assert!(err.contains("link-probe bytes"), "{err}");
         }
     }
 

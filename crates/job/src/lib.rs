@@ -18,7 +18,9 @@ pub mod sweep;
 
 pub use checkpoint::CheckpointError;
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
-pub use records::{EvalSetAccuracy, GenerationReason, MetricsRecord, RankBalance};
+pub use records::{
+    EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,
+};
 pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};
 pub use sweep::{
     parse_seeds, GridAxis, RunEnd, RunOutcome, SweepCell, SweepError, SweepLayout, SweepManifest,

@@ -106,6 +106,9 @@ pub enum MetricsRecord {
         /// Sum of the squares of every parameter.
         sum_of_squares: f64,
     },
+    /// The fabric as measured at the start of a run (or generation) of two
+    /// or more ranks, before its first update (`distributed.fabric_probe_mib`).
+    Fabric(FabricProbe),
     /// A generation of the job starts (written by the coordinator): its
     /// ranks, in rank order over the hosts, restart from `resume_from`.
     Generation {
@@ -205,17 +208,20 @@ impl MetricsRecord {
             MetricsRecord::Step { .. } => "step",
             MetricsRecord::Epoch { .. } => "epoch",
             MetricsRecord::Checksum { .. } => "checksum",
+            MetricsRecord::Fabric(_) => "fabric",
             MetricsRecord::Generation { .. } => "generation",
         }
     }
 
-    /// The epoch the record belongs to (checksums and generations: none).
+    /// The epoch the record belongs to (checksums and generations: none; a
+    /// fabric probe: the epoch its run starts in).
     pub fn epoch(&self) -> Option<u64> {
         match self {
             MetricsRecord::Loading { epoch, .. }
             | MetricsRecord::FirstUpdate { epoch, .. }
             | MetricsRecord::Step { epoch, .. }
-            | MetricsRecord::Epoch { epoch, .. } => Some(*epoch),
+            | MetricsRecord::Epoch { epoch, .. }
+            | MetricsRecord::Fabric(FabricProbe { epoch, .. }) => Some(*epoch),
             MetricsRecord::Checksum { .. } | MetricsRecord::Generation { .. } => None,
         }
     }
@@ -228,7 +234,8 @@ impl MetricsRecord {
             | MetricsRecord::FirstUpdate { step, .. }
             | MetricsRecord::Step { step, .. }
             | MetricsRecord::Epoch { step, .. }
-            | MetricsRecord::Checksum { step, .. } => *step,
+            | MetricsRecord::Checksum { step, .. }
+            | MetricsRecord::Fabric(FabricProbe { step, .. }) => *step,
             MetricsRecord::Generation { resume_step, .. } => resume_step.unwrap_or(0),
         }
     }
@@ -272,15 +279,7 @@ impl RankBalance {
             return None;
         }
         let slowest = (0..own_s.len()).max_by(|&a, &b| own_s[a].total_cmp(&own_s[b]))?;
-        let mut others: Vec<f64> =
-            own_s.iter().enumerate().filter(|&(r, _)| r != slowest).map(|(_, &s)| s).collect();
-        others.sort_by(f64::total_cmp);
-        let middle = others.len() / 2;
-        let median = if others.len() % 2 == 1 {
-            others[middle]
-        } else {
-            (others[middle - 1] + others[middle]) / 2.0
-        };
+        let median = median_without(own_s, slowest);
         let per_update = updates as f64;
         Some(RankBalance {
             slowest_rank: slowest as u64,
@@ -328,6 +327,193 @@ impl RankBalance {
 impl std::fmt::Display for RankBalance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe(None))
+    }
+}
+
+/// The median of `values` without the one at `left_out` (at least two values).
+fn median_without(values: &[f64], left_out: usize) -> f64 {
+    let mut others: Vec<f64> =
+        values.iter().enumerate().filter(|&(i, _)| i != left_out).map(|(_, &v)| v).collect();
+    others.sort_by(f64::total_cmp);
+    let middle = others.len() / 2;
+    if others.len() % 2 == 1 {
+        others[middle]
+    } else {
+        (others[middle - 1] + others[middle]) / 2.0
+    }
+}
+
+/// What the fabric delivered at the start of a run of two or more ranks:
+/// an all-reduce of `probe_bytes` through the gradients' own path (the
+/// training device, staging and backend), and, where the backend has links
+/// of its own (the TCP ring), each link's rate with every link busy at once.
+/// A fabric that under-delivers (a misconfigured NIC, a congested switch
+/// port, a host on a slower network) costs every update of the run; this
+/// says so before the first, and names the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FabricProbe {
+    /// The epoch the run starts in.
+    pub epoch: u64,
+    /// Updates done before it.
+    pub step: u64,
+    /// Ranks in all.
+    pub world_size: u32,
+    /// Bytes of the all-reduce, and of each link's stream.
+    pub probe_bytes: u64,
+    /// Wall time of the all-reduce on its slowest rank, in seconds.
+    pub all_reduce_s: f64,
+    /// Its bus bandwidth in GB/s: `probe_bytes / all_reduce_s x 2 (N-1) / N`
+    /// (nccl-tests' definition, the rate each link carried).
+    pub bus_gb_per_s: f64,
+    /// The rate of every link, where the backend has links of its own (one
+    /// per rank in a ring); empty otherwise (NCCL picks its own paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkSpeed>,
+}
+
+/// The measured rate of one link.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkSpeed {
+    /// The rank at the sending end.
+    pub from_rank: u64,
+    /// The rank at the receiving end.
+    pub to_rank: u64,
+    /// GB/s (10^9 bytes per second) that arrived.
+    pub gb_per_s: f64,
+}
+
+/// The slowest link of a probe, against the others.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowLink {
+    /// The link.
+    pub link: LinkSpeed,
+    /// The median rate of the other links, in GB/s.
+    pub others_median_gb_per_s: f64,
+}
+
+impl FabricProbe {
+    /// nccl-tests' bus bandwidth, in GB/s, of an all-reduce of `bytes` over
+    /// `world_size` ranks that took `seconds` (0 for a world of one, or a
+    /// time that is not a positive number of seconds).
+    pub fn bus_bandwidth(bytes: u64, seconds: f64, world_size: u32) -> f64 {
+        if world_size < 2 || !seconds.is_finite() || seconds <= 0.0 {
+            return 0.0;
+        }
+        let n = f64::from(world_size);
+        bytes as f64 / seconds * 2.0 * (n - 1.0) / n / 1e9
+    }
+
+    /// The slowest link and the median of the others; `None` with fewer
+    /// than two links or a rate that is not a finite number.
+    pub fn slowest_link(&self) -> Option<SlowLink> {
+        let rates: Vec<f64> = self.links.iter().map(|l| l.gb_per_s).collect();
+        if rates.len() < 2 || !rates.iter().all(|r| r.is_finite() && *r >= 0.0) {
+            return None;
+        }
+        let slowest = (0..rates.len()).min_by(|&a, &b| rates[a].total_cmp(&rates[b]))?;
+        Some(SlowLink {
+            link: self.links[slowest],
+            others_median_gb_per_s: median_without(&rates, slowest),
+        })
+    }
+
+    /// Whether the bus bandwidth fell short of `expected_gb_per_s`
+    /// (`distributed.expected_bus_gb_per_s`, when set).
+    pub fn below(&self, expected_gb_per_s: Option<f64>) -> bool {
+        expected_gb_per_s.is_some_and(|e| self.bus_gb_per_s < e)
+    }
+
+    /// What a person should hear of the probe beyond its [`summary`]: the
+    /// slowest link, when it carried `slow_link_warn_ratio` times less than
+    /// the other links' median, and the shortfall, when the bus bandwidth is
+    /// below `expected_gb_per_s`. `host_of` names a rank's host where known.
+    ///
+    /// [`summary`]: FabricProbe::summary
+    pub fn warnings<'h>(
+        &self,
+        slow_link_warn_ratio: f64,
+        expected_gb_per_s: Option<f64>,
+        host_of: impl Fn(u64) -> Option<&'h str>,
+    ) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(slow) = self.slowest_link().filter(|s| s.is_slow(slow_link_warn_ratio)) {
+            warnings.push(format!(
+                "slow link: {}; every all-reduce runs at its pace \
+                 (distributed.slow_link_warn_ratio {slow_link_warn_ratio})",
+                slow.describe(host_of(slow.link.from_rank), host_of(slow.link.to_rank))
+            ));
+        }
+        if let Some(expected) = expected_gb_per_s.filter(|_| self.below(expected_gb_per_s)) {
+            warnings.push(format!(
+                "the fabric under-delivers: bus bandwidth {}, below the expected {} \
+                 (distributed.expected_bus_gb_per_s)",
+                gb_per_s(self.bus_gb_per_s),
+                gb_per_s(expected)
+            ));
+        }
+        warnings
+    }
+
+    /// `all-reduce of 25.0 MiB over 3 ranks in 40.1 ms: bus bandwidth 0.84
+    /// GB/s; links 0.95-1.10 GB/s`.
+    pub fn summary(&self) -> String {
+        let mut text = format!(
+            "all-reduce of {:.1} MiB over {} ranks in {:.1} ms: bus bandwidth {}",
+            self.probe_bytes as f64 / (1024.0 * 1024.0),
+            self.world_size,
+            self.all_reduce_s * 1e3,
+            gb_per_s(self.bus_gb_per_s)
+        );
+        let rates = self.links.iter().map(|l| l.gb_per_s);
+        if let (Some(low), Some(high)) =
+            (rates.clone().min_by(f64::total_cmp), rates.max_by(f64::total_cmp))
+        {
+            text += &format!("; links {} to {}", gb_per_s(low), gb_per_s(high));
+        }
+        text
+    }
+}
+
+/// A rate in GB/s with three significant digits (`0.00512 GB/s`, `2.04 GB/s`).
+fn gb_per_s(rate: f64) -> String {
+    let decimals = if rate > 0.0 { (2 - rate.log10().floor() as i64).clamp(0, 6) } else { 2 };
+    format!("{rate:.*} GB/s", decimals as usize)
+}
+
+impl SlowLink {
+    /// How many times slower than the others' median the link is (1 when
+    /// every link carried nothing).
+    pub fn ratio(&self) -> f64 {
+        if self.link.gb_per_s > 0.0 {
+            self.others_median_gb_per_s / self.link.gb_per_s
+        } else if self.others_median_gb_per_s > 0.0 {
+            f64::INFINITY
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether it is at least `warn_ratio` times slower than the others'
+    /// median (`distributed.slow_link_warn_ratio`).
+    pub fn is_slow(&self, warn_ratio: f64) -> bool {
+        self.ratio() >= warn_ratio
+    }
+
+    /// `the link from rank 1 on b to rank 2 on c carried 0.00512 GB/s, 1/199
+    /// of the other links' median 1.02 GB/s`, naming the hosts where known.
+    pub fn describe(&self, from_host: Option<&str>, to_host: Option<&str>) -> String {
+        let on = |host: Option<&str>| host.map_or_else(String::new, |h| format!(" on {h}"));
+        format!(
+            "the link from rank {}{} to rank {}{} carried {}, 1/{:.1} of the other links' \
+             median {}",
+            self.link.from_rank,
+            on(from_host),
+            self.link.to_rank,
+            on(to_host),
+            gb_per_s(self.link.gb_per_s),
+            self.ratio(),
+            gb_per_s(self.others_median_gb_per_s)
+        )
     }
 }
 
@@ -503,6 +689,92 @@ mod tests {
             let back: MetricsRecord = serde_json::from_str(&line).unwrap();
             assert_eq!(back, record);
         }
+    }
+
+    fn probe(rates: &[f64]) -> FabricProbe {
+        let n = rates.len();
+        FabricProbe {
+            epoch: 1,
+            step: 40,
+            world_size: n as u32,
+            probe_bytes: 25 << 20,
+            all_reduce_s: 0.05,
+            bus_gb_per_s: FabricProbe::bus_bandwidth(25 << 20, 0.05, n as u32),
+            links: (0..n)
+                .map(|r| LinkSpeed {
+                    from_rank: ((r + n - 1) % n) as u64,
+                    to_rank: r as u64,
+                    gb_per_s: rates[r],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_fabric_probe_names_its_slowest_link_against_the_others_median() {
+        // nccl-tests: 2 (N-1)/N of the bytes over the time, here 4/3.
+        let p = probe(&[1.0, 0.01, 1.2, 0.8]);
+        assert!((p.bus_gb_per_s - (25u64 << 20) as f64 / 0.05 * 1.5 / 1e9).abs() < 1e-12);
+        assert_eq!(FabricProbe::bus_bandwidth(100, 1.0, 1), 0.0);
+        assert_eq!(FabricProbe::bus_bandwidth(100, 0.0, 2), 0.0);
+        assert_eq!(FabricProbe::bus_bandwidth(100, f64::NAN, 2), 0.0);
+        let slow = p.slowest_link().unwrap();
+        assert_eq!((slow.link.from_rank, slow.link.to_rank), (0, 1));
+        assert_eq!(slow.others_median_gb_per_s, 1.0);
+        assert!((slow.ratio() - 100.0).abs() < 1e-9);
+        assert!(slow.is_slow(3.0) && !slow.is_slow(101.0));
+        assert_eq!(
+            slow.describe(Some("a"), Some("b")),
+            "the link from rank 0 on a to rank 1 on b carried 0.0100 GB/s, 1/100.0 of the \
+             other links' median 1.00 GB/s"
+        );
+        // Two links: the other one is the median; equal links are not slow.
+        let even = probe(&[2.0, 2.0]).slowest_link().unwrap();
+        assert_eq!(even.ratio(), 1.0);
+        assert!(!even.is_slow(1.05));
+        // Nothing to compare: one link, none, a rate that is not a number.
+        assert_eq!(probe(&[1.0]).slowest_link(), None);
+        assert_eq!(FabricProbe { links: vec![], ..probe(&[1.0, 2.0]) }.slowest_link(), None);
+        assert_eq!(probe(&[1.0, f64::NAN]).slowest_link(), None);
+        assert!(p.below(Some(400.0)) && !p.below(Some(0.5)) && !p.below(None));
+        let hosts = ["a", "b", "c", "d"];
+        let host_of = |rank: u64| hosts.get(rank as usize).copied();
+        assert_eq!(
+            p.warnings(3.0, Some(400.0), host_of),
+            [
+                format!(
+                    "slow link: {}; every all-reduce runs at its pace \
+                     (distributed.slow_link_warn_ratio 3)",
+                    slow.describe(Some("a"), Some("b"))
+                ),
+                format!(
+                    "the fabric under-delivers: bus bandwidth {:.3} GB/s, below the expected \
+                     400 GB/s (distributed.expected_bus_gb_per_s)",
+                    p.bus_gb_per_s
+                )
+            ]
+        );
+        assert!(p.warnings(101.0, Some(0.5), host_of).is_empty());
+        assert!(p.warnings(101.0, None, host_of).is_empty());
+        assert_eq!(
+            p.summary(),
+            format!(
+                "all-reduce of 25.0 MiB over 4 ranks in 50.0 ms: bus bandwidth {:.3} GB/s; \
+                 links 0.0100 GB/s to 1.20 GB/s",
+                p.bus_gb_per_s
+            )
+        );
+        let line = serde_json::to_string(&MetricsRecord::Fabric(p.clone())).unwrap();
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["kind"], "fabric");
+        assert_eq!(value["links"][1]["gb_per_s"], 0.01);
+        let back: MetricsRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, MetricsRecord::Fabric(p));
+        assert_eq!((back.epoch(), back.step(), back.kind()), (Some(1), 40, "fabric"));
+        // NCCL's probe has no links: none are written.
+        let nccl = FabricProbe { links: vec![], ..probe(&[1.0, 1.0]) };
+        let line = serde_json::to_string(&MetricsRecord::Fabric(nccl)).unwrap();
+        assert!(!line.contains("links"), "{line}");
     }
 
     #[test]

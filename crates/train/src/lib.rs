@@ -6,7 +6,8 @@
 //! [`grad_scaler`] (fp16's dynamic loss scaling, torch's `GradScaler`),
 //! [`host_read`] (every read of a device value on the host, counted),
 //! [`checkpoint`] (committed with a manifest of checksums, verified on
-//! resume), [`ddp`] (data parallelism over a collective), [`overlap`]
+//! resume), [`ddp`] (data parallelism over a collective), [`fabric`] (the
+//! fabric probe before a distributed run's first update), [`overlap`]
 //! (gradient buckets reduced during the backward pass), [`from_recipe`]
 //! (the recipe as domain types),
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod ddp;
 pub mod error;
 pub mod evaluation;
+pub mod fabric;
 pub mod from_recipe;
 pub mod grad_scaler;
 pub mod host_read;

@@ -271,6 +271,7 @@ impl Progress {
             }
             MetricsRecord::Epoch { .. }
             | MetricsRecord::Checksum { .. }
+            | MetricsRecord::Fabric(_)
             | MetricsRecord::Generation { .. } => {}
         }
     }

@@ -75,6 +75,7 @@ use crate::ddp::{
 };
 use crate::error::TrainError;
 use crate::evaluation::{self, EvalCounts, EvalShard};
+use crate::fabric::probe_fabric;
 use crate::from_recipe;
 use crate::grad_scaler::GradScaler;
 use crate::host_read;
@@ -92,7 +93,7 @@ use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
 use rsb_data::sampler::{RankSampler, SamplerPosition};
 use rsb_job::run_folder::{check_resume, recipe_value};
-use rsb_job::{MetricsRecord, RankBalance};
+use rsb_job::{FabricProbe, MetricsRecord, RankBalance};
 use rsb_recipes::schema::EvalSetTiming;
 use rsb_recipes::{Precision, Recipe};
 use rsb_vision::{ForwardMode, Model};
@@ -522,10 +523,12 @@ impl Trainer {
         })
     }
 
-    /// Makes this trainer one rank of a data-parallel job: rank 0's model,
-    /// buffers, optimizer state and position (it may have resumed from a
-    /// checkpoint, written at any world size) are broadcast to every rank,
-    /// and the sampler is re-sharded to this rank's streams at that position.
+    /// Makes this trainer one rank of a data-parallel job: the fabric is
+    /// probed (`distributed.fabric_probe_mib`; rank 0 publishes a `fabric`
+    /// record), rank 0's model, buffers, optimizer state and position (it
+    /// may have resumed from a checkpoint, written at any world size) are
+    /// broadcast to every rank, and the sampler is re-sharded to this rank's
+    /// streams at that position.
     pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
         let calls = self.calls();
         let collective = distributed.collective.as_mut();
@@ -540,6 +543,18 @@ impl Trainer {
                  copy within each update; use warn to count those, or NCCL"
                     .into(),
             ));
+        }
+        if collective.rank() == 0 {
+            self.records.set_sink(distributed.on_metrics.take());
+        }
+        // The fabric first: a slow link is named before the start state
+        // crawls over it. Rank 0 knows where the run stands.
+        let probe_bytes = self.recipe.distributed.fabric_probe_mib as usize * 1024 * 1024;
+        let (epoch, step) = (self.state.next_epoch, self.state.updates);
+        if let Some(probe) = probe_fabric(collective, calls, probe_bytes, epoch, step)? {
+            if collective.rank() == 0 {
+                self.announce_fabric(probe)?;
+            }
         }
         let tensors: Vec<Tensor> = self
             .model
@@ -589,9 +604,6 @@ impl Trainer {
         self.sampler
             .seek(SamplerPosition { epoch: self.state.next_epoch, step: self.state.next_step })?;
         self.sampler = self.sampler.reshard(world, rank)?;
-        if rank == 0 {
-            self.records.set_sink(distributed.on_metrics.take());
-        }
         self.gradient_buckets = Some(GradientBuckets::new(
             self.optimizer.parameters(),
             BUCKET_FLOATS,
@@ -600,6 +612,19 @@ impl Trainer {
         )?);
         self.distributed = Some(distributed);
         Ok(self)
+    }
+
+    /// Logs the fabric probe (warning of a slow link or a shortfall) and
+    /// publishes its record; rank 0 only.
+    fn announce_fabric(&mut self, probe: FabricProbe) -> Result<(), TrainError> {
+        tracing::info!("fabric: {}", probe.summary());
+        let section = &self.recipe.distributed;
+        for warning in
+            probe.warnings(section.slow_link_warn_ratio, section.expected_bus_gb_per_s, |_| None)
+        {
+            tracing::warn!("{warning}");
+        }
+        self.records.publish(&MetricsRecord::Fabric(probe))
     }
 
     fn rank(&self) -> usize {
