@@ -360,10 +360,13 @@ pub struct FabricProbe {
     pub world_size: u32,
     /// Bytes of the all-reduce, and of each link's stream.
     pub probe_bytes: u64,
-    /// Wall time of the all-reduce on its slowest rank, in seconds.
+    /// Wall time of the all-reduce on its slowest rank, in seconds (the
+    /// mean of a few, after a warm-up; through the gradients' path, so a
+    /// bucket's copies in and out are included).
     pub all_reduce_s: f64,
     /// Its bus bandwidth in GB/s: `probe_bytes / all_reduce_s x 2 (N-1) / N`
-    /// (nccl-tests' definition, the rate each link carried).
+    /// (nccl-tests' formula, the rate each link carried; over a time that
+    /// includes the copies, so somewhat below `all_reduce_perf`'s figure).
     pub bus_gb_per_s: f64,
     /// The rate of every link, where the backend has links of its own (one
     /// per rank in a ring); empty otherwise (NCCL picks its own paths).
@@ -404,7 +407,7 @@ impl FabricProbe {
     }
 
     /// The slowest link and the median of the others; `None` with fewer
-    /// than two links or a rate that is not a finite number.
+    /// than two links or a rate that is not a finite, non-negative number.
     pub fn slowest_link(&self) -> Option<SlowLink> {
         let rates: Vec<f64> = self.links.iter().map(|l| l.gb_per_s).collect();
         if rates.len() < 2 || !rates.iter().all(|r| r.is_finite() && *r >= 0.0) {
@@ -454,8 +457,8 @@ impl FabricProbe {
         warnings
     }
 
-    /// `all-reduce of 25.0 MiB over 3 ranks in 40.1 ms: bus bandwidth 0.84
-    /// GB/s; links 0.95-1.10 GB/s`.
+    /// `all-reduce of 25.0 MiB over 3 ranks in 40.1 ms: bus bandwidth 0.837
+    /// GB/s; links 0.950 GB/s to 1.10 GB/s`.
     pub fn summary(&self) -> String {
         let mut text = format!(
             "all-reduce of {:.1} MiB over {} ranks in {:.1} ms: bus bandwidth {}",

@@ -1,23 +1,32 @@
 //! The fabric probe made before a distributed run's first update
 //! (`distributed.fabric_probe_mib`): each rank's incoming link, where the
-//! backend has links of its own (the TCP ring), then an all-reduce of the
-//! probe's size on the training device through the gradients' own path
-//! (staging included), timed to its end on the device after one warm-up
-//! all-reduce. One sum then gathers
-//! every rank's numbers, so every rank holds the same [`FabricProbe`].
+//! backend has links of its own (the TCP ring), then all-reduces of the
+//! probe's size in bucket-sized tensors on the training device, through
+//! the gradients' own path (packing, staging, the backend, unpacking): one
+//! to warm up, then the mean of three, timed to their end on the device.
+//! One sum then gathers every rank's numbers, so every rank holds the same
+//! [`FabricProbe`]; its time is the slowest rank's.
+//!
+//! The bus bandwidth is nccl-tests' formula over that time, so it counts
+//! what the gradients pay besides the wire (a bucket's copies in and out):
+//! it reads somewhat below `all_reduce_perf`'s figure on the same fabric,
+//! and an expectation set from that figure needs some slack.
 //!
 //! A fabric that under-delivers costs every update of a run and says
 //! nothing: NCCL just runs slower (users find out from nccl-tests, if they
 //! think of running them). The probe puts the number in `metrics.jsonl`
 //! and names the slowest link before the run spends hours at its pace.
 
-use crate::ddp::{reduce_tensors, sum_scalars, Calls, Reduction};
+use crate::ddp::{reduce_tensors, sum_scalars, Calls, Reduction, BUCKET_FLOATS};
 use crate::error::TrainError;
 use crate::host_read;
 use rsb_collective::Collective;
 use rsb_job::{FabricProbe, LinkSpeed};
 use std::time::Instant;
 use tch::{Kind, Tensor};
+
+/// All-reduces timed, after one warm-up; their mean is the probe's time.
+const TIMED_ALL_REDUCES: u32 = 3;
 
 /// Measures the fabric with `bytes` (rounded up to whole f32s): see the
 /// module documentation. `epoch` and `step` place the record in the run.
@@ -39,16 +48,30 @@ pub fn probe_fabric(
         TrainError::Collective { operation: "link probe of the fabric probe".into(), error }
     })?;
     let floats = bytes.div_ceil(4);
-    let buffer = Tensor::f_zeros([floats as i64], (Kind::Float, calls.device))?;
-    // Timed to its end on the device (the read waits for it there), the
-    // second time: the first one warms the buffers up, as nccl-tests' do.
-    let mut own_all_reduce_s = 0.0;
-    for what in ["warm-up all-reduce of the fabric probe", "all-reduce of the fabric probe"] {
-        let start = Instant::now();
-        reduce_tensors(collective, calls, std::slice::from_ref(&buffer), Reduction::Sum, what)?;
-        host_read::f32s_of(&buffer.f_narrow(0, 0, 1)?)?;
-        own_all_reduce_s = start.elapsed().as_secs_f64();
+    // Bucket-sized tensors, as the gradients travel: the staging buffers
+    // are the ones training reuses.
+    let mut tensors = Vec::new();
+    for start in (0..floats).step_by(BUCKET_FLOATS) {
+        let len = BUCKET_FLOATS.min(floats - start);
+        tensors.push(Tensor::f_zeros([len as i64], (Kind::Float, calls.device))?);
     }
+    let last = tensors.last().expect("at least one float").shallow_clone();
+    reduce_tensors(collective, calls, &tensors, Reduction::Sum, "warm-up of the fabric probe")?;
+    host_read::f32s_of(&last.f_narrow(0, 0, 1)?)?;
+    // Timed to their end on the device (the read waits for them there),
+    // after a warm-up, as nccl-tests time theirs.
+    let start = Instant::now();
+    for _ in 0..TIMED_ALL_REDUCES {
+        reduce_tensors(
+            collective,
+            calls,
+            &tensors,
+            Reduction::Sum,
+            "all-reduce of the fabric probe",
+        )?;
+    }
+    host_read::f32s_of(&last.f_narrow(0, 0, 1)?)?;
+    let own_all_reduce_s = start.elapsed().as_secs_f64() / TIMED_ALL_REDUCES as f64;
     // Per rank: its incoming link's bytes per second and sending rank + 1
     // (0: no link measured), then its all-reduce time.
     let mut gathered = vec![0.0; 3 * world];
@@ -106,14 +129,16 @@ mod tests {
         assert!(probe.all_reduce_s > 0.0 && probe.all_reduce_s < 60.0, "{probe:?}");
         let expected = FabricProbe::bus_bandwidth(1 << 20, probe.all_reduce_s, 3);
         assert_eq!(probe.bus_gb_per_s, expected);
-        // The ranks leave it in step: a sum after it still adds up.
-        let sums = on_ring(2, |ring| {
-            probe_fabric(ring, CPU, 100_000, 0, 0).unwrap();
+        // Past one bucket (two tensors, the second of one float), and a
+        // size rounded up to whole floats; the ranks leave it in step: a sum
+        // after it still adds up.
+        let results = on_ring(2, |ring| {
+            let probe = probe_fabric(ring, CPU, BUCKET_FLOATS * 4 + 3, 0, 0).unwrap().unwrap();
             let mut v = [1.5];
             sum_scalars(ring, CPU, &mut v, "after the probe").unwrap();
-            v[0]
+            (probe.probe_bytes, probe.links.len(), v[0])
         });
-        assert_eq!(sums, [3.0, 3.0]);
+        assert_eq!(results, [((BUCKET_FLOATS * 4 + 4) as u64, 2, 3.0); 2]);
     }
 
     #[test]

@@ -378,13 +378,11 @@ mod tests {
     use super::*;
     use crate::ddp::tests::{on_ring, Counting, OnItsOwnStream};
     use crate::ddp::BUCKET_FLOATS;
-    use std::sync::Mutex;
     use tch::{nn, nn::Module, Device, Kind};
 
-    static INIT: Mutex<()> = Mutex::new(());
     const CALLS: Calls = Calls { device: Device::Cpu, at_world_size_one: false };
 
-    /// A small MLP whose weights are the same on every rank (seeded), its
+    /// A small MLP whose weights are the same on every rank, its
     /// loss on rank-specific data, and its gradients after one update of
     /// `micro_batches` accumulated micro-batches, reduced with or without
     /// overlap over a 3-rank ring of threads.
@@ -395,10 +393,6 @@ mod tests {
         compression: GradientCompression,
     ) -> Vec<Vec<Vec<f32>>> {
         on_ring(3, |ring| {
-            // libtorch's generator is global: seed and draw the weights one
-            // rank at a time.
-            let init = INIT.lock().unwrap();
-            tch::manual_seed(7);
             let vs = nn::VarStore::new(Device::Cpu);
             let net = nn::seq()
                 .add(nn::linear(vs.root() / "a", 16, 64, Default::default()))
@@ -406,8 +400,18 @@ mod tests {
                 .add(nn::linear(vs.root() / "b", 64, 64, Default::default()))
                 .add_fn(|x| x.tanh())
                 .add(nn::linear(vs.root() / "c", 64, 10, Default::default()));
-            drop(init);
             let params = vs.trainable_variables();
+            // The same weights on every rank, without libtorch's global
+            // generator (which the crate's other tests draw from meanwhile).
+            tch::no_grad(|| {
+                for (k, p) in params.iter().enumerate() {
+                    let values = (Tensor::arange(p.numel() as i64, (Kind::Float, Device::Cpu))
+                        * (0.37 + k as f64))
+                        .sin()
+                        * 0.2;
+                    p.shallow_clone().copy_(&values.reshape(p.size()));
+                }
+            });
             let buckets = GradientBuckets::new(
                 params.iter().map(Tensor::shallow_clone).collect(),
                 bucket_floats,

@@ -555,6 +555,8 @@ impl Trainer {
             if collective.rank() == 0 {
                 self.announce_fabric(probe)?;
             }
+            // The probe's buffers are not the first window's.
+            let _ = self.peak_gpu_memory_mib();
         }
         let tensors: Vec<Tensor> = self
             .model
