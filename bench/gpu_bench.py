@@ -280,6 +280,27 @@ def step_throughput(metrics: Path) -> float:
     return sum(u for u, _ in counted) / sum(t for _, t in counted)
 
 
+def fabric_note(metrics: Path) -> str:
+    """What the job's fabric probe (its `fabric` record, written before the
+    first update) measured: the all-reduce through the gradients' path and
+    each link's rate."""
+    probes = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "fabric":
+            probes.append(record)
+    if not probes:
+        return "fabric probe: no record"
+    p = probes[-1]
+    rates = [link["gb_per_s"] for link in p.get("links", [])]
+    links = f", links {min(rates):.3g} to {max(rates):.3g} GB/s" if rates else ""
+    return (f"fabric probe: all-reduce of {p['probe_bytes'] / 2**20:.1f} MiB in "
+            f"{p['all_reduce_s'] * 1e3:.1f} ms, bus bandwidth {p['bus_gb_per_s']:.3g} GB/s{links}")
+
+
 class Bench:
     def __init__(self, args, work: Path):
         self.args = args
@@ -445,6 +466,8 @@ class Bench:
                         memory.peak_mib() if self.on_gpu else None, secs)
 
         check.ours = self.side(ours)
+        if ranks == 2:
+            check.note = fabric_note(out / "metrics.jsonl")
         if env and env.get(SYNC_DEBUG_ENV) == "warn":
             check.note = (sync_note(self.logs / f"job-{name}.log", self.on_gpu) if check.ours.error is None
                           else "synchronising CUDA calls within updates: not measured (the job failed)")

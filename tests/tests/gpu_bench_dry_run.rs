@@ -92,6 +92,14 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
         "{}",
         checks[2]
     );
+    // The 2-rank job says what its fabric probe measured, links included.
+    let ring = checks[3]["note"].as_str().unwrap_or_default();
+    assert!(
+        ring.starts_with("fabric probe: all-reduce of 25.0 MiB in ")
+            && ring.contains(" GB/s, links "),
+        "{}",
+        checks[3]
+    );
     for check in checks {
         assert_eq!(check["ok"], true, "{check}");
         let ours = check["ours"]["images_per_sec"].as_f64().unwrap_or(0.0);
