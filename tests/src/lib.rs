@@ -475,12 +475,22 @@ pub mod processes {
 
 /// Runs `ip` (iproute2) with `args`; its stderr on failure.
 pub fn ip(args: &[&str]) -> Result<(), String> {
+    run_tool("ip", args)
+}
+
+/// Runs `tc` (iproute2, traffic control) with `args`; its stderr on failure.
+pub fn tc(args: &[&str]) -> Result<(), String> {
+    run_tool("tc", args)
+}
+
+/// Runs the tool `name` with `args`; its stderr on failure.
+fn run_tool(name: &str, args: &[&str]) -> Result<(), String> {
     let out =
-        std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+        std::process::Command::new(name).args(args).output().map_err(|e| format!("{name}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+        Err(format!("{name} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
     }
 }
 

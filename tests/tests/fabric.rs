@@ -17,7 +17,7 @@
 //! The test prints the measured rates.
 
 use rsb_integration_tests::{
-    binary, fashion_subset, is_root, on_path, records_in, require, workspace_root, Netns,
+    binary, fashion_subset, is_root, on_path, records_in, require, tc, workspace_root, Netns,
 };
 use rsb_job::{FabricProbe, MetricsRecord};
 use std::path::Path;
@@ -65,16 +65,6 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-}
-
-/// Runs `tc` (iproute2) with `args`; its stderr on failure.
-fn tc(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("tc").args(args).output().map_err(|e| format!("tc: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
     }
 }
 

@@ -292,13 +292,7 @@ impl RankBalance {
     /// How many times the other ranks' median own time the slowest rank's
     /// is (1 when neither took any time).
     pub fn ratio(&self) -> f64 {
-        if self.others_median_s > 0.0 {
-            self.slowest_s / self.others_median_s
-        } else if self.slowest_s > 0.0 {
-            f64::INFINITY
-        } else {
-            1.0
-        }
+        times(self.slowest_s, self.others_median_s)
     }
 
     /// Whether the slowest rank straggles: took at least `warn_ratio` times
@@ -327,6 +321,18 @@ impl RankBalance {
 impl std::fmt::Display for RankBalance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe(None))
+    }
+}
+
+/// How many times `base` `value` is: infinite over a base of 0, and 1 when
+/// both are 0.
+fn times(value: f64, base: f64) -> f64 {
+    if base > 0.0 {
+        value / base
+    } else if value > 0.0 {
+        f64::INFINITY
+    } else {
+        1.0
     }
 }
 
@@ -487,13 +493,7 @@ impl SlowLink {
     /// How many times slower than the others' median the link is (1 when
     /// every link carried nothing).
     pub fn ratio(&self) -> f64 {
-        if self.link.gb_per_s > 0.0 {
-            self.others_median_gb_per_s / self.link.gb_per_s
-        } else if self.others_median_gb_per_s > 0.0 {
-            f64::INFINITY
-        } else {
-            1.0
-        }
+        times(self.others_median_gb_per_s, self.link.gb_per_s)
     }
 
     /// Whether it is at least `warn_ratio` times slower than the others'
