@@ -24,11 +24,10 @@
 
 use crate::plan::{BatchPlan, PlanError};
 use rsb_job::records::skipped_updates_note;
-use rsb_job::{GenerationReason, MetricsRecord, RankBalance};
+use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -185,6 +184,9 @@ pub struct Beat {
 pub const DEFAULT_REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of [`Job::max_restarts`].
 pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+/// Default of [`Job::rendezvous_timeout`]: a rank process starts, loads
+/// libtorch, gets its assignment and publishes in seconds.
+pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The whole coordinator state.
 #[derive(Debug)]
@@ -214,6 +216,15 @@ pub struct Job {
     pub heartbeat_interval: Duration,
     /// A member silent for this long fails the job.
     pub heartbeat_timeout: Duration,
+    /// How long after a generation starts its ranks may take to publish
+    /// their rendezvous data; past it, the ranks still missing are failed
+    /// (a rank stuck before its collective while its agent heartbeats).
+    pub rendezvous_timeout: Duration,
+    /// When the current generation started running.
+    running_since: Option<Instant>,
+    /// Ranks of the current generation that came to the rendezvous without
+    /// data to publish (NCCL ranks other than 0).
+    at_rendezvous: BTreeSet<u32>,
     /// Current phase.
     pub phase: Phase,
     /// Members in join order.
@@ -252,7 +263,7 @@ pub struct Job {
     collective_failures: BTreeMap<u32, (u32, String)>,
     /// When to assign the blame (a short grace after the first report).
     blame_at: Option<Instant>,
-    metrics: Option<std::fs::File>,
+    metrics: Option<MetricsLog>,
     next_member: u64,
     /// Prefix of the member ids this job hands out (a sweep's jobs share
     /// one service, so their ids must differ).
@@ -288,6 +299,9 @@ impl Job {
             out_dir,
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(30),
+            rendezvous_timeout: DEFAULT_RENDEZVOUS_TIMEOUT,
+            running_since: None,
+            at_rendezvous: BTreeSet::new(),
             phase: Phase::Waiting,
             members: Vec::new(),
             pending: Vec::new(),
@@ -543,6 +557,7 @@ impl Job {
             }
         };
         self.phase = Phase::Running;
+        self.running_since = Some(Instant::now());
         self.started = true;
         self.regroup_since = None;
         self.lost.clear();
@@ -579,6 +594,7 @@ impl Job {
         self.reasons.extend(reason);
         self.generation += 1;
         self.rendezvous.clear();
+        self.at_rendezvous.clear();
         self.left_ranks.clear();
         self.finished_ranks = 0;
         for m in std::mem::take(&mut self.pending) {
@@ -716,6 +732,7 @@ impl Job {
                     format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout);
                 self.fail(msg);
             }
+            self.check_rendezvous_deadline();
             return;
         }
         let why = format!("missed heartbeats for {timeout:?}");
@@ -759,6 +776,82 @@ impl Job {
                 self.fail(reason);
             }
         }
+        self.check_rendezvous_deadline();
+    }
+
+    /// Past `rendezvous_timeout` after its start, fails (or restarts) a
+    /// running generation whose ranks have not all come to the rendezvous;
+    /// hosts found silent were dealt with first.
+    fn check_rendezvous_deadline(&mut self) {
+        if self.phase == Phase::Running
+            && self.running_since.is_some_and(|at| at.elapsed() > self.rendezvous_timeout)
+            && !self.missing_from_rendezvous().is_empty()
+        {
+            self.fail_missing_from_rendezvous();
+        }
+    }
+
+    /// Fails a fixed job, or restarts every rank of an elastic one (at most
+    /// `max_restarts` times in a row without a committed checkpoint), for
+    /// the failure of `rank` on `host`: `message` as the rank (or the
+    /// coordinator) put it, `failure` the whole line naming the rank.
+    fn rank_failed(&mut self, rank: u32, host: &str, message: &str, failure: String) {
+        if !self.elastic() || self.phase != Phase::Running {
+            self.fail(failure);
+        } else if self.restarts >= self.max_restarts {
+            self.fail(format!(
+                "{failure} (after {} restart(s) without a committed checkpoint; \
+                 --max-restarts {})",
+                self.restarts, self.max_restarts
+            ));
+        } else {
+            self.restarts += 1;
+            tracing::warn!("{failure}; restarting every rank (restart {})", self.restarts);
+            self.next_generation(Some(GenerationReason::RankFailed {
+                rank,
+                host: host.to_string(),
+                detail: message.to_string(),
+            }));
+        }
+    }
+
+    /// The ranks the current generation's rendezvous still waits for:
+    /// every rank without its ring address, or, over NCCL, rank 0 without
+    /// the unique id and every other rank that has not come for it.
+    fn missing_from_rendezvous(&self) -> Vec<u32> {
+        (0..self.world_size())
+            .filter(|rank| {
+                !self.rendezvous.contains_key(rank) && !self.at_rendezvous.contains(rank)
+            })
+            .collect()
+    }
+
+    /// The generation's ranks did not all publish within
+    /// `rendezvous_timeout`: the first rank still missing is failed (a fixed
+    /// job fails, an elastic one restarts), the message naming every one.
+    fn fail_missing_from_rendezvous(&mut self) {
+        let missing = self.missing_from_rendezvous();
+        let Some(&first) = missing.first() else {
+            return;
+        };
+        let named: Vec<String> = missing
+            .iter()
+            .map(|&r| format!("rank {r} on {}", self.host_of_rank(u64::from(r)).unwrap_or("?")))
+            .collect();
+        let message = format!(
+            "did not reach the rendezvous of generation {} within {:?} of its start ({} of {} \
+             rank(s) missing: {}); its process is alive (its host heartbeats) but stuck before \
+             its collective: stopped, frozen, or hung on its device or file system",
+            self.generation,
+            self.rendezvous_timeout,
+            missing.len(),
+            self.world_size(),
+            named.join(", ")
+        );
+        let host = self.host_of_rank(u64::from(first)).unwrap_or("?").to_string();
+        let failure = format!("rank {first} on {host} failed: {message}");
+        tracing::error!("{failure}");
+        self.rank_failed(first, &host, &message, failure);
     }
 
     /// Fails a job whose ranks failed in a collective, naming the rank their
@@ -885,7 +978,15 @@ impl Job {
             )));
         }
         let member = self.check_runs_rank(member_id, rank)?;
-        let Some(p) = payload else { return Ok(()) };
+        let kind = member.kind;
+        let Some(p) = payload else {
+            // An NCCL rank other than 0 comes for rank 0's id: it has
+            // reached the rendezvous too.
+            if !self.meets_over_ring(kind) {
+                self.at_rendezvous.insert(rank);
+            }
+            return Ok(());
+        };
         match (&p, self.meets_over_ring(member.kind)) {
             (RendezvousPayload::NcclId(id), false) => {
                 if rank != 0 {
@@ -986,21 +1087,16 @@ impl Job {
 
     /// Appends a record to `metrics.jsonl`.
     fn append(&mut self, record: &MetricsRecord) -> Result<(), JobError> {
-        let path = self.out_dir.join("metrics.jsonl");
         if self.metrics.is_none() {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| JobError::Precondition(format!("{}: {e}", path.display())))?;
-            self.metrics = Some(file);
+            let log = MetricsLog::open(&self.out_dir.join("metrics.jsonl"))
+                .map_err(|e| JobError::Precondition(e.to_string()))?;
+            self.metrics = Some(log);
         }
-        if let Some(file) = &mut self.metrics {
-            let line = serde_json::to_string(record).map_err(|e| {
-                JobError::Invalid(format!("{} record cannot be written: {e}", record.kind()))
+        if let Some(log) = &mut self.metrics {
+            log.append(record).map_err(|e| match e {
+                MetricsLogError::Encode { .. } => JobError::Invalid(e.to_string()),
+                MetricsLogError::Io { .. } => JobError::Precondition(e.to_string()),
             })?;
-            writeln!(file, "{line}")
-                .map_err(|e| JobError::Precondition(format!("{}: {e}", path.display())))?;
         }
         Ok(())
     }
@@ -1209,23 +1305,7 @@ impl Job {
                     return Ok(());
                 }
             }
-            if !self.elastic() || self.phase != Phase::Running {
-                self.fail(failure);
-            } else if self.restarts >= self.max_restarts {
-                self.fail(format!(
-                    "{failure} (after {} restart(s) without a committed checkpoint; \
-                     --max-restarts {})",
-                    self.restarts, self.max_restarts
-                ));
-            } else {
-                self.restarts += 1;
-                tracing::warn!("{failure}; restarting every rank (restart {})", self.restarts);
-                self.next_generation(Some(GenerationReason::RankFailed {
-                    rank,
-                    host: member.host.clone(),
-                    detail: message.to_string(),
-                }));
-            }
+            self.rank_failed(rank, &member.host, message, failure);
             return Ok(());
         }
         self.finished_ranks += 1;
@@ -1583,6 +1663,84 @@ mod tests {
         j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
         let again = j.publish(&a, 1, 0, ring("127.0.0.1:9")).unwrap_err();
         assert!(matches!(again, JobError::Precondition(_)), "{again:?}");
+    }
+
+    /// Makes the current generation look started `rendezvous_timeout` ago and more.
+    fn overdue(j: &mut Job) {
+        j.running_since = Instant::now().checked_sub(j.rendezvous_timeout * 2);
+    }
+
+    #[test]
+    fn ranks_missing_from_the_rendezvous_past_its_deadline_fail_a_fixed_job_naming_them() {
+        let mut j = job(3);
+        j.recipe.batch.global_size = 48;
+        j.recipe.batch.micro_size = 8;
+        let a = join(&mut j, "a", 1).unwrap();
+        let _b = join(&mut j, "b", 1).unwrap();
+        let _c = join(&mut j, "c", 1).unwrap();
+        j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
+        // Within the deadline nothing happens, however long the others take.
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running);
+        overdue(&mut j);
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 1 on b failed: did not reach the rendezvous"), "{reason}");
+        assert!(reason.contains("2 of 3 rank(s) missing: rank 1 on b, rank 2 on c"), "{reason}");
+    }
+
+    #[test]
+    fn a_complete_rendezvous_has_no_deadline_and_over_nccl_every_rank_must_come() {
+        let mut j = job(2);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
+        j.publish(&b, 1, 1, ring("127.0.0.1:2")).unwrap();
+        overdue(&mut j);
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running);
+        assert_eq!(j.missing_from_rendezvous(), Vec::<u32>::new());
+        // Over NCCL rank 0 publishes the id and the others come for it.
+        let mut j = job(2);
+        j.recipe.distributed.backend = rsb_recipes::CollectiveBackend::Nccl;
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        assert_eq!(j.missing_from_rendezvous(), vec![0, 1]);
+        j.publish(&b, 1, 1, None).unwrap();
+        assert_eq!(j.missing_from_rendezvous(), vec![0]);
+        j.publish(&a, 1, 0, Some(RendezvousPayload::NcclId(vec![7; 128]))).unwrap();
+        assert_eq!(j.missing_from_rendezvous(), Vec::<u32>::new());
+        overdue(&mut j);
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running);
+        // Rank 1 never came: named, though rank 0's id is there.
+        let mut j = job(2);
+        j.recipe.distributed.backend = rsb_recipes::CollectiveBackend::Nccl;
+        let a = join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        j.publish(&a, 1, 0, Some(RendezvousPayload::NcclId(vec![7; 128]))).unwrap();
+        overdue(&mut j);
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 1 on b failed: did not reach the rendezvous"), "{reason}");
+    }
+
+    #[test]
+    fn a_rank_missing_from_the_rendezvous_restarts_an_elastic_job() {
+        let mut j = elastic(2, 1, 2);
+        let a = join(&mut j, "a", 1).unwrap();
+        let _b = join(&mut j, "b", 1).unwrap();
+        j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
+        overdue(&mut j);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Running, 2, 2));
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["reasons"][0]["kind"], "rank_failed");
+        assert_eq!(g["reasons"][0]["rank"], 1);
+        assert_eq!(g["reasons"][0]["host"], "b");
+        // The new generation has a deadline of its own.
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
     }
 
     #[test]

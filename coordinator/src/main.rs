@@ -177,6 +177,12 @@ struct UpArgs {
     /// the job, naming the host.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_timeout_secs: u64,
+    /// Each generation's ranks must publish their rendezvous data (ring
+    /// address, NCCL id) within this many seconds of its start; a rank
+    /// stuck before that (stopped, frozen, hung on its device) while its
+    /// host heartbeats fails the job (an elastic one restarts), naming it.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    rendezvous_timeout_secs: u64,
     #[command(flatten)]
     elastic: ElasticArgs,
     #[command(flatten)]
@@ -626,6 +632,7 @@ fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         .with_context(|| format!("writing {}/recipe.yaml", out.display()))?;
     let mut job = Job::new(recipe, out.clone(), nodes);
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
+    job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);
     job.set_node_bounds(min_nodes, max_nodes)?;
     job.rejoin_timeout = Duration::from_secs(elastic.rejoin_timeout_secs);
     job.max_restarts = elastic.max_restarts;
@@ -655,8 +662,10 @@ fn restore_job(
             saved.nodes_expected
         );
     }
-    let mut job = Job::restore(recipe, out.clone(), saved)?;
+    let mut job = Job::restore(recipe, out.clone(), saved)
+        .with_context(|| format!("--restore: {}", out.join(STATE_FILE).display()))?;
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
+    job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);
     job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
     job.max_restarts = args.elastic.max_restarts;
     job.state_file = Some(out.join(STATE_FILE));
@@ -795,6 +804,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         max_parallel: args.sweep.max_parallel_runs,
         max_retries: args.sweep.max_retries,
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs),
+        rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout_secs),
     };
     let scheduler = Scheduler::new(SweepLayout::new(&dir), settings, runs, printer)?;
     Ok((Coordination::sweep(scheduler), dir, Work::Sweep(progress)))

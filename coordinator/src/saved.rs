@@ -200,6 +200,14 @@ impl SavedJob {
 fn member(saved: &SavedMember) -> Result<Member, JobError> {
     let secret = Secret::new(saved.secret.clone(), "saved member secret")
         .map_err(|e| JobError::Invalid(format!("member {}: {e}", saved.id)))?;
+    if saved.local_ranks == 0 || saved.local_ranks > crate::service::MAX_LOCAL_RANKS {
+        return Err(JobError::Invalid(format!(
+            "member {}: `local_ranks` {} is not in 1..={}",
+            saved.id,
+            saved.local_ranks,
+            crate::service::MAX_LOCAL_RANKS
+        )));
+    }
     Ok(Member {
         id: saved.id.clone(),
         host: saved.host.clone(),
@@ -308,9 +316,17 @@ mod tests {
         other.seed += 1;
         let e = Job::restore(other, tmp.path().to_path_buf(), saved.clone()).unwrap_err();
         assert!(e.to_string().contains("recipe differs"), "{e}");
-        let ended = SavedJob { ended: Some("finished".into()), ..saved };
+        let ended = SavedJob { ended: Some("finished".into()), ..saved.clone() };
         let e = Job::restore(recipe(), tmp.path().to_path_buf(), ended).unwrap_err();
         assert!(e.to_string().contains("already ended"), "{e}");
+        // A member's rank count out of range (a corrupt file) is named, not allocated.
+        for local_ranks in [0, u32::MAX] {
+            let mut corrupt = saved.clone();
+            corrupt.members[1].local_ranks = local_ranks;
+            let e = Job::restore(recipe(), tmp.path().to_path_buf(), corrupt).unwrap_err();
+            let expected = format!("member {b}: `local_ranks` {local_ranks} is not in 1..=1024");
+            assert!(e.to_string().contains(&expected), "{e}");
+        }
     }
 
     #[test]

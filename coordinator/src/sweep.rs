@@ -82,6 +82,8 @@ pub struct SweepSettings {
     pub max_retries: u32,
     /// Heartbeat timeout of each run's job.
     pub heartbeat_timeout: Duration,
+    /// Rendezvous timeout of each run's job.
+    pub rendezvous_timeout: Duration,
 }
 
 /// Where a joining host goes.
@@ -265,11 +267,13 @@ impl Scheduler {
         let run = &mut self.runs[i];
         let id = run.cell.id.clone();
         let dir = self.layout.run_dir(&id);
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                std::fs::write(self.layout.run_recipe(&id), rsb_recipes::to_yaml(&run.recipe))
-            })
-            .map_err(|e| JobError::Precondition(format!("{}: {e}", dir.display())))?;
+        let recipe_file = self.layout.run_recipe(&id);
+        // Atomically: the report trusts it, and a crash must not leave it torn.
+        rsb_job::atomic_write::write_atomically(
+            &recipe_file,
+            rsb_recipes::to_yaml(&run.recipe).as_bytes(),
+        )
+        .map_err(|e| JobError::Precondition(format!("{}: {e}", recipe_file.display())))?;
         run.attempts += 1;
         run.state = RunState::Running;
         let mut job = Job::new(run.recipe.clone(), dir, hosts);
@@ -278,6 +282,7 @@ impl Scheduler {
         job.label = Some(id.clone());
         job.printer = self.printer.clone();
         job.heartbeat_timeout = self.settings.heartbeat_timeout;
+        job.rendezvous_timeout = self.settings.rendezvous_timeout;
         job.resume_from = run.resume_from.clone();
         let from = run
             .resume_from
@@ -398,6 +403,7 @@ mod tests {
             max_parallel,
             max_retries,
             heartbeat_timeout: Duration::from_secs(30),
+            rendezvous_timeout: crate::job::DEFAULT_RENDEZVOUS_TIMEOUT,
         }
     }
 

@@ -33,6 +33,7 @@ fn sweep_of(recipe: &rsb_recipes::Recipe, dir: &Path, ranks: u32) -> Scheduler {
         max_parallel: None,
         max_retries: 1,
         heartbeat_timeout: Duration::from_secs(30),
+        rendezvous_timeout: rsb_coordinator::job::DEFAULT_RENDEZVOUS_TIMEOUT,
     };
     Scheduler::new(rsb_job::SweepLayout::new(dir), settings, runs, Printer::default())
         .expect("a valid sweep")

@@ -1,19 +1,92 @@
-//! No hang, ever: one rank of a 3-rank TCP-ring job is frozen (SIGSTOP)
-//! mid-epoch, after its first step record. Its neighbours wait for it for
-//! `distributed.collective_timeout_secs` (15 s here), then fail with an error
-//! naming the collective call and their silent neighbour; the coordinator
-//! follows these reports to the rank that reported nothing and fails the job
-//! naming it (rank 1), and no process of the job is left behind.
+//! No hang, ever:
+//!
+//! * one rank of a 3-rank TCP-ring job is frozen (SIGSTOP) mid-epoch, after
+//!   its first step record. Its neighbours wait for it for
+//!   `distributed.collective_timeout_secs` (15 s here), then fail with an
+//!   error naming the collective call and their silent neighbour; the
+//!   coordinator follows these reports to the rank that reported nothing and
+//!   fails the job naming it (rank 1), and no process of the job is left
+//!   behind;
+//! * one rank of a 2-rank job freezes before it publishes its ring address
+//!   (its agent still heartbeats): the coordinator fails the job at
+//!   `--rendezvous-timeout-secs`, naming the rank and its host, and no
+//!   process is left behind.
 
 use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const TIMEOUT_SECS: u64 = 15;
+
+/// `coordinator up --local` of `nodes` workers training the tiny recipe on
+/// `data` into `out`, for 500 epochs (it does not end on its own).
+fn tiny_job(nodes: u32, data: &Path, out: &Path) -> Command {
+    let mut command = Command::new(binary("coordinator"));
+    command
+        .args(["up", "--local", "--nodes", &nodes.to_string(), "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(out)
+        .args(["--set", &format!("data.root={}", data.display())])
+        .args(["--set", "model.num_classes=10", "--set", "schedule.cosine.epochs=500"])
+        .current_dir(workspace_root())
+        .stdout(Stdio::null());
+    command
+}
+
+/// Starts `command` with its stderr drained into a string all along: the
+/// job's processes share this pipe, and a full pipe would block them.
+fn spawn_drained(command: &mut Command) -> (Child, Arc<Mutex<String>>, JoinHandle<()>) {
+    let mut child = command.stderr(Stdio::piped()).spawn().expect("starting the coordinator");
+    let output = Arc::new(Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = {
+        let output = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        })
+    };
+    (child, output, reader)
+}
+
+/// Waits up to `limit` for `child` to exit.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills what is left of `job` (after 30 s for it to go on its own) and
+/// returns the processes that were still there.
+fn left_behind(job: &[u32]) -> Vec<u32> {
+    let cleanup = Instant::now() + Duration::from_secs(30);
+    while !job.iter().all(|&pid| parent_of(pid).is_none()) && Instant::now() < cleanup {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left: Vec<u32> = job.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
+    for &pid in &left {
+        let _ = signal(pid, "KILL");
+    }
+    left
+}
 
 /// Waits (up to `limit`) until `ready` holds, failing early if the coordinator exits.
 fn wait_until(coordinator: &mut Child, limit: Duration, what: &str, ready: impl Fn() -> bool) {
@@ -43,37 +116,12 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     let out = tmp.path().join("run");
     let _ = binary("worker");
     let started = Instant::now();
-    let mut coordinator = Command::new(binary("coordinator"))
-        .args(["up", "--local", "--nodes", "3", "--recipe"])
-        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--set", &format!("data.root={}", data.display())])
-        .args(["--set", "model.num_classes=10", "--set", "schedule.cosine.epochs=500"])
-        // Three sampler streams, one per rank.
-        .args(["--set", "batch.global_size=24", "--set", "batch.repeated_augmentation=1"])
-        .args(["--set", &format!("distributed.collective_timeout_secs={TIMEOUT_SECS}")])
-        .current_dir(workspace_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the coordinator");
-    // Drained all along: the job's processes share this pipe, and a full
-    // pipe would block them.
-    let output = Arc::new(Mutex::new(String::new()));
-    let mut stderr = coordinator.stderr.take().expect("piped");
-    let reader = {
-        let output = Arc::clone(&output);
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buffer) {
-                if n == 0 {
-                    break;
-                }
-                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
-            }
-        })
-    };
+    let (mut coordinator, output, reader) = spawn_drained(
+        tiny_job(3, &data, &out)
+            // Three sampler streams, one per rank.
+            .args(["--set", "batch.global_size=24", "--set", "batch.repeated_augmentation=1"])
+            .args(["--set", &format!("distributed.collective_timeout_secs={TIMEOUT_SECS}")]),
+    );
     let log = |rank: u32| out.join(format!("ranks/rank-{rank}.log"));
     wait_until(&mut coordinator, Duration::from_secs(300), "the 3 ranks' first steps", || {
         (0..3).all(|r| has_step_record(&out.join(format!("ranks/rank-{r}.jsonl"))))
@@ -90,15 +138,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
 
     // Timeout plus a generous margin for a loaded machine.
     let limit = Duration::from_secs(TIMEOUT_SECS + 120);
-    let status = loop {
-        if let Some(status) = coordinator.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if frozen_at.elapsed() > limit {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = exit_within(&mut coordinator, limit);
     let failed_after = frozen_at.elapsed();
     eprintln!("the coordinator exited {failed_after:?} after the freeze");
     let others_left: Vec<u32> =
@@ -109,14 +149,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
         let _ = coordinator.kill();
     }
     let _ = coordinator.wait();
-    let cleanup = Instant::now() + Duration::from_secs(30);
-    while !job.iter().all(|&pid| parent_of(pid).is_none()) && Instant::now() < cleanup {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let left: Vec<u32> = job.iter().copied().filter(|&pid| parent_of(pid).is_some()).collect();
-    for &pid in &left {
-        let _ = signal(pid, "KILL");
-    }
+    let left = left_behind(&job);
     let _ = reader.join();
     let output = output.lock().unwrap().clone();
 
@@ -160,4 +193,54 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
         })
     });
     assert!(logged, "neither rank 0 nor rank 2 logged its collective timeout:\n{output}");
+}
+
+#[test]
+fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it() {
+    const RENDEZVOUS_TIMEOUT_SECS: u64 = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let _ = binary("worker");
+    let started = Instant::now();
+    let (mut coordinator, output, reader) = spawn_drained(
+        tiny_job(2, &data, &out)
+            .args(["--rendezvous-timeout-secs", &RENDEZVOUS_TIMEOUT_SECS.to_string()])
+            // Inherited by the workers and their ranks: rank 1 stops itself.
+            .env("RSB_STOP_BEFORE_RENDEZVOUS", "1"),
+    );
+    let log = out.join("ranks/rank-1.log");
+    wait_until(&mut coordinator, Duration::from_secs(120), "rank 1's log", || log.exists());
+    let job = descendants(coordinator.id());
+    let status = exit_within(&mut coordinator, Duration::from_secs(RENDEZVOUS_TIMEOUT_SECS + 120));
+    let took = started.elapsed();
+    if status.is_none() {
+        let _ = coordinator.kill();
+    }
+    let _ = coordinator.wait();
+    let left = left_behind(&job);
+    let _ = reader.join();
+    let output = output.lock().unwrap().clone();
+    let status = status
+        .unwrap_or_else(|| panic!("the job had not failed {took:?} after it started:\n{output}"));
+    assert!(!status.success(), "a job with a frozen rank must fail:\n{output}");
+    assert!(
+        took >= Duration::from_secs(RENDEZVOUS_TIMEOUT_SECS),
+        "the job failed {took:?} after its start, before the rendezvous deadline:\n{output}"
+    );
+    assert!(left.is_empty(), "processes of the job left behind: {left:?}\n{output}");
+    let text = std::fs::read_to_string(&log).expect("rank 1's log");
+    assert!(text.contains("stopping before the rendezvous"), "the hook did not fire:\n{text}");
+    let failure = output
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    assert!(
+        failure.contains("rank 1 on ")
+            && failure.contains(&format!(
+                "did not reach the rendezvous of generation 1 within {RENDEZVOUS_TIMEOUT_SECS}s"
+            ))
+            && failure.contains("1 of 2 rank(s) missing"),
+        "the failure does not name the frozen rank and the deadline: {failure}"
+    );
 }

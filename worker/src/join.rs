@@ -441,6 +441,9 @@ async fn serve_member(
     let mut job_failed = None;
     let mut done = vec![false; children.len()];
     let mut job_over = false;
+    // When the coordinator said the job is over: the ranks still running
+    // get `RANK_STOP_GRACE` from then to exit on their own.
+    let mut job_over_at: Option<tokio::time::Instant> = None;
     // The generation the current ranks run in (known from the first
     // heartbeat answer that does not say "pending").
     let mut rank_generation: Option<u64> = None;
@@ -502,6 +505,7 @@ async fn serve_member(
             match answer {
                 Ok(r) if !r.get_ref().keep_going => {
                     job_over = true;
+                    job_over_at = Some(tokio::time::Instant::now());
                     let failure = &r.get_ref().failure;
                     if !failure.is_empty() {
                         // The job failed elsewhere: stop our ranks instead of
@@ -561,6 +565,20 @@ async fn serve_member(
                 tracing::info!("next heartbeat try in {backoff:?}");
             }
         }
+        if job_over_at.is_some_and(|at| at.elapsed() > RANK_STOP_GRACE) {
+            // Every rank has already told the coordinator how it ended; one
+            // that does not exit (hung in a library's exit handler) must not
+            // keep its GPU, or this agent, for ever.
+            let running: Vec<String> =
+                (0..children.len()).filter(|&i| !done[i]).map(|i| i.to_string()).collect();
+            tracing::warn!(
+                "local rank process(es) {} still running {RANK_STOP_GRACE:?} after the job \
+                 ended; stopping them",
+                running.join(", ")
+            );
+            rsb_process::terminate(&mut children, Duration::from_secs(5)).await;
+            break;
+        }
         if !job_over && last_heartbeat.elapsed() > coordinator_deadline {
             let reason = format!(
                 "the coordinator at {} has not answered a heartbeat for {:?}",
@@ -612,7 +630,10 @@ impl StderrRelay {
             tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("{line}");
+                    // Not `eprintln!`, which panics when the agent's stderr is
+                    // gone (a closed pipe): the relay must keep draining the
+                    // rank's pipe, or the rank blocks on its next log line.
+                    let _ = writeln!(std::io::stderr(), "{line}");
                     if let Some(error) = error_line(&line) {
                         *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                     }
@@ -811,6 +832,13 @@ fn train_rank(
     };
     let backend = collective_backend(recipe.distributed.backend, device)
         .with_context(|| format!("rank {rank}"))?;
+    if std::env::var("RSB_STOP_BEFORE_RENDEZVOUS").is_ok_and(|r| r == rank.to_string()) {
+        // Test hook, inherited from `coordinator up --local`: this rank
+        // freezes (SIGSTOP to itself) before publishing, as a stopped or
+        // frozen process would; the coordinator's rendezvous deadline ends it.
+        tracing::warn!("RSB_STOP_BEFORE_RENDEZVOUS: stopping before the rendezvous");
+        rsb_process::stop_self();
+    }
     let timeout = Duration::from_secs(recipe.distributed.collective_timeout_secs);
     let collective: Box<dyn Collective> = match backend {
         CollectiveBackend::Nccl => nccl_collective(rank, world, timeout, rendezvous)?,

@@ -139,6 +139,24 @@ fn main() {
     }
 }
 
+/// Ends a rank process once it has told the coordinator how it ended (its
+/// `Leave`): at once, without exit-time handlers, as a rank past its stop
+/// deadline does. CUDA's and NCCL's handlers can block for ever, and a rank
+/// hung in them after a finished job would keep its GPU and its agent. Its
+/// log lines are already written (unbuffered); stderr is unbuffered too.
+fn end_rank(outcome: Result<()>) -> ! {
+    use std::io::Write;
+    let code = match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            // Not `eprintln!`, which panics when stderr is gone (a dead agent).
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            1
+        }
+    };
+    rsb_process::exit_now(code)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Doctor { json } => {
@@ -160,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => commands::eval(args),
         Command::Infer(args) => commands::infer(args),
         Command::Join(args) => join::join(args),
-        Command::Rank(args) => join::rank(args),
+        Command::Rank(args) => end_rank(join::rank(args)),
         Command::Bench { command: BenchCommand::Step(args) } => bench::step(args),
         Command::Bench { command: BenchCommand::Data(args) } => bench_data::data(args),
     }

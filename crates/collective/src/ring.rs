@@ -51,9 +51,13 @@ const TAG_LEN: usize = 32;
 const HELLO_LEN: usize = 12 + NONCE_LEN;
 /// The accepting side's answer to a proof it accepted.
 const ACCEPTED: u8 = 1;
-/// Longest wait for one handshake message (a silent stranger holds the
-/// listener no longer than this).
+/// Longest a handshake may take, however its bytes trickle in; a silent
+/// stranger's connection is dropped after it (and never holds up the real
+/// neighbour's handshake, which runs beside it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming connections challenged at once while a rank waits for its left
+/// neighbour; more wait in the listener's backlog.
+const MAX_HANDSHAKES: usize = 16;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -194,7 +198,7 @@ impl RingListener {
                     right_failed.store(true, Ordering::Relaxed);
                     link_err(right, &right_address, e)
                 })?;
-                prove_to_right(&stream, rank, world, key).map_err(|e| {
+                prove_to_right(&stream, rank, world, key, deadline).map_err(|e| {
                     right_failed.store(true, Ordering::Relaxed);
                     match e {
                         Handshake::Io(e) => link_err(right, &right_address, e),
@@ -275,14 +279,17 @@ impl From<std::io::Error> for Handshake {
 }
 
 /// The connecting side: hello with a nonce, check the listener's proof,
-/// send ours, wait for the verdict.
+/// send ours, wait for the verdict, all within [`HANDSHAKE_TIMEOUT`] and by
+/// `deadline`.
 fn prove_to_right(
     stream: &TcpStream,
     rank: usize,
     world: usize,
     key: &RingKey,
+    deadline: Instant,
 ) -> Result<(), Handshake> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = Vec::with_capacity(HELLO_LEN);
     for v in [MAGIC, rank as u32, world as u32] {
         hello.extend_from_slice(&v.to_le_bytes());
@@ -291,7 +298,7 @@ fn prove_to_right(
     let mut io = stream;
     io.write_all(&hello)?;
     let mut answer = [0u8; NONCE_LEN + TAG_LEN];
-    io.read_exact(&mut answer)?;
+    read_exact_until(stream, &mut answer, until)?;
     let (their_nonce, their_proof) = answer.split_at(NONCE_LEN);
     if !key.verify(ACCEPTOR_ROLE, &hello, their_nonce, their_proof) {
         tracing::warn!(
@@ -304,19 +311,54 @@ fn prove_to_right(
     }
     io.write_all(&key.proof(CONNECTOR_ROLE, &hello, their_nonce))?;
     let mut verdict = [0u8; 1];
-    match io.read_exact(&mut verdict) {
+    match read_exact_until(stream, &mut verdict, until) {
         Ok(()) if verdict[0] == ACCEPTED => Ok(()),
         _ => Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into())),
     }
 }
 
+/// Reads exactly `buf.len()` bytes by `until` (one deadline for them all,
+/// however slowly they trickle in).
+fn read_exact_until(stream: &TcpStream, buf: &mut [u8], until: Instant) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the handshake did not finish within {HANDSHAKE_TIMEOUT:?}"),
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match (&*stream).read(&mut buf[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            // A read timeout: the next turn says so, with the deadline.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The accepting side: read the hello, answer with a nonce and our proof,
-/// check the connecting side's proof. Returns the connecting rank and world.
-fn challenge_left(stream: &TcpStream, key: &RingKey) -> Result<(u32, u32), Handshake> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+/// check the connecting side's proof, all by `until`. Returns the
+/// connecting rank and world.
+fn challenge_left(
+    stream: &TcpStream,
+    key: &RingKey,
+    until: Instant,
+) -> Result<(u32, u32), Handshake> {
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut io = stream;
     let mut hello = [0u8; HELLO_LEN];
-    io.read_exact(&mut hello)?;
+    read_exact_until(stream, &mut hello, until)?;
     let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
     if word(0) != MAGIC {
         return Err(Handshake::Refused("it is not a ring peer (wrong hello)".into()));
@@ -327,7 +369,7 @@ fn challenge_left(stream: &TcpStream, key: &RingKey) -> Result<(u32, u32), Hands
     answer.extend_from_slice(&key.proof(ACCEPTOR_ROLE, &hello, &our_nonce));
     io.write_all(&answer)?;
     let mut proof = [0u8; TAG_LEN];
-    io.read_exact(&mut proof)?;
+    read_exact_until(stream, &mut proof, until)?;
     if !key.verify(CONNECTOR_ROLE, &hello, &our_nonce, &proof) {
         return Err(Handshake::Refused("it failed the ring challenge".into()));
     }
@@ -335,6 +377,11 @@ fn challenge_left(stream: &TcpStream, key: &RingKey) -> Result<(u32, u32), Hands
     Ok((word(4), word(8)))
 }
 
+/// Accepts the left neighbour's link by `deadline`. Every incoming
+/// connection is challenged on a thread of its own (at most
+/// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), so a
+/// stranger that connects and stalls cannot hold the neighbour's handshake
+/// up; strangers are refused and logged.
 fn accept_left(
     listener: &TcpListener,
     rank: usize,
@@ -350,35 +397,55 @@ fn accept_left(
         address: "listener".into(),
         source: e,
     })?;
+    type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32), Handshake>);
+    let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
+    let mut in_flight = 0usize;
     loop {
-        match listener.accept() {
+        while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
+            in_flight -= 1;
+            let (their_rank, their_world) = match outcome {
+                Ok(hello) => hello,
+                Err(Handshake::Refused(why)) => {
+                    tracing::warn!(rank, %peer_addr, "refused a ring connection: {why}");
+                    continue;
+                }
+                Err(Handshake::Io(e)) => {
+                    tracing::warn!(
+                        rank,
+                        %peer_addr,
+                        "refused a ring connection that broke off the handshake: {e}"
+                    );
+                    continue;
+                }
+            };
+            if their_rank as usize != left || their_world as usize != world {
+                return Err(CollectiveError::Protocol {
+                    rank,
+                    problem: format!(
+                        "expected rank {left} of {world} on the left link, got rank \
+                         {their_rank} of {their_world}"
+                    ),
+                });
+            }
+            return Ok(stream);
+        }
+        let accepted = if in_flight < MAX_HANDSHAKES {
+            listener.accept()
+        } else {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        };
+        match accepted {
             Ok((stream, peer_addr)) => {
                 stream.set_nonblocking(false).ok();
-                let (their_rank, their_world) = match challenge_left(&stream, key) {
-                    Ok(hello) => hello,
-                    Err(Handshake::Refused(why)) => {
-                        tracing::warn!(rank, %peer_addr, "refused a ring connection: {why}");
-                        continue;
-                    }
-                    Err(Handshake::Io(e)) => {
-                        tracing::warn!(
-                            rank,
-                            %peer_addr,
-                            "refused a ring connection that broke off the handshake: {e}"
-                        );
-                        continue;
-                    }
-                };
-                if their_rank as usize != left || their_world as usize != world {
-                    return Err(CollectiveError::Protocol {
-                        rank,
-                        problem: format!(
-                            "expected rank {left} of {world} on the left link, got rank \
-                             {their_rank} of {their_world}"
-                        ),
-                    });
-                }
-                return Ok(stream);
+                in_flight += 1;
+                let key = key.clone();
+                let challenged = challenged.clone();
+                let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
+                std::thread::spawn(move || {
+                    let outcome = challenge_left(&stream, &key, until);
+                    // The receiver is gone once the left link is chosen.
+                    let _ = challenged.send((peer_addr, stream, outcome));
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if give_up.load(Ordering::Relaxed) {
@@ -400,6 +467,18 @@ fn accept_left(
                     });
                 }
                 std::thread::sleep(Duration::from_millis(5));
+            }
+            // A connection that went away before it was accepted, or a
+            // signal: not the neighbour's failure.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                tracing::debug!(rank, "an incoming ring connection went away: {e}");
             }
             Err(e) => {
                 return Err(CollectiveError::Link {
@@ -1244,6 +1323,20 @@ mod tests {
         assert!(err.contains("rank 1") || err.contains("never connected"), "{err}");
     }
 
+    /// Links `a` (rank 0) and `b` (rank 1) into a ring of two, at once.
+    fn link_pair(
+        a: RingListener,
+        b: RingListener,
+        addresses: &[String],
+        config: &RingConfig,
+    ) -> [Result<TcpRing, CollectiveError>; 2] {
+        std::thread::scope(|scope| {
+            let ha = scope.spawn(move || a.connect(0, addresses, &key(), config.clone()));
+            let hb = scope.spawn(move || b.connect(1, addresses, &key(), config.clone()));
+            [ha.join().unwrap(), hb.join().unwrap()]
+        })
+    }
+
     /// An impostor that knows the protocol but not the key.
     fn impostor_hello(rank: u32, world: u32) -> Vec<u8> {
         let mut hello = Vec::new();
@@ -1282,13 +1375,7 @@ mod tests {
         });
         queued.recv().unwrap();
         let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
-        let rings = std::thread::scope(|scope| {
-            let addrs = &addresses;
-            let config = &config;
-            let ha = scope.spawn(move || a.connect(0, addrs, &key(), config.clone()));
-            let hb = scope.spawn(move || b.connect(1, addrs, &key(), config.clone()));
-            [ha.join().unwrap(), hb.join().unwrap()]
-        });
+        let rings = link_pair(a, b, &addresses, &config);
         impostor.join().unwrap();
         let mut rings: Vec<TcpRing> = rings.into_iter().map(|r| r.unwrap()).collect();
         std::thread::scope(|scope| {
@@ -1300,6 +1387,41 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn strangers_that_connect_and_stall_do_not_hold_up_the_left_neighbour() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        // Connected to rank 1 before rank 0 is: one sends nothing, one sends
+        // its hello a byte at a time, slower than any handshake may take.
+        let silent = TcpStream::connect(&addresses[1]).unwrap();
+        let trickling = TcpStream::connect(&addresses[1]).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let trickler = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                for byte in impostor_hello(0, 2) {
+                    if stop.load(Ordering::Relaxed) || (&trickling).write_all(&[byte]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        };
+        let start = Instant::now();
+        let config = RingConfig { timeout: Duration::from_secs(30), segment_floats: 16 };
+        let rings = link_pair(a, b, &addresses, &config);
+        let linked_after = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        trickler.join().unwrap();
+        drop(silent);
+        for ring in rings {
+            ring.unwrap();
+        }
+        assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
     }
 
     #[test]

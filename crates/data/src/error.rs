@@ -32,6 +32,26 @@ pub enum DecodeError {
         /// The limit, [`crate::decode::MAX_PIXELS`].
         limit: u64,
     },
+    /// The evaluation resize of an extremely elongated image (its shorter
+    /// side to the resize target) would make more pixels than the limit.
+    #[error(
+        "{width}x{height}: resizing its shorter side to {short} gives \
+         {resized_width}x{resized_height}, over the {limit}-pixel limit"
+    )]
+    ResizedTooLarge {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// The shorter side's target.
+        short: u32,
+        /// Width after the resize.
+        resized_width: u64,
+        /// Height after the resize.
+        resized_height: u64,
+        /// The limit, [`crate::decode::MAX_PIXELS`].
+        limit: u64,
+    },
     /// libjpeg-turbo failed.
     #[error(transparent)]
     Jpeg(#[from] JpegError),

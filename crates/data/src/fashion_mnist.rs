@@ -86,8 +86,11 @@ fn read_images(dir: &Path, stem: &str) -> Result<IdxImages, DataError> {
     }
     let (count, rows, cols) =
         (be_u32(&bytes, 4) as usize, be_u32(&bytes, 8) as usize, be_u32(&bytes, 12) as usize);
-    let expected = 16 + count * rows * cols;
-    if bytes.len() != expected {
+    let expected =
+        count.checked_mul(rows).and_then(|n| n.checked_mul(cols)).and_then(|n| n.checked_add(16));
+    if expected != Some(bytes.len()) {
+        let expected =
+            expected.map_or_else(|| "more than can be addressed".into(), |n| n.to_string());
         return Err(bad(format!(
             "header says {count} images of {rows}x{cols} ({expected} bytes) but the file has {} bytes",
             bytes.len()
@@ -312,5 +315,11 @@ mod tests {
         std::fs::write(src.path().join("train-images-idx3-ubyte"), bad).unwrap();
         let err = import(src.path(), &out).unwrap_err().to_string();
         assert!(err.contains("train-images-idx3-ubyte") && err.contains("20 bytes"), "{err}");
+        // Dimensions whose product overflows are an error, not a wrapped size.
+        let mut huge = vec![0, 0, 8, 3];
+        huge.extend_from_slice(&[0xff; 12]);
+        std::fs::write(src.path().join("train-images-idx3-ubyte"), huge).unwrap();
+        let err = import(src.path(), &out).unwrap_err().to_string();
+        assert!(err.contains("(more than can be addressed bytes)"), "{err}");
     }
 }

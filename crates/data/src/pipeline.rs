@@ -401,13 +401,13 @@ impl EvalData {
             EvalBatch { len: 0, size, images: Vec::new(), labels: Vec::new(), indices: Vec::new() };
         for index in start..end {
             let sample = &self.folder.samples()[index];
-            let decoded = sample
-                .read()
-                .map_err(|e| failure_reason(&e))
-                .and_then(|b| decode_bytes(&b).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(img) => {
-                    let out = self.transform.apply(&img);
+            let transformed = sample.read().map_err(|e| failure_reason(&e)).and_then(|b| {
+                decode_bytes(&b)
+                    .and_then(|img| self.transform.apply(&img))
+                    .map_err(|e| e.to_string())
+            });
+            match transformed {
+                Ok(out) => {
                     batch.images.extend_from_slice(&out.data);
                     batch.labels.push(sample.label);
                     batch.indices.push(index);

@@ -10,7 +10,7 @@
 //! region and flips in place; with DCT scaling off its output equals
 //! [`TrainTransform::apply`] on the fully decoded image.
 
-use crate::decode::{decode_for_crop, probe};
+use crate::decode::{decode_for_crop, probe, MAX_PIXELS};
 use crate::error::DecodeError;
 use crate::image::resize::{crop, resize, resize_region, resize_region_box, Region};
 use crate::image::{Filter, RgbImage};
@@ -207,16 +207,29 @@ impl EvalTransform {
     }
 
     /// torchvision `Resize(resize_to)` (shorter side, longer side truncated)
-    /// then `CenterCrop(size)` (offsets rounded half to even).
-    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+    /// then `CenterCrop(size)` (offsets rounded half to even). An image so
+    /// elongated that the resized one would exceed [`MAX_PIXELS`] (a
+    /// 65000x1 strip) is refused, as its decoding would be.
+    pub fn apply(&self, img: &RgbImage) -> Result<RgbImage, DecodeError> {
         let (w, h) = (u64::from(img.width), u64::from(img.height));
         let short = u64::from(self.resize_to);
         let (new_w, new_h) = if w <= h { (short, short * h / w) } else { (short * w / h, short) };
+        if new_w.saturating_mul(new_h) > MAX_PIXELS {
+            return Err(DecodeError::ResizedTooLarge {
+                width: img.width,
+                height: img.height,
+                short: self.resize_to,
+                resized_width: new_w,
+                resized_height: new_h,
+                limit: MAX_PIXELS,
+            });
+        }
+        // Both sides fit in u32: their product is at most MAX_PIXELS.
         let resized = resize(img, new_w as u32, new_h as u32, self.filter);
         let size = self.size.min(resized.width).min(resized.height);
         let top = round_half_even(f64::from(resized.height - size) / 2.0) as u32;
         let left = round_half_even(f64::from(resized.width - size) / 2.0) as u32;
-        crop(&resized, left, top, size, size)
+        Ok(crop(&resized, left, top, size, size))
     }
 }
 
@@ -273,8 +286,22 @@ mod tests {
         let t = EvalTransform::new(32, 0.95, Filter::Bicubic);
         assert_eq!(t.resize_to, 33);
         let img = RgbImage::filled(500, 375, [9, 8, 7]);
-        let out = EvalTransform::new(224, 0.95, Filter::Bicubic).apply(&img);
+        let out = EvalTransform::new(224, 0.95, Filter::Bicubic).apply(&img).unwrap();
         assert_eq!((out.width, out.height), (224, 224));
         assert_eq!(out.pixel(100, 100), [9, 8, 7]);
+    }
+
+    #[test]
+    fn an_image_too_elongated_to_resize_for_evaluation_is_refused_not_allocated() {
+        // 40000x1: its shorter side to 235 px would make 9.4 M x 235 pixels.
+        let strip = RgbImage::filled(40_000, 1, [1, 2, 3]);
+        let error = EvalTransform::new(224, 0.95, Filter::Bicubic).apply(&strip).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "40000x1: resizing its shorter side to 235 gives 9400000x235, over the \
+             178956970-pixel limit"
+        );
+        let tall = RgbImage::filled(1, 40_000, [1, 2, 3]);
+        assert!(EvalTransform::new(224, 0.95, Filter::Bicubic).apply(&tall).is_err());
     }
 }

@@ -1,22 +1,27 @@
 //! What every process of a job agrees on, without libtorch: the batch plan
 //! and the one rule for which rank runs which sampler streams ([`plan`]), the
 //! metrics records the trainer writes to `metrics.jsonl` and rank 0 sends
-//! to the coordinator ([`records`]), what makes a checkpoint folder count
+//! to the coordinator ([`records`]) and the log they are appended to
+//! ([`metrics_log`]), what makes a checkpoint folder count
 //! and which one a resume uses ([`checkpoint`]), and the rules of a run
 //! folder: no second run in one `--out`, no silent recipe change on resume
 //! ([`run_folder`]), and what a sweep of seeds and grids is: its arguments,
-//! cells, manifest and folder layout ([`sweep`]).
+//! cells, manifest and folder layout ([`sweep`]), and the atomic
+//! replacement of the small files they write ([`atomic_write`]).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod atomic_write;
 pub mod checkpoint;
+pub mod metrics_log;
 pub mod plan;
 pub mod records;
 pub mod run_folder;
 pub mod sweep;
 
 pub use checkpoint::CheckpointError;
+pub use metrics_log::{MetricsLog, MetricsLogError};
 pub use plan::{streams_of_rank, BatchPlan, PlanError};
 pub use records::{
     EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,

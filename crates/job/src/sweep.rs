@@ -28,7 +28,6 @@
 use rsb_recipes::{Recipe, RecipeSource};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The manifest file of a sweep folder.
@@ -463,16 +462,10 @@ impl SweepManifest {
 /// its folder (created if need be), fsynced, renamed over the old one.
 /// Returns the path.
 fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
-    let io = |source| SweepError::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     // Plain data (strings, numbers, lists): serialization cannot fail.
-    let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.write_all(b"\n").map_err(io)?;
-    file.as_file().sync_all().map_err(io)?;
-    file.persist(path).map_err(|e| io(e.error))?;
+    let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    crate::atomic_write::write_atomically(path, text.as_bytes())
+        .map_err(|source| SweepError::Io { path: path.to_path_buf(), source })?;
     Ok(path.to_path_buf())
 }
 

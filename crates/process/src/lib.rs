@@ -116,6 +116,13 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { nix::libc::_exit(code) }
 }
 
+/// Stops this process (`SIGSTOP` to itself) until something sends it
+/// `SIGCONT` or kills it: a frozen process, for the tests of what a job does
+/// about one.
+pub fn stop_self() {
+    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,46 @@ pub fn sync_and_rename(staged: &Path, target: &Path) -> std::io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
+/// Puts the folder `staged` in the place of `target`, fsyncing both: a
+/// missing `target` is renamed into place ([`sync_and_rename`]); an
+/// existing one is exchanged with `staged` in one step
+/// (`renameat2(RENAME_EXCHANGE)`), so that `target` names a complete
+/// folder at every moment, and the old one, now at `staged`, is deleted.
+/// Where the file system cannot exchange, the old folder is first renamed
+/// to a hidden sibling (a moment without `target`, as before a first save).
+pub fn replace_folder(staged: &Path, target: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    if !target.exists() {
+        return sync_and_rename(staged, target);
+    }
+    File::open(staged)?.sync_all()?;
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let old = match renameat2(AT_FDCWD, staged, AT_FDCWD, target, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => staged.to_path_buf(),
+        Err(
+            nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS | nix::errno::Errno::EOPNOTSUPP,
+        ) => {
+            let aside = temporary_sibling(&target.with_file_name(format!(
+                "{}.old",
+                target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            )));
+            std::fs::rename(target, &aside)?;
+            if let Err(e) = std::fs::rename(staged, target) {
+                // Put the old folder back: the hidden name would be pruned.
+                let _ = std::fs::rename(&aside, target);
+                return Err(e);
+            }
+            aside
+        }
+        Err(errno) => return Err(errno.into()),
+    };
+    File::open(parent)?.sync_all()?;
+    if let Err(e) = std::fs::remove_dir_all(&old) {
+        tracing::warn!(folder = %old.display(), error = %e, "could not delete the replaced folder");
+    }
+    Ok(())
+}
+
 /// Writes the file `path` atomically: `write` fills a temporary sibling (the
 /// path it is given), which is then fsynced and renamed over `path`, and the
 /// folder is fsynced. If `write` or any step fails, the temporary file is
@@ -130,6 +170,30 @@ mod tests {
         sync_and_rename(&staged, &target).unwrap();
         assert_eq!(names(dir.path()), ["epoch-0001"]);
         assert_eq!(std::fs::read(target.join("state.json")).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn a_folder_replaces_an_existing_one_whole_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("epoch-0004");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("old.bin"), "old").unwrap();
+        for round in 0..2 {
+            let staged = temporary_sibling(&target);
+            std::fs::create_dir(&staged).unwrap();
+            std::fs::write(staged.join("model.safetensors"), format!("new {round}")).unwrap();
+            replace_folder(&staged, &target).unwrap();
+            assert_eq!(names(dir.path()), ["epoch-0004"]);
+            assert_eq!(names(&target), ["model.safetensors"]);
+            let text = std::fs::read_to_string(target.join("model.safetensors")).unwrap();
+            assert_eq!(text, format!("new {round}"));
+        }
+        // A missing target: the staged folder is renamed into place.
+        let fresh = dir.path().join("epoch-0005");
+        let staged = temporary_sibling(&fresh);
+        std::fs::create_dir(&staged).unwrap();
+        replace_folder(&staged, &fresh).unwrap();
+        assert_eq!(names(dir.path()), ["epoch-0004", "epoch-0005"]);
     }
 
     #[test]

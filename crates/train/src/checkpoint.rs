@@ -25,7 +25,7 @@
 //! validation top-1 ([`TrainState::best_epoch`]) is never pruned while it is
 //! the best.
 
-use crate::atomic_file::{self, sync_and_rename, temporary_sibling};
+use crate::atomic_file::{self, replace_folder, temporary_sibling};
 use crate::error::TrainError;
 use crate::grad_scaler::ScalerState;
 use crate::lamb::{Lamb, LambSteps};
@@ -164,11 +164,9 @@ pub fn save(
     // The manifest describes the parts as they are on disk, and is written last.
     let manifest = Manifest::of_parts(&staging, &PARTS)?;
     atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
-    if target.exists() {
-        // Re-running an epoch (after a resume from an older checkpoint) replaces it.
-        std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
-    }
-    sync_and_rename(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
+    // Re-running an epoch (after a resume from an older checkpoint) replaces
+    // its checkpoint, in one step: a crash never leaves the folder missing.
+    replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
     prune(run_dir, keep_last.max(1), state.best_epoch.map(folder_name).as_deref());
     Ok(target)
 }

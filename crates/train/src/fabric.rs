@@ -48,8 +48,9 @@ pub fn probe_fabric(
         TrainError::Collective { operation: "link probe of the fabric probe".into(), error }
     })?;
     let floats = bytes.div_ceil(4);
-    // Bucket-sized tensors, as the gradients travel: the staging buffers
-    // are the ones training reuses.
+    // Bucket-sized tensors, as the gradients travel, through the same path
+    // (the ring's staging pool keeps their pinned buffers for a later
+    // tensor of the same length).
     let mut tensors = Vec::new();
     for start in (0..floats).step_by(BUCKET_FLOATS) {
         let len = BUCKET_FLOATS.min(floats - start);

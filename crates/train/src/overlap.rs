@@ -492,6 +492,41 @@ mod tests {
     }
 
     #[test]
+    fn resnet50s_buckets_are_those_docs_scaling_md_predicts_with() {
+        let model =
+            rsb_vision::Model::new("resnet50", rsb_vision::ModelConfig::default(), Device::Cpu)
+                .unwrap();
+        let config = rsb_recipes::LambOptimizer {
+            lr: 5e-3,
+            weight_decay: 0.02,
+            betas: [0.9, 0.999],
+            eps: 1e-6,
+            max_grad_norm: None,
+            trust_clip: false,
+            always_adapt: false,
+        };
+        let optimizer = crate::lamb::Lamb::new(&model, &config).unwrap();
+        let params = optimizer.parameters();
+        let buckets = GradientBuckets::new(
+            params.iter().map(Tensor::shallow_clone).collect(),
+            BUCKET_FLOATS,
+            false,
+            GradientCompression::None,
+        )
+        .unwrap();
+        let sizes: Vec<usize> =
+            buckets.buckets.iter().map(|b| b.iter().map(|&i| params[i].numel()).sum()).collect();
+        eprintln!("resnet50's gradient buckets, in floats: {sizes:?}");
+        // docs/scaling.md: K = 5 buckets, the last (the first convolutions
+        // and every BN weight and bias: LAMB's no-decay group) 2.6 MB.
+        assert_eq!(sizes.iter().sum::<usize>(), 25_557_032);
+        assert_eq!(sizes.len(), 5, "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= BUCKET_FLOATS), "{sizes:?}");
+        let last = sizes[4] * 4;
+        assert!((2_500_000..2_700_000).contains(&last), "the last bucket holds {last} bytes");
+    }
+
+    #[test]
     fn overlapped_and_after_backward_reductions_give_identical_gradients() {
         // One bucket per parameter (100 floats), and everything in one.
         for (micro_batches, bucket_floats) in [(1, 100), (2, 100), (2, BUCKET_FLOATS)] {

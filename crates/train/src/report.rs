@@ -1,51 +1,32 @@
 //! What a run tells the world: the typed [`MetricsRecord`]s, written to the
-//! rank's `metrics.jsonl` (one JSON object per line, flushed as written so a
-//! crash loses nothing already reported) and handed to the job's sink on rank
+//! rank's `metrics.jsonl` (one JSON object per line, each in one write, so a
+//! crash loses nothing already reported; see [`rsb_job::metrics_log`]) and handed to the job's sink on rank
 //! 0, and the progress a person sees — a progress bar on a terminal, log
 //! lines otherwise, from rank 0 only.
 
 use crate::error::TrainError;
 use rsb_data::labels::EvalCounts;
 use rsb_job::records::skipped_updates_note;
-use rsb_job::{EvalSetAccuracy, MetricsRecord};
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use rsb_job::{EvalSetAccuracy, MetricsLog, MetricsLogError, MetricsRecord};
+use std::path::Path;
 
 /// Receives every metrics record of rank 0 (the worker forwards them to the coordinator).
 pub type MetricsSink = Box<dyn FnMut(&MetricsRecord) + Send>;
 
-/// Append-only JSON-lines log of [`MetricsRecord`]s.
-#[derive(Debug)]
-pub struct MetricsLog {
-    path: PathBuf,
-    out: BufWriter<File>,
+/// A metrics log's failure as the trainer's error, naming the file.
+fn log_error(error: MetricsLogError) -> TrainError {
+    match error {
+        MetricsLogError::Io { path, source } => TrainError::io(path, source),
+        MetricsLogError::Encode { path, source, .. } => {
+            TrainError::io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, source))
+        }
+    }
 }
 
-impl MetricsLog {
-    /// Opens (appending; a resumed run continues the same file) `path`,
-    /// creating its folder.
-    pub fn open(path: &Path) -> Result<MetricsLog, TrainError> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| TrainError::io(path, e))?;
-        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(file) })
-    }
-
-    /// Writes one record and flushes it.
-    pub fn write(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
-        let line = serde_json::to_string(record).map_err(|e| {
-            TrainError::io(&self.path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        writeln!(self.out, "{line}")
-            .and_then(|_| self.out.flush())
-            .map_err(|e| TrainError::io(&self.path, e))
-    }
+/// Opens (appending; a resumed run continues the same file, a torn last
+/// line cut off) the rank's metrics log at `path`, creating its folder.
+pub fn open_metrics_log(path: &Path) -> Result<MetricsLog, TrainError> {
+    MetricsLog::open(path).map_err(log_error)
 }
 
 /// Where a rank's records go: its own file, and on rank 0 the job's sink.
@@ -76,7 +57,7 @@ impl Records {
 
     /// Writes a record to the rank's own file and hands it to the sink.
     pub fn publish(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
-        self.log.write(record)?;
+        self.log.append(record).map_err(log_error)?;
         if let Some(sink) = &mut self.sink {
             sink(record);
         }
@@ -85,7 +66,7 @@ impl Records {
 
     /// Writes a record to the rank's own file only (per-rank checksums).
     pub fn write_local(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
-        self.log.write(record)
+        self.log.append(record).map_err(log_error)
     }
 }
 

@@ -82,7 +82,7 @@ use crate::host_read;
 use crate::lamb::Lamb;
 use crate::loss::Loss;
 use crate::overlap::GradientBuckets;
-use crate::report::{MetricsLog, Progress, Records};
+use crate::report::{open_metrics_log, Progress, Records};
 use crate::sample_trace::{SampleRecord, SampleTrace};
 use crate::schedule::CosineWithWarmup;
 use crate::stop::{poll_period, write_while_answering, StopRequest, CHECKPOINT_WRITE_DEADLINE};
@@ -493,7 +493,7 @@ impl Trainer {
         // Only once a resume is accepted does the run folder get a record.
         std::fs::create_dir_all(&options.out_dir)
             .map_err(|e| TrainError::io(&options.out_dir, e))?;
-        let records = Records::new(MetricsLog::open(&options.out_dir.join(&options.metrics_file))?);
+        let records = Records::new(open_metrics_log(&options.out_dir.join(&options.metrics_file))?);
         Ok(Trainer {
             loss: Loss::from_recipe(&recipe.loss),
             threads: from_recipe::loader_threads(&recipe),

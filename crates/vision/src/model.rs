@@ -66,7 +66,9 @@ pub struct Model {
     compute_kind: Kind,
     /// timm keeps one counter per BN layer; they always move together.
     num_batches_tracked: i64,
-    /// Trainable variables in creation order (timm's `named_parameters` order).
+    /// Trainable variables in creation order: timm's `named_parameters`
+    /// order, except that a ResNet block creates its `downsample` first
+    /// (timm lists it after `bn3`).
     parameters: Vec<(String, Tensor)>,
     /// Running statistics, sorted by name.
     buffers: Vec<(String, Tensor)>,
@@ -165,7 +167,9 @@ impl Model {
         Ok(logits)
     }
 
-    /// Trainable variables in timm's `named_parameters()` order.
+    /// Trainable variables in creation order (timm's `named_parameters()`
+    /// order, but for a ResNet block's `downsample`, which comes first here).
+    /// The names, not the order, are what checkpoints and timm share.
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
         &self.parameters
     }
