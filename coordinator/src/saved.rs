@@ -18,7 +18,6 @@ use rsb_job::GenerationReason;
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use serde::{Deserialize, Serialize};
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -184,15 +183,10 @@ impl SavedJob {
     /// Writes it as `OUT/coordinator-state.json`, atomically, mode 0600.
     pub fn write(&self, out: &Path) -> Result<(), SavedError> {
         let path = out.join(STATE_FILE);
-        let io = |source| SavedError::Io { path: path.clone(), source };
-        // A temporary file is created with mode 0600.
-        let mut file = tempfile::NamedTempFile::new_in(out).map_err(io)?;
         // Plain data: serialization cannot fail.
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.as_file().sync_all().map_err(io)?;
-        file.persist(&path).map_err(|e| io(e.error))?;
-        Ok(())
+        rsb_job::atomic_write::write_atomically(&path, text.as_bytes())
+            .map_err(|source| SavedError::Io { path, source })
     }
 }
 

@@ -39,7 +39,8 @@ use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// "RSB2": the authenticated hello (version 1 had none).
@@ -377,6 +378,23 @@ fn challenge_left(
     Ok((word(4), word(8)))
 }
 
+/// One of the [`MAX_HANDSHAKES`] handshake threads' places, given back when
+/// the thread ends, by a panic too (the guard's drop), so none is lost.
+struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl HandshakeSlot {
+    fn take(in_flight: &Arc<AtomicUsize>) -> HandshakeSlot {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        HandshakeSlot(in_flight.clone())
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Accepts the left neighbour's link by `deadline`. Every incoming
 /// connection is challenged on a thread of its own (at most
 /// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), so a
@@ -399,10 +417,10 @@ fn accept_left(
     })?;
     type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32), Handshake>);
     let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
-    let mut in_flight = 0usize;
+    // Handshake threads now running.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
-            in_flight -= 1;
             let (their_rank, their_world) = match outcome {
                 Ok(hello) => hello,
                 Err(Handshake::Refused(why)) => {
@@ -429,7 +447,7 @@ fn accept_left(
             }
             return Ok(stream);
         }
-        let accepted = if in_flight < MAX_HANDSHAKES {
+        let accepted = if in_flight.load(Ordering::SeqCst) < MAX_HANDSHAKES {
             listener.accept()
         } else {
             Err(std::io::ErrorKind::WouldBlock.into())
@@ -437,15 +455,23 @@ fn accept_left(
         match accepted {
             Ok((stream, peer_addr)) => {
                 stream.set_nonblocking(false).ok();
-                in_flight += 1;
+                let slot = HandshakeSlot::take(&in_flight);
                 let key = key.clone();
                 let challenged = challenged.clone();
                 let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
-                std::thread::spawn(move || {
-                    let outcome = challenge_left(&stream, &key, until);
-                    // The receiver is gone once the left link is chosen.
-                    let _ = challenged.send((peer_addr, stream, outcome));
-                });
+                let spawned =
+                    std::thread::Builder::new().name("ring-handshake".into()).spawn(move || {
+                        let _slot = slot;
+                        let outcome = challenge_left(&stream, &key, until);
+                        // The receiver is gone once the left link is chosen.
+                        let _ = challenged.send((peer_addr, stream, outcome));
+                    });
+                // The closure, its slot and the connection are dropped with
+                // the error; were it the neighbour's, its handshake fails
+                // with a link error that names this rank.
+                if let Err(e) = spawned {
+                    tracing::warn!(rank, %peer_addr, "dropped a ring connection: no thread to challenge it: {e}");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if give_up.load(Ordering::Relaxed) {
@@ -1107,6 +1133,23 @@ mod tests {
 
     fn key() -> RingKey {
         RingKey::derive(b"the job token of these tests")
+    }
+
+    #[test]
+    fn a_handshake_thread_that_panics_gives_its_slot_back() {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let kept = HandshakeSlot::take(&in_flight);
+        let slot = HandshakeSlot::take(&in_flight);
+        assert_eq!(in_flight.load(Ordering::SeqCst), 2);
+        let crashed = std::thread::spawn(move || {
+            let _slot = slot;
+            panic!("a bug in the challenge");
+        })
+        .join();
+        assert!(crashed.is_err(), "the thread should have panicked");
+        assert_eq!(in_flight.load(Ordering::SeqCst), 1, "the panicked thread kept its slot");
+        drop(kept);
+        assert_eq!(in_flight.load(Ordering::SeqCst), 0);
     }
 
     /// Forms a ring of `n` ranks on loopback, one thread each, and runs `f` on every rank.

@@ -1,6 +1,8 @@
-//! Crash-safe file and folder replacement, the one implementation of "write
-//! to a temporary sibling, fsync it, rename it over the target, fsync the
-//! parent folder" that checkpoints are built from.
+//! Crash-safe file and folder replacement for checkpoints: "write to a
+//! temporary sibling, fsync it, rename it over the target, fsync the parent
+//! folder", for folders and for files that a library writes by path (the
+//! safetensors weights). Small files given as bytes go through
+//! [`rsb_job::atomic_write`], the one writer the coordinator uses too.
 //!
 //! The temporary sibling lives in the target's folder, so the rename stays on
 //! one file system and is atomic: after a crash, the target is either absent,
@@ -85,9 +87,10 @@ pub fn write_with(
     result
 }
 
-/// Writes `bytes` to the file `path` atomically (see [`write_with`]).
+/// Writes `bytes` to the file `path` atomically
+/// ([`rsb_job::atomic_write::write_atomically`]).
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    write_with(path, |staged| std::fs::write(staged, bytes).map_err(|e| TrainError::io(staged, e)))
+    rsb_job::atomic_write::write_atomically(path, bytes).map_err(|e| TrainError::io(path, e))
 }
 
 #[cfg(test)]
@@ -199,9 +202,11 @@ mod tests {
     #[test]
     fn errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("missing-folder").join("state.json");
+        // A file where the folder should be.
+        std::fs::write(dir.path().join("not-a-folder"), b"").unwrap();
+        let target = dir.path().join("not-a-folder").join("state.json");
         let err = write_bytes(&target, b"{}").unwrap_err().to_string();
-        assert!(err.contains("missing-folder"), "{err}");
+        assert!(err.contains("not-a-folder"), "{err}");
     }
 
     #[test]
