@@ -277,8 +277,31 @@ pub struct Job {
     /// Where the job's state is saved for a restart of the coordinator
     /// ([`crate::saved`]); `None`: not saved (a sweep's runs).
     pub state_file: Option<PathBuf>,
-    /// What was saved last (written again only when it changes).
+    /// The state last handed out to be saved (saved again only when it
+    /// changes), and how many states were handed out.
     last_saved: Option<crate::saved::SavedJob>,
+    saved_version: u64,
+}
+
+/// A job's state to be written to its state file: taken under the
+/// coordinator's lock ([`Job::state_to_save`]), written after the lock is
+/// released ([`PendingSave::write`]), so a slow disk holds up no other call.
+/// Versions order the states of one job: a state older than one already
+/// written is not written.
+#[derive(Debug)]
+pub struct PendingSave {
+    /// The job's state file.
+    pub file: PathBuf,
+    /// The state's place among this job's states (1, 2, ...).
+    pub version: u64,
+    saved: crate::saved::SavedJob,
+}
+
+impl PendingSave {
+    /// Writes the state atomically ([`crate::saved::SavedJob::write`]).
+    pub fn write(&self) -> Result<(), crate::saved::SavedError> {
+        self.saved.write(self.file.parent().unwrap_or(Path::new(".")))
+    }
 }
 
 impl Job {
@@ -328,6 +351,7 @@ impl Job {
             total_updates: None,
             state_file: None,
             last_saved: None,
+            saved_version: 0,
         }
     }
 
@@ -354,19 +378,25 @@ impl Job {
         self.next_generation(Some(reason));
     }
 
-    /// Saves the job's state to [`Job::state_file`] when it changed since
-    /// the last save (a failure is logged: the job goes on, and only a
-    /// restart of the coordinator would miss it).
-    pub fn save_if_changed(&mut self) {
-        let Some(file) = &self.state_file else { return };
+    /// The job's state to save to [`Job::state_file`], when it changed
+    /// since the last one handed out (see [`PendingSave`]).
+    pub fn state_to_save(&mut self) -> Option<PendingSave> {
+        let file = self.state_file.clone()?;
         let saved = crate::saved::SavedJob::of(self);
         if self.last_saved.as_ref() == Some(&saved) {
-            return;
+            return None;
         }
-        let dir = file.parent().unwrap_or(Path::new("."));
-        match saved.write(dir) {
-            Ok(()) => self.last_saved = Some(saved),
-            Err(e) => tracing::error!("cannot save the job's state for a restart: {e}"),
+        self.last_saved = Some(saved.clone());
+        self.saved_version += 1;
+        Some(PendingSave { file, version: self.saved_version, saved })
+    }
+
+    /// The state of `version` could not be written: the next call of
+    /// [`Job::state_to_save`] hands it out again, unless a newer one was
+    /// handed out meanwhile (its writer has it).
+    pub fn save_failed(&mut self, version: u64) {
+        if version == self.saved_version {
+            self.last_saved = None;
         }
     }
 

@@ -279,7 +279,7 @@ mod tests {
         job.publish(&a, 1, 0, Some(RendezvousPayload::RingAddress("127.0.0.1:1".into()))).unwrap();
         job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
             .unwrap();
-        job.save_if_changed();
+        job.state_to_save().expect("the state changed").write().unwrap();
         let saved = SavedJob::read(tmp.path()).unwrap();
         assert_eq!(saved, SavedJob::of(&job));
         #[cfg(unix)]

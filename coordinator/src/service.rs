@@ -12,14 +12,16 @@
 //! ranks. [`serve`] runs the service with
 //! bounded message sizes and concurrency.
 
-use crate::job::{DeviceKind, Job, JobError, Phase, RendezvousPayload};
+use crate::job::{DeviceKind, Job, JobError, PendingSave, Phase, RendezvousPayload};
 use crate::state::Coordination;
 use crate::sweep::{Placement, RunState};
 use rsb_job::MetricsRecord;
 use rsb_proto::auth::{presented_member, presents_token, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,24 +54,68 @@ pub struct Shared {
     pub state: Arc<Mutex<Coordination>>,
     /// Woken on every state change.
     pub changed: Arc<Notify>,
+    /// The newest state version written, per state file. Held while a state
+    /// is written (never together with `state`), so writes are in order.
+    written: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
 impl Shared {
     /// Wraps the state.
     pub fn new(state: Coordination) -> Shared {
-        Shared { state: Arc::new(Mutex::new(state)), changed: Arc::new(Notify::new()) }
+        Shared {
+            state: Arc::new(Mutex::new(state)),
+            changed: Arc::new(Notify::new()),
+            written: Arc::default(),
+        }
     }
 
-    /// Runs `f` on the state and wakes waiters.
+    /// Runs `f` on the state, writes what a restart needs, and wakes
+    /// waiters. The write happens after the state's lock is released, and
+    /// before this returns: a call is answered only once what it changed
+    /// is on disk.
     pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
-        let out = {
+        let (out, pending) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let out = f(&mut state);
-            state.save();
-            out
+            (out, state.states_to_save())
         };
+        self.write_states(pending);
         self.changed.notify_waiters();
         out
+    }
+
+    /// Writes states taken under the lock, skipping any older than one
+    /// already written; a state that cannot be written is logged (the job
+    /// goes on; only a restart of the coordinator would miss it) and handed
+    /// out again with the next change.
+    fn write_states(&self, pending: Vec<(usize, PendingSave)>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut failed = Vec::new();
+        {
+            let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            for (job, save) in pending {
+                if written.get(&save.file).is_some_and(|&newest| newest >= save.version) {
+                    continue;
+                }
+                match save.write() {
+                    Ok(()) => {
+                        written.insert(save.file, save.version);
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot save the job's state for a restart: {e}");
+                        failed.push((job, save.version));
+                    }
+                }
+            }
+        }
+        if !failed.is_empty() {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (job, version) in failed {
+                state.jobs[job].save_failed(version);
+            }
+        }
     }
 
     /// Runs `f` on job `index` and wakes waiters.
@@ -101,13 +147,13 @@ impl Shared {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let outcome = {
+            let (outcome, pending) = {
                 let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.check_liveness();
                 let outcome = ready(&mut state.jobs[index]);
-                state.save();
-                outcome
+                (outcome, state.states_to_save())
             };
+            self.write_states(pending);
             match outcome {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => {
@@ -586,7 +632,69 @@ impl Coordinator for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::saved::{SavedJob, STATE_FILE};
     use rsb_proto::auth::{Credentials, TOKEN_HEADER};
+    use std::path::Path;
+
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    /// A job of three hosts whose state is saved to `state_file`.
+    fn saved_job(out: &Path, state_file: PathBuf) -> Shared {
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let mut job = Job::new(rsb_recipes::load(&recipe, &[]).unwrap(), out.to_path_buf(), 3);
+        job.state_file = Some(state_file);
+        Shared::new(Coordination::one(job))
+    }
+
+    fn join(state: &mut Coordination, host: &str) {
+        state.jobs[0].join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+    }
+
+    #[test]
+    fn a_change_is_on_disk_when_update_returns_and_an_older_state_never_replaces_a_newer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        let current = || SavedJob::of(&shared.state.lock().unwrap().jobs[0]);
+        shared.update(|state| join(state, "a"));
+        assert_eq!(SavedJob::read(tmp.path()).unwrap(), current());
+        // Two states taken in order under the lock, written in the other
+        // order (two calls racing once the lock is released).
+        let (older, newer) = {
+            let mut state = shared.state.lock().unwrap();
+            join(&mut state, "b");
+            let older = state.states_to_save();
+            join(&mut state, "c");
+            (older, state.states_to_save())
+        };
+        assert_eq!((older.len(), newer.len()), (1, 1));
+        shared.write_states(newer);
+        shared.write_states(older);
+        let on_disk = SavedJob::read(tmp.path()).unwrap();
+        assert_eq!(on_disk, current(), "the older state was written over the newer one");
+        // Nothing changed: nothing to write.
+        assert!(shared.state.lock().unwrap().states_to_save().is_empty());
+    }
+
+    #[test]
+    fn a_state_that_could_not_be_written_is_written_again_with_the_next_call() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A file where the state file's folder should be: every write fails.
+        let blocked = tmp.path().join("blocked");
+        std::fs::write(&blocked, b"").unwrap();
+        let shared = saved_job(tmp.path(), blocked.join(STATE_FILE));
+        shared.update(|state| join(state, "a"));
+        // Handed out again although nothing changed since.
+        let again = shared.state.lock().unwrap().states_to_save();
+        assert_eq!(again.len(), 1, "the failed state was dropped");
+        // Once the folder is there, it is written.
+        std::fs::remove_file(&blocked).unwrap();
+        shared.write_states(again);
+        assert_eq!(
+            SavedJob::read(&blocked).unwrap(),
+            SavedJob::of(&shared.state.lock().unwrap().jobs[0])
+        );
+    }
 
     #[test]
     fn the_token_check_refuses_calls_without_the_token() {

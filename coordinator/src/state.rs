@@ -2,7 +2,7 @@
 //! jobs (one per run attempt) and the queue of a sweep. Members are routed
 //! to their job by their id, which is unique across the jobs.
 
-use crate::job::{DeviceKind, Job, JobError, Member};
+use crate::job::{DeviceKind, Job, JobError, Member, PendingSave};
 use crate::sweep::{Placement, Scheduler};
 use std::net::IpAddr;
 
@@ -74,11 +74,14 @@ impl Coordination {
         }
     }
 
-    /// Saves what a restarted coordinator needs, where it changed.
-    pub fn save(&mut self) {
-        for job in &mut self.jobs {
-            job.save_if_changed();
+    /// What a restarted coordinator needs, where it changed: each job's
+    /// index and its state to write once the lock is released.
+    pub fn states_to_save(&mut self) -> Vec<(usize, PendingSave)> {
+        let mut pending = Vec::new();
+        for (index, job) in self.jobs.iter_mut().enumerate() {
+            pending.extend(job.state_to_save().map(|save| (index, save)));
         }
+        pending
     }
 
     /// Fails every job still going (the coordinator is stopping).
