@@ -87,7 +87,7 @@ impl Shared {
     /// Writes states taken under the lock, skipping any older than one
     /// already written; a state that cannot be written is logged (the job
     /// goes on; only a restart of the coordinator would miss it) and handed
-    /// out again with the next change.
+    /// out again to the next [`Shared::update`] or [`Shared::wait_for`] pass.
     fn write_states(&self, pending: Vec<(usize, PendingSave)>) {
         if pending.is_empty() {
             return;
