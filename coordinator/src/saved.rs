@@ -14,6 +14,7 @@
 //! job fails naming it; an elastic one drops it).
 
 use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
+use rsb_job::atomic_write::Readers;
 use rsb_job::GenerationReason;
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
@@ -185,7 +186,7 @@ impl SavedJob {
         let path = out.join(STATE_FILE);
         // Plain data: serialization cannot fail.
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        rsb_job::atomic_write::write_atomically(&path, text.as_bytes())
+        rsb_job::atomic_write::write_atomically(&path, text.as_bytes(), Readers::Owner)
             .map_err(|source| SavedError::Io { path, source })
     }
 }

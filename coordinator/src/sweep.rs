@@ -272,6 +272,7 @@ impl Scheduler {
         rsb_job::atomic_write::write_atomically(
             &recipe_file,
             rsb_recipes::to_yaml(&run.recipe).as_bytes(),
+            rsb_job::atomic_write::Readers::Everyone,
         )
         .map_err(|e| JobError::Precondition(format!("{}: {e}", recipe_file.display())))?;
         run.attempts += 1;

@@ -464,8 +464,12 @@ impl SweepManifest {
 fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
     // Plain data (strings, numbers, lists): serialization cannot fail.
     let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
-    crate::atomic_write::write_atomically(path, text.as_bytes())
-        .map_err(|source| SweepError::Io { path: path.to_path_buf(), source })?;
+    crate::atomic_write::write_atomically(
+        path,
+        text.as_bytes(),
+        crate::atomic_write::Readers::Everyone,
+    )
+    .map_err(|source| SweepError::Io { path: path.to_path_buf(), source })?;
     Ok(path.to_path_buf())
 }
 

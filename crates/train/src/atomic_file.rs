@@ -87,10 +87,11 @@ pub fn write_with(
     result
 }
 
-/// Writes `bytes` to the file `path` atomically
-/// ([`rsb_job::atomic_write::write_atomically`]).
+/// Writes `bytes` to the file `path` atomically, readable by everyone like
+/// the checkpoint's weights ([`rsb_job::atomic_write::write_atomically`]).
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    rsb_job::atomic_write::write_atomically(path, bytes).map_err(|e| TrainError::io(path, e))
+    use rsb_job::atomic_write::{write_atomically, Readers};
+    write_atomically(path, bytes, Readers::Everyone).map_err(|e| TrainError::io(path, e))
 }
 
 #[cfg(test)]
@@ -161,6 +162,10 @@ mod tests {
         write_bytes(&target, b"short").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"short");
         assert_eq!(names(dir.path()), ["state.json"]);
+        // Like the weights: another account may evaluate the checkpoint.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "mode {mode:o}");
     }
 
     #[test]
