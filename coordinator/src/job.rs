@@ -29,7 +29,7 @@ use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// How long after a rank's first collective-timeout report the coordinator
@@ -300,7 +300,7 @@ pub struct PendingSave {
 impl PendingSave {
     /// Writes the state atomically ([`crate::saved::SavedJob::write`]).
     pub fn write(&self) -> Result<(), crate::saved::SavedError> {
-        self.saved.write(self.file.parent().unwrap_or(Path::new(".")))
+        self.saved.write(&self.file)
     }
 }
 
@@ -815,9 +815,8 @@ impl Job {
     fn check_rendezvous_deadline(&mut self) {
         if self.phase == Phase::Running
             && self.running_since.is_some_and(|at| at.elapsed() > self.rendezvous_timeout)
-            && !self.missing_from_rendezvous().is_empty()
         {
-            self.fail_missing_from_rendezvous();
+            self.fail_missing_from_rendezvous(self.missing_from_rendezvous());
         }
     }
 
@@ -857,10 +856,10 @@ impl Job {
     }
 
     /// The generation's ranks did not all publish within
-    /// `rendezvous_timeout`: the first rank still missing is failed (a fixed
-    /// job fails, an elastic one restarts), the message naming every one.
-    fn fail_missing_from_rendezvous(&mut self) {
-        let missing = self.missing_from_rendezvous();
+    /// `rendezvous_timeout`: the first of the `missing` ranks is failed (a
+    /// fixed job fails, an elastic one restarts), the message naming every
+    /// one; none missing, nothing happens.
+    fn fail_missing_from_rendezvous(&mut self, missing: Vec<u32>) {
         let Some(&first) = missing.first() else {
             return;
         };

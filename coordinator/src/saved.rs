@@ -181,13 +181,13 @@ impl SavedJob {
         Ok(saved)
     }
 
-    /// Writes it as `OUT/coordinator-state.json`, atomically, mode 0600.
-    pub fn write(&self, out: &Path) -> Result<(), SavedError> {
-        let path = out.join(STATE_FILE);
+    /// Writes it to `path` (the job's `OUT/coordinator-state.json`, which
+    /// [`SavedJob::read`] reads), atomically, mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), SavedError> {
         // Plain data: serialization cannot fail.
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        rsb_job::atomic_write::write_atomically(&path, text.as_bytes(), Readers::Owner)
-            .map_err(|source| SavedError::Io { path, source })
+        rsb_job::atomic_write::write_atomically(path, text.as_bytes(), Readers::Owner)
+            .map_err(|source| SavedError::Io { path: path.to_path_buf(), source })
     }
 }
 
