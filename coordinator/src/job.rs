@@ -15,7 +15,9 @@
 //! rendezvous starts over, and every assignment resumes from the newest
 //! committed checkpoint. Calls of an older generation are refused. With
 //! fewer than `min_nodes` members left the job waits for joins up to
-//! `rejoin_timeout`, then fails naming the lost hosts. Each generation that
+//! `rejoin_timeout`, then fails naming the lost hosts. Before its first
+//! generation, a job waits for its hosts up to `join_timeout`, then fails
+//! saying how many came and which. Each generation that
 //! starts is written to `metrics.jsonl` as a [`MetricsRecord::Generation`].
 //!
 //! Each member gets a session secret at join; [`Job::authenticate`] checks a
@@ -180,6 +182,8 @@ pub struct Beat {
     pub failure: Option<String>,
 }
 
+/// Default of [`Job::join_timeout`], as torchrun's rendezvous `join_timeout`.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default of [`Job::rejoin_timeout`].
 pub const DEFAULT_REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of [`Job::max_restarts`].
@@ -203,6 +207,13 @@ pub struct Job {
     pub max_nodes: u32,
     /// How long a job below `min_nodes` waits for joins before failing.
     pub rejoin_timeout: Duration,
+    /// How long a job that never started waits for its hosts (from
+    /// `waiting_since`) before failing; `None` for a sweep's run, which
+    /// waits for hosts that other runs free (the sweep has its own).
+    pub join_timeout: Option<Duration>,
+    /// When this job (or this coordinator's restore of it) began to wait
+    /// for its hosts.
+    pub waiting_since: Instant,
     /// Generations opened for failed ranks, in a row without a committed
     /// checkpoint, before the job fails instead.
     pub max_restarts: u32,
@@ -277,6 +288,10 @@ pub struct Job {
     /// Where the job's state is saved for a restart of the coordinator
     /// ([`crate::saved`]); `None`: not saved (a sweep's runs).
     pub state_file: Option<PathBuf>,
+    /// [`Secret::fingerprint`] of the job token, saved with the state so
+    /// that a restore with another token is refused at once (its agents
+    /// still present the old one).
+    pub token_fingerprint: Option<String>,
     /// The state last handed out to be saved (saved again only when it
     /// changes), and how many states were handed out.
     last_saved: Option<crate::saved::SavedJob>,
@@ -316,6 +331,8 @@ impl Job {
             min_nodes: nodes_expected,
             max_nodes: nodes_expected,
             rejoin_timeout: DEFAULT_REJOIN_TIMEOUT,
+            join_timeout: Some(DEFAULT_JOIN_TIMEOUT),
+            waiting_since: Instant::now(),
             max_restarts: DEFAULT_MAX_RESTARTS,
             recipe,
             recipe_yaml,
@@ -350,6 +367,7 @@ impl Job {
             printer: crate::printer::Printer::default(),
             total_updates: None,
             state_file: None,
+            token_fingerprint: None,
             last_saved: None,
             saved_version: 0,
         }
@@ -745,9 +763,24 @@ impl Job {
 
     /// Deals with members silent too long: a fixed job fails; an elastic
     /// one drops them (a new generation when it was running). Fails an
-    /// elastic job that waited below `min_nodes` past `rejoin_timeout`.
+    /// elastic job that waited below `min_nodes` past `rejoin_timeout`, and
+    /// a job whose hosts did not all come within `join_timeout`.
     pub fn check_liveness(&mut self) {
         if !matches!(self.phase, Phase::Waiting | Phase::Running) {
+            return;
+        }
+        let join_deadline_passed =
+            self.join_timeout.is_some_and(|limit| self.waiting_since.elapsed() > limit);
+        if !self.started && self.phase == Phase::Waiting && join_deadline_passed {
+            let hosts: Vec<&str> = self.members.iter().map(|m| m.host.as_str()).collect();
+            let reason = format!(
+                "{} of the {} host(s) joined within {:?} (--join-timeout-secs){}",
+                hosts.len(),
+                self.nodes_expected,
+                self.join_timeout.unwrap_or_default(),
+                if hosts.is_empty() { String::new() } else { format!(": {}", hosts.join(", ")) }
+            );
+            self.fail(reason);
             return;
         }
         if self.blame_at.is_some_and(|at| Instant::now() >= at) {
@@ -1561,6 +1594,37 @@ mod tests {
             "{:?}",
             j.phase
         );
+    }
+
+    #[test]
+    fn hosts_that_do_not_all_join_within_the_join_timeout_fail_the_job_naming_who_came() {
+        let mut j = job(3);
+        j.join_timeout = Some(Duration::from_secs(60));
+        join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Waiting, "failed before its join timeout");
+        j.waiting_since = Instant::now().checked_sub(Duration::from_secs(61)).unwrap();
+        j.check_liveness();
+        assert!(
+            matches!(&j.phase, Phase::Failed(r) if r.contains("2 of the 3 host(s) joined") && r.contains(": a, b") && r.contains("--join-timeout-secs")),
+            "{:?}",
+            j.phase
+        );
+        // A job whose hosts all came runs on past it, and a sweep's run,
+        // which waits for hosts other runs free, has none of its own.
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        j.waiting_since = Instant::now().checked_sub(DEFAULT_JOIN_TIMEOUT * 2).unwrap();
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running);
+        let mut j = job(2);
+        j.join_timeout = None;
+        join(&mut j, "a", 1).unwrap();
+        j.waiting_since = Instant::now().checked_sub(DEFAULT_JOIN_TIMEOUT * 2).unwrap();
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Waiting);
     }
 
     #[test]

@@ -41,6 +41,7 @@ use rsb_coordinator::saved::{SavedJob, STATE_FILE};
 use rsb_coordinator::service::Shared;
 use rsb_coordinator::state::Coordination;
 use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
+use rsb_job::atomic_write::{write_atomically, Readers};
 use rsb_job::{GridAxis, RunEnd, RunOutcome, SweepLayout, SweepManifest};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
@@ -98,7 +99,7 @@ enum Command {
     /// Report a seed study: tables and charts of a sweep folder into
     /// DIR/report/, or (with DIR_B) the comparison of sweep B against A.
     Report {
-        /// Sweep folder (sweep.json, runs/<id>/metrics.jsonl).
+        /// Sweep folder (`sweep.json`, `runs/<id>/metrics.jsonl`).
         dir: PathBuf,
         /// A second sweep folder, compared against the first.
         dir_b: Option<PathBuf>,
@@ -139,7 +140,7 @@ struct UpArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Run folder (metrics.jsonl, recipe.yaml; ranks write checkpoints
-    /// under it); for a sweep, the sweep folder (sweep.json, runs/<id>/).
+    /// under it); for a sweep, the sweep folder (`sweep.json`, `runs/<id>/`).
     /// A sweep resumed with `--resume DIR` defaults to DIR.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -183,6 +184,12 @@ struct UpArgs {
     /// host heartbeats fails the job (an elastic one restarts), naming it.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     rendezvous_timeout_secs: u64,
+    /// A job whose --nodes hosts have not all joined within this many
+    /// seconds of the start (of the restore, for a restored job that never
+    /// ran) fails, saying how many came and which (torchrun's rendezvous
+    /// `join_timeout`); a sweep that no host joined in that time fails too.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    join_timeout_secs: u64,
     #[command(flatten)]
     elastic: ElasticArgs,
     #[command(flatten)]
@@ -396,17 +403,29 @@ async fn up(args: UpArgs) -> Result<()> {
              continued with --resume DIR, and --local workers die with their coordinator"
         );
     }
-    let (state, out, mut work) = if args.sweep.given() || resumes_sweep {
+    let given_token = given_job_token(&args)?;
+    let (mut state, out, mut work) = if args.sweep.given() || resumes_sweep {
         prepare_sweep(&args)?
     } else {
-        prepare_job(&args)?
+        prepare_job(&args, given_token.as_ref().map(|(token, _)| token))?
     };
-    let UpArgs { nodes, listen, local, devices, token_file, tls, restore, .. } = args;
-    // A restored job keeps its token: the agents still present it.
-    let token_file = token_file.or_else(|| {
-        let saved = out.join(auth::TOKEN_FILE_NAME);
-        (restore && std::env::var_os(auth::TOKEN_ENV).is_none() && saved.is_file()).then_some(saved)
-    });
+    let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
+    let waiting_since = std::time::Instant::now();
+    let token = match given_token {
+        Some((token, source)) => {
+            println!(
+                "job token from {source}; workers need the same token (worker join \
+                 --token-file FILE, or the environment variable {})",
+                auth::TOKEN_ENV
+            );
+            token
+        }
+        None => generate_job_token(&out)?,
+    };
+    if let [job] = &mut state.jobs[..] {
+        // Saved with the job's state: a restore must present the same token.
+        job.token_fingerprint = Some(token.fingerprint());
+    }
     let listen = listen.unwrap_or_else(|| {
         if local {
             "127.0.0.1:0".parse().expect("literal")
@@ -427,7 +446,6 @@ async fn up(args: UpArgs) -> Result<()> {
              network in clear text; give --tls-cert and --tls-key"
         );
     }
-    let token = job_token(token_file.as_deref(), &out)?;
     let shared = Shared::new(state);
     let folder = if matches!(work, Work::Sweep(_)) { "sweep folder" } else { "run folder" };
     println!(
@@ -531,14 +549,24 @@ async fn up(args: UpArgs) -> Result<()> {
                 }
             }
             Work::Sweep(progress) => {
-                let snapshot = shared.update(|state| {
+                let (snapshot, none_started) = shared.update(|state| {
                     state.check_liveness();
                     let jobs = &state.jobs;
-                    state.sweep.as_ref().map(|s| (s.counts(), s.views(jobs), s.is_over()))
+                    let snapshot =
+                        state.sweep.as_ref().map(|s| (s.counts(), s.views(jobs), s.is_over()));
+                    (snapshot, jobs.is_empty())
                 });
                 let Some((counts, views, over)) = snapshot else {
                     break Err(anyhow::anyhow!("the sweep's queue is gone"));
                 };
+                if none_started && waiting_since.elapsed().as_secs() > join_timeout_secs {
+                    progress.finish();
+                    break Err(anyhow::anyhow!(
+                        "no worker host joined the sweep within {join_timeout_secs} s \
+                         (--join-timeout-secs); `coordinator up --resume {}` starts it again",
+                        out.display()
+                    ));
+                }
                 progress.update(counts, &views);
                 if over {
                     progress.finish();
@@ -598,7 +626,7 @@ async fn up(args: UpArgs) -> Result<()> {
 
 /// The one job of `up`: recipe, run folder and membership checked, the
 /// resolved recipe written.
-fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
+fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, PathBuf, Work)> {
     let nodes = args.nodes;
     let elastic = &args.elastic;
     let (min_nodes, max_nodes) =
@@ -615,7 +643,8 @@ fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
     let out = args.out.clone().context("--out DIR is required (the run folder)")?;
     let recipe = args.recipe.load(&args.overrides)?;
     if args.restore {
-        return restore_job(args, recipe, &out);
+        let token = token.context("--restore needs the job's token")?;
+        return restore_job(args, recipe, &out, token);
     }
     rsb_job::check_out_folder(&out, args.resume.as_deref())?;
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
@@ -628,11 +657,13 @@ fn prepare_job(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         .transpose()?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
-    std::fs::write(out.join("recipe.yaml"), rsb_recipes::to_yaml(&recipe))
-        .with_context(|| format!("writing {}/recipe.yaml", out.display()))?;
+    let recipe_file = out.join("recipe.yaml");
+    write_atomically(&recipe_file, rsb_recipes::to_yaml(&recipe).as_bytes(), Readers::Everyone)
+        .with_context(|| format!("writing {}", recipe_file.display()))?;
     let mut job = Job::new(recipe, out.clone(), nodes);
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
     job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);
+    job.join_timeout = Some(Duration::from_secs(args.join_timeout_secs));
     job.set_node_bounds(min_nodes, max_nodes)?;
     job.rejoin_timeout = Duration::from_secs(elastic.rejoin_timeout_secs);
     job.max_restarts = elastic.max_restarts;
@@ -651,6 +682,7 @@ fn restore_job(
     args: &UpArgs,
     recipe: rsb_recipes::Recipe,
     out: &Path,
+    token: &Secret,
 ) -> Result<(Coordination, PathBuf, Work)> {
     let out = out.canonicalize().with_context(|| format!("--restore: {}", out.display()))?;
     let saved = SavedJob::read(&out)?;
@@ -662,10 +694,11 @@ fn restore_job(
             saved.nodes_expected
         );
     }
-    let mut job = Job::restore(recipe, out.clone(), saved)
+    let mut job = Job::restore(recipe, out.clone(), saved, token)
         .with_context(|| format!("--restore: {}", out.join(STATE_FILE).display()))?;
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
     job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);
+    job.join_timeout = Some(Duration::from_secs(args.join_timeout_secs));
     job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
     job.max_restarts = args.elastic.max_restarts;
     job.state_file = Some(out.join(STATE_FILE));
@@ -810,22 +843,39 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
     Ok((Coordination::sweep(scheduler), dir, Work::Sweep(progress)))
 }
 
-/// The job token: from `--token-file`, else from `RSB_JOB_TOKEN`, else a
-/// new one written to `<out>/job.token` (mode 0600). Says where workers get
-/// it, never the token itself.
-fn job_token(file: Option<&Path>, out: &Path) -> Result<Secret> {
-    if let Some(token) = Secret::job_token(file)? {
-        let source = match file {
-            Some(path) => format!("--token-file {}", path.display()),
-            None => auth::TOKEN_ENV.to_string(),
-        };
-        println!(
-            "job token from {source}; workers need the same token (worker join --token-file \
-             FILE, or the environment variable {})",
-            auth::TOKEN_ENV
-        );
-        return Ok(token);
-    }
+/// The job token `up` was given, and where from: `--token-file`, else
+/// `RSB_JOB_TOKEN`, else, with `--restore`, the `job.token` a first `up`
+/// wrote into the run folder. `None` for a new job given none. A restore
+/// needs one: its agents present the token the job was started with, and a
+/// new one would lock them all out.
+fn given_job_token(args: &UpArgs) -> Result<Option<(Secret, String)>> {
+    let saved = args.out.as_ref().map(|out| out.join(auth::TOKEN_FILE_NAME));
+    let (file, source) = match (&args.token_file, &saved) {
+        (Some(file), _) => (Some(file.clone()), format!("--token-file {}", file.display())),
+        (None, Some(saved))
+            if args.restore && std::env::var_os(auth::TOKEN_ENV).is_none() && saved.is_file() =>
+        {
+            (Some(saved.clone()), format!("{} (written by the job's first `up`)", saved.display()))
+        }
+        _ => (None, auth::TOKEN_ENV.to_string()),
+    };
+    let Some(token) = Secret::job_token(file.as_deref())? else {
+        if args.restore {
+            bail!(
+                "--restore: no job token: the job's agents present the token it was started \
+                 with; give it with --token-file FILE or {} (or keep the job.token the first \
+                 `up` wrote into the run folder)",
+                auth::TOKEN_ENV
+            );
+        }
+        return Ok(None);
+    };
+    Ok(Some((token, source)))
+}
+
+/// A new job token, written to `<out>/job.token` (mode 0600). Says where
+/// workers get it, never the token itself.
+fn generate_job_token(out: &Path) -> Result<Secret> {
     let token = Secret::generate()?;
     let path = out.join(auth::TOKEN_FILE_NAME);
     auth::write_token_file(&path, &token)?;

@@ -25,11 +25,12 @@ use std::time::Instant;
 
 /// The state file in the run folder.
 pub const STATE_FILE: &str = "coordinator-state.json";
-/// Version of the state format this build writes and reads.
-pub const STATE_FORMAT: u32 = 1;
+/// Version of the state format this build writes and reads (2: with the
+/// job token's fingerprint).
+pub const STATE_FORMAT: u32 = 2;
 
-/// A member as saved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A member as saved (its `Debug` output leaves the secret out).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedMember {
     /// Member id.
@@ -44,6 +45,19 @@ pub struct SavedMember {
     pub advertise: Option<IpAddr>,
     /// Its session secret.
     pub secret: String,
+}
+
+impl std::fmt::Debug for SavedMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedMember")
+            .field("id", &self.id)
+            .field("host", &self.host)
+            .field("cuda", &self.cuda)
+            .field("local_ranks", &self.local_ranks)
+            .field("advertise", &self.advertise)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A committed checkpoint as saved.
@@ -92,6 +106,9 @@ pub struct SavedJob {
     pub resume_step: Option<u64>,
     /// Member ids handed out so far (ids stay unique after a restore).
     pub next_member: u64,
+    /// [`Secret::fingerprint`] of the job token (`null` only for a job
+    /// that never had one, which restores with any token).
+    pub token_fingerprint: Option<String>,
 }
 
 /// Why a state file cannot be used.
@@ -153,6 +170,7 @@ impl SavedJob {
             resume_from: job.resume_from.clone(),
             resume_step: job.resume_step,
             next_member: job.next_member(),
+            token_fingerprint: job.token_fingerprint.clone(),
         }
     }
 
@@ -218,14 +236,30 @@ fn member(saved: &SavedMember) -> Result<Member, JobError> {
 
 impl Job {
     /// The job `saved` describes, continued by a restarted coordinator with
-    /// `recipe` (which must be the saved one) in `out_dir`: a new generation
-    /// over the saved members from the newest committed checkpoint, or, if
-    /// it never started, still waiting for hosts.
-    pub fn restore(recipe: Recipe, out_dir: PathBuf, saved: SavedJob) -> Result<Job, JobError> {
+    /// `recipe` (which must be the saved one) and `token` (which must be the
+    /// job's: its agents present it) in `out_dir`: a new generation over the
+    /// saved members from the newest committed checkpoint, or, if it never
+    /// started, still waiting for hosts.
+    pub fn restore(
+        recipe: Recipe,
+        out_dir: PathBuf,
+        saved: SavedJob,
+        token: &Secret,
+    ) -> Result<Job, JobError> {
         if let Some(ended) = &saved.ended {
             return Err(JobError::Precondition(format!(
                 "the job in {} already ended ({ended}); nothing to continue",
                 out_dir.display()
+            )));
+        }
+        let fingerprint = token.fingerprint();
+        if saved.token_fingerprint.as_ref().is_some_and(|saved| *saved != fingerprint) {
+            return Err(JobError::Precondition(format!(
+                "the job token is not the one job {} was started with (its fingerprint is \
+                 saved in {STATE_FILE}): its agents would all be refused; restore with the \
+                 same token (--token-file FILE, or {})",
+                saved.job_id,
+                rsb_proto::auth::TOKEN_ENV
             )));
         }
         let mut job = Job::new(recipe, out_dir, saved.nodes_expected);
@@ -249,6 +283,7 @@ impl Job {
             .collect();
         job.resume_from = saved.resume_from.clone();
         job.resume_step = saved.resume_step;
+        job.token_fingerprint = Some(fingerprint);
         if saved.started {
             job.restart_generation(GenerationReason::CoordinatorRestarted);
         }
@@ -273,8 +308,10 @@ mod tests {
     #[test]
     fn a_restored_job_goes_on_from_its_newest_checkpoint_with_the_same_members() {
         let tmp = tempfile::tempdir().unwrap();
+        let token = Secret::generate().unwrap();
         let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 2);
         job.state_file = Some(tmp.path().join(STATE_FILE));
+        job.token_fingerprint = Some(token.fingerprint());
         let (a, secret_a, _) = job.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         let (b, _, _) = job.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         job.publish(&a, 1, 0, Some(RendezvousPayload::RingAddress("127.0.0.1:1".into()))).unwrap();
@@ -289,7 +326,31 @@ mod tests {
             let mode = std::fs::metadata(tmp.path().join(STATE_FILE)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "the state file holds secrets");
         }
-        let restored = Job::restore(recipe(), tmp.path().to_path_buf(), saved.clone()).unwrap();
+        assert!(
+            !format!("{saved:?}").contains(secret_a.expose()),
+            "a saved state's Debug output leaves the members' secrets out"
+        );
+        // Another job token is refused before anything is restored: the
+        // agents would all be refused.
+        let metrics = tmp.path().join("metrics.jsonl");
+        let recorded = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let other_token = Secret::generate().unwrap();
+        let e = Job::restore(recipe(), tmp.path().to_path_buf(), saved.clone(), &other_token)
+            .unwrap_err();
+        assert!(e.to_string().contains("job token is not the one"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&metrics).unwrap_or_default(),
+            recorded,
+            "a refused restore records nothing"
+        );
+        // A job that never had a token fingerprint restores with any token.
+        let unbound = SavedJob { token_fingerprint: None, ..saved.clone() };
+        let restored =
+            Job::restore(recipe(), tmp.path().to_path_buf(), unbound, &other_token).unwrap();
+        assert_eq!(restored.token_fingerprint, Some(other_token.fingerprint()));
+        std::fs::write(&metrics, &recorded).unwrap();
+        let restored =
+            Job::restore(recipe(), tmp.path().to_path_buf(), saved.clone(), &token).unwrap();
         assert_eq!((restored.generation, restored.phase.clone()), (2, Phase::Running));
         assert_eq!(restored.id, job.id);
         assert_eq!(
@@ -309,16 +370,16 @@ mod tests {
         // Another recipe, or a job that ended, is refused.
         let mut other = recipe();
         other.seed += 1;
-        let e = Job::restore(other, tmp.path().to_path_buf(), saved.clone()).unwrap_err();
+        let e = Job::restore(other, tmp.path().to_path_buf(), saved.clone(), &token).unwrap_err();
         assert!(e.to_string().contains("recipe differs"), "{e}");
         let ended = SavedJob { ended: Some("finished".into()), ..saved.clone() };
-        let e = Job::restore(recipe(), tmp.path().to_path_buf(), ended).unwrap_err();
+        let e = Job::restore(recipe(), tmp.path().to_path_buf(), ended, &token).unwrap_err();
         assert!(e.to_string().contains("already ended"), "{e}");
         // A member's rank count out of range (a corrupt file) is named, not allocated.
         for local_ranks in [0, u32::MAX] {
             let mut corrupt = saved.clone();
             corrupt.members[1].local_ranks = local_ranks;
-            let e = Job::restore(recipe(), tmp.path().to_path_buf(), corrupt).unwrap_err();
+            let e = Job::restore(recipe(), tmp.path().to_path_buf(), corrupt, &token).unwrap_err();
             let expected = format!("member {b}: `local_ranks` {local_ranks} is not in 1..=1024");
             assert!(e.to_string().contains(&expected), "{e}");
         }

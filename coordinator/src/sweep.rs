@@ -284,6 +284,9 @@ impl Scheduler {
         job.printer = self.printer.clone();
         job.heartbeat_timeout = self.settings.heartbeat_timeout;
         job.rendezvous_timeout = self.settings.rendezvous_timeout;
+        // It waits for hosts that the runs before it free, for as long as
+        // they run; the sweep as a whole has `--join-timeout-secs`.
+        job.join_timeout = None;
         job.resume_from = run.resume_from.clone();
         let from = run
             .resume_from

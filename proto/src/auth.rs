@@ -149,6 +149,18 @@ impl Secret {
         }
     }
 
+    /// A fingerprint of the secret (SHA-256 of it, domain-separated, as 64
+    /// hex digits): what a state file keeps to recognise the job token at a
+    /// restore without keeping the token itself.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"rsb job token fingerprint v1\0")
+            .chain_update(self.0.as_bytes())
+            .finalize();
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The secret itself, for sending it (never for logging it).
     pub fn expose(&self) -> &str {
         &self.0

@@ -38,6 +38,9 @@ type Check = Result<(), Violation>;
 
 /// Longest collective timeout a recipe may ask for: a week.
 const MAX_COLLECTIVE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Most threads a recipe may ask for (`data.loader_threads`,
+/// `runtime.torch_threads`): more than any host has cores.
+const MAX_THREADS: u32 = 4096;
 /// The largest fabric probe, in MiB (`distributed.fabric_probe_mib`).
 const MAX_FABRIC_PROBE_MIB: u32 = 1024;
 
@@ -303,6 +306,17 @@ pub(crate) fn check(r: &Recipe) -> Check {
         }
     }
 
+    for (field, threads) in [
+        ("data.loader_threads", r.data.loader_threads),
+        ("runtime.torch_threads", r.runtime.torch_threads),
+    ] {
+        if threads > MAX_THREADS {
+            return fail(
+                field,
+                format!("must be between 0 (the default) and {MAX_THREADS}, got {threads}"),
+            );
+        }
+    }
     at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
     at_least_one("runtime.max_nonfinite_updates", r.runtime.max_nonfinite_updates)?;
     let timeout = r.distributed.collective_timeout_secs;

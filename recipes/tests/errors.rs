@@ -357,6 +357,8 @@ fn each_validation_rule_names_its_field() {
         ("augment.ratio=[1.33, 0.75]", "augment.ratio", "0 < low <= high, got [1.33, 0.75]"),
         ("augment.ratio=[-1, 2]", "augment.ratio", "0 < low"),
         ("augment.hflip=1.5", "augment.hflip", "probability in [0, 1], got 1.5"),
+        ("data.loader_threads=5000", "data.loader_threads", "between 0 (the default) and 4096"),
+        ("runtime.torch_threads=3000000000", "runtime.torch_threads", "got 3000000000"),
         ("augment.rand_augment=m9-mstd0.5", "augment.rand_augment", "starting with `rand`"),
         ("augment.rand_augment=random-m9", "augment.rand_augment", "got `random-m9`"),
         ("mixup.mixup_alpha=-1", "mixup.mixup_alpha", ">= 0, got -1"),

@@ -6,14 +6,16 @@
 //! job goes on in a new generation (reason `coordinator_restarted`) from its
 //! newest committed checkpoint and finishes with its planned updates. The
 //! updates lost (recorded before the kill, after that checkpoint) are at
-//! most one checkpoint interval. Nothing is left running.
+//! most one checkpoint interval. Nothing is left running. A restore with
+//! another job token, or none, is refused at once and changes nothing.
 
 use rsb_integration_tests::elastic_records::{all_records, planned_updates};
 use rsb_integration_tests::free_port;
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
 use rsb_integration_tests::sweeps::{self, wait_until};
-use rsb_integration_tests::{fashion_subset, run_records};
+use rsb_integration_tests::{binary, fashion_subset, run_records, tiny_recipe};
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `runtime.checkpoint_every_updates` of the job.
@@ -52,9 +54,37 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
     let recorded = steps().last().unwrap()["step"].as_u64().unwrap();
     let records_before = all_records(&out).len();
 
-    let log = tmp.path().join("coordinator-2.log");
     let mut restore_args = args.to_vec();
     restore_args.push("--restore");
+    // A restore with another job token, or with none, is refused at once,
+    // saying why, and changes nothing: the agents present the job's token,
+    // and a new one would lock them all out.
+    let state_file = out.join("coordinator-state.json");
+    let saved = std::fs::read(&state_file).unwrap();
+    for (token, expected) in
+        [(Some("another-token-0123456789"), "job token is not the one"), (None, "no job token")]
+    {
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(&out);
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        cmd.args(&restore_args).env_remove("RSB_JOB_TOKEN");
+        if let Some(token) = token {
+            cmd.env("RSB_JOB_TOKEN", token);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let refused = wait_with_timeout(
+            child.unwrap(),
+            Duration::from_secs(60),
+            "a restore with a bad token",
+        );
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(expected), "{token:?}: {stderr}");
+        assert_eq!(std::fs::read(&state_file).unwrap(), saved, "a refused restore wrote its state");
+    }
+
+    let log = tmp.path().join("coordinator-2.log");
     let second = sweeps::coordinator_up(&out, &sets, &restore_args, &log);
     wait_until("the first update after the restore", &log, || {
         all_records(&out).iter().skip(records_before).any(|r| r["kind"] == "step")

@@ -294,7 +294,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let normalizer = Normalizer::new(mean, std, device, false);
     let threads =
         if args.threads == 0 { rsb_data::loader::default_threads() } else { args.threads };
-    let classes = folder.classes().to_vec();
+    // The class names eval sets are held to (and label files map through):
+    // V2's numbered folders name indices, not classes.
+    let classes = if args.v2 { Vec::new() } else { folder.classes().to_vec() };
     let images = folder.len();
     let real_set = match &args.real_labels {
         Some(path) => {

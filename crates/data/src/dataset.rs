@@ -305,6 +305,36 @@ impl ImageFolder {
         }
         Ok(())
     }
+
+    /// Checks that this split names the same classes in the same order as
+    /// the training split (`train_classes`), so that a label means the same
+    /// class in both: a validation folder missing one class folder would
+    /// otherwise shift every later label by one and report a wrong accuracy.
+    /// Nothing to check when either names no classes (label files, shards
+    /// without class names).
+    pub fn check_same_classes(&self, train_classes: &[String]) -> Result<(), DataError> {
+        if self.classes.is_empty() || train_classes.is_empty() || self.classes == train_classes {
+            return Ok(());
+        }
+        let problem = match self.classes.iter().zip(train_classes).position(|(a, b)| a != b) {
+            Some(i) => format!(
+                "class {i} is `{}` here but `{}` in the training split, so labels would name \
+                 different classes",
+                self.classes[i], train_classes[i]
+            ),
+            None => format!(
+                "{} classes here but {} in the training split (first class only in one of \
+                 them: `{}`)",
+                self.classes.len(),
+                train_classes.len(),
+                self.classes
+                    .get(train_classes.len())
+                    .or(train_classes.get(self.classes.len()))
+                    .map_or("", |c| c.as_str())
+            ),
+        };
+        Err(DataError::Layout { path: self.root.clone(), problem })
+    }
 }
 
 /// The class sub-folders of `root`, natural-sorted; an error if none.

@@ -52,7 +52,8 @@ pub struct EvalSet {
 impl EvalSet {
     /// Opens the set: indexes the images, reads the labels, and checks that
     /// every image can be scored with a model of `num_classes` outputs.
-    /// `train_classes` maps class names of label files to indices.
+    /// `train_classes` maps class names of label files to indices, and a
+    /// class-folder set must name the same classes in the same order.
     pub fn open(
         spec: &EvalSetSpec,
         transform: EvalTransform,
@@ -66,7 +67,15 @@ impl EvalSet {
             })
         };
         let (folder, scoring) = match spec.kind {
-            EvalSetKind::Folder => (ImageFolder::open_any(&spec.root)?, Scoring::Labels),
+            EvalSetKind::Folder => {
+                let folder = ImageFolder::open_any(&spec.root)?;
+                if let Some(train_classes) = train_classes {
+                    folder
+                        .check_same_classes(train_classes)
+                        .map_err(|e| DataError::Config(format!("eval set `{}`: {e}", spec.name)))?;
+                }
+                (folder, Scoring::Labels)
+            }
             EvalSetKind::V2 => {
                 (ImageFolder::open_numbered(&spec.root, num_classes)?, Scoring::Labels)
             }

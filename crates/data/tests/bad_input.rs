@@ -7,11 +7,13 @@
 //! | truncated, zero-byte, non-image, header over the pixel limit | decode error; training replaces the sample deterministically and counts it (each file logged once), evaluation skips and counts it |
 //! | a PNG whose final `IEND` chunk is cut off (`truncated_end_chunk.png`) | Pillow decodes it, we are stricter: decode error, handled as above |
 //! | empty class folder, label out of range | error before training, naming the folder / sample |
+//! | a validation or eval folder whose classes differ from the training split's | error before training, naming the first class that differs |
 //!
 //! Fixtures: `tests/oracle/bad_images.py` (via `gen_fixtures.py`).
 
 use rsb_data::dataset::{ImageFolder, Sample};
 use rsb_data::decode::{decode_bytes, decode_file, decode_for_crop, probe};
+use rsb_data::eval_sets::{EvalSet, EvalSetKind, EvalSetSpec};
 use rsb_data::image::{Filter, RgbImage};
 use rsb_data::mixup::{MixMode, MixupConfig};
 use rsb_data::pipeline::{EvalData, TrainData};
@@ -283,6 +285,48 @@ fn empty_class_folders_and_out_of_range_labels_fail_before_training() {
     std::fs::write(&labels, "x.jpg\t0\ny.jpg\t1\nz.jpg\t1\n").unwrap();
     let err = ImageFolder::open_flat(&flat, &labels, None).unwrap_err().to_string();
     assert!(err.contains("z.jpg"), "{err}");
+}
+
+#[test]
+fn a_validation_folder_with_other_classes_than_training_is_refused_naming_the_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photo = fixtures().join("files/hopper.jpg");
+    let split = |name: &str, classes: &[&str]| {
+        let root = tmp.path().join(name);
+        for class in classes {
+            std::fs::create_dir_all(root.join(class)).unwrap();
+            std::fs::copy(&photo, root.join(class).join("a.jpg")).unwrap();
+        }
+        ImageFolder::open(&root).unwrap()
+    };
+    let train = split("train", &["n01", "n02", "n03"]);
+    train.check_same_classes(train.classes()).unwrap();
+    // One class folder missing: every later label would shift by one.
+    let missing = split("val_missing", &["n01", "n03"]);
+    let err = missing.check_same_classes(train.classes()).unwrap_err().to_string();
+    assert!(
+        err.contains("val_missing") && err.contains("class 1 is `n03`") && err.contains("`n02`"),
+        "{err}"
+    );
+    // The same names but one short, or one more.
+    let short = split("val_short", &["n01", "n02"]);
+    let err = short.check_same_classes(train.classes()).unwrap_err().to_string();
+    assert!(err.contains("2 classes here but 3") && err.contains("`n03`"), "{err}");
+    let long = split("val_long", &["n01", "n02", "n03", "n04"]);
+    let err = long.check_same_classes(train.classes()).unwrap_err().to_string();
+    assert!(err.contains("4 classes here but 3") && err.contains("`n04`"), "{err}");
+    // A class-folder evaluation set is held to the same, and named.
+    let spec = EvalSetSpec {
+        name: "val_missing".into(),
+        kind: EvalSetKind::Folder,
+        root: tmp.path().join("val_missing"),
+        labels: None,
+    };
+    let transform = EvalTransform::new(32, 0.95, Filter::Bicubic);
+    let err = EvalSet::open(&spec, transform, 2, 3, Some(train.classes())).unwrap_err().to_string();
+    assert!(err.contains("eval set `val_missing`") && err.contains("`n03`"), "{err}");
+    let same = EvalSetSpec { root: tmp.path().join("train"), ..spec };
+    EvalSet::open(&same, transform, 2, 3, Some(train.classes())).unwrap();
 }
 
 #[test]

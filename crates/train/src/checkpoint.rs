@@ -23,7 +23,9 @@
 //!
 //! Retention: the newest `keep_last` checkpoints are kept, and the best by
 //! validation top-1 ([`TrainState::best_epoch`]) is never pruned while it is
-//! the best.
+//! the best. The checkpoint just written is the newest: any that sort after
+//! it (from before a resume of an older checkpoint) are set aside, never
+//! counted, so retention cannot delete what a save just wrote.
 
 use crate::atomic_file::{self, replace_folder, temporary_sibling};
 use crate::error::TrainError;
@@ -167,19 +169,85 @@ pub fn save(
     // Re-running an epoch (after a resume from an older checkpoint) replaces
     // its checkpoint, in one step: a crash never leaves the folder missing.
     replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
-    prune(run_dir, keep_last.max(1), state.best_epoch.map(folder_name).as_deref());
+    let written = folder_name_of(state);
+    set_aside_later_than(run_dir, &written);
+    let best = state.best_epoch.map(folder_name);
+    prune(run_dir, keep_last.max(1), &[Some(written.as_str()), best.as_deref()]);
     Ok(target)
 }
 
-/// Deletes every checkpoint but the newest `keep_last` and `best` (a folder
-/// name), and the staging folders of saves that never finished.
-fn prune(run_dir: &Path, keep_last: usize, best: Option<&str>) {
+/// Prefix of the folders, under `checkpoints/`, that [`set_aside_later_than`]
+/// moves the checkpoints of an abandoned run order into.
+const SET_ASIDE_PREFIX: &str = "abandoned-";
+
+/// Moves the checkpoints that sort after `written` (the one just written)
+/// out of the run's order, into `checkpoints/abandoned-<unix seconds>/`, with
+/// a warning naming them. They are from a run order this run left when it
+/// resumed from an older checkpoint (`--resume` of an earlier epoch, or a
+/// coordinator that resumed from the newest checkpoint it had committed):
+/// left in place they would count as the newest, so that retention would
+/// delete the checkpoint just written, and a resume of the run folder would
+/// continue the abandoned run instead of this one. They are moved, never
+/// deleted: the user decides. A checkpoint that cannot be moved stays, with
+/// a warning.
+fn set_aside_later_than(run_dir: &Path, written: &str) {
+    let later: Vec<PathBuf> = list(run_dir)
+        .into_iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n > written))
+        .collect();
+    if later.is_empty() {
+        return;
+    }
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let root = run_dir.join(CHECKPOINTS);
+    // A folder of its own, also when an earlier set-aside had the same second.
+    let mut made = Err(std::io::Error::other("no name left"));
+    let mut aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}"));
+    for n in 0..100 {
+        if n > 0 {
+            aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}-{n}"));
+        }
+        made = std::fs::create_dir(&aside);
+        if !matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
+            break;
+        }
+    }
+    if let Err(e) = made {
+        tracing::warn!(folder = %aside.display(), error = %e, "cannot set aside the checkpoints after {written}; keeping them in place");
+        return;
+    }
+    for old in later {
+        let Some(name) = old.file_name() else { continue };
+        let to = aside.join(name);
+        match std::fs::rename(&old, &to) {
+            Ok(()) => tracing::warn!(
+                checkpoint = %old.display(),
+                moved_to = %to.display(),
+                "a checkpoint after the one just written ({written}) is from a run order this run \
+                 abandoned when it resumed from an older checkpoint: set aside (delete it when not needed)"
+            ),
+            Err(e) => tracing::warn!(
+                checkpoint = %old.display(),
+                error = %e,
+                "cannot set aside a checkpoint after the one just written ({written}); keeping it"
+            ),
+        }
+    }
+}
+
+/// Deletes every checkpoint but the newest `keep_last` and those named in
+/// `keep` (folder names: the one just written, the best), and the staging
+/// folders of saves that never finished.
+fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
     let all = list(run_dir);
-    let is_best = |p: &Path| best.is_some_and(|b| p.file_name().is_some_and(|n| n == b));
+    let kept =
+        |p: &Path| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| keep.contains(&Some(n)));
     let mut delete: Vec<PathBuf> = all
         .iter()
         .take(all.len().saturating_sub(keep_last))
-        .filter(|p| !is_best(p))
+        .filter(|p| !kept(p))
         .cloned()
         .collect();
     let root = run_dir.join(CHECKPOINTS);
@@ -325,7 +393,7 @@ mod tests {
         let listed: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
         assert_eq!(list(run.path()), listed);
         // Retention: the newest two, and the best epoch's end.
-        prune(run.path(), 2, Some(&folder_name(0)));
+        prune(run.path(), 2, &[Some(&folder_name(0))]);
         assert_eq!(
             list(run.path()),
             [root.join("epoch-0001"), root.join(&names[5]), root.join(&names[6])]
@@ -340,7 +408,7 @@ mod tests {
             std::fs::create_dir_all(root.join(folder_name(epoch))).unwrap();
         }
         std::fs::create_dir_all(root.join(".epoch-0009.tmp-12345")).unwrap();
-        prune(run.path(), 2, Some(&folder_name(1)));
+        prune(run.path(), 2, &[Some(&folder_name(1))]);
         let names: Vec<String> = std::fs::read_dir(&root)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -348,8 +416,89 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(names, ["epoch-0002", "epoch-0004", "epoch-0005"]);
-        prune(run.path(), 1, None);
+        prune(run.path(), 1, &[]);
         assert_eq!(list(run.path()), [root.join("epoch-0005")]);
+    }
+
+    #[test]
+    fn a_save_after_resuming_an_older_checkpoint_keeps_it_and_sets_the_later_ones_aside() {
+        // Epochs 1 to 6 were written; the run resumed from epoch 2 and has
+        // just written epoch 3 again. Retention by name alone would keep 5
+        // and 6 and delete the new 3.
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        for epoch in 0..6 {
+            std::fs::create_dir_all(root.join(folder_name(epoch))).unwrap();
+        }
+        std::fs::write(root.join(folder_name(5)).join("marker"), b"abandoned run").unwrap();
+        // Were they not set aside (a rename that fails), the one just
+        // written would still be kept.
+        let unmoved = tempfile::tempdir().unwrap();
+        for epoch in 0..6 {
+            std::fs::create_dir_all(unmoved.path().join(CHECKPOINTS).join(folder_name(epoch)))
+                .unwrap();
+        }
+        prune(unmoved.path(), 2, &[Some(&folder_name(2))]);
+        let left: Vec<String> = list(unmoved.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["epoch-0003", "epoch-0005", "epoch-0006"]);
+
+        set_aside_later_than(run.path(), &folder_name(2));
+        prune(run.path(), 2, &[Some(&folder_name(2))]);
+        assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
+        let aside: Vec<PathBuf> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SET_ASIDE_PREFIX))
+            .collect();
+        assert_eq!(aside.len(), 1, "one folder of set-aside checkpoints");
+        let mut moved: Vec<String> = std::fs::read_dir(&aside[0])
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        moved.sort();
+        assert_eq!(moved, ["epoch-0004", "epoch-0005", "epoch-0006"]);
+        assert_eq!(
+            std::fs::read(aside[0].join("epoch-0006").join("marker")).unwrap(),
+            b"abandoned run",
+            "set aside whole, not deleted"
+        );
+        // The newest checkpoint written is the newest there is: nothing moves.
+        set_aside_later_than(run.path(), &folder_name(2));
+        assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
+        // Mid-epoch names: an epoch end rewritten after a resume from before
+        // it sets aside the mid-epoch checkpoints of the next epoch, and a
+        // second set-aside in the same second gets a folder of its own.
+        for name in ["epoch-0003-update-000000031", "epoch-0004", "epoch-0004-update-000000045"] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+        }
+        set_aside_later_than(run.path(), "epoch-0003-update-000000031");
+        set_aside_later_than(run.path(), &folder_name(2));
+        assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
+        let mut aside: Vec<Vec<String>> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SET_ASIDE_PREFIX))
+            .map(|folder| {
+                let mut names: Vec<String> = std::fs::read_dir(folder)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                names
+            })
+            .collect();
+        aside.sort();
+        assert_eq!(
+            aside,
+            [
+                vec!["epoch-0003-update-000000031"],
+                vec!["epoch-0004", "epoch-0004-update-000000045"],
+                vec!["epoch-0004", "epoch-0005", "epoch-0006"],
+            ]
+        );
     }
 
     #[test]

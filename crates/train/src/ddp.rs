@@ -35,7 +35,7 @@ use crate::host_read;
 use rsb_collective::{Buffer, Collective, CollectiveError, DeviceElement};
 use tch::{Device, Kind, TchError, Tensor};
 
-/// Floats per bucket: 25 MB of f32.
+/// Floats per bucket: 25 MiB (26.2 MB) of f32.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 
 /// What to do with each bucket.

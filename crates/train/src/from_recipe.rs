@@ -118,14 +118,16 @@ pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
     .with_scaled_decode(recipe.data.scaled_decode))
 }
 
-/// The validation split a recipe names (`data.root`/`data.val_split`).
-pub fn val_data(recipe: &Recipe) -> Result<EvalData, TrainError> {
+/// The validation split a recipe names (`data.root`/`data.val_split`),
+/// checked as the training split is: every label below `model.num_classes`,
+/// and the same classes in the same order as `train_classes` (the training
+/// split's, when it names them).
+pub fn val_data(recipe: &Recipe, train_classes: &[String]) -> Result<EvalData, TrainError> {
     let val_root = Path::new(&recipe.data.root).join(&recipe.data.val_split);
-    Ok(EvalData::new(
-        ImageFolder::open_any(&val_root)?,
-        eval_transform(recipe)?,
-        recipe.eval.batch_size as usize,
-    ))
+    let folder = ImageFolder::open_any(&val_root)?;
+    folder.check_same_classes(train_classes)?;
+    folder.check_labels(recipe.model.num_classes as usize)?;
+    Ok(EvalData::new(folder, eval_transform(recipe)?, recipe.eval.batch_size as usize))
 }
 
 /// The further evaluation sets of a recipe (`eval.sets`), opened and
@@ -255,6 +257,35 @@ mod tests {
         let model = model(&recipe, Device::Cpu).expect("model");
         let (name, conv) = &model.named_parameters()[0];
         assert!(is_channels_last(conv), "{name} strides {:?}", conv.stride());
+    }
+
+    #[test]
+    fn a_validation_split_missing_a_class_is_refused_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Opening a split reads names only: empty files stand for photos.
+        let split = |name: &str, classes: &[&str]| {
+            for class in classes {
+                let folder = tmp.path().join(name).join(class);
+                std::fs::create_dir_all(&folder).unwrap();
+                std::fs::write(folder.join("a.jpg"), b"").unwrap();
+            }
+        };
+        split("train", &["n01", "n02", "n03"]);
+        split("val", &["n01", "n03"]);
+        let recipe = default_recipe(&[
+            format!("data.root={}", tmp.path().display()),
+            "data.train_split=train".to_owned(),
+            "data.val_split=val".to_owned(),
+            "model.num_classes=3".to_owned(),
+        ]);
+        let train = ImageFolder::open_any(&tmp.path().join("train")).unwrap();
+        let Err(e) = val_data(&recipe, train.classes()) else {
+            panic!("a validation split missing a class was taken")
+        };
+        let e = e.to_string();
+        assert!(e.contains("val") && e.contains("class 1 is `n03`"), "{e}");
+        split("val", &["n02"]);
+        assert!(val_data(&recipe, train.classes()).is_ok());
     }
 
     #[test]

@@ -421,7 +421,13 @@ impl Trainer {
     pub fn new(recipe: Recipe, options: RunOptions) -> Result<Trainer, TrainError> {
         let device = options.device;
         if recipe.runtime.torch_threads > 0 {
-            tch::set_num_threads(recipe.runtime.torch_threads as i32);
+            let threads = i32::try_from(recipe.runtime.torch_threads).map_err(|_| {
+                TrainError::Recipe(format!(
+                    "runtime.torch_threads: {} is too many",
+                    recipe.runtime.torch_threads
+                ))
+            })?;
+            tch::set_num_threads(threads);
         }
         if device.is_cuda() {
             // As timm's train.py: cuDNN picks the fastest convolution
@@ -433,7 +439,7 @@ impl Trainer {
         let mut optimizer = from_recipe::optimizer(&recipe, &model)?;
         let train = Arc::new(from_recipe::train_data(&recipe)?);
         let schedule = from_recipe::schedule(&recipe, train.steps_per_epoch());
-        let eval = Arc::new(from_recipe::val_data(&recipe)?);
+        let eval = Arc::new(from_recipe::val_data(&recipe, train.folder().classes())?);
         let eval_sets = from_recipe::eval_sets(&recipe, train.folder().classes())?;
         let mut sampler = train.rank_sampler(1, 0)?;
         let batch = BatchShape {
