@@ -10,7 +10,9 @@
 //! * one rank of a 2-rank job freezes before it publishes its ring address
 //!   (its agent still heartbeats): the coordinator fails the job at
 //!   `--rendezvous-timeout-secs`, naming the rank and its host, and no
-//!   process is left behind.
+//!   process is left behind;
+//! * one rank of a 2-rank job panics: the job fails at once, naming the rank
+//!   and the panic's message and place, not only its exit status.
 
 use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
@@ -242,5 +244,36 @@ fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it()
             ))
             && failure.contains("1 of 2 rank(s) missing"),
         "the failure does not name the frozen rank and the deadline: {failure}"
+    );
+}
+
+#[test]
+fn a_rank_that_panics_fails_the_job_at_once_naming_it_and_the_panic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    let _ = binary("worker");
+    let (mut coordinator, output, reader) = spawn_drained(
+        // Inherited by the workers and their ranks: rank 1 panics.
+        tiny_job(2, &data, &out).env("RSB_PANIC_BEFORE_RENDEZVOUS", "1"),
+    );
+    let status = exit_within(&mut coordinator, Duration::from_secs(120));
+    if status.is_none() {
+        let _ = coordinator.kill();
+    }
+    let _ = coordinator.wait();
+    let _ = reader.join();
+    let output = output.lock().unwrap().clone();
+    let status = status.unwrap_or_else(|| panic!("the job had not failed in 120 s:\n{output}"));
+    assert!(!status.success(), "a job with a panicking rank must fail:\n{output}");
+    let failure = output
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    assert!(
+        failure.contains("rank 1 on ")
+            && failure.contains("panicked at worker/src/join.rs:")
+            && failure.contains("rank 1 panics as asked"),
+        "the failure does not name the rank and its panic: {failure}"
     );
 }

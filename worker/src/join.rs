@@ -276,7 +276,8 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         let joined = match answer {
             Ok(Ok(joined)) => joined.into_inner(),
             Ok(Err(e)) if !in_sweep || e.code() != tonic::Code::Unavailable => {
-                return Err(anyhow::Error::new(e).context("joining the coordinator"))
+                return Err(anyhow::Error::new(e)
+                    .context(format!("joining the coordinator at {}", args.coordinator)))
             }
             Err(_) if !in_sweep => bail!(
                 "joining the coordinator at {}: no answer within {HEARTBEAT_DEADLINE:?}",
@@ -513,7 +514,7 @@ async fn serve_member(
                         tracing::warn!(%failure, "the coordinator ended the job; stopping local ranks");
                         for (i, child) in children.iter_mut().enumerate() {
                             if !done[i] {
-                                let _ = child.kill().await;
+                                rsb_process::kill_within(child, rsb_process::REAP_LIMIT).await;
                             }
                         }
                         job_failed = Some(format!("job failed: {failure}"));
@@ -603,10 +604,12 @@ async fn serve_member(
     })
 }
 
-/// Kills every rank process at once (SIGKILL) and reaps it.
+/// Kills every rank process at once (SIGKILL) and reaps it (one the kernel
+/// cannot end, stuck in a hung file system or driver, is left with a warning
+/// after [`rsb_process::REAP_LIMIT`]).
 async fn kill_ranks(children: &mut [tokio::process::Child]) {
     for child in children.iter_mut() {
-        let _ = child.kill().await;
+        rsb_process::kill_within(child, rsb_process::REAP_LIMIT).await;
     }
 }
 
@@ -686,8 +689,34 @@ fn truncated(message: String, max: usize) -> String {
     message[..end].to_string()
 }
 
+/// Makes a panic in this process say itself in one `error: ` line on stderr
+/// (thread, place, message), before the default report, so that the agent
+/// relays it as the rank's last error: the coordinator's failure then says
+/// why the rank died instead of only `exited with exit status: 101`.
+fn report_panics_in_one_line() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line()));
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: thread '{}' panicked{}: {}",
+            std::thread::current().name().unwrap_or("unnamed"),
+            place.unwrap_or_default(),
+            message.replace('\n', " ")
+        );
+        default(info);
+    }));
+}
+
 /// `worker rank`.
 pub fn rank(args: RankArgs) -> Result<()> {
+    report_panics_in_one_line();
     let (token, credentials) = rank_credentials(&args.member)?;
     let runtime = Arc::new(tokio::runtime::Runtime::new()?);
     let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
@@ -781,7 +810,12 @@ fn run_rank(
             member_id: args.member.clone(),
             local_rank: args.local_rank,
         }))
-        .context("waiting for an assignment")?
+        .with_context(|| {
+            format!(
+                "member {} local rank {}: waiting for an assignment from {}",
+                args.member, args.local_rank, args.coordinator
+            )
+        })?
         .into_inner();
     *generation = assignment.generation;
     let rank = assignment.global_rank as usize;
@@ -839,6 +873,10 @@ fn train_rank(
         tracing::warn!("RSB_STOP_BEFORE_RENDEZVOUS: stopping before the rendezvous");
         rsb_process::stop_self();
     }
+    if std::env::var("RSB_PANIC_BEFORE_RENDEZVOUS").is_ok_and(|r| r == rank.to_string()) {
+        // Test hook, as above: this rank panics, as a bug would.
+        panic!("RSB_PANIC_BEFORE_RENDEZVOUS: rank {rank} panics as asked");
+    }
     let timeout = Duration::from_secs(recipe.distributed.collective_timeout_secs);
     let collective: Box<dyn Collective> = match backend {
         CollectiveBackend::Nccl => nccl_collective(rank, world, timeout, rendezvous)?,
@@ -847,7 +885,7 @@ fn train_rank(
             let port = listener.local_addr()?.port();
             let address = SocketAddr::new(args.advertise, port).to_string();
             let reply = rendezvous(Some(pb::rendezvous_request::Payload::RingAddress(address)))
-                .context("ring rendezvous")?
+                .with_context(|| format!("rank {rank}: ring rendezvous at {}", args.coordinator))?
                 .into_inner();
             let config = RingConfig { timeout, ..RingConfig::default() };
             Box::new(listener.connect(rank, &reply.ring_addresses, ring_key, config)?)
@@ -1072,7 +1110,8 @@ fn nccl_collective(
     } else {
         None
     };
-    let reply = rendezvous(payload).context("NCCL rendezvous")?.into_inner();
+    let reply =
+        rendezvous(payload).with_context(|| format!("rank {rank}: NCCL rendezvous"))?.into_inner();
     Ok(Box::new(NcclCollective::new(&reply.nccl_unique_id, rank, world, timeout)?))
 }
 

@@ -70,6 +70,17 @@ pub enum CollectiveError {
     /// NCCL or CUDA reported an error.
     #[error("nccl: {0}")]
     Nccl(String),
+    /// This rank could not start a thread it needs (a limit on processes or
+    /// memory reached).
+    #[error("rank {rank}: cannot start its {what} thread: {source}")]
+    Thread {
+        /// This rank.
+        rank: usize,
+        /// What the thread was for.
+        what: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
 }
 
 /// A buffer to reduce in place.

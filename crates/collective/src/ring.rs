@@ -194,25 +194,32 @@ impl RingListener {
         // Set when the right link failed: the left one need not be waited for.
         let right_failed = AtomicBool::new(false);
         let (to_right, from_left) = std::thread::scope(|scope| {
-            let connecting = scope.spawn(|| -> Result<TcpStream, CollectiveError> {
-                let stream = connect_with_retry(&right_address, deadline).map_err(|e| {
-                    right_failed.store(true, Ordering::Relaxed);
-                    link_err(right, &right_address, e)
-                })?;
-                prove_to_right(&stream, rank, world, key, deadline).map_err(|e| {
-                    right_failed.store(true, Ordering::Relaxed);
-                    match e {
-                        Handshake::Io(e) => link_err(right, &right_address, e),
-                        Handshake::Refused(problem) => CollectiveError::Protocol {
-                            rank,
-                            problem: format!(
-                                "right neighbour (rank {right} at {right_address}): {problem}"
-                            ),
-                        },
-                    }
-                })?;
-                Ok(stream)
-            });
+            let connecting = std::thread::Builder::new().name("ring-connect".into());
+            let connecting =
+                connecting.spawn_scoped(scope, || -> Result<TcpStream, CollectiveError> {
+                    let stream = connect_with_retry(&right_address, deadline).map_err(|e| {
+                        right_failed.store(true, Ordering::Relaxed);
+                        link_err(right, &right_address, e)
+                    })?;
+                    prove_to_right(&stream, rank, world, key, deadline).map_err(|e| {
+                        right_failed.store(true, Ordering::Relaxed);
+                        match e {
+                            Handshake::Io(e) => link_err(right, &right_address, e),
+                            Handshake::Refused(problem) => CollectiveError::Protocol {
+                                rank,
+                                problem: format!(
+                                    "right neighbour (rank {right} at {right_address}): {problem}"
+                                ),
+                            },
+                        }
+                    })?;
+                    Ok(stream)
+                });
+            let connecting = connecting.map_err(|source| CollectiveError::Thread {
+                rank,
+                what: "connecting",
+                source,
+            })?;
             let accepted =
                 accept_left(&self.listener, rank, left, world, key, deadline, &right_failed);
             let connected = connecting.join().unwrap_or_else(|_| {
@@ -223,10 +230,15 @@ impl RingListener {
             });
             Ok::<_, CollectiveError>((connected?, accepted?))
         })?;
-        for stream in [&to_right, &from_left] {
+        for (stream, peer) in [(&to_right, right), (&from_left, left)] {
             let _ = stream.set_nodelay(true);
-            stream.set_read_timeout(Some(config.timeout)).map_err(|e| link_err(left, "", e))?;
-            stream.set_write_timeout(Some(config.timeout)).map_err(|e| link_err(right, "", e))?;
+            let address = &addresses[peer];
+            stream
+                .set_read_timeout(Some(config.timeout))
+                .map_err(|e| link_err(peer, address, e))?;
+            stream
+                .set_write_timeout(Some(config.timeout))
+                .map_err(|e| link_err(peer, address, e))?;
         }
         Ok(TcpRing {
             rank,
@@ -832,7 +844,14 @@ impl TcpRing {
         let right = (self.rank + 1) % self.world;
         let left = (self.rank + self.world - 1) % self.world;
         std::thread::scope(|scope| {
-            let writer = scope.spawn(|| (&links.to_right).write_all(bytemuck::cast_slice(send)));
+            let writer = std::thread::Builder::new()
+                .name("ring-exchange".into())
+                .spawn_scoped(scope, || (&links.to_right).write_all(bytemuck::cast_slice(send)))
+                .map_err(|source| CollectiveError::Thread {
+                    rank: self.rank,
+                    what: "sending",
+                    source,
+                })?;
             let mut reader = &links.from_left;
             let mut read_result = Ok(());
             for target in recv.chunks_mut(self.config.segment_floats) {
@@ -873,14 +892,17 @@ impl TcpRing {
         let left = (r + n - 1) % n;
         let mut scratch = vec![T::zeroed(); self.config.segment_floats.max(1).min(len.max(1))];
         std::thread::scope(|scope| {
-            let sender = scope.spawn(|| {
-                let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
-                if outcome.is_err() {
-                    progress.fail(Direction::Send);
-                    let _ = links.from_left.shutdown(std::net::Shutdown::Both);
-                }
-                outcome
-            });
+            let sender = std::thread::Builder::new()
+                .name("ring-send".into())
+                .spawn_scoped(scope, || {
+                    let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
+                    if outcome.is_err() {
+                        progress.fail(Direction::Send);
+                        let _ = links.from_left.shutdown(std::net::Shutdown::Both);
+                    }
+                    outcome
+                })
+                .map_err(|source| CollectiveError::Thread { rank: r, what: "sending", source })?;
             let received =
                 self.receive_stream(&links.from_left, &schedule, &shared, &progress, &mut scratch);
             if received.is_err() {

@@ -5,14 +5,41 @@
 //! from the matching channel (the PyTorch DataLoader scheme). At most
 //! `prefetch` results wait in memory; a worker that finds its channel closed
 //! (the consumer went away) stops; a worker that panics turns into an error
-//! for the consumer, never a hang.
+//! for the consumer, never a hang. A job that does not return (a read from a
+//! hung file system) is warned about every [`Patience::warn_every`] and is an
+//! error naming it after [`Patience::give_up`]; dropping the loader waits
+//! [`Patience::on_drop`] at most for such a worker, then leaves it.
 
 use crate::error::DataError;
-use crossbeam_channel::{bounded, Receiver};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a [`Loader`] waits for a job, and for its workers when dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Patience {
+    /// A warning, naming the job, every time this passes without its result.
+    pub warn_every: Duration,
+    /// A job whose result has not come after this is an error.
+    pub give_up: Duration,
+    /// Dropping the loader waits this long for its workers to end.
+    pub on_drop: Duration,
+}
+
+impl Default for Patience {
+    /// A minute between warnings, and 30 minutes before an error: a batch
+    /// takes well under a second, so only a hung read takes that long.
+    fn default() -> Patience {
+        Patience {
+            warn_every: Duration::from_secs(60),
+            give_up: Duration::from_secs(30 * 60),
+            on_drop: Duration::from_secs(10),
+        }
+    }
+}
 
 /// An ordered stream of job results produced by background threads.
 pub struct Loader<T> {
@@ -21,6 +48,7 @@ pub struct Loader<T> {
     total: usize,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    patience: Patience,
 }
 
 impl<T> std::fmt::Debug for Loader<T> {
@@ -59,34 +87,50 @@ impl<T: Send + 'static> Loader<T> {
         let mut workers = Vec::with_capacity(threads);
         for w in 0..threads {
             let (tx, rx) = bounded(capacity);
-            receivers.push(rx);
             let job = Arc::clone(&job);
             let stop = Arc::clone(&stop);
-            let handle = std::thread::Builder::new()
-                .name(format!("loader-{w}"))
-                .spawn(move || {
-                    for k in (w..total).step_by(threads) {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let result = std::panic::catch_unwind(AssertUnwindSafe(|| job(k)))
-                            .unwrap_or_else(|panic| {
-                                let what = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                Err(DataError::Loader(format!("job {k} panicked: {what}")))
-                            });
-                        if tx.send(result).is_err() {
-                            break;
-                        }
+            let handle = std::thread::Builder::new().name(format!("loader-{w}")).spawn(move || {
+                for k in (w..total).step_by(threads) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
-                })
-                .expect("spawning a loader thread");
-            workers.push(handle);
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| job(k)))
+                        .unwrap_or_else(|panic| {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Err(DataError::Loader(format!("job {k} panicked: {what}")))
+                        });
+                    if tx.send(result).is_err() {
+                        break;
+                    }
+                }
+            });
+            match handle {
+                Ok(handle) => {
+                    receivers.push(rx);
+                    workers.push(handle);
+                }
+                Err(e) => {
+                    // No thread (a process or memory limit): this worker's
+                    // jobs are errors saying why, not a panic.
+                    let (failed_tx, failed_rx) = bounded(1);
+                    let _ = failed_tx.send(Err(DataError::Loader(format!(
+                        "cannot start loader thread {w} of {threads}: {e}"
+                    ))));
+                    receivers.push(failed_rx);
+                }
+            }
         }
-        Loader { receivers, next: 0, total, stop, workers }
+        Loader { receivers, next: 0, total, stop, workers, patience: Patience::default() }
+    }
+
+    /// The same loader, waiting as `patience` says.
+    pub fn with_patience(mut self, patience: Patience) -> Loader<T> {
+        self.patience = patience;
+        self
     }
 
     /// Jobs not yet taken.
@@ -105,9 +149,31 @@ impl<T> Iterator for Loader<T> {
         let k = self.next;
         self.next += 1;
         let rx = &self.receivers[k % self.receivers.len()];
-        Some(rx.recv().unwrap_or_else(|_| {
-            Err(DataError::Loader(format!("worker for job {k} exited without a result")))
-        }))
+        let started = Instant::now();
+        loop {
+            let waited = started.elapsed();
+            if waited >= self.patience.give_up {
+                return Some(Err(DataError::Loader(format!(
+                    "job {k} of {} gave no result within {:?} (a hung file system, or a \
+                     job that never returns)",
+                    self.total, self.patience.give_up
+                ))));
+            }
+            let wait = self.patience.warn_every.min(self.patience.give_up - waited);
+            match rx.recv_timeout(wait) {
+                Ok(result) => return Some(result),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Some(Err(DataError::Loader(format!(
+                        "worker for job {k} exited without a result"
+                    ))))
+                }
+                Err(RecvTimeoutError::Timeout) => tracing::warn!(
+                    job = k,
+                    waited_s = started.elapsed().as_secs_f64(),
+                    "a loader job is not ready yet (a slow or hung file system?); still waiting"
+                ),
+            }
+        }
     }
 }
 
@@ -116,8 +182,25 @@ impl<T> Drop for Loader<T> {
         self.stop.store(true, Ordering::Relaxed);
         // Dropping the receivers unblocks workers waiting on a full channel.
         self.receivers.clear();
+        let deadline = Instant::now() + self.patience.on_drop;
+        while self.workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut stuck = 0;
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 {
+            tracing::warn!(
+                threads = stuck,
+                "loader threads still busy {:?} after the loader was dropped (a hung read?); \
+                 left behind",
+                self.patience.on_drop
+            );
         }
     }
 }
@@ -154,6 +237,33 @@ mod tests {
         assert_eq!(loader.next().unwrap().unwrap(), 1);
         let err = loader.next().unwrap().unwrap_err().to_string();
         assert!(err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn a_job_that_never_returns_is_an_error_naming_it_and_does_not_hold_up_the_drop() {
+        let patience = Patience {
+            warn_every: Duration::from_millis(20),
+            give_up: Duration::from_millis(200),
+            on_drop: Duration::from_millis(100),
+        };
+        let mut loader = Loader::spawn(3, 1, 1, |k| {
+            if k == 1 {
+                // A read from a hung file system.
+                loop {
+                    std::thread::park();
+                }
+            }
+            Ok(k)
+        })
+        .with_patience(patience);
+        assert_eq!(loader.next().unwrap().unwrap(), 0);
+        let started = Instant::now();
+        let err = loader.next().unwrap().unwrap_err().to_string();
+        assert!(err.contains("job 1 of 3") && err.contains("no result within"), "{err}");
+        assert!(started.elapsed() >= patience.give_up, "gave up early");
+        let started = Instant::now();
+        drop(loader);
+        assert!(started.elapsed() < Duration::from_secs(5), "the drop waited for the stuck job");
     }
 
     #[test]

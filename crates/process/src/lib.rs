@@ -102,7 +102,34 @@ pub async fn terminate(children: &mut [Child], grace: Duration) {
     for child in children.iter_mut() {
         if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
             tracing::warn!(pid = child.id(), "still running {grace:?} after SIGTERM; killing");
-            let _ = child.kill().await;
+            kill_within(child, REAP_LIMIT).await;
+        }
+    }
+}
+
+/// How long [`kill_within`]'s callers wait for a SIGKILLed process to end.
+pub const REAP_LIMIT: Duration = Duration::from_secs(10);
+
+/// `SIGKILL`s `child` and waits up to `limit` for it to end and be reaped.
+/// A process that outlives that (stuck in the kernel: a write to a hung
+/// network file system, a wedged driver) is left with a warning naming its
+/// pid, so that the caller goes on (heartbeats, the next generation) instead
+/// of waiting for it for ever. Returns whether it ended.
+pub async fn kill_within(child: &mut Child, limit: Duration) -> bool {
+    let pid = child.id();
+    if let Err(e) = child.start_kill() {
+        // Already reaped, or gone.
+        tracing::debug!(?pid, error = %e, "SIGKILL");
+    }
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(_) => true,
+        Err(_) => {
+            tracing::warn!(
+                ?pid,
+                "still not ended {limit:?} after SIGKILL (stuck in the kernel: a hung file \
+                 system or driver); going on without it"
+            );
+            false
         }
     }
 }
@@ -158,5 +185,18 @@ mod tests {
         terminate(&mut children, Duration::from_millis(500)).await;
         assert!(start.elapsed() >= Duration::from_millis(500));
         assert!(!alive(pid));
+    }
+
+    #[tokio::test]
+    async fn kill_within_ends_and_reaps_a_stopped_child() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = child.id().expect("pid");
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+        let start = std::time::Instant::now();
+        assert!(kill_within(&mut child, Duration::from_secs(5)).await);
+        assert!(start.elapsed() < Duration::from_secs(4));
+        assert!(!alive(pid));
+        // A child already reaped: nothing to wait for.
+        assert!(kill_within(&mut child, Duration::from_secs(5)).await);
     }
 }

@@ -314,7 +314,7 @@ impl NcclCollective {
         })?;
         if id.len() != 128 {
             return Err(CollectiveError::Nccl(format!(
-                "unique id has {} bytes, expected 128",
+                "rank {rank}: unique id has {} bytes, expected 128",
                 id.len()
             )));
         }
