@@ -1045,7 +1045,8 @@ impl TcpRing {
         let zeros = vec![0u8; block];
         let first_failure = std::sync::OnceLock::new();
         let (received, sent) = std::thread::scope(|scope| {
-            let sender = scope.spawn(|| {
+            let sender = std::thread::Builder::new().name("ring-probe".into());
+            let sender = sender.spawn_scoped(scope, || {
                 let mut out = &links.to_right;
                 let mut remaining = len;
                 let outcome = (|| {
@@ -1062,6 +1063,11 @@ impl TcpRing {
                 }
                 outcome
             });
+            let sender = sender.map_err(|source| CollectiveError::Thread {
+                rank: self.rank,
+                what: "probe-sending",
+                source,
+            })?;
             let mut input = &links.from_left;
             let mut incoming = vec![0u8; block];
             let received = (|| -> std::io::Result<Duration> {
@@ -1082,8 +1088,8 @@ impl TcpRing {
             let sent = sender
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            (received, sent)
-        });
+            Ok::<_, CollectiveError>((received, sent))
+        })?;
         // Report the direction that failed first; the other one only
         // stopped because of it.
         let elapsed = match (received, sent, first_failure.get()) {

@@ -232,10 +232,25 @@ impl GradientBuckets {
             let ready = &overlap.ready;
             let (buckets, bucket_of) = (&self.buckets, &self.bucket_of);
             let reduction = self.reduction;
-            let reducer = scope.spawn(move || {
-                let plan = Plan { params: &params, buckets, bucket_of, calls, update, reduction };
-                reduce_as_ready(collective, &plan, ready, deadline)
-            });
+            let reducer = std::thread::Builder::new().name("grad-reducer".into()).spawn_scoped(
+                scope,
+                move || {
+                    let plan =
+                        Plan { params: &params, buckets, bucket_of, calls, update, reduction };
+                    reduce_as_ready(collective, &plan, ready, deadline)
+                },
+            );
+            let reducer = match reducer {
+                Ok(reducer) => reducer,
+                Err(e) => {
+                    // Nothing issued, nothing to wait for: the hooks stand down.
+                    overlap.armed.store(false, Ordering::Release);
+                    return Err(TrainError::GradientReduction(format!(
+                        "{}: cannot start the reducing thread: {e}",
+                        gradients_of(update)
+                    )));
+                }
+            };
             let mut end = EndOfBackward { overlap, message: BACKWARD_FAILED };
             let result = backward();
             let backward_done = Instant::now();
@@ -246,8 +261,8 @@ impl GradientBuckets {
             let reduced = reducer.join().unwrap_or_else(|_| {
                 Err(TrainError::GradientReduction("the reducing thread panicked".into()))
             });
-            (result, reduced, backward_done)
-        });
+            Ok((result, reduced, backward_done))
+        })?;
         match (backward_result, reduce_result) {
             (Ok(()), Ok(issued)) => {
                 finish(collective, issued, &gradients_of(update))?;

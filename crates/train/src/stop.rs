@@ -97,8 +97,10 @@ pub fn write_while_answering<T>(
     }
     let (done_tx, done_rx) = channel::<bool>();
     let started = Instant::now();
+    let (rank, operation) = (collective.rank(), vote_name.clone());
     let (written, answered) = std::thread::scope(|scope| {
-        let answering = scope.spawn(move || -> Result<bool, TrainError> {
+        let answering = std::thread::Builder::new().name("write-votes".into());
+        let answering = answering.spawn_scoped(scope, move || -> Result<bool, TrainError> {
             loop {
                 let (finished, failed) = match done_rx.recv_timeout(poll) {
                     Ok(ok) => (true, !ok),
@@ -114,6 +116,12 @@ pub fn write_while_answering<T>(
                 }
             }
         });
+        // Without it the other ranks would wait for votes that never come:
+        // nothing is written, and their link to this rank closes with its exit.
+        let answering = answering.map_err(|source| TrainError::Collective {
+            operation,
+            error: rsb_collective::CollectiveError::Thread { rank, what: "vote-answering", source },
+        })?;
         let written = write();
         let _ = done_tx.send(written.is_ok());
         let answered = answering.join().unwrap_or_else(|_| {
@@ -121,8 +129,8 @@ pub fn write_while_answering<T>(
                 "the thread answering the ranks during the {what} panicked"
             )))
         });
-        (written, answered)
-    });
+        Ok::<_, TrainError>((written, answered))
+    })?;
     let value = written?;
     if !answered? {
         return Err(TrainError::PeerWrite { rank: writer, what: what.to_string(), deadline });
