@@ -512,11 +512,12 @@ async fn serve_member(
                         // The job failed elsewhere: stop our ranks instead of
                         // letting them wait on dead peers.
                         tracing::warn!(%failure, "the coordinator ended the job; stopping local ranks");
-                        for (i, child) in children.iter_mut().enumerate() {
-                            if !done[i] {
-                                rsb_process::kill_within(child, rsb_process::REAP_LIMIT).await;
-                            }
-                        }
+                        let running = children
+                            .iter_mut()
+                            .zip(&done)
+                            .filter(|(_, &done)| !done)
+                            .map(|(child, _)| child);
+                        rsb_process::kill_all_within(running, rsb_process::REAP_LIMIT).await;
                         job_failed = Some(format!("job failed: {failure}"));
                     }
                     // A finished job: every rank has already reported success
@@ -604,13 +605,11 @@ async fn serve_member(
     })
 }
 
-/// Kills every rank process at once (SIGKILL) and reaps it (one the kernel
+/// Kills every rank process at once (SIGKILL) and reaps them (one the kernel
 /// cannot end, stuck in a hung file system or driver, is left with a warning
-/// after [`rsb_process::REAP_LIMIT`]).
+/// after [`rsb_process::REAP_LIMIT`] for them all).
 async fn kill_ranks(children: &mut [tokio::process::Child]) {
-    for child in children.iter_mut() {
-        rsb_process::kill_within(child, rsb_process::REAP_LIMIT).await;
-    }
+    rsb_process::kill_all_within(children.iter_mut(), rsb_process::REAP_LIMIT).await;
 }
 
 /// Relays a rank process's stderr to the agent's, line by line, and keeps
@@ -692,26 +691,34 @@ fn truncated(message: String, max: usize) -> String {
 /// Makes a panic in this process say itself in one `error: ` line on stderr
 /// (thread, place, message), before the default report, so that the agent
 /// relays it as the rank's last error: the coordinator's failure then says
-/// why the rank died instead of only `exited with exit status: 101`.
+/// why the rank died instead of only `exited with exit status: 101`. A panic
+/// that is caught and handled (a loader job's, turned into an error) prints
+/// the line too; a rank that then fails prints its own `error:` line last,
+/// which is the one relayed.
 fn report_panics_in_one_line() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        let place = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
         let payload = info.payload();
         let message = payload
             .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line()));
-        let _ = writeln!(
-            std::io::stderr(),
-            "error: thread '{}' panicked{}: {}",
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let line = panic_line(
             std::thread::current().name().unwrap_or("unnamed"),
-            place.unwrap_or_default(),
-            message.replace('\n', " ")
+            place.as_deref(),
+            message,
         );
+        let _ = writeln!(std::io::stderr(), "{line}");
         default(info);
     }));
+}
+
+/// The one line [`report_panics_in_one_line`] prints.
+fn panic_line(thread: &str, place: Option<&str>, message: &str) -> String {
+    let place = place.map(|p| format!(" at {p}")).unwrap_or_default();
+    format!("error: thread '{thread}' panicked{place}: {}", message.replace('\n', " "))
 }
 
 /// `worker rank`.
@@ -1126,6 +1133,17 @@ mod tests {
         assert_eq!(physical_gpu(Some("3,5"), 0), "3");
         assert_eq!(physical_gpu(Some("3, 5"), 1), "5");
         assert_eq!(physical_gpu(Some("GPU-8f2c,MIG-77ab"), 1), "MIG-77ab");
+    }
+
+    #[test]
+    fn a_panic_is_one_error_line_the_agent_relays() {
+        let line = panic_line("main", Some("worker/src/join.rs:7"), "first\nsecond");
+        assert_eq!(line, "error: thread 'main' panicked at worker/src/join.rs:7: first second");
+        assert_eq!(
+            error_line(&line).as_deref(),
+            Some("thread 'main' panicked at worker/src/join.rs:7: first second")
+        );
+        assert_eq!(panic_line("loader-0", None, "boom"), "error: thread 'loader-0' panicked: boom");
     }
 
     #[test]

@@ -538,6 +538,16 @@ struct Links {
     left_address: String,
 }
 
+impl Links {
+    /// This rank cannot start its `what` thread: both links are shut down,
+    /// so that the neighbours fail at once instead of at their timeout.
+    fn fail(&self, rank: usize, what: &'static str, source: std::io::Error) -> CollectiveError {
+        let _ = self.to_right.shutdown(std::net::Shutdown::Both);
+        let _ = self.from_left.shutdown(std::net::Shutdown::Both);
+        CollectiveError::Thread { rank, what, source }
+    }
+}
+
 /// A formed ring of CPU ranks.
 #[derive(Debug)]
 pub struct TcpRing {
@@ -847,11 +857,7 @@ impl TcpRing {
             let writer = std::thread::Builder::new()
                 .name("ring-exchange".into())
                 .spawn_scoped(scope, || (&links.to_right).write_all(bytemuck::cast_slice(send)))
-                .map_err(|source| CollectiveError::Thread {
-                    rank: self.rank,
-                    what: "sending",
-                    source,
-                })?;
+                .map_err(|source| links.fail(self.rank, "sending", source))?;
             let mut reader = &links.from_left;
             let mut read_result = Ok(());
             for target in recv.chunks_mut(self.config.segment_floats) {
@@ -902,7 +908,7 @@ impl TcpRing {
                     }
                     outcome
                 })
-                .map_err(|source| CollectiveError::Thread { rank: r, what: "sending", source })?;
+                .map_err(|source| links.fail(r, "sending", source))?;
             let received =
                 self.receive_stream(&links.from_left, &schedule, &shared, &progress, &mut scratch);
             if received.is_err() {
@@ -1063,11 +1069,7 @@ impl TcpRing {
                 }
                 outcome
             });
-            let sender = sender.map_err(|source| CollectiveError::Thread {
-                rank: self.rank,
-                what: "probe-sending",
-                source,
-            })?;
+            let sender = sender.map_err(|source| links.fail(self.rank, "probe-sending", source))?;
             let mut input = &links.from_left;
             let mut incoming = vec![0u8; block];
             let received = (|| -> std::io::Result<Duration> {

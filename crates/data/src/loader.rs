@@ -153,13 +153,24 @@ impl<T> Iterator for Loader<T> {
         loop {
             let waited = started.elapsed();
             if waited >= self.patience.give_up {
+                if let Ok(result) = rx.try_recv() {
+                    return Some(result);
+                }
+                // The job's result, were it to come, would be taken for a
+                // later job's: this loader ends here.
+                self.next = self.total;
+                self.stop.store(true, Ordering::Relaxed);
                 return Some(Err(DataError::Loader(format!(
                     "job {k} of {} gave no result within {:?} (a hung file system, or a \
                      job that never returns)",
                     self.total, self.patience.give_up
                 ))));
             }
-            let wait = self.patience.warn_every.min(self.patience.give_up - waited);
+            let wait = self
+                .patience
+                .warn_every
+                .max(Duration::from_millis(1))
+                .min(self.patience.give_up - waited);
             match rx.recv_timeout(wait) {
                 Ok(result) => return Some(result),
                 Err(RecvTimeoutError::Disconnected) => {
@@ -182,8 +193,10 @@ impl<T> Drop for Loader<T> {
         self.stop.store(true, Ordering::Relaxed);
         // Dropping the receivers unblocks workers waiting on a full channel.
         self.receivers.clear();
-        let deadline = Instant::now() + self.patience.on_drop;
-        while self.workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
+        let started = Instant::now();
+        while self.workers.iter().any(|w| !w.is_finished())
+            && started.elapsed() < self.patience.on_drop
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut stuck = 0;
@@ -261,6 +274,8 @@ mod tests {
         let err = loader.next().unwrap().unwrap_err().to_string();
         assert!(err.contains("job 1 of 3") && err.contains("no result within"), "{err}");
         assert!(started.elapsed() >= patience.give_up, "gave up early");
+        // Job 2's result would be taken from job 1's queue: the loader ends.
+        assert!(loader.next().is_none(), "the loader went on after giving up");
         let started = Instant::now();
         drop(loader);
         assert!(started.elapsed() < Duration::from_secs(5), "the drop waited for the stuck job");

@@ -99,39 +99,50 @@ pub async fn terminate(children: &mut [Child], grace: Duration) {
         }
     }
     let deadline = tokio::time::Instant::now() + grace;
+    let mut running = Vec::new();
     for child in children.iter_mut() {
         if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
             tracing::warn!(pid = child.id(), "still running {grace:?} after SIGTERM; killing");
-            kill_within(child, REAP_LIMIT).await;
+            running.push(child);
         }
     }
+    kill_all_within(running, REAP_LIMIT).await;
 }
 
-/// How long [`kill_within`]'s callers wait for a SIGKILLed process to end.
+/// How long [`kill_all_within`]'s callers wait for SIGKILLed processes to end.
 pub const REAP_LIMIT: Duration = Duration::from_secs(10);
 
-/// `SIGKILL`s `child` and waits up to `limit` for it to end and be reaped.
-/// A process that outlives that (stuck in the kernel: a write to a hung
-/// network file system, a wedged driver) is left with a warning naming its
-/// pid, so that the caller goes on (heartbeats, the next generation) instead
-/// of waiting for it for ever. Returns whether it ended.
-pub async fn kill_within(child: &mut Child, limit: Duration) -> bool {
-    let pid = child.id();
-    if let Err(e) = child.start_kill() {
-        // Already reaped, or gone.
-        tracing::debug!(?pid, error = %e, "SIGKILL");
+/// `SIGKILL`s every one of `children` at once, then waits up to `limit` in
+/// all for them to end and be reaped. One that outlives that (stuck in the
+/// kernel: a write to a hung network file system, a wedged driver) is left
+/// with a warning naming its pid, so that the caller goes on (heartbeats,
+/// the next generation) instead of waiting for it for ever. Returns how many
+/// were left.
+pub async fn kill_all_within<'a>(
+    children: impl IntoIterator<Item = &'a mut Child>,
+    limit: Duration,
+) -> usize {
+    let children: Vec<&mut Child> = children.into_iter().collect();
+    for child in &children {
+        if let Some(pid) = child.id() {
+            if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                tracing::debug!(pid, error = %e, "SIGKILL");
+            }
+        }
     }
-    match tokio::time::timeout(limit, child.wait()).await {
-        Ok(_) => true,
-        Err(_) => {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut left = 0;
+    for child in children {
+        if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+            left += 1;
             tracing::warn!(
-                ?pid,
+                pid = child.id(),
                 "still not ended {limit:?} after SIGKILL (stuck in the kernel: a hung file \
                  system or driver); going on without it"
             );
-            false
         }
     }
+    left
 }
 
 /// Ends this process with `code` at once: no atexit handler or static
@@ -188,15 +199,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn kill_within_ends_and_reaps_a_stopped_child() {
-        let mut child = Command::new("sleep").arg("30").spawn().expect("sleep");
-        let pid = child.id().expect("pid");
-        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    async fn kill_all_within_ends_and_reaps_stopped_children_at_once() {
+        let mut children: Vec<Child> =
+            (0..3).map(|_| Command::new("sleep").arg("30").spawn().expect("sleep")).collect();
+        let pids: Vec<u32> = children.iter().map(|c| c.id().expect("pid")).collect();
+        for &pid in &pids {
+            kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+        }
         let start = std::time::Instant::now();
-        assert!(kill_within(&mut child, Duration::from_secs(5)).await);
+        assert_eq!(kill_all_within(children.iter_mut(), Duration::from_secs(5)).await, 0);
         assert!(start.elapsed() < Duration::from_secs(4));
-        assert!(!alive(pid));
-        // A child already reaped: nothing to wait for.
-        assert!(kill_within(&mut child, Duration::from_secs(5)).await);
+        assert!(pids.iter().all(|&pid| !alive(pid)));
+        // Children already reaped: nothing to wait for.
+        assert_eq!(kill_all_within(children.iter_mut(), Duration::from_secs(5)).await, 0);
     }
 }
