@@ -50,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
                    help='auto = bf16 autocast on a GPU, fp32 on a CPU (the recipe runtime.precision rule)')
     p.add_argument('--seed', type=int, default=0, help='seed of the weights and the random batch')
+    p.add_argument('--foreach', choices=['auto', 'on', 'off'], default='auto',
+                   help="Lamb's multi-tensor path: auto = timm's default (on for CUDA tensors)")
+    p.add_argument('--phase-times', action='store_true',
+                   help='also time forward, backward and the optimizer apart (a device '
+                        'synchronisation between them on a GPU), as `worker bench step --phase-times`')
     return p.parse_args(argv)
 
 
@@ -98,7 +103,8 @@ def main(argv=None):
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=mf)
     loss_fn = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2).to(device)
-    optimizer = create_optimizer_v2(model, 'lamb', lr=8e-3, weight_decay=0.02)
+    foreach = {'auto': None, 'on': True, 'off': False}[args.foreach]
+    optimizer = create_optimizer_v2(model, 'lamb', lr=8e-3, weight_decay=0.02, foreach=foreach)
 
     B, C = args.batch, args.num_classes
     x = torch.randn(B, 3, args.size, args.size, device=device).contiguous(memory_format=mf)
@@ -113,7 +119,16 @@ def main(argv=None):
         if on_gpu:
             torch.cuda.synchronize()
 
-    def step():
+    # Phase times (ms) of the timed steps, when asked for.
+    phases = {'forward': [], 'backward': [], 'optimizer': []}
+
+    def phase_sync(marks):
+        if args.phase_times:
+            sync()
+            marks.append(time.perf_counter())
+
+    def step(marks):
+        phase_sync(marks)
         if amp_dtype is not None:
             with torch.autocast(device_type=device.type, dtype=amp_dtype):
                 out = model(x)
@@ -121,20 +136,27 @@ def main(argv=None):
         else:
             out = model(x)
             loss = loss_fn(out, target)
+        phase_sync(marks)
         loss.backward()
+        phase_sync(marks)
         optimizer.step()
         optimizer.zero_grad()
+        phase_sync(marks)
         return loss
 
     for i in range(args.warmup):
-        step()
+        step([])
     sync()
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        loss = step()
+        marks = []
+        loss = step(marks)
         sync()
         times.append(time.perf_counter() - t0)
+        if args.phase_times:
+            for name, (a, b) in zip(('forward', 'backward', 'optimizer'), zip(marks, marks[1:])):
+                phases[name].append((b - a) * 1e3)
         print(f"step {i} {times[-1] * 1e3:.1f} ms loss {loss.item():.4f}", file=sys.stderr)
 
     res = {
@@ -155,6 +177,10 @@ def main(argv=None):
         'precision': 'bf16' if amp_dtype is not None else 'fp32',
         'torch': torch.__version__,
         'timm': timm.__version__,
+        'foreach': args.foreach,
+        'forward_ms_median': statistics.median(phases['forward']) if args.phase_times else None,
+        'backward_ms_median': statistics.median(phases['backward']) if args.phase_times else None,
+        'optimizer_ms_median': statistics.median(phases['optimizer']) if args.phase_times else None,
     }
     print(json.dumps(res), flush=True)
 

@@ -4,10 +4,12 @@
 //! 1e-3) per element, float32 on CPU. The floor is the scale of one update
 //! (lr ~ 1e-3): a parameter that the updates have cancelled down to ~1e-5 is
 //! compared absolutely, since its relative error only measures the cancellation.
+//! Both update paths are held to it: the per-tensor one (timm's on a CPU)
+//! and the packed one (as timm's multi-tensor path, ours on a GPU).
 
 use rsb_integration_tests::{fixtures, max_relative_error, read_json};
 use rsb_recipes::schema::LambOptimizer;
-use rsb_train::lamb::Lamb;
+use rsb_train::lamb::{Lamb, UpdatePath};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -15,6 +17,12 @@ const TOLERANCE: f64 = 1e-5;
 
 #[test]
 fn lamb_steps_match_timm() {
+    for path in [UpdatePath::PerTensor, UpdatePath::Packed] {
+        lamb_steps_match_timm_on(path);
+    }
+}
+
+fn lamb_steps_match_timm_on(path: UpdatePath) {
     let dir = fixtures("lamb");
     let cases = read_json(&dir.join("cases.json"));
     for case in cases.as_array().unwrap() {
@@ -63,6 +71,7 @@ fn lamb_steps_match_timm() {
             &config,
         )
         .unwrap();
+        lamb.set_update_path(path);
         assert_eq!(lamb.group_names(), groups, "parameter groups differ from timm's");
         for (step, lr) in case["lrs"].as_array().unwrap().iter().enumerate() {
             for (name, p, _) in &params {
@@ -77,12 +86,14 @@ fn lamb_steps_match_timm() {
                 tch::no_grad(|| grad.copy_(&tensors[&format!("grad{step}.{name}")]));
             }
             lamb.step(lr.as_f64().unwrap()).unwrap();
+            let packed = if path == UpdatePath::Packed { groups.len() } else { 0 };
+            assert_eq!(lamb.groups_packed_last_update(), packed, "{path:?}");
             for (name, p, _) in &params {
                 let want = &tensors[&format!("param{step}.{name}")];
                 let err = max_relative_error(&p.detach(), want, 1e-3);
                 assert!(
                     err <= TOLERANCE,
-                    "case {file:?} step {step} {name}: relative error {err:.2e}"
+                    "{path:?}: case {file:?} step {step} {name}: relative error {err:.2e}"
                 );
             }
         }

@@ -7,7 +7,7 @@ use crate::commands::parse_device;
 use anyhow::Result;
 use clap::Args;
 use rsb_recipes::schema::LambOptimizer;
-use rsb_train::lamb::Lamb;
+use rsb_train::lamb::{Lamb, UpdatePath};
 use rsb_train::loss::Loss;
 use rsb_vision::{ForwardMode, Model, ModelConfig};
 use std::time::Instant;
@@ -51,6 +51,21 @@ pub struct StepArgs {
     /// A CPU step is synchronous: its phase times are always reported.
     #[arg(long)]
     pub phase_times: bool,
+    /// How LAMB walks the parameters: `auto` (packed on a GPU, per tensor on
+    /// a CPU, as timm's `foreach` default), `packed` or `per-tensor`.
+    #[arg(long, value_enum, default_value_t = UpdatePathArg::Auto)]
+    pub update_path: UpdatePathArg,
+}
+
+/// `--update-path` of `worker bench step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpdatePathArg {
+    /// The optimizer's default for the device.
+    Auto,
+    /// [`UpdatePath::Packed`].
+    Packed,
+    /// [`UpdatePath::PerTensor`].
+    PerTensor,
 }
 
 /// Runs the benchmark.
@@ -85,6 +100,11 @@ pub fn step(args: StepArgs) -> Result<()> {
         always_adapt: false,
     };
     let mut optimizer = Lamb::new(&model, &config)?;
+    match args.update_path {
+        UpdatePathArg::Auto => {}
+        UpdatePathArg::Packed => optimizer.set_update_path(UpdatePath::Packed),
+        UpdatePathArg::PerTensor => optimizer.set_update_path(UpdatePath::PerTensor),
+    }
     let loss_fn = Loss::Bce { target_threshold: Some(0.2) };
     let mut xs = Tensor::randn([args.batch, 3, args.size, args.size], (Kind::Float, device));
     if args.channels_last {
@@ -160,6 +180,12 @@ pub fn step(args: StepArgs) -> Result<()> {
         "forward_ms_median": median_ms(forward_times),
         "backward_ms_median": median_ms(backward_times),
         "optimizer_ms_median": median_ms(optimizer_times),
+        "update_path": match optimizer.update_path() {
+            UpdatePath::Packed => "packed",
+            UpdatePath::PerTensor => "per-tensor",
+        },
+        // Parameter groups the last update took the packed path for.
+        "packed_groups": optimizer.groups_packed_last_update(),
     });
     println!("{report}");
     Ok(())
