@@ -131,7 +131,7 @@ pub fn step(args: StepArgs) -> Result<()> {
     let mut zero_grad_times = Vec::with_capacity(args.steps);
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
-        optimizer.zero_grad();
+        optimizer.zero_grad()?;
         let before_forward = Instant::now();
         let logits = model.forward(&xs, ForwardMode::Train)?;
         let loss = loss_fn.compute(&logits, &ys)?;

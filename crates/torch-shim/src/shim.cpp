@@ -9,6 +9,8 @@
 // (`_amp_foreach_non_finite_check_and_unscale_`, what `GradScaler.unscale_`
 // calls), which tch does not generate.
 //
+// Setting parameters' gradients to none (`zero_grad(set_to_none=True)`).
+//
 // Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
 // headers needed).
 //
@@ -101,6 +103,22 @@ extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
   } catch (...) {
     return 0;
   }
+}
+
+// Drops the gradient of each of `count` tch tensors (`at::Tensor*`), as
+// `optimizer.zero_grad(set_to_none=True)` does: the next backward pass hands
+// its fresh gradient over instead of adding it into zeros.
+extern "C" int rsb_set_grads_to_none(void* const* tensors, size_t count, char* error,
+                                     size_t error_len) {
+  return guarded(error, error_len, [&] {
+    for (size_t i = 0; i < count; ++i) {
+      auto* t = static_cast<at::Tensor*>(tensors[i]);
+      if (t->defined()) {
+        t->mutable_grad().reset();
+      }
+    }
+    return 0;
+  });
 }
 
 // `tensors` are `count` tch tensors (`at::Tensor*`), unscaled in place;

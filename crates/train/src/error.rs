@@ -17,6 +17,9 @@ pub enum TrainError {
     /// The loss scaler's fused check-and-unscale failed.
     #[error("loss scaler: {0}")]
     Unscale(#[from] rsb_torch_shim::amp::UnscaleError),
+    /// Setting the gradients to none failed in libtorch.
+    #[error(transparent)]
+    GradientsToNone(#[from] rsb_torch_shim::grads::SetToNoneError),
     /// The recipe asks for something this build cannot do.
     #[error("recipe: {0}")]
     Recipe(String),

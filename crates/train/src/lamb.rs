@@ -83,14 +83,14 @@ impl Group {
     ) -> Result<Group, TchError> {
         let step = Tensor::f_zeros([], (Kind::Double, device))?;
         let kind = params.first().map(|(_, p)| p.kind());
-        let orders: Option<Vec<Vec<i64>>> = params
+        let layouts: Option<Vec<Layout>> = params
             .iter()
             .map(|(_, p)| {
                 let packable = Some(p.kind()) == kind && p.device() == device && p.numel() > 0;
-                packable.then(|| memory_order(p)).flatten()
+                packable.then(|| Layout::of(p)).flatten()
             })
             .collect();
-        let (Some(orders), Some(kind)) = (orders, kind) else {
+        let (Some(layouts), Some(kind)) = (layouts, kind) else {
             let params = params
                 .into_iter()
                 .map(|(name, param)| {
@@ -99,6 +99,7 @@ impl Group {
                         exp_avg_sq: param.f_zeros_like()?,
                         name,
                         param,
+                        layout: None,
                     })
                 })
                 .collect::<Result<_, TchError>>()?;
@@ -111,14 +112,15 @@ impl Group {
         let mut slots = Vec::with_capacity(params.len());
         let mut last_elements = Vec::with_capacity(params.len());
         let mut offset = 0;
-        for ((name, param), order) in params.into_iter().zip(&orders) {
+        for ((name, param), layout) in params.into_iter().zip(layouts) {
             let n = param.numel() as i64;
-            let view = |flat: &Tensor| strided_like(&flat.f_narrow(0, offset, n)?, &param, order);
+            let view = |flat: &Tensor| layout.view_of(&flat.f_narrow(0, offset, n)?);
             slots.push(Slot {
                 exp_avg: view(&exp_avg)?,
                 exp_avg_sq: view(&exp_avg_sq)?,
                 name,
                 param,
+                layout: Some(layout),
             });
             offset += n;
             last_elements.push(offset - 1);
@@ -129,38 +131,38 @@ impl Group {
     }
 
     /// The group's gradients flattened into one new tensor, in the order of
-    /// its packed moments: none when it has no packed moments, or when a
-    /// gradient is missing or a parameter, its gradient and its moments do
-    /// not share one dense layout (a parameter given another layout after
-    /// the optimizer was built). The update then takes the per-tensor path.
-    fn flat_gradients(&self) -> Result<Option<Tensor>, TchError> {
+    /// its packed moments, with each parameter's flat view: none when it has
+    /// no packed moments, or when a gradient is missing or a parameter or
+    /// its gradient is not laid out as its moments (a parameter given
+    /// another layout after the optimizer was built). The update then takes
+    /// the per-tensor path.
+    fn flat_gradients(&self) -> Result<Option<FlatGroup>, TchError> {
         if self.packed.is_none() {
             return Ok(None);
         }
-        let mut flat = Vec::with_capacity(self.params.len());
+        let mut grads = Vec::with_capacity(self.params.len());
+        let mut params = Vec::with_capacity(self.params.len());
         for slot in &self.params {
+            let Some(layout) = &slot.layout else { return Ok(None) };
             let grad = slot.param.grad();
-            if !grad.defined()
-                || !same_layout(&grad, &slot.param)
-                || !same_layout(&slot.exp_avg, &slot.param)
-            {
+            if !grad.defined() || !layout.fits(&slot.param) || !layout.fits(&grad) {
                 return Ok(None);
             }
-            let Some(order) = memory_order(&slot.param) else { return Ok(None) };
-            flat.push(flat_view(&grad, &order)?);
+            grads.push(layout.flat(&grad)?);
+            params.push(layout.flat(&slot.param)?);
         }
-        Ok(Some(Tensor::f_cat(&flat, 0)?))
+        Ok(Some(FlatGroup { grads: Tensor::f_cat(&grads, 0)?, params }))
     }
 
     /// The packed update of the group, given its flat gradients
     /// ([`Group::flat_gradients`]): the per-tensor update's arithmetic over
     /// flat tensors, the trust ratio's norms taken per parameter from
     /// running sums, then one write-back per parameter.
-    fn apply_packed(&mut self, grads: Tensor, c: &Coefficients) -> Result<(), TchError> {
+    fn apply_packed(&mut self, flat: FlatGroup, c: &Coefficients) -> Result<(), TchError> {
         let Some(packed) = &mut self.packed else {
             return Err(TchError::Kind("the group has no packed moments".into()));
         };
-        let mut grads = grads;
+        let FlatGroup { mut grads, params: param_views } = flat;
         if let Some(clip) = c.clip {
             let _ = grads.f_div_(clip)?;
         }
@@ -175,15 +177,6 @@ impl Group {
         let _ = denom.f_add_(c.eps)?;
         let mut update = packed.exp_avg.f_div(&denom)?;
         drop(denom);
-        // Each parameter's flat view (its layout was checked with its gradient's).
-        let param_views = self
-            .params
-            .iter()
-            .map(|slot| match memory_order(&slot.param) {
-                Some(order) => flat_view(&slot.param, &order),
-                None => Err(TchError::Kind(format!("{} is no longer dense", slot.name))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let params = if self.weight_decay != 0.0 || c.adapt {
             Some(Tensor::f_cat(&param_views, 0)?)
         } else {
@@ -210,14 +203,14 @@ impl Group {
                 None
             }
         };
-        let mut offset = 0;
-        for (i, (mut view, &n)) in param_views.into_iter().zip(&packed.lengths).enumerate() {
-            let piece = update.f_narrow(0, offset, n)?;
+        // Each one call for all parameters: views of the update, step sizes.
+        let pieces = update.f_split_with_sizes(packed.lengths.as_slice(), 0)?;
+        let step_sizes = step_sizes.map(|s| s.f_unbind(0)).transpose()?;
+        for (i, (mut view, piece)) in param_views.into_iter().zip(pieces).enumerate() {
             let _ = match &step_sizes {
-                Some(sizes) => view.f_addcmul_(&piece, &sizes.f_select(0, i as i64)?)?,
+                Some(sizes) => view.f_addcmul_(&piece, &sizes[i])?,
                 None => view.f_add_(&piece)?,
             };
-            offset += n;
         }
         Ok(())
     }
@@ -248,6 +241,67 @@ struct Coefficients<'a> {
     trust_clip: bool,
 }
 
+/// A group's flat gradients (a new tensor) and its parameters' flat views.
+struct FlatGroup {
+    grads: Tensor,
+    params: Vec<Tensor>,
+}
+
+/// A dense parameter's layout when its packed group was built: its moments
+/// keep it, and a flat view in memory order lines its elements up with
+/// theirs.
+#[derive(Debug)]
+struct Layout {
+    kind: Kind,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+    /// Its dimensions, outermost first in memory ([`memory_order`]).
+    order: Vec<i64>,
+}
+
+impl Layout {
+    /// The layout of `t`, when it is dense.
+    fn of(t: &Tensor) -> Option<Layout> {
+        let order = memory_order(t)?;
+        Some(Layout { kind: t.kind(), size: t.size(), stride: t.stride(), order })
+    }
+
+    /// Whether `t` has this kind, shape and strides (those of dimensions of
+    /// size 1 aside): its elements lie in memory as the moments' do.
+    fn fits(&self, t: &Tensor) -> bool {
+        t.kind() == self.kind
+            && t.size() == self.size
+            && t.stride()
+                .iter()
+                .zip(&self.stride)
+                .zip(&self.size)
+                .all(|((a, b), &n)| n == 1 || a == b)
+    }
+
+    /// `t` (which [`Layout::fits`]) as a 1-D view in memory order: a
+    /// shallow clone for a 1-D tensor, no permutation for a contiguous one.
+    fn flat(&self, t: &Tensor) -> Result<Tensor, TchError> {
+        if self.size.len() == 1 {
+            return Ok(t.shallow_clone());
+        }
+        if self.order.iter().enumerate().all(|(i, &d)| d == i as i64) {
+            return t.f_view([-1]);
+        }
+        t.f_permute(self.order.as_slice())?.f_view([-1])
+    }
+
+    /// `flat` (a 1-D tensor of the layout's element count) viewed with the
+    /// layout's sizes and strides.
+    fn view_of(&self, flat: &Tensor) -> Result<Tensor, TchError> {
+        let permuted: Vec<i64> = self.order.iter().map(|&d| self.size[d as usize]).collect();
+        let mut inverse = vec![0i64; self.order.len()];
+        for (i, &d) in self.order.iter().enumerate() {
+            inverse[d as usize] = i as i64;
+        }
+        flat.f_view(permuted.as_slice())?.f_permute(inverse.as_slice())
+    }
+}
+
 /// The permutation that lists `t`'s dimensions outermost first in memory,
 /// when `t` is dense (its elements fill one block, each once, as a
 /// contiguous or channels-last tensor's do); none otherwise.
@@ -263,33 +317,6 @@ fn memory_order(t: &Tensor) -> Option<Vec<i64>> {
         expected *= size[d];
     }
     Some(order.into_iter().map(|d| d as i64).collect())
-}
-
-/// A dense `t`'s elements as a 1-D view, in memory order (`order` from
-/// [`memory_order`]).
-fn flat_view(t: &Tensor, order: &[i64]) -> Result<Tensor, TchError> {
-    t.f_permute(order)?.f_view([-1])
-}
-
-/// `flat` (a 1-D tensor of `like`'s element count) viewed with `like`'s
-/// sizes and strides (`order` from [`memory_order`] of `like`).
-fn strided_like(flat: &Tensor, like: &Tensor, order: &[i64]) -> Result<Tensor, TchError> {
-    let size = like.size();
-    let permuted: Vec<i64> = order.iter().map(|&d| size[d as usize]).collect();
-    let mut inverse = vec![0i64; order.len()];
-    for (i, &d) in order.iter().enumerate() {
-        inverse[d as usize] = i as i64;
-    }
-    flat.f_view(permuted.as_slice())?.f_permute(&inverse)
-}
-
-/// Whether `a` and `b` have one kind, one shape and the same strides
-/// (those of dimensions of size 1 aside): their elements line up in memory.
-fn same_layout(a: &Tensor, b: &Tensor) -> bool {
-    let size = a.size();
-    a.kind() == b.kind()
-        && size == b.size()
-        && a.stride().iter().zip(b.stride()).zip(&size).all(|((x, y), &n)| n == 1 || *x == y)
 }
 
 /// The L2 norm of each parameter's part of `flat` (a 0-d f32 per
@@ -313,6 +340,8 @@ struct Slot {
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// Where its moments lie in the group's flat buffers (packed groups).
+    layout: Option<Layout>,
 }
 
 /// timm `Lamb` over a model's parameters.
@@ -454,11 +483,13 @@ impl Lamb {
         self.groups.iter().map(|g| g.params.iter().map(|s| s.name.clone()).collect()).collect()
     }
 
-    /// Clears the gradients of every parameter.
-    pub fn zero_grad(&mut self) {
-        for slot in self.groups.iter_mut().flat_map(|g| g.params.iter_mut()) {
-            slot.param.zero_grad();
-        }
+    /// Sets the gradient of every parameter to none, as timm's
+    /// `optimizer.zero_grad()` (PyTorch's `set_to_none=True`): no kernel, and
+    /// the next backward pass hands its gradients over instead of adding
+    /// them into zeros. A parameter that the next backward pass does not
+    /// reach is then left out of the update, as in timm.
+    pub fn zero_grad(&mut self) -> Result<(), TrainError> {
+        Ok(rsb_torch_shim::grads::set_to_none(&self.parameters())?)
     }
 
     /// The parameters (shallow clones), in the order of [`Lamb::gradients`].
@@ -479,7 +510,7 @@ impl Lamb {
 
     /// Each group's gradients flattened into one tensor, when the packed path
     /// is taken and the group's layouts allow it ([`Group::flat_gradients`]).
-    fn flat_gradients(&self) -> Result<Vec<Option<Tensor>>, TchError> {
+    fn flat_gradients(&self) -> Result<Vec<Option<FlatGroup>>, TchError> {
         self.groups
             .iter()
             .map(|g| match self.path {
@@ -491,11 +522,11 @@ impl Lamb {
 
     /// The global gradient norm, as timm: the norm of the stacked norms of
     /// every gradient (of each group's flat gradients, where packed).
-    fn global_norm_of(&self, flat: &[Option<Tensor>]) -> Result<Option<Tensor>, TchError> {
+    fn global_norm_of(&self, flat: &[Option<FlatGroup>]) -> Result<Option<Tensor>, TchError> {
         let mut norms = Vec::new();
         for (group, flat) in self.groups.iter().zip(flat) {
             match flat {
-                Some(flat) => norms.push(flat.f_norm()?),
+                Some(flat) => norms.push(flat.grads.f_norm()?),
                 None => {
                     for slot in &group.params {
                         let grad = slot.param.grad();
@@ -564,7 +595,7 @@ impl Lamb {
         lr: f64,
         global_norm: Option<&Tensor>,
         gate: Option<&Tensor>,
-        flat: Vec<Option<Tensor>>,
+        flat: Vec<Option<FlatGroup>>,
     ) -> Result<(), TrainError> {
         let clip = match (global_norm, self.config.max_grad_norm) {
             (Some(norm), Some(max)) => Some(norm.f_div_scalar(max)?.f_clamp_min(1.0)?),
@@ -801,7 +832,7 @@ mod tests {
     fn saved_state_restores_moments_and_steps() {
         let saved = optimizer();
         let mut fresh = optimizer();
-        fresh.zero_grad();
+        fresh.zero_grad().unwrap();
         fresh.load_steps(&LambSteps { group_steps: vec![0, 0] }).unwrap();
         for (_, t) in fresh.state_tensors() {
             let _ = t.detach().zero_();
@@ -945,7 +976,7 @@ mod tests {
     /// Gives every parameter the gradient of sum(p * r), r ~ N(0, 3^2) drawn
     /// from `seed` (large enough that the clipping acts).
     fn set_gradients(lamb: &mut Lamb, seed: i64) {
-        lamb.zero_grad();
+        lamb.zero_grad().unwrap();
         tch::manual_seed(seed);
         let loss = lamb
             .parameters()
@@ -1075,11 +1106,16 @@ mod tests {
         let last = t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
         let order = memory_order(&last).unwrap();
         assert_eq!(order, [0, 2, 3, 1]);
-        let flat = flat_view(&last, &order).unwrap();
+        let layout = Layout::of(&last).unwrap();
+        let flat = layout.flat(&last).unwrap();
         assert!(flat.equal(&last.permute([0, 2, 3, 1]).reshape([-1])), "memory order");
-        let back = strided_like(&flat, &last, &order).unwrap();
-        assert!(back.equal(&last) && same_layout(&back, &last));
-        assert!(!same_layout(&t, &last), "contiguous and channels-last differ");
+        let back = layout.view_of(&flat).unwrap();
+        assert!(back.equal(&last) && layout.fits(&back));
+        assert!(!layout.fits(&t), "contiguous and channels-last differ");
+        let contiguous = Layout::of(&t).unwrap();
+        assert!(contiguous.flat(&t).unwrap().equal(&t.reshape([-1])));
+        let row = Tensor::arange(5, (Kind::Float, tch::Device::Cpu));
+        assert!(Layout::of(&row).unwrap().flat(&row).unwrap().equal(&row));
         assert_eq!(memory_order(&t.slice(3, 0, 5, 2)), None, "every other element");
         assert_eq!(memory_order(&t.get(0).expand([2, 3, 4, 5], false)), None, "overlapping");
     }

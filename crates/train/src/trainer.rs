@@ -1103,7 +1103,7 @@ impl Trainer {
         loader: &mut Loader<MicroBatch>,
     ) -> Result<UpdateOnDevice, TrainError> {
         let total_streams = self.train.num_streams() as f64;
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
         self.back_up_buffers()?;
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
