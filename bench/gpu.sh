@@ -6,7 +6,7 @@
 #                                  the working tree, then writes target/gpu-bundle/
 #                                  (stripped worker and coordinator, VERSION naming the
 #                                  commit they were built from, the timm 1.0.31 wheel,
-#                                  the source photos), about 22 MB
+#                                  the source photos), about 27 MB
 #   bench/gpu.sh [--out DIR]       on a fresh single-GPU host (PyTorch 2.11.0+cu130 in
 #                                  /opt/torch/.venv, no Rust, no network), from the
 #                                  repository root with target/gpu-bundle carried along;

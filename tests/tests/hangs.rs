@@ -168,10 +168,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     // The job's failure names the frozen rank (the one the ranks' reports of
     // silent neighbours lead to, whichever neighbour timed out first), the
     // timeout and the collective call.
-    let failure = output
-        .lines()
-        .find(|l| l.contains("job failed"))
-        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    let failure = job_failed_line(&output);
     assert!(
         failure.contains("rank 1 on ")
             && failure.contains("stopped answering in a collective")
@@ -233,10 +230,7 @@ fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it()
     assert!(left.is_empty(), "processes of the job left behind: {left:?}\n{output}");
     let text = std::fs::read_to_string(&log).expect("rank 1's log");
     assert!(text.contains("stopping before the rendezvous"), "the hook did not fire:\n{text}");
-    let failure = output
-        .lines()
-        .find(|l| l.contains("job failed"))
-        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    let failure = job_failed_line(&output);
     assert!(
         failure.contains("rank 1 on ")
             && failure.contains(&format!(
@@ -266,14 +260,19 @@ fn a_rank_that_panics_fails_the_job_at_once_naming_it_and_the_panic() {
     let output = output.lock().unwrap().clone();
     let status = status.unwrap_or_else(|| panic!("the job had not failed in 120 s:\n{output}"));
     assert!(!status.success(), "a job with a panicking rank must fail:\n{output}");
-    let failure = output
-        .lines()
-        .find(|l| l.contains("job failed"))
-        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"));
+    let failure = job_failed_line(&output);
     assert!(
         failure.contains("rank 1 on ")
             && failure.contains("panicked at worker/src/join.rs:")
             && failure.contains("rank 1 panics as asked"),
         "the failure does not name the rank and its panic: {failure}"
     );
+}
+
+/// The coordinator's `job failed` line in `output`, which names who failed.
+fn job_failed_line(output: &str) -> &str {
+    output
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_else(|| panic!("no `job failed` line:\n{output}"))
 }

@@ -209,7 +209,7 @@ fn run_updates(name: &str, dir: &Path, failures: &mut Vec<String>) {
             std::array::from_fn(|_| Worst::default());
         let x = tensor(&tensors, &format!("step{step}.input"));
         let targets = tensor(&tensors, &format!("step{step}.targets"));
-        lamb.zero_grad();
+        lamb.zero_grad().unwrap();
         let logits = model.forward(x, ForwardMode::Train).unwrap();
         let value = loss.compute(&logits, targets).unwrap();
         value.backward();

@@ -312,6 +312,7 @@ pub fn load(
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+    use crate::atomic_file::tests::names;
 
     fn state(best_epoch: Option<u64>) -> TrainState {
         TrainState {
@@ -409,13 +410,7 @@ mod tests {
         }
         std::fs::create_dir_all(root.join(".epoch-0009.tmp-12345")).unwrap();
         prune(run.path(), 2, &[Some(&folder_name(1))]);
-        let names: Vec<String> = std::fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        assert_eq!(names, ["epoch-0002", "epoch-0004", "epoch-0005"]);
+        assert_eq!(names(&root), ["epoch-0002", "epoch-0004", "epoch-0005"]);
         prune(run.path(), 1, &[]);
         assert_eq!(list(run.path()), [root.join("epoch-0005")]);
     }
@@ -454,12 +449,7 @@ mod tests {
             .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SET_ASIDE_PREFIX))
             .collect();
         assert_eq!(aside.len(), 1, "one folder of set-aside checkpoints");
-        let mut moved: Vec<String> = std::fs::read_dir(&aside[0])
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        moved.sort();
-        assert_eq!(moved, ["epoch-0004", "epoch-0005", "epoch-0006"]);
+        assert_eq!(names(&aside[0]), ["epoch-0004", "epoch-0005", "epoch-0006"]);
         assert_eq!(
             std::fs::read(aside[0].join("epoch-0006").join("marker")).unwrap(),
             b"abandoned run",
@@ -481,14 +471,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(SET_ASIDE_PREFIX))
-            .map(|folder| {
-                let mut names: Vec<String> = std::fs::read_dir(folder)
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect();
-                names.sort();
-                names
-            })
+            .map(|folder| names(&folder))
             .collect();
         aside.sort();
         assert_eq!(
