@@ -4,7 +4,7 @@
 //! one-tensor form, one kernel per gradient; this is one call for the list
 //! (on a GPU, a few multi-tensor kernels for all of ResNet-50's gradients).
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use tch::Tensor;
 
 /// A failed fused unscale, with libtorch's message.
@@ -45,29 +45,23 @@ pub fn non_finite_check_and_unscale(
         });
     }
     let pointers: Vec<*mut c_void> = grads.iter().map(|g| g.as_ptr() as *mut c_void).collect();
-    let mut message = [0 as c_char; 512];
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
     // C_tensor) borrowed for the call; the shim copies each handle (the
     // storage is shared, so the in-place update reaches `grads`) and
     // catches every C++ exception; the message buffer is writable for its
     // length.
-    let status = unsafe {
+    let (status, message) = crate::call_with_message(|error, error_len| unsafe {
         rsb_amp_foreach_unscale(
             pointers.as_ptr(),
             pointers.len(),
             found_inf.as_mut_ptr() as *mut c_void,
             inv_scale.as_ptr() as *const c_void,
-            message.as_mut_ptr(),
-            message.len(),
+            error,
+            error_len,
         )
-    };
+    });
     if status != 0 {
-        // SAFETY: the shim wrote a NUL-terminated string into the buffer.
-        let message = unsafe { CStr::from_ptr(message.as_ptr()) };
-        return Err(UnscaleError {
-            tensors: grads.len(),
-            message: message.to_string_lossy().into_owned(),
-        });
+        return Err(UnscaleError { tensors: grads.len(), message });
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! parameter, after which the backward pass adds its gradient into the zeros
 //! (another kernel each) instead of handing it over.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use tch::Tensor;
 
 /// A failed call, with libtorch's message.
@@ -30,26 +30,15 @@ extern "C" {
 /// the next backward pass defines it afresh.
 pub fn set_to_none(params: &[Tensor]) -> Result<(), SetToNoneError> {
     let pointers: Vec<*mut c_void> = params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
-    let mut message = [0 as c_char; 512];
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
     // C_tensor) borrowed for the call; the shim only resets each one's
     // gradient handle and catches every C++ exception; the message buffer
     // is writable for its length.
-    let status = unsafe {
-        rsb_set_grads_to_none(
-            pointers.as_ptr(),
-            pointers.len(),
-            message.as_mut_ptr(),
-            message.len(),
-        )
-    };
+    let (status, message) = crate::call_with_message(|error, error_len| unsafe {
+        rsb_set_grads_to_none(pointers.as_ptr(), pointers.len(), error, error_len)
+    });
     if status != 0 {
-        // SAFETY: the shim wrote a NUL-terminated string into the buffer.
-        let message = unsafe { CStr::from_ptr(message.as_ptr()) };
-        return Err(SetToNoneError {
-            tensors: params.len(),
-            message: message.to_string_lossy().into_owned(),
-        });
+        return Err(SetToNoneError { tensors: params.len(), message });
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 //! needs to start reducing a bucket while the rest of the backward pass is
 //! still running. Dropping the [`GradReadyHooks`] removes the hooks.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -80,27 +80,21 @@ impl GradReadyHooks {
         let mut hooks = GradReadyHooks { params: Vec::with_capacity(params.len()), context };
         for (index, param) in params.iter().enumerate() {
             let mut param = param.shallow_clone();
-            let mut message = [0 as c_char; 512];
             // SAFETY: `param` is a live tch tensor (a `torch::Tensor*` behind
             // C_tensor); `context` outlives the hook (see `drop`); the
             // message buffer is writable for its length.
-            let status = unsafe {
+            let (status, message) = crate::call_with_message(|error, error_len| unsafe {
                 rsb_set_grad_ready_hook(
                     param.as_mut_ptr() as *mut c_void,
                     trampoline,
                     context as *mut c_void,
                     index,
-                    message.as_mut_ptr(),
-                    message.len(),
+                    error,
+                    error_len,
                 )
-            };
+            });
             if status != 0 {
-                // SAFETY: the shim wrote a NUL-terminated string into the buffer.
-                let message = unsafe { CStr::from_ptr(message.as_ptr()) };
-                return Err(HookError::Register {
-                    index,
-                    message: message.to_string_lossy().into_owned(),
-                });
+                return Err(HookError::Register { index, message });
             }
             hooks.params.push(param);
         }

@@ -5,6 +5,8 @@
 //!   can be reduced over ranks while the backward pass still runs;
 //! * [`amp`]: torch's fused check-and-unscale of a list of gradients, as
 //!   `GradScaler.unscale_` calls it;
+//! * [`foreach`]: the L2 norm of each tensor of a list at once, as timm's
+//!   multi-tensor LAMB takes them (`_foreach_norm`);
 //! * [`grads`]: setting parameters' gradients to none, as timm's
 //!   `optimizer.zero_grad()` does (PyTorch's default since 2.0);
 //! * [`memory`]: the caching allocator's statistics of a GPU (peak memory
@@ -19,9 +21,26 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod amp;
+pub mod foreach;
 pub mod grads;
 pub mod hooks;
 pub mod memory;
 pub mod sync_debug;
 
 pub use hooks::{GradReadyHooks, HookError, OnGradReady};
+
+use std::ffi::{c_char, CStr};
+
+/// Makes a call into the shim with a message buffer (`call` gets its
+/// pointer and length and returns the shim's status) and returns that
+/// status with the message the shim wrote into the buffer (empty when it
+/// wrote none).
+pub(crate) fn call_with_message(call: impl FnOnce(*mut c_char, usize) -> i32) -> (i32, String) {
+    let mut buffer = [0 as c_char; 512];
+    let status = call(buffer.as_mut_ptr(), buffer.len());
+    // SAFETY: the buffer starts zeroed and the shim writes at most its
+    // length less one byte, then a NUL (`copy_message`): it always holds a
+    // NUL-terminated string.
+    let message = unsafe { CStr::from_ptr(buffer.as_ptr()) };
+    (status, message.to_string_lossy().into_owned())
+}

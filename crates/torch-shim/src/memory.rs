@@ -3,7 +3,7 @@
 //! (`torch.cuda.max_memory_allocated` / `max_memory_reserved`), through the
 //! device-generic `c10::getDeviceAllocator`, so the shim needs no CUDA headers.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 /// Peak memory of one GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,24 +41,21 @@ extern "C" {
 pub fn cuda_peak_memory(device: usize, reset: bool) -> Result<PeakMemory, MemoryError> {
     let mut allocated = 0u64;
     let mut reserved = 0u64;
-    let mut message = [0 as c_char; 512];
     let index = i32::try_from(device)
         .map_err(|_| MemoryError { device, message: "no such device index".into() })?;
     // SAFETY: plain out-pointers to locals and a writable message buffer.
-    let status = unsafe {
+    let (status, message) = crate::call_with_message(|error, error_len| unsafe {
         rsb_cuda_peak_memory(
             index,
             i32::from(reset),
             &mut allocated,
             &mut reserved,
-            message.as_mut_ptr(),
-            message.len(),
+            error,
+            error_len,
         )
-    };
+    });
     if status != 0 {
-        // SAFETY: the shim wrote a NUL-terminated string into the buffer.
-        let message = unsafe { CStr::from_ptr(message.as_ptr()) };
-        return Err(MemoryError { device, message: message.to_string_lossy().into_owned() });
+        return Err(MemoryError { device, message });
     }
     Ok(PeakMemory { allocated_bytes: allocated, reserved_bytes: reserved })
 }

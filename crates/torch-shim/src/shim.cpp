@@ -11,6 +11,8 @@
 //
 // Setting parameters' gradients to none (`zero_grad(set_to_none=True)`).
 //
+// The L2 norm of each tensor of a list (`_foreach_norm`).
+//
 // Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
 // headers needed).
 //
@@ -22,6 +24,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/stack.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
@@ -103,6 +107,24 @@ extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
   } catch (...) {
     return 0;
   }
+}
+
+// The L2 norm of each of `count` tch tensors (`at::Tensor*`), written into
+// `out` (a tch tensor of `count` elements, of their kind, on their device)
+// by `at::_foreach_norm`, as timm's multi-tensor LAMB takes them: on a GPU a
+// fixed number of kernels for the whole list, each norm over its own tensor
+// alone, in a fixed order.
+extern "C" int rsb_foreach_norms(void* const* tensors, size_t count, void* out, char* error,
+                                 size_t error_len) {
+  return guarded(error, error_len, [&] {
+    std::vector<at::Tensor> list;
+    list.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+      list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
+    }
+    at::stack_out(*static_cast<at::Tensor*>(out), at::_foreach_norm(list), 0);
+    return 0;
+  });
 }
 
 // Drops the gradient of each of `count` tch tensors (`at::Tensor*`), as

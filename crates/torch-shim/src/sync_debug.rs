@@ -6,7 +6,7 @@
 //! an update makes none. The mode lives in libc10_cuda and is found at run
 //! time; without it (a CPU-only libtorch) it is [`SyncDebugError::Unavailable`].
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 /// The modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,16 +70,14 @@ fn decode(raw: i32) -> Result<SyncDebugMode, SyncDebugError> {
 /// without a GPU: `Ok(())` when it lets the call go on, `Err(message)` when
 /// the call would fail. For tests of the mode itself.
 pub fn probe() -> Result<Result<(), String>, SyncDebugError> {
-    let mut message = [0 as c_char; 512];
     // SAFETY: a writable buffer and its length.
-    match unsafe { rsb_cuda_sync_debug_probe(message.as_mut_ptr(), message.len()) } {
+    let (status, message) = crate::call_with_message(|error, error_len| unsafe {
+        rsb_cuda_sync_debug_probe(error, error_len)
+    });
+    match status {
         -1 => Err(SyncDebugError::Unavailable),
         0 => Ok(Ok(())),
-        _ => {
-            // SAFETY: the shim wrote a NUL-terminated string into the buffer.
-            let text = unsafe { CStr::from_ptr(message.as_ptr()) };
-            Ok(Err(text.to_string_lossy().into_owned()))
-        }
+        _ => Ok(Err(message)),
     }
 }
 

@@ -73,6 +73,8 @@ struct Overlap {
 /// The parameters' gradient buckets and, with overlap, their hooks.
 pub struct GradientBuckets {
     params: Vec<Tensor>,
+    /// The parameters' names, for errors (empty: they are named by index).
+    names: Vec<String>,
     /// How each bucket is reduced: [`Reduction::Sum`], or
     /// [`Reduction::SumBf16`] with bf16 gradient compression.
     reduction: Reduction,
@@ -151,7 +153,26 @@ impl GradientBuckets {
         } else {
             None
         };
-        Ok(GradientBuckets { params, reduction, buckets, bucket_of, overlap })
+        Ok(GradientBuckets { params, names: Vec::new(), reduction, buckets, bucket_of, overlap })
+    }
+
+    /// Names the parameters (in their order) in errors.
+    pub fn with_names(mut self, names: Vec<String>) -> GradientBuckets {
+        self.names = names;
+        self
+    }
+
+    /// What the reduction of update `update`'s gradients works with.
+    fn plan(&self, calls: Calls, update: u64) -> Plan<'_> {
+        Plan {
+            params: &self.params,
+            names: &self.names,
+            buckets: &self.buckets,
+            bucket_of: &self.bucket_of,
+            calls,
+            update,
+            reduction: self.reduction,
+        }
     }
 
     /// Number of buckets.
@@ -178,17 +199,9 @@ impl GradientBuckets {
         update: u64,
     ) -> Result<(), TrainError> {
         let mut issued = Vec::new();
+        let plan = self.plan(calls, update);
         for b in 0..self.buckets.len() {
-            let bucket = issue_bucket(
-                collective,
-                calls,
-                &self.params,
-                &self.buckets,
-                b,
-                update,
-                self.reduction,
-            );
-            match bucket {
+            match issue_bucket(collective, &plan, b) {
                 Ok(bucket) => issued.extend(bucket),
                 Err(e) => {
                     abandon(collective, issued);
@@ -230,13 +243,20 @@ impl GradientBuckets {
             // Tensors are not `Sync`: the thread gets its own handles.
             let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
             let ready = &overlap.ready;
-            let (buckets, bucket_of) = (&self.buckets, &self.bucket_of);
+            let (names, buckets, bucket_of) = (&self.names, &self.buckets, &self.bucket_of);
             let reduction = self.reduction;
             let reducer = std::thread::Builder::new().name("grad-reducer".into()).spawn_scoped(
                 scope,
                 move || {
-                    let plan =
-                        Plan { params: &params, buckets, bucket_of, calls, update, reduction };
+                    let plan = Plan {
+                        params: &params,
+                        names,
+                        buckets,
+                        bucket_of,
+                        calls,
+                        update,
+                        reduction,
+                    };
                     reduce_as_ready(collective, &plan, ready, deadline)
                 },
             );
@@ -283,26 +303,39 @@ fn gradients_of(update: u64) -> String {
     format!("all-reduce of the gradients of update {}", update + 1)
 }
 
-/// Issues the sum of the gradients of bucket `b`'s parameters that this
-/// backward pass defined.
+/// Issues the sum of the gradients of bucket `b`'s parameters. Every one
+/// must have a gradient, as PyTorch DDP requires (without
+/// `find_unused_parameters`): a parameter this backward pass did not reach
+/// has none (gradients are set to none between updates), and leaving it out
+/// here could sum different parameters on different ranks. It is an error
+/// naming the parameter.
 fn issue_bucket(
     collective: &mut dyn Collective,
-    calls: Calls,
-    params: &[Tensor],
-    buckets: &[Vec<usize>],
+    plan: &Plan<'_>,
     b: usize,
-    update: u64,
-    reduction: Reduction,
 ) -> Result<Vec<Issued>, TrainError> {
-    let grads: Vec<Tensor> =
-        buckets[b].iter().map(|&i| params[i].grad()).filter(Tensor::defined).collect();
-    let what = format!("{}, bucket {} of {}", gradients_of(update), b + 1, buckets.len());
-    issue_tensors(collective, calls, &grads, reduction, &what)
+    let bucket = &plan.buckets[b];
+    let what = format!("{}, bucket {} of {}", gradients_of(plan.update), b + 1, plan.buckets.len());
+    let mut grads = Vec::with_capacity(bucket.len());
+    for &i in bucket {
+        let grad = plan.params[i].grad();
+        if !grad.defined() {
+            let name = plan.names.get(i).map_or(format!("parameter {i}"), |n| format!("`{n}`"));
+            return Err(TrainError::GradientReduction(format!(
+                "{what}: {name} has no gradient: the backward pass did not reach it, and \
+                 data parallelism sums every parameter's gradient on every rank"
+            )));
+        }
+        grads.push(grad);
+    }
+    issue_tensors(collective, plan.calls, &grads, plan.reduction, &what)
 }
 
 /// What the reducing thread reduces.
 struct Plan<'a> {
     params: &'a [Tensor],
+    /// The parameters' names (may be empty).
+    names: &'a [String],
     buckets: &'a [Vec<usize>],
     bucket_of: &'a [usize],
     calls: Calls,
@@ -367,15 +400,7 @@ fn issue_as_ready(
                 Err(RecvTimeoutError::Disconnected) => backward_done = true,
             }
         }
-        issued.extend(issue_bucket(
-            collective,
-            plan.calls,
-            plan.params,
-            buckets,
-            b,
-            plan.update,
-            plan.reduction,
-        )?);
+        issued.extend(issue_bucket(collective, plan, b)?);
     }
     // Drain the end marker if the last bucket completed before it came.
     while !backward_done {
@@ -608,13 +633,40 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_the_backward_pass_did_not_reach_is_an_error_naming_it() {
+        for overlap in [false, true] {
+            let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let unused = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            // One bucket per parameter, the unused one's first.
+            let params = vec![a.shallow_clone(), unused];
+            let buckets = GradientBuckets::new(params, 3, overlap, GradientCompression::None)
+                .unwrap()
+                .with_names(vec!["fc.weight".into(), "head.bias".into()]);
+            let mut stream = OnItsOwnStream::default();
+            let err = buckets
+                .backward_and_reduce(&mut stream, CALLS, 6, Duration::from_secs(30), || {
+                    (&a * 3.0).sum(Kind::Float).backward();
+                    Ok(())
+                })
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "gradient reduction: all-reduce of the gradients of update 7, bucket 1 of 2: \
+                 `head.bias` has no gradient: the backward pass did not reach it, and data \
+                 parallelism sums every parameter's gradient on every rank",
+                "overlap {overlap}"
+            );
+            assert_eq!(stream.sums, 0, "nothing summed, overlap {overlap}");
+        }
+    }
+
+    #[test]
     fn a_failed_backward_pass_stops_the_reducer_at_once_with_its_own_error() {
         let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         // One bucket per parameter, `b`'s first; the calls made even at world size 1.
-        let buckets =
-            GradientBuckets::new(vec![a.shallow_clone(), b], 3, true, GradientCompression::None)
-                .unwrap();
+        let params = vec![a.shallow_clone(), b.shallow_clone()];
+        let buckets = GradientBuckets::new(params, 3, true, GradientCompression::None).unwrap();
         let calls = Calls { device: Device::Cpu, at_world_size_one: true };
         let mut counting = Counting::default();
         let started = std::time::Instant::now();
@@ -630,13 +682,13 @@ mod tests {
         // Nothing was reduced after the failure (peers would have reduced
         // other gradients): `a`'s bucket waits behind `b`'s, which never came.
         assert_eq!(counting.calls, 0);
-        // Sanity of the setup: a pass that succeeds reduces `a`'s bucket.
+        // Sanity of the setup: a pass that succeeds reduces both buckets.
         buckets
             .backward_and_reduce(&mut counting, calls, 5, Duration::from_secs(30), || {
-                (&a * 2.0).sum(Kind::Float).backward();
+                ((&a * 2.0).sum(Kind::Float) + (&b * 2.0).sum(Kind::Float)).backward();
                 Ok(())
             })
             .unwrap();
-        assert_eq!(counting.calls, 1);
+        assert_eq!(counting.calls, 2);
     }
 }

@@ -612,12 +612,15 @@ impl Trainer {
         self.sampler
             .seek(SamplerPosition { epoch: self.state.next_epoch, step: self.state.next_step })?;
         self.sampler = self.sampler.reshard(world, rank)?;
-        self.gradient_buckets = Some(GradientBuckets::new(
-            self.optimizer.parameters(),
-            BUCKET_FLOATS,
-            self.recipe.distributed.overlap_backward,
-            self.recipe.distributed.gradient_compression,
-        )?);
+        self.gradient_buckets = Some(
+            GradientBuckets::new(
+                self.optimizer.parameters(),
+                BUCKET_FLOATS,
+                self.recipe.distributed.overlap_backward,
+                self.recipe.distributed.gradient_compression,
+            )?
+            .with_names(self.optimizer.group_names().concat()),
+        );
         self.distributed = Some(distributed);
         Ok(self)
     }
