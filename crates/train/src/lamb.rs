@@ -181,23 +181,20 @@ impl Group {
         }
         // Views of the update, one per parameter, in one call.
         let pieces = update.f_split_with_sizes(packed.lengths.as_slice(), 0)?;
-        let step_sizes = match c.adapt {
-            true => {
-                let w_norm = rsb_torch_shim::foreach::norms(&param_views)?;
-                let u_norm = rsb_torch_shim::foreach::norms(&pieces)?.f_mul(c.scale_f32)?;
-                let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
-                let ratio = w_norm.f_div(&u_norm)?;
-                let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
-                let mut ratio = ratio.f_where_self(&w_norm.f_gt(0.0)?, &one)?;
-                if c.trust_clip {
-                    ratio = ratio.f_clamp_max(1.0)?;
-                }
-                Some(ratio.f_mul(c.neg_lr_scale)?)
+        let step_sizes = if c.adapt {
+            let w_norm = rsb_torch_shim::foreach::norms(&param_views)?;
+            let u_norm = rsb_torch_shim::foreach::norms(&pieces)?.f_mul(c.scale_f32)?;
+            let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
+            let ratio = w_norm.f_div(&u_norm)?;
+            let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
+            let mut ratio = ratio.f_where_self(&w_norm.f_gt(0.0)?, &one)?;
+            if c.trust_clip {
+                ratio = ratio.f_clamp_max(1.0)?;
             }
-            false => {
-                let _ = update.f_mul_(c.neg_lr_scale)?;
-                None
-            }
+            Some(ratio.f_mul(c.neg_lr_scale)?)
+        } else {
+            let _ = update.f_mul_(c.neg_lr_scale)?;
+            None
         };
         // One call for all the parameters' step sizes.
         let step_sizes = step_sizes.map(|s| s.f_unbind(0)).transpose()?;
