@@ -14,9 +14,9 @@
 //!   down while the backward pass runs; a scoped thread reduces bucket 0 as
 //!   soon as all of its gradients are accumulated, then bucket 1, and so on,
 //!   while the backward pass computes the rest. The buckets are reduced in
-//!   index order on every rank (the collectives are sequential protocols), and
-//!   a bucket whose parameters got no gradient in this pass is reduced once
-//!   the pass has ended, with what it has.
+//!   index order on every rank (the collectives are sequential protocols); a
+//!   bucket still waiting when the pass ends is issued then, and a parameter
+//!   that got no gradient in the pass is an error naming it.
 //!
 //! On both paths every bucket is issued first and all are finished
 //! ([`crate::ddp::finish`]) once the pass is done: NCCL runs them on its
