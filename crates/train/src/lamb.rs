@@ -161,37 +161,16 @@ impl Group {
             return Err(TchError::Kind("the group has no packed moments".into()).into());
         };
         let FlatGroup { mut grads, params: param_views } = flat;
-        if let Some(clip) = c.clip {
-            let _ = grads.f_div_(clip)?;
-        }
-        if let Some(gate) = c.gate {
-            let _ = grads.f_where_self_out(&grads, gate, c.zero)?;
-        }
-        let _ = packed.exp_avg.f_lerp_tensor_(&grads, c.lerp_weight)?;
-        let _ = packed.exp_avg_sq.f_mul_(c.decay2)?;
-        let _ = packed.exp_avg_sq.f_addcmul_(&grads.f_mul_scalar(c.one_minus_beta2)?, &grads)?;
-        drop(grads);
-        let mut denom = packed.exp_avg_sq.f_sqrt()?;
-        let _ = denom.f_add_(c.eps)?;
-        let mut update = packed.exp_avg.f_div(&denom)?;
-        drop(denom);
-        if self.weight_decay != 0.0 {
-            let params = Tensor::f_cat(&param_views, 0)?;
-            let _ = update.f_add_(&params.f_mul(c.decay_over_scale)?)?;
-        }
+        let params =
+            if self.weight_decay != 0.0 { Some(Tensor::f_cat(&param_views, 0)?) } else { None };
+        let mut update =
+            c.direction(&mut grads, &mut packed.exp_avg, &mut packed.exp_avg_sq, params.as_ref())?;
+        drop((grads, params));
         // Views of the update, one per parameter, in one call.
         let pieces = update.f_split_with_sizes(packed.lengths.as_slice(), 0)?;
         let step_sizes = if c.adapt {
             let w_norm = rsb_torch_shim::foreach::norms(&param_views)?;
-            let u_norm = rsb_torch_shim::foreach::norms(&pieces)?.f_mul(c.scale_f32)?;
-            let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
-            let ratio = w_norm.f_div(&u_norm)?;
-            let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
-            let mut ratio = ratio.f_where_self(&w_norm.f_gt(0.0)?, &one)?;
-            if c.trust_clip {
-                ratio = ratio.f_clamp_max(1.0)?;
-            }
-            Some(ratio.f_mul(c.neg_lr_scale)?)
+            Some(c.trust_step_sizes(&w_norm, &rsb_torch_shim::foreach::norms(&pieces)?)?)
         } else {
             let _ = update.f_mul_(c.neg_lr_scale)?;
             None
@@ -231,6 +210,58 @@ struct Coefficients<'a> {
     neg_lr_scale: &'a Tensor,
     adapt: bool,
     trust_clip: bool,
+}
+
+impl Coefficients<'_> {
+    /// The update's direction, as both paths take it: clips and gates
+    /// `grad` in place (a skipped update's NaN and infinities become 0),
+    /// moves the moments in place, and returns m / (sqrt(v) + eps), plus the
+    /// weight decay of `decay_of` (the parameters, in a group that decays).
+    fn direction(
+        &self,
+        grad: &mut Tensor,
+        exp_avg: &mut Tensor,
+        exp_avg_sq: &mut Tensor,
+        decay_of: Option<&Tensor>,
+    ) -> Result<Tensor, TchError> {
+        if let Some(clip) = self.clip {
+            let _ = grad.f_div_(clip)?;
+        }
+        if let Some(gate) = self.gate {
+            let _ = grad.f_where_self_out(grad, gate, self.zero)?;
+        }
+        let _ = exp_avg.f_lerp_tensor_(grad, self.lerp_weight)?;
+        let _ = exp_avg_sq.f_mul_(self.decay2)?;
+        // PyTorch's addcmul_(g, g, value=c) computes v + (c * g) * g.
+        let _ = exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(self.one_minus_beta2)?, grad)?;
+        // As timm's multi-tensor path: the bias corrections are folded
+        // into scalars (m_hat / (sqrt(v_hat) + eps) == scale * m /
+        // (sqrt(v) + eps * sqrt(bc2)), scale = sqrt(bc2) / bc1), which
+        // saves full passes over every parameter.
+        let mut denom = exp_avg_sq.f_sqrt()?;
+        let _ = denom.f_add_(self.eps)?;
+        let mut update = exp_avg.f_div(&denom)?;
+        if let Some(params) = decay_of {
+            let _ = update.f_add_(&params.f_mul(self.decay_over_scale)?)?;
+        }
+        Ok(update)
+    }
+
+    /// The step sizes (-lr * scale * trust ratio) of parameters with norms
+    /// `w_norm` whose update directions have norms `u_norm`, as both paths
+    /// take them (0-d for one parameter, 1-D for a packed group): a ratio of
+    /// 1 where either norm is 0.
+    fn trust_step_sizes(&self, w_norm: &Tensor, u_norm: &Tensor) -> Result<Tensor, TchError> {
+        let u_norm = u_norm.f_mul(self.scale_f32)?;
+        let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
+        let ratio = w_norm.f_div(&u_norm)?;
+        let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
+        let mut ratio = ratio.f_where_self(&w_norm.f_gt(0.0)?, &one)?;
+        if self.trust_clip {
+            ratio = ratio.f_clamp_max(1.0)?;
+        }
+        ratio.f_mul(self.neg_lr_scale)
+    }
 }
 
 /// A group's flat gradients (a new tensor) and its parameters' flat views.
@@ -627,51 +658,29 @@ impl Lamb {
             };
             if let (Some(flat), Some(_)) = (flat, &group.packed) {
                 group.apply_packed(flat, &coefficients)?;
-                let _ = group.step.f_add_(&applied.f_to_kind(Kind::Double)?)?;
                 self.packed_last_update += 1;
-                continue;
-            }
-            for slot in &mut group.params {
-                let mut grad = slot.param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                if let Some(c) = &clip {
-                    let _ = grad.f_div_(c)?;
-                }
-                if let Some(gate) = gate {
-                    // In place: a skipped update's NaN and infinities become 0.
-                    let _ = grad.f_where_self_out(&grad, gate, &zero)?;
-                }
-                let _ = slot.exp_avg.f_lerp_tensor_(&grad, &lerp_weight)?;
-                let _ = slot.exp_avg_sq.f_mul_(&decay2)?;
-                // PyTorch's addcmul_(g, g, value=c) computes v + (c * g) * g.
-                let _ = slot.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
-                // As timm's multi-tensor path: the bias corrections are folded
-                // into scalars (m_hat / (sqrt(v_hat) + eps) == scale * m /
-                // (sqrt(v) + eps * sqrt(bc2)), scale = sqrt(bc2) / bc1), which
-                // saves full passes over every parameter.
-                let mut denom = slot.exp_avg_sq.f_sqrt()?;
-                let _ = denom.f_add_(&eps)?;
-                let mut update = slot.exp_avg.f_div(&denom)?;
-                if group.weight_decay != 0.0 {
-                    let _ = update.f_add_(&slot.param.f_mul(&decay_over_scale)?)?;
-                }
-                if adapt {
-                    let w_norm = slot.param.f_norm()?;
-                    let u_norm = update.f_norm()?.f_mul(&scale_f32)?;
-                    let one = Tensor::f_ones([], (Kind::Float, w_norm.device()))?;
-                    let ratio = w_norm.f_div(&u_norm)?;
-                    let ratio = ratio.f_where_self(&u_norm.f_gt(0.0)?, &one)?;
-                    let mut ratio = ratio.f_where_self(&w_norm.f_gt(0.0)?, &one)?;
-                    if self.config.trust_clip {
-                        ratio = ratio.f_clamp_max(1.0)?;
+            } else {
+                for slot in &mut group.params {
+                    let mut grad = slot.param.grad();
+                    if !grad.defined() {
+                        continue;
                     }
-                    let step_size = ratio.f_mul(&neg_lr_scale)?;
-                    let _ = slot.param.f_addcmul_(&update, &step_size)?;
-                } else {
-                    let _ = update.f_mul_(&neg_lr_scale)?;
-                    let _ = slot.param.f_add_(&update)?;
+                    let decay_of = (group.weight_decay != 0.0).then_some(&slot.param);
+                    let mut update = coefficients.direction(
+                        &mut grad,
+                        &mut slot.exp_avg,
+                        &mut slot.exp_avg_sq,
+                        decay_of,
+                    )?;
+                    if adapt {
+                        let w_norm = slot.param.f_norm()?;
+                        let step_size =
+                            coefficients.trust_step_sizes(&w_norm, &update.f_norm()?)?;
+                        let _ = slot.param.f_addcmul_(&update, &step_size)?;
+                    } else {
+                        let _ = update.f_mul_(&neg_lr_scale)?;
+                        let _ = slot.param.f_add_(&update)?;
+                    }
                 }
             }
             let _ = group.step.f_add_(&applied.f_to_kind(Kind::Double)?)?;
