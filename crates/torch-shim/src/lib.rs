@@ -5,8 +5,9 @@
 //!   can be reduced over ranks while the backward pass still runs;
 //! * [`amp`]: torch's fused check-and-unscale of a list of gradients, as
 //!   `GradScaler.unscale_` calls it;
-//! * [`foreach`]: the L2 norm of each tensor of a list at once, as timm's
-//!   multi-tensor LAMB takes them (`_foreach_norm`);
+//! * [`foreach`]: the L2 norm of each tensor of a list (`_foreach_norm`)
+//!   and the in-place sum of two lists (`_foreach_add_`), each in one call,
+//!   as timm's multi-tensor LAMB takes them;
 //! * [`grads`]: setting parameters' gradients to none, as timm's
 //!   `optimizer.zero_grad()` does (PyTorch's default since 2.0);
 //! * [`memory`]: the caching allocator's statistics of a GPU (peak memory

@@ -11,7 +11,8 @@
 //
 // Setting parameters' gradients to none (`zero_grad(set_to_none=True)`).
 //
-// The L2 norm of each tensor of a list (`_foreach_norm`).
+// The L2 norm of each tensor of a list (`_foreach_norm`), and the in-place
+// sum of two lists (`_foreach_add_`).
 //
 // Peak memory of a GPU from the caching allocator (device-generic API, no CUDA
 // headers needed).
@@ -24,6 +25,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/stack.h>
 #include <c10/core/CachingDeviceAllocator.h>
@@ -68,6 +70,17 @@ int guarded(char* error, size_t error_len, Body&& body) {
     copy_message("a C++ exception that is not a std::exception", error, error_len);
     return 1;
   }
+}
+
+// The `count` tch tensors (`at::Tensor*`) at `tensors`, as a list of
+// (shallow) tensors: in-place ops on them change the tch tensors.
+std::vector<at::Tensor> tensor_list(void* const* tensors, size_t count) {
+  std::vector<at::Tensor> list;
+  list.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
+  }
+  return list;
 }
 
 }  // namespace
@@ -117,12 +130,21 @@ extern "C" int rsb_clear_grad_ready_hook(void* tensor, void* context) {
 extern "C" int rsb_foreach_norms(void* const* tensors, size_t count, void* out, char* error,
                                  size_t error_len) {
   return guarded(error, error_len, [&] {
-    std::vector<at::Tensor> list;
-    list.reserve(count);
-    for (size_t i = 0; i < count; ++i) {
-      list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
-    }
-    at::stack_out(*static_cast<at::Tensor*>(out), at::_foreach_norm(list), 0);
+    at::stack_out(*static_cast<at::Tensor*>(out), at::_foreach_norm(tensor_list(tensors, count)),
+                  0);
+    return 0;
+  });
+}
+
+// Adds each of `count` tch tensors `sources` into the tensor of `targets` at
+// its place, in place (`at::_foreach_add_`): on a GPU, when each pair has
+// one shape, strides, kind and device, a fixed number of kernels for the
+// whole list.
+extern "C" int rsb_foreach_add(void* const* targets, void* const* sources, size_t count,
+                               char* error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    std::vector<at::Tensor> list = tensor_list(targets, count);
+    at::_foreach_add_(list, tensor_list(sources, count));
     return 0;
   });
 }
@@ -149,11 +171,7 @@ extern "C" int rsb_set_grads_to_none(void* const* tensors, size_t count, char* e
 extern "C" int rsb_amp_foreach_unscale(void* const* tensors, size_t count, void* found_inf,
                                        const void* inv_scale, char* error, size_t error_len) {
   return guarded(error, error_len, [&] {
-    std::vector<at::Tensor> list;
-    list.reserve(count);
-    for (size_t i = 0; i < count; ++i) {
-      list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
-    }
+    std::vector<at::Tensor> list = tensor_list(tensors, count);
     at::_amp_foreach_non_finite_check_and_unscale_(list, *static_cast<at::Tensor*>(found_inf),
                                                    *static_cast<const at::Tensor*>(inv_scale));
     return 0;

@@ -20,9 +20,9 @@ pub enum TrainError {
     /// Setting the gradients to none failed in libtorch.
     #[error(transparent)]
     GradientsToNone(#[from] rsb_torch_shim::grads::SetToNoneError),
-    /// torch's multi-tensor norm failed.
+    /// One of torch's multi-tensor ops (norms, in-place sums) failed.
     #[error(transparent)]
-    Norms(#[from] rsb_torch_shim::foreach::NormsError),
+    Foreach(#[from] rsb_torch_shim::foreach::ForeachError),
     /// The recipe asks for something this build cannot do.
     #[error("recipe: {0}")]
     Recipe(String),
