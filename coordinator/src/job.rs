@@ -20,6 +20,11 @@
 //! saying how many came and which. Each generation that
 //! starts is written to `metrics.jsonl` as a [`MetricsRecord::Generation`].
 //!
+//! Records bound for `metrics.jsonl` (the generations', and rank 0's) are
+//! only queued while the coordinator's state lock is held; they are written
+//! once it is released ([`MetricsSink`]), so a slow or stalled disk holds up
+//! no other call.
+//!
 //! Each member gets a session secret at join; [`Job::authenticate`] checks a
 //! call's member credentials (in constant time), and every later operation
 //! names the calling member, which may act only for its own ranks.
@@ -29,9 +34,10 @@ use rsb_job::records::skipped_updates_note;
 use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long after a rank's first collective-timeout report the coordinator
@@ -119,7 +125,7 @@ pub struct RankAssignment {
 }
 
 /// Errors the service maps onto gRPC statuses.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum JobError {
     /// The caller named something that does not exist.
     #[error("{0}")]
@@ -274,7 +280,9 @@ pub struct Job {
     collective_failures: BTreeMap<u32, (u32, String)>,
     /// When to assign the blame (a short grace after the first report).
     blame_at: Option<Instant>,
-    metrics: Option<MetricsLog>,
+    /// The records bound for `metrics.jsonl` (made at the first record, in
+    /// the run folder of then).
+    metrics: Option<Arc<MetricsSink>>,
     next_member: u64,
     /// Prefix of the member ids this job hands out (a sweep's jobs share
     /// one service, so their ids must differ).
@@ -316,6 +324,230 @@ impl PendingSave {
     /// Writes the state atomically ([`crate::saved::SavedJob::write`]).
     pub fn write(&self) -> Result<(), crate::saved::SavedError> {
         self.saved.write(&self.file)
+    }
+}
+
+/// The records a job accepted for its `metrics.jsonl`, on their way to the
+/// file. The coordinator's state lock is never held while the file is
+/// written (a stalled network file system would hold up every call of every
+/// member, heartbeats included): under that lock a record is only queued;
+/// the sink is shared ([`Arc`]) so that it can be taken out from under the
+/// lock ([`Job::metrics_to_write`]) and written once the lock is released.
+///
+/// It has two locks of its own: the queue's, held only to push or pop a
+/// record, never during a write; and the log's, held while writing (it owns
+/// the [`MetricsLog`], opened at the first write). A writer takes the log's
+/// lock, then pops and appends records until the queue is empty. Records
+/// are pushed in the order the job accepted them (under the state lock) and
+/// popped in that order under the log's lock, so the file holds them in
+/// that order, whichever calls write them. A record that cannot be written
+/// is logged (naming the file and the record's kind), and its failure handed
+/// to its [`MetricsReceipt`] if it has one; the records after it are still
+/// written.
+#[derive(Debug)]
+pub struct MetricsSink {
+    path: PathBuf,
+    /// The records waiting for a writer, oldest first.
+    queue: Mutex<VecDeque<Queued>>,
+    /// The open log, once a write opened it.
+    log: Mutex<Option<MetricsLog>>,
+}
+
+/// A record waiting in a [`MetricsSink`], with where its failure goes when
+/// a [`MetricsReceipt`] waits for it.
+#[derive(Debug)]
+struct Queued {
+    record: MetricsRecord,
+    failure: Option<Arc<OnceLock<JobError>>>,
+}
+
+impl Queued {
+    /// Appends the record to `log`, opening it first (at `path`) if it is
+    /// not open; a log that could not be opened is tried again with the next
+    /// record. A failure is logged and handed to the receipt.
+    fn append(self, path: &Path, log: &mut Option<MetricsLog>) -> bool {
+        let appended = match log {
+            Some(log) => log.append(&self.record),
+            None => {
+                MetricsLog::open(path).and_then(|opened| log.insert(opened).append(&self.record))
+            }
+        };
+        let Err(e) = appended else { return true };
+        tracing::error!("a {} record is lost: {e}", self.record.kind());
+        if let Some(failure) = self.failure {
+            let _ = failure.set(match e {
+                MetricsLogError::Encode { .. } => JobError::Invalid(e.to_string()),
+                MetricsLogError::Io { .. } => JobError::Precondition(e.to_string()),
+            });
+        }
+        false
+    }
+}
+
+impl MetricsSink {
+    /// A sink for the log at `path`, opened at the first write.
+    fn new(path: PathBuf) -> MetricsSink {
+        MetricsSink { path, queue: Mutex::default(), log: Mutex::default() }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Queued>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_log(&self) -> MutexGuard<'_, Option<MetricsLog>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The log's lock, unless another call holds it.
+    fn try_lock_log(&self) -> Option<MutexGuard<'_, Option<MetricsLog>>> {
+        match self.log.try_lock() {
+            Ok(log) => Some(log),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues `record` after those pushed before it; cheap, in memory (the
+    /// coordinator's lock is held).
+    fn push(&self, record: MetricsRecord, failure: Option<Arc<OnceLock<JobError>>>) {
+        self.queue().push_back(Queued { record, failure });
+    }
+
+    /// The oldest record waiting (the queue's lock is held for the pop alone).
+    fn pop(&self) -> Option<Queued> {
+        self.queue().pop_front()
+    }
+
+    /// Whether records wait to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.queue().is_empty()
+    }
+
+    /// Appends the waiting records, oldest first, until none is left;
+    /// returns how many could not be written. The caller holds the log's lock.
+    fn drain(&self, log: &mut Option<MetricsLog>) -> usize {
+        let mut failed = 0;
+        while let Some(queued) = self.pop() {
+            if !queued.append(&self.path, log) {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// Releases the log's lock, then writes the records pushed while it was
+    /// held, unless another call holds it by then: a call that found the
+    /// lock taken left its records to the holder ([`MetricsSink::write_pending`]).
+    /// The queue is looked at after each release, so no record is left behind.
+    fn release<'a>(&'a self, mut log: MutexGuard<'a, Option<MetricsLog>>) -> usize {
+        let mut failed = 0;
+        loop {
+            drop(log);
+            if !self.has_pending() {
+                return failed;
+            }
+            match self.try_lock_log() {
+                Some(next) => log = next,
+                None => return failed,
+            }
+            failed += self.drain(&mut log);
+        }
+    }
+
+    /// Writes the waiting records, unless another call is writing this log:
+    /// that call writes them (it writes until the queue is empty), so a call
+    /// never waits for another's write on a slow disk. Returns how many
+    /// records this call could not write (each is logged). Never call it
+    /// with the coordinator's lock held.
+    pub fn write_pending(&self) -> usize {
+        match self.try_lock_log() {
+            Some(mut log) => {
+                let failed = self.drain(&mut log);
+                failed + self.release(log)
+            }
+            None => 0,
+        }
+    }
+
+    /// Writes the waiting records, waiting first for a write in progress:
+    /// once this returns, every record pushed before it was called has been
+    /// written or reported. Returns how many records this call could not
+    /// write (each is logged). Never call it with the coordinator's lock held.
+    pub fn flush(&self) -> usize {
+        let mut log = self.lock_log();
+        let failed = self.drain(&mut log);
+        failed + self.release(log)
+    }
+
+    /// Holds the log's lock, as a write stalled on the disk would, until
+    /// the stall is dropped; then lets go of it as a writer does.
+    #[cfg(test)]
+    pub(crate) fn stall(&self) -> Stall<'_> {
+        Stall { sink: self, log: Some(self.lock_log()) }
+    }
+}
+
+/// A write stalled on the disk ([`MetricsSink::stall`]).
+#[cfg(test)]
+pub(crate) struct Stall<'a> {
+    sink: &'a MetricsSink,
+    log: Option<MutexGuard<'a, Option<MetricsLog>>>,
+}
+
+#[cfg(test)]
+impl Drop for Stall<'_> {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            self.sink.release(log);
+        }
+    }
+}
+
+impl Drop for MetricsSink {
+    /// Writes the records still waiting (a job dropped before its records
+    /// were written), so that none is lost unreported. No one else holds
+    /// the sink any more: no lock is taken.
+    fn drop(&mut self) {
+        let queue = self.queue.get_mut().unwrap_or_else(|p| p.into_inner());
+        let log = self.log.get_mut().unwrap_or_else(|p| p.into_inner());
+        while let Some(queued) = queue.pop_front() {
+            queued.append(&self.path, log);
+        }
+    }
+}
+
+/// What [`Job::record_metrics`] accepted.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The progress line to print, if the record has one.
+    pub line: Option<String>,
+    /// Whether the record reached `metrics.jsonl`, once it is written.
+    pub receipt: MetricsReceipt,
+}
+
+/// A record queued in its job's [`MetricsSink`], to learn, once the
+/// coordinator's lock is released, whether it was written.
+#[derive(Debug)]
+pub struct MetricsReceipt {
+    sink: Arc<MetricsSink>,
+    /// Set by the writer if the record could not be written.
+    failure: Arc<OnceLock<JobError>>,
+}
+
+impl MetricsReceipt {
+    /// Waits until the record is written (writing it, and the records
+    /// before it, unless another call is at it) and says whether it could
+    /// be: the log's error, already logged, as [`JobError::Precondition`]
+    /// (the file) or [`JobError::Invalid`] (the record's encoding). Blocks
+    /// while another write is in progress: never call it with the
+    /// coordinator's lock held.
+    pub fn written(self) -> Result<(), JobError> {
+        // Once this call holds the log's lock and the queue is empty, the
+        // record was written (by this call, or by one that held the lock before).
+        let mut log = self.sink.lock_log();
+        self.sink.drain(&mut log);
+        self.sink.release(log);
+        self.failure.get().cloned().map_or(Ok(()), Err)
     }
 }
 
@@ -391,9 +623,12 @@ impl Job {
         self.reasons.clear();
     }
 
-    /// Opens the next generation for `reason` (a restored job).
+    /// Opens the next generation for `reason` (a restored job). A restored
+    /// job is not yet under the coordinator's lock: its generation record is
+    /// written at once.
     pub(crate) fn restart_generation(&mut self, reason: GenerationReason) {
         self.next_generation(Some(reason));
+        self.flush_metrics();
     }
 
     /// The job's state to save to [`Job::state_file`], when it changed
@@ -588,7 +823,8 @@ impl Job {
     }
 
     /// Starts the current generation with the current members (or fails
-    /// the job if their world cannot run the recipe), and writes its record.
+    /// the job if their world cannot run the recipe), and queues its record
+    /// for `metrics.jsonl` (a record that cannot be written is logged).
     fn start_generation(&mut self) {
         self.assign_ranks();
         let plan = match BatchPlan::new(&self.recipe, self.world_size()) {
@@ -630,9 +866,7 @@ impl Job {
         if let Some(line) = self.progress_line(&record) {
             self.say(&line);
         }
-        if let Err(e) = self.append(&record) {
-            tracing::error!("cannot record generation {}: {e}", self.generation);
-        }
+        self.sink().push(record, None);
     }
 
     /// Ends the running generation: the next one starts with the members
@@ -1135,32 +1369,51 @@ impl Job {
         }
     }
 
-    /// Appends a metrics record (from rank 0) to `metrics.jsonl` and returns
-    /// the progress line to print, if the record has one.
+    /// Accepts a metrics record (from rank 0) of the running generation:
+    /// queues it for `metrics.jsonl` (cheap, in memory: the coordinator's
+    /// lock may be held; it is written once that lock is released, see
+    /// [`MetricsSink`]) and returns the progress line to print, if the record
+    /// has one, with the receipt that tells whether the record was written.
     pub fn record_metrics(
         &mut self,
         generation: u64,
         record: &MetricsRecord,
-    ) -> Result<Option<String>, JobError> {
+    ) -> Result<Recorded, JobError> {
         self.check_generation(generation)?;
-        self.append(record)?;
-        Ok(self.progress_line(record))
+        let failure = Arc::new(OnceLock::new());
+        let sink = self.sink();
+        sink.push(record.clone(), Some(Arc::clone(&failure)));
+        let receipt = MetricsReceipt { sink: Arc::clone(sink), failure };
+        Ok(Recorded { line: self.progress_line(record), receipt })
     }
 
-    /// Appends a record to `metrics.jsonl`.
-    fn append(&mut self, record: &MetricsRecord) -> Result<(), JobError> {
-        if self.metrics.is_none() {
-            let log = MetricsLog::open(&self.out_dir.join("metrics.jsonl"))
-                .map_err(|e| JobError::Precondition(e.to_string()))?;
-            self.metrics = Some(log);
-        }
-        if let Some(log) = &mut self.metrics {
-            log.append(record).map_err(|e| match e {
-                MetricsLogError::Encode { .. } => JobError::Invalid(e.to_string()),
-                MetricsLogError::Io { .. } => JobError::Precondition(e.to_string()),
-            })?;
-        }
-        Ok(())
+    /// The sink of the records bound for `metrics.jsonl`, made at the first
+    /// record.
+    fn sink(&mut self) -> &Arc<MetricsSink> {
+        let out_dir = &self.out_dir;
+        self.metrics
+            .get_or_insert_with(|| Arc::new(MetricsSink::new(out_dir.join("metrics.jsonl"))))
+    }
+
+    /// The sink of this job's metrics records, once it has one.
+    pub fn metrics_sink(&self) -> Option<&Arc<MetricsSink>> {
+        self.metrics.as_ref()
+    }
+
+    /// The sink of this job's metrics records when records wait in it: taken
+    /// under the coordinator's lock, written ([`MetricsSink::write_pending`])
+    /// once the lock is released.
+    pub fn metrics_to_write(&self) -> Option<Arc<MetricsSink>> {
+        self.metrics.as_ref().filter(|sink| sink.has_pending()).cloned()
+    }
+
+    /// Writes the metrics records this job queued ([`MetricsSink::flush`]),
+    /// waiting for a write in progress; returns how many this call could not
+    /// write (each is logged). Only for a job that is not under the
+    /// coordinator's lock (a restored job before it is served, tests): the
+    /// service writes the sinks it takes out of the lock instead.
+    pub fn flush_metrics(&self) -> usize {
+        self.metrics.as_ref().map_or(0, |sink| sink.flush())
     }
 
     /// `; straggler: rank 1 on host-b took 2.0x ...` when a step's slowest
@@ -1426,12 +1679,15 @@ mod tests {
         m.last_seen = long_ago;
     }
 
-    fn generations(j: &Job) -> Vec<serde_json::Value> {
+    /// The records in the job's `metrics.jsonl`, once those queued are written.
+    fn records(j: &Job) -> Vec<serde_json::Value> {
+        assert_eq!(j.flush_metrics(), 0, "a record could not be written");
         let text = std::fs::read_to_string(j.out_dir.join("metrics.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["kind"] == "generation")
-            .collect()
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect()
+    }
+
+    fn generations(j: &Job) -> Vec<serde_json::Value> {
+        records(j).into_iter().filter(|r| r["kind"] == "generation").collect()
     }
 
     fn step(step: u64) -> MetricsRecord {
@@ -2000,10 +2256,10 @@ mod tests {
         j.out_dir = dir.clone();
         join(&mut j, "a", 2).unwrap();
         let loading = MetricsRecord::Loading { epoch: 0, step: 0, elapsed_s: 1.0 };
-        let line = j.record_metrics(1, &loading).unwrap().unwrap();
+        let line = j.record_metrics(1, &loading).unwrap().line.unwrap();
         assert_eq!(line, "epoch 0: loading");
         let first = MetricsRecord::FirstUpdate { epoch: 0, step: 1, elapsed_s: 12.34 };
-        let line = j.record_metrics(1, &first).unwrap().unwrap();
+        let line = j.record_metrics(1, &first).unwrap().line.unwrap();
         assert_eq!(line, "first update done in 12.3 s");
         let step = MetricsRecord::Step {
             epoch: 0,
@@ -2016,14 +2272,14 @@ mod tests {
             peak_gpu_memory_mib: None,
             rank_balance: None,
         };
-        let line = j.record_metrics(1, &step).unwrap().unwrap();
+        let line = j.record_metrics(1, &step).unwrap().line.unwrap();
         assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");
         assert!(line.ends_with("ETA 0:00:02"), "2 updates of 16 images at 16 img/s: {line}");
         let mut skipping = step.clone();
         if let MetricsRecord::Step { skipped_updates, .. } = &mut skipping {
             *skipped_updates = 1;
         }
-        let line = j.record_metrics(1, &skipping).unwrap().unwrap();
+        let line = j.record_metrics(1, &skipping).unwrap().line.unwrap();
         assert!(
             line.ends_with("ETA 0:00:02, 1 update(s) skipped (non-finite gradients)"),
             "{line}"
@@ -2041,7 +2297,7 @@ mod tests {
                     others_median_s: 0.2,
                 });
             }
-            let line = j.record_metrics(1, &balanced).unwrap().unwrap();
+            let line = j.record_metrics(1, &balanced).unwrap().line.unwrap();
             assert_eq!(
                 line.ends_with(
                     "ETA 0:00:02; straggler: rank 1 on a took 2.0x the other ranks' median time \
@@ -2053,7 +2309,7 @@ mod tests {
             assert!(line.ends_with("ETA 0:00:02") != named, "{line}");
         }
         let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
-        assert_eq!(j.record_metrics(1, &checksum).unwrap(), None);
+        assert_eq!(j.record_metrics(1, &checksum).unwrap().line, None);
         // A fabric probe: its summary, and a link 3x (the default) below the
         // others' median named with the hosts at both ends.
         let link = |from_rank, to_rank, gb_per_s| LinkSpeed { from_rank, to_rank, gb_per_s };
@@ -2066,7 +2322,8 @@ mod tests {
             bus_gb_per_s: 0.105,
             links: vec![link(1, 0, 1.0), link(0, 1, 0.1)],
         };
-        let line = j.record_metrics(1, &MetricsRecord::Fabric(probe.clone())).unwrap().unwrap();
+        let line =
+            j.record_metrics(1, &MetricsRecord::Fabric(probe.clone())).unwrap().line.unwrap();
         assert_eq!(
             line,
             format!(
@@ -2077,12 +2334,10 @@ mod tests {
             )
         );
         let even = FabricProbe { links: vec![link(1, 0, 1.0), link(0, 1, 0.5)], ..probe };
-        let line = j.record_metrics(1, &MetricsRecord::Fabric(even.clone())).unwrap().unwrap();
+        let line = j.record_metrics(1, &MetricsRecord::Fabric(even.clone())).unwrap().line.unwrap();
         assert_eq!(line, format!("fabric: {}", even.summary()));
         assert!(j.record_metrics(9, &step).is_err(), "stale generation accepted");
-        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines = records(&j);
         let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
         // The coordinator's own record of the job's start comes first.
         assert_eq!(
@@ -2108,5 +2363,129 @@ mod tests {
         assert_eq!(lines[5]["rank_balance"]["slowest_rank"], 1);
         assert_eq!(lines[2]["elapsed_s"], 12.34);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The steps of the step records in the job's `metrics.jsonl`, as they
+    /// are on disk now (nothing flushed first).
+    fn steps_on_disk(j: &Job) -> Vec<u64> {
+        let text = std::fs::read_to_string(j.out_dir.join("metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "step")
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Runs `f` on a thread; fails the test if it has not returned within
+    /// `limit` (the thread is left behind, never waited for).
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(limit).expect("still blocked past the deadline")
+    }
+
+    #[test]
+    fn metrics_reach_the_file_only_when_flushed_and_in_the_order_they_were_accepted() {
+        let mut j = job(1);
+        join(&mut j, "a", 1).unwrap();
+        j.record_metrics(1, &step(1)).unwrap();
+        j.record_metrics(1, &step(2)).unwrap();
+        // Accepted (as under the coordinator's lock): queued, not written.
+        assert!(!j.out_dir.join("metrics.jsonl").exists(), "written before a flush");
+        assert!(j.metrics_to_write().is_some());
+        assert_eq!(j.flush_metrics(), 0);
+        assert!(j.metrics_to_write().is_none(), "records left after a flush");
+        let kinds: Vec<serde_json::Value> = records(&j).iter().map(|r| r["kind"].clone()).collect();
+        assert_eq!(kinds, ["generation", "step", "step"]);
+        assert_eq!(steps_on_disk(&j), [1, 2]);
+
+        // A write stalled on the disk holds the log's lock: records accepted
+        // meanwhile wait, a call that finds the log busy does not wait for
+        // it, and two calls that do wait write in the order of acceptance.
+        let sink = Arc::clone(j.metrics_sink().unwrap());
+        let stall = sink.stall();
+        j.record_metrics(1, &step(3)).unwrap();
+        let busy = Arc::clone(&sink);
+        assert_eq!(within(Duration::from_secs(1), move || busy.write_pending()), 0);
+        let first = std::thread::spawn({
+            let sink = Arc::clone(&sink);
+            move || sink.flush()
+        });
+        j.record_metrics(1, &step(4)).unwrap();
+        j.record_metrics(1, &step(5)).unwrap();
+        let second = std::thread::spawn({
+            let sink = Arc::clone(&sink);
+            move || sink.flush()
+        });
+        j.record_metrics(1, &step(6)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(steps_on_disk(&j), [1, 2], "written while the log was held");
+        drop(stall);
+        assert_eq!(first.join().unwrap() + second.join().unwrap(), 0);
+        assert_eq!(steps_on_disk(&j), [1, 2, 3, 4, 5, 6]);
+        // A call that found the log busy left its record to the writer at
+        // work, which writes it as it lets go of the log.
+        let stall = sink.stall();
+        j.record_metrics(1, &step(7)).unwrap();
+        let busy = Arc::clone(&sink);
+        assert_eq!(within(Duration::from_secs(1), move || busy.write_pending()), 0);
+        assert_eq!(steps_on_disk(&j), [1, 2, 3, 4, 5, 6]);
+        drop(stall);
+        assert_eq!(steps_on_disk(&j), [1, 2, 3, 4, 5, 6, 7], "a record was left behind");
+
+        // Many callers: each accepts a record under one lock (as the
+        // coordinator's), then writes outside it, some waiting for the
+        // write in progress, some not, some through their receipt.
+        const CALLERS: u64 = 4;
+        const EACH: u64 = 150;
+        let shared = Arc::new(Mutex::new((j, 7)));
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|caller| {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let receipt = {
+                            let mut guard = shared.lock().unwrap();
+                            let (j, last) = &mut *guard;
+                            *last += 1;
+                            j.record_metrics(1, &step(*last)).unwrap().receipt
+                        };
+                        match (caller + i) % 3 {
+                            0 => drop(sink_of(&receipt).write_pending()),
+                            1 => drop(sink_of(&receipt).flush()),
+                            _ => receipt.written().unwrap(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.join().unwrap();
+        }
+        let (j, last) = &*shared.lock().unwrap();
+        assert_eq!(*last, 7 + CALLERS * EACH);
+        assert!(j.metrics_to_write().is_none(), "a record was left behind");
+        let expected: Vec<u64> = (1..=*last).collect();
+        assert_eq!(steps_on_disk(j), expected, "records out of the order of acceptance");
+    }
+
+    fn sink_of(receipt: &MetricsReceipt) -> &MetricsSink {
+        &receipt.sink
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_written_is_reported_to_its_receipt_alone() {
+        let mut j = job(1);
+        // A folder where the file should be: every write fails.
+        std::fs::create_dir(j.out_dir.join("metrics.jsonl")).unwrap();
+        join(&mut j, "a", 1).unwrap();
+        let lost = j.record_metrics(1, &step(1)).unwrap().receipt;
+        let e = lost.written().unwrap_err();
+        assert!(matches!(&e, JobError::Precondition(m) if m.contains("metrics.jsonl")), "{e:?}");
+        // Once the file can be written, the next record is, and is not
+        // blamed for the earlier failures (the generation record's, too).
+        std::fs::remove_dir(j.out_dir.join("metrics.jsonl")).unwrap();
+        j.record_metrics(1, &step(2)).unwrap().receipt.written().unwrap();
+        assert_eq!(steps_on_disk(&j), [2]);
     }
 }

@@ -5,6 +5,11 @@
 //! calls that wait (assignment, rendezvous) long-poll on the job's change
 //! notifications.
 //!
+//! Nothing is written to disk while the state's lock is held: the states
+//! to save and the metrics records to append are taken under it and written
+//! once it is released ([`Shared::update`]), so a slow disk holds up no
+//! other call.
+//!
 //! Every call passes [`TokenCheck`] first: without the job token it is
 //! answered `UNAUTHENTICATED` before its message is decoded. Calls after
 //! `Join` also authenticate the calling member ([`Job::authenticate`]),
@@ -12,7 +17,7 @@
 //! ranks. [`serve`] runs the service with
 //! bounded message sizes and concurrency.
 
-use crate::job::{DeviceKind, Job, JobError, PendingSave, Phase, RendezvousPayload};
+use crate::job::{DeviceKind, Job, JobError, MetricsSink, PendingSave, Phase, RendezvousPayload};
 use crate::state::Coordination;
 use crate::sweep::{Placement, RunState};
 use rsb_job::MetricsRecord;
@@ -69,18 +74,21 @@ impl Shared {
         }
     }
 
-    /// Runs `f` on the state, writes what a restart needs, and wakes
-    /// waiters. The write happens after the state's lock is released, and
-    /// before this returns: a call is answered only once what it changed
-    /// is on disk.
+    /// Runs `f` on the state, writes what a restart needs, wakes waiters,
+    /// and appends the metrics records `f` queued. The writes happen after
+    /// the state's lock is released, and before this returns: a call is
+    /// answered only once what it changed is on disk (its metrics records:
+    /// unless another call is writing that job's metrics, which then writes
+    /// them too, see [`MetricsSink::write_pending`]).
     pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
-        let (out, pending) = {
+        let (out, pending, metrics) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let out = f(&mut state);
-            (out, state.states_to_save())
+            (out, state.states_to_save(), state.metrics_to_write())
         };
         self.write_states(pending);
         self.changed.notify_waiters();
+        write_metrics(metrics);
         out
     }
 
@@ -147,13 +155,14 @@ impl Shared {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (outcome, pending) = {
+            let (outcome, pending, metrics) = {
                 let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.check_liveness();
                 let outcome = ready(&mut state.jobs[index]);
-                (outcome, state.states_to_save())
+                (outcome, state.states_to_save(), state.metrics_to_write())
             };
             self.write_states(pending);
+            write_metrics(metrics);
             match outcome {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => {
@@ -162,6 +171,16 @@ impl Shared {
                 Err(e) => return Err(status(e)),
             }
         }
+    }
+}
+
+/// Appends the metrics records of the sinks taken under the state's lock
+/// (see [`Coordination::metrics_to_write`]), once it is released; a record
+/// that cannot be written is logged by its sink. A sink another call is
+/// writing is left to that call: no call waits for another's write.
+fn write_metrics(sinks: Vec<Arc<MetricsSink>>) {
+    for sink in sinks {
+        sink.write_pending();
     }
 }
 
@@ -516,15 +535,24 @@ impl Coordinator for Shared {
             )));
         }
         let record = record(r.record)?;
-        self.update_job(index, |job| {
-            this_job(job, &r.job_id)?;
-            job.check_runs_rank(&caller, r.global_rank)?;
-            if let Some(line) = job.record_metrics(r.generation, &record)? {
-                job.say(&line);
-            }
-            Ok(())
-        })
-        .map_err(status)?;
+        let receipt = self
+            .update_job(index, |job| {
+                this_job(job, &r.job_id)?;
+                job.check_runs_rank(&caller, r.global_rank)?;
+                let recorded = job.record_metrics(r.generation, &record)?;
+                if let Some(line) = &recorded.line {
+                    job.say(line);
+                }
+                Ok(recorded.receipt)
+            })
+            .map_err(status)?;
+        // Answered once the record is in `metrics.jsonl`, or with the reason
+        // it could not be written. Waiting for a write in progress (a slow
+        // disk) holds neither the state's lock nor a thread of the runtime.
+        tokio::task::spawn_blocking(move || receipt.written())
+            .await
+            .map_err(|e| Status::internal(format!("writing the metrics record: {e}")))?
+            .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -635,6 +663,7 @@ mod tests {
     use crate::saved::{SavedJob, STATE_FILE};
     use rsb_proto::auth::{Credentials, TOKEN_HEADER};
     use std::path::Path;
+    use std::time::Instant;
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
@@ -740,5 +769,134 @@ mod tests {
             payload: Some(pb::rendezvous_request::Payload::RingAddress("host:1".into())),
         };
         assert!(payload(&ring).unwrap_err().message().contains("ring_address"));
+    }
+
+    /// A job of one host, joined, running: its shared state, the member's
+    /// credentials and the job's id.
+    fn running_job(out: &Path) -> (Shared, Credentials, String) {
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let job = Job::new(rsb_recipes::load(&recipe, &[]).unwrap(), out.to_path_buf(), 1);
+        let shared = Shared::new(Coordination::one(job));
+        let (id, secret, _) =
+            shared.update(|state| state.jobs[0].join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        let credentials = Credentials::member(Secret::generate().unwrap(), &id, secret).unwrap();
+        let job_id = shared.state.lock().unwrap().jobs[0].id.clone();
+        (shared, credentials, job_id)
+    }
+
+    /// Calls `ReportMetrics` with a step record, as the member of
+    /// [`running_job`], on a runtime of its own.
+    fn report_step(
+        shared: &Shared,
+        credentials: &Credentials,
+        job_id: &str,
+        step: u64,
+    ) -> Result<(), Status> {
+        let record = rsb_job::MetricsRecord::Step {
+            epoch: 0,
+            step,
+            lr: 1e-3,
+            loss: 1.0,
+            images_per_sec: 1.0,
+            total_updates: 100,
+            skipped_updates: 0,
+            peak_gpu_memory_mib: None,
+            rank_balance: None,
+        };
+        let report = pb::MetricsReport {
+            job_id: job_id.to_string(),
+            generation: 1,
+            global_rank: 0,
+            record: Some((&record).into()),
+        };
+        let mut request = Request::new(report);
+        let with = credentials.clone().call(Request::new(()))?;
+        *request.metadata_mut() = with.metadata().clone();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(shared.report_metrics(request)).map(drop)
+    }
+
+    fn kinds_on_disk(out: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|r| r["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Runs `f` on a thread; `None` if it has not returned within `limit`
+    /// (the thread is left behind, never waited for).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(limit).ok()
+    }
+
+    #[test]
+    fn a_metrics_write_stalled_on_the_disk_holds_up_no_other_call() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shared, credentials, job_id) = running_job(tmp.path());
+        // The generation record was written when the join's update returned.
+        assert_eq!(kinds_on_disk(tmp.path()), ["generation"]);
+        let sink = Arc::clone(shared.state.lock().unwrap().jobs[0].metrics_sink().unwrap());
+        let stall = sink.stall();
+        let reporter = {
+            let (shared, credentials, job_id) = (shared.clone(), credentials.clone(), job_id);
+            std::thread::spawn(move || report_step(&shared, &credentials, &job_id, 7))
+        };
+        // Once the report is accepted (queued under the state's lock), it
+        // waits for the log while the state's lock is free for every call.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sink.has_pending() {
+            assert!(Instant::now() < deadline, "the report was never accepted");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match shared.state.try_lock() {
+                Ok(state) => {
+                    assert_eq!(state.jobs[0].progress.1, 7, "the report's progress is shown");
+                    break;
+                }
+                Err(_) => assert!(
+                    Instant::now() < deadline,
+                    "the state's lock is held while the metrics log is written"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let heartbeat = {
+            let shared = shared.clone();
+            move || shared.update_job(0, |job| job.heartbeat(&job.members[0].id.clone()))
+        };
+        let beat =
+            within(Duration::from_secs(1), heartbeat).expect("a heartbeat waited for the log");
+        assert!(beat.unwrap().keep_going);
+        assert!(!reporter.is_finished(), "answered before its record was written");
+        assert_eq!(kinds_on_disk(tmp.path()), ["generation"], "written while the log was held");
+        // The disk is back: the record is written, then the call answered.
+        drop(stall);
+        reporter.join().unwrap().unwrap();
+        assert_eq!(kinds_on_disk(tmp.path()), ["generation", "step"]);
+        assert!(!sink.has_pending());
+    }
+
+    #[test]
+    fn a_metrics_record_that_cannot_be_written_fails_its_report() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A folder where the file should be: every write fails.
+        std::fs::create_dir(tmp.path().join("metrics.jsonl")).unwrap();
+        let (shared, credentials, job_id) = running_job(tmp.path());
+        let e = report_step(&shared, &credentials, &job_id, 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("metrics.jsonl"), "{}", e.message());
+        // Once the file can be written, the next report is, and succeeds.
+        std::fs::remove_dir(tmp.path().join("metrics.jsonl")).unwrap();
+        report_step(&shared, &credentials, &job_id, 2).unwrap();
+        assert_eq!(kinds_on_disk(tmp.path()), ["step"]);
     }
 }

@@ -2,9 +2,10 @@
 //! jobs (one per run attempt) and the queue of a sweep. Members are routed
 //! to their job by their id, which is unique across the jobs.
 
-use crate::job::{DeviceKind, Job, JobError, Member, PendingSave};
+use crate::job::{DeviceKind, Job, JobError, Member, MetricsSink, PendingSave};
 use crate::sweep::{Placement, Scheduler};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Every job the service answers for.
 #[derive(Debug)]
@@ -82,6 +83,13 @@ impl Coordination {
             pending.extend(job.state_to_save().map(|save| (index, save)));
         }
         pending
+    }
+
+    /// The metrics sinks of the jobs whose records wait to be appended to
+    /// their `metrics.jsonl`, to write once the lock is released
+    /// ([`MetricsSink::write_pending`]): a slow disk holds up no other call.
+    pub fn metrics_to_write(&self) -> Vec<Arc<MetricsSink>> {
+        self.jobs.iter().filter_map(Job::metrics_to_write).collect()
     }
 
     /// Fails every job still going (the coordinator is stopping).

@@ -612,7 +612,8 @@ async fn kill_ranks(children: &mut [tokio::process::Child]) {
     rsb_process::kill_all_within(children.iter_mut(), rsb_process::REAP_LIMIT).await;
 }
 
-/// Relays a rank process's stderr to the agent's, line by line, and keeps
+/// Relays a rank process's stderr to the agent's (through its non-blocking
+/// stderr, `rsb_logging::init_non_blocking`), line by line, and keeps
 /// its last error line (`error: ...`, as `worker` prints a failure, or a
 /// tracing `ERROR` line) for the report of a rank that dies.
 struct StderrRelay {
@@ -632,10 +633,12 @@ impl StderrRelay {
             tokio::spawn(async move {
                 let mut lines = tokio::io::BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    // Not `eprintln!`, which panics when the agent's stderr is
-                    // gone (a closed pipe): the relay must keep draining the
-                    // rank's pipe, or the rank blocks on its next log line.
-                    let _ = writeln!(std::io::stderr(), "{line}");
+                    // Never waits (the agent's stderr is non-blocking, lines
+                    // that do not fit are dropped and counted) and never
+                    // panics (a closed pipe): the relay must keep draining
+                    // the rank's pipe, or the rank blocks on its next log
+                    // line, and the agent's threads must keep answering.
+                    rsb_logging::stderr_line(&line);
                     if let Some(error) = error_line(&line) {
                         *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                     }

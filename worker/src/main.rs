@@ -132,9 +132,26 @@ fn keep_freed_memory_mapped() {}
 fn main() {
     keep_freed_memory_mapped();
     let cli = Cli::parse();
-    rsb_logging::init(cli.log_format);
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+    // An agent relays its ranks' stderr and must keep answering the
+    // coordinator whoever reads its own: it never waits on its stderr.
+    let agent_stderr = match cli.command {
+        Command::Join(_) => Some(rsb_logging::init_non_blocking(cli.log_format)),
+        _ => {
+            rsb_logging::init(cli.log_format);
+            None
+        }
+    };
+    let outcome = run(cli);
+    if let Some(dropped) = agent_stderr.as_ref().map(|s| s.dropped_lines()).filter(|&n| n > 0) {
+        rsb_logging::stderr_line(&format!(
+            "warning: {dropped} line(s) of this agent's stderr (its ranks' included) were \
+             dropped: it was not read fast enough (the ranks' own log files under the run \
+             folder hold theirs)"
+        ));
+    }
+    if let Err(e) = outcome {
+        rsb_logging::stderr_line(&format!("error: {e:#}"));
+        drop(agent_stderr);
         std::process::exit(1);
     }
 }

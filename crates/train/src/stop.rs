@@ -22,7 +22,7 @@ use crate::ddp::{sum_scalars, Calls};
 use crate::error::TrainError;
 use rsb_collective::Collective;
 use std::sync::mpsc::{channel, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The longest a checkpoint write (and its report to the job) may take
@@ -98,9 +98,15 @@ pub fn write_while_answering<T>(
     let (done_tx, done_rx) = channel::<bool>();
     let started = Instant::now();
     let (rank, operation) = (collective.rank(), vote_name.clone());
+    // The answering thread votes; this thread votes only when it cannot start one.
+    let collective = Mutex::new(collective);
+    let vote = |vote: &mut [f64; 2]| {
+        let mut collective = collective.lock().unwrap_or_else(|p| p.into_inner());
+        sum_scalars(&mut **collective, calls, vote, &vote_name)
+    };
     let (written, answered) = std::thread::scope(|scope| {
         let answering = std::thread::Builder::new().name("write-votes".into());
-        let answering = answering.spawn_scoped(scope, move || -> Result<bool, TrainError> {
+        let answering = spawn_answering(answering, scope, move || -> Result<bool, TrainError> {
             loop {
                 let (finished, failed) = match done_rx.recv_timeout(poll) {
                     Ok(ok) => (true, !ok),
@@ -109,19 +115,29 @@ pub fn write_while_answering<T>(
                     Err(RecvTimeoutError::Timeout) if started.elapsed() > deadline => (true, true),
                     Err(RecvTimeoutError::Timeout) => (false, false),
                 };
-                let mut vote = [f64::from(u8::from(finished)), f64::from(u8::from(failed))];
-                sum_scalars(collective, calls, &mut vote, &vote_name)?;
+                vote(&mut [f64::from(u8::from(finished)), f64::from(u8::from(failed))])?;
                 if finished {
                     return Ok(!failed);
                 }
             }
         });
-        // Without it the other ranks would wait for votes that never come:
-        // nothing is written, and their link to this rank closes with its exit.
-        let answering = answering.map_err(|source| TrainError::Collective {
-            operation,
-            error: rsb_collective::CollectiveError::Thread { rank, what: "vote-answering", source },
-        })?;
+        let answering = match answering {
+            Ok(answering) => answering,
+            Err(source) => {
+                // Nothing is written: say so in one vote, so that the other
+                // ranks stop at once with an error naming the write, rather
+                // than when their link to this rank closes.
+                let _ = vote(&mut [1.0, 1.0]);
+                return Err(TrainError::Collective {
+                    operation,
+                    error: rsb_collective::CollectiveError::Thread {
+                        rank,
+                        what: "vote-answering",
+                        source,
+                    },
+                });
+            }
+        };
         let written = write();
         let _ = done_tx.send(written.is_ok());
         let answered = answering.join().unwrap_or_else(|_| {
@@ -138,10 +154,32 @@ pub fn write_while_answering<T>(
     Ok(Some(value))
 }
 
+/// Starts the thread that answers the votes (in tests, fails instead when
+/// the calling thread asked it to with `tests::FAIL_TO_SPAWN`).
+fn spawn_answering<'scope, 'env, F>(
+    builder: std::thread::Builder,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    answer: F,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, Result<bool, TrainError>>>
+where
+    F: FnOnce() -> Result<bool, TrainError> + Send + 'scope,
+{
+    #[cfg(test)]
+    if tests::FAIL_TO_SPAWN.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("no thread for you (a test)"));
+    }
+    builder.spawn_scoped(scope, answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ddp::tests::on_ring_with_timeout as on_ring;
+
+    thread_local! {
+        /// Makes this thread's next vote-answering thread fail to start.
+        pub(super) static FAIL_TO_SPAWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn calls() -> Calls {
         Calls { device: tch::Device::Cpu, at_world_size_one: false }
@@ -227,6 +265,41 @@ mod tests {
             } else {
                 assert!(*at < Duration::from_millis(1500), "rank {rank} released after {at:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_writer_that_cannot_start_its_answering_thread_releases_the_others_at_once() {
+        let timeout = Duration::from_secs(20);
+        let started = Instant::now();
+        let results = on_ring(3, timeout, |ring| {
+            if ring.rank() == 0 {
+                FAIL_TO_SPAWN.with(|fail| fail.set(true));
+            }
+            let result = write_while_answering(
+                ring,
+                calls(),
+                0,
+                poll_period(timeout),
+                Duration::from_secs(60),
+                "checkpoint write",
+                || -> Result<u32, TrainError> { panic!("written without an answering thread") },
+            );
+            let returned = started.elapsed();
+            if ring.rank() == 0 {
+                // The writer's links stay open a while (a process slow to
+                // exit; NCCL has no link to close): the others must be told.
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            (result.map_err(|e| e.to_string()), returned)
+        });
+        let writer = results[0].0.as_ref().unwrap_err();
+        assert!(writer.contains("vote-answering"), "{writer}");
+        for (rank, (result, at)) in results.iter().enumerate().skip(1) {
+            let e = result.as_ref().unwrap_err();
+            assert!(e.contains("rank 0's checkpoint write failed"), "rank {rank}: {e}");
+            // Told at once, not when the writer's links close.
+            assert!(*at < Duration::from_millis(1500), "rank {rank} released after {at:?}");
         }
     }
 

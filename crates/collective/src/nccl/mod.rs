@@ -27,7 +27,9 @@
 //! waits on it go on) and record the error, naming the rank and the
 //! collective: the next call returns it. Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
-//! no further call comes, the first failure arms an exit timer, before
+//! no further call comes, the first failure arms an exit timer (a thread
+//! started with the first communicator, so that a failure never finds the
+//! process unable to start one), before
 //! `ncclCommAbort` is called (which might itself not return), whichever
 //! thread meets it: the process ends (exit status 1, the error on stderr)
 //! [`EXIT_GRACE`] later if it has not ended by itself, with `_exit`: no
@@ -47,6 +49,7 @@
 //! free). Dropping one after a failure, or when a step of that order fails
 //! or times out, aborts it.
 
+mod exit_timer;
 pub mod library;
 
 use crate::{Buffer, Collective, CollectiveError, DeviceElement};
@@ -55,7 +58,6 @@ use cudarc::nccl::sys;
 use library::Nccl;
 use std::collections::VecDeque;
 use std::ffi::c_int;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,7 +234,7 @@ fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) -> Collectiv
 /// communicator (once).
 fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) {
     if !flags.exit_armed.swap(true, Ordering::SeqCst) {
-        arm_exit_timer(&why);
+        exit_timer::arm(&why);
     }
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
@@ -335,6 +337,10 @@ impl NcclCollective {
                 "rank {rank}: no current CUDA context on this thread (select the device first)"
             )));
         }
+        // Started now, so that a failure always finds it (see exit_timer).
+        exit_timer::start().map_err(|e| {
+            CollectiveError::Nccl(format!("rank {rank}: starting the NCCL exit timer: {e}"))
+        })?;
         let mut comm = std::ptr::null_mut();
         let mut config = non_blocking_config();
         // SAFETY: the device is current (checked above); `comm` and `config`
@@ -510,28 +516,6 @@ impl NcclCollective {
         };
         state.pending.push_back(Pending { event: event as usize, what, deadline });
         Ok(())
-    }
-}
-
-/// Ends the process [`EXIT_GRACE`] after a failure: the rank's own thread
-/// may be blocked on the aborted collective's stream, `ncclCommAbort` may
-/// not return, and a normal exit may hang in CUDA's handlers.
-fn arm_exit_timer(why: &str) {
-    tracing::error!("{why}");
-    let why = why.to_string();
-    let timer = std::thread::Builder::new().name("nccl-exit".into()).spawn(move || {
-        std::thread::sleep(EXIT_GRACE);
-        // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-        let _ = writeln!(std::io::stderr(), "error: {why}");
-        // `_exit`, not `std::process::exit`: the latter runs the atexit
-        // handlers (CUDA's and NCCL's among them), which can block for ever
-        // on the stream the aborted collective hangs on. stderr is
-        // unbuffered, so the message above is out.
-        // SAFETY: `_exit` has no preconditions; it ends the process.
-        unsafe { libc::_exit(1) };
-    });
-    if let Err(e) = timer {
-        tracing::error!("cannot start the NCCL exit timer: {e}");
     }
 }
 

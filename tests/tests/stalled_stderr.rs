@@ -1,0 +1,79 @@
+//! An agent whose stderr nobody reads (a stalled log collector, a terminal
+//! paused with Ctrl-S, a full pipe) still runs its job to the end: its own
+//! log lines and the ranks' lines it relays go through a bounded buffer
+//! and a writer thread, and what does not fit is dropped and counted,
+//! instead of stopping the threads that answer the coordinator and drain
+//! the ranks' pipes.
+//!
+//! The agent's stdout and stderr are one pipe of one page that the test
+//! never reads, and it logs at `debug`. The control: the pipe is full at the
+//! end, so an agent that waited on it would have stopped.
+
+use rsb_integration_tests::processes::wait_with_timeout;
+use rsb_integration_tests::sweeps::{self, TOKEN};
+use rsb_integration_tests::{binary, fashion_subset, free_port, records_in, workspace_root};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// What the agent's pipe holds: one page.
+const PIPE_BYTES: usize = 4096;
+
+#[test]
+fn an_agent_whose_stderr_nobody_reads_still_runs_its_job_to_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 2);
+    let out = tmp.path().join("run");
+    let sets = vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".to_string(),
+        "schedule.cosine.epochs=3".to_string(),
+        "eval.every_epochs=1000".to_string(),
+        "runtime.log_every_steps=1".to_string(),
+    ];
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let log = tmp.path().join("coordinator.log");
+    let coordinator = sweeps::coordinator_up(
+        &out,
+        &sets,
+        &["--listen", &listen, "--nodes", "1", "--heartbeat-timeout-secs", "10"],
+        &log,
+    );
+
+    let (unread, written) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let size = nix::fcntl::fcntl(&written, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32));
+    assert_eq!(size.unwrap() as usize, PIPE_BYTES, "the pipe's size");
+    let agent = Command::new(binary("worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args(["--devices", "cpu", "--cores", "1", "--host-name", "stalled"])
+        .env("RSB_JOB_TOKEN", TOKEN)
+        // Many lines: the agent's own and its rank's (which inherits it).
+        .env("RUST_LOG", "debug")
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(written.try_clone().unwrap()))
+        .stderr(Stdio::from(written))
+        .spawn()
+        .unwrap();
+
+    let finished = wait_with_timeout(coordinator, Duration::from_secs(300), "the job");
+    let coordinator_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(finished.status.success(), "the job failed:\n{coordinator_log}");
+    let steps = records_in(&out.join("metrics.jsonl"), "step");
+    let last = steps.last().expect("no step record");
+    assert_eq!(last["step"], last["total_updates"], "the job stopped short");
+    let agent = wait_with_timeout(agent, Duration::from_secs(60), "the agent's exit");
+    assert!(agent.status.success(), "the agent failed: {:?}", agent.status);
+
+    // The control: the pipe is full, so a writer that waits on it would
+    // have stopped (every process that held its write end is gone, so
+    // reading ends at what it holds).
+    let mut held = Vec::new();
+    std::fs::File::from(unread).read_to_end(&mut held).unwrap();
+    assert!(
+        held.len() > PIPE_BYTES - 512,
+        "the agent wrote {} bytes: too few to fill its pipe, which tests nothing",
+        held.len()
+    );
+}
