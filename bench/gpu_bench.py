@@ -6,7 +6,9 @@ counterpart) timm on the same device, the same settings, one after the other:
 
   synthetic  ResNet-50 training steps (A2's LAMB + BCE, bf16, channels-last)
              on random input, micro-batch 256 at 224 px: `worker bench step`
-             against `bench/timm/step_bench.py`, alternated over two rounds;
+             against `bench/timm/step_bench.py`, alternated over two rounds,
+             then one call each with `--phase-times` whose phase medians
+             (forward, backward, update) go into the row's note;
   jpeg       the same model trained on a folder of real JPEG photos through
              each side's own loader (16 threads / DataLoader workers):
              `worker train` against `bench/timm/reference_train.py` (timm's
@@ -396,6 +398,20 @@ class Bench:
             peaks = [x.peak_memory_mib for x in good if x.peak_memory_mib is not None]
             best.peak_memory_mib = max(peaks) if peaks else None
             setattr(check, name, best)
+        # Where the time goes: one more call per side that times each phase
+        # apart (a device synchronisation between phases, so not the rows'
+        # throughput), in the note. Not given to a side that failed.
+        phases = []
+        for name, cmd in (("ours", ours_cmd), ("timm", timm_cmd)):
+            if getattr(check, name).error is not None:
+                continue
+            try:
+                stdout, _ = run([*cmd, "--phase-times"], self.logs / f"synthetic-{name}-phases.log",
+                                timeout=self.limit(150))
+                phases.append(f"{name} {phase_times(last_json(stdout, name))}")
+            except Exception as e:  # noqa: BLE001 - the phases are a note, the row stands
+                phases.append(f"{name} phases not measured ({e})")
+        check.note = "; ".join(phases) if phases else None
         return check
 
     # -- jpeg ----------------------------------------------------------------------
@@ -533,6 +549,20 @@ def sync_note(log: Path, on_gpu: bool) -> str:
     count = text.count(SYNC_WARNING)
     return (f"synchronising CUDA calls within updates ({SYNC_DEBUG_ENV}=warn): {count}"
             + ("" if count == 0 else f" (see {archived(log)})"))
+
+
+PHASES = (("zero_grad", "zero_grad_ms_median"), ("forward", "forward_ms_median"),
+          ("backward", "backward_ms_median"), ("update", "optimizer_ms_median"))
+
+
+def phase_times(report: dict) -> str:
+    """`forward 25.6, backward 29.7, update 4.9 ms (zero_grad 0.28)`-like: the
+    median phase times of a `--phase-times` step report (a phase the side
+    does not time apart is left out)."""
+    parts = [f"{label} {report[key]:.2f}" for label, key in PHASES if report.get(key) is not None]
+    if not parts:
+        raise ValueError("the report has no phase times")
+    return "phase medians (ms): " + ", ".join(parts)
 
 
 def fmt(x: float | None, digits: int = 1) -> str:

@@ -142,6 +142,10 @@ pub enum JobError {
     /// The caller is a member, but acts for something that is not its own.
     #[error("{0}")]
     Denied(String),
+    /// The job could not finish the call in time (its metrics log busy on a
+    /// slow disk); the call may be made again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl JobError {
@@ -516,6 +520,9 @@ impl Drop for MetricsSink {
     }
 }
 
+/// How often [`MetricsReceipt::written`] looks whether the log is free.
+const RECEIPT_POLL: Duration = Duration::from_millis(5);
+
 /// What [`Job::record_metrics`] accepted.
 #[derive(Debug)]
 pub struct Recorded {
@@ -536,15 +543,31 @@ pub struct MetricsReceipt {
 
 impl MetricsReceipt {
     /// Waits until the record is written (writing it, and the records
-    /// before it, unless another call is at it) and says whether it could
-    /// be: the log's error, already logged, as [`JobError::Precondition`]
-    /// (the file) or [`JobError::Invalid`] (the record's encoding). Blocks
-    /// while another write is in progress: never call it with the
+    /// before it, unless another call is at it), for at most `deadline`,
+    /// and says whether it could be: the log's error, already logged, as
+    /// [`JobError::Precondition`] (the file) or [`JobError::Invalid`] (the
+    /// record's encoding). Past the deadline (another write in progress on
+    /// a slow disk) it answers [`JobError::Unavailable`], and the record
+    /// stays queued for whoever writes next. Never call it with the
     /// coordinator's lock held.
-    pub fn written(self) -> Result<(), JobError> {
+    pub fn written(self, deadline: Duration) -> Result<(), JobError> {
+        let started = Instant::now();
         // Once this call holds the log's lock and the queue is empty, the
         // record was written (by this call, or by one that held the lock before).
-        let mut log = self.sink.lock_log();
+        let mut log = loop {
+            if let Some(log) = self.sink.try_lock_log() {
+                break log;
+            }
+            if started.elapsed() >= deadline {
+                return Err(JobError::Unavailable(format!(
+                    "{} is being written by another call that has not finished within {:?} \
+                     (a slow disk?): this record stays queued and is written after it",
+                    self.sink.path.display(),
+                    deadline
+                )));
+            }
+            std::thread::sleep(RECEIPT_POLL);
+        };
         self.sink.drain(&mut log);
         self.sink.release(log);
         self.failure.get().cloned().map_or(Ok(()), Err)
@@ -1638,7 +1661,7 @@ fn format_duration(secs: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rsb_job::{FabricProbe, LinkSpeed};
 
@@ -1690,7 +1713,8 @@ mod tests {
         records(j).into_iter().filter(|r| r["kind"] == "generation").collect()
     }
 
-    fn step(step: u64) -> MetricsRecord {
+    /// A step record of update `step` (of 100).
+    pub(crate) fn step(step: u64) -> MetricsRecord {
         MetricsRecord::Step {
             epoch: 0,
             step,
@@ -2453,7 +2477,7 @@ mod tests {
                         match (caller + i) % 3 {
                             0 => drop(sink_of(&receipt).write_pending()),
                             1 => drop(sink_of(&receipt).flush()),
-                            _ => receipt.written().unwrap(),
+                            _ => receipt.written(Duration::from_secs(30)).unwrap(),
                         }
                     }
                 })
@@ -2480,12 +2504,33 @@ mod tests {
         std::fs::create_dir(j.out_dir.join("metrics.jsonl")).unwrap();
         join(&mut j, "a", 1).unwrap();
         let lost = j.record_metrics(1, &step(1)).unwrap().receipt;
-        let e = lost.written().unwrap_err();
+        let e = lost.written(Duration::from_secs(30)).unwrap_err();
         assert!(matches!(&e, JobError::Precondition(m) if m.contains("metrics.jsonl")), "{e:?}");
         // Once the file can be written, the next record is, and is not
         // blamed for the earlier failures (the generation record's, too).
         std::fs::remove_dir(j.out_dir.join("metrics.jsonl")).unwrap();
-        j.record_metrics(1, &step(2)).unwrap().receipt.written().unwrap();
+        j.record_metrics(1, &step(2)).unwrap().receipt.written(Duration::from_secs(30)).unwrap();
         assert_eq!(steps_on_disk(&j), [2]);
+    }
+
+    #[test]
+    fn a_receipt_stops_waiting_for_a_stalled_write_at_its_deadline() {
+        let mut j = job(1);
+        join(&mut j, "a", 1).unwrap();
+        j.flush_metrics();
+        let sink = Arc::clone(j.metrics_sink().unwrap());
+        let stall = sink.stall();
+        let receipt = j.record_metrics(1, &step(1)).unwrap().receipt;
+        let started = Instant::now();
+        let e = receipt.written(Duration::from_millis(200)).unwrap_err();
+        let waited = started.elapsed();
+        assert!(matches!(&e, JobError::Unavailable(m) if m.contains("metrics.jsonl")), "{e:?}");
+        assert!(waited >= Duration::from_millis(200), "gave up early: {waited:?}");
+        assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+        // The record stays queued, and the stalled writer writes it once free.
+        assert!(sink.has_pending());
+        drop(stall);
+        assert!(!sink.has_pending());
+        assert_eq!(steps_on_disk(&j), [1]);
     }
 }

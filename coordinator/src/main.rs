@@ -256,11 +256,19 @@ fn main() {
     let cli = Cli::parse();
     rsb_logging::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Writes still running on the blocking pool (a metrics append stalled
+    // on a hung disk) get a deadline, not a wait for ever.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_DEADLINE);
+    if let Err(e) = outcome {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// How long the coordinator waits, once done, for work still running on its
+/// runtime's threads.
+const RUNTIME_SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {

@@ -7,8 +7,11 @@
 //!
 //! Nothing is written to disk while the state's lock is held: the states
 //! to save and the metrics records to append are taken under it and written
-//! once it is released ([`Shared::update`]), so a slow disk holds up no
-//! other call.
+//! once it is released ([`Shared::update`]). The metrics records, which
+//! come with every logged update, are appended on the runtime's blocking
+//! pool, and a `ReportMetrics` call waits for its own with a deadline, so a
+//! slow disk under `metrics.jsonl` holds up no other call. (A state save,
+//! rarer, is written by the call that made it.)
 //!
 //! Every call passes [`TokenCheck`] first: without the job token it is
 //! answered `UNAUTHENTICATED` before its message is decoded. Calls after
@@ -76,10 +79,10 @@ impl Shared {
 
     /// Runs `f` on the state, writes what a restart needs, wakes waiters,
     /// and appends the metrics records `f` queued. The writes happen after
-    /// the state's lock is released, and before this returns: a call is
-    /// answered only once what it changed is on disk (its metrics records:
-    /// unless another call is writing that job's metrics, which then writes
-    /// them too, see [`MetricsSink::write_pending`]).
+    /// the state's lock is released. The state is on disk before this
+    /// returns, so a call is answered only once what it changed is; the
+    /// metrics records are written on the runtime's blocking pool (see
+    /// `write_metrics`; `ReportMetrics` waits for its own record).
     pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
         let (out, pending, metrics) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -177,12 +180,29 @@ impl Shared {
 /// Appends the metrics records of the sinks taken under the state's lock
 /// (see [`Coordination::metrics_to_write`]), once it is released; a record
 /// that cannot be written is logged by its sink. A sink another call is
-/// writing is left to that call: no call waits for another's write.
+/// writing is left to that call: no call waits for another's write. Within
+/// a runtime the writes run on its blocking pool, so that a stalled disk
+/// never holds one of the threads that answer calls (a record's own call
+/// waits for it through its receipt, with a deadline).
 fn write_metrics(sinks: Vec<Arc<MetricsSink>>) {
-    for sink in sinks {
-        sink.write_pending();
+    if sinks.is_empty() {
+        return;
+    }
+    let write = move || {
+        for sink in sinks {
+            sink.write_pending();
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(write)),
+        Err(_) => write(),
     }
 }
+
+/// The longest a `ReportMetrics` call waits for its record to be written
+/// behind another write (a slow disk): within the rank's own deadline for
+/// the call.
+const METRICS_WRITE_DEADLINE: Duration = Duration::from_secs(4);
 
 /// The job-token check in front of every RPC (a tonic interceptor): the
 /// `x-rsb-job-token` metadata must hold the token, compared in constant
@@ -266,6 +286,7 @@ fn status(e: JobError) -> Status {
         JobError::Precondition(m) => Status::failed_precondition(m),
         JobError::Unauthenticated(m) => Status::unauthenticated(m),
         JobError::Denied(m) => Status::permission_denied(m),
+        JobError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -549,7 +570,7 @@ impl Coordinator for Shared {
         // Answered once the record is in `metrics.jsonl`, or with the reason
         // it could not be written. Waiting for a write in progress (a slow
         // disk) holds neither the state's lock nor a thread of the runtime.
-        tokio::task::spawn_blocking(move || receipt.written())
+        tokio::task::spawn_blocking(move || receipt.written(METRICS_WRITE_DEADLINE))
             .await
             .map_err(|e| Status::internal(format!("writing the metrics record: {e}")))?
             .map_err(status)?;
@@ -793,17 +814,7 @@ mod tests {
         job_id: &str,
         step: u64,
     ) -> Result<(), Status> {
-        let record = rsb_job::MetricsRecord::Step {
-            epoch: 0,
-            step,
-            lr: 1e-3,
-            loss: 1.0,
-            images_per_sec: 1.0,
-            total_updates: 100,
-            skipped_updates: 0,
-            peak_gpu_memory_mib: None,
-            rank_balance: None,
-        };
+        let record = crate::job::tests::step(step);
         let report = pb::MetricsReport {
             job_id: job_id.to_string(),
             generation: 1,

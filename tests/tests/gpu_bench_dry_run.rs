@@ -86,6 +86,18 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
         "the summary does not name the bundle's commit: {}",
         summary["binaries"]
     );
+    // The synthetic row says where each side's step time goes.
+    let phases = checks[0]["note"].as_str().unwrap_or_default();
+    for side in ["ours", "timm"] {
+        let times = format!("{side} phase medians (ms): ");
+        assert!(
+            phases.contains(&(times.clone() + "zero_grad "))
+                || phases.contains(&(times + "forward ")),
+            "{side}'s phases are missing: {}",
+            checks[0]
+        );
+    }
+    assert!(phases.contains(", update "), "{}", checks[0]);
     // The sync check rides on the nccl1 job; a CPU has nothing to count.
     assert_eq!(
         checks[2]["note"], "synchronising CUDA calls within updates: not checked on a CPU",

@@ -418,11 +418,15 @@ async fn serve_member(
             // Credentials travel in the environment, never on the command line.
             cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
             // stderr is relayed line by line, and its last error line kept
-            // for the report of a rank that dies.
-            cmd.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+            // for the report of a rank that dies; stdout (what libraries
+            // print there, NCCL_DEBUG's lines) is relayed too, so that the
+            // rank never writes to the agent's own, which may stall.
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.kill_on_drop(true);
             rsb_process::die_with_parent(&mut cmd);
             let mut child = cmd.spawn().context("starting a rank process")?;
             relays.push(StderrRelay::start(child.stderr.take()));
+            relay_stdout(child.stdout.take());
             children.push(child);
         }
         Ok((children, relays))
@@ -654,6 +658,21 @@ impl StderrRelay {
             let _ = tokio::time::timeout(Self::DRAIN, task).await;
         }
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Relays a rank process's stdout to the agent's stderr, line by line, as
+/// [`StderrRelay`] does its stderr (never waiting, never panicking), until
+/// the rank closes it.
+fn relay_stdout(stdout: Option<tokio::process::ChildStdout>) {
+    use tokio::io::AsyncBufReadExt;
+    if let Some(stdout) = stdout {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                rsb_logging::stderr_line(&line);
+            }
+        });
     }
 }
 

@@ -17,7 +17,9 @@
 #![warn(clippy::unwrap_used)]
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
 use tracing_subscriber::fmt::format::FmtSpan;
@@ -57,7 +59,14 @@ pub fn env_filter() -> EnvFilter {
 /// exports `format` to [`FORMAT_ENV`] for child processes. Call it once, at
 /// the start of `main`, before any thread is started.
 pub fn init(format: LogFormat) {
+    export_format(format);
     install(format, std::io::stderr);
+}
+
+/// Exports `format` to [`FORMAT_ENV`] for child processes: first thing,
+/// while the process runs no other thread.
+fn export_format(format: LogFormat) {
+    std::env::set_var(FORMAT_ENV, format.name());
 }
 
 /// Lines the non-blocking stderr buffers before it drops them: a few MiB.
@@ -67,29 +76,85 @@ pub const BUFFERED_LINES: usize = 16 * 1024;
 /// through a buffer of [`BUFFERED_LINES`] lines and a writer thread, so
 /// that no thread of the process ever waits on a stderr nobody reads: lines
 /// that do not fit are dropped and counted. Keep the returned value until
-/// the process ends.
+/// the process ends: dropping it gives the buffered lines a bounded time to
+/// be written.
 pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
+    export_format(format);
+    let written = Arc::new(AtomicUsize::new(0));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("stderr-writer")
-        .finish(std::io::stderr());
+        .finish(CountingStderr { written: Arc::clone(&written) });
     let dropped = writer.error_counter();
+    let writer = CountingWriter { inner: writer, sent: Arc::new(AtomicUsize::new(0)) };
+    let sent = Arc::clone(&writer.sent);
     let _ = NON_BLOCKING_STDERR.set(writer.clone());
     install(format, writer);
-    NonBlockingStderr { guard: Some(guard), dropped }
+    NonBlockingStderr { guard: Some(guard), dropped, sent, written }
 }
 
 /// The non-blocking stderr, once [`init_non_blocking`] installed it.
-static NON_BLOCKING_STDERR: OnceLock<NonBlocking> = OnceLock::new();
+static NON_BLOCKING_STDERR: OnceLock<CountingWriter> = OnceLock::new();
+
+/// The non-blocking writer, counting the lines handed to it (each write is
+/// one line, and one message to the writer thread).
+#[derive(Clone)]
+struct CountingWriter {
+    inner: NonBlocking,
+    sent: Arc<AtomicUsize>,
+}
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        self.inner.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.write(buf).map(|_| ())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for CountingWriter {
+    type Writer = CountingWriter;
+
+    fn make_writer(&'a self) -> CountingWriter {
+        self.clone()
+    }
+}
+
+/// stderr as the writer thread sees it: each line is written whole, and
+/// counted once written (or failed: a closed stderr takes nothing).
+struct CountingStderr {
+    written: Arc<AtomicUsize>,
+}
+
+impl Write for CountingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let _ = std::io::stderr().write_all(buf);
+        self.written.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 /// Installs the subscriber writing to `writer` (see [`init`]).
 fn install<W>(format: LogFormat, writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    // Children inherit the environment; nothing else runs yet.
-    std::env::set_var(FORMAT_ENV, format.name());
     let builder = tracing_subscriber::fmt().with_env_filter(env_filter()).with_writer(writer);
     match format {
         LogFormat::Text => {
@@ -120,14 +185,20 @@ pub fn stderr_line(line: &str) {
     }
 }
 
+/// How long dropping a [`NonBlockingStderr`] waits for its buffered lines.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
+
 /// The non-blocking stderr of [`init_non_blocking`]: when dropped, it waits
-/// (at most about a second) for the buffered lines to be written, unless
-/// lines were dropped, which says the reader stalled; then the buffered
-/// lines are left unwritten rather than waited for.
+/// up to [`DRAIN_DEADLINE`] for the lines handed to it to be written (or
+/// dropped), then leaves the rest: a reader that stalled gets no more time.
 #[must_use = "dropping it ends the writing of buffered lines"]
 pub struct NonBlockingStderr {
     guard: Option<WorkerGuard>,
     dropped: ErrorCounter,
+    /// Lines handed to the buffer.
+    sent: Arc<AtomicUsize>,
+    /// Lines the writer thread has written.
+    written: Arc<AtomicUsize>,
 }
 
 impl NonBlockingStderr {
@@ -135,18 +206,25 @@ impl NonBlockingStderr {
     pub fn dropped_lines(&self) -> usize {
         self.dropped.dropped_lines()
     }
+
+    /// Whether every line handed over so far is written or dropped.
+    fn drained(&self) -> bool {
+        let handled = self.written.load(Ordering::SeqCst) + self.dropped_lines();
+        handled >= self.sent.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for NonBlockingStderr {
     fn drop(&mut self) {
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        while !self.drained() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Not dropped: the guard's drop waits again, and when the buffer is
+        // full it prints to stdout, which may be stalled too. The writer
+        // thread ends with the process.
         if let Some(guard) = self.guard.take() {
-            if self.dropped_lines() == 0 {
-                drop(guard);
-            } else {
-                // Its drop waits for a writer that is stuck, and then
-                // prints to stdout, which may be stuck too.
-                std::mem::forget(guard);
-            }
+            std::mem::forget(guard);
         }
     }
 }
@@ -184,5 +262,28 @@ where
                 .with_current_span(false)
                 .with_writer(std::io::stderr),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_non_blocking_stderr_counts_its_lines_and_drains_them() {
+        let stderr = init_non_blocking(LogFormat::Text);
+        for i in 0..3 {
+            stderr_line(&format!("a line relayed by the test ({i})"));
+        }
+        tracing::info!("a log line of the test");
+        assert_eq!(stderr.sent.load(Ordering::SeqCst), 4, "lines handed over");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stderr.drained() {
+            assert!(Instant::now() < deadline, "the lines were never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(stderr.written.load(Ordering::SeqCst), 4);
+        assert_eq!(stderr.dropped_lines(), 0);
+        assert_eq!(format_from_env(), LogFormat::Text);
     }
 }

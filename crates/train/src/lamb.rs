@@ -20,8 +20,8 @@
 //! buffer (each parameter's moments are views of it, shaped and strided as
 //! the parameter), so the packed path runs a fixed number of kernels over a
 //! group's flattened gradients, parameters and moments (flat copies of the
-//! gradients and parameters: a few times the parameters' size in
-//! temporaries), takes the trust ratio's per-parameter norms with torch's
+//! gradients and parameters, and per-element step sizes with their int32
+//! index: a few times the parameters' size in temporaries), takes the trust ratio's per-parameter norms with torch's
 //! multi-tensor `_foreach_norm` as timm does, and adds the update into the
 //! parameters with torch's multi-tensor `_foreach_add_` (timm writes back
 //! once per parameter), instead of about twenty kernels per parameter: launch
@@ -72,8 +72,9 @@ struct PackedMoments {
     exp_avg_sq: Tensor,
     /// Each parameter's element count.
     lengths: Vec<i64>,
-    /// The same on the parameters' device (int64), where each parameter's
-    /// step size is spread over its elements.
+    /// The same on the parameters' device (int32, unless the group has
+    /// 2^31 elements or more), where each parameter's step size is spread
+    /// over its elements.
     lengths_on_device: Tensor,
     /// All the parameters' elements.
     total: i64,
@@ -130,7 +131,11 @@ impl Group {
             });
             offset += n;
         }
-        let lengths_on_device = Tensor::f_from_slice(&lengths)?.f_to_device(device)?;
+        // int32 when it can be: the per-element index it spreads step sizes
+        // with (each update) is of its kind, half the bytes of int64.
+        let index_kind = if total < i64::from(i32::MAX) { Kind::Int } else { Kind::Int64 };
+        let lengths_on_device =
+            Tensor::f_from_slice(&lengths)?.f_to_kind(index_kind)?.f_to_device(device)?;
         let packed = PackedMoments { exp_avg, exp_avg_sq, lengths, lengths_on_device, total };
         Ok(Group { weight_decay, step, params: slots, packed: Some(packed) })
     }

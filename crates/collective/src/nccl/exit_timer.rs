@@ -9,7 +9,6 @@
 //! process without a timer. Should one find no timer all the same, the
 //! process ends at once.
 
-use std::io::Write;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -29,12 +28,14 @@ pub(crate) fn start() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Arms the process's exit timer with `why` (logged now, printed when the
-/// process ends); with no timer running, ends the process at once.
+/// Arms the process's exit timer with `why` (printed when the process
+/// ends), then logs it; with no timer running, ends the process at once.
+/// The timer is armed first: the log line goes to a file and to stderr,
+/// either of which may block.
 pub(crate) fn arm(why: &str) {
-    tracing::error!("{why}");
-    let timer = TIMER.lock().unwrap_or_else(|p| p.into_inner());
+    let timer = TIMER.lock().unwrap_or_else(|p| p.into_inner()).clone();
     arm_or_end(timer.as_ref(), why.to_string(), Box::new(end_process));
+    tracing::error!("{why}");
 }
 
 /// A timer thread called `name` that waits to be armed, then waits `grace`
@@ -63,13 +64,26 @@ fn arm_or_end(timer: Option<&Sender<String>>, why: String, end: End) {
     }
 }
 
-/// Ends the process with exit status 1, saying why on stderr, with `_exit`:
+/// How long the process's last words may wait for stderr to take them.
+const LAST_WORDS_WAIT_MS: libc::c_int = 100;
+
+/// Ends the process with exit status 1, saying why on stderr if it takes
+/// the line within [`LAST_WORDS_WAIT_MS`], with `_exit`:
 /// `std::process::exit` would run the atexit handlers (CUDA's and NCCL's
 /// among them), which can block for ever on the stream the aborted
-/// collective hangs on. stderr is unbuffered, so the message is out.
+/// collective hangs on. The line is written to file descriptor 2 directly:
+/// std's stderr takes a lock that a thread stuck writing to a stalled
+/// stderr holds, and nothing here may wait for ever.
 fn end_process(why: String) {
-    // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-    let _ = writeln!(std::io::stderr(), "error: {why}");
+    let line = format!("error: {why}\n");
+    let mut stderr = libc::pollfd { fd: 2, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: `stderr` is one valid pollfd for the call.
+    let ready = unsafe { libc::poll(&mut stderr, 1, LAST_WORDS_WAIT_MS) };
+    if ready == 1 && stderr.revents & libc::POLLOUT != 0 {
+        // SAFETY: the pointer and length are the line's; a failed or short
+        // write is of no consequence (the process ends either way).
+        let _ = unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    }
     // SAFETY: `_exit` has no preconditions; it ends the process.
     unsafe { libc::_exit(1) };
 }
