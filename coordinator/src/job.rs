@@ -439,13 +439,16 @@ impl MetricsSink {
         failed
     }
 
-    /// Releases the log's lock, then writes the records pushed while it was
-    /// held, unless another call holds it by then: a call that found the
-    /// lock taken left its records to the holder ([`MetricsSink::write_pending`]).
-    /// The queue is looked at after each release, so no record is left behind.
-    fn release<'a>(&'a self, mut log: MutexGuard<'a, Option<MetricsLog>>) -> usize {
+    /// Writes the waiting records with the log's lock held (`log`), then
+    /// lets go of it, and writes the records pushed meanwhile, unless
+    /// another call holds the lock by then: a call that found the lock
+    /// taken left its records to the holder ([`MetricsSink::write_pending`]).
+    /// The queue is looked at after each release, so no record is left
+    /// behind. Returns how many records could not be written.
+    fn write_then_release<'a>(&'a self, mut log: MutexGuard<'a, Option<MetricsLog>>) -> usize {
         let mut failed = 0;
         loop {
+            failed += self.drain(&mut log);
             drop(log);
             if !self.has_pending() {
                 return failed;
@@ -454,7 +457,6 @@ impl MetricsSink {
                 Some(next) => log = next,
                 None => return failed,
             }
-            failed += self.drain(&mut log);
         }
     }
 
@@ -464,13 +466,7 @@ impl MetricsSink {
     /// records this call could not write (each is logged). Never call it
     /// with the coordinator's lock held.
     pub fn write_pending(&self) -> usize {
-        match self.try_lock_log() {
-            Some(mut log) => {
-                let failed = self.drain(&mut log);
-                failed + self.release(log)
-            }
-            None => 0,
-        }
+        self.try_lock_log().map_or(0, |log| self.write_then_release(log))
     }
 
     /// Writes the waiting records, waiting first for a write in progress:
@@ -478,9 +474,7 @@ impl MetricsSink {
     /// written or reported. Returns how many records this call could not
     /// write (each is logged). Never call it with the coordinator's lock held.
     pub fn flush(&self) -> usize {
-        let mut log = self.lock_log();
-        let failed = self.drain(&mut log);
-        failed + self.release(log)
+        self.write_then_release(self.lock_log())
     }
 
     /// Holds the log's lock, as a write stalled on the disk would, until
@@ -502,7 +496,7 @@ pub(crate) struct Stall<'a> {
 impl Drop for Stall<'_> {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
-            self.sink.release(log);
+            self.sink.write_then_release(log);
         }
     }
 }
@@ -554,7 +548,7 @@ impl MetricsReceipt {
         let started = Instant::now();
         // Once this call holds the log's lock and the queue is empty, the
         // record was written (by this call, or by one that held the lock before).
-        let mut log = loop {
+        let log = loop {
             if let Some(log) = self.sink.try_lock_log() {
                 break log;
             }
@@ -568,8 +562,7 @@ impl MetricsReceipt {
             }
             std::thread::sleep(RECEIPT_POLL);
         };
-        self.sink.drain(&mut log);
-        self.sink.release(log);
+        self.sink.write_then_release(log);
         self.failure.get().cloned().map_or(Ok(()), Err)
     }
 }

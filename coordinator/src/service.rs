@@ -84,13 +84,21 @@ impl Shared {
     /// metrics records are written on the runtime's blocking pool (see
     /// `write_metrics`; `ReportMetrics` waits for its own record).
     pub fn update<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
+        let out = self.with_state(f);
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Runs `f` on the state under its lock; once the lock is released,
+    /// writes the states a restart needs (before this returns) and starts
+    /// the appends of the metrics records queued (`write_metrics`).
+    fn with_state<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
         let (out, pending, metrics) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let out = f(&mut state);
             (out, state.states_to_save(), state.metrics_to_write())
         };
         self.write_states(pending);
-        self.changed.notify_waiters();
         write_metrics(metrics);
         out
     }
@@ -158,14 +166,10 @@ impl Shared {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (outcome, pending, metrics) = {
-                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let outcome = self.with_state(|state| {
                 state.check_liveness();
-                let outcome = ready(&mut state.jobs[index]);
-                (outcome, state.states_to_save(), state.metrics_to_write())
-            };
-            self.write_states(pending);
-            write_metrics(metrics);
+                ready(&mut state.jobs[index])
+            });
             match outcome {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => {

@@ -38,13 +38,8 @@ pub fn non_finite_check_and_unscale(
     found_inf: &mut Tensor,
     inv_scale: &Tensor,
 ) -> Result<(), UnscaleError> {
-    if let Some(index) = grads.iter().position(|g| !g.defined()) {
-        return Err(UnscaleError {
-            tensors: grads.len(),
-            message: format!("gradient {index} is undefined"),
-        });
-    }
-    let pointers: Vec<*mut c_void> = grads.iter().map(|g| g.as_ptr() as *mut c_void).collect();
+    let pointers = crate::defined_tensor_pointers(grads, "gradient")
+        .map_err(|message| UnscaleError { tensors: grads.len(), message })?;
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
     // C_tensor) borrowed for the call; the shim copies each handle (the
     // storage is shared, so the in-place update reaches `grads`) and

@@ -40,22 +40,13 @@ extern "C" {
     ) -> i32;
 }
 
-/// The tensors' `at::Tensor*` pointers, for the shim; an error naming
-/// `list` and the index of the first undefined tensor, if any.
-fn pointers(tensors: &[Tensor], list: &str) -> Result<Vec<*mut c_void>, String> {
-    if let Some(index) = tensors.iter().position(|t| !t.defined()) {
-        return Err(format!("{list}tensor {index} is undefined"));
-    }
-    Ok(tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect())
-}
-
 /// The L2 norm of each of `tensors` (all of one kind, on one device), as a
 /// 1-D tensor of that kind with one element per tensor. Nothing is read
 /// back to the host.
 pub fn norms(tensors: &[Tensor]) -> Result<Tensor, ForeachError> {
     let error = |message: String| ForeachError { call: "norms", tensors: tensors.len(), message };
     let first = tensors.first().ok_or_else(|| error("no tensor given".into()))?;
-    let pointers = pointers(tensors, "").map_err(error)?;
+    let pointers = crate::defined_tensor_pointers(tensors, "tensor").map_err(error)?;
     let mut out = Tensor::f_empty([tensors.len() as i64], (first.kind(), first.device()))
         .map_err(|e| error(e.to_string()))?;
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
@@ -91,8 +82,10 @@ pub fn add_(targets: &[Tensor], sources: &[Tensor]) -> Result<(), ForeachError> 
     if sources.len() != targets.len() {
         return Err(error(format!("{} target(s) but {} source(s)", targets.len(), sources.len())));
     }
-    let target_pointers = pointers(targets, "target ").map_err(error)?;
-    let source_pointers = pointers(sources, "source ").map_err(error)?;
+    let target_pointers =
+        crate::defined_tensor_pointers(targets, "target tensor").map_err(error)?;
+    let source_pointers =
+        crate::defined_tensor_pointers(sources, "source tensor").map_err(error)?;
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
     // C_tensor) borrowed for the call (the targets are written in place,
     // as a tch in-place op writes through a shared reference); both arrays

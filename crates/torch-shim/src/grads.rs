@@ -29,7 +29,7 @@ extern "C" {
 /// Leaves each of `params` without a gradient (`.grad` is `None`), so that
 /// the next backward pass defines it afresh.
 pub fn set_to_none(params: &[Tensor]) -> Result<(), SetToNoneError> {
-    let pointers: Vec<*mut c_void> = params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
+    let pointers = crate::tensor_pointers(params);
     // SAFETY: every pointer is a live tch tensor (`at::Tensor*` behind
     // C_tensor) borrowed for the call; the shim only resets each one's
     // gradient handle and catches every C++ exception; the message buffer

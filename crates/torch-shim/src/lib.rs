@@ -30,7 +30,26 @@ pub mod sync_debug;
 
 pub use hooks::{GradReadyHooks, HookError, OnGradReady};
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
+use tch::Tensor;
+
+/// The `at::Tensor*` behind each of `tensors` (tch's C_tensor), for the
+/// shim; valid while `tensors` are.
+pub(crate) fn tensor_pointers(tensors: &[Tensor]) -> Vec<*mut c_void> {
+    tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+}
+
+/// As [`tensor_pointers`], for a call that takes only defined tensors: an
+/// error `"{what} {index} is undefined"` names the first that is not.
+pub(crate) fn defined_tensor_pointers(
+    tensors: &[Tensor],
+    what: &str,
+) -> Result<Vec<*mut c_void>, String> {
+    match tensors.iter().position(|t| !t.defined()) {
+        Some(index) => Err(format!("{what} {index} is undefined")),
+        None => Ok(tensor_pointers(tensors)),
+    }
+}
 
 /// Makes a call into the shim with a message buffer (`call` gets its
 /// pointer and length and returns the shim's status) and returns that

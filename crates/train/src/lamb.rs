@@ -76,8 +76,6 @@ struct PackedMoments {
     /// 2^31 elements or more), where each parameter's step size is spread
     /// over its elements.
     lengths_on_device: Tensor,
-    /// All the parameters' elements.
-    total: i64,
 }
 
 impl Group {
@@ -136,7 +134,7 @@ impl Group {
         let index_kind = if total < i64::from(i32::MAX) { Kind::Int } else { Kind::Int64 };
         let lengths_on_device =
             Tensor::f_from_slice(&lengths)?.f_to_kind(index_kind)?.f_to_device(device)?;
-        let packed = PackedMoments { exp_avg, exp_avg_sq, lengths, lengths_on_device, total };
+        let packed = PackedMoments { exp_avg, exp_avg_sq, lengths, lengths_on_device };
         Ok(Group { weight_decay, step, params: slots, packed: Some(packed) })
     }
 
@@ -194,7 +192,7 @@ impl Group {
             let per_element = step_sizes.f_repeat_interleave_self_tensor(
                 &packed.lengths_on_device,
                 0,
-                packed.total,
+                update.size1()?,
             )?;
             let _ = update.f_mul_(&per_element)?;
         } else {
