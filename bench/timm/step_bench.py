@@ -17,7 +17,9 @@ line
    "step_ms_median": median timed step time in ms, ...}
 
 (extra keys: channels_last, device, precision, num_classes, steps, warmup,
-step_ms_min, step_ms_max, torch, timm). Progress goes to stderr. The Rust
+step_ms_min, step_ms_max, torch, timm, the phases' medians with
+--phase-times, and with --count-ops aten_ops_per_step: the ATen operators
+of one more step by phase, as bench/compare_step_ops.py reads them). Progress goes to stderr. The Rust
 side (`worker bench step`) prints the same keys with "impl":"ours";
 bench/compare_train_step.py runs both.
 
@@ -52,10 +54,33 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed of the weights and the random batch')
     p.add_argument('--foreach', choices=['auto', 'on', 'off'], default='auto',
                    help="Lamb's multi-tensor path: auto = timm's default (on for CUDA tensors)")
+    p.add_argument('--count-ops', action='store_true',
+                   help='after the timed steps, run one more step while counting the ATen operators '
+                        'it calls (aten_ops_per_step), as `worker bench step --count-ops`')
     p.add_argument('--phase-times', action='store_true',
                    help='also time forward, backward and the optimizer apart (a device '
                         'synchronisation between them on a GPU), as `worker bench step --phase-times`')
     return p.parse_args(argv)
+
+
+def count_top_level_aten_ops(work):
+    """Runs work() and returns its result and how many times it called each
+    ATen operator outside any other aten:: operator: torch.profiler's
+    top-level CPU rows, the rule `worker bench step --count-ops` counts by
+    (rsb_torch_shim::op_count)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = work()
+    counts = {}
+    for event in prof.events():
+        if not event.name.startswith('aten::'):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith('aten::'):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return result, dict(sorted(counts.items()))
 
 
 def die(msg):
@@ -127,22 +152,34 @@ def main(argv=None):
             sync()
             marks.append(time.perf_counter())
 
-    def step(marks):
-        phase_sync(marks)
+    def forward():
         if amp_dtype is not None:
             with torch.autocast(device_type=device.type, dtype=amp_dtype):
                 out = model(x)
-                loss = loss_fn(out, target)
-        else:
-            out = model(x)
-            loss = loss_fn(out, target)
+                return loss_fn(out, target)
+        out = model(x)
+        return loss_fn(out, target)
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def step(marks):
+        phase_sync(marks)
+        loss = forward()
         phase_sync(marks)
         loss.backward()
         phase_sync(marks)
-        optimizer.step()
-        optimizer.zero_grad()
+        update()
         phase_sync(marks)
         return loss
+
+    def counted_step():
+        """One step, each phase's operators counted apart."""
+        loss, forward_ops = count_top_level_aten_ops(forward)
+        _, backward_ops = count_top_level_aten_ops(loss.backward)
+        _, update_ops = count_top_level_aten_ops(update)
+        return {'forward': forward_ops, 'backward': backward_ops, 'update': update_ops}
 
     for i in range(args.warmup):
         step([])
@@ -158,6 +195,13 @@ def main(argv=None):
             for name, (a, b) in zip(('forward', 'backward', 'optimizer'), zip(marks, marks[1:])):
                 phases[name].append((b - a) * 1e3)
         print(f"step {i} {times[-1] * 1e3:.1f} ms loss {loss.item():.4f}", file=sys.stderr)
+
+    # The same step once more, each phase's operators counted apart (no
+    # synchronisation inside the step, so that only its own operators are
+    # counted): the forward pass with the loss, the backward pass, and the
+    # update with the gradients' reset.
+    aten_ops_per_step = counted_step() if args.count_ops else None
+    sync()
 
     res = {
         'impl': 'timm',
@@ -181,6 +225,7 @@ def main(argv=None):
         'forward_ms_median': statistics.median(phases['forward']) if args.phase_times else None,
         'backward_ms_median': statistics.median(phases['backward']) if args.phase_times else None,
         'optimizer_ms_median': statistics.median(phases['optimizer']) if args.phase_times else None,
+        'aten_ops_per_step': aten_ops_per_step,
     }
     print(json.dumps(res), flush=True)
 

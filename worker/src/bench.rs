@@ -7,6 +7,7 @@ use crate::commands::parse_device;
 use anyhow::Result;
 use clap::Args;
 use rsb_recipes::schema::LambOptimizer;
+use rsb_torch_shim::op_count;
 use rsb_train::lamb::{Lamb, UpdatePath};
 use rsb_train::loss::Loss;
 use rsb_vision::{ForwardMode, Model, ModelConfig};
@@ -51,6 +52,11 @@ pub struct StepArgs {
     /// A CPU step is synchronous: its phase times are always reported.
     #[arg(long)]
     pub phase_times: bool,
+    /// After the timed steps, run one more step while counting the ATen
+    /// operators it calls (torch.profiler's top-level rows; see
+    /// `rsb_torch_shim::op_count`), reported as `aten_ops_per_step`.
+    #[arg(long)]
+    pub count_ops: bool,
     /// How LAMB walks the parameters: `auto` (packed on a GPU, per tensor on
     /// a CPU, as timm's `foreach` default), `packed` or `per-tensor`.
     #[arg(long, value_enum, default_value_t = UpdatePathArg::Auto)]
@@ -152,6 +158,30 @@ pub fn step(args: StepArgs) -> Result<()> {
             backward_times.push((before_step - before_backward).as_secs_f64());
         }
     }
+    // The same step once more, each phase's operators counted apart (no
+    // synchronisation inside the step, so that only its own operators are
+    // counted): the forward pass with the loss, the backward pass, and the
+    // update with the gradients' reset.
+    let aten_ops_per_step = if args.count_ops {
+        let (reset, mut update) = op_count::count(|| optimizer.zero_grad())?;
+        reset?;
+        let (loss, forward) = op_count::count(|| -> Result<Tensor> {
+            let logits = model.forward(&xs, ForwardMode::Train)?;
+            Ok(loss_fn.compute(&logits, &ys)?)
+        })?;
+        let loss = loss?;
+        let (backward_done, backward) = op_count::count(|| loss.f_backward())?;
+        backward_done?;
+        let (updated, step_ops) = op_count::count(|| optimizer.step_unless_nonfinite(5e-3, None))?;
+        updated?;
+        sync(&loss);
+        for (name, calls) in step_ops {
+            *update.entry(name).or_default() += calls;
+        }
+        Some(serde_json::json!({ "forward": forward, "backward": backward, "update": update }))
+    } else {
+        None
+    };
     // Phase times are null when they were not measured (a GPU without --phase-times).
     let phases_measured = device == Device::Cpu || args.phase_times;
     let median_ms = |mut v: Vec<f64>| {
@@ -186,6 +216,8 @@ pub fn step(args: StepArgs) -> Result<()> {
         },
         // Parameter groups the last update took the packed path for.
         "packed_groups": optimizer.groups_packed_last_update(),
+        // With --count-ops: calls of each ATen operator in one step, by phase.
+        "aten_ops_per_step": aten_ops_per_step,
     });
     println!("{report}");
     Ok(())

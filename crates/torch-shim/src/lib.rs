@@ -13,7 +13,9 @@
 //! * [`memory`]: the caching allocator's statistics of a GPU (peak memory
 //!   allocated and reserved, as `torch.cuda.max_memory_allocated` reports);
 //! * [`sync_debug`]: libtorch's CUDA sync debug mode, to show that a span of
-//!   work makes no synchronising CUDA call.
+//!   work makes no synchronising CUDA call;
+//! * [`op_count`]: how many times a span of work calls each ATen operator,
+//!   as torch.profiler's top-level rows count them.
 //!
 //! The shim never lets a C++ exception reach Rust: failures come back as
 //! messages.
@@ -26,6 +28,7 @@ pub mod foreach;
 pub mod grads;
 pub mod hooks;
 pub mod memory;
+pub mod op_count;
 pub mod sync_debug;
 
 pub use hooks::{GradReadyHooks, HookError, OnGradReady};

@@ -20,6 +20,9 @@
 // libtorch's CUDA sync debug mode (`torch.cuda.set_sync_debug_mode`), found at
 // run time, so that neither CUDA headers nor libc10_cuda are needed to build.
 //
+// A count of the ATen operators a span of work calls, through a thread-local
+// RecordFunction callback: the mechanism torch.profiler lists its CPU ops by.
+//
 // Exceptions never cross into Rust: errors come back as a message.
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -28,11 +31,15 @@
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/stack.h>
+#include <ATen/record_function.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
 #include <dlfcn.h>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 namespace {
@@ -238,6 +245,88 @@ extern "C" int rsb_cuda_sync_debug_probe(char* error, size_t error_len) {
   }
   return guarded(error, error_len, [&] {
     probe();
+    return 0;
+  });
+}
+
+// Operator counting. One count at a time in the process (the Rust side holds
+// a lock for it); its callback is thread-local, so it sees the thread that
+// started it and the threads libtorch hands that thread's state to (the
+// autograd engine's device threads), as torch.profiler does. An operator is
+// counted when it is called outside any other `aten::` operator: the copy
+// inside `aten::to` or the kernels a backward node calls inside another
+// operator are that operator's business, as a profiler's top-level rows.
+namespace op_counting {
+
+std::mutex counts_mutex;
+std::map<std::string, uint64_t> counts;  // guarded by counts_mutex
+at::CallbackHandle handle = 0;           // 0: not counting
+thread_local int aten_depth = 0;         // `aten::` operators running on this thread
+
+struct InAtenOperator : at::ObserverContext {};
+
+std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+  const char* name = fn.name();
+  if (name == nullptr || std::strncmp(name, "aten::", 6) != 0) {
+    return nullptr;
+  }
+  if (aten_depth++ == 0) {
+    std::lock_guard<std::mutex> lock(counts_mutex);
+    ++counts[name];
+  }
+  return std::make_unique<InAtenOperator>();
+}
+
+void on_end(const at::RecordFunction& /*fn*/, at::ObserverContext* context) {
+  if (context != nullptr) {
+    --aten_depth;
+  }
+}
+
+}  // namespace op_counting
+
+// Starts counting on the calling thread; 1 with a message when a count is
+// already running or libtorch refused the callback.
+extern "C" int rsb_op_count_start(char* error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    if (op_counting::handle != 0) {
+      copy_message("an operator count is already running", error, error_len);
+      return 1;
+    }
+    {
+      std::lock_guard<std::mutex> lock(op_counting::counts_mutex);
+      op_counting::counts.clear();
+    }
+    op_counting::handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(op_counting::on_start, op_counting::on_end)
+            .needsInputs(false)
+            .scopes({at::RecordScope::FUNCTION}));
+    return 0;
+  });
+}
+
+using CountVisitor = void (*)(void* context, const char* name, uint64_t count);
+
+// Stops the count, which must be stopped on the thread that started it (the
+// callback is that thread's), and hands each operator's name and count to
+// `visit`, in name order. 1 with a message when no count is running.
+extern "C" int rsb_op_count_stop(CountVisitor visit, void* context, char* error,
+                                 size_t error_len) {
+  return guarded(error, error_len, [&] {
+    if (op_counting::handle == 0) {
+      copy_message("no operator count is running", error, error_len);
+      return 1;
+    }
+    at::removeCallback(op_counting::handle);
+    op_counting::handle = 0;
+    std::map<std::string, uint64_t> counted;
+    {
+      std::lock_guard<std::mutex> lock(op_counting::counts_mutex);
+      counted.swap(op_counting::counts);
+    }
+    for (const auto& [name, count] : counted) {
+      visit(context, name.c_str(), count);
+    }
     return 0;
   });
 }

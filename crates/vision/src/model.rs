@@ -159,8 +159,8 @@ impl Model {
     pub fn forward(&mut self, xs: &Tensor, mode: ForwardMode) -> Result<Tensor, VisionError> {
         let train = mode == ForwardMode::Train;
         let ctx = ForwardCtx { train, compute_kind: self.compute_kind };
-        let input = xs.f_to_kind(self.compute_kind)?;
-        let logits = self.net.forward(&input, &ctx)?.f_to_kind(Kind::Float)?;
+        let input = ctx.cast(xs)?;
+        let logits = crate::layers::cast(&self.net.forward(&input, &ctx)?, Kind::Float)?;
         if train {
             self.num_batches_tracked += 1;
         }

@@ -95,9 +95,9 @@ impl Conv2d {
 
     /// Applies the convolution in the dtype of the context.
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor, tch::TchError> {
-        let weight = self.weight.f_to_kind(ctx.compute_kind)?;
+        let weight = ctx.cast(&self.weight)?;
         let bias = match &self.bias {
-            Some(b) => Some(b.f_to_kind(ctx.compute_kind)?),
+            Some(b) => Some(ctx.cast(b)?),
             None => None,
         };
         let c = &self.config;

@@ -27,7 +27,7 @@ impl Eca {
         let (n, _, _, _) = xs.size4()?;
         let pooled =
             xs.f_mean_dim([2i64, 3].as_slice(), false, None::<Kind>)?.f_view([n, 1, -1])?;
-        let weight = self.weight.f_to_kind(ctx.compute_kind)?;
+        let weight = ctx.cast(&self.weight)?;
         let pad = (self.kernel_size - 1) / 2;
         let gate = pooled
             .f_conv1d(&weight, None::<&Tensor>, [1], [pad], [1], 1)?

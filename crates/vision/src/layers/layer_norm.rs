@@ -30,8 +30,8 @@ impl LayerNorm {
 
     /// Normalises the last dimension of `xs`.
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor, tch::TchError> {
-        let w = self.weight.f_to_kind(ctx.compute_kind)?;
-        let b = self.bias.f_to_kind(ctx.compute_kind)?;
+        let w = ctx.cast(&self.weight)?;
+        let b = ctx.cast(&self.bias)?;
         xs.f_layer_norm([self.dim], Some(&w), Some(&b), self.eps, true)
     }
 }

@@ -60,9 +60,9 @@ impl Linear {
 
     /// Applies the layer in the dtype of the context.
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor, tch::TchError> {
-        let w = self.weight.f_to_kind(ctx.compute_kind)?;
+        let w = ctx.cast(&self.weight)?;
         let b = match &self.bias {
-            Some(b) => Some(b.f_to_kind(ctx.compute_kind)?),
+            Some(b) => Some(ctx.cast(b)?),
             None => None,
         };
         xs.f_linear(&w, b.as_ref())

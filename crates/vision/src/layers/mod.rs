@@ -31,7 +31,7 @@ pub use linear::{Linear, LinearInit};
 pub use mbconv::{MbBlock, MbConfig, MbKind};
 pub use squeeze_excite::{make_divisible, SqueezeExcite};
 
-use tch::Kind;
+use tch::{Kind, TchError, Tensor};
 
 /// What a forward pass is for, and in which dtype the network computes.
 #[derive(Debug, Clone, Copy)]
@@ -40,4 +40,23 @@ pub struct ForwardCtx {
     pub train: bool,
     /// Dtype of the activations (`Float`, or `BFloat16` for mixed precision).
     pub compute_kind: Kind,
+}
+
+impl ForwardCtx {
+    /// `t` in the compute dtype ([`cast`]).
+    pub fn cast(&self, t: &Tensor) -> Result<Tensor, TchError> {
+        cast(t, self.compute_kind)
+    }
+}
+
+/// `t` as `kind`: a cast where its kind differs, else `t` itself (a shallow
+/// clone, which calls no operator: `aten::to` would return `t` too, but
+/// only after a trip through libtorch's dispatcher, some microseconds of
+/// host time per weight per step in fp32).
+pub fn cast(t: &Tensor, kind: Kind) -> Result<Tensor, TchError> {
+    if t.kind() == kind {
+        Ok(t.shallow_clone())
+    } else {
+        t.f_to_kind(kind)
+    }
 }

@@ -149,8 +149,8 @@ impl Network for VisionTransformer {
         let patches = self.patch_embed.forward(xs, ctx)?;
         let (b, d, h, w) = patches.size4()?;
         let tokens = patches.f_flatten(2, 3)?.f_transpose(1, 2)?;
-        let cls = self.cls_token.f_to_kind(ctx.compute_kind)?.f_expand([b, 1, d], false)?;
-        let pos = self.pos_embed_for(h, w)?.f_to_kind(ctx.compute_kind)?;
+        let cls = ctx.cast(&self.cls_token)?.f_expand([b, 1, d], false)?;
+        let pos = ctx.cast(&self.pos_embed_for(h, w)?)?;
         let mut ys = Tensor::f_cat(&[cls, tokens], 1)?.f_add(&pos)?;
         for block in &self.blocks {
             ys = block.forward(&ys, ctx)?;
