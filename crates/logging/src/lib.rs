@@ -11,7 +11,9 @@
 //! ranks' lines and must keep answering the coordinator when whoever reads
 //! its stderr stalls) logs through [`init_non_blocking`]: its lines go
 //! through a bounded buffer to a writer thread, and lines that do not fit
-//! are dropped and counted ([`NonBlockingStderr::dropped_lines`]).
+//! are dropped and counted ([`NonBlockingStderr::dropped_lines`]). Its
+//! panics are reported the same way (Rust's own panic report waits on
+//! stderr).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -75,9 +77,10 @@ pub const BUFFERED_LINES: usize = 16 * 1024;
 /// As [`init`], but the log lines (and [`stderr_line`]'s) go to stderr
 /// through a buffer of [`BUFFERED_LINES`] lines and a writer thread, so
 /// that no thread of the process ever waits on a stderr nobody reads: lines
-/// that do not fit are dropped and counted. Keep the returned value until
-/// the process ends: dropping it gives the buffered lines a bounded time to
-/// be written.
+/// that do not fit are dropped and counted. A panic's report goes the same
+/// way, in the words of Rust's own (which would write to stderr directly).
+/// Keep the returned value until the process ends: dropping it gives the
+/// buffered lines a bounded time to be written.
 pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
     export_format(format);
     let written = Arc::new(AtomicUsize::new(0));
@@ -91,6 +94,7 @@ pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
     let sent = Arc::clone(&writer.sent);
     let _ = NON_BLOCKING_STDERR.set(writer.clone());
     install(format, writer);
+    std::panic::set_hook(Box::new(|info| stderr_line(&panic_report(info))));
     NonBlockingStderr { guard: Some(guard), dropped, sent, written }
 }
 
@@ -185,6 +189,27 @@ pub fn stderr_line(line: &str) {
     }
 }
 
+/// What Rust's default panic hook would print for `info`: the thread, the
+/// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one.
+fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>");
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("Box<dyn Any>");
+    let place = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let tail = match backtrace.status() {
+        std::backtrace::BacktraceStatus::Captured => format!("stack backtrace:\n{backtrace}"),
+        _ => "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
+            .to_string(),
+    };
+    format!("thread '{name}' panicked{place}:\n{message}\n{tail}")
+}
+
 /// How long dropping a [`NonBlockingStderr`] waits for its buffered lines.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -268,6 +293,79 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::process::{Command, Stdio};
+
+    /// Set in the copy of this test binary that
+    /// [`a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing`]
+    /// starts: that copy panics instead.
+    const PANICKING_CHILD: &str = "RSB_LOGGING_TEST_PANICKING_CHILD";
+    const PANIC_TEST: &str =
+        "tests::a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing";
+
+    /// This test binary again, running only the panic test as the child.
+    fn panicking_child() -> Command {
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"));
+        child
+            .args([PANIC_TEST, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(PANICKING_CHILD, "1")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        child
+    }
+
+    /// Waits for `child` at most `limit`; kills it after.
+    fn exited_within(child: &mut std::process::Child, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if child.try_wait().expect("wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    #[test]
+    fn a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing() {
+        if std::env::var_os(PANICKING_CHILD).is_some() {
+            let _stderr = init_non_blocking(LogFormat::Text);
+            panic!("the child panics as asked ({})", 6 * 7);
+        }
+        // Read: the report is Rust's, written by the writer thread.
+        let read = panicking_child().stderr(Stdio::piped()).output().expect("the child");
+        let stderr = String::from_utf8_lossy(&read.stderr);
+        assert_eq!(read.status.code(), Some(101), "the child's test failed: {stderr}");
+        assert!(
+            stderr
+                .contains(&format!("thread '{PANIC_TEST}' panicked at crates/logging/src/lib.rs:"))
+                && stderr.contains(
+                    ":\nthe child panics as asked (42)\nnote: run with `RUST_BACKTRACE=1`"
+                ),
+            "{stderr}"
+        );
+        // Never read, and full before the child starts: Rust's own report
+        // would wait on it for ever.
+        let (_unread, written) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+        fcntl(&written, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).expect("non-blocking");
+        loop {
+            match nix::unistd::write(&written, &[b'.'; 512]) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("filling the pipe: {e}"),
+            }
+        }
+        fcntl(&written, FcntlArg::F_SETFL(OFlag::empty())).expect("blocking again");
+        let mut stalled =
+            panicking_child().stderr(Stdio::from(written)).spawn().expect("the child");
+        assert!(
+            exited_within(&mut stalled, Duration::from_secs(30)),
+            "the child waited on its full stderr for 30 s after its panic"
+        );
+    }
 
     #[test]
     fn the_non_blocking_stderr_counts_its_lines_and_drains_them() {
