@@ -5,9 +5,10 @@ On a GPU every operator that computes is at least one kernel launch and
 some microseconds of host time, and an operator that reads a value on the
 host (`item`) waits for the device. So the operators a step calls show,
 on a CPU and without a GPU, where one implementation of the same step does
-work the other does not. Both sides count by one rule, torch.profiler's
-top-level rows: an operator is counted when it is called outside any other
-`aten::` operator (ours: rsb_torch_shim::op_count; timm: torch.profiler).
+work the other does not. Both sides count by one rule: an operator is
+counted when it is called outside any other `aten::` operator (ours: rsb_torch_shim::op_count; timm: torch.profiler's
+events, looking through parents that are not `aten::` operators, such as
+`Optimizer.step#Lamb.step`).
 
 Runs, in one invocation:
 

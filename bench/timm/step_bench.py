@@ -65,9 +65,12 @@ def parse_args(argv=None):
 
 def count_top_level_aten_ops(work):
     """Runs work() and returns its result and how many times it called each
-    ATen operator outside any other aten:: operator: torch.profiler's
-    top-level CPU rows, the rule `worker bench step --count-ops` counts by
-    (rsb_torch_shim::op_count)."""
+    ATen operator outside any other aten:: operator (parents that are not
+    aten:: operators, such as `Optimizer.step#Lamb.step` or the autograd
+    engine's `evaluate_function` scopes, are looked through), the rule
+    `worker bench step --count-ops` counts by (rsb_torch_shim::op_count,
+    which follows the calls themselves where torch.profiler links events
+    by their times on each thread)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = work()

@@ -660,6 +660,12 @@ impl Job {
         Some(PendingSave { file, version: self.saved_version, saved })
     }
 
+    /// How many states [`Job::state_to_save`] has handed out.
+    #[cfg(test)]
+    pub(crate) fn saves_handed_out(&self) -> u64 {
+        self.saved_version
+    }
+
     /// The state of `version` could not be written: the next call of
     /// [`Job::state_to_save`] hands it out again, unless a newer one was
     /// handed out meanwhile (its writer has it).

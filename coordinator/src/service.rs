@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -111,6 +112,21 @@ impl Shared {
         if pending.is_empty() {
             return;
         }
+        // Each save writes and syncs a file, which a slow disk holds up: the
+        // call that made the change waits for it (its answer must not come
+        // before its state is on disk), but on a worker of the runtime it
+        // first hands that worker's other tasks to another thread, so that
+        // no other call waits behind the disk.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.write_states_now(pending))
+            }
+            _ => self.write_states_now(pending),
+        }
+    }
+
+    /// [`Shared::write_states`] on this thread.
+    fn write_states_now(&self, pending: Vec<(usize, PendingSave)>) {
         let mut failed = Vec::new();
         {
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
@@ -746,6 +762,42 @@ mod tests {
         shared.write_states(again);
         assert_eq!(
             SavedJob::read(&blocked).unwrap(),
+            SavedJob::of(&shared.state.lock().unwrap().jobs[0])
+        );
+    }
+
+    #[test]
+    fn a_state_save_stalled_on_the_disk_holds_up_no_other_task_of_the_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        // One worker: a task that kept it while it waited for the disk
+        // would hold up every other task.
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        // A save in progress elsewhere: the next one waits for it.
+        let stalled_disk = shared.written.lock().unwrap();
+        let joining = {
+            let shared = shared.clone();
+            runtime.spawn(async move { shared.update(|state| join(state, "a")) })
+        };
+        // Its state is taken, so it is at, or on its way to, the save.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shared.state.lock().unwrap().jobs[0].saves_handed_out() == 0 {
+            assert!(Instant::now() < deadline, "the join never took its state to save");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (ran, another_task) = std::sync::mpsc::channel();
+        runtime.spawn(async move { ran.send(()) });
+        assert!(
+            another_task.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "another task of the runtime waited for the stalled save"
+        );
+        assert!(!joining.is_finished(), "the join returned before its state was on disk");
+        // The disk is back: the state is written, then the join returns.
+        drop(stalled_disk);
+        runtime.block_on(joining).unwrap();
+        assert_eq!(
+            SavedJob::read(tmp.path()).unwrap(),
             SavedJob::of(&shared.state.lock().unwrap().jobs[0])
         );
     }

@@ -9,6 +9,10 @@
 //! * the forward pass calls no operator more often than timm's does (a
 //!   cast of a weight that already has the compute dtype is no call);
 //! * no phase of our step reads a value on the host.
+//!
+//! The update is not held to timm's calls: timm's multi-tensor update is
+//! fewer calls of more kernels each (`bench/compare_step_ops.py` reports
+//! both).
 
 use rsb_integration_tests::{binary, python, workspace_root};
 use serde_json::Value;
@@ -58,25 +62,22 @@ fn check(extra: &[&str]) {
     }
 
     for phase in ["forward", "backward", "update"] {
-        let ours = counts(phases, phase, "ours");
-        let reads: Vec<_> = ours
-            .iter()
-            .filter(|(op, _)| {
-                ["aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero"]
-                    .contains(&op.as_str())
-            })
-            .collect();
-        assert!(reads.is_empty(), "{extra:?}: our {phase} reads on the host: {reads:?}");
-        assert!(!ours.is_empty(), "{extra:?}: nothing counted in our {phase}");
+        assert!(
+            !counts(phases, phase, "ours").is_empty(),
+            "{extra:?}: nothing counted in our {phase}"
+        );
     }
+    // The script's own list of the operators that read on the host.
+    let reads = &report["totals"]["ours"]["host_reads"];
+    assert_eq!(reads.as_u64(), Some(0), "{extra:?}: our step reads on the host: {phases}");
 }
 
 #[test]
-fn a_step_in_the_gpu_configuration_calls_no_operator_that_timms_does_not_need() {
+fn in_the_gpu_configuration_the_backward_pass_matches_timms_and_the_forward_calls_no_more() {
     check(&[]);
 }
 
 #[test]
-fn a_step_in_the_cpu_configuration_calls_no_operator_that_timms_does_not_need() {
+fn in_the_cpu_configuration_the_backward_pass_matches_timms_and_the_forward_calls_no_more() {
     check(&["--contiguous", "--update-path", "per-tensor"]);
 }

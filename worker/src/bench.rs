@@ -53,7 +53,7 @@ pub struct StepArgs {
     #[arg(long)]
     pub phase_times: bool,
     /// After the timed steps, run one more step while counting the ATen
-    /// operators it calls (torch.profiler's top-level rows; see
+    /// operators it calls outside other operators (see
     /// `rsb_torch_shim::op_count`), reported as `aten_ops_per_step`.
     #[arg(long)]
     pub count_ops: bool,

@@ -141,6 +141,10 @@ fn main() {
             None
         }
     };
+    // libtorch's warnings on this thread (start-up, the training loop) go
+    // to the log as the process's own lines: JSON when the log is JSON, in a
+    // rank's log file, never waiting on an agent's stderr.
+    rsb_torch_shim::warnings::route_this_threads_warnings(log_libtorch_warning);
     let outcome = run(cli);
     if let Some(dropped) = agent_stderr.as_ref().map(|s| s.dropped_lines()).filter(|&n| n > 0) {
         rsb_logging::stderr_line(&format!(
@@ -154,6 +158,18 @@ fn main() {
         drop(agent_stderr);
         std::process::exit(1);
     }
+}
+
+/// A warning of libtorch's, as a log line of this process.
+fn log_libtorch_warning(warning: &rsb_torch_shim::warnings::LibtorchWarning<'_>) {
+    tracing::warn!(
+        target: "libtorch",
+        file = warning.file,
+        line = warning.line,
+        deprecation = warning.deprecation,
+        "{}",
+        warning.message
+    );
 }
 
 /// Ends a rank process once it has told the coordinator how it ended (its

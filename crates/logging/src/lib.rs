@@ -78,7 +78,8 @@ pub const BUFFERED_LINES: usize = 16 * 1024;
 /// through a buffer of [`BUFFERED_LINES`] lines and a writer thread, so
 /// that no thread of the process ever waits on a stderr nobody reads: lines
 /// that do not fit are dropped and counted. A panic's report goes the same
-/// way, in the words of Rust's own (which would write to stderr directly).
+/// way, in the words of Rust's own (which would write to stderr directly):
+/// the panic hook installed here replaces any installed before.
 /// Keep the returned value until the process ends: dropping it gives the
 /// buffered lines a bounded time to be written.
 pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
@@ -190,7 +191,8 @@ pub fn stderr_line(line: &str) {
 }
 
 /// What Rust's default panic hook would print for `info`: the thread, the
-/// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one.
+/// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one
+/// (set, and not `0`, as the default hook reads it).
 fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> String {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("<unnamed>");
@@ -201,11 +203,11 @@ fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> String {
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("Box<dyn Any>");
     let place = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-    let backtrace = std::backtrace::Backtrace::capture();
-    let tail = match backtrace.status() {
-        std::backtrace::BacktraceStatus::Captured => format!("stack backtrace:\n{backtrace}"),
-        _ => "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
-            .to_string(),
+    let wanted = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    let tail = if wanted {
+        format!("stack backtrace:\n{}", std::backtrace::Backtrace::force_capture())
+    } else {
+        "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace".to_string()
     };
     format!("thread '{name}' panicked{place}:\n{message}\n{tail}")
 }
@@ -303,13 +305,16 @@ mod tests {
     const PANIC_TEST: &str =
         "tests::a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing";
 
-    /// This test binary again, running only the panic test as the child.
-    fn panicking_child() -> Command {
+    /// This test binary again, running only the panic test as the child;
+    /// `stderr_read`: whether the child may wait for its report to be
+    /// written before it ends.
+    fn panicking_child(stderr_read: bool) -> Command {
         let mut child = Command::new(std::env::current_exe().expect("the test binary"));
         child
             .args([PANIC_TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env(PANICKING_CHILD, "1")
+            .env(PANICKING_CHILD, if stderr_read { "read" } else { "stalled" })
             .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         child
@@ -331,12 +336,21 @@ mod tests {
 
     #[test]
     fn a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing() {
-        if std::env::var_os(PANICKING_CHILD).is_some() {
-            let _stderr = init_non_blocking(LogFormat::Text);
-            panic!("the child panics as asked ({})", 6 * 7);
+        if let Some(role) = std::env::var_os(PANICKING_CHILD) {
+            let stderr = init_non_blocking(LogFormat::Text);
+            let panicked =
+                std::panic::catch_unwind(|| panic!("the child panics as asked ({})", 6 * 7))
+                    .expect_err("the child panicked");
+            // Read: the report gets all the time a loaded machine may need
+            // (the exit's own wait is 1 s).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while role == "read" && !stderr.drained() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::panic::resume_unwind(panicked);
         }
         // Read: the report is Rust's, written by the writer thread.
-        let read = panicking_child().stderr(Stdio::piped()).output().expect("the child");
+        let read = panicking_child(true).stderr(Stdio::piped()).output().expect("the child");
         let stderr = String::from_utf8_lossy(&read.stderr);
         assert_eq!(read.status.code(), Some(101), "the child's test failed: {stderr}");
         assert!(
@@ -360,7 +374,7 @@ mod tests {
         }
         fcntl(&written, FcntlArg::F_SETFL(OFlag::empty())).expect("blocking again");
         let mut stalled =
-            panicking_child().stderr(Stdio::from(written)).spawn().expect("the child");
+            panicking_child(false).stderr(Stdio::from(written)).spawn().expect("the child");
         assert!(
             exited_within(&mut stalled, Duration::from_secs(30)),
             "the child waited on its full stderr for 30 s after its panic"

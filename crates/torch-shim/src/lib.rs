@@ -15,7 +15,9 @@
 //! * [`sync_debug`]: libtorch's CUDA sync debug mode, to show that a span of
 //!   work makes no synchronising CUDA call;
 //! * [`op_count`]: how many times a span of work calls each ATen operator,
-//!   as torch.profiler's top-level rows count them.
+//!   called outside any other ATen operator;
+//! * [`warnings`]: libtorch's own warnings handed to the process's logging
+//!   instead of printed to stderr.
 //!
 //! The shim never lets a C++ exception reach Rust: failures come back as
 //! messages.
@@ -30,6 +32,7 @@ pub mod hooks;
 pub mod memory;
 pub mod op_count;
 pub mod sync_debug;
+pub mod warnings;
 
 pub use hooks::{GradReadyHooks, HookError, OnGradReady};
 

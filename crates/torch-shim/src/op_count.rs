@@ -1,7 +1,9 @@
-//! How many times a span of work calls each ATen operator, as the top-level
-//! CPU rows of torch.profiler list them: an operator is counted when it is
-//! called outside any other `aten::` operator, so the copy inside `aten::to`
-//! or the kernels inside `aten::conv2d` are not counted again. On a GPU each
+//! How many times a span of work calls each ATen operator, seen through
+//! libtorch's RecordFunction callbacks (what torch.profiler records): an
+//! operator is counted when it is called outside any other `aten::`
+//! operator, so the copy inside `aten::to` or the kernels inside
+//! `aten::conv2d` are not counted again (scopes that are not operators,
+//! such as the autograd engine's, do not count as outside). On a GPU each
 //! counted operator that computes is at least one kernel launch, so two
 //! implementations of one training step can be compared for wasted work on
 //! a CPU (`bench/compare_step_ops.py`).
@@ -9,7 +11,8 @@
 //! The count sees the calling thread, and the threads libtorch hands that
 //! thread's state to (the autograd engine's device threads), as the
 //! profiler does; work on other threads is not counted. One count runs at a
-//! time in the process; others wait for it.
+//! time in the process: a count on another thread waits for it, and a
+//! count started inside a running one on the same thread is an error.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr};
@@ -38,6 +41,12 @@ extern "C" {
 /// Held while a count runs: the shim keeps one count at a time.
 static COUNTING: Mutex<()> = Mutex::new(());
 
+thread_local! {
+    /// Whether this thread holds [`COUNTING`] (a count inside a count would
+    /// wait for itself).
+    static COUNTING_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `work` on this thread while counting the operators it calls.
 pub fn count<T>(work: impl FnOnce() -> T) -> Result<(T, OpCounts), OpCountError> {
     let running = Running::start()?;
@@ -55,6 +64,9 @@ struct Running {
 
 impl Running {
     fn start() -> Result<Running, OpCountError> {
+        if COUNTING_HERE.get() {
+            return Err(OpCountError("a count is already running on this thread".into()));
+        }
         // A count that panicked stopped itself on the way out (Drop): the
         // shim's state is sound, whatever the poison says.
         let lock = COUNTING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -66,6 +78,7 @@ impl Running {
         if status != 0 {
             return Err(OpCountError(message));
         }
+        COUNTING_HERE.set(true);
         Ok(Running { stopped: false, _one_at_a_time: lock })
     }
 
@@ -80,6 +93,7 @@ impl Drop for Running {
         if !self.stopped {
             let _ = stop_counting();
         }
+        COUNTING_HERE.set(false);
     }
 }
 
@@ -167,5 +181,15 @@ mod tests {
         let (_, counts) = count(|| x.cos()).unwrap();
         assert_eq!(counts.get("aten::cos"), Some(&1), "{counts:?}");
         assert_eq!(counts.get("aten::exp"), None, "{counts:?}");
+    }
+
+    #[test]
+    fn a_count_inside_a_count_on_one_thread_is_refused() {
+        let x = Tensor::from_slice(&[1.0f32]);
+        let (inner, outer) = count(|| count(|| x.tan()).map(|_| ())).unwrap();
+        let refused = inner.unwrap_err();
+        assert!(refused.to_string().contains("already running on this thread"), "{refused}");
+        assert_eq!(outer.get("aten::tan"), None, "{outer:?}");
+        assert!(count(|| x.tan()).is_ok(), "the outer count did not end");
     }
 }

@@ -23,6 +23,9 @@
 // A count of the ATen operators a span of work calls, through a thread-local
 // RecordFunction callback: the mechanism torch.profiler lists its CPU ops by.
 //
+// libtorch's warnings (TORCH_WARN) handed to a Rust function instead of
+// printed to stderr by libtorch's default handler.
+//
 // Exceptions never cross into Rust: errors come back as a message.
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -33,6 +36,7 @@
 #include <ATen/ops/stack.h>
 #include <ATen/record_function.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <c10/util/Exception.h>
 
 #include <cstring>
 #include <dlfcn.h>
@@ -40,6 +44,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace {
@@ -255,7 +260,8 @@ extern "C" int rsb_cuda_sync_debug_probe(char* error, size_t error_len) {
 // autograd engine's device threads), as torch.profiler does. An operator is
 // counted when it is called outside any other `aten::` operator: the copy
 // inside `aten::to` or the kernels a backward node calls inside another
-// operator are that operator's business, as a profiler's top-level rows.
+// operator are that operator's business.
+namespace {
 namespace op_counting {
 
 std::mutex counts_mutex;
@@ -284,6 +290,7 @@ void on_end(const at::RecordFunction& /*fn*/, at::ObserverContext* context) {
 }
 
 }  // namespace op_counting
+}  // namespace
 
 // Starts counting on the calling thread; 1 with a message when a count is
 // already running or libtorch refused the callback.
@@ -329,4 +336,43 @@ extern "C" int rsb_op_count_stop(CountVisitor visit, void* context, char* error,
     }
     return 0;
   });
+}
+
+// Warnings. libtorch keeps its warning handler per thread (the handler
+// `c10::WarningUtils::set_warning_handler` sets is the calling thread's), so
+// each thread that should hand its warnings over installs this one.
+using WarningSink = void (*)(const char* message, const char* file, uint32_t line,
+                             int deprecation);
+
+namespace {
+
+struct WarningToSink : public c10::WarningHandler {
+  WarningSink sink = nullptr;
+  void process(const c10::Warning& warning) override {
+    if (sink == nullptr) {
+      c10::WarningHandler::process(warning);
+      return;
+    }
+    const auto& where = warning.source_location();
+    int deprecation = std::holds_alternative<c10::DeprecationWarning>(warning.type()) ? 1 : 0;
+    sink(warning.msg().c_str(), where.file == nullptr ? "" : where.file, where.line, deprecation);
+  }
+};
+
+}  // namespace
+
+// Hands the calling thread's libtorch warnings to `sink` from now on (the
+// message and file live for the call only). The handler is never freed:
+// libtorch may still warn while the thread's other thread-locals are torn
+// down.
+extern "C" void rsb_route_thread_warnings(WarningSink sink) {
+  thread_local WarningToSink* handler = new WarningToSink();
+  handler->sink = sink;
+  c10::WarningUtils::set_warning_handler(handler);
+}
+
+// Issues one libtorch warning with `message` on the calling thread, as
+// libtorch's own code does (TORCH_WARN): for tests of the routing.
+extern "C" void rsb_warn(const char* message) {
+  TORCH_WARN(message);
 }

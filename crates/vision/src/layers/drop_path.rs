@@ -18,7 +18,8 @@ pub fn drop_path(xs: &Tensor, rate: f64, train: bool) -> Result<Tensor, tch::Tch
     let mut mask_shape = vec![batch];
     mask_shape.extend(std::iter::repeat_n(1, xs.dim() - 1));
     let mut mask = Tensor::f_empty(mask_shape.as_slice(), (Kind::Float, xs.device()))?;
-    let mask = mask.f_bernoulli_float_(keep)?.f_div_scalar(keep)?.f_to_kind(xs.kind())?;
+    let mask = mask.f_bernoulli_float_(keep)?.f_div_scalar(keep)?;
+    let mask = super::cast(&mask, xs.f_kind()?)?;
     xs.f_mul(&mask)
 }
 

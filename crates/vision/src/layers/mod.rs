@@ -54,7 +54,7 @@ impl ForwardCtx {
 /// only after a trip through libtorch's dispatcher, some microseconds of
 /// host time per weight per step in fp32).
 pub fn cast(t: &Tensor, kind: Kind) -> Result<Tensor, TchError> {
-    if t.kind() == kind {
+    if t.f_kind()? == kind {
         Ok(t.shallow_clone())
     } else {
         t.f_to_kind(kind)
