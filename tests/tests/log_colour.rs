@@ -3,9 +3,31 @@
 //! lines carry no ANSI escape codes. `worker train` on the tiny recipe,
 //! stopped after one update, logs its `training` line at info. With
 //! `--log-format json` (or `RSB_LOG_FORMAT=json`) every stderr line is one
-//! JSON object with a level and a message.
+//! JSON object with a level and a message: a failing process's last error
+//! too, and in a job, the lines of the coordinator, of its agent and of the
+//! rank the agent relays.
 
-use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::processes::wait_with_timeout;
+use rsb_integration_tests::{binary, fashion_subset, tiny_recipe, workspace_root};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Each non-empty line of `log` as JSON, with a level and a message.
+fn json_lines(log: &str, what: &str) -> Vec<serde_json::Value> {
+    let values: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{what}: not a JSON line: {e}: {line}\n{log}"));
+            assert!(value["level"].is_string(), "{what}: no level in {line}");
+            assert!(value["fields"]["message"].is_string(), "{what}: no message in {line}");
+            value
+        })
+        .collect();
+    assert!(!values.is_empty(), "{what}: nothing logged");
+    values
+}
 
 /// `worker train` of one update on the tiny recipe; its output.
 fn train_one_update(format: Option<(&str, &str)>) -> std::process::Output {
@@ -53,6 +75,60 @@ fn json_logs_are_one_object_per_line_by_flag_or_environment() {
     let out = train_one_update(None);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.lines().any(|l| l.contains("INFO") && !l.starts_with('{')), "{log}");
+}
+
+#[test]
+fn a_failing_process_says_why_in_a_json_line_when_its_log_is_json() {
+    let missing = workspace_root().join("recipes/no-such-recipe.yaml");
+    let out = Command::new(binary("worker"))
+        .args(["--log-format", "json", "train", "--recipe"])
+        .arg(&missing)
+        .args(["--out", "/nonexistent/run", "--device", "cpu"])
+        .env_remove("RSB_LOG_FORMAT")
+        .output()
+        .expect("running worker train");
+    assert_eq!(out.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines = json_lines(&log, "worker train of a missing recipe");
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{log}");
+    let message = last["fields"]["message"].as_str().unwrap();
+    assert!(message.contains("no-such-recipe.yaml"), "{log}");
+}
+
+#[test]
+fn a_json_job_logs_one_object_per_line_from_its_coordinator_agent_and_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 2, 1);
+    let _ = binary("worker"); // built before the coordinator starts it
+    let child = Command::new(binary("coordinator"))
+        .args(["--log-format", "json", "up", "--local", "--nodes", "1", "--recipe"])
+        .arg(tiny_recipe())
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .args(["--set", &format!("data.root={}", data.display())])
+        .args(["--set", "model.num_classes=10", "--set", "runtime.log_every_steps=1"])
+        .env_remove("RSB_LOG_FORMAT")
+        .env("RUST_LOG", "info")
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    let out = wait_with_timeout(child, Duration::from_secs(300), "coordinator up --local");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the job failed:\n{log}");
+    let lines = json_lines(&log, "coordinator up --local");
+    let targets: Vec<&str> = lines.iter().filter_map(|l| l["target"].as_str()).collect();
+    for (whose, prefix) in
+        [("coordinator", "rsb_coordinator"), ("agent", "worker::join"), ("rank", "rsb_train")]
+    {
+        assert!(
+            targets.iter().any(|t| t.starts_with(prefix)),
+            "no line of the {whose} (target {prefix}*) among {targets:?}"
+        );
+    }
 }
 
 #[test]

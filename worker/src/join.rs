@@ -47,7 +47,7 @@ use rsb_proto::v1::coordinator_client::CoordinatorClient;
 use rsb_recipes::CollectiveBackend;
 use rsb_train::stop::StopRequest;
 use rsb_train::trainer::{CommittedCheckpoint, Distributed, RunOptions, Trainer};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -643,7 +643,7 @@ impl StderrRelay {
                     // the rank's pipe, or the rank blocks on its next log
                     // line, and the agent's threads must keep answering.
                     rsb_logging::stderr_line(&line);
-                    if let Some(error) = error_line(&line) {
+                    if let Some(error) = rsb_logging::error_reported_by(&line) {
                         *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                     }
                 }
@@ -676,17 +676,6 @@ fn relay_stdout(stdout: Option<tokio::process::ChildStdout>) {
     }
 }
 
-/// The error a stderr line reports, if it reports one: `error: WHAT` (how
-/// `worker` prints the failure it exits with) or a tracing line at `ERROR`.
-fn error_line(line: &str) -> Option<String> {
-    let line = line.trim();
-    if let Some(what) = line.strip_prefix("error: ") {
-        return Some(what.to_string());
-    }
-    let (_, after) = line.split_once(" ERROR ")?;
-    Some(after.trim().to_string())
-}
-
 /// The credentials `worker join` hands its rank processes through the environment.
 fn rank_credentials(member: &str) -> Result<(Secret, Credentials)> {
     let missing =
@@ -710,37 +699,34 @@ fn truncated(message: String, max: usize) -> String {
     message[..end].to_string()
 }
 
-/// Makes a panic in this process say itself in one `error: ` line on stderr
-/// (thread, place, message), before the default report, so that the agent
-/// relays it as the rank's last error: the coordinator's failure then says
-/// why the rank died instead of only `exited with exit status: 101`. A panic
-/// that is caught and handled (a loader job's, turned into an error) prints
-/// the line too; a rank that then fails prints its own `error:` line last,
-/// which is the one relayed.
+/// Makes a panic in this process say itself in one error line on stderr
+/// ([`rsb_logging::error_line`]: thread, place, message), before the
+/// default report (left out of a JSON log, which it would break), so that
+/// the agent relays it as the rank's last error: the coordinator's failure
+/// then says why the rank died instead of only `exited with exit status:
+/// 101`. A panic that is caught and handled (a loader job's, turned into an
+/// error) prints the line too; a rank that then fails prints its own error
+/// line last, which is the one relayed.
 fn report_panics_in_one_line() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let place = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("(no message)");
-        let line = panic_line(
+        let summary = panic_summary(
             std::thread::current().name().unwrap_or("unnamed"),
             place.as_deref(),
-            message,
+            rsb_logging::panic_message(info),
         );
-        let _ = writeln!(std::io::stderr(), "{line}");
-        default(info);
+        let _ = writeln!(std::io::stderr(), "{}", rsb_logging::error_line(&summary));
+        if rsb_logging::format_from_env() == rsb_logging::LogFormat::Text {
+            default(info);
+        }
     }));
 }
 
-/// The one line [`report_panics_in_one_line`] prints.
-fn panic_line(thread: &str, place: Option<&str>, message: &str) -> String {
+/// What the line [`report_panics_in_one_line`] prints says.
+fn panic_summary(thread: &str, place: Option<&str>, message: &str) -> String {
     let place = place.map(|p| format!(" at {p}")).unwrap_or_default();
-    format!("error: thread '{thread}' panicked{place}: {}", message.replace('\n', " "))
+    format!("thread '{thread}' panicked{place}: {}", message.replace('\n', " "))
 }
 
 /// `worker rank`.
@@ -796,7 +782,9 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
         if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing to checkpoint yet (joining, rendezvous, building).
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-            let _ = writeln!(std::io::stderr(), "error: stopped by {signal} before training began");
+            let line =
+                rsb_logging::error_line(&format!("stopped by {signal} before training began"));
+            let _ = writeln!(std::io::stderr(), "{line}");
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
         stop.request(signal.to_string());
@@ -805,11 +793,11 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
              within {RANK_STOP_DEADLINE:?} in any case"
         );
         tokio::time::sleep(RANK_STOP_DEADLINE).await;
-        let _ = writeln!(
-            std::io::stderr(),
-            "error: stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
+        let line = rsb_logging::error_line(&format!(
+            "stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
              (a peer gone, or a slow checkpoint write); exiting without it"
-        );
+        ));
+        let _ = writeln!(std::io::stderr(), "{line}");
         rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
     });
     Ok(())
@@ -1054,11 +1042,9 @@ impl RankLog {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let subscriber = tracing_subscriber::registry()
             .with(filter)
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal()),
-            )
+            // On stderr in the process's log format (a JSON log stays JSON
+            // through the agent's relay); the file is for people: text.
+            .with(rsb_logging::stderr_layer(rsb_logging::format_from_env()))
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::sync::Mutex::new(file))
@@ -1159,21 +1145,13 @@ mod tests {
 
     #[test]
     fn a_panic_is_one_error_line_the_agent_relays() {
-        let line = panic_line("main", Some("worker/src/join.rs:7"), "first\nsecond");
-        assert_eq!(line, "error: thread 'main' panicked at worker/src/join.rs:7: first second");
+        let summary = panic_summary("main", Some("worker/src/join.rs:7"), "first\nsecond");
+        assert_eq!(summary, "thread 'main' panicked at worker/src/join.rs:7: first second");
         assert_eq!(
-            error_line(&line).as_deref(),
-            Some("thread 'main' panicked at worker/src/join.rs:7: first second")
+            rsb_logging::error_reported_by(&format!("error: {summary}")).as_deref(),
+            Some(summary.as_str())
         );
-        assert_eq!(panic_line("loader-0", None, "boom"), "error: thread 'loader-0' panicked: boom");
-    }
-
-    #[test]
-    fn error_lines_are_recognised() {
-        assert_eq!(error_line("error: rank 1: boom").as_deref(), Some("rank 1: boom"));
-        let traced = "2026-01-01T00:00:00.000Z ERROR rsb_collective::nccl: rank 0: aborted";
-        assert_eq!(error_line(traced).as_deref(), Some("rsb_collective::nccl: rank 0: aborted"));
-        assert_eq!(error_line("2026-01-01T00:00:00.000Z  INFO training"), None);
+        assert_eq!(panic_summary("loader-0", None, "boom"), "thread 'loader-0' panicked: boom");
     }
 
     #[test]

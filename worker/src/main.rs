@@ -154,7 +154,7 @@ fn main() {
         ));
     }
     if let Err(e) = outcome {
-        rsb_logging::stderr_line(&format!("error: {e:#}"));
+        rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
         drop(agent_stderr);
         std::process::exit(1);
     }
@@ -183,7 +183,7 @@ fn end_rank(outcome: Result<()>) -> ! {
         Ok(()) => 0,
         Err(e) => {
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "{}", rsb_logging::error_line(&format!("{e:#}")));
             1
         }
     };

@@ -5,7 +5,11 @@
 //!
 //! The format is also read from the environment variable [`FORMAT_ENV`], and
 //! [`init`] exports the chosen one there, so the processes a coordinator or
-//! an agent starts (workers, ranks) log the same way.
+//! an agent starts (workers, ranks) log the same way. The lines a process
+//! writes that are not events (its last error, a panic's report) are
+//! written in the format too ([`error_line`]), so a JSON log stays one
+//! object per line, and [`error_reported_by`] reads the error a line
+//! reports in either format (an agent relays its ranks' last errors).
 //!
 //! A process that must never stop on its stderr (an agent, which relays its
 //! ranks' lines and must keep answering the coordinator when whoever reads
@@ -95,7 +99,13 @@ pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
     let sent = Arc::clone(&writer.sent);
     let _ = NON_BLOCKING_STDERR.set(writer.clone());
     install(format, writer);
-    std::panic::set_hook(Box::new(|info| stderr_line(&panic_report(info))));
+    std::panic::set_hook(Box::new(|info| {
+        let report = panic_report(info);
+        match format_from_env() {
+            LogFormat::Text => stderr_line(&report),
+            LogFormat::Json => stderr_line(&error_line(&report)),
+        }
+    }));
     NonBlockingStderr { guard: Some(guard), dropped, sent, written }
 }
 
@@ -190,22 +200,104 @@ pub fn stderr_line(line: &str) {
     }
 }
 
+/// The message of a panic (its payload, when it is a string).
+pub fn panic_message<'a>(info: &'a std::panic::PanicHookInfo<'_>) -> &'a str {
+    let payload = info.payload();
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("Box<dyn Any>")
+}
+
+/// A line of a JSON log: the fields of tracing-subscriber's JSON events that
+/// [`error_line`] writes and [`error_reported_by`] reads (others ignored).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JsonLogLine {
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: String,
+    /// The event's fields.
+    pub fields: JsonLogFields,
+    /// Where it came from (a module path).
+    pub target: String,
+}
+
+/// The fields of a [`JsonLogLine`].
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JsonLogFields {
+    /// The event's message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// The target of the lines [`error_line`] writes.
+pub const ERROR_LINE_TARGET: &str = "error";
+
+/// The line that says a process failed, or that a thread panicked, in the
+/// format of [`FORMAT_ENV`]: `error: {message}` as text; as JSON, one event
+/// at `ERROR` whose target is [`ERROR_LINE_TARGET`], with the message whole
+/// (its line breaks escaped).
+pub fn error_line(message: &str) -> String {
+    error_line_in(format_from_env(), message)
+}
+
+/// [`error_line`] in `format`.
+fn error_line_in(format: LogFormat, message: &str) -> String {
+    match format {
+        LogFormat::Text => format!("error: {message}"),
+        LogFormat::Json => {
+            use tracing_subscriber::fmt::time::FormatTime;
+            let mut timestamp = String::new();
+            let _ = tracing_subscriber::fmt::time::SystemTime
+                .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp));
+            let line = JsonLogLine {
+                timestamp,
+                level: "ERROR".into(),
+                fields: JsonLogFields { message: message.to_string() },
+                target: ERROR_LINE_TARGET.into(),
+            };
+            serde_json::to_string(&line).unwrap_or_else(|_| format!("error: {message}"))
+        }
+    }
+}
+
+/// The error a line of a process's stderr reports, if it reports one, in
+/// either format: an [`error_line`] (its message), or an event at `ERROR`
+/// (`{target}: {message}`).
+pub fn error_reported_by(line: &str) -> Option<String> {
+    let line = line.trim();
+    if line.starts_with('{') {
+        let event: JsonLogLine = serde_json::from_str(line).ok()?;
+        return match (event.level.as_str(), event.target.as_str()) {
+            ("ERROR", ERROR_LINE_TARGET) => Some(event.fields.message),
+            ("ERROR", target) => Some(format!("{target}: {}", event.fields.message)),
+            _ => None,
+        };
+    }
+    if let Some(what) = line.strip_prefix("error: ") {
+        return Some(what.to_string());
+    }
+    let (_, after) = line.split_once(" ERROR ")?;
+    Some(after.trim().to_string())
+}
+
 /// What Rust's default panic hook would print for `info`: the thread, the
 /// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one
 /// (set, and not `0`, as the default hook reads it).
 fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> String {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("<unnamed>");
-    let payload = info.payload();
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("Box<dyn Any>");
+    let message = panic_message(info);
     let place = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-    let wanted = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
-    let tail = if wanted {
-        format!("stack backtrace:\n{}", std::backtrace::Backtrace::force_capture())
+    let style = std::env::var_os("RUST_BACKTRACE");
+    let tail = if style.as_ref().is_some_and(|v| v != "0") {
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        match style.as_ref().is_some_and(|v| v == "full") {
+            true => format!("stack backtrace:\n{backtrace:#}"),
+            false => format!("stack backtrace:\n{backtrace}"),
+        }
     } else {
         "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace".to_string()
     };
@@ -332,6 +424,38 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         false
+    }
+
+    #[test]
+    fn error_lines_are_written_and_read_in_either_format() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let line = error_line_in(format, "rank 1: boom\nsecond line");
+            assert!(!line.contains('\n') || format == LogFormat::Text, "{line}");
+            assert_eq!(
+                error_reported_by(&line).as_deref(),
+                Some("rank 1: boom\nsecond line"),
+                "{line}"
+            );
+        }
+        let json = error_line_in(LogFormat::Json, "boom");
+        let event: JsonLogLine = serde_json::from_str(&json).unwrap();
+        assert_eq!((event.level.as_str(), event.target.as_str()), ("ERROR", ERROR_LINE_TARGET));
+        assert!(event.timestamp.ends_with('Z') && event.timestamp.len() > 20, "{json}");
+        // Events as tracing-subscriber writes them.
+        let traced = "2026-01-01T00:00:00.000Z ERROR rsb_collective::nccl: rank 0: aborted";
+        assert_eq!(
+            error_reported_by(traced).as_deref(),
+            Some("rsb_collective::nccl: rank 0: aborted")
+        );
+        assert_eq!(error_reported_by("2026-01-01T00:00:00.000Z  INFO training"), None);
+        let traced = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"ERROR","fields":{"message":"rank 0: aborted","rank":0},"target":"rsb_collective::nccl"}"#;
+        assert_eq!(
+            error_reported_by(traced).as_deref(),
+            Some("rsb_collective::nccl: rank 0: aborted")
+        );
+        let info = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"training"},"target":"rsb_train"}"#;
+        assert_eq!(error_reported_by(info), None);
+        assert_eq!(error_reported_by("{not json"), None);
     }
 
     #[test]

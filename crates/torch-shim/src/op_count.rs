@@ -93,7 +93,8 @@ impl Drop for Running {
         if !self.stopped {
             let _ = stop_counting();
         }
-        COUNTING_HERE.set(false);
+        // Not `set`, which panics once the thread's locals are torn down.
+        let _ = COUNTING_HERE.try_with(|here| here.set(false));
     }
 }
 

@@ -338,9 +338,11 @@ extern "C" int rsb_op_count_stop(CountVisitor visit, void* context, char* error,
   });
 }
 
-// Warnings. libtorch keeps its warning handler per thread (the handler
-// `c10::WarningUtils::set_warning_handler` sets is the calling thread's), so
-// each thread that should hand its warnings over installs this one.
+// Warnings. libtorch keeps its warning handler per thread: whatever the
+// header's comment says, `c10::WarningUtils::set_warning_handler` sets the
+// calling thread's (c10's Exception.cpp keeps it in a thread_local of its
+// `ThreadWarningHandler`; warnings::tests checks it), so each thread that
+// should hand its warnings over installs this one.
 using WarningSink = void (*)(const char* message, const char* file, uint32_t line,
                              int deprecation);
 
@@ -374,5 +376,9 @@ extern "C" void rsb_route_thread_warnings(WarningSink sink) {
 // Issues one libtorch warning with `message` on the calling thread, as
 // libtorch's own code does (TORCH_WARN): for tests of the routing.
 extern "C" void rsb_warn(const char* message) {
-  TORCH_WARN(message);
+  try {
+    TORCH_WARN(message);
+  } catch (...) {
+    // A handler that throws (none of ours does) stays on the C++ side.
+  }
 }

@@ -75,7 +75,7 @@ const LAST_WORDS_WAIT_MS: libc::c_int = 100;
 /// std's stderr takes a lock that a thread stuck writing to a stalled
 /// stderr holds, and nothing here may wait for ever.
 fn end_process(why: String) {
-    let line = format!("error: {why}\n");
+    let line = format!("{}\n", rsb_logging::error_line(&why));
     let mut stderr = libc::pollfd { fd: 2, events: libc::POLLOUT, revents: 0 };
     // SAFETY: `stderr` is one valid pollfd for the call.
     let ready = unsafe { libc::poll(&mut stderr, 1, LAST_WORDS_WAIT_MS) };
