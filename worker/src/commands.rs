@@ -155,7 +155,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let yaml = rsb_recipes::to_yaml(&recipe);
     let mut options = RunOptions::new(args.out.clone(), device);
     options.resume = args.resume;
-    options.progress = std::io::stderr().is_terminal();
+    // A bar on a terminal, unless the log is JSON (its lines are not).
+    options.progress = std::io::stderr().is_terminal()
+        && rsb_logging::format_from_env() == rsb_logging::LogFormat::Text;
     options.max_updates = args.max_updates;
     options.trace_samples = args.trace_samples;
     options.recipe_check = RecipeCheck::ExplainedBy(overrides);

@@ -642,7 +642,7 @@ impl StderrRelay {
                     // panics (a closed pipe): the relay must keep draining
                     // the rank's pipe, or the rank blocks on its next log
                     // line, and the agent's threads must keep answering.
-                    rsb_logging::stderr_line(&line);
+                    rsb_logging::stderr_line(&rsb_logging::relayed_line(&line));
                     if let Some(error) = rsb_logging::error_reported_by(&line) {
                         *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                     }
@@ -670,7 +670,7 @@ fn relay_stdout(stdout: Option<tokio::process::ChildStdout>) {
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                rsb_logging::stderr_line(&line);
+                rsb_logging::stderr_line(&rsb_logging::relayed_line(&line));
             }
         });
     }
@@ -1061,7 +1061,7 @@ impl RankLog {
             .open(&self.path)
             .and_then(|mut f| writeln!(f, "error: {error:#}"));
         if let Err(e) = written {
-            eprintln!("{}: {e}", self.path.display());
+            tracing::warn!("{}: {e}", self.path.display());
         }
     }
 }

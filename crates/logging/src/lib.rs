@@ -67,6 +67,14 @@ pub fn env_filter() -> EnvFilter {
 pub fn init(format: LogFormat) {
     export_format(format);
     install(format, std::io::stderr);
+    if format == LogFormat::Json {
+        // Rust's own report is text on several lines: in a JSON log, one
+        // error line holds it.
+        std::panic::set_hook(Box::new(|info| {
+            let line = format!("{}\n", error_line_in(LogFormat::Json, &panic_report(info)));
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }));
+    }
 }
 
 /// Exports `format` to [`FORMAT_ENV`] for child processes: first thing,
@@ -247,20 +255,59 @@ pub fn error_line(message: &str) -> String {
 fn error_line_in(format: LogFormat, message: &str) -> String {
     match format {
         LogFormat::Text => format!("error: {message}"),
-        LogFormat::Json => {
-            use tracing_subscriber::fmt::time::FormatTime;
-            let mut timestamp = String::new();
-            let _ = tracing_subscriber::fmt::time::SystemTime
-                .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp));
-            let line = JsonLogLine {
-                timestamp,
-                level: "ERROR".into(),
-                fields: JsonLogFields { message: message.to_string() },
-                target: ERROR_LINE_TARGET.into(),
-            };
-            serde_json::to_string(&line).unwrap_or_else(|_| format!("error: {message}"))
-        }
+        LogFormat::Json => json_event("ERROR", ERROR_LINE_TARGET, message),
     }
+}
+
+/// A warning of this process that is not a tracing event, in the format of
+/// [`FORMAT_ENV`]: `warning: {message}` as text; as JSON, an event at
+/// `WARN` whose target is [`WARNING_LINE_TARGET`].
+pub fn warning_line(message: &str) -> String {
+    match format_from_env() {
+        LogFormat::Text => format!("warning: {message}"),
+        LogFormat::Json => json_event("WARN", WARNING_LINE_TARGET, message),
+    }
+}
+
+/// The target of the lines [`warning_line`] writes.
+pub const WARNING_LINE_TARGET: &str = "warning";
+
+/// The target of the lines [`relayed_line`] wraps.
+pub const RELAYED_LINE_TARGET: &str = "relayed";
+
+/// A line another process wrote (a rank's stdout or stderr), as an agent
+/// passes it on in the format of [`FORMAT_ENV`]: unchanged as text, and in
+/// a JSON log unchanged when it is a JSON object already (the rank's own
+/// events), else wrapped in an event at `INFO` whose target is
+/// [`RELAYED_LINE_TARGET`] and whose message is the line (what NCCL,
+/// CUDA or libtorch print themselves).
+pub fn relayed_line(line: &str) -> std::borrow::Cow<'_, str> {
+    relayed_line_in(format_from_env(), line)
+}
+
+/// [`relayed_line`] in `format`.
+fn relayed_line_in(format: LogFormat, line: &str) -> std::borrow::Cow<'_, str> {
+    let is_object =
+        || serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line).is_ok();
+    match format {
+        LogFormat::Json if !is_object() => json_event("INFO", RELAYED_LINE_TARGET, line).into(),
+        _ => line.into(),
+    }
+}
+
+/// One event as tracing-subscriber's JSON format writes it.
+fn json_event(level: &str, target: &str, message: &str) -> String {
+    use tracing_subscriber::fmt::time::FormatTime;
+    let mut timestamp = String::new();
+    let _ = tracing_subscriber::fmt::time::SystemTime
+        .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp));
+    let line = JsonLogLine {
+        timestamp,
+        level: level.into(),
+        fields: JsonLogFields { message: message.to_string() },
+        target: target.into(),
+    };
+    serde_json::to_string(&line).unwrap_or_else(|_| format!("{level} {target}: {message}"))
 }
 
 /// The error a line of a process's stderr reports, if it reports one, in
@@ -268,8 +315,7 @@ fn error_line_in(format: LogFormat, message: &str) -> String {
 /// (`{target}: {message}`).
 pub fn error_reported_by(line: &str) -> Option<String> {
     let line = line.trim();
-    if line.starts_with('{') {
-        let event: JsonLogLine = serde_json::from_str(line).ok()?;
+    if let Ok(event) = serde_json::from_str::<JsonLogLine>(line) {
         return match (event.level.as_str(), event.target.as_str()) {
             ("ERROR", ERROR_LINE_TARGET) => Some(event.fields.message),
             ("ERROR", target) => Some(format!("{target}: {}", event.fields.message)),
@@ -456,6 +502,56 @@ mod tests {
         let info = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"training"},"target":"rsb_train"}"#;
         assert_eq!(error_reported_by(info), None);
         assert_eq!(error_reported_by("{not json"), None);
+        // A line that only starts like JSON is read as text.
+        assert_eq!(
+            error_reported_by("{x} ERROR rsb_train: boom").as_deref(),
+            Some("rsb_train: boom")
+        );
+    }
+
+    #[test]
+    fn relayed_lines_stay_as_they_are_unless_a_json_log_needs_them_wrapped() {
+        let event = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"training"},"target":"rsb_train"}"#;
+        let nccl = "host:1:1 [0] NCCL INFO Bootstrap: Using eth0";
+        for line in [event, nccl] {
+            assert_eq!(relayed_line_in(LogFormat::Text, line), line);
+        }
+        assert_eq!(relayed_line_in(LogFormat::Json, event), event);
+        let wrapped: JsonLogLine =
+            serde_json::from_str(&relayed_line_in(LogFormat::Json, nccl)).unwrap();
+        assert_eq!(
+            (wrapped.level.as_str(), wrapped.target.as_str(), wrapped.fields.message.as_str()),
+            ("INFO", RELAYED_LINE_TARGET, nccl)
+        );
+    }
+
+    const JSON_PANIC_TEST: &str = "tests::a_panic_in_a_json_log_is_one_json_line";
+
+    #[test]
+    fn a_panic_in_a_json_log_is_one_json_line() {
+        if std::env::var_os(PANICKING_CHILD).is_some() {
+            init(LogFormat::Json);
+            panic!("the child panics as asked\non two lines");
+        }
+        let out = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([JSON_PANIC_TEST, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(PANICKING_CHILD, "json")
+            .env_remove(FORMAT_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .expect("the child");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(101), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        let event: JsonLogLine = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert_eq!(event.level, "ERROR");
+        assert!(
+            event.fields.message.starts_with(&format!("thread '{JSON_PANIC_TEST}' panicked at "))
+                && event.fields.message.contains("the child panics as asked\non two lines"),
+            "{stderr}"
+        );
     }
 
     #[test]
