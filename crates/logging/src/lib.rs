@@ -6,10 +6,12 @@
 //! The format is also read from the environment variable [`FORMAT_ENV`], and
 //! [`init`] exports the chosen one there, so the processes a coordinator or
 //! an agent starts (workers, ranks) log the same way. The lines a process
-//! writes that are not events (its last error, a panic's report) are
-//! written in the format too ([`error_line`]), so a JSON log stays one
-//! object per line, and [`error_reported_by`] reads the error a line
-//! reports in either format (an agent relays its ranks' last errors).
+//! writes that are not events are written in the format too, so a JSON log
+//! stays one object per line: its last error or a panic's report
+//! ([`error_line`]), a warning of its own ([`warning_line`]), and the lines
+//! an agent relays from its ranks ([`relayed_line`]); [`error_reported_by`]
+//! reads the error a line reports in either format (an agent keeps its
+//! ranks' last errors).
 //!
 //! A process that must never stop on its stderr (an agent, which relays its
 //! ranks' lines and must keep answering the coordinator when whoever reads
