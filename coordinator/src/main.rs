@@ -261,9 +261,7 @@ fn main() {
     // on a hung disk) get a deadline, not a wait for ever.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_DEADLINE);
     if let Err(e) = outcome {
-        // Not `eprintln!`, which panics when stderr is gone.
-        let line = format!("{}\n", rsb_logging::error_line(&format!("{e:#}")));
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

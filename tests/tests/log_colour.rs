@@ -58,16 +58,9 @@ fn json_logs_are_one_object_per_line_by_flag_or_environment() {
         let out = train_one_update(Some(format));
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "worker train ({format:?}) failed:\n{log}");
-        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert!(!lines.is_empty(), "nothing logged ({format:?})");
-        for line in &lines {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("({format:?}) not a JSON line: {e}: {line}"));
-            assert!(value["level"].is_string(), "no level in {line}");
-            assert!(value["fields"]["message"].is_string(), "no message in {line}");
-        }
+        json_lines(&log, &format!("worker train ({format:?})"));
         assert!(
-            lines.iter().any(|l| l.contains("\"INFO\"") && l.contains("training")),
+            log.lines().any(|l| l.contains("\"INFO\"") && l.contains("training")),
             "no info line about training ({format:?}):\n{log}"
         );
     }

@@ -716,7 +716,7 @@ fn report_panics_in_one_line() {
             place.as_deref(),
             rsb_logging::panic_message(info),
         );
-        let _ = writeln!(std::io::stderr(), "{}", rsb_logging::error_line(&summary));
+        rsb_logging::stderr_line(&rsb_logging::error_line(&summary));
         if rsb_logging::format_from_env() == rsb_logging::LogFormat::Text {
             default(info);
         }
@@ -784,7 +784,7 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
             let line =
                 rsb_logging::error_line(&format!("stopped by {signal} before training began"));
-            let _ = writeln!(std::io::stderr(), "{line}");
+            rsb_logging::stderr_line(&line);
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
         stop.request(signal.to_string());
@@ -797,7 +797,7 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
             "stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
              (a peer gone, or a slow checkpoint write); exiting without it"
         ));
-        let _ = writeln!(std::io::stderr(), "{line}");
+        rsb_logging::stderr_line(&line);
         rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
     });
     Ok(())

@@ -177,12 +177,11 @@ fn log_libtorch_warning(warning: &rsb_torch_shim::warnings::LibtorchWarning<'_>)
 /// hung in them after a finished job would keep its GPU and its agent. Its
 /// log lines are already written (unbuffered); stderr is unbuffered too.
 fn end_rank(outcome: Result<()>) -> ! {
-    use std::io::Write;
     let code = match outcome {
         Ok(()) => 0,
         Err(e) => {
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-            let _ = writeln!(std::io::stderr(), "{}", rsb_logging::error_line(&format!("{e:#}")));
+            rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
             1
         }
     };

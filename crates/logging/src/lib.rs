@@ -72,10 +72,7 @@ pub fn init(format: LogFormat) {
     if format == LogFormat::Json {
         // Rust's own report is text on several lines: in a JSON log, one
         // error line holds it.
-        std::panic::set_hook(Box::new(|info| {
-            let line = format!("{}\n", error_line_in(LogFormat::Json, &panic_report(info)));
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        }));
+        std::panic::set_hook(Box::new(|info| report_panic(LogFormat::Json, info)));
     }
 }
 
@@ -109,13 +106,7 @@ pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
     let sent = Arc::clone(&writer.sent);
     let _ = NON_BLOCKING_STDERR.set(writer.clone());
     install(format, writer);
-    std::panic::set_hook(Box::new(|info| {
-        let report = panic_report(info);
-        match format_from_env() {
-            LogFormat::Text => stderr_line(&report),
-            LogFormat::Json => stderr_line(&error_line(&report)),
-        }
-    }));
+    std::panic::set_hook(Box::new(move |info| report_panic(format, info)));
     NonBlockingStderr { guard: Some(guard), dropped, sent, written }
 }
 
@@ -331,6 +322,16 @@ pub fn error_reported_by(line: &str) -> Option<String> {
     Some(after.trim().to_string())
 }
 
+/// The panic hooks' report of `info` ([`panic_report`]) through
+/// [`stderr_line`]: as it is in a text log, one [`error_line`] in a JSON log.
+fn report_panic(format: LogFormat, info: &std::panic::PanicHookInfo<'_>) {
+    let report = panic_report(info);
+    match format {
+        LogFormat::Text => stderr_line(&report),
+        LogFormat::Json => stderr_line(&error_line_in(LogFormat::Json, &report)),
+    }
+}
+
 /// What Rust's default panic hook would print for `info`: the thread, the
 /// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one
 /// (set, and not `0`, as the default hook reads it).
@@ -445,18 +446,23 @@ mod tests {
     const PANIC_TEST: &str =
         "tests::a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing";
 
-    /// This test binary again, running only the panic test as the child;
-    /// `stderr_read`: whether the child may wait for its report to be
-    /// written before it ends.
-    fn panicking_child(stderr_read: bool) -> Command {
+    /// This test binary again, running only `test` as the panicking child
+    /// in `role`.
+    fn child_running(test: &str, role: &str) -> Command {
         let mut child = Command::new(std::env::current_exe().expect("the test binary"));
         child
-            .args([PANIC_TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env(PANICKING_CHILD, if stderr_read { "read" } else { "stalled" })
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
+            .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(PANICKING_CHILD, role)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        child
+    }
+
+    /// The panic test's child; `stderr_read`: whether the child may wait for
+    /// its report to be written before it ends.
+    fn panicking_child(stderr_read: bool) -> Command {
+        let mut child = child_running(PANIC_TEST, if stderr_read { "read" } else { "stalled" });
+        child.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
         child
     }
 
@@ -535,12 +541,8 @@ mod tests {
             init(LogFormat::Json);
             panic!("the child panics as asked\non two lines");
         }
-        let out = Command::new(std::env::current_exe().expect("the test binary"))
-            .args([JSON_PANIC_TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env(PANICKING_CHILD, "json")
+        let out = child_running(JSON_PANIC_TEST, "json")
             .env_remove(FORMAT_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .output()
             .expect("the child");
         let stderr = String::from_utf8_lossy(&out.stderr);
