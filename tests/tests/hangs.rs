@@ -230,6 +230,12 @@ fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it()
     assert!(left.is_empty(), "processes of the job left behind: {left:?}\n{output}");
     let text = std::fs::read_to_string(&log).expect("rank 1's log");
     assert!(text.contains("stopping before the rendezvous"), "the hook did not fire:\n{text}");
+    // Its agent killed it for the job's failure: that is not a failure of
+    // the rank's to report, nor the reason the agent ends with.
+    assert!(
+        !output.contains("exited with signal: 9"),
+        "an agent reported the rank it killed itself as failed:\n{output}"
+    );
     let failure = job_failed_line(&output);
     assert!(
         failure.contains("rank 1 on ")

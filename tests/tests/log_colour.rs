@@ -5,7 +5,8 @@
 //! `--log-format json` (or `RSB_LOG_FORMAT=json`) every stderr line is one
 //! JSON object with a level and a message: a failing process's last error
 //! too, and in a job, the lines of the coordinator, of its agent and of the
-//! rank the agent relays.
+//! rank the agent relays, a rank's panic among them (one line, with its
+//! stack when `RUST_BACKTRACE` asks).
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, tiny_recipe, workspace_root};
@@ -89,8 +90,9 @@ fn a_failing_process_says_why_in_a_json_line_when_its_log_is_json() {
     assert!(message.contains("no-such-recipe.yaml"), "{log}");
 }
 
-#[test]
-fn a_json_job_logs_one_object_per_line_from_its_coordinator_agent_and_rank() {
+/// `coordinator --log-format json up --local --nodes 1` of the tiny recipe,
+/// with `env` added; its output.
+fn json_job(env: &[(&str, &str)]) -> std::process::Output {
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 2, 1);
     let _ = binary("worker"); // built before the coordinator starts it
@@ -102,14 +104,21 @@ fn a_json_job_logs_one_object_per_line_from_its_coordinator_agent_and_rank() {
         .args(["--set", &format!("data.root={}", data.display())])
         .args(["--set", "model.num_classes=10", "--set", "runtime.log_every_steps=1"])
         .env_remove("RSB_LOG_FORMAT")
+        .env_remove("RUST_BACKTRACE")
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting the coordinator");
-    let out = wait_with_timeout(child, Duration::from_secs(300), "coordinator up --local");
+    wait_with_timeout(child, Duration::from_secs(300), "coordinator up --local")
+}
+
+#[test]
+fn a_json_job_logs_one_object_per_line_from_its_coordinator_agent_and_rank() {
+    let out = json_job(&[]);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the job failed:\n{log}");
     let lines = json_lines(&log, "coordinator up --local");
@@ -122,6 +131,29 @@ fn a_json_job_logs_one_object_per_line_from_its_coordinator_agent_and_rank() {
             "no line of the {whose} (target {prefix}*) among {targets:?}"
         );
     }
+}
+
+#[test]
+fn a_ranks_panic_in_a_json_job_is_one_line_with_its_stack_and_fails_the_job() {
+    // Inherited by the agent and its rank: rank 0 panics; the stack is asked for.
+    let out = json_job(&[("RSB_PANIC_BEFORE_RENDEZVOUS", "0"), ("RUST_BACKTRACE", "1")]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a job whose rank panicked must fail:\n{log}");
+    let lines = json_lines(&log, "coordinator up --local with a panicking rank");
+    let panic = lines
+        .iter()
+        .find(|l| {
+            l["target"] == "error"
+                && l["fields"]["message"].as_str().is_some_and(|m| m.contains("panics as asked"))
+        })
+        .unwrap_or_else(|| panic!("no error line of the rank's panic:\n{log}"));
+    let stack = panic["fields"]["backtrace"].as_str().unwrap_or_default();
+    assert!(stack.contains("worker/src/join.rs:"), "the panic line carries no stack: {panic}");
+    let last = lines.last().unwrap()["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("rank 0 on ") && last.contains("rank 0 panics as asked"),
+        "the job's last error does not name the rank and its panic: {last}\n{log}"
+    );
 }
 
 #[test]

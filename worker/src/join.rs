@@ -36,6 +36,7 @@
 //! call carries them ([`Credentials`]); the ring's links authenticate with a
 //! key derived from the token ([`RingKey`]).
 
+use crate::relay::relay_lines;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rsb_collective::ring::{RingConfig, RingKey, RingListener};
@@ -516,12 +517,19 @@ async fn serve_member(
                         // The job failed elsewhere: stop our ranks instead of
                         // letting them wait on dead peers.
                         tracing::warn!(%failure, "the coordinator ended the job; stopping local ranks");
-                        let running = children
+                        let running: Vec<usize> =
+                            (0..children.len()).filter(|&i| !done[i]).collect();
+                        let killed = children
                             .iter_mut()
-                            .zip(&done)
-                            .filter(|(_, &done)| !done)
-                            .map(|(child, _)| child);
-                        rsb_process::kill_all_within(running, rsb_process::REAP_LIMIT).await;
+                            .enumerate()
+                            .filter(|(i, _)| running.contains(i))
+                            .map(|(_, child)| child);
+                        rsb_process::kill_all_within(killed, rsb_process::REAP_LIMIT).await;
+                        // Killed here, for the job's failure: no failure of
+                        // theirs to report, nor to end this agent with.
+                        for i in running {
+                            done[i] = true;
+                        }
                         job_failed = Some(format!("job failed: {failure}"));
                     }
                     // A finished job: every rank has already reported success
@@ -630,24 +638,20 @@ impl StderrRelay {
     const DRAIN: Duration = Duration::from_secs(3);
 
     fn start(stderr: Option<tokio::process::ChildStderr>) -> StderrRelay {
-        use tokio::io::AsyncBufReadExt;
         let last_error = Arc::new(std::sync::Mutex::new(None));
         let task = stderr.map(|stderr| {
             let keep = Arc::clone(&last_error);
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    // Never waits (the agent's stderr is non-blocking, lines
-                    // that do not fit are dropped and counted) and never
-                    // panics (a closed pipe): the relay must keep draining
-                    // the rank's pipe, or the rank blocks on its next log
-                    // line, and the agent's threads must keep answering.
-                    rsb_logging::stderr_line(&rsb_logging::relayed_line(&line));
-                    if let Some(error) = rsb_logging::error_reported_by(&line) {
-                        *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
-                    }
+            tokio::spawn(relay_lines(stderr, move |line| {
+                // Never waits (the agent's stderr is non-blocking, lines
+                // that do not fit are dropped and counted) and never
+                // panics (a closed pipe): the relay must keep draining
+                // the rank's pipe, or the rank blocks on its next log
+                // line, and the agent's threads must keep answering.
+                rsb_logging::stderr_line(&rsb_logging::relayed_line(line));
+                if let Some(error) = rsb_logging::error_reported_by(line) {
+                    *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
                 }
-            })
+            }))
         });
         StderrRelay { last_error, task }
     }
@@ -665,14 +669,10 @@ impl StderrRelay {
 /// [`StderrRelay`] does its stderr (never waiting, never panicking), until
 /// the rank closes it.
 fn relay_stdout(stdout: Option<tokio::process::ChildStdout>) {
-    use tokio::io::AsyncBufReadExt;
     if let Some(stdout) = stdout {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                rsb_logging::stderr_line(&rsb_logging::relayed_line(&line));
-            }
-        });
+        tokio::spawn(relay_lines(stdout, |line| {
+            rsb_logging::stderr_line(&rsb_logging::relayed_line(line));
+        }));
     }
 }
 
@@ -700,33 +700,22 @@ fn truncated(message: String, max: usize) -> String {
 }
 
 /// Makes a panic in this process say itself in one error line on stderr
-/// ([`rsb_logging::error_line`]: thread, place, message), before the
-/// default report (left out of a JSON log, which it would break), so that
-/// the agent relays it as the rank's last error: the coordinator's failure
-/// then says why the rank died instead of only `exited with exit status:
-/// 101`. A panic that is caught and handled (a loader job's, turned into an
-/// error) prints the line too; a rank that then fails prints its own error
-/// line last, which is the one relayed.
+/// ([`rsb_logging::panic_error_line`]: thread, place, message; in a JSON
+/// log with the stack when `RUST_BACKTRACE` asks), before the default
+/// report (left out of a JSON log, which it would break), so that the agent
+/// relays it as the rank's last error: the coordinator's failure then says
+/// why the rank died instead of only `exited with exit status: 101`. A
+/// panic that is caught and handled (a loader job's, turned into an error)
+/// prints the line too; a rank that then fails prints its own error line
+/// last, which is the one relayed.
 fn report_panics_in_one_line() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let place = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-        let summary = panic_summary(
-            std::thread::current().name().unwrap_or("unnamed"),
-            place.as_deref(),
-            rsb_logging::panic_message(info),
-        );
-        rsb_logging::stderr_line(&rsb_logging::error_line(&summary));
+        rsb_logging::stderr_line(&rsb_logging::panic_error_line(info));
         if rsb_logging::format_from_env() == rsb_logging::LogFormat::Text {
             default(info);
         }
     }));
-}
-
-/// What the line [`report_panics_in_one_line`] prints says.
-fn panic_summary(thread: &str, place: Option<&str>, message: &str) -> String {
-    let place = place.map(|p| format!(" at {p}")).unwrap_or_default();
-    format!("thread '{thread}' panicked{place}: {}", message.replace('\n', " "))
 }
 
 /// `worker rank`.
@@ -1084,13 +1073,17 @@ fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<Collec
 /// timeout, or its link closed), when that is why the rank failed: the
 /// coordinator follows these reports to the rank to blame.
 fn collective_peer(error: &anyhow::Error) -> Option<u32> {
-    use rsb_collective::CollectiveError::{Link, Timeout};
-    error.chain().find_map(|cause| match cause.downcast_ref::<rsb_train::TrainError>()? {
-        rsb_train::TrainError::Collective {
-            error: Timeout { peer, .. } | Link { peer, .. },
-            ..
-        } => u32::try_from(*peer).ok(),
+    use rsb_collective::CollectiveError::{self, Link, Timeout};
+    let peer_of = |error: &CollectiveError| match error {
+        Timeout { peer, .. } | Link { peer, .. } => u32::try_from(*peer).ok(),
         _ => None,
+    };
+    error.chain().find_map(|cause| {
+        // In training, or forming the ring (a bare collective error).
+        match cause.downcast_ref::<rsb_train::TrainError>() {
+            Some(rsb_train::TrainError::Collective { error, .. }) => peer_of(error),
+            _ => cause.downcast_ref::<CollectiveError>().and_then(peer_of),
+        }
     })
 }
 
@@ -1143,15 +1136,38 @@ mod tests {
         assert_eq!(physical_gpu(Some("GPU-8f2c,MIG-77ab"), 1), "MIG-77ab");
     }
 
+    #[tokio::test]
+    async fn a_ranks_last_error_arrives_after_bytes_that_are_not_utf8() {
+        let mut rank = tokio::process::Command::new("sh")
+            .args(["-c", r"printf 'NCCL says \377\376\nerror: rank 3 failed: boom\n' >&2; exit 1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut relay = StderrRelay::start(rank.stderr.take());
+        let _ = rank.wait().await.unwrap();
+        assert_eq!(relay.last_error().await.as_deref(), Some("rank 3 failed: boom"));
+    }
+
     #[test]
-    fn a_panic_is_one_error_line_the_agent_relays() {
-        let summary = panic_summary("main", Some("worker/src/join.rs:7"), "first\nsecond");
-        assert_eq!(summary, "thread 'main' panicked at worker/src/join.rs:7: first second");
-        assert_eq!(
-            rsb_logging::error_reported_by(&format!("error: {summary}")).as_deref(),
-            Some(summary.as_str())
-        );
-        assert_eq!(panic_summary("loader-0", None, "boom"), "thread 'loader-0' panicked: boom");
+    fn a_collective_failure_names_its_peer_in_training_or_forming_the_ring() {
+        use rsb_collective::CollectiveError;
+        let link = || CollectiveError::Link {
+            rank: 1,
+            peer: 2,
+            address: "10.0.0.3:29500".into(),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        };
+        let forming = anyhow::Error::from(link()).context("forming the ring");
+        assert_eq!(collective_peer(&forming), Some(2));
+        let training = anyhow::Error::from(rsb_train::TrainError::Collective {
+            operation: "gradients".into(),
+            error: link(),
+        });
+        assert_eq!(collective_peer(&training), Some(2));
+        let other = anyhow::Error::from(CollectiveError::Nccl("unhandled cuda error".into()));
+        assert_eq!(collective_peer(&other), None);
     }
 
     #[test]

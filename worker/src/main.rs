@@ -9,6 +9,7 @@ mod commands;
 mod data_shard;
 mod doctor;
 mod join;
+mod relay;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -283,7 +283,19 @@ impl Collective for Single {
         Ok(())
     }
 
-    fn broadcast(&mut self, _buffer: Buffer<'_>, _root: usize) -> Result<(), CollectiveError> {
-        Ok(())
+    fn broadcast(&mut self, _buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
+        check_root(0, 1, root)
+    }
+}
+
+/// A broadcast's `root` must be a rank of the world: an error naming it,
+/// not a buffer silently zeroed (the ring) or a communicator aborted (NCCL).
+pub(crate) fn check_root(rank: usize, world: usize, root: usize) -> Result<(), CollectiveError> {
+    match root < world {
+        true => Ok(()),
+        false => Err(CollectiveError::Protocol {
+            rank,
+            problem: format!("broadcast from rank {root}, which a world of {world} does not have"),
+        }),
     }
 }

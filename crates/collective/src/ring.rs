@@ -171,6 +171,12 @@ impl RingListener {
                 problem: format!("rank {rank} of a world of {world}"),
             });
         }
+        if config.segment_floats == 0 {
+            return Err(CollectiveError::Protocol {
+                rank,
+                problem: "segment_floats is 0: a ring sends segments of at least 1 float".into(),
+            });
+        }
         if world == 1 {
             return Ok(TcpRing {
                 rank,
@@ -1127,6 +1133,7 @@ impl Collective for TcpRing {
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
+        crate::check_root(self.rank, self.world, root)?;
         // Everyone but the root contributes zeros: the sum is the root's
         // buffer (x + 0 is x exactly, in bf16 too). Twice the traffic of a
         // pipelined broadcast, paid once per job.
@@ -1205,6 +1212,35 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn a_broadcast_from_a_rank_outside_the_world_is_an_error_that_names_it() {
+        for n in [1, 2] {
+            let outcomes = with_ring(n, |ring| {
+                let mut data = [5.0f32, 6.0];
+                let outcome = ring.broadcast(Buffer::Host(&mut data), n);
+                (ring.rank(), outcome.map_err(|e| e.to_string()), data)
+            });
+            for (rank, outcome, data) in outcomes {
+                let error = outcome.expect_err("root outside the world");
+                assert!(error.contains(&format!("broadcast from rank {n}")), "{error}");
+                assert_eq!(data, [5.0, 6.0], "rank {rank}'s buffer was changed");
+            }
+        }
+        let error = crate::Single.broadcast(Buffer::Host(&mut [1.0]), 1).unwrap_err();
+        assert!(error.to_string().contains("broadcast from rank 1"), "{error}");
+    }
+
+    #[test]
+    fn a_ring_of_segments_of_0_floats_is_refused_not_a_panic() {
+        let listener = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses = vec![listener.local_addr().unwrap().to_string(); 2];
+        let config = RingConfig { timeout: Duration::from_secs(1), segment_floats: 0 };
+        let Err(error) = listener.connect(0, &addresses, &key(), config) else {
+            panic!("a ring of 0-float segments was formed");
+        };
+        assert!(error.to_string().contains("segment_floats is 0"), "{error}");
     }
 
     fn bits(v: f32) -> u16 {

@@ -7,8 +7,9 @@
 //! [`init`] exports the chosen one there, so the processes a coordinator or
 //! an agent starts (workers, ranks) log the same way. The lines a process
 //! writes that are not events are written in the format too, so a JSON log
-//! stays one object per line: its last error or a panic's report
-//! ([`error_line`]), a warning of its own ([`warning_line`]), and the lines
+//! stays one object per line: its last error ([`error_line`]), a panic's
+//! report ([`panic_error_line`], with its stack in a JSON field when
+//! `RUST_BACKTRACE` asks), a warning of its own ([`warning_line`]), and the lines
 //! an agent relays from its ranks ([`relayed_line`]); [`error_reported_by`]
 //! reads the error a line reports in either format (an agent keeps its
 //! ranks' last errors).
@@ -231,6 +232,10 @@ pub struct JsonLogFields {
     /// The event's message.
     #[serde(default)]
     pub message: String,
+    /// The stack of a panic's line ([`panic_error_line`]), when
+    /// `RUST_BACKTRACE` asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backtrace: Option<String>,
 }
 
 /// The target of the lines [`error_line`] writes.
@@ -290,6 +295,16 @@ fn relayed_line_in(format: LogFormat, line: &str) -> std::borrow::Cow<'_, str> {
 
 /// One event as tracing-subscriber's JSON format writes it.
 fn json_event(level: &str, target: &str, message: &str) -> String {
+    json_event_with_backtrace(level, target, message, None)
+}
+
+/// [`json_event`] with a `backtrace` field when one is given.
+fn json_event_with_backtrace(
+    level: &str,
+    target: &str,
+    message: &str,
+    backtrace: Option<&str>,
+) -> String {
     use tracing_subscriber::fmt::time::FormatTime;
     let mut timestamp = String::new();
     let _ = tracing_subscriber::fmt::time::SystemTime
@@ -297,7 +312,10 @@ fn json_event(level: &str, target: &str, message: &str) -> String {
     let line = JsonLogLine {
         timestamp,
         level: level.into(),
-        fields: JsonLogFields { message: message.to_string() },
+        fields: JsonLogFields {
+            message: message.to_string(),
+            backtrace: backtrace.map(str::to_string),
+        },
         target: target.into(),
     };
     serde_json::to_string(&line).unwrap_or_else(|_| format!("{level} {target}: {message}"))
@@ -322,35 +340,72 @@ pub fn error_reported_by(line: &str) -> Option<String> {
     Some(after.trim().to_string())
 }
 
-/// The panic hooks' report of `info` ([`panic_report`]) through
-/// [`stderr_line`]: as it is in a text log, one [`error_line`] in a JSON log.
+/// The panic hooks' report of `info` through [`stderr_line`]: as Rust's own
+/// ([`panic_report`]) in a text log, one [`panic_error_line`] in a JSON log.
 fn report_panic(format: LogFormat, info: &std::panic::PanicHookInfo<'_>) {
-    let report = panic_report(info);
     match format {
-        LogFormat::Text => stderr_line(&report),
-        LogFormat::Json => stderr_line(&error_line_in(LogFormat::Json, &report)),
+        LogFormat::Text => stderr_line(&panic_report(info)),
+        LogFormat::Json => stderr_line(&panic_error_line_in(LogFormat::Json, info)),
     }
 }
 
 /// What Rust's default panic hook would print for `info`: the thread, the
-/// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one
-/// (set, and not `0`, as the default hook reads it).
+/// place, the message, and a backtrace when `RUST_BACKTRACE` asks for one.
 fn panic_report(info: &std::panic::PanicHookInfo<'_>) -> String {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("<unnamed>");
     let message = panic_message(info);
     let place = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-    let style = std::env::var_os("RUST_BACKTRACE");
-    let tail = if style.as_ref().is_some_and(|v| v != "0") {
-        let backtrace = std::backtrace::Backtrace::force_capture();
-        match style.as_ref().is_some_and(|v| v == "full") {
-            true => format!("stack backtrace:\n{backtrace:#}"),
-            false => format!("stack backtrace:\n{backtrace}"),
-        }
-    } else {
-        "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace".to_string()
+    let tail = match requested_backtrace() {
+        Some(backtrace) => format!("stack backtrace:\n{backtrace}"),
+        None => "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
+            .to_string(),
     };
     format!("thread '{name}' panicked{place}:\n{message}\n{tail}")
+}
+
+/// This thread's stack, when `RUST_BACKTRACE` asks for it (set, and not
+/// `0`, as Rust's default hook reads it; `full` for every frame's detail).
+fn requested_backtrace() -> Option<String> {
+    let style = std::env::var_os("RUST_BACKTRACE").filter(|v| v != "0")?;
+    let backtrace = std::backtrace::Backtrace::force_capture();
+    Some(match style == "full" {
+        true => format!("{backtrace:#}"),
+        false => format!("{backtrace}"),
+    })
+}
+
+/// Where and why a thread panicked, on one line: `thread '{thread}'
+/// panicked at {place}: {message}`, the message's line breaks as spaces.
+pub fn panic_summary(thread: &str, place: Option<&str>, message: &str) -> String {
+    let place = place.map(|p| format!(" at {p}")).unwrap_or_default();
+    format!("thread '{thread}' panicked{place}: {}", message.replace('\n', " "))
+}
+
+/// The line that reports the panic `info` of the calling thread, in the
+/// format of [`FORMAT_ENV`]: an [`error_line`] of its [`panic_summary`]
+/// (what an agent relays as a rank's last error), which in a JSON log
+/// carries the stack in its `backtrace` field when `RUST_BACKTRACE` asks
+/// for one. Text needs Rust's own report after it for the stack.
+pub fn panic_error_line(info: &std::panic::PanicHookInfo<'_>) -> String {
+    panic_error_line_in(format_from_env(), info)
+}
+
+/// [`panic_error_line`] in `format`.
+fn panic_error_line_in(format: LogFormat, info: &std::panic::PanicHookInfo<'_>) -> String {
+    let place = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+    let thread = std::thread::current();
+    let summary =
+        panic_summary(thread.name().unwrap_or("<unnamed>"), place.as_deref(), panic_message(info));
+    match format {
+        LogFormat::Text => error_line_in(LogFormat::Text, &summary),
+        LogFormat::Json => json_event_with_backtrace(
+            "ERROR",
+            ERROR_LINE_TARGET,
+            &summary,
+            requested_backtrace().as_deref(),
+        ),
+    }
 }
 
 /// How long dropping a [`NonBlockingStderr`] waits for its buffered lines.
@@ -533,29 +588,55 @@ mod tests {
         );
     }
 
-    const JSON_PANIC_TEST: &str = "tests::a_panic_in_a_json_log_is_one_json_line";
+    const JSON_PANIC_TEST: &str =
+        "tests::a_panic_in_a_json_log_is_one_json_line_with_its_stack_when_asked";
 
     #[test]
-    fn a_panic_in_a_json_log_is_one_json_line() {
+    fn a_panic_in_a_json_log_is_one_json_line_with_its_stack_when_asked() {
         if std::env::var_os(PANICKING_CHILD).is_some() {
             init(LogFormat::Json);
             panic!("the child panics as asked\non two lines");
         }
-        let out = child_running(JSON_PANIC_TEST, "json")
-            .env_remove(FORMAT_ENV)
-            .output()
-            .expect("the child");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(101), "{stderr}");
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{stderr}");
-        let event: JsonLogLine = serde_json::from_str(lines[0]).expect("a JSON line");
-        assert_eq!(event.level, "ERROR");
-        assert!(
-            event.fields.message.starts_with(&format!("thread '{JSON_PANIC_TEST}' panicked at "))
-                && event.fields.message.contains("the child panics as asked\non two lines"),
-            "{stderr}"
-        );
+        for asked in [false, true] {
+            let mut child = child_running(JSON_PANIC_TEST, "json");
+            child.env_remove(FORMAT_ENV).env_remove("RUST_LIB_BACKTRACE");
+            match asked {
+                true => child.env("RUST_BACKTRACE", "1"),
+                false => child.env_remove("RUST_BACKTRACE"),
+            };
+            let out = child.output().expect("the child");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(101), "{stderr}");
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_eq!(lines.len(), 1, "{stderr}");
+            let event: JsonLogLine = serde_json::from_str(lines[0]).expect("a JSON line");
+            assert_eq!((event.level.as_str(), event.target.as_str()), ("ERROR", ERROR_LINE_TARGET));
+            let summary = &event.fields.message;
+            assert!(
+                summary.starts_with(&format!(
+                    "thread '{JSON_PANIC_TEST}' panicked at crates/logging/src/lib.rs:"
+                )) && summary.ends_with(": the child panics as asked on two lines"),
+                "{stderr}"
+            );
+            // The stack, frames named, only when asked for.
+            let test_function = JSON_PANIC_TEST.trim_start_matches("tests::");
+            match (&event.fields.backtrace, asked) {
+                (None, false) => {}
+                (Some(stack), true) if stack.contains(test_function) => {}
+                (stack, _) => panic!("asked: {asked}, stack: {stack:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_summary_is_one_line_that_an_agent_reads_as_the_error() {
+        let summary = panic_summary("main", Some("worker/src/join.rs:7"), "first\nsecond");
+        assert_eq!(summary, "thread 'main' panicked at worker/src/join.rs:7: first second");
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let line = error_line_in(format, &summary);
+            assert_eq!(error_reported_by(&line).as_deref(), Some(summary.as_str()), "{line}");
+        }
+        assert_eq!(panic_summary("loader-0", None, "boom"), "thread 'loader-0' panicked: boom");
     }
 
     #[test]

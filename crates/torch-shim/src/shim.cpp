@@ -38,6 +38,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstring>
 #include <dlfcn.h>
 #include <map>
@@ -349,27 +350,36 @@ using WarningSink = void (*)(const char* message, const char* file, uint32_t lin
 namespace {
 
 struct WarningToSink : public c10::WarningHandler {
-  WarningSink sink = nullptr;
+  std::atomic<WarningSink> sink{nullptr};
   void process(const c10::Warning& warning) override {
-    if (sink == nullptr) {
+    WarningSink to = sink.load(std::memory_order_acquire);
+    if (to == nullptr) {
       c10::WarningHandler::process(warning);
       return;
     }
     const auto& where = warning.source_location();
     int deprecation = std::holds_alternative<c10::DeprecationWarning>(warning.type()) ? 1 : 0;
-    sink(warning.msg().c_str(), where.file == nullptr ? "" : where.file, where.line, deprecation);
+    to(warning.msg().c_str(), where.file == nullptr ? "" : where.file, where.line, deprecation);
   }
 };
 
+// One handler for every routed thread (a thread spawned per training step
+// routes its warnings too, so one per thread would add up). It is never
+// freed: libtorch may still warn while a thread's other thread-locals, or
+// the process's statics, are torn down.
+WarningToSink* routed_warnings() {
+  static WarningToSink* const handler = new WarningToSink();
+  return handler;
+}
+
 }  // namespace
 
-// Hands the calling thread's libtorch warnings to `sink` from now on (the
-// message and file live for the call only). The handler is never freed:
-// libtorch may still warn while the thread's other thread-locals are torn
-// down.
+// Hands the libtorch warnings of the calling thread, and of every thread
+// routed before, to `sink` from now on (the message and file live for the
+// call only).
 extern "C" void rsb_route_thread_warnings(WarningSink sink) {
-  thread_local WarningToSink* handler = new WarningToSink();
-  handler->sink = sink;
+  WarningToSink* handler = routed_warnings();
+  handler->sink.store(sink, std::memory_order_release);
   c10::WarningUtils::set_warning_handler(handler);
 }
 

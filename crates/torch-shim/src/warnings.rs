@@ -6,7 +6,14 @@
 //! a write that waits on whoever reads stderr. libtorch keeps its handler
 //! per thread, so [`route_this_threads_warnings`] covers the thread that
 //! calls it (the worker calls it on its main thread, which runs its
-//! start-up and its training loop); other threads keep libtorch's default.
+//! start-up and its training loop), and [`route_this_threads_warnings_too`]
+//! a thread that thread starts for libtorch work (the gradient reducer, the
+//! stop votes).
+//! The warnings of the autograd engine's own device threads need neither:
+//! the engine gathers them and issues them again on the thread that called
+//! the backward pass (`DelayWarningHandler` in libtorch's
+//! `torch/csrc/autograd/graph_task.h`). Other threads keep libtorch's
+//! default.
 
 use std::ffi::{c_char, CStr};
 use std::sync::RwLock;
@@ -48,6 +55,17 @@ pub fn route_this_threads_warnings(sink: WarningSink) {
     *SINK.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(sink);
     // SAFETY: `hand_over` is a function that lives as long as the process.
     unsafe { rsb_route_thread_warnings(hand_over) };
+}
+
+/// From now on, the libtorch warnings issued on this thread go where those
+/// of the threads routed by [`route_this_threads_warnings`] go; nothing
+/// changes if no thread was routed. For a thread that a routed thread starts
+/// to run libtorch work, so that its warnings are logged as that thread's.
+pub fn route_this_threads_warnings_too() {
+    let sink = *SINK.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(sink) = sink {
+        route_this_threads_warnings(sink);
+    }
 }
 
 /// Issues `message` as a libtorch warning on this thread, through
@@ -101,7 +119,8 @@ mod tests {
     }
 
     #[test]
-    fn a_routed_threads_warnings_reach_the_sink_and_another_threads_do_not() {
+    fn a_routed_threads_warnings_reach_the_sink_as_do_a_joining_threads_and_another_threads_do_not()
+    {
         std::thread::spawn(|| {
             route_this_threads_warnings(keep);
             warn("a warning issued by the test");
@@ -121,5 +140,18 @@ mod tests {
         // A thread that did not route its warnings keeps libtorch's handler.
         std::thread::spawn(|| warn("a warning of another thread")).join().unwrap();
         assert!(seen_with("a warning of another thread").is_empty());
+        // One that joins the routed threads reaches their sink.
+        std::thread::spawn(|| {
+            route_this_threads_warnings_too();
+            warn("a warning of a joining thread");
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            seen_with("a warning of a joining thread").len(),
+            1,
+            "{:?}",
+            SEEN.lock().unwrap()
+        );
     }
 }

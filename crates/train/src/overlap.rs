@@ -248,6 +248,8 @@ impl GradientBuckets {
             let reducer = std::thread::Builder::new().name("grad-reducer".into()).spawn_scoped(
                 scope,
                 move || {
+                    // Its libtorch warnings are logged as the training thread's.
+                    rsb_torch_shim::warnings::route_this_threads_warnings_too();
                     let plan = Plan {
                         params: &params,
                         names,

@@ -107,6 +107,8 @@ pub fn write_while_answering<T>(
     let (written, answered) = std::thread::scope(|scope| {
         let answering = std::thread::Builder::new().name("write-votes".into());
         let answering = spawn_answering(answering, scope, move || -> Result<bool, TrainError> {
+            // Its votes are libtorch work (device buffers): warnings as the trainer's.
+            rsb_torch_shim::warnings::route_this_threads_warnings_too();
             loop {
                 let (finished, failed) = match done_rx.recv_timeout(poll) {
                     Ok(ok) => (true, !ok),

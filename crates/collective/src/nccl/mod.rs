@@ -697,6 +697,7 @@ impl Collective for NcclCollective {
     }
 
     fn broadcast(&mut self, buffer: Buffer<'_>, root: usize) -> Result<(), CollectiveError> {
+        crate::check_root(self.rank, self.world, root)?;
         let (ptr, len, kind, name) = Self::device_buffer(buffer)?;
         let p = ptr as *mut std::ffi::c_void;
         self.run(format!("ncclBroadcast of {len} {name} from rank {root}"), |nccl, comm, stream| {
