@@ -192,6 +192,9 @@ pub struct Beat {
     pub failure: Option<String>,
 }
 
+/// The longest heartbeat interval members are told to use
+/// ([`Job::heartbeat_interval`]).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// Default of [`Job::join_timeout`], as torchrun's rendezvous `join_timeout`.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default of [`Job::rejoin_timeout`].
@@ -233,8 +236,6 @@ pub struct Job {
     pub recipe_yaml: String,
     /// Run folder.
     pub out_dir: PathBuf,
-    /// Heartbeat interval members are told to use.
-    pub heartbeat_interval: Duration,
     /// A member silent for this long fails the job.
     pub heartbeat_timeout: Duration,
     /// How long after a generation starts its ranks may take to publish
@@ -585,7 +586,6 @@ impl Job {
             recipe,
             recipe_yaml,
             out_dir,
-            heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(30),
             rendezvous_timeout: DEFAULT_RENDEZVOUS_TIMEOUT,
             running_since: None,
@@ -631,11 +631,17 @@ impl Job {
         self.next_member
     }
 
+    /// Restarts of every rank in a row without a committed checkpoint.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
     /// A restored job's counters: ids go on from `next_member`; `started`
-    /// as saved; no generation reason pending.
-    pub(crate) fn restore_counters(&mut self, next_member: u64, started: bool) {
+    /// and `restarts` as saved; no generation reason pending.
+    pub(crate) fn restore_counters(&mut self, next_member: u64, started: bool, restarts: u32) {
         self.next_member = next_member;
         self.started = started;
+        self.restarts = restarts;
         self.reasons.clear();
     }
 
@@ -794,10 +800,18 @@ impl Job {
                  TCP ring, whose listeners other hosts must reach"
             )));
         }
+        let id = format!("{}m{}-{}", self.member_prefix, self.next_member + 1, host);
+        if id.len() > crate::service::MAX_NAME_LEN {
+            return Err(JobError::Invalid(format!(
+                "host name {host} is too long: its member id {id} is {} bytes, and calls carry \
+                 at most {} (give a shorter --host-name)",
+                id.len(),
+                crate::service::MAX_NAME_LEN
+            )));
+        }
         let secret = Secret::generate()
             .map_err(|e| JobError::Precondition(format!("cannot make a member secret: {e}")))?;
         self.next_member += 1;
-        let id = format!("{}m{}-{}", self.member_prefix, self.next_member, host);
         let member = Member {
             id: id.clone(),
             host: host.to_string(),
@@ -1015,6 +1029,15 @@ impl Job {
             Phase::Failed(reason) => Some(reason),
             _ => None,
         }
+    }
+
+    /// The heartbeat interval members are told to use: [`HEARTBEAT_INTERVAL`],
+    /// or a quarter of the heartbeat timeout where that is shorter (at least
+    /// 100 ms, the shortest an agent takes), so that a member is silent past
+    /// the timeout only after about four beats missed, whatever timeout
+    /// `--heartbeat-timeout-secs` gives.
+    pub fn heartbeat_interval(&self) -> Duration {
+        HEARTBEAT_INTERVAL.min(self.heartbeat_timeout / 4).max(Duration::from_millis(100))
     }
 
     /// Deals with members silent too long: a fixed job fails; an elastic
@@ -1724,6 +1747,30 @@ pub(crate) mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: None,
+        }
+    }
+
+    #[test]
+    fn a_host_name_too_long_for_its_member_id_is_refused_naming_it() {
+        let mut j = job(2);
+        let long = "h".repeat(crate::service::MAX_NAME_LEN);
+        let e = join(&mut j, &long, 1).unwrap_err();
+        assert!(matches!(&e, JobError::Invalid(m) if m.contains("too long")), "{e:?}");
+        assert!(j.members.is_empty(), "the refused host was counted");
+        let id = join(&mut j, "a", 1).unwrap();
+        assert_eq!(id, "m1-a", "the refused host used up a member number");
+    }
+
+    #[test]
+    fn members_beat_about_four_times_within_any_heartbeat_timeout() {
+        let mut j = job(1);
+        for (timeout_secs, interval_ms) in [(30, 2000), (8, 2000), (5, 1250), (2, 500), (1, 250)] {
+            j.heartbeat_timeout = Duration::from_secs(timeout_secs);
+            assert_eq!(
+                j.heartbeat_interval(),
+                Duration::from_millis(interval_ms),
+                "--heartbeat-timeout-secs {timeout_secs}"
+            );
         }
     }
 

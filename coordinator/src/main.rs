@@ -175,7 +175,8 @@ struct UpArgs {
     #[arg(long, conflicts_with = "resume")]
     restore: bool,
     /// A worker host silent (no heartbeat) for this many seconds fails
-    /// the job, naming the host.
+    /// the job, naming the host (hosts beat every 2 s, or every quarter of
+    /// this when that is shorter).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_timeout_secs: u64,
     /// Each generation's ranks must publish their rendezvous data (ring
@@ -448,7 +449,14 @@ async fn up(args: UpArgs) -> Result<()> {
     if local && identity.is_some() && tls.tls_ca.is_none() {
         bail!("--local with --tls-cert needs --tls-ca (the CA certificate that signed it)");
     }
-    if identity.is_none() && !bound.ip().is_loopback() {
+    let with_tls = identity.is_some();
+    let server = rsb_coordinator::service::server(identity).with_context(|| match &tls {
+        TlsArgs { tls_cert: Some(cert), tls_key: Some(key), .. } => {
+            format!("TLS: the certificate {} or the key {}", cert.display(), key.display())
+        }
+        _ => "configuring the server".to_string(),
+    })?;
+    if !with_tls && !bound.ip().is_loopback() {
         tracing::warn!(
             "listening on {bound} without TLS: calls, the job token included, cross the \
              network in clear text; give --tls-cert and --tls-key"
@@ -465,9 +473,9 @@ async fn up(args: UpArgs) -> Result<()> {
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(rsb_coordinator::service::serve(
+        server,
         shared.clone(),
         token.clone(),
-        identity,
         listener,
         async {
             let _ = stop_rx.await;

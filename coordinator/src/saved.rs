@@ -72,6 +72,10 @@ pub struct SavedCheckpoint {
     pub path: String,
 }
 
+/// The largest generation or member count a state file may hold: 2^32, far
+/// past any job's, far below where counting on would overflow.
+pub const MAX_SAVED_COUNTER: u64 = 1 << 32;
+
 /// The saved job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +110,11 @@ pub struct SavedJob {
     pub resume_step: Option<u64>,
     /// Member ids handed out so far (ids stay unique after a restore).
     pub next_member: u64,
+    /// Restarts of every rank in a row without a committed checkpoint
+    /// (`--max-restarts` counts on across a coordinator restart). Absent
+    /// from the files of earlier builds: 0.
+    #[serde(default)]
+    pub restarts: u32,
     /// [`Secret::fingerprint`] of the job token (`null` only for a job
     /// that never had one, which restores with any token).
     pub token_fingerprint: Option<String>,
@@ -170,6 +179,7 @@ impl SavedJob {
             resume_from: job.resume_from.clone(),
             resume_step: job.resume_step,
             next_member: job.next_member(),
+            restarts: job.restarts(),
             token_fingerprint: job.token_fingerprint.clone(),
         }
     }
@@ -252,6 +262,17 @@ impl Job {
                 out_dir.display()
             )));
         }
+        // Counters a job cannot reach: a damaged file, not a job to count on
+        // from (one more would overflow).
+        for (field, value) in [("generation", saved.generation), ("next_member", saved.next_member)]
+        {
+            if value > MAX_SAVED_COUNTER {
+                return Err(JobError::Invalid(format!(
+                    "{STATE_FILE}: `{field}` {value} is past any a job reaches (at most \
+                     {MAX_SAVED_COUNTER}): the file is damaged"
+                )));
+            }
+        }
         let fingerprint = token.fingerprint();
         if saved.token_fingerprint.as_ref().is_some_and(|saved| *saved != fingerprint) {
             return Err(JobError::Precondition(format!(
@@ -273,7 +294,7 @@ impl Job {
         job.set_node_bounds(saved.min_nodes, saved.max_nodes)?;
         job.id = saved.job_id.clone();
         job.generation = saved.generation;
-        job.restore_counters(saved.next_member, saved.started);
+        job.restore_counters(saved.next_member, saved.started, saved.restarts);
         job.members =
             saved.members.iter().chain(&saved.pending).map(member).collect::<Result<_, _>>()?;
         job.checkpoints = saved
@@ -375,6 +396,18 @@ mod tests {
         let ended = SavedJob { ended: Some("finished".into()), ..saved.clone() };
         let e = Job::restore(recipe(), tmp.path().to_path_buf(), ended, &token).unwrap_err();
         assert!(e.to_string().contains("already ended"), "{e}");
+        // Restarts in a row count on across the coordinator's restart.
+        let twice = SavedJob { restarts: 2, ..saved.clone() };
+        let restored = Job::restore(recipe(), tmp.path().to_path_buf(), twice, &token).unwrap();
+        assert_eq!((restored.restarts(), SavedJob::of(&restored).restarts), (2, 2));
+        // Counters no job reaches (a corrupt file) are named, not counted on from.
+        for (field, corrupt) in [
+            ("generation", SavedJob { generation: u64::MAX, ..saved.clone() }),
+            ("next_member", SavedJob { next_member: u64::MAX, ..saved.clone() }),
+        ] {
+            let e = Job::restore(recipe(), tmp.path().to_path_buf(), corrupt, &token).unwrap_err();
+            assert!(e.to_string().contains(&format!("`{field}` {}", u64::MAX)), "{e}");
+        }
         // A member's rank count out of range (a corrupt file) is named, not allocated.
         for local_ranks in [0, u32::MAX] {
             let mut corrupt = saved.clone();
@@ -391,5 +424,16 @@ mod tests {
         std::fs::write(tmp.path().join(STATE_FILE), "{\"format\": 1, \"job_id\": 3}").unwrap();
         let e = SavedJob::read(tmp.path()).unwrap_err().to_string();
         assert!(e.contains(STATE_FILE) && e.contains("job_id"), "{e}");
+    }
+
+    #[test]
+    fn a_state_file_of_an_earlier_build_without_restarts_reads_as_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 1);
+        job.state_file = Some(tmp.path().join(STATE_FILE));
+        let mut value = serde_json::to_value(SavedJob::of(&job)).unwrap();
+        value.as_object_mut().unwrap().remove("restarts").expect("saved");
+        std::fs::write(tmp.path().join(STATE_FILE), value.to_string()).unwrap();
+        assert_eq!(SavedJob::read(tmp.path()).unwrap().restarts, 0);
     }
 }

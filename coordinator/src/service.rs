@@ -38,6 +38,8 @@ use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
+use tower::layer::util::{Identity, Stack};
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 /// Longest host name, member id, job id, ring address or evaluation-set name.
 pub const MAX_NAME_LEN: usize = 255;
@@ -271,25 +273,46 @@ pub fn service(
     InterceptedService::new(server, TokenCheck::new(token))
 }
 
-/// Serves [`service`] on `listener` until `shutdown` completes, with at most
-/// [`MAX_CALLS_PER_CONNECTION`] calls per connection and [`MAX_CALLS`] in
-/// all; over TLS (rustls) when `tls` gives the certificate and key.
+/// How long a peer may take over its TLS handshake before its connection
+/// is closed: one that opens a connection and says nothing holds nothing.
+pub const TLS_HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A tonic server with the limits of [`server`].
+pub type LimitedServer = tonic::transport::Server<Stack<GlobalConcurrencyLimitLayer, Identity>>;
+
+/// The server [`serve`] runs: at most [`MAX_CALLS_PER_CONNECTION`] calls
+/// per connection and [`MAX_CALLS`] in all; over TLS (rustls) when `tls`
+/// gives the certificate and key, with a handshake of at most
+/// [`TLS_HANDSHAKE_DEADLINE`]. The certificate and key are checked here,
+/// so that ones that do not parse are an error before the coordinator says
+/// it listens, not a server that never does.
+pub fn server(
+    tls: Option<tonic::transport::Identity>,
+) -> Result<LimitedServer, tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                .timeout(TLS_HANDSHAKE_DEADLINE),
+        )?;
+    }
+    Ok(builder
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION as u32)
+        .layer(GlobalConcurrencyLimitLayer::new(MAX_CALLS)))
+}
+
+/// Serves [`service`] with `server` (from [`server`]) on `listener` until
+/// `shutdown` completes.
 pub async fn serve(
+    mut server: LimitedServer,
     shared: Shared,
     token: Secret,
-    tls: Option<tonic::transport::Identity>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(identity) = tls {
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
-    builder
-        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
-        .max_concurrent_streams(MAX_CALLS_PER_CONNECTION as u32)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CALLS))
+    server
         .add_service(service(shared, token))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -366,6 +389,14 @@ impl TryFrom<pb::JoinRequest> for Join {
         required("host_name", &r.host_name, MAX_NAME_LEN)?;
         if r.host_name.chars().any(char::is_whitespace) {
             return Err(Status::invalid_argument("`host_name` holds white space"));
+        }
+        // It names the member in the metadata of every call the member
+        // makes, which carries visible ASCII only.
+        if !r.host_name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(format!(
+                "`host_name` {:?} is not visible ASCII (a DNS name or an address)",
+                r.host_name
+            )));
         }
         let kind = match pb::DeviceKind::try_from(r.device_kind) {
             Ok(pb::DeviceKind::Cpu) => DeviceKind::Cpu,
@@ -459,7 +490,7 @@ impl Coordinator for Shared {
             .map_err(status)?;
         let response = match placement {
             Placement::Member { job, id, secret, pending } => {
-                let interval = self.update_job(job, |job| job.heartbeat_interval);
+                let interval = self.update_job(job, |job| job.heartbeat_interval());
                 pb::JoinResponse {
                     member_id: id,
                     heartbeat_interval_ms: interval.as_millis() as u32,
@@ -839,6 +870,17 @@ mod tests {
             })
         };
         assert!(join("10.0.0.1").is_ok());
+        let named = |host_name: &str| {
+            Join::try_from(pb::JoinRequest {
+                host_name: host_name.into(),
+                advertise_address: "10.0.0.1".into(),
+                device_kind: pb::DeviceKind::Cpu as i32,
+                local_ranks: 1,
+            })
+        };
+        assert!(named("gpu-07.cluster").is_ok());
+        let e = named("gpu-α").err().unwrap();
+        assert!(e.message().contains("not visible ASCII"), "{}", e.message());
         let e = join("10.0.0.1:80").err().unwrap();
         assert!(e.message().contains("advertise_address"), "{}", e.message());
         let ring = pb::RendezvousRequest {

@@ -15,7 +15,9 @@
 //!   environment does carry them.
 //!
 //! With `--tls-cert`/`--tls-key` the coordinator serves TLS: a worker given
-//! the CA joins over `https://`, and a plain-text client gets nowhere.
+//! the CA joins over `https://`, a plain-text client gets nowhere, and a
+//! connection that never starts its handshake is closed at a deadline. A
+//! certificate or key that does not parse fails `up` before it listens.
 //!
 //! The ring's challenge-response (an impostor on a ring port is refused) is
 //! tested in `rsb-collective` (`ring::tests`), where both sides can be
@@ -532,5 +534,57 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
         tokio::time::timeout(Duration::from_secs(10), attempt).await
     });
     assert!(!matches!(plain, Ok(Ok(_))), "a plain-text call was answered: {plain:?}");
+    // A connection that never starts its TLS handshake is closed at the
+    // handshake deadline (10 s): a stranger's silence holds nothing open.
+    use std::io::Read;
+    let mut silent = std::net::TcpStream::connect(bound).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let opened = Instant::now();
+    let closed = silent.read(&mut [0u8; 64]);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "a silent connection was kept open for {:?}: {closed:?}",
+        opened.elapsed()
+    );
+    assert!(opened.elapsed() < Duration::from_secs(30), "closed after {:?}", opened.elapsed());
     let _ = Command::new("kill").arg(rank.to_string()).status();
+}
+
+#[test]
+fn a_certificate_or_key_that_does_not_parse_fails_up_at_once_naming_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    let up = Command::new(binary("coordinator"))
+        .env(TOKEN_ENV, "tls-test-token-6b0f2d9c1e")
+        .args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--join-timeout-secs", "60"])
+        .arg("--recipe")
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Well before the join timeout: the files are checked before listening.
+    let out = rsb_integration_tests::processes::wait_with_timeout(
+        up,
+        Duration::from_secs(30),
+        "coordinator up with a broken certificate",
+    );
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("listening"), "it said it listens:\n{stdout}");
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("TLS"),
+        "the error does not name the key:\n{stderr}"
+    );
 }
