@@ -11,3 +11,14 @@ pub mod saved;
 pub mod service;
 pub mod state;
 pub mod sweep;
+
+/// `println!` that never waits on a stdout nobody reads once
+/// `rsb_logging::init_non_blocking` ran (`coordinator up` runs it: a line
+/// printed under the job's lock must not stop every call), and never panics
+/// on a closed one: [`rsb_logging::stdout_line`] of the formatted line.
+#[macro_export]
+macro_rules! print_line {
+    ($($arg:tt)*) => {
+        rsb_logging::stdout_line(&format!($($arg)*))
+    };
+}

@@ -255,14 +255,35 @@ impl TlsArgs {
 
 fn main() {
     let cli = Cli::parse();
-    rsb_logging::init(cli.log_format);
+    // A coordinator's lines are written while it holds a job's lock: one
+    // that waited on a stdout or stderr nobody reads (a stalled log
+    // collector, a terminal paused with Ctrl-S) would stop every call, and
+    // the hosts would look silent. Its other commands print and end.
+    let output = match cli.command {
+        Command::Up(_) => Some(rsb_logging::init_non_blocking(cli.log_format)),
+        _ => {
+            rsb_logging::init(cli.log_format);
+            None
+        }
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let outcome = runtime.block_on(run(cli));
     // Writes still running on the blocking pool (a metrics append stalled
     // on a hung disk) get a deadline, not a wait for ever.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_DEADLINE);
+    if let Some(output) = &output {
+        let dropped = (output.dropped_stdout_lines(), output.dropped_stderr_lines());
+        if dropped != (0, 0) {
+            rsb_logging::stderr_line(&rsb_logging::warning_line(&format!(
+                "{} line(s) of stdout and {} of stderr were dropped: they were not read fast \
+                 enough (metrics.jsonl in the run folder holds every record)",
+                dropped.0, dropped.1
+            )));
+        }
+    }
     if let Err(e) = outcome {
         rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
+        drop(output);
         std::process::exit(1);
     }
 }
@@ -276,11 +297,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plan { recipe, overrides, ranks } => {
             let recipe = recipe.load(&overrides)?;
             let plan = BatchPlan::new(&recipe, ranks)?;
-            println!(
+            rsb_coordinator::print_line!(
                 "{}: global batch {} = micro-batch {} x {} accumulation step(s) x {} rank(s)",
-                recipe.name, plan.global_size, plan.micro_size, plan.accumulation, plan.world_size
+                recipe.name,
+                plan.global_size,
+                plan.micro_size,
+                plan.accumulation,
+                plan.world_size
             );
-            println!(
+            rsb_coordinator::print_line!(
                 "  model {}: train at {} px, test at {} px (crop {})",
                 recipe.model.name,
                 recipe.augment.input_size,
@@ -288,7 +313,10 @@ async fn run(cli: Cli) -> Result<()> {
                 recipe.eval.crop_pct
             );
             for rank in 0..ranks {
-                println!("  rank {rank}: sampler streams {:?}", plan.streams_of(rank));
+                rsb_coordinator::print_line!(
+                    "  rank {rank}: sampler streams {:?}",
+                    plan.streams_of(rank)
+                );
             }
             Ok(())
         }
@@ -307,17 +335,21 @@ fn report(dir: &Path, dir_b: Option<&Path>) -> Result<()> {
         None => rsb_report::report(dir)?,
         Some(b) => rsb_report::compare(dir, b)?,
     };
-    println!("{}", written.summary);
+    rsb_coordinator::print_line!("{}", written.summary);
     if !written.skipped.is_empty() {
-        println!(
+        rsb_coordinator::print_line!(
             "{} run(s) skipped as unfinished, {} reported (see the list above)",
             written.skipped.len(),
             written.runs
         );
     }
-    println!("wrote {} file(s) into {}:", written.files.len(), written.dir.display());
+    rsb_coordinator::print_line!(
+        "wrote {} file(s) into {}:",
+        written.files.len(),
+        written.dir.display()
+    );
     for file in &written.files {
-        println!("  {}", file.display());
+        rsb_coordinator::print_line!("  {}", file.display());
     }
     Ok(())
 }
@@ -335,8 +367,8 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         Credentials::token(token),
     );
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
-    println!("job {} generation {}: {}", s.job_id, s.generation, s.state);
-    println!(
+    rsb_coordinator::print_line!("job {} generation {}: {}", s.job_id, s.generation, s.state);
+    rsb_coordinator::print_line!(
         "members {}/{} (min {}, max {}):",
         s.members.len(),
         s.nodes_expected,
@@ -344,23 +376,29 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         s.max_nodes
     );
     for m in &s.members {
-        println!(
+        rsb_coordinator::print_line!(
             "  {} {} ranks={} last heartbeat {} ms ago",
-            m.member_id, m.host_name, m.local_ranks, m.last_heartbeat_ms_ago
+            m.member_id,
+            m.host_name,
+            m.local_ranks,
+            m.last_heartbeat_ms_ago
         );
     }
     if !s.pending.is_empty() {
-        println!("pending (admitted at the next generation):");
+        rsb_coordinator::print_line!("pending (admitted at the next generation):");
         for m in &s.pending {
-            println!(
+            rsb_coordinator::print_line!(
                 "  {} {} ranks={} last heartbeat {} ms ago",
-                m.member_id, m.host_name, m.local_ranks, m.last_heartbeat_ms_ago
+                m.member_id,
+                m.host_name,
+                m.local_ranks,
+                m.last_heartbeat_ms_ago
             );
         }
     }
-    println!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
+    rsb_coordinator::print_line!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
     if !s.sweep_runs.is_empty() {
-        println!("runs:");
+        rsb_coordinator::print_line!("runs:");
         for run in &s.sweep_runs {
             let state =
                 pb::SweepRunState::try_from(run.state).map_or("unknown", |state| match state {
@@ -385,7 +423,11 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
             } else {
                 format!("; last failure: {}", run.failure)
             };
-            println!("  {} {state} (attempts {}){progress}{hosts}{failure}", run.id, run.attempts);
+            rsb_coordinator::print_line!(
+                "  {} {state} (attempts {}){progress}{hosts}{failure}",
+                run.id,
+                run.attempts
+            );
         }
     }
     Ok(())
@@ -422,7 +464,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let waiting_since = std::time::Instant::now();
     let token = match given_token {
         Some((token, source)) => {
-            println!(
+            rsb_coordinator::print_line!(
                 "job token from {source}; workers need the same token (worker join \
                  --token-file FILE, or the environment variable {})",
                 auth::TOKEN_ENV
@@ -464,7 +506,7 @@ async fn up(args: UpArgs) -> Result<()> {
     }
     let shared = Shared::new(state);
     let folder = if matches!(work, Work::Sweep(_)) { "sweep folder" } else { "run folder" };
-    println!(
+    rsb_coordinator::print_line!(
         "coordinator listening on {bound}; waiting for {nodes} worker host(s); {folder} {}",
         out.display()
     );
@@ -591,7 +633,7 @@ async fn up(args: UpArgs) -> Result<()> {
                         .filter(|v| v.state == RunState::Failed)
                         .map(|v| v.id.as_str())
                         .collect();
-                    println!(
+                    rsb_coordinator::print_line!(
                         "sweep over: {} finished, {} failed of {} run(s); report with \
                          `coordinator report {}`",
                         counts.finished,
@@ -718,7 +760,7 @@ fn restore_job(
     job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
     job.max_restarts = args.elastic.max_restarts;
     job.state_file = Some(out.join(STATE_FILE));
-    println!(
+    rsb_coordinator::print_line!(
         "restored job {} in {}: generation {} over {} host(s), from {}",
         job.id,
         out.display(),
@@ -839,7 +881,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
     }
     let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let kept = runs.iter().filter(|r| r.state == RunState::Finished).count();
-    println!(
+    rsb_coordinator::print_line!(
         "sweep of {} run(s) in {}: {kept} finished before (kept), {} to run; {} rank(s) per run{}",
         runs.len(),
         dir.display(),
@@ -895,7 +937,7 @@ fn generate_job_token(out: &Path) -> Result<Secret> {
     let token = Secret::generate()?;
     let path = out.join(auth::TOKEN_FILE_NAME);
     auth::write_token_file(&path, &token)?;
-    println!(
+    rsb_coordinator::print_line!(
         "job token written to {} (mode 0600); workers read it with \
          `worker join --token-file {}` or from the environment variable {}",
         path.display(),

@@ -1,4 +1,5 @@
-//! Where the coordinator's progress lines go: standard output, or, while
+//! Where the coordinator's progress lines go: standard output (through
+//! [`rsb_logging::stdout_line`]: never waiting, never panicking), or, while
 //! terminal progress bars are drawn, above them (so lines and bars do not
 //! garble each other). Every line of a sweep's run carries the run's id.
 
@@ -28,7 +29,7 @@ impl Printer {
             Some(bars) if !bars.is_hidden() => {
                 let _ = bars.println(text);
             }
-            _ => println!("{text}"),
+            _ => rsb_logging::stdout_line(text),
         }
     }
 }

@@ -116,7 +116,7 @@ impl SweepProgress {
                     } else {
                         String::new()
                     };
-                    println!(
+                    crate::print_line!(
                         "sweep: {ended}/{} runs ended ({}), elapsed {}{eta}",
                         counts.total,
                         counts_text(&counts),

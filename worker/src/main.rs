@@ -147,7 +147,9 @@ fn main() {
     // rank's log file, never waiting on an agent's stderr.
     rsb_torch_shim::warnings::route_this_threads_warnings(log_libtorch_warning);
     let outcome = run(cli);
-    if let Some(dropped) = agent_stderr.as_ref().map(|s| s.dropped_lines()).filter(|&n| n > 0) {
+    if let Some(dropped) =
+        agent_stderr.as_ref().map(|s| s.dropped_stderr_lines()).filter(|&n| n > 0)
+    {
         rsb_logging::stderr_line(&rsb_logging::warning_line(&format!(
             "{dropped} line(s) of this agent's stderr (its ranks' included) were dropped: it was \
              not read fast enough (the ranks' own log files under the run folder hold theirs)"

@@ -24,24 +24,46 @@ pub const MAX_REPLACEMENTS: u32 = 16;
 /// Files that failed to decode: each is logged once, every use is counted.
 #[derive(Debug, Default)]
 pub struct BadFiles {
-    seen: Mutex<HashMap<String, String>>,
+    seen: Mutex<HashMap<String, Failure>>,
     replaced: AtomicU64,
 }
 
+/// Why a file failed first, and whether that lasts.
+#[derive(Debug, Clone)]
+struct Failure {
+    reason: String,
+    /// Its bytes do not decode: they will not next time either. A file that
+    /// could not be read (a network file system's timeout, too many open
+    /// files) is read again at its next use: a passing fault must not
+    /// replace a good image for the rest of the run.
+    lasting: bool,
+}
+
 impl BadFiles {
-    /// Records a failure of `sample`; logs it the first time it fails.
-    fn record(&self, sample: &Sample, reason: &str, what: &str) {
+    /// Records a failure of `sample` (`lasting`: its bytes do not decode);
+    /// logs it the first time it fails.
+    fn record(&self, sample: &Sample, reason: &str, lasting: bool, what: &str) {
         let name = sample.display();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(name) {
-            tracing::warn!(file = %slot.key(), %reason, "undecodable image; {what}");
-            slot.insert(reason.to_string());
+        match seen.entry(name) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let kind = if lasting { "undecodable image" } else { "unreadable image" };
+                tracing::warn!(file = %slot.key(), %reason, "{kind}; {what}");
+                slot.insert(Failure { reason: reason.to_string(), lasting });
+            }
+            std::collections::hash_map::Entry::Occupied(mut slot) if lasting => {
+                slot.get_mut().lasting = true;
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
         }
         self.replaced.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The reason `sample` will fail again, when it will: its bytes did not
+    /// decode.
     fn is_bad(&self, sample: &Sample) -> Option<String> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&sample.display()).cloned()
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(&sample.display()).filter(|f| f.lasting).map(|f| f.reason.clone())
     }
 
     /// The files that failed so far, with the reason of their first failure,
@@ -49,7 +71,7 @@ impl BadFiles {
     pub fn list(&self) -> Vec<(String, String)> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<(String, String)> =
-            seen.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+            seen.iter().map(|(k, f)| (k.clone(), f.reason.clone())).collect();
         v.sort();
         v
     }
@@ -219,18 +241,19 @@ impl TrainData {
                 stream as u64,
                 position as u64,
             ]);
+            // Err((reason, lasting)): lasting when the bytes do not decode.
             let augmented = match self.bad_files.is_bad(sample) {
-                Some(reason) => Err(reason),
-                None => sample.read().map_err(|e| failure_reason(&e)).and_then(|bytes| {
+                Some(reason) => Err((reason, true)),
+                None => sample.read().map_err(|e| (failure_reason(&e), false)).and_then(|bytes| {
                     self.transform
                         .apply_encoded(&bytes, &mut rng, self.scaled_decode)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| (e.to_string(), true))
                 }),
             };
             match augmented {
                 Ok(img) => return Ok((img.data, sample.label)),
-                Err(reason) => {
-                    self.bad_files.record(sample, &reason, "using another sample instead");
+                Err((reason, lasting)) => {
+                    self.bad_files.record(sample, &reason, lasting, "using another sample instead");
                     last = reason;
                     let mut rng = Rng::from_key(&[
                         self.seed,
@@ -401,11 +424,12 @@ impl EvalData {
             EvalBatch { len: 0, size, images: Vec::new(), labels: Vec::new(), indices: Vec::new() };
         for index in start..end {
             let sample = &self.folder.samples()[index];
-            let transformed = sample.read().map_err(|e| failure_reason(&e)).and_then(|b| {
-                decode_bytes(&b)
-                    .and_then(|img| self.transform.apply(&img))
-                    .map_err(|e| e.to_string())
-            });
+            let transformed =
+                sample.read().map_err(|e| (failure_reason(&e), false)).and_then(|b| {
+                    decode_bytes(&b)
+                        .and_then(|img| self.transform.apply(&img))
+                        .map_err(|e| (e.to_string(), true))
+                });
             match transformed {
                 Ok(out) => {
                     batch.images.extend_from_slice(&out.data);
@@ -413,7 +437,9 @@ impl EvalData {
                     batch.indices.push(index);
                     batch.len += 1;
                 }
-                Err(reason) => self.bad_files.record(sample, &reason, "skipped"),
+                Err((reason, lasting)) => {
+                    self.bad_files.record(sample, &reason, lasting, "skipped")
+                }
             }
         }
         Ok(batch)

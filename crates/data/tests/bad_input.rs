@@ -238,6 +238,44 @@ fn training_replaces_and_counts_bad_files_and_evaluation_skips_them() {
 }
 
 #[test]
+fn a_file_that_could_not_be_read_is_read_again_at_its_next_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = fixtures().join("files");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(tmp.path().join(class)).unwrap();
+        std::fs::copy(files.join("hopper.jpg"), tmp.path().join(class).join("hopper.jpg")).unwrap();
+    }
+    // Unreadable for now (a link to a file not there yet): a passing fault,
+    // as a network file system's timeout.
+    let target = tmp.path().join("arrives-later.jpg");
+    std::os::unix::fs::symlink(&target, tmp.path().join("b").join("flower.jpg")).unwrap();
+    let folder = ImageFolder::open(tmp.path()).unwrap();
+    let flower = folder.samples().iter().position(|s| s.display().ends_with("flower.jpg"));
+    let flower = flower.expect("the link is a sample");
+    let n = folder.len();
+    let sampler = StreamSampler::new(n, 1, SamplerKind::Distributed, 0);
+    let data = Arc::new(TrainData::new(folder, transform(), None, 0.0, sampler, n, 2, 0).unwrap());
+    let labels_of = |data: &Arc<TrainData>| {
+        let batch = data.epoch_loader(&mut data.rank_sampler(1, 0).unwrap(), 1, 1).unwrap();
+        let batches: Vec<_> = batch.map(|b| b.unwrap()).collect();
+        (batches[0].labels.clone(), batches[0].images.clone())
+    };
+    let unread = labels_of(&data);
+    let replaced = data.bad_files().replacements();
+    assert!(replaced >= 1, "the unreadable file was not replaced");
+    std::fs::copy(files.join("flower.jpg"), &target).unwrap();
+    let read = labels_of(&data);
+    assert_eq!(data.bad_files().replacements(), replaced, "the file, readable now, was replaced");
+    assert_ne!(unread, read, "the same samples as when the file was unreadable");
+    // The same batch as a fresh run over the readable folder makes.
+    let fresh = ImageFolder::open(tmp.path()).unwrap();
+    assert!(fresh.samples()[flower].display().ends_with("flower.jpg"));
+    let sampler = StreamSampler::new(n, 1, SamplerKind::Distributed, 0);
+    let fresh = Arc::new(TrainData::new(fresh, transform(), None, 0.0, sampler, n, 2, 0).unwrap());
+    assert_eq!(labels_of(&fresh), read);
+}
+
+#[test]
 fn all_bad_files_stop_training_with_an_error_not_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let files = fixtures().join("files");

@@ -18,7 +18,7 @@
 //! ranks' lines and must keep answering the coordinator when whoever reads
 //! its stderr stalls) logs through [`init_non_blocking`]: its lines go
 //! through a bounded buffer to a writer thread, and lines that do not fit
-//! are dropped and counted ([`NonBlockingStderr::dropped_lines`]). Its
+//! are dropped and counted ([`NonBlockingOutput::dropped_stderr_lines`]). Its
 //! panics are reported the same way (Rust's own panic report waits on
 //! stderr).
 
@@ -83,36 +83,77 @@ fn export_format(format: LogFormat) {
     std::env::set_var(FORMAT_ENV, format.name());
 }
 
-/// Lines the non-blocking stderr buffers before it drops them: a few MiB.
+/// Lines each non-blocking stream buffers before it drops them: a few MiB.
 pub const BUFFERED_LINES: usize = 16 * 1024;
 
-/// As [`init`], but the log lines (and [`stderr_line`]'s) go to stderr
-/// through a buffer of [`BUFFERED_LINES`] lines and a writer thread, so
-/// that no thread of the process ever waits on a stderr nobody reads: lines
-/// that do not fit are dropped and counted. A panic's report goes the same
-/// way, in the words of Rust's own (which would write to stderr directly):
-/// the panic hook installed here replaces any installed before.
+/// As [`init`], but the log lines (and [`stderr_line`]'s) go to stderr, and
+/// [`stdout_line`]'s to stdout, each through a buffer of [`BUFFERED_LINES`]
+/// lines and a writer thread, so that no thread of the process ever waits
+/// on a stream nobody reads (nor panics on one closed): lines that do not
+/// fit are dropped and counted. A panic's report goes the same way, in the
+/// words of Rust's own (which would write to stderr directly): the panic
+/// hook installed here replaces any installed before.
 /// Keep the returned value until the process ends: dropping it gives the
 /// buffered lines a bounded time to be written.
-pub fn init_non_blocking(format: LogFormat) -> NonBlockingStderr {
+pub fn init_non_blocking(format: LogFormat) -> NonBlockingOutput {
     export_format(format);
-    let written = Arc::new(AtomicUsize::new(0));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("stderr-writer")
-        .finish(CountingStderr { written: Arc::clone(&written) });
-    let dropped = writer.error_counter();
-    let writer = CountingWriter { inner: writer, sent: Arc::new(AtomicUsize::new(0)) };
-    let sent = Arc::clone(&writer.sent);
-    let _ = NON_BLOCKING_STDERR.set(writer.clone());
-    install(format, writer);
+    let stdout = NonBlockingStream::start(Stream::Stdout);
+    let stderr = NonBlockingStream::start(Stream::Stderr);
+    let _ = NON_BLOCKING_STDOUT.set(stdout.writer.clone());
+    let _ = NON_BLOCKING_STDERR.set(stderr.writer.clone());
+    install(format, stderr.writer.clone());
     std::panic::set_hook(Box::new(move |info| report_panic(format, info)));
-    NonBlockingStderr { guard: Some(guard), dropped, sent, written }
+    NonBlockingOutput { stdout, stderr }
 }
+
+/// The non-blocking stdout, once [`init_non_blocking`] installed it.
+static NON_BLOCKING_STDOUT: OnceLock<CountingWriter> = OnceLock::new();
 
 /// The non-blocking stderr, once [`init_non_blocking`] installed it.
 static NON_BLOCKING_STDERR: OnceLock<CountingWriter> = OnceLock::new();
+
+/// One of the process's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    /// Writes `bytes` whole, a failure ignored (a closed stream takes
+    /// nothing; `print!` would panic).
+    fn write_all(self, bytes: &[u8]) {
+        let _ = match self {
+            Stream::Stdout => {
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(bytes).and_then(|()| stdout.flush())
+            }
+            Stream::Stderr => std::io::stderr().write_all(bytes),
+        };
+    }
+
+    /// Its non-blocking writer, once [`init_non_blocking`] installed it.
+    fn non_blocking(self) -> Option<&'static CountingWriter> {
+        match self {
+            Stream::Stdout => NON_BLOCKING_STDOUT.get(),
+            Stream::Stderr => NON_BLOCKING_STDERR.get(),
+        }
+    }
+
+    /// Writes `line` and a newline in one write: through the non-blocking
+    /// writer when there is one (never waiting), else directly.
+    fn line(self, line: &str) {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        match self.non_blocking() {
+            Some(writer) => {
+                let _ = writer.clone().write_all(&bytes);
+            }
+            None => self.write_all(&bytes),
+        }
+    }
+}
 
 /// The non-blocking writer, counting the lines handed to it (each write is
 /// one line, and one message to the writer thread).
@@ -145,25 +186,26 @@ impl<'a> MakeWriter<'a> for CountingWriter {
     }
 }
 
-/// stderr as the writer thread sees it: each line is written whole, and
-/// counted once written (or failed: a closed stderr takes nothing).
-struct CountingStderr {
+/// A stream as its writer thread sees it: each line is written whole, and
+/// counted once written (or failed: a closed stream takes nothing).
+struct CountingStream {
+    stream: Stream,
     written: Arc<AtomicUsize>,
 }
 
-impl Write for CountingStderr {
+impl Write for CountingStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        std::io::stderr().write(buf)
+        self.write_all(buf).map(|()| buf.len())
     }
 
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        let _ = std::io::stderr().write_all(buf);
+        self.stream.write_all(buf);
         self.written.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        Ok(())
     }
 }
 
@@ -189,17 +231,14 @@ where
 /// (never waiting), else directly. A failed write is ignored (not
 /// `eprintln!`, which panics when stderr is gone).
 pub fn stderr_line(line: &str) {
-    let mut bytes = Vec::with_capacity(line.len() + 1);
-    bytes.extend_from_slice(line.as_bytes());
-    bytes.push(b'\n');
-    match NON_BLOCKING_STDERR.get() {
-        Some(writer) => {
-            let _ = writer.clone().write_all(&bytes);
-        }
-        None => {
-            let _ = std::io::stderr().write_all(&bytes);
-        }
-    }
+    Stream::Stderr.line(line);
+}
+
+/// Writes `line` and a newline to this process's stdout, as [`stderr_line`]
+/// does to stderr: never waiting once [`init_non_blocking`] ran, never
+/// panicking (`println!` panics when stdout is gone).
+pub fn stdout_line(line: &str) {
+    Stream::Stdout.line(line);
 }
 
 /// The message of a panic (its payload, when it is a string).
@@ -408,53 +447,92 @@ fn panic_error_line_in(format: LogFormat, info: &std::panic::PanicHookInfo<'_>) 
     }
 }
 
-/// How long dropping a [`NonBlockingStderr`] waits for its buffered lines.
+/// How long dropping a [`NonBlockingOutput`] waits for its buffered lines.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 
-/// The non-blocking stderr of [`init_non_blocking`]: when dropped, it waits
-/// up to [`DRAIN_DEADLINE`] for the lines handed to it to be written (or
-/// dropped), then leaves the rest: a reader that stalled gets no more time.
-#[must_use = "dropping it ends the writing of buffered lines"]
-pub struct NonBlockingStderr {
+/// One stream written through a buffer and a writer thread.
+struct NonBlockingStream {
+    writer: CountingWriter,
     guard: Option<WorkerGuard>,
     dropped: ErrorCounter,
-    /// Lines handed to the buffer.
-    sent: Arc<AtomicUsize>,
     /// Lines the writer thread has written.
     written: Arc<AtomicUsize>,
 }
 
-impl NonBlockingStderr {
-    /// Lines dropped so far because the buffer was full.
-    pub fn dropped_lines(&self) -> usize {
-        self.dropped.dropped_lines()
+impl NonBlockingStream {
+    fn start(stream: Stream) -> NonBlockingStream {
+        let written = Arc::new(AtomicUsize::new(0));
+        let name = match stream {
+            Stream::Stdout => "stdout-writer",
+            Stream::Stderr => "stderr-writer",
+        };
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(BUFFERED_LINES)
+            .thread_name(name)
+            .finish(CountingStream { stream, written: Arc::clone(&written) });
+        let dropped = writer.error_counter();
+        let writer = CountingWriter { inner: writer, sent: Arc::new(AtomicUsize::new(0)) };
+        NonBlockingStream { writer, guard: Some(guard), dropped, written }
     }
 
     /// Whether every line handed over so far is written or dropped.
     fn drained(&self) -> bool {
-        let handled = self.written.load(Ordering::SeqCst) + self.dropped_lines();
-        handled >= self.sent.load(Ordering::SeqCst)
+        let handled = self.written.load(Ordering::SeqCst) + self.dropped.dropped_lines();
+        handled >= self.writer.sent.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for NonBlockingStderr {
+/// The non-blocking stdout and stderr of [`init_non_blocking`]: when
+/// dropped, it waits up to [`DRAIN_DEADLINE`] for the lines handed to them
+/// to be written (or dropped), then leaves the rest: a reader that stalled
+/// gets no more time.
+#[must_use = "dropping it ends the writing of buffered lines"]
+pub struct NonBlockingOutput {
+    stdout: NonBlockingStream,
+    stderr: NonBlockingStream,
+}
+
+impl NonBlockingOutput {
+    /// Lines of stderr dropped so far because its buffer was full.
+    pub fn dropped_stderr_lines(&self) -> usize {
+        self.stderr.dropped.dropped_lines()
+    }
+
+    /// Lines of stdout dropped so far because its buffer was full.
+    pub fn dropped_stdout_lines(&self) -> usize {
+        self.stdout.dropped.dropped_lines()
+    }
+
+    /// Whether every line handed over so far is written or dropped.
+    fn drained(&self) -> bool {
+        self.stdout.drained() && self.stderr.drained()
+    }
+}
+
+impl Drop for NonBlockingOutput {
     fn drop(&mut self) {
         let deadline = Instant::now() + DRAIN_DEADLINE;
         while !self.drained() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // Not dropped: the guard's drop waits again, and when the buffer is
+        // Not dropped: a guard's drop waits again, and when the buffer is
         // full it prints to stdout, which may be stalled too. The writer
-        // thread ends with the process.
-        if let Some(guard) = self.guard.take() {
-            std::mem::forget(guard);
+        // threads end with the process.
+        for stream in [&mut self.stdout, &mut self.stderr] {
+            if let Some(guard) = stream.guard.take() {
+                std::mem::forget(guard);
+            }
         }
     }
 }
 
-impl std::fmt::Debug for NonBlockingStderr {
+impl std::fmt::Debug for NonBlockingOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NonBlockingStderr").field("dropped_lines", &self.dropped_lines()).finish()
+        f.debug_struct("NonBlockingOutput")
+            .field("dropped_stdout_lines", &self.dropped_stdout_lines())
+            .field("dropped_stderr_lines", &self.dropped_stderr_lines())
+            .finish()
     }
 }
 
@@ -642,14 +720,14 @@ mod tests {
     #[test]
     fn a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing() {
         if let Some(role) = std::env::var_os(PANICKING_CHILD) {
-            let stderr = init_non_blocking(LogFormat::Text);
+            let output = init_non_blocking(LogFormat::Text);
             let panicked =
                 std::panic::catch_unwind(|| panic!("the child panics as asked ({})", 6 * 7))
                     .expect_err("the child panicked");
             // Read: the report gets all the time a loaded machine may need
             // (the exit's own wait is 1 s).
             let deadline = Instant::now() + Duration::from_secs(20);
-            while role == "read" && !stderr.drained() && Instant::now() < deadline {
+            while role == "read" && !output.drained() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
             std::panic::resume_unwind(panicked);
@@ -687,20 +765,23 @@ mod tests {
     }
 
     #[test]
-    fn the_non_blocking_stderr_counts_its_lines_and_drains_them() {
-        let stderr = init_non_blocking(LogFormat::Text);
+    fn the_non_blocking_streams_count_their_lines_and_drain_them() {
+        let output = init_non_blocking(LogFormat::Text);
         for i in 0..3 {
             stderr_line(&format!("a line relayed by the test ({i})"));
         }
         tracing::info!("a log line of the test");
-        assert_eq!(stderr.sent.load(Ordering::SeqCst), 4, "lines handed over");
+        stdout_line("a line the test prints");
+        assert_eq!(output.stderr.writer.sent.load(Ordering::SeqCst), 4, "stderr lines");
+        assert_eq!(output.stdout.writer.sent.load(Ordering::SeqCst), 1, "stdout lines");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !stderr.drained() {
+        while !output.drained() {
             assert!(Instant::now() < deadline, "the lines were never written");
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(stderr.written.load(Ordering::SeqCst), 4);
-        assert_eq!(stderr.dropped_lines(), 0);
+        assert_eq!(output.stderr.written.load(Ordering::SeqCst), 4);
+        assert_eq!(output.stdout.written.load(Ordering::SeqCst), 1);
+        assert_eq!((output.dropped_stderr_lines(), output.dropped_stdout_lines()), (0, 0));
         assert_eq!(format_from_env(), LogFormat::Text);
     }
 }
