@@ -68,6 +68,9 @@ pub struct Shared {
     /// The newest state version written, per state file. Held while a state
     /// is written (never together with `state`), so writes are in order.
     written: Arc<Mutex<HashMap<PathBuf, u64>>>,
+    /// Held while a sweep's run files are written (never together with
+    /// `state`).
+    run_files_written: Arc<Mutex<()>>,
 }
 
 impl Shared {
@@ -77,6 +80,7 @@ impl Shared {
             state: Arc::new(Mutex::new(state)),
             changed: Arc::new(Notify::new()),
             written: Arc::default(),
+            run_files_written: Arc::default(),
         }
     }
 
@@ -96,14 +100,54 @@ impl Shared {
     /// writes the states a restart needs (before this returns) and starts
     /// the appends of the metrics records queued (`write_metrics`).
     fn with_state<T>(&self, f: impl FnOnce(&mut Coordination) -> T) -> T {
-        let (out, pending, metrics) = {
+        let (out, pending, run_files, metrics) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let out = f(&mut state);
-            (out, state.states_to_save(), state.metrics_to_write())
+            (out, state.states_to_save(), state.run_files_to_write(), state.metrics_to_write())
         };
         self.write_states(pending);
+        self.write_run_files(run_files);
         write_metrics(metrics);
         out
+    }
+
+    /// Writes a sweep's run files taken under the lock, as
+    /// [`Shared::write_states`] writes states: before the call returns, off
+    /// the runtime's worker, one writer at a time. A file that cannot be
+    /// written is logged once and tried again at the next pass.
+    fn write_run_files(&self, files: Vec<crate::sweep::RunFile>) {
+        if files.is_empty() {
+            return;
+        }
+        let write = || {
+            let _one_writer = self.run_files_written.lock().unwrap_or_else(|p| p.into_inner());
+            let mut failed = Vec::new();
+            for mut file in files {
+                if let Err(e) = file.write() {
+                    if file.failures == 0 {
+                        tracing::error!(
+                            "cannot write {} (tried again at each pass): {e}",
+                            file.path.display()
+                        );
+                    }
+                    file.failures += 1;
+                    failed.push(file);
+                }
+            }
+            failed
+        };
+        let failed = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write)
+            }
+            _ => write(),
+        };
+        if !failed.is_empty() {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(sweep) = &mut state.sweep {
+                sweep.write_again(failed);
+            }
+        }
     }
 
     /// Writes states taken under the lock, skipping any older than one
@@ -304,7 +348,7 @@ pub fn server(
 }
 
 /// Serves [`service`] with `server` (from [`server`]) on `listener` until
-/// `shutdown` completes.
+/// `shutdown` completes, taking connections as [`crate::incoming`] says.
 pub async fn serve(
     mut server: LimitedServer,
     shared: Shared,
@@ -314,10 +358,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     server
         .add_service(service(shared, token))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(crate::incoming::Incoming::new(listener), shutdown)
         .await
 }
 
@@ -833,6 +874,40 @@ mod tests {
             SavedJob::read(tmp.path()).unwrap(),
             SavedJob::of(&shared.state.lock().unwrap().jobs[0])
         );
+    }
+
+    #[test]
+    fn a_run_file_stalled_on_the_disk_holds_up_no_call_and_is_written_before_its_call_returns() {
+        use crate::sweep::tests::{scheduler, settings};
+        let tmp = tempfile::tempdir().unwrap();
+        let sweep = scheduler(tmp.path(), &[0], settings(1, None, 0));
+        let recipe_file =
+            rsb_job::sweep::SweepLayout::new(tmp.path()).run_recipe(&sweep.runs[0].cell.id);
+        let shared = Shared::new(Coordination::sweep(sweep));
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        // The disk stalls: the first run's recipe, written when a host
+        // starts it, waits.
+        let stalled_disk = shared.run_files_written.lock().unwrap();
+        let joining = {
+            let shared = shared.clone();
+            runtime.spawn(async move {
+                shared.update(|state| state.join("a", DeviceKind::Cpu, 1, LOOPBACK).map(|_| ()))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.state.lock().unwrap().jobs.is_empty() {
+            assert!(Instant::now() < deadline, "the host never started the run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Other calls go on while the write waits (the state's lock is free).
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(shared.update(|state| state.jobs.len()), 1);
+        assert!(!joining.is_finished(), "the join returned before the run's recipe was written");
+        assert!(!recipe_file.exists());
+        drop(stalled_disk);
+        runtime.block_on(joining).unwrap().unwrap();
+        assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
     }
 
     #[test]

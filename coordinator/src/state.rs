@@ -85,6 +85,12 @@ impl Coordination {
         pending
     }
 
+    /// A sweep's run files (recipes, outcomes) to write once the lock is
+    /// released.
+    pub fn run_files_to_write(&mut self) -> Vec<crate::sweep::RunFile> {
+        self.sweep.as_mut().map(Scheduler::files_to_write).unwrap_or_default()
+    }
+
     /// The metrics sinks of the jobs whose records wait to be appended to
     /// their `metrics.jsonl`, to write once the lock is released
     /// ([`MetricsSink::write_pending`]): a slow disk holds up no other call.

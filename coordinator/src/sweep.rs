@@ -153,6 +153,32 @@ pub struct Scheduler {
     /// Device kind and ranks of the first host placed: every host must match.
     host_shape: Option<(DeviceKind, u32)>,
     printer: Printer,
+    /// Files of the runs to write once the coordinator's lock is released
+    /// ([`Scheduler::files_to_write`]): a slow disk holds up no call.
+    files: Vec<RunFile>,
+}
+
+/// A file of a run (its recipe, its outcome), to write atomically outside
+/// the coordinator's lock.
+#[derive(Debug, Clone)]
+pub struct RunFile {
+    /// Where.
+    pub path: std::path::PathBuf,
+    /// What.
+    pub contents: Vec<u8>,
+    /// Failed tries so far (the first failure is logged, the next are not).
+    pub failures: u32,
+}
+
+impl RunFile {
+    /// Writes it atomically (temporary file, fsync, rename), readable by all.
+    pub fn write(&self) -> std::io::Result<()> {
+        rsb_job::atomic_write::write_atomically(
+            &self.path,
+            &self.contents,
+            rsb_job::atomic_write::Readers::Everyone,
+        )
+    }
 }
 
 impl Scheduler {
@@ -176,7 +202,15 @@ impl Scheduler {
             .filter(|(_, r)| r.state == RunState::Queued)
             .map(|(i, _)| i)
             .collect();
-        Ok(Scheduler { layout, settings, runs, queue, host_shape: None, printer })
+        Ok(Scheduler {
+            layout,
+            settings,
+            runs,
+            queue,
+            host_shape: None,
+            printer,
+            files: Vec::new(),
+        })
     }
 
     /// How many runs are where.
@@ -267,14 +301,17 @@ impl Scheduler {
         let run = &mut self.runs[i];
         let id = run.cell.id.clone();
         let dir = self.layout.run_dir(&id);
-        let recipe_file = self.layout.run_recipe(&id);
-        // Atomically: the report trusts it, and a crash must not leave it torn.
-        rsb_job::atomic_write::write_atomically(
-            &recipe_file,
-            rsb_recipes::to_yaml(&run.recipe).as_bytes(),
-            rsb_job::atomic_write::Readers::Everyone,
-        )
-        .map_err(|e| JobError::Precondition(format!("{}: {e}", recipe_file.display())))?;
+        // The folder now: a run that cannot have one fails at its start
+        // (the sweep goes on). Its recipe file atomically (the report
+        // trusts it, and a crash must not leave it torn), once the lock is
+        // released: the ranks get the recipe from the job, not this file.
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| JobError::Precondition(format!("{}: {e}", dir.display())))?;
+        self.files.push(RunFile {
+            path: self.layout.run_recipe(&id),
+            contents: rsb_recipes::to_yaml(&run.recipe).into_bytes(),
+            failures: 0,
+        });
         run.attempts += 1;
         run.state = RunState::Running;
         let mut job = Job::new(run.recipe.clone(), dir, hosts);
@@ -343,13 +380,30 @@ impl Scheduler {
         }
     }
 
-    /// Writes run `i`'s outcome file (an error is logged: the run's own
-    /// files are intact, and a later `--resume` only runs it again).
-    fn record(&self, i: usize, end: RunEnd) {
+    /// Queues run `i`'s outcome file, written once the lock is released.
+    fn record(&mut self, i: usize, end: RunEnd) {
         let run = &self.runs[i];
         let outcome = RunOutcome { end, attempts: run.attempts, failure: run.failure.clone() };
-        if let Err(e) = outcome.write(&self.layout, &run.cell.id) {
-            tracing::error!(run = %run.cell.id, "cannot record how the run ended: {e}");
+        self.files.push(RunFile {
+            path: self.layout.run_outcome(&run.cell.id),
+            contents: outcome.to_json().into_bytes(),
+            failures: 0,
+        });
+    }
+
+    /// The files of the runs to write now, taken out of the queue (what
+    /// cannot be written is handed back with [`Scheduler::write_again`]).
+    pub fn files_to_write(&mut self) -> Vec<RunFile> {
+        std::mem::take(&mut self.files)
+    }
+
+    /// Files whose write failed, tried again with the next ones; a file
+    /// written since (a newer version of it) wins over them.
+    pub fn write_again(&mut self, failed: Vec<RunFile>) {
+        for file in failed {
+            if !self.files.iter().any(|f| f.path == file.path) {
+                self.files.push(file);
+            }
         }
     }
 
@@ -383,7 +437,7 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rsb_job::GridAxis;
 
@@ -395,13 +449,21 @@ mod tests {
         rsb_recipes::load(&path, &[]).unwrap()
     }
 
-    fn scheduler(dir: &std::path::Path, seeds: &[u64], settings: SweepSettings) -> Scheduler {
+    pub(crate) fn scheduler(
+        dir: &std::path::Path,
+        seeds: &[u64],
+        settings: SweepSettings,
+    ) -> Scheduler {
         let cells = rsb_job::sweep::expand(seeds, &[] as &[GridAxis]).unwrap();
         let runs = cells.into_iter().map(|cell| SweepRun::queued(cell, recipe())).collect();
         Scheduler::new(SweepLayout::new(dir), settings, runs, Printer::default()).unwrap()
     }
 
-    fn settings(ranks_per_run: u32, max_parallel: Option<u32>, max_retries: u32) -> SweepSettings {
+    pub(crate) fn settings(
+        ranks_per_run: u32,
+        max_parallel: Option<u32>,
+        max_retries: u32,
+    ) -> SweepSettings {
         SweepSettings {
             ranks_per_run,
             max_parallel,
@@ -415,6 +477,14 @@ mod tests {
         match p {
             Placement::Member { job, id, .. } => (job, id),
             other => panic!("expected a member, got {other:?}"),
+        }
+    }
+
+    /// Writes the run files the scheduler queued, as the service does once
+    /// its lock is released.
+    fn write_files(s: &mut Scheduler) {
+        for file in s.files_to_write() {
+            file.write().unwrap();
         }
     }
 
@@ -442,6 +512,7 @@ mod tests {
         let (j1, _) = member(s.place(&mut jobs, "b", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert_eq!((j0, j1, jobs[j0].phase.clone()), (0, 0, Phase::Running));
         assert!(a.starts_with("r0a1-"), "{a}");
+        write_files(&mut s);
         assert!(tmp.path().join("runs/seed-000/recipe.yaml").is_file());
         // At most one run at once: a third host waits.
         assert!(matches!(
@@ -457,6 +528,7 @@ mod tests {
         end(&mut jobs, j0, true);
         s.tick(&jobs);
         assert_eq!(s.counts().finished, 1);
+        write_files(&mut s);
         let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap();
         assert_eq!(outcome.map(|o| o.end), Some(RunEnd::Finished));
         let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
@@ -498,6 +570,7 @@ mod tests {
         end(&mut jobs, j, false);
         s.tick(&jobs);
         assert_eq!(s.runs[0].state, RunState::Failed);
+        write_files(&mut s);
         let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap().unwrap();
         assert_eq!((outcome.end, outcome.attempts), (RunEnd::Failed, 2));
         assert!(outcome.failure.unwrap().contains("boom"));

@@ -344,6 +344,18 @@ fn undecodable_images_are_replaced_logged_once_and_counted() {
         .count();
     assert!(logged >= 1, "no undecodable file was logged:\n{stderr}");
     assert!(replaced >= logged as u64, "replaced {replaced} < logged {logged}");
+    // Resumed for one more epoch: the count goes on from the checkpoint's
+    // (every epoch visits the undecodable files again).
+    let more = train(
+        &data,
+        &out,
+        &["--set", "schedule.cosine.epochs=2", "--resume", out.to_str().unwrap()],
+    );
+    assert!(more.status.success(), "{}", String::from_utf8_lossy(&more.stderr));
+    let epochs = records(&out, "epoch");
+    let after = epochs.last().unwrap()["replaced_samples"].as_u64().unwrap();
+    assert_eq!(epochs.last().unwrap()["epoch"], 1, "{epochs:?}");
+    assert!(after > replaced, "the count restarted after the resume: {after} after {replaced}");
 }
 
 #[test]

@@ -203,23 +203,42 @@ impl RingListener {
             let connecting = std::thread::Builder::new().name("ring-connect".into());
             let connecting =
                 connecting.spawn_scoped(scope, || -> Result<TcpStream, CollectiveError> {
-                    let stream = connect_with_retry(&right_address, deadline).map_err(|e| {
+                    let failed = |e: CollectiveError| {
                         right_failed.store(true, Ordering::Relaxed);
-                        link_err(right, &right_address, e)
-                    })?;
-                    prove_to_right(&stream, rank, world, key, deadline).map_err(|e| {
-                        right_failed.store(true, Ordering::Relaxed);
-                        match e {
-                            Handshake::Io(e) => link_err(right, &right_address, e),
-                            Handshake::Refused(problem) => CollectiveError::Protocol {
-                                rank,
-                                problem: format!(
-                                    "right neighbour (rank {right} at {right_address}): {problem}"
-                                ),
-                            },
+                        e
+                    };
+                    let mut wait = Duration::from_millis(50);
+                    loop {
+                        let stream = connect_with_retry(&right_address, deadline)
+                            .map_err(|e| failed(link_err(right, &right_address, e)))?;
+                        match prove_to_right(&stream, rank, world, key, deadline) {
+                            Ok(()) => return Ok(stream),
+                            Err(Handshake::Refused(problem)) => {
+                                return Err(failed(CollectiveError::Protocol {
+                                    rank,
+                                    problem: format!(
+                                        "right neighbour (rank {right} at {right_address}): \
+                                         {problem}"
+                                    ),
+                                }))
+                            }
+                            // Broken off or timed out: the listener may have
+                            // had its handshake slots taken by strangers'
+                            // stalled connections. Again, until the deadline.
+                            Err(Handshake::Io(e)) if Instant::now() + wait < deadline => {
+                                tracing::debug!(
+                                    rank,
+                                    "the handshake with the right neighbour (rank {right} at \
+                                     {right_address}) broke off: {e}; trying again"
+                                );
+                                std::thread::sleep(wait);
+                                wait = (wait * 2).min(Duration::from_secs(1));
+                            }
+                            Err(Handshake::Io(e)) => {
+                                return Err(failed(link_err(right, &right_address, e)))
+                            }
                         }
-                    })?;
-                    Ok(stream)
+                    }
                 });
             let connecting = connecting.map_err(|source| CollectiveError::Thread {
                 rank,
@@ -417,7 +436,9 @@ impl Drop for HandshakeSlot {
 /// connection is challenged on a thread of its own (at most
 /// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), so a
 /// stranger that connects and stalls cannot hold the neighbour's handshake
-/// up; strangers are refused and logged.
+/// up; strangers are refused and logged. Strangers that take every slot
+/// delay the neighbour, whose connecting side tries again until the ring's
+/// deadline, by a handshake timeout at most for each round of them.
 fn accept_left(
     listener: &TcpListener,
     rank: usize,
@@ -438,6 +459,25 @@ fn accept_left(
     // Handshake threads now running.
     let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
+        // Checked every turn: a steady stream of strangers' connections
+        // must not keep this loop past its deadline.
+        if give_up.load(Ordering::Relaxed) {
+            return Err(CollectiveError::Protocol {
+                rank,
+                problem: "stopped waiting for the left neighbour: the right link failed".into(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(CollectiveError::Link {
+                rank,
+                peer: left,
+                address: "(incoming)".into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "left neighbour never connected",
+                ),
+            });
+        }
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
             let (their_rank, their_world) = match outcome {
                 Ok(hello) => hello,
@@ -492,24 +532,6 @@ fn accept_left(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if give_up.load(Ordering::Relaxed) {
-                    return Err(CollectiveError::Protocol {
-                        rank,
-                        problem: "stopped waiting for the left neighbour: the right link failed"
-                            .into(),
-                    });
-                }
-                if Instant::now() >= deadline {
-                    return Err(CollectiveError::Link {
-                        rank,
-                        peer: left,
-                        address: "(incoming)".into(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "left neighbour never connected",
-                        ),
-                    });
-                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             // A connection that went away before it was accepted, or a
@@ -1531,6 +1553,24 @@ mod tests {
             ring.unwrap();
         }
         assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
+    }
+
+    #[test]
+    fn more_stalling_strangers_than_handshake_slots_delay_the_left_neighbour_not_fail_it() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        // One more silent stranger than rank 1 challenges at once: rank 0's
+        // first handshake waits behind them past its own deadline.
+        let silent: Vec<TcpStream> =
+            (0..=MAX_HANDSHAKES).map(|_| TcpStream::connect(&addresses[1]).unwrap()).collect();
+        let config = RingConfig { timeout: Duration::from_secs(60), segment_floats: 16 };
+        let rings = link_pair(a, b, &addresses, &config);
+        drop(silent);
+        for ring in rings {
+            ring.unwrap();
+        }
     }
 
     #[test]

@@ -461,9 +461,14 @@ impl SweepManifest {
 /// Writes `value` as pretty JSON to `path` atomically: a temporary file in
 /// its folder (created if need be), fsynced, renamed over the old one.
 /// Returns the path.
-fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
+/// `value` as the sweep's JSON files hold it.
+fn json_text(value: &impl Serialize) -> String {
     // Plain data (strings, numbers, lists): serialization cannot fail.
-    let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
+    let text = json_text(value);
     crate::atomic_write::write_atomically(
         path,
         text.as_bytes(),
@@ -545,6 +550,11 @@ impl RunOutcome {
     /// rename).
     pub fn write(&self, layout: &SweepLayout, id: &str) -> Result<PathBuf, SweepError> {
         write_json_atomically(self, &layout.run_outcome(id))
+    }
+
+    /// The file [`RunOutcome::write`] writes.
+    pub fn to_json(&self) -> String {
+        json_text(self)
     }
 
     /// The outcome of run `id`, `None` when it has none; a file that is

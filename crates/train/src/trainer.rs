@@ -256,6 +256,9 @@ pub struct Trainer {
     buffer_backup: Vec<Tensor>,
     /// Non-finite updates in a row, up to the last one read.
     nonfinite_streak: u64,
+    /// Samples replaced (undecodable images) over every rank before this
+    /// process started: the resumed checkpoint's count.
+    replaced_before_this_run: u64,
     /// Updates whose records are still on the device (read at the next sync point).
     pending: Vec<PendingUpdate>,
     /// The dynamic loss scaler of an fp16 run.
@@ -515,6 +518,7 @@ impl Trainer {
             eval_sets,
             records,
             nonfinite_streak: state.nonfinite_streak,
+            replaced_before_this_run: state.replaced_samples,
             pending: Vec::new(),
             state,
             sampler,
@@ -694,6 +698,13 @@ impl Trainer {
 
     /// Sums host values over the ranks (a no-op in one process); `what`
     /// names the sum in errors.
+    /// Samples this process replaced so far (undecodable images), as a sum
+    /// over the ranks takes them: with the checkpoint's count from before
+    /// this process, the run's count over every rank.
+    fn replaced_by_this_rank(&self) -> f64 {
+        self.train.bad_files().replacements() as f64
+    }
+
     fn sum_over_ranks(&mut self, values: &mut [f64], what: &str) -> Result<(), TrainError> {
         let calls = self.calls();
         if let Some(d) = &mut self.distributed {
@@ -1020,18 +1031,19 @@ impl Trainer {
         trained: &LossWindow,
     ) -> Result<(), TrainError> {
         self.reduce_batch_norm_statistics(epoch)?;
-        let mut loss_sum = [host_read::f64_of(&trained.loss)?];
+        let mut loss_sum = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
         self.sum_over_ranks(
             &mut loss_sum,
-            "sum of the epoch's loss before a mid-epoch checkpoint",
+            "sum of the epoch's loss and replaced samples before a mid-epoch checkpoint",
         )?;
+        let replaced = self.replaced_before_this_run + loss_sum[1] as u64;
         if let Some(tensor) = self.first_nonfinite_tensor()? {
             return Err(TrainError::NonFiniteWeights { epoch, tensor });
         }
         self.state.next_epoch = epoch;
         self.state.next_step = next_step;
         self.state.optimizer = self.optimizer.steps()?;
-        self.state.replaced_samples = self.train.bad_files().replacements();
+        self.state.replaced_samples = replaced;
         self.state.nonfinite_streak = self.nonfinite_streak;
         self.state.scaler = self.scaler.as_ref().map(GradScaler::state).transpose()?;
         self.state.epoch_so_far = EpochSoFar {
@@ -1348,11 +1360,12 @@ impl Trainer {
         trained: EpochTraining,
         progress: &Progress,
     ) -> Result<EpochReport, TrainError> {
-        let mut loss_sum = [host_read::f64_of(&trained.loss)?];
+        let mut loss_sum = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
         self.sum_over_ranks(
             &mut loss_sum,
-            &format!("metric sum (training loss of epoch {epoch})"),
+            &format!("metric sum (training loss and replaced samples of epoch {epoch})"),
         )?;
+        let replaced = self.replaced_before_this_run + loss_sum[1] as u64;
         // NaN when every update of the epoch was skipped.
         let train_loss = loss_sum[0] / trained.applied() as f64;
         self.reduce_batch_norm_statistics(epoch)?;
@@ -1388,7 +1401,7 @@ impl Trainer {
         self.state.nonfinite_streak = self.nonfinite_streak;
         self.state.scaler = self.scaler.as_ref().map(GradScaler::state).transpose()?;
         self.state.optimizer = self.optimizer.steps()?;
-        self.state.replaced_samples = self.train.bad_files().replacements();
+        self.state.replaced_samples = replaced;
         let report = EpochReport {
             epoch,
             updates: self.state.updates,

@@ -1,0 +1,255 @@
+//! The connections the coordinator's server takes, kept from being a way to
+//! starve it: at most [`MAX_CONNECTIONS`] open at once (one more is closed
+//! as soon as it is accepted), each closed unless it sends its first bytes
+//! within [`FIRST_BYTES_DEADLINE`] (a stranger that opens connections and
+//! says nothing holds none of them), and a failed accept (no file
+//! descriptor left) pauses the accepting for [`ACCEPT_ERROR_PAUSE`] instead
+//! of retrying at once in a busy loop. The job token is checked per call,
+//! after all this; a connection that never calls is bounded here.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Connections open at once; past it, new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// How long a new connection may stay silent before it is closed.
+pub const FIRST_BYTES_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long accepting pauses after an accept failed.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The stream of connections [`crate::service::serve`] serves.
+pub struct Incoming {
+    listener: TcpListener,
+    open: Arc<AtomicUsize>,
+    max_connections: usize,
+    first_bytes: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+    refused: u64,
+}
+
+impl Incoming {
+    /// Connections accepted on `listener`, with the limits above.
+    pub fn new(listener: TcpListener) -> Incoming {
+        Incoming::with_limits(listener, MAX_CONNECTIONS, FIRST_BYTES_DEADLINE)
+    }
+
+    /// Connections accepted on `listener`, at most `max_connections` open,
+    /// each closed if silent for `first_bytes`.
+    pub fn with_limits(
+        listener: TcpListener,
+        max_connections: usize,
+        first_bytes: Duration,
+    ) -> Incoming {
+        Incoming {
+            listener,
+            open: Arc::new(AtomicUsize::new(0)),
+            max_connections,
+            first_bytes,
+            pause: None,
+            refused: 0,
+        }
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<Connection>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(pause) = &mut this.pause {
+                ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
+            match ready!(this.listener.poll_accept(cx)) {
+                Ok((stream, peer)) => {
+                    if this.open.load(Ordering::SeqCst) >= this.max_connections {
+                        this.refused += 1;
+                        // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a
+                        // flood does not flood the log.
+                        if this.refused.is_power_of_two() {
+                            tracing::warn!(
+                                %peer,
+                                refused = this.refused,
+                                "closed a connection: {} are open already",
+                                this.max_connections
+                            );
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Connection::new(
+                        stream,
+                        &this.open,
+                        this.first_bytes,
+                    ))));
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}; pausing the accepting");
+                    this.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+}
+
+/// One accepted connection: counted while open, closed with a read error if
+/// its first bytes do not come in time.
+pub struct Connection {
+    stream: TcpStream,
+    first_bytes: Option<Pin<Box<Sleep>>>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, open: &Arc<AtomicUsize>, first_bytes: Duration) -> Connection {
+        open.fetch_add(1, Ordering::SeqCst);
+        Connection {
+            stream,
+            first_bytes: Some(Box::pin(tokio::time::sleep(first_bytes))),
+            open: Arc::clone(open),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(deadline) = &mut this.first_bytes else { return read };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection sent nothing in time",
+                )));
+            }
+            _ => {}
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    async fn listening() -> (TcpListener, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        (listener, address)
+    }
+
+    /// Whether the server closed `client` (it reads the end, or a reset).
+    async fn closed(client: &mut TcpStream) -> bool {
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut [0u8; 8])).await;
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_until_one_closes() {
+        let (listener, address) = listening().await;
+        let mut incoming = Incoming::with_limits(listener, 1, Duration::from_secs(60));
+        let _first_client = TcpStream::connect(address).await.unwrap();
+        let first = incoming.next().await.unwrap().unwrap();
+        // While the first is open, the next connections are accepted and
+        // closed, and none is handed over.
+        let next = tokio::spawn(async move { incoming.next().await.map(|c| c.is_ok()) });
+        for _ in 0..2 {
+            let mut past_the_limit = TcpStream::connect(address).await.unwrap();
+            assert!(closed(&mut past_the_limit).await, "a connection past the limit stayed open");
+        }
+        assert!(!next.is_finished(), "a connection past the limit was handed over");
+        // With the first closed, a new connection is handed over.
+        drop(first);
+        let _last_client = TcpStream::connect(address).await.unwrap();
+        let handed = tokio::time::timeout(Duration::from_secs(5), next).await;
+        assert!(matches!(handed, Ok(Ok(Some(true)))), "{handed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_at_its_deadline_one_that_talks_is_not() {
+        let (listener, address) = listening().await;
+        let mut incoming = Incoming::with_limits(listener, 8, Duration::from_millis(300));
+        let _silent_client = TcpStream::connect(address).await.unwrap();
+        let mut silent = incoming.next().await.unwrap().unwrap();
+        let started = std::time::Instant::now();
+        let read = silent.read(&mut [0u8; 8]).await;
+        assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+
+        let mut talking_client = TcpStream::connect(address).await.unwrap();
+        let mut talking = incoming.next().await.unwrap().unwrap();
+        talking_client.write_all(b"h").await.unwrap();
+        let mut byte = [0u8; 1];
+        talking.read_exact(&mut byte).await.unwrap();
+        // Past the deadline, a connection that spoke in time waits on.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        talking_client.write_all(b"i").await.unwrap();
+        talking.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"i");
+    }
+}
