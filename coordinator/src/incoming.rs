@@ -1,16 +1,20 @@
 //! The connections the coordinator's server takes, kept from being a way to
-//! starve it: at most [`MAX_CONNECTIONS`] open at once (one more is closed
-//! as soon as it is accepted), each closed unless it sends its first bytes
+//! starve it: at most [`MAX_CONNECTIONS`] open at once and
+//! [`MAX_CONNECTIONS_PER_PEER`] from one address (one more is closed as
+//! soon as it is accepted), each closed unless it sends its first bytes
 //! within [`FIRST_BYTES_DEADLINE`] (a stranger that opens connections and
 //! says nothing holds none of them), and a failed accept (no file
 //! descriptor left) pauses the accepting for [`ACCEPT_ERROR_PAUSE`] instead
 //! of retrying at once in a busy loop. The job token is checked per call,
-//! after all this; a connection that never calls is bounded here.
+//! after all this: a stranger that starts a connection and then idles
+//! holds it, but from one address at most [`MAX_CONNECTIONS_PER_PEER`] of
+//! them, so the hosts of a job still get theirs.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,6 +25,38 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Connections open at once; past it, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 512;
 
+/// Connections open at once from one address (a host's agent and ranks use
+/// one each, a few more for `status`); past it, new ones are closed at once.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// The limits of an [`Incoming`].
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once.
+    pub connections: usize,
+    /// Connections open at once from one address.
+    pub per_peer: usize,
+    /// How long a new connection may stay silent.
+    pub first_bytes: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            per_peer: MAX_CONNECTIONS_PER_PEER,
+            first_bytes: FIRST_BYTES_DEADLINE,
+        }
+    }
+}
+
+/// Open connections, in all and per address.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    all: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
 /// How long a new connection may stay silent before it is closed.
 pub const FIRST_BYTES_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -30,34 +66,37 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// The stream of connections [`crate::service::serve`] serves.
 pub struct Incoming {
     listener: TcpListener,
-    open: Arc<AtomicUsize>,
-    max_connections: usize,
-    first_bytes: Duration,
+    open: Arc<Mutex<OpenConnections>>,
+    limits: Limits,
     pause: Option<Pin<Box<Sleep>>>,
     refused: u64,
 }
 
 impl Incoming {
-    /// Connections accepted on `listener`, with the limits above.
+    /// Connections accepted on `listener`, with the default [`Limits`].
     pub fn new(listener: TcpListener) -> Incoming {
-        Incoming::with_limits(listener, MAX_CONNECTIONS, FIRST_BYTES_DEADLINE)
+        Incoming::with_limits(listener, Limits::default())
     }
 
-    /// Connections accepted on `listener`, at most `max_connections` open,
-    /// each closed if silent for `first_bytes`.
-    pub fn with_limits(
-        listener: TcpListener,
-        max_connections: usize,
-        first_bytes: Duration,
-    ) -> Incoming {
-        Incoming {
-            listener,
-            open: Arc::new(AtomicUsize::new(0)),
-            max_connections,
-            first_bytes,
-            pause: None,
-            refused: 0,
+    /// Connections accepted on `listener` within `limits`.
+    pub fn with_limits(listener: TcpListener, limits: Limits) -> Incoming {
+        Incoming { listener, open: Arc::default(), limits, pause: None, refused: 0 }
+    }
+
+    /// Counts a new connection from `peer` as open, unless a limit is
+    /// reached: then says which.
+    fn admit(&self, peer: IpAddr) -> Result<(), &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.all >= self.limits.connections {
+            return Err("connections are open already");
         }
+        let from_peer = open.per_peer.entry(peer).or_default();
+        if *from_peer >= self.limits.per_peer {
+            return Err("connections from its address are open already");
+        }
+        *from_peer += 1;
+        open.all += 1;
+        Ok(())
     }
 }
 
@@ -73,7 +112,7 @@ impl tokio_stream::Stream for Incoming {
             }
             match ready!(this.listener.poll_accept(cx)) {
                 Ok((stream, peer)) => {
-                    if this.open.load(Ordering::SeqCst) >= this.max_connections {
+                    if let Err(full) = this.admit(peer.ip()) {
                         this.refused += 1;
                         // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a
                         // flood does not flood the log.
@@ -81,18 +120,19 @@ impl tokio_stream::Stream for Incoming {
                             tracing::warn!(
                                 %peer,
                                 refused = this.refused,
-                                "closed a connection: {} are open already",
-                                this.max_connections
+                                "closed a connection: the most {full}"
                             );
                         }
                         drop(stream);
                         continue;
                     }
-                    return Poll::Ready(Some(Ok(Connection::new(
+                    let first_bytes = Box::pin(tokio::time::sleep(this.limits.first_bytes));
+                    return Poll::Ready(Some(Ok(Connection {
                         stream,
-                        &this.open,
-                        this.first_bytes,
-                    ))));
+                        first_bytes: Some(first_bytes),
+                        peer: peer.ip(),
+                        open: Arc::clone(&this.open),
+                    })));
                 }
                 Err(e) => {
                     tracing::warn!("accepting a connection failed: {e}; pausing the accepting");
@@ -109,23 +149,22 @@ impl tokio_stream::Stream for Incoming {
 pub struct Connection {
     stream: TcpStream,
     first_bytes: Option<Pin<Box<Sleep>>>,
-    open: Arc<AtomicUsize>,
-}
-
-impl Connection {
-    fn new(stream: TcpStream, open: &Arc<AtomicUsize>, first_bytes: Duration) -> Connection {
-        open.fetch_add(1, Ordering::SeqCst);
-        Connection {
-            stream,
-            first_bytes: Some(Box::pin(tokio::time::sleep(first_bytes))),
-            open: Arc::clone(open),
-        }
-    }
+    peer: IpAddr,
+    open: Arc<Mutex<OpenConnections>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.all = open.all.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut from_peer) =
+            open.per_peer.entry(self.peer)
+        {
+            *from_peer.get_mut() -= 1;
+            if *from_peer.get() == 0 {
+                from_peer.remove();
+            }
+        }
     }
 }
 
@@ -212,7 +251,8 @@ mod tests {
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_until_one_closes() {
         let (listener, address) = listening().await;
-        let mut incoming = Incoming::with_limits(listener, 1, Duration::from_secs(60));
+        let limits = Limits { connections: 1, per_peer: 8, first_bytes: Duration::from_secs(60) };
+        let mut incoming = Incoming::with_limits(listener, limits);
         let _first_client = TcpStream::connect(address).await.unwrap();
         let first = incoming.next().await.unwrap().unwrap();
         // While the first is open, the next connections are accepted and
@@ -231,9 +271,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_address_gets_at_most_its_share_of_the_connections() {
+        let (listener, address) = listening().await;
+        let limits = Limits { connections: 8, per_peer: 2, first_bytes: Duration::from_secs(60) };
+        let mut incoming = Incoming::with_limits(listener, limits);
+        let _clients = [
+            TcpStream::connect(address).await.unwrap(),
+            TcpStream::connect(address).await.unwrap(),
+        ];
+        let first = incoming.next().await.unwrap().unwrap();
+        let _second = incoming.next().await.unwrap().unwrap();
+        let next = tokio::spawn(async move { incoming.next().await.map(|c| c.is_ok()) });
+        let mut third = TcpStream::connect(address).await.unwrap();
+        assert!(closed(&mut third).await, "a third connection from one address stayed open");
+        assert!(!next.is_finished());
+        drop(first);
+        let _fourth = TcpStream::connect(address).await.unwrap();
+        let handed = tokio::time::timeout(Duration::from_secs(5), next).await;
+        assert!(matches!(handed, Ok(Ok(Some(true)))), "{handed:?}");
+    }
+
+    #[tokio::test]
     async fn a_connection_that_sends_nothing_is_closed_at_its_deadline_one_that_talks_is_not() {
         let (listener, address) = listening().await;
-        let mut incoming = Incoming::with_limits(listener, 8, Duration::from_millis(300));
+        let limits =
+            Limits { connections: 8, per_peer: 8, first_bytes: Duration::from_millis(300) };
+        let mut incoming = Incoming::with_limits(listener, limits);
         let _silent_client = TcpStream::connect(address).await.unwrap();
         let mut silent = incoming.next().await.unwrap().unwrap();
         let started = std::time::Instant::now();

@@ -679,6 +679,9 @@ async fn up(args: UpArgs) -> Result<()> {
     if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
         tracing::warn!("connections still open 5 s after the job ended; closing them");
     }
+    // A sweep's run files still queued or being written (an outcome taken
+    // by the last call's pass) are on disk before the coordinator exits.
+    shared.write_remaining_run_files();
     outcome
 }
 

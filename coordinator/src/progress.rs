@@ -25,6 +25,9 @@ struct Bars {
     all: MultiProgress,
     sweep: ProgressBar,
     runs: BTreeMap<String, ProgressBar>,
+    /// The runs' lines, queued under the job's lock, printed above the bars
+    /// at each update.
+    printer: Printer,
 }
 
 /// `done D · running R · queued Q · failed F`.
@@ -61,7 +64,7 @@ impl SweepProgress {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let printer = Printer::above(all.clone());
-        let bars = Bars { all, sweep, runs: BTreeMap::new() };
+        let bars = Bars { all, sweep, runs: BTreeMap::new(), printer: printer.clone() };
         (SweepProgress { bars: Some(bars), last: None, started, ended_before: None }, printer)
     }
 
@@ -71,6 +74,7 @@ impl SweepProgress {
         let ended_before = *self.ended_before.get_or_insert(ended);
         match &mut self.bars {
             Some(bars) => {
+                bars.printer.print_queued();
                 bars.sweep.set_position(ended);
                 bars.sweep.set_message(counts_text(&counts));
                 for view in views {
@@ -131,6 +135,7 @@ impl SweepProgress {
     /// Clears the bars (the final counts stay printed).
     pub fn finish(&mut self) {
         if let Some(bars) = self.bars.take() {
+            bars.printer.print_queued();
             for bar in bars.runs.values() {
                 bar.finish_and_clear();
             }

@@ -427,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn a_state_file_of_an_earlier_build_without_restarts_reads_as_none() {
+    fn a_state_file_of_an_earlier_build_without_restarts_reads_as_0() {
         let tmp = tempfile::tempdir().unwrap();
         let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 1);
         job.state_file = Some(tmp.path().join(STATE_FILE));

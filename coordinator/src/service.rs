@@ -111,6 +111,27 @@ impl Shared {
         out
     }
 
+    /// Writes the sweep's run files still queued, once a write in progress
+    /// is done (what it fails to write is queued again first): at the end
+    /// of a sweep, so that none is lost when the coordinator exits. What
+    /// cannot be written is logged (once per file, as at every pass) and
+    /// counted here.
+    pub fn write_remaining_run_files(&self) {
+        drop(self.run_files_written.lock().unwrap_or_else(|p| p.into_inner()));
+        let files = self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
+        self.write_run_files(files);
+        let unwritten = self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
+        if !unwritten.is_empty() {
+            let paths: Vec<String> =
+                unwritten.iter().map(|f| f.path.display().to_string()).collect();
+            tracing::error!(
+                "{} run file(s) could not be written before the coordinator exits: {}",
+                paths.len(),
+                paths.join(", ")
+            );
+        }
+    }
+
     /// Writes a sweep's run files taken under the lock, as
     /// [`Shared::write_states`] writes states: before the call returns, off
     /// the runtime's worker, one writer at a time. A file that cannot be
@@ -907,6 +928,21 @@ mod tests {
         assert!(!recipe_file.exists());
         drop(stalled_disk);
         runtime.block_on(joining).unwrap().unwrap();
+        assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
+    }
+
+    #[test]
+    fn run_files_left_queued_are_written_before_the_coordinator_exits() {
+        use crate::sweep::tests::{scheduler, settings};
+        let tmp = tempfile::tempdir().unwrap();
+        let sweep = scheduler(tmp.path(), &[0], settings(1, None, 0));
+        let recipe_file =
+            rsb_job::sweep::SweepLayout::new(tmp.path()).run_recipe(&sweep.runs[0].cell.id);
+        let shared = Shared::new(Coordination::sweep(sweep));
+        // Queued under the lock by a pass whose writes have not run.
+        shared.state.lock().unwrap().join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(!recipe_file.exists());
+        shared.write_remaining_run_files();
         assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
     }
 

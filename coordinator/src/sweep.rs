@@ -397,8 +397,10 @@ impl Scheduler {
         std::mem::take(&mut self.files)
     }
 
-    /// Files whose write failed, tried again with the next ones; a file
-    /// written since (a newer version of it) wins over them.
+    /// Files whose write failed, tried again with the next ones, unless a
+    /// newer version of the same file is queued already. (Two passes write
+    /// one path only across attempts of a run, minutes apart: its recipe,
+    /// the same each time, and its outcome, written once.)
     pub fn write_again(&mut self, failed: Vec<RunFile>) {
         for file in failed {
             if !self.files.iter().any(|f| f.path == file.path) {

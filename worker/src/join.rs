@@ -526,9 +526,11 @@ async fn serve_member(
                             .map(|(_, child)| child);
                         rsb_process::kill_all_within(killed, rsb_process::REAP_LIMIT).await;
                         // Killed here, for the job's failure: no failure of
-                        // theirs to report, nor to end this agent with.
+                        // theirs to report, nor to end this agent with. One
+                        // the kernel has not let go of (warned about) stays
+                        // running, for the stop grace to deal with.
                         for i in running {
-                            done[i] = true;
+                            done[i] = matches!(children[i].try_wait(), Ok(Some(_)));
                         }
                         job_failed = Some(format!("job failed: {failure}"));
                     }

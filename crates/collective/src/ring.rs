@@ -20,7 +20,11 @@
 //! other's in constant time. A connection that fails the challenge (an
 //! impostor, or a rank of another job) is refused and logged, and the ring
 //! keeps waiting for its real neighbour; a listener that fails it is an
-//! error. The key never crosses the wire.
+//! error. The key never crosses the wire. A handshake that breaks off or
+//! times out (strangers' stalled connections may hold every slot of the
+//! listener) is tried again until the ring's deadline, the collective
+//! timeout: a right neighbour that froze before the ring formed is reported
+//! then, not at the first handshake's 10 s.
 //!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
@@ -459,25 +463,6 @@ fn accept_left(
     // Handshake threads now running.
     let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
-        // Checked every turn: a steady stream of strangers' connections
-        // must not keep this loop past its deadline.
-        if give_up.load(Ordering::Relaxed) {
-            return Err(CollectiveError::Protocol {
-                rank,
-                problem: "stopped waiting for the left neighbour: the right link failed".into(),
-            });
-        }
-        if Instant::now() >= deadline {
-            return Err(CollectiveError::Link {
-                rank,
-                peer: left,
-                address: "(incoming)".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "left neighbour never connected",
-                ),
-            });
-        }
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
             let (their_rank, their_world) = match outcome {
                 Ok(hello) => hello,
@@ -504,6 +489,26 @@ fn accept_left(
                 });
             }
             return Ok(stream);
+        }
+        // Checked every turn, after the finished handshakes (one that finished
+        // just in time counts): a steady stream of strangers' connections
+        // must not keep this loop past its deadline.
+        if give_up.load(Ordering::Relaxed) {
+            return Err(CollectiveError::Protocol {
+                rank,
+                problem: "stopped waiting for the left neighbour: the right link failed".into(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(CollectiveError::Link {
+                rank,
+                peer: left,
+                address: "(incoming)".into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "left neighbour never connected",
+                ),
+            });
         }
         let accepted = if in_flight.load(Ordering::SeqCst) < MAX_HANDSHAKES {
             listener.accept()

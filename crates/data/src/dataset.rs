@@ -239,14 +239,24 @@ impl ImageFolder {
         Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
     }
 
-    /// Opens `root` in whichever layout it has: tar shards if it holds
-    /// `*.tar` files, class folders otherwise.
+    /// Opens `root` in whichever layout it has: class folders if it holds
+    /// any, else tar shards if it holds `*.tar` files. `*.tar` files beside
+    /// class folders (ImageNet's per-class archives, left where they were
+    /// unpacked) are ignored, with a warning.
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
-        if crate::shards::has_shards(root)? {
-            ImageFolder::open_shards(root)
-        } else {
-            ImageFolder::open(root)
+        let shards = crate::shards::shard_files(root)?;
+        if shards.is_empty() {
+            return ImageFolder::open(root);
         }
+        if !class_folders(root).is_ok_and(|folders| !folders.is_empty()) {
+            return ImageFolder::open_shards(root);
+        }
+        tracing::warn!(
+            folder = %root.display(),
+            "{} .tar file(s) beside the class folders are ignored: the class folders are read",
+            shards.len()
+        );
+        ImageFolder::open(root)
     }
 
     /// A dataset made of the given samples (class names may be empty when
@@ -507,5 +517,19 @@ mod tests {
         assert!(err.contains("n999") && err.contains("no image"), "{err}");
         let err = ImageFolder::open(&dir.path().join("missing")).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn tar_files_beside_class_folders_leave_the_folders_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for class in ["n01", "n02"] {
+            std::fs::create_dir_all(dir.path().join(class)).unwrap();
+            std::fs::write(dir.path().join(class).join("a.JPEG"), b"").unwrap();
+            // The class's archive, left where it was unpacked.
+            std::fs::write(dir.path().join(format!("{class}.tar")), b"not read").unwrap();
+        }
+        let folder = ImageFolder::open_any(dir.path()).unwrap();
+        assert_eq!(folder.classes(), &["n01".to_string(), "n02".to_string()]);
+        assert_eq!(folder.len(), 2);
     }
 }

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 /// Replacement attempts for one sample before the run stops.
 pub const MAX_REPLACEMENTS: u32 = 16;
 
-/// Files that failed to decode: each is logged once, every use is counted.
+/// Files that failed to decode or to be read: each is logged once, every
+/// use is counted; one that did not decode is not tried again.
 #[derive(Debug, Default)]
 pub struct BadFiles {
     seen: Mutex<HashMap<String, Failure>>,

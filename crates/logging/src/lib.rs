@@ -447,8 +447,15 @@ fn panic_error_line_in(format: LogFormat, info: &std::panic::PanicHookInfo<'_>) 
     }
 }
 
-/// How long dropping a [`NonBlockingOutput`] waits for its buffered lines.
+/// How long dropping a [`NonBlockingOutput`] waits for its buffered lines
+/// of stderr.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long dropping a [`NonBlockingOutput`] waits for its buffered lines
+/// of stdout: a process's last lines say how it ended (a coordinator's
+/// `sweep over`), and a slow reader (`| tee` to a network file system)
+/// gets longer for them.
+pub const STDOUT_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// One stream written through a buffer and a writer thread.
 struct NonBlockingStream {
@@ -484,9 +491,12 @@ impl NonBlockingStream {
 }
 
 /// The non-blocking stdout and stderr of [`init_non_blocking`]: when
-/// dropped, it waits up to [`DRAIN_DEADLINE`] for the lines handed to them
-/// to be written (or dropped), then leaves the rest: a reader that stalled
-/// gets no more time.
+/// dropped, it waits up to [`DRAIN_DEADLINE`] for the lines handed to
+/// stderr and [`STDOUT_DRAIN_DEADLINE`] for stdout's to be written (or
+/// dropped), then leaves the rest: a reader that stalled gets no more time.
+/// Each stream keeps its lines' order; the two streams have a writer thread
+/// each, so a line of one and a line of the other written at nearly the
+/// same time may reach a terminal they share in either order.
 #[must_use = "dropping it ends the writing of buffered lines"]
 pub struct NonBlockingOutput {
     stdout: NonBlockingStream,
@@ -505,6 +515,7 @@ impl NonBlockingOutput {
     }
 
     /// Whether every line handed over so far is written or dropped.
+    #[cfg(test)]
     fn drained(&self) -> bool {
         self.stdout.drained() && self.stderr.drained()
     }
@@ -512,8 +523,14 @@ impl NonBlockingOutput {
 
 impl Drop for NonBlockingOutput {
     fn drop(&mut self) {
-        let deadline = Instant::now() + DRAIN_DEADLINE;
-        while !self.drained() && Instant::now() < deadline {
+        let started = Instant::now();
+        loop {
+            let waited = started.elapsed();
+            let stdout_done = self.stdout.drained() || waited >= STDOUT_DRAIN_DEADLINE;
+            let stderr_done = self.stderr.drained() || waited >= DRAIN_DEADLINE;
+            if stdout_done && stderr_done {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         // Not dropped: a guard's drop waits again, and when the buffer is

@@ -696,8 +696,6 @@ impl Trainer {
         }
     }
 
-    /// Sums host values over the ranks (a no-op in one process); `what`
-    /// names the sum in errors.
     /// Samples this process replaced so far (undecodable images), as a sum
     /// over the ranks takes them: with the checkpoint's count from before
     /// this process, the run's count over every rank.
@@ -705,6 +703,8 @@ impl Trainer {
         self.train.bad_files().replacements() as f64
     }
 
+    /// Sums host values over the ranks (a no-op in one process); `what`
+    /// names the sum in errors.
     fn sum_over_ranks(&mut self, values: &mut [f64], what: &str) -> Result<(), TrainError> {
         let calls = self.calls();
         if let Some(d) = &mut self.distributed {
@@ -1031,12 +1031,12 @@ impl Trainer {
         trained: &LossWindow,
     ) -> Result<(), TrainError> {
         self.reduce_batch_norm_statistics(epoch)?;
-        let mut loss_sum = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
+        let mut sums = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
         self.sum_over_ranks(
-            &mut loss_sum,
+            &mut sums,
             "sum of the epoch's loss and replaced samples before a mid-epoch checkpoint",
         )?;
-        let replaced = self.replaced_before_this_run + loss_sum[1] as u64;
+        let replaced = self.replaced_before_this_run + sums[1] as u64;
         if let Some(tensor) = self.first_nonfinite_tensor()? {
             return Err(TrainError::NonFiniteWeights { epoch, tensor });
         }
@@ -1046,11 +1046,8 @@ impl Trainer {
         self.state.replaced_samples = replaced;
         self.state.nonfinite_streak = self.nonfinite_streak;
         self.state.scaler = self.scaler.as_ref().map(GradScaler::state).transpose()?;
-        self.state.epoch_so_far = EpochSoFar {
-            loss_sum: loss_sum[0],
-            updates: trained.updates,
-            skipped: trained.skipped,
-        };
+        self.state.epoch_so_far =
+            EpochSoFar { loss_sum: sums[0], updates: trained.updates, skipped: trained.skipped };
         let saved = self.save_checkpoint(epoch);
         self.state.epoch_so_far = EpochSoFar::default();
         saved
@@ -1360,14 +1357,14 @@ impl Trainer {
         trained: EpochTraining,
         progress: &Progress,
     ) -> Result<EpochReport, TrainError> {
-        let mut loss_sum = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
+        let mut sums = [host_read::f64_of(&trained.loss)?, self.replaced_by_this_rank()];
         self.sum_over_ranks(
-            &mut loss_sum,
+            &mut sums,
             &format!("metric sum (training loss and replaced samples of epoch {epoch})"),
         )?;
-        let replaced = self.replaced_before_this_run + loss_sum[1] as u64;
+        let replaced = self.replaced_before_this_run + sums[1] as u64;
         // NaN when every update of the epoch was skipped.
-        let train_loss = loss_sum[0] / trained.applied() as f64;
+        let train_loss = sums[0] / trained.applied() as f64;
         self.reduce_batch_norm_statistics(epoch)?;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged {
