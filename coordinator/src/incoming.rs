@@ -7,8 +7,11 @@
 //! descriptor left) pauses the accepting for [`ACCEPT_ERROR_PAUSE`] instead
 //! of retrying at once in a busy loop. The job token is checked per call,
 //! after all this: a stranger that starts a connection and then idles
-//! holds it, but from one address at most [`MAX_CONNECTIONS_PER_PEER`] of
-//! them, so the hosts of a job still get theirs.
+//! holds it, but from one address (an IPv6 peer: its /64) at most
+//! [`MAX_CONNECTIONS_PER_PEER`] of them, so it takes one address's share;
+//! it takes them all only from [`MAX_CONNECTIONS`] / [`MAX_CONNECTIONS_PER_PEER`]
+//! addresses. Hosts that reach the coordinator through one address (behind
+//! one NAT) share one address's share too.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,7 +29,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub const MAX_CONNECTIONS: usize = 512;
 
 /// Connections open at once from one address (a host's agent and ranks use
-/// one each, a few more for `status`); past it, new ones are closed at once.
+/// one each, a few more for `status`: 8 GPUs take about 10); past it, new
+/// ones are closed at once.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 
 /// The limits of an [`Incoming`].
@@ -83,20 +87,36 @@ impl Incoming {
         Incoming { listener, open: Arc::default(), limits, pause: None, refused: 0 }
     }
 
-    /// Counts a new connection from `peer` as open, unless a limit is
-    /// reached: then says which.
-    fn admit(&self, peer: IpAddr) -> Result<(), &'static str> {
+    /// Counts a new connection from `peer` (its [`peer_key`]) as open,
+    /// unless a limit is reached: then says which.
+    fn admit(&self, peer: IpAddr) -> Result<(), String> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.all >= self.limits.connections {
-            return Err("connections are open already");
+            return Err(format!("{} connections are open already", self.limits.connections));
         }
-        let from_peer = open.per_peer.entry(peer).or_default();
-        if *from_peer >= self.limits.per_peer {
-            return Err("connections from its address are open already");
+        let from_peer = open.per_peer.get(&peer).copied().unwrap_or(0);
+        if from_peer >= self.limits.per_peer {
+            return Err(format!(
+                "{} connections from its address are open already",
+                self.limits.per_peer
+            ));
         }
-        *from_peer += 1;
+        open.per_peer.insert(peer, from_peer + 1);
         open.all += 1;
         Ok(())
+    }
+}
+
+/// The address a peer's connections are counted under: an IPv4 address
+/// (also when it reaches an IPv6 listener as `::ffff:a.b.c.d`), or an IPv6
+/// address's /64 (one host may hold a whole /64).
+pub fn peer_key(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
     }
 }
 
@@ -112,7 +132,8 @@ impl tokio_stream::Stream for Incoming {
             }
             match ready!(this.listener.poll_accept(cx)) {
                 Ok((stream, peer)) => {
-                    if let Err(full) = this.admit(peer.ip()) {
+                    let key = peer_key(peer.ip());
+                    if let Err(full) = this.admit(key) {
                         this.refused += 1;
                         // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a
                         // flood does not flood the log.
@@ -120,7 +141,7 @@ impl tokio_stream::Stream for Incoming {
                             tracing::warn!(
                                 %peer,
                                 refused = this.refused,
-                                "closed a connection: the most {full}"
+                                "closed a connection at once: {full}"
                             );
                         }
                         drop(stream);
@@ -130,7 +151,7 @@ impl tokio_stream::Stream for Incoming {
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
                         first_bytes: Some(first_bytes),
-                        peer: peer.ip(),
+                        peer: key,
                         open: Arc::clone(&this.open),
                     })));
                 }
@@ -246,6 +267,18 @@ mod tests {
     async fn closed(client: &mut TcpStream) -> bool {
         let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut [0u8; 8])).await;
         matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[test]
+    fn an_ipv4_peer_counts_as_itself_an_ipv6_peer_as_its_64() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(peer_key(v4), v4);
+        assert_eq!(peer_key("::ffff:192.0.2.7".parse().unwrap()), v4, "mapped on a [::] listener");
+        let a = peer_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = peer_key("2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap());
+        assert_eq!(a, b, "one /64");
+        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(a, peer_key("2001:db8:1:3::1".parse().unwrap()));
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@
 //! names the calling member, which may act only for its own ranks.
 
 use crate::plan::{BatchPlan, PlanError};
-use rsb_job::records::skipped_updates_note;
+use rsb_job::records::{skipped_images_note, skipped_updates_note};
 use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
@@ -1527,6 +1527,7 @@ impl Job {
                 top5,
                 eval_sets,
                 skipped_updates,
+                val_skipped_images,
                 ..
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
@@ -1536,10 +1537,14 @@ impl Job {
                     sets.push_str(&format!(" | {name} top1 {:.2} top5 {:.2}", a.top1, a.top5));
                 }
                 Some(format!(
-                    "epoch {epoch} done: loss {loss:.4} top1 {} top5 {}{sets} ({images_per_sec:.0} img/s){}",
+                    "epoch {epoch} done: loss {loss:.4} top1 {} top5 {}{sets} ({images_per_sec:.0} img/s){}{}",
                     percent(top1),
                     percent(top5),
                     skipped_updates_note(*skipped_updates),
+                    skipped_images_note(
+                        *val_skipped_images,
+                        eval_sets.iter().map(|(name, a)| (name.as_str(), a.skipped))
+                    ),
                 ))
             }
             MetricsRecord::Checksum { .. } => None,

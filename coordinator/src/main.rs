@@ -615,6 +615,7 @@ async fn up(args: UpArgs) -> Result<()> {
                     (snapshot, jobs.is_empty())
                 });
                 let Some((counts, views, over)) = snapshot else {
+                    progress.finish();
                     break Err(anyhow::anyhow!("the sweep's queue is gone"));
                 };
                 if none_started && waiting_since.elapsed().as_secs() > join_timeout_secs {
@@ -676,12 +677,17 @@ async fn up(args: UpArgs) -> Result<()> {
     let _ = stop_tx.send(());
     // A graceful stop waits for open connections, and those of a frozen or
     // cut-off host never close: bounded.
-    if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
         tracing::warn!("connections still open 5 s after the job ended; closing them");
+        // It accepts nothing since the stop; the calls still running end
+        // with the runtime (the run files they took are waited for below).
+        server.abort();
     }
     // A sweep's run files still queued or being written (an outcome taken
-    // by the last call's pass) are on disk before the coordinator exits.
-    shared.write_remaining_run_files();
+    // by the last call's pass) are on disk before the coordinator exits,
+    // or named in an error within RUN_FILES_EXIT_DEADLINE.
+    shared.write_remaining_run_files().await;
     outcome
 }
 

@@ -132,14 +132,15 @@ impl SweepProgress {
         self.last = Some(counts);
     }
 
-    /// Clears the bars (the final counts stay printed).
+    /// Clears the bars (the final counts stay printed), then prints the
+    /// lines queued above them; later lines are printed at once.
     pub fn finish(&mut self) {
         if let Some(bars) = self.bars.take() {
-            bars.printer.print_queued();
             for bar in bars.runs.values() {
                 bar.finish_and_clear();
             }
             bars.sweep.finish();
+            bars.printer.detach();
         }
     }
 }

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tokio::runtime::RuntimeFlavor;
 use tokio::sync::Notify;
@@ -71,7 +71,14 @@ pub struct Shared {
     /// Held while a sweep's run files are written (never together with
     /// `state`).
     run_files_written: Arc<Mutex<()>>,
+    /// Passes that took run files under `state` and have not yet written
+    /// them or queued the failed ones again (see
+    /// [`Shared::write_remaining_run_files`]).
+    run_file_passes: Arc<(Mutex<usize>, Condvar)>,
 }
+
+/// How long a coordinator about to exit waits for a sweep's last run files.
+pub const RUN_FILES_EXIT_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Shared {
     /// Wraps the state.
@@ -81,6 +88,7 @@ impl Shared {
             changed: Arc::new(Notify::new()),
             written: Arc::default(),
             run_files_written: Arc::default(),
+            run_file_passes: Arc::default(),
         }
     }
 
@@ -103,7 +111,8 @@ impl Shared {
         let (out, pending, run_files, metrics) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let out = f(&mut state);
-            (out, state.states_to_save(), state.run_files_to_write(), state.metrics_to_write())
+            let run_files = self.take_run_files(&mut state);
+            (out, state.states_to_save(), run_files, state.metrics_to_write())
         };
         self.write_states(pending);
         self.write_run_files(run_files);
@@ -111,24 +120,89 @@ impl Shared {
         out
     }
 
-    /// Writes the sweep's run files still queued, once a write in progress
-    /// is done (what it fails to write is queued again first): at the end
-    /// of a sweep, so that none is lost when the coordinator exits. What
-    /// cannot be written is logged (once per file, as at every pass) and
-    /// counted here.
-    pub fn write_remaining_run_files(&self) {
-        drop(self.run_files_written.lock().unwrap_or_else(|p| p.into_inner()));
-        let files = self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
-        self.write_run_files(files);
-        let unwritten = self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
-        if !unwritten.is_empty() {
-            let paths: Vec<String> =
-                unwritten.iter().map(|f| f.path.display().to_string()).collect();
+    /// The sweep's queued run files, taken under the state's lock: a pass
+    /// that takes any counts as in flight until [`Shared::write_run_files`]
+    /// has written them or queued the failed ones again.
+    fn take_run_files(&self, state: &mut Coordination) -> Vec<crate::sweep::RunFile> {
+        let files = state.run_files_to_write();
+        if !files.is_empty() {
+            *self.run_file_passes.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        }
+        files
+    }
+
+    /// Writes the sweep's run files still queued, after the passes in
+    /// flight (whose failed files are queued again first): at the end of a
+    /// sweep, so that none is lost when the coordinator exits. Waits at
+    /// most [`RUN_FILES_EXIT_DEADLINE`] (a file system that hangs must not
+    /// keep the coordinator from exiting); what is not written by then, or
+    /// cannot be, is logged with its path.
+    pub async fn write_remaining_run_files(&self) {
+        if let Err(unwritten) = self.write_remaining_run_files_within(RUN_FILES_EXIT_DEADLINE).await
+        {
             tracing::error!(
-                "{} run file(s) could not be written before the coordinator exits: {}",
-                paths.len(),
-                paths.join(", ")
+                "run file(s) not written when the coordinator exits: {}",
+                unwritten.join(", ")
             );
+        }
+    }
+
+    /// [`Shared::write_remaining_run_files`] with a deadline `wait`: the
+    /// paths not written, if any.
+    async fn write_remaining_run_files_within(&self, wait: Duration) -> Result<(), Vec<String>> {
+        let shared = self.clone();
+        let deadline = std::time::Instant::now() + wait;
+        let flush =
+            tokio::task::spawn_blocking(move || shared.write_remaining_run_files_by(deadline));
+        match tokio::time::timeout(wait, flush).await {
+            Ok(Ok(written)) => written,
+            // Still writing at the deadline (a write that hangs), or the
+            // writer panicked: what is known to be left, and the rest.
+            Ok(Err(_)) | Err(_) => {
+                let queued =
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
+                let mut paths: Vec<String> =
+                    queued.iter().map(|f| f.path.display().to_string()).collect();
+                paths.push(format!("those being written {} s on", wait.as_secs_f64()));
+                Err(paths)
+            }
+        }
+    }
+
+    /// [`Shared::write_remaining_run_files`] on this thread, waiting for
+    /// the passes in flight until `deadline`: the paths not written, if any.
+    fn write_remaining_run_files_by(
+        &self,
+        deadline: std::time::Instant,
+    ) -> Result<(), Vec<String>> {
+        let (passes, done) = &*self.run_file_passes;
+        let mut in_flight = passes.lock().unwrap_or_else(|p| p.into_inner());
+        while *in_flight > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            in_flight = done.wait_timeout(in_flight, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let still_writing = *in_flight > 0;
+        drop(in_flight);
+        let files = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.take_run_files(&mut state)
+        };
+        self.write_run_files(files);
+        let mut unwritten: Vec<String> = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let left = state.run_files_to_write();
+            left.iter().map(|f| f.path.display().to_string()).collect()
+        };
+        if still_writing {
+            unwritten.push("those another call was still writing".into());
+        }
+        if unwritten.is_empty() {
+            Ok(())
+        } else {
+            Err(unwritten)
         }
     }
 
@@ -140,6 +214,17 @@ impl Shared {
         if files.is_empty() {
             return;
         }
+        // This pass is over once its failed files are queued again (even
+        // if it panics), whatever the outcome.
+        struct PassOver<'a>(&'a (Mutex<usize>, Condvar));
+        impl Drop for PassOver<'_> {
+            fn drop(&mut self) {
+                let mut passes = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+                *passes = passes.saturating_sub(1);
+                self.0 .1.notify_all();
+            }
+        }
+        let _pass_over = PassOver(&self.run_file_passes);
         let write = || {
             let _one_writer = self.run_files_written.lock().unwrap_or_else(|p| p.into_inner());
             let mut failed = Vec::new();
@@ -931,19 +1016,69 @@ mod tests {
         assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
     }
 
+    /// A sweep of one run in `dir`, and where that run's recipe is written.
+    fn one_run_sweep(dir: &std::path::Path) -> (Shared, PathBuf) {
+        use crate::sweep::tests::{scheduler, settings};
+        let sweep = scheduler(dir, &[0], settings(1, None, 0));
+        let recipe_file = rsb_job::sweep::SweepLayout::new(dir).run_recipe(&sweep.runs[0].cell.id);
+        (Shared::new(Coordination::sweep(sweep)), recipe_file)
+    }
+
     #[test]
     fn run_files_left_queued_are_written_before_the_coordinator_exits() {
-        use crate::sweep::tests::{scheduler, settings};
         let tmp = tempfile::tempdir().unwrap();
-        let sweep = scheduler(tmp.path(), &[0], settings(1, None, 0));
-        let recipe_file =
-            rsb_job::sweep::SweepLayout::new(tmp.path()).run_recipe(&sweep.runs[0].cell.id);
-        let shared = Shared::new(Coordination::sweep(sweep));
+        let (shared, recipe_file) = one_run_sweep(tmp.path());
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         // Queued under the lock by a pass whose writes have not run.
         shared.state.lock().unwrap().join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         assert!(!recipe_file.exists());
-        shared.write_remaining_run_files();
+        runtime.block_on(shared.write_remaining_run_files_within(Duration::from_secs(30))).unwrap();
         assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
+    }
+
+    #[test]
+    fn the_last_run_files_wait_for_a_pass_in_flight_but_not_past_their_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shared, recipe_file) = one_run_sweep(tmp.path());
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        // A pass took the run's recipe under the lock and has not written it
+        // yet: the queue is empty, but the file is not on disk.
+        let taken = {
+            let mut state = shared.state.lock().unwrap();
+            state.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            shared.take_run_files(&mut state)
+        };
+        assert_eq!(taken.len(), 1);
+        assert!(shared.state.lock().unwrap().run_files_to_write().is_empty());
+        let pass = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                shared.write_run_files(taken);
+            })
+        };
+        runtime.block_on(shared.write_remaining_run_files_within(Duration::from_secs(30))).unwrap();
+        assert!(recipe_file.is_file(), "returned before the pass in flight wrote its file");
+        pass.join().unwrap();
+        // A disk that hangs: the flush gives up at its deadline and names
+        // what is left.
+        std::fs::remove_file(&recipe_file).unwrap();
+        shared.state.lock().unwrap().sweep.as_mut().unwrap().write_again(vec![
+            crate::sweep::RunFile {
+                path: recipe_file.clone(),
+                contents: b"x".to_vec(),
+                failures: 0,
+            },
+        ]);
+        let stalled_disk = shared.run_files_written.lock().unwrap();
+        let started = Instant::now();
+        let left = runtime
+            .block_on(shared.write_remaining_run_files_within(Duration::from_millis(300)))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(20), "waited {:?}", started.elapsed());
+        assert!(left.iter().any(|p| p.contains("being written")), "{left:?}");
+        drop(stalled_disk);
+        runtime.shutdown_timeout(Duration::from_secs(5));
     }
 
     #[test]

@@ -125,9 +125,11 @@ fn record() -> impl Strategy<Value = Option<pb::metrics_report::Record>> {
                         top5: top1,
                         count,
                         excluded: count / 2,
+                        skipped: count / 3,
                     })
                     .collect(),
                 skipped_updates: epoch,
+                val_skipped_images: Some(epoch / 2),
             })
         });
     let other = (any::<u64>(), float()).prop_map(|(n, x)| {

@@ -87,6 +87,7 @@ impl From<&MetricsRecord> for Record {
                 elapsed_s,
                 eval_sets,
                 skipped_updates,
+                val_skipped_images,
             } => Record::Epoch(pb::EpochRecord {
                 epoch,
                 step,
@@ -106,9 +107,11 @@ impl From<&MetricsRecord> for Record {
                         top5: a.top5,
                         count: a.count,
                         excluded: a.excluded,
+                        skipped: a.skipped,
                     })
                     .collect(),
                 skipped_updates,
+                val_skipped_images,
             }),
             MetricsRecord::Checksum { rank, step, sum, sum_of_squares } => {
                 Record::Checksum(pb::ChecksumRecord { rank, step, sum, sum_of_squares })
@@ -203,11 +206,13 @@ impl From<Record> for MetricsRecord {
                             top5: s.top5,
                             count: s.count,
                             excluded: s.excluded,
+                            skipped: s.skipped,
                         };
                         (s.name, accuracy)
                     })
                     .collect(),
                 skipped_updates: r.skipped_updates,
+                val_skipped_images: r.val_skipped_images,
             },
             Record::Checksum(r) => MetricsRecord::Checksum {
                 rank: r.rank,
@@ -255,7 +260,7 @@ mod tests {
         let mut sets = std::collections::BTreeMap::new();
         sets.insert(
             "real".to_string(),
-            EvalSetAccuracy { top1: 81.5, top5: 95.0, count: 40, excluded: 3 },
+            EvalSetAccuracy { top1: 81.5, top5: 95.0, count: 40, excluded: 3, skipped: 2 },
         );
         let records = [
             MetricsRecord::Loading { epoch: 1, step: 10, elapsed_s: 2.5 },
@@ -300,6 +305,7 @@ mod tests {
                 elapsed_s: 99.0,
                 eval_sets: sets,
                 skipped_updates: 3,
+                val_skipped_images: Some(4),
             },
             MetricsRecord::Checksum { rank: 1, step: 4, sum: -3.5, sum_of_squares: 12.0 },
             MetricsRecord::Fabric(FabricProbe {

@@ -30,6 +30,7 @@ pub mod error;
 mod locate;
 mod overrides;
 pub mod procedure;
+pub mod rand_augment;
 pub mod schema;
 mod validate;
 

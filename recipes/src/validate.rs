@@ -152,12 +152,12 @@ pub(crate) fn check(r: &Recipe) -> Check {
     ordered_range("augment.ratio", a.ratio, None)?;
     probability("augment.hflip", a.hflip)?;
     if let Some(ra) = &a.rand_augment {
-        if ra.split('-').next() != Some("rand") {
+        if let Err(e) = crate::rand_augment::RandAugmentConfig::parse(ra) {
             return fail(
                 "augment.rand_augment",
                 format!(
-                    "must be a timm RandAugment string starting with `rand` \
-                     (e.g. `rand-m7-mstd0.5-inc1`), got `{ra}`; use null to turn it off"
+                    "{e}: must be a timm RandAugment string (e.g. `rand-m7-mstd0.5-inc1`), \
+                     got `{ra}`; use null to turn it off"
                 ),
             );
         }

@@ -359,7 +359,12 @@ fn each_validation_rule_names_its_field() {
         ("augment.hflip=1.5", "augment.hflip", "probability in [0, 1], got 1.5"),
         ("data.loader_threads=5000", "data.loader_threads", "between 0 (the default) and 4096"),
         ("runtime.torch_threads=3000000000", "runtime.torch_threads", "got 3000000000"),
-        ("augment.rand_augment=m9-mstd0.5", "augment.rand_augment", "starting with `rand`"),
+        ("augment.rand_augment=m9-mstd0.5", "augment.rand_augment", "must start with 'rand'"),
+        // What timm refuses is refused at load, naming the section, not at
+        // every rank's start.
+        ("augment.rand_augment=rand-m9-w0", "augment.rand_augment", "section \"w0\""),
+        ("augment.rand_augment=rand-m7.5", "augment.rand_augment", "invalid value in"),
+        ("augment.rand_augment=rand-m9-tweights", "augment.rand_augment", "not supported"),
         ("augment.rand_augment=random-m9", "augment.rand_augment", "got `random-m9`"),
         ("mixup.mixup_alpha=-1", "mixup.mixup_alpha", ">= 0, got -1"),
         ("mixup.cutmix_alpha=-0.5", "mixup.cutmix_alpha", ">= 0"),

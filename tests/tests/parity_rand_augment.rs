@@ -15,7 +15,9 @@
 //! negated arguments and both interpolations occur in the records.
 
 use rsb_data::image::{Filter, RgbImage};
-use rsb_data::rand_augment::{RaDraw, RaInterpolation, RandAugment, RandAugmentConfig};
+use rsb_data::rand_augment::{
+    RaDraw, RaInterpolation, RandAugment, RandAugmentConfig, RandAugmentOps,
+};
 use rsb_integration_tests::{fixtures, read_json, read_npy};
 use serde_json::Value;
 use tch::{Kind, Tensor};

@@ -51,7 +51,7 @@ fn epoch_record(epoch: u64, top1: f64, real: f64, v2: f64) -> MetricsRecord {
         for (name, value) in [("real", real), ("v2", v2)] {
             eval_sets.insert(
                 name.to_string(),
-                EvalSetAccuracy { top1: value, top5: 99.0, count: 100, excluded: 0 },
+                EvalSetAccuracy { top1: value, top5: 99.0, count: 100, excluded: 0, skipped: 0 },
             );
         }
     }
@@ -68,6 +68,7 @@ fn epoch_record(epoch: u64, top1: f64, real: f64, v2: f64) -> MetricsRecord {
         elapsed_s: 1.0,
         eval_sets,
         skipped_updates: 0,
+        val_skipped_images: Some(0),
     }
 }
 

@@ -318,7 +318,7 @@ fn torn_or_corrupt_checkpoints_are_skipped_and_resumes_keep_their_recipe() {
 }
 
 #[test]
-fn undecodable_images_are_replaced_logged_once_and_counted() {
+fn undecodable_images_are_replaced_logged_once_and_counted_in_training_and_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tiny_dataset(tmp.path());
     let class_dir = data.join("train/03_dress");
@@ -329,6 +329,12 @@ fn undecodable_images_are_replaced_logged_once_and_counted() {
     std::fs::write(class_dir.join("zz_empty.png"), b"").unwrap();
     std::fs::write(class_dir.join("zz_text.png"), b"not an image").unwrap();
     std::fs::write(class_dir.join("zz_truncated.png"), &good[..good.len() / 2]).unwrap();
+    // Two validation images that do not decode: left out of the accuracy,
+    // and counted in the epoch record and line.
+    let val_dir = data.join("val/03_dress");
+    assert!(val_dir.is_dir(), "{} is not the tiny set's val class", val_dir.display());
+    std::fs::write(val_dir.join("zz_val_text.png"), b"not an image").unwrap();
+    std::fs::write(val_dir.join("zz_val_truncated.png"), &good[..good.len() / 3]).unwrap();
     let out = tmp.path().join("run");
     let run = train(&data, &out, &["--set", "schedule.cosine.epochs=1"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -344,6 +350,11 @@ fn undecodable_images_are_replaced_logged_once_and_counted() {
         .count();
     assert!(logged >= 1, "no undecodable file was logged:\n{stderr}");
     assert!(replaced >= logged as u64, "replaced {replaced} < logged {logged}");
+    assert_eq!(epoch.last().unwrap()["val_skipped_images"], 2, "{epoch:?}");
+    assert!(
+        stderr.contains("evaluation images unreadable and left out: 2 in val"),
+        "the epoch line does not say 2 validation images were left out:\n{stderr}"
+    );
     // Resumed for one more epoch: the count goes on from the checkpoint's
     // (every epoch visits the undecodable files again).
     let more = train(

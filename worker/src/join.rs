@@ -446,6 +446,9 @@ async fn serve_member(
     let mut failed = None;
     let mut job_failed = None;
     let mut done = vec![false; children.len()];
+    // Ranks this agent killed because the job failed elsewhere: their end
+    // is no failure of theirs.
+    let mut killed_here = vec![false; children.len()];
     let mut job_over = false;
     // When the coordinator said the job is over: the ranks still running
     // get `RANK_STOP_GRACE` from then to exit on their own.
@@ -458,7 +461,7 @@ async fn serve_member(
             if !done[i] {
                 if let Some(status) = child.try_wait()? {
                     done[i] = true;
-                    if !status.success() {
+                    if !status.success() && !killed_here[i] {
                         let reason = match relays[i].last_error().await {
                             Some(line) => {
                                 format!(
@@ -527,9 +530,10 @@ async fn serve_member(
                         rsb_process::kill_all_within(killed, rsb_process::REAP_LIMIT).await;
                         // Killed here, for the job's failure: no failure of
                         // theirs to report, nor to end this agent with. One
-                        // the kernel has not let go of (warned about) stays
-                        // running, for the stop grace to deal with.
+                        // the kernel has not let go of (warned about) is
+                        // reaped by the loop above when it is, unreported.
                         for i in running {
+                            killed_here[i] = true;
                             done[i] = matches!(children[i].try_wait(), Ok(Some(_)));
                         }
                         job_failed = Some(format!("job failed: {failure}"));

@@ -239,16 +239,19 @@ impl ImageFolder {
         Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
     }
 
-    /// Opens `root` in whichever layout it has: class folders if it holds
-    /// any, else tar shards if it holds `*.tar` files. `*.tar` files beside
-    /// class folders (ImageNet's per-class archives, left where they were
-    /// unpacked) are ignored, with a warning.
+    /// Opens `root` in whichever layout it has: tar shards if it holds
+    /// `*.tar` files and no folder with an image, else class folders.
+    /// `*.tar` files beside folders of images (ImageNet's per-class
+    /// archives, left where they were unpacked) are ignored, with a
+    /// warning; folders without images beside shards (`lost+found`, a
+    /// cache) leave the shards read.
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
         let shards = crate::shards::shard_files(root)?;
         if shards.is_empty() {
             return ImageFolder::open(root);
         }
-        if !class_folders(root).is_ok_and(|folders| !folders.is_empty()) {
+        let folders = class_folders(root).unwrap_or_default();
+        if !folders.iter().any(|class| class_images(root, class).is_ok()) {
             return ImageFolder::open_shards(root);
         }
         tracing::warn!(
@@ -531,5 +534,17 @@ mod tests {
         let folder = ImageFolder::open_any(dir.path()).unwrap();
         assert_eq!(folder.classes(), &["n01".to_string(), "n02".to_string()]);
         assert_eq!(folder.len(), 2);
+    }
+
+    #[test]
+    fn folders_without_images_beside_shards_leave_the_shards_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lost+found")).unwrap();
+        std::fs::create_dir_all(dir.path().join(".cache/x")).unwrap();
+        // Not a tar archive: opening it as shards fails naming it, where
+        // class folders would fail naming `.cache`.
+        std::fs::write(dir.path().join("shard-000.tar"), b"not a tar").unwrap();
+        let err = ImageFolder::open_any(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("shard-000.tar"), "{err}");
     }
 }

@@ -84,10 +84,10 @@ impl EvalSet {
             }
             EvalSetKind::Real => {
                 let real = RealLabels::read(&labels()?)?;
-                let folder = if has_shards(&spec.root)? {
-                    ImageFolder::open_shards(&spec.root)?
-                } else if has_class_folders(&spec.root)? {
-                    ImageFolder::open(&spec.root)?
+                // Shards or class folders as a training split is read
+                // (`ImageFolder::open_any`), else one flat folder.
+                let folder = if has_shards(&spec.root)? || has_class_folders(&spec.root)? {
+                    ImageFolder::open_any(&spec.root)?
                 } else {
                     ImageFolder::open_unlabelled(&spec.root)?
                 };

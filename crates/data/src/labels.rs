@@ -267,6 +267,13 @@ impl EvalCounts {
         self.loss_sum / self.count.max(1) as f64
     }
 
+    /// Images of a set of `images` that these counts (of every rank) leave
+    /// out because they could not be read or decoded: neither scored nor
+    /// excluded.
+    pub fn unread_of(&self, images: usize) -> u64 {
+        (images as u64).saturating_sub(self.count + self.excluded)
+    }
+
     /// Adds another shard's counts.
     pub fn merge(&mut self, other: &EvalCounts) {
         self.count += other.count;

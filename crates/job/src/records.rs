@@ -94,6 +94,11 @@ pub enum MetricsRecord {
         /// finite (counted in `step`, left out of `loss`).
         #[serde(default)]
         skipped_updates: u64,
+        /// Validation images left out of `top1`, `top5` and `val_loss`
+        /// because they could not be read or decoded, when evaluated (each
+        /// is logged once by the rank that met it).
+        #[serde(default)]
+        val_skipped_images: Option<u64>,
     },
     /// Sum and sum of squares of every parameter after an update (replica checks).
     Checksum {
@@ -186,6 +191,30 @@ pub fn skipped_updates_note(skipped_updates: u64) -> String {
     }
 }
 
+/// `, N evaluation image(s) unreadable, left out` for an epoch's
+/// validation images and further sets' images that could not be read or
+/// decoded, when any were (each is logged once by the rank that met it),
+/// nothing otherwise: how progress lines say it.
+pub fn skipped_images_note<'a>(
+    val_skipped_images: Option<u64>,
+    sets: impl IntoIterator<Item = (&'a str, u64)>,
+) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = val_skipped_images.filter(|n| *n > 0) {
+        parts.push(format!("{n} in val"));
+    }
+    for (name, n) in sets {
+        if n > 0 {
+            parts.push(format!("{n} in {name}"));
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(", evaluation images unreadable and left out: {}", parts.join(", "))
+    }
+}
+
 /// Accuracy on one further evaluation set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalSetAccuracy {
@@ -197,6 +226,9 @@ pub struct EvalSetAccuracy {
     pub count: u64,
     /// Images left out (ReaL: no valid label).
     pub excluded: u64,
+    /// Images left out because they could not be read or decoded.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 impl MetricsRecord {
@@ -605,20 +637,42 @@ mod tests {
             elapsed_s: 3.0,
             eval_sets: BTreeMap::new(),
             skipped_updates: 2,
+            val_skipped_images: None,
         };
         let value = serde_json::to_value(&epoch).unwrap();
         assert_eq!(value["top1"], Value::Null, "not evaluated is written as null");
         assert!(value.get("eval_sets").is_none(), "no sets, no eval_sets key");
-        if let MetricsRecord::Epoch { eval_sets, top1, .. } = &mut epoch {
+        if let MetricsRecord::Epoch { eval_sets, top1, val_skipped_images, .. } = &mut epoch {
             *top1 = Some(87.5);
+            *val_skipped_images = Some(1);
             eval_sets.insert(
                 "real".into(),
-                EvalSetAccuracy { top1: 90.0, top5: 99.0, count: 10, excluded: 2 },
+                EvalSetAccuracy { top1: 90.0, top5: 99.0, count: 10, excluded: 2, skipped: 3 },
             );
         }
         let value = serde_json::to_value(&epoch).unwrap();
         assert_eq!(value["top1"], 87.5);
         assert_eq!(value["eval_sets"]["real"]["excluded"], 2);
+        assert_eq!(value["eval_sets"]["real"]["skipped"], 3);
+        assert_eq!(value["val_skipped_images"], 1);
+        // A record of an earlier build, without the skipped images, reads
+        // as none skipped.
+        let mut earlier = value.clone();
+        earlier.as_object_mut().unwrap().remove("val_skipped_images");
+        earlier["eval_sets"]["real"].as_object_mut().unwrap().remove("skipped");
+        match serde_json::from_value::<MetricsRecord>(earlier).unwrap() {
+            MetricsRecord::Epoch { val_skipped_images, eval_sets, .. } => {
+                assert_eq!(val_skipped_images, None);
+                assert_eq!(eval_sets["real"].skipped, 0);
+            }
+            other => panic!("read as {other:?}"),
+        }
+        assert_eq!(
+            skipped_images_note(Some(1), [("real", 3), ("v2", 0)]),
+            ", evaluation images unreadable and left out: 1 in val, 3 in real"
+        );
+        assert_eq!(skipped_images_note(Some(0), [("real", 0)]), "");
+        assert_eq!(skipped_images_note(None, []), "");
         assert_eq!(value["kind"], "epoch");
         assert_eq!(value["skipped_updates"], 2);
     }

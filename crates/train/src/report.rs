@@ -6,7 +6,7 @@
 
 use crate::error::TrainError;
 use rsb_data::labels::EvalCounts;
-use rsb_job::records::skipped_updates_note;
+use rsb_job::records::{skipped_images_note, skipped_updates_note};
 use rsb_job::{EvalSetAccuracy, MetricsLog, MetricsLogError, MetricsRecord};
 use std::path::Path;
 
@@ -93,6 +93,9 @@ pub struct EpochReport {
     pub elapsed_s: f64,
     /// Updates skipped because their gradient norm was not finite.
     pub skipped_updates: u64,
+    /// Validation images left out because they could not be read or
+    /// decoded, when evaluated.
+    pub val_skipped_images: Option<u64>,
 }
 
 impl EpochReport {
@@ -119,11 +122,13 @@ impl EpochReport {
                         top5: s.top5,
                         count: s.count,
                         excluded: s.excluded,
+                        skipped: s.skipped,
                     };
                     (s.name.clone(), accuracy)
                 })
                 .collect(),
             skipped_updates: self.skipped_updates,
+            val_skipped_images: self.val_skipped_images,
         }
     }
 
@@ -137,12 +142,16 @@ impl EpochReport {
             accuracy.push_str(&format!(" | {} top1 {:.2} top5 {:.2}", s.name, s.top1, s.top5));
         }
         format!(
-            "epoch {} done: loss {:.4} {:.0} img/s{accuracy} ({:.0} s){}",
+            "epoch {} done: loss {:.4} {:.0} img/s{accuracy} ({:.0} s){}{}",
             self.epoch,
             self.train_loss,
             self.images_per_sec,
             self.elapsed_s,
-            skipped_updates_note(self.skipped_updates)
+            skipped_updates_note(self.skipped_updates),
+            skipped_images_note(
+                self.val_skipped_images,
+                self.eval_sets.iter().map(|s| (s.name.as_str(), s.skipped))
+            ),
         )
     }
 }
@@ -160,17 +169,21 @@ pub struct SetResult {
     pub count: u64,
     /// Images left out (ReaL: no valid label).
     pub excluded: u64,
+    /// Images left out because they could not be read or decoded.
+    pub skipped: u64,
 }
 
 impl SetResult {
-    /// The percentages of a set's counts.
-    pub fn new(name: &str, counts: &EvalCounts) -> SetResult {
+    /// The percentages of a set's counts (summed over the ranks), for a
+    /// set of `images` images.
+    pub fn new(name: &str, counts: &EvalCounts, images: usize) -> SetResult {
         SetResult {
             name: name.to_string(),
             top1: counts.top1_pct(),
             top5: counts.top5_pct(),
             count: counts.count,
             excluded: counts.excluded,
+            skipped: counts.unread_of(images),
         }
     }
 }
@@ -316,13 +329,20 @@ mod tests {
             eval_sets: vec![SetResult::new(
                 "v2",
                 &EvalCounts { count: 4, top1: 3, top5: 4, excluded: 1, loss_sum: 0.0 },
+                7,
             )],
             elapsed_s: 3.0,
             skipped_updates: 1,
+            val_skipped_images: Some(0),
         };
         let value = serde_json::to_value(report.record(1e-4, 2)).unwrap();
         assert_eq!(value["skipped_updates"], 1);
-        assert!(report.line().ends_with(", 1 update(s) skipped (non-finite gradients)"));
+        assert!(report.line().ends_with(
+            ", 1 update(s) skipped (non-finite gradients), \
+             evaluation images unreadable and left out: 2 in v2"
+        ));
+        assert_eq!(value["val_skipped_images"], 0);
+        assert_eq!(value["eval_sets"]["v2"]["skipped"], 2, "7 images, 4 scored, 1 excluded");
         assert_eq!(value["kind"], "epoch");
         assert_eq!(value["step"], 20);
         assert_eq!(value["val_loss"], 0.7);

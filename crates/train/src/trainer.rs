@@ -752,7 +752,7 @@ impl Trainer {
                 counts =
                     evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, &set.name)?;
             }
-            results.push(SetResult::new(&set.name, &counts));
+            results.push(SetResult::new(&set.name, &counts, set.data.folder().len()));
         }
         Ok(results)
     }
@@ -1408,6 +1408,7 @@ impl Trainer {
             top1: val.map(|v| v.top1_pct()),
             top5: val.map(|v| v.top5_pct()),
             val_loss: val.map(|v| v.mean_loss()),
+            val_skipped_images: val.map(|v| v.unread_of(self.eval.folder().len())),
             eval_sets,
             elapsed_s: self.elapsed_s(),
             skipped_updates: trained.skipped,
