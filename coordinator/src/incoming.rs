@@ -7,7 +7,7 @@
 //! descriptor left) pauses the accepting for [`ACCEPT_ERROR_PAUSE`] instead
 //! of retrying at once in a busy loop. The job token is checked per call,
 //! after all this: a stranger that starts a connection and then idles
-//! holds it, but from one address (an IPv6 peer: its /64) at most
+//! holds it, but from one address at most
 //! [`MAX_CONNECTIONS_PER_PEER`] of them, so it takes one address's share;
 //! it takes them all only from [`MAX_CONNECTIONS`] / [`MAX_CONNECTIONS_PER_PEER`]
 //! addresses. Hosts that reach the coordinator through one address (behind
@@ -107,17 +107,11 @@ impl Incoming {
     }
 }
 
-/// The address a peer's connections are counted under: an IPv4 address
-/// (also when it reaches an IPv6 listener as `::ffff:a.b.c.d`), or an IPv6
-/// address's /64 (one host may hold a whole /64).
+/// The address a peer's connections are counted under: its own, with an
+/// IPv4 address that reaches an IPv6 listener as `::ffff:a.b.c.d` counted
+/// as itself. (Not an IPv6 peer's /64: a data centre's hosts share theirs.)
 pub fn peer_key(peer: IpAddr) -> IpAddr {
-    match peer.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
-        }
-    }
+    peer.to_canonical()
 }
 
 impl tokio_stream::Stream for Incoming {
@@ -270,15 +264,13 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv4_peer_counts_as_itself_an_ipv6_peer_as_its_64() {
+    fn an_ipv4_peer_counts_as_itself_on_an_ipv6_listener_too() {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(peer_key(v4), v4);
         assert_eq!(peer_key("::ffff:192.0.2.7".parse().unwrap()), v4, "mapped on a [::] listener");
-        let a = peer_key("2001:db8:1:2:aaaa::1".parse().unwrap());
-        let b = peer_key("2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap());
-        assert_eq!(a, b, "one /64");
-        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
-        assert_ne!(a, peer_key("2001:db8:1:3::1".parse().unwrap()));
+        // Two hosts of one IPv6 subnet are two peers.
+        let a = peer_key("2001:db8:1:2::a".parse().unwrap());
+        assert_ne!(a, peer_key("2001:db8:1:2::b".parse().unwrap()));
     }
 
     #[tokio::test]

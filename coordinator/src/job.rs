@@ -1690,7 +1690,7 @@ fn format_duration(secs: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use rsb_job::{FabricProbe, LinkSpeed};
+    use rsb_job::{EvalSetAccuracy, FabricProbe, LinkSpeed};
 
     thread_local! {
         /// The run folders of this test's jobs, deleted when its thread ends.
@@ -2385,6 +2385,30 @@ pub(crate) mod tests {
         }
         let checksum = MetricsRecord::Checksum { rank: 0, step: 2, sum: 1.0, sum_of_squares: 2.0 };
         assert_eq!(j.record_metrics(1, &checksum).unwrap().line, None);
+        // An epoch whose evaluation left unreadable images out says so.
+        let mut sets = BTreeMap::new();
+        let real = EvalSetAccuracy { top1: 90.0, top5: 99.0, count: 7, excluded: 1, skipped: 2 };
+        sets.insert("real".to_string(), real);
+        let epoch = MetricsRecord::Epoch {
+            epoch: 0,
+            step: 2,
+            lr: 1e-3,
+            loss: 0.5,
+            images_per_sec: 16.0,
+            top1: Some(75.0),
+            top5: Some(100.0),
+            val_loss: Some(0.7),
+            replaced_samples: 0,
+            elapsed_s: 3.0,
+            eval_sets: sets,
+            skipped_updates: 0,
+            val_skipped_images: Some(1),
+        };
+        let line = j.record_metrics(1, &epoch).unwrap().line.unwrap();
+        assert!(
+            line.ends_with("evaluation images unreadable and left out: 1 in val, 2 in real"),
+            "{line}"
+        );
         // A fabric probe: its summary, and a link 3x (the default) below the
         // others' median named with the hosts at both ends.
         let link = |from_rank, to_rank, gb_per_s| LinkSpeed { from_rank, to_rank, gb_per_s };
@@ -2426,11 +2450,13 @@ pub(crate) mod tests {
                 "step",
                 "step",
                 "checksum",
+                "epoch",
                 "fabric",
                 "fabric"
             ]
         );
-        assert_eq!(lines[8]["links"][1]["gb_per_s"], 0.1);
+        assert_eq!(lines[8]["val_skipped_images"], 1);
+        assert_eq!(lines[9]["links"][1]["gb_per_s"], 0.1);
         assert_eq!(lines[0]["world_size"], 2);
         assert_eq!(lines[3]["loss"], 0.75);
         assert_eq!(lines[3]["total_updates"], 4);

@@ -67,18 +67,26 @@ impl Printer {
     /// out hidden), after a line that says how many were dropped, if any.
     /// This may wait on the terminal: call it outside the job's lock.
     pub fn print_queued(&self) {
-        self.print(self.take(false));
+        self.print(self.take());
     }
 
     /// Prints the queued lines, and every later line at once: the bars are
-    /// gone (every clone of this printer sees it).
+    /// gone (every clone of this printer sees it). The queued lines are
+    /// handed to the non-blocking stdout under the queue's lock, so none
+    /// comes after a later one.
     pub fn detach(&self) {
-        self.print(self.take(true));
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.detached = true;
+        for line in Self::take_from(&mut queue) {
+            rsb_logging::stdout_line(&line);
+        }
     }
 
-    fn take(&self, detach: bool) -> Vec<String> {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        queue.detached |= detach;
+    fn take(&self) -> Vec<String> {
+        Self::take_from(&mut self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn take_from(queue: &mut Queue) -> Vec<String> {
         let mut lines = Vec::with_capacity(queue.lines.len() + 1);
         if queue.dropped > 0 {
             lines.push(format!(
@@ -120,7 +128,7 @@ mod tests {
             assert_eq!(queue.lines.front().map(String::as_str), Some("line 2"), "oldest go first");
             assert_eq!(queue.dropped, 2);
         }
-        let taken = printer.take(false);
+        let taken = printer.take();
         assert!(taken[0].contains("2 progress line(s) dropped"), "{}", taken[0]);
         assert_eq!(taken.len(), MAX_QUEUED_LINES + 1);
         printer.line("another");

@@ -44,6 +44,12 @@ fn clock(secs: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
+impl Drop for SweepProgress {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 impl SweepProgress {
     /// Feedback for a sweep of `total` runs: bars when `terminal`, else
     /// plain lines. Returns the printer the runs' lines go through.
@@ -133,7 +139,8 @@ impl SweepProgress {
     }
 
     /// Clears the bars (the final counts stay printed), then prints the
-    /// lines queued above them; later lines are printed at once.
+    /// lines queued above them; later lines are printed at once. Dropping
+    /// the progress does it too (an early error return of `up`).
     pub fn finish(&mut self) {
         if let Some(bars) = self.bars.take() {
             for bar in bars.runs.values() {

@@ -77,6 +77,24 @@ pub struct Shared {
     run_file_passes: Arc<(Mutex<usize>, Condvar)>,
 }
 
+/// A sweep's run files taken from the queue by one pass: counted in flight
+/// (see [`Shared::write_remaining_run_files`]) until dropped.
+struct RunFilePass {
+    files: Vec<crate::sweep::RunFile>,
+    /// The in-flight count it is counted in, when it took any file.
+    passes: Option<Arc<(Mutex<usize>, Condvar)>>,
+}
+
+impl Drop for RunFilePass {
+    fn drop(&mut self) {
+        if let Some(passes) = &self.passes {
+            let mut count = passes.0.lock().unwrap_or_else(|p| p.into_inner());
+            *count = count.saturating_sub(1);
+            passes.1.notify_all();
+        }
+    }
+}
+
 /// How long a coordinator about to exit waits for a sweep's last run files.
 pub const RUN_FILES_EXIT_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -121,22 +139,30 @@ impl Shared {
     }
 
     /// The sweep's queued run files, taken under the state's lock: a pass
-    /// that takes any counts as in flight until [`Shared::write_run_files`]
-    /// has written them or queued the failed ones again.
-    fn take_run_files(&self, state: &mut Coordination) -> Vec<crate::sweep::RunFile> {
+    /// that takes any counts as in flight until its [`RunFilePass`] is
+    /// dropped, once [`Shared::write_run_files`] has written them or queued
+    /// the failed ones again (or, should anything between panic, at once).
+    fn take_run_files(&self, state: &mut Coordination) -> RunFilePass {
         let files = state.run_files_to_write();
-        if !files.is_empty() {
+        let passes = (!files.is_empty()).then(|| {
             *self.run_file_passes.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        }
-        files
+            Arc::clone(&self.run_file_passes)
+        });
+        RunFilePass { files, passes }
+    }
+
+    /// The paths of the run files still queued (left queued).
+    fn queued_run_file_paths(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.queued_run_file_paths().iter().map(|p| p.display().to_string()).collect()
     }
 
     /// Writes the sweep's run files still queued, after the passes in
     /// flight (whose failed files are queued again first): at the end of a
-    /// sweep, so that none is lost when the coordinator exits. Waits at
-    /// most [`RUN_FILES_EXIT_DEADLINE`] (a file system that hangs must not
-    /// keep the coordinator from exiting); what is not written by then, or
-    /// cannot be, is logged with its path.
+    /// sweep, so that none is lost when the coordinator exits. Waits about
+    /// [`RUN_FILES_EXIT_DEADLINE`] at most (a file system that hangs must
+    /// not keep the coordinator from exiting); what is not written by then,
+    /// or cannot be, is logged with its path.
     pub async fn write_remaining_run_files(&self) {
         if let Err(unwritten) = self.write_remaining_run_files_within(RUN_FILES_EXIT_DEADLINE).await
         {
@@ -147,23 +173,25 @@ impl Shared {
         }
     }
 
-    /// [`Shared::write_remaining_run_files`] with a deadline `wait`: the
-    /// paths not written, if any.
+    /// [`Shared::write_remaining_run_files`] waiting `wait` for the passes
+    /// in flight, and 2 s more for its own writes: the paths not written,
+    /// if any.
     async fn write_remaining_run_files_within(&self, wait: Duration) -> Result<(), Vec<String>> {
+        const OWN_WRITES: Duration = Duration::from_secs(2);
         let shared = self.clone();
         let deadline = std::time::Instant::now() + wait;
         let flush =
             tokio::task::spawn_blocking(move || shared.write_remaining_run_files_by(deadline));
-        match tokio::time::timeout(wait, flush).await {
+        match tokio::time::timeout(wait + OWN_WRITES, flush).await {
             Ok(Ok(written)) => written,
-            // Still writing at the deadline (a write that hangs), or the
-            // writer panicked: what is known to be left, and the rest.
+            // Still writing (a write that hangs), or the writer panicked:
+            // what is known to be left, and the rest.
             Ok(Err(_)) | Err(_) => {
-                let queued =
-                    self.state.lock().unwrap_or_else(|p| p.into_inner()).run_files_to_write();
-                let mut paths: Vec<String> =
-                    queued.iter().map(|f| f.path.display().to_string()).collect();
-                paths.push(format!("those being written {} s on", wait.as_secs_f64()));
+                let mut paths = self.queued_run_file_paths();
+                paths.push(format!(
+                    "and any file still being written after {} s",
+                    (wait + OWN_WRITES).as_secs_f64()
+                ));
                 Err(paths)
             }
         }
@@ -191,13 +219,9 @@ impl Shared {
             self.take_run_files(&mut state)
         };
         self.write_run_files(files);
-        let mut unwritten: Vec<String> = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let left = state.run_files_to_write();
-            left.iter().map(|f| f.path.display().to_string()).collect()
-        };
+        let mut unwritten = self.queued_run_file_paths();
         if still_writing {
-            unwritten.push("those another call was still writing".into());
+            unwritten.push("and those another call was still writing".into());
         }
         if unwritten.is_empty() {
             Ok(())
@@ -210,21 +234,11 @@ impl Shared {
     /// [`Shared::write_states`] writes states: before the call returns, off
     /// the runtime's worker, one writer at a time. A file that cannot be
     /// written is logged once and tried again at the next pass.
-    fn write_run_files(&self, files: Vec<crate::sweep::RunFile>) {
+    fn write_run_files(&self, mut pass: RunFilePass) {
+        let files = std::mem::take(&mut pass.files);
         if files.is_empty() {
             return;
         }
-        // This pass is over once its failed files are queued again (even
-        // if it panics), whatever the outcome.
-        struct PassOver<'a>(&'a (Mutex<usize>, Condvar));
-        impl Drop for PassOver<'_> {
-            fn drop(&mut self) {
-                let mut passes = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-                *passes = passes.saturating_sub(1);
-                self.0 .1.notify_all();
-            }
-        }
-        let _pass_over = PassOver(&self.run_file_passes);
         let write = || {
             let _one_writer = self.run_files_written.lock().unwrap_or_else(|p| p.into_inner());
             let mut failed = Vec::new();
@@ -1048,7 +1062,7 @@ mod tests {
             state.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
             shared.take_run_files(&mut state)
         };
-        assert_eq!(taken.len(), 1);
+        assert_eq!(taken.files.len(), 1);
         assert!(shared.state.lock().unwrap().run_files_to_write().is_empty());
         let pass = {
             let shared = shared.clone();
@@ -1060,6 +1074,10 @@ mod tests {
         runtime.block_on(shared.write_remaining_run_files_within(Duration::from_secs(30))).unwrap();
         assert!(recipe_file.is_file(), "returned before the pass in flight wrote its file");
         pass.join().unwrap();
+        assert_eq!(*shared.run_file_passes.0.lock().unwrap(), 0, "every pass is over");
+        // A pass dropped before its write (a panic between) is over too.
+        drop(shared.take_run_files(&mut shared.state.lock().unwrap()));
+        assert_eq!(*shared.run_file_passes.0.lock().unwrap(), 0);
         // A disk that hangs: the flush gives up at its deadline and names
         // what is left.
         std::fs::remove_file(&recipe_file).unwrap();

@@ -91,6 +91,11 @@ impl Coordination {
         self.sweep.as_mut().map(Scheduler::files_to_write).unwrap_or_default()
     }
 
+    /// Where the sweep's run files still queued go (left queued).
+    pub fn queued_run_file_paths(&self) -> Vec<std::path::PathBuf> {
+        self.sweep.as_ref().map(Scheduler::queued_file_paths).unwrap_or_default()
+    }
+
     /// The metrics sinks of the jobs whose records wait to be appended to
     /// their `metrics.jsonl`, to write once the lock is released
     /// ([`MetricsSink::write_pending`]): a slow disk holds up no other call.

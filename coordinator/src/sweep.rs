@@ -397,6 +397,11 @@ impl Scheduler {
         std::mem::take(&mut self.files)
     }
 
+    /// Where the files queued to be written go (the queue is left as it is).
+    pub fn queued_file_paths(&self) -> Vec<std::path::PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+
     /// Files whose write failed, tried again with the next ones, unless a
     /// newer version of the same file is queued already. (Two passes write
     /// one path only across attempts of a run, minutes apart: its recipe,

@@ -156,8 +156,8 @@ pub(crate) fn check(r: &Recipe) -> Check {
             return fail(
                 "augment.rand_augment",
                 format!(
-                    "{e}: must be a timm RandAugment string (e.g. `rand-m7-mstd0.5-inc1`), \
-                     got `{ra}`; use null to turn it off"
+                    "must be a timm RandAugment string (e.g. `rand-m7-mstd0.5-inc1`): {e}; \
+                     use null to turn it off"
                 ),
             );
         }

@@ -365,7 +365,11 @@ fn each_validation_rule_names_its_field() {
         ("augment.rand_augment=rand-m9-w0", "augment.rand_augment", "section \"w0\""),
         ("augment.rand_augment=rand-m7.5", "augment.rand_augment", "invalid value in"),
         ("augment.rand_augment=rand-m9-tweights", "augment.rand_augment", "not supported"),
-        ("augment.rand_augment=random-m9", "augment.rand_augment", "got `random-m9`"),
+        (
+            "augment.rand_augment=random-m9",
+            "augment.rand_augment",
+            "config \"random-m9\" must start with 'rand'",
+        ),
         ("mixup.mixup_alpha=-1", "mixup.mixup_alpha", ">= 0, got -1"),
         ("mixup.cutmix_alpha=-0.5", "mixup.cutmix_alpha", ">= 0"),
         (

@@ -566,6 +566,7 @@ async fn serve_member(
                             kill_ranks(&mut children).await;
                             (children, relays) = start_ranks()?;
                             done = vec![false; children.len()];
+                            killed_here = vec![false; children.len()];
                             failed = None;
                             rank_generation = Some(generation);
                         }

@@ -191,10 +191,10 @@ pub fn skipped_updates_note(skipped_updates: u64) -> String {
     }
 }
 
-/// `, N evaluation image(s) unreadable, left out` for an epoch's
-/// validation images and further sets' images that could not be read or
-/// decoded, when any were (each is logged once by the rank that met it),
-/// nothing otherwise: how progress lines say it.
+/// `, evaluation images unreadable and left out: N in val, M in real` for
+/// an epoch's validation images and further sets' images that could not be
+/// read or decoded, when any were (each is logged once by the rank that met
+/// it), nothing otherwise: how progress lines say it.
 pub fn skipped_images_note<'a>(
     val_skipped_images: Option<u64>,
     sets: impl IntoIterator<Item = (&'a str, u64)>,
@@ -226,7 +226,8 @@ pub struct EvalSetAccuracy {
     pub count: u64,
     /// Images left out (ReaL: no valid label).
     pub excluded: u64,
-    /// Images left out because they could not be read or decoded.
+    /// Images left out because they could not be read or decoded (0 in
+    /// records of builds before this field).
     #[serde(default)]
     pub skipped: u64,
 }
