@@ -11,7 +11,8 @@
 //! [`MAX_CONNECTIONS_PER_PEER`] of them, so it takes one address's share;
 //! it takes them all only from [`MAX_CONNECTIONS`] / [`MAX_CONNECTIONS_PER_PEER`]
 //! addresses. Hosts that reach the coordinator through one address (behind
-//! one NAT) share one address's share too.
+//! one NAT) share one address's share too (`up --max-connections-per-address`
+//! sets it).
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -33,6 +33,7 @@
 //! given `--tls-cert` and `--tls-key`.
 
 use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 use rsb_coordinator::job::{Job, Phase};
 use rsb_coordinator::plan::BatchPlan;
@@ -191,6 +192,18 @@ struct UpArgs {
     /// `join_timeout`); a sweep that no host joined in that time fails too.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     join_timeout_secs: u64,
+    /// Connections open at once from one address; more are closed at once
+    /// (a stranger's idle connections take one address's share). Hosts
+    /// behind one NAT address share it, and an 8-GPU host holds about 10:
+    /// raise it for more than 6 such hosts behind one address.
+    #[arg(
+        long,
+        default_value_t = rsb_coordinator::incoming::MAX_CONNECTIONS_PER_PEER,
+        value_parser = clap::value_parser!(u64)
+            .range(1..=rsb_coordinator::incoming::MAX_CONNECTIONS as u64)
+            .map(|n| n as usize)
+    )]
+    max_connections_per_address: usize,
     #[command(flatten)]
     elastic: ElasticArgs,
     #[command(flatten)]
@@ -519,6 +532,10 @@ async fn up(args: UpArgs) -> Result<()> {
         shared.clone(),
         token.clone(),
         listener,
+        rsb_coordinator::incoming::Limits {
+            per_peer: args.max_connections_per_address,
+            ..Default::default()
+        },
         async {
             let _ = stop_rx.await;
         },

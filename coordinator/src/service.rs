@@ -474,11 +474,13 @@ pub async fn serve(
     shared: Shared,
     token: Secret,
     listener: tokio::net::TcpListener,
+    limits: crate::incoming::Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = crate::incoming::Incoming::with_limits(listener, limits);
     server
         .add_service(service(shared, token))
-        .serve_with_incoming_shutdown(crate::incoming::Incoming::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

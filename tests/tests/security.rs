@@ -604,3 +604,47 @@ fn a_certificate_or_key_that_does_not_parse_fails_up_at_once_naming_them() {
         "the error does not name the key:\n{stderr}"
     );
 }
+
+#[test]
+fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let up = |share: &str| {
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.env_remove(TOKEN_ENV)
+            .args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--recipe"])
+            .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+            .arg("--out")
+            .arg(tmp.path().join(format!("run-{share}")))
+            .args(["--max-connections-per-address", share]);
+        cmd
+    };
+    // 0 would refuse every host: refused at once, naming the flag.
+    let zero = up("0").output().unwrap();
+    assert!(!zero.status.success());
+    let said = String::from_utf8_lossy(&zero.stderr);
+    assert!(said.contains("--max-connections-per-address"), "{said}");
+    let _coordinator = spawn_logged(&mut up("2"), &logs.join("coordinator"));
+    let bound = listening_address(&logs.join("coordinator.out"));
+    // Two idle connections from this address are held (until their first
+    // bytes' deadline, 10 s); a third is closed as soon as it is accepted.
+    let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = std::net::TcpStream::connect(bound).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let opened = Instant::now();
+    let closed = third.read(&mut [0u8; 64]);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the third connection was answered: {closed:?}"
+    );
+    assert!(opened.elapsed() < Duration::from_secs(5), "closed after {:?}", opened.elapsed());
+    wait_until(Duration::from_secs(10), "the refusal in the coordinator's log", || {
+        read(&logs.join("coordinator.err"))
+            .contains("2 connections from its address are open already")
+            .then_some(())
+    });
+}
