@@ -1078,18 +1078,20 @@ mod tests {
         pass.join().unwrap();
         assert_eq!(*shared.run_file_passes.0.lock().unwrap(), 0, "every pass is over");
         // A pass dropped before its write (a panic between) is over too.
-        drop(shared.take_run_files(&mut shared.state.lock().unwrap()));
+        let file = |contents: &[u8]| crate::sweep::RunFile {
+            path: recipe_file.clone(),
+            contents: contents.to_vec(),
+            failures: 0,
+        };
+        shared.state.lock().unwrap().sweep.as_mut().unwrap().write_again(vec![file(b"y")]);
+        let dropped = shared.take_run_files(&mut shared.state.lock().unwrap());
+        assert_eq!(*shared.run_file_passes.0.lock().unwrap(), 1, "a pass that took a file");
+        drop(dropped);
         assert_eq!(*shared.run_file_passes.0.lock().unwrap(), 0);
         // A disk that hangs: the flush gives up at its deadline and names
         // what is left.
         std::fs::remove_file(&recipe_file).unwrap();
-        shared.state.lock().unwrap().sweep.as_mut().unwrap().write_again(vec![
-            crate::sweep::RunFile {
-                path: recipe_file.clone(),
-                contents: b"x".to_vec(),
-                failures: 0,
-            },
-        ]);
+        shared.state.lock().unwrap().sweep.as_mut().unwrap().write_again(vec![file(b"x")]);
         let stalled_disk = shared.run_files_written.lock().unwrap();
         let started = Instant::now();
         let left = runtime
