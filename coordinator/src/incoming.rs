@@ -78,11 +78,6 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Connections accepted on `listener`, with the default [`Limits`].
-    pub fn new(listener: TcpListener) -> Incoming {
-        Incoming::with_limits(listener, Limits::default())
-    }
-
     /// Connections accepted on `listener` within `limits`.
     pub fn with_limits(listener: TcpListener, limits: Limits) -> Incoming {
         Incoming { listener, open: Arc::default(), limits, pause: None, refused: 0 }
