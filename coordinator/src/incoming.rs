@@ -1,30 +1,31 @@
 //! The connections the coordinator's server takes, kept from being a way to
 //! starve it: at most [`MAX_CONNECTIONS`] open at once and
 //! [`MAX_CONNECTIONS_PER_PEER`] from one address (one more is closed as
-//! soon as it is accepted), each closed unless it sends its first bytes
-//! within [`FIRST_BYTES_DEADLINE`] (a stranger that opens connections and
-//! says nothing holds none of them), and a failed accept (no file
-//! descriptor left) pauses the accepting for [`ACCEPT_ERROR_PAUSE`] instead
-//! of retrying at once in a busy loop. The job token is checked per call,
-//! after all this: a stranger that starts a connection and then idles
-//! holds it, but from one address at most
-//! [`MAX_CONNECTIONS_PER_PEER`] of them, so it takes one address's share;
-//! it takes them all only from [`MAX_CONNECTIONS`] / [`MAX_CONNECTIONS_PER_PEER`]
-//! addresses. Hosts that reach the coordinator through one address (behind
-//! one NAT) share one address's share too (`up --max-connections-per-address`
-//! sets it).
+//! soon as it is accepted), each closed unless a call on it presents the
+//! job token within [`TOKEN_CALL_DEADLINE`] of its opening (a stranger,
+//! who has no token, holds no connection longer, whether it says nothing,
+//! speaks HTTP/2 and pings, or makes calls that are refused), and a failed
+//! accept (no file descriptor left) pauses the accepting for
+//! [`ACCEPT_ERROR_PAUSE`] instead of retrying at once in a busy loop.
+//! [`crate::service::TokenCheck`] marks a connection whose call presents
+//! the token ([`ConnectionInfo::vouch`]); from then on it is held as long
+//! as its peer keeps it. Within its deadline a stranger holds at most
+//! [`MAX_CONNECTIONS_PER_PEER`] connections from one address. Hosts that
+//! reach the coordinator through one address (behind one NAT) share one
+//! address's share (`up --max-connections-per-address` sets it).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 /// Connections open at once; past it, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -41,8 +42,9 @@ pub struct Limits {
     pub connections: usize,
     /// Connections open at once from one address.
     pub per_peer: usize,
-    /// How long a new connection may stay silent.
-    pub first_bytes: Duration,
+    /// How long a new connection may go without a call that presents the
+    /// job token.
+    pub token_call: Duration,
 }
 
 impl Default for Limits {
@@ -50,7 +52,7 @@ impl Default for Limits {
         Limits {
             connections: MAX_CONNECTIONS,
             per_peer: MAX_CONNECTIONS_PER_PEER,
-            first_bytes: FIRST_BYTES_DEADLINE,
+            token_call: TOKEN_CALL_DEADLINE,
         }
     }
 }
@@ -62,8 +64,10 @@ struct OpenConnections {
     per_peer: HashMap<IpAddr, usize>,
 }
 
-/// How long a new connection may stay silent before it is closed.
-pub const FIRST_BYTES_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a new connection may go without a call that presents the job
+/// token before it is closed. A member calls at once: an agent joins, a
+/// rank asks for its assignment, `status` asks.
+pub const TOKEN_CALL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long accepting pauses after an accept failed.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -137,10 +141,11 @@ impl tokio_stream::Stream for Incoming {
                         drop(stream);
                         continue;
                     }
-                    let first_bytes = Box::pin(tokio::time::sleep(this.limits.first_bytes));
+                    let token_call = Box::pin(tokio::time::sleep(this.limits.token_call));
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
-                        first_bytes: Some(first_bytes),
+                        token_call: Some(token_call),
+                        vouched: Arc::default(),
                         peer: key,
                         open: Arc::clone(&this.open),
                     })));
@@ -156,12 +161,50 @@ impl tokio_stream::Stream for Incoming {
 }
 
 /// One accepted connection: counted while open, closed with a read error if
-/// its first bytes do not come in time.
+/// no call on it presents the job token in time.
 pub struct Connection {
     stream: TcpStream,
-    first_bytes: Option<Pin<Box<Sleep>>>,
+    /// Until a call presents the token ([`ConnectionInfo::vouch`]).
+    token_call: Option<Pin<Box<Sleep>>>,
+    vouched: Arc<AtomicBool>,
     peer: IpAddr,
     open: Arc<Mutex<OpenConnections>>,
+}
+
+/// What the server's calls know of their [`Connection`] (tonic puts it in
+/// each request's extensions): its addresses, and the mark that a call on
+/// it presented the job token.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    tcp: TcpConnectInfo,
+    vouched: Arc<AtomicBool>,
+}
+
+impl ConnectionInfo {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tcp.remote_addr()
+    }
+
+    /// Marks the connection as one whose call presented the job token: it
+    /// is no longer closed at [`TOKEN_CALL_DEADLINE`].
+    pub fn vouch(&self) {
+        self.vouched.store(true, Ordering::Release);
+    }
+
+    /// The connection of `request`, served over TLS or not.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
+        let extensions = request.extensions();
+        extensions.get::<ConnectionInfo>().or_else(|| {
+            extensions.get::<TlsConnectInfo<ConnectionInfo>>().map(TlsConnectInfo::get_ref)
+        })
+    }
+}
+
+/// The peer's address of `request` (tonic's `Request::remote_addr` knows
+/// only its own connection types).
+pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    ConnectionInfo::of(request).and_then(ConnectionInfo::remote_addr)
 }
 
 impl Drop for Connection {
@@ -186,18 +229,16 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let Some(deadline) = &mut this.first_bytes else { return read };
-        match read {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the connection sent nothing in time",
-                )));
-            }
-            _ => {}
+        let Some(deadline) = &mut this.token_call else { return read };
+        if this.vouched.load(Ordering::Acquire) {
+            this.token_call = None;
+        } else if deadline.as_mut().poll(cx).is_ready() {
+            // Whatever it sent, nothing of it was a call with the token.
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no call on the connection presented the job token in time",
+            )));
         }
         read
     }
@@ -234,10 +275,10 @@ impl AsyncWrite for Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo { tcp: self.stream.connect_info(), vouched: Arc::clone(&self.vouched) }
     }
 }
 
@@ -272,7 +313,7 @@ mod tests {
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_until_one_closes() {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 1, per_peer: 8, first_bytes: Duration::from_secs(60) };
+        let limits = Limits { connections: 1, per_peer: 8, token_call: Duration::from_secs(60) };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _first_client = TcpStream::connect(address).await.unwrap();
         let first = incoming.next().await.unwrap().unwrap();
@@ -294,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn one_address_gets_at_most_its_share_of_the_connections() {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 8, per_peer: 2, first_bytes: Duration::from_secs(60) };
+        let limits = Limits { connections: 8, per_peer: 2, token_call: Duration::from_secs(60) };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _clients = [
             TcpStream::connect(address).await.unwrap(),
@@ -313,10 +354,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_that_sends_nothing_is_closed_at_its_deadline_one_that_talks_is_not() {
+    async fn a_connection_without_a_call_with_the_token_is_closed_at_its_deadline_whatever_it_sends(
+    ) {
         let (listener, address) = listening().await;
-        let limits =
-            Limits { connections: 8, per_peer: 8, first_bytes: Duration::from_millis(300) };
+        let limits = Limits { connections: 8, per_peer: 8, token_call: Duration::from_millis(300) };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _silent_client = TcpStream::connect(address).await.unwrap();
         let mut silent = incoming.next().await.unwrap().unwrap();
@@ -325,15 +366,62 @@ mod tests {
         assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
 
+        // One that talks, but never with the token (a stranger's HTTP/2
+        // pings, or its refused calls), is closed at the deadline too.
         let mut talking_client = TcpStream::connect(address).await.unwrap();
         let mut talking = incoming.next().await.unwrap().unwrap();
-        talking_client.write_all(b"h").await.unwrap();
+        let started = std::time::Instant::now();
         let mut byte = [0u8; 1];
-        talking.read_exact(&mut byte).await.unwrap();
-        // Past the deadline, a connection that spoke in time waits on.
+        let closed = loop {
+            if talking_client.write_all(b"h").await.is_err() {
+                break None;
+            }
+            match talking.read_exact(&mut byte).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => break Some(e.kind()),
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "a talking stranger was kept");
+        };
+        assert_eq!(closed, Some(std::io::ErrorKind::TimedOut));
+        assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+
+        // One whose call presented the token waits on past the deadline.
+        let mut member_client = TcpStream::connect(address).await.unwrap();
+        let mut member = incoming.next().await.unwrap().unwrap();
+        member_client.write_all(b"h").await.unwrap();
+        member.read_exact(&mut byte).await.unwrap();
+        member.connect_info().vouch();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        talking_client.write_all(b"i").await.unwrap();
-        talking.read_exact(&mut byte).await.unwrap();
+        member_client.write_all(b"i").await.unwrap();
+        member.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"i");
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_is_not_counted_and_a_closed_ones_count_is_gone() {
+        let (listener, address) = listening().await;
+        let limits = Limits { connections: 1, per_peer: 8, token_call: Duration::from_secs(60) };
+        let mut incoming = Incoming::with_limits(listener, limits);
+        let open = Arc::clone(&incoming.open);
+        let _first_client = TcpStream::connect(address).await.unwrap();
+        let first = incoming.next().await.unwrap().unwrap();
+        let next = tokio::spawn(async move { incoming.next().await.map(|c| c.is_ok()) });
+        // Another loopback address (all of 127.0.0.0/8 is loopback on
+        // Linux), refused while the one connection allowed is open.
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut refused = other.connect(address).await.unwrap();
+        assert!(closed(&mut refused).await, "a connection past the limit stayed open");
+        {
+            let open = open.lock().unwrap();
+            assert_eq!(open.all, 1);
+            let counted: Vec<_> = open.per_peer.iter().collect();
+            assert_eq!(counted, [(&"127.0.0.1".parse::<IpAddr>().unwrap(), &1)], "{open:?}");
+        }
+        drop(first);
+        let open = open.lock().unwrap();
+        assert_eq!((open.all, open.per_peer.len()), (0, 0), "{open:?}");
+        drop(open);
+        next.abort();
     }
 }

@@ -331,7 +331,7 @@ impl Shared {
         match state.authenticate(presented_member(request.metadata())) {
             Ok((job, member)) => Ok((job, member.id.clone())),
             Err(e) => {
-                tracing::warn!(rpc, peer = ?request.remote_addr(), "refused: {e}");
+                tracing::warn!(rpc, peer = ?crate::incoming::remote_addr(request), "refused: {e}");
                 Err(status(e))
             }
         }
@@ -392,8 +392,9 @@ const METRICS_WRITE_DEADLINE: Duration = Duration::from_secs(4);
 
 /// The job-token check in front of every RPC (a tonic interceptor): the
 /// `x-rsb-job-token` metadata must hold the token, compared in constant
-/// time. Refusals are logged (the first ten, then every thousandth), never
-/// with what was presented.
+/// time. A call that presents it vouches for its connection
+/// ([`crate::incoming::ConnectionInfo::vouch`]). Refusals are logged (the
+/// first ten, then every thousandth), never with what was presented.
 #[derive(Debug, Clone)]
 pub struct TokenCheck {
     token: Arc<Secret>,
@@ -410,12 +411,17 @@ impl TokenCheck {
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         if presents_token(request.metadata(), &self.token) {
+            // The connection is a member's (or `status`'s): it is held
+            // past the deadline strangers' connections are closed at.
+            if let Some(connection) = crate::incoming::ConnectionInfo::of(&request) {
+                connection.vouch();
+            }
             return Ok(request);
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         if refused <= 10 || refused.is_multiple_of(1000) {
             tracing::warn!(
-                peer = ?request.remote_addr(),
+                peer = ?crate::incoming::remote_addr(&request),
                 refused,
                 "refused a call without the job token"
             );
@@ -897,6 +903,7 @@ mod tests {
     use super::*;
     use crate::saved::{SavedJob, STATE_FILE};
     use rsb_proto::auth::{Credentials, TOKEN_HEADER};
+    use rsb_proto::v1::coordinator_client::CoordinatorClient;
     use std::path::Path;
     use std::time::Instant;
 
@@ -1115,6 +1122,91 @@ mod tests {
         let mut with = Credentials::token(token);
         let request = with.call(Request::new(())).unwrap();
         assert!(check.call(request).is_ok());
+    }
+
+    /// A client of a server on `address` that counts the connections it opens.
+    async fn counting_client(
+        address: std::net::SocketAddr,
+        credentials: Credentials,
+    ) -> (
+        CoordinatorClient<
+            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>,
+        >,
+        Arc<AtomicU64>,
+    ) {
+        let opened = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&opened);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let stream = tokio::net::TcpStream::connect(address).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        (CoordinatorClient::with_interceptor(channel, credentials), opened)
+    }
+
+    #[tokio::test]
+    async fn a_members_connection_is_held_past_the_token_deadline_a_strangers_is_closed_at_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        let token = Secret::generate().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let deadline = Duration::from_millis(300);
+        let limits = crate::incoming::Limits { token_call: deadline, ..Default::default() };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            server(None).unwrap(),
+            shared,
+            token.clone(),
+            listener,
+            limits,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        // A member calls every 50 ms for four deadlines: over its one
+        // connection, every call answered.
+        let (mut member, member_connections) =
+            counting_client(address, Credentials::token(token)).await;
+        let started = Instant::now();
+        while started.elapsed() < 4 * deadline {
+            member.status(pb::StatusRequest {}).await.expect("a member's call");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            member_connections.load(Ordering::SeqCst),
+            1,
+            "the member's connection was closed"
+        );
+        // A stranger calling as often (refused each time) has its
+        // connection closed at the deadline: its client opens another.
+        let wrong = Secret::generate().unwrap();
+        let (mut stranger, stranger_connections) =
+            counting_client(address, Credentials::token(wrong)).await;
+        let started = Instant::now();
+        while stranger_connections.load(Ordering::SeqCst) < 2 {
+            assert!(started.elapsed() < Duration::from_secs(5), "a stranger's connection was held");
+            let refused = stranger.status(pb::StatusRequest {}).await.unwrap_err();
+            assert!(
+                matches!(refused.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable),
+                "{refused:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            started.elapsed() >= deadline - Duration::from_millis(50),
+            "{:?}",
+            started.elapsed()
+        );
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }
 
     #[test]

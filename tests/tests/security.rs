@@ -13,7 +13,8 @@
 //! * neither the token nor the member secret is on any process's command
 //!   line (coordinator, worker agent, rank) or in any log, while the rank's
 //!   environment does carry them;
-//! * a connection that sends nothing is closed at a deadline.
+//! * a connection that sends nothing is closed at a deadline, and so is one
+//!   that speaks HTTP/2 (pings, answered) but makes no call with the token.
 //!
 //! With `--tls-cert`/`--tls-key` the coordinator serves TLS: a worker given
 //! the CA joins over `https://`, a plain-text client gets nowhere, and a
@@ -258,6 +259,41 @@ fn assert_a_silent_connection_is_closed(address: std::net::SocketAddr) {
     assert!(opened.elapsed() < Duration::from_secs(30), "closed after {:?}", opened.elapsed());
 }
 
+/// A stranger's HTTP/2 connection to `address` (plain text) that talks, a
+/// ping every 200 ms that the server answers, but never makes a call with
+/// the job token, is closed by the other side within 30 s (its deadline is
+/// 10 s), not kept open.
+fn assert_a_strangers_talking_connection_is_closed(address: std::net::SocketAddr) {
+    use std::io::{ErrorKind, Read, Write};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // Frames: a 3-byte length, a type, flags, a 4-byte stream id, the payload.
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let mut stranger = std::net::TcpStream::connect(address).unwrap();
+    stranger.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let opened = Instant::now();
+    let mut sent = [PREFACE, &SETTINGS[..]].concat();
+    let mut received = Vec::new();
+    let ended = loop {
+        assert!(opened.elapsed() < Duration::from_secs(30), "a talking stranger was kept open");
+        sent.extend_from_slice(&PING);
+        if let Err(e) = stranger.write_all(&sent) {
+            break format!("write: {e}");
+        }
+        sent.clear();
+        match stranger.read(&mut [0u8; 4096]) {
+            Ok(0) => break "end".to_string(),
+            Ok(n) => received.push(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => break format!("read: {e}"),
+        }
+    };
+    let answered: usize = received.iter().sum();
+    // Settings, their acknowledgement and a ping answer at least: it talked.
+    assert!(answered >= 3 * 9 + 8, "the server said {answered} bytes before it ended ({ended})");
+    assert!(opened.elapsed() >= Duration::from_secs(5), "closed after {:?}", opened.elapsed());
+}
+
 /// The first "coordinator listening on ADDR;" of a coordinator's stdout.
 fn listening_address(stdout: &Path) -> std::net::SocketAddr {
     let listening = wait_until(Duration::from_secs(30), "the coordinator to listen", || {
@@ -434,8 +470,10 @@ fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
         assert!(!cmdline.contains(&secret), "the member secret is on the {what}'s command line");
     }
     assert!(proc_text(rank, "cmdline").contains(&job.member_id), "pid {rank} is not the rank");
-    // A stranger's connection that says nothing is closed within 10 s.
+    // A stranger's connection that says nothing is closed within 10 s, and
+    // so is one that speaks HTTP/2 all along but never with the token.
     assert_a_silent_connection_is_closed(bound);
+    assert_a_strangers_talking_connection_is_closed(bound);
     let _ = Command::new("kill").arg(rank.to_string()).status();
     drop(worker);
     drop(coordinator);
@@ -628,8 +666,9 @@ fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
     assert!(said.contains("--max-connections-per-address"), "{said}");
     let _coordinator = spawn_logged(&mut up("2"), &logs.join("coordinator"));
     let bound = listening_address(&logs.join("coordinator.out"));
-    // Two idle connections from this address are held (until their first
-    // bytes' deadline, 10 s); a third is closed as soon as it is accepted.
+    // Two idle connections from this address are held (until their
+    // deadline for a call with the token, 10 s); a third is closed as soon
+    // as it is accepted.
     let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
     let mut third = std::net::TcpStream::connect(bound).unwrap();

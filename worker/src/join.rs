@@ -457,42 +457,64 @@ async fn serve_member(
     // heartbeat answer that does not say "pending").
     let mut rank_generation: Option<u64> = None;
     loop {
+        // The ranks found dead in this pass (unsuccessful, and not killed
+        // here) are collected first and their stderr drained at once: when
+        // a host's ranks die together (the OOM killer on an 8-GPU host),
+        // the last one's report must not wait out each earlier one's drain.
+        let mut dead = Vec::new();
+        // A failed wait ends the agent, but only once the ranks already
+        // found dead in this pass are reported, as they would have been
+        // before it.
+        let mut wait_error = None;
         for (i, child) in children.iter_mut().enumerate() {
             if !done[i] {
-                if let Some(status) = child.try_wait()? {
-                    done[i] = true;
-                    if !status.success() && !killed_here[i] {
-                        let reason = match relays[i].last_error().await {
-                            Some(line) => {
-                                format!(
-                                    "rank process {i} exited with {status}; its last error: {line}"
-                                )
-                            }
-                            None => format!("rank process {i} exited with {status}"),
-                        };
-                        let reason = truncated(reason, MAX_LEAVE_MESSAGE);
-                        // Report it at once: a rank killed outright (OOM
-                        // killer, kill -9) cannot say so itself. A rank that
-                        // already left is refused here, which is harmless.
-                        let leave = pb::LeaveRequest {
-                            member_id: joined.member_id.clone(),
-                            local_rank: i as u32,
-                            success: false,
-                            message: reason.clone(),
-                            generation: rank_generation.unwrap_or(0),
-                            collective_peer: None,
-                        };
-                        match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
-                            Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "{reason}; not reported again")
-                            }
-                            Err(_) => tracing::warn!("{reason}; the coordinator did not answer"),
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        done[i] = true;
+                        if !status.success() && !killed_here[i] {
+                            dead.push((i, status));
                         }
-                        failed.get_or_insert(reason);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        wait_error = Some(e);
+                        break;
                     }
                 }
             }
+        }
+        let dead_ranks: Vec<usize> = dead.iter().map(|&(i, _)| i).collect();
+        let last_lines = last_errors(&mut relays, &dead_ranks).await;
+        // Reported in index order: the first dead rank's reason is the one
+        // kept in `failed`, as the agent's own failure.
+        for ((i, status), last_line) in dead.into_iter().zip(last_lines) {
+            let reason = match last_line {
+                Some(line) => {
+                    format!("rank process {i} exited with {status}; its last error: {line}")
+                }
+                None => format!("rank process {i} exited with {status}"),
+            };
+            let reason = truncated(reason, MAX_LEAVE_MESSAGE);
+            // Report it at once: a rank killed outright (OOM killer,
+            // kill -9) cannot say so itself. A rank that already left is
+            // refused here, which is harmless.
+            let leave = pb::LeaveRequest {
+                member_id: joined.member_id.clone(),
+                local_rank: i as u32,
+                success: false,
+                message: reason.clone(),
+                generation: rank_generation.unwrap_or(0),
+                collective_peer: None,
+            };
+            match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
+                Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "{reason}; not reported again"),
+                Err(_) => tracing::warn!("{reason}; the coordinator did not answer"),
+            }
+            failed.get_or_insert(reason);
+        }
+        if let Some(e) = wait_error {
+            return Err(e.into());
         }
         // Every rank is done: they all succeeded, or the job is over. After
         // a failure the job may go on in a new generation: wait for it.
@@ -663,13 +685,29 @@ impl StderrRelay {
         StderrRelay { last_error, task }
     }
 
-    /// The last error line, once the stream has ended (or [`Self::DRAIN`] passed).
-    async fn last_error(&mut self) -> Option<String> {
+    /// The last error line, once the stream has ended (or `deadline` passed).
+    async fn last_error_by(&mut self, deadline: tokio::time::Instant) -> Option<String> {
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Self::DRAIN, task).await;
+            let _ = tokio::time::timeout_at(deadline, task).await;
         }
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// The last error lines of the relays of `ranks` (in their order), once
+/// their streams have ended, waiting at most [`StderrRelay::DRAIN`] for them
+/// all together, not for each in turn.
+///
+/// The relays already run as tasks of their own, draining their pipes side
+/// by side: awaiting them one after the other against one shared deadline
+/// waits for the slowest of them, never the sum, with no extra task.
+async fn last_errors(relays: &mut [StderrRelay], ranks: &[usize]) -> Vec<Option<String>> {
+    let deadline = tokio::time::Instant::now() + StderrRelay::DRAIN;
+    let mut errors = Vec::with_capacity(ranks.len());
+    for &rank in ranks {
+        errors.push(relays[rank].last_error_by(deadline).await);
+    }
+    errors
 }
 
 /// Relays a rank process's stdout to the agent's stderr, line by line, as
@@ -1152,9 +1190,37 @@ mod tests {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut relay = StderrRelay::start(rank.stderr.take());
+        let mut relays = [StderrRelay::start(rank.stderr.take())];
         let _ = rank.wait().await.unwrap();
-        assert_eq!(relay.last_error().await.as_deref(), Some("rank 3 failed: boom"));
+        assert_eq!(last_errors(&mut relays, &[0]).await, [Some("rank 3 failed: boom".into())]);
+    }
+
+    #[tokio::test]
+    async fn the_relays_of_ranks_dead_at_once_are_drained_together() {
+        // Each rank's stderr stays open past the drain (as when a process
+        // the rank started still holds it), so every relay waits out the
+        // whole of `StderrRelay::DRAIN`: in turn, two would take twice it.
+        let start_rank = |n: u32| {
+            let script = format!("echo 'error: rank {n} failed' >&2; exec sleep 30");
+            tokio::process::Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let mut ranks = [start_rank(0), start_rank(1)];
+        let mut relays = ranks.each_mut().map(|rank| StderrRelay::start(rank.stderr.take()));
+        let started = std::time::Instant::now();
+        let errors = last_errors(&mut relays, &[0, 1]).await;
+        let elapsed = started.elapsed();
+        assert_eq!(errors, [Some("rank 0 failed".into()), Some("rank 1 failed".into())]);
+        assert!(
+            elapsed < StderrRelay::DRAIN + StderrRelay::DRAIN / 2,
+            "drained in {elapsed:?}, not at once"
+        );
     }
 
     #[test]
