@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Connections open at once; past it, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -192,12 +192,11 @@ impl ConnectionInfo {
         self.vouched.store(true, Ordering::Release);
     }
 
-    /// The connection of `request`, served over TLS or not.
+    /// The connection of `request`, served over TLS or not (tonic puts
+    /// the connection's own info in a TLS request's extensions too, beside
+    /// its TLS info).
     pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
-        let extensions = request.extensions();
-        extensions.get::<ConnectionInfo>().or_else(|| {
-            extensions.get::<TlsConnectInfo<ConnectionInfo>>().map(TlsConnectInfo::get_ref)
-        })
+        request.extensions().get::<ConnectionInfo>()
     }
 }
 

@@ -351,8 +351,8 @@ fn report(dir: &Path, dir_b: Option<&Path>) -> Result<()> {
     rsb_coordinator::print_line!("{}", written.summary);
     if !written.skipped.is_empty() {
         rsb_coordinator::print_line!(
-            "{} run(s) skipped as unfinished, {} reported (see the list above)",
-            written.skipped.len(),
+            "{}, {} reported (see the list above)",
+            rsb_report::runs::skipped_text(&written.skipped),
             written.runs
         );
     }

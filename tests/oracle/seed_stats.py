@@ -8,6 +8,14 @@ what scipy computes for it; `crates/report/tests/parity_scipy.rs` compares:
   confidence interval `scipy.stats.t.interval(0.95, n-1, mean, sem)`;
 * per sample with n >= 8: `scipy.stats.normaltest` (D'Agostino-Pearson K²)
   statistic and p-value, and the z-scores of `skewtest` / `kurtosistest`;
+* samples of identical values: one whose mean numpy computes exactly
+  (scipy: std 0, a NaN interval, NaN normality test), and 13 x 73.44, whose
+  mean numpy puts 3e-14 above the max, giving a std of 3e-14, an interval
+  that misses the data and a "normality" p of 1e-5, with scipy's warning
+  "Precision loss occurred in moment calculation" (recorded as
+  `precision_loss`). rsb-report answers both as identical values (mean the
+  value, std 0, no interval, no test); the parity test checks that scipy's
+  numbers differ from that only by such rounding. NaN is written as null;
 * per pair (a, b): `scipy.stats.ttest_ind(b, a, equal_var=False)` statistic,
   p-value, df and 95% confidence interval of mean(b) - mean(a), and the seeds
   per sweep for 80% power at two-sided 5%,
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,24 +48,35 @@ def _samples() -> dict[str, list[float]]:
         "heavy_tails_40": list(80.0 + 0.2 * rng.standard_t(2, 40)),
         "three": [79.5, 79.9, 79.6],
         "two": [88.25, 88.75],
+        "identical_exact": [73.5] * 13,
+        "identical_73_44": [73.44] * 13,
     }
+
+
+def _number(v) -> float | None:
+    """A float for JSON, None (null) for NaN, which JSON cannot hold."""
+    v = float(v)
+    return None if math.isnan(v) else v
 
 
 def _summary(x: np.ndarray) -> dict:
     n = len(x)
-    mean = float(np.mean(x))
-    std = float(np.std(x, ddof=1))
-    lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=std / math.sqrt(n))
-    out = {"n": n, "mean": mean, "std": std, "max": float(np.max(x)), "min": float(np.min(x)),
-           "ci95": [float(lo), float(hi)]}
-    if n >= 8:
-        k2 = stats.normaltest(x)
-        out["normaltest"] = {
-            "statistic": float(k2.statistic),
-            "pvalue": float(k2.pvalue),
-            "z_skew": float(stats.skewtest(x).statistic),
-            "z_kurtosis": float(stats.kurtosistest(x).statistic),
-        }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mean = float(np.mean(x))
+        std = float(np.std(x, ddof=1))
+        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=std / math.sqrt(n))
+        out = {"n": n, "mean": mean, "std": std, "max": float(np.max(x)), "min": float(np.min(x)),
+               "ci95": [_number(lo), _number(hi)], "identical": bool(np.all(x == x[0]))}
+        if n >= 8:
+            k2 = stats.normaltest(x)
+            out["normaltest"] = {
+                "statistic": _number(k2.statistic),
+                "pvalue": _number(k2.pvalue),
+                "z_skew": _number(stats.skewtest(x).statistic),
+                "z_kurtosis": _number(stats.kurtosistest(x).statistic),
+            }
+    out["precision_loss"] = any("Precision loss" in str(w.message) for w in caught)
     return out
 
 

@@ -216,7 +216,10 @@ fn a_seed_sweep_report_matches_its_metrics_and_skips_unfinished_runs() {
     assert_eq!(rows[0].n, 10);
     let ids = &manifest.cells;
     assert!(stdout.contains("| val |"), "{stdout}");
-    assert!(stdout.contains("2 run(s) skipped as unfinished, 10 reported"), "{stdout}");
+    assert!(
+        stdout.contains("2 run(s) skipped (1 unfinished, 1 not started), 10 reported"),
+        "{stdout}"
+    );
     assert!(stdout.contains(&format!("`{}`: unfinished (1 of 3 epochs", ids[10].id)), "{stdout}");
     assert!(stdout.contains(&format!("`{}`: not started", ids[11].id)), "{stdout}");
     let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();

@@ -230,6 +230,54 @@ async fn client(url: &str, metadata: Vec<(&'static str, String)>) -> Client {
     CoordinatorClient::with_interceptor(channel, Attach(metadata))
 }
 
+/// A client of `url` (over TLS with `ca`) with the job token, and the count
+/// of the connections it has opened: a member's connection is held past
+/// the deadline at which strangers' are closed, so it stays at 1.
+async fn counting_client(
+    url: &str,
+    ca: Option<&Path>,
+    token: &str,
+) -> (Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&opened);
+    let address = listening_url_address(url);
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap();
+    if let Some(ca) = ca {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)));
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    let channel = endpoint.connect_with_connector(connector).await.expect("connecting");
+    let client = CoordinatorClient::with_interceptor(
+        channel,
+        Attach(vec![(TOKEN_HEADER, token.to_string())]),
+    );
+    (client, opened)
+}
+
+/// The address of a `http://ADDR` or `https://ADDR` URL.
+fn listening_url_address(url: &str) -> std::net::SocketAddr {
+    url.split("://").nth(1).unwrap().parse().unwrap()
+}
+
+/// Calls Status on `client` and says how many connections it has opened.
+fn status_on_one_connection(
+    runtime: &tokio::runtime::Runtime,
+    client: &mut Client,
+    opened: &std::sync::atomic::AtomicUsize,
+) -> usize {
+    runtime.block_on(client.status(pb::StatusRequest {})).expect("Status with the token");
+    opened.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 async fn status(url: &str, token: &str) -> pb::StatusResponse {
     let mut c = client(url, vec![(TOKEN_HEADER, token.to_string())]).await;
     c.status(pb::StatusRequest {}).await.expect("Status with the token").into_inner()
@@ -359,6 +407,9 @@ fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
         .arg(&token_file);
     let mut worker = spawn_logged(&mut join, &logs.join("worker"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A client with the token, whose one connection is held all along.
+    let (mut holder, held) = runtime.block_on(counting_client(&url, None, &token));
+    assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let member_id = wait_until(Duration::from_secs(60), "the worker to join", || {
         let s = runtime.block_on(status(&url, &token));
         s.members.first().map(|m| m.member_id.clone())
@@ -474,6 +525,9 @@ fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
     // so is one that speaks HTTP/2 all along but never with the token.
     assert_a_silent_connection_is_closed(bound);
     assert_a_strangers_talking_connection_is_closed(bound);
+    // More than the 10 s deadline later, the token holder's connection is
+    // the one it opened first.
+    assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let _ = Command::new("kill").arg(rank.to_string()).status();
     drop(worker);
     drop(coordinator);
@@ -556,6 +610,8 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
         .arg(&ca);
     let worker = spawn_logged(&mut join, &logs.join("worker"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (mut holder, held) = runtime.block_on(counting_client(&url, Some(&ca), token));
+    assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let tls_status = || {
         runtime.block_on(async {
             let tls = tonic::transport::ClientTlsConfig::new()
@@ -602,6 +658,9 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
     // A connection that never starts its TLS handshake is closed at the
     // handshake deadline (10 s): a stranger's silence holds nothing open.
     assert_a_silent_connection_is_closed(bound);
+    // A client with the token holds its one TLS connection past that
+    // deadline (its call vouched for it through the TLS layer).
+    assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let _ = Command::new("kill").arg(rank.to_string()).status();
 }
 

@@ -8,8 +8,11 @@
 //!   recipe evaluated them) the final top-1's mean, std (n − 1), max, min,
 //!   seed 0, the mean's 95% confidence interval and n, shaped like the
 //!   paper's seed table ([`tables::SetRow`]);
-//! * `top1_histogram.png`: the final val top-1 with the fitted Gaussian, the
-//!   normality test's p-value in the caption ([`stats::normality`]);
+//! * `top1_histogram.png`: the final val top-1 with the fitted Gaussian
+//!   (mean, sample std) and the normality test's p-value in the caption
+//!   ([`stats::normality`]); neither when every run has the same value, nor
+//!   when the runs come from several grid cells (their spread is not seed
+//!   noise alone; [`plots::Spread`]);
 //! * `curves/<id>.png`: loss, learning rate and val top-1 per epoch of each run;
 //! * with grids, `grid.csv`, a section of `report.md` per axis (mean ± std
 //!   over the seeds) and `grid_<axis>.png`.
@@ -18,7 +21,12 @@
 //! against A ([`tables::ComparisonRow`]): `comparison.csv` and a section of
 //! A's `report.md` with the difference of means, its 95% CI, Welch's p-value,
 //! a sentence saying whether the difference is within seed noise, and the
-//! seeds per sweep needed to resolve it. Nothing is written into B.
+//! seeds per sweep needed to resolve it. Nothing is written into B. A plain
+//! report removes the `comparison.csv` of an earlier comparison, which would
+//! no longer match `report.md`.
+//!
+//! Every file is written atomically (temporary file, fsync, rename), so a
+//! reader sees an old file or a new one, never a torn one.
 //!
 //! The statistics match `scipy.stats` ([`stats`]; tested against it).
 
@@ -30,6 +38,7 @@ pub mod runs;
 pub mod stats;
 pub mod tables;
 
+use rsb_job::atomic_write::{write_atomically, Readers};
 use rsb_job::sweep::{id_safe, SweepError};
 use runs::{Skipped, Sweep, VAL};
 use std::fmt::Write as _;
@@ -64,6 +73,20 @@ pub enum ReportError {
         line: usize,
         /// What is wrong with it.
         message: String,
+    },
+    /// An epoch record holds a value no run can produce.
+    #[error("{path}:{line}: {field} = {} is not {allowed}", readable_number(*.value))]
+    MetricsValue {
+        /// The metrics file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The field (`top1`, `eval_sets.real.top5`, `loss`, ...).
+        field: String,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        allowed: &'static str,
     },
     /// A run's `recipe.yaml` does not load.
     #[error("{path}: {source}")]
@@ -117,24 +140,53 @@ pub struct Written {
     pub files: Vec<PathBuf>,
     /// The tables (and comparison sentences) as Markdown, for the terminal.
     pub summary: String,
-    /// Cells left out because their run did not finish (of A for a comparison).
+    /// Cells left out, with why (of A for a comparison).
     pub skipped: Vec<Skipped>,
     /// Finished runs reported (of A for a comparison).
     pub runs: usize,
 }
 
+/// `v` as people read it: plain for everyday magnitudes, in scientific
+/// notation when plain digits would run to dozens of places (1.7e308).
+fn readable_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e9).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Writes `bytes` to `path` atomically, readable by everyone (results that
+/// other accounts of a shared file system read).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    write_atomically(path, bytes, Readers::Everyone)
+        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+}
+
 fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<(), ReportError> {
     let fail = |source| ReportError::Csv { path: path.to_path_buf(), source };
-    let mut writer = csv::Writer::from_path(path).map_err(fail)?;
+    let mut writer = csv::Writer::from_writer(Vec::new());
     for row in rows {
         writer.serialize(row).map_err(fail)?;
     }
-    writer.flush().map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+    let bytes = writer.into_inner().map_err(|e| ReportError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    write_file(path, &bytes)
 }
 
-fn write_text(path: &Path, text: &str) -> Result<(), ReportError> {
-    std::fs::write(path, text)
-        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+/// Removes a file an earlier report wrote and this one does not (a missing
+/// one is fine).
+fn remove_stale(path: &Path) -> Result<(), ReportError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "removed the file of an earlier report");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ReportError::Io { path: path.to_path_buf(), source }),
+    }
 }
 
 fn read_finished(dir: &Path) -> Result<Sweep, ReportError> {
@@ -226,9 +278,10 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
         }
     }
     let values = sweep.finals(VAL);
+    let grid_cells = sweep.grid_cells(VAL);
     if !values.is_empty() {
         let png = dir.join(HISTOGRAM_PNG);
-        plots::histogram(&png, VAL, &values)?;
+        plots::histogram(&png, VAL, &values, grid_cells)?;
         files.push(png);
     }
     for run in &sweep.runs {
@@ -240,9 +293,8 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
     if !values.is_empty() {
         let _ = writeln!(
             section,
-            "\n![final val top-1 histogram]({HISTOGRAM_PNG})\n\n{} (D'Agostino-Pearson K² test, \
-             scipy.stats.normaltest).",
-            plots::normality_caption(&values)
+            "\n![final val top-1 histogram]({HISTOGRAM_PNG})\n\n{}",
+            plots::Spread::of(&values, grid_cells).markdown()
         );
     }
     let written = Written {
@@ -259,8 +311,9 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
 pub fn report(dir: &Path) -> Result<Written, ReportError> {
     let sweep = read_finished(dir)?;
     let (mut written, section) = write_sweep(&sweep)?;
+    remove_stale(&written.dir.join(COMPARISON_CSV))?;
     let md = written.dir.join(REPORT_MD);
-    write_text(&md, &format!("# Seed study\n\n{section}"))?;
+    write_file(&md, format!("# Seed study\n\n{section}").as_bytes())?;
     written.files.insert(0, md);
     written.summary = section;
     Ok(written)
@@ -291,7 +344,8 @@ pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
         tables::comparison_markdown(&rows, &name_a, &name_b)
     );
     let md = written.dir.join(REPORT_MD);
-    write_text(&md, &format!("# Seed study comparison\n\n{comparison}\n{section_a}\n{section_b}"))?;
+    let text = format!("# Seed study comparison\n\n{comparison}\n{section_a}\n{section_b}");
+    write_file(&md, text.as_bytes())?;
     written.files.insert(0, md);
     written.files.push(csv);
     written.summary = format!("{comparison}\n{section_a}\n{section_b}");

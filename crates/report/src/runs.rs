@@ -4,15 +4,29 @@
 //! A run counts when its metrics hold an evaluated `epoch` record for the
 //! recipe's last epoch (cosine plus cooldown epochs): its final top-1 on
 //! `val` is that record's `top1`, and on every further set (`real`, `v2`)
-//! the record's `eval_sets` entry. A run without `metrics.jsonl` (not
-//! started) or without that record (stopped, failed or still running) is
-//! skipped and listed with its reason. A line that is not a metrics record
-//! (but an incomplete last line, still being written), or a run folder whose
-//! `recipe.yaml` does not load, is an error naming the file (and line).
+//! the record's `eval_sets` entry. Skipped, and listed with the reason:
+//!
+//! * a run whose `outcome.json` ([`RunOutcome`]) says it failed, even when
+//!   its metrics reach the last epoch: the coordinator gave up on it (its
+//!   last attempt died, perhaps after the final evaluation was logged), so
+//!   its numbers are not the result of a run that ended well;
+//! * a run without `metrics.jsonl` (not started);
+//! * a run with metrics but no `recipe.yaml` (its epochs are unknown);
+//! * a run without that final record (stopped or still running).
+//!
+//! A run without `outcome.json` but with the final record counts: sweeps
+//! interrupted after the final evaluation, and run folders of builds before
+//! outcome files, have none.
+//!
+//! Errors naming the file (and line): an `outcome.json` that is not a valid
+//! outcome, a line that is not a metrics record (but an incomplete last
+//! line, still being written), an epoch record with a top-1 or top-5
+//! outside 0..=100 or a loss or learning rate that is not finite, and a
+//! `recipe.yaml` that does not load.
 
 use crate::ReportError;
 use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
-use rsb_job::MetricsRecord;
+use rsb_job::{MetricsRecord, RunEnd, RunOutcome};
 use rsb_recipes::ScheduleSection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +63,9 @@ pub struct Run {
 pub enum SkipReason {
     /// No `metrics.jsonl`: the run never started.
     NotStarted,
+    /// `metrics.jsonl` but no `recipe.yaml`: the recipe's epochs, and so
+    /// which record is the final one, are unknown.
+    NoRecipe,
     /// No evaluated record of the last epoch.
     Unfinished {
         /// Epochs of the recipe.
@@ -56,17 +73,64 @@ pub enum SkipReason {
         /// Epochs with a record (0: none).
         done: u64,
     },
+    /// Its `outcome.json` says it failed (whatever its metrics hold).
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last attempt failed, as the coordinator recorded it.
+        failure: Option<String>,
+    },
+}
+
+impl SkipReason {
+    /// A short name of the reason, for counts: `not started`, `no recipe`,
+    /// `unfinished` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SkipReason::NotStarted => "not started",
+            SkipReason::NoRecipe => "no recipe",
+            SkipReason::Unfinished { .. } => "unfinished",
+            SkipReason::Failed { .. } => "failed",
+        }
+    }
 }
 
 impl std::fmt::Display for SkipReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SkipReason::NotStarted => write!(f, "not started (no metrics.jsonl)"),
+            SkipReason::NoRecipe => {
+                write!(f, "no recipe.yaml next to its metrics.jsonl (its epochs are unknown)")
+            }
             SkipReason::Unfinished { epochs, done } => {
                 write!(f, "unfinished ({done} of {epochs} epochs recorded, no final evaluation)")
             }
+            SkipReason::Failed { attempts, failure } => {
+                write!(f, "failed after {attempts} attempt(s): ")?;
+                match failure {
+                    Some(failure) => write!(f, "{failure}"),
+                    None => write!(f, "no reason recorded"),
+                }
+            }
         }
     }
+}
+
+/// How many cells were skipped, by reason: `3 run(s) skipped (1 not
+/// started, 2 failed)`; empty when none was.
+pub fn skipped_text(skipped: &[Skipped]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for s in skipped {
+        match counts.iter_mut().find(|(kind, _)| *kind == s.reason.kind()) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((s.reason.kind(), 1)),
+        }
+    }
+    let counts: Vec<String> = counts.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+    format!("{} run(s) skipped ({})", skipped.len(), counts.join(", "))
 }
 
 /// A cell left out of the statistics.
@@ -94,8 +158,8 @@ pub struct Sweep {
 }
 
 impl Sweep {
-    /// Reads `dir/sweep.json` and every cell's run folder. Unfinished runs
-    /// are skipped (and logged); a corrupt file is an error.
+    /// Reads `dir/sweep.json` and every cell's run folder. Runs that did
+    /// not finish are skipped (and logged); a corrupt file is an error.
     pub fn read(dir: &Path) -> Result<Sweep, ReportError> {
         let manifest = SweepManifest::read(dir)?;
         let layout = SweepLayout::new(dir);
@@ -143,6 +207,19 @@ impl Sweep {
         }
     }
 
+    /// How many grid cells (distinct combinations of grid values) the
+    /// finished runs with a final top-1 on `set` come from; 1 for a sweep
+    /// of seeds alone.
+    pub fn grid_cells(&self, set: &str) -> usize {
+        let mut cells: Vec<&[rsb_job::sweep::Assignment]> = Vec::new();
+        for run in self.runs.iter().filter(|r| r.finals.contains_key(set)) {
+            if !cells.contains(&run.cell.assignments.as_slice()) {
+                cells.push(&run.cell.assignments);
+            }
+        }
+        cells.len().max(1)
+    }
+
     /// The sweep's name in reports: its folder's name.
     pub fn name(&self) -> String {
         self.dir
@@ -155,7 +232,9 @@ impl Sweep {
 
 /// The records of a metrics file; an unreadable line is an error naming
 /// `path:line`, except a last line without its newline (a record being
-/// written while the report reads), which is left out with a warning.
+/// written while the report reads), which is left out with a warning. An
+/// epoch record with an impossible value ([`check_epoch_record`]) is an
+/// error naming `path:line` and the field.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
@@ -165,7 +244,18 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
             continue;
         }
         match serde_json::from_str(line) {
-            Ok(record) => records.push(record),
+            Ok(record) => {
+                check_epoch_record(&record).map_err(|(field, value, allowed)| {
+                    ReportError::MetricsValue {
+                        path: path.to_path_buf(),
+                        line: index + 1,
+                        field,
+                        value,
+                        allowed,
+                    }
+                })?;
+                records.push(record)
+            }
             Err(_) if !line.ends_with('\n') => {
                 tracing::warn!(
                     metrics = %path.display(),
@@ -185,6 +275,38 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
     Ok(records)
 }
 
+/// What [`check_epoch_record`] allows of a percentage.
+const PERCENT: &str = "0..=100";
+/// What [`check_epoch_record`] allows of a loss or a learning rate.
+const FINITE: &str = "a finite number";
+
+/// Refuses an epoch record whose accuracies are not percentages or whose
+/// loss or learning rate is not finite, as `(field, value, what is
+/// allowed)`. Such a value is a bug or a corrupt file, and would otherwise
+/// reach the statistics and stretch a chart's axis past what can be drawn.
+pub fn check_epoch_record(record: &MetricsRecord) -> Result<(), (String, f64, &'static str)> {
+    let MetricsRecord::Epoch { lr, loss, top1, top5, eval_sets, .. } = record else {
+        return Ok(());
+    };
+    let mut percentages: Vec<(String, f64)> = Vec::new();
+    percentages.extend(top1.map(|v| ("top1".to_string(), v)));
+    percentages.extend(top5.map(|v| ("top5".to_string(), v)));
+    for (name, accuracy) in eval_sets {
+        percentages.push((format!("eval_sets.{name}.top1"), accuracy.top1));
+        percentages.push((format!("eval_sets.{name}.top5"), accuracy.top5));
+    }
+    if let Some((field, value)) = percentages.into_iter().find(|(_, v)| !(0.0..=100.0).contains(v))
+    {
+        return Err((field, value, PERCENT));
+    }
+    for (field, value) in [("loss", *loss), ("lr", *lr)] {
+        if !value.is_finite() {
+            return Err((field.to_string(), value, FINITE));
+        }
+    }
+    Ok(())
+}
+
 /// Epochs of a recipe: cosine plus cooldown.
 fn total_epochs(recipe: &rsb_recipes::Recipe) -> u64 {
     let ScheduleSection::Cosine(c) = &recipe.schedule;
@@ -196,11 +318,25 @@ fn read_run(
     layout: &SweepLayout,
     cell: &SweepCell,
 ) -> Result<Result<Run, SkipReason>, ReportError> {
+    // The outcome first: a failed run is skipped whatever its metrics
+    // hold, and a run that failed before its first record is named failed
+    // rather than not started.
+    if let Some(outcome) = RunOutcome::read(layout, &cell.id)? {
+        if outcome.end == RunEnd::Failed {
+            return Ok(Err(SkipReason::Failed {
+                attempts: outcome.attempts,
+                failure: outcome.failure,
+            }));
+        }
+    }
     let metrics = layout.run_metrics(&cell.id);
     if !metrics.is_file() {
         return Ok(Err(SkipReason::NotStarted));
     }
     let recipe_path = layout.run_recipe(&cell.id);
+    if !recipe_path.exists() {
+        return Ok(Err(SkipReason::NoRecipe));
+    }
     let recipe = rsb_recipes::load(&recipe_path, &[])
         .map_err(|source| ReportError::Recipe { path: recipe_path, source: Box::new(source) })?;
     let epochs = total_epochs(&recipe);

@@ -3,12 +3,19 @@
 //!
 //! * [`Summary`]: mean, sample standard deviation (n − 1), max, min, and the
 //!   mean's 95% confidence interval `mean ± t(0.975, n − 1) · s / √n`
-//!   (Student t; `scipy.stats.t.interval`).
+//!   (Student t; `scipy.stats.t.interval`). When every value is the same,
+//!   the mean is that value exactly, the std 0 and the interval absent
+//!   (scipy gives NaN: a t distribution of scale 0 is undefined). numpy's
+//!   plain sum can put the mean of identical values a few ulps off (13 ×
+//!   73.44 gives 73.44000000000003, above the max, and a std of 3e-14), so
+//!   the mean here is summed around the first value and kept within
+//!   [min, max].
 //! * [`normality`]: D'Agostino–Pearson's K² omnibus test
 //!   (`scipy.stats.normaltest`): the squared z-scores of the skewness test and
 //!   the kurtosis test, added, against χ² with 2 degrees of freedom. It needs
 //!   at least [`NORMALITY_MIN_N`] = 8 values (scipy's skew test refuses fewer),
-//!   and is rough below 20.
+//!   and is rough below 20. Identical values have no skewness or kurtosis
+//!   (scipy: NaN), so no test.
 //! * [`welch`]: the difference of two means with Welch–Satterthwaite's
 //!   degrees of freedom, its 95% confidence interval and Welch's t-test
 //!   p-value (`scipy.stats.ttest_ind(b, a, equal_var=False)`).
@@ -35,13 +42,15 @@ pub struct Summary {
     pub n: usize,
     /// Mean.
     pub mean: f64,
-    /// Sample standard deviation (n − 1); `None` for one value.
+    /// Sample standard deviation (n − 1); `None` for one value, 0 when
+    /// every value is the same.
     pub std: Option<f64>,
     /// Largest value.
     pub max: f64,
     /// Smallest value.
     pub min: f64,
-    /// The mean's 95% confidence interval (Student t); `None` for one value.
+    /// The mean's 95% confidence interval (Student t); `None` for one
+    /// value, and when every value is the same (no spread to scale it by).
     pub ci95: Option<(f64, f64)>,
 }
 
@@ -52,16 +61,18 @@ impl Summary {
         if n == 0 {
             return None;
         }
-        let mean = values.iter().sum::<f64>() / n as f64;
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let (std, ci95) = if n >= 2 {
+        let mean = mean_within(values, min, max);
+        let (std, ci95) = if n < 2 {
+            (None, None)
+        } else if max == min {
+            (Some(0.0), None)
+        } else {
             let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
             let std = var.sqrt();
             let half = t_quantile(0.5 + CONFIDENCE / 2.0, (n - 1) as f64) * std / (n as f64).sqrt();
             (Some(std), Some((mean - half, mean + half)))
-        } else {
-            (None, None)
         };
         Some(Summary { n, mean, std, max, min, ci95 })
     }
@@ -70,6 +81,21 @@ impl Summary {
     pub fn variance(&self) -> f64 {
         self.std.map_or(0.0, |s| s * s)
     }
+
+    /// Whether every value is the same (and there are two or more).
+    pub fn is_constant(&self) -> bool {
+        self.n >= 2 && self.max == self.min
+    }
+}
+
+/// The mean of `values` (not empty, smallest `min`, largest `max`), summed
+/// as differences from the first value so that identical values give that
+/// value exactly, and clamped to [min, max], which rounding can otherwise
+/// leave by an ulp or two.
+fn mean_within(values: &[f64], min: f64, max: f64) -> f64 {
+    let Some(&first) = values.first() else { return f64::NAN };
+    let offset = values.iter().map(|v| v - first).sum::<f64>() / values.len() as f64;
+    (first + offset).clamp(min, max)
 }
 
 /// The `p` quantile of Student's t with `df` degrees of freedom.
@@ -119,10 +145,19 @@ pub fn normality(values: &[f64]) -> Result<Normality, NormalityError> {
         return Err(NormalityError::TooFew(n));
     }
     let nf = n as f64;
-    let mean = values.iter().sum::<f64>() / nf;
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    // Identical values have no skewness or kurtosis. Said outright rather
+    // than left to the variance test below: rounding in the mean can leave
+    // a variance of identical values just above it.
+    if max == min {
+        return Err(NormalityError::Constant);
+    }
+    let mean = mean_within(values, min, max);
     let moment = |k: i32| values.iter().map(|v| (v - mean).powi(k)).sum::<f64>() / nf;
     let (m2, m3, m4) = (moment(2), moment(3), moment(4));
-    // scipy treats a variance this small next to the mean as zero.
+    // scipy.stats.skew and kurtosis (1.17) treat a variance this small next
+    // to the mean as zero: `m2 <= (finfo(float).eps * mean)**2`.
     if m2 <= (f64::EPSILON * mean).powi(2) {
         return Err(NormalityError::Constant);
     }
@@ -214,13 +249,17 @@ pub fn welch(a: &Summary, b: &Summary) -> Option<Welch> {
 }
 
 /// Seeds per sweep that resolve a difference of `difference` (80% power,
-/// two-sided 5%; see the module doc); `None` when the difference is 0 or the
-/// variances are unknown.
+/// two-sided 5%; see the module doc); `None` when the difference is 0, the
+/// variances are unknown, or both are 0 (no seed noise to measure it
+/// against: the formula's answer, its floor of 2, would mean nothing).
 pub fn seeds_needed(a: &Summary, b: &Summary, difference: f64) -> Option<u64> {
     if a.n < 2 || b.n < 2 || difference == 0.0 || !difference.is_finite() {
         return None;
     }
     let sigma2 = (a.variance() + b.variance()) / 2.0;
+    if sigma2 <= 0.0 {
+        return None;
+    }
     let z = z_quantile(0.5 + CONFIDENCE / 2.0) + z_quantile(POWER);
     let n = (2.0 * z * z * sigma2 / (difference * difference)).ceil();
     if !n.is_finite() || n > u64::MAX as f64 {
@@ -270,6 +309,35 @@ mod tests {
         assert!(!w.within_noise() && w.ci95.0 > 0.0, "{w:?}");
         assert!((w.difference - 1.0).abs() < 1e-9);
         assert!(welch(&a, &Summary::of(&[1.0]).unwrap()).is_none());
+    }
+
+    #[test]
+    fn identical_values_have_their_own_mean_no_spread_and_no_test() {
+        // 13 × 73.44 summed plainly gives 73.44000000000003 (numpy too).
+        for (value, n) in [(73.44, 13), (79.72, 100), (0.1, 10), (88.25, 2)] {
+            let values = vec![value; n];
+            let s = Summary::of(&values).unwrap();
+            assert_eq!((s.mean, s.max, s.min), (value, value, value), "{value} x {n}");
+            assert_eq!((s.std, s.ci95), (Some(0.0), None), "{value} x {n}");
+            assert!(s.is_constant());
+            if n >= NORMALITY_MIN_N {
+                assert_eq!(normality(&values), Err(NormalityError::Constant), "{value} x {n}");
+            }
+        }
+        // The mean of nearly identical values stays within them.
+        let mut close = vec![73.44; 12];
+        close.push(73.44 + 1e-13);
+        let s = Summary::of(&close).unwrap();
+        assert!(s.min <= s.mean && s.mean <= s.max, "{s:?}");
+        assert!(!s.is_constant() && s.ci95.is_some());
+    }
+
+    #[test]
+    fn no_seeds_are_needed_without_seed_noise() {
+        let a = Summary::of(&[80.0, 80.0, 80.0]).unwrap();
+        let b = Summary::of(&[81.0, 81.0, 81.0]).unwrap();
+        assert_eq!(seeds_needed(&a, &b, 1.0), None);
+        assert!(welch(&a, &b).is_none());
     }
 
     #[test]

@@ -1,0 +1,296 @@
+//! `rsb_report::report` and `compare` on sweep folders written here from
+//! typed records: impossible metrics values and chart ranges are errors (not
+//! a hang), run outcomes decide which runs count, files are replaced
+//! atomically, identical values and grids get no Gaussian fit, and a plain
+//! report removes the comparison of an earlier one.
+//!
+//! Every report runs on its own thread with a time limit, so a report that
+//! never returns fails its test instead of hanging the suite.
+
+use rsb_job::sweep::{GridAxis, SweepLayout, SweepManifest};
+use rsb_job::{MetricsRecord, RunEnd, RunOutcome, SweepCell};
+use rsb_report::runs::SkipReason;
+use rsb_report::tables::{ComparisonRow, SetRow};
+use rsb_report::{ReportError, Written};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const EPOCHS: u64 = 3;
+
+/// Far longer than a report of a dozen runs takes (well under a second).
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn tiny_recipe() -> PathBuf {
+    rsb_test_support::workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
+}
+
+fn epoch_record(epoch: u64, top1: f64, loss: f64) -> MetricsRecord {
+    MetricsRecord::Epoch {
+        epoch,
+        step: (epoch + 1) * 10,
+        lr: 0.001,
+        loss,
+        images_per_sec: 100.0,
+        top1: Some(top1),
+        top5: Some(99.0),
+        val_loss: Some(0.5),
+        replaced_samples: 0,
+        elapsed_s: 1.0,
+        eval_sets: BTreeMap::new(),
+        skipped_updates: 0,
+        val_skipped_images: Some(0),
+    }
+}
+
+/// A sweep folder over `seeds` (and `grid`) whose runs end at the final
+/// val top-1 `top1(cell)`, each epoch record's loss 1.
+fn sweep(
+    dir: &Path,
+    seeds: Vec<u64>,
+    grid: &[&str],
+    top1: impl Fn(&SweepCell) -> f64,
+) -> SweepManifest {
+    let base = vec![format!("schedule.cosine.epochs={EPOCHS}")];
+    let grid: Vec<GridAxis> = grid.iter().map(|g| GridAxis::parse(g).unwrap()).collect();
+    let manifest =
+        SweepManifest::new("resnet18_tiny_cpu", "tiny", base.clone(), seeds, grid).unwrap();
+    manifest.write(dir).unwrap();
+    let layout = SweepLayout::new(dir);
+    let source = rsb_recipes::RecipeSource::File(tiny_recipe());
+    for cell in &manifest.cells {
+        std::fs::create_dir_all(layout.run_dir(&cell.id)).unwrap();
+        let recipe = cell.load(&source, &base).unwrap();
+        std::fs::write(layout.run_recipe(&cell.id), rsb_recipes::to_yaml(&recipe)).unwrap();
+        let records: Vec<MetricsRecord> = (0..EPOCHS)
+            .map(|e| epoch_record(e, top1(cell) - (EPOCHS - 1 - e) as f64, 1.0))
+            .collect();
+        write_records(&layout.run_metrics(&cell.id), &records);
+    }
+    manifest
+}
+
+fn write_records(path: &Path, records: &[MetricsRecord]) {
+    let text: String = records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Ten seeds with a spread of final top-1 around 79.7.
+fn seeds_sweep(dir: &Path) -> SweepManifest {
+    sweep(dir, (0..10).collect(), &[], |c| 79.5 + 0.05 * c.seed as f64)
+}
+
+fn within_limit<T: Send + 'static>(what: String, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    receiver.recv_timeout(LIMIT).unwrap_or_else(|_| panic!("{what} did not return in {LIMIT:?}"))
+}
+
+fn report(dir: &Path) -> Result<Written, ReportError> {
+    let dir = dir.to_path_buf();
+    within_limit(format!("report of {}", dir.display()), move || rsb_report::report(&dir))
+}
+
+fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
+    let (a, b) = (a.to_path_buf(), b.to_path_buf());
+    within_limit(format!("comparison of {}", a.display()), move || rsb_report::compare(&a, &b))
+}
+
+fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    csv::Reader::from_path(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .deserialize()
+        .collect::<Result<Vec<T>, _>>()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn a_loss_too_large_to_draw_is_an_error_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let id = &manifest.cells[3].id;
+    let records: Vec<MetricsRecord> =
+        (0..EPOCHS).map(|e| epoch_record(e, 79.0, if e == 0 { 1.7e308 } else { 1.0 })).collect();
+    write_records(&SweepLayout::new(tmp.path()).run_metrics(id), &records);
+    let err = report(tmp.path()).unwrap_err();
+    assert!(matches!(err, ReportError::Plot { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("curves/{id}.png")), "{text}");
+    assert!(text.contains("training loss axis") && text.contains("too wide to draw"), "{text}");
+}
+
+#[test]
+fn an_accuracy_outside_0_to_100_is_an_error_naming_file_line_and_field() {
+    for (top1, shown) in [(1e308, "1e308"), (-1e308, "-1e308"), (100.5, "100.5")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let manifest = seeds_sweep(tmp.path());
+        let metrics = SweepLayout::new(tmp.path()).run_metrics(&manifest.cells[4].id);
+        let records: Vec<MetricsRecord> =
+            (0..EPOCHS).map(|e| epoch_record(e, if e == 2 { top1 } else { 50.0 }, 1.0)).collect();
+        write_records(&metrics, &records);
+        let err = report(tmp.path()).unwrap_err().to_string();
+        let expected = format!("{}:3: top1 = {shown} is not 0..=100", metrics.display());
+        assert_eq!(err, expected);
+    }
+}
+
+#[test]
+fn a_failed_run_is_skipped_with_its_reason_even_with_a_final_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let layout = SweepLayout::new(tmp.path());
+    let failure = "rank 0 on host h1: checkpoint write: No space left on device";
+    let failed =
+        RunOutcome { end: RunEnd::Failed, attempts: 3, failure: Some(failure.to_string()) };
+    failed.write(&layout, &manifest.cells[2].id).unwrap();
+    let finished = RunOutcome { end: RunEnd::Finished, attempts: 1, failure: None };
+    finished.write(&layout, &manifest.cells[3].id).unwrap();
+    // A run that failed before its first record: failed, not "not started".
+    failed.write(&layout, &manifest.cells[5].id).unwrap();
+    std::fs::remove_file(layout.run_metrics(&manifest.cells[5].id)).unwrap();
+    // One never started: no metrics, no outcome.
+    std::fs::remove_file(layout.run_metrics(&manifest.cells[6].id)).unwrap();
+
+    let written = report(tmp.path()).unwrap();
+    assert_eq!(written.runs, 7);
+    let reasons: Vec<(&str, &SkipReason)> =
+        written.skipped.iter().map(|s| (s.id.as_str(), &s.reason)).collect();
+    let expected_failure = SkipReason::Failed { attempts: 3, failure: Some(failure.to_string()) };
+    assert_eq!(
+        reasons,
+        [
+            (manifest.cells[2].id.as_str(), &expected_failure),
+            (manifest.cells[5].id.as_str(), &expected_failure),
+            (manifest.cells[6].id.as_str(), &SkipReason::NotStarted),
+        ]
+    );
+    assert_eq!(
+        rsb_report::runs::skipped_text(&written.skipped),
+        "3 run(s) skipped (2 failed, 1 not started)"
+    );
+    let rows: Vec<SetRow> = read_csv(&written.dir.join(rsb_report::REPORT_CSV));
+    assert_eq!(rows[0].n, 7);
+    let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
+    let line = format!("- `{}`: failed after 3 attempt(s): {failure}", manifest.cells[2].id);
+    assert!(md.contains(&line), "{md}");
+}
+
+#[test]
+fn a_corrupt_outcome_is_an_error_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let outcome = SweepLayout::new(tmp.path()).run_outcome(&manifest.cells[5].id);
+    std::fs::write(&outcome, "garbage{").unwrap();
+    let err = report(tmp.path()).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}: ", outcome.display())), "{err}");
+}
+
+#[test]
+fn a_run_without_its_recipe_is_skipped_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let id = &manifest.cells[1].id;
+    std::fs::remove_file(SweepLayout::new(tmp.path()).run_recipe(id)).unwrap();
+    let written = report(tmp.path()).unwrap();
+    assert_eq!(written.runs, 9);
+    assert_eq!(written.skipped.len(), 1);
+    assert_eq!((&written.skipped[0].id, &written.skipped[0].reason), (id, &SkipReason::NoRecipe));
+}
+
+/// Each file is replaced by a new one (rename), never rewritten in place:
+/// a hard link to the old file keeps the old bytes.
+#[test]
+fn report_files_are_replaced_not_rewritten_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("seeds");
+    let manifest = seeds_sweep(&dir);
+    let report_dir = SweepLayout::new(&dir).report_dir();
+    let files = [
+        PathBuf::from(rsb_report::REPORT_MD),
+        PathBuf::from(rsb_report::REPORT_CSV),
+        PathBuf::from(rsb_report::HISTOGRAM_PNG),
+        Path::new(rsb_report::CURVES).join(format!("{}.png", manifest.cells[0].id)),
+    ];
+    std::fs::create_dir_all(report_dir.join(rsb_report::CURVES)).unwrap();
+    let mut kept = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let old = tmp.path().join(format!("old-{i}"));
+        std::fs::write(&old, "old").unwrap();
+        std::fs::hard_link(&old, report_dir.join(file)).unwrap();
+        kept.push(old);
+    }
+    report(&dir).unwrap();
+    for (file, old) in files.iter().zip(&kept) {
+        let old_now = String::from_utf8_lossy(&std::fs::read(old).unwrap()).into_owned();
+        assert_eq!(old_now, "old", "{} was written in place", file.display());
+        assert_ne!(std::fs::read(report_dir.join(file)).unwrap(), b"old", "{}", file.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&report_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn a_plain_report_removes_the_comparison_of_an_earlier_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    seeds_sweep(&a);
+    sweep(&b, (0..10).collect(), &[], |c| 80.5 + 0.05 * c.seed as f64);
+    let written = compare(&a, &b).unwrap();
+    let comparison = written.dir.join(rsb_report::COMPARISON_CSV);
+    assert!(comparison.is_file());
+    let written = report(&a).unwrap();
+    assert!(!comparison.exists(), "a stale comparison.csv is left next to the new report");
+    assert!(!written.files.contains(&comparison));
+}
+
+#[test]
+fn identical_values_give_their_mean_no_interval_and_no_gaussian() {
+    let tmp = tempfile::tempdir().unwrap();
+    sweep(tmp.path(), (0..13).collect(), &[], |_| 73.44);
+    let written = report(tmp.path()).unwrap();
+    let rows: Vec<SetRow> = read_csv(&written.dir.join(rsb_report::REPORT_CSV));
+    let row = &rows[0];
+    assert_eq!((row.n, row.mean, row.max, row.min), (13, 73.44, 73.44, 73.44));
+    assert_eq!((row.std, row.ci95_low, row.ci95_high), (Some(0.0), None, None));
+    let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
+    assert!(md.contains("Every run has the same value, 73.44"), "{md}");
+    assert!(!md.contains("normality test: p ="), "{md}");
+}
+
+#[test]
+fn two_sweeps_without_spread_need_no_number_of_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    sweep(&a, (0..5).collect(), &[], |_| 80.0);
+    sweep(&b, (0..5).collect(), &[], |_| 81.0);
+    let written = compare(&a, &b).unwrap();
+    let rows: Vec<ComparisonRow> = read_csv(&written.dir.join(rsb_report::COMPARISON_CSV));
+    assert_eq!((rows[0].difference, rows[0].seeds_needed, rows[0].p_value), (1.0, None, None));
+}
+
+#[test]
+fn a_grid_histogram_is_pooled_without_a_gaussian_or_normality_test() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top1 = |c: &SweepCell| {
+        let lr = if c.value_of("optimizer.lamb.lr") == Some("0.008") { 1.5 } else { 0.0 };
+        79.5 + lr + 0.05 * c.seed as f64
+    };
+    sweep(tmp.path(), (0..5).collect(), &["optimizer.lamb.lr=0.006,0.008"], top1);
+    let written = report(tmp.path()).unwrap();
+    let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
+    assert!(md.contains("The histogram pools the runs of 2 grid cells"), "{md}");
+    assert!(!md.contains("normality test: p ="), "{md}");
+
+    // One grid value is seed noise alone: fitted and tested as usual.
+    let one = tmp.path().join("one");
+    sweep(&one, (0..10).collect(), &["optimizer.lamb.lr=0.006"], top1);
+    let written = report(&one).unwrap();
+    let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
+    assert!(md.contains("D'Agostino-Pearson normality test: p = "), "{md}");
+}
