@@ -7,6 +7,7 @@ use rsb_data::eval_sets::EvalSet;
 use rsb_data::image::Filter;
 use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
+use rsb_job::atomic_write::{write_atomically, Readers};
 use rsb_train::batch::Normalizer;
 use rsb_train::evaluation::{evaluate, evaluate_set, EvalShard};
 use rsb_train::trainer::{RecipeCheck, RunOptions, Trainer};
@@ -115,13 +116,15 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Run folder: metrics.jsonl, the resolved recipe, checkpoints. One that
-    /// already holds a run is only continued, with `--resume`.
+    /// already holds a run is only continued, with `--resume` of its own
+    /// checkpoints; one that another trainer is writing is refused.
     #[arg(long)]
     pub out: PathBuf,
     /// Continue from a checkpoint folder, or from the newest intact checkpoint
     /// of a run folder (newer torn or corrupt ones are skipped, with a
     /// warning). The recipe must be the checkpoint's, except for the fields
-    /// that `--set` changes. Without it, `--out` must not hold a run.
+    /// that `--set` changes. Without it, `--out` must not hold a run; with
+    /// it, an `--out` that holds a run must be the one resumed.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// auto, cpu or cuda:N.
@@ -149,6 +152,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let source = args.recipe.source()?;
     let recipe = source.load(&overrides)?;
+    // Held until this process ends: a second trainer on the same folder
+    // fails here instead of truncating the metrics log or deleting this
+    // one's staging folders. Taken first, so it is told that the folder is
+    // in use, not that it holds a run.
+    let _run_folder_lock =
+        rsb_job::RunFolderLock::acquire(&args.out, rsb_job::run_folder::LOCK_WAIT)?;
     rsb_job::check_out_folder(&args.out, args.resume.as_deref())?;
     let device = parse_device(&args.device)?;
     tracing::info!(recipe = %recipe.name, %source, ?device, out = %args.out.display(), "training");
@@ -165,9 +174,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;
     let resolved = args.out.join("recipe.yaml");
-    let tmp = args.out.join(".recipe.yaml.tmp");
-    std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &resolved).with_context(|| format!("writing {}", resolved.display()))?;
+    write_atomically(&resolved, yaml.as_bytes(), Readers::Everyone)
+        .with_context(|| format!("writing {}", resolved.display()))?;
     let summary = trainer.run()?;
     if let Some(last) = summary.epochs.last() {
         let acc = match (last.top1, last.top5) {
@@ -187,7 +195,9 @@ pub struct EvalArgs {
     /// Registered model name (timm's); default: the recipe's.
     #[arg(long)]
     pub model: Option<String>,
-    /// Weights (.safetensors with timm keys).
+    /// Weights: a .safetensors file with timm keys, or a checkpoint folder
+    /// or run folder (its newest intact checkpoint). A checkpoint's weights
+    /// are checked against its manifest first.
     #[arg(long)]
     pub weights: PathBuf,
     /// Images: a split (class folders, or tar shards) or a dataset root with
@@ -268,7 +278,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let spec = rsb_vision::find_model(&model_name)?;
     let mut model =
         Model::new(&model_name, ModelConfig { num_classes, ..Default::default() }, device)?;
-    model.load_safetensors(&args.weights)?;
+    model.load_safetensors(&rsb_job::checkpoint::resolve_weights(&args.weights)?)?;
     let transform = match &recipe {
         Some(r) => {
             let mut t = rsb_train::from_recipe::eval_transform(r)?;
@@ -353,7 +363,9 @@ pub struct InferArgs {
     /// Classes of the head.
     #[arg(long)]
     pub num_classes: i64,
-    /// Weights (.safetensors with timm keys).
+    /// Weights: a .safetensors file with timm keys, or a checkpoint folder
+    /// or run folder (its newest intact checkpoint). A checkpoint's weights
+    /// are checked against its manifest first.
     #[arg(long)]
     pub weights: PathBuf,
     /// float32 NCHW array, already normalised.
@@ -375,7 +387,7 @@ pub fn infer(args: InferArgs) -> Result<()> {
         ModelConfig { num_classes: args.num_classes, ..Default::default() },
         device,
     )?;
-    model.load_safetensors(&args.weights)?;
+    model.load_safetensors(&rsb_job::checkpoint::resolve_weights(&args.weights)?)?;
     let input = Tensor::read_npy(&args.input)
         .with_context(|| format!("reading {}", args.input.display()))?;
     if input.kind() != Kind::Float || input.dim() != 4 || input.size()[1] != 3 {

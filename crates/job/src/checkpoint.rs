@@ -14,6 +14,11 @@
 //! run folder resumes from its newest intact checkpoint, and every newer torn
 //! or corrupt one is logged with its reason and skipped. The coordinator
 //! uses it too, so both binaries pick the same checkpoint.
+//!
+//! [`resolve_weights`] is the rule for `--weights PATH` of `worker eval` and
+//! `worker infer`: a checkpoint's `model.safetensors` is checked against its
+//! manifest before it is read (as a resume checks it), and a checkpoint or run
+//! folder stands for its weights file.
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -33,8 +38,11 @@ pub const MANIFEST: &str = "manifest.json";
 /// The training state part (JSON) of a checkpoint.
 pub const STATE: &str = "state.json";
 
+/// The model weights part (timm keys) of a checkpoint.
+pub const MODEL: &str = "model.safetensors";
+
 /// The parts every checkpoint has.
-pub const PARTS: [&str; 3] = ["model.safetensors", "optimizer.safetensors", STATE];
+pub const PARTS: [&str; 3] = [MODEL, "optimizer.safetensors", STATE];
 
 /// Version of the manifest format.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -91,12 +99,14 @@ pub enum CheckpointError {
         actual: String,
     },
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// `state.json` is not JSON.
     #[error("{path}: not JSON: {reason}")]
@@ -125,8 +135,8 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    fn io(path: &Path, source: std::io::Error) -> CheckpointError {
-        CheckpointError::Io { path: path.to_path_buf(), source }
+    fn io(path: &Path, error: std::io::Error) -> CheckpointError {
+        CheckpointError::Io { path: path.to_path_buf(), error }
     }
 }
 
@@ -229,33 +239,53 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
         }
     }
     for (name, expected) in &manifest.parts {
-        if name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(CheckpointError::BadManifest {
-                path: dir.join(MANIFEST),
-                reason: format!("part name `{name}` is not a file of the folder"),
-            });
-        }
-        let path = dir.join(name);
-        let actual = match std::fs::metadata(&path) {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CheckpointError::MissingPart { path });
-            }
-            Err(e) => return Err(CheckpointError::io(&path, e)),
-        };
-        if actual != expected.bytes {
-            return Err(CheckpointError::Size { path, expected: expected.bytes, actual });
-        }
-        let digest = digest_file(&path)?;
-        if digest.sha256 != expected.sha256 {
-            return Err(CheckpointError::Checksum {
-                path,
-                expected: expected.sha256.clone(),
-                actual: digest.sha256,
-            });
-        }
+        check_part(dir, name, expected)?;
     }
     Ok(manifest)
+}
+
+/// Checks the one part `name` of the checkpoint folder `dir` against its
+/// manifest (listed, size, SHA-256), without reading the other parts: what
+/// a reader of the weights alone needs.
+pub fn verify_part(dir: &Path, name: &str) -> Result<(), CheckpointError> {
+    let manifest = Manifest::read(dir)?;
+    let Some(expected) = manifest.parts.get(name) else {
+        return Err(CheckpointError::UnlistedPart {
+            path: dir.join(MANIFEST),
+            part: name.to_string(),
+        });
+    };
+    check_part(dir, name, expected)
+}
+
+/// Checks that the part `name` of `dir` has the size and SHA-256 `expected`.
+fn check_part(dir: &Path, name: &str, expected: &PartDigest) -> Result<(), CheckpointError> {
+    if name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(CheckpointError::BadManifest {
+            path: dir.join(MANIFEST),
+            reason: format!("part name `{name}` is not a file of the folder"),
+        });
+    }
+    let path = dir.join(name);
+    let actual = match std::fs::metadata(&path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::MissingPart { path });
+        }
+        Err(e) => return Err(CheckpointError::io(&path, e)),
+    };
+    if actual != expected.bytes {
+        return Err(CheckpointError::Size { path, expected: expected.bytes, actual });
+    }
+    let digest = digest_file(&path)?;
+    if digest.sha256 != expected.sha256 {
+        return Err(CheckpointError::Checksum {
+            path,
+            expected: expected.sha256.clone(),
+            actual: digest.sha256,
+        });
+    }
+    Ok(())
 }
 
 /// Checkpoint folders of a run folder (`checkpoints/epoch-*`), intact or
@@ -323,6 +353,40 @@ pub fn resolve(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     } else {
         Err(CheckpointError::NoIntactCheckpoint { path: path.to_path_buf(), rejected })
     }
+}
+
+/// Resolves `--weights PATH` of `worker eval` and `worker infer` to the
+/// weights file to read:
+///
+/// * a checkpoint's `model.safetensors` (a file of that name beside a
+///   manifest or another part) is checked against the manifest first, so a
+///   corrupt or torn one is refused, naming the file, as a resume refuses it;
+/// * a checkpoint folder stands for its `model.safetensors`, checked the same way;
+/// * a run folder stands for the weights of its newest intact checkpoint
+///   (chosen as `--resume` chooses it, see [`resolve`]);
+/// * any other path (a timm `.safetensors`, or a path that does not exist,
+///   which the reader then names) is returned as it is.
+pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if path.is_dir() {
+        let checkpoint = if is_checkpoint_folder(path) {
+            verify_part(path, MODEL)?;
+            path.to_path_buf()
+        } else {
+            resolve(path)?.path().to_path_buf()
+        };
+        tracing::info!(checkpoint = %checkpoint.display(), "weights of a verified checkpoint");
+        return Ok(checkpoint.join(MODEL));
+    }
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // The weights of a checkpoint, committed or not: a torn one (no
+    // manifest) is refused as a resume refuses it.
+    let is_checkpoint_part = path.file_name().is_some_and(|n| n == MODEL)
+        && [MANIFEST, PARTS[1], STATE].iter().any(|other| folder.join(other).is_file());
+    if is_checkpoint_part {
+        verify_part(folder, MODEL)?;
+        tracing::info!(weights = %path.display(), "weights verified against the checkpoint's manifest");
+    }
+    Ok(path.to_path_buf())
 }
 
 /// The JSON of a checkpoint's `state.json`.
@@ -409,6 +473,53 @@ mod tests {
             matches!(&err, CheckpointError::MissingManifest { path } if path == &dir.join(MANIFEST)),
             "{err}"
         );
+    }
+
+    #[test]
+    fn weights_are_verified_against_their_manifest_and_folders_stand_for_them() {
+        let run = tempfile::tempdir().unwrap();
+        let first = committed(run.path(), 1);
+        let second = committed(run.path(), 2);
+        let weights = second.join(MODEL);
+        assert_eq!(resolve_weights(&weights).unwrap(), weights);
+        assert_eq!(resolve_weights(&second).unwrap(), weights);
+        assert_eq!(resolve_weights(run.path()).unwrap(), weights);
+        // Only the weights are read: a corrupt optimizer part does not matter.
+        let optimizer = second.join(PARTS[1]);
+        let good_optimizer = std::fs::read(&optimizer).unwrap();
+        std::fs::write(&optimizer, b"torn").unwrap();
+        assert_eq!(resolve_weights(&weights).unwrap(), weights);
+        std::fs::write(&optimizer, good_optimizer).unwrap();
+
+        let mut bytes = std::fs::read(&weights).unwrap();
+        bytes[5] ^= 0x01;
+        std::fs::write(&weights, bytes).unwrap();
+        for given in [&weights, &second] {
+            let err = resolve_weights(given).unwrap_err();
+            assert!(
+                matches!(&err, CheckpointError::Checksum { path, .. } if path == &weights),
+                "{}: {err}",
+                given.display()
+            );
+        }
+        // A run folder falls back to its newest intact checkpoint.
+        assert_eq!(resolve_weights(run.path()).unwrap(), first.join(MODEL));
+        // A checkpoint whose manifest is gone is not taken on trust.
+        std::fs::remove_file(first.join(MANIFEST)).unwrap();
+        for given in [first.clone(), first.join(MODEL)] {
+            assert!(
+                matches!(resolve_weights(&given), Err(CheckpointError::MissingManifest { .. })),
+                "{}",
+                given.display()
+            );
+        }
+
+        // Weights outside a checkpoint (timm's, a missing path) are read as they are.
+        let timm = run.path().join("resnet50_a1_in1k.safetensors");
+        std::fs::write(&timm, b"weights").unwrap();
+        assert_eq!(resolve_weights(&timm).unwrap(), timm);
+        let missing = run.path().join("missing.safetensors");
+        assert_eq!(resolve_weights(&missing).unwrap(), missing);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! to the coordinator ([`records`]) and the log they are appended to
 //! ([`metrics_log`]), what makes a checkpoint folder count
 //! and which one a resume uses ([`checkpoint`]), and the rules of a run
-//! folder: no second run in one `--out`, no silent recipe change on resume
+//! folder: no second run in one `--out`, no resume of another run into it,
+//! one checkpoint writer at a time, no silent recipe change on resume
 //! ([`run_folder`]), and what a sweep of seeds and grids is: its arguments,
 //! cells, manifest and folder layout ([`sweep`]), and the atomic
 //! replacement of the small files they write ([`atomic_write`]).
@@ -26,7 +27,7 @@ pub use plan::{streams_of_rank, BatchPlan, PlanError};
 pub use records::{
     EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,
 };
-pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError};
+pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError, RunFolderLock};
 pub use sweep::{
     parse_seeds, GridAxis, RunEnd, RunOutcome, SweepCell, SweepError, SweepLayout, SweepManifest,
 };

@@ -2,8 +2,13 @@
 //! up` (neither needs libtorch for them):
 //!
 //! * [`check_out_folder`]: an `--out` that already holds a run is only
-//!   continued, never silently mixed with a new one: without `--resume` it
-//!   is refused.
+//!   continued, never silently mixed with another: without `--resume` it is
+//!   refused, and so is a `--resume` of a checkpoint from outside it (which
+//!   would interleave two runs' recipes, metrics and checkpoints there).
+//! * [`RunFolderLock`]: the one process that writes a run folder's
+//!   checkpoints (`worker train`, or rank 0 of a job) holds an exclusive lock
+//!   on its [`LOCK_FILE`] while it runs, so a second trainer started on the
+//!   same folder fails at once instead of breaking the first one's saves.
 //! * [`compare_recipes`] / [`check_resumed_recipe`]: a resumed run uses the
 //!   recipe its checkpoint was trained with. Every field that differs
 //!   (compared field by field, as dotted paths like `optimizer.lamb.lr`) must
@@ -12,9 +17,12 @@
 //!   each host sets for itself, which changes no result) are not compared.
 
 use crate::checkpoint::{self, CheckpointError, VerifiedCheckpoint, CHECKPOINTS};
+use nix::fcntl::{Flock, FlockArg};
 use rsb_recipes::Recipe;
 use serde_json::Value;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Key of the resolved recipe (the whole [`Recipe`] as JSON) in a
 /// checkpoint's `state.json`.
@@ -27,6 +35,16 @@ pub const HOST_FIELDS: [&str; 1] = ["data.loader_threads"];
 
 /// What a folder holds that shows a run was there (in the order checked).
 const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", CHECKPOINTS, "ranks"];
+
+/// The file of a run folder that its checkpoint writer holds locked
+/// ([`RunFolderLock`]); it names the holder (process id and host).
+pub const LOCK_FILE: &str = "writer.lock";
+
+/// How long [`RunFolderLock::acquire`] waits for a lock held by another
+/// process by default: long enough for a killed process of the generation
+/// before (a restarted job's old rank 0) to finish exiting, which releases
+/// its lock, short enough that a second trainer is refused at once.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// One recipe field that differs between a checkpoint and this run.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +78,46 @@ pub enum RunFolderError {
         /// What shows the run (`metrics.jsonl`, `checkpoints`, `ranks`).
         marker: &'static str,
     },
+    /// `--out` holds a run and `--resume` names a checkpoint from outside it.
+    #[error(
+        "{out} already holds a run ({marker} is there), and --resume {resume} is not one of its \
+         checkpoints: continuing another run there would mix the two runs' recipes, metrics and \
+         checkpoints. Choose a fresh --out to continue {resume}, or resume {out} from its own \
+         checkpoint (`--resume {out}`)"
+    )]
+    ResumeOfAnotherRun {
+        /// The run folder (`--out`).
+        out: PathBuf,
+        /// The checkpoint or run folder to resume (`--resume`).
+        resume: PathBuf,
+        /// What shows the run in `out` (`metrics.jsonl`, `checkpoints`, `ranks`).
+        marker: &'static str,
+    },
+    /// Another process holds the run folder's lock: it writes there.
+    #[error(
+        "{run} is in use: another process ({holder}) holds {lock} and writes the run's \
+         checkpoints; two trainers in one run folder break each other's saves. Let it finish \
+         (or stop it), or choose another --out"
+    )]
+    InUse {
+        /// The run folder.
+        run: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+        /// Who holds the lock, as it wrote itself into the lock file
+        /// (`pid 123 on host-a`), or `unknown`.
+        holder: String,
+    },
+    /// The lock file cannot be created or locked.
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{lock}: cannot lock the run folder: {error}")]
+    Lock {
+        /// The lock file.
+        lock: PathBuf,
+        /// The cause.
+        error: std::io::Error,
+    },
     /// The checkpoint was trained with another recipe.
     #[error(
         "checkpoint {checkpoint} was trained with another recipe; these fields differ: {}. \
@@ -78,26 +136,141 @@ pub enum RunFolderError {
     Checkpoint(#[from] CheckpointError),
 }
 
-/// Refuses an `--out` folder that already holds a run unless the run is
-/// being resumed (`resume` given). An absent or empty folder, or one with
-/// only unrelated files (or only a `recipe.yaml`, from a run that stopped
-/// before its first record), is a new run folder.
+/// Refuses an `--out` folder that already holds a run unless that run is
+/// being resumed: `resume` given, and inside `out` (its run folder, one of
+/// its checkpoints). An absent or empty folder, or one with only unrelated
+/// files (or only a `recipe.yaml`, from a run that stopped before its first
+/// record), is a new run folder, which may continue any checkpoint.
 pub fn check_out_folder(out: &Path, resume: Option<&Path>) -> Result<(), RunFolderError> {
-    if resume.is_some() {
-        return Ok(());
+    let Some(marker) = run_marker(out) else { return Ok(()) };
+    match resume {
+        None => Err(RunFolderError::HoldsAnotherRun { path: out.to_path_buf(), marker }),
+        Some(resume) if is_within(resume, out) => Ok(()),
+        Some(resume) => Err(RunFolderError::ResumeOfAnotherRun {
+            out: out.to_path_buf(),
+            resume: resume.to_path_buf(),
+            marker,
+        }),
     }
-    for marker in RUN_MARKERS {
-        let path = out.join(marker);
-        let holds = if path.is_dir() {
+}
+
+/// The first of [`RUN_MARKERS`] that `folder` holds (a folder counts when
+/// it is not empty), if any.
+fn run_marker(folder: &Path) -> Option<&'static str> {
+    RUN_MARKERS.into_iter().find(|marker| {
+        let path = folder.join(marker);
+        if path.is_dir() {
             std::fs::read_dir(&path).map(|mut d| d.next().is_some()).unwrap_or(true)
         } else {
             path.exists()
+        }
+    })
+}
+
+/// Whether `inner` is `outer` or lies under it, symbolic links resolved
+/// (compared as given, made absolute, where a path does not exist).
+fn is_within(inner: &Path, outer: &Path) -> bool {
+    let resolved = |path: &Path| {
+        path.canonicalize().or_else(|_| std::path::absolute(path)).unwrap_or(path.to_path_buf())
+    };
+    resolved(inner).starts_with(resolved(outer))
+}
+
+/// The exclusive lock of a run folder's checkpoint writer, held while the
+/// value lives (the kernel also releases it when the process dies). Only
+/// the process that writes checkpoints and metrics takes it: `worker
+/// train`, or rank 0 of a job (its other ranks share the folder for their
+/// own logs). A `flock` on a network file system may outlive a crashed
+/// host by the server's lease, after which a new holder gets it.
+#[derive(Debug)]
+pub struct RunFolderLock {
+    /// The locked file (`None` while dropping, or where the file system
+    /// cannot lock files).
+    file: Option<Flock<std::fs::File>>,
+    /// Its path.
+    path: PathBuf,
+}
+
+impl RunFolderLock {
+    /// Creates `run_dir` (if need be) and locks its [`LOCK_FILE`], trying
+    /// again for up to `wait` while another process holds it (a killed one
+    /// that is still exiting), then fails naming the holder.
+    pub fn acquire(run_dir: &Path, wait: Duration) -> Result<RunFolderLock, RunFolderError> {
+        let path = run_dir.join(LOCK_FILE);
+        let lock_error = |error| RunFolderError::Lock { lock: path.clone(), error };
+        std::fs::create_dir_all(run_dir).map_err(lock_error)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_error)?;
+        let deadline = Instant::now() + wait;
+        let mut waiting_logged = false;
+        let mut locked = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => break locked,
+                Err((unlocked, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    if !waiting_logged {
+                        tracing::info!(
+                            lock = %path.display(),
+                            "another process holds the run folder's lock; waiting up to {wait:?}"
+                        );
+                        waiting_logged = true;
+                    }
+                    file = unlocked;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .map(|text| text.trim().to_string())
+                        .filter(|text| !text.is_empty())
+                        .unwrap_or_else(|| "unknown".to_string());
+                    return Err(RunFolderError::InUse {
+                        run: run_dir.to_path_buf(),
+                        lock: path.clone(),
+                        holder,
+                    });
+                }
+                Err((_, errno @ (nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP))) => {
+                    // A file system without locks (an NFS mount whose lock
+                    // service is down): training must not fail for it.
+                    tracing::warn!(
+                        lock = %path.display(),
+                        %errno,
+                        "the run folder's file system cannot lock files; a second trainer \
+                         started on this folder would not be refused"
+                    );
+                    return Ok(RunFolderLock { file: None, path });
+                }
+                Err((_, errno)) => return Err(lock_error(errno.into())),
+            }
         };
-        if holds {
-            return Err(RunFolderError::HoldsAnotherRun { path: out.to_path_buf(), marker });
+        // Who holds it, for the message of the next one that tries.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "this host".to_string());
+        let holder = format!("pid {} on {host}\n", std::process::id());
+        locked.set_len(0).and_then(|()| locked.write_all(holder.as_bytes())).map_err(lock_error)?;
+        Ok(RunFolderLock { file: Some(locked), path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunFolderLock {
+    fn drop(&mut self) {
+        // Unlocked explicitly: nix's own drop panics when unlocking fails.
+        if let Some(Err((still_locked, errno))) = self.file.take().map(Flock::unlock) {
+            tracing::warn!(lock = %self.path.display(), %errno, "could not unlock the run folder; it is unlocked when this process exits");
+            std::mem::forget(still_locked);
         }
     }
-    Ok(())
 }
 
 /// A recipe as the JSON value that checkpoints store and compare.
@@ -230,6 +403,76 @@ mod tests {
             check_out_folder(&out, None),
             Err(RunFolderError::HoldsAnotherRun { marker: "metrics.jsonl", .. })
         ));
+    }
+
+    #[test]
+    fn a_resume_from_outside_a_folder_that_holds_a_run_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run1");
+        let other = tmp.path().join("run6");
+        for run in [&out, &other] {
+            std::fs::create_dir_all(run.join(CHECKPOINTS).join("epoch-0001")).unwrap();
+        }
+        let foreign = other.join(CHECKPOINTS).join("epoch-0001");
+        for resume in [foreign.clone(), other.clone()] {
+            let err = check_out_folder(&out, Some(&resume)).unwrap_err();
+            assert!(
+                matches!(&err, RunFolderError::ResumeOfAnotherRun { marker: "checkpoints", .. }),
+                "{err}"
+            );
+            let message = err.to_string();
+            for said in [out.to_str().unwrap(), resume.to_str().unwrap(), "fresh --out"] {
+                assert!(message.contains(said), "{said} missing: {message}");
+            }
+        }
+        // The folder's own run: itself, one of its checkpoints, also by
+        // another name (a symbolic link) or relative to where it runs.
+        check_out_folder(&out, Some(&out)).unwrap();
+        check_out_folder(&out, Some(&out.join(CHECKPOINTS).join("epoch-0001"))).unwrap();
+        let alias = tmp.path().join("alias");
+        std::os::unix::fs::symlink(&out, &alias).unwrap();
+        check_out_folder(&out, Some(&alias.join(CHECKPOINTS).join("epoch-0001"))).unwrap();
+        check_out_folder(&alias, Some(&out)).unwrap();
+        // A folder that holds no run may continue any checkpoint.
+        check_out_folder(&tmp.path().join("fresh"), Some(&foreign)).unwrap();
+        // A metrics log alone is a run too.
+        let logged = tmp.path().join("logged");
+        std::fs::create_dir_all(&logged).unwrap();
+        std::fs::write(logged.join("metrics.jsonl"), "").unwrap();
+        assert!(matches!(
+            check_out_folder(&logged, Some(&foreign)),
+            Err(RunFolderError::ResumeOfAnotherRun { marker: "metrics.jsonl", .. })
+        ));
+    }
+
+    #[test]
+    fn a_second_writer_of_a_run_folder_is_refused_naming_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let held = RunFolderLock::acquire(&run, LOCK_WAIT).unwrap();
+        assert_eq!(held.path(), run.join(LOCK_FILE));
+        // A lock is per open file: a second one in this process conflicts
+        // as another process's would.
+        let started = Instant::now();
+        let err = RunFolderLock::acquire(&run, Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(300), "it did not wait");
+        let RunFolderError::InUse { holder, .. } = &err else { panic!("{err}") };
+        assert!(holder.starts_with(&format!("pid {} on ", std::process::id())), "{holder}");
+        let message = err.to_string();
+        assert!(message.contains(run.to_str().unwrap()) && message.contains("another process"));
+        // Released when dropped (or when its process dies): the next one gets it.
+        drop(held);
+        let again = RunFolderLock::acquire(&run, Duration::ZERO).unwrap();
+        // A holder that lets go while the next one waits (a killed rank 0
+        // still exiting) hands it over within the wait.
+        let handover = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(again);
+        });
+        RunFolderLock::acquire(&run, LOCK_WAIT).unwrap();
+        handover.join().unwrap();
+        // The lock file is no sign of a run.
+        check_out_folder(&run, None).unwrap();
     }
 
     #[test]

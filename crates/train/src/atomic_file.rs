@@ -28,22 +28,27 @@ pub fn sync_and_rename(staged: &Path, target: &Path) -> std::io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// Puts the folder `staged` in the place of `target`, fsyncing both: a
-/// missing `target` is renamed into place ([`sync_and_rename`]); an
-/// existing one is exchanged with `staged` in one step
-/// (`renameat2(RENAME_EXCHANGE)`), so that `target` names a complete
-/// folder at every moment, and the old one, now at `staged`, is deleted.
-/// Where the file system cannot exchange, the old folder is first renamed
-/// to a hidden sibling (a moment without `target`, as before a first save).
-pub fn replace_folder(staged: &Path, target: &Path) -> std::io::Result<()> {
+/// Puts the folder `staged` in the place of `target`, after fsyncing
+/// `staged`: a missing `target` is renamed into place; an existing one is
+/// exchanged with `staged` in one step (`renameat2(RENAME_EXCHANGE)`), so
+/// that `target` names a complete folder at every moment. Where the file
+/// system cannot exchange, the old folder is first renamed to a hidden
+/// sibling (a moment without `target`, as before a first save).
+///
+/// Returns where the folder that `target` held now is (`staged`, or that
+/// hidden sibling), or `None` when there was none: it is not deleted, the
+/// caller keeps or moves it. The parent folder is not fsynced: the caller
+/// does ([`sync_folder`]) once it has moved the old folder too. On error
+/// nothing has moved: `staged` holds the new folder, `target` the old one.
+pub fn replace_folder(staged: &Path, target: &Path) -> std::io::Result<Option<PathBuf>> {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    if !target.exists() {
-        return sync_and_rename(staged, target);
-    }
     File::open(staged)?.sync_all()?;
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let old = match renameat2(AT_FDCWD, staged, AT_FDCWD, target, RenameFlags::RENAME_EXCHANGE) {
-        Ok(()) => staged.to_path_buf(),
+    if !target.exists() {
+        std::fs::rename(staged, target)?;
+        return Ok(None);
+    }
+    match renameat2(AT_FDCWD, staged, AT_FDCWD, target, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => Ok(Some(staged.to_path_buf())),
         Err(
             nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS | nix::errno::Errno::EOPNOTSUPP,
         ) => {
@@ -57,15 +62,16 @@ pub fn replace_folder(staged: &Path, target: &Path) -> std::io::Result<()> {
                 let _ = std::fs::rename(&aside, target);
                 return Err(e);
             }
-            aside
+            Ok(Some(aside))
         }
-        Err(errno) => return Err(errno.into()),
-    };
-    File::open(parent)?.sync_all()?;
-    if let Err(e) = std::fs::remove_dir_all(&old) {
-        tracing::warn!(folder = %old.display(), error = %e, "could not delete the replaced folder");
+        Err(errno) => Err(errno.into()),
     }
-    Ok(())
+}
+
+/// Fsyncs the folder `dir`, so that the renames and new entries in it
+/// survive a crash.
+pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Writes the file `path` atomically: `write` fills a temporary sibling (the
@@ -181,26 +187,33 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_folder_replaces_an_existing_one_whole_and_leaves_nothing_behind() {
+    fn a_folder_replaces_an_existing_one_whole_and_hands_the_old_one_back() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("epoch-0004");
         std::fs::create_dir(&target).unwrap();
-        std::fs::write(target.join("old.bin"), "old").unwrap();
+        std::fs::write(target.join("old.bin"), "old 0").unwrap();
         for round in 0..2 {
             let staged = temporary_sibling(&target);
             std::fs::create_dir(&staged).unwrap();
             std::fs::write(staged.join("model.safetensors"), format!("new {round}")).unwrap();
-            replace_folder(&staged, &target).unwrap();
-            assert_eq!(names(dir.path()), ["epoch-0004"]);
+            let old = replace_folder(&staged, &target).unwrap().expect("the replaced folder");
             assert_eq!(names(&target), ["model.safetensors"]);
             let text = std::fs::read_to_string(target.join("model.safetensors")).unwrap();
             assert_eq!(text, format!("new {round}"));
+            // The replaced folder is handed back whole, not deleted.
+            let kept = if round == 0 { "old.bin" } else { "model.safetensors" };
+            assert_eq!(names(&old), [kept]);
+            let expected = if round == 0 { "old 0".to_string() } else { "new 0".to_string() };
+            assert_eq!(std::fs::read_to_string(old.join(kept)).unwrap(), expected);
+            std::fs::remove_dir_all(&old).unwrap();
+            sync_folder(dir.path()).unwrap();
+            assert_eq!(names(dir.path()), ["epoch-0004"]);
         }
         // A missing target: the staged folder is renamed into place.
         let fresh = dir.path().join("epoch-0005");
         let staged = temporary_sibling(&fresh);
         std::fs::create_dir(&staged).unwrap();
-        replace_folder(&staged, &fresh).unwrap();
+        assert_eq!(replace_folder(&staged, &fresh).unwrap(), None);
         assert_eq!(names(dir.path()), ["epoch-0004", "epoch-0005"]);
     }
 

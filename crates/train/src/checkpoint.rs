@@ -14,7 +14,10 @@
 //! Commit protocol: the folder is assembled under a temporary name, every
 //! part written through [`crate::atomic_file`] (fsynced); then the manifest
 //! is computed from the parts as they are on disk and written the same way;
-//! then the folder is fsynced and renamed into place and its parent fsynced.
+//! then the folder is fsynced and renamed into place and its parent fsynced
+//! (and the run folder, when the save created `checkpoints/`). A save that
+//! fails removes its temporary folder and says which checkpoint is still
+//! the newest intact one ([`TrainError::CheckpointNotWritten`]).
 //! A checkpoint counts only when its manifest verifies, so a torn or corrupt
 //! folder (however it came about) is never resumed from: [`resolve`] skips it
 //! for the one before, with a warning, or refuses a folder named directly,
@@ -25,9 +28,13 @@
 //! validation top-1 ([`TrainState::best_epoch`]) is never pruned while it is
 //! the best. The checkpoint just written is the newest: any that sort after
 //! it (from before a resume of an older checkpoint) are set aside, never
-//! counted, so retention cannot delete what a save just wrote.
+//! counted, so retention cannot delete what a save just wrote; so is the
+//! folder of the same name that a save replaces (the epoch trained again).
+//! Retention deletes the staging folders of saves that never finished: the
+//! run folder has one checkpoint writer at a time
+//! ([`rsb_job::RunFolderLock`]), so none of them is another live save's.
 
-use crate::atomic_file::{self, replace_folder, temporary_sibling};
+use crate::atomic_file::{self, replace_folder, sync_folder, temporary_sibling};
 use crate::error::TrainError;
 use crate::grad_scaler::ScalerState;
 use crate::lamb::{Lamb, LambSteps};
@@ -136,7 +143,8 @@ pub fn folder_name_of(state: &TrainState) -> String {
 
 /// Writes and commits a checkpoint of `state` into
 /// `run_dir/checkpoints/<folder_name_of(state)>` (see the module
-/// documentation), then prunes the older ones.
+/// documentation), then prunes the older ones. On failure nothing of the
+/// save is left behind and the error names the checkpoint still intact.
 pub fn save(
     run_dir: &Path,
     model: &Model,
@@ -144,58 +152,133 @@ pub fn save(
     state: &TrainState,
     keep_last: usize,
 ) -> Result<PathBuf, TrainError> {
-    let root = run_dir.join(CHECKPOINTS);
-    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let target = root.join(folder_name_of(state));
-    let staging = temporary_sibling(&target);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
-    }
-    std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
-    atomic_file::write_with(&staging.join(PARTS[0]), |staged| Ok(model.save_safetensors(staged)?))?;
-    let moments = optimizer.state_tensors();
-    atomic_file::write_with(&staging.join(PARTS[1]), |staged| {
-        Ok(write_safetensors(&moments, staged)?)
-    })?;
-    let state_path = staging.join(STATE);
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
-        path: state_path.clone(),
-        problem: format!("cannot serialise the training state: {e}"),
-    })?;
-    atomic_file::write_bytes(&state_path, json.as_bytes())?;
-    // The manifest describes the parts as they are on disk, and is written last.
-    let manifest = Manifest::of_parts(&staging, &PARTS)?;
-    atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
-    // Re-running an epoch (after a resume from an older checkpoint) replaces
-    // its checkpoint, in one step: a crash never leaves the folder missing.
-    replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
     let written = folder_name_of(state);
-    set_aside_later_than(run_dir, &written);
+    let target = commit(run_dir, &written, |staging| {
+        atomic_file::write_with(&staging.join(PARTS[0]), |staged| {
+            Ok(model.save_safetensors(staged)?)
+        })?;
+        let moments = optimizer.state_tensors();
+        atomic_file::write_with(&staging.join(PARTS[1]), |staged| {
+            Ok(write_safetensors(&moments, staged)?)
+        })?;
+        let state_path = staging.join(STATE);
+        let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+            path: state_path.clone(),
+            problem: format!("cannot serialise the training state: {e}"),
+        })?;
+        atomic_file::write_bytes(&state_path, json.as_bytes())
+    })?;
     let best = state.best_epoch.map(folder_name);
     prune(run_dir, keep_last.max(1), &[Some(written.as_str()), best.as_deref()]);
     Ok(target)
 }
 
-/// Prefix of the folders, under `checkpoints/`, that [`set_aside_later_than`]
-/// moves the checkpoints of an abandoned run order into.
+/// Commits the checkpoint folder `checkpoints/<name>` of `run_dir`:
+/// `write_parts` fills a staging folder, whose manifest is then written;
+/// the folder is put in place ([`replace_folder`]); the folder it replaces
+/// (the same epoch, trained again after a resume of an older checkpoint) and
+/// those that sort after it are set aside ([`set_aside`]). On any error the
+/// staging folder is removed and the error says which checkpoint is intact.
+fn commit(
+    run_dir: &Path,
+    name: &str,
+    write_parts: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<PathBuf, TrainError> {
+    let root = run_dir.join(CHECKPOINTS);
+    let target = root.join(name);
+    let staging = temporary_sibling(&target);
+    let staged = (|| {
+        let first_save = !root.is_dir();
+        std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+        if first_save {
+            // The new `checkpoints/` entry must survive a crash as the
+            // checkpoint in it does.
+            sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+        }
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
+        }
+        std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
+        write_parts(&staging)?;
+        // The manifest describes the parts as they are on disk, and is written last.
+        let manifest = Manifest::of_parts(&staging, &PARTS)?;
+        atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
+        // Re-running an epoch (after a resume from an older checkpoint)
+        // replaces its checkpoint in one step: a crash never leaves the
+        // folder missing.
+        replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))
+    })();
+    let replaced = match staged {
+        Ok(replaced) => replaced,
+        Err(cause) => {
+            // Best effort: the failure being reported matters more than a
+            // leftover hidden folder, which retention deletes later.
+            if staging.exists() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+            return Err(not_written(run_dir, name, &staging, &cause));
+        }
+    };
+    set_aside(run_dir, name, replaced);
+    // The rename into place, and the moves aside, survive a crash.
+    sync_folder(&root)
+        .map_err(|e| not_written(run_dir, name, &staging, &TrainError::io(&root, e)))?;
+    Ok(target)
+}
+
+/// The error of a save of the checkpoint `name` that failed with `cause`:
+/// the cause with the part's name for the paths of the staging folder and
+/// its temporary files (they are gone), and the newest checkpoint up to
+/// `name` that is still intact.
+fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -> TrainError {
+    let mut text = cause.to_string();
+    let mut source = std::error::Error::source(cause);
+    while let Some(inner) = source {
+        text.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    for part in PARTS.into_iter().chain([MANIFEST]) {
+        let staged = temporary_sibling(&staging.join(part));
+        text = text.replace(&staged.display().to_string(), part);
+    }
+    let cause = text.replace(&format!("{}/", staging.display()), "");
+    let intact = list(run_dir)
+        .into_iter()
+        .rev()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n <= name))
+        .find(|p| verify(p).is_ok())
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let previous = match intact {
+        Some(same) if same == name => format!("the earlier {same} is intact"),
+        Some(earlier) => format!("{earlier} is intact"),
+        None => "no earlier checkpoint".to_string(),
+    };
+    TrainError::CheckpointNotWritten { folder: name.to_string(), cause, previous }
+}
+
+/// Prefix of the folders, under `checkpoints/`, that [`set_aside`] moves
+/// the checkpoints of an abandoned run order into.
 const SET_ASIDE_PREFIX: &str = "abandoned-";
 
-/// Moves the checkpoints that sort after `written` (the one just written)
-/// out of the run's order, into `checkpoints/abandoned-<unix seconds>/`, with
-/// a warning naming them. They are from a run order this run left when it
-/// resumed from an older checkpoint (`--resume` of an earlier epoch, or a
-/// coordinator that resumed from the newest checkpoint it had committed):
-/// left in place they would count as the newest, so that retention would
-/// delete the checkpoint just written, and a resume of the run folder would
-/// continue the abandoned run instead of this one. They are moved, never
-/// deleted: the user decides. A checkpoint that cannot be moved stays, with
-/// a warning.
-fn set_aside_later_than(run_dir: &Path, written: &str) {
+/// Moves the checkpoints of a run order this run left, when it resumed from
+/// an older checkpoint (`--resume` of an earlier epoch, or a coordinator
+/// that resumed from the newest checkpoint it had committed), out of the
+/// run's order into `checkpoints/abandoned-<unix seconds>/`, with a warning
+/// naming them: `replaced`, the folder that the checkpoint `written` (the
+/// one just written) replaced (where [`replace_folder`] left it), and the
+/// checkpoints that sort after `written`. Left in place, the later ones
+/// would count as the newest, so that retention would delete the checkpoint
+/// just written, and a resume of the run folder would continue the
+/// abandoned run instead of this one. They are moved, never deleted: the
+/// user decides. A later checkpoint that cannot be moved stays, with a
+/// warning; a replaced one that cannot be moved is deleted, with a warning
+/// (its hidden name would not be kept anyway).
+fn set_aside(run_dir: &Path, written: &str, replaced: Option<PathBuf>) {
     let later: Vec<PathBuf> = list(run_dir)
         .into_iter()
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n > written))
         .collect();
-    if later.is_empty() {
+    if later.is_empty() && replaced.is_none() {
         return;
     }
     let seconds = std::time::SystemTime::now()
@@ -214,25 +297,46 @@ fn set_aside_later_than(run_dir: &Path, written: &str) {
             break;
         }
     }
-    if let Err(e) = made {
-        tracing::warn!(folder = %aside.display(), error = %e, "cannot set aside the checkpoints after {written}; keeping them in place");
-        return;
-    }
-    for old in later {
-        let Some(name) = old.file_name() else { continue };
-        let to = aside.join(name);
-        match std::fs::rename(&old, &to) {
+    let moves = replaced.map(|old| (old, written.to_string())).into_iter().chain(
+        later.into_iter().filter_map(|old| {
+            let name = old.file_name()?.to_string_lossy().into_owned();
+            Some((old, name))
+        }),
+    );
+    for (old, name) in moves {
+        let is_replaced = name == written;
+        let moved = match &made {
+            Ok(()) => std::fs::rename(&old, aside.join(&name)),
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("{}: {e}", aside.display()))),
+        };
+        match moved {
             Ok(()) => tracing::warn!(
-                checkpoint = %old.display(),
-                moved_to = %to.display(),
-                "a checkpoint after the one just written ({written}) is from a run order this run \
-                 abandoned when it resumed from an older checkpoint: set aside (delete it when not needed)"
+                checkpoint = %root.join(&name).display(),
+                moved_to = %aside.join(&name).display(),
+                "{}, from a run order this run abandoned when it resumed from an older \
+                 checkpoint: set aside (delete it when not needed)",
+                if is_replaced {
+                    format!("the checkpoint replaced by the one just written ({written})")
+                } else {
+                    format!("a checkpoint after the one just written ({written})")
+                }
             ),
+            Err(e) if is_replaced => {
+                tracing::warn!(checkpoint = %root.join(&name).display(), error = %e, "cannot set aside the checkpoint replaced by the one just written; deleting it");
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    tracing::warn!(folder = %old.display(), error = %e, "could not delete the replaced checkpoint");
+                }
+            }
             Err(e) => tracing::warn!(
                 checkpoint = %old.display(),
                 error = %e,
                 "cannot set aside a checkpoint after the one just written ({written}); keeping it"
             ),
+        }
+    }
+    if made.is_ok() {
+        if let Err(e) = sync_folder(&aside) {
+            tracing::warn!(folder = %aside.display(), error = %e, "could not fsync the set-aside checkpoints");
         }
     }
 }
@@ -440,7 +544,7 @@ mod tests {
             .collect();
         assert_eq!(left, ["epoch-0003", "epoch-0005", "epoch-0006"]);
 
-        set_aside_later_than(run.path(), &folder_name(2));
+        set_aside(run.path(), &folder_name(2), None);
         prune(run.path(), 2, &[Some(&folder_name(2))]);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         let aside: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -456,7 +560,7 @@ mod tests {
             "set aside whole, not deleted"
         );
         // The newest checkpoint written is the newest there is: nothing moves.
-        set_aside_later_than(run.path(), &folder_name(2));
+        set_aside(run.path(), &folder_name(2), None);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         // Mid-epoch names: an epoch end rewritten after a resume from before
         // it sets aside the mid-epoch checkpoints of the next epoch, and a
@@ -464,8 +568,8 @@ mod tests {
         for name in ["epoch-0003-update-000000031", "epoch-0004", "epoch-0004-update-000000045"] {
             std::fs::create_dir_all(root.join(name)).unwrap();
         }
-        set_aside_later_than(run.path(), "epoch-0003-update-000000031");
-        set_aside_later_than(run.path(), &folder_name(2));
+        set_aside(run.path(), "epoch-0003-update-000000031", None);
+        set_aside(run.path(), &folder_name(2), None);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         let mut aside: Vec<Vec<String>> = std::fs::read_dir(&root)
             .unwrap()
@@ -482,6 +586,90 @@ mod tests {
                 vec!["epoch-0004", "epoch-0005", "epoch-0006"],
             ]
         );
+    }
+
+    /// Writes the parts of a checkpoint into a staging folder, each saying `what`.
+    fn fake_parts(what: &str) -> impl FnOnce(&Path) -> Result<(), TrainError> + '_ {
+        move |staging: &Path| {
+            for part in PARTS {
+                std::fs::write(staging.join(part), format!("{part} of {what}")).unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    /// The folders under `checkpoints/abandoned-*/`, by set-aside folder, sorted.
+    fn set_aside_folders(run: &Path) -> Vec<Vec<String>> {
+        let root = run.join(CHECKPOINTS);
+        let mut found: Vec<Vec<String>> = names(&root)
+            .into_iter()
+            .filter(|n| n.starts_with(SET_ASIDE_PREFIX))
+            .map(|n| names(&root.join(n)))
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn a_save_that_replaces_a_checkpoint_sets_the_replaced_one_aside() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        for epoch in 0..3 {
+            commit(run.path(), &folder_name(epoch), fake_parts("the first run order")).unwrap();
+        }
+        // Resumed from epoch-0001, the run has trained its second epoch again.
+        let written = commit(run.path(), &folder_name(1), fake_parts("the resumed one")).unwrap();
+        assert_eq!(written, root.join("epoch-0002"));
+        assert_eq!(list(run.path()), [root.join("epoch-0001"), root.join("epoch-0002")]);
+        verify(&written).unwrap();
+        let model = std::fs::read_to_string(written.join(PARTS[0])).unwrap();
+        assert_eq!(model, format!("{} of the resumed one", PARTS[0]));
+        // The epoch-0002 it replaced is set aside whole with the epoch-0003
+        // after it, never deleted.
+        assert_eq!(set_aside_folders(run.path()), [vec!["epoch-0002", "epoch-0003"]]);
+        let aside = names(&root).into_iter().find(|n| n.starts_with(SET_ASIDE_PREFIX)).unwrap();
+        let old = root.join(aside).join("epoch-0002");
+        verify(&old).unwrap();
+        let text = std::fs::read_to_string(old.join(PARTS[0])).unwrap();
+        assert_eq!(text, format!("{} of the first run order", PARTS[0]));
+        // No staging folder or hidden copy is left.
+        assert!(names(&root).iter().all(|n| !n.starts_with('.')), "{:?}", names(&root));
+    }
+
+    #[test]
+    fn a_failed_save_leaves_nothing_behind_and_names_the_intact_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        let full_disk = |staging: &Path| -> Result<(), TrainError> {
+            let part = staging.join(PARTS[1]);
+            std::fs::write(&part, b"half of the mom").unwrap();
+            Err(TrainError::io(part, std::io::Error::from_raw_os_error(28)))
+        };
+        let err = commit(run.path(), &folder_name(0), full_disk).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "checkpoint epoch-0001 not written (optimizer.safetensors: No space left on device \
+             (os error 28)); no earlier checkpoint"
+        );
+        assert!(names(&root).is_empty(), "left behind: {:?}", names(&root));
+
+        commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
+        let err = commit(run.path(), &folder_name(1), full_disk).unwrap_err();
+        assert!(matches!(err, TrainError::CheckpointNotWritten { .. }), "{err}");
+        assert!(err.to_string().ends_with("; epoch-0001 is intact"), "{err}");
+        assert_eq!(names(&root), ["epoch-0001"]);
+
+        // Writing an epoch again: the checkpoint of that name is still the old one.
+        commit(run.path(), &folder_name(1), fake_parts("epoch 2")).unwrap();
+        let err = commit(run.path(), &folder_name(1), full_disk).unwrap_err();
+        assert!(err.to_string().ends_with("; the earlier epoch-0002 is intact"), "{err}");
+        assert_eq!(names(&root), ["epoch-0001", "epoch-0002"]);
+        let model = std::fs::read_to_string(root.join("epoch-0002").join(PARTS[0])).unwrap();
+        assert_eq!(model, format!("{} of epoch 2", PARTS[0]));
+        // A corrupt one is not called intact: the one before is named.
+        std::fs::write(root.join("epoch-0002").join(PARTS[0]), "flipped").unwrap();
+        let err = commit(run.path(), &folder_name(2), full_disk).unwrap_err();
+        assert!(err.to_string().ends_with("; epoch-0001 is intact"), "{err}");
     }
 
     #[test]

@@ -27,12 +27,26 @@ pub enum TrainError {
     #[error("recipe: {0}")]
     Recipe(String),
     /// A file of the run directory could not be read or written.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// A checkpoint could not be written (a full disk, ...): nothing of it
+    /// is left behind, and the checkpoints before it are as they were.
+    #[error("checkpoint {folder} not written ({cause}); {previous}")]
+    CheckpointNotWritten {
+        /// The checkpoint folder's name (`epoch-0002`).
+        folder: String,
+        /// What failed, with its causes.
+        cause: String,
+        /// The newest intact checkpoint up to it (`epoch-0001 is intact`),
+        /// or `no earlier checkpoint`.
+        previous: String,
     },
     /// A checkpoint is missing a part or does not fit the run.
     #[error("checkpoint {path}: {problem}")]
@@ -137,7 +151,21 @@ pub enum TrainError {
 
 impl TrainError {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> TrainError {
-        TrainError::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> TrainError {
+        TrainError::Io { path: path.into(), error }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_shows_its_cause_once_also_with_its_chain() {
+        let err = TrainError::io("run/metrics.jsonl", std::io::Error::from_raw_os_error(28));
+        let message = err.to_string();
+        assert_eq!(message, "run/metrics.jsonl: No space left on device (os error 28)");
+        // `{:#}` of anyhow appends every source: there is none to repeat it.
+        assert!(std::error::Error::source(&err).is_none());
     }
 }

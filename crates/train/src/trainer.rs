@@ -92,7 +92,7 @@ use rsb_data::loader::Loader;
 use rsb_data::pipeline::{EvalData, MicroBatch, TrainData};
 use rsb_data::rng::{Rng, Stream};
 use rsb_data::sampler::{RankSampler, SamplerPosition};
-use rsb_job::run_folder::{check_resume, recipe_value};
+use rsb_job::run_folder::{check_resume, recipe_value, RunFolderLock, LOCK_WAIT};
 use rsb_job::{FabricProbe, MetricsRecord, RankBalance};
 use rsb_recipes::schema::EvalSetTiming;
 use rsb_recipes::{Precision, Recipe};
@@ -268,6 +268,9 @@ pub struct Trainer {
     stopping: bool,
     /// The last checkpoint this rank wrote.
     last_checkpoint: Option<PathBuf>,
+    /// Rank 0 of a job, the run folder's checkpoint writer: its lock, held
+    /// while the trainer lives (`worker train` holds its own).
+    run_folder_lock: Option<RunFolderLock>,
 }
 
 /// libtorch's CUDA sync debug mode for the span of an update
@@ -530,6 +533,7 @@ impl Trainer {
             scaler,
             stopping: false,
             last_checkpoint: None,
+            run_folder_lock: None,
         })
     }
 
@@ -542,6 +546,12 @@ impl Trainer {
     pub fn into_distributed(mut self, mut distributed: Distributed) -> Result<Trainer, TrainError> {
         let calls = self.calls();
         let collective = distributed.collective.as_mut();
+        if collective.rank() == 0 && self.run_folder_lock.is_none() {
+            // Rank 0 writes the checkpoints; the other ranks share the folder
+            // for their own logs only. A new generation's rank 0 waits a
+            // little for the killed one before it to finish exiting.
+            self.run_folder_lock = Some(RunFolderLock::acquire(&self.options.out_dir, LOCK_WAIT)?);
+        }
         if self.options.cuda_sync_debug == Some(SyncDebugMode::Error)
             && self.options.device.is_cuda()
             && !collective.reduces_device_memory()

@@ -28,19 +28,36 @@ pub enum VisionError {
         problem: String,
     },
     /// libtorch could not read or write a `safetensors` file.
-    #[error("weights {path}: {source}")]
+    #[error("weights {path}: {problem}")]
     Safetensors {
         /// The weights file.
         path: PathBuf,
-        /// libtorch's error.
-        source: tch::TchError,
+        /// What failed, in libtorch's (or the safetensors reader's) words.
+        problem: String,
+    },
+    /// The weights file is a PyTorch pickle (`torch.save`, as timm's `.pth`
+    /// and train.py's `.pth.tar` checkpoints are), which is not read here.
+    #[error(
+        "weights {path}: a PyTorch {format} file (torch.save), not safetensors; convert it once \
+         with: python -c \"import torch, safetensors.torch as s; \
+         sd = torch.load('{path}', map_location='cpu', weights_only=False); \
+         s.save_file(sd.get('state_dict', sd), '{path}.safetensors')\" \
+         (loading a pickle runs code from it: convert only a file you trust)"
+    )]
+    PytorchPickle {
+        /// The weights file.
+        path: PathBuf,
+        /// `zip` (torch.save since PyTorch 1.6) or `pickle` (older).
+        format: &'static str,
     },
     /// Reading or writing a weights file failed.
-    #[error("weights {path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("weights {path}: {error}")]
     WeightsIo {
         /// The weights file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }

@@ -218,8 +218,10 @@ impl Model {
     }
 
     /// Copies a state dict into the variables. Every parameter and running
-    /// statistic must be present with the right shape, and nothing else may be;
-    /// `num_batches_tracked` keys are optional. Values are cast to `f32`.
+    /// statistic must be present with the right shape and a floating-point
+    /// type (cast to `f32`: timm's half-precision weights load), and nothing
+    /// else may be; `num_batches_tracked` keys are optional and, as in
+    /// torch, scalars. Every problem names `source` and the key.
     pub fn load_state_dict(
         &mut self,
         entries: Vec<(String, Tensor)>,
@@ -230,13 +232,22 @@ impl Model {
         let mut incoming: std::collections::BTreeMap<String, Tensor> =
             entries.into_iter().collect();
         let mut tracked = None;
+        let mut misshaped = Vec::new();
+        let mut mistyped = Vec::new();
         for bn in &self.batch_norms {
-            if let Some(t) = incoming.remove(&format!("{bn}.{NUM_BATCHES_TRACKED}")) {
+            let key = format!("{bn}.{NUM_BATCHES_TRACKED}");
+            let Some(t) = incoming.remove(&key) else { continue };
+            // Read as one integer: anything but a scalar would make libtorch
+            // fail without naming the key.
+            if t.dim() != 0 {
+                misshaped.push(format!("{key}: file has {:?}, a scalar is expected", t.size()));
+            } else if t.is_complex() || t.kind() == Kind::Bool {
+                mistyped.push(format!("{key}: file has {:?}, an integer is expected", t.kind()));
+            } else {
                 tracked = Some(t.f_int64_value(&[])?);
             }
         }
         let mut missing = Vec::new();
-        let mut misshaped = Vec::new();
         let mut pairs = Vec::new();
         for (name, target) in self.parameters.iter().chain(self.buffers.iter()) {
             match incoming.remove(name) {
@@ -246,6 +257,14 @@ impl Model {
                     src.size(),
                     target.size()
                 )),
+                // An integer tensor would be cast into the weights without a
+                // word: it is not a float model's state.
+                Some(src) if target.is_floating_point() && !src.is_floating_point() => mistyped
+                    .push(format!(
+                        "{name}: file has {:?}, model has {:?}",
+                        src.kind(),
+                        target.kind()
+                    )),
                 Some(src) => pairs.push((target.shallow_clone(), src)),
             }
         }
@@ -259,6 +278,9 @@ impl Model {
         }
         if !misshaped.is_empty() {
             problems.push(format!("shape mismatch: {}", abbreviate(&misshaped)));
+        }
+        if !mistyped.is_empty() {
+            problems.push(format!("type mismatch: {}", abbreviate(&mistyped)));
         }
         if !problems.is_empty() {
             return Err(mismatch(format!(

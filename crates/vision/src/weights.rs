@@ -2,12 +2,15 @@
 //!
 //! Files written here load into timm with
 //! `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`,
-//! and files saved from a timm model's `state_dict()` load here.
+//! and files saved from a timm model's `state_dict()` load here. A PyTorch
+//! pickle (`torch.save`: timm's `.pth`, train.py's `.pth.tar`) is recognised
+//! and refused with the one-line conversion to safetensors.
 
 use crate::error::VisionError;
 use crate::model::Model;
+use std::io::Read;
 use std::path::Path;
-use tch::{Device, Tensor};
+use tch::{Device, TchError, Tensor};
 
 /// Writes named tensors (moved to the CPU, made contiguous) as one
 /// `safetensors` file at `path`, directly: a crash mid-write leaves a torn
@@ -18,20 +21,50 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.f_to_device(Device::Cpu)?.f_contiguous()?)))
         .collect::<Result<_, tch::TchError>>()?;
-    Tensor::write_safetensors(&cpu, path)
-        .map_err(|source| VisionError::Safetensors { path: path.to_path_buf(), source })
+    Tensor::write_safetensors(&cpu, path).map_err(|e| VisionError::Safetensors {
+        path: path.to_path_buf(),
+        problem: format!("cannot write it as safetensors: {}", safetensors_problem(e)),
+    })
 }
 
-/// Reads every tensor of a `safetensors` file.
+/// Reads every tensor of a `safetensors` file; a PyTorch pickle is refused
+/// as such ([`VisionError::PytorchPickle`]).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionError> {
     if !path.is_file() {
-        return Err(VisionError::WeightsIo {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
+        let error = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        return Err(VisionError::WeightsIo { path: path.to_path_buf(), error });
     }
-    Tensor::read_safetensors(path)
-        .map_err(|source| VisionError::Safetensors { path: path.to_path_buf(), source })
+    Tensor::read_safetensors(path).map_err(|e| {
+        // Only a file that is not safetensors is looked at again: a header
+        // length can begin with the same bytes as a pickle.
+        if let Some(format) = pytorch_pickle_format(path) {
+            return VisionError::PytorchPickle { path: path.to_path_buf(), format };
+        }
+        VisionError::Safetensors {
+            path: path.to_path_buf(),
+            problem: format!("not a readable safetensors file: {}", safetensors_problem(e)),
+        }
+    })
+}
+
+/// libtorch's error without the path it repeats.
+fn safetensors_problem(error: TchError) -> String {
+    match error {
+        TchError::SafeTensorError { err, .. } => err.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `zip` or `pickle` when the file starts as `torch.save` writes: a zip
+/// archive (PyTorch 1.6 and later) or a pickle stream (protocol 2 to 5).
+fn pytorch_pickle_format(path: &Path) -> Option<&'static str> {
+    let mut start = [0u8; 4];
+    std::fs::File::open(path).ok()?.read_exact(&mut start).ok()?;
+    match start {
+        [b'P', b'K', 3, 4] => Some("zip"),
+        [0x80, 2..=5, ..] => Some("pickle"),
+        _ => None,
+    }
 }
 
 impl Model {

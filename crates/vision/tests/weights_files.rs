@@ -1,0 +1,121 @@
+//! Weights files that do not fit: a PyTorch pickle (timm's `.pth`) named as
+//! such with its conversion, a torn safetensors file named once, and state
+//! dicts whose `num_batches_tracked` is not a scalar or whose weights are
+//! integers, refused naming the file and the key (never a libtorch error).
+
+use rsb_vision::{Model, ModelConfig, VisionError};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn resnet18() -> Model {
+    Model::new("resnet18", ModelConfig { num_classes: 5, ..Default::default() }, Device::Cpu)
+        .unwrap()
+}
+
+/// `resnet18`'s state dict with `key` replaced by `value`, written to `path`.
+fn write_with(path: &Path, key: &str, value: Tensor) {
+    let mut entries = resnet18().state_dict().unwrap();
+    let entry = entries.iter_mut().find(|(name, _)| name == key).expect(key);
+    entry.1 = value;
+    rsb_vision::weights::write_safetensors(&entries, path).unwrap();
+}
+
+#[test]
+fn a_pytorch_pickle_is_named_with_its_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    // torch.save since PyTorch 1.6 (a zip), and before (a pickle stream).
+    for (name, start, format) in [
+        ("resnet50_a1_in1k.pth", &b"PK\x03\x04\x00\x00\x08\x08archive/data.pkl"[..], "zip"),
+        ("model_best.pth.tar", &b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."[..], "pickle"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, start).unwrap();
+        let err = resnet18().load_safetensors(&path).unwrap_err();
+        assert!(matches!(&err, VisionError::PytorchPickle { format: f, .. } if *f == format));
+        let message = err.to_string();
+        for said in ["PyTorch", "torch.load", "safetensors.torch", "'state_dict'", name] {
+            assert!(message.contains(said), "{said} missing: {message}");
+        }
+        assert!(!message.contains("HeaderTooLarge"), "{message}");
+    }
+}
+
+#[test]
+fn a_safetensors_file_that_starts_like_a_pickle_still_reads() {
+    // A header of 640 bytes: its length starts with the bytes 0x80 0x02.
+    let data_json = r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let header = format!("{data_json:<640}");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    assert_eq!(&bytes[..2], [0x80, 0x02]);
+    bytes.extend(header.as_bytes());
+    bytes.extend(1.5f32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let read = rsb_vision::weights::read_safetensors(&path).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].1.double_value(&[0]), 1.5);
+}
+
+#[test]
+fn an_unreadable_file_is_named_once_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("torn.safetensors");
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    let err = resnet18().load_safetensors(&path).unwrap_err();
+    let message = err.to_string();
+    assert_eq!(message.matches(path.to_str().unwrap()).count(), 1, "{message}");
+    assert!(message.contains("not a readable safetensors file"), "{message}");
+    // `{:#}` appends every source: there is none to repeat the message.
+    assert!(std::error::Error::source(&err).is_none(), "{message}");
+}
+
+#[test]
+fn a_num_batches_tracked_that_is_not_a_scalar_is_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbt.safetensors");
+    write_with(&path, "bn1.num_batches_tracked", Tensor::from_slice(&[3i64, 4]));
+    let err = resnet18().load_safetensors(&path).unwrap_err();
+    assert!(matches!(err, VisionError::WeightsMismatch { .. }), "{err}");
+    let message = err.to_string();
+    for said in [path.to_str().unwrap(), "bn1.num_batches_tracked", "[2]", "scalar"] {
+        assert!(message.contains(said), "{said} missing: {message}");
+    }
+}
+
+#[test]
+fn integer_weights_are_refused_and_half_precision_ones_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("int.safetensors");
+    let conv = resnet18().state_dict().unwrap().into_iter().find(|(n, _)| n == "conv1.weight");
+    let conv = conv.unwrap().1;
+    write_with(&path, "conv1.weight", conv.to_kind(Kind::Int64));
+    let err = resnet18().load_safetensors(&path).unwrap_err();
+    let message = err.to_string();
+    for said in [path.to_str().unwrap(), "conv1.weight", "Int64", "Float"] {
+        assert!(message.contains(said), "{said} missing: {message}");
+    }
+
+    // timm's fp16 weights are floats: cast, not refused.
+    let half = dir.path().join("half.safetensors");
+    let source = resnet18();
+    let entries: Vec<(String, Tensor)> = source
+        .state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if t.is_floating_point() { t.to_kind(Kind::Half) } else { t };
+            (n, t)
+        })
+        .collect();
+    rsb_vision::weights::write_safetensors(&entries, &half).unwrap();
+    let mut loaded = resnet18();
+    loaded.load_safetensors(&half).unwrap();
+    let conv1 = |model: &Model| {
+        let found = model.named_parameters().iter().find(|(n, _)| n == "conv1.weight");
+        found.unwrap().1.shallow_clone()
+    };
+    let expected = conv1(&source).to_kind(Kind::Half).to_kind(Kind::Float);
+    assert!(conv1(&loaded).equal(&expected));
+    assert!(!conv1(&source).equal(&expected), "fp16 rounding changed nothing: a weak test");
+}

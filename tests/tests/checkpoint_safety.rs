@@ -1,0 +1,256 @@
+//! End-to-end checks of the `worker` binary that a run folder and its
+//! checkpoints are never mixed, lost or read unverified: a `--resume` of
+//! another run into a folder that holds a run is refused and changes
+//! nothing there; a checkpoint replaced by a resumed run is set aside, not
+//! deleted; `worker eval` and `worker infer` verify a checkpoint's weights
+//! (and take a checkpoint or run folder as `--weights`), and name a PyTorch
+//! pickle as such; a second trainer on a run folder is refused while the
+//! first one lives, and the folder is free again once it is killed.
+
+use rsb_integration_tests::processes::{signal, wait_with_timeout};
+use rsb_integration_tests::{binary, fashion_subset, tiny_recipe, workspace_root};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn worker(args: &[String]) -> Command {
+    let mut command = Command::new(binary("worker"));
+    command.args(args).current_dir(workspace_root());
+    command
+}
+
+/// The arguments of `worker train` of the tiny recipe on `data` into `out`.
+fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--recipe",
+        tiny_recipe().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--set",
+        &format!("data.root={}", data.display()),
+        "--set",
+        "model.num_classes=10",
+        "--set",
+        "runtime.keep_last_checkpoints=5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    worker(&train_args(data, out, extra)).output().expect("running worker train")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Every file under `dir` with its bytes, sorted by path.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_resume_of_another_run_is_refused_and_a_replaced_checkpoint_is_set_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let three_epochs = ["--set", "schedule.cosine.epochs=3"];
+    let run1 = tmp.path().join("run1");
+    let first = train(&data, &run1, &three_epochs);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let run6 = tmp.path().join("run6");
+    let other = ["--set", "schedule.cosine.epochs=1", "--set", "optimizer.lamb.lr=0.004"];
+    let sixth = train(&data, &run6, &other);
+    assert!(sixth.status.success(), "{}", stderr(&sixth));
+
+    // run6's checkpoint into run1: refused, run1 left byte for byte as it
+    // was (but for the lock file, which names the last process that held it).
+    let lock = run1.join(rsb_job::run_folder::LOCK_FILE);
+    let unlocked = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        snapshot(dir).into_iter().filter(|(p, _)| p != &lock).collect()
+    };
+    let before = unlocked(&run1);
+    let foreign = run6.join("checkpoints/epoch-0001");
+    let mut args = other.to_vec();
+    args.extend(["--resume", foreign.to_str().unwrap()]);
+    let mixed = train(&data, &run1, &args);
+    let log = stderr(&mixed);
+    assert!(!mixed.status.success(), "another run was resumed into run1:\n{log}");
+    for said in [run1.to_str().unwrap(), foreign.to_str().unwrap(), "fresh --out"] {
+        assert!(log.contains(said), "{said} missing:\n{log}");
+    }
+    assert_eq!(unlocked(&run1), before, "run1 changed");
+
+    // run1's own epoch 1 resumed: epoch 2 is trained again, and the
+    // epoch-0002 it replaces is set aside whole with epoch-0003.
+    let old_second = snapshot(&run1.join("checkpoints/epoch-0002"));
+    let mut args = three_epochs.to_vec();
+    let own = run1.join("checkpoints/epoch-0001");
+    args.extend(["--resume", own.to_str().unwrap()]);
+    let resumed = train(&data, &run1, &args);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let asides: Vec<PathBuf> = std::fs::read_dir(run1.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("abandoned-"))
+        .collect();
+    assert_eq!(asides.len(), 1, "{asides:?}");
+    let kept = asides[0].join("epoch-0002");
+    assert!(kept.join("manifest.json").is_file(), "the replaced epoch-0002 was not set aside");
+    let kept_files: Vec<(String, Vec<u8>)> = snapshot(&kept)
+        .into_iter()
+        .map(|(p, bytes)| (p.file_name().unwrap().to_string_lossy().into_owned(), bytes))
+        .collect();
+    let old_files: Vec<(String, Vec<u8>)> = old_second
+        .into_iter()
+        .map(|(p, bytes)| (p.file_name().unwrap().to_string_lossy().into_owned(), bytes))
+        .collect();
+    assert_eq!(kept_files, old_files, "the replaced epoch-0002 was not kept as it was");
+    assert!(asides[0].join("epoch-0003/manifest.json").is_file());
+}
+
+#[test]
+fn eval_and_infer_verify_checkpoint_weights_and_name_a_pytorch_pickle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let run = tmp.path().join("run");
+    let trained = train(&data, &run, &["--set", "schedule.cosine.epochs=1"]);
+    assert!(trained.status.success(), "{}", stderr(&trained));
+    let checkpoint = run.join("checkpoints/epoch-0001");
+    let eval = |weights: &Path| {
+        let args: Vec<String> = [
+            "eval",
+            "--model",
+            "resnet18",
+            "--num-classes",
+            "10",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--input-size",
+            "32",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        worker(&args).output().unwrap()
+    };
+    let input = tmp.path().join("x.npy");
+    tch::Tensor::zeros([1, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu))
+        .write_npy(&input)
+        .unwrap();
+    let infer = |weights: &Path| {
+        let args: Vec<String> = [
+            "infer",
+            "--model",
+            "resnet18",
+            "--num-classes",
+            "10",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            tmp.path().join("logits.npy").to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        worker(&args).output().unwrap()
+    };
+
+    // One value changed: refused by both, naming the file and the checksum.
+    let model = checkpoint.join("model.safetensors");
+    let good = std::fs::read(&model).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    std::fs::write(&model, &flipped).unwrap();
+    for (what, output) in [("eval", eval(&model)), ("infer", infer(&model))] {
+        let log = stderr(&output);
+        assert!(!output.status.success(), "{what} read corrupt weights:\n{log}");
+        assert!(log.contains(model.to_str().unwrap()) && log.contains("SHA-256"), "{what}: {log}");
+    }
+    std::fs::write(&model, &good).unwrap();
+
+    // A checkpoint folder and a run folder stand for their weights.
+    let by_file = eval(&model);
+    assert!(by_file.status.success(), "{}", stderr(&by_file));
+    let scores = String::from_utf8_lossy(&by_file.stdout).into_owned();
+    for folder in [&checkpoint, &run] {
+        let by_folder = eval(folder);
+        assert!(by_folder.status.success(), "{}: {}", folder.display(), stderr(&by_folder));
+        assert_eq!(String::from_utf8_lossy(&by_folder.stdout), scores);
+        let logits = infer(folder);
+        assert!(logits.status.success(), "{}: {}", folder.display(), stderr(&logits));
+    }
+
+    // timm's .pth (torch.save's zip): named as such, with the conversion.
+    let pth = tmp.path().join("resnet18_a1_in1k.pth");
+    std::fs::write(&pth, b"PK\x03\x04\x00\x00\x08\x08archive/data.pkl").unwrap();
+    let output = infer(&pth);
+    let log = stderr(&output);
+    assert!(!output.status.success());
+    assert!(log.contains("PyTorch zip file") && log.contains("safetensors.torch"), "{log}");
+    assert_eq!(log.matches("HeaderTooLarge").count(), 0, "{log}");
+}
+
+#[test]
+fn a_second_trainer_on_a_run_folder_is_refused_while_the_first_lives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let run = tmp.path().join("run");
+    let long = ["--set", "schedule.cosine.epochs=500"];
+    let first: Child = worker(&train_args(&data, &run, &long))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    // It trains on, well past its first checkpoint.
+    let started = Instant::now();
+    while !run.join("checkpoints/epoch-0001/manifest.json").is_file() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no first checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut args = long.to_vec();
+    args.extend(["--resume", run.to_str().unwrap(), "--max-updates", "0"]);
+    let asked = Instant::now();
+    let second = train(&data, &run, &args);
+    let log = stderr(&second);
+    assert!(!second.status.success(), "a second trainer ran on a live run folder:\n{log}");
+    assert!(asked.elapsed() < Duration::from_secs(60), "refused only after {:?}", asked.elapsed());
+    for said in [run.to_str().unwrap(), "in use", &format!("pid {pid} ")] {
+        assert!(log.contains(said), "{said} missing:\n{log}");
+    }
+
+    // Killed, the first one lets go: the folder can be resumed at once.
+    assert!(signal(pid, "KILL"));
+    let _ = wait_with_timeout(first, Duration::from_secs(30), "the killed trainer");
+    let third = train(&data, &run, &args);
+    assert!(third.status.success(), "{}", stderr(&third));
+}
