@@ -5,10 +5,14 @@
 //! deleted; `worker eval` and `worker infer` verify a checkpoint's weights
 //! (and take a checkpoint or run folder as `--weights`), and name a PyTorch
 //! pickle as such; a second trainer on a run folder is refused while the
-//! first one lives, and the folder is free again once it is killed.
+//! first one lives (a `worker train`, or a job's rank 0), and the folder is
+//! free again once it is killed; a job's rank 0 that cannot get the lock
+//! (a previous rank 0 not stopped yet) trains on without it, saying so.
 
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
-use rsb_integration_tests::{binary, fashion_subset, tiny_recipe, workspace_root};
+use rsb_integration_tests::{
+    binary, fashion_subset, small_batch_sets, tiny_recipe, workspace_root,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -253,4 +257,67 @@ fn a_second_trainer_on_a_run_folder_is_refused_while_the_first_lives() {
     let _ = wait_with_timeout(first, Duration::from_secs(30), "the killed trainer");
     let third = train(&data, &run, &args);
     assert!(third.status.success(), "{}", stderr(&third));
+}
+
+/// `coordinator up --local --nodes 1` of the tiny recipe on `data` into
+/// `out` for `epochs` epochs, its stderr (the ranks' lines too) piped.
+fn local_job(data: &Path, out: &Path, epochs: u32) -> Child {
+    let _ = binary("worker"); // built before the coordinator starts it
+    let mut cmd = Command::new(binary("coordinator"));
+    cmd.args(["up", "--local", "--nodes", "1", "--recipe"])
+        .arg(tiny_recipe())
+        .arg("--out")
+        .arg(out);
+    for set in small_batch_sets(data).into_iter().chain([
+        "data.loader_threads=1".to_string(),
+        format!("schedule.cosine.epochs={epochs}"),
+        "eval.every_epochs=1000".to_string(),
+    ]) {
+        cmd.args(["--set", &set]);
+    }
+    cmd.current_dir(workspace_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator")
+}
+
+#[test]
+fn a_jobs_rank_0_holds_the_run_folder_and_goes_on_without_a_lock_it_cannot_get() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 12, 1);
+
+    // While a job trains, its rank 0 holds the run folder: a `worker
+    // train` on it is refused, naming the folder.
+    let run = tmp.path().join("job");
+    let job = local_job(&data, &run, 500);
+    let started = Instant::now();
+    while rsb_job::checkpoint::list(&run).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no first checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let args = ["--resume", run.to_str().unwrap(), "--max-updates", "0"];
+    let second = train(&data, &run, &args);
+    let log = stderr(&second);
+    assert!(!second.status.success(), "a trainer ran on a job's live run folder:\n{log}");
+    assert!(log.contains("in use") && log.contains(run.to_str().unwrap()), "{log}");
+    assert!(signal(job.id(), "TERM"));
+    let _ = wait_with_timeout(job, Duration::from_secs(60), "the stopped job");
+
+    // A lock held elsewhere (a previous rank 0 not stopped yet) delays a
+    // job's rank 0 by its wait, then it trains without it, saying so.
+    let run = tmp.path().join("held");
+    std::fs::create_dir_all(&run).unwrap();
+    let file = std::fs::File::create(run.join(rsb_job::run_folder::LOCK_FILE)).unwrap();
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("locking the run folder");
+    let started = Instant::now();
+    let output = wait_with_timeout(local_job(&data, &run, 1), Duration::from_secs(300), "the job");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "a held lock failed the job:\n{log}");
+    assert!(log.contains("going on without it"), "no warning:\n{log}");
+    assert!(started.elapsed() >= rsb_job::run_folder::LOCK_WAIT, "{:?}", started.elapsed());
+    assert!(!rsb_job::checkpoint::list(&run).is_empty(), "no checkpoint written");
+    drop(held);
 }

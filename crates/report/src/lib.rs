@@ -230,6 +230,20 @@ fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
             let _ = writeln!(out, "- `{}`: {}", s.id, s.reason);
         }
     }
+    let failed_after_final: Vec<&runs::Run> =
+        sweep.runs.iter().filter(|r| r.failed_after_final.is_some()).collect();
+    if !failed_after_final.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} run(s) counted, although the coordinator recorded a failure after their final \
+             evaluation:\n",
+            failed_after_final.len()
+        );
+        for run in failed_after_final {
+            let failure = run.failed_after_final.as_deref().unwrap_or_default();
+            let _ = writeln!(out, "- `{}`: {failure}", run.cell.id);
+        }
+    }
     out
 }
 

@@ -6,10 +6,11 @@
 //! `val` is that record's `top1`, and on every further set (`real`, `v2`)
 //! the record's `eval_sets` entry. Skipped, and listed with the reason:
 //!
-//! * a run whose `outcome.json` ([`RunOutcome`]) says it failed, even when
-//!   its metrics reach the last epoch: the coordinator gave up on it (its
-//!   last attempt died, perhaps after the final evaluation was logged), so
-//!   its numbers are not the result of a run that ended well;
+//! * a run whose `outcome.json` ([`RunOutcome`]) says it failed, unless
+//!   its final evaluation was recorded (the final record is published
+//!   before the final checkpoint is written and before every rank reports
+//!   its end: a full disk then fails a run whose result is measured). Such
+//!   a run counts, and the report lists it with the recorded failure;
 //! * a run without `metrics.jsonl` (not started);
 //! * a run with metrics but no `recipe.yaml` (its epochs are unknown);
 //! * a run without that final record (stopped or still running).
@@ -56,6 +57,10 @@ pub struct Run {
     pub finals: BTreeMap<String, f64>,
     /// The last record of each epoch, in epoch order.
     pub curve: Vec<EpochPoint>,
+    /// The failure the coordinator recorded for the run after its final
+    /// evaluation was logged (its final checkpoint could not be written, a
+    /// rank failed on its way out): counted, and listed with it.
+    pub failed_after_final: Option<String>,
 }
 
 /// Why a cell is not in the statistics.
@@ -318,24 +323,26 @@ fn read_run(
     layout: &SweepLayout,
     cell: &SweepCell,
 ) -> Result<Result<Run, SkipReason>, ReportError> {
-    // The outcome first: a failed run is skipped whatever its metrics
-    // hold, and a run that failed before its first record is named failed
-    // rather than not started.
-    if let Some(outcome) = RunOutcome::read(layout, &cell.id)? {
-        if outcome.end == RunEnd::Failed {
-            return Ok(Err(SkipReason::Failed {
-                attempts: outcome.attempts,
-                failure: outcome.failure,
-            }));
+    // A run the coordinator recorded as failed is skipped as failed, with
+    // its failure, unless its final evaluation was recorded: the final
+    // record is published before the final checkpoint is written and
+    // before every rank has reported its end, so a full disk at that save,
+    // or a rank that fails on its way out, fails a run whose result is
+    // measured. That run counts, and the report lists it with the failure.
+    let failed = RunOutcome::read(layout, &cell.id)?.filter(|o| o.end == RunEnd::Failed);
+    let skip = |otherwise: SkipReason| match &failed {
+        Some(outcome) => {
+            SkipReason::Failed { attempts: outcome.attempts, failure: outcome.failure.clone() }
         }
-    }
+        None => otherwise,
+    };
     let metrics = layout.run_metrics(&cell.id);
     if !metrics.is_file() {
-        return Ok(Err(SkipReason::NotStarted));
+        return Ok(Err(skip(SkipReason::NotStarted)));
     }
     let recipe_path = layout.run_recipe(&cell.id);
     if !recipe_path.exists() {
-        return Ok(Err(SkipReason::NoRecipe));
+        return Ok(Err(skip(SkipReason::NoRecipe)));
     }
     let recipe = rsb_recipes::load(&recipe_path, &[])
         .map_err(|source| ReportError::Recipe { path: recipe_path, source: Box::new(source) })?;
@@ -349,7 +356,7 @@ fn read_run(
     let done = last.keys().next_back().map_or(0, |e| e + 1);
     let final_record = epochs.checked_sub(1).and_then(|e| last.get(&e));
     let Some(MetricsRecord::Epoch { top1: Some(top1), eval_sets, .. }) = final_record else {
-        return Ok(Err(SkipReason::Unfinished { epochs, done }));
+        return Ok(Err(skip(SkipReason::Unfinished { epochs, done })));
     };
     let mut finals = BTreeMap::from([(VAL.to_string(), *top1)]);
     finals.extend(eval_sets.iter().map(|(name, acc)| (name.clone(), acc.top1)));
@@ -362,7 +369,16 @@ fn read_run(
             _ => None,
         })
         .collect();
-    Ok(Ok(Run { cell: cell.clone(), finals, curve }))
+    let failed_after_final = failed.map(|outcome| {
+        let failure = outcome.failure.unwrap_or_else(|| "no reason recorded".to_string());
+        tracing::warn!(
+            run = %cell.id,
+            %failure,
+            "counted: the coordinator recorded a failure after the run's final evaluation"
+        );
+        failure
+    });
+    Ok(Ok(Run { cell: cell.clone(), finals, curve, failed_after_final }))
 }
 
 /// How a set is named in tables: `ReaL` and `V2` as in the paper, others as recorded.

@@ -137,16 +137,23 @@ fn an_accuracy_outside_0_to_100_is_an_error_naming_file_line_and_field() {
 }
 
 #[test]
-fn a_failed_run_is_skipped_with_its_reason_even_with_a_final_record() {
+fn a_failed_run_is_skipped_with_its_reason_unless_its_final_evaluation_was_recorded() {
     let tmp = tempfile::tempdir().unwrap();
     let manifest = seeds_sweep(tmp.path());
     let layout = SweepLayout::new(tmp.path());
     let failure = "rank 0 on host h1: checkpoint write: No space left on device";
     let failed =
         RunOutcome { end: RunEnd::Failed, attempts: 3, failure: Some(failure.to_string()) };
+    // Failed after its final evaluation was recorded (the final checkpoint
+    // could not be written): its result is measured, so it counts, listed.
     failed.write(&layout, &manifest.cells[2].id).unwrap();
     let finished = RunOutcome { end: RunEnd::Finished, attempts: 1, failure: None };
     finished.write(&layout, &manifest.cells[3].id).unwrap();
+    // Failed before its final evaluation: failed, not "unfinished".
+    failed.write(&layout, &manifest.cells[4].id).unwrap();
+    let first_epochs: Vec<MetricsRecord> =
+        (0..EPOCHS - 1).map(|e| epoch_record(e, 70.0, 1.0)).collect();
+    write_records(&layout.run_metrics(&manifest.cells[4].id), &first_epochs);
     // A run that failed before its first record: failed, not "not started".
     failed.write(&layout, &manifest.cells[5].id).unwrap();
     std::fs::remove_file(layout.run_metrics(&manifest.cells[5].id)).unwrap();
@@ -161,7 +168,7 @@ fn a_failed_run_is_skipped_with_its_reason_even_with_a_final_record() {
     assert_eq!(
         reasons,
         [
-            (manifest.cells[2].id.as_str(), &expected_failure),
+            (manifest.cells[4].id.as_str(), &expected_failure),
             (manifest.cells[5].id.as_str(), &expected_failure),
             (manifest.cells[6].id.as_str(), &SkipReason::NotStarted),
         ]
@@ -173,8 +180,10 @@ fn a_failed_run_is_skipped_with_its_reason_even_with_a_final_record() {
     let rows: Vec<SetRow> = read_csv(&written.dir.join(rsb_report::REPORT_CSV));
     assert_eq!(rows[0].n, 7);
     let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
-    let line = format!("- `{}`: failed after 3 attempt(s): {failure}", manifest.cells[2].id);
+    let line = format!("- `{}`: failed after 3 attempt(s): {failure}", manifest.cells[4].id);
     assert!(md.contains(&line), "{md}");
+    assert!(md.contains("1 run(s) counted, although the coordinator recorded a failure"), "{md}");
+    assert!(md.contains(&format!("- `{}`: {failure}", manifest.cells[2].id)), "{md}");
 }
 
 #[test]

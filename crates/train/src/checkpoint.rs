@@ -30,9 +30,11 @@
 //! it (from before a resume of an older checkpoint) are set aside, never
 //! counted, so retention cannot delete what a save just wrote; so is the
 //! folder of the same name that a save replaces (the epoch trained again).
-//! Retention deletes the staging folders of saves that never finished: the
-//! run folder has one checkpoint writer at a time
-//! ([`rsb_job::RunFolderLock`]), so none of them is another live save's.
+//! Retention deletes the incomplete staging folders of saves that never
+//! finished (the run folder has one checkpoint writer at a time,
+//! [`rsb_job::RunFolderLock`], so none of them is another live save's), and
+//! sets aside a complete one (a save interrupted between its renames left
+//! the checkpoint it replaced, or its own, under a temporary name).
 
 use crate::atomic_file::{self, replace_folder, sync_folder, temporary_sibling};
 use crate::error::TrainError;
@@ -203,13 +205,18 @@ fn commit(
         // The manifest describes the parts as they are on disk, and is written last.
         let manifest = Manifest::of_parts(&staging, &PARTS)?;
         atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
+        // The checkpoints after this one (of a run order left by a resume of
+        // an older checkpoint) go first: a crash after the new one is in
+        // place must not leave them to count as the newest.
+        let aside = set_aside(run_dir, name, None, None);
         // Re-running an epoch (after a resume from an older checkpoint)
         // replaces its checkpoint in one step: a crash never leaves the
         // folder missing.
-        replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))
+        let replaced = replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
+        Ok((replaced, aside))
     })();
-    let replaced = match staged {
-        Ok(replaced) => replaced,
+    let (replaced, aside) = match staged {
+        Ok(moved) => moved,
         Err(cause) => {
             // Best effort: the failure being reported matters more than a
             // leftover hidden folder, which retention deletes later.
@@ -219,10 +226,10 @@ fn commit(
             return Err(not_written(run_dir, name, &staging, &cause));
         }
     };
-    set_aside(run_dir, name, replaced);
-    // The rename into place, and the moves aside, survive a crash.
-    sync_folder(&root)
-        .map_err(|e| not_written(run_dir, name, &staging, &TrainError::io(&root, e)))?;
+    set_aside(run_dir, name, replaced, aside);
+    // The rename into place, and the moves aside, survive a crash. The
+    // checkpoint is in place already: a failure here is not "not written".
+    sync_folder(&root).map_err(|e| TrainError::io(&root, e))?;
     Ok(target)
 }
 
@@ -272,31 +279,27 @@ const SET_ASIDE_PREFIX: &str = "abandoned-";
 /// abandoned run instead of this one. They are moved, never deleted: the
 /// user decides. A later checkpoint that cannot be moved stays, with a
 /// warning; a replaced one that cannot be moved is deleted, with a warning
-/// (its hidden name would not be kept anyway).
-fn set_aside(run_dir: &Path, written: &str, replaced: Option<PathBuf>) {
+/// (its hidden name would not be kept anyway). `into` is a set-aside
+/// folder made by an earlier call for the same save, used again; returns
+/// the folder used, if one was made.
+fn set_aside(
+    run_dir: &Path,
+    written: &str,
+    replaced: Option<PathBuf>,
+    into: Option<PathBuf>,
+) -> Option<PathBuf> {
     let later: Vec<PathBuf> = list(run_dir)
         .into_iter()
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n > written))
         .collect();
     if later.is_empty() && replaced.is_none() {
-        return;
+        return into;
     }
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let root = run_dir.join(CHECKPOINTS);
-    // A folder of its own, also when an earlier set-aside had the same second.
-    let mut made = Err(std::io::Error::other("no name left"));
-    let mut aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}"));
-    for n in 0..100 {
-        if n > 0 {
-            aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}-{n}"));
-        }
-        made = std::fs::create_dir(&aside);
-        if !matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
-            break;
-        }
-    }
+    let (aside, made) = match into {
+        Some(aside) => (aside, Ok(())),
+        None => new_set_aside_folder(&root),
+    };
     let moves = replaced.map(|old| (old, written.to_string())).into_iter().chain(
         later.into_iter().filter_map(|old| {
             let name = old.file_name()?.to_string_lossy().into_owned();
@@ -339,11 +342,34 @@ fn set_aside(run_dir: &Path, written: &str, replaced: Option<PathBuf>) {
             tracing::warn!(folder = %aside.display(), error = %e, "could not fsync the set-aside checkpoints");
         }
     }
+    made.is_ok().then_some(aside)
+}
+
+/// A new `abandoned-<unix seconds>[-n]` folder under `root` (a folder of
+/// its own, also when an earlier set-aside had the same second), and
+/// whether it could be made.
+fn new_set_aside_folder(root: &Path) -> (PathBuf, std::io::Result<()>) {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut made = Err(std::io::Error::other("no name left"));
+    let mut aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}"));
+    for n in 0..100 {
+        if n > 0 {
+            aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}-{n}"));
+        }
+        made = std::fs::create_dir(&aside);
+        if !matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
+            break;
+        }
+    }
+    (aside, made)
 }
 
 /// Deletes every checkpoint but the newest `keep_last` and those named in
-/// `keep` (folder names: the one just written, the best), and the staging
-/// folders of saves that never finished.
+/// `keep` (folder names: the one just written, the best), and the
+/// incomplete staging folders of saves that never finished; a complete one
+/// is set aside.
 fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
     let all = list(run_dir);
     let kept =
@@ -355,13 +381,46 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         .cloned()
         .collect();
     let root = run_dir.join(CHECKPOINTS);
-    delete.extend(
-        std::fs::read_dir(&root).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+    let staged: Vec<PathBuf> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
-        }),
-    );
+        })
+        .collect();
+    for folder in staged {
+        // A complete checkpoint under a temporary name is one that a save
+        // interrupted between its steps left there: the checkpoint it
+        // replaced, or the new one before it was put in place. Set aside
+        // whole, never deleted; an incomplete one is deleted.
+        if verify(&folder).is_err() {
+            delete.push(folder);
+            continue;
+        }
+        let (aside, made) = new_set_aside_folder(&root);
+        let name = folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('.'))
+            .and_then(|n| n.split(".tmp-").next())
+            .unwrap_or("checkpoint")
+            .to_string();
+        match made.and_then(|()| std::fs::rename(&folder, aside.join(&name))) {
+            Ok(()) => tracing::warn!(
+                folder = %folder.display(),
+                moved_to = %aside.join(&name).display(),
+                "a complete checkpoint that an interrupted save left under a temporary name: set \
+                 aside (delete it when not needed)"
+            ),
+            Err(e) => {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot set aside a complete checkpoint left under a temporary name; keeping it")
+            }
+        }
+    }
     for old in delete {
         if let Err(e) = std::fs::remove_dir_all(&old) {
             tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
@@ -544,7 +603,7 @@ mod tests {
             .collect();
         assert_eq!(left, ["epoch-0003", "epoch-0005", "epoch-0006"]);
 
-        set_aside(run.path(), &folder_name(2), None);
+        set_aside(run.path(), &folder_name(2), None, None);
         prune(run.path(), 2, &[Some(&folder_name(2))]);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         let aside: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -560,7 +619,7 @@ mod tests {
             "set aside whole, not deleted"
         );
         // The newest checkpoint written is the newest there is: nothing moves.
-        set_aside(run.path(), &folder_name(2), None);
+        set_aside(run.path(), &folder_name(2), None, None);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         // Mid-epoch names: an epoch end rewritten after a resume from before
         // it sets aside the mid-epoch checkpoints of the next epoch, and a
@@ -568,8 +627,8 @@ mod tests {
         for name in ["epoch-0003-update-000000031", "epoch-0004", "epoch-0004-update-000000045"] {
             std::fs::create_dir_all(root.join(name)).unwrap();
         }
-        set_aside(run.path(), "epoch-0003-update-000000031", None);
-        set_aside(run.path(), &folder_name(2), None);
+        set_aside(run.path(), "epoch-0003-update-000000031", None, None);
+        set_aside(run.path(), &folder_name(2), None, None);
         assert_eq!(list(run.path()), [root.join("epoch-0002"), root.join("epoch-0003")]);
         let mut aside: Vec<Vec<String>> = std::fs::read_dir(&root)
             .unwrap()
@@ -634,6 +693,32 @@ mod tests {
         assert_eq!(text, format!("{} of the first run order", PARTS[0]));
         // No staging folder or hidden copy is left.
         assert!(names(&root).iter().all(|n| !n.starts_with('.')), "{:?}", names(&root));
+    }
+
+    #[test]
+    fn retention_sets_aside_a_complete_checkpoint_left_under_a_temporary_name() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
+        // What a save interrupted after its exchange leaves: the checkpoint
+        // it replaced, complete, under the staging name; and a torn staging
+        // folder of another interrupted save.
+        let replaced = commit(run.path(), &folder_name(1), fake_parts("epoch 2")).unwrap();
+        let hidden = root.join(".epoch-0002.tmp-4242");
+        std::fs::rename(&replaced, &hidden).unwrap();
+        let torn = root.join(".epoch-0003.tmp-4243");
+        std::fs::create_dir(&torn).unwrap();
+        std::fs::write(torn.join(PARTS[0]), "half").unwrap();
+        prune(run.path(), 5, &[]);
+        assert_eq!(
+            names(&root).iter().filter(|n| n.starts_with('.')).count(),
+            0,
+            "{:?}",
+            names(&root)
+        );
+        assert_eq!(set_aside_folders(run.path()), [vec!["epoch-0002"]]);
+        let aside = names(&root).into_iter().find(|n| n.starts_with(SET_ASIDE_PREFIX)).unwrap();
+        verify(&root.join(aside).join("epoch-0002")).unwrap();
     }
 
     #[test]

@@ -549,8 +549,24 @@ impl Trainer {
         if collective.rank() == 0 && self.run_folder_lock.is_none() {
             // Rank 0 writes the checkpoints; the other ranks share the folder
             // for their own logs only. A new generation's rank 0 waits a
-            // little for the killed one before it to finish exiting.
-            self.run_folder_lock = Some(RunFolderLock::acquire(&self.options.out_dir, LOCK_WAIT)?);
+            // little for the killed one before it to finish exiting. One
+            // still held after that is not fatal: the previous rank 0 may
+            // run on a host the coordinator gave up on, whose agent has not
+            // stopped it yet (or a file system may keep a crashed host's
+            // lock for its lease); failing here would spend the job's
+            // restarts on a lock. The coordinator takes checkpoints of the
+            // current generation only.
+            match RunFolderLock::acquire(&self.options.out_dir, LOCK_WAIT) {
+                Ok(lock) => self.run_folder_lock = Some(lock),
+                Err(rsb_job::RunFolderError::InUse { lock, holder, .. }) => tracing::warn!(
+                    lock = %lock.display(),
+                    %holder,
+                    "another process still holds the run folder's lock after {LOCK_WAIT:?} (the \
+                     previous generation's rank 0 on a host that has not stopped it yet, or \
+                     another trainer on this folder); going on without it"
+                ),
+                Err(e) => return Err(e.into()),
+            }
         }
         if self.options.cuda_sync_debug == Some(SyncDebugMode::Error)
             && self.options.device.is_cuda()

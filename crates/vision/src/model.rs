@@ -237,14 +237,15 @@ impl Model {
         for bn in &self.batch_norms {
             let key = format!("{bn}.{NUM_BATCHES_TRACKED}");
             let Some(t) = incoming.remove(&key) else { continue };
-            // Read as one integer: anything but a scalar would make libtorch
-            // fail without naming the key.
-            if t.dim() != 0 {
+            // Read as one integer: anything but one value would make
+            // libtorch fail without naming the key. One value of shape [1]
+            // is taken, as torch's `load_state_dict` takes it (older saves).
+            if t.numel() != 1 {
                 misshaped.push(format!("{key}: file has {:?}, a scalar is expected", t.size()));
             } else if t.is_complex() || t.kind() == Kind::Bool {
                 mistyped.push(format!("{key}: file has {:?}, an integer is expected", t.kind()));
             } else {
-                tracked = Some(t.f_int64_value(&[])?);
+                tracked = Some(t.reshape([]).f_int64_value(&[])?);
             }
         }
         let mut missing = Vec::new();

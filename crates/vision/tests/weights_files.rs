@@ -81,6 +81,18 @@ fn a_num_batches_tracked_that_is_not_a_scalar_is_refused_naming_file_and_key() {
     for said in [path.to_str().unwrap(), "bn1.num_batches_tracked", "[2]", "scalar"] {
         assert!(message.contains(said), "{said} missing: {message}");
     }
+    // One value of shape [1] (older saves) is taken, as torch takes it.
+    let one = dir.path().join("nbt1.safetensors");
+    let mut entries = resnet18().state_dict().unwrap();
+    for (name, value) in entries.iter_mut() {
+        if name.ends_with("num_batches_tracked") {
+            *value = Tensor::from_slice(&[7i64]);
+        }
+    }
+    rsb_vision::weights::write_safetensors(&entries, &one).unwrap();
+    let mut loaded = resnet18();
+    loaded.load_safetensors(&one).unwrap();
+    assert_eq!(loaded.num_batches_tracked(), 7);
 }
 
 #[test]
