@@ -468,6 +468,20 @@ async fn up(args: UpArgs) -> Result<()> {
         );
     }
     let given_token = given_job_token(&args)?;
+    // Held until this process ends, taken before anything is written there:
+    // a second coordinator on the folder of a live one (by mistake, or a
+    // restart while the old one still runs) is refused instead of replacing
+    // its recipe and saved state. A restart after the old one died gets it.
+    let folder = if resumes_sweep { args.resume.as_ref() } else { args.out.as_ref() };
+    let _folder_lock = folder
+        .map(|dir| {
+            rsb_job::RunFolderLock::acquire_file(
+                dir,
+                rsb_job::run_folder::COORDINATOR_LOCK_FILE,
+                rsb_job::run_folder::LOCK_WAIT,
+            )
+        })
+        .transpose()?;
     let (mut state, out, mut work) = if args.sweep.given() || resumes_sweep {
         prepare_sweep(&args)?
     } else {

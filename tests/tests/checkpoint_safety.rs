@@ -7,7 +7,9 @@
 //! pickle as such; a second trainer on a run folder is refused while the
 //! first one lives (a `worker train`, or a job's rank 0), and the folder is
 //! free again once it is killed; a job's rank 0 that cannot get the lock
-//! (a previous rank 0 not stopped yet) trains on without it, saying so.
+//! (a previous rank 0 not stopped yet) trains on without it, saying so; a
+//! second `coordinator up` on a live coordinator's folder is refused before
+//! it writes there.
 
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
 use rsb_integration_tests::{
@@ -320,4 +322,48 @@ fn a_jobs_rank_0_holds_the_run_folder_and_goes_on_without_a_lock_it_cannot_get()
     assert!(started.elapsed() >= rsb_job::run_folder::LOCK_WAIT, "{:?}", started.elapsed());
     assert!(!rsb_job::checkpoint::list(&run).is_empty(), "no checkpoint written");
     drop(held);
+}
+
+#[test]
+fn a_second_coordinator_on_a_live_ones_folder_is_refused_before_it_writes_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let up = |lr: &str| {
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--recipe"])
+            .arg(tiny_recipe())
+            .arg("--out")
+            .arg(&out)
+            .args(["--set", &format!("optimizer.lamb.lr={lr}")])
+            .env("RSB_JOB_TOKEN", "lock-test-token-5d1c")
+            .current_dir(workspace_root())
+            .stdin(Stdio::null());
+        cmd
+    };
+    // The first waits for its worker host, which never comes.
+    let first = up("0.001").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let recipe = out.join("recipe.yaml");
+    let started = Instant::now();
+    while !recipe.is_file() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first coordinator wrote nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = std::fs::read(&recipe).unwrap();
+    // (Were it not refused, it would wait for its host no longer than this.)
+    let second = up("0.5").args(["--join-timeout-secs", "5"]).output().unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second coordinator ran on a live one's folder:\n{said}");
+    let pid = format!("pid {} ", first.id());
+    for expected in ["in use", out.to_str().unwrap(), pid.as_str()] {
+        assert!(said.contains(expected), "{expected} missing:\n{said}");
+    }
+    assert_eq!(std::fs::read(&recipe).unwrap(), before, "the second coordinator wrote the recipe");
+    // Once the first has exited, the folder is free: another starts, and
+    // listens (until its join timeout, as no host joins).
+    assert!(signal(first.id(), "KILL"));
+    let _ = wait_with_timeout(first, Duration::from_secs(30), "the killed coordinator");
+    let third = up("0.001").args(["--join-timeout-secs", "1"]).output().unwrap();
+    let (said, printed) =
+        (String::from_utf8_lossy(&third.stderr), String::from_utf8_lossy(&third.stdout));
+    assert!(printed.contains("coordinator listening on"), "{printed}\n{said}");
 }

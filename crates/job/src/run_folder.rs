@@ -40,6 +40,12 @@ const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", CHECKPOINTS, "ranks"];
 /// ([`RunFolderLock`]); it names the holder (process id and host).
 pub const LOCK_FILE: &str = "writer.lock";
 
+/// The file of a run or sweep folder that its coordinator holds locked
+/// while it runs (beside [`LOCK_FILE`], which a `--local` job's rank 0
+/// holds in the same folder): a second `coordinator up` on the folder is
+/// refused before it writes there.
+pub const COORDINATOR_LOCK_FILE: &str = "coordinator.lock";
+
 /// How long [`RunFolderLock::acquire`] waits for a lock held by another
 /// process by default: long enough for a killed process of the generation
 /// before (a restarted job's old rank 0) to finish exiting, which releases
@@ -95,9 +101,9 @@ pub enum RunFolderError {
     },
     /// Another process holds the run folder's lock: it writes there.
     #[error(
-        "{run} is in use: another process ({holder}) holds {lock} and writes the run's \
-         checkpoints; two trainers in one run folder break each other's saves. Let it finish \
-         (or stop it), or choose another --out"
+        "{run} is in use: another process ({holder}) holds {lock} and writes there; two \
+         processes writing one run folder break each other's files (checkpoints, metrics, the \
+         job's state). Let it finish (or stop it), or choose another --out"
     )]
     InUse {
         /// The run folder.
@@ -196,7 +202,17 @@ impl RunFolderLock {
     /// again for up to `wait` while another process holds it (a killed one
     /// that is still exiting), then fails naming the holder.
     pub fn acquire(run_dir: &Path, wait: Duration) -> Result<RunFolderLock, RunFolderError> {
-        let path = run_dir.join(LOCK_FILE);
+        Self::acquire_file(run_dir, LOCK_FILE, wait)
+    }
+
+    /// As [`Self::acquire`], of the lock file `file` of `run_dir` (the
+    /// coordinator's: [`COORDINATOR_LOCK_FILE`]).
+    pub fn acquire_file(
+        run_dir: &Path,
+        file: &str,
+        wait: Duration,
+    ) -> Result<RunFolderLock, RunFolderError> {
+        let path = run_dir.join(file);
         let lock_error = |error| RunFolderError::Lock { lock: path.clone(), error };
         std::fs::create_dir_all(run_dir).map_err(lock_error)?;
         let mut file = std::fs::OpenOptions::new()
