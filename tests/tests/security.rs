@@ -230,18 +230,18 @@ async fn client(url: &str, metadata: Vec<(&'static str, String)>) -> Client {
     CoordinatorClient::with_interceptor(channel, Attach(metadata))
 }
 
-/// A client of `url` (over TLS with `ca`) with the job token, and the count
-/// of the connections it has opened: a member's connection is held past
-/// the deadline at which strangers' are closed, so it stays at 1.
+/// A client of the coordinator at `address` (over TLS with `ca`) with the
+/// job token, and the count of the connections it has opened: a member's
+/// connection is held past the deadline at which strangers' are closed, so
+/// it stays at 1.
 async fn counting_client(
-    url: &str,
+    address: std::net::SocketAddr,
     ca: Option<&Path>,
     token: &str,
 ) -> (Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let opened = std::sync::Arc::new(AtomicUsize::new(0));
     let count = std::sync::Arc::clone(&opened);
-    let address = listening_url_address(url);
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         count.fetch_add(1, Ordering::SeqCst);
         async move {
@@ -249,7 +249,9 @@ async fn counting_client(
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap();
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}")).unwrap();
     if let Some(ca) = ca {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)));
@@ -261,11 +263,6 @@ async fn counting_client(
         Attach(vec![(TOKEN_HEADER, token.to_string())]),
     );
     (client, opened)
-}
-
-/// The address of a `http://ADDR` or `https://ADDR` URL.
-fn listening_url_address(url: &str) -> std::net::SocketAddr {
-    url.split("://").nth(1).unwrap().parse().unwrap()
 }
 
 /// Calls Status on `client` and says how many connections it has opened.
@@ -408,7 +405,7 @@ fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
     let mut worker = spawn_logged(&mut join, &logs.join("worker"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // A client with the token, whose one connection is held all along.
-    let (mut holder, held) = runtime.block_on(counting_client(&url, None, &token));
+    let (mut holder, held) = runtime.block_on(counting_client(bound, None, &token));
     assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let member_id = wait_until(Duration::from_secs(60), "the worker to join", || {
         let s = runtime.block_on(status(&url, &token));
@@ -610,7 +607,7 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
         .arg(&ca);
     let worker = spawn_logged(&mut join, &logs.join("worker"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (mut holder, held) = runtime.block_on(counting_client(&url, Some(&ca), token));
+    let (mut holder, held) = runtime.block_on(counting_client(bound, Some(&ca), token));
     assert_eq!(status_on_one_connection(&runtime, &mut holder, &held), 1);
     let tls_status = || {
         runtime.block_on(async {
