@@ -168,6 +168,15 @@ struct UpArgs {
     /// checkpoint when they have one).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Continue what --out holds, or start it: for a job that a scheduler
+    /// may start again with the same command line (a Slurm requeue after a
+    /// time limit, a preemption or a lost node; a Kubernetes Job applied
+    /// again). A run continues from its newest intact checkpoint (one that
+    /// wrote none starts again, its earlier records moved to
+    /// OUT/abandoned-<unix seconds>/); a sweep continues as with
+    /// `--resume OUT`; an empty or absent folder starts.
+    #[arg(long, conflicts_with_all = ["resume", "restore"])]
+    auto_resume: bool,
     /// Continue the job this coordinator ran in OUT before it was killed or
     /// restarted (from OUT/coordinator-state.json, with the same recipe):
     /// its members keep their credentials, and the job goes on in a new
@@ -455,9 +464,21 @@ enum Work {
 }
 
 /// `coordinator up`.
-async fn up(args: UpArgs) -> Result<()> {
+async fn up(mut args: UpArgs) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
+    }
+    if args.auto_resume {
+        // A sweep folder is continued as `--resume OUT` does; a run folder
+        // is handled by prepare_job, under the folder's lock.
+        let out = args.out.as_deref().context("--auto-resume needs --out")?;
+        if SweepLayout::new(out).manifest().is_file() {
+            rsb_coordinator::print_line!(
+                "--auto-resume: continuing the sweep in {}",
+                out.display()
+            );
+            args.resume = args.out.clone();
+        }
     }
     let resumes_sweep =
         args.resume.as_deref().is_some_and(|dir| SweepLayout::new(dir).manifest().is_file());
@@ -744,15 +765,21 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
         let token = token.context("--restore needs the job's token")?;
         return restore_job(args, recipe, &out, token);
     }
-    rsb_job::check_out_folder(&out, args.resume.as_deref())?;
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
-    let resume = args
-        .resume
-        .as_ref()
-        .map(|path| {
-            rsb_job::check_resume(path, &recipe, &args.overrides).map(|v| v.path().to_owned())
-        })
-        .transpose()?;
+    let resume = if args.auto_resume {
+        let found = rsb_job::auto_resume(&out, &recipe, &args.overrides)
+            .with_context(|| format!("--auto-resume {}", out.display()))?;
+        rsb_coordinator::print_line!("{found}");
+        found.checkpoint().map(Path::to_owned)
+    } else {
+        rsb_job::check_out_folder(&out, args.resume.as_deref())?;
+        args.resume
+            .as_ref()
+            .map(|path| {
+                rsb_job::check_resume(path, &recipe, &args.overrides).map(|v| v.path().to_owned())
+            })
+            .transpose()?
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
     let recipe_file = out.join("recipe.yaml");

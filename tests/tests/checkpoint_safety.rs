@@ -9,7 +9,9 @@
 //! free again once it is killed; a job's rank 0 that cannot get the lock
 //! (a previous rank 0 not stopped yet) trains on without it, saying so; a
 //! second `coordinator up` on a live coordinator's folder is refused before
-//! it writes there.
+//! it writes there; `--auto-resume` starts a run, continues it from its
+//! newest checkpoint, and starts one that wrote no checkpoint again with its
+//! earlier records set aside.
 
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
 use rsb_integration_tests::{
@@ -75,6 +77,19 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
+/// The `abandoned-*` folders in `dir`: what a run set aside.
+fn set_aside_folders(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with(rsb_job::checkpoint::SET_ASIDE_PREFIX)
+        })
+        .collect()
+}
+
 #[test]
 fn a_resume_of_another_run_is_refused_and_a_replaced_checkpoint_is_set_aside() {
     let tmp = tempfile::tempdir().unwrap();
@@ -114,12 +129,7 @@ fn a_resume_of_another_run_is_refused_and_a_replaced_checkpoint_is_set_aside() {
     args.extend(["--resume", own.to_str().unwrap()]);
     let resumed = train(&data, &run1, &args);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
-    let asides: Vec<PathBuf> = std::fs::read_dir(run1.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("abandoned-"))
-        .collect();
+    let asides = set_aside_folders(&run1.join("checkpoints"));
     assert_eq!(asides.len(), 1, "{asides:?}");
     let kept = asides[0].join("epoch-0002");
     assert!(kept.join("manifest.json").is_file(), "the replaced epoch-0002 was not set aside");
@@ -366,4 +376,59 @@ fn a_second_coordinator_on_a_live_ones_folder_is_refused_before_it_writes_there(
     let (said, printed) =
         (String::from_utf8_lossy(&third.stderr), String::from_utf8_lossy(&third.stdout));
     assert!(printed.contains("coordinator listening on"), "{printed}\n{said}");
+}
+
+#[test]
+fn auto_resume_starts_a_run_continues_it_and_starts_one_without_a_checkpoint_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 1);
+    let run = tmp.path().join("run");
+    let epochs = |n: u32| format!("schedule.cosine.epochs={n}");
+    let auto = |extra: &[&str]| {
+        let mut args = vec!["--auto-resume"];
+        args.extend(extra);
+        train(&data, &run, &args)
+    };
+
+    // Stopped within its first epoch, before any checkpoint.
+    let two = epochs(2);
+    let stopped = auto(&["--set", &two, "--max-updates", "2"]);
+    assert!(stopped.status.success(), "{}", stderr(&stopped));
+    assert!(stderr(&stopped).contains("no run there yet"), "{}", stderr(&stopped));
+    assert!(rsb_job::checkpoint::list(&run).is_empty(), "a checkpoint after 2 updates");
+    let first_records = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+
+    // The same command again starts it again; the earlier records are set
+    // aside whole, and the new log starts from update 1.
+    let again = auto(&["--set", &two]);
+    let log = stderr(&again);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("wrote no checkpoint; starting it again"), "{log}");
+    let asides = set_aside_folders(&run);
+    assert_eq!(asides.len(), 1, "{asides:?}");
+    assert_eq!(std::fs::read_to_string(asides[0].join("metrics.jsonl")).unwrap(), first_records);
+    let records = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = records
+        .lines()
+        .filter_map(|l| serde_json::from_str::<rsb_job::MetricsRecord>(l).ok())
+        .filter(|r| matches!(r, rsb_job::MetricsRecord::Step { .. }))
+        .map(|r| r.step())
+        .collect();
+    assert_eq!(steps.first(), Some(&1), "{records}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "records of two starts mixed: {steps:?}");
+    let second = run.join("checkpoints/epoch-0002");
+    assert!(second.join("manifest.json").is_file(), "{log}");
+
+    // Once more with a third epoch: it continues from epoch 2.
+    let three = epochs(3);
+    let more = auto(&["--set", &three]);
+    let log = stderr(&more);
+    assert!(more.status.success(), "{log}");
+    assert!(log.contains(&format!("continuing from {}", second.display())), "{log}");
+    assert!(run.join("checkpoints/epoch-0003/manifest.json").is_file(), "{log}");
+
+    // Not with another recipe: the epochs left at the recipe's 1, unexplained.
+    let other = auto(&[]);
+    assert!(!other.status.success());
+    assert!(stderr(&other).contains("schedule.cosine.epochs"), "{}", stderr(&other));
 }

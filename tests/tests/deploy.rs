@@ -1,9 +1,11 @@
 //! The deployment files: the Kubernetes manifests validate against the
 //! Kubernetes 1.33 schemas in strict mode (unknown fields are errors), with
 //! `kubernetes-validate` from the project venv, offline; and the validator
-//! itself rejects a manifest with a misspelt field, so the check can fail.
+//! itself rejects a manifest with a misspelt field, so the check can fail;
+//! its containers' arguments are flags their binaries take; and the Slurm
+//! script is valid bash (it runs on a real cluster in `tests/slurm.rs`).
 
-use rsb_integration_tests::{is_executable, require, workspace_root};
+use rsb_integration_tests::{binary, is_executable, require, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -50,4 +52,41 @@ fn slurm_script_is_valid_bash() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every container of the Kubernetes manifest runs its binary with flags it
+/// takes: each container's arguments, with `--help` after them, are parsed
+/// by the binary built here (clap refuses an unknown or misspelt flag before
+/// it reaches `--help`).
+#[test]
+fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
+    use serde::Deserialize as _;
+    use serde_norway::Value;
+    let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut checked = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let document = Value::deserialize(document).unwrap();
+        let containers = &document["spec"]["template"]["spec"]["containers"];
+        for container in containers.as_sequence().into_iter().flatten() {
+            let name = container["name"].as_str().unwrap();
+            let args: Vec<String> = container["args"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect();
+            let accepted = |args: &[String]| {
+                let out = Command::new(binary(name)).args(args).arg("--help").output().unwrap();
+                (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+            };
+            let (ok, said) = accepted(&args);
+            assert!(ok, "{name} {}: {said}", args.join(" "));
+            let mut misspelt = args.clone();
+            misspelt.push("--no-such-flag".into());
+            assert!(!accepted(&misspelt).0, "{name} took a flag it does not have");
+            checked.push(name.to_string());
+        }
+    }
+    assert_eq!(checked, ["coordinator", "worker"]);
 }

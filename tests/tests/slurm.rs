@@ -1,17 +1,100 @@
 //! `deploy/slurm/train.sbatch` on a real Slurm cluster: two emulated nodes on
 //! this host (`scripts/slurm-local`), the coordinator on the head node, one
 //! `worker join` with CPU ranks per node, the tiny recipe on real
-//! Fashion-MNIST images. The job must end successfully with metrics and a
-//! checkpoint in the run folder; the cluster is stopped afterwards.
+//! Fashion-MNIST images; the cluster is stopped afterwards.
+//!
+//! * A job ends successfully with metrics and a checkpoint in its run folder.
+//! * A job given the signal Slurm sends before its time limit
+//!   (`--signal=B:USR1@300`: SIGUSR1 to the batch shell alone, sent here with
+//!   `scancel --batch`) stops its ranks with a checkpoint of the update they
+//!   are at, requeues itself, and its next start continues from that
+//!   checkpoint to the end, no update lost or trained twice.
 
 use rsb_integration_tests::{
     binary, fashion_subset, is_executable, is_root, on_path, require, workspace_root,
 };
+use rsb_job::MetricsRecord;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+/// The cluster's ports are fixed: one test at a time.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+/// A local cluster, stopped when dropped.
 struct Cluster {
     dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts one in `dir`, or returns `None` where Slurm cannot run (and
+    /// CI is not set: there a missing Slurm fails the test).
+    fn start(dir: &Path) -> Option<Cluster> {
+        if !require(is_root(), "root, to start slurmctld/slurmd/munged")
+            || !require(
+                ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged"]
+                    .iter()
+                    .all(|p| is_executable(Path::new(p)))
+                    && on_path("sbatch"),
+                "Slurm and munge (slurmctld, slurmd, munged, sbatch; scripts/setup --test installs them)",
+            )
+        {
+            return None;
+        }
+        let started = Command::new(workspace_root().join("scripts/slurm-local"))
+            .arg("start")
+            .arg(dir)
+            .status()
+            .unwrap();
+        let cluster = Cluster { dir: dir.to_path_buf() };
+        assert!(started.success(), "the local Slurm cluster did not start");
+        Some(cluster)
+    }
+
+    /// A Slurm client command of this cluster.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.env("SLURM_CONF", self.dir.join("slurm.conf"));
+        command
+    }
+
+    /// `sbatch --nodes=2` of the training script for the tiny recipe on
+    /// `data` into `out`, its output into `log`, with `extra` overrides.
+    fn sbatch(
+        &self,
+        options: &[&str],
+        data: &Path,
+        out: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Command {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let bin = binary("worker").parent().unwrap().to_path_buf();
+        let _ = binary("coordinator");
+        let mut command = self.command("timeout");
+        command
+            .args(["600", "sbatch", "--nodes=2", "--chdir"])
+            .arg(workspace_root())
+            .arg(format!("--output={}", log.display()))
+            .args(options)
+            .arg(workspace_root().join("deploy/slurm/train.sbatch"))
+            .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+            .arg(data)
+            .arg(out)
+            .args(["--set", "model.num_classes=10"])
+            .args(extra.iter().flat_map(|set| ["--set", set]))
+            .env("RSB_DEVICES", "cpu")
+            .env("RSB_PORT", port.to_string())
+            .env("RSB_BIN", &bin);
+        command
+    }
+
+    /// `scontrol show job ID` as one line.
+    fn job(&self, id: &str) -> String {
+        let shown = self.command("scontrol").args(["show", "job", "-o", id]).output().unwrap();
+        String::from_utf8_lossy(&shown.stdout).into_owned()
+    }
 }
 
 impl Drop for Cluster {
@@ -23,49 +106,20 @@ impl Drop for Cluster {
     }
 }
 
+/// The value of `Field=value` in a line of `scontrol show -o`.
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
 #[test]
 fn sbatch_runs_a_two_node_job() {
-    if !require(is_root(), "root, to start slurmctld/slurmd/munged")
-        || !require(
-            ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged"]
-                .iter()
-                .all(|p| is_executable(Path::new(p)))
-                && on_path("sbatch"),
-            "Slurm and munge (slurmctld, slurmd, munged, sbatch; scripts/setup --test installs them)",
-        )
-    {
-        return;
-    }
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
+    let Some(cluster) = Cluster::start(&tmp.path().join("slurm")) else { return };
     let data = fashion_subset(tmp.path(), 16, 4);
-    let _ = (binary("worker"), binary("coordinator"));
-    let state = tmp.path().join("slurm");
-    let started = Command::new(workspace_root().join("scripts/slurm-local"))
-        .arg("start")
-        .arg(&state)
-        .status()
-        .unwrap();
-    let cluster = Cluster { dir: state.clone() };
-    assert!(started.success(), "the local Slurm cluster did not start");
     let out = tmp.path().join("run");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let bin = binary("worker").parent().unwrap().to_path_buf();
     let job_log = tmp.path().join("job.out");
-    let run = Command::new("timeout")
-        .args(["600", "sbatch", "--wait", "--nodes=2", "--chdir"])
-        .arg(workspace_root())
-        .arg(format!("--output={}", job_log.display()))
-        .arg(workspace_root().join("deploy/slurm/train.sbatch"))
-        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
-        .arg(&data)
-        .arg(&out)
-        .args(["--set", "model.num_classes=10"])
-        .env("SLURM_CONF", state.join("slurm.conf"))
-        .env("RSB_DEVICES", "cpu")
-        .env("RSB_PORT", port.to_string())
-        .env("RSB_BIN", &bin)
-        .output()
-        .unwrap();
+    let run = cluster.sbatch(&["--wait"], &data, &out, &job_log, &[]).output().unwrap();
     let log = std::fs::read_to_string(&job_log).unwrap_or_default();
     assert!(
         run.status.success(),
@@ -79,5 +133,114 @@ fn sbatch_runs_a_two_node_job() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"kind\":\"epoch\"")), "{metrics}");
     assert!(out.join("checkpoints/epoch-0001/model.safetensors").is_file());
-    drop(cluster);
+}
+
+#[test]
+fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(cluster) = Cluster::start(&tmp.path().join("slurm")) else { return };
+    let data = fashion_subset(tmp.path(), 16, 1);
+    let out = tmp.path().join("run");
+    let job_log = tmp.path().join("job.out");
+    // 10 updates an epoch, each logged (a sync point, where a stop is voted).
+    let sets = ["schedule.cosine.epochs=4", "runtime.log_every_steps=1"];
+    let submitted = cluster.sbatch(&["--parsable"], &data, &out, &job_log, &sets).output().unwrap();
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let log = || std::fs::read_to_string(&job_log).unwrap_or_default();
+
+    // Once it trains, the signal of a near time limit.
+    let started = Instant::now();
+    let metrics = out.join("metrics.jsonl");
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"kind\":\"step\"")) {
+        assert!(started.elapsed() < Duration::from_secs(180), "no update:\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let signalled =
+        cluster.command("scancel").args(["--batch", "--signal=USR1", &id]).status().unwrap();
+    assert!(signalled.success());
+    let signal_at = Instant::now();
+    let mut requeued_after = None;
+
+    // Requeued; Slurm holds a requeued job for two minutes, released here.
+    let mut released = false;
+    loop {
+        let job = cluster.job(&id);
+        let state = field(&job, "JobState").unwrap_or("?");
+        if state == "COMPLETED" {
+            break;
+        }
+        assert!(
+            ["RUNNING", "PENDING", "COMPLETING", "REQUEUED", "CONFIGURING"].contains(&state),
+            "job {id}: {job}\n{}",
+            log()
+        );
+        assert!(started.elapsed() < Duration::from_secs(420), "job {id}: {job}\n{}", log());
+        if !released && state == "PENDING" && field(&job, "Restarts") == Some("1") {
+            requeued_after = Some(signal_at.elapsed());
+            let update = cluster
+                .command("scontrol")
+                .args(["update", &format!("JobId={id}"), "StartTime=now"])
+                .status()
+                .unwrap();
+            released = update.success();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = log();
+    assert_eq!(field(&cluster.job(&id), "Restarts"), Some("1"), "{log}");
+
+    // The stop wrote a checkpoint of the update it stopped after, and the
+    // requeued start continued from it.
+    let written = log
+        .lines()
+        .find_map(|l| l.split_once(": checkpoint ")?.1.split_once(" written; resume from it"))
+        .map(|(path, _)| path)
+        .unwrap_or_else(|| panic!("no checkpoint written at the stop:\n{log}"));
+    let continued = format!("--auto-resume: continuing from {written}");
+    assert!(log.contains(&continued), "{continued} missing:\n{log}");
+    assert!(log.contains("requeueing job"), "{log}");
+    assert!(out.join("checkpoints/epoch-0004/manifest.json").is_file(), "{log}");
+
+    // Every update once: the records of the second start's updates follow
+    // the stop's update without a gap, up to the last.
+    let records: Vec<MetricsRecord> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let generations: Vec<usize> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, MetricsRecord::Generation { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(generations.len(), 2, "{log}");
+    let steps = |records: &[MetricsRecord]| -> Vec<u64> {
+        records
+            .iter()
+            .filter(|r| matches!(r, MetricsRecord::Step { .. }))
+            .map(MetricsRecord::step)
+            .collect()
+    };
+    let before = steps(&records[..generations[1]]);
+    let after = steps(&records[generations[1]..]);
+    let stopped_at = *before.last().expect("updates before the stop");
+    // `epoch-EEEE-update-UUUUUUUUU` mid-epoch, `epoch-EEEE` at an epoch's end.
+    let name = written.rsplit('/').next().unwrap();
+    let checkpoint_update = match name.split_once("-update-") {
+        Some((_, update)) => update.parse::<u64>().unwrap(),
+        None => name.trim_start_matches("epoch-").parse::<u64>().unwrap() * 10,
+    };
+    assert_eq!(checkpoint_update, stopped_at, "{written}");
+    let planned = 40;
+    let expected: Vec<u64> = (stopped_at + 1..=planned).collect();
+    assert_eq!(after, expected, "updates after the requeue, stopped after {stopped_at}:\n{log}");
+    eprintln!(
+        "stopped after update {stopped_at} with its checkpoint; requeued {:.1} s after the \
+         signal; continued with updates {}..={planned}",
+        requeued_after.expect("seen pending after the requeue").as_secs_f64(),
+        stopped_at + 1
+    );
 }

@@ -127,6 +127,13 @@ pub struct TrainArgs {
     /// it, an `--out` that holds a run must be the one resumed.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Continue the run in `--out` if it holds one, else start it: for a
+    /// command a scheduler may run again (a Slurm requeue). The run
+    /// continues from its newest intact checkpoint; one that wrote none
+    /// starts again, its earlier records moved to `OUT/abandoned-<unix
+    /// seconds>/`.
+    #[arg(long, conflicts_with = "resume")]
+    pub auto_resume: bool,
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -158,12 +165,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // in use, not that it holds a run.
     let _run_folder_lock =
         rsb_job::RunFolderLock::acquire(&args.out, rsb_job::run_folder::LOCK_WAIT)?;
-    rsb_job::check_out_folder(&args.out, args.resume.as_deref())?;
+    let resume = if args.auto_resume {
+        let found = rsb_job::auto_resume(&args.out, &recipe, &overrides)
+            .with_context(|| format!("--auto-resume {}", args.out.display()))?;
+        tracing::info!("{found}");
+        found.checkpoint().map(Path::to_owned)
+    } else {
+        rsb_job::check_out_folder(&args.out, args.resume.as_deref())?;
+        args.resume
+    };
     let device = parse_device(&args.device)?;
     tracing::info!(recipe = %recipe.name, %source, ?device, out = %args.out.display(), "training");
     let yaml = rsb_recipes::to_yaml(&recipe);
     let mut options = RunOptions::new(args.out.clone(), device);
-    options.resume = args.resume;
+    options.resume = resume;
     // A bar on a terminal, unless the log is JSON (its lines are not).
     options.progress = std::io::stderr().is_terminal()
         && rsb_logging::format_from_env() == rsb_logging::LogFormat::Text;

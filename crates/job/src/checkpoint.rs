@@ -288,6 +288,32 @@ fn check_part(dir: &Path, name: &str, expected: &PartDigest) -> Result<(), Check
     Ok(())
 }
 
+/// Prefix of the folders that hold what a run set aside instead of
+/// deleting it: the checkpoints of an abandoned run order (under
+/// `checkpoints/`), or the records of a run started again (in the run folder).
+pub const SET_ASIDE_PREFIX: &str = "abandoned-";
+
+/// A new `abandoned-<unix seconds>[-n]` folder under `root` (a folder of
+/// its own, also when an earlier set-aside had the same second), and
+/// whether it could be made.
+pub fn new_set_aside_folder(root: &Path) -> (PathBuf, std::io::Result<()>) {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut made = Err(std::io::Error::other("no name left"));
+    let mut aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}"));
+    for n in 0..100 {
+        if n > 0 {
+            aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}-{n}"));
+        }
+        made = std::fs::create_dir(&aside);
+        if !matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
+            break;
+        }
+    }
+    (aside, made)
+}
+
 /// Checkpoint folders of a run folder (`checkpoints/epoch-*`), intact or
 /// not, oldest first.
 pub fn list(run_dir: &Path) -> Vec<PathBuf> {

@@ -27,7 +27,10 @@ pub use plan::{streams_of_rank, BatchPlan, PlanError};
 pub use records::{
     EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,
 };
-pub use run_folder::{check_out_folder, check_resume, FieldChange, RunFolderError, RunFolderLock};
+pub use run_folder::{
+    auto_resume, check_out_folder, check_resume, AutoResume, FieldChange, RunFolderError,
+    RunFolderLock,
+};
 pub use sweep::{
     parse_seeds, GridAxis, RunEnd, RunOutcome, SweepCell, SweepError, SweepLayout, SweepManifest,
 };

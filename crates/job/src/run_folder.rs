@@ -5,6 +5,10 @@
 //!   continued, never silently mixed with another: without `--resume` it is
 //!   refused, and so is a `--resume` of a checkpoint from outside it (which
 //!   would interleave two runs' recipes, metrics and checkpoints there).
+//! * [`auto_resume`]: `--auto-resume`, for a job a scheduler may start
+//!   again (a Slurm requeue, a re-applied Kubernetes Job): the run in `--out`
+//!   continues from its newest intact checkpoint, or starts when there is
+//!   none, its earlier records set aside.
 //! * [`RunFolderLock`]: the one process that writes a run folder's
 //!   checkpoints (`worker train`, or rank 0 of a job) holds an exclusive lock
 //!   on its [`LOCK_FILE`] while it runs, so a second trainer started on the
@@ -124,6 +128,22 @@ pub enum RunFolderError {
         /// The cause.
         error: std::io::Error,
     },
+    /// `--auto-resume` found a run without a checkpoint and could not set
+    /// its records aside to start it again.
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error(
+        "{run} holds a run without a checkpoint, and its records cannot be set aside into \
+         {folder} to start it again: {error}"
+    )]
+    SetAside {
+        /// The run folder.
+        run: PathBuf,
+        /// The set-aside folder.
+        folder: PathBuf,
+        /// The cause.
+        error: std::io::Error,
+    },
     /// The checkpoint was trained with another recipe.
     #[error(
         "checkpoint {checkpoint} was trained with another recipe; these fields differ: {}. \
@@ -158,6 +178,113 @@ pub fn check_out_folder(out: &Path, resume: Option<&Path>) -> Result<(), RunFold
             marker,
         }),
     }
+}
+
+/// The files of a run's records that [`auto_resume`] sets aside when it
+/// starts a run again: what readers of the run folder interpret by update
+/// (the metrics log, the sample traces). Rank logs are appended to, as on
+/// any resume.
+const RECORDS: [&str; 2] = ["metrics.jsonl", "samples"];
+
+/// What [`auto_resume`] made of a run folder.
+#[derive(Debug)]
+pub enum AutoResume {
+    /// The folder holds no run: the run starts.
+    Start,
+    /// The run continues from its newest intact checkpoint.
+    Resume(VerifiedCheckpoint),
+    /// The folder held a run that wrote no checkpoint (stopped within its
+    /// first checkpoint interval): it starts again from the beginning, and
+    /// the records of the earlier start were moved into `set_aside`.
+    StartAgain {
+        /// The `abandoned-<unix seconds>` folder under the run folder (none
+        /// when there were no records to move).
+        set_aside: Option<PathBuf>,
+        /// The names moved there.
+        moved: Vec<&'static str>,
+    },
+}
+
+impl AutoResume {
+    /// The checkpoint the run continues from, if it continues.
+    pub fn checkpoint(&self) -> Option<&Path> {
+        match self {
+            AutoResume::Resume(verified) => Some(verified.path()),
+            AutoResume::Start | AutoResume::StartAgain { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AutoResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AutoResume::Start => write!(f, "--auto-resume: no run there yet; starting it"),
+            AutoResume::Resume(verified) => {
+                write!(f, "--auto-resume: continuing from {}", verified.path().display())
+            }
+            AutoResume::StartAgain { set_aside, moved } => {
+                write!(f, "--auto-resume: the run there wrote no checkpoint; starting it again")?;
+                match set_aside {
+                    Some(folder) => write!(
+                        f,
+                        " (its earlier {} moved to {})",
+                        moved.join(" and "),
+                        folder.display()
+                    ),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// `--auto-resume`: what a job that a scheduler may start again (a Slurm
+/// requeue after a time limit, a preemption or a failed node; a Kubernetes
+/// Job applied again) does with its `--out` folder, with the same command
+/// line each time. The run there continues from its newest intact
+/// checkpoint (as `--resume OUT`, the recipe checked against the
+/// checkpoint's); an absent or empty folder starts the run; a run that
+/// wrote no checkpoint yet starts again, its records (`metrics.jsonl`,
+/// sample traces) moved into `OUT/abandoned-<unix seconds>/` so that the
+/// new records are not mixed with them. A run whose every checkpoint is
+/// torn or corrupt is refused, as a recipe that differs from the
+/// checkpoint's: starting such a run over would hide its failure. Call it
+/// with the run folder's lock held.
+pub fn auto_resume(
+    out: &Path,
+    now: &Recipe,
+    overrides: &[String],
+) -> Result<AutoResume, RunFolderError> {
+    if run_marker(out).is_none() {
+        return Ok(AutoResume::Start);
+    }
+    match check_resume(out, now, overrides) {
+        Ok(verified) => Ok(AutoResume::Resume(verified)),
+        Err(RunFolderError::Checkpoint(CheckpointError::NotFound { .. })) => start_again(out),
+        Err(refused) => Err(refused),
+    }
+}
+
+/// Moves the [`RECORDS`] of a run without a checkpoint into a new
+/// set-aside folder of `out`.
+fn start_again(out: &Path) -> Result<AutoResume, RunFolderError> {
+    let moved: Vec<&'static str> =
+        RECORDS.into_iter().filter(|name| out.join(name).exists()).collect();
+    if moved.is_empty() {
+        return Ok(AutoResume::StartAgain { set_aside: None, moved });
+    }
+    let (set_aside, made) = checkpoint::new_set_aside_folder(out);
+    let failed = |error| RunFolderError::SetAside {
+        run: out.to_path_buf(),
+        folder: set_aside.clone(),
+        error,
+    };
+    made.map_err(failed)?;
+    for name in &moved {
+        std::fs::rename(out.join(name), set_aside.join(name)).map_err(failed)?;
+    }
+    std::fs::File::open(out).and_then(|folder| folder.sync_all()).map_err(failed)?;
+    Ok(AutoResume::StartAgain { set_aside: Some(set_aside), moved })
 }
 
 /// The first of [`RUN_MARKERS`] that `folder` holds (a folder counts when
@@ -534,6 +661,84 @@ mod tests {
         let err = check_resumed_recipe(checkpoint, &saved, &changed, &sets[..1]).unwrap_err();
         assert!(err.to_string().contains("eval.every_epochs"), "{err}");
         assert!(!err.to_string().contains("optimizer.lamb.lr"), "{err}");
+    }
+
+    /// A committed checkpoint `name` of `run`, trained with `recipe`.
+    fn committed_checkpoint(run: &Path, name: &str, recipe: &Recipe) -> PathBuf {
+        let dir = run.join(CHECKPOINTS).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(checkpoint::MODEL), b"weights").unwrap();
+        std::fs::write(dir.join(checkpoint::PARTS[1]), b"moments").unwrap();
+        let state = serde_json::json!({ STATE_RECIPE_KEY: recipe_value(recipe) });
+        std::fs::write(dir.join(checkpoint::STATE), state.to_string()).unwrap();
+        let manifest = checkpoint::Manifest::of_parts(&dir, &checkpoint::PARTS).unwrap();
+        std::fs::write(dir.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn auto_resume_starts_continues_or_starts_again_and_refuses_what_it_cannot_continue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let recipe = tiny_recipe(&[]);
+        assert!(matches!(auto_resume(&out, &recipe, &[]).unwrap(), AutoResume::Start));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("recipe.yaml"), "name: x").unwrap();
+        assert!(matches!(auto_resume(&out, &recipe, &[]).unwrap(), AutoResume::Start));
+
+        // A run stopped before its first checkpoint starts again; its
+        // records are moved aside whole, its rank logs stay.
+        std::fs::create_dir_all(out.join("ranks")).unwrap();
+        std::fs::write(out.join("ranks/rank-0.log"), "started\n").unwrap();
+        let AutoResume::StartAgain { set_aside: None, moved } =
+            auto_resume(&out, &recipe, &[]).unwrap()
+        else {
+            panic!("a run with rank logs only starts again, with nothing to move")
+        };
+        assert!(moved.is_empty());
+        let records = "{\"kind\":\"step\",\"step\":3}\n";
+        std::fs::write(out.join("metrics.jsonl"), records).unwrap();
+        std::fs::create_dir_all(out.join("samples")).unwrap();
+        std::fs::write(out.join("samples/rank-0.jsonl"), "[1,2]\n").unwrap();
+        let AutoResume::StartAgain { set_aside, moved } = auto_resume(&out, &recipe, &[]).unwrap()
+        else {
+            panic!("a run without a checkpoint is started again")
+        };
+        assert_eq!(moved, ["metrics.jsonl", "samples"]);
+        let set_aside = set_aside.expect("records moved");
+        assert_eq!(set_aside.parent(), Some(out.as_path()));
+        let name = set_aside.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(checkpoint::SET_ASIDE_PREFIX), "{name}");
+        assert_eq!(std::fs::read_to_string(set_aside.join("metrics.jsonl")).unwrap(), records);
+        assert!(set_aside.join("samples/rank-0.jsonl").is_file());
+        assert!(!out.join("metrics.jsonl").exists() && !out.join("samples").exists());
+        assert!(out.join("ranks/rank-0.log").is_file());
+
+        // A run with checkpoints continues from its newest intact one.
+        let first = committed_checkpoint(&out, "epoch-0001", &recipe);
+        let second = committed_checkpoint(&out, "epoch-0002", &recipe);
+        std::fs::write(out.join("metrics.jsonl"), records).unwrap();
+        let AutoResume::Resume(newest) = auto_resume(&out, &recipe, &[]).unwrap() else {
+            panic!("a run with a checkpoint continues")
+        };
+        assert_eq!(newest.path(), second);
+        std::fs::write(second.join(checkpoint::MODEL), b"torn!!!").unwrap();
+        let AutoResume::Resume(intact) = auto_resume(&out, &recipe, &[]).unwrap() else {
+            panic!("a run with an intact checkpoint continues")
+        };
+        assert_eq!(intact.path(), first);
+
+        // Refused, with nothing moved: another recipe, or no intact checkpoint.
+        let other = tiny_recipe(&["optimizer.lamb.lr=0.01".to_string()]);
+        let err = auto_resume(&out, &other, &[]).unwrap_err();
+        assert!(matches!(err, RunFolderError::RecipeChanged { .. }), "{err}");
+        std::fs::write(first.join(checkpoint::MODEL), b"torn!!!").unwrap();
+        let err = auto_resume(&out, &recipe, &[]).unwrap_err();
+        assert!(
+            matches!(err, RunFolderError::Checkpoint(CheckpointError::NoIntactCheckpoint { .. })),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), records);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::atomic_file::{self, replace_folder, sync_folder, temporary_sibling};
 use crate::error::TrainError;
 use crate::grad_scaler::ScalerState;
 use crate::lamb::{Lamb, LambSteps};
-use rsb_job::checkpoint::{Manifest, FOLDER_PREFIX, MANIFEST, PARTS, STATE};
+use rsb_job::checkpoint::{new_set_aside_folder, Manifest, FOLDER_PREFIX, MANIFEST, PARTS, STATE};
 use rsb_vision::weights::{read_safetensors, write_safetensors};
 use rsb_vision::Model;
 use std::path::{Path, PathBuf};
@@ -263,10 +263,6 @@ fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -
     TrainError::CheckpointNotWritten { folder: name.to_string(), cause, previous }
 }
 
-/// Prefix of the folders, under `checkpoints/`, that [`set_aside`] moves
-/// the checkpoints of an abandoned run order into.
-const SET_ASIDE_PREFIX: &str = "abandoned-";
-
 /// Moves the checkpoints of a run order this run left, when it resumed from
 /// an older checkpoint (`--resume` of an earlier epoch, or a coordinator
 /// that resumed from the newest checkpoint it had committed), out of the
@@ -343,27 +339,6 @@ fn set_aside(
         }
     }
     made.is_ok().then_some(aside)
-}
-
-/// A new `abandoned-<unix seconds>[-n]` folder under `root` (a folder of
-/// its own, also when an earlier set-aside had the same second), and
-/// whether it could be made.
-fn new_set_aside_folder(root: &Path) -> (PathBuf, std::io::Result<()>) {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut made = Err(std::io::Error::other("no name left"));
-    let mut aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}"));
-    for n in 0..100 {
-        if n > 0 {
-            aside = root.join(format!("{SET_ASIDE_PREFIX}{seconds}-{n}"));
-        }
-        made = std::fs::create_dir(&aside);
-        if !matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
-            break;
-        }
-    }
-    (aside, made)
 }
 
 /// Deletes every checkpoint but the newest `keep_last` and those named in
@@ -476,6 +451,7 @@ pub fn load(
 mod tests {
     use super::*;
     use crate::atomic_file::tests::names;
+    use rsb_job::checkpoint::SET_ASIDE_PREFIX;
 
     fn state(best_epoch: Option<u64>) -> TrainState {
         TrainState {
