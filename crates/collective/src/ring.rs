@@ -56,6 +56,8 @@ const TAG_LEN: usize = 32;
 const HELLO_LEN: usize = 12 + NONCE_LEN;
 /// The accepting side's answer to a proof it accepted.
 const ACCEPTED: u8 = 1;
+/// The accepting side's answer to a proof it refused.
+const REFUSED: u8 = 0;
 /// Longest a handshake may take, however its bytes trickle in; a silent
 /// stranger's connection is dropped after it (and never holds up the real
 /// neighbour's handshake, which runs beside it).
@@ -320,9 +322,13 @@ impl From<std::io::Error> for Handshake {
     }
 }
 
-/// The connecting side: hello with a nonce, check the listener's proof,
-/// send ours, wait for the verdict, all within [`HANDSHAKE_TIMEOUT`] and by
-/// `deadline`.
+/// The connecting side: hello with a nonce, check the listener's proof
+/// (within [`HANDSHAKE_TIMEOUT`]: the listener may be busy with strangers),
+/// send ours, and wait for the verdict (within a handshake timeout of its
+/// own: the listener has answered, so it is challenging this connection
+/// and decides at once), all by `deadline`. Only a verdict that refuses is
+/// [`Handshake::Refused`]; no verdict (the connection broke off, the time
+/// ran out) is [`Handshake::Io`], which the caller tries again.
 fn prove_to_right(
     stream: &TcpStream,
     rank: usize,
@@ -352,10 +358,16 @@ fn prove_to_right(
         ));
     }
     io.write_all(&key.proof(CONNECTOR_ROLE, &hello, their_nonce))?;
+    // Not the hello's time: an answer that came just before it ran out
+    // would leave no time for the verdict, and the handshake would fail
+    // while the listener takes this connection as its left link.
+    let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
     let mut verdict = [0u8; 1];
-    match read_exact_until(stream, &mut verdict, until) {
-        Ok(()) if verdict[0] == ACCEPTED => Ok(()),
-        _ => Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into())),
+    read_exact_until(stream, &mut verdict, until)?;
+    if verdict[0] == ACCEPTED {
+        Ok(())
+    } else {
+        Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into()))
     }
 }
 
@@ -413,6 +425,8 @@ fn challenge_left(
     let mut proof = [0u8; TAG_LEN];
     read_exact_until(stream, &mut proof, until)?;
     if !key.verify(CONNECTOR_ROLE, &hello, &our_nonce, &proof) {
+        // Said, so that a rank with another key stops instead of trying again.
+        let _ = io.write_all(&[REFUSED]);
         return Err(Handshake::Refused("it failed the ring challenge".into()));
     }
     io.write_all(&[ACCEPTED])?;
@@ -1504,10 +1518,13 @@ mod tests {
             let guess = RingKey::derive(b"a guessed token");
             let proof = guess.proof(CONNECTOR_ROLE, &hello, &answer[..NONCE_LEN]);
             (&stream).write_all(&proof).unwrap();
-            // Refused: the connection closes without the verdict byte.
-            let mut verdict = [0u8; 1];
+            // Refused: the verdict says so (or the connection closes).
+            let mut verdict = [9u8; 1];
             let read = (&stream).read(&mut verdict);
-            assert!(matches!(read, Ok(0) | Err(_)), "the impostor was accepted: {read:?}");
+            assert!(
+                matches!(read, Ok(0) | Err(_)) || verdict[0] == REFUSED,
+                "the impostor was accepted: {read:?} {verdict:?}"
+            );
         });
         queued.recv().unwrap();
         let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
@@ -1576,6 +1593,62 @@ mod tests {
         for ring in rings {
             ring.unwrap();
         }
+    }
+
+    /// A listener of this job's key, on a thread: it answers the first
+    /// hello after `answer_after`, checks the proof, and gives `verdict`
+    /// (none: it closes the connection) `verdict_after` later.
+    fn slow_listener(
+        answer_after: Duration,
+        verdict: Option<u8>,
+        verdict_after: Duration,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut hello = [0u8; HELLO_LEN];
+            (&stream).read_exact(&mut hello).unwrap();
+            std::thread::sleep(answer_after);
+            let nonce = [5u8; NONCE_LEN];
+            let mut answer = nonce.to_vec();
+            answer.extend_from_slice(&key().proof(ACCEPTOR_ROLE, &hello, &nonce));
+            (&stream).write_all(&answer).unwrap();
+            let mut proof = [0u8; TAG_LEN];
+            (&stream).read_exact(&mut proof).unwrap();
+            assert!(key().verify(CONNECTOR_ROLE, &hello, &nonce, &proof));
+            std::thread::sleep(verdict_after);
+            if let Some(verdict) = verdict {
+                (&stream).write_all(&[verdict]).unwrap();
+            }
+        });
+        (address, handle)
+    }
+
+    #[test]
+    fn a_late_verdict_is_waited_for_and_only_a_refusal_refuses() {
+        let prove = |address: &str| {
+            let stream = TcpStream::connect(address).unwrap();
+            prove_to_right(&stream, 0, 2, &key(), Instant::now() + Duration::from_secs(60))
+        };
+        // The answer just before the hello's handshake time runs out, the
+        // verdict just after it (a listener that challenged this connection
+        // once strangers' stalled handshakes gave their slots back): linked.
+        let answer_after = HANDSHAKE_TIMEOUT - Duration::from_millis(500);
+        let (address, listener) =
+            slow_listener(answer_after, Some(ACCEPTED), Duration::from_secs(1));
+        prove(&address).unwrap();
+        listener.join().unwrap();
+        // No verdict (the connection closed): broken off, to be tried again.
+        let (address, listener) = slow_listener(Duration::ZERO, None, Duration::ZERO);
+        let outcome = prove(&address);
+        assert!(matches!(outcome, Err(Handshake::Io(_))), "{outcome:?}");
+        listener.join().unwrap();
+        // A verdict that refuses: refused.
+        let (address, listener) = slow_listener(Duration::ZERO, Some(REFUSED), Duration::ZERO);
+        let outcome = prove(&address);
+        assert!(matches!(outcome, Err(Handshake::Refused(_))), "{outcome:?}");
+        listener.join().unwrap();
     }
 
     #[test]
