@@ -8,8 +8,11 @@
 //!   its outcome counts 2 attempts;
 //! * the coordinator is then stopped (SIGINT) while the next run trains:
 //!   no outcome is recorded for the runs left, and nothing is orphaned;
-//! * `coordinator up --resume DIR` runs only those: the finished run's files
-//!   are untouched, and every run ends finished.
+//! * the same command line again, with `--auto-resume` (as a scheduler
+//!   starts it again), runs only those: the finished run's files are
+//!   untouched, and every run ends finished;
+//! * `coordinator up --resume DIR` of the finished sweep keeps every run
+//!   and runs none.
 
 use rsb_integration_tests::processes::{cmdline, descendants, signal, wait_with_timeout};
 use rsb_integration_tests::sweeps::{self, wait_until};
@@ -31,8 +34,17 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
         "schedule.cosine.epochs=6".to_string(),
         "runtime.keep_last_checkpoints=100".to_string(),
     ];
-    let args =
-        ["--nodes", "1", "--seeds", "0..3", "--max-parallel-runs", "1", "--max-retries", "1"];
+    let args = [
+        "--nodes",
+        "1",
+        "--seeds",
+        "0..3",
+        "--max-parallel-runs",
+        "1",
+        "--max-retries",
+        "1",
+        "--auto-resume",
+    ];
     let log = tmp.path().join("first.log");
     let up = sweeps::start(&dir, &sets, &args, &log);
     let first = layout.run_dir("seed-000");
@@ -81,13 +93,13 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
     assert!(RunOutcome::read(&layout, "seed-002").unwrap().is_none());
     let first_metrics = std::fs::read(first.join("metrics.jsonl")).unwrap();
 
-    // Resume: only the two runs left run.
+    // The same command again: only the two runs left run.
     let log = tmp.path().join("resumed.log");
-    let resume = ["--nodes", "1", "--resume", dir.to_str().unwrap()];
-    let up = sweeps::start(&dir, &sets, &resume, &log);
+    let up = sweeps::start(&dir, &sets, &args, &log);
     let status = wait_with_timeout(up, Duration::from_secs(300), "the resumed sweep").status;
     let output = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{output}");
+    assert!(output.contains("--auto-resume: continuing the sweep in"), "{output}");
     assert!(output.contains("1 finished before (kept), 2 to run"), "{output}");
     assert!(!output.contains("[seed-000]"), "the finished run ran again:\n{output}");
     assert_eq!(std::fs::read(first.join("metrics.jsonl")).unwrap(), first_metrics);
@@ -100,4 +112,14 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
         assert_eq!(outcome.end, RunEnd::Finished, "{id}: {outcome:?}");
         assert_eq!(run_records(&layout.run_dir(id), "epoch").last().unwrap()["epoch"], 5, "{id}");
     }
+
+    // Resumed once more, by name: every run kept, none run.
+    let log = tmp.path().join("finished.log");
+    let resume = ["--nodes", "1", "--resume", dir.to_str().unwrap()];
+    let up = sweeps::start(&dir, &sets, &resume, &log);
+    let status = wait_with_timeout(up, Duration::from_secs(120), "the finished sweep").status;
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{output}");
+    assert!(output.contains("3 finished before (kept), 0 to run"), "{output}");
+    assert!(!output.contains("[seed-0"), "a finished run ran again:\n{output}");
 }
