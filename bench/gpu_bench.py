@@ -256,13 +256,14 @@ def last_json(stdout: str, what: str) -> dict:
     raise RuntimeError(f"{what} printed no JSON line")
 
 
-def step_throughput(metrics: Path) -> float:
-    """Images/s over the step windows of a metrics.jsonl after the first: the
-    windows' images over their time (each window's updates, `step` minus the
-    previous record's, over its rate; the batch size cancels out)."""
+def step_windows(metrics: Path) -> list[tuple[int, float, dict]]:
+    """The step windows of a metrics.jsonl after the first (the first holds
+    the start-up): (updates, seconds, record) each, a window's updates being
+    `step` minus the previous record's, its seconds its updates over its
+    rate (the batch size cancels out)."""
     if not metrics.exists():
         raise RuntimeError(f"{metrics} was not written")
-    windows = []  # (updates, updates / rate)
+    windows = []
     previous = 0
     for n, line in enumerate(metrics.read_text().splitlines(), 1):
         try:
@@ -272,14 +273,33 @@ def step_throughput(metrics: Path) -> float:
         if record.get("kind") == "step" and record.get("images_per_sec"):
             updates = int(record["step"]) - previous
             if updates > 0:
-                windows.append((updates, updates / float(record["images_per_sec"])))
+                windows.append((updates, updates / float(record["images_per_sec"]), record))
             previous = int(record["step"])
         elif record.get("kind") == "epoch" and "step" in record:
             previous = int(record["step"])
     if not windows:
         raise RuntimeError(f"{metrics} holds no step record with images_per_sec")
-    counted = windows[1:] if len(windows) > 1 else windows
-    return sum(u for u, _ in counted) / sum(t for _, t in counted)
+    return windows[1:] if len(windows) > 1 else windows
+
+
+def step_throughput(metrics: Path) -> float:
+    """Images/s over the step windows of a metrics.jsonl after the first:
+    the windows' images over their time."""
+    windows = step_windows(metrics)
+    return sum(u for u, _, _ in windows) / sum(t for _, t, _ in windows)
+
+
+def input_wait_note(metrics: Path) -> str | None:
+    """How much of the windows' time (after the first) our trainer's host
+    waited for its loader (`input_wait_share` of each step record, weighted
+    by the window's time): near 0, the device sets the pace; well above,
+    the loader does. None where the records do not say."""
+    windows = [(t, r["input_wait_share"]) for _, t, r in step_windows(metrics)
+               if r.get("input_wait_share") is not None]
+    if not windows:
+        return None
+    share = sum(t * w for t, w in windows) / sum(t for t, _ in windows)
+    return f"ours waited for input {100 * share:.0f}% of the time"
 
 
 def fabric_note(metrics: Path) -> str:
@@ -457,6 +477,11 @@ class Bench:
 
         check.ours = self.side(ours)
         check.timm = self.side(timm)
+        if check.ours.error is None:
+            try:
+                check.note = input_wait_note(ours_dir / "metrics.jsonl")
+            except Exception as e:  # noqa: BLE001 - the wait is a note, the row stands
+                check.note = f"input wait not read: {e}"
         return check
 
     # -- multi-rank jobs through the coordinator -----------------------------------------

@@ -30,7 +30,7 @@
 //! names the calling member, which may act only for its own ranks.
 
 use crate::plan::{BatchPlan, PlanError};
-use rsb_job::records::{skipped_images_note, skipped_updates_note};
+use rsb_job::records::{input_wait_note, skipped_images_note, skipped_updates_note};
 use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
@@ -1499,6 +1499,7 @@ impl Job {
                 skipped_updates,
                 peak_gpu_memory_mib,
                 rank_balance,
+                input_wait_share,
             } => {
                 self.progress = (*epoch, *step, *images_per_sec);
                 self.total_updates = Some(*total_updates);
@@ -1513,8 +1514,9 @@ impl Job {
                 let memory = peak_gpu_memory_mib
                     .map_or_else(String::new, |mib| format!(" peak GPU memory {mib:.0} MiB"));
                 Some(format!(
-                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){memory}{eta}{}{}",
+                    "epoch {epoch} step {step} loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s (all ranks){memory}{eta}{}{}{}",
                     skipped_updates_note(*skipped_updates),
+                    input_wait_note(*input_wait_share),
                     self.straggler_note(rank_balance.as_ref()),
                 ))
             }
@@ -1752,6 +1754,7 @@ pub(crate) mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: None,
+            input_wait_share: None,
         }
     }
 
@@ -2346,6 +2349,7 @@ pub(crate) mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: None,
+            input_wait_share: Some(0.01),
         };
         let line = j.record_metrics(1, &step).unwrap().line.unwrap();
         assert!(line.starts_with("epoch 0 step 2 loss 0.7500"), "{line}");
@@ -2359,6 +2363,12 @@ pub(crate) mod tests {
             line.ends_with("ETA 0:00:02, 1 update(s) skipped (non-finite gradients)"),
             "{line}"
         );
+        let mut waiting = step.clone();
+        if let MetricsRecord::Step { input_wait_share, .. } = &mut waiting {
+            *input_wait_share = Some(0.4);
+        }
+        let line = j.record_metrics(1, &waiting).unwrap().line.unwrap();
+        assert!(line.ends_with("ETA 0:00:02, waiting for input 40% of the time"), "{line}");
         assert_eq!(j.progress, (0, 2, 16.0));
         // A straggler is named with its host once it passes the recipe's
         // ratio (1.5 by default); a balanced window says nothing more.
@@ -2449,19 +2459,22 @@ pub(crate) mod tests {
                 "step",
                 "step",
                 "step",
+                "step",
                 "checksum",
                 "epoch",
                 "fabric",
                 "fabric"
             ]
         );
-        assert_eq!(lines[8]["val_skipped_images"], 1);
-        assert_eq!(lines[9]["links"][1]["gb_per_s"], 0.1);
+        assert_eq!(lines[9]["val_skipped_images"], 1);
+        assert_eq!(lines[10]["links"][1]["gb_per_s"], 0.1);
         assert_eq!(lines[0]["world_size"], 2);
         assert_eq!(lines[3]["loss"], 0.75);
         assert_eq!(lines[3]["total_updates"], 4);
+        assert_eq!(lines[3]["input_wait_share"], 0.01);
         assert!(lines[3].get("rank_balance").is_none(), "no balance, no key");
-        assert_eq!(lines[5]["rank_balance"]["slowest_rank"], 1);
+        assert_eq!(lines[5]["input_wait_share"], 0.4);
+        assert_eq!(lines[6]["rank_balance"]["slowest_rank"], 1);
         assert_eq!(lines[2]["elapsed_s"], 12.34);
         std::fs::remove_dir_all(&dir).unwrap();
     }

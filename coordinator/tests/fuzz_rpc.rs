@@ -96,6 +96,7 @@ fn record() -> impl Strategy<Value = Option<pb::metrics_report::Record>> {
                     slowest_input_wait_s: lr,
                     others_median_s: images_per_sec,
                 }),
+                input_wait_share: (step % 7 < 3).then_some(loss),
             })
         },
     );

@@ -58,6 +58,7 @@ impl From<&MetricsRecord> for Record {
                 skipped_updates,
                 peak_gpu_memory_mib,
                 rank_balance,
+                input_wait_share,
             } => Record::Step(pb::StepRecord {
                 epoch,
                 step,
@@ -73,6 +74,7 @@ impl From<&MetricsRecord> for Record {
                     slowest_input_wait_s: b.slowest_input_wait_s,
                     others_median_s: b.others_median_s,
                 }),
+                input_wait_share,
             }),
             MetricsRecord::Epoch {
                 epoch,
@@ -185,6 +187,7 @@ impl From<Record> for MetricsRecord {
                     slowest_input_wait_s: b.slowest_input_wait_s,
                     others_median_s: b.others_median_s,
                 }),
+                input_wait_share: r.input_wait_share,
             },
             Record::Epoch(r) => MetricsRecord::Epoch {
                 epoch: r.epoch,
@@ -275,6 +278,7 @@ mod tests {
                 skipped_updates: 1,
                 peak_gpu_memory_mib: Some(20_480.5),
                 rank_balance: None,
+                input_wait_share: Some(0.375),
             },
             MetricsRecord::Step {
                 epoch: 0,
@@ -291,6 +295,7 @@ mod tests {
                     slowest_input_wait_s: 0.125,
                     others_median_s: 0.5,
                 }),
+                input_wait_share: None,
             },
             MetricsRecord::Epoch {
                 epoch: 2,

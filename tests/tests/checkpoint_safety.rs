@@ -408,12 +408,19 @@ fn auto_resume_starts_a_run_continues_it_and_starts_one_without_a_checkpoint_aga
     assert_eq!(asides.len(), 1, "{asides:?}");
     assert_eq!(std::fs::read_to_string(asides[0].join("metrics.jsonl")).unwrap(), first_records);
     let records = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = records
+    let step_records: Vec<rsb_job::MetricsRecord> = records
         .lines()
         .filter_map(|l| serde_json::from_str::<rsb_job::MetricsRecord>(l).ok())
         .filter(|r| matches!(r, rsb_job::MetricsRecord::Step { .. }))
-        .map(|r| r.step())
         .collect();
+    let steps: Vec<u64> = step_records.iter().map(rsb_job::MetricsRecord::step).collect();
+    // Each log step says how much of its window the trainer waited for input.
+    for record in &step_records {
+        let rsb_job::MetricsRecord::Step { input_wait_share: Some(share), .. } = record else {
+            panic!("a step record without its input wait: {record:?}")
+        };
+        assert!((0.0..=1.0).contains(share), "{record:?}");
+    }
     assert_eq!(steps.first(), Some(&1), "{records}");
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "records of two starts mixed: {steps:?}");
     let second = run.join("checkpoints/epoch-0002");

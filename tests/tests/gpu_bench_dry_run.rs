@@ -98,6 +98,13 @@ fn the_gpu_bench_packs_its_bundle_and_passes_its_dry_run_on_the_cpu() {
         );
     }
     assert!(phases.contains(", update "), "{}", checks[0]);
+    // The jpeg row says how much of the time our trainer waited for input.
+    let waited = checks[1]["note"].as_str().unwrap_or_default();
+    let share = waited
+        .strip_prefix("ours waited for input ")
+        .and_then(|rest| rest.strip_suffix("% of the time"))
+        .and_then(|percent| percent.parse::<u32>().ok());
+    assert!(share.is_some_and(|p| p <= 100), "{}", checks[1]);
     // The sync check rides on the nccl1 job; a CPU has nothing to count.
     assert_eq!(
         checks[2]["note"], "synchronising CUDA calls within updates: not checked on a CPU",

@@ -191,6 +191,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                     skipped_updates: 0,
                     peak_gpu_memory_mib: None,
                     rank_balance: None,
+                    input_wait_share: None,
                 })),
             })
             .await

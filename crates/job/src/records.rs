@@ -64,6 +64,14 @@ pub enum MetricsRecord {
         /// [`RankBalance`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rank_balance: Option<RankBalance>,
+        /// Of the window's wall time, the share (0 to 1) that rank 0's host
+        /// spent waiting for its loader's micro-batches. A host waiting for
+        /// input leaves its device idle once the work it queued is done, so
+        /// a share well above 0 means the job is input-bound: more loader
+        /// threads or cores help, a faster device does not. Absent in
+        /// records written before it was measured.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input_wait_share: Option<f64>,
     },
     /// A finished epoch.
     Epoch {
@@ -188,6 +196,21 @@ pub fn skipped_updates_note(skipped_updates: u64) -> String {
         String::new()
     } else {
         format!(", {skipped_updates} update(s) skipped (non-finite gradients)")
+    }
+}
+
+/// Shares of a window below which waiting for input is not mentioned.
+pub const INPUT_WAIT_NOTED: f64 = 0.05;
+
+/// `, waiting for input N% of the time` for a step record's
+/// `input_wait_share` from [`INPUT_WAIT_NOTED`] on, nothing otherwise: how
+/// progress lines say that the loader holds the job back.
+pub fn input_wait_note(input_wait_share: Option<f64>) -> String {
+    match input_wait_share {
+        Some(share) if share >= INPUT_WAIT_NOTED => {
+            format!(", waiting for input {:.0}% of the time", share * 100.0)
+        }
+        _ => String::new(),
     }
 }
 
@@ -610,6 +633,7 @@ mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: None,
+            input_wait_share: None,
         };
         assert_eq!(
             keys(&step),
@@ -690,6 +714,7 @@ mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: None,
+            input_wait_share: None,
         };
         let line = serde_json::to_string(&cpu).unwrap();
         assert!(!line.contains("peak_gpu_memory_mib"), "{line}");
@@ -714,14 +739,24 @@ mod tests {
             skipped_updates: 0,
             peak_gpu_memory_mib: None,
             rank_balance: Some(balance),
+            input_wait_share: Some(0.25),
         };
         let value = serde_json::to_value(&record).unwrap();
         assert_eq!(value["rank_balance"]["slowest_rank"], 1);
         assert_eq!(value["rank_balance"]["slowest_s"], 0.5);
         assert_eq!(value["rank_balance"]["slowest_input_wait_s"], 0.1);
         assert_eq!(value["rank_balance"]["others_median_s"], 0.2);
+        assert_eq!(value["input_wait_share"], 0.25);
         let back: MetricsRecord = serde_json::from_str(&value.to_string()).unwrap();
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn waiting_for_input_is_said_from_five_percent_of_a_window() {
+        assert_eq!(input_wait_note(Some(0.37)), ", waiting for input 37% of the time");
+        assert_eq!(input_wait_note(Some(INPUT_WAIT_NOTED)), ", waiting for input 5% of the time");
+        assert_eq!(input_wait_note(Some(0.049)), "");
+        assert_eq!(input_wait_note(None), "");
     }
 
     #[test]

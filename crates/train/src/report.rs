@@ -6,7 +6,7 @@
 
 use crate::error::TrainError;
 use rsb_data::labels::EvalCounts;
-use rsb_job::records::{skipped_images_note, skipped_updates_note};
+use rsb_job::records::{input_wait_note, skipped_images_note, skipped_updates_note};
 use rsb_job::{EvalSetAccuracy, MetricsLog, MetricsLogError, MetricsRecord};
 use std::path::Path;
 
@@ -253,9 +253,20 @@ impl Progress {
                 self.line(format!("first update done in {elapsed_s:.1} s"));
             }
             MetricsRecord::Step {
-                epoch, step, lr, loss, images_per_sec, skipped_updates, ..
+                epoch,
+                step,
+                lr,
+                loss,
+                images_per_sec,
+                skipped_updates,
+                input_wait_share,
+                ..
             } => {
-                let skipped = skipped_updates_note(*skipped_updates);
+                let skipped = format!(
+                    "{}{}",
+                    skipped_updates_note(*skipped_updates),
+                    input_wait_note(*input_wait_share)
+                );
                 self.status(
                     format!("loss {loss:.4} {images_per_sec:.0} img/s{skipped}"),
                     format!(

@@ -363,7 +363,8 @@ struct OwnTimes {
     /// Wall time of the window's updates less the waits, after their
     /// backward passes, for the other ranks' gradient sums.
     own: Duration,
-    /// Of `own`, the time spent waiting for the loader's batches.
+    /// Of `own`, the time spent waiting for the loader's batches (also
+    /// rank 0's `input_wait_share` of the window).
     input_wait: Duration,
 }
 
@@ -1339,6 +1340,7 @@ impl Trainer {
             skipped_updates: window.skipped,
             peak_gpu_memory_mib: self.peak_gpu_memory_mib(),
             rank_balance,
+            input_wait_share: Some((own_times.input_wait.as_secs_f64() / secs.max(1e-9)).min(1.0)),
         };
         self.publish(step, progress)
     }
