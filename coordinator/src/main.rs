@@ -767,6 +767,11 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     }
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
     let resume = if args.auto_resume {
+        // The checkpoint writer's lock, held while the run's place is
+        // chosen and its earlier records moved (see rsb_job::auto_resume);
+        // the new job's rank 0 takes it after.
+        let _writer =
+            rsb_job::RunFolderLock::acquire(&out, rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT)?;
         let found = rsb_job::auto_resume(&out, &recipe, &args.overrides)
             .with_context(|| format!("--auto-resume {}", out.display()))?;
         rsb_coordinator::print_line!("{found}");

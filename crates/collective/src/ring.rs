@@ -1631,12 +1631,12 @@ mod tests {
             let stream = TcpStream::connect(address).unwrap();
             prove_to_right(&stream, 0, 2, &key(), Instant::now() + Duration::from_secs(60))
         };
-        // The answer just before the hello's handshake time runs out, the
-        // verdict just after it (a listener that challenged this connection
-        // once strangers' stalled handshakes gave their slots back): linked.
-        let answer_after = HANDSHAKE_TIMEOUT - Duration::from_millis(500);
+        // The answer before the hello's handshake time runs out, the verdict
+        // after it (a listener that challenged this connection once
+        // strangers' stalled handshakes gave their slots back): linked.
+        let answer_after = HANDSHAKE_TIMEOUT - Duration::from_secs(3);
         let (address, listener) =
-            slow_listener(answer_after, Some(ACCEPTED), Duration::from_secs(1));
+            slow_listener(answer_after, Some(ACCEPTED), Duration::from_secs(4));
         prove(&address).unwrap();
         listener.join().unwrap();
         // No verdict (the connection closed): broken off, to be tried again.

@@ -208,7 +208,7 @@ pub const INPUT_WAIT_NOTED: f64 = 0.05;
 pub fn input_wait_note(input_wait_share: Option<f64>) -> String {
     match input_wait_share {
         Some(share) if share >= INPUT_WAIT_NOTED => {
-            format!(", waiting for input {:.0}% of the time", share * 100.0)
+            format!(", waiting for input {:.0}% of the time", share.min(1.0) * 100.0)
         }
         _ => String::new(),
     }
@@ -756,6 +756,7 @@ mod tests {
         assert_eq!(input_wait_note(Some(0.37)), ", waiting for input 37% of the time");
         assert_eq!(input_wait_note(Some(INPUT_WAIT_NOTED)), ", waiting for input 5% of the time");
         assert_eq!(input_wait_note(Some(0.049)), "");
+        assert_eq!(input_wait_note(Some(5.0)), ", waiting for input 100% of the time");
         assert_eq!(input_wait_note(None), "");
     }
 

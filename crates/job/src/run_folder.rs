@@ -50,6 +50,13 @@ pub const LOCK_FILE: &str = "writer.lock";
 /// refused before it writes there.
 pub const COORDINATOR_LOCK_FILE: &str = "coordinator.lock";
 
+/// How long `--auto-resume` waits for the run folder's writer lock before
+/// it chooses where the run continues: a rank 0 of the run's earlier start
+/// that is still stopping (a re-applied Kubernetes Job whose old pods are
+/// terminating) writes its stop checkpoint within its 90 s stop deadline,
+/// and is killed 100 s after its stop at the latest.
+pub const AUTO_RESUME_LOCK_WAIT: Duration = Duration::from_secs(120);
+
 /// How long [`RunFolderLock::acquire`] waits for a lock held by another
 /// process by default: long enough for a killed process of the generation
 /// before (a restarted job's old rank 0) to finish exiting, which releases
@@ -180,11 +187,13 @@ pub fn check_out_folder(out: &Path, resume: Option<&Path>) -> Result<(), RunFold
     }
 }
 
-/// The files of a run's records that [`auto_resume`] sets aside when it
-/// starts a run again: what readers of the run folder interpret by update
-/// (the metrics log, the sample traces). Rank logs are appended to, as on
-/// any resume.
-const RECORDS: [&str; 2] = ["metrics.jsonl", "samples"];
+/// The records of a run that [`auto_resume`] sets aside when it starts a
+/// run again, so that the new start's are not mixed with them: the sample
+/// traces, the ranks' own records and logs (`ranks/rank-N.jsonl`, `.log`)
+/// and the metrics log, moved in this order: the metrics log, which marks
+/// the folder as holding a run, goes last, so that a move that fails
+/// part-way is finished by the next start.
+const RECORDS: [&str; 3] = ["samples", "ranks", "metrics.jsonl"];
 
 /// What [`auto_resume`] made of a run folder.
 #[derive(Debug)]
@@ -228,7 +237,7 @@ impl std::fmt::Display for AutoResume {
                     Some(folder) => write!(
                         f,
                         " (its earlier {} moved to {})",
-                        moved.join(" and "),
+                        moved.join(", "),
                         folder.display()
                     ),
                     None => Ok(()),
@@ -244,12 +253,13 @@ impl std::fmt::Display for AutoResume {
 /// line each time. The run there continues from its newest intact
 /// checkpoint (as `--resume OUT`, the recipe checked against the
 /// checkpoint's); an absent or empty folder starts the run; a run that
-/// wrote no checkpoint yet starts again, its records (`metrics.jsonl`,
-/// sample traces) moved into `OUT/abandoned-<unix seconds>/` so that the
-/// new records are not mixed with them. A run whose every checkpoint is
-/// torn or corrupt is refused, as a recipe that differs from the
-/// checkpoint's: starting such a run over would hide its failure. Call it
-/// with the run folder's lock held.
+/// wrote no checkpoint yet starts again, its records ([`RECORDS`]) moved
+/// into `OUT/abandoned-<unix seconds>/` so that the new records are not
+/// mixed with them. A run whose every checkpoint is torn or corrupt is
+/// refused, as a recipe that differs from the checkpoint's: starting such a
+/// run over would hide its failure. Call it with the run folder's
+/// [`RunFolderLock`] held, so that no writer of the run's earlier start (a
+/// rank 0 still stopping) adds a checkpoint or a record meanwhile.
 pub fn auto_resume(
     out: &Path,
     now: &Recipe,
@@ -283,7 +293,9 @@ fn start_again(out: &Path) -> Result<AutoResume, RunFolderError> {
     for name in &moved {
         std::fs::rename(out.join(name), set_aside.join(name)).map_err(failed)?;
     }
-    std::fs::File::open(out).and_then(|folder| folder.sync_all()).map_err(failed)?;
+    for folder in [&set_aside, out] {
+        std::fs::File::open(folder).and_then(|f| f.sync_all()).map_err(failed)?;
+    }
     Ok(AutoResume::StartAgain { set_aside: Some(set_aside), moved })
 }
 
@@ -687,15 +699,16 @@ mod tests {
         assert!(matches!(auto_resume(&out, &recipe, &[]).unwrap(), AutoResume::Start));
 
         // A run stopped before its first checkpoint starts again; its
-        // records are moved aside whole, its rank logs stay.
-        std::fs::create_dir_all(out.join("ranks")).unwrap();
-        std::fs::write(out.join("ranks/rank-0.log"), "started\n").unwrap();
+        // records are moved aside whole.
+        std::fs::create_dir_all(out.join("checkpoints/.epoch-0001.tmp-1")).unwrap();
         let AutoResume::StartAgain { set_aside: None, moved } =
             auto_resume(&out, &recipe, &[]).unwrap()
         else {
-            panic!("a run with rank logs only starts again, with nothing to move")
+            panic!("a run with a staging folder only starts again, with nothing to move")
         };
         assert!(moved.is_empty());
+        std::fs::create_dir_all(out.join("ranks")).unwrap();
+        std::fs::write(out.join("ranks/rank-0.jsonl"), "{}\n").unwrap();
         let records = "{\"kind\":\"step\",\"step\":3}\n";
         std::fs::write(out.join("metrics.jsonl"), records).unwrap();
         std::fs::create_dir_all(out.join("samples")).unwrap();
@@ -704,15 +717,17 @@ mod tests {
         else {
             panic!("a run without a checkpoint is started again")
         };
-        assert_eq!(moved, ["metrics.jsonl", "samples"]);
+        assert_eq!(moved, ["samples", "ranks", "metrics.jsonl"]);
         let set_aside = set_aside.expect("records moved");
         assert_eq!(set_aside.parent(), Some(out.as_path()));
         let name = set_aside.file_name().unwrap().to_str().unwrap();
         assert!(name.starts_with(checkpoint::SET_ASIDE_PREFIX), "{name}");
         assert_eq!(std::fs::read_to_string(set_aside.join("metrics.jsonl")).unwrap(), records);
         assert!(set_aside.join("samples/rank-0.jsonl").is_file());
-        assert!(!out.join("metrics.jsonl").exists() && !out.join("samples").exists());
-        assert!(out.join("ranks/rank-0.log").is_file());
+        assert!(set_aside.join("ranks/rank-0.jsonl").is_file());
+        for name in RECORDS {
+            assert!(!out.join(name).exists(), "{name} left");
+        }
 
         // A run with checkpoints continues from its newest intact one.
         let first = committed_checkpoint(&out, "epoch-0001", &recipe);
