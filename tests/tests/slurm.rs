@@ -163,8 +163,12 @@ fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
     let signal_at = Instant::now();
     let mut requeued_after = None;
 
-    // Requeued; Slurm holds a requeued job for two minutes, released here.
+    // Requeued; Slurm holds a requeued job for two minutes, released here
+    // 3 s after it is seen pending: a start in the second its first start
+    // ended can fail (slurmd revokes the job's old credentials at that
+    // time, to the second), which is what Slurm's hold prevents.
     let mut released = false;
+    let mut pending_since: Option<Instant> = None;
     loop {
         let job = cluster.job(&id);
         assert!(started.elapsed() < Duration::from_secs(420), "job {id}: {job}\n{}", log());
@@ -181,8 +185,15 @@ fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
             "job {id}: {job}\n{}",
             log()
         );
-        if !released && state == "PENDING" && field(&job, "Restarts") == Some("1") {
+        let requeued = state == "PENDING" && field(&job, "Restarts") == Some("1");
+        if requeued && pending_since.is_none() {
+            pending_since = Some(Instant::now());
             requeued_after = Some(signal_at.elapsed());
+        }
+        if !released
+            && requeued
+            && pending_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3))
+        {
             let update = cluster
                 .command("scontrol")
                 .args(["update", &format!("JobId={id}"), "StartTime=now"])
