@@ -9,6 +9,9 @@
 //!   `scancel --batch`) stops its ranks with a checkpoint of the update they
 //!   are at, requeues itself, and its next start continues from that
 //!   checkpoint to the end, no update lost or trained twice.
+//! * A job given that signal before it wrote a checkpoint (its hosts never
+//!   trained) is not requeued: it fails, saying why, instead of starting
+//!   again where it began, for ever.
 
 use rsb_integration_tests::{
     binary, fashion_subset, is_executable, is_root, on_path, require, workspace_root,
@@ -106,6 +109,38 @@ impl Drop for Cluster {
     }
 }
 
+/// What each test starts from: the cluster (one test at a time), the
+/// Fashion-MNIST images, the run folder and the job's log, in `tmp`.
+struct Trial {
+    cluster: Cluster,
+    data: PathBuf,
+    out: PathBuf,
+    job_log: PathBuf,
+    tmp: tempfile::TempDir,
+    // Last: the cluster is stopped and its folder removed before the next
+    // test may start one.
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Trial {
+    /// A started cluster, 16 training images a class and `val_per_class`
+    /// validation images, or `None` where Slurm cannot run (see
+    /// [`Cluster::start`]).
+    fn start(val_per_class: usize) -> Option<Trial> {
+        let one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(&tmp.path().join("slurm"))?;
+        Some(Trial {
+            cluster,
+            data: fashion_subset(tmp.path(), 16, val_per_class),
+            out: tmp.path().join("run"),
+            job_log: tmp.path().join("job.out"),
+            tmp,
+            _one: one,
+        })
+    }
+}
+
 /// The value of `Field=value` in a line of `scontrol show -o`.
 fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
@@ -113,14 +148,10 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 #[test]
 fn sbatch_runs_a_two_node_job() {
-    let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(cluster) = Cluster::start(&tmp.path().join("slurm")) else { return };
-    let data = fashion_subset(tmp.path(), 16, 4);
-    let out = tmp.path().join("run");
-    let job_log = tmp.path().join("job.out");
-    let run = cluster.sbatch(&["--wait"], &data, &out, &job_log, &[]).output().unwrap();
-    let log = std::fs::read_to_string(&job_log).unwrap_or_default();
+    let Some(trial) = Trial::start(4) else { return };
+    let Trial { cluster, data, out, job_log, .. } = &trial;
+    let run = cluster.sbatch(&["--wait"], data, out, job_log, &[]).output().unwrap();
+    let log = std::fs::read_to_string(job_log).unwrap_or_default();
     assert!(
         run.status.success(),
         "sbatch job failed:\n{}\n{log}",
@@ -137,18 +168,14 @@ fn sbatch_runs_a_two_node_job() {
 
 #[test]
 fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
-    let _one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(cluster) = Cluster::start(&tmp.path().join("slurm")) else { return };
-    let data = fashion_subset(tmp.path(), 16, 1);
-    let out = tmp.path().join("run");
-    let job_log = tmp.path().join("job.out");
+    let Some(trial) = Trial::start(1) else { return };
+    let Trial { cluster, data, out, job_log, .. } = &trial;
     // 10 updates an epoch, each logged (a sync point, where a stop is voted).
     let sets = ["schedule.cosine.epochs=4", "runtime.log_every_steps=1"];
-    let submitted = cluster.sbatch(&["--parsable"], &data, &out, &job_log, &sets).output().unwrap();
+    let submitted = cluster.sbatch(&["--parsable"], data, out, job_log, &sets).output().unwrap();
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    let log = || std::fs::read_to_string(&job_log).unwrap_or_default();
+    let log = || std::fs::read_to_string(job_log).unwrap_or_default();
 
     // Once it trains, the signal of a near time limit.
     let started = Instant::now();
@@ -267,5 +294,73 @@ fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
          signal; continued with updates {}..={planned}",
         requeued_after.expect("seen pending after the requeue").as_secs_f64(),
         stopped_at + 1
+    );
+}
+
+#[test]
+fn a_job_signalled_before_it_wrote_a_checkpoint_fails_instead_of_requeueing() {
+    let Some(trial) = Trial::start(1) else { return };
+    let Trial { cluster, data, out, job_log, .. } = &trial;
+    // Hosts that never join, so that nothing trains before the signal: the
+    // real coordinator, and a `worker` that only waits.
+    let bin = trial.tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(binary("coordinator"), bin.join("coordinator")).unwrap();
+    std::fs::write(bin.join("worker"), "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(
+        bin.join("worker"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let submitted = cluster
+        .sbatch(&["--parsable"], data, out, job_log, &[])
+        .args(["--join-timeout-secs", "20"])
+        .env("RSB_BIN", &bin)
+        .output()
+        .unwrap();
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let log = || std::fs::read_to_string(job_log).unwrap_or_default();
+
+    // Signalled once the script has started (its trap is set before that line).
+    let started = Instant::now();
+    while !log().contains("start 1 on 2 node(s)") {
+        assert!(started.elapsed() < Duration::from_secs(120), "job {id} did not start:\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let signalled =
+        cluster.command("scancel").args(["--batch", "--signal=USR1", &id]).status().unwrap();
+    assert!(signalled.success());
+    let signal_at = Instant::now();
+
+    let job = loop {
+        let job = cluster.job(&id);
+        assert!(started.elapsed() < Duration::from_secs(240), "job {id}: {job}\n{}", log());
+        let Some(state) = field(&job, "JobState") else {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        };
+        assert_eq!(field(&job, "Restarts"), Some("0"), "requeued: {job}\n{}", log());
+        if state == "FAILED" {
+            break job;
+        }
+        assert!(
+            ["RUNNING", "COMPLETING", "CONFIGURING"].contains(&state),
+            "job {id}: {job}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = log();
+    assert!(
+        log.contains(&format!(
+            "rsb: not requeueing job {id}: this start wrote no checkpoint (the newest is none)"
+        )),
+        "{job}\n{log}"
+    );
+    assert!(!log.contains("rsb: requeueing job"), "{log}");
+    eprintln!(
+        "failed without a requeue {:.1} s after the signal",
+        signal_at.elapsed().as_secs_f64()
     );
 }
