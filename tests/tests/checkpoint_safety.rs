@@ -271,6 +271,29 @@ fn a_second_trainer_on_a_run_folder_is_refused_while_the_first_lives() {
     assert!(third.status.success(), "{}", stderr(&third));
 }
 
+/// `worker train --auto-resume`, started again by a scheduler while the
+/// earlier start still writes its stop's checkpoint (it holds the run
+/// folder's lock), waits for it for longer than a plain `worker train`
+/// would (`LOCK_WAIT`, 10 s) and trains once it is released.
+#[test]
+fn worker_train_auto_resume_waits_for_the_earlier_start_to_let_go_of_the_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let run = tmp.path().join("run");
+    let held = rsb_job::RunFolderLock::acquire(&run, Duration::ZERO).unwrap();
+    let hold_for = rsb_job::run_folder::LOCK_WAIT + Duration::from_secs(2);
+    let asked = Instant::now();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(hold_for);
+        drop(held);
+    });
+    let started = train(&data, &run, &["--auto-resume", "--max-updates", "1"]);
+    let waited = asked.elapsed();
+    releaser.join().unwrap();
+    assert!(started.status.success(), "{}", stderr(&started));
+    assert!(waited >= hold_for, "trained after {waited:?}, with the lock held {hold_for:?}");
+}
+
 /// `coordinator up --local --nodes 1` of the tiny recipe on `data` into
 /// `out` for `epochs` epochs, its stderr (the ranks' lines too) piped.
 fn local_job(data: &Path, out: &Path, epochs: u32) -> Child {

@@ -54,56 +54,6 @@ fn slurm_script_is_valid_bash() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The Slurm script's `newest_checkpoint`, which decides whether a start
-/// that was stopped before its time limit wrote a checkpoint (and is
-/// requeued), run alone on run folders laid out by hand: the newest
-/// committed checkpoint in training order (a mid-epoch one after the end
-/// of the epoch before it), a folder without a manifest ignored, and a
-/// changed manifest seen, also under `set -euo pipefail` with none.
-#[test]
-fn the_slurm_scripts_newest_checkpoint_is_the_last_committed_one_in_training_order() {
-    let script =
-        std::fs::read_to_string(workspace_root().join("deploy/slurm/train.sbatch")).unwrap();
-    let start = script.find("newest_checkpoint() {").expect("newest_checkpoint in the script");
-    let end = start + script[start..].find("\n}\n").expect("its end") + 3;
-    let function = &script[start..end];
-    let run = tempfile::tempdir().unwrap();
-    let out = run.path();
-    let newest = || {
-        let shell = Command::new("bash")
-            .arg("-c")
-            .arg(format!("set -euo pipefail\n{function}newest_checkpoint\necho end"))
-            .env("out", out)
-            .output()
-            .unwrap();
-        assert!(shell.status.success(), "{}", String::from_utf8_lossy(&shell.stderr));
-        let printed = String::from_utf8(shell.stdout).unwrap();
-        printed.strip_suffix("end\n").expect("the function returned").to_string()
-    };
-    let commit = |name: &str, manifest: &str| {
-        let folder = out.join("checkpoints").join(name);
-        std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join("manifest.json"), manifest).unwrap();
-    };
-    let folder = |line: &str| line.trim_end().splitn(3, ' ').nth(2).map(str::to_string);
-
-    assert_eq!(newest(), "", "a run folder without checkpoints");
-    commit("epoch-0002", "a");
-    commit("epoch-0003", "b");
-    let end_of_third = newest();
-    assert_eq!(folder(&end_of_third), Some(format!("{}/checkpoints/epoch-0003", out.display())));
-    commit("epoch-0003-update-000000035", "c");
-    let mid_fourth = newest();
-    assert_eq!(
-        folder(&mid_fourth),
-        Some(format!("{}/checkpoints/epoch-0003-update-000000035", out.display()))
-    );
-    std::fs::create_dir_all(out.join("checkpoints/epoch-0004")).unwrap();
-    assert_eq!(newest(), mid_fourth, "a folder without a manifest is not committed");
-    commit("epoch-0003-update-000000035", "d");
-    assert_ne!(newest(), mid_fourth, "a checkpoint written again under the same name");
-}
-
 /// Every container of the Kubernetes manifest runs its binary with flags it
 /// takes: each container's arguments, with `--help` after them, are parsed
 /// by the binary built here (clap refuses an unknown or misspelt flag before

@@ -93,6 +93,16 @@ impl Cluster {
         command
     }
 
+    /// Sends job `id` the signal Slurm sends before its time limit
+    /// (`--signal=B:USR1@300`: SIGUSR1 to the batch shell alone), and
+    /// returns when it was sent.
+    fn signal_time_limit(&self, id: &str) -> Instant {
+        let signalled =
+            self.command("scancel").args(["--batch", "--signal=USR1", id]).status().unwrap();
+        assert!(signalled.success(), "scancel --batch --signal=USR1 {id}");
+        Instant::now()
+    }
+
     /// `scontrol show job ID` as one line.
     fn job(&self, id: &str) -> String {
         let shown = self.command("scontrol").args(["show", "job", "-o", id]).output().unwrap();
@@ -184,10 +194,7 @@ fn a_job_near_its_time_limit_stops_with_a_checkpoint_requeues_and_continues() {
         assert!(started.elapsed() < Duration::from_secs(180), "no update:\n{}", log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let signalled =
-        cluster.command("scancel").args(["--batch", "--signal=USR1", &id]).status().unwrap();
-    assert!(signalled.success());
-    let signal_at = Instant::now();
+    let signal_at = cluster.signal_time_limit(&id);
     let mut requeued_after = None;
 
     // Requeued; Slurm holds a requeued job for two minutes, released here
@@ -328,10 +335,7 @@ fn a_job_signalled_before_it_wrote_a_checkpoint_fails_instead_of_requeueing() {
         assert!(started.elapsed() < Duration::from_secs(120), "job {id} did not start:\n{}", log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let signalled =
-        cluster.command("scancel").args(["--batch", "--signal=USR1", &id]).status().unwrap();
-    assert!(signalled.success());
-    let signal_at = Instant::now();
+    let signal_at = cluster.signal_time_limit(&id);
 
     let job = loop {
         let job = cluster.job(&id);
@@ -354,7 +358,8 @@ fn a_job_signalled_before_it_wrote_a_checkpoint_fails_instead_of_requeueing() {
     let log = log();
     assert!(
         log.contains(&format!(
-            "rsb: not requeueing job {id}: this start wrote no checkpoint (the newest is none)"
+            "rsb: not requeueing job {id}: this start wrote no checkpoint in {}",
+            out.display()
         )),
         "{job}\n{log}"
     );

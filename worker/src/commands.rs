@@ -162,9 +162,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // Held until this process ends: a second trainer on the same folder
     // fails here instead of truncating the metrics log or deleting this
     // one's staging folders. Taken first, so it is told that the folder is
-    // in use, not that it holds a run.
-    let _run_folder_lock =
-        rsb_job::RunFolderLock::acquire(&args.out, rsb_job::run_folder::LOCK_WAIT)?;
+    // in use, not that it holds a run. Started again by a scheduler
+    // (`--auto-resume`), it waits longer: for the earlier start, still
+    // writing its stop's checkpoint.
+    let lock_wait = if args.auto_resume {
+        rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT
+    } else {
+        rsb_job::run_folder::LOCK_WAIT
+    };
+    let _run_folder_lock = rsb_job::RunFolderLock::acquire(&args.out, lock_wait)?;
     let resume = if args.auto_resume {
         let found = rsb_job::auto_resume(&args.out, &recipe, &overrides)
             .with_context(|| format!("--auto-resume {}", args.out.display()))?;

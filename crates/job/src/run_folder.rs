@@ -151,6 +151,24 @@ pub enum RunFolderError {
         /// The cause.
         error: std::io::Error,
     },
+    /// `--auto-resume` found no checkpoint, but could not read the run's
+    /// checkpoints folder or an entry of it: the run is not started again
+    /// while its checkpoints may be there.
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error(
+        "{path} cannot be read ({error}): --auto-resume does not start the run in {run} again \
+         while its checkpoints may be there (a network file system's error, a volume not \
+         mounted); mend it and start again"
+    )]
+    CheckpointsUnreadable {
+        /// The run folder.
+        run: PathBuf,
+        /// The folder or entry that cannot be read.
+        path: PathBuf,
+        /// The cause.
+        error: std::io::Error,
+    },
     /// The checkpoint was trained with another recipe.
     #[error(
         "checkpoint {checkpoint} was trained with another recipe; these fields differ: {}. \
@@ -256,8 +274,9 @@ impl std::fmt::Display for AutoResume {
 /// wrote no checkpoint yet starts again, its records ([`RECORDS`]) moved
 /// into `OUT/abandoned-<unix seconds>/` so that the new records are not
 /// mixed with them. A run whose every checkpoint is torn or corrupt is
-/// refused, as a recipe that differs from the checkpoint's: starting such a
-/// run over would hide its failure. Call it with the run folder's
+/// refused, as a recipe that differs from the checkpoint's, and one whose
+/// checkpoints folder cannot be read: starting such a run over would hide
+/// its failure, or lose its checkpoints. Call it with the run folder's
 /// [`RunFolderLock`] held, so that no writer of the run's earlier start (a
 /// rank 0 still stopping) adds a checkpoint or a record meanwhile.
 pub fn auto_resume(
@@ -270,9 +289,50 @@ pub fn auto_resume(
     }
     match check_resume(out, now, overrides) {
         Ok(verified) => Ok(AutoResume::Resume(verified)),
-        Err(RunFolderError::Checkpoint(CheckpointError::NotFound { .. })) => start_again(out),
+        Err(RunFolderError::Checkpoint(CheckpointError::NotFound { .. })) => {
+            confirm_no_checkpoint_folders(out)?;
+            start_again(out)
+        }
         Err(refused) => Err(refused),
     }
+}
+
+/// Checks that the run in `out` has no checkpoint folder that
+/// [`checkpoint::list`] (which skips what it cannot read) missed: its
+/// checkpoints folder is absent, or reads without error and holds nothing
+/// named like a checkpoint. An error names what could not be read, or the
+/// entry that is not a readable folder.
+fn confirm_no_checkpoint_folders(out: &Path) -> Result<(), RunFolderError> {
+    let folder = out.join(CHECKPOINTS);
+    let unreadable = |path: &Path, error| RunFolderError::CheckpointsUnreadable {
+        run: out.to_path_buf(),
+        path: path.to_path_buf(),
+        error,
+    };
+    // The folder itself, not where a symbolic link points: a link to a
+    // volume that is not mounted is not an absent folder.
+    match std::fs::symlink_metadata(&folder) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(unreadable(&folder, e)),
+        Ok(_) => {}
+    }
+    for entry in std::fs::read_dir(&folder).map_err(|e| unreadable(&folder, e))? {
+        let entry = entry.map_err(|e| unreadable(&folder, e))?;
+        let path = entry.path();
+        let named_as_checkpoint = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(checkpoint::FOLDER_PREFIX));
+        if named_as_checkpoint {
+            let error = match std::fs::metadata(&path) {
+                Err(e) => e,
+                Ok(m) if !m.is_dir() => std::io::Error::other("not a folder"),
+                Ok(_) => std::io::Error::other("a checkpoint folder that could not be listed"),
+            };
+            return Err(unreadable(&path, error));
+        }
+    }
+    Ok(())
 }
 
 /// Moves the [`RECORDS`] of a run without a checkpoint into a new
@@ -729,10 +789,36 @@ mod tests {
             assert!(!out.join(name).exists(), "{name} left");
         }
 
+        // Checkpoints that cannot be listed are not taken for none: a
+        // checkpoints folder that links to a volume not mounted, or an
+        // entry named as a checkpoint that is not a folder, is refused,
+        // with the run's records left where they are.
+        std::fs::write(out.join("metrics.jsonl"), records).unwrap();
+        std::fs::rename(out.join("checkpoints"), tmp.path().join("staging-only")).unwrap();
+        let unmounted = tmp.path().join("volume-not-mounted");
+        std::os::unix::fs::symlink(&unmounted, out.join("checkpoints")).unwrap();
+        let err = auto_resume(&out, &recipe, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RunFolderError::CheckpointsUnreadable { path, .. }
+                if *path == out.join("checkpoints")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not start the run"), "{err}");
+        std::fs::remove_file(out.join("checkpoints")).unwrap();
+        std::fs::create_dir(out.join("checkpoints")).unwrap();
+        std::fs::write(out.join("checkpoints/epoch-0001"), "").unwrap();
+        let err = auto_resume(&out, &recipe, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RunFolderError::CheckpointsUnreadable { path, .. }
+                if *path == out.join("checkpoints/epoch-0001")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), records);
+        std::fs::remove_file(out.join("checkpoints/epoch-0001")).unwrap();
+
         // A run with checkpoints continues from its newest intact one.
         let first = committed_checkpoint(&out, "epoch-0001", &recipe);
         let second = committed_checkpoint(&out, "epoch-0002", &recipe);
-        std::fs::write(out.join("metrics.jsonl"), records).unwrap();
         let AutoResume::Resume(newest) = auto_resume(&out, &recipe, &[]).unwrap() else {
             panic!("a run with a checkpoint continues")
         };

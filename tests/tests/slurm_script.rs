@@ -1,0 +1,307 @@
+//! `deploy/slurm/train.sbatch`'s own decisions, with Slurm's commands
+//! (`srun`, `squeue`, `scancel`, `scontrol`) and the two binaries replaced by
+//! small scripts, so that each case is exact and takes seconds: which start
+//! is requeued after the signal Slurm sends before a time limit (one that
+//! wrote a checkpoint and did not finish), which is not (one that wrote
+//! none, one that finished as the signal came), that a signal that comes
+//! before the workers' step is listed still stops it, and how the script
+//! tells its checkpoints apart. The script runs on a real Slurm cluster in
+//! `tests/slurm.rs`.
+
+use rsb_integration_tests::workspace_root;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The Slurm script's `committed_checkpoints`, which decides whether a
+/// start that was stopped before its time limit wrote a checkpoint (and is
+/// requeued), run alone under `set -euo pipefail` on folders laid out by
+/// hand: empty without checkpoints; changed by a checkpoint committed in a
+/// run folder or in a run of a sweep folder, mid-epoch or at an epoch's
+/// end, or written again under the same name; not by a folder without a
+/// manifest (a save under way, or torn).
+#[test]
+fn the_slurm_scripts_checkpoint_list_changes_with_each_committed_checkpoint_only() {
+    let script =
+        std::fs::read_to_string(workspace_root().join("deploy/slurm/train.sbatch")).unwrap();
+    let start =
+        script.find("committed_checkpoints() {").expect("committed_checkpoints in the script");
+    let end = start + script[start..].find("\n}\n").expect("its end") + 3;
+    let function = &script[start..end];
+    let folder = tempfile::tempdir().unwrap();
+    let out = folder.path();
+    let listed = || {
+        let shell = Command::new("bash")
+            .arg("-c")
+            .arg(format!("set -euo pipefail\n{function}committed_checkpoints\necho end"))
+            .env("out", out)
+            .output()
+            .unwrap();
+        assert!(shell.status.success(), "{}", String::from_utf8_lossy(&shell.stderr));
+        let printed = String::from_utf8(shell.stdout).unwrap();
+        printed.strip_suffix("end\n").expect("the function returned").to_string()
+    };
+    let commit = |checkpoint: &str, manifest: &str| {
+        let folder = out.join(checkpoint);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("manifest.json"), manifest).unwrap();
+    };
+
+    let mut seen = vec![listed()];
+    assert_eq!(seen[0], "", "a run folder without checkpoints");
+    let mut assert_changed = |what: &str| {
+        let now = listed();
+        assert!(!seen.contains(&now), "{what} left the list as it was:\n{now}");
+        seen.push(now);
+    };
+    commit("checkpoints/epoch-0002", "a");
+    assert_changed("a checkpoint at an epoch's end");
+    commit("checkpoints/epoch-0002-update-000000025", "b");
+    assert_changed("a mid-epoch checkpoint");
+    commit("checkpoints/epoch-0002-update-000000025", "c");
+    assert_changed("a checkpoint written again under its name");
+    commit("runs/seed-001/checkpoints/epoch-0001", "d");
+    assert_changed("a checkpoint of a sweep's run");
+    std::fs::remove_dir_all(out.join("checkpoints/epoch-0002")).unwrap();
+    assert_changed("a checkpoint removed by retention");
+    let before = listed();
+    std::fs::create_dir_all(out.join("checkpoints/epoch-0003")).unwrap();
+    std::fs::create_dir_all(out.join("runs/seed-002/checkpoints/epoch-0001")).unwrap();
+    assert_eq!(listed(), before, "folders without a manifest are not committed checkpoints");
+    assert!(before.contains("/runs/seed-001/checkpoints/epoch-0001\n"), "{before}");
+}
+
+/// `srun`: runs its command (the options before it dropped), noting the
+/// workers' step's process.
+const SRUN: &str = r#"#!/bin/bash
+name=
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
+  case $1 in --job-name=*) name=${1#--job-name=} ;; esac
+  shift
+done
+if [ "$name" = rsb-workers ]; then echo $$ > "$FAKE_STATE/workers.pid"; fi
+exec "$@"
+"#;
+
+/// `squeue --steps`: the workers' step, once it is listed and while it runs.
+const SQUEUE: &str = r#"#!/bin/bash
+pid=$(cat "$FAKE_STATE/workers.pid" 2>/dev/null) || exit 0
+if [ -e "$FAKE_STATE/listed" ] && kill -0 "$pid" 2>/dev/null; then
+  echo "$SLURM_JOB_ID.1 rsb-workers"
+fi
+"#;
+
+/// `scancel --signal=TERM JOB.STEP`: SIGTERM to the workers' step, counted.
+const SCANCEL: &str = r#"#!/bin/bash
+[ "$1" = --signal=TERM ] && [ "$2" = "$SLURM_JOB_ID.1" ] || exit 1
+echo TERM >> "$FAKE_STATE/scancel"
+kill -TERM "$(cat "$FAKE_STATE/workers.pid")"
+"#;
+
+/// `scontrol`: one node; `requeue` noted, and the batch shell ended as
+/// Slurm ends it.
+const SCONTROL: &str = r#"#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo node1 ;;
+  "show node") echo "NodeName=node1 NodeAddr=127.0.0.1 State=ALLOCATED" ;;
+  "requeue "*) echo "$2" > "$FAKE_STATE/requeued"; kill -TERM "$PPID" ;;
+  *) exit 1 ;;
+esac
+"#;
+
+/// `worker join`: runs until SIGTERM (or `FAKE_WORKER_RUNS` seconds, then
+/// exits 0); stopped, it writes the checkpoint `FAKE_CHECKPOINT` names (if
+/// any) and exits 1, as a stopped `worker join` does. Its step is listed
+/// `FAKE_LISTED_AFTER` seconds after it starts.
+const WORKER: &str = r#"#!/bin/bash
+stop() {
+  if [ -n "${FAKE_CHECKPOINT:-}" ]; then
+    mkdir -p "$FAKE_OUT/checkpoints/$FAKE_CHECKPOINT"
+    echo "{\"stopped\": true}" > "$FAKE_OUT/checkpoints/$FAKE_CHECKPOINT/manifest.json"
+  fi
+  touch "$FAKE_STATE/worker.exited"
+  exit 1
+}
+trap stop TERM
+(sleep "${FAKE_LISTED_AFTER:-0}"; touch "$FAKE_STATE/listed") &
+touch "$FAKE_STATE/worker.started"
+if [ -n "${FAKE_WORKER_RUNS:-}" ]; then
+  sleep "$FAKE_WORKER_RUNS"
+  touch "$FAKE_STATE/worker.exited"
+  exit 0
+fi
+while :; do sleep 1 & wait $!; done
+"#;
+
+/// `coordinator up`: ends when the worker has, with `FAKE_COORDINATOR_EXIT`
+/// (0: every rank finished; 1: the job failed, as a stopped one does).
+const COORDINATOR: &str = r#"#!/bin/bash
+while [ ! -e "$FAKE_STATE/worker.exited" ]; do sleep 0.1; done
+exit "${FAKE_COORDINATOR_EXIT:-1}"
+"#;
+
+/// One start of the script on fake Slurm commands, in a folder of its own.
+struct Start {
+    dir: tempfile::TempDir,
+}
+
+/// How a start ended.
+struct Ended {
+    status: ExitStatus,
+    log: String,
+    requeued: bool,
+    sigterms_to_the_step: usize,
+    seconds: f64,
+}
+
+impl Start {
+    fn new() -> Start {
+        let start = Start { dir: tempfile::tempdir().unwrap() };
+        for (folder, name, text) in [
+            ("slurm", "srun", SRUN),
+            ("slurm", "squeue", SQUEUE),
+            ("slurm", "scancel", SCANCEL),
+            ("slurm", "scontrol", SCONTROL),
+            ("bin", "worker", WORKER),
+            ("bin", "coordinator", COORDINATOR),
+        ] {
+            let path = start.path(folder).join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::create_dir_all(start.path("state")).unwrap();
+        start
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The run folder.
+    fn out(&self) -> PathBuf {
+        self.path("run")
+    }
+
+    /// Runs the script with `env` set, sends it SIGUSR1 (the time-limit
+    /// signal) once the worker has started when `signal` is true, and
+    /// waits for it to end (30 s at most).
+    fn run(&self, env: &[(&str, &str)], signal: bool) -> Ended {
+        let log = self.path("job.out");
+        let path = format!("{}:{}", self.path("slurm").display(), std::env::var("PATH").unwrap());
+        let began = Instant::now();
+        let mut script = Command::new("bash")
+            .arg(workspace_root().join("deploy/slurm/train.sbatch"))
+            .args(["recipe.yaml", "/data"])
+            .arg(self.out())
+            .env("PATH", path)
+            .env("SLURM_JOB_ID", "7")
+            .env("SLURM_JOB_NUM_NODES", "1")
+            .env("SLURM_JOB_NODELIST", "node1")
+            .env("RSB_BIN", self.path("bin"))
+            .env("FAKE_STATE", self.path("state"))
+            .env("FAKE_OUT", self.out())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        if signal {
+            while !self.path("state/worker.started").exists() {
+                assert!(began.elapsed() < Duration::from_secs(10), "no worker:\n{}", read_log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let pid = nix::unistd::Pid::from_raw(script.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        }
+        let status = loop {
+            if let Some(status) = script.try_wait().unwrap() {
+                break status;
+            }
+            if began.elapsed() > Duration::from_secs(30) {
+                let _ = script.kill();
+                panic!("the script did not end within 30 s:\n{}", read_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let sigterms = std::fs::read_to_string(self.path("state/scancel")).unwrap_or_default();
+        Ended {
+            status,
+            log: read_log(),
+            requeued: self.path("state/requeued").exists(),
+            sigterms_to_the_step: sigterms.lines().count(),
+            seconds: began.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// A committed checkpoint in the run folder, before the start.
+    fn commit(&self, name: &str) {
+        let folder = self.out().join("checkpoints").join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("manifest.json"), "{}").unwrap();
+    }
+}
+
+#[test]
+fn a_start_that_wrote_a_checkpoint_at_the_signal_is_requeued() {
+    let start = Start::new();
+    start.commit("epoch-0001");
+    let ended = start.run(&[("FAKE_CHECKPOINT", "epoch-0001-update-000000017")], true);
+    assert!(ended.requeued, "{}", ended.log);
+    // Ended by the requeue, as Slurm ends it, not by its own exit.
+    assert_eq!(ended.status.signal(), Some(15), "{:?}\n{}", ended.status, ended.log);
+    assert!(ended.log.contains("rsb: requeueing job 7"), "{}", ended.log);
+    assert!(ended.sigterms_to_the_step >= 1, "{}", ended.log);
+}
+
+#[test]
+fn a_start_that_wrote_no_checkpoint_is_not_requeued_and_fails() {
+    let start = Start::new();
+    start.commit("epoch-0002");
+    let ended = start.run(&[], true);
+    assert!(!ended.requeued, "{}", ended.log);
+    assert_eq!(ended.status.code(), Some(1), "{}", ended.log);
+    let said = format!(
+        "rsb: not requeueing job 7: this start wrote no checkpoint in {}",
+        start.out().display()
+    );
+    assert!(ended.log.contains(&said), "{}", ended.log);
+}
+
+#[test]
+fn a_job_that_finished_as_the_signal_came_is_not_requeued() {
+    let start = Start::new();
+    let env = [("FAKE_CHECKPOINT", "epoch-0004"), ("FAKE_COORDINATOR_EXIT", "0")];
+    let ended = start.run(&env, true);
+    assert!(!ended.requeued, "{}", ended.log);
+    assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
+    assert!(ended.log.contains("rsb: job 7 finished as its time limit came"), "{}", ended.log);
+}
+
+#[test]
+fn a_signal_before_the_workers_step_is_listed_stops_it_when_it_is() {
+    let start = Start::new();
+    let env = [("FAKE_CHECKPOINT", "epoch-0001-update-000000004"), ("FAKE_LISTED_AFTER", "3")];
+    let ended = start.run(&env, true);
+    assert!(ended.requeued, "{}", ended.log);
+    assert_eq!(ended.sigterms_to_the_step, 1, "{}", ended.log);
+    // Listed 3 s after the worker started; sent again every 5 s.
+    assert!(ended.seconds >= 3.0, "{}", ended.seconds);
+}
+
+#[test]
+fn a_job_without_the_signal_ends_with_its_status_and_is_not_requeued() {
+    let start = Start::new();
+    let ended = start.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "0")], false);
+    assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
+    assert!(!ended.requeued && ended.sigterms_to_the_step == 0, "{}", ended.log);
+    assert!(!ended.log.contains("time limit"), "{}", ended.log);
+    let failed = Start::new();
+    let ended = failed.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "3")], false);
+    assert_eq!(ended.status.code(), Some(3), "{}", ended.log);
+    assert!(!ended.requeued, "{}", ended.log);
+}
