@@ -304,7 +304,7 @@ fn main() {
         }
     }
     if let Err(e) = outcome {
-        rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
+        rsb_logging::stderr_line(&rsb_logging::error_line(&rsb_logging::error_chain(e.as_ref())));
         drop(output);
         std::process::exit(1);
     }

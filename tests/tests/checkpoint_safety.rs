@@ -274,14 +274,16 @@ fn a_second_trainer_on_a_run_folder_is_refused_while_the_first_lives() {
 /// `worker train --auto-resume`, started again by a scheduler while the
 /// earlier start still writes its stop's checkpoint (it holds the run
 /// folder's lock), waits for it for longer than a plain `worker train`
-/// would (`LOCK_WAIT`, 10 s) and trains once it is released.
+/// would (`LOCK_WAIT`, 10 s) and trains once it is released (held 20 s).
 #[test]
 fn worker_train_auto_resume_waits_for_the_earlier_start_to_let_go_of_the_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 16, 4);
     let run = tmp.path().join("run");
     let held = rsb_job::RunFolderLock::acquire(&run, Duration::ZERO).unwrap();
-    let hold_for = rsb_job::run_folder::LOCK_WAIT + Duration::from_secs(2);
+    // Well past the plain wait, so that a slow start of the worker cannot
+    // hide a wait that gave up at LOCK_WAIT.
+    let hold_for = rsb_job::run_folder::LOCK_WAIT + Duration::from_secs(10);
     let asked = Instant::now();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(hold_for);

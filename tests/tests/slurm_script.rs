@@ -10,7 +10,7 @@
 
 use rsb_integration_tests::workspace_root;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -112,32 +112,37 @@ esac
 "#;
 
 /// `worker join`: runs until SIGTERM (or `FAKE_WORKER_RUNS` seconds, then
-/// exits 0); stopped, it writes the checkpoint `FAKE_CHECKPOINT` names (if
-/// any) and exits 1, as a stopped `worker join` does. Its step is listed
-/// `FAKE_LISTED_AFTER` seconds after it starts.
+/// exits 0); it ends writing the checkpoint `FAKE_CHECKPOINT` names (if
+/// any), and exits 1 when stopped, as a stopped `worker join` does. Its
+/// step is listed `FAKE_LISTED_AFTER` seconds after it starts.
 const WORKER: &str = r#"#!/bin/bash
-stop() {
+end() {
   if [ -n "${FAKE_CHECKPOINT:-}" ]; then
     mkdir -p "$FAKE_OUT/checkpoints/$FAKE_CHECKPOINT"
-    echo "{\"stopped\": true}" > "$FAKE_OUT/checkpoints/$FAKE_CHECKPOINT/manifest.json"
+    echo "{\"ended\": true}" > "$FAKE_OUT/checkpoints/$FAKE_CHECKPOINT/manifest.json"
   fi
   touch "$FAKE_STATE/worker.exited"
-  exit 1
+  exit "$1"
 }
-trap stop TERM
+trap 'end 1' TERM
 (sleep "${FAKE_LISTED_AFTER:-0}"; touch "$FAKE_STATE/listed") &
 touch "$FAKE_STATE/worker.started"
 if [ -n "${FAKE_WORKER_RUNS:-}" ]; then
   sleep "$FAKE_WORKER_RUNS"
-  touch "$FAKE_STATE/worker.exited"
-  exit 0
+  end 0
 fi
 while :; do sleep 1 & wait $!; done
 "#;
 
 /// `coordinator up`: ends when the worker has, with `FAKE_COORDINATOR_EXIT`
-/// (0: every rank finished; 1: the job failed, as a stopped one does).
+/// (0: every rank finished; 1: the job failed, as a stopped one does); with
+/// `FAKE_COORDINATOR_WAITS` set, it runs on (waiting for hosts) until
+/// SIGTERM, then exits 1.
 const COORDINATOR: &str = r#"#!/bin/bash
+if [ -n "${FAKE_COORDINATOR_WAITS:-}" ]; then
+  trap 'exit 1' TERM
+  while :; do sleep 1 & wait $!; done
+fi
 while [ ! -e "$FAKE_STATE/worker.exited" ]; do sleep 0.1; done
 exit "${FAKE_COORDINATOR_EXIT:-1}"
 "#;
@@ -153,7 +158,16 @@ struct Ended {
     log: String,
     requeued: bool,
     sigterms_to_the_step: usize,
-    seconds: f64,
+}
+
+/// A process group, killed when dropped: what a start left running (a fake
+/// that did not end, on a failed assertion) does not outlive its test.
+struct Group(nix::unistd::Pid);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 impl Start {
@@ -186,9 +200,10 @@ impl Start {
     }
 
     /// Runs the script with `env` set, sends it SIGUSR1 (the time-limit
-    /// signal) once the worker has started when `signal` is true, and
+    /// signal) once the fake worker has made the file `signal_after` of
+    /// the state folder (`worker.started`, `worker.exited`), if given, and
     /// waits for it to end (30 s at most).
-    fn run(&self, env: &[(&str, &str)], signal: bool) -> Ended {
+    fn run(&self, env: &[(&str, &str)], signal_after: Option<&str>) -> Ended {
         let log = self.path("job.out");
         let path = format!("{}:{}", self.path("slurm").display(), std::env::var("PATH").unwrap());
         let began = Instant::now();
@@ -207,15 +222,17 @@ impl Start {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .process_group(0)
             .spawn()
             .unwrap();
+        let pid = nix::unistd::Pid::from_raw(script.id() as i32);
+        let _group = Group(pid);
         let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-        if signal {
-            while !self.path("state/worker.started").exists() {
-                assert!(began.elapsed() < Duration::from_secs(10), "no worker:\n{}", read_log());
+        if let Some(file) = signal_after {
+            while !self.path("state").join(file).exists() {
+                assert!(began.elapsed() < Duration::from_secs(10), "no {file}:\n{}", read_log());
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let pid = nix::unistd::Pid::from_raw(script.id() as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
         }
         let status = loop {
@@ -223,7 +240,6 @@ impl Start {
                 break status;
             }
             if began.elapsed() > Duration::from_secs(30) {
-                let _ = script.kill();
                 panic!("the script did not end within 30 s:\n{}", read_log());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -234,7 +250,6 @@ impl Start {
             log: read_log(),
             requeued: self.path("state/requeued").exists(),
             sigterms_to_the_step: sigterms.lines().count(),
-            seconds: began.elapsed().as_secs_f64(),
         }
     }
 
@@ -250,7 +265,8 @@ impl Start {
 fn a_start_that_wrote_a_checkpoint_at_the_signal_is_requeued() {
     let start = Start::new();
     start.commit("epoch-0001");
-    let ended = start.run(&[("FAKE_CHECKPOINT", "epoch-0001-update-000000017")], true);
+    let ended =
+        start.run(&[("FAKE_CHECKPOINT", "epoch-0001-update-000000017")], Some("worker.started"));
     assert!(ended.requeued, "{}", ended.log);
     // Ended by the requeue, as Slurm ends it, not by its own exit.
     assert_eq!(ended.status.signal(), Some(15), "{:?}\n{}", ended.status, ended.log);
@@ -262,7 +278,7 @@ fn a_start_that_wrote_a_checkpoint_at_the_signal_is_requeued() {
 fn a_start_that_wrote_no_checkpoint_is_not_requeued_and_fails() {
     let start = Start::new();
     start.commit("epoch-0002");
-    let ended = start.run(&[], true);
+    let ended = start.run(&[], Some("worker.started"));
     assert!(!ended.requeued, "{}", ended.log);
     assert_eq!(ended.status.code(), Some(1), "{}", ended.log);
     let said = format!(
@@ -276,7 +292,7 @@ fn a_start_that_wrote_no_checkpoint_is_not_requeued_and_fails() {
 fn a_job_that_finished_as_the_signal_came_is_not_requeued() {
     let start = Start::new();
     let env = [("FAKE_CHECKPOINT", "epoch-0004"), ("FAKE_COORDINATOR_EXIT", "0")];
-    let ended = start.run(&env, true);
+    let ended = start.run(&env, Some("worker.started"));
     assert!(!ended.requeued, "{}", ended.log);
     assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
     assert!(ended.log.contains("rsb: job 7 finished as its time limit came"), "{}", ended.log);
@@ -286,22 +302,38 @@ fn a_job_that_finished_as_the_signal_came_is_not_requeued() {
 fn a_signal_before_the_workers_step_is_listed_stops_it_when_it_is() {
     let start = Start::new();
     let env = [("FAKE_CHECKPOINT", "epoch-0001-update-000000004"), ("FAKE_LISTED_AFTER", "3")];
-    let ended = start.run(&env, true);
+    let ended = start.run(&env, Some("worker.started"));
     assert!(ended.requeued, "{}", ended.log);
+    // Not listed when the signal came, listed 3 s later: stopped by the
+    // SIGTERM sent again 5 s after the signal.
     assert_eq!(ended.sigterms_to_the_step, 1, "{}", ended.log);
-    // Listed 3 s after the worker started; sent again every 5 s.
-    assert!(ended.seconds >= 3.0, "{}", ended.seconds);
+}
+
+#[test]
+fn a_signal_after_the_workers_ended_stops_the_coordinator_waiting_for_hosts() {
+    let start = Start::new();
+    // The worker ends with a checkpoint; the coordinator waits on for hosts
+    // (an elastic job or a sweep) until it is stopped.
+    let env = [
+        ("FAKE_WORKER_RUNS", "1"),
+        ("FAKE_CHECKPOINT", "epoch-0002"),
+        ("FAKE_COORDINATOR_WAITS", "1"),
+        ("RSB_STOP_GRACE_SECS", "2"),
+    ];
+    let ended = start.run(&env, Some("worker.exited"));
+    assert!(ended.requeued, "{}", ended.log);
+    assert_eq!(ended.status.signal(), Some(15), "{:?}\n{}", ended.status, ended.log);
 }
 
 #[test]
 fn a_job_without_the_signal_ends_with_its_status_and_is_not_requeued() {
     let start = Start::new();
-    let ended = start.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "0")], false);
+    let ended = start.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "0")], None);
     assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
     assert!(!ended.requeued && ended.sigterms_to_the_step == 0, "{}", ended.log);
     assert!(!ended.log.contains("time limit"), "{}", ended.log);
     let failed = Start::new();
-    let ended = failed.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "3")], false);
+    let ended = failed.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "3")], None);
     assert_eq!(ended.status.code(), Some(3), "{}", ended.log);
     assert!(!ended.requeued, "{}", ended.log);
 }

@@ -369,6 +369,21 @@ fn undecodable_images_are_replaced_logged_once_and_counted_in_training_and_evalu
     assert!(after > replaced, "the count restarted after the resume: {after} after {replaced}");
 }
 
+/// An error whose type shows its cause in its message and also chains it
+/// (here the data folder's I/O error) says the cause once.
+#[test]
+fn a_missing_data_folder_is_named_with_its_cause_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("not-mounted");
+    let run = train_with(&tiny_recipe(), &missing, &tmp.path().join("run"), &[]);
+    assert!(!run.status.success());
+    let err = stderr(&run);
+    let cause = std::io::Error::from_raw_os_error(nix::libc::ENOENT).to_string();
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(&format!("{}/train", missing.display())), "{line}");
+    assert_eq!(line.matches(&cause).count(), 1, "{line}");
+}
+
 #[test]
 fn recipe_errors_name_file_line_and_field() {
     let tmp = tempfile::tempdir().unwrap();

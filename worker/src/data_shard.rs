@@ -85,7 +85,7 @@ fn prepare(folder: &ImageFolder, index: usize, args: &ShardArgs) -> Result<Prepa
     let (nw, nh) = if w <= h { (s, s * h / w) } else { (s * w / h, s) };
     let small = resize(&img, nw as u32, nh as u32, Filter::Bicubic);
     let jpeg = rsb_data::jpeg::encode_rgb(&small, args.quality)
-        .map_err(|e| DataError::Decode { path: sample.path.clone(), source: e.into() })?;
+        .map_err(|e| DataError::Decode { path: sample.path.clone(), error: e.into() })?;
     Ok(Ok((stem, "jpg", jpeg, sample.label)))
 }
 

@@ -777,7 +777,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let outcome = run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop);
     let (success, message) = match &outcome {
         Ok(()) => (true, String::new()),
-        Err(e) => (false, truncated(format!("{e:#}"), MAX_LEAVE_MESSAGE)),
+        Err(e) => (false, truncated(rsb_logging::error_chain(e.as_ref()), MAX_LEAVE_MESSAGE)),
     };
     let leave = pb::LeaveRequest {
         member_id: args.member.clone(),
@@ -1093,7 +1093,7 @@ impl RankLog {
         let written = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
-            .and_then(|mut f| writeln!(f, "error: {error:#}"));
+            .and_then(|mut f| writeln!(f, "error: {}", rsb_logging::error_chain(error.as_ref())));
         if let Err(e) = written {
             tracing::warn!("{}: {e}", self.path.display());
         }

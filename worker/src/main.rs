@@ -156,7 +156,7 @@ fn main() {
         )));
     }
     if let Err(e) = outcome {
-        rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
+        rsb_logging::stderr_line(&rsb_logging::error_line(&rsb_logging::error_chain(e.as_ref())));
         drop(agent_stderr);
         std::process::exit(1);
     }
@@ -184,7 +184,9 @@ fn end_rank(outcome: Result<()>) -> ! {
         Ok(()) => 0,
         Err(e) => {
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-            rsb_logging::stderr_line(&rsb_logging::error_line(&format!("{e:#}")));
+            rsb_logging::stderr_line(&rsb_logging::error_line(&rsb_logging::error_chain(
+                e.as_ref(),
+            )));
             1
         }
     };

@@ -64,12 +64,14 @@ pub enum DecodeError {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The dataset folder does not have the expected layout or content.
     #[error("dataset {path}: {problem}")]
@@ -80,12 +82,13 @@ pub enum DataError {
         problem: String,
     },
     /// An image could not be decoded.
-    #[error("cannot decode {path}: {source}")]
+    // `error` is shown in the message, not chained as a source.
+    #[error("cannot decode {path}: {error}")]
     Decode {
         /// The image file.
         path: PathBuf,
         /// Why.
-        source: DecodeError,
+        error: DecodeError,
     },
     /// A source file (IDX, label file) is malformed.
     #[error("{path}: {problem}")]
@@ -117,7 +120,7 @@ pub enum DataError {
 
 impl DataError {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> DataError {
-        DataError::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> DataError {
+        DataError::Io { path: path.into(), error }
     }
 }

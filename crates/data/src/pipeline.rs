@@ -91,8 +91,8 @@ impl BadFiles {
 /// The reason of a decode failure without the path (the log line names it).
 fn failure_reason(error: &DataError) -> String {
     match error {
-        DataError::Decode { source, .. } => source.to_string(),
-        DataError::Io { source, .. } => source.to_string(),
+        DataError::Decode { error, .. } => error.to_string(),
+        DataError::Io { error, .. } => error.to_string(),
         other => other.to_string(),
     }
 }

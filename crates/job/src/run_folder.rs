@@ -157,17 +157,18 @@ pub enum RunFolderError {
     // `error` is shown in the message, not chained as a source, so `{:#}`
     // does not print it twice.
     #[error(
-        "{path} cannot be read ({error}): --auto-resume does not start the run in {run} again \
-         while its checkpoints may be there (a network file system's error, a volume not \
-         mounted); mend it and start again"
+        "{path} {problem}: --auto-resume does not start the run in {run} again while its \
+         checkpoints may be there (a network file system's error, a volume not mounted); mend \
+         or move it and start again"
     )]
     CheckpointsUnreadable {
         /// The run folder.
         run: PathBuf,
-        /// The folder or entry that cannot be read.
+        /// The folder or entry.
         path: PathBuf,
-        /// The cause.
-        error: std::io::Error,
+        /// What is wrong with it: `cannot be read (<the cause>)`, or that it
+        /// is named as a checkpoint but is not a folder.
+        problem: String,
     },
     /// The checkpoint was trained with another recipe.
     #[error(
@@ -304,32 +305,34 @@ pub fn auto_resume(
 /// entry that is not a readable folder.
 fn confirm_no_checkpoint_folders(out: &Path) -> Result<(), RunFolderError> {
     let folder = out.join(CHECKPOINTS);
-    let unreadable = |path: &Path, error| RunFolderError::CheckpointsUnreadable {
+    let unreadable = |path: &Path, problem: String| RunFolderError::CheckpointsUnreadable {
         run: out.to_path_buf(),
         path: path.to_path_buf(),
-        error,
+        problem,
     };
+    let cannot_read = |error: std::io::Error| format!("cannot be read ({error})");
     // The folder itself, not where a symbolic link points: a link to a
     // volume that is not mounted is not an absent folder.
     match std::fs::symlink_metadata(&folder) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(unreadable(&folder, e)),
+        Err(e) => return Err(unreadable(&folder, cannot_read(e))),
         Ok(_) => {}
     }
-    for entry in std::fs::read_dir(&folder).map_err(|e| unreadable(&folder, e))? {
-        let entry = entry.map_err(|e| unreadable(&folder, e))?;
+    let entries = std::fs::read_dir(&folder).map_err(|e| unreadable(&folder, cannot_read(e)))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| unreadable(&folder, cannot_read(e)))?;
         let path = entry.path();
         let named_as_checkpoint = entry
             .file_name()
             .to_str()
             .is_some_and(|name| name.starts_with(checkpoint::FOLDER_PREFIX));
         if named_as_checkpoint {
-            let error = match std::fs::metadata(&path) {
-                Err(e) => e,
-                Ok(m) if !m.is_dir() => std::io::Error::other("not a folder"),
-                Ok(_) => std::io::Error::other("a checkpoint folder that could not be listed"),
+            let problem = match std::fs::metadata(&path) {
+                Err(e) => cannot_read(e),
+                Ok(m) if !m.is_dir() => "is named as a checkpoint but is not a folder".to_string(),
+                Ok(_) => "is a checkpoint folder that could not be listed".to_string(),
             };
-            return Err(unreadable(&path, error));
+            return Err(unreadable(&path, problem));
         }
     }
     Ok(())
@@ -367,7 +370,9 @@ fn run_marker(folder: &Path) -> Option<&'static str> {
         if path.is_dir() {
             std::fs::read_dir(&path).map(|mut d| d.next().is_some()).unwrap_or(true)
         } else {
-            path.exists()
+            // A symbolic link counts where it points nowhere (a volume not
+            // mounted): a run's checkpoints may be there.
+            path.symlink_metadata().is_ok()
         }
     })
 }
@@ -813,8 +818,17 @@ mod tests {
                 if *path == out.join("checkpoints/epoch-0001")),
             "{err}"
         );
+        assert!(err.to_string().contains("is named as a checkpoint but is not a folder"), "{err}");
         assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), records);
         std::fs::remove_file(out.join("checkpoints/epoch-0001")).unwrap();
+
+        // A run folder that holds nothing but a checkpoints link to a
+        // volume not mounted is not a fresh start either.
+        let only_link = tmp.path().join("only-link");
+        std::fs::create_dir(&only_link).unwrap();
+        std::os::unix::fs::symlink(&unmounted, only_link.join("checkpoints")).unwrap();
+        let err = auto_resume(&only_link, &recipe, &[]).unwrap_err();
+        assert!(matches!(err, RunFolderError::CheckpointsUnreadable { .. }), "{err}");
 
         // A run with checkpoints continues from its newest intact one.
         let first = committed_checkpoint(&out, "epoch-0001", &recipe);

@@ -97,20 +97,22 @@ pub enum SweepError {
         second: String,
     },
     /// A cell's recipe is refused.
-    #[error("sweep cell {id}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice (as for `Io`).
+    #[error("sweep cell {id}: {error}")]
     Recipe {
         /// The cell id.
         id: String,
         /// The recipe error (names the `--set` it came from).
-        source: Box<rsb_recipes::ProcedureError>,
+        error: Box<rsb_recipes::ProcedureError>,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The manifest is not a valid [`SweepManifest`].
     #[error("{path}: {message}")]
@@ -300,7 +302,7 @@ impl SweepCell {
     pub fn load(&self, source: &RecipeSource, base: &[String]) -> Result<Recipe, SweepError> {
         source
             .load(&self.overrides(base))
-            .map_err(|source| SweepError::Recipe { id: self.id.clone(), source: Box::new(source) })
+            .map_err(|source| SweepError::Recipe { id: self.id.clone(), error: Box::new(source) })
     }
 
     /// The grid value of `key`, if the cell has one.
@@ -435,7 +437,7 @@ impl SweepManifest {
     pub fn read(dir: &Path) -> Result<SweepManifest, SweepError> {
         let path = SweepLayout::new(dir).manifest();
         let text = std::fs::read_to_string(&path)
-            .map_err(|source| SweepError::Io { path: path.clone(), source })?;
+            .map_err(|source| SweepError::Io { path: path.clone(), error: source })?;
         let fail = |message: String| SweepError::Manifest { path: path.clone(), message };
         let mut de = serde_json::Deserializer::from_str(&text);
         let manifest: SweepManifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -474,7 +476,7 @@ fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf,
         text.as_bytes(),
         crate::atomic_write::Readers::Everyone,
     )
-    .map_err(|source| SweepError::Io { path: path.to_path_buf(), source })?;
+    .map_err(|source| SweepError::Io { path: path.to_path_buf(), error: source })?;
     Ok(path.to_path_buf())
 }
 
@@ -564,7 +566,7 @@ impl RunOutcome {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(SweepError::Io { path, source }),
+            Err(source) => return Err(SweepError::Io { path, error: source }),
         };
         let mut de = serde_json::Deserializer::from_str(&text);
         serde_path_to_error::deserialize(&mut de).map(Some).map_err(|e| {

@@ -280,6 +280,25 @@ pub struct JsonLogFields {
 /// The target of the lines [`error_line`] writes.
 pub const ERROR_LINE_TARGET: &str = "error";
 
+/// An error and its causes on one line, as anyhow's `{:#}` writes them
+/// (`outer: inner: …`), without a cause whose text the line already holds:
+/// an error type that shows its source in its own message and also chains
+/// it (`#[error("{path}: {source}")]`, here or in a dependency) would
+/// otherwise say it twice.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let said = next.to_string();
+        if !line.contains(&said) {
+            line.push_str(": ");
+            line.push_str(&said);
+        }
+        cause = next.source();
+    }
+    line
+}
+
 /// The line that says a process failed, or that a thread panicked, in the
 /// format of [`FORMAT_ENV`]: `error: {message}` as text; as JSON, one event
 /// at `ERROR` whose target is [`ERROR_LINE_TARGET`], with the message whole
@@ -585,6 +604,48 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// An error that shows its cause in its message and chains it too.
+    #[derive(Debug)]
+    struct Shows(std::io::Error);
+
+    impl std::fmt::Display for Shows {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "data/train: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Shows {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// An error that chains its cause without showing it.
+    #[derive(Debug)]
+    struct Chains(Shows);
+
+    impl std::fmt::Display for Chains {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("loading the training set")
+        }
+    }
+
+    impl std::error::Error for Chains {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let cause = missing().to_string();
+        let line = error_chain(&Chains(Shows(missing())));
+        assert_eq!(line, format!("loading the training set: data/train: {cause}"));
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+        assert_eq!(error_chain(&missing()), cause);
+    }
     use super::*;
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use std::process::{Command, Stdio};

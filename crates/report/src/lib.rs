@@ -89,12 +89,14 @@ pub enum ReportError {
         allowed: &'static str,
     },
     /// A run's `recipe.yaml` does not load.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Recipe {
         /// The recipe file.
         path: PathBuf,
         /// Why.
-        source: Box<rsb_recipes::RecipeError>,
+        error: Box<rsb_recipes::RecipeError>,
     },
     /// No run of the sweep finished.
     #[error("{dir}: no finished run to report ({} cell(s) skipped: {})", .skipped.len(),
@@ -106,20 +108,24 @@ pub enum ReportError {
         skipped: Vec<Skipped>,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A CSV file could not be written.
-    #[error("{path}: {source}")]
+    // `error` is shown in the message, not chained as a source, so `{:#}`
+    // does not print it twice.
+    #[error("{path}: {error}")]
     Csv {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: csv::Error,
+        error: csv::Error,
     },
     /// A chart could not be drawn or written.
     #[error("{path}: drawing the chart failed: {message}")]
@@ -160,18 +166,18 @@ fn readable_number(v: f64) -> String {
 /// other accounts of a shared file system read).
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     write_atomically(path, bytes, Readers::Everyone)
-        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })
+        .map_err(|source| ReportError::Io { path: path.to_path_buf(), error: source })
 }
 
 fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<(), ReportError> {
-    let fail = |source| ReportError::Csv { path: path.to_path_buf(), source };
+    let fail = |source| ReportError::Csv { path: path.to_path_buf(), error: source };
     let mut writer = csv::Writer::from_writer(Vec::new());
     for row in rows {
         writer.serialize(row).map_err(fail)?;
     }
     let bytes = writer.into_inner().map_err(|e| ReportError::Io {
         path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+        error: std::io::Error::other(e.to_string()),
     })?;
     write_file(path, &bytes)
 }
@@ -185,7 +191,7 @@ fn remove_stale(path: &Path) -> Result<(), ReportError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ReportError::Io { path: path.to_path_buf(), source }),
+        Err(source) => Err(ReportError::Io { path: path.to_path_buf(), error: source }),
     }
 }
 
@@ -261,7 +267,7 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
     let dir = rsb_job::SweepLayout::new(&sweep.dir).report_dir();
     let curves_dir = dir.join(CURVES);
     std::fs::create_dir_all(&curves_dir)
-        .map_err(|source| ReportError::Io { path: curves_dir.clone(), source })?;
+        .map_err(|source| ReportError::Io { path: curves_dir.clone(), error: source })?;
     let mut files = Vec::new();
     let rows = tables::set_rows(sweep);
     let csv = dir.join(REPORT_CSV);

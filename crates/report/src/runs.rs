@@ -242,7 +242,7 @@ impl Sweep {
 /// error naming `path:line` and the field.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| ReportError::Io { path: path.to_path_buf(), source })?;
+        .map_err(|source| ReportError::Io { path: path.to_path_buf(), error: source })?;
     let mut records = Vec::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
         if line.trim().is_empty() {
@@ -345,7 +345,7 @@ fn read_run(
         return Ok(Err(skip(SkipReason::NoRecipe)));
     }
     let recipe = rsb_recipes::load(&recipe_path, &[])
-        .map_err(|source| ReportError::Recipe { path: recipe_path, source: Box::new(source) })?;
+        .map_err(|source| ReportError::Recipe { path: recipe_path, error: Box::new(source) })?;
     let epochs = total_epochs(&recipe);
     let mut last: BTreeMap<u64, MetricsRecord> = BTreeMap::new();
     for record in read_metrics(&metrics)? {
