@@ -604,6 +604,9 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::process::{Command, Stdio};
 
     /// An error that shows its cause in its message and chains it too.
     #[derive(Debug)]
@@ -646,9 +649,6 @@ mod tests {
         assert_eq!(line.matches(&cause).count(), 1, "{line}");
         assert_eq!(error_chain(&missing()), cause);
     }
-    use super::*;
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    use std::process::{Command, Stdio};
 
     /// Set in the copy of this test binary that
     /// [`a_panic_is_reported_through_the_non_blocking_stderr_and_waits_on_nothing`]
