@@ -86,6 +86,30 @@ fn shards_train_and_every_eval_set_is_reported() {
     assert!(text.contains("80 samples") && text.contains("in 3 shards"), "{text}");
     let classes = std::fs::read_to_string(shards.join("classes.txt")).unwrap();
     assert_eq!(classes.lines().count(), 10);
+    let listed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("shards.json")).unwrap())
+            .unwrap();
+    let counts: Vec<u64> = listed["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["samples"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![30, 30, 20]);
+    // Sharding again into the same folder is refused, not mixed with it.
+    let again = worker(&[
+        "data",
+        "shard",
+        "--src",
+        data.join("val").to_str().unwrap(),
+        "--out",
+        shards.to_str().unwrap(),
+        "--shard-size",
+        "7",
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && stderr.contains("already holds shards"), "{stderr}");
+    assert!(!shards.join("shard-000003.tar").exists(), "{stderr}");
 
     let out = tmp.path().join("run");
     let recipe = workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml");
@@ -170,6 +194,37 @@ fn shards_train_and_every_eval_set_is_reported() {
             .unwrap_or_else(|| panic!("{text}"));
         assert!(line.contains(&format!("top-1 {t1:.3}%")), "{line} vs {t1}");
     }
+
+    // An ImageNet-V2 folder missing classes (a half-extracted archive) is
+    // scored over what is there, saying how many class folders are missing.
+    let part = data.join("v2-part");
+    for class in ["0", "1", "2"] {
+        let to = part.join(class);
+        std::fs::create_dir_all(&to).unwrap();
+        for file in std::fs::read_dir(data.join("v2").join(class)).unwrap() {
+            let file = file.unwrap().path();
+            std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    let run = worker(&[
+        "eval",
+        "--model",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--input-size",
+        "32",
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--v2",
+        "--data",
+        part.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("7 of the 10 class folders are missing"), "{stderr}");
 }
 
 /// The RSB recipe's own settings, shrunk to a few Fashion-MNIST images and

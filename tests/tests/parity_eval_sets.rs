@@ -34,7 +34,7 @@ fn real_and_plain_accuracy_equal_timm() {
     let scoring = Scoring::Real(Arc::new(real));
     let samples: Vec<Sample> =
         files.iter().map(|f| Sample::file(format!("/imagenet/val/{f}").into(), 0)).collect();
-    scoring.check(&samples).unwrap();
+    scoring.check(&samples, 1000).unwrap();
     let mut score = EvalCounts::default();
     let mut per_image = Vec::new();
     // Batches of 300 (timm's fixture used 256): batching must not matter.

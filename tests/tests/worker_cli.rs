@@ -161,7 +161,57 @@ fn train_resume_eval_infer_round_trip() {
         output.to_str().unwrap(),
     ]);
     assert!(infer.status.success(), "{}", String::from_utf8_lossy(&infer.stderr));
-    assert_eq!(tch::Tensor::read_npy(&output).unwrap().size(), vec![3, 10]);
+    let logits = tch::Tensor::read_npy(&output).unwrap();
+    assert_eq!(logits.size(), vec![3, 10]);
+
+    // A header that gives more data than the file holds (a copy cut short,
+    // an edited header) is an error naming the file, not logits made of
+    // whatever lay past the data (or a crash, for a larger shape); the
+    // same batch read whole gives the same logits as before.
+    let bytes = std::fs::read(&input).unwrap();
+    let header_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let find = |what: &[u8], from: usize| {
+        from + bytes[from..header_end].windows(what.len()).position(|w| w == what).unwrap()
+    };
+    let shape_at = find(b"'shape': (", 0) + 9;
+    let shape_end = find(b")", shape_at) + 1;
+    let run_infer = |input: &Path| {
+        let weights = ckpt.join("model.safetensors");
+        let args = ["--num-classes", "10", "--weights", weights.to_str().unwrap()];
+        let files = ["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+        worker(&[&["infer", "--model", "resnet18"][..], &args, &files].concat())
+    };
+    let claims = |shape: &str, name: &str| {
+        let path = tmp.path().join(name);
+        // Of the same length: the header's own length field stays right.
+        assert_eq!(shape.len(), shape_end - shape_at, "{shape}");
+        let edited = [&bytes[..shape_at], shape.as_bytes(), &bytes[shape_end..]].concat();
+        std::fs::write(&path, edited).unwrap();
+        path
+    };
+    for (input, what) in [
+        (claims("(9,3,32,32,)", "nine.npy"), "only"),
+        (claims("(99,3,99,99)", "huge.npy"), "only"),
+        (claims("(3,3,32,32,)", "same.npy"), ""),
+    ] {
+        let run = run_infer(&input);
+        let text = String::from_utf8_lossy(&run.stderr);
+        if what.is_empty() {
+            assert!(run.status.success(), "{text}");
+            let again = tch::Tensor::read_npy(&output).unwrap();
+            assert_eq!(again.size(), vec![3, 10]);
+            assert!(again.allclose(&logits, 1e-5, 1e-5, false), "{again} vs {logits}");
+        } else {
+            assert_eq!(run.status.code(), Some(1), "{text}");
+            let name = input.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(text.contains(&name) && text.contains(what), "{text}");
+        }
+    }
+    let cut = tmp.path().join("cut.npy");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let run = run_infer(&cut);
+    let text = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && text.contains("cut.npy"), "{text}");
 }
 
 fn stderr(run: &Output) -> String {

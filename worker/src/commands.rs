@@ -15,7 +15,7 @@ use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Which device to use: `auto` (the first GPU if any), `cpu`, or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
@@ -335,12 +335,21 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         Some(path) => {
             let real = rsb_data::labels::RealLabels::read(path)?;
             let scoring = rsb_data::labels::Scoring::Real(Arc::new(real));
-            scoring.check(folder.samples())?;
+            scoring.check(folder.samples(), num_classes as usize)?;
             let data = Arc::new(EvalData::new(folder.clone(), transform, args.batch_size));
             Some(EvalSet { name: "real".into(), data, scoring })
         }
         None => None,
     };
+    let mut sets: Vec<EvalSet> = real_set.into_iter().collect();
+    // The recipe's eval sets are opened and checked before the val pass, so
+    // that a broken one is named at once, not after it.
+    if let Some(r) = &recipe {
+        let mut r = r.clone();
+        r.model.num_classes = num_classes as u32;
+        r.eval.batch_size = args.batch_size as u32;
+        sets.extend(rsb_train::from_recipe::eval_sets(&r, &classes)?);
+    }
     let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
     let acc = evaluate(&mut model, &data, &normalizer, EvalShard::whole(threads, 4))?;
     let skipped = data.bad_files().replacements();
@@ -353,13 +362,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         acc.top5_pct(),
         acc.mean_loss()
     );
-    let mut sets: Vec<EvalSet> = real_set.into_iter().collect();
-    if let Some(r) = &recipe {
-        let mut r = r.clone();
-        r.model.num_classes = num_classes as u32;
-        r.eval.batch_size = args.batch_size as u32;
-        sets.extend(rsb_train::from_recipe::eval_sets(&r, &classes)?);
-    }
     for set in &sets {
         let score = evaluate_set(&mut model, set, &normalizer, EvalShard::whole(threads, 4))?;
         println!(
@@ -409,16 +411,7 @@ pub fn infer(args: InferArgs) -> Result<()> {
         device,
     )?;
     model.load_safetensors(&rsb_job::checkpoint::resolve_weights(&args.weights)?)?;
-    let input = Tensor::read_npy(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
-    if input.kind() != Kind::Float || input.dim() != 4 || input.size()[1] != 3 {
-        bail!(
-            "{}: expected a float32 array of shape [N, 3, H, W], got {:?} {:?}",
-            args.input.display(),
-            input.kind(),
-            input.size()
-        );
-    }
+    let input = read_input_npy(&args.input)?;
     let logits = tch::no_grad(|| model.forward(&input.to_device(device), ForwardMode::Eval))?;
     let tmp = args.output.with_extension("npy.tmp");
     logits
@@ -429,6 +422,42 @@ pub fn infer(args: InferArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     println!("{}: logits {:?}", args.output.display(), logits.size());
     Ok(())
+}
+
+/// Reads `worker infer`'s input, a C-order float32 `.npy` of shape
+/// `[N, 3, H, W]`, its data checked against the shape its header gives
+/// (libtorch's own reader trusts the header, and read past the end of a
+/// file shorter than that).
+fn read_input_npy(path: &Path) -> Result<Tensor> {
+    let name = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("reading {name}"))?;
+    let file_len = file.metadata().with_context(|| format!("reading {name}"))?.len();
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{name}: not a .npy file"))?;
+    let shape = npy.shape().to_vec();
+    let dtype = match npy.dtype() {
+        npyz::DType::Plain(type_str) => type_str.to_string(),
+        other => format!("{other:?}"),
+    };
+    if dtype != "<f4" || shape.len() != 4 || shape[1] != 3 {
+        bail!("{name}: expected a float32 array of shape [N, 3, H, W], got {dtype} {shape:?}");
+    }
+    if npy.order() != npyz::Order::C {
+        bail!("{name}: a Fortran-order array; expected C order (numpy's default)");
+    }
+    let data_bytes = shape.iter().try_fold(4u64, |bytes, &d| bytes.checked_mul(d));
+    if data_bytes.is_none_or(|bytes| bytes > file_len) {
+        bail!(
+            "{name}: its header gives shape {shape:?}, {} bytes of float32, but the file holds \
+             only {file_len} bytes",
+            data_bytes.map_or("more than 2^64".to_string(), |b| b.to_string())
+        );
+    }
+    let values: Vec<f32> = npy.into_vec().with_context(|| {
+        format!("{name}: reading the {shape:?} float32 its header gives (cut short?)")
+    })?;
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::from_slice(&values).f_view(dims.as_slice())?)
 }
 
 /// `RSB_CUDA_SYNC_DEBUG` (`off`, `warn` or `error`): libtorch's CUDA sync

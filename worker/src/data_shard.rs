@@ -104,6 +104,8 @@ pub fn shard(args: ShardArgs) -> Result<()> {
         Some(labels) => ImageFolder::open_flat(&args.src, labels, None)?,
         None => ImageFolder::open(&args.src)?,
     };
+    // Refuses an --out holding shards already, before any image is read.
+    let mut writer = ShardWriter::create(&args.out, args.shard_size)?;
     let start = Instant::now();
     let total = folder.len();
     let threads = if args.threads == 0 { default_threads() } else { args.threads };
@@ -111,7 +113,6 @@ pub fn shard(args: ShardArgs) -> Result<()> {
     let args = Arc::new(args);
     let (f, a) = (Arc::clone(&folder), Arc::clone(&args));
     let loader = Loader::spawn(total, threads, 4 * threads, move |k| prepare(&f, k, &a));
-    let mut writer = ShardWriter::create(&args.out, args.shard_size)?;
     let (mut written, mut skipped, mut bytes_out) = (0usize, 0usize, 0u64);
     for item in loader {
         match item.context("preparing a sample")? {

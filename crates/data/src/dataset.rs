@@ -144,6 +144,21 @@ impl ImageFolder {
             let files = class_images(root, class)?;
             samples.extend(files.into_iter().map(|path| Sample::file(path, label as u32)));
         }
+        let mut present = vec![false; num_classes];
+        for sample in &samples {
+            present[sample.label as usize] = true;
+        }
+        let missing: Vec<usize> = (0..num_classes).filter(|&i| !present[i]).collect();
+        if let Some(first) = missing.first() {
+            // A half-extracted archive: its score is over fewer classes
+            // than the set has, and not comparable with a whole one's.
+            tracing::warn!(
+                folder = %root.display(),
+                "{} of the {num_classes} class folders are missing (the first: `{first}`): the \
+                 set is scored without their images",
+                missing.len()
+            );
+        }
         let classes = (0..num_classes).map(|i| i.to_string()).collect();
         Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
     }
@@ -248,6 +263,9 @@ impl ImageFolder {
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
         let shards = crate::shards::shard_files(root)?;
         if shards.is_empty() {
+            if crate::shards::has_unfinished_shards(root)? {
+                return ImageFolder::open_shards(root);
+            }
             return ImageFolder::open(root);
         }
         let folders = class_folders(root).unwrap_or_default();
@@ -357,7 +375,17 @@ fn class_folders(root: &Path) -> Result<Vec<String>, DataError> {
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(root, e))?;
         if std::fs::metadata(entry.path()).map_err(|e| DataError::io(entry.path(), e))?.is_dir() {
-            class_dirs.push(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(DataError::Layout {
+                    path: root.to_path_buf(),
+                    problem: format!(
+                        "class folder `{}` has a name that is not UTF-8 text",
+                        name.to_string_lossy()
+                    ),
+                });
+            };
+            class_dirs.push(name.to_string());
         }
     }
     if class_dirs.is_empty() {
@@ -374,7 +402,9 @@ fn class_folders(root: &Path) -> Result<Vec<String>, DataError> {
 fn class_images(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
     let dir = root.join(class);
     let mut files = Vec::new();
-    collect_images(&dir, &mut files)?;
+    let mut not_files = Vec::new();
+    collect_images_below(&dir, &mut files, &mut not_files, 0)?;
+    warn_not_files(&dir, &not_files);
     if files.is_empty() {
         return Err(DataError::Layout {
             path: root.to_path_buf(),
@@ -391,33 +421,57 @@ fn class_images(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
 /// The image files directly in `root`, natural-sorted.
 fn flat_images(root: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
+    let mut not_files = Vec::new();
     for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
         let entry = entry.map_err(|e| DataError::io(root, e))?;
         let path = entry.path();
-        if has_image_extension(&path) && !std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-            files.push(path);
+        if !has_image_extension(&path) {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if !m.is_file() => not_files.push(path),
+            _ => files.push(path),
         }
     }
+    warn_not_files(root, &not_files);
     files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
     Ok(files)
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    collect_images_below(dir, out, 0)
+/// Logs the entries named like images that are not regular files (a FIFO,
+/// a socket, a device), which are left out: reading one would block or
+/// never end.
+fn warn_not_files(dir: &Path, not_files: &[PathBuf]) {
+    if let Some(first) = not_files.first() {
+        tracing::warn!(
+            folder = %dir.display(),
+            first = %first.display(),
+            "{} file(s) named like images are not regular files (FIFOs, sockets, devices): \
+             left out, since reading one would block or never end",
+            not_files.len()
+        );
+    }
 }
 
 /// Deepest folder nesting followed below a class folder (a guard against
 /// symbolic-link cycles).
 const MAX_DEPTH: usize = 16;
 
-fn collect_images_below(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), DataError> {
+fn collect_images_below(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    not_files: &mut Vec<PathBuf>,
+    depth: usize,
+) -> Result<(), DataError> {
     for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
         let path = entry.path();
         // Follow symbolic links (folders of links into a shared copy are
         // common); a dangling link counts as a file, which then fails to
         // decode and is handled like any undecodable image.
-        let is_dir = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        let metadata = std::fs::metadata(&path);
+        let is_dir = metadata.as_ref().is_ok_and(|m| m.is_dir());
         if is_dir {
             if depth >= MAX_DEPTH {
                 return Err(DataError::Layout {
@@ -427,9 +481,13 @@ fn collect_images_below(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Res
                     ),
                 });
             }
-            collect_images_below(&path, out, depth + 1)?;
+            collect_images_below(&path, out, not_files, depth + 1)?;
         } else if has_image_extension(&path) {
-            out.push(path);
+            if metadata.is_ok_and(|m| !m.is_file()) {
+                not_files.push(path);
+            } else {
+                out.push(path);
+            }
         }
     }
     Ok(())
@@ -534,6 +592,37 @@ mod tests {
         let folder = ImageFolder::open_any(dir.path()).unwrap();
         assert_eq!(folder.classes(), &["n01".to_string(), "n02".to_string()]);
         assert_eq!(folder.len(), 2);
+    }
+
+    #[test]
+    fn entries_named_like_images_that_are_not_files_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let class = dir.path().join("n01");
+        std::fs::create_dir_all(class.join("deeper")).unwrap();
+        std::fs::write(class.join("a.JPEG"), b"").unwrap();
+        // Reading a FIFO blocks until a writer comes: for ever.
+        for fifo in [class.join("pipe.JPEG"), class.join("deeper/pipe.jpg")] {
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+            assert!(made.success());
+        }
+        std::os::unix::fs::symlink("/dev/zero", class.join("zero.png")).unwrap();
+        let folder = ImageFolder::open(dir.path()).unwrap();
+        let names: Vec<String> = folder.samples().iter().map(|s| s.file_name()).collect();
+        assert_eq!(names, vec!["a.JPEG"]);
+        let flat = ImageFolder::open_unlabelled(&class).unwrap();
+        let names: Vec<String> = flat.samples().iter().map(|s| s.file_name()).collect();
+        assert_eq!(names, vec!["a.JPEG"]);
+    }
+
+    #[test]
+    fn a_class_folder_name_that_is_not_utf8_is_named_as_such() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let class = dir.path().join(std::ffi::OsStr::from_bytes(b"n09\xff"));
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::write(class.join("a.JPEG"), b"").unwrap();
+        let err = ImageFolder::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("n09") && err.contains("not UTF-8"), "{err}");
     }
 
     #[test]

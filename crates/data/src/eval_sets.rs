@@ -91,16 +91,7 @@ impl EvalSet {
                 } else {
                     ImageFolder::open_unlabelled(&spec.root)?
                 };
-                let real = Arc::new(real);
-                if let Some(bad) = folder.samples().iter().find_map(|s| {
-                    real.labels_of(&s.file_name())?.iter().find(|&&l| l as usize >= num_classes)
-                }) {
-                    return Err(DataError::Config(format!(
-                        "eval set `{}`: ReaL label {bad} is out of range for {num_classes} classes",
-                        spec.name
-                    )));
-                }
-                (folder, Scoring::Real(real))
+                (folder, Scoring::Real(Arc::new(real)))
             }
         };
         if matches!(scoring, Scoring::Labels) {
@@ -108,7 +99,9 @@ impl EvalSet {
                 .check_labels(num_classes)
                 .map_err(|e| DataError::Config(format!("eval set `{}`: {e}", spec.name)))?;
         }
-        scoring.check(folder.samples())?;
+        scoring
+            .check(folder.samples(), num_classes)
+            .map_err(|e| DataError::Config(format!("eval set `{}`: {e}", spec.name)))?;
         Ok(EvalSet {
             name: spec.name.clone(),
             data: Arc::new(EvalData::new(folder, transform, batch_size)),

@@ -311,19 +311,27 @@ pub enum Scoring {
 
 impl Scoring {
     /// Checks before evaluating that every sample can be scored (ReaL: every
-    /// image has an entry); the error names the first that cannot.
-    pub fn check(&self, samples: &[Sample]) -> Result<(), DataError> {
+    /// image has an entry, and its labels are below `num_classes`, which a
+    /// prediction could never match); the error names the first that cannot.
+    pub fn check(&self, samples: &[Sample], num_classes: usize) -> Result<(), DataError> {
         if let Scoring::Real(real) = self {
-            if let Some(s) = samples.iter().find(|s| real.labels_of(&s.file_name()).is_none()) {
-                return Err(DataError::Format {
-                    path: real.path.clone(),
-                    problem: format!(
+            for sample in samples {
+                let problem = match real.labels_of(&sample.file_name()) {
+                    None => format!(
                         "no ReaL entry for {} (expected ImageNet validation names, \
                          ILSVRC2012_val_00000001 to ILSVRC2012_val_{:08})",
-                        s.display(),
+                        sample.display(),
                         real.len()
                     ),
-                });
+                    Some(labels) => match labels.iter().find(|&&l| l as usize >= num_classes) {
+                        Some(label) => format!(
+                            "ReaL label {label} of {} is out of range for {num_classes} classes",
+                            sample.display()
+                        ),
+                        None => continue,
+                    },
+                };
+                return Err(DataError::Format { path: real.path.clone(), problem });
             }
         }
         Ok(())
@@ -420,8 +428,16 @@ mod tests {
         twice.merge(&score);
         assert_eq!(EvalCounts::from_array(twice.to_array()), twice);
         assert_eq!((twice.count, twice.excluded), (4, 2));
-        assert!(scoring.check(&[s(0), s(2)]).is_ok());
-        let err = scoring.check(&[s(5)]).unwrap_err().to_string();
+        assert!(scoring.check(&[s(0), s(2)], 8).is_ok());
+        let err = scoring.check(&[s(5)], 8).unwrap_err().to_string();
         assert!(err.contains("ILSVRC2012_val_00000006"), "{err}");
+        // A label no prediction of a 7-class model could match.
+        let err = scoring.check(&[s(0), s(2)], 7).unwrap_err().to_string();
+        assert!(
+            err.contains("real.json")
+                && err.contains("ReaL label 7")
+                && err.contains("ILSVRC2012_val_00000001"),
+            "{err}"
+        );
     }
 }

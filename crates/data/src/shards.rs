@@ -5,9 +5,21 @@
 //! Inside a tar, the members of one sample share a key, the member path up
 //! to the first `.` of its file name (WebDataset's rule): `KEY.jpg` (or
 //! `.jpeg`, `.png`) is the image and `KEY.cls` its class index as decimal
-//! text. Other members are ignored. A sample missing either part, a `.cls`
-//! that is not a number, or a tar that does not parse is an error naming the
-//! shard and the key, before training starts.
+//! text. Other members are counted and logged, and not read. A sample
+//! missing either part or with two of one, a `.cls` that is not a number, a
+//! tar that does not parse or ends without tar's end-of-archive block (cut
+//! short at a block boundary: a partial copy), and a shard with no sample
+//! are errors naming the shard (and the key), before training starts.
+//!
+//! `worker data shard` writes `shards.json` last, listing each shard with
+//! its size and sample count: a folder whose shards differ from that list
+//! (one missing, a stale one from an earlier run, one copied in part) is
+//! refused, naming the shard. A folder with `shards.writing` (made when the
+//! writer starts, removed after `shards.json` is written) or a `*.tar.tmp`
+//! holds what an interrupted `worker data shard` left, and is refused too.
+//! Shards written by other tools (no `shards.json`) are read with a warning
+//! that their set's completeness cannot be checked. The writer refuses a
+//! folder that already holds shards.
 //!
 //! Unlike WebDataset's streaming reader, samples are read by random access
 //! (the offset of each image inside its tar is indexed once), so the samplers
@@ -15,13 +27,53 @@
 
 use crate::dataset::{natural_cmp, Sample, ShardMember};
 use crate::error::DataError;
-use std::collections::{HashMap, HashSet};
+use rsb_job::atomic_write::{write_atomically, Readers};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Name of the optional class-name file of a shard folder.
 pub const CLASSES_FILE: &str = "classes.txt";
+
+/// Name of the list of shards that `worker data shard` writes last.
+pub const MANIFEST_FILE: &str = "shards.json";
+
+/// Version of [`ShardManifest`] this build writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Suffix of a shard being written (renamed without it when complete).
+const TEMPORARY_SUFFIX: &str = ".tar.tmp";
+
+/// A file that says `worker data shard` writes into the folder: made
+/// first, removed after [`MANIFEST_FILE`] is written.
+pub const WRITING_FILE: &str = "shards.writing";
+
+/// Size of a tar block.
+const TAR_BLOCK: u64 = 512;
+
+/// The shards a finished `worker data shard` wrote (`shards.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardManifest {
+    /// [`MANIFEST_FORMAT`] of the writer.
+    pub format: u32,
+    /// Every shard of the folder, in order.
+    pub shards: Vec<ShardListing>,
+}
+
+/// One shard as `shards.json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardListing {
+    /// File name in the folder.
+    pub name: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Samples in it.
+    pub samples: u64,
+}
 
 /// Largest image member accepted (a guard against corrupt size fields).
 pub const MAX_MEMBER_BYTES: u64 = 1 << 30;
@@ -47,6 +99,51 @@ pub fn shard_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(out)
 }
 
+/// Whether `worker data shard` writes into `root`, or was interrupted
+/// there (`shards.writing`, a `*.tar.tmp`).
+pub fn has_unfinished_shards(root: &Path) -> Result<bool, DataError> {
+    Ok(!unfinished_shards(root)?.is_empty())
+}
+
+/// What a writer that has not finished leaves: its shard under a temporary
+/// name, and its `shards.writing`.
+fn unfinished_shards(root: &Path) -> Result<Vec<String>, DataError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
+        let name = entry.map_err(|e| DataError::io(root, e))?.file_name();
+        let name = name.to_string_lossy();
+        if name.to_ascii_lowercase().ends_with(TEMPORARY_SUFFIX) || name == WRITING_FILE {
+            out.push(name.into_owned());
+        }
+    }
+    out.sort_by(|a, b| natural_cmp(a, b));
+    Ok(out)
+}
+
+/// Reads `root/shards.json`, if there is one.
+fn read_manifest(root: &Path) -> Result<Option<ShardManifest>, DataError> {
+    let path = root.join(MANIFEST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(&path, e)),
+    };
+    let manifest: ShardManifest = serde_json::from_str(&text).map_err(|e| DataError::Format {
+        path: path.clone(),
+        problem: format!("line {}: {e}", e.line()),
+    })?;
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(DataError::Format {
+            path,
+            problem: format!(
+                "format {} (this build reads format {MANIFEST_FORMAT})",
+                manifest.format
+            ),
+        });
+    }
+    Ok(Some(manifest))
+}
+
 /// Splits a member path into (key, lower-case extension).
 fn split_key(name: &str) -> (&str, String) {
     let base_start = name.rfind('/').map_or(0, |i| i + 1);
@@ -66,13 +163,23 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
     // key -> (image member, label)
     let mut order: Vec<String> = Vec::new();
     let mut parts: HashMap<String, (Option<ShardMember>, Option<u32>)> = HashMap::new();
+    // Where the data of the last member ends (block-aligned): tar's
+    // end-of-archive block must follow it.
+    let mut members_end = 0u64;
+    let mut ignored: Vec<String> = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
+        let data_end = entry.raw_file_position().saturating_add(entry.size());
+        members_end = data_end.div_ceil(TAR_BLOCK).saturating_mul(TAR_BLOCK);
         if !entry.header().entry_type().is_file() {
             continue;
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let (key, ext) = split_key(&name);
+        if !IMAGE_EXTS.contains(&ext.as_str()) && ext != "cls" {
+            ignored.push(name);
+            continue;
+        }
         let key = key.to_string();
         let slot = parts.entry(key.clone()).or_insert_with(|| {
             order.push(key.clone());
@@ -91,6 +198,12 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
             }
             slot.0 = Some(ShardMember { name: name.clone(), offset, len });
         } else if ext == "cls" {
+            if entry.size() > 64 {
+                return Err(bad(format!(
+                    "member {name} is {} bytes: a class index is a few digits",
+                    entry.size()
+                )));
+            }
             let mut text = String::new();
             entry
                 .by_ref()
@@ -100,8 +213,29 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
             let label = text.trim().parse::<u32>().map_err(|_| {
                 bad(format!("member {name}: expected a class index, got {:?}", text.trim()))
             })?;
+            if slot.1.is_some() {
+                return Err(bad(format!("sample `{key}` has two .cls labels")));
+            }
             slot.1 = Some(label);
         }
+    }
+    if file_len == 0 {
+        return Err(bad("empty file, not a tar".into()));
+    }
+    if !ends_with_end_of_archive(path, members_end, file_len)? {
+        return Err(bad(format!(
+            "ends after {file_len} bytes without tar's end-of-archive block after its last \
+             member (at byte {members_end}): cut short, a partial copy?"
+        )));
+    }
+    if !ignored.is_empty() {
+        tracing::warn!(
+            shard = %path.display(),
+            first = %ignored[0],
+            "{} member(s) ignored: only KEY.jpg, KEY.jpeg, KEY.png and KEY.cls are read \
+             (KEY: the path up to the first dot of the file name)",
+            ignored.len()
+        );
     }
     let mut samples = Vec::with_capacity(order.len());
     for key in order {
@@ -111,31 +245,103 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
             }
             Some((Some(_), None)) => return Err(bad(format!("sample `{key}` has no .cls label"))),
             Some((None, Some(_))) => return Err(bad(format!("sample `{key}` has no image"))),
-            _ => {} // only members we ignore
+            _ => {}
         }
     }
+    if samples.is_empty() {
+        let ignored = match ignored.first() {
+            Some(first) => format!(
+                " ({} member(s) ignored, the first `{first}`: only KEY.jpg, KEY.jpeg, KEY.png \
+                 and KEY.cls are read, KEY the path up to the first dot of the file name)",
+                ignored.len()
+            ),
+            None => String::new(),
+        };
+        return Err(bad(format!("holds no sample{ignored}")));
+    }
     Ok(samples)
+}
+
+/// Whether a zero block (tar's end of archive) follows the members, which
+/// end at byte `members_end` of the `file_len`-byte shard.
+fn ends_with_end_of_archive(
+    path: &Path,
+    members_end: u64,
+    file_len: u64,
+) -> Result<bool, DataError> {
+    use std::io::{Seek, SeekFrom};
+    if members_end.saturating_add(TAR_BLOCK) > file_len {
+        return Ok(false);
+    }
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut block = [0u8; TAR_BLOCK as usize];
+    file.seek(SeekFrom::Start(members_end)).map_err(|e| DataError::io(path, e))?;
+    file.read_exact(&mut block).map_err(|e| DataError::io(path, e))?;
+    Ok(block.iter().all(|b| *b == 0))
 }
 
 /// Indexes every shard of `root`: class names (from `classes.txt`, else
 /// none) and the samples, shard by shard.
 pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError> {
+    let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
     let shards = shard_files(root)?;
+    let unfinished = unfinished_shards(root)?;
+    if let Some(first) = unfinished.first() {
+        return Err(layout(format!(
+            "{first}: `worker data shard` was interrupted while it wrote here, or still \
+             runs, and the shards are incomplete (write them again into an empty folder)"
+        )));
+    }
     if shards.is_empty() {
-        return Err(DataError::Layout {
-            path: root.to_path_buf(),
-            problem: "no *.tar shards".into(),
-        });
+        return Err(layout("no *.tar shards".into()));
+    }
+    let manifest = read_manifest(root)?;
+    let listed: Option<HashMap<&str, &ShardListing>> = manifest
+        .as_ref()
+        .map(|m| m.shards.iter().map(|listing| (listing.name.as_str(), listing)).collect());
+    match &listed {
+        Some(listed) => {
+            let on_disk: BTreeSet<String> = shards.iter().map(|p| file_name(p)).collect();
+            if let Some(stray) = on_disk.iter().find(|name| !listed.contains_key(name.as_str())) {
+                return Err(layout(format!(
+                    "{stray} is not in {MANIFEST_FILE}: a shard of another run? (the folder \
+                     must hold only the shards one `worker data shard` wrote)"
+                )));
+            }
+            // The first missing in the list's order.
+            let mut in_order = manifest.iter().flat_map(|m| &m.shards);
+            if let Some(missing) = in_order.find(|listing| !on_disk.contains(&listing.name)) {
+                return Err(layout(format!(
+                    "{} is listed in {MANIFEST_FILE} but missing",
+                    missing.name
+                )));
+            }
+        }
+        None => tracing::warn!(
+            folder = %root.display(),
+            "no {MANIFEST_FILE} beside the shards (not written by `worker data shard`): \
+             a shard missing from the set cannot be noticed"
+        ),
     }
     let mut samples = Vec::new();
     for shard in &shards {
-        samples.extend(index_shard(shard)?);
-    }
-    if samples.is_empty() {
-        return Err(DataError::Layout {
-            path: root.to_path_buf(),
-            problem: "the shards hold no sample".into(),
-        });
+        let in_shard = index_shard(shard)?;
+        if let Some(listing) = listed.as_ref().and_then(|l| l.get(file_name(shard).as_str())) {
+            let bytes = std::fs::metadata(shard).map_err(|e| DataError::io(shard, e))?.len();
+            if bytes != listing.bytes || in_shard.len() as u64 != listing.samples {
+                return Err(DataError::Format {
+                    path: shard.clone(),
+                    problem: format!(
+                        "{bytes} bytes and {} samples, where {MANIFEST_FILE} lists {} bytes \
+                         and {} samples (changed or copied in part?)",
+                        in_shard.len(),
+                        listing.bytes,
+                        listing.samples
+                    ),
+                });
+            }
+        }
+        samples.extend(in_shard);
     }
     let classes_path = root.join(CLASSES_FILE);
     let classes = if classes_path.is_file() {
@@ -148,6 +354,11 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
     Ok((classes, samples))
 }
 
+/// The file name of `path`, as text.
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// Writes samples into numbered WebDataset shards of at most `shard_size`
 /// samples each: `shard-000000.tar`, ... Each shard is written under a
 /// temporary name and renamed when complete.
@@ -156,7 +367,7 @@ pub struct ShardWriter {
     shard_size: usize,
     current: Option<(tar::Builder<BufWriter<File>>, PathBuf)>,
     in_shard: usize,
-    written: Vec<PathBuf>,
+    written: Vec<ShardListing>,
     keys: HashSet<String>,
 }
 
@@ -171,12 +382,55 @@ impl std::fmt::Debug for ShardWriter {
 }
 
 impl ShardWriter {
-    /// Starts writing into the folder `out` (created if missing).
+    /// Starts writing into the folder `out` (created if missing), which
+    /// must not hold shards, their list or `classes.txt` already: the new
+    /// shards would be mixed with them.
     pub fn create(out: &Path, shard_size: usize) -> Result<ShardWriter, DataError> {
         if shard_size == 0 {
             return Err(DataError::Config("--shard-size must be at least 1".into()));
         }
         std::fs::create_dir_all(out).map_err(|e| DataError::io(out, e))?;
+        let mut earlier: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(out).map_err(|e| DataError::io(out, e))? {
+            let name = entry.map_err(|e| DataError::io(out, e))?.file_name();
+            let name = name.to_string_lossy().into_owned();
+            let lower = name.to_ascii_lowercase();
+            if lower.ends_with(".tar")
+                || lower.ends_with(TEMPORARY_SUFFIX)
+                || name == MANIFEST_FILE
+                || name == CLASSES_FILE
+                || name == WRITING_FILE
+            {
+                earlier.push(name);
+            }
+        }
+        if !earlier.is_empty() {
+            // Shards named first.
+            let not_a_shard = |name: &str| !name.to_ascii_lowercase().ends_with(".tar");
+            earlier.sort_by(|a, b| {
+                not_a_shard(a).cmp(&not_a_shard(b)).then_with(|| natural_cmp(a, b))
+            });
+            return Err(DataError::Layout {
+                path: out.to_path_buf(),
+                problem: format!(
+                    "already holds shards ({}{}): the new ones would be mixed with them; \
+                     remove them or choose another --out",
+                    earlier[0],
+                    if earlier.len() > 1 {
+                        format!(" and {} more", earlier.len() - 1)
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
+        let writing = out.join(WRITING_FILE);
+        write_atomically(
+            &writing,
+            format!("{}\n", std::process::id()).as_bytes(),
+            Readers::Everyone,
+        )
+        .map_err(|e| DataError::io(&writing, e))?;
         Ok(ShardWriter {
             out: out.to_path_buf(),
             shard_size,
@@ -236,22 +490,37 @@ impl ShardWriter {
             w.flush().map_err(|e| DataError::io(&tmp, e))?;
             let file = w.into_inner().map_err(|e| DataError::io(&tmp, e.into_error()))?;
             file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
+            let bytes = file.metadata().map_err(|e| DataError::io(&tmp, e))?.len();
             let done = tmp.with_extension("");
             std::fs::rename(&tmp, &done).map_err(|e| DataError::io(&done, e))?;
-            self.written.push(done);
+            self.written.push(ShardListing {
+                name: file_name(&done),
+                bytes,
+                samples: self.in_shard as u64,
+            });
         }
         Ok(())
     }
 
-    /// Closes the last shard and writes `classes.txt`; returns the shards.
+    /// Closes the last shard, writes `classes.txt` and, last, the list of
+    /// shards (`shards.json`); returns the shards.
     pub fn finish(mut self, classes: &[String]) -> Result<Vec<PathBuf>, DataError> {
         self.close_shard()?;
         if !classes.is_empty() {
             let path = self.out.join(CLASSES_FILE);
             let text: String = classes.iter().map(|c| format!("{c}\n")).collect();
-            std::fs::write(&path, text).map_err(|e| DataError::io(&path, e))?;
+            write_atomically(&path, text.as_bytes(), Readers::Everyone)
+                .map_err(|e| DataError::io(&path, e))?;
         }
-        Ok(std::mem::take(&mut self.written))
+        let manifest =
+            ShardManifest { format: MANIFEST_FORMAT, shards: std::mem::take(&mut self.written) };
+        let path = self.out.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(&manifest).expect("a shard list serialises");
+        write_atomically(&path, text.as_bytes(), Readers::Everyone)
+            .map_err(|e| DataError::io(&path, e))?;
+        let writing = self.out.join(WRITING_FILE);
+        std::fs::remove_file(&writing).map_err(|e| DataError::io(&writing, e))?;
+        Ok(manifest.shards.iter().map(|listing| self.out.join(&listing.name)).collect())
     }
 }
 
@@ -284,6 +553,124 @@ mod tests {
         assert_eq!(got[2], ("c_1.jpg".into(), 2, b"image 2".to_vec()));
         assert_eq!(got[4], ("e.jpg".into(), 1, b"image 4".to_vec()));
         assert!(samples[0].display().contains("shard-000000.tar:a_b.jpg"));
+    }
+
+    /// A tar of `members` (name, data), with tar's end-of-archive blocks.
+    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in members {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn error_of(dir: &Path) -> String {
+        index_folder(dir).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_shard_folder_that_is_not_what_its_writer_finished_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |dir: &Path| {
+            let mut w = ShardWriter::create(dir, 2).unwrap();
+            for i in 0..5u32 {
+                let key = w.key_for(&format!("img{i}"));
+                w.add(&key, "jpg", format!("image {i}").as_bytes(), i % 2).unwrap();
+            }
+            w.finish(&["a".into(), "b".into()]).unwrap()
+        };
+        let shards = write(dir.path());
+        assert!(!dir.path().join(WRITING_FILE).exists());
+        assert_eq!(index_folder(dir.path()).unwrap().1.len(), 5);
+        let other_dir = tempfile::tempdir().unwrap();
+        let manifest = read_manifest(dir.path()).unwrap().unwrap();
+        let counts: Vec<u64> = manifest.shards.iter().map(|l| l.samples).collect();
+        assert_eq!(counts, vec![2, 2, 1]);
+
+        // Written again into the same folder: refused before it writes.
+        let err = ShardWriter::create(dir.path(), 2).unwrap_err().to_string();
+        assert!(err.contains("already holds shards") && err.contains("shard-000000.tar"), "{err}");
+        assert_eq!(index_folder(dir.path()).unwrap().1.len(), 5, "the refusal changed the set");
+
+        // What an interrupted writer leaves: a shard under its temporary
+        // name, or (stopped between two shards) its mark.
+        for left in ["shard-000003.tar.tmp", WRITING_FILE] {
+            let path = dir.path().join(left);
+            std::fs::write(&path, b"partial").unwrap();
+            let err = error_of(dir.path());
+            assert!(err.contains(left) && err.contains("interrupted"), "{err}");
+            std::fs::remove_file(&path).unwrap();
+        }
+        let mut stopped = ShardWriter::create(other_dir.path(), 1).unwrap();
+        stopped.add("k", "jpg", b"image", 0).unwrap();
+        let err = error_of(other_dir.path());
+        assert!(err.contains(WRITING_FILE), "{err}");
+
+        // A shard of another run beside them.
+        let stray = dir.path().join("shard-000009.tar");
+        std::fs::copy(&shards[0], &stray).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("shard-000009.tar") && err.contains(MANIFEST_FILE), "{err}");
+        std::fs::remove_file(&stray).unwrap();
+
+        // One shard copied in part (cut at a block boundary, so tar reads
+        // it as a shorter archive), then one lost.
+        let whole = std::fs::read(&shards[1]).unwrap();
+        std::fs::write(&shards[1], &whole[..2048]).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("shard-000001.tar") && err.contains("end-of-archive"), "{err}");
+        std::fs::remove_file(&shards[1]).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("shard-000001.tar") && err.contains("missing"), "{err}");
+
+        // The same shard with another sample count than its listing.
+        let other = tempfile::tempdir().unwrap();
+        write(other.path());
+        let mut manifest = read_manifest(other.path()).unwrap().unwrap();
+        manifest.shards[2].samples = 2;
+        std::fs::write(other.path().join(MANIFEST_FILE), serde_json::to_string(&manifest).unwrap())
+            .unwrap();
+        let err = error_of(other.path());
+        assert!(err.contains("shard-000002.tar") && err.contains("1 samples"), "{err}");
+
+        // A folder an interrupted writer left before its first shard was done.
+        let early = tempfile::tempdir().unwrap();
+        std::fs::write(early.path().join("shard-000000.tar.tmp"), b"partial").unwrap();
+        let err = crate::dataset::ImageFolder::open_any(early.path()).unwrap_err().to_string();
+        assert!(err.contains("shard-000000.tar.tmp"), "{err}");
+    }
+
+    #[test]
+    fn shards_that_lost_their_samples_are_errors_not_fewer_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("s.tar");
+        let one = [("k0.jpg", &b"x"[..]), ("k0.cls", &b"1"[..])];
+        let two = [one[0], one[1], ("k1.jpg", &b"y"[..]), ("k1.cls", &b"0"[..])];
+        std::fs::write(&shard, tar_of(&two)).unwrap();
+        assert_eq!(index_folder(dir.path()).unwrap().1.len(), 2);
+
+        std::fs::write(&shard, b"").unwrap();
+        assert!(error_of(dir.path()).contains("empty file"), "{}", error_of(dir.path()));
+        std::fs::write(&shard, vec![0u8; 10240]).unwrap();
+        assert!(error_of(dir.path()).contains("holds no sample"), "{}", error_of(dir.path()));
+        // Cut after the first sample, at a block boundary: each member
+        // takes a header block and a data block.
+        std::fs::write(&shard, &tar_of(&two)[..2048]).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("s.tar") && err.contains("end-of-archive"), "{err}");
+        // Keys with a dot: WebDataset's rule makes `x.cls` their extension.
+        std::fs::write(&shard, tar_of(&[("k0.a.jpg", b"x"), ("k0.a.cls", b"1")])).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("holds no sample") && err.contains("k0.a.jpg"), "{err}");
+        std::fs::write(&shard, tar_of(&[one[0], ("k0.cls", &[b' '; 80][..])])).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("k0.cls is 80 bytes"), "{err}");
+        std::fs::write(&shard, tar_of(&[one[0], one[1], ("k0.cls", b"7")])).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("`k0` has two .cls"), "{err}");
     }
 
     #[test]
