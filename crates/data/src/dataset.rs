@@ -262,14 +262,19 @@ impl ImageFolder {
     /// cache) leave the shards read.
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
         let shards = crate::shards::shard_files(root)?;
+        let has_class_images = || {
+            let folders = class_folders(root).unwrap_or_default();
+            folders.iter().any(|class| class_images(root, class).is_ok())
+        };
         if shards.is_empty() {
-            if crate::shards::has_unfinished_shards(root)? {
+            // What an interrupted `worker data shard` left, before its
+            // first shard was complete: named as such.
+            if crate::shards::has_unfinished_shards(root)? && !has_class_images() {
                 return ImageFolder::open_shards(root);
             }
             return ImageFolder::open(root);
         }
-        let folders = class_folders(root).unwrap_or_default();
-        if !folders.iter().any(|class| class_images(root, class).is_ok()) {
+        if !has_class_images() {
             return ImageFolder::open_shards(root);
         }
         tracing::warn!(
@@ -592,6 +597,12 @@ mod tests {
         let folder = ImageFolder::open_any(dir.path()).unwrap();
         assert_eq!(folder.classes(), &["n01".to_string(), "n02".to_string()]);
         assert_eq!(folder.len(), 2);
+        // Nor does a download's partial file, with no .tar beside it.
+        for class in ["n01", "n02"] {
+            std::fs::remove_file(dir.path().join(format!("{class}.tar"))).unwrap();
+        }
+        std::fs::write(dir.path().join("n03.tar.tmp"), b"partial").unwrap();
+        assert_eq!(ImageFolder::open_any(dir.path()).unwrap().len(), 2);
     }
 
     #[test]

@@ -153,8 +153,41 @@ fn split_key(name: &str) -> (&str, String) {
     }
 }
 
+/// Members of a folder's shards that are not read (not an image or a label).
+#[derive(Debug, Default)]
+struct IgnoredMembers {
+    count: usize,
+    first: Option<String>,
+}
+
 /// Indexes one shard: its samples in member order.
 pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
+    let mut ignored = IgnoredMembers::default();
+    let samples = index_shard_counting(path, &mut ignored)?;
+    ignored.warn(path);
+    Ok(samples)
+}
+
+impl IgnoredMembers {
+    /// Logs the count, if any, naming the first.
+    fn warn(&self, place: &Path) {
+        if let Some(first) = &self.first {
+            tracing::warn!(
+                place = %place.display(),
+                %first,
+                "{} shard member(s) ignored: only KEY.jpg, KEY.jpeg, KEY.png and KEY.cls are \
+                 read (KEY: the path up to the first dot of the file name)",
+                self.count
+            );
+        }
+    }
+}
+
+/// [`index_shard`], adding the members it does not read to `ignored`.
+fn index_shard_counting(
+    path: &Path,
+    ignored_so_far: &mut IgnoredMembers,
+) -> Result<Vec<Sample>, DataError> {
     let bad = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
@@ -169,7 +202,14 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
     let mut ignored: Vec<String> = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
-        let data_end = entry.raw_file_position().saturating_add(entry.size());
+        // A GNU sparse member's size is the file's, not what the archive
+        // stores of it, which its header's size field gives.
+        let stored = if entry.header().entry_type().is_gnu_sparse() {
+            entry.header().entry_size().map_err(|e| bad(format!("corrupt tar: {e}")))?
+        } else {
+            entry.size()
+        };
+        let data_end = entry.raw_file_position().saturating_add(stored);
         members_end = data_end.div_ceil(TAR_BLOCK).saturating_mul(TAR_BLOCK);
         if !entry.header().entry_type().is_file() {
             continue;
@@ -228,14 +268,9 @@ pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
              member (at byte {members_end}): cut short, a partial copy?"
         )));
     }
-    if !ignored.is_empty() {
-        tracing::warn!(
-            shard = %path.display(),
-            first = %ignored[0],
-            "{} member(s) ignored: only KEY.jpg, KEY.jpeg, KEY.png and KEY.cls are read \
-             (KEY: the path up to the first dot of the file name)",
-            ignored.len()
-        );
+    ignored_so_far.count += ignored.len();
+    if ignored_so_far.first.is_none() {
+        ignored_so_far.first = ignored.first().cloned();
     }
     let mut samples = Vec::with_capacity(order.len());
     for key in order {
@@ -312,7 +347,8 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
             let mut in_order = manifest.iter().flat_map(|m| &m.shards);
             if let Some(missing) = in_order.find(|listing| !on_disk.contains(&listing.name)) {
                 return Err(layout(format!(
-                    "{} is listed in {MANIFEST_FILE} but missing",
+                    "{} is listed in {MANIFEST_FILE} but missing (to read a subset of the \
+                     shards on purpose, remove {MANIFEST_FILE})",
                     missing.name
                 )));
             }
@@ -324,8 +360,9 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
         ),
     }
     let mut samples = Vec::new();
+    let mut ignored = IgnoredMembers::default();
     for shard in &shards {
-        let in_shard = index_shard(shard)?;
+        let in_shard = index_shard_counting(shard, &mut ignored)?;
         if let Some(listing) = listed.as_ref().and_then(|l| l.get(file_name(shard).as_str())) {
             let bytes = std::fs::metadata(shard).map_err(|e| DataError::io(shard, e))?.len();
             if bytes != listing.bytes || in_shard.len() as u64 != listing.samples {
@@ -343,6 +380,7 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
         }
         samples.extend(in_shard);
     }
+    ignored.warn(root);
     let classes_path = root.join(CLASSES_FILE);
     let classes = if classes_path.is_file() {
         let text =
@@ -390,6 +428,25 @@ impl ShardWriter {
             return Err(DataError::Config("--shard-size must be at least 1".into()));
         }
         std::fs::create_dir_all(out).map_err(|e| DataError::io(out, e))?;
+        // The mark is made first, and only if there is none (O_EXCL): of two
+        // writers started into one folder at once, one gets it.
+        let writing = out.join(WRITING_FILE);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&writing) {
+            Ok(mut file) => {
+                let pid = format!("{}\n", std::process::id());
+                file.write_all(pid.as_bytes()).map_err(|e| DataError::io(&writing, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(DataError::Layout {
+                    path: out.to_path_buf(),
+                    problem: format!(
+                        "holds {WRITING_FILE}: another `worker data shard` writes here, or \
+                         one was interrupted (remove what it wrote, or choose another --out)"
+                    ),
+                })
+            }
+            Err(e) => return Err(DataError::io(&writing, e)),
+        }
         let mut earlier: Vec<String> = Vec::new();
         for entry in std::fs::read_dir(out).map_err(|e| DataError::io(out, e))? {
             let name = entry.map_err(|e| DataError::io(out, e))?.file_name();
@@ -399,12 +456,13 @@ impl ShardWriter {
                 || lower.ends_with(TEMPORARY_SUFFIX)
                 || name == MANIFEST_FILE
                 || name == CLASSES_FILE
-                || name == WRITING_FILE
             {
                 earlier.push(name);
             }
         }
         if !earlier.is_empty() {
+            // Ours: nothing was written.
+            let _ = std::fs::remove_file(&writing);
             // Shards named first.
             let not_a_shard = |name: &str| !name.to_ascii_lowercase().ends_with(".tar");
             earlier.sort_by(|a, b| {
@@ -424,13 +482,6 @@ impl ShardWriter {
                 ),
             });
         }
-        let writing = out.join(WRITING_FILE);
-        write_atomically(
-            &writing,
-            format!("{}\n", std::process::id()).as_bytes(),
-            Readers::Everyone,
-        )
-        .map_err(|e| DataError::io(&writing, e))?;
         Ok(ShardWriter {
             out: out.to_path_buf(),
             shard_size,
@@ -471,7 +522,11 @@ impl ShardWriter {
     pub fn add(&mut self, key: &str, ext: &str, image: &[u8], label: u32) -> Result<(), DataError> {
         if self.current.is_none() {
             let tmp = self.out.join(format!("shard-{:06}.tar.tmp", self.written.len()));
-            let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| DataError::io(&tmp, e))?;
             self.current = Some((tar::Builder::new(BufWriter::new(file)), tmp));
             self.in_shard = 0;
         }
@@ -608,6 +663,14 @@ mod tests {
         stopped.add("k", "jpg", b"image", 0).unwrap();
         let err = error_of(other_dir.path());
         assert!(err.contains(WRITING_FILE), "{err}");
+        // A second writer started while the first writes gets no share of
+        // the folder (before the first shard, and after it).
+        let live = tempfile::tempdir().unwrap();
+        let _first = ShardWriter::create(live.path(), 1).unwrap();
+        let err = ShardWriter::create(live.path(), 1).unwrap_err().to_string();
+        assert!(err.contains(WRITING_FILE) && err.contains("another"), "{err}");
+        let err = ShardWriter::create(other_dir.path(), 1).unwrap_err().to_string();
+        assert!(err.contains(WRITING_FILE), "{err}");
 
         // A shard of another run beside them.
         let stray = dir.path().join("shard-000009.tar");
@@ -671,6 +734,32 @@ mod tests {
         std::fs::write(&shard, tar_of(&[one[0], one[1], ("k0.cls", b"7")])).unwrap();
         let err = error_of(dir.path());
         assert!(err.contains("`k0` has two .cls"), "{err}");
+    }
+
+    #[test]
+    fn gnu_tar_shards_read_whatever_their_last_member() {
+        // GNU tar's own archives: a sparse member (stored in less than its
+        // size) last, and record padding after the end-of-archive blocks.
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("k0.jpg"), b"image").unwrap();
+        std::fs::write(src.path().join("k0.cls"), b"3\n").unwrap();
+        let sparse = std::fs::File::create(src.path().join("zz.bin")).unwrap();
+        sparse.set_len(1 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (flags, name) in [(&["-S"][..], "sparse.tar"), (&["--format=posix"][..], "pax.tar")] {
+            let status = std::process::Command::new("tar")
+                .args(flags)
+                .arg("-cf")
+                .arg(dir.path().join(name))
+                .args(["-C", src.path().to_str().unwrap(), "k0.jpg", "k0.cls", "zz.bin"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let (_, samples) = index_folder(dir.path()).unwrap();
+        let got: Vec<(String, u32)> = samples.iter().map(|s| (s.display(), s.label)).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|(name, label)| name.contains("k0.jpg") && *label == 3), "{got:?}");
     }
 
     #[test]
