@@ -42,7 +42,6 @@ use rsb_coordinator::saved::{SavedJob, STATE_FILE};
 use rsb_coordinator::service::Shared;
 use rsb_coordinator::state::Coordination;
 use rsb_coordinator::sweep::{RunState, Scheduler, SweepRun, SweepSettings};
-use rsb_job::atomic_write::{write_atomically, Readers};
 use rsb_job::{GridAxis, RunEnd, RunOutcome, SweepLayout, SweepManifest};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
@@ -787,9 +786,18 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
-    let recipe_file = out.join("recipe.yaml");
-    write_atomically(&recipe_file, rsb_recipes::to_yaml(&recipe).as_bytes(), Readers::Everyone)
+    let recipe_file = out.join(rsb_job::run_folder::RESOLVED_RECIPE);
+    let held_run = rsb_job::run_folder::holds_run(&out);
+    let kept = rsb_job::write_resolved_recipe(&out, &rsb_recipes::to_yaml(&recipe), held_run)
         .with_context(|| format!("writing {}", recipe_file.display()))?;
+    if let Some(kept) = kept {
+        tracing::warn!(
+            "{} held another recipe; it is kept as {}, and the run's resolved recipe is written \
+             there",
+            recipe_file.display(),
+            kept.display()
+        );
+    }
     let mut job = Job::new(recipe, out.clone(), nodes);
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
     job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);

@@ -40,9 +40,22 @@ type Check = Result<(), Violation>;
 const MAX_COLLECTIVE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Most threads a recipe may ask for (`data.loader_threads`,
 /// `runtime.torch_threads`): more than any host has cores.
-const MAX_THREADS: u32 = 4096;
+pub const MAX_THREADS: u32 = 4096;
 /// The largest fabric probe, in MiB (`distributed.fabric_probe_mib`).
 const MAX_FABRIC_PROBE_MIB: u32 = 1024;
+/// Most classes a model may have (ImageNet-21k has 21,843): far more would
+/// only fail to allocate the classifier, with an abort instead of an error.
+const MAX_CLASSES: u32 = 1_000_000;
+/// Largest training or evaluation image side, in pixels.
+const MAX_INPUT_SIZE: u32 = 4096;
+/// Most images in one micro-batch, or in one evaluation batch.
+const MAX_BATCH_IMAGES: u32 = 65_536;
+/// Most images in one update (LARS/LAMB large-batch studies reach 64k).
+const MAX_GLOBAL_BATCH: u32 = 1 << 20;
+/// Most epochs of a schedule part (warmup, cosine, cooldown).
+const MAX_EPOCHS: u32 = 100_000;
+/// Most RandAugment operations per image (RSB uses 2).
+const MAX_RAND_AUGMENT_OPS: usize = 100;
 
 fn fail(field: &str, message: String) -> Check {
     Err(Violation { field: field.to_owned(), related: None, message })
@@ -62,6 +75,16 @@ fn non_empty(field: &str, v: &str) -> Check {
 fn at_least_one(field: &str, v: u32) -> Check {
     if v == 0 {
         return fail(field, "must be at least 1, got 0".into());
+    }
+    Ok(())
+}
+
+/// In `1..=max`: a size past `max` could only fail to allocate, or run
+/// for ever.
+fn between_one_and(field: &str, v: u32, max: u32) -> Check {
+    at_least_one(field, v)?;
+    if v > max {
+        return fail(field, format!("must be at most {max}, got {v}"));
     }
     Ok(())
 }
@@ -128,7 +151,7 @@ pub(crate) fn check(r: &Recipe) -> Check {
 
     let m = &r.model;
     non_empty("model.name", &m.name)?;
-    at_least_one("model.num_classes", m.num_classes)?;
+    between_one_and("model.num_classes", m.num_classes, MAX_CLASSES)?;
     unit_open("model.drop_path_rate", m.drop_path_rate)?;
 
     let d = &r.data;
@@ -147,19 +170,31 @@ pub(crate) fn check(r: &Recipe) -> Check {
     }
 
     let a = &r.augment;
-    at_least_one("augment.input_size", a.input_size)?;
+    between_one_and("augment.input_size", a.input_size, MAX_INPUT_SIZE)?;
     ordered_range("augment.scale", a.scale, Some(1.0))?;
     ordered_range("augment.ratio", a.ratio, None)?;
     probability("augment.hflip", a.hflip)?;
     if let Some(ra) = &a.rand_augment {
-        if let Err(e) = crate::rand_augment::RandAugmentConfig::parse(ra) {
-            return fail(
-                "augment.rand_augment",
-                format!(
-                    "must be a timm RandAugment string (e.g. `rand-m7-mstd0.5-inc1`): {e}; \
-                     use null to turn it off"
-                ),
-            );
+        match crate::rand_augment::RandAugmentConfig::parse(ra) {
+            Err(e) => {
+                return fail(
+                    "augment.rand_augment",
+                    format!(
+                        "must be a timm RandAugment string (e.g. `rand-m7-mstd0.5-inc1`): {e}; \
+                         use null to turn it off"
+                    ),
+                );
+            }
+            Ok(config) if config.num_layers > MAX_RAND_AUGMENT_OPS => {
+                return fail(
+                    "augment.rand_augment",
+                    format!(
+                        "`n{}`: at most {MAX_RAND_AUGMENT_OPS} operations per image",
+                        config.num_layers
+                    ),
+                );
+            }
+            Ok(_) => {}
         }
     }
 
@@ -212,7 +247,13 @@ pub(crate) fn check(r: &Recipe) -> Check {
 
     match &r.schedule {
         ScheduleSection::Cosine(s) => {
-            at_least_one("schedule.cosine.epochs", s.epochs)?;
+            between_one_and("schedule.cosine.epochs", s.epochs, MAX_EPOCHS)?;
+            if s.cooldown_epochs > MAX_EPOCHS {
+                return fail(
+                    "schedule.cosine.cooldown_epochs",
+                    format!("must be at most {MAX_EPOCHS}, got {}", s.cooldown_epochs),
+                );
+            }
             non_negative("schedule.cosine.warmup_epochs", s.warmup_epochs)?;
             if s.warmup_epochs >= f64::from(s.epochs) {
                 return fail_with(
@@ -237,8 +278,8 @@ pub(crate) fn check(r: &Recipe) -> Check {
     }
 
     let b = &r.batch;
-    at_least_one("batch.global_size", b.global_size)?;
-    at_least_one("batch.micro_size", b.micro_size)?;
+    between_one_and("batch.global_size", b.global_size, MAX_GLOBAL_BATCH)?;
+    between_one_and("batch.micro_size", b.micro_size, MAX_BATCH_IMAGES)?;
     // (Not `is_multiple_of`: the workspace's MSRV is 1.85.)
     let remainder = b.global_size % b.micro_size;
     if remainder != 0 {
@@ -254,11 +295,11 @@ pub(crate) fn check(r: &Recipe) -> Check {
     at_least_one("batch.repeated_augmentation", b.repeated_augmentation)?;
 
     let e = &r.eval;
-    at_least_one("eval.input_size", e.input_size)?;
+    between_one_and("eval.input_size", e.input_size, MAX_INPUT_SIZE)?;
     if !(e.crop_pct > 0.0 && e.crop_pct <= 1.0) {
         return fail("eval.crop_pct", format!("must be in (0, 1], got {}", e.crop_pct));
     }
-    at_least_one("eval.batch_size", e.batch_size)?;
+    between_one_and("eval.batch_size", e.batch_size, MAX_BATCH_IMAGES)?;
     at_least_one("eval.every_epochs", e.every_epochs)?;
     for (i, set) in e.sets.iter().enumerate() {
         let field = |key: &str| format!("eval.sets.{i}.{key}");
@@ -412,5 +453,32 @@ mod tests {
             assert!(e.contains("distributed"), "{set}: the error names no field: {e}");
             assert!(e.contains(needle), "{set}: {e}");
         }
+    }
+
+    #[test]
+    fn sizes_that_could_only_abort_or_run_for_ever_are_field_errors() {
+        // Each was an abort, a panic, a hang or (the epochs' sum wrapping
+        // around) a run that trained nothing, before the limits.
+        for (set, field, limit) in [
+            ("model.num_classes=4000000000", "model.num_classes", "1000000"),
+            ("augment.input_size=100000", "augment.input_size", "4096"),
+            ("eval.input_size=5000", "eval.input_size", "4096"),
+            ("eval.batch_size=100000", "eval.batch_size", "65536"),
+            ("batch.micro_size=131072", "batch.micro_size", "65536"),
+            ("batch.global_size=4194304", "batch.global_size", "1048576"),
+            ("schedule.cosine.epochs=4294967295", "schedule.cosine.epochs", "100000"),
+            (
+                "schedule.cosine.cooldown_epochs=4294967295",
+                "schedule.cosine.cooldown_epochs",
+                "100000",
+            ),
+            ("augment.rand_augment=rand-m7-n1000000000", "augment.rand_augment", "100"),
+        ] {
+            let e = tiny(&[set]).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(&format!("at most {limit}")), "{set}: {e}");
+        }
+        // The largest accepted.
+        let r = tiny(&["model.num_classes=1000000", "augment.rand_augment=rand-m9-n100"]).unwrap();
+        assert_eq!(r.model.num_classes, 1_000_000);
     }
 }

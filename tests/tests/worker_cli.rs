@@ -417,6 +417,46 @@ fn undecodable_images_are_replaced_logged_once_and_counted_in_training_and_evalu
     let after = epochs.last().unwrap()["replaced_samples"].as_u64().unwrap();
     assert_eq!(epochs.last().unwrap()["epoch"], 1, "{epochs:?}");
     assert!(after > replaced, "the count restarted after the resume: {after} after {replaced}");
+
+    // When no validation image decodes, there is no accuracy to record:
+    // the run fails naming the set, instead of recording 0% and a loss of 0.
+    for file in std::fs::read_dir(data.join("val")).unwrap() {
+        for image in std::fs::read_dir(file.unwrap().path()).unwrap() {
+            std::fs::write(image.unwrap().path(), b"not an image").unwrap();
+        }
+    }
+    let broken = tmp.path().join("broken-val");
+    let run = train_with(&tiny_recipe(), &data, &broken, &["--set", "schedule.cosine.epochs=1"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(stderr.contains("eval set `val`: none of its"), "{stderr}");
+    assert!(records(&broken, "epoch").is_empty(), "an epoch was recorded:\n{stderr}");
+}
+
+/// A recipe its user keeps in the run folder and trains with (`--recipe
+/// exp1/recipe.yaml --out exp1`) is moved aside, with its comments, not
+/// replaced by the resolved recipe.
+#[test]
+fn a_recipe_kept_in_the_run_folder_is_set_aside_not_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_dataset(tmp.path());
+    let out = tmp.path().join("exp1");
+    std::fs::create_dir_all(&out).unwrap();
+    let mine = format!("# my tuning notes\n{}", std::fs::read_to_string(tiny_recipe()).unwrap());
+    std::fs::write(out.join("recipe.yaml"), &mine).unwrap();
+    let run = train_with(&out.join("recipe.yaml"), &data, &out, &["--max-updates", "0"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let kept: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("recipe-replaced-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), mine);
+    assert!(stderr.contains("held another recipe"), "{stderr}");
+    let resolved = std::fs::read_to_string(out.join("recipe.yaml")).unwrap();
+    assert!(!resolved.contains("my tuning notes"), "{resolved}");
 }
 
 /// An error whose type shows its cause in its message and also chains it

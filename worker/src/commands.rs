@@ -7,7 +7,6 @@ use rsb_data::eval_sets::EvalSet;
 use rsb_data::image::Filter;
 use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
-use rsb_job::atomic_write::{write_atomically, Readers};
 use rsb_train::batch::Normalizer;
 use rsb_train::evaluation::{evaluate, evaluate_set, EvalShard};
 use rsb_train::trainer::{RecipeCheck, RunOptions, Trainer};
@@ -155,6 +154,11 @@ pub struct TrainArgs {
 pub fn train(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(n) = args.loader_threads {
+        // The recipe's bound, said of the flag (the override below would
+        // be named as a `--set` the user never typed).
+        if n > rsb_recipes::MAX_THREADS {
+            bail!("--loader-threads must be at most {}, got {n}", rsb_recipes::MAX_THREADS);
+        }
         overrides.push(format!("data.loader_threads={n}"));
     }
     let source = args.recipe.source()?;
@@ -192,11 +196,21 @@ pub fn train(args: TrainArgs) -> Result<()> {
     options.trace_samples = args.trace_samples;
     options.recipe_check = RecipeCheck::ExplainedBy(overrides);
     options.cuda_sync_debug = cuda_sync_debug_from_env()?;
+    // Asked before the trainer opens the metrics log there.
+    let held_run = rsb_job::run_folder::holds_run(&args.out);
     // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;
-    let resolved = args.out.join("recipe.yaml");
-    write_atomically(&resolved, yaml.as_bytes(), Readers::Everyone)
+    let resolved = args.out.join(rsb_job::run_folder::RESOLVED_RECIPE);
+    let kept = rsb_job::write_resolved_recipe(&args.out, &yaml, held_run)
         .with_context(|| format!("writing {}", resolved.display()))?;
+    if let Some(kept) = kept {
+        tracing::warn!(
+            "{} held another recipe; it is kept as {}, and the run's resolved recipe is written \
+             there",
+            resolved.display(),
+            kept.display()
+        );
+    }
     let summary = trainer.run()?;
     if let Some(last) = summary.epochs.last() {
         let acc = match (last.top1, last.top5) {
@@ -352,6 +366,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
     let acc = evaluate(&mut model, &data, &normalizer, EvalShard::whole(threads, 4))?;
+    if acc.scored_nothing() {
+        bail!(
+            "{}: none of its {images} images could be read or decoded (each is named in a \
+             warning above)",
+            split.display()
+        );
+    }
     let skipped = data.bad_files().replacements();
     println!(
         "{}: {} images ({} undecodable, skipped)  top-1 {:.3}%  top-5 {:.3}%  loss {:.4}",
@@ -364,6 +385,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     );
     for set in &sets {
         let score = evaluate_set(&mut model, set, &normalizer, EvalShard::whole(threads, 4))?;
+        if score.scored_nothing() {
+            bail!(
+                "eval set `{}`: none of its {} images could be read or decoded (each is named \
+                 in a warning above)",
+                set.name,
+                set.data.folder().len()
+            );
+        }
         println!(
             "{}: {} images scored ({} without a valid label, {} undecodable)  top-1 {:.3}%  top-5 {:.3}%",
             set.name,

@@ -267,6 +267,13 @@ impl EvalCounts {
         self.loss_sum / self.count.max(1) as f64
     }
 
+    /// Whether no image was scored nor excluded: every image of the set
+    /// failed to read or decode, and its accuracy would be a number of
+    /// nothing (0%, with a mean loss of 0).
+    pub fn scored_nothing(&self) -> bool {
+        self.count + self.excluded == 0
+    }
+
     /// Images of a set of `images` that these counts (of every rank) leave
     /// out because they could not be read or decoded: neither scored nor
     /// excluded.

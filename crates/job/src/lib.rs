@@ -28,8 +28,8 @@ pub use records::{
     EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,
 };
 pub use run_folder::{
-    auto_resume, check_out_folder, check_resume, AutoResume, FieldChange, RunFolderError,
-    RunFolderLock,
+    auto_resume, check_out_folder, check_resume, write_resolved_recipe, AutoResume, FieldChange,
+    RunFolderError, RunFolderLock,
 };
 pub use sweep::{
     parse_seeds, GridAxis, RunEnd, RunOutcome, SweepCell, SweepError, SweepLayout, SweepManifest,

@@ -13,6 +13,9 @@
 //!   checkpoints (`worker train`, or rank 0 of a job) holds an exclusive lock
 //!   on its [`LOCK_FILE`] while it runs, so a second trainer started on the
 //!   same folder fails at once instead of breaking the first one's saves.
+//! * [`write_resolved_recipe`]: `OUT/recipe.yaml` is the run's resolved
+//!   recipe; a different file found there (a recipe kept in the run
+//!   folder, an earlier start's) is moved aside, never lost.
 //! * [`compare_recipes`] / [`check_resumed_recipe`]: a resumed run uses the
 //!   recipe its checkpoint was trained with. Every field that differs
 //!   (compared field by field, as dotted paths like `optimizer.lamb.lr`) must
@@ -36,6 +39,55 @@ pub const STATE_RECIPE_KEY: &str = "resolved_recipe";
 /// not compared. `worker join` gives a recipe's `data.loader_threads: 0` the
 /// host's share of cores, so rank 0 saves its own value.
 pub const HOST_FIELDS: [&str; 1] = ["data.loader_threads"];
+
+/// The run's resolved recipe in its run folder.
+pub const RESOLVED_RECIPE: &str = "recipe.yaml";
+
+/// Whether `folder` holds a run's records or checkpoints.
+pub fn holds_run(folder: &Path) -> bool {
+    run_marker(folder).is_some()
+}
+
+/// Writes `yaml`, the run's resolved recipe, to `OUT/recipe.yaml`. Where
+/// the folder held no run before this start (`held_run`, [`holds_run`]
+/// asked before the start wrote there), a different file already there (a
+/// recipe its user keeps in the run folder and trains with, or the recipe
+/// of a start whose records `--auto-resume` set aside) is not lost: it is
+/// moved to `OUT/recipe-replaced-<unix seconds>.yaml`, whose path is
+/// returned for the caller to say so. A run's own, replaced as it is
+/// resumed with other settings, is in each of its checkpoints.
+pub fn write_resolved_recipe(
+    out: &Path,
+    yaml: &str,
+    held_run: bool,
+) -> std::io::Result<Option<PathBuf>> {
+    let path = out.join(RESOLVED_RECIPE);
+    let kept = match std::fs::read(&path) {
+        Ok(before) if before == yaml.as_bytes() => return Ok(None),
+        Ok(_) if held_run => None,
+        Ok(_) => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut aside = out.join(format!("recipe-replaced-{secs}.yaml"));
+            let mut n = 1;
+            while aside.exists() {
+                aside = out.join(format!("recipe-replaced-{secs}-{n}.yaml"));
+                n += 1;
+            }
+            std::fs::rename(&path, &aside)?;
+            Some(aside)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    crate::atomic_write::write_atomically(
+        &path,
+        yaml.as_bytes(),
+        crate::atomic_write::Readers::Everyone,
+    )?;
+    Ok(kept)
+}
 
 /// What a folder holds that shows a run was there (in the order checked).
 const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", CHECKPOINTS, "ranks"];
@@ -593,6 +645,32 @@ pub fn check_resume(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recipe_kept_in_the_run_folder_is_moved_aside_not_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        // An empty folder, then the same resolved recipe again: no copy.
+        assert_eq!(write_resolved_recipe(out, "name: resolved\n", holds_run(out)).unwrap(), None);
+        assert_eq!(write_resolved_recipe(out, "name: resolved\n", holds_run(out)).unwrap(), None);
+        assert_eq!(std::fs::read_dir(out).unwrap().count(), 1);
+        // The user's own recipe, with their notes, trained with --out here.
+        std::fs::write(out.join(RESOLVED_RECIPE), "# my notes\nname: mine\n").unwrap();
+        let kept = write_resolved_recipe(out, "name: resolved\n", holds_run(out)).unwrap().unwrap();
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "# my notes\nname: mine\n");
+        assert_eq!(std::fs::read_to_string(out.join(RESOLVED_RECIPE)).unwrap(), "name: resolved\n");
+        // Another start resolved with other settings, in the same second.
+        let again = write_resolved_recipe(out, "name: other\n", holds_run(out)).unwrap().unwrap();
+        assert_ne!(again, kept);
+        assert_eq!(std::fs::read_to_string(&again).unwrap(), "name: resolved\n");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "# my notes\nname: mine\n");
+        // A run resumed with other settings: its recipe is in its
+        // checkpoints, and is replaced.
+        std::fs::write(out.join("metrics.jsonl"), "").unwrap();
+        assert_eq!(write_resolved_recipe(out, "name: resumed\n", holds_run(out)).unwrap(), None);
+        assert_eq!(std::fs::read_to_string(out.join(RESOLVED_RECIPE)).unwrap(), "name: resumed\n");
+        assert_eq!(std::fs::read_dir(out).unwrap().count(), 4);
+    }
 
     fn tiny_recipe(overrides: &[String]) -> Recipe {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))

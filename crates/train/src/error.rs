@@ -147,6 +147,17 @@ pub enum TrainError {
         /// The parameter or buffer.
         tensor: String,
     },
+    /// Not one image of an evaluation set could be read or decoded.
+    #[error(
+        "eval set `{set}`: none of its {images} images could be read or decoded (each is named \
+         in a warning above); its accuracy would be 0% over no image"
+    )]
+    NothingScored {
+        /// The set (`val` for the validation split).
+        set: String,
+        /// Images it holds.
+        images: usize,
+    },
 }
 
 impl TrainError {

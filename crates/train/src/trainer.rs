@@ -779,6 +779,10 @@ impl Trainer {
                 counts =
                     evaluation::sum_over_ranks(d.collective.as_mut(), calls, counts, &set.name)?;
             }
+            if counts.scored_nothing() {
+                let images = set.data.folder().len();
+                return Err(TrainError::NothingScored { set: set.name.clone(), images });
+            }
             results.push(SetResult::new(&set.name, &counts, set.data.folder().len()));
         }
         Ok(results)
@@ -1409,7 +1413,12 @@ impl Trainer {
         let train_secs = trained.started.elapsed().as_secs_f64();
         let (val, eval_sets) = if self.evaluates_after(epoch) {
             let last = epoch + 1 == self.total_epochs();
-            (Some(self.evaluate()?), self.evaluate_sets(last)?)
+            let val = self.evaluate()?;
+            if val.scored_nothing() {
+                let images = self.eval.folder().len();
+                return Err(TrainError::NothingScored { set: "val".into(), images });
+            }
+            (Some(val), self.evaluate_sets(last)?)
         } else {
             (None, Vec::new())
         };
