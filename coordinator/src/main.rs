@@ -788,16 +788,8 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
     let recipe_file = out.join(rsb_job::run_folder::RESOLVED_RECIPE);
     let held_run = rsb_job::run_folder::holds_run(&out);
-    let kept = rsb_job::write_resolved_recipe(&out, &rsb_recipes::to_yaml(&recipe), held_run)
+    rsb_job::write_resolved_recipe(&out, &rsb_recipes::to_yaml(&recipe), held_run)
         .with_context(|| format!("writing {}", recipe_file.display()))?;
-    if let Some(kept) = kept {
-        tracing::warn!(
-            "{} held another recipe; it is kept as {}, and the run's resolved recipe is written \
-             there",
-            recipe_file.display(),
-            kept.display()
-        );
-    }
     let mut job = Job::new(recipe, out.clone(), nodes);
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
     job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);

@@ -420,6 +420,25 @@ fn each_validation_rule_names_its_field() {
         ("eval.batch_size=0", "eval.batch_size", "at least 1"),
         ("eval.every_epochs=0", "eval.every_epochs", "at least 1"),
         ("runtime.log_every_steps=0", "runtime.log_every_steps", "at least 1"),
+        // Sizes that could only abort, panic, hang or (the epochs' u32 sum
+        // wrapping around) train nothing.
+        ("model.num_classes=4000000000", "model.num_classes", "at most 1000000, got"),
+        ("augment.input_size=100000", "augment.input_size", "at most 4096, got 100000"),
+        ("eval.input_size=5000", "eval.input_size", "at most 4096, got 5000"),
+        ("eval.batch_size=100000", "eval.batch_size", "at most 65536, got 100000"),
+        ("batch.micro_size=131072", "batch.micro_size", "at most 65536, got 131072"),
+        ("batch.global_size=4194304", "batch.global_size", "at most 1048576, got 4194304"),
+        ("schedule.cosine.epochs=4294967295", "schedule.cosine.epochs", "at most 100000"),
+        (
+            "schedule.cosine.cooldown_epochs=4294967295",
+            "schedule.cosine.cooldown_epochs",
+            "at most 100000, got 4294967295",
+        ),
+        (
+            "augment.rand_augment=rand-m7-n1000000000",
+            "augment.rand_augment",
+            "`n1000000000`: at most 100 operations per image",
+        ),
     ];
     for (set, field, needle) in cases {
         assert_invalid_set(set, field, needle);
@@ -436,6 +455,8 @@ fn each_validation_rule_names_its_field() {
         "schedule.cosine.warmup_epochs=0",
         "schedule.cosine.min_lr=0.008",
         "mixup.mixup_alpha=0",
+        "model.num_classes=1000000",
+        "augment.rand_augment=rand-m9-n100",
     ] {
         ok(BASE, &[set]);
     }

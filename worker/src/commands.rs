@@ -201,16 +201,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // Resolves and checks `--resume` before the run folder is written to.
     let mut trainer = Trainer::new(recipe, options)?;
     let resolved = args.out.join(rsb_job::run_folder::RESOLVED_RECIPE);
-    let kept = rsb_job::write_resolved_recipe(&args.out, &yaml, held_run)
+    rsb_job::write_resolved_recipe(&args.out, &yaml, held_run)
         .with_context(|| format!("writing {}", resolved.display()))?;
-    if let Some(kept) = kept {
-        tracing::warn!(
-            "{} held another recipe; it is kept as {}, and the run's resolved recipe is written \
-             there",
-            resolved.display(),
-            kept.display()
-        );
-    }
     let summary = trainer.run()?;
     if let Some(last) = summary.epochs.last() {
         let acc = match (last.top1, last.top5) {

@@ -160,20 +160,12 @@ struct IgnoredMembers {
     first: Option<String>,
 }
 
-/// Indexes one shard: its samples in member order.
-pub fn index_shard(path: &Path) -> Result<Vec<Sample>, DataError> {
-    let mut ignored = IgnoredMembers::default();
-    let samples = index_shard_counting(path, &mut ignored)?;
-    ignored.warn(path);
-    Ok(samples)
-}
-
 impl IgnoredMembers {
     /// Logs the count, if any, naming the first.
-    fn warn(&self, place: &Path) {
+    fn warn(&self, folder: &Path) {
         if let Some(first) = &self.first {
             tracing::warn!(
-                place = %place.display(),
+                folder = %folder.display(),
                 %first,
                 "{} shard member(s) ignored: only KEY.jpg, KEY.jpeg, KEY.png and KEY.cls are \
                  read (KEY: the path up to the first dot of the file name)",
@@ -183,11 +175,9 @@ impl IgnoredMembers {
     }
 }
 
-/// [`index_shard`], adding the members it does not read to `ignored`.
-fn index_shard_counting(
-    path: &Path,
-    ignored_so_far: &mut IgnoredMembers,
-) -> Result<Vec<Sample>, DataError> {
+/// Indexes one shard: its samples in member order, adding the members it
+/// does not read to `ignored_so_far` (the folder's, logged once).
+fn index_shard(path: &Path, ignored_so_far: &mut IgnoredMembers) -> Result<Vec<Sample>, DataError> {
     let bad = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
@@ -362,7 +352,7 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
     let mut samples = Vec::new();
     let mut ignored = IgnoredMembers::default();
     for shard in &shards {
-        let in_shard = index_shard_counting(shard, &mut ignored)?;
+        let in_shard = index_shard(shard, &mut ignored)?;
         if let Some(listing) = listed.as_ref().and_then(|l| l.get(file_name(shard).as_str())) {
             let bytes = std::fs::metadata(shard).map_err(|e| DataError::io(shard, e))?.len();
             if bytes != listing.bytes || in_shard.len() as u64 != listing.samples {

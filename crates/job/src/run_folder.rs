@@ -53,8 +53,8 @@ pub fn holds_run(folder: &Path) -> bool {
 /// asked before the start wrote there), a different file already there (a
 /// recipe its user keeps in the run folder and trains with, or the recipe
 /// of a start whose records `--auto-resume` set aside) is not lost: it is
-/// moved to `OUT/recipe-replaced-<unix seconds>.yaml`, whose path is
-/// returned for the caller to say so. A run's own, replaced as it is
+/// moved to `OUT/recipe-replaced-<unix seconds>.yaml`, with a warning
+/// naming it, and its path returned. A run's own, replaced as it is
 /// resumed with other settings, is in each of its checkpoints.
 pub fn write_resolved_recipe(
     out: &Path,
@@ -76,6 +76,12 @@ pub fn write_resolved_recipe(
                 n += 1;
             }
             std::fs::rename(&path, &aside)?;
+            tracing::warn!(
+                "{} held another recipe; it is kept as {}, and the run's resolved recipe is \
+                 written in its place",
+                path.display(),
+                aside.display()
+            );
             Some(aside)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
