@@ -78,12 +78,15 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
     };
 
     let overrides = overrides.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    // Each override's key as written, elements named by index: what a
+    // validation error's field is compared with.
+    let mut written_keys = Vec::with_capacity(overrides.len());
     let recipe = if overrides.is_empty() {
         from_file.map_err(schema_error)?
     } else {
         let mut merged = tree.clone();
         for o in &overrides {
-            o.apply(&mut merged)?;
+            written_keys.push(o.apply(&mut merged)?);
         }
         match deserialize::<Recipe, _>(merged) {
             Ok(recipe) => recipe,
@@ -125,14 +128,13 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
     };
 
     validate::check(&recipe).map_err(|v| {
-        let origin = overrides
-            .iter()
-            .rev()
-            .find(|o| o.touches(&v.field))
-            .or_else(|| {
-                let related = v.related.as_deref()?;
-                overrides.iter().rev().find(|o| o.touches(related))
+        let blamed = |field: &str| {
+            overrides.iter().zip(&written_keys).rev().find_map(|(o, written)| {
+                (o.touches(field) || overrides::key_touches(written, field)).then_some(o)
             })
+        };
+        let origin = blamed(&v.field)
+            .or_else(|| blamed(v.related.as_deref()?))
             .map(|o| Origin::Override { set: o.raw.clone() })
             .unwrap_or_else(|| Origin::File {
                 path: path.to_owned(),

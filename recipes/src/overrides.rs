@@ -56,15 +56,16 @@ impl Override {
     /// Whether this override wrote `field` (a dotted path) or a value above
     /// or below it, i.e. one path is a segment-wise prefix of the other.
     pub fn touches(&self, field: &str) -> bool {
-        if field.is_empty() {
-            return false;
-        }
-        self.key.iter().map(String::as_str).zip(field.split('.')).all(|(a, b)| a == b)
+        key_touches(&self.key, field)
     }
 
     /// Writes the value into `root`, creating missing mappings on the way
-    /// (see the module documentation for sequence elements).
-    pub fn apply(&self, root: &mut Value) -> Result<(), RecipeError> {
+    /// (see the module documentation for sequence elements). Returns the
+    /// key it wrote with each element named by its index (`eval.sets.1.root`
+    /// for `eval.sets.v2.root`), as validation names fields (the key as
+    /// given for an element it removed).
+    pub fn apply(&self, root: &mut Value) -> Result<Vec<String>, RecipeError> {
+        let mut written = Vec::with_capacity(self.key.len());
         let mut node = root;
         for (depth, segment) in self.key.iter().enumerate() {
             if node.is_null() {
@@ -78,6 +79,7 @@ impl Override {
             };
             node = match node {
                 Value::Mapping(mapping) => {
+                    written.push(segment.clone());
                     mapping.entry(Value::String(segment.clone())).or_insert(Value::Null)
                 }
                 Value::Sequence(elements) => {
@@ -88,17 +90,29 @@ impl Override {
                         )));
                     };
                     if depth + 1 == self.key.len() && self.value.is_null() {
+                        // The elements after it move down: an index would
+                        // name the next one.
                         elements.remove(index);
-                        return Ok(());
+                        return Ok(self.key.clone());
                     }
+                    written.push(index.to_string());
                     &mut elements[index]
                 }
                 other => return Err(path_error(format!("{}, not a mapping", describe(other)))),
             };
         }
         *node = self.value.clone();
-        Ok(())
+        Ok(written)
     }
+}
+
+/// Whether `key` and `field` (a dotted path) are the same path, or one is a
+/// segment-wise prefix of the other.
+pub fn key_touches(key: &[String], field: &str) -> bool {
+    if field.is_empty() {
+        return false;
+    }
+    key.iter().map(String::as_str).zip(field.split('.')).all(|(a, b)| a == b)
 }
 
 /// The element `segment` addresses: an index, or the element whose `name`

@@ -462,6 +462,31 @@ fn each_validation_rule_names_its_field() {
     }
 }
 
+/// An eval set addressed by its name is blamed as one addressed by its
+/// index: the `--set`, not the file's line (validation names the set by
+/// index); and removing a set blames nothing about the sets after it.
+#[test]
+fn a_set_that_addresses_an_eval_set_by_name_is_blamed_for_its_errors() {
+    let source = format!(
+        "{BASE}  sets:\n    - name: real\n      kind: real\n      root: val\n      labels: r.json\n    \
+         - name: v2\n      kind: v2\n      root: v2\n    - name: extra\n      kind: v2\n      \
+         root: x\n"
+    );
+    ok(&source, &[]);
+    for set in ["eval.sets.real.name=val", "eval.sets.0.name=val"] {
+        let msg = err(&source, &[set]);
+        assert_starts(&msg, &format!("--set {set}: eval.sets.0.name: `val` is the validation"));
+    }
+    let msg = err(&source, &["eval.sets.v2.root=''"]);
+    assert_starts(&msg, "--set eval.sets.v2.root='': eval.sets.1.root: must not be empty");
+    // After `v2` is removed, `extra` is eval.sets.1: its own error is the
+    // file's.
+    let broken = source.replace("root: x", "root: ''");
+    let msg = err(&broken, &["eval.sets.v2=null"]);
+    assert_starts(&msg, "recipes/x.yaml:");
+    assert!(msg.contains("eval.sets.1.root: must not be empty"), "{msg}");
+}
+
 #[test]
 fn validation_errors_from_the_file_name_the_line() {
     let msg = err(&edit("  micro_size: 64", "  micro_size: 48"), &[]);
