@@ -273,6 +273,9 @@ pub struct Job {
     started: bool,
     /// Since when a started job waits below `min_nodes`.
     regroup_since: Option<Instant>,
+    /// Until when the members of a job restored by `up --auto-resume` may
+    /// come back (see [`Job::expect_members_back`]).
+    reclaim_until: Option<Instant>,
     /// Hosts lost since the last generation started (host and why).
     lost: Vec<String>,
     /// Why the next generation opens.
@@ -603,6 +606,7 @@ impl Job {
             resume_step: None,
             started: false,
             regroup_since: None,
+            reclaim_until: None,
             lost: Vec::new(),
             reasons: vec![GenerationReason::Start],
             restarts: 0,
@@ -637,12 +641,16 @@ impl Job {
     }
 
     /// A restored job's counters: ids go on from `next_member`; `started`
-    /// and `restarts` as saved; no generation reason pending.
+    /// and `restarts` as saved; no generation reason pending but the start,
+    /// for a job that never started.
     pub(crate) fn restore_counters(&mut self, next_member: u64, started: bool, restarts: u32) {
         self.next_member = next_member;
         self.started = started;
         self.restarts = restarts;
         self.reasons.clear();
+        if !started {
+            self.reasons.push(GenerationReason::Start);
+        }
     }
 
     /// Opens the next generation for `reason` (a restored job). A restored
@@ -651,6 +659,83 @@ impl Job {
     pub(crate) fn restart_generation(&mut self, reason: GenerationReason) {
         self.next_generation(Some(reason));
         self.flush_metrics();
+    }
+
+    /// For a job restored by `coordinator up --auto-resume`, which cannot
+    /// tell whether its members' agents outlived the old coordinator (its
+    /// pod restarted) or were stopped with it (the whole job started again:
+    /// a Kubernetes Job applied again, a Slurm requeue): the saved members
+    /// have one heartbeat timeout to come back. The first heartbeat of one
+    /// continues the restored job; until then a host that joins is told to
+    /// join again, and if none comes back, they are dropped and the job
+    /// takes the hosts that join (see [`Job::join_later`]).
+    pub fn expect_members_back(&mut self) {
+        if self.members.is_empty() && self.pending.is_empty() {
+            return;
+        }
+        // Counted from now for the silence check too, so that the members
+        // are dropped as not back before any is found silent.
+        let now = Instant::now();
+        for m in self.members.iter_mut().chain(&mut self.pending) {
+            m.last_seen = now;
+        }
+        self.reclaim_until = Some(now + self.heartbeat_timeout);
+    }
+
+    /// While restored members may still come back ([`Job::expect_members_back`]):
+    /// how soon a host that joins should join again. `None` once the job
+    /// takes joins (the members came back, or their time ran out: then
+    /// they are dropped here first).
+    pub fn join_later(&mut self) -> Option<Duration> {
+        self.drop_members_not_back();
+        self.reclaim_until.map(|_| self.heartbeat_interval())
+    }
+
+    /// Past [`Job::reclaim_until`] with no saved member back: their agents
+    /// are gone. They are dropped, and the job waits, as a new one does,
+    /// for `nodes_expected` hosts within the join timeout, to continue in
+    /// a new generation from the newest checkpoint in its run folder (rank
+    /// 0 chooses the newest intact one, which may be newer than the last
+    /// one committed: ranks stopped by their agents write one as they stop).
+    fn drop_members_not_back(&mut self) {
+        if self.reclaim_until.is_none_or(|until| Instant::now() < until) {
+            return;
+        }
+        self.reclaim_until = None;
+        let why = format!(
+            "did not come back within {:?} of the coordinator's restart",
+            self.heartbeat_timeout
+        );
+        let gone: Vec<Member> = self.members.drain(..).chain(self.pending.drain(..)).collect();
+        for m in &gone {
+            tracing::warn!(member = %m.id, host = %m.host, "{why}; dropped from the job");
+            if self.started {
+                self.reasons
+                    .push(GenerationReason::LostHost { host: m.host.clone(), detail: why.clone() });
+            }
+        }
+        let hosts: Vec<&str> = gone.iter().map(|m| m.host.as_str()).collect();
+        self.say(&format!(
+            "none of the job's host(s) ({}) came back within {:?} of this coordinator's start: \
+             their agents are gone; waiting for {} host(s) to join",
+            hosts.join(", "),
+            self.heartbeat_timeout,
+            self.nodes_expected
+        ));
+        self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
+        if self.started {
+            self.open_generation();
+        }
+        if !rsb_job::checkpoint::list(&self.out_dir).is_empty() {
+            self.resume_from = Some(self.out_dir.display().to_string());
+            self.resume_step = None;
+        }
+        self.phase = Phase::Waiting;
+        self.running_since = None;
+        self.started = false;
+        self.regroup_since = None;
+        self.lost.clear();
+        self.waiting_since = Instant::now();
     }
 
     /// The job's state to save to [`Job::state_file`], when it changed
@@ -910,11 +995,7 @@ impl Job {
     /// or waits for joins when fewer than `min_nodes` are left.
     fn next_generation(&mut self, reason: Option<GenerationReason>) {
         self.reasons.extend(reason);
-        self.generation += 1;
-        self.rendezvous.clear();
-        self.at_rendezvous.clear();
-        self.left_ranks.clear();
-        self.finished_ranks = 0;
+        self.open_generation();
         for m in std::mem::take(&mut self.pending) {
             self.reasons.push(GenerationReason::Admitted { host: m.host.clone() });
             self.members.push(m);
@@ -937,6 +1018,15 @@ impl Job {
                 self.rejoin_timeout
             );
         }
+    }
+
+    /// Numbers the next generation, forgetting the ranks of the last one.
+    fn open_generation(&mut self) {
+        self.generation += 1;
+        self.rendezvous.clear();
+        self.at_rendezvous.clear();
+        self.left_ranks.clear();
+        self.finished_ranks = 0;
     }
 
     /// The member whose credentials a call presents: its id and session
@@ -1004,10 +1094,14 @@ impl Job {
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
             let ranks_generation = m.ranks_generation();
+            if self.reclaim_until.take().is_some() {
+                tracing::info!(member = %id, host = %m.host, "back after the coordinator's restart");
+            }
             return Ok(Beat { keep_going: on, pending: false, failure, ranks_generation });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
+            self.reclaim_until = None;
             return Ok(Beat { keep_going: on, pending: true, failure, ranks_generation: 0 });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
@@ -1048,6 +1142,7 @@ impl Job {
         if !matches!(self.phase, Phase::Waiting | Phase::Running) {
             return;
         }
+        self.drop_members_not_back();
         let join_deadline_passed =
             self.join_timeout.is_some_and(|limit| self.waiting_since.elapsed() > limit);
         if !self.started && self.phase == Phase::Waiting && join_deadline_passed {
@@ -1125,7 +1220,10 @@ impl Job {
     /// running generation whose ranks have not all come to the rendezvous;
     /// hosts found silent were dealt with first.
     fn check_rendezvous_deadline(&mut self) {
+        // While restored members may still come back, their ranks cannot
+        // be late: whether they come is the question being waited on.
         if self.phase == Phase::Running
+            && self.reclaim_until.is_none()
             && self.running_since.is_some_and(|at| at.elapsed() > self.rendezvous_timeout)
         {
             self.fail_missing_from_rendezvous(self.missing_from_rendezvous());

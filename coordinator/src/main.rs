@@ -11,7 +11,9 @@
 //! M, and admits hosts that join while it runs, up to X. Without them the job
 //! is fail-stop. `--restore` continues the job after the coordinator itself
 //! was killed or restarted, from its state file in OUT (see
-//! `rsb_coordinator::saved`).
+//! `rsb_coordinator::saved`). `--auto-resume`, for a command line that a
+//! scheduler starts again as it is, restores such a job too, or continues
+//! the run from its checkpoints.
 //! `--procedure a1|a2|a3 --model NAME` instead of `--recipe` trains a Table-3
 //! model with one of the paper's procedures at its Table-3 resolutions.
 //!
@@ -170,10 +172,16 @@ struct UpArgs {
     /// Continue what --out holds, or start it: for a job that a scheduler
     /// may start again with the same command line (a Slurm requeue after a
     /// time limit, a preemption or a lost node; a Kubernetes Job applied
-    /// again). A run continues from its newest intact checkpoint (one that
-    /// wrote none starts again, its earlier records moved to
+    /// again, a coordinator pod started again). A job whose coordinator
+    /// was stopped while it ran is restored as with --restore: its hosts
+    /// have --heartbeat-timeout-secs to come back (agents that outlived the
+    /// old coordinator), else the job takes the hosts that join. Otherwise
+    /// a run continues from its newest intact checkpoint (one that wrote
+    /// none starts again, its earlier records moved to
     /// OUT/abandoned-<unix seconds>/); a sweep continues as with
-    /// `--resume OUT`; an empty or absent folder starts.
+    /// `--resume OUT`; an empty or absent folder starts. A SIGTERM or
+    /// SIGINT leaves the job (not a sweep) to that restart instead of
+    /// failing it.
     #[arg(long, conflicts_with_all = ["resume", "restore"])]
     auto_resume: bool,
     /// Continue the job this coordinator ran in OUT before it was killed or
@@ -612,11 +620,26 @@ async fn up(mut args: UpArgs) -> Result<()> {
         }
     }
     let mut exited = vec![false; children.len()];
+    // `--auto-resume` says a scheduler may start this command line again:
+    // a stop signal leaves the job (not a sweep's, not --local's, whose
+    // workers stop with it) to that restart instead of failing it.
+    let leaves_job_to_restart = args.auto_resume && !local && matches!(work, Work::Job { .. });
     let outcome = loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
             signal = stop_signals.recv() => {
                 let reason = format!("coordinator stopped by {signal}");
+                if leaves_job_to_restart {
+                    // A scheduler stops it to start it again elsewhere (a
+                    // pod evicted, a node drained): the job is not ended,
+                    // so that the next start restores it.
+                    tracing::warn!("{reason}; the job is left to its restart");
+                    break Err(anyhow::anyhow!(
+                        "{reason}: the job is left to its restart (the same command line \
+                         restores it, and its hosts go on meanwhile, for their \
+                         --coordinator-deadline-secs)"
+                    ));
+                }
                 shared.update(|state| state.fail_all(&reason));
                 if let Work::Sweep(progress) = &mut work {
                     progress.finish();
@@ -760,9 +783,24 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     }
     let out = args.out.clone().context("--out DIR is required (the run folder)")?;
     let recipe = args.recipe.load(&args.overrides)?;
+    if let Some(ranks) = args.local.then(|| local_worker_ranks(&args.devices)).flatten() {
+        // Refused before any worker starts, not once they all joined.
+        let world = nodes * ranks;
+        BatchPlan::new(&recipe, world).with_context(|| {
+            format!(
+                "--local --nodes {nodes} --devices {}: a world of {world} rank(s)",
+                args.devices
+            )
+        })?;
+    }
     if args.restore {
         let token = token.context("--restore needs the job's token")?;
         return restore_job(args, recipe, &out, token);
+    }
+    if args.auto_resume && !args.local {
+        if let Some(restored) = auto_restore(args, &recipe, &out, token) {
+            return Ok(restored);
+        }
     }
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
     let resume = if args.auto_resume {
@@ -806,6 +844,20 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     Ok((Coordination::one(job), out, Work::Job { elastic: is_elastic }))
 }
 
+/// The ranks each `--local` worker runs with `--devices devices`: one with
+/// `cpu`, one per listed GPU; `None` for `all` (this process does not count
+/// GPUs) or a list the worker will refuse.
+fn local_worker_ranks(devices: &str) -> Option<u32> {
+    match devices {
+        "cpu" => Some(1),
+        "all" => None,
+        list => {
+            let ids: Result<Vec<u32>, _> = list.split(',').map(|id| id.trim().parse()).collect();
+            ids.ok().and_then(|ids| u32::try_from(ids.len()).ok())
+        }
+    }
+}
+
 /// `up --restore`: the job saved in `out` by a coordinator that was killed
 /// or restarted, continued with the same recipe and hosts.
 fn restore_job(
@@ -815,7 +867,72 @@ fn restore_job(
     token: &Secret,
 ) -> Result<(Coordination, PathBuf, Work)> {
     let out = out.canonicalize().with_context(|| format!("--restore: {}", out.display()))?;
-    let saved = SavedJob::read(&out)?;
+    let job = saved_job(args, recipe, &out, token)
+        .with_context(|| format!("--restore: {}", out.join(STATE_FILE).display()))?;
+    Ok(serve_restored(args, job, out, false))
+}
+
+/// `up --auto-resume` on a run folder whose coordinator was killed or
+/// restarted while its job ran (its state file says the job has not
+/// ended): the job is restored as `--restore` does, and its agents, if they
+/// outlived the old coordinator, continue it with their ranks' hosts; if
+/// none comes back within the heartbeat timeout (they were stopped with
+/// it), the job takes the hosts that join (see
+/// [`Job::expect_members_back`]). `None` when there is no such job, or it
+/// cannot be restored with this command line (the reason is printed): the
+/// run is then continued from its checkpoints.
+fn auto_restore(
+    args: &UpArgs,
+    recipe: &rsb_recipes::Recipe,
+    out: &Path,
+    token: Option<&Secret>,
+) -> Option<(Coordination, PathBuf, Work)> {
+    let out = out.canonicalize().ok()?;
+    if !out.join(STATE_FILE).is_file() {
+        return None;
+    }
+    let restored = SavedJob::read(&out).map_err(anyhow::Error::new).and_then(|saved| {
+        if saved.ended.is_some() {
+            return Ok(None);
+        }
+        let token = token.context(
+            "no job token was given, and the run folder holds none: the job's agents present \
+             the one it started with",
+        )?;
+        saved_job(args, recipe.clone(), &out, token).map(Some)
+    });
+    match restored {
+        Ok(Some(job)) => {
+            rsb_coordinator::print_line!(
+                "--auto-resume: the job's coordinator stopped while it ran; its hosts have \
+                 {}s (--heartbeat-timeout-secs) to come back (their agents outlived it), else \
+                 the job takes the hosts that join",
+                args.heartbeat_timeout_secs
+            );
+            Some(serve_restored(args, job, out, true))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            rsb_coordinator::print_line!(
+                "--auto-resume: not restoring the job saved in {} ({}); continuing the run \
+                 from its checkpoints instead",
+                out.join(STATE_FILE).display(),
+                rsb_logging::error_chain(e.as_ref())
+            );
+            None
+        }
+    }
+}
+
+/// The job saved in `out`, restored with this command line's recipe,
+/// `--nodes` and token (each must be the job's).
+fn saved_job(
+    args: &UpArgs,
+    recipe: rsb_recipes::Recipe,
+    out: &Path,
+    token: &Secret,
+) -> Result<Job> {
+    let saved = SavedJob::read(out)?;
     if saved.nodes_expected != args.nodes {
         bail!(
             "--nodes {}: the job in {} was started with --nodes {}",
@@ -824,14 +941,27 @@ fn restore_job(
             saved.nodes_expected
         );
     }
-    let mut job = Job::restore(recipe, out.clone(), saved, token)
-        .with_context(|| format!("--restore: {}", out.join(STATE_FILE).display()))?;
+    Ok(Job::restore(recipe, out.to_path_buf(), saved, token)?)
+}
+
+/// A restored job with this command line's timeouts, saved again to its
+/// state file as it goes on; `members_may_be_gone`: see
+/// [`Job::expect_members_back`].
+fn serve_restored(
+    args: &UpArgs,
+    mut job: Job,
+    out: PathBuf,
+    members_may_be_gone: bool,
+) -> (Coordination, PathBuf, Work) {
     job.heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_secs);
     job.rendezvous_timeout = Duration::from_secs(args.rendezvous_timeout_secs);
     job.join_timeout = Some(Duration::from_secs(args.join_timeout_secs));
     job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
     job.max_restarts = args.elastic.max_restarts;
     job.state_file = Some(out.join(STATE_FILE));
+    if members_may_be_gone {
+        job.expect_members_back();
+    }
     rsb_coordinator::print_line!(
         "restored job {} in {}: generation {} over {} host(s), from {}",
         job.id,
@@ -841,7 +971,7 @@ fn restore_job(
         job.resume_from.as_deref().unwrap_or("a fresh start (no checkpoint was committed)")
     );
     let elastic = job.elastic();
-    Ok((Coordination::one(job), out, Work::Job { elastic }))
+    (Coordination::one(job), out, Work::Job { elastic })
 }
 
 /// The sweep of `up`: its manifest written (or, with `--resume DIR`, read
@@ -974,8 +1104,9 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
 }
 
 /// The job token `up` was given, and where from: `--token-file`, else
-/// `RSB_JOB_TOKEN`, else, with `--restore`, the `job.token` a first `up`
-/// wrote into the run folder. `None` for a new job given none. A restore
+/// `RSB_JOB_TOKEN`, else, with `--restore` or `--auto-resume`, the
+/// `job.token` a first `up` wrote into the run folder (the job's workers
+/// may read it). `None` for a new job given none. A restore
 /// needs one: its agents present the token the job was started with, and a
 /// new one would lock them all out.
 fn given_job_token(args: &UpArgs) -> Result<Option<(Secret, String)>> {
@@ -983,7 +1114,9 @@ fn given_job_token(args: &UpArgs) -> Result<Option<(Secret, String)>> {
     let (file, source) = match (&args.token_file, &saved) {
         (Some(file), _) => (Some(file.clone()), format!("--token-file {}", file.display())),
         (None, Some(saved))
-            if args.restore && std::env::var_os(auth::TOKEN_ENV).is_none() && saved.is_file() =>
+            if (args.restore || args.auto_resume)
+                && std::env::var_os(auth::TOKEN_ENV).is_none()
+                && saved.is_file() =>
         {
             (Some(saved.clone()), format!("{} (written by the job's first `up`)", saved.display()))
         }

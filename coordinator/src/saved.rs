@@ -11,7 +11,11 @@
 //! generation move on in their next heartbeat and restart their ranks, as
 //! after any regroup. At most the updates since that checkpoint are lost.
 //! A member that does not come back is silent, and handled as such (a fixed
-//! job fails naming it; an elastic one drops it).
+//! job fails naming it; an elastic one drops it). `coordinator up
+//! --auto-resume` restores such a job too, but cannot know whether the
+//! agents outlived the old coordinator: if none of its members comes back
+//! within the heartbeat timeout, it takes new hosts instead
+//! ([`Job::expect_members_back`]).
 
 use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
 use rsb_job::atomic_write::Readers;
@@ -317,6 +321,7 @@ mod tests {
     use super::*;
     use crate::job::RendezvousPayload;
     use std::net::Ipv4Addr;
+    use std::time::Duration;
 
     fn recipe() -> Recipe {
         let path =
@@ -416,6 +421,135 @@ mod tests {
             let expected = format!("member {b}: `local_ranks` {local_ranks} is not in 1..=1024");
             assert!(e.to_string().contains(&expected), "{e}");
         }
+    }
+
+    /// A started 2-host job with one committed checkpoint, saved, and the
+    /// state read back, with the job's token and the two members' ids and
+    /// secrets.
+    fn saved_running_job(dir: &Path) -> (SavedJob, Secret, Vec<(String, Secret)>) {
+        let token = Secret::generate().unwrap();
+        let mut job = Job::new(recipe(), dir.to_path_buf(), 2);
+        job.state_file = Some(dir.join(STATE_FILE));
+        job.token_fingerprint = Some(token.fingerprint());
+        let members = ["a", "b"]
+            .map(|host| {
+                let (id, secret, _) = job.join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+                (id, secret)
+            })
+            .to_vec();
+        job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
+            .unwrap();
+        job.state_to_save().expect("the state changed").write().unwrap();
+        (SavedJob::read(dir).unwrap(), token, members)
+    }
+
+    /// Restores `saved` as `up --auto-resume` does, with a heartbeat timeout
+    /// of `timeout`.
+    fn auto_restored(dir: &Path, saved: SavedJob, token: &Secret, timeout: Duration) -> Job {
+        let mut job = Job::restore(recipe(), dir.to_path_buf(), saved, token).unwrap();
+        job.heartbeat_timeout = timeout;
+        job.expect_members_back();
+        job
+    }
+
+    #[test]
+    fn an_auto_restored_job_waits_for_its_members_and_goes_on_with_those_that_come_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (saved, token, members) = saved_running_job(tmp.path());
+        let mut job = auto_restored(tmp.path(), saved, &token, Duration::from_secs(30));
+        assert_eq!((job.generation, job.phase.clone()), (2, Phase::Running));
+        // A stranger's join (a host started again) is told to come back.
+        assert!(job.join_later().is_some(), "joins wait while the members may come back");
+        // A member's heartbeat ends the wait: the job is the restored one.
+        let beat = job.heartbeat(&members[0].0).unwrap();
+        assert!(beat.keep_going && beat.failure.is_none(), "{beat:?}");
+        assert_eq!(job.join_later(), None);
+        assert_eq!((job.generation, job.members.len()), (2, 2));
+        let e = job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
+        assert!(e.to_string().contains("takes no new members"), "{e}");
+    }
+
+    #[test]
+    fn an_auto_restored_job_whose_members_do_not_come_back_takes_the_hosts_that_join() {
+        for checkpoint_on_disk in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (saved, token, members) = saved_running_job(tmp.path());
+            if checkpoint_on_disk {
+                // The newest one on disk may be newer than the last one the
+                // coordinator committed (ranks stopped by their agents write
+                // one as they stop): rank 0 chooses from the run folder.
+                std::fs::create_dir_all(tmp.path().join("checkpoints/epoch-0000-update-000000006"))
+                    .unwrap();
+            }
+            let timeout = Duration::from_millis(200);
+            let mut job = auto_restored(tmp.path(), saved, &token, timeout);
+            // A rendezvous deadline shorter than the wait fails nothing:
+            // the ranks of members that may not come back are not late.
+            job.rendezvous_timeout = Duration::from_millis(1);
+            std::thread::sleep(Duration::from_millis(20));
+            job.check_liveness();
+            assert_eq!(job.phase, Phase::Running);
+            assert!(job.join_later().is_some());
+            std::thread::sleep(timeout + Duration::from_millis(50));
+            // Silence is not checked first: a fixed job does not fail.
+            job.check_liveness();
+            assert_eq!((job.generation, job.phase.clone()), (3, Phase::Waiting));
+            assert!(job.members.is_empty() && job.dropped.len() == 2, "{job:?}");
+            assert_eq!(job.join_later(), None, "joins are taken");
+            for (id, _) in &members {
+                let beat = job.heartbeat(id).unwrap();
+                assert!(!beat.keep_going, "a member that came back late is told it was dropped");
+                assert!(beat.failure.unwrap().contains("did not come back"));
+            }
+            job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            assert_eq!(job.phase, Phase::Waiting, "the job waits for --nodes hosts");
+            let (_, _, pending) = job.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            assert!(!pending);
+            assert_eq!((job.generation, job.phase.clone()), (3, Phase::Running));
+            let hosts: Vec<&str> = job.members.iter().map(|m| m.host.as_str()).collect();
+            assert_eq!(hosts, ["c", "d"]);
+            let expected = if checkpoint_on_disk {
+                tmp.path().display().to_string()
+            } else {
+                "/run/checkpoints/epoch-0000-update-000000004".to_string()
+            };
+            assert_eq!(job.resume_from.as_deref(), Some(expected.as_str()));
+            assert_eq!(job.resume_step, (!checkpoint_on_disk).then_some(4));
+            job.flush_metrics();
+            let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+            let last = text.lines().last().unwrap();
+            assert!(
+                last.contains("\"generation\":3")
+                    && last.matches("did not come back").count() == 2
+                    && last.contains("\"hosts\":[\"c\",\"d\"]"),
+                "{last}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_auto_restored_job_that_never_started_waits_for_its_members_then_for_any_hosts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = Secret::generate().unwrap();
+        let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 2);
+        job.state_file = Some(tmp.path().join(STATE_FILE));
+        job.token_fingerprint = Some(token.fingerprint());
+        job.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        job.state_to_save().expect("the state changed").write().unwrap();
+        let saved = SavedJob::read(tmp.path()).unwrap();
+        let timeout = Duration::from_millis(200);
+        let mut job = auto_restored(tmp.path(), saved, &token, timeout);
+        assert!(job.join_later().is_some());
+        std::thread::sleep(timeout + Duration::from_millis(50));
+        assert_eq!(job.join_later(), None);
+        assert_eq!((job.generation, job.members.len()), (1, 0), "no generation ran");
+        job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        job.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert_eq!((job.generation, job.phase.clone()), (1, Phase::Running));
+        assert_eq!(job.resume_from, None);
+        job.flush_metrics();
+        let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+        assert!(text.trim().lines().count() == 1 && text.contains("\"start\""), "{text}");
     }
 
     #[test]

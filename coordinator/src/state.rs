@@ -57,6 +57,10 @@ impl Coordination {
         match &mut self.sweep {
             Some(sweep) => sweep.place(&mut self.jobs, host, kind, local_ranks, advertise),
             None => {
+                // A restored job whose members may still come back.
+                if let Some(after) = self.jobs[0].join_later() {
+                    return Ok(Placement::JoinAgain(after));
+                }
                 let (id, secret, pending) =
                     self.jobs[0].join(host, kind, local_ranks, advertise)?;
                 Ok(Placement::Member { job: 0, id, secret, pending })

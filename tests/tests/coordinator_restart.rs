@@ -8,6 +8,13 @@
 //! updates lost (recorded before the kill, after that checkpoint) are at
 //! most one checkpoint interval. Nothing is left running. A restore with
 //! another job token, or none, is refused at once and changes nothing.
+//!
+//! The same with the command line of the Kubernetes and Slurm deployments,
+//! `coordinator up --auto-resume`, started again as it was: after a SIGTERM
+//! (a pod evicted) the job is restored and the agents continue it; after
+//! the coordinator and every host were killed, the restarted coordinator
+//! waits one heartbeat timeout for the old agents, then continues the job
+//! on the hosts that join, from the newest checkpoint on disk.
 
 use rsb_integration_tests::elastic_records::{all_records, planned_updates};
 use rsb_integration_tests::free_port;
@@ -122,6 +129,220 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
         "coordinator kill -9 + restore: {lost} update(s) lost; first update {:.1} s after the \
          kill (restarted after about 0.1 s)",
         recovered.as_secs_f64()
+    );
+}
+
+/// The job's `--set` options: `data` for data, 6 epochs of 2 updates each,
+/// a checkpoint every [`CHECKPOINT_INTERVAL`] updates, every one kept.
+fn job_sets(data: &Path) -> Vec<String> {
+    vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".to_string(),
+        "schedule.cosine.epochs=6".to_string(),
+        "eval.every_epochs=1000".to_string(),
+        format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
+        "runtime.keep_last_checkpoints=1000".to_string(),
+    ]
+}
+
+/// The job of a Kubernetes or Slurm deployment: `coordinator up
+/// --auto-resume` (the same command line at every start) on a free port,
+/// with two `worker join` hosts, `a` and `b`, run until it committed a
+/// checkpoint and made a few more updates; then the coordinator is stopped
+/// with `signal` (and its exit checked). Returns the run folder, the command
+/// line's `--set` options and arguments, the workers, when the coordinator
+/// was stopped, the last update it recorded, and how many records it wrote.
+struct KilledCoordinator {
+    out: std::path::PathBuf,
+    sets: Vec<String>,
+    args: Vec<String>,
+    workers: Vec<std::process::Child>,
+    killed: Instant,
+    recorded: u64,
+    records_before: usize,
+}
+
+fn stop_an_auto_resume_coordinator(dir: &Path, signal_name: &str) -> KilledCoordinator {
+    let data = fashion_subset(dir, 8, 2);
+    let out = dir.join("run");
+    let sets = job_sets(&data);
+    let port = free_port("127.0.0.1");
+    let args: Vec<String> =
+        ["--listen", &format!("127.0.0.1:{port}"), "--nodes", "2", "--auto-resume"]
+            .map(String::from)
+            .to_vec();
+    let first_log = dir.join("coordinator-1.log");
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = sweeps::coordinator_up(&out, &sets, &arg_refs, &first_log);
+    let workers: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| sweeps::worker_join(port, name, &dir.join(format!("worker-{name}.log"))))
+        .collect();
+    let steps = || run_records_or_empty(&out, "step");
+    wait_until("a committed checkpoint and a few more updates", &first_log, || {
+        std::fs::read_to_string(&first_log).unwrap_or_default().contains("checkpoint committed")
+            && steps().last().is_some_and(|s| s["step"].as_u64().unwrap() >= 5)
+    });
+    assert!(signal(first.id(), signal_name));
+    let status = wait_with_timeout(first, Duration::from_secs(30), "the stopped coordinator");
+    assert!(!status.status.success());
+    let killed = Instant::now();
+    if signal_name == "TERM" {
+        // Stopped by its scheduler (a pod evicted): the job is not ended.
+        let output = std::fs::read_to_string(&first_log).unwrap();
+        assert!(output.contains("the job is left to its restart"), "{output}");
+        let state = std::fs::read_to_string(out.join("coordinator-state.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert!(state["ended"].is_null(), "{state}");
+    }
+    let recorded = steps().last().unwrap()["step"].as_u64().unwrap();
+    let records_before = all_records(&out).len();
+    KilledCoordinator { out, sets, args, workers, killed, recorded, records_before }
+}
+
+/// Waits for `child` to succeed (at most `limit`), failing with `log`.
+fn assert_succeeds(child: std::process::Child, limit: Duration, what: &str, log: &Path) {
+    let status = wait_with_timeout(child, limit, what).status;
+    assert!(
+        status.success(),
+        "{what} failed:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A Kubernetes coordinator pod evicted (SIGTERM) and started again while
+/// its job runs: the stopped coordinator leaves the job to its restart, the
+/// same command line (`--auto-resume`) restores it from its state file, and
+/// the agents, which outlived the old coordinator, continue it with their
+/// own credentials, as after `--restore`.
+#[test]
+fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM");
+    let log = tmp.path().join("coordinator-2.log");
+    let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
+    let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
+    wait_until("the first update after the restart", &log, || {
+        all_records(&k.out).iter().skip(k.records_before).any(|r| r["kind"] == "step")
+    });
+    let recovered = k.killed.elapsed();
+    assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(output.contains("the job's coordinator stopped while it ran"), "{output}");
+    assert!(output.contains("restored job"), "{output}");
+    for (i, worker) in k.workers.into_iter().enumerate() {
+        let log = tmp.path().join(format!("worker-{}.log", ["a", "b"][i]));
+        assert_succeeds(worker, Duration::from_secs(30), "a worker", &log);
+    }
+    let generations = run_records(&k.out, "generation");
+    assert_eq!(generations.len(), 2, "{generations:?}");
+    assert_eq!(generations[1]["reasons"][0]["kind"], "coordinator_restarted", "{generations:?}");
+    assert_eq!(generations[1]["hosts"], serde_json::json!(["a", "b"]));
+    let resumed_at = generations[1]["resume_step"].as_u64().expect("a committed checkpoint");
+    let lost = k.recorded.saturating_sub(resumed_at);
+    assert!(lost <= CHECKPOINT_INTERVAL, "{lost} updates lost");
+    let last = run_records(&k.out, "step").last().cloned().unwrap();
+    assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&k.out), "{last}");
+    println!(
+        "coordinator SIGTERM, restarted with the same --auto-resume command line: {lost} \
+         update(s) lost; first update {:.1} s after the stop",
+        recovered.as_secs_f64()
+    );
+}
+
+/// A job whose coordinator and hosts were all killed (a Slurm requeue after
+/// a node failure, a Kubernetes Job applied again): the restarted
+/// coordinator (`--auto-resume`, its state file saying the job still ran)
+/// waits one heartbeat timeout for the old agents, telling the new hosts to
+/// join again meanwhile; none comes back, so it takes the new hosts, which
+/// continue from the newest checkpoint in the run folder, which the old
+/// ranks may have written after the coordinator died (they stop with one
+/// when their agents' death sends them SIGTERM): newer than the last one
+/// the dead coordinator committed.
+#[test]
+fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_that_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "KILL");
+    let ranks: Vec<u32> = k
+        .workers
+        .iter()
+        .flat_map(|w| rsb_integration_tests::processes::descendants(w.id()))
+        .collect();
+    assert!(!ranks.is_empty(), "the workers run ranks");
+    for mut worker in k.workers {
+        assert!(signal(worker.id(), "KILL"));
+        let _ = worker.wait();
+    }
+    let start = Instant::now();
+    while ranks.iter().any(|&pid| rsb_integration_tests::processes::parent_of(pid).is_some()) {
+        assert!(start.elapsed() < Duration::from_secs(120), "the old ranks did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let newest = rsb_job::checkpoint::resolve(&k.out).expect("an intact checkpoint");
+    let stopped_at = rsb_job::checkpoint::read_state(newest.path()).expect("state.json")["updates"]
+        .as_u64()
+        .expect("updates");
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(k.out.join("coordinator-state.json")).unwrap(),
+    )
+    .unwrap();
+    let committed = saved["checkpoints"].as_array().unwrap().last().unwrap()["step"].as_u64();
+    let committed = committed.expect("the dead coordinator committed a checkpoint");
+    assert!(stopped_at >= committed, "{stopped_at} < {committed}");
+
+    let log = tmp.path().join("coordinator-2.log");
+    let mut args: Vec<&str> = k.args.iter().map(String::as_str).collect();
+    args.extend(["--heartbeat-timeout-secs", "5"]);
+    let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
+    let port = k.args[1].rsplit(':').next().unwrap().parse().unwrap();
+    let restarted = Instant::now();
+    let workers: Vec<_> = ["c", "d"]
+        .iter()
+        .map(|name| sweeps::worker_join(port, name, &tmp.path().join(format!("worker-{name}.log"))))
+        .collect();
+    wait_until("the first update after the restart", &log, || {
+        all_records(&k.out).iter().skip(k.records_before).any(|r| r["kind"] == "step")
+    });
+    let first_update = restarted.elapsed();
+    assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
+    let output = std::fs::read_to_string(&log).unwrap();
+    let gave_up = ["(a, b)", "(b, a)"]
+        .map(|hosts| format!("none of the job's host(s) {hosts} came back within 5s"));
+    assert!(gave_up.iter().any(|line| output.contains(line.as_str())), "{output}");
+    for (name, worker) in ["c", "d"].into_iter().zip(workers) {
+        let log = tmp.path().join(format!("worker-{name}.log"));
+        assert_succeeds(worker, Duration::from_secs(30), "a new worker", &log);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("first waits for the job's own hosts"), "{text}");
+    }
+    let generations = run_records(&k.out, "generation");
+    // Hosts in join order: the new ones in whichever order they came.
+    let hosts: Vec<Vec<&str>> = generations
+        .iter()
+        .map(|g| {
+            let mut hosts: Vec<&str> =
+                g["hosts"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+            hosts.sort();
+            hosts
+        })
+        .collect();
+    assert_eq!(hosts, [["a", "b"], ["a", "b"], ["c", "d"]], "{generations:?}");
+    let taken = &generations[2];
+    assert_eq!(taken["reasons"][0]["kind"], "lost_host", "{taken}");
+    assert_eq!(taken["resume_from"].as_str(), k.out.canonicalize().unwrap().to_str(), "{taken}");
+    // The new ranks went on from the newest checkpoint on disk.
+    let after: Vec<_> = all_records(&k.out).split_off(k.records_before);
+    let first_step = after.iter().find(|r| r["kind"] == "step").expect("updates after the restart");
+    assert_eq!(first_step["step"].as_u64().unwrap(), stopped_at + 1, "{first_step}");
+    let last = run_records(&k.out, "step").last().cloned().unwrap();
+    assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&k.out), "{last}");
+    println!(
+        "coordinator and hosts kill -9, restarted with the same --auto-resume command line and \
+         two new hosts: continued from update {stopped_at}, the newest checkpoint on disk (the \
+         dead coordinator had recorded update {} and committed the checkpoint of update \
+         {committed}); first update {:.1} s after the restart (heartbeat timeout 5 s)",
+        k.recorded,
+        first_update.as_secs_f64()
     );
 }
 

@@ -39,7 +39,8 @@ fn kubernetes_manifests_validate_strictly() {
     let tmp = tempfile::tempdir().unwrap();
     let broken = tmp.path().join("broken.yaml");
     let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&broken, text.replacen("backoffLimit: 0", "backofLimit: 0", 1)).unwrap();
+    assert!(text.contains("backoffLimit:"));
+    std::fs::write(&broken, text.replacen("backoffLimit:", "backofLimit:", 1)).unwrap();
     let out = validate(&tool, &broken);
     assert!(!out.status.success(), "a misspelt field passed validation");
 }
@@ -89,4 +90,35 @@ fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
         }
     }
     assert_eq!(checked, ["coordinator", "worker"]);
+}
+
+/// Both Jobs start their containers again after a failure, a bounded number
+/// of times, and the coordinator with `--auto-resume`, so that a restarted
+/// coordinator restores its job (which the agents continue) and a restarted
+/// worker joins again (`coordinator_restart.rs` runs both cases).
+#[test]
+fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
+    use serde::Deserialize as _;
+    use serde_norway::Value;
+    let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut jobs = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let document = Value::deserialize(document).unwrap();
+        if document["kind"].as_str() != Some("Job") {
+            continue;
+        }
+        let name = document["metadata"]["name"].as_str().unwrap().to_string();
+        let spec = &document["spec"];
+        let pod = &spec["template"]["spec"];
+        assert_eq!(pod["restartPolicy"].as_str(), Some("OnFailure"), "{name}");
+        let backoff = spec["backoffLimit"].as_u64().unwrap_or(0);
+        assert!((1..=20).contains(&backoff), "{name}: backoffLimit {backoff}");
+        let args = pod["containers"][0]["args"].as_sequence().unwrap();
+        if name == "rsb-coordinator" {
+            assert!(args.iter().any(|a| a.as_str() == Some("--auto-resume")), "{name}");
+        }
+        jobs.push(name);
+    }
+    assert_eq!(jobs, ["rsb-coordinator", "rsb-workers"]);
 }

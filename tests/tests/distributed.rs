@@ -60,6 +60,28 @@ fn coordinator_local_with(data: &Path, out: &Path, nodes: u32, extra: &[&str]) -
     wait_with_timeout(child, Duration::from_secs(300), "coordinator up --local")
 }
 
+/// A `--local` job whose global batch cannot split over its ranks is
+/// refused before its workers start or anything is written, naming the
+/// world: the tiny recipe's 2 micro-batches over 3 ranks.
+#[test]
+fn a_local_job_whose_batch_does_not_split_over_its_ranks_is_refused_before_it_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 2, 1);
+    let out = tmp.path().join("run");
+    let started = std::time::Instant::now();
+    let refused = coordinator_local(&data, &out, 3);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("--local --nodes 3 --devices cpu: a world of 3 rank(s)")
+            && stderr.contains("do not split over 3 ranks"),
+        "{stderr}"
+    );
+    assert!(!out.join("recipe.yaml").exists(), "nothing is written for a refused job");
+    println!("refused in {:.2} s", took.as_secs_f64());
+}
+
 #[test]
 fn two_ranks_equal_one_rank_accumulating_and_replicas_stay_identical() {
     let tmp = tempfile::tempdir().unwrap();

@@ -316,9 +316,16 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         if joined.member_id.is_empty() {
             let after = Duration::from_millis(u64::from(joined.retry_after_ms).max(100));
             if !std::mem::replace(&mut told_to_wait, true) {
-                tracing::info!(
-                    "no run of the sweep can take this host now; joining again every {after:?}"
-                );
+                if joined.sweep {
+                    tracing::info!(
+                        "no run of the sweep can take this host now; joining again every {after:?}"
+                    );
+                } else {
+                    tracing::info!(
+                        "the coordinator restarted and first waits for the job's own hosts to \
+                         come back; joining again every {after:?}"
+                    );
+                }
             }
             wait_or_stop(&mut stop_signals, after).await?;
             continue;
