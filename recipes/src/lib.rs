@@ -67,6 +67,22 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
 pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
     let tree: Value = serde_norway::from_str(source).map_err(|e| {
         let e = DeError::from_norway(Vec::new(), e);
+        // The parser places a duplicate key at its mapping's start: name the
+        // key and place it where it is given again.
+        let duplicate = e
+            .message
+            .contains("duplicate entry")
+            .then(|| locate::locate_duplicate_key(source))
+            .flatten();
+        if let Some((field, at)) = duplicate {
+            let first = locate::locate(source, &field)
+                .map_or_else(String::new, |l| format!(" (first at line {})", l.line));
+            return RecipeError::Yaml {
+                path: path.to_owned(),
+                location: Some(at),
+                message: format!("{field}: given twice in one mapping{first}"),
+            };
+        }
         RecipeError::Yaml { path: path.to_owned(), location: e.location, message: e.message }
     })?;
     let from_file = deserialize::<Recipe, _>(serde_norway::Deserializer::from_str(source));

@@ -113,6 +113,146 @@ impl<'de> Visitor<'de> for Key<'_> {
     }
 }
 
+/// The first mapping key that repeats an earlier key of its mapping: its
+/// dotted path and its own position (the parser reports a duplicate at the
+/// mapping's). `None` when there is none, or the source does not parse.
+pub(crate) fn locate_duplicate_key(source: &str) -> Option<(String, Location)> {
+    let de = serde_norway::Deserializer::from_str(source);
+    let mut found = None;
+    match (Walk { path: String::new(), found: &mut found }).deserialize(de) {
+        Err(e) if e.to_string().contains(MARKER) => {
+            let at = e.location().map(|l| Location { line: l.line(), column: l.column() })?;
+            Some((found?, at))
+        }
+        _ => None,
+    }
+}
+
+/// Walks a whole document, failing with the marker at the first key that a
+/// mapping holds twice (its dotted path put in `found`).
+struct Walk<'a> {
+    path: String,
+    found: &'a mut Option<String>,
+}
+
+impl Walk<'_> {
+    fn child(&self, segment: &str) -> String {
+        if self.path.is_empty() {
+            segment.to_owned()
+        } else {
+            format!("{}.{segment}", self.path)
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let unique = UniqueKey { seen: &mut seen, path: &self.path, found: &mut *self.found };
+            let Some(key) = map.next_key_seed(unique)? else { return Ok(()) };
+            let path = self.child(&key);
+            map.next_value_seed(Walk { path, found: &mut *self.found })?;
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        for index in 0.. {
+            let path = self.child(&index.to_string());
+            if seq.next_element_seed(Walk { path, found: &mut *self.found })?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_enum(data).map(|_| ())
+    }
+
+    fn visit_some<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        self.deserialize(deserializer)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// Reads one mapping key as text; the marker error (its path put in
+/// `found`) if its mapping already had it.
+struct UniqueKey<'a> {
+    seen: &'a mut std::collections::HashSet<String>,
+    path: &'a str,
+    found: &'a mut Option<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKey<'_> {
+    type Value = String;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKey<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<String, E> {
+        if !self.seen.insert(key.to_owned()) {
+            *self.found = Some(if self.path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{}.{key}", self.path)
+            });
+            return Err(E::custom(MARKER));
+        }
+        Ok(key.to_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +283,18 @@ sets:
         assert_eq!(at("flow.b.c"), Some((6, 18)));
         assert_eq!(at("sets.1.root"), Some((10, 5)));
         assert_eq!(at("sets.0.name"), Some((8, 5)));
+    }
+
+    #[test]
+    fn a_duplicate_key_is_found_at_its_second_place() {
+        let twice = "name: x\noptimizer:\n  lamb:\n    lr: 0.1\n    eps: 1\n    lr: 0.2\n";
+        let (path, at) = locate_duplicate_key(twice).unwrap();
+        assert_eq!((path.as_str(), at.line, at.column), ("optimizer.lamb.lr", 6, 5));
+        let in_list = "sets:\n  - name: a\n  - name: b\n    root: r\n    name: c\n";
+        let (path, at) = locate_duplicate_key(in_list).unwrap();
+        assert_eq!((path.as_str(), at.line, at.column), ("sets.1.name", 5, 5));
+        assert!(locate_duplicate_key(SOURCE).is_none());
+        assert!(locate_duplicate_key("[1, 2").is_none());
     }
 
     #[test]

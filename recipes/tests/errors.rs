@@ -487,6 +487,23 @@ fn a_set_that_addresses_an_eval_set_by_name_is_blamed_for_its_errors() {
     assert!(msg.contains("eval.sets.1.root: must not be empty"), "{msg}");
 }
 
+/// A key given twice in one mapping is reported at its second place, with
+/// its path, not at the mapping's line.
+#[test]
+fn a_duplicate_key_is_named_at_its_own_line() {
+    let msg = err(&edit("    weight_decay: 0.02", "    weight_decay: 0.02\n    lr: 0.1"), &[]);
+    assert_eq!(
+        msg,
+        "recipes/x.yaml:21:5: invalid YAML: optimizer.lamb.lr: given twice in one mapping \
+         (first at line 19)"
+    );
+    let msg = err(&format!("{BASE}name: again\n"), &[]);
+    assert_eq!(
+        msg,
+        "recipes/x.yaml:35:1: invalid YAML: name: given twice in one mapping (first at line 1)"
+    );
+}
+
 #[test]
 fn validation_errors_from_the_file_name_the_line() {
     let msg = err(&edit("  micro_size: 64", "  micro_size: 48"), &[]);
