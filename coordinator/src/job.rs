@@ -32,6 +32,7 @@
 use crate::plan::{BatchPlan, PlanError};
 use rsb_job::records::{input_wait_note, skipped_images_note, skipped_updates_note};
 use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
+use rsb_proto::agent_calls;
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -274,8 +275,11 @@ pub struct Job {
     /// Since when a started job waits below `min_nodes`.
     regroup_since: Option<Instant>,
     /// Until when the members of a job restored by `up --auto-resume` may
-    /// come back (see [`Job::expect_members_back`]).
+    /// come back (see [`Job::await_restored_members`]).
     reclaim_until: Option<Instant>,
+    /// The longest an agent that outlived its coordinator takes to call a
+    /// new one ([`agent_calls::CALLS_AGAIN_WITHIN`]; shorter in tests).
+    pub agents_call_again_within: Duration,
     /// Hosts lost since the last generation started (host and why).
     lost: Vec<String>,
     /// Why the next generation opens.
@@ -607,6 +611,7 @@ impl Job {
             started: false,
             regroup_since: None,
             reclaim_until: None,
+            agents_call_again_within: agent_calls::CALLS_AGAIN_WITHIN,
             lost: Vec::new(),
             reasons: vec![GenerationReason::Start],
             restarts: 0,
@@ -661,34 +666,46 @@ impl Job {
         self.flush_metrics();
     }
 
-    /// For a job restored by `coordinator up --auto-resume`, which cannot
-    /// tell whether its members' agents outlived the old coordinator (its
-    /// pod restarted) or were stopped with it (the whole job started again:
-    /// a Kubernetes Job applied again, a Slurm requeue): the saved members
-    /// have one heartbeat timeout to come back. The first heartbeat of one
-    /// continues the restored job; until then a host that joins is told to
-    /// join again, and if none comes back, they are dropped and the job
-    /// takes the hosts that join (see [`Job::join_later`]).
-    pub fn expect_members_back(&mut self) {
-        if self.members.is_empty() && self.pending.is_empty() {
-            return;
-        }
-        // Counted from now for the silence check too, so that the members
-        // are dropped as not back before any is found silent.
+    /// A restored job's members: agents that outlived the old coordinator
+    /// call again at their own pace (while it was away they backed off, up
+    /// to [`agent_calls::HEARTBEAT_BACKOFF_MAX`] between tries), so none is
+    /// found silent before [`Job::restored_members_wait`] has passed.
+    ///
+    /// `members_may_be_gone`: the job was restored by `coordinator up
+    /// --auto-resume`, which cannot tell whether the agents outlived the old
+    /// coordinator (its pod restarted) or were stopped with it (the whole
+    /// job started again: a Kubernetes Job applied again, a Slurm requeue).
+    /// The first heartbeat of a member then continues the restored job;
+    /// until then a host that joins is told to join again, and if none comes
+    /// back in that time, they are dropped and the job takes the hosts that
+    /// join (see [`Job::join_later`]).
+    pub fn await_restored_members(&mut self, members_may_be_gone: bool) {
+        let wait = self.restored_members_wait();
         let now = Instant::now();
+        // Counted as silent from `now + wait` on, so that members not back
+        // are dropped (at `now + wait`) before any is found silent.
+        let counted_from = now + wait.saturating_sub(self.heartbeat_timeout);
         for m in self.members.iter_mut().chain(&mut self.pending) {
-            m.last_seen = now;
+            m.last_seen = counted_from;
         }
-        self.reclaim_until = Some(now + self.heartbeat_timeout);
+        if members_may_be_gone && !(self.members.is_empty() && self.pending.is_empty()) {
+            self.reclaim_until = Some(now + wait);
+        }
     }
 
-    /// While restored members may still come back ([`Job::expect_members_back`]):
+    /// How long the members of a restored job have to call again: the
+    /// heartbeat timeout, or [`Job::agents_call_again_within`] if longer.
+    pub fn restored_members_wait(&self) -> Duration {
+        self.heartbeat_timeout.max(self.agents_call_again_within)
+    }
+
+    /// While restored members may still come back ([`Job::await_restored_members`]):
     /// how soon a host that joins should join again. `None` once the job
     /// takes joins (the members came back, or their time ran out: then
-    /// they are dropped here first).
+    /// they are dropped here first), or has ended.
     pub fn join_later(&mut self) -> Option<Duration> {
         self.drop_members_not_back();
-        self.reclaim_until.map(|_| self.heartbeat_interval())
+        self.reclaim_until.filter(|_| !self.is_over()).map(|_| self.heartbeat_interval())
     }
 
     /// Past [`Job::reclaim_until`] with no saved member back: their agents
@@ -698,14 +715,12 @@ impl Job {
     /// 0 chooses the newest intact one, which may be newer than the last
     /// one committed: ranks stopped by their agents write one as they stop).
     fn drop_members_not_back(&mut self) {
-        if self.reclaim_until.is_none_or(|until| Instant::now() < until) {
+        if self.reclaim_until.is_none_or(|until| Instant::now() < until) || self.is_over() {
             return;
         }
         self.reclaim_until = None;
-        let why = format!(
-            "did not come back within {:?} of the coordinator's restart",
-            self.heartbeat_timeout
-        );
+        let wait = self.restored_members_wait();
+        let why = format!("did not come back within {wait:?} of the coordinator's restart");
         let gone: Vec<Member> = self.members.drain(..).chain(self.pending.drain(..)).collect();
         for m in &gone {
             tracing::warn!(member = %m.id, host = %m.host, "{why}; dropped from the job");
@@ -716,10 +731,9 @@ impl Job {
         }
         let hosts: Vec<&str> = gone.iter().map(|m| m.host.as_str()).collect();
         self.say(&format!(
-            "none of the job's host(s) ({}) came back within {:?} of this coordinator's start: \
-             their agents are gone; waiting for {} host(s) to join",
+            "none of the job's host(s) ({}) came back within {wait:?} of this coordinator's \
+             start: their agents are gone; waiting for {} host(s) to join",
             hosts.join(", "),
-            self.heartbeat_timeout,
             self.nodes_expected
         ));
         self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));

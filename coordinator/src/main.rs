@@ -878,7 +878,8 @@ fn restore_job(
 /// outlived the old coordinator, continue it with their ranks' hosts; if
 /// none comes back within the heartbeat timeout (they were stopped with
 /// it), the job takes the hosts that join (see
-/// [`Job::expect_members_back`]). `None` when there is no such job, or it
+/// [`Job::await_restored_members`]). A job that never started starts anew.
+/// `None` when there is no such job, or it
 /// cannot be restored with this command line (the reason is printed): the
 /// run is then continued from its checkpoints.
 fn auto_restore(
@@ -892,7 +893,10 @@ fn auto_restore(
         return None;
     }
     let restored = SavedJob::read(&out).map_err(anyhow::Error::new).and_then(|saved| {
-        if saved.ended.is_some() {
+        // A job that never started has no ranks that training could go on
+        // with (and those of its hosts that waited for an assignment died
+        // with the old coordinator's connection): it starts anew.
+        if saved.ended.is_some() || !saved.started {
             return Ok(None);
         }
         let token = token.context(
@@ -903,13 +907,14 @@ fn auto_restore(
     });
     match restored {
         Ok(Some(job)) => {
+            let served = serve_restored(args, job, out, true);
             rsb_coordinator::print_line!(
                 "--auto-resume: the job's coordinator stopped while it ran; its hosts have \
-                 {}s (--heartbeat-timeout-secs) to come back (their agents outlived it), else \
-                 the job takes the hosts that join",
-                args.heartbeat_timeout_secs
+                 {:?} to come back (their agents outlived it), else the job takes the hosts \
+                 that join",
+                served.0.jobs.first().map(Job::restored_members_wait).unwrap_or_default()
             );
-            Some(serve_restored(args, job, out, true))
+            Some(served)
         }
         Ok(None) => None,
         Err(e) => {
@@ -945,8 +950,8 @@ fn saved_job(
 }
 
 /// A restored job with this command line's timeouts, saved again to its
-/// state file as it goes on; `members_may_be_gone`: see
-/// [`Job::expect_members_back`].
+/// state file as it goes on, its members given time to call again (see
+/// [`Job::await_restored_members`]).
 fn serve_restored(
     args: &UpArgs,
     mut job: Job,
@@ -959,9 +964,7 @@ fn serve_restored(
     job.rejoin_timeout = Duration::from_secs(args.elastic.rejoin_timeout_secs);
     job.max_restarts = args.elastic.max_restarts;
     job.state_file = Some(out.join(STATE_FILE));
-    if members_may_be_gone {
-        job.expect_members_back();
-    }
+    job.await_restored_members(members_may_be_gone);
     rsb_coordinator::print_line!(
         "restored job {} in {}: generation {} over {} host(s), from {}",
         job.id,
@@ -1118,7 +1121,20 @@ fn given_job_token(args: &UpArgs) -> Result<Option<(Secret, String)>> {
                 && std::env::var_os(auth::TOKEN_ENV).is_none()
                 && saved.is_file() =>
         {
-            (Some(saved.clone()), format!("{} (written by the job's first `up`)", saved.display()))
+            let source = format!("{} (written by the job's first `up`)", saved.display());
+            match Secret::job_token(Some(saved)) {
+                Err(e) if !args.restore => {
+                    // Not one agents could present either: a new one is
+                    // written over it.
+                    rsb_coordinator::print_line!(
+                        "--auto-resume: {} cannot be used ({}); writing a new job token",
+                        saved.display(),
+                        rsb_logging::error_chain(&e)
+                    );
+                    return Ok(None);
+                }
+                read => return Ok(read?.map(|token| (token, source))),
+            }
         }
         _ => (None, auth::TOKEN_ENV.to_string()),
     };

@@ -15,7 +15,7 @@
 //! --auto-resume` restores such a job too, but cannot know whether the
 //! agents outlived the old coordinator: if none of its members comes back
 //! within the heartbeat timeout, it takes new hosts instead
-//! ([`Job::expect_members_back`]).
+//! ([`Job::await_restored_members`]).
 
 use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
 use rsb_job::atomic_write::Readers;
@@ -444,12 +444,53 @@ mod tests {
     }
 
     /// Restores `saved` as `up --auto-resume` does, with a heartbeat timeout
-    /// of `timeout`.
+    /// of `timeout` (the agents taking no longer to call again).
     fn auto_restored(dir: &Path, saved: SavedJob, token: &Secret, timeout: Duration) -> Job {
         let mut job = Job::restore(recipe(), dir.to_path_buf(), saved, token).unwrap();
         job.heartbeat_timeout = timeout;
-        job.expect_members_back();
+        job.agents_call_again_within = Duration::ZERO;
+        job.await_restored_members(true);
         job
+    }
+
+    #[test]
+    fn restored_members_have_the_time_agents_take_to_call_again_even_past_the_heartbeat_timeout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let step = Duration::from_millis(150);
+        for may_be_gone in [false, true] {
+            let (saved, token, members) = saved_running_job(tmp.path());
+            let mut job = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+            job.heartbeat_timeout = step;
+            job.agents_call_again_within = 3 * step;
+            job.await_restored_members(may_be_gone);
+            assert_eq!(job.restored_members_wait(), 3 * step);
+            // Past the heartbeat timeout, within the agents' pace: no one
+            // is silent, and joins still wait.
+            std::thread::sleep(2 * step);
+            job.check_liveness();
+            assert_eq!(job.phase, Phase::Running, "may_be_gone {may_be_gone}");
+            assert_eq!(job.join_later().is_some(), may_be_gone);
+            // Past it: --restore's fixed job fails naming a silent member;
+            // --auto-resume's drops them and takes joins.
+            std::thread::sleep(2 * step);
+            job.check_liveness();
+            if may_be_gone {
+                assert_eq!((job.phase.clone(), job.dropped.len()), (Phase::Waiting, 2));
+            } else {
+                let failure = job.failure().expect("a silent member fails the job").to_string();
+                assert!(failure.contains(&members[0].0), "{failure}");
+                assert_eq!(job.join_later(), None, "an ended job takes no one back");
+            }
+        }
+        // A job that ended while its members could still come back stays
+        // ended: they are not dropped, nor is it reopened for joins.
+        let (saved, token, _) = saved_running_job(tmp.path());
+        let mut job = auto_restored(tmp.path(), saved, &token, step);
+        job.fail("stopped".into());
+        std::thread::sleep(2 * step);
+        assert_eq!(job.join_later(), None);
+        job.check_liveness();
+        assert_eq!((job.phase.clone(), job.dropped.len()), (Phase::Failed("stopped".into()), 0));
     }
 
     #[test]

@@ -16,3 +16,26 @@ pub mod v1 {
 
 pub mod auth;
 mod records;
+
+/// How an agent calls a coordinator that does not answer (restarting, or
+/// cut off): the pace a restarted coordinator waits on for the agents that
+/// outlived the old one.
+pub mod agent_calls {
+    use std::time::Duration;
+
+    const BACKOFF_MAX_SECS: u64 = 8;
+    const CALL_DEADLINE_SECS: u64 = 10;
+
+    /// Longest wait between two heartbeat tries while the coordinator does
+    /// not answer (the wait doubles from the heartbeat interval).
+    pub const HEARTBEAT_BACKOFF_MAX: Duration = Duration::from_secs(BACKOFF_MAX_SECS);
+
+    /// Deadline of one heartbeat (or join) call.
+    pub const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(CALL_DEADLINE_SECS);
+
+    /// The longest an agent that outlived its coordinator may take to call
+    /// a new one that listens: a call that timed out, the longest wait
+    /// before the next, and 2 s for that call to arrive.
+    pub const CALLS_AGAIN_WITHIN: Duration =
+        Duration::from_secs(CALL_DEADLINE_SECS + BACKOFF_MAX_SECS + 2);
+}

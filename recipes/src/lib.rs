@@ -94,15 +94,15 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
     };
 
     let overrides = overrides.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
-    // Each override's key as written, elements named by index: what a
-    // validation error's field is compared with.
-    let mut written_keys = Vec::with_capacity(overrides.len());
+    // What each override wrote, elements named by index: a validation
+    // error's field is compared with its key.
+    let mut applied = Vec::with_capacity(overrides.len());
     let recipe = if overrides.is_empty() {
         from_file.map_err(schema_error)?
     } else {
         let mut merged = tree.clone();
         for o in &overrides {
-            written_keys.push(o.apply(&mut merged)?);
+            applied.push(o.apply(&mut merged)?);
         }
         match deserialize::<Recipe, _>(merged) {
             Ok(recipe) => recipe,
@@ -143,10 +143,14 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
         }
     };
 
+    // Compared by what they wrote, not their keys as given: an element
+    // named, or moved down by a later removal, has the index validation
+    // names it by, and a removal names no element left.
+    let written_keys = overrides::keys_written(&applied);
     validate::check(&recipe).map_err(|v| {
         let blamed = |field: &str| {
             overrides.iter().zip(&written_keys).rev().find_map(|(o, written)| {
-                (o.touches(field) || overrides::key_touches(written, field)).then_some(o)
+                written.as_ref().is_some_and(|k| overrides::key_touches(k, field)).then_some(o)
             })
         };
         let origin = blamed(&v.field)

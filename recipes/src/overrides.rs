@@ -60,11 +60,10 @@ impl Override {
     }
 
     /// Writes the value into `root`, creating missing mappings on the way
-    /// (see the module documentation for sequence elements). Returns the
-    /// key it wrote with each element named by its index (`eval.sets.1.root`
-    /// for `eval.sets.v2.root`), as validation names fields (the key as
-    /// given for an element it removed).
-    pub fn apply(&self, root: &mut Value) -> Result<Vec<String>, RecipeError> {
+    /// (see the module documentation for sequence elements). Says what it
+    /// wrote, each element named by its index (`eval.sets.1.root` for
+    /// `eval.sets.v2.root`), as validation names fields.
+    pub fn apply(&self, root: &mut Value) -> Result<Applied, RecipeError> {
         let mut written = Vec::with_capacity(self.key.len());
         let mut node = root;
         for (depth, segment) in self.key.iter().enumerate() {
@@ -90,10 +89,8 @@ impl Override {
                         )));
                     };
                     if depth + 1 == self.key.len() && self.value.is_null() {
-                        // The elements after it move down: an index would
-                        // name the next one.
                         elements.remove(index);
-                        return Ok(self.key.clone());
+                        return Ok(Applied::Removed { sequence: written, index });
                     }
                     written.push(index.to_string());
                     &mut elements[index]
@@ -102,8 +99,48 @@ impl Override {
             };
         }
         *node = self.value.clone();
-        Ok(written)
+        Ok(Applied::Set(written))
     }
+}
+
+/// What [`Override::apply`] did, sequence elements named by index.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// Wrote the value at this key.
+    Set(Vec<String>),
+    /// Removed element `index` of the sequence at `sequence`.
+    Removed {
+        /// The sequence's key.
+        sequence: Vec<String>,
+        /// The element's index.
+        index: usize,
+    },
+}
+
+/// The keys `applied` wrote, in order, each as the elements are numbered
+/// once every override was applied: an element a later override removed
+/// names nothing (`None`), and one after it moves down.
+pub fn keys_written(applied: &[Applied]) -> Vec<Option<Vec<String>>> {
+    let mut keys: Vec<Option<Vec<String>>> = Vec::with_capacity(applied.len());
+    for a in applied {
+        match a {
+            Applied::Set(key) => keys.push(Some(key.clone())),
+            Applied::Removed { sequence, index } => {
+                for key in keys.iter_mut() {
+                    let Some(k) = key else { continue };
+                    let within = k.len() > sequence.len() && k.starts_with(sequence);
+                    let element = within.then(|| k[sequence.len()].parse::<usize>().ok()).flatten();
+                    match element {
+                        Some(i) if i == *index => *key = None,
+                        Some(i) if i > *index => k[sequence.len()] = (i - 1).to_string(),
+                        _ => {}
+                    }
+                }
+                keys.push(None);
+            }
+        }
+    }
+    keys
 }
 
 /// Whether `key` and `field` (a dotted path) are the same path, or one is a

@@ -485,6 +485,12 @@ fn a_set_that_addresses_an_eval_set_by_name_is_blamed_for_its_errors() {
     let msg = err(&broken, &["eval.sets.v2=null"]);
     assert_starts(&msg, "recipes/x.yaml:");
     assert!(msg.contains("eval.sets.1.root: must not be empty"), "{msg}");
+    // A set named, then moved down by a later removal: still blamed, not
+    // the line of the set removed.
+    for removal in ["eval.sets.real=null", "eval.sets.0=null"] {
+        let msg = err(&source, &["eval.sets.v2.root=''", removal]);
+        assert_starts(&msg, "--set eval.sets.v2.root='': eval.sets.0.root: must not be empty");
+    }
 }
 
 /// A key given twice in one mapping is reported at its second place, with

@@ -132,13 +132,14 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
     );
 }
 
-/// The job's `--set` options: `data` for data, 6 epochs of 2 updates each,
-/// a checkpoint every [`CHECKPOINT_INTERVAL`] updates, every one kept.
-fn job_sets(data: &Path) -> Vec<String> {
+/// The job's `--set` options: `data` for data, `epochs` epochs of 2
+/// updates each, a checkpoint every [`CHECKPOINT_INTERVAL`] updates, every
+/// one kept.
+fn job_sets(data: &Path, epochs: u32) -> Vec<String> {
     vec![
         format!("data.root={}", data.display()),
         "model.num_classes=10".to_string(),
-        "schedule.cosine.epochs=6".to_string(),
+        format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".to_string(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
         "runtime.keep_last_checkpoints=1000".to_string(),
@@ -162,13 +163,21 @@ struct KilledCoordinator {
     records_before: usize,
 }
 
-fn stop_an_auto_resume_coordinator(dir: &Path, signal_name: &str) -> KilledCoordinator {
+fn stop_an_auto_resume_coordinator(
+    dir: &Path,
+    signal_name: &str,
+    epochs: u32,
+) -> KilledCoordinator {
     let data = fashion_subset(dir, 8, 2);
     let out = dir.join("run");
-    let sets = job_sets(&data);
+    let sets = job_sets(&data, epochs);
     let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    // Hosts beat every second, and a restarted coordinator gives them 20 s
+    // to call again (an agent waits up to 8 s between tries while it is
+    // away), not 4.
     let args: Vec<String> =
-        ["--listen", &format!("127.0.0.1:{port}"), "--nodes", "2", "--auto-resume"]
+        ["--listen", &listen, "--nodes", "2", "--auto-resume", "--heartbeat-timeout-secs", "4"]
             .map(String::from)
             .to_vec();
     let first_log = dir.join("coordinator-1.log");
@@ -210,15 +219,20 @@ fn assert_succeeds(child: std::process::Child, limit: Duration, what: &str, log:
     );
 }
 
-/// A Kubernetes coordinator pod evicted (SIGTERM) and started again while
-/// its job runs: the stopped coordinator leaves the job to its restart, the
-/// same command line (`--auto-resume`) restores it from its state file, and
-/// the agents, which outlived the old coordinator, continue it with their
-/// own credentials, as after `--restore`.
+/// A Kubernetes coordinator pod evicted (SIGTERM) and started again 16.5 s
+/// later while its job runs: the stopped coordinator leaves the job to its
+/// restart, the same command line (`--auto-resume`) restores it from its
+/// state file, and the agents, which outlived the old coordinator and
+/// meanwhile wait up to 8 s between their heartbeat tries, continue it with
+/// their own credentials, as after `--restore`, although the heartbeat
+/// timeout is 4 s: by then they try every 8 s, and come back about 7 s
+/// after the restart (with a wait of the heartbeat timeout, both were
+/// dropped).
 #[test]
 fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_coordinator() {
     let tmp = tempfile::tempdir().unwrap();
-    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM");
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 12);
+    std::thread::sleep(Duration::from_millis(16_500));
     let log = tmp.path().join("coordinator-2.log");
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
     let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
@@ -244,8 +258,8 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
     let last = run_records(&k.out, "step").last().cloned().unwrap();
     assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&k.out), "{last}");
     println!(
-        "coordinator SIGTERM, restarted with the same --auto-resume command line: {lost} \
-         update(s) lost; first update {:.1} s after the stop",
+        "coordinator SIGTERM, restarted 16.5 s later with the same --auto-resume command line: \
+         {lost} update(s) lost; first update {:.1} s after the stop",
         recovered.as_secs_f64()
     );
 }
@@ -253,8 +267,8 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 /// A job whose coordinator and hosts were all killed (a Slurm requeue after
 /// a node failure, a Kubernetes Job applied again): the restarted
 /// coordinator (`--auto-resume`, its state file saying the job still ran)
-/// waits one heartbeat timeout for the old agents, telling the new hosts to
-/// join again meanwhile; none comes back, so it takes the new hosts, which
+/// waits for the old agents (20 s: an agent may take that long to call a
+/// restarted coordinator), telling the new hosts to join again meanwhile; none comes back, so it takes the new hosts, which
 /// continue from the newest checkpoint in the run folder, which the old
 /// ranks may have written after the coordinator died (they stop with one
 /// when their agents' death sends them SIGTERM): newer than the last one
@@ -262,7 +276,7 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 #[test]
 fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_that_join() {
     let tmp = tempfile::tempdir().unwrap();
-    let k = stop_an_auto_resume_coordinator(tmp.path(), "KILL");
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "KILL", 6);
     let ranks: Vec<u32> = k
         .workers
         .iter()
@@ -291,8 +305,7 @@ fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_tha
     assert!(stopped_at >= committed, "{stopped_at} < {committed}");
 
     let log = tmp.path().join("coordinator-2.log");
-    let mut args: Vec<&str> = k.args.iter().map(String::as_str).collect();
-    args.extend(["--heartbeat-timeout-secs", "5"]);
+    let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
     let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
     let port = k.args[1].rsplit(':').next().unwrap().parse().unwrap();
     let restarted = Instant::now();
@@ -307,7 +320,7 @@ fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_tha
     assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
     let output = std::fs::read_to_string(&log).unwrap();
     let gave_up = ["(a, b)", "(b, a)"]
-        .map(|hosts| format!("none of the job's host(s) {hosts} came back within 5s"));
+        .map(|hosts| format!("none of the job's host(s) {hosts} came back within 20s"));
     assert!(gave_up.iter().any(|line| output.contains(line.as_str())), "{output}");
     for (name, worker) in ["c", "d"].into_iter().zip(workers) {
         let log = tmp.path().join(format!("worker-{name}.log"));
@@ -340,10 +353,100 @@ fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_tha
         "coordinator and hosts kill -9, restarted with the same --auto-resume command line and \
          two new hosts: continued from update {stopped_at}, the newest checkpoint on disk (the \
          dead coordinator had recorded update {} and committed the checkpoint of update \
-         {committed}); first update {:.1} s after the restart (heartbeat timeout 5 s)",
+         {committed}); first update {:.1} s after the restart (the old hosts' wait: 20 s)",
         k.recorded,
         first_update.as_secs_f64()
     );
+}
+
+/// A job stopped (SIGTERM) while it waited for its hosts, one of two
+/// joined: the same `--auto-resume` command line started again does not
+/// restore it (no rank ever trained, and the joined host's rank died with
+/// the old coordinator's connection) but starts it anew, and it runs on the
+/// hosts that join.
+#[test]
+fn an_auto_resume_restart_of_a_job_that_never_started_starts_it_anew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 2);
+    let out = tmp.path().join("run");
+    let sets = job_sets(&data, 2);
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--listen", listen.as_str(), "--nodes", "2", "--auto-resume"];
+    let first_log = tmp.path().join("coordinator-1.log");
+    let first = sweeps::coordinator_up(&out, &sets, &args, &first_log);
+    let mut early = sweeps::worker_join(port, "a", &tmp.path().join("worker-a.log"));
+    wait_until("one of the two hosts joined", &first_log, || {
+        std::fs::read_to_string(&first_log).unwrap_or_default().contains("joined (1/2 hosts)")
+    });
+    assert!(signal(first.id(), "TERM"));
+    let stopped = wait_with_timeout(first, Duration::from_secs(30), "the stopped coordinator");
+    assert!(!stopped.status.success());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("coordinator-state.json")).unwrap())
+            .unwrap();
+    assert!(state["ended"].is_null() && state["started"] == false, "{state}");
+
+    let log = tmp.path().join("coordinator-2.log");
+    let second = sweeps::coordinator_up(&out, &sets, &args, &log);
+    let workers: Vec<_> = ["b", "c"]
+        .iter()
+        .map(|name| sweeps::worker_join(port, name, &tmp.path().join(format!("worker-{name}.log"))))
+        .collect();
+    assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(!output.contains("restored job"), "{output}");
+    for (name, worker) in ["b", "c"].into_iter().zip(workers) {
+        let log = tmp.path().join(format!("worker-{name}.log"));
+        assert_succeeds(worker, Duration::from_secs(30), "a new worker", &log);
+    }
+    let generations = run_records(&out, "generation");
+    assert_eq!(generations.len(), 1, "{generations:?}");
+    assert_eq!(generations[0]["reasons"][0]["kind"], "start", "{generations:?}");
+    let last = run_records(&out, "step").last().cloned().unwrap();
+    assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&out), "{last}");
+    // The early host's agent, unknown to the new coordinator, stops at its
+    // coordinator deadline; it is not waited for here.
+    let _ = early.kill();
+    let _ = early.wait();
+}
+
+/// A job started with `--auto-resume` and no token writes one into the run
+/// folder for its workers; started again the same way, it keeps that token
+/// (its workers may have read the file), as `--restore` does, unless the
+/// file cannot be used.
+#[test]
+fn an_auto_resume_start_without_a_token_keeps_the_one_the_first_start_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 2, 1);
+    let out = tmp.path().join("run");
+    let start = |name: &str| {
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(&out);
+        for set in job_sets(&data, 6) {
+            cmd.args(["--set", &set]);
+        }
+        let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        cmd.args(["--listen", &listen, "--nodes", "1", "--join-timeout-secs", "1"])
+            .arg("--auto-resume")
+            .env_remove("RSB_JOB_TOKEN");
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let done = wait_with_timeout(child.unwrap(), Duration::from_secs(60), name);
+        assert!(!done.status.success(), "no host joined: the job fails");
+        String::from_utf8_lossy(&done.stdout).into_owned()
+    };
+    let first = start("the first start");
+    assert!(first.contains("job token written to"), "{first}");
+    let token = std::fs::read_to_string(out.join("job.token")).unwrap();
+    let second = start("the second start");
+    assert!(second.contains("job token from") && second.contains("job.token"), "{second}");
+    assert_eq!(std::fs::read_to_string(out.join("job.token")).unwrap(), token);
+    // One that cannot be used (emptied) is named and replaced, not fatal.
+    std::fs::write(out.join("job.token"), "").unwrap();
+    let third = start("the third start");
+    assert!(third.contains("cannot be used") && third.contains("job token written to"), "{third}");
+    let replaced = std::fs::read_to_string(out.join("job.token")).unwrap();
+    assert!(replaced.trim().len() >= 16 && replaced != token, "{replaced:?}");
 }
 
 /// The records of `kind` so far (none while the file does not exist).

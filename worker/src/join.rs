@@ -42,6 +42,7 @@ use clap::Args;
 use rsb_collective::ring::{RingConfig, RingKey, RingListener};
 use rsb_collective::Collective;
 use rsb_job::{BatchPlan, MetricsRecord};
+use rsb_proto::agent_calls::{HEARTBEAT_BACKOFF_MAX, HEARTBEAT_DEADLINE};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
@@ -158,13 +159,6 @@ const RANK_STOP_GRACE: Duration =
 /// its `Leave`): a frozen or cut-off coordinator never holds a rank (and,
 /// through it, the collective) for longer.
 const RANK_CALL_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Longest wait between two heartbeat tries while the coordinator does not
-/// answer (the wait doubles from the heartbeat interval).
-const HEARTBEAT_BACKOFF_MAX: Duration = Duration::from_secs(8);
-
-/// Deadline of one heartbeat call (at most the coordinator deadline).
-const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
 
 async fn connect(url: &str, tls_ca: Option<&Path>) -> Result<Channel> {
     let endpoint = auth::endpoint(url, tls_ca)?;
