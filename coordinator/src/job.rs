@@ -280,6 +280,9 @@ pub struct Job {
     /// The longest an agent that outlived its coordinator takes to call a
     /// new one ([`agent_calls::CALLS_AGAIN_WITHIN`]; shorter in tests).
     pub agents_call_again_within: Duration,
+    /// Before this, no member of a restored job counts as silent (see
+    /// [`Job::await_restored_members`]).
+    silent_not_before: Option<Instant>,
     /// Hosts lost since the last generation started (host and why).
     lost: Vec<String>,
     /// Why the next generation opens.
@@ -612,6 +615,7 @@ impl Job {
             regroup_since: None,
             reclaim_until: None,
             agents_call_again_within: agent_calls::CALLS_AGAIN_WITHIN,
+            silent_not_before: None,
             lost: Vec::new(),
             reasons: vec![GenerationReason::Start],
             restarts: 0,
@@ -682,12 +686,12 @@ impl Job {
     pub fn await_restored_members(&mut self, members_may_be_gone: bool) {
         let wait = self.restored_members_wait();
         let now = Instant::now();
-        // Counted as silent from `now + wait` on, so that members not back
-        // are dropped (at `now + wait`) before any is found silent.
-        let counted_from = now + wait.saturating_sub(self.heartbeat_timeout);
         for m in self.members.iter_mut().chain(&mut self.pending) {
-            m.last_seen = counted_from;
+            m.last_seen = now;
         }
+        // None is silent before `now + wait`, when members not back are
+        // dropped (`members_may_be_gone`) before any is found silent.
+        self.silent_not_before = Some(now + wait);
         if members_may_be_gone && !(self.members.is_empty() && self.pending.is_empty()) {
             self.reclaim_until = Some(now + wait);
         }
@@ -1176,7 +1180,8 @@ impl Job {
             return;
         }
         let timeout = self.heartbeat_timeout;
-        let silent = |m: &Member| m.last_seen.elapsed() > timeout;
+        let may_be_silent = self.silent_not_before.is_none_or(|at| Instant::now() > at);
+        let silent = |m: &Member| may_be_silent && m.last_seen.elapsed() > timeout;
         if !self.elastic() {
             if let Some(m) = self.members.iter().find(|m| silent(m)) {
                 let msg =

@@ -174,8 +174,9 @@ struct UpArgs {
     /// time limit, a preemption or a lost node; a Kubernetes Job applied
     /// again, a coordinator pod started again). A job whose coordinator
     /// was stopped while it ran is restored as with --restore: its hosts
-    /// have --heartbeat-timeout-secs to come back (agents that outlived the
-    /// old coordinator), else the job takes the hosts that join. Otherwise
+    /// have --heartbeat-timeout-secs, or 25 s if longer, to come back
+    /// (agents that outlived the old coordinator), else the job takes the
+    /// hosts that join. Otherwise
     /// a run continues from its newest intact checkpoint (one that wrote
     /// none starts again, its earlier records moved to
     /// OUT/abandoned-<unix seconds>/); a sweep continues as with
@@ -876,8 +877,8 @@ fn restore_job(
 /// restarted while its job ran (its state file says the job has not
 /// ended): the job is restored as `--restore` does, and its agents, if they
 /// outlived the old coordinator, continue it with their ranks' hosts; if
-/// none comes back within the heartbeat timeout (they were stopped with
-/// it), the job takes the hosts that join (see
+/// none comes back in time (they were stopped with it), the job takes
+/// the hosts that join (see
 /// [`Job::await_restored_members`]). A job that never started starts anew.
 /// `None` when there is no such job, or it
 /// cannot be restored with this command line (the reason is printed): the
@@ -900,8 +901,8 @@ fn auto_restore(
             return Ok(None);
         }
         let token = token.context(
-            "no job token was given, and the run folder holds none: the job's agents present \
-             the one it started with",
+            "no job token was given, and the run folder holds none that can be used: the \
+             job's agents present the one it started with",
         )?;
         saved_job(args, recipe.clone(), &out, token).map(Some)
     });

@@ -7,14 +7,17 @@
 //! changes, with mode 0600 since it holds the secrets.
 //!
 //! A restored job opens a new generation over the saved members (pending
-//! ones admitted) from its newest committed checkpoint: the agents see the
+//! ones admitted) from its newest committed checkpoint (one that never
+//! started waits for its hosts again, keeping none): the agents see the
 //! generation move on in their next heartbeat and restart their ranks, as
 //! after any regroup. At most the updates since that checkpoint are lost.
-//! A member that does not come back is silent, and handled as such (a fixed
+//! A member that does not come back within the heartbeat timeout, or the
+//! time an agent takes to call a coordinator that was away if longer, is
+//! silent, and handled as such (a fixed
 //! job fails naming it; an elastic one drops it). `coordinator up
 //! --auto-resume` restores such a job too, but cannot know whether the
 //! agents outlived the old coordinator: if none of its members comes back
-//! within the heartbeat timeout, it takes new hosts instead
+//! in the time agents take to call again, it takes new hosts instead
 //! ([`Job::await_restored_members`]).
 
 use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
@@ -299,8 +302,15 @@ impl Job {
         job.id = saved.job_id.clone();
         job.generation = saved.generation;
         job.restore_counters(saved.next_member, saved.started, saved.restarts);
-        job.members =
+        let members: Vec<Member> =
             saved.members.iter().chain(&saved.pending).map(member).collect::<Result<_, _>>()?;
+        // A job that never started is waited for again: the ranks of the
+        // hosts that had joined died waiting for their assignment with the
+        // old coordinator's connection, and nothing would start them again.
+        // Their agents, now unknown, stop at their coordinator deadline.
+        if saved.started {
+            job.members = members;
+        }
         job.checkpoints = saved
             .checkpoints
             .iter()
@@ -423,24 +433,32 @@ mod tests {
         }
     }
 
-    /// A started 2-host job with one committed checkpoint, saved, and the
-    /// state read back, with the job's token and the two members' ids and
-    /// secrets.
-    fn saved_running_job(dir: &Path) -> (SavedJob, Secret, Vec<(String, Secret)>) {
+    /// A 2-host job joined by `hosts` (both: started, with one committed
+    /// checkpoint), saved, and the state read back, with the job's token and
+    /// the members' ids and secrets.
+    fn saved_job(dir: &Path, hosts: &[&str]) -> (SavedJob, Secret, Vec<(String, Secret)>) {
         let token = Secret::generate().unwrap();
         let mut job = Job::new(recipe(), dir.to_path_buf(), 2);
         job.state_file = Some(dir.join(STATE_FILE));
         job.token_fingerprint = Some(token.fingerprint());
-        let members = ["a", "b"]
+        let members = hosts
+            .iter()
             .map(|host| {
                 let (id, secret, _) = job.join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
                 (id, secret)
             })
-            .to_vec();
-        job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
-            .unwrap();
+            .collect();
+        if job.started() {
+            job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
+                .unwrap();
+        }
         job.state_to_save().expect("the state changed").write().unwrap();
         (SavedJob::read(dir).unwrap(), token, members)
+    }
+
+    /// [`saved_job`] of a started job.
+    fn saved_running_job(dir: &Path) -> (SavedJob, Secret, Vec<(String, Secret)>) {
+        saved_job(dir, &["a", "b"])
     }
 
     /// Restores `saved` as `up --auto-resume` does, with a heartbeat timeout
@@ -569,25 +587,21 @@ mod tests {
     }
 
     #[test]
-    fn an_auto_restored_job_that_never_started_waits_for_its_members_then_for_any_hosts() {
+    fn a_restored_job_that_never_started_waits_for_its_hosts_again_and_records_its_start() {
         let tmp = tempfile::tempdir().unwrap();
-        let token = Secret::generate().unwrap();
-        let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 2);
-        job.state_file = Some(tmp.path().join(STATE_FILE));
-        job.token_fingerprint = Some(token.fingerprint());
-        job.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
-        job.state_to_save().expect("the state changed").write().unwrap();
-        let saved = SavedJob::read(tmp.path()).unwrap();
-        let timeout = Duration::from_millis(200);
-        let mut job = auto_restored(tmp.path(), saved, &token, timeout);
-        assert!(job.join_later().is_some());
-        std::thread::sleep(timeout + Duration::from_millis(50));
+        let (saved, token, members) = saved_job(tmp.path(), &["a"]);
+        assert!(!saved.started);
+        let mut job = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+        job.await_restored_members(false);
+        // Its joined host's rank died waiting for an assignment: the host
+        // is not kept, and joins are taken at once.
+        assert!(job.members.is_empty());
+        assert!(job.heartbeat(&members[0].0).is_err());
         assert_eq!(job.join_later(), None);
-        assert_eq!((job.generation, job.members.len()), (1, 0), "no generation ran");
+        job.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert_eq!(job.phase, Phase::Waiting);
         job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
-        job.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         assert_eq!((job.generation, job.phase.clone()), (1, Phase::Running));
-        assert_eq!(job.resume_from, None);
         job.flush_metrics();
         let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
         assert!(text.trim().lines().count() == 1 && text.contains("\"start\""), "{text}");

@@ -25,6 +25,9 @@ pub mod agent_calls {
 
     const BACKOFF_MAX_SECS: u64 = 8;
     const CALL_DEADLINE_SECS: u64 = 10;
+    /// Longest sleep of an agent's loop between its checks (the heartbeat
+    /// interval).
+    const LOOP_SLEEP_MAX_SECS: u64 = 2;
 
     /// Longest wait between two heartbeat tries while the coordinator does
     /// not answer (the wait doubles from the heartbeat interval).
@@ -35,7 +38,7 @@ pub mod agent_calls {
 
     /// The longest an agent that outlived its coordinator may take to call
     /// a new one that listens: a call that timed out, the longest wait
-    /// before the next, and 2 s for that call to arrive.
+    /// before the next, a pass of its loop, and 5 s to spare (25 s).
     pub const CALLS_AGAIN_WITHIN: Duration =
-        Duration::from_secs(CALL_DEADLINE_SECS + BACKOFF_MAX_SECS + 2);
+        Duration::from_secs(CALL_DEADLINE_SECS + BACKOFF_MAX_SECS + LOOP_SLEEP_MAX_SECS + 5);
 }

@@ -69,11 +69,16 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
         let e = DeError::from_norway(Vec::new(), e);
         // The parser places a duplicate key at its mapping's start: name the
         // key and place it where it is given again.
-        let duplicate = e
-            .message
-            .contains("duplicate entry")
-            .then(|| locate::locate_duplicate_key(source))
-            .flatten();
+        // Only where the key found is the one the parser names (the finder
+        // compares keys as text, the parser as values: `1` and "1" differ).
+        let named = e.message.split_once("duplicate entry with key ").map(|(_, key)| {
+            key.strip_prefix('"').and_then(|k| k.strip_suffix('"')).unwrap_or(key).to_owned()
+        });
+        let duplicate = named.and_then(|key| {
+            let (field, at) = locate::locate_duplicate_key(source)?;
+            let last = field.rsplit('.').next().unwrap_or(&field);
+            (last == key).then_some((field, at))
+        });
         if let Some((field, at)) = duplicate {
             let first = locate::locate(source, &field)
                 .map_or_else(String::new, |l| format!(" (first at line {})", l.line));
@@ -158,7 +163,7 @@ pub fn load_str(source: &str, path: &Path, overrides: &[String]) -> Result<Recip
             .map(|o| Origin::Override { set: o.raw.clone() })
             .unwrap_or_else(|| Origin::File {
                 path: path.to_owned(),
-                location: locate::locate(source, &v.field),
+                location: locate::locate(source, &overrides::field_in_file(&v.field, &applied)),
             });
         v.into_error(origin)
     })?;

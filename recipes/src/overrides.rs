@@ -117,6 +117,23 @@ pub enum Applied {
     },
 }
 
+/// Where `field` (a dotted path of the recipe after `applied`) is in the
+/// file: the elements a removal moved down are numbered as they were
+/// before it.
+pub fn field_in_file(field: &str, applied: &[Applied]) -> String {
+    let mut segments: Vec<String> = field.split('.').map(str::to_owned).collect();
+    for a in applied.iter().rev() {
+        let Applied::Removed { sequence, index } = a else { continue };
+        if segments.len() > sequence.len() && segments.starts_with(sequence) {
+            let at = sequence.len();
+            if let Some(i) = segments[at].parse::<usize>().ok().filter(|i| i >= index) {
+                segments[at] = (i + 1).to_string();
+            }
+        }
+    }
+    segments.join(".")
+}
+
 /// The keys `applied` wrote, in order, each as the elements are numbered
 /// once every override was applied: an element a later override removed
 /// names nothing (`None`), and one after it moves down.

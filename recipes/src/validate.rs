@@ -311,8 +311,9 @@ pub(crate) fn check(r: &Recipe) -> Check {
             );
         }
         if let Some(j) = e.sets[..i].iter().position(|o| o.name == set.name) {
-            return fail(
+            return fail_with(
                 &field("name"),
+                &format!("eval.sets.{j}.name"),
                 format!("`{}` is already the name of eval.sets.{j}", set.name),
             );
         }

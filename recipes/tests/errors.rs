@@ -482,9 +482,19 @@ fn a_set_that_addresses_an_eval_set_by_name_is_blamed_for_its_errors() {
     // After `v2` is removed, `extra` is eval.sets.1: its own error is the
     // file's.
     let broken = source.replace("root: x", "root: ''");
-    let msg = err(&broken, &["eval.sets.v2=null"]);
-    assert_starts(&msg, "recipes/x.yaml:");
-    assert!(msg.contains("eval.sets.1.root: must not be empty"), "{msg}");
+    let extra_root = broken.lines().position(|l| l.contains("root: ''")).unwrap() + 1;
+    for removal in ["eval.sets.v2=null", "eval.sets.1=null"] {
+        let msg = err(&broken, &[removal]);
+        let at = format!("recipes/x.yaml:{extra_root}:7: eval.sets.1.root: must not be empty");
+        assert_starts(&msg, &at);
+    }
+    // Two removals before it: two places down.
+    let msg = err(&broken, &["eval.sets.v2=null", "eval.sets.0=null"]);
+    assert_starts(&msg, &format!("recipes/x.yaml:{extra_root}:7: eval.sets.0.root"));
+    // A clash of names a --set made is blamed on it (the field is the
+    // later set's, the --set wrote the earlier one's).
+    let msg = err(&source, &["eval.sets.real.name=v2"]);
+    assert_starts(&msg, "--set eval.sets.real.name=v2: eval.sets.1.name: `v2` is already");
     // A set named, then moved down by a later removal: still blamed, not
     // the line of the set removed.
     for removal in ["eval.sets.real=null", "eval.sets.0=null"] {
@@ -503,6 +513,10 @@ fn a_duplicate_key_is_named_at_its_own_line() {
         "recipes/x.yaml:21:5: invalid YAML: optimizer.lamb.lr: given twice in one mapping \
          (first at line 19)"
     );
+    // Keys the finder would take for the same (1 and "1") while the parser
+    // names another: the parser's message is kept.
+    let msg = err(&format!("{BASE}extra: {{1: x, \"1\": y, b: 1, b: 2}}\n"), &[]);
+    assert!(msg.contains("duplicate entry with key \"b\""), "{msg}");
     let msg = err(&format!("{BASE}name: again\n"), &[]);
     assert_eq!(
         msg,

@@ -173,7 +173,7 @@ fn stop_an_auto_resume_coordinator(
     let sets = job_sets(&data, epochs);
     let port = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
-    // Hosts beat every second, and a restarted coordinator gives them 20 s
+    // Hosts beat every second, and a restarted coordinator gives them 25 s
     // to call again (an agent waits up to 8 s between tries while it is
     // away), not 4.
     let args: Vec<String> =
@@ -267,7 +267,7 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 /// A job whose coordinator and hosts were all killed (a Slurm requeue after
 /// a node failure, a Kubernetes Job applied again): the restarted
 /// coordinator (`--auto-resume`, its state file saying the job still ran)
-/// waits for the old agents (20 s: an agent may take that long to call a
+/// waits for the old agents (25 s: an agent may take that long to call a
 /// restarted coordinator), telling the new hosts to join again meanwhile; none comes back, so it takes the new hosts, which
 /// continue from the newest checkpoint in the run folder, which the old
 /// ranks may have written after the coordinator died (they stop with one
@@ -320,7 +320,7 @@ fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_tha
     assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
     let output = std::fs::read_to_string(&log).unwrap();
     let gave_up = ["(a, b)", "(b, a)"]
-        .map(|hosts| format!("none of the job's host(s) {hosts} came back within 20s"));
+        .map(|hosts| format!("none of the job's host(s) {hosts} came back within 25s"));
     assert!(gave_up.iter().any(|line| output.contains(line.as_str())), "{output}");
     for (name, worker) in ["c", "d"].into_iter().zip(workers) {
         let log = tmp.path().join(format!("worker-{name}.log"));
@@ -353,7 +353,7 @@ fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_tha
         "coordinator and hosts kill -9, restarted with the same --auto-resume command line and \
          two new hosts: continued from update {stopped_at}, the newest checkpoint on disk (the \
          dead coordinator had recorded update {} and committed the checkpoint of update \
-         {committed}); first update {:.1} s after the restart (the old hosts' wait: 20 s)",
+         {committed}); first update {:.1} s after the restart (the old hosts' wait: 25 s)",
         k.recorded,
         first_update.as_secs_f64()
     );

@@ -61,13 +61,8 @@ fn slurm_script_is_valid_bash() {
 /// it reaches `--help`).
 #[test]
 fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
-    use serde::Deserialize as _;
-    use serde_norway::Value;
-    let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
-    let text = std::fs::read_to_string(&manifest).unwrap();
     let mut checked = Vec::new();
-    for document in serde_norway::Deserializer::from_str(&text) {
-        let document = Value::deserialize(document).unwrap();
+    for document in kubernetes_documents() {
         let containers = &document["spec"]["template"]["spec"]["containers"];
         for container in containers.as_sequence().into_iter().flatten() {
             let name = container["name"].as_str().unwrap();
@@ -98,13 +93,8 @@ fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
 /// worker joins again (`coordinator_restart.rs` runs both cases).
 #[test]
 fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
-    use serde::Deserialize as _;
-    use serde_norway::Value;
-    let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
-    let text = std::fs::read_to_string(&manifest).unwrap();
     let mut jobs = Vec::new();
-    for document in serde_norway::Deserializer::from_str(&text) {
-        let document = Value::deserialize(document).unwrap();
+    for document in kubernetes_documents() {
         if document["kind"].as_str() != Some("Job") {
             continue;
         }
@@ -121,4 +111,14 @@ fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
         jobs.push(name);
     }
     assert_eq!(jobs, ["rsb-coordinator", "rsb-workers"]);
+}
+
+/// The documents of the Kubernetes manifest.
+fn kubernetes_documents() -> Vec<serde_norway::Value> {
+    use serde::Deserialize as _;
+    let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|document| serde_norway::Value::deserialize(document).unwrap())
+        .collect()
 }
