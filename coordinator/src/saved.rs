@@ -307,7 +307,7 @@ impl Job {
         // A job that never started is waited for again: the ranks of the
         // hosts that had joined died waiting for their assignment with the
         // old coordinator's connection, and nothing would start them again.
-        // Their agents, now unknown, stop at their coordinator deadline.
+        // Their agents, now unknown, stop those ranks and join again.
         if saved.started {
             job.members = members;
         }

@@ -23,6 +23,11 @@
 //! `rsb_train::stop`); it exits within [`RANK_STOP_DEADLINE`] in any case. A rank that fails does not end the agent while the job goes
 //! on: it waits for the next generation, or for the job's end.
 //!
+//! A coordinator that answers but does not know this member (it started a
+//! new job in the old one's place: one that never started, or could not be
+//! restored) has the agent stop its ranks and join again, at most
+//! [`MAX_JOINS_AS_UNKNOWN`] times in a row.
+//!
 //! Sweeps (`coordinator up --seeds/--grid`): the coordinator places the host
 //! in one run at a time. When that run ends, finished or failed, the agent
 //! joins again and is placed in the next run; it is told to join again later
@@ -256,6 +261,7 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     let mut unreachable_since: Option<tokio::time::Instant> = None;
     let mut join_backoff = JOIN_RETRY;
     let mut told_to_wait = false;
+    let mut unknown_in_a_row = 0;
     loop {
         let request = pb::JoinRequest {
             host_name: host.name.clone(),
@@ -326,7 +332,17 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         }
         told_to_wait = false;
         let end = serve_member(&args, &host, &channel, &joined, &mut stop_signals).await?;
+        if !matches!(end, MemberEnd::Unknown(_)) {
+            unknown_in_a_row = 0;
+        }
         match (joined.sweep, end) {
+            (_, MemberEnd::Unknown(why)) => {
+                unknown_in_a_row += 1;
+                if unknown_in_a_row > MAX_JOINS_AS_UNKNOWN {
+                    bail!("{why}, {unknown_in_a_row} times in a row; giving up");
+                }
+                tracing::warn!("{why}; joining it again");
+            }
             (false, MemberEnd::Finished) => return Ok(()),
             (false, MemberEnd::Failed(reason)) => bail!("{reason}"),
             (true, MemberEnd::Finished) => {
@@ -360,7 +376,16 @@ enum MemberEnd {
     Finished,
     /// A local rank or the job failed (why).
     Failed(String),
+    /// The coordinator answers but does not know this member (why): it
+    /// started a new job in the old one's place (one that never started,
+    /// or could not be restored). The ranks are stopped, and the host
+    /// joins again.
+    Unknown(String),
 }
+
+/// Joins in a row that ended with the coordinator not knowing the member
+/// ([`MemberEnd::Unknown`]) before the agent gives up.
+const MAX_JOINS_AS_UNKNOWN: u32 = 3;
 
 /// Sleeps `after`, unless this agent is stopped first (an error).
 async fn wait_or_stop(stop_signals: &mut rsb_process::StopSignals, after: Duration) -> Result<()> {
@@ -595,6 +620,19 @@ async fn serve_member(
                         }
                         Some(_) => {}
                     }
+                }
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    // It answers, but not for this member (a new job in
+                    // the old one's place) or not with this token.
+                    let why = format!(
+                        "the coordinator at {} does not know member {} ({})",
+                        args.coordinator,
+                        joined.member_id,
+                        e.message()
+                    );
+                    tracing::warn!("{why}; stopping the local ranks");
+                    rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                    return Ok(MemberEnd::Unknown(why));
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
