@@ -868,7 +868,9 @@ fn restore_job(
     token: &Secret,
 ) -> Result<(Coordination, PathBuf, Work)> {
     let out = out.canonicalize().with_context(|| format!("--restore: {}", out.display()))?;
-    let job = saved_job(args, recipe, &out, token)
+    let job = SavedJob::read(&out)
+        .map_err(anyhow::Error::new)
+        .and_then(|saved| saved_job(args, recipe, &out, saved, token))
         .with_context(|| format!("--restore: {}", out.join(STATE_FILE).display()))?;
     Ok(serve_restored(args, job, out, false))
 }
@@ -904,7 +906,7 @@ fn auto_restore(
             "no job token was given, and the run folder holds none that can be used: the \
              job's agents present the one it started with",
         )?;
-        saved_job(args, recipe.clone(), &out, token).map(Some)
+        saved_job(args, recipe.clone(), &out, saved, token).map(Some)
     });
     match restored {
         Ok(Some(job)) => {
@@ -930,15 +932,15 @@ fn auto_restore(
     }
 }
 
-/// The job saved in `out`, restored with this command line's recipe,
+/// The job `saved` in `out`, restored with this command line's recipe,
 /// `--nodes` and token (each must be the job's).
 fn saved_job(
     args: &UpArgs,
     recipe: rsb_recipes::Recipe,
     out: &Path,
+    saved: SavedJob,
     token: &Secret,
 ) -> Result<Job> {
-    let saved = SavedJob::read(out)?;
     if saved.nodes_expected != args.nodes {
         bail!(
             "--nodes {}: the job in {} was started with --nodes {}",

@@ -1158,7 +1158,8 @@ mod tests {
         let token = Secret::generate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let deadline = Duration::from_millis(300);
+        // Long enough that a loaded machine's first call still falls in it.
+        let deadline = Duration::from_secs(1);
         let limits = crate::incoming::Limits { token_call: deadline, ..Default::default() };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(
@@ -1171,12 +1172,12 @@ mod tests {
                 let _ = stopped.await;
             },
         ));
-        // A member calls every 50 ms for four deadlines: over its one
+        // A member calls every 50 ms for three deadlines: over its one
         // connection, every call answered.
         let (mut member, member_connections) =
             counting_client(address, Credentials::token(token)).await;
         let started = Instant::now();
-        while started.elapsed() < 4 * deadline {
+        while started.elapsed() < 3 * deadline {
             member.status(pb::StatusRequest {}).await.expect("a member's call");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1192,7 +1193,7 @@ mod tests {
             counting_client(address, Credentials::token(wrong)).await;
         let started = Instant::now();
         while stranger_connections.load(Ordering::SeqCst) < 2 {
-            assert!(started.elapsed() < Duration::from_secs(5), "a stranger's connection was held");
+            assert!(started.elapsed() < 10 * deadline, "a stranger's connection was held");
             let refused = stranger.status(pb::StatusRequest {}).await.unwrap_err();
             assert!(
                 matches!(refused.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable),
@@ -1200,11 +1201,8 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            started.elapsed() >= deadline - Duration::from_millis(50),
-            "{:?}",
-            started.elapsed()
-        );
+        // Its connection may have been accepted a little before `started`.
+        assert!(started.elapsed() >= deadline / 2, "{:?}", started.elapsed());
         let _ = stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }

@@ -135,13 +135,12 @@ struct Walk<'a> {
     found: &'a mut Option<String>,
 }
 
-impl Walk<'_> {
-    fn child(&self, segment: &str) -> String {
-        if self.path.is_empty() {
-            segment.to_owned()
-        } else {
-            format!("{}.{segment}", self.path)
-        }
+/// The dotted path of `segment` under `path` (`segment` alone at the top).
+fn child_path(path: &str, segment: &str) -> String {
+    if path.is_empty() {
+        segment.to_owned()
+    } else {
+        format!("{path}.{segment}")
     }
 }
 
@@ -165,14 +164,14 @@ impl<'de> Visitor<'de> for Walk<'_> {
         loop {
             let unique = UniqueKey { seen: &mut seen, path: &self.path, found: &mut *self.found };
             let Some(key) = map.next_key_seed(unique)? else { return Ok(()) };
-            let path = self.child(&key);
+            let path = child_path(&self.path, &key);
             map.next_value_seed(Walk { path, found: &mut *self.found })?;
         }
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         for index in 0.. {
-            let path = self.child(&index.to_string());
+            let path = child_path(&self.path, &index.to_string());
             if seq.next_element_seed(Walk { path, found: &mut *self.found })?.is_none() {
                 break;
             }
@@ -242,11 +241,7 @@ impl<'de> Visitor<'de> for UniqueKey<'_> {
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<String, E> {
         if !self.seen.insert(key.to_owned()) {
-            *self.found = Some(if self.path.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{}.{key}", self.path)
-            });
+            *self.found = Some(child_path(self.path, key));
             return Err(E::custom(MARKER));
         }
         Ok(key.to_owned())

@@ -124,11 +124,8 @@ pub fn field_in_file(field: &str, applied: &[Applied]) -> String {
     let mut segments: Vec<String> = field.split('.').map(str::to_owned).collect();
     for a in applied.iter().rev() {
         let Applied::Removed { sequence, index } = a else { continue };
-        if segments.len() > sequence.len() && segments.starts_with(sequence) {
-            let at = sequence.len();
-            if let Some(i) = segments[at].parse::<usize>().ok().filter(|i| i >= index) {
-                segments[at] = (i + 1).to_string();
-            }
+        if let Some(i) = element_within(&segments, sequence).filter(|i| i >= index) {
+            segments[sequence.len()] = (i + 1).to_string();
         }
     }
     segments.join(".")
@@ -145,9 +142,7 @@ pub fn keys_written(applied: &[Applied]) -> Vec<Option<Vec<String>>> {
             Applied::Removed { sequence, index } => {
                 for key in keys.iter_mut() {
                     let Some(k) = key else { continue };
-                    let within = k.len() > sequence.len() && k.starts_with(sequence);
-                    let element = within.then(|| k[sequence.len()].parse::<usize>().ok()).flatten();
-                    match element {
+                    match element_within(k, sequence) {
                         Some(i) if i == *index => *key = None,
                         Some(i) if i > *index => k[sequence.len()] = (i - 1).to_string(),
                         _ => {}
@@ -158,6 +153,16 @@ pub fn keys_written(applied: &[Applied]) -> Vec<Option<Vec<String>>> {
         }
     }
     keys
+}
+
+/// The index of the element of `sequence` that `key` is in or names, when
+/// it is in that sequence.
+fn element_within(key: &[String], sequence: &[String]) -> Option<usize> {
+    if key.len() > sequence.len() && key.starts_with(sequence) {
+        key[sequence.len()].parse().ok()
+    } else {
+        None
+    }
 }
 
 /// Whether `key` and `field` (a dotted path) are the same path, or one is a

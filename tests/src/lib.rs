@@ -234,13 +234,20 @@ pub mod sweeps {
     /// `extra` arguments, its output going to `log` (a file: a pipe nobody
     /// reads would fill and stop it).
     pub fn coordinator_up(out: &Path, sets: &[String], extra: &[&str], log: &Path) -> Child {
+        spawn_logged(coordinator_up_command(out, sets, extra), log)
+    }
+
+    /// The command line `coordinator up` on the tiny recipe with `sets`
+    /// (`--set`) and `extra` arguments, without a job token or a place for
+    /// its output yet.
+    pub fn coordinator_up_command(out: &Path, sets: &[String], extra: &[&str]) -> Command {
         let mut cmd = Command::new(binary("coordinator"));
         cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(out);
         for set in sets {
             cmd.args(["--set", set]);
         }
-        cmd.args(extra);
-        spawn_logged(cmd, log)
+        cmd.args(extra).env_remove("RSB_JOB_TOKEN").stdin(Stdio::null());
+        cmd
     }
 
     /// Starts `worker join --devices cpu --cores 1` against the coordinator

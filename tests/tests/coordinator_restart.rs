@@ -20,9 +20,9 @@ use rsb_integration_tests::elastic_records::{all_records, planned_updates};
 use rsb_integration_tests::free_port;
 use rsb_integration_tests::processes::{signal, wait_with_timeout};
 use rsb_integration_tests::sweeps::{self, wait_until};
-use rsb_integration_tests::{binary, fashion_subset, run_records, tiny_recipe};
+use rsb_integration_tests::{fashion_subset, run_records};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// `runtime.checkpoint_every_updates` of the job.
@@ -51,9 +51,11 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
         .map(|name| sweeps::worker_join(port, name, &tmp.path().join(format!("worker-{name}.log"))))
         .collect();
     let steps = || run_records_or_empty(&out, "step");
+    // Killed mid-epoch (5 updates each), so that the newest commit is a
+    // periodic checkpoint, not the first epoch's end.
     wait_until("a committed checkpoint and a few more updates", &first_log, || {
         std::fs::read_to_string(&first_log).unwrap_or_default().contains("checkpoint committed")
-            && steps().last().is_some_and(|s| s["step"].as_u64().unwrap() >= 5)
+            && steps().last().is_some_and(|s| s["step"].as_u64().unwrap() >= 7)
     });
     assert!(signal(first.id(), "KILL"));
     let _ = first.wait();
@@ -71,16 +73,11 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
     for (token, expected) in
         [(Some("another-token-0123456789"), "job token is not the one"), (None, "no job token")]
     {
-        let mut cmd = Command::new(binary("coordinator"));
-        cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(&out);
-        for set in &sets {
-            cmd.args(["--set", set]);
-        }
-        cmd.args(&restore_args).env_remove("RSB_JOB_TOKEN");
+        let mut cmd = sweeps::coordinator_up_command(&out, &sets, &restore_args);
         if let Some(token) = token {
             cmd.env("RSB_JOB_TOKEN", token);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         let refused = wait_with_timeout(
             child.unwrap(),
             Duration::from_secs(60),
@@ -426,16 +423,11 @@ fn an_auto_resume_start_without_a_token_keeps_the_one_the_first_start_wrote() {
     let data = fashion_subset(tmp.path(), 2, 1);
     let out = tmp.path().join("run");
     let start = |name: &str| {
-        let mut cmd = Command::new(binary("coordinator"));
-        cmd.args(["up", "--recipe"]).arg(tiny_recipe()).arg("--out").arg(&out);
-        for set in job_sets(&data, 6) {
-            cmd.args(["--set", &set]);
-        }
         let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-        cmd.args(["--listen", &listen, "--nodes", "1", "--join-timeout-secs", "1"])
-            .arg("--auto-resume")
-            .env_remove("RSB_JOB_TOKEN");
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let args =
+            ["--listen", &listen, "--nodes", "1", "--join-timeout-secs", "1", "--auto-resume"];
+        let mut cmd = sweeps::coordinator_up_command(&out, &job_sets(&data, 6), &args);
+        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         let done = wait_with_timeout(child.unwrap(), Duration::from_secs(60), name);
         assert!(!done.status.success(), "no host joined: the job fails");
         String::from_utf8_lossy(&done.stdout).into_owned()
