@@ -48,6 +48,11 @@ const MAX_FABRIC_PROBE_MIB: u32 = 1024;
 const MAX_CLASSES: u32 = 1_000_000;
 /// Largest training or evaluation image side, in pixels.
 const MAX_INPUT_SIZE: u32 = 4096;
+/// Largest shorter side the evaluation resize may make,
+/// `floor(eval.input_size / eval.crop_pct)`: the side of the largest square
+/// within the loader's pixel limit (`rsb_data::decode::MAX_PIXELS`, Pillow's
+/// decompression-bomb threshold). Past it no image could be resized.
+pub const MAX_EVAL_RESIZE_SIDE: u32 = 13_377;
 /// Most images in one micro-batch, or in one evaluation batch.
 const MAX_BATCH_IMAGES: u32 = 65_536;
 /// Most images in one update (LARS/LAMB large-batch studies reach 64k).
@@ -63,6 +68,13 @@ fn fail(field: &str, message: String) -> Check {
 
 fn fail_with(field: &str, related: &str, message: String) -> Check {
     Err(Violation { field: field.to_owned(), related: Some(related.to_owned()), message })
+}
+
+/// The smallest `eval.crop_pct` of 4 decimals whose resize of an
+/// `input_size` crop stays within [`MAX_EVAL_RESIZE_SIDE`].
+fn smallest_crop_pct(input_size: u32) -> f64 {
+    let bound = f64::from(input_size) / f64::from(MAX_EVAL_RESIZE_SIDE + 1);
+    ((bound * 1e4).floor() + 1.0) / 1e4
 }
 
 fn non_empty(field: &str, v: &str) -> Check {
@@ -299,6 +311,22 @@ pub(crate) fn check(r: &Recipe) -> Check {
     if !(e.crop_pct > 0.0 && e.crop_pct <= 1.0) {
         return fail("eval.crop_pct", format!("must be in (0, 1], got {}", e.crop_pct));
     }
+    let resize_side = (f64::from(e.input_size) / e.crop_pct).floor();
+    if resize_side > f64::from(MAX_EVAL_RESIZE_SIDE) {
+        return fail_with(
+            "eval.crop_pct",
+            "eval.input_size",
+            format!(
+                "{} resizes the shorter side of every image to {resize_side} px \
+                 (floor(eval.input_size {} / crop_pct)), past {MAX_EVAL_RESIZE_SIDE} px, where \
+                 even a square image exceeds the loader's pixel limit: use a crop_pct of at \
+                 least {:.4}",
+                e.crop_pct,
+                e.input_size,
+                smallest_crop_pct(e.input_size)
+            ),
+        );
+    }
     between_one_and("eval.batch_size", e.batch_size, MAX_BATCH_IMAGES)?;
     at_least_one("eval.every_epochs", e.every_epochs)?;
     for (i, set) in e.sets.iter().enumerate() {
@@ -453,6 +481,27 @@ mod tests {
             let e = tiny(&[set]).unwrap_err().to_string();
             assert!(e.contains("distributed"), "{set}: the error names no field: {e}");
             assert!(e.contains(needle), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_eval_crop_so_small_that_no_image_could_be_resized_is_refused_with_the_share_that_works() {
+        // The RSB test crop, and the smallest share the loader can resize.
+        tiny(&["eval.input_size=224", "eval.crop_pct=0.95"]).unwrap();
+        let smallest = super::smallest_crop_pct(224);
+        let at = format!("eval.crop_pct={smallest}");
+        let r = tiny(&["eval.input_size=224", &at]).unwrap();
+        let side = (224.0 / r.eval.crop_pct).floor();
+        assert!(side <= f64::from(super::MAX_EVAL_RESIZE_SIDE), "{side}");
+        for crop in ["0.000001", "0.0167"] {
+            let e = tiny(&["eval.input_size=224", &format!("eval.crop_pct={crop}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("eval.crop_pct"), "{e}");
+            assert!(
+                e.contains("past 13377 px") && e.contains(&format!("at least {smallest}")),
+                "{e}"
+            );
         }
     }
 }

@@ -211,6 +211,12 @@ mod tests {
     }
 
     #[test]
+    fn the_recipes_largest_eval_resize_is_the_largest_square_within_the_pixel_limit() {
+        let side = u64::from(rsb_recipes::MAX_EVAL_RESIZE_SIDE);
+        assert!(side * side <= MAX_PIXELS && (side + 1) * (side + 1) > MAX_PIXELS, "{side}");
+    }
+
+    #[test]
     fn grayscale_png_becomes_rgb() {
         let gray = ::image::GrayImage::from_fn(3, 2, |x, y| ::image::Luma([(x * 10 + y) as u8]));
         let img = decode_bytes(&encode_png(::image::DynamicImage::ImageLuma8(gray))).unwrap();
