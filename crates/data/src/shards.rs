@@ -16,7 +16,9 @@
 //! (one missing, a stale one from an earlier run, one copied in part) is
 //! refused, naming the shard. A folder with `shards.writing` (made when the
 //! writer starts, removed after `shards.json` is written) or a `*.tar.tmp`
-//! holds what an interrupted `worker data shard` left, and is refused too.
+//! holds what an interrupted `worker data shard` left, and is refused too;
+//! a `shards.writing` beside a `shards.json` (the writer died between the
+//! two) is logged, and the list decides.
 //! Shards written by other tools (no `shards.json`) are read with a warning
 //! that their set's completeness cannot be checked. The writer refuses a
 //! folder that already holds shards.
@@ -311,7 +313,17 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
     let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
     let shards = shard_files(root)?;
     let unfinished = unfinished_shards(root)?;
-    if let Some(first) = unfinished.first() {
+    let manifest = read_manifest(root)?;
+    if manifest.is_some() && unfinished == [WRITING_FILE] {
+        // The writer wrote its list last and died before it removed its
+        // mark (or a second writer, finding the shards, is about to remove
+        // its own): the list says whether the set is complete, as below.
+        tracing::warn!(
+            folder = %root.display(),
+            "{WRITING_FILE} beside {MANIFEST_FILE}: the writer stopped after it listed its \
+             shards; the shards are checked against that list"
+        );
+    } else if let Some(first) = unfinished.first() {
         return Err(layout(format!(
             "{first}: `worker data shard` was interrupted while it wrote here, or still \
              runs, and the shards are incomplete (write them again into an empty folder)"
@@ -320,7 +332,6 @@ pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError
     if shards.is_empty() {
         return Err(layout("no *.tar shards".into()));
     }
-    let manifest = read_manifest(root)?;
     let listed: Option<HashMap<&str, &ShardListing>> = manifest
         .as_ref()
         .map(|m| m.shards.iter().map(|listing| (listing.name.as_str(), listing)).collect());
@@ -641,18 +652,29 @@ mod tests {
         assert_eq!(index_folder(dir.path()).unwrap().1.len(), 5, "the refusal changed the set");
 
         // What an interrupted writer leaves: a shard under its temporary
-        // name, or (stopped between two shards) its mark.
-        for left in ["shard-000003.tar.tmp", WRITING_FILE] {
-            let path = dir.path().join(left);
-            std::fs::write(&path, b"partial").unwrap();
-            let err = error_of(dir.path());
-            assert!(err.contains(left) && err.contains("interrupted"), "{err}");
-            std::fs::remove_file(&path).unwrap();
-        }
+        // name (refused even beside a list), or (stopped between two
+        // shards, before its list) its mark.
+        let partial = dir.path().join("shard-000003.tar.tmp");
+        std::fs::write(&partial, b"partial").unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("shard-000003.tar.tmp") && err.contains("interrupted"), "{err}");
+        std::fs::remove_file(&partial).unwrap();
         let mut stopped = ShardWriter::create(other_dir.path(), 1).unwrap();
         stopped.add("k", "jpg", b"image", 0).unwrap();
         let err = error_of(other_dir.path());
-        assert!(err.contains(WRITING_FILE), "{err}");
+        assert!(err.contains(WRITING_FILE) && err.contains("interrupted"), "{err}");
+        // Its mark beside its list (it died between writing the one and
+        // removing the other): the list decides, and here it holds.
+        let mark = dir.path().join(WRITING_FILE);
+        std::fs::write(&mark, b"1\n").unwrap();
+        assert_eq!(index_folder(dir.path()).unwrap().1.len(), 5);
+        // With a shard of the list missing, still refused, naming it.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&shards[2], &moved).unwrap();
+        let err = error_of(dir.path());
+        assert!(err.contains("shard-000002.tar") && err.contains("missing"), "{err}");
+        std::fs::rename(&moved, &shards[2]).unwrap();
+        std::fs::remove_file(&mark).unwrap();
         // A second writer started while the first writes gets no share of
         // the folder (before the first shard, and after it).
         let live = tempfile::tempdir().unwrap();
