@@ -49,10 +49,14 @@ const MAX_CLASSES: u32 = 1_000_000;
 /// Largest training or evaluation image side, in pixels.
 const MAX_INPUT_SIZE: u32 = 4096;
 /// Largest shorter side the evaluation resize may make,
-/// `floor(eval.input_size / eval.crop_pct)`: the side of the largest square
-/// within the loader's pixel limit (`rsb_data::decode::MAX_PIXELS`, Pillow's
-/// decompression-bomb threshold). Past it no image could be resized.
-pub const MAX_EVAL_RESIZE_SIDE: u32 = 13_377;
+/// `floor(eval.input_size / eval.crop_pct)`: the largest at which an image
+/// of up to [`MAX_EVAL_ASPECT`] stays within the loader's pixel limit
+/// (`rsb_data::decode::MAX_PIXELS`, Pillow's decompression-bomb threshold),
+/// which refuses each resized image past it.
+pub const MAX_EVAL_RESIZE_SIDE: u32 = 9_459;
+/// The widest aspect ratio (longer side over shorter) that
+/// [`MAX_EVAL_RESIZE_SIDE`] keeps resizable: photos are 4:3 or 3:2.
+pub const MAX_EVAL_ASPECT: u32 = 2;
 /// Most images in one micro-batch, or in one evaluation batch.
 const MAX_BATCH_IMAGES: u32 = 65_536;
 /// Most images in one update (LARS/LAMB large-batch studies reach 64k).
@@ -75,6 +79,15 @@ fn fail_with(field: &str, related: &str, message: String) -> Check {
 fn smallest_crop_pct(input_size: u32) -> f64 {
     let bound = f64::from(input_size) / f64::from(MAX_EVAL_RESIZE_SIDE + 1);
     ((bound * 1e4).floor() + 1.0) / 1e4
+}
+
+/// `x` as text of a readable length, whatever its magnitude (`1e-300`).
+fn readable(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e9).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
 }
 
 fn non_empty(field: &str, v: &str) -> Check {
@@ -317,11 +330,12 @@ pub(crate) fn check(r: &Recipe) -> Check {
             "eval.crop_pct",
             "eval.input_size",
             format!(
-                "{} resizes the shorter side of every image to {resize_side} px \
-                 (floor(eval.input_size {} / crop_pct)), past {MAX_EVAL_RESIZE_SIDE} px, where \
-                 even a square image exceeds the loader's pixel limit: use a crop_pct of at \
-                 least {:.4}",
-                e.crop_pct,
+                "{} resizes the shorter side of every image to {} px (floor(eval.input_size \
+                 {} / crop_pct)), past {MAX_EVAL_RESIZE_SIDE} px, where an image of \
+                 {MAX_EVAL_ASPECT}:1 or wider exceeds the loader's pixel limit and is skipped \
+                 (a photo is 4:3 or 3:2): use a crop_pct of at least {:.4}",
+                readable(e.crop_pct),
+                readable(resize_side),
                 e.input_size,
                 smallest_crop_pct(e.input_size)
             ),
@@ -485,7 +499,8 @@ mod tests {
     }
 
     #[test]
-    fn an_eval_crop_so_small_that_no_image_could_be_resized_is_refused_with_the_share_that_works() {
+    fn an_eval_crop_so_small_that_photos_could_not_be_resized_is_refused_with_the_share_that_works()
+    {
         // The RSB test crop, and the smallest share the loader can resize.
         tiny(&["eval.input_size=224", "eval.crop_pct=0.95"]).unwrap();
         let smallest = super::smallest_crop_pct(224);
@@ -493,13 +508,16 @@ mod tests {
         let r = tiny(&["eval.input_size=224", &at]).unwrap();
         let side = (224.0 / r.eval.crop_pct).floor();
         assert!(side <= f64::from(super::MAX_EVAL_RESIZE_SIDE), "{side}");
-        for crop in ["0.000001", "0.0167"] {
+        let just_below = format!("{:.4}", smallest - 1e-4);
+        for (crop, side) in [("1e-300", "2.24e302"), ("0.000001", "224000000"), (&just_below, "9")]
+        {
             let e = tiny(&["eval.input_size=224", &format!("eval.crop_pct={crop}")])
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("eval.crop_pct"), "{e}");
+            assert!(e.contains("eval.crop_pct") && e.len() < 600, "{e}");
+            assert!(e.contains(&format!("to {side}")), "{crop}: {e}");
             assert!(
-                e.contains("past 13377 px") && e.contains(&format!("at least {smallest}")),
+                e.contains("past 9459 px") && e.contains(&format!("at least {smallest}")),
                 "{e}"
             );
         }

@@ -211,9 +211,11 @@ mod tests {
     }
 
     #[test]
-    fn the_recipes_largest_eval_resize_is_the_largest_square_within_the_pixel_limit() {
+    fn the_recipes_largest_eval_resize_is_the_largest_within_the_pixel_limit_at_its_aspect() {
         let side = u64::from(rsb_recipes::MAX_EVAL_RESIZE_SIDE);
-        assert!(side * side <= MAX_PIXELS && (side + 1) * (side + 1) > MAX_PIXELS, "{side}");
+        let aspect = u64::from(rsb_recipes::MAX_EVAL_ASPECT);
+        let pixels = |short: u64| short * (short * aspect);
+        assert!(pixels(side) <= MAX_PIXELS && pixels(side + 1) > MAX_PIXELS, "{side}");
     }
 
     #[test]
