@@ -302,14 +302,17 @@ impl Job {
         job.id = saved.job_id.clone();
         job.generation = saved.generation;
         job.restore_counters(saved.next_member, saved.started, saved.restarts);
-        let members: Vec<Member> =
-            saved.members.iter().chain(&saved.pending).map(member).collect::<Result<_, _>>()?;
+        let members: Vec<Member> = saved.members.iter().map(member).collect::<Result<_, _>>()?;
+        let pending: Vec<Member> = saved.pending.iter().map(member).collect::<Result<_, _>>()?;
         // A job that never started is waited for again: the ranks of the
         // hosts that had joined died waiting for their assignment with the
         // old coordinator's connection, and nothing would start them again.
         // Their agents, now unknown, stop those ranks and join again.
+        // Pending members are admitted by the restored generation, which
+        // records their admission.
         if saved.started {
             job.members = members;
+            job.pending = pending;
         }
         job.checkpoints = saved
             .checkpoints
@@ -586,6 +589,46 @@ mod tests {
                 "{last}"
             );
         }
+    }
+
+    #[test]
+    fn a_restored_job_admits_its_pending_host_and_records_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = Secret::generate().unwrap();
+        // 6 micro-batches per update: worlds of 2 and 3 split them.
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = || rsb_recipes::load(&path, &["batch.global_size=48".into()]).unwrap();
+        let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 2);
+        job.set_node_bounds(1, 3).unwrap();
+        job.state_file = Some(tmp.path().join(STATE_FILE));
+        job.token_fingerprint = Some(token.fingerprint());
+        for host in ["a", "b"] {
+            job.join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        }
+        job.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0000-update-000000004".into())
+            .unwrap();
+        let (_, _, pending) = job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(pending, "a running job admits a host at its next checkpoint");
+        job.state_to_save().expect("the state changed").write().unwrap();
+        let saved = SavedJob::read(tmp.path()).unwrap();
+        assert_eq!(saved.pending.len(), 1);
+
+        let restored = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+        restored.flush_metrics();
+        let hosts: Vec<&str> = restored.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!((hosts, restored.pending.len()), (vec!["a", "b", "c"], 0));
+        let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let reasons: Vec<&str> = last["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(reasons, ["coordinator_restarted", "admitted"], "{last}");
+        assert_eq!(last["reasons"][1]["host"], "c", "{last}");
+        assert_eq!(last["hosts"], serde_json::json!(["a", "b", "c"]), "{last}");
     }
 
     #[test]
