@@ -261,26 +261,30 @@ impl ImageFolder {
     /// warning; folders without images beside shards (`lost+found`, a
     /// cache) leave the shards read.
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
-        let shards = crate::shards::shard_files(root)?;
+        let entries = crate::shards::list_folder(root)?;
         let has_class_images = || {
             let folders = class_folders(root).unwrap_or_default();
             folders.iter().any(|class| class_images(root, class).is_ok())
         };
-        if shards.is_empty() {
+        let open_shards = |entries| {
+            let (classes, samples) = crate::shards::index_listed_folder(root, entries)?;
+            Ok(ImageFolder { root: root.to_path_buf(), classes, samples })
+        };
+        if entries.shards.is_empty() {
             // What an interrupted `worker data shard` left, before its
             // first shard was complete: named as such.
-            if crate::shards::has_unfinished_shards(root)? && !has_class_images() {
-                return ImageFolder::open_shards(root);
+            if !entries.unfinished.is_empty() && !has_class_images() {
+                return open_shards(entries);
             }
             return ImageFolder::open(root);
         }
         if !has_class_images() {
-            return ImageFolder::open_shards(root);
+            return open_shards(entries);
         }
         tracing::warn!(
             folder = %root.display(),
             "{} .tar file(s) beside the class folders are ignored: the class folders are read",
-            shards.len()
+            entries.shards.len()
         );
         ImageFolder::open(root)
     }

@@ -85,41 +85,40 @@ const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png"];
 
 /// Whether `root` holds at least one `*.tar` file.
 pub fn has_shards(root: &Path) -> Result<bool, DataError> {
-    Ok(!shard_files(root)?.is_empty())
+    Ok(!list_folder(root)?.shards.is_empty())
 }
 
 /// The `*.tar` files of `root`, in natural order.
 pub fn shard_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let mut out = Vec::new();
+    Ok(list_folder(root)?.shards)
+}
+
+/// What one listing of a folder says of its shards.
+#[derive(Debug, Clone, Default)]
+pub struct FolderEntries {
+    /// The `*.tar` files, in natural order.
+    pub shards: Vec<PathBuf>,
+    /// What a writer that has not finished leaves: its shard under a
+    /// temporary name (`*.tar.tmp`), and its `shards.writing`; names in
+    /// natural order.
+    pub unfinished: Vec<String>,
+}
+
+/// Lists `root` once for its shards and what an unfinished writer left.
+pub fn list_folder(root: &Path) -> Result<FolderEntries, DataError> {
+    let mut entries = FolderEntries::default();
     for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
         let path = entry.map_err(|e| DataError::io(root, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("tar")) {
-            out.push(path);
+            entries.shards.push(path);
+        } else if name.to_ascii_lowercase().ends_with(TEMPORARY_SUFFIX) || name == WRITING_FILE {
+            entries.unfinished.push(name);
         }
     }
-    out.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
-    Ok(out)
-}
-
-/// Whether `worker data shard` writes into `root`, or was interrupted
-/// there (`shards.writing`, a `*.tar.tmp`).
-pub fn has_unfinished_shards(root: &Path) -> Result<bool, DataError> {
-    Ok(!unfinished_shards(root)?.is_empty())
-}
-
-/// What a writer that has not finished leaves: its shard under a temporary
-/// name, and its `shards.writing`.
-fn unfinished_shards(root: &Path) -> Result<Vec<String>, DataError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
-        let name = entry.map_err(|e| DataError::io(root, e))?.file_name();
-        let name = name.to_string_lossy();
-        if name.to_ascii_lowercase().ends_with(TEMPORARY_SUFFIX) || name == WRITING_FILE {
-            out.push(name.into_owned());
-        }
-    }
-    out.sort_by(|a, b| natural_cmp(a, b));
-    Ok(out)
+    entries.shards.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
+    entries.unfinished.sort_by(|a, b| natural_cmp(a, b));
+    Ok(entries)
 }
 
 /// Reads `root/shards.json`, if there is one.
@@ -310,9 +309,16 @@ fn ends_with_end_of_archive(
 /// Indexes every shard of `root`: class names (from `classes.txt`, else
 /// none) and the samples, shard by shard.
 pub fn index_folder(root: &Path) -> Result<(Vec<String>, Vec<Sample>), DataError> {
+    index_listed_folder(root, list_folder(root)?)
+}
+
+/// [`index_folder`] of a folder already listed.
+pub fn index_listed_folder(
+    root: &Path,
+    entries: FolderEntries,
+) -> Result<(Vec<String>, Vec<Sample>), DataError> {
     let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
-    let shards = shard_files(root)?;
-    let unfinished = unfinished_shards(root)?;
+    let FolderEntries { shards, unfinished } = entries;
     let manifest = read_manifest(root)?;
     if manifest.is_some() && unfinished == [WRITING_FILE] {
         // The writer wrote its list last and died before it removed its
