@@ -121,7 +121,11 @@ struct ElasticArgs {
     max_nodes: Option<u32>,
     /// How long a job left with fewer than --min-nodes hosts waits for joins
     /// before it fails, naming the lost hosts.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS)
+    )]
     rejoin_timeout_secs: u64,
     /// An elastic job restarts every rank when one fails, at most this many
     /// times in a row without a committed checkpoint; then it fails.
@@ -195,19 +199,31 @@ struct UpArgs {
     /// A worker host silent (no heartbeat) for this many seconds fails
     /// the job, naming the host (hosts beat every 2 s, or every quarter of
     /// this when that is shorter).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS)
+    )]
     heartbeat_timeout_secs: u64,
     /// Each generation's ranks must publish their rendezvous data (ring
     /// address, NCCL id) within this many seconds of its start; a rank
     /// stuck before that (stopped, frozen, hung on its device) while its
     /// host heartbeats fails the job (an elastic one restarts), naming it.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS)
+    )]
     rendezvous_timeout_secs: u64,
     /// A job whose --nodes hosts have not all joined within this many
     /// seconds of the start (of the restore, for a restored job that never
     /// ran) fails, saying how many came and which (torchrun's rendezvous
     /// `join_timeout`); a sweep that no host joined in that time fails too.
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS)
+    )]
     join_timeout_secs: u64,
     /// Connections open at once from one address; more are closed at once
     /// (a stranger's idle connections take one address's share). Hosts
@@ -226,6 +242,10 @@ struct UpArgs {
     #[command(flatten)]
     sweep: SweepArgs,
 }
+
+/// Longest timeout a command line may set, in seconds (a week): a wait
+/// past it is a mistake, and one past the clock's range cannot be kept.
+const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// Sweeps of `up`: many runs of one recipe.
 #[derive(Debug, clap::Args)]
@@ -786,7 +806,9 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     let recipe = args.recipe.load(&args.overrides)?;
     if let Some(ranks) = args.local.then(|| local_worker_ranks(&args.devices)).flatten() {
         // Refused before any worker starts, not once they all joined.
-        let world = nodes * ranks;
+        let world = nodes.checked_mul(ranks).with_context(|| {
+            format!("--local --nodes {nodes} --devices {}: too many ranks", args.devices)
+        })?;
         BatchPlan::new(&recipe, world).with_context(|| {
             format!(
                 "--local --nodes {nodes} --devices {}: a world of {world} rank(s)",

@@ -47,8 +47,8 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Longest `Leave` message (workers cut longer ones).
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024;
-/// Most evaluation sets in one epoch record.
-pub const MAX_EVAL_SETS: usize = 64;
+/// Most evaluation sets in one epoch record: the most a recipe may list.
+pub const MAX_EVAL_SETS: usize = rsb_recipes::MAX_EVAL_SETS;
 /// Most ranks one host may bring.
 pub const MAX_LOCAL_RANKS: u32 = 1024;
 /// Largest request message accepted (the default of tonic is 4 MiB).
@@ -638,10 +638,76 @@ fn record(r: Option<pb::metrics_report::Record>) -> Result<MetricsRecord, Status
             )));
         }
         for set in &e.eval_sets {
-            required("record.epoch.eval_sets.name", &set.name, MAX_NAME_LEN)?;
+            required("record.epoch.eval_sets.name", &set.name, rsb_recipes::MAX_EVAL_SET_NAME_LEN)?;
         }
     }
-    Ok(MetricsRecord::from(r))
+    if let Some((field, value)) = numbers(&r).into_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Status::invalid_argument(format!(
+            "`record.{field}` is {value}: metrics.jsonl holds finite numbers only"
+        )));
+    }
+    let record = MetricsRecord::from(r);
+    rsb_report::runs::check_epoch_record(&record).map_err(|(field, value, allowed)| {
+        Status::invalid_argument(format!("`record.epoch.{field}` is {value}; {allowed}"))
+    })?;
+    Ok(record)
+}
+
+/// The real numbers of a metrics record, each with its field's path.
+fn numbers(r: &pb::metrics_report::Record) -> Vec<(String, f64)> {
+    use pb::metrics_report::Record;
+    let named = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+        pairs.iter().map(|(name, value)| (name.to_string(), *value)).collect()
+    };
+    match r {
+        Record::Loading(l) => named(&[("loading.elapsed_s", l.elapsed_s)]),
+        Record::FirstUpdate(f) => named(&[("first_update.elapsed_s", f.elapsed_s)]),
+        Record::Step(s) => {
+            let mut out = named(&[
+                ("step.lr", s.lr),
+                ("step.loss", s.loss),
+                ("step.images_per_sec", s.images_per_sec),
+            ]);
+            out.extend(s.peak_gpu_memory_mib.map(|v| ("step.peak_gpu_memory_mib".into(), v)));
+            out.extend(s.input_wait_share.map(|v| ("step.input_wait_share".into(), v)));
+            if let Some(b) = &s.rank_balance {
+                out.extend(named(&[
+                    ("step.rank_balance.slowest_s", b.slowest_s),
+                    ("step.rank_balance.slowest_input_wait_s", b.slowest_input_wait_s),
+                    ("step.rank_balance.others_median_s", b.others_median_s),
+                ]));
+            }
+            out
+        }
+        Record::Epoch(e) => {
+            let mut out = named(&[
+                ("epoch.lr", e.lr),
+                ("epoch.loss", e.loss),
+                ("epoch.images_per_sec", e.images_per_sec),
+                ("epoch.elapsed_s", e.elapsed_s),
+            ]);
+            out.extend(e.top1.map(|v| ("epoch.top1".into(), v)));
+            out.extend(e.top5.map(|v| ("epoch.top5".into(), v)));
+            out.extend(e.val_loss.map(|v| ("epoch.val_loss".into(), v)));
+            for set in &e.eval_sets {
+                out.push((format!("epoch.eval_sets.{}.top1", set.name), set.top1));
+                out.push((format!("epoch.eval_sets.{}.top5", set.name), set.top5));
+            }
+            out
+        }
+        Record::Checksum(c) => {
+            named(&[("checksum.sum", c.sum), ("checksum.sum_of_squares", c.sum_of_squares)])
+        }
+        Record::Fabric(f) => {
+            let mut out = named(&[
+                ("fabric.all_reduce_s", f.all_reduce_s),
+                ("fabric.bus_gb_per_s", f.bus_gb_per_s),
+            ]);
+            out.extend(f.links.iter().map(|l| ("fabric.links.gb_per_s".to_string(), l.gb_per_s)));
+            out
+        }
+        Record::GenerationStart(_) => Vec::new(),
+    }
 }
 
 #[tonic::async_trait]
@@ -1205,6 +1271,52 @@ mod tests {
         assert!(started.elapsed() >= deadline / 2, "{:?}", started.elapsed());
         let _ = stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+
+    #[test]
+    fn metrics_records_with_numbers_the_report_cannot_read_are_refused_naming_the_field() {
+        use pb::metrics_report::Record;
+        let step = |loss: f64| pb::StepRecord {
+            epoch: 0,
+            step: 3,
+            lr: 1e-3,
+            loss,
+            images_per_sec: 10.0,
+            total_updates: 10,
+            ..Default::default()
+        };
+        let epoch = |top1: f64| pb::EpochRecord {
+            epoch: 0,
+            step: 5,
+            lr: 1e-3,
+            loss: 2.0,
+            images_per_sec: 10.0,
+            top1: Some(top1),
+            top5: Some(90.0),
+            eval_sets: vec![pb::EvalSetAccuracy {
+                name: "real".into(),
+                top1: 50.0,
+                top5: f64::NAN,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(record(Some(Record::Step(step(2.0)))).is_ok());
+        for (bad, field) in [
+            (Record::Step(step(f64::NAN)), "`record.step.loss` is NaN"),
+            (Record::Step(step(f64::INFINITY)), "`record.step.loss` is inf"),
+            (Record::Epoch(epoch(50.0)), "`record.epoch.eval_sets.real.top5` is NaN"),
+        ] {
+            let e = record(Some(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(field), "{e:?}");
+        }
+        let mut fine = epoch(50.0);
+        fine.eval_sets[0].top5 = 80.0;
+        assert!(record(Some(Record::Epoch(fine.clone()))).is_ok());
+        fine.top1 = Some(150.0);
+        let e = record(Some(Record::Epoch(fine))).unwrap_err();
+        assert!(e.message().contains("`record.epoch.top1` is 150; 0..=100"), "{e:?}");
     }
 
     #[test]

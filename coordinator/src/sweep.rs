@@ -312,7 +312,8 @@ impl Scheduler {
             contents: rsb_recipes::to_yaml(&run.recipe).into_bytes(),
             failures: 0,
         });
-        run.attempts += 1;
+        // Saturating: a count read back from a damaged outcome file.
+        run.attempts = run.attempts.saturating_add(1);
         run.state = RunState::Running;
         let mut job = Job::new(run.recipe.clone(), dir, hosts);
         job.id = format!("sweep{}-run{}-attempt{}", std::process::id(), i, run.attempts);

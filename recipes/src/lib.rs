@@ -46,7 +46,10 @@ pub use procedure::{
     Table3Row,
 };
 pub use schema::*;
-pub use validate::{validate, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE, MAX_THREADS};
+pub use validate::{
+    validate, MAX_CLASSES, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE, MAX_EVAL_SETS,
+    MAX_EVAL_SET_NAME_LEN, MAX_THREADS,
+};
 
 use overrides::Override;
 

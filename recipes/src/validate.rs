@@ -45,7 +45,7 @@ pub const MAX_THREADS: u32 = 4096;
 const MAX_FABRIC_PROBE_MIB: u32 = 1024;
 /// Most classes a model may have (ImageNet-21k has 21,843): far more would
 /// only fail to allocate the classifier, with an abort instead of an error.
-const MAX_CLASSES: u32 = 1_000_000;
+pub const MAX_CLASSES: u32 = 1_000_000;
 /// Largest training or evaluation image side, in pixels.
 const MAX_INPUT_SIZE: u32 = 4096;
 /// Largest shorter side the evaluation resize may make,
@@ -57,6 +57,15 @@ pub const MAX_EVAL_RESIZE_SIDE: u32 = 9_459;
 /// The widest aspect ratio (longer side over shorter) that
 /// [`MAX_EVAL_RESIZE_SIDE`] keeps resizable: photos are 4:3 or 3:2.
 pub const MAX_EVAL_ASPECT: u32 = 2;
+/// Most evaluation sets (`eval.sets`) a recipe may list: the most an epoch
+/// record may carry to the coordinator.
+pub const MAX_EVAL_SETS: usize = 64;
+/// Longest evaluation-set name, in bytes: the longest name the coordinator
+/// accepts in an epoch record.
+pub const MAX_EVAL_SET_NAME_LEN: usize = 255;
+/// Most finished batches the loader may hold ready (`data.prefetch_batches`):
+/// each is a whole micro-batch of pixels.
+const MAX_PREFETCH_BATCHES: u32 = 1024;
 /// Most images in one micro-batch, or in one evaluation batch.
 const MAX_BATCH_IMAGES: u32 = 65_536;
 /// Most images in one update (LARS/LAMB large-batch studies reach 64k).
@@ -343,9 +352,28 @@ pub(crate) fn check(r: &Recipe) -> Check {
     }
     between_one_and("eval.batch_size", e.batch_size, MAX_BATCH_IMAGES)?;
     at_least_one("eval.every_epochs", e.every_epochs)?;
+    if e.sets.len() > MAX_EVAL_SETS {
+        return fail(
+            "eval.sets",
+            format!("lists {} sets; at most {MAX_EVAL_SETS} are accepted", e.sets.len()),
+        );
+    }
     for (i, set) in e.sets.iter().enumerate() {
         let field = |key: &str| format!("eval.sets.{i}.{key}");
         non_empty(&field("name"), &set.name)?;
+        if set.name.len() > MAX_EVAL_SET_NAME_LEN {
+            return fail(
+                &field("name"),
+                format!(
+                    "is {} bytes long; at most {MAX_EVAL_SET_NAME_LEN} are accepted (it names \
+                     the set in every epoch record)",
+                    set.name.len()
+                ),
+            );
+        }
+        if set.name.chars().any(char::is_control) {
+            return fail(&field("name"), "holds a control character".into());
+        }
         if set.name == "val" {
             return fail(
                 &field("name"),
@@ -400,6 +428,16 @@ pub(crate) fn check(r: &Recipe) -> Check {
                 format!("must be between 0 (the default) and {MAX_THREADS}, got {threads}"),
             );
         }
+    }
+    if r.data.prefetch_batches > MAX_PREFETCH_BATCHES {
+        return fail(
+            "data.prefetch_batches",
+            format!(
+                "must be at most {MAX_PREFETCH_BATCHES} (each is a whole micro-batch held in \
+                 memory), got {}",
+                r.data.prefetch_batches
+            ),
+        );
     }
     at_least_one("runtime.log_every_steps", r.runtime.log_every_steps)?;
     at_least_one("runtime.max_nonfinite_updates", r.runtime.max_nonfinite_updates)?;
@@ -520,6 +558,37 @@ mod tests {
                 e.contains("past 9459 px") && e.contains(&format!("at least {smallest}")),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn sizes_that_would_exhaust_memory_or_be_refused_later_are_refused_naming_the_field() {
+        tiny(&["data.prefetch_batches=1024"]).unwrap();
+        let long = "x".repeat(super::MAX_EVAL_SET_NAME_LEN + 1);
+        let many: Vec<String> = (0..=super::MAX_EVAL_SETS)
+            .map(|i| format!("{{name: s{i}, kind: folder, root: r}}"))
+            .collect();
+        let many = format!("eval.sets=[{}]", many.join(", "));
+        for (set, field, needle) in [
+            (
+                "data.prefetch_batches=4294967295".to_string(),
+                "data.prefetch_batches",
+                "at most 1024",
+            ),
+            (
+                format!("eval.sets=[{{name: {long}, kind: folder, root: r}}]"),
+                "eval.sets.0.name",
+                "256 bytes long; at most 255",
+            ),
+            (
+                "eval.sets=[{name: \"a\\tb\", kind: folder, root: r}]".to_string(),
+                "eval.sets.0.name",
+                "control character",
+            ),
+            (many, "eval.sets", "lists 65 sets; at most 64"),
+        ] {
+            let e = tiny(&[set.as_str()]).unwrap_err().to_string();
+            assert!(e.contains(&format!("{field}:")) && e.contains(needle), "{set}: {e}");
         }
     }
 }

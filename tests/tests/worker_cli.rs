@@ -758,3 +758,87 @@ fn an_unknown_cuda_sync_debug_mode_is_refused_by_name() {
         "{said}"
     );
 }
+
+/// Numbers on a command line past what the programs can hold are refused
+/// by name before anything runs, instead of a panic (an overflowing clock,
+/// a capacity overflow), an abort (an allocation of terabytes) or a wrapped
+/// count (2^31 + 1 local hosts of 2 ranks made a world of 2).
+#[test]
+fn command_line_numbers_past_what_can_be_held_are_refused_naming_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run").display().to_string();
+    let recipe = tiny_recipe().display().to_string();
+    let weights = ["--weights", "missing.safetensors"];
+    let cases: Vec<(Output, &str, &str)> = vec![
+        (
+            worker(&[&["eval", "--num-classes=-1"][..], &weights].concat()),
+            "--num-classes",
+            "must be between 1 and 1000000, got -1",
+        ),
+        (
+            worker(&[&["eval", "--crop-pct=NaN"][..], &weights].concat()),
+            "--crop-pct",
+            "must be in (0, 1], got NaN",
+        ),
+        (
+            worker(&[&["eval", "--batch-size=0"][..], &weights].concat()),
+            "--batch-size",
+            "0 is not in 1..=65536",
+        ),
+        (
+            worker(&[
+                "infer",
+                "--model",
+                "resnet18",
+                "--num-classes=100000000000",
+                "--weights",
+                "w",
+                "--input",
+                "i",
+                "--output",
+                "o",
+            ]),
+            "--num-classes",
+            "must be between 1 and 1000000",
+        ),
+        (
+            coordinator(&[
+                "up",
+                "--nodes",
+                "1",
+                "--recipe",
+                &recipe,
+                "--out",
+                &out,
+                "--heartbeat-timeout-secs",
+                "18446744073709551615",
+            ]),
+            "--heartbeat-timeout-secs",
+            "is not in 1..=604800",
+        ),
+        (
+            coordinator(&[
+                "up",
+                "--local",
+                "--nodes",
+                "2147483649",
+                "--devices",
+                "0,1",
+                "--recipe",
+                &recipe,
+                "--out",
+                &out,
+            ]),
+            "--local --nodes 2147483649 --devices 0,1",
+            "too many ranks",
+        ),
+    ];
+    for (run, option, needle) in cases {
+        let log = stderr(&run);
+        assert!(!run.status.success(), "{option}: accepted");
+        // An error exit (clap's 2, or 1), not a panic's 101 or an abort.
+        assert!(matches!(run.status.code(), Some(1 | 2)), "{:?}: {log}", run.status);
+        assert!(log.contains(option) && log.contains(needle), "{option}: {log}");
+    }
+    assert!(!tmp.path().join("run/recipe.yaml").exists(), "a refused job wrote its recipe");
+}

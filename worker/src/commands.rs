@@ -1,6 +1,7 @@
 //! The worker's single-process commands: models, data import, train, eval, infer.
 
 use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser;
 use clap::Args;
 use rsb_data::dataset::ImageFolder;
 use rsb_data::eval_sets::EvalSet;
@@ -249,16 +250,20 @@ pub struct EvalArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Classes of the head; default: the recipe's, else the number of class folders.
-    #[arg(long)]
+    #[arg(long, value_parser = class_count)]
     pub num_classes: Option<i64>,
     /// Centre-crop side; default: the recipe's, else the model's test resolution.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub input_size: Option<u32>,
-    /// Crop fraction; default: the recipe's, else the model's.
-    #[arg(long)]
+    /// Crop fraction, in (0, 1]; default: the recipe's, else the model's.
+    #[arg(long, value_parser = crop_fraction)]
     pub crop_pct: Option<f64>,
     /// Images per batch.
-    #[arg(long, default_value_t = 256)]
+    #[arg(
+        long,
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..=65_536).map(|n| n as usize)
+    )]
     pub batch_size: usize,
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -266,6 +271,27 @@ pub struct EvalArgs {
     /// Loader threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+}
+
+/// A `--num-classes`: 1 to a recipe's most (`rsb_recipes::MAX_CLASSES`).
+fn class_count(text: &str) -> Result<i64, String> {
+    let value: i64 = text.parse().map_err(|e| format!("{e}"))?;
+    let max = i64::from(rsb_recipes::MAX_CLASSES);
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be between 1 and {max}, got {text}"))
+    }
+}
+
+/// A `--crop-pct`: a number in (0, 1].
+fn crop_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(format!("must be in (0, 1], got {text}"))
+    }
 }
 
 /// `worker eval`: top-1/top-5 on the given images (and ReaL on them with
@@ -405,7 +431,7 @@ pub struct InferArgs {
     #[arg(long)]
     pub model: String,
     /// Classes of the head.
-    #[arg(long)]
+    #[arg(long, value_parser = class_count)]
     pub num_classes: i64,
     /// Weights: a .safetensors file with timm keys, or a checkpoint folder
     /// or run folder (its newest intact checkpoint). A checkpoint's weights

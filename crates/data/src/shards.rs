@@ -180,6 +180,11 @@ impl IgnoredMembers {
 /// does not read to `ignored_so_far` (the folder's, logged once).
 fn index_shard(path: &Path, ignored_so_far: &mut IgnoredMembers) -> Result<Vec<Sample>, DataError> {
     let bad = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
+    // Opening a FIFO would wait for a writer for ever.
+    let kind = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.file_type();
+    if !kind.is_file() {
+        return Err(bad("not a regular file (a FIFO, a device or a folder?)".into()));
+    }
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let mut archive = tar::Archive::new(file);
@@ -722,6 +727,24 @@ mod tests {
         std::fs::write(early.path().join("shard-000000.tar.tmp"), b"partial").unwrap();
         let err = crate::dataset::ImageFolder::open_any(early.path()).unwrap_err().to_string();
         assert!(err.contains("shard-000000.tar.tmp"), "{err}");
+    }
+
+    #[test]
+    fn a_shard_that_is_a_fifo_is_named_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("shard-000000.tar"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let root = dir.path().to_path_buf();
+        std::thread::spawn(move || sender.send(index_folder(&root).map_err(|e| e.to_string())));
+        let result = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("indexing a FIFO waited for a writer");
+        let e = result.unwrap_err();
+        assert!(e.contains("shard-000000.tar") && e.contains("not a regular file"), "{e}");
     }
 
     #[test]

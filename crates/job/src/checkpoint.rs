@@ -162,6 +162,15 @@ pub struct Manifest {
 
 /// Size and SHA-256 of a file, read in blocks.
 pub fn digest_file(path: &Path) -> Result<PartDigest, CheckpointError> {
+    // Opening a FIFO would wait for a writer for ever.
+    let kind = std::fs::metadata(path).map_err(|e| CheckpointError::io(path, e))?.file_type();
+    if !kind.is_file() {
+        let not_a_file = std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a folder?)",
+        );
+        return Err(CheckpointError::io(path, not_a_file));
+    }
     let mut file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
@@ -455,6 +464,21 @@ mod tests {
             digest_file(&run.path().join("abc")).unwrap().sha256,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn a_part_that_is_a_fifo_is_named_not_waited_on() {
+        let run = tempfile::tempdir().unwrap();
+        let fifo = run.path().join("model.safetensors");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || sender.send(digest_file(&path).map_err(|e| e.to_string())));
+        let result = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("digesting a FIFO waited for a writer");
+        let e = result.unwrap_err();
+        assert!(e.contains("model.safetensors") && e.contains("not a regular file"), "{e}");
     }
 
     #[test]

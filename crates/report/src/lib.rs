@@ -254,9 +254,10 @@ fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
 }
 
 fn seeds_text(seeds: &[u64]) -> String {
-    let contiguous = seeds.windows(2).all(|w| w[1] == w[0] + 1);
-    match (seeds.first(), seeds.last()) {
-        (Some(a), Some(b)) if contiguous && seeds.len() > 2 => format!("{a}..{}", b + 1),
+    let contiguous = seeds.windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+    let end = seeds.last().and_then(|b| b.checked_add(1));
+    match (seeds.first(), end) {
+        (Some(a), Some(end)) if contiguous && seeds.len() > 2 => format!("{a}..{end}"),
         _ => seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
     }
 }
@@ -381,5 +382,8 @@ mod tests {
         assert_eq!(seeds_text(&[0, 1, 2, 3]), "0..4");
         assert_eq!(seeds_text(&[0, 1]), "0, 1");
         assert_eq!(seeds_text(&[5, 2, 9]), "5, 2, 9");
+        // The last seed of u64 has no exclusive end: listed, not wrapped to 0.
+        let top = [u64::MAX - 2, u64::MAX - 1, u64::MAX];
+        assert_eq!(seeds_text(&top), top.map(|s| s.to_string()).join(", "));
     }
 }

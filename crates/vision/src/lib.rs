@@ -18,5 +18,5 @@ pub mod registry;
 pub mod weights;
 
 pub use error::VisionError;
-pub use model::{ForwardMode, Model, ModelConfig, Network};
+pub use model::{ForwardMode, Model, ModelConfig, Network, MAX_NUM_CLASSES};
 pub use registry::{find_model, registered_models, ModelSpec};

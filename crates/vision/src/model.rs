@@ -76,6 +76,11 @@ pub struct Model {
     batch_norms: Vec<String>,
 }
 
+/// Most classes a model may have, as a recipe's `model.num_classes`
+/// (`rsb_recipes::MAX_CLASSES`): far more would only fail to allocate the
+/// classifier, with a panic inside libtorch's bindings.
+pub const MAX_NUM_CLASSES: i64 = 1_000_000;
+
 impl Model {
     /// Builds the registered model `name` with freshly initialised variables.
     pub fn new(name: &str, config: ModelConfig, device: Device) -> Result<Model, VisionError> {
@@ -84,6 +89,12 @@ impl Model {
             return Err(VisionError::InvalidConfig(format!(
                 "num_classes ({}) and in_chans ({}) must be at least 1",
                 config.num_classes, config.in_chans
+            )));
+        }
+        if config.num_classes > MAX_NUM_CLASSES {
+            return Err(VisionError::InvalidConfig(format!(
+                "num_classes ({}) must be at most {MAX_NUM_CLASSES}",
+                config.num_classes
             )));
         }
         if !(0.0..1.0).contains(&config.drop_path_rate) {

@@ -103,3 +103,16 @@ fn bf16_compute_runs_every_family() {
         }
     }
 }
+
+#[test]
+fn a_head_past_a_recipes_most_classes_is_refused_before_it_is_allocated() {
+    assert_eq!(rsb_vision::MAX_NUM_CLASSES, i64::from(rsb_recipes::MAX_CLASSES));
+    for num_classes in [0, rsb_vision::MAX_NUM_CLASSES + 1, 100_000_000_000] {
+        let config = ModelConfig { num_classes, ..Default::default() };
+        let e = match Model::new("resnet18", config, Device::Cpu) {
+            Ok(_) => panic!("{num_classes} classes were accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&format!("num_classes ({num_classes})")), "{e}");
+    }
+}
