@@ -194,7 +194,7 @@ impl SavedJob {
     /// Reads `OUT/coordinator-state.json`.
     pub fn read(out: &Path) -> Result<SavedJob, SavedError> {
         let path = out.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path)
+        let text = rsb_job::atomic_write::read_regular_file(&path)
             .map_err(|source| SavedError::Io { path: path.clone(), source })?;
         let mut de = serde_json::Deserializer::from_str(&text);
         let saved: SavedJob = serde_path_to_error::deserialize(&mut de).map_err(|e| {

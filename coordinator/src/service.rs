@@ -624,7 +624,7 @@ fn payload(r: &pb::RendezvousRequest) -> Result<Option<RendezvousPayload>, Statu
 
 /// A metrics record, with its strings bounded.
 fn record(r: Option<pb::metrics_report::Record>) -> Result<MetricsRecord, Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument("`record` is required"))?;
+    let mut r = r.ok_or_else(|| Status::invalid_argument("`record` is required"))?;
     if let pb::metrics_report::Record::GenerationStart(_) = &r {
         return Err(Status::invalid_argument(
             "`record.generation_start`: generation records are written by the coordinator",
@@ -640,6 +640,19 @@ fn record(r: Option<pb::metrics_report::Record>) -> Result<MetricsRecord, Status
         for set in &e.eval_sets {
             required("record.epoch.eval_sets.name", &set.name, rsb_recipes::MAX_EVAL_SET_NAME_LEN)?;
         }
+    }
+    // An optional number that is not finite is recorded as absent, as the
+    // report reads the `null` JSON would make of it: a validation loss that
+    // overflowed (fp16) while the accuracies it came with are sound.
+    if let pb::metrics_report::Record::Epoch(e) = &mut r {
+        if let Some(v) = e.val_loss.filter(|v| !v.is_finite()) {
+            tracing::warn!(epoch = e.epoch, "a validation loss of {v} is recorded as absent");
+            e.val_loss = None;
+        }
+    }
+    if let pb::metrics_report::Record::Step(s) = &mut r {
+        s.peak_gpu_memory_mib = s.peak_gpu_memory_mib.filter(|v| v.is_finite());
+        s.input_wait_share = s.input_wait_share.filter(|v| v.is_finite());
     }
     if let Some((field, value)) = numbers(&r).into_iter().find(|(_, v)| !v.is_finite()) {
         return Err(Status::invalid_argument(format!(
@@ -668,8 +681,6 @@ fn numbers(r: &pb::metrics_report::Record) -> Vec<(String, f64)> {
                 ("step.loss", s.loss),
                 ("step.images_per_sec", s.images_per_sec),
             ]);
-            out.extend(s.peak_gpu_memory_mib.map(|v| ("step.peak_gpu_memory_mib".into(), v)));
-            out.extend(s.input_wait_share.map(|v| ("step.input_wait_share".into(), v)));
             if let Some(b) = &s.rank_balance {
                 out.extend(named(&[
                     ("step.rank_balance.slowest_s", b.slowest_s),
@@ -688,7 +699,6 @@ fn numbers(r: &pb::metrics_report::Record) -> Vec<(String, f64)> {
             ]);
             out.extend(e.top1.map(|v| ("epoch.top1".into(), v)));
             out.extend(e.top5.map(|v| ("epoch.top5".into(), v)));
-            out.extend(e.val_loss.map(|v| ("epoch.val_loss".into(), v)));
             for set in &e.eval_sets {
                 out.push((format!("epoch.eval_sets.{}.top1", set.name), set.top1));
                 out.push((format!("epoch.eval_sets.{}.top5", set.name), set.top5));
@@ -1314,6 +1324,15 @@ mod tests {
         let mut fine = epoch(50.0);
         fine.eval_sets[0].top5 = 80.0;
         assert!(record(Some(Record::Epoch(fine.clone()))).is_ok());
+        // A validation loss that overflowed is recorded as absent, with the
+        // accuracies it came with.
+        fine.val_loss = Some(f64::NAN);
+        match record(Some(Record::Epoch(fine.clone()))).unwrap() {
+            MetricsRecord::Epoch { val_loss, top1, .. } => {
+                assert_eq!((val_loss, top1), (None, Some(50.0)));
+            }
+            other => panic!("{other:?}"),
+        }
         fine.top1 = Some(150.0);
         let e = record(Some(Record::Epoch(fine))).unwrap_err();
         assert!(e.message().contains("`record.epoch.top1` is 150; 0..=100"), "{e:?}");

@@ -47,8 +47,8 @@ pub use procedure::{
 };
 pub use schema::*;
 pub use validate::{
-    validate, MAX_CLASSES, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE, MAX_EVAL_SETS,
-    MAX_EVAL_SET_NAME_LEN, MAX_THREADS,
+    eval_resize_problem, validate, MAX_CLASSES, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE,
+    MAX_EVAL_SETS, MAX_EVAL_SET_NAME_LEN, MAX_THREADS,
 };
 
 use overrides::Override;

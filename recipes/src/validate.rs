@@ -83,6 +83,26 @@ fn fail_with(field: &str, related: &str, message: String) -> Check {
     Err(Violation { field: field.to_owned(), related: Some(related.to_owned()), message })
 }
 
+/// Why a centre crop of `input_size` keeping `crop_pct` (in (0, 1]) of the
+/// resized image cannot evaluate photos: its resize side
+/// `floor(input_size / crop_pct)` is past [`MAX_EVAL_RESIZE_SIDE`]. `None`
+/// when it can.
+pub fn eval_resize_problem(input_size: u32, crop_pct: f64) -> Option<String> {
+    let resize_side = (f64::from(input_size) / crop_pct).floor();
+    (resize_side > f64::from(MAX_EVAL_RESIZE_SIDE)).then(|| {
+        format!(
+            "{} resizes the shorter side of every image to {} px (floor(input size {} / crop \
+             share)), past {MAX_EVAL_RESIZE_SIDE} px, where an image of {MAX_EVAL_ASPECT}:1 or \
+             wider exceeds the loader's pixel limit and is skipped (a photo is 4:3 or 3:2): use \
+             a crop share of at least {:.4}",
+            readable(crop_pct),
+            readable(resize_side),
+            input_size,
+            smallest_crop_pct(input_size)
+        )
+    })
+}
+
 /// The smallest `eval.crop_pct` of 4 decimals whose resize of an
 /// `input_size` crop stays within [`MAX_EVAL_RESIZE_SIDE`].
 fn smallest_crop_pct(input_size: u32) -> f64 {
@@ -333,22 +353,8 @@ pub(crate) fn check(r: &Recipe) -> Check {
     if !(e.crop_pct > 0.0 && e.crop_pct <= 1.0) {
         return fail("eval.crop_pct", format!("must be in (0, 1], got {}", e.crop_pct));
     }
-    let resize_side = (f64::from(e.input_size) / e.crop_pct).floor();
-    if resize_side > f64::from(MAX_EVAL_RESIZE_SIDE) {
-        return fail_with(
-            "eval.crop_pct",
-            "eval.input_size",
-            format!(
-                "{} resizes the shorter side of every image to {} px (floor(eval.input_size \
-                 {} / crop_pct)), past {MAX_EVAL_RESIZE_SIDE} px, where an image of \
-                 {MAX_EVAL_ASPECT}:1 or wider exceeds the loader's pixel limit and is skipped \
-                 (a photo is 4:3 or 3:2): use a crop_pct of at least {:.4}",
-                readable(e.crop_pct),
-                readable(resize_side),
-                e.input_size,
-                smallest_crop_pct(e.input_size)
-            ),
-        );
+    if let Some(problem) = eval_resize_problem(e.input_size, e.crop_pct) {
+        return fail_with("eval.crop_pct", "eval.input_size", problem);
     }
     between_one_and("eval.batch_size", e.batch_size, MAX_BATCH_IMAGES)?;
     at_least_one("eval.every_epochs", e.every_epochs)?;

@@ -781,6 +781,18 @@ fn command_line_numbers_past_what_can_be_held_are_refused_naming_the_option() {
             "must be in (0, 1], got NaN",
         ),
         (
+            worker(
+                &[
+                    &["eval", "--model", "resnet18", "--input-size", "32", "--crop-pct", "0.0001"]
+                        [..],
+                    &weights,
+                ]
+                .concat(),
+            ),
+            "--input-size 32 --crop-pct 0.0001",
+            "past 9459 px",
+        ),
+        (
             worker(&[&["eval", "--batch-size=0"][..], &weights].concat()),
             "--batch-size",
             "0 is not in 1..=65536",

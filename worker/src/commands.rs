@@ -307,6 +307,21 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         (None, Some(r)) => r.model.name.clone(),
         (None, None) => bail!("--model is required without --recipe"),
     };
+    let spec = rsb_vision::find_model(&model_name)?;
+    if args.input_size.is_some() || args.crop_pct.is_some() {
+        // The recipe's bound, for the crop these options make.
+        let size = args.input_size.unwrap_or(match &recipe {
+            Some(r) => r.eval.input_size,
+            None => spec.test_input_size as u32,
+        });
+        let crop_pct = args.crop_pct.unwrap_or(match &recipe {
+            Some(r) => r.eval.crop_pct,
+            None => spec.crop_pct,
+        });
+        if let Some(problem) = rsb_recipes::eval_resize_problem(size, crop_pct) {
+            bail!("--input-size {size} --crop-pct {crop_pct}: {problem}");
+        }
+    }
     let split = match (&args.data, &recipe) {
         (Some(d), _) if d.join("val").is_dir() && args.labels.is_none() => d.join("val"),
         (Some(d), _) => d.clone(),
@@ -328,7 +343,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .unwrap_or(folder.classes().len() as i64);
     folder.check_labels(num_classes as usize)?;
     let device = parse_device(&args.device)?;
-    let spec = rsb_vision::find_model(&model_name)?;
     let mut model =
         Model::new(&model_name, ModelConfig { num_classes, ..Default::default() }, device)?;
     model.load_safetensors(&rsb_job::checkpoint::resolve_weights(&args.weights)?)?;

@@ -124,7 +124,7 @@ pub fn list_folder(root: &Path) -> Result<FolderEntries, DataError> {
 /// Reads `root/shards.json`, if there is one.
 fn read_manifest(root: &Path) -> Result<Option<ShardManifest>, DataError> {
     let path = root.join(MANIFEST_FILE);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match rsb_job::atomic_write::read_regular_file(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DataError::io(&path, e)),
@@ -395,8 +395,8 @@ pub fn index_listed_folder(
     ignored.warn(root);
     let classes_path = root.join(CLASSES_FILE);
     let classes = if classes_path.is_file() {
-        let text =
-            std::fs::read_to_string(&classes_path).map_err(|e| DataError::io(&classes_path, e))?;
+        let text = rsb_job::atomic_write::read_regular_file(&classes_path)
+            .map_err(|e| DataError::io(&classes_path, e))?;
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
     } else {
         Vec::new()
@@ -730,21 +730,22 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_that_is_a_fifo_is_named_not_waited_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let made = std::process::Command::new("mkfifo")
-            .arg(dir.path().join("shard-000000.tar"))
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let (sender, receiver) = std::sync::mpsc::channel();
-        let root = dir.path().to_path_buf();
-        std::thread::spawn(move || sender.send(index_folder(&root).map_err(|e| e.to_string())));
-        let result = receiver
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("indexing a FIFO waited for a writer");
-        let e = result.unwrap_err();
-        assert!(e.contains("shard-000000.tar") && e.contains("not a regular file"), "{e}");
+    fn a_shard_or_shard_list_that_is_a_fifo_is_named_not_waited_on() {
+        for fifo in ["shard-000000.tar", MANIFEST_FILE] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("shard-000001.tar"), tar_of(&[])).unwrap();
+            let made =
+                std::process::Command::new("mkfifo").arg(dir.path().join(fifo)).status().unwrap();
+            assert!(made.success());
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let root = dir.path().to_path_buf();
+            std::thread::spawn(move || sender.send(index_folder(&root).map_err(|e| e.to_string())));
+            let result = receiver
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("reading a FIFO waited for a writer");
+            let e = result.unwrap_err();
+            assert!(e.contains(fifo) && e.contains("not a regular file"), "{e}");
+        }
     }
 
     #[test]

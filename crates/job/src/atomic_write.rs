@@ -3,7 +3,9 @@
 //! folder, created with mode 0600 (so a secret is never readable by others,
 //! even for a moment), given its final mode, fsynced and renamed over the
 //! target, and the folder is fsynced, so a reader finds the old file or the
-//! new one, never a torn one, and the rename survives a crash.
+//! new one, never a torn one, and the rename survives a crash. Such files
+//! are read back with [`read_regular_file`], which refuses what is not a
+//! regular file (a FIFO would make the reader wait for a writer for ever).
 
 use std::io::Write;
 use std::path::Path;
@@ -40,6 +42,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8], readers: Readers) -> std::io:
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads a small text file (a manifest, a list, a label file), refusing
+/// anything that is not a regular file (or a link to one) with an
+/// `InvalidInput` error instead of opening it: opening a FIFO waits for a
+/// writer for ever, and a device may never end.
+pub fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    if !std::fs::metadata(path)?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a folder?)",
+        ));
+    }
+    std::fs::read_to_string(path)
 }
 
 #[cfg(test)]

@@ -212,7 +212,7 @@ impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Manifest, CheckpointError> {
         let path = dir.join(MANIFEST);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::atomic_write::read_regular_file(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CheckpointError::MissingManifest { path });
@@ -427,7 +427,8 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
 /// The JSON of a checkpoint's `state.json`.
 pub fn read_state(checkpoint: &Path) -> Result<serde_json::Value, CheckpointError> {
     let path = checkpoint.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let text =
+        crate::atomic_write::read_regular_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
 }
@@ -479,6 +480,19 @@ mod tests {
             .expect("digesting a FIFO waited for a writer");
         let e = result.unwrap_err();
         assert!(e.contains("model.safetensors") && e.contains("not a regular file"), "{e}");
+        // A manifest that is a FIFO, when the checkpoint is verified.
+        let dir = committed(run.path(), 2);
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        nix::unistd::mkfifo(&dir.join(MANIFEST), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            sender.send(verify(&dir).map(|_| ()).map_err(|e| e.to_string()))
+        });
+        let result = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO manifest waited for a writer");
+        let e = result.unwrap_err();
+        assert!(e.contains(MANIFEST) && e.contains("not a regular file"), "{e}");
     }
 
     #[test]
