@@ -88,11 +88,6 @@ pub fn has_shards(root: &Path) -> Result<bool, DataError> {
     Ok(!list_folder(root)?.shards.is_empty())
 }
 
-/// The `*.tar` files of `root`, in natural order.
-pub fn shard_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
-    Ok(list_folder(root)?.shards)
-}
-
 /// What one listing of a folder says of its shards.
 #[derive(Debug, Clone, Default)]
 pub struct FolderEntries {
@@ -180,12 +175,8 @@ impl IgnoredMembers {
 /// does not read to `ignored_so_far` (the folder's, logged once).
 fn index_shard(path: &Path, ignored_so_far: &mut IgnoredMembers) -> Result<Vec<Sample>, DataError> {
     let bad = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
-    // Opening a FIFO would wait for a writer for ever.
-    let kind = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.file_type();
-    if !kind.is_file() {
-        return Err(bad("not a regular file (a FIFO, a device or a folder?)".into()));
-    }
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file =
+        rsb_job::atomic_write::open_regular_file(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let mut archive = tar::Archive::new(file);
     let entries = archive.entries_with_seek().map_err(|e| bad(format!("not a tar file: {e}")))?;

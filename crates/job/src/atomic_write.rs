@@ -4,10 +4,10 @@
 //! even for a moment), given its final mode, fsynced and renamed over the
 //! target, and the folder is fsynced, so a reader finds the old file or the
 //! new one, never a torn one, and the rename survives a crash. Such files
-//! are read back with [`read_regular_file`], which refuses what is not a
-//! regular file (a FIFO would make the reader wait for a writer for ever).
+//! are read back with [`read_regular_file`] ([`open_regular_file`]), which
+//! refuses what is not a regular file (a FIFO would make the reader wait for a writer for ever).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 /// Who may read a file once it is written.
@@ -44,18 +44,25 @@ pub fn write_atomically(path: &Path, bytes: &[u8], readers: Readers) -> std::io:
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Reads a small text file (a manifest, a list, a label file), refusing
-/// anything that is not a regular file (or a link to one) with an
-/// `InvalidInput` error instead of opening it: opening a FIFO waits for a
-/// writer for ever, and a device may never end.
-pub fn read_regular_file(path: &Path) -> std::io::Result<String> {
+/// Opens a file to read, refusing anything that is not a regular file (or
+/// a link to one) with an `InvalidInput` error instead of opening it:
+/// opening a FIFO waits for a writer for ever, and a device may never end.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
     if !std::fs::metadata(path)?.file_type().is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file (a FIFO, a device or a folder?)",
         ));
     }
-    std::fs::read_to_string(path)
+    std::fs::File::open(path)
+}
+
+/// Reads a small text file (a manifest, a list, a label file) opened with
+/// [`open_regular_file`].
+pub fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    open_regular_file(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[cfg(test)]

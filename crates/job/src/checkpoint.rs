@@ -162,16 +162,8 @@ pub struct Manifest {
 
 /// Size and SHA-256 of a file, read in blocks.
 pub fn digest_file(path: &Path) -> Result<PartDigest, CheckpointError> {
-    // Opening a FIFO would wait for a writer for ever.
-    let kind = std::fs::metadata(path).map_err(|e| CheckpointError::io(path, e))?.file_type();
-    if !kind.is_file() {
-        let not_a_file = std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, a device or a folder?)",
-        );
-        return Err(CheckpointError::io(path, not_a_file));
-    }
-    let mut file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut file =
+        crate::atomic_write::open_regular_file(path).map_err(|e| CheckpointError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
