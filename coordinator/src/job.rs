@@ -298,6 +298,10 @@ pub struct Job {
     /// The records bound for `metrics.jsonl` (made at the first record, in
     /// the run folder of then).
     metrics: Option<Arc<MetricsSink>>,
+    /// The generation and number of the last numbered report (a metrics
+    /// record or a checkpoint commit) taken from rank 0: a report sent
+    /// again, its answer lost, is not taken twice.
+    last_report: (u64, u64),
     next_member: u64,
     /// Prefix of the member ids this job hands out (a sweep's jobs share
     /// one service, so their ids must differ).
@@ -622,6 +626,7 @@ impl Job {
             collective_failures: BTreeMap::new(),
             blame_at: None,
             metrics: None,
+            last_report: (0, 0),
             next_member: 0,
             member_prefix: String::new(),
             label: None,
@@ -1547,6 +1552,64 @@ impl Job {
         sink.push(record.clone(), Some(Arc::clone(&failure)));
         let receipt = MetricsReceipt { sink: Arc::clone(sink), failure };
         Ok(Recorded { line: self.progress_line(record), receipt })
+    }
+
+    /// [`Job::record_metrics`] for a report numbered `sequence` by its rank
+    /// (0: not numbered). A report of this generation whose number was
+    /// already taken (sent again because its answer was lost) is not
+    /// recorded again: its receipt tells when the records queued before it,
+    /// the first copy among them, are written.
+    pub fn record_metrics_report(
+        &mut self,
+        generation: u64,
+        sequence: u64,
+        record: &MetricsRecord,
+    ) -> Result<Recorded, JobError> {
+        if self.repeated_report(generation, sequence) {
+            let sink = Arc::clone(self.sink());
+            let receipt = MetricsReceipt { sink, failure: Arc::new(OnceLock::new()) };
+            return Ok(Recorded { line: None, receipt });
+        }
+        let recorded = self.record_metrics(generation, record)?;
+        self.take_report(generation, sequence);
+        Ok(recorded)
+    }
+
+    /// [`Job::commit_checkpoint`] for a report numbered `sequence` by its
+    /// rank (0: not numbered); returns whether it was taken (false: its
+    /// number was, already).
+    pub fn commit_checkpoint_report(
+        &mut self,
+        generation: u64,
+        sequence: u64,
+        epoch: u64,
+        updates: u64,
+        path: String,
+    ) -> Result<bool, JobError> {
+        if self.repeated_report(generation, sequence) {
+            return Ok(false);
+        }
+        self.commit_checkpoint(generation, epoch, updates, path)?;
+        self.take_report(generation, sequence);
+        Ok(true)
+    }
+
+    /// Whether a numbered report of the current generation was already
+    /// taken (its rank numbers its reports in the order it sends them, one
+    /// at a time).
+    fn repeated_report(&self, generation: u64, sequence: u64) -> bool {
+        let (taken_generation, last) = self.last_report;
+        sequence != 0
+            && generation == self.generation
+            && taken_generation == generation
+            && sequence <= last
+    }
+
+    /// Marks a numbered report as taken.
+    fn take_report(&mut self, generation: u64, sequence: u64) {
+        if sequence != 0 {
+            self.last_report = (generation, sequence);
+        }
     }
 
     /// The sink of the records bound for `metrics.jsonl`, made at the first

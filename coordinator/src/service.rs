@@ -856,7 +856,7 @@ impl Coordinator for Shared {
             .update_job(index, |job| {
                 this_job(job, &r.job_id)?;
                 job.check_runs_rank(&caller, r.global_rank)?;
-                let recorded = job.record_metrics(r.generation, &record)?;
+                let recorded = job.record_metrics_report(r.generation, r.sequence, &record)?;
                 if let Some(line) = &recorded.line {
                     job.say(line);
                 }
@@ -885,8 +885,10 @@ impl Coordinator for Shared {
             this_job(job, &r.job_id)?;
             // Rank 0 writes the checkpoints.
             job.check_runs_rank(&caller, 0)?;
-            job.commit_checkpoint(r.generation, r.epoch, r.updates, r.path.clone())?;
-            job.say(&format!("checkpoint committed: epoch {} at {}", r.epoch, r.path));
+            let path = r.path.clone();
+            if job.commit_checkpoint_report(r.generation, r.sequence, r.epoch, r.updates, path)? {
+                job.say(&format!("checkpoint committed: epoch {} at {}", r.epoch, r.path));
+            }
             Ok(())
         })
         .map_err(status)?;
@@ -1396,12 +1398,23 @@ mod tests {
     }
 
     /// Calls `ReportMetrics` with a step record, as the member of
-    /// [`running_job`], on a runtime of its own.
+    /// [`running_job`], on a runtime of its own, numbered as the step.
     fn report_step(
         shared: &Shared,
         credentials: &Credentials,
         job_id: &str,
         step: u64,
+    ) -> Result<(), Status> {
+        report_numbered_step(shared, credentials, job_id, step, step)
+    }
+
+    /// [`report_step`] with the report's number (0: none).
+    fn report_numbered_step(
+        shared: &Shared,
+        credentials: &Credentials,
+        job_id: &str,
+        step: u64,
+        sequence: u64,
     ) -> Result<(), Status> {
         let record = crate::job::tests::step(step);
         let report = pb::MetricsReport {
@@ -1409,12 +1422,68 @@ mod tests {
             generation: 1,
             global_rank: 0,
             record: Some((&record).into()),
+            sequence,
         };
         let mut request = Request::new(report);
         let with = credentials.clone().call(Request::new(()))?;
         *request.metadata_mut() = with.metadata().clone();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(shared.report_metrics(request)).map(drop)
+    }
+
+    /// The `step` of every step record in `metrics.jsonl`, in file order.
+    fn steps_on_disk(out: &Path) -> Vec<u64> {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step")
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_report_sent_again_with_its_number_is_recorded_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shared, credentials, job_id) = running_job(tmp.path());
+        let report = |step, sequence| {
+            report_numbered_step(&shared, &credentials, &job_id, step, sequence).unwrap()
+        };
+        report(1, 1);
+        // Its answer was lost: sent again, acknowledged, not written twice.
+        report(1, 1);
+        report(2, 2);
+        // A late first copy of an earlier report, behind a later one.
+        report(1, 1);
+        report(3, 3);
+        // Reports without a number are always taken.
+        report(3, 0);
+        assert_eq!(steps_on_disk(tmp.path()), [1, 2, 3, 3]);
+        assert_eq!(shared.state.lock().unwrap().jobs[0].progress.1, 3);
+        // Checkpoint commits share the numbering.
+        let commit = |sequence| {
+            shared.update_job(0, |job| {
+                job.commit_checkpoint_report(1, sequence, 0, 3, "ckpt/update-3".into())
+            })
+        };
+        assert!(commit(4).unwrap(), "a new number is taken");
+        assert!(!commit(4).unwrap(), "its repeat is not");
+        assert_eq!(shared.state.lock().unwrap().jobs[0].checkpoints.len(), 1);
+        // A report of another generation is refused, number or not.
+        let stale = pb::CheckpointCommit {
+            job_id: job_id.clone(),
+            generation: 2,
+            epoch: 0,
+            path: "ckpt/update-4".into(),
+            updates: 4,
+            sequence: 4,
+        };
+        let mut request = Request::new(stale);
+        *request.metadata_mut() =
+            credentials.clone().call(Request::new(())).unwrap().metadata().clone();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let e = runtime.block_on(shared.commit_checkpoint(request)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("stale generation 2"), "{}", e.message());
     }
 
     fn kinds_on_disk(out: &Path) -> Vec<String> {

@@ -191,14 +191,27 @@ fn call() -> impl Strategy<Value = Call> {
                     payload: Some(payload),
                 })
             }),
-        (text(), generation(), small(), record()).prop_map(
-            |(job_id, generation, global_rank, record)| {
-                Call::Report(pb::MetricsReport { job_id, generation, global_rank, record })
+        (text(), generation(), small(), record(), any::<u64>()).prop_map(
+            |(job_id, generation, global_rank, record, sequence)| {
+                Call::Report(pb::MetricsReport {
+                    job_id,
+                    generation,
+                    global_rank,
+                    record,
+                    sequence,
+                })
             }
         ),
-        (text(), generation(), any::<u64>(), text(), any::<u64>()).prop_map(
-            |(job_id, generation, epoch, path, updates)| {
-                Call::Commit(pb::CheckpointCommit { job_id, generation, epoch, path, updates })
+        (text(), generation(), any::<u64>(), text(), any::<u64>(), any::<u64>()).prop_map(
+            |(job_id, generation, epoch, path, updates, sequence)| {
+                Call::Commit(pb::CheckpointCommit {
+                    job_id,
+                    generation,
+                    epoch,
+                    path,
+                    updates,
+                    sequence,
+                })
             }
         ),
         (text(), generation(), small(), any::<bool>(), text()).prop_map(

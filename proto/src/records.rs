@@ -360,6 +360,7 @@ mod tests {
                 generation: 1,
                 global_rank: 0,
                 record: Some(Record::from(&record)),
+                sequence: 3,
             };
             let decoded = pb::MetricsReport::decode(report.encode_to_vec().as_slice()).unwrap();
             let back = MetricsRecord::from(decoded.record.unwrap());

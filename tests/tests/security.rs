@@ -193,6 +193,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                     rank_balance: None,
                     input_wait_share: None,
                 })),
+                sequence: 1,
             })
             .await
             .map(drop),
@@ -203,6 +204,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 epoch: 600,
                 path: "/tmp/forged-checkpoint".into(),
                 updates: 600,
+                sequence: 2,
             })
             .await
             .map(drop),

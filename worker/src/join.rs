@@ -8,7 +8,8 @@
 //! started by the agent) asks for its assignment, rendezvous with the others
 //! (NCCL unique id for GPUs, ring addresses for CPUs), trains its share with
 //! the code of `worker train`, and reports metrics and checkpoints to the
-//! coordinator. A rank's log lines go to its stderr and, without colour, to
+//! coordinator (sent off the training thread, in order, and sent again
+//! while the coordinator does not answer: [`crate::reports`]). A rank's log lines go to its stderr and, without colour, to
 //! `<run dir>/ranks/rank-N.log`.
 //!
 //! Generations: when the coordinator opens a new generation of an elastic
@@ -61,11 +62,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tch::Device;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// A coordinator client that presents its credentials with every call.
-type Client = CoordinatorClient<InterceptedService<Channel, Credentials>>;
+use crate::reports::{Client, Report, Reporter};
 
 /// Longest `Leave` message the coordinator accepts (longer ones are cut).
 const MAX_LEAVE_MESSAGE: usize = 16 * 1024;
@@ -160,9 +159,9 @@ const RANK_STOP_DEADLINE: Duration = Duration::from_secs(90);
 const RANK_STOP_GRACE: Duration =
     Duration::from_secs(RANK_STOP_DEADLINE.as_secs() + RANK_CALL_DEADLINE.as_secs() + 5);
 
-/// Deadline of a rank's reports to the coordinator (metrics, checkpoints,
-/// its `Leave`): a frozen or cut-off coordinator never holds a rank (and,
-/// through it, the collective) for longer.
+/// Deadline of a rank's `Leave`: a frozen or cut-off coordinator never
+/// holds a rank that ends for longer. (Its metrics and checkpoint reports
+/// never hold it: [`crate::reports`].)
 const RANK_CALL_DEADLINE: Duration = Duration::from_secs(5);
 
 async fn connect(url: &str, tls_ca: Option<&Path>) -> Result<Channel> {
@@ -1014,58 +1013,51 @@ fn train_rank(
             plan.accumulation
         );
     }
-    let metrics_client = client.clone();
-    let metrics_rt = Arc::clone(runtime);
+    // Reports go to the coordinator from a task of the runtime, in order:
+    // the training never waits for the coordinator's answer.
+    let reporter = Reporter::start(runtime, client.clone());
+    let metrics = reporter.sender();
     let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
     let on_metrics = Box::new(move |record: &MetricsRecord| {
-        let report = pb::MetricsReport {
+        metrics.send(Report::Metrics(pb::MetricsReport {
             job_id: job_id.clone(),
             generation,
             global_rank: 0,
             record: Some(record.into()),
-        };
-        let mut client = metrics_client.clone();
-        let call = client.report_metrics(report);
-        match metrics_rt.block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, call).await }) {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not report metrics"),
-            Err(_) => {
-                tracing::warn!("the coordinator did not take metrics within {RANK_CALL_DEADLINE:?}")
-            }
-        }
+            sequence: 0,
+        }));
     });
-    let checkpoint_client = client.clone();
-    let checkpoint_rt = Arc::clone(runtime);
+    let commits = reporter.sender();
     let job_id = assignment.job_id.clone();
     let on_checkpoint = Box::new(move |checkpoint: &CommittedCheckpoint| {
-        let commit = pb::CheckpointCommit {
+        commits.send(Report::Checkpoint(pb::CheckpointCommit {
             job_id: job_id.clone(),
             generation,
             epoch: checkpoint.epoch,
             path: checkpoint.path.display().to_string(),
             updates: checkpoint.updates,
-        };
-        let mut client = checkpoint_client.clone();
-        let call = client.commit_checkpoint(commit);
-        match checkpoint_rt.block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, call).await })
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not report a checkpoint"),
-            Err(_) => tracing::warn!(
-                "the coordinator did not take a checkpoint report within {RANK_CALL_DEADLINE:?}"
-            ),
-        }
+            sequence: 0,
+        }));
     });
-    let trainer = Trainer::new(recipe, options)?;
-    let mut trainer = trainer.into_distributed(Distributed {
-        collective,
-        on_metrics: Some(on_metrics),
-        on_checkpoint: Some(on_checkpoint),
-    })?;
-    TRAINING.store(true, std::sync::atomic::Ordering::SeqCst);
-    trainer.run()?;
+    let trained = Trainer::new(recipe, options).and_then(|trainer| {
+        let mut trainer = trainer.into_distributed(Distributed {
+            collective,
+            on_metrics: Some(on_metrics),
+            on_checkpoint: Some(on_checkpoint),
+        })?;
+        TRAINING.store(true, std::sync::atomic::Ordering::SeqCst);
+        trainer.run()
+    });
+    // Its last records (the final epoch's) reach the coordinator before
+    // this rank's `Leave` ends the job, failed or not.
+    reporter.finish(REPORT_FLUSH_DEADLINE);
+    trained?;
     Ok(())
 }
+
+/// How long a rank that ends waits for the coordinator to take the reports
+/// it has not yet taken, before its `Leave`.
+const REPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The ring listener, on the advertised address; on every interface only
 /// when that address is not one of this host's (behind NAT), with a warning.

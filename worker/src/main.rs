@@ -10,6 +10,7 @@ mod data_shard;
 mod doctor;
 mod join;
 mod relay;
+mod reports;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
