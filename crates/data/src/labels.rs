@@ -322,8 +322,23 @@ impl Scoring {
     /// Checks before evaluating that every sample can be scored (ReaL: every
     /// image has an entry, and its labels are below `num_classes`, which a
     /// prediction could never match); the error names the first that cannot.
+    /// A ReaL set none of whose images has a valid label is refused too: its
+    /// accuracy would be of no image (timm's mean of nothing), not 0%.
     pub fn check(&self, samples: &[Sample], num_classes: usize) -> Result<(), DataError> {
         if let Scoring::Real(real) = self {
+            let labelled = |sample: &Sample| {
+                real.labels_of(&sample.file_name()).is_some_and(|labels| !labels.is_empty())
+            };
+            if !samples.is_empty() && !samples.iter().any(labelled) {
+                let problem = format!(
+                    "none of the {} images ({} first) has a valid ReaL label (each has an empty \
+                     list): no image would be scored (ReaL leaves out only the images its raters \
+                     could not label, about 1% of ImageNet's validation set)",
+                    samples.len(),
+                    samples[0].display()
+                );
+                return Err(DataError::Format { path: real.path.clone(), problem });
+            }
             for sample in samples {
                 let problem = match real.labels_of(&sample.file_name()) {
                     None => format!(
@@ -438,6 +453,16 @@ mod tests {
         assert_eq!(EvalCounts::from_array(twice.to_array()), twice);
         assert_eq!((twice.count, twice.excluded), (4, 2));
         assert!(scoring.check(&[s(0), s(2)], 8).is_ok());
+        // Some images without a valid label are left out; all of them is a
+        // set that scores nothing.
+        assert!(scoring.check(&[s(1), s(2)], 8).is_ok());
+        let err = scoring.check(&[s(1), s(1)], 8).unwrap_err().to_string();
+        assert!(
+            err.contains("real.json")
+                && err.contains("none of the 2 images")
+                && err.contains("ILSVRC2012_val_00000002"),
+            "{err}"
+        );
         let err = scoring.check(&[s(5)], 8).unwrap_err().to_string();
         assert!(err.contains("ILSVRC2012_val_00000006"), "{err}");
         // A label no prediction of a 7-class model could match.
