@@ -266,7 +266,9 @@ struct SweepArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_parallel_runs: Option<u32>,
     /// A failed run of a sweep is retried from its own last checkpoint at
-    /// most this many times; then it is recorded as failed.
+    /// most this many times; then it is recorded as failed. Each invocation
+    /// gives it these retries: a sweep resumed with `--resume` tries a run
+    /// that failed before again, as many times.
     #[arg(long, default_value_t = 2)]
     max_retries: u32,
 }
@@ -1013,6 +1015,19 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
              retried from its own last checkpoint instead (--max-retries)"
         );
     }
+    if let Some(ranks) = args.local.then(|| local_worker_ranks(&args.devices)).flatten() {
+        // Refused before any worker starts: no run could ever start.
+        let local = u64::from(args.nodes) * u64::from(ranks);
+        if local < u64::from(args.sweep.ranks_per_run) {
+            bail!(
+                "--ranks-per-run {}: the --local workers (--nodes {} --devices {}) bring {local} \
+                 rank(s) in all, so no run could start",
+                args.sweep.ranks_per_run,
+                args.nodes,
+                args.devices
+            );
+        }
+    }
     let source = args.recipe.source()?;
     let grid = args.sweep.grid.iter().map(|g| GridAxis::parse(g)).collect::<Result<Vec<_>, _>>()?;
     let (dir, manifest) = match &args.resume {
@@ -1087,11 +1102,18 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         let outcome = RunOutcome::read(&layout, &cell.id)?;
         let finished = outcome.as_ref().is_some_and(|o| o.end == RunEnd::Finished);
         let mut resume_from = None;
+        if args.resume.is_some() {
+            // A study pools its runs as runs of one recipe.
+            rsb_job::sweep::check_started_run_recipe(&layout, &cell.id, &recipe)?;
+        }
         if args.resume.is_none() {
             rsb_job::check_out_folder(&run_dir, None)?;
         } else if !finished && run_dir.join(rsb_job::checkpoint::CHECKPOINTS).is_dir() {
             match rsb_job::check_resume(&run_dir, &recipe, &cell.overrides(&manifest.overrides)) {
                 Ok(verified) => resume_from = Some(verified.path().display().to_string()),
+                Err(e @ rsb_job::RunFolderError::RecipeChanged { .. }) => {
+                    return Err(anyhow::Error::new(e).context(format!("sweep run {}", cell.id)))
+                }
                 Err(e) => tracing::warn!(
                     run = %cell.id,
                     "no checkpoint to resume from ({e}); the run starts afresh"
@@ -1101,6 +1123,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         runs.push(SweepRun {
             state: if finished { RunState::Finished } else { RunState::Queued },
             attempts: outcome.as_ref().map_or(0, |o| o.attempts),
+            attempts_before: outcome.as_ref().map_or(0, |o| o.attempts),
             failure: outcome.and_then(|o| o.failure),
             resume_from,
             ..SweepRun::queued(cell.clone(), recipe)

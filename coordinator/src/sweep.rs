@@ -48,6 +48,9 @@ pub struct SweepRun {
     pub state: RunState,
     /// Attempts started, over every invocation of the sweep.
     pub attempts: u32,
+    /// Of those, the attempts of earlier invocations (a resumed sweep gives
+    /// a failed run its `--max-retries` again).
+    pub attempts_before: u32,
     /// Why the last attempt failed.
     pub failure: Option<String>,
     /// Index (in the service's job list) of the current or last attempt's job.
@@ -64,6 +67,7 @@ impl SweepRun {
             recipe,
             state: RunState::Queued,
             attempts: 0,
+            attempts_before: 0,
             failure: None,
             job: None,
             resume_from: None,
@@ -355,7 +359,8 @@ impl Scheduler {
                 }
                 Phase::Failed(reason) => {
                     run.failure = Some(reason.clone());
-                    if run.attempts <= self.settings.max_retries {
+                    let retries = run.attempts.saturating_sub(run.attempts_before);
+                    if retries <= self.settings.max_retries {
                         run.state = RunState::Queued;
                         let from = run
                             .resume_from
@@ -364,13 +369,17 @@ impl Scheduler {
                         job.say(&format!(
                             "attempt {} failed: {reason}; queued again from {from} (retry {} of \
                              --max-retries {})",
-                            run.attempts, run.attempts, self.settings.max_retries
+                            run.attempts, retries, self.settings.max_retries
                         ));
                         self.queue.push_front(i);
                     } else {
                         run.state = RunState::Failed;
+                        let before = match run.attempts_before {
+                            0 => String::new(),
+                            n => format!(", {n} of them in earlier invocations of the sweep"),
+                        };
                         job.say(&format!(
-                            "failed after {} attempt(s) (--max-retries {}): {reason}",
+                            "failed after {} attempt(s){before} (--max-retries {}): {reason}",
                             run.attempts, self.settings.max_retries
                         ));
                         self.record(i, RunEnd::Failed);
@@ -591,5 +600,25 @@ pub(crate) mod tests {
             Placement::SweepOver
         ));
         assert_eq!(s.counts(), Counts { total: 2, finished: 1, failed: 1, ..Counts::default() });
+    }
+
+    #[test]
+    fn a_resumed_sweep_gives_a_run_that_failed_before_its_retries_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0], settings(1, None, 1));
+        // Failed twice in an earlier invocation with --max-retries 1.
+        (s.runs[0].attempts, s.runs[0].attempts_before) = (2, 2);
+        let mut jobs = Vec::new();
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        end(&mut jobs, j, false);
+        s.tick(&jobs);
+        assert_eq!(s.runs[0].state, RunState::Queued, "its one retry of this invocation");
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        end(&mut jobs, j, false);
+        s.tick(&jobs);
+        assert_eq!(s.runs[0].state, RunState::Failed);
+        write_files(&mut s);
+        let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap().unwrap();
+        assert_eq!((outcome.end, outcome.attempts), (RunEnd::Failed, 4));
     }
 }

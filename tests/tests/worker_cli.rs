@@ -844,6 +844,26 @@ fn command_line_numbers_past_what_can_be_held_are_refused_naming_the_option() {
             "--local --nodes 2147483649 --devices 0,1",
             "too many ranks",
         ),
+        (
+            // A sweep none of whose runs the local workers could start
+            // waited for ever.
+            coordinator(&[
+                "up",
+                "--local",
+                "--nodes",
+                "1",
+                "--seeds",
+                "0..2",
+                "--ranks-per-run",
+                "2",
+                "--recipe",
+                &recipe,
+                "--out",
+                &out,
+            ]),
+            "--ranks-per-run 2",
+            "bring 1 rank(s) in all, so no run could start",
+        ),
     ];
     for (run, option, needle) in cases {
         let log = stderr(&run);

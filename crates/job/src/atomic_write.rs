@@ -49,12 +49,33 @@ pub fn write_atomically(path: &Path, bytes: &[u8], readers: Readers) -> std::io:
 /// opening a FIFO waits for a writer for ever, and a device may never end.
 pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
     if !std::fs::metadata(path)?.file_type().is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, a device or a folder?)",
-        ));
+        return Err(not_a_regular_file());
     }
     std::fs::File::open(path)
+}
+
+/// The error [`open_regular_file`] refuses with.
+pub fn not_a_regular_file() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "not a regular file (a FIFO, a device or a folder?)",
+    )
+}
+
+/// [`read_regular_file`], `None` when nothing is at `path`. A link to
+/// nothing is an error (`NotFound`, naming no file the caller could mean
+/// as absent), as is anything that is not a regular file.
+pub fn read_regular_file_if_present(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => match read_regular_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "a link to nothing (its target does not exist)",
+            )),
+            other => other.map(Some),
+        },
+    }
 }
 
 /// Reads a small text file (a manifest, a list, a label file) opened with

@@ -114,6 +114,31 @@ pub enum SweepError {
         /// The cause.
         error: std::io::Error,
     },
+    /// A run of the sweep started with a recipe that differs from the one
+    /// its cell resolves to now.
+    #[error(
+        "sweep run {id} was started with another recipe ({path}); these fields differ: {}. \
+         Resume the sweep with the recipe file it was started with: a study pools its runs as \
+         runs of one recipe",
+        changed_fields(.changes)
+    )]
+    RecipeChanged {
+        /// The run's id.
+        id: String,
+        /// Its `recipe.yaml`.
+        path: PathBuf,
+        /// The fields that differ.
+        changes: Vec<crate::run_folder::FieldChange>,
+    },
+    /// A started run's `recipe.yaml` does not load.
+    // `error` names the file and line.
+    #[error("sweep run {id}: its recipe does not load: {error}")]
+    RunRecipe {
+        /// The run's id.
+        id: String,
+        /// Why.
+        error: Box<rsb_recipes::RecipeError>,
+    },
     /// The manifest is not a valid [`SweepManifest`].
     #[error("{path}: {message}")]
     Manifest {
@@ -122,6 +147,18 @@ pub enum SweepError {
         /// The field and position that are wrong.
         message: String,
     },
+}
+
+/// `field (run A, now B), ...` for [`SweepError::RecipeChanged`].
+fn changed_fields(changes: &[crate::run_folder::FieldChange]) -> String {
+    let show = |v: &Option<serde_json::Value>| {
+        v.as_ref().map_or_else(|| "absent".into(), serde_json::Value::to_string)
+    };
+    let shown: Vec<String> = changes
+        .iter()
+        .map(|c| format!("{} (run {}, now {})", c.field, show(&c.saved), show(&c.now)))
+        .collect();
+    shown.join(", ")
 }
 
 /// Parses `--seeds`: `A..B` (half-open, `B > A`), one seed, or a comma list
@@ -338,6 +375,12 @@ pub fn expand(seeds: &[u64], grid: &[GridAxis]) -> Result<Vec<SweepCell>, SweepE
         return Err(SweepError::TooManyCells { cells });
     }
     let width = seeds.iter().max().map_or(1, |s| s.to_string().len()).max(3);
+    if let Some(empty) = grid.iter().find(|axis| axis.values.is_empty()) {
+        return Err(SweepError::Grid {
+            arg: empty.key.clone(),
+            problem: "no values (a grid axis needs at least one)".into(),
+        });
+    }
     let mut combos: Vec<Vec<Assignment>> = vec![Vec::new()];
     for axis in grid {
         combos = combos
@@ -364,7 +407,10 @@ pub fn expand(seeds: &[u64], grid: &[GridAxis]) -> Result<Vec<SweepCell>, SweepE
             let cell = SweepCell { id: id.clone(), seed, assignments: combo.clone() };
             if let Some(&other) = ids.get(&id) {
                 let describe = |c: &SweepCell| {
-                    c.assignments.iter().map(Assignment::to_override).collect::<Vec<_>>().join(" ")
+                    let mut parts: Vec<String> =
+                        c.assignments.iter().map(Assignment::to_override).collect();
+                    parts.push(format!("seed {}", c.seed));
+                    parts.join(" ")
                 };
                 return Err(SweepError::IdCollision {
                     id,
@@ -436,7 +482,7 @@ impl SweepManifest {
     /// exactly the [`expand`] of its seeds and grid.
     pub fn read(dir: &Path) -> Result<SweepManifest, SweepError> {
         let path = SweepLayout::new(dir).manifest();
-        let text = std::fs::read_to_string(&path)
+        let text = crate::atomic_write::read_regular_file(&path)
             .map_err(|source| SweepError::Io { path: path.clone(), error: source })?;
         let fail = |message: String| SweepError::Manifest { path: path.clone(), message };
         let mut de = serde_json::Deserializer::from_str(&text);
@@ -457,6 +503,34 @@ impl SweepManifest {
             ));
         }
         Ok(manifest)
+    }
+}
+
+/// Checks the recipe cell `id` resolves to now against the one its run
+/// started with (`runs/<id>/recipe.yaml`, written as it started): a sweep
+/// resumed with another recipe file, or one edited since, would otherwise
+/// pool runs of two recipes in one study. A run that never started has
+/// nothing to check; neither has a field a host sets (`data.loader_threads`).
+pub fn check_started_run_recipe(
+    layout: &SweepLayout,
+    id: &str,
+    now: &Recipe,
+) -> Result<(), SweepError> {
+    let path = layout.run_recipe(id);
+    let text = match crate::atomic_write::read_regular_file_if_present(&path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(()),
+        Err(error) => return Err(SweepError::Io { path, error }),
+    };
+    let started = rsb_recipes::load_str(&text, &path, &[])
+        .map_err(|e| SweepError::RunRecipe { id: id.to_string(), error: Box::new(e) })?;
+    let saved = crate::run_folder::recipe_value(&started);
+    match crate::run_folder::check_resumed_recipe(&path, &saved, now, &[]) {
+        Ok(_) => Ok(()),
+        Err(crate::RunFolderError::RecipeChanged { changes, .. }) => {
+            Err(SweepError::RecipeChanged { id: id.to_string(), path, changes })
+        }
+        Err(other) => Err(SweepError::Manifest { path, message: other.to_string() }),
     }
 }
 
@@ -563,9 +637,9 @@ impl RunOutcome {
     /// not a valid outcome is an error naming it.
     pub fn read(layout: &SweepLayout, id: &str) -> Result<Option<RunOutcome>, SweepError> {
         let path = layout.run_outcome(id);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let text = match crate::atomic_write::read_regular_file_if_present(&path) {
+            Ok(Some(text)) => text,
+            Ok(None) => return Ok(None),
             Err(source) => return Err(SweepError::Io { path, error: source }),
         };
         let mut de = serde_json::Deserializer::from_str(&text);
@@ -740,6 +814,81 @@ mod tests {
         std::fs::write(&path, text.replace("\"seeds\"", "\"seedz\"")).unwrap();
         let err = SweepManifest::read(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("sweep.json: line") && err.contains("seedz"), "{err}");
+        // Edited by hand: a seed twice names both cells; an axis without values.
+        let twice = text.replace("\"seeds\": [\n    0,\n    1,", "\"seeds\": [\n    0,\n    0,");
+        assert_ne!(twice, text);
+        std::fs::write(&path, twice).unwrap();
+        let err = SweepManifest::read(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("optimizer.lamb.lr=0.004 seed 0 and"), "{err}");
+        let empty =
+            SweepManifest { grid: vec![GridAxis { key: "a".into(), values: vec![] }], ..manifest };
+        std::fs::write(&path, json_text(&empty)).unwrap();
+        let err = SweepManifest::read(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("sweep.json") && err.contains("--grid a: no values"), "{err}");
+    }
+
+    /// Makes `path` a FIFO (a reader that opened it would wait for a writer).
+    fn fifo(path: &Path) {
+        let _ = std::fs::remove_file(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+        assert!(made.success());
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_sweep_file_is_named_not_waited_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = SweepLayout::new(tmp.path());
+        fifo(&layout.manifest());
+        let err = SweepManifest::read(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("sweep.json") && err.contains("not a regular file"), "{err}");
+        fifo(&layout.run_outcome("seed-000"));
+        let err = RunOutcome::read(&layout, "seed-000").unwrap_err().to_string();
+        assert!(err.contains("outcome.json") && err.contains("not a regular file"), "{err}");
+        let recipe = tiny_cell_recipe(&[]);
+        fifo(&layout.run_recipe("seed-000"));
+        let err = check_started_run_recipe(&layout, "seed-000", &recipe).unwrap_err().to_string();
+        assert!(err.contains("recipe.yaml") && err.contains("not a regular file"), "{err}");
+    }
+
+    /// Cell `seed-000`'s recipe: the tiny recipe with `sets`.
+    fn tiny_cell_recipe(sets: &[String]) -> Recipe {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../recipes/debug/resnet18_tiny_cpu.yaml");
+        expand(&[0], &[]).unwrap()[0].load(&RecipeSource::File(path), sets).unwrap()
+    }
+
+    #[test]
+    fn a_started_run_is_resumed_only_with_the_recipe_it_started_with() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = SweepLayout::new(tmp.path());
+        let recipe = tiny_cell_recipe(&[]);
+        // Not started: nothing to compare.
+        check_started_run_recipe(&layout, "seed-000", &recipe).unwrap();
+        // Started with it, as the coordinator writes it.
+        let path = layout.run_recipe("seed-000");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, rsb_recipes::to_yaml(&recipe)).unwrap();
+        check_started_run_recipe(&layout, "seed-000", &recipe).unwrap();
+        // A host's own setting is no difference.
+        let threads = tiny_cell_recipe(&["data.loader_threads=7".into()]);
+        check_started_run_recipe(&layout, "seed-000", &threads).unwrap();
+        // Another learning rate is.
+        let other = tiny_cell_recipe(&["optimizer.lamb.lr=0.5".into()]);
+        let err = check_started_run_recipe(&layout, "seed-000", &other).unwrap_err();
+        assert!(matches!(err, SweepError::RecipeChanged { .. }), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.starts_with("sweep run seed-000 was started with another recipe")
+                && err.contains("optimizer.lamb.lr (run 0.005, now 0.5)")
+                && err.contains("recipe.yaml"),
+            "{err}"
+        );
+        // A recipe.yaml that does not load is named once, with its line.
+        std::fs::write(&path, "name: x\nnot_a_field: 1\n").unwrap();
+        let err = check_started_run_recipe(&layout, "seed-000", &recipe).unwrap_err().to_string();
+        assert!(err.starts_with("sweep run seed-000: its recipe does not load:"), "{err}");
+        assert_eq!(err.matches("recipe.yaml").count(), 1, "{err}");
     }
 
     proptest! {

@@ -89,13 +89,11 @@ pub enum ReportError {
         allowed: &'static str,
     },
     /// A run's `recipe.yaml` does not load.
-    // `error` is shown in the message, not chained as a source, so `{:#}`
-    // does not print it twice.
-    #[error("{path}: {error}")]
+    // `error` names the file (and line), and is shown in the message, not
+    // chained as a source, so `{:#}` does not print it twice.
+    #[error("{error}")]
     Recipe {
-        /// The recipe file.
-        path: PathBuf,
-        /// Why.
+        /// Why (naming the file).
         error: Box<rsb_recipes::RecipeError>,
     },
     /// No run of the sweep finished.
@@ -309,6 +307,11 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
         let png = curves_dir.join(format!("{}.png", run.cell.id));
         plots::curves(&png, run)?;
         files.push(png);
+    }
+    // A run an earlier report drew that does not count now (a run that
+    // failed or was started again since): its curves go with it.
+    for skipped in &sweep.skipped {
+        remove_stale(&curves_dir.join(format!("{}.png", skipped.id)))?;
     }
     let mut section = sweep_markdown(sweep, &rows, &grid);
     if !values.is_empty() {

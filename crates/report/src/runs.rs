@@ -30,6 +30,7 @@ use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
 use rsb_job::{MetricsRecord, RunEnd, RunOutcome};
 use rsb_recipes::ScheduleSection;
 use std::collections::BTreeMap;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 /// Name of the validation split in reports and in [`Run::finals`].
@@ -241,10 +242,19 @@ impl Sweep {
 /// epoch record with an impossible value ([`check_epoch_record`]) is an
 /// error naming `path:line` and the field.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ReportError::Io { path: path.to_path_buf(), error: source })?;
+    use std::io::Read;
+    let io = |error| ReportError::Io { path: path.to_path_buf(), error };
+    let mut bytes = Vec::new();
+    rsb_job::atomic_write::open_regular_file(path)
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .map_err(io)?;
     let mut records = Vec::new();
-    for (index, line) in text.split_inclusive('\n').enumerate() {
+    for (index, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line).map_err(|e| ReportError::Metrics {
+            path: path.to_path_buf(),
+            line: index + 1,
+            message: format!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -272,12 +282,36 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
                 return Err(ReportError::Metrics {
                     path: path.to_path_buf(),
                     line: index + 1,
-                    message: e.to_string(),
+                    message: json_problem(&e, line),
                 })
             }
         }
     }
     Ok(records)
+}
+
+/// A JSON error of one line, placed by column and shown with the text
+/// around it (serde's own position says `line 1`, of the line alone; a
+/// `NaN` or a cut field is then seen with its key).
+fn json_problem(error: &serde_json::Error, line: &str) -> String {
+    let message = error.to_string();
+    let message = match message.rfind(" at line ") {
+        Some(at) => &message[..at],
+        None => &message,
+    };
+    let line = line.trim_end();
+    let column = error.column().min(line.len());
+    // Byte offsets on character boundaries around the column.
+    let boundary = |mut i: usize| {
+        while !line.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let start = boundary(column.saturating_sub(30));
+    let end = boundary((column + 10).min(line.len()));
+    let near = &line[start..end];
+    format!("{message}, at column {column}, in `{near}`")
 }
 
 /// What [`check_epoch_record`] allows of a percentage.
@@ -337,15 +371,19 @@ fn read_run(
         None => otherwise,
     };
     let metrics = layout.run_metrics(&cell.id);
-    if !metrics.is_file() {
+    // Absent: not started. Anything else there is read (a folder, a FIFO, a
+    // dangling link: an error naming it, not a run quietly left out).
+    if std::fs::symlink_metadata(&metrics).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
         return Ok(Err(skip(SkipReason::NotStarted)));
     }
     let recipe_path = layout.run_recipe(&cell.id);
-    if !recipe_path.exists() {
-        return Ok(Err(skip(SkipReason::NoRecipe)));
-    }
-    let recipe = rsb_recipes::load(&recipe_path, &[])
-        .map_err(|source| ReportError::Recipe { path: recipe_path, error: Box::new(source) })?;
+    let recipe_text = match rsb_job::atomic_write::read_regular_file_if_present(&recipe_path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(Err(skip(SkipReason::NoRecipe))),
+        Err(error) => return Err(ReportError::Io { path: recipe_path, error }),
+    };
+    let recipe = rsb_recipes::load_str(&recipe_text, &recipe_path, &[])
+        .map_err(|source| ReportError::Recipe { error: Box::new(source) })?;
     let epochs = total_epochs(&recipe);
     let mut last: BTreeMap<u64, MetricsRecord> = BTreeMap::new();
     for record in read_metrics(&metrics)? {

@@ -224,6 +224,18 @@ pub struct ComparisonRow {
     /// Seeds per sweep that resolve a difference of this size (80% power,
     /// two-sided 5%).
     pub seeds_needed: Option<u64>,
+    /// Grid cells A's runs come from (1: seeds alone).
+    pub grid_cells_a: usize,
+    /// Grid cells B's runs come from.
+    pub grid_cells_b: usize,
+}
+
+impl ComparisonRow {
+    /// Whether a sweep pools runs of several grid cells: their spread is
+    /// not seed noise alone, and no test against seed noise is made.
+    pub fn pools_grid_cells(&self) -> bool {
+        self.grid_cells_a > 1 || self.grid_cells_b > 1
+    }
 }
 
 /// The [`ComparisonRow`]s of the eval sets both sweeps have.
@@ -233,7 +245,9 @@ pub fn comparison_rows(a: &Sweep, b: &Sweep) -> Vec<ComparisonRow> {
         .filter_map(|set| {
             let sa = Summary::of(&a.finals(&set))?;
             let sb = Summary::of(&b.finals(&set))?;
-            let w = stats::welch(&sa, &sb);
+            let (grid_cells_a, grid_cells_b) = (a.grid_cells(&set), b.grid_cells(&set));
+            let seed_noise_alone = grid_cells_a == 1 && grid_cells_b == 1;
+            let w = stats::welch(&sa, &sb).filter(|_| seed_noise_alone);
             let difference = sb.mean - sa.mean;
             Some(ComparisonRow {
                 n_a: sa.n,
@@ -249,7 +263,10 @@ pub fn comparison_rows(a: &Sweep, b: &Sweep) -> Vec<ComparisonRow> {
                 t: w.map(|w| w.t),
                 p_value: w.map(|w| w.p_value),
                 within_noise: w.map(|w| w.within_noise()),
-                seeds_needed: stats::seeds_needed(&sa, &sb, difference),
+                seeds_needed: stats::seeds_needed(&sa, &sb, difference)
+                    .filter(|_| seed_noise_alone),
+                grid_cells_a,
+                grid_cells_b,
                 set,
             })
         })
@@ -277,6 +294,14 @@ pub fn comparison_sentence(row: &ComparisonRow, name_a: &str, name_b: &str) -> S
         row.mean_b,
         row.mean_a
     );
+    if row.pools_grid_cells() {
+        return format!(
+            "{head}): not compared with seed noise, since a sweep pools the runs of several \
+             grid cells ({name_a}: {}, {name_b}: {}), whose spread is not seed noise alone; \
+             compare sweeps of one cell each).",
+            row.grid_cells_a, row.grid_cells_b
+        );
+    }
     let (Some(lo), Some(hi), Some(p), Some(within)) =
         (row.ci95_low, row.ci95_high, row.p_value, row.within_noise)
     else {
@@ -363,6 +388,8 @@ mod tests {
             p_value: p,
             within_noise: p.map(|p| p >= 0.05),
             seeds_needed: p.map(|_| 40),
+            grid_cells_a: 1,
+            grid_cells_b: 1,
         }
     }
 

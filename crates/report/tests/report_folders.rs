@@ -302,4 +302,118 @@ fn a_grid_histogram_is_pooled_without_a_gaussian_or_normality_test() {
     let written = report(&one).unwrap();
     let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
     assert!(md.contains("D'Agostino-Pearson normality test: p = "), "{md}");
+
+    // Nor is the grid compared with another sweep as seed noise; the sweep
+    // of one grid value is.
+    let seeds = tmp.path().join("seeds");
+    seeds_sweep(&seeds);
+    let written = compare(tmp.path(), &seeds).unwrap();
+    let rows: Vec<ComparisonRow> = read_csv(&written.dir.join(rsb_report::COMPARISON_CSV));
+    assert_eq!((rows[0].grid_cells_a, rows[0].grid_cells_b), (2, 1));
+    assert_eq!((rows[0].p_value, rows[0].seeds_needed), (None, None));
+    assert!(written.summary.contains("not compared with seed noise"), "{}", written.summary);
+    assert!(written.summary.contains("pools the runs of several grid cells"));
+    let written = compare(&one, &seeds).unwrap();
+    let rows: Vec<ComparisonRow> = read_csv(&written.dir.join(rsb_report::COMPARISON_CSV));
+    assert!(rows[0].p_value.is_some(), "{rows:?}");
+}
+
+/// Makes `path` a FIFO (a reader that opened it would wait for a writer).
+fn fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let made = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(made.success());
+}
+
+#[test]
+fn a_run_file_that_cannot_be_read_is_an_error_naming_it_not_a_run_left_out() {
+    type Spoil = fn(&Path);
+    let spoils: [(&str, Spoil); 3] = [
+        ("a FIFO", fifo),
+        ("a dangling link", |p: &Path| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink("/nonexistent/metrics.jsonl", p).unwrap();
+        }),
+        ("a folder", |p: &Path| {
+            std::fs::remove_file(p).unwrap();
+            std::fs::create_dir(p).unwrap();
+        }),
+    ];
+    for (what, spoil) in spoils {
+        for file in ["metrics.jsonl", "recipe.yaml", "outcome.json", "sweep.json"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let manifest = seeds_sweep(tmp.path());
+            let layout = SweepLayout::new(tmp.path());
+            let id = &manifest.cells[3].id;
+            let path = match file {
+                "metrics.jsonl" => layout.run_metrics(id),
+                "recipe.yaml" => layout.run_recipe(id),
+                "outcome.json" => {
+                    let outcome = RunOutcome { end: RunEnd::Finished, attempts: 1, failure: None };
+                    outcome.write(&layout, id).unwrap()
+                }
+                _ => layout.manifest(),
+            };
+            spoil(&path);
+            let err = report(tmp.path()).unwrap_err().to_string();
+            assert!(err.contains(&path.display().to_string()), "{what} as {file}: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_line_that_is_not_utf8_or_not_a_number_is_named_with_its_line_and_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let metrics = SweepLayout::new(tmp.path()).run_metrics(&manifest.cells[4].id);
+    let good = std::fs::read(&metrics).unwrap();
+    let mut bad = good.clone();
+    bad.extend_from_slice(b"\xff\n");
+    std::fs::write(&metrics, &bad).unwrap();
+    let err = report(tmp.path()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}:4: not a metrics record: not UTF-8 text (byte 1 of the line)",
+            metrics.display()
+        )
+    );
+    let text = String::from_utf8(good).unwrap();
+    let nan = text.replacen("\"top1\":77.7", "\"top1\":NaN", 1);
+    assert_ne!(nan, text, "{text}");
+    std::fs::write(&metrics, nan).unwrap();
+    let err = report(tmp.path()).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:1: not a metrics record: expected value", metrics.display()))
+            && err.contains("\"top1\":NaN")
+            && !err.contains("line 1 column"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_recipe_that_does_not_load_is_named_once_with_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let recipe = SweepLayout::new(tmp.path()).run_recipe(&manifest.cells[2].id);
+    std::fs::write(&recipe, "name: x\nnot_a_field: 1\n").unwrap();
+    let err = report(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains(&recipe.display().to_string()), "{err}");
+    assert_eq!(err.matches("recipe.yaml").count(), 1, "{err}");
+}
+
+#[test]
+fn the_curves_of_a_run_that_no_longer_counts_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = seeds_sweep(tmp.path());
+    let layout = SweepLayout::new(tmp.path());
+    let id = &manifest.cells[5].id;
+    let curves = layout.report_dir().join(rsb_report::CURVES).join(format!("{id}.png"));
+    report(tmp.path()).unwrap();
+    assert!(curves.is_file());
+    // Started again, it has no final record yet.
+    write_records(&layout.run_metrics(id), &[epoch_record(0, 50.0, 1.0)]);
+    let written = report(tmp.path()).unwrap();
+    assert_eq!(written.runs, 9);
+    assert!(!curves.exists(), "the curves of a run that no longer counts are left");
 }
