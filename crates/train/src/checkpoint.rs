@@ -367,6 +367,12 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
                 .is_some_and(|n| n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
         })
         .collect();
+    // What a pass killed while it deleted left: deleted now.
+    delete.extend(
+        std::fs::read_dir(&root).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(DELETING))
+        }),
+    );
     for folder in staged {
         // A complete checkpoint under a temporary name is one that a save
         // interrupted between its steps left there: the checkpoint it
@@ -397,11 +403,28 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         }
     }
     for old in delete {
-        if let Err(e) = std::fs::remove_dir_all(&old) {
-            tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
+        // Renamed out of the checkpoints' names first: a kill while the
+        // folder is deleted leaves part of it under a name nothing reads as
+        // a checkpoint, and the next pass deletes the rest.
+        let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let doomed = if name.starts_with(DELETING) {
+            old.clone()
+        } else {
+            let doomed = root.join(format!("{DELETING}{}", name.trim_start_matches('.')));
+            if let Err(e) = std::fs::rename(&old, &doomed) {
+                tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
+                continue;
+            }
+            doomed
+        };
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            tracing::warn!(checkpoint = %old.display(), folder = %doomed.display(), error = %e, "could not delete an old checkpoint");
         }
     }
 }
+
+/// Prefix under which retention deletes a folder (see [`prune`]).
+const DELETING: &str = ".deleting-";
 
 /// Resolves `--resume PATH` to an intact checkpoint: a checkpoint folder
 /// (refused, naming the file, when torn or corrupt), or a run folder (its
@@ -548,6 +571,8 @@ mod tests {
             std::fs::create_dir_all(root.join(folder_name(epoch))).unwrap();
         }
         std::fs::create_dir_all(root.join(".epoch-0009.tmp-12345")).unwrap();
+        // What a pass killed while it deleted a folder left.
+        std::fs::create_dir_all(root.join(".deleting-epoch-0000/model.safetensors")).unwrap();
         prune(run.path(), 2, &[Some(&folder_name(1))]);
         assert_eq!(names(&root), ["epoch-0002", "epoch-0004", "epoch-0005"]);
         prune(run.path(), 1, &[]);

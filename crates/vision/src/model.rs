@@ -261,6 +261,7 @@ impl Model {
         }
         let mut missing = Vec::new();
         let mut pairs = Vec::new();
+        let mut nonfinite = Vec::new();
         for (name, target) in self.parameters.iter().chain(self.buffers.iter()) {
             match incoming.remove(name) {
                 None => missing.push(name.clone()),
@@ -277,7 +278,14 @@ impl Model {
                         src.kind(),
                         target.kind()
                     )),
-                Some(src) => pairs.push((target.shallow_clone(), src)),
+                Some(src) => {
+                    if src.is_floating_point()
+                        && src.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0
+                    {
+                        nonfinite.push(name.clone());
+                    }
+                    pairs.push((target.shallow_clone(), src))
+                }
             }
         }
         let unexpected: Vec<String> = incoming.into_keys().collect();
@@ -300,6 +308,13 @@ impl Model {
                 self.spec.name,
                 self.config.num_classes,
                 problems.join("; ")
+            )));
+        }
+        if !nonfinite.is_empty() {
+            // They would evaluate to NaN, or fail a resumed run as diverged.
+            return Err(mismatch(format!(
+                "non-finite values (NaN or infinity) in {}",
+                abbreviate(&nonfinite)
             )));
         }
         tch::no_grad(|| -> Result<(), TchError> {

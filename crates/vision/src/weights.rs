@@ -30,8 +30,17 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 /// Reads every tensor of a `safetensors` file; a PyTorch pickle is refused
 /// as such ([`VisionError::PytorchPickle`]).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionError> {
-    if !path.is_file() {
-        let error = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+    // What is there, if anything, is named as it is: missing, a link to
+    // nothing, or not a file to read (a FIFO would be waited on for ever).
+    let error = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => None,
+        Ok(_) => Some(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a folder?)",
+        )),
+        Err(e) => Some(e),
+    };
+    if let Some(error) = error {
         return Err(VisionError::WeightsIo { path: path.to_path_buf(), error });
     }
     Tensor::read_safetensors(path).map_err(|e| {
@@ -77,5 +86,28 @@ impl Model {
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), VisionError> {
         let entries = read_safetensors(path)?;
         self.load_state_dict(entries, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_not_a_weights_file_is_named_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing.safetensors");
+        let err = read_safetensors(&missing).unwrap_err().to_string();
+        assert!(err.contains("missing.safetensors") && err.contains("No such file"), "{err}");
+        let fifo = tmp.path().join("fifo.safetensors");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        // Named, not opened (a reader would wait for a writer for ever).
+        let err = read_safetensors(&fifo).unwrap_err().to_string();
+        assert!(err.contains("fifo.safetensors") && err.contains("not a regular file"), "{err}");
+        let folder = tmp.path().join("folder.safetensors");
+        std::fs::create_dir(&folder).unwrap();
+        let err = read_safetensors(&folder).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

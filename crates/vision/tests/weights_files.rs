@@ -1,7 +1,8 @@
 //! Weights files that do not fit: a PyTorch pickle (timm's `.pth`) named as
 //! such with its conversion, a torn safetensors file named once, and state
 //! dicts whose `num_batches_tracked` is not a scalar or whose weights are
-//! integers, refused naming the file and the key (never a libtorch error).
+//! integers or hold NaN or infinity, refused naming the file and the key
+//! (never a libtorch error).
 
 use rsb_vision::{Model, ModelConfig, VisionError};
 use std::path::Path;
@@ -130,4 +131,29 @@ fn integer_weights_are_refused_and_half_precision_ones_load() {
     let expected = conv1(&source).to_kind(Kind::Half).to_kind(Kind::Float);
     assert!(conv1(&loaded).equal(&expected));
     assert!(!conv1(&source).equal(&expected), "fp16 rounding changed nothing: a weak test");
+}
+
+#[test]
+fn weights_with_nan_or_infinity_are_refused_naming_file_and_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, bad) in [("fc.bias", f64::NAN), ("layer1.0.bn1.running_var", f64::INFINITY)] {
+        let path = dir.path().join("bad.safetensors");
+        let entries = resnet18().state_dict().unwrap();
+        let value = entries.iter().find(|(n, _)| n == key).unwrap().1.copy();
+        let _ = value.get(0).fill_(bad);
+        write_with(&path, key, value);
+        let mut model = resnet18();
+        let before = model.state_dict().unwrap();
+        let err = model.load_safetensors(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(path.to_str().unwrap())
+                && err.contains(key)
+                && err.contains("non-finite values"),
+            "{err}"
+        );
+        // Nothing was loaded.
+        for ((name, was), (_, is)) in before.iter().zip(model.state_dict().unwrap().iter()) {
+            assert!(was.equal(is), "{name} changed");
+        }
+    }
 }
