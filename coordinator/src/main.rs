@@ -1123,7 +1123,6 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         runs.push(SweepRun {
             state: if finished { RunState::Finished } else { RunState::Queued },
             attempts: outcome.as_ref().map_or(0, |o| o.attempts),
-            attempts_before: outcome.as_ref().map_or(0, |o| o.attempts),
             failure: outcome.and_then(|o| o.failure),
             resume_from,
             ..SweepRun::queued(cell.clone(), recipe)

@@ -48,9 +48,9 @@ pub struct SweepRun {
     pub state: RunState,
     /// Attempts started, over every invocation of the sweep.
     pub attempts: u32,
-    /// Of those, the attempts of earlier invocations (a resumed sweep gives
-    /// a failed run its `--max-retries` again).
-    pub attempts_before: u32,
+    /// Attempts started by this invocation (a resumed sweep gives a failed
+    /// run its `--max-retries` again).
+    pub attempts_here: u32,
     /// Why the last attempt failed.
     pub failure: Option<String>,
     /// Index (in the service's job list) of the current or last attempt's job.
@@ -67,7 +67,7 @@ impl SweepRun {
             recipe,
             state: RunState::Queued,
             attempts: 0,
-            attempts_before: 0,
+            attempts_here: 0,
             failure: None,
             job: None,
             resume_from: None,
@@ -318,6 +318,7 @@ impl Scheduler {
         });
         // Saturating: a count read back from a damaged outcome file.
         run.attempts = run.attempts.saturating_add(1);
+        run.attempts_here = run.attempts_here.saturating_add(1);
         run.state = RunState::Running;
         let mut job = Job::new(run.recipe.clone(), dir, hosts);
         job.id = format!("sweep{}-run{}-attempt{}", std::process::id(), i, run.attempts);
@@ -359,7 +360,7 @@ impl Scheduler {
                 }
                 Phase::Failed(reason) => {
                     run.failure = Some(reason.clone());
-                    let retries = run.attempts.saturating_sub(run.attempts_before);
+                    let retries = run.attempts_here;
                     if retries <= self.settings.max_retries {
                         run.state = RunState::Queued;
                         let from = run
@@ -374,7 +375,7 @@ impl Scheduler {
                         self.queue.push_front(i);
                     } else {
                         run.state = RunState::Failed;
-                        let before = match run.attempts_before {
+                        let before = match run.attempts.saturating_sub(run.attempts_here) {
                             0 => String::new(),
                             n => format!(", {n} of them in earlier invocations of the sweep"),
                         };
@@ -607,7 +608,7 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut s = scheduler(tmp.path(), &[0], settings(1, None, 1));
         // Failed twice in an earlier invocation with --max-retries 1.
-        (s.runs[0].attempts, s.runs[0].attempts_before) = (2, 2);
+        s.runs[0].attempts = 2;
         let mut jobs = Vec::new();
         let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         end(&mut jobs, j, false);
@@ -620,5 +621,20 @@ pub(crate) mod tests {
         write_files(&mut s);
         let outcome = RunOutcome::read(&SweepLayout::new(tmp.path()), "seed-000").unwrap().unwrap();
         assert_eq!((outcome.end, outcome.attempts), (RunEnd::Failed, 4));
+
+        // An outcome that says as many attempts as can be counted (edited,
+        // or a sweep resumed for ever): the count saturates, and the run
+        // still gets only its retries.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0], settings(1, None, 1));
+        s.runs[0].attempts = u32::MAX;
+        let mut jobs = Vec::new();
+        for _ in 0..2 {
+            let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+            end(&mut jobs, j, false);
+            s.tick(&jobs);
+        }
+        assert_eq!(s.runs[0].state, RunState::Failed);
+        assert_eq!((s.runs[0].attempts, s.runs[0].attempts_here), (u32::MAX, 2));
     }
 }
