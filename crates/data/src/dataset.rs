@@ -261,7 +261,15 @@ impl ImageFolder {
     /// warning; folders without images beside shards (`lost+found`, a
     /// cache) leave the shards read.
     pub fn open_any(root: &Path) -> Result<ImageFolder, DataError> {
-        let entries = crate::shards::list_folder(root)?;
+        ImageFolder::open_listed(root, crate::shards::list_folder(root)?)
+    }
+
+    /// [`ImageFolder::open_any`] of a folder already listed for its shards
+    /// ([`crate::shards::list_folder`]).
+    pub fn open_listed(
+        root: &Path,
+        entries: crate::shards::FolderEntries,
+    ) -> Result<ImageFolder, DataError> {
         let has_class_images = || {
             let folders = class_folders(root).unwrap_or_default();
             folders.iter().any(|class| class_images(root, class).is_ok())

@@ -6,7 +6,6 @@ use crate::dataset::ImageFolder;
 use crate::error::DataError;
 use crate::labels::{RealLabels, Scoring};
 use crate::pipeline::EvalData;
-use crate::shards::has_shards;
 use crate::transforms::EvalTransform;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,8 +85,9 @@ impl EvalSet {
                 let real = RealLabels::read(&labels()?)?;
                 // Shards or class folders as a training split is read
                 // (`ImageFolder::open_any`), else one flat folder.
-                let folder = if has_shards(&spec.root)? || has_class_folders(&spec.root)? {
-                    ImageFolder::open_any(&spec.root)?
+                let entries = crate::shards::list_folder(&spec.root)?;
+                let folder = if !entries.shards.is_empty() || has_class_folders(&spec.root)? {
+                    ImageFolder::open_listed(&spec.root, entries)?
                 } else {
                     ImageFolder::open_unlabelled(&spec.root)?
                 };

@@ -83,11 +83,6 @@ pub const MAX_MEMBER_BYTES: u64 = 1 << 30;
 /// Image member extensions (lower case).
 const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png"];
 
-/// Whether `root` holds at least one `*.tar` file.
-pub fn has_shards(root: &Path) -> Result<bool, DataError> {
-    Ok(!list_folder(root)?.shards.is_empty())
-}
-
 /// What one listing of a folder says of its shards.
 #[derive(Debug, Clone, Default)]
 pub struct FolderEntries {
