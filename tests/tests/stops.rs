@@ -165,6 +165,7 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
         assert!(log.contains("has not answered a heartbeat"), "worker {h}:\n{log}");
     }
     let stopped_after = exits.iter().map(|e| e.2).max().expect("two workers");
+    println!("workers gone {stopped_after:.1?} after the coordinator's kill");
     // The deadline, a heartbeat call, the rank's stop: well within a minute here.
     assert!(
         stopped_after < Duration::from_secs(60),

@@ -38,6 +38,9 @@ const TRY_DEADLINE: Duration = HEARTBEAT_DEADLINE;
 /// [`HEARTBEAT_BACKOFF_MAX`]).
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 
+/// How often [`Reporter::finish`] looks whether the coordinator is gone.
+const REFUSED_CHECK: Duration = Duration::from_millis(100);
+
 /// One report to the coordinator.
 #[derive(Debug, Clone)]
 pub enum Report {
@@ -105,6 +108,9 @@ struct Counts {
     dropped: AtomicU64,
     /// Whether the drop of one was logged (once is enough).
     drop_logged: AtomicBool,
+    /// Whether the last try found nobody at the coordinator's address
+    /// (connection refused: its process is gone), until a try succeeds.
+    refused: AtomicBool,
 }
 
 /// The task that sends a rank's reports, and its queue.
@@ -151,7 +157,7 @@ impl ReportSender {
 }
 
 /// What [`Reporter::finish`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Finished {
     /// Reports the coordinator did not answer before the deadline.
     pub undelivered: u64,
@@ -175,20 +181,30 @@ impl Reporter {
 
     /// Waits until every report queued so far is through, for at most
     /// `deadline`, then stops the task; logs and returns what did not get
-    /// through.
+    /// through. A coordinator whose address refuses connections is gone (a
+    /// new one would not take this generation's reports): the wait ends at
+    /// once then. One that does not answer (frozen, cut off) is waited for.
     pub fn finish(self, deadline: Duration) -> Finished {
-        let (done, flushed) = oneshot::channel();
+        let (done, mut flushed) = oneshot::channel();
         let queue = self.queue.clone();
-        let through = self.runtime.block_on(async {
-            tokio::time::timeout(deadline, async move {
+        let counts = Arc::clone(&self.counts);
+        let through = self.runtime.block_on(async move {
+            let flush = async move {
                 // Waits for room when the queue is full, within the deadline.
                 if queue.send(Queued::Flush(done)).await.is_err() {
                     return false;
                 }
-                flushed.await.is_ok()
-            })
-            .await
-            .unwrap_or(false)
+                loop {
+                    if counts.refused.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    match tokio::time::timeout(REFUSED_CHECK, &mut flushed).await {
+                        Ok(answer) => return answer.is_ok(),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            tokio::time::timeout(deadline, flush).await.unwrap_or(false)
         });
         self.task.abort();
         let queued = self.counts.queued.load(Ordering::SeqCst);
@@ -230,20 +246,26 @@ async fn deliver(mut client: Client, mut queue: mpsc::Receiver<Queued>, counts: 
             Queued::Report(mut report) => {
                 sequence += 1;
                 report.number(sequence);
-                deliver_one(&mut client, &report).await;
+                deliver_one(&mut client, &report, &counts.refused).await;
                 counts.through.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
 }
 
-/// Sends `report` until the coordinator takes or refuses it.
-async fn deliver_one(client: &mut Client, report: &Report) {
+/// Sends `report` until the coordinator takes or refuses it; `refused`
+/// says whether the last try found its address refusing connections.
+async fn deliver_one(client: &mut Client, report: &Report, refused: &AtomicBool) {
     let mut wait = FIRST_RETRY;
     let mut tries = 0u64;
     loop {
         tries += 1;
-        let failure = match tokio::time::timeout(TRY_DEADLINE, report.send(client)).await {
+        let answer = tokio::time::timeout(TRY_DEADLINE, report.send(client)).await;
+        refused.store(
+            matches!(&answer, Ok(Err(status)) if connection_refused(status)),
+            Ordering::SeqCst,
+        );
+        let failure = match answer {
             Ok(Ok(())) => {
                 if tries > 1 {
                     tracing::info!("the coordinator took {} at try {tries}", report.what());
@@ -274,6 +296,21 @@ async fn deliver_one(client: &mut Client, report: &Report) {
     }
 }
 
+/// Whether a call failed because nothing listens at the coordinator's
+/// address (its process is gone), as the transport's cause says.
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// Whether a report that failed with `code` may be taken if sent again: the
 /// coordinator was not reached, did not answer in time, or was busy.
 /// Refusals (a stale generation, a bad record, credentials) are final.
@@ -288,4 +325,58 @@ fn worth_another_try(code: tonic::Code) -> bool {
             | Code::Aborted
             | Code::ResourceExhausted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rsb_proto::auth::Secret;
+    use std::time::Instant;
+
+    fn reporter_to(runtime: &Arc<Runtime>, port: u16) -> Reporter {
+        let channel = {
+            let _inside = runtime.enter();
+            Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy()
+        };
+        let credentials = Credentials::token(Secret::generate().unwrap());
+        Reporter::start(runtime, CoordinatorClient::with_interceptor(channel, credentials))
+    }
+
+    fn commit() -> Report {
+        Report::Checkpoint(pb::CheckpointCommit {
+            job_id: "job".into(),
+            generation: 1,
+            epoch: 0,
+            path: "ckpt".into(),
+            updates: 1,
+            sequence: 0,
+        })
+    }
+
+    #[test]
+    fn a_coordinator_that_is_gone_is_not_waited_for_one_that_does_not_answer_is() {
+        let runtime = Arc::new(Runtime::new().unwrap());
+        // Nothing listens: connections are refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let reporter = reporter_to(&runtime, port);
+        reporter.sender().send(commit());
+        let started = Instant::now();
+        let finished = reporter.finish(Duration::from_secs(20));
+        assert_eq!(finished, Finished { undelivered: 1, dropped: 0 });
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // A listener that never answers (a frozen coordinator): waited for,
+        // up to the deadline.
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let reporter = reporter_to(&runtime, frozen.local_addr().unwrap().port());
+        reporter.sender().send(commit());
+        let started = Instant::now();
+        let finished = reporter.finish(Duration::from_secs(2));
+        assert_eq!(finished, Finished { undelivered: 1, dropped: 0 });
+        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+        // With nothing queued there is nothing to wait for.
+        let reporter = reporter_to(&runtime, port);
+        let started = Instant::now();
+        assert_eq!(reporter.finish(Duration::from_secs(20)), Finished::default());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 }
