@@ -1049,14 +1049,19 @@ fn train_rank(
         trainer.run()
     });
     // Its last records (the final epoch's) reach the coordinator before
-    // this rank's `Leave` ends the job, failed or not.
-    reporter.finish(REPORT_FLUSH_DEADLINE);
+    // this rank's `Leave` ends the job, failed or not. A rank stopped by a
+    // signal (its agent gave up on the coordinator, or was stopped) waits
+    // no longer than its `Leave` would.
+    let flush_deadline =
+        if stop.reason().is_some() { RANK_CALL_DEADLINE } else { REPORT_FLUSH_DEADLINE };
+    reporter.finish(flush_deadline);
     trained?;
     Ok(())
 }
 
 /// How long a rank that ends waits for the coordinator to take the reports
-/// it has not yet taken, before its `Leave`.
+/// it has not yet taken, before its `Leave` ([`RANK_CALL_DEADLINE`] for a
+/// rank stopped by a signal).
 const REPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The ring listener, on the advertised address; on every interface only
