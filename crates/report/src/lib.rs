@@ -98,7 +98,7 @@ pub enum ReportError {
     },
     /// No run of the sweep finished.
     #[error("{dir}: no finished run to report ({} cell(s) skipped: {})", .skipped.len(),
-        .skipped.iter().map(|s| format!("{} {}", s.id, s.reason)).collect::<Vec<_>>().join("; "))]
+        skipped_list(.skipped))]
     NoFinishedRuns {
         /// The sweep folder.
         dir: PathBuf,
@@ -178,6 +178,18 @@ fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<(), ReportE
         error: std::io::Error::other(e.to_string()),
     })?;
     write_file(path, &bytes)
+}
+
+/// The first skipped cells with why, and how many more (a sweep of
+/// thousands of cells makes no line of megabytes).
+fn skipped_list(skipped: &[Skipped]) -> String {
+    const SHOWN: usize = 20;
+    let mut shown: Vec<String> =
+        skipped.iter().take(SHOWN).map(|s| format!("{} {}", s.id, s.reason)).collect();
+    if skipped.len() > SHOWN {
+        shown.push(format!("and {} more", skipped.len() - SHOWN));
+    }
+    shown.join("; ")
 }
 
 /// Removes a file an earlier report wrote and this one does not (a missing

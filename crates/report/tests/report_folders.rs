@@ -417,3 +417,17 @@ fn the_curves_of_a_run_that_no_longer_counts_are_removed() {
     assert_eq!(written.runs, 9);
     assert!(!curves.exists(), "the curves of a run that no longer counts are left");
 }
+
+#[test]
+fn a_sweep_with_no_finished_run_names_the_first_cells_and_counts_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = sweep(tmp.path(), (0..30).collect(), &[], |_| 50.0);
+    let layout = SweepLayout::new(tmp.path());
+    for cell in &manifest.cells {
+        std::fs::remove_file(layout.run_metrics(&cell.id)).unwrap();
+    }
+    let err = report(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("no finished run to report (30 cell(s) skipped: seed-000 not started"));
+    assert!(err.contains("seed-019 not started") && !err.contains("seed-020"), "{err}");
+    assert!(err.ends_with("; and 10 more)"), "{err}");
+}
