@@ -140,6 +140,27 @@ fn train_resume_eval_infer_round_trip() {
         text.contains(&format!("top-1 {top1:.3}%")),
         "eval printed `{text}`, epoch record says {top1}"
     );
+    assert!(!String::from_utf8_lossy(&eval.stderr).contains("its run scored"));
+    // Without them, the model's defaults (224 px, crop 0.875) are used, and
+    // the run's own size and crop are named.
+    let eval = worker(&[
+        "eval",
+        "--model",
+        "resnet18",
+        "--weights",
+        ckpt.join("model.safetensors").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let log = String::from_utf8_lossy(&eval.stderr);
+    assert!(eval.status.success(), "{log}");
+    assert!(
+        log.contains("its run scored its validation at 32 px with crop 0.95")
+            && log.contains("--input-size 32 --crop-pct 0.95"),
+        "{log}"
+    );
 
     // worker infer maps an .npy batch to logits of the right shape.
     let input = tmp.path().join("x.npy");

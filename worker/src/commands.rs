@@ -284,6 +284,32 @@ fn class_count(text: &str) -> Result<i64, String> {
     }
 }
 
+/// Warns when `weights` are a checkpoint's whose run scored its validation
+/// at another size or crop than the model's defaults this evaluation uses
+/// (a run trained at 32 px, scored here at 224): the numbers would not be
+/// the run's. Nothing is said of plain weights files.
+fn warn_of_the_runs_own_evaluation(weights: &Path, input_size: u32, crop_pct: f64) {
+    let Some(checkpoint) = weights.parent() else { return };
+    if !checkpoint.join(rsb_job::checkpoint::STATE).is_file() {
+        return;
+    }
+    let Ok(state) = rsb_job::checkpoint::read_state(checkpoint) else { return };
+    let Some(saved) = state.get(rsb_job::run_folder::STATE_RECIPE_KEY) else { return };
+    let Ok(trained) = serde_json::from_value::<rsb_recipes::Recipe>(saved.clone()) else {
+        return;
+    };
+    let (size, crop) = (trained.eval.input_size, trained.eval.crop_pct);
+    if size != input_size || (crop - crop_pct).abs() > 1e-9 {
+        tracing::warn!(
+            "{}: its run scored its validation at {size} px with crop {crop} (its recipe); \
+             this evaluation uses the model's defaults, {input_size} px with crop {crop_pct}. \
+             Pass the run's recipe.yaml as --recipe, or --input-size {size} --crop-pct {crop}, \
+             to score as the run did",
+            checkpoint.display()
+        );
+    }
+}
+
 /// A `--crop-pct`: a number in (0, 1].
 fn crop_fraction(text: &str) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
@@ -345,7 +371,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let mut model =
         Model::new(&model_name, ModelConfig { num_classes, ..Default::default() }, device)?;
-    model.load_safetensors(&rsb_job::checkpoint::resolve_weights(&args.weights)?)?;
+    let weights = rsb_job::checkpoint::resolve_weights(&args.weights)?;
+    model.load_safetensors(&weights)?;
+    if recipe.is_none() && args.input_size.is_none() && args.crop_pct.is_none() {
+        warn_of_the_runs_own_evaluation(&weights, spec.test_input_size as u32, spec.crop_pct);
+    }
     let transform = match &recipe {
         Some(r) => {
             let mut t = rsb_train::from_recipe::eval_transform(r)?;
