@@ -118,21 +118,15 @@ fn train_resume_eval_infer_round_trip() {
     assert_eq!(records(&split, "epoch").last().unwrap()["top1"], epochs.last().unwrap()["top1"]);
 
     // worker eval on the checkpoint reproduces the epoch's top-1.
-    let eval = worker(&[
-        "eval",
-        "--model",
-        "resnet18",
-        "--weights",
-        ckpt.join("model.safetensors").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--input-size",
-        "32",
-        "--crop-pct",
-        "0.95",
-        "--device",
-        "cpu",
-    ]);
+    let weights = ckpt.join("model.safetensors");
+    let eval_checkpoint = |options: &[&str]| {
+        let mut args = vec!["eval", "--model", "resnet18", "--weights"];
+        args.extend([weights.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+        args.extend(["--device", "cpu"]);
+        args.extend(options);
+        worker(&args)
+    };
+    let eval = eval_checkpoint(&["--input-size", "32", "--crop-pct", "0.95"]);
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let text = String::from_utf8_lossy(&eval.stdout);
     let top1 = epochs.last().unwrap()["top1"].as_f64().unwrap();
@@ -143,17 +137,7 @@ fn train_resume_eval_infer_round_trip() {
     assert!(!String::from_utf8_lossy(&eval.stderr).contains("its run scored"));
     // Without them, the model's defaults (224 px, crop 0.875) are used, and
     // the run's own size and crop are named.
-    let eval = worker(&[
-        "eval",
-        "--model",
-        "resnet18",
-        "--weights",
-        ckpt.join("model.safetensors").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let eval = eval_checkpoint(&[]);
     let log = String::from_utf8_lossy(&eval.stderr);
     assert!(eval.status.success(), "{log}");
     assert!(
