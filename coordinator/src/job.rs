@@ -1594,15 +1594,12 @@ impl Job {
         Ok(true)
     }
 
-    /// Whether a numbered report of the current generation was already
-    /// taken (its rank numbers its reports in the order it sends them, one
-    /// at a time).
+    /// Whether a numbered report was already taken (its rank numbers its
+    /// reports in the order it sends them, one at a time), even when it
+    /// opened the next generation since (a commit that admitted a host).
     fn repeated_report(&self, generation: u64, sequence: u64) -> bool {
         let (taken_generation, last) = self.last_report;
-        sequence != 0
-            && generation == self.generation
-            && taken_generation == generation
-            && sequence <= last
+        sequence != 0 && taken_generation == generation && sequence <= last
     }
 
     /// Marks a numbered report as taken.
@@ -2154,9 +2151,18 @@ pub(crate) mod tests {
         let full = j.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
         assert!(full.to_string().contains("--max-nodes 3"), "{full}");
         j.record_metrics(1, &step(5)).unwrap();
-        j.commit_checkpoint(1, 0, 5, "/run/checkpoints/epoch-0001".into()).unwrap();
+        let commit = |j: &mut Job| {
+            j.commit_checkpoint_report(1, 7, 0, 5, "/run/checkpoints/epoch-0001".into())
+        };
+        assert!(commit(&mut j).unwrap());
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
         assert!(j.pending.is_empty());
+        // The commit sent again (its answer lost) is taken as the one that
+        // opened this generation, not refused as stale; a new report of the
+        // last generation is.
+        assert!(!commit(&mut j).unwrap());
+        let stale = j.commit_checkpoint_report(1, 8, 0, 6, "/run/checkpoints/x".into());
+        assert!(stale.unwrap_err().to_string().contains("stale generation 1"));
         let ca = j.assignment(&c, 0).unwrap().unwrap();
         assert_eq!((ca.global_rank, ca.world_size, ca.plan.accumulation), (2, 3, 2));
         assert!(!j.heartbeat(&c).unwrap().pending);

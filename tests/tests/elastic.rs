@@ -66,7 +66,13 @@ fn coordinator(port: u16, data: &Path, out: &Path, epochs: u32, extra: &[&str]) 
 }
 
 fn worker(port: u16, name: &str) -> Child {
-    Command::new(binary("worker"))
+    worker_command(port, name).spawn().expect("starting worker join")
+}
+
+/// The command line of [`worker`].
+fn worker_command(port: u16, name: &str) -> Command {
+    let mut command = Command::new(binary("worker"));
+    command
         .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
         .args(["--devices", "cpu", "--cores", "1", "--host-name", name])
         .env("RSB_JOB_TOKEN", TOKEN)
@@ -74,9 +80,8 @@ fn worker(port: u16, name: &str) -> Child {
         .env("RSB_TRACE_SAMPLES", "1")
         .current_dir(workspace_root())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting worker join")
+        .stderr(Stdio::piped());
+    command
 }
 
 /// Waits (at most 240 s) until `ready` holds for the records so far.
@@ -370,6 +375,60 @@ fn a_host_joining_a_running_job_is_admitted_at_the_next_checkpoint() {
     let planned = planned_updates(&out);
     let epochs = records_in(&out.join("metrics.jsonl"), "epoch");
     assert_eq!(epochs.last().expect("epoch records")["step"].as_u64(), Some(planned));
+}
+
+/// One checkpoint kept, written every update, and host a's agent slow to
+/// restart its rank for a new generation (`RSB_GENERATION_KILL_DELAY_MS`):
+/// when host c is admitted at a commit, a's old rank trains on, writes newer
+/// checkpoints, and its retention deletes the one the coordinator chose to
+/// resume from. Rank 0 of the next generation resumes from the newest
+/// intact one after it, saying so, and the job finishes; before, it failed
+/// on the missing folder, restart after restart, until the job failed.
+#[test]
+fn a_grow_goes_on_when_retention_deleted_the_checkpoint_it_was_admitted_at() {
+    let (_tmp, data, out, port) = setup("grow-pruned");
+    let extra = [
+        "--nodes",
+        "1",
+        "--max-nodes",
+        "2",
+        "--set",
+        "runtime.keep_last_checkpoints=1",
+        "--set",
+        "runtime.checkpoint_every_updates=1",
+    ];
+    let mut up = coordinator(port, &data, &out, 20, &extra);
+    let mut a = worker_command(port, "a");
+    a.env("RSB_GENERATION_KILL_DELAY_MS", "4000");
+    let mut workers: Vec<Child> = vec![a.spawn().expect("starting worker join")];
+    wait_for_records(&out, &mut up, "the first update", |records| {
+        records.iter().any(|r| r["kind"] == "step")
+    });
+    workers.push(worker(port, "c"));
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the growing job");
+    if !output.status.success() {
+        panic!("the job failed after a join:\n{}", report(&output, workers, &out));
+    }
+    for (i, w) in workers.into_iter().enumerate() {
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let records = all_records(&out);
+    let at =
+        position(&records, "generation", |g| g["world_size"] == 2).expect("a grown generation");
+    let chosen = records[at]["resume_from"].as_str().expect("admitted at a checkpoint").to_string();
+    let log = std::fs::read_to_string(out.join("ranks/rank-0.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!(
+            "the checkpoint to resume from, {chosen}, was deleted by the last generation's \
+             retention"
+        )),
+        "the grown generation did not say it resumed past {chosen}:\n{log}"
+    );
+    // The run ends with its planned updates (its last checkpoint's).
+    let last = rsb_job::checkpoint::list(&out).pop().expect("checkpoints");
+    let state = rsb_job::checkpoint::read_state(&last).expect("the last checkpoint's state");
+    assert_eq!(state["updates"].as_u64(), Some(planned_updates(&out)), "{last:?}: {state}");
 }
 
 #[test]

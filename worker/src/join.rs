@@ -606,6 +606,11 @@ async fn serve_member(
                                 generation,
                                 "the job opened a new generation; restarting the local ranks"
                             );
+                            if let Some(late) = generation_kill_delay() {
+                                // Test hook: an agent that learns of the
+                                // generation late; its ranks train on.
+                                tokio::time::sleep(late).await;
+                            }
                             // Killed, not stopped: the new generation resumes
                             // from the committed checkpoint the coordinator
                             // chose, and a stop checkpoint written now could
@@ -682,6 +687,19 @@ async fn serve_member(
         Some(reason) => MemberEnd::Failed(reason),
         None => MemberEnd::Finished,
     })
+}
+
+/// Test hook (`RSB_GENERATION_KILL_DELAY_MS`): how much later than it
+/// learns of a new generation the agent restarts its ranks.
+fn generation_kill_delay() -> Option<Duration> {
+    let ms = std::env::var("RSB_GENERATION_KILL_DELAY_MS").ok()?;
+    match ms.parse() {
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => {
+            tracing::warn!("RSB_GENERATION_KILL_DELAY_MS=`{ms}` is not a number of milliseconds");
+            None
+        }
+    }
 }
 
 /// Kills every rank process at once (SIGKILL) and reaps them (one the kernel
@@ -1001,7 +1019,20 @@ fn train_rank(
         })?);
     }
     if !assignment.resume_from.is_empty() && rank == 0 {
-        options.resume = Some(PathBuf::from(&assignment.resume_from));
+        let mut resume = PathBuf::from(&assignment.resume_from);
+        if let Some(newer) = rsb_job::checkpoint::successor_of_deleted(&resume) {
+            // The last generation trained on until it was stopped, and its
+            // retention deleted the checkpoint the coordinator chose.
+            tracing::warn!(
+                "the checkpoint to resume from, {}, was deleted by the last generation's \
+                 retention after it wrote newer ones; resuming from the newest intact one \
+                 after it, {}",
+                resume.display(),
+                newer.path().display()
+            );
+            resume = newer.path().to_path_buf();
+        }
+        options.resume = Some(resume);
         // `coordinator up --resume` compared the recipes, knowing the `--set`s.
         options.recipe_check = rsb_train::trainer::RecipeCheck::Done;
     }
@@ -1049,20 +1080,21 @@ fn train_rank(
         trainer.run()
     });
     // Its last records (the final epoch's) reach the coordinator before
-    // this rank's `Leave` ends the job, failed or not. A rank stopped by a
-    // signal (its agent gave up on the coordinator, or was stopped) waits
-    // no longer than its `Leave` would.
-    let flush_deadline =
-        if stop.reason().is_some() { RANK_CALL_DEADLINE } else { REPORT_FLUSH_DEADLINE };
-    reporter.finish(flush_deadline);
+    // this rank's `Leave` ends the job, failed or not: a coordinator that
+    // does not answer is waited for until the agent gives up on it (it
+    // then stops this rank) or at most REPORT_FLUSH_DEADLINE. A rank told
+    // to stop waits no longer than its `Leave` would.
+    reporter.finish(REPORT_FLUSH_DEADLINE, RANK_CALL_DEADLINE, || stop.reason().is_some());
     trained?;
     Ok(())
 }
 
-/// How long a rank that ends waits for the coordinator to take the reports
-/// it has not yet taken, before its `Leave` ([`RANK_CALL_DEADLINE`] for a
-/// rank stopped by a signal).
-const REPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(20);
+/// The longest a rank that ends waits for the coordinator to take its
+/// reports before its `Leave`: past the agent's default
+/// `--coordinator-deadline-secs` (60 s), at which the agent stops the rank
+/// (its wait is then cut to [`RANK_CALL_DEADLINE`]), and within the rank's
+/// own stop deadline.
+const REPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(80);
 
 /// The ring listener, on the advertised address; on every interface only
 /// when that address is not one of this host's (behind NAT), with a warning.

@@ -179,32 +179,47 @@ impl Reporter {
         ReportSender { queue: self.queue.clone(), counts: Arc::clone(&self.counts) }
     }
 
-    /// Waits until every report queued so far is through, for at most
-    /// `deadline`, then stops the task; logs and returns what did not get
-    /// through. A coordinator whose address refuses connections is gone (a
-    /// new one would not take this generation's reports): the wait ends at
-    /// once then. One that does not answer (frozen, cut off) is waited for.
-    pub fn finish(self, deadline: Duration) -> Finished {
+    /// Waits until every report queued so far is through, then stops the
+    /// task; logs and returns what did not get through. The wait ends
+    /// earlier: at once when the coordinator's address refuses connections
+    /// (it is gone; a new one would not take this generation's reports);
+    /// `after_stop` after `stopping()` turns true (the rank was told to
+    /// stop: its agent gave up on the coordinator, or was stopped); and at
+    /// `longest` in any case. A coordinator that does not answer (frozen,
+    /// cut off) is otherwise waited for: its agent decides when it is lost.
+    pub fn finish(
+        self,
+        longest: Duration,
+        after_stop: Duration,
+        stopping: impl Fn() -> bool,
+    ) -> Finished {
         let (done, mut flushed) = oneshot::channel();
         let queue = self.queue.clone();
         let counts = Arc::clone(&self.counts);
+        let started = tokio::time::Instant::now();
         let through = self.runtime.block_on(async move {
-            let flush = async move {
-                // Waits for room when the queue is full, within the deadline.
-                if queue.send(Queued::Flush(done)).await.is_err() {
+            let mut deadline = started + longest;
+            let mut stop_seen = false;
+            // Waits for room when the queue is full, within the deadline.
+            match tokio::time::timeout_at(deadline, queue.send(Queued::Flush(done))).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+            loop {
+                if counts.refused.load(Ordering::SeqCst) {
                     return false;
                 }
-                loop {
-                    if counts.refused.load(Ordering::SeqCst) {
-                        return false;
-                    }
-                    match tokio::time::timeout(REFUSED_CHECK, &mut flushed).await {
-                        Ok(answer) => return answer.is_ok(),
-                        Err(_) => continue,
-                    }
+                if !stop_seen && stopping() {
+                    stop_seen = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + after_stop);
                 }
-            };
-            tokio::time::timeout(deadline, flush).await.unwrap_or(false)
+                let next = deadline.min(tokio::time::Instant::now() + REFUSED_CHECK);
+                match tokio::time::timeout_at(next, &mut flushed).await {
+                    Ok(answer) => return answer.is_ok(),
+                    Err(_) if tokio::time::Instant::now() >= deadline => return false,
+                    Err(_) => continue,
+                }
+            }
         });
         self.task.abort();
         let queued = self.counts.queued.load(Ordering::SeqCst);
@@ -218,10 +233,11 @@ impl Reporter {
         };
         if finished.undelivered > 0 {
             tracing::warn!(
-                "the coordinator did not take {} of this rank's {queued} reports within \
-                 {deadline:?}; they are lost to metrics.jsonl (this rank's own \
-                 ranks/rank-N.jsonl keeps every record)",
-                finished.undelivered
+                "the coordinator did not take {} of this rank's {queued} reports within {:?}; \
+                 they are lost to metrics.jsonl (this rank's own ranks/rank-N.jsonl keeps \
+                 every record)",
+                finished.undelivered,
+                started.elapsed()
             );
         }
         if finished.dropped > 0 {
@@ -361,7 +377,7 @@ mod tests {
         let reporter = reporter_to(&runtime, port);
         reporter.sender().send(commit());
         let started = Instant::now();
-        let finished = reporter.finish(Duration::from_secs(20));
+        let finished = reporter.finish(Duration::from_secs(20), Duration::from_secs(20), || false);
         assert_eq!(finished, Finished { undelivered: 1, dropped: 0 });
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         // A listener that never answers (a frozen coordinator): waited for,
@@ -370,13 +386,27 @@ mod tests {
         let reporter = reporter_to(&runtime, frozen.local_addr().unwrap().port());
         reporter.sender().send(commit());
         let started = Instant::now();
-        let finished = reporter.finish(Duration::from_secs(2));
+        let finished = reporter.finish(Duration::from_secs(2), Duration::from_secs(20), || false);
         assert_eq!(finished, Finished { undelivered: 1, dropped: 0 });
         assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+        // A stop cuts the wait for one that does not answer to `after_stop`.
+        let reporter = reporter_to(&runtime, frozen.local_addr().unwrap().port());
+        reporter.sender().send(commit());
+        let started = Instant::now();
+        let stopped_at = Instant::now() + Duration::from_millis(500);
+        let finished = reporter.finish(Duration::from_secs(60), Duration::from_secs(1), || {
+            Instant::now() >= stopped_at
+        });
+        assert_eq!(finished, Finished { undelivered: 1, dropped: 0 });
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(5), "{took:?}");
         // With nothing queued there is nothing to wait for.
         let reporter = reporter_to(&runtime, port);
         let started = Instant::now();
-        assert_eq!(reporter.finish(Duration::from_secs(20)), Finished::default());
+        assert_eq!(
+            reporter.finish(Duration::from_secs(20), Duration::ZERO, || true),
+            Finished::default()
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

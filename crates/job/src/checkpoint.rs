@@ -386,6 +386,32 @@ pub fn resolve(path: &Path) -> Result<VerifiedCheckpoint, CheckpointError> {
     }
 }
 
+/// The checkpoint a job's next generation resumes from when the one it was
+/// given (`wanted`, a committed checkpoint folder of a run) is gone: the
+/// old generation trained on until its ranks were stopped, wrote newer
+/// checkpoints, and its retention deleted `wanted`. The newest intact one
+/// after it in the run's order (those are the same run's: checkpoints of
+/// an abandoned order are set aside at the first save after a resume).
+/// `None` when `wanted` exists, is not in a run's `checkpoints/`, or no
+/// intact checkpoint follows it.
+pub fn successor_of_deleted(wanted: &Path) -> Option<VerifiedCheckpoint> {
+    if std::fs::symlink_metadata(wanted).is_ok() {
+        return None;
+    }
+    let name = wanted.file_name()?;
+    let folder = wanted.parent()?;
+    if folder.file_name()? != CHECKPOINTS {
+        return None;
+    }
+    let run = folder.parent()?;
+    list(run)
+        .into_iter()
+        .rev()
+        .take_while(|candidate| candidate.file_name().is_some_and(|n| n > name))
+        .find(|candidate| verify(candidate).is_ok())
+        .map(VerifiedCheckpoint)
+}
+
 /// Resolves `--weights PATH` of `worker eval` and `worker infer` to the
 /// weights file to read:
 ///
@@ -444,6 +470,27 @@ mod tests {
         let manifest = Manifest::of_parts(&dir, &PARTS).unwrap();
         std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_deleted_checkpoint_is_followed_by_the_newest_intact_one_after_it() {
+        let run = tempfile::tempdir().unwrap();
+        let first = committed(run.path(), 1);
+        // Present: no successor is looked for.
+        assert_eq!(successor_of_deleted(&first), None);
+        let second = committed(run.path(), 2);
+        let third = committed(run.path(), 3);
+        std::fs::remove_file(third.join(PARTS[1])).unwrap();
+        std::fs::remove_dir_all(&first).unwrap();
+        // The torn newest is passed over for the intact one before it.
+        assert_eq!(successor_of_deleted(&first).map(|v| v.0), Some(second.clone()));
+        // Nothing after the one wanted: none (the resume then names it).
+        std::fs::remove_dir_all(&second).unwrap();
+        std::fs::remove_dir_all(&third).unwrap();
+        committed(run.path(), 0);
+        assert_eq!(successor_of_deleted(&first), None);
+        // Not a run's checkpoint folder.
+        assert_eq!(successor_of_deleted(&run.path().join("elsewhere/epoch-0001")), None);
     }
 
     #[test]

@@ -250,11 +250,20 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
         .map_err(io)?;
     let mut records = Vec::new();
     for (index, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(line).map_err(|e| ReportError::Metrics {
-            path: path.to_path_buf(),
-            line: index + 1,
-            message: format!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1),
-        })?;
+        let line = match std::str::from_utf8(line) {
+            Ok(line) => line,
+            // Cut inside a character: an incomplete last line, as below.
+            Err(e) if !line.ends_with(b"\n") => {
+                std::str::from_utf8(&line[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(e) => {
+                return Err(ReportError::Metrics {
+                    path: path.to_path_buf(),
+                    line: index + 1,
+                    message: format!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1),
+                })
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }

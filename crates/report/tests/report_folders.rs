@@ -378,6 +378,12 @@ fn a_line_that_is_not_utf8_or_not_a_number_is_named_with_its_line_and_text() {
             metrics.display()
         )
     );
+    // A last line cut inside a character is a record being written: left out.
+    let mut torn = good.clone();
+    torn.extend_from_slice("{\"kind\":\"generation\",\"hosts\":[\"h\u{e9}".as_bytes());
+    torn.pop();
+    std::fs::write(&metrics, &torn).unwrap();
+    assert_eq!(report(tmp.path()).unwrap().runs, 10);
     let text = String::from_utf8(good).unwrap();
     let nan = text.replacen("\"top1\":77.7", "\"top1\":NaN", 1);
     assert_ne!(nan, text, "{text}");

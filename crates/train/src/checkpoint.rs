@@ -367,12 +367,14 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
                 .is_some_and(|n| n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
         })
         .collect();
-    // What a pass killed while it deleted left: deleted now.
-    delete.extend(
-        std::fs::read_dir(&root).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(DELETING))
-        }),
-    );
+    // What a pass killed while it deleted left: deleted now, first.
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(DELETING)))
+        .collect();
     for folder in staged {
         // A complete checkpoint under a temporary name is one that a save
         // interrupted between its steps left there: the checkpoint it
@@ -402,7 +404,7 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
             }
         }
     }
-    for old in delete {
+    for old in leftovers.into_iter().chain(delete) {
         // Renamed out of the checkpoints' names first: a kill while the
         // folder is deleted leaves part of it under a name nothing reads as
         // a checkpoint, and the next pass deletes the rest.
@@ -410,7 +412,16 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         let doomed = if name.starts_with(DELETING) {
             old.clone()
         } else {
-            let doomed = root.join(format!("{DELETING}{}", name.trim_start_matches('.')));
+            // A name of its own: a leftover of the same checkpoint that
+            // could not be deleted never blocks this one.
+            let doomed = root.join(format!(
+                "{DELETING}{}.{}-{}",
+                name.trim_start_matches('.'),
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
             if let Err(e) = std::fs::rename(&old, &doomed) {
                 tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
                 continue;
@@ -571,8 +582,10 @@ mod tests {
             std::fs::create_dir_all(root.join(folder_name(epoch))).unwrap();
         }
         std::fs::create_dir_all(root.join(".epoch-0009.tmp-12345")).unwrap();
-        // What a pass killed while it deleted a folder left.
+        // What passes killed while they deleted folders left, one of them
+        // of a checkpoint deleted now.
         std::fs::create_dir_all(root.join(".deleting-epoch-0000/model.safetensors")).unwrap();
+        std::fs::create_dir_all(root.join(".deleting-epoch-0001/sub/f")).unwrap();
         prune(run.path(), 2, &[Some(&folder_name(1))]);
         assert_eq!(names(&root), ["epoch-0002", "epoch-0004", "epoch-0005"]);
         prune(run.path(), 1, &[]);
