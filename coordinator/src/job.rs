@@ -1555,10 +1555,10 @@ impl Job {
     }
 
     /// [`Job::record_metrics`] for a report numbered `sequence` by its rank
-    /// (0: not numbered). A report of this generation whose number was
-    /// already taken (sent again because its answer was lost) is not
-    /// recorded again: its receipt tells when the records queued before it,
-    /// the first copy among them, are written.
+    /// (0: not numbered). A report whose number was already taken (sent
+    /// again because its answer was lost) is not recorded again: its
+    /// receipt tells when the records queued before it, the first copy
+    /// among them, are written.
     pub fn record_metrics_report(
         &mut self,
         generation: u64,

@@ -342,23 +342,29 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     );
 }
 
-#[test]
-fn a_host_joining_a_running_job_is_admitted_at_the_next_checkpoint() {
-    let (_tmp, data, out, port) = setup("grow");
-    let mut up = coordinator(port, &data, &out, 5, &["--nodes", "2", "--max-nodes", "3"]);
-    let mut workers: Vec<Child> = ["a", "b"].iter().map(|h| worker(port, h)).collect();
-    wait_for_records(&out, &mut up, "the first update", |records| {
+/// Once the job of `up` and `workers` has trained its first update, host c
+/// joins; the job must then finish, and every worker with it.
+fn grow_by_host_c(mut up: Child, mut workers: Vec<Child>, port: u16, out: &Path) {
+    wait_for_records(out, &mut up, "the first update", |records| {
         records.iter().any(|r| r["kind"] == "step")
     });
     workers.push(worker(port, "c"));
     let output = wait_with_timeout(up, Duration::from_secs(400), "the growing job");
     if !output.status.success() {
-        panic!("the job failed after a join:\n{}", report(&output, workers, &out));
+        panic!("the job failed after a join:\n{}", report(&output, workers, out));
     }
     for (i, w) in workers.into_iter().enumerate() {
         let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
         assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
+}
+
+#[test]
+fn a_host_joining_a_running_job_is_admitted_at_the_next_checkpoint() {
+    let (_tmp, data, out, port) = setup("grow");
+    let up = coordinator(port, &data, &out, 5, &["--nodes", "2", "--max-nodes", "3"]);
+    let workers: Vec<Child> = ["a", "b"].iter().map(|h| worker(port, h)).collect();
+    grow_by_host_c(up, workers, port, &out);
     let records = all_records(&out);
     let first = position(&records, "generation", |g| g["generation"] == 1).expect("generation 1");
     assert_eq!(records[first]["world_size"], 2);
@@ -397,22 +403,10 @@ fn a_grow_goes_on_when_retention_deleted_the_checkpoint_it_was_admitted_at() {
         "--set",
         "runtime.checkpoint_every_updates=1",
     ];
-    let mut up = coordinator(port, &data, &out, 20, &extra);
+    let up = coordinator(port, &data, &out, 20, &extra);
     let mut a = worker_command(port, "a");
     a.env("RSB_GENERATION_KILL_DELAY_MS", "4000");
-    let mut workers: Vec<Child> = vec![a.spawn().expect("starting worker join")];
-    wait_for_records(&out, &mut up, "the first update", |records| {
-        records.iter().any(|r| r["kind"] == "step")
-    });
-    workers.push(worker(port, "c"));
-    let output = wait_with_timeout(up, Duration::from_secs(400), "the growing job");
-    if !output.status.success() {
-        panic!("the job failed after a join:\n{}", report(&output, workers, &out));
-    }
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
-    }
+    grow_by_host_c(up, vec![a.spawn().expect("starting worker join")], port, &out);
     let records = all_records(&out);
     let at =
         position(&records, "generation", |g| g["world_size"] == 2).expect("a grown generation");
