@@ -356,25 +356,23 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         .cloned()
         .collect();
     let root = run_dir.join(CHECKPOINTS);
-    let staged: Vec<PathBuf> = std::fs::read_dir(&root)
+    // The hidden entries, listed once: staging folders a save left, and
+    // what a pass killed while it deleted left (deleted now, first).
+    let hidden_name = |p: &PathBuf| {
+        p.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with('.')).map(str::to_owned)
+    };
+    let (leftovers, staged): (Vec<PathBuf>, Vec<PathBuf>) = std::fs::read_dir(&root)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
+            hidden_name(p).is_some_and(|n| {
+                n.starts_with(DELETING)
+                    || (n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
+            })
         })
-        .collect();
-    // What a pass killed while it deleted left: deleted now, first.
-    let leftovers: Vec<PathBuf> = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(DELETING)))
-        .collect();
+        .partition(|p| hidden_name(p).is_some_and(|n| n.starts_with(DELETING)));
     for folder in staged {
         // A complete checkpoint under a temporary name is one that a save
         // interrupted between its steps left there: the checkpoint it
