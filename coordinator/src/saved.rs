@@ -21,7 +21,7 @@
 //! ([`Job::await_restored_members`]).
 
 use crate::job::{CommittedCheckpoint, DeviceKind, Job, JobError, Member, Phase};
-use rsb_job::atomic_write::Readers;
+use rsb_files::Readers;
 use rsb_job::GenerationReason;
 use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
@@ -194,7 +194,7 @@ impl SavedJob {
     /// Reads `OUT/coordinator-state.json`.
     pub fn read(out: &Path) -> Result<SavedJob, SavedError> {
         let path = out.join(STATE_FILE);
-        let text = rsb_job::atomic_write::read_regular_file(&path)
+        let text = rsb_files::read_regular_file(&path)
             .map_err(|source| SavedError::Io { path: path.clone(), source })?;
         let mut de = serde_json::Deserializer::from_str(&text);
         let saved: SavedJob = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -221,7 +221,7 @@ impl SavedJob {
     pub fn write(&self, path: &Path) -> Result<(), SavedError> {
         // Plain data: serialization cannot fail.
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        rsb_job::atomic_write::write_atomically(path, text.as_bytes(), Readers::Owner)
+        rsb_files::write_atomically(path, text.as_bytes(), Readers::Owner)
             .map_err(|source| SavedError::Io { path: path.to_path_buf(), source })
     }
 }

@@ -177,11 +177,7 @@ pub struct RunFile {
 impl RunFile {
     /// Writes it atomically (temporary file, fsync, rename), readable by all.
     pub fn write(&self) -> std::io::Result<()> {
-        rsb_job::atomic_write::write_atomically(
-            &self.path,
-            &self.contents,
-            rsb_job::atomic_write::Readers::Everyone,
-        )
+        rsb_files::write_atomically(&self.path, &self.contents, rsb_files::Readers::Everyone)
     }
 }
 

@@ -237,6 +237,21 @@ fn a_seed_sweep_report_matches_its_metrics_and_skips_unfinished_runs() {
 }
 
 #[test]
+fn a_sweep_of_many_unstarted_cells_logs_ten_of_them_and_counts_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("seeds");
+    // 200 cells: 3 finished, 197 never started (a big study just begun).
+    let missing: Vec<usize> = (3..200).collect();
+    synthetic_sweep(&dir, "0..200", &[], |i, _| 79.7 + noise(i as u64, 1, 0.4), &[], &missing);
+    let run = coordinator(&[&dir]);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    let stdout = ok(run);
+    assert!(stdout.contains("197 run(s) skipped (197 not started), 3 reported"), "{stdout}");
+    assert_eq!(stderr.matches("run skipped").count(), rsb_report::runs::SKIPS_LOGGED, "{stderr}");
+    assert!(stderr.contains("and 187 run(s) skipped (187 not started)"), "{stderr}");
+}
+
+#[test]
 fn a_grid_report_has_a_table_and_a_chart_per_axis() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("grid");

@@ -70,8 +70,7 @@ impl ClassIndex {
 impl LabelFile {
     /// Reads and parses `path` (format chosen by its extension).
     pub fn read(path: &Path) -> Result<LabelFile, DataError> {
-        let text =
-            rsb_job::atomic_write::read_regular_file(path).map_err(|e| DataError::io(path, e))?;
+        let text = rsb_files::read_regular_file(path).map_err(|e| DataError::io(path, e))?;
         LabelFile::parse(&text, path)
     }
 
@@ -195,8 +194,7 @@ impl RealLabels {
     /// Reads `real.json` (a list of lists of class indices, entry `i` for
     /// `ILSVRC2012_val_{i+1:08d}.JPEG`).
     pub fn read(path: &Path) -> Result<RealLabels, DataError> {
-        let text =
-            rsb_job::atomic_write::read_regular_file(path).map_err(|e| DataError::io(path, e))?;
+        let text = rsb_files::read_regular_file(path).map_err(|e| DataError::io(path, e))?;
         let lists: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| DataError::Format {
             path: path.to_path_buf(),
             problem: format!(

@@ -29,7 +29,7 @@
 
 use crate::dataset::{natural_cmp, Sample, ShardMember};
 use crate::error::DataError;
-use rsb_job::atomic_write::{write_atomically, Readers};
+use rsb_files::{write_atomically, Readers};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -114,7 +114,7 @@ pub fn list_folder(root: &Path) -> Result<FolderEntries, DataError> {
 /// Reads `root/shards.json`, if there is one.
 fn read_manifest(root: &Path) -> Result<Option<ShardManifest>, DataError> {
     let path = root.join(MANIFEST_FILE);
-    let text = match rsb_job::atomic_write::read_regular_file(&path) {
+    let text = match rsb_files::read_regular_file(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DataError::io(&path, e)),
@@ -170,8 +170,7 @@ impl IgnoredMembers {
 /// does not read to `ignored_so_far` (the folder's, logged once).
 fn index_shard(path: &Path, ignored_so_far: &mut IgnoredMembers) -> Result<Vec<Sample>, DataError> {
     let bad = |problem: String| DataError::Format { path: path.to_path_buf(), problem };
-    let file =
-        rsb_job::atomic_write::open_regular_file(path).map_err(|e| DataError::io(path, e))?;
+    let file = rsb_files::open_regular_file(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let mut archive = tar::Archive::new(file);
     let entries = archive.entries_with_seek().map_err(|e| bad(format!("not a tar file: {e}")))?;
@@ -381,7 +380,7 @@ pub fn index_listed_folder(
     ignored.warn(root);
     let classes_path = root.join(CLASSES_FILE);
     let classes = if classes_path.is_file() {
-        let text = rsb_job::atomic_write::read_regular_file(&classes_path)
+        let text = rsb_files::read_regular_file(&classes_path)
             .map_err(|e| DataError::io(&classes_path, e))?;
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
     } else {

@@ -162,8 +162,7 @@ pub struct Manifest {
 
 /// Size and SHA-256 of a file, read in blocks.
 pub fn digest_file(path: &Path) -> Result<PartDigest, CheckpointError> {
-    let mut file =
-        crate::atomic_write::open_regular_file(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut file = rsb_files::open_regular_file(path).map_err(|e| CheckpointError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -204,7 +203,7 @@ impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Manifest, CheckpointError> {
         let path = dir.join(MANIFEST);
-        let text = match crate::atomic_write::read_regular_file(&path) {
+        let text = match rsb_files::read_regular_file(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CheckpointError::MissingManifest { path });
@@ -271,7 +270,7 @@ fn check_part(dir: &Path, name: &str, expected: &PartDigest) -> Result<(), Check
     let actual = match std::fs::metadata(&path) {
         // A FIFO or a device has no size to compare: named as what it is.
         Ok(meta) if !meta.is_file() => {
-            return Err(CheckpointError::io(&path, crate::atomic_write::not_a_regular_file()))
+            return Err(CheckpointError::io(&path, rsb_files::not_a_regular_file()))
         }
         Ok(meta) => meta.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -449,8 +448,7 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
 /// The JSON of a checkpoint's `state.json`.
 pub fn read_state(checkpoint: &Path) -> Result<serde_json::Value, CheckpointError> {
     let path = checkpoint.join(STATE);
-    let text =
-        crate::atomic_write::read_regular_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let text = rsb_files::read_regular_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
 }

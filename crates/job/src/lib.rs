@@ -7,13 +7,12 @@
 //! folder: no second run in one `--out`, no resume of another run into it,
 //! one checkpoint writer at a time, no silent recipe change on resume
 //! ([`run_folder`]), and what a sweep of seeds and grids is: its arguments,
-//! cells, manifest and folder layout ([`sweep`]), and the atomic
-//! replacement of the small files they write ([`atomic_write`]).
+//! cells, manifest and folder layout ([`sweep`]). The small files they
+//! write are replaced atomically through `rsb_files`.
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
-pub mod atomic_write;
 pub mod checkpoint;
 pub mod metrics_log;
 pub mod plan;

@@ -87,11 +87,7 @@ pub fn write_resolved_recipe(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    crate::atomic_write::write_atomically(
-        &path,
-        yaml.as_bytes(),
-        crate::atomic_write::Readers::Everyone,
-    )?;
+    rsb_files::write_atomically(&path, yaml.as_bytes(), rsb_files::Readers::Everyone)?;
     Ok(kept)
 }
 
@@ -132,10 +128,18 @@ pub struct FieldChange {
     pub now: Option<Value>,
 }
 
+impl FieldChange {
+    /// `field (SAVED_IN value, now value)`: `saved_in` names what the saved
+    /// value belongs to (`checkpoint`, `run`).
+    pub fn describe(&self, saved_in: &str) -> String {
+        let show = |v: &Option<Value>| v.as_ref().map_or_else(|| "absent".into(), Value::to_string);
+        format!("{} ({saved_in} {}, now {})", self.field, show(&self.saved), show(&self.now))
+    }
+}
+
 impl std::fmt::Display for FieldChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let show = |v: &Option<Value>| v.as_ref().map_or_else(|| "absent".into(), Value::to_string);
-        write!(f, "{} (checkpoint {}, now {})", self.field, show(&self.saved), show(&self.now))
+        f.write_str(&self.describe("checkpoint"))
     }
 }
 

@@ -151,13 +151,7 @@ pub enum SweepError {
 
 /// `field (run A, now B), ...` for [`SweepError::RecipeChanged`].
 fn changed_fields(changes: &[crate::run_folder::FieldChange]) -> String {
-    let show = |v: &Option<serde_json::Value>| {
-        v.as_ref().map_or_else(|| "absent".into(), serde_json::Value::to_string)
-    };
-    let shown: Vec<String> = changes
-        .iter()
-        .map(|c| format!("{} (run {}, now {})", c.field, show(&c.saved), show(&c.now)))
-        .collect();
+    let shown: Vec<String> = changes.iter().map(|c| c.describe("run")).collect();
     shown.join(", ")
 }
 
@@ -482,7 +476,7 @@ impl SweepManifest {
     /// exactly the [`expand`] of its seeds and grid.
     pub fn read(dir: &Path) -> Result<SweepManifest, SweepError> {
         let path = SweepLayout::new(dir).manifest();
-        let text = crate::atomic_write::read_regular_file(&path)
+        let text = rsb_files::read_regular_file(&path)
             .map_err(|source| SweepError::Io { path: path.clone(), error: source })?;
         let fail = |message: String| SweepError::Manifest { path: path.clone(), message };
         let mut de = serde_json::Deserializer::from_str(&text);
@@ -517,7 +511,7 @@ pub fn check_started_run_recipe(
     now: &Recipe,
 ) -> Result<(), SweepError> {
     let path = layout.run_recipe(id);
-    let text = match crate::atomic_write::read_regular_file_if_present(&path) {
+    let text = match rsb_files::read_regular_file_if_present(&path) {
         Ok(Some(text)) => text,
         Ok(None) => return Ok(()),
         Err(error) => return Err(SweepError::Io { path, error }),
@@ -545,12 +539,8 @@ fn json_text(value: &impl Serialize) -> String {
 
 fn write_json_atomically(value: &impl Serialize, path: &Path) -> Result<PathBuf, SweepError> {
     let text = json_text(value);
-    crate::atomic_write::write_atomically(
-        path,
-        text.as_bytes(),
-        crate::atomic_write::Readers::Everyone,
-    )
-    .map_err(|source| SweepError::Io { path: path.to_path_buf(), error: source })?;
+    rsb_files::write_atomically(path, text.as_bytes(), rsb_files::Readers::Everyone)
+        .map_err(|source| SweepError::Io { path: path.to_path_buf(), error: source })?;
     Ok(path.to_path_buf())
 }
 
@@ -637,7 +627,7 @@ impl RunOutcome {
     /// not a valid outcome is an error naming it.
     pub fn read(layout: &SweepLayout, id: &str) -> Result<Option<RunOutcome>, SweepError> {
         let path = layout.run_outcome(id);
-        let text = match crate::atomic_write::read_regular_file_if_present(&path) {
+        let text = match rsb_files::read_regular_file_if_present(&path) {
             Ok(Some(text)) => text,
             Ok(None) => return Ok(None),
             Err(source) => return Err(SweepError::Io { path, error: source }),

@@ -38,7 +38,7 @@ pub mod runs;
 pub mod stats;
 pub mod tables;
 
-use rsb_job::atomic_write::{write_atomically, Readers};
+use rsb_files::{write_atomically, Readers};
 use rsb_job::sweep::{id_safe, SweepError};
 use runs::{Skipped, Sweep, VAL};
 use std::fmt::Write as _;
@@ -359,10 +359,8 @@ pub fn report(dir: &Path) -> Result<Written, ReportError> {
 /// against it (`comparison.csv`, a section of `report.md`).
 pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
     let sweep_a = read_finished(a)?;
+    // Its skipped runs are logged as it is read, naming its folder.
     let sweep_b = read_finished(b)?;
-    for s in &sweep_b.skipped {
-        tracing::warn!(run = %s.id, reason = %s.reason, sweep = %b.display(), "run of B skipped");
-    }
     let (mut written, section_a) = write_sweep(&sweep_a)?;
     let rows_b = tables::set_rows(&sweep_b);
     let section_b = sweep_markdown(&sweep_b, &rows_b, &tables::grid_rows(&sweep_b));

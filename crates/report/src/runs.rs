@@ -30,7 +30,6 @@ use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
 use rsb_job::{MetricsRecord, RunEnd, RunOutcome};
 use rsb_recipes::ScheduleSection;
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 /// Name of the validation split in reports and in [`Run::finals`].
@@ -150,6 +149,27 @@ pub struct Skipped {
     pub reason: SkipReason,
 }
 
+/// How many skipped cells [`log_skipped`] logs one line each.
+pub const SKIPS_LOGGED: usize = 10;
+
+/// Logs the first [`SKIPS_LOGGED`] skipped cells of sweep `dir` a line
+/// each, with why, and the others in one line of counts by reason: a sweep
+/// of 100,000 cells not yet started logs 11 lines, not 100,000.
+pub fn log_skipped(dir: &Path, skipped: &[Skipped]) {
+    for s in skipped.iter().take(SKIPS_LOGGED) {
+        tracing::warn!(
+            sweep = %dir.display(),
+            run = %s.id,
+            metrics = %s.metrics.display(),
+            reason = %s.reason,
+            "run skipped"
+        );
+    }
+    if let Some(rest) = skipped.get(SKIPS_LOGGED..).filter(|rest| !rest.is_empty()) {
+        tracing::warn!(sweep = %dir.display(), "and {} more", skipped_text(rest));
+    }
+}
+
 /// A sweep folder read back.
 #[derive(Debug, Clone)]
 pub struct Sweep {
@@ -165,7 +185,8 @@ pub struct Sweep {
 
 impl Sweep {
     /// Reads `dir/sweep.json` and every cell's run folder. Runs that did
-    /// not finish are skipped (and logged); a corrupt file is an error.
+    /// not finish are skipped (and logged, [`log_skipped`]); a corrupt file
+    /// is an error.
     pub fn read(dir: &Path) -> Result<Sweep, ReportError> {
         let manifest = SweepManifest::read(dir)?;
         let layout = SweepLayout::new(dir);
@@ -175,12 +196,10 @@ impl Sweep {
             let metrics = layout.run_metrics(&cell.id);
             match read_run(&layout, cell)? {
                 Ok(run) => runs.push(run),
-                Err(reason) => {
-                    tracing::warn!(run = %cell.id, metrics = %metrics.display(), %reason, "run skipped");
-                    skipped.push(Skipped { id: cell.id.clone(), metrics, reason });
-                }
+                Err(reason) => skipped.push(Skipped { id: cell.id.clone(), metrics, reason }),
             }
         }
+        log_skipped(dir, &skipped);
         Ok(Sweep { dir: dir.to_path_buf(), manifest, runs, skipped })
     }
 
@@ -245,7 +264,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ReportError> {
     use std::io::Read;
     let io = |error| ReportError::Io { path: path.to_path_buf(), error };
     let mut bytes = Vec::new();
-    rsb_job::atomic_write::open_regular_file(path)
+    rsb_files::open_regular_file(path)
         .and_then(|mut file| file.read_to_end(&mut bytes))
         .map_err(io)?;
     let mut records = Vec::new();
@@ -382,11 +401,11 @@ fn read_run(
     let metrics = layout.run_metrics(&cell.id);
     // Absent: not started. Anything else there is read (a folder, a FIFO, a
     // dangling link: an error naming it, not a run quietly left out).
-    if std::fs::symlink_metadata(&metrics).is_err_and(|e| e.kind() == ErrorKind::NotFound) {
+    if rsb_files::nothing_at(&metrics) {
         return Ok(Err(skip(SkipReason::NotStarted)));
     }
     let recipe_path = layout.run_recipe(&cell.id);
-    let recipe_text = match rsb_job::atomic_write::read_regular_file_if_present(&recipe_path) {
+    let recipe_text = match rsb_files::read_regular_file_if_present(&recipe_path) {
         Ok(Some(text)) => text,
         Ok(None) => return Ok(Err(skip(SkipReason::NoRecipe))),
         Err(error) => return Err(ReportError::Io { path: recipe_path, error }),

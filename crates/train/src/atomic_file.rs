@@ -2,7 +2,7 @@
 //! temporary sibling, fsync it, rename it over the target, fsync the parent
 //! folder", for folders and for files that a library writes by path (the
 //! safetensors weights). Small files given as bytes go through
-//! [`rsb_job::atomic_write`], the one writer the coordinator uses too.
+//! [`rsb_files`], the one writer the coordinator uses too.
 //!
 //! The temporary sibling lives in the target's folder, so the rename stays on
 //! one file system and is atomic: after a crash, the target is either absent,
@@ -94,9 +94,9 @@ pub fn write_with(
 }
 
 /// Writes `bytes` to the file `path` atomically, readable by everyone like
-/// the checkpoint's weights ([`rsb_job::atomic_write::write_atomically`]).
+/// the checkpoint's weights ([`rsb_files::write_atomically`]).
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    use rsb_job::atomic_write::{write_atomically, Readers};
+    use rsb_files::{write_atomically, Readers};
     write_atomically(path, bytes, Readers::Everyone).map_err(|e| TrainError::io(path, e))
 }
 

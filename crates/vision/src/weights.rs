@@ -8,6 +8,7 @@
 
 use crate::error::VisionError;
 use crate::model::Model;
+use safetensors::tensor::{Dtype, Metadata};
 use std::io::Read;
 use std::path::Path;
 use tch::{Device, TchError, Tensor};
@@ -32,16 +33,10 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionError> {
     // What is there, if anything, is named as it is: missing, a link to
     // nothing, or not a file to read (a FIFO would be waited on for ever).
-    let error = match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => None,
-        Ok(_) => Some(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, a device or a folder?)",
-        )),
-        Err(e) => Some(e),
-    };
-    if let Some(error) = error {
-        return Err(VisionError::WeightsIo { path: path.to_path_buf(), error });
+    rsb_files::open_regular_file(path)
+        .map_err(|error| VisionError::WeightsIo { path: path.to_path_buf(), error })?;
+    if let Some(problem) = unreadable_dtypes(path) {
+        return Err(VisionError::Safetensors { path: path.to_path_buf(), problem });
     }
     Tensor::read_safetensors(path).map_err(|e| {
         // Only a file that is not safetensors is looked at again: a header
@@ -54,6 +49,73 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionErro
             problem: format!("not a readable safetensors file: {}", safetensors_problem(e)),
         }
     })
+}
+
+/// The dtypes tch's safetensors reader converts to a libtorch kind.
+const READABLE_DTYPES: [Dtype; 10] = [
+    Dtype::F32,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::F64,
+    Dtype::I8,
+    Dtype::I16,
+    Dtype::I32,
+    Dtype::I64,
+    Dtype::U8,
+    Dtype::BOOL,
+];
+
+/// Names the tensors of the file whose dtype tch cannot read (F8, U16,
+/// U32, U64, ...), which tch's older safetensors reader refuses without
+/// naming the tensor, or refuses as an unreadable header (F8). `None` when
+/// every dtype is readable, or when the header itself is unreadable: that
+/// is left to the full read to report.
+fn unreadable_dtypes(path: &Path) -> Option<String> {
+    let header = read_safetensors_header(path).ok()?;
+    let metadata: Metadata = serde_json::from_slice(&header).ok()?;
+    let tensors = metadata.tensors();
+    let total = tensors.len();
+    let mut unreadable: Vec<(String, Dtype)> = tensors
+        .into_iter()
+        .filter(|(_, info)| !READABLE_DTYPES.contains(&info.dtype))
+        .map(|(name, info)| (name, info.dtype))
+        .collect();
+    if unreadable.is_empty() {
+        return None;
+    }
+    unreadable.sort();
+    const NAMED: usize = 5;
+    let mut named: Vec<String> =
+        unreadable.iter().take(NAMED).map(|(name, dtype)| format!("`{name}` ({dtype})")).collect();
+    if unreadable.len() > NAMED {
+        named.push(format!("and {} more", unreadable.len() - NAMED));
+    }
+    let readable: Vec<String> = READABLE_DTYPES.iter().map(Dtype::to_string).collect();
+    Some(format!(
+        "{} of its {} tensors have a dtype libtorch's reader here cannot take: {}. It reads {}; \
+         convert them first (in PyTorch, `t.float()` for a float, `t.to(torch.int64)` for an \
+         integer) and save again",
+        unreadable.len(),
+        total,
+        named.join(", "),
+        readable.join(", ")
+    ))
+}
+
+/// The JSON header of a safetensors file: its first 8 bytes give the
+/// header's length (little-endian), capped as the format caps it.
+fn read_safetensors_header(path: &Path) -> std::io::Result<Vec<u8>> {
+    const MAX_HEADER_LEN: u64 = 100_000_000;
+    let mut file = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_LEN {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "header too large"));
+    }
+    let mut header = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut header)?;
+    Ok(header)
 }
 
 /// libtorch's error without the path it repeats.
@@ -109,5 +171,58 @@ mod tests {
         std::fs::create_dir(&folder).unwrap();
         let err = read_safetensors(&folder).unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    /// A safetensors file laid out by hand: its header, then `data`.
+    fn write_raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn tensors_of_a_dtype_libtorch_cannot_read_here_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        // F8 (which tch's own reader takes for an unreadable header) and
+        // U32 (which it refuses without naming the tensor), beside F32.
+        let path = tmp.path().join("mixed.safetensors");
+        write_raw_safetensors(
+            &path,
+            r#"{"conv1.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                "fc.weight":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[8,12]},
+                "fc.bias":{"dtype":"U32","shape":[1],"data_offsets":[12,16]}}"#,
+            &[0u8; 16],
+        );
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains("mixed.safetensors"), "{err}");
+        assert!(err.contains("2 of its 3 tensors"), "{err}");
+        assert!(err.contains("`fc.bias` (U32), `fc.weight` (F8_E4M3)"), "{err}");
+        assert!(!err.contains("conv1.weight"), "{err}");
+        // Many are counted past the first five.
+        let many = (0..7)
+            .map(|i| {
+                format!(
+                    r#""w{i}":{{"dtype":"U16","shape":[1],"data_offsets":[{},{}]}}"#,
+                    2 * i,
+                    2 * i + 2
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let path = tmp.path().join("many.safetensors");
+        write_raw_safetensors(&path, &format!("{{{many}}}"), &[0u8; 14]);
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains("7 of its 7") && err.contains("`w4` (U16), and 2 more"), "{err}");
+        // Readable dtypes pass the check and are read.
+        let path = tmp.path().join("fine.safetensors");
+        write_raw_safetensors(
+            &path,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                "b":{"dtype":"I64","shape":[1],"data_offsets":[8,16]}}"#,
+            &[0u8; 16],
+        );
+        let read = read_safetensors(&path).unwrap();
+        assert_eq!(read.len(), 2);
     }
 }

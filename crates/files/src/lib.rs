@@ -7,6 +7,9 @@
 //! are read back with [`read_regular_file`] ([`open_regular_file`]), which
 //! refuses what is not a regular file (a FIFO would make the reader wait for a writer for ever).
 
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -66,16 +69,22 @@ pub fn not_a_regular_file() -> std::io::Error {
 /// nothing is an error (`NotFound`, naming no file the caller could mean
 /// as absent), as is anything that is not a regular file.
 pub fn read_regular_file_if_present(path: &Path) -> std::io::Result<Option<String>> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        _ => match read_regular_file(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "a link to nothing (its target does not exist)",
-            )),
-            other => other.map(Some),
-        },
+    if nothing_at(path) {
+        return Ok(None);
     }
+    match read_regular_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "a link to nothing (its target does not exist)",
+        )),
+        other => other.map(Some),
+    }
+}
+
+/// Whether nothing at all is at `path`: not a file, a folder, a FIFO, nor
+/// a link (even to nothing), so a reader may treat it as not written yet.
+pub fn nothing_at(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Reads a small text file (a manifest, a list, a label file) opened with
