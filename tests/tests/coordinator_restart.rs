@@ -14,7 +14,9 @@
 //! (a pod evicted) the job is restored and the agents continue it; after
 //! the coordinator and every host were killed, the restarted coordinator
 //! waits one heartbeat timeout for the old agents, then continues the job
-//! on the hosts that join, from the newest checkpoint on disk.
+//! on the hosts that join, from the newest checkpoint on disk. A rank
+//! whose call for its assignment the stop cut asks again and trains in the
+//! restored generation.
 
 use rsb_integration_tests::elastic_records::{all_records, planned_updates};
 use rsb_integration_tests::free_port;
@@ -414,6 +416,75 @@ fn an_auto_resume_restart_of_a_job_that_never_started_starts_it_anew() {
     assert_eq!(hosts, ["a", "b"]);
     let last = run_records(&out, "step").last().cloned().unwrap();
     assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&out), "{last}");
+}
+
+/// Host c joins the running job of host a and its rank waits for its
+/// assignment, which comes when c is admitted at the next committed
+/// checkpoint; before then the coordinator is stopped (SIGTERM, a pod
+/// evicted) and started again with the same command line. The restored
+/// generation admits c, and c's rank, whose call the stop cut, asks again
+/// until the coordinator answers and trains in that generation: the job
+/// needs no generation but the restored one, and no rank fails. Before, c's
+/// rank died with the coordinator's connection; its agent, which had never
+/// seen a generation of its own, took the restored one for its dead ranks'
+/// and waited, and the job lost a rendezvous deadline and a restart to c.
+#[test]
+fn a_rank_waiting_for_its_assignment_outlives_a_coordinator_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 125 updates an epoch, checkpoints at epoch ends only: c waits long
+    // enough for the stop to come first.
+    let data = fashion_subset(tmp.path(), 200, 2);
+    let out = tmp.path().join("run");
+    let mut sets = job_sets(&data, 1);
+    sets.retain(|s| !s.starts_with("runtime.checkpoint_every_updates"));
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--listen", &listen, "--nodes", "1", "--max-nodes", "2", "--auto-resume"];
+    let first_log = tmp.path().join("coordinator-1.log");
+    let first = sweeps::coordinator_up(&out, &sets, &args, &first_log);
+    let a = sweeps::worker_join(port, "a", &tmp.path().join("worker-a.log"));
+    wait_until("the first update", &first_log, || !run_records_or_empty(&out, "step").is_empty());
+    let c_log = tmp.path().join("worker-c.log");
+    let c = sweeps::worker_join(port, "c", &c_log);
+    wait_until("host c's rank process", &first_log, || {
+        std::fs::read_to_string(&first_log).unwrap_or_default().contains("admitted at its next")
+            && !rsb_integration_tests::processes::descendants(c.id()).is_empty()
+    });
+    // Its rank loads libtorch, connects and asks for its assignment.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(run_records_or_empty(&out, "generation").len() == 1, "c was admitted too soon");
+    assert!(signal(first.id(), "TERM"));
+    let stopped = wait_with_timeout(first, Duration::from_secs(30), "the stopped coordinator");
+    assert!(!stopped.status.success());
+    let stopped_at = Instant::now();
+    let records_before = all_records(&out).len();
+    std::thread::sleep(Duration::from_secs(2));
+    let log = tmp.path().join("coordinator-2.log");
+    let second = sweeps::coordinator_up(&out, &sets, &args, &log);
+    wait_until("the first update after the restart", &log, || {
+        all_records(&out).iter().skip(records_before).any(|r| r["kind"] == "step")
+    });
+    let recovered = stopped_at.elapsed();
+    assert_succeeds(second, Duration::from_secs(240), "the restarted coordinator", &log);
+    assert_succeeds(c, Duration::from_secs(30), "worker c", &c_log);
+    assert_succeeds(a, Duration::from_secs(30), "worker a", &tmp.path().join("worker-a.log"));
+    let said = std::fs::read_to_string(&c_log).unwrap();
+    assert!(!said.contains("exited with"), "a rank of c failed:\n{said}");
+    // Its call was cut, and made again (the stop came first).
+    assert!(said.contains("no assignment from the coordinator"), "{said}");
+    assert!(said.contains("assignment received"), "{said}");
+    let generations = run_records(&out, "generation");
+    let kinds: Vec<&serde_json::Value> =
+        generations.iter().map(|g| &g["reasons"][0]["kind"]).collect();
+    assert_eq!(kinds, ["start", "coordinator_restarted"], "{generations:#?}");
+    assert_eq!(generations[1]["world_size"], 2, "{generations:#?}");
+    let last = run_records(&out, "step").last().cloned().unwrap();
+    assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&out), "{last}");
+    println!(
+        "coordinator SIGTERM while host c's rank waited for its assignment, started again 2 s \
+         later: first update of the restored generation (a, c) {:.1} s after the stop",
+        recovered.as_secs_f64()
+    );
 }
 
 /// A job started with `--auto-resume` and no token writes one into the run

@@ -142,6 +142,11 @@ pub struct RankArgs {
     /// (`data.loader_threads: 0`); 0 keeps the automatic choice.
     #[arg(long, default_value_t = 0)]
     pub loader_threads: u32,
+    /// How long the rank asks again for its assignment while the
+    /// coordinator does not answer (restarting): its agent's own
+    /// `--coordinator-deadline-secs`.
+    #[arg(long, default_value_t = 60)]
+    pub coordinator_deadline_secs: u64,
 }
 
 /// How long a rank may take to stop on its own after `SIGTERM` (train on
@@ -424,6 +429,7 @@ async fn serve_member(
                 .args(["--local-rank", &local_rank.to_string()])
                 .args(["--advertise", &advertise.to_string()]);
             cmd.args(["--loader-threads", &cores_per_rank.to_string()]);
+            cmd.args(["--coordinator-deadline-secs", &args.coordinator_deadline_secs.to_string()]);
             // The host's cores are shared out: a rank's libtorch threads
             // too (on a GPU they serve the host-side work).
             cmd.args(["--torch-threads", &cores_per_rank.to_string()]);
@@ -912,18 +918,12 @@ fn run_rank(
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
     }
-    let assignment = runtime
-        .block_on(client.get_assignment(pb::AssignmentRequest {
-            member_id: args.member.clone(),
-            local_rank: args.local_rank,
-        }))
-        .with_context(|| {
-            format!(
-                "member {} local rank {}: waiting for an assignment from {}",
-                args.member, args.local_rank, args.coordinator
-            )
-        })?
-        .into_inner();
+    let assignment = runtime.block_on(fetch_assignment(client, args)).with_context(|| {
+        format!(
+            "member {} local rank {}: waiting for an assignment from {}",
+            args.member, args.local_rank, args.coordinator
+        )
+    })?;
     *generation = assignment.generation;
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
@@ -933,6 +933,49 @@ fn run_rank(
         log.note_failure(e);
     }
     outcome
+}
+
+/// Asks the coordinator for this rank's assignment; the call waits until
+/// the generation that includes it opens. A call that finds the coordinator
+/// away, or that its stop or restart cuts, is made again, waiting twice as
+/// long after each failure (up to 8 s), until the coordinator has not
+/// answered for `--coordinator-deadline-secs`, as the agent heartbeats: a
+/// restored coordinator opens a generation over the saved hosts, this one
+/// included, and the call made again gets its assignment there. Before,
+/// the rank died with the connection, and an agent that had not yet seen a
+/// generation of its own took the restored one for its dead rank's.
+async fn fetch_assignment(client: &mut Client, args: &RankArgs) -> Result<pb::Assignment> {
+    let request =
+        pb::AssignmentRequest { member_id: args.member.clone(), local_rank: args.local_rank };
+    let deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
+    let mut wait = Duration::from_millis(250);
+    let mut away_since: Option<tokio::time::Instant> = None;
+    loop {
+        let status = match client.get_assignment(request.clone()).await {
+            Ok(answer) => {
+                if away_since.is_some() {
+                    tracing::info!("the coordinator answered: assignment received");
+                }
+                return Ok(answer.into_inner());
+            }
+            Err(status) if crate::reports::worth_another_try(status.code()) => status,
+            Err(status) => return Err(status.into()),
+        };
+        let since = *away_since.get_or_insert_with(|| {
+            tracing::warn!(
+                error = %status,
+                "no assignment from the coordinator (away, or restarting); asking again until \
+                 it answers, for at most {deadline:?}"
+            );
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() > deadline {
+            return Err(anyhow::Error::from(status)
+                .context(format!("the coordinator has not answered for {deadline:?}")));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(HEARTBEAT_BACKOFF_MAX);
+    }
 }
 
 /// The rank's share of the job, once it has its assignment.

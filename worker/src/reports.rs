@@ -330,7 +330,7 @@ fn connection_refused(status: &tonic::Status) -> bool {
 /// Whether a report that failed with `code` may be taken if sent again: the
 /// coordinator was not reached, did not answer in time, or was busy.
 /// Refusals (a stale generation, a bad record, credentials) are final.
-fn worth_another_try(code: tonic::Code) -> bool {
+pub(crate) fn worth_another_try(code: tonic::Code) -> bool {
     use tonic::Code;
     matches!(
         code,
