@@ -879,3 +879,119 @@ fn command_line_numbers_past_what_can_be_held_are_refused_naming_the_option() {
     }
     assert!(!tmp.path().join("run/recipe.yaml").exists(), "a refused job wrote its recipe");
 }
+
+/// A memory cgroup limited to a number of bytes (the v1 `memory`
+/// hierarchy, or v2 where its root delegates the memory controller),
+/// removed when dropped. `None` where none can be made (not root, no
+/// memory controller).
+struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Option<MemoryCgroup> {
+        let name = format!("rsb-test-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let (dir, file) = if v1.join("memory.limit_in_bytes").is_file() {
+            (v1.join(&name), "memory.limit_in_bytes")
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        {
+            (v2.join(&name), "memory.max")
+        } else {
+            return None;
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let cgroup = MemoryCgroup { dir };
+        std::fs::write(cgroup.dir.join(file), limit.to_string()).ok()?;
+        Some(cgroup)
+    }
+
+    /// `worker args` run inside the cgroup (it moves itself in, then execs).
+    fn worker(&self, args: &[&str]) -> Output {
+        Command::new("sh")
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(&self.dir)
+            .arg(binary("worker"))
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .expect("running worker in a cgroup")
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Its processes have exited; the kernel may take a moment to say so.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("could not remove the cgroup {}", self.dir.display());
+    }
+}
+
+/// `worker eval` on the CPU at 1000 px with the default batch of 256, in
+/// a cgroup of 2.5 GiB: 30 images at once take about 4 GiB, and the kernel
+/// killed the evaluation (SIGKILL, no word of why). It now measures one
+/// image's forward pass, evaluates in batches that fit the memory its
+/// cgroup leaves, saying so, and scores as a run of one image a batch does.
+#[test]
+fn an_evaluation_larger_than_the_memory_it_may_take_runs_in_batches_that_fit() {
+    use rsb_integration_tests::{is_root, require};
+    if !require(is_root(), "root, to make a memory cgroup") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 1, 3);
+    let weights = tmp.path().join("resnet18.safetensors");
+    let model = rsb_vision::Model::new(
+        "resnet18",
+        rsb_vision::ModelConfig { num_classes: 10, ..Default::default() },
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    model.save_safetensors(&weights).unwrap();
+    let weights = weights.display().to_string();
+    let data = data.display().to_string();
+    let args = [
+        "eval",
+        "--model",
+        "resnet18",
+        "--weights",
+        &weights,
+        "--data",
+        &data,
+        "--input-size",
+        "1000",
+        "--threads",
+        "2",
+    ];
+    let cgroup = MemoryCgroup::new(5 << 29);
+    if !require(cgroup.is_some(), "a memory cgroup (v1, or v2 with the memory controller)") {
+        return;
+    }
+    let limited = cgroup.as_ref().unwrap().worker(&args);
+    drop(cgroup);
+    let log = String::from_utf8_lossy(&limited.stderr);
+    assert!(limited.status.success(), "{:?}: {log}", limited.status);
+    let batch: usize = log
+        .split("evaluating ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no smaller batch announced: {log}"));
+    assert!((1..30).contains(&batch), "{batch}: {log}");
+    assert!(log.contains("--batch-size 256 at 1000 px would take about"), "{log}");
+    assert!(log.contains("for 30 images"), "{log}");
+    // The scores of the same images one at a time.
+    let alone = worker(&[&args[..], &["--batch-size", "1"]].concat());
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    let scores = |run: &Output| String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(scores(&limited).contains("30 images"), "{}", scores(&limited));
+    assert_eq!(scores(&limited), scores(&alone));
+    println!("1000 px, cgroup of 2.5 GiB: evaluated in batches of {batch}");
+}

@@ -15,7 +15,7 @@ use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Which device to use: `auto` (the first GPU if any), `cpu`, or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
@@ -320,6 +320,74 @@ fn crop_fraction(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Batches `worker eval`'s loader prepares ahead of the model.
+const EVAL_PREFETCH: usize = 4;
+
+/// Of the memory available, the share a CPU evaluation plans to take: the
+/// rest is headroom for the measurement's error and the decoders.
+const EVAL_MEMORY_SHARE: f64 = 0.75;
+
+/// The largest batch, up to `asked`, whose CPU evaluation at `size` px fits
+/// in the memory this host has available, so that an evaluation too large
+/// for it (`--input-size 3000` at the default batch of 256: hundreds of
+/// GiB) runs in smaller batches, saying so, instead of being killed by the
+/// kernel's OOM killer. An image's share is measured: the peak memory of
+/// the model's forward pass over one image of that size (its input
+/// included), plus the decoded bytes of it that the loader holds in the
+/// batches it prepares ahead. Scores do not depend on the batch (the model
+/// evaluates each image on its own). Where memory cannot be measured, the
+/// batch asked for is kept. The warning counts the batch the `images` of
+/// the set make at most (a batch of 256 over 30 images holds 30).
+fn eval_batch_that_fits(
+    model: &mut Model,
+    model_name: &str,
+    size: u32,
+    asked: usize,
+    images: usize,
+) -> Result<usize> {
+    let Some(available) = crate::host_memory::available_bytes() else {
+        return Ok(asked);
+    };
+    let side = i64::from(size);
+    let (forward, measured) = crate::host_memory::peak_growth(|| {
+        let _guard = tch::no_grad_guard();
+        let probe = Tensor::f_zeros([1, 3, side, side], (Kind::Float, Device::Cpu))?;
+        model.forward(&probe, ForwardMode::Eval).map(drop)
+    });
+    forward.with_context(|| format!("{model_name}: a forward pass over one {size} px image"))?;
+    let Some(forward) = measured else {
+        return Ok(asked);
+    };
+    let decoded = 3 * u64::from(size) * u64::from(size) * (EVAL_PREFETCH as u64 + 2);
+    let per_image = forward + decoded;
+    let usable = (available as f64 * EVAL_MEMORY_SHARE) as u64;
+    let fits = usize::try_from(usable / per_image.max(1)).unwrap_or(usize::MAX);
+    let gib = crate::host_memory::human;
+    if fits == 0 {
+        bail!(
+            "one {size} px image takes about {} to evaluate with {model_name} (its forward \
+             pass, measured, and the loader's decoded copies), more than the {} this host has \
+             available ({} of it planned for): choose a smaller --input-size",
+            gib(per_image),
+            gib(available),
+            gib(usable)
+        );
+    }
+    let held = asked.min(images.max(1));
+    if fits < held {
+        tracing::warn!(
+            "--batch-size {asked} at {size} px would take about {} for {held} images (about \
+             {} an image: {model_name}'s forward pass, measured, and the loader's decoded \
+             copies), more than the {} this host has available: evaluating {fits} images per \
+             batch instead (the scores do not depend on the batch)",
+            gib(per_image.saturating_mul(held as u64)),
+            gib(per_image),
+            gib(available)
+        );
+    }
+    Ok(asked.min(fits))
+}
+
 /// `worker eval`: top-1/top-5 on the given images (and ReaL on them with
 /// `--real-labels`), then on each of the recipe's `eval.sets`.
 pub fn eval(args: EvalArgs) -> Result<()> {
@@ -403,6 +471,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let normalizer = Normalizer::new(mean, std, device, false);
     let threads =
         if args.threads == 0 { rsb_data::loader::default_threads() } else { args.threads };
+    let batch_size = match device {
+        Device::Cpu => {
+            let images = folder.len();
+            eval_batch_that_fits(&mut model, &model_name, transform.size, args.batch_size, images)?
+        }
+        // A GPU out of memory is libtorch's error, not the OOM killer.
+        _ => args.batch_size,
+    };
     // The class names eval sets are held to (and label files map through):
     // V2's numbered folders name indices, not classes.
     let classes = if args.v2 { Vec::new() } else { folder.classes().to_vec() };
@@ -412,7 +488,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             let real = rsb_data::labels::RealLabels::read(path)?;
             let scoring = rsb_data::labels::Scoring::Real(Arc::new(real));
             scoring.check(folder.samples(), num_classes as usize)?;
-            let data = Arc::new(EvalData::new(folder.clone(), transform, args.batch_size));
+            let data = Arc::new(EvalData::new(folder.clone(), transform, batch_size));
             Some(EvalSet { name: "real".into(), data, scoring })
         }
         None => None,
@@ -423,11 +499,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(r) = &recipe {
         let mut r = r.clone();
         r.model.num_classes = num_classes as u32;
-        r.eval.batch_size = args.batch_size as u32;
+        r.eval.batch_size = batch_size as u32;
+        // Scored as the given images are: at the size and crop asked for.
+        r.eval.input_size = args.input_size.unwrap_or(r.eval.input_size);
+        r.eval.crop_pct = args.crop_pct.unwrap_or(r.eval.crop_pct);
         sets.extend(rsb_train::from_recipe::eval_sets(&r, &classes)?);
     }
-    let data = Arc::new(EvalData::new(folder, transform, args.batch_size));
-    let acc = evaluate(&mut model, &data, &normalizer, EvalShard::whole(threads, 4))?;
+    let data = Arc::new(EvalData::new(folder, transform, batch_size));
+    let acc = evaluate(&mut model, &data, &normalizer, EvalShard::whole(threads, EVAL_PREFETCH))?;
     if acc.scored_nothing() {
         bail!(
             "{}: none of its {images} images could be read or decoded (each is named in a \
@@ -446,7 +525,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         acc.mean_loss()
     );
     for set in &sets {
-        let score = evaluate_set(&mut model, set, &normalizer, EvalShard::whole(threads, 4))?;
+        let score =
+            evaluate_set(&mut model, set, &normalizer, EvalShard::whole(threads, EVAL_PREFETCH))?;
         if score.scored_nothing() {
             bail!(
                 "eval set `{}`: none of its {} images could be read or decoded (each is named \

@@ -8,6 +8,7 @@ mod bench_data;
 mod commands;
 mod data_shard;
 mod doctor;
+mod host_memory;
 mod join;
 mod relay;
 mod reports;
