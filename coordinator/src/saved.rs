@@ -304,10 +304,10 @@ impl Job {
         job.restore_counters(saved.next_member, saved.started, saved.restarts);
         let members: Vec<Member> = saved.members.iter().map(member).collect::<Result<_, _>>()?;
         let pending: Vec<Member> = saved.pending.iter().map(member).collect::<Result<_, _>>()?;
-        // A job that never started is waited for again: the ranks of the
-        // hosts that had joined died waiting for their assignment with the
-        // old coordinator's connection, and nothing would start them again.
-        // Their agents, now unknown, stop those ranks and join again.
+        // A job that never started is waited for again, keeping none of
+        // the hosts that had joined: their ranks, asking again for the
+        // assignment the old coordinator's stop cut, are refused as unknown,
+        // and their agents, refused too, stop them and join again.
         // Pending members are admitted by the restored generation, which
         // records their admission.
         if saved.started {
@@ -638,8 +638,9 @@ mod tests {
         assert!(!saved.started);
         let mut job = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
         job.await_restored_members(false);
-        // Its joined host's rank died waiting for an assignment: the host
-        // is not kept, and joins are taken at once.
+        // Its joined host is not kept (its rank's call for an assignment,
+        // made again, is refused as its heartbeat is), and joins are taken
+        // at once.
         assert!(job.members.is_empty());
         assert!(job.heartbeat(&members[0].0).is_err());
         assert_eq!(job.join_later(), None);
