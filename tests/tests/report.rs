@@ -249,6 +249,7 @@ fn a_sweep_of_many_unstarted_cells_logs_ten_of_them_and_counts_the_rest() {
     assert!(stdout.contains("197 run(s) skipped (197 not started), 3 reported"), "{stdout}");
     assert_eq!(stderr.matches("run skipped").count(), rsb_report::runs::SKIPS_LOGGED, "{stderr}");
     assert!(stderr.contains("and 187 run(s) skipped (187 not started)"), "{stderr}");
+    assert!(!stderr.contains("not started) more"), "{stderr}");
 }
 
 #[test]

@@ -334,10 +334,14 @@ const EVAL_MEMORY_SHARE: f64 = 0.75;
 /// kernel's OOM killer. An image's share is measured: the peak memory of
 /// the model's forward pass over one image of that size (its input
 /// included), plus the decoded bytes of it that the loader holds in the
-/// batches it prepares ahead. Scores do not depend on the batch (the model
-/// evaluates each image on its own). Where memory cannot be measured, the
-/// batch asked for is kept. The warning counts the batch the `images` of
-/// the set make at most (a batch of 256 over 30 images holds 30).
+/// batches it prepares ahead. A pass at half the side comes first: it pays
+/// the one-time costs (library pages, thread pools) that would swell the
+/// measure, and its figure, scaled by the area, refuses an image too large
+/// for the host before a pass at full size could be killed. Scores do not
+/// depend on the batch (the model evaluates each image on its own). Where
+/// memory cannot be measured, the batch asked for is kept. The warning
+/// counts the batch the `images` of the set make at most (a batch of 256
+/// over 30 images holds 30).
 fn eval_batch_that_fits(
     model: &mut Model,
     model_name: &str,
@@ -345,15 +349,33 @@ fn eval_batch_that_fits(
     asked: usize,
     images: usize,
 ) -> Result<usize> {
+    use crate::host_memory::{human, peak_growth};
     let Some(available) = crate::host_memory::available_bytes() else {
         return Ok(asked);
     };
-    let side = i64::from(size);
-    let (forward, measured) = crate::host_memory::peak_growth(|| {
+    let mut forward_one = |side: u32| {
         let _guard = tch::no_grad_guard();
+        let side = i64::from(side);
         let probe = Tensor::f_zeros([1, 3, side, side], (Kind::Float, Device::Cpu))?;
         model.forward(&probe, ForwardMode::Eval).map(drop)
-    });
+    };
+    let half = (size / 2).max(32).min(size);
+    // A model that takes one size only fails here: the pass at full size
+    // then measures alone.
+    if let (Ok(()), Some(growth)) = peak_growth(|| forward_one(half)) {
+        let predicted = (growth as f64 * (f64::from(size) / f64::from(half)).powi(2)) as u64;
+        if predicted > available {
+            bail!(
+                "one {size} px image would take about {} to evaluate with {model_name} \
+                 (extrapolated by area from a pass at {half} px, measured: {}), more than the \
+                 {} this host has available: choose a smaller --input-size",
+                human(predicted),
+                human(growth),
+                human(available)
+            );
+        }
+    }
+    let (forward, measured) = peak_growth(|| forward_one(size));
     forward.with_context(|| format!("{model_name}: a forward pass over one {size} px image"))?;
     let Some(forward) = measured else {
         return Ok(asked);
@@ -361,28 +383,27 @@ fn eval_batch_that_fits(
     let decoded = 3 * u64::from(size) * u64::from(size) * (EVAL_PREFETCH as u64 + 2);
     let per_image = forward + decoded;
     let usable = (available as f64 * EVAL_MEMORY_SHARE) as u64;
-    let fits = usize::try_from(usable / per_image.max(1)).unwrap_or(usize::MAX);
-    let gib = crate::host_memory::human;
-    if fits == 0 {
-        bail!(
-            "one {size} px image takes about {} to evaluate with {model_name} (its forward \
-             pass, measured, and the loader's decoded copies), more than the {} this host has \
-             available ({} of it planned for): choose a smaller --input-size",
-            gib(per_image),
-            gib(available),
-            gib(usable)
-        );
-    }
+    // One image a batch at least: the pass over one just ran.
+    let fits = usize::try_from(usable / per_image.max(1)).unwrap_or(usize::MAX).max(1);
     let held = asked.min(images.max(1));
     if fits < held {
         tracing::warn!(
             "--batch-size {asked} at {size} px would take about {} for {held} images (about \
              {} an image: {model_name}'s forward pass, measured, and the loader's decoded \
-             copies), more than the {} this host has available: evaluating {fits} images per \
-             batch instead (the scores do not depend on the batch)",
-            gib(per_image.saturating_mul(held as u64)),
-            gib(per_image),
-            gib(available)
+             copies), more than the {} of the {} this host has available that an evaluation \
+             plans for: evaluating {fits} image(s) per batch instead (the scores do not \
+             depend on the batch)",
+            human(per_image.saturating_mul(held as u64)),
+            human(per_image),
+            human(usable),
+            human(available)
+        );
+    } else if fits < asked {
+        tracing::info!(
+            "evaluating at most {fits} images per batch at {size} px (about {} an image, of \
+             the {} this host has available)",
+            human(per_image),
+            human(available)
         );
     }
     Ok(asked.min(fits))

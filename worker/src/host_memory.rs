@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 /// Bytes this process may still take: `MemAvailable` of `/proc/meminfo`,
-/// or less where its cgroup (v2) limit leaves less.
+/// or less where a memory cgroup it is in leaves less.
 pub fn available_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let host = kib_field(&meminfo, "MemAvailable:")?;
@@ -18,37 +18,76 @@ pub fn available_bytes() -> Option<u64> {
     })
 }
 
-/// What this process's memory cgroup still allows: its limit less what it
-/// holds, page cache that can be dropped (`inactive_file`) not counted.
-/// cgroup v2 (`memory.max`, `memory.current`) or v1 (`memory.limit_in_bytes`,
-/// `memory.usage_in_bytes`); `None` without a limit or a memory cgroup.
+/// The files of one cgroup version's memory controller.
+struct CgroupFiles {
+    /// Where the hierarchy is mounted.
+    mount: &'static str,
+    limit: &'static str,
+    usage: &'static str,
+    /// The `memory.stat` field of the page cache the kernel reclaims
+    /// before it kills (`total_cache` counts the descendants on v1).
+    cache: &'static str,
+}
+
+const CGROUP_V1: CgroupFiles = CgroupFiles {
+    mount: "/sys/fs/cgroup/memory",
+    limit: "memory.limit_in_bytes",
+    usage: "memory.usage_in_bytes",
+    cache: "total_cache",
+};
+
+const CGROUP_V2: CgroupFiles = CgroupFiles {
+    mount: "/sys/fs/cgroup",
+    limit: "memory.max",
+    usage: "memory.current",
+    cache: "file",
+};
+
+/// What the memory cgroups this process is in still allow: for its own
+/// cgroup and each one above it (a limit set on a parent, as a systemd
+/// slice or a batch system's job sets it, binds too), the limit less what
+/// the cgroup holds, page cache not counted (the kernel reclaims it before
+/// it kills); the least of them. cgroup v1 (`memory.limit_in_bytes`) or v2
+/// (`memory.max`). Inside a container whose own cgroup is mounted as the
+/// hierarchy's root, the path `/proc/self/cgroup` names is not there: the
+/// root is read. `None` without a limit or a memory cgroup.
 fn cgroup_headroom() -> Option<u64> {
     let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let in_hierarchy =
-        |root: &str, path: &str| PathBuf::from(root).join(path.trim_start_matches('/'));
     // v1: `4:memory:/path`; v2: `0::/path`.
-    let (dir, limit, usage, inactive) = if let Some(path) =
-        membership.lines().find_map(|line| line.split_once(":memory:").map(|(_, path)| path))
-    {
-        let dir = in_hierarchy("/sys/fs/cgroup/memory", path);
-        (dir, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-    } else {
-        let path = membership.lines().find_map(|line| line.strip_prefix("0::"))?;
-        (in_hierarchy("/sys/fs/cgroup", path), "memory.max", "memory.current", "inactive_file")
-    };
+    let (files, path) =
+        match membership.lines().find_map(|line| line.split_once(":memory:").map(|(_, path)| path))
+        {
+            Some(path) => (CGROUP_V1, path),
+            None => (CGROUP_V2, membership.lines().find_map(|line| line.strip_prefix("0::"))?),
+        };
+    let mount = PathBuf::from(files.mount);
+    let own = mount.join(path.trim().trim_start_matches('/'));
+    let start = if own.is_dir() { own } else { mount.clone() };
+    start
+        .ancestors()
+        .take_while(|dir| dir.starts_with(&mount))
+        .filter_map(|dir| headroom_of(dir, &files))
+        .min()
+}
+
+/// One cgroup's limit less what it holds but its page cache; `None`
+/// without a limit (`max` on v2, a huge number on v1) or its files.
+fn headroom_of(dir: &std::path::Path, files: &CgroupFiles) -> Option<u64> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-    // `max` (v2) does not parse: no limit. v1 says none with a huge number.
-    let limit: u64 = read(limit)?.trim().parse().ok()?;
+    let limit: u64 = read(files.limit)?.trim().parse().ok()?;
     if limit >= 1 << 60 {
         return None;
     }
-    let usage: u64 = read(usage)?.trim().parse().ok()?;
-    let droppable = read("memory.stat")
+    let usage: u64 = read(files.usage)?.trim().parse().ok()?;
+    let cache = read("memory.stat")
         .and_then(|stat| {
-            stat.lines().find_map(|line| line.strip_prefix(inactive)?.trim().parse::<u64>().ok())
+            stat.lines().find_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                (name == files.cache).then(|| value.trim().parse::<u64>().ok()).flatten()
+            })
         })
         .unwrap_or(0);
-    Some(limit.saturating_sub(usage.saturating_sub(droppable)))
+    Some(limit.saturating_sub(usage.saturating_sub(cache)))
 }
 
 /// Runs `work` and returns its result with how far it raised the process's

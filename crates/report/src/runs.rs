@@ -166,7 +166,7 @@ pub fn log_skipped(dir: &Path, skipped: &[Skipped]) {
         );
     }
     if let Some(rest) = skipped.get(SKIPS_LOGGED..).filter(|rest| !rest.is_empty()) {
-        tracing::warn!(sweep = %dir.display(), "and {} more", skipped_text(rest));
+        tracing::warn!(sweep = %dir.display(), "and {}", skipped_text(rest));
     }
 }
 

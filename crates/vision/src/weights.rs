@@ -91,12 +91,15 @@ fn unreadable_dtypes(path: &Path) -> Option<String> {
         named.push(format!("and {} more", unreadable.len() - NAMED));
     }
     let readable: Vec<String> = READABLE_DTYPES.iter().map(Dtype::to_string).collect();
+    let which = match (unreadable.len(), total) {
+        (1, 1) => "its one tensor has".to_string(),
+        (1, total) => format!("1 of its {total} tensors has"),
+        (n, total) => format!("{n} of its {total} tensors have"),
+    };
     Some(format!(
-        "{} of its {} tensors have a dtype libtorch's reader here cannot take: {}. It reads {}; \
-         convert them first (in PyTorch, `t.float()` for a float, `t.to(torch.int64)` for an \
-         integer) and save again",
-        unreadable.len(),
-        total,
+        "{which} a dtype libtorch's reader here cannot take: {}. It reads {}; convert them \
+         first (in PyTorch, `t.float()` for a float, `t.to(torch.int64)` for an integer) and \
+         save again",
         named.join(", "),
         readable.join(", ")
     ))
