@@ -152,6 +152,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cgroup_leaves_its_limit_less_what_it_holds_but_its_page_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
+        write("memory.max", "1000\n");
+        write("memory.current", "600\n");
+        write("memory.stat", "anon 400\nfile 100\nfile_mapped 50\n");
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), Some(500));
+        // No such field: nothing counted as reclaimable.
+        write("memory.stat", "anon 600\n");
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), Some(400));
+        write("memory.max", "max\n");
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), None);
+        write("memory.limit_in_bytes", "9223372036854771712\n");
+        write("memory.usage_in_bytes", "600\n");
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V1), None);
+        write("memory.limit_in_bytes", "2000\n");
+        write("memory.stat", "cache 10\ntotal_cache 300\n");
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V1), Some(1700));
+    }
+
+    #[test]
     fn sizes_are_shown_in_mib_or_gib() {
         assert_eq!(human(100 << 20), "100 MiB");
         assert_eq!(human(3 << 29), "1.5 GiB");
