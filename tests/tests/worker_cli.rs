@@ -939,6 +939,8 @@ impl Drop for MemoryCgroup {
 /// killed the evaluation (SIGKILL, no word of why). It now measures one
 /// image's forward pass, evaluates in batches that fit the memory its
 /// cgroup leaves, saying so, and scores as a run of one image a batch does.
+/// At 3000 px in a cgroup of 1.5 GiB, one image does not fit: refused,
+/// naming the figures, not killed.
 #[test]
 fn an_evaluation_larger_than_the_memory_it_may_take_runs_in_batches_that_fit() {
     use rsb_integration_tests::{is_root, require};
@@ -993,5 +995,15 @@ fn an_evaluation_larger_than_the_memory_it_may_take_runs_in_batches_that_fit() {
     let scores = |run: &Output| String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(scores(&limited).contains("30 images"), "{}", scores(&limited));
     assert_eq!(scores(&limited), scores(&alone));
+    // One image too large for the cgroup: refused, naming the figures,
+    // before a pass at full size could be killed.
+    let small = MemoryCgroup::new(3 << 29).expect("a second cgroup");
+    let args = [&args[..args.len() - 4], &["--input-size", "3000", "--threads", "1"]].concat();
+    let refused = small.worker(&args);
+    drop(small);
+    let log = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{:?}: {log}", refused.status);
+    assert!(log.contains("one 3000 px image would take about"), "{log}");
+    assert!(log.contains("choose a smaller --input-size"), "{log}");
     println!("1000 px, cgroup of 2.5 GiB: evaluated in batches of {batch}");
 }

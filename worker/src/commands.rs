@@ -361,14 +361,19 @@ fn eval_batch_that_fits(
     };
     let half = (size / 2).max(32).min(size);
     // A model that takes one size only fails here: the pass at full size
-    // then measures alone.
+    // then measures alone. Below `EXTRAPOLATED_FROM` px the constant part
+    // of the half pass (its one-time costs) outweighs the part that grows
+    // with the area, and one image is small: the full pass is not refused
+    // ahead.
+    const EXTRAPOLATED_FROM: u32 = 512;
     if let (Ok(()), Some(growth)) = peak_growth(|| forward_one(half)) {
         let predicted = (growth as f64 * (f64::from(size) / f64::from(half)).powi(2)) as u64;
-        if predicted > available {
+        if size >= EXTRAPOLATED_FROM && predicted > available {
             bail!(
                 "one {size} px image would take about {} to evaluate with {model_name} \
                  (extrapolated by area from a pass at {half} px, measured: {}), more than the \
-                 {} this host has available: choose a smaller --input-size",
+                 {} this host has available: choose a smaller --input-size, or give it more \
+                 memory",
                 human(predicted),
                 human(growth),
                 human(available)
@@ -383,28 +388,35 @@ fn eval_batch_that_fits(
     let decoded = 3 * u64::from(size) * u64::from(size) * (EVAL_PREFETCH as u64 + 2);
     let per_image = forward + decoded;
     let usable = (available as f64 * EVAL_MEMORY_SHARE) as u64;
-    // One image a batch at least: the pass over one just ran.
-    let fits = usize::try_from(usable / per_image.max(1)).unwrap_or(usize::MAX).max(1);
+    let fits = usize::try_from(usable / per_image.max(1)).unwrap_or(usize::MAX);
+    let share = format!(
+        "the {} an evaluation plans for ({:.0}% of the {} this host has available)",
+        human(usable),
+        EVAL_MEMORY_SHARE * 100.0,
+        human(available)
+    );
+    if fits == 0 {
+        // The pass over one image ran, but the evaluation holds more than
+        // it: the process, the loader, the scores.
+        bail!(
+            "one {size} px image takes about {} to evaluate with {model_name} (its forward \
+             pass, measured, and the loader's decoded copies), more than {share}: choose a \
+             smaller --input-size, or give it more memory",
+            human(per_image)
+        );
+    }
     let held = asked.min(images.max(1));
     if fits < held {
         tracing::warn!(
             "--batch-size {asked} at {size} px would take about {} for {held} images (about \
              {} an image: {model_name}'s forward pass, measured, and the loader's decoded \
-             copies), more than the {} of the {} this host has available that an evaluation \
-             plans for: evaluating {fits} image(s) per batch instead (the scores do not \
-             depend on the batch)",
+             copies), more than {share}: evaluating {fits} image(s) per batch instead (the \
+             scores do not depend on the batch)",
             human(per_image.saturating_mul(held as u64)),
-            human(per_image),
-            human(usable),
-            human(available)
+            human(per_image)
         );
     } else if fits < asked {
-        tracing::info!(
-            "evaluating at most {fits} images per batch at {size} px (about {} an image, of \
-             the {} this host has available)",
-            human(per_image),
-            human(available)
-        );
+        tracing::debug!("batches of at most {fits} at {size} px fit in {share}");
     }
     Ok(asked.min(fits))
 }

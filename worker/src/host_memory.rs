@@ -24,33 +24,42 @@ struct CgroupFiles {
     mount: &'static str,
     limit: &'static str,
     usage: &'static str,
-    /// The `memory.stat` field of the page cache the kernel reclaims
-    /// before it kills (`total_cache` counts the descendants on v1).
-    cache: &'static str,
+    /// The `memory.stat` fields of the file pages on the kernel's lists
+    /// (which it reclaims before it kills; shared memory, on the anonymous
+    /// lists, is not among them) and of those mapped by a process (in use:
+    /// libtorch's own code), which are not counted as reclaimable (the
+    /// `total_` fields of v1 count the descendants too).
+    active_file: &'static str,
+    inactive_file: &'static str,
+    mapped_file: &'static str,
 }
 
 const CGROUP_V1: CgroupFiles = CgroupFiles {
     mount: "/sys/fs/cgroup/memory",
     limit: "memory.limit_in_bytes",
     usage: "memory.usage_in_bytes",
-    cache: "total_cache",
+    active_file: "total_active_file",
+    inactive_file: "total_inactive_file",
+    mapped_file: "total_mapped_file",
 };
 
 const CGROUP_V2: CgroupFiles = CgroupFiles {
     mount: "/sys/fs/cgroup",
     limit: "memory.max",
     usage: "memory.current",
-    cache: "file",
+    active_file: "active_file",
+    inactive_file: "inactive_file",
+    mapped_file: "file_mapped",
 };
 
 /// What the memory cgroups this process is in still allow: for its own
 /// cgroup and each one above it (a limit set on a parent, as a systemd
 /// slice or a batch system's job sets it, binds too), the limit less what
-/// the cgroup holds, page cache not counted (the kernel reclaims it before
-/// it kills); the least of them. cgroup v1 (`memory.limit_in_bytes`) or v2
-/// (`memory.max`). Inside a container whose own cgroup is mounted as the
-/// hierarchy's root, the path `/proc/self/cgroup` names is not there: the
-/// root is read. `None` without a limit or a memory cgroup.
+/// the cgroup holds, reclaimable page cache not counted; the least of them.
+/// cgroup v1 (`memory.limit_in_bytes`) or v2 (`memory.max`). Inside a
+/// container whose own cgroup is mounted as the hierarchy's root, the path
+/// `/proc/self/cgroup` names is not all there: its longest tail that is
+/// (or the root) is read. `None` without a limit or a memory cgroup.
 fn cgroup_headroom() -> Option<u64> {
     let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     // v1: `4:memory:/path`; v2: `0::/path`.
@@ -61,8 +70,10 @@ fn cgroup_headroom() -> Option<u64> {
             None => (CGROUP_V2, membership.lines().find_map(|line| line.strip_prefix("0::"))?),
         };
     let mount = PathBuf::from(files.mount);
-    let own = mount.join(path.trim().trim_start_matches('/'));
-    let start = if own.is_dir() { own } else { mount.clone() };
+    let parts: Vec<&str> = path.trim().split('/').filter(|part| !part.is_empty()).collect();
+    let start = (0..=parts.len())
+        .map(|skip| parts[skip..].iter().fold(mount.clone(), |dir, part| dir.join(part)))
+        .find(|dir| dir.is_dir())?;
     start
         .ancestors()
         .take_while(|dir| dir.starts_with(&mount))
@@ -70,8 +81,8 @@ fn cgroup_headroom() -> Option<u64> {
         .min()
 }
 
-/// One cgroup's limit less what it holds but its page cache; `None`
-/// without a limit (`max` on v2, a huge number on v1) or its files.
+/// One cgroup's limit less what it holds but its reclaimable page cache;
+/// `None` without a limit (`max` on v2, a huge number on v1) or its files.
 fn headroom_of(dir: &std::path::Path, files: &CgroupFiles) -> Option<u64> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     let limit: u64 = read(files.limit)?.trim().parse().ok()?;
@@ -79,15 +90,18 @@ fn headroom_of(dir: &std::path::Path, files: &CgroupFiles) -> Option<u64> {
         return None;
     }
     let usage: u64 = read(files.usage)?.trim().parse().ok()?;
-    let cache = read("memory.stat")
-        .and_then(|stat| {
-            stat.lines().find_map(|line| {
+    let stat = read("memory.stat").unwrap_or_default();
+    let field = |wanted: &str| {
+        stat.lines()
+            .find_map(|line| {
                 let (name, value) = line.split_once(' ')?;
-                (name == files.cache).then(|| value.trim().parse::<u64>().ok()).flatten()
+                (name == wanted).then(|| value.trim().parse::<u64>().ok()).flatten()
             })
-        })
-        .unwrap_or(0);
-    Some(limit.saturating_sub(usage.saturating_sub(cache)))
+            .unwrap_or(0)
+    };
+    let reclaimable = (field(files.active_file) + field(files.inactive_file))
+        .saturating_sub(field(files.mapped_file));
+    Some(limit.saturating_sub(usage.saturating_sub(reclaimable)))
 }
 
 /// Runs `work` and returns its result with how far it raised the process's
@@ -152,14 +166,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cgroup_leaves_its_limit_less_what_it_holds_but_its_page_cache() {
+    fn a_cgroup_leaves_its_limit_less_what_it_holds_but_its_reclaimable_page_cache() {
         let tmp = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
         write("memory.max", "1000\n");
         write("memory.current", "600\n");
-        write("memory.stat", "anon 400\nfile 100\nfile_mapped 50\n");
-        assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), Some(500));
-        // No such field: nothing counted as reclaimable.
+        // 100 of file pages, 30 of them mapped (in use); shared memory is
+        // not on the file lists.
+        write(
+            "memory.stat",
+            "anon 400\nfile 150\nfile_mapped 30\nshmem 50\nactive_file 60\ninactive_file 40\n",
+        );
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), Some(470));
+        // No such fields: nothing counted as reclaimable.
         write("memory.stat", "anon 600\n");
         assert_eq!(headroom_of(tmp.path(), &CGROUP_V2), Some(400));
         write("memory.max", "max\n");
@@ -168,8 +187,11 @@ mod tests {
         write("memory.usage_in_bytes", "600\n");
         assert_eq!(headroom_of(tmp.path(), &CGROUP_V1), None);
         write("memory.limit_in_bytes", "2000\n");
-        write("memory.stat", "cache 10\ntotal_cache 300\n");
-        assert_eq!(headroom_of(tmp.path(), &CGROUP_V1), Some(1700));
+        write(
+            "memory.stat",
+            "active_file 5\ntotal_active_file 200\ntotal_inactive_file 100\ntotal_mapped_file 50\n",
+        );
+        assert_eq!(headroom_of(tmp.path(), &CGROUP_V1), Some(1650));
     }
 
     #[test]
