@@ -336,12 +336,14 @@ const EVAL_MEMORY_SHARE: f64 = 0.75;
 /// included), plus the decoded bytes of it that the loader holds in the
 /// batches it prepares ahead. A pass at half the side comes first: it pays
 /// the one-time costs (library pages, thread pools) that would swell the
-/// measure, and its figure, scaled by the area, refuses an image too large
-/// for the host before a pass at full size could be killed. Scores do not
-/// depend on the batch (the model evaluates each image on its own). Where
-/// memory cannot be measured, the batch asked for is kept. The warning
-/// counts the batch the `images` of the set make at most (a batch of 256
-/// over 30 images holds 30).
+/// measure, and from 512 px its figure, scaled by the area, refuses an
+/// image too large for the host before a pass at full size could be
+/// killed. One image that does not fit in [`EVAL_MEMORY_SHARE`] of the
+/// memory available is refused. Scores do not depend on the batch (the
+/// model evaluates each image on its own). Where memory cannot be
+/// measured, the batch asked for is kept. The warning counts the batch the
+/// `images` of the set make at most (a batch of 256 over 30 images holds
+/// 30).
 fn eval_batch_that_fits(
     model: &mut Model,
     model_name: &str,
