@@ -506,9 +506,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let normalizer = Normalizer::new(mean, std, device, false);
     let threads =
         if args.threads == 0 { rsb_data::loader::default_threads() } else { args.threads };
+    let images = folder.len();
     let batch_size = match device {
         Device::Cpu => {
-            let images = folder.len();
             eval_batch_that_fits(&mut model, &model_name, transform.size, args.batch_size, images)?
         }
         // A GPU out of memory is libtorch's error, not the OOM killer.
@@ -517,7 +517,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     // The class names eval sets are held to (and label files map through):
     // V2's numbered folders name indices, not classes.
     let classes = if args.v2 { Vec::new() } else { folder.classes().to_vec() };
-    let images = folder.len();
     let real_set = match &args.real_labels {
         Some(path) => {
             let real = rsb_data::labels::RealLabels::read(path)?;

@@ -12,10 +12,7 @@ use std::path::PathBuf;
 pub fn available_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let host = kib_field(&meminfo, "MemAvailable:")?;
-    Some(match cgroup_headroom() {
-        Some(cgroup) => host.min(cgroup),
-        None => host,
-    })
+    Some(cgroup_headroom().map_or(host, |cgroup| host.min(cgroup)))
 }
 
 /// The files of one cgroup version's memory controller.

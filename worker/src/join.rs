@@ -937,8 +937,8 @@ fn run_rank(
 
 /// Asks the coordinator for this rank's assignment; the call waits until
 /// the generation that includes it opens. A call that finds the coordinator
-/// away, or that its stop or restart cuts, is made again, waiting twice as
-/// long after each failure (up to 8 s), until the coordinator has not
+/// away, or that its stop or restart cuts, is made again, waiting as a
+/// report does (from 250 ms, twice as long after each failure, up to 8 s), until the coordinator has not
 /// answered for `--coordinator-deadline-secs`, as the agent heartbeats: a
 /// restored coordinator opens a generation over the saved hosts, this one
 /// included, and the call made again gets its assignment there. Before,
@@ -948,7 +948,7 @@ async fn fetch_assignment(client: &mut Client, args: &RankArgs) -> Result<pb::As
     let request =
         pb::AssignmentRequest { member_id: args.member.clone(), local_rank: args.local_rank };
     let deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
-    let mut wait = Duration::from_millis(250);
+    let mut wait = crate::reports::FIRST_RETRY;
     let mut away_since: Option<tokio::time::Instant> = None;
     loop {
         let status = match client.get_assignment(request.clone()).await {

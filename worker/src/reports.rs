@@ -36,7 +36,7 @@ const TRY_DEADLINE: Duration = HEARTBEAT_DEADLINE;
 
 /// First wait before a report is sent again (it doubles, up to
 /// [`HEARTBEAT_BACKOFF_MAX`]).
-const FIRST_RETRY: Duration = Duration::from_millis(250);
+pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(250);
 
 /// How often [`Reporter::finish`] looks whether the coordinator is gone.
 const REFUSED_CHECK: Duration = Duration::from_millis(100);

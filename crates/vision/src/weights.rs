@@ -33,9 +33,9 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionError> {
     // What is there, if anything, is named as it is: missing, a link to
     // nothing, or not a file to read (a FIFO would be waited on for ever).
-    rsb_files::open_regular_file(path)
+    let file = rsb_files::open_regular_file(path)
         .map_err(|error| VisionError::WeightsIo { path: path.to_path_buf(), error })?;
-    if let Some(problem) = unreadable_dtypes(path) {
+    if let Some(problem) = unreadable_dtypes(file) {
         return Err(VisionError::Safetensors { path: path.to_path_buf(), problem });
     }
     Tensor::read_safetensors(path).map_err(|e| {
@@ -70,8 +70,8 @@ const READABLE_DTYPES: [Dtype; 10] = [
 /// naming the tensor, or refuses as an unreadable header (F8). `None` when
 /// every dtype is readable, or when the header itself is unreadable: that
 /// is left to the full read to report.
-fn unreadable_dtypes(path: &Path) -> Option<String> {
-    let header = read_safetensors_header(path).ok()?;
+fn unreadable_dtypes(file: std::fs::File) -> Option<String> {
+    let header = read_safetensors_header(file).ok()?;
     let metadata: Metadata = serde_json::from_slice(&header).ok()?;
     let tensors = metadata.tensors();
     let total = tensors.len();
@@ -105,11 +105,11 @@ fn unreadable_dtypes(path: &Path) -> Option<String> {
     ))
 }
 
-/// The JSON header of a safetensors file: its first 8 bytes give the
-/// header's length (little-endian), capped as the format caps it.
-fn read_safetensors_header(path: &Path) -> std::io::Result<Vec<u8>> {
+/// The JSON header of a safetensors file, read from its start: its first
+/// 8 bytes give the header's length (little-endian), capped as the format
+/// caps it.
+fn read_safetensors_header(mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
     const MAX_HEADER_LEN: u64 = 100_000_000;
-    let mut file = std::fs::File::open(path)?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
