@@ -8,6 +8,12 @@ The models are built with `drop_path_rate=0.1` (inactive in eval mode) so that
 meta.json records timm's per-block stochastic-depth rates (`drop_path_rates`,
 one per residual block, 0 where timm builds no DropPath).
 
+Weights are saved as float16, which halves the fixtures' largest part (3.7 GB
+in float32): every floating-point parameter and buffer is first rounded to a
+float16 value, so the float32 model timm computes its logits with holds exactly
+the values the file holds, and parity is as exact as before. Loading them tests
+the loader's float16 path as timm's half-precision checkpoints use it.
+
 Weights and logits use a 10-class head and a small input (the 1000-class
 parameter count is recorded in meta.json as `parameter_count_1000`), so that
 generation and the parity test stay fast. ViTs are built with
@@ -118,6 +124,15 @@ def no_weight_decay_names(model: torch.nn.Module) -> list[str]:
     return sorted(by_id[id(p)] for p in no_decay[0]["params"])
 
 
+def round_to_float16(model: torch.nn.Module) -> None:
+    """Rounds every floating-point parameter and buffer to the nearest float16
+    value, in place and kept float32: what the float16 file holds, exactly."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+
+
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     index = []
@@ -127,6 +142,7 @@ def generate(out: Path) -> None:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes,
                                   drop_path_rate=DROP_PATH_RATE, **kwargs)
         randomise(model)
+        round_to_float16(model)
         model.eval()
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
@@ -134,7 +150,8 @@ def generate(out: Path) -> None:
         folder = out / name
         folder.mkdir(exist_ok=True)
         state = model.state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "weights.safetensors"))
+        half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(half, str(folder / "weights.safetensors"))
         np.save(folder / "input.npy", x.numpy())
         np.save(folder / "logits.npy", logits.numpy())
         meta = {"name": name, "num_classes": num_classes, "size": size,

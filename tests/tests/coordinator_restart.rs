@@ -41,7 +41,7 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
         "schedule.cosine.epochs=6".to_string(),
         "eval.every_epochs=1000".to_string(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
-        "runtime.keep_last_checkpoints=1000".to_string(),
+        "runtime.keep_last_checkpoints=3".to_string(),
     ];
     let port = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
@@ -144,7 +144,7 @@ fn job_sets(data: &Path, epochs: u32) -> Vec<String> {
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".to_string(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
-        "runtime.keep_last_checkpoints=1000".to_string(),
+        "runtime.keep_last_checkpoints=3".to_string(),
     ]
 }
 

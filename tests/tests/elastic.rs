@@ -38,8 +38,9 @@ fn sets(data: &Path, epochs: u32) -> Vec<String> {
     sets.extend([
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".into(),
-        // Every epoch's checkpoint stays: nothing a restart resumes from is pruned.
-        "runtime.keep_last_checkpoints=1000".into(),
+        // A restart resumes from the newest checkpoint, which retention keeps;
+        // the disk holds three at most (a test's checkpoints once took gigabytes).
+        "runtime.keep_last_checkpoints=3".into(),
     ]);
     sets
 }

@@ -1,5 +1,6 @@
 //! Every registered model against timm 1.0.31 on timm-saved weights
-//! (`tests/oracle/models.py`): identical state-dict keys and parameter counts,
+//! (`tests/oracle/models.py`, float16 values saved as float16: the loader
+//! widens them to the model's float32): identical state-dict keys and parameter counts,
 //! and eval-mode logits within a relative error of 1e-4 (max |ours - timm|
 //! over max |timm|, float32 on CPU), and the per-block stochastic-depth
 //! rates timm builds for `drop_path_rate=0.1`, and the parameters left

@@ -127,7 +127,7 @@ fn coordinator(listen: &str, data: &Path, out: &Path) -> Proc {
         "schedule.cosine.epochs=5".into(),
         "eval.every_epochs=1000".into(),
         "runtime.log_every_steps=1".into(),
-        "runtime.keep_last_checkpoints=1000".into(),
+        "runtime.keep_last_checkpoints=3".into(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
         format!("distributed.collective_timeout_secs={COLLECTIVE_TIMEOUT_SECS}"),
     ];

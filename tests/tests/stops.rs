@@ -51,7 +51,7 @@ fn sets(data: &Path, epochs: u32) -> Vec<String> {
         "data.loader_threads=1".into(),
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".into(),
-        "runtime.keep_last_checkpoints=1000".into(),
+        "runtime.keep_last_checkpoints=3".into(),
     ]);
     sets
 }

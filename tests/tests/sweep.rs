@@ -32,7 +32,7 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
         "model.num_classes=10".to_string(),
         // Long enough to kill a rank between the first checkpoint and the end.
         "schedule.cosine.epochs=6".to_string(),
-        "runtime.keep_last_checkpoints=100".to_string(),
+        "runtime.keep_last_checkpoints=3".to_string(),
     ];
     let args = [
         "--nodes",
