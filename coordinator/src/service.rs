@@ -881,6 +881,7 @@ impl Coordinator for Shared {
         let r = request.into_inner();
         required("job_id", &r.job_id, MAX_NAME_LEN)?;
         required("path", &r.path, MAX_PATH_LEN)?;
+        bounded("disk_warning", &r.disk_warning, MAX_MESSAGE_LEN)?;
         self.update_job(index, |job| {
             this_job(job, &r.job_id)?;
             // Rank 0 writes the checkpoints.
@@ -888,6 +889,9 @@ impl Coordinator for Shared {
             let path = r.path.clone();
             if job.commit_checkpoint_report(r.generation, r.sequence, r.epoch, r.updates, path)? {
                 job.say(&format!("checkpoint committed: epoch {} at {}", r.epoch, r.path));
+                if !r.disk_warning.is_empty() {
+                    job.say(&format!("warning: {}", r.disk_warning));
+                }
             }
             Ok(())
         })
@@ -1476,6 +1480,7 @@ mod tests {
             path: "ckpt/update-4".into(),
             updates: 4,
             sequence: 4,
+            disk_warning: String::new(),
         };
         let mut request = Request::new(stale);
         *request.metadata_mut() =

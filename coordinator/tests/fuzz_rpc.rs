@@ -202,8 +202,8 @@ fn call() -> impl Strategy<Value = Call> {
                 })
             }
         ),
-        (text(), generation(), any::<u64>(), text(), any::<u64>(), any::<u64>()).prop_map(
-            |(job_id, generation, epoch, path, updates, sequence)| {
+        (text(), generation(), any::<u64>(), text(), any::<u64>(), any::<u64>(), text()).prop_map(
+            |(job_id, generation, epoch, path, updates, sequence, disk_warning)| {
                 Call::Commit(pb::CheckpointCommit {
                     job_id,
                     generation,
@@ -211,6 +211,7 @@ fn call() -> impl Strategy<Value = Call> {
                     path,
                     updates,
                     sequence,
+                    disk_warning,
                 })
             }
         ),

@@ -299,6 +299,15 @@ fn worker_train_auto_resume_waits_for_the_earlier_start_to_let_go_of_the_run_fol
 /// `coordinator up --local --nodes 1` of the tiny recipe on `data` into
 /// `out` for `epochs` epochs, its stderr (the ranks' lines too) piped.
 fn local_job(data: &Path, out: &Path, epochs: u32) -> Child {
+    local_job_command(data, out, epochs, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator")
+}
+
+/// The command of [`local_job`] with more `--set`s.
+fn local_job_command(data: &Path, out: &Path, epochs: u32, sets: &[&str]) -> Command {
     let _ = binary("worker"); // built before the coordinator starts it
     let mut cmd = Command::new(binary("coordinator"));
     cmd.args(["up", "--local", "--nodes", "1", "--recipe"])
@@ -312,11 +321,11 @@ fn local_job(data: &Path, out: &Path, epochs: u32) -> Child {
     ]) {
         cmd.args(["--set", &set]);
     }
-    cmd.current_dir(workspace_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the coordinator")
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    cmd.current_dir(workspace_root());
+    cmd
 }
 
 #[test]
@@ -463,4 +472,88 @@ fn auto_resume_starts_a_run_continues_it_and_starts_one_without_a_checkpoint_aga
     let other = auto(&[]);
     assert!(!other.status.success());
     assert!(stderr(&other).contains("schedule.cosine.epochs"), "{}", stderr(&other));
+}
+
+/// A tmpfs of `bytes` mounted at `dir` (made), unmounted when dropped.
+/// `None` where it cannot be mounted (not root).
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .ok()?
+            .success();
+        mounted.then(|| Tmpfs { dir: dir.to_path_buf() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A job whose run folder is on a file system that holds fewer checkpoints
+/// than the recipe keeps: at its first checkpoint the coordinator warns,
+/// with the figures, that one more fits, and at the second that the next
+/// save fails; that save fails the job, naming "No space left on device"
+/// and the checkpoint still intact, which verifies. (CI ran out of disk
+/// this way in a test, 16 minutes in, with no word before.)
+#[test]
+fn a_run_folder_short_of_disk_is_warned_of_before_a_save_fails() {
+    use rsb_integration_tests::{is_root, require};
+    if !require(is_root(), "root, to mount a tmpfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 12, 1);
+    // ResNet-18's checkpoint (10 classes) is about 128 MiB: its weights
+    // and LAMB's two moments. Two and a half fit.
+    let small = tmp.path().join("small");
+    let mounted = Tmpfs::mount(&small, 330 << 20);
+    if !require(mounted.is_some(), "a tmpfs mount") {
+        return;
+    }
+    let run = small.join("job");
+    // The coordinator's console (stdout) and log (stderr), both read.
+    let job = local_job_command(&data, &run, 3, &["runtime.keep_last_checkpoints=3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the coordinator");
+    let ended = wait_with_timeout(job, Duration::from_secs(300), "the job on a small disk");
+    let checkpoints = rsb_job::checkpoint::list(&run);
+    let newest = checkpoints.last().map(|c| rsb_job::checkpoint::verify(c).map(drop));
+    drop(mounted);
+    let console = String::from_utf8_lossy(&ended.stdout).into_owned();
+    let log = format!("{console}{}", stderr(&ended));
+    assert!(!ended.status.success(), "the job fit:\n{log}");
+    let warnings: Vec<&str> =
+        console.lines().filter(|l| l.starts_with("warning: the run folder")).collect();
+    assert_eq!(warnings.len(), 2, "{log}");
+    assert!(warnings[0].contains("1 more save(s) fit, then one will fail"), "{log}");
+    assert!(warnings[0].contains("keeps 3, 1 there now"), "{log}");
+    assert!(warnings[1].contains("the next save will fail"), "{log}");
+    for warning in &warnings {
+        assert!(warning.contains(" MiB free") && warning.contains(" MiB: "), "{warning}");
+    }
+    // Said at the second save, an epoch before the save that fails, which
+    // names its cause and what is intact.
+    let said = console.find(warnings[1]).unwrap();
+    assert!(console.find("epoch 2 done").is_some_and(|done| said < done), "{log}");
+    let failure = stderr(&ended);
+    assert!(failure.contains("job failed"), "{log}");
+    assert!(failure.contains("checkpoint epoch-0003 not written"), "{log}");
+    assert!(failure.contains("No space left on device"), "{log}");
+    assert!(failure.contains("epoch-0002 is intact"), "{log}");
+    let names: Vec<String> =
+        checkpoints.iter().map(|c| c.file_name().unwrap().to_string_lossy().into()).collect();
+    assert_eq!(names, ["epoch-0001", "epoch-0002"], "{log}");
+    assert!(matches!(newest, Some(Ok(()))), "epoch-0002 does not verify: {newest:?}");
 }

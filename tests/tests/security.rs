@@ -205,6 +205,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 path: "/tmp/forged-checkpoint".into(),
                 updates: 600,
                 sequence: 2,
+                disk_warning: String::new(),
             })
             .await
             .map(drop),

@@ -1111,6 +1111,7 @@ fn train_rank(
             path: checkpoint.path.display().to_string(),
             updates: checkpoint.updates,
             sequence: 0,
+            disk_warning: checkpoint.disk_warning.clone().unwrap_or_default(),
         }));
     });
     let trained = Trainer::new(recipe, options).and_then(|trainer| {

@@ -366,6 +366,7 @@ mod tests {
             path: "ckpt".into(),
             updates: 1,
             sequence: 0,
+            disk_warning: String::new(),
         })
     }
 

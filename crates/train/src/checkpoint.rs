@@ -35,6 +35,10 @@
 //! [`rsb_job::RunFolderLock`], so none of them is another live save's), and
 //! sets aside a complete one (a save interrupted between its renames left
 //! the checkpoint it replaced, or its own, under a temporary name).
+//!
+//! Disk: after each save, [`space_warning`] compares the file system's free
+//! space with the checkpoints retention will still add, so a run that will
+//! fill its disk says so saves before one fails.
 
 use crate::atomic_file::{self, replace_folder, sync_folder, temporary_sibling};
 use crate::error::TrainError;
@@ -173,6 +177,50 @@ pub fn save(
     let best = state.best_epoch.map(folder_name);
     prune(run_dir, keep_last.max(1), &[Some(written.as_str()), best.as_deref()]);
     Ok(target)
+}
+
+/// The warning, `None` when there is room, that the file system of
+/// `run_dir` cannot hold the checkpoints still to come: each as large as
+/// `written` (the one just committed), until retention keeps `keep_last`
+/// (those there now counted), and one more while a save is written, before
+/// retention deletes the oldest. A run that would fail with "No space left
+/// on device" hours later says so at once, with the figures. Unreadable
+/// sizes give no warning: the save itself reports a full disk.
+pub fn space_warning(run_dir: &Path, written: &Path, keep_last: usize) -> Option<String> {
+    let size: u64 = std::fs::read_dir(written)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|metadata| metadata.len())
+        .sum();
+    let stat = nix::sys::statvfs::statvfs(written).ok()?;
+    let free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+    space_shortfall(size, free, list(run_dir).len(), keep_last.max(1))
+}
+
+/// [`space_warning`]'s rule: `kept` checkpoints of `size` bytes are there,
+/// up to `keep_last` are kept, and a save needs room for one more.
+fn space_shortfall(size: u64, free: u64, kept: usize, keep_last: usize) -> Option<String> {
+    if size == 0 {
+        return None;
+    }
+    let to_come = keep_last.saturating_sub(kept) as u64 + 1;
+    if free >= size.saturating_mul(to_come) {
+        return None;
+    }
+    let verdict = match free / size {
+        0 => "the next save will fail".to_string(),
+        fit => format!("{fit} more save(s) fit, then one will fail"),
+    };
+    Some(format!(
+        "the run folder's file system has {} free, and a checkpoint of this run takes {}: \
+         {verdict} with \"No space left on device\" (runtime.keep_last_checkpoints keeps \
+         {keep_last}, {kept} there now, and a save needs room for one more before the oldest \
+         is deleted); free some space, or lower runtime.keep_last_checkpoints",
+        indicatif::HumanBytes(free),
+        indicatif::HumanBytes(size),
+    ))
 }
 
 /// Commits the checkpoint folder `checkpoints/<name>` of `run_dir`:
@@ -502,6 +550,38 @@ mod tests {
             nonfinite_streak: 0,
             scaler: None,
         }
+    }
+
+    #[test]
+    fn a_file_system_short_of_the_checkpoints_to_come_is_warned_of_with_its_figures() {
+        const MIB: u64 = 1 << 20;
+        // Room for every checkpoint retention keeps, and one more: no word.
+        assert_eq!(space_shortfall(100 * MIB, 300 * MIB, 1, 2), None);
+        // Retention holds steady: a save needs room for one only.
+        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 2, 2), None);
+        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 3, 2), None, "the best one kept too");
+        // One more fits, then a save fails: said, with the figures.
+        let warning = space_shortfall(100 * MIB, 150 * MIB, 1, 3).unwrap();
+        assert!(warning.contains("150.00 MiB free"), "{warning}");
+        assert!(warning.contains("takes 100.00 MiB"), "{warning}");
+        assert!(warning.contains("1 more save(s) fit, then one will fail"), "{warning}");
+        assert!(warning.contains("keeps 3, 1 there now"), "{warning}");
+        // None fits: the next save fails.
+        let warning = space_shortfall(100 * MIB, 99 * MIB, 3, 3).unwrap();
+        assert!(warning.contains("the next save will fail"), "{warning}");
+        // Single-line: the coordinator refuses control characters.
+        assert!(!warning.chars().any(char::is_control), "{warning}");
+        // An empty folder says nothing, rather than divide by zero.
+        assert_eq!(space_shortfall(0, 0, 1, 3), None);
+        // A real folder: its size and its file system's free space are
+        // read; no disk holds a checkpoint of 2 bytes kept 2^64 - 1 times.
+        let run = tempfile::tempdir().unwrap();
+        let written = run.path().join(CHECKPOINTS).join(folder_name(0));
+        std::fs::create_dir_all(&written).unwrap();
+        std::fs::write(written.join(STATE), b"{}").unwrap();
+        assert_eq!(space_warning(run.path(), &written, 3), None);
+        let warning = space_warning(run.path(), &written, usize::MAX).unwrap();
+        assert!(warning.contains("takes 2 B:") && warning.contains(", 1 there now"), "{warning}");
     }
 
     #[test]

@@ -200,6 +200,10 @@ pub struct CommittedCheckpoint {
     pub epoch_end: bool,
     /// The checkpoint folder.
     pub path: PathBuf,
+    /// The warning that the run folder's file system is short of space for
+    /// the checkpoints still to come ([`checkpoint::space_warning`]), also
+    /// logged.
+    pub disk_warning: Option<String>,
 }
 
 /// Hears about each checkpoint committed.
@@ -1471,11 +1475,13 @@ impl Trainer {
         let write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
             std::thread::sleep(options.checkpoint_delay);
             let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep)?;
+            let disk_warning = checkpoint::space_warning(&options.out_dir, &path, keep);
             let committed = CommittedCheckpoint {
                 epoch,
                 updates: state.updates,
                 epoch_end: state.at_epoch_start(),
                 path,
+                disk_warning,
             };
             tracing::info!(
                 epoch,
@@ -1483,6 +1489,9 @@ impl Trainer {
                 checkpoint = %committed.path.display(),
                 "checkpoint committed"
             );
+            if let Some(warning) = &committed.disk_warning {
+                tracing::warn!("{warning}");
+            }
             if let Some(sink) = sink {
                 sink(&committed);
             }
