@@ -738,14 +738,17 @@ impl Job {
                     .push(GenerationReason::LostHost { host: m.host.clone(), detail: why.clone() });
             }
         }
-        let hosts: Vec<&str> = gone.iter().map(|m| m.host.as_str()).collect();
+        let hosts: Vec<String> = gone.iter().map(|m| m.host.clone()).collect();
+        self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
+        if self.ended_while_away(&hosts, wait) {
+            return;
+        }
         self.say(&format!(
             "none of the job's host(s) ({}) came back within {wait:?} of this coordinator's \
              start: their agents are gone; waiting for {} host(s) to join",
             hosts.join(", "),
             self.nodes_expected
         ));
-        self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
         if self.started {
             self.open_generation();
         }
@@ -759,6 +762,32 @@ impl Job {
         self.regroup_since = None;
         self.lost.clear();
         self.waiting_since = Instant::now();
+    }
+
+    /// Whether the job's ranks ended it while no coordinator ran (its
+    /// `hosts` did not come back within `wait`): the newest intact
+    /// checkpoint in the run folder ends the recipe's last epoch. Their
+    /// agents, their ranks done, left and will not call again, so waiting
+    /// for hosts to train it anew would fail a finished job. The job is
+    /// then finished, saying so.
+    fn ended_while_away(&mut self, hosts: &[String], wait: Duration) -> bool {
+        let epochs = self.recipe.total_epochs();
+        let Some((checkpoint, position)) = rsb_job::checkpoint::finished_run(&self.out_dir, epochs)
+        else {
+            return false;
+        };
+        self.phase = Phase::Finished;
+        self.running_since = None;
+        self.say(&format!(
+            "the job finished while no coordinator ran: {} ends its last epoch ({} of {epochs}, \
+             {} updates), and its host(s) ({}) did not come back within {wait:?}; the records \
+             this coordinator did not take are in the ranks' own ranks/rank-N.jsonl",
+            checkpoint.display(),
+            position.next_epoch,
+            position.updates,
+            hosts.join(", "),
+        ));
+        true
     }
 
     /// The job's state to save to [`Job::state_file`], when it changed

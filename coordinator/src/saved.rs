@@ -591,6 +591,55 @@ mod tests {
         }
     }
 
+    /// Writes a committed checkpoint `run/checkpoints/NAME` whose state
+    /// says training continues with epoch `next_epoch`, step 0.
+    fn committed_at_epoch_end(run: &Path, name: &str, next_epoch: u64) -> PathBuf {
+        use rsb_job::checkpoint::{Manifest, CHECKPOINTS, MANIFEST, PARTS, STATE};
+        let dir = run.join(CHECKPOINTS).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for part in &PARTS[..2] {
+            std::fs::write(dir.join(part), b"tensors").unwrap();
+        }
+        let state = format!(r#"{{"next_epoch":{next_epoch},"next_step":0,"updates":60}}"#);
+        std::fs::write(dir.join(STATE), state).unwrap();
+        let manifest = Manifest::of_parts(&dir, &PARTS).unwrap();
+        std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
+        dir
+    }
+
+    /// The ranks trained the job to its end while no coordinator ran, and
+    /// their agents left: the restored job is finished once the wait for
+    /// them is over, rather than waiting for hosts to train it anew (and
+    /// failing a finished job at the join timeout). A run folder whose
+    /// newest checkpoint is not the end waits for hosts.
+    #[test]
+    fn an_auto_restored_job_its_ranks_finished_while_no_coordinator_ran_is_finished() {
+        let epochs = recipe().total_epochs();
+        for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (saved, token, _) = saved_running_job(tmp.path());
+            let end = committed_at_epoch_end(
+                tmp.path(),
+                &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
+                next_epoch,
+            );
+            let timeout = Duration::from_millis(200);
+            let mut job = auto_restored(tmp.path(), saved, &token, timeout);
+            job.check_liveness();
+            assert_eq!(job.phase, Phase::Running, "the members may still come back");
+            std::thread::sleep(timeout + Duration::from_millis(50));
+            job.check_liveness();
+            if finished {
+                assert_eq!(job.phase, Phase::Finished, "{end:?}");
+                // Saved as ended: a later restore does not run it again.
+                assert_eq!(SavedJob::of(&job).ended.as_deref(), Some("finished"));
+            } else {
+                assert_eq!((job.generation, job.phase.clone()), (3, Phase::Waiting));
+            }
+            assert_eq!(job.dropped.len(), 2);
+        }
+    }
+
     #[test]
     fn a_restored_job_admits_its_pending_host_and_records_it() {
         let tmp = tempfile::tempdir().unwrap();

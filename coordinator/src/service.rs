@@ -516,6 +516,19 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// `text` as one printable line of at most `max` bytes: control
+/// characters become spaces, and the rest is cut at a character boundary.
+fn one_line(text: &str, max: usize) -> String {
+    let mut line = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        if line.len() + c.len_utf8() > max {
+            break;
+        }
+        line.push(if c.is_control() { ' ' } else { c });
+    }
+    line
+}
+
 /// Like [`bounded`], and not empty.
 fn required(field: &str, value: &str, max: usize) -> Result<(), Status> {
     if value.trim().is_empty() {
@@ -881,7 +894,9 @@ impl Coordinator for Shared {
         let r = request.into_inner();
         required("job_id", &r.job_id, MAX_NAME_LEN)?;
         required("path", &r.path, MAX_PATH_LEN)?;
-        bounded("disk_warning", &r.disk_warning, MAX_MESSAGE_LEN)?;
+        // Advice, not a contract: a warning of any text is printed as one
+        // line, cut to MAX_MESSAGE_LEN, and never costs the commit.
+        let disk_warning = one_line(&r.disk_warning, MAX_MESSAGE_LEN);
         self.update_job(index, |job| {
             this_job(job, &r.job_id)?;
             // Rank 0 writes the checkpoints.
@@ -889,8 +904,8 @@ impl Coordinator for Shared {
             let path = r.path.clone();
             if job.commit_checkpoint_report(r.generation, r.sequence, r.epoch, r.updates, path)? {
                 job.say(&format!("checkpoint committed: epoch {} at {}", r.epoch, r.path));
-                if !r.disk_warning.is_empty() {
-                    job.say(&format!("warning: {}", r.disk_warning));
+                if !disk_warning.trim().is_empty() {
+                    job.say(&format!("warning: {disk_warning}"));
                 }
             }
             Ok(())
@@ -1489,6 +1504,25 @@ mod tests {
         let e = runtime.block_on(shared.commit_checkpoint(request)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains("stale generation 2"), "{}", e.message());
+        // A disk warning of any text never costs the commit: it is taken,
+        // and the warning printed as one line of at most MAX_MESSAGE_LEN.
+        let warned = pb::CheckpointCommit {
+            job_id: job_id.clone(),
+            generation: 1,
+            epoch: 0,
+            path: "ckpt/update-5".into(),
+            updates: 5,
+            sequence: 5,
+            disk_warning: format!("short\nof disk\u{7}{}", "é".repeat(MAX_MESSAGE_LEN)),
+        };
+        let mut request = Request::new(warned);
+        *request.metadata_mut() =
+            credentials.clone().call(Request::new(())).unwrap().metadata().clone();
+        runtime.block_on(shared.commit_checkpoint(request)).unwrap();
+        assert_eq!(shared.state.lock().unwrap().jobs[0].checkpoints.len(), 2);
+        let line = one_line(&format!("short\nof disk\u{7}{}", "é".repeat(9)), 20);
+        // 20 bytes: a fourth é would make 22.
+        assert_eq!(line, "short of disk ééé");
     }
 
     fn kinds_on_disk(out: &Path) -> Vec<String> {

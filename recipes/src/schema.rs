@@ -239,6 +239,15 @@ pub enum ScheduleSection {
     Cosine(CosineSchedule),
 }
 
+impl Recipe {
+    /// The epochs a run of this recipe trains: the schedule's, cooldown
+    /// included.
+    pub fn total_epochs(&self) -> u64 {
+        let ScheduleSection::Cosine(c) = &self.schedule;
+        u64::from(c.epochs) + u64::from(c.cooldown_epochs)
+    }
+}
+
 /// When the schedule advances: timm's `t_in_epochs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -253,7 +253,14 @@ pub mod sweeps {
     /// Starts `worker join --devices cpu --cores 1` against the coordinator
     /// on `port` as host `name`, its output going to `log`.
     pub fn worker_join(port: u16, name: &str, log: &Path) -> Child {
+        worker_join_with_env(port, name, log, &[])
+    }
+
+    /// [`worker_join`] with the variables `env` set (test hooks its ranks
+    /// inherit).
+    pub fn worker_join_with_env(port: u16, name: &str, log: &Path, env: &[(&str, &str)]) -> Child {
         let mut cmd = Command::new(binary("worker"));
+        cmd.envs(env.iter().copied());
         cmd.args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")]).args([
             "--devices",
             "cpu",

@@ -30,6 +30,34 @@ use std::time::{Duration, Instant};
 /// `runtime.checkpoint_every_updates` of the job.
 const CHECKPOINT_INTERVAL: u64 = 2;
 
+/// `runtime.keep_last_checkpoints` of the job: not every one (the tests'
+/// run folders once took 6.6 GB at once). The ranks train on while their
+/// coordinator is away, writing checkpoints the coordinator never hears
+/// of, and their retention may delete the one the restored job resumes
+/// from, its newest committed one: rank 0 then resumes from the newest
+/// intact one after it, saying so ([`resumed_step`]).
+const KEPT_CHECKPOINTS: u32 = 3;
+
+/// The update the restored job's rank 0 resumed after: `chosen`, the
+/// coordinator's, or where the last generation's retention deleted that
+/// checkpoint, the one rank 0 says it took instead (`…/epoch-NNNN-update-
+/// UUUUUUUUU`, or an epoch's end `…/epoch-NNNN` of `per_epoch` updates).
+fn resumed_step(out: &Path, chosen: u64, per_epoch: u64) -> u64 {
+    let log = std::fs::read_to_string(out.join("ranks/rank-0.log")).unwrap_or_default();
+    let Some(line) = log.lines().rev().find(|l| l.contains("was deleted by the last generation's"))
+    else {
+        return chosen;
+    };
+    let taken = line.rsplit(", ").next().unwrap_or_default().trim();
+    let name = taken.rsplit('/').next().unwrap_or_default();
+    let number = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("{name} in {line}"));
+    match name.strip_prefix("epoch-").map(|rest| rest.split_once("-update-")) {
+        Some(Some((_, updates))) => number(updates),
+        Some(None) => number(&name["epoch-".len()..]) * per_epoch,
+        None => panic!("no checkpoint named in: {line}"),
+    }
+}
+
 #[test]
 fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
     let tmp = tempfile::tempdir().unwrap();
@@ -41,7 +69,7 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
         "schedule.cosine.epochs=6".to_string(),
         "eval.every_epochs=1000".to_string(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
-        "runtime.keep_last_checkpoints=3".to_string(),
+        format!("runtime.keep_last_checkpoints={KEPT_CHECKPOINTS}"),
     ];
     let port = free_port("127.0.0.1");
     let listen = format!("127.0.0.1:{port}");
@@ -124,7 +152,11 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
     );
     let after: Vec<_> = all_records(&out).split_off(records_before);
     let first_step = after.iter().find(|r| r["kind"] == "step").expect("updates after the restore");
-    assert_eq!(first_step["step"].as_u64().unwrap(), resumed_at + 1, "{first_step}");
+    // Right after the checkpoint rank 0 resumed from: none skipped, none
+    // trained twice.
+    let per_epoch = planned_updates(&out) / 6;
+    let resumed_from = resumed_step(&out, resumed_at, per_epoch);
+    assert_eq!(first_step["step"].as_u64().unwrap(), resumed_from + 1, "{first_step}");
     let last = run_records(&out, "step").last().cloned().unwrap();
     assert_eq!(last["step"].as_u64().unwrap(), planned_updates(&out), "{last}");
     println!(
@@ -135,8 +167,8 @@ fn a_killed_coordinator_restored_from_its_state_file_continues_the_job() {
 }
 
 /// The job's `--set` options: `data` for data, `epochs` epochs of 2
-/// updates each, a checkpoint every [`CHECKPOINT_INTERVAL`] updates, every
-/// one kept.
+/// updates each, a checkpoint every [`CHECKPOINT_INTERVAL`] updates,
+/// [`KEPT_CHECKPOINTS`] kept.
 fn job_sets(data: &Path, epochs: u32) -> Vec<String> {
     vec![
         format!("data.root={}", data.display()),
@@ -144,7 +176,7 @@ fn job_sets(data: &Path, epochs: u32) -> Vec<String> {
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".to_string(),
         format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}"),
-        "runtime.keep_last_checkpoints=3".to_string(),
+        format!("runtime.keep_last_checkpoints={KEPT_CHECKPOINTS}"),
     ]
 }
 
@@ -169,6 +201,7 @@ fn stop_an_auto_resume_coordinator(
     dir: &Path,
     signal_name: &str,
     epochs: u32,
+    worker_env: &[(&str, &str)],
 ) -> KilledCoordinator {
     let data = fashion_subset(dir, 8, 2);
     let out = dir.join("run");
@@ -187,7 +220,10 @@ fn stop_an_auto_resume_coordinator(
     let first = sweeps::coordinator_up(&out, &sets, &arg_refs, &first_log);
     let workers: Vec<_> = ["a", "b"]
         .iter()
-        .map(|name| sweeps::worker_join(port, name, &dir.join(format!("worker-{name}.log"))))
+        .map(|name| {
+            let log = dir.join(format!("worker-{name}.log"));
+            sweeps::worker_join_with_env(port, name, &log, worker_env)
+        })
         .collect();
     let steps = || run_records_or_empty(&out, "step");
     wait_until("a committed checkpoint and a few more updates", &first_log, || {
@@ -233,7 +269,13 @@ fn assert_succeeds(child: std::process::Child, limit: Duration, what: &str, log:
 #[test]
 fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_coordinator() {
     let tmp = tempfile::tempdir().unwrap();
-    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 12);
+    // The ranks train on while their coordinator is away, no longer
+    // waiting on it: each checkpoint (every 2 updates) takes at least 1 s,
+    // so that on the fastest machine they are still training when their
+    // agents call the restarted coordinator (the job's last 55 updates
+    // took 20 s on an AMD EPYC without it, and it ended unseen).
+    let slow_disk = [("RSB_CHECKPOINT_DELAY_MS", "1000")];
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 12, &slow_disk);
     std::thread::sleep(Duration::from_millis(16_500));
     let log = tmp.path().join("coordinator-2.log");
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
@@ -271,6 +313,54 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
     );
 }
 
+/// A coordinator stopped (SIGTERM) while its job's ranks had a few updates
+/// left: they train to the end without it, and their agents, their ranks
+/// done, leave. Restarted with the same command line (`--auto-resume`), the
+/// coordinator waits for them as for any agents that outlived it, finds the
+/// run folder's newest checkpoint ends the last epoch, and ends the job as
+/// finished, saying so, where it waited for hosts to train the job anew and
+/// failed a finished job at the join timeout.
+#[test]
+fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 4, &[]);
+    for (i, worker) in k.workers.into_iter().enumerate() {
+        let log = tmp.path().join(format!("worker-{}.log", ["a", "b"][i]));
+        assert_succeeds(worker, Duration::from_secs(120), "a worker whose ranks finished", &log);
+    }
+    let last = rsb_job::checkpoint::list(&k.out).pop().expect("checkpoints");
+    let state = rsb_job::checkpoint::read_position(&last).expect("the last checkpoint's state");
+    assert_eq!(state.updates, planned_updates(&k.out), "{last:?}: {state:?}");
+    let log = tmp.path().join("coordinator-2.log");
+    let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
+    // 25 s for the agents to call again, then the end.
+    assert_succeeds(second, Duration::from_secs(90), "the restarted coordinator", &log);
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(output.contains("restored job"), "{output}");
+    assert!(
+        output.contains(&format!(
+            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4",
+            last.display()
+        )),
+        "{output}"
+    );
+    assert!(!output.contains("waiting for 2 host(s) to join"), "{output}");
+    let saved = std::fs::read_to_string(k.out.join("coordinator-state.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved["ended"], "finished", "{saved}");
+    // The restored generation is the last: none was opened for hosts to
+    // train the job again.
+    let generations = run_records(&k.out, "generation");
+    assert_eq!(generations.len(), 2, "{generations:?}");
+    assert_eq!(generations[1]["reasons"][0]["kind"], "coordinator_restarted", "{generations:?}");
+    println!(
+        "a job whose ranks finished while its coordinator was away ended {:.1} s after the restart",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// A job whose coordinator and hosts were all killed (a Slurm requeue after
 /// a node failure, a Kubernetes Job applied again): the restarted
 /// coordinator (`--auto-resume`, its state file saying the job still ran)
@@ -283,7 +373,7 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 #[test]
 fn an_auto_resume_restart_after_the_whole_job_died_continues_it_on_the_hosts_that_join() {
     let tmp = tempfile::tempdir().unwrap();
-    let k = stop_an_auto_resume_coordinator(tmp.path(), "KILL", 6);
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "KILL", 6, &[]);
     let ranks: Vec<u32> = k
         .workers
         .iter()

@@ -38,8 +38,10 @@ fn sets(data: &Path, epochs: u32) -> Vec<String> {
     sets.extend([
         format!("schedule.cosine.epochs={epochs}"),
         "eval.every_epochs=1000".into(),
-        // A restart resumes from the newest checkpoint, which retention keeps;
-        // the disk holds three at most (a test's checkpoints once took gigabytes).
+        // Three kept, not every one (a test's checkpoints once took
+        // gigabytes): these jobs restart from the newest committed one before
+        // the old ranks could write three more (and `a_grow_goes_on…` tests
+        // a restart whose checkpoint retention deleted).
         "runtime.keep_last_checkpoints=3".into(),
     ]);
     sets

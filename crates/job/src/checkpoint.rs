@@ -260,6 +260,24 @@ pub fn verify_part(dir: &Path, name: &str) -> Result<(), CheckpointError> {
 
 /// Checks that the part `name` of `dir` has the size and SHA-256 `expected`.
 fn check_part(dir: &Path, name: &str, expected: &PartDigest) -> Result<(), CheckpointError> {
+    let path = check_part_size(dir, name, expected)?;
+    let digest = digest_file(&path)?;
+    if digest.sha256 != expected.sha256 {
+        return Err(CheckpointError::Checksum {
+            path,
+            expected: expected.sha256.clone(),
+            actual: digest.sha256,
+        });
+    }
+    Ok(())
+}
+
+/// The part `name` of `dir`, when it is a regular file of the size listed.
+fn check_part_size(
+    dir: &Path,
+    name: &str,
+    expected: &PartDigest,
+) -> Result<PathBuf, CheckpointError> {
     if name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(CheckpointError::BadManifest {
             path: dir.join(MANIFEST),
@@ -281,13 +299,27 @@ fn check_part(dir: &Path, name: &str, expected: &PartDigest) -> Result<(), Check
     if actual != expected.bytes {
         return Err(CheckpointError::Size { path, expected: expected.bytes, actual });
     }
-    let digest = digest_file(&path)?;
-    if digest.sha256 != expected.sha256 {
-        return Err(CheckpointError::Checksum {
-            path,
-            expected: expected.sha256.clone(),
-            actual: digest.sha256,
-        });
+    Ok(path)
+}
+
+/// A cheaper [`verify`] for a decision that reads only the state: the
+/// manifest lists every part, every part has the size it lists, and
+/// `state.json` its checksum. The weights are not hashed (they are, by
+/// whoever reads them).
+pub fn verify_committed(dir: &Path) -> Result<(), CheckpointError> {
+    let manifest = Manifest::read(dir)?;
+    for part in PARTS {
+        let Some(expected) = manifest.parts.get(part) else {
+            return Err(CheckpointError::UnlistedPart {
+                path: dir.join(MANIFEST),
+                part: part.to_string(),
+            });
+        };
+        if part == STATE {
+            check_part(dir, part, expected)?;
+        } else {
+            check_part_size(dir, part, expected)?;
+        }
     }
     Ok(())
 }
@@ -451,6 +483,76 @@ pub fn read_state(checkpoint: &Path) -> Result<serde_json::Value, CheckpointErro
     let text = rsb_files::read_regular_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
+}
+
+/// Where a checkpoint stands in its run: the fields of its `state.json`
+/// that say whether the run is over, read without libtorch (the trainer
+/// writes the whole state).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RunPosition {
+    /// The epoch training continues with (0-based): the run's epochs, once
+    /// its last one ended.
+    pub next_epoch: u64,
+    /// Optimizer updates made since the run began.
+    pub updates: u64,
+    /// The step of `next_epoch` training continues with: 0 at an epoch's end.
+    #[serde(default)]
+    pub next_step: u64,
+    /// The epoch under way when the checkpoint was written.
+    #[serde(default)]
+    pub epoch_so_far: EpochUnderWay,
+}
+
+/// The part of `state.json` about the epoch under way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct EpochUnderWay {
+    /// Updates of the epoch under way made before the checkpoint: 0 at an
+    /// epoch's end.
+    #[serde(default)]
+    pub updates: u64,
+}
+
+impl RunPosition {
+    /// Whether the checkpoint ends a run of `epochs` epochs: written at the
+    /// end of its last one.
+    pub fn ends_run_of(&self, epochs: u64) -> bool {
+        epochs > 0
+            && self.next_epoch >= epochs
+            && self.next_step == 0
+            && self.epoch_so_far.updates == 0
+    }
+}
+
+/// The [`RunPosition`] of a checkpoint, from its `state.json`.
+pub fn read_position(checkpoint: &Path) -> Result<RunPosition, CheckpointError> {
+    let path = checkpoint.join(STATE);
+    let text = rsb_files::read_regular_file(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let mut json = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut json)
+        .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
+}
+
+/// The checkpoint that ends the run of `epochs` epochs in `run_dir`, when
+/// its newest committed checkpoint ([`verify_committed`]: cheap enough to
+/// run under a lock) is that one: the run is over. `None` when it has no
+/// committed checkpoint, or its newest is not the end. Torn ones, and a
+/// state that cannot be read, are logged.
+pub fn finished_run(run_dir: &Path, epochs: u64) -> Option<(PathBuf, RunPosition)> {
+    let newest = list(run_dir).into_iter().rev().find(|candidate| {
+        verify_committed(candidate)
+            .inspect_err(|reason| {
+                tracing::warn!(checkpoint = %candidate.display(), %reason, "a torn checkpoint")
+            })
+            .is_ok()
+    })?;
+    match read_position(&newest) {
+        Ok(position) if position.ends_run_of(epochs) => Some((newest, position)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether the run ended");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -668,5 +770,64 @@ mod tests {
         );
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(resolve(empty.path()), Err(CheckpointError::NotFound { .. })));
+    }
+
+    /// A committed checkpoint `run/checkpoints/NAME` whose `state.json` is `state`.
+    fn committed_with_state(run: &Path, name: &str, state: &str) -> PathBuf {
+        let dir = run.join(CHECKPOINTS).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(PARTS[0]), b"weights").unwrap();
+        std::fs::write(dir.join(PARTS[1]), b"moments").unwrap();
+        std::fs::write(dir.join(STATE), state).unwrap();
+        let manifest = Manifest::of_parts(&dir, &PARTS).unwrap();
+        std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_run_is_over_when_its_newest_committed_checkpoint_ends_its_last_epoch() {
+        let run = tempfile::tempdir().unwrap();
+        let state = |next_epoch: u64, next_step: u64, so_far: u64| {
+            format!(
+                r#"{{"next_epoch":{next_epoch},"next_step":{next_step},"updates":{},
+                   "epoch_so_far":{{"updates":{so_far},"loss_sum":1.5}},"model":"m"}}"#,
+                next_epoch * 5 + so_far
+            )
+        };
+        assert!(finished_run(run.path(), 3).is_none(), "no checkpoint");
+        committed_with_state(run.path(), "epoch-0002", &state(2, 0, 0));
+        assert!(finished_run(run.path(), 3).is_none(), "two epochs of three");
+        // Mid-epoch in the last epoch: not over.
+        committed_with_state(run.path(), "epoch-0002-update-000000012", &state(2, 2, 2));
+        assert!(finished_run(run.path(), 3).is_none(), "mid-epoch");
+        let end = committed_with_state(run.path(), "epoch-0003", &state(3, 0, 0));
+        let (found, position) = finished_run(run.path(), 3).expect("the run's end");
+        assert_eq!((found, position.updates), (end.clone(), 15));
+        // Its recipe has more epochs: not over.
+        assert!(finished_run(run.path(), 4).is_none());
+        assert!(finished_run(run.path(), 0).is_none(), "no epochs is no run");
+        // A torn end is not taken: the newest committed one is not the end.
+        std::fs::write(end.join(PARTS[0]), b"weights, cut").unwrap();
+        assert!(finished_run(run.path(), 3).is_none(), "a torn end");
+        std::fs::write(end.join(PARTS[0]), b"weights").unwrap();
+        std::fs::write(
+            end.join(STATE),
+            state(3, 0, 0).replace("\"model\":\"m\"", "\"model\":\"n\""),
+        )
+        .unwrap();
+        assert!(finished_run(run.path(), 3).is_none(), "a corrupt state");
+        std::fs::write(end.join(STATE), state(3, 0, 0)).unwrap();
+        assert!(finished_run(run.path(), 3).is_some(), "the end, mended");
+        // A state without the position's fields is an error naming them.
+        let odd = committed_with_state(run.path(), "epoch-0004", r#"{"updates":"many"}"#);
+        let e = read_position(&odd).unwrap_err();
+        assert!(e.to_string().contains("state.json") && e.to_string().contains("updates"), "{e}");
+        assert!(finished_run(run.path(), 3).is_none());
+        // A state from before the epoch under way was kept reads as at an
+        // epoch's end.
+        let old =
+            committed_with_state(run.path(), "epoch-0005", r#"{"next_epoch":5,"updates":25}"#);
+        assert!(read_position(&old).unwrap().ends_run_of(5));
+        assert!(finished_run(run.path(), 5).is_some());
     }
 }

@@ -28,7 +28,6 @@
 use crate::ReportError;
 use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
 use rsb_job::{MetricsRecord, RunEnd, RunOutcome};
-use rsb_recipes::ScheduleSection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -374,12 +373,6 @@ pub fn check_epoch_record(record: &MetricsRecord) -> Result<(), (String, f64, &'
     Ok(())
 }
 
-/// Epochs of a recipe: cosine plus cooldown.
-fn total_epochs(recipe: &rsb_recipes::Recipe) -> u64 {
-    let ScheduleSection::Cosine(c) = &recipe.schedule;
-    u64::from(c.epochs + c.cooldown_epochs)
-}
-
 /// A finished run, or why the cell is skipped.
 fn read_run(
     layout: &SweepLayout,
@@ -412,7 +405,7 @@ fn read_run(
     };
     let recipe = rsb_recipes::load_str(&recipe_text, &recipe_path, &[])
         .map_err(|source| ReportError::Recipe { error: Box::new(source) })?;
-    let epochs = total_epochs(&recipe);
+    let epochs = recipe.total_epochs();
     let mut last: BTreeMap<u64, MetricsRecord> = BTreeMap::new();
     for record in read_metrics(&metrics)? {
         if let MetricsRecord::Epoch { epoch, .. } = &record {

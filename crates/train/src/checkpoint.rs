@@ -183,10 +183,22 @@ pub fn save(
 /// `run_dir` cannot hold the checkpoints still to come: each as large as
 /// `written` (the one just committed), until retention keeps `keep_last`
 /// (those there now counted), and one more while a save is written, before
-/// retention deletes the oldest. A run that would fail with "No space left
-/// on device" hours later says so at once, with the figures. Unreadable
-/// sizes give no warning: the save itself reports a full disk.
-pub fn space_warning(run_dir: &Path, written: &Path, keep_last: usize) -> Option<String> {
+/// retention deletes the oldest; no more than the run's `saves_left`. A run
+/// that would fail with "No space left on device" hours later says so at
+/// once, with the figures. Unreadable sizes give no warning: the save
+/// itself reports a full disk. The best checkpoint, kept besides the
+/// newest `keep_last`, is counted once it is outside them (it is among
+/// those there); one still among them that later falls out of them needs
+/// one checkpoint's room more than this foresees, and is warned of then.
+pub fn space_warning(
+    run_dir: &Path,
+    written: &Path,
+    keep_last: usize,
+    saves_left: u64,
+) -> Option<String> {
+    if saves_left == 0 {
+        return None;
+    }
     let size: u64 = std::fs::read_dir(written)
         .ok()?
         .flatten()
@@ -196,16 +208,23 @@ pub fn space_warning(run_dir: &Path, written: &Path, keep_last: usize) -> Option
         .sum();
     let stat = nix::sys::statvfs::statvfs(written).ok()?;
     let free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
-    space_shortfall(size, free, list(run_dir).len(), keep_last.max(1))
+    space_shortfall(size, free, list(run_dir).len(), keep_last.max(1), saves_left)
 }
 
 /// [`space_warning`]'s rule: `kept` checkpoints of `size` bytes are there,
-/// up to `keep_last` are kept, and a save needs room for one more.
-fn space_shortfall(size: u64, free: u64, kept: usize, keep_last: usize) -> Option<String> {
-    if size == 0 {
+/// up to `keep_last` are kept, a save needs room for one more, and the run
+/// has `saves_left` saves to make.
+fn space_shortfall(
+    size: u64,
+    free: u64,
+    kept: usize,
+    keep_last: usize,
+    saves_left: u64,
+) -> Option<String> {
+    if size == 0 || saves_left == 0 {
         return None;
     }
-    let to_come = keep_last.saturating_sub(kept) as u64 + 1;
+    let to_come = (keep_last.saturating_sub(kept) as u64 + 1).min(saves_left);
     if free >= size.saturating_mul(to_come) {
         return None;
     }
@@ -556,31 +575,37 @@ mod tests {
     fn a_file_system_short_of_the_checkpoints_to_come_is_warned_of_with_its_figures() {
         const MIB: u64 = 1 << 20;
         // Room for every checkpoint retention keeps, and one more: no word.
-        assert_eq!(space_shortfall(100 * MIB, 300 * MIB, 1, 2), None);
+        assert_eq!(space_shortfall(100 * MIB, 300 * MIB, 1, 2, 10), None);
         // Retention holds steady: a save needs room for one only.
-        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 2, 2), None);
-        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 3, 2), None, "the best one kept too");
+        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 2, 2, 10), None);
+        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 3, 2, 10), None, "the best one kept too");
+        // Only the saves the run has left count: none, or fewer than
+        // retention would keep.
+        assert_eq!(space_shortfall(100 * MIB, 0, 1, 3, 0), None, "the run's last save");
+        assert_eq!(space_shortfall(100 * MIB, 100 * MIB, 1, 1000, 1), None);
+        assert!(space_shortfall(100 * MIB, 100 * MIB, 1, 1000, 2).is_some());
         // One more fits, then a save fails: said, with the figures.
-        let warning = space_shortfall(100 * MIB, 150 * MIB, 1, 3).unwrap();
+        let warning = space_shortfall(100 * MIB, 150 * MIB, 1, 3, 10).unwrap();
         assert!(warning.contains("150.00 MiB free"), "{warning}");
         assert!(warning.contains("takes 100.00 MiB"), "{warning}");
         assert!(warning.contains("1 more save(s) fit, then one will fail"), "{warning}");
         assert!(warning.contains("keeps 3, 1 there now"), "{warning}");
         // None fits: the next save fails.
-        let warning = space_shortfall(100 * MIB, 99 * MIB, 3, 3).unwrap();
+        let warning = space_shortfall(100 * MIB, 99 * MIB, 3, 3, 10).unwrap();
         assert!(warning.contains("the next save will fail"), "{warning}");
         // Single-line: the coordinator refuses control characters.
         assert!(!warning.chars().any(char::is_control), "{warning}");
         // An empty folder says nothing, rather than divide by zero.
-        assert_eq!(space_shortfall(0, 0, 1, 3), None);
+        assert_eq!(space_shortfall(0, 0, 1, 3, 10), None);
         // A real folder: its size and its file system's free space are
-        // read; no disk holds a checkpoint of 2 bytes kept 2^64 - 1 times.
+        // read; no disk holds a checkpoint of 2 bytes kept, and saved,
+        // 2^64 - 1 times.
         let run = tempfile::tempdir().unwrap();
         let written = run.path().join(CHECKPOINTS).join(folder_name(0));
         std::fs::create_dir_all(&written).unwrap();
         std::fs::write(written.join(STATE), b"{}").unwrap();
-        assert_eq!(space_warning(run.path(), &written, 3), None);
-        let warning = space_warning(run.path(), &written, usize::MAX).unwrap();
+        assert_eq!(space_warning(run.path(), &written, 3, 10), None);
+        let warning = space_warning(run.path(), &written, usize::MAX, u64::MAX).unwrap();
         assert!(warning.contains("takes 2 B:") && warning.contains(", 1 there now"), "{warning}");
     }
 

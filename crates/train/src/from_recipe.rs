@@ -206,12 +206,6 @@ pub fn schedule(recipe: &Recipe, steps_per_epoch: u64) -> CosineWithWarmup {
     CosineWithWarmup::new(cosine, lamb.lr, steps_per_epoch)
 }
 
-/// Total epochs of the recipe (cosine plus cooldown).
-pub fn total_epochs(recipe: &Recipe) -> u64 {
-    let ScheduleSection::Cosine(c) = &recipe.schedule;
-    u64::from(c.epochs + c.cooldown_epochs)
-}
-
 /// The input normalisation of a recipe on `device`.
 pub fn normalizer(recipe: &Recipe, device: Device) -> Normalizer {
     Normalizer::new(recipe.data.mean, recipe.data.std, device, channels_last(recipe))

@@ -698,7 +698,7 @@ impl Trainer {
 
     /// Total epochs of the recipe (cosine plus cooldown).
     pub fn total_epochs(&self) -> u64 {
-        from_recipe::total_epochs(&self.recipe)
+        self.recipe.total_epochs()
     }
 
     /// Seconds since the start of this invocation.
@@ -1472,10 +1472,21 @@ impl Trainer {
         let (options, model, optimizer, state) =
             (&self.options, &self.model, &self.optimizer, &self.state);
         let keep = self.recipe.runtime.keep_last_checkpoints as usize;
+        // The saves this run still makes after this one: the ends of the
+        // epochs not done, and the periodic ones (counted twice where they
+        // fall on an epoch's end: the disk check errs on the safe side).
+        let saves_left = {
+            let total_updates = self.total_epochs() * self.steps_per_epoch();
+            let periodic = match u64::from(self.recipe.runtime.checkpoint_every_updates) {
+                0 => 0,
+                every => total_updates.saturating_sub(self.state.updates) / every,
+            };
+            self.total_epochs().saturating_sub(self.state.next_epoch) + periodic
+        };
         let write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
             std::thread::sleep(options.checkpoint_delay);
             let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep)?;
-            let disk_warning = checkpoint::space_warning(&options.out_dir, &path, keep);
+            let disk_warning = checkpoint::space_warning(&options.out_dir, &path, keep, saves_left);
             let committed = CommittedCheckpoint {
                 epoch,
                 updates: state.updates,
