@@ -731,16 +731,21 @@ impl Job {
         let wait = self.restored_members_wait();
         let why = format!("did not come back within {wait:?} of the coordinator's restart");
         let gone: Vec<Member> = self.members.drain(..).chain(self.pending.drain(..)).collect();
+        let hosts: Vec<String> = gone.iter().map(|m| m.host.clone()).collect();
         for m in &gone {
             tracing::warn!(member = %m.id, host = %m.host, "{why}; dropped from the job");
-            if self.started {
-                self.reasons
-                    .push(GenerationReason::LostHost { host: m.host.clone(), detail: why.clone() });
-            }
         }
-        let hosts: Vec<String> = gone.iter().map(|m| m.host.clone()).collect();
+        let ended = self.ended_while_away(&hosts, wait);
+        if self.started && !ended {
+            self.reasons.extend(
+                gone.iter().map(|m| GenerationReason::LostHost {
+                    host: m.host.clone(),
+                    detail: why.clone(),
+                }),
+            );
+        }
         self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
-        if self.ended_while_away(&hosts, wait) {
+        if ended {
             return;
         }
         self.say(&format!(
@@ -765,25 +770,30 @@ impl Job {
     }
 
     /// Whether the job's ranks ended it while no coordinator ran (its
-    /// `hosts` did not come back within `wait`): the newest intact
-    /// checkpoint in the run folder ends the recipe's last epoch. Their
-    /// agents, their ranks done, left and will not call again, so waiting
-    /// for hosts to train it anew would fail a finished job. The job is
-    /// then finished, saying so.
+    /// `hosts` did not come back within `wait`): the newest committed
+    /// checkpoint in the run folder ends the last epoch of this job's
+    /// recipe, was trained with it, and is intact
+    /// ([`rsb_job::run_folder::finished_run`]; that one checkpoint is hashed
+    /// under the lock, once). Their agents, their ranks done, left and will
+    /// not call again, so waiting for hosts to train it anew would fail a
+    /// finished job. The job is then finished, saying so.
     fn ended_while_away(&mut self, hosts: &[String], wait: Duration) -> bool {
-        let epochs = self.recipe.total_epochs();
-        let Some((checkpoint, position)) = rsb_job::checkpoint::finished_run(&self.out_dir, epochs)
+        let Some((checkpoint, position)) =
+            rsb_job::run_folder::finished_run(&self.out_dir, &self.recipe)
         else {
             return false;
         };
         self.phase = Phase::Finished;
         self.running_since = None;
+        self.progress = (position.next_epoch.saturating_sub(1), position.updates, 0.0);
+        self.total_updates = Some(position.updates);
         self.say(&format!(
-            "the job finished while no coordinator ran: {} ends its last epoch ({} of {epochs}, \
+            "the job finished while no coordinator ran: {} ends its last epoch ({} of {}, \
              {} updates), and its host(s) ({}) did not come back within {wait:?}; the records \
              this coordinator did not take are in the ranks' own ranks/rank-N.jsonl",
-            checkpoint.display(),
+            checkpoint.path().display(),
             position.next_epoch,
+            self.recipe.total_epochs(),
             position.updates,
             hosts.join(", "),
         ));

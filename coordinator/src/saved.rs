@@ -591,8 +591,8 @@ mod tests {
         }
     }
 
-    /// Writes a committed checkpoint `run/checkpoints/NAME` whose state
-    /// says training continues with epoch `next_epoch`, step 0.
+    /// Writes a committed checkpoint `run/checkpoints/NAME` of [`recipe`]
+    /// whose state says training continues with epoch `next_epoch`, step 0.
     fn committed_at_epoch_end(run: &Path, name: &str, next_epoch: u64) -> PathBuf {
         use rsb_job::checkpoint::{Manifest, CHECKPOINTS, MANIFEST, PARTS, STATE};
         let dir = run.join(CHECKPOINTS).join(name);
@@ -600,8 +600,11 @@ mod tests {
         for part in &PARTS[..2] {
             std::fs::write(dir.join(part), b"tensors").unwrap();
         }
-        let state = format!(r#"{{"next_epoch":{next_epoch},"next_step":0,"updates":60}}"#);
-        std::fs::write(dir.join(STATE), state).unwrap();
+        let state = serde_json::json!({
+            "next_epoch": next_epoch, "next_step": 0, "updates": 60,
+            rsb_job::run_folder::STATE_RECIPE_KEY: rsb_job::run_folder::recipe_value(&recipe()),
+        });
+        std::fs::write(dir.join(STATE), state.to_string()).unwrap();
         let manifest = Manifest::of_parts(&dir, &PARTS).unwrap();
         std::fs::write(dir.join(MANIFEST), manifest.to_json()).unwrap();
         dir

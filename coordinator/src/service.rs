@@ -517,14 +517,16 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
 }
 
 /// `text` as one printable line of at most `max` bytes: control
-/// characters become spaces, and the rest is cut at a character boundary.
+/// characters and Unicode's line and paragraph separators become spaces,
+/// and the rest is cut at a character boundary.
 fn one_line(text: &str, max: usize) -> String {
     let mut line = String::with_capacity(text.len().min(max));
     for c in text.chars() {
         if line.len() + c.len_utf8() > max {
             break;
         }
-        line.push(if c.is_control() { ' ' } else { c });
+        let breaks_a_line = c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+        line.push(if breaks_a_line { ' ' } else { c });
     }
     line
 }
@@ -1520,7 +1522,7 @@ mod tests {
             credentials.clone().call(Request::new(())).unwrap().metadata().clone();
         runtime.block_on(shared.commit_checkpoint(request)).unwrap();
         assert_eq!(shared.state.lock().unwrap().jobs[0].checkpoints.len(), 2);
-        let line = one_line(&format!("short\nof disk\u{7}{}", "é".repeat(9)), 20);
+        let line = one_line(&format!("short\nof disk\u{2028}{}", "é".repeat(9)), 20);
         // 20 bytes: a fourth é would make 22.
         assert_eq!(line, "short of disk ééé");
     }

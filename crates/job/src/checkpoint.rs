@@ -378,7 +378,7 @@ pub fn is_checkpoint_folder(path: &Path) -> bool {
 /// verified in this process: what a loader may read without hashing every
 /// part a second time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedCheckpoint(PathBuf);
+pub struct VerifiedCheckpoint(pub(crate) PathBuf);
 
 impl VerifiedCheckpoint {
     /// The checkpoint folder.
@@ -532,31 +532,8 @@ pub fn read_position(checkpoint: &Path) -> Result<RunPosition, CheckpointError> 
         .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
 }
 
-/// The checkpoint that ends the run of `epochs` epochs in `run_dir`, when
-/// its newest committed checkpoint ([`verify_committed`]: cheap enough to
-/// run under a lock) is that one: the run is over. `None` when it has no
-/// committed checkpoint, or its newest is not the end. Torn ones, and a
-/// state that cannot be read, are logged.
-pub fn finished_run(run_dir: &Path, epochs: u64) -> Option<(PathBuf, RunPosition)> {
-    let newest = list(run_dir).into_iter().rev().find(|candidate| {
-        verify_committed(candidate)
-            .inspect_err(|reason| {
-                tracing::warn!(checkpoint = %candidate.display(), %reason, "a torn checkpoint")
-            })
-            .is_ok()
-    })?;
-    match read_position(&newest) {
-        Ok(position) if position.ends_run_of(epochs) => Some((newest, position)),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot tell whether the run ended");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A committed checkpoint `run/checkpoints/epoch-000N` with small parts.
@@ -772,8 +749,9 @@ mod tests {
         assert!(matches!(resolve(empty.path()), Err(CheckpointError::NotFound { .. })));
     }
 
-    /// A committed checkpoint `run/checkpoints/NAME` whose `state.json` is `state`.
-    fn committed_with_state(run: &Path, name: &str, state: &str) -> PathBuf {
+    /// A committed checkpoint `run/checkpoints/NAME` whose `state.json` is
+    /// `state`, its other parts `weights` and `moments`.
+    pub(crate) fn committed_with_state(run: &Path, name: &str, state: &str) -> PathBuf {
         let dir = run.join(CHECKPOINTS).join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(PARTS[0]), b"weights").unwrap();
@@ -785,7 +763,7 @@ mod tests {
     }
 
     #[test]
-    fn a_run_is_over_when_its_newest_committed_checkpoint_ends_its_last_epoch() {
+    fn a_checkpoint_says_whether_it_ends_its_run_and_a_cheap_check_finds_it_committed() {
         let run = tempfile::tempdir().unwrap();
         let state = |next_epoch: u64, next_step: u64, so_far: u64| {
             format!(
@@ -794,40 +772,37 @@ mod tests {
                 next_epoch * 5 + so_far
             )
         };
-        assert!(finished_run(run.path(), 3).is_none(), "no checkpoint");
-        committed_with_state(run.path(), "epoch-0002", &state(2, 0, 0));
-        assert!(finished_run(run.path(), 3).is_none(), "two epochs of three");
-        // Mid-epoch in the last epoch: not over.
-        committed_with_state(run.path(), "epoch-0002-update-000000012", &state(2, 2, 2));
-        assert!(finished_run(run.path(), 3).is_none(), "mid-epoch");
+        let two = committed_with_state(run.path(), "epoch-0002", &state(2, 0, 0));
+        assert!(!read_position(&two).unwrap().ends_run_of(3), "two epochs of three");
+        let mid = committed_with_state(run.path(), "epoch-0002-update-000000012", &state(2, 2, 2));
+        assert!(!read_position(&mid).unwrap().ends_run_of(3), "mid-epoch in the last one");
+        assert!(!read_position(&mid).unwrap().ends_run_of(2), "mid-epoch past the end");
         let end = committed_with_state(run.path(), "epoch-0003", &state(3, 0, 0));
-        let (found, position) = finished_run(run.path(), 3).expect("the run's end");
-        assert_eq!((found, position.updates), (end.clone(), 15));
-        // Its recipe has more epochs: not over.
-        assert!(finished_run(run.path(), 4).is_none());
-        assert!(finished_run(run.path(), 0).is_none(), "no epochs is no run");
-        // A torn end is not taken: the newest committed one is not the end.
+        let position = read_position(&end).unwrap();
+        assert!(position.ends_run_of(3) && position.updates == 15, "{position:?}");
+        assert!(!position.ends_run_of(4), "its recipe has more epochs");
+        assert!(!position.ends_run_of(0), "no epochs is no run");
+        // The cheap check: sizes, and the state's checksum.
+        verify_committed(&end).unwrap();
         std::fs::write(end.join(PARTS[0]), b"weights, cut").unwrap();
-        assert!(finished_run(run.path(), 3).is_none(), "a torn end");
+        assert!(matches!(verify_committed(&end), Err(CheckpointError::Size { .. })));
+        std::fs::write(end.join(PARTS[0]), b"weightz").unwrap();
+        verify_committed(&end).expect("weights of the listed size are not hashed");
+        assert!(verify(&end).is_err(), "verify hashes them");
         std::fs::write(end.join(PARTS[0]), b"weights").unwrap();
-        std::fs::write(
-            end.join(STATE),
-            state(3, 0, 0).replace("\"model\":\"m\"", "\"model\":\"n\""),
-        )
-        .unwrap();
-        assert!(finished_run(run.path(), 3).is_none(), "a corrupt state");
-        std::fs::write(end.join(STATE), state(3, 0, 0)).unwrap();
-        assert!(finished_run(run.path(), 3).is_some(), "the end, mended");
+        let other = state(3, 0, 0).replace("\"model\":\"m\"", "\"model\":\"n\"");
+        std::fs::write(end.join(STATE), other).unwrap();
+        assert!(matches!(verify_committed(&end), Err(CheckpointError::Checksum { .. })));
+        std::fs::remove_file(end.join(MANIFEST)).unwrap();
+        assert!(matches!(verify_committed(&end), Err(CheckpointError::MissingManifest { .. })));
         // A state without the position's fields is an error naming them.
         let odd = committed_with_state(run.path(), "epoch-0004", r#"{"updates":"many"}"#);
         let e = read_position(&odd).unwrap_err();
         assert!(e.to_string().contains("state.json") && e.to_string().contains("updates"), "{e}");
-        assert!(finished_run(run.path(), 3).is_none());
         // A state from before the epoch under way was kept reads as at an
         // epoch's end.
         let old =
             committed_with_state(run.path(), "epoch-0005", r#"{"next_epoch":5,"updates":25}"#);
         assert!(read_position(&old).unwrap().ends_run_of(5));
-        assert!(finished_run(run.path(), 5).is_some());
     }
 }

@@ -652,6 +652,56 @@ pub fn check_resume(
     Ok(verified)
 }
 
+/// The checkpoint that ends the run of `recipe` in `run_dir`, when its
+/// newest committed checkpoint is that one: the run is over. It must end
+/// the recipe's last epoch, have been trained with `recipe` (every field
+/// but the [`HOST_FIELDS`] the same: not another run's end left in the
+/// folder), and be intact as a resume checks it ([`checkpoint::verify`]:
+/// the one checkpoint hashed, only when it is the end). `None` otherwise;
+/// torn ones, and a state that cannot be read, are logged. The candidate is
+/// found with [`checkpoint::verify_committed`], which hashes no weights.
+pub fn finished_run(
+    run_dir: &Path,
+    recipe: &Recipe,
+) -> Option<(VerifiedCheckpoint, checkpoint::RunPosition)> {
+    let newest = checkpoint::list(run_dir).into_iter().rev().find(|candidate| {
+        checkpoint::verify_committed(candidate)
+            .inspect_err(|reason| {
+                tracing::warn!(checkpoint = %candidate.display(), %reason, "a torn checkpoint")
+            })
+            .is_ok()
+    })?;
+    let why_not = |reason: String| {
+        tracing::warn!(checkpoint = %newest.display(), "not taken for the run's end: {reason}");
+    };
+    let position = match checkpoint::read_position(&newest) {
+        Ok(position) if position.ends_run_of(recipe.total_epochs()) => position,
+        Ok(_) => return None,
+        Err(e) => {
+            why_not(e.to_string());
+            return None;
+        }
+    };
+    let trained_with =
+        checkpoint::read_state(&newest).map_err(|e| e.to_string()).and_then(|state| {
+            let saved = state
+                .get(STATE_RECIPE_KEY)
+                .ok_or_else(|| "its state does not record its recipe".to_string())?;
+            check_resumed_recipe(&newest, saved, recipe, &[]).map_err(|e| e.to_string())
+        });
+    if let Err(reason) = trained_with {
+        why_not(reason);
+        return None;
+    }
+    match checkpoint::verify(&newest) {
+        Ok(_) => Some((VerifiedCheckpoint(newest), position)),
+        Err(e) => {
+            why_not(e.to_string());
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,6 +736,67 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../recipes/debug/resnet18_tiny_cpu.yaml");
         rsb_recipes::load(&root, overrides).unwrap()
+    }
+
+    /// A run is over when its newest committed checkpoint ends the last
+    /// epoch of the recipe it was trained with, and is intact.
+    #[test]
+    fn a_run_is_over_when_its_newest_committed_checkpoint_ends_its_recipes_last_epoch() {
+        use crate::checkpoint::tests::committed_with_state;
+        let recipe = tiny_recipe(&["schedule.cosine.epochs=3".into()]);
+        let state = |next_epoch: u64, so_far: u64, recipe: &Recipe| {
+            serde_json::json!({
+                "next_epoch": next_epoch, "next_step": so_far, "updates": next_epoch * 5 + so_far,
+                "epoch_so_far": {"updates": so_far, "loss_sum": 1.5},
+                STATE_RECIPE_KEY: recipe_value(recipe),
+            })
+            .to_string()
+        };
+        let run = tempfile::tempdir().unwrap();
+        assert!(finished_run(run.path(), &recipe).is_none(), "no checkpoint");
+        committed_with_state(run.path(), "epoch-0002", &state(2, 0, &recipe));
+        assert!(finished_run(run.path(), &recipe).is_none(), "two epochs of three");
+        committed_with_state(run.path(), "epoch-0002-update-000000012", &state(2, 2, &recipe));
+        assert!(finished_run(run.path(), &recipe).is_none(), "mid-epoch in the last one");
+        let end = committed_with_state(run.path(), "epoch-0003", &state(3, 0, &recipe));
+        let (found, position) = finished_run(run.path(), &recipe).expect("the run's end");
+        assert_eq!((found.path(), position.updates), (end.as_path(), 15));
+        // The host's own loader threads are no other recipe.
+        let mut host = recipe.clone();
+        host.data.loader_threads += 3;
+        std::fs::write(end.join(checkpoint::STATE), state(3, 0, &host)).unwrap();
+        let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
+        std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+        assert!(finished_run(run.path(), &recipe).is_some(), "another host's loader threads");
+        // A job of more epochs is not over.
+        let longer = tiny_recipe(&["schedule.cosine.epochs=4".into()]);
+        assert!(finished_run(run.path(), &longer).is_none());
+        // Another run's end, left in the folder (another learning rate, or
+        // no recipe recorded), is not this job's.
+        for other in [
+            state(
+                3,
+                0,
+                &tiny_recipe(&["schedule.cosine.epochs=3".into(), "optimizer.lamb.lr=0.5".into()]),
+            ),
+            r#"{"next_epoch":3,"next_step":0,"updates":15}"#.to_string(),
+        ] {
+            std::fs::write(end.join(checkpoint::STATE), other).unwrap();
+            let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
+            std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+            assert!(finished_run(run.path(), &recipe).is_none());
+        }
+        std::fs::write(end.join(checkpoint::STATE), state(3, 0, &recipe)).unwrap();
+        let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
+        std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+        assert!(finished_run(run.path(), &recipe).is_some(), "mended");
+        // Weights of the right size with a flipped byte: a resume would
+        // pass over this end, so it is not taken for one.
+        std::fs::write(end.join(checkpoint::MODEL), b"weightz").unwrap();
+        assert!(finished_run(run.path(), &recipe).is_none(), "corrupt weights");
+        // Cut: the one before it is the newest committed, and no end.
+        std::fs::write(end.join(checkpoint::MODEL), b"weights, cut").unwrap();
+        assert!(finished_run(run.path(), &recipe).is_none(), "torn weights");
     }
 
     #[test]

@@ -211,6 +211,25 @@ pub fn space_warning(
     space_shortfall(size, free, list(run_dir).len(), keep_last.max(1), saves_left)
 }
 
+/// The saves a run of `epochs` epochs of `steps` updates still makes after
+/// the one it wrote at `updates` (training continues with `next_epoch`): the
+/// ends of the epochs not ended, and the periodic ones, at the multiples of
+/// `every` (0: none) after `updates`. One that falls on an epoch's end is
+/// counted twice: the disk check errs on the side of warning.
+pub fn saves_still_to_come(
+    epochs: u64,
+    next_epoch: u64,
+    steps: u64,
+    updates: u64,
+    every: u64,
+) -> u64 {
+    let periodic = match every {
+        0 => 0,
+        every => (epochs.saturating_mul(steps) / every).saturating_sub(updates / every),
+    };
+    epochs.saturating_sub(next_epoch) + periodic
+}
+
 /// [`space_warning`]'s rule: `kept` checkpoints of `size` bytes are there,
 /// up to `keep_last` are kept, a save needs room for one more, and the run
 /// has `saves_left` saves to make.
@@ -569,6 +588,21 @@ mod tests {
             nonfinite_streak: 0,
             scaler: None,
         }
+    }
+
+    #[test]
+    fn the_saves_still_to_come_are_the_epoch_ends_and_the_periodic_ones_after_this_update() {
+        // 2 epochs of 10 updates, a checkpoint every 6: saves at 6, 10
+        // (epoch end), 12, 18 and 20 (epoch end).
+        assert_eq!(saves_still_to_come(2, 0, 10, 6, 6), 4, "after 6: 10, 12, 18, 20");
+        assert_eq!(saves_still_to_come(2, 1, 10, 10, 6), 3, "after the end at 10: 12, 18, 20");
+        assert_eq!(saves_still_to_come(2, 1, 10, 18, 6), 1, "after 18: the end at 20");
+        assert_eq!(saves_still_to_come(2, 2, 10, 20, 6), 0, "the last save");
+        // A periodic save on an epoch's end is counted twice.
+        assert_eq!(saves_still_to_come(2, 0, 10, 5, 5), 5, "10 and 20 twice, 15");
+        // No periodic saves: the epoch ends only. A mid-epoch save (a stop)
+        // leaves its epoch's end to come.
+        assert_eq!(saves_still_to_come(3, 1, 10, 13, 0), 2);
     }
 
     #[test]

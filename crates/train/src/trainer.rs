@@ -1472,17 +1472,13 @@ impl Trainer {
         let (options, model, optimizer, state) =
             (&self.options, &self.model, &self.optimizer, &self.state);
         let keep = self.recipe.runtime.keep_last_checkpoints as usize;
-        // The saves this run still makes after this one: the ends of the
-        // epochs not done, and the periodic ones (counted twice where they
-        // fall on an epoch's end: the disk check errs on the safe side).
-        let saves_left = {
-            let total_updates = self.total_epochs() * self.steps_per_epoch();
-            let periodic = match u64::from(self.recipe.runtime.checkpoint_every_updates) {
-                0 => 0,
-                every => total_updates.saturating_sub(self.state.updates) / every,
-            };
-            self.total_epochs().saturating_sub(self.state.next_epoch) + periodic
-        };
+        let saves_left = checkpoint::saves_still_to_come(
+            self.total_epochs(),
+            self.state.next_epoch,
+            self.steps_per_epoch(),
+            self.state.updates,
+            u64::from(self.recipe.runtime.checkpoint_every_updates),
+        );
         let write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
             std::thread::sleep(options.checkpoint_delay);
             let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep)?;
