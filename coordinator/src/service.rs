@@ -1522,7 +1522,7 @@ mod tests {
             credentials.clone().call(Request::new(())).unwrap().metadata().clone();
         runtime.block_on(shared.commit_checkpoint(request)).unwrap();
         assert_eq!(shared.state.lock().unwrap().jobs[0].checkpoints.len(), 2);
-        let line = one_line(&format!("short\nof disk\u{2028}{}", "é".repeat(9)), 20);
+        let line = one_line(&format!("short\nof\u{7}disk\u{2028}{}", "é".repeat(9)), 20);
         // 20 bytes: a fourth é would make 22.
         assert_eq!(line, "short of disk ééé");
     }

@@ -214,8 +214,8 @@ pub fn space_warning(
 /// The saves a run of `epochs` epochs of `steps` updates still makes after
 /// the one it wrote at `updates` (training continues with `next_epoch`): the
 /// ends of the epochs not ended, and the periodic ones, at the multiples of
-/// `every` (0: none) after `updates`. One that falls on an epoch's end is
-/// counted twice: the disk check errs on the side of warning.
+/// `every` (0: none) after `updates` but an epoch's last update, whose save
+/// is the epoch's end (the trainer writes no periodic one there).
 pub fn saves_still_to_come(
     epochs: u64,
     next_epoch: u64,
@@ -223,11 +223,27 @@ pub fn saves_still_to_come(
     updates: u64,
     every: u64,
 ) -> u64 {
+    let total = epochs.saturating_mul(steps);
+    // Multiples of `m` in (updates, total].
+    let multiples_after = |m: u64| (total / m).saturating_sub(updates / m);
     let periodic = match every {
         0 => 0,
-        every => (epochs.saturating_mul(steps) / every).saturating_sub(updates / every),
+        every => {
+            let steps = steps.max(1);
+            let both = every / gcd(every, steps) * steps;
+            multiples_after(every) - multiples_after(both)
+        }
     };
     epochs.saturating_sub(next_epoch) + periodic
+}
+
+/// Greatest common divisor.
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// [`space_warning`]'s rule: `kept` checkpoints of `size` bytes are there,
@@ -598,8 +614,10 @@ mod tests {
         assert_eq!(saves_still_to_come(2, 1, 10, 10, 6), 3, "after the end at 10: 12, 18, 20");
         assert_eq!(saves_still_to_come(2, 1, 10, 18, 6), 1, "after 18: the end at 20");
         assert_eq!(saves_still_to_come(2, 2, 10, 20, 6), 0, "the last save");
-        // A periodic save on an epoch's end is counted twice.
-        assert_eq!(saves_still_to_come(2, 0, 10, 5, 5), 5, "10 and 20 twice, 15");
+        // None is periodic on an epoch's last update: that is its end's.
+        assert_eq!(saves_still_to_come(2, 0, 10, 5, 5), 3, "10, 15, 20");
+        assert_eq!(saves_still_to_come(3, 1, 10, 10, 10), 2, "the ends only");
+        assert_eq!(saves_still_to_come(2, 0, 10, 4, 4), 5, "8, 10, 12, 16, 20");
         // No periodic saves: the epoch ends only. A mid-epoch save (a stop)
         // leaves its epoch's end to come.
         assert_eq!(saves_still_to_come(3, 1, 10, 13, 0), 2);
