@@ -231,12 +231,7 @@ impl Manifest {
 pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
     let manifest = Manifest::read(dir)?;
     for part in PARTS {
-        if !manifest.parts.contains_key(part) {
-            return Err(CheckpointError::UnlistedPart {
-                path: dir.join(MANIFEST),
-                part: part.to_string(),
-            });
-        }
+        manifest.listed(dir, part)?;
     }
     for (name, expected) in &manifest.parts {
         check_part(dir, name, expected)?;
@@ -249,13 +244,18 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
 /// a reader of the weights alone needs.
 pub fn verify_part(dir: &Path, name: &str) -> Result<(), CheckpointError> {
     let manifest = Manifest::read(dir)?;
-    let Some(expected) = manifest.parts.get(name) else {
-        return Err(CheckpointError::UnlistedPart {
+    check_part(dir, name, manifest.listed(dir, name)?)
+}
+
+impl Manifest {
+    /// What the manifest of the checkpoint folder `dir` lists for `part`;
+    /// an unlisted part is an error naming the manifest.
+    fn listed(&self, dir: &Path, part: &str) -> Result<&PartDigest, CheckpointError> {
+        self.parts.get(part).ok_or_else(|| CheckpointError::UnlistedPart {
             path: dir.join(MANIFEST),
-            part: name.to_string(),
-        });
-    };
-    check_part(dir, name, expected)
+            part: part.to_string(),
+        })
+    }
 }
 
 /// Checks that the part `name` of `dir` has the size and SHA-256 `expected`.
@@ -309,12 +309,7 @@ fn check_part_size(
 pub fn verify_committed(dir: &Path) -> Result<(), CheckpointError> {
     let manifest = Manifest::read(dir)?;
     for part in PARTS {
-        let Some(expected) = manifest.parts.get(part) else {
-            return Err(CheckpointError::UnlistedPart {
-                path: dir.join(MANIFEST),
-                part: part.to_string(),
-            });
-        };
+        let expected = manifest.listed(dir, part)?;
         if part == STATE {
             check_part(dir, part, expected)?;
         } else {
@@ -485,9 +480,9 @@ pub fn read_state(checkpoint: &Path) -> Result<serde_json::Value, CheckpointErro
         .map_err(|e| CheckpointError::BadState { path, reason: e.to_string() })
 }
 
-/// Where a checkpoint stands in its run: the fields of its `state.json`
-/// that say whether the run is over, read without libtorch (the trainer
-/// writes the whole state).
+/// Where a checkpoint stands in its run, and the recipe of the run: the
+/// fields of its `state.json` that say whether the run is over, read
+/// without libtorch (the trainer writes the whole state).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct RunPosition {
     /// The epoch training continues with (0-based): the run's epochs, once
@@ -501,6 +496,11 @@ pub struct RunPosition {
     /// The epoch under way when the checkpoint was written.
     #[serde(default)]
     pub epoch_so_far: EpochUnderWay,
+    /// The recipe the checkpoint was trained with, as the trainer stored it
+    /// (`crate::run_folder::STATE_RECIPE_KEY`); absent in checkpoints from
+    /// before it was stored.
+    #[serde(default)]
+    pub resolved_recipe: Option<serde_json::Value>,
 }
 
 /// The part of `state.json` about the epoch under way.

@@ -682,15 +682,12 @@ pub fn finished_run(
             return None;
         }
     };
-    let trained_with =
-        checkpoint::read_state(&newest).map_err(|e| e.to_string()).and_then(|state| {
-            let saved = state
-                .get(STATE_RECIPE_KEY)
-                .ok_or_else(|| "its state does not record its recipe".to_string())?;
-            check_resumed_recipe(&newest, saved, recipe, &[]).map_err(|e| e.to_string())
-        });
-    if let Err(reason) = trained_with {
-        why_not(reason);
+    let Some(saved) = &position.resolved_recipe else {
+        why_not("its state does not record its recipe".into());
+        return None;
+    };
+    if let Err(e) = check_resumed_recipe(&newest, saved, recipe, &[]) {
+        why_not(e.to_string());
         return None;
     }
     match checkpoint::verify(&newest) {
@@ -764,9 +761,7 @@ mod tests {
         // The host's own loader threads are no other recipe.
         let mut host = recipe.clone();
         host.data.loader_threads += 3;
-        std::fs::write(end.join(checkpoint::STATE), state(3, 0, &host)).unwrap();
-        let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
-        std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+        committed_with_state(run.path(), "epoch-0003", &state(3, 0, &host));
         assert!(finished_run(run.path(), &recipe).is_some(), "another host's loader threads");
         // A job of more epochs is not over.
         let longer = tiny_recipe(&["schedule.cosine.epochs=4".into()]);
@@ -781,14 +776,10 @@ mod tests {
             ),
             r#"{"next_epoch":3,"next_step":0,"updates":15}"#.to_string(),
         ] {
-            std::fs::write(end.join(checkpoint::STATE), other).unwrap();
-            let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
-            std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+            committed_with_state(run.path(), "epoch-0003", &other);
             assert!(finished_run(run.path(), &recipe).is_none());
         }
-        std::fs::write(end.join(checkpoint::STATE), state(3, 0, &recipe)).unwrap();
-        let manifest = checkpoint::Manifest::of_parts(&end, &checkpoint::PARTS).unwrap();
-        std::fs::write(end.join(checkpoint::MANIFEST), manifest.to_json()).unwrap();
+        committed_with_state(run.path(), "epoch-0003", &state(3, 0, &recipe));
         assert!(finished_run(run.path(), &recipe).is_some(), "mended");
         // Weights of the right size with a flipped byte: a resume would
         // pass over this end, so it is not taken for one.

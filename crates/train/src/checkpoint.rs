@@ -256,7 +256,7 @@ fn space_shortfall(
     keep_last: usize,
     saves_left: u64,
 ) -> Option<String> {
-    if size == 0 || saves_left == 0 {
+    if size == 0 {
         return None;
     }
     let to_come = (keep_last.saturating_sub(kept) as u64 + 1).min(saves_left);
