@@ -25,7 +25,7 @@
 //! tested in `rsb-collective` (`ring::tests`), where both sides can be
 //! played without a job.
 
-use rsb_integration_tests::{binary, on_path, require, workspace_root};
+use rsb_integration_tests::{binary, on_path, processes, require, workspace_root};
 use rsb_proto::auth::{MEMBER_HEADER, MEMBER_SECRET_ENV, SECRET_HEADER, TOKEN_ENV, TOKEN_HEADER};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
@@ -104,19 +104,15 @@ fn rpcs_of_the_proto() -> Vec<String> {
         .collect()
 }
 
-/// The processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let stat = read(&entry.path().join("stat"));
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
-        if rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            found.push(child);
-        }
-    }
-    found
+/// The worker's rank process, once it runs the rank's program: a child
+/// read between its fork and its exec shows the worker's command line, or
+/// none at all while the kernel swaps in the new program.
+fn rank_process_of(worker: u32) -> u32 {
+    wait_until(Duration::from_secs(30), "the rank process", || {
+        processes::children_of(worker)
+            .into_iter()
+            .find(|&child| proc_text(child, "cmdline").split_whitespace().nth(1) == Some("rank"))
+    })
 }
 
 /// NUL-separated `/proc/PID/<file>` (cmdline, environ) as text.
@@ -416,9 +412,7 @@ fn strangers_are_refused_every_rpc_and_credentials_stay_off_argv_and_logs() {
         s.members.first().map(|m| m.member_id.clone())
     });
     let job = Job { job_id: runtime.block_on(status(&url, &token)).job_id, member_id };
-    let rank = wait_until(Duration::from_secs(30), "the rank process", || {
-        children_of(worker.0.id()).first().copied()
-    });
+    let rank = rank_process_of(worker.0.id());
     let secret = wait_until(Duration::from_secs(10), "the rank's environment", || {
         environ_var(rank, MEMBER_SECRET_ENV)
     });
@@ -635,9 +629,7 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
         (tls_status().members.len() == 1).then_some(())
     });
     // The rank process is told the CA too.
-    let rank = wait_until(Duration::from_secs(30), "the rank process", || {
-        children_of(worker.0.id()).first().copied()
-    });
+    let rank = rank_process_of(worker.0.id());
     assert!(proc_text(rank, "cmdline").contains("--tls-ca"), "{}", proc_text(rank, "cmdline"));
     // A plain-text client gets no answer from the TLS port.
     let plain = runtime.block_on(async {
