@@ -787,10 +787,10 @@ impl Job {
         self.running_since = None;
         self.progress = (position.next_epoch.saturating_sub(1), position.updates, 0.0);
         self.total_updates = Some(position.updates);
+        let records = self.take_records_made_while_away();
         self.say(&format!(
             "the job finished while no coordinator ran: {} ends its last epoch ({} of {}, \
-             {} updates), and its host(s) ({}) did not come back within {wait:?}; the records \
-             this coordinator did not take are in the ranks' own ranks/rank-N.jsonl",
+             {} updates), and its host(s) ({}) did not come back within {wait:?}; {records}",
             checkpoint.path().display(),
             position.next_epoch,
             self.recipe.total_epochs(),
@@ -798,6 +798,58 @@ impl Job {
             hosts.join(", "),
         ));
         true
+    }
+
+    /// Queues for the job's `metrics.jsonl` the records rank 0 reported
+    /// that no coordinator took (made while none ran, or queued by one that
+    /// was killed), read from rank 0's own file
+    /// ([`rsb_job::records::not_taken`]); says what it did. Read under the
+    /// lock, once, as the job ends: the job's file is as the last
+    /// coordinator left it, none of the job's records being queued since
+    /// (nothing is taken when one is).
+    fn take_records_made_while_away(&mut self) -> String {
+        let rank_zero_file = rsb_job::run_folder::rank_records_file(&self.out_dir, 0);
+        let left = |why: String| {
+            tracing::warn!("the records rank 0 made while no coordinator ran are not taken: {why}");
+            format!(
+                "the records rank 0 made while no coordinator ran stay in {} alone ({why})",
+                rank_zero_file.display()
+            )
+        };
+        if self.metrics.as_ref().is_some_and(|sink| sink.has_pending()) {
+            return left("records of this job wait to be written to metrics.jsonl".into());
+        }
+        let taken = match rsb_report::runs::read_metrics(&self.out_dir.join("metrics.jsonl")) {
+            Ok(records) => records,
+            Err(rsb_report::ReportError::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Vec::new()
+            }
+            Err(e) => return left(e.to_string()),
+        };
+        let rank_zero = match rsb_report::runs::read_metrics(&rank_zero_file) {
+            Ok(records) => records,
+            Err(e) => return left(e.to_string()),
+        };
+        let Some(records) = rsb_job::records::not_taken(&taken, &rank_zero) else {
+            return left("it does not hold the last record metrics.jsonl holds".into());
+        };
+        let count = records.len();
+        if let Some(MetricsRecord::Epoch { images_per_sec, .. }) =
+            records.iter().rev().find(|r| matches!(r, MetricsRecord::Epoch { .. }))
+        {
+            self.progress.2 = *images_per_sec;
+        }
+        let sink = self.sink();
+        for record in records {
+            sink.push(record, None);
+        }
+        format!(
+            "the {count} record(s) rank 0 made that no coordinator took are appended to \
+             metrics.jsonl from {}",
+            rank_zero_file.display()
+        )
     }
 
     /// The job's state to save to [`Job::state_file`], when it changed

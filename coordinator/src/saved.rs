@@ -615,6 +615,38 @@ mod tests {
     /// them is over, rather than waiting for hosts to train it anew (and
     /// failing a finished job at the join timeout). A run folder whose
     /// newest checkpoint is not the end waits for hosts.
+    /// Rank 0's records of updates 1 to `updates`, one log step each.
+    fn recorded_steps(updates: u64) -> Vec<rsb_job::MetricsRecord> {
+        (1..=updates)
+            .map(|step| rsb_job::MetricsRecord::Step {
+                epoch: 0,
+                step,
+                lr: 0.01,
+                loss: 2.0 / step as f64,
+                images_per_sec: 100.0,
+                total_updates: updates,
+                skipped_updates: 0,
+                peak_gpu_memory_mib: None,
+                rank_balance: None,
+                input_wait_share: None,
+            })
+            .collect()
+    }
+
+    fn checksum_at(step: u64) -> rsb_job::MetricsRecord {
+        rsb_job::MetricsRecord::Checksum { rank: 0, step, sum: 1.5, sum_of_squares: 3.0 }
+    }
+
+    /// The records of `run`'s metrics.jsonl, the coordinator's generations aside.
+    fn reported_records(run: &Path) -> Vec<rsb_job::MetricsRecord> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .filter(|r: &rsb_job::MetricsRecord| r.reported_by_rank_zero())
+            .collect()
+    }
+
     #[test]
     fn an_auto_restored_job_its_ranks_finished_while_no_coordinator_ran_is_finished() {
         let epochs = recipe().total_epochs();
@@ -626,17 +658,51 @@ mod tests {
                 &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
                 next_epoch,
             );
+            // The first coordinator took updates 1 and 2; rank 0 made 3 and
+            // 4 (and its checksums) while none ran.
+            let lines = |records: &[rsb_job::MetricsRecord]| -> String {
+                records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
+            };
+            let (steps, checksum) = (recorded_steps(4), checksum_at(4));
+            std::fs::write(tmp.path().join("metrics.jsonl"), lines(&steps[..2])).unwrap();
+            let rank_zero = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
+            std::fs::create_dir_all(rank_zero.parent().unwrap()).unwrap();
+            let rank_zero_records = [steps.as_slice(), &[checksum]].concat();
+            std::fs::write(&rank_zero, lines(&rank_zero_records)).unwrap();
             let timeout = Duration::from_millis(200);
             let mut job = auto_restored(tmp.path(), saved, &token, timeout);
             job.check_liveness();
             assert_eq!(job.phase, Phase::Running, "the members may still come back");
             std::thread::sleep(timeout + Duration::from_millis(50));
             job.check_liveness();
+            job.flush_metrics();
+            let taken = reported_records(tmp.path());
             if finished {
                 assert_eq!(job.phase, Phase::Finished, "{end:?}");
                 // Saved as ended: a later restore does not run it again.
                 assert_eq!(SavedJob::of(&job).ended.as_deref(), Some("finished"));
+                assert_eq!(taken, steps, "rank 0's records of updates 3 and 4 are taken, once");
+                // A run folder whose rank 0 file does not hold the last record
+                // taken: nothing is guessed, and the job still finishes.
+                let tmp = tempfile::tempdir().unwrap();
+                let (saved, token, _) = saved_running_job(tmp.path());
+                committed_at_epoch_end(
+                    tmp.path(),
+                    &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
+                    next_epoch,
+                );
+                std::fs::write(tmp.path().join("metrics.jsonl"), lines(&steps[..2])).unwrap();
+                let other = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
+                std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+                std::fs::write(&other, lines(&recorded_steps(5)[2..])).unwrap();
+                let mut job = auto_restored(tmp.path(), saved, &token, timeout);
+                std::thread::sleep(timeout + Duration::from_millis(50));
+                job.check_liveness();
+                job.flush_metrics();
+                assert_eq!(job.phase, Phase::Finished);
+                assert_eq!(reported_records(tmp.path()), steps[..2]);
             } else {
+                assert_eq!(taken, steps[..2], "a job that goes on takes no record from a file");
                 assert_eq!((job.generation, job.phase.clone()), (3, Phase::Waiting));
             }
             assert_eq!(job.dropped.len(), 2);

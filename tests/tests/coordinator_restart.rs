@@ -323,7 +323,10 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 #[test]
 fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished() {
     let tmp = tempfile::tempdir().unwrap();
-    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 4, &[]);
+    // The ranks finish the job without their coordinator: their agents
+    // must not give up on it (60 s by default) before, however slow the machine.
+    let patient = [("RSB_COORDINATOR_DEADLINE_SECS", "300")];
+    let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 4, &patient);
     for (i, worker) in k.workers.into_iter().enumerate() {
         let log = tmp.path().join(format!("worker-{}.log", ["a", "b"][i]));
         assert_succeeds(worker, Duration::from_secs(120), "a worker whose ranks finished", &log);
@@ -355,9 +358,41 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let generations = run_records(&k.out, "generation");
     assert_eq!(generations.len(), 2, "{generations:?}");
     assert_eq!(generations[1]["reasons"][0]["kind"], "coordinator_restarted", "{generations:?}");
+    // The records rank 0 made while no coordinator ran are in the job's
+    // file, after the restored generation, and each record once: the
+    // job's file, generations aside, is rank 0's own, checksums aside.
+    let records = all_records(&k.out);
+    let restored = records.iter().rposition(|r| r["kind"] == "generation").unwrap();
+    let taken_after_restart = records.len() - restored - 1;
+    assert!(taken_after_restart > 0, "no record was taken from rank 0's file");
+    let job_file: Vec<_> = records.into_iter().filter(|r| r["kind"] != "generation").collect();
+    let rank_zero_file = rsb_job::run_folder::rank_records_file(&k.out, 0);
+    let rank_zero: Vec<serde_json::Value> = std::fs::read_to_string(&rank_zero_file)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] != "checksum")
+        .collect();
+    assert_eq!(job_file, rank_zero, "metrics.jsonl against {}", rank_zero_file.display());
+    let last_epoch = run_records(&k.out, "epoch").pop().expect("epoch records");
+    assert_eq!(
+        (last_epoch["epoch"].as_u64(), last_epoch["step"].as_u64()),
+        (Some(3), Some(state.updates)),
+        "{last_epoch}"
+    );
+    assert!(
+        output.contains(&format!(
+            "the {taken_after_restart} record(s) rank 0 made that no coordinator took are \
+             appended to metrics.jsonl from {}",
+            rank_zero_file.display()
+        )),
+        "{output}"
+    );
     println!(
-        "a job whose ranks finished while its coordinator was away ended {:.1} s after the restart",
-        started.elapsed().as_secs_f64()
+        "a job whose ranks finished while its coordinator was away ended {:.1} s after the \
+         restart; metrics.jsonl took the {taken_after_restart} records rank 0 made after the \
+         first coordinator's last",
+        started.elapsed().as_secs_f64(),
     );
 }
 
@@ -540,8 +575,14 @@ fn a_rank_waiting_for_its_assignment_outlives_a_coordinator_restart() {
         std::fs::read_to_string(&first_log).unwrap_or_default().contains("admitted at its next")
             && !rsb_integration_tests::processes::descendants(c.id()).is_empty()
     });
-    // Its rank loads libtorch, connects and asks for its assignment.
-    std::thread::sleep(Duration::from_secs(3));
+    // Its rank loads libtorch, connects and asks for its assignment (the
+    // call is sent on the connection made before it says so).
+    wait_until("host c's rank to ask for its assignment", &first_log, || {
+        std::fs::read_to_string(&c_log)
+            .unwrap_or_default()
+            .contains("asking the coordinator for this rank's assignment")
+    });
+    std::thread::sleep(Duration::from_millis(500));
     assert!(run_records_or_empty(&out, "generation").len() == 1, "c was admitted too soon");
     assert!(signal(first.id(), "TERM"));
     let stopped = wait_with_timeout(first, Duration::from_secs(30), "the stopped coordinator");

@@ -950,6 +950,7 @@ async fn fetch_assignment(client: &mut Client, args: &RankArgs) -> Result<pb::As
     let deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
     let mut wait = crate::reports::FIRST_RETRY;
     let mut away_since: Option<tokio::time::Instant> = None;
+    tracing::info!("asking the coordinator for this rank's assignment");
     loop {
         let status = match client.get_assignment(request.clone()).await {
             Ok(answer) => {
@@ -1043,7 +1044,7 @@ fn train_rank(
     };
     tracing::info!(rank, world, ?backend, ?timeout, "collective ready");
     let mut options = RunOptions::new(run_dir.to_path_buf(), device);
-    options.metrics_file = format!("ranks/rank-{rank}.jsonl");
+    options.metrics_file = rsb_job::run_folder::rank_records_name(rank);
     options.checksum_every_update = std::env::var_os("RSB_CHECKSUM_EVERY_UPDATE").is_some();
     // Test hooks, inherited from `coordinator up --local`: the sample trace,
     // and a stop after some updates (a resume at another world size follows).

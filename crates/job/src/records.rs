@@ -295,6 +295,31 @@ impl MetricsRecord {
             MetricsRecord::Generation { resume_step, .. } => resume_step.unwrap_or(0),
         }
     }
+
+    /// Whether rank 0 reports the record to its coordinator: every kind
+    /// but the ranks' checksums, which stay in their own files, and the
+    /// generations, which the coordinator writes itself.
+    pub fn reported_by_rank_zero(&self) -> bool {
+        !matches!(self, MetricsRecord::Checksum { .. } | MetricsRecord::Generation { .. })
+    }
+}
+
+/// The records of rank 0's own file (`rank_zero`, in the order written)
+/// that the job's file (`taken`) lacks: those rank 0 reported after the
+/// last report the job's file holds, found by its value, the newest equal
+/// record first (rank 0's file holds every generation's records, as the
+/// job's file does). All of them when the job's file holds no report yet.
+/// `None` when rank 0's file does not hold the job's last report (not the
+/// same run, or a file cut short): where to go on cannot be told.
+pub fn not_taken(
+    taken: &[MetricsRecord],
+    rank_zero: &[MetricsRecord],
+) -> Option<Vec<MetricsRecord>> {
+    let after = match taken.iter().rev().find(|r| r.reported_by_rank_zero()) {
+        None => 0,
+        Some(last) => rank_zero.iter().rposition(|r| r == last)? + 1,
+    };
+    Some(rank_zero[after..].iter().filter(|r| r.reported_by_rank_zero()).cloned().collect())
 }
 
 /// Which rank held the others back in a log step's window (PyTorch DDP
@@ -580,6 +605,78 @@ impl SlowLink {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn the_records_a_job_did_not_take_are_those_rank_zero_reported_after_its_last() {
+        let step = |step: u64, loss: f64| MetricsRecord::Step {
+            epoch: step / 10,
+            step,
+            lr: 0.1,
+            loss,
+            images_per_sec: 100.0,
+            total_updates: 40,
+            skipped_updates: 0,
+            peak_gpu_memory_mib: None,
+            rank_balance: None,
+            input_wait_share: None,
+        };
+        let checksum =
+            |step: u64| MetricsRecord::Checksum { rank: 0, step, sum: 1.0, sum_of_squares: 2.0 };
+        let generation = |generation: u64, resume_step: Option<u64>| MetricsRecord::Generation {
+            generation,
+            hosts: vec!["a".into()],
+            world_size: 1,
+            accumulation: 1,
+            resume_from: None,
+            resume_step,
+            reasons: vec![GenerationReason::CoordinatorRestarted],
+        };
+        // Rank 0 trained updates 5 to 8, restarted from update 6 (its
+        // records of 7 and 8 made again, with other values), and went on to 10.
+        let rank_zero = [
+            step(5, 1.0),
+            checksum(5),
+            step(6, 0.9),
+            step(7, 0.8),
+            step(8, 0.7),
+            step(7, 0.85),
+            step(8, 0.75),
+            checksum(8),
+            step(9, 0.6),
+            step(10, 0.5),
+        ];
+        // The job took the first 8 of the new generation, then restarted itself.
+        let taken = [
+            step(5, 1.0),
+            step(6, 0.9),
+            step(7, 0.8),
+            step(8, 0.7),
+            generation(2, Some(6)),
+            step(7, 0.85),
+            step(8, 0.75),
+            generation(3, None),
+        ];
+        assert_eq!(not_taken(&taken, &rank_zero), Some(vec![step(9, 0.6), step(10, 0.5)]));
+        // Taken up to the first generation's update 8: the second's records
+        // follow, its own 7 and 8 among them; checksums never.
+        assert_eq!(
+            not_taken(&taken[..4], &rank_zero),
+            Some(vec![step(7, 0.85), step(8, 0.75), step(9, 0.6), step(10, 0.5)])
+        );
+        assert_eq!(not_taken(&taken[..4], &rank_zero[..5]), Some(vec![]));
+        // Nothing taken but generations: all of rank 0's reports.
+        let reported: Vec<_> =
+            rank_zero.iter().filter(|r| r.reported_by_rank_zero()).cloned().collect();
+        assert_eq!(not_taken(&[generation(1, None)], &rank_zero), Some(reported.clone()));
+        assert_eq!(not_taken(&[], &rank_zero), Some(reported));
+        // A last report rank 0's file does not hold (another run's, or the
+        // file cut short): nothing is guessed.
+        assert_eq!(not_taken(&taken, &rank_zero[..6]), None);
+        assert_eq!(not_taken(&[step(8, 0.7001)], &rank_zero), None);
+        assert!(
+            !checksum(1).reported_by_rank_zero() && !generation(1, None).reported_by_rank_zero()
+        );
+    }
 
     #[test]
     fn the_balance_names_the_slowest_rank_against_the_others_median() {

@@ -94,6 +94,18 @@ pub fn write_resolved_recipe(
 /// What a folder holds that shows a run was there (in the order checked).
 const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", CHECKPOINTS, "ranks"];
 
+/// The records a rank writes into its own file in a job's run folder
+/// (every record it makes; rank 0 also reports them to the coordinator,
+/// which writes the job's `metrics.jsonl`).
+pub fn rank_records_file(run_dir: &Path, rank: usize) -> PathBuf {
+    run_dir.join(rank_records_name(rank))
+}
+
+/// [`rank_records_file`] within its run folder: `ranks/rank-N.jsonl`.
+pub fn rank_records_name(rank: usize) -> String {
+    format!("ranks/rank-{rank}.jsonl")
+}
+
 /// The file of a run folder that its checkpoint writer holds locked
 /// ([`RunFolderLock`]); it names the holder (process id and host).
 pub const LOCK_FILE: &str = "writer.lock";
