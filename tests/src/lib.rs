@@ -193,8 +193,31 @@ pub fn tiny_recipe() -> PathBuf {
     workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml")
 }
 
-/// A free TCP port on `ip` (free when asked; tests bind it soon after).
+/// A free TCP port on `ip` (free when asked; tests bind it soon after, and
+/// some bind it again later: a coordinator restarted on its port). It is
+/// picked below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), where no `bind` to port 0 of
+/// another test or process (a rank's ring listener) can take it meanwhile;
+/// each call of a process takes the next one from a start set by its pid.
 pub fn free_port(ip: &str) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_start.saturating_sub(LOWEST);
+    if span >= 1_000 {
+        let start = std::process::id().wrapping_mul(7_919);
+        for _ in 0..span {
+            let offset = start.wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = u16::try_from(LOWEST + offset).expect("below the ephemeral range");
+            if std::net::TcpListener::bind((ip, port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
@@ -468,22 +491,67 @@ pub mod processes {
             .is_ok_and(|s| s.success())
     }
 
-    /// Waits for `child`, killing it and failing the test (with its stderr)
-    /// past `limit`.
+    /// Waits for `child`, killing it and failing the test (with what its
+    /// stderr said by then) past `limit`. Its piped stdout and stderr are
+    /// read as it writes them, so that a child that says much never waits
+    /// on a full pipe, nor loses what it said.
     pub fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
+        let (stdout, stderr) =
+            (Drain::start(child.stdout.take()), Drain::start(child.stderr.take()));
         let start = Instant::now();
-        while child.try_wait().expect("try_wait").is_none() {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
             if start.elapsed() > limit {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("wait");
+                let _ = child.wait();
+                // Not read to its end: a process the child started may hold it.
                 panic!(
                     "{what} did not finish within {limit:?}:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&stderr.so_far())
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        };
+        Output { status, stdout: stdout.read_to_end(), stderr: stderr.read_to_end() }
+    }
+
+    /// A child's pipe, read on a thread of its own as the child writes.
+    struct Drain {
+        read: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        reader: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Drain {
+        fn start<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> Drain {
+            let read = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
+            let reader = pipe.map(|mut pipe| {
+                let read = std::sync::Arc::clone(&read);
+                std::thread::spawn(move || {
+                    let mut chunk = [0u8; 8192];
+                    while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                        read.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend_from_slice(&chunk[..n]);
+                    }
+                })
+            });
+            Drain { read, reader }
         }
-        child.wait_with_output().expect("wait")
+
+        /// What was read so far.
+        fn so_far(&self) -> Vec<u8> {
+            self.read.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+
+        /// Everything, once the pipe ends.
+        fn read_to_end(mut self) -> Vec<u8> {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+            self.so_far()
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! naming it long before the host's heartbeat timeout.
 
 use rsb_integration_tests::processes::{self, cmdline, parent_of};
-use rsb_integration_tests::{binary, fashion_subset, workspace_root};
+use rsb_integration_tests::{binary, fashion_subset, free_port, workspace_root};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -185,10 +185,7 @@ fn a_killed_rank_is_reported_at_once_and_fails_the_job_naming_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = fashion_subset(tmp.path(), 16, 4);
     let out = tmp.path().join("run");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port("127.0.0.1");
     let _ = binary("worker");
     let mut coordinator = Command::new(binary("coordinator"))
         .args(["up", "--nodes", "1", "--listen", &format!("127.0.0.1:{port}")])

@@ -339,14 +339,15 @@ fn assert_a_strangers_talking_connection_is_closed(address: std::net::SocketAddr
     assert!(opened.elapsed() >= Duration::from_secs(5), "closed after {:?}", opened.elapsed());
 }
 
-/// The first "coordinator listening on ADDR;" of a coordinator's stdout.
+/// The first "coordinator listening on ADDR;" of a coordinator's stdout
+/// (up to its `;`: a line still being written is not read yet).
 fn listening_address(stdout: &Path) -> std::net::SocketAddr {
     let listening = wait_until(Duration::from_secs(30), "the coordinator to listen", || {
         read(stdout)
             .lines()
             .find_map(|l| l.strip_prefix("coordinator listening on "))
-            .and_then(|l| l.split(';').next())
-            .map(str::to_string)
+            .and_then(|l| l.split_once(';'))
+            .map(|(address, _)| address.to_string())
     });
     listening.parse().unwrap()
 }

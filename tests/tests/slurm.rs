@@ -72,7 +72,7 @@ impl Cluster {
         log: &Path,
         extra: &[&str],
     ) -> Command {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = rsb_integration_tests::free_port("127.0.0.1");
         let bin = binary("worker").parent().unwrap().to_path_buf();
         let _ = binary("coordinator");
         let mut command = self.command("timeout");

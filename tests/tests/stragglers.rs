@@ -4,7 +4,7 @@
 //! slowed name it as the rank the others wait for, the coordinator's progress
 //! lines name it with its host, and rank 0's log warns about it.
 
-use rsb_integration_tests::processes::{descendants, holder_of, signal};
+use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal};
 use rsb_integration_tests::sweeps::{start, wait_until};
 use rsb_integration_tests::{binary, fashion_subset, records_in};
 use rsb_job::{MetricsRecord, RankBalance};
@@ -65,7 +65,8 @@ fn a_slowed_rank_is_named_as_the_straggler_in_the_records_and_the_coordinators_l
     let throttle = {
         let done = Arc::clone(&done);
         std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
+            // Until the job is over, or rank 1 is (its pid may be reused).
+            while !done.load(Ordering::Relaxed) && parent_of(slowed).is_some() {
                 signal(slowed, "STOP");
                 std::thread::sleep(Duration::from_millis(120));
                 signal(slowed, "CONT");
