@@ -442,6 +442,11 @@ impl MetricsSink {
         !self.queue().is_empty()
     }
 
+    /// Whether no record waits to be written, nor is being written.
+    fn is_idle(&self) -> bool {
+        !self.has_pending() && self.try_lock_log().is_some()
+    }
+
     /// Appends the waiting records, oldest first, until none is left;
     /// returns how many could not be written. The caller holds the log's lock.
     fn drain(&self, log: &mut Option<MetricsLog>) -> usize {
@@ -805,8 +810,10 @@ impl Job {
     /// was killed), read from rank 0's own file
     /// ([`rsb_job::records::not_taken`]); says what it did. Read under the
     /// lock, once, as the job ends: the job's file is as the last
-    /// coordinator left it, none of the job's records being queued since
-    /// (nothing is taken when one is).
+    /// coordinator left it, none of the job's records being queued or
+    /// written since (nothing is taken when one is). They are written as
+    /// the lock is released, after the state that says the job finished: a
+    /// coordinator killed in between leaves them in rank 0's file alone.
     fn take_records_made_while_away(&mut self) -> String {
         let rank_zero_file = rsb_job::run_folder::rank_records_file(&self.out_dir, 0);
         let left = |why: String| {
@@ -816,8 +823,8 @@ impl Job {
                 rank_zero_file.display()
             )
         };
-        if self.metrics.as_ref().is_some_and(|sink| sink.has_pending()) {
-            return left("records of this job wait to be written to metrics.jsonl".into());
+        if self.metrics.as_ref().is_some_and(|sink| !sink.is_idle()) {
+            return left("records of this job are being written to metrics.jsonl".into());
         }
         let taken = match rsb_report::runs::read_metrics(&self.out_dir.join("metrics.jsonl")) {
             Ok(records) => records,
@@ -830,11 +837,23 @@ impl Job {
         };
         let rank_zero = match rsb_report::runs::read_metrics(&rank_zero_file) {
             Ok(records) => records,
+            Err(rsb_report::ReportError::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                let why = format!("there is no {} to take them from", rank_zero_file.display());
+                tracing::warn!(
+                    "the records rank 0 made while no coordinator ran are not taken: {why}"
+                );
+                return why;
+            }
             Err(e) => return left(e.to_string()),
         };
         let Some(records) = rsb_job::records::not_taken(&taken, &rank_zero) else {
             return left("it does not hold the last record metrics.jsonl holds".into());
         };
+        if records.is_empty() {
+            return "rank 0 made no record that no coordinator took".into();
+        }
         let count = records.len();
         if let Some(MetricsRecord::Epoch { images_per_sec, .. }) =
             records.iter().rev().find(|r| matches!(r, MetricsRecord::Epoch { .. }))

@@ -610,11 +610,6 @@ mod tests {
         dir
     }
 
-    /// The ranks trained the job to its end while no coordinator ran, and
-    /// their agents left: the restored job is finished once the wait for
-    /// them is over, rather than waiting for hosts to train it anew (and
-    /// failing a finished job at the join timeout). A run folder whose
-    /// newest checkpoint is not the end waits for hosts.
     /// Rank 0's records of updates 1 to `updates`, one log step each.
     fn recorded_steps(updates: u64) -> Vec<rsb_job::MetricsRecord> {
         (1..=updates)
@@ -647,6 +642,11 @@ mod tests {
             .collect()
     }
 
+    /// The ranks trained the job to its end while no coordinator ran, and
+    /// their agents left: the restored job is finished once the wait for
+    /// them is over, rather than waiting for hosts to train it anew (and
+    /// failing a finished job at the join timeout). A run folder whose
+    /// newest checkpoint is not the end waits for hosts.
     #[test]
     fn an_auto_restored_job_its_ranks_finished_while_no_coordinator_ran_is_finished() {
         let epochs = recipe().total_epochs();

@@ -9,7 +9,10 @@
 //! One kind is written by the coordinator alone: [`MetricsRecord::Generation`],
 //! when a job's membership changes and its ranks restart from a checkpoint.
 //! The records of the updates lost by such a restart (made after the
-//! checkpoint it resumes from) stay in the file before it.
+//! checkpoint it resumes from) stay in the file before it. One exception:
+//! the records rank 0 made while no coordinator ran, of a job it finished
+//! then, are taken from its own file by the restarted coordinator as it
+//! ends the job ([`not_taken`]), after the generation record of its restart.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -308,9 +311,12 @@ impl MetricsRecord {
 /// that the job's file (`taken`) lacks: those rank 0 reported after the
 /// last report the job's file holds, found by its value, the newest equal
 /// record first (rank 0's file holds every generation's records, as the
-/// job's file does). All of them when the job's file holds no report yet.
-/// `None` when rank 0's file does not hold the job's last report (not the
-/// same run, or a file cut short): where to go on cannot be told.
+/// job's file does), or after all of them when the job's file holds no
+/// report yet. Of those, only the last rank 0 process's: where their steps
+/// go back (a rank 0 that resumed from a checkpoint), the records before
+/// were made by a process whose generation had ended, which its coordinator
+/// refused. `None` when rank 0's file does not hold the job's last report
+/// (not the same run, or a file cut short): where to go on cannot be told.
 pub fn not_taken(
     taken: &[MetricsRecord],
     rank_zero: &[MetricsRecord],
@@ -319,7 +325,11 @@ pub fn not_taken(
         None => 0,
         Some(last) => rank_zero.iter().rposition(|r| r == last)? + 1,
     };
-    Some(rank_zero[after..].iter().filter(|r| r.reported_by_rank_zero()).cloned().collect())
+    let reported: Vec<&MetricsRecord> =
+        rank_zero[after..].iter().filter(|r| r.reported_by_rank_zero()).collect();
+    let last_process =
+        reported.windows(2).rposition(|w| w[1].step() < w[0].step()).map_or(0, |i| i + 1);
+    Some(reported[last_process..].iter().map(|&r| r.clone()).collect())
 }
 
 /// Which rank held the others back in a log step's window (PyTorch DDP
@@ -664,11 +674,27 @@ mod tests {
             Some(vec![step(7, 0.85), step(8, 0.75), step(9, 0.6), step(10, 0.5)])
         );
         assert_eq!(not_taken(&taken[..4], &rank_zero[..5]), Some(vec![]));
-        // Nothing taken but generations: all of rank 0's reports.
-        let reported: Vec<_> =
-            rank_zero.iter().filter(|r| r.reported_by_rank_zero()).cloned().collect();
-        assert_eq!(not_taken(&[generation(1, None)], &rank_zero), Some(reported.clone()));
-        assert_eq!(not_taken(&[], &rank_zero), Some(reported));
+        // A record made again with the same values (a restart from update
+        // 5): the newest is the one taken last.
+        let again = [step(5, 1.0), step(6, 0.9), step(7, 0.8), step(6, 0.9), step(7, 0.75)];
+        let taken_again =
+            [step(5, 1.0), step(6, 0.9), step(7, 0.8), generation(2, Some(5)), step(6, 0.9)];
+        assert_eq!(not_taken(&taken_again, &again), Some(vec![step(7, 0.75)]));
+        // The job took update 6 of a rank 0 whose generation then ended;
+        // it made 7 and 8 (refused), and the next generation's rank 0,
+        // resumed from update 5, made 6 and 7: only the latter are taken.
+        let stale =
+            [step(5, 1.0), step(6, 0.9), step(7, 0.8), step(8, 0.7), step(6, 0.95), step(7, 0.85)];
+        assert_eq!(not_taken(&stale[..2], &stale), Some(vec![step(6, 0.95), step(7, 0.85)]));
+        // Nothing taken but generations: all of the last rank 0 process's
+        // reports (its steps never go back).
+        let last_process = vec![step(7, 0.85), step(8, 0.75), step(9, 0.6), step(10, 0.5)];
+        assert_eq!(not_taken(&[generation(1, None)], &rank_zero), Some(last_process.clone()));
+        assert_eq!(not_taken(&[], &rank_zero), Some(last_process));
+        assert_eq!(
+            not_taken(&[], &rank_zero[..5]),
+            Some(vec![step(5, 1.0), step(6, 0.9), step(7, 0.8), step(8, 0.7)])
+        );
         // A last report rank 0's file does not hold (another run's, or the
         // file cut short): nothing is guessed.
         assert_eq!(not_taken(&taken, &rank_zero[..6]), None);
