@@ -740,7 +740,10 @@ impl Job {
         for m in &gone {
             tracing::warn!(member = %m.id, host = %m.host, "{why}; dropped from the job");
         }
-        let ended = self.ended_while_away(&hosts, wait);
+        let ended = self.ended_while_away(&format!(
+            "once its host(s) ({}) did not come back within {wait:?}",
+            hosts.join(", ")
+        ));
         if self.started && !ended {
             self.reasons.extend(
                 gone.iter().map(|m| GenerationReason::LostHost {
@@ -774,15 +777,41 @@ impl Job {
         self.waiting_since = Instant::now();
     }
 
-    /// Whether the job's ranks ended it while no coordinator ran (its
-    /// `hosts` did not come back within `wait`): the newest committed
-    /// checkpoint in the run folder ends the last epoch of this job's
-    /// recipe, was trained with it, and is intact
-    /// ([`rsb_job::run_folder::finished_run`]; that one checkpoint is hashed
-    /// under the lock, once). Their agents, their ranks done, left and will
-    /// not call again, so waiting for hosts to train it anew would fail a
-    /// finished job. The job is then finished, saying so.
-    fn ended_while_away(&mut self, hosts: &[String], wait: Duration) -> bool {
+    /// A job restored by `up --auto-resume` whose ranks ended it before
+    /// this coordinator started: its end is in the run folder already (see
+    /// [`Job::ended_while_away`]), so it is finished at once, before it is
+    /// served, waiting neither for its agents (their ranks are done) nor
+    /// for hosts to train it anew. Not under the coordinator's lock: the end
+    /// is hashed, and the records taken are written, here. Whether it ended.
+    pub fn end_if_finished_before_restart(&mut self) -> bool {
+        let hosts: Vec<String> =
+            self.members.iter().chain(&self.pending).map(|m| m.host.clone()).collect();
+        let found = format!(
+            "as this coordinator started (its host(s) ({}) not waited for)",
+            hosts.join(", ")
+        );
+        if !self.ended_while_away(&found) {
+            return false;
+        }
+        self.reclaim_until = None;
+        let why = "the job finished while no coordinator ran".to_string();
+        let gone: Vec<Member> = self.members.drain(..).chain(self.pending.drain(..)).collect();
+        self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
+        self.flush_metrics();
+        true
+    }
+
+    /// Whether the job's ranks ended it while no coordinator ran (found
+    /// `when`, as the coordinator said it): the newest committed checkpoint
+    /// in the run folder ends the last epoch of this job's recipe, was
+    /// trained with it, and is intact
+    /// ([`rsb_job::run_folder::finished_run`]; that one checkpoint is
+    /// hashed). Their agents, their ranks done, left or will, so waiting for
+    /// hosts to train it anew would fail a finished job. The job is then
+    /// finished, saying so. Called under the lock once the restored
+    /// members' wait is over; [`Job::end_if_finished_before_restart`] finds
+    /// the end that was there before the restart without the lock.
+    fn ended_while_away(&mut self, when: &str) -> bool {
         let Some((checkpoint, position)) =
             rsb_job::run_folder::finished_run(&self.out_dir, &self.recipe)
         else {
@@ -795,12 +824,11 @@ impl Job {
         let records = self.take_records_made_while_away();
         self.say(&format!(
             "the job finished while no coordinator ran: {} ends its last epoch ({} of {}, \
-             {} updates), and its host(s) ({}) did not come back within {wait:?}; {records}",
+             {} updates), found {when}; {records}",
             checkpoint.path().display(),
             position.next_epoch,
             self.recipe.total_epochs(),
             position.updates,
-            hosts.join(", "),
         ));
         true
     }

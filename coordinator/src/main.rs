@@ -935,6 +935,9 @@ fn auto_restore(
     match restored {
         Ok(Some(job)) => {
             let served = serve_restored(args, job, out, true);
+            if served.0.jobs.first().is_some_and(Job::is_over) {
+                return Some(served);
+            }
             rsb_coordinator::print_line!(
                 "--auto-resume: the job's coordinator stopped while it ran; its hosts have \
                  {:?} to come back (their agents outlived it), else the job takes the hosts \
@@ -1000,6 +1003,10 @@ fn serve_restored(
         job.members.len(),
         job.resume_from.as_deref().unwrap_or("a fresh start (no checkpoint was committed)")
     );
+    // Its ranks may have ended it before this start: then it is over now.
+    if members_may_be_gone {
+        job.end_if_finished_before_restart();
+    }
     let elastic = job.elastic();
     (Coordination::one(job), out, Work::Job { elastic })
 }

@@ -709,6 +709,49 @@ mod tests {
         }
     }
 
+    /// The ranks ended the job before the restarted coordinator started:
+    /// it is finished as it is restored, before it is served, neither its
+    /// agents nor new hosts waited for, with rank 0's records taken. A run
+    /// folder whose newest checkpoint is not the end leaves the job to wait
+    /// for its members.
+    #[test]
+    fn an_auto_restored_job_whose_end_is_already_on_disk_is_finished_at_once() {
+        let epochs = recipe().total_epochs();
+        for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (saved, token, _) = saved_running_job(tmp.path());
+            committed_at_epoch_end(
+                tmp.path(),
+                &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
+                next_epoch,
+            );
+            // The first coordinator took update 1; rank 0 made 2 and 3 while none ran.
+            let steps = recorded_steps(3);
+            let line = |r: &rsb_job::MetricsRecord| serde_json::to_string(r).unwrap() + "\n";
+            std::fs::write(tmp.path().join("metrics.jsonl"), line(&steps[0])).unwrap();
+            let rank_zero = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
+            std::fs::create_dir_all(rank_zero.parent().unwrap()).unwrap();
+            std::fs::write(&rank_zero, steps.iter().map(line).collect::<String>()).unwrap();
+            // The agents would have a minute to come back.
+            let mut job = auto_restored(tmp.path(), saved, &token, Duration::from_secs(60));
+            assert_eq!(job.end_if_finished_before_restart(), finished);
+            if finished {
+                assert_eq!(job.phase, Phase::Finished);
+                assert_eq!(job.join_later(), None, "no host is told to join again");
+                assert!(job.members.is_empty() && job.pending.is_empty());
+                assert_eq!(job.dropped.len(), 2);
+                // Written already: the job is not under a lock yet.
+                assert_eq!(reported_records(tmp.path()), steps);
+                assert_eq!(SavedJob::of(&job).ended.as_deref(), Some("finished"));
+            } else {
+                assert_eq!(job.phase, Phase::Running);
+                assert!(job.join_later().is_some(), "its members may still come back");
+                assert_eq!(job.members.len(), 2);
+                assert_eq!(reported_records(tmp.path()), steps[..1]);
+            }
+        }
+    }
+
     #[test]
     fn a_restored_job_admits_its_pending_host_and_records_it() {
         let tmp = tempfile::tempdir().unwrap();

@@ -316,10 +316,11 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 /// A coordinator stopped (SIGTERM) while its job's ranks had a few updates
 /// left: they train to the end without it, and their agents, their ranks
 /// done, leave. Restarted with the same command line (`--auto-resume`), the
-/// coordinator waits for them as for any agents that outlived it, finds the
-/// run folder's newest checkpoint ends the last epoch, and ends the job as
-/// finished, saying so, where it waited for hosts to train the job anew and
-/// failed a finished job at the join timeout.
+/// coordinator finds the run folder's newest checkpoint ends the last epoch
+/// and ends the job as finished at once, saying so, without waiting the 25 s
+/// that agents which outlived it have to call again. Before, it waited for
+/// hosts to train the job anew and failed a finished job at the join
+/// timeout; then, it waited the agents' 25 s first.
 #[test]
 fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished() {
     let tmp = tempfile::tempdir().unwrap();
@@ -338,17 +339,22 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
     let started = Instant::now();
     let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
-    // 25 s for the agents to call again, then the end.
     assert_succeeds(second, Duration::from_secs(90), "the restarted coordinator", &log);
+    let ended_after = started.elapsed();
     let output = std::fs::read_to_string(&log).unwrap();
     assert!(output.contains("restored job"), "{output}");
     assert!(
         output.contains(&format!(
-            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4",
-            last.display()
+            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4, {} \
+             updates), found as this coordinator started (its host(s) (",
+            last.display(),
+            state.updates
         )),
         "{output}"
     );
+    // Well before the 25 s the agents would have had to call again.
+    assert!(ended_after < Duration::from_secs(15), "it ended {ended_after:?} after the restart");
+    assert!(!output.contains("to come back"), "{output}");
     assert!(!output.contains("waiting for 2 host(s) to join"), "{output}");
     let saved = std::fs::read_to_string(k.out.join("coordinator-state.json")).unwrap();
     let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
@@ -392,7 +398,7 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
         "a job whose ranks finished while its coordinator was away ended {:.1} s after the \
          restart; metrics.jsonl took the {taken_after_restart} records rank 0 made after the \
          first coordinator's last",
-        started.elapsed().as_secs_f64(),
+        ended_after.as_secs_f64(),
     );
 }
 
