@@ -781,22 +781,25 @@ impl Job {
     /// this coordinator started: its end is in the run folder already (see
     /// [`Job::ended_while_away`]), so it is finished at once, before it is
     /// served, waiting neither for its agents (their ranks are done) nor
-    /// for hosts to train it anew. Not under the coordinator's lock: the end
-    /// is hashed, and the records taken are written, here. Whether it ended.
+    /// for hosts to train it anew. Its members stay members of a finished
+    /// job: an agent still there is told, as at any job's end, to stop with
+    /// no failure (a late report of its rank is refused, the job being
+    /// over). Not under the coordinator's lock: the end is hashed, and the
+    /// records taken are written, here. Whether it ended.
     pub fn end_if_finished_before_restart(&mut self) -> bool {
-        let hosts: Vec<String> =
-            self.members.iter().chain(&self.pending).map(|m| m.host.clone()).collect();
-        let found = format!(
-            "as this coordinator started (its host(s) ({}) not waited for)",
-            hosts.join(", ")
-        );
+        let hosts: Vec<&str> =
+            self.members.iter().chain(&self.pending).map(|m| m.host.as_str()).collect();
+        let found = match hosts.as_slice() {
+            [] => "as this coordinator started".to_string(),
+            hosts => format!(
+                "as this coordinator started (its host(s) ({}) not waited for)",
+                hosts.join(", ")
+            ),
+        };
         if !self.ended_while_away(&found) {
             return false;
         }
         self.reclaim_until = None;
-        let why = "the job finished while no coordinator ran".to_string();
-        let gone: Vec<Member> = self.members.drain(..).chain(self.pending.drain(..)).collect();
-        self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
         self.flush_metrics();
         true
     }
@@ -839,9 +842,11 @@ impl Job {
     /// ([`rsb_job::records::not_taken`]); says what it did. Read under the
     /// lock, once, as the job ends: the job's file is as the last
     /// coordinator left it, none of the job's records being queued or
-    /// written since (nothing is taken when one is). They are written as
-    /// the lock is released, after the state that says the job finished: a
-    /// coordinator killed in between leaves them in rank 0's file alone.
+    /// written since (nothing is taken when one is). Where the job ends
+    /// once its members' wait is over, they are written as the lock is
+    /// released, after the state that says the job finished: a coordinator
+    /// killed in between leaves them in rank 0's file alone. Where it ends
+    /// as it is restored, they are written before that state.
     fn take_records_made_while_away(&mut self) -> String {
         let rank_zero_file = rsb_job::run_folder::rank_records_file(&self.out_dir, 0);
         let left = |why: String| {
