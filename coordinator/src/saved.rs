@@ -632,6 +632,33 @@ mod tests {
         rsb_job::MetricsRecord::Checksum { rank: 0, step, sum: 1.5, sum_of_squares: 3.0 }
     }
 
+    /// A saved running job whose run folder's newest committed checkpoint
+    /// ends epoch `next_epoch`, whose metrics.jsonl holds `taken` and whose
+    /// rank 0 file holds `rank_zero`: a job its ranks trained while no
+    /// coordinator ran. Returns the saved job, its token and members, and
+    /// the checkpoint.
+    fn trained_while_away(
+        run: &Path,
+        next_epoch: u64,
+        taken: &[rsb_job::MetricsRecord],
+        rank_zero: &[rsb_job::MetricsRecord],
+    ) -> (SavedJob, Secret, Vec<(String, Secret)>, PathBuf) {
+        let (saved, token, members) = saved_running_job(run);
+        let end = committed_at_epoch_end(
+            run,
+            &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
+            next_epoch,
+        );
+        let lines = |records: &[rsb_job::MetricsRecord]| -> String {
+            records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
+        };
+        std::fs::write(run.join("metrics.jsonl"), lines(taken)).unwrap();
+        let rank_zero_file = rsb_job::run_folder::rank_records_file(run, 0);
+        std::fs::create_dir_all(rank_zero_file.parent().unwrap()).unwrap();
+        std::fs::write(&rank_zero_file, lines(rank_zero)).unwrap();
+        (saved, token, members, end)
+    }
+
     /// The records of `run`'s metrics.jsonl, the coordinator's generations aside.
     fn reported_records(run: &Path) -> Vec<rsb_job::MetricsRecord> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -652,23 +679,12 @@ mod tests {
         let epochs = recipe().total_epochs();
         for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
             let tmp = tempfile::tempdir().unwrap();
-            let (saved, token, _) = saved_running_job(tmp.path());
-            let end = committed_at_epoch_end(
-                tmp.path(),
-                &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
-                next_epoch,
-            );
             // The first coordinator took updates 1 and 2; rank 0 made 3 and
             // 4 (and its checksums) while none ran.
-            let lines = |records: &[rsb_job::MetricsRecord]| -> String {
-                records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
-            };
             let (steps, checksum) = (recorded_steps(4), checksum_at(4));
-            std::fs::write(tmp.path().join("metrics.jsonl"), lines(&steps[..2])).unwrap();
-            let rank_zero = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
-            std::fs::create_dir_all(rank_zero.parent().unwrap()).unwrap();
-            let rank_zero_records = [steps.as_slice(), &[checksum]].concat();
-            std::fs::write(&rank_zero, lines(&rank_zero_records)).unwrap();
+            let rank_zero = [steps.as_slice(), &[checksum]].concat();
+            let (saved, token, _, end) =
+                trained_while_away(tmp.path(), next_epoch, &steps[..2], &rank_zero);
             let timeout = Duration::from_millis(200);
             let mut job = auto_restored(tmp.path(), saved, &token, timeout);
             job.check_liveness();
@@ -685,16 +701,9 @@ mod tests {
                 // A run folder whose rank 0 file does not hold the last record
                 // taken: nothing is guessed, and the job still finishes.
                 let tmp = tempfile::tempdir().unwrap();
-                let (saved, token, _) = saved_running_job(tmp.path());
-                committed_at_epoch_end(
-                    tmp.path(),
-                    &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
-                    next_epoch,
-                );
-                std::fs::write(tmp.path().join("metrics.jsonl"), lines(&steps[..2])).unwrap();
-                let other = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
-                std::fs::create_dir_all(other.parent().unwrap()).unwrap();
-                std::fs::write(&other, lines(&recorded_steps(5)[2..])).unwrap();
+                let other = &recorded_steps(5)[2..];
+                let (saved, token, _, _) =
+                    trained_while_away(tmp.path(), next_epoch, &steps[..2], other);
                 let mut job = auto_restored(tmp.path(), saved, &token, timeout);
                 std::thread::sleep(timeout + Duration::from_millis(50));
                 job.check_liveness();
@@ -719,19 +728,10 @@ mod tests {
         let epochs = recipe().total_epochs();
         for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
             let tmp = tempfile::tempdir().unwrap();
-            let (saved, token, members) = saved_running_job(tmp.path());
-            committed_at_epoch_end(
-                tmp.path(),
-                &format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX),
-                next_epoch,
-            );
             // The first coordinator took update 1; rank 0 made 2 and 3 while none ran.
             let steps = recorded_steps(3);
-            let line = |r: &rsb_job::MetricsRecord| serde_json::to_string(r).unwrap() + "\n";
-            std::fs::write(tmp.path().join("metrics.jsonl"), line(&steps[0])).unwrap();
-            let rank_zero = rsb_job::run_folder::rank_records_file(tmp.path(), 0);
-            std::fs::create_dir_all(rank_zero.parent().unwrap()).unwrap();
-            std::fs::write(&rank_zero, steps.iter().map(line).collect::<String>()).unwrap();
+            let (saved, token, members, _) =
+                trained_while_away(tmp.path(), next_epoch, &steps[..1], &steps);
             // The agents would have a minute to come back.
             let mut job = auto_restored(tmp.path(), saved, &token, Duration::from_secs(60));
             assert_eq!(job.end_if_finished_before_restart(), finished);

@@ -517,14 +517,16 @@ pub mod processes {
         Output { status, stdout: stdout.read_to_end(), stderr: stderr.read_to_end() }
     }
 
-    /// A child's pipe, read on a thread of its own as the child writes.
-    struct Drain {
+    /// A child's pipe, read on a thread of its own as the child writes
+    /// (a full pipe would block the child, and every process sharing it).
+    pub struct Drain {
         read: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
         reader: Option<std::thread::JoinHandle<()>>,
     }
 
     impl Drain {
-        fn start<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> Drain {
+        /// Starts reading `pipe` (none: nothing is read).
+        pub fn start<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> Drain {
             let read = std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default();
             let reader = pipe.map(|mut pipe| {
                 let read = std::sync::Arc::clone(&read);
@@ -541,12 +543,12 @@ pub mod processes {
         }
 
         /// What was read so far.
-        fn so_far(&self) -> Vec<u8> {
+        pub fn so_far(&self) -> Vec<u8> {
             self.read.lock().unwrap_or_else(|p| p.into_inner()).clone()
         }
 
         /// Everything, once the pipe ends.
-        fn read_to_end(mut self) -> Vec<u8> {
+        pub fn read_to_end(mut self) -> Vec<u8> {
             if let Some(reader) = self.reader.take() {
                 let _ = reader.join();
             }

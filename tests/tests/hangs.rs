@@ -14,13 +14,10 @@
 //! * one rank of a 2-rank job panics: the job fails at once, naming the rank
 //!   and the panic's message and place, not only its exit status.
 
-use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal};
+use rsb_integration_tests::processes::{descendants, holder_of, parent_of, signal, Drain};
 use rsb_integration_tests::{binary, fashion_subset, workspace_root};
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const TIMEOUT_SECS: u64 = 15;
@@ -41,25 +38,12 @@ fn tiny_job(nodes: u32, data: &Path, out: &Path) -> Command {
     command
 }
 
-/// Starts `command` with its stderr drained into a string all along: the
-/// job's processes share this pipe, and a full pipe would block them.
-fn spawn_drained(command: &mut Command) -> (Child, Arc<Mutex<String>>, JoinHandle<()>) {
+/// Starts `command` with its stderr drained all along: the job's processes
+/// share this pipe, and a full pipe would block them.
+fn spawn_drained(command: &mut Command) -> (Child, Drain) {
     let mut child = command.stderr(Stdio::piped()).spawn().expect("starting the coordinator");
-    let output = Arc::new(Mutex::new(String::new()));
-    let mut stderr = child.stderr.take().expect("piped");
-    let reader = {
-        let output = Arc::clone(&output);
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buffer) {
-                if n == 0 {
-                    break;
-                }
-                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
-            }
-        })
-    };
-    (child, output, reader)
+    let stderr = Drain::start(child.stderr.take());
+    (child, stderr)
 }
 
 /// Waits up to `limit` for `child` to exit.
@@ -118,7 +102,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     let out = tmp.path().join("run");
     let _ = binary("worker");
     let started = Instant::now();
-    let (mut coordinator, output, reader) = spawn_drained(
+    let (mut coordinator, stderr) = spawn_drained(
         tiny_job(3, &data, &out)
             // Three sampler streams, one per rank.
             .args(["--set", "batch.global_size=24", "--set", "batch.repeated_augmentation=1"])
@@ -161,8 +145,7 @@ fn a_stopped_rank_makes_the_others_fail_within_the_collective_timeout_naming_it(
     }
     let _ = coordinator.wait();
     let left = left_behind(&job);
-    let _ = reader.join();
-    let output = output.lock().unwrap().clone();
+    let output = String::from_utf8_lossy(&stderr.read_to_end()).into_owned();
 
     let status = status.unwrap_or_else(|| {
         panic!("the job had not failed {limit:?} after rank 1 froze:\n{output}")
@@ -214,7 +197,7 @@ fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it()
     let out = tmp.path().join("run");
     let _ = binary("worker");
     let started = Instant::now();
-    let (mut coordinator, output, reader) = spawn_drained(
+    let (mut coordinator, stderr) = spawn_drained(
         tiny_job(2, &data, &out)
             .args(["--rendezvous-timeout-secs", &RENDEZVOUS_TIMEOUT_SECS.to_string()])
             // Inherited by the workers and their ranks: rank 1 stops itself.
@@ -230,8 +213,7 @@ fn a_rank_frozen_before_the_rendezvous_fails_the_job_at_its_deadline_naming_it()
     }
     let _ = coordinator.wait();
     let left = left_behind(&job);
-    let _ = reader.join();
-    let output = output.lock().unwrap().clone();
+    let output = String::from_utf8_lossy(&stderr.read_to_end()).into_owned();
     let status = status
         .unwrap_or_else(|| panic!("the job had not failed {took:?} after it started:\n{output}"));
     assert!(!status.success(), "a job with a frozen rank must fail:\n{output}");
@@ -265,7 +247,7 @@ fn a_rank_that_panics_fails_the_job_at_once_naming_it_and_the_panic() {
     let data = fashion_subset(tmp.path(), 16, 4);
     let out = tmp.path().join("run");
     let _ = binary("worker");
-    let (mut coordinator, output, reader) = spawn_drained(
+    let (mut coordinator, stderr) = spawn_drained(
         // Inherited by the workers and their ranks: rank 1 panics.
         tiny_job(2, &data, &out).env("RSB_PANIC_BEFORE_RENDEZVOUS", "1"),
     );
@@ -274,8 +256,7 @@ fn a_rank_that_panics_fails_the_job_at_once_naming_it_and_the_panic() {
         let _ = coordinator.kill();
     }
     let _ = coordinator.wait();
-    let _ = reader.join();
-    let output = output.lock().unwrap().clone();
+    let output = String::from_utf8_lossy(&stderr.read_to_end()).into_owned();
     let status = status.unwrap_or_else(|| panic!("the job had not failed in 120 s:\n{output}"));
     assert!(!status.success(), "a job with a panicking rank must fail:\n{output}");
     let failure = job_failed_line(&output);
