@@ -777,8 +777,8 @@ impl Job {
         self.waiting_since = Instant::now();
     }
 
-    /// A job restored by `up --auto-resume` whose ranks ended it before
-    /// this coordinator started: its end is in the run folder already (see
+    /// A job restored by `up --auto-resume` or `up --restore` whose ranks
+    /// ended it before this coordinator started: its end is in the run folder already (see
     /// [`Job::ended_while_away`]), so it is finished at once, before it is
     /// served, waiting neither for its agents (their ranks are done) nor
     /// for hosts to train it anew. Its members stay members of a finished

@@ -1003,10 +1003,11 @@ fn serve_restored(
         job.members.len(),
         job.resume_from.as_deref().unwrap_or("a fresh start (no checkpoint was committed)")
     );
-    // Its ranks may have ended it before this start: then it is over now.
-    if members_may_be_gone {
-        job.end_if_finished_before_restart();
-    }
+    // Its ranks may have ended it before this start (they train on without
+    // their coordinator, and their agents leave once they are done): then
+    // it is over now, with `--restore` as with `--auto-resume`, where it
+    // would wait for agents that are gone and fail a finished job.
+    job.end_if_finished_before_restart();
     let elastic = job.elastic();
     (Coordination::one(job), out, Work::Job { elastic })
 }

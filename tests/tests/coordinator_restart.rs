@@ -320,7 +320,9 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 /// and ends the job as finished at once, saying so, without waiting the 25 s
 /// that agents which outlived it have to call again. Before, it waited for
 /// hosts to train the job anew and failed a finished job at the join
-/// timeout; then, it waited the agents' 25 s first.
+/// timeout; then, it waited the agents' 25 s first. `up --restore`, on a
+/// copy of the run folder, ends it at once too, where it waited for the
+/// agents and then failed the job as their hosts were lost.
 #[test]
 fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished() {
     let tmp = tempfile::tempdir().unwrap();
@@ -335,8 +337,37 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let last = rsb_job::checkpoint::list(&k.out).pop().expect("checkpoints");
     let state = rsb_job::checkpoint::read_position(&last).expect("the last checkpoint's state");
     assert_eq!(state.updates, planned_updates(&k.out), "{last:?}: {state:?}");
-    let log = tmp.path().join("coordinator-2.log");
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
+    // `--restore` (a copy of the run folder) ends it as finished at once
+    // too, where it waited for agents that had left, and then failed the
+    // job as their hosts were lost.
+    let copy = tmp.path().join("run-restored");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&k.out).arg(&copy).status();
+    assert!(copied.unwrap().success(), "copying {}", k.out.display());
+    let restore_args: Vec<&str> =
+        args.iter().map(|&a| if a == "--auto-resume" { "--restore" } else { a }).collect();
+    let restore_log = tmp.path().join("coordinator-restore.log");
+    let started = Instant::now();
+    let restored = sweeps::coordinator_up(&copy, &k.sets, &restore_args, &restore_log);
+    assert_succeeds(restored, Duration::from_secs(90), "up --restore", &restore_log);
+    let restore_ended_after = started.elapsed();
+    let output = std::fs::read_to_string(&restore_log).unwrap();
+    let copy_last = copy.join(last.strip_prefix(&k.out).unwrap());
+    assert!(
+        output.contains(&format!(
+            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4, {} \
+             updates), found as this coordinator started (its host(s) (",
+            copy_last.display(),
+            state.updates
+        )),
+        "{output}"
+    );
+    assert!(restore_ended_after < Duration::from_secs(15), "{restore_ended_after:?}");
+    let saved = std::fs::read_to_string(copy.join("coordinator-state.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved["ended"], "finished", "{saved}");
+
+    let log = tmp.path().join("coordinator-2.log");
     let started = Instant::now();
     let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
     assert_succeeds(second, Duration::from_secs(90), "the restarted coordinator", &log);
@@ -396,9 +427,10 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     );
     println!(
         "a job whose ranks finished while its coordinator was away ended {:.1} s after the \
-         restart; metrics.jsonl took the {taken_after_restart} records rank 0 made after the \
-         first coordinator's last",
+         --auto-resume restart ({:.1} s after --restore on a copy); metrics.jsonl took the \
+         {taken_after_restart} records rank 0 made after the first coordinator's last",
         ended_after.as_secs_f64(),
+        restore_ended_after.as_secs_f64(),
     );
 }
 
