@@ -346,6 +346,54 @@ impl PendingSave {
     }
 }
 
+/// Why the records rank 0 made while no coordinator ran are not taken
+/// ([`records_made_while_away`]); says so as the job's end does.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordsNotTaken {
+    /// The run folder holds no file of rank 0's records.
+    #[error("there is no {} to take them from", .0.display())]
+    NoRankZeroFile(PathBuf),
+    /// They stay in rank 0's file alone, for the reason given.
+    #[error(
+        "the records rank 0 made while no coordinator ran stay in {} alone ({why})",
+        rank_zero_file.display()
+    )]
+    Left {
+        /// Rank 0's file.
+        rank_zero_file: PathBuf,
+        /// Why they are not taken.
+        why: String,
+    },
+}
+
+/// The records rank 0 of the run in `out_dir` reported that no coordinator
+/// took (made while none ran, or queued by one that was killed), to append
+/// to its `metrics.jsonl`: those its own file (`ranks/rank-0.jsonl`) holds
+/// after the last record the run's file holds, of the last rank 0 process
+/// ([`rsb_job::records::not_taken`]). Nothing is guessed: a rank 0 file
+/// that does not hold the run's last record gives none. Call it only while
+/// no record of the run is being written.
+pub fn records_made_while_away(out_dir: &Path) -> Result<Vec<MetricsRecord>, RecordsNotTaken> {
+    let rank_zero_file = rsb_job::run_folder::rank_records_file(out_dir, 0);
+    let left = |why: String| RecordsNotTaken::Left { rank_zero_file: rank_zero_file.clone(), why };
+    let not_found = |e: &rsb_report::ReportError| {
+        matches!(e, rsb_report::ReportError::Io { error, .. }
+            if error.kind() == std::io::ErrorKind::NotFound)
+    };
+    let taken = match rsb_report::runs::read_metrics(&out_dir.join("metrics.jsonl")) {
+        Ok(records) => records,
+        Err(e) if not_found(&e) => Vec::new(),
+        Err(e) => return Err(left(e.to_string())),
+    };
+    let rank_zero = match rsb_report::runs::read_metrics(&rank_zero_file) {
+        Ok(records) => records,
+        Err(e) if not_found(&e) => return Err(RecordsNotTaken::NoRankZeroFile(rank_zero_file)),
+        Err(e) => return Err(left(e.to_string())),
+    };
+    rsb_job::records::not_taken(&taken, &rank_zero)
+        .ok_or_else(|| left("it does not hold the last record metrics.jsonl holds".into()))
+}
+
 /// The records a job accepted for its `metrics.jsonl`, on their way to the
 /// file. The coordinator's state lock is never held while the file is
 /// written (a stalled network file system would hold up every call of every
@@ -839,7 +887,7 @@ impl Job {
     /// Queues for the job's `metrics.jsonl` the records rank 0 reported
     /// that no coordinator took (made while none ran, or queued by one that
     /// was killed), read from rank 0's own file
-    /// ([`rsb_job::records::not_taken`]); says what it did. Read under the
+    /// ([`records_made_while_away`]); says what it did. Read under the
     /// lock, once, as the job ends: the job's file is as the last
     /// coordinator left it, none of the job's records being queued or
     /// written since (nothing is taken when one is). Where the job ends
@@ -848,41 +896,22 @@ impl Job {
     /// killed in between leaves them in rank 0's file alone. Where it ends
     /// as it is restored, they are written before that state.
     fn take_records_made_while_away(&mut self) -> String {
-        let rank_zero_file = rsb_job::run_folder::rank_records_file(&self.out_dir, 0);
-        let left = |why: String| {
-            tracing::warn!("the records rank 0 made while no coordinator ran are not taken: {why}");
-            format!(
-                "the records rank 0 made while no coordinator ran stay in {} alone ({why})",
-                rank_zero_file.display()
-            )
+        let records = if self.metrics.as_ref().is_some_and(|sink| !sink.is_idle()) {
+            Err(RecordsNotTaken::Left {
+                rank_zero_file: rsb_job::run_folder::rank_records_file(&self.out_dir, 0),
+                why: "records of this job are being written to metrics.jsonl".into(),
+            })
+        } else {
+            records_made_while_away(&self.out_dir)
         };
-        if self.metrics.as_ref().is_some_and(|sink| !sink.is_idle()) {
-            return left("records of this job are being written to metrics.jsonl".into());
-        }
-        let taken = match rsb_report::runs::read_metrics(&self.out_dir.join("metrics.jsonl")) {
+        let records = match records {
             Ok(records) => records,
-            Err(rsb_report::ReportError::Io { error, .. })
-                if error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Vec::new()
-            }
-            Err(e) => return left(e.to_string()),
-        };
-        let rank_zero = match rsb_report::runs::read_metrics(&rank_zero_file) {
-            Ok(records) => records,
-            Err(rsb_report::ReportError::Io { error, .. })
-                if error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                let why = format!("there is no {} to take them from", rank_zero_file.display());
+            Err(e) => {
                 tracing::warn!(
-                    "the records rank 0 made while no coordinator ran are not taken: {why}"
+                    "the records rank 0 made while no coordinator ran are not taken: {e}"
                 );
-                return why;
+                return e.to_string();
             }
-            Err(e) => return left(e.to_string()),
-        };
-        let Some(records) = rsb_job::records::not_taken(&taken, &rank_zero) else {
-            return left("it does not hold the last record metrics.jsonl holds".into());
         };
         if records.is_empty() {
             return "rank 0 made no record that no coordinator took".into();
@@ -900,7 +929,7 @@ impl Job {
         format!(
             "the {count} record(s) rank 0 made that no coordinator took are appended to \
              metrics.jsonl from {}",
-            rank_zero_file.display()
+            rsb_job::run_folder::rank_records_file(&self.out_dir, 0).display()
         )
     }
 

@@ -1107,12 +1107,27 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
     for cell in &manifest.cells {
         let recipe = cell.load(&source, &manifest.overrides)?;
         let run_dir = layout.run_dir(&cell.id);
-        let outcome = RunOutcome::read(&layout, &cell.id)?;
-        let finished = outcome.as_ref().is_some_and(|o| o.end == RunEnd::Finished);
+        let mut outcome = RunOutcome::read(&layout, &cell.id)?;
+        let mut finished = outcome.as_ref().is_some_and(|o| o.end == RunEnd::Finished);
         let mut resume_from = None;
         if args.resume.is_some() {
             // A study pools its runs as runs of one recipe.
             rsb_job::sweep::check_started_run_recipe(&layout, &cell.id, &recipe)?;
+            // Its ranks may have ended it while no coordinator ran.
+            if !finished {
+                let kept = rsb_coordinator::sweep::keep_run_finished_while_away(
+                    &layout,
+                    &cell.id,
+                    &recipe,
+                    outcome.as_ref(),
+                )
+                .with_context(|| format!("sweep run {}", cell.id))?;
+                if let Some((kept, said)) = kept {
+                    rsb_coordinator::print_line!("[{}] {said}", cell.id);
+                    outcome = Some(kept);
+                    finished = true;
+                }
+            }
         }
         if args.resume.is_none() {
             rsb_job::check_out_folder(&run_dir, None)?;

@@ -330,13 +330,13 @@ impl Job {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::job::RendezvousPayload;
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
-    fn recipe() -> Recipe {
+    pub(crate) fn recipe() -> Recipe {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
         rsb_recipes::load(&path, &[]).unwrap()
@@ -593,7 +593,7 @@ mod tests {
 
     /// Writes a committed checkpoint `run/checkpoints/NAME` of [`recipe`]
     /// whose state says training continues with epoch `next_epoch`, step 0.
-    fn committed_at_epoch_end(run: &Path, name: &str, next_epoch: u64) -> PathBuf {
+    pub(crate) fn committed_at_epoch_end(run: &Path, name: &str, next_epoch: u64) -> PathBuf {
         use rsb_job::checkpoint::{Manifest, CHECKPOINTS, MANIFEST, PARTS, STATE};
         let dir = run.join(CHECKPOINTS).join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -611,7 +611,7 @@ mod tests {
     }
 
     /// Rank 0's records of updates 1 to `updates`, one log step each.
-    fn recorded_steps(updates: u64) -> Vec<rsb_job::MetricsRecord> {
+    pub(crate) fn recorded_steps(updates: u64) -> Vec<rsb_job::MetricsRecord> {
         (1..=updates)
             .map(|step| rsb_job::MetricsRecord::Step {
                 epoch: 0,
@@ -660,7 +660,7 @@ mod tests {
     }
 
     /// The records of `run`'s metrics.jsonl, the coordinator's generations aside.
-    fn reported_records(run: &Path) -> Vec<rsb_job::MetricsRecord> {
+    pub(crate) fn reported_records(run: &Path) -> Vec<rsb_job::MetricsRecord> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
             .lines()

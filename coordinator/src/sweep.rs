@@ -181,6 +181,79 @@ impl RunFile {
     }
 }
 
+/// Why a run that finished while no coordinator ran could not be kept as
+/// finished ([`keep_run_finished_while_away`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KeepFinishedError {
+    /// Rank 0's records could not be appended to the run's metrics.jsonl.
+    #[error(transparent)]
+    Metrics(#[from] rsb_job::MetricsLogError),
+    /// The run's outcome could not be written.
+    #[error(transparent)]
+    Outcome(#[from] rsb_job::SweepError),
+}
+
+/// A run of an interrupted sweep that its ranks ended while no coordinator
+/// ran (they train on without it, and their final records reached only rank
+/// 0's own file): its run folder's newest committed checkpoint ends it
+/// ([`rsb_job::run_folder::finished_run`]: the recipe's last epoch, trained
+/// with `recipe`, intact). `up --resume` then keeps it as finished, where it
+/// queued it to resume from its end, which trained no epoch and recorded
+/// none, and the report left the run out as unfinished. Rank 0's records
+/// that no coordinator took are appended to the run's metrics.jsonl
+/// ([`crate::job::records_made_while_away`]), then its outcome is written
+/// (finished, with the attempts and failure of `before`, at least one
+/// attempt). Returns the outcome and what to say; `None` when the run is not
+/// over. Call it before the sweep's jobs start.
+pub fn keep_run_finished_while_away(
+    layout: &SweepLayout,
+    id: &str,
+    recipe: &Recipe,
+    before: Option<&RunOutcome>,
+) -> Result<Option<(RunOutcome, String)>, KeepFinishedError> {
+    let run_dir = layout.run_dir(id);
+    let Some((checkpoint, position)) = rsb_job::run_folder::finished_run(&run_dir, recipe) else {
+        return Ok(None);
+    };
+    let records = match crate::job::records_made_while_away(&run_dir) {
+        Ok(records) if records.is_empty() => {
+            "rank 0 made no record that no coordinator took".to_string()
+        }
+        Ok(records) => {
+            let mut log = rsb_job::MetricsLog::open(&layout.run_metrics(id))?;
+            for record in &records {
+                log.append(record)?;
+            }
+            format!(
+                "the {} record(s) rank 0 made that no coordinator took are appended to {} from \
+                 {}",
+                records.len(),
+                layout.run_metrics(id).display(),
+                rsb_job::run_folder::rank_records_file(&run_dir, 0).display()
+            )
+        }
+        Err(e) => {
+            tracing::warn!(run = %id, "the records rank 0 made while no coordinator ran are not taken: {e}");
+            e.to_string()
+        }
+    };
+    let outcome = RunOutcome {
+        end: RunEnd::Finished,
+        attempts: before.map_or(1, |o| o.attempts.max(1)),
+        failure: before.and_then(|o| o.failure.clone()),
+    };
+    outcome.write(layout, id)?;
+    let said = format!(
+        "the run finished while no coordinator ran: {} ends its last epoch ({} of {}, {} \
+         updates); {records}; kept as finished",
+        checkpoint.path().display(),
+        position.next_epoch,
+        recipe.total_epochs(),
+        position.updates,
+    );
+    Ok(Some((outcome, said)))
+}
+
 impl Scheduler {
     /// A sweep over `runs` (in manifest order); those not `Queued` are kept
     /// as they are (finished or failed in an earlier invocation).
@@ -632,5 +705,61 @@ pub(crate) mod tests {
         }
         assert_eq!(s.runs[0].state, RunState::Failed);
         assert_eq!((s.runs[0].attempts, s.runs[0].attempts_here), (u32::MAX, 2));
+    }
+
+    /// A run its ranks ended while no coordinator ran (its end committed in
+    /// its folder, its last records in rank 0's file alone) is kept as
+    /// finished by `up --resume`, rank 0's records taken once and its
+    /// outcome written; one epoch short, it is left to run again.
+    #[test]
+    fn a_run_its_ranks_finished_while_no_coordinator_ran_is_kept_as_finished() {
+        use crate::saved::tests::{
+            committed_at_epoch_end, recipe, recorded_steps, reported_records,
+        };
+        let recipe = recipe();
+        let epochs = recipe.total_epochs();
+        for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let layout = SweepLayout::new(tmp.path());
+            let run = layout.run_dir("seed-000");
+            let name = format!("{}{next_epoch:04}", rsb_job::checkpoint::FOLDER_PREFIX);
+            let end = committed_at_epoch_end(&run, &name, next_epoch);
+            // The coordinator took update 1; rank 0 made 2 and 3 once it was gone.
+            let steps = recorded_steps(3);
+            let lines = |records: &[rsb_job::MetricsRecord]| -> String {
+                records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
+            };
+            std::fs::write(layout.run_metrics("seed-000"), lines(&steps[..1])).unwrap();
+            let rank_zero = rsb_job::run_folder::rank_records_file(&run, 0);
+            std::fs::create_dir_all(rank_zero.parent().unwrap()).unwrap();
+            std::fs::write(&rank_zero, lines(&steps)).unwrap();
+            let kept = keep_run_finished_while_away(&layout, "seed-000", &recipe, None).unwrap();
+            if !finished {
+                assert!(kept.is_none(), "{end:?}");
+                assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap(), None);
+                assert_eq!(reported_records(&run), steps[..1]);
+                continue;
+            }
+            let (outcome, said) = kept.expect("kept as finished");
+            assert_eq!((outcome.end, outcome.attempts), (RunEnd::Finished, 1), "{outcome:?}");
+            assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap().as_ref(), Some(&outcome));
+            assert!(said.contains(&end.display().to_string()), "{said}");
+            assert!(said.contains("the 2 record(s) rank 0 made"), "{said}");
+            assert_eq!(reported_records(&run), steps, "updates 2 and 3 taken, once");
+            // Kept again (killed before the outcome was written): nothing is
+            // taken twice, and a failed attempt's count and failure stay.
+            let failed = RunOutcome {
+                end: RunEnd::Failed,
+                attempts: 2,
+                failure: Some("rank 0 died".into()),
+            };
+            let (outcome, said) =
+                keep_run_finished_while_away(&layout, "seed-000", &recipe, Some(&failed))
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(outcome, RunOutcome { end: RunEnd::Finished, ..failed }, "{said}");
+            assert!(said.contains("rank 0 made no record that no coordinator took"), "{said}");
+            assert_eq!(reported_records(&run), steps);
+        }
     }
 }

@@ -13,10 +13,16 @@
 //!   untouched, and every run ends finished;
 //! * `coordinator up --resume DIR` of the finished sweep keeps every run
 //!   and runs none.
+//!
+//! And a run whose rank trained it to its end while its sweep's coordinator
+//! was down (killed; the host, joined with `worker join`, outlived it): `up
+//! --resume DIR` keeps it as finished, with the records that reached only
+//! rank 0's own file, and the report counts it.
 
+use rsb_integration_tests::elastic_records::planned_updates;
 use rsb_integration_tests::processes::{cmdline, descendants, signal, wait_with_timeout};
 use rsb_integration_tests::sweeps::{self, wait_until};
-use rsb_integration_tests::{fashion_subset, run_records};
+use rsb_integration_tests::{binary, fashion_subset, free_port, run_records};
 use rsb_job::{RunEnd, RunOutcome, SweepLayout};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -122,4 +128,106 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
     assert!(status.success(), "{output}");
     assert!(output.contains("3 finished before (kept), 0 to run"), "{output}");
     assert!(!output.contains("[seed-0"), "a finished run ran again:\n{output}");
+}
+
+/// A run its rank trained to the end while the sweep's coordinator was down
+/// (killed after the run's first checkpoint; the host's agent, told to wait
+/// 300 s for its coordinator, kept its rank training): its final records
+/// reached only rank 0's own file. `up --resume DIR` finds the run's end in
+/// its folder and keeps it as finished, appending those records to its
+/// metrics.jsonl, where it queued the run to resume from its end, which
+/// trained no epoch and recorded none, and the report left it out as
+/// unfinished. The report counts it.
+#[test]
+fn a_run_finished_while_its_sweeps_coordinator_was_down_is_kept_as_finished_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 2);
+    let dir = tmp.path().join("sweep");
+    let layout = SweepLayout::new(&dir);
+    let run = layout.run_dir("seed-000");
+    let sets = vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".to_string(),
+        "schedule.cosine.epochs=4".to_string(),
+        "runtime.checkpoint_every_updates=2".to_string(),
+    ];
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--listen", &listen, "--nodes", "1", "--seeds", "0..1"];
+    let log = tmp.path().join("first.log");
+    let up = sweeps::coordinator_up(&dir, &sets, &args, &log);
+    let patient = [("RSB_COORDINATOR_DEADLINE_SECS", "300")];
+    let worker_log = tmp.path().join("worker.log");
+    let worker = sweeps::worker_join_with_env(port, "a", &worker_log, &patient);
+    let steps = || {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+        text.lines().filter(|l| l.contains(r#""kind":"step""#)).count()
+    };
+    wait_until("the run's first checkpoint and another update", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("[seed-000] checkpoint committed")
+            && steps() >= 3
+    });
+    assert!(signal(up.id(), "KILL"));
+    let _ = wait_with_timeout(up, Duration::from_secs(30), "the killed coordinator");
+    // The rank trains on to the run's end without it, then exits.
+    let start = Instant::now();
+    let rank_left = || descendants(worker.id()).iter().any(|&p| cmdline(p).contains(" rank "));
+    while rank_left() {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the rank did not finish:\n{}",
+            std::fs::read_to_string(&worker_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(signal(worker.id(), "TERM"));
+    let _ = wait_with_timeout(worker, Duration::from_secs(30), "the worker");
+    assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap(), None, "no coordinator ended it");
+    let last = rsb_job::checkpoint::list(&run).pop().expect("checkpoints");
+    let end = rsb_job::checkpoint::read_position(&last).expect("the last checkpoint's state");
+    assert_eq!(end.updates, planned_updates(&run), "the rank did not reach the end: {last:?}");
+    let epochs_before = run_records(&run, "epoch").len();
+    assert!(epochs_before < 4, "the coordinator took every epoch record before its kill");
+
+    // Resumed: no host is needed, as no run is left.
+    let log = tmp.path().join("resumed.log");
+    let resume = ["--listen", &listen, "--nodes", "1", "--resume", dir.to_str().unwrap()];
+    let up = sweeps::coordinator_up(&dir, &sets, &resume, &log);
+    let status = wait_with_timeout(up, Duration::from_secs(60), "the resumed sweep").status;
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{output}");
+    assert!(
+        output.contains(&format!(
+            "[seed-000] the run finished while no coordinator ran: {} ends its last epoch (4 of \
+             4, {} updates);",
+            last.display(),
+            end.updates
+        )),
+        "{output}"
+    );
+    assert!(output.contains("1 finished before (kept), 0 to run"), "{output}");
+    let outcome = RunOutcome::read(&layout, "seed-000").unwrap().expect("an outcome");
+    assert_eq!((outcome.end, outcome.attempts), (RunEnd::Finished, 1), "{outcome:?}");
+    // Every epoch's record is in the run's file now, the last one evaluated.
+    let epochs = run_records(&run, "epoch");
+    let numbers: Vec<u64> = epochs.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [0, 1, 2, 3], "{epochs:?}");
+    assert!(epochs[3]["top1"].as_f64().is_some(), "{}", epochs[3]);
+
+    let report = std::process::Command::new(binary("coordinator"))
+        .arg("report")
+        .arg(&dir)
+        .output()
+        .expect("running coordinator report");
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{stdout}{}", String::from_utf8_lossy(&report.stderr));
+    // Its one run counted: a sweep with none finished is an error.
+    let md = std::fs::read_to_string(layout.report_dir().join("report.md")).unwrap();
+    assert!(!md.contains("unfinished"), "{md}");
+    println!(
+        "a sweep run its rank finished while the coordinator was down: {epochs_before} of 4 \
+         epoch records taken before the kill, the rest from rank 0's file on resume"
+    );
 }
