@@ -16,6 +16,12 @@
 //!   label-file formats;
 //! * **WebDataset tar shards** ([`ImageFolder::open_shards`]), see
 //!   [`crate::shards`]: samples are read by random access into the tar files.
+//!
+//! Hidden entries (names starting with `.`: Jupyter's `.ipynb_checkpoints/`,
+//! macOS's `._x.JPEG` and `.DS_Store`, a `.cache/`) and Synology's `@eaDir`
+//! thumbnail folders are not data: they are left out, as class folders,
+//! below a class folder and in a flat folder, and counted in one warning per
+//! split naming one of them ([`is_hidden_or_system`]).
 
 use crate::error::DataError;
 use crate::labels::{ClassRef, LabelFile};
@@ -111,13 +117,15 @@ impl ImageFolder {
     /// Indexes `root` (one split in class folders). Fails with the folder
     /// named when it has no class folders or a class folder holds no image.
     pub fn open(root: &Path) -> Result<ImageFolder, DataError> {
-        let class_dirs = class_folders(root)?;
+        let mut left_out = LeftOut::default();
+        let class_dirs = class_folders(root, &mut left_out)?;
         let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
         let mut samples = Vec::new();
         for (label, class) in class_dirs.iter().enumerate() {
-            let files = class_images(root, class)?;
+            let files = class_images(root, class, &mut left_out)?;
             samples.extend(files.into_iter().map(|path| Sample::file(path, label as u32)));
         }
+        left_out.warn(root);
         if samples.is_empty() {
             return Err(layout("no images".into()));
         }
@@ -129,7 +137,8 @@ impl ImageFolder {
     /// folders exist. `num_classes` bounds the numbers; `classes()` lists
     /// `"0"` to `num_classes - 1`.
     pub fn open_numbered(root: &Path, num_classes: usize) -> Result<ImageFolder, DataError> {
-        let class_dirs = class_folders(root)?;
+        let mut left_out = LeftOut::default();
+        let class_dirs = class_folders(root, &mut left_out)?;
         let layout = |problem: String| DataError::Layout { path: root.to_path_buf(), problem };
         let mut samples = Vec::new();
         for class in &class_dirs {
@@ -141,9 +150,10 @@ impl ImageFolder {
                     "class folder `{class}` is out of range for {num_classes} classes"
                 )));
             }
-            let files = class_images(root, class)?;
+            let files = class_images(root, class, &mut left_out)?;
             samples.extend(files.into_iter().map(|path| Sample::file(path, label as u32)));
         }
+        left_out.warn(root);
         let mut present = vec![false; num_classes];
         for sample in &samples {
             present[sample.label as usize] = true;
@@ -167,8 +177,11 @@ impl ImageFolder {
     /// label file `labels` (formats: [`crate::labels`]). Class names in the
     /// file map to indices through `classes` (e.g. the training split's class
     /// folders) or, without it, through the natural-sorted set of names the
-    /// file uses (for ImageNet: the 1000 sorted synsets, timm's order). Every
-    /// image must have a label and every label an image.
+    /// file uses (for ImageNet: the 1000 sorted synsets, timm's order). A file
+    /// matches the entry of its full name, else of its stem
+    /// (`LOC_val_solution.csv` names stems). Every image must match an entry
+    /// and every entry exactly one image: two files sharing a stem
+    /// (`x.JPEG`, `x.png`) would score one image twice, and are refused.
     pub fn open_flat(
         root: &Path,
         labels: &Path,
@@ -176,10 +189,12 @@ impl ImageFolder {
     ) -> Result<ImageFolder, DataError> {
         let file = LabelFile::read(labels)?;
         let (classes, index) = file.class_index(classes)?;
-        let images = flat_images(root)?;
+        let mut left_out = LeftOut::default();
+        let images = flat_images(root, &mut left_out)?;
+        left_out.warn(root);
         let mut by_name: HashMap<&str, (usize, &ClassRef)> = HashMap::new();
-        for (line, (name, class)) in file.entries.iter().enumerate() {
-            if by_name.insert(name.as_str(), (line, class)).is_some() {
+        for (entry, (name, class)) in file.entries.iter().enumerate() {
+            if by_name.insert(name.as_str(), (entry, class)).is_some() {
                 return Err(DataError::Format {
                     path: labels.to_path_buf(),
                     problem: format!("`{name}` is labelled twice"),
@@ -187,43 +202,43 @@ impl ImageFolder {
             }
         }
         let mut samples = Vec::with_capacity(images.len());
-        let mut used = 0usize;
-        for path in images {
+        // The file that matched each entry of the label file, in entry order.
+        let mut claimed_by: Vec<Option<&Path>> = vec![None; file.entries.len()];
+        for path in &images {
             let name =
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let stem =
                 path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let found = by_name.get(name.as_str()).or_else(|| by_name.get(stem.as_str()));
-            let Some(&(_, class)) = found else {
+            let Some(&(entry, class)) = found else {
                 return Err(DataError::Layout {
                     path: root.to_path_buf(),
                     problem: format!("`{name}` has no label in {}", labels.display()),
                 });
             };
-            used += 1;
-            samples.push(Sample::file(path, index.get(class)?));
-        }
-        if used != file.entries.len() {
-            let have: std::collections::HashSet<String> = samples
-                .iter()
-                .flat_map(|s| {
-                    let p = &s.path;
-                    [
-                        p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                        p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            let missing = file.entries.iter().find(|(n, _)| !have.contains(n.as_str()));
-            if let Some((name, _)) = missing {
+            if let Some(first) = claimed_by[entry].replace(path) {
                 return Err(DataError::Layout {
                     path: root.to_path_buf(),
                     problem: format!(
-                        "{} labels `{name}`, which is not an image of this folder",
+                        "`{}` and `{name}` both match the entry `{}` of {}: the image would be \
+                         scored twice (keep one of the files)",
+                        first.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                        file.entries[entry].0,
                         labels.display()
                     ),
                 });
             }
+            samples.push(Sample::file(path.clone(), index.get(class)?));
+        }
+        if let Some(entry) = claimed_by.iter().position(Option::is_none) {
+            return Err(DataError::Layout {
+                path: root.to_path_buf(),
+                problem: format!(
+                    "{} labels `{}`, which is not an image of this folder",
+                    labels.display(),
+                    file.entries[entry].0
+                ),
+            });
         }
         if samples.is_empty() {
             return Err(DataError::Layout {
@@ -237,8 +252,10 @@ impl ImageFolder {
     /// Indexes a folder of images without labels (for sets scored by other
     /// means, e.g. ImageNet-ReaL): every label is 0 and there are no classes.
     pub fn open_unlabelled(root: &Path) -> Result<ImageFolder, DataError> {
+        let mut left_out = LeftOut::default();
         let samples: Vec<Sample> =
-            flat_images(root)?.into_iter().map(|p| Sample::file(p, 0)).collect();
+            flat_images(root, &mut left_out)?.into_iter().map(|p| Sample::file(p, 0)).collect();
+        left_out.warn(root);
         if samples.is_empty() {
             return Err(DataError::Layout {
                 path: root.to_path_buf(),
@@ -270,9 +287,11 @@ impl ImageFolder {
         root: &Path,
         entries: crate::shards::FolderEntries,
     ) -> Result<ImageFolder, DataError> {
+        // A look only: what is left out is logged when the folder is opened.
         let has_class_images = || {
-            let folders = class_folders(root).unwrap_or_default();
-            folders.iter().any(|class| class_images(root, class).is_ok())
+            let mut left_out = LeftOut::default();
+            let folders = class_folders(root, &mut left_out).unwrap_or_default();
+            folders.iter().any(|class| class_images(root, class, &mut left_out).is_ok())
         };
         let open_shards = |entries| {
             let (classes, samples) = crate::shards::index_listed_folder(root, entries)?;
@@ -385,14 +404,56 @@ impl ImageFolder {
     }
 }
 
+/// Whether an entry named `name` is hidden (its name starts with `.`:
+/// `.ipynb_checkpoints`, `.DS_Store`, macOS's `._x.JPEG` metadata files) or
+/// a system folder (Synology's `@eaDir`, which holds a folder of thumbnails
+/// per image): never data, so never a class folder or a sample.
+pub fn is_hidden_or_system(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.starts_with(b".") || name == b"@eaDir"
+}
+
+/// Hidden and system entries ([`is_hidden_or_system`]) left out of one
+/// split: how many, and the first met (logged once per split).
+#[derive(Debug, Default)]
+struct LeftOut {
+    count: usize,
+    first: Option<PathBuf>,
+}
+
+impl LeftOut {
+    fn add(&mut self, path: PathBuf) {
+        self.count += 1;
+        self.first.get_or_insert(path);
+    }
+
+    /// Logs what was left out of the split `root`, if anything.
+    fn warn(&self, root: &Path) {
+        if let Some(first) = &self.first {
+            tracing::warn!(
+                split = %root.display(),
+                first = %first.display(),
+                "{} hidden or system entries (names starting with `.`, such as \
+                 `.ipynb_checkpoints`, and Synology `@eaDir` folders) are left out of the dataset",
+                self.count
+            );
+        }
+    }
+}
+
 /// The class sub-folders of `root`, natural-sorted; an error if none.
-fn class_folders(root: &Path) -> Result<Vec<String>, DataError> {
+/// Hidden and system folders are left out (recorded in `left_out`).
+fn class_folders(root: &Path, left_out: &mut LeftOut) -> Result<Vec<String>, DataError> {
     let entries = std::fs::read_dir(root).map_err(|e| DataError::io(root, e))?;
     let mut class_dirs = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(root, e))?;
         if std::fs::metadata(entry.path()).map_err(|e| DataError::io(entry.path(), e))?.is_dir() {
             let name = entry.file_name();
+            if is_hidden_or_system(&name) {
+                left_out.add(entry.path());
+                continue;
+            }
             let Some(name) = name.to_str() else {
                 return Err(DataError::Layout {
                     path: root.to_path_buf(),
@@ -416,11 +477,16 @@ fn class_folders(root: &Path) -> Result<Vec<String>, DataError> {
 }
 
 /// The images of one class folder, natural-sorted; an error if none.
-fn class_images(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
+/// Hidden and system entries below it are left out (recorded in `left_out`).
+fn class_images(
+    root: &Path,
+    class: &str,
+    left_out: &mut LeftOut,
+) -> Result<Vec<PathBuf>, DataError> {
     let dir = root.join(class);
     let mut files = Vec::new();
     let mut not_files = Vec::new();
-    collect_images_below(&dir, &mut files, &mut not_files, 0)?;
+    collect_images_below(&dir, &mut files, &mut not_files, left_out, 0)?;
     warn_not_files(&dir, &not_files);
     if files.is_empty() {
         return Err(DataError::Layout {
@@ -435,14 +501,19 @@ fn class_images(root: &Path, class: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
-/// The image files directly in `root`, natural-sorted.
-fn flat_images(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+/// The image files directly in `root`, natural-sorted; hidden ones are left
+/// out (recorded in `left_out`).
+fn flat_images(root: &Path, left_out: &mut LeftOut) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     let mut not_files = Vec::new();
     for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
         let entry = entry.map_err(|e| DataError::io(root, e))?;
         let path = entry.path();
         if !has_image_extension(&path) {
+            continue;
+        }
+        if is_hidden_or_system(&entry.file_name()) {
+            left_out.add(path);
             continue;
         }
         match std::fs::metadata(&path) {
@@ -475,15 +546,27 @@ fn warn_not_files(dir: &Path, not_files: &[PathBuf]) {
 /// symbolic-link cycles).
 const MAX_DEPTH: usize = 16;
 
+/// Collects the image files below `dir` into `out`, following folders and
+/// links; entries named like images that are not files go to `not_files`,
+/// hidden and system entries (folders, or files named like images) to
+/// `left_out`.
 fn collect_images_below(
     dir: &Path,
     out: &mut Vec<PathBuf>,
     not_files: &mut Vec<PathBuf>,
+    left_out: &mut LeftOut,
     depth: usize,
 ) -> Result<(), DataError> {
     for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
         let path = entry.path();
+        if is_hidden_or_system(&entry.file_name()) {
+            // Files not named like images are ignored anyway: not counted.
+            if has_image_extension(&path) || std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+                left_out.add(path);
+            }
+            continue;
+        }
         // Follow symbolic links (folders of links into a shared copy are
         // common); a dangling link counts as a file, which then fails to
         // decode and is handled like any undecodable image.
@@ -498,7 +581,7 @@ fn collect_images_below(
                     ),
                 });
             }
-            collect_images_below(&path, out, not_files, depth + 1)?;
+            collect_images_below(&path, out, not_files, left_out, depth + 1)?;
         } else if has_image_extension(&path) {
             if metadata.is_ok_and(|m| !m.is_file()) {
                 not_files.push(path);
@@ -658,5 +741,90 @@ mod tests {
         std::fs::write(dir.path().join("shard-000.tar"), b"not a tar").unwrap();
         let err = ImageFolder::open_any(dir.path()).unwrap_err().to_string();
         assert!(err.contains("shard-000.tar"), "{err}");
+    }
+
+    #[test]
+    fn a_flat_folder_scores_each_labelled_image_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let flat = dir.path().join("val");
+        std::fs::create_dir_all(&flat).unwrap();
+        let labels = dir.path().join("labels.txt");
+        let open = |files: &[&str], entries: &str| {
+            std::fs::remove_dir_all(&flat).unwrap();
+            std::fs::create_dir_all(&flat).unwrap();
+            for f in files {
+                std::fs::write(flat.join(f), b"").unwrap();
+            }
+            std::fs::write(&labels, entries).unwrap();
+            ImageFolder::open_flat(&flat, &labels, None)
+        };
+        // Matched by full name or by stem, each entry once.
+        let folder = open(&["x.JPEG", "y.png"], "x\tn01\ny.png\tn02\n").unwrap();
+        let labelled: Vec<(String, u32)> =
+            folder.samples().iter().map(|s| (s.file_name(), s.label)).collect();
+        assert_eq!(labelled, vec![("x.JPEG".into(), 0), ("y.png".into(), 1)]);
+        // Two files sharing a stem claim one entry, while another entry has
+        // no image: as many matches as entries, but one image scored twice.
+        let err = open(&["x.JPEG", "x.png", "y.png"], "x\tn01\ny.png\tn02\nz\tn02\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`x.JPEG` and `x.png` both match the entry `x`")
+                && err.contains("labels.txt"),
+            "{err}"
+        );
+        // The same without the entry left over.
+        let err = open(&["x.JPEG", "x.png"], "x\tn01\n").unwrap_err().to_string();
+        assert!(err.contains("`x.JPEG` and `x.png` both match the entry `x`"), "{err}");
+        // An entry no file matches is named.
+        let err = open(&["x.JPEG"], "x\tn01\nz\tn02\n").unwrap_err().to_string();
+        assert!(err.contains("labels `z`, which is not an image"), "{err}");
+    }
+
+    #[test]
+    fn hidden_and_system_entries_are_neither_classes_nor_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("train");
+        let files = [
+            "n01/a.JPEG",
+            "n01/.ipynb_checkpoints/a-checkpoint.JPEG",
+            "n01/@eaDir/a.JPEG/SYNOPHOTO_THUMB_M.jpg",
+            "n01/._a.JPEG",
+            "n01/.DS_Store",
+            "n02/deeper/b.JPEG",
+            "n02/deeper/.hidden/c.png",
+            "@eaDir/n01/SYNOPHOTO_THUMB_S.jpg",
+        ];
+        for f in files {
+            let path = root.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"").unwrap();
+        }
+        // An empty hidden folder at the split root is no empty class.
+        std::fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
+        let folder = ImageFolder::open(&root).unwrap();
+        assert_eq!(folder.classes(), &["n01".to_string(), "n02".to_string()]);
+        let samples: Vec<(String, u32)> =
+            folder.samples().iter().map(|s| (s.file_name(), s.label)).collect();
+        assert_eq!(samples, vec![("a.JPEG".into(), 0), ("b.JPEG".into(), 1)]);
+        // Counted for the split's one warning: 2 root folders, 3 entries
+        // below n01 (`.DS_Store` is no image: ignored anyway), 1 below n02.
+        let mut left_out = LeftOut::default();
+        let classes = class_folders(&root, &mut left_out).unwrap();
+        for class in &classes {
+            class_images(&root, class, &mut left_out).unwrap();
+        }
+        assert_eq!(left_out.count, 6);
+        assert!(left_out.first.is_some_and(|p| p.starts_with(&root)));
+
+        // ImageNet-V2's numbered folders and flat folders alike.
+        for class in ["n01", "n02"] {
+            std::fs::rename(root.join(class), root.join(&class[2..])).unwrap();
+        }
+        let numbered = ImageFolder::open_numbered(&root, 3).unwrap();
+        assert_eq!(numbered.len(), 2);
+        let flat = ImageFolder::open_unlabelled(&root.join("1")).unwrap();
+        let names: Vec<String> = flat.samples().iter().map(|s| s.file_name()).collect();
+        assert_eq!(names, vec!["a.JPEG"]);
     }
 }

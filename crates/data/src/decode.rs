@@ -8,7 +8,9 @@
 //! decompression: whole iMCU columns, skipped rows), and optionally at a DCT
 //! scale of 1/2, 1/4 or 1/8 when the crop is much larger than the output.
 //! Partial decoding alone does not change a single pixel of the crop (tested);
-//! DCT scaling does (see [`decode_for_crop`]). PNGs are decoded with the
+//! DCT scaling does (see [`decode_for_crop`]). Truncated JPEGs are refused
+//! before any decoding ([`jpeg::check_complete`]), so a partial decode that
+//! stops above the cut fails as a full one does. PNGs are decoded with the
 //! `image` crate.
 
 use crate::error::{DataError, DecodeError};
@@ -44,7 +46,9 @@ pub struct ImageInfo {
 }
 
 /// Reads the dimensions and format of an encoded image without decoding it.
-/// Fails on empty, unrecognised or oversized ([`MAX_PIXELS`]) data.
+/// Fails on empty, unrecognised or oversized ([`MAX_PIXELS`]) data, and on
+/// truncated JPEG data ([`jpeg::check_complete`]): every decode of a file
+/// starts here, so a truncated JPEG is refused whole, whatever crop is drawn.
 pub fn probe(bytes: &[u8]) -> Result<ImageInfo, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
@@ -255,7 +259,92 @@ mod tests {
         let img = RgbImage::new(64, 48, (0..64 * 48 * 3).map(|i| (i * 7 % 251) as u8).collect());
         let jpeg = jpeg::encode_rgb(&img, 90).unwrap();
         let err = decode_bytes(&jpeg[..jpeg.len() / 2]).unwrap_err();
-        assert!(matches!(err, DecodeError::Jpeg(jpeg::JpegError::Truncated)), "{err:?}");
+        assert!(matches!(err, DecodeError::Jpeg(jpeg::JpegError::Truncated { .. })), "{err:?}");
         assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    /// A `width` x `height` JPEG of noise (large entropy-coded data).
+    fn noise_jpeg(width: u32, height: u32) -> Vec<u8> {
+        let n = (width * height * 3) as u64;
+        let data = (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        jpeg::encode_rgb(&RgbImage::new(width, height, data), 90).unwrap()
+    }
+
+    fn is_truncated(err: &DecodeError) -> bool {
+        matches!(err, DecodeError::Jpeg(jpeg::JpegError::Truncated { .. }))
+    }
+
+    #[test]
+    fn a_jpeg_cut_near_its_end_is_refused_whatever_the_training_crop() {
+        let whole = noise_jpeg(320, 240);
+        let cut = &whole[..whole.len() * 97 / 100];
+        let transform = crate::transforms::TrainTransform {
+            size: 32,
+            scale: [0.08, 1.0],
+            ratio: [0.75, 4.0 / 3.0],
+            interpolation: crate::transforms::CropInterpolation::Random,
+            hflip: 0.5,
+            rand_augment: None,
+        };
+        for seed in 0..64 {
+            let mut rng = crate::rng::Rng::from_key(&[seed]);
+            let result = transform.apply_encoded(cut, &mut rng, seed % 2 == 0);
+            let err = result.err().unwrap_or_else(|| panic!("crop {seed} of a cut file decoded"));
+            assert!(is_truncated(&err), "crop {seed}: {err:?}");
+            assert!(err.to_string().contains(jpeg::NO_END_OF_IMAGE), "{err}");
+            let mut rng = crate::rng::Rng::from_key(&[seed]);
+            transform.apply_encoded(&whole, &mut rng, seed % 2 == 0).unwrap();
+        }
+        // The top rows alone, far above the cut, are refused as well.
+        let top = Partial { denom: 1, x: 0, y: 0, w: 320, h: 16 };
+        let err = jpeg::decode(cut, Some(top)).unwrap_err();
+        assert!(matches!(err, jpeg::JpegError::Truncated { .. }), "{err:?}");
+        let err = probe(cut).unwrap_err();
+        assert!(is_truncated(&err), "{err:?}");
+    }
+
+    #[test]
+    fn a_jpeg_truncated_after_a_harmless_warning_is_refused() {
+        let whole = noise_jpeg(160, 120);
+        // Junk bytes before the start of scan: libjpeg warns "extraneous
+        // bytes before marker", a warning Pillow ignores, and TurboJPEG then
+        // keeps that warning's text rather than a later premature end's.
+        let sos = whole.windows(2).position(|p| p == [0xFF, 0xDA]).unwrap();
+        let junk = [&whole[..sos], &[0, 0, 0], &whole[sos..]].concat();
+        let decoded = decode_bytes(&junk).unwrap();
+        assert_eq!(decoded.data, decode_bytes(&whole).unwrap().data);
+        let err = decode_bytes(&junk[..junk.len() / 2]).unwrap_err();
+        assert!(is_truncated(&err), "{err:?}");
+    }
+
+    #[test]
+    fn only_the_last_end_or_scan_marker_decides_truncation() {
+        let whole = noise_jpeg(64, 48);
+        // An EXIF-like segment holding a thumbnail (its own SOI .. EOI) before the image.
+        let thumbnail = noise_jpeg(16, 16);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&thumbnail);
+        let length = u16::try_from(app1.len() + 2).unwrap().to_be_bytes();
+        let with_thumbnail = [&whole[..2], &[0xFF, 0xE1], &length[..], &app1, &whole[2..]].concat();
+        jpeg::check_complete(&with_thumbnail).unwrap();
+        assert_eq!(decode_bytes(&with_thumbnail).unwrap().data, decode_bytes(&whole).unwrap().data);
+        // Cut inside the image's scan: the thumbnail's end marker does not count.
+        let cut = &with_thumbnail[..with_thumbnail.len() - 40];
+        assert!(jpeg::check_complete(cut).is_err());
+        assert!(is_truncated(&decode_bytes(cut).unwrap_err()));
+        // Cut just before the end marker, or right after a scan header.
+        assert!(jpeg::check_complete(&whole[..whole.len() - 2]).is_err());
+        let sos = whole.windows(2).rposition(|p| p == [0xFF, 0xDA]).unwrap();
+        assert!(jpeg::check_complete(&whole[..sos + 2]).is_err());
+        // No marker at all, and data appended after the end marker.
+        assert!(jpeg::check_complete(&[0xFF, 0xD8, 0x12]).is_err());
+        jpeg::check_complete(&[&whole[..], b"trailing bytes"].concat()).unwrap();
+        // Appended data (a Motion Photo's video) holding a start-of-scan
+        // pair after its last end-of-image pair: the image itself ends, and
+        // Pillow decodes it.
+        let video = [&b"ftypmp42"[..], &[0x12, 0xFF, 0xD9, 0x00, 0xFF, 0xDA, 0x40, 0x7F]].concat();
+        let motion_photo = [&with_thumbnail[..], &video].concat();
+        jpeg::check_complete(&motion_photo).unwrap();
+        assert_eq!(decode_bytes(&motion_photo).unwrap().data, decode_bytes(&whole).unwrap().data);
     }
 }

@@ -110,12 +110,47 @@ impl EvalSet {
     }
 }
 
+/// Whether `root` holds a folder that may be a class folder (hidden and
+/// system folders, such as `.ipynb_checkpoints`, are not).
 fn has_class_folders(root: &std::path::Path) -> Result<bool, DataError> {
     for entry in std::fs::read_dir(root).map_err(|e| DataError::io(root, e))? {
         let entry = entry.map_err(|e| DataError::io(root, e))?;
+        if crate::dataset::is_hidden_or_system(&entry.file_name()) {
+            continue;
+        }
         if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Filter;
+
+    #[test]
+    fn a_flat_real_folder_with_a_hidden_folder_is_read_flat() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("val");
+        std::fs::create_dir_all(root.join(".ipynb_checkpoints")).unwrap();
+        for name in ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"] {
+            std::fs::write(root.join(name), b"").unwrap();
+        }
+        let copy = ".ipynb_checkpoints/ILSVRC2012_val_00000001-checkpoint.JPEG";
+        std::fs::write(root.join(copy), b"").unwrap();
+        let labels = dir.path().join("real.json");
+        std::fs::write(&labels, "[[1], [2]]").unwrap();
+        let spec = EvalSetSpec {
+            name: "real".into(),
+            kind: EvalSetKind::Real,
+            root: root.clone(),
+            labels: Some(labels),
+        };
+        let transform = EvalTransform::new(32, 0.95, Filter::Bicubic);
+        let set = EvalSet::open(&spec, transform, 2, 3, None).unwrap();
+        assert_eq!(set.data.num_batches(), 1);
+        assert_eq!(set.data.folder().len(), 2);
+    }
 }

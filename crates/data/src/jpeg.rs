@@ -10,8 +10,12 @@
 //! equal Pillow's pixel for pixel.
 //!
 //! libjpeg warnings (e.g. "extraneous bytes before marker") do not fail a
-//! decode, as Pillow ignores them, except the premature end of the data:
-//! Pillow refuses truncated files ("image file is truncated"), and so do we.
+//! decode, as Pillow ignores them. Truncated files, which Pillow refuses
+//! ("image file is truncated"), are refused before any decoding by
+//! [`check_complete`]: once per file, whatever part of it a training crop
+//! needs and whatever warnings libjpeg emits (TurboJPEG keeps only the first
+//! warning's text, so a harmless earlier warning would hide a later premature
+//! end). A premature end that libjpeg still reports is refused as well.
 //! A scan limit guards against progressive files crafted to take forever.
 
 use std::cell::RefCell;
@@ -21,6 +25,84 @@ use turbojpeg::raw;
 
 /// Most progressive scans accepted (a normal progressive JPEG has about 10).
 const SCAN_LIMIT: c_int = 500;
+
+/// [`JpegError::Truncated`]'s detail when the data ends inside a scan.
+pub const NO_END_OF_IMAGE: &str = "no end-of-image marker after its last scan";
+
+/// [`JpegError::Truncated`]'s detail when libjpeg ran out of data.
+const PREMATURE_END: &str = "premature end of JPEG data";
+
+/// Refuses JPEG data that ends before its image does, from the bytes alone.
+///
+/// Scanning backward from the end, the first marker met that is an end of
+/// image (`FF D9`) or a start of scan (`FF DA`) settles most files: an end
+/// of image means complete. Neither pair can occur inside entropy-coded data
+/// (an `FF` there is followed by a stuffed `00` or a restart marker
+/// `D0`-`D7`), and a complete file has its `FF D9` in its last bytes, so the
+/// check reads almost nothing. Otherwise (the data was cut inside or before
+/// a scan, or data appended after the image, such as a Motion Photo's
+/// video, holds an `FF DA` after its last `FF D9`) the segments are walked
+/// from the start of image ([`reaches_end_of_image`]): the file is complete
+/// when they reach an end of image. Pillow refuses files cut before their end
+/// marker too ("image file is truncated"), and accepts data appended after it.
+pub fn check_complete(bytes: &[u8]) -> Result<(), JpegError> {
+    let last_marker = bytes.windows(2).rev().find_map(|pair| match pair {
+        [0xFF, code @ (0xD9 | 0xDA)] => Some(*code),
+        _ => None,
+    });
+    if last_marker == Some(0xD9) || reaches_end_of_image(bytes) {
+        return Ok(());
+    }
+    Err(JpegError::Truncated { detail: NO_END_OF_IMAGE })
+}
+
+/// Whether the segments of `bytes`, walked from its start of image, reach an
+/// end of image: each marker segment is skipped by its length (so the `FF
+/// D9` of an EXIF thumbnail inside one is passed over), and a scan's
+/// entropy-coded data up to the next marker that is not a restart marker.
+/// Bytes before a marker that are not one are passed over, as libjpeg does
+/// (with a warning Pillow ignores).
+fn reaches_end_of_image(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut at = 2;
+    loop {
+        // The next marker: an `FF` (and any fill `FF`s) then a code that is
+        // neither a stuffed zero nor a restart marker.
+        let code = loop {
+            let Some(ff) = bytes[at..].iter().position(|&b| b == 0xFF) else {
+                return false;
+            };
+            at += ff;
+            while bytes.get(at) == Some(&0xFF) {
+                at += 1;
+            }
+            let Some(&code) = bytes.get(at) else {
+                return false;
+            };
+            at += 1;
+            if code != 0x00 && !(0xD0..=0xD7).contains(&code) {
+                break code;
+            }
+        };
+        match code {
+            0xD9 => return true,
+            // Markers without a length: a start of image, `TEM`.
+            0xD8 | 0x01 => {}
+            _ => {
+                let Some(&[high, low]) = bytes.get(at..at + 2) else {
+                    return false;
+                };
+                let length = usize::from(u16::from_be_bytes([high, low]));
+                if length < 2 || at + length > bytes.len() {
+                    return false;
+                }
+                at += length;
+            }
+        }
+    }
+}
 
 /// Why libjpeg-turbo could not read, decode or encode a JPEG.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +126,11 @@ pub enum JpegError {
         height: i32,
     },
     /// The data ends before the image does (Pillow refuses such files too).
-    #[error("image file is truncated (premature end of JPEG data)")]
-    Truncated,
+    #[error("image file is truncated ({detail})")]
+    Truncated {
+        /// How the truncation showed.
+        detail: &'static str,
+    },
     /// A partial decode asked for pixels outside the (scaled) image.
     #[error("cropping region {width}x{height}+{x}+{y} outside the {scaled_width}x{scaled_height} scaled image")]
     CropOutside {
@@ -216,7 +301,7 @@ impl Handle {
             let (warning, message) = self.error();
             // Pillow ignores libjpeg's warnings, but not running out of data.
             if message.contains("Premature end") {
-                return Err(JpegError::Truncated);
+                return Err(JpegError::Truncated { detail: PREMATURE_END });
             }
             if !warning {
                 return Err(JpegError::Refused { message });
@@ -264,16 +349,19 @@ fn with_handle<T>(f: impl FnOnce(&mut Handle) -> Result<T, JpegError>) -> Result
     })
 }
 
-/// Reads the header of a JPEG.
+/// Reads the header of a JPEG, refusing truncated data ([`check_complete`]).
 pub fn header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
+    check_complete(bytes)?;
     with_handle(|h| h.header(bytes))
 }
 
 /// Decodes a JPEG (or the [`Partial`] part of it) to 8-bit RGB: grayscale is
 /// replicated by libjpeg, CMYK/YCCK files are decoded as CMYK and converted
 /// as Pillow's `convert('RGB')` does ([`cmyk_to_rgb`]). Returns the pixels and
-/// their width and height.
+/// their width and height. Truncated data is refused before decoding
+/// ([`check_complete`]), whatever part of the image is asked for.
 pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u32), JpegError> {
+    check_complete(bytes)?;
     with_handle(|h| {
         let hdr = h.header(bytes)?;
         let (denom, x, y, w, hgt) = match partial {
