@@ -211,10 +211,24 @@ fn a_seed_sweep_report_matches_its_metrics_and_skips_unfinished_runs() {
     // 12 cells: 10 finished, one stopped after an epoch, one never started.
     let manifest =
         synthetic_sweep(&dir, "0..12", &[], |i, _| 79.7 + noise(i as u64, 1, 0.4), &[10], &[11]);
+    let ids = &manifest.cells;
+    // Run 3's final evaluation left out 40 val and 3 V2 images it could not
+    // decode: counted, and listed with its counts.
+    let metrics = SweepLayout::new(&dir).run_metrics(&ids[3].id);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let (before, last) = text.trim_end().rsplit_once('\n').unwrap();
+    let v2 = last.rfind(r#""skipped":0"#).unwrap();
+    let last = format!("{}\"skipped\":3{}", &last[..v2], &last[v2 + r#""skipped":0"#.len()..]);
+    let last = last.replace(r#""val_skipped_images":0"#, r#""val_skipped_images":40"#);
+    std::fs::write(&metrics, format!("{before}\n{last}\n")).unwrap();
     let stdout = ok(coordinator(&[&dir]));
     let rows = check_rows_against_metrics(&dir);
     assert_eq!(rows[0].n, 10);
-    let ids = &manifest.cells;
+    assert!(
+        stdout.contains("1 run(s) counted whose final evaluation left out images")
+            && stdout.contains(&format!("- `{}`: 40 of val, 3 of V2", ids[3].id)),
+        "{stdout}"
+    );
     assert!(stdout.contains("| val |"), "{stdout}");
     assert!(
         stdout.contains("2 run(s) skipped (1 unfinished, 1 not started), 10 reported"),
@@ -323,6 +337,17 @@ fn the_comparison_sentence_flips_with_the_difference() {
     let md = std::fs::read_to_string(a.join("report/report.md")).unwrap();
     assert!(md.contains("## Comparison: far against baseline"), "{md}");
     assert!(!far.join("report").exists(), "nothing is written into B");
+
+    // A sweep against itself, by its path or through a link, is refused,
+    // where it printed "no evidence of a difference".
+    let link = tmp.path().join("baseline-link");
+    std::os::unix::fs::symlink(&a, &link).unwrap();
+    for b in [&a, &link] {
+        let run = coordinator(&[&a, b]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{}", String::from_utf8_lossy(&run.stdout));
+        assert!(stderr.contains("a comparison needs two sweeps"), "{stderr}");
+    }
 }
 
 #[test]

@@ -7,7 +7,10 @@
 //! * `report.md`, `report.csv`: per eval set (`val`, and `real`/`v2` when the
 //!   recipe evaluated them) the final top-1's mean, std (n − 1), max, min,
 //!   seed 0, the mean's 95% confidence interval and n, shaped like the
-//!   paper's seed table ([`tables::SetRow`]);
+//!   paper's seed table ([`tables::SetRow`]). `report.md` also lists the
+//!   cells left out and why, and the runs counted with a caveat: a failure
+//!   recorded after their final evaluation, or images their final evaluation
+//!   could not decode (their accuracies are over fewer images);
 //! * `top1_histogram.png`: the final val top-1 with the fitted Gaussian
 //!   (mean, sample std) and the normality test's p-value in the caption
 //!   ([`stats::normality`]); neither when every run has the same value, nor
@@ -21,7 +24,8 @@
 //! against A ([`tables::ComparisonRow`]): `comparison.csv` and a section of
 //! A's `report.md` with the difference of means, its 95% CI, Welch's p-value,
 //! a sentence saying whether the difference is within seed noise, and the
-//! seeds per sweep needed to resolve it. Nothing is written into B. A plain
+//! seeds per sweep needed to resolve it. Nothing is written into B, and B
+//! must be another folder than A (a sweep against itself is refused). A plain
 //! report removes the `comparison.csv` of an earlier comparison, which would
 //! no longer match `report.md`.
 //!
@@ -104,6 +108,20 @@ pub enum ReportError {
         dir: PathBuf,
         /// Every cell, with why it was skipped.
         skipped: Vec<Skipped>,
+    },
+    /// A comparison was asked of a sweep against itself.
+    #[error(
+        "{} and {}: both are the sweep {}; a comparison needs two sweeps (it would find \
+         no difference)",
+        a.display(), b.display(), folder.display()
+    )]
+    SameSweep {
+        /// Sweep A, as given.
+        a: PathBuf,
+        /// Sweep B, as given.
+        b: PathBuf,
+        /// The one folder both name.
+        folder: PathBuf,
     },
     /// A file could not be read or written.
     // `error` is shown in the message, not chained as a source, so `{:#}`
@@ -260,6 +278,24 @@ fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
             let _ = writeln!(out, "- `{}`: {failure}", run.cell.id);
         }
     }
+    let skipped_images: Vec<&runs::Run> =
+        sweep.runs.iter().filter(|r| !r.skipped_images.is_empty()).collect();
+    if !skipped_images.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} run(s) counted whose final evaluation left out images it could not read or \
+             decode (their accuracies there are over fewer images than the other runs'):\n",
+            skipped_images.len()
+        );
+        for run in skipped_images {
+            let sets: Vec<String> = run
+                .skipped_images
+                .iter()
+                .map(|(set, n)| format!("{n} of {}", runs::display_name(set)))
+                .collect();
+            let _ = writeln!(out, "- `{}`: {}", run.cell.id, sets.join(", "));
+        }
+    }
     out
 }
 
@@ -357,7 +393,15 @@ pub fn report(dir: &Path) -> Result<Written, ReportError> {
 
 /// Writes `A/report/` for sweep `a` plus the comparison of sweep `b`
 /// against it (`comparison.csv`, a section of `report.md`).
+/// The same sweep twice (one folder through two paths, a link) is refused.
 pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
+    let resolved = |dir: &Path| {
+        dir.canonicalize().map_err(|error| ReportError::Io { path: dir.to_path_buf(), error })
+    };
+    let folder = resolved(a)?;
+    if folder == resolved(b)? {
+        return Err(ReportError::SameSweep { a: a.to_path_buf(), b: b.to_path_buf(), folder });
+    }
     let sweep_a = read_finished(a)?;
     // Its skipped runs are logged as it is read, naming its folder.
     let sweep_b = read_finished(b)?;

@@ -60,6 +60,11 @@ pub struct Run {
     /// evaluation was logged (its final checkpoint could not be written, a
     /// rank failed on its way out): counted, and listed with it.
     pub failed_after_final: Option<String>,
+    /// Images its final evaluation left out because they could not be read
+    /// or decoded, by eval set ([`VAL`] and the recipe's further sets; only
+    /// those with any): its accuracies there are over fewer images than
+    /// other runs'. Counted, and listed with the counts, val first.
+    pub skipped_images: Vec<(String, u64)>,
 }
 
 /// Why a cell is not in the statistics.
@@ -414,11 +419,25 @@ fn read_run(
     }
     let done = last.keys().next_back().map_or(0, |e| e + 1);
     let final_record = epochs.checked_sub(1).and_then(|e| last.get(&e));
-    let Some(MetricsRecord::Epoch { top1: Some(top1), eval_sets, .. }) = final_record else {
+    let Some(MetricsRecord::Epoch { top1: Some(top1), eval_sets, val_skipped_images, .. }) =
+        final_record
+    else {
         return Ok(Err(skip(SkipReason::Unfinished { epochs, done })));
     };
     let mut finals = BTreeMap::from([(VAL.to_string(), *top1)]);
     finals.extend(eval_sets.iter().map(|(name, acc)| (name.clone(), acc.top1)));
+    let skipped_images: Vec<(String, u64)> =
+        std::iter::once((VAL.to_string(), val_skipped_images.unwrap_or(0)))
+            .chain(eval_sets.iter().map(|(name, acc)| (name.clone(), acc.skipped)))
+            .filter(|&(_, skipped)| skipped > 0)
+            .collect();
+    if !skipped_images.is_empty() {
+        tracing::warn!(
+            run = %cell.id,
+            skipped = ?skipped_images,
+            "counted: the run's final evaluation left out images it could not read or decode"
+        );
+    }
     let curve = last
         .values()
         .filter_map(|r| match r {
@@ -437,7 +456,7 @@ fn read_run(
         );
         failure
     });
-    Ok(Ok(Run { cell: cell.clone(), finals, curve, failed_after_final }))
+    Ok(Ok(Run { cell: cell.clone(), finals, curve, failed_after_final, skipped_images }))
 }
 
 /// How a set is named in tables: `ReaL` and `V2` as in the paper, others as recorded.
