@@ -203,8 +203,9 @@ pub enum KeepFinishedError {
 /// that no coordinator took are appended to the run's metrics.jsonl
 /// ([`crate::job::records_made_while_away`]), then its outcome is written
 /// (finished, with the attempts and failure of `before`, at least one
-/// attempt). Returns the outcome and what to say; `None` when the run is not
-/// over. Call it before the sweep's jobs start.
+/// attempt: retries the killed coordinator made wrote no outcome, so they
+/// may be undercounted). Returns the outcome and what to say; `None` when
+/// the run is not over. Call it before the sweep's jobs start.
 pub fn keep_run_finished_while_away(
     layout: &SweepLayout,
     id: &str,

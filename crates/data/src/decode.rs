@@ -318,25 +318,42 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_end_or_scan_marker_decides_truncation() {
+    fn a_jpeg_is_complete_when_its_segments_reach_an_end_of_image() {
         let whole = noise_jpeg(64, 48);
+        let refused = |bytes: &[u8]| {
+            let err = jpeg::check_complete(bytes).unwrap_err();
+            assert!(matches!(err, jpeg::JpegError::Truncated { .. }), "{err:?}");
+            assert!(is_truncated(&decode_bytes(bytes).unwrap_err()));
+        };
         // An EXIF-like segment holding a thumbnail (its own SOI .. EOI) before the image.
         let thumbnail = noise_jpeg(16, 16);
         let mut app1 = b"Exif\0\0".to_vec();
         app1.extend_from_slice(&thumbnail);
+        app1.extend_from_slice(b"more EXIF data");
         let length = u16::try_from(app1.len() + 2).unwrap().to_be_bytes();
         let with_thumbnail = [&whole[..2], &[0xFF, 0xE1], &length[..], &app1, &whole[2..]].concat();
         jpeg::check_complete(&with_thumbnail).unwrap();
         assert_eq!(decode_bytes(&with_thumbnail).unwrap().data, decode_bytes(&whole).unwrap().data);
-        // Cut inside the image's scan: the thumbnail's end marker does not count.
-        let cut = &with_thumbnail[..with_thumbnail.len() - 40];
-        assert!(jpeg::check_complete(cut).is_err());
-        assert!(is_truncated(&decode_bytes(cut).unwrap_err()));
+        // Cut inside the image's scan: the thumbnail's end marker does not
+        // count; nor does it cut inside the segment holding it, after it.
+        refused(&with_thumbnail[..with_thumbnail.len() - 40]);
+        let after_thumbnail = 6 + 6 + thumbnail.len() + 4;
+        refused(&with_thumbnail[..after_thumbnail]);
         // Cut just before the end marker, or right after a scan header.
-        assert!(jpeg::check_complete(&whole[..whole.len() - 2]).is_err());
+        refused(&whole[..whole.len() - 2]);
         let sos = whole.windows(2).rposition(|p| p == [0xFF, 0xDA]).unwrap();
-        assert!(jpeg::check_complete(&whole[..sos + 2]).is_err());
-        // No marker at all, and data appended after the end marker.
+        refused(&whole[..sos + 2]);
+        // Cut, then zero-filled to its old size (Pillow decodes the zeros as
+        // grey blocks): refused. Zero padding after the end marker is not.
+        let cut = whole.len() * 9 / 10;
+        refused(&[&whole[..cut], &vec![0; whole.len() - cut][..]].concat());
+        jpeg::check_complete(&[&whole[..], &[0; 16][..]].concat()).unwrap();
+        // The end marker removed, and a comment segment cut short holding
+        // `FF D9` after the scan: refused, whatever crop would be decoded.
+        let comment =
+            [&whole[..whole.len() - 2], &[0xFF, 0xFE, 0x00, 0x20], b"ab\xFF\xD9cd"].concat();
+        refused(&comment);
+        // No marker at all; data appended after the end marker.
         assert!(jpeg::check_complete(&[0xFF, 0xD8, 0x12]).is_err());
         jpeg::check_complete(&[&whole[..], b"trailing bytes"].concat()).unwrap();
         // Appended data (a Motion Photo's video) holding a start-of-scan

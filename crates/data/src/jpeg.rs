@@ -26,31 +26,27 @@ use turbojpeg::raw;
 /// Most progressive scans accepted (a normal progressive JPEG has about 10).
 const SCAN_LIMIT: c_int = 500;
 
-/// [`JpegError::Truncated`]'s detail when the data ends inside a scan.
-pub const NO_END_OF_IMAGE: &str = "no end-of-image marker after its last scan";
+/// [`JpegError::Truncated`]'s detail when the data ends before its end of image.
+pub const NO_END_OF_IMAGE: &str = "its segments do not reach an end-of-image marker";
 
 /// [`JpegError::Truncated`]'s detail when libjpeg ran out of data.
 const PREMATURE_END: &str = "premature end of JPEG data";
 
 /// Refuses JPEG data that ends before its image does, from the bytes alone.
 ///
-/// Scanning backward from the end, the first marker met that is an end of
-/// image (`FF D9`) or a start of scan (`FF DA`) settles most files: an end
-/// of image means complete. Neither pair can occur inside entropy-coded data
-/// (an `FF` there is followed by a stuffed `00` or a restart marker
-/// `D0`-`D7`), and a complete file has its `FF D9` in its last bytes, so the
-/// check reads almost nothing. Otherwise (the data was cut inside or before
-/// a scan, or data appended after the image, such as a Motion Photo's
-/// video, holds an `FF DA` after its last `FF D9`) the segments are walked
-/// from the start of image ([`reaches_end_of_image`]): the file is complete
-/// when they reach an end of image. Pillow refuses files cut before their end
-/// marker too ("image file is truncated"), and accepts data appended after it.
+/// Data that ends with an end-of-image marker (`FF D9`, trailing zero
+/// padding aside) is complete: almost every file, checked in its last bytes.
+/// Other data (cut inside or before a scan, or with data appended after the
+/// image, such as a Motion Photo's video) is complete when its segments,
+/// walked from the start of image, reach an end of image
+/// ([`reaches_end_of_image`]). Deliberately stricter than Pillow for one
+/// kind of file: a sequential JPEG cut after its last row's data but before
+/// its end marker, or cut and then zero-filled to its old size (an
+/// interrupted preallocated download), which Pillow decodes (the zeros as
+/// grey blocks) and this refuses.
 pub fn check_complete(bytes: &[u8]) -> Result<(), JpegError> {
-    let last_marker = bytes.windows(2).rev().find_map(|pair| match pair {
-        [0xFF, code @ (0xD9 | 0xDA)] => Some(*code),
-        _ => None,
-    });
-    if last_marker == Some(0xD9) || reaches_end_of_image(bytes) {
+    let padded_to = bytes.iter().rposition(|&b| b != 0x00).map_or(0, |last| last + 1);
+    if bytes[..padded_to].ends_with(&[0xFF, 0xD9]) || reaches_end_of_image(bytes) {
         return Ok(());
     }
     Err(JpegError::Truncated { detail: NO_END_OF_IMAGE })
