@@ -826,14 +826,15 @@ impl Job {
     }
 
     /// A job restored by `up --auto-resume` or `up --restore` whose ranks
-    /// ended it before this coordinator started: its end is in the run folder already (see
-    /// [`Job::ended_while_away`]), so it is finished at once, before it is
-    /// served, waiting neither for its agents (their ranks are done) nor
-    /// for hosts to train it anew. Its members stay members of a finished
-    /// job: an agent still there is told, as at any job's end, to stop with
-    /// no failure (a late report of its rank is refused, the job being
-    /// over). Not under the coordinator's lock: the end is hashed, and the
-    /// records taken are written, here. Whether it ended.
+    /// ended it before this coordinator started: its end is in the run
+    /// folder already (see [`Job::ended_while_away`]), so it is finished at
+    /// once, before it is served, waiting neither for its agents (their
+    /// ranks are done) nor for hosts to train it anew. Its members stay
+    /// members of a finished job: an agent still there is told, as at any
+    /// job's end, to stop with no failure (a late report of its rank is
+    /// refused, the job being over). Not under the coordinator's lock: the
+    /// end is hashed, and the records taken are written, here. Whether it
+    /// ended.
     pub fn end_if_finished_before_restart(&mut self) -> bool {
         let hosts: Vec<&str> =
             self.members.iter().chain(&self.pending).map(|m| m.host.as_str()).collect();
