@@ -338,6 +338,32 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let state = rsb_job::checkpoint::read_position(&last).expect("the last checkpoint's state");
     assert_eq!(state.updates, planned_updates(&k.out), "{last:?}: {state:?}");
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
+    // A coordinator started with `args` on the run folder `out` ends the
+    // job as finished at once, saying so, its state saved as finished:
+    // what it said and how long it took.
+    let ends_at_once = |out: &Path, args: &[&str], log: &Path, what: &str| {
+        let started = Instant::now();
+        let coordinator = sweeps::coordinator_up(out, &k.sets, args, log);
+        assert_succeeds(coordinator, Duration::from_secs(90), what, log);
+        let ended_after = started.elapsed();
+        let output = std::fs::read_to_string(log).unwrap();
+        let end = out.join(last.strip_prefix(&k.out).unwrap());
+        assert!(
+            output.contains(&format!(
+                "the job finished while no coordinator ran: {} ends its last epoch (4 of 4, {} \
+                 updates), found as this coordinator started (its host(s) (",
+                end.display(),
+                state.updates
+            )),
+            "{output}"
+        );
+        // Well before the 25 s the agents would have had to call again.
+        assert!(ended_after < Duration::from_secs(15), "{what} ended after {ended_after:?}");
+        let saved = std::fs::read_to_string(out.join("coordinator-state.json")).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+        assert_eq!(saved["ended"], "finished", "{saved}");
+        (output, ended_after)
+    };
     // `--restore` (a copy of the run folder) ends it as finished at once
     // too, where it waited for agents that had left, and then failed the
     // job as their hosts were lost.
@@ -347,49 +373,13 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let restore_args: Vec<&str> =
         args.iter().map(|&a| if a == "--auto-resume" { "--restore" } else { a }).collect();
     let restore_log = tmp.path().join("coordinator-restore.log");
-    let started = Instant::now();
-    let restored = sweeps::coordinator_up(&copy, &k.sets, &restore_args, &restore_log);
-    assert_succeeds(restored, Duration::from_secs(90), "up --restore", &restore_log);
-    let restore_ended_after = started.elapsed();
-    let output = std::fs::read_to_string(&restore_log).unwrap();
-    let copy_last = copy.join(last.strip_prefix(&k.out).unwrap());
-    assert!(
-        output.contains(&format!(
-            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4, {} \
-             updates), found as this coordinator started (its host(s) (",
-            copy_last.display(),
-            state.updates
-        )),
-        "{output}"
-    );
-    assert!(restore_ended_after < Duration::from_secs(15), "{restore_ended_after:?}");
-    let saved = std::fs::read_to_string(copy.join("coordinator-state.json")).unwrap();
-    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
-    assert_eq!(saved["ended"], "finished", "{saved}");
+    let (_, restore_ended_after) = ends_at_once(&copy, &restore_args, &restore_log, "up --restore");
 
     let log = tmp.path().join("coordinator-2.log");
-    let started = Instant::now();
-    let second = sweeps::coordinator_up(&k.out, &k.sets, &args, &log);
-    assert_succeeds(second, Duration::from_secs(90), "the restarted coordinator", &log);
-    let ended_after = started.elapsed();
-    let output = std::fs::read_to_string(&log).unwrap();
+    let (output, ended_after) = ends_at_once(&k.out, &args, &log, "the restarted coordinator");
     assert!(output.contains("restored job"), "{output}");
-    assert!(
-        output.contains(&format!(
-            "the job finished while no coordinator ran: {} ends its last epoch (4 of 4, {} \
-             updates), found as this coordinator started (its host(s) (",
-            last.display(),
-            state.updates
-        )),
-        "{output}"
-    );
-    // Well before the 25 s the agents would have had to call again.
-    assert!(ended_after < Duration::from_secs(15), "it ended {ended_after:?} after the restart");
     assert!(!output.contains("to come back"), "{output}");
     assert!(!output.contains("waiting for 2 host(s) to join"), "{output}");
-    let saved = std::fs::read_to_string(k.out.join("coordinator-state.json")).unwrap();
-    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
-    assert_eq!(saved["ended"], "finished", "{saved}");
     // The restored generation is the last: none was opened for hosts to
     // train the job again.
     let generations = run_records(&k.out, "generation");
