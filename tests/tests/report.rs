@@ -338,6 +338,36 @@ fn the_comparison_sentence_flips_with_the_difference() {
     assert!(md.contains("## Comparison: far against baseline"), "{md}");
     assert!(!far.join("report").exists(), "nothing is written into B");
 
+    // A sweep that did not evaluate V2: ReaL and val are compared, and V2
+    // is named as evaluated by one sweep only, where it was left out
+    // without a word.
+    let no_v2 = tmp.path().join("no-v2");
+    let manifest =
+        synthetic_sweep(&no_v2, "0..10", &[], |i, _| 79.8 + noise(i as u64, 3, 0.4), &[], &[]);
+    for cell in &manifest.cells {
+        let metrics = SweepLayout::new(&no_v2).run_metrics(&cell.id);
+        let lines: Vec<String> = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+                if let Some(sets) = record.get_mut("eval_sets").and_then(|s| s.as_object_mut()) {
+                    sets.remove("v2");
+                }
+                record.to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(&metrics, lines.concat()).unwrap();
+    }
+    let stdout = ok(coordinator(&[&a, &no_v2]));
+    let rows: Vec<ComparisonRow> = read_csv(&a.join("report/comparison.csv"));
+    let sets: Vec<&str> = rows.iter().map(|r| r.set.as_str()).collect();
+    assert_eq!(sets, ["val", "real"], "{stdout}");
+    assert!(
+        stdout.contains("Not compared, as only one sweep evaluated them: V2 (only baseline)."),
+        "{stdout}"
+    );
+
     // A sweep against itself, by its path or through a link, is refused,
     // where it printed "no evidence of a difference".
     let link = tmp.path().join("baseline-link");

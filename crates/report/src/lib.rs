@@ -24,7 +24,8 @@
 //! against A ([`tables::ComparisonRow`]): `comparison.csv` and a section of
 //! A's `report.md` with the difference of means, its 95% CI, Welch's p-value,
 //! a sentence saying whether the difference is within seed noise, and the
-//! seeds per sweep needed to resolve it. Nothing is written into B, and B
+//! seeds per sweep needed to resolve it; a set only one sweep evaluated is
+//! named as not compared. Nothing is written into B, and B
 //! must be another folder than A (a sweep against itself is refused). A plain
 //! report removes the `comparison.csv` of an earlier comparison, which would
 //! no longer match `report.md`.
@@ -414,13 +415,29 @@ pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
     let rows: Vec<ComparisonRow> = tables::comparison_rows(&sweep_a, &sweep_b);
     let csv = written.dir.join(COMPARISON_CSV);
     write_csv(&csv, &rows)?;
-    let comparison = format!(
+    let mut comparison = format!(
         "## Comparison: {name_b} against {name_a}\n\n\
          Welch's t-test (unequal variances); 95% CIs by Welch–Satterthwaite. Seeds needed: \
          n = ⌈2 (z₀.₉₇₅ + z₀.₈₀)² σ² / δ²⌉ per sweep, σ² the mean of the two variances, δ the \
          difference (80% power, two-sided 5%).\n\n{}",
         tables::comparison_markdown(&rows, &name_a, &name_b)
     );
+    // Sets only one sweep evaluated are not compared: said, not dropped.
+    let (sets_a, sets_b) = (sweep_a.sets(), sweep_b.sets());
+    let only = |sets: &[String], other: &[String], name: &str| {
+        sets.iter()
+            .filter(|set| !other.contains(set))
+            .map(|set| format!("{} (only {name})", runs::display_name(set)))
+            .collect::<Vec<_>>()
+    };
+    let one_sided = [only(&sets_a, &sets_b, &name_a), only(&sets_b, &sets_a, &name_b)].concat();
+    if !one_sided.is_empty() {
+        let _ = writeln!(
+            comparison,
+            "\nNot compared, as only one sweep evaluated them: {}.",
+            one_sided.join(", ")
+        );
+    }
     let md = written.dir.join(REPORT_MD);
     let text = format!("# Seed study comparison\n\n{comparison}\n{section_a}\n{section_b}");
     write_file(&md, text.as_bytes())?;
