@@ -20,11 +20,16 @@
 //! other's in constant time. A connection that fails the challenge (an
 //! impostor, or a rank of another job) is refused and logged, and the ring
 //! keeps waiting for its real neighbour; a listener that fails it is an
-//! error. The key never crosses the wire. A handshake that breaks off or
-//! times out (strangers' stalled connections may hold every slot of the
-//! listener) is tried again until the ring's deadline, the collective
-//! timeout: a right neighbour that froze before the ring formed is reported
-//! then, not at the first handshake's 10 s.
+//! error. The key never crosses the wire. Strangers cannot queue the
+//! neighbour behind them: the listener takes every connection at once,
+//! challenges those from the left neighbour's address each on a thread of
+//! their own, and at most [`MAX_HANDSHAKES`] others at a time, closing the
+//! rest at once. A handshake that breaks off or times out (a neighbour
+//! connecting from an address other than the one it advertised is handled
+//! as a stranger, and may find every stranger's slot taken) is tried again
+//! until the ring's deadline, the collective timeout: a right neighbour that
+//! froze before the ring formed is reported then, not at the first
+//! handshake's 10 s.
 //!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
@@ -41,7 +46,7 @@ use crate::{Buffer, Collective, CollectiveError, LinkRate};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -62,9 +67,14 @@ const REFUSED: u8 = 0;
 /// stranger's connection is dropped after it (and never holds up the real
 /// neighbour's handshake, which runs beside it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Incoming connections challenged at once while a rank waits for its left
-/// neighbour; more wait in the listener's backlog.
+/// Incoming connections from addresses other than the left neighbour's
+/// challenged at once while a rank waits for its left neighbour; more are
+/// closed as they come.
 const MAX_HANDSHAKES: usize = 16;
+/// Incoming connections from the left neighbour's address challenged at
+/// once (a stranger on the neighbour's own host could open many); more are
+/// closed as they come.
+const MAX_NEIGHBOUR_HANDSHAKES: usize = 64;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -251,8 +261,22 @@ impl RingListener {
                 what: "connecting",
                 source,
             })?;
-            let accepted =
-                accept_left(&self.listener, rank, left, world, key, deadline, &right_failed);
+            // Where the left neighbour's connection comes from, as it
+            // advertised itself (none when its name does not resolve: every
+            // connection is then a stranger's).
+            let left_ips: Vec<IpAddr> = addresses[left]
+                .to_socket_addrs()
+                .map(|addrs| addrs.map(|a| canonical_ip(a.ip())).collect())
+                .unwrap_or_default();
+            let accepted = accept_left(
+                &self.listener,
+                rank,
+                (left, &left_ips),
+                world,
+                key,
+                deadline,
+                &right_failed,
+            );
             let connected = connecting.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Protocol {
                     rank,
@@ -433,7 +457,16 @@ fn challenge_left(
     Ok((word(4), word(8)))
 }
 
-/// One of the [`MAX_HANDSHAKES`] handshake threads' places, given back when
+/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`, as a dual-stack
+/// listener sees an IPv4 peer) as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// One of the handshake threads' places, given back when
 /// the thread ends, by a panic too (the guard's drop), so none is lost.
 struct HandshakeSlot(Arc<AtomicUsize>);
 
@@ -451,16 +484,20 @@ impl Drop for HandshakeSlot {
 }
 
 /// Accepts the left neighbour's link by `deadline`. Every incoming
-/// connection is challenged on a thread of its own (at most
-/// [`MAX_HANDSHAKES`] at once, each bounded by [`HANDSHAKE_TIMEOUT`]), so a
-/// stranger that connects and stalls cannot hold the neighbour's handshake
-/// up; strangers are refused and logged. Strangers that take every slot
-/// delay the neighbour, whose connecting side tries again until the ring's
-/// deadline, by a handshake timeout at most for each round of them.
+/// connection is taken from the listener at once and challenged on a thread
+/// of its own, each bounded by [`HANDSHAKE_TIMEOUT`], so a stranger that
+/// connects and stalls cannot hold the neighbour's handshake up; strangers
+/// are refused and logged. Connections from the left neighbour's addresses
+/// (`left_ips`) are challenged up to [`MAX_NEIGHBOUR_HANDSHAKES`] at once,
+/// others up to [`MAX_HANDSHAKES`]; one past its limit is closed at once
+/// (counted in a warning), never left in the backlog ahead of the
+/// neighbour's. A neighbour that connects from another address (a host with
+/// several interfaces) is handled as a stranger: while strangers take every
+/// slot, its connecting side tries again until the ring's deadline.
 fn accept_left(
     listener: &TcpListener,
     rank: usize,
-    left: usize,
+    (left, left_ips): (usize, &[IpAddr]),
     world: usize,
     key: &RingKey,
     deadline: Instant,
@@ -474,8 +511,12 @@ fn accept_left(
     })?;
     type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32), Handshake>);
     let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
-    // Handshake threads now running.
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Handshake threads now running: of connections from the left
+    // neighbour's addresses, and of others.
+    let (in_flight_neighbour, in_flight) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // Connections closed at once, every slot for their address taken.
+    let mut closed_at_once = 0u64;
     loop {
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
             let (their_rank, their_world) = match outcome {
@@ -524,15 +565,28 @@ fn accept_left(
                 ),
             });
         }
-        let accepted = if in_flight.load(Ordering::SeqCst) < MAX_HANDSHAKES {
-            listener.accept()
-        } else {
-            Err(std::io::ErrorKind::WouldBlock.into())
-        };
-        match accepted {
+        match listener.accept() {
             Ok((stream, peer_addr)) => {
+                let (slots, limit) = if left_ips.contains(&canonical_ip(peer_addr.ip())) {
+                    (&in_flight_neighbour, MAX_NEIGHBOUR_HANDSHAKES)
+                } else {
+                    (&in_flight, MAX_HANDSHAKES)
+                };
+                if slots.load(Ordering::SeqCst) >= limit {
+                    closed_at_once += 1;
+                    if closed_at_once.is_power_of_two() {
+                        tracing::warn!(
+                            rank,
+                            %peer_addr,
+                            "closed {closed_at_once} ring connection(s) at once while waiting \
+                             for the left neighbour: {limit} from such addresses are being \
+                             challenged already"
+                        );
+                    }
+                    continue;
+                }
                 stream.set_nonblocking(false).ok();
-                let slot = HandshakeSlot::take(&in_flight);
+                let slot = HandshakeSlot::take(slots);
                 let key = key.clone();
                 let challenged = challenged.clone();
                 let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
@@ -1593,6 +1647,41 @@ mod tests {
         for ring in rings {
             ring.unwrap();
         }
+    }
+
+    /// Strangers' silent connections from another address than the left
+    /// neighbour's, three times as many as their slots, opened before the
+    /// neighbour's: the neighbour links at once, where it waited behind
+    /// them in the listener's backlog, a handshake timeout (10 s) for each
+    /// round of slots.
+    #[test]
+    fn strangers_from_other_addresses_do_not_queue_the_left_neighbour() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Rank 1 listens on every address: the strangers reach it on
+        // 127.0.0.2 (their connections come from there), rank 0 on 127.0.0.1.
+        let b = RingListener::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = b.local_addr().unwrap().port();
+        let addresses = vec![a.local_addr().unwrap().to_string(), format!("127.0.0.1:{port}")];
+        let strangers: Vec<TcpStream> = (0..3 * MAX_HANDSHAKES)
+            .map(|_| TcpStream::connect(("127.0.0.2", port)).unwrap())
+            .collect();
+        let config = RingConfig { timeout: Duration::from_secs(60), segment_floats: 16 };
+        let started = Instant::now();
+        let rings = link_pair(a, b, &addresses, &config);
+        let linked_after = started.elapsed();
+        drop(strangers);
+        for ring in rings {
+            ring.unwrap();
+        }
+        assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
+    }
+
+    #[test]
+    fn an_ipv4_peer_of_a_dual_stack_listener_is_its_ipv4_address() {
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(canonical_ip(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let v6: IpAddr = "fe80::1".parse().unwrap();
+        assert_eq!(canonical_ip(v6), v6);
     }
 
     /// A listener of this job's key, on a thread: it answers the first
