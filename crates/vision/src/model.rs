@@ -256,7 +256,15 @@ impl Model {
             } else if t.is_complex() || t.kind() == Kind::Bool {
                 mistyped.push(format!("{key}: file has {:?}, an integer is expected", t.kind()));
             } else {
-                tracked = Some(t.reshape([]).f_int64_value(&[])?);
+                // A float counter is read as its value: one that is not a
+                // count (NaN, infinite, negative, beyond i64) is named, where
+                // libtorch's conversion failed without the key.
+                let value = t.reshape([]).f_double_value(&[])?;
+                if value.is_finite() && (0.0..9.2e18).contains(&value) {
+                    tracked = Some(t.reshape([]).f_int64_value(&[])?);
+                } else {
+                    mistyped.push(format!("{key}: file has {value}, a count is expected"));
+                }
             }
         }
         let mut missing = Vec::new();
@@ -295,6 +303,18 @@ impl Model {
         }
         if !unexpected.is_empty() {
             problems.push(format!("unexpected keys: {}", abbreviate(&unexpected)));
+            // A state dict saved from a wrapped model: DDP's `module.`, or
+            // `torch.compile`'s `_orig_mod.` (timm's `clean_state_dict`
+            // strips both).
+            for prefix in ["module.", "_orig_mod."] {
+                if !missing.is_empty() && unexpected.iter().all(|k| k.starts_with(prefix)) {
+                    problems.push(format!(
+                        "every unexpected key starts with `{prefix}`: the file holds a wrapped \
+                         model's state dict; save the model inside the wrapper, or strip the \
+                         prefix (timm's `clean_state_dict` does)"
+                    ));
+                }
+            }
         }
         if !misshaped.is_empty() {
             problems.push(format!("shape mismatch: {}", abbreviate(&misshaped)));

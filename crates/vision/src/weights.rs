@@ -1,7 +1,10 @@
 //! Reading and writing model weights as `safetensors` with timm's keys.
 //!
 //! Files written here load into timm with
-//! `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`,
+//! `timm.create_model(name, pretrained=True, num_classes=K,
+//! pretrained_cfg_overlay=dict(file=PATH, num_classes=K))` (K the file's
+//! classes: without it in the overlay too, timm leaves the classifier
+//! random or fails on its shape),
 //! and files saved from a timm model's `state_dict()` load here. A PyTorch
 //! pickle (`torch.save`: timm's `.pth`, train.py's `.pth.tar`) is recognised
 //! and refused with the one-line conversion to safetensors.
@@ -43,6 +46,9 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, VisionErro
         // length can begin with the same bytes as a pickle.
         if let Some(format) = pytorch_pickle_format(path) {
             return VisionError::PytorchPickle { path: path.to_path_buf(), format };
+        }
+        if let Some(problem) = truncation(path) {
+            return VisionError::Safetensors { path: path.to_path_buf(), problem };
         }
         VisionError::Safetensors {
             path: path.to_path_buf(),
@@ -119,6 +125,38 @@ fn read_safetensors_header(mut file: std::fs::File) -> std::io::Result<Vec<u8>> 
     let mut header = Vec::with_capacity(len as usize);
     file.take(len).read_to_end(&mut header)?;
     Ok(header)
+}
+
+/// Says how a safetensors file is cut short (a copy or download that
+/// stopped), which the reader reports as `MetadataIncompleteBuffer` or
+/// `InvalidHeaderLength`: the header its first 8 bytes announce, or the
+/// tensor data its header lists, runs past the file's end. `None` when it
+/// is not cut short so, or cannot be read.
+fn truncation(path: &Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let header_len = u64::from_le_bytes(len);
+    let header_end = header_len.checked_add(8)?;
+    if header_end > size {
+        return Some(format!(
+            "truncated: its header is {header_len} bytes long, and the file is {size} bytes"
+        ));
+    }
+    let mut header = Vec::new();
+    file.take(header_len).read_to_end(&mut header).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).ok()?;
+    let data_end =
+        header.values().filter_map(|entry| entry.get("data_offsets")?.get(1)?.as_u64()).max()?;
+    let needed = header_end.checked_add(data_end)?;
+    (needed > size).then(|| {
+        format!(
+            "truncated: its header lists {data_end} bytes of tensor data after {header_end} \
+             bytes of header, and the file is {size} bytes"
+        )
+    })
 }
 
 /// libtorch's error without the path it repeats.

@@ -2,7 +2,8 @@
 //! such with its conversion, a torn safetensors file named once, and state
 //! dicts whose `num_batches_tracked` is not a scalar or whose weights are
 //! integers or hold NaN or infinity, refused naming the file and the key
-//! (never a libtorch error).
+//! (never a libtorch error); a file cut short said to be, and a wrapped
+//! model's state dict (DDP's `module.`) said to be one.
 
 use rsb_vision::{Model, ModelConfig, VisionError};
 use std::path::Path;
@@ -155,5 +156,58 @@ fn weights_with_nan_or_infinity_are_refused_naming_file_and_keys() {
         for ((name, was), (_, is)) in before.iter().zip(model.state_dict().unwrap().iter()) {
             assert!(was.equal(is), "{name} changed");
         }
+    }
+}
+
+#[test]
+fn a_num_batches_tracked_that_is_not_a_count_is_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in [f64::NAN, 1e30, -3.0] {
+        let path = dir.path().join("nbt.safetensors");
+        write_with(&path, "bn1.num_batches_tracked", Tensor::from(value));
+        let err = resnet18().load_safetensors(&path).unwrap_err();
+        assert!(matches!(err, VisionError::WeightsMismatch { .. }), "{value}: {err}");
+        let message = err.to_string();
+        for said in [path.to_str().unwrap(), "bn1.num_batches_tracked", "a count is expected"] {
+            assert!(message.contains(said), "{said} missing: {message}");
+        }
+    }
+}
+
+#[test]
+fn a_file_cut_short_is_said_to_be_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.safetensors");
+    resnet18().save_safetensors(&whole).unwrap();
+    let bytes = std::fs::read(&whole).unwrap();
+    // Cut in its tensor data, and in its header.
+    for (name, keep, said) in [
+        ("half.safetensors", bytes.len() / 2, "bytes of tensor data"),
+        ("head.safetensors", 40, "header is"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let message = resnet18().load_safetensors(&path).unwrap_err().to_string();
+        for said in [path.to_str().unwrap(), "truncated", said, &format!("file is {keep} bytes")] {
+            assert!(message.contains(said), "{said} missing: {message}");
+        }
+    }
+}
+
+#[test]
+fn a_wrapped_models_state_dict_is_said_to_be_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for prefix in ["module.", "_orig_mod."] {
+        let path = dir.path().join("wrapped.safetensors");
+        let entries: Vec<(String, Tensor)> = resnet18()
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (format!("{prefix}{name}"), t))
+            .collect();
+        rsb_vision::weights::write_safetensors(&entries, &path).unwrap();
+        let message = resnet18().load_safetensors(&path).unwrap_err().to_string();
+        let said = format!("every unexpected key starts with `{prefix}`");
+        assert!(message.contains(&said) && message.contains("clean_state_dict"), "{message}");
     }
 }
