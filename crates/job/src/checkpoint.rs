@@ -445,12 +445,24 @@ pub fn successor_of_deleted(wanted: &Path) -> Option<VerifiedCheckpoint> {
 ///   manifest or another part) is checked against the manifest first, so a
 ///   corrupt or torn one is refused, naming the file, as a resume refuses it;
 /// * a checkpoint folder stands for its `model.safetensors`, checked the same way;
+/// * a folder holding a `model.safetensors` and no other checkpoint part nor
+///   manifest, not named as checkpoints are (a Hugging Face snapshot of a
+///   timm model, with its `config.json`), stands for that file, read as it is;
 /// * a run folder stands for the weights of its newest intact checkpoint
 ///   (chosen as `--resume` chooses it, see [`resolve`]);
 /// * any other path (a timm `.safetensors`, or a path that does not exist,
 ///   which the reader then names) is returned as it is.
 pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
+    let holds_checkpoint_files = |folder: &Path| {
+        [MANIFEST, PARTS[1], STATE].iter().any(|other| folder.join(other).is_file())
+    };
     if path.is_dir() {
+        let named_as_checkpoint =
+            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(FOLDER_PREFIX));
+        if path.join(MODEL).is_file() && !holds_checkpoint_files(path) && !named_as_checkpoint {
+            tracing::info!(weights = %path.join(MODEL).display(), "the weights of a folder that is no checkpoint");
+            return Ok(path.join(MODEL));
+        }
         let checkpoint = if is_checkpoint_folder(path) {
             verify_part(path, MODEL)?;
             path.to_path_buf()
@@ -463,8 +475,8 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     // The weights of a checkpoint, committed or not: a torn one (no
     // manifest) is refused as a resume refuses it.
-    let is_checkpoint_part = path.file_name().is_some_and(|n| n == MODEL)
-        && [MANIFEST, PARTS[1], STATE].iter().any(|other| folder.join(other).is_file());
+    let is_checkpoint_part =
+        path.file_name().is_some_and(|n| n == MODEL) && holds_checkpoint_files(folder);
     if is_checkpoint_part {
         verify_part(folder, MODEL)?;
         tracing::info!(weights = %path.display(), "weights verified against the checkpoint's manifest");
@@ -712,6 +724,18 @@ pub(crate) mod tests {
         assert_eq!(resolve_weights(&timm).unwrap(), timm);
         let missing = run.path().join("missing.safetensors");
         assert_eq!(resolve_weights(&missing).unwrap(), missing);
+        // A Hugging Face snapshot (its weights and config.json) stands for
+        // its weights, where it was refused as a torn checkpoint; a folder
+        // named as checkpoints are, holding the weights alone, is still one.
+        let snapshot = run.path().join("models--timm--resnet50.a1_in1k/snapshots/0123abcd");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join(MODEL), b"weights").unwrap();
+        std::fs::write(snapshot.join("config.json"), b"{}").unwrap();
+        assert_eq!(resolve_weights(&snapshot).unwrap(), snapshot.join(MODEL));
+        let torn = run.path().join(format!("{FOLDER_PREFIX}0009"));
+        std::fs::create_dir_all(&torn).unwrap();
+        std::fs::write(torn.join(MODEL), b"weights").unwrap();
+        assert!(matches!(resolve_weights(&torn), Err(CheckpointError::MissingManifest { .. })));
     }
 
     #[test]
