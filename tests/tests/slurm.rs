@@ -3,7 +3,9 @@
 //! `worker join` with CPU ranks per node, the tiny recipe on real
 //! Fashion-MNIST images; the cluster is stopped afterwards.
 //!
-//! * A job ends successfully with metrics and a checkpoint in its run folder.
+//! * A job ends successfully with metrics and a checkpoint in its run folder,
+//!   its workers calling the coordinator over TLS (a certificate the start
+//!   made, signed by its own CA).
 //! * A job given the signal Slurm sends before its time limit
 //!   (`--signal=B:USR1@300`: SIGUSR1 to the batch shell alone, sent here with
 //!   `scancel --batch`) stops its ranks with a checkpoint of the update they
@@ -17,6 +19,7 @@ use rsb_integration_tests::{
     binary, fashion_subset, is_executable, is_root, on_path, require, workspace_root,
 };
 use rsb_job::MetricsRecord;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -174,6 +177,17 @@ fn sbatch_runs_a_two_node_job() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"kind\":\"epoch\"")), "{metrics}");
     assert!(out.join("checkpoints/epoch-0001/model.safetensors").is_file());
+    // Over TLS: the coordinator's certificate, signed by this start's CA,
+    // whose key is gone; the coordinator's key is its owner's alone; no
+    // clear-text warning.
+    let tls = out.join("tls");
+    for file in ["ca.pem", "coordinator.pem", "coordinator.key"] {
+        assert!(tls.join(file).is_file(), "{file} missing in {}", tls.display());
+    }
+    assert!(!tls.join("ca.key").exists(), "the CA's key was kept");
+    let mode = std::fs::metadata(tls.join("coordinator.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "coordinator.key is mode {mode:o}");
+    assert!(!log.contains("without TLS"), "{log}");
 }
 
 #[test]
