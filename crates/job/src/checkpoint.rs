@@ -446,8 +446,9 @@ pub fn successor_of_deleted(wanted: &Path) -> Option<VerifiedCheckpoint> {
 ///   corrupt or torn one is refused, naming the file, as a resume refuses it;
 /// * a checkpoint folder stands for its `model.safetensors`, checked the same way;
 /// * a folder holding a `model.safetensors` and no other checkpoint part nor
-///   manifest, not named as checkpoints are (a Hugging Face snapshot of a
-///   timm model, with its `config.json`), stands for that file, read as it is;
+///   manifest, not named as checkpoints or their staging folders are (a
+///   Hugging Face snapshot of a timm model, with its `config.json`), stands
+///   for that file, read as it is;
 /// * a run folder stands for the weights of its newest intact checkpoint
 ///   (chosen as `--resume` chooses it, see [`resolve`]);
 /// * any other path (a timm `.safetensors`, or a path that does not exist,
@@ -457,8 +458,11 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
         [MANIFEST, PARTS[1], STATE].iter().any(|other| folder.join(other).is_file())
     };
     if path.is_dir() {
-        let named_as_checkpoint =
-            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(FOLDER_PREFIX));
+        // `epoch-NNNN`, or a save's staging folder `.epoch-NNNN.tmp-PID`.
+        let named_as_checkpoint = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.trim_start_matches('.').starts_with(FOLDER_PREFIX));
         if path.join(MODEL).is_file() && !holds_checkpoint_files(path) && !named_as_checkpoint {
             tracing::info!(weights = %path.join(MODEL).display(), "the weights of a folder that is no checkpoint");
             return Ok(path.join(MODEL));
@@ -732,10 +736,13 @@ pub(crate) mod tests {
         std::fs::write(snapshot.join(MODEL), b"weights").unwrap();
         std::fs::write(snapshot.join("config.json"), b"{}").unwrap();
         assert_eq!(resolve_weights(&snapshot).unwrap(), snapshot.join(MODEL));
-        let torn = run.path().join(format!("{FOLDER_PREFIX}0009"));
-        std::fs::create_dir_all(&torn).unwrap();
-        std::fs::write(torn.join(MODEL), b"weights").unwrap();
-        assert!(matches!(resolve_weights(&torn), Err(CheckpointError::MissingManifest { .. })));
+        for torn in [format!("{FOLDER_PREFIX}0009"), format!(".{FOLDER_PREFIX}0009.tmp-123")] {
+            let torn = run.path().join(torn);
+            std::fs::create_dir_all(&torn).unwrap();
+            std::fs::write(torn.join(MODEL), b"weights").unwrap();
+            let resolved = resolve_weights(&torn);
+            assert!(matches!(resolved, Err(CheckpointError::MissingManifest { .. })), "{torn:?}");
+        }
     }
 
     #[test]

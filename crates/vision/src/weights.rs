@@ -138,14 +138,21 @@ fn truncation(path: &Path) -> Option<String> {
     let mut len = [0u8; 8];
     file.read_exact(&mut len).ok()?;
     let header_len = u64::from_le_bytes(len);
+    // Only a file that starts as safetensors does (a header of sane length
+    // opening a JSON object) is called cut short: a Git LFS pointer or an
+    // HTML page saved under the name is not one.
+    let mut first = [0u8; 1];
+    if header_len > 100_000_000 || file.read_exact(&mut first).is_err() || first[0] != b'{' {
+        return None;
+    }
     let header_end = header_len.checked_add(8)?;
     if header_end > size {
         return Some(format!(
             "truncated: its header is {header_len} bytes long, and the file is {size} bytes"
         ));
     }
-    let mut header = Vec::new();
-    file.take(header_len).read_to_end(&mut header).ok()?;
+    let mut header = first.to_vec();
+    file.take(header_len - 1).read_to_end(&mut header).ok()?;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).ok()?;
     let data_end =

@@ -192,6 +192,13 @@ fn a_file_cut_short_is_said_to_be_truncated() {
             assert!(message.contains(said), "{said} missing: {message}");
         }
     }
+    // A Git LFS pointer saved under the name is not called cut short.
+    let pointer = dir.path().join("pointer.safetensors");
+    let lfs = "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 46830571\n";
+    std::fs::write(&pointer, lfs).unwrap();
+    let message = resnet18().load_safetensors(&pointer).unwrap_err().to_string();
+    assert!(message.contains("not a readable safetensors file"), "{message}");
+    assert!(!message.contains("truncated"), "{message}");
 }
 
 #[test]
