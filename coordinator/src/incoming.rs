@@ -12,16 +12,21 @@
 //! as its peer keeps it. Within its deadline a stranger holds at most
 //! [`MAX_CONNECTIONS_PER_PEER`] connections from one address. Hosts that
 //! reach the coordinator through one address (behind one NAT) share one
-//! address's share (`up --max-connections-per-address` sets it).
+//! address's share (`up --max-connections-per-address` sets it). With every
+//! connection taken, a new one closes the oldest that has not presented the
+//! token and is older than [`EVICT_UNPROVEN_AFTER`] (a member's first call
+//! comes within milliseconds), rather than being closed itself: strangers
+//! from many addresses, holding every connection for their deadline, do not
+//! lock the members out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
@@ -35,6 +40,10 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// ones are closed at once.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 
+/// How old a connection that has not presented the job token must be for a
+/// new one to close it when every connection is taken.
+pub const EVICT_UNPROVEN_AFTER: Duration = Duration::from_secs(1);
+
 /// The limits of an [`Incoming`].
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -45,6 +54,9 @@ pub struct Limits {
     /// How long a new connection may go without a call that presents the
     /// job token.
     pub token_call: Duration,
+    /// How old a connection without such a call must be to be closed for a
+    /// new one when every connection is taken.
+    pub evict_unproven_after: Duration,
 }
 
 impl Default for Limits {
@@ -53,15 +65,80 @@ impl Default for Limits {
             connections: MAX_CONNECTIONS,
             per_peer: MAX_CONNECTIONS_PER_PEER,
             token_call: TOKEN_CALL_DEADLINE,
+            evict_unproven_after: EVICT_UNPROVEN_AFTER,
         }
     }
 }
 
-/// Open connections, in all and per address.
+/// Open connections, in all and per address, and those that have not yet
+/// presented the token, oldest first.
 #[derive(Debug, Default)]
 struct OpenConnections {
     all: usize,
     per_peer: HashMap<IpAddr, usize>,
+    unproven: VecDeque<Unproven>,
+}
+
+/// A connection that had not presented the token when it was accepted
+/// (dropped from the queue once it has, or is gone).
+#[derive(Debug)]
+struct Unproven {
+    opened: Instant,
+    vouched: Weak<AtomicBool>,
+    eviction: Weak<Eviction>,
+}
+
+/// The mark that a connection is to be closed to make room, and the waker
+/// of its last read, woken to close it.
+#[derive(Debug, Default)]
+struct Eviction {
+    evicted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Eviction {
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            waker.wake();
+        }
+    }
+}
+
+impl OpenConnections {
+    /// Forgets, from the front, the connections that are gone, presented
+    /// the token, or are being closed.
+    fn prune(&mut self) {
+        while let Some(front) = self.unproven.front() {
+            let live = front.vouched.upgrade().zip(front.eviction.upgrade());
+            match live {
+                Some((vouched, eviction))
+                    if !vouched.load(Ordering::Acquire)
+                        && !eviction.evicted.load(Ordering::Acquire) =>
+                {
+                    return
+                }
+                _ => {
+                    self.unproven.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Closes the oldest connection that has not presented the token, if
+    /// it is older than `after`; whether one was.
+    fn evict_oldest_unproven(&mut self, after: Duration) -> bool {
+        self.prune();
+        let Some(front) = self.unproven.front() else { return false };
+        if front.opened.elapsed() < after {
+            return false;
+        }
+        if let Some(eviction) = front.eviction.upgrade() {
+            eviction.evict();
+        }
+        self.unproven.pop_front();
+        true
+    }
 }
 
 /// How long a new connection may go without a call that presents the job
@@ -88,12 +165,12 @@ impl Incoming {
     }
 
     /// Counts a new connection from `peer` (its [`peer_key`]) as open,
-    /// unless a limit is reached: then says which.
-    fn admit(&self, peer: IpAddr) -> Result<(), String> {
+    /// unless a limit is reached: then says which. With every connection
+    /// taken, the oldest that has not presented the token (older than
+    /// [`Limits::evict_unproven_after`]) is closed to make room. Returns the
+    /// new connection's marks: vouched, and evicted.
+    fn admit(&self, peer: IpAddr) -> Result<(Arc<AtomicBool>, Arc<Eviction>), String> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.all >= self.limits.connections {
-            return Err(format!("{} connections are open already", self.limits.connections));
-        }
         let from_peer = open.per_peer.get(&peer).copied().unwrap_or(0);
         if from_peer >= self.limits.per_peer {
             return Err(format!(
@@ -101,9 +178,21 @@ impl Incoming {
                 self.limits.per_peer
             ));
         }
+        open.prune();
+        if open.all >= self.limits.connections
+            && !open.evict_oldest_unproven(self.limits.evict_unproven_after)
+        {
+            return Err(format!("{} connections are open already", self.limits.connections));
+        }
         open.per_peer.insert(peer, from_peer + 1);
         open.all += 1;
-        Ok(())
+        let (vouched, eviction) = (Arc::<AtomicBool>::default(), Arc::<Eviction>::default());
+        open.unproven.push_back(Unproven {
+            opened: Instant::now(),
+            vouched: Arc::downgrade(&vouched),
+            eviction: Arc::downgrade(&eviction),
+        });
+        Ok((vouched, eviction))
     }
 }
 
@@ -127,7 +216,8 @@ impl tokio_stream::Stream for Incoming {
             match ready!(this.listener.poll_accept(cx)) {
                 Ok((stream, peer)) => {
                     let key = peer_key(peer.ip());
-                    if let Err(full) = this.admit(key) {
+                    let admitted = this.admit(key);
+                    if let Err(full) = &admitted {
                         this.refused += 1;
                         // Logged at the 1st, 2nd, 4th, 8th, ... refusal: a
                         // flood does not flood the log.
@@ -141,11 +231,13 @@ impl tokio_stream::Stream for Incoming {
                         drop(stream);
                         continue;
                     }
+                    let Ok((vouched, eviction)) = admitted else { continue };
                     let token_call = Box::pin(tokio::time::sleep(this.limits.token_call));
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
                         token_call: Some(token_call),
-                        vouched: Arc::default(),
+                        vouched,
+                        eviction,
                         peer: key,
                         open: Arc::clone(&this.open),
                     })));
@@ -167,6 +259,8 @@ pub struct Connection {
     /// Until a call presents the token ([`ConnectionInfo::vouch`]).
     token_call: Option<Pin<Box<Sleep>>>,
     vouched: Arc<AtomicBool>,
+    /// Set when a new connection needed its room before it presented the token.
+    eviction: Arc<Eviction>,
     peer: IpAddr,
     open: Arc<Mutex<OpenConnections>>,
 }
@@ -232,12 +326,27 @@ impl AsyncRead for Connection {
         let Some(deadline) = &mut this.token_call else { return read };
         if this.vouched.load(Ordering::Acquire) {
             this.token_call = None;
+        } else if this.eviction.evicted.load(Ordering::Acquire) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "closed to make room: every connection was taken, and no call on this one \
+                 presented the job token",
+            )));
         } else if deadline.as_mut().poll(cx).is_ready() {
             // Whatever it sent, nothing of it was a call with the token.
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "no call on the connection presented the job token in time",
             )));
+        } else {
+            // Woken to be closed, should a new connection need its room.
+            let mut waker = this.eviction.waker.lock().unwrap_or_else(|p| p.into_inner());
+            *waker = Some(cx.waker().clone());
+            drop(waker);
+            // Evicted between the check above and the waker's registration.
+            if this.eviction.evicted.load(Ordering::Acquire) {
+                cx.waker().wake_by_ref();
+            }
         }
         read
     }
@@ -287,6 +396,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
+    /// No connection is old enough to be closed for a new one.
+    const NEVER: Duration = Duration::from_secs(3600);
+
     async fn listening() -> (TcpListener, std::net::SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -312,7 +424,12 @@ mod tests {
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_until_one_closes() {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 1, per_peer: 8, token_call: Duration::from_secs(60) };
+        let limits = Limits {
+            connections: 1,
+            per_peer: 8,
+            token_call: Duration::from_secs(60),
+            evict_unproven_after: NEVER,
+        };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _first_client = TcpStream::connect(address).await.unwrap();
         let first = incoming.next().await.unwrap().unwrap();
@@ -334,7 +451,12 @@ mod tests {
     #[tokio::test]
     async fn one_address_gets_at_most_its_share_of_the_connections() {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 8, per_peer: 2, token_call: Duration::from_secs(60) };
+        let limits = Limits {
+            connections: 8,
+            per_peer: 2,
+            token_call: Duration::from_secs(60),
+            evict_unproven_after: NEVER,
+        };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _clients = [
             TcpStream::connect(address).await.unwrap(),
@@ -356,7 +478,12 @@ mod tests {
     async fn a_connection_without_a_call_with_the_token_is_closed_at_its_deadline_whatever_it_sends(
     ) {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 8, per_peer: 8, token_call: Duration::from_millis(300) };
+        let limits = Limits {
+            connections: 8,
+            per_peer: 8,
+            token_call: Duration::from_millis(300),
+            evict_unproven_after: NEVER,
+        };
         let mut incoming = Incoming::with_limits(listener, limits);
         let _silent_client = TcpStream::connect(address).await.unwrap();
         let mut silent = incoming.next().await.unwrap().unwrap();
@@ -399,7 +526,12 @@ mod tests {
     #[tokio::test]
     async fn a_refused_address_is_not_counted_and_a_closed_ones_count_is_gone() {
         let (listener, address) = listening().await;
-        let limits = Limits { connections: 1, per_peer: 8, token_call: Duration::from_secs(60) };
+        let limits = Limits {
+            connections: 1,
+            per_peer: 8,
+            token_call: Duration::from_secs(60),
+            evict_unproven_after: NEVER,
+        };
         let mut incoming = Incoming::with_limits(listener, limits);
         let open = Arc::clone(&incoming.open);
         let _first_client = TcpStream::connect(address).await.unwrap();
@@ -422,5 +554,51 @@ mod tests {
         assert_eq!((open.all, open.per_peer.len()), (0, 0), "{open:?}");
         drop(open);
         next.abort();
+    }
+    /// Every connection taken, by a member and a stranger's silent one: a
+    /// new connection is closed while the stranger's is young, and once it
+    /// is older than `evict_unproven_after`, a new one closes it and is
+    /// handed over; the member's stays.
+    #[tokio::test]
+    async fn with_every_connection_taken_the_oldest_without_the_token_makes_room() {
+        let (listener, address) = listening().await;
+        let evict_unproven_after = Duration::from_secs(2);
+        let limits = Limits {
+            connections: 2,
+            per_peer: 8,
+            token_call: Duration::from_secs(60),
+            evict_unproven_after,
+        };
+        let mut incoming = Incoming::with_limits(listener, limits);
+        let mut member_client = TcpStream::connect(address).await.unwrap();
+        let mut member = incoming.next().await.unwrap().unwrap();
+        member.connect_info().vouch();
+        let _stranger_client = TcpStream::connect(address).await.unwrap();
+        let mut stranger = incoming.next().await.unwrap().unwrap();
+        let stranger_accepted = Instant::now();
+        // Read, as the server reads every connection.
+        let stranger_read = tokio::spawn(async move {
+            let read = stranger.read(&mut [0u8; 1]).await;
+            read.map_err(|e| e.to_string())
+        });
+        // Young, the stranger's connection keeps its room.
+        let mut young = TcpStream::connect(address).await.unwrap();
+        let handed = tokio::time::timeout(Duration::from_millis(300), incoming.next()).await;
+        assert!(handed.is_err(), "a connection past the limit was handed over");
+        assert!(closed(&mut young).await, "a connection past the limit stayed open");
+        assert!(stranger_accepted.elapsed() < evict_unproven_after, "too slow to test");
+        // Older, it is closed for the next one, which is handed over.
+        tokio::time::sleep(evict_unproven_after.saturating_sub(stranger_accepted.elapsed())).await;
+        let _next_client = TcpStream::connect(address).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        assert!(matches!(next, Ok(Some(Ok(_)))), "the new connection was not handed over");
+        let read = tokio::time::timeout(Duration::from_secs(5), stranger_read).await;
+        let error = read.expect("the stranger's connection stayed open").unwrap().unwrap_err();
+        assert!(error.contains("closed to make room"), "{error}");
+        // The member's connection goes on.
+        member_client.write_all(b"m").await.unwrap();
+        let mut byte = [0u8; 1];
+        member.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"m");
     }
 }
