@@ -42,7 +42,7 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 
 /// How old a connection that has not presented the job token must be for a
 /// new one to close it when every connection is taken.
-pub const EVICT_UNPROVEN_AFTER: Duration = Duration::from_secs(1);
+pub const EVICT_UNPROVEN_AFTER: Duration = Duration::from_secs(2);
 
 /// The limits of an [`Incoming`].
 #[derive(Debug, Clone, Copy)]
@@ -97,11 +97,22 @@ struct Eviction {
 }
 
 impl Eviction {
-    fn evict(&self) {
+    /// Marks the connection, and takes the waker of its last read, for the
+    /// caller to wake once it holds no lock.
+    fn mark(&self) -> Option<Waker> {
         self.evicted.store(true, Ordering::Release);
-        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            waker.wake();
-        }
+        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Unproven {
+    /// Whether its connection is open, has not presented the token, and is
+    /// not being closed.
+    fn pending(&self) -> bool {
+        let live = self.vouched.upgrade().zip(self.eviction.upgrade());
+        live.is_some_and(|(vouched, eviction)| {
+            !vouched.load(Ordering::Acquire) && !eviction.evicted.load(Ordering::Acquire)
+        })
     }
 }
 
@@ -109,35 +120,23 @@ impl OpenConnections {
     /// Forgets, from the front, the connections that are gone, presented
     /// the token, or are being closed.
     fn prune(&mut self) {
-        while let Some(front) = self.unproven.front() {
-            let live = front.vouched.upgrade().zip(front.eviction.upgrade());
-            match live {
-                Some((vouched, eviction))
-                    if !vouched.load(Ordering::Acquire)
-                        && !eviction.evicted.load(Ordering::Acquire) =>
-                {
-                    return
-                }
-                _ => {
-                    self.unproven.pop_front();
-                }
-            }
+        while self.unproven.front().is_some_and(|front| !front.pending()) {
+            self.unproven.pop_front();
         }
     }
 
-    /// Closes the oldest connection that has not presented the token, if
-    /// it is older than `after`; whether one was.
-    fn evict_oldest_unproven(&mut self, after: Duration) -> bool {
+    /// Marks the oldest connection that has not presented the token to be
+    /// closed, if it is older than `after`: `Some` with the waker of its
+    /// read (to wake once the lock is released), `None` when there is none.
+    fn evict_oldest_unproven(&mut self, after: Duration) -> Option<Option<Waker>> {
         self.prune();
-        let Some(front) = self.unproven.front() else { return false };
+        let front = self.unproven.front()?;
         if front.opened.elapsed() < after {
-            return false;
+            return None;
         }
-        if let Some(eviction) = front.eviction.upgrade() {
-            eviction.evict();
-        }
+        let waker = front.eviction.upgrade().and_then(|eviction| eviction.mark());
         self.unproven.pop_front();
-        true
+        Some(waker)
     }
 }
 
@@ -167,9 +166,16 @@ impl Incoming {
     /// Counts a new connection from `peer` (its [`peer_key`]) as open,
     /// unless a limit is reached: then says which. With every connection
     /// taken, the oldest that has not presented the token (older than
-    /// [`Limits::evict_unproven_after`]) is closed to make room. Returns the
-    /// new connection's marks: vouched, and evicted.
-    fn admit(&self, peer: IpAddr) -> Result<(Arc<AtomicBool>, Arc<Eviction>), String> {
+    /// [`Limits::evict_unproven_after`]) is marked to be closed to make
+    /// room; those marked count until they are closed (their next read), and
+    /// past an eighth more than the limit nothing is admitted. Returns the
+    /// new connection's marks (vouched, evicted) and the evicted one's waker,
+    /// to wake once the lock is released.
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        peer: IpAddr,
+    ) -> Result<(Arc<AtomicBool>, Arc<Eviction>, Option<Waker>), String> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let from_peer = open.per_peer.get(&peer).copied().unwrap_or(0);
         if from_peer >= self.limits.per_peer {
@@ -178,11 +184,17 @@ impl Incoming {
                 self.limits.per_peer
             ));
         }
-        open.prune();
-        if open.all >= self.limits.connections
-            && !open.evict_oldest_unproven(self.limits.evict_unproven_after)
-        {
-            return Err(format!("{} connections are open already", self.limits.connections));
+        let full = || format!("{} connections are open already", self.limits.connections);
+        let mut evicted = None;
+        if open.all >= self.limits.connections {
+            // Connections marked but not yet closed still hold descriptors.
+            let ceiling = self.limits.connections + self.limits.connections.div_ceil(8);
+            if open.all >= ceiling {
+                return Err(full());
+            }
+            evicted = Some(
+                open.evict_oldest_unproven(self.limits.evict_unproven_after).ok_or_else(full)?,
+            );
         }
         open.per_peer.insert(peer, from_peer + 1);
         open.all += 1;
@@ -192,7 +204,13 @@ impl Incoming {
             vouched: Arc::downgrade(&vouched),
             eviction: Arc::downgrade(&eviction),
         });
-        Ok((vouched, eviction))
+        open.prune();
+        // Entries behind a long-lived one are not pruned from the front:
+        // the queue is swept whole once it outgrows the connections.
+        if open.unproven.len() > 2 * self.limits.connections + 16 {
+            open.unproven.retain(Unproven::pending);
+        }
+        Ok((vouched, eviction, evicted.flatten()))
     }
 }
 
@@ -231,7 +249,10 @@ impl tokio_stream::Stream for Incoming {
                         drop(stream);
                         continue;
                     }
-                    let Ok((vouched, eviction)) = admitted else { continue };
+                    let Ok((vouched, eviction, evicted)) = admitted else { continue };
+                    if let Some(waker) = evicted {
+                        waker.wake();
+                    }
                     let token_call = Box::pin(tokio::time::sleep(this.limits.token_call));
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
@@ -562,7 +583,7 @@ mod tests {
     #[tokio::test]
     async fn with_every_connection_taken_the_oldest_without_the_token_makes_room() {
         let (listener, address) = listening().await;
-        let evict_unproven_after = Duration::from_secs(2);
+        let evict_unproven_after = Duration::from_secs(3);
         let limits = Limits {
             connections: 2,
             per_peer: 8,
