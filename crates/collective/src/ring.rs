@@ -266,7 +266,7 @@ impl RingListener {
             // connection is then a stranger's).
             let left_ips: Vec<IpAddr> = addresses[left]
                 .to_socket_addrs()
-                .map(|addrs| addrs.map(|a| canonical_ip(a.ip())).collect())
+                .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect())
                 .unwrap_or_default();
             let accepted = accept_left(
                 &self.listener,
@@ -457,15 +457,6 @@ fn challenge_left(
     Ok((word(4), word(8)))
 }
 
-/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`, as a dual-stack
-/// listener sees an IPv4 peer) as the IPv4 address it is.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
-}
-
 /// One of the handshake threads' places, given back when
 /// the thread ends, by a panic too (the guard's drop), so none is lost.
 struct HandshakeSlot(Arc<AtomicUsize>);
@@ -567,7 +558,8 @@ fn accept_left(
         }
         match listener.accept() {
             Ok((stream, peer_addr)) => {
-                let (slots, limit) = if left_ips.contains(&canonical_ip(peer_addr.ip())) {
+                // A dual-stack listener sees an IPv4 peer as `::ffff:a.b.c.d`.
+                let (slots, limit) = if left_ips.contains(&peer_addr.ip().to_canonical()) {
                     (&in_flight_neighbour, MAX_NEIGHBOUR_HANDSHAKES)
                 } else {
                     (&in_flight, MAX_HANDSHAKES)
@@ -1674,14 +1666,6 @@ mod tests {
             ring.unwrap();
         }
         assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
-    }
-
-    #[test]
-    fn an_ipv4_peer_of_a_dual_stack_listener_is_its_ipv4_address() {
-        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert_eq!(canonical_ip(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
-        let v6: IpAddr = "fe80::1".parse().unwrap();
-        assert_eq!(canonical_ip(v6), v6);
     }
 
     /// A listener of this job's key, on a thread: it answers the first

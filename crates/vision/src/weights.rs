@@ -115,7 +115,6 @@ fn unreadable_dtypes(file: std::fs::File) -> Option<String> {
 /// 8 bytes give the header's length (little-endian), capped as the format
 /// caps it.
 fn read_safetensors_header(mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
-    const MAX_HEADER_LEN: u64 = 100_000_000;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
@@ -142,7 +141,7 @@ fn truncation(path: &Path) -> Option<String> {
     // opening a JSON object) is called cut short: a Git LFS pointer or an
     // HTML page saved under the name is not one.
     let mut first = [0u8; 1];
-    if header_len > 100_000_000 || file.read_exact(&mut first).is_err() || first[0] != b'{' {
+    if header_len > MAX_HEADER_LEN || file.read_exact(&mut first).is_err() || first[0] != b'{' {
         return None;
     }
     let header_end = header_len.checked_add(8)?;
@@ -165,6 +164,9 @@ fn truncation(path: &Path) -> Option<String> {
         )
     })
 }
+
+/// The longest safetensors header read (the safetensors crate's own limit).
+const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// libtorch's error without the path it repeats.
 fn safetensors_problem(error: TchError) -> String {
