@@ -394,6 +394,36 @@ pub fn records_made_while_away(out_dir: &Path) -> Result<Vec<MetricsRecord>, Rec
         .ok_or_else(|| left("it does not hold the last record metrics.jsonl holds".into()))
 }
 
+/// Hands `records`, those rank 0 made that no coordinator took
+/// ([`records_made_while_away`]), to `append`, and says what was done,
+/// naming the run's file as `into` and rank 0's as `rank_zero_file`; why
+/// none were taken is logged and said. One wording for a job's end and a
+/// sweep's run.
+pub fn take_records<E>(
+    records: Result<Vec<MetricsRecord>, RecordsNotTaken>,
+    into: &str,
+    rank_zero_file: &Path,
+    append: impl FnOnce(Vec<MetricsRecord>) -> Result<(), E>,
+) -> Result<String, E> {
+    let records = match records {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!("the records rank 0 made while no coordinator ran are not taken: {e}");
+            return Ok(e.to_string());
+        }
+    };
+    if records.is_empty() {
+        return Ok("rank 0 made no record that no coordinator took".into());
+    }
+    let count = records.len();
+    append(records)?;
+    Ok(format!(
+        "the {count} record(s) rank 0 made that no coordinator took are appended to {into} \
+         from {}",
+        rank_zero_file.display()
+    ))
+}
+
 /// The records a job accepted for its `metrics.jsonl`, on their way to the
 /// file. The coordinator's state lock is never held while the file is
 /// written (a stalled network file system would hold up every call of every
@@ -897,41 +927,31 @@ impl Job {
     /// killed in between leaves them in rank 0's file alone. Where it ends
     /// as it is restored, they are written before that state.
     fn take_records_made_while_away(&mut self) -> String {
+        let rank_zero_file = rsb_job::run_folder::rank_records_file(&self.out_dir, 0);
         let records = if self.metrics.as_ref().is_some_and(|sink| !sink.is_idle()) {
             Err(RecordsNotTaken::Left {
-                rank_zero_file: rsb_job::run_folder::rank_records_file(&self.out_dir, 0),
+                rank_zero_file: rank_zero_file.clone(),
                 why: "records of this job are being written to metrics.jsonl".into(),
             })
         } else {
             records_made_while_away(&self.out_dir)
         };
-        let records = match records {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::warn!(
-                    "the records rank 0 made while no coordinator ran are not taken: {e}"
-                );
-                return e.to_string();
+        let taken = take_records(records, "metrics.jsonl", &rank_zero_file, |records| {
+            if let Some(MetricsRecord::Epoch { images_per_sec, .. }) =
+                records.iter().rev().find(|r| matches!(r, MetricsRecord::Epoch { .. }))
+            {
+                self.progress.2 = *images_per_sec;
             }
-        };
-        if records.is_empty() {
-            return "rank 0 made no record that no coordinator took".into();
+            let sink = self.sink();
+            for record in records {
+                sink.push(record, None);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match taken {
+            Ok(said) => said,
+            Err(never) => match never {},
         }
-        let count = records.len();
-        if let Some(MetricsRecord::Epoch { images_per_sec, .. }) =
-            records.iter().rev().find(|r| matches!(r, MetricsRecord::Epoch { .. }))
-        {
-            self.progress.2 = *images_per_sec;
-        }
-        let sink = self.sink();
-        for record in records {
-            sink.push(record, None);
-        }
-        format!(
-            "the {count} record(s) rank 0 made that no coordinator took are appended to \
-             metrics.jsonl from {}",
-            rsb_job::run_folder::rank_records_file(&self.out_dir, 0).display()
-        )
     }
 
     /// The job's state to save to [`Job::state_file`], when it changed

@@ -216,28 +216,16 @@ pub fn keep_run_finished_while_away(
     let Some((checkpoint, position)) = rsb_job::run_folder::finished_run(&run_dir, recipe) else {
         return Ok(None);
     };
-    let records = match crate::job::records_made_while_away(&run_dir) {
-        Ok(records) if records.is_empty() => {
-            "rank 0 made no record that no coordinator took".to_string()
-        }
-        Ok(records) => {
-            let mut log = rsb_job::MetricsLog::open(&layout.run_metrics(id))?;
-            for record in &records {
-                log.append(record)?;
-            }
-            format!(
-                "the {} record(s) rank 0 made that no coordinator took are appended to {} from \
-                 {}",
-                records.len(),
-                layout.run_metrics(id).display(),
-                rsb_job::run_folder::rank_records_file(&run_dir, 0).display()
-            )
-        }
-        Err(e) => {
-            tracing::warn!(run = %id, "the records rank 0 made while no coordinator ran are not taken: {e}");
-            e.to_string()
-        }
-    };
+    let metrics = layout.run_metrics(id);
+    let records = crate::job::take_records(
+        crate::job::records_made_while_away(&run_dir),
+        &metrics.display().to_string(),
+        &rsb_job::run_folder::rank_records_file(&run_dir, 0),
+        |records| {
+            let mut log = rsb_job::MetricsLog::open(&metrics)?;
+            records.iter().try_for_each(|record| log.append(record))
+        },
+    )?;
     let outcome = RunOutcome {
         end: RunEnd::Finished,
         attempts: before.map_or(1, |o| o.attempts.max(1)),
