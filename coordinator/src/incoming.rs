@@ -4,7 +4,8 @@
 //! soon as it is accepted), each closed unless a call on it presents the
 //! job token within [`TOKEN_CALL_DEADLINE`] of its opening (a stranger,
 //! who has no token, holds no connection longer, whether it says nothing,
-//! speaks HTTP/2 and pings, or makes calls that are refused), and a failed
+//! speaks HTTP/2 and pings, makes calls that are refused, or never reads
+//! the answers), and a failed
 //! accept (no file descriptor left) pauses the accepting for
 //! [`ACCEPT_ERROR_PAUSE`] instead of retrying at once in a busy loop.
 //! [`crate::service::TokenCheck`] marks a connection whose call presents
@@ -336,6 +337,46 @@ impl Drop for Connection {
     }
 }
 
+impl Connection {
+    /// Why the connection is to be closed now, if it is: no call on it has
+    /// presented the job token, and its deadline passed or a new connection
+    /// needed its room. Checked on reads and on writes alike, and registers
+    /// the task to be woken at the deadline or when evicted: a stranger that
+    /// never reads its socket stops the server's reads of it (HTTP/2 reads no
+    /// more while its replies cannot be written), so the check on reads alone
+    /// would never close it.
+    fn unproven_closing(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let deadline = self.token_call.as_mut()?;
+        if self.vouched.load(Ordering::Acquire) {
+            self.token_call = None;
+            return None;
+        }
+        if self.eviction.evicted.load(Ordering::Acquire) {
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "closed to make room: every connection was taken, and no call on this one \
+                 presented the job token",
+            ));
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            // Whatever it sent, nothing of it was a call with the token.
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no call on the connection presented the job token in time",
+            ));
+        }
+        // Woken to be closed, should a new connection need its room.
+        let mut waker = self.eviction.waker.lock().unwrap_or_else(|p| p.into_inner());
+        *waker = Some(cx.waker().clone());
+        drop(waker);
+        // Evicted between the check above and the waker's registration.
+        if self.eviction.evicted.load(Ordering::Acquire) {
+            cx.waker().wake_by_ref();
+        }
+        None
+    }
+}
+
 impl AsyncRead for Connection {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -344,32 +385,10 @@ impl AsyncRead for Connection {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let Some(deadline) = &mut this.token_call else { return read };
-        if this.vouched.load(Ordering::Acquire) {
-            this.token_call = None;
-        } else if this.eviction.evicted.load(Ordering::Acquire) {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "closed to make room: every connection was taken, and no call on this one \
-                 presented the job token",
-            )));
-        } else if deadline.as_mut().poll(cx).is_ready() {
-            // Whatever it sent, nothing of it was a call with the token.
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no call on the connection presented the job token in time",
-            )));
-        } else {
-            // Woken to be closed, should a new connection need its room.
-            let mut waker = this.eviction.waker.lock().unwrap_or_else(|p| p.into_inner());
-            *waker = Some(cx.waker().clone());
-            drop(waker);
-            // Evicted between the check above and the waker's registration.
-            if this.eviction.evicted.load(Ordering::Acquire) {
-                cx.waker().wake_by_ref();
-            }
+        match this.unproven_closing(cx) {
+            Some(closing) => Poll::Ready(Err(closing)),
+            None => read,
         }
-        read
     }
 }
 
@@ -379,11 +398,19 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(closing) = this.unproven_closing(cx) {
+            return Poll::Ready(Err(closing));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if let Some(closing) = this.unproven_closing(cx) {
+            return Poll::Ready(Err(closing));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -395,7 +422,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(closing) = this.unproven_closing(cx) {
+            return Poll::Ready(Err(closing));
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -542,6 +573,31 @@ mod tests {
         member_client.write_all(b"i").await.unwrap();
         member.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"i");
+    }
+
+    /// A stranger that never reads its socket: the server's writes to it
+    /// stall, as HTTP/2's do when a peer floods pings and never reads the
+    /// answers, and the server then reads no more of it. Its connection is
+    /// closed at the deadline all the same, by the stalled write.
+    #[tokio::test]
+    async fn a_stranger_that_never_reads_is_closed_at_its_deadline_by_a_stalled_write() {
+        let (listener, address) = listening().await;
+        let limits = Limits {
+            connections: 8,
+            per_peer: 8,
+            token_call: Duration::from_millis(300),
+            evict_unproven_after: NEVER,
+        };
+        let mut incoming = Incoming::with_limits(listener, limits);
+        let _deaf_client = TcpStream::connect(address).await.unwrap();
+        let mut deaf = incoming.next().await.unwrap().unwrap();
+        let started = Instant::now();
+        // Far more than the two sockets' buffers hold.
+        let replies = vec![0u8; 64 << 20];
+        let write = tokio::time::timeout(Duration::from_secs(5), deaf.write_all(&replies)).await;
+        let error = write.expect("a stranger that never reads was kept").unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
     }
 
     #[tokio::test]
