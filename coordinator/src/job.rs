@@ -394,6 +394,24 @@ pub fn records_made_while_away(out_dir: &Path) -> Result<Vec<MetricsRecord>, Rec
         .ok_or_else(|| left("it does not hold the last record metrics.jsonl holds".into()))
 }
 
+/// What a run its ranks finished while no coordinator ran (`what`: "the
+/// job", "the run") is said to end with: `checkpoint`, at `position`, ends
+/// the last of `total_epochs`. One wording for a job's end and a sweep's run.
+pub fn finished_while_away(
+    what: &str,
+    checkpoint: &Path,
+    position: &rsb_job::checkpoint::RunPosition,
+    total_epochs: u64,
+) -> String {
+    format!(
+        "{what} finished while no coordinator ran: {} ends its last epoch ({} of {total_epochs}, \
+         {} updates)",
+        checkpoint.display(),
+        position.next_epoch,
+        position.updates,
+    )
+}
+
 /// Hands `records`, those rank 0 made that no coordinator took
 /// ([`records_made_while_away`]), to `append`, and says what was done,
 /// naming the run's file as `into` and rank 0's as `rank_zero_file`; why
@@ -904,14 +922,13 @@ impl Job {
         self.progress = (position.next_epoch.saturating_sub(1), position.updates, 0.0);
         self.total_updates = Some(position.updates);
         let records = self.take_records_made_while_away();
-        self.say(&format!(
-            "the job finished while no coordinator ran: {} ends its last epoch ({} of {}, \
-             {} updates), found {when}; {records}",
-            checkpoint.path().display(),
-            position.next_epoch,
+        let finished = finished_while_away(
+            "the job",
+            checkpoint.path(),
+            &position,
             self.recipe.total_epochs(),
-            position.updates,
-        ));
+        );
+        self.say(&format!("{finished}, found {when}; {records}"));
         true
     }
 

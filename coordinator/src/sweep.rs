@@ -232,14 +232,13 @@ pub fn keep_run_finished_while_away(
         failure: before.and_then(|o| o.failure.clone()),
     };
     outcome.write(layout, id)?;
-    let said = format!(
-        "the run finished while no coordinator ran: {} ends its last epoch ({} of {}, {} \
-         updates); {records}; kept as finished",
-        checkpoint.path().display(),
-        position.next_epoch,
+    let finished = crate::job::finished_while_away(
+        "the run",
+        checkpoint.path(),
+        &position,
         recipe.total_epochs(),
-        position.updates,
     );
+    let said = format!("{finished}; {records}; kept as finished");
     Ok(Some((outcome, said)))
 }
 
