@@ -339,6 +339,31 @@ mod tests {
         refused(&with_thumbnail[..with_thumbnail.len() - 40]);
         let after_thumbnail = 6 + 6 + thumbnail.len() + 4;
         refused(&with_thumbnail[..after_thumbnail]);
+        // Cut right at the thumbnail's end marker: it ends with one, so
+        // check_complete passes it, but it ends before its frame header:
+        // truncated, by its header and by every decode, where libjpeg gave
+        // the size of the image this thread read before.
+        let at_thumbnail_end = &with_thumbnail[..6 + 6 + thumbnail.len()];
+        assert!(at_thumbnail_end.ends_with(&[0xFF, 0xD9]));
+        jpeg::check_complete(at_thumbnail_end).unwrap();
+        decode_bytes(&whole).unwrap();
+        let err = jpeg::header(at_thumbnail_end).map(|h| format!("{h:?}")).unwrap_err();
+        assert!(matches!(err, jpeg::JpegError::Truncated { .. }), "{err:?}");
+        assert!(is_truncated(&decode_bytes(at_thumbnail_end).unwrap_err()));
+        // Tables and an end of image but no frame (an abbreviated table
+        // specification): no image, and not the last image's size.
+        let dqt = whole.windows(2).position(|p| p == [0xFF, 0xDB]).unwrap();
+        let dqt_length = usize::from(u16::from_be_bytes([whole[dqt + 2], whole[dqt + 3]]));
+        let tables_only = [&whole[..2], &whole[dqt..dqt + 2 + dqt_length], &[0xFF, 0xD9]].concat();
+        jpeg::check_complete(&tables_only).unwrap();
+        let err = jpeg::header(&tables_only).map(|h| format!("{h:?}")).unwrap_err();
+        assert!(err.to_string().contains("no frame header"), "{err:?}");
+        assert!(!is_truncated(&decode_bytes(&tables_only).unwrap_err()));
+        // A segment length that is no length is left to libjpeg (which
+        // reads on past it), not called truncated.
+        let bad_length = [&whole[..2], &[0xFF, 0xE1, 0x00, 0x01], &whole[2..]].concat();
+        let read = jpeg::header(&bad_length);
+        assert!(!matches!(read, Err(jpeg::JpegError::Truncated { .. })), "{read:?}");
         // Cut just before the end marker, or right after a scan header.
         refused(&whole[..whole.len() - 2]);
         let sos = whole.windows(2).rposition(|p| p == [0xFF, 0xDA]).unwrap();

@@ -29,6 +29,9 @@ const SCAN_LIMIT: c_int = 500;
 /// [`JpegError::Truncated`]'s detail when the data ends before its end of image.
 pub const NO_END_OF_IMAGE: &str = "its segments do not reach an end-of-image marker";
 
+/// [`JpegError::Truncated`]'s detail when the data ends before its frame header.
+const NO_FRAME_HEADER: &str = "it ends before its frame header";
+
 /// [`JpegError::Truncated`]'s detail when libjpeg ran out of data.
 const PREMATURE_END: &str = "premature end of JPEG data";
 
@@ -39,28 +42,67 @@ const PREMATURE_END: &str = "premature end of JPEG data";
 /// Other data (cut inside or before a scan, or with data appended after the
 /// image, such as a Motion Photo's video) is complete when its segments,
 /// walked from the start of image, reach an end of image
-/// ([`reaches_end_of_image`]). Deliberately stricter than Pillow for one
+/// ([`walk_segments`]). Deliberately stricter than Pillow for one
 /// kind of file: a sequential JPEG cut after its last row's data but before
 /// its end marker, or cut and then zero-filled to its old size (an
 /// interrupted preallocated download), which Pillow decodes (the zeros as
 /// grey blocks) and this refuses.
 pub fn check_complete(bytes: &[u8]) -> Result<(), JpegError> {
     let padded_to = bytes.iter().rposition(|&b| b != 0x00).map_or(0, |last| last + 1);
-    if bytes[..padded_to].ends_with(&[0xFF, 0xD9]) || reaches_end_of_image(bytes) {
+    if bytes[..padded_to].ends_with(&[0xFF, 0xD9])
+        || walk_segments(bytes, |_| false) == Walk::At(0xD9)
+    {
         return Ok(());
     }
     Err(JpegError::Truncated { detail: NO_END_OF_IMAGE })
 }
 
-/// Whether the segments of `bytes`, walked from its start of image, reach an
-/// end of image: each marker segment is skipped by its length (so the `FF
-/// D9` of an EXIF thumbnail inside one is passed over), and a scan's
-/// entropy-coded data up to the next marker that is not a restart marker.
-/// Bytes before a marker that are not one are passed over, as libjpeg does
-/// (with a warning Pillow ignores).
-fn reaches_end_of_image(bytes: &[u8]) -> bool {
+/// Refuses JPEG data whose segments reach no frame header (the `SOFn`
+/// segment that gives the image's size) before a scan or the end of image,
+/// from the bytes alone: libjpeg-turbo's header reader, given such data,
+/// reports success for a tables-only stream (or a warning once the data runs
+/// out) and leaves the size of the image its handle read before, which a
+/// crop would be computed from. Data cut inside a segment before its frame
+/// header (right after an EXIF thumbnail's end marker, which
+/// [`check_complete`] passes) is [`JpegError::Truncated`]. Walks only the
+/// segments before the frame header: a few, skipped by their lengths.
+pub fn check_frame_header(bytes: &[u8]) -> Result<(), JpegError> {
+    let is_frame_header =
+        |code: u8| matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC);
+    match walk_segments(bytes, |code| is_frame_header(code) || code == 0xDA) {
+        Walk::At(code) if is_frame_header(code) => Ok(()),
+        Walk::At(_) => Err(JpegError::Refused {
+            message: "no image: the JPEG has no frame header before its scan or end of image"
+                .into(),
+        }),
+        Walk::RanOut => Err(JpegError::Truncated { detail: NO_FRAME_HEADER }),
+        // Left to libjpeg-turbo, which names what is wrong.
+        Walk::Malformed => Ok(()),
+    }
+}
+
+/// Where walking a JPEG's segments ([`walk_segments`]) stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// At an end-of-image marker, or at a marker the walk was asked to stop
+    /// at (its code).
+    At(u8),
+    /// At the end of the data, inside a segment or a scan.
+    RanOut,
+    /// At something that is not a JPEG's structure (no start of image, a
+    /// segment length below 2).
+    Malformed,
+}
+
+/// Walks the segments of `bytes` from its start of image to an end of image,
+/// a marker for which `stop_at` holds, or the end of the data: each marker
+/// segment is skipped by its length (so the `FF D9` of an EXIF thumbnail
+/// inside one is passed over), and a scan's entropy-coded data up to the
+/// next marker that is not a restart marker. Bytes before a marker that are
+/// not one are passed over, as libjpeg does (with a warning Pillow ignores).
+fn walk_segments(bytes: &[u8], stop_at: impl Fn(u8) -> bool) -> Walk {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return false;
+        return Walk::Malformed;
     }
     let mut at = 2;
     loop {
@@ -68,31 +110,36 @@ fn reaches_end_of_image(bytes: &[u8]) -> bool {
         // neither a stuffed zero nor a restart marker.
         let code = loop {
             let Some(ff) = bytes[at..].iter().position(|&b| b == 0xFF) else {
-                return false;
+                return Walk::RanOut;
             };
             at += ff;
             while bytes.get(at) == Some(&0xFF) {
                 at += 1;
             }
             let Some(&code) = bytes.get(at) else {
-                return false;
+                return Walk::RanOut;
             };
             at += 1;
             if code != 0x00 && !(0xD0..=0xD7).contains(&code) {
                 break code;
             }
         };
+        if code == 0xD9 || stop_at(code) {
+            return Walk::At(code);
+        }
         match code {
-            0xD9 => return true,
             // Markers without a length: a start of image, `TEM`.
             0xD8 | 0x01 => {}
             _ => {
                 let Some(&[high, low]) = bytes.get(at..at + 2) else {
-                    return false;
+                    return Walk::RanOut;
                 };
                 let length = usize::from(u16::from_be_bytes([high, low]));
-                if length < 2 || at + length > bytes.len() {
-                    return false;
+                if length < 2 {
+                    return Walk::Malformed;
+                }
+                if at + length > bytes.len() {
+                    return Walk::RanOut;
                 }
                 at += length;
             }
@@ -345,9 +392,11 @@ fn with_handle<T>(f: impl FnOnce(&mut Handle) -> Result<T, JpegError>) -> Result
     })
 }
 
-/// Reads the header of a JPEG, refusing truncated data ([`check_complete`]).
+/// Reads the header of a JPEG, refusing truncated data ([`check_complete`])
+/// and data with no frame header ([`check_frame_header`]).
 pub fn header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
     check_complete(bytes)?;
+    check_frame_header(bytes)?;
     with_handle(|h| h.header(bytes))
 }
 
@@ -355,9 +404,11 @@ pub fn header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
 /// replicated by libjpeg, CMYK/YCCK files are decoded as CMYK and converted
 /// as Pillow's `convert('RGB')` does ([`cmyk_to_rgb`]). Returns the pixels and
 /// their width and height. Truncated data is refused before decoding
-/// ([`check_complete`]), whatever part of the image is asked for.
+/// ([`check_complete`], [`check_frame_header`]), whatever part of the image
+/// is asked for.
 pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u32), JpegError> {
     check_complete(bytes)?;
+    check_frame_header(bytes)?;
     with_handle(|h| {
         let hdr = h.header(bytes)?;
         let (denom, x, y, w, hgt) = match partial {
