@@ -96,6 +96,14 @@ pub fn mixup(recipe: &Recipe) -> Option<MixupConfig> {
     })
 }
 
+/// The seed of the training data's order, whatever the recipe's `seed`: 0,
+/// as in timm, whose `RepeatAugSampler` shuffles with the epoch alone and
+/// whose `DistributedSampler` (A3, no repeated augmentation) with its
+/// default seed 0 plus the epoch. timm's `--seed` never changes the data
+/// order, so a seed study varies what the paper's varied: initialisation,
+/// augmentation, Mixup/CutMix and drop-path.
+pub const SAMPLER_SEED: u64 = 0;
+
 /// The training data a recipe describes (class folders or tar shards).
 pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
     let root = Path::new(&recipe.data.root).join(&recipe.data.train_split);
@@ -104,7 +112,7 @@ pub fn train_data(recipe: &Recipe) -> Result<TrainData, TrainError> {
         0 | 1 => SamplerKind::Distributed,
         r => SamplerKind::RepeatAug { num_repeats: r },
     };
-    let sampler = StreamSampler::new(folder.len(), num_streams(recipe), kind, recipe.seed);
+    let sampler = StreamSampler::new(folder.len(), num_streams(recipe), kind, SAMPLER_SEED);
     Ok(TrainData::new(
         folder,
         train_transform(recipe)?,
@@ -251,6 +259,39 @@ mod tests {
         let model = model(&recipe, Device::Cpu).expect("model");
         let (name, conv) = &model.named_parameters()[0];
         assert!(is_channels_last(conv), "{name} strides {:?}", conv.stride());
+    }
+
+    #[test]
+    fn the_data_order_does_not_follow_the_recipes_seed_as_in_timm() {
+        let tmp = tempfile::tempdir().unwrap();
+        for class in ["n01", "n02"] {
+            let folder = tmp.path().join("train").join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..24 {
+                std::fs::write(folder.join(format!("{i}.jpg")), b"").unwrap();
+            }
+        }
+        let order = |seed: u64, repeats: u32| {
+            let recipe = default_recipe(&[
+                format!("data.root={}", tmp.path().display()),
+                "data.train_split=train".to_owned(),
+                "model.num_classes=2".to_owned(),
+                format!("seed={seed}"),
+                format!("batch.repeated_augmentation={repeats}"),
+                "batch.global_size=16".to_owned(),
+                "batch.micro_size=8".to_owned(),
+            ]);
+            let data = train_data(&recipe).expect("train data");
+            let sampler = data.sampler();
+            (0..sampler.num_streams()).map(|s| sampler.stream_indices(1, s)).collect::<Vec<_>>()
+        };
+        for repeats in [1, 3] {
+            let order_at_seed_0 = order(0, repeats);
+            assert_eq!(order(7, repeats), order_at_seed_0, "{repeats} repeats");
+            // Shuffled by the epoch: timm's epoch 1 is not the file order.
+            let in_file_order: Vec<usize> = (0..48).collect();
+            assert_ne!(order_at_seed_0.concat()[..8], in_file_order[..8], "{repeats} repeats");
+        }
     }
 
     #[test]
