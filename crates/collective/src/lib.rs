@@ -141,7 +141,19 @@ pub enum DeviceElement {
 /// let buffer =
 ///     rsb_collective::CudaBuffer::new(0x1000, 4, 0, rsb_collective::DeviceElement::F32);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// It is neither `Clone` nor `Copy`: its contract covers the one operation it
+/// is passed to (by value), so safe code cannot pass it to a later one, when
+/// its memory may have been freed:
+///
+/// ```compile_fail,E0382
+/// # use rsb_collective::{Buffer, CudaBuffer, DeviceElement};
+/// # fn reduce(_: Buffer<'_>) {}
+/// let buffer = unsafe { CudaBuffer::new(0x1000, 4, 0, DeviceElement::F32) };
+/// reduce(Buffer::Cuda(buffer));
+/// reduce(Buffer::Cuda(buffer));
+/// ```
+#[derive(Debug, PartialEq, Eq)]
 pub struct CudaBuffer {
     ptr: u64,
     len: usize,
@@ -155,7 +167,7 @@ impl CudaBuffer {
     ///
     /// # Safety
     ///
-    /// From the call until the collective operation it is passed to has
+    /// From the call until the one collective operation it is passed to has
     /// completed, which the caller learns by calling [`Collective::join`] on
     /// that backend after the operation (work queued on libtorch's default
     /// stream after the join runs after the operation):
