@@ -88,13 +88,17 @@ impl StopSignals {
     }
 }
 
-/// Stops `children`: `SIGTERM` to each one still running, then waits up to
-/// `grace` for all of them, then `SIGKILL`s the rest and reaps them.
+/// Stops `children`: `SIGTERM` to each one still running, then `SIGCONT` (a
+/// stopped process, `SIGSTOP`ped or a debugger's, acts on its `SIGTERM`
+/// handler only once continued), then waits up to `grace` for all of them,
+/// then `SIGKILL`s the rest and reaps them.
 pub async fn terminate(children: &mut [Child], grace: Duration) {
     for child in children.iter_mut() {
         if let Some(pid) = child.id() {
-            if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
-                tracing::debug!(pid, error = %e, "SIGTERM");
+            for signal in [Signal::SIGTERM, Signal::SIGCONT] {
+                if let Err(e) = kill(Pid::from_raw(pid as i32), signal) {
+                    tracing::debug!(pid, error = %e, "{signal}");
+                }
             }
         }
     }
@@ -182,6 +186,25 @@ mod tests {
         terminate(&mut children, Duration::from_secs(5)).await;
         assert!(start.elapsed() < Duration::from_secs(4), "SIGTERM alone should stop sleep");
         assert!(!alive(pid));
+    }
+
+    /// A stopped child with a SIGTERM handler acts on it at once, where it
+    /// kept the signal pending until the grace ran out and it was killed
+    /// (and a parent killed before then left it stopped for ever).
+    #[tokio::test]
+    async fn terminate_continues_a_stopped_child_so_that_its_handler_runs() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap 'exit 7' TERM; while :; do sleep 0.1; done"]);
+        let child = cmd.spawn().expect("sh");
+        let pid = child.id().expect("pid");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+        let mut children = [child];
+        let start = std::time::Instant::now();
+        terminate(&mut children, Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+        let status = children[0].try_wait().expect("wait").expect("reaped");
+        assert_eq!(status.code(), Some(7), "the child's own SIGTERM handler ended it: {status:?}");
     }
 
     #[tokio::test]
