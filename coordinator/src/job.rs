@@ -481,11 +481,14 @@ impl Queued {
     /// not open; a log that could not be opened is tried again with the next
     /// record. A failure is logged and handed to the receipt.
     fn append(self, path: &Path, log: &mut Option<MetricsLog>) -> bool {
+        // Synced before the record's receipt is answered: the commit of a
+        // checkpoint made after it is synced into the state file.
         let appended = match log {
-            Some(log) => log.append(&self.record),
-            None => {
-                MetricsLog::open(path).and_then(|opened| log.insert(opened).append(&self.record))
-            }
+            Some(log) => log.append(&self.record).and_then(|()| log.sync()),
+            None => MetricsLog::open(path).and_then(|opened| {
+                let log = log.insert(opened);
+                log.append(&self.record).and_then(|()| log.sync())
+            }),
         };
         let Err(e) = appended else { return true };
         tracing::error!("a {} record is lost: {e}", self.record.kind());

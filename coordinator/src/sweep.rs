@@ -223,7 +223,8 @@ pub fn keep_run_finished_while_away(
         &rsb_job::run_folder::rank_records_file(&run_dir, 0),
         |records| {
             let mut log = rsb_job::MetricsLog::open(&metrics)?;
-            records.iter().try_for_each(|record| log.append(record))
+            records.iter().try_for_each(|record| log.append(record))?;
+            log.sync()
         },
     )?;
     let outcome = RunOutcome {

@@ -93,6 +93,16 @@ impl MetricsLog {
             io(e)
         })
     }
+
+    /// Makes the records appended so far durable (`fdatasync`): a caller that
+    /// acknowledges a record, or commits a checkpoint made after it, syncs
+    /// first, so that a crash or a power loss cannot take records from
+    /// before a commit it kept.
+    pub fn sync(&mut self) -> Result<(), MetricsLogError> {
+        self.file
+            .sync_data()
+            .map_err(|source| MetricsLogError::Io { path: self.path.clone(), source })
+    }
 }
 
 /// Truncates `file` after its last newline when its last byte is not one;
