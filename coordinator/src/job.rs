@@ -1399,7 +1399,17 @@ impl Job {
         }
         let timeout = self.heartbeat_timeout;
         let may_be_silent = self.silent_not_before.is_none_or(|at| Instant::now() > at);
-        let silent = |m: &Member| may_be_silent && m.last_seen.elapsed() > timeout;
+        // A member whose ranks have all left is done with this generation:
+        // its agent, its ranks gone, exits and stops heartbeating, and the
+        // job waits only for the other ranks' Leaves (rank 0's comes last,
+        // after its reports are flushed, and may come later than the
+        // heartbeat timeout). A failure among them is handled at its Leave.
+        let left_ranks = &self.left_ranks;
+        let silent = |m: &Member| {
+            may_be_silent
+                && m.last_seen.elapsed() > timeout
+                && !m.ranks().all(|rank| left_ranks.contains(&rank))
+        };
         if !self.elastic() {
             if let Some(m) = self.members.iter().find(|m| silent(m)) {
                 let msg =
@@ -2655,6 +2665,31 @@ pub(crate) mod tests {
         let mut j = job(1);
         join(&mut j, "a", 3).unwrap(); // 2 streams over 3 ranks
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("3 ranks")), "{:?}", j.phase);
+    }
+
+    /// A host whose ranks all finished stops heartbeating (its agent exits)
+    /// while rank 0 on another host still flushes its reports: the job
+    /// waits for rank 0's Leave, past the heartbeat timeout, and finishes.
+    #[test]
+    fn a_member_whose_ranks_all_left_is_not_silent() {
+        let mut j = job(2);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        j.leave(&b, 1, 0, true, "", None).unwrap();
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running, "a host whose ranks finished was called silent");
+        j.leave(&a, 1, 0, true, "", None).unwrap();
+        assert_eq!(j.phase, Phase::Finished);
+        // A silent member whose rank has not left still fails the job.
+        let mut j = job(2);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&a, 1, 0, true, "", None).unwrap();
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("(b) missed heartbeats")));
     }
 
     #[test]

@@ -49,13 +49,17 @@ fn signal(pid: u32, name: &str) {
     assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid}");
 }
 
-#[test]
-fn a_frozen_coordinator_neither_holds_up_training_nor_loses_its_reports() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let data = fashion_subset(tmp.path(), 16, 4);
-    let out = tmp.path().join("run");
+/// A job of `nodes` local hosts of one CPU rank each, started with `coordinator up
+/// --local` on a subset of Fashion-MNIST in `tmp`, reporting every update;
+/// returns the coordinator, the thread collecting its stderr, and the run folder.
+fn start_job(
+    tmp: &Path,
+    nodes: u32,
+) -> (std::process::Child, std::thread::JoinHandle<String>, std::path::PathBuf) {
+    let data = fashion_subset(tmp, 16, 4);
+    let out = tmp.join("run");
     let mut coordinator = Command::new(binary("coordinator"))
-        .args(["up", "--local", "--nodes", "1", "--recipe"])
+        .args(["up", "--local", "--nodes", &nodes.to_string(), "--recipe"])
         .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
         .arg("--out")
         .arg(&out)
@@ -76,6 +80,36 @@ fn a_frozen_coordinator_neither_holds_up_training_nor_loses_its_reports() {
         let _ = stderr.read_to_string(&mut text);
         text
     });
+    (coordinator, output, out)
+}
+
+/// Waits up to `limit` for the coordinator to exit; returns its status and
+/// its stderr, or panics (killing it) with its stderr.
+fn wait_for_end(
+    mut coordinator: std::process::Child,
+    output: std::thread::JoinHandle<String>,
+    limit: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = coordinator.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = coordinator.kill();
+            let _ = coordinator.wait();
+            panic!("the job did not end within {limit:?} of {what}:\n{}", output.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    (status, output.join().unwrap())
+}
+
+#[test]
+fn a_frozen_coordinator_neither_holds_up_training_nor_loses_its_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut coordinator, output, out) = start_job(tmp.path(), 1);
     let rank_file = out.join("ranks/rank-0.jsonl");
     let steps_of_rank = || records(&rank_file, "step").len();
     // Trained a few updates, well before the end.
@@ -113,19 +147,7 @@ fn a_frozen_coordinator_neither_holds_up_training_nor_loses_its_reports() {
     let steps_in_freeze = total - steps_at_freeze as u64;
     std::thread::sleep(HOLD);
     signal(coordinator.id(), "CONT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = coordinator.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = coordinator.kill();
-            let _ = coordinator.wait();
-            panic!("the job did not end within 300 s of the thaw:\n{}", output.join().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let output = output.join().unwrap();
+    let (status, output) = wait_for_end(coordinator, output, Duration::from_secs(300), "the thaw");
     assert!(status.success(), "the job failed ({status}):\n{output}");
     println!(
         "with the coordinator frozen, the rank trained its last {steps_in_freeze} updates in \
@@ -146,4 +168,39 @@ fn a_frozen_coordinator_neither_holds_up_training_nor_loses_its_reports() {
     let epochs: Vec<u64> =
         records(&metrics, "epoch").iter().map(|r| r["epoch"].as_u64().unwrap()).collect();
     assert_eq!(epochs, (0..EPOCHS).collect::<Vec<_>>(), "epoch records\n{output}");
+}
+
+/// A coordinator frozen as a two-host job ends: rank 1, with no report to
+/// flush, leaves at once, while the coordinator does not answer for longer
+/// than a Leave's try (5 s). The rank asks again until it is taken (its
+/// agent, its rank done, has exited and heartbeats no more), so once the
+/// coordinator runs again the job finishes at once; a Leave tried once was
+/// lost, and the job waited for that host's heartbeat timeout (300 s here),
+/// then failed for its silence.
+#[test]
+fn a_rank_leave_lost_to_a_frozen_coordinator_is_sent_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut coordinator, output, out) = start_job(tmp.path(), 2);
+    let rank_file = out.join("ranks/rank-0.jsonl");
+    let total = (EPOCHS * UPDATES_PER_EPOCH) as usize;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Frozen once rank 0 trained the last update: the ranks then evaluate,
+    // rank 0 commits the last checkpoint, and they leave.
+    while records(&rank_file, "step").len() < total {
+        if Instant::now() > deadline || coordinator.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(coordinator.id(), "STOP");
+    let trained = records(&rank_file, "step").len();
+    std::thread::sleep(Duration::from_secs(15));
+    signal(coordinator.id(), "CONT");
+    let thawed = Instant::now();
+    let (status, output) = wait_for_end(coordinator, output, Duration::from_secs(90), "the thaw");
+    assert_eq!(trained, total, "the ranks did not train every update within 300 s\n{output}");
+    assert!(status.success(), "the job failed ({status}):\n{output}");
+    println!("the job ended {:.1?} after its coordinator was thawed", thawed.elapsed());
+    let epochs = records(&out.join("metrics.jsonl"), "epoch").len() as u64;
+    assert_eq!(epochs, EPOCHS, "epoch records\n{output}");
 }

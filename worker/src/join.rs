@@ -849,18 +849,52 @@ pub fn rank(args: RankArgs) -> Result<()> {
         generation,
         collective_peer: outcome.as_ref().err().and_then(collective_peer),
     };
-    match runtime
-        .block_on(async { tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await })
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "could not tell the coordinator that this rank left")
-        }
-        Err(_) => tracing::warn!(
-            "the coordinator did not answer this rank's Leave within {RANK_CALL_DEADLINE:?}"
-        ),
-    }
+    runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
+}
+
+/// Tells the coordinator that this rank left. A coordinator that does not
+/// answer (frozen, restarting, cut off) is asked again, each call within
+/// [`RANK_CALL_DEADLINE`], until [`REPORT_FLUSH_DEADLINE`] has passed or the
+/// rank is told to stop (its agent gave up on the coordinator): a Leave lost
+/// to a coordinator frozen for a few seconds left the job waiting for this
+/// rank after its agent had exited, and then failed it for that host's
+/// silence. A Leave the coordinator took once is refused again, harmlessly.
+async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopRequest) {
+    let deadline = tokio::time::Instant::now() + REPORT_FLUSH_DEADLINE;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let why_not = match tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave.clone()))
+            .await
+        {
+            Ok(Ok(_)) => return,
+            Ok(Err(e))
+                if !matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {RANK_CALL_DEADLINE:?}"),
+        };
+        if tokio::time::Instant::now() >= deadline || stop.reason().is_some() {
+            tracing::warn!(
+                "the coordinator did not take this rank's Leave after {tries} tries \
+                 ({why_not}); giving up"
+            );
+            return;
+        }
+        if tries == 1 {
+            tracing::warn!(
+                "the coordinator did not take this rank's Leave ({why_not}); trying again"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// On the first `SIGTERM` or `SIGINT` (from the agent, or its death),
