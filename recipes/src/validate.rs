@@ -334,7 +334,6 @@ pub(crate) fn check(r: &Recipe) -> Check {
     let b = &r.batch;
     between_one_and("batch.global_size", b.global_size, MAX_GLOBAL_BATCH)?;
     between_one_and("batch.micro_size", b.micro_size, MAX_BATCH_IMAGES)?;
-    // (Not `is_multiple_of`: the workspace's MSRV is 1.85.)
     let remainder = b.global_size % b.micro_size;
     if remainder != 0 {
         return fail_with(

@@ -1,6 +1,6 @@
 //! `recipes/table3.csv` equals Table 3 as the project's reference copy of the
-//! paper gives it: the same architectures in the same order, every resolution
-//! and top-1 cell.
+//! paper gives it: the same architectures in the same order, every resolution,
+//! top-1 and GPU-count cell.
 //!
 //! The reference (`../shared/reference/table3.md` from the repository root)
 //! lies outside the repository, and a checkout may come without it, so a
@@ -77,10 +77,13 @@ fn csv_equals_the_reference_table() {
 
     let resolution_columns = ["A1/A2 train", "A1/A2 test", "A3 train", "A3 test"];
     let accuracy_columns = ["A1 top-1", "A2 top-1", "A3 top-1"];
+    let gpu_columns = ["A1/A2 #GPU", "A3 #GPU"];
     let mut compared = 0;
     for (row, ours) in rows.iter().zip(rows_csv) {
         let resolutions = [ours.a1a2_train, ours.a1a2_test, ours.a3_train, ours.a3_test];
-        for (name, value) in resolution_columns.iter().zip(resolutions) {
+        let gpus = [ours.a1a2_gpus, ours.a3_gpus];
+        let counts = resolution_columns.iter().zip(resolutions).chain(gpu_columns.iter().zip(gpus));
+        for (name, value) in counts {
             let cell = &row[column(&header, name)];
             let expected: u32 =
                 cell.parse().unwrap_or_else(|e| panic!("table3.md {name} `{cell}`: {e}"));
@@ -96,7 +99,7 @@ fn csv_equals_the_reference_table() {
             compared += 1;
         }
     }
-    assert_eq!(compared, 25 * 7);
+    assert_eq!(compared, 25 * 9);
 }
 
 #[test]

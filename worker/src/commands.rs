@@ -499,8 +499,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let (mean, std) = match &recipe {
         Some(r) => (r.data.mean, r.data.std),
+        // As timm's data config for the model (the ViTs: 0.5, 0.5, 0.5).
         None => {
-            (rsb_recipes::schema::IMAGENET_DEFAULT_MEAN, rsb_recipes::schema::IMAGENET_DEFAULT_STD)
+            let timm = rsb_recipes::procedure::timm_normalization(&model_name);
+            (timm.mean, timm.std)
         }
     };
     let normalizer = Normalizer::new(mean, std, device, false);
