@@ -396,7 +396,15 @@ fn reduce_parts(
     let flat = Tensor::f_from_slice(parts)?.f_to_device(calls.device)?.f_contiguous()?;
     let result = issue_flat(collective, flat, reduction, what)?;
     collective.join().map_err(|e| failed(what, e))?;
-    Ok(host_read::f32s_of(&result)?)
+    let read = host_read::f32s_of(&result)?;
+    // Joined again once read: NCCL's watchdog may have aborted the
+    // collective while the read waited for it, and an aborted kernel ends,
+    // leaving half-reduced values for the read. The abort's failure is
+    // recorded by then (the join waits for the watchdog's lock), so the
+    // values are never taken for a result (an evaluation's counts, the
+    // position a job starts from).
+    collective.join().map_err(|e| failed(what, e))?;
+    Ok(read)
 }
 
 #[cfg(test)]
@@ -616,7 +624,54 @@ pub(crate) mod tests {
         assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), [2.0, -4.0], "not yet joined");
         finish(&mut stream, issued, "sum").unwrap();
         assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), [4.0, -8.0]);
-        assert_eq!((stream.sums, stream.joins), (4, 4));
+        assert_eq!((stream.sums, stream.joins), (4, 5), "the scalars joined again once read");
+    }
+
+    /// A collective aborted (NCCL's watchdog, at its timeout) while its
+    /// result was read: the first join passed, the next reports the abort.
+    #[derive(Default)]
+    struct AbortedWhileRead {
+        joins: usize,
+    }
+
+    impl Collective for AbortedWhileRead {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&mut self, _buffer: Buffer<'_>) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+        fn broadcast(&mut self, _buffer: Buffer<'_>, _root: usize) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+        fn join(&mut self) -> Result<(), CollectiveError> {
+            self.joins += 1;
+            if self.joins == 1 {
+                return Ok(());
+            }
+            Err(CollectiveError::Nccl("rank 0: aborted after 600 s (all-reduce)".into()))
+        }
+    }
+
+    #[test]
+    fn values_read_from_a_collective_aborted_meanwhile_are_not_taken() {
+        let mut sums = [3.0, 4.0];
+        let e = sum_scalars(&mut AbortedWhileRead::default(), CPU, &mut sums, "evaluation sums")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("evaluation sums failed: ") && e.contains("aborted"), "{e}");
+        let mut position = [7, 9];
+        let aborted = broadcast_integers(
+            &mut AbortedWhileRead::default(),
+            CPU,
+            &mut position,
+            0,
+            "position broadcast",
+        );
+        assert!(aborted.is_err(), "{aborted:?}");
     }
 
     /// A collective whose every call fails, as a dead peer makes them.
