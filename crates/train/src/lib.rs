@@ -13,7 +13,8 @@
 //! [`evaluation`] (top-1/top-5 counts), [`report`] (metrics records and
 //! progress), [`sample_trace`] (which samples each update used, for tests), [`stop`] (stopping
 //! at an update boundary; checkpoint writes the other ranks wait for without
-//! timing out) and [`trainer`] (the loop: epochs of updates).
+//! timing out), [`stream_statistics`] (BN statistics per sampler stream, as
+//! timm's per GPU) and [`trainer`] (the loop: epochs of updates).
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -36,6 +37,7 @@ pub mod report;
 pub mod sample_trace;
 pub mod schedule;
 pub mod stop;
+pub mod stream_statistics;
 pub mod trainer;
 
 pub use error::TrainError;

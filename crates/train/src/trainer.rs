@@ -8,10 +8,12 @@
 //! statistics and evaluation counts are combined over the ranks.
 //!
 //! Exact resumption (and the equality of 1 rank x N streams with N ranks x 1
-//! stream) rests on three facts: every data-side random draw is keyed by its
+//! stream) rests on four facts: every data-side random draw is keyed by its
 //! position in the run (see `rsb_data::pipeline`), libtorch's generator is
 //! reseeded from (update, stream) before each micro-batch (drop-path masks),
-//! and the checkpoint holds the model, the LAMB moments and the update count.
+//! each stream keeps its own BN statistics, averaged where timm averages
+//! over GPUs ([`crate::stream_statistics`]), and the checkpoint holds the
+//! model, the LAMB moments and the update count.
 //!
 //! Which samples a rank trains on comes from one place, its
 //! [`RankSampler`]: built for the whole job in [`Trainer::new`], moved to
@@ -86,6 +88,7 @@ use crate::report::{open_metrics_log, Progress, Records};
 use crate::sample_trace::{SampleRecord, SampleTrace};
 use crate::schedule::CosineWithWarmup;
 use crate::stop::{poll_period, write_while_answering, StopRequest, CHECKPOINT_WRITE_DEADLINE};
+use crate::stream_statistics::StreamStatistics;
 use rsb_collective::Collective;
 use rsb_data::eval_sets::EvalSet;
 use rsb_data::loader::Loader;
@@ -256,8 +259,11 @@ pub struct Trainer {
     /// Whether the allocator's refusal to give peak memory was logged.
     memory_unavailable_logged: bool,
     /// Copies of the BN buffers from before the current update's forward
-    /// passes, restored when the update is skipped.
+    /// passes, restored when the update is skipped (one stream).
     buffer_backup: Vec<Tensor>,
+    /// The BN statistics of each of this rank's streams, when it runs more
+    /// than one (as timm's per GPU).
+    stream_statistics: StreamStatistics,
     /// Non-finite updates in a row, up to the last one read.
     nonfinite_streak: u64,
     /// Samples replaced (undecodable images) over every rank before this
@@ -535,6 +541,7 @@ impl Trainer {
             gradient_buckets: None,
             memory_unavailable_logged: false,
             buffer_backup: Vec::new(),
+            stream_statistics: StreamStatistics::default(),
             scaler,
             stopping: false,
             last_checkpoint: None,
@@ -609,6 +616,8 @@ impl Trainer {
             .collect();
         let what = "broadcast of the start state (weights, buffers, optimizer state) from rank 0";
         reduce_tensors(collective, calls, &tensors, Reduction::Broadcast(0), what)?;
+        // Every stream of this rank starts from rank 0's statistics.
+        self.stream_statistics.forget();
         let so_far = self.state.epoch_so_far;
         let scaler_state = self.scaler.as_ref().map(GradScaler::state).transpose()?;
         let mut position = vec![
@@ -813,15 +822,19 @@ impl Trainer {
         }
     }
 
-    /// Averages the BN running statistics over the ranks (timm's `--dist-bn reduce`).
+    /// Averages the BN running statistics over this rank's streams and
+    /// over the ranks (timm's `--dist-bn reduce`, over its GPUs); every
+    /// stream goes on from the average.
     fn reduce_batch_norm_statistics(&mut self, epoch: u64) -> Result<(), TrainError> {
         let calls = self.calls();
+        self.stream_statistics.average_into(&mut self.model)?;
         if let Some(d) = &mut self.distributed {
             let buffers: Vec<Tensor> =
                 self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
             let what = format!("average of the BN statistics of epoch {epoch}");
             reduce_tensors(d.collective.as_mut(), calls, &buffers, Reduction::Mean, &what)?;
         }
+        self.stream_statistics.set_all_from(&self.model)?;
         Ok(())
     }
 
@@ -1151,6 +1164,7 @@ impl Trainer {
     ) -> Result<UpdateOnDevice, TrainError> {
         let total_streams = self.train.num_streams() as f64;
         self.optimizer.zero_grad()?;
+        self.stream_statistics.prepare(&self.model, batches.len())?;
         self.back_up_buffers()?;
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
@@ -1182,7 +1196,9 @@ impl Trainer {
                 xs = xs.f_mul_scalar(f64::NAN)?;
             }
             let ys = self.normalizer.targets(&mb.targets, mb.len)?;
+            self.stream_statistics.enter(&mut self.model, position)?;
             let logits = self.model.forward(&xs, ForwardMode::Train)?;
+            self.stream_statistics.leave(&self.model, position);
             let loss = self.loss.compute(&logits, &ys)?.f_div_scalar(total_streams)?;
             // fp16: the backward passes run on the scaled loss.
             let backward_loss = match &self.scaler {
@@ -1248,6 +1264,9 @@ impl Trainer {
     /// Copies the BN buffers (running statistics) aside, before the forward
     /// passes of an update update them.
     fn back_up_buffers(&mut self) -> Result<(), TrainError> {
+        if self.stream_statistics.per_stream() {
+            return self.stream_statistics.back_up();
+        }
         let _guard = tch::no_grad_guard();
         let buffers = self.model.named_buffers();
         if self.buffer_backup.len() != buffers.len() {
@@ -1264,6 +1283,11 @@ impl Trainer {
     /// unless the update was `applied` (a 0-d bool tensor): a select on the
     /// device.
     fn restore_buffers_unless(&mut self, applied: &Tensor) -> Result<(), TrainError> {
+        if self.stream_statistics.per_stream() {
+            // The model's own buffers are read only once averaged from the
+            // streams' (an epoch's end, a checkpoint).
+            return self.stream_statistics.restore_unless(applied);
+        }
         let _guard = tch::no_grad_guard();
         for (backup, (_, buffer)) in self.buffer_backup.iter().zip(self.model.named_buffers()) {
             let _ = buffer.f_where_self_out(buffer, applied, backup)?;

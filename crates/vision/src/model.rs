@@ -213,6 +213,12 @@ impl Model {
         self.num_batches_tracked
     }
 
+    /// Sets the count of BN batches seen in training (a sampler stream's
+    /// own count, when a trainer keeps the statistics of several).
+    pub fn set_num_batches_tracked(&mut self, count: i64) {
+        self.num_batches_tracked = count;
+    }
+
     /// The full state dict with timm's keys: parameters, running statistics
     /// and one `num_batches_tracked` per BN layer.
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>, VisionError> {
