@@ -215,6 +215,10 @@ impl RingListener {
         };
         // Set when the right link failed: the left one need not be waited for.
         let right_failed = AtomicBool::new(false);
+        // Set when the left link failed (before the right one did, if it
+        // did): the right one need not be waited for, and the left one's
+        // error is the one to report.
+        let left_failed = AtomicBool::new(false);
         let (to_right, from_left) = std::thread::scope(|scope| {
             let connecting = std::thread::Builder::new().name("ring-connect".into());
             let connecting =
@@ -225,7 +229,7 @@ impl RingListener {
                     };
                     let mut wait = Duration::from_millis(50);
                     loop {
-                        let stream = connect_with_retry(&right_address, deadline)
+                        let stream = connect_with_retry(&right_address, deadline, &left_failed)
                             .map_err(|e| failed(link_err(right, &right_address, e)))?;
                         match prove_to_right(&stream, rank, world, key, deadline) {
                             Ok(()) => return Ok(stream),
@@ -241,7 +245,10 @@ impl RingListener {
                             // Broken off or timed out: the listener may have
                             // had its handshake slots taken by strangers'
                             // stalled connections. Again, until the deadline.
-                            Err(Handshake::Io(e)) if Instant::now() + wait < deadline => {
+                            Err(Handshake::Io(e))
+                                if Instant::now() + wait < deadline
+                                    && !left_failed.load(Ordering::Relaxed) =>
+                            {
                                 tracing::debug!(
                                     rank,
                                     "the handshake with the right neighbour (rank {right} at \
@@ -277,13 +284,23 @@ impl RingListener {
                 deadline,
                 &right_failed,
             );
+            // The right link's failure came first when it made the left
+            // side give up; otherwise the left side's error is the cause.
+            if accepted.is_err() && !right_failed.load(Ordering::Relaxed) {
+                left_failed.store(true, Ordering::Relaxed);
+            }
             let connected = connecting.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Protocol {
                     rank,
                     problem: "connecting thread panicked".into(),
                 })
             });
-            Ok::<_, CollectiveError>((connected?, accepted?))
+            match (connected, accepted) {
+                (Ok(connected), Ok(accepted)) => Ok((connected, accepted)),
+                (_, Err(left)) if left_failed.load(Ordering::Relaxed) => Err(left),
+                (Err(right), _) => Err(right),
+                (Ok(_), Err(left)) => Err(left),
+            }
         })?;
         for (stream, peer) in [(&to_right, right), (&from_left, left)] {
             let _ = stream.set_nodelay(true);
@@ -311,7 +328,13 @@ impl RingListener {
     }
 }
 
-fn connect_with_retry(address: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+/// Connects to `address`, trying again until `deadline`, or until `give_up`
+/// is set (the other link failed first).
+fn connect_with_retry(
+    address: &str,
+    deadline: Instant,
+    give_up: &AtomicBool,
+) -> std::io::Result<TcpStream> {
     let mut wait = Duration::from_millis(10);
     loop {
         let attempt = address
@@ -322,7 +345,9 @@ fn connect_with_retry(address: &str, deadline: Instant) -> std::io::Result<TcpSt
             .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
         match attempt {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) if Instant::now() >= deadline || give_up.load(Ordering::Relaxed) => {
+                return Err(e)
+            }
             Err(_) => {
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_millis(500));
@@ -1586,6 +1611,33 @@ mod tests {
                 });
             }
         });
+    }
+
+    /// The left link fails (a peer holding the key presents the wrong rank)
+    /// while the right neighbour is not there: the ring gives up at once and
+    /// says what the left link did, where it waited for the right neighbour
+    /// until its deadline and then named it.
+    #[test]
+    fn a_failed_left_link_is_reported_at_once_while_the_right_neighbour_is_away() {
+        let me = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let away = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addresses =
+            vec!["127.0.0.1:9".to_string(), me.local_addr().unwrap().to_string(), away.to_string()];
+        let target = addresses[1].clone();
+        let wrong_rank = std::thread::spawn(move || {
+            let stream = TcpStream::connect(&target).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Rank 2 of 3 on rank 1's left link, where rank 0 belongs.
+            let _ = prove_to_right(&stream, 2, 3, &key(), deadline);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
+        let started = Instant::now();
+        let err = me.connect(1, &addresses, &key(), config).unwrap_err().to_string();
+        let took = started.elapsed();
+        wrong_rank.join().unwrap();
+        assert!(err.contains("expected rank 0 of 3 on the left link, got rank 2 of 3"), "{err}");
+        assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
     }
 
     #[test]
