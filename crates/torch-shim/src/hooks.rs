@@ -4,7 +4,8 @@
 //! libtorch's `PostAccumulateGradHook`: it runs right after a
 //! backward pass has accumulated the parameter's gradient into `.grad`
 //! (PyTorch's `Tensor.register_post_accumulate_grad_hook`), on the thread that
-//! runs the backward pass. [`GradReadyHooks::install`] calls a Rust closure
+//! runs the backward pass. [`GradReadyHooks::install`] (unsafe: no backward
+//! pass may run while hooks are installed or removed) calls a Rust closure
 //! with the parameter's index there, which is what a data-parallel reducer
 //! needs to start reducing a bucket while the rest of the backward pass is
 //! still running. Dropping the [`GradReadyHooks`] removes the hooks.
@@ -75,7 +76,21 @@ impl GradReadyHooks {
     /// after each backward pass that accumulates `params[i]`'s gradient,
     /// `on_ready(i)` runs on the backward pass's thread. A parameter holds
     /// one such hook: installing again replaces the previous one.
-    pub fn install(params: &[Tensor], on_ready: OnGradReady) -> Result<GradReadyHooks, HookError> {
+    ///
+    /// # Safety
+    ///
+    /// No backward pass that reaches `params` may be running while this
+    /// call runs, nor while the returned hooks are dropped, nor while
+    /// another install on the same parameters runs: replacing or removing a
+    /// hook frees it, and the closure's memory, with no lock against the
+    /// autograd engine calling it (a backward pass on another thread, on a
+    /// shallow clone of a parameter, would call freed memory). A backward
+    /// pass blocks its caller until it is done, so hooks installed, used and
+    /// dropped by one thread meet this.
+    pub unsafe fn install(
+        params: &[Tensor],
+        on_ready: OnGradReady,
+    ) -> Result<GradReadyHooks, HookError> {
         let context = Box::into_raw(Box::new(on_ready));
         let mut hooks = GradReadyHooks { params: Vec::with_capacity(params.len()), context };
         for (index, param) in params.iter().enumerate() {
@@ -147,15 +162,18 @@ mod tests {
         let (s, g) = (seen.clone(), grads_at_hook.clone());
         let params = [a.shallow_clone(), b.shallow_clone()];
         let probe = Mutex::new([a.shallow_clone(), b.shallow_clone()]);
-        let hooks = GradReadyHooks::install(
-            &params,
-            Arc::new(move |i| {
-                s.lock().unwrap().push(i);
-                // The gradient is already accumulated when the hook runs.
-                let grad = probe.lock().unwrap()[i].grad();
-                g.lock().unwrap().push(grad.sum(Kind::Float).double_value(&[]));
-            }),
-        )
+        // SAFETY: this thread alone runs backward passes, and drops the hooks.
+        let hooks = unsafe {
+            GradReadyHooks::install(
+                &params,
+                Arc::new(move |i| {
+                    s.lock().unwrap().push(i);
+                    // The gradient is already accumulated when the hook runs.
+                    let grad = probe.lock().unwrap()[i].grad();
+                    g.lock().unwrap().push(grad.sum(Kind::Float).double_value(&[]));
+                }),
+            )
+        }
         .unwrap();
         assert_eq!(hooks.len(), 2);
         // loss = sum(2a) + sum(3 (b * b)): grads 2 and 6 per element.
@@ -186,9 +204,10 @@ mod tests {
             Arc::new(move |_| *seen.lock().unwrap() += 1)
         };
         let (old_seen, new_seen) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(0)));
-        let old = GradReadyHooks::install(&params, counter(&old_seen)).unwrap();
+        // SAFETY (both): this thread alone runs backward passes, and drops the hooks.
+        let old = unsafe { GradReadyHooks::install(&params, counter(&old_seen)) }.unwrap();
         // The second install replaces the first hook on `a`...
-        let new = GradReadyHooks::install(&params, counter(&new_seen)).unwrap();
+        let new = unsafe { GradReadyHooks::install(&params, counter(&new_seen)) }.unwrap();
         // ...and dropping the first set must not remove the second's hook.
         drop(old);
         (&a * 2.0).sum(Kind::Float).backward();
@@ -202,7 +221,8 @@ mod tests {
     fn a_tensor_that_needs_no_grad_is_refused_with_its_index() {
         let a = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let frozen = Tensor::ones([2], (Kind::Float, Device::Cpu));
-        let err = GradReadyHooks::install(&[a, frozen], Arc::new(|_| {})).unwrap_err();
+        // SAFETY: no backward pass runs.
+        let err = unsafe { GradReadyHooks::install(&[a, frozen], Arc::new(|_| {})) }.unwrap_err();
         assert!(err.to_string().starts_with("parameter 1:"), "{err}");
     }
 }

@@ -139,15 +139,21 @@ impl GradientBuckets {
             let armed = Arc::new(AtomicBool::new(false));
             let hook_sender = sender.clone();
             let hook_armed = armed.clone();
-            let hooks = GradReadyHooks::install(
-                &params,
-                Arc::new(move |index| {
-                    if hook_armed.load(Ordering::Acquire) {
-                        // The receiver lives as long as the hooks.
-                        let _ = hook_sender.send(index);
-                    }
-                }),
-            )
+            // SAFETY: the trainer's thread installs the hooks, runs every
+            // backward pass that reaches these parameters (blocking until it
+            // is done) and drops the hooks with these buckets: none runs
+            // while they are installed or removed.
+            let hooks = unsafe {
+                GradReadyHooks::install(
+                    &params,
+                    Arc::new(move |index| {
+                        if hook_armed.load(Ordering::Acquire) {
+                            // The receiver lives as long as the hooks.
+                            let _ = hook_sender.send(index);
+                        }
+                    }),
+                )
+            }
             .map_err(|e| TrainError::GradientReduction(e.to_string()))?;
             Some(Overlap { ready, done: sender, armed, _hooks: hooks })
         } else {
