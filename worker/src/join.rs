@@ -597,38 +597,29 @@ async fn serve_member(
                 Ok(r) if r.get_ref().pending => {}
                 Ok(r) => {
                     let generation = r.get_ref().generation;
-                    match rank_generation {
-                        None => rank_generation = Some(generation),
-                        // The current ranks already fetched its assignment
-                        // (it opened while they were starting).
-                        Some(current)
-                            if generation > current
-                                && r.get_ref().ranks_generation >= generation =>
-                        {
-                            rank_generation = Some(generation);
+                    let fetched = r.get_ref().ranks_generation;
+                    if !ranks_are_behind(rank_generation, generation, fetched) {
+                        rank_generation = rank_generation.max(Some(generation));
+                    } else {
+                        tracing::warn!(
+                            generation,
+                            "the job opened a new generation; restarting the local ranks"
+                        );
+                        if let Some(late) = generation_kill_delay() {
+                            // Test hook: an agent that learns of the
+                            // generation late; its ranks train on.
+                            tokio::time::sleep(late).await;
                         }
-                        Some(current) if generation > current => {
-                            tracing::warn!(
-                                generation,
-                                "the job opened a new generation; restarting the local ranks"
-                            );
-                            if let Some(late) = generation_kill_delay() {
-                                // Test hook: an agent that learns of the
-                                // generation late; its ranks train on.
-                                tokio::time::sleep(late).await;
-                            }
-                            // Killed, not stopped: the new generation resumes
-                            // from the committed checkpoint the coordinator
-                            // chose, and a stop checkpoint written now could
-                            // race with the new ranks' own.
-                            kill_ranks(&mut children).await;
-                            (children, relays) = start_ranks()?;
-                            done = vec![false; children.len()];
-                            killed_here = vec![false; children.len()];
-                            failed = None;
-                            rank_generation = Some(generation);
-                        }
-                        Some(_) => {}
+                        // Killed, not stopped: the new generation resumes
+                        // from the committed checkpoint the coordinator
+                        // chose, and a stop checkpoint written now could
+                        // race with the new ranks' own.
+                        kill_ranks(&mut children).await;
+                        (children, relays) = start_ranks()?;
+                        done = vec![false; children.len()];
+                        killed_here = vec![false; children.len()];
+                        failed = None;
+                        rank_generation = Some(generation);
                     }
                 }
                 Err(e) if e.code() == tonic::Code::Unauthenticated => {
@@ -693,6 +684,22 @@ async fn serve_member(
         Some(reason) => MemberEnd::Failed(reason),
         None => MemberEnd::Finished,
     })
+}
+
+/// Whether the local ranks must be restarted for the job's `generation`:
+/// the agent knew them at `known` (`None` until its first answer past
+/// admission), and the coordinator says they fetched the assignment of
+/// generation `fetched` (0: not yet, and they will fetch the current one).
+/// They are behind when the job opened a generation after the one they
+/// fetched, also before the agent's first answer (admitted at one
+/// generation, another opened before its next heartbeat): left running,
+/// they would fail at the rendezvous as stale, counted against the new
+/// generation.
+fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: u64) -> bool {
+    match known {
+        None => fetched > 0 && fetched < generation,
+        Some(current) => generation > current && fetched < generation,
+    }
 }
 
 /// Test hook (`RSB_GENERATION_KILL_DELAY_MS`): how much later than it
@@ -1318,6 +1325,21 @@ fn nccl_collective(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_that_fetched_an_older_generation_are_restarted_also_at_the_first_answer() {
+        // Admitted at generation 3, its ranks fetched it, and 4 opened
+        // before the agent's first answer past admission: restarted.
+        assert!(ranks_are_behind(None, 4, 3));
+        // Not yet fetched (they will fetch 4), or fetched 4: left running.
+        assert!(!ranks_are_behind(None, 4, 0));
+        assert!(!ranks_are_behind(None, 4, 4));
+        // Known at 3: a new generation they have not fetched restarts them;
+        // one they fetched while starting does not; nor does an old one.
+        assert!(ranks_are_behind(Some(3), 4, 3));
+        assert!(!ranks_are_behind(Some(3), 4, 4));
+        assert!(!ranks_are_behind(Some(4), 4, 3));
+    }
 
     #[test]
     fn a_rank_gets_the_gpu_the_agent_sees_as_its_index() {
