@@ -90,6 +90,7 @@ fn assert_common_rsb(r: &Recipe) {
     assert_eq!(r.data.root, "/data/imagenet");
     assert_eq!(r.data.mean, rsb_recipes::IMAGENET_DEFAULT_MEAN);
     assert_eq!(r.data.std, rsb_recipes::IMAGENET_DEFAULT_STD);
+    assert!(!r.data.scaled_decode, "timm decodes every JPEG at full size");
     assert_eq!(r.augment.scale, [0.08, 1.0]);
     assert_eq!(r.augment.ratio, [3.0 / 4.0, 4.0 / 3.0]);
     assert_eq!(r.augment.hflip, 0.5);
