@@ -9,8 +9,9 @@
 //! lag less, and count N forward passes per update (`num_batches_tracked`).
 //! So a rank with more than one stream keeps one copy of the BN buffers per
 //! stream, points the model's buffers at a stream's copy before that
-//! stream's forward pass, and averages the copies (then over the ranks)
-//! where timm averages over GPUs. Since a moving average is linear,
+//! stream's forward pass (and back at their own memory once the update's
+//! passes are done), and averages the copies (then over the ranks) into the
+//! model's own where timm averages over GPUs. Since a moving average is linear,
 //! averaging at a mid-epoch checkpoint changes nothing at the epoch's end,
 //! so a run resumed from one goes on as the uninterrupted run.
 //!
@@ -57,6 +58,10 @@ pub struct StreamStatistics {
     streams: Vec<OneStream>,
     /// The same, from before the current update's forward passes.
     backups: Vec<OneStream>,
+    /// The model's own buffers' memory (aliases taken before any stream's
+    /// copy was pointed at): where the model's buffers point between
+    /// updates, holding the last average.
+    home: Vec<Tensor>,
 }
 
 /// `destination`'s storage overwritten with `source`'s values.
@@ -85,6 +90,23 @@ impl StreamStatistics {
         let _guard = tch::no_grad_guard();
         self.streams = (0..streams).map(|_| OneStream::of(model)).collect::<Result<_, _>>()?;
         self.backups = (0..streams).map(|_| OneStream::of(model)).collect::<Result<_, _>>()?;
+        self.home =
+            model.named_buffers().iter().map(|(_, b)| b.f_alias()).collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// After an update's forward and backward passes: the `model`'s BN
+    /// buffers pointed back at their own memory, which holds the last
+    /// average, so that nothing read or written through the model between
+    /// updates (a checkpoint's state, an evaluation, a weights load) reaches
+    /// one stream's statistics.
+    pub fn go_home(&self, model: &Model) -> Result<(), TrainError> {
+        if self.home.is_empty() {
+            return Ok(());
+        }
+        for ((_, buffer), home) in model.named_buffers().iter().zip(&self.home) {
+            buffer.shallow_clone().f_set_data(home)?;
+        }
         Ok(())
     }
 
@@ -93,6 +115,7 @@ impl StreamStatistics {
     pub fn forget(&mut self) {
         self.streams.clear();
         self.backups.clear();
+        self.home.clear();
     }
 
     /// Before stream `position`'s forward pass: the `model`'s BN buffers
@@ -219,6 +242,10 @@ mod tests {
                 let _ = alone[position].forward(input, ForwardMode::Train).unwrap();
             }
         }
+        // Between updates the model holds its own statistics (the last
+        // average: none yet), not the last stream's.
+        stats.go_home(&model).unwrap();
+        assert_eq!(first_running_mean(&model), start);
         // Stream 0 went on from its own statistics, not stream 1's.
         stats.enter(&mut model, 0).unwrap();
         assert_eq!(first_running_mean(&model), first_running_mean(&alone[0]));
@@ -231,7 +258,9 @@ mod tests {
         stats.restore_unless(&Tensor::from(false)).unwrap();
         stats.enter(&mut model, 1).unwrap();
         assert_eq!(first_running_mean(&model), first_running_mean(&alone[1]), "undone");
-        // The average of the two, as two ranks' means; every stream goes on from it.
+        // The average of the two, as two ranks' means, into the model's own
+        // statistics; every stream goes on from it.
+        stats.go_home(&model).unwrap();
         stats.average_into(&mut model).unwrap();
         let (a, b) = (first_running_mean(&alone[0]), first_running_mean(&alone[1]));
         let mean: Vec<f64> =

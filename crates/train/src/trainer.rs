@@ -1214,6 +1214,7 @@ impl Trainer {
             }
             update_loss = update_loss.f_add(&loss.f_detach()?)?;
         }
+        self.stream_statistics.go_home(&self.model)?;
         let device = self.options.device;
         let nan = || Tensor::f_full([], f64::NAN, (Kind::Double, device));
         // torch's order: unscale (checking the scaled gradients), step
