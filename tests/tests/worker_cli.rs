@@ -59,9 +59,13 @@ fn train_resume_eval_infer_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tiny_dataset(tmp.path());
 
+    // Not ImageNet's normalisation (as a ViT's, 0.5): `worker eval` of the
+    // checkpoint without --recipe normalises as the run did.
+    let normalised = ["--set", "data.mean=[0.5,0.5,0.5]", "--set", "data.std=[0.5,0.5,0.5]"];
+
     // Uninterrupted: two epochs.
     let full = tmp.path().join("full");
-    train(&data, &full, &[]);
+    train(&data, &full, &normalised);
     let steps = records(&full, "step");
     let epochs = records(&full, "epoch");
     assert_eq!(epochs.len(), 2);
@@ -97,17 +101,25 @@ fn train_resume_eval_infer_round_trip() {
         &data,
         &split,
         &[
-            "--set",
-            "runtime.keep_last_checkpoints=3",
-            "--max-updates",
-            &steps.len().div_ceil(2).to_string(),
-        ],
+            &normalised[..],
+            &[
+                "--set",
+                "runtime.keep_last_checkpoints=3",
+                "--max-updates",
+                &steps.len().div_ceil(2).to_string(),
+            ],
+        ]
+        .concat(),
     );
     assert!(split.join("checkpoints/epoch-0001/state.json").is_file());
     train(
         &data,
         &split,
-        &["--set", "runtime.keep_last_checkpoints=3", "--resume", split.to_str().unwrap()],
+        &[
+            &normalised[..],
+            &["--set", "runtime.keep_last_checkpoints=3", "--resume", split.to_str().unwrap()],
+        ]
+        .concat(),
     );
     let resumed = records(&split, "step");
     assert_eq!(resumed.len(), steps.len());
@@ -130,9 +142,10 @@ fn train_resume_eval_infer_round_trip() {
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let text = String::from_utf8_lossy(&eval.stdout);
     let top1 = epochs.last().unwrap()["top1"].as_f64().unwrap();
+    let loss = epochs.last().unwrap()["val_loss"].as_f64().unwrap();
     assert!(
-        text.contains(&format!("top-1 {top1:.3}%")),
-        "eval printed `{text}`, epoch record says {top1}"
+        text.contains(&format!("top-1 {top1:.3}%")) && text.contains(&format!("loss {loss:.4}")),
+        "eval printed `{text}`, epoch record says top-1 {top1}, loss {loss}"
     );
     assert!(!String::from_utf8_lossy(&eval.stderr).contains("its run scored"));
     // Without them, the model's defaults (224 px, crop 0.875) are used, and

@@ -289,15 +289,7 @@ fn class_count(text: &str) -> Result<i64, String> {
 /// (a run trained at 32 px, scored here at 224): the numbers would not be
 /// the run's. Nothing is said of plain weights files.
 fn warn_of_the_runs_own_evaluation(weights: &Path, input_size: u32, crop_pct: f64) {
-    let Some(checkpoint) = weights.parent() else { return };
-    if !checkpoint.join(rsb_job::checkpoint::STATE).is_file() {
-        return;
-    }
-    let Ok(state) = rsb_job::checkpoint::read_state(checkpoint) else { return };
-    let Some(saved) = state.get(rsb_job::run_folder::STATE_RECIPE_KEY) else { return };
-    let Ok(trained) = serde_json::from_value::<rsb_recipes::Recipe>(saved.clone()) else {
-        return;
-    };
+    let Some((checkpoint, trained)) = trained_with(weights) else { return };
     let (size, crop) = (trained.eval.input_size, trained.eval.crop_pct);
     if size != input_size || (crop - crop_pct).abs() > 1e-9 {
         tracing::warn!(
@@ -308,6 +300,19 @@ fn warn_of_the_runs_own_evaluation(weights: &Path, input_size: u32, crop_pct: f6
             checkpoint.display()
         );
     }
+}
+
+/// The checkpoint folder of `weights` and the recipe its run trained with,
+/// when `weights` are a checkpoint's (plain weights files hold no recipe).
+fn trained_with(weights: &Path) -> Option<(&Path, rsb_recipes::Recipe)> {
+    let checkpoint = weights.parent()?;
+    if !checkpoint.join(rsb_job::checkpoint::STATE).is_file() {
+        return None;
+    }
+    let state = rsb_job::checkpoint::read_state(checkpoint).ok()?;
+    let saved = state.get(rsb_job::run_folder::STATE_RECIPE_KEY)?;
+    let trained = serde_json::from_value::<rsb_recipes::Recipe>(saved.clone()).ok()?;
+    Some((checkpoint, trained))
 }
 
 /// A `--crop-pct`: a number in (0, 1].
@@ -499,11 +504,16 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let (mean, std) = match &recipe {
         Some(r) => (r.data.mean, r.data.std),
-        // As timm's data config for the model (the ViTs: 0.5, 0.5, 0.5).
-        None => {
-            let timm = rsb_recipes::procedure::timm_normalization(&model_name);
-            (timm.mean, timm.std)
-        }
+        // As the run trained, for a checkpoint's weights (a ViT trained
+        // before its Table-3 normalisation was timm's kept ImageNet's);
+        // otherwise as timm's data config for the model (the ViTs: 0.5).
+        None => match trained_with(&weights) {
+            Some((_, trained)) => (trained.data.mean, trained.data.std),
+            None => {
+                let timm = rsb_recipes::procedure::timm_normalization(&model_name);
+                (timm.mean, timm.std)
+            }
+        },
     };
     let normalizer = Normalizer::new(mean, std, device, false);
     let threads =
