@@ -481,17 +481,22 @@ impl Queued {
     /// not open; a log that could not be opened is tried again with the next
     /// record. A failure is logged and handed to the receipt.
     fn append(self, path: &Path, log: &mut Option<MetricsLog>) -> bool {
+        let appended = match log {
+            Some(log) => log.append(&self.record),
+            None => {
+                MetricsLog::open(path).and_then(|opened| log.insert(opened).append(&self.record))
+            }
+        };
         // Synced before the record's receipt is answered: the commit of a
         // checkpoint made after it is synced into the state file.
-        let appended = match log {
-            Some(log) => log.append(&self.record).and_then(|()| log.sync()),
-            None => MetricsLog::open(path).and_then(|opened| {
-                let log = log.insert(opened);
-                log.append(&self.record).and_then(|()| log.sync())
-            }),
+        let (e, what) = match appended {
+            Err(e) => (e, "is lost"),
+            Ok(()) => match log.as_mut().map(MetricsLog::sync) {
+                None | Some(Ok(())) => return true,
+                Some(Err(e)) => (e, "is written but not synced to disk"),
+            },
         };
-        let Err(e) = appended else { return true };
-        tracing::error!("a {} record is lost: {e}", self.record.kind());
+        tracing::error!("a {} record {what}: {e}", self.record.kind());
         if let Some(failure) = self.failure {
             let _ = failure.set(match e {
                 MetricsLogError::Encode { .. } => JobError::Invalid(e.to_string()),

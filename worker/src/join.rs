@@ -862,13 +862,17 @@ pub fn rank(args: RankArgs) -> Result<()> {
 
 /// Tells the coordinator that this rank left. A coordinator that does not
 /// answer (frozen, restarting, cut off) is asked again, each call within
-/// [`RANK_CALL_DEADLINE`], until [`REPORT_FLUSH_DEADLINE`] has passed or the
-/// rank is told to stop (its agent gave up on the coordinator): a Leave lost
-/// to a coordinator frozen for a few seconds left the job waiting for this
-/// rank after its agent had exited, and then failed it for that host's
-/// silence. A Leave the coordinator took once is refused again, harmlessly.
+/// [`RANK_CALL_DEADLINE`], until [`REPORT_FLUSH_DEADLINE`] after the rank
+/// began flushing its reports (one budget for both; from now for a rank
+/// that never trained) or until the rank is told to stop (its agent gave
+/// up on the coordinator): a Leave lost to a coordinator frozen for a few
+/// seconds left the job waiting for this rank after its agent had exited,
+/// and then failed it for that host's silence. A try that reached the
+/// coordinator late makes the next one refused (the rank already left, or
+/// its generation is over): that is taken as done.
 async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopRequest) {
-    let deadline = tokio::time::Instant::now() + REPORT_FLUSH_DEADLINE;
+    let from = LAST_WORDS_FROM.get().copied().unwrap_or_else(tokio::time::Instant::now);
+    let deadline = from + REPORT_FLUSH_DEADLINE;
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -876,6 +880,13 @@ async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopReq
             .await
         {
             Ok(Ok(_)) => return,
+            Ok(Err(e)) if tries > 1 && e.code() == tonic::Code::FailedPrecondition => {
+                tracing::info!(
+                    "the coordinator had taken this rank's Leave from an earlier try ({})",
+                    e.message()
+                );
+                return;
+            }
             Ok(Err(e))
                 if !matches!(
                     e.code(),
@@ -947,6 +958,11 @@ const STOP_DEADLINE_EXIT_CODE: i32 = 3;
 /// Whether this rank process trains (a stop signal then stops it at an
 /// update boundary; before, it exits at once).
 static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// When this rank began its last words to the coordinator (the flush of its
+/// reports): its `Leave` is tried until [`REPORT_FLUSH_DEADLINE`] after it,
+/// one budget for both.
+static LAST_WORDS_FROM: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
 
 fn run_rank(
     args: &RankArgs,
@@ -1170,6 +1186,7 @@ fn train_rank(
     // does not answer is waited for until the agent gives up on it (it
     // then stops this rank) or at most REPORT_FLUSH_DEADLINE. A rank told
     // to stop waits no longer than its `Leave` would.
+    let _ = LAST_WORDS_FROM.set(tokio::time::Instant::now());
     reporter.finish(REPORT_FLUSH_DEADLINE, RANK_CALL_DEADLINE, || stop.reason().is_some());
     trained?;
     Ok(())
