@@ -38,15 +38,6 @@ impl OneStream {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(OneStream { buffers, num_batches_tracked: model.num_batches_tracked() })
     }
-
-    /// `self`'s values overwritten with `source`'s.
-    fn copy_from(&mut self, source: &OneStream) -> Result<(), TrainError> {
-        for (own, theirs) in self.buffers.iter().zip(&source.buffers) {
-            copy_into(own, theirs)?;
-        }
-        self.num_batches_tracked = source.num_batches_tracked;
-        Ok(())
-    }
 }
 
 /// The BN statistics of each of a rank's streams, with the copies an update
@@ -56,12 +47,23 @@ pub struct StreamStatistics {
     /// By stream position (the rank's streams in accumulation order); empty
     /// with one stream.
     streams: Vec<OneStream>,
-    /// The same, from before the current update's forward passes.
-    backups: Vec<OneStream>,
+    /// Copies of the statistics an update's forward passes change (every
+    /// stream's, or with one stream the model's own), from before them.
+    backup: Vec<Tensor>,
     /// The model's own buffers' memory (aliases taken before any stream's
     /// copy was pointed at): where the model's buffers point between
     /// updates, holding the last average.
     home: Vec<Tensor>,
+}
+
+/// The statistics an update's forward passes change: every one of
+/// `streams`' copies, or with one stream (none kept) the `model`'s own buffers.
+fn live<'a>(streams: &'a [OneStream], model: &'a Model) -> Vec<&'a Tensor> {
+    if streams.is_empty() {
+        model.named_buffers().iter().map(|(_, b)| b).collect()
+    } else {
+        streams.iter().flat_map(|s| &s.buffers).collect()
+    }
 }
 
 /// `destination`'s storage overwritten with `source`'s values.
@@ -89,7 +91,6 @@ impl StreamStatistics {
         }
         let _guard = tch::no_grad_guard();
         self.streams = (0..streams).map(|_| OneStream::of(model)).collect::<Result<_, _>>()?;
-        self.backups = (0..streams).map(|_| OneStream::of(model)).collect::<Result<_, _>>()?;
         self.home =
             model.named_buffers().iter().map(|(_, b)| b.f_alias()).collect::<Result<_, _>>()?;
         Ok(())
@@ -114,7 +115,6 @@ impl StreamStatistics {
     /// broadcast), and the next update starts every stream from them.
     pub fn forget(&mut self) {
         self.streams.clear();
-        self.backups.clear();
         self.home.clear();
     }
 
@@ -141,25 +141,28 @@ impl StreamStatistics {
         }
     }
 
-    /// Copies every stream's statistics aside, before an update's forward passes.
-    pub fn back_up(&mut self) -> Result<(), TrainError> {
+    /// Copies the statistics an update's forward passes change aside,
+    /// before them.
+    pub fn back_up(&mut self, model: &Model) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
-        for (own, backup) in self.streams.iter().zip(&mut self.backups) {
-            backup.copy_from(own)?;
+        let live = live(&self.streams, model);
+        if self.backup.len() != live.len() {
+            self.backup = live.iter().map(|t| t.f_empty_like()).collect::<Result<_, _>>()?;
+        }
+        for (live, backup) in live.into_iter().zip(&self.backup) {
+            copy_into(backup, live)?;
         }
         Ok(())
     }
 
-    /// Puts every stream's statistics back as [`StreamStatistics::back_up`]
-    /// found them unless the update was `applied` (a 0-d bool tensor): a
-    /// select on the device. The counts go on, as the model's own count
-    /// does when an update of one stream is skipped.
-    pub fn restore_unless(&self, applied: &Tensor) -> Result<(), TrainError> {
+    /// Puts those statistics back as [`StreamStatistics::back_up`] found
+    /// them unless the update was `applied` (a 0-d bool tensor): a select
+    /// on the device. The counts of BN batches go on, as when an update is
+    /// applied.
+    pub fn restore_unless(&self, model: &Model, applied: &Tensor) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
-        for (own, backup) in self.streams.iter().zip(&self.backups) {
-            for (own, backup) in own.buffers.iter().zip(&backup.buffers) {
-                let _ = own.f_where_self_out(own, applied, backup)?;
-            }
+        for (live, backup) in live(&self.streams, model).into_iter().zip(&self.backup) {
+            let _ = live.f_where_self_out(live, applied, backup)?;
         }
         Ok(())
     }
@@ -234,7 +237,7 @@ mod tests {
         stats.prepare(&model, 2).unwrap();
         assert!(stats.per_stream());
         for _update in 0..3 {
-            stats.back_up().unwrap();
+            stats.back_up(&model).unwrap();
             for (position, input) in inputs.iter().enumerate() {
                 stats.enter(&mut model, position).unwrap();
                 let _ = model.forward(input, ForwardMode::Train).unwrap();
@@ -251,11 +254,11 @@ mod tests {
         assert_eq!(first_running_mean(&model), first_running_mean(&alone[0]));
         assert_eq!(model.num_batches_tracked(), 3, "one BN batch per update and stream");
         // A skipped update puts every stream back.
-        stats.back_up().unwrap();
+        stats.back_up(&model).unwrap();
         stats.enter(&mut model, 1).unwrap();
         let _ = model.forward(&batch(f64::NAN), ForwardMode::Train).unwrap();
         stats.leave(&model, 1);
-        stats.restore_unless(&Tensor::from(false)).unwrap();
+        stats.restore_unless(&model, &Tensor::from(false)).unwrap();
         stats.enter(&mut model, 1).unwrap();
         assert_eq!(first_running_mean(&model), first_running_mean(&alone[1]), "undone");
         // The average of the two, as two ranks' means, into the model's own

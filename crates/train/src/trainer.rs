@@ -258,11 +258,9 @@ pub struct Trainer {
     gradient_buckets: Option<GradientBuckets>,
     /// Whether the allocator's refusal to give peak memory was logged.
     memory_unavailable_logged: bool,
-    /// Copies of the BN buffers from before the current update's forward
-    /// passes, restored when the update is skipped (one stream).
-    buffer_backup: Vec<Tensor>,
     /// The BN statistics of each of this rank's streams, when it runs more
-    /// than one (as timm's per GPU).
+    /// than one (as timm's per GPU), and the copies from before the current
+    /// update's forward passes, restored when the update is skipped.
     stream_statistics: StreamStatistics,
     /// Non-finite updates in a row, up to the last one read.
     nonfinite_streak: u64,
@@ -540,7 +538,6 @@ impl Trainer {
             distributed: None,
             gradient_buckets: None,
             memory_unavailable_logged: false,
-            buffer_backup: Vec::new(),
             stream_statistics: StreamStatistics::default(),
             scaler,
             stopping: false,
@@ -1165,7 +1162,7 @@ impl Trainer {
         let total_streams = self.train.num_streams() as f64;
         self.optimizer.zero_grad()?;
         self.stream_statistics.prepare(&self.model, batches.len())?;
-        self.back_up_buffers()?;
+        self.stream_statistics.back_up(&self.model)?;
         let poison = self.options.nonfinite_inputs_at.contains(&update);
         let mut update_loss = Tensor::f_zeros([], (Kind::Float, self.options.device))?;
         let last_stream = batches.len().saturating_sub(1);
@@ -1229,7 +1226,7 @@ impl Trainer {
         if let (Some(scaler), Some(found_inf)) = (&mut self.scaler, &found_inf) {
             scaler.update(found_inf)?;
         }
-        self.restore_buffers_unless(&step.applied)?;
+        self.stream_statistics.restore_unless(&self.model, &step.applied)?;
         let as_double = |t: &Tensor| t.f_to_kind(Kind::Double);
         let record = Tensor::f_stack(
             &[
@@ -1260,40 +1257,6 @@ impl Trainer {
             input_wait,
             sums_wait,
         })
-    }
-
-    /// Copies the BN buffers (running statistics) aside, before the forward
-    /// passes of an update update them.
-    fn back_up_buffers(&mut self) -> Result<(), TrainError> {
-        if self.stream_statistics.per_stream() {
-            return self.stream_statistics.back_up();
-        }
-        let _guard = tch::no_grad_guard();
-        let buffers = self.model.named_buffers();
-        if self.buffer_backup.len() != buffers.len() {
-            self.buffer_backup =
-                buffers.iter().map(|(_, b)| b.f_empty_like()).collect::<Result<_, _>>()?;
-        }
-        for (backup, (_, buffer)) in self.buffer_backup.iter_mut().zip(buffers) {
-            backup.f_copy_(buffer)?;
-        }
-        Ok(())
-    }
-
-    /// Puts the BN buffers back as [`Trainer::back_up_buffers`] found them
-    /// unless the update was `applied` (a 0-d bool tensor): a select on the
-    /// device.
-    fn restore_buffers_unless(&mut self, applied: &Tensor) -> Result<(), TrainError> {
-        if self.stream_statistics.per_stream() {
-            // The model's own buffers are read only once averaged from the
-            // streams' (an epoch's end, a checkpoint).
-            return self.stream_statistics.restore_unless(applied);
-        }
-        let _guard = tch::no_grad_guard();
-        for (backup, (_, buffer)) in self.buffer_backup.iter().zip(self.model.named_buffers()) {
-            let _ = buffer.f_where_self_out(buffer, applied, backup)?;
-        }
-        Ok(())
     }
 
     /// The first parameter or buffer holding a NaN or an infinity, if any.
