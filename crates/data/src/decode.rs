@@ -91,7 +91,8 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
     let info = probe(bytes)?;
     match info.format {
         Format::Jpeg => {
-            let (data, w, h) = jpeg::decode(bytes, None)?;
+            // `probe` read its header, checks included.
+            let (data, w, h) = jpeg::decode_checked(bytes, None)?;
             Ok(RgbImage::new(w, h, data))
         }
         Format::Png => decode_with_image_crate(bytes),
@@ -139,7 +140,8 @@ pub fn dct_denominator(crop_w: u32, crop_h: u32, out_w: u32, out_h: u32) -> u32 
 }
 
 /// Decodes what the crop `crop` (in pixels of the full image described by
-/// `info`) needs before it is resized to `out_w` x `out_h`.
+/// `info`, [`probe`]'s of `bytes`, whose checks are not run again) needs
+/// before it is resized to `out_w` x `out_h`.
 ///
 /// JPEGs are decoded partially: only the iMCU columns and the rows around the
 /// crop (with one iMCU of margin, so chroma upsampling sees the same
@@ -188,7 +190,8 @@ pub fn decode_for_crop(
         }
         None => Partial { denom: d, x: 0, y: 0, w: sw, h: sh },
     };
-    let (data, w, h) = jpeg::decode(bytes, Some(partial))?;
+    // `info` is `probe`'s, which read the header, checks included.
+    let (data, w, h) = jpeg::decode_checked(bytes, Some(partial))?;
     let region =
         Region { left: ix0 - partial.x, top: iy0 - partial.y, width: ix1 - ix0, height: iy1 - iy0 };
     let bx = if d == 1 {

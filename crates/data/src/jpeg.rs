@@ -409,6 +409,15 @@ pub fn header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
 pub fn decode(bytes: &[u8], partial: Option<Partial>) -> Result<(Vec<u8>, u32, u32), JpegError> {
     check_complete(bytes)?;
     check_frame_header(bytes)?;
+    decode_checked(bytes, partial)
+}
+
+/// [`decode`] of data whose [`header`] was read, which ran its checks: the
+/// decoder's own callers probe each file first, and check it once.
+pub(crate) fn decode_checked(
+    bytes: &[u8],
+    partial: Option<Partial>,
+) -> Result<(Vec<u8>, u32, u32), JpegError> {
     with_handle(|h| {
         let hdr = h.header(bytes)?;
         let (denom, x, y, w, hgt) = match partial {
