@@ -869,10 +869,12 @@ pub fn rank(args: RankArgs) -> Result<()> {
 /// seconds left the job waiting for this rank after its agent had exited,
 /// and then failed it for that host's silence. A try that reached the
 /// coordinator late makes the next one refused (the rank already left, or
-/// its generation is over): that is taken as done.
+/// its generation is over): that is taken as done. What is worth another
+/// try is what a report's is ([`crate::reports::worth_another_try`]).
 async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopRequest) {
     let from = LAST_WORDS_FROM.get().copied().unwrap_or_else(tokio::time::Instant::now);
     let deadline = from + REPORT_FLUSH_DEADLINE;
+    let mut wait = crate::reports::FIRST_RETRY;
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -887,12 +889,7 @@ async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopReq
                 );
                 return;
             }
-            Ok(Err(e))
-                if !matches!(
-                    e.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                ) =>
-            {
+            Ok(Err(e)) if !crate::reports::worth_another_try(e.code()) => {
                 tracing::warn!(error = %e, "could not tell the coordinator that this rank left");
                 return;
             }
@@ -911,7 +908,9 @@ async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopReq
                 "the coordinator did not take this rank's Leave ({why_not}); trying again"
             );
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Backing off as a report and an assignment request do.
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(HEARTBEAT_BACKOFF_MAX);
     }
 }
 
