@@ -218,7 +218,9 @@ struct UpArgs {
     /// A job whose --nodes hosts have not all joined within this many
     /// seconds of the start (of the restore, for a restored job that never
     /// ran) fails, saying how many came and which (torchrun's rendezvous
-    /// `join_timeout`); a sweep that no host joined in that time fails too.
+    /// `join_timeout`); a sweep that no host joined in that time fails too,
+    /// and so does one that had no host for that long since (its hosts all
+    /// gone: none in a run, none asking for one) with runs left.
     #[arg(
         long,
         default_value_t = 600,
@@ -647,122 +649,150 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // a stop signal leaves the job (not a sweep's, not --local's, whose
     // workers stop with it) to that restart instead of failing it.
     let leaves_job_to_restart = args.auto_resume && !local && matches!(work, Work::Job { .. });
-    let outcome = loop {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            signal = stop_signals.recv() => {
-                let reason = format!("coordinator stopped by {signal}");
-                if leaves_job_to_restart {
-                    // A scheduler stops it to start it again elsewhere (a
-                    // pod evicted, a node drained): the job is not ended,
-                    // so that the next start restores it.
-                    tracing::warn!("{reason}; the job is left to its restart");
-                    break Err(anyhow::anyhow!(
-                        "{reason}: the job is left to its restart (the same command line \
-                         restores it, and its hosts go on meanwhile, for their \
-                         --coordinator-deadline-secs)"
-                    ));
-                }
-                shared.update(|state| state.fail_all(&reason));
-                if let Work::Sweep(progress) = &mut work {
-                    progress.finish();
-                }
-                tracing::warn!("{reason}; stopping the local workers");
-                rsb_process::terminate(&mut children, Duration::from_secs(10)).await;
-                break Err(anyhow::anyhow!("job failed: {reason}"));
+    // Each pass's change of the state runs off this task, which listens
+    // for stop signals meanwhile: a state write that hangs (a hung file
+    // system) must not keep Ctrl-C or a scheduler's SIGTERM from acting.
+    let outcome = 'watch: loop {
+        let stopped_by = 'pass: {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                signal = stop_signals.recv() => break 'pass Some(signal),
             }
-        }
-        for (i, child) in children.iter_mut().enumerate() {
-            if exited[i] {
-                continue;
-            }
-            if let Ok(Some(code)) = child.try_wait() {
-                exited[i] = true;
-                if !code.success() {
-                    let what = format!("local worker {i} exited with {code}");
-                    match work {
-                        // Its heartbeats stop: an elastic job drops it and
-                        // goes on; a sweep's run fails and is retried.
-                        Work::Job { elastic: true } | Work::Sweep(_) => tracing::warn!("{what}"),
-                        Work::Job { elastic: false } => {
-                            shared.update(|state| state.fail_all(&what))
+            for (i, child) in children.iter_mut().enumerate() {
+                if exited[i] {
+                    continue;
+                }
+                if let Ok(Some(code)) = child.try_wait() {
+                    exited[i] = true;
+                    if !code.success() {
+                        let what = format!("local worker {i} exited with {code}");
+                        match work {
+                            // Its heartbeats stop: an elastic job drops it and
+                            // goes on; a sweep's run fails and is retried.
+                            Work::Job { elastic: true } | Work::Sweep(_) => {
+                                tracing::warn!("{what}")
+                            }
+                            Work::Job { elastic: false } => {
+                                let failed = shared
+                                    .update_unless(stop_signals.recv(), move |state| {
+                                        state.fail_all(&what)
+                                    })
+                                    .await;
+                                if let Err(signal) = failed {
+                                    break 'pass Some(signal);
+                                }
+                            }
                         }
                     }
                 }
             }
-        }
-        match &mut work {
-            Work::Job { .. } => {
-                let phase = shared.update(|state| {
-                    state.check_liveness();
-                    state.jobs[0].phase.clone()
-                });
-                match phase {
-                    Phase::Finished => break Ok(()),
-                    Phase::Failed(reason) => break Err(anyhow::anyhow!("job failed: {reason}")),
-                    Phase::Waiting | Phase::Running => {}
-                }
-            }
-            Work::Sweep(progress) => {
-                let (snapshot, none_started) = shared.update(|state| {
-                    state.check_liveness();
-                    let jobs = &state.jobs;
-                    let snapshot =
-                        state.sweep.as_ref().map(|s| (s.counts(), s.views(jobs), s.is_over()));
-                    (snapshot, jobs.is_empty())
-                });
-                let Some((counts, views, over)) = snapshot else {
-                    progress.finish();
-                    break Err(anyhow::anyhow!("the sweep's queue is gone"));
-                };
-                if none_started && waiting_since.elapsed().as_secs() > join_timeout_secs {
-                    progress.finish();
-                    break Err(anyhow::anyhow!(
-                        "no worker host joined the sweep within {join_timeout_secs} s \
-                         (--join-timeout-secs); `coordinator up --resume {}` starts it again",
-                        out.display()
-                    ));
-                }
-                progress.update(counts, &views);
-                if over {
-                    progress.finish();
-                    let failed: Vec<&str> = views
-                        .iter()
-                        .filter(|v| v.state == RunState::Failed)
-                        .map(|v| v.id.as_str())
-                        .collect();
-                    rsb_coordinator::print_line!(
-                        "sweep over: {} finished, {} failed of {} run(s); report with \
-                         `coordinator report {}`",
-                        counts.finished,
-                        counts.failed,
-                        counts.total,
-                        out.display()
-                    );
-                    break if failed.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(anyhow::anyhow!(
-                            "{} of {} run(s) failed: {} (why: runs/<id>/outcome.json; \
-                             `coordinator up --resume {}` runs them again)",
-                            failed.len(),
-                            counts.total,
-                            failed.join(", "),
-                            out.display()
-                        ))
+            match &mut work {
+                Work::Job { .. } => {
+                    let checked = shared.update_unless(stop_signals.recv(), |state| {
+                        state.check_liveness();
+                        state.jobs[0].phase.clone()
+                    });
+                    let phase = match checked.await {
+                        Ok(phase) => phase,
+                        Err(signal) => break 'pass Some(signal),
                     };
+                    match phase {
+                        Phase::Finished => break 'watch Ok(()),
+                        Phase::Failed(reason) => {
+                            break 'watch Err(anyhow::anyhow!("job failed: {reason}"))
+                        }
+                        Phase::Waiting | Phase::Running => {}
+                    }
                 }
-                // Checked after the end: workers exit once the sweep is over.
-                if !children.is_empty() && exited.iter().all(|e| *e) {
-                    shared.update(|state| state.fail_all("every local worker exited"));
-                    progress.finish();
-                    break Err(anyhow::anyhow!(
-                        "every local worker exited before the sweep ended; `coordinator up \
-                         --resume {}` runs what is left",
-                        out.display()
-                    ));
+                Work::Sweep(progress) => {
+                    let checked = shared.update_unless(stop_signals.recv(), |state| {
+                        state.check_liveness();
+                        let jobs = &state.jobs;
+                        let snapshot = state.sweep.as_ref().map(|s| {
+                            (s.counts(), s.views(jobs), s.is_over(), s.without_hosts_for())
+                        });
+                        (snapshot, jobs.is_empty())
+                    });
+                    let (snapshot, none_started) = match checked.await {
+                        Ok(checked) => checked,
+                        Err(signal) => break 'pass Some(signal),
+                    };
+                    let Some((counts, views, over, without_hosts)) = snapshot else {
+                        progress.finish();
+                        break 'watch Err(anyhow::anyhow!("the sweep's queue is gone"));
+                    };
+                    let join_timeout = Duration::from_secs(join_timeout_secs);
+                    if none_started && waiting_since.elapsed() > join_timeout {
+                        progress.finish();
+                        break 'watch Err(anyhow::anyhow!(
+                            "no worker host joined the sweep within {join_timeout_secs} s \
+                             (--join-timeout-secs); `coordinator up --resume {}` starts it again",
+                            out.display()
+                        ));
+                    }
+                    // Its runs wait for the hosts earlier runs free, but not for
+                    // hosts that are all gone.
+                    if without_hosts.is_some_and(|idle| idle > join_timeout) {
+                        progress.finish();
+                        break 'watch Err(anyhow::anyhow!(
+                            "no worker host has been with the sweep for {join_timeout_secs} s \
+                             (--join-timeout-secs: none in a run, none asking for one), with {} of \
+                             {} run(s) left ({} finished, {} failed); `coordinator up --resume {}` \
+                             goes on with them",
+                            counts.queued + counts.running,
+                            counts.total,
+                            counts.finished,
+                            counts.failed,
+                            out.display()
+                        ));
+                    }
+                    progress.update(counts, &views);
+                    if over {
+                        progress.finish();
+                        let failed: Vec<&str> = views
+                            .iter()
+                            .filter(|v| v.state == RunState::Failed)
+                            .map(|v| v.id.as_str())
+                            .collect();
+                        rsb_coordinator::print_line!(
+                            "sweep over: {} finished, {} failed of {} run(s); report with \
+                             `coordinator report {}`",
+                            counts.finished,
+                            counts.failed,
+                            counts.total,
+                            out.display()
+                        );
+                        break 'watch if failed.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(anyhow::anyhow!(
+                                "{} of {} run(s) failed: {} (why: runs/<id>/outcome.json; \
+                                 `coordinator up --resume {}` runs them again)",
+                                failed.len(),
+                                counts.total,
+                                failed.join(", "),
+                                out.display()
+                            ))
+                        };
+                    }
+                    // Checked after the end: workers exit once the sweep is over.
+                    if !children.is_empty() && exited.iter().all(|e| *e) {
+                        shared.update(|state| state.fail_all("every local worker exited"));
+                        progress.finish();
+                        break 'watch Err(anyhow::anyhow!(
+                            "every local worker exited before the sweep ended; `coordinator up \
+                             --resume {}` runs what is left",
+                            out.display()
+                        ));
+                    }
                 }
             }
+            None
+        };
+        if let Some(signal) = stopped_by {
+            break Err(
+                stop_for(signal, leaves_job_to_restart, &shared, &mut work, &mut children).await
+            );
         }
     };
     // Let workers see the final state through their heartbeats (or their
@@ -786,6 +816,51 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // or named in an error within RUN_FILES_EXIT_DEADLINE.
     shared.write_remaining_run_files().await;
     outcome
+}
+
+/// How long a stop signal waits for the job's end to be written to its
+/// state file before the coordinator stops its local workers and exits
+/// anyway (a hung file system).
+const STATE_WRITE_AT_STOP: Duration = Duration::from_secs(10);
+
+/// Acts on a stop signal of `coordinator up`: the job left to its restart
+/// (`leaves_job_to_restart`), or every job failed, its end written within
+/// [`STATE_WRITE_AT_STOP`], and the local workers stopped. The error to
+/// exit with.
+async fn stop_for(
+    signal: rsb_process::StopSignal,
+    leaves_job_to_restart: bool,
+    shared: &Shared,
+    work: &mut Work,
+    children: &mut [tokio::process::Child],
+) -> anyhow::Error {
+    let reason = format!("coordinator stopped by {signal}");
+    if leaves_job_to_restart {
+        // A scheduler stops it to start it again elsewhere (a pod evicted,
+        // a node drained): the job is not ended, so that the next start
+        // restores it.
+        tracing::warn!("{reason}; the job is left to its restart");
+        return anyhow::anyhow!(
+            "{reason}: the job is left to its restart (the same command line restores it, and \
+             its hosts go on meanwhile, for their --coordinator-deadline-secs)"
+        );
+    }
+    let failing = reason.clone();
+    let written =
+        shared.update_within(STATE_WRITE_AT_STOP, move |state| state.fail_all(&failing)).await;
+    if written.is_none() {
+        tracing::error!(
+            "the job's end was not written to its state file within {STATE_WRITE_AT_STOP:?} \
+             (a hung file system?); stopping anyway: a restart with --restore may find the job \
+             as it was before the stop"
+        );
+    }
+    if let Work::Sweep(progress) = work {
+        progress.finish();
+    }
+    tracing::warn!("{reason}; stopping the local workers");
+    rsb_process::terminate(children, Duration::from_secs(10)).await;
+    anyhow::anyhow!("job failed: {reason}")
 }
 
 /// The one job of `up`: recipe, run folder and membership checked, the

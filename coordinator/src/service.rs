@@ -122,6 +122,45 @@ impl Shared {
         out
     }
 
+    /// [`Shared::update`] on the runtime's blocking pool, for a task that
+    /// must go on hearing `stop` (the coordinator's main task and its stop
+    /// signals): a state write that hangs (a hung file system) holds up the
+    /// update, not the task. `Err` with what `stop` gave when it came
+    /// first; the update then goes on in the background, and its write is
+    /// bounded only by the disk. A panic in `f` is the caller's.
+    pub async fn update_unless<T, S>(
+        &self,
+        stop: impl std::future::Future<Output = S>,
+        f: impl FnOnce(&mut Coordination) -> T + Send + 'static,
+    ) -> Result<T, S>
+    where
+        T: Send + 'static,
+    {
+        let shared = self.clone();
+        let update = tokio::task::spawn_blocking(move || shared.update(f));
+        tokio::select! {
+            done = update => match done {
+                Ok(out) => Ok(out),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+            stopped = stop => Err(stopped),
+        }
+    }
+
+    /// [`Shared::update`] on the runtime's blocking pool, waited for at most
+    /// `limit`: `None` when its write of the state had not returned by then
+    /// (the change itself is made in memory first, under the lock).
+    pub async fn update_within<T>(
+        &self,
+        limit: Duration,
+        f: impl FnOnce(&mut Coordination) -> T + Send + 'static,
+    ) -> Option<T>
+    where
+        T: Send + 'static,
+    {
+        self.update_unless(tokio::time::sleep(limit), f).await.ok()
+    }
+
     /// Runs `f` on the state under its lock; once the lock is released,
     /// writes the states a restart needs (before this returns) and starts
     /// the appends of the metrics records queued (`write_metrics`).
@@ -1156,6 +1195,44 @@ mod tests {
         assert!(!recipe_file.exists());
         runtime.block_on(shared.write_remaining_run_files_within(Duration::from_secs(30))).unwrap();
         assert!(recipe_file.is_file(), "{} was not written", recipe_file.display());
+    }
+
+    #[test]
+    fn a_state_write_that_hangs_holds_up_the_update_not_its_caller() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        // A disk that hangs: the write of any state waits for this lock.
+        let stalled_disk = shared.written.lock().unwrap();
+        let started = Instant::now();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<&str>();
+        let signal = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            stop.send("SIGINT").unwrap();
+        });
+        let update =
+            shared.update_unless(async { stopped.await.unwrap() }, |state| join(state, "a"));
+        assert_eq!(runtime.block_on(update), Err("SIGINT"), "the stop was not heard");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        signal.join().unwrap();
+        // The change is made in memory at once; only its write waits.
+        assert_eq!(shared.state.lock().unwrap().jobs[0].members.len(), 1);
+        let started = Instant::now();
+        let limit = Duration::from_millis(300);
+        let within = shared.update_within(limit, |state| join(state, "b"));
+        assert_eq!(runtime.block_on(within), None);
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        // The disk comes back: both changes reach the state file.
+        drop(stalled_disk);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while SavedJob::read(tmp.path()).map_or(0, |saved| saved.members.len()) != 2 {
+            assert!(Instant::now() < deadline, "the state was never written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A disk that answers: the update's own value.
+        let quick = shared.update_within(Duration::from_secs(30), |state| state.jobs.len());
+        assert_eq!(runtime.block_on(quick), Some(1));
+        runtime.shutdown_timeout(Duration::from_secs(5));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use rsb_proto::auth::Secret;
 use rsb_recipes::Recipe;
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a host that no run can take waits before joining again.
 pub const JOIN_AGAIN_AFTER: Duration = Duration::from_secs(2);
@@ -160,6 +160,9 @@ pub struct Scheduler {
     /// Files of the runs to write once the coordinator's lock is released
     /// ([`Scheduler::files_to_write`]): a slow disk holds up no call.
     files: Vec<RunFile>,
+    /// When a host was last with the sweep: asking for a place, or a
+    /// member of a run's job (see [`Scheduler::without_hosts_for`]).
+    last_host_seen: Instant,
 }
 
 /// A file of a run (its recipe, its outcome), to write atomically outside
@@ -272,6 +275,7 @@ impl Scheduler {
             host_shape: None,
             printer,
             files: Vec::new(),
+            last_host_seen: Instant::now(),
         })
     }
 
@@ -304,6 +308,7 @@ impl Scheduler {
         local_ranks: u32,
         advertise: Option<IpAddr>,
     ) -> Result<Placement, JobError> {
+        self.last_host_seen = Instant::now();
         if self.is_over() {
             return Ok(Placement::SweepOver);
         }
@@ -403,6 +408,9 @@ impl Scheduler {
     /// failed ones are queued again in front (from their newest committed
     /// checkpoint) while retries are left, else recorded as failed.
     pub fn tick(&mut self, jobs: &[Job]) {
+        if self.running_jobs().any(|j| !jobs[j].is_over() && !jobs[j].members.is_empty()) {
+            self.last_host_seen = Instant::now();
+        }
         for i in 0..self.runs.len() {
             let run = &mut self.runs[i];
             let Some(j) = run.job.filter(|_| run.state == RunState::Running) else { continue };
@@ -504,6 +512,17 @@ impl Scheduler {
                 }
             })
             .collect()
+    }
+
+    /// How long no host has been with the sweep while runs are left: none
+    /// asked for a place, and no run's job had a member (its hosts
+    /// heartbeat), as of the last [`Scheduler::tick`]. `None` once the
+    /// sweep is over. A run whose hosts all died fails at their heartbeat
+    /// timeout and is queued again; with no host left to take it, the
+    /// coordinator gives up past `--join-timeout-secs` of this, where it
+    /// waited for ever.
+    pub fn without_hosts_for(&self) -> Option<Duration> {
+        (!self.is_over()).then(|| self.last_host_seen.elapsed())
     }
 
     /// The jobs of the running runs' current attempts.
@@ -609,6 +628,46 @@ pub(crate) mod tests {
         assert_eq!(outcome.map(|o| o.end), Some(RunEnd::Finished));
         let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert_eq!((j, s.runs[1].state), (1, RunState::Running));
+    }
+
+    #[test]
+    fn the_sweep_counts_the_time_without_hosts_once_its_hosts_are_all_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0, 1], settings(1, None, 3));
+        let mut jobs = Vec::new();
+        let long_ago = |s: &mut Scheduler| {
+            s.last_host_seen = Instant::now() - Duration::from_secs(3600);
+        };
+        // No host yet: the wait counts from the start.
+        long_ago(&mut s);
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // A run that trains for an hour has its host with it all along.
+        long_ago(&mut s);
+        s.tick(&jobs);
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // Its host dies: the run fails (heartbeats missed) and is queued
+        // again; no host is in a run, and none asks for one since.
+        jobs[j].fail("member r0a1-1 (a) missed heartbeats for 30s".into());
+        s.tick(&jobs);
+        assert_eq!((s.counts().queued, s.counts().running), (2, 0));
+        long_ago(&mut s);
+        s.tick(&jobs);
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        // A host that asks for a place, even one told to come back later,
+        // is with the sweep.
+        s.settings.max_parallel = Some(0);
+        assert!(matches!(
+            s.place(&mut jobs, "b", DeviceKind::Cpu, 1, LOOPBACK).unwrap(),
+            Placement::JoinAgain(_)
+        ));
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // Over: nothing is waited for.
+        for run in &mut s.runs {
+            run.state = RunState::Finished;
+        }
+        assert_eq!(s.without_hosts_for(), None);
     }
 
     #[test]

@@ -231,3 +231,71 @@ fn a_run_finished_while_its_sweeps_coordinator_was_down_is_kept_as_finished_on_r
          epoch records taken before the kill, the rest from rank 0's file on resume"
     );
 }
+
+/// A sweep whose only host dies mid-run (its agent and rank killed with
+/// `kill -9`): the run fails at the heartbeat timeout and is queued again,
+/// and with no host left to take it the coordinator gives up once
+/// `--join-timeout-secs` passed without a host, naming what is left and how
+/// to go on, where it waited for ever. Nothing is recorded as an outcome:
+/// `--resume` runs both runs.
+#[test]
+fn a_sweep_whose_hosts_are_all_gone_fails_after_the_join_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 8, 2);
+    let dir = tmp.path().join("sweep");
+    let layout = SweepLayout::new(&dir);
+    let sets = vec![
+        format!("data.root={}", data.display()),
+        "model.num_classes=10".to_string(),
+        "schedule.cosine.epochs=50".to_string(),
+    ];
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let (heartbeat, join) = (4, 4);
+    let args = [
+        "--listen",
+        &listen,
+        "--nodes",
+        "1",
+        "--seeds",
+        "0..2",
+        "--max-retries",
+        "3",
+        "--heartbeat-timeout-secs",
+        &heartbeat.to_string(),
+        "--join-timeout-secs",
+        &join.to_string(),
+    ];
+    let log = tmp.path().join("up.log");
+    let up = sweeps::coordinator_up(&dir, &sets, &args, &log);
+    let worker_log = tmp.path().join("worker.log");
+    let worker = sweeps::worker_join(port, "a", &worker_log);
+    let run = layout.run_dir("seed-000");
+    wait_until("the first run's first step", &log, || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .contains(r#""kind":"step""#)
+    });
+    let host = descendants(worker.id());
+    assert!(signal(worker.id(), "KILL"));
+    for &p in &host {
+        signal(p, "KILL");
+    }
+    let killed = Instant::now();
+    let out = wait_with_timeout(up, Duration::from_secs(120), "the coordinator without hosts");
+    let waited = killed.elapsed();
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(!out.status.success(), "{output}");
+    assert!(
+        output.contains("no worker host has been with the sweep for 4 s")
+            && output.contains("with 2 of 2 run(s) left (0 finished, 0 failed)")
+            && output.contains(&format!("coordinator up --resume {}", dir.display())),
+        "{output}"
+    );
+    // The heartbeat timeout, then the join timeout, and the checks' margin.
+    let bound = Duration::from_secs(heartbeat + join + 20);
+    assert!(waited < bound, "gave up after {waited:?}, past {bound:?}:\n{output}");
+    assert!(RunOutcome::read(&layout, "seed-000").unwrap().is_none());
+    let _ = wait_with_timeout(worker, Duration::from_secs(10), "the killed worker");
+    println!("a sweep without hosts gave up {:.1} s after they were killed", waited.as_secs_f64());
+}
