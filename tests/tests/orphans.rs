@@ -6,14 +6,17 @@
 //! coordinator alone (not its process group, as `kill PID` does) must each
 //! leave none of those four processes running within a deadline: SIGINT and
 //! SIGTERM through the coordinator's own handler, SIGKILL through the death
-//! signal (`PR_SET_PDEATHSIG`) armed in every child. A frozen coordinator
+//! signal (`PR_SET_PDEATHSIG`) armed in every child; a rank that is stopped
+//! (SIGSTOP) when its agent is killed outright is continued by that signal
+//! (SIGCONT), finds its agent gone and stops as on SIGTERM, naming the
+//! agent's death, instead of staying stopped for ever. A frozen coordinator
 //! (SIGSTOP: the port open, no answer) makes the agents stop their ranks and
 //! exit once `--coordinator-deadline-secs` has passed. A rank killed outright
 //! (no chance to say so itself) is reported by its agent, and the job fails
 //! naming it long before the host's heartbeat timeout.
 
 use rsb_integration_tests::processes::{self, cmdline, parent_of};
-use rsb_integration_tests::{binary, fashion_subset, free_port, workspace_root};
+use rsb_integration_tests::{binary, elastic_records, fashion_subset, free_port, workspace_root};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,11 +36,16 @@ fn survivors(watched: &[(u32, String)]) -> Vec<(u32, String)> {
 }
 
 fn start_job(data: &Path, out: &Path) -> Child {
+    start_job_on(data, out, 2)
+}
+
+/// `coordinator up --local` with `nodes` local agents.
+fn start_job_on(data: &Path, out: &Path, nodes: u32) -> Child {
     let _ = binary("worker"); // built before the coordinator starts it
     Command::new(binary("coordinator"))
         // Inherited by the local agents (`worker join --coordinator-deadline-secs`).
         .env("RSB_COORDINATOR_DEADLINE_SECS", "3")
-        .args(["up", "--local", "--nodes", "2", "--recipe"])
+        .args(["up", "--local", "--nodes", &nodes.to_string(), "--recipe"])
         .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
         .arg("--out")
         .arg(out)
@@ -141,6 +149,82 @@ fn sigterm_to_the_coordinator_stops_every_worker_and_rank() {
 #[test]
 fn sigkill_of_the_coordinator_stops_every_worker_and_rank() {
     stop_and_check("KILL");
+}
+
+/// The state letter of `pid` in `/proc` (`T`: stopped).
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+}
+
+#[test]
+fn a_rank_stopped_when_its_agent_is_killed_stops_naming_the_agents_death() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), 16, 4);
+    let out = tmp.path().join("run");
+    // One host: with two, the job fails once the agent is gone, and the
+    // other agent kills its rank, which may break the stopping rank's
+    // checkpoint vote before it ends.
+    let mut coordinator = start_job_on(&data, &out, 1);
+    wait_for_ranks(&out, &mut coordinator, 1);
+    // Training (a rank stopped before then exits at once, saying so only
+    // on its stderr, which went to the dead agent).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !elastic_records::all_records(&out).iter().any(|r| r["kind"] == "step") {
+        assert!(Instant::now() < deadline, "no step record within 120 s of the collective");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children = descendants(coordinator.id());
+    let (agent, _) = children.iter().find(|(_, l)| l.contains(" join ")).expect("an agent");
+    let agent = *agent;
+    let ranks: Vec<u32> = descendants(agent)
+        .into_iter()
+        .filter(|(_, l)| l.contains(" rank "))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(ranks.len(), 1, "expected one rank under agent {agent}: {children:#?}");
+    let rank = ranks[0];
+    let stopped = Command::new("kill").args(["-s", "STOP", &rank.to_string()]).status();
+    assert!(stopped.expect("kill").success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(rank) != Some('T') {
+        assert!(Instant::now() < deadline, "rank {rank} did not stop: {:?}", state(rank));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill").args(["-s", "KILL", &agent.to_string()]).status();
+    assert!(killed.expect("kill").success());
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(60);
+    while parent_of(rank).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let gone_after = killed_at.elapsed();
+    let left = parent_of(rank).map(|parent| (parent, state(rank)));
+    if left.is_some() {
+        let _ = Command::new("kill").args(["-s", "KILL", &rank.to_string()]).status();
+    }
+    let logs: String = std::fs::read_dir(out.join("ranks"))
+        .expect("ranks/")
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .collect();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !survivors(&children).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        left, None,
+        "60 s after its agent's SIGKILL the stopped rank {rank} still lives (parent, state)"
+    );
+    assert!(
+        logs.contains(&format!("stopped by the death of its agent (pid {agent})")),
+        "no rank log names the agent's death:\n{logs}"
+    );
+    println!(
+        "a rank stopped (SIGSTOP) when its agent was killed was gone {:.1} s after",
+        gone_after.as_secs_f64()
+    );
 }
 
 #[test]

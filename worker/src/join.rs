@@ -19,10 +19,13 @@
 //! which fetch the new assignment.
 //!
 //! Stopping: a rank given SIGTERM or SIGINT (the agent at its coordinator
-//! deadline or its own stop, or the agent's death) stops after its current
-//! update, with the other ranks, rank 0 writing a checkpoint there (see
-//! `rsb_train::stop`); it exits within [`RANK_STOP_DEADLINE`] in any case. A rank that fails does not end the agent while the job goes
-//! on: it waits for the next generation, or for the job's end.
+//! deadline or its own stop), or whose agent died (its death signal,
+//! SIGCONT, continues it even if it was stopped: see `rsb_process`), stops
+//! after its current update, with the other ranks, rank 0 writing a
+//! checkpoint there (see `rsb_train::stop`); it exits within
+//! [`RANK_STOP_DEADLINE`] in any case. A rank that fails does not end the
+//! agent while the job goes on: it waits for the next generation, or for
+//! the job's end.
 //!
 //! A coordinator that answers but does not know this member (it started a
 //! new job in the old one's place: one that never started, or could not be
@@ -395,7 +398,21 @@ const MAX_JOINS_AS_UNKNOWN: u32 = 3;
 async fn wait_or_stop(stop_signals: &mut rsb_process::StopSignals, after: Duration) -> Result<()> {
     tokio::select! {
         () = tokio::time::sleep(after) => Ok(()),
-        signal = stop_signals.recv() => bail!("worker stopped by {signal}"),
+        signal = stop_signals.recv() => {
+            bail!("worker stopped by {}", stop_cause(signal, "coordinator"))
+        }
+    }
+}
+
+/// Names what stopped this process, for its reasons: the signal, or the
+/// death of its `parent` (the agent of a rank; the `coordinator up --local`
+/// of an agent), which [`rsb_process::die_with_parent`] armed.
+fn stop_cause(signal: rsb_process::StopSignal, parent: &str) -> String {
+    match signal {
+        rsb_process::StopSignal::ParentDied { parent: pid } => {
+            format!("the death of its {parent} (pid {pid})")
+        }
+        signal => signal.to_string(),
     }
 }
 
@@ -674,9 +691,10 @@ async fn serve_member(
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             signal = stop_signals.recv() => {
-                tracing::warn!("stopped by {signal}; stopping the local ranks");
+                let cause = stop_cause(signal, "coordinator");
+                tracing::warn!("stopped by {cause}; stopping the local ranks");
                 rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
-                bail!("worker stopped by {signal}");
+                bail!("worker stopped by {cause}");
             }
         }
     }
@@ -914,34 +932,37 @@ async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopReq
     }
 }
 
-/// On the first `SIGTERM` or `SIGINT` (from the agent, or its death),
-/// asks the training to stop at its next sync point (rank 0 writes a
-/// checkpoint there); if the rank is still running [`RANK_STOP_DEADLINE`]
-/// later (a peer gone silent, a hung disk) it exits at once, saying so. A
-/// rank that has not begun training exits at once.
+/// On the first `SIGTERM` or `SIGINT` (from the agent), or the agent's
+/// death (its death signal, `SIGCONT`, with the agent gone: see
+/// [`rsb_process::die_with_parent`]; also one that came before this rank
+/// listened, or while it was stopped), asks the training to stop at its
+/// next sync point (rank 0 writes a checkpoint there); if the rank is still
+/// running [`RANK_STOP_DEADLINE`] later (a peer gone silent, a hung disk)
+/// it exits at once, saying so. A rank that has not begun training exits at
+/// once.
 fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> Result<()> {
     let mut signals = {
         let _inside = runtime.enter();
         rsb_process::stop_signal().context("installing signal handlers")?
     };
     runtime.spawn(async move {
-        let signal = signals.recv().await;
+        let cause = stop_cause(signals.recv().await, "agent");
         if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing to checkpoint yet (joining, rendezvous, building).
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
             let line =
-                rsb_logging::error_line(&format!("stopped by {signal} before training began"));
+                rsb_logging::error_line(&format!("stopped by {cause} before training began"));
             rsb_logging::stderr_line(&line);
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
-        stop.request(signal.to_string());
+        stop.request(cause.clone());
         tracing::warn!(
-            "{signal}: stopping after the current update (rank 0 writes a checkpoint); exiting \
+            "{cause}: stopping after the current update (rank 0 writes a checkpoint); exiting \
              within {RANK_STOP_DEADLINE:?} in any case"
         );
         tokio::time::sleep(RANK_STOP_DEADLINE).await;
         let line = rsb_logging::error_line(&format!(
-            "stopped by {signal}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
+            "stopped by {cause}, but the stop did not finish within {RANK_STOP_DEADLINE:?} \
              (a peer gone, or a slow checkpoint write); exiting without it"
         ));
         rsb_logging::stderr_line(&line);

@@ -5,11 +5,18 @@
 //! (Ctrl-C, `kill`, `kill -9`, the OOM killer) must not leave the subtree
 //! training on its own and heart-beating into the void:
 //!
-//! * [`die_with_parent`] asks Linux to send the child `SIGTERM` when its
+//! * [`die_with_parent`] asks Linux to send the child `SIGCONT` when its
 //!   parent dies (`PR_SET_PDEATHSIG`), which covers even `SIGKILL` of the
-//!   parent, where no handler runs;
-//! * [`stop_signal`] resolves on `SIGINT` or `SIGTERM`, so that a parent can
-//!   stop its children in order and say why;
+//!   parent, where no handler runs, and tells the child its parent's pid
+//!   ([`PARENT_PID_ENV`]). `SIGCONT`, not `SIGTERM`: a child stopped
+//!   (`SIGSTOP`, a debugger) when its parent dies keeps a `SIGTERM` pending
+//!   until something continues it, and with its parent gone nothing would;
+//!   `SIGCONT` continues it, and the child's [`StopSignals`] then finds its
+//!   parent gone and stops it as `SIGTERM` would;
+//! * [`stop_signal`] resolves on `SIGINT`, on `SIGTERM`, or, in a child
+//!   started through [`die_with_parent`], on its parent's death (also one
+//!   that came before it listened), so that a parent can stop its children
+//!   in order and say why;
 //! * [`terminate`] stops children: `SIGTERM`, a grace period, then `SIGKILL`;
 //! * [`exit_now`] ends a process that may be stuck, without the exit
 //!   handlers that could keep it stuck.
@@ -21,19 +28,42 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Makes the child started by `command` receive `SIGTERM` as soon as this
-/// process dies, however it dies. Linux ties the death signal to the thread
-/// that forks: spawn from a thread that lives as long as the process (the
-/// main thread, or an async task of a runtime's worker pool, never
-/// `spawn_blocking`).
+/// The environment variable in which [`die_with_parent`] gives the child its
+/// parent's pid, for its [`StopSignals`] to compare with `getppid()`. The
+/// child's own children inherit it: one of ours that listens through
+/// [`stop_signal`] must be started through [`die_with_parent`] (which sets
+/// it anew) or without the variable (`env_remove`), or it would stop at once,
+/// taking its grandparent for a parent that died.
+pub const PARENT_PID_ENV: &str = "RSB_PARENT_PID";
+
+/// The parent-death signal that [`die_with_parent`] arms. Only `SIGKILL` and
+/// `SIGCONT` wake a stopped process, and `SIGKILL` would leave the child no
+/// graceful stop; a running child ignores `SIGCONT` unless it listens
+/// ([`stop_signal`]).
+const DEATH_SIGNAL: Signal = Signal::SIGCONT;
+
+/// Makes the child started by `command` stop as soon as this process dies,
+/// however it dies, also if the child is stopped (`SIGSTOP`) then: Linux
+/// sends it `SIGCONT` (`PR_SET_PDEATHSIG`), which continues it, and its
+/// [`StopSignals`] resolve with [`StopSignal::ParentDied`] once `getppid()`
+/// no longer is this process's pid (given to it in [`PARENT_PID_ENV`]).
+/// The child must therefore be one of ours that listens through
+/// [`stop_signal`]: any other child merely goes on.
+///
+/// Linux sends the death signal when the *thread* that forked exits, not
+/// only when the process does (the child is then handed to another thread of
+/// the same process, and is sent the signal again when the process dies): a
+/// `SIGCONT` while `getppid()` is unchanged is not taken for the parent's
+/// death, so the child may be spawned from any thread.
 pub fn die_with_parent(command: &mut Command) {
     let parent = std::process::id();
+    command.env(PARENT_PID_ENV, parent.to_string());
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (prctl, getppid, _exit); it allocates
     // nothing and takes no lock.
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            nix::sys::prctl::set_pdeathsig(DEATH_SIGNAL)?;
             // The parent may have died between fork and prctl: then no signal
             // will ever come, and the child has been re-parented already.
             if nix::unistd::getppid().as_raw() as u32 != parent {
@@ -44,6 +74,20 @@ pub fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// The parent whose death this process must stop at: the pid in
+/// [`PARENT_PID_ENV`], set by [`die_with_parent`]. (Its death signal,
+/// which would tell a variable merely inherited from further up, can only
+/// be read by the thread that exec'd, not by the one that listens.)
+fn watched_parent() -> Option<u32> {
+    std::env::var(PARENT_PID_ENV).ok()?.parse().ok()
+}
+
+/// Whether `parent` is no longer this process's parent: it died, and this
+/// process was handed to init (or to a subreaper).
+fn parent_died(parent: u32) -> bool {
+    nix::unistd::getppid().as_raw() as u32 != parent
+}
+
 /// Which stop signal arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {
@@ -51,39 +95,83 @@ pub enum StopSignal {
     Interrupt,
     /// `SIGTERM` (`kill`, a scheduler's stop).
     Terminate,
+    /// The parent (pid `parent`) that started this process through
+    /// [`die_with_parent`] died: its death signal (`SIGCONT`) came, or it
+    /// was gone already when this process began to listen.
+    ParentDied {
+        /// The parent's pid.
+        parent: u32,
+    },
 }
 
 impl std::fmt::Display for StopSignal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            StopSignal::Interrupt => "SIGINT",
-            StopSignal::Terminate => "SIGTERM",
-        })
+        match self {
+            StopSignal::Interrupt => f.write_str("SIGINT"),
+            StopSignal::Terminate => f.write_str("SIGTERM"),
+            StopSignal::ParentDied { parent } => {
+                write!(f, "the death of its parent process (pid {parent})")
+            }
+        }
     }
 }
 
 /// Listens for `SIGINT` and `SIGTERM` from now on (their default action,
-/// dying on the spot, is replaced for this process).
+/// dying on the spot, is replaced for this process), and, in a child started
+/// through [`die_with_parent`], for `SIGCONT`, its death signal.
 #[derive(Debug)]
 pub struct StopSignals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    /// The parent to stop with, and `SIGCONT`.
+    parent: Option<(u32, tokio::signal::unix::Signal)>,
 }
 
-/// Installs the `SIGINT`/`SIGTERM` handlers; call inside a tokio runtime.
+/// Installs the `SIGINT`/`SIGTERM` handlers, and in a child started through
+/// [`die_with_parent`] the `SIGCONT` one (a `SIGCONT` still continues a
+/// stopped process); call inside a tokio runtime.
 pub fn stop_signal() -> std::io::Result<StopSignals> {
+    let parent = match watched_parent() {
+        Some(pid) => Some((pid, signal(SignalKind::from_raw(DEATH_SIGNAL as i32))?)),
+        None => None,
+    };
     Ok(StopSignals {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
+        parent,
     })
 }
 
 impl StopSignals {
-    /// Resolves with the first stop signal received.
+    /// Resolves with the first stop signal received; at once with
+    /// [`StopSignal::ParentDied`] once the parent is gone (also if it died
+    /// before [`stop_signal`] listened, whose `SIGCONT` found no handler).
+    /// A `SIGCONT` while the parent lives (after a debugger's or a
+    /// scheduler's `SIGSTOP`, or [`terminate`]'s) changes nothing.
     pub async fn recv(&mut self) -> StopSignal {
-        tokio::select! {
-            _ = self.interrupt.recv() => StopSignal::Interrupt,
-            _ = self.terminate.recv() => StopSignal::Terminate,
+        loop {
+            let parent_gone = async {
+                match &mut self.parent {
+                    Some((parent, cont)) => {
+                        // No more SIGCONT (the runtime is shutting down):
+                        // nothing to check ever again.
+                        if !parent_died(*parent) && cont.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                        *parent
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.interrupt.recv() => return StopSignal::Interrupt,
+                _ = self.terminate.recv() => return StopSignal::Terminate,
+                parent = parent_gone => {
+                    if parent_died(parent) {
+                        return StopSignal::ParentDied { parent };
+                    }
+                }
+            }
         }
     }
 }
