@@ -2017,6 +2017,9 @@ impl Job {
     /// runs. A failure fails a fixed job; an elastic one restarts every rank
     /// in a new generation (at most `max_restarts` times in a row without a
     /// committed checkpoint). A pending member whose rank fails is dropped.
+    /// A failure's `cause` says whom to blame: the peer a collective failed
+    /// on (the chain of such reports is followed), or the ranks that asked
+    /// every rank to stop (named whichever rank's Leave comes first).
     pub fn leave(
         &mut self,
         member_id: &str,
@@ -2024,7 +2027,7 @@ impl Job {
         local_rank: u32,
         success: bool,
         message: &str,
-        collective_peer: Option<u32>,
+        cause: FailureCause,
     ) -> Result<(), JobError> {
         if generation != 0 && generation != self.generation {
             return Err(JobError::Precondition(format!(
@@ -2058,6 +2061,14 @@ impl Job {
             )));
         }
         let rank = member.first_rank + local_rank;
+        if let FailureCause::StopRequestedBy(askers) = &cause {
+            if let Some(stranger) = askers.iter().find(|&&r| r >= self.world_size()) {
+                return Err(JobError::Invalid(format!(
+                    "`stop_requested_by` names rank {stranger}; the job has {} rank(s)",
+                    self.world_size()
+                )));
+            }
+        }
         if success && self.phase == Phase::Waiting {
             return Err(JobError::Precondition(format!(
                 "rank {rank} cannot finish successfully: the job has not started"
@@ -2068,16 +2079,40 @@ impl Job {
         }
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
-            if let (Some(peer), false) = (collective_peer, self.elastic()) {
-                // Wait a moment for the other ranks' reports: the rank to
-                // blame is the one the chain of silent peers ends at.
-                if self.phase == Phase::Running {
+            match cause {
+                FailureCause::CollectivePeer(peer)
+                    if !self.elastic() && self.phase == Phase::Running =>
+                {
+                    // Wait a moment for the other ranks' reports: the rank
+                    // to blame is the one the chain of silent peers ends at.
                     self.collective_failures.insert(rank, (peer, failure));
                     self.blame_at.get_or_insert(Instant::now() + BLAME_GRACE);
-                    return Ok(());
                 }
+                FailureCause::StopRequestedBy(askers)
+                    if askers.first().is_some_and(|&first| first != rank) =>
+                {
+                    // Every rank stopped because these asked (a preempted
+                    // host's signal): they are the cause, not the healthy
+                    // rank whose Leave came first.
+                    let first = askers[0];
+                    let host = self.host_of_rank(u64::from(first)).unwrap_or("an unknown host");
+                    let others = match &askers[1..] {
+                        [] => String::new(),
+                        more => format!(
+                            ", as did rank(s) {}",
+                            more.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                        ),
+                    };
+                    let failure = format!(
+                        "rank {first} on {host} asked every rank to stop (a signal to it or to \
+                         its agent){others}; rank {rank} on {}: {message}",
+                        member.host
+                    );
+                    let host = host.to_string();
+                    self.rank_failed(first, &host, message, failure);
+                }
+                _ => self.rank_failed(rank, &member.host, message, failure),
             }
-            self.rank_failed(rank, &member.host, message, failure);
             return Ok(());
         }
         self.finished_ranks += 1;
@@ -2087,6 +2122,21 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// Why a rank failed, as far as it knows: the typed part of its Leave,
+/// which says whom to blame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Nothing beyond its message: the rank itself.
+    #[default]
+    Unknown,
+    /// A collective failed on this peer (global rank): it stayed silent past
+    /// the collective timeout, or its link closed.
+    CollectivePeer(u32),
+    /// The ranks agreed to stop at the request of these ranks (in rank
+    /// order), each asked by a signal to it or to its agent.
+    StopRequestedBy(Vec<u32>),
 }
 
 fn format_duration(secs: f64) -> String {
@@ -2263,7 +2313,7 @@ pub(crate) mod tests {
             j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap_err(),
             j.record_metrics(1, &step(1)).unwrap_err(),
             j.commit_checkpoint(1, 0, 1, "/x".into()).unwrap_err(),
-            j.leave(&a, 1, 0, false, "ring broken", None).unwrap_err(),
+            j.leave(&a, 1, 0, false, "ring broken", FailureCause::Unknown).unwrap_err(),
         ];
         for e in stale {
             assert!(
@@ -2281,22 +2331,22 @@ pub(crate) mod tests {
         j.max_restarts = 2;
         let a = join(&mut j, "a", 1).unwrap();
         let b = join(&mut j, "b", 1).unwrap();
-        j.leave(&b, 1, 0, false, "ring: connection reset", None).unwrap();
+        j.leave(&b, 1, 0, false, "ring: connection reset", FailureCause::Unknown).unwrap();
         assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Running, 2, 2));
         let g = generations(&j).pop().unwrap();
         assert_eq!(g["reasons"][0]["kind"], "rank_failed");
         assert_eq!(g["reasons"][0]["rank"], 1);
         // The rank that already left in generation 1 runs again.
         assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
-        j.leave(&a, 2, 0, false, "boom", None).unwrap();
+        j.leave(&a, 2, 0, false, "boom", FailureCause::Unknown).unwrap();
         assert_eq!(j.generation, 3);
         // A commit resets the count; without one, the next failure fails the job.
         j.record_metrics(3, &step(2)).unwrap();
         j.commit_checkpoint(3, 0, 1, "/ck".into()).unwrap();
-        j.leave(&a, 3, 0, false, "boom", None).unwrap();
-        j.leave(&a, 4, 0, false, "boom", None).unwrap();
+        j.leave(&a, 3, 0, false, "boom", FailureCause::Unknown).unwrap();
+        j.leave(&a, 4, 0, false, "boom", FailureCause::Unknown).unwrap();
         assert_eq!(j.generation, 5);
-        j.leave(&a, 5, 0, false, "boom again", None).unwrap();
+        j.leave(&a, 5, 0, false, "boom again", FailureCause::Unknown).unwrap();
         assert!(
             matches!(&j.phase, Phase::Failed(r) if r.contains("boom again") && r.contains("--max-restarts 2")),
             "{:?}",
@@ -2656,13 +2706,22 @@ pub(crate) mod tests {
     fn a_rank_leaves_once_and_only_its_own_ranks() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        assert!(matches!(j.leave(&a, 0, 2, true, "", None), Err(JobError::Invalid(_))));
-        j.leave(&a, 0, 0, true, "", None).unwrap();
-        assert!(matches!(j.leave(&a, 0, 0, true, "", None), Err(JobError::Precondition(_))));
+        assert!(matches!(
+            j.leave(&a, 0, 2, true, "", FailureCause::Unknown),
+            Err(JobError::Invalid(_))
+        ));
+        j.leave(&a, 0, 0, true, "", FailureCause::Unknown).unwrap();
+        assert!(matches!(
+            j.leave(&a, 0, 0, true, "", FailureCause::Unknown),
+            Err(JobError::Precondition(_))
+        ));
         assert_eq!(j.phase, Phase::Running, "one rank leaving twice finished the job");
         let mut w = job(2);
         let a = join(&mut w, "a", 1).unwrap();
-        assert!(matches!(w.leave(&a, 0, 0, true, "", None), Err(JobError::Precondition(_))));
+        assert!(matches!(
+            w.leave(&a, 0, 0, true, "", FailureCause::Unknown),
+            Err(JobError::Precondition(_))
+        ));
     }
 
     #[test]
@@ -2681,17 +2740,17 @@ pub(crate) mod tests {
         let a = join(&mut j, "a", 1).unwrap();
         let b = join(&mut j, "b", 1).unwrap();
         assert_eq!(j.phase, Phase::Running);
-        j.leave(&b, 1, 0, true, "", None).unwrap();
+        j.leave(&b, 1, 0, true, "", FailureCause::Unknown).unwrap();
         silence(&mut j, &b);
         j.check_liveness();
         assert_eq!(j.phase, Phase::Running, "a host whose ranks finished was called silent");
-        j.leave(&a, 1, 0, true, "", None).unwrap();
+        j.leave(&a, 1, 0, true, "", FailureCause::Unknown).unwrap();
         assert_eq!(j.phase, Phase::Finished);
         // A silent member whose rank has not left still fails the job.
         let mut j = job(2);
         let a = join(&mut j, "a", 1).unwrap();
         let b = join(&mut j, "b", 1).unwrap();
-        j.leave(&a, 1, 0, true, "", None).unwrap();
+        j.leave(&a, 1, 0, true, "", FailureCause::Unknown).unwrap();
         silence(&mut j, &b);
         j.check_liveness();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("(b) missed heartbeats")));
@@ -2701,7 +2760,7 @@ pub(crate) mod tests {
     fn failures_and_silence_fail_the_job() {
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 1, false, "boom", None).unwrap();
+        j.leave(&a, 0, 1, false, "boom", FailureCause::Unknown).unwrap();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("boom")));
         let mut j = job(1);
         j.heartbeat_timeout = Duration::from_millis(0);
@@ -2709,6 +2768,51 @@ pub(crate) mod tests {
         std::thread::sleep(Duration::from_millis(5));
         j.check_liveness();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("missed heartbeats")));
+    }
+
+    #[test]
+    fn ranks_stopped_at_another_ranks_request_blame_the_rank_that_asked() {
+        // Hosts a, b run ranks 0, 1; b is preempted (its rank asked to
+        // stop), and every rank stops after the same update. The Leave of
+        // the healthy rank may come first: b is named.
+        let asked = FailureCause::StopRequestedBy(vec![1]);
+        let mut j = job(2);
+        let a = join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        let stopped = "stopped by rank 1's stop request after update 12: rank 0 wrote it";
+        j.leave(&a, 0, 0, false, stopped, asked.clone()).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(
+            reason.starts_with("rank 1 on b asked every rank to stop (a signal to it or to its")
+                && reason.contains(&format!("; rank 0 on a: {stopped}")),
+            "{reason}"
+        );
+        // The rank that asked says so itself: named as the rank that failed.
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b2 = join(&mut j, "b", 1).unwrap();
+        j.leave(&b2, 0, 0, false, "stopped by SIGTERM after update 12", asked).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert_eq!(reason, "rank 1 on b failed: stopped by SIGTERM after update 12");
+        // A rank the job does not have is refused.
+        let mut j = job(2);
+        let a4 = join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        let wrong = FailureCause::StopRequestedBy(vec![7]);
+        assert!(matches!(j.leave(&a4, 0, 0, false, "x", wrong), Err(JobError::Invalid(_))));
+        assert_eq!(j.phase, Phase::Running);
+        // Both asked, and the second's Leave came first: the first named,
+        // the others listed.
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b3 = join(&mut j, "b", 1).unwrap();
+        j.leave(&b3, 0, 0, false, "stopped", FailureCause::StopRequestedBy(vec![0, 1])).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(
+            reason.starts_with("rank 0 on a asked every rank to stop")
+                && reason.contains(", as did rank(s) 1;"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -2721,10 +2825,26 @@ pub(crate) mod tests {
         let _b = join(&mut j, "b", 1).unwrap();
         let c = join(&mut j, "c", 1).unwrap();
         assert_eq!(j.phase, Phase::Running);
-        j.leave(&a, 0, 0, false, "rank 0: rank 2 did not answer for 15 s", Some(2)).unwrap();
+        j.leave(
+            &a,
+            0,
+            0,
+            false,
+            "rank 0: rank 2 did not answer for 15 s",
+            FailureCause::CollectivePeer(2),
+        )
+        .unwrap();
         j.check_liveness();
         assert_eq!(j.phase, Phase::Running, "blamed before the other reports could come");
-        j.leave(&c, 0, 0, false, "rank 2: rank 1 did not answer for 15 s", Some(1)).unwrap();
+        j.leave(
+            &c,
+            0,
+            0,
+            false,
+            "rank 2: rank 1 did not answer for 15 s",
+            FailureCause::CollectivePeer(1),
+        )
+        .unwrap();
         j.blame_at = Some(Instant::now());
         j.check_liveness();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
@@ -2741,7 +2861,7 @@ pub(crate) mod tests {
         // A failure of another kind fails the job at once, as before.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 0, false, "out of memory", None).unwrap();
+        j.leave(&a, 0, 0, false, "out of memory", FailureCause::Unknown).unwrap();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("out of memory")));
     }
 
@@ -2751,15 +2871,15 @@ pub(crate) mod tests {
         // are still exiting when the last rank leaves must not report an error.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 0, true, "", None).unwrap();
+        j.leave(&a, 0, 0, true, "", FailureCause::Unknown).unwrap();
         assert!(j.heartbeat(&a).unwrap().keep_going);
-        j.leave(&a, 0, 1, true, "", None).unwrap();
+        j.leave(&a, 0, 1, true, "", FailureCause::Unknown).unwrap();
         assert_eq!(j.phase, Phase::Finished);
         assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert_eq!(j.failure(), None);
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();
-        j.leave(&a, 0, 0, false, "boom", None).unwrap();
+        j.leave(&a, 0, 0, false, "boom", FailureCause::Unknown).unwrap();
         assert!(!j.heartbeat(&a).unwrap().keep_going);
         assert!(j.failure().unwrap().contains("boom"));
     }

@@ -20,7 +20,9 @@
 //! ranks. [`serve`] runs the service with
 //! bounded message sizes and concurrency.
 
-use crate::job::{DeviceKind, Job, JobError, MetricsSink, PendingSave, Phase, RendezvousPayload};
+use crate::job::{
+    DeviceKind, FailureCause, Job, JobError, MetricsSink, PendingSave, Phase, RendezvousPayload,
+};
 use crate::state::Coordination;
 use crate::sweep::{Placement, RunState};
 use rsb_job::MetricsRecord;
@@ -965,8 +967,13 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
+        let cause = match (r.collective_peer, r.stop_requested_by) {
+            (_, askers) if !askers.is_empty() => FailureCause::StopRequestedBy(askers),
+            (Some(peer), _) => FailureCause::CollectivePeer(peer),
+            (None, _) => FailureCause::Unknown,
+        };
         self.update_job(index, |job| {
-            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, r.collective_peer)
+            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, cause)
         })
         .map_err(status)?;
         Ok(Response::new(pb::Ack {}))

@@ -534,6 +534,7 @@ impl Scheduler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::job::FailureCause;
     use rsb_job::GridAxis;
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
@@ -591,7 +592,7 @@ pub(crate) mod tests {
         let generation = job.generation;
         for (id, ranks) in members {
             for r in 0..ranks {
-                let _ = job.leave(&id, generation, r, success, "boom", None);
+                let _ = job.leave(&id, generation, r, success, "boom", FailureCause::Unknown);
             }
         }
     }

@@ -10,6 +10,9 @@
 //!   exit non-zero saying so; `coordinator up --resume` then finishes the
 //!   job from that checkpoint, and the metrics show every update of the run
 //!   trained exactly once counting from the stop (none lost, none redone);
+//! * one host is preempted (its rank alone gets SIGTERM): every rank stops
+//!   after the same update, and the job's failure names that host's rank
+//!   as the one that asked, not the healthy rank whose Leave came first;
 //! * every checkpoint write takes longer than `distributed.collective_timeout_secs`
 //!   (a test hook delays it): the other rank, waiting for rank 0, does not
 //!   time out and blame it as silent; the job finishes.
@@ -187,9 +190,12 @@ fn ranks_whose_coordinator_is_gone_stop_with_a_checkpoint_and_the_job_resumes_fr
     // deadline came (the agents' heartbeats are out of phase), the other
     // rank's stop request; at least one of them its SIGTERM.
     let by_signal = format!("stopped by SIGTERM after update {stop}");
-    let by_request = format!("stopped by another rank's stop request after update {stop}");
+    let by_request = format!("'s stop request after update {stop}");
     let signalled = all_logs.lines().filter(|l| l.contains(&by_signal)).count();
-    let requested = all_logs.lines().filter(|l| l.contains(&by_request)).count();
+    let requested = all_logs
+        .lines()
+        .filter(|l| l.contains("stopped by rank ") && l.contains(&by_request))
+        .count();
     assert!(
         signalled >= 1 && signalled + requested >= 2,
         "both ranks should say `{by_signal}` (or one of them `{by_request}`):\n{all_logs}"
@@ -304,4 +310,56 @@ fn a_checkpoint_write_slower_than_the_collective_timeout_blames_nobody() {
         DELAY_MS / 1000,
         took.as_secs_f64()
     );
+}
+
+/// Host a's rank (rank 0, which writes the stop checkpoint and flushes its
+/// reports before it leaves, so that host b's Leave comes first) gets
+/// SIGTERM, as a preempted node's processes do. Every rank stops after the
+/// same update; the job fails naming rank 0 on a as the rank that asked,
+/// where it named the first Leave's rank: "rank 1 on b failed: stopped by
+/// another rank's stop request".
+#[test]
+fn a_signal_to_one_rank_is_blamed_on_that_rank_not_on_the_first_to_leave() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), STOPPED_PER_CLASS, 1);
+    let out = tmp.path().join("run");
+    let logs = tmp.path();
+    let sets = sets(&data, 2);
+    let port = free_port("127.0.0.1");
+    let up_log = logs.join("up.log");
+    let up = coordinator(port, &sets, &out, false, &up_log);
+    // a joins first: it holds rank 0.
+    let a = worker(port, "a", &logs.join("worker-a.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read(&up_log).contains("joined (1/2 hosts)") {
+        assert!(Instant::now() < deadline, "host a never joined:\n{}", read(&up_log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = worker(port, "b", &logs.join("worker-b.log"));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while steps(&lines_of(&out.join("metrics.jsonl"))).last() < Some(&2) {
+        assert!(Instant::now() < deadline, "no update within 240 s:\n{}", read(&up_log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ranks: Vec<u32> = rsb_integration_tests::processes::descendants(a.id())
+        .into_iter()
+        .filter(|&p| rsb_integration_tests::processes::cmdline(p).contains(" rank "))
+        .collect();
+    assert_eq!(ranks.len(), 1, "host a's rank: {ranks:?}");
+    assert!(rsb_integration_tests::processes::signal(ranks[0], "TERM"));
+    let output = wait_with_timeout(up, Duration::from_secs(120), "the coordinator");
+    for w in [a, b] {
+        let _ = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+    }
+    let log = read(&up_log);
+    assert!(!output.status.success(), "a stopped job succeeded:\n{log}");
+    assert!(
+        log.contains(
+            "job failed: rank 0 on a asked every rank to stop (a signal to it or to its agent)"
+        ),
+        "the job's failure does not name the signalled rank:\n{log}"
+    );
+    let logs_b = read(&logs.join("worker-b.log"));
+    assert!(logs_b.contains("stopped by rank 0's stop request after update"), "{logs_b}");
+    println!("{}", log.lines().find(|l| l.contains("job failed:")).unwrap_or_default());
 }

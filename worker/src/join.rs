@@ -553,6 +553,7 @@ async fn serve_member(
                 message: reason.clone(),
                 generation: rank_generation.unwrap_or(0),
                 collective_peer: None,
+                stop_requested_by: Vec::new(),
             };
             match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                 Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -873,6 +874,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
         message,
         generation,
         collective_peer: outcome.as_ref().err().and_then(collective_peer),
+        stop_requested_by: outcome.as_ref().err().map(stop_requested_by).unwrap_or_default(),
     };
     runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
@@ -1323,6 +1325,21 @@ fn collective_peer(error: &anyhow::Error) -> Option<u32> {
     })
 }
 
+/// The ranks whose stop request every rank stopped at, when that is why
+/// the rank stopped: the coordinator names them, not whichever rank's
+/// Leave it gets first.
+fn stop_requested_by(error: &anyhow::Error) -> Vec<u32> {
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<rsb_train::TrainError>() {
+            Some(rsb_train::TrainError::Stopped { requested_by, .. }) => {
+                Some(requested_by.iter().filter_map(|&r| u32::try_from(r).ok()).collect())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// The `CUDA_VISIBLE_DEVICES` entry that gives a rank the agent's GPU
 /// `index`: the agent's own `--devices` indices count the GPUs it sees, so
 /// under an inherited `CUDA_VISIBLE_DEVICES` (a scheduler's `3,5`, or GPU
@@ -1447,6 +1464,20 @@ mod tests {
         assert_eq!(collective_peer(&training), Some(2));
         let other = anyhow::Error::from(CollectiveError::Nccl("unhandled cuda error".into()));
         assert_eq!(collective_peer(&other), None);
+    }
+
+    #[test]
+    fn a_stop_names_the_ranks_that_asked() {
+        let stopped = anyhow::Error::from(rsb_train::TrainError::Stopped {
+            reason: "rank 3's stop request".into(),
+            update: 12,
+            checkpoint: "rank 0 wrote the checkpoint".into(),
+            requested_by: vec![3, 5],
+        })
+        .context("training");
+        assert_eq!(stop_requested_by(&stopped), [3, 5]);
+        let other = anyhow::anyhow!("out of memory");
+        assert!(stop_requested_by(&other).is_empty());
     }
 
     #[test]

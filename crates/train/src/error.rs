@@ -137,6 +137,9 @@ pub enum TrainError {
         update: u64,
         /// Where the run can resume from ("checkpoint PATH written", ...).
         checkpoint: String,
+        /// The ranks that asked to stop (a signal to them or their agent),
+        /// in rank order: this rank among them when it was asked itself.
+        requested_by: Vec<usize>,
     },
     /// A weight or buffer is not finite at the end of an epoch, so no
     /// checkpoint is written from it.

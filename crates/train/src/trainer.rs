@@ -274,6 +274,8 @@ pub struct Trainer {
     /// The ranks agreed to stop (see [`RunOptions::stop`]) at an epoch's
     /// last update: the run stops after the epoch's end.
     stopping: bool,
+    /// The ranks whose stop request the ranks agreed on, in rank order.
+    stop_requested_by: Vec<usize>,
     /// The last checkpoint this rank wrote.
     last_checkpoint: Option<PathBuf>,
     /// Rank 0 of a job, the run folder's checkpoint writer: its lock, held
@@ -541,6 +543,7 @@ impl Trainer {
             stream_statistics: StreamStatistics::default(),
             scaler,
             stopping: false,
+            stop_requested_by: Vec::new(),
             last_checkpoint: None,
             run_folder_lock: None,
         })
@@ -1013,11 +1016,18 @@ impl Trainer {
     /// Whether the ranks agree to stop after `update`, a sync point (see
     /// [`RunOptions::stop`]): one vote, summed over the ranks, when a stop
     /// can be requested at all.
+    /// Each rank votes in its own slot, so that every rank learns which
+    /// ranks asked: the job names them, not whichever rank told it first.
     fn stop_agreed(&mut self, update: u64) -> Result<bool, TrainError> {
         let Some(stop) = &self.options.stop else { return Ok(false) };
-        let mut vote = [f64::from(u8::from(stop.reason().is_some()))];
+        let mut vote = vec![0.0; self.world_size()];
+        vote[self.rank()] = f64::from(u8::from(stop.reason().is_some()));
         self.sum_over_ranks(&mut vote, &format!("stop vote after update {}", update + 1))?;
-        self.stopping |= vote[0] > 0.0;
+        if !self.stopping {
+            self.stop_requested_by =
+                vote.iter().enumerate().filter(|(_, v)| **v > 0.0).map(|(r, _)| r).collect();
+            self.stopping = !self.stop_requested_by.is_empty();
+        }
         Ok(self.stopping)
     }
 
@@ -1029,10 +1039,22 @@ impl Trainer {
             (None, 0) => "no checkpoint written".to_string(),
             _ => "rank 0 wrote the checkpoint".to_string(),
         };
+        let reason = match reason {
+            Some(own) => own.to_string(),
+            None => match &self.stop_requested_by[..] {
+                [] => "another rank's stop request".to_string(),
+                [rank] => format!("rank {rank}'s stop request"),
+                ranks => format!(
+                    "the stop requests of ranks {}",
+                    ranks.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        };
         TrainError::Stopped {
-            reason: reason.unwrap_or("another rank's stop request").to_string(),
+            reason,
             update: self.state.updates,
             checkpoint,
+            requested_by: self.stop_requested_by.clone(),
         }
     }
 
