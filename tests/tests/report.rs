@@ -3,8 +3,8 @@
 //! `--grid` on a tiny recipe), reported by the binary, checked against the runs' own `metrics.jsonl`:
 //! the CSV's numbers, the PNGs (decodable, of the right size), the skipped
 //! runs, the grid tables, the comparison sentence that flips between a pair
-//! within seed noise and a clearly different pair, and the errors for a
-//! corrupt metrics file.
+//! within seed noise and a clearly different pair, the errors for a
+//! corrupt metrics file, and the per-run table of restarts (`runs.csv`).
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::sweeps::{self, tiny_recipe};
@@ -12,7 +12,7 @@ use rsb_integration_tests::{binary, fashion_subset};
 use rsb_job::sweep::{GridAxis, SweepLayout, SweepManifest};
 use rsb_job::{EvalSetAccuracy, MetricsRecord};
 use rsb_recipes::RecipeSource;
-use rsb_report::tables::{ComparisonRow, GridRow, SetRow};
+use rsb_report::tables::{ComparisonRow, GridRow, RunRow, SetRow};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -240,6 +240,13 @@ fn a_seed_sweep_report_matches_its_metrics_and_skips_unfinished_runs() {
     assert!(md.contains("| set | mean | std | max | min | seed 0 |"), "{md}");
     assert!(md.contains("| ReaL |") && md.contains("| V2 |"), "{md}");
     assert!(md.contains("D'Agostino-Pearson normality test: p = "), "{md}");
+    // No generation record (as one `worker train` process): one generation each.
+    assert!(md.contains("\nEvery run trained in one generation (no restart).\n"), "{md}");
+    assert!(md.contains("| run | seed | val top-1 | ReaL top-1 | V2 top-1 | restarts |"), "{md}");
+    assert!(md.contains(&format!("| `{}` | 3 | ", ids[3].id)), "{md}");
+    let runs: Vec<RunRow> = read_csv(&dir.join("report/runs.csv"));
+    assert_eq!(runs.len(), 10, "the finished runs: {runs:?}");
+    assert!(runs.iter().all(|r| (r.generations, r.restarts) == (1, 0)), "{runs:?}");
     png_of_size(&dir.join("report/top1_histogram.png"), rsb_report::plots::CHART_SIZE);
     for cell in &ids[..10] {
         png_of_size(
@@ -472,6 +479,15 @@ fn sweeps_through_coordinator_up_run_every_cell_and_report_their_own_metrics() {
         let seed0: Vec<f64> = finals.iter().filter(|f| f.0 == 0).map(|f| f.1).collect();
         if let [only] = seed0.as_slice() {
             close("seed 0", rows[0].seed0.unwrap(), *only);
+        }
+        // The coordinator recorded each run's start, and no restart.
+        let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+        assert!(md.contains("\nEvery run trained in one generation (no restart).\n"), "{md}");
+        let runs: Vec<RunRow> = read_csv(&dir.join("report/runs.csv"));
+        assert_eq!(runs.len(), manifest.cells.len(), "{runs:?}");
+        for run in &runs {
+            assert_eq!((run.generations, run.restarts), (1, 0), "{run:?}");
+            assert!(!run.world_sizes.is_empty() && !run.world_size_changed, "{run:?}");
         }
         png_of_size(&dir.join("report/top1_histogram.png"), rsb_report::plots::CHART_SIZE);
         for cell in &manifest.cells {

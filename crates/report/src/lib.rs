@@ -11,6 +11,12 @@
 //!   cells left out and why, and the runs counted with a caveat: a failure
 //!   recorded after their final evaluation, or images their final evaluation
 //!   could not decode (their accuracies are over fewer images);
+//! * restarts ([`generations`]): `report.md` lists the runs that did not
+//!   train in one generation, one line per generation after the first (its
+//!   reasons, ranks and the update it resumed from), flagging a world size
+//!   that changed, or says in one line that every run trained in one; it
+//!   ends with a table of the finished runs (final top-1, restarts, world
+//!   size per generation), which `runs.csv` holds too ([`tables::RunRow`]);
 //! * `top1_histogram.png`: the final val top-1 with the fitted Gaussian
 //!   (mean, sample std) and the normality test's p-value in the caption
 //!   ([`stats::normality`]); neither when every run has the same value, nor
@@ -38,6 +44,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod generations;
 pub mod plots;
 pub mod runs;
 pub mod stats;
@@ -48,12 +55,14 @@ use rsb_job::sweep::{id_safe, SweepError};
 use runs::{Skipped, Sweep, VAL};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use tables::{ComparisonRow, GridRow, SetRow};
+use tables::{ComparisonRow, GridRow, RunRow, SetRow};
 
 /// The report's Markdown file.
 pub const REPORT_MD: &str = "report.md";
 /// The seed table as CSV.
 pub const REPORT_CSV: &str = "report.csv";
+/// The finished runs, one line each, with their restarts.
+pub const RUNS_CSV: &str = "runs.csv";
 /// The grid table as CSV.
 pub const GRID_CSV: &str = "grid.csv";
 /// The comparison as CSV.
@@ -297,7 +306,40 @@ fn sweep_markdown(sweep: &Sweep, rows: &[SetRow], grid: &[GridRow]) -> String {
             let _ = writeln!(out, "- `{}`: {}", run.cell.id, sets.join(", "));
         }
     }
+    out.push_str(&restarts_markdown(sweep));
     out
+}
+
+/// The runs that did not train in one generation, each with one line per
+/// generation after the first and a flag when its world size changed; or
+/// one line saying that every run trained in one.
+fn restarts_markdown(sweep: &Sweep) -> String {
+    let restarted: Vec<&runs::Run> =
+        sweep.runs.iter().filter(|r| r.generations.restarts() > 0).collect();
+    if restarted.is_empty() {
+        return "\nEvery run trained in one generation (no restart).\n".to_string();
+    }
+    let mut out = format!(
+        "\n{} run(s) counted that did not train in one generation (a resume draws no data \
+         again, but a change of world size maps the data streams onto other ranks, and updates \
+         made after the checkpoint a generation resumes from are trained again):\n\n",
+        restarted.len()
+    );
+    for run in restarted {
+        let _ = writeln!(out, "- `{}`: {}", run.cell.id, run.generations.summary());
+        for (i, generation) in run.generations.after_first() {
+            let _ = writeln!(out, "  - generation {i}: {}", generation.describe());
+        }
+    }
+    out
+}
+
+/// The table of the finished runs, as a section of `report.md`.
+fn runs_section(sweep: &Sweep) -> String {
+    format!(
+        "\nThe finished runs (final top-1 %; restarts: generations after the first):\n\n{}",
+        tables::run_table_markdown(sweep, &sweep.sets())
+    )
 }
 
 fn seeds_text(seeds: &[u64]) -> String {
@@ -320,6 +362,9 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
     let rows = tables::set_rows(sweep);
     let csv = dir.join(REPORT_CSV);
     write_csv(&csv, &rows)?;
+    files.push(csv);
+    let csv = dir.join(RUNS_CSV);
+    write_csv::<RunRow>(&csv, &tables::run_rows(sweep))?;
     files.push(csv);
     let grid = tables::grid_rows(sweep);
     if !grid.is_empty() {
@@ -370,6 +415,7 @@ fn write_sweep(sweep: &Sweep) -> Result<(Written, String), ReportError> {
             plots::Spread::of(&values, grid_cells).markdown()
         );
     }
+    section.push_str(&runs_section(sweep));
     let written = Written {
         dir,
         files,
@@ -408,7 +454,8 @@ pub fn compare(a: &Path, b: &Path) -> Result<Written, ReportError> {
     let sweep_b = read_finished(b)?;
     let (mut written, section_a) = write_sweep(&sweep_a)?;
     let rows_b = tables::set_rows(&sweep_b);
-    let section_b = sweep_markdown(&sweep_b, &rows_b, &tables::grid_rows(&sweep_b));
+    let section_b =
+        sweep_markdown(&sweep_b, &rows_b, &tables::grid_rows(&sweep_b)) + &runs_section(&sweep_b);
     let (name_a, name_b) = (sweep_a.name(), sweep_b.name());
     let (name_a, name_b) =
         if name_a == name_b { ("A".to_string(), "B".to_string()) } else { (name_a, name_b) };

@@ -19,12 +19,17 @@
 //! interrupted after the final evaluation, and run folders of builds before
 //! outcome files, have none.
 //!
+//! A counted run also carries its generations ([`Generations`]: how many
+//! times its ranks (re)started, and why), from the `generation` records of
+//! the same file; a run without any trained in one.
+//!
 //! Errors naming the file (and line): an `outcome.json` that is not a valid
 //! outcome, a line that is not a metrics record (but an incomplete last
 //! line, still being written), an epoch record with a top-1 or top-5
 //! outside 0..=100 or a loss or learning rate that is not finite, and a
 //! `recipe.yaml` that does not load.
 
+use crate::generations::Generations;
 use crate::ReportError;
 use rsb_job::sweep::{SweepCell, SweepLayout, SweepManifest};
 use rsb_job::{MetricsRecord, RunEnd, RunOutcome};
@@ -65,6 +70,9 @@ pub struct Run {
     /// those with any): its accuracies there are over fewer images than
     /// other runs'. Counted, and listed with the counts, val first.
     pub skipped_images: Vec<(String, u64)>,
+    /// Its generations: more than one when its ranks restarted (a lost,
+    /// failed or admitted host, a coordinator restart, a retried attempt).
+    pub generations: Generations,
 }
 
 /// Why a cell is not in the statistics.
@@ -411,14 +419,15 @@ fn read_run(
     let recipe = rsb_recipes::load_str(&recipe_text, &recipe_path, &[])
         .map_err(|source| ReportError::Recipe { error: Box::new(source) })?;
     let epochs = recipe.total_epochs();
-    let mut last: BTreeMap<u64, MetricsRecord> = BTreeMap::new();
-    for record in read_metrics(&metrics)? {
-        if let MetricsRecord::Epoch { epoch, .. } = &record {
+    let records = read_metrics(&metrics)?;
+    let mut last: BTreeMap<u64, &MetricsRecord> = BTreeMap::new();
+    for record in &records {
+        if let MetricsRecord::Epoch { epoch, .. } = record {
             last.insert(*epoch, record);
         }
     }
     let done = last.keys().next_back().map_or(0, |e| e + 1);
-    let final_record = epochs.checked_sub(1).and_then(|e| last.get(&e));
+    let final_record = epochs.checked_sub(1).and_then(|e| last.get(&e).copied());
     let Some(MetricsRecord::Epoch { top1: Some(top1), eval_sets, val_skipped_images, .. }) =
         final_record
     else {
@@ -456,7 +465,23 @@ fn read_run(
         );
         failure
     });
-    Ok(Ok(Run { cell: cell.clone(), finals, curve, failed_after_final, skipped_images }))
+    let generations = Generations::of_records(&records);
+    if generations.restarts() > 0 {
+        tracing::info!(
+            run = %cell.id,
+            generations = generations.count(),
+            world_sizes = %generations.world_sizes_text(),
+            "counted: the run did not train in one generation"
+        );
+    }
+    Ok(Ok(Run {
+        cell: cell.clone(),
+        finals,
+        curve,
+        failed_after_final,
+        skipped_images,
+        generations,
+    }))
 }
 
 /// How a set is named in tables: `ReaL` and `V2` as in the paper, others as recorded.

@@ -1,9 +1,9 @@
 //! The tables of a report, as typed rows (written to CSV by serde) and as
-//! Markdown: the paper's seed table per eval set ([`SetRow`]), the grid's
-//! axes against top-1 ([`GridRow`]) and the comparison of two sweeps
-//! ([`ComparisonRow`]).
+//! Markdown: the paper's seed table per eval set ([`SetRow`]), the finished
+//! runs one by one with their restarts ([`RunRow`]), the grid's axes against
+//! top-1 ([`GridRow`]) and the comparison of two sweeps ([`ComparisonRow`]).
 
-use crate::runs::{display_name, Sweep};
+use crate::runs::{display_name, Sweep, VAL};
 use crate::stats::{self, Summary};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -79,6 +79,77 @@ pub fn set_table_markdown(rows: &[SetRow]) -> String {
             opt(r.seed0, 2),
             ci,
             r.n
+        );
+    }
+    out
+}
+
+/// One line of `runs.csv`: one finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRow {
+    /// The cell id (its run folder's name).
+    pub id: String,
+    /// Its seed.
+    pub seed: u64,
+    /// Final val top-1 (percent); every finished run has one.
+    pub val_top1: Option<f64>,
+    /// Generations it trained in (1: in one go; also a run without
+    /// generation records, one `worker train` process).
+    pub generations: usize,
+    /// Generations after the first: restarts of its ranks (a lost, failed
+    /// or admitted host, a coordinator restart) and retried attempts.
+    pub restarts: usize,
+    /// The world size of each recorded generation, joined by spaces (`2 1
+    /// 2`); empty when none is recorded.
+    pub world_sizes: String,
+    /// Whether the world size differs between generations (the data
+    /// streams were mapped onto other ranks).
+    pub world_size_changed: bool,
+}
+
+/// The [`RunRow`]s of a sweep's finished runs, in manifest order.
+pub fn run_rows(sweep: &Sweep) -> Vec<RunRow> {
+    sweep
+        .runs
+        .iter()
+        .map(|run| RunRow {
+            id: run.cell.id.clone(),
+            seed: run.cell.seed,
+            val_top1: run.finals.get(VAL).copied(),
+            generations: run.generations.count(),
+            restarts: run.generations.restarts(),
+            world_sizes: run
+                .generations
+                .world_sizes()
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            world_size_changed: run.generations.world_size_changed(),
+        })
+        .collect()
+}
+
+/// The finished runs in Markdown, one row each: id, seed, final top-1 per
+/// eval set of `sets` (two decimals), restarts and world sizes per generation.
+pub fn run_table_markdown(sweep: &Sweep, sets: &[String]) -> String {
+    let header: Vec<String> = sets.iter().map(|s| format!("{} top-1", display_name(s))).collect();
+    let mut out = format!(
+        "| run | seed | {} | restarts | world size |\n|---|---|{}---|---|\n",
+        header.join(" | "),
+        "---|".repeat(sets.len())
+    );
+    for run in &sweep.runs {
+        let finals: Vec<String> =
+            sets.iter().map(|set| opt(run.finals.get(set).copied(), 2)).collect();
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} |",
+            run.cell.id,
+            run.cell.seed,
+            finals.join(" | "),
+            run.generations.restarts(),
+            run.generations.world_sizes_text()
         );
     }
     out

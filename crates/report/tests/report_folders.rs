@@ -1,16 +1,18 @@
 //! `rsb_report::report` and `compare` on sweep folders written here from
 //! typed records: impossible metrics values and chart ranges are errors (not
 //! a hang), run outcomes decide which runs count, files are replaced
-//! atomically, identical values and grids get no Gaussian fit, and a plain
-//! report removes the comparison of an earlier one.
+//! atomically, identical values and grids get no Gaussian fit, a plain
+//! report removes the comparison of an earlier one, and runs that did not
+//! train in one generation (their `generation` records) are listed with
+//! why, in `report.md` and `runs.csv`.
 //!
 //! Every report runs on its own thread with a time limit, so a report that
 //! never returns fails its test instead of hanging the suite.
 
 use rsb_job::sweep::{GridAxis, SweepLayout, SweepManifest};
-use rsb_job::{MetricsRecord, RunEnd, RunOutcome, SweepCell};
+use rsb_job::{GenerationReason, MetricsRecord, RunEnd, RunOutcome, SweepCell};
 use rsb_report::runs::SkipReason;
-use rsb_report::tables::{ComparisonRow, SetRow};
+use rsb_report::tables::{ComparisonRow, RunRow, SetRow};
 use rsb_report::{ReportError, Written};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -436,4 +438,152 @@ fn a_sweep_with_no_finished_run_names_the_first_cells_and_counts_the_rest() {
     assert!(err.contains("no finished run to report (30 cell(s) skipped: seed-000 not started"));
     assert!(err.contains("seed-019 not started") && !err.contains("seed-020"), "{err}");
     assert!(err.ends_with("; and 10 more)"), "{err}");
+}
+
+/// A generation record as the coordinator writes it: hosts `host-0`...,
+/// one rank each, resumed from the checkpoint of update `resume_step`.
+fn generation(
+    number: u64,
+    world_size: u32,
+    resume_step: Option<u64>,
+    reasons: Vec<GenerationReason>,
+) -> MetricsRecord {
+    MetricsRecord::Generation {
+        generation: number,
+        hosts: (0..world_size).map(|i| format!("host-{i}")).collect(),
+        world_size,
+        accumulation: 2 / world_size,
+        resume_from: resume_step.map(|s| format!("/runs/x/checkpoints/epoch-{:04}", s / 10)),
+        resume_step,
+        reasons,
+    }
+}
+
+/// Rewrites each run's metrics of a [`sweep`] with its generation 1 (a
+/// start on `world_size` ranks) before its records.
+fn started_on(dir: &Path, manifest: &SweepManifest, world_size: u32) {
+    let layout = SweepLayout::new(dir);
+    for cell in &manifest.cells {
+        let path = layout.run_metrics(&cell.id);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = generation(1, world_size, None, vec![GenerationReason::Start]);
+        std::fs::write(&path, serde_json::to_string(&start).unwrap() + "\n" + &text).unwrap();
+    }
+}
+
+#[test]
+fn a_run_restarted_after_a_lost_and_an_admitted_host_is_listed_with_its_generations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = sweep(tmp.path(), (0..4).collect(), &[], |c| 79.5 + 0.1 * c.seed as f64);
+    started_on(tmp.path(), &manifest, 2);
+    let layout = SweepLayout::new(tmp.path());
+    // seed-002: 2 ranks, host-1 lost after update 20 (resumed from the
+    // checkpoint of update 10: 10 updates trained again on one rank), then
+    // admitted again (2 ranks from update 20), and finished.
+    let lost = GenerationReason::LostHost {
+        host: "host-1".into(),
+        detail: "no heartbeat for 30 s".into(),
+    };
+    let admitted = GenerationReason::Admitted { host: "host-1".into() };
+    let records = vec![
+        generation(1, 2, None, vec![GenerationReason::Start]),
+        epoch_record(0, 78.0, 1.0),
+        epoch_record(1, 79.0, 1.0),
+        generation(2, 1, Some(10), vec![lost]),
+        epoch_record(1, 79.0, 1.0),
+        generation(3, 2, Some(20), vec![admitted]),
+        epoch_record(2, 80.0, 1.0),
+    ];
+    write_records(&layout.run_metrics("seed-002"), &records);
+    let written = report(tmp.path()).unwrap();
+    assert_eq!(written.runs, 4, "a restarted run counts");
+    let md = std::fs::read_to_string(layout.report_dir().join(rsb_report::REPORT_MD)).unwrap();
+    let expected = "\n1 run(s) counted that did not train in one generation (";
+    assert!(md.contains(expected), "{md}");
+    let expected = "- `seed-002`: 3 generations, world size changed (2 → 1 → 2)\n  \
+                    - generation 2: lost host host-1: no heartbeat for 30 s; 1 rank(s), resumed \
+                    from update 10 (10 recorded update(s) trained again)\n  \
+                    - generation 3: admitted host host-1; 2 rank(s), resumed from update 20\n";
+    assert!(md.contains(expected), "{md}");
+    assert!(!md.contains("`seed-001`: "), "a run of one generation is not listed: {md}");
+    assert!(!md.contains("Every run trained in one generation"), "{md}");
+    assert!(md.contains("| run | seed | val top-1 | restarts | world size |"), "{md}");
+    assert!(md.contains("| `seed-002` | 2 | 80.00 | 2 | 2 → 1 → 2 |"), "{md}");
+    assert!(md.contains("| `seed-001` | 1 | 79.60 | 0 | 2 |"), "{md}");
+    assert_eq!(written.summary.matches("3 generations").count(), 1, "{}", written.summary);
+    let rows: Vec<RunRow> = read_csv(&layout.report_dir().join(rsb_report::RUNS_CSV));
+    let counts: Vec<(&str, usize, usize, &str, bool)> = rows
+        .iter()
+        .map(|r| {
+            (r.id.as_str(), r.generations, r.restarts, r.world_sizes.as_str(), r.world_size_changed)
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("seed-000", 1, 0, "2", false),
+            ("seed-001", 1, 0, "2", false),
+            ("seed-002", 3, 2, "2 1 2", true),
+            ("seed-003", 1, 0, "2", false),
+        ]
+    );
+    assert_eq!(rows[2].val_top1, Some(80.0), "the last generation's final record");
+    // The statistics are those of the final records.
+    let set: Vec<SetRow> = read_csv(&layout.report_dir().join(rsb_report::REPORT_CSV));
+    assert_eq!(set[0].n, 4);
+    assert!((set[0].max - 80.0).abs() < 1e-9, "{set:?}");
+}
+
+#[test]
+fn a_run_without_generation_records_trained_in_one_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `sweep` writes no generation record (as one `worker train` process).
+    let manifest = sweep(tmp.path(), (0..3).collect(), &[], |c| 79.5 + 0.1 * c.seed as f64);
+    let layout = SweepLayout::new(tmp.path());
+    // Another run's generation record being written as the report reads
+    // it: its torn last line is left out, as any record's.
+    let path = layout.run_metrics(&manifest.cells[1].id);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let restart = generation(2, 1, Some(20), vec![GenerationReason::CoordinatorRestarted]);
+    let line = serde_json::to_string(&restart).unwrap();
+    text.push_str(&line[..line.len() / 2]);
+    std::fs::write(&path, text).unwrap();
+    let written = report(tmp.path()).unwrap();
+    assert_eq!(written.runs, 3);
+    let md = std::fs::read_to_string(layout.report_dir().join(rsb_report::REPORT_MD)).unwrap();
+    assert!(md.contains("\nEvery run trained in one generation (no restart).\n"), "{md}");
+    assert!(md.contains("| `seed-000` | 0 | 79.50 | 0 | — |"), "{md}");
+    assert!(md.contains("| `seed-001` | 1 | 79.60 | 0 | — |"), "{md}");
+    let rows: Vec<RunRow> = read_csv(&layout.report_dir().join(rsb_report::RUNS_CSV));
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(
+            (row.generations, row.restarts, row.world_sizes.as_str(), row.world_size_changed),
+            (1, 0, "", false),
+            "{row:?}"
+        );
+    }
+}
+
+#[test]
+fn a_sweep_whose_runs_all_trained_in_one_generation_says_so_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = sweep(tmp.path(), (0..5).collect(), &[], |c| 79.5 + 0.1 * c.seed as f64);
+    started_on(tmp.path(), &manifest, 2);
+    let written = report(tmp.path()).unwrap();
+    let md = std::fs::read_to_string(written.dir.join(rsb_report::REPORT_MD)).unwrap();
+    assert_eq!(md.matches("one generation").count(), 1, "one line about generations: {md}");
+    assert!(!md.contains("  - generation"), "{md}");
+    assert!(md.contains("\nEvery run trained in one generation (no restart).\n"), "{md}");
+    assert!(!md.contains("did not train in one generation"), "{md}");
+    assert!(md.contains("| `seed-004` | 4 | 79.90 | 0 | 2 |"), "{md}");
+    let rows: Vec<RunRow> = read_csv(&written.dir.join(rsb_report::RUNS_CSV));
+    assert!(rows.iter().all(|r| (r.generations, r.restarts) == (1, 0)), "{rows:?}");
+    assert!(rows.iter().all(|r| r.world_sizes == "2" && !r.world_size_changed), "{rows:?}");
+    // A sweep compared against it gets its own run table and line.
+    let b = tempfile::tempdir().unwrap();
+    sweep(b.path(), (0..5).collect(), &[], |c| 79.4 + 0.1 * c.seed as f64);
+    let md = compare(tmp.path(), b.path()).unwrap().summary;
+    assert_eq!(md.matches("Every run trained in one generation").count(), 2, "{md}");
+    assert_eq!(md.matches("| run | seed |").count(), 2, "{md}");
 }
