@@ -1268,6 +1268,9 @@ impl Job {
         self.at_rendezvous.clear();
         self.left_ranks.clear();
         self.finished_ranks = 0;
+        // Reports of the last generation's collectives blame none of this one.
+        self.collective_failures.clear();
+        self.blame_at = None;
     }
 
     /// The member whose credentials a call presents: its id and session
@@ -1557,6 +1560,9 @@ impl Job {
             return;
         };
         let first_failure = first_failure.clone();
+        let host_of = |job: &Job, rank: u32| {
+            job.host_of_rank(u64::from(rank)).unwrap_or("an unknown host").to_string()
+        };
         let mut rank = first;
         let mut reporter = first;
         let mut hops = 0;
@@ -1566,22 +1572,20 @@ impl Job {
             hops += 1;
             if hops > self.collective_failures.len() {
                 // Every rank on the way reported: no single rank to blame.
-                self.fail(first_failure);
+                let host = host_of(self, first);
+                self.rank_failed(first, &host, &first_failure.clone(), first_failure);
                 return;
             }
         }
-        let host = self
-            .members
-            .iter()
-            .find(|m| m.ranks().contains(&rank))
-            .map_or_else(|| "an unknown host".to_string(), |m| m.host.clone());
+        let host = host_of(self, rank);
         let report = self.collective_failures.get(&reporter).map_or(first_failure, |f| f.1.clone());
-        self.fail(format!(
-            "rank {rank} on {host} stopped answering in a collective: {} rank(s) failed \
-             waiting for it or for a rank waiting for it; the report of the rank that waited \
-             for it: {report}",
+        let what = format!(
+            "stopped answering in a collective: {} rank(s) failed waiting for it or for a rank \
+             waiting for it; the report of the rank that waited for it: {report}",
             self.collective_failures.len()
-        ));
+        );
+        // A fixed job fails; an elastic one restarts every rank, naming it.
+        self.rank_failed(rank, &host, &what, format!("rank {rank} on {host} {what}"));
     }
 
     /// Moves to `Failed` (once) and says why.
@@ -2080,9 +2084,7 @@ impl Job {
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
             match cause {
-                FailureCause::CollectivePeer(peer)
-                    if !self.elastic() && self.phase == Phase::Running =>
-                {
+                FailureCause::CollectivePeer(peer) if self.phase == Phase::Running => {
                     // Wait a moment for the other ranks' reports: the rank
                     // to blame is the one the chain of silent peers ends at.
                     self.collective_failures.insert(rank, (peer, failure));
@@ -2858,6 +2860,37 @@ pub(crate) mod tests {
             ),
             "{reason}"
         );
+        // An elastic job (2 to 3 hosts) follows the reports too, and
+        // restarts every rank naming the rank they lead to, not the first
+        // to report.
+        let mut j = elastic(3, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let _b = join(&mut j, "b", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        let (silent_0, silent_2) =
+            (FailureCause::CollectivePeer(2), FailureCause::CollectivePeer(1));
+        j.leave(&a, 1, 0, false, "rank 0: rank 2 did not answer", silent_0.clone()).unwrap();
+        j.check_liveness();
+        assert_eq!(j.generation, 1, "restarted before the other reports could come");
+        j.leave(&c, 1, 0, false, "rank 2: rank 1 did not answer", silent_2).unwrap();
+        j.blame_at = Some(Instant::now());
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
+        let reasons = &generations(&j).pop().unwrap()["reasons"];
+        assert_eq!(reasons[0]["kind"], "rank_failed", "{reasons}");
+        assert_eq!(
+            (reasons[0]["rank"].as_u64(), reasons[0]["host"].as_str()),
+            (Some(1), Some("b"))
+        );
+        assert!(
+            reasons[0]["detail"].as_str().unwrap().starts_with("stopped answering in a collective"),
+            "{reasons}"
+        );
+        // The new generation starts with no report pending.
+        j.check_liveness();
+        assert_eq!(j.generation, 2);
+        j.leave(&a, 2, 0, false, "rank 0: rank 2 did not answer", silent_0).unwrap();
+        assert_eq!(j.generation, 2, "an earlier generation's report counted");
         // A failure of another kind fails the job at once, as before.
         let mut j = job(1);
         let a = join(&mut j, "a", 2).unwrap();

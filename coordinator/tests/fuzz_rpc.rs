@@ -215,18 +215,36 @@ fn call() -> impl Strategy<Value = Call> {
                 })
             }
         ),
-        (text(), generation(), small(), any::<bool>(), text()).prop_map(
-            |(member_id, generation, local_rank, success, message)| {
-                Call::Leave(pb::LeaveRequest {
+        (
+            text(),
+            generation(),
+            small(),
+            any::<bool>(),
+            text(),
+            proptest::option::of(any::<u32>()),
+            proptest::collection::vec(prop_oneof![small(), any::<u32>()], 0..4),
+        )
+            .prop_map(
+                |(
                     member_id,
+                    generation,
                     local_rank,
                     success,
                     message,
-                    generation,
-                    collective_peer: None,
-                })
-            }
-        ),
+                    collective_peer,
+                    stop_requested_by,
+                )| {
+                    Call::Leave(pb::LeaveRequest {
+                        member_id,
+                        local_rank,
+                        success,
+                        message,
+                        generation,
+                        collective_peer,
+                        stop_requested_by,
+                    })
+                },
+            ),
         Just(Call::Status),
     ]
 }

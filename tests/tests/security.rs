@@ -213,6 +213,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 message: "x".into(),
                 generation: 1,
                 collective_peer: None,
+                stop_requested_by: Vec::new(),
             })
             .await
             .map(drop),
