@@ -21,15 +21,26 @@
 //! impostor, or a rank of another job) is refused and logged, and the ring
 //! keeps waiting for its real neighbour; a listener that fails it is an
 //! error. The key never crosses the wire. Strangers cannot queue the
-//! neighbour behind them: the listener takes every connection at once,
-//! challenges those from the left neighbour's address each on a thread of
-//! their own, and at most [`MAX_HANDSHAKES`] others at a time, closing the
-//! rest at once. A handshake that breaks off or times out (a neighbour
-//! connecting from an address other than the one it advertised is handled
-//! as a stranger, and may find every stranger's slot taken) is tried again
-//! until the ring's deadline, the collective timeout: a right neighbour that
-//! froze before the ring formed is reported then, not at the first
-//! handshake's 10 s.
+//! neighbour behind them, nor keep it out by stalling: the listener takes
+//! every connection at once and challenges each on a thread of its own, up
+//! to `MAX_NEIGHBOUR_HANDSHAKES` (64) at a time from the left neighbour's
+//! address and `MAX_HANDSHAKES` (16) from others. A connection that finds
+//! every slot of its kind taken evicts (shuts down) the oldest connection
+//! of that kind that has not proved itself yet, and is challenged in its
+//! place; one that has proved itself is never evicted. So stalled
+//! connections (silent, or a hello that claims to be the neighbour and no
+//! answer to the challenge) hold their slots only until newer ones come,
+//! and as the neighbour proves itself within a round trip and two HMACs,
+//! keeping it out takes a pool's worth of new connections (64 from its
+//! address) within every such window, again and again: a flood, where one
+//! connection per slot per handshake timeout (6.4 a second) did when the
+//! newest connection was the one closed. Each kind's handshake threads,
+//! evicted ones still ending included, number at most twice its limit. A
+//! handshake that breaks off (evicted by such a flood) or times out (a
+//! neighbour connecting from an address other than the one it advertised
+//! is handled as a stranger) is tried again until the ring's deadline, the
+//! collective timeout: a right neighbour that froze before the ring formed
+//! is reported then, not at the first handshake's 10 s.
 //!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
@@ -45,10 +56,11 @@
 use crate::{Buffer, Collective, CollectiveError, LinkRate};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,12 +80,12 @@ const REFUSED: u8 = 0;
 /// neighbour's handshake, which runs beside it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Incoming connections from addresses other than the left neighbour's
-/// challenged at once while a rank waits for its left neighbour; more are
-/// closed as they come.
+/// challenged at once while a rank waits for its left neighbour; one more
+/// takes the place of the oldest of them (see [`accept_left`]).
 const MAX_HANDSHAKES: usize = 16;
 /// Incoming connections from the left neighbour's address challenged at
-/// once (a stranger on the neighbour's own host could open many); more are
-/// closed as they come.
+/// once (a stranger on the neighbour's own host could open many); one more
+/// takes the place of the oldest of them (see [`accept_left`]).
 const MAX_NEIGHBOUR_HANDSHAKES: usize = 64;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -243,8 +255,9 @@ impl RingListener {
                                 }))
                             }
                             // Broken off or timed out: the listener may have
-                            // had its handshake slots taken by strangers'
-                            // stalled connections. Again, until the deadline.
+                            // evicted this connection for a flood of newer
+                            // ones, or closed it with every handshake thread
+                            // taken. Again, until the deadline.
                             Err(Handshake::Io(e))
                                 if Instant::now() + wait < deadline
                                     && !left_failed.load(Ordering::Relaxed) =>
@@ -452,11 +465,15 @@ fn read_exact_until(stream: &TcpStream, buf: &mut [u8], until: Instant) -> std::
 
 /// The accepting side: read the hello, answer with a nonce and our proof,
 /// check the connecting side's proof, all by `until`. Returns the
-/// connecting rank and world.
+/// connecting rank and world. `settle` is asked once the proof holds,
+/// before the verdict is sent: false (the connection was evicted while it
+/// was being challenged) fails the handshake, so a connection is never
+/// told it was accepted and then shut down.
 fn challenge_left(
     stream: &TcpStream,
     key: &RingKey,
     until: Instant,
+    settle: impl FnOnce() -> bool,
 ) -> Result<(u32, u32), Handshake> {
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut io = stream;
@@ -478,24 +495,127 @@ fn challenge_left(
         let _ = io.write_all(&[REFUSED]);
         return Err(Handshake::Refused("it failed the ring challenge".into()));
     }
+    if !settle() {
+        return Err(Handshake::Io(std::io::Error::other("evicted during the handshake")));
+    }
     io.write_all(&[ACCEPTED])?;
     Ok((word(4), word(8)))
 }
 
-/// One of the handshake threads' places, given back when
-/// the thread ends, by a panic too (the guard's drop), so none is lost.
-struct HandshakeSlot(Arc<AtomicUsize>);
+/// Where a challenged connection stands. Its thread and the accept loop
+/// race to settle it, the thread once the connecting side's proof holds,
+/// the loop to evict it; only the first wins, so a connection that proved
+/// itself is never evicted and an evicted one never accepted.
+#[derive(Debug, Default)]
+struct Claim(AtomicU8);
+
+const CHALLENGING: u8 = 0;
+const SETTLED: u8 = 1;
+const EVICTED: u8 = 2;
+
+impl Claim {
+    /// Neither settled nor evicted yet.
+    fn challenging(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == CHALLENGING
+    }
+
+    /// The thread's: whether it settled the connection first.
+    fn settle(&self) -> bool {
+        self.0.compare_exchange(CHALLENGING, SETTLED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    /// The accept loop's: whether it evicted the connection first.
+    fn evict(&self) -> bool {
+        self.0.compare_exchange(CHALLENGING, EVICTED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    fn evicted(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == EVICTED
+    }
+}
+
+/// One of the handshake threads' places, with its connection's [`Claim`]:
+/// given back when the thread ends, by a panic too (the guard's drop), so
+/// none is lost, and its connection settled then (no longer counted as
+/// being challenged) unless it was evicted.
+struct HandshakeSlot {
+    threads: Arc<AtomicUsize>,
+    claim: Arc<Claim>,
+}
 
 impl HandshakeSlot {
     fn take(in_flight: &Arc<AtomicUsize>) -> HandshakeSlot {
         in_flight.fetch_add(1, Ordering::SeqCst);
-        HandshakeSlot(in_flight.clone())
+        HandshakeSlot { threads: in_flight.clone(), claim: Arc::default() }
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.claim.settle();
+        self.threads.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection being challenged, as its pool keeps it: a second handle
+/// of its socket, to shut it down should it be evicted.
+struct Challenging {
+    peer_addr: SocketAddr,
+    handle: TcpStream,
+    claim: Arc<Claim>,
+}
+
+/// The handshakes of one kind of peer address (the left neighbour's, or
+/// any other), their connections oldest first.
+struct Pool {
+    limit: usize,
+    /// Its handshake threads now running, evicted ones still ending
+    /// included.
+    threads: Arc<AtomicUsize>,
+    /// Its connections being challenged, in the order they were accepted.
+    challenging: VecDeque<Challenging>,
+}
+
+/// Whether a pool has room for one more connection.
+enum Room {
+    /// Fewer than its limit are being challenged.
+    Free,
+    /// The oldest being challenged was evicted (its socket shut down, so
+    /// its thread ends at once); this is its address.
+    Evicted(SocketAddr),
+    /// Its threads, evicted ones that have not ended yet included, number
+    /// twice its limit: the new connection is to be closed at once.
+    Full,
+}
+
+impl Pool {
+    fn new(limit: usize) -> Pool {
+        Pool { limit, threads: Arc::default(), challenging: VecDeque::new() }
+    }
+
+    /// Forgets the connections no longer being challenged, closing this
+    /// side's second handle of each (a refused connection then closes
+    /// once its thread has dropped it).
+    fn prune(&mut self) {
+        self.challenging.retain(|c| c.claim.challenging());
+    }
+
+    /// Makes room for a new connection, evicting the oldest being
+    /// challenged if `limit` are.
+    fn make_room(&mut self) -> Room {
+        self.prune();
+        if self.threads.load(Ordering::SeqCst) >= 2 * self.limit {
+            return Room::Full;
+        }
+        while self.challenging.len() >= self.limit {
+            let Some(oldest) = self.challenging.pop_front() else { break };
+            // Settled since the pruning: its place is free already.
+            if oldest.claim.evict() {
+                let _ = oldest.handle.shutdown(Shutdown::Both);
+                return Room::Evicted(oldest.peer_addr);
+            }
+        }
+        Room::Free
     }
 }
 
@@ -505,11 +625,32 @@ impl Drop for HandshakeSlot {
 /// connects and stalls cannot hold the neighbour's handshake up; strangers
 /// are refused and logged. Connections from the left neighbour's addresses
 /// (`left_ips`) are challenged up to [`MAX_NEIGHBOUR_HANDSHAKES`] at once,
-/// others up to [`MAX_HANDSHAKES`]; one past its limit is closed at once
-/// (counted in a warning), never left in the backlog ahead of the
-/// neighbour's. A neighbour that connects from another address (a host with
-/// several interfaces) is handled as a stranger: while strangers take every
-/// slot, its connecting side tries again until the ring's deadline.
+/// others up to [`MAX_HANDSHAKES`], each kind in a pool of its own, never
+/// left in the backlog ahead of the neighbour's.
+///
+/// A connection that finds its pool's slots all taken evicts the oldest
+/// connection of that pool that has not proved itself yet: its socket is
+/// shut down, so its thread's blocked read returns at once and the thread
+/// ends, and the new connection is challenged in its place (evictions are
+/// counted in a warning that names the evicted address and the new one).
+/// Stalled connections (silent, or a hello claiming rank `left` and no
+/// answer to the challenge) hold their slots only until newer ones come.
+/// The neighbour proves itself within a round trip and two HMACs, so a
+/// stranger must open a pool's worth of new connections within that
+/// window, and keep doing it, to keep the neighbour out: a flood of
+/// thousands a second, not the trickle of one per slot per handshake
+/// timeout (6.4 a second) that held every slot when the new connection was
+/// the one closed. A connection whose proof holds is never evicted (see
+/// [`Claim`]), and it is the one returned. A pool's threads, evicted ones
+/// not yet ended included, number at most twice its limit (an evicted
+/// thread ends within moments of its eviction, so the excess is a handful
+/// at most); a connection past that bound is closed at once (counted in a
+/// warning) and, were it the neighbour's, tried again.
+///
+/// A neighbour that connects from another address (a host with several
+/// interfaces) is handled as a stranger, with the strangers' pool; a
+/// handshake of its that breaks off (evicted by a flood) or times out is
+/// tried again by its connecting side until the ring's deadline.
 fn accept_left(
     listener: &TcpListener,
     rank: usize,
@@ -527,12 +668,13 @@ fn accept_left(
     })?;
     type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32), Handshake>);
     let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
-    // Handshake threads now running: of connections from the left
-    // neighbour's addresses, and of others.
-    let (in_flight_neighbour, in_flight) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    // Connections closed at once, every slot for their address taken.
-    let mut closed_at_once = 0u64;
+    // The handshakes of connections from the left neighbour's addresses,
+    // and of others.
+    let (mut neighbours, mut strangers) =
+        (Pool::new(MAX_NEIGHBOUR_HANDSHAKES), Pool::new(MAX_HANDSHAKES));
+    // Connections closed at once (their pool's threads at their bound),
+    // and connections evicted for newer ones.
+    let (mut closed_at_once, mut evicted) = (0u64, 0u64);
     loop {
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
             let (their_rank, their_world) = match outcome {
@@ -581,44 +723,94 @@ fn accept_left(
                 ),
             });
         }
+        // The finished handshakes' connections, refused ones among them,
+        // are closed once their threads have dropped them too.
+        neighbours.prune();
+        strangers.prune();
         match listener.accept() {
             Ok((stream, peer_addr)) => {
                 // A dual-stack listener sees an IPv4 peer as `::ffff:a.b.c.d`.
-                let (slots, limit) = if left_ips.contains(&peer_addr.ip().to_canonical()) {
-                    (&in_flight_neighbour, MAX_NEIGHBOUR_HANDSHAKES)
+                let pool = if left_ips.contains(&peer_addr.ip().to_canonical()) {
+                    &mut neighbours
                 } else {
-                    (&in_flight, MAX_HANDSHAKES)
+                    &mut strangers
                 };
-                if slots.load(Ordering::SeqCst) >= limit {
-                    closed_at_once += 1;
-                    if closed_at_once.is_power_of_two() {
+                let limit = pool.limit;
+                // The handle that evicts it, taken before anything is
+                // evicted for it.
+                let handle = match stream.try_clone() {
+                    Ok(handle) => handle,
+                    Err(e) => {
                         tracing::warn!(
                             rank,
                             %peer_addr,
-                            "closed {closed_at_once} ring connection(s) at once while waiting \
-                             for the left neighbour: {limit} from such addresses are being \
-                             challenged already"
+                            "closed a ring connection at once: no second handle of it: {e}"
                         );
+                        continue;
                     }
-                    continue;
+                };
+                match pool.make_room() {
+                    Room::Free => {}
+                    Room::Evicted(oldest) => {
+                        evicted += 1;
+                        if evicted.is_power_of_two() {
+                            tracing::warn!(
+                                rank,
+                                %peer_addr,
+                                evicted = %oldest,
+                                "closed {evicted} ring connection(s) that had not proved \
+                                 themselves while waiting for the left neighbour, each the \
+                                 oldest of the {limit} from such addresses being challenged, \
+                                 to challenge a newer one"
+                            );
+                        }
+                    }
+                    Room::Full => {
+                        closed_at_once += 1;
+                        if closed_at_once.is_power_of_two() {
+                            tracing::warn!(
+                                rank,
+                                %peer_addr,
+                                "closed {closed_at_once} ring connection(s) at once while \
+                                 waiting for the left neighbour: the handshake threads of such \
+                                 addresses, evicted ones still ending included, number twice \
+                                 the {limit} challenged at once"
+                            );
+                        }
+                        continue;
+                    }
                 }
                 stream.set_nonblocking(false).ok();
-                let slot = HandshakeSlot::take(slots);
+                let slot = HandshakeSlot::take(&pool.threads);
+                let claim = Arc::clone(&slot.claim);
                 let key = key.clone();
                 let challenged = challenged.clone();
                 let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
                 let spawned =
                     std::thread::Builder::new().name("ring-handshake".into()).spawn(move || {
-                        let _slot = slot;
-                        let outcome = challenge_left(&stream, &key, until);
+                        let slot = slot;
+                        let outcome = challenge_left(&stream, &key, until, || slot.claim.settle());
+                        // Evicted: counted in the eviction's warning, and
+                        // not the neighbour's (a proof that held settled it).
+                        if slot.claim.evicted() {
+                            return;
+                        }
+                        // Before the outcome is taken: no longer challenged.
+                        slot.claim.settle();
                         // The receiver is gone once the left link is chosen.
                         let _ = challenged.send((peer_addr, stream, outcome));
                     });
-                // The closure, its slot and the connection are dropped with
-                // the error; were it the neighbour's, its handshake fails
-                // with a link error that names this rank.
-                if let Err(e) = spawned {
-                    tracing::warn!(rank, %peer_addr, "dropped a ring connection: no thread to challenge it: {e}");
+                match spawned {
+                    Ok(_) => pool.challenging.push_back(Challenging { peer_addr, handle, claim }),
+                    // The closure, its slot and the connection are dropped
+                    // with the error (and the second handle here); were it
+                    // the neighbour's, its handshake fails with a link error
+                    // that names this rank.
+                    Err(e) => tracing::warn!(
+                        rank,
+                        %peer_addr,
+                        "dropped a ring connection: no thread to challenge it: {e}"
+                    ),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1289,6 +1481,7 @@ mod tests {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let kept = HandshakeSlot::take(&in_flight);
         let slot = HandshakeSlot::take(&in_flight);
+        let claim = Arc::clone(&slot.claim);
         assert_eq!(in_flight.load(Ordering::SeqCst), 2);
         let crashed = std::thread::spawn(move || {
             let _slot = slot;
@@ -1297,8 +1490,61 @@ mod tests {
         .join();
         assert!(crashed.is_err(), "the thread should have panicked");
         assert_eq!(in_flight.load(Ordering::SeqCst), 1, "the panicked thread kept its slot");
+        // Its connection no longer counts as being challenged.
+        assert!(!claim.challenging() && !claim.evicted());
+        assert!(kept.claim.challenging());
         drop(kept);
         assert_eq!(in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    /// A pool of 2 slots: a third connection evicts the oldest one being
+    /// challenged (its socket shut down: its peer reads the end), never one
+    /// whose proof held, and its threads, evicted ones not yet ended
+    /// included, stay below twice its limit.
+    #[test]
+    fn a_full_pool_evicts_its_oldest_unproven_connection_and_bounds_its_threads() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut pool = Pool::new(2);
+        // A connection being challenged: its peer's end, its address and
+        // its thread's slot and stream (the pool holds a second handle).
+        let connect = |pool: &mut Pool| {
+            let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (stream, peer_addr) = listener.accept().unwrap();
+            let slot = HandshakeSlot::take(&pool.threads);
+            let (handle, claim) = (stream.try_clone().unwrap(), Arc::clone(&slot.claim));
+            pool.challenging.push_back(Challenging { peer_addr, handle, claim });
+            (peer, peer_addr, (slot, stream))
+        };
+        let (oldest, oldest_addr, first) = connect(&mut pool);
+        let (_second, second_addr, second) = connect(&mut pool);
+        let mut slots = vec![first, second];
+        assert!(matches!(pool.make_room(), Room::Evicted(a) if a == oldest_addr));
+        // Shut down while its thread still holds the stream.
+        oldest.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let read = (&oldest).read(&mut [0u8; 1]);
+        assert!(matches!(read, Ok(0)), "the evicted one was not shut down: {read:?}");
+        assert!(matches!(slots[0].1.read(&mut [0u8; 1]), Ok(0)));
+        assert!(slots[0].0.claim.evicted() && !slots[0].0.claim.settle(), "an evicted one settled");
+        let (_third, _, third) = connect(&mut pool);
+        slots.push(third);
+        // The second proves itself: never evicted, and its place is free.
+        assert!(slots[1].0.claim.settle());
+        assert!(matches!(pool.make_room(), Room::Free));
+        assert!(!slots[1].0.claim.evicted());
+        assert_eq!(pool.challenging.len(), 1);
+        let (_fourth, fourth_addr, fourth) = connect(&mut pool);
+        slots.push(fourth);
+        // Four threads (the evicted one and the settled one still ending):
+        // twice the limit, so a fifth connection is closed at once.
+        assert_eq!(pool.threads.load(Ordering::SeqCst), 4);
+        assert!(matches!(pool.make_room(), Room::Full));
+        // The evicted thread ends: the oldest being challenged (the third)
+        // is evicted for the next one.
+        drop(slots.remove(0));
+        let third_addr = pool.challenging[0].peer_addr;
+        assert_ne!(third_addr, second_addr);
+        assert_ne!(third_addr, fourth_addr);
+        assert!(matches!(pool.make_room(), Room::Evicted(a) if a == third_addr));
     }
 
     /// Forms a ring of `n` ranks on loopback, one thread each, and runs `f` on every rank.
@@ -1675,22 +1921,113 @@ mod tests {
         assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
     }
 
+    /// Silent strangers, one more than the strangers' handshake slots, hold
+    /// them all before a left neighbour that connects from an address it did
+    /// not advertise (127.0.0.1, having advertised 127.0.0.3), so it is
+    /// challenged as a stranger: it takes the oldest stranger's slot and
+    /// links at once, where it was closed at once and tried again until the
+    /// strangers' handshakes timed out (10 s).
     #[test]
-    fn more_stalling_strangers_than_handshake_slots_delay_the_left_neighbour_not_fail_it() {
-        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    fn more_stalling_strangers_than_handshake_slots_do_not_keep_out_a_neighbour_on_another_address()
+    {
+        let a = RingListener::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addresses =
-            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
-        // One more silent stranger than rank 1 challenges at once: rank 0's
-        // first handshake waits behind them past its own deadline.
+        let port = a.local_addr().unwrap().port();
+        let addresses = vec![format!("127.0.0.3:{port}"), b.local_addr().unwrap().to_string()];
         let silent: Vec<TcpStream> =
             (0..=MAX_HANDSHAKES).map(|_| TcpStream::connect(&addresses[1]).unwrap()).collect();
-        let config = RingConfig { timeout: Duration::from_secs(60), segment_floats: 16 };
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
+        let started = Instant::now();
         let rings = link_pair(a, b, &addresses, &config);
+        let linked_after = started.elapsed();
         drop(silent);
         for ring in rings {
             ring.unwrap();
         }
+        assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
+    }
+
+    /// An attacker on the left neighbour's own address (127.0.0.1, rank 0's
+    /// in these tests) holding every neighbour handshake slot of `target`:
+    /// [`MAX_NEIGHBOUR_HANDSHAKES`] connections opened before this returns,
+    /// then one more every 100 ms (more than the 6.4 a second that kept
+    /// every slot taken when each stalled one held its slot for the 10 s
+    /// handshake timeout), each sending `hello` (if any) and then nothing. Set the flag to stop it; joining it closes its connections
+    /// and says how many it opened.
+    fn stalling_neighbour(
+        target: &str,
+        hello: Option<Vec<u8>>,
+    ) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
+        let open = {
+            let target = target.to_string();
+            move || {
+                let stream = TcpStream::connect(&target).ok()?;
+                if let Some(hello) = &hello {
+                    (&stream).write_all(hello).ok()?;
+                }
+                Some(stream)
+            }
+        };
+        let mut held: Vec<TcpStream> =
+            (0..MAX_NEIGHBOUR_HANDSHAKES).map(|_| open().unwrap()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let attacker = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                held.extend(open());
+            }
+            held.len()
+        });
+        (stop, attacker)
+    }
+
+    /// Links a ring of two while [`stalling_neighbour`] holds rank 1's
+    /// neighbour handshake slots: rank 1 waits for its left neighbour while
+    /// the attacker opens more for half a second, then rank 0 comes. How
+    /// long that took from rank 0's start.
+    fn link_past_a_stalling_neighbour(hello: Option<Vec<u8>>) -> Duration {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        let (stop, attacker) = stalling_neighbour(&addresses[1], hello);
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
+        let (rings, linked_after) = std::thread::scope(|scope| {
+            let (addresses, config) = (&addresses, &config);
+            let hb = scope.spawn(move || b.connect(1, addresses, &key(), config.clone()));
+            std::thread::sleep(Duration::from_millis(500));
+            let started = Instant::now();
+            let ha = scope.spawn(move || a.connect(0, addresses, &key(), config.clone()));
+            let rings = [ha.join().unwrap(), hb.join().unwrap()];
+            (rings, started.elapsed())
+        });
+        stop.store(true, Ordering::Relaxed);
+        let opened = attacker.join().unwrap();
+        for ring in rings {
+            ring.unwrap();
+        }
+        eprintln!("linked after {linked_after:?}, {opened} stalled connections opened");
+        linked_after
+    }
+
+    /// Silent connections from the neighbour's own address, every neighbour
+    /// slot's worth and more as they free up: the neighbour takes the
+    /// oldest one's slot and links at once, where it was closed at once and
+    /// tried again until they timed out (10 s), or, with more of them, until
+    /// the ring's deadline.
+    #[test]
+    fn silent_connections_from_the_neighbours_address_do_not_keep_it_out() {
+        let linked_after = link_past_a_stalling_neighbour(None);
+        assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
+    }
+
+    /// The same with a well-formed hello claiming to be rank 0, the left
+    /// neighbour, and no answer to the challenge.
+    #[test]
+    fn connections_that_claim_to_be_the_neighbour_and_stall_at_the_challenge_do_not_keep_it_out() {
+        let linked_after = link_past_a_stalling_neighbour(Some(impostor_hello(0, 2)));
+        assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
     }
 
     /// Strangers' silent connections from another address than the left
@@ -1702,7 +2039,10 @@ mod tests {
     fn strangers_from_other_addresses_do_not_queue_the_left_neighbour() {
         let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         // Rank 1 listens on every address: the strangers reach it on
-        // 127.0.0.2 (their connections come from there), rank 0 on 127.0.0.1.
+        // 127.0.0.2, rank 0 on 127.0.0.1. (Linux gives connections to
+        // 127.0.0.2 the source address 127.0.0.1 all the same, so the
+        // strangers are challenged with the neighbour's own pool here; the
+        // strangers' pool is filled by `more_stalling_strangers_…`.)
         let b = RingListener::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = b.local_addr().unwrap().port();
         let addresses = vec![a.local_addr().unwrap().to_string(), format!("127.0.0.1:{port}")];
