@@ -90,6 +90,51 @@ fn kubernetes_containers_run_their_binaries_with_flags_they_take() {
     assert_eq!(checked, ["coordinator", "worker"]);
 }
 
+/// Every file or folder a container's arguments name is where the pod puts
+/// one: under one of the container's volume mounts (the images hold their
+/// binary alone). `--set=data.root=...` is read by the ranks, on the
+/// workers: it is under one of the worker's mounts.
+#[test]
+fn kubernetes_containers_name_only_paths_their_volumes_hold() {
+    let workloads = workloads();
+    let mounts_of = |container: &str| -> Vec<String> {
+        workloads
+            .iter()
+            .flat_map(|w| &w.pod.containers)
+            .filter(|c| c.name == container)
+            .flat_map(|c| c.volume_mounts.iter().map(|m| m.mount_path.clone()))
+            .collect()
+    };
+    let under = |path: &str, mounts: &[String]| {
+        mounts.iter().any(|m| {
+            path.strip_prefix(m.as_str()).is_some_and(|r| r.is_empty() || r.starts_with('/'))
+        })
+    };
+    let mut paths = 0;
+    for container in workloads.iter().flat_map(|w| &w.pod.containers) {
+        for arg in &container.args {
+            let (owner, value) = match arg.strip_prefix("--set=data.root=") {
+                Some(root) => ("worker", root),
+                None => (container.name.as_str(), arg.rsplit('=').next().unwrap_or(arg)),
+            };
+            if !value.starts_with('/') {
+                continue;
+            }
+            paths += 1;
+            let mounts = mounts_of(owner);
+            assert!(
+                under(value, &mounts),
+                "{}: `{arg}` names {value}, under none of the {owner}'s mounts {mounts:?}",
+                container.name
+            );
+        }
+    }
+    // The coordinator's run folder and TLS files, the ImageNet root, the CA.
+    assert!(paths >= 5, "{paths} path(s) checked");
+    // The check can fail: a recipe file no volume holds.
+    assert!(!under("/recipes/resnet50_a2.yaml", &mounts_of("coordinator")));
+}
+
 /// Both Jobs start their containers again after a failure, a bounded number
 /// of times, and the coordinator with `--auto-resume`, so that a restarted
 /// coordinator restores its job (which the agents continue) and a restarted
@@ -181,6 +226,14 @@ struct Container {
     resources: Resources,
     #[serde(default)]
     security_context: ContainerSecurityContext,
+    #[serde(default)]
+    volume_mounts: Vec<VolumeMount>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeMount {
+    mount_path: String,
 }
 
 /// Quantities as written: `"1"`, `1Gi`, or a YAML number (`8`).
