@@ -1222,8 +1222,13 @@ mod tests {
         assert_eq!(runtime.block_on(update), Err("SIGINT"), "the stop was not heard");
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
         signal.join().unwrap();
-        // The change is made in memory at once; only its write waits.
-        assert_eq!(shared.state.lock().unwrap().jobs[0].members.len(), 1);
+        // The change is made in memory (once the blocking pool runs it);
+        // only its write waits.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.state.lock().unwrap().jobs[0].members.len() != 1 {
+            assert!(Instant::now() < deadline, "the change was never made");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let started = Instant::now();
         let limit = Duration::from_millis(300);
         let within = shared.update_within(limit, |state| join(state, "b"));
