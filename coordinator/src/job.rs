@@ -1588,6 +1588,12 @@ impl Job {
         self.rank_failed(rank, &host, &what, format!("rank {rank} on {host} {what}"));
     }
 
+    /// Says in the first generation's record that this job is attempt
+    /// `attempt` of a sweep's run, whose last attempt failed with `failure`.
+    pub fn note_retry(&mut self, attempt: u32, failure: &str) {
+        self.reasons.push(GenerationReason::Retry { attempt, failure: failure.to_string() });
+    }
+
     /// Moves to `Failed` (once) and says why.
     pub fn fail(&mut self, reason: String) {
         if matches!(self.phase, Phase::Waiting | Phase::Running) {
@@ -2065,14 +2071,21 @@ impl Job {
             )));
         }
         let rank = member.first_rank + local_rank;
-        if let FailureCause::StopRequestedBy(askers) = &cause {
-            if let Some(stranger) = askers.iter().find(|&&r| r >= self.world_size()) {
-                return Err(JobError::Invalid(format!(
-                    "`stop_requested_by` names rank {stranger}; the job has {} rank(s)",
+        // A report naming a rank the job does not have is taken without its
+        // cause: the rank's own failure still counts.
+        let cause = match cause {
+            FailureCause::StopRequestedBy(askers)
+                if askers.is_empty() || askers.iter().any(|&r| r >= self.world_size()) =>
+            {
+                tracing::warn!(
+                    member = %member_id,
+                    "`stop_requested_by` {askers:?} names no rank of the job's {}; ignored",
                     self.world_size()
-                )));
+                );
+                FailureCause::Unknown
             }
-        }
+            cause => cause,
+        };
         if success && self.phase == Phase::Waiting {
             return Err(JobError::Precondition(format!(
                 "rank {rank} cannot finish successfully: the job has not started"
@@ -2106,12 +2119,12 @@ impl Job {
                         ),
                     };
                     let failure = format!(
-                        "rank {first} on {host} asked every rank to stop (a signal to it or to \
-                         its agent){others}; rank {rank} on {}: {message}",
+                        "rank {first} on {host} {ASKED_TO_STOP}{others}; rank {rank} on {}: \
+                         {message}",
                         member.host
                     );
                     let host = host.to_string();
-                    self.rank_failed(first, &host, message, failure);
+                    self.rank_failed(first, &host, ASKED_TO_STOP, failure);
                 }
                 _ => self.rank_failed(rank, &member.host, message, failure),
             }
@@ -2125,6 +2138,10 @@ impl Job {
         Ok(())
     }
 }
+
+/// What a rank whose stop request every rank stopped at did.
+const ASKED_TO_STOP: &str =
+    "asked every rank to stop (a stop signal to it or to its agent, or its agent's death)";
 
 /// Why a rank failed, as far as it knows: the typed part of its Leave,
 /// which says whom to blame.
@@ -2189,7 +2206,7 @@ pub(crate) mod tests {
     }
 
     /// The records in the job's `metrics.jsonl`, once those queued are written.
-    fn records(j: &Job) -> Vec<serde_json::Value> {
+    pub(crate) fn records(j: &Job) -> Vec<serde_json::Value> {
         assert_eq!(j.flush_metrics(), 0, "a record could not be written");
         let text = std::fs::read_to_string(j.out_dir.join("metrics.jsonl")).unwrap();
         text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect()
@@ -2785,7 +2802,7 @@ pub(crate) mod tests {
         j.leave(&a, 0, 0, false, stopped, asked.clone()).unwrap();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(
-            reason.starts_with("rank 1 on b asked every rank to stop (a signal to it or to its")
+            reason.starts_with("rank 1 on b asked every rank to stop (a stop signal to it or to")
                 && reason.contains(&format!("; rank 0 on a: {stopped}")),
             "{reason}"
         );
@@ -2796,13 +2813,14 @@ pub(crate) mod tests {
         j.leave(&b2, 0, 0, false, "stopped by SIGTERM after update 12", asked).unwrap();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert_eq!(reason, "rank 1 on b failed: stopped by SIGTERM after update 12");
-        // A rank the job does not have is refused.
+        // A rank the job does not have: the Leave counts, without the cause.
         let mut j = job(2);
         let a4 = join(&mut j, "a", 1).unwrap();
         join(&mut j, "b", 1).unwrap();
         let wrong = FailureCause::StopRequestedBy(vec![7]);
-        assert!(matches!(j.leave(&a4, 0, 0, false, "x", wrong), Err(JobError::Invalid(_))));
-        assert_eq!(j.phase, Phase::Running);
+        j.leave(&a4, 0, 0, false, "out of memory", wrong).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert_eq!(reason, "rank 0 on a failed: out of memory");
         // Both asked, and the second's Leave came first: the first named,
         // the others listed.
         let mut j = job(2);

@@ -734,11 +734,21 @@ async fn up(mut args: UpArgs) -> Result<()> {
                     // hosts that are all gone.
                     if without_hosts.is_some_and(|idle| idle > join_timeout) {
                         progress.finish();
+                        let waiting: Vec<String> = views
+                            .iter()
+                            .filter(|v| v.state == RunState::Running)
+                            .map(|v| format!("{} waits with host(s) {}", v.id, v.hosts.join(", ")))
+                            .collect();
+                        let waiting = if waiting.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", waiting.join("; "))
+                        };
                         break 'watch Err(anyhow::anyhow!(
                             "no worker host has been with the sweep for {join_timeout_secs} s \
-                             (--join-timeout-secs: none in a run, none asking for one), with {} of \
-                             {} run(s) left ({} finished, {} failed); `coordinator up --resume {}` \
-                             goes on with them",
+                             (--join-timeout-secs: none in a run that trains, none asking for \
+                             one{waiting}), with {} of {} run(s) left ({} finished, {} failed); \
+                             `coordinator up --resume {}` goes on with them",
                             counts.queued + counts.running,
                             counts.total,
                             counts.finished,
@@ -749,11 +759,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
                     progress.update(counts, &views);
                     if over {
                         progress.finish();
-                        let failed: Vec<&str> = views
-                            .iter()
-                            .filter(|v| v.state == RunState::Failed)
-                            .map(|v| v.id.as_str())
-                            .collect();
+                        let failed = rsb_coordinator::sweep::failed_runs(&views);
                         rsb_coordinator::print_line!(
                             "sweep over: {} finished, {} failed of {} run(s); report with \
                              `coordinator report {}`",
@@ -766,8 +772,9 @@ async fn up(mut args: UpArgs) -> Result<()> {
                             Ok(())
                         } else {
                             Err(anyhow::anyhow!(
-                                "{} of {} run(s) failed: {} (why: runs/<id>/outcome.json; \
-                                 `coordinator up --resume {}` runs them again)",
+                                "{} of {} run(s) failed: {} (why: runs/<id>/outcome.json, \
+                                 unless said here; `coordinator up --resume {}` runs them \
+                                 again)",
                                 failed.len(),
                                 counts.total,
                                 failed.join(", "),
@@ -777,7 +784,14 @@ async fn up(mut args: UpArgs) -> Result<()> {
                     }
                     // Checked after the end: workers exit once the sweep is over.
                     if !children.is_empty() && exited.iter().all(|e| *e) {
-                        shared.update(|state| state.fail_all("every local worker exited"));
+                        let failed = shared
+                            .update_unless(stop_signals.recv(), |state| {
+                                state.fail_all("every local worker exited")
+                            })
+                            .await;
+                        if let Err(signal) = failed {
+                            break 'pass Some(signal);
+                        }
                         progress.finish();
                         break 'watch Err(anyhow::anyhow!(
                             "every local worker exited before the sweep ended; `coordinator up \
@@ -1184,7 +1198,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         let run_dir = layout.run_dir(&cell.id);
         let mut outcome = RunOutcome::read(&layout, &cell.id)?;
         let mut finished = outcome.as_ref().is_some_and(|o| o.end == RunEnd::Finished);
-        let mut resume_from = None;
+        let (mut resume_from, mut resume_step) = (None, None);
         if args.resume.is_some() {
             // A study pools its runs as runs of one recipe.
             rsb_job::sweep::check_started_run_recipe(&layout, &cell.id, &recipe)?;
@@ -1208,7 +1222,14 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
             rsb_job::check_out_folder(&run_dir, None)?;
         } else if !finished && run_dir.join(rsb_job::checkpoint::CHECKPOINTS).is_dir() {
             match rsb_job::check_resume(&run_dir, &recipe, &cell.overrides(&manifest.overrides)) {
-                Ok(verified) => resume_from = Some(verified.path().display().to_string()),
+                Ok(verified) => {
+                    // The updates it holds, for the report's count of those
+                    // trained again (unknown when its state cannot say).
+                    resume_step = rsb_job::checkpoint::read_position(verified.path())
+                        .ok()
+                        .map(|position| position.updates);
+                    resume_from = Some(verified.path().display().to_string());
+                }
                 Err(e @ rsb_job::RunFolderError::RecipeChanged { .. }) => {
                     return Err(anyhow::Error::new(e).context(format!("sweep run {}", cell.id)))
                 }
@@ -1223,6 +1244,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
             attempts: outcome.as_ref().map_or(0, |o| o.attempts),
             failure: outcome.and_then(|o| o.failure),
             resume_from,
+            resume_step,
             ..SweepRun::queued(cell.clone(), recipe)
         });
     }

@@ -14,17 +14,21 @@ pub struct Coordination {
     pub jobs: Vec<Job>,
     /// The sweep's queue, when this is a sweep.
     pub sweep: Option<Scheduler>,
+    /// The coordinator is stopping ([`Coordination::fail_all`]): the jobs it
+    /// failed are not a sweep's runs failing (no outcome is recorded, no
+    /// retry queued: `--resume` runs them again), and no host is placed.
+    stopping: bool,
 }
 
 impl Coordination {
     /// One job.
     pub fn one(job: Job) -> Coordination {
-        Coordination { jobs: vec![job], sweep: None }
+        Coordination { jobs: vec![job], sweep: None, stopping: false }
     }
 
     /// A sweep (its jobs start as hosts join).
     pub fn sweep(scheduler: Scheduler) -> Coordination {
-        Coordination { jobs: Vec::new(), sweep: Some(scheduler) }
+        Coordination { jobs: Vec::new(), sweep: Some(scheduler), stopping: false }
     }
 
     /// The index of the job `member_id` belongs (or belonged) to.
@@ -55,6 +59,9 @@ impl Coordination {
         advertise: Option<IpAddr>,
     ) -> Result<Placement, JobError> {
         match &mut self.sweep {
+            // Told to come back: to a coordinator that resumes the sweep, or
+            // to none, past its agent's deadline.
+            Some(_) if self.stopping => Ok(Placement::JoinAgain(crate::sweep::JOIN_AGAIN_AFTER)),
             Some(sweep) => sweep.place(&mut self.jobs, host, kind, local_ranks, advertise),
             None => {
                 // A restored job whose members may still come back.
@@ -69,12 +76,12 @@ impl Coordination {
     }
 
     /// Liveness checks of every job still going, then (sweeps) moves the
-    /// runs whose job ended.
+    /// runs whose job ended, unless the coordinator is stopping.
     pub fn check_liveness(&mut self) {
         for job in self.jobs.iter_mut().filter(|j| !j.is_over()) {
             job.check_liveness();
         }
-        if let Some(sweep) = &mut self.sweep {
+        if let Some(sweep) = self.sweep.as_mut().filter(|_| !self.stopping) {
             sweep.tick(&self.jobs);
         }
     }
@@ -107,8 +114,10 @@ impl Coordination {
         self.jobs.iter().filter_map(Job::metrics_to_write).collect()
     }
 
-    /// Fails every job still going (the coordinator is stopping).
+    /// Fails every job still going: the coordinator is stopping. A sweep's
+    /// runs are left as they stood (see `stopping`).
     pub fn fail_all(&mut self, reason: &str) {
+        self.stopping = true;
         for job in &mut self.jobs {
             job.fail(reason.to_string());
         }

@@ -21,6 +21,24 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// How the failure of a run that could not start begins: its folder could
+/// not be made, so it has no `outcome.json` to say why.
+const CANNOT_START: &str = "cannot start: ";
+
+/// The failed runs of `views` for the sweep's last line: their ids, with
+/// the reason for a run that could not start (it has no `outcome.json`,
+/// which the line points the others to).
+pub fn failed_runs(views: &[RunView]) -> Vec<String> {
+    views
+        .iter()
+        .filter(|v| v.state == RunState::Failed)
+        .map(|v| match v.failure.as_deref() {
+            Some(why) if why.starts_with(CANNOT_START) => format!("{} ({why})", v.id),
+            _ => v.id.clone(),
+        })
+        .collect()
+}
+
 /// How long a host that no run can take waits before joining again.
 pub const JOIN_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
@@ -57,6 +75,8 @@ pub struct SweepRun {
     pub job: Option<usize>,
     /// Checkpoint the next attempt resumes from (the run's own newest).
     pub resume_from: Option<String>,
+    /// Updates done in that checkpoint, when known.
+    pub resume_step: Option<u64>,
 }
 
 impl SweepRun {
@@ -71,6 +91,7 @@ impl SweepRun {
             failure: None,
             job: None,
             resume_from: None,
+            resume_step: None,
         }
     }
 }
@@ -160,8 +181,8 @@ pub struct Scheduler {
     /// Files of the runs to write once the coordinator's lock is released
     /// ([`Scheduler::files_to_write`]): a slow disk holds up no call.
     files: Vec<RunFile>,
-    /// When a host was last with the sweep: asking for a place, or a
-    /// member of a run's job (see [`Scheduler::without_hosts_for`]).
+    /// When a host was last with the sweep: asking for a place, or in a
+    /// run's job that trains (see [`Scheduler::without_hosts_for`]).
     last_host_seen: Instant,
 }
 
@@ -351,9 +372,9 @@ impl Scheduler {
                     // sweep goes on with the next one.
                     Err(e) => {
                         let run = &mut self.runs[run];
-                        tracing::error!(run = %run.cell.id, "cannot start: {e}");
+                        tracing::error!(run = %run.cell.id, "{CANNOT_START}{e}");
                         run.state = RunState::Failed;
-                        run.failure = Some(format!("cannot start: {e}"));
+                        run.failure = Some(format!("{CANNOT_START}{e}"));
                     }
                 }
             },
@@ -394,6 +415,11 @@ impl Scheduler {
         // they run; the sweep as a whole has `--join-timeout-secs`.
         job.join_timeout = None;
         job.resume_from = run.resume_from.clone();
+        job.resume_step = run.resume_step.filter(|_| run.resume_from.is_some());
+        if let (Some(failure), true) = (&run.failure, run.attempts > 1) {
+            // Its generation record says why the run is tried again.
+            job.note_retry(run.attempts, failure);
+        }
         let from = run
             .resume_from
             .as_deref()
@@ -408,7 +434,10 @@ impl Scheduler {
     /// failed ones are queued again in front (from their newest committed
     /// checkpoint) while retries are left, else recorded as failed.
     pub fn tick(&mut self, jobs: &[Job]) {
-        if self.running_jobs().any(|j| !jobs[j].is_over() && !jobs[j].members.is_empty()) {
+        // A run's job that trains has its hosts; one that waits for more
+        // (the hosts of a run of several) does not count: its hosts may be
+        // all that is left.
+        if self.running_jobs().any(|j| jobs[j].phase == Phase::Running) {
             self.last_host_seen = Instant::now();
         }
         for i in 0..self.runs.len() {
@@ -417,6 +446,7 @@ impl Scheduler {
             let job = &jobs[j];
             if let Some(c) = job.checkpoints.last() {
                 run.resume_from = Some(c.path.clone());
+                run.resume_step = Some(c.step);
             }
             match &job.phase {
                 Phase::Finished => {
@@ -514,11 +544,12 @@ impl Scheduler {
             .collect()
     }
 
-    /// How long no host has been with the sweep while runs are left: none
-    /// asked for a place, and no run's job had a member (its hosts
-    /// heartbeat), as of the last [`Scheduler::tick`]. `None` once the
-    /// sweep is over. A run whose hosts all died fails at their heartbeat
-    /// timeout and is queued again; with no host left to take it, the
+    /// How long the sweep has had no host to train with while runs are
+    /// left: none asked for a place, and no run's job trained, as of the
+    /// last [`Scheduler::tick`] (the hosts of a run's job that waits for
+    /// more do not count). `None` once the sweep is over. A run whose hosts
+    /// all died fails at their heartbeat timeout and is queued again; with
+    /// no host left to take it, or too few for a run of several hosts, the
     /// coordinator gives up past `--join-timeout-secs` of this, where it
     /// waited for ever.
     pub fn without_hosts_for(&self) -> Option<Duration> {
@@ -664,11 +695,51 @@ pub(crate) mod tests {
             Placement::JoinAgain(_)
         ));
         assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // A run of two hosts that has one waits for the other: that host
+        // alone does not count (it may be all that is left).
+        s.settings.max_parallel = None;
+        s.settings.ranks_per_run = 2;
+        let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[j].phase, Phase::Waiting);
+        long_ago(&mut s);
+        s.tick(&jobs);
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        // Its second host comes: it trains.
+        member(s.place(&mut jobs, "d", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[j].phase, Phase::Running);
+        long_ago(&mut s);
+        s.tick(&jobs);
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
         // Over: nothing is waited for.
         for run in &mut s.runs {
             run.state = RunState::Finished;
         }
         assert_eq!(s.without_hosts_for(), None);
+    }
+
+    #[test]
+    fn a_stopping_coordinator_records_no_outcome_queues_no_retry_and_places_no_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = scheduler(tmp.path(), &[0, 1], settings(1, None, 0));
+        let mut state = crate::state::Coordination::sweep(s);
+        let Placement::Member { .. } = state.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap()
+        else {
+            panic!("not placed")
+        };
+        let _ = state.run_files_to_write();
+        // Stopped by a signal: the run's job fails, but the run (on its last
+        // attempt, --max-retries 0) is not failed for it, and no retry is
+        // queued in its place; --resume runs it again.
+        state.fail_all("coordinator stopped by SIGINT");
+        state.check_liveness();
+        let sweep = state.sweep.as_ref().unwrap();
+        assert_eq!((sweep.runs[0].state, sweep.counts().queued), (RunState::Running, 1));
+        assert!(state.run_files_to_write().is_empty(), "an outcome was recorded");
+        assert!(matches!(
+            state.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap(),
+            Placement::JoinAgain(_)
+        ));
+        assert_eq!(state.jobs.len(), 1, "a host was placed in a new run");
     }
 
     #[test]
@@ -683,9 +754,22 @@ pub(crate) mod tests {
         assert_eq!(jobs[j].label.as_deref(), Some("seed-001"));
         assert_eq!(s.runs[0].state, RunState::Failed);
         assert!(s.runs[0].failure.as_deref().is_some_and(|f| f.contains("cannot start")));
-        end(&mut jobs, j, true);
+        end(&mut jobs, j, false);
         s.tick(&jobs);
+        // The sweep's last line says why it could not start (it has no
+        // outcome.json); a run failed otherwise is named alone (its
+        // outcome.json says why).
+        let failed = failed_runs(&s.views(&jobs));
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].starts_with("seed-000 (cannot start: "), "{failed:?}");
+        assert!(failed[0].contains("runs/seed-000"), "{failed:?}");
+        for _ in 0..2 {
+            let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+            end(&mut jobs, j, false);
+            s.tick(&jobs);
+        }
         assert!(s.is_over());
+        assert_eq!(failed_runs(&s.views(&jobs))[1], "seed-001");
     }
 
     #[test]
@@ -703,6 +787,18 @@ pub(crate) mod tests {
         let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert_eq!(jobs[j].resume_from.as_deref(), Some("/runs/seed-000/checkpoints/x"));
         assert_eq!(s.runs[0].attempts, 2);
+        // Its generation record says from which update, and why it runs again.
+        jobs[j].leave("r0a2-1", 0, 0, false, "x", FailureCause::Unknown).ok();
+        let records = crate::job::tests::records(&jobs[j]);
+        let generation = records.iter().find(|r| r["kind"] == "generation").unwrap();
+        assert_eq!(generation["resume_step"], 4, "{generation}");
+        let reasons = &generation["reasons"];
+        assert_eq!(
+            (reasons[0]["kind"].as_str(), reasons[1]["kind"].as_str()),
+            (Some("start"), Some("retry"))
+        );
+        assert_eq!(reasons[1]["attempt"], 2);
+        assert!(reasons[1]["failure"].as_str().unwrap().contains("boom"), "{reasons}");
         end(&mut jobs, j, false);
         s.tick(&jobs);
         assert_eq!(s.runs[0].state, RunState::Failed);

@@ -21,6 +21,9 @@ impl From<&GenerationReason> for pb::GenerationReason {
             GenerationReason::CoordinatorRestarted => {
                 Reason::CoordinatorRestarted(pb::CoordinatorRestarted {})
             }
+            GenerationReason::Retry { attempt, failure } => {
+                Reason::Retry(pb::RunRetried { attempt, failure })
+            }
         };
         pb::GenerationReason { reason: Some(reason) }
     }
@@ -36,6 +39,7 @@ fn reason_of(reason: pb::GenerationReason) -> Option<GenerationReason> {
         }
         Reason::Admitted(r) => GenerationReason::Admitted { host: r.host },
         Reason::CoordinatorRestarted(_) => GenerationReason::CoordinatorRestarted,
+        Reason::Retry(r) => GenerationReason::Retry { attempt: r.attempt, failure: r.failure },
     })
 }
 
@@ -351,6 +355,7 @@ mod tests {
                     },
                     GenerationReason::Admitted { host: "d".into() },
                     GenerationReason::CoordinatorRestarted,
+                    GenerationReason::Retry { attempt: 2, failure: "rank 0 failed".into() },
                 ],
             },
         ];

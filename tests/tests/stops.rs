@@ -353,10 +353,11 @@ fn a_signal_to_one_rank_is_blamed_on_that_rank_not_on_the_first_to_leave() {
     }
     let log = read(&up_log);
     assert!(!output.status.success(), "a stopped job succeeded:\n{log}");
+    // Rank 0's own Leave may come first on a loaded machine (then it says
+    // it was stopped by SIGTERM itself): either way it is named.
     assert!(
-        log.contains(
-            "job failed: rank 0 on a asked every rank to stop (a signal to it or to its agent)"
-        ),
+        log.contains("job failed: rank 0 on a asked every rank to stop (a stop signal")
+            || log.contains("job failed: rank 0 on a failed: stopped by SIGTERM"),
         "the job's failure does not name the signalled rank:\n{log}"
     );
     let logs_b = read(&logs.join("worker-b.log"));

@@ -78,6 +78,11 @@ fn a_failed_run_retries_from_its_checkpoint_and_an_interrupted_sweep_resumes_wha
     assert_eq!(generations.len(), 2, "{generations:?}");
     let resumed = generations[1]["resume_from"].as_str().expect("the retry resumes");
     assert!(resumed.starts_with(first.join("checkpoints").to_str().unwrap()), "{resumed}");
+    // Its record says from which update, and why the run is tried again.
+    assert!(generations[1]["resume_step"].as_u64().is_some_and(|s| s > 0), "{generations:?}");
+    let retry = &generations[1]["reasons"][1];
+    assert_eq!((retry["kind"].as_str(), retry["attempt"].as_u64()), (Some("retry"), Some(2)));
+    assert!(retry["failure"].as_str().is_some_and(|f| f.contains("rank 0")), "{retry}");
     assert_eq!(run_records(&first, "epoch").last().unwrap()["epoch"], 5);
 
     // Stop the sweep while the second run trains.

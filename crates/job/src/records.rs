@@ -176,6 +176,14 @@ pub enum GenerationReason {
     },
     /// The coordinator restarted and continues the job from its state file.
     CoordinatorRestarted,
+    /// A sweep's run is tried again (with [`GenerationReason::Start`] of its
+    /// new attempt's job): its last attempt failed.
+    Retry {
+        /// The attempt this is (2 for the first retry).
+        attempt: u32,
+        /// Why the last attempt failed.
+        failure: String,
+    },
 }
 
 impl std::fmt::Display for GenerationReason {
@@ -188,6 +196,9 @@ impl std::fmt::Display for GenerationReason {
             }
             GenerationReason::Admitted { host } => write!(f, "admitted host {host}"),
             GenerationReason::CoordinatorRestarted => write!(f, "the coordinator restarted"),
+            GenerationReason::Retry { attempt, failure } => {
+                write!(f, "attempt {attempt}, after: {failure}")
+            }
         }
     }
 }
