@@ -308,6 +308,8 @@ impl TlsArgs {
 }
 
 fn main() {
+    // Before any thread starts: the death signal is the main thread's.
+    rsb_process::forget_inherited_parent();
     let cli = Cli::parse();
     // A coordinator's lines are written while it holds a job's lock: one
     // that waited on a stdout or stderr nobody reads (a stalled log

@@ -330,3 +330,61 @@ fn a_killed_rank_is_reported_at_once_and_fails_the_job_naming_it() {
         "the failure does not name the killed rank:\n{stderr}"
     );
 }
+
+/// A worker started by hand (or by a script) from the environment of a
+/// rank, which holds the agent's `RSB_PARENT_PID`, armed with no death
+/// signal: it forgets the inherited pid (`forget_inherited_parent`), where
+/// it took that process for its parent, found it was not, and stopped at
+/// once as if its parent had died. It joins, waits in the job, and stops
+/// only when told to.
+#[test]
+fn a_worker_that_inherited_a_parent_pid_does_not_stop_at_once() {
+    const TOKEN: &str = "orphans-inherited-parent-token-5d1e";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port("127.0.0.1");
+    let up_log = tmp.path().join("up.log");
+    let mut coordinator = Command::new(binary("coordinator"))
+        // Two hosts: the job waits for the second, which never comes.
+        .args(["up", "--nodes", "2", "--listen", &format!("127.0.0.1:{port}"), "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .env("RSB_JOB_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&up_log).expect("log"))
+        .spawn()
+        .expect("starting the coordinator");
+    let worker_log = tmp.path().join("worker.log");
+    let mut worker = Command::new(binary("worker"))
+        .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .args(["--devices", "cpu", "--cores", "1", "--host-name", "a"])
+        // Not its parent (the test is), as a rank's agent would not be.
+        .env("RSB_PARENT_PID", coordinator.id().to_string())
+        .env("RSB_JOB_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&worker_log).expect("log"))
+        .spawn()
+        .expect("starting worker join");
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read(&up_log).contains("joined (1/2 hosts)") {
+        assert!(
+            worker.try_wait().expect("try_wait").is_none(),
+            "the worker exited before it joined:\n{}",
+            read(&worker_log)
+        );
+        assert!(Instant::now() < deadline, "the worker never joined:\n{}", read(&up_log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its stop signals are heard while it waits in the job.
+    std::thread::sleep(Duration::from_secs(3));
+    let exited = worker.try_wait().expect("try_wait");
+    let _ = Command::new("kill").args(["-s", "TERM", &worker.id().to_string()]).status();
+    let _ = worker.wait();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    let log = read(&worker_log);
+    assert_eq!(exited, None, "the worker stopped on its own:\n{log}");
+    assert!(log.contains("stopped by SIGTERM"), "{log}");
+    assert!(!log.contains("death of its"), "{log}");
+}

@@ -133,6 +133,8 @@ fn keep_freed_memory_mapped() {
 fn keep_freed_memory_mapped() {}
 
 fn main() {
+    // Before any thread starts: the death signal is the main thread's.
+    rsb_process::forget_inherited_parent();
     keep_freed_memory_mapped();
     let cli = Cli::parse();
     // An agent relays its ranks' stderr and must keep answering the

@@ -17,6 +17,8 @@
 //!   started through [`die_with_parent`], on its parent's death (also one
 //!   that came before it listened), so that a parent can stop its children
 //!   in order and say why;
+//! * [`forget_inherited_parent`] keeps a process of ours started otherwise
+//!   (with the variable inherited) from taking another for its parent;
 //! * [`terminate`] stops children: `SIGTERM`, a grace period, then `SIGKILL`;
 //! * [`exit_now`] ends a process that may be stuck, without the exit
 //!   handlers that could keep it stuck.
@@ -71,6 +73,21 @@ pub fn die_with_parent(command: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// Forgets a [`PARENT_PID_ENV`] that this process merely inherited: one of
+/// ours started otherwise than through [`die_with_parent`] (by hand, by a
+/// script) from a process that was would take that process for its parent,
+/// find it is not, and stop at once. Call first thing in `main`, on the
+/// main thread, before any other thread starts: the death signal is armed
+/// per thread, on the one that exec'd, and the environment is changed.
+/// Without an armed death signal the variable is removed, so that
+/// [`stop_signal`] watches no parent.
+pub fn forget_inherited_parent() {
+    let armed = nix::sys::prctl::get_pdeathsig().ok().flatten().is_some();
+    if !armed && std::env::var_os(PARENT_PID_ENV).is_some() {
+        std::env::remove_var(PARENT_PID_ENV);
     }
 }
 
