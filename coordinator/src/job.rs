@@ -2074,6 +2074,15 @@ impl Job {
         // A report naming a rank the job does not have is taken without its
         // cause: the rank's own failure still counts.
         let cause = match cause {
+            // In rank order, each once: at most the world's ranks.
+            FailureCause::StopRequestedBy(mut askers) if !askers.is_empty() => {
+                askers.sort_unstable();
+                askers.dedup();
+                FailureCause::StopRequestedBy(askers)
+            }
+            cause => cause,
+        };
+        let cause = match cause {
             FailureCause::StopRequestedBy(askers)
                 if askers.is_empty() || askers.iter().any(|&r| r >= self.world_size()) =>
             {
@@ -2826,7 +2835,8 @@ pub(crate) mod tests {
         let mut j = job(2);
         join(&mut j, "a", 1).unwrap();
         let b3 = join(&mut j, "b", 1).unwrap();
-        j.leave(&b3, 0, 0, false, "stopped", FailureCause::StopRequestedBy(vec![0, 1])).unwrap();
+        let twice = FailureCause::StopRequestedBy(vec![1, 0, 1, 0]);
+        j.leave(&b3, 0, 0, false, "stopped", twice).unwrap();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(
             reason.starts_with("rank 0 on a asked every rank to stop")

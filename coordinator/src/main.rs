@@ -739,7 +739,12 @@ async fn up(mut args: UpArgs) -> Result<()> {
                         let waiting: Vec<String> = views
                             .iter()
                             .filter(|v| v.state == RunState::Running)
-                            .map(|v| format!("{} waits with host(s) {}", v.id, v.hosts.join(", ")))
+                            .map(|v| match &v.hosts[..] {
+                                [] => format!("{} waits with no host", v.id),
+                                hosts => {
+                                    format!("{} waits with host(s) {}", v.id, hosts.join(", "))
+                                }
+                            })
                             .collect();
                         let waiting = if waiting.is_empty() {
                             String::new()
@@ -747,10 +752,10 @@ async fn up(mut args: UpArgs) -> Result<()> {
                             format!("; {}", waiting.join("; "))
                         };
                         break 'watch Err(anyhow::anyhow!(
-                            "no worker host has been with the sweep for {join_timeout_secs} s \
-                             (--join-timeout-secs: none in a run that trains, none asking for \
-                             one{waiting}), with {} of {} run(s) left ({} finished, {} failed); \
-                             `coordinator up --resume {}` goes on with them",
+                            "no run of the sweep trained and no worker host asked for one for \
+                             {join_timeout_secs} s (--join-timeout-secs{waiting}), with {} of {} \
+                             run(s) left ({} finished, {} failed); `coordinator up --resume {}` \
+                             goes on with them",
                             counts.queued + counts.running,
                             counts.total,
                             counts.finished,

@@ -117,6 +117,11 @@ impl Coordination {
     /// Fails every job still going: the coordinator is stopping. A sweep's
     /// runs are left as they stood (see `stopping`).
     pub fn fail_all(&mut self, reason: &str) {
+        // Runs whose job ended before the stop (a Leave, between two
+        // passes) are recorded as they ended, once.
+        if let Some(sweep) = self.sweep.as_mut().filter(|_| !self.stopping) {
+            sweep.tick(&self.jobs);
+        }
         self.stopping = true;
         for job in &mut self.jobs {
             job.fail(reason.to_string());

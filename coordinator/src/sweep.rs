@@ -727,19 +727,34 @@ pub(crate) mod tests {
             panic!("not placed")
         };
         let _ = state.run_files_to_write();
+        // A second run whose ranks all finished just before the stop (a
+        // Leave, between two passes) is recorded as finished.
+        let Placement::Member { job, .. } = state.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap()
+        else {
+            panic!("not placed")
+        };
+        end(&mut state.jobs, job, true);
+        let _ = state.run_files_to_write();
         // Stopped by a signal: the run's job fails, but the run (on its last
         // attempt, --max-retries 0) is not failed for it, and no retry is
         // queued in its place; --resume runs it again.
         state.fail_all("coordinator stopped by SIGINT");
         state.check_liveness();
         let sweep = state.sweep.as_ref().unwrap();
-        assert_eq!((sweep.runs[0].state, sweep.counts().queued), (RunState::Running, 1));
-        assert!(state.run_files_to_write().is_empty(), "an outcome was recorded");
+        assert_eq!(
+            (sweep.runs[0].state, sweep.runs[1].state),
+            (RunState::Running, RunState::Finished)
+        );
+        assert_eq!(sweep.counts().queued, 0);
+        let files = state.run_files_to_write();
+        let outcomes: Vec<_> = files.iter().filter(|f| f.path.ends_with("outcome.json")).collect();
+        assert_eq!(outcomes.len(), 1, "the finished run's outcome alone");
+        assert!(outcomes[0].path.to_string_lossy().contains("seed-001"), "{:?}", outcomes[0].path);
         assert!(matches!(
             state.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap(),
             Placement::JoinAgain(_)
         ));
-        assert_eq!(state.jobs.len(), 1, "a host was placed in a new run");
+        assert_eq!(state.jobs.len(), 2, "a host was placed in a new run");
     }
 
     #[test]

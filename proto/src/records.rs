@@ -10,6 +10,8 @@ use rsb_job::{
 impl From<&GenerationReason> for pb::GenerationReason {
     fn from(reason: &GenerationReason) -> pb::GenerationReason {
         let reason = match reason.clone() {
+            // Sent as no reason, which the other side reads as none.
+            GenerationReason::Unknown => return pb::GenerationReason { reason: None },
             GenerationReason::Start => Reason::Start(pb::GenerationStart {}),
             GenerationReason::LostHost { host, detail } => {
                 Reason::LostHost(pb::LostHost { host, detail })

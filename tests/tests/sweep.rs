@@ -292,7 +292,7 @@ fn a_sweep_whose_hosts_are_all_gone_fails_after_the_join_timeout() {
     let output = std::fs::read_to_string(&log).unwrap();
     assert!(!out.status.success(), "{output}");
     assert!(
-        output.contains("no worker host has been with the sweep for 4 s")
+        output.contains("no run of the sweep trained and no worker host asked for one for 4 s")
             && output.contains("with 2 of 2 run(s) left (0 finished, 0 failed)")
             && output.contains(&format!("coordinator up --resume {}", dir.display())),
         "{output}"

@@ -140,7 +140,7 @@ pub enum MetricsRecord {
         /// Checkpoint rank 0 resumes from (none: a fresh start).
         resume_from: Option<String>,
         /// Updates done in that checkpoint (none: a fresh start, or a
-        /// checkpoint the job did not write itself).
+        /// checkpoint whose state could not say).
         resume_step: Option<u64>,
         /// Why the generation opened, oldest first.
         reasons: Vec<GenerationReason>,
@@ -184,6 +184,10 @@ pub enum GenerationReason {
         /// Why the last attempt failed.
         failure: String,
     },
+    /// A reason of a later build (a `kind` this one does not know): read,
+    /// so that a record with one is not an error, and shown as unknown.
+    #[serde(other)]
+    Unknown,
 }
 
 impl std::fmt::Display for GenerationReason {
@@ -199,6 +203,7 @@ impl std::fmt::Display for GenerationReason {
             GenerationReason::Retry { attempt, failure } => {
                 write!(f, "attempt {attempt}, after: {failure}")
             }
+            GenerationReason::Unknown => write!(f, "a reason this build does not know"),
         }
     }
 }

@@ -30,8 +30,8 @@ pub struct Generation {
     pub hosts: Vec<String>,
     /// Checkpoint it resumed from (none: a fresh start).
     pub resume_from: Option<String>,
-    /// Updates done in that checkpoint, when the record says (a retried
-    /// attempt's record does not: its job did not write the checkpoint).
+    /// Updates done in that checkpoint, when the record says (a record of
+    /// a build before the retries recorded it does not).
     pub resume_step: Option<u64>,
     /// Why it opened, oldest first.
     pub reasons: Vec<GenerationReason>,
@@ -238,6 +238,28 @@ mod tests {
         assert!(line.ends_with("é…; 2 rank(s), resumed from update 0"), "{line}");
         let tail = "…; 2 rank(s), resumed from update 0";
         assert_eq!(line.chars().count(), REASON_CHARS + tail.chars().count());
+    }
+
+    #[test]
+    fn a_retry_says_its_attempt_and_why_and_a_reason_of_a_later_build_is_read() {
+        let retry =
+            GenerationReason::Retry { attempt: 2, failure: "rank 0 on a failed: boom".into() };
+        let g = Generations::of_records(&[
+            generation(1, 1, None, vec![GenerationReason::Start]),
+            loading(0),
+            loading(8),
+            generation(1, 1, Some(6), vec![GenerationReason::Start, retry]),
+        ]);
+        let lines: Vec<String> = g.after_first().map(|(_, g)| g.describe()).collect();
+        assert_eq!(
+            lines,
+            ["new attempt: start; attempt 2, after: rank 0 on a failed: boom; 1 rank(s), \
+                 resumed from update 6 (2 recorded update(s) trained again)"]
+        );
+        let later = r#"{"kind":"generation","generation":2,"hosts":["a"],"world_size":1,"accumulation":1,"resume_from":null,"resume_step":null,"reasons":[{"kind":"evicted_by_a_later_build","why":"x"}]}"#;
+        let record: MetricsRecord = serde_json::from_str(later).unwrap();
+        let MetricsRecord::Generation { reasons, .. } = &record else { panic!("{record:?}") };
+        assert_eq!(reasons, &[GenerationReason::Unknown]);
     }
 
     #[test]
