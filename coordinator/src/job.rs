@@ -1560,9 +1560,6 @@ impl Job {
             return;
         };
         let first_failure = first_failure.clone();
-        let host_of = |job: &Job, rank: u32| {
-            job.host_of_rank(u64::from(rank)).unwrap_or("an unknown host").to_string()
-        };
         let mut rank = first;
         let mut reporter = first;
         let mut hops = 0;
@@ -1572,12 +1569,12 @@ impl Job {
             hops += 1;
             if hops > self.collective_failures.len() {
                 // Every rank on the way reported: no single rank to blame.
-                let host = host_of(self, first);
+                let host = self.host_name_of_rank(first);
                 self.rank_failed(first, &host, &first_failure.clone(), first_failure);
                 return;
             }
         }
-        let host = host_of(self, rank);
+        let host = self.host_name_of_rank(rank);
         let report = self.collective_failures.get(&reporter).map_or(first_failure, |f| f.1.clone());
         let what = format!(
             "stopped answering in a collective: {} rank(s) failed waiting for it or for a rank \
@@ -1887,6 +1884,12 @@ impl Job {
         format!("; straggler: {}", balance.describe(self.host_of_rank(balance.slowest_rank)))
     }
 
+    /// The host of global rank `rank` for a message: "an unknown host" when
+    /// no member holds it.
+    fn host_name_of_rank(&self, rank: u32) -> String {
+        self.host_of_rank(u64::from(rank)).unwrap_or("an unknown host").to_string()
+    }
+
     /// The host of the member that holds global rank `rank`, if any.
     fn host_of_rank(&self, rank: u64) -> Option<&str> {
         let rank = u32::try_from(rank).ok()?;
@@ -2075,23 +2078,23 @@ impl Job {
         // cause: the rank's own failure still counts.
         let cause = match cause {
             // In rank order, each once: at most the world's ranks.
-            FailureCause::StopRequestedBy(mut askers) if !askers.is_empty() => {
+            FailureCause::StopRequestedBy(mut askers) => {
                 askers.sort_unstable();
                 askers.dedup();
-                FailureCause::StopRequestedBy(askers)
-            }
-            cause => cause,
-        };
-        let cause = match cause {
-            FailureCause::StopRequestedBy(askers)
-                if askers.is_empty() || askers.iter().any(|&r| r >= self.world_size()) =>
-            {
-                tracing::warn!(
-                    member = %member_id,
-                    "`stop_requested_by` {askers:?} names no rank of the job's {}; ignored",
-                    self.world_size()
-                );
-                FailureCause::Unknown
+                match askers.last() {
+                    Some(&last) if last < self.world_size() => {
+                        FailureCause::StopRequestedBy(askers)
+                    }
+                    _ => {
+                        tracing::warn!(
+                            member = %member_id,
+                            "`stop_requested_by` {askers:?} names no rank of the job's {}; \
+                             ignored",
+                            self.world_size()
+                        );
+                        FailureCause::Unknown
+                    }
+                }
             }
             cause => cause,
         };
@@ -2119,7 +2122,7 @@ impl Job {
                     // host's signal): they are the cause, not the healthy
                     // rank whose Leave came first.
                     let first = askers[0];
-                    let host = self.host_of_rank(u64::from(first)).unwrap_or("an unknown host");
+                    let host = self.host_name_of_rank(first);
                     let others = match &askers[1..] {
                         [] => String::new(),
                         more => format!(
@@ -2132,7 +2135,6 @@ impl Job {
                          {message}",
                         member.host
                     );
-                    let host = host.to_string();
                     self.rank_failed(first, &host, ASKED_TO_STOP, failure);
                 }
                 _ => self.rank_failed(rank, &member.host, message, failure),

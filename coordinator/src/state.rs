@@ -81,6 +81,12 @@ impl Coordination {
         for job in self.jobs.iter_mut().filter(|j| !j.is_over()) {
             job.check_liveness();
         }
+        self.tick_sweep();
+    }
+
+    /// Moves a sweep's runs whose job ended, unless the coordinator is
+    /// stopping (its stop is not theirs to record).
+    fn tick_sweep(&mut self) {
         if let Some(sweep) = self.sweep.as_mut().filter(|_| !self.stopping) {
             sweep.tick(&self.jobs);
         }
@@ -119,9 +125,7 @@ impl Coordination {
     pub fn fail_all(&mut self, reason: &str) {
         // Runs whose job ended before the stop (a Leave, between two
         // passes) are recorded as they ended, once.
-        if let Some(sweep) = self.sweep.as_mut().filter(|_| !self.stopping) {
-            sweep.tick(&self.jobs);
-        }
+        self.tick_sweep();
         self.stopping = true;
         for job in &mut self.jobs {
             job.fail(reason.to_string());
