@@ -35,7 +35,8 @@
 //! address) within every such window, again and again: a flood, where one
 //! connection per slot per handshake timeout (6.4 a second) did when the
 //! newest connection was the one closed. Each kind's handshake threads,
-//! evicted ones still ending included, number at most twice its limit. A
+//! evicted ones still ending included, number at most twice its limit, and
+//! those still challenging when the left link is chosen are closed then. A
 //! handshake that breaks off (evicted by such a flood) or times out (a
 //! neighbour connecting from an address other than the one it advertised
 //! is handled as a stranger) is tried again until the ring's deadline, the
@@ -574,6 +575,19 @@ struct Pool {
     threads: Arc<AtomicUsize>,
     /// Its connections being challenged, in the order they were accepted.
     challenging: VecDeque<Challenging>,
+}
+
+impl Drop for Pool {
+    /// The left link chosen or given up: the connections still being
+    /// challenged are closed, so their threads end now, not at their
+    /// handshake timeout holding their sockets.
+    fn drop(&mut self) {
+        for leftover in self.challenging.drain(..) {
+            if leftover.claim.evict() {
+                let _ = leftover.handle.shutdown(Shutdown::Both);
+            }
+        }
+    }
 }
 
 /// Whether a pool has room for one more connection.
@@ -2028,6 +2042,35 @@ mod tests {
     fn connections_that_claim_to_be_the_neighbour_and_stall_at_the_challenge_do_not_keep_it_out() {
         let linked_after = link_past_a_stalling_neighbour(Some(impostor_hello(0, 2)));
         assert!(linked_after < HANDSHAKE_TIMEOUT / 2, "linked after {linked_after:?}");
+    }
+
+    /// Connections still being challenged when the left link is chosen
+    /// are closed then: a stranger's silent connection sees its end at
+    /// once, where its handshake thread held it to its own timeout (10 s).
+    #[test]
+    fn connections_still_challenged_are_closed_once_the_left_link_is_chosen() {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        let strangers: Vec<TcpStream> =
+            (0..8).map(|_| TcpStream::connect(&addresses[1]).unwrap()).collect();
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 16 };
+        for ring in link_pair(a, b, &addresses, &config) {
+            ring.unwrap();
+        }
+        let linked = Instant::now();
+        for mut stranger in strangers {
+            stranger.set_read_timeout(Some(HANDSHAKE_TIMEOUT / 2)).unwrap();
+            let mut byte = [0u8; 1];
+            match stranger.read(&mut byte) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => panic!("a stranger's connection stayed open: {other:?}"),
+            }
+        }
+        let closed_after = linked.elapsed();
+        assert!(closed_after < HANDSHAKE_TIMEOUT / 4, "closed {closed_after:?} after linking");
     }
 
     /// Strangers' silent connections from another address than the left
