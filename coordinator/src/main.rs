@@ -543,7 +543,6 @@ async fn up(mut args: UpArgs) -> Result<()> {
         prepare_job(&args, given_token.as_ref().map(|(token, _)| token))?
     };
     let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
-    let waiting_since = std::time::Instant::now();
     let token = match given_token {
         Some((token, source)) => {
             rsb_coordinator::print_line!(
@@ -723,19 +722,21 @@ async fn up(mut args: UpArgs) -> Result<()> {
                         progress.finish();
                         break 'watch Err(anyhow::anyhow!("the sweep's queue is gone"));
                     };
-                    let join_timeout = Duration::from_secs(join_timeout_secs);
-                    if none_started && waiting_since.elapsed() > join_timeout {
-                        progress.finish();
-                        break 'watch Err(anyhow::anyhow!(
-                            "no worker host joined the sweep within {join_timeout_secs} s \
-                             (--join-timeout-secs); `coordinator up --resume {}` starts it again",
-                            out.display()
-                        ));
-                    }
                     // Its runs wait for the hosts earlier runs free, but not for
-                    // hosts that are all gone.
+                    // hosts that are all gone, or that never came: the time
+                    // without hosts counts from the scheduler's creation, and
+                    // refused hosts do not stop it.
+                    let join_timeout = Duration::from_secs(join_timeout_secs);
                     if without_hosts.is_some_and(|idle| idle > join_timeout) {
                         progress.finish();
+                        if none_started {
+                            break 'watch Err(anyhow::anyhow!(
+                                "no worker host joined the sweep within {join_timeout_secs} s \
+                                 (--join-timeout-secs); `coordinator up --resume {}` starts it \
+                                 again",
+                                out.display()
+                            ));
+                        }
                         let waiting: Vec<String> = views
                             .iter()
                             .filter(|v| v.state == RunState::Running)

@@ -21,8 +21,9 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// How the failure of a run that could not start begins: its folder could
-/// not be made, so it has no `outcome.json` to say why.
+/// How the failure of a run that could not start begins (its folder could
+/// not be made), as logged and shown; [`SweepRun::could_not_start`] says
+/// which runs these are.
 const CANNOT_START: &str = "cannot start: ";
 
 /// The failed runs of `views` for the sweep's last line: their ids, with
@@ -32,8 +33,8 @@ pub fn failed_runs(views: &[RunView]) -> Vec<String> {
     views
         .iter()
         .filter(|v| v.state == RunState::Failed)
-        .map(|v| match v.failure.as_deref() {
-            Some(why) if why.starts_with(CANNOT_START) => format!("{} ({why})", v.id),
+        .map(|v| match (v.could_not_start, v.failure.as_deref()) {
+            (true, Some(why)) => format!("{} ({why})", v.id),
             _ => v.id.clone(),
         })
         .collect()
@@ -71,6 +72,9 @@ pub struct SweepRun {
     pub attempts_here: u32,
     /// Why the last attempt failed.
     pub failure: Option<String>,
+    /// Whether the run failed without a job, its folder not made: it has
+    /// no `outcome.json`, and `failure` alone says why.
+    pub could_not_start: bool,
     /// Index (in the service's job list) of the current or last attempt's job.
     pub job: Option<usize>,
     /// Checkpoint the next attempt resumes from (the run's own newest).
@@ -89,6 +93,7 @@ impl SweepRun {
             attempts: 0,
             attempts_here: 0,
             failure: None,
+            could_not_start: false,
             job: None,
             resume_from: None,
             resume_step: None,
@@ -165,6 +170,9 @@ pub struct RunView {
     pub hosts: Vec<String>,
     /// Why the last attempt failed.
     pub failure: Option<String>,
+    /// Whether it failed without a job, its folder not made
+    /// ([`SweepRun::could_not_start`]).
+    pub could_not_start: bool,
 }
 
 /// The queue of a sweep's runs.
@@ -181,8 +189,10 @@ pub struct Scheduler {
     /// Files of the runs to write once the coordinator's lock is released
     /// ([`Scheduler::files_to_write`]): a slow disk holds up no call.
     files: Vec<RunFile>,
-    /// When a host was last with the sweep: asking for a place, or in a
-    /// run's job that trains (see [`Scheduler::without_hosts_for`]).
+    /// When a host was last with the sweep: one it can use asking for a
+    /// place, or one in a run's job that trains (see
+    /// [`Scheduler::without_hosts_for`]). Its creation before any: the
+    /// first deadline counts from the start.
     last_host_seen: Instant,
 }
 
@@ -320,7 +330,11 @@ impl Scheduler {
     }
 
     /// Places a joining host: in a run waiting for hosts, else in the next
-    /// queued run (a new job pushed onto `jobs`), else nowhere for now.
+    /// queued run (a new job pushed onto `jobs`), else nowhere for now. A
+    /// host the sweep refuses (its ranks do not divide `--ranks-per-run`,
+    /// or it is unlike the sweep's first host) is not with the sweep: it
+    /// leaves the time without hosts ([`Scheduler::without_hosts_for`]) to
+    /// run on.
     pub fn place(
         &mut self,
         jobs: &mut Vec<Job>,
@@ -329,7 +343,8 @@ impl Scheduler {
         local_ranks: u32,
         advertise: Option<IpAddr>,
     ) -> Result<Placement, JobError> {
-        self.last_host_seen = Instant::now();
+        // Over: any host is told so, whatever its shape (no time without
+        // hosts counts any more).
         if self.is_over() {
             return Ok(Placement::SweepOver);
         }
@@ -351,6 +366,8 @@ impl Scheduler {
             }
             Some(_) => {}
         }
+        // A host the sweep can use, even one told to join again later.
+        self.last_host_seen = Instant::now();
         let waiting = self.running_jobs().find(|&j| jobs[j].phase == Phase::Waiting);
         let index = match waiting {
             Some(j) => j,
@@ -375,6 +392,7 @@ impl Scheduler {
                         tracing::error!(run = %run.cell.id, "{CANNOT_START}{e}");
                         run.state = RunState::Failed;
                         run.failure = Some(format!("{CANNOT_START}{e}"));
+                        run.could_not_start = true;
                     }
                 }
             },
@@ -539,15 +557,17 @@ impl Scheduler {
                         .map(|j| j.members.iter().map(|m| m.host.clone()).collect())
                         .unwrap_or_default(),
                     failure: run.failure.clone(),
+                    could_not_start: run.could_not_start,
                 }
             })
             .collect()
     }
 
     /// How long the sweep has had no host to train with while runs are
-    /// left: none asked for a place, and no run's job trained, as of the
-    /// last [`Scheduler::tick`] (the hosts of a run's job that waits for
-    /// more do not count). `None` once the sweep is over. A run whose hosts
+    /// left: none it can use asked for a place (a refused host does not
+    /// count), and no run's job trained, as of the last
+    /// [`Scheduler::tick`] (the hosts of a run's job that waits for more do
+    /// not count). `None` once the sweep is over. A run whose hosts
     /// all died fails at their heartbeat timeout and is queued again; with
     /// no host left to take it, or too few for a run of several hosts, the
     /// coordinator gives up past `--join-timeout-secs` of this, where it
@@ -717,6 +737,31 @@ pub(crate) mod tests {
         assert_eq!(s.without_hosts_for(), None);
     }
 
+    /// A host the sweep refuses (ranks that do not divide `--ranks-per-run`,
+    /// or unlike its first host) is not a host with the sweep: the time
+    /// without hosts runs on, and the sweep gives up at its deadline where
+    /// such hosts asking again and again kept it waiting for ever.
+    #[test]
+    fn a_host_the_sweep_refuses_does_not_count_as_a_host_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0, 1], settings(2, None, 0));
+        let mut jobs = Vec::new();
+        s.last_host_seen = Instant::now() - Duration::from_secs(3600);
+        // Three ranks do not divide a run's two.
+        assert!(s.place(&mut jobs, "a", DeviceKind::Cpu, 3, LOOPBACK).is_err());
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        // A host of one CPU rank is with the sweep, and sets its hosts' shape.
+        member(s.place(&mut jobs, "b", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // A CUDA host is unlike it: refused, and not with the sweep.
+        s.last_host_seen = Instant::now() - Duration::from_secs(3600);
+        assert!(s.place(&mut jobs, "c", DeviceKind::Cuda, 1, None).is_err());
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        // A second CPU host of one rank is.
+        member(s.place(&mut jobs, "d", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+    }
+
     #[test]
     fn a_stopping_coordinator_records_no_outcome_queues_no_retry_and_places_no_host() {
         let tmp = tempfile::tempdir().unwrap();
@@ -769,6 +814,7 @@ pub(crate) mod tests {
         assert_eq!(jobs[j].label.as_deref(), Some("seed-001"));
         assert_eq!(s.runs[0].state, RunState::Failed);
         assert!(s.runs[0].failure.as_deref().is_some_and(|f| f.contains("cannot start")));
+        assert!(s.runs[0].could_not_start && !s.runs[1].could_not_start);
         end(&mut jobs, j, false);
         s.tick(&jobs);
         // The sweep's last line says why it could not start (it has no
@@ -785,6 +831,22 @@ pub(crate) mod tests {
         }
         assert!(s.is_over());
         assert_eq!(failed_runs(&s.views(&jobs))[1], "seed-001");
+    }
+
+    /// Only a run that could not start is named with its reason on the
+    /// sweep's last line: a run whose job failed, whatever its reason's
+    /// words (here a worker's, that begin as a run that could not start
+    /// is told), has an outcome.json that says why, and is named alone.
+    #[test]
+    fn a_run_whose_job_failed_is_named_alone_whatever_its_reason_says() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0], settings(1, None, 0));
+        let mut jobs = Vec::new();
+        let (j, _) = member(s.place(&mut jobs, "a", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        jobs[j].fail("cannot start: the data loader found no image".into());
+        s.tick(&jobs);
+        assert!(s.is_over());
+        assert_eq!(failed_runs(&s.views(&jobs)), ["seed-000"]);
     }
 
     #[test]
