@@ -290,9 +290,9 @@ pub struct Job {
     /// Generations opened for failed ranks since the last commit.
     restarts: u32,
     /// Ranks that failed in a collective because of a peer (silent, or its
-    /// link closed): rank -> (that peer, its failure), while the blame is
-    /// being assigned.
-    collective_failures: BTreeMap<u32, (u32, String)>,
+    /// link closed): rank -> (that peer, `None` where the backend cannot
+    /// name it; its failure), while the blame is being assigned.
+    collective_failures: BTreeMap<u32, (Option<u32>, String)>,
     /// When to assign the blame (a short grace after the first report).
     blame_at: Option<Instant>,
     /// The records bound for `metrics.jsonl` (made at the first record, in
@@ -1553,36 +1553,81 @@ impl Job {
     /// reported nothing (a stopped or cut-off rank cannot report). The
     /// failure quotes the report of the rank that waited for it directly
     /// (its neighbour's timeout), not that of a rank further along, whose
-    /// link only closed when its own neighbour gave up.
+    /// link only closed when its own neighbour gave up. A report that names
+    /// no peer (NCCL's timeout) leads to the ranks that sent no Leave at all.
     fn blame_silent_rank(&mut self) {
         self.blame_at = None;
         let Some((&first, (_, first_failure))) = self.collective_failures.iter().next() else {
             return;
         };
         let first_failure = first_failure.clone();
+        let reports = self.collective_failures.len();
         let mut rank = first;
-        let mut reporter = first;
         let mut hops = 0;
-        while let Some((peer, _)) = self.collective_failures.get(&rank) {
-            reporter = rank;
-            rank = *peer;
-            hops += 1;
-            if hops > self.collective_failures.len() {
+        loop {
+            match self.collective_failures.get(&rank) {
+                Some((Some(peer), _)) if hops < reports => {
+                    rank = *peer;
+                    hops += 1;
+                }
                 // Every rank on the way reported: no single rank to blame.
-                let host = self.host_name_of_rank(first);
-                self.rank_failed(first, &host, &first_failure.clone(), first_failure);
-                return;
+                Some((Some(_), _)) => break,
+                Some((None, report)) => {
+                    let report = report.clone();
+                    if self.blame_ranks_without_a_leave(reports, &report) {
+                        return;
+                    }
+                    break;
+                }
+                None => {
+                    // The rank before it in the chain waited for it itself.
+                    let report = self
+                        .collective_failures
+                        .values()
+                        .find(|(peer, _)| *peer == Some(rank))
+                        .map_or(first_failure, |f| f.1.clone());
+                    let host = self.host_name_of_rank(rank);
+                    let what = format!(
+                        "stopped answering in a collective: {reports} rank(s) failed waiting for \
+                         it or for a rank waiting for it; the report of the rank that waited for \
+                         it: {report}"
+                    );
+                    // A fixed job fails; an elastic one restarts every rank,
+                    // naming it.
+                    self.rank_failed(rank, &host, &what, format!("rank {rank} on {host} {what}"));
+                    return;
+                }
             }
         }
+        let host = self.host_name_of_rank(first);
+        self.rank_failed(first, &host, &first_failure.clone(), first_failure);
+    }
+
+    /// Blames the ranks that sent no Leave when a rank's collective failed
+    /// without naming its peer (NCCL): every healthy rank times out and
+    /// reports, the stopped or hung ones cannot. Names the first, the others
+    /// with it; false when every rank has left (nobody to single out).
+    fn blame_ranks_without_a_leave(&mut self, reports: usize, report: &str) -> bool {
+        let silent: Vec<u32> =
+            (0..self.world_size()).filter(|r| !self.left_ranks.contains(r)).collect();
+        let Some((&rank, others)) = silent.split_first() else {
+            return false;
+        };
         let host = self.host_name_of_rank(rank);
-        let report = self.collective_failures.get(&reporter).map_or(first_failure, |f| f.1.clone());
+        let others = match others {
+            [] => String::new(),
+            more => format!(
+                " (as did rank(s) {})",
+                more.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        };
         let what = format!(
-            "stopped answering in a collective: {} rank(s) failed waiting for it or for a rank \
-             waiting for it; the report of the rank that waited for it: {report}",
-            self.collective_failures.len()
+            "stopped answering in a collective{others}: {reports} rank(s) reported a collective \
+             that did not finish, on a backend that names no peer, and it sent no report; one \
+             of theirs: {report}"
         );
-        // A fixed job fails; an elastic one restarts every rank, naming it.
         self.rank_failed(rank, &host, &what, format!("rank {rank} on {host} {what}"));
+        true
     }
 
     /// Says in the first generation's record that this job is attempt
@@ -2031,7 +2076,8 @@ impl Job {
     /// in a new generation (at most `max_restarts` times in a row without a
     /// committed checkpoint). A pending member whose rank fails is dropped.
     /// A failure's `cause` says whom to blame: the peer a collective failed
-    /// on (the chain of such reports is followed), or the ranks that asked
+    /// on (the chain of such reports is followed; a backend that names no
+    /// peer leads to the ranks that send no Leave), or the ranks that asked
     /// every rank to stop (named whichever rank's Leave comes first).
     pub fn leave(
         &mut self,
@@ -2109,9 +2155,16 @@ impl Job {
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
             match cause {
-                FailureCause::CollectivePeer(peer) if self.phase == Phase::Running => {
+                FailureCause::CollectivePeer(_) | FailureCause::CollectivePeerUnknown
+                    if self.phase == Phase::Running =>
+                {
                     // Wait a moment for the other ranks' reports: the rank
-                    // to blame is the one the chain of silent peers ends at.
+                    // to blame is the one the chain of silent peers ends at,
+                    // or the ranks that report nothing.
+                    let peer = match cause {
+                        FailureCause::CollectivePeer(peer) => Some(peer),
+                        _ => None,
+                    };
                     self.collective_failures.insert(rank, (peer, failure));
                     self.blame_at.get_or_insert(Instant::now() + BLAME_GRACE);
                 }
@@ -2164,6 +2217,10 @@ pub enum FailureCause {
     /// A collective failed on this peer (global rank): it stayed silent past
     /// the collective timeout, or its link closed.
     CollectivePeer(u32),
+    /// A collective did not finish within the collective timeout, or failed
+    /// asynchronously, on a backend that cannot say which peer held it up
+    /// (NCCL): the ranks that report nothing are blamed.
+    CollectivePeerUnknown,
     /// The ranks agreed to stop at the request of these ranks (in rank
     /// order), each asked by a signal to it or to its agent.
     StopRequestedBy(Vec<u32>),
@@ -2845,6 +2902,59 @@ pub(crate) mod tests {
                 && reason.contains(", as did rank(s) 1;"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn ranks_whose_nccl_collective_timed_out_blame_the_ranks_that_sent_no_leave() {
+        // Ranks 0..3 on hosts a, b (two each); rank 2 stops: NCCL names no
+        // peer, so ranks 0, 1 and 3 each report a collective that did not
+        // finish, and rank 2 reports nothing. A fixed job of 2 hosts.
+        let fixed = || {
+            let mut j = elastic(2, 2, 2);
+            j.recipe.batch.global_size = 64;
+            j
+        };
+        let mut j = fixed();
+        let a = join(&mut j, "a", 2).unwrap();
+        let b = join(&mut j, "b", 2).unwrap();
+        assert_eq!(j.phase, Phase::Running);
+        let timed_out =
+            |rank: u32| format!("rank {rank}: ncclAllReduce did not complete within the timeout");
+        j.leave(&a, 0, 0, false, &timed_out(0), FailureCause::CollectivePeerUnknown).unwrap();
+        j.check_liveness();
+        assert_eq!(j.phase, Phase::Running, "blamed before the other reports could come");
+        j.leave(&a, 0, 1, false, &timed_out(1), FailureCause::CollectivePeerUnknown).unwrap();
+        j.leave(&b, 0, 1, false, &timed_out(3), FailureCause::CollectivePeerUnknown).unwrap();
+        j.blame_at = Some(Instant::now());
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 2 on b stopped answering in a collective:"), "{reason}");
+        assert!(reason.contains("3 rank(s) reported a collective that did not finish"), "{reason}");
+        assert!(reason.contains("rank 0 on a failed: rank 0: ncclAllReduce"), "{reason}");
+        // A whole host stopped: its ranks are named, the first blamed.
+        let mut j = fixed();
+        let a = join(&mut j, "a", 2).unwrap();
+        let _b = join(&mut j, "b", 2).unwrap();
+        j.leave(&a, 0, 1, false, &timed_out(1), FailureCause::CollectivePeerUnknown).unwrap();
+        j.blame_at = Some(Instant::now());
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(
+            reason
+                .starts_with("rank 0 on a stopped answering in a collective (as did rank(s) 2, 3)"),
+            "{reason}"
+        );
+        // Every rank reported: nobody to single out, the first report fails
+        // the job as it is.
+        let mut j = fixed();
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 0, 0, false, &timed_out(1), FailureCause::CollectivePeerUnknown).unwrap();
+        j.leave(&a, 0, 0, false, &timed_out(0), FailureCause::CollectivePeerUnknown).unwrap();
+        j.blame_at = Some(Instant::now());
+        j.check_liveness();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 0 on a failed: rank 0: ncclAllReduce"), "{reason}");
     }
 
     #[test]

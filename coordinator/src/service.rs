@@ -967,11 +967,8 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        let cause = match (r.collective_peer, r.stop_requested_by) {
-            (_, askers) if !askers.is_empty() => FailureCause::StopRequestedBy(askers),
-            (Some(peer), _) => FailureCause::CollectivePeer(peer),
-            (None, _) => FailureCause::Unknown,
-        };
+        let cause =
+            failure_cause(r.collective_peer, r.stop_requested_by, r.collective_peer_unknown);
         self.update_job(index, |job| {
             job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, cause)
         })
@@ -1043,6 +1040,22 @@ impl Coordinator for Shared {
     }
 }
 
+/// Whom a Leave's typed fields blame, the stop request first: a rank that
+/// stopped because ranks asked it to failed for that, whatever its last
+/// collective did.
+fn failure_cause(
+    collective_peer: Option<u32>,
+    stop_requested_by: Vec<u32>,
+    collective_peer_unknown: bool,
+) -> FailureCause {
+    match (collective_peer, stop_requested_by) {
+        (_, askers) if !askers.is_empty() => FailureCause::StopRequestedBy(askers),
+        (Some(peer), _) => FailureCause::CollectivePeer(peer),
+        (None, _) if collective_peer_unknown => FailureCause::CollectivePeerUnknown,
+        (None, _) => FailureCause::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,6 +1066,16 @@ mod tests {
     use std::time::Instant;
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    #[test]
+    fn a_leaves_typed_fields_say_whom_to_blame_the_stop_request_first() {
+        use FailureCause::*;
+        assert_eq!(failure_cause(None, vec![], false), Unknown);
+        assert_eq!(failure_cause(Some(2), vec![], false), CollectivePeer(2));
+        assert_eq!(failure_cause(None, vec![], true), CollectivePeerUnknown);
+        assert_eq!(failure_cause(Some(2), vec![], true), CollectivePeer(2));
+        assert_eq!(failure_cause(Some(2), vec![1], true), StopRequestedBy(vec![1]));
+    }
 
     /// A job of three hosts whose state is saved to `state_file`.
     fn saved_job(out: &Path, state_file: PathBuf) -> Shared {

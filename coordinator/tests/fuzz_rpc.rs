@@ -223,6 +223,7 @@ fn call() -> impl Strategy<Value = Call> {
             text(),
             proptest::option::of(any::<u32>()),
             proptest::collection::vec(prop_oneof![small(), any::<u32>()], 0..4),
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -233,6 +234,7 @@ fn call() -> impl Strategy<Value = Call> {
                     message,
                     collective_peer,
                     stop_requested_by,
+                    collective_peer_unknown,
                 )| {
                     Call::Leave(pb::LeaveRequest {
                         member_id,
@@ -242,6 +244,7 @@ fn call() -> impl Strategy<Value = Call> {
                         generation,
                         collective_peer,
                         stop_requested_by,
+                        collective_peer_unknown,
                     })
                 },
             ),

@@ -214,6 +214,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 generation: 1,
                 collective_peer: None,
                 stop_requested_by: Vec::new(),
+                collective_peer_unknown: false,
             })
             .await
             .map(drop),

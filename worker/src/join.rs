@@ -554,6 +554,7 @@ async fn serve_member(
                 generation: rank_generation.unwrap_or(0),
                 collective_peer: None,
                 stop_requested_by: Vec::new(),
+                collective_peer_unknown: false,
             };
             match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                 Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -867,14 +868,19 @@ pub fn rank(args: RankArgs) -> Result<()> {
         Ok(()) => (true, String::new()),
         Err(e) => (false, truncated(rsb_logging::error_chain(e.as_ref()), MAX_LEAVE_MESSAGE)),
     };
+    let blame = outcome.as_ref().err().map_or(CollectiveBlame::None, collective_blame);
     let leave = pb::LeaveRequest {
         member_id: args.member.clone(),
         local_rank: args.local_rank,
         success,
         message,
         generation,
-        collective_peer: outcome.as_ref().err().and_then(collective_peer),
+        collective_peer: match blame {
+            CollectiveBlame::Peer(peer) => Some(peer),
+            _ => None,
+        },
         stop_requested_by: outcome.as_ref().err().map(stop_requested_by).unwrap_or_default(),
+        collective_peer_unknown: blame == CollectiveBlame::PeerUnknown,
     };
     runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
@@ -1307,22 +1313,40 @@ fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<Collec
     }
 }
 
-/// The peer a collective failed on (it stayed silent past the collective
-/// timeout, or its link closed), when that is why the rank failed: the
-/// coordinator follows these reports to the rank to blame.
-fn collective_peer(error: &anyhow::Error) -> Option<u32> {
-    use rsb_collective::CollectiveError::{self, Link, Timeout};
-    let peer_of = |error: &CollectiveError| match error {
-        Timeout { peer, .. } | Link { peer, .. } => u32::try_from(*peer).ok(),
+/// Whom a collective that made the rank fail points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CollectiveBlame {
+    /// The rank did not fail in a collective because of a peer.
+    None,
+    /// The peer it failed on (silent past the collective timeout, or its
+    /// link closed): the coordinator follows these reports to the rank to
+    /// blame.
+    Peer(u32),
+    /// A collective that did not finish in time or failed asynchronously,
+    /// on a backend that cannot say which peer held it up (NCCL): the
+    /// coordinator names the ranks that report nothing.
+    PeerUnknown,
+}
+
+/// Whom the collective that made the rank fail points at, in training or
+/// forming the ring.
+fn collective_blame(error: &anyhow::Error) -> CollectiveBlame {
+    use rsb_collective::CollectiveError::{self, Link, NcclCollectiveFailed, Timeout};
+    let blame_of = |error: &CollectiveError| match error {
+        Timeout { peer, .. } | Link { peer, .. } => {
+            u32::try_from(*peer).ok().map(CollectiveBlame::Peer)
+        }
+        NcclCollectiveFailed(_) => Some(CollectiveBlame::PeerUnknown),
         _ => None,
     };
-    error.chain().find_map(|cause| {
+    let found = error.chain().find_map(|cause| {
         // In training, or forming the ring (a bare collective error).
         match cause.downcast_ref::<rsb_train::TrainError>() {
-            Some(rsb_train::TrainError::Collective { error, .. }) => peer_of(error),
-            _ => cause.downcast_ref::<CollectiveError>().and_then(peer_of),
+            Some(rsb_train::TrainError::Collective { error, .. }) => blame_of(error),
+            _ => cause.downcast_ref::<CollectiveError>().and_then(blame_of),
         }
-    })
+    });
+    found.unwrap_or(CollectiveBlame::None)
 }
 
 /// The ranks whose stop request every rank stopped at, when that is why
@@ -1456,14 +1480,23 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::TimedOut),
         };
         let forming = anyhow::Error::from(link()).context("forming the ring");
-        assert_eq!(collective_peer(&forming), Some(2));
+        assert_eq!(collective_blame(&forming), CollectiveBlame::Peer(2));
         let training = anyhow::Error::from(rsb_train::TrainError::Collective {
             operation: "gradients".into(),
             error: link(),
         });
-        assert_eq!(collective_peer(&training), Some(2));
+        assert_eq!(collective_blame(&training), CollectiveBlame::Peer(2));
+        // NCCL's timeout names no peer; its own failure blames the rank.
+        let nccl_timeout = anyhow::Error::from(rsb_train::TrainError::Collective {
+            operation: "gradients".into(),
+            error: CollectiveError::NcclCollectiveFailed(
+                "rank 1: ncclAllReduce did not complete within the collective timeout".into(),
+            ),
+        })
+        .context("training");
+        assert_eq!(collective_blame(&nccl_timeout), CollectiveBlame::PeerUnknown);
         let other = anyhow::Error::from(CollectiveError::Nccl("unhandled cuda error".into()));
-        assert_eq!(collective_peer(&other), None);
+        assert_eq!(collective_blame(&other), CollectiveBlame::None);
     }
 
     #[test]

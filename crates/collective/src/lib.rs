@@ -67,9 +67,16 @@ pub enum CollectiveError {
         /// How long this rank waited.
         waited: std::time::Duration,
     },
-    /// NCCL or CUDA reported an error.
+    /// NCCL or CUDA reported an error of this rank's own (a refused call,
+    /// a failed CUDA call, no library).
     #[error("nccl: {0}")]
     Nccl(String),
+    /// An NCCL collective, or the joining of its clique, did not finish
+    /// within the collective timeout, or NCCL reported an asynchronous
+    /// error: a peer is stopped, hung, gone or unreachable, and NCCL does
+    /// not say which. The coordinator blames the ranks that report nothing.
+    #[error("nccl: {0}")]
+    NcclCollectiveFailed(String),
     /// This rank could not start a thread it needs (a limit on processes or
     /// memory reached).
     #[error("rank {rank}: cannot start its {what} thread: {source}")]

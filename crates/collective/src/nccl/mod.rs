@@ -25,7 +25,10 @@
 //! running after the timeout, or an asynchronous error, makes the watchdog
 //! call `ncclCommAbort` (which ends the kernels, so the stream and whatever
 //! waits on it go on) and record the error, naming the rank and the
-//! collective: the next call returns it. Since the results of an aborted
+//! collective: the next call returns it (a timeout or an asynchronous error
+//! as [`CollectiveError::NcclCollectiveFailed`], since NCCL does not say
+//! which peer held it up; a failure of this rank's own call as
+//! [`CollectiveError::Nccl`]). Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
 //! no further call comes, the first failure arms an exit timer (a thread
 //! started with the first communicator, so that a failure never finds the
@@ -160,7 +163,34 @@ struct State {
     comm: Option<Comm>,
     pending: VecDeque<Pending>,
     /// The first failure; every later call returns it.
-    failed: Option<String>,
+    failed: Option<Failure>,
+}
+
+/// Why a communicator was aborted.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// A collective, or the joining, did not finish by its deadline, or
+    /// NCCL reported an asynchronous error: a peer may be at fault, and
+    /// NCCL does not say which.
+    Collective(String),
+    /// This rank's own call failed (refused by NCCL, a CUDA call).
+    Local(String),
+}
+
+impl Failure {
+    fn why(&self) -> &str {
+        match self {
+            Failure::Collective(why) | Failure::Local(why) => why,
+        }
+    }
+
+    /// The error a call that meets this failure returns.
+    fn error(&self) -> CollectiveError {
+        match self {
+            Failure::Collective(why) => CollectiveError::NcclCollectiveFailed(why.clone()),
+            Failure::Local(why) => CollectiveError::Nccl(why.clone()),
+        }
+    }
 }
 
 /// What the rank's thread, the watchdog and the exit timer share.
@@ -224,17 +254,18 @@ fn with_detail(status: String, detail: String) -> String {
     }
 }
 
-/// [`abort`]s, and answers the error the failing call returns: `why`.
-fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) -> CollectiveError {
-    abort(nccl, flags, state, why.clone());
-    CollectiveError::Nccl(why)
+/// [`abort`]s, and answers the error the failing call returns: `failure`'s.
+fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) -> CollectiveError {
+    let error = failure.error();
+    abort(nccl, flags, state, failure);
+    error
 }
 
-/// Records `why` (the first failure arms the exit timer) and aborts the
+/// Records `failure` (the first one arms the exit timer) and aborts the
 /// communicator (once).
-fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) {
+fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) {
     if !flags.exit_armed.swap(true, Ordering::SeqCst) {
-        exit_timer::arm(&why);
+        exit_timer::arm(failure.why());
     }
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
@@ -244,7 +275,7 @@ fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, why: String) {
         // SAFETY: the event was created by `cuEventCreate` and is destroyed once.
         let _ = unsafe { cuda::cuEventDestroy_v2(pending.event as cuda::CUevent) };
     }
-    state.failed.get_or_insert(why);
+    state.failed.get_or_insert(failure);
 }
 
 /// A new CUDA event recorded on `stream` (the null stream: libtorch's
@@ -377,7 +408,7 @@ impl NcclCollective {
                     timeout.as_secs()
                 ),
             };
-            return Err(fail(nccl, &shared, &mut lock(&shared), why));
+            return Err(fail(nccl, &shared, &mut lock(&shared), Failure::Collective(why)));
         }
         let mut stream: cuda::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current on this thread.
@@ -386,7 +417,7 @@ impl NcclCollective {
         };
         if created != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: creating the NCCL stream: {created:?}");
-            return Err(fail(nccl, &shared, &mut lock(&shared), why));
+            return Err(fail(nccl, &shared, &mut lock(&shared), Failure::Local(why)));
         }
         let context = context as usize;
         let dog = Arc::clone(&shared);
@@ -402,7 +433,7 @@ impl NcclCollective {
             Ok(watchdog) => watchdog,
             Err(e) => {
                 let why = format!("rank {rank}: starting the NCCL watchdog: {e}");
-                let error = fail(nccl, &shared, &mut lock(&shared), why);
+                let error = fail(nccl, &shared, &mut lock(&shared), Failure::Local(why));
                 // SAFETY: created above, used by nothing (the communicator is aborted).
                 let _ = unsafe { cuda::cuStreamDestroy_v2(stream) };
                 return Err(error);
@@ -474,14 +505,14 @@ impl NcclCollective {
         let (rank, nccl) = (self.rank, self.nccl);
         let mut state = lock(&self.shared);
         if let Some(failed) = &state.failed {
-            return Err(CollectiveError::Nccl(failed.clone()));
+            return Err(failed.error());
         }
         let Some(comm) = state.comm else {
             return Err(CollectiveError::Nccl(format!("rank {rank}: the communicator is gone")));
         };
         if let Err(e) = self.wait_for_default_stream() {
             let why = format!("rank {rank}: {what}: {e}");
-            return Err(fail(nccl, &self.shared, &mut state, why));
+            return Err(fail(nccl, &self.shared, &mut state, Failure::Local(why)));
         }
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -493,7 +524,7 @@ impl NcclCollective {
                 "rank {rank}: {what}: NCCL refused it: {}",
                 with_detail(nccl.describe(code), detail)
             );
-            return Err(fail(nccl, &self.shared, &mut state, why));
+            return Err(fail(nccl, &self.shared, &mut state, Failure::Local(why)));
         }
         if let Err(unfinished) = wait_until_done(nccl, comm, deadline) {
             let why = match unfinished {
@@ -504,14 +535,14 @@ impl NcclCollective {
                     self.timeout.as_secs()
                 ),
             };
-            return Err(fail(nccl, &self.shared, &mut state, why));
+            return Err(fail(nccl, &self.shared, &mut state, Failure::Collective(why)));
         }
         // SAFETY: our stream is the one the collective was enqueued on.
         let event = match unsafe { record_event(self.stream.0) } {
             Ok(event) => event,
             Err(code) => {
                 let why = format!("rank {rank}: {what}: recording its CUDA event failed: {code:?}");
-                return Err(fail(nccl, &self.shared, &mut state, why));
+                return Err(fail(nccl, &self.shared, &mut state, Failure::Local(why)));
             }
         };
         state.pending.push_back(Pending { event: event as usize, what, deadline });
@@ -526,20 +557,20 @@ fn watch(nccl: &Nccl, shared: Shared, context: cuda::CUcontext, rank: usize) {
     // libtorch for the life of the process.
     if unsafe { cuda::cuCtxSetCurrent(context) } != cuda::CUresult::CUDA_SUCCESS {
         let why = format!("rank {rank}: the NCCL watchdog cannot use the CUDA context");
-        abort(nccl, &shared, &mut lock(&shared), why);
+        abort(nccl, &shared, &mut lock(&shared), Failure::Local(why));
     }
     while !shared.stop.load(Ordering::SeqCst) {
         std::thread::sleep(POLL);
         let mut state = lock(&shared);
-        if let Some(why) = overdue_or_failed(nccl, &mut state, rank) {
-            abort(nccl, &shared, &mut state, why);
+        if let Some(failure) = overdue_or_failed(nccl, &mut state, rank) {
+            abort(nccl, &shared, &mut state, failure);
         }
     }
 }
 
 /// One look of the watchdog: retires the completed collectives and answers
 /// why the communicator must be aborted, if it must.
-fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<String> {
+fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<Failure> {
     let comm = state.comm?;
     while let Some(first) = state.pending.front() {
         // SAFETY: the event is live until destroyed here or in `abort`.
@@ -551,21 +582,24 @@ fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<Stri
                 }
             }
             cuda::CUresult::CUDA_ERROR_NOT_READY => break,
-            other => return Some(format!("rank {rank}: {}: CUDA error {other:?}", first.what)),
+            other => {
+                let why = format!("rank {rank}: {}: CUDA error {other:?}", first.what);
+                return Some(Failure::Local(why));
+            }
         }
     }
     if let Some(p) = state.pending.front().filter(|p| Instant::now() > p.deadline) {
-        return Some(format!(
+        return Some(Failure::Collective(format!(
             "rank {rank}: {} did not complete within the collective timeout \
              (distributed.collective_timeout_secs): a peer is stopped, hung or \
              unreachable; NCCL communicator aborted",
             p.what
-        ));
+        )));
     }
     match async_state(nccl, comm) {
         Err(e) => {
             let what = state.pending.front().map_or("the communicator", |p| p.what.as_str());
-            Some(format!("rank {rank}: {what}: NCCL asynchronous error {e}"))
+            Some(Failure::Collective(format!("rank {rank}: {what}: NCCL asynchronous error {e}")))
         }
         Ok(_) => None,
     }
@@ -592,7 +626,7 @@ impl Drop for NcclCollective {
             self.end_in_order(&mut state)
         };
         if let Err(why) = ending {
-            abort(self.nccl, &self.shared, &mut state, why);
+            abort(self.nccl, &self.shared, &mut state, Failure::Local(why));
         }
         // SAFETY: created in `new`, destroyed once; CUDA releases it once
         // the work queued on it (if any) is done.
@@ -628,8 +662,8 @@ impl NcclCollective {
         // noticed meanwhile.
         let mut backoff = Backoff::new();
         loop {
-            if let Some(why) = overdue_or_failed(self.nccl, state, self.rank) {
-                return Err(why);
+            if let Some(failure) = overdue_or_failed(self.nccl, state, self.rank) {
+                return Err(failure.why().to_string());
             }
             if state.pending.is_empty() {
                 break;
@@ -710,7 +744,7 @@ impl Collective for NcclCollective {
         let (rank, nccl) = (self.rank, self.nccl);
         let mut state = lock(&self.shared);
         if let Some(failed) = &state.failed {
-            return Err(CollectiveError::Nccl(failed.clone()));
+            return Err(failed.error());
         }
         // Our stream runs its collectives in order: waiting for the last
         // one's event waits for all. An empty queue: the watchdog retired
@@ -729,7 +763,7 @@ impl Collective for NcclCollective {
         };
         if code != cuda::CUresult::CUDA_SUCCESS {
             let why = format!("rank {rank}: ordering the default stream after NCCL: {code:?}");
-            return Err(fail(nccl, &self.shared, &mut state, why));
+            return Err(fail(nccl, &self.shared, &mut state, Failure::Local(why)));
         }
         Ok(())
     }
