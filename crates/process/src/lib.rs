@@ -187,6 +187,11 @@ impl StopSignals {
                     if parent_died(parent) {
                         return StopSignal::ParentDied { parent };
                     }
+                    tracing::debug!(
+                        parent,
+                        "a SIGCONT with the parent alive: not a stop (a continue after a \
+                         SIGSTOP, or the exit of the thread that started this process)"
+                    );
                 }
             }
         }
