@@ -237,9 +237,11 @@ pub enum KeepFinishedError {
 /// that no coordinator took are appended to the run's metrics.jsonl
 /// ([`crate::job::records_made_while_away`]), then its outcome is written
 /// (finished, with the attempts and failure of `before`, at least one
-/// attempt: retries the killed coordinator made wrote no outcome, so they
-/// may be undercounted). Returns the outcome and what to say; `None` when
-/// the run is not over. Call it before the sweep's jobs start.
+/// attempt; a retry the killed coordinator made wrote no outcome, but its
+/// job's generation record in metrics.jsonl says its attempt and the
+/// failure before it, which count where they are newer). Returns the
+/// outcome and what to say; `None` when the run is not over. Call it
+/// before the sweep's jobs start.
 pub fn keep_run_finished_while_away(
     layout: &SweepLayout,
     id: &str,
@@ -261,11 +263,17 @@ pub fn keep_run_finished_while_away(
             log.sync()
         },
     )?;
-    let outcome = RunOutcome {
+    let mut outcome = RunOutcome {
         end: RunEnd::Finished,
         attempts: before.map_or(1, |o| o.attempts.max(1)),
         failure: before.and_then(|o| o.failure.clone()),
     };
+    if let Some((attempt, failure)) = newest_retry(&metrics) {
+        if attempt > outcome.attempts {
+            outcome.attempts = attempt;
+            outcome.failure = Some(failure);
+        }
+    }
     outcome.write(layout, id)?;
     let finished = crate::job::finished_while_away(
         "the run",
@@ -275,6 +283,29 @@ pub fn keep_run_finished_while_away(
     );
     let said = format!("{finished}; {records}; kept as finished");
     Ok(Some((outcome, said)))
+}
+
+/// The attempt and the failure before it that the newest retry's
+/// generation record in the run's `metrics` says ([`GenerationReason::Retry`]);
+/// `None` when the run was not retried, or its file cannot be read (logged).
+fn newest_retry(metrics: &std::path::Path) -> Option<(u32, String)> {
+    use rsb_job::records::GenerationReason;
+    let records = match rsb_report::runs::read_metrics(metrics) {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!("the run's retries are not counted from its records: {e}");
+            return None;
+        }
+    };
+    records.iter().rev().find_map(|record| match record {
+        rsb_job::MetricsRecord::Generation { reasons, .. } => {
+            reasons.iter().find_map(|reason| match reason {
+                GenerationReason::Retry { attempt, failure } => Some((*attempt, failure.clone())),
+                _ => None,
+            })
+        }
+        _ => None,
+    })
 }
 
 impl Scheduler {
@@ -586,6 +617,7 @@ impl Scheduler {
 pub(crate) mod tests {
     use super::*;
     use crate::job::FailureCause;
+    use rsb_job::records::GenerationReason;
     use rsb_job::GridAxis;
 
     const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
@@ -979,9 +1011,34 @@ pub(crate) mod tests {
                 keep_run_finished_while_away(&layout, "seed-000", &recipe, Some(&failed))
                     .unwrap()
                     .unwrap();
-            assert_eq!(outcome, RunOutcome { end: RunEnd::Finished, ..failed }, "{said}");
+            assert_eq!(outcome, RunOutcome { end: RunEnd::Finished, ..failed.clone() }, "{said}");
             assert!(said.contains("rank 0 made no record that no coordinator took"), "{said}");
             assert_eq!(reported_records(&run), steps);
+            // Retries the killed coordinator made after that outcome wrote
+            // none, but their jobs' generation records: the newest counts.
+            let retried = |attempt: u32| rsb_job::MetricsRecord::Generation {
+                generation: 1,
+                hosts: vec!["a".into()],
+                world_size: 1,
+                accumulation: 1,
+                resume_from: None,
+                resume_step: None,
+                reasons: vec![
+                    GenerationReason::Start,
+                    GenerationReason::Retry { attempt, failure: format!("boom {}", attempt - 1) },
+                ],
+            };
+            let mut metrics = std::fs::OpenOptions::new()
+                .append(true)
+                .open(layout.run_metrics("seed-000"))
+                .unwrap();
+            std::io::Write::write_all(&mut metrics, lines(&[retried(3), retried(4)]).as_bytes())
+                .unwrap();
+            let (outcome, _) =
+                keep_run_finished_while_away(&layout, "seed-000", &recipe, Some(&failed))
+                    .unwrap()
+                    .unwrap();
+            assert_eq!((outcome.attempts, outcome.failure.as_deref()), (4, Some("boom 3")));
         }
     }
 }
