@@ -917,8 +917,10 @@ impl Job {
     /// hashed). Their agents, their ranks done, left or will, so waiting for
     /// hosts to train it anew would fail a finished job. The job is then
     /// finished, saying so. Called under the lock once the restored
-    /// members' wait is over; [`Job::end_if_finished_before_restart`] finds
-    /// the end that was there before the restart without the lock.
+    /// members' wait is over, and when a member of a running job is found
+    /// silent (its ranks may have finished while their agents were cut off
+    /// from this coordinator); [`Job::end_if_finished_before_restart`]
+    /// finds the end that was there before the restart without the lock.
     fn ended_while_away(&mut self, when: &str) -> bool {
         let Some((checkpoint, position)) =
             rsb_job::run_folder::finished_run(&self.out_dir, &self.recipe)
@@ -1412,21 +1414,32 @@ impl Job {
         // job waits only for the other ranks' Leaves (rank 0's comes last,
         // after its reports are flushed, and may come later than the
         // heartbeat timeout). A failure among them is handled at its Leave.
-        let left_ranks = &self.left_ranks;
-        let silent = |m: &Member| {
+        let silent_in = |m: &Member, left_ranks: &BTreeSet<u32>| {
             may_be_silent
                 && m.last_seen.elapsed() > timeout
                 && !m.ranks().all(|rank| left_ranks.contains(&rank))
         };
+        let first_silent =
+            self.members.iter().find(|m| silent_in(m, &self.left_ranks)).map(|m| {
+                format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout)
+            });
+        // Its ranks may have ended the job all the same (their agents cut
+        // off from this coordinator, then gone): its end in the run folder
+        // finishes it, where the silence failed it or restarted it.
+        if let Some(silence) = &first_silent {
+            if self.phase == Phase::Running && self.ended_while_away(&format!("once {silence}")) {
+                return;
+            }
+        }
         if !self.elastic() {
-            if let Some(m) = self.members.iter().find(|m| silent(m)) {
-                let msg =
-                    format!("member {} ({}) missed heartbeats for {:?}", m.id, m.host, timeout);
-                self.fail(msg);
+            if let Some(silence) = first_silent {
+                self.fail(silence);
             }
             self.check_rendezvous_deadline();
             return;
         }
+        let left_ranks = &self.left_ranks;
+        let silent = |m: &Member| silent_in(m, left_ranks);
         let why = format!("missed heartbeats for {timeout:?}");
         let (gone, kept): (Vec<Member>, Vec<Member>) =
             std::mem::take(&mut self.pending).into_iter().partition(|m| silent(m));

@@ -718,6 +718,37 @@ pub(crate) mod tests {
         }
     }
 
+    /// `--restore`d (its agents not taken for gone), the ranks end the job
+    /// while their agents cannot reach the coordinator, and the agents give
+    /// up: their silence finds the job's end in the run folder and
+    /// finishes it, where it failed the job for the silence. A run folder
+    /// whose newest checkpoint is not the end fails it as before.
+    #[test]
+    fn a_restored_job_its_ranks_finished_while_their_agents_were_cut_off_is_finished() {
+        let epochs = recipe().total_epochs();
+        for (next_epoch, finished) in [(epochs, true), (epochs - 1, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let steps = recorded_steps(3);
+            let (saved, token, _, end) =
+                trained_while_away(tmp.path(), next_epoch, &steps[..1], &steps);
+            let mut job = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+            let timeout = Duration::from_millis(200);
+            job.heartbeat_timeout = timeout;
+            job.agents_call_again_within = Duration::ZERO;
+            job.await_restored_members(false);
+            std::thread::sleep(timeout + Duration::from_millis(50));
+            job.check_liveness();
+            job.flush_metrics();
+            if finished {
+                assert_eq!(job.phase, Phase::Finished, "{end:?}");
+                assert_eq!(reported_records(tmp.path()), steps, "rank 0's records taken");
+            } else {
+                let Phase::Failed(reason) = &job.phase else { panic!("{:?}", job.phase) };
+                assert!(reason.contains("missed heartbeats"), "{reason}");
+            }
+        }
+    }
+
     /// The ranks ended the job before the restarted coordinator started:
     /// it is finished as it is restored, before it is served, neither its
     /// agents nor new hosts waited for, with rank 0's records taken. A run
