@@ -537,11 +537,13 @@ async fn up(mut args: UpArgs) -> Result<()> {
             )
         })
         .transpose()?;
-    let (mut state, out, mut work) = if args.sweep.given() || resumes_sweep {
-        prepare_sweep(&args)?
+    let prepared = if args.sweep.given() || resumes_sweep {
+        Some(prepare_sweep(&args)?)
     } else {
         prepare_job(&args, given_token.as_ref().map(|(token, _)| token))?
     };
+    // The job finished already (said): nothing to serve.
+    let Some((mut state, out, mut work)) = prepared else { return Ok(()) };
     let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
     let token = match given_token {
         Some((token, source)) => {
@@ -886,8 +888,12 @@ async fn stop_for(
 }
 
 /// The one job of `up`: recipe, run folder and membership checked, the
-/// resolved recipe written.
-fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, PathBuf, Work)> {
+/// resolved recipe written; `None` when `--auto-resume` found the job
+/// finished already ([`finished_already`], said), with nothing to serve.
+fn prepare_job(
+    args: &UpArgs,
+    token: Option<&Secret>,
+) -> Result<Option<(Coordination, PathBuf, Work)>> {
     let nodes = args.nodes;
     let elastic = &args.elastic;
     let (min_nodes, max_nodes) =
@@ -917,11 +923,17 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
     }
     if args.restore {
         let token = token.context("--restore needs the job's token")?;
-        return restore_job(args, recipe, &out, token);
+        return restore_job(args, recipe, &out, token).map(Some);
+    }
+    if args.auto_resume {
+        if let Some(finished) = finished_already(&recipe, &out) {
+            rsb_coordinator::print_line!("--auto-resume: {finished}");
+            return Ok(None);
+        }
     }
     if args.auto_resume && !args.local {
         if let Some(restored) = auto_restore(args, &recipe, &out, token) {
-            return Ok(restored);
+            return Ok(Some(restored));
         }
     }
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
@@ -963,7 +975,34 @@ fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, P
         job.resume_from = Some(path.display().to_string());
     }
     job.state_file = Some(out.join(STATE_FILE));
-    Ok((Coordination::one(job), out, Work::Job { elastic: is_elastic }))
+    Ok(Some((Coordination::one(job), out, Work::Job { elastic: is_elastic })))
+}
+
+/// What to say when the job in the run folder `out` is over: its state file
+/// says it finished, and its newest committed checkpoint ends the last
+/// epoch of `recipe`, trained with it, intact
+/// ([`rsb_job::run_folder::finished_run`]). A coordinator killed between
+/// saving that end and exiting, started again as it was (a Kubernetes pod
+/// restarted), found nothing to restore and started a job from that end,
+/// waiting for hosts that had gone (their ranks done) until the join
+/// timeout failed a finished run. `None` otherwise (no state file, another
+/// end, or a recipe that trains further): the run goes on as before.
+fn finished_already(recipe: &rsb_recipes::Recipe, out: &Path) -> Option<String> {
+    let saved = SavedJob::read(out).ok()?;
+    if saved.ended.as_deref() != Some("finished") {
+        return None;
+    }
+    let (checkpoint, position) = rsb_job::run_folder::finished_run(out, recipe)?;
+    Some(format!(
+        "the job in {} finished ({} says so, and {} ends its last epoch: {} of {}, {} updates); \
+         nothing is left to train",
+        out.display(),
+        out.join(STATE_FILE).display(),
+        checkpoint.path().display(),
+        position.next_epoch,
+        recipe.total_epochs(),
+        position.updates
+    ))
 }
 
 /// The ranks each `--local` worker runs with `--devices devices`: one with

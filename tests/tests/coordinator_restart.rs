@@ -415,12 +415,36 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
         )),
         "{output}"
     );
+    // Started once more as it was (killed between saving the end and
+    // exiting, a pod restarted): the job's state says finished and its end
+    // is in the folder, so it exits at once, saying so, and changes nothing;
+    // before, it started a job from that end and waited for hosts that were
+    // gone until the join timeout failed the finished run.
+    let again_log = tmp.path().join("coordinator-3.log");
+    let metrics_before = std::fs::read(k.out.join("metrics.jsonl")).unwrap();
+    let started = Instant::now();
+    let coordinator = sweeps::coordinator_up(&k.out, &k.sets, &args, &again_log);
+    assert_succeeds(coordinator, Duration::from_secs(60), "a start on a finished job", &again_log);
+    let again_after = started.elapsed();
+    let output = std::fs::read_to_string(&again_log).unwrap();
+    assert!(
+        output.contains("--auto-resume: the job in ")
+            && output.contains(&format!(
+                "ends its last epoch: 4 of 4, {} updates); nothing is left to train",
+                state.updates
+            )),
+        "{output}"
+    );
+    assert!(again_after < Duration::from_secs(15), "it ended after {again_after:?}");
+    assert_eq!(std::fs::read(k.out.join("metrics.jsonl")).unwrap(), metrics_before);
     println!(
         "a job whose ranks finished while its coordinator was away ended {:.1} s after the \
          --auto-resume restart ({:.1} s after --restore on a copy); metrics.jsonl took the \
-         {taken_after_restart} records rank 0 made after the first coordinator's last",
+         {taken_after_restart} records rank 0 made after the first coordinator's last; a \
+         third start on the finished job exited after {:.1} s",
         ended_after.as_secs_f64(),
         restore_ended_after.as_secs_f64(),
+        again_after.as_secs_f64(),
     );
 }
 
