@@ -86,6 +86,11 @@ impl Member {
         self.rank_generations.iter().copied().min().unwrap_or(0)
     }
 
+    /// The newest generation any of its ranks fetched the assignment of.
+    pub fn newest_ranks_generation(&self) -> u64 {
+        self.rank_generations.iter().copied().max().unwrap_or(0)
+    }
+
     /// The global ranks this member runs.
     pub fn ranks(&self) -> std::ops::Range<u32> {
         self.first_rank..self.first_rank + self.local_ranks
@@ -187,8 +192,11 @@ pub struct Beat {
     pub keep_going: bool,
     /// The member waits to be admitted at the next generation.
     pub pending: bool,
-    /// The newest generation whose assignment one of its ranks fetched.
+    /// The newest generation whose assignment every one of its ranks
+    /// fetched (the oldest of theirs).
     pub ranks_generation: u64,
+    /// The newest generation whose assignment any of its ranks fetched.
+    pub newest_ranks_generation: u64,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
 }
@@ -1339,25 +1347,38 @@ impl Job {
         let failure = self.failure().map(str::to_string);
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
-            let ranks_generation = m.ranks_generation();
+            let (ranks_generation, newest_ranks_generation) =
+                (m.ranks_generation(), m.newest_ranks_generation());
             if self.reclaim_until.take().is_some() {
                 tracing::info!(member = %id, host = %m.host, "back after the coordinator's restart");
             }
-            return Ok(Beat { keep_going: on, pending: false, failure, ranks_generation });
+            return Ok(Beat {
+                keep_going: on,
+                pending: false,
+                failure,
+                ranks_generation,
+                newest_ranks_generation,
+            });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
             self.reclaim_until = None;
-            return Ok(Beat { keep_going: on, pending: true, failure, ranks_generation: 0 });
+            return Ok(Beat {
+                keep_going: on,
+                pending: true,
+                failure,
+                ranks_generation: 0,
+                newest_ranks_generation: 0,
+            });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
             let failure = format!("member {id} ({}) was dropped from the job: {why}", m.host);
-            let ranks_generation = m.ranks_generation();
             return Ok(Beat {
                 keep_going: false,
                 pending: false,
                 failure: Some(failure),
-                ranks_generation,
+                ranks_generation: m.ranks_generation(),
+                newest_ranks_generation: m.newest_ranks_generation(),
             });
         }
         Err(JobError::NotFound(format!("unknown member `{id}`")))
@@ -2615,8 +2636,9 @@ pub(crate) mod tests {
         assert_eq!(j.generation, 1);
         j.note_assigned(&a, 1);
         // Rank 0 of `a` has not fetched generation 1 yet: a restart is
-        // still needed if the generation moves on.
-        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 0);
+        // still needed if the generation moves on. Rank 1 has: the newest.
+        let beat = j.heartbeat(&a).unwrap();
+        assert_eq!((beat.ranks_generation, beat.newest_ranks_generation), (0, 1));
         j.note_assigned(&a, 0);
         assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
         // A local rank the member does not run changes nothing.

@@ -832,6 +832,7 @@ impl Coordinator for Shared {
             failure: beat.failure.unwrap_or_default(),
             pending: beat.pending,
             ranks_generation: beat.ranks_generation,
+            newest_ranks_generation: beat.newest_ranks_generation,
         }))
     }
 

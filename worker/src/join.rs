@@ -616,7 +616,8 @@ async fn serve_member(
                 Ok(r) if r.get_ref().pending => {}
                 Ok(r) => {
                     let generation = r.get_ref().generation;
-                    let fetched = r.get_ref().ranks_generation;
+                    let fetched =
+                        (r.get_ref().ranks_generation, r.get_ref().newest_ranks_generation);
                     if !ranks_are_behind(rank_generation, generation, fetched) {
                         rank_generation = rank_generation.max(Some(generation));
                     } else {
@@ -708,17 +709,21 @@ async fn serve_member(
 
 /// Whether the local ranks must be restarted for the job's `generation`:
 /// the agent knew them at `known` (`None` until its first answer past
-/// admission), and the coordinator says they fetched the assignment of
-/// generation `fetched` (0: not yet, and they will fetch the current one).
-/// They are behind when the job opened a generation after the one they
-/// fetched, also before the agent's first answer (admitted at one
-/// generation, another opened before its next heartbeat): left running,
-/// they would fail at the rendezvous as stale, counted against the new
+/// admission), and the coordinator says the oldest and the newest
+/// generation whose assignment one of them fetched (`fetched`; 0: not yet,
+/// and it will fetch the current one; a coordinator before the newest was
+/// sent says 0 for it). They are behind when the job opened a generation
+/// after one a rank fetched, also before the agent's first answer
+/// (admitted at one generation, another opened before its next heartbeat),
+/// also when only some of them had fetched it: left running, such a rank
+/// would fail at the rendezvous as stale, counted against the new
 /// generation.
-fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: u64) -> bool {
+fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: (u64, u64)) -> bool {
+    let (oldest, newest) = fetched;
+    let older = |fetched: u64| fetched > 0 && fetched < generation;
     match known {
-        None => fetched > 0 && fetched < generation,
-        Some(current) => generation > current && fetched < generation,
+        None => older(oldest) || older(newest),
+        Some(current) => generation > current && oldest < generation,
     }
 }
 
@@ -1408,15 +1413,20 @@ mod tests {
     fn ranks_that_fetched_an_older_generation_are_restarted_also_at_the_first_answer() {
         // Admitted at generation 3, its ranks fetched it, and 4 opened
         // before the agent's first answer past admission: restarted.
-        assert!(ranks_are_behind(None, 4, 3));
+        assert!(ranks_are_behind(None, 4, (3, 3)));
+        // One rank fetched 3, the other not yet: the first would be stale.
+        assert!(ranks_are_behind(None, 4, (0, 3)));
         // Not yet fetched (they will fetch 4), or fetched 4: left running.
-        assert!(!ranks_are_behind(None, 4, 0));
-        assert!(!ranks_are_behind(None, 4, 4));
+        assert!(!ranks_are_behind(None, 4, (0, 0)));
+        assert!(!ranks_are_behind(None, 4, (4, 4)));
+        assert!(!ranks_are_behind(None, 4, (0, 4)));
+        // A coordinator that does not send the newest: the oldest decides.
+        assert!(ranks_are_behind(None, 4, (3, 0)));
         // Known at 3: a new generation they have not fetched restarts them;
         // one they fetched while starting does not; nor does an old one.
-        assert!(ranks_are_behind(Some(3), 4, 3));
-        assert!(!ranks_are_behind(Some(3), 4, 4));
-        assert!(!ranks_are_behind(Some(4), 4, 3));
+        assert!(ranks_are_behind(Some(3), 4, (3, 3)));
+        assert!(!ranks_are_behind(Some(3), 4, (4, 4)));
+        assert!(!ranks_are_behind(Some(4), 4, (3, 3)));
     }
 
     #[test]
