@@ -45,6 +45,13 @@ use std::time::{Duration, Instant};
 /// waits for the other ranks' reports before it names the rank to blame.
 const BLAME_GRACE: Duration = Duration::from_secs(5);
 
+/// The same wait when the report names no peer (NCCL), where the ranks that
+/// report nothing are blamed: every healthy rank must have reported by
+/// then, also one whose thread is blocked on the aborted stream, which
+/// NCCL's exit timer ends 20 s after its failure (`EXIT_GRACE` of
+/// `rsb_collective::nccl`) and whose agent then reports it.
+const BLAME_GRACE_PEER_UNKNOWN: Duration = Duration::from_secs(30);
+
 /// What runs the ranks of a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -1435,9 +1442,12 @@ impl Job {
         // job waits only for the other ranks' Leaves (rank 0's comes last,
         // after its reports are flushed, and may come later than the
         // heartbeat timeout). A failure among them is handled at its Leave.
+        // As of now: the run folder read below may take a while, during
+        // which no heartbeat can be taken.
+        let now = Instant::now();
         let silent_in = |m: &Member, left_ranks: &BTreeSet<u32>| {
             may_be_silent
-                && m.last_seen.elapsed() > timeout
+                && now.saturating_duration_since(m.last_seen) > timeout
                 && !m.ranks().all(|rank| left_ranks.contains(&rank))
         };
         let first_silent =
@@ -1639,8 +1649,9 @@ impl Job {
 
     /// Blames the ranks that sent no Leave when a rank's collective failed
     /// without naming its peer (NCCL): every healthy rank times out and
-    /// reports, the stopped or hung ones cannot. Names the first, the others
-    /// with it; false when every rank has left (nobody to single out).
+    /// reports (itself, or its agent once NCCL's exit timer ended it), the
+    /// stopped or hung ones cannot. Names the first, the others with their
+    /// hosts; false when every rank has left (nobody to single out).
     fn blame_ranks_without_a_leave(&mut self, reports: usize, report: &str) -> bool {
         let silent: Vec<u32> =
             (0..self.world_size()).filter(|r| !self.left_ranks.contains(r)).collect();
@@ -1651,8 +1662,11 @@ impl Job {
         let others = match others {
             [] => String::new(),
             more => format!(
-                " (as did rank(s) {})",
-                more.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                " (as did {})",
+                more.iter()
+                    .map(|&r| format!("rank {r} on {}", self.host_name_of_rank(r)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         let what = format!(
@@ -2195,12 +2209,12 @@ impl Job {
                     // Wait a moment for the other ranks' reports: the rank
                     // to blame is the one the chain of silent peers ends at,
                     // or the ranks that report nothing.
-                    let peer = match cause {
-                        FailureCause::CollectivePeer(peer) => Some(peer),
-                        _ => None,
+                    let (peer, grace) = match cause {
+                        FailureCause::CollectivePeer(peer) => (Some(peer), BLAME_GRACE),
+                        _ => (None, BLAME_GRACE_PEER_UNKNOWN),
                     };
                     self.collective_failures.insert(rank, (peer, failure));
-                    self.blame_at.get_or_insert(Instant::now() + BLAME_GRACE);
+                    self.blame_at.get_or_insert(Instant::now() + grace);
                 }
                 FailureCause::StopRequestedBy(askers)
                     if askers.first().is_some_and(|&first| first != rank) =>
@@ -2944,6 +2958,8 @@ pub(crate) mod tests {
         // Ranks 0..3 on hosts a, b (two each); rank 2 stops: NCCL names no
         // peer, so ranks 0, 1 and 3 each report a collective that did not
         // finish, and rank 2 reports nothing. A fixed job of 2 hosts.
+        // The blame waits long enough for a rank that NCCL's exit timer
+        // ends (20 s after its failure) to be reported by its agent.
         let fixed = || {
             let mut j = elastic(2, 2, 2);
             j.recipe.batch.global_size = 64;
@@ -2958,6 +2974,7 @@ pub(crate) mod tests {
         j.leave(&a, 0, 0, false, &timed_out(0), FailureCause::CollectivePeerUnknown).unwrap();
         j.check_liveness();
         assert_eq!(j.phase, Phase::Running, "blamed before the other reports could come");
+        assert!(j.blame_at.is_some_and(|at| at > Instant::now() + Duration::from_secs(25)));
         j.leave(&a, 0, 1, false, &timed_out(1), FailureCause::CollectivePeerUnknown).unwrap();
         j.leave(&b, 0, 1, false, &timed_out(3), FailureCause::CollectivePeerUnknown).unwrap();
         j.blame_at = Some(Instant::now());
@@ -2966,17 +2983,20 @@ pub(crate) mod tests {
         assert!(reason.starts_with("rank 2 on b stopped answering in a collective:"), "{reason}");
         assert!(reason.contains("3 rank(s) reported a collective that did not finish"), "{reason}");
         assert!(reason.contains("rank 0 on a failed: rank 0: ncclAllReduce"), "{reason}");
-        // A whole host stopped: its ranks are named, the first blamed.
+        // A whole host stopped (b): its ranks are named with their host,
+        // the first blamed.
         let mut j = fixed();
         let a = join(&mut j, "a", 2).unwrap();
         let _b = join(&mut j, "b", 2).unwrap();
+        j.leave(&a, 0, 0, false, &timed_out(0), FailureCause::CollectivePeerUnknown).unwrap();
         j.leave(&a, 0, 1, false, &timed_out(1), FailureCause::CollectivePeerUnknown).unwrap();
         j.blame_at = Some(Instant::now());
         j.check_liveness();
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(
-            reason
-                .starts_with("rank 0 on a stopped answering in a collective (as did rank(s) 2, 3)"),
+            reason.starts_with(
+                "rank 2 on b stopped answering in a collective (as did rank 3 on b): 2 rank(s)"
+            ),
             "{reason}"
         );
         // Every rank reported: nobody to single out, the first report fails

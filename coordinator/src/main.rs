@@ -889,7 +889,8 @@ async fn stop_for(
 
 /// The one job of `up`: recipe, run folder and membership checked, the
 /// resolved recipe written; `None` when `--auto-resume` found the job
-/// finished already ([`finished_already`], said), with nothing to serve.
+/// finished already ([`rsb_coordinator::saved::finished_already`], said),
+/// with nothing to serve.
 fn prepare_job(
     args: &UpArgs,
     token: Option<&Secret>,
@@ -926,7 +927,7 @@ fn prepare_job(
         return restore_job(args, recipe, &out, token).map(Some);
     }
     if args.auto_resume {
-        if let Some(finished) = finished_already(&recipe, &out) {
+        if let Some(finished) = rsb_coordinator::saved::finished_already(&recipe, &out) {
             rsb_coordinator::print_line!("--auto-resume: {finished}");
             return Ok(None);
         }
@@ -976,33 +977,6 @@ fn prepare_job(
     }
     job.state_file = Some(out.join(STATE_FILE));
     Ok(Some((Coordination::one(job), out, Work::Job { elastic: is_elastic })))
-}
-
-/// What to say when the job in the run folder `out` is over: its state file
-/// says it finished, and its newest committed checkpoint ends the last
-/// epoch of `recipe`, trained with it, intact
-/// ([`rsb_job::run_folder::finished_run`]). A coordinator killed between
-/// saving that end and exiting, started again as it was (a Kubernetes pod
-/// restarted), found nothing to restore and started a job from that end,
-/// waiting for hosts that had gone (their ranks done) until the join
-/// timeout failed a finished run. `None` otherwise (no state file, another
-/// end, or a recipe that trains further): the run goes on as before.
-fn finished_already(recipe: &rsb_recipes::Recipe, out: &Path) -> Option<String> {
-    let saved = SavedJob::read(out).ok()?;
-    if saved.ended.as_deref() != Some("finished") {
-        return None;
-    }
-    let (checkpoint, position) = rsb_job::run_folder::finished_run(out, recipe)?;
-    Some(format!(
-        "the job in {} finished ({} says so, and {} ends its last epoch: {} of {}, {} updates); \
-         nothing is left to train",
-        out.display(),
-        out.join(STATE_FILE).display(),
-        checkpoint.path().display(),
-        position.next_epoch,
-        recipe.total_epochs(),
-        position.updates
-    ))
 }
 
 /// The ranks each `--local` worker runs with `--devices devices`: one with

@@ -329,6 +329,50 @@ impl Job {
     }
 }
 
+/// What to say when the job in the run folder `out` is over: its state file
+/// says it finished, and its newest committed checkpoint ends the last
+/// epoch of `recipe`, trained with it, intact
+/// ([`rsb_job::run_folder::finished_run`]). A coordinator killed between
+/// saving that end and exiting, started again as it was (a Kubernetes pod
+/// restarted), found nothing to restore and started a job from that end,
+/// waiting for hosts that had gone (their ranks done) until the join
+/// timeout failed a finished run. The records rank 0 made that no
+/// coordinator took are appended to `metrics.jsonl`, as at a job's end.
+/// `None` otherwise (no state file, another
+/// end, or a recipe that trains further): the run goes on as before.
+pub fn finished_already(recipe: &rsb_recipes::Recipe, out: &Path) -> Option<String> {
+    let saved = SavedJob::read(out).ok()?;
+    if saved.ended.as_deref() != Some("finished") {
+        return None;
+    }
+    let (checkpoint, position) = rsb_job::run_folder::finished_run(out, recipe)?;
+    // A coordinator killed after saving the end and before appending the
+    // records rank 0 made that it had not taken left them in rank 0's file:
+    // they are taken now, each once.
+    let metrics = out.join(rsb_job::sweep::RUN_METRICS);
+    let records = crate::job::take_records(
+        crate::job::records_made_while_away(out),
+        &metrics.display().to_string(),
+        &rsb_job::run_folder::rank_records_file(out, 0),
+        |records| {
+            let mut log = rsb_job::MetricsLog::open(&metrics)?;
+            records.iter().try_for_each(|record| log.append(record))?;
+            log.sync()
+        },
+    )
+    .unwrap_or_else(|e| format!("the records rank 0 made were not taken: {e}"));
+    Some(format!(
+        "the job in {} finished ({} says so, and {} ends its last epoch: {} of {}, {} updates); \
+         nothing is left to train; {records}",
+        out.display(),
+        out.join(STATE_FILE).display(),
+        checkpoint.path().display(),
+        position.next_epoch,
+        recipe.total_epochs(),
+        position.updates
+    ))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -718,6 +762,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// A job saved as finished whose end is in the run folder is over for
+    /// `up --auto-resume` (the records rank 0 made that its coordinator,
+    /// killed before taking them, did not take are appended, once); saved
+    /// as running, failed, or one epoch short, it is not.
+    #[test]
+    fn a_job_saved_as_finished_with_its_end_in_the_folder_is_finished_already() {
+        let epochs = recipe().total_epochs();
+        for (next_epoch, ended) in [
+            (epochs, Some("finished")),
+            (epochs, None),
+            (epochs, Some("rank 0 on a failed: boom")),
+            (epochs - 1, Some("finished")),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let steps = recorded_steps(3);
+            let (saved, _, _, end) =
+                trained_while_away(tmp.path(), next_epoch, &steps[..1], &steps);
+            let saved = SavedJob { ended: ended.map(str::to_string), ..saved };
+            saved.write(&tmp.path().join(STATE_FILE)).unwrap();
+            let said = finished_already(&recipe(), tmp.path());
+            if next_epoch == epochs && ended == Some("finished") {
+                let said = said.expect("finished already");
+                assert!(said.contains(&end.display().to_string()), "{said}");
+                assert!(said.contains("the 2 record(s) rank 0 made"), "{said}");
+                assert_eq!(reported_records(tmp.path()), steps);
+                // Asked again: nothing is taken twice.
+                let again = finished_already(&recipe(), tmp.path()).unwrap();
+                assert!(again.contains("rank 0 made no record that no coordinator took"));
+                assert_eq!(reported_records(tmp.path()), steps);
+            } else {
+                assert_eq!(said, None, "{next_epoch} {ended:?}");
+                assert_eq!(reported_records(tmp.path()), steps[..1]);
+            }
+        }
+    }
+
     /// `--restore`d (its agents not taken for gone), the ranks end the job
     /// while their agents cannot reach the coordinator, and the agents give
     /// up: their silence finds the job's end in the run folder and
@@ -742,6 +822,12 @@ pub(crate) mod tests {
             if finished {
                 assert_eq!(job.phase, Phase::Finished, "{end:?}");
                 assert_eq!(reported_records(tmp.path()), steps, "rank 0's records taken");
+                // A live rank 0's report of one of them, late: refused (the
+                // job is over), not written twice.
+                let generation = job.generation;
+                assert!(job.record_metrics(generation, &steps[2]).is_err());
+                job.flush_metrics();
+                assert_eq!(reported_records(tmp.path()), steps);
             } else {
                 let Phase::Failed(reason) = &job.phase else { panic!("{:?}", job.phase) };
                 assert!(reason.contains("missed heartbeats"), "{reason}");

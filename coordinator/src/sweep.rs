@@ -239,7 +239,7 @@ pub enum KeepFinishedError {
 /// (finished, with the attempts and failure of `before`, at least one
 /// attempt; a retry the killed coordinator made wrote no outcome, but its
 /// job's generation record in metrics.jsonl says its attempt and the
-/// failure before it, which count where they are newer). Returns the
+/// failure before it: the highest counts where it is higher). Returns the
 /// outcome and what to say; `None` when the run is not over. Call it
 /// before the sweep's jobs start.
 pub fn keep_run_finished_while_away(
@@ -268,7 +268,7 @@ pub fn keep_run_finished_while_away(
         attempts: before.map_or(1, |o| o.attempts.max(1)),
         failure: before.and_then(|o| o.failure.clone()),
     };
-    if let Some((attempt, failure)) = newest_retry(&metrics) {
+    if let Some((attempt, failure)) = highest_retry(&metrics) {
         if attempt > outcome.attempts {
             outcome.attempts = attempt;
             outcome.failure = Some(failure);
@@ -285,10 +285,13 @@ pub fn keep_run_finished_while_away(
     Ok(Some((outcome, said)))
 }
 
-/// The attempt and the failure before it that the newest retry's
-/// generation record in the run's `metrics` says ([`GenerationReason::Retry`]);
-/// `None` when the run was not retried, or its file cannot be read (logged).
-fn newest_retry(metrics: &std::path::Path) -> Option<(u32, String)> {
+/// The highest attempt a retry's generation record in the run's `metrics`
+/// says ([`GenerationReason::Retry`]), and the failure before it (an
+/// invocation killed before it wrote an outcome leaves the next one to
+/// count its attempts again from the last outcome, so the newest record
+/// need not be the highest); `None` when the run was not retried, or its
+/// file cannot be read (logged).
+fn highest_retry(metrics: &std::path::Path) -> Option<(u32, String)> {
     use rsb_job::records::GenerationReason;
     let records = match rsb_report::runs::read_metrics(metrics) {
         Ok(records) => records,
@@ -297,15 +300,17 @@ fn newest_retry(metrics: &std::path::Path) -> Option<(u32, String)> {
             return None;
         }
     };
-    records.iter().rev().find_map(|record| match record {
+    let retries = records.iter().filter_map(|record| match record {
         rsb_job::MetricsRecord::Generation { reasons, .. } => {
             reasons.iter().find_map(|reason| match reason {
-                GenerationReason::Retry { attempt, failure } => Some((*attempt, failure.clone())),
+                GenerationReason::Retry { attempt, failure } => Some((*attempt, failure)),
                 _ => None,
             })
         }
         _ => None,
-    })
+    });
+    // The last of the highest.
+    retries.max_by_key(|(attempt, _)| *attempt).map(|(attempt, failure)| (attempt, failure.clone()))
 }
 
 impl Scheduler {
@@ -397,22 +402,22 @@ impl Scheduler {
             }
             Some(_) => {}
         }
-        // A host the sweep can use, even one told to join again later.
-        self.last_host_seen = Instant::now();
         let waiting = self.running_jobs().find(|&j| jobs[j].phase == Phase::Waiting);
         let index = match waiting {
             Some(j) => j,
             None => loop {
                 let running = self.counts().running as u32;
                 if self.settings.max_parallel.is_some_and(|cap| running >= cap) {
+                    // A host of the sweep's shape, told to join again.
+                    self.last_host_seen = Instant::now();
                     return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 }
                 let Some(run) = self.queue.pop_front() else {
-                    return Ok(if self.is_over() {
-                        Placement::SweepOver
-                    } else {
-                        Placement::JoinAgain(JOIN_AGAIN_AFTER)
-                    });
+                    if self.is_over() {
+                        return Ok(Placement::SweepOver);
+                    }
+                    self.last_host_seen = Instant::now();
+                    return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 };
                 match self.start(jobs, run, per_run / local_ranks) {
                     Ok(j) => break j,
@@ -428,7 +433,11 @@ impl Scheduler {
                 }
             },
         };
+        // The run's job may refuse it still (no address its ranks can be
+        // reached at, a name too long): only a host it takes is with the
+        // sweep.
         let (id, secret, pending) = jobs[index].join(host, kind, local_ranks, advertise)?;
+        self.last_host_seen = Instant::now();
         Ok(Placement::Member { job: index, id, secret, pending })
     }
 
@@ -789,6 +798,11 @@ pub(crate) mod tests {
         s.last_host_seen = Instant::now() - Duration::from_secs(3600);
         assert!(s.place(&mut jobs, "c", DeviceKind::Cuda, 1, None).is_err());
         assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
+        // A CPU host with no address its ranks can be reached at is of the
+        // sweep's shape, but the run's job refuses it: not with the sweep.
+        s.last_host_seen = Instant::now() - Duration::from_secs(3600);
+        assert!(s.place(&mut jobs, "e", DeviceKind::Cpu, 1, None).is_err());
+        assert!(s.without_hosts_for().unwrap() >= Duration::from_secs(3600));
         // A second CPU host of one rank is.
         member(s.place(&mut jobs, "d", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
@@ -1015,7 +1029,10 @@ pub(crate) mod tests {
             assert!(said.contains("rank 0 made no record that no coordinator took"), "{said}");
             assert_eq!(reported_records(&run), steps);
             // Retries the killed coordinator made after that outcome wrote
-            // none, but their jobs' generation records: the newest counts.
+            // none, but their jobs' generation records: the highest counts,
+            // also when an invocation killed before it wrote an outcome
+            // left a later one to count from the last outcome again (4,
+            // then 3).
             let retried = |attempt: u32| rsb_job::MetricsRecord::Generation {
                 generation: 1,
                 hosts: vec!["a".into()],
@@ -1032,8 +1049,8 @@ pub(crate) mod tests {
                 .append(true)
                 .open(layout.run_metrics("seed-000"))
                 .unwrap();
-            std::io::Write::write_all(&mut metrics, lines(&[retried(3), retried(4)]).as_bytes())
-                .unwrap();
+            let retries = [retried(3), retried(4), retried(3)];
+            std::io::Write::write_all(&mut metrics, lines(&retries).as_bytes()).unwrap();
             let (outcome, _) =
                 keep_run_finished_while_away(&layout, "seed-000", &recipe, Some(&failed))
                     .unwrap()

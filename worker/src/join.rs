@@ -554,7 +554,10 @@ async fn serve_member(
                 generation: rank_generation.unwrap_or(0),
                 collective_peer: None,
                 stop_requested_by: Vec::new(),
-                collective_peer_unknown: false,
+                // Ended by NCCL's exit timer for a collective that timed
+                // out (its thread blocked on the aborted stream): not its
+                // own failure, and the rank could not say so itself.
+                collective_peer_unknown: ended_for_a_collective(status),
             };
             match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                 Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -1318,6 +1321,14 @@ fn collective_backend(asked: CollectiveBackend, device: Device) -> Result<Collec
     }
 }
 
+/// Whether a rank process that sent no Leave was ended by NCCL's exit
+/// timer for a collective that timed out or failed remotely
+/// ([`rsb_collective::nccl::PEER_UNKNOWN_EXIT_STATUS`]): its agent reports
+/// the peer as unknown, as the rank would have.
+fn ended_for_a_collective(status: std::process::ExitStatus) -> bool {
+    status.code() == Some(rsb_collective::nccl::PEER_UNKNOWN_EXIT_STATUS)
+}
+
 /// Whom a collective that made the rank fail points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CollectiveBlame {
@@ -1507,6 +1518,17 @@ mod tests {
         assert_eq!(collective_blame(&nccl_timeout), CollectiveBlame::PeerUnknown);
         let other = anyhow::Error::from(CollectiveError::Nccl("unhandled cuda error".into()));
         assert_eq!(collective_blame(&other), CollectiveBlame::None);
+    }
+
+    #[test]
+    fn a_rank_ended_by_nccls_exit_timer_for_a_collective_is_reported_with_its_peer_unknown() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        let code = rsb_collective::nccl::PEER_UNKNOWN_EXIT_STATUS;
+        assert!(ended_for_a_collective(exited(code)));
+        assert!(!ended_for_a_collective(exited(1)));
+        // Killed by a signal: no exit status.
+        assert!(!ended_for_a_collective(std::process::ExitStatus::from_raw(9)));
     }
 
     #[test]

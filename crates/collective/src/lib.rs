@@ -72,9 +72,10 @@ pub enum CollectiveError {
     #[error("nccl: {0}")]
     Nccl(String),
     /// An NCCL collective, or the joining of its clique, did not finish
-    /// within the collective timeout, or NCCL reported an asynchronous
-    /// error: a peer is stopped, hung, gone or unreachable, and NCCL does
-    /// not say which. The coordinator blames the ranks that report nothing.
+    /// within the collective timeout, or NCCL reported a remote error
+    /// (`ncclRemoteError`): a peer is stopped, hung, gone or unreachable,
+    /// and NCCL does not say which. The coordinator blames the ranks that
+    /// report nothing.
     #[error("nccl: {0}")]
     NcclCollectiveFailed(String),
     /// This rank could not start a thread it needs (a limit on processes or

@@ -13,11 +13,15 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// How a timer ends the process, given why (a test records the call instead).
-type End = Box<dyn FnOnce(String) + Send>;
+/// Why the process ends, and with which exit status.
+type LastWords = (String, i32);
+
+/// How a timer ends the process, given why and the exit status (a test
+/// records the call instead).
+type End = Box<dyn FnOnce(LastWords) + Send>;
 
 /// The process's timer, once started: arming it sends why.
-static TIMER: Mutex<Option<Sender<String>>> = Mutex::new(None);
+static TIMER: Mutex<Option<Sender<LastWords>>> = Mutex::new(None);
 
 /// Starts the process's exit timer, if it is not running yet.
 pub(crate) fn start() -> std::io::Result<()> {
@@ -29,24 +33,25 @@ pub(crate) fn start() -> std::io::Result<()> {
 }
 
 /// Arms the process's exit timer with `why` (printed when the process
-/// ends), then logs it; with no timer running, ends the process at once.
+/// ends) and the exit `status` it ends with, then logs it; with no timer
+/// running, ends the process at once.
 /// The timer is armed first: the log line goes to a file and to stderr,
 /// either of which may block.
-pub(crate) fn arm(why: &str) {
+pub(crate) fn arm(why: &str, status: i32) {
     let timer = TIMER.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    arm_or_end(timer.as_ref(), why.to_string(), Box::new(end_process));
+    arm_or_end(timer.as_ref(), (why.to_string(), status), Box::new(end_process));
     tracing::error!("{why}");
 }
 
 /// A timer thread called `name` that waits to be armed, then waits `grace`
 /// and calls `end` with why it was armed.
-fn spawn(name: &str, grace: Duration, end: End) -> std::io::Result<Sender<String>> {
-    let (arm, armed) = channel::<String>();
+fn spawn(name: &str, grace: Duration, end: End) -> std::io::Result<Sender<LastWords>> {
+    let (arm, armed) = channel::<LastWords>();
     std::thread::Builder::new().name(name.into()).spawn(move || {
         // Every sender gone (a test's timer dropped): nothing to do.
-        if let Ok(why) = armed.recv() {
+        if let Ok(last_words) = armed.recv() {
             std::thread::sleep(grace);
-            end(why);
+            end(last_words);
         }
     })?;
     Ok(arm)
@@ -54,27 +59,27 @@ fn spawn(name: &str, grace: Duration, end: End) -> std::io::Result<Sender<String
 
 /// Arms `timer` with `why`; without a timer (or with one whose thread is
 /// gone), calls `end` at once.
-fn arm_or_end(timer: Option<&Sender<String>>, why: String, end: End) {
+fn arm_or_end(timer: Option<&Sender<LastWords>>, last_words: LastWords, end: End) {
     let unsent = match timer {
-        Some(timer) => timer.send(why).err().map(|unsent| unsent.0),
-        None => Some(why),
+        Some(timer) => timer.send(last_words).err().map(|unsent| unsent.0),
+        None => Some(last_words),
     };
-    if let Some(why) = unsent {
-        end(format!("{why} (no NCCL exit timer running: ending at once)"));
+    if let Some((why, status)) = unsent {
+        end((format!("{why} (no NCCL exit timer running: ending at once)"), status));
     }
 }
 
 /// How long the process's last words may wait for stderr to take them.
 const LAST_WORDS_WAIT_MS: libc::c_int = 100;
 
-/// Ends the process with exit status 1, saying why on stderr if it takes
+/// Ends the process with exit `status`, saying why on stderr if it takes
 /// the line within [`LAST_WORDS_WAIT_MS`], with `_exit`:
 /// `std::process::exit` would run the atexit handlers (CUDA's and NCCL's
 /// among them), which can block for ever on the stream the aborted
 /// collective hangs on. The line is written to file descriptor 2 directly:
 /// std's stderr takes a lock that a thread stuck writing to a stalled
 /// stderr holds, and nothing here may wait for ever.
-fn end_process(why: String) {
+fn end_process((why, status): LastWords) {
     let line = format!("{}\n", rsb_logging::error_line(&why));
     let mut stderr = libc::pollfd { fd: 2, events: libc::POLLOUT, revents: 0 };
     // SAFETY: `stderr` is one valid pollfd for the call.
@@ -85,7 +90,7 @@ fn end_process(why: String) {
         let _ = unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
     }
     // SAFETY: `_exit` has no preconditions; it ends the process.
-    unsafe { libc::_exit(1) };
+    unsafe { libc::_exit(status) };
 }
 
 #[cfg(test)]
@@ -96,7 +101,7 @@ mod tests {
     use std::time::Instant;
 
     /// An `End` that reports its call on the returned receiver.
-    fn recorded() -> (End, Receiver<String>) {
+    fn recorded() -> (End, Receiver<LastWords>) {
         let (tx, rx) = channel();
         (Box::new(move |why| tx.send(why).unwrap()), rx)
     }
@@ -109,23 +114,26 @@ mod tests {
         assert!(ended.recv_timeout(grace * 2).is_err(), "ended without being armed");
         let armed_at = Instant::now();
         let (unused, _) = recorded();
-        arm_or_end(Some(&timer), "rank 1: all-reduce timed out".into(), unused);
-        let why = ended.recv_timeout(Duration::from_secs(10)).unwrap();
+        arm_or_end(Some(&timer), ("rank 1: all-reduce timed out".into(), 86), unused);
+        let last_words = ended.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(armed_at.elapsed() >= grace, "ended before its grace");
-        assert_eq!(why, "rank 1: all-reduce timed out");
+        assert_eq!(last_words, ("rank 1: all-reduce timed out".into(), 86));
     }
 
     #[test]
     fn without_a_timer_the_process_ends_at_once() {
         let (end, ended) = recorded();
-        arm_or_end(None, "rank 0: broadcast failed".into(), end);
-        let why = ended.try_recv().unwrap();
+        arm_or_end(None, ("rank 0: broadcast failed".into(), 1), end);
+        let (why, status) = ended.try_recv().unwrap();
         assert!(why.starts_with("rank 0: broadcast failed (no NCCL exit timer"), "{why}");
+        assert_eq!(status, 1);
         // A timer whose thread is gone is no timer either.
-        let (gone, _) = channel::<String>();
+        let (gone, _) = channel::<LastWords>();
         let (end, ended) = recorded();
-        arm_or_end(Some(&gone), "rank 2: reduce failed".into(), end);
-        assert!(ended.try_recv().unwrap().starts_with("rank 2: reduce failed (no NCCL"));
+        arm_or_end(Some(&gone), ("rank 2: reduce failed".into(), 86), end);
+        let (why, status) = ended.try_recv().unwrap();
+        assert!(why.starts_with("rank 2: reduce failed (no NCCL"), "{why}");
+        assert_eq!(status, 86);
     }
 
     /// This process's threads called `name`.

@@ -22,6 +22,8 @@ pub const LIBRARY_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 
 /// `ncclSuccess`.
 pub const SUCCESS: c_int = 0;
+/// `ncclRemoteError`: a peer's process exited, or the network failed.
+pub const REMOTE_ERROR: c_int = 6;
 /// `ncclInProgress`: a non-blocking communicator is still working on the call.
 pub const IN_PROGRESS: c_int = 7;
 
@@ -354,4 +356,18 @@ fn mapped_file(address: *const c_void) -> Option<String> {
     let info = unsafe { info.assume_init() };
     // SAFETY: dli_fname is null or the loader's NUL-terminated path.
     found.then(|| unsafe { c_text(info.dli_fname) }).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_constants_are_nccls_by_name() {
+        let name =
+            |status: c_int| usize::try_from(status).ok().and_then(|i| STATUS_NAMES.get(i)).copied();
+        assert_eq!(name(SUCCESS), Some("ncclSuccess"));
+        assert_eq!(name(REMOTE_ERROR), Some("ncclRemoteError"));
+        assert_eq!(name(IN_PROGRESS), Some("ncclInProgress"));
+    }
 }

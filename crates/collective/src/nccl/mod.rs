@@ -25,16 +25,18 @@
 //! running after the timeout, or an asynchronous error, makes the watchdog
 //! call `ncclCommAbort` (which ends the kernels, so the stream and whatever
 //! waits on it go on) and record the error, naming the rank and the
-//! collective: the next call returns it (a timeout or an asynchronous error
-//! as [`CollectiveError::NcclCollectiveFailed`], since NCCL does not say
-//! which peer held it up; a failure of this rank's own call as
+//! collective: the next call returns it (a timeout or a remote error as
+//! [`CollectiveError::NcclCollectiveFailed`], since NCCL does not say which
+//! peer held it up; any other error, this rank's own, as
 //! [`CollectiveError::Nccl`]). Since the results of an aborted
 //! collective are garbage, and the host may be blocked on the stream where
 //! no further call comes, the first failure arms an exit timer (a thread
 //! started with the first communicator, so that a failure never finds the
 //! process unable to start one), before
 //! `ncclCommAbort` is called (which might itself not return), whichever
-//! thread meets it: the process ends (exit status 1, the error on stderr)
+//! thread meets it: the process ends (exit status 1, or
+//! [`PEER_UNKNOWN_EXIT_STATUS`] for a timeout or a remote error; the error
+//! on stderr)
 //! [`EXIT_GRACE`] later if it has not ended by itself, with `_exit`: no
 //! atexit handler or static destructor runs, since those of CUDA and NCCL
 //! can block for ever on the very stream that hangs (and a rank that
@@ -104,6 +106,13 @@ impl Backoff {
 /// How long a rank whose communicator failed has to report the failure
 /// itself and exit before the exit timer ends it.
 pub const EXIT_GRACE: Duration = Duration::from_secs(20);
+
+/// The exit status of a rank the exit timer ends for a collective that
+/// timed out or failed remotely ([`CollectiveError::NcclCollectiveFailed`]):
+/// it may not have reported that itself (its thread blocked on the aborted
+/// stream), so its agent reports it, and the coordinator blames the ranks
+/// that report nothing, not this one. Its own failures end it with 1.
+pub const PEER_UNKNOWN_EXIT_STATUS: i32 = 86;
 
 /// The 128 bytes that identify an NCCL clique (made by rank 0, shared by the coordinator).
 pub fn unique_id() -> Result<Vec<u8>, CollectiveError> {
@@ -184,6 +193,16 @@ impl Failure {
         }
     }
 
+    /// The exit status of a process the exit timer ends for it: its agent
+    /// reports [`PEER_UNKNOWN_EXIT_STATUS`] as a collective failure whose
+    /// peer NCCL does not name, 1 as the rank's own.
+    fn exit_status(&self) -> i32 {
+        match self {
+            Failure::Collective(_) => PEER_UNKNOWN_EXIT_STATUS,
+            Failure::Local(_) => 1,
+        }
+    }
+
     /// The error a call that meets this failure returns.
     fn error(&self) -> CollectiveError {
         match self {
@@ -209,23 +228,57 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
     shared.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An error NCCL reported for a communicator.
+struct AsyncError {
+    /// Its status and NCCL's last message.
+    text: String,
+    /// `ncclRemoteError`: a peer's process exited or the network failed, a
+    /// peer NCCL does not name. Any other status (an unhandled CUDA error,
+    /// a system or internal error, invalid usage) is this rank's own.
+    remote: bool,
+}
+
+impl std::fmt::Display for AsyncError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl AsyncError {
+    /// The failure `why` (which quotes this error) records: a peer's when
+    /// NCCL says the fault is remote, this rank's own otherwise.
+    fn failure(&self, why: String) -> Failure {
+        if self.remote {
+            Failure::Collective(why)
+        } else {
+            Failure::Local(why)
+        }
+    }
+}
+
 /// The asynchronous state of `comm`: `Ok(true)` done, `Ok(false)` still in
 /// progress, `Err` an NCCL error.
-fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, String> {
+fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, AsyncError> {
     // SAFETY: `comm` is live (callers hold it from the shared state).
     match unsafe { nccl.async_error(comm.0) } {
-        Err(call) => Err(format!("ncclCommGetAsyncError failed: {}", nccl.describe(call))),
+        Err(call) => Err(AsyncError {
+            text: format!("ncclCommGetAsyncError failed: {}", nccl.describe(call)),
+            remote: false,
+        }),
         Ok(library::SUCCESS) => Ok(true),
         Ok(library::IN_PROGRESS) => Ok(false),
-        // SAFETY: as above.
-        Ok(other) => Err(with_detail(nccl.describe(other), unsafe { nccl.last_error(comm.0) })),
+        Ok(other) => Err(AsyncError {
+            // SAFETY: as above.
+            text: with_detail(nccl.describe(other), unsafe { nccl.last_error(comm.0) }),
+            remote: other == library::REMOTE_ERROR,
+        }),
     }
 }
 
 /// Why a wait for a non-blocking communicator ended unfinished.
 enum Unfinished {
     /// NCCL reported an error.
-    Failed(String),
+    Failed(AsyncError),
     /// Still in progress at the deadline.
     TimedOut,
 }
@@ -265,7 +318,7 @@ fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) -> Coll
 /// communicator (once).
 fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) {
     if !flags.exit_armed.swap(true, Ordering::SeqCst) {
-        exit_timer::arm(failure.why());
+        exit_timer::arm(failure.why(), failure.exit_status());
     }
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
@@ -398,17 +451,17 @@ impl NcclCollective {
         // Joining is asynchronous: wait for it, up to the timeout.
         let deadline = Instant::now() + timeout;
         if let Err(unfinished) = wait_until_done(nccl, Comm(comm), deadline) {
-            let why = match unfinished {
+            let failure = match unfinished {
                 Unfinished::Failed(e) => {
-                    format!("rank {rank}: joining the NCCL clique failed: {e}")
+                    e.failure(format!("rank {rank}: joining the NCCL clique failed: {e}"))
                 }
-                Unfinished::TimedOut => format!(
+                Unfinished::TimedOut => Failure::Collective(format!(
                     "rank {rank}: joining the NCCL clique of {world} ranks did not finish \
                      within {} s (distributed.collective_timeout_secs): a rank is missing",
                     timeout.as_secs()
-                ),
+                )),
             };
-            return Err(fail(nccl, &shared, &mut lock(&shared), Failure::Collective(why)));
+            return Err(fail(nccl, &shared, &mut lock(&shared), failure));
         }
         let mut stream: cuda::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current on this thread.
@@ -527,15 +580,15 @@ impl NcclCollective {
             return Err(fail(nccl, &self.shared, &mut state, Failure::Local(why)));
         }
         if let Err(unfinished) = wait_until_done(nccl, comm, deadline) {
-            let why = match unfinished {
-                Unfinished::Failed(e) => format!("rank {rank}: {what}: NCCL error {e}"),
-                Unfinished::TimedOut => format!(
+            let failure = match unfinished {
+                Unfinished::Failed(e) => e.failure(format!("rank {rank}: {what}: NCCL error {e}")),
+                Unfinished::TimedOut => Failure::Collective(format!(
                     "rank {rank}: {what}: NCCL did not take it within {} s \
                      (distributed.collective_timeout_secs); communicator aborted",
                     self.timeout.as_secs()
-                ),
+                )),
             };
-            return Err(fail(nccl, &self.shared, &mut state, Failure::Collective(why)));
+            return Err(fail(nccl, &self.shared, &mut state, failure));
         }
         // SAFETY: our stream is the one the collective was enqueued on.
         let event = match unsafe { record_event(self.stream.0) } {
@@ -599,7 +652,7 @@ fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<Fail
     match async_state(nccl, comm) {
         Err(e) => {
             let what = state.pending.front().map_or("the communicator", |p| p.what.as_str());
-            Some(Failure::Collective(format!("rank {rank}: {what}: NCCL asynchronous error {e}")))
+            Some(e.failure(format!("rank {rank}: {what}: NCCL asynchronous error {e}")))
         }
         Ok(_) => None,
     }
