@@ -42,6 +42,28 @@ pub enum CollectiveError {
         /// What went wrong.
         problem: String,
     },
+    /// A message from a peer failed its integrity check (the TCP ring's
+    /// links tag every message; see [`ring`]): its bytes were altered,
+    /// injected, dropped, repeated, reordered or replayed on the wire, or
+    /// they come from a peer of another job. They were not used, and the
+    /// ring is closed: every later collective on it fails.
+    #[error(
+        "rank {rank}: the data from rank {peer} ({address}) failed its integrity check \
+         (message {message} on that link): it was altered, injected, dropped, repeated or \
+         replayed on the wire, or comes from a peer of another job; it was not used, and the \
+         ring is closed"
+    )]
+    Tampered {
+        /// This rank.
+        rank: usize,
+        /// The peer the message came from, as far as the link says.
+        peer: usize,
+        /// Its address.
+        address: String,
+        /// The message's sequence number on the link (counted from 0 when
+        /// the ring formed).
+        message: u64,
+    },
     /// The buffer lives where this backend cannot reach it.
     #[error("{backend} cannot reduce a buffer in {location}")]
     WrongMemory {

@@ -43,6 +43,38 @@
 //! collective timeout: a right neighbour that froze before the ring formed
 //! is reported then, not at the first handshake's 10 s.
 //!
+//! After the handshake every byte a link carries is integrity-protected.
+//! Both ends derive the link's key from the ring key and the handshake's
+//! two fresh values, HMAC-SHA256(ring key, "rsb ring link v1" || "connector
+//! to acceptor" || hello || the accepting side's nonce): a key of its own
+//! for every connection, which never crosses the wire. Every message the
+//! link carries (a collective's header, each segment of an all-reduce, each
+//! block of a link probe; broadcasts and barriers are all-reduces) is
+//! followed by a 16-byte tag, HMAC-SHA256(link key, sequence number ||
+//! length || bytes) truncated, where the sequence number counts the link's
+//! messages from 0 at both ends and is never sent. The receiving side checks
+//! the tag in constant time before it adds the bytes into the sum, forwards
+//! them or returns them (an all-gather segment is read into its place in the
+//! buffer and checked there before anything reads it), so a bit altered, or
+//! bytes injected, dropped, repeated, reordered or replayed on the wire
+//! (from another link, or from an earlier collective) fail the collective
+//! with [`CollectiveError::Tampered`], which names the peer, never with
+//! wrong sums. The ring is then closed: its links are shut down, and every
+//! later collective on it fails at once. The tags are made and checked on
+//! the threads that send and receive, so the two directions' MACs run in
+//! parallel. A connection carries data one way only (from its connecting
+//! side to its accepting side); nothing reads the other way after the
+//! handshake.
+//!
+//! What this does not protect: the data is not encrypted, so gradients (and
+//! every other value) are readable by anyone on the path; and such an
+//! attacker can always cut or stall a link (a [`CollectiveError::Link`] or
+//! [`CollectiveError::Timeout`], as a failed peer would be). The hello names
+//! the wire version ("RSB3": tagged messages); a peer of the previous one
+//! ("RSB2", untagged) is refused at the handshake, never mis-framed. As
+//! after any failed collective, a buffer whose collective failed holds
+//! partial results and is not to be used.
+//!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
 //! an error instead of corrupting each other's data. Reads and writes time
@@ -58,18 +90,30 @@ use crate::{Buffer, Collective, CollectiveError, LinkRate};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// "RSB2": the authenticated hello (version 1 had none).
-const MAGIC: u32 = 0x5253_4232;
+/// "RSB3": the authenticated hello, and links whose every message carries
+/// a tag (see the module documentation).
+const MAGIC: u32 = 0x5253_4233;
+/// "RSB2": the previous version's hello (authenticated links that carried
+/// untagged data), refused with a word that says so.
+const UNTAGGED_MAGIC: u32 = 0x5253_4232;
 /// Bytes of a nonce and of an HMAC-SHA256 tag.
 const NONCE_LEN: usize = 32;
 const TAG_LEN: usize = 32;
+/// Bytes of the tag that follows every message on a link: HMAC-SHA256
+/// truncated to its first 128 bits.
+const LINK_TAG_LEN: usize = 16;
+/// The label of a link key's derivation (see [`RingKey::link_mac`]).
+const LINK_KEY_LABEL: &[u8] = b"rsb ring link v1";
+/// The direction of a link key: the data a connection carries flows from
+/// its connecting side (the left rank) to its accepting side.
+const CONNECTOR_TO_ACCEPTOR: &[u8] = b"connector to acceptor";
 /// Magic, rank, world, nonce.
 const HELLO_LEN: usize = 12 + NONCE_LEN;
 /// The accepting side's answer to a proof it accepted.
@@ -127,6 +171,146 @@ impl RingKey {
         }
         mac.verify_slice(candidate).is_ok()
     }
+
+    /// The integrity check of the data a link carries, once its handshake
+    /// (`hello`, and the accepting side's `nonce`) succeeded: keyed by
+    /// HMAC-SHA256(ring key, "rsb ring link v1" || "connector to acceptor"
+    /// || hello || nonce), which both sides compute and neither sends. Both
+    /// values are fresh for every connection, so is the key.
+    fn link_mac(&self, hello: &[u8], nonce: &[u8]) -> LinkMac {
+        let link_key = tag(&self.0, &[LINK_KEY_LABEL, CONNECTOR_TO_ACCEPTOR, hello, nonce]);
+        LinkMac { keyed: hmac_of(&link_key), next: 0, data_tagged: true }
+    }
+}
+
+/// The integrity check of one link's data, at one of its ends: the sending
+/// side tags each message, the receiving side checks each tag, both
+/// counting the messages (see the module documentation).
+struct LinkMac {
+    /// HMAC-SHA256 keyed with the link key, cloned for every message (so the
+    /// key is hashed once per link, not once per message).
+    keyed: HmacSha256,
+    /// The sequence number of the next message (never sent: both sides count).
+    next: u64,
+    /// Whether data messages (segments, probe blocks) carry tags: always in
+    /// a product ring; only the benchmark's comparison turns it off (see
+    /// [`TcpRing::untagged_links_for_benchmark_only`]). Headers always do.
+    data_tagged: bool,
+}
+
+/// What a message on a link is: its header tells the collective (and
+/// whether its data is tagged), so it is always tagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Message {
+    /// A collective's header.
+    Header,
+    /// A segment of an all-reduce, or a block of a link probe.
+    Data,
+}
+
+impl Message {
+    /// Whether this message carries a tag on a link of `mac`.
+    fn tagged(self, mac: &LinkMac) -> bool {
+        self == Message::Header || mac.data_tagged
+    }
+}
+
+impl std::fmt::Debug for LinkMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkMac")
+            .field("next", &self.next)
+            .field("data_tagged", &self.data_tagged)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message on a link failed its integrity check: carried by the
+/// [`std::io::Error`] of the read that received it, and turned into
+/// [`CollectiveError::Tampered`] with the peer's name.
+#[derive(Debug, thiserror::Error)]
+#[error("message {message} on the link failed its integrity check")]
+struct IntegrityFailure {
+    /// The message's sequence number on the link.
+    message: u64,
+}
+
+impl LinkMac {
+    /// The MAC of the next message, `bytes`, with its sequence number and
+    /// length, and the count moved on.
+    fn next_mac(&mut self, bytes: &[u8]) -> HmacSha256 {
+        let mut mac = self.keyed.clone();
+        mac.update(&self.next.to_le_bytes());
+        mac.update(&(bytes.len() as u64).to_le_bytes());
+        mac.update(bytes);
+        self.next += 1;
+        mac
+    }
+
+    /// The tag of the next message sent, `bytes`.
+    fn seal(&mut self, bytes: &[u8]) -> [u8; LINK_TAG_LEN] {
+        let full: [u8; TAG_LEN] = self.next_mac(bytes).finalize().into_bytes().into();
+        let mut truncated = [0u8; LINK_TAG_LEN];
+        truncated.copy_from_slice(&full[..LINK_TAG_LEN]);
+        truncated
+    }
+
+    /// Checks the tag of the next message received, `bytes` (in constant
+    /// time).
+    fn open(&mut self, bytes: &[u8], tag: &[u8; LINK_TAG_LEN]) -> Result<(), IntegrityFailure> {
+        let message = self.next;
+        self.next_mac(bytes).verify_truncated_left(tag).map_err(|_| IntegrityFailure { message })
+    }
+}
+
+/// Locks one end's [`LinkMac`] (a panic elsewhere while it was held leaves
+/// its count behind the peer's: the next check fails, never a wrong sum).
+fn lock(mac: &Mutex<LinkMac>) -> MutexGuard<'_, LinkMac> {
+    mac.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends one message, `bytes`, then its tag (one write call where it fits).
+fn send_message(
+    mut out: &TcpStream,
+    mac: &mut LinkMac,
+    kind: Message,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    if !kind.tagged(mac) {
+        return out.write_all(bytes);
+    }
+    let tag = mac.seal(bytes);
+    let (mut first, mut second) = (bytes, &tag[..]);
+    while !first.is_empty() || !second.is_empty() {
+        let written = match out.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_first = written.min(first.len());
+        first = &first[from_first..];
+        second = &second[(written - from_first).min(second.len())..];
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` and checks its tag: an error (carrying
+/// an [`IntegrityFailure`] when the check failed) before the caller may use
+/// the bytes.
+fn receive_message(
+    mut input: &TcpStream,
+    mac: &mut LinkMac,
+    kind: Message,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    input.read_exact(buf)?;
+    if kind.tagged(mac) {
+        let mut tag = [0u8; LINK_TAG_LEN];
+        input.read_exact(&mut tag)?;
+        mac.open(buf, &tag)
+            .map_err(|failure| std::io::Error::new(std::io::ErrorKind::InvalidData, failure))?;
+    }
+    Ok(())
 }
 
 fn hmac_of(key: &[u8]) -> HmacSha256 {
@@ -214,6 +398,7 @@ impl RingListener {
                 config,
                 op: 0,
                 bytes_sent: AtomicU64::new(0),
+                closed: None,
             });
         }
         let right = (rank + 1) % world;
@@ -232,10 +417,11 @@ impl RingListener {
         // did): the right one need not be waited for, and the left one's
         // error is the one to report.
         let left_failed = AtomicBool::new(false);
-        let (to_right, from_left) = std::thread::scope(|scope| {
+        let ((to_right, seal), (from_left, open)) = std::thread::scope(|scope| {
             let connecting = std::thread::Builder::new().name("ring-connect".into());
-            let connecting =
-                connecting.spawn_scoped(scope, || -> Result<TcpStream, CollectiveError> {
+            let connecting = connecting.spawn_scoped(
+                scope,
+                || -> Result<(TcpStream, LinkMac), CollectiveError> {
                     let failed = |e: CollectiveError| {
                         right_failed.store(true, Ordering::Relaxed);
                         e
@@ -245,7 +431,7 @@ impl RingListener {
                         let stream = connect_with_retry(&right_address, deadline, &left_failed)
                             .map_err(|e| failed(link_err(right, &right_address, e)))?;
                         match prove_to_right(&stream, rank, world, key, deadline) {
-                            Ok(()) => return Ok(stream),
+                            Ok(seal) => return Ok((stream, seal)),
                             Err(Handshake::Refused(problem)) => {
                                 return Err(failed(CollectiveError::Protocol {
                                     rank,
@@ -276,7 +462,8 @@ impl RingListener {
                             }
                         }
                     }
-                });
+                },
+            );
             let connecting = connecting.map_err(|source| CollectiveError::Thread {
                 rank,
                 what: "connecting",
@@ -332,12 +519,15 @@ impl RingListener {
             links: Some(Links {
                 to_right,
                 from_left,
+                seal: Mutex::new(seal),
+                open: Mutex::new(open),
                 right_address,
                 left_address: addresses[left].clone(),
             }),
             config,
             op: 0,
             bytes_sent: AtomicU64::new(0),
+            closed: None,
         })
     }
 }
@@ -391,14 +581,15 @@ impl From<std::io::Error> for Handshake {
 /// own: the listener has answered, so it is challenging this connection
 /// and decides at once), all by `deadline`. Only a verdict that refuses is
 /// [`Handshake::Refused`]; no verdict (the connection broke off, the time
-/// ran out) is [`Handshake::Io`], which the caller tries again.
+/// ran out) is [`Handshake::Io`], which the caller tries again. Accepted:
+/// the integrity check of the data this rank sends on the link.
 fn prove_to_right(
     stream: &TcpStream,
     rank: usize,
     world: usize,
     key: &RingKey,
     deadline: Instant,
-) -> Result<(), Handshake> {
+) -> Result<LinkMac, Handshake> {
     let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = Vec::with_capacity(HELLO_LEN);
@@ -428,7 +619,7 @@ fn prove_to_right(
     let mut verdict = [0u8; 1];
     read_exact_until(stream, &mut verdict, until)?;
     if verdict[0] == ACCEPTED {
-        Ok(())
+        Ok(key.link_mac(&hello, their_nonce))
     } else {
         Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into()))
     }
@@ -466,7 +657,8 @@ fn read_exact_until(stream: &TcpStream, buf: &mut [u8], until: Instant) -> std::
 
 /// The accepting side: read the hello, answer with a nonce and our proof,
 /// check the connecting side's proof, all by `until`. Returns the
-/// connecting rank and world. `settle` is asked once the proof holds,
+/// connecting rank and world, and the integrity check of the data it sends
+/// on the link. `settle` is asked once the proof holds,
 /// before the verdict is sent: false (the connection was evicted while it
 /// was being challenged) fails the handshake, so a connection is never
 /// told it was accepted and then shut down.
@@ -475,12 +667,19 @@ fn challenge_left(
     key: &RingKey,
     until: Instant,
     settle: impl FnOnce() -> bool,
-) -> Result<(u32, u32), Handshake> {
+) -> Result<(u32, u32, LinkMac), Handshake> {
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut io = stream;
     let mut hello = [0u8; HELLO_LEN];
     read_exact_until(stream, &mut hello, until)?;
     let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
+    if word(0) == UNTAGGED_MAGIC {
+        return Err(Handshake::Refused(
+            "it is a ring peer of an older version, whose links carry untagged data (hello \
+             RSB2, this rank's is RSB3): every rank of a job must run the same version"
+                .into(),
+        ));
+    }
     if word(0) != MAGIC {
         return Err(Handshake::Refused("it is not a ring peer (wrong hello)".into()));
     }
@@ -500,7 +699,7 @@ fn challenge_left(
         return Err(Handshake::Io(std::io::Error::other("evicted during the handshake")));
     }
     io.write_all(&[ACCEPTED])?;
-    Ok((word(4), word(8)))
+    Ok((word(4), word(8), key.link_mac(&hello, &our_nonce)))
 }
 
 /// Where a challenged connection stands. Its thread and the accept loop
@@ -655,7 +854,8 @@ impl Pool {
 /// thousands a second, not the trickle of one per slot per handshake
 /// timeout (6.4 a second) that held every slot when the new connection was
 /// the one closed. A connection whose proof holds is never evicted (see
-/// [`Claim`]), and it is the one returned. A pool's threads, evicted ones
+/// [`Claim`]), and it is the one returned, with the integrity check of
+/// the data it will carry. A pool's threads, evicted ones
 /// not yet ended included, number at most twice its limit (an evicted
 /// thread ends within moments of its eviction, so the excess is a handful
 /// at most); a connection past that bound is closed at once (counted in a
@@ -673,14 +873,14 @@ fn accept_left(
     key: &RingKey,
     deadline: Instant,
     give_up: &AtomicBool,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<(TcpStream, LinkMac), CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::Link {
         rank,
         peer: left,
         address: "listener".into(),
         source: e,
     })?;
-    type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32), Handshake>);
+    type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32, LinkMac), Handshake>);
     let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
     // The handshakes of connections from the left neighbour's addresses,
     // and of others.
@@ -691,7 +891,7 @@ fn accept_left(
     let (mut closed_at_once, mut evicted) = (0u64, 0u64);
     loop {
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
-            let (their_rank, their_world) = match outcome {
+            let (their_rank, their_world, open) = match outcome {
                 Ok(hello) => hello,
                 Err(Handshake::Refused(why)) => {
                     tracing::warn!(rank, %peer_addr, "refused a ring connection: {why}");
@@ -715,7 +915,7 @@ fn accept_left(
                     ),
                 });
             }
-            return Ok(stream);
+            return Ok((stream, open));
         }
         // Checked every turn, after the finished handshakes (one that finished
         // just in time counts): a steady stream of strangers' connections
@@ -854,12 +1054,18 @@ fn accept_left(
     }
 }
 
+/// A rank's two links, each with the integrity check of its data at this
+/// end (one sending thread and one receiving thread lock them, one each).
 #[derive(Debug)]
 struct Links {
     to_right: TcpStream,
     from_left: TcpStream,
     right_address: String,
     left_address: String,
+    /// Tags the messages sent on `to_right`.
+    seal: Mutex<LinkMac>,
+    /// Checks the messages received on `from_left`.
+    open: Mutex<LinkMac>,
 }
 
 impl Links {
@@ -883,6 +1089,10 @@ pub struct TcpRing {
     op: u64,
     /// Payload bytes this rank sent to its right neighbour in reductions.
     bytes_sent: AtomicU64,
+    /// Why the ring can no longer be used: a collective failed on a link
+    /// (which leaves the links' streams out of step), or a message failed its
+    /// integrity check. Every later collective fails with it.
+    closed: Option<String>,
 }
 
 /// The range of chunk `i` of `n` over `len` elements (balanced).
@@ -1126,10 +1336,26 @@ impl Progress {
 
 impl TcpRing {
     /// Payload bytes this rank has sent to its right neighbour in
-    /// reductions so far (headers and handshakes aside): 4 per f32 and 2 per
-    /// bf16 element, times `2 (N-1)/N` of the buffer.
+    /// reductions so far (headers, tags and handshakes aside): 4 per f32 and
+    /// 2 per bf16 element, times `2 (N-1)/N` of the buffer.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// For the integrity benchmark only (`examples/ring_integrity_bench.rs`),
+    /// which compares tagged links with untagged ones in one run: `true`
+    /// sends and expects the links' data (segments, probe blocks) without
+    /// tags, unchecked, as before the links were integrity-protected; `false`
+    /// restores the tags. Headers stay tagged and say which it is, so ranks
+    /// that disagree fail the next collective's header check, all of them,
+    /// before any data moves. Nothing else calls it: a product ring always
+    /// tags.
+    #[doc(hidden)]
+    pub fn untagged_links_for_benchmark_only(&mut self, untagged: bool) {
+        if let Some(links) = &self.links {
+            lock(&links.seal).data_tagged = !untagged;
+            lock(&links.open).data_tagged = !untagged;
+        }
     }
 
     /// One all-reduce of `data`, header first.
@@ -1137,8 +1363,49 @@ impl TcpRing {
         if self.world == 1 {
             return Ok(());
         }
-        self.check_header(data.len(), element_code::<T>())?;
-        self.pipelined_all_reduce(data)
+        self.unless_closed(|ring| {
+            ring.check_header(data.len(), element_code::<T>())?;
+            ring.pipelined_all_reduce(data)
+        })
+    }
+
+    /// Runs one collective on the links, unless the ring is closed (an
+    /// error that says why), and closes it when the collective fails in a
+    /// way that leaves the links unusable: an integrity check failed (the
+    /// links are shut down, so the neighbours fail at once too), or a link
+    /// failed or timed out mid-stream (its bytes, and both ends' message
+    /// counts, are out of step). A disagreement caught by the header leaves
+    /// the links in step, and the ring open, as before.
+    fn unless_closed<R>(
+        &mut self,
+        collective: impl FnOnce(&mut TcpRing) -> Result<R, CollectiveError>,
+    ) -> Result<R, CollectiveError> {
+        if let Some(why) = &self.closed {
+            return Err(CollectiveError::Protocol {
+                rank: self.rank,
+                problem: format!(
+                    "the ring was closed when an earlier collective failed, and cannot be used \
+                     again: {why}"
+                ),
+            });
+        }
+        let outcome = collective(self);
+        if let Err(error) = &outcome {
+            match error {
+                CollectiveError::Tampered { .. } => {
+                    if let Some(links) = &self.links {
+                        let _ = links.to_right.shutdown(Shutdown::Both);
+                        let _ = links.from_left.shutdown(Shutdown::Both);
+                    }
+                    self.closed = Some(error.to_string());
+                }
+                CollectiveError::Link { .. }
+                | CollectiveError::Timeout { .. }
+                | CollectiveError::Thread { .. } => self.closed = Some(error.to_string()),
+                _ => {}
+            }
+        }
+        outcome
     }
 
     /// The error of the link to `peer` (the left or the right neighbour): a
@@ -1151,6 +1418,16 @@ impl TcpRing {
             .map(|l| if peer == left { &l.left_address } else { &l.right_address })
             .cloned()
             .unwrap_or_default();
+        if let Some(failure) =
+            source.get_ref().and_then(|inner| inner.downcast_ref::<IntegrityFailure>())
+        {
+            return CollectiveError::Tampered {
+                rank: self.rank,
+                peer,
+                address,
+                message: failure.message,
+            };
+        }
         match source.kind() {
             // A socket timeout reads as WouldBlock on Unix, TimedOut elsewhere.
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -1165,41 +1442,22 @@ impl TcpRing {
         }
     }
 
-    /// Sends `send` right while receiving as many floats from the left into
-    /// `recv` (added to it when `add`, copied otherwise).
-    fn exchange(
-        &self,
-        send: &[f32],
-        recv: &mut [f32],
-        add: bool,
-        scratch: &mut [f32],
-    ) -> Result<(), CollectiveError> {
+    /// Sends `send` right as one header message while receiving one of as
+    /// many bytes from the left into `recv`, checked.
+    fn exchange(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CollectiveError> {
         let links = self.links.as_ref().expect("exchange needs links");
         let right = (self.rank + 1) % self.world;
         let left = (self.rank + self.world - 1) % self.world;
         std::thread::scope(|scope| {
             let writer = std::thread::Builder::new()
                 .name("ring-exchange".into())
-                .spawn_scoped(scope, || (&links.to_right).write_all(bytemuck::cast_slice(send)))
+                .spawn_scoped(scope, || {
+                    send_message(&links.to_right, &mut lock(&links.seal), Message::Header, send)
+                })
                 .map_err(|source| links.fail(self.rank, "sending", source))?;
-            let mut reader = &links.from_left;
-            let mut read_result = Ok(());
-            for target in recv.chunks_mut(self.config.segment_floats) {
-                let r = if add {
-                    let seg = &mut scratch[..target.len()];
-                    reader.read_exact(bytemuck::cast_slice_mut(seg)).map(|_| {
-                        for (t, s) in target.iter_mut().zip(seg.iter()) {
-                            *t += *s;
-                        }
-                    })
-                } else {
-                    reader.read_exact(bytemuck::cast_slice_mut(target))
-                };
-                if let Err(e) = r {
-                    read_result = Err(self.link_err(left, e));
-                    break;
-                }
-            }
+            let read_result =
+                receive_message(&links.from_left, &mut lock(&links.open), Message::Header, recv)
+                    .map_err(|e| self.link_err(left, e));
             let write_result = writer
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
@@ -1225,7 +1483,9 @@ impl TcpRing {
             let sender = std::thread::Builder::new()
                 .name("ring-send".into())
                 .spawn_scoped(scope, || {
-                    let outcome = self.send_stream(&links.to_right, &schedule, &shared, &progress);
+                    let mut seal = lock(&links.seal);
+                    let outcome =
+                        self.send_stream(&links.to_right, &mut seal, &schedule, &shared, &progress);
                     if outcome.is_err() {
                         progress.fail(Direction::Send);
                         let _ = links.from_left.shutdown(std::net::Shutdown::Both);
@@ -1233,8 +1493,14 @@ impl TcpRing {
                     outcome
                 })
                 .map_err(|source| links.fail(r, "sending", source))?;
-            let received =
-                self.receive_stream(&links.from_left, &schedule, &shared, &progress, &mut scratch);
+            let received = self.receive_stream(
+                &links.from_left,
+                &mut lock(&links.open),
+                &schedule,
+                &shared,
+                &progress,
+                &mut scratch,
+            );
             if received.is_err() {
                 progress.fail(Direction::Receive);
                 let _ = links.to_right.shutdown(std::net::Shutdown::Both);
@@ -1254,10 +1520,12 @@ impl TcpRing {
         })
     }
 
-    /// Sends every step's chunk, segment by segment, each once it is final.
+    /// Sends every step's chunk, segment by segment, each once it is final,
+    /// each a message tagged by `seal`.
     fn send_stream<T: Element>(
         &self,
-        mut out: &TcpStream,
+        out: &TcpStream,
+        seal: &mut LinkMac,
         schedule: &Schedule,
         shared: &SharedSlice<T>,
         progress: &Progress,
@@ -1274,7 +1542,7 @@ impl TcpRing {
                 // `wait_sent` says this send is complete.
                 let segment = unsafe { shared.slice(range) };
                 let bytes: &[u8] = bytemuck::cast_slice(segment);
-                out.write_all(bytes)?;
+                send_message(out, seal, Message::Data, bytes)?;
                 self.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 progress.mark_sent();
             }
@@ -1283,10 +1551,12 @@ impl TcpRing {
     }
 
     /// Receives every step's chunk, summing during the reduce-scatter and
-    /// copying during the all-gather.
+    /// copying during the all-gather, each segment a message checked by
+    /// `open` before it is summed or marked received (and so forwarded).
     fn receive_stream<T: Element>(
         &self,
-        mut input: &TcpStream,
+        input: &TcpStream,
+        open: &mut LinkMac,
         schedule: &Schedule,
         shared: &SharedSlice<T>,
         progress: &Progress,
@@ -1307,12 +1577,19 @@ impl TcpRing {
                 let target = unsafe { shared.slice_mut(range) };
                 if add {
                     let incoming = &mut scratch[..target.len()];
-                    input.read_exact(bytemuck::cast_slice_mut(incoming))?;
+                    receive_message(
+                        input,
+                        open,
+                        Message::Data,
+                        bytemuck::cast_slice_mut(incoming),
+                    )?;
                     for (t, s) in target.iter_mut().zip(incoming.iter()) {
                         *t = t.add(*s);
                     }
                 } else {
-                    input.read_exact(bytemuck::cast_slice_mut(target))?;
+                    // Read into place, and checked there before anything
+                    // reads it (the sender waits for `mark_received`).
+                    receive_message(input, open, Message::Data, bytemuck::cast_slice_mut(target))?;
                 }
                 progress.mark_received();
             }
@@ -1320,28 +1597,41 @@ impl TcpRing {
         Ok(())
     }
 
-    /// Passes `(op, len, element type)` around the ring and checks the left
-    /// neighbour agrees.
+    /// Passes `(op, len, element type, whether data is tagged)` around the
+    /// ring and checks the left neighbour agrees.
     fn check_header(&mut self, len: usize, element: u32) -> Result<(), CollectiveError> {
-        let words = |op: u64, len: u64, element: u32| {
-            [op as u32, (op >> 32) as u32, len as u32, (len >> 32) as u32, element]
-        };
-        // Raw bits in f32 slots: copied, never computed with.
-        let header = words(self.op, len as u64, element).map(f32::from_bits);
-        let mut theirs = [0f32; 5];
-        let mut scratch = [0f32; 5];
-        self.exchange(&header, &mut theirs, false, &mut scratch)?;
-        let t = theirs.map(f32::to_bits);
-        if t != header.map(f32::to_bits) {
+        let data_tagged = self.links.as_ref().is_none_or(|l| lock(&l.seal).data_tagged);
+        let (op, len64) = (self.op, len as u64);
+        let header = [
+            op as u32,
+            (op >> 32) as u32,
+            len64 as u32,
+            (len64 >> 32) as u32,
+            element,
+            u32::from(data_tagged),
+        ];
+        let mut t = [0u32; 6];
+        self.exchange(bytemuck::cast_slice(&header), bytemuck::cast_slice_mut(&mut t))?;
+        if t != header {
             let kind = |code: u32| match code {
                 0 => "f32 floats",
                 1 => "bf16 floats",
                 _ => "link-probe bytes",
             };
+            let tags = |flag: u32| if flag == 1 { "tagged" } else { "untagged" };
+            let tagging = match t[5] == header[5] {
+                true => String::new(),
+                false => format!(
+                    " (its data {} here, {} there: the benchmark's switch)",
+                    tags(header[5]),
+                    tags(t[5])
+                ),
+            };
             return Err(CollectiveError::Protocol {
                 rank: self.rank,
                 problem: format!(
-                    "collective #{} of {len} {} here, but the left neighbour runs #{} of {} {}",
+                    "collective #{} of {len} {} here, but the left neighbour runs #{} of {} {}\
+                     {tagging}",
                     self.op,
                     kind(element),
                     u64::from(t[0]) | (u64::from(t[1]) << 32),
@@ -1365,6 +1655,13 @@ impl TcpRing {
         if self.world == 1 {
             return Ok(None);
         }
+        self.unless_closed(|ring| ring.probe_linked(bytes).map(Some))
+    }
+
+    /// The link probe of a ring of two or more ranks (see
+    /// [`TcpRing::probe_links`]): each block is a message, tagged and
+    /// checked like an all-reduce's segments.
+    fn probe_linked(&mut self, bytes: usize) -> Result<LinkRate, CollectiveError> {
         let len = bytes.max(PROBE_MIN_BYTES);
         let block = (len / 8).min(PROBE_BLOCK);
         self.check_header(len, PROBE_CODE)?;
@@ -1377,12 +1674,12 @@ impl TcpRing {
         let (received, sent) = std::thread::scope(|scope| {
             let sender = std::thread::Builder::new().name("ring-probe".into());
             let sender = sender.spawn_scoped(scope, || {
-                let mut out = &links.to_right;
+                let mut seal = lock(&links.seal);
                 let mut remaining = len;
                 let outcome = (|| {
                     while remaining > 0 {
                         let n = remaining.min(block);
-                        out.write_all(&zeros[..n])?;
+                        send_message(&links.to_right, &mut seal, Message::Data, &zeros[..n])?;
                         remaining -= n;
                     }
                     Ok(())
@@ -1394,15 +1691,16 @@ impl TcpRing {
                 outcome
             });
             let sender = sender.map_err(|source| links.fail(self.rank, "probe-sending", source))?;
-            let mut input = &links.from_left;
+            let input = &links.from_left;
+            let mut open = lock(&links.open);
             let mut incoming = vec![0u8; block];
             let received = (|| -> std::io::Result<Duration> {
-                input.read_exact(&mut incoming)?;
+                receive_message(input, &mut open, Message::Data, &mut incoming)?;
                 let start = Instant::now();
                 let mut remaining = len - block;
                 while remaining > 0 {
                     let n = remaining.min(block);
-                    input.read_exact(&mut incoming[..n])?;
+                    receive_message(input, &mut open, Message::Data, &mut incoming[..n])?;
                     remaining -= n;
                 }
                 Ok(start.elapsed())
@@ -1426,7 +1724,7 @@ impl TcpRing {
             (Ok(elapsed), Ok(()), _) => elapsed,
         };
         let bytes_per_sec = (len - block) as f64 / elapsed.as_secs_f64().max(1e-9);
-        Ok(Some(LinkRate { from_rank: left, bytes_per_sec }))
+        Ok(LinkRate { from_rank: left, bytes_per_sec })
     }
 }
 
@@ -2208,5 +2506,394 @@ mod tests {
             assert!(r.is_err(), "a ring formed across two keys: {results:?}");
         }
         assert!(!format!("{:?}", key()).contains("the job token"));
+    }
+
+    /// A message's tag binds it to its place on its link: the receiving end
+    /// takes the messages in the order they were tagged, and refuses one
+    /// altered, out of order, or tagged for another link.
+    #[test]
+    fn a_link_tag_binds_the_message_to_its_place_and_its_link() {
+        let hello = impostor_hello(0, 2);
+        let mac = || key().link_mac(&hello, &[3u8; NONCE_LEN]);
+        let (mut seal, mut open) = (mac(), mac());
+        let (first, second) = (seal.seal(b"segment"), seal.seal(b"segment"));
+        assert_ne!(first, second, "the same bytes at another place got the same tag");
+        open.open(b"segment", &first).unwrap();
+        open.open(b"segment", &second).unwrap();
+        // Replayed: its place has passed.
+        assert_eq!(open.open(b"segment", &second).unwrap_err().message, 2);
+        // Altered.
+        let (mut seal, mut open) = (mac(), mac());
+        let tag = seal.seal(b"segment");
+        assert!(open.open(b"segmenT", &tag).is_err());
+        // Another connection's link (another nonce), or another job's key.
+        let mut seal = mac();
+        let tag = seal.seal(b"segment");
+        let mut other_link = key().link_mac(&hello, &[4u8; NONCE_LEN]);
+        assert!(other_link.open(b"segment", &tag).is_err());
+        let mut other_job =
+            RingKey::derive(b"another job's token").link_mac(&hello, &[3u8; NONCE_LEN]);
+        assert!(other_job.open(b"segment", &tag).is_err());
+    }
+
+    /// A peer of the previous wire version (untagged data) is refused at the
+    /// handshake, with a word that says why, never linked and mis-framed.
+    #[test]
+    fn a_peer_of_the_untagged_version_is_refused_at_the_handshake() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let old_peer = std::thread::spawn(move || {
+            let stream = TcpStream::connect(address).unwrap();
+            let mut hello = impostor_hello(0, 2);
+            hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
+            (&stream).write_all(&hello).unwrap();
+            // Nothing comes back: no challenge, no verdict.
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut rest = Vec::new();
+            let _ = (&stream).read_to_end(&mut rest);
+            rest
+        });
+        let (stream, _) = listener.accept().unwrap();
+        let outcome =
+            challenge_left(&stream, &key(), Instant::now() + Duration::from_secs(10), || true);
+        drop(stream);
+        match outcome {
+            Err(Handshake::Refused(why)) => assert!(why.contains("older version"), "{why}"),
+            other => panic!("an untagged peer was not refused: {other:?}"),
+        }
+        assert!(old_peer.join().unwrap().is_empty(), "the old peer was answered");
+    }
+
+    /// What a man in the middle does to the bytes rank 0 sends rank 1 after
+    /// the handshake, at offsets counted from the handshake's end.
+    #[derive(Debug, Clone)]
+    enum Tamper {
+        /// Flips the lowest bit of the byte at this offset.
+        Flip(usize),
+        /// Drops these bytes.
+        Drop(Range<usize>),
+        /// Sends these bytes twice.
+        Repeat(Range<usize>),
+        /// Sends the second range (which follows the first) before the first.
+        Swap(Range<usize>, Range<usize>),
+        /// Sends the bytes of `from` again in place of those of `over`, a
+        /// later range as long.
+        Replay {
+            /// The bytes replayed.
+            from: Range<usize>,
+            /// The bytes they replace.
+            over: Range<usize>,
+        },
+    }
+
+    /// A [`Tamper`] at work on a byte stream.
+    struct Editor {
+        /// What it does.
+        tamper: Tamper,
+        /// The offset of the next byte (0 at the handshake's end).
+        offset: usize,
+        /// Bytes kept back to repeat, swap or replay.
+        held: Vec<u8>,
+    }
+
+    impl Editor {
+        /// Takes the stream's next byte and appends what to pass on to `out`.
+        fn edit(&mut self, byte: u8, out: &mut Vec<u8>) {
+            let at = self.offset;
+            self.offset += 1;
+            match &self.tamper {
+                Tamper::Flip(flipped) => out.push(if at == *flipped { byte ^ 1 } else { byte }),
+                Tamper::Drop(dropped) => {
+                    if !dropped.contains(&at) {
+                        out.push(byte);
+                    }
+                }
+                Tamper::Repeat(repeated) => {
+                    out.push(byte);
+                    if repeated.contains(&at) {
+                        self.held.push(byte);
+                        if at + 1 == repeated.end {
+                            out.extend_from_slice(&self.held);
+                        }
+                    }
+                }
+                Tamper::Swap(first, second) => {
+                    if first.contains(&at) {
+                        self.held.push(byte);
+                    } else {
+                        out.push(byte);
+                        if at + 1 == second.end {
+                            out.extend_from_slice(&self.held);
+                        }
+                    }
+                }
+                Tamper::Replay { from, over } => {
+                    if from.contains(&at) {
+                        self.held.push(byte);
+                    }
+                    out.push(if over.contains(&at) { self.held[at - over.start] } else { byte });
+                }
+            }
+        }
+    }
+
+    /// A man in the middle of the link from rank 0 to rank 1 (listening at
+    /// `rank_1`): it passes the handshake on untouched both ways, then does
+    /// `tamper` to what rank 0 sends. Its address, for rank 0 to dial.
+    fn man_in_the_middle(rank_1: String, tamper: Tamper) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (from_0, _) = listener.accept().unwrap();
+            let to_1 = TcpStream::connect(&rank_1).unwrap();
+            // Rank 1's side of the handshake (and nothing after it), untouched.
+            let (mut back_from, mut back_to) =
+                (to_1.try_clone().unwrap(), from_0.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+                let _ = back_to.shutdown(Shutdown::Write);
+            });
+            // Rank 0's hello, then its proof once rank 1 answered: untouched.
+            for len in [HELLO_LEN, TAG_LEN] {
+                let mut handshake = vec![0u8; len];
+                if (&from_0).read_exact(&mut handshake).is_err()
+                    || (&to_1).write_all(&handshake).is_err()
+                {
+                    return;
+                }
+            }
+            let mut editor = Editor { tamper, offset: 0, held: Vec::new() };
+            let mut incoming = [0u8; 4096];
+            loop {
+                let n = match (&from_0).read(&mut incoming) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::new();
+                for &byte in &incoming[..n] {
+                    editor.edit(byte, &mut out);
+                }
+                if (&to_1).write_all(&out).is_err() {
+                    break;
+                }
+            }
+            let _ = to_1.shutdown(Shutdown::Write);
+        });
+        address
+    }
+
+    /// Forms a ring of two whose link from rank 0 to rank 1 runs through a
+    /// [`man_in_the_middle`] that does `tamper`, and runs `f` on both
+    /// ranks. Returns rank 0's address (the one rank 1 knows its left
+    /// neighbour by) and what `f` returned on each rank.
+    fn with_tampered_pair<T: Send>(
+        tamper: Tamper,
+        f: impl Fn(&mut TcpRing) -> T + Sync,
+    ) -> (String, [T; 2]) {
+        let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addresses =
+            vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        let through_the_middle =
+            vec![addresses[0].clone(), man_in_the_middle(addresses[1].clone(), tamper)];
+        let config = RingConfig { timeout: Duration::from_secs(20), segment_floats: 7 };
+        let results = std::thread::scope(|scope| {
+            let (f, config) = (&f, &config);
+            let (addresses, through_the_middle) = (&addresses, &through_the_middle);
+            let h0 = scope.spawn(move || {
+                f(&mut a.connect(0, through_the_middle, &key(), config.clone()).unwrap())
+            });
+            let h1 = scope
+                .spawn(move || f(&mut b.connect(1, addresses, &key(), config.clone()).unwrap()));
+            [h0.join().unwrap(), h1.join().unwrap()]
+        });
+        (addresses[0].clone(), results)
+    }
+
+    /// The layout of what rank 0 sends rank 1 in an all-reduce of
+    /// [`TAMPERED_LEN`] floats in segments of 7 in a ring of two: the
+    /// header (24 bytes and a tag), then 5 segments of its own chunk (28
+    /// bytes and a tag each), then 5 of the chunk rank 1 summed.
+    const TAMPERED_LEN: usize = 70;
+    /// A header on the wire: 6 words and a tag.
+    const HEADER_BYTES: usize = 24 + LINK_TAG_LEN;
+    /// A segment of 7 floats on the wire, and its tag.
+    const SEGMENT_BYTES: usize = 28 + LINK_TAG_LEN;
+    /// All that rank 0 sends rank 1 in one such all-reduce.
+    const COLLECTIVE_BYTES: usize = HEADER_BYTES + 10 * SEGMENT_BYTES;
+
+    /// Segment `i` of rank 0's stream in its `op`th all-reduce.
+    fn segment(op: usize, i: usize) -> Range<usize> {
+        let start = op * COLLECTIVE_BYTES + HEADER_BYTES + i * SEGMENT_BYTES;
+        start..start + SEGMENT_BYTES
+    }
+
+    /// This rank's values in its `op`th all-reduce (exact in f32, and so
+    /// are their sums); different for every op.
+    fn tampered_values(rank: usize, op: usize) -> Vec<f32> {
+        (0..TAMPERED_LEN).map(|i| (rank * 1000 + op * 100 + i) as f32).collect()
+    }
+
+    /// The right sums of the `op`th all-reduce of [`tampered_values`].
+    fn tampered_sums(op: usize) -> Vec<f32> {
+        let (a, b) = (tampered_values(0, op), tampered_values(1, op));
+        a.iter().zip(&b).map(|(a, b)| a + b).collect()
+    }
+
+    /// One rank's part in [`reduce_through`]: each all-reduce's outcome
+    /// (the sums, or the error), and the outcome of one more collective.
+    type Reduced = (Vec<Result<Vec<f32>, CollectiveError>>, Result<(), CollectiveError>);
+
+    /// Runs `ops` all-reduces of [`tampered_values`] through a
+    /// [`man_in_the_middle`] that does `tamper`, then one more collective.
+    fn reduce_through(tamper: Tamper, ops: usize) -> (String, [Reduced; 2]) {
+        with_tampered_pair(tamper, |ring| {
+            let outcomes = (0..ops)
+                .map(|op| {
+                    let mut data = tampered_values(ring.rank(), op);
+                    ring.all_reduce_sum(Buffer::Host(&mut data)).map(|()| data)
+                })
+                .collect();
+            let later = ring.all_reduce_sum(Buffer::Host(&mut [1.0f32; 3]));
+            (outcomes, later)
+        })
+    }
+
+    /// Checks that a tampered collective failed on both ranks, on rank 1
+    /// with an integrity error naming rank 0 (at `rank_0`) and message
+    /// `message` of the link, and that the ring was closed on both.
+    fn assert_detected(what: &str, rank_0: &str, message: u64, results: &[Reduced; 2]) {
+        for (rank, (outcomes, later)) in results.iter().enumerate() {
+            let last = outcomes.last().unwrap();
+            assert!(last.is_err(), "{what}: rank {rank} returned sums: {last:?}");
+            let later = later.as_ref().expect_err("a closed ring took a later collective");
+            assert!(later.to_string().contains("closed"), "{what}: rank {rank}: {later}");
+        }
+        let error = results[1].0.last().unwrap().as_ref().unwrap_err();
+        match error {
+            CollectiveError::Tampered { rank: 1, peer: 0, address, message: m }
+                if address == rank_0 && *m == message => {}
+            other => panic!("{what}: rank 1 failed otherwise: {other:?}"),
+        }
+        let said = error.to_string();
+        assert!(
+            said.contains(&format!(
+                "rank 1: the data from rank 0 ({rank_0}) failed its integrity check"
+            )),
+            "{what}: {said}"
+        );
+        // The ring was closed on this error: a later collective says it.
+        let later = results[1].1.as_ref().unwrap_err().to_string();
+        assert!(later.contains("failed its integrity check"), "{what}: {later}");
+    }
+
+    /// A bit flipped on the wire between two ranks, in a collective's header,
+    /// a segment's values or a segment's tag: the all-reduce fails on the
+    /// receiving rank with an integrity error that names the sending rank
+    /// and its address (and on the other, whose link was closed), never
+    /// with wrong sums, and the ring is closed. (Where the values' tags went
+    /// unchecked, the flipped value came out in both ranks' sums.)
+    #[test]
+    fn a_bit_flipped_on_the_wire_fails_the_all_reduce_with_an_integrity_error_naming_the_peer() {
+        for (what, at, message) in [
+            ("the header", 5, 0),
+            // The top byte of the third float of the first segment.
+            ("a segment's values", segment(0, 0).start + 2 * 4 + 3, 1),
+            ("a segment's tag", segment(0, 1).start + 28 + 3, 2),
+        ] {
+            let (rank_0, results) = reduce_through(Tamper::Flip(at), 1);
+            assert_detected(what, &rank_0, message, &results);
+        }
+        // Untouched, the same man in the middle changes nothing.
+        let (_, results) = reduce_through(Tamper::Flip(usize::MAX), 2);
+        for (outcomes, later) in results {
+            for (op, outcome) in outcomes.into_iter().enumerate() {
+                assert_eq!(outcome.unwrap(), tampered_sums(op));
+            }
+            later.unwrap();
+        }
+    }
+
+    /// Whole segments dropped, repeated, swapped, or replayed from an earlier
+    /// collective on the wire, each with its valid tag: the message count
+    /// catches every one. (Unchecked, a repeated, swapped or replayed
+    /// segment came out as wrong sums, and a dropped one as a timeout.)
+    #[test]
+    fn segments_dropped_repeated_reordered_or_replayed_on_the_wire_are_detected() {
+        for (what, tamper, ops, message) in [
+            ("dropped", Tamper::Drop(segment(0, 1)), 1, 2),
+            ("repeated", Tamper::Repeat(segment(0, 1)), 1, 3),
+            ("swapped", Tamper::Swap(segment(0, 1), segment(0, 2)), 1, 2),
+            // Op 0 is 11 messages (0 to 10); op 1's header is 11, its
+            // segment 1 is 13.
+            ("replayed", Tamper::Replay { from: segment(0, 1), over: segment(1, 1) }, 2, 13),
+        ] {
+            let (rank_0, results) = reduce_through(tamper, ops);
+            assert_detected(what, &rank_0, message, &results);
+            if ops == 2 {
+                // Before the replay: right sums on both ranks.
+                for (outcomes, _) in &results {
+                    assert_eq!(outcomes[0].as_ref().unwrap(), &tampered_sums(0), "{what}");
+                }
+            }
+        }
+    }
+
+    /// A bit flipped in a link probe's zeros: the probe fails on the rank
+    /// that receives them, with the integrity error.
+    #[test]
+    fn a_bit_flipped_in_a_link_probe_is_detected() {
+        // The probe's header and its barrier (a header, and one segment of
+        // 1 float from rank 0), then blocks of 8 KiB (64 KiB in all).
+        let probe_start = 2 * HEADER_BYTES + 4 + LINK_TAG_LEN;
+        let at = probe_start + 3 * (8192 + LINK_TAG_LEN) + 100;
+        let (rank_0, results) = with_tampered_pair(Tamper::Flip(at), |ring| {
+            let probe = ring.probe_incoming_link(1 << 16).map(|_| ());
+            (probe, ring.barrier())
+        });
+        // Rank 0's own probe may have finished (its incoming link was not
+        // touched); the barrier after it fails on the links rank 1 closed.
+        let [(_, later_0), (probe_1, later_1)] = results;
+        assert!(later_0.is_err() && later_1.is_err(), "{later_0:?} {later_1:?}");
+        match probe_1 {
+            // Header 0, the barrier's 1 and 2, blocks from 3: block 3 is 6.
+            Err(CollectiveError::Tampered { rank: 1, peer: 0, address, message: 6 })
+                if address == rank_0 => {}
+            other => panic!("rank 1's probe: {other:?}"),
+        }
+    }
+
+    /// The benchmark's switch: untagged links still sum (every rank
+    /// switched), and tagged ones again after switching back; two ranks that
+    /// disagree both fail the header check, before any data moves, and stay
+    /// in step.
+    #[test]
+    fn untagged_links_for_the_benchmark_still_sum_and_switch_back() {
+        let results = with_ring(3, |ring| {
+            let mut sums = Vec::new();
+            for untagged in [true, false] {
+                ring.untagged_links_for_benchmark_only(untagged);
+                let mut data = vec![ring.rank() as f32; 100];
+                ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                sums.push(data);
+            }
+            sums
+        });
+        for sums in results {
+            assert_eq!(sums, vec![vec![3.0; 100]; 2]);
+        }
+        let results = with_ring(2, |ring| {
+            ring.untagged_links_for_benchmark_only(ring.rank() == 1);
+            let mut data = vec![1.0f32; 100];
+            let disagreed = ring.all_reduce_sum(Buffer::Host(&mut data)).map_err(|e| e.to_string());
+            ring.untagged_links_for_benchmark_only(false);
+            ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+            (disagreed, data)
+        });
+        for (disagreed, data) in results {
+            let error = disagreed.expect_err("ranks that disagree on tags summed");
+            assert!(error.contains("the benchmark's switch"), "{error}");
+            assert_eq!(data, vec![2.0; 100]);
+        }
     }
 }

@@ -1,0 +1,135 @@
+//! Benchmark (numbers, not pass/fail): what the ring's link integrity
+//! (an HMAC-SHA256 tag on every segment, made by the sending thread and
+//! checked by the receiving one) costs in all-reduce throughput. One ring of
+//! N ranks (threads of one process) on loopback TCP all-reduces an f32
+//! buffer, rounds alternating between tagged links (the product's) and
+//! untagged ones (`TcpRing::untagged_links_for_benchmark_only`, which exists
+//! for this comparison only), so both see the same machine at the same time.
+//!
+//!     cargo run --release -p rsb-collective --example ring_integrity_bench -- [--ranks N] [--rounds R] [--mib SIZE]...
+//!
+//! Defaults: 2 ranks, 5 rounds of each, 25 and 100 MiB. For each size it
+//! prints every round's time and algorithm bandwidth (buffer bytes / time,
+//! MB/s), the median of each mode, and the ratio tagged / untagged.
+
+// A benchmark, not library code: a failed setup step may just panic.
+#![allow(clippy::unwrap_used)]
+
+use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};
+use rsb_collective::{Buffer, Collective};
+use std::time::Instant;
+
+/// A ring of `n` ranks on loopback, one [`TcpRing`] per rank.
+fn form_rings(n: usize) -> Vec<TcpRing> {
+    let listeners: Vec<RingListener> =
+        (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+    let addresses: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addresses = addresses.clone();
+                s.spawn(move || {
+                    let key = RingKey::derive(b"ring_integrity_bench");
+                    l.connect(rank, &addresses, &key, RingConfig::default()).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// One all-reduce of `floats` on every rank, its links tagged or not:
+/// the slowest rank's seconds. Checks the sums.
+fn all_reduce_seconds(rings: &mut [TcpRing], buffers: &mut [Vec<f32>], untagged: bool) -> f64 {
+    let n = rings.len();
+    let barrier = std::sync::Barrier::new(n);
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = rings
+            .iter_mut()
+            .zip(buffers.iter_mut())
+            .map(|(ring, data)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    ring.untagged_links_for_benchmark_only(untagged);
+                    data.fill(1.0);
+                    barrier.wait();
+                    let t = Instant::now();
+                    ring.all_reduce_sum(Buffer::Host(data)).unwrap();
+                    let seconds = t.elapsed().as_secs_f64();
+                    assert!(data.iter().all(|&v| v == n as f32), "wrong sums");
+                    seconds
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    times.into_iter().fold(0.0, f64::max)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut ranks, mut rounds, mut sizes) = (2usize, 5usize, Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).expect("a value after the flag");
+        match args[i].as_str() {
+            "--ranks" => ranks = value().parse().expect("--ranks N"),
+            "--rounds" => rounds = value().parse().expect("--rounds R"),
+            "--mib" => sizes.push(value().parse::<usize>().expect("--mib SIZE")),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    if sizes.is_empty() {
+        sizes = vec![25, 100];
+    }
+    let mut rings = form_rings(ranks);
+    println!("{ranks}-rank ring on loopback TCP, {rounds} rounds of each mode, alternating");
+    for mib in sizes {
+        let floats = mib * (1 << 20) / 4;
+        let bytes = (floats * 4) as f64;
+        let mut buffers = vec![vec![0f32; floats]; ranks];
+        // One round of each first, to fault the buffers in and warm up.
+        all_reduce_seconds(&mut rings, &mut buffers, false);
+        all_reduce_seconds(&mut rings, &mut buffers, true);
+        let (mut tagged, mut untagged) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which mode goes first in a round.
+            for untagged_links in [round % 2 == 1, round % 2 == 0] {
+                let seconds = all_reduce_seconds(&mut rings, &mut buffers, untagged_links);
+                let mode = if untagged_links { "untagged" } else { "tagged  " };
+                println!(
+                    "{mib:>4} MiB round {round} {mode}: {:8.1} ms  {:8.1} MB/s",
+                    seconds * 1e3,
+                    bytes / seconds / 1e6
+                );
+                if untagged_links { &mut untagged } else { &mut tagged }.push(seconds);
+            }
+        }
+        let (tagged, untagged) = (median(&mut tagged), median(&mut untagged));
+        let (tagged_mbs, untagged_mbs) = (bytes / tagged / 1e6, bytes / untagged / 1e6);
+        println!(
+            "{mib:>4} MiB median: tagged {tagged_mbs:.1} MB/s, untagged {untagged_mbs:.1} MB/s, \
+             ratio tagged/untagged {:.3}",
+            tagged_mbs / untagged_mbs
+        );
+        println!(
+            "{{\"ranks\":{ranks},\"mib\":{mib},\"rounds\":{rounds},\"tagged_mbs\":{tagged_mbs:.1},\
+             \"untagged_mbs\":{untagged_mbs:.1},\"ratio\":{:.4}}}",
+            tagged_mbs / untagged_mbs
+        );
+    }
+}
