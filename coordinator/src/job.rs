@@ -1461,6 +1461,14 @@ impl Job {
             if self.phase == Phase::Running && self.ended_while_away(&format!("once {silence}")) {
                 return;
             }
+            // A slow read held every heartbeat up behind the lock: none is
+            // silent until they have had a heartbeat timeout to come in.
+            if now.elapsed() > Duration::from_secs(1) {
+                let after_the_read = Instant::now() + timeout;
+                self.silent_not_before = Some(
+                    self.silent_not_before.map_or(after_the_read, |at| at.max(after_the_read)),
+                );
+            }
         }
         if !self.elastic() {
             if let Some(silence) = first_silent {

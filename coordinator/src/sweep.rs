@@ -392,7 +392,8 @@ impl Scheduler {
             )));
         }
         match self.host_shape {
-            None => self.host_shape = Some((kind, local_ranks)),
+            // Set by the first host a run's job takes (below).
+            None => {}
             Some(shape) if shape != (kind, local_ranks) => {
                 return Err(JobError::Invalid(format!(
                     "host {host} brings {local_ranks} {kind:?} rank(s); the sweep's hosts bring \
@@ -438,6 +439,9 @@ impl Scheduler {
         // sweep.
         let (id, secret, pending) = jobs[index].join(host, kind, local_ranks, advertise)?;
         self.last_host_seen = Instant::now();
+        // The sweep's hosts are alike: this one's shape is theirs, once a
+        // run's job took it (a refused first host sets nothing).
+        self.host_shape.get_or_insert((kind, local_ranks));
         Ok(Placement::Member { job: index, id, secret, pending })
     }
 
@@ -806,6 +810,13 @@ pub(crate) mod tests {
         // A second CPU host of one rank is.
         member(s.place(&mut jobs, "d", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert!(s.without_hosts_for().unwrap() < Duration::from_secs(60));
+        // A first host that the run's job refuses sets no shape for the
+        // sweep's hosts: a CUDA host after a refused CPU one is taken.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0], settings(1, None, 0));
+        let mut jobs = Vec::new();
+        assert!(s.place(&mut jobs, "x", DeviceKind::Cpu, 1, None).is_err());
+        member(s.place(&mut jobs, "y", DeviceKind::Cuda, 1, None).unwrap());
     }
 
     #[test]

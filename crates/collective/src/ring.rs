@@ -889,12 +889,15 @@ fn accept_left(
     // Connections closed at once (their pool's threads at their bound),
     // and connections evicted for newer ones.
     let (mut closed_at_once, mut evicted) = (0u64, 0u64);
+    // The last connection refused, and why: said if the deadline passes.
+    let mut last_refused: Option<String> = None;
     loop {
         while let Ok((peer_addr, stream, outcome)) = outcomes.try_recv() {
             let (their_rank, their_world, open) = match outcome {
                 Ok(hello) => hello,
                 Err(Handshake::Refused(why)) => {
                     tracing::warn!(rank, %peer_addr, "refused a ring connection: {why}");
+                    last_refused = Some(format!("{peer_addr}: {why}"));
                     continue;
                 }
                 Err(Handshake::Io(e)) => {
@@ -927,14 +930,20 @@ fn accept_left(
             });
         }
         if Instant::now() >= deadline {
+            // A refusal is no reason to stop waiting (a hello proves
+            // nothing: any stranger could send one), but the last one may
+            // say why the neighbour never got in (another version).
+            let why = match &last_refused {
+                Some(refused) => format!(
+                    "left neighbour never connected; the last connection refused was {refused}"
+                ),
+                None => "left neighbour never connected".to_string(),
+            };
             return Err(CollectiveError::Link {
                 rank,
                 peer: left,
                 address: "(incoming)".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "left neighbour never connected",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, why),
             });
         }
         // The finished handshakes' connections, refused ones among them,
@@ -1347,9 +1356,9 @@ impl TcpRing {
     /// sends and expects the links' data (segments, probe blocks) without
     /// tags, unchecked, as before the links were integrity-protected; `false`
     /// restores the tags. Headers stay tagged and say which it is, so ranks
-    /// that disagree fail the next collective's header check, all of them,
-    /// before any data moves. Nothing else calls it: a product ring always
-    /// tags.
+    /// that disagree fail the next collective's header check instead of
+    /// mis-framing data (with two ranks, both of them, before any data
+    /// moves). Nothing else calls it: a product ring always tags.
     #[doc(hidden)]
     pub fn untagged_links_for_benchmark_only(&mut self, untagged: bool) {
         if let Some(links) = &self.links {
@@ -1375,7 +1384,11 @@ impl TcpRing {
     /// links are shut down, so the neighbours fail at once too), or a link
     /// failed or timed out mid-stream (its bytes, and both ends' message
     /// counts, are out of step). A disagreement caught by the header leaves
-    /// the links in step, and the ring open, as before.
+    /// the ring open, as before: with two ranks both fail the check before
+    /// any data moves, and the links stay in step; with more, a rank whose
+    /// left neighbour agreed sends its data all the same, so the next
+    /// collective on the ring fails (a product's rank fails its job at the
+    /// first error, and never reuses the ring).
     fn unless_closed<R>(
         &mut self,
         collective: impl FnOnce(&mut TcpRing) -> Result<R, CollectiveError>,
@@ -2562,6 +2575,30 @@ mod tests {
             other => panic!("an untagged peer was not refused: {other:?}"),
         }
         assert!(old_peer.join().unwrap().is_empty(), "the old peer was answered");
+        // Waiting for the left neighbour, a rank goes on past the refusal
+        // (a hello proves nothing), and its deadline's error says it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let old_peer = std::thread::spawn(move || {
+            let stream = TcpStream::connect(address).unwrap();
+            let mut hello = impostor_hello(0, 2);
+            hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
+            (&stream).write_all(&hello).unwrap();
+            let _ = (&stream).read_to_end(&mut Vec::new());
+        });
+        let loopback = [IpAddr::from([127, 0, 0, 1])];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let waited =
+            accept_left(&listener, 1, (0, &loopback), 2, &key(), deadline, &AtomicBool::new(false));
+        match waited {
+            Err(CollectiveError::Link { source, .. }) => assert!(
+                source.to_string().contains("the last connection refused was")
+                    && source.to_string().contains("older version"),
+                "{source}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        old_peer.join().unwrap();
     }
 
     /// What a man in the middle does to the bytes rank 0 sends rank 1 after
