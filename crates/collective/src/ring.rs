@@ -2553,19 +2553,25 @@ mod tests {
     /// handshake, with a word that says why, never linked and mis-framed.
     #[test]
     fn a_peer_of_the_untagged_version_is_refused_at_the_handshake() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let old_peer = std::thread::spawn(move || {
-            let stream = TcpStream::connect(address).unwrap();
-            let mut hello = impostor_hello(0, 2);
-            hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
-            (&stream).write_all(&hello).unwrap();
-            // Nothing comes back: no challenge, no verdict.
-            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut rest = Vec::new();
-            let _ = (&stream).read_to_end(&mut rest);
-            rest
-        });
+        // A listener, and a peer of the old version that sends it its hello
+        // and returns what it was answered (nothing: no challenge, no
+        // verdict) once the connection closes.
+        let old_peer = || {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let address = listener.local_addr().unwrap();
+            let peer = std::thread::spawn(move || {
+                let stream = TcpStream::connect(address).unwrap();
+                let mut hello = impostor_hello(0, 2);
+                hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
+                (&stream).write_all(&hello).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut rest = Vec::new();
+                let _ = (&stream).read_to_end(&mut rest);
+                rest
+            });
+            (listener, peer)
+        };
+        let (listener, peer) = old_peer();
         let (stream, _) = listener.accept().unwrap();
         let outcome =
             challenge_left(&stream, &key(), Instant::now() + Duration::from_secs(10), || true);
@@ -2574,18 +2580,10 @@ mod tests {
             Err(Handshake::Refused(why)) => assert!(why.contains("older version"), "{why}"),
             other => panic!("an untagged peer was not refused: {other:?}"),
         }
-        assert!(old_peer.join().unwrap().is_empty(), "the old peer was answered");
+        assert!(peer.join().unwrap().is_empty(), "the old peer was answered");
         // Waiting for the left neighbour, a rank goes on past the refusal
         // (a hello proves nothing), and its deadline's error says it.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let old_peer = std::thread::spawn(move || {
-            let stream = TcpStream::connect(address).unwrap();
-            let mut hello = impostor_hello(0, 2);
-            hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
-            (&stream).write_all(&hello).unwrap();
-            let _ = (&stream).read_to_end(&mut Vec::new());
-        });
+        let (listener, peer) = old_peer();
         let loopback = [IpAddr::from([127, 0, 0, 1])];
         let deadline = Instant::now() + Duration::from_secs(2);
         let waited =
@@ -2598,7 +2596,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        old_peer.join().unwrap();
+        assert!(peer.join().unwrap().is_empty(), "the old peer was answered");
     }
 
     /// What a man in the middle does to the bytes rank 0 sends rank 1 after
