@@ -457,6 +457,26 @@ pub fn take_records<E>(
     ))
 }
 
+/// Appends to `metrics` the records rank 0 made in the run folder `run_dir`
+/// that no coordinator took ([`take_records`]), outside any job and its
+/// lock (a run over before this coordinator served it), and says what was
+/// done.
+pub fn append_records_made_while_away(
+    run_dir: &Path,
+    metrics: &Path,
+) -> Result<String, MetricsLogError> {
+    take_records(
+        records_made_while_away(run_dir),
+        &metrics.display().to_string(),
+        &rsb_job::run_folder::rank_records_file(run_dir, 0),
+        |records| {
+            let mut log = MetricsLog::open(metrics)?;
+            records.iter().try_for_each(|record| log.append(record))?;
+            log.sync()
+        },
+    )
+}
+
 /// The records a job accepted for its `metrics.jsonl`, on their way to the
 /// file. The coordinator's state lock is never held while the file is
 /// written (a stalled network file system would hold up every call of every
@@ -2274,7 +2294,7 @@ pub enum FailureCause {
     /// the collective timeout, or its link closed.
     CollectivePeer(u32),
     /// A collective did not finish within the collective timeout, or failed
-    /// asynchronously, on a backend that cannot say which peer held it up
+    /// with a remote error, on a backend that cannot say which peer held it up
     /// (NCCL): the ranks that report nothing are blamed.
     CollectivePeerUnknown,
     /// The ranks agreed to stop at the request of these ranks (in rank

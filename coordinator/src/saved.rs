@@ -350,17 +350,8 @@ pub fn finished_already(recipe: &rsb_recipes::Recipe, out: &Path) -> Option<Stri
     // records rank 0 made that it had not taken left them in rank 0's file:
     // they are taken now, each once.
     let metrics = out.join(rsb_job::sweep::RUN_METRICS);
-    let records = crate::job::take_records(
-        crate::job::records_made_while_away(out),
-        &metrics.display().to_string(),
-        &rsb_job::run_folder::rank_records_file(out, 0),
-        |records| {
-            let mut log = rsb_job::MetricsLog::open(&metrics)?;
-            records.iter().try_for_each(|record| log.append(record))?;
-            log.sync()
-        },
-    )
-    .unwrap_or_else(|e| format!("the records rank 0 made were not taken: {e}"));
+    let records = crate::job::append_records_made_while_away(out, &metrics)
+        .unwrap_or_else(|e| format!("the records rank 0 made were not taken: {e}"));
     Some(format!(
         "the job in {} finished ({} says so, and {} ends its last epoch: {} of {}, {} updates); \
          nothing is left to train; {records}",

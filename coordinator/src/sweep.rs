@@ -253,16 +253,7 @@ pub fn keep_run_finished_while_away(
         return Ok(None);
     };
     let metrics = layout.run_metrics(id);
-    let records = crate::job::take_records(
-        crate::job::records_made_while_away(&run_dir),
-        &metrics.display().to_string(),
-        &rsb_job::run_folder::rank_records_file(&run_dir, 0),
-        |records| {
-            let mut log = rsb_job::MetricsLog::open(&metrics)?;
-            records.iter().try_for_each(|record| log.append(record))?;
-            log.sync()
-        },
-    )?;
+    let records = crate::job::append_records_made_while_away(&run_dir, &metrics)?;
     let mut outcome = RunOutcome {
         end: RunEnd::Finished,
         attempts: before.map_or(1, |o| o.attempts.max(1)),

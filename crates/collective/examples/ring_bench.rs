@@ -19,37 +19,14 @@
 // A benchmark, not library code: a failed setup step may just panic.
 #![allow(clippy::unwrap_used)]
 
-use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};
+mod support;
+
+use rsb_collective::ring::RingConfig;
 use rsb_collective::{Buffer, Collective};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
-
-fn form_rings(n: usize, segment_floats: usize) -> Vec<TcpRing> {
-    let listeners: Vec<RingListener> =
-        (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
-    let addresses: Vec<String> =
-        listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addresses = addresses.clone();
-                s.spawn(move || {
-                    l.connect(
-                        rank,
-                        &addresses,
-                        &RingKey::derive(b"ring_bench"),
-                        RingConfig { segment_floats, ..RingConfig::default() },
-                    )
-                    .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
+use support::form_rings;
 
 /// Seconds for `n` links in a ring to each carry `bytes` (send right, receive
 /// left, concurrently): the bound the all-reduce's links work against. With
@@ -128,7 +105,7 @@ fn main() {
         bytes as f64 / 1e6
     );
     for n in worlds {
-        let mut rings = form_rings(n, segment_floats);
+        let mut rings = form_rings(n, &RingConfig { segment_floats, ..RingConfig::default() });
         let mut best = f64::MAX;
         let mut best_hot = f64::MAX;
         let mut best_memory = f64::MAX;

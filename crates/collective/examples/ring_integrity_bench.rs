@@ -15,31 +15,12 @@
 // A benchmark, not library code: a failed setup step may just panic.
 #![allow(clippy::unwrap_used)]
 
-use rsb_collective::ring::{RingConfig, RingKey, RingListener, TcpRing};
+mod support;
+
+use rsb_collective::ring::{RingConfig, TcpRing};
 use rsb_collective::{Buffer, Collective};
 use std::time::Instant;
-
-/// A ring of `n` ranks on loopback, one [`TcpRing`] per rank.
-fn form_rings(n: usize) -> Vec<TcpRing> {
-    let listeners: Vec<RingListener> =
-        (0..n).map(|_| RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
-    let addresses: Vec<String> =
-        listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addresses = addresses.clone();
-                s.spawn(move || {
-                    let key = RingKey::derive(b"ring_integrity_bench");
-                    l.connect(rank, &addresses, &key, RingConfig::default()).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
+use support::form_rings;
 
 /// One all-reduce of `floats` on every rank, its links tagged or not:
 /// the slowest rank's seconds. Checks the sums.
@@ -96,7 +77,7 @@ fn main() {
     if sizes.is_empty() {
         sizes = vec![25, 100];
     }
-    let mut rings = form_rings(ranks);
+    let mut rings = form_rings(ranks, &RingConfig::default());
     println!("{ranks}-rank ring on loopback TCP, {rounds} rounds of each mode, alternating");
     for mib in sizes {
         let floats = mib * (1 << 20) / 4;

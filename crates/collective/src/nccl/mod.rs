@@ -179,8 +179,8 @@ struct State {
 #[derive(Debug, Clone)]
 enum Failure {
     /// A collective, or the joining, did not finish by its deadline, or
-    /// NCCL reported an asynchronous error: a peer may be at fault, and
-    /// NCCL does not say which.
+    /// NCCL reported a remote error (`ncclRemoteError`): a peer may be at
+    /// fault, and NCCL does not say which.
     Collective(String),
     /// This rank's own call failed (refused by NCCL, a CUDA call).
     Local(String),
