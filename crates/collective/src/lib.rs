@@ -43,9 +43,9 @@ pub enum CollectiveError {
         problem: String,
     },
     /// A message from a peer failed its integrity check (the TCP ring's
-    /// links tag every message; see [`ring`]): its bytes were altered,
-    /// injected, dropped, repeated, reordered or replayed on the wire, or
-    /// they come from a peer of another job. They were not used, and the
+    /// links seal every message with AES-256-GCM; see [`ring`]): its bytes
+    /// were altered, injected, dropped, repeated, reordered or replayed on
+    /// the wire, or they come from a peer of another job. They were not used, and the
     /// ring is closed: every later collective on it fails.
     #[error(
         "rank {rank}: the data from rank {peer} ({address}) failed its integrity check \

@@ -43,37 +43,42 @@
 //! collective timeout: a right neighbour that froze before the ring formed
 //! is reported then, not at the first handshake's 10 s.
 //!
-//! After the handshake every byte a link carries is integrity-protected.
-//! Both ends derive the link's key from the ring key and the handshake's
-//! two fresh values, HMAC-SHA256(ring key, "rsb ring link v1" || "connector
-//! to acceptor" || hello || the accepting side's nonce): a key of its own
-//! for every connection, which never crosses the wire. Every message the
-//! link carries (a collective's header, each segment of an all-reduce, each
-//! block of a link probe; broadcasts and barriers are all-reduces) is
-//! followed by a 16-byte tag, HMAC-SHA256(link key, sequence number ||
-//! length || bytes) truncated, where the sequence number counts the link's
-//! messages from 0 at both ends and is never sent. The receiving side checks
-//! the tag in constant time before it adds the bytes into the sum, forwards
-//! them or returns them (an all-gather segment is read into its place in the
-//! buffer and checked there before anything reads it), so a bit altered, or
-//! bytes injected, dropped, repeated, reordered or replayed on the wire
-//! (from another link, or from an earlier collective) fail the collective
-//! with [`CollectiveError::Tampered`], which names the peer, never with
-//! wrong sums. The ring is then closed: its links are shut down, and every
-//! later collective on it fails at once. The tags are made and checked on
-//! the threads that send and receive, so the two directions' MACs run in
-//! parallel. A connection carries data one way only (from its connecting
+//! After the handshake every byte a link carries is encrypted and
+//! authenticated, with AES-256-GCM. Both ends derive the link's key from
+//! the ring key and the handshake's two fresh values, HMAC-SHA256(ring key,
+//! "rsb ring link v2" || "connector to acceptor" || hello || the accepting
+//! side's nonce): a key of its own for every connection, which never crosses
+//! the wire. Every message the link carries (a collective's header, each
+//! segment of an all-reduce, each block of a link probe; broadcasts and
+//! barriers are all-reduces) is sealed under that key with a 96-bit nonce
+//! made of its sequence number, which counts the link's messages from 0 at
+//! both ends and is never sent (so no nonce is used twice under one key),
+//! and travels as its ciphertext (as long as the message) followed by
+//! GCM's 16-byte tag. The receiving side checks the tag (in constant time)
+//! and decrypts in place before it adds the bytes into the sum, forwards
+//! them or returns them (an all-gather segment is read into its place in
+//! the buffer and opened there before anything reads it), so a bit
+//! altered, or bytes injected, dropped, repeated, reordered or replayed on
+//! the wire (from another link, or from an earlier collective) fail the
+//! collective with [`CollectiveError::Tampered`], which names the peer,
+//! never with wrong sums; and nobody on the path reads the gradients. The
+//! ring is then closed: its links are shut down, and every later collective
+//! on it fails at once. Messages are sealed and opened on the threads that
+//! send and receive, so the two directions' ciphers run in parallel (AES
+//! and carry-less multiplication in hardware, through the `ring` crate:
+//! several GB/s a thread where HMAC-SHA256, the links' check before, made
+//! under 2). A connection carries data one way only (from its connecting
 //! side to its accepting side); nothing reads the other way after the
 //! handshake.
 //!
-//! What this does not protect: the data is not encrypted, so gradients (and
-//! every other value) are readable by anyone on the path; and such an
-//! attacker can always cut or stall a link (a [`CollectiveError::Link`] or
-//! [`CollectiveError::Timeout`], as a failed peer would be). The hello names
-//! the wire version ("RSB3": tagged messages); a peer of the previous one
-//! ("RSB2", untagged) is refused at the handshake, never mis-framed. As
-//! after any failed collective, a buffer whose collective failed holds
-//! partial results and is not to be used.
+//! What this does not protect: the lengths and timing of the messages are
+//! visible on the path, and such an attacker can always cut or stall a link
+//! (a [`CollectiveError::Link`] or [`CollectiveError::Timeout`], as a
+//! failed peer would be). The hello names the wire version ("RSB4":
+//! encrypted messages); a peer of an earlier one ("RSB3", links tagged but
+//! readable; "RSB2", neither) is refused at the handshake, never
+//! mis-framed. As after any failed collective, a buffer whose collective
+//! failed holds partial results and is not to be used.
 //!
 //! Every collective starts with a small header passed around the ring (an
 //! operation counter and the buffer length), so ranks that disagree fail with
@@ -87,6 +92,9 @@
 //! to bf16 (round to nearest even, as libtorch and NCCL's bf16 sums do).
 
 use crate::{Buffer, Collective, CollectiveError, LinkRate};
+use ::ring::aead::{
+    Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN as AEAD_NONCE_LEN,
+};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::VecDeque;
@@ -97,20 +105,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// "RSB3": the authenticated hello, and links whose every message carries
-/// a tag (see the module documentation).
-const MAGIC: u32 = 0x5253_4233;
-/// "RSB2": the previous version's hello (authenticated links that carried
-/// untagged data), refused with a word that says so.
-const UNTAGGED_MAGIC: u32 = 0x5253_4232;
+/// "RSB4": the authenticated hello, and links whose every message is
+/// encrypted and authenticated (see the module documentation).
+const MAGIC: u32 = 0x5253_4234;
+/// The hellos of earlier versions, refused with a word that says which:
+/// "RSB3" (links whose messages were tagged, not encrypted) and "RSB2"
+/// (links that carried untagged data).
+const OLDER_MAGICS: [(u32, &str); 2] = [
+    (0x5253_4233, "RSB3, whose links carry tagged but unencrypted data"),
+    (0x5253_4232, "RSB2, whose links carry untagged data"),
+];
 /// Bytes of a nonce and of an HMAC-SHA256 tag.
 const NONCE_LEN: usize = 32;
 const TAG_LEN: usize = 32;
-/// Bytes of the tag that follows every message on a link: HMAC-SHA256
-/// truncated to its first 128 bits.
+/// Bytes of the tag that follows every message on a link: AES-256-GCM's.
 const LINK_TAG_LEN: usize = 16;
-/// The label of a link key's derivation (see [`RingKey::link_mac`]).
-const LINK_KEY_LABEL: &[u8] = b"rsb ring link v1";
+/// The label of a link key's derivation (see [`RingKey::link_cipher`]).
+const LINK_KEY_LABEL: &[u8] = b"rsb ring link v2";
 /// The direction of a link key: the data a connection carries flows from
 /// its connecting side (the left rank) to its accepting side.
 const CONNECTOR_TO_ACCEPTOR: &[u8] = b"connector to acceptor";
@@ -172,34 +183,41 @@ impl RingKey {
         mac.verify_slice(candidate).is_ok()
     }
 
-    /// The integrity check of the data a link carries, once its handshake
-    /// (`hello`, and the accepting side's `nonce`) succeeded: keyed by
-    /// HMAC-SHA256(ring key, "rsb ring link v1" || "connector to acceptor"
+    /// The cipher of the data a link carries, once its handshake (`hello`,
+    /// and the accepting side's `nonce`) succeeded: AES-256-GCM keyed by
+    /// HMAC-SHA256(ring key, "rsb ring link v2" || "connector to acceptor"
     /// || hello || nonce), which both sides compute and neither sends. Both
     /// values are fresh for every connection, so is the key.
-    fn link_mac(&self, hello: &[u8], nonce: &[u8]) -> LinkMac {
+    fn link_cipher(&self, hello: &[u8], nonce: &[u8]) -> LinkCipher {
         let link_key = tag(&self.0, &[LINK_KEY_LABEL, CONNECTOR_TO_ACCEPTOR, hello, nonce]);
-        LinkMac { keyed: hmac_of(&link_key), next: 0, data_tagged: true }
+        // A 32-byte key is AES-256's length: this cannot fail.
+        let key = UnboundKey::new(&AES_256_GCM, &link_key)
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM key length"));
+        LinkCipher { key: LessSafeKey::new(key), next: 0, data_sealed: true, sealed: Vec::new() }
     }
 }
 
-/// The integrity check of one link's data, at one of its ends: the sending
-/// side tags each message, the receiving side checks each tag, both
-/// counting the messages (see the module documentation).
-struct LinkMac {
-    /// HMAC-SHA256 keyed with the link key, cloned for every message (so the
-    /// key is hashed once per link, not once per message).
-    keyed: HmacSha256,
-    /// The sequence number of the next message (never sent: both sides count).
+/// The cipher of one link's data, at one of its ends: the sending side
+/// seals each message, the receiving side opens each, both counting the
+/// messages (see the module documentation).
+struct LinkCipher {
+    /// AES-256-GCM under the link key.
+    key: LessSafeKey,
+    /// The sequence number of the next message, its nonce (never sent: both
+    /// sides count; one key per connection, so no nonce is used twice
+    /// under a key).
     next: u64,
-    /// Whether data messages (segments, probe blocks) carry tags: always in
+    /// Whether data messages (segments, probe blocks) are sealed: always in
     /// a product ring; only the benchmark's comparison turns it off (see
-    /// [`TcpRing::untagged_links_for_benchmark_only`]). Headers always do.
-    data_tagged: bool,
+    /// [`TcpRing::plaintext_links_for_benchmark_only`]). Headers always are.
+    data_sealed: bool,
+    /// The sending side's ciphertext of the message being sent (the data
+    /// it seals is the caller's, and stays plaintext there).
+    sealed: Vec<u8>,
 }
 
 /// What a message on a link is: its header tells the collective (and
-/// whether its data is tagged), so it is always tagged.
+/// whether its data is sealed), so it is always sealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Message {
     /// A collective's header.
@@ -209,17 +227,17 @@ enum Message {
 }
 
 impl Message {
-    /// Whether this message carries a tag on a link of `mac`.
-    fn tagged(self, mac: &LinkMac) -> bool {
-        self == Message::Header || mac.data_tagged
+    /// Whether this message is sealed on a link of `cipher`.
+    fn sealed(self, cipher: &LinkCipher) -> bool {
+        self == Message::Header || cipher.data_sealed
     }
 }
 
-impl std::fmt::Debug for LinkMac {
+impl std::fmt::Debug for LinkCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkMac")
+        f.debug_struct("LinkCipher")
             .field("next", &self.next)
-            .field("data_tagged", &self.data_tagged)
+            .field("data_sealed", &self.data_sealed)
             .finish_non_exhaustive()
     }
 }
@@ -234,52 +252,93 @@ struct IntegrityFailure {
     message: u64,
 }
 
-impl LinkMac {
-    /// The MAC of the next message, `bytes`, with its sequence number and
-    /// length, and the count moved on.
-    fn next_mac(&mut self, bytes: &[u8]) -> HmacSha256 {
-        let mut mac = self.keyed.clone();
-        mac.update(&self.next.to_le_bytes());
-        mac.update(&(bytes.len() as u64).to_le_bytes());
-        mac.update(bytes);
+impl LinkCipher {
+    /// The nonce of the next message (its sequence number), and the count
+    /// moved on.
+    fn next_nonce(&mut self) -> Nonce {
+        let mut nonce = [0u8; AEAD_NONCE_LEN];
+        nonce[AEAD_NONCE_LEN - 8..].copy_from_slice(&self.next.to_be_bytes());
         self.next += 1;
-        mac
+        Nonce::assume_unique_for_key(nonce)
     }
 
-    /// The tag of the next message sent, `bytes`.
-    fn seal(&mut self, bytes: &[u8]) -> [u8; LINK_TAG_LEN] {
-        let full: [u8; TAG_LEN] = self.next_mac(bytes).finalize().into_bytes().into();
-        let mut truncated = [0u8; LINK_TAG_LEN];
-        truncated.copy_from_slice(&full[..LINK_TAG_LEN]);
-        truncated
+    /// The next message sent, `bytes`, sealed: its ciphertext (as long as
+    /// `bytes`) and its tag.
+    fn seal(&mut self, bytes: &[u8]) -> std::io::Result<(&[u8], [u8; LINK_TAG_LEN])> {
+        let nonce = self.next_nonce();
+        self.sealed.clear();
+        self.sealed.extend_from_slice(bytes);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::empty(), &mut self.sealed)
+            .map_err(|_| std::io::Error::other("a ring message too long to seal"))?;
+        let mut tag_bytes = [0u8; LINK_TAG_LEN];
+        tag_bytes.copy_from_slice(tag.as_ref());
+        Ok((&self.sealed, tag_bytes))
     }
 
-    /// Checks the tag of the next message received, `bytes` (in constant
-    /// time).
-    fn open(&mut self, bytes: &[u8], tag: &[u8; LINK_TAG_LEN]) -> Result<(), IntegrityFailure> {
+    /// Opens the next message received, `bytes` (its ciphertext, decrypted
+    /// in place), once its tag holds (checked in constant time); on a
+    /// failure `bytes` holds nothing of use.
+    fn open(&mut self, bytes: &mut [u8], tag: &[u8; LINK_TAG_LEN]) -> Result<(), IntegrityFailure> {
         let message = self.next;
-        self.next_mac(bytes).verify_truncated_left(tag).map_err(|_| IntegrityFailure { message })
+        let nonce = self.next_nonce();
+        let tag = Tag::from(*tag);
+        self.key
+            .open_in_place_separate_tag(nonce, Aad::empty(), tag, bytes, 0..)
+            .map(|_| ())
+            .map_err(|_| IntegrityFailure { message })
     }
 }
 
-/// Locks one end's [`LinkMac`] (a panic elsewhere while it was held leaves
-/// its count behind the peer's: the next check fails, never a wrong sum).
-fn lock(mac: &Mutex<LinkMac>) -> MutexGuard<'_, LinkMac> {
-    mac.lock().unwrap_or_else(|p| p.into_inner())
+/// For the encryption benchmark only (`examples/ring_encryption_bench.rs`):
+/// how fast one thread seals and opens `rounds` messages of `bytes` each
+/// with a link's cipher, in bytes per second: sealing as a link's sending
+/// thread does (the copy into the ciphertext buffer included), opening in
+/// place as its receiving thread does. Across hosts, each direction of a
+/// link is bounded by the slower of the two.
+#[doc(hidden)]
+pub fn cipher_rates_for_benchmark_only(bytes: usize, rounds: usize) -> (f64, f64) {
+    let key = RingKey::derive(b"the benchmark's token");
+    let link = || key.link_cipher(b"hello", b"nonce");
+    let (mut seal, mut open) = (link(), link());
+    let message = vec![1u8; bytes];
+    let mut received = vec![0u8; bytes];
+    let (mut sealing, mut opening) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let (ciphertext, tag) = seal.seal(&message).unwrap_or_else(|e| panic!("sealing: {e}"));
+        sealing += started.elapsed();
+        received.copy_from_slice(ciphertext);
+        let started = Instant::now();
+        let opened = open.open(&mut received, &tag);
+        opening += started.elapsed();
+        assert!(opened.is_ok() && received == message, "a sealed message did not open");
+    }
+    let total = (bytes * rounds) as f64;
+    (total / sealing.as_secs_f64().max(1e-9), total / opening.as_secs_f64().max(1e-9))
 }
 
-/// Sends one message, `bytes`, then its tag (one write call where it fits).
+/// Locks one end's [`LinkCipher`] (a panic elsewhere while it was held
+/// leaves its count behind the peer's: the next message fails to open,
+/// never a wrong sum).
+fn lock(cipher: &Mutex<LinkCipher>) -> MutexGuard<'_, LinkCipher> {
+    cipher.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends one message, `bytes`, sealed: its ciphertext, then its tag (one
+/// write call where it fits).
 fn send_message(
     mut out: &TcpStream,
-    mac: &mut LinkMac,
+    cipher: &mut LinkCipher,
     kind: Message,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    if !kind.tagged(mac) {
+    if !kind.sealed(cipher) {
         return out.write_all(bytes);
     }
-    let tag = mac.seal(bytes);
-    let (mut first, mut second) = (bytes, &tag[..]);
+    let (sealed, tag) = cipher.seal(bytes)?;
+    let (mut first, mut second) = (sealed, &tag[..]);
     while !first.is_empty() || !second.is_empty() {
         let written = match out.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -294,20 +353,21 @@ fn send_message(
     Ok(())
 }
 
-/// Receives one message into `buf` and checks its tag: an error (carrying
-/// an [`IntegrityFailure`] when the check failed) before the caller may use
-/// the bytes.
+/// Receives one message into `buf` and opens it there: an error (carrying
+/// an [`IntegrityFailure`] when its tag did not hold) before the caller may
+/// use the bytes.
 fn receive_message(
     mut input: &TcpStream,
-    mac: &mut LinkMac,
+    cipher: &mut LinkCipher,
     kind: Message,
     buf: &mut [u8],
 ) -> std::io::Result<()> {
     input.read_exact(buf)?;
-    if kind.tagged(mac) {
+    if kind.sealed(cipher) {
         let mut tag = [0u8; LINK_TAG_LEN];
         input.read_exact(&mut tag)?;
-        mac.open(buf, &tag)
+        cipher
+            .open(buf, &tag)
             .map_err(|failure| std::io::Error::new(std::io::ErrorKind::InvalidData, failure))?;
     }
     Ok(())
@@ -421,7 +481,7 @@ impl RingListener {
             let connecting = std::thread::Builder::new().name("ring-connect".into());
             let connecting = connecting.spawn_scoped(
                 scope,
-                || -> Result<(TcpStream, LinkMac), CollectiveError> {
+                || -> Result<(TcpStream, LinkCipher), CollectiveError> {
                     let failed = |e: CollectiveError| {
                         right_failed.store(true, Ordering::Relaxed);
                         e
@@ -589,7 +649,7 @@ fn prove_to_right(
     world: usize,
     key: &RingKey,
     deadline: Instant,
-) -> Result<LinkMac, Handshake> {
+) -> Result<LinkCipher, Handshake> {
     let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = Vec::with_capacity(HELLO_LEN);
@@ -619,7 +679,7 @@ fn prove_to_right(
     let mut verdict = [0u8; 1];
     read_exact_until(stream, &mut verdict, until)?;
     if verdict[0] == ACCEPTED {
-        Ok(key.link_mac(&hello, their_nonce))
+        Ok(key.link_cipher(&hello, their_nonce))
     } else {
         Err(Handshake::Refused("it refused this rank's proof (a different job key?)".into()))
     }
@@ -667,18 +727,17 @@ fn challenge_left(
     key: &RingKey,
     until: Instant,
     settle: impl FnOnce() -> bool,
-) -> Result<(u32, u32, LinkMac), Handshake> {
+) -> Result<(u32, u32, LinkCipher), Handshake> {
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut io = stream;
     let mut hello = [0u8; HELLO_LEN];
     read_exact_until(stream, &mut hello, until)?;
     let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
-    if word(0) == UNTAGGED_MAGIC {
-        return Err(Handshake::Refused(
-            "it is a ring peer of an older version, whose links carry untagged data (hello \
-             RSB2, this rank's is RSB3): every rank of a job must run the same version"
-                .into(),
-        ));
+    if let Some((_, older)) = OLDER_MAGICS.iter().find(|(magic, _)| word(0) == *magic) {
+        return Err(Handshake::Refused(format!(
+            "it is a ring peer of an older version (hello {older}; this rank's is RSB4, \
+             encrypted): every rank of a job must run the same version"
+        )));
     }
     if word(0) != MAGIC {
         return Err(Handshake::Refused("it is not a ring peer (wrong hello)".into()));
@@ -699,7 +758,7 @@ fn challenge_left(
         return Err(Handshake::Io(std::io::Error::other("evicted during the handshake")));
     }
     io.write_all(&[ACCEPTED])?;
-    Ok((word(4), word(8), key.link_mac(&hello, &our_nonce)))
+    Ok((word(4), word(8), key.link_cipher(&hello, &our_nonce)))
 }
 
 /// Where a challenged connection stands. Its thread and the accept loop
@@ -873,14 +932,14 @@ fn accept_left(
     key: &RingKey,
     deadline: Instant,
     give_up: &AtomicBool,
-) -> Result<(TcpStream, LinkMac), CollectiveError> {
+) -> Result<(TcpStream, LinkCipher), CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::Link {
         rank,
         peer: left,
         address: "listener".into(),
         source: e,
     })?;
-    type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32, LinkMac), Handshake>);
+    type Challenged = (std::net::SocketAddr, TcpStream, Result<(u32, u32, LinkCipher), Handshake>);
     let (challenged, outcomes) = std::sync::mpsc::channel::<Challenged>();
     // The handshakes of connections from the left neighbour's addresses,
     // and of others.
@@ -1071,10 +1130,10 @@ struct Links {
     from_left: TcpStream,
     right_address: String,
     left_address: String,
-    /// Tags the messages sent on `to_right`.
-    seal: Mutex<LinkMac>,
-    /// Checks the messages received on `from_left`.
-    open: Mutex<LinkMac>,
+    /// Seals the messages sent on `to_right`.
+    seal: Mutex<LinkCipher>,
+    /// Opens the messages received on `from_left`.
+    open: Mutex<LinkCipher>,
 }
 
 impl Links {
@@ -1351,19 +1410,19 @@ impl TcpRing {
         self.bytes_sent.load(Ordering::Relaxed)
     }
 
-    /// For the integrity benchmark only (`examples/ring_integrity_bench.rs`),
-    /// which compares tagged links with untagged ones in one run: `true`
-    /// sends and expects the links' data (segments, probe blocks) without
-    /// tags, unchecked, as before the links were integrity-protected; `false`
-    /// restores the tags. Headers stay tagged and say which it is, so ranks
-    /// that disagree fail the next collective's header check instead of
-    /// mis-framing data (with two ranks, both of them, before any data
-    /// moves). Nothing else calls it: a product ring always tags.
+    /// For the encryption benchmark only (`examples/ring_encryption_bench.rs`),
+    /// which compares sealed links with plaintext ones in one run: `true`
+    /// sends and expects the links' data (segments, probe blocks) in the
+    /// clear, without tags, unchecked, as before the links were protected;
+    /// `false` seals it again. Headers stay sealed and say which it is, so
+    /// ranks that disagree fail the next collective's header check instead
+    /// of mis-framing data (with two ranks, both of them, before any data
+    /// moves). Nothing else calls it: a product ring always seals.
     #[doc(hidden)]
-    pub fn untagged_links_for_benchmark_only(&mut self, untagged: bool) {
+    pub fn plaintext_links_for_benchmark_only(&mut self, plaintext: bool) {
         if let Some(links) = &self.links {
-            lock(&links.seal).data_tagged = !untagged;
-            lock(&links.open).data_tagged = !untagged;
+            lock(&links.seal).data_sealed = !plaintext;
+            lock(&links.open).data_sealed = !plaintext;
         }
     }
 
@@ -1534,11 +1593,11 @@ impl TcpRing {
     }
 
     /// Sends every step's chunk, segment by segment, each once it is final,
-    /// each a message tagged by `seal`.
+    /// each a message sealed by `seal`.
     fn send_stream<T: Element>(
         &self,
         out: &TcpStream,
-        seal: &mut LinkMac,
+        seal: &mut LinkCipher,
         schedule: &Schedule,
         shared: &SharedSlice<T>,
         progress: &Progress,
@@ -1569,7 +1628,7 @@ impl TcpRing {
     fn receive_stream<T: Element>(
         &self,
         input: &TcpStream,
-        open: &mut LinkMac,
+        open: &mut LinkCipher,
         schedule: &Schedule,
         shared: &SharedSlice<T>,
         progress: &Progress,
@@ -1610,10 +1669,10 @@ impl TcpRing {
         Ok(())
     }
 
-    /// Passes `(op, len, element type, whether data is tagged)` around the
+    /// Passes `(op, len, element type, whether data is sealed)` around the
     /// ring and checks the left neighbour agrees.
     fn check_header(&mut self, len: usize, element: u32) -> Result<(), CollectiveError> {
-        let data_tagged = self.links.as_ref().is_none_or(|l| lock(&l.seal).data_tagged);
+        let data_sealed = self.links.as_ref().is_none_or(|l| lock(&l.seal).data_sealed);
         let (op, len64) = (self.op, len as u64);
         let header = [
             op as u32,
@@ -1621,7 +1680,7 @@ impl TcpRing {
             len64 as u32,
             (len64 >> 32) as u32,
             element,
-            u32::from(data_tagged),
+            u32::from(data_sealed),
         ];
         let mut t = [0u32; 6];
         self.exchange(bytemuck::cast_slice(&header), bytemuck::cast_slice_mut(&mut t))?;
@@ -1631,20 +1690,20 @@ impl TcpRing {
                 1 => "bf16 floats",
                 _ => "link-probe bytes",
             };
-            let tags = |flag: u32| if flag == 1 { "tagged" } else { "untagged" };
-            let tagging = match t[5] == header[5] {
+            let sealing = |flag: u32| if flag == 1 { "sealed" } else { "in the clear" };
+            let sealed = match t[5] == header[5] {
                 true => String::new(),
                 false => format!(
                     " (its data {} here, {} there: the benchmark's switch)",
-                    tags(header[5]),
-                    tags(t[5])
+                    sealing(header[5]),
+                    sealing(t[5])
                 ),
             };
             return Err(CollectiveError::Protocol {
                 rank: self.rank,
                 problem: format!(
                     "collective #{} of {len} {} here, but the left neighbour runs #{} of {} {}\
-                     {tagging}",
+                     {sealed}",
                     self.op,
                     kind(element),
                     u64::from(t[0]) | (u64::from(t[1]) << 32),
@@ -1672,8 +1731,8 @@ impl TcpRing {
     }
 
     /// The link probe of a ring of two or more ranks (see
-    /// [`TcpRing::probe_links`]): each block is a message, tagged and
-    /// checked like an all-reduce's segments.
+    /// [`TcpRing::probe_links`]): each block is a message, sealed and
+    /// opened like an all-reduce's segments.
     fn probe_linked(&mut self, bytes: usize) -> Result<LinkRate, CollectiveError> {
         let len = bytes.max(PROBE_MIN_BYTES);
         let block = (len / 8).min(PROBE_BLOCK);
@@ -2521,48 +2580,62 @@ mod tests {
         assert!(!format!("{:?}", key()).contains("the job token"));
     }
 
-    /// A message's tag binds it to its place on its link: the receiving end
-    /// takes the messages in the order they were tagged, and refuses one
-    /// altered, out of order, or tagged for another link.
+    /// A sealed message is bound to its place on its link: the receiving
+    /// end opens the messages in the order they were sealed, and refuses
+    /// one altered, out of order, or sealed for another link; the same
+    /// bytes never look alike on the wire.
     #[test]
-    fn a_link_tag_binds_the_message_to_its_place_and_its_link() {
+    fn a_sealed_message_is_bound_to_its_place_and_its_link() {
         let hello = impostor_hello(0, 2);
-        let mac = || key().link_mac(&hello, &[3u8; NONCE_LEN]);
-        let (mut seal, mut open) = (mac(), mac());
-        let (first, second) = (seal.seal(b"segment"), seal.seal(b"segment"));
-        assert_ne!(first, second, "the same bytes at another place got the same tag");
-        open.open(b"segment", &first).unwrap();
-        open.open(b"segment", &second).unwrap();
+        let cipher = || key().link_cipher(&hello, &[3u8; NONCE_LEN]);
+        let sealed = |cipher: &mut LinkCipher, bytes: &[u8]| {
+            let (ciphertext, tag) = cipher.seal(bytes).unwrap();
+            (ciphertext.to_vec(), tag)
+        };
+        let (mut seal, mut open) = (cipher(), cipher());
+        let (first, second) = (sealed(&mut seal, b"segment"), sealed(&mut seal, b"segment"));
+        assert_ne!(first.0, b"segment", "the message travelled in the clear");
+        assert_ne!(first, second, "the same bytes at another place were sealed alike");
+        for (mut ciphertext, tag) in [first, second.clone()] {
+            open.open(&mut ciphertext, &tag).unwrap();
+            assert_eq!(ciphertext, b"segment");
+        }
         // Replayed: its place has passed.
-        assert_eq!(open.open(b"segment", &second).unwrap_err().message, 2);
-        // Altered.
-        let (mut seal, mut open) = (mac(), mac());
-        let tag = seal.seal(b"segment");
-        assert!(open.open(b"segmenT", &tag).is_err());
+        let (mut replayed, tag) = second;
+        assert_eq!(open.open(&mut replayed, &tag).unwrap_err().message, 2);
+        // Altered: one bit of the ciphertext, or of the tag.
+        let (mut seal, mut open) = (cipher(), cipher());
+        let (mut ciphertext, tag) = sealed(&mut seal, b"segment");
+        ciphertext[6] ^= 1;
+        assert!(open.open(&mut ciphertext, &tag).is_err());
+        let (mut seal, mut open) = (cipher(), cipher());
+        let (mut ciphertext, mut tag) = sealed(&mut seal, b"segment");
+        tag[15] ^= 0x80;
+        assert!(open.open(&mut ciphertext, &tag).is_err());
         // Another connection's link (another nonce), or another job's key.
-        let mut seal = mac();
-        let tag = seal.seal(b"segment");
-        let mut other_link = key().link_mac(&hello, &[4u8; NONCE_LEN]);
-        assert!(other_link.open(b"segment", &tag).is_err());
+        let (ciphertext, tag) = sealed(&mut cipher(), b"segment");
+        let mut other_link = key().link_cipher(&hello, &[4u8; NONCE_LEN]);
+        assert!(other_link.open(&mut ciphertext.clone(), &tag).is_err());
         let mut other_job =
-            RingKey::derive(b"another job's token").link_mac(&hello, &[3u8; NONCE_LEN]);
-        assert!(other_job.open(b"segment", &tag).is_err());
+            RingKey::derive(b"another job's token").link_cipher(&hello, &[3u8; NONCE_LEN]);
+        assert!(other_job.open(&mut ciphertext.clone(), &tag).is_err());
     }
 
-    /// A peer of the previous wire version (untagged data) is refused at the
-    /// handshake, with a word that says why, never linked and mis-framed.
+    /// Peers of the earlier wire versions (tagged but readable data; untagged
+    /// data) are refused at the handshake, with a word that says why, never
+    /// linked and mis-framed.
     #[test]
-    fn a_peer_of_the_untagged_version_is_refused_at_the_handshake() {
-        // A listener, and a peer of the old version that sends it its hello
+    fn peers_of_earlier_versions_are_refused_at_the_handshake() {
+        // A listener, and a peer of an old version that sends it its hello
         // and returns what it was answered (nothing: no challenge, no
         // verdict) once the connection closes.
-        let old_peer = || {
+        let old_peer = |magic: u32| {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let address = listener.local_addr().unwrap();
             let peer = std::thread::spawn(move || {
                 let stream = TcpStream::connect(address).unwrap();
                 let mut hello = impostor_hello(0, 2);
-                hello[..4].copy_from_slice(&UNTAGGED_MAGIC.to_le_bytes());
+                hello[..4].copy_from_slice(&magic.to_le_bytes());
                 (&stream).write_all(&hello).unwrap();
                 stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 let mut rest = Vec::new();
@@ -2571,19 +2644,23 @@ mod tests {
             });
             (listener, peer)
         };
-        let (listener, peer) = old_peer();
-        let (stream, _) = listener.accept().unwrap();
-        let outcome =
-            challenge_left(&stream, &key(), Instant::now() + Duration::from_secs(10), || true);
-        drop(stream);
-        match outcome {
-            Err(Handshake::Refused(why)) => assert!(why.contains("older version"), "{why}"),
-            other => panic!("an untagged peer was not refused: {other:?}"),
+        for (magic, version) in [(0x5253_4233, "RSB3"), (0x5253_4232, "RSB2")] {
+            let (listener, peer) = old_peer(magic);
+            let (stream, _) = listener.accept().unwrap();
+            let outcome =
+                challenge_left(&stream, &key(), Instant::now() + Duration::from_secs(10), || true);
+            drop(stream);
+            match outcome {
+                Err(Handshake::Refused(why)) => {
+                    assert!(why.contains("older version") && why.contains(version), "{why}")
+                }
+                other => panic!("a peer of {version} was not refused: {other:?}"),
+            }
+            assert!(peer.join().unwrap().is_empty(), "the old peer was answered");
         }
-        assert!(peer.join().unwrap().is_empty(), "the old peer was answered");
         // Waiting for the left neighbour, a rank goes on past the refusal
         // (a hello proves nothing), and its deadline's error says it.
-        let (listener, peer) = old_peer();
+        let (listener, peer) = old_peer(0x5253_4233);
         let loopback = [IpAddr::from([127, 0, 0, 1])];
         let deadline = Instant::now() + Duration::from_secs(2);
         let waited =
@@ -2619,6 +2696,8 @@ mod tests {
             /// The bytes they replace.
             over: Range<usize>,
         },
+        /// Passes every byte on untouched, and records it.
+        Record(Arc<Mutex<Vec<u8>>>),
     }
 
     /// A [`Tamper`] at work on a byte stream.
@@ -2667,6 +2746,10 @@ mod tests {
                         self.held.push(byte);
                     }
                     out.push(if over.contains(&at) { self.held[at - over.start] } else { byte });
+                }
+                Tamper::Record(recorded) => {
+                    recorded.lock().unwrap().push(byte);
+                    out.push(byte);
                 }
             }
         }
@@ -2898,16 +2981,16 @@ mod tests {
         }
     }
 
-    /// The benchmark's switch: untagged links still sum (every rank
-    /// switched), and tagged ones again after switching back; two ranks that
+    /// The benchmark's switch: plaintext links still sum (every rank
+    /// switched), and sealed ones again after switching back; two ranks that
     /// disagree both fail the header check, before any data moves, and stay
     /// in step.
     #[test]
-    fn untagged_links_for_the_benchmark_still_sum_and_switch_back() {
+    fn plaintext_links_for_the_benchmark_still_sum_and_switch_back() {
         let results = with_ring(3, |ring| {
             let mut sums = Vec::new();
-            for untagged in [true, false] {
-                ring.untagged_links_for_benchmark_only(untagged);
+            for plaintext in [true, false] {
+                ring.plaintext_links_for_benchmark_only(plaintext);
                 let mut data = vec![ring.rank() as f32; 100];
                 ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
                 sums.push(data);
@@ -2918,17 +3001,58 @@ mod tests {
             assert_eq!(sums, vec![vec![3.0; 100]; 2]);
         }
         let results = with_ring(2, |ring| {
-            ring.untagged_links_for_benchmark_only(ring.rank() == 1);
+            ring.plaintext_links_for_benchmark_only(ring.rank() == 1);
             let mut data = vec![1.0f32; 100];
             let disagreed = ring.all_reduce_sum(Buffer::Host(&mut data)).map_err(|e| e.to_string());
-            ring.untagged_links_for_benchmark_only(false);
+            ring.plaintext_links_for_benchmark_only(false);
             ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
             (disagreed, data)
         });
         for (disagreed, data) in results {
-            let error = disagreed.expect_err("ranks that disagree on tags summed");
+            let error = disagreed.expect_err("ranks that disagree on sealing summed");
             assert!(error.contains("the benchmark's switch"), "{error}");
             assert_eq!(data, vec![2.0; 100]);
         }
+    }
+
+    /// Nothing a rank sends after the handshake is readable on the wire: a
+    /// man in the middle that records rank 0's stream over two all-reduces
+    /// finds none of its values' bytes, not even a run of 8 of them (two
+    /// floats), where the benchmark's plaintext links show every segment.
+    #[test]
+    fn the_values_a_rank_sends_are_not_readable_on_the_wire() {
+        let sent_in_the_clear = |plaintext: bool| {
+            let recorded = Arc::new(Mutex::new(Vec::new()));
+            let (_, results) = with_tampered_pair(Tamper::Record(recorded.clone()), |ring| {
+                ring.plaintext_links_for_benchmark_only(plaintext);
+                (0..2)
+                    .map(|op| {
+                        let mut data = tampered_values(ring.rank(), op);
+                        ring.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                        data
+                    })
+                    .collect::<Vec<_>>()
+            });
+            for sums in results {
+                assert_eq!(sums, vec![tampered_sums(0), tampered_sums(1)]);
+            }
+            let wire = recorded.lock().unwrap().clone();
+            assert!(wire.len() >= 2 * 10 * 28, "recorded {} bytes", wire.len());
+            // Rank 0's values, and the sums it forwards, in runs of 8 bytes.
+            let mut runs = Vec::new();
+            for op in 0..2 {
+                for values in [tampered_values(0, op), tampered_sums(op)] {
+                    let bytes: &[u8] = bytemuck::cast_slice(&values);
+                    runs.extend(bytes.chunks_exact(8).map(<[u8]>::to_vec));
+                }
+            }
+            let found = runs.iter().filter(|run| wire.windows(8).any(|w| w == &run[..])).count();
+            (found, runs.len())
+        };
+        let (found, runs) = sent_in_the_clear(false);
+        assert_eq!(found, 0, "{found} of {runs} runs of values were readable on the wire");
+        // The same check finds them on links that do not seal.
+        let (found, runs) = sent_in_the_clear(true);
+        assert!(found >= runs / 3, "only {found} of {runs} runs found in plaintext");
     }
 }
