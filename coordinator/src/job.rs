@@ -48,9 +48,10 @@ const BLAME_GRACE: Duration = Duration::from_secs(5);
 /// The same wait when the report names no peer (NCCL), where the ranks that
 /// report nothing are blamed: every healthy rank must have reported by
 /// then, also one whose thread is blocked on the aborted stream, which
-/// NCCL's exit timer ends 20 s after its failure (`EXIT_GRACE` of
-/// `rsb_collective::nccl`) and whose agent then reports it.
-const BLAME_GRACE_PEER_UNKNOWN: Duration = Duration::from_secs(30);
+/// NCCL's exit timer ends [`agent_calls::NCCL_EXIT_GRACE`] after its
+/// failure and whose agent then reports it (30 s: the sum of the steps,
+/// with 5 s to spare; see [`agent_calls::NCCL_PEER_UNKNOWN_REPORTED_WITHIN`]).
+const BLAME_GRACE_PEER_UNKNOWN: Duration = agent_calls::NCCL_PEER_UNKNOWN_REPORTED_WITHIN;
 
 /// What runs the ranks of a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,8 +210,9 @@ pub struct Beat {
 }
 
 /// The longest heartbeat interval members are told to use
-/// ([`Job::heartbeat_interval`]).
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// ([`Job::heartbeat_interval`]): the longest the agents' loops sleep, which
+/// the waits built on them count with.
+pub const HEARTBEAT_INTERVAL: Duration = agent_calls::HEARTBEAT_INTERVAL_MAX;
 /// Default of [`Job::join_timeout`], as torchrun's rendezvous `join_timeout`.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default of [`Job::rejoin_timeout`].

@@ -41,4 +41,32 @@ pub mod agent_calls {
     /// before the next, a pass of its loop, and 5 s to spare (25 s).
     pub const CALLS_AGAIN_WITHIN: Duration =
         Duration::from_secs(CALL_DEADLINE_SECS + BACKOFF_MAX_SECS + LOOP_SLEEP_MAX_SECS + 5);
+
+    /// The longest heartbeat interval a coordinator gives its members (the
+    /// agent's loop sleeps that long between its checks of its ranks).
+    pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(LOOP_SLEEP_MAX_SECS);
+
+    const NCCL_EXIT_GRACE_SECS: u64 = 20;
+    const DEAD_RANK_DRAIN_SECS: u64 = 3;
+
+    /// How long a GPU rank whose NCCL communicator failed has to report the
+    /// failure itself and exit before NCCL's exit timer ends it (the
+    /// worker's `rsb_collective::nccl::EXIT_GRACE`, which a worker test
+    /// checks is this).
+    pub const NCCL_EXIT_GRACE: Duration = Duration::from_secs(NCCL_EXIT_GRACE_SECS);
+
+    /// The longest an agent waits for a dead rank's last stderr lines
+    /// before it reports the rank.
+    pub const DEAD_RANK_STDERR_DRAIN: Duration = Duration::from_secs(DEAD_RANK_DRAIN_SECS);
+
+    /// The longest from a healthy GPU rank's NCCL failure (a collective that
+    /// timed out, its peer unknown) until its report reaches a coordinator
+    /// that answers, when its thread is blocked on the aborted stream and it
+    /// cannot report itself: NCCL's exit timer ends it, a pass of its
+    /// agent's loop finds it dead, the agent waits for its last stderr
+    /// lines and reports it; with 5 s to spare (30 s). The coordinator waits
+    /// this long after the first such report before it names the ranks
+    /// that sent none.
+    pub const NCCL_PEER_UNKNOWN_REPORTED_WITHIN: Duration =
+        Duration::from_secs(NCCL_EXIT_GRACE_SECS + LOOP_SLEEP_MAX_SECS + DEAD_RANK_DRAIN_SECS + 5);
 }

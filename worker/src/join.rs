@@ -51,7 +51,7 @@ use clap::Args;
 use rsb_collective::ring::{RingConfig, RingKey, RingListener};
 use rsb_collective::Collective;
 use rsb_job::{BatchPlan, MetricsRecord};
-use rsb_proto::agent_calls::{HEARTBEAT_BACKOFF_MAX, HEARTBEAT_DEADLINE};
+use rsb_proto::agent_calls::{self, HEARTBEAT_BACKOFF_MAX, HEARTBEAT_DEADLINE};
 use rsb_proto::auth::{self, Credentials, Secret};
 use rsb_proto::v1 as pb;
 use rsb_proto::v1::coordinator_client::CoordinatorClient;
@@ -760,8 +760,9 @@ struct StderrRelay {
 }
 
 impl StderrRelay {
-    /// Longest wait for a dead rank's last stderr lines.
-    const DRAIN: Duration = Duration::from_secs(3);
+    /// Longest wait for a dead rank's last stderr lines (the coordinator's
+    /// wait for NCCL ranks' reports counts with it).
+    const DRAIN: Duration = agent_calls::DEAD_RANK_STDERR_DRAIN;
 
     fn start(stderr: Option<tokio::process::ChildStderr>) -> StderrRelay {
         let last_error = Arc::new(std::sync::Mutex::new(None));
@@ -1529,6 +1530,21 @@ mod tests {
         assert!(!ended_for_a_collective(exited(1)));
         // Killed by a signal: no exit status.
         assert!(!ended_for_a_collective(std::process::ExitStatus::from_raw(9)));
+    }
+
+    /// The coordinator's wait for such a rank's report is built on the
+    /// protocol's copy of NCCL's exit grace: it must be the exit timer's.
+    /// And the wait covers each step from the rank's failure to its report.
+    #[test]
+    fn the_coordinators_wait_for_an_nccl_ranks_report_counts_with_the_exit_timers_grace() {
+        assert_eq!(agent_calls::NCCL_EXIT_GRACE, rsb_collective::nccl::EXIT_GRACE);
+        let steps =
+            agent_calls::NCCL_EXIT_GRACE + agent_calls::HEARTBEAT_INTERVAL_MAX + StderrRelay::DRAIN;
+        assert!(
+            agent_calls::NCCL_PEER_UNKNOWN_REPORTED_WITHIN >= steps + Duration::from_secs(5),
+            "{:?} leaves less than 5 s over {steps:?}",
+            agent_calls::NCCL_PEER_UNKNOWN_REPORTED_WITHIN
+        );
     }
 
     #[test]
