@@ -5,7 +5,11 @@
 //!
 //! * A job ends successfully with metrics and a checkpoint in its run folder,
 //!   its workers calling the coordinator over TLS (a certificate the start
-//!   made, signed by its own CA).
+//!   made, signed by its own CA). Submitted again on its run folder (as
+//!   Slurm would requeue it after its end), it trains nothing and ends
+//!   successfully at once: its coordinator finds the job finished and
+//!   exits 0, and its workers, with no coordinator to join, are stopped
+//!   after their grace instead of retrying it for minutes, then failing.
 //! * A job given the signal Slurm sends before its time limit
 //!   (`--signal=B:USR1@300`: SIGUSR1 to the batch shell alone, sent here with
 //!   `scancel --batch`) stops its ranks with a checkpoint of the update they
@@ -188,6 +192,27 @@ fn sbatch_runs_a_two_node_job() {
     let mode = std::fs::metadata(tls.join("coordinator.key")).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "coordinator.key is mode {mode:o}");
     assert!(!log.contains("without TLS"), "{log}");
+
+    // Started again: the workers (retrying a coordinator that has gone for
+    // 2 minutes, then failing) are stopped 5 s after it ended.
+    let again_log = trial.tmp.path().join("again.out");
+    let began = Instant::now();
+    let again = cluster
+        .sbatch(&["--wait"], data, out, &again_log, &[])
+        .env("RSB_WORKER_GRACE_SECS", "5")
+        .output()
+        .unwrap();
+    let took = began.elapsed();
+    let log = std::fs::read_to_string(&again_log).unwrap_or_default();
+    assert!(
+        again.status.success(),
+        "the finished job started again failed after {took:?}:\n{}\n{log}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(log.contains("nothing is left to train"), "{log}");
+    assert!(log.contains("is finished; its workers' step, stopped"), "{log}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{log}");
+    eprintln!("the finished job, started again, ended successfully in {:.1} s", took.as_secs_f64());
 }
 
 #[test]

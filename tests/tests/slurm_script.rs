@@ -4,8 +4,11 @@
 //! is requeued after the signal Slurm sends before a time limit (one that
 //! wrote a checkpoint and did not finish), which is not (one that wrote
 //! none, one that finished as the signal came), that a signal that comes
-//! before the workers' step is listed still stops it, and how the script
-//! tells its checkpoints apart. The script runs on a real Slurm cluster in
+//! before the workers' step is listed still stops it, how the script
+//! tells its checkpoints apart, and that a coordinator that ends while the
+//! workers' step runs (a finished job started again: it exits 0 at once)
+//! has that step stopped after a grace, the job ending at once with the
+//! coordinator's status. The script runs on a real Slurm cluster in
 //! `tests/slurm.rs`.
 
 use rsb_integration_tests::workspace_root;
@@ -112,9 +115,11 @@ esac
 "#;
 
 /// `worker join`: runs until SIGTERM (or `FAKE_WORKER_RUNS` seconds, then
-/// exits 0); it ends writing the checkpoint `FAKE_CHECKPOINT` names (if
-/// any), and exits 1 when stopped, as a stopped `worker join` does. Its
-/// step is listed `FAKE_LISTED_AFTER` seconds after it starts.
+/// exits 0; or `FAKE_WORKER_FAILS_AFTER` seconds, then exits 1, as one
+/// that retried a coordinator that never answered until its deadline
+/// does); it ends writing the checkpoint `FAKE_CHECKPOINT` names (if any),
+/// and exits 1 when stopped, as a stopped `worker join` does. Its step is
+/// listed `FAKE_LISTED_AFTER` seconds after it starts.
 const WORKER: &str = r#"#!/bin/bash
 end() {
   if [ -n "${FAKE_CHECKPOINT:-}" ]; then
@@ -128,8 +133,12 @@ trap 'end 1' TERM
 (sleep "${FAKE_LISTED_AFTER:-0}"; touch "$FAKE_STATE/listed") &
 touch "$FAKE_STATE/worker.started"
 if [ -n "${FAKE_WORKER_RUNS:-}" ]; then
-  sleep "$FAKE_WORKER_RUNS"
+  sleep "$FAKE_WORKER_RUNS" & wait $!
   end 0
+fi
+if [ -n "${FAKE_WORKER_FAILS_AFTER:-}" ]; then
+  sleep "$FAKE_WORKER_FAILS_AFTER" & wait $!
+  end 1
 fi
 while :; do sleep 1 & wait $!; done
 "#;
@@ -137,8 +146,14 @@ while :; do sleep 1 & wait $!; done
 /// `coordinator up`: ends when the worker has, with `FAKE_COORDINATOR_EXIT`
 /// (0: every rank finished; 1: the job failed, as a stopped one does); with
 /// `FAKE_COORDINATOR_WAITS` set, it runs on (waiting for hosts) until
-/// SIGTERM, then exits 1.
+/// SIGTERM, then exits 1; with `FAKE_COORDINATOR_AT_ONCE` set, it exits
+/// with `FAKE_COORDINATOR_EXIT` at once (0: as `--auto-resume` on a job
+/// that finished does).
 const COORDINATOR: &str = r#"#!/bin/bash
+if [ -n "${FAKE_COORDINATOR_AT_ONCE:-}" ]; then
+  echo "--auto-resume: the job in $FAKE_OUT finished (fake); nothing is left to train"
+  exit "${FAKE_COORDINATOR_EXIT:-1}"
+fi
 if [ -n "${FAKE_COORDINATOR_WAITS:-}" ]; then
   trap 'exit 1' TERM
   while :; do sleep 1 & wait $!; done
@@ -158,6 +173,10 @@ struct Ended {
     log: String,
     requeued: bool,
     sigterms_to_the_step: usize,
+    /// From its start to its end.
+    took: Duration,
+    /// Whether the fake worker has ended (stopped, or by itself).
+    worker_ended: bool,
 }
 
 /// A process group, killed when dropped: what a start left running (a fake
@@ -235,9 +254,9 @@ impl Start {
             }
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
         }
-        let status = loop {
+        let (status, took) = loop {
             if let Some(status) = script.try_wait().unwrap() {
-                break status;
+                break (status, began.elapsed());
             }
             if began.elapsed() > Duration::from_secs(30) {
                 panic!("the script did not end within 30 s:\n{}", read_log());
@@ -250,6 +269,8 @@ impl Start {
             log: read_log(),
             requeued: self.path("state/requeued").exists(),
             sigterms_to_the_step: sigterms.lines().count(),
+            took,
+            worker_ended: self.path("state/worker.exited").exists(),
         }
     }
 
@@ -336,4 +357,87 @@ fn a_job_without_the_signal_ends_with_its_status_and_is_not_requeued() {
     let ended = failed.run(&[("FAKE_WORKER_RUNS", "1"), ("FAKE_COORDINATOR_EXIT", "3")], None);
     assert_eq!(ended.status.code(), Some(3), "{}", ended.log);
     assert!(!ended.requeued, "{}", ended.log);
+}
+
+/// A finished job started again (resubmitted, or requeued by Slurm after
+/// its end): its coordinator exits 0 at once, and its workers, which never
+/// joined, would retry it for 20 s, then fail. They are stopped once the
+/// grace after the coordinator's end (2 s here) has passed, and the job
+/// ends successfully then, not when (or as) they would have.
+#[test]
+fn a_finished_job_started_again_stops_its_workers_after_the_grace_and_succeeds() {
+    let start = Start::new();
+    let env = [
+        ("FAKE_COORDINATOR_AT_ONCE", "1"),
+        ("FAKE_COORDINATOR_EXIT", "0"),
+        ("FAKE_WORKER_FAILS_AFTER", "20"),
+        ("RSB_WORKER_GRACE_SECS", "2"),
+    ];
+    let ended = start.run(&env, None);
+    assert_eq!(
+        ended.status.code(),
+        Some(0),
+        "{:?} after {:?}\n{}",
+        ended.status,
+        ended.took,
+        ended.log
+    );
+    assert!(ended.took < Duration::from_secs(2 + 8), "took {:?}:\n{}", ended.took, ended.log);
+    assert!(ended.sigterms_to_the_step >= 1 && ended.worker_ended, "{}", ended.log);
+    assert!(!ended.requeued, "{}", ended.log);
+    assert!(ended.log.contains("rsb: job 7 is finished"), "{}", ended.log);
+    eprintln!("ended successfully {:.1} s after its start", ended.took.as_secs_f64());
+}
+
+/// A coordinator that fails at once while its workers would retry it for
+/// 20 s: they are stopped after the grace, and the job fails then, with
+/// the coordinator's status.
+#[test]
+fn a_coordinator_that_fails_at_once_stops_its_workers_after_the_grace_and_fails() {
+    let start = Start::new();
+    let env = [
+        ("FAKE_COORDINATOR_AT_ONCE", "1"),
+        ("FAKE_COORDINATOR_EXIT", "3"),
+        ("FAKE_WORKER_FAILS_AFTER", "20"),
+        ("RSB_WORKER_GRACE_SECS", "2"),
+    ];
+    let ended = start.run(&env, None);
+    assert_eq!(
+        ended.status.code(),
+        Some(3),
+        "{:?} after {:?}\n{}",
+        ended.status,
+        ended.took,
+        ended.log
+    );
+    assert!(ended.took < Duration::from_secs(2 + 8), "took {:?}:\n{}", ended.took, ended.log);
+    assert!(ended.sigterms_to_the_step >= 1 && ended.worker_ended, "{}", ended.log);
+    assert!(!ended.requeued, "{}", ended.log);
+    eprintln!("failed {:.1} s after its start", ended.took.as_secs_f64());
+}
+
+/// Workers that end by themselves within the grace after the coordinator
+/// (as they do after a coordinator that finished the job) are not
+/// signalled: the job ends with their status.
+#[test]
+fn workers_that_end_within_the_grace_after_the_coordinator_are_not_stopped() {
+    let start = Start::new();
+    let env = [
+        ("FAKE_COORDINATOR_AT_ONCE", "1"),
+        ("FAKE_COORDINATOR_EXIT", "0"),
+        ("FAKE_WORKER_RUNS", "2"),
+    ];
+    let ended = start.run(&env, None);
+    assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
+    assert_eq!(ended.sigterms_to_the_step, 0, "{}", ended.log);
+    assert!(!ended.log.contains("stopping it"), "{}", ended.log);
+    let failing = Start::new();
+    let env = [
+        ("FAKE_COORDINATOR_AT_ONCE", "1"),
+        ("FAKE_COORDINATOR_EXIT", "0"),
+        ("FAKE_WORKER_FAILS_AFTER", "2"),
+    ];
+    let ended = failing.run(&env, None);
+    assert_eq!(ended.status.code(), Some(1), "{}", ended.log);
+    assert_eq!(ended.sigterms_to_the_step, 0, "{}", ended.log);
 }
