@@ -1691,13 +1691,7 @@ impl Job {
         let host = self.host_name_of_rank(rank);
         let others = match others {
             [] => String::new(),
-            more => format!(
-                " (as did {})",
-                more.iter()
-                    .map(|&r| format!("rank {r} on {}", self.host_name_of_rank(r)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            more => format!(" (as did {})", self.ranks_with_hosts(more)),
         };
         let what = format!(
             "stopped answering in a collective{others}: {reports} rank(s) reported a collective \
@@ -2013,6 +2007,13 @@ impl Job {
         self.host_of_rank(u64::from(rank)).unwrap_or("an unknown host").to_string()
     }
 
+    /// `ranks` for a message, each with its host: "rank 1 on a, rank 3 on b".
+    fn ranks_with_hosts(&self, ranks: &[u32]) -> String {
+        let named: Vec<String> =
+            ranks.iter().map(|&r| format!("rank {r} on {}", self.host_name_of_rank(r))).collect();
+        named.join(", ")
+    }
+
     /// The host of the member that holds global rank `rank`, if any.
     fn host_of_rank(&self, rank: u64) -> Option<&str> {
         let rank = u32::try_from(rank).ok()?;
@@ -2256,10 +2257,7 @@ impl Job {
                     let host = self.host_name_of_rank(first);
                     let others = match &askers[1..] {
                         [] => String::new(),
-                        more => format!(
-                            ", as did rank(s) {}",
-                            more.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-                        ),
+                        more => format!(", as did {}", self.ranks_with_hosts(more)),
                     };
                     let failure = format!(
                         "rank {first} on {host} {ASKED_TO_STOP}{others}; rank {rank} on {}: \
@@ -2978,7 +2976,7 @@ pub(crate) mod tests {
         let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
         assert!(
             reason.starts_with("rank 0 on a asked every rank to stop")
-                && reason.contains(", as did rank(s) 1;"),
+                && reason.contains(", as did rank 1 on b;"),
             "{reason}"
         );
     }

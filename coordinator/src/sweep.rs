@@ -361,8 +361,26 @@ impl Scheduler {
     /// host the sweep refuses (its ranks do not divide `--ranks-per-run`,
     /// or it is unlike the sweep's first host) is not with the sweep: it
     /// leaves the time without hosts ([`Scheduler::without_hosts_for`]) to
-    /// run on.
+    /// run on; a host a run's job takes, or one told to join again, restarts
+    /// it.
     pub fn place(
+        &mut self,
+        jobs: &mut Vec<Job>,
+        host: &str,
+        kind: DeviceKind,
+        local_ranks: u32,
+        advertise: Option<IpAddr>,
+    ) -> Result<Placement, JobError> {
+        let placement = self.choose_placement(jobs, host, kind, local_ranks, advertise)?;
+        if matches!(placement, Placement::Member { .. } | Placement::JoinAgain(_)) {
+            self.last_host_seen = Instant::now();
+        }
+        Ok(placement)
+    }
+
+    /// Where [`Scheduler::place`] puts a host, its clock of the time without
+    /// hosts aside.
+    fn choose_placement(
         &mut self,
         jobs: &mut Vec<Job>,
         host: &str,
@@ -401,14 +419,12 @@ impl Scheduler {
                 let running = self.counts().running as u32;
                 if self.settings.max_parallel.is_some_and(|cap| running >= cap) {
                     // A host of the sweep's shape, told to join again.
-                    self.last_host_seen = Instant::now();
                     return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 }
                 let Some(run) = self.queue.pop_front() else {
                     if self.is_over() {
                         return Ok(Placement::SweepOver);
                     }
-                    self.last_host_seen = Instant::now();
                     return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 };
                 match self.start(jobs, run, per_run / local_ranks) {
@@ -429,7 +445,6 @@ impl Scheduler {
         // reached at, a name too long): only a host it takes is with the
         // sweep.
         let (id, secret, pending) = jobs[index].join(host, kind, local_ranks, advertise)?;
-        self.last_host_seen = Instant::now();
         // The sweep's hosts are alike: this one's shape is theirs, once a
         // run's job took it (a refused first host sets nothing).
         self.host_shape.get_or_insert((kind, local_ranks));
