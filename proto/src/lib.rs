@@ -64,9 +64,12 @@ pub mod agent_calls {
     /// that answers, when its thread is blocked on the aborted stream and it
     /// cannot report itself: NCCL's exit timer ends it, a pass of its
     /// agent's loop finds it dead, the agent waits for its last stderr
-    /// lines and reports it; with 5 s to spare (30 s). The coordinator waits
-    /// this long after the first such report before it names the ranks
-    /// that sent none.
+    /// lines and reports it; with 5 s to spare (30 s), which must also hold
+    /// the Leave call itself and how much later than the first reporting
+    /// rank this one entered the collective (its timeout counts from
+    /// there). The coordinator waits this long after the first such report
+    /// before it names the ranks that sent none; a healthy rank later than
+    /// that is named with them (the job fails all the same).
     pub const NCCL_PEER_UNKNOWN_REPORTED_WITHIN: Duration =
         Duration::from_secs(NCCL_EXIT_GRACE_SECS + LOOP_SLEEP_MAX_SECS + DEAD_RANK_DRAIN_SECS + 5);
 }

@@ -418,7 +418,8 @@ fn a_coordinator_that_fails_at_once_stops_its_workers_after_the_grace_and_fails(
 
 /// Workers that end by themselves within the grace after the coordinator
 /// (as they do after a coordinator that finished the job) are not
-/// signalled: the job ends with their status.
+/// signalled: the job ends with 0, as the coordinator did (also when they
+/// fail on their way out).
 #[test]
 fn workers_that_end_within_the_grace_after_the_coordinator_are_not_stopped() {
     let start = Start::new();
@@ -437,7 +438,35 @@ fn workers_that_end_within_the_grace_after_the_coordinator_are_not_stopped() {
         ("FAKE_COORDINATOR_EXIT", "0"),
         ("FAKE_WORKER_FAILS_AFTER", "2"),
     ];
+    // Workers that fail on their way out after a coordinator that exited
+    // 0 (it does only once the job finished): the job is finished all the
+    // same, as it is when they are stopped after the grace.
     let ended = failing.run(&env, None);
-    assert_eq!(ended.status.code(), Some(1), "{}", ended.log);
+    assert_eq!(ended.status.code(), Some(0), "{}", ended.log);
     assert_eq!(ended.sigterms_to_the_step, 0, "{}", ended.log);
+    assert!(
+        ended.log.contains("is finished; its workers' step exited 1 after it"),
+        "{}",
+        ended.log
+    );
+}
+
+/// A grace that is not a whole number of seconds is refused at the start,
+/// naming the variable, not met once the coordinator ends.
+#[test]
+fn a_grace_that_is_not_whole_seconds_is_refused_at_the_start() {
+    for (knob, value) in [
+        ("RSB_WORKER_GRACE_SECS", "030"),
+        ("RSB_WORKER_GRACE_SECS", "thirty"),
+        ("RSB_STOP_GRACE_SECS", "1.5"),
+    ] {
+        let start = Start::new();
+        let ended = start.run(&[(knob, value), ("FAKE_COORDINATOR_AT_ONCE", "1")], None);
+        assert_eq!(ended.status.code(), Some(2), "{knob}={value}: {}", ended.log);
+        assert!(
+            ended.log.contains(&format!("{knob}={value} is not a whole number of seconds")),
+            "{knob}={value}: {}",
+            ended.log
+        );
+    }
 }

@@ -7,7 +7,7 @@
 //! exists for this comparison only), so both see the same machine at the
 //! same time.
 //!
-//!     cargo run --release -p rsb-collective --example ring_encryption_bench -- [--ranks N] [--rounds R] [--mib SIZE]...
+//!     cargo run --release -p rsb-collective --features bench --example ring_encryption_bench -- [--ranks N] [--rounds R] [--mib SIZE]...
 //!
 //! It first prints how fast one thread seals and opens 1 MiB messages (what
 //! bounds a link across hosts). Defaults: 2 ranks, 5 rounds of each, 25 and

@@ -52,7 +52,9 @@
 //! segment of an all-reduce, each block of a link probe; broadcasts and
 //! barriers are all-reduces) is sealed under that key with a 96-bit nonce
 //! made of its sequence number, which counts the link's messages from 0 at
-//! both ends and is never sent (so no nonce is used twice under one key),
+//! both ends and is never sent; every 65,536 messages both ends move on to
+//! a fresh key, derived from the link's (so no nonce is used twice under
+//! one key, and no key seals more than AES-GCM's bound allows),
 //! and travels as its ciphertext (as long as the message) followed by
 //! GCM's 16-byte tag. The receiving side checks the tag (in constant time)
 //! and decrypts in place before it adds the bytes into the sum, forwards
@@ -122,6 +124,16 @@ const TAG_LEN: usize = 32;
 const LINK_TAG_LEN: usize = 16;
 /// The label of a link key's derivation (see [`RingKey::link_cipher`]).
 const LINK_KEY_LABEL: &[u8] = b"rsb ring link v2";
+/// The label of the derivation of a link's key for each run of
+/// [`MESSAGES_PER_KEY`] messages from the link key.
+const MESSAGE_KEY_LABEL: &[u8] = b"rsb ring link messages";
+/// Messages sealed under one key: a link moves on to a fresh key (derived
+/// from its link key and the run's number, by both ends) after this many,
+/// so that no key seals more than 2^16 segments (16 GiB at the default
+/// 64 Ki floats), well within AES-GCM's bound for one key (about 2^38.5
+/// bytes for the margin TLS 1.3 keeps), where a long run sends tens of
+/// terabytes on a link.
+const MESSAGES_PER_KEY: u64 = 1 << 16;
 /// The direction of a link key: the data a connection carries flows from
 /// its connecting side (the left rank) to its accepting side.
 const CONNECTOR_TO_ACCEPTOR: &[u8] = b"connector to acceptor";
@@ -190,26 +202,43 @@ impl RingKey {
     /// values are fresh for every connection, so is the key.
     fn link_cipher(&self, hello: &[u8], nonce: &[u8]) -> LinkCipher {
         let link_key = tag(&self.0, &[LINK_KEY_LABEL, CONNECTOR_TO_ACCEPTOR, hello, nonce]);
-        // A 32-byte key is AES-256's length: this cannot fail.
-        let key = UnboundKey::new(&AES_256_GCM, &link_key)
-            .unwrap_or_else(|_| unreachable!("AES-256-GCM key length"));
-        LinkCipher { key: LessSafeKey::new(key), next: 0, data_sealed: true, sealed: Vec::new() }
+        LinkCipher {
+            key: message_key(&link_key, 0),
+            link_key,
+            next: 0,
+            data_sealed: true,
+            sealed: Vec::new(),
+        }
     }
+}
+
+/// The AES-256-GCM key of run `run` of [`MESSAGES_PER_KEY`] messages on a
+/// link: HMAC-SHA256(link key, "rsb ring link messages" || run).
+fn message_key(link_key: &[u8], run: u64) -> LessSafeKey {
+    let key = tag(link_key, &[MESSAGE_KEY_LABEL, &run.to_be_bytes()]);
+    // A 32-byte key is AES-256's length: this cannot fail.
+    let key =
+        UnboundKey::new(&AES_256_GCM, &key).unwrap_or_else(|_| unreachable!("AES-256 key length"));
+    LessSafeKey::new(key)
 }
 
 /// The cipher of one link's data, at one of its ends: the sending side
 /// seals each message, the receiving side opens each, both counting the
 /// messages (see the module documentation).
 struct LinkCipher {
-    /// AES-256-GCM under the link key.
+    /// The link key, which the message keys are derived from (never sent).
+    link_key: [u8; TAG_LEN],
+    /// AES-256-GCM under the key of the current run of messages
+    /// ([`message_key`] of `next / MESSAGES_PER_KEY`).
     key: LessSafeKey,
     /// The sequence number of the next message, its nonce (never sent: both
-    /// sides count; one key per connection, so no nonce is used twice
-    /// under a key).
+    /// sides count; keys of their own for every connection and every run of
+    /// messages, so no nonce is used twice under a key).
     next: u64,
     /// Whether data messages (segments, probe blocks) are sealed: always in
     /// a product ring; only the benchmark's comparison turns it off (see
-    /// [`TcpRing::plaintext_links_for_benchmark_only`]). Headers always are.
+    /// `TcpRing::plaintext_links_for_benchmark_only`, with the `bench`
+    /// feature). Headers always are.
     data_sealed: bool,
     /// The sending side's ciphertext of the message being sent (the data
     /// it seals is the caller's, and stays plaintext there).
@@ -254,8 +283,11 @@ struct IntegrityFailure {
 
 impl LinkCipher {
     /// The nonce of the next message (its sequence number), and the count
-    /// moved on.
+    /// moved on; the key moved on first where a run of messages begins.
     fn next_nonce(&mut self) -> Nonce {
+        if self.next > 0 && self.next.is_multiple_of(MESSAGES_PER_KEY) {
+            self.key = message_key(&self.link_key, self.next / MESSAGES_PER_KEY);
+        }
         let mut nonce = [0u8; AEAD_NONCE_LEN];
         nonce[AEAD_NONCE_LEN - 8..].copy_from_slice(&self.next.to_be_bytes());
         self.next += 1;
@@ -278,8 +310,8 @@ impl LinkCipher {
     }
 
     /// Opens the next message received, `bytes` (its ciphertext, decrypted
-    /// in place), once its tag holds (checked in constant time); on a
-    /// failure `bytes` holds nothing of use.
+    /// in place, then its tag checked in constant time): an error when the
+    /// tag does not hold, and `bytes` is then zeroed, nothing of use.
     fn open(&mut self, bytes: &mut [u8], tag: &[u8; LINK_TAG_LEN]) -> Result<(), IntegrityFailure> {
         let message = self.next;
         let nonce = self.next_nonce();
@@ -296,8 +328,9 @@ impl LinkCipher {
 /// with a link's cipher, in bytes per second: sealing as a link's sending
 /// thread does (the copy into the ciphertext buffer included), opening in
 /// place as its receiving thread does. Across hosts, each direction of a
-/// link is bounded by the slower of the two.
-#[doc(hidden)]
+/// link is bounded by the slower of the two. Built with the `bench`
+/// feature only.
+#[cfg(any(test, feature = "bench"))]
 pub fn cipher_rates_for_benchmark_only(bytes: usize, rounds: usize) -> (f64, f64) {
     let key = RingKey::derive(b"the benchmark's token");
     let link = || key.link_cipher(b"hello", b"nonce");
@@ -642,7 +675,7 @@ impl From<std::io::Error> for Handshake {
 /// and decides at once), all by `deadline`. Only a verdict that refuses is
 /// [`Handshake::Refused`]; no verdict (the connection broke off, the time
 /// ran out) is [`Handshake::Io`], which the caller tries again. Accepted:
-/// the integrity check of the data this rank sends on the link.
+/// the cipher of the data this rank sends on the link.
 fn prove_to_right(
     stream: &TcpStream,
     rank: usize,
@@ -717,7 +750,7 @@ fn read_exact_until(stream: &TcpStream, buf: &mut [u8], until: Instant) -> std::
 
 /// The accepting side: read the hello, answer with a nonce and our proof,
 /// check the connecting side's proof, all by `until`. Returns the
-/// connecting rank and world, and the integrity check of the data it sends
+/// connecting rank and world, and the cipher of the data it sends
 /// on the link. `settle` is asked once the proof holds,
 /// before the verdict is sent: false (the connection was evicted while it
 /// was being challenged) fails the handshake, so a connection is never
@@ -913,8 +946,8 @@ impl Pool {
 /// thousands a second, not the trickle of one per slot per handshake
 /// timeout (6.4 a second) that held every slot when the new connection was
 /// the one closed. A connection whose proof holds is never evicted (see
-/// [`Claim`]), and it is the one returned, with the integrity check of
-/// the data it will carry. A pool's threads, evicted ones
+/// [`Claim`]), and it is the one returned, with the cipher of the data
+/// it will carry. A pool's threads, evicted ones
 /// not yet ended included, number at most twice its limit (an evicted
 /// thread ends within moments of its eviction, so the excess is a handful
 /// at most); a connection past that bound is closed at once (counted in a
@@ -1122,8 +1155,7 @@ fn accept_left(
     }
 }
 
-/// A rank's two links, each with the integrity check of its data at this
-/// end (one sending thread and one receiving thread lock them, one each).
+/// A rank's two links, each with the cipher of its data at this end (one sending thread and one receiving thread lock them, one each).
 #[derive(Debug)]
 struct Links {
     to_right: TcpStream,
@@ -1417,8 +1449,9 @@ impl TcpRing {
     /// `false` seals it again. Headers stay sealed and say which it is, so
     /// ranks that disagree fail the next collective's header check instead
     /// of mis-framing data (with two ranks, both of them, before any data
-    /// moves). Nothing else calls it: a product ring always seals.
-    #[doc(hidden)]
+    /// moves). Built with the `bench` feature only, which no product
+    /// binary enables: a product ring always seals.
+    #[cfg(any(test, feature = "bench"))]
     pub fn plaintext_links_for_benchmark_only(&mut self, plaintext: bool) {
         if let Some(links) = &self.links {
             lock(&links.seal).data_sealed = !plaintext;
@@ -2619,6 +2652,39 @@ mod tests {
         let mut other_job =
             RingKey::derive(b"another job's token").link_cipher(&hello, &[3u8; NONCE_LEN]);
         assert!(other_job.open(&mut ciphertext.clone(), &tag).is_err());
+    }
+
+    /// A link moves on to a fresh key every [`MESSAGES_PER_KEY`] messages:
+    /// both ends open across the change, and an end that kept the key of
+    /// the run before cannot open what follows it.
+    #[test]
+    fn a_link_moves_on_to_a_fresh_key_every_run_of_messages() {
+        let hello = impostor_hello(0, 2);
+        // A link's end as it stands before message `next`.
+        let at = |next: u64, run: u64| {
+            let mut cipher = key().link_cipher(&hello, &[3u8; NONCE_LEN]);
+            cipher.next = next;
+            cipher.key = message_key(&cipher.link_key, run);
+            cipher
+        };
+        let sealed = |cipher: &mut LinkCipher| {
+            let (ciphertext, tag) = cipher.seal(b"segment").unwrap();
+            (ciphertext.to_vec(), tag)
+        };
+        let last_of_the_first_run = MESSAGES_PER_KEY - 1;
+        let (mut seal, mut open) = (at(last_of_the_first_run, 0), at(last_of_the_first_run, 0));
+        for _ in 0..3 {
+            let (mut ciphertext, tag) = sealed(&mut seal);
+            open.open(&mut ciphertext, &tag).unwrap();
+            assert_eq!(ciphertext, b"segment");
+        }
+        // Both moved on at message MESSAGES_PER_KEY: the first run's key
+        // does not open the next message, the second run's does.
+        let next = MESSAGES_PER_KEY + 2;
+        assert_eq!(seal.next, next);
+        let (ciphertext, tag) = sealed(&mut seal);
+        assert!(at(next, 0).open(&mut ciphertext.clone(), &tag).is_err());
+        at(next, 1).open(&mut ciphertext.clone(), &tag).unwrap();
     }
 
     /// Peers of the earlier wire versions (tagged but readable data; untagged
