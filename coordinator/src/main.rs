@@ -655,11 +655,14 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // Each pass's change of the state runs off this task, which listens
     // for stop signals meanwhile: a state write that hangs (a hung file
     // system) must not keep Ctrl-C or a scheduler's SIGTERM from acting.
-    let outcome = 'watch: loop {
-        let stopped_by = 'pass: {
+    // A pass is `Ok(None)` to go on, `Ok(Some(outcome))` at the end, and
+    // `Err(signal)` when a stop signal came first (also during one of its
+    // changes of the state).
+    let outcome = loop {
+        let pass = async {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                signal = stop_signals.recv() => break 'pass Some(signal),
+                signal = stop_signals.recv() => return Err(signal),
             }
             for (i, child) in children.iter_mut().enumerate() {
                 if exited[i] {
@@ -676,14 +679,11 @@ async fn up(mut args: UpArgs) -> Result<()> {
                                 tracing::warn!("{what}")
                             }
                             Work::Job { elastic: false } => {
-                                let failed = shared
+                                shared
                                     .update_unless(stop_signals.recv(), move |state| {
                                         state.fail_all(&what)
                                     })
-                                    .await;
-                                if let Err(signal) = failed {
-                                    break 'pass Some(signal);
-                                }
+                                    .await?;
                             }
                         }
                     }
@@ -695,14 +695,10 @@ async fn up(mut args: UpArgs) -> Result<()> {
                         state.check_liveness();
                         state.jobs[0].phase.clone()
                     });
-                    let phase = match checked.await {
-                        Ok(phase) => phase,
-                        Err(signal) => break 'pass Some(signal),
-                    };
-                    match phase {
-                        Phase::Finished => break 'watch Ok(()),
+                    match checked.await? {
+                        Phase::Finished => return Ok(Some(Ok(()))),
                         Phase::Failed(reason) => {
-                            break 'watch Err(anyhow::anyhow!("job failed: {reason}"))
+                            return Ok(Some(Err(anyhow::anyhow!("job failed: {reason}"))))
                         }
                         Phase::Waiting | Phase::Running => {}
                     }
@@ -716,13 +712,10 @@ async fn up(mut args: UpArgs) -> Result<()> {
                         });
                         (snapshot, jobs.is_empty())
                     });
-                    let (snapshot, none_started) = match checked.await {
-                        Ok(checked) => checked,
-                        Err(signal) => break 'pass Some(signal),
-                    };
+                    let (snapshot, none_started) = checked.await?;
                     let Some((counts, views, over, without_hosts)) = snapshot else {
                         progress.finish();
-                        break 'watch Err(anyhow::anyhow!("the sweep's queue is gone"));
+                        return Ok(Some(Err(anyhow::anyhow!("the sweep's queue is gone"))));
                     };
                     // Its runs wait for the hosts earlier runs free, but not for
                     // hosts that are all gone, or that never came: the time
@@ -732,12 +725,12 @@ async fn up(mut args: UpArgs) -> Result<()> {
                     if without_hosts.is_some_and(|idle| idle > join_timeout) {
                         progress.finish();
                         if none_started {
-                            break 'watch Err(anyhow::anyhow!(
+                            return Ok(Some(Err(anyhow::anyhow!(
                                 "no worker host joined the sweep within {join_timeout_secs} s \
                                  (--join-timeout-secs); `coordinator up --resume {}` starts it \
                                  again",
                                 out.display()
-                            ));
+                            ))));
                         }
                         let waiting: Vec<String> = views
                             .iter()
@@ -754,7 +747,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
                         } else {
                             format!("; {}", waiting.join("; "))
                         };
-                        break 'watch Err(anyhow::anyhow!(
+                        return Ok(Some(Err(anyhow::anyhow!(
                             "no run of the sweep trained and no worker host asked for one for \
                              {join_timeout_secs} s (--join-timeout-secs{waiting}), with {} of {} \
                              run(s) left ({} finished, {} failed); `coordinator up --resume {}` \
@@ -764,7 +757,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
                             counts.finished,
                             counts.failed,
                             out.display()
-                        ));
+                        ))));
                     }
                     progress.update(counts, &views);
                     if over {
@@ -778,7 +771,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
                             counts.total,
                             out.display()
                         );
-                        break 'watch if failed.is_empty() {
+                        return Ok(Some(if failed.is_empty() {
                             Ok(())
                         } else {
                             Err(anyhow::anyhow!(
@@ -790,33 +783,39 @@ async fn up(mut args: UpArgs) -> Result<()> {
                                 failed.join(", "),
                                 out.display()
                             ))
-                        };
+                        }));
                     }
                     // Checked after the end: workers exit once the sweep is over.
                     if !children.is_empty() && exited.iter().all(|e| *e) {
-                        let failed = shared
+                        shared
                             .update_unless(stop_signals.recv(), |state| {
                                 state.fail_all("every local worker exited")
                             })
-                            .await;
-                        if let Err(signal) = failed {
-                            break 'pass Some(signal);
-                        }
+                            .await?;
                         progress.finish();
-                        break 'watch Err(anyhow::anyhow!(
+                        return Ok(Some(Err(anyhow::anyhow!(
                             "every local worker exited before the sweep ended; `coordinator up \
                              --resume {}` runs what is left",
                             out.display()
-                        ));
+                        ))));
                     }
                 }
             }
-            None
+            Ok(None)
         };
-        if let Some(signal) = stopped_by {
-            break Err(
-                stop_for(signal, leaves_job_to_restart, &shared, &mut work, &mut children).await
-            );
+        match pass.await {
+            Ok(None) => {}
+            Ok(Some(outcome)) => break outcome,
+            Err(signal) => {
+                break Err(stop_for(
+                    signal,
+                    leaves_job_to_restart,
+                    &shared,
+                    &mut work,
+                    &mut children,
+                )
+                .await)
+            }
         }
     };
     // Let workers see the final state through their heartbeats (or their
