@@ -20,10 +20,17 @@
 //!   statistics 1e-4 with a floor of 1e-2 (the scale of the smallest weights
 //!   and of one update, lr 5e-3). Measured: loss, logits, gradient norm and
 //!   running statistics are bit-identical, parameters within 2e-7;
-//! * after updates 2 and 3: the same, or 10 times timm's own `envelope`,
-//!   whichever is larger. The envelope is how far timm itself moves when its
+//! * after updates 2 and 3: the same, or 5 times timm's own `envelope`,
+//!   whichever is larger. The envelope is how far timm itself moves, in each
+//!   of these measures (parameter norms and change norms apart), when its
 //!   parameters get a relative 1e-7 Gaussian perturbation (one float32
-//!   rounding) after the first update. Our layers are written independently of
+//!   rounding) after the first update: the largest move over 3 draws, as
+//!   one draw's varies by an order of magnitude (and with the CPU's
+//!   kernels). Measured on an AMD EPYC, with libtorch's AVX512 kernels and
+//!   with AVX2 ones (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, the
+//!   fixtures made under each): our largest error is 1.23 and 1.19 times
+//!   the envelope. (With one draw, a 10x bound and the change norms held to
+//!   the parameter norms' envelope, the AVX2 run reached 8.65 times it.) Our layers are written independently of
 //!   timm's, so sums round in another order, and deep BN networks at batch 4
 //!   amplify one rounding enormously: LAMB's no-decay group steps by about
 //!   `lr * sign(grad)`, so a near-zero gradient whose sign flips moves a BN
@@ -71,7 +78,7 @@ const PARAMETER_FLOOR: f64 = 1e-2;
 const BUFFER_TOLERANCE: f64 = 1e-4;
 const BUFFER_FLOOR: f64 = 1e-2;
 /// After the first update: multiple of timm's own spread (its `envelope`).
-const ENVELOPE_FACTOR: f64 = 10.0;
+const ENVELOPE_FACTOR: f64 = 5.0;
 
 fn relative(ours: f64, timm: f64) -> f64 {
     (ours - timm).abs() / timm.abs().max(1e-12)
@@ -205,7 +212,7 @@ fn run_updates(name: &str, dir: &Path, failures: &mut Vec<String>) {
     let samples = meta["samples"].as_i64().unwrap();
     let mut compared_parameters = 0;
     for (step, update) in meta["updates"].as_array().unwrap().iter().enumerate() {
-        let [mut w_loss, mut w_grad, mut w_logits, mut w_param, mut w_norm, mut w_buffer] =
+        let [mut w_loss, mut w_grad, mut w_logits, mut w_param, mut w_norm, mut w_change, mut w_buffer] =
             std::array::from_fn(|_| Worst::default());
         let x = tensor(&tensors, &format!("step{step}.input"));
         let targets = tensor(&tensors, &format!("step{step}.targets"));
@@ -243,7 +250,7 @@ fn run_updates(name: &str, dir: &Path, failures: &mut Vec<String>) {
                     at(&format!("{pname} norm"))
                 });
                 let delta = (&p64 - initial[pname].to_kind(Kind::Double)).norm().double_value(&[]);
-                w_norm
+                w_change
                     .record(relative(delta, norms[pname]["delta_norm"].as_f64().unwrap()), || {
                         at(&format!("{pname} change norm"))
                     });
@@ -277,6 +284,12 @@ fn run_updates(name: &str, dir: &Path, failures: &mut Vec<String>) {
             failures,
         );
         w_norm.check("parameter norms", bound(SCALAR_TOLERANCE, "norms"), &model_step, failures);
+        w_change.check(
+            "change norms",
+            bound(SCALAR_TOLERANCE, "change_norms"),
+            &model_step,
+            failures,
+        );
         w_buffer.check(
             "running statistics",
             bound(BUFFER_TOLERANCE, "running_stats"),
