@@ -2266,6 +2266,17 @@ impl Job {
                     );
                     self.rank_failed(first, &host, ASKED_TO_STOP, failure);
                 }
+                FailureCause::TamperedLinkFrom(from) => {
+                    let failure = format!(
+                        "the link from rank {from} on {} to rank {rank} on {} carried data that \
+                         failed its integrity check (altered, injected or replayed on the \
+                         network, or sent by a peer of another job; neither rank failed): \
+                         {message}",
+                        self.host_name_of_rank(from),
+                        member.host
+                    );
+                    self.rank_failed(rank, &member.host, message, failure);
+                }
                 _ => self.rank_failed(rank, &member.host, message, failure),
             }
             return Ok(());
@@ -2297,6 +2308,10 @@ pub enum FailureCause {
     /// with a remote error, on a backend that cannot say which peer held it up
     /// (NCCL): the ranks that report nothing are blamed.
     CollectivePeerUnknown,
+    /// Data from this peer (global rank) failed its integrity check on its
+    /// link to the rank: the network altered, injected or replayed it, or a
+    /// peer of another job sent it. The link is named, not a rank.
+    TamperedLinkFrom(u32),
     /// The ranks agreed to stop at the request of these ranks (in rank
     /// order), each asked by a signal to it or to its agent.
     StopRequestedBy(Vec<u32>),
@@ -2932,6 +2947,33 @@ pub(crate) mod tests {
         std::thread::sleep(Duration::from_millis(5));
         j.check_liveness();
         assert!(matches!(&j.phase, Phase::Failed(r) if r.contains("missed heartbeats")));
+    }
+
+    #[test]
+    fn data_that_failed_its_integrity_check_names_the_link_not_a_rank() {
+        // Hosts a, b run ranks 0, 1; what rank 0 sent rank 1 was altered on
+        // the network: rank 1 reports the link, and the job names it.
+        let tampered = "rank 1: the data from rank 0 (10.0.0.1:29500) failed its integrity check";
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 0, 0, false, tampered, FailureCause::TamperedLinkFrom(0)).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(
+            reason.starts_with(
+                "the link from rank 0 on a to rank 1 on b carried data that failed its integrity \
+                 check"
+            ) && reason.contains("neither rank failed")
+                && reason.ends_with(tampered),
+            "{reason}"
+        );
+        // Without the typed field, the rank that reported it was named.
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 0, 0, false, tampered, FailureCause::Unknown).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert!(reason.starts_with("rank 1 on b failed:"), "{reason}");
     }
 
     #[test]

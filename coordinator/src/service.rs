@@ -968,8 +968,12 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        let cause =
-            failure_cause(r.collective_peer, r.stop_requested_by, r.collective_peer_unknown);
+        let cause = failure_cause(
+            r.collective_peer,
+            r.stop_requested_by,
+            r.collective_peer_unknown,
+            r.tampered_link_from,
+        );
         self.update_job(index, |job| {
             job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, cause)
         })
@@ -1043,17 +1047,21 @@ impl Coordinator for Shared {
 
 /// Whom a Leave's typed fields blame, the stop request first: a rank that
 /// stopped because ranks asked it to failed for that, whatever its last
-/// collective did.
+/// collective did; then a link whose data was tampered with.
 fn failure_cause(
     collective_peer: Option<u32>,
     stop_requested_by: Vec<u32>,
     collective_peer_unknown: bool,
+    tampered_link_from: Option<u32>,
 ) -> FailureCause {
-    match (collective_peer, stop_requested_by) {
-        (_, askers) if !askers.is_empty() => FailureCause::StopRequestedBy(askers),
-        (Some(peer), _) => FailureCause::CollectivePeer(peer),
-        (None, _) if collective_peer_unknown => FailureCause::CollectivePeerUnknown,
-        (None, _) => FailureCause::Unknown,
+    if !stop_requested_by.is_empty() {
+        return FailureCause::StopRequestedBy(stop_requested_by);
+    }
+    match (tampered_link_from, collective_peer) {
+        (Some(from), _) => FailureCause::TamperedLinkFrom(from),
+        (None, Some(peer)) => FailureCause::CollectivePeer(peer),
+        (None, None) if collective_peer_unknown => FailureCause::CollectivePeerUnknown,
+        (None, None) => FailureCause::Unknown,
     }
 }
 
@@ -1071,11 +1079,14 @@ mod tests {
     #[test]
     fn a_leaves_typed_fields_say_whom_to_blame_the_stop_request_first() {
         use FailureCause::*;
-        assert_eq!(failure_cause(None, vec![], false), Unknown);
-        assert_eq!(failure_cause(Some(2), vec![], false), CollectivePeer(2));
-        assert_eq!(failure_cause(None, vec![], true), CollectivePeerUnknown);
-        assert_eq!(failure_cause(Some(2), vec![], true), CollectivePeer(2));
-        assert_eq!(failure_cause(Some(2), vec![1], true), StopRequestedBy(vec![1]));
+        assert_eq!(failure_cause(None, vec![], false, None), Unknown);
+        assert_eq!(failure_cause(Some(2), vec![], false, None), CollectivePeer(2));
+        assert_eq!(failure_cause(None, vec![], true, None), CollectivePeerUnknown);
+        assert_eq!(failure_cause(Some(2), vec![], true, None), CollectivePeer(2));
+        assert_eq!(failure_cause(Some(2), vec![1], true, None), StopRequestedBy(vec![1]));
+        assert_eq!(failure_cause(None, vec![], false, Some(0)), TamperedLinkFrom(0));
+        assert_eq!(failure_cause(Some(2), vec![], false, Some(0)), TamperedLinkFrom(0));
+        assert_eq!(failure_cause(None, vec![1], false, Some(0)), StopRequestedBy(vec![1]));
     }
 
     /// A job of three hosts whose state is saved to `state_file`.

@@ -224,6 +224,7 @@ fn call() -> impl Strategy<Value = Call> {
             proptest::option::of(any::<u32>()),
             proptest::collection::vec(prop_oneof![small(), any::<u32>()], 0..4),
             any::<bool>(),
+            proptest::option::of(prop_oneof![small(), any::<u32>()]),
         )
             .prop_map(
                 |(
@@ -235,6 +236,7 @@ fn call() -> impl Strategy<Value = Call> {
                     collective_peer,
                     stop_requested_by,
                     collective_peer_unknown,
+                    tampered_link_from,
                 )| {
                     Call::Leave(pb::LeaveRequest {
                         member_id,
@@ -245,6 +247,7 @@ fn call() -> impl Strategy<Value = Call> {
                         collective_peer,
                         stop_requested_by,
                         collective_peer_unknown,
+                        tampered_link_from,
                     })
                 },
             ),

@@ -215,6 +215,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 collective_peer: None,
                 stop_requested_by: Vec::new(),
                 collective_peer_unknown: false,
+                tampered_link_from: None,
             })
             .await
             .map(drop),

@@ -558,6 +558,7 @@ async fn serve_member(
                 // out (its thread blocked on the aborted stream): not its
                 // own failure, and the rank could not say so itself.
                 collective_peer_unknown: ended_for_a_collective(status),
+                tampered_link_from: None,
             };
             match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
                 Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
@@ -890,6 +891,10 @@ pub fn rank(args: RankArgs) -> Result<()> {
         },
         stop_requested_by: outcome.as_ref().err().map(stop_requested_by).unwrap_or_default(),
         collective_peer_unknown: blame == CollectiveBlame::PeerUnknown,
+        tampered_link_from: match blame {
+            CollectiveBlame::TamperedLinkFrom(peer) => Some(peer),
+            _ => None,
+        },
     };
     runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
@@ -1360,16 +1365,21 @@ enum CollectiveBlame {
     /// on a backend that cannot say which peer held it up (NCCL): the
     /// coordinator names the ranks that report nothing.
     PeerUnknown,
+    /// Data from this peer failed its integrity check on their link (the
+    /// network altered it, or a peer of another job sent it): the
+    /// coordinator names the link, not the rank.
+    TamperedLinkFrom(u32),
 }
 
 /// Whom the collective that made the rank fail points at, in training or
 /// forming the ring.
 fn collective_blame(error: &anyhow::Error) -> CollectiveBlame {
-    use rsb_collective::CollectiveError::{self, Link, NcclCollectiveFailed, Timeout};
+    use rsb_collective::CollectiveError::{self, Link, NcclCollectiveFailed, Tampered, Timeout};
     let blame_of = |error: &CollectiveError| match error {
         Timeout { peer, .. } | Link { peer, .. } => {
             u32::try_from(*peer).ok().map(CollectiveBlame::Peer)
         }
+        Tampered { peer, .. } => u32::try_from(*peer).ok().map(CollectiveBlame::TamperedLinkFrom),
         NcclCollectiveFailed(_) => Some(CollectiveBlame::PeerUnknown),
         _ => None,
     };
@@ -1536,6 +1546,17 @@ mod tests {
         assert_eq!(collective_blame(&nccl_timeout), CollectiveBlame::PeerUnknown);
         let other = anyhow::Error::from(CollectiveError::Nccl("unhandled cuda error".into()));
         assert_eq!(collective_blame(&other), CollectiveBlame::None);
+        let tampered = anyhow::Error::from(rsb_train::TrainError::Collective {
+            operation: "gradients".into(),
+            error: CollectiveError::Tampered {
+                rank: 1,
+                peer: 0,
+                address: "10.0.0.1:29500".into(),
+                message: 7,
+            },
+        })
+        .context("training");
+        assert_eq!(collective_blame(&tampered), CollectiveBlame::TamperedLinkFrom(0));
     }
 
     #[test]
