@@ -189,6 +189,19 @@ struct UpArgs {
     /// failing it.
     #[arg(long, conflicts_with_all = ["resume", "restore"])]
     auto_resume: bool,
+    /// A job found finished as the coordinator starts (--auto-resume or
+    /// --restore: nothing is left to train): how many seconds the
+    /// coordinator still answers the workers that join, telling them the
+    /// job is finished (they exit successfully, where they would retry a
+    /// coordinator that had gone and fail), before it exits successfully
+    /// itself; it exits as soon as --nodes hosts have been told. 0 exits at
+    /// once.
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS)
+    )]
+    finished_linger_secs: u64,
     /// Continue the job this coordinator ran in OUT before it was killed or
     /// restarted (from OUT/coordinator-state.json, with the same recipe):
     /// its members keep their credentials, and the job goes on in a new
@@ -538,12 +551,25 @@ async fn up(mut args: UpArgs) -> Result<()> {
         })
         .transpose()?;
     let prepared = if args.sweep.given() || resumes_sweep {
-        Some(prepare_sweep(&args)?)
+        prepare_sweep(&args)?
     } else {
         prepare_job(&args, given_token.as_ref().map(|(token, _)| token))?
     };
-    // The job finished already (said): nothing to serve.
-    let Some((mut state, out, mut work)) = prepared else { return Ok(()) };
+    let (mut state, out, mut work) = prepared;
+    // A job found finished already (said): its workers are told so for a
+    // while, then the coordinator exits (its local workers, told so at
+    // once, are waited for as at any end).
+    let finished_already = matches!(work, Work::Job { .. })
+        && state.jobs.first().is_some_and(|job| job.phase == Phase::Finished);
+    let linger = (finished_already && !args.local)
+        .then(|| Duration::from_secs(args.finished_linger_secs))
+        .filter(|linger| !linger.is_zero());
+    // Nothing to serve, nor to save (a restored job's end is saved by the
+    // first pass below, which ends it).
+    let nothing_to_save = state.jobs.first().is_some_and(|job| job.state_file.is_none());
+    if finished_already && linger.is_none() && !args.local && nothing_to_save {
+        return Ok(());
+    }
     let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
     let token = match given_token {
         Some((token, source)) => {
@@ -589,10 +615,17 @@ async fn up(mut args: UpArgs) -> Result<()> {
     }
     let shared = Shared::new(state);
     let folder = if matches!(work, Work::Sweep(_)) { "sweep folder" } else { "run folder" };
-    rsb_coordinator::print_line!(
-        "coordinator listening on {bound}; waiting for {nodes} worker host(s); {folder} {}",
-        out.display()
-    );
+    match linger {
+        Some(linger) => rsb_coordinator::print_line!(
+            "coordinator listening on {bound}: the worker hosts that join within {} s \
+             (--finished-linger-secs), {nodes} at most, are told the job is finished",
+            linger.as_secs()
+        ),
+        None => rsb_coordinator::print_line!(
+            "coordinator listening on {bound}; waiting for {nodes} worker host(s); {folder} {}",
+            out.display()
+        ),
+    }
     // From here on, Ctrl-C and `kill` stop the local workers before this
     // process exits (and `kill -9` stops them through their death signal).
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
@@ -645,6 +678,36 @@ async fn up(mut args: UpArgs) -> Result<()> {
             cmd.kill_on_drop(true);
             rsb_process::die_with_parent(&mut cmd);
             children.push(cmd.spawn().with_context(|| format!("starting {}", worker.display()))?);
+        }
+    }
+    if let Some(linger) = linger {
+        // The job is finished: the workers that join meanwhile are told so
+        // (Placement::JobFinished), until --nodes hosts have been or the
+        // time is up; a stop signal ends the wait, no failure.
+        let until = tokio::time::Instant::now() + linger;
+        loop {
+            let told = shared.update_unless(stop_signals.recv(), |state| state.joins_told_finished);
+            match told.await {
+                Ok(told) if told >= nodes as usize => {
+                    rsb_coordinator::print_line!("{told} host(s) told the job is finished");
+                    break;
+                }
+                Ok(_) => {}
+                Err(signal) => {
+                    tracing::info!("{signal}: no longer telling the workers that join");
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                signal = stop_signals.recv() => {
+                    tracing::info!("{signal}: no longer telling the workers that join");
+                    break;
+                }
+            }
         }
     }
     let mut exited = vec![false; children.len()];
@@ -887,13 +950,11 @@ async fn stop_for(
 }
 
 /// The one job of `up`: recipe, run folder and membership checked, the
-/// resolved recipe written; `None` when `--auto-resume` found the job
-/// finished already ([`rsb_coordinator::saved::finished_already`], said),
-/// with nothing to serve.
-fn prepare_job(
-    args: &UpArgs,
-    token: Option<&Secret>,
-) -> Result<Option<(Coordination, PathBuf, Work)>> {
+/// resolved recipe written; a finished job (nothing written) when
+/// `--auto-resume` found it finished already
+/// ([`rsb_coordinator::saved::finished_already`], said), whose workers are
+/// only told so.
+fn prepare_job(args: &UpArgs, token: Option<&Secret>) -> Result<(Coordination, PathBuf, Work)> {
     let nodes = args.nodes;
     let elastic = &args.elastic;
     let (min_nodes, max_nodes) =
@@ -923,17 +984,21 @@ fn prepare_job(
     }
     if args.restore {
         let token = token.context("--restore needs the job's token")?;
-        return restore_job(args, recipe, &out, token).map(Some);
+        return restore_job(args, recipe, &out, token);
     }
     if args.auto_resume {
         if let Some(finished) = rsb_coordinator::saved::finished_already(&recipe, &out) {
             rsb_coordinator::print_line!("--auto-resume: {finished}");
-            return Ok(None);
+            let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
+            // No state file: the saved one says finished already.
+            let mut job = Job::new(recipe, out.clone(), nodes);
+            job.phase = Phase::Finished;
+            return Ok((Coordination::one(job), out, Work::Job { elastic: false }));
         }
     }
     if args.auto_resume && !args.local {
         if let Some(restored) = auto_restore(args, &recipe, &out, token) {
-            return Ok(Some(restored));
+            return Ok(restored);
         }
     }
     // The checkpoint rank 0 resumes from: intact, and trained with this recipe.
@@ -975,7 +1040,7 @@ fn prepare_job(
         job.resume_from = Some(path.display().to_string());
     }
     job.state_file = Some(out.join(STATE_FILE));
-    Ok(Some((Coordination::one(job), out, Work::Job { elastic: is_elastic })))
+    Ok((Coordination::one(job), out, Work::Job { elastic: is_elastic }))
 }
 
 /// The ranks each `--local` worker runs with `--devices devices`: one with

@@ -809,6 +809,9 @@ impl Coordinator for Shared {
             Placement::SweepOver => {
                 pb::JoinResponse { sweep, sweep_over: true, ..pb::JoinResponse::default() }
             }
+            Placement::JobFinished => {
+                pb::JoinResponse { job_finished: true, ..pb::JoinResponse::default() }
+            }
         };
         Ok(Response::new(response))
     }
@@ -1100,6 +1103,25 @@ mod tests {
 
     fn join(state: &mut Coordination, host: &str) {
         state.jobs[0].join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+    }
+
+    /// A host that joins a finished job is told so (its worker exits
+    /// successfully), not refused as by a running job that takes no one.
+    #[test]
+    fn a_host_that_joins_a_finished_job_is_told_it_is_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        let joined = |shared: &Shared| {
+            shared.update(|state| state.join("late", DeviceKind::Cpu, 1, LOOPBACK))
+        };
+        // Waiting for hosts: taken.
+        assert!(matches!(joined(&shared), Ok(Placement::Member { .. })));
+        shared.update(|state| state.jobs[0].phase = Phase::Finished);
+        assert!(matches!(joined(&shared), Ok(Placement::JobFinished)));
+        // A failed job still refuses it, saying why.
+        shared.update(|state| state.jobs[0].phase = Phase::Failed("rank 0 failed".into()));
+        let refused = joined(&shared).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("rank 0 failed"), "{refused}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! jobs (one per run attempt) and the queue of a sweep. Members are routed
 //! to their job by their id, which is unique across the jobs.
 
-use crate::job::{DeviceKind, Job, JobError, Member, MetricsSink, PendingSave};
+use crate::job::{DeviceKind, Job, JobError, Member, MetricsSink, PendingSave, Phase};
 use crate::sweep::{Placement, Scheduler};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,17 +18,27 @@ pub struct Coordination {
     /// failed are not a sweep's runs failing (no outcome is recorded, no
     /// retry queued: `--resume` runs them again), and no host is placed.
     stopping: bool,
+    /// Joins answered that the job is finished (by hosts that joined it
+    /// after its end, each of which then exits): a coordinator that found
+    /// its job finished waits for as many as it has hosts, not longer.
+    /// Counted, not named: hosts may share a name.
+    pub joins_told_finished: usize,
 }
 
 impl Coordination {
     /// One job.
     pub fn one(job: Job) -> Coordination {
-        Coordination { jobs: vec![job], sweep: None, stopping: false }
+        Coordination { jobs: vec![job], sweep: None, stopping: false, joins_told_finished: 0 }
     }
 
     /// A sweep (its jobs start as hosts join).
     pub fn sweep(scheduler: Scheduler) -> Coordination {
-        Coordination { jobs: Vec::new(), sweep: Some(scheduler), stopping: false }
+        Coordination {
+            jobs: Vec::new(),
+            sweep: Some(scheduler),
+            stopping: false,
+            joins_told_finished: 0,
+        }
     }
 
     /// The index of the job `member_id` belongs (or belonged) to.
@@ -64,6 +74,11 @@ impl Coordination {
             Some(_) if self.stopping => Ok(Placement::JoinAgain(crate::sweep::JOIN_AGAIN_AFTER)),
             Some(sweep) => sweep.place(&mut self.jobs, host, kind, local_ranks, advertise),
             None => {
+                // Told so, not refused: the host has nothing left to do.
+                if self.jobs[0].phase == Phase::Finished {
+                    self.joins_told_finished += 1;
+                    return Ok(Placement::JobFinished);
+                }
                 // A restored job whose members may still come back.
                 if let Some(after) = self.jobs[0].join_later() {
                     return Ok(Placement::JoinAgain(after));

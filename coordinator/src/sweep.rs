@@ -134,6 +134,9 @@ pub enum Placement {
     JoinAgain(Duration),
     /// The sweep has no run left.
     SweepOver,
+    /// The job (of `up`, not a sweep) is finished: nothing is left to
+    /// train.
+    JobFinished,
 }
 
 /// How many runs are where (for the progress bar and the end).

@@ -340,10 +340,13 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
     let args: Vec<&str> = k.args.iter().map(String::as_str).collect();
     // A coordinator started with `args` on the run folder `out` ends the
     // job as finished at once, saying so, its state saved as finished:
-    // what it said and how long it took.
+    // what it said and how long it took (not answering workers after it:
+    // --finished-linger-secs 0).
     let ends_at_once = |out: &Path, args: &[&str], log: &Path, what: &str| {
         let started = Instant::now();
-        let coordinator = sweeps::coordinator_up(out, &k.sets, args, log);
+        let at_once: Vec<&str> =
+            args.iter().copied().chain(["--finished-linger-secs", "0"]).collect();
+        let coordinator = sweeps::coordinator_up(out, &k.sets, &at_once, log);
         assert_succeeds(coordinator, Duration::from_secs(90), what, log);
         let ended_after = started.elapsed();
         let output = std::fs::read_to_string(log).unwrap();
@@ -416,14 +419,30 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
         "{output}"
     );
     // Started once more as it was (killed between saving the end and
-    // exiting, a pod restarted): the job's state says finished and its end
-    // is in the folder, so it exits at once, saying so, and changes nothing;
-    // before, it started a job from that end and waited for hosts that were
-    // gone until the join timeout failed the finished run.
+    // exiting, a pod restarted, a Slurm job submitted again): the job's
+    // state says finished and its end is in the folder, so it says so,
+    // tells the workers that join the job is finished (they exit
+    // successfully, where they would retry a coordinator that had gone and
+    // fail), exits once its --nodes 2 hosts were told (well before its
+    // --finished-linger-secs 40) and changes nothing; before, it started a
+    // job from that end and waited for hosts that were gone until the join
+    // timeout failed the finished run.
     let again_log = tmp.path().join("coordinator-3.log");
     let metrics_before = std::fs::read(k.out.join("metrics.jsonl")).unwrap();
     let started = Instant::now();
-    let coordinator = sweeps::coordinator_up(&k.out, &k.sets, &args, &again_log);
+    let lingering: Vec<&str> =
+        args.iter().copied().chain(["--finished-linger-secs", "40"]).collect();
+    let coordinator = sweeps::coordinator_up(&k.out, &k.sets, &lingering, &again_log);
+    let listen = args[args.iter().position(|&a| a == "--listen").unwrap() + 1];
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    for host in ["c", "d"] {
+        let log = tmp.path().join(format!("worker-late-{host}.log"));
+        let late = sweeps::worker_join(port, host, &log);
+        assert_succeeds(late, Duration::from_secs(30), "a worker joining a finished job", &log);
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(said.contains("the job is finished: nothing is left to train"), "{said}");
+    }
+    let told_after = started.elapsed();
     assert_succeeds(coordinator, Duration::from_secs(60), "a start on a finished job", &again_log);
     let again_after = started.elapsed();
     let output = std::fs::read_to_string(&again_log).unwrap();
@@ -435,15 +454,18 @@ fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished()
             )),
         "{output}"
     );
-    assert!(again_after < Duration::from_secs(15), "it ended after {again_after:?}");
+    assert!(output.contains("2 host(s) told the job is finished"), "{output}");
+    assert!(again_after < Duration::from_secs(20), "it ended after {again_after:?}");
     assert_eq!(std::fs::read(k.out.join("metrics.jsonl")).unwrap(), metrics_before);
     println!(
         "a job whose ranks finished while its coordinator was away ended {:.1} s after the \
          --auto-resume restart ({:.1} s after --restore on a copy); metrics.jsonl took the \
          {taken_after_restart} records rank 0 made after the first coordinator's last; a \
-         third start on the finished job exited after {:.1} s",
+         third start on the finished job told its 2 hosts so within {:.1} s and exited after \
+         {:.1} s",
         ended_after.as_secs_f64(),
         restore_ended_after.as_secs_f64(),
+        told_after.as_secs_f64(),
         again_after.as_secs_f64(),
     );
 }

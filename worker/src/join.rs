@@ -320,6 +320,10 @@ async fn join_async(args: JoinArgs) -> Result<()> {
             tracing::info!("the sweep has no run left for this host; done");
             return Ok(());
         }
+        if joined.job_finished {
+            tracing::info!("the job is finished: nothing is left to train; done");
+            return Ok(());
+        }
         if joined.member_id.is_empty() {
             let after = Duration::from_millis(u64::from(joined.retry_after_ms).max(100));
             if !std::mem::replace(&mut told_to_wait, true) {
