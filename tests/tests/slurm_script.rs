@@ -359,24 +359,23 @@ fn a_job_without_the_signal_ends_with_its_status_and_is_not_requeued() {
     assert!(!ended.requeued, "{}", ended.log);
 }
 
-/// A finished job started again (resubmitted, or requeued by Slurm after
-/// its end): its coordinator exits 0 at once, and its workers, which never
-/// joined, would retry it for 20 s, then fail. They are stopped once the
-/// grace after the coordinator's end (2 s here) has passed, and the job
-/// ends successfully then, not when (or as) they would have.
-#[test]
-fn a_finished_job_started_again_stops_its_workers_after_the_grace_and_succeeds() {
+/// Runs the script with a coordinator that ends at once with `exit` while
+/// its workers (which never reached it) would retry it for 20 s, then fail:
+/// they are stopped once the grace after the coordinator's end (2 s here)
+/// has passed, and the script ends then, with the coordinator's status, not
+/// when (or as) the workers would have; nothing is requeued.
+fn coordinator_ends_at_once_while_its_workers_retry(exit: &str) -> Ended {
     let start = Start::new();
     let env = [
         ("FAKE_COORDINATOR_AT_ONCE", "1"),
-        ("FAKE_COORDINATOR_EXIT", "0"),
+        ("FAKE_COORDINATOR_EXIT", exit),
         ("FAKE_WORKER_FAILS_AFTER", "20"),
         ("RSB_WORKER_GRACE_SECS", "2"),
     ];
     let ended = start.run(&env, None);
     assert_eq!(
-        ended.status.code(),
-        Some(0),
+        ended.status.code().map(|code| code.to_string()).as_deref(),
+        Some(exit),
         "{:?} after {:?}\n{}",
         ended.status,
         ended.took,
@@ -385,34 +384,25 @@ fn a_finished_job_started_again_stops_its_workers_after_the_grace_and_succeeds()
     assert!(ended.took < Duration::from_secs(2 + 8), "took {:?}:\n{}", ended.took, ended.log);
     assert!(ended.sigterms_to_the_step >= 1 && ended.worker_ended, "{}", ended.log);
     assert!(!ended.requeued, "{}", ended.log);
+    ended
+}
+
+/// A finished job started again (resubmitted, or requeued by Slurm after
+/// its end) whose workers never reached its coordinator (which tells the
+/// workers that join that the job is finished, then exits 0): they are
+/// stopped after the grace, and the job ends successfully.
+#[test]
+fn a_finished_job_started_again_stops_its_workers_after_the_grace_and_succeeds() {
+    let ended = coordinator_ends_at_once_while_its_workers_retry("0");
     assert!(ended.log.contains("rsb: job 7 is finished"), "{}", ended.log);
     eprintln!("ended successfully {:.1} s after its start", ended.took.as_secs_f64());
 }
 
-/// A coordinator that fails at once while its workers would retry it for
-/// 20 s: they are stopped after the grace, and the job fails then, with
-/// the coordinator's status.
+/// A coordinator that fails at once: its workers are stopped after the
+/// grace, and the job fails then, with the coordinator's status.
 #[test]
 fn a_coordinator_that_fails_at_once_stops_its_workers_after_the_grace_and_fails() {
-    let start = Start::new();
-    let env = [
-        ("FAKE_COORDINATOR_AT_ONCE", "1"),
-        ("FAKE_COORDINATOR_EXIT", "3"),
-        ("FAKE_WORKER_FAILS_AFTER", "20"),
-        ("RSB_WORKER_GRACE_SECS", "2"),
-    ];
-    let ended = start.run(&env, None);
-    assert_eq!(
-        ended.status.code(),
-        Some(3),
-        "{:?} after {:?}\n{}",
-        ended.status,
-        ended.took,
-        ended.log
-    );
-    assert!(ended.took < Duration::from_secs(2 + 8), "took {:?}:\n{}", ended.took, ended.log);
-    assert!(ended.sigterms_to_the_step >= 1 && ended.worker_ended, "{}", ended.log);
-    assert!(!ended.requeued, "{}", ended.log);
+    let ended = coordinator_ends_at_once_while_its_workers_retry("3");
     eprintln!("failed {:.1} s after its start", ended.took.as_secs_f64());
 }
 
