@@ -2221,6 +2221,15 @@ impl Job {
                     }
                 }
             }
+            // A link ends at another rank of the job.
+            FailureCause::TamperedLinkFrom(from) if from >= self.world_size() || from == rank => {
+                tracing::warn!(
+                    member = %member_id,
+                    "`tampered_link_from` {from} is no other rank of the job's {}; ignored",
+                    self.world_size()
+                );
+                FailureCause::Unknown
+            }
             cause => cause,
         };
         if success && self.phase == Phase::Waiting {
@@ -2967,6 +2976,15 @@ pub(crate) mod tests {
                 && reason.ends_with(tampered),
             "{reason}"
         );
+        // A link from no other rank of the job: the rank's own failure.
+        for from in [1, 7] {
+            let mut j = job(2);
+            join(&mut j, "a", 1).unwrap();
+            let b = join(&mut j, "b", 1).unwrap();
+            j.leave(&b, 0, 0, false, tampered, FailureCause::TamperedLinkFrom(from)).unwrap();
+            let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+            assert!(reason.starts_with("rank 1 on b failed:"), "{from}: {reason}");
+        }
         // Without the typed field, the rank that reported it was named.
         let mut j = job(2);
         join(&mut j, "a", 1).unwrap();

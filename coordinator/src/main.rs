@@ -189,13 +189,14 @@ struct UpArgs {
     /// failing it.
     #[arg(long, conflicts_with_all = ["resume", "restore"])]
     auto_resume: bool,
-    /// A job found finished as the coordinator starts (--auto-resume or
-    /// --restore: nothing is left to train): how many seconds the
+    /// A job found finished as the coordinator starts (--auto-resume on a
+    /// finished job, or --restore of one whose ranks finished while no
+    /// coordinator ran: nothing is left to train): how many seconds the
     /// coordinator still answers the workers that join, telling them the
     /// job is finished (they exit successfully, where they would retry a
     /// coordinator that had gone and fail), before it exits successfully
-    /// itself; it exits as soon as --nodes hosts have been told. 0 exits at
-    /// once.
+    /// itself; it exits as soon as --nodes hosts (--max-nodes if more) have
+    /// been told. 0 exits at once.
     #[arg(
         long,
         default_value_t = 60,
@@ -564,12 +565,24 @@ async fn up(mut args: UpArgs) -> Result<()> {
     let linger = (finished_already && !args.local)
         .then(|| Duration::from_secs(args.finished_linger_secs))
         .filter(|linger| !linger.is_zero());
-    // Nothing to serve, nor to save (a restored job's end is saved by the
-    // first pass below, which ends it).
+    // Nothing to save (a restored job's end is saved by the first pass
+    // below): the start serves only to tell the workers that join, and
+    // what keeps it from that (no token they could present, a port or a
+    // certificate it cannot use) ends it as the job is, finished.
     let nothing_to_save = state.jobs.first().is_some_and(|job| job.state_file.is_none());
-    if finished_already && linger.is_none() && !args.local && nothing_to_save {
+    let only_tells_workers = finished_already && !args.local && nothing_to_save;
+    if only_tells_workers && (linger.is_none() || given_token.is_none()) {
+        if linger.is_some() {
+            rsb_coordinator::print_line!(
+                "no job token was given: no worker could present it, none is told the job is \
+                 finished"
+            );
+        }
         return Ok(());
     }
+    // As many as may come (an elastic job's --max-nodes).
+    let hosts_to_tell =
+        state.jobs.first().map_or(args.nodes, |job| job.max_nodes.max(args.nodes)) as usize;
     let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
     let token = match given_token {
         Some((token, source)) => {
@@ -593,20 +606,14 @@ async fn up(mut args: UpArgs) -> Result<()> {
             DEFAULT_LISTEN.parse().expect("literal")
         }
     });
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    let bound = listener.local_addr()?;
-    let identity = tls.identity()?;
-    if local && identity.is_some() && tls.tls_ca.is_none() {
-        bail!("--local with --tls-cert needs --tls-ca (the CA certificate that signed it)");
-    }
-    let with_tls = identity.is_some();
-    let server = rsb_coordinator::service::server(identity).with_context(|| match &tls {
-        TlsArgs { tls_cert: Some(cert), tls_key: Some(key), .. } => {
-            format!("TLS: the certificate {} or the key {}", cert.display(), key.display())
+    let (listener, bound, server, with_tls) = match bind_server(listen, &tls, local).await {
+        Ok(serving) => serving,
+        Err(e) if only_tells_workers => {
+            tracing::warn!("{e:#}: the workers that join are not told the job is finished");
+            return Ok(());
         }
-        _ => "configuring the server".to_string(),
-    })?;
+        Err(e) => return Err(e),
+    };
     if !with_tls && !bound.ip().is_loopback() {
         tracing::warn!(
             "listening on {bound} without TLS: calls, the job token included, cross the \
@@ -688,7 +695,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
         loop {
             let told = shared.update_unless(stop_signals.recv(), |state| state.joins_told_finished);
             match told.await {
-                Ok(told) if told >= nodes as usize => {
+                Ok(told) if told >= hosts_to_tell => {
                     rsb_coordinator::print_line!("{told} host(s) told the job is finished");
                     break;
                 }
@@ -722,6 +729,17 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // `Err(signal)` when a stop signal came first (also during one of its
     // changes of the state).
     let outcome = loop {
+        if finished_already && linger.is_some() {
+            // Told its workers: a finished job has nothing to watch (a stop
+            // signal meanwhile is no failure). A restored job's end is saved.
+            if shared.update_within(STATE_WRITE_AT_STOP, |_| ()).await.is_none() {
+                tracing::warn!(
+                    "the job's end was not written to its state file within \
+                     {STATE_WRITE_AT_STOP:?}"
+                );
+            }
+            break Ok(());
+        }
         let pass = async {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -902,6 +920,30 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // or named in an error within RUN_FILES_EXIT_DEADLINE.
     shared.write_remaining_run_files().await;
     outcome
+}
+
+/// Binds `listen` and configures the gRPC server with `tls`: the listener,
+/// its address, the server, and whether it serves TLS.
+async fn bind_server(
+    listen: SocketAddr,
+    tls: &TlsArgs,
+    local: bool,
+) -> Result<(tokio::net::TcpListener, SocketAddr, rsb_coordinator::service::LimitedServer, bool)> {
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr()?;
+    let identity = tls.identity()?;
+    if local && identity.is_some() && tls.tls_ca.is_none() {
+        bail!("--local with --tls-cert needs --tls-ca (the CA certificate that signed it)");
+    }
+    let with_tls = identity.is_some();
+    let server = rsb_coordinator::service::server(identity).with_context(|| match tls {
+        TlsArgs { tls_cert: Some(cert), tls_key: Some(key), .. } => {
+            format!("TLS: the certificate {} or the key {}", cert.display(), key.display())
+        }
+        _ => "configuring the server".to_string(),
+    })?;
+    Ok((listener, bound, server, with_tls))
 }
 
 /// How long a stop signal waits for the job's end to be written to its

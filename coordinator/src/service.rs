@@ -776,6 +776,10 @@ fn numbers(r: &pb::metrics_report::Record) -> Vec<(String, f64)> {
     }
 }
 
+/// What a join to a finished job says to join again after, for an older
+/// worker that does not read `JoinResponse.job_finished`.
+const FINISHED_JOB_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 #[tonic::async_trait]
 impl Coordinator for Shared {
     async fn join(
@@ -809,9 +813,14 @@ impl Coordinator for Shared {
             Placement::SweepOver => {
                 pb::JoinResponse { sweep, sweep_over: true, ..pb::JoinResponse::default() }
             }
-            Placement::JobFinished => {
-                pb::JoinResponse { job_finished: true, ..pb::JoinResponse::default() }
-            }
+            // An older worker, which does not read `job_finished`, takes the
+            // empty member id for "join again later": not soon, so that it
+            // neither spins nor counts again while the coordinator tells.
+            Placement::JobFinished => pb::JoinResponse {
+                job_finished: true,
+                retry_after_ms: FINISHED_JOB_RETRY_AFTER.as_millis() as u32,
+                ..pb::JoinResponse::default()
+            },
         };
         Ok(Response::new(response))
     }
