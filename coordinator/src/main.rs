@@ -690,31 +690,31 @@ async fn up(mut args: UpArgs) -> Result<()> {
     if let Some(linger) = linger {
         // The job is finished: the workers that join meanwhile are told so
         // (Placement::JobFinished), until --nodes hosts have been or the
-        // time is up; a stop signal ends the wait, no failure.
+        // time is up; a stop signal ends the wait, no failure. Then a
+        // restored job's end is saved, and nothing is watched.
         let until = tokio::time::Instant::now() + linger;
-        loop {
+        let told = loop {
             let told = shared.update_unless(stop_signals.recv(), |state| state.joins_told_finished);
             match told.await {
-                Ok(told) if told >= hosts_to_tell => {
-                    rsb_coordinator::print_line!("{told} host(s) told the job is finished");
-                    break;
-                }
-                Ok(_) => {}
-                Err(signal) => {
-                    tracing::info!("{signal}: no longer telling the workers that join");
-                    break;
-                }
-            }
-            if tokio::time::Instant::now() >= until {
-                break;
+                Ok(told) if told < hosts_to_tell && tokio::time::Instant::now() < until => {}
+                ended => break ended,
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                signal = stop_signals.recv() => {
-                    tracing::info!("{signal}: no longer telling the workers that join");
-                    break;
-                }
+                signal = stop_signals.recv() => break Err(signal),
             }
+        };
+        match told {
+            Ok(told) if told >= hosts_to_tell => {
+                rsb_coordinator::print_line!("{told} host(s) told the job is finished")
+            }
+            Ok(_) => {}
+            Err(signal) => tracing::info!("{signal}: no longer telling the workers that join"),
+        }
+        if shared.update_within(STATE_WRITE_AT_STOP, |_| ()).await.is_none() {
+            tracing::warn!(
+                "the job's end was not written to its state file within {STATE_WRITE_AT_STOP:?}"
+            );
         }
     }
     let mut exited = vec![false; children.len()];
@@ -729,15 +729,8 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // `Err(signal)` when a stop signal came first (also during one of its
     // changes of the state).
     let outcome = loop {
-        if finished_already && linger.is_some() {
-            // Told its workers: a finished job has nothing to watch (a stop
-            // signal meanwhile is no failure). A restored job's end is saved.
-            if shared.update_within(STATE_WRITE_AT_STOP, |_| ()).await.is_none() {
-                tracing::warn!(
-                    "the job's end was not written to its state file within \
-                     {STATE_WRITE_AT_STOP:?}"
-                );
-            }
+        if linger.is_some() {
+            // Told its workers (above): a finished job has nothing to watch.
             break Ok(());
         }
         let pass = async {

@@ -425,10 +425,11 @@ impl Scheduler {
                     return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
                 }
                 let Some(run) = self.queue.pop_front() else {
-                    if self.is_over() {
-                        return Ok(Placement::SweepOver);
-                    }
-                    return Ok(Placement::JoinAgain(JOIN_AGAIN_AFTER));
+                    return Ok(if self.is_over() {
+                        Placement::SweepOver
+                    } else {
+                        Placement::JoinAgain(JOIN_AGAIN_AFTER)
+                    });
                 };
                 match self.start(jobs, run, per_run / local_ranks) {
                     Ok(j) => break j,

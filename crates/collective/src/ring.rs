@@ -2613,6 +2613,12 @@ mod tests {
         assert!(!format!("{:?}", key()).contains("the job token"));
     }
 
+    /// The next message `cipher` seals, b"segment": its ciphertext and tag.
+    fn sealed_segment(cipher: &mut LinkCipher) -> (Vec<u8>, [u8; LINK_TAG_LEN]) {
+        let (ciphertext, tag) = cipher.seal(b"segment").unwrap();
+        (ciphertext.to_vec(), tag)
+    }
+
     /// A sealed message is bound to its place on its link: the receiving
     /// end opens the messages in the order they were sealed, and refuses
     /// one altered, out of order, or sealed for another link; the same
@@ -2621,12 +2627,8 @@ mod tests {
     fn a_sealed_message_is_bound_to_its_place_and_its_link() {
         let hello = impostor_hello(0, 2);
         let cipher = || key().link_cipher(&hello, &[3u8; NONCE_LEN]);
-        let sealed = |cipher: &mut LinkCipher, bytes: &[u8]| {
-            let (ciphertext, tag) = cipher.seal(bytes).unwrap();
-            (ciphertext.to_vec(), tag)
-        };
         let (mut seal, mut open) = (cipher(), cipher());
-        let (first, second) = (sealed(&mut seal, b"segment"), sealed(&mut seal, b"segment"));
+        let (first, second) = (sealed_segment(&mut seal), sealed_segment(&mut seal));
         assert_ne!(first.0, b"segment", "the message travelled in the clear");
         assert_ne!(first, second, "the same bytes at another place were sealed alike");
         for (mut ciphertext, tag) in [first, second.clone()] {
@@ -2638,15 +2640,15 @@ mod tests {
         assert_eq!(open.open(&mut replayed, &tag).unwrap_err().message, 2);
         // Altered: one bit of the ciphertext, or of the tag.
         let (mut seal, mut open) = (cipher(), cipher());
-        let (mut ciphertext, tag) = sealed(&mut seal, b"segment");
+        let (mut ciphertext, tag) = sealed_segment(&mut seal);
         ciphertext[6] ^= 1;
         assert!(open.open(&mut ciphertext, &tag).is_err());
         let (mut seal, mut open) = (cipher(), cipher());
-        let (mut ciphertext, mut tag) = sealed(&mut seal, b"segment");
+        let (mut ciphertext, mut tag) = sealed_segment(&mut seal);
         tag[15] ^= 0x80;
         assert!(open.open(&mut ciphertext, &tag).is_err());
         // Another connection's link (another nonce), or another job's key.
-        let (ciphertext, tag) = sealed(&mut cipher(), b"segment");
+        let (ciphertext, tag) = sealed_segment(&mut cipher());
         let mut other_link = key().link_cipher(&hello, &[4u8; NONCE_LEN]);
         assert!(other_link.open(&mut ciphertext.clone(), &tag).is_err());
         let mut other_job =
@@ -2667,14 +2669,10 @@ mod tests {
             cipher.key = message_key(&cipher.link_key, run);
             cipher
         };
-        let sealed = |cipher: &mut LinkCipher| {
-            let (ciphertext, tag) = cipher.seal(b"segment").unwrap();
-            (ciphertext.to_vec(), tag)
-        };
         let last_of_the_first_run = MESSAGES_PER_KEY - 1;
         let (mut seal, mut open) = (at(last_of_the_first_run, 0), at(last_of_the_first_run, 0));
         for _ in 0..3 {
-            let (mut ciphertext, tag) = sealed(&mut seal);
+            let (mut ciphertext, tag) = sealed_segment(&mut seal);
             open.open(&mut ciphertext, &tag).unwrap();
             assert_eq!(ciphertext, b"segment");
         }
@@ -2682,7 +2680,7 @@ mod tests {
         // does not open the next message, the second run's does.
         let next = MESSAGES_PER_KEY + 2;
         assert_eq!(seal.next, next);
-        let (ciphertext, tag) = sealed(&mut seal);
+        let (ciphertext, tag) = sealed_segment(&mut seal);
         assert!(at(next, 0).open(&mut ciphertext.clone(), &tag).is_err());
         at(next, 1).open(&mut ciphertext.clone(), &tag).unwrap();
     }
