@@ -47,7 +47,7 @@ pub use procedure::{
 };
 pub use schema::*;
 pub use validate::{
-    eval_resize_problem, validate, MAX_CLASSES, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE,
+    eval_resize_problem, validate, MAX_CLASSES, MAX_EPOCHS, MAX_EVAL_ASPECT, MAX_EVAL_RESIZE_SIDE,
     MAX_EVAL_SETS, MAX_EVAL_SET_NAME_LEN, MAX_THREADS,
 };
 

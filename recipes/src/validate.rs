@@ -70,8 +70,11 @@ const MAX_PREFETCH_BATCHES: u32 = 1024;
 const MAX_BATCH_IMAGES: u32 = 65_536;
 /// Most images in one update (LARS/LAMB large-batch studies reach 64k).
 const MAX_GLOBAL_BATCH: u32 = 1 << 20;
-/// Most epochs of a schedule part (warmup, cosine, cooldown).
-const MAX_EPOCHS: u32 = 100_000;
+/// Most epochs a run may train, cooldown included (RSB A1 trains 600):
+/// checkpoint folders number the epochs done with four digits
+/// (`checkpoints/epoch-9999`), and tools that sort them by name would put
+/// an `epoch-10000` before it, resuming or pruning the wrong checkpoint.
+pub const MAX_EPOCHS: u32 = 9_999;
 /// Most RandAugment operations per image (RSB uses 2).
 const MAX_RAND_AUGMENT_OPS: usize = 100;
 
@@ -306,6 +309,19 @@ pub(crate) fn check(r: &Recipe) -> Check {
                 return fail(
                     "schedule.cosine.cooldown_epochs",
                     format!("must be at most {MAX_EPOCHS}, got {}", s.cooldown_epochs),
+                );
+            }
+            let total = u64::from(s.epochs) + u64::from(s.cooldown_epochs);
+            if total > u64::from(MAX_EPOCHS) {
+                return fail_with(
+                    "schedule.cosine.cooldown_epochs",
+                    "schedule.cosine.epochs",
+                    format!(
+                        "schedule.cosine.epochs + cooldown_epochs (the epochs a run trains) \
+                         must be at most {MAX_EPOCHS}, checkpoint folders number epochs with \
+                         four digits; got {} + {} = {total}",
+                        s.epochs, s.cooldown_epochs
+                    ),
                 );
             }
             non_negative("schedule.cosine.warmup_epochs", s.warmup_epochs)?;

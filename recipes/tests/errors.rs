@@ -428,11 +428,20 @@ fn each_validation_rule_names_its_field() {
         ("eval.batch_size=100000", "eval.batch_size", "at most 65536, got 100000"),
         ("batch.micro_size=131072", "batch.micro_size", "at most 65536, got 131072"),
         ("batch.global_size=4194304", "batch.global_size", "at most 1048576, got 4194304"),
-        ("schedule.cosine.epochs=4294967295", "schedule.cosine.epochs", "at most 100000"),
+        ("schedule.cosine.epochs=4294967295", "schedule.cosine.epochs", "at most 9999"),
         (
             "schedule.cosine.cooldown_epochs=4294967295",
             "schedule.cosine.cooldown_epochs",
-            "at most 100000, got 4294967295",
+            "at most 9999, got 4294967295",
+        ),
+        // More epochs than checkpoint folders number with four digits
+        // (`epoch-10000` would sort before `epoch-9999`).
+        ("schedule.cosine.epochs=10000", "schedule.cosine.epochs", "at most 9999, got 10000"),
+        (
+            "schedule.cosine.cooldown_epochs=9992",
+            "schedule.cosine.cooldown_epochs",
+            "schedule.cosine.epochs + cooldown_epochs (the epochs a run trains) must be at most \
+             9999, checkpoint folders number epochs with four digits; got 8 + 9992 = 10000",
         ),
         (
             "augment.rand_augment=rand-m7-n1000000000",
@@ -457,6 +466,7 @@ fn each_validation_rule_names_its_field() {
         "mixup.mixup_alpha=0",
         "model.num_classes=1000000",
         "augment.rand_augment=rand-m9-n100",
+        "schedule.cosine.cooldown_epochs=9991",
     ] {
         ok(BASE, &[set]);
     }
@@ -565,6 +575,19 @@ fn cross_field_violations_blame_the_override_that_changed_either_field() {
         &msg,
         "--set schedule.cosine.epochs=1: schedule.cosine.warmup_epochs: must be less than",
     );
+    // The epochs of a run, cooldown included, are capped together: an
+    // override of either field that passes the cap is blamed.
+    let long_cooldown =
+        edit("    step_on: update", "    step_on: update\n    cooldown_epochs: 9000");
+    ok(&long_cooldown, &[]);
+    let msg = err(&long_cooldown, &["schedule.cosine.epochs=1000"]);
+    assert_eq!(
+        msg,
+        "--set schedule.cosine.epochs=1000: schedule.cosine.cooldown_epochs: \
+         schedule.cosine.epochs + cooldown_epochs (the epochs a run trains) must be at most \
+         9999, checkpoint folders number epochs with four digits; got 1000 + 9000 = 10000"
+    );
+    ok(&long_cooldown, &["schedule.cosine.epochs=999"]);
 }
 
 #[test]

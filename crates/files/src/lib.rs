@@ -5,7 +5,9 @@
 //! target, and the folder is fsynced, so a reader finds the old file or the
 //! new one, never a torn one, and the rename survives a crash. Such files
 //! are read back with [`read_regular_file`] ([`open_regular_file`]), which
-//! refuses what is not a regular file (a FIFO would make the reader wait for a writer for ever).
+//! refuses what is not a regular file (a FIFO would make the reader wait for a writer for ever);
+//! an append-only log is opened with [`open_regular_file_to_append`], which
+//! refuses them as well.
 
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
@@ -55,6 +57,21 @@ pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
         return Err(not_a_regular_file());
     }
     std::fs::File::open(path)
+}
+
+/// Opens a file to read and append (a log), creating it when nothing is
+/// at `path`, and refusing anything that is not a regular file (or a link
+/// to one) as [`open_regular_file`] does: a FIFO would take the appends
+/// until its buffer fills and then wait for a reader for ever, and a
+/// device is no log a run can continue.
+pub fn open_regular_file_to_append(path: &Path) -> std::io::Result<std::fs::File> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if !metadata.file_type().is_file() => return Err(not_a_regular_file()),
+        // Nothing there yet: created below.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().read(true).append(true).create(true).open(path)
 }
 
 /// The error [`open_regular_file`] refuses with.
@@ -118,6 +135,31 @@ mod tests {
         let secret = path.with_file_name("coordinator-state.json");
         write_atomically(&secret, b"secret", Readers::Owner).expect("write");
         assert_eq!(mode(&secret), 0o600, "others can read a secret");
+    }
+
+    #[test]
+    fn a_log_is_created_or_appended_to_and_a_fifo_is_refused_without_waiting() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = tmp.path().join("metrics.jsonl");
+        open_regular_file_to_append(&log).expect("create").write_all(b"one\n").expect("write");
+        open_regular_file_to_append(&log).expect("reopen").write_all(b"two\n").expect("write");
+        assert_eq!(std::fs::read_to_string(&log).expect("read"), "one\ntwo\n");
+        let folder = open_regular_file_to_append(tmp.path()).expect_err("a folder");
+        assert_eq!(folder.kind(), std::io::ErrorKind::InvalidInput, "{folder}");
+        let fifo = tmp.path().join("fifo.jsonl");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success(), "mkfifo failed");
+        // In a thread: a regression would wait here for a reader for ever.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(open_regular_file_to_append(&fifo).map(|_| ()));
+        });
+        let opened = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO to append did not return");
+        let e = opened.expect_err("a FIFO was opened as a log");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

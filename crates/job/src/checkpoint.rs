@@ -345,23 +345,68 @@ pub fn new_set_aside_folder(root: &Path) -> (PathBuf, std::io::Result<()>) {
     (aside, made)
 }
 
-/// Checkpoint folders of a run folder (`checkpoints/epoch-*`), intact or
-/// not, oldest first.
+/// Where a checkpoint folder stands in its run, read from its name: after
+/// `epochs_done` epochs (`epoch-NNNN`, the end of epoch NNNN), or
+/// `updates` updates into the epoch after them
+/// (`epoch-NNNN-update-UUUUUUUUU`). Ordered as the run wrote them: an
+/// epoch's end, then the mid-epoch checkpoints of the next epoch by
+/// update, then that epoch's end. Compared as numbers, not as names, so
+/// that a number with more digits than the names are padded to (an
+/// `epoch-10000` after an `epoch-9999`) still sorts in run order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RunOrder {
+    /// Epochs finished before the checkpoint.
+    pub epochs_done: u64,
+    /// Updates over the run of a mid-epoch checkpoint; `None` (sorting
+    /// first) for an epoch's end.
+    pub updates: Option<u64>,
+}
+
+impl RunOrder {
+    /// The position named by a checkpoint folder's name, `None` for a
+    /// name the trainer does not write (`epoch-0003-copy`, `epoch-`).
+    pub fn of_name(name: &str) -> Option<RunOrder> {
+        let number = |digits: &str| {
+            // `u64::from_str` also takes a leading `+`.
+            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.parse::<u64>().ok())
+                .flatten()
+        };
+        let rest = name.strip_prefix(FOLDER_PREFIX)?;
+        let (epochs, updates) = match rest.split_once(MID_EPOCH_INFIX) {
+            Some((epochs, updates)) => (epochs, Some(number(updates)?)),
+            None => (rest, None),
+        };
+        Some(RunOrder { epochs_done: number(epochs)?, updates })
+    }
+
+    /// [`RunOrder::of_name`] of the last component of `path`.
+    pub fn of_path(path: &Path) -> Option<RunOrder> {
+        RunOrder::of_name(path.file_name()?.to_str()?)
+    }
+}
+
+/// What separates a mid-epoch checkpoint's epochs from its updates
+/// (`epoch-0001-update-000000013`).
+pub const MID_EPOCH_INFIX: &str = "-update-";
+
+/// Checkpoint folders of a run folder (`checkpoints/epoch-NNNN` and
+/// `checkpoints/epoch-NNNN-update-UUUUUUUUU`), intact or not, oldest first
+/// in run order ([`RunOrder`]). A folder of another name is no checkpoint
+/// of the run (a copy someone made): not listed, so never resumed from,
+/// pruned nor set aside.
 pub fn list(run_dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(run_dir.join(CHECKPOINTS))
+    let mut found: Vec<(RunOrder, PathBuf)> = std::fs::read_dir(run_dir.join(CHECKPOINTS))
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(FOLDER_PREFIX))
-        })
+        .filter(|p| p.is_dir())
+        .filter_map(|p| Some((RunOrder::of_path(&p)?, p)))
         .collect();
+    // Two names of one position (`epoch-1`, `epoch-0001`) in name order.
     found.sort();
-    found
+    found.into_iter().map(|(_, path)| path).collect()
 }
 
 /// Whether `path` looks like a checkpoint folder (it holds a manifest or a part).
@@ -424,7 +469,7 @@ pub fn successor_of_deleted(wanted: &Path) -> Option<VerifiedCheckpoint> {
     if std::fs::symlink_metadata(wanted).is_ok() {
         return None;
     }
-    let name = wanted.file_name()?;
+    let position = RunOrder::of_path(wanted)?;
     let folder = wanted.parent()?;
     if folder.file_name()? != CHECKPOINTS {
         return None;
@@ -433,7 +478,7 @@ pub fn successor_of_deleted(wanted: &Path) -> Option<VerifiedCheckpoint> {
     list(run)
         .into_iter()
         .rev()
-        .take_while(|candidate| candidate.file_name().is_some_and(|n| n > name))
+        .take_while(|candidate| RunOrder::of_path(candidate).is_some_and(|p| p > position))
         .find(|candidate| verify(candidate).is_ok())
         .map(VerifiedCheckpoint)
 }
@@ -458,7 +503,7 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
         [MANIFEST, PARTS[1], STATE].iter().any(|other| folder.join(other).is_file())
     };
     if path.is_dir() {
-        // `epoch-NNNN`, or a save's staging folder `.epoch-NNNN.tmp-PID`.
+        // `epoch-NNNN`, or a save's staging folder `.epoch-NNNN.tmp-<pid>-<random>`.
         let named_as_checkpoint = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -584,6 +629,50 @@ pub(crate) mod tests {
         assert_eq!(successor_of_deleted(&first), None);
         // Not a run's checkpoint folder.
         assert_eq!(successor_of_deleted(&run.path().join("elsewhere/epoch-0001")), None);
+    }
+
+    #[test]
+    fn checkpoints_are_listed_in_run_order_by_their_numbers_not_their_names() {
+        let run = tempfile::tempdir().unwrap();
+        // Past four digits of epochs, name order is not run order.
+        let names = [
+            "epoch-0002",
+            "epoch-9999",
+            "epoch-9999-update-000000007",
+            "epoch-9999-update-000000012",
+            "epoch-10000",
+            "epoch-10000-update-1000000000",
+            "epoch-10001",
+        ];
+        for name in names.iter().rev() {
+            std::fs::create_dir_all(run.path().join(CHECKPOINTS).join(name)).unwrap();
+        }
+        // Not a name the trainer writes: no checkpoint of the run.
+        for other in ["epoch-0003-copy", "epoch-", "epoch-+4", "epoch-0004-update-", "epoch-x"] {
+            std::fs::create_dir_all(run.path().join(CHECKPOINTS).join(other)).unwrap();
+            assert_eq!(RunOrder::of_name(other), None, "{other}");
+        }
+        let listed: Vec<String> = list(run.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed, names);
+        assert_eq!(
+            RunOrder::of_name("epoch-0001-update-000000013"),
+            Some(RunOrder { epochs_done: 1, updates: Some(13) })
+        );
+        assert!(RunOrder::of_name("epoch-0001") < RunOrder::of_name("epoch-0001-update-000000013"));
+        assert!(RunOrder::of_name("epoch-0001-update-000000013") < RunOrder::of_name("epoch-0002"));
+
+        // A deleted checkpoint's successor is after it in run order.
+        let successor = tempfile::tempdir().unwrap();
+        let ninth = committed_with_state(successor.path(), "epoch-9999", "{}");
+        let tenth = committed_with_state(successor.path(), "epoch-10000", "{}");
+        std::fs::remove_dir_all(&ninth).unwrap();
+        assert_eq!(successor_of_deleted(&ninth).map(|v| v.0), Some(tenth.clone()));
+        std::fs::remove_dir_all(&tenth).unwrap();
+        committed_with_state(successor.path(), "epoch-9999", "{}");
+        assert_eq!(successor_of_deleted(&tenth), None, "epoch-9999 is before epoch-10000");
     }
 
     #[test]

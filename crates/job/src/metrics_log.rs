@@ -7,7 +7,7 @@
 //! instead of gluing onto the fragment and spoiling the file for every reader.
 
 use crate::records::MetricsRecord;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -46,17 +46,19 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `path` for appending, creating it and its folder when missing.
-    /// A last line without its newline (a record torn by a crash) is cut off
-    /// and reported by a warning.
+    /// Opens `path` for appending, creating it and its folder when missing;
+    /// anything there that is not a regular file (a FIFO, a device) is
+    /// refused, naming the file. A last line without its newline (a record
+    /// torn by a crash) is cut off and reported by a warning.
     pub fn open(path: &Path) -> Result<MetricsLog, MetricsLogError> {
         let io = |source| MetricsLogError::Io { path: path.to_path_buf(), source };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|source| MetricsLogError::Io { path: parent.to_path_buf(), source })?;
         }
-        let file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io)?;
+        // Not a FIFO or a device: a log there would not take its records
+        // (a FIFO blocks once its buffer is full), refused naming the file.
+        let file = rsb_files::open_regular_file_to_append(path).map_err(io)?;
         let dropped = cut_torn_last_line(&file).map_err(io)?;
         if dropped > 0 {
             tracing::warn!(
@@ -134,6 +136,7 @@ fn cut_torn_last_line(file: &File) -> std::io::Result<u64> {
 mod tests {
     use super::*;
     use crate::records::GenerationReason;
+    use std::fs::OpenOptions;
 
     fn record(generation: u64) -> MetricsRecord {
         MetricsRecord::Generation {
@@ -166,6 +169,26 @@ mod tests {
             let parsed: MetricsRecord = serde_json::from_str(line).expect("a whole record");
             assert_eq!(parsed, record(generation as u64));
         }
+    }
+
+    #[test]
+    fn a_fifo_at_the_log_path_is_refused_naming_the_file_without_waiting() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("ranks").join("rank-0.jsonl");
+        std::fs::create_dir_all(path.parent().expect("folder")).expect("mkdir");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        // In a thread, so that a regression fails here instead of hanging.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let fifo = path.clone();
+        std::thread::spawn(move || {
+            let _ = sender.send(MetricsLog::open(&fifo).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let opened = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO as a metrics log did not return");
+        let e = opened.expect_err("a FIFO was opened as a metrics log");
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -377,7 +377,7 @@ pub fn auto_resume(
 /// checkpoints folder is absent, or reads without error and holds nothing
 /// named like a checkpoint. An error names what could not be read, or the
 /// entry that is not a readable folder.
-fn confirm_no_checkpoint_folders(out: &Path) -> Result<(), RunFolderError> {
+pub fn confirm_no_checkpoint_folders(out: &Path) -> Result<(), RunFolderError> {
     let folder = out.join(CHECKPOINTS);
     let unreadable = |path: &Path, problem: String| RunFolderError::CheckpointsUnreadable {
         run: out.to_path_buf(),
@@ -493,6 +493,14 @@ impl RunFolderLock {
         let path = run_dir.join(file);
         let lock_error = |error| RunFolderError::Lock { lock: path.clone(), error };
         std::fs::create_dir_all(run_dir).map_err(lock_error)?;
+        // A FIFO or a device is no lock file: its holder's name could not be
+        // read back (a FIFO waits for a writer) nor written.
+        match std::fs::metadata(&path) {
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(lock_error(rsb_files::not_a_regular_file()));
+            }
+            _ => {}
+        }
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -517,15 +525,10 @@ impl RunFolderLock {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let holder = std::fs::read_to_string(&path)
-                        .ok()
-                        .map(|text| text.trim().to_string())
-                        .filter(|text| !text.is_empty())
-                        .unwrap_or_else(|| "unknown".to_string());
                     return Err(RunFolderError::InUse {
                         run: run_dir.to_path_buf(),
                         lock: path.clone(),
-                        holder,
+                        holder: lock_holder(&path),
                     });
                 }
                 Err((_, errno @ (nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP))) => {
@@ -555,6 +558,17 @@ impl RunFolderLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Who holds the lock file `path`, as the holder wrote itself into it
+/// (`pid 123 on host-a`), or `unknown`: also when it is no regular file,
+/// which is never opened (a FIFO would wait for a writer for ever).
+fn lock_holder(path: &Path) -> String {
+    rsb_files::read_regular_file(path)
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 impl Drop for RunFolderLock {
@@ -865,6 +879,54 @@ mod tests {
             check_out_folder(&logged, Some(&foreign)),
             Err(RunFolderError::ResumeOfAnotherRun { marker: "metrics.jsonl", .. })
         ));
+    }
+
+    /// `call` on another thread, failing the test when it does not return
+    /// within a few seconds (a FIFO waiting for a writer) instead of hanging.
+    fn within_seconds<T: Send + 'static>(
+        what: &str,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(call());
+        });
+        receiver
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what} did not return"))
+    }
+
+    #[test]
+    fn a_fifo_as_the_lock_file_is_refused_naming_it_and_its_holder_is_never_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let lock = run.join(LOCK_FILE);
+        nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Held by another open file of it, as a second trainer finds it.
+        let held = std::fs::OpenOptions::new().read(true).write(true).open(&lock).unwrap();
+        let _held = Flock::lock(held, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).unwrap();
+        let run_dir = run.clone();
+        let err = within_seconds("locking a run folder whose lock file is a FIFO", move || {
+            RunFolderLock::acquire(&run_dir, Duration::from_millis(100)).map(|_| ())
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, RunFolderError::Lock { lock: named, .. } if named == &lock),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains(lock.to_str().unwrap()), "{message}");
+        assert!(message.contains("not a regular file"), "{message}");
+        // The holder's name is not read from a FIFO (which would wait for
+        // data its holder never writes).
+        let fifo = lock.clone();
+        assert_eq!(
+            within_seconds("reading a FIFO's holder", move || lock_holder(&fifo)),
+            "unknown"
+        );
+        std::fs::write(run.join("holder"), "pid 7 on host-a\n").unwrap();
+        assert_eq!(lock_holder(&run.join("holder")), "pid 7 on host-a");
     }
 
     #[test]

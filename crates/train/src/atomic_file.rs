@@ -13,10 +13,21 @@ use crate::error::TrainError;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// `dir/.name.tmp-<pid>`: a hidden sibling of `path` on the same file system.
-pub fn temporary_sibling(path: &Path) -> PathBuf {
+/// What every temporary name holds after the name it stands for
+/// (`.epoch-0001.tmp-…`): how retention recognises what a save left.
+pub const TEMPORARY_MARK: &str = ".tmp-";
+
+/// `dir/.name.tmp-<pid>-<random>`: a hidden sibling of `path` on the same
+/// file system, named as by no other call. The PID alone is not enough:
+/// two writers in containers (rank 0 of two jobs) are both often PID 1,
+/// and a shared name would let one replace or delete the other's save in
+/// progress. Fails only when the system has no random numbers to give.
+pub fn temporary_sibling(path: &Path) -> std::io::Result<PathBuf> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let random = getrandom::u64().map_err(|e| {
+        std::io::Error::other(format!("no random number for a temporary name: {e}"))
+    })?;
+    Ok(path.with_file_name(format!(".{name}{TEMPORARY_MARK}{}-{random:016x}", std::process::id())))
 }
 
 /// Fsyncs `staged` (a file or a folder), renames it to `target` (replacing a
@@ -55,7 +66,7 @@ pub fn replace_folder(staged: &Path, target: &Path) -> std::io::Result<Option<Pa
             let aside = temporary_sibling(&target.with_file_name(format!(
                 "{}.old",
                 target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            )));
+            )))?;
             std::fs::rename(target, &aside)?;
             if let Err(e) = std::fs::rename(staged, target) {
                 // Put the old folder back: the hidden name would be pruned.
@@ -82,7 +93,7 @@ pub fn write_with(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
-    let staged = temporary_sibling(path);
+    let staged = temporary_sibling(path).map_err(|e| TrainError::io(path, e))?;
     let result = write(&staged)
         .and_then(|()| sync_and_rename(&staged, path).map_err(|e| TrainError::io(path, e)));
     if result.is_err() && staged.exists() {
@@ -178,7 +189,7 @@ pub(crate) mod tests {
     fn a_staged_folder_is_renamed_into_place() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("epoch-0001");
-        let staged = temporary_sibling(&target);
+        let staged = temporary_sibling(&target).unwrap();
         std::fs::create_dir(&staged).unwrap();
         write_bytes(&staged.join("state.json"), b"{}").unwrap();
         sync_and_rename(&staged, &target).unwrap();
@@ -193,7 +204,7 @@ pub(crate) mod tests {
         std::fs::create_dir(&target).unwrap();
         std::fs::write(target.join("old.bin"), "old 0").unwrap();
         for round in 0..2 {
-            let staged = temporary_sibling(&target);
+            let staged = temporary_sibling(&target).unwrap();
             std::fs::create_dir(&staged).unwrap();
             std::fs::write(staged.join("model.safetensors"), format!("new {round}")).unwrap();
             let old = replace_folder(&staged, &target).unwrap().expect("the replaced folder");
@@ -211,7 +222,7 @@ pub(crate) mod tests {
         }
         // A missing target: the staged folder is renamed into place.
         let fresh = dir.path().join("epoch-0005");
-        let staged = temporary_sibling(&fresh);
+        let staged = temporary_sibling(&fresh).unwrap();
         std::fs::create_dir(&staged).unwrap();
         assert_eq!(replace_folder(&staged, &fresh).unwrap(), None);
         assert_eq!(names(dir.path()), ["epoch-0004", "epoch-0005"]);
@@ -229,9 +240,24 @@ pub(crate) mod tests {
 
     #[test]
     fn the_temporary_is_a_hidden_sibling() {
-        let staged = temporary_sibling(Path::new("/runs/a/state.json"));
+        let staged = temporary_sibling(Path::new("/runs/a/state.json")).unwrap();
         assert_eq!(staged.parent(), Some(Path::new("/runs/a")));
         let name = staged.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with(".state.json.tmp-"), "{name}");
+    }
+
+    #[test]
+    fn two_temporary_names_of_one_path_in_one_process_differ() {
+        // Two writers of one PID (PID 1 in two containers) are two calls
+        // of one process here.
+        let target = Path::new("/runs/a/checkpoints/epoch-0001");
+        let first = temporary_sibling(target).unwrap();
+        let second = temporary_sibling(target).unwrap();
+        assert_ne!(first, second, "two writers would share a staging folder");
+        for staged in [first, second] {
+            let name = staged.file_name().unwrap().to_string_lossy().into_owned();
+            let own = format!(".epoch-0001{TEMPORARY_MARK}{}-", std::process::id());
+            assert!(name.starts_with(&own), "{name} lacks the PID after {TEMPORARY_MARK}");
+        }
     }
 }

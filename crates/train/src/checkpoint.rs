@@ -1,9 +1,11 @@
 //! Checkpoints: one folder per finished epoch, `checkpoints/epoch-NNNN/`
 //! (`NNNN` epochs done), and with `runtime.checkpoint_every_updates` one
 //! mid-epoch folder every N updates, `checkpoints/epoch-NNNN-update-UUUUUUUUU/`
-//! (`NNNN` epochs done, then `UUUUUUUUU` updates done over the run): the names
-//! sort in run order (`epoch-0001` < `epoch-0001-update-…` < `epoch-0002`),
-//! which is the order [`list`] and so the resume and the retention go by.
+//! (`NNNN` epochs done, then `UUUUUUUUU` updates done over the run). Their
+//! numbers give the run order (`epoch-0001` < `epoch-0001-update-…` <
+//! `epoch-0002`, [`RunOrder`]), which [`list`] and so the resume and the
+//! retention go by; the recipe caps a run at 9,999 epochs, so the names
+//! sort in that order too.
 //! Every folder has the same fixed parts: `model.safetensors` (timm keys, loads into timm as is),
 //! `optimizer.safetensors` (LAMB moments) and `state.json` (position in the
 //! run, optimizer step counts, loader counters, the resolved recipe, and in
@@ -11,8 +13,10 @@
 //! `manifest.json` (size and SHA-256 of every part, see
 //! [`rsb_job::checkpoint`]).
 //!
-//! Commit protocol: the folder is assembled under a temporary name, every
-//! part written through [`crate::atomic_file`] (fsynced); then the manifest
+//! Commit protocol: the records the run published before the checkpoint
+//! are made durable first (see [`save`]); the folder is assembled under a
+//! temporary name of its own ([`temporary_sibling`]: no other writer's),
+//! every part written through [`crate::atomic_file`] (fsynced); then the manifest
 //! is computed from the parts as they are on disk and written the same way;
 //! then the folder is fsynced and renamed into place and its parent fsynced
 //! (and the run folder, when the save created `checkpoints/`). A save that
@@ -44,7 +48,9 @@ use crate::atomic_file::{self, replace_folder, sync_folder, temporary_sibling};
 use crate::error::TrainError;
 use crate::grad_scaler::ScalerState;
 use crate::lamb::{Lamb, LambSteps};
-use rsb_job::checkpoint::{new_set_aside_folder, Manifest, FOLDER_PREFIX, MANIFEST, PARTS, STATE};
+use rsb_job::checkpoint::{
+    new_set_aside_folder, Manifest, RunOrder, FOLDER_PREFIX, MANIFEST, PARTS, STATE,
+};
 use rsb_vision::weights::{read_safetensors, write_safetensors};
 use rsb_vision::Model;
 use std::path::{Path, PathBuf};
@@ -149,7 +155,11 @@ pub fn folder_name_of(state: &TrainState) -> String {
 
 /// Writes and commits a checkpoint of `state` into
 /// `run_dir/checkpoints/<folder_name_of(state)>` (see the module
-/// documentation), then prunes the older ones. On failure nothing of the
+/// documentation), then prunes the older ones. `sync_records` first makes
+/// the records published before the checkpoint durable
+/// ([`crate::report::Records::sync`]): a power loss that keeps the
+/// checkpoint must keep them too, or a resume would continue after records
+/// lost without a word. On failure (that sync's included) nothing of the
 /// save is left behind and the error names the checkpoint still intact.
 pub fn save(
     run_dir: &Path,
@@ -157,9 +167,11 @@ pub fn save(
     optimizer: &Lamb,
     state: &TrainState,
     keep_last: usize,
+    sync_records: impl FnOnce() -> Result<(), TrainError>,
 ) -> Result<PathBuf, TrainError> {
     let written = folder_name_of(state);
     let target = commit(run_dir, &written, |staging| {
+        sync_records()?;
         atomic_file::write_with(&staging.join(PARTS[0]), |staged| {
             Ok(model.save_safetensors(staged)?)
         })?;
@@ -290,7 +302,9 @@ fn commit(
 ) -> Result<PathBuf, TrainError> {
     let root = run_dir.join(CHECKPOINTS);
     let target = root.join(name);
-    let staging = temporary_sibling(&target);
+    let staging = temporary_sibling(&target)
+        .map_err(|e| not_written(run_dir, name, &target, &TrainError::io(&target, e)))?;
+    let mut made_staging = false;
     let staged = (|| {
         let first_save = !root.is_dir();
         std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
@@ -299,10 +313,10 @@ fn commit(
             // checkpoint in it does.
             sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
         }
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
-        }
+        // A name of this save's own: never another writer's save in
+        // progress, which is not to be deleted (an existing folder fails).
         std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
+        made_staging = true;
         write_parts(&staging)?;
         // The manifest describes the parts as they are on disk, and is written last.
         let manifest = Manifest::of_parts(&staging, &PARTS)?;
@@ -322,7 +336,7 @@ fn commit(
         Err(cause) => {
             // Best effort: the failure being reported matters more than a
             // leftover hidden folder, which retention deletes later.
-            if staging.exists() {
+            if made_staging && staging.exists() {
                 let _ = std::fs::remove_dir_all(&staging);
             }
             return Err(not_written(run_dir, name, &staging, &cause));
@@ -346,15 +360,16 @@ fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -
         text.push_str(&format!(": {inner}"));
         source = inner.source();
     }
+    text = text.replace(&format!("{}/", staging.display()), "");
     for part in PARTS.into_iter().chain([MANIFEST]) {
-        let staged = temporary_sibling(&staging.join(part));
-        text = text.replace(&staged.display().to_string(), part);
+        text = with_plain_name(&text, part);
     }
-    let cause = text.replace(&format!("{}/", staging.display()), "");
+    let cause = text;
+    let position = RunOrder::of_name(name);
     let intact = list(run_dir)
         .into_iter()
         .rev()
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n <= name))
+        .filter(|p| position.is_some_and(|at| RunOrder::of_path(p).is_some_and(|o| o <= at)))
         .find(|p| verify(p).is_ok())
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let previous = match intact {
@@ -363,6 +378,32 @@ fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -
         None => "no earlier checkpoint".to_string(),
     };
     TrainError::CheckpointNotWritten { folder: name.to_string(), cause, previous }
+}
+
+/// `text` with each temporary name of the file `part`
+/// (`.part.tmp-<pid>-<random>`, [`temporary_sibling`]) written as `part`,
+/// the name a person knows.
+fn with_plain_name(text: &str, part: &str) -> String {
+    let temporary = format!(".{part}{}", atomic_file::TEMPORARY_MARK);
+    let mut plain = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&temporary) {
+        plain.push_str(&rest[..at]);
+        plain.push_str(part);
+        rest = rest[at + temporary.len()..]
+            .trim_start_matches(|c: char| c.is_ascii_hexdigit() || c == '-');
+    }
+    plain.push_str(rest);
+    plain
+}
+
+/// Whether the checkpoint folder `path` is after the checkpoint `written`
+/// in run order ([`RunOrder`]; a name of neither form is after nothing).
+fn after(path: &Path, written: &str) -> bool {
+    match (RunOrder::of_path(path), RunOrder::of_name(written)) {
+        (Some(position), Some(written)) => position > written,
+        _ => false,
+    }
 }
 
 /// Moves the checkpoints of a run order this run left, when it resumed from
@@ -386,10 +427,7 @@ fn set_aside(
     replaced: Option<PathBuf>,
     into: Option<PathBuf>,
 ) -> Option<PathBuf> {
-    let later: Vec<PathBuf> = list(run_dir)
-        .into_iter()
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n > written))
-        .collect();
+    let later: Vec<PathBuf> = list(run_dir).into_iter().filter(|p| after(p, written)).collect();
     if later.is_empty() && replaced.is_none() {
         return into;
     }
@@ -471,7 +509,8 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         .filter(|p| {
             hidden_name(p).is_some_and(|n| {
                 n.starts_with(DELETING)
-                    || (n.starts_with(&format!(".{FOLDER_PREFIX}")) && n.contains(".tmp-"))
+                    || (n.starts_with(&format!(".{FOLDER_PREFIX}"))
+                        && n.contains(atomic_file::TEMPORARY_MARK))
             })
         })
         .partition(|p| hidden_name(p).is_some_and(|n| n.starts_with(DELETING)));
@@ -489,7 +528,7 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix('.'))
-            .and_then(|n| n.split(".tmp-").next())
+            .and_then(|n| n.split(atomic_file::TEMPORARY_MARK).next())
             .unwrap_or("checkpoint")
             .to_string();
         match made.and_then(|()| std::fs::rename(&folder, aside.join(&name))) {
@@ -891,6 +930,64 @@ mod tests {
     }
 
     #[test]
+    fn a_save_leaves_another_writers_staging_folder_alone_and_retention_still_finds_leftovers() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
+        // Another writer of the same PID (PID 1 in another container) is
+        // saving epoch-0002 too.
+        let target = root.join(folder_name(1));
+        let theirs = temporary_sibling(&target).unwrap();
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::write(theirs.join(PARTS[0]), "their save in progress").unwrap();
+        commit(run.path(), &folder_name(1), fake_parts("epoch 2")).unwrap();
+        let text = std::fs::read_to_string(theirs.join(PARTS[0])).unwrap();
+        assert_eq!(text, "their save in progress", "another writer's staging folder was replaced");
+        let model = std::fs::read_to_string(target.join(PARTS[0])).unwrap();
+        assert_eq!(model, format!("{} of epoch 2", PARTS[0]));
+
+        // Left behind (that writer was killed), the unique names are still
+        // a save's leftovers to retention: a torn one deleted, a complete
+        // one set aside under its checkpoint's name.
+        let complete = temporary_sibling(&root.join(folder_name(2))).unwrap();
+        std::fs::rename(
+            commit(run.path(), &folder_name(2), fake_parts("epoch 3")).unwrap(),
+            &complete,
+        )
+        .unwrap();
+        prune(run.path(), 5, &[]);
+        assert_eq!(
+            names(&root).iter().filter(|n| n.starts_with('.')).count(),
+            0,
+            "{:?}",
+            names(&root)
+        );
+        assert_eq!(set_aside_folders(run.path()), [vec!["epoch-0003"]]);
+    }
+
+    #[test]
+    fn a_save_sets_aside_by_run_order_also_past_four_digits_of_epochs() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        // epoch-9998, epoch-9999, epoch-10000: a run that goes on sets
+        // nothing aside, though `epoch-10000` sorts first by name.
+        for epoch in 9997..10_000 {
+            commit(run.path(), &folder_name(epoch), fake_parts("the first run order")).unwrap();
+        }
+        assert_eq!(folder_name(9999), "epoch-10000");
+        assert_eq!(set_aside_folders(run.path()), Vec::<Vec<String>>::new());
+        let order: Vec<PathBuf> =
+            ["epoch-9998", "epoch-9999", "epoch-10000"].iter().map(|n| root.join(n)).collect();
+        assert_eq!(list(run.path()), order);
+        // Resumed from epoch-9998, a mid-epoch save sets aside both later
+        // epoch ends, the five-digit one included.
+        let mid = mid_epoch_folder_name(9998, 123);
+        commit(run.path(), &mid, fake_parts("the resumed one")).unwrap();
+        assert_eq!(set_aside_folders(run.path()), [vec!["epoch-10000", "epoch-9999"]]);
+        assert_eq!(list(run.path()), [root.join("epoch-9998"), root.join(&mid)]);
+    }
+
+    #[test]
     fn a_failed_save_leaves_nothing_behind_and_names_the_intact_checkpoint() {
         let run = tempfile::tempdir().unwrap();
         let root = run.path().join(CHECKPOINTS);
@@ -924,19 +1021,79 @@ mod tests {
         std::fs::write(root.join("epoch-0002").join(PARTS[0]), "flipped").unwrap();
         let err = commit(run.path(), &folder_name(2), full_disk).unwrap_err();
         assert!(err.to_string().ends_with("; epoch-0001 is intact"), "{err}");
+        // A writer that names its temporary file: the part's name is said.
+        let writer_fails = |staging: &Path| {
+            atomic_file::write_with(&staging.join(PARTS[0]), |staged| {
+                Err(TrainError::io(staged, std::io::Error::from_raw_os_error(28)))
+            })
+        };
+        let err = commit(run.path(), &folder_name(2), writer_fails).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "checkpoint epoch-0003 not written (model.safetensors: No space left on device \
+             (os error 28)); epoch-0001 is intact"
+        );
+    }
+
+    /// The model and optimizer of the tiny CPU debug recipe (a ResNet-18).
+    fn tiny_model() -> (Model, Lamb) {
+        let yaml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = rsb_recipes::load(&yaml, &[]).unwrap();
+        let model = crate::from_recipe::model(&recipe, tch::Device::Cpu).unwrap();
+        let optimizer = crate::from_recipe::optimizer(&recipe, &model).unwrap();
+        (model, optimizer)
+    }
+
+    #[test]
+    fn the_records_before_a_checkpoint_are_synced_before_it_is_committed() {
+        let (model, optimizer) = tiny_model();
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        let at = |next_epoch, next_step, updates| TrainState {
+            next_epoch,
+            next_step,
+            updates,
+            model: "resnet18".into(),
+            ..state(None)
+        };
+        // What the checkpoints folder held at each sync of the records.
+        let mut seen_at_sync: Vec<Vec<String>> = Vec::new();
+        let committed: Vec<PathBuf> = [at(1, 0, 10), at(1, 4, 14)]
+            .iter()
+            .map(|state| {
+                save(run.path(), &model, &optimizer, state, 5, || {
+                    seen_at_sync.push(names(&root));
+                    Ok(())
+                })
+                .unwrap()
+            })
+            .collect();
+        // One sync per save, the epoch end's and a mid-epoch one's, each
+        // before its checkpoint was in place.
+        assert_eq!(seen_at_sync.len(), 2, "{seen_at_sync:?}");
+        assert!(seen_at_sync[0].iter().all(|n| !n.starts_with(FOLDER_PREFIX)), "{seen_at_sync:?}");
+        assert!(!seen_at_sync[1].contains(&"epoch-0001-update-000000014".to_string()));
+        assert_eq!(list(run.path()), committed);
+
+        // A sync that fails stops the save: no checkpoint claims records
+        // that may be lost; the error names the log and the intact one.
+        let log = run.path().join("metrics.jsonl");
+        let err = save(run.path(), &model, &optimizer, &at(2, 0, 20), 5, || {
+            Err(TrainError::io(&log, std::io::Error::from_raw_os_error(5)))
+        })
+        .unwrap_err();
+        assert!(matches!(err, TrainError::CheckpointNotWritten { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(&log.display().to_string()), "{message}");
+        assert!(message.ends_with("; epoch-0001-update-000000014 is intact"), "{message}");
+        assert_eq!(list(run.path()), committed);
+        assert!(names(&root).iter().all(|n| !n.starts_with('.')), "{:?}", names(&root));
     }
 
     #[test]
     fn a_mid_epoch_checkpoint_round_trips_and_is_resumed_before_the_epoch_end_before_it() {
-        let yaml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../recipes/debug/resnet18_tiny_cpu.yaml");
-        let recipe = rsb_recipes::load(&yaml, &[]).unwrap();
-        let device = tch::Device::Cpu;
-        let build = || {
-            let model = crate::from_recipe::model(&recipe, device).unwrap();
-            let optimizer = crate::from_recipe::optimizer(&recipe, &model).unwrap();
-            (model, optimizer)
-        };
+        let build = tiny_model;
         let (model, mut optimizer) = build();
         tch::manual_seed(7);
         for (_, p) in model.named_parameters() {
@@ -954,7 +1111,7 @@ mod tests {
             model: "resnet18".into(),
             ..state(None)
         };
-        let end_path = save(run.path(), &model, &optimizer, &end, 5).unwrap();
+        let end_path = save(run.path(), &model, &optimizer, &end, 5, || Ok(())).unwrap();
         let mid = TrainState {
             next_epoch: 1,
             next_step: 3,
@@ -973,7 +1130,7 @@ mod tests {
             model: "resnet18".into(),
             ..state(Some(0))
         };
-        let mid_path = save(run.path(), &model, &optimizer, &mid, 5).unwrap();
+        let mid_path = save(run.path(), &model, &optimizer, &mid, 5, || Ok(())).unwrap();
         assert_eq!(end_path.file_name().unwrap(), "epoch-0001");
         assert_eq!(mid_path.file_name().unwrap(), "epoch-0001-update-000000013");
         assert_eq!(list(run.path()), [end_path, mid_path.clone()]);

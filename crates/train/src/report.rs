@@ -2,7 +2,8 @@
 //! rank's `metrics.jsonl` (one JSON object per line, each in one write, so a
 //! crash loses nothing already reported; see [`rsb_job::metrics_log`]) and handed to the job's sink on rank
 //! 0, and the progress a person sees — a progress bar on a terminal, log
-//! lines otherwise, from rank 0 only.
+//! lines otherwise, from rank 0 only. The records are fsynced
+//! ([`Records::sync`]) before each checkpoint that follows them is committed.
 
 use crate::error::TrainError;
 use rsb_data::labels::EvalCounts;
@@ -67,6 +68,13 @@ impl Records {
     /// Writes a record to the rank's own file only (per-rank checksums).
     pub fn write_local(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
         self.log.append(record).map_err(log_error)
+    }
+
+    /// Makes the records written so far durable (fsync of the rank's
+    /// file), as a checkpoint committed after them requires
+    /// ([`rsb_job::MetricsLog::sync`]); a failure names the file.
+    pub fn sync(&mut self) -> Result<(), TrainError> {
+        self.log.sync().map_err(log_error)
     }
 }
 

@@ -1479,8 +1479,6 @@ impl Trainer {
         let calls = self.calls();
         let collective_timeout =
             Duration::from_secs(self.recipe.distributed.collective_timeout_secs);
-        let (options, model, optimizer, state) =
-            (&self.options, &self.model, &self.optimizer, &self.state);
         let keep = self.recipe.runtime.keep_last_checkpoints as usize;
         let saves_left = checkpoint::saves_still_to_come(
             self.total_epochs(),
@@ -1489,9 +1487,15 @@ impl Trainer {
             self.state.updates,
             u64::from(self.recipe.runtime.checkpoint_every_updates),
         );
-        let write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
+        let (options, model, optimizer, state, records) =
+            (&self.options, &self.model, &self.optimizer, &self.state, &mut self.records);
+        let mut write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
             std::thread::sleep(options.checkpoint_delay);
-            let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep)?;
+            // The writer's records (the epoch's, published just before)
+            // reach the disk before the checkpoint after them is committed.
+            let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep, || {
+                records.sync()
+            })?;
             let disk_warning = checkpoint::space_warning(&options.out_dir, &path, keep, saves_left);
             let committed = CommittedCheckpoint {
                 epoch,
