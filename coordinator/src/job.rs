@@ -205,6 +205,9 @@ pub struct Beat {
     pub ranks_generation: u64,
     /// The newest generation whose assignment any of its ranks fetched.
     pub newest_ranks_generation: u64,
+    /// Per local rank, the newest generation whose assignment one of its
+    /// processes fetched (0: none has), killed ones included.
+    pub rank_generations: Vec<u64>,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
 }
@@ -300,6 +303,10 @@ pub struct Job {
     /// Before this, no member of a restored job counts as silent (see
     /// [`Job::await_restored_members`]).
     silent_not_before: Option<Instant>,
+    /// Members whose heartbeat was answered that the job is finished (each
+    /// of their agents then exits): those a coordinator that found its job
+    /// finished need not wait for.
+    told_finished: BTreeSet<String>,
     /// Hosts lost since the last generation started (host and why).
     lost: Vec<String>,
     /// Why the next generation opens.
@@ -764,6 +771,7 @@ impl Job {
             started: false,
             regroup_since: None,
             reclaim_until: None,
+            told_finished: BTreeSet::new(),
             agents_call_again_within: agent_calls::CALLS_AGAIN_WITHIN,
             silent_not_before: None,
             lost: Vec::new(),
@@ -1374,6 +1382,10 @@ impl Job {
     pub fn heartbeat(&mut self, id: &str) -> Result<Beat, JobError> {
         let on = matches!(self.phase, Phase::Waiting | Phase::Running);
         let failure = self.failure().map(str::to_string);
+        let known = self.members.iter().chain(&self.pending).any(|m| m.id == id);
+        if known && self.phase == Phase::Finished && self.told_finished.insert(id.to_string()) {
+            tracing::info!(member = %id, "told the job is finished");
+        }
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
             let (ranks_generation, newest_ranks_generation) =
@@ -1387,6 +1399,7 @@ impl Job {
                 failure,
                 ranks_generation,
                 newest_ranks_generation,
+                rank_generations: m.rank_generations.clone(),
             });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
@@ -1398,6 +1411,7 @@ impl Job {
                 failure,
                 ranks_generation: 0,
                 newest_ranks_generation: 0,
+                rank_generations: Vec::new(),
             });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
@@ -1408,9 +1422,15 @@ impl Job {
                 failure: Some(failure),
                 ranks_generation: m.ranks_generation(),
                 newest_ranks_generation: m.newest_ranks_generation(),
+                rank_generations: m.rank_generations.clone(),
             });
         }
         Err(JobError::NotFound(format!("unknown member `{id}`")))
+    }
+
+    /// How many members' heartbeats were answered that the job is finished.
+    pub fn members_told_finished(&self) -> usize {
+        self.told_finished.len()
     }
 
     /// Why the job failed, if it did.
@@ -1564,6 +1584,18 @@ impl Job {
     /// the failure of `rank` on `host`: `message` as the rank (or the
     /// coordinator) put it, `failure` the whole line naming the rank.
     fn rank_failed(&mut self, rank: u32, host: &str, message: &str, failure: String) {
+        let reason = GenerationReason::RankFailed {
+            rank,
+            host: host.to_string(),
+            detail: message.to_string(),
+        };
+        self.fail_or_restart(reason, failure);
+    }
+
+    /// Fails a fixed job with `failure`, or restarts every rank of an
+    /// elastic one for `reason` (at most `max_restarts` times in a row
+    /// without a committed checkpoint).
+    fn fail_or_restart(&mut self, reason: GenerationReason, failure: String) {
         if !self.elastic() || self.phase != Phase::Running {
             self.fail(failure);
         } else if self.restarts >= self.max_restarts {
@@ -1575,11 +1607,7 @@ impl Job {
         } else {
             self.restarts += 1;
             tracing::warn!("{failure}; restarting every rank (restart {})", self.restarts);
-            self.next_generation(Some(GenerationReason::RankFailed {
-                rank,
-                host: host.to_string(),
-                detail: message.to_string(),
-            }));
+            self.next_generation(Some(reason));
         }
     }
 
@@ -1714,6 +1742,18 @@ impl Job {
             tracing::error!("job failed: {reason}");
             self.phase = Phase::Failed(reason);
         }
+    }
+
+    /// Whether the job finished before local rank `local_rank` of
+    /// `member_id`, a member or a host waiting to be admitted, had a share
+    /// of it: nothing is left for that rank to train.
+    pub fn finished_for(&self, member_id: &str, local_rank: u32) -> bool {
+        self.phase == Phase::Finished
+            && self
+                .members
+                .iter()
+                .chain(&self.pending)
+                .any(|m| m.id == member_id && local_rank < m.local_ranks)
     }
 
     /// The assignment of a member's local rank, once the job runs (`None` while waiting).
@@ -2276,15 +2316,23 @@ impl Job {
                     self.rank_failed(first, &host, ASKED_TO_STOP, failure);
                 }
                 FailureCause::TamperedLinkFrom(from) => {
+                    let from_host = self.host_name_of_rank(from);
                     let failure = format!(
-                        "the link from rank {from} on {} to rank {rank} on {} carried data that \
-                         failed its integrity check (altered, injected or replayed on the \
-                         network, or sent by a peer of another job; neither rank failed): \
+                        "the link from rank {from} on {from_host} to rank {rank} on {} carried \
+                         data that failed its integrity check (altered, injected or replayed on \
+                         the network, or sent by a peer of another job; neither rank failed): \
                          {message}",
-                        self.host_name_of_rank(from),
                         member.host
                     );
-                    self.rank_failed(rank, &member.host, message, failure);
+                    // An elastic job's new generation names the link too.
+                    let reason = GenerationReason::TamperedLink {
+                        from_rank: from,
+                        from_host,
+                        to_rank: rank,
+                        to_host: member.host.clone(),
+                        detail: message.to_string(),
+                    };
+                    self.fail_or_restart(reason, failure);
                 }
                 _ => self.rank_failed(rank, &member.host, message, failure),
             }
@@ -2705,6 +2753,7 @@ pub(crate) mod tests {
         // still needed if the generation moves on. Rank 1 has: the newest.
         let beat = j.heartbeat(&a).unwrap();
         assert_eq!((beat.ranks_generation, beat.newest_ranks_generation), (0, 1));
+        assert_eq!(beat.rank_generations, [0, 1], "each rank's own");
         j.note_assigned(&a, 0);
         assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
         // A local rank the member does not run changes nothing.
@@ -2985,6 +3034,26 @@ pub(crate) mod tests {
             let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
             assert!(reason.starts_with("rank 1 on b failed:"), "{from}: {reason}");
         }
+        // An elastic job restarts every rank, and its new generation names
+        // the link too, where it said rank 1 had failed.
+        let mut j = elastic(2, 1, 2);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 1, 0, false, tampered, FailureCause::TamperedLinkFrom(0)).unwrap();
+        assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Running, 2, 2));
+        let reason = &generations(&j).pop().unwrap()["reasons"][0];
+        assert_eq!(reason["kind"], "tampered_link", "{reason}");
+        let named = (&reason["from_rank"], &reason["from_host"], &reason["to_rank"]);
+        assert_eq!(named, (&0.into(), &"a".into(), &1.into()), "{reason}");
+        assert_eq!((&reason["to_host"], &reason["detail"]), (&"b".into(), &tampered.into()));
+        let read: rsb_job::GenerationReason = serde_json::from_value(reason.clone()).unwrap();
+        assert!(
+            read.to_string().starts_with(
+                "the link from rank 0 on a to rank 1 on b carried data that failed its \
+                 integrity check: rank 1: the data from rank 0"
+            ),
+            "{read}"
+        );
         // Without the typed field, the rank that reported it was named.
         let mut j = job(2);
         join(&mut j, "a", 1).unwrap();

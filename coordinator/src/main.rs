@@ -194,9 +194,10 @@ struct UpArgs {
     /// coordinator ran: nothing is left to train): how many seconds the
     /// coordinator still answers the workers that join, telling them the
     /// job is finished (they exit successfully, where they would retry a
-    /// coordinator that had gone and fail), before it exits successfully
-    /// itself; it exits as soon as --nodes hosts (--max-nodes if more) have
-    /// been told. 0 exits at once.
+    /// coordinator that had gone and fail), and the job's agents that
+    /// outlived the last coordinator at their heartbeat, before it exits
+    /// successfully itself; it exits as soon as --nodes hosts (--max-nodes
+    /// if more) have been told. 0 exits at once.
     #[arg(
         long,
         default_value_t = 60,
@@ -689,12 +690,15 @@ async fn up(mut args: UpArgs) -> Result<()> {
     }
     if let Some(linger) = linger {
         // The job is finished: the workers that join meanwhile are told so
-        // (Placement::JobFinished), until --nodes hosts have been or the
-        // time is up; a stop signal ends the wait, no failure. Then a
-        // restored job's end is saved, and nothing is watched.
+        // (Placement::JobFinished), as are the members whose agents
+        // outlived the coordinator (at their heartbeat), until --nodes
+        // hosts have been or the time is up; a stop signal ends the wait,
+        // no failure. Then a restored job's end is saved, and nothing is
+        // watched.
         let until = tokio::time::Instant::now() + linger;
         let told = loop {
-            let told = shared.update_unless(stop_signals.recv(), |state| state.joins_told_finished);
+            let told =
+                shared.update_unless(stop_signals.recv(), |state| state.hosts_told_finished());
             match told.await {
                 Ok(told) if told < hosts_to_tell && tokio::time::Instant::now() < until => {}
                 ended => break ended,
@@ -1340,7 +1344,7 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
         }
         if args.resume.is_none() {
             rsb_job::check_out_folder(&run_dir, None)?;
-        } else if !finished && run_dir.join(rsb_job::checkpoint::CHECKPOINTS).is_dir() {
+        } else if !finished && holds_checkpoints_folder(&run_dir)? {
             match rsb_job::check_resume(&run_dir, &recipe, &cell.overrides(&manifest.overrides)) {
                 Ok(verified) => {
                     // The updates it holds, for the report's count of those
@@ -1353,10 +1357,29 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
                 Err(e @ rsb_job::RunFolderError::RecipeChanged { .. }) => {
                     return Err(anyhow::Error::new(e).context(format!("sweep run {}", cell.id)))
                 }
-                Err(e) => tracing::warn!(
-                    run = %cell.id,
-                    "no checkpoint to resume from ({e}); the run starts afresh"
-                ),
+                Err(rsb_job::RunFolderError::Checkpoint(
+                    e @ rsb_job::CheckpointError::NotFound { .. },
+                )) => {
+                    // None was written (the run stopped within its first
+                    // checkpoint interval), unless one could not be read.
+                    rsb_job::run_folder::confirm_no_checkpoint_folders(&run_dir)
+                        .with_context(|| format!("sweep run {}", cell.id))?;
+                    tracing::warn!(
+                        run = %cell.id,
+                        "no checkpoint to resume from ({e}); the run starts afresh"
+                    )
+                }
+                // Its checkpoints are there but none can be resumed from
+                // (all torn or corrupt, or unreadable): refused, as `--auto-resume` refuses them, where the run
+                // started afresh and its first save set them all aside.
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "sweep run {}: its checkpoints cannot be resumed from; move {} aside \
+                         to run it afresh",
+                        cell.id,
+                        run_dir.join(rsb_job::checkpoint::CHECKPOINTS).display()
+                    )))
+                }
             }
         }
         runs.push(SweepRun {
@@ -1399,6 +1422,19 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
 /// may read it). `None` for a new job given none. A restore
 /// needs one: its agents present the token the job was started with, and a
 /// new one would lock them all out.
+/// Whether the run folder `run_dir` has a checkpoints folder (an entry
+/// of that name, whatever it is or where it points): one that cannot be
+/// looked at (a volume that is not mounted, no permission) is an error
+/// naming it, where it was taken for none and the run started afresh.
+fn holds_checkpoints_folder(run_dir: &Path) -> Result<bool> {
+    let folder = run_dir.join(rsb_job::checkpoint::CHECKPOINTS);
+    match std::fs::symlink_metadata(&folder) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("looking at {}", folder.display()))),
+    }
+}
+
 fn given_job_token(args: &UpArgs) -> Result<Option<(Secret, String)>> {
     let saved = args.out.as_ref().map(|out| out.join(auth::TOKEN_FILE_NAME));
     let (file, source) = match (&args.token_file, &saved) {

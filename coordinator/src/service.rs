@@ -514,6 +514,41 @@ pub fn server(
         .layer(GlobalConcurrencyLimitLayer::new(MAX_CALLS)))
 }
 
+/// What a `GetAssignment` of local rank `local_rank` of `member` is
+/// answered now: its share of the running generation (noted as fetched),
+/// that the job finished before the rank had one (told so, not refused:
+/// the rank exits successfully), or `None` to wait on.
+fn assignment_answer(
+    job: &mut Job,
+    member: &str,
+    local_rank: u32,
+) -> Result<Option<pb::Assignment>, JobError> {
+    if job.finished_for(member, local_rank) {
+        return Ok(Some(pb::Assignment {
+            job_id: job.id.clone(),
+            generation: job.generation,
+            local_rank,
+            job_finished: true,
+            ..pb::Assignment::default()
+        }));
+    }
+    let Some(assigned) = job.assignment(member, local_rank)? else { return Ok(None) };
+    job.note_assigned(member, local_rank);
+    Ok(Some(pb::Assignment {
+        job_id: job.id.clone(),
+        generation: job.generation,
+        global_rank: assigned.global_rank,
+        world_size: assigned.world_size,
+        local_rank,
+        micro_batch: assigned.plan.micro_size,
+        accumulation_steps: assigned.plan.accumulation,
+        recipe_yaml: job.recipe_yaml.clone(),
+        run_dir: job.out_dir.display().to_string(),
+        resume_from: job.resume_from.clone().unwrap_or_default(),
+        job_finished: false,
+    }))
+}
+
 /// Serves [`service`] with `server` (from [`server`]) on `listener` until
 /// `shutdown` completes, taking connections as [`crate::incoming`] says.
 pub async fn serve(
@@ -845,6 +880,7 @@ impl Coordinator for Shared {
             pending: beat.pending,
             ranks_generation: beat.ranks_generation,
             newest_ranks_generation: beat.newest_ranks_generation,
+            rank_generations: beat.rank_generations,
         }))
     }
 
@@ -855,26 +891,8 @@ impl Coordinator for Shared {
         let (index, caller) = self.caller("GetAssignment", &request)?;
         let r = request.into_inner();
         own_member("member_id", &r.member_id, &caller)?;
-        let assignment = self
-            .wait_for(index, |job| {
-                let assignment = job.assignment(&caller, r.local_rank)?;
-                if assignment.is_some() {
-                    job.note_assigned(&caller, r.local_rank);
-                }
-                Ok(assignment.map(|a| pb::Assignment {
-                    job_id: job.id.clone(),
-                    generation: job.generation,
-                    global_rank: a.global_rank,
-                    world_size: a.world_size,
-                    local_rank: r.local_rank,
-                    micro_batch: a.plan.micro_size,
-                    accumulation_steps: a.plan.accumulation,
-                    recipe_yaml: job.recipe_yaml.clone(),
-                    run_dir: job.out_dir.display().to_string(),
-                    resume_from: job.resume_from.clone().unwrap_or_default(),
-                }))
-            })
-            .await?;
+        let assignment =
+            self.wait_for(index, |job| assignment_answer(job, &caller, r.local_rank)).await?;
         Ok(Response::new(assignment))
     }
 
@@ -1114,6 +1132,36 @@ mod tests {
         state.jobs[0].join(host, DeviceKind::Cpu, 1, LOOPBACK).unwrap();
     }
 
+    /// A rank that asks for its share after the job finished (its host
+    /// admitted too late) is told so, and exits successfully, where it was
+    /// refused and failed its agent after a successful job.
+    #[test]
+    fn a_rank_that_asks_for_its_share_of_a_finished_job_is_told_it_is_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = saved_job(tmp.path(), tmp.path().join(STATE_FILE));
+        let Ok(Placement::Member { id, .. }) =
+            shared.update(|state| state.join("a", DeviceKind::Cpu, 1, LOOPBACK))
+        else {
+            panic!("not taken")
+        };
+        let answer =
+            |rank: u32| shared.update(|state| assignment_answer(&mut state.jobs[0], &id, rank));
+        // Waiting for its other hosts: nothing yet.
+        assert_eq!(answer(0).unwrap(), None);
+        shared.update(|state| state.jobs[0].phase = Phase::Finished);
+        let told = answer(0).unwrap().expect("an answer");
+        assert!(told.job_finished && told.recipe_yaml.is_empty(), "{told:?}");
+        // A rank the member does not run, or a member the job does not
+        // know, is refused as before.
+        assert!(answer(1).is_err());
+        let stranger = shared.update(|state| assignment_answer(&mut state.jobs[0], "x-9", 0));
+        assert!(stranger.is_err(), "{stranger:?}");
+        // A failed job still refuses it, saying why.
+        shared.update(|state| state.jobs[0].phase = Phase::Failed("rank 0 failed".into()));
+        let refused = answer(0).unwrap_err().to_string();
+        assert!(refused.contains("rank 0 failed"), "{refused}");
+    }
+
     /// A host that joins a finished job is told so (its worker exits
     /// successfully), not refused as by a running job that takes no one.
     #[test]
@@ -1124,9 +1172,20 @@ mod tests {
             shared.update(|state| state.join("late", DeviceKind::Cpu, 1, LOOPBACK))
         };
         // Waiting for hosts: taken.
-        assert!(matches!(joined(&shared), Ok(Placement::Member { .. })));
+        let Ok(Placement::Member { id, .. }) = joined(&shared) else { panic!("not taken") };
         shared.update(|state| state.jobs[0].phase = Phase::Finished);
         assert!(matches!(joined(&shared), Ok(Placement::JobFinished)));
+        assert_eq!(shared.update(|state| state.hosts_told_finished()), 1);
+        // A member's agent that heartbeats (it outlived the last
+        // coordinator) is told to stop and counts once, however often it calls.
+        for _ in 0..2 {
+            let beat = shared.update(|state| state.jobs[0].heartbeat(&id)).unwrap();
+            assert!(!beat.keep_going && beat.failure.is_none(), "{beat:?}");
+        }
+        assert_eq!(shared.update(|state| state.hosts_told_finished()), 2);
+        // An unknown member counts for nothing.
+        assert!(shared.update(|state| state.jobs[0].heartbeat("stranger")).is_err());
+        assert_eq!(shared.update(|state| state.hosts_told_finished()), 2);
         // A failed job still refuses it, saying why.
         shared.update(|state| state.jobs[0].phase = Phase::Failed("rank 0 failed".into()));
         let refused = joined(&shared).err().map(|e| e.to_string()).unwrap_or_default();

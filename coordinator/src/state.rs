@@ -41,6 +41,13 @@ impl Coordination {
         }
     }
 
+    /// The hosts told that the job of `up` is finished: those that joined
+    /// it after its end, and its members whose heartbeat was answered so
+    /// (agents that outlived the coordinator). Each of them then exits.
+    pub fn hosts_told_finished(&self) -> usize {
+        self.joins_told_finished + self.jobs.first().map_or(0, Job::members_told_finished)
+    }
+
     /// The index of the job `member_id` belongs (or belonged) to.
     pub fn job_of(&self, member_id: &str) -> Option<usize> {
         self.jobs.iter().position(|j| j.knows_member(member_id))

@@ -46,6 +46,19 @@ pub mod agent_calls {
     /// agent's loop sleeps that long between its checks of its ranks).
     pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(LOOP_SLEEP_MAX_SECS);
 
+    /// The longest an agent waits, after a stop signal (a pod's deletion,
+    /// a node's drain), for its ranks to stop on their own (rank 0 writing
+    /// a checkpoint) before it kills them: the worker's `RANK_STOP_GRACE`,
+    /// which the worker's build checks is this. With its reap of the killed ones
+    /// ([`KILLED_RANKS_REAPED_WITHIN`]) it bounds the agent's exit, which a
+    /// pod's `terminationGracePeriodSeconds` must exceed, or the kubelet's
+    /// SIGKILL cuts the stop checkpoint short.
+    pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(100);
+
+    /// How long an agent waits for ranks it killed to be reaped (the
+    /// process crate's `REAP_LIMIT`, which the worker's build checks is this).
+    pub const KILLED_RANKS_REAPED_WITHIN: Duration = Duration::from_secs(10);
+
     const NCCL_EXIT_GRACE_SECS: u64 = 20;
     const DEAD_RANK_DRAIN_SECS: u64 = 3;
 

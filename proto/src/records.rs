@@ -19,6 +19,15 @@ impl From<&GenerationReason> for pb::GenerationReason {
             GenerationReason::RankFailed { rank, host, detail } => {
                 Reason::RankFailed(pb::RankFailed { rank, host, detail })
             }
+            GenerationReason::TamperedLink { from_rank, from_host, to_rank, to_host, detail } => {
+                Reason::TamperedLink(pb::TamperedLink {
+                    from_rank,
+                    from_host,
+                    to_rank,
+                    to_host,
+                    detail,
+                })
+            }
             GenerationReason::Admitted { host } => Reason::Admitted(pb::HostAdmitted { host }),
             GenerationReason::CoordinatorRestarted => {
                 Reason::CoordinatorRestarted(pb::CoordinatorRestarted {})
@@ -39,6 +48,13 @@ fn reason_of(reason: pb::GenerationReason) -> Option<GenerationReason> {
         Reason::RankFailed(r) => {
             GenerationReason::RankFailed { rank: r.rank, host: r.host, detail: r.detail }
         }
+        Reason::TamperedLink(r) => GenerationReason::TamperedLink {
+            from_rank: r.from_rank,
+            from_host: r.from_host,
+            to_rank: r.to_rank,
+            to_host: r.to_host,
+            detail: r.detail,
+        },
         Reason::Admitted(r) => GenerationReason::Admitted { host: r.host },
         Reason::CoordinatorRestarted(_) => GenerationReason::CoordinatorRestarted,
         Reason::Retry(r) => GenerationReason::Retry { attempt: r.attempt, failure: r.failure },
@@ -354,6 +370,13 @@ mod tests {
                         rank: 1,
                         host: "c".into(),
                         detail: "ring".into(),
+                    },
+                    GenerationReason::TamperedLink {
+                        from_rank: 0,
+                        from_host: "a".into(),
+                        to_rank: 1,
+                        to_host: "c".into(),
+                        detail: "failed its integrity check".into(),
                     },
                     GenerationReason::Admitted { host: "d".into() },
                     GenerationReason::CoordinatorRestarted,

@@ -158,6 +158,24 @@ fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
     assert_eq!(jobs, ["rsb-coordinator", "rsb-workers"]);
 }
 
+/// A worker pod that is deleted or drained gets the time its agent may
+/// take to stop its ranks (rank 0 writing its stop checkpoint) and exit:
+/// Kubernetes' default of 30 s would SIGKILL it first, and the run would
+/// lose the updates since its last periodic checkpoint.
+#[test]
+fn kubernetes_gives_a_stopped_worker_the_time_its_agent_takes_to_stop() {
+    use rsb_proto::agent_calls::{AGENT_STOP_GRACE, KILLED_RANKS_REAPED_WITHIN};
+    let needed = (AGENT_STOP_GRACE + KILLED_RANKS_REAPED_WITHIN).as_secs();
+    let workers = workloads().into_iter().find(|w| w.name == "rsb-workers").expect("rsb-workers");
+    // Kubernetes' default when the field is not set.
+    let given = workers.pod.termination_grace_period_seconds.unwrap_or(30);
+    assert!(
+        given > needed,
+        "rsb-workers: terminationGracePeriodSeconds {given} is not more than the agent's stop \
+         ({needed} s)"
+    );
+}
+
 // ------------------------------------------------------------ the manifest, typed
 
 /// The parts of a manifest document that these tests check: a workload's
@@ -191,6 +209,7 @@ struct PodTemplate {
 #[serde(rename_all = "camelCase")]
 struct PodSpec {
     restart_policy: Option<String>,
+    termination_grace_period_seconds: Option<u64>,
     #[serde(default)]
     security_context: PodSecurityContext,
     containers: Vec<Container>,

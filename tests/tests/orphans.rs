@@ -388,3 +388,34 @@ fn a_worker_that_inherited_a_parent_pid_does_not_stop_at_once() {
     assert!(log.contains("stopped by SIGTERM"), "{log}");
     assert!(!log.contains("death of its"), "{log}");
 }
+
+/// An agent still waiting for its coordinator (started first, as a Slurm
+/// step or a pod may be) stops at once at SIGTERM, saying so, and exits 1.
+/// Before, its handler came after that wait (up to 2 minutes): as any
+/// process it died of the signal unannounced, and as a container's process
+/// 1, which the kernel sends no signal it has no handler for, it ignored
+/// the SIGTERM and its pod waited out the grace period for the SIGKILL.
+#[test]
+fn an_agent_waiting_for_its_coordinator_stops_at_sigterm_saying_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let log = tmp.path().join("worker.log");
+    // No coordinator listens there.
+    let port = free_port("127.0.0.1");
+    let agent = rsb_integration_tests::sweeps::worker_join(port, "early", &log);
+    let pid = agent.id();
+    // Well into its wait for the coordinator.
+    std::thread::sleep(Duration::from_millis(1500));
+    let signalled = Instant::now();
+    assert!(processes::signal(pid, "TERM"), "signalling the agent");
+    let ended = processes::wait_with_timeout(agent, Duration::from_secs(15), "the agent");
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(ended.status.code(), Some(1), "{:?}: {said}", ended.status);
+    assert!(
+        said.contains(&format!(
+            "worker stopped by SIGTERM while connecting to the coordinator at \
+             http://127.0.0.1:{port}"
+        )),
+        "{said}"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(5), "{:?}", signalled.elapsed());
+}

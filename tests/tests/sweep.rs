@@ -14,6 +14,10 @@
 //! * `coordinator up --resume DIR` of the finished sweep keeps every run
 //!   and runs none.
 //!
+//! A sweep whose hosts are all gone fails after its join timeout, and
+//! `--resume` of it refuses a run whose checkpoints are all torn rather
+//! than starting the run afresh.
+//!
 //! And a run whose rank trained it to its end while its sweep's coordinator
 //! was down (killed; the host, joined with `worker join`, outlived it): `up
 //! --resume DIR` keeps it as finished, with the records that reached only
@@ -303,4 +307,28 @@ fn a_sweep_whose_hosts_are_all_gone_fails_after_the_join_timeout() {
     assert!(RunOutcome::read(&layout, "seed-000").unwrap().is_none());
     let _ = wait_with_timeout(worker, Duration::from_secs(10), "the killed worker");
     println!("a sweep without hosts gave up {:.1} s after they were killed", waited.as_secs_f64());
+
+    // A run whose checkpoints are there but none can be resumed from (all
+    // torn: a partial copy, a corrupted disk) is refused by `--resume`,
+    // naming it, where it started afresh and its first save set them all
+    // aside; it waited here for a host until the join timeout.
+    let torn = run.join("checkpoints").join("epoch-0001");
+    std::fs::create_dir_all(&torn).unwrap();
+    std::fs::write(torn.join("model.safetensors"), b"torn").unwrap();
+    let log = tmp.path().join("resumed.log");
+    let resume = ["--listen", &listen, "--nodes", "1", "--join-timeout-secs", "4"];
+    let resume: Vec<&str> = resume.into_iter().chain(["--resume", dir.to_str().unwrap()]).collect();
+    let up = sweeps::coordinator_up(&dir, &sets, &resume, &log);
+    let out = wait_with_timeout(up, Duration::from_secs(60), "the resumed sweep");
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(!out.status.success(), "{output}");
+    assert!(
+        output.contains(&format!(
+            "sweep run seed-000: its checkpoints cannot be resumed from; move {} aside to run it \
+             afresh",
+            run.join("checkpoints").display()
+        )),
+        "{output}"
+    );
+    assert!(torn.join("model.safetensors").exists(), "the torn checkpoint was moved");
 }

@@ -34,6 +34,13 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
 
 /// `worker train` with `recipe`, the tiny dataset and two epochs, whatever its outcome.
 fn train_with(recipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let args = train_args(recipe, data, out, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    worker(&args)
+}
+
+/// The arguments of [`train_with`] (`extra` last: a `--set` there wins).
+fn train_args(recipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "train".into(),
         "--recipe".into(),
@@ -50,8 +57,7 @@ fn train_with(recipe: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output 
         "schedule.cosine.epochs=2".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    worker(&args)
+    args
 }
 
 #[test]
@@ -1019,4 +1025,86 @@ fn an_evaluation_larger_than_the_memory_it_may_take_runs_in_batches_that_fit() {
     assert!(log.contains("one 3000 px image would take about"), "{log}");
     assert!(log.contains("choose a smaller --input-size"), "{log}");
     println!("1000 px, cgroup of 2.5 GiB: evaluated in batches of {batch}");
+}
+
+/// `worker train` stopped by SIGTERM (a scheduler's preemption) or SIGINT
+/// (Ctrl-C) stops at its next log point, writing a checkpoint of that
+/// position, says where, and exits 1; `--auto-resume` continues from it.
+/// Before, either signal killed it outright, losing every update since its
+/// last periodic checkpoint (here: since the start).
+#[test]
+fn a_signalled_train_stops_at_its_next_log_point_with_a_checkpoint_of_it() {
+    for signal in ["TERM", "INT"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tiny_dataset(tmp.path());
+        let out = tmp.path().join("run");
+        let log = tmp.path().join("train.log");
+        let file = std::fs::File::create(&log).unwrap();
+        // Far more epochs than the test waits for: it is stopped mid-epoch.
+        let epochs = ["--set", "schedule.cosine.epochs=100"];
+        let mut child = Command::new(binary("worker"))
+            .args(train_args(&tiny_recipe(), &data, &out, &epochs))
+            .current_dir(workspace_root())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let metrics = out.join("metrics.jsonl");
+        // Counted as written (a line may be half written): step records.
+        let steps_so_far = || {
+            let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+            text.lines().filter(|line| line.contains(r#""kind":"step""#)).count()
+        };
+        let started = std::time::Instant::now();
+        while steps_so_far() < 3 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(180),
+                "no 3 steps:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            assert!(child.try_wait().unwrap().is_none(), "it ended before the signal");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(rsb_integration_tests::processes::signal(child.id(), signal));
+        let ended = rsb_integration_tests::processes::wait_with_timeout(
+            child,
+            std::time::Duration::from_secs(60),
+            "the signalled train",
+        );
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(ended.status.code(), Some(1), "SIG{signal}: {:?}\n{said}", ended.status);
+        let checkpoints = rsb_job::checkpoint::list(&out);
+        let stop = checkpoints.last().unwrap_or_else(|| panic!("SIG{signal}: none\n{said}"));
+        let position = rsb_job::checkpoint::read_position(stop).unwrap();
+        assert!(
+            said.contains(&format!(
+                "stopped by SIG{signal} after update {}: checkpoint {} written; resume from it",
+                position.updates,
+                stop.display()
+            )),
+            "{said}"
+        );
+        // The stop's position is the last logged step's: nothing after it
+        // was trained, nothing before it is lost.
+        let steps = rsb_integration_tests::records_in(&metrics, "step");
+        let last = steps.last().unwrap()["step"].as_u64();
+        assert_eq!(last, Some(position.updates), "SIG{signal}");
+        assert!(position.updates >= 3 && position.updates < 10, "mid-epoch: {position:?}");
+        if signal == "INT" {
+            continue;
+        }
+        // `--auto-resume` continues from it (for two updates).
+        let resumed = train_with(
+            &tiny_recipe(),
+            &data,
+            &out,
+            &[&epochs[..], &["--auto-resume", "--max-updates", "2"]].concat(),
+        );
+        let resumed_said = String::from_utf8_lossy(&resumed.stderr);
+        assert!(resumed.status.success(), "{resumed_said}");
+        assert!(resumed_said.contains(&stop.display().to_string()), "{resumed_said}");
+        let after = rsb_integration_tests::records_in(&metrics, "step");
+        let first_after = after[steps.len()]["step"].as_u64();
+        assert_eq!(first_after, Some(position.updates + 1), "{resumed_said}");
+    }
 }

@@ -10,6 +10,7 @@ use rsb_data::pipeline::EvalData;
 use rsb_data::transforms::EvalTransform;
 use rsb_train::batch::Normalizer;
 use rsb_train::evaluation::{evaluate, evaluate_set, EvalShard};
+use rsb_train::stop::StopRequest;
 use rsb_train::trainer::{RecipeCheck, RunOptions, Trainer};
 use rsb_vision::{registered_models, ForwardMode, Model, ModelConfig};
 use std::io::IsTerminal;
@@ -169,7 +170,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // one's staging folders. Taken first, so it is told that the folder is
     // in use, not that it holds a run. Started again by a scheduler
     // (`--auto-resume`), it waits longer: for the earlier start, still
-    // writing its stop's checkpoint.
+    // writing its stop's checkpoint (see `stop_at_signals`).
     let lock_wait = if args.auto_resume {
         rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT
     } else {
@@ -197,6 +198,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     options.trace_samples = args.trace_samples;
     options.recipe_check = RecipeCheck::ExplainedBy(overrides);
     options.cuda_sync_debug = cuda_sync_debug_from_env()?;
+    options.stop = Some(stop_at_signals()?);
     // Asked before the trainer opens the metrics log there.
     let held_run = rsb_job::run_folder::holds_run(&args.out);
     // Resolves and checks `--resume` before the run folder is written to.
@@ -216,6 +218,44 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Asks the training to stop at the first `SIGTERM` or `SIGINT` (a
+/// scheduler's preemption, Ctrl-C): it stops at its next sync point (at most
+/// `runtime.log_every_steps` updates later), writing a checkpoint of that
+/// position there, and `worker train --auto-resume` continues from it.
+/// A second signal exits at once, without it. Before, either signal killed
+/// the process outright, and the updates since the last periodic
+/// checkpoint were lost.
+fn stop_at_signals() -> Result<StopRequest> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut signals = {
+        let _inside = runtime.enter();
+        rsb_process::stop_signal().context("installing signal handlers")?
+    };
+    let stop = StopRequest::new();
+    let asked = stop.clone();
+    std::thread::Builder::new().name("stop-signals".into()).spawn(move || {
+        runtime.block_on(async {
+            let first = signals.recv().await;
+            asked.request(first.to_string());
+            tracing::warn!(
+                "{first}: stopping at the next log point with a checkpoint of it; a second signal \
+                 exits at once, without one"
+            );
+            let second = signals.recv().await;
+            // Not `eprintln!`, which panics when stderr is gone.
+            rsb_logging::stderr_line(&rsb_logging::error_line(&format!(
+                "{second} again: exiting at once, without a checkpoint of this position"
+            )));
+            rsb_process::exit_now(STOPPED_AGAIN_EXIT_CODE);
+        })
+    })?;
+    Ok(stop)
+}
+
+/// Exit status of `worker train` ended by a second stop signal: 128 plus
+/// SIGINT's number, as a shell reports a process that Ctrl-C ended.
+const STOPPED_AGAIN_EXIT_CODE: i32 = 130;
 
 /// Arguments of `worker eval`.
 #[derive(Debug, Args)]

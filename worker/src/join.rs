@@ -259,8 +259,19 @@ async fn join_async(args: JoinArgs) -> Result<()> {
         )
     })?;
     let host = Host { kind, gpus, ranks, name: host, advertise, token };
-    let channel = connect(&args.coordinator, args.tls_ca.as_deref()).await?;
+    // Listening before the (up to 2-minute) wait for the coordinator: as a
+    // container's process 1, which the kernel sends no signal it has no
+    // handler for, the agent ignored a SIGTERM meanwhile, and a pod stopped
+    // then waited out its grace period for the SIGKILL.
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
+    let channel = tokio::select! {
+        channel = connect(&args.coordinator, args.tls_ca.as_deref()) => channel?,
+        signal = stop_signals.recv() => bail!(
+            "worker stopped by {} while connecting to the coordinator at {}",
+            stop_cause(signal, "coordinator"),
+            args.coordinator
+        ),
+    };
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
     // A sweep's member joins again after each run; the first join of all
     // fails at once when the coordinator cannot be reached.
@@ -618,14 +629,19 @@ async fn serve_member(
                         }
                         job_failed = Some(format!("job failed: {failure}"));
                     }
-                    // A finished job: every rank has already reported success
-                    // and our rank processes are exiting on their own.
+                    // A finished job: every rank of it has reported success
+                    // and ours are exiting on their own (those of a host
+                    // admitted too late are told the job finished, and exit
+                    // successfully without a share).
                 }
                 Ok(r) if r.get_ref().pending => {}
                 Ok(r) => {
                     let generation = r.get_ref().generation;
-                    let fetched =
-                        (r.get_ref().ranks_generation, r.get_ref().newest_ranks_generation);
+                    let fetched = Fetched {
+                        oldest: r.get_ref().ranks_generation,
+                        newest: r.get_ref().newest_ranks_generation,
+                        per_rank: &r.get_ref().rank_generations,
+                    };
                     if !ranks_are_behind(rank_generation, generation, fetched) {
                         rank_generation = rank_generation.max(Some(generation));
                     } else {
@@ -715,19 +731,40 @@ async fn serve_member(
     })
 }
 
+/// What a heartbeat's answer says of the generations whose assignment the
+/// member's rank processes fetched (0: not yet).
+#[derive(Debug, Clone, Copy)]
+struct Fetched<'a> {
+    /// The oldest of the local ranks' newest fetches.
+    oldest: u64,
+    /// The newest fetch of any (0 from a coordinator that does not say).
+    newest: u64,
+    /// Each local rank's newest fetch, by any of its processes (empty from
+    /// a coordinator that does not say).
+    per_rank: &'a [u64],
+}
+
 /// Whether the local ranks must be restarted for the job's `generation`:
 /// the agent knew them at `known` (`None` until its first answer past
-/// admission), and the coordinator says the oldest and the newest
-/// generation whose assignment one of them fetched (`fetched`; 0: not yet,
-/// and it will fetch the current one; a coordinator before the newest was
-/// sent says 0 for it). They are behind when the job opened a generation
-/// after one a rank fetched, also before the agent's first answer
-/// (admitted at one generation, another opened before its next heartbeat),
-/// also when only some of them had fetched it: left running, such a rank
-/// would fail at the rendezvous as stale, counted against the new
-/// generation.
-fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: (u64, u64)) -> bool {
-    let (oldest, newest) = fetched;
+/// admission; after a restart, the generation it started them for), and
+/// the coordinator says which generations' assignments they fetched (0:
+/// not yet, and the rank will fetch the current one). They are behind when
+/// a live rank fetched a generation older than `generation`: also before
+/// the agent's first answer (admitted at one generation, another opened
+/// before its next heartbeat), also when only some of them had fetched it
+/// (left running, such a rank would fail at the rendezvous as stale,
+/// counted against the new generation). A fetch older than `known` was a
+/// process the agent killed: a second generation opened soon after a
+/// restart does not restart the ranks already in it again (which failed
+/// it, their rendezvous data published twice).
+fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: Fetched<'_>) -> bool {
+    let live_and_older =
+        |g: u64| g > 0 && g < generation && known.is_none_or(|current| g >= current);
+    if !fetched.per_rank.is_empty() {
+        return fetched.per_rank.iter().any(|&g| live_and_older(g));
+    }
+    // A coordinator before the per-rank list: the oldest and the newest.
+    let Fetched { oldest, newest, .. } = fetched;
     let older = |fetched: u64| fetched > 0 && fetched < generation;
     match known {
         None => older(oldest) || older(newest),
@@ -877,7 +914,17 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let stop = StopRequest::new();
     watch_stop_signals(&runtime, stop.clone())?;
     let mut generation = 0;
-    let outcome = run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop);
+    let outcome = match run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop) {
+        Ok(RankEnd::NothingToTrain) => {
+            // Never a rank of the job: there is nothing to leave.
+            tracing::info!(
+                "the job finished before this rank had a share of it: nothing is left to train"
+            );
+            return Ok(());
+        }
+        Ok(RankEnd::Trained) => Ok(()),
+        Err(e) => Err(e),
+    };
     let (success, message) = match &outcome {
         Ok(()) => (true, String::new()),
         Err(e) => (false, truncated(rsb_logging::error_chain(e.as_ref()), MAX_LEAVE_MESSAGE)),
@@ -1010,6 +1057,16 @@ static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// one budget for both.
 static LAST_WORDS_FROM: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
 
+/// How a rank process that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RankEnd {
+    /// It trained its share of the job.
+    Trained,
+    /// The coordinator said the job finished before this rank had a share
+    /// (its host admitted too late, or the rank started after the end).
+    NothingToTrain,
+}
+
 fn run_rank(
     args: &RankArgs,
     runtime: &Arc<tokio::runtime::Runtime>,
@@ -1017,7 +1074,7 @@ fn run_rank(
     ring_key: &RingKey,
     generation: &mut u64,
     stop: &StopRequest,
-) -> Result<()> {
+) -> Result<RankEnd> {
     if args.torch_threads > 0 {
         tch::set_num_threads(args.torch_threads);
     }
@@ -1027,6 +1084,9 @@ fn run_rank(
             args.member, args.local_rank, args.coordinator
         )
     })?;
+    if assignment.job_finished {
+        return Ok(RankEnd::NothingToTrain);
+    }
     *generation = assignment.generation;
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
@@ -1035,7 +1095,7 @@ fn run_rank(
     if let Err(e) = &outcome {
         log.note_failure(e);
     }
-    outcome
+    outcome.map(|()| RankEnd::Trained)
 }
 
 /// Asks the coordinator for this rank's assignment; the call waits until
@@ -1356,6 +1416,17 @@ const _: () = assert!(
     "rsb_proto::agent_calls::NCCL_EXIT_GRACE must be rsb_collective::nccl::EXIT_GRACE"
 );
 
+// How long a pod must be given to stop (the Kubernetes manifest's
+// terminationGracePeriodSeconds, which a deploy test checks) is built on
+// the protocol's copies of the agent's stop grace and reap limit.
+const _: () = assert!(
+    agent_calls::AGENT_STOP_GRACE.as_millis() == RANK_STOP_GRACE.as_millis()
+        && agent_calls::KILLED_RANKS_REAPED_WITHIN.as_millis()
+            == rsb_process::REAP_LIMIT.as_millis(),
+    "rsb_proto::agent_calls::AGENT_STOP_GRACE and KILLED_RANKS_REAPED_WITHIN must be \
+     RANK_STOP_GRACE and rsb_process::REAP_LIMIT"
+);
+
 /// Whom a collective that made the rank fail points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CollectiveBlame {
@@ -1452,24 +1523,60 @@ fn nccl_collective(
 mod tests {
     use super::*;
 
+    /// The answer of a coordinator that says only the oldest and newest
+    /// fetch, and of one that also says each rank's, for ranks whose newest
+    /// fetches are `a` and `b`.
+    fn both_answers(a: u64, b: u64) -> [(u64, u64, Vec<u64>); 2] {
+        [(a.min(b), a.max(b), Vec::new()), (a.min(b), a.max(b), vec![a, b])]
+    }
+
+    fn behind(known: Option<u64>, generation: u64, answer: &(u64, u64, Vec<u64>)) -> bool {
+        let (oldest, newest, per_rank) = answer;
+        let fetched = Fetched { oldest: *oldest, newest: *newest, per_rank };
+        ranks_are_behind(known, generation, fetched)
+    }
+
     #[test]
     fn ranks_that_fetched_an_older_generation_are_restarted_also_at_the_first_answer() {
-        // Admitted at generation 3, its ranks fetched it, and 4 opened
-        // before the agent's first answer past admission: restarted.
-        assert!(ranks_are_behind(None, 4, (3, 3)));
-        // One rank fetched 3, the other not yet: the first would be stale.
-        assert!(ranks_are_behind(None, 4, (0, 3)));
-        // Not yet fetched (they will fetch 4), or fetched 4: left running.
-        assert!(!ranks_are_behind(None, 4, (0, 0)));
-        assert!(!ranks_are_behind(None, 4, (4, 4)));
-        assert!(!ranks_are_behind(None, 4, (0, 4)));
+        for answer in [both_answers(3, 3), both_answers(0, 3)].iter().flatten() {
+            // Admitted at generation 3, its ranks (or one of them, the
+            // other not yet: the first would be stale) fetched it, and 4
+            // opened before the agent's first answer past admission.
+            assert!(behind(None, 4, answer), "{answer:?}");
+            // Known at 3: a new generation they have not fetched restarts them.
+            assert!(behind(Some(3), 4, answer), "{answer:?}");
+        }
+        for answer in [both_answers(0, 0), both_answers(4, 4), both_answers(0, 4)].iter().flatten()
+        {
+            // Not yet fetched (they will fetch 4), or fetched 4: left running.
+            assert!(!behind(None, 4, answer), "{answer:?}");
+        }
+        for answer in &both_answers(4, 4) {
+            // Known at 3, fetched 4 while starting: left running.
+            assert!(!behind(Some(3), 4, answer), "{answer:?}");
+        }
+        for answer in &both_answers(3, 3) {
+            // Known at 4: an old fetch is no new generation.
+            assert!(!behind(Some(4), 4, answer), "{answer:?}");
+        }
         // A coordinator that does not send the newest: the oldest decides.
-        assert!(ranks_are_behind(None, 4, (3, 0)));
-        // Known at 3: a new generation they have not fetched restarts them;
-        // one they fetched while starting does not; nor does an old one.
-        assert!(ranks_are_behind(Some(3), 4, (3, 3)));
-        assert!(!ranks_are_behind(Some(3), 4, (4, 4)));
-        assert!(!ranks_are_behind(Some(4), 4, (3, 3)));
+        assert!(behind(None, 4, &(3, 0, Vec::new())));
+    }
+
+    #[test]
+    fn a_second_generation_soon_after_a_restart_leaves_the_ranks_already_in_it_running() {
+        // Restarted at 5 (the killed processes had fetched 4); 6 opened
+        // before the new ranks all fetched: rank 0 fetched 6, rank 1 not yet
+        // (its slot still says the killed process's 4). Left running: both
+        // are, or will be, in 6. Before the per-rank list, the oldest (4)
+        // restarted them, and rank 0's second rendezvous failed generation 6.
+        assert!(!behind(Some(5), 6, &(4, 6, vec![6, 4])));
+        assert!(behind(Some(5), 6, &(4, 6, Vec::new())), "the old answer's rule");
+        // A live rank that fetched 5 is behind 6.
+        assert!(behind(Some(5), 6, &(4, 6, vec![5, 4])));
+        assert!(behind(Some(5), 6, &(5, 6, vec![6, 5, 6])));
+        // None of the live ranks fetched yet: they will fetch 6.
+        assert!(!behind(Some(5), 6, &(0, 4, vec![4, 0])));
     }
 
     #[test]

@@ -169,6 +169,21 @@ pub enum GenerationReason {
         /// The failure it reported.
         detail: String,
     },
+    /// Data on the link from one rank to another failed its integrity check
+    /// (altered, injected or replayed on the network, or sent by a peer of
+    /// another job): neither rank failed, and every rank restarts.
+    TamperedLink {
+        /// Global rank that sent the data.
+        from_rank: u32,
+        /// Its host.
+        from_host: String,
+        /// Global rank that found the data failed its check.
+        to_rank: u32,
+        /// Its host.
+        to_host: String,
+        /// What that rank reported.
+        detail: String,
+    },
     /// A host that joined the running job was admitted.
     Admitted {
         /// The host.
@@ -197,6 +212,13 @@ impl std::fmt::Display for GenerationReason {
             GenerationReason::LostHost { host, detail } => write!(f, "lost host {host}: {detail}"),
             GenerationReason::RankFailed { rank, host, detail } => {
                 write!(f, "rank {rank} on {host} failed: {detail}")
+            }
+            GenerationReason::TamperedLink { from_rank, from_host, to_rank, to_host, detail } => {
+                write!(
+                    f,
+                    "the link from rank {from_rank} on {from_host} to rank {to_rank} on \
+                     {to_host} carried data that failed its integrity check: {detail}"
+                )
             }
             GenerationReason::Admitted { host } => write!(f, "admitted host {host}"),
             GenerationReason::CoordinatorRestarted => write!(f, "the coordinator restarted"),
