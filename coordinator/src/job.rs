@@ -205,9 +205,6 @@ pub struct Beat {
     pub ranks_generation: u64,
     /// The newest generation whose assignment any of its ranks fetched.
     pub newest_ranks_generation: u64,
-    /// Per local rank, the newest generation whose assignment one of its
-    /// processes fetched (0: none has), killed ones included.
-    pub rank_generations: Vec<u64>,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
 }
@@ -1399,7 +1396,6 @@ impl Job {
                 failure,
                 ranks_generation,
                 newest_ranks_generation,
-                rank_generations: m.rank_generations.clone(),
             });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
@@ -1411,7 +1407,6 @@ impl Job {
                 failure,
                 ranks_generation: 0,
                 newest_ranks_generation: 0,
-                rank_generations: Vec::new(),
             });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
@@ -1422,7 +1417,6 @@ impl Job {
                 failure: Some(failure),
                 ranks_generation: m.ranks_generation(),
                 newest_ranks_generation: m.newest_ranks_generation(),
-                rank_generations: m.rank_generations.clone(),
             });
         }
         Err(JobError::NotFound(format!("unknown member `{id}`")))
@@ -2753,7 +2747,6 @@ pub(crate) mod tests {
         // still needed if the generation moves on. Rank 1 has: the newest.
         let beat = j.heartbeat(&a).unwrap();
         assert_eq!((beat.ranks_generation, beat.newest_ranks_generation), (0, 1));
-        assert_eq!(beat.rank_generations, [0, 1], "each rank's own");
         j.note_assigned(&a, 0);
         assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
         // A local rank the member does not run changes nothing.

@@ -880,7 +880,6 @@ impl Coordinator for Shared {
             pending: beat.pending,
             ranks_generation: beat.ranks_generation,
             newest_ranks_generation: beat.newest_ranks_generation,
-            rank_generations: beat.rank_generations,
         }))
     }
 

@@ -637,11 +637,8 @@ async fn serve_member(
                 Ok(r) if r.get_ref().pending => {}
                 Ok(r) => {
                     let generation = r.get_ref().generation;
-                    let fetched = Fetched {
-                        oldest: r.get_ref().ranks_generation,
-                        newest: r.get_ref().newest_ranks_generation,
-                        per_rank: &r.get_ref().rank_generations,
-                    };
+                    let fetched =
+                        (r.get_ref().ranks_generation, r.get_ref().newest_ranks_generation);
                     if !ranks_are_behind(rank_generation, generation, fetched) {
                         rank_generation = rank_generation.max(Some(generation));
                     } else {
@@ -731,40 +728,19 @@ async fn serve_member(
     })
 }
 
-/// What a heartbeat's answer says of the generations whose assignment the
-/// member's rank processes fetched (0: not yet).
-#[derive(Debug, Clone, Copy)]
-struct Fetched<'a> {
-    /// The oldest of the local ranks' newest fetches.
-    oldest: u64,
-    /// The newest fetch of any (0 from a coordinator that does not say).
-    newest: u64,
-    /// Each local rank's newest fetch, by any of its processes (empty from
-    /// a coordinator that does not say).
-    per_rank: &'a [u64],
-}
-
 /// Whether the local ranks must be restarted for the job's `generation`:
 /// the agent knew them at `known` (`None` until its first answer past
-/// admission; after a restart, the generation it started them for), and
-/// the coordinator says which generations' assignments they fetched (0:
-/// not yet, and the rank will fetch the current one). They are behind when
-/// a live rank fetched a generation older than `generation`: also before
-/// the agent's first answer (admitted at one generation, another opened
-/// before its next heartbeat), also when only some of them had fetched it
-/// (left running, such a rank would fail at the rendezvous as stale,
-/// counted against the new generation). A fetch older than `known` was a
-/// process the agent killed: a second generation opened soon after a
-/// restart does not restart the ranks already in it again (which failed
-/// it, their rendezvous data published twice).
-fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: Fetched<'_>) -> bool {
-    let live_and_older =
-        |g: u64| g > 0 && g < generation && known.is_none_or(|current| g >= current);
-    if !fetched.per_rank.is_empty() {
-        return fetched.per_rank.iter().any(|&g| live_and_older(g));
-    }
-    // A coordinator before the per-rank list: the oldest and the newest.
-    let Fetched { oldest, newest, .. } = fetched;
+/// admission), and the coordinator says the oldest and the newest
+/// generation whose assignment one of them fetched (`fetched`; 0: not yet,
+/// and it will fetch the current one; a coordinator before the newest was
+/// sent says 0 for it). They are behind when the job opened a generation
+/// after one a rank fetched, also before the agent's first answer
+/// (admitted at one generation, another opened before its next heartbeat),
+/// also when only some of them had fetched it: left running, such a rank
+/// would fail at the rendezvous as stale, counted against the new
+/// generation.
+fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: (u64, u64)) -> bool {
+    let (oldest, newest) = fetched;
     let older = |fetched: u64| fetched > 0 && fetched < generation;
     match known {
         None => older(oldest) || older(newest),
@@ -1523,60 +1499,24 @@ fn nccl_collective(
 mod tests {
     use super::*;
 
-    /// The answer of a coordinator that says only the oldest and newest
-    /// fetch, and of one that also says each rank's, for ranks whose newest
-    /// fetches are `a` and `b`.
-    fn both_answers(a: u64, b: u64) -> [(u64, u64, Vec<u64>); 2] {
-        [(a.min(b), a.max(b), Vec::new()), (a.min(b), a.max(b), vec![a, b])]
-    }
-
-    fn behind(known: Option<u64>, generation: u64, answer: &(u64, u64, Vec<u64>)) -> bool {
-        let (oldest, newest, per_rank) = answer;
-        let fetched = Fetched { oldest: *oldest, newest: *newest, per_rank };
-        ranks_are_behind(known, generation, fetched)
-    }
-
     #[test]
     fn ranks_that_fetched_an_older_generation_are_restarted_also_at_the_first_answer() {
-        for answer in [both_answers(3, 3), both_answers(0, 3)].iter().flatten() {
-            // Admitted at generation 3, its ranks (or one of them, the
-            // other not yet: the first would be stale) fetched it, and 4
-            // opened before the agent's first answer past admission.
-            assert!(behind(None, 4, answer), "{answer:?}");
-            // Known at 3: a new generation they have not fetched restarts them.
-            assert!(behind(Some(3), 4, answer), "{answer:?}");
-        }
-        for answer in [both_answers(0, 0), both_answers(4, 4), both_answers(0, 4)].iter().flatten()
-        {
-            // Not yet fetched (they will fetch 4), or fetched 4: left running.
-            assert!(!behind(None, 4, answer), "{answer:?}");
-        }
-        for answer in &both_answers(4, 4) {
-            // Known at 3, fetched 4 while starting: left running.
-            assert!(!behind(Some(3), 4, answer), "{answer:?}");
-        }
-        for answer in &both_answers(3, 3) {
-            // Known at 4: an old fetch is no new generation.
-            assert!(!behind(Some(4), 4, answer), "{answer:?}");
-        }
+        // Admitted at generation 3, its ranks fetched it, and 4 opened
+        // before the agent's first answer past admission: restarted.
+        assert!(ranks_are_behind(None, 4, (3, 3)));
+        // One rank fetched 3, the other not yet: the first would be stale.
+        assert!(ranks_are_behind(None, 4, (0, 3)));
+        // Not yet fetched (they will fetch 4), or fetched 4: left running.
+        assert!(!ranks_are_behind(None, 4, (0, 0)));
+        assert!(!ranks_are_behind(None, 4, (4, 4)));
+        assert!(!ranks_are_behind(None, 4, (0, 4)));
         // A coordinator that does not send the newest: the oldest decides.
-        assert!(behind(None, 4, &(3, 0, Vec::new())));
-    }
-
-    #[test]
-    fn a_second_generation_soon_after_a_restart_leaves_the_ranks_already_in_it_running() {
-        // Restarted at 5 (the killed processes had fetched 4); 6 opened
-        // before the new ranks all fetched: rank 0 fetched 6, rank 1 not yet
-        // (its slot still says the killed process's 4). Left running: both
-        // are, or will be, in 6. Before the per-rank list, the oldest (4)
-        // restarted them, and rank 0's second rendezvous failed generation 6.
-        assert!(!behind(Some(5), 6, &(4, 6, vec![6, 4])));
-        assert!(behind(Some(5), 6, &(4, 6, Vec::new())), "the old answer's rule");
-        // A live rank that fetched 5 is behind 6.
-        assert!(behind(Some(5), 6, &(4, 6, vec![5, 4])));
-        assert!(behind(Some(5), 6, &(5, 6, vec![6, 5, 6])));
-        // None of the live ranks fetched yet: they will fetch 6.
-        assert!(!behind(Some(5), 6, &(0, 4, vec![4, 0])));
+        assert!(ranks_are_behind(None, 4, (3, 0)));
+        // Known at 3: a new generation they have not fetched restarts them;
+        // one they fetched while starting does not; nor does an old one.
+        assert!(ranks_are_behind(Some(3), 4, (3, 3)));
+        assert!(!ranks_are_behind(Some(3), 4, (4, 4)));
+        assert!(!ranks_are_behind(Some(4), 4, (3, 3)));
     }
 
     #[test]

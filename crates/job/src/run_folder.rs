@@ -396,10 +396,12 @@ pub fn confirm_no_checkpoint_folders(out: &Path) -> Result<(), RunFolderError> {
     for entry in entries {
         let entry = entry.map_err(|e| unreadable(&folder, cannot_read(e)))?;
         let path = entry.path();
+        // Named as `checkpoint::list` reads checkpoints (`epoch-0003-copy`
+        // is none, there as here).
         let named_as_checkpoint = entry
             .file_name()
             .to_str()
-            .is_some_and(|name| name.starts_with(checkpoint::FOLDER_PREFIX));
+            .is_some_and(|name| checkpoint::RunOrder::of_name(name).is_some());
         if named_as_checkpoint {
             let problem = match std::fs::metadata(&path) {
                 Err(e) => cannot_read(e),
@@ -1085,6 +1087,11 @@ mod tests {
         assert!(err.to_string().contains("is named as a checkpoint but is not a folder"), "{err}");
         assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), records);
         std::fs::remove_file(out.join("checkpoints/epoch-0001")).unwrap();
+        // A folder whose name is no checkpoint's (a copy) is none, as
+        // `checkpoint::list` reads the folder: the run starts again.
+        std::fs::create_dir(out.join("checkpoints/epoch-0001-copy")).unwrap();
+        confirm_no_checkpoint_folders(&out).unwrap();
+        std::fs::remove_dir(out.join("checkpoints/epoch-0001-copy")).unwrap();
 
         // A run folder that holds nothing but a checkpoints link to a
         // volume not mounted is not a fresh start either.
