@@ -141,11 +141,23 @@ fn two_ranks_equal_one_rank_accumulating_and_replicas_stay_identical() {
             "{ka} differs between 1 rank x 2 micro-batches and 2 ranks x 1: {ta} {tb}"
         );
     }
-    let evaluations = |run: &Path| -> Vec<(serde_json::Value, serde_json::Value)> {
+    // The evaluations: the same accuracy, and the same loss to f32's
+    // resolution. One rank evaluates batches of 16, 16 and 8 images, two
+    // ranks 16 and 4 each, and on an AVX2-only CPU libtorch's kernels round
+    // a batch's logits by its size: there the mean loss differed in its
+    // last f32 bit (2.302983045578003 against 2.3029831409454347, the same
+    // after the revert of every change of the session that met it).
+    let evaluations = |run: &Path| -> Vec<(serde_json::Value, f64)> {
         let epochs = records(&run.join("metrics.jsonl"), "epoch");
-        epochs.iter().map(|e| (e["top1"].clone(), e["val_loss"].clone())).collect()
+        epochs.iter().map(|e| (e["top1"].clone(), e["val_loss"].as_f64().unwrap())).collect()
     };
-    assert_eq!(evaluations(&single), evaluations(&multi), "the evaluations differ");
+    let (one, two) = (evaluations(&single), evaluations(&multi));
+    assert_eq!(one.len(), two.len(), "{one:?} {two:?}");
+    for ((top1_one, loss_one), (top1_two, loss_two)) in one.iter().zip(&two) {
+        assert_eq!(top1_one, top1_two, "the evaluations differ: {one:?} {two:?}");
+        let relative = (loss_one - loss_two).abs() / loss_one.abs().max(1e-12);
+        assert!(relative < 1e-6, "the evaluations differ: {one:?} {two:?}");
+    }
     // Every rank's parameters are bit-identical after every update.
     let r0 = records(&multi.join("ranks/rank-0.jsonl"), "checksum");
     let r1 = records(&multi.join("ranks/rank-1.jsonl"), "checksum");
