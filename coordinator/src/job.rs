@@ -127,6 +127,19 @@ pub enum RendezvousPayload {
     RingAddress(String),
 }
 
+/// What a rank that asks for its share of the job is told now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RankShare {
+    /// Its share of the running generation.
+    Assigned(RankAssignment),
+    /// The job finished before the rank had a share (or after it trained
+    /// its part): nothing is left for it to train, and it ends successfully.
+    JobFinished,
+    /// Not yet: the job waits for its members, or the rank's host waits to
+    /// be admitted.
+    Wait,
+}
+
 /// A rank's assignment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankAssignment {
@@ -1738,56 +1751,33 @@ impl Job {
         }
     }
 
-    /// Whether the job finished before local rank `local_rank` of
-    /// `member_id`, a member or a host waiting to be admitted, had a share
-    /// of it: nothing is left for that rank to train.
-    pub fn finished_for(&self, member_id: &str, local_rank: u32) -> bool {
-        self.phase == Phase::Finished
-            && self
-                .members
-                .iter()
-                .chain(&self.pending)
-                .any(|m| m.id == member_id && local_rank < m.local_ranks)
-    }
-
-    /// The assignment of a member's local rank, once the job runs (`None` while waiting).
-    pub fn assignment(
-        &self,
-        member_id: &str,
-        local_rank: u32,
-    ) -> Result<Option<RankAssignment>, JobError> {
-        if let Some(m) = self.pending.iter().find(|m| m.id == member_id) {
-            if local_rank >= m.local_ranks {
-                return Err(JobError::Invalid(format!(
-                    "local_rank {local_rank}: member {member_id} runs {} rank(s)",
-                    m.local_ranks
-                )));
+    /// What local rank `local_rank` of `member_id`, a member or a host
+    /// waiting to be admitted, is told when it asks for its share: see
+    /// [`RankShare`]. A failed job, a member that is neither, and a rank
+    /// the member does not run are errors.
+    pub fn assignment(&self, member_id: &str, local_rank: u32) -> Result<RankShare, JobError> {
+        let (local_ranks, admitted) = match self.pending.iter().find(|m| m.id == member_id) {
+            Some(waiting) => (waiting.local_ranks, None),
+            None => {
+                let member = self.member(member_id)?;
+                (member.local_ranks, Some(member))
             }
-            return match &self.phase {
-                Phase::Failed(reason) => {
-                    Err(JobError::Precondition(format!("job failed: {reason}")))
-                }
-                Phase::Finished => Err(JobError::Precondition(
-                    "job finished before this member was admitted".into(),
-                )),
-                _ => Ok(None),
-            };
-        }
-        let member = self.member(member_id)?;
-        if local_rank >= member.local_ranks {
+        };
+        if local_rank >= local_ranks {
             return Err(JobError::Invalid(format!(
-                "local_rank {local_rank}: member {member_id} runs {} rank(s)",
-                member.local_ranks
+                "local_rank {local_rank}: member {member_id} runs {local_ranks} rank(s)"
             )));
         }
-        match &self.phase {
-            Phase::Waiting => Ok(None),
-            Phase::Failed(reason) => Err(JobError::Precondition(format!("job failed: {reason}"))),
-            Phase::Finished => Err(JobError::Precondition("job finished".into())),
-            Phase::Running => {
+        match (&self.phase, admitted) {
+            (Phase::Failed(reason), _) => {
+                Err(JobError::Precondition(format!("job failed: {reason}")))
+            }
+            (Phase::Finished, _) => Ok(RankShare::JobFinished),
+            (Phase::Waiting, _) | (Phase::Running, None) => Ok(RankShare::Wait),
+            (Phase::Running, Some(member)) => {
                 let plan = BatchPlan::new(&self.recipe, self.world_size())
                     .map_err(|e: PlanError| JobError::Precondition(e.to_string()))?;
-                Ok(Some(RankAssignment {
+                Ok(RankShare::Assigned(RankAssignment {
                     global_rank: member.first_rank + local_rank,
                     world_size: self.world_size(),
                     plan,
@@ -2485,7 +2475,7 @@ pub(crate) mod tests {
         let b = join(&mut j, "b", 1).unwrap();
         let c = join(&mut j, "c", 1).unwrap();
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 1));
-        assert_eq!(j.assignment(&c, 0).unwrap().unwrap().plan.accumulation, 2);
+        assert_eq!(assigned(&j, &c, 0).plan.accumulation, 2);
         j.publish(&a, 1, 0, ring("127.0.0.1:1")).unwrap();
         j.record_metrics(1, &step(4)).unwrap();
         j.commit_checkpoint(1, 0, 4, "/run/checkpoints/epoch-0001".into()).unwrap();
@@ -2505,9 +2495,9 @@ pub(crate) mod tests {
         let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
         assert_eq!(hosts, ["a", "c"]);
         // Ranks renumbered contiguously in join order, the plan re-derived.
-        let ca = j.assignment(&c, 0).unwrap().unwrap();
+        let ca = assigned(&j, &c, 0);
         assert_eq!((ca.global_rank, ca.world_size, ca.plan.accumulation), (1, 2, 3));
-        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().global_rank, 0);
+        assert_eq!(assigned(&j, &a, 0).global_rank, 0);
         assert_eq!(j.resume_from.as_deref(), Some("/run/checkpoints/epoch-0002"));
         assert!(j.rendezvous.is_empty(), "the rendezvous of generation 1 was kept");
         let records = generations(&j);
@@ -2566,7 +2556,7 @@ pub(crate) mod tests {
         assert_eq!(g["reasons"][0]["kind"], "rank_failed");
         assert_eq!(g["reasons"][0]["rank"], 1);
         // The rank that already left in generation 1 runs again.
-        assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
+        assert_eq!(assigned(&j, &b, 0).global_rank, 1);
         j.leave(&a, 2, 0, false, "boom", FailureCause::Unknown).unwrap();
         assert_eq!(j.generation, 3);
         // A commit resets the count; without one, the next failure fails the job.
@@ -2591,12 +2581,12 @@ pub(crate) mod tests {
         silence(&mut j, &b);
         j.check_liveness();
         assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 2));
-        assert_eq!(j.assignment(&a, 0).unwrap(), None, "a rank ran below min_nodes");
+        assert_eq!(j.assignment(&a, 0).unwrap(), RankShare::Wait, "a rank ran below min_nodes");
         assert!(j.heartbeat(&a).unwrap().keep_going);
         // A host that joins now is admitted at once.
         let c = join(&mut j, "c", 1).unwrap();
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
-        assert_eq!(j.assignment(&c, 0).unwrap().unwrap().global_rank, 1);
+        assert_eq!(assigned(&j, &c, 0).global_rank, 1);
         let reasons = &generations(&j)[1]["reasons"];
         assert_eq!(reasons[0]["host"], "b");
         assert_eq!((&reasons[1]["kind"], &reasons[1]["host"]), (&"admitted".into(), &"c".into()));
@@ -2653,7 +2643,7 @@ pub(crate) mod tests {
         let (c, _, pending) = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
         assert!(pending);
         assert_eq!(j.generation, 1, "a join stopped the running generation");
-        assert_eq!(j.assignment(&c, 0).unwrap(), None);
+        assert_eq!(j.assignment(&c, 0).unwrap(), RankShare::Wait);
         assert!(j.heartbeat(&c).unwrap().pending);
         let full = j.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
         assert!(full.to_string().contains("--max-nodes 3"), "{full}");
@@ -2670,10 +2660,10 @@ pub(crate) mod tests {
         assert!(!commit(&mut j).unwrap());
         let stale = j.commit_checkpoint_report(1, 8, 0, 6, "/run/checkpoints/x".into());
         assert!(stale.unwrap_err().to_string().contains("stale generation 1"));
-        let ca = j.assignment(&c, 0).unwrap().unwrap();
+        let ca = assigned(&j, &c, 0);
         assert_eq!((ca.global_rank, ca.world_size, ca.plan.accumulation), (2, 3, 2));
         assert!(!j.heartbeat(&c).unwrap().pending);
-        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().world_size, 3);
+        assert_eq!(assigned(&j, &a, 0).world_size, 3);
         let g = generations(&j).pop().unwrap();
         assert_eq!(g["resume_from"], "/run/checkpoints/epoch-0001");
         assert_eq!(g["resume_step"], 5);
@@ -2712,6 +2702,41 @@ pub(crate) mod tests {
     /// Joins a CPU host advertising 127.0.0.1; returns its member id.
     fn join(j: &mut Job, host: &str, ranks: u32) -> Result<String, JobError> {
         j.join(host, DeviceKind::Cpu, ranks, LOOPBACK).map(|(id, _, _)| id)
+    }
+
+    /// The share `local_rank` of `member` is told, which must be one.
+    fn assigned(j: &Job, member: &str, local_rank: u32) -> RankAssignment {
+        match j.assignment(member, local_rank) {
+            Ok(RankShare::Assigned(share)) => share,
+            other => panic!("rank {local_rank} of {member} was told {other:?}, not its share"),
+        }
+    }
+
+    #[test]
+    fn ranks_of_a_finished_job_are_told_so_whether_they_trained_or_waited_to_be_admitted() {
+        let mut j = elastic(2, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        let (c, _, pending) = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(pending);
+        j.leave(&a, 1, 0, true, "", FailureCause::Unknown).unwrap();
+        j.leave(&b, 1, 0, true, "", FailureCause::Unknown).unwrap();
+        assert_eq!(j.phase, Phase::Finished);
+        for member in [&a, &c] {
+            assert_eq!(j.assignment(member, 0).unwrap(), RankShare::JobFinished, "{member}");
+        }
+        let extra = j.assignment(&c, 1).unwrap_err();
+        assert!(extra.to_string().contains("runs 1 rank(s)"), "{extra}");
+        assert!(matches!(j.assignment("stranger", 0), Err(JobError::NotFound(_))));
+        // A failed job's ranks are refused: their agents fail too.
+        let mut f = elastic(2, 2, 3);
+        let a = join(&mut f, "a", 1).unwrap();
+        let (c, _, _) = f.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        f.fail("a test's failure".into());
+        for member in [&a, &c] {
+            let refused = f.assignment(member, 0).unwrap_err();
+            assert!(refused.to_string().contains("a test's failure"), "{refused}");
+        }
     }
 
     fn ring(a: &str) -> Option<RendezvousPayload> {
@@ -2758,11 +2783,11 @@ pub(crate) mod tests {
     fn ranks_follow_join_order_and_the_job_starts_when_all_joined() {
         let mut j = job(2);
         let a = join(&mut j, "a", 1).unwrap();
-        assert_eq!(j.assignment(&a, 0).unwrap(), None);
+        assert_eq!(j.assignment(&a, 0).unwrap(), RankShare::Wait);
         let b = join(&mut j, "b", 1).unwrap();
         assert_eq!(j.phase, Phase::Running);
-        assert_eq!(j.assignment(&a, 0).unwrap().unwrap().global_rank, 0);
-        assert_eq!(j.assignment(&b, 0).unwrap().unwrap().global_rank, 1);
+        assert_eq!(assigned(&j, &a, 0).global_rank, 0);
+        assert_eq!(assigned(&j, &b, 0).global_rank, 1);
         assert!(join(&mut j, "c", 1).is_err());
         assert!(j.assignment(&b, 1).is_err());
     }

@@ -21,7 +21,8 @@
 //! bounded message sizes and concurrency.
 
 use crate::job::{
-    DeviceKind, FailureCause, Job, JobError, MetricsSink, PendingSave, Phase, RendezvousPayload,
+    DeviceKind, FailureCause, Job, JobError, MetricsSink, PendingSave, Phase, RankShare,
+    RendezvousPayload,
 };
 use crate::state::Coordination;
 use crate::sweep::{Placement, RunState};
@@ -523,16 +524,19 @@ fn assignment_answer(
     member: &str,
     local_rank: u32,
 ) -> Result<Option<pb::Assignment>, JobError> {
-    if job.finished_for(member, local_rank) {
-        return Ok(Some(pb::Assignment {
-            job_id: job.id.clone(),
-            generation: job.generation,
-            local_rank,
-            job_finished: true,
-            ..pb::Assignment::default()
-        }));
-    }
-    let Some(assigned) = job.assignment(member, local_rank)? else { return Ok(None) };
+    let assigned = match job.assignment(member, local_rank)? {
+        RankShare::Wait => return Ok(None),
+        RankShare::JobFinished => {
+            return Ok(Some(pb::Assignment {
+                job_id: job.id.clone(),
+                generation: job.generation,
+                local_rank,
+                job_finished: true,
+                ..pb::Assignment::default()
+            }))
+        }
+        RankShare::Assigned(assigned) => assigned,
+    };
     job.note_assigned(member, local_rank);
     Ok(Some(pb::Assignment {
         job_id: job.id.clone(),

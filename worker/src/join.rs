@@ -739,12 +739,26 @@ async fn serve_member(
 /// also when only some of them had fetched it: left running, such a rank
 /// would fail at the rendezvous as stale, counted against the new
 /// generation.
+///
+/// Once known, a fetch older than `known` is a killed process's: the agent
+/// sets `known` to the generation it restarted its ranks for, which the
+/// new processes fetch or pass, and advances it otherwise only once every
+/// rank fetched it. Such a fetch is not taken as a live rank's, so ranks
+/// that fetched a generation opened within a heartbeat of their restart
+/// are left in it. A slot of 0 still restarts them: a restored coordinator
+/// knows no fetch, and its generation is one they are not in.
 fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: (u64, u64)) -> bool {
     let (oldest, newest) = fetched;
     let older = |fetched: u64| fetched > 0 && fetched < generation;
     match known {
         None => older(oldest) || older(newest),
-        Some(current) => generation > current && oldest < generation,
+        // A coordinator that does not send the newest: the oldest decides.
+        Some(current) if newest == 0 => generation > current && oldest < generation,
+        Some(current) => {
+            let live_and_older = |fetched: u64| fetched >= current && fetched < generation;
+            generation > current
+                && (oldest == 0 || live_and_older(oldest) || live_and_older(newest))
+        }
     }
 }
 
@@ -1517,6 +1531,17 @@ mod tests {
         assert!(ranks_are_behind(Some(3), 4, (3, 3)));
         assert!(!ranks_are_behind(Some(3), 4, (4, 4)));
         assert!(!ranks_are_behind(Some(4), 4, (3, 3)));
+        // Restarted for 4 (their killed processes had fetched 3), and 5
+        // opened before the next heartbeat: a new process that fetched 5
+        // is in it, and one that has not fetched yet will; left running.
+        assert!(!ranks_are_behind(Some(4), 5, (3, 5)));
+        // One of the new processes fetched 4 before 5 opened: restarted.
+        assert!(ranks_are_behind(Some(4), 5, (3, 4)));
+        assert!(ranks_are_behind(Some(4), 5, (4, 5)));
+        // No fetch known at all (a restored coordinator): restarted.
+        assert!(ranks_are_behind(Some(4), 5, (0, 0)));
+        // A coordinator that does not send the newest: the oldest decides.
+        assert!(ranks_are_behind(Some(4), 5, (3, 0)));
     }
 
     #[test]
