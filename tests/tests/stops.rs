@@ -15,7 +15,10 @@
 //!   as the one that asked, not the healthy rank whose Leave came first;
 //! * every checkpoint write takes longer than `distributed.collective_timeout_secs`
 //!   (a test hook delays it): the other rank, waiting for rank 0, does not
-//!   time out and blame it as silent; the job finishes.
+//!   time out and blame it as silent; the job finishes;
+//! * both agents get SIGTERM, and a second one while rank 0's stop
+//!   checkpoint takes minutes: they kill their ranks at once and exit,
+//!   saying so, instead of waiting out the ranks' stop grace.
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
@@ -83,8 +86,14 @@ fn coordinator(port: u16, sets: &[String], out: &Path, resume: bool, log: &Path)
 
 /// `worker join` with one CPU rank, its output to `log`.
 fn worker(port: u16, name: &str, log: &Path) -> Child {
+    worker_with_env(port, name, log, &[])
+}
+
+/// [`worker`], with `env` set for the agent and so for its rank.
+fn worker_with_env(port: u16, name: &str, log: &Path, env: &[(&str, &str)]) -> Child {
     let log = std::fs::File::create(log).expect("worker log");
     Command::new(binary("worker"))
+        .envs(env.iter().copied())
         .args(["join", "--coordinator", &format!("http://127.0.0.1:{port}")])
         .args(["--devices", "cpu", "--cores", "1", "--host-name", name])
         .args(["--coordinator-deadline-secs", &DEADLINE_SECS.to_string()])
@@ -363,4 +372,71 @@ fn a_signal_to_one_rank_is_blamed_on_that_rank_not_on_the_first_to_leave() {
     let logs_b = read(&logs.join("worker-b.log"));
     assert!(logs_b.contains("stopped by rank 0's stop request after update"), "{logs_b}");
     println!("{}", log.lines().find(|l| l.contains("job failed:")).unwrap_or_default());
+}
+
+/// A user's second Ctrl-C (or a scheduler's second SIGTERM) means "now":
+/// each agent kills its ranks at once instead of waiting up to their stop
+/// grace (100 s) for rank 0's stop checkpoint, made to take 120 s here.
+#[test]
+fn a_second_sigterm_kills_the_ranks_without_waiting_for_the_stop_checkpoint() {
+    const DELAY_MS: u64 = 120_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), STOPPED_PER_CLASS, 1);
+    let out = tmp.path().join("run");
+    let logs = tmp.path();
+    let port = free_port("127.0.0.1");
+    let mut up = coordinator(port, &sets(&data, 2), &out, false, &logs.join("up.log"));
+    let delay = DELAY_MS.to_string();
+    let env = [("RSB_CHECKPOINT_DELAY_MS", delay.as_str())];
+    let log_of = |h: &str| logs.join(format!("worker-{h}.log"));
+    let mut workers: Vec<Child> =
+        ["a", "b"].iter().map(|h| worker_with_env(port, h, &log_of(h), &env)).collect();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while steps(&lines_of(&out.join("metrics.jsonl"))).last() < Some(&2) {
+        if let Some(status) = up.try_wait().expect("try_wait") {
+            panic!("the coordinator exited with {status}:\n{}", read(&logs.join("up.log")));
+        }
+        assert!(Instant::now() < deadline, "no second update within 240 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let signal = |w: &Child| {
+        let sent = Command::new("kill").args(["-s", "TERM", &w.id().to_string()]).status();
+        assert!(sent.expect("kill").success());
+    };
+    workers.iter().for_each(signal);
+    // The ranks stop after the same update, and rank 0 starts its slow
+    // stop checkpoint: its agent waits for it.
+    std::thread::sleep(Duration::from_secs(5));
+    let waiting: Vec<bool> =
+        workers.iter_mut().map(|w| w.try_wait().expect("try_wait").is_none()).collect();
+    assert!(
+        waiting.contains(&true),
+        "no agent waited for its rank's stop:\n{}\n{}",
+        read(&log_of("a")),
+        read(&log_of("b"))
+    );
+    let second = Instant::now();
+    workers.iter().zip(&waiting).filter(|(_, w)| **w).for_each(|(w, _)| signal(w));
+    for (h, w) in ["a", "b"].iter().zip(workers) {
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join after a second SIGTERM");
+        let log = read(&log_of(h));
+        assert!(!o.status.success(), "worker {h} succeeded:\n{log}");
+        assert!(log.contains("worker stopped by SIGTERM"), "worker {h}:\n{log}");
+    }
+    let took = second.elapsed();
+    let _ = up.kill();
+    let _ = up.wait();
+    let killed: Vec<&str> = ["a", "b"]
+        .into_iter()
+        .filter(|h| read(&log_of(h)).contains("its ranks killed at a second signal"))
+        .collect();
+    assert!(!killed.is_empty(), "no agent said it killed its ranks at the second signal");
+    // SIGKILL and the reap: within seconds, where the grace was 100 s.
+    assert!(took < Duration::from_secs(20), "the agents exited {took:?} after the second SIGTERM");
+    println!(
+        "MEASURED agents {killed:?} killed their ranks and exited {:.1} s after a second SIGTERM \
+         (rank 0's stop checkpoint would have taken {} s)",
+        took.as_secs_f64(),
+        DELAY_MS / 1000
+    );
 }

@@ -431,6 +431,16 @@ fn stop_cause(signal: rsb_process::StopSignal, parent: &str) -> String {
     }
 }
 
+/// Completes at a second SIGTERM or SIGINT after the one the agent stops
+/// at, saying so; never at the parent's death, which the agent's first
+/// stop already was (it would be seen again at once).
+async fn second_stop_signal(stop_signals: &mut rsb_process::StopSignals) {
+    match stop_signals.recv().await {
+        rsb_process::StopSignal::ParentDied { .. } => std::future::pending().await,
+        signal => tracing::warn!("{signal} again: killing the local ranks at once"),
+    }
+}
+
 /// One membership: starts the ranks, heartbeats while they run, restarts
 /// them at a new generation, and stops them when the job fails. Returns
 /// how the job ended for this host; an error means the agent itself must
@@ -548,8 +558,13 @@ async fn serve_member(
         }
         let dead_ranks: Vec<usize> = dead.iter().map(|&(i, _)| i).collect();
         let last_lines = last_errors(&mut relays, &dead_ranks).await;
-        // Reported in index order: the first dead rank's reason is the one
-        // kept in `failed`, as the agent's own failure.
+        // Reported at once, all together: a rank killed outright (OOM
+        // killer, kill -9) cannot say so itself, and a frozen coordinator
+        // costs one deadline, not one per dead rank. The first dead rank's
+        // reason (in index order) is the one kept in `failed`, as the
+        // agent's own failure. A rank that already left is refused, which
+        // is harmless.
+        let mut reports = tokio::task::JoinSet::new();
         for ((i, status), last_line) in dead.into_iter().zip(last_lines) {
             let reason = match last_line {
                 Some(line) => {
@@ -558,9 +573,6 @@ async fn serve_member(
                 None => format!("rank process {i} exited with {status}"),
             };
             let reason = truncated(reason, MAX_LEAVE_MESSAGE);
-            // Report it at once: a rank killed outright (OOM killer,
-            // kill -9) cannot say so itself. A rank that already left is
-            // refused here, which is harmless.
             let leave = pb::LeaveRequest {
                 member_id: joined.member_id.clone(),
                 local_rank: i as u32,
@@ -575,13 +587,17 @@ async fn serve_member(
                 collective_peer_unknown: ended_for_a_collective(status),
                 tampered_link_from: None,
             };
-            match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
-                Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
-                Ok(Err(e)) => tracing::debug!(error = %e, "{reason}; not reported again"),
-                Err(_) => tracing::warn!("{reason}; the coordinator did not answer"),
-            }
-            failed.get_or_insert(reason);
+            failed.get_or_insert(reason.clone());
+            let mut client = client.clone();
+            reports.spawn(async move {
+                match tokio::time::timeout(HEARTBEAT_DEADLINE, client.leave(leave)).await {
+                    Ok(Ok(_)) => tracing::error!("{reason}; reported to the coordinator"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "{reason}; not reported again"),
+                    Err(_) => tracing::warn!("{reason}; the coordinator did not answer"),
+                }
+            });
         }
+        while reports.join_next().await.is_some() {}
         if let Some(e) = wait_error {
             return Err(e.into());
         }
@@ -716,8 +732,19 @@ async fn serve_member(
             () = tokio::time::sleep(interval) => {}
             signal = stop_signals.recv() => {
                 let cause = stop_cause(signal, "coordinator");
-                tracing::warn!("stopped by {cause}; stopping the local ranks");
-                rsb_process::terminate(&mut children, RANK_STOP_GRACE).await;
+                tracing::warn!(
+                    "stopped by {cause}; stopping the local ranks (rank 0 writes a stop \
+                     checkpoint; a second SIGTERM or SIGINT kills them at once, without it)"
+                );
+                let hurried = rsb_process::terminate_unless_hurried(
+                    &mut children,
+                    RANK_STOP_GRACE,
+                    second_stop_signal(stop_signals),
+                )
+                .await;
+                if hurried {
+                    bail!("worker stopped by {cause}, and its ranks killed at a second signal");
+                }
                 bail!("worker stopped by {cause}");
             }
         }

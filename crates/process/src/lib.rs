@@ -203,6 +203,18 @@ impl StopSignals {
 /// handler only once continued), then waits up to `grace` for all of them,
 /// then `SIGKILL`s the rest and reaps them.
 pub async fn terminate(children: &mut [Child], grace: Duration) {
+    terminate_unless_hurried(children, grace, std::future::pending()).await;
+}
+
+/// As [`terminate`], but when `hurry` completes first (a second stop signal:
+/// the user will not wait for the stop checkpoint) the grace ends there, and
+/// the children still running are `SIGKILL`ed at once. Returns whether it
+/// was hurried.
+pub async fn terminate_unless_hurried(
+    children: &mut [Child],
+    grace: Duration,
+    hurry: impl std::future::Future<Output = ()>,
+) -> bool {
     for child in children.iter_mut() {
         if let Some(pid) = child.id() {
             for signal in [Signal::SIGTERM, Signal::SIGCONT] {
@@ -212,15 +224,45 @@ pub async fn terminate(children: &mut [Child], grace: Duration) {
             }
         }
     }
+    /// How one child's wait ended.
+    enum Waited {
+        Exited,
+        GraceOver,
+        Hurried,
+    }
     let deadline = tokio::time::Instant::now() + grace;
+    let mut hurry = std::pin::pin!(hurry);
+    let mut hurried = false;
     let mut running = Vec::new();
     for child in children.iter_mut() {
-        if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
-            tracing::warn!(pid = child.id(), "still running {grace:?} after SIGTERM; killing");
-            running.push(child);
+        let waited = if hurried {
+            Waited::Hurried
+        } else {
+            tokio::select! {
+                exited = tokio::time::timeout_at(deadline, child.wait()) => match exited {
+                    Ok(_) => Waited::Exited,
+                    Err(_) => Waited::GraceOver,
+                },
+                () = &mut hurry => Waited::Hurried,
+            }
+        };
+        match waited {
+            Waited::Exited => {}
+            Waited::GraceOver => {
+                tracing::warn!(pid = child.id(), "still running {grace:?} after SIGTERM; killing");
+                running.push(child);
+            }
+            Waited::Hurried => {
+                if !hurried {
+                    tracing::warn!("hurried before the grace of {grace:?} ended: killing at once");
+                    hurried = true;
+                }
+                running.push(child);
+            }
         }
     }
     kill_all_within(running, REAP_LIMIT).await;
+    hurried
 }
 
 /// How long [`kill_all_within`]'s callers wait for SIGKILLed processes to end.
@@ -329,6 +371,40 @@ mod tests {
         terminate(&mut children, Duration::from_millis(500)).await;
         assert!(start.elapsed() >= Duration::from_millis(500));
         assert!(!alive(pid));
+    }
+
+    /// A second stop signal while children take their grace (rank 0
+    /// writing its stop checkpoint) kills them at once, where the caller
+    /// waited out the whole grace.
+    #[tokio::test]
+    async fn a_hurried_terminate_kills_the_children_still_running_at_once() {
+        let spawn = |script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script]);
+            cmd.spawn().expect("sh")
+        };
+        // One that exits at its SIGTERM, and two that take their time.
+        let mut children = [
+            spawn("trap 'exit 0' TERM; while :; do sleep 0.1; done"),
+            spawn("trap '' TERM; while :; do sleep 0.1; done"),
+            spawn("trap '' TERM; while :; do sleep 0.1; done"),
+        ];
+        let pids: Vec<u32> = children.iter().map(|c| c.id().expect("pid")).collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let start = std::time::Instant::now();
+        let hurry = tokio::time::sleep(Duration::from_millis(300));
+        let hurried = terminate_unless_hurried(&mut children, Duration::from_secs(60), hurry).await;
+        assert!(hurried);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{took:?}");
+        assert!(pids.iter().all(|&pid| !alive(pid)));
+        let status = children[0].try_wait().expect("wait").expect("reaped");
+        assert_eq!(status.code(), Some(0), "the first one exited at its SIGTERM: {status:?}");
+        // Not hurried: the grace decides, as terminate's.
+        let mut quick = [spawn("trap 'exit 0' TERM; while :; do sleep 0.1; done")];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let never = std::future::pending();
+        assert!(!terminate_unless_hurried(&mut quick, Duration::from_secs(5), never).await);
     }
 
     #[tokio::test]
