@@ -18,7 +18,11 @@
 //!   time out and blame it as silent; the job finishes;
 //! * both agents get SIGTERM, and a second one while rank 0's stop
 //!   checkpoint takes minutes: they kill their ranks at once and exit,
-//!   saying so, instead of waiting out the ranks' stop grace.
+//!   saying so, instead of waiting out the ranks' stop grace;
+//! * both agents get SIGTERM while one rank is frozen before the rendezvous
+//!   and the other waits there: the ranks, which have not begun training,
+//!   tell the coordinator so as they exit, and the job fails at once naming
+//!   one of them, not when their hosts are found silent.
 
 use rsb_integration_tests::processes::wait_with_timeout;
 use rsb_integration_tests::{binary, fashion_subset, records_in, workspace_root};
@@ -438,5 +442,53 @@ fn a_second_sigterm_kills_the_ranks_without_waiting_for_the_stop_checkpoint() {
          (rank 0's stop checkpoint would have taken {} s)",
         took.as_secs_f64(),
         DELAY_MS / 1000
+    );
+}
+
+/// A preemption of every host while the job starts (its ranks have their
+/// assignments but have not begun training: one frozen before the
+/// rendezvous, the other waiting at it) fails the job at once, naming a
+/// rank and its stop, where it waited for the hosts' heartbeat deadline
+/// (30 s) and then blamed their silence.
+#[test]
+fn ranks_stopped_before_training_tell_the_coordinator_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fashion_subset(tmp.path(), TRAIN_PER_CLASS, 1);
+    let out = tmp.path().join("run");
+    let logs = tmp.path();
+    let port = free_port("127.0.0.1");
+    let up = coordinator(port, &sets(&data, 1), &out, false, &logs.join("up.log"));
+    let env = [("RSB_STOP_BEFORE_RENDEZVOUS", "1")];
+    let log_of = |h: &str| logs.join(format!("worker-{h}.log"));
+    let workers: Vec<Child> =
+        ["a", "b"].iter().map(|h| worker_with_env(port, h, &log_of(h), &env)).collect();
+    let frozen = out.join("ranks/rank-1.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !read(&frozen).contains("stopping before the rendezvous") {
+        assert!(Instant::now() < deadline, "rank 1 did not freeze within 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for w in &workers {
+        let sent = Command::new("kill").args(["-s", "TERM", &w.id().to_string()]).status();
+        assert!(sent.expect("kill").success());
+    }
+    let signalled = Instant::now();
+    let o = wait_with_timeout(up, Duration::from_secs(120), "the coordinator of the stopped job");
+    let took = signalled.elapsed();
+    for w in workers {
+        let _ = wait_with_timeout(w, Duration::from_secs(60), "a stopped worker");
+    }
+    let log = read(&logs.join("up.log"));
+    assert!(!o.status.success(), "the job succeeded:\n{log}");
+    let failure = log.lines().find(|l| l.contains("job failed")).unwrap_or_default();
+    assert!(
+        failure.contains("stopped by SIGTERM before training began") && failure.contains("rank "),
+        "the failure does not name a stopped rank: {failure}\n{log}"
+    );
+    assert!(took < Duration::from_secs(20), "the job failed {took:?} after the signals:\n{log}");
+    println!(
+        "MEASURED a job whose hosts were stopped before training failed {:.1} s after the \
+         signals: {failure}",
+        took.as_secs_f64()
     );
 }

@@ -929,7 +929,12 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let mut client = CoordinatorClient::with_interceptor(channel, credentials);
     let ring_key = RingKey::derive(token.expose().as_bytes());
     let stop = StopRequest::new();
-    watch_stop_signals(&runtime, stop.clone())?;
+    let stopped_before_training = pb::LeaveRequest {
+        member_id: args.member.clone(),
+        local_rank: args.local_rank,
+        ..pb::LeaveRequest::default()
+    };
+    watch_stop_signals(&runtime, stop.clone(), client.clone(), stopped_before_training)?;
     let mut generation = 0;
     let outcome = match run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop) {
         Ok(RankEnd::NothingToTrain) => {
@@ -1029,8 +1034,17 @@ async fn send_leave(client: &mut Client, leave: pb::LeaveRequest, stop: &StopReq
 /// next sync point (rank 0 writes a checkpoint there); if the rank is still
 /// running [`RANK_STOP_DEADLINE`] later (a peer gone silent, a hung disk)
 /// it exits at once, saying so. A rank that has not begun training exits at
-/// once.
-fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> Result<()> {
+/// once; one that has an assignment (`leave` names it) first tells the
+/// coordinator so, within [`RANK_CALL_DEADLINE`], so that the job fails or
+/// goes on at once, naming it, not when its host is found silent or at the
+/// rendezvous deadline (its agent, stopped by the same preemption, reports
+/// nothing).
+fn watch_stop_signals(
+    runtime: &tokio::runtime::Runtime,
+    stop: StopRequest,
+    mut client: Client,
+    leave: pb::LeaveRequest,
+) -> Result<()> {
     let mut signals = {
         let _inside = runtime.enter();
         rsb_process::stop_signal().context("installing signal handlers")?
@@ -1040,9 +1054,22 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
         if !TRAINING.load(std::sync::atomic::Ordering::SeqCst) {
             // Nothing to checkpoint yet (joining, rendezvous, building).
             // Not `eprintln!`, which panics when stderr is gone (a dead agent).
-            let line =
-                rsb_logging::error_line(&format!("stopped by {cause} before training began"));
-            rsb_logging::stderr_line(&line);
+            let message = format!("stopped by {cause} before training began");
+            rsb_logging::stderr_line(&rsb_logging::error_line(&message));
+            let generation = ASSIGNED_GENERATION.load(std::sync::atomic::Ordering::SeqCst);
+            if generation > 0 {
+                let leave = pb::LeaveRequest { success: false, message, generation, ..leave };
+                let not_taken =
+                    match tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(format!("refused it: {}", e.message())),
+                        Err(_) => Some(format!("did not answer within {RANK_CALL_DEADLINE:?}")),
+                    };
+                if let Some(why) = not_taken {
+                    // A warning: the stop, said above, stays the last error.
+                    tracing::warn!("the coordinator {why}, of this rank's Leave");
+                }
+            }
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
         stop.request(cause.clone());
@@ -1064,6 +1091,10 @@ fn watch_stop_signals(runtime: &tokio::runtime::Runtime, stop: StopRequest) -> R
 /// Exit status of a rank that stopped past [`RANK_STOP_DEADLINE`], or
 /// before it began training.
 const STOP_DEADLINE_EXIT_CODE: i32 = 3;
+
+/// The generation of this rank's assignment (0 until it has one): a rank
+/// stopped before training leaves it.
+static ASSIGNED_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether this rank process trains (a stop signal then stops it at an
 /// update boundary; before, it exits at once).
@@ -1105,6 +1136,7 @@ fn run_rank(
         return Ok(RankEnd::NothingToTrain);
     }
     *generation = assignment.generation;
+    ASSIGNED_GENERATION.store(assignment.generation, std::sync::atomic::Ordering::SeqCst);
     let rank = assignment.global_rank as usize;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from(&assignment.run_dir));
     let log = RankLog::install(&run_dir, rank)?;
