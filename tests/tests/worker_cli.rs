@@ -1027,21 +1027,27 @@ fn an_evaluation_larger_than_the_memory_it_may_take_runs_in_batches_that_fit() {
     println!("1000 px, cgroup of 2.5 GiB: evaluated in batches of {batch}");
 }
 
+/// Every step logged, overriding an earlier `--set` of the same field.
+const LOG_EVERY_STEP: [&str; 2] = ["--set", "runtime.log_every_steps=1"];
+
 /// `worker train` stopped by SIGTERM (a scheduler's preemption) or SIGINT
-/// (Ctrl-C) stops at its next log point, writing a checkpoint of that
+/// (Ctrl-C) stops after the update it is in (not at its next log point,
+/// here the epoch's end), logs that step, writes a checkpoint of that
 /// position, says where, and exits 1; `--auto-resume` continues from it.
 /// Before, either signal killed it outright, losing every update since its
 /// last periodic checkpoint (here: since the start).
 #[test]
-fn a_signalled_train_stops_at_its_next_log_point_with_a_checkpoint_of_it() {
+fn a_signalled_train_stops_after_its_update_with_a_checkpoint_of_it() {
     for signal in ["TERM", "INT"] {
         let tmp = tempfile::tempdir().unwrap();
         let data = tiny_dataset(tmp.path());
         let out = tmp.path().join("run");
         let log = tmp.path().join("train.log");
         let file = std::fs::File::create(&log).unwrap();
-        // Far more epochs than the test waits for: it is stopped mid-epoch.
-        let epochs = ["--set", "schedule.cosine.epochs=100"];
+        // Far more epochs than the test waits for: it is stopped mid-epoch,
+        // between log points (the first is the epoch's end).
+        let epochs =
+            ["--set", "schedule.cosine.epochs=100", "--set", "runtime.log_every_steps=1000"];
         let mut child = Command::new(binary("worker"))
             .args(train_args(&tiny_recipe(), &data, &out, &epochs))
             .current_dir(workspace_root())
@@ -1050,16 +1056,16 @@ fn a_signalled_train_stops_at_its_next_log_point_with_a_checkpoint_of_it() {
             .spawn()
             .unwrap();
         let metrics = out.join("metrics.jsonl");
-        // Counted as written (a line may be half written): step records.
-        let steps_so_far = || {
+        // Counted as written: the record of the first update.
+        let first_update_done = || {
             let text = std::fs::read_to_string(&metrics).unwrap_or_default();
-            text.lines().filter(|line| line.contains(r#""kind":"step""#)).count()
+            text.lines().any(|line| line.contains(r#""kind":"first_update""#))
         };
         let started = std::time::Instant::now();
-        while steps_so_far() < 3 {
+        while !first_update_done() {
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(180),
-                "no 3 steps:\n{}",
+                "no first update:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
             assert!(child.try_wait().unwrap().is_none(), "it ended before the signal");
@@ -1089,7 +1095,8 @@ fn a_signalled_train_stops_at_its_next_log_point_with_a_checkpoint_of_it() {
         let steps = rsb_integration_tests::records_in(&metrics, "step");
         let last = steps.last().unwrap()["step"].as_u64();
         assert_eq!(last, Some(position.updates), "SIG{signal}");
-        assert!(position.updates >= 3 && position.updates < 10, "mid-epoch: {position:?}");
+        assert!(position.updates >= 1 && position.updates < 10, "mid-epoch: {position:?}");
+        assert_eq!(steps.len(), 1, "SIG{signal}: only the stop's step was logged");
         if signal == "INT" {
             continue;
         }
@@ -1098,7 +1105,7 @@ fn a_signalled_train_stops_at_its_next_log_point_with_a_checkpoint_of_it() {
             &tiny_recipe(),
             &data,
             &out,
-            &[&epochs[..], &["--auto-resume", "--max-updates", "2"]].concat(),
+            &[&epochs[..], &["--auto-resume", "--max-updates", "2"], &LOG_EVERY_STEP].concat(),
         );
         let resumed_said = String::from_utf8_lossy(&resumed.stderr);
         assert!(resumed.status.success(), "{resumed_said}");

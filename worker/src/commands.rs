@@ -220,9 +220,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 /// Asks the training to stop at the first `SIGTERM` or `SIGINT` (a
-/// scheduler's preemption, Ctrl-C): it stops at its next sync point (at most
-/// `runtime.log_every_steps` updates later), writing a checkpoint of that
-/// position there, and `worker train --auto-resume` continues from it.
+/// scheduler's preemption, Ctrl-C): it stops after the update it is in,
+/// logs that step and writes a checkpoint of that position, and `worker
+/// train --auto-resume` continues from it.
 /// A second signal exits at once, without it. Before, either signal killed
 /// the process outright, and the updates since the last periodic
 /// checkpoint were lost.
@@ -239,7 +239,7 @@ fn stop_at_signals() -> Result<StopRequest> {
             let first = signals.recv().await;
             asked.request(first.to_string());
             tracing::warn!(
-                "{first}: stopping at the next log point with a checkpoint of it; a second signal \
+                "{first}: stopping after this update with a checkpoint of it; a second signal \
                  exits at once, without one"
             );
             let second = signals.recv().await;

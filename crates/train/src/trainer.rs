@@ -144,7 +144,7 @@ pub struct RunOptions {
     /// When requested (a signal), the run stops at the next sync point (a
     /// log step, checkpoint or epoch end: see the module documentation),
     /// every rank after the same one, rank 0 having written a checkpoint of
-    /// that position, and `run` fails with [`TrainError::Stopped`] (see
+    /// that position (a single process: after the update it is in), and `run` fails with [`TrainError::Stopped`] (see
     /// [`crate::stop`]). At an epoch's last update the stop waits for the
     /// epoch's end, whose checkpoint is the one written.
     pub stop: Option<StopRequest>,
@@ -955,13 +955,21 @@ impl Trainer {
                 && (update + 1).is_multiple_of(checkpoint_every)
                 && step + 1 < steps;
             let last = step + 1 == steps;
-            if !(log_point || periodic || last || self.reached_max_updates(invocation)) {
+            // A single process stops after the update it is in: its stop
+            // request is a host flag, read without a device sync, and it has
+            // no other rank to agree with (a job's ranks vote at the sync
+            // points above, which they all reach at the same update).
+            let stop_here = self.world_size() == 1
+                && self.options.stop.as_ref().is_some_and(|stop| stop.reason().is_some());
+            if !(log_point || periodic || last || stop_here || self.reached_max_updates(invocation))
+            {
                 continue;
             }
             self.read_pending_updates(&mut [&mut window, &mut epoch_window])?;
             // A window of skipped updates only has no loss to report: it is
-            // reported with the next log step that has one.
-            if log_point && window.applied() > 0 {
+            // reported with the next log step that has one. A stop logs the
+            // window it ends, so that the last step logged is its position.
+            if (log_point || stop_here) && window.applied() > 0 {
                 self.log_step(epoch, update, lr, &window, &own_times, &invocation.progress)?;
                 window = LossWindow::new(device)?;
                 own_times = OwnTimes::default();
@@ -969,7 +977,7 @@ impl Trainer {
             if periodic {
                 self.save_mid_epoch(epoch, step + 1, &epoch_window)?;
             }
-            if (log_point || periodic || last) && self.stop_agreed(update)? {
+            if (log_point || periodic || last || stop_here) && self.stop_agreed(update)? {
                 if last {
                     // The epoch's end (next) writes the checkpoint.
                     self.stopping = true;
