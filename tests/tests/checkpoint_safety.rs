@@ -7,7 +7,9 @@
 //! pickle as such; a second trainer on a run folder is refused while the
 //! first one lives (a `worker train`, or a job's rank 0), and the folder is
 //! free again once it is killed; a job's rank 0 that cannot get the lock
-//! (a previous rank 0 not stopped yet) trains on without it, saying so; a
+//! (a previous rank 0 not stopped yet) trains on without it, saying so,
+//! but writes no checkpoint before it has it (it waits for it there, and
+//! fails naming the holder when it never comes); a
 //! second `coordinator up` on a live coordinator's folder is refused before
 //! it writes there; `--auto-resume` starts a run, continues it from its
 //! newest checkpoint, and starts one that wrote no checkpoint again with its
@@ -329,7 +331,7 @@ fn local_job_command(data: &Path, out: &Path, epochs: u32, sets: &[&str]) -> Com
 }
 
 #[test]
-fn a_jobs_rank_0_holds_the_run_folder_and_goes_on_without_a_lock_it_cannot_get() {
+fn a_jobs_rank_0_holds_the_run_folder_and_writes_no_checkpoint_without_its_lock() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_subset(tmp.path(), 12, 1);
 
@@ -351,21 +353,78 @@ fn a_jobs_rank_0_holds_the_run_folder_and_goes_on_without_a_lock_it_cannot_get()
     let _ = wait_with_timeout(job, Duration::from_secs(60), "the stopped job");
 
     // A lock held elsewhere (a previous rank 0 not stopped yet) delays a
-    // job's rank 0 by its wait, then it trains without it, saying so.
+    // job's rank 0 by its wait, then it trains without it, saying so, and
+    // waits for it again before its first checkpoint write: released then,
+    // the checkpoint is written under it and the job finishes.
     let run = tmp.path().join("held");
-    std::fs::create_dir_all(&run).unwrap();
-    let file = std::fs::File::create(run.join(rsb_job::run_folder::LOCK_FILE)).unwrap();
-    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| e)
-        .expect("locking the run folder");
+    let held = hold_run_folder_lock(&run);
+    let log_path = tmp.path().join("held.log");
     let started = Instant::now();
-    let output = wait_with_timeout(local_job(&data, &run, 1), Duration::from_secs(300), "the job");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "a held lock failed the job:\n{log}");
-    assert!(log.contains("going on without it"), "no warning:\n{log}");
+    let mut job = local_job_command(&data, &run, 1, &[])
+        .env("RSB_WRITER_LOCK_WAIT_MS", "60000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("starting the coordinator");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    while !log().contains("waiting up to 60s for the run folder's lock before the first") {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no wait at the checkpoint:\n{}",
+            log()
+        );
+        assert!(job.try_wait().unwrap().is_none(), "the job ended:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log().contains("going on without it"), "no warning:\n{}", log());
     assert!(started.elapsed() >= rsb_job::run_folder::LOCK_WAIT, "{:?}", started.elapsed());
-    assert!(!rsb_job::checkpoint::list(&run).is_empty(), "no checkpoint written");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(rsb_job::checkpoint::list(&run).is_empty(), "a checkpoint beside another writer");
+    let released = std::time::SystemTime::now();
     drop(held);
+    let output = wait_with_timeout(job, Duration::from_secs(300), "the job");
+    assert!(output.status.success(), "the job failed after the lock was let go:\n{}", log());
+    let first = rsb_job::checkpoint::list(&run).into_iter().next().expect("no checkpoint written");
+    let written = first.join("manifest.json").metadata().and_then(|m| m.modified()).unwrap();
+    assert!(written >= released, "{} was written before the lock was let go", first.display());
+
+    // Held for good (a second trainer on the folder): the job fails at its
+    // first checkpoint, naming the holder, and writes none.
+    let run = tmp.path().join("held-for-good");
+    let _held = hold_run_folder_lock(&run);
+    let output = wait_with_timeout(
+        local_job_command(&data, &run, 1, &[])
+            .env("RSB_WRITER_LOCK_WAIT_MS", "1000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the coordinator"),
+        Duration::from_secs(300),
+        "the job",
+    );
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a job wrote beside another writer:\n{log}");
+    let failure = log.lines().find(|l| l.contains("job failed")).unwrap_or_default();
+    assert!(
+        failure.contains("is in use") && failure.contains(HOLDER),
+        "the failure does not name the holder: {failure}\n{log}"
+    );
+    assert!(rsb_job::checkpoint::list(&run).is_empty(), "a checkpoint beside another writer");
+}
+
+/// Who [`hold_run_folder_lock`] says holds the lock, as a process would.
+const HOLDER: &str = "pid 4242 on another-host";
+
+/// Creates `run` and holds its writer lock, as another process would, until
+/// the value is dropped.
+fn hold_run_folder_lock(run: &Path) -> nix::fcntl::Flock<std::fs::File> {
+    std::fs::create_dir_all(run).unwrap();
+    let path = run.join(rsb_job::run_folder::LOCK_FILE);
+    std::fs::write(&path, format!("{HOLDER}\n")).unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("locking the run folder")
 }
 
 #[test]

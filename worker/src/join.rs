@@ -1268,6 +1268,13 @@ fn train_rank(
             format!("rank {rank}: RSB_CHECKPOINT_DELAY_MS=`{ms}` is not a number of milliseconds")
         })?);
     }
+    if let Ok(ms) = std::env::var("RSB_WRITER_LOCK_WAIT_MS") {
+        // Test hook: rank 0 gives up on a run folder lock held elsewhere
+        // sooner than a real run's two minutes.
+        options.writer_lock_wait = Duration::from_millis(ms.parse().with_context(|| {
+            format!("rank {rank}: RSB_WRITER_LOCK_WAIT_MS=`{ms}` is not a number of milliseconds")
+        })?);
+    }
     options.cuda_sync_debug = crate::commands::cuda_sync_debug_from_env()?;
     if let Ok(max) = std::env::var("RSB_MAX_UPDATES") {
         options.max_updates = Some(max.parse().with_context(|| {

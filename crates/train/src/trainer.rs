@@ -144,13 +144,20 @@ pub struct RunOptions {
     /// When requested (a signal), the run stops at the next sync point (a
     /// log step, checkpoint or epoch end: see the module documentation),
     /// every rank after the same one, rank 0 having written a checkpoint of
-    /// that position (a single process: after the update it is in), and `run` fails with [`TrainError::Stopped`] (see
-    /// [`crate::stop`]). At an epoch's last update the stop waits for the
+    /// that position (a single process: after the update it is in), and
+    /// `run` fails with [`TrainError::Stopped`] (see [`crate::stop`]). At an epoch's last update the stop waits for the
     /// epoch's end, whose checkpoint is the one written.
     pub stop: Option<StopRequest>,
     /// Test hook: every checkpoint write takes this much longer (a slow
     /// disk); zero in real runs.
     pub checkpoint_delay: Duration,
+    /// How long rank 0 of a job, which began training without the run
+    /// folder's lock (another process held it past [`LOCK_WAIT`]), waits
+    /// for it before its first checkpoint write, then fails naming the
+    /// holder: it never writes checkpoints beside another writer.
+    /// [`rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT`] (the previous rank
+    /// 0's stop checkpoint fits in it); shorter only in tests.
+    pub writer_lock_wait: Duration,
     /// On a CUDA device, libtorch's sync debug mode within every update
     /// (off between them): a synchronising CUDA call there warns or fails
     /// (`RSB_CUDA_SYNC_DEBUG=warn|error` of the worker). None: off.
@@ -187,6 +194,7 @@ impl RunOptions {
             trace_samples: false,
             stop: None,
             checkpoint_delay: Duration::ZERO,
+            writer_lock_wait: rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT,
             cuda_sync_debug: None,
         }
     }
@@ -281,6 +289,9 @@ pub struct Trainer {
     /// Rank 0 of a job, the run folder's checkpoint writer: its lock, held
     /// while the trainer lives (`worker train` holds its own).
     run_folder_lock: Option<RunFolderLock>,
+    /// Rank 0 of a job that began training without that lock: it takes it
+    /// before its first checkpoint write ([`RunOptions::writer_lock_wait`]).
+    run_folder_lock_owed: bool,
 }
 
 /// libtorch's CUDA sync debug mode for the span of an update
@@ -546,6 +557,7 @@ impl Trainer {
             stop_requested_by: Vec::new(),
             last_checkpoint: None,
             run_folder_lock: None,
+            run_folder_lock_owed: false,
         })
     }
 
@@ -566,17 +578,24 @@ impl Trainer {
             // run on a host the coordinator gave up on, whose agent has not
             // stopped it yet (or a file system may keep a crashed host's
             // lock for its lease); failing here would spend the job's
-            // restarts on a lock. The coordinator takes checkpoints of the
-            // current generation only.
+            // restarts on a lock. It trains on, and takes the lock before its
+            // first checkpoint write (waiting longer there, while the other
+            // ranks wait for the write): it never writes beside another
+            // writer, whose retention and set-asides would take its files.
             match RunFolderLock::acquire(&self.options.out_dir, LOCK_WAIT) {
                 Ok(lock) => self.run_folder_lock = Some(lock),
-                Err(rsb_job::RunFolderError::InUse { lock, holder, .. }) => tracing::warn!(
-                    lock = %lock.display(),
-                    %holder,
-                    "another process still holds the run folder's lock after {LOCK_WAIT:?} (the \
-                     previous generation's rank 0 on a host that has not stopped it yet, or \
-                     another trainer on this folder); going on without it"
-                ),
+                Err(rsb_job::RunFolderError::InUse { lock, holder, .. }) => {
+                    tracing::warn!(
+                        lock = %lock.display(),
+                        %holder,
+                        "another process still holds the run folder's lock after {LOCK_WAIT:?} \
+                         (the previous generation's rank 0 on a host that has not stopped it \
+                         yet, or another trainer on this folder); going on without it until the \
+                         first checkpoint, which waits up to {:?} more for it",
+                        self.options.writer_lock_wait
+                    );
+                    self.run_folder_lock_owed = true;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1497,7 +1516,20 @@ impl Trainer {
         );
         let (options, model, optimizer, state, records) =
             (&self.options, &self.model, &self.optimizer, &self.state, &mut self.records);
+        let (lock, lock_owed) = (&mut self.run_folder_lock, &mut self.run_folder_lock_owed);
         let mut write = |sink: Option<&mut CheckpointSink>| -> Result<PathBuf, TrainError> {
+            if *lock_owed {
+                // Another writer's files are not this run's to replace:
+                // wait for it to exit, or fail naming it.
+                tracing::warn!(
+                    "waiting up to {:?} for the run folder's lock before the first checkpoint \
+                     write",
+                    options.writer_lock_wait
+                );
+                *lock = Some(RunFolderLock::acquire(&options.out_dir, options.writer_lock_wait)?);
+                *lock_owed = false;
+                tracing::info!("took the run folder's lock before the first checkpoint write");
+            }
             std::thread::sleep(options.checkpoint_delay);
             // The writer's records (the epoch's, published just before)
             // reach the disk before the checkpoint after them is committed.
