@@ -601,11 +601,16 @@ pub fn has_image_extension(path: &Path) -> bool {
 }
 
 /// timm's `natural_key` order: the text is split into digit and non-digit
-/// runs; digit runs compare as numbers, the rest case-insensitively.
+/// runs; digit runs compare as numbers, the rest case-insensitively. Names
+/// that key alike (`img01` and `img1`, `A.JPEG` and `a.jpeg`) are ordered
+/// by their bytes: timm's stable sort leaves them in the order the file
+/// system listed them, which differs between copies of a dataset, so that
+/// hosts could map one sample index (or, for class folders, one label) to
+/// different files.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     let ka = natural_key(a);
     let kb = natural_key(b);
-    ka.cmp(&kb)
+    ka.cmp(&kb).then_with(|| a.cmp(b))
 }
 
 /// One run of a natural-sort key. Keys always alternate text and number runs
@@ -644,6 +649,21 @@ fn key_part(run: String, digits: bool) -> KeyPart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_key_alike_sort_the_same_in_any_listing_order() {
+        for names in [["img1", "img01", "IMG1"], ["n01", "N01", "n1"]] {
+            let mut orders: Vec<Vec<&str>> = Vec::new();
+            for rotation in 0..names.len() {
+                let mut listed = names.to_vec();
+                listed.rotate_left(rotation);
+                listed.sort_by(|a, b| natural_cmp(a, b));
+                orders.push(listed);
+            }
+            assert!(orders.windows(2).all(|w| w[0] == w[1]), "{orders:?}");
+        }
+        assert_eq!(natural_cmp("img2", "IMG10"), Ordering::Less, "numbers still decide first");
+    }
 
     #[test]
     fn natural_order_sorts_numbers_numerically() {

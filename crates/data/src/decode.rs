@@ -191,7 +191,21 @@ pub fn decode_for_crop(
         None => Partial { denom: d, x: 0, y: 0, w: sw, h: sh },
     };
     // `info` is `probe`'s, which read the header, checks included.
-    let (data, w, h) = jpeg::decode_checked(bytes, Some(partial))?;
+    let (data, w, h) = match jpeg::decode_checked(bytes, Some(partial)) {
+        Ok(decoded) => decoded,
+        // libjpeg-turbo refuses some partial or scaled decodes of files it
+        // decodes whole: a lossless JPEG, or sampling factors written in a
+        // form it takes for another subsampling (its iMCU is then wider than
+        // the header's, and the region's left edge is "unexplained"). The
+        // crop comes from the whole image then, as a PNG's does, with the
+        // same pixels; a file that does not decode whole is still an error.
+        Err(jpeg::JpegError::Refused { message }) => {
+            tracing::debug!(%message, "a partial decode refused; decoding the whole image");
+            let (data, w, h) = jpeg::decode_checked(bytes, None)?;
+            return Ok(whole_crop(RgbImage::new(w, h, data)));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let region =
         Region { left: ix0 - partial.x, top: iy0 - partial.y, width: ix1 - ix0, height: iy1 - iy0 };
     let bx = if d == 1 {
@@ -264,6 +278,53 @@ mod tests {
         let err = decode_bytes(&jpeg[..jpeg.len() / 2]).unwrap_err();
         assert!(matches!(err, DecodeError::Jpeg(jpeg::JpegError::Truncated { .. })), "{err:?}");
         assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    /// The pixels of `region` of `image`, row by row.
+    fn pixels_of(image: &RgbImage, region: &Region) -> Vec<u8> {
+        let mut pixels = Vec::new();
+        for y in region.top..region.top + region.height {
+            for x in region.left..region.left + region.width {
+                pixels.extend(image.pixel(x, y));
+            }
+        }
+        pixels
+    }
+
+    /// A lossless JPEG (which libjpeg-turbo decodes whole, never in part
+    /// nor scaled) gives a training crop the pixels of a full decode, where
+    /// the refused partial decode marked the file bad for the whole run.
+    #[test]
+    fn a_crop_of_a_jpeg_that_cannot_be_decoded_in_part_comes_from_the_whole_image() {
+        let (width, height) = (96u32, 64u32);
+        let data: Vec<u8> =
+            (0..width * height * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        compressor.set_lossless(true).unwrap();
+        let image = turbojpeg::Image {
+            pixels: data.as_slice(),
+            width: width as usize,
+            pitch: width as usize * 3,
+            height: height as usize,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let lossless = compressor.compress_to_vec(image).unwrap();
+        let info = probe(&lossless).unwrap();
+        let whole = decode_bytes(&lossless).unwrap();
+        assert_eq!(whole.data, data, "a lossless JPEG decodes to its pixels");
+        let crop = CropBox { top: 20, left: 40, height: 30, width: 33 };
+        for scaled in [false, true] {
+            let source = decode_for_crop(&lossless, &info, crop, 8, 8, scaled)
+                .unwrap_or_else(|e| panic!("scaled {scaled}: {e}"));
+            assert_eq!(source.denom, 1);
+            let expected =
+                Region { left: crop.left, top: crop.top, width: crop.width, height: crop.height };
+            assert_eq!(
+                pixels_of(&source.image, &source.region),
+                pixels_of(&whole, &expected),
+                "scaled {scaled}"
+            );
+        }
     }
 
     /// A `width` x `height` JPEG of noise (large entropy-coded data).

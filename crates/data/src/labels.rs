@@ -84,6 +84,9 @@ impl LabelFile {
         let mut entries = Vec::new();
         let mut lines = Vec::new();
         let mut header_seen = false;
+        // A byte-order mark (a file saved by Notepad or Excel) is no part of
+        // the first line, and would make its header or entry differ unseen.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let t = raw.trim();
@@ -431,6 +434,15 @@ mod tests {
         assert_eq!(f.class_index(None).unwrap().0, vec!["n01751748", "n02119789"]);
         let err = LabelFile::parse("Id,Label\nx,y\n", Path::new("s.csv")).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("ImageId"), "{err}");
+        // Saved with a byte-order mark (Excel, Notepad): the same file.
+        let marked = format!("\u{feff}{text}");
+        let g = LabelFile::parse(&marked, Path::new("LOC_val_solution.csv")).unwrap();
+        assert_eq!(g.entries, f.entries);
+        let tsv = LabelFile::parse("\u{feff}a.jpg\t3\n", Path::new("v.tsv")).unwrap();
+        assert_eq!(
+            tsv.entries,
+            LabelFile::parse("a.jpg\t3\n", Path::new("v.tsv")).unwrap().entries
+        );
     }
 
     #[test]

@@ -382,6 +382,8 @@ pub fn index_listed_folder(
     let classes = if classes_path.is_file() {
         let text = rsb_files::read_regular_file(&classes_path)
             .map_err(|e| DataError::io(&classes_path, e))?;
+        // A byte-order mark is no part of the first class's name.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
     } else {
         Vec::new()
@@ -605,6 +607,9 @@ mod tests {
         assert_eq!(got[2], ("c_1.jpg".into(), 2, b"image 2".to_vec()));
         assert_eq!(got[4], ("e.jpg".into(), 1, b"image 4".to_vec()));
         assert!(samples[0].display().contains("shard-000000.tar:a_b.jpg"));
+        // Edited with a byte-order mark (Notepad): the same classes.
+        std::fs::write(dir.path().join(CLASSES_FILE), "\u{feff}x\ny\nz\n").unwrap();
+        assert_eq!(index_folder(dir.path()).unwrap().0, vec!["x", "y", "z"]);
     }
 
     /// A tar of `members` (name, data), with tar's end-of-archive blocks.
