@@ -1339,8 +1339,20 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
                     rsb_coordinator::print_line!("[{}] {said}", cell.id);
                     outcome = Some(kept);
                     finished = true;
+                } else if let Some(said) =
+                    rsb_coordinator::sweep::take_records_of_unfinished_run(&layout, &cell.id)
+                        .with_context(|| format!("sweep run {}", cell.id))?
+                {
+                    tracing::info!(run = %cell.id, "{said}");
                 }
             }
+        }
+        if !finished {
+            // Refused before any run starts: every attempt of every run
+            // would fail at its first generation, and be retried for it.
+            BatchPlan::new(&recipe, args.sweep.ranks_per_run).with_context(|| {
+                format!("sweep run {}: --ranks-per-run {}", cell.id, args.sweep.ranks_per_run)
+            })?;
         }
         if args.resume.is_none() {
             rsb_job::check_out_folder(&run_dir, None)?;
@@ -1382,10 +1394,16 @@ fn prepare_sweep(args: &UpArgs) -> Result<(Coordination, PathBuf, Work)> {
                 }
             }
         }
+        // A run not over counts the attempts of every invocation, also of
+        // one stopped while a retry ran (which wrote no outcome).
+        let (attempts, failure) = match outcome {
+            Some(outcome) if finished => (outcome.attempts, outcome.failure),
+            outcome => rsb_coordinator::sweep::attempts_so_far(&layout, &cell.id, outcome.as_ref()),
+        };
         runs.push(SweepRun {
             state: if finished { RunState::Finished } else { RunState::Queued },
-            attempts: outcome.as_ref().map_or(0, |o| o.attempts),
-            failure: outcome.and_then(|o| o.failure),
+            attempts,
+            failure,
             resume_from,
             resume_step,
             ..SweepRun::queued(cell.clone(), recipe)

@@ -257,17 +257,8 @@ pub fn keep_run_finished_while_away(
     };
     let metrics = layout.run_metrics(id);
     let records = crate::job::append_records_made_while_away(&run_dir, &metrics)?;
-    let mut outcome = RunOutcome {
-        end: RunEnd::Finished,
-        attempts: before.map_or(1, |o| o.attempts.max(1)),
-        failure: before.and_then(|o| o.failure.clone()),
-    };
-    if let Some((attempt, failure)) = highest_retry(&metrics) {
-        if attempt > outcome.attempts {
-            outcome.attempts = attempt;
-            outcome.failure = Some(failure);
-        }
-    }
+    let (attempts, failure) = attempts_so_far(layout, id, before);
+    let outcome = RunOutcome { end: RunEnd::Finished, attempts: attempts.max(1), failure };
     outcome.write(layout, id)?;
     let finished = crate::job::finished_while_away(
         "the run",
@@ -277,6 +268,48 @@ pub fn keep_run_finished_while_away(
     );
     let said = format!("{finished}; {records}; kept as finished");
     Ok(Some((outcome, said)))
+}
+
+/// A run of an interrupted sweep that is not over, about to be queued by
+/// `up --resume`: the records its rank 0 made that no coordinator took (its
+/// ranks trained on while none ran, and committed checkpoints the run now
+/// resumes from) are appended to its metrics.jsonl, where they were lost
+/// once the run's next rank 0 process started (only the last process's
+/// records are taken), leaving its curves a gap. Says what was done; `None`
+/// for a run whose rank 0 never reported. Call it before the sweep's jobs
+/// start.
+pub fn take_records_of_unfinished_run(
+    layout: &SweepLayout,
+    id: &str,
+) -> Result<Option<String>, rsb_job::MetricsLogError> {
+    let run_dir = layout.run_dir(id);
+    if !rsb_job::run_folder::rank_records_file(&run_dir, 0).exists() {
+        return Ok(None);
+    }
+    crate::job::append_records_made_while_away(&run_dir, &layout.run_metrics(id)).map(Some)
+}
+
+/// The attempts a run has made over every invocation of its sweep, and the
+/// failure before the last: its outcome's (`before`, written when an
+/// invocation ended it), or, where higher, those the generation record of a
+/// retry says ([`highest_retry`]): an invocation stopped or killed while a
+/// retry ran wrote no outcome, and the next one numbered its next attempt
+/// from the last outcome again, without the failure before it.
+pub fn attempts_so_far(
+    layout: &SweepLayout,
+    id: &str,
+    before: Option<&RunOutcome>,
+) -> (u32, Option<String>) {
+    let mut counted = (before.map_or(0, |o| o.attempts), before.and_then(|o| o.failure.clone()));
+    let metrics = layout.run_metrics(id);
+    if metrics.exists() {
+        if let Some((attempt, failure)) = highest_retry(&metrics) {
+            if attempt > counted.0 {
+                counted = (attempt, Some(failure));
+            }
+        }
+    }
+    counted
 }
 
 /// The highest attempt a retry's generation record in the run's `metrics`
@@ -1027,6 +1060,15 @@ pub(crate) mod tests {
                 assert!(kept.is_none(), "{end:?}");
                 assert_eq!(RunOutcome::read(&layout, "seed-000").unwrap(), None);
                 assert_eq!(reported_records(&run), steps[..1]);
+                // Queued to go on from its newest checkpoint: the records
+                // of the stretch trained while away are taken, once.
+                let said = take_records_of_unfinished_run(&layout, "seed-000").unwrap();
+                assert!(said.is_some_and(|s| s.contains("the 2 record(s)")));
+                assert_eq!(reported_records(&run), steps, "updates 2 and 3 taken");
+                take_records_of_unfinished_run(&layout, "seed-000").unwrap();
+                assert_eq!(reported_records(&run), steps, "taken twice");
+                let never_ran = take_records_of_unfinished_run(&layout, "seed-001").unwrap();
+                assert_eq!(never_ran, None);
                 continue;
             }
             let (outcome, said) = kept.expect("kept as finished");
@@ -1077,6 +1119,11 @@ pub(crate) mod tests {
                     .unwrap()
                     .unwrap();
             assert_eq!((outcome.attempts, outcome.failure.as_deref()), (4, Some("boom 3")));
+            // Not over yet: resumed, its next attempt is the fifth, after
+            // "boom 3", where it was numbered from the outcome's 2 again.
+            let (attempts, failure) = attempts_so_far(&layout, "seed-000", Some(&failed));
+            assert_eq!((attempts, failure.as_deref()), (4, Some("boom 3")));
+            assert_eq!(attempts_so_far(&layout, "seed-001", Some(&failed)), (2, failed.failure));
         }
     }
 }

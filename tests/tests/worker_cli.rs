@@ -888,6 +888,27 @@ fn command_line_numbers_past_what_can_be_held_are_refused_naming_the_option() {
             "--ranks-per-run 2",
             "bring 1 rank(s) in all, so no run could start",
         ),
+        (
+            // A sweep whose runs' batch does not split over their ranks
+            // (the tiny recipe's 2 micro-batches over 3): each attempt of
+            // each run failed at its start, and was retried for it.
+            coordinator(&[
+                "up",
+                "--local",
+                "--nodes",
+                "3",
+                "--seeds",
+                "0..2",
+                "--ranks-per-run",
+                "3",
+                "--recipe",
+                &recipe,
+                "--out",
+                &out,
+            ]),
+            "sweep run seed-000: --ranks-per-run 3",
+            "do not split over 3 ranks",
+        ),
     ];
     for (run, option, needle) in cases {
         let log = stderr(&run);

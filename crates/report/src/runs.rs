@@ -235,8 +235,12 @@ impl Sweep {
     }
 
     /// The final top-1 on `set` of the run with seed 0, when exactly one
-    /// finished run has it (a grid has one per grid value: none is "the" seed 0).
+    /// finished run has it and the sweep has no grid (a grid has one per
+    /// grid value: none is "the" seed 0, also when the others failed).
     pub fn seed0(&self, set: &str) -> Option<f64> {
+        if !self.manifest.grid.is_empty() {
+            return None;
+        }
         let mut zero = self.runs.iter().filter(|r| r.cell.seed == 0);
         match (zero.next(), zero.next()) {
             (Some(run), None) => run.finals.get(set).copied(),
@@ -496,6 +500,39 @@ pub fn display_name(set: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rsb_job::sweep::GridAxis;
+
+    /// A sweep of `seeds` (over `grid`, `key=a,b`, when given) whose runs
+    /// `finished` (cell indices) reached a final top-1 of 70 + index.
+    fn sweep_of(seeds: Vec<u64>, grid: Option<&str>, finished: &[usize]) -> Sweep {
+        let grid = grid.map(|g| GridAxis::parse(g).unwrap()).into_iter().collect();
+        let manifest = SweepManifest::new("r", "r.yaml", Vec::new(), seeds, grid).unwrap();
+        let runs = finished
+            .iter()
+            .map(|&i| Run {
+                cell: manifest.cells[i].clone(),
+                finals: BTreeMap::from([(VAL.to_string(), 70.0 + i as f64)]),
+                curve: Vec::new(),
+                failed_after_final: None,
+                skipped_images: Vec::new(),
+                generations: Generations::default(),
+            })
+            .collect();
+        Sweep { dir: PathBuf::from("sweep"), manifest, runs, skipped: Vec::new() }
+    }
+
+    #[test]
+    fn seed_0_is_one_runs_only_without_a_grid() {
+        assert_eq!(sweep_of(vec![0, 1], None, &[0, 1]).seed0(VAL), Some(70.0));
+        assert_eq!(sweep_of(vec![1, 2], None, &[0, 1]).seed0(VAL), None);
+        // A grid's seed-0 runs: one per value, none "the" seed 0, also when
+        // only one of them finished.
+        let grid = Some("optimizer.lamb.lr=0.001,0.002");
+        assert_eq!(sweep_of(vec![0, 1], grid, &[0, 1, 2, 3]).seed0(VAL), None);
+        let one_left = sweep_of(vec![0, 1], grid, &[0, 1, 3]);
+        assert_eq!(one_left.runs.iter().filter(|r| r.cell.seed == 0).count(), 1);
+        assert_eq!(one_left.seed0(VAL), None);
+    }
 
     #[test]
     fn a_torn_last_line_is_left_out_and_a_bad_line_is_an_error() {
