@@ -1098,6 +1098,20 @@ impl Job {
         Ok(())
     }
 
+    /// Sizes a fixed job that no host has joined yet for `nodes` hosts: a
+    /// sweep's run whose job was made for the hosts of a first one it then
+    /// refused, of another shape than the next. Refused once a host joined.
+    pub fn expect_hosts_before_any_joined(&mut self, nodes: u32) -> Result<(), JobError> {
+        if nodes == 0 || self.elastic() || !self.members.is_empty() || !self.pending.is_empty() {
+            return Err(JobError::Precondition(format!(
+                "the job cannot be sized again for {nodes} host(s): it is elastic, or hosts \
+                 joined it"
+            )));
+        }
+        (self.nodes_expected, self.min_nodes, self.max_nodes) = (nodes, nodes, nodes);
+        Ok(())
+    }
+
     /// Whether membership may change while running (else: fail-stop).
     pub fn elastic(&self) -> bool {
         self.min_nodes < self.max_nodes

@@ -450,6 +450,13 @@ impl Scheduler {
         }
         let waiting = self.running_jobs().find(|&j| jobs[j].phase == Phase::Waiting);
         let index = match waiting {
+            // Made for the hosts of a first one it refused (no shape is the
+            // sweep's yet, so no host joined it): sized for this one's, where
+            // it would have run at another world size than --ranks-per-run.
+            Some(j) if jobs[j].nodes_expected != per_run / local_ranks => {
+                jobs[j].expect_hosts_before_any_joined(per_run / local_ranks)?;
+                j
+            }
             Some(j) => j,
             None => loop {
                 let running = self.counts().running as u32;
@@ -768,6 +775,22 @@ pub(crate) mod tests {
         assert_eq!(outcome.map(|o| o.end), Some(RunEnd::Finished));
         let (j, _) = member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
         assert_eq!((j, s.runs[1].state), (1, RunState::Running));
+    }
+
+    /// A run's job made for a first host of 2 ranks that it then refused
+    /// (no address to reach its ranks at) runs with --ranks-per-run ranks
+    /// of the hosts of 1 rank that come next, where it ran with 1.
+    #[test]
+    fn a_run_whose_first_host_was_refused_runs_with_its_ranks_per_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = scheduler(tmp.path(), &[0], settings(2, None, 0));
+        let mut jobs = Vec::new();
+        let refused = s.place(&mut jobs, "a", DeviceKind::Cpu, 2, None).unwrap_err();
+        assert!(refused.to_string().contains("address"), "{refused}");
+        member(s.place(&mut jobs, "b", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!(jobs[0].phase, Phase::Waiting, "started without its second rank");
+        member(s.place(&mut jobs, "c", DeviceKind::Cpu, 1, LOOPBACK).unwrap());
+        assert_eq!((jobs[0].phase.clone(), jobs[0].world_size()), (Phase::Running, 2));
     }
 
     #[test]
