@@ -63,7 +63,7 @@ impl Sample {
     /// The encoded image bytes.
     pub fn read(&self) -> Result<Vec<u8>, DataError> {
         match &self.member {
-            None => std::fs::read(&self.path).map_err(|e| DataError::io(&self.path, e)),
+            None => read_image_file(&self.path),
             Some(m) => {
                 use std::os::unix::fs::FileExt;
                 let file =
@@ -593,6 +593,34 @@ fn collect_images_below(
     Ok(())
 }
 
+/// The bytes of the image file `path`, refused unread when it is larger than
+/// [`crate::shards::MAX_MEMBER_BYTES`] (1 GiB: no JPEG or PNG within the
+/// pixel limit is): a misnamed video or disk image would be read whole into
+/// a loader thread's memory at every use, only to be refused by its decoder.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    let limit = crate::shards::MAX_MEMBER_BYTES;
+    let too_large = |bytes: u64| DataError::Format {
+        path: path.to_path_buf(),
+        problem: format!(
+            "{bytes} bytes or more; an image file is at most {limit} bytes (no JPEG or PNG within \
+             the pixel limit is larger): not read"
+        ),
+    };
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    // Taken up to one byte past the limit: a file that grew since is refused too.
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| DataError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any case).
 pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
@@ -649,6 +677,19 @@ fn key_part(run: String, digits: bool) -> KeyPart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_file_past_the_size_limit_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.jpg");
+        let file = std::fs::File::create(&path).unwrap();
+        // Sparse: nothing is written, and nothing may be read.
+        file.set_len(crate::shards::MAX_MEMBER_BYTES + 1).unwrap();
+        let err = Sample::file(path.clone(), 0).read().unwrap_err().to_string();
+        assert!(err.contains("huge.jpg") && err.contains("not read"), "{err}");
+        file.set_len(3).unwrap();
+        assert_eq!(Sample::file(path, 0).read().unwrap(), [0, 0, 0]);
+    }
 
     #[test]
     fn names_that_key_alike_sort_the_same_in_any_listing_order() {

@@ -82,7 +82,7 @@ fn check_size(width: u32, height: u32) -> Result<(), DecodeError> {
 
 /// Decodes the file at `path` (JPEG or PNG, detected from its content).
 pub fn decode_file(path: &Path) -> Result<RgbImage, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = crate::dataset::read_image_file(path)?;
     decode_bytes(&bytes).map_err(|error| DataError::Decode { path: path.to_path_buf(), error })
 }
 
