@@ -195,8 +195,23 @@ impl RingListener {
     }
 }
 
+/// A connection to the first of `addresses` that takes one (each within
+/// 5 s), or the last one's error.
+fn connect_to_first(addresses: impl Iterator<Item = SocketAddr>) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other("address resolves to nothing");
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Connects to `address`, trying again until `deadline`, or until `give_up`
-/// is set (the other link failed first).
+/// is set (the other link failed first). A name that resolves to several
+/// addresses (IPv6 and IPv4) is tried at each in turn, as a TCP client
+/// does: the first may be one the peer does not listen on.
 fn connect_with_retry(
     address: &str,
     deadline: Instant,
@@ -204,12 +219,7 @@ fn connect_with_retry(
 ) -> std::io::Result<TcpStream> {
     let mut wait = Duration::from_millis(10);
     loop {
-        let attempt = address
-            .to_socket_addrs()
-            .and_then(|mut addrs| {
-                addrs.next().ok_or_else(|| std::io::Error::other("address resolves to nothing"))
-            })
-            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
+        let attempt = address.to_socket_addrs().and_then(connect_to_first);
         match attempt {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline || give_up.load(Ordering::Relaxed) => {
@@ -220,5 +230,25 @@ fn connect_with_retry(
                 wait = (wait * 2).min(Duration::from_millis(500));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name that resolves to an address nobody listens on first (an IPv6
+    /// one, say) and the peer's next: the ring connects to the second.
+    #[test]
+    fn the_ring_connects_to_the_first_resolved_address_that_answers() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = closed.local_addr().unwrap();
+        drop(closed);
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = open.local_addr().unwrap();
+        let stream = connect_to_first([refused, peer].into_iter()).unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), peer);
+        assert!(connect_to_first([refused].into_iter()).is_err());
+        assert!(connect_to_first(std::iter::empty()).is_err());
     }
 }
