@@ -218,6 +218,8 @@ pub struct Beat {
     pub ranks_generation: u64,
     /// The newest generation whose assignment any of its ranks fetched.
     pub newest_ranks_generation: u64,
+    /// The generation whose assignment each of its ranks last fetched.
+    pub rank_fetches: Vec<u64>,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
 }
@@ -1423,6 +1425,7 @@ impl Job {
                 failure,
                 ranks_generation,
                 newest_ranks_generation,
+                rank_fetches: m.rank_generations.clone(),
             });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
@@ -1434,6 +1437,7 @@ impl Job {
                 failure,
                 ranks_generation: 0,
                 newest_ranks_generation: 0,
+                rank_fetches: Vec::new(),
             });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
@@ -1444,6 +1448,7 @@ impl Job {
                 failure: Some(failure),
                 ranks_generation: m.ranks_generation(),
                 newest_ranks_generation: m.newest_ranks_generation(),
+                rank_fetches: m.rank_generations.clone(),
             });
         }
         Err(JobError::NotFound(format!("unknown member `{id}`")))

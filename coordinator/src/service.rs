@@ -884,6 +884,7 @@ impl Coordinator for Shared {
             pending: beat.pending,
             ranks_generation: beat.ranks_generation,
             newest_ranks_generation: beat.newest_ranks_generation,
+            rank_fetches: beat.rank_fetches,
         }))
     }
 

@@ -431,13 +431,31 @@ fn stop_cause(signal: rsb_process::StopSignal, parent: &str) -> String {
     }
 }
 
-/// Completes at a second SIGTERM or SIGINT after the one the agent stops
-/// at, saying so; never at the parent's death, which the agent's first
-/// stop already was (it would be seen again at once).
-async fn second_stop_signal(stop_signals: &mut rsb_process::StopSignals) {
-    match stop_signals.recv().await {
-        rsb_process::StopSignal::ParentDied { .. } => std::future::pending().await,
-        signal => tracing::warn!("{signal} again: killing the local ranks at once"),
+/// Completes at a second `first` (the SIGTERM or SIGINT the agent stops
+/// at), saying so: a user's second Ctrl-C, a second `kill`. Another signal
+/// is no hurry: one Ctrl-C at a terminal reaches `coordinator up --local`
+/// and its agents at once, and the coordinator then stops its agents with
+/// SIGTERM, while their ranks write their stop checkpoint. Never after the
+/// parent's death, which would be seen again at once.
+async fn second_stop_signal(
+    stop_signals: &mut rsb_process::StopSignals,
+    first: rsb_process::StopSignal,
+) {
+    if matches!(first, rsb_process::StopSignal::ParentDied { .. }) {
+        return std::future::pending().await;
+    }
+    loop {
+        match stop_signals.recv().await {
+            rsb_process::StopSignal::ParentDied { .. } => std::future::pending().await,
+            signal if signal == first => {
+                tracing::warn!("{signal} again: killing the local ranks at once");
+                return;
+            }
+            signal => tracing::info!(
+                "{signal} after {first}: the local ranks go on stopping (a second {first} kills \
+                 them at once)"
+            ),
+        }
     }
 }
 
@@ -655,7 +673,8 @@ async fn serve_member(
                     let generation = r.get_ref().generation;
                     let fetched =
                         (r.get_ref().ranks_generation, r.get_ref().newest_ranks_generation);
-                    if !ranks_are_behind(rank_generation, generation, fetched) {
+                    let each = &r.get_ref().rank_fetches;
+                    if !ranks_are_behind(rank_generation, generation, fetched, each) {
                         rank_generation = rank_generation.max(Some(generation));
                     } else {
                         tracing::warn!(
@@ -734,12 +753,12 @@ async fn serve_member(
                 let cause = stop_cause(signal, "coordinator");
                 tracing::warn!(
                     "stopped by {cause}; stopping the local ranks (rank 0 writes a stop \
-                     checkpoint; a second SIGTERM or SIGINT kills them at once, without it)"
+                     checkpoint; the same signal again kills them at once, without it)"
                 );
                 let hurried = rsb_process::terminate_unless_hurried(
                     &mut children,
                     RANK_STOP_GRACE,
-                    second_stop_signal(stop_signals),
+                    second_stop_signal(stop_signals, signal),
                 )
                 .await;
                 if hurried {
@@ -757,34 +776,38 @@ async fn serve_member(
 
 /// Whether the local ranks must be restarted for the job's `generation`:
 /// the agent knew them at `known` (`None` until its first answer past
-/// admission), and the coordinator says the oldest and the newest
-/// generation whose assignment one of them fetched (`fetched`; 0: not yet,
-/// and it will fetch the current one; a coordinator before the newest was
-/// sent says 0 for it). They are behind when the job opened a generation
-/// after one a rank fetched, also before the agent's first answer
-/// (admitted at one generation, another opened before its next heartbeat),
-/// also when only some of them had fetched it: left running, such a rank
-/// would fail at the rendezvous as stale, counted against the new
-/// generation.
+/// admission), and the coordinator says the generation whose assignment
+/// each of them last fetched (`each`, by local rank; 0: not yet, and it will
+/// fetch the current one), and the oldest and the newest of those
+/// (`fetched`; what a coordinator before `each` sends, and 0 for the newest
+/// before that). They are behind when the job opened a generation after
+/// one a rank fetched, also before the agent's first answer (admitted at
+/// one generation, another opened before its next heartbeat), also when
+/// only some of them had fetched it: left running, such a rank would fail
+/// at the rendezvous as stale, counted against the new generation.
 ///
-/// Once known, a fetch older than `known` is a killed process's: the agent
-/// sets `known` to the generation it restarted its ranks for, which the
-/// new processes fetch or pass, and advances it otherwise only once every
-/// rank fetched it. Such a fetch is not taken as a live rank's, so ranks
-/// that fetched a generation opened within a heartbeat of their restart
-/// are left in it. A slot of 0 still restarts them: a restored coordinator
-/// knows no fetch, and its generation is one they are not in.
-fn ranks_are_behind(known: Option<u64>, generation: u64, fetched: (u64, u64)) -> bool {
+/// Once known, a fetch older than `known` is a killed process's: `known` is
+/// the generation the agent last restarted its ranks for (each new process
+/// fetches that one or a later one), or one that no live fetch was behind.
+/// Ranks that fetched a generation opened within a heartbeat of their
+/// restart are so left in it. A fetch of 0 still restarts them: a restored
+/// coordinator knows no fetch, and its generation is one they are not in.
+/// Without `each`, the oldest decides, as before it was sent.
+fn ranks_are_behind(
+    known: Option<u64>,
+    generation: u64,
+    fetched: (u64, u64),
+    each: &[u64],
+) -> bool {
     let (oldest, newest) = fetched;
     let older = |fetched: u64| fetched > 0 && fetched < generation;
     match known {
-        None => older(oldest) || older(newest),
-        // A coordinator that does not send the newest: the oldest decides.
-        Some(current) if newest == 0 => generation > current && oldest < generation,
+        None if each.is_empty() => older(oldest) || older(newest),
+        None => each.iter().any(|&fetched| older(fetched)),
+        Some(current) if generation <= current => false,
+        Some(_) if each.is_empty() => oldest < generation,
         Some(current) => {
-            let live_and_older = |fetched: u64| fetched >= current && fetched < generation;
-            generation > current
-                && (oldest == 0 || live_and_older(oldest) || live_and_older(newest))
+            each.iter().any(|&fetched| fetched == 0 || (fetched >= current && fetched < generation))
         }
     }
 }
@@ -969,9 +992,16 @@ pub fn rank(args: RankArgs) -> Result<()> {
             _ => None,
         },
     };
+    // Its own Leave says how it ended: a stop signal's before training
+    // must not take its place.
+    LEAVING.store(true, std::sync::atomic::Ordering::SeqCst);
     runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
 }
+
+/// Whether this rank process sends its own Leave (it ended, successfully or
+/// not): a stop signal before training then sends none.
+static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Tells the coordinator that this rank left. A coordinator that does not
 /// answer (frozen, restarting, cut off) is asked again, each call within
@@ -1057,7 +1087,7 @@ fn watch_stop_signals(
             let message = format!("stopped by {cause} before training began");
             rsb_logging::stderr_line(&rsb_logging::error_line(&message));
             let generation = ASSIGNED_GENERATION.load(std::sync::atomic::Ordering::SeqCst);
-            if generation > 0 {
+            if generation > 0 && !LEAVING.load(std::sync::atomic::Ordering::SeqCst) {
                 let leave = pb::LeaveRequest { success: false, message, generation, ..leave };
                 let not_taken =
                     match tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await {
@@ -1581,33 +1611,81 @@ mod tests {
 
     #[test]
     fn ranks_that_fetched_an_older_generation_are_restarted_also_at_the_first_answer() {
+        // A coordinator that sends only the oldest and newest fetch.
+        let behind = |known, generation, fetched| ranks_are_behind(known, generation, fetched, &[]);
         // Admitted at generation 3, its ranks fetched it, and 4 opened
         // before the agent's first answer past admission: restarted.
-        assert!(ranks_are_behind(None, 4, (3, 3)));
+        assert!(behind(None, 4, (3, 3)));
         // One rank fetched 3, the other not yet: the first would be stale.
-        assert!(ranks_are_behind(None, 4, (0, 3)));
+        assert!(behind(None, 4, (0, 3)));
         // Not yet fetched (they will fetch 4), or fetched 4: left running.
-        assert!(!ranks_are_behind(None, 4, (0, 0)));
-        assert!(!ranks_are_behind(None, 4, (4, 4)));
-        assert!(!ranks_are_behind(None, 4, (0, 4)));
+        assert!(!behind(None, 4, (0, 0)));
+        assert!(!behind(None, 4, (4, 4)));
+        assert!(!behind(None, 4, (0, 4)));
         // A coordinator that does not send the newest: the oldest decides.
-        assert!(ranks_are_behind(None, 4, (3, 0)));
+        assert!(behind(None, 4, (3, 0)));
         // Known at 3: a new generation they have not fetched restarts them;
         // one they fetched while starting does not; nor does an old one.
-        assert!(ranks_are_behind(Some(3), 4, (3, 3)));
-        assert!(!ranks_are_behind(Some(3), 4, (4, 4)));
-        assert!(!ranks_are_behind(Some(4), 4, (3, 3)));
+        assert!(behind(Some(3), 4, (3, 3)));
+        assert!(!behind(Some(3), 4, (4, 4)));
+        assert!(!behind(Some(4), 4, (3, 3)));
+        // Without each rank's fetch, a killed process's (3, restarted for
+        // 4) cannot be told from a live one's: restarted, as before.
+        assert!(behind(Some(4), 5, (3, 5)));
+    }
+
+    #[test]
+    fn a_killed_processes_fetch_is_told_from_a_live_ones_by_each_ranks_fetch() {
+        let fetched = |each: &[u64]| {
+            (each.iter().copied().min().unwrap_or(0), each.iter().copied().max().unwrap_or(0))
+        };
+        let behind = |known, generation, each: &[u64]| {
+            ranks_are_behind(known, generation, fetched(each), each)
+        };
         // Restarted for 4 (their killed processes had fetched 3), and 5
         // opened before the next heartbeat: a new process that fetched 5
-        // is in it, and one that has not fetched yet will; left running.
-        assert!(!ranks_are_behind(Some(4), 5, (3, 5)));
-        // One of the new processes fetched 4 before 5 opened: restarted.
-        assert!(ranks_are_behind(Some(4), 5, (3, 4)));
-        assert!(ranks_are_behind(Some(4), 5, (4, 5)));
-        // No fetch known at all (a restored coordinator): restarted.
-        assert!(ranks_are_behind(Some(4), 5, (0, 0)));
-        // A coordinator that does not send the newest: the oldest decides.
-        assert!(ranks_are_behind(Some(4), 5, (3, 0)));
+        // is in it, and those that have not fetched yet will; left running.
+        assert!(!behind(Some(4), 5, &[3, 5]));
+        assert!(!behind(Some(4), 5, &[5, 3, 3, 5, 3, 3, 3, 3]));
+        // One new process fetched 4 before 5 opened: restarted, also on a
+        // host of 8 ranks where it is neither the oldest nor the newest.
+        assert!(behind(Some(4), 5, &[3, 4]));
+        assert!(behind(Some(4), 5, &[4, 5]));
+        assert!(behind(Some(4), 5, &[4, 5, 3, 3, 3, 3, 3, 3]));
+        // No fetch known (a restored coordinator): restarted.
+        assert!(behind(Some(4), 5, &[0, 0]));
+        // Nothing new: left running.
+        assert!(!behind(Some(5), 5, &[4, 5]));
+        // The first answer: any fetch older than the generation restarts.
+        assert!(behind(None, 5, &[0, 4, 5]));
+        assert!(!behind(None, 5, &[0, 5, 5]));
+    }
+
+    /// One Ctrl-C at a terminal reaches `coordinator up --local` and its
+    /// agents (SIGINT), and the coordinator then stops its agents with
+    /// SIGTERM: no hurry, the ranks write their stop checkpoint. A second
+    /// SIGINT (the user's second Ctrl-C) is one. The only test of this
+    /// binary that signals itself: every signal is caught by the handlers.
+    #[tokio::test]
+    async fn only_the_same_signal_again_hurries_an_agents_stop() {
+        let mut signals = rsb_process::stop_signal().unwrap();
+        let raise = |signal: &str| {
+            let me = std::process::id().to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-s", signal, &me])
+                .status()
+                .unwrap()
+                .success());
+        };
+        let second = second_stop_signal(&mut signals, rsb_process::StopSignal::Interrupt);
+        tokio::pin!(second);
+        raise("TERM");
+        let waited = tokio::time::timeout(Duration::from_millis(500), &mut second).await;
+        assert!(waited.is_err(), "the coordinator's SIGTERM after a Ctrl-C hurried the stop");
+        raise("INT");
+        tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("a second SIGINT did not hurry the stop");
     }
 
     #[test]

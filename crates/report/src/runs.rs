@@ -235,10 +235,10 @@ impl Sweep {
     }
 
     /// The final top-1 on `set` of the run with seed 0, when exactly one
-    /// finished run has it and the sweep has no grid (a grid has one per
-    /// grid value: none is "the" seed 0, also when the others failed).
+    /// finished run has it and the sweep has one grid cell (a grid of more
+    /// has one per cell: none is "the" seed 0, also when the others failed).
     pub fn seed0(&self, set: &str) -> Option<f64> {
-        if !self.manifest.grid.is_empty() {
+        if self.manifest.grid.iter().any(|axis| axis.values.len() > 1) {
             return None;
         }
         let mut zero = self.runs.iter().filter(|r| r.cell.seed == 0);
@@ -532,6 +532,9 @@ mod tests {
         let one_left = sweep_of(vec![0, 1], grid, &[0, 1, 3]);
         assert_eq!(one_left.runs.iter().filter(|r| r.cell.seed == 0).count(), 1);
         assert_eq!(one_left.seed0(VAL), None);
+        // A grid of one value has one seed-0 run.
+        let one_value = Some("optimizer.lamb.lr=0.001");
+        assert_eq!(sweep_of(vec![0, 1], one_value, &[0, 1]).seed0(VAL), Some(70.0));
     }
 
     #[test]
