@@ -596,6 +596,7 @@ impl Netns {
     /// `hosts` namespaces on subnet `10.{subnet}.0.0/24` (a distinct subnet
     /// per test file, so that concurrent test binaries do not collide).
     pub fn create(tag: &str, subnet: u8, hosts: usize) -> Result<Netns, String> {
+        remove_leftovers(subnet);
         let bridge = format!("rsbbr{tag}");
         let bridge_address = format!("10.{subnet}.0.1");
         let mut ns = Netns {
@@ -623,6 +624,41 @@ impl Netns {
             ip(&["-n", &name, "link", "set", "eth0", "up"])?;
         }
         Ok(ns)
+    }
+}
+
+/// Removes what a killed run of a test on `subnet` left (its `Drop` never
+/// ran): a bridge `rsbbr{tag}` holding `10.{subnet}.0.1/24`, and its
+/// namespaces `rsbw{tag}{i}`, whose removal takes their veth pairs along.
+/// Each test file has its own subnet and one test that uses it, so such a
+/// bridge is no live test's; left there, the new bridge's address would be
+/// held twice, and the namespaces' hosts could not reach it.
+fn remove_leftovers(subnet: u8) {
+    let listed = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let address = format!("10.{subnet}.0.1/24");
+    let addresses = listed(&["-o", "-4", "addr", "show"]);
+    let namespaces = listed(&["netns", "list"]);
+    for line in addresses.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(device), Some(held)) = (fields.get(1), fields.get(3)) else { continue };
+        let Some(tag) = device.strip_prefix("rsbbr") else { continue };
+        if *held != address {
+            continue;
+        }
+        eprintln!("removing {device} ({address}) and its namespaces, left by a killed test run");
+        let prefix = format!("rsbw{tag}");
+        for name in namespaces.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.strip_prefix(&prefix).is_some_and(|i| i.parse::<u32>().is_ok()) {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+        let _ = ip(&["link", "del", device]);
     }
 }
 
