@@ -431,22 +431,35 @@ fn stop_cause(signal: rsb_process::StopSignal, parent: &str) -> String {
     }
 }
 
+/// How long after the first stop signal the same signal again is taken as
+/// one of the same stop, not a hurry: Slurm signals every process of a
+/// cancelled step from more than one place, milliseconds apart.
+const SAME_STOP_WITHIN: Duration = Duration::from_secs(1);
+
 /// Completes at a second `first` (the SIGTERM or SIGINT the agent stops
-/// at), saying so: a user's second Ctrl-C, a second `kill`. Another signal
-/// is no hurry: one Ctrl-C at a terminal reaches `coordinator up --local`
-/// and its agents at once, and the coordinator then stops its agents with
-/// SIGTERM, while their ranks write their stop checkpoint. Never after the
-/// parent's death, which would be seen again at once.
+/// at) more than [`SAME_STOP_WITHIN`] after it, saying so: a user's second
+/// Ctrl-C, a second `kill`. Another signal is no hurry: one Ctrl-C at a
+/// terminal reaches `coordinator up --local` and its agents at once, and the
+/// coordinator then stops its agents with SIGTERM, while their ranks write
+/// their stop checkpoint. Never after the parent's death, which would be
+/// seen again at once.
 async fn second_stop_signal(
     stop_signals: &mut rsb_process::StopSignals,
     first: rsb_process::StopSignal,
 ) {
+    let first_at = tokio::time::Instant::now();
     if matches!(first, rsb_process::StopSignal::ParentDied { .. }) {
         return std::future::pending().await;
     }
     loop {
         match stop_signals.recv().await {
             rsb_process::StopSignal::ParentDied { .. } => std::future::pending().await,
+            signal if signal == first && first_at.elapsed() < SAME_STOP_WITHIN => {
+                tracing::info!(
+                    "{signal} again within {SAME_STOP_WITHIN:?}: taken as the same stop (a \
+                     scheduler signals each process of a step more than once)"
+                );
+            }
             signal if signal == first => {
                 tracing::warn!("{signal} again: killing the local ranks at once");
                 return;
@@ -1663,8 +1676,9 @@ mod tests {
 
     /// One Ctrl-C at a terminal reaches `coordinator up --local` and its
     /// agents (SIGINT), and the coordinator then stops its agents with
-    /// SIGTERM: no hurry, the ranks write their stop checkpoint. A second
-    /// SIGINT (the user's second Ctrl-C) is one. The only test of this
+    /// SIGTERM: no hurry, the ranks write their stop checkpoint; nor is the
+    /// same signal within a second (Slurm's, to a cancelled step). A second
+    /// SIGINT after that (the user's second Ctrl-C) is one. The only test of this
     /// binary that signals itself: every signal is caught by the handlers.
     #[tokio::test]
     async fn only_the_same_signal_again_hurries_an_agents_stop() {
@@ -1682,6 +1696,11 @@ mod tests {
         raise("TERM");
         let waited = tokio::time::timeout(Duration::from_millis(500), &mut second).await;
         assert!(waited.is_err(), "the coordinator's SIGTERM after a Ctrl-C hurried the stop");
+        // Slurm's signals of one cancelled step, milliseconds apart.
+        raise("INT");
+        let waited = tokio::time::timeout(Duration::from_millis(200), &mut second).await;
+        assert!(waited.is_err(), "the same signal within a second hurried the stop");
+        tokio::time::sleep(SAME_STOP_WITHIN).await;
         raise("INT");
         tokio::time::timeout(Duration::from_secs(10), second)
             .await
