@@ -88,17 +88,6 @@ pub struct Member {
 }
 
 impl Member {
-    /// The newest generation every one of its ranks fetched the assignment
-    /// of (the oldest of theirs): its ranks need no restart for it.
-    pub fn ranks_generation(&self) -> u64 {
-        self.rank_generations.iter().copied().min().unwrap_or(0)
-    }
-
-    /// The newest generation any of its ranks fetched the assignment of.
-    pub fn newest_ranks_generation(&self) -> u64 {
-        self.rank_generations.iter().copied().max().unwrap_or(0)
-    }
-
     /// The global ranks this member runs.
     pub fn ranks(&self) -> std::ops::Range<u32> {
         self.first_rank..self.first_rank + self.local_ranks
@@ -213,15 +202,24 @@ pub struct Beat {
     pub keep_going: bool,
     /// The member waits to be admitted at the next generation.
     pub pending: bool,
-    /// The newest generation whose assignment every one of its ranks
-    /// fetched (the oldest of theirs).
-    pub ranks_generation: u64,
-    /// The newest generation whose assignment any of its ranks fetched.
-    pub newest_ranks_generation: u64,
-    /// The generation whose assignment each of its ranks last fetched.
+    /// By local rank: the generation whose assignment that rank last
+    /// fetched (0: none yet); empty for a member waiting to be admitted.
     pub rank_fetches: Vec<u64>,
     /// Why the job (or this member's part in it) ended, when it failed.
     pub failure: Option<String>,
+}
+
+impl Beat {
+    /// The newest generation every one of its ranks fetched the assignment
+    /// of (the oldest of theirs): its ranks need no restart for it.
+    pub fn ranks_generation(&self) -> u64 {
+        self.rank_fetches.iter().copied().min().unwrap_or(0)
+    }
+
+    /// The newest generation any of its ranks fetched the assignment of.
+    pub fn newest_ranks_generation(&self) -> u64 {
+        self.rank_fetches.iter().copied().max().unwrap_or(0)
+    }
 }
 
 /// The longest heartbeat interval members are told to use
@@ -1414,8 +1412,6 @@ impl Job {
         }
         if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
-            let (ranks_generation, newest_ranks_generation) =
-                (m.ranks_generation(), m.newest_ranks_generation());
             if self.reclaim_until.take().is_some() {
                 tracing::info!(member = %id, host = %m.host, "back after the coordinator's restart");
             }
@@ -1423,22 +1419,13 @@ impl Job {
                 keep_going: on,
                 pending: false,
                 failure,
-                ranks_generation,
-                newest_ranks_generation,
                 rank_fetches: m.rank_generations.clone(),
             });
         }
         if let Some(m) = self.pending.iter_mut().find(|m| m.id == id) {
             m.last_seen = Instant::now();
             self.reclaim_until = None;
-            return Ok(Beat {
-                keep_going: on,
-                pending: true,
-                failure,
-                ranks_generation: 0,
-                newest_ranks_generation: 0,
-                rank_fetches: Vec::new(),
-            });
+            return Ok(Beat { keep_going: on, pending: true, failure, rank_fetches: Vec::new() });
         }
         if let Some((m, why)) = self.dropped.iter().find(|d| d.0.id == id) {
             let failure = format!("member {id} ({}) was dropped from the job: {why}", m.host);
@@ -1446,8 +1433,6 @@ impl Job {
                 keep_going: false,
                 pending: false,
                 failure: Some(failure),
-                ranks_generation: m.ranks_generation(),
-                newest_ranks_generation: m.newest_ranks_generation(),
                 rank_fetches: m.rank_generations.clone(),
             });
         }
@@ -2502,14 +2487,14 @@ pub(crate) mod tests {
         j.commit_checkpoint(1, 1, 6, "/run/checkpoints/epoch-0002".into()).unwrap();
         j.record_metrics(1, &step(7)).unwrap();
         j.note_assigned(&a, 0);
-        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation(), 1);
         silence(&mut j, &b);
         j.check_liveness();
         // Its agent learns that its ranks run in an older generation.
         let beat = j.heartbeat(&a).unwrap();
-        assert_eq!((beat.keep_going, beat.ranks_generation), (true, 1));
+        assert_eq!((beat.keep_going, beat.ranks_generation()), (true, 1));
         j.note_assigned(&a, 0);
-        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 2);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation(), 2);
         assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
         let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
         assert_eq!(hosts, ["a", "c"]);
@@ -2790,12 +2775,12 @@ pub(crate) mod tests {
         // Rank 0 of `a` has not fetched generation 1 yet: a restart is
         // still needed if the generation moves on. Rank 1 has: the newest.
         let beat = j.heartbeat(&a).unwrap();
-        assert_eq!((beat.ranks_generation, beat.newest_ranks_generation), (0, 1));
+        assert_eq!((beat.ranks_generation(), beat.newest_ranks_generation()), (0, 1));
         j.note_assigned(&a, 0);
-        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation(), 1);
         // A local rank the member does not run changes nothing.
         j.note_assigned(&a, 7);
-        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation, 1);
+        assert_eq!(j.heartbeat(&a).unwrap().ranks_generation(), 1);
     }
 
     #[test]

@@ -880,10 +880,10 @@ impl Coordinator for Shared {
         Ok(Response::new(pb::HeartbeatResponse {
             keep_going: beat.keep_going,
             generation,
-            failure: beat.failure.unwrap_or_default(),
             pending: beat.pending,
-            ranks_generation: beat.ranks_generation,
-            newest_ranks_generation: beat.newest_ranks_generation,
+            ranks_generation: beat.ranks_generation(),
+            newest_ranks_generation: beat.newest_ranks_generation(),
+            failure: beat.failure.unwrap_or_default(),
             rank_fetches: beat.rank_fetches,
         }))
     }

@@ -1007,14 +1007,10 @@ pub fn rank(args: RankArgs) -> Result<()> {
     };
     // Its own Leave says how it ended: a stop signal's before training
     // must not take its place.
-    LEAVING.store(true, std::sync::atomic::Ordering::SeqCst);
+    ASSIGNED_GENERATION.store(0, std::sync::atomic::Ordering::SeqCst);
     runtime.block_on(send_leave(&mut client, leave, &stop));
     outcome
 }
-
-/// Whether this rank process sends its own Leave (it ended, successfully or
-/// not): a stop signal before training then sends none.
-static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Tells the coordinator that this rank left. A coordinator that does not
 /// answer (frozen, restarting, cut off) is asked again, each call within
@@ -1100,7 +1096,7 @@ fn watch_stop_signals(
             let message = format!("stopped by {cause} before training began");
             rsb_logging::stderr_line(&rsb_logging::error_line(&message));
             let generation = ASSIGNED_GENERATION.load(std::sync::atomic::Ordering::SeqCst);
-            if generation > 0 && !LEAVING.load(std::sync::atomic::Ordering::SeqCst) {
+            if generation > 0 {
                 let leave = pb::LeaveRequest { success: false, message, generation, ..leave };
                 let not_taken =
                     match tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await {
@@ -1135,8 +1131,10 @@ fn watch_stop_signals(
 /// before it began training.
 const STOP_DEADLINE_EXIT_CODE: i32 = 3;
 
-/// The generation of this rank's assignment (0 until it has one): a rank
-/// stopped before training leaves it.
+/// The generation of this rank's assignment, which a rank stopped before
+/// training leaves; 0 until it has one, and again once the rank sends its
+/// own Leave (it ended, successfully or not), which a stop's must not
+/// overtake.
 static ASSIGNED_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether this rank process trains (a stop signal then stops it at an

@@ -607,7 +607,7 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>, DataError> {
              the pixel limit is larger): not read"
         ),
     };
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file = rsb_files::open_regular_file(path).map_err(|e| DataError::io(path, e))?;
     let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     if size > limit {
         return Err(too_large(size));

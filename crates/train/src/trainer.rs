@@ -145,8 +145,9 @@ pub struct RunOptions {
     /// log step, checkpoint or epoch end: see the module documentation),
     /// every rank after the same one, rank 0 having written a checkpoint of
     /// that position (a single process: after the update it is in), and
-    /// `run` fails with [`TrainError::Stopped`] (see [`crate::stop`]). At an epoch's last update the stop waits for the
-    /// epoch's end, whose checkpoint is the one written.
+    /// `run` fails with [`TrainError::Stopped`] (see [`crate::stop`]). At an
+    /// epoch's last update the stop waits for the epoch's end, whose
+    /// checkpoint is the one written.
     pub stop: Option<StopRequest>,
     /// Test hook: every checkpoint write takes this much longer (a slow
     /// disk); zero in real runs.
