@@ -6,9 +6,11 @@
 //! that stops heartbeating, or a rank that leaves with a failure, fails the
 //! job, naming it. An elastic job (`min_nodes < max_nodes`) runs in
 //! generations instead. A lost member (silent past the heartbeat timeout) is
-//! dropped; a failed rank restarts every rank (its host stays, since its
-//! agent is alive; at most `max_restarts` times without a committed
-//! checkpoint in between); a host that joins the running job waits, pending,
+//! dropped; a stopped member (its ranks asked every rank to stop: a
+//! preempted host) leaves once rank 0's stop checkpoint is committed
+//! ([`HostsStopping`]); a failed rank restarts every rank (its host stays,
+//! since its agent is alive; at most `max_restarts` times without a
+//! committed checkpoint in between); a host that joins the running job waits, pending,
 //! for the next committed checkpoint. Each of these opens a new generation:
 //! the generation number is bumped, ranks are renumbered over the members in
 //! join order, the batch plan is re-derived for the new world size, the
@@ -329,6 +331,9 @@ pub struct Job {
     collective_failures: BTreeMap<u32, (Option<u32>, String)>,
     /// When to assign the blame (a short grace after the first report).
     blame_at: Option<Instant>,
+    /// Hosts of an elastic job leaving at their ranks' stop request (see
+    /// [`HostsStopping`]), until the next generation drops them.
+    hosts_stopping: Option<HostsStopping>,
     /// The records bound for `metrics.jsonl` (made at the first record, in
     /// the run folder of then).
     metrics: Option<Arc<MetricsSink>>,
@@ -789,6 +794,7 @@ impl Job {
             restarts: 0,
             collective_failures: BTreeMap::new(),
             blame_at: None,
+            hosts_stopping: None,
             metrics: None,
             last_report: (0, 0),
             next_member: 0,
@@ -1306,6 +1312,7 @@ impl Job {
     /// left (and the pending ones), from the newest committed checkpoint,
     /// or waits for joins when fewer than `min_nodes` are left.
     fn next_generation(&mut self, reason: Option<GenerationReason>) {
+        self.drop_stopping_hosts();
         self.reasons.extend(reason);
         self.open_generation();
         for m in std::mem::take(&mut self.pending) {
@@ -1529,6 +1536,15 @@ impl Job {
             }
             self.check_rendezvous_deadline();
             return;
+        }
+        if self.phase == Phase::Running
+            && self.hosts_stopping.as_ref().is_some_and(|s| Instant::now() >= s.wait_until)
+        {
+            tracing::warn!(
+                "rank 0 has not left {STOP_CHECKPOINT_WAIT:?} after the stop request: opening the \
+                 next generation from the newest committed checkpoint"
+            );
+            self.next_generation(None);
         }
         let left_ranks = &self.left_ranks;
         let silent = |m: &Member| silent_in(m, left_ranks);
@@ -2270,6 +2286,19 @@ impl Job {
         }
         if !success {
             let failure = format!("rank {rank} on {} failed: {message}", member.host);
+            if self.elastic() && self.phase == Phase::Running {
+                match &cause {
+                    FailureCause::StopRequestedBy(askers) => {
+                        self.hosts_stop(askers, false);
+                        return Ok(());
+                    }
+                    FailureCause::StoppedBeforeTraining => {
+                        self.hosts_stop(&[rank], true);
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
             match cause {
                 FailureCause::CollectivePeer(_) | FailureCause::CollectivePeerUnknown
                     if self.phase == Phase::Running =>
@@ -2339,6 +2368,87 @@ impl Job {
 const ASKED_TO_STOP: &str =
     "asked every rank to stop (a stop signal to it or to its agent, or its agent's death)";
 
+/// The longest an elastic job whose hosts are leaving at their ranks' stop
+/// request waits for rank 0's Leave (after its stop checkpoint's commit)
+/// before it opens the next generation without it: as long as an agent
+/// gives its ranks to stop on their own.
+const STOP_CHECKPOINT_WAIT: Duration = agent_calls::AGENT_STOP_GRACE;
+
+/// Why a host whose ranks asked to stop left an elastic job.
+const STOPPED_HOST: &str = "stopped: its rank(s) asked every rank to stop (a stop signal to them \
+                            or to its agent: a preempted or drained host, or its agent's death)";
+
+/// Hosts of an elastic job whose ranks asked every rank to stop (a stop
+/// signal to them or to their agent, or their agent's death: a preempted
+/// or drained host): leaving the job, not failing in it. Every rank stops
+/// after the same update, rank 0 writing a stop checkpoint, whose commit
+/// reaches the coordinator before rank 0's own Leave. The next generation
+/// opens without these hosts, and spends no restart, once rank 0 has left
+/// (it resumes from the stop checkpoint, not the one before), at once when
+/// a rank was stopped before training (nothing was trained to save), or
+/// [`STOP_CHECKPOINT_WAIT`] after the first such Leave.
+#[derive(Debug)]
+struct HostsStopping {
+    /// The members leaving, by id.
+    members: BTreeSet<String>,
+    /// When the next generation opens without waiting for rank 0 longer.
+    wait_until: Instant,
+}
+
+impl Job {
+    /// Ranks of an elastic running job left at the stop request of
+    /// `askers` (global ranks; `before_training`: one rank stopped before
+    /// it trained): their hosts leave the job ([`HostsStopping`]).
+    fn hosts_stop(&mut self, askers: &[u32], before_training: bool) {
+        let now = Instant::now();
+        let stopping = self.hosts_stopping.get_or_insert_with(|| HostsStopping {
+            members: BTreeSet::new(),
+            wait_until: now + STOP_CHECKPOINT_WAIT,
+        });
+        for &rank in askers {
+            if let Some(m) = self.members.iter().find(|m| m.ranks().contains(&rank)) {
+                if stopping.members.insert(m.id.clone()) {
+                    tracing::warn!(
+                        member = %m.id,
+                        host = %m.host,
+                        "rank {rank} {ASKED_TO_STOP}: its host leaves the job at the next \
+                         generation, which opens once rank 0 has left (its stop checkpoint \
+                         committed)"
+                    );
+                }
+            }
+        }
+        if before_training {
+            stopping.wait_until = now;
+        }
+        let rank_0_left = self.left_ranks.contains(&0);
+        if rank_0_left || before_training {
+            self.next_generation(None);
+        }
+    }
+
+    /// Drops the hosts leaving at their ranks' stop request from the job,
+    /// each named in the next generation's reasons.
+    fn drop_stopping_hosts(&mut self) {
+        let Some(stopping) = self.hosts_stopping.take() else {
+            return;
+        };
+        let (gone, kept): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
+            .into_iter()
+            .partition(|m| stopping.members.contains(&m.id));
+        self.members = kept;
+        for m in gone {
+            tracing::warn!(member = %m.id, host = %m.host, "{STOPPED_HOST}; dropped from the job");
+            self.lost.push(format!("{} ({STOPPED_HOST})", m.host));
+            self.reasons.push(GenerationReason::LostHost {
+                host: m.host.clone(),
+                detail: STOPPED_HOST.to_string(),
+            });
+            self.dropped.push((m, STOPPED_HOST.to_string()));
+        }
+    }
+}
+
 /// Why a rank failed, as far as it knows: the typed part of its Leave,
 /// which says whom to blame.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -2360,6 +2470,10 @@ pub enum FailureCause {
     /// The ranks agreed to stop at the request of these ranks (in rank
     /// order), each asked by a signal to it or to its agent.
     StopRequestedBy(Vec<u32>),
+    /// The rank itself was stopped (a signal to it or to its agent, or its
+    /// agent's death) before its training began: it asked to stop, and no
+    /// rank of its generation can have trained an update since.
+    StoppedBeforeTraining,
 }
 
 fn format_duration(secs: f64) -> String {
@@ -3130,6 +3244,102 @@ pub(crate) mod tests {
                 && reason.contains(", as did rank 1 on b;"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn hosts_stopped_in_an_elastic_job_leave_it_from_the_stop_checkpoint_spending_no_restart() {
+        // Hosts a, b, c run ranks 0, 1, 2 (--min-nodes 2); c is preempted:
+        // its rank asked to stop, every rank stops after update 7, and rank
+        // 0 commits the stop checkpoint just before its own Leave.
+        let mut j = elastic(3, 2, 3);
+        j.max_restarts = 0;
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        j.commit_checkpoint(1, 0, 4, "/ck/4".into()).unwrap();
+        let asked = FailureCause::StopRequestedBy(vec![2]);
+        j.leave(&c, 1, 0, false, "stopped by SIGTERM after update 7", asked.clone()).unwrap();
+        j.leave(&b, 1, 0, false, "stopped by rank 2's stop request", asked.clone()).unwrap();
+        // Not yet: the new generation would resume from update 4.
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 1));
+        j.commit_checkpoint(1, 0, 7, "/ck/7".into()).unwrap();
+        j.leave(&a, 1, 0, false, "stopped by rank 2's stop request", asked.clone()).unwrap();
+        assert_eq!((j.phase.clone(), j.generation, j.restarts()), (Phase::Running, 2, 0));
+        let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a", "b"]);
+        let g = generations(&j).pop().unwrap();
+        assert_eq!((&g["resume_from"], &g["resume_step"]), (&"/ck/7".into(), &7.into()));
+        assert_eq!(g["reasons"].as_array().unwrap().len(), 1, "{g}");
+        assert_eq!(
+            (&g["reasons"][0]["kind"], &g["reasons"][0]["host"]),
+            (&"lost_host".into(), &"c".into())
+        );
+        assert!(g["reasons"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a preempted or drained host"));
+        // Its agent, if still there, is told it was dropped.
+        let beat = j.heartbeat(&c).unwrap();
+        assert!(
+            !beat.keep_going && beat.failure.unwrap().contains("was dropped from the job: stopped")
+        );
+        assert_eq!(assigned(&j, &b, 0).global_rank, 1);
+
+        // Below --min-nodes, the job waits for joins.
+        let mut j = elastic(2, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&a, 1, 0, false, "stopped by SIGTERM", FailureCause::StopRequestedBy(vec![0]))
+            .unwrap();
+        assert_eq!((j.phase.clone(), j.generation, j.members.len()), (Phase::Waiting, 2, 1));
+        assert_eq!(j.assignment(&b, 0).unwrap(), RankShare::Wait);
+    }
+
+    #[test]
+    fn a_host_stopped_before_training_leaves_an_elastic_job_at_once() {
+        // Nothing was trained, so nothing waits for rank 0.
+        let mut j = elastic(3, 2, 3);
+        join(&mut j, "a", 1).unwrap();
+        join(&mut j, "b", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        let stopped = "stopped by SIGTERM before training began";
+        j.leave(&c, 1, 0, false, stopped, FailureCause::StoppedBeforeTraining).unwrap();
+        assert_eq!((j.phase.clone(), j.generation, j.restarts()), (Phase::Running, 2, 0));
+        assert!(j.members.iter().all(|m| m.host != "c"));
+        // A fixed job fails, naming the rank.
+        let mut j = job(2);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        j.leave(&b, 1, 0, false, stopped, FailureCause::StoppedBeforeTraining).unwrap();
+        let Phase::Failed(reason) = &j.phase else { panic!("{:?}", j.phase) };
+        assert_eq!(reason, &format!("rank 1 on b failed: {stopped}"));
+    }
+
+    #[test]
+    fn hosts_stopped_leave_at_the_deadline_when_rank_0_never_leaves() {
+        let mut j = elastic(3, 2, 3);
+        join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        join(&mut j, "c", 1).unwrap();
+        let asked = FailureCause::StopRequestedBy(vec![1]);
+        j.leave(&b, 1, 0, false, "stopped by SIGTERM", asked).unwrap();
+        j.check_liveness();
+        assert_eq!(j.generation, 1, "opened before rank 0 could leave");
+        j.hosts_stopping.as_mut().unwrap().wait_until = Instant::now();
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation, j.restarts()), (Phase::Running, 2, 0));
+        let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a", "c"]);
+        // A failure meanwhile restarts the job without the stopped hosts too.
+        let mut j = elastic(3, 2, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        join(&mut j, "c", 1).unwrap();
+        j.leave(&b, 1, 0, false, "stopped", FailureCause::StopRequestedBy(vec![1])).unwrap();
+        j.leave(&a, 1, 0, false, "disk full", FailureCause::Unknown).unwrap();
+        assert_eq!((j.generation, j.restarts()), (2, 1));
+        let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a", "c"]);
     }
 
     #[test]

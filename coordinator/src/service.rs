@@ -1002,12 +1002,7 @@ impl Coordinator for Shared {
                 r.message.len()
             )));
         }
-        let cause = failure_cause(
-            r.collective_peer,
-            r.stop_requested_by,
-            r.collective_peer_unknown,
-            r.tampered_link_from,
-        );
+        let cause = failure_cause(&r);
         self.update_job(index, |job| {
             job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, cause)
         })
@@ -1080,21 +1075,20 @@ impl Coordinator for Shared {
 }
 
 /// Whom a Leave's typed fields blame, the stop request first: a rank that
-/// stopped because ranks asked it to failed for that, whatever its last
-/// collective did; then a link whose data was tampered with.
-fn failure_cause(
-    collective_peer: Option<u32>,
-    stop_requested_by: Vec<u32>,
-    collective_peer_unknown: bool,
-    tampered_link_from: Option<u32>,
-) -> FailureCause {
-    if !stop_requested_by.is_empty() {
-        return FailureCause::StopRequestedBy(stop_requested_by);
+/// stopped because ranks asked it to (or was stopped itself before it
+/// trained) failed for that, whatever its last collective did; then a link
+/// whose data was tampered with.
+fn failure_cause(leave: &pb::LeaveRequest) -> FailureCause {
+    if !leave.stop_requested_by.is_empty() {
+        return FailureCause::StopRequestedBy(leave.stop_requested_by.clone());
     }
-    match (tampered_link_from, collective_peer) {
+    if leave.stopped_before_training {
+        return FailureCause::StoppedBeforeTraining;
+    }
+    match (leave.tampered_link_from, leave.collective_peer) {
         (Some(from), _) => FailureCause::TamperedLinkFrom(from),
         (None, Some(peer)) => FailureCause::CollectivePeer(peer),
-        (None, None) if collective_peer_unknown => FailureCause::CollectivePeerUnknown,
+        (None, None) if leave.collective_peer_unknown => FailureCause::CollectivePeerUnknown,
         (None, None) => FailureCause::Unknown,
     }
 }
@@ -1113,14 +1107,33 @@ mod tests {
     #[test]
     fn a_leaves_typed_fields_say_whom_to_blame_the_stop_request_first() {
         use FailureCause::*;
-        assert_eq!(failure_cause(None, vec![], false, None), Unknown);
-        assert_eq!(failure_cause(Some(2), vec![], false, None), CollectivePeer(2));
-        assert_eq!(failure_cause(None, vec![], true, None), CollectivePeerUnknown);
-        assert_eq!(failure_cause(Some(2), vec![], true, None), CollectivePeer(2));
-        assert_eq!(failure_cause(Some(2), vec![1], true, None), StopRequestedBy(vec![1]));
-        assert_eq!(failure_cause(None, vec![], false, Some(0)), TamperedLinkFrom(0));
-        assert_eq!(failure_cause(Some(2), vec![], false, Some(0)), TamperedLinkFrom(0));
-        assert_eq!(failure_cause(None, vec![1], false, Some(0)), StopRequestedBy(vec![1]));
+        let cause = |collective_peer, stop_requested_by, peer_unknown, tampered_link_from| {
+            failure_cause(&pb::LeaveRequest {
+                collective_peer,
+                stop_requested_by,
+                collective_peer_unknown: peer_unknown,
+                tampered_link_from,
+                ..pb::LeaveRequest::default()
+            })
+        };
+        assert_eq!(cause(None, vec![], false, None), Unknown);
+        assert_eq!(cause(Some(2), vec![], false, None), CollectivePeer(2));
+        assert_eq!(cause(None, vec![], true, None), CollectivePeerUnknown);
+        assert_eq!(cause(Some(2), vec![], true, None), CollectivePeer(2));
+        assert_eq!(cause(Some(2), vec![1], true, None), StopRequestedBy(vec![1]));
+        assert_eq!(cause(None, vec![], false, Some(0)), TamperedLinkFrom(0));
+        assert_eq!(cause(Some(2), vec![], false, Some(0)), TamperedLinkFrom(0));
+        assert_eq!(cause(None, vec![1], false, Some(0)), StopRequestedBy(vec![1]));
+        let before_training = |collective_peer, stop_requested_by| {
+            failure_cause(&pb::LeaveRequest {
+                collective_peer,
+                stop_requested_by,
+                stopped_before_training: true,
+                ..pb::LeaveRequest::default()
+            })
+        };
+        assert_eq!(before_training(Some(2), vec![]), StoppedBeforeTraining);
+        assert_eq!(before_training(None, vec![1]), StopRequestedBy(vec![1]));
     }
 
     /// A job of three hosts whose state is saved to `state_file`.

@@ -225,6 +225,7 @@ fn call() -> impl Strategy<Value = Call> {
             proptest::collection::vec(prop_oneof![small(), any::<u32>()], 0..4),
             any::<bool>(),
             proptest::option::of(prop_oneof![small(), any::<u32>()]),
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -237,6 +238,7 @@ fn call() -> impl Strategy<Value = Call> {
                     stop_requested_by,
                     collective_peer_unknown,
                     tampered_link_from,
+                    stopped_before_training,
                 )| {
                     Call::Leave(pb::LeaveRequest {
                         member_id,
@@ -248,6 +250,7 @@ fn call() -> impl Strategy<Value = Call> {
                         stop_requested_by,
                         collective_peer_unknown,
                         tampered_link_from,
+                        stopped_before_training,
                     })
                 },
             ),

@@ -9,6 +9,9 @@
 //!   here: the checkpoint resumed from is a mid-epoch one), the run ends with
 //!   its planned number of updates, and the test prints the updates lost and
 //!   the time from the kill to the first update of the new generation;
+//! * SIGTERM to one of the three agents (a preemption): the host leaves at
+//!   once, and the job goes on without it from its stop checkpoint, losing
+//!   no update and spending no restart;
 //! * a third host joins a running 2-host job (`--max-nodes 3`): it is
 //!   admitted at the next committed checkpoint, losing no update;
 //! * with the default `--min-nodes` (= `--nodes`) a lost host still fails
@@ -134,10 +137,11 @@ fn setup(tag: &str) -> (tempfile::TempDir, PathBuf, PathBuf, u16) {
 const KILL_EPOCHS: u32 = 5;
 
 /// `coordinator up` for the job that loses a host (3 hosts, `--min-nodes
-/// 2`), with extra `--set`s.
-fn shrinking_job(port: u16, data: &Path, out: &Path, sets: &[String]) -> Child {
+/// 2`), with extra `--set`s and then `args`.
+fn shrinking_job(port: u16, data: &Path, out: &Path, sets: &[String], args: &[&str]) -> Child {
     let interval = format!("runtime.checkpoint_every_updates={CHECKPOINT_INTERVAL}");
     let mut extra = vec!["--nodes", "3", "--min-nodes", "2", "--heartbeat-timeout-secs", "8"];
+    extra.extend(args);
     extra.extend(["--set", &interval]);
     for set in sets {
         extra.extend(["--set", set]);
@@ -163,7 +167,7 @@ fn seed_noise_of_the_uninterrupted_job() {
     for seed in 0..5 {
         let out = tmp.path().join(format!("seed-{seed}"));
         let port = free_port("127.0.0.1");
-        let up = shrinking_job(port, &data, &out, &[format!("seed={seed}")]);
+        let up = shrinking_job(port, &data, &out, &[format!("seed={seed}")], &[]);
         let workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
         let output = wait_with_timeout(up, Duration::from_secs(400), "the uninterrupted job");
         assert!(output.status.success(), "{}", report(&output, workers, &out));
@@ -276,15 +280,11 @@ const REFERENCE_VAL_LOSS: f64 = 2.308_305_4;
 const LOSS_SEED_RANGE: f64 = 0.0207;
 const VAL_LOSS_SEED_RANGE: f64 = 0.0356;
 
-#[test]
-fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
-    let (_tmp, data, out, port) = setup("shrink");
-    let mut up = shrinking_job(port, &data, &out, &[]);
-    let workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
-    // Mid-run: after the first epoch and a mid-epoch checkpoint after it (a
-    // step record past it means rank 0 committed it: it commits before the
-    // next update).
-    wait_for_records(&out, &mut up, "an update after a mid-epoch checkpoint", |records| {
+/// Waits until the job of `up` is mid-run: after the first epoch and a
+/// mid-epoch checkpoint after it (a step record past it means rank 0
+/// committed it: it commits before the next update).
+fn wait_until_mid_run(out: &Path, up: &mut Child) {
+    wait_for_records(out, up, "an update after a mid-epoch checkpoint", |records| {
         let first = records.iter().find(|r| r["kind"] == "epoch").and_then(|r| r["step"].as_u64());
         first.is_some_and(|f| {
             records
@@ -292,6 +292,34 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
                 .any(|r| r["kind"] == "step" && r["step"].as_u64() > Some(f + CHECKPOINT_INTERVAL))
         })
     });
+}
+
+/// Asserts that the finished run of `out` ended within seed noise of the
+/// same job run uninterrupted; returns its (training, validation) loss.
+fn assert_losses_within_seed_noise(out: &Path) -> (f64, f64) {
+    // The shrink changes the order of the gradient sums (float rounding,
+    // which LAMB amplifies) but not the batches, the schedule or the
+    // optimizer state.
+    let (loss, val_loss) = final_losses(out);
+    assert!(
+        (loss - REFERENCE_LOSS).abs() <= LOSS_SEED_RANGE,
+        "last epoch's training loss {loss}, uninterrupted {REFERENCE_LOSS}: more than the seed \
+         range {LOSS_SEED_RANGE} apart"
+    );
+    assert!(
+        (val_loss - REFERENCE_VAL_LOSS).abs() <= VAL_LOSS_SEED_RANGE,
+        "validation loss {val_loss}, uninterrupted {REFERENCE_VAL_LOSS}: more than the seed \
+         range {VAL_LOSS_SEED_RANGE} apart"
+    );
+    (loss, val_loss)
+}
+
+#[test]
+fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
+    let (_tmp, data, out, port) = setup("shrink");
+    let mut up = shrinking_job(port, &data, &out, &[], &[]);
+    let workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
+    wait_until_mid_run(&out, &mut up);
     let victim = workers[2].id();
     let ranks = children_of(victim);
     assert_eq!(ranks.len(), 1, "worker c runs one rank: {ranks:?}");
@@ -321,26 +349,68 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     // Trained twice: the lost updates and the one (or, if host c's rank had
     // begun the next, two) that the kill interrupted.
     assert!(redone <= CHECKPOINT_INTERVAL + 2, "{redone} updates trained twice ({lost} lost)");
-    // Within seed noise of the uninterrupted run: the shrink changes the
-    // order of the gradient sums (float rounding, which LAMB amplifies) but
-    // not the batches, the schedule or the optimizer state.
-    let (loss, val_loss) = final_losses(&out);
-    assert!(
-        (loss - REFERENCE_LOSS).abs() <= LOSS_SEED_RANGE,
-        "last epoch's training loss {loss}, uninterrupted {REFERENCE_LOSS}: more than the seed \
-         range {LOSS_SEED_RANGE} apart"
-    );
-    assert!(
-        (val_loss - REFERENCE_VAL_LOSS).abs() <= VAL_LOSS_SEED_RANGE,
-        "validation loss {val_loss}, uninterrupted {REFERENCE_VAL_LOSS}: more than the seed \
-         range {VAL_LOSS_SEED_RANGE} apart"
-    );
+    let (loss, val_loss) = assert_losses_within_seed_noise(&out);
     // Measured numbers for the README's table (the assertions above bound them).
     println!(
         "MEASURED kill -9 of 1 of 3 hosts: {lost} updates lost (checkpoint every \
          {CHECKPOINT_INTERVAL}), {redone} trained twice, first update of the new generation \
          {:.1} s after the kill (heartbeat timeout 8 s); last epoch loss {loss} (uninterrupted \
          {REFERENCE_LOSS}), validation loss {val_loss} (uninterrupted {REFERENCE_VAL_LOSS})",
+        recovery.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint() {
+    // A preemption (a pod deleted, a node drained): SIGTERM to host c's
+    // agent, which stops its rank; every rank stops after the same update,
+    // rank 0 writing a stop checkpoint. Host c leaves the job: the next
+    // generation runs without it from that checkpoint, spending no restart
+    // (`--max-restarts 0`) and not waiting for c's heartbeats to stop.
+    let (_tmp, data, out, port) = setup("stop");
+    let mut up = shrinking_job(port, &data, &out, &[], &["--max-restarts", "0"]);
+    let mut workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
+    wait_until_mid_run(&out, &mut up);
+    assert!(signal(workers[2].id(), "TERM"), "SIGTERM to worker c");
+    let stopped_at = Instant::now();
+    wait_for_records(&out, &mut up, "an update after the shrink", |records| {
+        position(records, "generation", |g| g["world_size"] == 2)
+            .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
+    });
+    let recovery = stopped_at.elapsed();
+    let stopped = wait_with_timeout(workers.remove(2), Duration::from_secs(60), "worker c");
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
+    if !output.status.success() {
+        panic!("the job failed after a host stopped:\n{}", report(&output, workers, &out));
+    }
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        !stopped.status.success() && stderr.contains("worker stopped by SIGTERM"),
+        "worker c ({}): {stderr}",
+        stopped.status
+    );
+    for (i, w) in workers.into_iter().enumerate() {
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let lost = assert_shrunk_without(&out, "c", CHECKPOINT_INTERVAL, u64::from(KILL_EPOCHS));
+    assert_eq!(lost, 0, "the new generation resumed from before the stop checkpoint");
+    // One generation after the first, dropping host c for its stop alone:
+    // no restart of every rank with c still in, no wait for its silence.
+    let generations = records_in(&out.join("metrics.jsonl"), "generation");
+    assert_eq!(generations.len(), 2, "{generations:#?}");
+    let reasons = generations[1]["reasons"].as_array().expect("reasons");
+    assert_eq!(reasons.len(), 1, "{reasons:#?}");
+    assert_eq!((&reasons[0]["kind"], &reasons[0]["host"]), (&"lost_host".into(), &"c".into()));
+    let detail = reasons[0]["detail"].as_str().expect("detail");
+    assert!(detail.starts_with("stopped: its rank(s) asked every rank to stop"), "{detail}");
+    let redone = assert_every_sample_as_planned(&out, &data, planned_updates(&out));
+    assert_eq!(redone, 0, "updates trained twice");
+    let (loss, val_loss) = assert_losses_within_seed_noise(&out);
+    println!(
+        "MEASURED SIGTERM to 1 of 3 hosts: {lost} updates lost, {redone} trained twice, first \
+         update of the new generation {:.1} s after the signal (heartbeat timeout 8 s); last \
+         epoch loss {loss} (uninterrupted {REFERENCE_LOSS}), validation loss {val_loss}",
         recovery.as_secs_f64()
     );
 }

@@ -216,6 +216,7 @@ async fn call(client: &mut Client, rpc: &str, job: &Job) -> Result<(), Status> {
                 stop_requested_by: Vec::new(),
                 collective_peer_unknown: false,
                 tampered_link_from: None,
+                stopped_before_training: false,
             })
             .await
             .map(drop),

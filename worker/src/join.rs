@@ -617,6 +617,7 @@ async fn serve_member(
                 // own failure, and the rank could not say so itself.
                 collective_peer_unknown: ended_for_a_collective(status),
                 tampered_link_from: None,
+                stopped_before_training: false,
             };
             failed.get_or_insert(reason.clone());
             let mut client = client.clone();
@@ -1004,6 +1005,7 @@ pub fn rank(args: RankArgs) -> Result<()> {
             CollectiveBlame::TamperedLinkFrom(peer) => Some(peer),
             _ => None,
         },
+        stopped_before_training: false,
     };
     // Its own Leave says how it ended: a stop signal's before training
     // must not take its place.
@@ -1097,7 +1099,13 @@ fn watch_stop_signals(
             rsb_logging::stderr_line(&rsb_logging::error_line(&message));
             let generation = ASSIGNED_GENERATION.load(std::sync::atomic::Ordering::SeqCst);
             if generation > 0 {
-                let leave = pb::LeaveRequest { success: false, message, generation, ..leave };
+                let leave = pb::LeaveRequest {
+                    success: false,
+                    message,
+                    generation,
+                    stopped_before_training: true,
+                    ..leave
+                };
                 let not_taken =
                     match tokio::time::timeout(RANK_CALL_DEADLINE, client.leave(leave)).await {
                         Ok(Ok(_)) => None,
