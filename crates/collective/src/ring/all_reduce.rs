@@ -186,6 +186,22 @@ impl Progress {
     }
 }
 
+/// Marks its direction failed when dropped by a panic in it (a bug), so
+/// that the other direction, which may be waiting on its progress, ends
+/// with an error instead of waiting for ever, and the panic surfaces.
+struct FailedIfPanicking<'a> {
+    progress: &'a Progress,
+    direction: Direction,
+}
+
+impl Drop for FailedIfPanicking<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.progress.fail(self.direction);
+        }
+    }
+}
+
 impl TcpRing {
     /// The ring all-reduce as one continuous stream per link (see the module
     /// documentation): a sending thread forwards each segment as soon as the
@@ -207,6 +223,8 @@ impl TcpRing {
             let sender = std::thread::Builder::new()
                 .name("ring-send".into())
                 .spawn_scoped(scope, || {
+                    let _panicking =
+                        FailedIfPanicking { progress: &progress, direction: Direction::Send };
                     let mut seal = lock(&links.seal);
                     let outcome =
                         self.send_stream(&links.to_right, &mut seal, &schedule, &shared, &progress);
@@ -217,6 +235,8 @@ impl TcpRing {
                     outcome
                 })
                 .map_err(|source| links.fail(r, "sending", source))?;
+            let panicking =
+                FailedIfPanicking { progress: &progress, direction: Direction::Receive };
             let received = self.receive_stream(
                 &links.from_left,
                 &mut lock(&links.open),
@@ -225,6 +245,7 @@ impl TcpRing {
                 &progress,
                 &mut scratch,
             );
+            drop(panicking);
             if received.is_err() {
                 progress.fail(Direction::Receive);
                 let _ = links.to_right.shutdown(std::net::Shutdown::Both);

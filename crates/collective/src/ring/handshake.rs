@@ -28,6 +28,8 @@ pub(super) const NONCE_LEN: usize = 32;
 pub(super) const TAG_LEN: usize = 32;
 /// The label of a link key's derivation (see [`RingKey::link_cipher`]).
 const LINK_KEY_LABEL: &[u8] = b"rsb ring link v2";
+/// The label of one ring's key (see [`RingKey::for_ring`]).
+const RING_OF_LABEL: &[u8] = b"rsb ring of one generation v1";
 /// The direction of a link key: the data a connection carries flows from
 /// its connecting side (the left rank) to its accepting side.
 const CONNECTOR_TO_ACCEPTOR: &[u8] = b"connector to acceptor";
@@ -63,6 +65,23 @@ impl RingKey {
         let mut key = [0u8; 32];
         key.copy_from_slice(&tag(secret, &[b"rsb ring key v1"]));
         RingKey(key)
+    }
+
+    /// The key of one ring: that of generation `generation` of the job
+    /// `job_id`, HMAC-SHA256(ring key, "rsb ring of one generation v1" ||
+    /// the id's length (8 bytes, little-endian) || the id || the generation
+    /// (8 bytes, little-endian)). Every generation of an elastic job and
+    /// every run of a sweep shares the job token, so the job's key alone
+    /// let a rank of another generation or run (a replaced one, still
+    /// dialling its old neighbour's address for up to its collective
+    /// timeout, where a new ring's rank now listens) pass the handshake and
+    /// take the real neighbour's place, mixing two rings' gradients; under
+    /// the ring's own key it is refused as a stranger.
+    pub fn for_ring(&self, job_id: &str, generation: u64) -> RingKey {
+        let id_len = (job_id.len() as u64).to_le_bytes();
+        let generation = generation.to_le_bytes();
+        let parts: [&[u8]; 4] = [RING_OF_LABEL, &id_len, job_id.as_bytes(), &generation];
+        RingKey(tag(&self.0, &parts))
     }
 
     /// The proof of one side of the handshake over the hello and the

@@ -267,6 +267,53 @@ fn mismatched_sizes_are_an_error_not_corruption() {
     assert!(results.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("floats"))), "{results:?}");
 }
 
+/// An element whose sum panics: a bug in the receiving direction.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PanicsWhenAdded(f32);
+
+// SAFETY: a `repr(transparent)` wrapper of `f32`: any bit pattern is valid,
+// no padding.
+unsafe impl bytemuck::Zeroable for PanicsWhenAdded {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for PanicsWhenAdded {}
+
+impl Element for PanicsWhenAdded {
+    fn add(self, _: PanicsWhenAdded) -> PanicsWhenAdded {
+        panic!("a bug in the sum");
+    }
+}
+
+#[test]
+fn a_panic_in_one_direction_of_an_all_reduce_surfaces_instead_of_hanging() {
+    // Rank 1's receiving direction panics at its first sum, while its
+    // sending direction waits for what it receives: the panic must end
+    // both, and reach the caller.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcomes = with_ring(2, |ring| {
+            let rank = ring.rank();
+            let mut data = vec![1.0f32; 64];
+            if rank == 0 {
+                return ring.pipelined_all_reduce(&mut data).map_err(|e| e.to_string());
+            }
+            let mut panicky: Vec<PanicsWhenAdded> =
+                data.iter().map(|&v| PanicsWhenAdded(v)).collect();
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ring.pipelined_all_reduce(&mut panicky)
+            }));
+            match caught {
+                Err(panic) => Err(format!("panicked: {:?}", panic.downcast_ref::<&str>())),
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            }
+        });
+        let _ = done.send(outcomes);
+    });
+    let outcomes = finished.recv_timeout(Duration::from_secs(60)).expect("the all-reduce hung");
+    assert_eq!(outcomes[1], Err("panicked: Some(\"a bug in the sum\")".to_string()));
+    assert!(outcomes[0].is_err(), "rank 0 summed with a rank that panicked: {outcomes:?}");
+}
+
 #[test]
 fn a_peer_that_leaves_mid_collective_is_an_error_not_a_hang() {
     let start = Instant::now();
@@ -724,6 +771,52 @@ fn ranks_with_different_keys_do_not_link() {
         assert!(r.is_err(), "a ring formed across two keys: {results:?}");
     }
     assert!(!format!("{:?}", key()).contains("the job token"));
+}
+
+#[test]
+fn a_rank_of_another_generation_or_run_is_a_stranger_to_a_ring() {
+    let proof_of = |key: &RingKey| key.proof(ACCEPTOR_ROLE, b"hello", b"nonce");
+    // The same job token: each ring's key differs by job and generation.
+    let job = key();
+    let ring = job.for_ring("job-1", 3);
+    assert_eq!(proof_of(&ring), proof_of(&job.for_ring("job-1", 3)), "one ring, one key");
+    for (other_job, other_generation) in [("job-1", 2), ("job-1", 4), ("job-2", 3), ("job-13", 3)] {
+        assert_ne!(proof_of(&ring), proof_of(&job.for_ring(other_job, other_generation)));
+    }
+    // The id's length is part of the key: no id and generation run
+    // together into another pair's bytes.
+    assert_ne!(proof_of(&job.for_ring("a", 0x62)), proof_of(&job.for_ring("ab", 0)));
+    // A rank of generation 2 still dialling (as rank 0 of a 2-rank ring) a
+    // listener of generation 3 is refused, and that listener links with its
+    // own neighbour all the same.
+    let a = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let b = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let c = RingListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addresses = vec![a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+    let dialled = vec![c.local_addr().unwrap().to_string(), addresses[1].clone()];
+    let config = RingConfig { timeout: Duration::from_secs(3), segment_floats: 16 };
+    let old = job.for_ring("job-1", 2);
+    let (stale, sums) = std::thread::scope(|scope| {
+        let config = &config;
+        let stale = scope.spawn(|| c.connect(0, &dialled, &old, config.clone()).map(|_| ()));
+        let ranks =
+            [(a, 1.0f32), (b, 2.0)].into_iter().enumerate().map(|(rank, (listener, value))| {
+                let (addresses, ring) = (&addresses, &ring);
+                scope.spawn(move || {
+                    let mut linked =
+                        listener.connect(rank, addresses, ring, config.clone()).unwrap();
+                    let mut data = vec![value; 8];
+                    linked.all_reduce_sum(Buffer::Host(&mut data)).unwrap();
+                    data
+                })
+            });
+        let sums: Vec<Vec<f32>> =
+            ranks.collect::<Vec<_>>().into_iter().map(|h| h.join().unwrap()).collect();
+        (stale.join().unwrap(), sums)
+    });
+    let stale_error = stale.unwrap_err().to_string();
+    assert!(stale_error.contains("failed the ring challenge"), "{stale_error}");
+    assert_eq!(sums, [vec![3.0f32; 8], vec![3.0f32; 8]]);
 }
 
 /// The next message `cipher` seals, b"segment": its ciphertext and tag.
