@@ -1342,6 +1342,10 @@ impl Job {
     /// Numbers the next generation, forgetting the ranks of the last one.
     fn open_generation(&mut self) {
         self.generation += 1;
+        // Hosts stopping in the last generation were dropped as it closed
+        // (`next_generation`); where it closes otherwise (the members of a
+        // restored job not all back), they stay until found silent.
+        self.hosts_stopping = None;
         self.rendezvous.clear();
         self.at_rendezvous.clear();
         self.left_ranks.clear();
@@ -2186,7 +2190,10 @@ impl Job {
         self.check_generation(generation)?;
         self.checkpoints.push(CommittedCheckpoint { epoch, step: updates, path });
         self.restarts = 0;
-        if !self.pending.is_empty() {
+        // While hosts stop, the stop's generation admits the pending ones:
+        // a commit of rank 0's delayed report of an earlier checkpoint must
+        // not open it before the stop checkpoint.
+        if !self.pending.is_empty() && self.hosts_stopping.is_none() {
             self.next_generation(None);
         }
         Ok(())
@@ -3284,6 +3291,23 @@ pub(crate) mod tests {
             !beat.keep_going && beat.failure.unwrap().contains("was dropped from the job: stopped")
         );
         assert_eq!(assigned(&j, &b, 0).global_rank, 1);
+
+        // A host waits for admission: rank 0's delayed report of an earlier
+        // checkpoint does not open the generation before the stop one.
+        let mut j = elastic(2, 1, 3);
+        let a = join(&mut j, "a", 1).unwrap();
+        let c = join(&mut j, "c", 1).unwrap();
+        join(&mut j, "d", 1).unwrap();
+        assert_eq!(j.pending.len(), 1);
+        let asked = FailureCause::StopRequestedBy(vec![1]);
+        j.leave(&c, 1, 0, false, "stopped by SIGTERM", asked.clone()).unwrap();
+        j.commit_checkpoint(1, 0, 6, "/ck/6".into()).unwrap();
+        assert_eq!(j.generation, 1, "opened before the stop checkpoint");
+        j.commit_checkpoint(1, 0, 7, "/ck/7".into()).unwrap();
+        j.leave(&a, 1, 0, false, "stopped by rank 1's stop request", asked).unwrap();
+        let hosts: Vec<&str> = j.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!((j.generation, hosts), (2, vec!["a", "d"]));
+        assert_eq!(j.resume_step, Some(7));
 
         // Below --min-nodes, the job waits for joins.
         let mut j = elastic(2, 2, 3);

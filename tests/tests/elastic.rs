@@ -9,9 +9,10 @@
 //!   here: the checkpoint resumed from is a mid-epoch one), the run ends with
 //!   its planned number of updates, and the test prints the updates lost and
 //!   the time from the kill to the first update of the new generation;
-//! * SIGTERM to one of the three agents (a preemption): the host leaves at
-//!   once, and the job goes on without it from its stop checkpoint, losing
-//!   no update and spending no restart;
+//! * SIGTERM to the agent of rank 0's host (a preemption), whose stop
+//!   checkpoint takes longer than the heartbeat timeout: the host leaves
+//!   once it is written, and the job goes on without it from it, losing no
+//!   update and spending no restart;
 //! * a third host joins a running 2-host job (`--max-nodes 3`): it is
 //!   admitted at the next committed checkpoint, losing no update;
 //! * with the default `--min-nodes` (= `--nodes`) a lost host still fails
@@ -360,25 +361,44 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     );
 }
 
+/// How much longer than its others a stop checkpoint's write takes in
+/// [`a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint`]:
+/// more than the heartbeat timeout (8 s).
+const STOP_CHECKPOINT_DELAY_MS: &str = "12000";
+
 #[test]
 fn a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint() {
-    // A preemption (a pod deleted, a node drained): SIGTERM to host c's
-    // agent, which stops its rank; every rank stops after the same update,
-    // rank 0 writing a stop checkpoint. Host c leaves the job: the next
+    // A preemption (a pod deleted, a node drained): SIGTERM to the agent of
+    // rank 0's host, which stops its rank; every rank stops after the same
+    // update, rank 0 writing a stop checkpoint, which takes longer than the
+    // heartbeat timeout (a slow disk). That host leaves the job: the next
     // generation runs without it from that checkpoint, spending no restart
-    // (`--max-restarts 0`) and not waiting for c's heartbeats to stop.
+    // (`--max-restarts 0`); its agent heartbeats while its rank stops, so it
+    // is not dropped for its silence before the checkpoint is written.
     let (_tmp, data, out, port) = setup("stop");
     let mut up = shrinking_job(port, &data, &out, &[], &["--max-restarts", "0"]);
-    let mut workers: Vec<Child> = ["a", "b", "c"].iter().map(|h| worker(port, h)).collect();
+    let hosts = ["a", "b", "c"];
+    let mut workers: Vec<Child> = hosts
+        .iter()
+        .map(|h| {
+            let mut command = worker_command(port, h);
+            command.env("RSB_STOP_CHECKPOINT_DELAY_MS", STOP_CHECKPOINT_DELAY_MS);
+            command.spawn().expect("starting worker join")
+        })
+        .collect();
     wait_until_mid_run(&out, &mut up);
-    assert!(signal(workers[2].id(), "TERM"), "SIGTERM to worker c");
+    // Ranks follow the hosts' join order, one each.
+    let first = &records_in(&out.join("metrics.jsonl"), "generation")[0];
+    let stopped_host = first["hosts"][0].as_str().expect("the host of rank 0").to_string();
+    let index = hosts.iter().position(|h| *h == stopped_host).expect("one of the hosts");
+    assert!(signal(workers[index].id(), "TERM"), "SIGTERM to worker {stopped_host}");
     let stopped_at = Instant::now();
     wait_for_records(&out, &mut up, "an update after the shrink", |records| {
         position(records, "generation", |g| g["world_size"] == 2)
             .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
     });
     let recovery = stopped_at.elapsed();
-    let stopped = wait_with_timeout(workers.remove(2), Duration::from_secs(60), "worker c");
+    let stopped = wait_with_timeout(workers.remove(index), Duration::from_secs(60), "its worker");
     let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
     if !output.status.success() {
         panic!("the job failed after a host stopped:\n{}", report(&output, workers, &out));
@@ -386,29 +406,34 @@ fn a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint() 
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert!(
         !stopped.status.success() && stderr.contains("worker stopped by SIGTERM"),
-        "worker c ({}): {stderr}",
+        "worker {stopped_host} ({}): {stderr}",
         stopped.status
     );
     for (i, w) in workers.into_iter().enumerate() {
         let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
         assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
     }
-    let lost = assert_shrunk_without(&out, "c", CHECKPOINT_INTERVAL, u64::from(KILL_EPOCHS));
+    let lost =
+        assert_shrunk_without(&out, &stopped_host, CHECKPOINT_INTERVAL, u64::from(KILL_EPOCHS));
     assert_eq!(lost, 0, "the new generation resumed from before the stop checkpoint");
-    // One generation after the first, dropping host c for its stop alone:
-    // no restart of every rank with c still in, no wait for its silence.
+    // One generation after the first, dropping the host for its stop alone:
+    // no restart of every rank with it still in, no drop for its silence.
     let generations = records_in(&out.join("metrics.jsonl"), "generation");
     assert_eq!(generations.len(), 2, "{generations:#?}");
     let reasons = generations[1]["reasons"].as_array().expect("reasons");
     assert_eq!(reasons.len(), 1, "{reasons:#?}");
-    assert_eq!((&reasons[0]["kind"], &reasons[0]["host"]), (&"lost_host".into(), &"c".into()));
+    assert_eq!(
+        (&reasons[0]["kind"], reasons[0]["host"].as_str()),
+        (&"lost_host".into(), Some(stopped_host.as_str()))
+    );
     let detail = reasons[0]["detail"].as_str().expect("detail");
     assert!(detail.starts_with("stopped: its rank(s) asked every rank to stop"), "{detail}");
     let redone = assert_every_sample_as_planned(&out, &data, planned_updates(&out));
     assert_eq!(redone, 0, "updates trained twice");
     let (loss, val_loss) = assert_losses_within_seed_noise(&out);
     println!(
-        "MEASURED SIGTERM to 1 of 3 hosts: {lost} updates lost, {redone} trained twice, first \
+        "MEASURED SIGTERM to the host of rank 0, 1 of 3 hosts, its stop checkpoint \
+         {STOP_CHECKPOINT_DELAY_MS} ms slower: {lost} updates lost, {redone} trained twice, first \
          update of the new generation {:.1} s after the signal (heartbeat timeout 8 s); last \
          epoch loss {loss} (uninterrupted {REFERENCE_LOSS}), validation loss {val_loss}",
         recovery.as_secs_f64()

@@ -769,12 +769,17 @@ async fn serve_member(
                     "stopped by {cause}; stopping the local ranks (rank 0 writes a stop \
                      checkpoint; the same signal again kills them at once, without it)"
                 );
-                let hurried = rsb_process::terminate_unless_hurried(
+                let stopping = rsb_process::terminate_unless_hurried(
                     &mut children,
                     RANK_STOP_GRACE,
                     second_stop_signal(stop_signals, signal),
-                )
-                .await;
+                );
+                let hurried = tokio::select! {
+                    hurried = stopping => hurried,
+                    never = heartbeat_while_stopping(&mut client, &joined.member_id, interval) => {
+                        match never {}
+                    }
+                };
                 if hurried {
                     bail!("worker stopped by {cause}, and its ranks killed at a second signal");
                 }
@@ -786,6 +791,29 @@ async fn serve_member(
         Some(reason) => MemberEnd::Failed(reason),
         None => MemberEnd::Finished,
     })
+}
+
+/// Heartbeats the coordinator every `interval` while the local ranks stop,
+/// each call within its deadline, for ever (the caller ends it): rank 0's
+/// stop checkpoint may take longer than the heartbeat timeout, and a host
+/// found silent meanwhile is dropped from an elastic job, which then opens
+/// its next generation from the checkpoint before the stop one. What the
+/// coordinator answers changes nothing: the ranks are stopping.
+async fn heartbeat_while_stopping(
+    client: &mut Client,
+    member_id: &str,
+    interval: Duration,
+) -> std::convert::Infallible {
+    loop {
+        let request = pb::HeartbeatRequest { member_id: member_id.to_string() };
+        let call_deadline = HEARTBEAT_DEADLINE.min(interval.max(Duration::from_secs(1)) * 4);
+        match tokio::time::timeout(call_deadline, client.heartbeat(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat while the ranks stop failed"),
+            Err(_) => tracing::debug!("no heartbeat answer within {call_deadline:?}"),
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 /// Whether the local ranks must be restarted for the job's `generation`:
@@ -1140,9 +1168,9 @@ fn watch_stop_signals(
 const STOP_DEADLINE_EXIT_CODE: i32 = 3;
 
 /// The generation of this rank's assignment, which a rank stopped before
-/// training leaves; 0 until it has one, and again once the rank sends its
-/// own Leave (it ended, successfully or not), which a stop's must not
-/// overtake.
+/// training leaves; 0 until it has one, and again once the rank ended
+/// (successfully or not, from the flush of its reports on): its own Leave
+/// follows, which a stop's must not overtake.
 static ASSIGNED_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether this rank process trains (a stop signal then stops it at an
@@ -1300,7 +1328,10 @@ fn train_rank(
                 .with_context(|| format!("rank {rank}: ring rendezvous at {}", args.coordinator))?
                 .into_inner();
             let config = RingConfig { timeout, ..RingConfig::default() };
-            Box::new(listener.connect(rank, &reply.ring_addresses, ring_key, config)?)
+            // Only this generation's ranks link up: one of another
+            // generation or sweep run, under the same token, is a stranger.
+            let ring_key = ring_key.for_ring(&assignment.job_id, assignment.generation);
+            Box::new(listener.connect(rank, &reply.ring_addresses, &ring_key, config)?)
         }
     };
     tracing::info!(rank, world, ?backend, ?timeout, "collective ready");
@@ -1315,6 +1346,14 @@ fn train_rank(
         // Test hook: a disk slower than the collective timeout.
         options.checkpoint_delay = Duration::from_millis(ms.parse().with_context(|| {
             format!("rank {rank}: RSB_CHECKPOINT_DELAY_MS=`{ms}` is not a number of milliseconds")
+        })?);
+    }
+    if let Ok(ms) = std::env::var("RSB_STOP_CHECKPOINT_DELAY_MS") {
+        // Test hook: a stop checkpoint slower than the heartbeat timeout.
+        options.stop_checkpoint_delay = Duration::from_millis(ms.parse().with_context(|| {
+            format!(
+                "rank {rank}: RSB_STOP_CHECKPOINT_DELAY_MS=`{ms}` is not a number of milliseconds"
+            )
         })?);
     }
     if let Ok(ms) = std::env::var("RSB_WRITER_LOCK_WAIT_MS") {
@@ -1398,6 +1437,8 @@ fn train_rank(
     // then stops this rank) or at most REPORT_FLUSH_DEADLINE. A rank told
     // to stop waits no longer than its `Leave` would.
     let _ = LAST_WORDS_FROM.set(tokio::time::Instant::now());
+    // Ended: a failure before training says itself in the rank's own Leave.
+    ASSIGNED_GENERATION.store(0, std::sync::atomic::Ordering::SeqCst);
     reporter.finish(REPORT_FLUSH_DEADLINE, RANK_CALL_DEADLINE, || stop.reason().is_some());
     trained?;
     Ok(())

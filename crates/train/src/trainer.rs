@@ -152,6 +152,9 @@ pub struct RunOptions {
     /// Test hook: every checkpoint write takes this much longer (a slow
     /// disk); zero in real runs.
     pub checkpoint_delay: Duration,
+    /// Test hook: a stop checkpoint's write takes this much longer again (a
+    /// slow disk at a preemption); zero in real runs.
+    pub stop_checkpoint_delay: Duration,
     /// How long rank 0 of a job, which began training without the run
     /// folder's lock (another process held it past [`LOCK_WAIT`]), waits
     /// for it before its first checkpoint write, then fails naming the
@@ -195,6 +198,7 @@ impl RunOptions {
             trace_samples: false,
             stop: None,
             checkpoint_delay: Duration::ZERO,
+            stop_checkpoint_delay: Duration::ZERO,
             writer_lock_wait: rsb_job::run_folder::AUTO_RESUME_LOCK_WAIT,
             cuda_sync_debug: None,
         }
@@ -1515,6 +1519,10 @@ impl Trainer {
             self.state.updates,
             u64::from(self.recipe.runtime.checkpoint_every_updates),
         );
+        let delay = match self.stopping {
+            true => self.options.checkpoint_delay + self.options.stop_checkpoint_delay,
+            false => self.options.checkpoint_delay,
+        };
         let (options, model, optimizer, state, records) =
             (&self.options, &self.model, &self.optimizer, &self.state, &mut self.records);
         let (lock, lock_owed) = (&mut self.run_folder_lock, &mut self.run_folder_lock_owed);
@@ -1531,7 +1539,7 @@ impl Trainer {
                 *lock_owed = false;
                 tracing::info!("took the run folder's lock before the first checkpoint write");
             }
-            std::thread::sleep(options.checkpoint_delay);
+            std::thread::sleep(delay);
             // The writer's records (the epoch's, published just before)
             // reach the disk before the checkpoint after them is committed.
             let path = checkpoint::save(&options.out_dir, model, optimizer, state, keep, || {
