@@ -188,7 +188,7 @@ impl Pool {
 pub(super) fn accept_left(
     listener: &TcpListener,
     rank: usize,
-    (left, left_ips): (usize, &[IpAddr]),
+    (left, left_address, left_ips): (usize, &str, &[IpAddr]),
     world: usize,
     key: &RingKey,
     deadline: Instant,
@@ -262,7 +262,7 @@ pub(super) fn accept_left(
             return Err(CollectiveError::Link {
                 rank,
                 peer: left,
-                address: "(incoming)".into(),
+                address: left_address.to_string(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, why),
             });
         }
@@ -375,7 +375,7 @@ pub(super) fn accept_left(
                 return Err(CollectiveError::Link {
                     rank,
                     peer: left,
-                    address: "(incoming)".into(),
+                    address: left_address.to_string(),
                     source: e,
                 })
             }

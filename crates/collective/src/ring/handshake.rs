@@ -28,6 +28,12 @@ pub(super) const NONCE_LEN: usize = 32;
 pub(super) const TAG_LEN: usize = 32;
 /// The label of a link key's derivation (see [`RingKey::link_cipher`]).
 const LINK_KEY_LABEL: &[u8] = b"rsb ring link v2";
+/// PBKDF2 iterations of the ring key's derivation from the job token (see
+/// [`RingKey::derive`]): about 75 ms of one core of an AMD EPYC (with
+/// SHA extensions).
+pub const RING_KEY_ITERATIONS: u32 = 300_000;
+/// The salt of that derivation (its version: v1 was one HMAC).
+const RING_KEY_SALT: &[u8] = b"rsb ring key v2";
 /// The label of one ring's key (see [`RingKey::for_ring`]).
 const RING_OF_LABEL: &[u8] = b"rsb ring of one generation v1";
 /// The direction of a link key: the data a connection carries flows from
@@ -58,12 +64,26 @@ impl std::fmt::Debug for RingKey {
 }
 
 impl RingKey {
-    /// The ring key of a job whose shared secret is `secret` (the job token):
-    /// HMAC-SHA256(secret, "rsb ring key v1"), so the token itself is never
-    /// used as the key of anything but this derivation.
+    /// The ring key of a job whose shared secret is `secret` (the job
+    /// token): PBKDF2-HMAC-SHA256(secret, salt "rsb ring key v2",
+    /// [`RING_KEY_ITERATIONS`]), so the token itself is never used as the key
+    /// of anything but this derivation, and a stranger who records a
+    /// listener's proof (any host that reaches a ring port while the ring
+    /// forms gets one, for a hello of its choosing) pays that many HMACs per
+    /// token it guesses offline, not one: a token a user chose (16
+    /// characters at least) is not found by a dictionary at HMAC speed.
+    /// About 75 ms, once per rank process.
     pub fn derive(secret: &[u8]) -> RingKey {
         let mut key = [0u8; 32];
-        key.copy_from_slice(&tag(secret, &[b"rsb ring key v1"]));
+        let iterations = std::num::NonZeroU32::new(RING_KEY_ITERATIONS)
+            .unwrap_or_else(|| unreachable!("the iteration count is not zero"));
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            RING_KEY_SALT,
+            secret,
+            &mut key,
+        );
         RingKey(key)
     }
 
@@ -133,6 +153,12 @@ pub(super) fn tag(key: &[u8], parts: &[&[u8]]) -> [u8; TAG_LEN] {
 pub(super) const ACCEPTOR_ROLE: &[u8] = b"rsb ring acceptor";
 pub(super) const CONNECTOR_ROLE: &[u8] = b"rsb ring connector";
 
+/// The time from now to `until`, at least a millisecond (a socket's
+/// timeout cannot be zero): a handshake's writes end by its deadline too.
+pub(super) fn time_left(until: Instant) -> Duration {
+    until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
+}
+
 fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];
     getrandom::fill(&mut n).map_err(|e| std::io::Error::other(format!("random nonce: {e}")))?;
@@ -170,7 +196,7 @@ pub(super) fn prove_to_right(
     deadline: Instant,
 ) -> Result<LinkCipher, Handshake> {
     let until = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(time_left(until)))?;
     let mut hello = Vec::with_capacity(HELLO_LEN);
     for v in [MAGIC, rank as u32, world as u32] {
         hello.extend_from_slice(&v.to_le_bytes());
@@ -251,7 +277,7 @@ pub(super) fn challenge_left(
     until: Instant,
     settle: impl FnOnce() -> bool,
 ) -> Result<(u32, u32, LinkCipher), Handshake> {
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(time_left(until)))?;
     let mut io = stream;
     let mut hello = [0u8; HELLO_LEN];
     read_exact_until(stream, &mut hello, until)?;

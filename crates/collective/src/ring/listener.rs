@@ -4,7 +4,7 @@
 //! links' timeouts.
 
 use super::accept::accept_left;
-use super::handshake::{prove_to_right, Handshake, RingKey};
+use super::handshake::{prove_to_right, time_left, Handshake, RingKey};
 use super::sealing::LinkCipher;
 use super::{Links, RingConfig, TcpRing};
 use crate::CollectiveError;
@@ -142,7 +142,7 @@ impl RingListener {
             let accepted = accept_left(
                 &self.listener,
                 rank,
-                (left, &left_ips),
+                (left, &addresses[left], &left_ips),
                 world,
                 key,
                 deadline,
@@ -196,11 +196,15 @@ impl RingListener {
 }
 
 /// A connection to the first of `addresses` that takes one (each within
-/// 5 s), or the last one's error.
-fn connect_to_first(addresses: impl Iterator<Item = SocketAddr>) -> std::io::Result<TcpStream> {
+/// 5 s, and by `deadline`), or the last one's error.
+fn connect_to_first(
+    addresses: impl Iterator<Item = SocketAddr>,
+    deadline: Instant,
+) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::other("address resolves to nothing");
     for address in addresses {
-        match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+        let within = time_left(deadline).min(Duration::from_secs(5));
+        match TcpStream::connect_timeout(&address, within) {
             Ok(stream) => return Ok(stream),
             Err(e) => last = e,
         }
@@ -219,7 +223,7 @@ fn connect_with_retry(
 ) -> std::io::Result<TcpStream> {
     let mut wait = Duration::from_millis(10);
     loop {
-        let attempt = address.to_socket_addrs().and_then(connect_to_first);
+        let attempt = address.to_socket_addrs().and_then(|all| connect_to_first(all, deadline));
         match attempt {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline || give_up.load(Ordering::Relaxed) => {
@@ -246,9 +250,10 @@ mod tests {
         drop(closed);
         let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = open.local_addr().unwrap();
-        let stream = connect_to_first([refused, peer].into_iter()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stream = connect_to_first([refused, peer].into_iter(), deadline).unwrap();
         assert_eq!(stream.peer_addr().unwrap(), peer);
-        assert!(connect_to_first([refused].into_iter()).is_err());
-        assert!(connect_to_first(std::iter::empty()).is_err());
+        assert!(connect_to_first([refused].into_iter(), deadline).is_err());
+        assert!(connect_to_first(std::iter::empty(), deadline).is_err());
     }
 }

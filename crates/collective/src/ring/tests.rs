@@ -8,7 +8,7 @@ use super::accept::{
 use super::element::{Bf16, Element};
 use super::handshake::{
     challenge_left, prove_to_right, Handshake, ACCEPTED, ACCEPTOR_ROLE, CONNECTOR_ROLE,
-    HANDSHAKE_TIMEOUT, HELLO_LEN, MAGIC, NONCE_LEN, REFUSED, TAG_LEN,
+    HANDSHAKE_TIMEOUT, HELLO_LEN, MAGIC, NONCE_LEN, REFUSED, RING_KEY_ITERATIONS, TAG_LEN,
 };
 use super::sealing::{message_key, LinkCipher, LINK_TAG_LEN, MESSAGES_PER_KEY};
 use super::*;
@@ -20,8 +20,30 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The tests' job key, derived once (each derivation is 300,000 HMACs).
 fn key() -> RingKey {
-    RingKey::derive(b"the job token of these tests")
+    static KEY: std::sync::OnceLock<RingKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| RingKey::derive(b"the job token of these tests")).clone()
+}
+
+#[test]
+fn the_ring_key_is_the_job_tokens_pbkdf2_stretch() {
+    // Made independently, with Python's hashlib (OpenSSL):
+    // hashlib.pbkdf2_hmac('sha256', b'the job token of these tests',
+    //                     b'rsb ring key v2', 300000).hex()
+    let expected: Vec<u8> = (0..32)
+        .map(|i| {
+            let hex = "d6e38e1cf7f352f0c5c901cecf8fa5bb30c4a2ac657b45e16eead1657c6cd514";
+            u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect();
+    assert_eq!(RING_KEY_ITERATIONS, 300_000);
+    let (hello, nonce) = (b"a hello".as_slice(), b"a nonce".as_slice());
+    assert_eq!(
+        key().proof(ACCEPTOR_ROLE, hello, nonce),
+        super::handshake::tag(&expected, &[ACCEPTOR_ROLE, hello, nonce]),
+        "the ring key is not PBKDF2-HMAC-SHA256 of the token"
+    );
 }
 
 #[test]
@@ -933,13 +955,21 @@ fn peers_of_earlier_versions_are_refused_at_the_handshake() {
     let (listener, peer) = old_peer(0x5253_4233);
     let loopback = [IpAddr::from([127, 0, 0, 1])];
     let deadline = Instant::now() + Duration::from_secs(2);
-    let waited =
-        accept_left(&listener, 1, (0, &loopback), 2, &key(), deadline, &AtomicBool::new(false));
+    let waited = accept_left(
+        &listener,
+        1,
+        (0, "127.0.0.1:9", &loopback),
+        2,
+        &key(),
+        deadline,
+        &AtomicBool::new(false),
+    );
     match waited {
-        Err(CollectiveError::Link { source, .. }) => assert!(
+        Err(CollectiveError::Link { source, address, peer, .. }) => assert!(
             source.to_string().contains("the last connection refused was")
-                && source.to_string().contains("older version"),
-            "{source}"
+                && source.to_string().contains("older version")
+                && (peer, address.as_str()) == (0, "127.0.0.1:9"),
+            "{source}, rank {peer} at {address}"
         ),
         other => panic!("{other:?}"),
     }
