@@ -2434,6 +2434,12 @@ impl Job {
         }
     }
 
+    /// Whether member `id` is leaving the job at its ranks' stop request
+    /// ([`HostsStopping`]): dropped as the next generation opens.
+    pub fn is_leaving(&self, id: &str) -> bool {
+        self.hosts_stopping.as_ref().is_some_and(|s| s.members.contains(id))
+    }
+
     /// Drops the hosts leaving at their ranks' stop request from the job,
     /// each named in the next generation's reasons.
     fn drop_stopping_hosts(&mut self) {

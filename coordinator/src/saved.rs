@@ -176,7 +176,14 @@ impl SavedJob {
                 Phase::Failed(reason) => Some(format!("failed: {reason}")),
                 Phase::Waiting | Phase::Running => None,
             },
-            members: job.members.iter().map(saved_member).collect(),
+            // A host leaving at its ranks' stop request is not waited for
+            // by a restored job: its agent is gone, or going.
+            members: job
+                .members
+                .iter()
+                .filter(|m| !job.is_leaving(&m.id))
+                .map(saved_member)
+                .collect(),
             pending: job.pending.iter().map(saved_member).collect(),
             checkpoints: job
                 .checkpoints
@@ -863,6 +870,42 @@ pub(crate) mod tests {
                 assert_eq!(reported_records(tmp.path()), steps[..1]);
             }
         }
+    }
+
+    #[test]
+    fn hosts_leaving_at_their_stop_are_not_saved_as_members_to_wait_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = Secret::generate().unwrap();
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/debug/resnet18_tiny_cpu.yaml");
+        let recipe = || rsb_recipes::load(&path, &["batch.global_size=48".into()]).unwrap();
+        // Hosts a, b, c run ranks 0, 1, 2; rank 2 leaves at the stop request
+        // of `askers` while rank 0 still writes its stop checkpoint.
+        let stopping = |askers: Vec<u32>| {
+            let mut job = Job::new(recipe(), tmp.path().to_path_buf(), 3);
+            job.set_node_bounds(1, 3).unwrap();
+            job.token_fingerprint = Some(token.fingerprint());
+            job.join("a", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            job.join("b", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            let (c, _, _) = job.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+            let asked = crate::job::FailureCause::StopRequestedBy(askers);
+            job.leave(&c, 1, 0, false, "stopped by SIGTERM", asked).unwrap();
+            assert_eq!(job.phase, Phase::Running, "{:?}", job.phase);
+            SavedJob::of(&job)
+        };
+        let saved = stopping(vec![1, 2]);
+        let hosts: Vec<&str> = saved.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a"]);
+        let restored = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+        let hosts: Vec<&str> = restored.members.iter().map(|m| m.host.as_str()).collect();
+        assert_eq!(hosts, ["a"]);
+        // The whole job preempted: the restored job waits for new hosts.
+        let saved = stopping(vec![0, 1, 2]);
+        assert!(saved.members.is_empty());
+        let mut restored = Job::restore(recipe(), tmp.path().to_path_buf(), saved, &token).unwrap();
+        assert_eq!(restored.phase, Phase::Waiting, "{:?}", restored.phase);
+        restored.join("d", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert_eq!(restored.phase, Phase::Running, "{:?}", restored.phase);
     }
 
     #[test]
