@@ -28,6 +28,7 @@ use nix::fcntl::{Flock, FlockArg};
 use rsb_recipes::Recipe;
 use serde_json::Value;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -496,8 +497,17 @@ impl RunFolderLock {
         let lock_error = |error| RunFolderError::Lock { lock: path.clone(), error };
         std::fs::create_dir_all(run_dir).map_err(lock_error)?;
         // A FIFO or a device is no lock file: its holder's name could not be
-        // read back (a FIFO waits for a writer) nor written.
-        match std::fs::metadata(&path) {
+        // read back (a FIFO waits for a writer) nor written. Nor is a
+        // symbolic link, which is never followed: the holder's name would
+        // overwrite the file it points to, outside the run folder (one
+        // planted in a shared folder), or create it.
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.file_type().is_symlink() => {
+                return Err(lock_error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a symbolic link, not a lock file: it is never followed (remove it)",
+                )));
+            }
             Ok(metadata) if !metadata.is_file() => {
                 return Err(lock_error(rsb_files::not_a_regular_file()));
             }
@@ -508,6 +518,8 @@ impl RunFolderLock {
             .write(true)
             .create(true)
             .truncate(false)
+            // A link made after the check above is not followed either.
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(lock_error)?;
         let deadline = Instant::now() + wait;
@@ -929,6 +941,31 @@ mod tests {
         );
         std::fs::write(run.join("holder"), "pid 7 on host-a\n").unwrap();
         assert_eq!(lock_holder(&run.join("holder")), "pid 7 on host-a");
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_symbolic_link_is_refused_and_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        // A file outside the run folder, and a link to it planted as the lock.
+        let outside = tmp.path().join("someone-elses-file");
+        std::fs::write(&outside, "not yours\n").unwrap();
+        let lock = run.join(LOCK_FILE);
+        std::os::unix::fs::symlink(&outside, &lock).unwrap();
+        let err = RunFolderLock::acquire(&run, Duration::from_millis(100)).map(|_| ()).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains(lock.to_str().unwrap()) && message.contains("symbolic link"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "not yours\n");
+        // A dangling one creates nothing.
+        std::fs::remove_file(&lock).unwrap();
+        let nowhere = tmp.path().join("created-by-nobody");
+        std::os::unix::fs::symlink(&nowhere, &lock).unwrap();
+        RunFolderLock::acquire(&run, Duration::from_millis(100)).map(|_| ()).unwrap_err();
+        assert!(!nowhere.exists(), "the lock followed a dangling link and created its target");
     }
 
     #[test]

@@ -306,13 +306,11 @@ fn commit(
         .map_err(|e| not_written(run_dir, name, &target, &TrainError::io(&target, e)))?;
     let mut made_staging = false;
     let staged = (|| {
-        let first_save = !root.is_dir();
         std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-        if first_save {
-            // The new `checkpoints/` entry must survive a crash as the
-            // checkpoint in it does.
-            sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-        }
+        // The `checkpoints/` entry must survive a crash as the checkpoint
+        // in it does: synced at every save, not only the one that made it,
+        // which may have failed before its sync.
+        sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
         // A name of this save's own: never another writer's save in
         // progress, which is not to be deleted (an existing folder fails).
         std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
