@@ -489,11 +489,23 @@ pub fn service(
 /// is closed: one that opens a connection and says nothing holds nothing.
 pub const TLS_HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a connection may be idle before the coordinator pings its peer
+/// (an HTTP/2 PING), and how long it then waits for the answer before it
+/// closes the connection: one whose host died (power lost, a spot node
+/// reclaimed, a reboot) sends no FIN, and a connection that had presented
+/// the token is never closed for its silence nor evicted, so, without the
+/// ping, each such death kept its connections' slots for good, until the
+/// host's address (or the coordinator) had none left.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A tonic server with the limits of [`server`].
 pub type LimitedServer = tonic::transport::Server<Stack<GlobalConcurrencyLimitLayer, Identity>>;
 
 /// The server [`serve`] runs: at most [`MAX_CALLS_PER_CONNECTION`] calls
-/// per connection and [`MAX_CALLS`] in all; over TLS (rustls) when `tls`
+/// per connection and [`MAX_CALLS`] in all, each connection's silent peer
+/// pinged ([`KEEPALIVE_INTERVAL`]); over TLS (rustls) when `tls`
 /// gives the certificate and key, with a handshake of at most
 /// [`TLS_HANDSHAKE_DEADLINE`]. The certificate and key are checked here,
 /// so that ones that do not parse are an error before the coordinator says
@@ -510,6 +522,13 @@ pub fn server(
         )?;
     }
     Ok(builder
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // What a peer may send ahead of the coordinator's reading: a
+        // request's worth per call, two per connection (hyper's default, a
+        // mebibyte each, let strangers park hundreds of them).
+        .initial_stream_window_size(MAX_REQUEST_BYTES as u32)
+        .initial_connection_window_size(2 * MAX_REQUEST_BYTES as u32)
         .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
         .max_concurrent_streams(MAX_CALLS_PER_CONNECTION as u32)
         .layer(GlobalConcurrencyLimitLayer::new(MAX_CALLS)))
@@ -1003,8 +1022,11 @@ impl Coordinator for Shared {
             )));
         }
         let cause = failure_cause(&r);
+        // Printed, logged and sent to every member's agent: one line, its
+        // control characters (a terminal's escapes, line breaks) spaces.
+        let message = one_line(&r.message, MAX_MESSAGE_LEN);
         self.update_job(index, |job| {
-            job.leave(&caller, r.generation, r.local_rank, r.success, &r.message, cause)
+            job.leave(&caller, r.generation, r.local_rank, r.success, &message, cause)
         })
         .map_err(status)?;
         Ok(Response::new(pb::Ack {}))
@@ -1756,6 +1778,26 @@ mod tests {
         let line = one_line(&format!("short\nof\u{7}disk\u{2028}{}", "é".repeat(9)), 20);
         // 20 bytes: a fourth é would make 22.
         assert_eq!(line, "short of disk ééé");
+    }
+
+    #[test]
+    fn a_leaves_message_reaches_the_job_as_one_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shared, credentials, _) = running_job(tmp.path());
+        let member_id = shared.state.lock().unwrap().jobs[0].members[0].id.clone();
+        let leave = pb::LeaveRequest {
+            member_id,
+            generation: 1,
+            message: "out of memory\n\u{1b}[2J\u{1b}[31mjob finished\r".into(),
+            ..pb::LeaveRequest::default()
+        };
+        let mut request = Request::new(leave);
+        *request.metadata_mut() =
+            credentials.clone().call(Request::new(())).unwrap().metadata().clone();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(shared.leave(request)).unwrap();
+        let failure = shared.state.lock().unwrap().jobs[0].failure().unwrap().to_string();
+        assert_eq!(failure, "rank 0 on a failed: out of memory  [2J [31mjob finished ");
     }
 
     fn kinds_on_disk(out: &Path) -> Vec<String> {

@@ -701,6 +701,54 @@ fn a_certificate_or_key_that_does_not_parse_fails_up_at_once_naming_them() {
 }
 
 #[test]
+fn a_members_connection_whose_peer_stopped_answering_frees_its_slot() {
+    // One connection per address. A client presents the token (its
+    // connection is a member's: never closed for its silence, never
+    // evicted), then stops answering: its runtime is no longer driven, as
+    // a host that lost its power or was reclaimed answers nothing. The
+    // coordinator's ping goes unanswered, the connection is closed, and a
+    // new connection from the address is served.
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let token = "a-keepalive-test-token-0123456789";
+    let mut cmd = Command::new(binary("coordinator"));
+    cmd.env(TOKEN_ENV, token)
+        .args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .args(["--max-connections-per-address", "1"]);
+    let _coordinator = spawn_logged(&mut cmd, &logs.join("coordinator"));
+    let bound = listening_address(&logs.join("coordinator.out"));
+    let gone = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut member, opened) = gone.block_on(counting_client(bound, None, token));
+    assert_eq!(status_on_one_connection(&gone, &mut member, &opened), 1);
+    let stopped_at = Instant::now();
+    // Another client from the address is refused while that one holds the
+    // slot, then served once the ping found it gone.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served = wait_until(Duration::from_secs(60), "a new connection served", || {
+        let outcome = runtime.block_on(async {
+            let within = Duration::from_secs(3);
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{bound}"))
+                .ok()?
+                .connect_timeout(within);
+            let channel = tokio::time::timeout(within, endpoint.connect()).await.ok()?.ok()?;
+            let mut fresh = CoordinatorClient::with_interceptor(
+                channel,
+                Attach(vec![(TOKEN_HEADER, token.to_string())]),
+            );
+            tokio::time::timeout(within, fresh.status(pb::StatusRequest {})).await.ok()?.ok()
+        });
+        outcome.map(|_| stopped_at.elapsed())
+    });
+    assert!(served > Duration::from_secs(5), "served after {served:?}: the slot was free at once");
+    println!("MEASURED a silent member's connection freed its slot {served:.1?} after it stopped");
+    drop((member, gone));
+}
+
+#[test]
 fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
     use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
