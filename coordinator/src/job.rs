@@ -754,7 +754,15 @@ impl Job {
     /// A job waiting for `nodes_expected` hosts.
     pub fn new(recipe: Recipe, out_dir: PathBuf, nodes_expected: u32) -> Job {
         let recipe_yaml = rsb_recipes::to_yaml(&recipe);
-        let id = format!("{}-{}", recipe.name, std::process::id());
+        // Unique across coordinators (one in a container is always pid 1):
+        // the ring's key is the job id's and the generation's, and a rank
+        // left over from another coordinator's job must not share it.
+        let nonce = getrandom::u32().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        });
+        let id = format!("{}-{}-{nonce:08x}", recipe.name, std::process::id());
         Job {
             id,
             generation: 1,

@@ -992,7 +992,6 @@ pub fn rank(args: RankArgs) -> Result<()> {
     let runtime = Arc::new(tokio::runtime::Runtime::new()?);
     let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
     let mut client = CoordinatorClient::with_interceptor(channel, credentials);
-    let ring_key = RingKey::derive(token.expose().as_bytes());
     let stop = StopRequest::new();
     let stopped_before_training = pb::LeaveRequest {
         member_id: args.member.clone(),
@@ -1000,6 +999,9 @@ pub fn rank(args: RankArgs) -> Result<()> {
         ..pb::LeaveRequest::default()
     };
     watch_stop_signals(&runtime, stop.clone(), client.clone(), stopped_before_training)?;
+    // After the signal watch: a stop during its 75 ms is a stop before
+    // training, told to the coordinator, not the default death.
+    let ring_key = RingKey::derive(token.expose().as_bytes());
     let mut generation = 0;
     let outcome = match run_rank(&args, &runtime, &mut client, &ring_key, &mut generation, &stop) {
         Ok(RankEnd::NothingToTrain) => {

@@ -513,15 +513,8 @@ impl RunFolderLock {
             }
             _ => {}
         }
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // A link made after the check above is not followed either.
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(&path)
-            .map_err(lock_error)?;
+        // A link made after the check above is not followed either.
+        let mut file = open_lock_file(&path).map_err(lock_error)?;
         let deadline = Instant::now() + wait;
         let mut waiting_logged = false;
         let mut locked = loop {
@@ -572,6 +565,18 @@ impl RunFolderLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Opens (or creates) the lock file `path` to read and write, never
+/// following a symbolic link (`O_NOFOLLOW`: a link there fails to open).
+fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
 }
 
 /// Who holds the lock file `path`, as the holder wrote itself into it
@@ -966,6 +971,14 @@ mod tests {
         std::os::unix::fs::symlink(&nowhere, &lock).unwrap();
         RunFolderLock::acquire(&run, Duration::from_millis(100)).map(|_| ()).unwrap_err();
         assert!(!nowhere.exists(), "the lock followed a dangling link and created its target");
+        // A link made after that check (a race) is not followed by the open.
+        assert!(open_lock_file(&lock).is_err(), "the lock file's open followed a link");
+        assert!(!nowhere.exists());
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(&outside, &lock).unwrap();
+        assert!(open_lock_file(&lock).is_err(), "the lock file's open followed a link");
+        std::fs::remove_file(&lock).unwrap();
+        assert!(open_lock_file(&lock).is_ok(), "a lock file is created where nothing is");
     }
 
     #[test]

@@ -13,13 +13,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// "RSB4": the authenticated hello, and links whose every message is
+/// "RSB5": the authenticated hello, under a ring key of the job's
+/// generation stretched from its token, and links whose every message is
 /// encrypted and authenticated (see the module documentation).
-pub(super) const MAGIC: u32 = 0x5253_4234;
+pub(super) const MAGIC: u32 = 0x5253_4235;
 /// The hellos of earlier versions, refused with a word that says which:
-/// "RSB3" (links whose messages were tagged, not encrypted) and "RSB2"
-/// (links that carried untagged data).
-const OLDER_MAGICS: [(u32, &str); 2] = [
+/// "RSB4" (a ring key of one HMAC of the token, the same for every
+/// generation), "RSB3" (links whose messages were tagged, not encrypted)
+/// and "RSB2" (links that carried untagged data).
+const OLDER_MAGICS: [(u32, &str); 3] = [
+    (0x5253_4234, "RSB4, whose ring key is one HMAC of the token, shared by every generation"),
     (0x5253_4233, "RSB3, whose links carry tagged but unencrypted data"),
     (0x5253_4232, "RSB2, whose links carry untagged data"),
 ];
@@ -284,7 +287,7 @@ pub(super) fn challenge_left(
     let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
     if let Some((_, older)) = OLDER_MAGICS.iter().find(|(magic, _)| word(0) == *magic) {
         return Err(Handshake::Refused(format!(
-            "it is a ring peer of an older version (hello {older}; this rank's is RSB4, \
+            "it is a ring peer of an older version (hello {older}; this rank's is RSB5, \
              encrypted): every rank of a job must run the same version"
         )));
     }

@@ -76,10 +76,11 @@
 //! What this does not protect: the lengths and timing of the messages are
 //! visible on the path, and such an attacker can always cut or stall a link
 //! (a [`CollectiveError::Link`] or [`CollectiveError::Timeout`], as a
-//! failed peer would be). The hello names the wire version ("RSB4":
-//! encrypted messages); a peer of an earlier one ("RSB3", links tagged but
-//! readable; "RSB2", neither) is refused at the handshake, never
-//! mis-framed. As after any failed collective, a buffer whose collective
+//! failed peer would be). The hello names the wire version ("RSB5":
+//! encrypted messages, under a key of the job's generation stretched from
+//! its token); a peer of an earlier one ("RSB4", one key of one HMAC for
+//! every generation; "RSB3", links tagged but readable; "RSB2", neither)
+//! is refused at the handshake, never mis-framed. As after any failed collective, a buffer whose collective
 //! failed holds partial results and is not to be used.
 //!
 //! Every collective starts with a small header passed around the ring (an

@@ -936,7 +936,7 @@ fn peers_of_earlier_versions_are_refused_at_the_handshake() {
         });
         (listener, peer)
     };
-    for (magic, version) in [(0x5253_4233, "RSB3"), (0x5253_4232, "RSB2")] {
+    for (magic, version) in [(0x5253_4234, "RSB4"), (0x5253_4233, "RSB3"), (0x5253_4232, "RSB2")] {
         let (listener, peer) = old_peer(magic);
         let (stream, _) = listener.accept().unwrap();
         let outcome =
