@@ -1574,15 +1574,8 @@ impl Job {
         if !gone.is_empty() {
             for m in &gone {
                 tracing::error!(member = %m.id, host = %m.host, "lost: {why}; dropped from the job");
-                self.lost.push(format!("{} ({why})", m.host));
-                if self.phase == Phase::Running {
-                    self.reasons.push(GenerationReason::LostHost {
-                        host: m.host.clone(),
-                        detail: why.clone(),
-                    });
-                }
             }
-            self.dropped.extend(gone.into_iter().map(|m| (m, why.clone())));
+            self.record_dropped(gone, &why);
             match self.phase {
                 Phase::Running => self.next_generation(None),
                 _ => self.assign_ranks(),
@@ -2415,10 +2408,9 @@ impl Job {
     /// `askers` (global ranks; `before_training`: one rank stopped before
     /// it trained): their hosts leave the job ([`HostsStopping`]).
     fn hosts_stop(&mut self, askers: &[u32], before_training: bool) {
-        let now = Instant::now();
         let stopping = self.hosts_stopping.get_or_insert_with(|| HostsStopping {
             members: BTreeSet::new(),
-            wait_until: now + STOP_CHECKPOINT_WAIT,
+            wait_until: Instant::now() + STOP_CHECKPOINT_WAIT,
         });
         for &rank in askers {
             if let Some(m) = self.members.iter().find(|m| m.ranks().contains(&rank)) {
@@ -2432,9 +2424,6 @@ impl Job {
                     );
                 }
             }
-        }
-        if before_training {
-            stopping.wait_until = now;
         }
         let rank_0_left = self.left_ranks.contains(&0);
         if rank_0_left || before_training {
@@ -2458,15 +2447,27 @@ impl Job {
             .into_iter()
             .partition(|m| stopping.members.contains(&m.id));
         self.members = kept;
-        for m in gone {
+        for m in &gone {
             tracing::warn!(member = %m.id, host = %m.host, "{STOPPED_HOST}; dropped from the job");
-            self.lost.push(format!("{} ({STOPPED_HOST})", m.host));
-            self.reasons.push(GenerationReason::LostHost {
-                host: m.host.clone(),
-                detail: STOPPED_HOST.to_string(),
-            });
-            self.dropped.push((m, STOPPED_HOST.to_string()));
         }
+        self.record_dropped(gone, STOPPED_HOST);
+    }
+
+    /// Records members just taken out of the job for `why`: among the hosts
+    /// lost (named if the job fails waiting for joins), in the next
+    /// generation's reasons when the job runs, and as dropped (their
+    /// heartbeats are told so).
+    fn record_dropped(&mut self, gone: Vec<Member>, why: &str) {
+        for m in &gone {
+            self.lost.push(format!("{} ({why})", m.host));
+            if self.phase == Phase::Running {
+                self.reasons.push(GenerationReason::LostHost {
+                    host: m.host.clone(),
+                    detail: why.to_string(),
+                });
+            }
+        }
+        self.dropped.extend(gone.into_iter().map(|m| (m, why.to_string())));
     }
 }
 

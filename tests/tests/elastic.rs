@@ -295,6 +295,15 @@ fn wait_until_mid_run(out: &Path, up: &mut Child) {
     });
 }
 
+/// Waits until the job of `up` has trained an update in a generation of 2
+/// hosts (after losing one of its 3).
+fn wait_until_shrunk(out: &Path, up: &mut Child) {
+    wait_for_records(out, up, "an update after the shrink", |records| {
+        position(records, "generation", |g| g["world_size"] == 2)
+            .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
+    });
+}
+
 /// Asserts that the finished run of `out` ended within seed noise of the
 /// same job run uninterrupted; returns its (training, validation) loss.
 fn assert_losses_within_seed_noise(out: &Path) -> (f64, f64) {
@@ -330,10 +339,7 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     }
     // Time to recover: from the kill to the first update of the new generation.
     let killed_at = Instant::now();
-    wait_for_records(&out, &mut up, "an update after the shrink", |records| {
-        position(records, "generation", |g| g["world_size"] == 2)
-            .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
-    });
+    wait_until_shrunk(&out, &mut up);
     let recovery = killed_at.elapsed();
     let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
     let mut workers = workers;
@@ -393,10 +399,7 @@ fn a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint() 
     let index = hosts.iter().position(|h| *h == stopped_host).expect("one of the hosts");
     assert!(signal(workers[index].id(), "TERM"), "SIGTERM to worker {stopped_host}");
     let stopped_at = Instant::now();
-    wait_for_records(&out, &mut up, "an update after the shrink", |records| {
-        position(records, "generation", |g| g["world_size"] == 2)
-            .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
-    });
+    wait_until_shrunk(&out, &mut up);
     let recovery = stopped_at.elapsed();
     let stopped = wait_with_timeout(workers.remove(index), Duration::from_secs(60), "its worker");
     let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");

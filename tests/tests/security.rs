@@ -64,6 +64,17 @@ impl Drop for Proc {
     }
 }
 
+/// `coordinator up` of the tiny recipe for `nodes` hosts, listening on a
+/// free loopback port, with its run folder `out`.
+fn coordinator_on_loopback(nodes: &str, out: &Path) -> Command {
+    let mut cmd = Command::new(binary("coordinator"));
+    cmd.args(["up", "--nodes", nodes, "--listen", "127.0.0.1:0", "--recipe"])
+        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -590,16 +601,8 @@ fn the_coordinator_serves_tls_when_given_a_certificate() {
     let token = "tls-test-token-6b0f2d9c1e";
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let mut up = Command::new(binary("coordinator"));
-    up.env(TOKEN_ENV, token)
-        .args(["up", "--nodes", "2", "--listen", "127.0.0.1:0", "--recipe"])
-        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
-        .arg("--out")
-        .arg(tmp.path().join("run"))
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key);
+    let mut up = coordinator_on_loopback("2", &tmp.path().join("run"));
+    up.env(TOKEN_ENV, token).arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
     let _coordinator = spawn_logged(&mut up, &logs.join("coordinator"));
     let bound = listening_address(&logs.join("coordinator.out"));
     let url = format!("https://{bound}");
@@ -712,13 +715,8 @@ fn a_members_connection_whose_peer_stopped_answering_frees_its_slot() {
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let token = "a-keepalive-test-token-0123456789";
-    let mut cmd = Command::new(binary("coordinator"));
-    cmd.env(TOKEN_ENV, token)
-        .args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--recipe"])
-        .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
-        .arg("--out")
-        .arg(tmp.path().join("run"))
-        .args(["--max-connections-per-address", "1"]);
+    let mut cmd = coordinator_on_loopback("1", &tmp.path().join("run"));
+    cmd.env(TOKEN_ENV, token).args(["--max-connections-per-address", "1"]);
     let _coordinator = spawn_logged(&mut cmd, &logs.join("coordinator"));
     let bound = listening_address(&logs.join("coordinator.out"));
     let gone = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -755,13 +753,8 @@ fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let up = |share: &str| {
-        let mut cmd = Command::new(binary("coordinator"));
-        cmd.env_remove(TOKEN_ENV)
-            .args(["up", "--nodes", "1", "--listen", "127.0.0.1:0", "--recipe"])
-            .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
-            .arg("--out")
-            .arg(tmp.path().join(format!("run-{share}")))
-            .args(["--max-connections-per-address", share]);
+        let mut cmd = coordinator_on_loopback("1", &tmp.path().join(format!("run-{share}")));
+        cmd.env_remove(TOKEN_ENV).args(["--max-connections-per-address", share]);
         cmd
     };
     // 0 would refuse every host: refused at once, naming the flag.

@@ -541,6 +541,8 @@ async fn serve_member(
     }
     let (mut children, mut relays) = start_ranks()?;
     let coordinator_deadline = Duration::from_secs(args.coordinator_deadline_secs.max(1));
+    // A partitioned coordinator never answers: every call has a deadline.
+    let call_deadline = HEARTBEAT_DEADLINE.min(coordinator_deadline);
     let mut last_heartbeat = tokio::time::Instant::now();
     // When to heartbeat next, and the wait after a failed one.
     let mut next_heartbeat = last_heartbeat;
@@ -639,16 +641,7 @@ async fn serve_member(
             break;
         }
         if !job_over && tokio::time::Instant::now() >= next_heartbeat {
-            let request = pb::HeartbeatRequest { member_id: joined.member_id.clone() };
-            // A partitioned coordinator never answers: every call has a deadline.
-            let call_deadline = HEARTBEAT_DEADLINE.min(coordinator_deadline);
-            let answer = match tokio::time::timeout(call_deadline, client.heartbeat(request)).await
-            {
-                Ok(answer) => answer,
-                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                    "no heartbeat answer within {call_deadline:?}"
-                ))),
-            };
+            let answer = heartbeat_within(&mut client, &joined.member_id, call_deadline).await;
             let heartbeat_ok = answer.is_ok();
             match answer {
                 Ok(r) if !r.get_ref().keep_going => {
@@ -776,7 +769,12 @@ async fn serve_member(
                 );
                 let hurried = tokio::select! {
                     hurried = stopping => hurried,
-                    never = heartbeat_while_stopping(&mut client, &joined.member_id, interval) => {
+                    never = heartbeat_while_stopping(
+                        &mut client,
+                        &joined.member_id,
+                        interval,
+                        call_deadline,
+                    ) => {
                         match never {}
                     }
                 };
@@ -793,24 +791,37 @@ async fn serve_member(
     })
 }
 
+/// One heartbeat of member `member_id`, answered within `within` or failed
+/// as `DEADLINE_EXCEEDED`.
+async fn heartbeat_within(
+    client: &mut Client,
+    member_id: &str,
+    within: Duration,
+) -> Result<tonic::Response<pb::HeartbeatResponse>, tonic::Status> {
+    let request = pb::HeartbeatRequest { member_id: member_id.to_string() };
+    match tokio::time::timeout(within, client.heartbeat(request)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            Err(tonic::Status::deadline_exceeded(format!("no heartbeat answer within {within:?}")))
+        }
+    }
+}
+
 /// Heartbeats the coordinator every `interval` while the local ranks stop,
-/// each call within its deadline, for ever (the caller ends it): rank 0's
-/// stop checkpoint may take longer than the heartbeat timeout, and a host
-/// found silent meanwhile is dropped from an elastic job, which then opens
-/// its next generation from the checkpoint before the stop one. What the
+/// each call within `within`, for ever (the caller ends it): rank 0's stop
+/// checkpoint may take longer than the heartbeat timeout, and a host found
+/// silent meanwhile is dropped from an elastic job, which then opens its
+/// next generation from the checkpoint before the stop one. What the
 /// coordinator answers changes nothing: the ranks are stopping.
 async fn heartbeat_while_stopping(
     client: &mut Client,
     member_id: &str,
     interval: Duration,
+    within: Duration,
 ) -> std::convert::Infallible {
     loop {
-        let request = pb::HeartbeatRequest { member_id: member_id.to_string() };
-        let call_deadline = HEARTBEAT_DEADLINE.min(interval.max(Duration::from_secs(1)) * 4);
-        match tokio::time::timeout(call_deadline, client.heartbeat(request)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat while the ranks stop failed"),
-            Err(_) => tracing::debug!("no heartbeat answer within {call_deadline:?}"),
+        if let Err(e) = heartbeat_within(client, member_id, within).await {
+            tracing::debug!(error = %e, "heartbeat while the ranks stop failed");
         }
         tokio::time::sleep(interval).await;
     }
