@@ -85,6 +85,10 @@ enum Command {
         /// CA certificate (PEM) of an https:// coordinator.
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
+        /// Allow an http:// coordinator beyond loopback: the job token then
+        /// crosses the network in clear text.
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
     /// Show how a recipe's global batch splits over a number of ranks.
     Plan {
@@ -151,7 +155,8 @@ struct UpArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// gRPC listen address (default 127.0.0.1:50051, loopback only;
-    /// `--local` defaults to 127.0.0.1 and a free port).
+    /// `--local` defaults to 127.0.0.1 and a free port). Beyond loopback it
+    /// needs --tls-cert and --tls-key, or --insecure-plaintext.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Start the N workers on this host too (CPU ranks unless GPUs are present).
@@ -310,6 +315,12 @@ struct TlsArgs {
     /// check the coordinator against it (needed with `--local`).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
+    /// Listen beyond loopback without TLS: calls, the job token and the
+    /// members' secrets in them, then cross the network in clear text,
+    /// readable by anyone on the path. Without it, `--listen` beyond
+    /// loopback needs --tls-cert and --tls-key.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_plaintext: bool,
 }
 
 impl TlsArgs {
@@ -392,8 +403,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Report { dir, dir_b } => report(&dir, dir_b.as_deref()),
-        Command::Status { coordinator, token_file, tls_ca } => {
-            status(&coordinator, token_file.as_deref(), tls_ca.as_deref()).await
+        Command::Status { coordinator, token_file, tls_ca, insecure_plaintext } => {
+            let plaintext = auth::Plaintext::allowed_anywhere(insecure_plaintext);
+            status(&coordinator, token_file.as_deref(), tls_ca.as_deref(), plaintext).await
         }
         Command::Up(args) => up(args).await,
     }
@@ -406,30 +418,35 @@ fn report(dir: &Path, dir_b: Option<&Path>) -> Result<()> {
         None => rsb_report::report(dir)?,
         Some(b) => rsb_report::compare(dir, b)?,
     };
-    rsb_coordinator::print_line!("{}", written.summary);
+    rsb_coordinator::output!("{}", written.summary);
     if !written.skipped.is_empty() {
-        rsb_coordinator::print_line!(
+        rsb_coordinator::output!(
             "{}, {} reported (see the list above)",
             rsb_report::runs::skipped_text(&written.skipped),
             written.runs
         );
     }
-    rsb_coordinator::print_line!(
+    rsb_coordinator::output!(
         "wrote {} file(s) into {}:",
         written.files.len(),
         written.dir.display()
     );
     for file in &written.files {
-        rsb_coordinator::print_line!("  {}", file.display());
+        rsb_coordinator::output!("  {}", file.display());
     }
     Ok(())
 }
 
-async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> Result<()> {
+async fn status(
+    url: &str,
+    token_file: Option<&Path>,
+    tls_ca: Option<&Path>,
+    plaintext: auth::Plaintext,
+) -> Result<()> {
     let token = Secret::job_token(token_file)?.with_context(|| {
         format!("no job token: pass --token-file FILE or set {}", auth::TOKEN_ENV)
     })?;
-    let channel = auth::endpoint(url, tls_ca)?
+    let channel = auth::endpoint(url, tls_ca, plaintext)?
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
@@ -438,8 +455,8 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         Credentials::token(token),
     );
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
-    rsb_coordinator::print_line!("job {} generation {}: {}", s.job_id, s.generation, s.state);
-    rsb_coordinator::print_line!(
+    rsb_coordinator::output!("job {} generation {}: {}", s.job_id, s.generation, s.state);
+    rsb_coordinator::output!(
         "members {}/{} (min {}, max {}):",
         s.members.len(),
         s.nodes_expected,
@@ -447,7 +464,7 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         s.max_nodes
     );
     for m in &s.members {
-        rsb_coordinator::print_line!(
+        rsb_coordinator::output!(
             "  {} {} ranks={} last heartbeat {} ms ago",
             m.member_id,
             m.host_name,
@@ -456,9 +473,9 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
         );
     }
     if !s.pending.is_empty() {
-        rsb_coordinator::print_line!("pending (admitted at the next generation):");
+        rsb_coordinator::output!("pending (admitted at the next generation):");
         for m in &s.pending {
-            rsb_coordinator::print_line!(
+            rsb_coordinator::output!(
                 "  {} {} ranks={} last heartbeat {} ms ago",
                 m.member_id,
                 m.host_name,
@@ -467,9 +484,9 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
             );
         }
     }
-    rsb_coordinator::print_line!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
+    rsb_coordinator::output!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
     if !s.sweep_runs.is_empty() {
-        rsb_coordinator::print_line!("runs:");
+        rsb_coordinator::output!("runs:");
         for run in &s.sweep_runs {
             let state =
                 pb::SweepRunState::try_from(run.state).map_or("unknown", |state| match state {
@@ -494,7 +511,7 @@ async fn status(url: &str, token_file: Option<&Path>, tls_ca: Option<&Path>) -> 
             } else {
                 format!("; last failure: {}", run.failure)
             };
-            rsb_coordinator::print_line!(
+            rsb_coordinator::output!(
                 "  {} {state} (attempts {}){progress}{hosts}{failure}",
                 run.id,
                 run.attempts
@@ -607,6 +624,15 @@ async fn up(mut args: UpArgs) -> Result<()> {
             DEFAULT_LISTEN.parse().expect("literal")
         }
     });
+    if tls.tls_cert.is_none() && !listen.ip().is_loopback() && !tls.insecure_plaintext {
+        bail!(
+            "--listen {listen} is beyond loopback, and without TLS every call (the job token \
+             and the members' secrets in it) would cross the network in clear text: give \
+             --tls-cert and --tls-key (workers then join https://... with --tls-ca), or \
+             {} on a network you trust",
+            auth::INSECURE_PLAINTEXT_FLAG
+        );
+    }
     let (listener, bound, server, with_tls) = match bind_server(listen, &tls, local).await {
         Ok(serving) => serving,
         Err(e) if only_tells_workers => {
@@ -617,8 +643,9 @@ async fn up(mut args: UpArgs) -> Result<()> {
     };
     if !with_tls && !bound.ip().is_loopback() {
         tracing::warn!(
-            "listening on {bound} without TLS: calls, the job token included, cross the \
-             network in clear text; give --tls-cert and --tls-key"
+            "listening on {bound} without TLS ({}): calls, the job token included, cross \
+             the network in clear text",
+            auth::INSECURE_PLAINTEXT_FLAG
         );
     }
     let shared = Shared::new(state);
@@ -675,6 +702,9 @@ async fn up(mut args: UpArgs) -> Result<()> {
             ]);
             if let Some(ca) = &tls.tls_ca {
                 cmd.arg("--tls-ca").arg(ca);
+            }
+            if tls.insecure_plaintext {
+                cmd.arg(auth::INSECURE_PLAINTEXT_FLAG);
             }
             // The token travels in the environment, never on the command line.
             cmd.env(auth::TOKEN_ENV, token.expose());

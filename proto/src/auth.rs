@@ -40,6 +40,41 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// Longest accepted token or secret, in characters.
 pub const MAX_SECRET_LEN: usize = 1024;
 
+/// The option of `coordinator up`, `coordinator status` and `worker join`
+/// that lets calls cross the network without TLS: the job token and the
+/// members' secrets then travel in clear text, readable by anyone on the
+/// path. Without it, only loopback goes without TLS.
+pub const INSECURE_PLAINTEXT_FLAG: &str = "--insecure-plaintext";
+
+/// Where calls may go without TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plaintext {
+    /// Only to and from this host (loopback): the default.
+    LoopbackOnly,
+    /// Anywhere ([`INSECURE_PLAINTEXT_FLAG`]): on a network the user trusts.
+    Anywhere,
+}
+
+impl Plaintext {
+    /// [`Plaintext::Anywhere`] when `insecure` ([`INSECURE_PLAINTEXT_FLAG`] given).
+    pub fn allowed_anywhere(insecure: bool) -> Plaintext {
+        if insecure {
+            Plaintext::Anywhere
+        } else {
+            Plaintext::LoopbackOnly
+        }
+    }
+}
+
+/// Whether `host`, a URL's host (`127.0.0.1`, `[::1]`, `localhost`), is
+/// this host's loopback. A name other than `localhost` is not taken for one
+/// (what it resolves to may change).
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Why a credential cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -201,8 +236,9 @@ pub fn write_token_file(path: &Path, token: &Secret) -> Result<(), AuthError> {
 /// The client endpoint of a coordinator URL. `https://` URLs use TLS and
 /// need `ca`, the PEM file of the certificate authority (or the
 /// self-signed certificate) the coordinator's certificate is checked
-/// against; `http://` URLs take no `ca`.
-pub fn endpoint(url: &str, ca: Option<&Path>) -> Result<Endpoint, AuthError> {
+/// against; `http://` URLs take no `ca`, and name a loopback host unless
+/// `plaintext` allows them anywhere (every call carries the job token).
+pub fn endpoint(url: &str, ca: Option<&Path>, plaintext: Plaintext) -> Result<Endpoint, AuthError> {
     let problem = |problem: String| AuthError::Endpoint { url: url.to_string(), problem };
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| problem(e.to_string()))?
@@ -224,7 +260,18 @@ pub fn endpoint(url: &str, ca: Option<&Path>) -> Result<Endpoint, AuthError> {
         (false, Some(_)) => {
             Err(problem("--tls-ca is for https:// coordinators; this URL is not one".into()))
         }
-        (false, None) => Ok(endpoint),
+        (false, None) => {
+            let host = endpoint.uri().host().unwrap_or_default();
+            if plaintext == Plaintext::LoopbackOnly && !is_loopback_host(host) {
+                return Err(problem(format!(
+                    "{host} is not this host's loopback, and without TLS the job token would \
+                     cross the network in clear text: use an https:// URL with --tls-ca (the \
+                     coordinator serving --tls-cert and --tls-key), or pass \
+                     {INSECURE_PLAINTEXT_FLAG} on a network you trust"
+                )));
+            }
+            Ok(endpoint)
+        }
     }
 }
 
@@ -317,12 +364,32 @@ mod tests {
 
     #[test]
     fn https_needs_a_ca_and_http_takes_none() {
-        assert!(endpoint("http://127.0.0.1:1", None).is_ok());
+        let loopback = Plaintext::LoopbackOnly;
+        assert!(endpoint("http://127.0.0.1:1", None, loopback).is_ok());
         let ca = std::path::Path::new("/nonexistent/ca.pem");
-        assert!(endpoint("http://127.0.0.1:1", Some(ca)).is_err());
-        let e = endpoint("https://127.0.0.1:1", None).unwrap_err().to_string();
+        assert!(endpoint("http://127.0.0.1:1", Some(ca), loopback).is_err());
+        let e = endpoint("https://127.0.0.1:1", None, loopback).unwrap_err().to_string();
         assert!(e.contains("--tls-ca"), "{e}");
-        assert!(endpoint("https://127.0.0.1:1", Some(ca)).is_err(), "a missing CA file");
+        assert!(endpoint("https://127.0.0.1:1", Some(ca), loopback).is_err(), "a missing CA file");
+    }
+
+    #[test]
+    fn http_beyond_loopback_needs_the_insecure_plaintext_option() {
+        for url in
+            ["http://127.0.0.1:1", "http://127.8.0.2:1", "http://[::1]:1", "http://localhost:1"]
+        {
+            assert!(endpoint(url, None, Plaintext::LoopbackOnly).is_ok(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:50051",
+            "http://[fd00::1]:1",
+            "http://coordinator:1",
+            "http://0.0.0.0:1",
+        ] {
+            let e = endpoint(url, None, Plaintext::LoopbackOnly).unwrap_err().to_string();
+            assert!(e.contains(INSECURE_PLAINTEXT_FLAG) && e.contains("clear text"), "{url}: {e}");
+            assert!(endpoint(url, None, Plaintext::Anywhere).is_ok(), "{url}");
+        }
     }
 
     #[test]

@@ -114,7 +114,8 @@ fn a_slow_link_is_named_with_its_hosts_before_the_first_update() {
         format!("distributed.expected_bus_gb_per_s={EXPECTED_BUS_GB_PER_S}"),
     ];
     let mut cmd = Command::new(binary("coordinator"));
-    cmd.args(["up", "--listen", &format!("{host}:{port}"), "--recipe"])
+    // The namespaces' bridge is beyond loopback: plain text by choice.
+    cmd.args(["up", "--insecure-plaintext", "--listen", &format!("{host}:{port}"), "--recipe"])
         .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
         .arg("--out")
         .arg(&out)
@@ -132,7 +133,8 @@ fn a_slow_link_is_named_with_its_hosts_before_the_first_update() {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", ns])
                 .arg(binary("worker"))
-                .args(["join", "--coordinator", &url, "--devices", "cpu", "--cores", "1"])
+                .args(["join", "--coordinator", &url, "--insecure-plaintext"])
+                .args(["--devices", "cpu", "--cores", "1"])
                 .args(["--host-name", name])
                 .env("RSB_JOB_TOKEN", TOKEN)
                 .current_dir(workspace_root());

@@ -132,7 +132,8 @@ fn coordinator(listen: &str, data: &Path, out: &Path) -> Proc {
         format!("distributed.collective_timeout_secs={COLLECTIVE_TIMEOUT_SECS}"),
     ];
     let mut cmd = Command::new(binary("coordinator"));
-    cmd.args(["up", "--listen", listen, "--recipe"])
+    // The namespaces' bridge is beyond loopback: plain text by choice.
+    cmd.args(["up", "--insecure-plaintext", "--listen", listen, "--recipe"])
         .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
         .arg("--out")
         .arg(out)
@@ -150,8 +151,8 @@ fn worker(url: &str, netns: &str, name: &str) -> Proc {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
         .arg(binary("worker"))
-        .args(["join", "--coordinator", url, "--devices", "cpu", "--cores", "1"])
-        .args(["--host-name", name])
+        .args(["join", "--coordinator", url, "--insecure-plaintext"])
+        .args(["--devices", "cpu", "--cores", "1", "--host-name", name])
         .args(["--coordinator-deadline-secs", &COORDINATOR_DEADLINE_SECS.to_string()])
         .env("RSB_JOB_TOKEN", TOKEN)
         .current_dir(workspace_root());

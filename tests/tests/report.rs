@@ -273,6 +273,26 @@ fn a_sweep_of_many_unstarted_cells_logs_ten_of_them_and_counts_the_rest() {
     assert!(!stderr.contains("not started) more"), "{stderr}");
 }
 
+/// The report's tables are its result: when they cannot be written (a
+/// full disk behind `>`), `coordinator report` fails naming stdout and the
+/// cause, where it said nothing and succeeded.
+#[test]
+fn a_report_whose_tables_cannot_be_written_fails_naming_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("seeds");
+    synthetic_sweep(&dir, "0..3", &[], |i, _| 79.7 + noise(i as u64, 1, 0.4), &[], &[]);
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let run = Command::new(binary("coordinator"))
+        .arg("report")
+        .arg(&dir)
+        .stdout(full)
+        .output()
+        .expect("running coordinator report");
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{said}");
+    assert!(said.contains("writing the output to stdout: No space left on device"), "{said}");
+}
+
 #[test]
 fn a_grid_report_has_a_table_and_a_chart_per_axis() {
     let tmp = tempfile::tempdir().unwrap();

@@ -703,6 +703,70 @@ fn a_certificate_or_key_that_does_not_parse_fails_up_at_once_naming_them() {
     );
 }
 
+/// Plain text goes no further than loopback unless asked for: `up
+/// --listen` beyond loopback without TLS fails before it listens, and
+/// `worker join` and `coordinator status` refuse an `http://` coordinator
+/// beyond loopback before they send the token, each naming
+/// `--insecure-plaintext`, which lets them (with a warning from `up`).
+/// Before, `up` only warned, and the token crossed the network in clear text.
+#[test]
+fn plain_text_beyond_loopback_is_refused_unless_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let up = |extra: &[&str], name: &str| {
+        let mut cmd = Command::new(binary("coordinator"));
+        cmd.env(TOKEN_ENV, "plaintext-test-token-4c1d8e2a")
+            .args(["up", "--nodes", "1", "--listen", "0.0.0.0:0", "--join-timeout-secs", "60"])
+            .args(extra)
+            .arg("--recipe")
+            .arg(workspace_root().join("recipes/debug/resnet18_tiny_cpu.yaml"))
+            .arg("--out")
+            .arg(tmp.path().join(name))
+            .stdin(Stdio::null());
+        cmd
+    };
+    let refused = up(&[], "refused").output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(refused.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("listening"), "it listened:\n{stdout}");
+    assert!(stderr.contains("--insecure-plaintext") && stderr.contains("clear text"), "{stderr}");
+
+    let log = tmp.path().join("allowed.log");
+    let _allowed = spawn_logged(&mut up(&["--insecure-plaintext"], "allowed"), &log);
+    let (out, err) = (log.with_extension("out"), log.with_extension("err"));
+    wait_until(Duration::from_secs(60), "the coordinator to listen on 0.0.0.0", || {
+        read(&out).contains("coordinator listening on 0.0.0.0:").then_some(())
+    });
+    assert!(read(&err).contains("without TLS (--insecure-plaintext)"), "{}", read(&err));
+
+    // An address of TEST-NET-1, which nothing answers: before, `join`
+    // tried to connect for 120 s.
+    let remote = "http://192.0.2.1:50051";
+    let clients = [
+        (binary("worker"), vec!["join", "--coordinator", remote, "--devices", "cpu"]),
+        (binary("coordinator"), vec!["status", "--coordinator", remote]),
+    ];
+    for (program, args) in clients {
+        let client = Command::new(&program)
+            .args(&args)
+            .env(TOKEN_ENV, "plaintext-test-token-4c1d8e2a")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = processes::wait_with_timeout(client, Duration::from_secs(30), args[0]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}", args[0]);
+        assert!(
+            stderr.contains("192.0.2.1 is not this host's loopback")
+                && stderr.contains("--insecure-plaintext"),
+            "{}: {stderr}",
+            args[0]
+        );
+    }
+}
+
 #[test]
 fn a_members_connection_whose_peer_stopped_answering_frees_its_slot() {
     // One connection per address. A client presents the token (its

@@ -735,6 +735,40 @@ fn worker_models_prints_table_3() {
     }
 }
 
+/// A printing command whose reader went away (`worker models | head -3`)
+/// ends quietly and successfully; one whose output cannot be written (a full
+/// disk behind `>`) fails naming stdout and the cause. `println!` panicked
+/// in both, with a backtrace and exit code 101.
+#[test]
+fn a_closed_or_full_stdout_ends_a_printing_command_without_a_panic() {
+    let mut models = Command::new(binary("worker"))
+        .arg("models")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running worker models");
+    // Closed before the worker (still loading libtorch) writes its header:
+    // every line it writes meets a pipe without a reader.
+    drop(models.stdout.take());
+    let closed = models.wait_with_output().expect("waiting for worker models");
+    let said = String::from_utf8_lossy(&closed.stderr);
+    assert!(closed.status.success() && !said.contains("panicked"), "{:?}: {said}", closed.status);
+
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let doctor = Command::new(binary("worker"))
+        .arg("doctor")
+        .stdout(full)
+        .output()
+        .expect("running worker doctor");
+    let said = String::from_utf8_lossy(&doctor.stderr);
+    assert_eq!(doctor.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("writing the output to stdout: No space left on device")
+            && !said.contains("panicked"),
+        "{said}"
+    );
+}
+
 #[test]
 fn coordinator_up_keeps_the_same_run_folder_rules() {
     let tmp = tempfile::tempdir().unwrap();

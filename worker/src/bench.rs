@@ -219,7 +219,7 @@ pub fn step(args: StepArgs) -> Result<()> {
         // With --count-ops: calls of each ATen operator in one step, by phase.
         "aten_ops_per_step": aten_ops_per_step,
     });
-    println!("{report}");
+    output!("{report}");
     Ok(())
 }
 

@@ -35,7 +35,7 @@ pub fn nccl_report() -> Result<(String, String, Result<(), String>), String> {
 }
 
 /// Prints the report; returns it as JSON as well.
-pub fn run() -> serde_json::Value {
+pub fn run() -> anyhow::Result<serde_json::Value> {
     // Touch libtorch so that it is loaded before reading the memory map.
     let cuda = tch::Cuda::is_available();
     let devices = tch::Cuda::device_count();
@@ -69,28 +69,28 @@ pub fn run() -> serde_json::Value {
             Err(e) => serde_json::json!({"found": false, "error": e}),
         },
     });
-    println!(
+    output!(
         "libtorch        {}",
         lib.map(|p| p.display().to_string()).unwrap_or_else(|| "not found in memory map".into())
     );
-    println!(
+    output!(
         "torch version   {} (built for {})",
         version.unwrap_or_else(|| "unknown".into()),
         rsb_torch_link::pinned_torch_version()
     );
-    println!("CPU             {}", cpu.model);
-    println!("CPU extensions  {}", cpu.extensions.join(" "));
-    println!("CPU precision   `auto` picks {auto_on_cpu} on the CPU: {}", cpu.auto_reason());
-    println!("CUDA available  {cuda}");
-    println!("CUDA devices    {devices}");
-    println!("cuDNN available {cudnn}");
-    println!("torch threads   {}", tch::get_num_threads());
+    output!("CPU             {}", cpu.model);
+    output!("CPU extensions  {}", cpu.extensions.join(" "));
+    output!("CPU precision   `auto` picks {auto_on_cpu} on the CPU: {}", cpu.auto_reason());
+    output!("CUDA available  {cuda}");
+    output!("CUDA devices    {devices}");
+    output!("cuDNN available {cudnn}");
+    output!("torch threads   {}", tch::get_num_threads());
     match nccl {
         Ok((path, v, id)) => {
             let id = id.map(|()| "a unique id made".to_string()).unwrap_or_else(|e| e);
-            println!("NCCL            found: {path} (version {v}; {id})")
+            output!("NCCL            found: {path} (version {v}; {id})")
         }
-        Err(e) => println!("NCCL            unusable: {e}"),
+        Err(e) => output!("NCCL            unusable: {e}"),
     }
-    report
+    Ok(report)
 }

@@ -101,6 +101,12 @@ pub struct JoinArgs {
     /// CA certificate (PEM) of an https:// coordinator (TLS).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Allow an http:// coordinator beyond loopback: the job token and this
+    /// host's member secret then cross the network in clear text (and so do
+    /// its ranks' calls). Without it, a coordinator beyond loopback needs
+    /// https:// and --tls-ca.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// CPU cores this worker's ranks share, split evenly between them for
     /// libtorch and loader threads (default: every core this process may
     /// use). `coordinator up --local` gives each local worker its share.
@@ -138,6 +144,9 @@ pub struct RankArgs {
     /// CA certificate (PEM) of an https:// coordinator.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// Allow an http:// coordinator beyond loopback (the agent's option).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// libtorch threads of this rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub torch_threads: i32,
@@ -172,8 +181,8 @@ const RANK_STOP_GRACE: Duration =
 /// never hold it: [`crate::reports`].)
 const RANK_CALL_DEADLINE: Duration = Duration::from_secs(5);
 
-async fn connect(url: &str, tls_ca: Option<&Path>) -> Result<Channel> {
-    let endpoint = auth::endpoint(url, tls_ca)?;
+async fn connect(url: &str, tls_ca: Option<&Path>, plaintext: auth::Plaintext) -> Result<Channel> {
+    let endpoint = auth::endpoint(url, tls_ca, plaintext)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         match endpoint.connect().await {
@@ -265,7 +274,11 @@ async fn join_async(args: JoinArgs) -> Result<()> {
     // then waited out its grace period for the SIGKILL.
     let mut stop_signals = rsb_process::stop_signal().context("installing signal handlers")?;
     let channel = tokio::select! {
-        channel = connect(&args.coordinator, args.tls_ca.as_deref()) => channel?,
+        channel = connect(
+            &args.coordinator,
+            args.tls_ca.as_deref(),
+            auth::Plaintext::allowed_anywhere(args.insecure_plaintext),
+        ) => channel?,
         signal = stop_signals.recv() => bail!(
             "worker stopped by {} while connecting to the coordinator at {}",
             stop_cause(signal, "coordinator"),
@@ -519,6 +532,9 @@ async fn serve_member(
             }
             if let Some(ca) = &args.tls_ca {
                 cmd.arg("--tls-ca").arg(ca);
+            }
+            if args.insecure_plaintext {
+                cmd.arg(auth::INSECURE_PLAINTEXT_FLAG);
             }
             // Credentials travel in the environment, never on the command line.
             cmd.env(auth::TOKEN_ENV, token.expose()).env(auth::MEMBER_SECRET_ENV, secret.expose());
@@ -1001,7 +1017,11 @@ pub fn rank(args: RankArgs) -> Result<()> {
     report_panics_in_one_line();
     let (token, credentials) = rank_credentials(&args.member)?;
     let runtime = Arc::new(tokio::runtime::Runtime::new()?);
-    let channel = runtime.block_on(connect(&args.coordinator, args.tls_ca.as_deref()))?;
+    let channel = runtime.block_on(connect(
+        &args.coordinator,
+        args.tls_ca.as_deref(),
+        auth::Plaintext::allowed_anywhere(args.insecure_plaintext),
+    ))?;
     let mut client = CoordinatorClient::with_interceptor(channel, credentials);
     let stop = StopRequest::new();
     let stopped_before_training = pb::LeaveRequest {

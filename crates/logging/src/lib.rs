@@ -241,6 +241,36 @@ pub fn stdout_line(line: &str) {
     Stream::Stdout.line(line);
 }
 
+/// Whether stdout's reader went away (a `| head` that had its lines): then
+/// [`output_line`] drops the lines that follow.
+static STDOUT_READER_GONE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Writes `line` and a newline to stdout for a command whose stdout is its
+/// result (a table, a score, a report), blocking as `println!` does. A
+/// reader that went away (`worker models | head -3`) ends the output
+/// quietly: this line and the later ones are dropped, as for a tool that
+/// SIGPIPE stopped, and the command goes on to its normal end. Any other
+/// failure is returned, so that a result that could not be written (a full
+/// disk behind `>`) is never taken for one that was. (`println!` panics in
+/// both cases.)
+pub fn output_line(line: &str) -> std::io::Result<()> {
+    if STDOUT_READER_GONE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_READER_GONE.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        written => written,
+    }
+}
+
 /// The message of a panic (its payload, when it is a string).
 pub fn panic_message<'a>(info: &'a std::panic::PanicHookInfo<'_>) -> &'a str {
     let payload = info.payload();
