@@ -32,7 +32,8 @@
 //! without either it generates one into `DIR/job.token` (mode 0600), and its
 //! `--local` workers receive it through their environment. It listens on
 //! loopback unless `--listen` says otherwise, and serves TLS (rustls) when
-//! given `--tls-cert` and `--tls-key`.
+//! given `--tls-cert` and `--tls-key`; beyond loopback it needs them, or
+//! `--insecure-plaintext`.
 
 use anyhow::{bail, Context, Result};
 use clap::builder::TypedValueParser;
@@ -53,7 +54,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Default gRPC listen address of `coordinator up`: loopback only; other
-/// hosts need `--listen 0.0.0.0:50051` (or the address of an interface).
+/// hosts need `--listen 0.0.0.0:50051` (or the address of an interface), with
+/// TLS or `--insecure-plaintext`.
 const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// Plan and coordinate ResNet-strikes-back training runs over worker hosts.
@@ -76,7 +78,8 @@ enum Command {
     Up(UpArgs),
     /// Show members, generation and progress of a running coordinator.
     Status {
-        /// Coordinator URL, e.g. http://10.0.0.1:50051.
+        /// Coordinator URL, e.g. https://10.0.0.1:50051 (with --tls-ca) or
+        /// http://127.0.0.1:50051.
         #[arg(long)]
         coordinator: String,
         /// File holding the job token (default: the environment variable RSB_JOB_TOKEN).
@@ -379,7 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plan { recipe, overrides, ranks } => {
             let recipe = recipe.load(&overrides)?;
             let plan = BatchPlan::new(&recipe, ranks)?;
-            rsb_coordinator::print_line!(
+            rsb_coordinator::output!(
                 "{}: global batch {} = micro-batch {} x {} accumulation step(s) x {} rank(s)",
                 recipe.name,
                 plan.global_size,
@@ -387,7 +390,7 @@ async fn run(cli: Cli) -> Result<()> {
                 plan.accumulation,
                 plan.world_size
             );
-            rsb_coordinator::print_line!(
+            rsb_coordinator::output!(
                 "  model {}: train at {} px, test at {} px (crop {})",
                 recipe.model.name,
                 recipe.augment.input_size,
@@ -395,7 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
                 recipe.eval.crop_pct
             );
             for rank in 0..ranks {
-                rsb_coordinator::print_line!(
+                rsb_coordinator::output!(
                     "  rank {rank}: sampler streams {:?}",
                     plan.streams_of(rank)
                 );
@@ -530,9 +533,36 @@ enum Work {
 }
 
 /// `coordinator up`.
+/// Where `up` listens: `--listen`, else a free loopback port with `--local`,
+/// else [`DEFAULT_LISTEN`].
+fn listen_address(listen: Option<SocketAddr>, local: bool) -> SocketAddr {
+    listen.unwrap_or_else(|| {
+        if local {
+            "127.0.0.1:0".parse().expect("literal")
+        } else {
+            DEFAULT_LISTEN.parse().expect("literal")
+        }
+    })
+}
+
 async fn up(mut args: UpArgs) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
+    }
+    // Before anything is written into --out: a refused start leaves no run
+    // folder, token or sweep manifest behind.
+    let listen = listen_address(args.listen, args.local);
+    if args.tls.tls_cert.is_none()
+        && !auth::is_loopback_ip(listen.ip())
+        && !args.tls.insecure_plaintext
+    {
+        bail!(
+            "--listen {listen} is beyond loopback, and without TLS every call (the job token \
+             and the members' secrets in it) would cross the network in clear text: give \
+             --tls-cert and --tls-key (workers then join https://... with --tls-ca), or \
+             {} on a network you trust",
+            auth::INSECURE_PLAINTEXT_FLAG
+        );
     }
     if args.auto_resume {
         // A sweep folder is continued as `--resume OUT` does; a run folder
@@ -617,22 +647,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
         // Saved with the job's state: a restore must present the same token.
         job.token_fingerprint = Some(token.fingerprint());
     }
-    let listen = listen.unwrap_or_else(|| {
-        if local {
-            "127.0.0.1:0".parse().expect("literal")
-        } else {
-            DEFAULT_LISTEN.parse().expect("literal")
-        }
-    });
-    if tls.tls_cert.is_none() && !listen.ip().is_loopback() && !tls.insecure_plaintext {
-        bail!(
-            "--listen {listen} is beyond loopback, and without TLS every call (the job token \
-             and the members' secrets in it) would cross the network in clear text: give \
-             --tls-cert and --tls-key (workers then join https://... with --tls-ca), or \
-             {} on a network you trust",
-            auth::INSECURE_PLAINTEXT_FLAG
-        );
-    }
+    let listen = listen_address(listen, local);
     let (listener, bound, server, with_tls) = match bind_server(listen, &tls, local).await {
         Ok(serving) => serving,
         Err(e) if only_tells_workers => {
@@ -641,7 +656,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    if !with_tls && !bound.ip().is_loopback() {
+    if !with_tls && !auth::is_loopback_ip(bound.ip()) {
         tracing::warn!(
             "listening on {bound} without TLS ({}): calls, the job token included, cross \
              the network in clear text",

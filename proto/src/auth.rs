@@ -71,8 +71,13 @@ impl Plaintext {
 /// (what it resolves to may change).
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse().is_ok_and(is_loopback_ip)
+}
+
+/// Whether `ip` is this host's loopback, an IPv4-mapped one
+/// (`::ffff:127.0.0.1`) included.
+pub fn is_loopback_ip(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// Why a credential cannot be used.

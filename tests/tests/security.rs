@@ -729,6 +729,7 @@ fn plain_text_beyond_loopback_is_refused_unless_asked_for() {
         (String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
     assert_eq!(refused.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(!stdout.contains("listening"), "it listened:\n{stdout}");
+    assert!(!tmp.path().join("refused").exists(), "a refused start wrote its run folder");
     assert!(stderr.contains("--insecure-plaintext") && stderr.contains("clear text"), "{stderr}");
 
     let log = tmp.path().join("allowed.log");
@@ -737,7 +738,10 @@ fn plain_text_beyond_loopback_is_refused_unless_asked_for() {
     wait_until(Duration::from_secs(60), "the coordinator to listen on 0.0.0.0", || {
         read(&out).contains("coordinator listening on 0.0.0.0:").then_some(())
     });
-    assert!(read(&err).contains("without TLS (--insecure-plaintext)"), "{}", read(&err));
+    // stderr has its own writer thread: waited for too.
+    wait_until(Duration::from_secs(30), "the warning of plain text beyond loopback", || {
+        read(&err).contains("without TLS (--insecure-plaintext)").then_some(())
+    });
 
     // An address of TEST-NET-1, which nothing answers: before, `join`
     // tried to connect for 120 s.

@@ -75,7 +75,8 @@ const MAX_LEAVE_MESSAGE: usize = 16 * 1024;
 /// Arguments of `worker join`.
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// Coordinator URL, e.g. http://10.0.0.1:50051.
+    /// Coordinator URL, e.g. https://10.0.0.1:50051 (with --tls-ca) or
+    /// http://127.0.0.1:50051.
     #[arg(long)]
     pub coordinator: String,
     /// `all` (every GPU), `cpu`, or a list of GPU indices like `0,1`.
