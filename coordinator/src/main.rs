@@ -532,7 +532,6 @@ enum Work {
     Sweep(SweepProgress),
 }
 
-/// `coordinator up`.
 /// Where `up` listens: `--listen`, else a free loopback port with `--local`,
 /// else [`DEFAULT_LISTEN`].
 fn listen_address(listen: Option<SocketAddr>, local: bool) -> SocketAddr {
@@ -545,6 +544,7 @@ fn listen_address(listen: Option<SocketAddr>, local: bool) -> SocketAddr {
     })
 }
 
+/// `coordinator up`.
 async fn up(mut args: UpArgs) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
