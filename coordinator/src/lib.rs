@@ -23,17 +23,3 @@ macro_rules! print_line {
         rsb_logging::stdout_line(&format!($($arg)*))
     };
 }
-
-/// `println!` for a command whose stdout is its result (`coordinator
-/// status`, `coordinator report`): [`rsb_logging::output_line`] of the
-/// formatted line, its failure the calling function's error (`?`, anyhow):
-/// a result that could not be written (a full disk behind `>`) is never
-/// taken for one that was; a reader that went away (`| head`) ends the
-/// output quietly.
-#[macro_export]
-macro_rules! output {
-    ($($arg:tt)*) => {
-        rsb_logging::output_line(&format!($($arg)*))
-            .map_err(|e| anyhow::anyhow!("writing the output to stdout: {e}"))?
-    };
-}

@@ -382,7 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plan { recipe, overrides, ranks } => {
             let recipe = recipe.load(&overrides)?;
             let plan = BatchPlan::new(&recipe, ranks)?;
-            rsb_coordinator::output!(
+            rsb_logging::output!(
                 "{}: global batch {} = micro-batch {} x {} accumulation step(s) x {} rank(s)",
                 recipe.name,
                 plan.global_size,
@@ -390,7 +390,7 @@ async fn run(cli: Cli) -> Result<()> {
                 plan.accumulation,
                 plan.world_size
             );
-            rsb_coordinator::output!(
+            rsb_logging::output!(
                 "  model {}: train at {} px, test at {} px (crop {})",
                 recipe.model.name,
                 recipe.augment.input_size,
@@ -398,10 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
                 recipe.eval.crop_pct
             );
             for rank in 0..ranks {
-                rsb_coordinator::output!(
-                    "  rank {rank}: sampler streams {:?}",
-                    plan.streams_of(rank)
-                );
+                rsb_logging::output!("  rank {rank}: sampler streams {:?}", plan.streams_of(rank));
             }
             Ok(())
         }
@@ -421,21 +418,17 @@ fn report(dir: &Path, dir_b: Option<&Path>) -> Result<()> {
         None => rsb_report::report(dir)?,
         Some(b) => rsb_report::compare(dir, b)?,
     };
-    rsb_coordinator::output!("{}", written.summary);
+    rsb_logging::output!("{}", written.summary);
     if !written.skipped.is_empty() {
-        rsb_coordinator::output!(
+        rsb_logging::output!(
             "{}, {} reported (see the list above)",
             rsb_report::runs::skipped_text(&written.skipped),
             written.runs
         );
     }
-    rsb_coordinator::output!(
-        "wrote {} file(s) into {}:",
-        written.files.len(),
-        written.dir.display()
-    );
+    rsb_logging::output!("wrote {} file(s) into {}:", written.files.len(), written.dir.display());
     for file in &written.files {
-        rsb_coordinator::output!("  {}", file.display());
+        rsb_logging::output!("  {}", file.display());
     }
     Ok(())
 }
@@ -458,8 +451,8 @@ async fn status(
         Credentials::token(token),
     );
     let s = client.status(pb::StatusRequest {}).await?.into_inner();
-    rsb_coordinator::output!("job {} generation {}: {}", s.job_id, s.generation, s.state);
-    rsb_coordinator::output!(
+    rsb_logging::output!("job {} generation {}: {}", s.job_id, s.generation, s.state);
+    rsb_logging::output!(
         "members {}/{} (min {}, max {}):",
         s.members.len(),
         s.nodes_expected,
@@ -467,7 +460,7 @@ async fn status(
         s.max_nodes
     );
     for m in &s.members {
-        rsb_coordinator::output!(
+        rsb_logging::output!(
             "  {} {} ranks={} last heartbeat {} ms ago",
             m.member_id,
             m.host_name,
@@ -476,9 +469,9 @@ async fn status(
         );
     }
     if !s.pending.is_empty() {
-        rsb_coordinator::output!("pending (admitted at the next generation):");
+        rsb_logging::output!("pending (admitted at the next generation):");
         for m in &s.pending {
-            rsb_coordinator::output!(
+            rsb_logging::output!(
                 "  {} {} ranks={} last heartbeat {} ms ago",
                 m.member_id,
                 m.host_name,
@@ -487,9 +480,9 @@ async fn status(
             );
         }
     }
-    rsb_coordinator::output!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
+    rsb_logging::output!("epoch {} step {} {:.0} img/s", s.epoch, s.step, s.images_per_sec);
     if !s.sweep_runs.is_empty() {
-        rsb_coordinator::output!("runs:");
+        rsb_logging::output!("runs:");
         for run in &s.sweep_runs {
             let state =
                 pb::SweepRunState::try_from(run.state).map_or("unknown", |state| match state {
@@ -514,7 +507,7 @@ async fn status(
             } else {
                 format!("; last failure: {}", run.failure)
             };
-            rsb_coordinator::output!(
+            rsb_logging::output!(
                 "  {} {state} (attempts {}){progress}{hosts}{failure}",
                 run.id,
                 run.attempts
@@ -631,7 +624,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // As many as may come (an elastic job's --max-nodes).
     let hosts_to_tell =
         state.jobs.first().map_or(args.nodes, |job| job.max_nodes.max(args.nodes)) as usize;
-    let UpArgs { nodes, listen, local, devices, tls, join_timeout_secs, .. } = args;
+    let UpArgs { nodes, local, devices, tls, join_timeout_secs, .. } = args;
     let token = match given_token {
         Some((token, source)) => {
             rsb_coordinator::print_line!(
@@ -647,7 +640,6 @@ async fn up(mut args: UpArgs) -> Result<()> {
         // Saved with the job's state: a restore must present the same token.
         job.token_fingerprint = Some(token.fingerprint());
     }
-    let listen = listen_address(listen, local);
     let (listener, bound, server, with_tls) = match bind_server(listen, &tls, local).await {
         Ok(serving) => serving,
         Err(e) if only_tells_workers => {

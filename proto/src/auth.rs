@@ -380,9 +380,13 @@ mod tests {
 
     #[test]
     fn http_beyond_loopback_needs_the_insecure_plaintext_option() {
-        for url in
-            ["http://127.0.0.1:1", "http://127.8.0.2:1", "http://[::1]:1", "http://localhost:1"]
-        {
+        for url in [
+            "http://127.0.0.1:1",
+            "http://127.8.0.2:1",
+            "http://[::1]:1",
+            "http://[::ffff:127.0.0.1]:1",
+            "http://localhost:1",
+        ] {
             assert!(endpoint(url, None, Plaintext::LoopbackOnly).is_ok(), "{url}");
         }
         for url in [

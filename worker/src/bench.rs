@@ -219,7 +219,7 @@ pub fn step(args: StepArgs) -> Result<()> {
         // With --count-ops: calls of each ATen operator in one step, by phase.
         "aten_ops_per_step": aten_ops_per_step,
     });
-    output!("{report}");
+    rsb_logging::output!("{report}");
     Ok(())
 }
 

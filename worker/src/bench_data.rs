@@ -98,7 +98,7 @@ pub fn data(args: DataArgs) -> Result<()> {
     }
     let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let ips = images as f64 / secs.max(1e-9);
-    output!(
+    rsb_logging::output!(
         "{}",
         json!({
             "pipeline": "rsb", "images": images, "seconds": secs, "images_per_sec": ips,

@@ -41,7 +41,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// model with its parameter count (1000 classes), its A1/A2 and A3 training
 /// and test resolutions, the test crop, and the paper's top-1 after A1/A2/A3.
 pub fn models() -> Result<()> {
-    output!(
+    rsb_logging::output!(
         "{:<22} {:<18} {:>11}  {:>11} {:>5}  {:>8} {:>5}  {:>5}  {:>16}",
         "name",
         "family",
@@ -64,7 +64,7 @@ pub fn models() -> Result<()> {
         } else {
             format!("{:.2}/{:.2}", spec.crop_pct, spec.a3_crop_pct)
         };
-        output!(
+        rsb_logging::output!(
             "{:<22} {:<18} {:>11}  {:>11} {:>5}  {:>8} {:>5}  {:>5}  {:>16}",
             spec.name,
             spec.family,
@@ -89,7 +89,7 @@ pub fn import_fashion_mnist(
     if let Some(done) = rsb_data::fashion_mnist::existing_import(out)
         .filter(|done| done.train_per_class == train_per_class)
     {
-        output!(
+        rsb_logging::output!(
             "{} already holds a complete import ({} train, {} val images)",
             out.display(),
             done.train,
@@ -98,7 +98,7 @@ pub fn import_fashion_mnist(
         return Ok(());
     }
     let summary = rsb_data::fashion_mnist::import_subset(idx_dir, out, train_per_class)?;
-    output!(
+    rsb_logging::output!(
         "imported {} train and {} val images into {}",
         summary.train,
         summary.val,
@@ -212,9 +212,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
             (Some(t1), Some(t5)) => format!("val top-1 {t1:.2}%  top-5 {t5:.2}%"),
             _ => "not evaluated".into(),
         };
-        output!("finished epoch {} after {:.0} s: {acc}", last.epoch, summary.wall_s);
+        rsb_logging::output!("finished epoch {} after {:.0} s: {acc}", last.epoch, summary.wall_s);
     } else {
-        output!("stopped after {} updates in {:.0} s", summary.updates, summary.wall_s);
+        rsb_logging::output!(
+            "stopped after {} updates in {:.0} s",
+            summary.updates,
+            summary.wall_s
+        );
     }
     Ok(())
 }
@@ -601,7 +605,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         );
     }
     let skipped = data.bad_files().replacements();
-    output!(
+    rsb_logging::output!(
         "{}: {} images ({} undecodable, skipped)  top-1 {:.3}%  top-5 {:.3}%  loss {:.4}",
         split.display(),
         images,
@@ -621,7 +625,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 set.data.folder().len()
             );
         }
-        output!(
+        rsb_logging::output!(
             "{}: {} images scored ({} without a valid label, {} undecodable)  top-1 {:.3}%  top-5 {:.3}%",
             set.name,
             score.count,
@@ -677,7 +681,7 @@ pub fn infer(args: InferArgs) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    output!("{}: logits {:?}", args.output.display(), logits.size());
+    rsb_logging::output!("{}: logits {:?}", args.output.display(), logits.size());
     Ok(())
 }
 

@@ -129,7 +129,7 @@ pub fn shard(args: ShardArgs) -> Result<()> {
         }
     }
     let shards = writer.finish(folder.classes())?;
-    output!(
+    rsb_logging::output!(
         "{written} samples ({:.1} MB) in {} shards in {} ({skipped} undecodable files left out) in {:.1} s",
         bytes_out as f64 / 1e6,
         shards.len(),

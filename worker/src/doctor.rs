@@ -69,28 +69,31 @@ pub fn run() -> anyhow::Result<serde_json::Value> {
             Err(e) => serde_json::json!({"found": false, "error": e}),
         },
     });
-    output!(
+    rsb_logging::output!(
         "libtorch        {}",
         lib.map(|p| p.display().to_string()).unwrap_or_else(|| "not found in memory map".into())
     );
-    output!(
+    rsb_logging::output!(
         "torch version   {} (built for {})",
         version.unwrap_or_else(|| "unknown".into()),
         rsb_torch_link::pinned_torch_version()
     );
-    output!("CPU             {}", cpu.model);
-    output!("CPU extensions  {}", cpu.extensions.join(" "));
-    output!("CPU precision   `auto` picks {auto_on_cpu} on the CPU: {}", cpu.auto_reason());
-    output!("CUDA available  {cuda}");
-    output!("CUDA devices    {devices}");
-    output!("cuDNN available {cudnn}");
-    output!("torch threads   {}", tch::get_num_threads());
+    rsb_logging::output!("CPU             {}", cpu.model);
+    rsb_logging::output!("CPU extensions  {}", cpu.extensions.join(" "));
+    rsb_logging::output!(
+        "CPU precision   `auto` picks {auto_on_cpu} on the CPU: {}",
+        cpu.auto_reason()
+    );
+    rsb_logging::output!("CUDA available  {cuda}");
+    rsb_logging::output!("CUDA devices    {devices}");
+    rsb_logging::output!("cuDNN available {cudnn}");
+    rsb_logging::output!("torch threads   {}", tch::get_num_threads());
     match nccl {
         Ok((path, v, id)) => {
             let id = id.map(|()| "a unique id made".to_string()).unwrap_or_else(|e| e);
-            output!("NCCL            found: {path} (version {v}; {id})")
+            rsb_logging::output!("NCCL            found: {path} (version {v}; {id})")
         }
-        Err(e) => output!("NCCL            unusable: {e}"),
+        Err(e) => rsb_logging::output!("NCCL            unusable: {e}"),
     }
     Ok(report)
 }

@@ -3,16 +3,6 @@
 //! evaluating and running timm-compatible weights, importing data, and
 //! reporting what the host can do (`doctor`).
 
-/// `println!` for a command's result: [`rsb_logging::output_line`] of the
-/// formatted line, its failure the calling function's error (`?`). A reader
-/// that went away (`| head`) ends the output quietly; `println!` panicked.
-macro_rules! output {
-    ($($arg:tt)*) => {
-        rsb_logging::output_line(&format!($($arg)*))
-            .map_err(|e| anyhow::anyhow!("writing the output to stdout: {e}"))?
-    };
-}
-
 mod bench;
 mod bench_data;
 mod commands;
@@ -212,7 +202,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Doctor { json } => {
             let report = doctor::run()?;
             if json {
-                output!("{report}");
+                rsb_logging::output!("{report}");
             }
             Ok(())
         }

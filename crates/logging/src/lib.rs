@@ -246,6 +246,12 @@ pub fn stdout_line(line: &str) {
 static STDOUT_READER_GONE: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// A command's result that could not be written to stdout (a full disk
+/// behind `>`).
+#[derive(Debug, thiserror::Error)]
+#[error("writing the output to stdout")]
+pub struct OutputError(#[source] pub std::io::Error);
+
 /// Writes `line` and a newline to stdout for a command whose stdout is its
 /// result (a table, a score, a report), blocking as `println!` does. A
 /// reader that went away (`worker models | head -3`) ends the output
@@ -254,7 +260,7 @@ static STDOUT_READER_GONE: std::sync::atomic::AtomicBool =
 /// failure is returned, so that a result that could not be written (a full
 /// disk behind `>`) is never taken for one that was. (`println!` panics in
 /// both cases.)
-pub fn output_line(line: &str) -> std::io::Result<()> {
+pub fn output_line(line: &str) -> Result<(), OutputError> {
     if STDOUT_READER_GONE.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -267,8 +273,18 @@ pub fn output_line(line: &str) -> std::io::Result<()> {
             STDOUT_READER_GONE.store(true, Ordering::Relaxed);
             Ok(())
         }
-        written => written,
+        written => written.map_err(OutputError),
     }
+}
+
+/// `println!` for a command's result (`worker models`, `coordinator
+/// report`): [`output_line`] of the formatted line, its [`OutputError`] the
+/// calling function's error (`?`).
+#[macro_export]
+macro_rules! output {
+    ($($arg:tt)*) => {
+        $crate::output_line(&format!($($arg)*))?
+    };
 }
 
 /// The message of a panic (its payload, when it is a string).
