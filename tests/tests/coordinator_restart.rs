@@ -327,8 +327,11 @@ fn an_auto_resume_restart_continues_the_job_with_the_agents_that_outlived_the_co
 fn an_auto_resume_restart_after_the_ranks_finished_the_job_ends_it_as_finished() {
     let tmp = tempfile::tempdir().unwrap();
     // The ranks finish the job without their coordinator: their agents
-    // must not give up on it (60 s by default) before, however slow the machine.
-    let patient = [("RSB_COORDINATOR_DEADLINE_SECS", "300")];
+    // must not give up on it (60 s by default) before, however slow the
+    // machine; the ranks then wait 2 s, not 80, for it to take their last
+    // reports before they exit.
+    let patient =
+        [("RSB_COORDINATOR_DEADLINE_SECS", "300"), ("RSB_REPORT_FLUSH_DEADLINE_SECS", "2")];
     let k = stop_an_auto_resume_coordinator(tmp.path(), "TERM", 4, &patient);
     for (i, worker) in k.workers.into_iter().enumerate() {
         let log = tmp.path().join(format!("worker-{}.log", ["a", "b"][i]));

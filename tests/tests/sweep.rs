@@ -165,7 +165,11 @@ fn a_run_finished_while_its_sweeps_coordinator_was_down_is_kept_as_finished_on_r
     let args = ["--listen", &listen, "--nodes", "1", "--seeds", "0..1"];
     let log = tmp.path().join("first.log");
     let up = sweeps::coordinator_up(&dir, &sets, &args, &log);
-    let patient = [("RSB_COORDINATOR_DEADLINE_SECS", "300")];
+    // The rank finishes the run without the coordinator (its agent must not
+    // give up on it first), then waits 2 s, not 80, for it to take its last
+    // reports.
+    let patient =
+        [("RSB_COORDINATOR_DEADLINE_SECS", "300"), ("RSB_REPORT_FLUSH_DEADLINE_SECS", "2")];
     let worker_log = tmp.path().join("worker.log");
     let worker = sweeps::worker_join_with_env(port, "a", &worker_log, &patient);
     let steps = || {
