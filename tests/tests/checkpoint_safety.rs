@@ -558,6 +558,68 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A save killed midway (rank 0 preempted while it wrote) leaves its
+/// staging folder, which only retention after a save that succeeded
+/// deleted: on a disk the leftover nearly fills, the resumed run's saves
+/// failed, every one, for want of space. The save that fails now deletes
+/// the leftover and writes the checkpoint.
+#[test]
+fn a_save_killed_midway_leaves_nothing_that_makes_the_next_saves_fail() {
+    use rsb_integration_tests::{is_root, require};
+    if !require(is_root(), "root, to mount a tmpfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_subset(tmp.path(), 6, 1);
+    // ResNet-18's checkpoint (10 classes) is about 128 MiB: two fit in
+    // 300 MiB (the new one is written before retention deletes the old),
+    // not with a leftover of 100 MiB beside them.
+    let small = tmp.path().join("small");
+    let mounted = Tmpfs::mount(&small, 300 << 20);
+    if !require(mounted.is_some(), "a tmpfs mount") {
+        return;
+    }
+    let run = small.join("run");
+    let epoch = |n: u32| format!("schedule.cosine.epochs={n}");
+    let first =
+        train(&data, &run, &["--set", &epoch(1), "--set", "runtime.keep_last_checkpoints=1"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    // What the save of epoch-0002 left when it was killed: its staging
+    // folder, its weights written, the optimizer's moments half.
+    let torn = run.join("checkpoints/.epoch-0002.tmp-4242-00000000deadbeef");
+    std::fs::create_dir(&torn).unwrap();
+    std::fs::write(torn.join("model.safetensors"), vec![1u8; 45 << 20]).unwrap();
+    std::fs::write(torn.join("optimizer.safetensors"), vec![2u8; 55 << 20]).unwrap();
+    let resumed = train(
+        &data,
+        &run,
+        &[
+            "--resume",
+            run.to_str().unwrap(),
+            "--set",
+            &epoch(2),
+            "--set",
+            "runtime.keep_last_checkpoints=1",
+        ],
+    );
+    let checkpoints = rsb_job::checkpoint::list(&run);
+    let newest = checkpoints.last().map(|c| rsb_job::checkpoint::verify(c).map(drop));
+    let torn_left = torn.exists();
+    drop(mounted);
+    let log = stderr(&resumed);
+    assert!(resumed.status.success(), "the save after a killed one failed:\n{log}");
+    assert!(
+        log.contains("deleted the 1 incomplete folder(s) that interrupted saves had left"),
+        "{log}"
+    );
+    assert!(!torn_left, "the killed save's folder is still there");
+    let names: Vec<String> =
+        checkpoints.iter().map(|c| c.file_name().unwrap().to_string_lossy().into()).collect();
+    // The best by top-1 (epoch-0001, at a tie) is kept beside the newest.
+    assert_eq!(names.last().map(String::as_str), Some("epoch-0002"), "{log}");
+    assert!(matches!(newest, Some(Ok(()))), "epoch-0002 does not verify: {newest:?}");
+}
+
 /// A job whose run folder is on a file system that holds fewer checkpoints
 /// than the recipe keeps: at its first checkpoint the coordinator warns,
 /// with the figures, that one more fits, and at the second that the next

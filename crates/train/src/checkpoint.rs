@@ -38,7 +38,9 @@
 //! finished (the run folder has one checkpoint writer at a time,
 //! [`rsb_job::RunFolderLock`], so none of them is another live save's), and
 //! sets aside a complete one (a save interrupted between its renames left
-//! the checkpoint it replaced, or its own, under a temporary name).
+//! the checkpoint it replaced, or its own, under a temporary name). A save
+//! that fails deletes the incomplete ones too, and tries once more: on a
+//! disk they nearly fill, every save would fail, and retention never run.
 //!
 //! Disk: after each save, [`space_warning`] compares the file system's free
 //! space with the checkpoints retention will still add, so a run that will
@@ -167,7 +169,7 @@ pub fn save(
     optimizer: &Lamb,
     state: &TrainState,
     keep_last: usize,
-    sync_records: impl FnOnce() -> Result<(), TrainError>,
+    mut sync_records: impl FnMut() -> Result<(), TrainError>,
 ) -> Result<PathBuf, TrainError> {
     let written = folder_name_of(state);
     let target = commit(run_dir, &written, |staging| {
@@ -295,56 +297,89 @@ fn space_shortfall(
 /// (the same epoch, trained again after a resume of an older checkpoint) and
 /// those that sort after it are set aside ([`set_aside`]). On any error the
 /// staging folder is removed and the error says which checkpoint is intact.
+/// A save that fails where saves killed before they finished left their
+/// incomplete folders (a full disk, most often) deletes those
+/// ([`delete_leftovers`]) and is tried once more: otherwise retention,
+/// which runs after a save that succeeded, would never delete them, and on
+/// a nearly full disk every save after such a kill would fail.
 fn commit(
     run_dir: &Path,
     name: &str,
-    write_parts: impl FnOnce(&Path) -> Result<(), TrainError>,
+    mut write_parts: impl FnMut(&Path) -> Result<(), TrainError>,
 ) -> Result<PathBuf, TrainError> {
     let root = run_dir.join(CHECKPOINTS);
     let target = root.join(name);
-    let staging = temporary_sibling(&target)
-        .map_err(|e| not_written(run_dir, name, &target, &TrainError::io(&target, e)))?;
-    let mut made_staging = false;
-    let staged = (|| {
-        std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-        // The `checkpoints/` entry must survive a crash as the checkpoint
-        // in it does: synced at every save, not only the one that made it,
-        // which may have failed before its sync.
-        sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-        // A name of this save's own: never another writer's save in
-        // progress, which is not to be deleted (an existing folder fails).
-        std::fs::create_dir(&staging).map_err(|e| TrainError::io(&staging, e))?;
-        made_staging = true;
-        write_parts(&staging)?;
-        // The manifest describes the parts as they are on disk, and is written last.
-        let manifest = Manifest::of_parts(&staging, &PARTS)?;
-        atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
-        // The checkpoints after this one (of a run order left by a resume of
-        // an older checkpoint) go first: a crash after the new one is in
-        // place must not leave them to count as the newest.
-        let aside = set_aside(run_dir, name, None, None);
-        // Re-running an epoch (after a resume from an older checkpoint)
-        // replaces its checkpoint in one step: a crash never leaves the
-        // folder missing.
-        let replaced = replace_folder(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
-        Ok((replaced, aside))
-    })();
-    let (replaced, aside) = match staged {
-        Ok(moved) => moved,
-        Err(cause) => {
-            // Best effort: the failure being reported matters more than a
-            // leftover hidden folder, which retention deletes later.
-            if made_staging && staging.exists() {
-                let _ = std::fs::remove_dir_all(&staging);
-            }
-            return Err(not_written(run_dir, name, &staging, &cause));
+    let mut tried_again = false;
+    let (replaced, aside) = loop {
+        let staging = temporary_sibling(&target)
+            .map_err(|e| not_written(run_dir, name, &target, &TrainError::io(&target, e)))?;
+        let mut made_staging = false;
+        let cause = match stage(run_dir, name, &staging, &mut made_staging, &mut write_parts) {
+            Ok(moved) => break moved,
+            Err(cause) => cause,
+        };
+        // Best effort: the failure being reported matters more than a
+        // leftover hidden folder, which retention deletes later.
+        if made_staging && staging.exists() {
+            let _ = std::fs::remove_dir_all(&staging);
         }
+        if !tried_again {
+            tried_again = true;
+            let deleted = delete_leftovers(&root);
+            if deleted > 0 {
+                tracing::warn!(
+                    checkpoint = name,
+                    error = %cause,
+                    "a checkpoint save failed; deleted the {deleted} incomplete folder(s) that \
+                     interrupted saves had left in {}, and trying once more",
+                    root.display()
+                );
+                continue;
+            }
+        }
+        return Err(not_written(run_dir, name, &staging, &cause));
     };
     set_aside(run_dir, name, replaced, aside);
     // The rename into place, and the moves aside, survive a crash. The
     // checkpoint is in place already: a failure here is not "not written".
     sync_folder(&root).map_err(|e| TrainError::io(&root, e))?;
     Ok(target)
+}
+
+/// One try of [`commit`]: fills `staging` (a name of this try's own, which
+/// `made_staging` says was created) and puts it in place as `name`. Returns
+/// where the folder it replaced went and what was set aside.
+fn stage(
+    run_dir: &Path,
+    name: &str,
+    staging: &Path,
+    made_staging: &mut bool,
+    write_parts: &mut impl FnMut(&Path) -> Result<(), TrainError>,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), TrainError> {
+    let root = run_dir.join(CHECKPOINTS);
+    let target = root.join(name);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    // The `checkpoints/` entry must survive a crash as the checkpoint
+    // in it does: synced at every save, not only the one that made it,
+    // which may have failed before its sync.
+    sync_folder(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    // A name of this save's own: never another writer's save in
+    // progress, which is not to be deleted (an existing folder fails).
+    std::fs::create_dir(staging).map_err(|e| TrainError::io(staging, e))?;
+    *made_staging = true;
+    write_parts(staging)?;
+    // The manifest describes the parts as they are on disk, and is written last.
+    let manifest = Manifest::of_parts(staging, &PARTS)?;
+    atomic_file::write_bytes(&staging.join(MANIFEST), manifest.to_json().as_bytes())?;
+    // The checkpoints after this one (of a run order left by a resume of
+    // an older checkpoint) go first: a crash after the new one is in
+    // place must not leave them to count as the newest.
+    let aside = set_aside(run_dir, name, None, None);
+    // Re-running an epoch (after a resume from an older checkpoint)
+    // replaces its checkpoint in one step: a crash never leaves the
+    // folder missing.
+    let replaced = replace_folder(staging, &target).map_err(|e| TrainError::io(&target, e))?;
+    Ok((replaced, aside))
 }
 
 /// The error of a save of the checkpoint `name` that failed with `cause`:
@@ -494,24 +529,7 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         .cloned()
         .collect();
     let root = run_dir.join(CHECKPOINTS);
-    // The hidden entries, listed once: staging folders a save left, and
-    // what a pass killed while it deleted left (deleted now, first).
-    let hidden_name = |p: &PathBuf| {
-        p.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with('.')).map(str::to_owned)
-    };
-    let (leftovers, staged): (Vec<PathBuf>, Vec<PathBuf>) = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            hidden_name(p).is_some_and(|n| {
-                n.starts_with(DELETING)
-                    || (n.starts_with(&format!(".{FOLDER_PREFIX}"))
-                        && n.contains(atomic_file::TEMPORARY_MARK))
-            })
-        })
-        .partition(|p| hidden_name(p).is_some_and(|n| n.starts_with(DELETING)));
+    let (leftovers, staged) = hidden_leftovers(&root);
     for folder in staged {
         // A complete checkpoint under a temporary name is one that a save
         // interrupted between its steps left there: the checkpoint it
@@ -542,31 +560,76 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         }
     }
     for old in leftovers.into_iter().chain(delete) {
-        // Renamed out of the checkpoints' names first: a kill while the
-        // folder is deleted leaves part of it under a name nothing reads as
-        // a checkpoint, and the next pass deletes the rest.
-        let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let doomed = if name.starts_with(DELETING) {
-            old.clone()
-        } else {
-            // A name of its own: a leftover of the same checkpoint that
-            // could not be deleted never blocks this one.
-            let doomed = root.join(format!(
-                "{DELETING}{}.{}-{}",
-                name.trim_start_matches('.'),
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
-            ));
-            if let Err(e) = std::fs::rename(&old, &doomed) {
-                tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
-                continue;
-            }
-            doomed
-        };
-        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+        delete_folder(&root, &old);
+    }
+}
+
+/// The hidden entries of the checkpoints folder `root` that saves and
+/// retention left, listed once: what a retention pass killed while it
+/// deleted left (`.deleting-…`), and the staging folders of saves that
+/// never finished (`.epoch-….tmp-…`), complete or not.
+fn hidden_leftovers(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let hidden_name = |p: &PathBuf| {
+        p.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with('.')).map(str::to_owned)
+    };
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            hidden_name(p).is_some_and(|n| {
+                n.starts_with(DELETING)
+                    || (n.starts_with(&format!(".{FOLDER_PREFIX}"))
+                        && n.contains(atomic_file::TEMPORARY_MARK))
+            })
+        })
+        .partition(|p| hidden_name(p).is_some_and(|n| n.starts_with(DELETING)))
+}
+
+/// Deletes what interrupted saves and retention passes left in the
+/// checkpoints folder `root` and no checkpoint needs: partial deletions
+/// and incomplete staging folders (a complete one is left for [`prune`] to
+/// set aside). Returns how many it deleted. The run folder has one
+/// checkpoint writer at a time ([`rsb_job::RunFolderLock`]), so none of
+/// them is a live save's.
+fn delete_leftovers(root: &Path) -> usize {
+    let (leftovers, staged) = hidden_leftovers(root);
+    let torn = staged.into_iter().filter(|folder| verify(folder).is_err());
+    leftovers.into_iter().chain(torn).filter(|old| delete_folder(root, old)).count()
+}
+
+/// Deletes the folder `old` of the checkpoints folder `root`, saying why
+/// when it cannot; returns whether it is gone.
+fn delete_folder(root: &Path, old: &Path) -> bool {
+    // Renamed out of the checkpoints' names first: a kill while the
+    // folder is deleted leaves part of it under a name nothing reads as
+    // a checkpoint, and the next pass deletes the rest.
+    let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let doomed = if name.starts_with(DELETING) {
+        old.to_path_buf()
+    } else {
+        // A name of its own: a leftover of the same checkpoint that
+        // could not be deleted never blocks this one.
+        let doomed = root.join(format!(
+            "{DELETING}{}.{}-{}",
+            name.trim_start_matches('.'),
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        if let Err(e) = std::fs::rename(old, &doomed) {
+            tracing::warn!(checkpoint = %old.display(), error = %e, "could not delete an old checkpoint; keeping it");
+            return false;
+        }
+        doomed
+    };
+    match std::fs::remove_dir_all(&doomed) {
+        Ok(()) => true,
+        Err(e) => {
             tracing::warn!(checkpoint = %old.display(), folder = %doomed.display(), error = %e, "could not delete an old checkpoint");
+            false
         }
     }
 }
@@ -854,7 +917,7 @@ mod tests {
     }
 
     /// Writes the parts of a checkpoint into a staging folder, each saying `what`.
-    fn fake_parts(what: &str) -> impl FnOnce(&Path) -> Result<(), TrainError> + '_ {
+    fn fake_parts(what: &str) -> impl FnMut(&Path) -> Result<(), TrainError> + '_ {
         move |staging: &Path| {
             for part in PARTS {
                 std::fs::write(staging.join(part), format!("{part} of {what}")).unwrap();
@@ -925,6 +988,60 @@ mod tests {
         assert_eq!(set_aside_folders(run.path()), [vec!["epoch-0002"]]);
         let aside = names(&root).into_iter().find(|n| n.starts_with(SET_ASIDE_PREFIX)).unwrap();
         verify(&root.join(aside).join("epoch-0002")).unwrap();
+    }
+
+    /// A kill in the middle of a save leaves its staging folder, which only
+    /// retention after a save that succeeds deletes: on a disk that the
+    /// leftover fills, every later save failed. A failed save now deletes
+    /// what interrupted saves left, incomplete folders and partial
+    /// deletions, and is tried once more; a complete checkpoint left under
+    /// a temporary name is kept, and without leftovers a failure is final.
+    #[test]
+    fn a_save_that_fails_deletes_what_interrupted_saves_left_and_tries_once_more() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
+        // A save killed while it wrote epoch-0002, and a retention pass
+        // killed while it deleted.
+        let torn = temporary_sibling(&root.join(folder_name(1))).unwrap();
+        std::fs::create_dir(&torn).unwrap();
+        std::fs::write(torn.join(PARTS[1]), vec![7u8; 1 << 16]).unwrap();
+        let half_deleted = root.join(format!("{DELETING}epoch-0000.1-2"));
+        std::fs::create_dir(&half_deleted).unwrap();
+        std::fs::write(half_deleted.join(PARTS[0]), "what was left").unwrap();
+        // A complete checkpoint under a temporary name: not deleted.
+        let complete = temporary_sibling(&root.join(folder_name(0))).unwrap();
+        std::fs::create_dir(&complete).unwrap();
+        for entry in std::fs::read_dir(root.join(folder_name(0))).unwrap() {
+            let file = entry.unwrap().path();
+            std::fs::copy(&file, complete.join(file.file_name().unwrap())).unwrap();
+        }
+        verify(&complete).unwrap();
+        // The disk is full while the torn folder is there.
+        let mut tries = 0;
+        let full_while_torn = |staging: &Path| -> Result<(), TrainError> {
+            tries += 1;
+            if torn.exists() {
+                let part = staging.join(PARTS[1]);
+                return Err(TrainError::io(part, std::io::Error::from_raw_os_error(28)));
+            }
+            fake_parts("epoch 2")(staging)
+        };
+        let written = commit(run.path(), &folder_name(1), full_while_torn).unwrap();
+        assert_eq!(tries, 2);
+        verify(&written).unwrap();
+        assert!(!torn.exists() && !half_deleted.exists(), "{:?}", names(&root));
+        assert!(complete.exists(), "a complete checkpoint was deleted: {:?}", names(&root));
+
+        // No leftover to delete: one try, and the failure is said.
+        let mut tries = 0;
+        let full = |staging: &Path| -> Result<(), TrainError> {
+            tries += 1;
+            Err(TrainError::io(staging.join(PARTS[0]), std::io::Error::from_raw_os_error(28)))
+        };
+        let err = commit(run.path(), &folder_name(2), full).unwrap_err();
+        assert_eq!(tries, 1);
+        assert!(err.to_string().ends_with("; epoch-0002 is intact"), "{err}");
     }
 
     #[test]
