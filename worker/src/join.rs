@@ -1487,8 +1487,9 @@ const REPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(80);
 
 /// [`REPORT_FLUSH_DEADLINE`], or for tests whose ranks end while no
 /// coordinator runs, and whose agents are patient, what the test hook
-/// `RSB_REPORT_FLUSH_DEADLINE_SECS` says (read once): those ranks would
-/// otherwise wait the whole 80 s before they exit.
+/// `RSB_REPORT_FLUSH_DEADLINE_SECS` says (read once; it can only shorten
+/// the wait): those ranks would otherwise wait the whole 80 s before they
+/// exit.
 fn report_flush_deadline() -> Duration {
     static DEADLINE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *DEADLINE.get_or_init(|| {
@@ -1496,7 +1497,7 @@ fn report_flush_deadline() -> Duration {
             return REPORT_FLUSH_DEADLINE;
         };
         match secs.parse() {
-            Ok(secs) => Duration::from_secs(secs),
+            Ok(secs) => Duration::from_secs(secs).min(REPORT_FLUSH_DEADLINE),
             Err(_) => {
                 tracing::warn!(
                     "RSB_REPORT_FLUSH_DEADLINE_SECS=`{secs}` is not a number of seconds; \

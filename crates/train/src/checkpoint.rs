@@ -169,11 +169,15 @@ pub fn save(
     optimizer: &Lamb,
     state: &TrainState,
     keep_last: usize,
-    mut sync_records: impl FnMut() -> Result<(), TrainError>,
+    sync_records: impl FnOnce() -> Result<(), TrainError>,
 ) -> Result<PathBuf, TrainError> {
     let written = folder_name_of(state);
+    // Once, before any try of the commit: after a failed fsync, another
+    // may succeed on data that never reached the disk.
+    if let Err(cause) = sync_records() {
+        return Err(not_written(run_dir, &written, &run_dir.join(CHECKPOINTS), &cause));
+    }
     let target = commit(run_dir, &written, |staging| {
-        sync_records()?;
         atomic_file::write_with(&staging.join(PARTS[0]), |staged| {
             Ok(model.save_safetensors(staged)?)
         })?;
@@ -310,12 +314,15 @@ fn commit(
     let root = run_dir.join(CHECKPOINTS);
     let target = root.join(name);
     let mut tried_again = false;
-    let (replaced, aside) = loop {
+    // The set-aside folder of this save, made by a try that failed after it.
+    let mut aside = None;
+    let replaced = loop {
         let staging = temporary_sibling(&target)
             .map_err(|e| not_written(run_dir, name, &target, &TrainError::io(&target, e)))?;
         let mut made_staging = false;
-        let cause = match stage(run_dir, name, &staging, &mut made_staging, &mut write_parts) {
-            Ok(moved) => break moved,
+        let tried = stage(run_dir, name, &staging, &mut made_staging, &mut aside, &mut write_parts);
+        let cause = match tried {
+            Ok(replaced) => break replaced,
             Err(cause) => cause,
         };
         // Best effort: the failure being reported matters more than a
@@ -329,7 +336,7 @@ fn commit(
             if deleted > 0 {
                 tracing::warn!(
                     checkpoint = name,
-                    error = %cause,
+                    error = plain_cause(&cause, &staging),
                     "a checkpoint save failed; deleted the {deleted} incomplete folder(s) that \
                      interrupted saves had left in {}, and trying once more",
                     root.display()
@@ -348,14 +355,16 @@ fn commit(
 
 /// One try of [`commit`]: fills `staging` (a name of this try's own, which
 /// `made_staging` says was created) and puts it in place as `name`. Returns
-/// where the folder it replaced went and what was set aside.
+/// where the folder it replaced went; `aside` is the set-aside folder of the
+/// save, made by this try or an earlier one.
 fn stage(
     run_dir: &Path,
     name: &str,
     staging: &Path,
     made_staging: &mut bool,
+    aside: &mut Option<PathBuf>,
     write_parts: &mut impl FnMut(&Path) -> Result<(), TrainError>,
-) -> Result<(Option<PathBuf>, Option<PathBuf>), TrainError> {
+) -> Result<Option<PathBuf>, TrainError> {
     let root = run_dir.join(CHECKPOINTS);
     let target = root.join(name);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
@@ -374,12 +383,11 @@ fn stage(
     // The checkpoints after this one (of a run order left by a resume of
     // an older checkpoint) go first: a crash after the new one is in
     // place must not leave them to count as the newest.
-    let aside = set_aside(run_dir, name, None, None);
+    *aside = set_aside(run_dir, name, None, aside.take());
     // Re-running an epoch (after a resume from an older checkpoint)
     // replaces its checkpoint in one step: a crash never leaves the
     // folder missing.
-    let replaced = replace_folder(staging, &target).map_err(|e| TrainError::io(&target, e))?;
-    Ok((replaced, aside))
+    replace_folder(staging, &target).map_err(|e| TrainError::io(&target, e))
 }
 
 /// The error of a save of the checkpoint `name` that failed with `cause`:
@@ -387,17 +395,7 @@ fn stage(
 /// its temporary files (they are gone), and the newest checkpoint up to
 /// `name` that is still intact.
 fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -> TrainError {
-    let mut text = cause.to_string();
-    let mut source = std::error::Error::source(cause);
-    while let Some(inner) = source {
-        text.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    text = text.replace(&format!("{}/", staging.display()), "");
-    for part in PARTS.into_iter().chain([MANIFEST]) {
-        text = with_plain_name(&text, part);
-    }
-    let cause = text;
+    let cause = plain_cause(cause, staging);
     let position = RunOrder::of_name(name);
     let intact = list(run_dir)
         .into_iter()
@@ -411,6 +409,23 @@ fn not_written(run_dir: &Path, name: &str, staging: &Path, cause: &TrainError) -
         None => "no earlier checkpoint".to_string(),
     };
     TrainError::CheckpointNotWritten { folder: name.to_string(), cause, previous }
+}
+
+/// `cause` with its causes, the paths of the staging folder `staging` and
+/// of its temporary files (gone once a save failed) written as the parts'
+/// names.
+fn plain_cause(cause: &TrainError, staging: &Path) -> String {
+    let mut text = cause.to_string();
+    let mut source = std::error::Error::source(cause);
+    while let Some(inner) = source {
+        text.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    text = text.replace(&format!("{}/", staging.display()), "");
+    for part in PARTS.into_iter().chain([MANIFEST]) {
+        text = with_plain_name(&text, part);
+    }
+    text
 }
 
 /// `text` with each temporary name of the file `part`
@@ -1178,7 +1193,8 @@ mod tests {
             .iter()
             .map(|state| {
                 save(run.path(), &model, &optimizer, state, 5, || {
-                    seen_at_sync.push(names(&root));
+                    // The first sync comes before `checkpoints/` exists.
+                    seen_at_sync.push(if root.exists() { names(&root) } else { Vec::new() });
                     Ok(())
                 })
                 .unwrap()
@@ -1193,11 +1209,19 @@ mod tests {
 
         // A sync that fails stops the save: no checkpoint claims records
         // that may be lost; the error names the log and the intact one.
+        // Leftovers of a killed save do not make it try (and sync) again:
+        // after a failed fsync, another may succeed on data never written.
         let log = run.path().join("metrics.jsonl");
+        let torn = temporary_sibling(&root.join("epoch-0002")).unwrap();
+        std::fs::create_dir(&torn).unwrap();
+        let mut syncs = 0;
         let err = save(run.path(), &model, &optimizer, &at(2, 0, 20), 5, || {
+            syncs += 1;
             Err(TrainError::io(&log, std::io::Error::from_raw_os_error(5)))
         })
         .unwrap_err();
+        assert_eq!(syncs, 1);
+        std::fs::remove_dir(&torn).unwrap();
         assert!(matches!(err, TrainError::CheckpointNotWritten { .. }), "{err}");
         let message = err.to_string();
         assert!(message.contains(&log.display().to_string()), "{message}");
