@@ -40,7 +40,8 @@
 //! sets aside a complete one (a save interrupted between its renames left
 //! the checkpoint it replaced, or its own, under a temporary name). A save
 //! that fails deletes the incomplete ones too, and tries once more: on a
-//! disk they nearly fill, every save would fail, and retention never run.
+//! disk they nearly fill, every save would fail, and retention would never
+//! run.
 //!
 //! Disk: after each save, [`space_warning`] compares the file system's free
 //! space with the checkpoints retention will still add, so a run that will
