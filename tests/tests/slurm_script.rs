@@ -259,7 +259,26 @@ impl Start {
                 break (status, began.elapsed());
             }
             if began.elapsed() > Duration::from_secs(30) {
-                panic!("the script did not end within 30 s:\n{}", read_log());
+                // What was still running, and in what state (a hang seen
+                // once in CI left only the log to go by).
+                let listing = Command::new("ps")
+                    .args(["-eo", "pgid,pid,ppid,stat,etime,args"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let group: String = listing
+                    .lines()
+                    .filter(|l| l.split_whitespace().next() == Some(&pid.to_string()))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                let state: Vec<String> = std::fs::read_dir(self.path("state"))
+                    .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into()).collect())
+                    .unwrap_or_default();
+                panic!(
+                    "the script did not end within 30 s:\n{}\nits processes:\n{group}\nstate \
+                     files: {state:?}",
+                    read_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
