@@ -540,6 +540,21 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
+    /// A tmpfs of `bytes` at `dir` for a test, or `None`, said as
+    /// [`rsb_integration_tests::require`] says it, where none can be
+    /// mounted (not root, or no tmpfs).
+    fn for_test(dir: &Path, bytes: u64) -> Option<Tmpfs> {
+        use rsb_integration_tests::{is_root, require};
+        if !require(is_root(), "root, to mount a tmpfs") {
+            return None;
+        }
+        let mounted = Tmpfs::mount(dir, bytes);
+        if !require(mounted.is_some(), "a tmpfs mount") {
+            return None;
+        }
+        mounted
+    }
+
     fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).ok()?;
         let mounted = Command::new("mount")
@@ -565,20 +580,15 @@ impl Drop for Tmpfs {
 /// the leftover and writes the checkpoint.
 #[test]
 fn a_save_killed_midway_leaves_nothing_that_makes_the_next_saves_fail() {
-    use rsb_integration_tests::{is_root, require};
-    if !require(is_root(), "root, to mount a tmpfs") {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let data = fashion_subset(tmp.path(), 6, 1);
     // ResNet-18's checkpoint (10 classes) is about 128 MiB: two fit in
     // 300 MiB (the new one is written before retention deletes the old),
     // not with a leftover of 100 MiB beside them.
     let small = tmp.path().join("small");
-    let mounted = Tmpfs::mount(&small, 300 << 20);
-    if !require(mounted.is_some(), "a tmpfs mount") {
+    let Some(mounted) = Tmpfs::for_test(&small, 300 << 20) else {
         return;
-    }
+    };
+    let data = fashion_subset(tmp.path(), 6, 1);
     let run = small.join("run");
     let epoch = |n: u32| format!("schedule.cosine.epochs={n}");
     let first =
@@ -628,19 +638,14 @@ fn a_save_killed_midway_leaves_nothing_that_makes_the_next_saves_fail() {
 /// this way in a test, 16 minutes in, with no word before.)
 #[test]
 fn a_run_folder_short_of_disk_is_warned_of_before_a_save_fails() {
-    use rsb_integration_tests::{is_root, require};
-    if !require(is_root(), "root, to mount a tmpfs") {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let data = fashion_subset(tmp.path(), 12, 1);
     // ResNet-18's checkpoint (10 classes) is about 128 MiB: its weights
     // and LAMB's two moments. Two and a half fit.
     let small = tmp.path().join("small");
-    let mounted = Tmpfs::mount(&small, 330 << 20);
-    if !require(mounted.is_some(), "a tmpfs mount") {
+    let Some(mounted) = Tmpfs::for_test(&small, 330 << 20) else {
         return;
-    }
+    };
+    let data = fashion_subset(tmp.path(), 12, 1);
     let run = small.join("job");
     // The coordinator's console (stdout) and log (stderr), both read.
     let job = local_job_command(&data, &run, 3, &["runtime.keep_last_checkpoints=3"])
