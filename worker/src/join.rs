@@ -1181,7 +1181,7 @@ fn watch_stop_signals(
             }
             rsb_process::exit_now(STOP_DEADLINE_EXIT_CODE);
         }
-        stop.request(cause.clone());
+        stop.request_within(cause.clone(), RANK_STOP_DEADLINE);
         tracing::warn!(
             "{cause}: stopping after the current update (rank 0 writes a checkpoint); exiting \
              within {RANK_STOP_DEADLINE:?} in any case"

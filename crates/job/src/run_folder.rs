@@ -493,6 +493,33 @@ impl RunFolderLock {
         file: &str,
         wait: Duration,
     ) -> Result<RunFolderLock, RunFolderError> {
+        Self::acquire_file_until(run_dir, file, wait, &|| None, "")
+    }
+
+    /// As [`Self::acquire`], giving up before `wait` is over where
+    /// `give_up_at` says so. It is asked at every try, so that a limit that
+    /// comes during the wait (a stop requested meanwhile, whose process
+    /// ends at a deadline of its own) cuts the wait short; the first time
+    /// it does, the wait left is logged, saying `why`. It never lengthens
+    /// the wait.
+    pub fn acquire_until(
+        run_dir: &Path,
+        wait: Duration,
+        give_up_at: &dyn Fn() -> Option<Instant>,
+        why: &str,
+    ) -> Result<RunFolderLock, RunFolderError> {
+        Self::acquire_file_until(run_dir, LOCK_FILE, wait, give_up_at, why)
+    }
+
+    /// The lock file `file` of `run_dir`, waited for up to `wait`, or
+    /// until `give_up_at`, whichever comes first.
+    fn acquire_file_until(
+        run_dir: &Path,
+        file: &str,
+        wait: Duration,
+        give_up_at: &dyn Fn() -> Option<Instant>,
+        why: &str,
+    ) -> Result<RunFolderLock, RunFolderError> {
         let path = run_dir.join(file);
         let lock_error = |error| RunFolderError::Lock { lock: path.clone(), error };
         std::fs::create_dir_all(run_dir).map_err(lock_error)?;
@@ -517,10 +544,27 @@ impl RunFolderLock {
         let mut file = open_lock_file(&path).map_err(lock_error)?;
         let deadline = Instant::now() + wait;
         let mut waiting_logged = false;
+        let mut cut_logged = false;
         let mut locked = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => break locked,
-                Err((unlocked, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                Err((unlocked, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let cut = give_up_at().filter(|at| *at < deadline);
+                    if let (Some(at), false) = (cut, cut_logged) {
+                        tracing::warn!(
+                            lock = %path.display(),
+                            "{why}: waiting for the run folder's lock {}s more at most",
+                            at.saturating_duration_since(Instant::now()).as_secs()
+                        );
+                        cut_logged = true;
+                    }
+                    if Instant::now() >= cut.unwrap_or(deadline) {
+                        return Err(RunFolderError::InUse {
+                            run: run_dir.to_path_buf(),
+                            lock: path.clone(),
+                            holder: lock_holder(&path),
+                        });
+                    }
                     if !waiting_logged {
                         tracing::info!(
                             lock = %path.display(),
@@ -530,13 +574,6 @@ impl RunFolderLock {
                     }
                     file = unlocked;
                     std::thread::sleep(Duration::from_millis(100));
-                }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    return Err(RunFolderError::InUse {
-                        run: run_dir.to_path_buf(),
-                        lock: path.clone(),
-                        holder: lock_holder(&path),
-                    });
                 }
                 Err((_, errno @ (nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP))) => {
                     // A file system without locks (an NFS mount whose lock
@@ -979,6 +1016,49 @@ mod tests {
         assert!(open_lock_file(&lock).is_err(), "the lock file's open followed a link");
         std::fs::remove_file(&lock).unwrap();
         assert!(open_lock_file(&lock).is_ok(), "a lock file is created where nothing is");
+    }
+
+    #[test]
+    fn a_wait_for_the_lock_gives_up_at_a_limit_that_comes_during_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let _held = RunFolderLock::acquire(&run, LOCK_WAIT).unwrap();
+        let long = Duration::from_secs(60);
+        // A limit set 300 ms into a wait of a minute (a stop requested
+        // meanwhile, 200 ms before its deadline) ends it there.
+        let limit = std::sync::Arc::new(std::sync::OnceLock::new());
+        let setter = {
+            let limit = limit.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                limit.set(Instant::now() + Duration::from_millis(200)).unwrap();
+            })
+        };
+        let started = Instant::now();
+        let err = RunFolderLock::acquire_until(&run, long, &|| limit.get().copied(), "stopping")
+            .map(|_| ())
+            .unwrap_err();
+        let waited = started.elapsed();
+        setter.join().unwrap();
+        assert!(matches!(err, RunFolderError::InUse { .. }), "{err}");
+        assert!(waited >= Duration::from_millis(500), "gave up before the limit: {waited:?}");
+        assert!(waited < Duration::from_secs(10), "waited {waited:?} past the limit");
+        // A limit already past: no wait at all.
+        let started = Instant::now();
+        let past = Instant::now();
+        RunFolderLock::acquire_until(&run, long, &|| Some(past), "stopping")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // A limit after the wait's end does not lengthen it.
+        let started = Instant::now();
+        let later = Instant::now() + long;
+        let short = Duration::from_millis(300);
+        RunFolderLock::acquire_until(&run, short, &|| Some(later), "stopping")
+            .map(|_| ())
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited >= short && waited < Duration::from_secs(10), "{waited:?}");
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub const CHECKPOINT_WRITE_DEADLINE: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug, Clone, Default)]
 pub struct StopRequest {
     reason: Arc<OnceLock<String>>,
+    /// When the process exits whether or not the stop finished (a rank's
+    /// own deadline for stopping), where whoever asked set one.
+    deadline: Arc<OnceLock<Instant>>,
 }
 
 impl StopRequest {
@@ -49,9 +52,24 @@ impl StopRequest {
         let _ = self.reason.set(reason.into());
     }
 
+    /// As [`Self::request`], from one that ends the process `within` from
+    /// now, finished or not (a rank's stop deadline): the stop's waits
+    /// (the run folder's lock before the stop checkpoint) give up in time
+    /// to say why, rather than be cut off. The first deadline is kept.
+    pub fn request_within(&self, reason: impl Into<String>, within: Duration) {
+        let _ = self.deadline.set(Instant::now() + within);
+        self.request(reason);
+    }
+
     /// Why the run was asked to stop, if it was.
     pub fn reason(&self) -> Option<&str> {
         self.reason.get().map(String::as_str)
+    }
+
+    /// When the process ends, stopped or not, if a request set a deadline
+    /// ([`Self::request_within`]).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.get().copied()
     }
 }
 
@@ -314,5 +332,18 @@ mod tests {
         shared.request("SIGTERM");
         stop.request("SIGINT");
         assert_eq!(stop.reason(), Some("SIGTERM"));
+        assert_eq!(stop.deadline(), None, "a request without a deadline has none");
+    }
+
+    #[test]
+    fn a_stop_requested_within_a_deadline_keeps_the_first_deadline() {
+        let stop = StopRequest::new();
+        let before = Instant::now();
+        stop.clone().request_within("SIGTERM", Duration::from_secs(90));
+        let deadline = stop.deadline().expect("a deadline");
+        assert!(deadline >= before + Duration::from_secs(90), "{:?}", deadline - before);
+        assert!(deadline <= Instant::now() + Duration::from_secs(90));
+        stop.request_within("SIGINT", Duration::from_secs(1));
+        assert_eq!((stop.reason(), stop.deadline()), (Some("SIGTERM"), Some(deadline)));
     }
 }

@@ -417,6 +417,18 @@ struct UpdateOnDevice {
     sums_wait: Duration,
 }
 
+/// Of a stop's deadline to exit by, what rank 0 keeps for the stop
+/// checkpoint's write once it has the run folder's lock: its wait for the
+/// lock gives up this long before the deadline.
+const STOP_WRITE_MARGIN: Duration = Duration::from_secs(20);
+
+/// When rank 0's wait for the run folder's lock gives up: [`STOP_WRITE_MARGIN`]
+/// before the deadline of a stop requested with one, `None` otherwise.
+fn lock_wait_limit(stop: Option<&StopRequest>) -> Option<Instant> {
+    let deadline = stop?.deadline()?;
+    Some(deadline.checked_sub(STOP_WRITE_MARGIN).unwrap_or(deadline))
+}
+
 /// An update whose record is still on the device: a 1-d f64 tensor of the
 /// [`RECORD_LEN`] values at the `RECORD_*` indices.
 #[derive(Debug)]
@@ -1530,12 +1542,25 @@ impl Trainer {
             if *lock_owed {
                 // Another writer's files are not this run's to replace:
                 // wait for it to exit, or fail naming it.
+                // A stopping rank gives up while it can still say why: its
+                // process ends at the stop's deadline, written or not.
+                let give_up_at = || lock_wait_limit(options.stop.as_ref());
+                let wait = match give_up_at() {
+                    Some(at) => {
+                        options.writer_lock_wait.min(at.saturating_duration_since(Instant::now()))
+                    }
+                    None => options.writer_lock_wait,
+                };
                 tracing::warn!(
-                    "waiting up to {:?} for the run folder's lock before the first checkpoint \
-                     write",
-                    options.writer_lock_wait
+                    "waiting up to {wait:?} for the run folder's lock before the first checkpoint \
+                     write"
                 );
-                *lock = Some(RunFolderLock::acquire(&options.out_dir, options.writer_lock_wait)?);
+                *lock = Some(RunFolderLock::acquire_until(
+                    &options.out_dir,
+                    options.writer_lock_wait,
+                    &give_up_at,
+                    "stopping, with a deadline to exit by",
+                )?);
                 *lock_owed = false;
                 tracing::info!("took the run folder's lock before the first checkpoint write");
             }
@@ -1614,6 +1639,19 @@ fn check_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopping_rank_0_waits_for_the_lock_until_its_write_margin_before_the_deadline() {
+        assert_eq!(lock_wait_limit(None), None);
+        let stop = StopRequest::new();
+        assert_eq!(lock_wait_limit(Some(&stop)), None, "no stop, no limit");
+        stop.request("SIGTERM");
+        assert_eq!(lock_wait_limit(Some(&stop)), None, "a stop without a deadline: no limit");
+        let stop = StopRequest::new();
+        stop.request_within("SIGTERM", Duration::from_secs(90));
+        let deadline = stop.deadline().unwrap();
+        assert_eq!(lock_wait_limit(Some(&stop)), Some(deadline - STOP_WRITE_MARGIN));
+    }
 
     #[test]
     fn a_resume_may_change_the_world_size_but_not_the_batch() {
