@@ -1027,6 +1027,7 @@ mod tests {
         // A limit set 300 ms into a wait of a minute (a stop requested
         // meanwhile, 200 ms before its deadline) ends it there.
         let limit = std::sync::Arc::new(std::sync::OnceLock::new());
+        let started = Instant::now();
         let setter = {
             let limit = limit.clone();
             std::thread::spawn(move || {
@@ -1034,7 +1035,6 @@ mod tests {
                 limit.set(Instant::now() + Duration::from_millis(200)).unwrap();
             })
         };
-        let started = Instant::now();
         let err = RunFolderLock::acquire_until(&run, long, &|| limit.get().copied(), "stopping")
             .map(|_| ())
             .unwrap_err();

@@ -1545,10 +1545,11 @@ impl Trainer {
                 // A stopping rank gives up while it can still say why: its
                 // process ends at the stop's deadline, written or not.
                 let give_up_at = || lock_wait_limit(options.stop.as_ref());
+                // Whole seconds: what is left of a stop's deadline, logged.
                 let wait = match give_up_at() {
-                    Some(at) => {
-                        options.writer_lock_wait.min(at.saturating_duration_since(Instant::now()))
-                    }
+                    Some(at) => options.writer_lock_wait.min(Duration::from_secs(
+                        at.saturating_duration_since(Instant::now()).as_secs(),
+                    )),
                     None => options.writer_lock_wait,
                 };
                 tracing::warn!(
@@ -1557,7 +1558,7 @@ impl Trainer {
                 );
                 *lock = Some(RunFolderLock::acquire_until(
                     &options.out_dir,
-                    options.writer_lock_wait,
+                    wait,
                     &give_up_at,
                     "stopping, with a deadline to exit by",
                 )?);
