@@ -72,6 +72,15 @@ pub enum CheckpointError {
         /// The part.
         part: String,
     },
+    /// The manifest is of a format this build does not read (written by
+    /// another version).
+    #[error("{path}: manifest format {format}, this build reads format {MANIFEST_FORMAT}")]
+    ManifestFormat {
+        /// The manifest file.
+        path: PathBuf,
+        /// The format it names.
+        format: u32,
+    },
     /// A listed part is missing.
     #[error("{path}: listed in the manifest but missing")]
     MissingPart {
@@ -135,6 +144,28 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// Whether this error, from checking a folder, shows the folder torn or
+    /// corrupt: its manifest or a part missing, short, or not what the
+    /// manifest says. Not so for a folder that could not be read (an I/O
+    /// error: a failing disk, a network file system that lost its server, no
+    /// permission) or whose manifest is of another format: it may hold a
+    /// whole checkpoint, which nothing may delete as torn.
+    pub fn shows_torn(&self) -> bool {
+        match self {
+            CheckpointError::MissingManifest { .. }
+            | CheckpointError::BadManifest { .. }
+            | CheckpointError::UnlistedPart { .. }
+            | CheckpointError::MissingPart { .. }
+            | CheckpointError::Size { .. }
+            | CheckpointError::Checksum { .. }
+            | CheckpointError::BadState { .. } => true,
+            CheckpointError::ManifestFormat { .. }
+            | CheckpointError::Io { .. }
+            | CheckpointError::NotFound { .. }
+            | CheckpointError::NoIntactCheckpoint { .. } => false,
+        }
+    }
+
     fn io(path: &Path, error: std::io::Error) -> CheckpointError {
         CheckpointError::Io { path: path.to_path_buf(), error }
     }
@@ -214,13 +245,7 @@ impl Manifest {
             CheckpointError::BadManifest { path: path.clone(), reason: e.to_string() }
         })?;
         if manifest.format != MANIFEST_FORMAT {
-            return Err(CheckpointError::BadManifest {
-                path,
-                reason: format!(
-                    "format {}, this build reads format {MANIFEST_FORMAT}",
-                    manifest.format
-                ),
-            });
+            return Err(CheckpointError::ManifestFormat { path, format: manifest.format });
         }
         Ok(manifest)
     }
@@ -770,6 +795,58 @@ pub(crate) mod tests {
             matches!(&err, CheckpointError::MissingManifest { path } if path == &dir.join(MANIFEST)),
             "{err}"
         );
+    }
+
+    /// What retention may delete as torn: a folder whose check found a part
+    /// missing, short or wrong; not one it could not read, nor one whose
+    /// manifest another version wrote.
+    #[test]
+    fn only_a_missing_short_or_wrong_part_shows_a_folder_torn() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = committed(run.path(), 1);
+        let model = dir.join("model.safetensors");
+        let good = std::fs::read(&model).unwrap();
+        // Whether `change` to the model's part shows the folder torn; the
+        // part is put back after.
+        let torn_by = |change: &dyn Fn()| {
+            change();
+            let err = verify(&dir).unwrap_err();
+            if model.is_dir() {
+                std::fs::remove_dir(&model).unwrap();
+            }
+            std::fs::write(&model, &good).unwrap();
+            (err.shows_torn(), err.to_string())
+        };
+        let mut flipped = good.clone();
+        flipped[10] ^= 0x01;
+        assert!(torn_by(&|| std::fs::write(&model, &flipped).unwrap()).0);
+        assert!(torn_by(&|| std::fs::write(&model, &good[..10]).unwrap()).0);
+        assert!(torn_by(&|| std::fs::remove_file(&model).unwrap()).0);
+        // A directory where the part should be: an I/O error, as a disk
+        // that fails to read it gives.
+        let (torn, message) = torn_by(&|| {
+            std::fs::remove_file(&model).unwrap();
+            std::fs::create_dir(&model).unwrap();
+        });
+        assert!(!torn, "{message}");
+        verify(&dir).unwrap();
+
+        let manifest = std::fs::read_to_string(dir.join(MANIFEST)).unwrap();
+        let newer = manifest.replacen(
+            &format!("\"format\": {MANIFEST_FORMAT}"),
+            &format!("\"format\": {}", MANIFEST_FORMAT + 1),
+            1,
+        );
+        assert_ne!(newer, manifest, "{manifest}");
+        std::fs::write(dir.join(MANIFEST), &newer).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(err, CheckpointError::ManifestFormat { .. }), "{err}");
+        assert!(!err.shows_torn(), "{err}");
+        assert!(err.to_string().contains("manifest format 2, this build reads format 1"), "{err}");
+        std::fs::write(dir.join(MANIFEST), &manifest[..manifest.len() / 2]).unwrap();
+        assert!(verify(&dir).unwrap_err().shows_torn());
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        assert!(verify(&dir).unwrap_err().shows_torn());
     }
 
     #[test]

@@ -38,7 +38,10 @@
 //! finished (the run folder has one checkpoint writer at a time,
 //! [`rsb_job::RunFolderLock`], so none of them is another live save's), and
 //! sets aside a complete one (a save interrupted between its renames left
-//! the checkpoint it replaced, or its own, under a temporary name). A save
+//! the checkpoint it replaced, or its own, under a temporary name). One that
+//! cannot be read to the end (an I/O error) may be whole, so it is kept,
+//! with a warning: only a part or manifest missing, short or wrong shows a
+//! folder torn ([`rsb_job::CheckpointError::shows_torn`]). A save
 //! that fails deletes the incomplete ones too, and tries once more: on a
 //! disk they nearly fill, every save would fail, and retention would never
 //! run.
@@ -550,10 +553,15 @@ fn prune(run_dir: &Path, keep_last: usize, keep: &[Option<&str>]) {
         // A complete checkpoint under a temporary name is one that a save
         // interrupted between its steps left there: the checkpoint it
         // replaced, or the new one before it was put in place. Set aside
-        // whole, never deleted; an incomplete one is deleted.
-        if verify(&folder).is_err() {
-            delete.push(folder);
-            continue;
+        // whole, never deleted; an incomplete one is deleted, and one that
+        // cannot be read is kept.
+        match staged_folder(&folder) {
+            StagedFolder::Complete => {}
+            StagedFolder::Torn => {
+                delete.push(folder);
+                continue;
+            }
+            StagedFolder::Unreadable => continue,
         }
         let (aside, made) = new_set_aside_folder(&root);
         let name = folder
@@ -611,8 +619,40 @@ fn hidden_leftovers(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
 /// them is a live save's.
 fn delete_leftovers(root: &Path) -> usize {
     let (leftovers, staged) = hidden_leftovers(root);
-    let torn = staged.into_iter().filter(|folder| verify(folder).is_err());
+    let torn = staged.into_iter().filter(|folder| staged_folder(folder) == StagedFolder::Torn);
     leftovers.into_iter().chain(torn).filter(|old| delete_folder(root, old)).count()
+}
+
+/// What the check of a save's staging folder found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StagedFolder {
+    /// A whole checkpoint: its manifest verifies.
+    Complete,
+    /// A save's incomplete folder (a part or the manifest missing, short
+    /// or wrong): nothing is lost by deleting it.
+    Torn,
+    /// Not read to the end (an I/O error, or a manifest of another
+    /// format): it may be a whole checkpoint, the only copy of one a save
+    /// was replacing. Kept, with a warning.
+    Unreadable,
+}
+
+/// Checks the staging folder `folder` ([`StagedFolder`]), warning of one
+/// that cannot be read.
+fn staged_folder(folder: &Path) -> StagedFolder {
+    match verify(folder) {
+        Ok(_) => StagedFolder::Complete,
+        Err(e) if e.shows_torn() => StagedFolder::Torn,
+        Err(e) => {
+            tracing::warn!(
+                folder = %folder.display(),
+                error = %e,
+                "a folder an interrupted save left could not be checked; keeping it (it may be a \
+                 whole checkpoint: delete it when it is not needed)"
+            );
+            StagedFolder::Unreadable
+        }
+    }
 }
 
 /// Deletes the folder `old` of the checkpoints folder `root`, saying why
@@ -1058,6 +1098,84 @@ mod tests {
         let err = commit(run.path(), &folder_name(2), full).unwrap_err();
         assert_eq!(tries, 1);
         assert!(err.to_string().ends_with("; epoch-0002 is intact"), "{err}");
+    }
+
+    /// A checkpoint left under a temporary name whose part cannot be read
+    /// (here: no read permission, checked by a thread that drops root's
+    /// override of file permissions) may be whole: the only copy of one a
+    /// save was replacing. Before, retention and a failed save deleted it
+    /// like a torn one; now both keep it, and once it reads again it is set
+    /// aside like any complete one.
+    #[test]
+    fn a_folder_an_interrupted_save_left_that_cannot_be_read_is_kept_not_deleted_as_torn() {
+        use std::os::unix::fs::PermissionsExt;
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join(CHECKPOINTS);
+        let first = commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
+        commit(run.path(), &folder_name(1), fake_parts("epoch 2")).unwrap();
+        let unreadable = temporary_sibling(&first).unwrap();
+        std::fs::create_dir(&unreadable).unwrap();
+        for entry in std::fs::read_dir(&first).unwrap() {
+            let file = entry.unwrap().path();
+            std::fs::copy(&file, unreadable.join(file.file_name().unwrap())).unwrap();
+        }
+        verify(&unreadable).unwrap();
+        let model = unreadable.join(PARTS[0]);
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o000)).unwrap();
+
+        let (deleted, cannot_read) = std::thread::spawn({
+            let (run, root, model) = (run.path().to_path_buf(), root.clone(), model.clone());
+            move || {
+                drop_file_permission_override();
+                let cannot_read = std::fs::read(&model).is_err();
+                let deleted = delete_leftovers(&root);
+                prune(&run, 5, &[]);
+                (deleted, cannot_read)
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(cannot_read, "the thread could still read {}", model.display());
+        assert_eq!(deleted, 0);
+        assert!(unreadable.exists(), "deleted as torn: {:?}", names(&root));
+        assert_eq!(set_aside_folders(run.path()), Vec::<Vec<String>>::new());
+
+        // Readable again: a whole checkpoint, set aside under its name.
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o644)).unwrap();
+        prune(run.path(), 5, &[]);
+        assert!(!unreadable.exists(), "{:?}", names(&root));
+        assert_eq!(set_aside_folders(run.path()), [vec!["epoch-0001"]]);
+    }
+
+    /// Drops, for the calling thread only, the capabilities that let root
+    /// read and search files whatever their permissions
+    /// (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`; Linux keeps capabilities
+    /// per thread). Nothing to drop for a user without them.
+    fn drop_file_permission_override() {
+        use nix::libc;
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Sets {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const DAC_OVERRIDE_AND_READ_SEARCH: u32 = (1 << 1) | (1 << 2);
+        let mut header = Header { version: VERSION_3, pid: 0 };
+        let mut sets = [Sets::default(); 2];
+        // SAFETY: capget and capset read and write the header and the two
+        // sets of version 3, which these structs lay out.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut header, sets.as_mut_ptr()), 0);
+            sets[0].effective &= !DAC_OVERRIDE_AND_READ_SEARCH;
+            assert_eq!(libc::syscall(libc::SYS_capset, &mut header, sets.as_ptr()), 0);
+        }
     }
 
     #[test]
