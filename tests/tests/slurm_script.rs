@@ -27,12 +27,7 @@ use std::time::{Duration, Instant};
 /// manifest (a save under way, or torn).
 #[test]
 fn the_slurm_scripts_checkpoint_list_changes_with_each_committed_checkpoint_only() {
-    let script =
-        std::fs::read_to_string(workspace_root().join("deploy/slurm/train.sbatch")).unwrap();
-    let start =
-        script.find("committed_checkpoints() {").expect("committed_checkpoints in the script");
-    let end = start + script[start..].find("\n}\n").expect("its end") + 3;
-    let function = &script[start..end];
+    let function = script_function("committed_checkpoints");
     let folder = tempfile::tempdir().unwrap();
     let out = folder.path();
     let listed = || {
@@ -74,6 +69,65 @@ fn the_slurm_scripts_checkpoint_list_changes_with_each_committed_checkpoint_only
     std::fs::create_dir_all(out.join("runs/seed-002/checkpoints/epoch-0001")).unwrap();
     assert_eq!(listed(), before, "folders without a manifest are not committed checkpoints");
     assert!(before.contains("/runs/seed-001/checkpoints/epoch-0001\n"), "{before}");
+}
+
+/// The text of the shell function `name` of the Slurm script.
+fn script_function(name: &str) -> String {
+    let script =
+        std::fs::read_to_string(workspace_root().join("deploy/slurm/train.sbatch")).unwrap();
+    let start =
+        script.find(&format!("{name}() {{")).unwrap_or_else(|| panic!("{name} in the script"));
+    let end = start + script[start..].find("\n}\n").expect("its end") + 3;
+    script[start..end].to_string()
+}
+
+/// The Slurm script's `wait_for`, run alone on a process that has ended:
+/// it gives the process's exit status at once; and when bash lost that
+/// status (a trapped signal interrupted `wait` just as the process ended:
+/// `wait PID` then blocks until another child ends, which for a
+/// coordinator waiting for hosts is never), it gives up on it after its
+/// 5 s deadline, saying so, and counts it as 1. The lost status is played
+/// by a `wait` that blocks for that process; the other child, which never
+/// ends, by a `sleep`.
+#[test]
+fn the_slurm_scripts_wait_for_a_status_has_a_deadline() {
+    let functions = format!("{}{}", script_function("running"), script_function("wait_for"));
+    let run = |lose: bool| {
+        let shell = format!(
+            "set -euo pipefail\n\
+             requeue=0 orphaned=0 interrupted=0 lost=0 worker_grace=30\n\
+             {functions}\
+             trap 'lost=1' USR2\n\
+             sleep 60 > /dev/null 2>&1 &\n\
+             never=$!\n\
+             (exit 3) &\n\
+             ended=$!\n\
+             if [ {lose} = true ]; then\n\
+               wait() {{ if [ \"$1\" = \"$ended\" ]; then builtin wait \"$never\"; else builtin wait \"$@\"; fi; }}\n\
+             fi\n\
+             status=0\n\
+             wait_for \"$ended\" || status=$?\n\
+             kill \"$never\"\n\
+             echo \"status $status\"\n"
+        );
+        let began = Instant::now();
+        let out = Command::new("bash").arg("-c").arg(shell).output().unwrap();
+        let took = began.elapsed();
+        let (printed, said) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "{printed}{said}");
+        (printed, said, took)
+    };
+    let (printed, said, took) = run(false);
+    assert_eq!(printed, "status 3\n", "{said}");
+    assert!(!said.contains("lost"), "{said}");
+    assert!(took < Duration::from_secs(3), "took {took:?}: {said}");
+    let (printed, said, took) = run(true);
+    assert_eq!(printed, "status 1\n", "{said}");
+    assert!(said.contains("rsb: bash lost the exit status of process"), "{said}");
+    assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(15), "took {took:?}");
 }
 
 /// `srun`: runs its command (the options before it dropped), noting the
