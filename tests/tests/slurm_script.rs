@@ -91,13 +91,13 @@ fn script_function(name: &str) -> String {
 /// ends, by a `sleep`.
 #[test]
 fn the_slurm_scripts_wait_for_a_status_has_a_deadline() {
-    let functions = format!("{}{}", script_function("running"), script_function("wait_for"));
+    let functions: String =
+        ["running", "wait_for", "stop_watchdog"].into_iter().map(script_function).collect();
     let run = |lose: bool| {
         let shell = format!(
             "set -euo pipefail\n\
              requeue=0 orphaned=0 interrupted=0 lost=0 worker_grace=30\n\
              {functions}\
-             trap 'lost=1' USR2\n\
              sleep 60 > /dev/null 2>&1 &\n\
              never=$!\n\
              (exit 3) &\n\

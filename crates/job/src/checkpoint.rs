@@ -231,23 +231,35 @@ impl Manifest {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// Reads `dir/manifest.json`.
+    /// Reads `dir/manifest.json`. Its format is read first, leniently: a
+    /// manifest another version wrote (other fields, too) is
+    /// [`CheckpointError::ManifestFormat`], not a bad one; bytes read that
+    /// are not a manifest (not UTF-8, not JSON) are
+    /// [`CheckpointError::BadManifest`], and only a failed read is
+    /// [`CheckpointError::Io`].
     pub fn read(dir: &Path) -> Result<Manifest, CheckpointError> {
+        /// The one field every format has.
+        #[derive(serde::Deserialize)]
+        struct Format {
+            format: u32,
+        }
         let path = dir.join(MANIFEST);
-        let text = match rsb_files::read_regular_file(&path) {
-            Ok(text) => text,
+        let mut bytes = Vec::new();
+        let read = rsb_files::open_regular_file(&path).and_then(|mut f| f.read_to_end(&mut bytes));
+        match read {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CheckpointError::MissingManifest { path });
             }
             Err(e) => return Err(CheckpointError::io(&path, e)),
-        };
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-            CheckpointError::BadManifest { path: path.clone(), reason: e.to_string() }
-        })?;
-        if manifest.format != MANIFEST_FORMAT {
-            return Err(CheckpointError::ManifestFormat { path, format: manifest.format });
         }
-        Ok(manifest)
+        let bad = |reason: String| CheckpointError::BadManifest { path: path.clone(), reason };
+        let text = std::str::from_utf8(&bytes).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+        let format = serde_json::from_str::<Format>(text).map_err(|e| bad(e.to_string()))?.format;
+        if format != MANIFEST_FORMAT {
+            return Err(CheckpointError::ManifestFormat { path, format });
+        }
+        serde_json::from_str(text).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -843,6 +855,22 @@ pub(crate) mod tests {
         assert!(matches!(err, CheckpointError::ManifestFormat { .. }), "{err}");
         assert!(!err.shows_torn(), "{err}");
         assert!(err.to_string().contains("manifest format 2, this build reads format 1"), "{err}");
+        // A later format that also adds a field: still not torn.
+        let with_field = newer.replacen('{', "{\n  \"signed_by\": \"a later version\",", 1);
+        std::fs::write(dir.join(MANIFEST), &with_field).unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(err, CheckpointError::ManifestFormat { format: 2, .. }), "{err}");
+        // The same field in this format, and bytes that are not UTF-8: read,
+        // and not a manifest, so torn.
+        std::fs::write(
+            dir.join(MANIFEST),
+            with_field.replacen("\"format\": 2", "\"format\": 1", 1),
+        )
+        .unwrap();
+        assert!(verify(&dir).unwrap_err().shows_torn());
+        std::fs::write(dir.join(MANIFEST), b"{\"format\": 1, \xff\xfe").unwrap();
+        let err = verify(&dir).unwrap_err();
+        assert!(matches!(err, CheckpointError::BadManifest { .. }) && err.shows_torn(), "{err}");
         std::fs::write(dir.join(MANIFEST), &manifest[..manifest.len() / 2]).unwrap();
         assert!(verify(&dir).unwrap_err().shows_torn());
         std::fs::remove_file(dir.join(MANIFEST)).unwrap();
