@@ -982,6 +982,19 @@ mod tests {
         }
     }
 
+    /// A copy of the checkpoint folder `folder` under a staging name, as a
+    /// save interrupted between its renames leaves one; checked complete.
+    fn copy_under_temporary_name(folder: &Path) -> PathBuf {
+        let copy = temporary_sibling(folder).unwrap();
+        std::fs::create_dir(&copy).unwrap();
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let file = entry.unwrap().path();
+            std::fs::copy(&file, copy.join(file.file_name().unwrap())).unwrap();
+        }
+        verify(&copy).unwrap();
+        copy
+    }
+
     /// The folders under `checkpoints/abandoned-*/`, by set-aside folder, sorted.
     fn set_aside_folders(run: &Path) -> Vec<Vec<String>> {
         let root = run.join(CHECKPOINTS);
@@ -1066,13 +1079,7 @@ mod tests {
         std::fs::create_dir(&half_deleted).unwrap();
         std::fs::write(half_deleted.join(PARTS[0]), "what was left").unwrap();
         // A complete checkpoint under a temporary name: not deleted.
-        let complete = temporary_sibling(&root.join(folder_name(0))).unwrap();
-        std::fs::create_dir(&complete).unwrap();
-        for entry in std::fs::read_dir(root.join(folder_name(0))).unwrap() {
-            let file = entry.unwrap().path();
-            std::fs::copy(&file, complete.join(file.file_name().unwrap())).unwrap();
-        }
-        verify(&complete).unwrap();
+        let complete = copy_under_temporary_name(&root.join(folder_name(0)));
         // The disk is full while the torn folder is there.
         let mut tries = 0;
         let full_while_torn = |staging: &Path| -> Result<(), TrainError> {
@@ -1113,13 +1120,7 @@ mod tests {
         let root = run.path().join(CHECKPOINTS);
         let first = commit(run.path(), &folder_name(0), fake_parts("epoch 1")).unwrap();
         commit(run.path(), &folder_name(1), fake_parts("epoch 2")).unwrap();
-        let unreadable = temporary_sibling(&first).unwrap();
-        std::fs::create_dir(&unreadable).unwrap();
-        for entry in std::fs::read_dir(&first).unwrap() {
-            let file = entry.unwrap().path();
-            std::fs::copy(&file, unreadable.join(file.file_name().unwrap())).unwrap();
-        }
-        verify(&unreadable).unwrap();
+        let unreadable = copy_under_temporary_name(&first);
         let model = unreadable.join(PARTS[0]);
         std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o000)).unwrap();
 
