@@ -135,6 +135,92 @@ fn kubernetes_containers_name_only_paths_their_volumes_hold() {
     assert!(!under("/recipes/resnet50_a2.yaml", &mounts_of("coordinator")));
 }
 
+/// `coordinator plan` (the binary built here) on a recipe, with `args`
+/// (`--procedure`, `--model`, `--recipe`, `--set`) and `ranks`: whether
+/// the global batch splits over that many ranks, and what it said.
+fn plan(args: &[String], ranks: u64) -> (bool, String) {
+    let out = Command::new(binary("coordinator"))
+        .current_dir(workspace_root())
+        .arg("plan")
+        .args(args)
+        .arg(format!("--ranks={ranks}"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said.into_owned())
+}
+
+/// The Kubernetes job can start: its ranks (the worker pods, one per
+/// `--nodes` host, times the GPUs each asks for) split the global batch of
+/// the recipe its coordinator runs, as `coordinator plan` checks it. A
+/// coordinator whose ranks cannot split it fails the job once every host
+/// has joined ("cannot start"), and again at each restart.
+#[test]
+fn kubernetes_job_splits_its_batch_over_the_gpus_it_asks_for() {
+    let workloads = workloads();
+    let named = |name: &str| workloads.iter().find(|w| w.name == name).unwrap();
+    let (coordinator, workers) = (named("rsb-coordinator"), named("rsb-workers"));
+    let args = &coordinator.pod.containers[0].args;
+    let nodes: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--nodes="))
+        .expect("the coordinator's --nodes=N")
+        .parse()
+        .unwrap();
+    assert_eq!(workers.completions, Some(nodes), "the worker Job's completions and --nodes");
+    assert_eq!(workers.parallelism, Some(nodes), "the worker Job's parallelism and --nodes");
+    let gpus = quantity(&workers.pod.containers[0].resources.limits["nvidia.com/gpu"]);
+    assert!(gpus >= 1.0 && gpus.fract() == 0.0, "nvidia.com/gpu {gpus}");
+    let recipe: Vec<String> = args
+        .iter()
+        .filter(|a| {
+            ["--procedure=", "--model=", "--recipe=", "--set="].iter().any(|f| a.starts_with(f))
+        })
+        .cloned()
+        .collect();
+    let ranks = nodes * gpus as u64;
+    let (ok, said) = plan(&recipe, ranks);
+    assert!(ok, "{} on {ranks} ranks: {said}", recipe.join(" "));
+    assert!(said.contains(&format!("x {ranks} rank(s)")), "{said}");
+    // The check can fail: without its micro-batch, Table 3's 4 x 512 on 32 GPUs.
+    let table3: Vec<String> = recipe.into_iter().filter(|a| !a.contains("micro_size")).collect();
+    let (ok, said) = plan(&table3, 32);
+    assert!(!ok && said.contains("do not split over 32 ranks"), "{said}");
+}
+
+/// Each `sbatch` example in the Slurm script's header can start: its
+/// nodes times its GPUs per node split the global batch of its recipe
+/// with its `--set` overrides (`coordinator plan`).
+#[test]
+fn slurm_examples_split_their_batch_over_the_gpus_they_ask_for() {
+    let script =
+        std::fs::read_to_string(workspace_root().join("deploy/slurm/train.sbatch")).unwrap();
+    let examples: Vec<Vec<&str>> = script
+        .lines()
+        .filter_map(|l| l.strip_prefix('#')?.trim_start().strip_prefix("sbatch "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(examples.len() >= 2, "{} sbatch example(s)", examples.len());
+    for words in examples {
+        let option = |name: &str| -> u64 {
+            let flag = format!("--{name}=");
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(flag.as_str()))
+                .unwrap_or_else(|| panic!("sbatch {}: no {flag}N", words.join(" ")))
+                .parse()
+                .unwrap()
+        };
+        let ranks = option("nodes") * option("gpus-per-node");
+        let at = words.iter().position(|w| *w == "deploy/slurm/train.sbatch").unwrap();
+        // The recipe, the data root and the run folder, then overrides.
+        let mut args = vec![format!("--recipe={}", words[at + 1])];
+        args.extend(words[at + 4..].iter().map(|w| w.to_string()));
+        let (ok, said) = plan(&args, ranks);
+        assert!(ok, "sbatch {}: {said}", words.join(" "));
+    }
+}
+
 /// Both Jobs start their containers again after a failure, a bounded number
 /// of times, and the coordinator with `--auto-resume`, so that a restarted
 /// coordinator restores its job (which the agents continue) and a restarted
@@ -142,7 +228,7 @@ fn kubernetes_containers_name_only_paths_their_volumes_hold() {
 #[test]
 fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
     let mut jobs = Vec::new();
-    for Workload { kind, name, backoff_limit, pod } in workloads() {
+    for Workload { kind, name, backoff_limit, pod, .. } in workloads() {
         if kind != "Job" {
             continue;
         }
@@ -197,6 +283,8 @@ struct Metadata {
 #[serde(rename_all = "camelCase")]
 struct DocumentSpec {
     backoff_limit: Option<u64>,
+    completions: Option<u64>,
+    parallelism: Option<u64>,
     template: Option<PodTemplate>,
 }
 
@@ -312,6 +400,8 @@ struct Workload {
     kind: String,
     name: String,
     backoff_limit: Option<u64>,
+    completions: Option<u64>,
+    parallelism: Option<u64>,
     pod: PodSpec,
 }
 
@@ -325,8 +415,15 @@ fn workloads() -> Vec<Workload> {
                 .unwrap_or_else(|e| panic!("{}: {e}", manifest.display()))
         })
         .filter_map(|Document { kind, metadata, spec }| {
-            let DocumentSpec { backoff_limit, template } = spec?;
-            Some(Workload { kind, name: metadata.name, backoff_limit, pod: template?.spec })
+            let DocumentSpec { backoff_limit, completions, parallelism, template } = spec?;
+            Some(Workload {
+                kind,
+                name: metadata.name,
+                backoff_limit,
+                completions,
+                parallelism,
+                pod: template?.spec,
+            })
         })
         .collect()
 }
