@@ -76,6 +76,7 @@ def main() -> int:
         ("bad images (Pillow sdist)", "bad_images", "bad_images.py", lambda: bad_images.generate(args.out / "bad_images")),
         ("train step (BN, BCE, LAMB, drop path)", "train_step", "train_step.py", lambda: __import__("train_step").generate(args.out / "train_step")),
         ("rand_augment draws", "rand_augment", "rand_augment_draws.py", lambda: __import__("rand_augment_draws").generate(args.out / "rand_augment")),
+        ("crop+flip draws", "crop", "crop_draws.py", lambda: __import__("crop_draws").generate(args.out / "crop")),
         ("worker eval CLI (ReaL, V2)", "eval_cli", "eval_cli.py", lambda: eval_cli.generate(args.out / "eval_cli")),
         ("seed-study statistics (scipy.stats)", "seed_stats", "seed_stats.py", lambda: __import__("seed_stats").generate(args.out / "seed_stats")),
         ("fp16 loss scaler (torch.amp.GradScaler)", "grad_scaler", "grad_scaler.py", lambda: __import__("grad_scaler").generate(args.out / "grad_scaler")),

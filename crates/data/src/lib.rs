@@ -19,6 +19,7 @@ pub mod loader;
 pub mod mixup;
 pub mod pipeline;
 pub mod rand_augment;
+pub mod replay;
 pub mod rng;
 pub mod sampler;
 pub mod shards;

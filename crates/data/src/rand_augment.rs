@@ -17,11 +17,10 @@
 
 use std::borrow::Cow;
 
-use thiserror::Error;
-
 pub use rsb_recipes::rand_augment::{RandAugmentConfig, RandAugmentError, LEVEL_DENOM};
 
 use crate::image::{geometry, ops, Filter, RgbImage};
+use crate::replay::{Replay, ReplayError};
 use crate::rng::Rng;
 
 /// timm's default `translate_pct` for the relative translations.
@@ -374,15 +373,10 @@ impl RandAugment {
         img: &RgbImage,
         plan: &[RaDraw],
     ) -> Result<(RgbImage, Vec<RaDecision>), RaReplayError> {
-        let mut replay = Replay { plan, next: 0, error: None };
+        let mut replay = Replay::new(plan);
         let mut decisions = Vec::new();
         let out = self.apply_with(img, &mut replay, &mut decisions);
-        if let Some(error) = replay.error {
-            return Err(error);
-        }
-        if replay.next < plan.len() {
-            return Err(RaReplayError::Unused { left: plan.len() - replay.next });
-        }
+        replay.finish()?;
         Ok((out, decisions))
     }
 
@@ -466,36 +460,8 @@ pub struct RaDecision {
     pub filter: Option<Filter>,
 }
 
-/// Why a recorded plan could not be replayed.
-#[derive(Debug, Clone, PartialEq, Error)]
-pub enum RaReplayError {
-    /// The next planned draw is not the kind the decision needs, or the plan ended.
-    #[error("draw {position}: RandAugment needs {needed}, the plan has {found:?}")]
-    Mismatch {
-        /// Index of the draw in the plan.
-        position: usize,
-        /// The kind of draw needed (`op choice`, `random`, ...).
-        needed: &'static str,
-        /// The planned draw (`None`: the plan ended).
-        found: Option<RaDraw>,
-    },
-    /// A planned index is outside the set it picks from.
-    #[error("draw {position}: index {index} out of range for {len} choices")]
-    OutOfRange {
-        /// Index of the draw in the plan.
-        position: usize,
-        /// The planned index.
-        index: usize,
-        /// The number of choices.
-        len: usize,
-    },
-    /// The decisions used fewer draws than planned.
-    #[error("{left} planned draws were not used")]
-    Unused {
-        /// Draws left.
-        left: usize,
-    },
-}
+/// Why a recorded RandAugment plan could not be replayed.
+pub type RaReplayError = ReplayError<RaDraw>;
 
 /// Where RandAugment's random decisions come from: our [`Rng`], or a plan of
 /// draws recorded from timm. One method per kind of draw timm makes.
@@ -534,51 +500,7 @@ impl Draws for Rng {
     }
 }
 
-/// A recorded plan being replayed; the first problem is kept and later
-/// draws return neutral values (the result is discarded on error).
-struct Replay<'a> {
-    plan: &'a [RaDraw],
-    next: usize,
-    error: Option<RaReplayError>,
-}
-
-impl Replay<'_> {
-    /// The next planned draw if `pick` accepts its kind; records a mismatch otherwise.
-    fn take<T>(&mut self, needed: &'static str, pick: impl Fn(RaDraw) -> Option<T>) -> Option<T> {
-        if self.error.is_some() {
-            return None;
-        }
-        let position = self.next;
-        let found = self.plan.get(position).copied();
-        match found.and_then(&pick) {
-            Some(v) => {
-                self.next += 1;
-                Some(v)
-            }
-            None => {
-                self.error = Some(RaReplayError::Mismatch { position, needed, found });
-                None
-            }
-        }
-    }
-
-    /// Checks a drawn index against the number of choices.
-    fn index(&mut self, len: usize, draw: Option<usize>) -> usize {
-        match draw {
-            Some(index) if index < len => index,
-            Some(index) => {
-                if self.error.is_none() {
-                    self.error =
-                        Some(RaReplayError::OutOfRange { position: self.next - 1, index, len });
-                }
-                0
-            }
-            None => 0,
-        }
-    }
-}
-
-impl Draws for Replay<'_> {
+impl Draws for Replay<'_, RaDraw> {
     fn op_index(&mut self, len: usize) -> usize {
         let draw = self.take("op choice", |d| match d {
             RaDraw::OpChoice(i) => Some(i),
