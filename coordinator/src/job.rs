@@ -31,7 +31,7 @@
 //! call's member credentials (in constant time), and every later operation
 //! names the calling member, which may act only for its own ranks.
 
-use crate::plan::{BatchPlan, PlanError};
+use crate::plan::{hosts_that_split, BatchPlan, PlanError};
 use rsb_job::records::{input_wait_note, skipped_images_note, skipped_updates_note};
 use rsb_job::{GenerationReason, MetricsLog, MetricsLogError, MetricsRecord, RankBalance};
 use rsb_proto::agent_calls;
@@ -1155,6 +1155,14 @@ impl Job {
             // A regroup (an elastic job below its fewest hosts) starts as soon
             // as enough hosts are back: a host whose ranks would make a world
             // the batch cannot split over is refused now, not the job later.
+            // An elastic job takes a host whose ranks some generation can
+            // run: a set of hosts that cannot split the batch runs on the
+            // largest of them that can, the others standing by
+            // (`fit_members_to_the_batch`).
+            Phase::Waiting if self.started && self.elastic() => {
+                self.check_ranks_fit(host, local_ranks)?;
+                false
+            }
             Phase::Waiting if self.started => {
                 let world = self.world_size() + local_ranks;
                 BatchPlan::new(&self.recipe, world).map_err(|e| {
@@ -1174,14 +1182,7 @@ impl Job {
                         self.max_nodes
                     )));
                 }
-                let world = self.world_size()
-                    + self.pending.iter().map(|m| m.local_ranks).sum::<u32>()
-                    + local_ranks;
-                BatchPlan::new(&self.recipe, world).map_err(|e| {
-                    JobError::Precondition(format!(
-                        "host {host} with {local_ranks} rank(s) would make a world of {world}: {e}"
-                    ))
-                })?;
+                self.check_ranks_fit(host, local_ranks)?;
                 true
             }
             Phase::Running => {
@@ -1249,7 +1250,7 @@ impl Job {
             self.reasons.push(GenerationReason::Admitted { host: host.to_string() });
             tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts needed)", self.members.len(), self.min_nodes);
             if self.members.len() as u32 >= self.min_nodes {
-                self.start_generation();
+                self.start_or_wait();
             }
         } else {
             tracing::info!(member = %id, host, local_ranks, "joined ({}/{} hosts)", self.members.len(), self.nodes_expected);
@@ -1331,20 +1332,135 @@ impl Job {
             self.resume_from = Some(c.path.clone());
             self.resume_step = Some(c.step);
         }
-        if self.members.len() as u32 >= self.min_nodes {
-            self.start_generation();
-        } else {
-            self.assign_ranks();
-            self.phase = Phase::Waiting;
-            self.regroup_since.get_or_insert_with(Instant::now);
-            tracing::warn!(
-                generation = self.generation,
-                "{} of the {} host(s) needed (--min-nodes) are left; waiting up to {:?} for joins",
+        self.start_or_wait();
+    }
+
+    /// Starts the current generation when its members can run it: at least
+    /// `min_nodes` hosts and, in an elastic job, a set of them whose ranks
+    /// split the global batch (the others stand by,
+    /// [`Job::fit_members_to_the_batch`]). Otherwise the job waits for
+    /// joins, up to `rejoin_timeout`.
+    fn start_or_wait(&mut self) {
+        let enough = self.members.len() as u32 >= self.min_nodes;
+        if enough && (!self.elastic() || self.fit_members_to_the_batch()) {
+            return self.start_generation();
+        }
+        self.assign_ranks();
+        self.phase = Phase::Waiting;
+        self.regroup_since.get_or_insert_with(Instant::now);
+        tracing::warn!(
+            generation = self.generation,
+            "{}; waiting up to {:?} for joins",
+            self.why_waiting(),
+            self.rejoin_timeout
+        );
+    }
+
+    /// Why a generation waits for joins: too few hosts, or hosts whose
+    /// ranks cannot split the global batch on `min_nodes` of them.
+    fn why_waiting(&self) -> String {
+        if (self.members.len() as u32) < self.min_nodes {
+            return format!(
+                "{} of the {} host(s) needed (--min-nodes) are left",
                 self.members.len(),
-                self.min_nodes,
-                self.rejoin_timeout
+                self.min_nodes
             );
         }
+        let ranks: Vec<String> = self.members.iter().map(|m| m.local_ranks.to_string()).collect();
+        format!(
+            "the ranks of the {} host(s) left ({}) cannot split the global batch's {} \
+             micro-batches on {} or more of them (--min-nodes)",
+            self.members.len(),
+            ranks.join(" + "),
+            self.streams().map_or_else(|| "?".to_string(), |s| s.to_string()),
+            self.min_nodes
+        )
+    }
+
+    /// The micro-batches (sampler streams) of the recipe's global batch.
+    fn streams(&self) -> Option<u32> {
+        let batch = &self.recipe.batch;
+        BatchPlan::from_sizes(batch.global_size, batch.micro_size, 1).ok().map(|p| p.streams)
+    }
+
+    /// Refuses a host whose ranks no generation could run, being more than
+    /// the global batch's micro-batches.
+    fn check_ranks_fit(&self, host: &str, local_ranks: u32) -> Result<(), JobError> {
+        match self.streams() {
+            Some(streams) if local_ranks > streams => Err(JobError::Precondition(format!(
+                "host {host} brings {local_ranks} rank(s), more than the {streams} \
+                 micro-batches of the global batch: no generation could run them"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// An elastic job whose members' ranks cannot all split the global
+    /// batch (3 hosts of one rank left of a 4-micro-batch recipe) runs the
+    /// next generation on the largest set of them that can, at least
+    /// `min_nodes` hosts, earliest joined first ([`hosts_that_split`]). The
+    /// others stand by among the pending hosts, first in line, and are
+    /// admitted when a later generation can take them: at the first
+    /// checkpoint after a join that lets the world grow. Returns whether
+    /// the members can start (false: no such set; nothing is moved).
+    fn fit_members_to_the_batch(&mut self) -> bool {
+        let Some(streams) = self.streams() else {
+            // A batch no world splits: `start_generation` says so.
+            return true;
+        };
+        let ranks: Vec<u32> = self.members.iter().map(|m| m.local_ranks).collect();
+        let Some(chosen) = hosts_that_split(&ranks, streams, self.min_nodes as usize) else {
+            return false;
+        };
+        if chosen.len() == self.members.len() {
+            return true;
+        }
+        let world: u32 = chosen.iter().map(|&i| ranks[i]).sum();
+        let all: u32 = ranks.iter().sum();
+        let detail = format!(
+            "the {all} ranks of the {} hosts left cannot split the global batch's {streams} \
+             micro-batches; {world} ranks on {} of them do",
+            ranks.len(),
+            chosen.len()
+        );
+        let mut standing_by = Vec::new();
+        for (i, m) in std::mem::take(&mut self.members).into_iter().enumerate() {
+            match chosen.contains(&i) {
+                true => self.members.push(m),
+                false => standing_by.push(m),
+            }
+        }
+        // Not admitted after all: the hosts standing by are named once.
+        self.reasons.retain(|r| {
+            !matches!(r, GenerationReason::Admitted { host }
+                if standing_by.iter().any(|m| &m.host == host))
+        });
+        for m in &standing_by {
+            tracing::warn!(
+                member = %m.id,
+                host = %m.host,
+                "{detail}: standing by, pending, until a generation can take its ranks"
+            );
+            self.reasons.push(GenerationReason::StandingBy {
+                host: m.host.clone(),
+                detail: detail.clone(),
+            });
+        }
+        standing_by.append(&mut self.pending);
+        self.pending = standing_by;
+        true
+    }
+
+    /// Whether the pending hosts would join the next generation: in an
+    /// elastic job, only when with them a larger world splits the batch
+    /// than runs now (a host standing by alone would regroup every rank at
+    /// each checkpoint, to stand by again).
+    fn pending_would_grow_the_world(&self) -> bool {
+        let Some(streams) = self.streams() else { return true };
+        let ranks: Vec<u32> =
+            self.members.iter().chain(&self.pending).map(|m| m.local_ranks).collect();
+        hosts_that_split(&ranks, streams, self.min_nodes as usize)
+            .is_some_and(|chosen| chosen.iter().map(|&i| ranks[i]).sum::<u32>() > self.world_size())
     }
 
     /// Numbers the next generation, forgetting the ranks of the last one.
@@ -1584,10 +1700,8 @@ impl Job {
         if let Some(since) = self.regroup_since {
             if self.phase == Phase::Waiting && since.elapsed() > self.rejoin_timeout {
                 let reason = format!(
-                    "{} of the {} host(s) needed (--min-nodes) after waiting {:?} for joins; \
-                     lost: {}",
-                    self.members.len(),
-                    self.min_nodes,
+                    "{} after waiting {:?} for joins; lost: {}",
+                    self.why_waiting(),
                     self.rejoin_timeout,
                     self.lost.join(", ")
                 );
@@ -2194,7 +2308,10 @@ impl Job {
         // While hosts stop, the stop's generation admits the pending ones:
         // a commit of rank 0's delayed report of an earlier checkpoint must
         // not open it before the stop checkpoint.
-        if !self.pending.is_empty() && self.hosts_stopping.is_none() {
+        if !self.pending.is_empty()
+            && self.hosts_stopping.is_none()
+            && self.pending_would_grow_the_world()
+        {
             self.next_generation(None);
         }
         Ok(())
@@ -2811,13 +2928,109 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_join_the_batch_plan_cannot_hold_is_refused() {
+    fn a_host_the_batch_cannot_take_now_stands_by_and_replaces_a_lost_one() {
         let mut j = job(2); // 2 sampler streams
         j.set_node_bounds(1, 3).unwrap();
-        join(&mut j, "a", 1).unwrap();
-        join(&mut j, "b", 1).unwrap();
-        let e = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap_err();
-        assert!(e.to_string().contains("world of 3"), "{e}");
+        let a = join(&mut j, "a", 1).unwrap();
+        let b = join(&mut j, "b", 1).unwrap();
+        // Ranks no generation could run are refused.
+        let e = j.join("c", DeviceKind::Cpu, 3, LOOPBACK).unwrap_err();
+        assert!(e.to_string().contains("more than the 2 micro-batches"), "{e}");
+        // One more rank cannot split 2 streams: taken, pending, and left
+        // pending by a commit (no regroup into the same world).
+        let (c, _, pending) = j.join("c", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(pending);
+        j.record_metrics(1, &step(5)).unwrap();
+        assert!(j
+            .commit_checkpoint_report(1, 7, 0, 5, "/run/checkpoints/epoch-0001".into())
+            .unwrap());
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 1), "a commit regrouped");
+        assert_eq!(j.assignment(&c, 0).unwrap(), RankShare::Wait);
+        // b is lost: c takes its place, from the checkpoint.
+        silence(&mut j, &b);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Running, 2));
+        assert_eq!((assigned(&j, &a, 0).global_rank, assigned(&j, &c, 0).global_rank), (0, 1));
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["resume_from"], "/run/checkpoints/epoch-0001");
+        assert_eq!(g["hosts"], serde_json::json!(["a", "c"]));
+    }
+
+    /// An elastic job of 4 sampler streams (worlds of 1, 2 and 4 ranks).
+    fn four_streams(nodes: u32, min: u32, max: u32) -> Job {
+        let mut j = job(nodes);
+        j.recipe.batch.global_size = 32;
+        j.recipe.batch.micro_size = 8;
+        j.set_node_bounds(min, max).unwrap();
+        j
+    }
+
+    #[test]
+    fn hosts_left_that_cannot_split_the_batch_run_on_the_largest_set_that_can() {
+        let mut j = four_streams(4, 2, 4);
+        let ids: Vec<String> =
+            ["a", "b", "c", "d"].iter().map(|h| join(&mut j, h, 1).unwrap()).collect();
+        assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 4));
+        // d is lost: 3 ranks cannot split 4 streams; a and b run, c stands by.
+        silence(&mut j, &ids[3]);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation, j.world_size()), (Phase::Running, 2, 2));
+        assert_eq!(
+            (assigned(&j, &ids[0], 0).global_rank, assigned(&j, &ids[1], 0).global_rank),
+            (0, 1)
+        );
+        assert_eq!(assigned(&j, &ids[0], 0).plan.accumulation, 2);
+        assert_eq!(j.assignment(&ids[2], 0).unwrap(), RankShare::Wait);
+        let beat = j.heartbeat(&ids[2]).unwrap();
+        assert!(beat.pending && beat.keep_going);
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["hosts"], serde_json::json!(["a", "b"]));
+        let reasons = g["reasons"].as_array().unwrap();
+        let kinds: Vec<&str> = reasons.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["lost_host", "standing_by"], "{reasons:?}");
+        assert_eq!(reasons[1]["host"], "c");
+        let detail = reasons[1]["detail"].as_str().unwrap();
+        assert!(detail.contains("the 3 ranks of the 3 hosts left cannot split the global batch's 4 micro-batches; 2 ranks on 2 of them do"), "{detail}");
+        // A commit leaves the standing-by host pending: no regroup.
+        j.record_metrics(2, &step(5)).unwrap();
+        assert!(j
+            .commit_checkpoint_report(2, 7, 0, 5, "/run/checkpoints/epoch-0001".into())
+            .unwrap());
+        assert_eq!(j.generation, 2, "a commit regrouped into the same world");
+        // A new host joins: at the next commit a, b, c and e run (4 ranks).
+        let (e, _, pending) = j.join("e", DeviceKind::Cpu, 1, LOOPBACK).unwrap();
+        assert!(pending);
+        j.record_metrics(2, &step(6)).unwrap();
+        assert!(j.commit_checkpoint_report(2, 8, 0, 6, "/run/checkpoints/step-6".into()).unwrap());
+        assert_eq!((j.phase.clone(), j.generation, j.world_size()), (Phase::Running, 3, 4));
+        assert_eq!((assigned(&j, &ids[2], 0).global_rank, assigned(&j, &e, 0).global_rank), (2, 3));
+        assert!(j.pending.is_empty());
+        let g = generations(&j).pop().unwrap();
+        assert_eq!(g["hosts"], serde_json::json!(["a", "b", "c", "e"]));
+        assert_eq!(g["resume_step"], 6);
+    }
+
+    #[test]
+    fn hosts_whose_ranks_cannot_split_the_batch_on_min_nodes_wait_then_fail_saying_so() {
+        // 32 streams over hosts of 8 ranks, at least 3 hosts: 3 hosts (24
+        // ranks) cannot, and 2 are too few.
+        let mut j = four_streams(4, 3, 4);
+        j.recipe.batch.global_size = 256;
+        let ids: Vec<String> =
+            ["a", "b", "c", "d"].iter().map(|h| join(&mut j, h, 8).unwrap()).collect();
+        assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 32));
+        silence(&mut j, &ids[3]);
+        j.check_liveness();
+        assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 2));
+        assert_eq!(j.assignment(&ids[0], 0).unwrap(), RankShare::Wait);
+        j.rejoin_timeout = Duration::from_millis(1);
+        std::thread::sleep(Duration::from_millis(5));
+        j.check_liveness();
+        assert!(
+            matches!(&j.phase, Phase::Failed(r) if r.contains("the ranks of the 3 host(s) left (8 + 8 + 8) cannot split the global batch's 32 micro-batches on 3 or more of them (--min-nodes)") && r.contains("d (missed heartbeats")),
+            "{:?}",
+            j.phase
+        );
     }
 
     #[test]
@@ -2884,7 +3097,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_join_during_a_regroup_that_the_batch_cannot_split_over_is_refused() {
+    fn a_regroup_waits_until_its_hosts_can_split_the_batch() {
         // 6 sampler streams: worlds of 1, 2, 3 and 6 ranks.
         let mut j = elastic(2, 2, 3);
         let _a = join(&mut j, "a", 1).unwrap();
@@ -2893,12 +3106,13 @@ pub(crate) mod tests {
         silence(&mut j, &b);
         j.check_liveness();
         assert_eq!(j.phase, Phase::Waiting, "one host left, two needed");
-        // 1 + 3 = 4 ranks cannot share 6 streams: refused, the job waits on.
-        let e = join(&mut j, "c", 3).unwrap_err();
-        assert!(e.to_string().contains("world of 4"), "{e}");
+        // 1 + 3 = 4 ranks cannot share 6 streams: the job waits on.
+        join(&mut j, "c", 3).unwrap();
         assert_eq!(j.phase, Phase::Waiting);
+        assert!(j.why_waiting().contains("(1 + 3) cannot split"), "{}", j.why_waiting());
+        // With 2 more, all 6 ranks run.
         join(&mut j, "d", 2).unwrap();
-        assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 3));
+        assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 6));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! with the worker's ranks and the data crate's samplers; this module is the
 //! coordinator's name for them.
 
-pub use rsb_job::plan::{streams_of_rank, BatchPlan, PlanError};
+pub use rsb_job::plan::{hosts_that_split, streams_of_rank, BatchPlan, PlanError};
 
 #[cfg(test)]
 mod tests {

@@ -29,6 +29,9 @@ impl From<&GenerationReason> for pb::GenerationReason {
                 })
             }
             GenerationReason::Admitted { host } => Reason::Admitted(pb::HostAdmitted { host }),
+            GenerationReason::StandingBy { host, detail } => {
+                Reason::StandingBy(pb::HostStandingBy { host, detail })
+            }
             GenerationReason::CoordinatorRestarted => {
                 Reason::CoordinatorRestarted(pb::CoordinatorRestarted {})
             }
@@ -56,6 +59,7 @@ fn reason_of(reason: pb::GenerationReason) -> Option<GenerationReason> {
             detail: r.detail,
         },
         Reason::Admitted(r) => GenerationReason::Admitted { host: r.host },
+        Reason::StandingBy(r) => GenerationReason::StandingBy { host: r.host, detail: r.detail },
         Reason::CoordinatorRestarted(_) => GenerationReason::CoordinatorRestarted,
         Reason::Retry(r) => GenerationReason::Retry { attempt: r.attempt, failure: r.failure },
     })
@@ -379,6 +383,7 @@ mod tests {
                         detail: "failed its integrity check".into(),
                     },
                     GenerationReason::Admitted { host: "d".into() },
+                    GenerationReason::StandingBy { host: "e".into(), detail: "3 ranks".into() },
                     GenerationReason::CoordinatorRestarted,
                     GenerationReason::Retry { attempt: 2, failure: "rank 0 failed".into() },
                 ],

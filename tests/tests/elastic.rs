@@ -16,7 +16,11 @@
 //! * a third host joins a running 2-host job (`--max-nodes 3`): it is
 //!   admitted at the next committed checkpoint, losing no update;
 //! * with the default `--min-nodes` (= `--nodes`) a lost host still fails
-//!   the job at once, naming it.
+//!   the job at once, naming it;
+//! * `kill -9` of one of four hosts of a 4-stream job: the 3 hosts left
+//!   cannot split the batch, so 2 of them go on and the third stands by
+//!   (its agent restarts its rank to wait); a fifth host's join then lets
+//!   4 run again, at the next checkpoint, and the job finishes.
 
 use rsb_integration_tests::elastic_records::{
     all_records, assert_shrunk_without, planned_updates, position, steps_before,
@@ -560,4 +564,91 @@ fn without_min_nodes_a_lost_host_fails_the_job_at_once_naming_it() {
     for w in workers {
         let _ = wait_with_timeout(w, Duration::from_secs(60), "worker join");
     }
+}
+
+/// Waits until the job of `up` has trained an update in a generation
+/// that `which` picks; returns that generation's record.
+fn wait_for_generation(
+    out: &Path,
+    up: &mut Child,
+    what: &str,
+    which: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_for_records(out, up, what, |records| {
+        position(records, "generation", &which)
+            .is_some_and(|at| records[at..].iter().any(|r| r["kind"] == "step"))
+    });
+    let records = all_records(out);
+    records[position(&records, "generation", which).unwrap()].clone()
+}
+
+#[test]
+fn hosts_left_that_cannot_split_the_batch_go_on_without_one_that_stands_by() {
+    let (_tmp, data, out, port) = setup("standby");
+    // 4 sampler streams (8 images in micro-batches of 2): worlds of 1, 2, 4.
+    let extra = [
+        "--nodes",
+        "4",
+        "--min-nodes",
+        "2",
+        "--heartbeat-timeout-secs",
+        "8",
+        "--set",
+        "batch.global_size=8",
+        "--set",
+        "runtime.checkpoint_every_updates=2",
+    ];
+    let mut up = coordinator(port, &data, &out, 3, &extra);
+    let mut workers: Vec<Child> = ["a", "b", "c", "d"].iter().map(|h| worker(port, h)).collect();
+    wait_for_generation(&out, &mut up, "the first update", |g| g["world_size"] == 4);
+    let victim = workers[3].id();
+    let ranks = children_of(victim);
+    assert!(signal(victim, "KILL"), "kill -9 of worker d ({victim})");
+    for rank in ranks {
+        assert!(signal(rank, "KILL"), "kill -9 of its rank ({rank})");
+    }
+    let _killed = workers.remove(3).wait();
+    let shrunk =
+        wait_for_generation(&out, &mut up, "an update on 2 hosts", |g| g["world_size"] == 2);
+    // The hosts in join order (their ranks'), d left out: the first two go
+    // on, the third stands by.
+    let first = all_records(&out).into_iter().find(|r| r["kind"] == "generation").unwrap();
+    let order: Vec<&str> = first["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .filter(|h| *h != "d")
+        .collect();
+    assert_eq!(order.len(), 3, "{first}");
+    assert_eq!(shrunk["hosts"], serde_json::json!(order[..2]), "{shrunk}");
+    // (Host d's rank may first be blamed for the collective it broke: a
+    // restart with d, until d is found silent.)
+    let reason = |kind: &str, host: &str| {
+        shrunk["reasons"].as_array().unwrap().iter().any(|r| r["kind"] == kind && r["host"] == host)
+    };
+    assert!(reason("lost_host", "d") && reason("standing_by", order[2]), "{shrunk}");
+    // Host e joins: with it, 4 hosts run again, from a checkpoint.
+    workers.push(worker(port, "e"));
+    let grown = wait_for_generation(&out, &mut up, "an update with host e", |g| {
+        g["hosts"].as_array().is_some_and(|h| h.iter().any(|h| h == "e"))
+    });
+    assert_eq!(grown["hosts"], serde_json::json!([order[0], order[1], order[2], "e"]), "{grown}");
+    assert!(grown["resume_from"].as_str().is_some(), "{grown}");
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
+    if !output.status.success() {
+        panic!("the job failed:\n{}", report(&output, workers, &out));
+    }
+    for (i, w) in workers.into_iter().enumerate() {
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let records = all_records(&out);
+    // No regroup while c stood by: the generation after the shrink is the grown one.
+    let generation = |g: &serde_json::Value| g["generation"].as_u64().unwrap();
+    let last = records.iter().rfind(|r| r["kind"] == "generation").unwrap();
+    assert_eq!(generation(last), generation(&grown), "a later generation: {last}");
+    assert_eq!(generation(&grown), generation(&shrunk) + 1, "regrouped between: {grown}");
+    let epochs = records_in(&out.join("metrics.jsonl"), "epoch");
+    assert_eq!(epochs.last().expect("epoch records")["step"].as_u64(), Some(planned_updates(&out)));
 }

@@ -692,6 +692,22 @@ async fn serve_member(
                     // admitted too late are told the job finished, and exit
                     // successfully without a share).
                 }
+                // Pending after running a generation: this host stands by
+                // (the hosts left cannot split the batch with its ranks).
+                // Its ranks, whose peers are gone, are replaced by fresh
+                // ones that wait for the generation that admits it.
+                Ok(r) if r.get_ref().pending && rank_generation.is_some() => {
+                    tracing::warn!(
+                        "the job's next generation runs without this host (standing by, \
+                         pending); restarting the local ranks to wait for one that takes them"
+                    );
+                    kill_ranks(&mut children).await;
+                    (children, relays) = start_ranks()?;
+                    done = vec![false; children.len()];
+                    killed_here = vec![false; children.len()];
+                    failed = None;
+                    rank_generation = None;
+                }
                 Ok(r) if r.get_ref().pending => {}
                 Ok(r) => {
                     let generation = r.get_ref().generation;

@@ -22,7 +22,7 @@ pub mod sweep;
 
 pub use checkpoint::CheckpointError;
 pub use metrics_log::{MetricsLog, MetricsLogError};
-pub use plan::{streams_of_rank, BatchPlan, PlanError};
+pub use plan::{hosts_that_split, streams_of_rank, BatchPlan, PlanError};
 pub use records::{
     EvalSetAccuracy, FabricProbe, GenerationReason, LinkSpeed, MetricsRecord, RankBalance, SlowLink,
 };

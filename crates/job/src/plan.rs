@@ -24,7 +24,8 @@ pub enum PlanError {
     /// The streams of a recipe do not split evenly over the ranks.
     #[error(
         "{streams} micro-batches of {micro} per update (global batch {global}) do not split over {world} ranks; \
-         use a world size that divides {streams}, or change batch.micro_size"
+         {}",
+        uneven_remedy(*streams, *world, *global)
     )]
     Uneven {
         /// Sampler streams.
@@ -93,6 +94,40 @@ pub struct BatchPlan {
     pub streams: u32,
 }
 
+/// What makes an uneven plan work: the world sizes that divide the
+/// streams, and the micro-batch that would give `world` ranks one stream
+/// each (per-rank BN statistics and Mixup pairs then cover that many images).
+fn uneven_remedy(streams: u32, world: u32, global: u32) -> String {
+    // The divisors of `streams`, found in pairs up to its square root.
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    let mut w = 1u64;
+    while w * w <= u64::from(streams) {
+        if u64::from(streams) % w == 0 {
+            low.push(w);
+            if w * w != u64::from(streams) {
+                high.push(u64::from(streams) / w);
+            }
+        }
+        w += 1;
+    }
+    let worlds: Vec<String> =
+        low.into_iter().chain(high.into_iter().rev()).map(|w| w.to_string()).collect();
+    let on_these = match worlds.split_last() {
+        Some((last, [])) if last == "1" => "run on 1 rank".to_string(),
+        Some((last, [])) => format!("run on {last} ranks"),
+        Some((last, rest)) => format!("run on {} or {last} ranks", rest.join(", ")),
+        None => "change the batch".to_string(),
+    };
+    if world > 0 && global.is_multiple_of(world) {
+        format!(
+            "{on_these}, or set batch.micro_size to {} ({global} / {world}) for {world} ranks",
+            global / world
+        )
+    } else {
+        format!("{on_these}, or change batch.micro_size")
+    }
+}
+
 impl BatchPlan {
     /// Plans `recipe` over `world_size` ranks.
     pub fn new(recipe: &Recipe, world_size: u32) -> Result<BatchPlan, PlanError> {
@@ -130,9 +165,129 @@ impl BatchPlan {
     }
 }
 
+/// The hosts of an elastic job that run its next generation when not all
+/// of them can: given each host's ranks (in join order), the largest world
+/// that splits `streams` sampler streams, on at least `min_hosts` hosts,
+/// and of the sets of hosts that make it, the one that keeps the earliest
+/// joined (rank 0's host, then the next). Returns the chosen hosts' indices
+/// in order, or `None` when no such set exists (the job waits for joins).
+/// With every host's ranks taken, it is every host.
+pub fn hosts_that_split(
+    ranks_per_host: &[u32],
+    streams: u32,
+    min_hosts: usize,
+) -> Option<Vec<usize>> {
+    let total: u64 = ranks_per_host.iter().map(|&r| u64::from(r)).sum();
+    let n = ranks_per_host.len();
+    if total >= 1
+        && total <= u64::from(streams)
+        && u64::from(streams) % total == 0
+        && n >= min_hosts
+    {
+        return Some((0..n).collect());
+    }
+    let top = usize::try_from(total.min(u64::from(streams))).ok()?;
+    // most[i][s]: the most hosts among hosts i.. whose ranks sum to s
+    // (None: no set does). Sums above `top` cannot split the streams.
+    let mut most = vec![vec![None::<u32>; top + 1]; n + 1];
+    most[n][0] = Some(0);
+    for i in (0..n).rev() {
+        let r = ranks_per_host[i] as usize;
+        for s in 0..=top {
+            let without = most[i + 1][s];
+            let with = (r >= 1 && r <= s).then(|| most[i + 1][s - r].map(|k| k + 1)).flatten();
+            most[i][s] = without.max(with);
+        }
+    }
+    let min_hosts = u32::try_from(min_hosts).unwrap_or(u32::MAX);
+    let world = (1..=top).rev().find(|&w| {
+        streams.is_multiple_of(w as u32) && most[0][w].is_some_and(|k| k >= min_hosts)
+    })?;
+    // Earliest hosts first: take host i whenever the rest can still make
+    // the world with enough hosts.
+    let (mut chosen, mut left) = (Vec::new(), world);
+    for (i, &r) in ranks_per_host.iter().enumerate() {
+        let r = r as usize;
+        let needed = min_hosts.saturating_sub(chosen.len() as u32 + 1);
+        if r >= 1 && r <= left && most[i + 1][left - r].is_some_and(|k| k >= needed) {
+            chosen.push(i);
+            left -= r;
+        }
+    }
+    debug_assert_eq!(left, 0);
+    Some(chosen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_elastic_job_runs_on_the_largest_set_of_hosts_that_splits_its_streams() {
+        // Every host's ranks split them: every host.
+        assert_eq!(hosts_that_split(&[1, 1, 1, 1], 4, 2), Some(vec![0, 1, 2, 3]));
+        // 3 of 4 single-rank hosts left, 4 streams: the first 2 run.
+        assert_eq!(hosts_that_split(&[1, 1, 1], 4, 2), Some(vec![0, 1]));
+        // 3 hosts of 8 GPUs, 32 streams: 2 hosts (16 ranks).
+        assert_eq!(hosts_that_split(&[8, 8, 8], 32, 1), Some(vec![0, 1]));
+        // ... but not with at least 3 hosts: wait for a join.
+        assert_eq!(hosts_that_split(&[8, 8, 8], 32, 3), None);
+        // Mixed hosts: 4 + 2 + 2 of 8 streams is every host; 4 + 4 + 2 of
+        // 8: the first two.
+        assert_eq!(hosts_that_split(&[4, 2, 2], 8, 1), Some(vec![0, 1, 2]));
+        assert_eq!(hosts_that_split(&[4, 4, 2], 8, 1), Some(vec![0, 1]));
+        // 6 streams over hosts of 4, 2 and 4 ranks: 6 = 4 + 2 (the first
+        // two); with 3 hosts needed, none.
+        assert_eq!(hosts_that_split(&[4, 2, 4], 6, 2), Some(vec![0, 1]));
+        assert_eq!(hosts_that_split(&[4, 2, 4], 6, 3), None);
+        // Later hosts are taken where an earlier one cannot make the world:
+        // 3 + 1 ranks split 4 streams, but of 2 streams only 1 + 1 do.
+        assert_eq!(hosts_that_split(&[3, 1, 1], 4, 2), Some(vec![0, 1]));
+        assert_eq!(hosts_that_split(&[3, 1, 1], 2, 2), Some(vec![1, 2]));
+        // More hosts rather than fewer at the same world, when needed.
+        assert_eq!(hosts_that_split(&[2, 1, 1], 2, 2), Some(vec![1, 2]));
+        assert_eq!(hosts_that_split(&[2, 1, 1], 2, 1), Some(vec![0]));
+        assert_eq!(hosts_that_split(&[], 4, 0), None);
+        assert_eq!(hosts_that_split(&[5], 4, 1), None);
+    }
+
+    #[test]
+    fn the_chosen_hosts_always_split_the_streams() {
+        // Exhaustive over small cases: the choice splits, has enough hosts,
+        // and no set of hosts makes a larger world that does.
+        for streams in 1..=12u32 {
+            for n in 0..=4usize {
+                let mut ranks = vec![1u32; n];
+                loop {
+                    for min_hosts in 0..=n {
+                        let best = (0..1u32 << n)
+                            .filter(|set| set.count_ones() as usize >= min_hosts)
+                            .map(|set| {
+                                (0..n).filter(|i| set >> i & 1 == 1).map(|i| ranks[i]).sum::<u32>()
+                            })
+                            .filter(|&w| w >= 1 && streams.is_multiple_of(w))
+                            .max();
+                        let chosen = hosts_that_split(&ranks, streams, min_hosts);
+                        match (best, &chosen) {
+                            (None, None) => {}
+                            (Some(w), Some(hosts)) => {
+                                let world: u32 = hosts.iter().map(|&i| ranks[i]).sum();
+                                assert_eq!(world, w, "{ranks:?} {streams} {min_hosts}: {hosts:?}");
+                                assert!(hosts.len() >= min_hosts, "{ranks:?} {streams}: {hosts:?}");
+                            }
+                            _ => {
+                                panic!("{ranks:?} {streams} {min_hosts}: {chosen:?}, best {best:?}")
+                            }
+                        }
+                    }
+                    // The next assignment of 1..=4 ranks to each host.
+                    let Some(i) = ranks.iter().position(|&r| r < 4) else { break };
+                    ranks[i] += 1;
+                    ranks[..i].iter_mut().for_each(|r| *r = 1);
+                }
+            }
+        }
+    }
 
     #[test]
     fn ranks_own_disjoint_contiguous_blocks_that_cover_every_stream() {
@@ -155,6 +310,29 @@ mod tests {
         assert_eq!(streams_of_rank(12, 4, 4), Err(PlanError::NoSuchRank { rank: 4, world: 4 }));
         assert_eq!(streams_of_rank(12, 0, 0), Err(PlanError::EmptyWorld));
         assert_eq!(BatchPlan::from_sizes(16, 0, 1), Err(PlanError::EmptyMicroBatch));
+    }
+
+    #[test]
+    fn an_uneven_plan_names_the_world_sizes_and_the_micro_batch_that_work() {
+        // Table 3's ResNet-50 A2 (4 x 512) on 4 hosts of 8 GPUs.
+        let err = BatchPlan::from_sizes(2048, 512, 32).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "do not split over 32 ranks; run on 1, 2 or 4 ranks, or set batch.micro_size \
+                 to 64 (2048 / 32) for 32 ranks"
+            ),
+            "{err}"
+        );
+        // 3 ranks cannot share 2048 images evenly at any micro-batch.
+        let err = BatchPlan::from_sizes(2048, 512, 3).unwrap_err().to_string();
+        assert!(err.ends_with("run on 1, 2 or 4 ranks, or change batch.micro_size"), "{err}");
+        let err = BatchPlan::from_sizes(16, 16, 2).unwrap_err().to_string();
+        assert!(
+            err.ends_with("run on 1 rank, or set batch.micro_size to 8 (16 / 2) for 2 ranks"),
+            "{err}"
+        );
+        let err = BatchPlan::from_sizes(2048, 16, 3).unwrap_err().to_string();
+        assert!(err.contains("run on 1, 2, 4, 8, 16, 32, 64 or 128 ranks"), "{err}");
     }
 
     #[test]

@@ -189,6 +189,16 @@ pub enum GenerationReason {
         /// The host.
         host: String,
     },
+    /// A host of an elastic job stands by, pending: with its ranks the
+    /// hosts left cannot split the global batch, without them they can
+    /// ([`crate::plan::hosts_that_split`]). It is admitted when a later
+    /// generation can take it (another host joined).
+    StandingBy {
+        /// The host.
+        host: String,
+        /// Why, with the figures.
+        detail: String,
+    },
     /// The coordinator restarted and continues the job from its state file.
     CoordinatorRestarted,
     /// A sweep's run is tried again (with [`GenerationReason::Start`] of its
@@ -221,6 +231,9 @@ impl std::fmt::Display for GenerationReason {
                 )
             }
             GenerationReason::Admitted { host } => write!(f, "admitted host {host}"),
+            GenerationReason::StandingBy { host, detail } => {
+                write!(f, "host {host} stands by: {detail}")
+            }
             GenerationReason::CoordinatorRestarted => write!(f, "the coordinator restarted"),
             GenerationReason::Retry { attempt, failure } => {
                 write!(f, "attempt {attempt}, after: {failure}")
