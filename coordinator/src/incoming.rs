@@ -1,5 +1,8 @@
 //! The connections the coordinator's server takes, kept from being a way to
-//! starve it: at most [`MAX_CONNECTIONS`] open at once and
+//! starve it: at most [`Limits::connections`] open at once
+//! ([`connections_for`] the job's hosts by default, at least
+//! [`MAX_CONNECTIONS`]; the process's open-files limit is raised to hold
+//! them, [`raise_open_files_limit`]) and
 //! [`MAX_CONNECTIONS_PER_PEER`] from one address (one more is closed as
 //! soon as it is accepted), each closed unless a call on it presents the
 //! job token within [`TOKEN_CALL_DEADLINE`] of its opening (a stranger,
@@ -33,8 +36,50 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Connections open at once; past it, new ones are closed at once.
+/// Connections open at once for a job of few hosts (the least default);
+/// past the limit, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// Connections a host may hold: its agent's and one per rank (8 GPUs take
+/// about 10 with `status` calls), with room for 14 GPUs.
+pub const CONNECTIONS_PER_HOST: usize = 16;
+
+/// The default connection limit of a job of up to `hosts` hosts: room for
+/// [`CONNECTIONS_PER_HOST`] each, and never less than [`MAX_CONNECTIONS`]
+/// (64 hosts of 8 GPUs hold about 640: a fixed 512 refused the ranks past
+/// it, and the job could not start).
+pub fn connections_for(hosts: usize) -> usize {
+    MAX_CONNECTIONS.max(hosts.saturating_mul(CONNECTIONS_PER_HOST))
+}
+
+/// File descriptors the coordinator keeps for other than connections (its
+/// run or sweep folder's files, logs, the state file, libraries).
+pub const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// The process's open-files limit (`RLIMIT_NOFILE`), raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFilesLimit {
+    /// The soft limit now in force.
+    pub soft: u64,
+    /// The hard limit, which an unprivileged process cannot raise.
+    pub hard: u64,
+}
+
+/// Raises this process's soft open-files limit to `wanted`, or to the hard
+/// limit where that is lower (many systems start processes with a soft
+/// limit of 1024, which connections past about 750 would exceed: each
+/// accept would fail, "too many open files"). A soft limit already high
+/// enough is left as it is.
+pub fn raise_open_files_limit(wanted: u64) -> std::io::Result<OpenFilesLimit> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft >= wanted {
+        return Ok(OpenFilesLimit { soft, hard });
+    }
+    let raised = wanted.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, raised, hard).map_err(std::io::Error::from)?;
+    Ok(OpenFilesLimit { soft: raised, hard })
+}
 
 /// Connections open at once from one address (a host's agent and ranks use
 /// one each, a few more for `status`: 8 GPUs take about 10); past it, new

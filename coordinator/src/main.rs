@@ -262,10 +262,45 @@ struct UpArgs {
             .map(|n| n as usize)
     )]
     max_connections_per_address: usize,
+    /// Connections open at once, from every address; more are closed at
+    /// once. Default: 16 per host the job may have (--max-nodes, else
+    /// --nodes), at least 512. The process's open-files limit is raised to
+    /// hold them (up to its hard limit, which is said when too low).
+    #[arg(
+        long,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20).map(|n| n as usize)
+    )]
+    max_connections: Option<usize>,
     #[command(flatten)]
     elastic: ElasticArgs,
     #[command(flatten)]
     sweep: SweepArgs,
+}
+
+/// Raises the open-files limit to hold `max_connections` connections and the
+/// coordinator's own files, saying so, or warning where the hard limit is
+/// lower: connections past it would fail to be accepted.
+fn room_for_connections(max_connections: usize) {
+    use rsb_coordinator::incoming::{raise_open_files_limit, FILES_BESIDES_CONNECTIONS};
+    let wanted = max_connections as u64 + FILES_BESIDES_CONNECTIONS;
+    match raise_open_files_limit(wanted) {
+        Ok(limit) if limit.soft >= wanted => tracing::info!(
+            open_files = limit.soft,
+            "up to {max_connections} connections at once (--max-connections)"
+        ),
+        Ok(limit) => tracing::warn!(
+            "up to {max_connections} connections at once (--max-connections) and the \
+             coordinator's files need {wanted} open files, but the hard limit (RLIMIT_NOFILE) is \
+             {}: connections past about {} are refused; raise it (ulimit -Hn, LimitNOFILE=, a \
+             container's nofile ulimit) or lower --max-connections",
+            limit.hard,
+            limit.soft.saturating_sub(FILES_BESIDES_CONNECTIONS)
+        ),
+        Err(e) => tracing::warn!(
+            "cannot raise the open-files limit for {max_connections} connections \
+             (--max-connections): {e}"
+        ),
+    }
 }
 
 /// Longest timeout a command line may set, in seconds (a week): a wait
@@ -624,6 +659,10 @@ async fn up(mut args: UpArgs) -> Result<()> {
     // As many as may come (an elastic job's --max-nodes).
     let hosts_to_tell =
         state.jobs.first().map_or(args.nodes, |job| job.max_nodes.max(args.nodes)) as usize;
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(|| rsb_coordinator::incoming::connections_for(hosts_to_tell));
+    room_for_connections(max_connections);
     let UpArgs { nodes, local, devices, tls, join_timeout_secs, .. } = args;
     let token = match given_token {
         Some((token, source)) => {
@@ -678,6 +717,7 @@ async fn up(mut args: UpArgs) -> Result<()> {
         token.clone(),
         listener,
         rsb_coordinator::incoming::Limits {
+            connections: max_connections,
             per_peer: args.max_connections_per_address,
             ..Default::default()
         },

@@ -21,6 +21,10 @@
 //! connection that never starts its handshake is closed at a deadline. A
 //! certificate or key that does not parse fails `up` before it listens.
 //!
+//! The coordinator's connection limit grows with the job's hosts, and it
+//! raises its open-files limit to hold them, saying so when the hard limit
+//! is too low.
+//!
 //! The ring's challenge-response (an impostor on a ring port is refused) is
 //! tested in `rsb-collective` (`ring::tests`), where both sides can be
 //! played without a job.
@@ -852,4 +856,50 @@ fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
             .contains("2 connections from its address are open already")
             .then_some(())
     });
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn open_files_limits(pid: u32) -> (u64, u64) {
+    let limits = proc_text(pid, "limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files");
+    let numbers: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+/// A job of 100 hosts: 1,600 connections by default (16 a host), where a
+/// fixed 512 refused the ranks of hosts past about 50 of 8 GPUs. Started
+/// with a soft open-files limit of 64 (`prlimit`), the coordinator raises
+/// it to hold them and its files (1,856); under a hard limit of 900 it
+/// raises it that far and says that connections past about 644 are
+/// refused, naming the limits and what to do.
+#[test]
+fn the_connection_limit_grows_with_the_hosts_and_the_open_files_limit_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    assert!(on_path("prlimit"), "prlimit (util-linux) is needed");
+    let up = |hard: u64, name: &str| {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile=64:{hard}"))
+            .arg(binary("coordinator"))
+            .args(coordinator_on_loopback("100", &tmp.path().join(name)).get_args())
+            .env(TOKEN_ENV, "connections-test-token-2b7e4c19");
+        spawn_logged(&mut cmd, &logs.join(name))
+    };
+    let roomy = up(8192, "roomy");
+    listening_address(&logs.join("roomy.out"));
+    assert_eq!(open_files_limits(roomy.0.id()), (1600 + 256, 8192));
+    let said = read(&logs.join("roomy.err"));
+    assert!(said.contains("up to 1600 connections at once (--max-connections)"), "{said}");
+    let tight = up(900, "tight");
+    listening_address(&logs.join("tight.out"));
+    assert_eq!(open_files_limits(tight.0.id()), (900, 900));
+    let said = read(&logs.join("tight.err"));
+    assert!(
+        said.contains(
+            "need 1856 open files, but the hard limit (RLIMIT_NOFILE) is 900: \
+                       connections past about 644 are refused"
+        ),
+        "{said}"
+    );
 }
