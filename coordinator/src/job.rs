@@ -1160,6 +1160,7 @@ impl Job {
             // largest of them that can, the others standing by
             // (`fit_members_to_the_batch`).
             Phase::Waiting if self.started && self.elastic() => {
+                self.check_max_nodes()?;
                 self.check_ranks_fit(host, local_ranks)?;
                 false
             }
@@ -1174,14 +1175,7 @@ impl Job {
             }
             Phase::Waiting => false,
             Phase::Running if self.elastic() => {
-                let hosts = self.members.len() + self.pending.len();
-                if hosts as u32 >= self.max_nodes {
-                    return Err(JobError::Precondition(format!(
-                        "the job has {hosts} host(s) (running and pending), the most it takes \
-                         (--max-nodes {})",
-                        self.max_nodes
-                    )));
-                }
+                self.check_max_nodes()?;
                 self.check_ranks_fit(host, local_ranks)?;
                 true
             }
@@ -1258,7 +1252,9 @@ impl Job {
                 self.start_generation();
             }
         }
-        Ok((id, secret, false))
+        // A host the members' fit set aside at once stands by: pending.
+        let standing_by = self.pending.iter().any(|m| m.id == id);
+        Ok((id, secret, standing_by))
     }
 
     /// Numbers the ranks over the members in join order.
@@ -1383,6 +1379,19 @@ impl Job {
         BatchPlan::from_sizes(batch.global_size, batch.micro_size, 1).ok().map(|p| p.streams)
     }
 
+    /// Refuses a host past `max_nodes` hosts, running, waiting and pending.
+    fn check_max_nodes(&self) -> Result<(), JobError> {
+        let hosts = self.members.len() + self.pending.len();
+        if hosts as u32 >= self.max_nodes {
+            return Err(JobError::Precondition(format!(
+                "the job has {hosts} host(s) (running and pending), the most it takes \
+                 (--max-nodes {})",
+                self.max_nodes
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses a host whose ranks no generation could run, being more than
     /// the global batch's micro-batches.
     fn check_ranks_fit(&self, host: &str, local_ranks: u32) -> Result<(), JobError> {
@@ -1429,6 +1438,14 @@ impl Job {
                 true => self.members.push(m),
                 false => standing_by.push(m),
             }
+        }
+        // As a host that joins pending: no ranks of this generation, no
+        // fetches of an earlier one (the agent, which restarts its ranks to
+        // wait, would take their old count for ranks behind when admitted,
+        // and kill ranks that had fetched the new generation's share).
+        for m in &mut standing_by {
+            m.first_rank = world;
+            m.rank_generations.fill(0);
         }
         // Not admitted after all: the hosts standing by are named once.
         self.reasons.retain(|r| {
@@ -2971,9 +2988,16 @@ pub(crate) mod tests {
         let ids: Vec<String> =
             ["a", "b", "c", "d"].iter().map(|h| join(&mut j, h, 1).unwrap()).collect();
         assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 4));
+        // c's rank fetched its share of generation 1.
+        j.note_assigned(&ids[2], 0);
+        assert_eq!(j.members[2].rank_generations, [1]);
         // d is lost: 3 ranks cannot split 4 streams; a and b run, c stands by.
         silence(&mut j, &ids[3]);
         j.check_liveness();
+        // As a host that joined pending: no ranks, no fetches (its agent
+        // would take generation 1's for ranks behind once admitted).
+        assert_eq!((j.pending[0].id.as_str(), j.pending[0].first_rank), (ids[2].as_str(), 2));
+        assert_eq!(j.pending[0].rank_generations, [0]);
         assert_eq!((j.phase.clone(), j.generation, j.world_size()), (Phase::Running, 2, 2));
         assert_eq!(
             (assigned(&j, &ids[0], 0).global_rank, assigned(&j, &ids[1], 0).global_rank),
@@ -3113,6 +3137,17 @@ pub(crate) mod tests {
         // With 2 more, all 6 ranks run.
         join(&mut j, "d", 2).unwrap();
         assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 6));
+        // --max-nodes holds while a regroup waits with enough hosts too.
+        let mut w = elastic(2, 2, 3);
+        join(&mut w, "a", 1).unwrap();
+        let b = join(&mut w, "b", 1).unwrap();
+        silence(&mut w, &b);
+        w.check_liveness();
+        join(&mut w, "c", 3).unwrap();
+        join(&mut w, "x", 4).unwrap();
+        assert_eq!(w.phase, Phase::Waiting, "1 + 3 + 4 ranks cannot split 6 streams");
+        let full = join(&mut w, "y", 2).unwrap_err();
+        assert!(full.to_string().contains("--max-nodes 3"), "{full}");
     }
 
     #[test]

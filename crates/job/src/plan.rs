@@ -171,7 +171,9 @@ impl BatchPlan {
 /// and of the sets of hosts that make it, the one that keeps the earliest
 /// joined (rank 0's host, then the next). Returns the chosen hosts' indices
 /// in order, or `None` when no such set exists (the job waits for joins).
-/// With every host's ranks taken, it is every host.
+/// With every host's ranks taken, it is every host. Past
+/// [`MOST_SPLIT_CELLS`] of work (thousands of hosts of different sizes),
+/// only sets of the first hosts in join order are weighed.
 pub fn hosts_that_split(
     ranks_per_host: &[u32],
     streams: u32,
@@ -187,35 +189,79 @@ pub fn hosts_that_split(
         return Some((0..n).collect());
     }
     let top = usize::try_from(total.min(u64::from(streams))).ok()?;
-    // most[i][s]: the most hosts among hosts i.. whose ranks sum to s
-    // (None: no set does). Sums above `top` cannot split the streams.
-    let mut most = vec![vec![None::<u32>; top + 1]; n + 1];
-    most[n][0] = Some(0);
+    let cells = (n + 1).checked_mul(top + 1);
+    if n >= usize::from(NO_SET) || cells.is_none_or(|c| c > MOST_SPLIT_CELLS) {
+        return first_hosts_that_split(ranks_per_host, streams, min_hosts);
+    }
+    // most[i * width + s]: the most hosts among hosts i.. whose ranks sum
+    // to s (NO_SET: no set does). Sums above `top` cannot split the streams.
+    let width = top + 1;
+    let mut most = vec![NO_SET; (n + 1) * width];
+    most[n * width] = 0;
     for i in (0..n).rev() {
         let r = ranks_per_host[i] as usize;
         for s in 0..=top {
-            let without = most[i + 1][s];
-            let with = (r >= 1 && r <= s).then(|| most[i + 1][s - r].map(|k| k + 1)).flatten();
-            most[i][s] = without.max(with);
+            let without = most[(i + 1) * width + s];
+            let with = match r >= 1 && r <= s {
+                true => match most[(i + 1) * width + s - r] {
+                    NO_SET => NO_SET,
+                    k => k + 1,
+                },
+                false => NO_SET,
+            };
+            most[i * width + s] = match (without, with) {
+                (NO_SET, k) | (k, NO_SET) => k,
+                (a, b) => a.max(b),
+            };
         }
     }
-    let min_hosts = u32::try_from(min_hosts).unwrap_or(u32::MAX);
-    let world = (1..=top).rev().find(|&w| {
-        streams.is_multiple_of(w as u32) && most[0][w].is_some_and(|k| k >= min_hosts)
-    })?;
+    let reaches = |i: usize, s: usize, hosts: usize| {
+        let k = most[i * width + s];
+        k != NO_SET && usize::from(k) >= hosts
+    };
+    let world =
+        (1..=top).rev().find(|&w| streams.is_multiple_of(w as u32) && reaches(0, w, min_hosts))?;
     // Earliest hosts first: take host i whenever the rest can still make
     // the world with enough hosts.
     let (mut chosen, mut left) = (Vec::new(), world);
     for (i, &r) in ranks_per_host.iter().enumerate() {
         let r = r as usize;
-        let needed = min_hosts.saturating_sub(chosen.len() as u32 + 1);
-        if r >= 1 && r <= left && most[i + 1][left - r].is_some_and(|k| k >= needed) {
+        let needed = min_hosts.saturating_sub(chosen.len() + 1);
+        if r >= 1 && r <= left && reaches(i + 1, left - r, needed) {
             chosen.push(i);
             left -= r;
         }
     }
     debug_assert_eq!(left, 0);
     Some(chosen)
+}
+
+/// The most table cells [`hosts_that_split`] fills (2 bytes each: 64 MiB),
+/// a few hundred milliseconds at most under the coordinator's lock.
+pub const MOST_SPLIT_CELLS: usize = 32 << 20;
+
+/// A sum no set of hosts makes, in [`hosts_that_split`]'s table.
+const NO_SET: u16 = u16::MAX;
+
+/// [`hosts_that_split`] weighing only the first hosts in join order: the
+/// longest such run, of at least `min_hosts`, whose ranks split `streams`.
+fn first_hosts_that_split(
+    ranks_per_host: &[u32],
+    streams: u32,
+    min_hosts: usize,
+) -> Option<Vec<usize>> {
+    let mut sum = 0u64;
+    let mut best = None;
+    for (i, &r) in ranks_per_host.iter().enumerate() {
+        sum += u64::from(r);
+        if sum > u64::from(streams) {
+            break;
+        }
+        if i + 1 >= min_hosts && sum >= 1 && u64::from(streams) % sum == 0 {
+            best = Some(i + 1);
+        }
+    }
+    best.map(|hosts| (0..hosts).collect())
 }
 
 #[cfg(test)]
@@ -249,6 +295,22 @@ mod tests {
         assert_eq!(hosts_that_split(&[2, 1, 1], 2, 1), Some(vec![0]));
         assert_eq!(hosts_that_split(&[], 4, 0), None);
         assert_eq!(hosts_that_split(&[5], 4, 1), None);
+    }
+
+    #[test]
+    fn past_its_work_bound_only_the_first_hosts_are_weighed() {
+        // 5,000 hosts of 8 ranks left, 65,536 streams: 5,001 x 40,001 cells.
+        let mut ranks = vec![8u32; 5000];
+        let chosen = hosts_that_split(&ranks, 1 << 16, 2).unwrap();
+        assert_eq!(chosen, (0..4096).collect::<Vec<_>>(), "32,768 ranks on the first 4,096");
+        // Of other sizes, a run of first hosts only: 8 + 4 + 8 ... never
+        // makes a power of two past 8 (skipping host 1 would).
+        ranks[1] = 4;
+        assert_eq!(hosts_that_split(&ranks, 1 << 16, 1), Some(vec![0]));
+        assert_eq!(hosts_that_split(&ranks, 1 << 16, 2), None);
+        assert_eq!(first_hosts_that_split(&[3, 1], 4, 1), Some(vec![0, 1]));
+        assert_eq!(first_hosts_that_split(&[3, 2], 4, 1), None);
+        assert_eq!(first_hosts_that_split(&[1, 1, 1], 4, 3), None);
     }
 
     #[test]
