@@ -178,10 +178,17 @@ fn kubernetes_job_splits_its_batch_over_the_gpus_it_asks_for() {
         })
         .cloned()
         .collect();
-    let ranks = nodes * gpus as u64;
-    let (ok, said) = plan(&recipe, ranks);
-    assert!(ok, "{} on {ranks} ranks: {said}", recipe.join(" "));
-    assert!(said.contains(&format!("x {ranks} rank(s)")), "{said}");
+    // Every host, and the fewest an elastic job goes on with.
+    let fewest: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--min-nodes="))
+        .map_or(nodes, |n| n.parse().unwrap());
+    assert!((1..=nodes).contains(&fewest), "--min-nodes={fewest} of {nodes}");
+    for ranks in [nodes * gpus as u64, fewest * gpus as u64] {
+        let (ok, said) = plan(&recipe, ranks);
+        assert!(ok, "{} on {ranks} ranks: {said}", recipe.join(" "));
+        assert!(said.contains(&format!("x {ranks} rank(s)")), "{said}");
+    }
     // The check can fail: without its micro-batch, Table 3's 4 x 512 on 32 GPUs.
     let table3: Vec<String> = recipe.into_iter().filter(|a| !a.contains("micro_size")).collect();
     let (ok, said) = plan(&table3, 32);
@@ -238,6 +245,9 @@ fn kubernetes_jobs_start_a_failed_coordinator_or_worker_again() {
         if name == "rsb-coordinator" {
             let args = &pod.containers[0].args;
             assert!(args.iter().any(|a| a == "--auto-resume"), "{name}");
+            // A lost worker pod fails no job (which would fail and restart
+            // every pod's container, each spending a retry).
+            assert!(args.iter().any(|a| a.starts_with("--min-nodes=")), "{name}: not elastic");
         }
         jobs.push(name);
     }
