@@ -53,6 +53,11 @@
 //! `ncclCommDestroy` (which blocks, but has only local memory left to
 //! free). Dropping one after a failure, or when a step of that order fails
 //! or times out, aborts it.
+//!
+//! The watchdog's decisions (which collectives completed, which is overdue,
+//! whose fault an NCCL error is, one abort and one exit timer per failure)
+//! make their NCCL and CUDA calls through a trait (`WatchdogCalls`), so that this
+//! module's tests drive them with a fake, without a GPU.
 
 mod exit_timer;
 pub mod library;
@@ -228,6 +233,97 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
     shared.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The NCCL and CUDA calls the watchdog's decisions make ([`async_state`],
+/// [`wait_until_done`], [`overdue_or_failed`], [`abort`]): the libraries'
+/// own ([`Nccl`], CUDA's driver, the process's exit timer), or a test's
+/// fake, so that those decisions are tested without a GPU.
+trait WatchdogCalls {
+    /// `ncclCommGetAsyncError`: `Ok(state)` or the call's own failure.
+    ///
+    /// # Safety
+    ///
+    /// `comm` is a live communicator.
+    unsafe fn async_error(&self, comm: Comm) -> Result<c_int, c_int>;
+    /// An NCCL status in words.
+    fn describe(&self, status: c_int) -> String;
+    /// NCCL's last error message for `comm` (empty when it has none).
+    ///
+    /// # Safety
+    ///
+    /// As [`WatchdogCalls::async_error`].
+    unsafe fn last_error(&self, comm: Comm) -> String;
+    /// `ncclCommAbort`.
+    ///
+    /// # Safety
+    ///
+    /// `comm` is live and never used again.
+    unsafe fn comm_abort(&self, comm: Comm);
+    /// `cuEventQuery` of a collective's completion event.
+    ///
+    /// # Safety
+    ///
+    /// `event` is a live event of the rank's context, current on this thread.
+    unsafe fn event_query(&self, event: usize) -> EventState;
+    /// `cuEventDestroy`.
+    ///
+    /// # Safety
+    ///
+    /// `event` is live and never used again.
+    unsafe fn event_destroy(&self, event: usize);
+    /// Arms the process's exit timer ([`exit_timer::arm`]).
+    fn arm_exit(&self, why: &str, status: i32);
+}
+
+/// Where a collective's completion event stands.
+#[derive(Debug, Clone, PartialEq)]
+enum EventState {
+    /// The collective completed.
+    Done,
+    /// Still running.
+    Running,
+    /// CUDA reported an error (in words).
+    Failed(String),
+}
+
+impl WatchdogCalls for Nccl {
+    unsafe fn async_error(&self, comm: Comm) -> Result<c_int, c_int> {
+        // SAFETY: the caller vouches for `comm`.
+        unsafe { Nccl::async_error(self, comm.0) }
+    }
+
+    fn describe(&self, status: c_int) -> String {
+        Nccl::describe(self, status)
+    }
+
+    unsafe fn last_error(&self, comm: Comm) -> String {
+        // SAFETY: the caller vouches for `comm`.
+        unsafe { Nccl::last_error(self, comm.0) }
+    }
+
+    unsafe fn comm_abort(&self, comm: Comm) {
+        // SAFETY: the caller vouches for `comm`.
+        let _ = unsafe { Nccl::comm_abort(self, comm.0) };
+    }
+
+    unsafe fn event_query(&self, event: usize) -> EventState {
+        // SAFETY: the caller vouches for the event and the context.
+        match unsafe { cuda::cuEventQuery(event as cuda::CUevent) } {
+            cuda::CUresult::CUDA_SUCCESS => EventState::Done,
+            cuda::CUresult::CUDA_ERROR_NOT_READY => EventState::Running,
+            other => EventState::Failed(format!("CUDA error {other:?}")),
+        }
+    }
+
+    unsafe fn event_destroy(&self, event: usize) {
+        // SAFETY: the caller vouches for the event.
+        let _ = unsafe { cuda::cuEventDestroy_v2(event as cuda::CUevent) };
+    }
+
+    fn arm_exit(&self, why: &str, status: i32) {
+        exit_timer::arm(why, status);
+    }
+}
+
 /// An error NCCL reported for a communicator.
 struct AsyncError {
     /// Its status and NCCL's last message.
@@ -258,9 +354,9 @@ impl AsyncError {
 
 /// The asynchronous state of `comm`: `Ok(true)` done, `Ok(false)` still in
 /// progress, `Err` an NCCL error.
-fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, AsyncError> {
+fn async_state(nccl: &impl WatchdogCalls, comm: Comm) -> Result<bool, AsyncError> {
     // SAFETY: `comm` is live (callers hold it from the shared state).
-    match unsafe { nccl.async_error(comm.0) } {
+    match unsafe { nccl.async_error(comm) } {
         Err(call) => Err(AsyncError {
             text: format!("ncclCommGetAsyncError failed: {}", nccl.describe(call)),
             remote: false,
@@ -269,7 +365,7 @@ fn async_state(nccl: &Nccl, comm: Comm) -> Result<bool, AsyncError> {
         Ok(library::IN_PROGRESS) => Ok(false),
         Ok(other) => Err(AsyncError {
             // SAFETY: as above.
-            text: with_detail(nccl.describe(other), unsafe { nccl.last_error(comm.0) }),
+            text: with_detail(nccl.describe(other), unsafe { nccl.last_error(comm) }),
             remote: other == library::REMOTE_ERROR,
         }),
     }
@@ -286,7 +382,11 @@ enum Unfinished {
 /// Waits until `comm` has finished what it was asked (joining the clique,
 /// taking a collective), looking again after each of [`Backoff`]'s pauses,
 /// up to `deadline`.
-fn wait_until_done(nccl: &Nccl, comm: Comm, deadline: Instant) -> Result<(), Unfinished> {
+fn wait_until_done(
+    nccl: &impl WatchdogCalls,
+    comm: Comm,
+    deadline: Instant,
+) -> Result<(), Unfinished> {
     let mut backoff = Backoff::new();
     loop {
         match async_state(nccl, comm) {
@@ -308,7 +408,12 @@ fn with_detail(status: String, detail: String) -> String {
 }
 
 /// [`abort`]s, and answers the error the failing call returns: `failure`'s.
-fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) -> CollectiveError {
+fn fail(
+    nccl: &impl WatchdogCalls,
+    flags: &Flags,
+    state: &mut State,
+    failure: Failure,
+) -> CollectiveError {
     let error = failure.error();
     abort(nccl, flags, state, failure);
     error
@@ -316,17 +421,17 @@ fn fail(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) -> Coll
 
 /// Records `failure` (the first one arms the exit timer) and aborts the
 /// communicator (once).
-fn abort(nccl: &Nccl, flags: &Flags, state: &mut State, failure: Failure) {
+fn abort(nccl: &impl WatchdogCalls, flags: &Flags, state: &mut State, failure: Failure) {
     if !flags.exit_armed.swap(true, Ordering::SeqCst) {
-        exit_timer::arm(failure.why(), failure.exit_status());
+        nccl.arm_exit(failure.why(), failure.exit_status());
     }
     if let Some(comm) = state.comm.take() {
         // SAFETY: the communicator is live and is never used again (taken).
-        let _ = unsafe { nccl.comm_abort(comm.0) };
+        unsafe { nccl.comm_abort(comm) };
     }
     for pending in state.pending.drain(..) {
         // SAFETY: the event was created by `cuEventCreate` and is destroyed once.
-        let _ = unsafe { cuda::cuEventDestroy_v2(pending.event as cuda::CUevent) };
+        unsafe { nccl.event_destroy(pending.event) };
     }
     state.failed.get_or_insert(failure);
 }
@@ -623,20 +728,20 @@ fn watch(nccl: &Nccl, shared: Shared, context: cuda::CUcontext, rank: usize) {
 
 /// One look of the watchdog: retires the completed collectives and answers
 /// why the communicator must be aborted, if it must.
-fn overdue_or_failed(nccl: &Nccl, state: &mut State, rank: usize) -> Option<Failure> {
+fn overdue_or_failed(nccl: &impl WatchdogCalls, state: &mut State, rank: usize) -> Option<Failure> {
     let comm = state.comm?;
     while let Some(first) = state.pending.front() {
         // SAFETY: the event is live until destroyed here or in `abort`.
-        match unsafe { cuda::cuEventQuery(first.event as cuda::CUevent) } {
-            cuda::CUresult::CUDA_SUCCESS => {
+        match unsafe { nccl.event_query(first.event) } {
+            EventState::Done => {
                 if let Some(done) = state.pending.pop_front() {
                     // SAFETY: destroyed once, after completion.
-                    let _ = unsafe { cuda::cuEventDestroy_v2(done.event as cuda::CUevent) };
+                    unsafe { nccl.event_destroy(done.event) };
                 }
             }
-            cuda::CUresult::CUDA_ERROR_NOT_READY => break,
-            other => {
-                let why = format!("rank {rank}: {}: CUDA error {other:?}", first.what);
+            EventState::Running => break,
+            EventState::Failed(error) => {
+                let why = format!("rank {rank}: {}: {error}", first.what);
                 return Some(Failure::Local(why));
             }
         }
@@ -829,6 +934,169 @@ impl Collective for NcclCollective {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// The watchdog's calls, played: events by number, the communicator's
+    /// asynchronous state, and what was aborted, destroyed and armed.
+    struct Fake {
+        events: RefCell<HashMap<usize, EventState>>,
+        async_answer: RefCell<Result<c_int, c_int>>,
+        aborted: RefCell<usize>,
+        destroyed: RefCell<Vec<usize>>,
+        armed: RefCell<Vec<(String, i32)>>,
+    }
+
+    impl Fake {
+        fn new(events: &[(usize, EventState)], async_answer: Result<c_int, c_int>) -> Fake {
+            Fake {
+                events: RefCell::new(events.iter().cloned().collect()),
+                async_answer: RefCell::new(async_answer),
+                aborted: RefCell::new(0),
+                destroyed: RefCell::new(Vec::new()),
+                armed: RefCell::new(Vec::new()),
+            }
+        }
+    }
+
+    impl WatchdogCalls for Fake {
+        unsafe fn async_error(&self, _comm: Comm) -> Result<c_int, c_int> {
+            *self.async_answer.borrow()
+        }
+        fn describe(&self, status: c_int) -> String {
+            format!("status {status}")
+        }
+        unsafe fn last_error(&self, _comm: Comm) -> String {
+            "the peer's socket closed".into()
+        }
+        unsafe fn comm_abort(&self, _comm: Comm) {
+            *self.aborted.borrow_mut() += 1;
+        }
+        unsafe fn event_query(&self, event: usize) -> EventState {
+            self.events.borrow()[&event].clone()
+        }
+        unsafe fn event_destroy(&self, event: usize) {
+            self.destroyed.borrow_mut().push(event);
+        }
+        fn arm_exit(&self, why: &str, status: i32) {
+            self.armed.borrow_mut().push((why.to_string(), status));
+        }
+    }
+
+    /// A live (played) communicator with collectives `pending`: (event,
+    /// what, seconds to its deadline, negative when past).
+    fn state(pending: &[(usize, &str, f64)]) -> State {
+        let now = Instant::now();
+        let at = |secs: f64| match secs >= 0.0 {
+            true => now + Duration::from_secs_f64(secs),
+            false => now - Duration::from_secs_f64(-secs),
+        };
+        State {
+            comm: Some(Comm(std::ptr::null_mut())),
+            pending: pending
+                .iter()
+                .map(|&(event, what, secs)| Pending {
+                    event,
+                    what: what.into(),
+                    deadline: at(secs),
+                })
+                .collect(),
+            failed: None,
+        }
+    }
+
+    #[test]
+    fn completed_collectives_are_retired_in_order_and_a_healthy_one_is_left_alone() {
+        use EventState::{Done, Running};
+        let fake =
+            Fake::new(&[(1, Done), (2, Done), (3, Running), (4, Done)], Ok(library::IN_PROGRESS));
+        let mut state = state(&[(1, "a", 60.0), (2, "b", 60.0), (3, "c", 60.0), (4, "d", 60.0)]);
+        assert!(overdue_or_failed(&fake, &mut state, 0).is_none());
+        // Up to the first still running: 4 completes after 3 on one stream.
+        assert_eq!(*fake.destroyed.borrow(), [1, 2]);
+        let left: Vec<usize> = state.pending.iter().map(|p| p.event).collect();
+        assert_eq!(left, [3, 4]);
+        assert_eq!((*fake.aborted.borrow(), fake.armed.borrow().len()), (0, 0));
+    }
+
+    #[test]
+    fn a_collective_past_its_deadline_aborts_once_as_a_peers_failure_naming_it() {
+        use EventState::{Done, Running};
+        let fake = Fake::new(&[(1, Done), (2, Running)], Ok(library::SUCCESS));
+        let mut state =
+            state(&[(1, "ncclAllReduce of 8 f32", -5.0), (2, "ncclAllReduce of 10 f32", -1.0)]);
+        let failure = overdue_or_failed(&fake, &mut state, 3).expect("an overdue collective");
+        let why = failure.why().to_string();
+        assert!(
+            matches!(&failure, Failure::Collective(_))
+                && why.starts_with(
+                    "rank 3: ncclAllReduce of 10 f32 did not complete within the \
+                                    collective timeout"
+                ),
+            "{failure:?}"
+        );
+        let flags = Flags::default();
+        abort(&fake, &flags, &mut state, failure.clone());
+        assert_eq!(*fake.aborted.borrow(), 1);
+        assert_eq!(*fake.destroyed.borrow(), [1, 2], "the retired event, then the outstanding one");
+        assert_eq!(*fake.armed.borrow(), [(why.clone(), PEER_UNKNOWN_EXIT_STATUS)]);
+        assert!(state.comm.is_none() && state.pending.is_empty());
+        assert!(matches!(failure.error(), CollectiveError::NcclCollectiveFailed(_)));
+        // A later failure (a call meeting the aborted communicator) aborts
+        // nothing more, arms nothing more, and the first failure stays.
+        abort(&fake, &flags, &mut state, Failure::Local("rank 3: later".into()));
+        assert_eq!((*fake.aborted.borrow(), fake.armed.borrow().len()), (1, 1));
+        assert_eq!(state.failed.as_ref().map(Failure::why), Some(why.as_str()));
+        // With no communicator left, the watchdog has nothing to look at.
+        assert!(overdue_or_failed(&fake, &mut state, 3).is_none());
+    }
+
+    #[test]
+    fn a_remote_error_blames_a_peer_and_any_other_error_is_the_ranks_own() {
+        let pending = [(1, "ncclBroadcast of 4 f32 from rank 0", 60.0)];
+        let running = [(1, EventState::Running)];
+        let remote = Fake::new(&running, Ok(library::REMOTE_ERROR));
+        let failure = overdue_or_failed(&remote, &mut state(&pending), 1).expect("remote error");
+        assert!(matches!(failure, Failure::Collective(_)), "{failure:?}");
+        assert_eq!(
+            failure.why(),
+            "rank 1: ncclBroadcast of 4 f32 from rank 0: NCCL asynchronous error status 6: the \
+             peer's socket closed"
+        );
+        assert_eq!(failure.exit_status(), PEER_UNKNOWN_EXIT_STATUS);
+        // A system error (2) is this rank's own: exit status 1.
+        let own = Fake::new(&running, Ok(2));
+        let failure = overdue_or_failed(&own, &mut state(&pending), 1).expect("own error");
+        assert!(matches!(failure, Failure::Local(_)) && failure.exit_status() == 1, "{failure:?}");
+        // So is the query's own failure.
+        let call = Fake::new(&running, Err(5));
+        let failure = overdue_or_failed(&call, &mut state(&pending), 1).expect("call failure");
+        assert!(failure.why().contains("ncclCommGetAsyncError failed: status 5"), "{failure:?}");
+        assert!(matches!(failure, Failure::Local(_)));
+        // A CUDA error on a collective's event is this rank's, naming it.
+        let cuda = Fake::new(&[(1, EventState::Failed("CUDA error 700".into()))], Ok(0));
+        let failure = overdue_or_failed(&cuda, &mut state(&pending), 1).expect("CUDA error");
+        assert_eq!(failure.why(), "rank 1: ncclBroadcast of 4 f32 from rank 0: CUDA error 700");
+        assert!(matches!(failure, Failure::Local(_)));
+    }
+
+    #[test]
+    fn a_wait_for_nccl_ends_at_its_deadline_or_at_an_error() {
+        let comm = Comm(std::ptr::null_mut());
+        let busy = Fake::new(&[], Ok(library::IN_PROGRESS));
+        let started = Instant::now();
+        let waited = wait_until_done(&busy, comm, started + Duration::from_millis(30));
+        assert!(matches!(waited, Err(Unfinished::TimedOut)));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        let done = Fake::new(&[], Ok(library::SUCCESS));
+        assert!(wait_until_done(&done, comm, Instant::now()).is_ok());
+        let failed = Fake::new(&[], Ok(library::REMOTE_ERROR));
+        match wait_until_done(&failed, comm, Instant::now() + Duration::from_secs(60)) {
+            Err(Unfinished::Failed(e)) => assert!(e.remote, "{e}"),
+            _ => panic!("a remote error was not reported"),
+        }
+    }
 
     #[test]
     fn host_waits_look_again_within_microseconds_then_back_off_to_a_millisecond() {
