@@ -52,6 +52,12 @@ pub fn connections_for(hosts: usize) -> usize {
     MAX_CONNECTIONS.max(hosts.saturating_mul(CONNECTIONS_PER_HOST))
 }
 
+/// The descriptors `connections` connections may hold at once: the limit,
+/// and an eighth more that are closing, evicted for new ones.
+pub fn descriptors_for(connections: usize) -> usize {
+    connections + connections.div_ceil(8)
+}
+
 /// File descriptors the coordinator keeps for other than connections (its
 /// run or sweep folder's files, logs, the state file, libraries).
 pub const FILES_BESIDES_CONNECTIONS: u64 = 256;
@@ -234,7 +240,7 @@ impl Incoming {
         let mut evicted = None;
         if open.all >= self.limits.connections {
             // Connections marked but not yet closed still hold descriptors.
-            let ceiling = self.limits.connections + self.limits.connections.div_ceil(8);
+            let ceiling = descriptors_for(self.limits.connections);
             if open.all >= ceiling {
                 return Err(full());
             }

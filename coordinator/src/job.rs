@@ -11,12 +11,16 @@
 //! ([`HostsStopping`]); a failed rank restarts every rank (its host stays,
 //! since its agent is alive; at most `max_restarts` times without a
 //! committed checkpoint in between); a host that joins the running job waits, pending,
-//! for the next committed checkpoint. Each of these opens a new generation:
+//! for the first committed checkpoint after which a larger world can run
+//! with it. Hosts whose ranks cannot all split the batch run on the largest
+//! set of them that can; the others stand by, pending
+//! ([`Job::fit_members_to_the_batch`]). Each of these opens a new generation:
 //! the generation number is bumped, ranks are renumbered over the members in
 //! join order, the batch plan is re-derived for the new world size, the
 //! rendezvous starts over, and every assignment resumes from the newest
 //! committed checkpoint. Calls of an older generation are refused. With
-//! fewer than `min_nodes` members left the job waits for joins up to
+//! fewer than `min_nodes` members left (or none of `min_nodes` that can
+//! split the batch) the job waits for joins up to
 //! `rejoin_timeout`, then fails naming the lost hosts. Before its first
 //! generation, a job waits for its hosts up to `join_timeout`, then fails
 //! saying how many came and which. Each generation that
@@ -1152,18 +1156,20 @@ impl Job {
             return Err(JobError::Invalid("local_ranks must be at least 1".into()));
         }
         let pending = match &self.phase {
-            // A regroup (an elastic job below its fewest hosts) starts as soon
-            // as enough hosts are back: a host whose ranks would make a world
-            // the batch cannot split over is refused now, not the job later.
-            // An elastic job takes a host whose ranks some generation can
-            // run: a set of hosts that cannot split the batch runs on the
-            // largest of them that can, the others standing by
+            // A regroup (an elastic job below its fewest hosts, or with
+            // hosts that cannot split the batch) starts as soon as enough
+            // hosts are back. It takes a host whose ranks some generation
+            // can run: a set of hosts that cannot split the batch runs on
+            // the largest of them that can, the others standing by
             // (`fit_members_to_the_batch`).
             Phase::Waiting if self.started && self.elastic() => {
                 self.check_max_nodes()?;
                 self.check_ranks_fit(host, local_ranks)?;
                 false
             }
+            // A fixed job's hosts back after a restore: one whose ranks
+            // would make a world the batch cannot split over is refused
+            // now, not the job later.
             Phase::Waiting if self.started => {
                 let world = self.world_size() + local_ranks;
                 BatchPlan::new(&self.recipe, world).map_err(|e| {

@@ -122,12 +122,14 @@ struct ElasticArgs {
     /// host fails the job). Below it the job waits for joins.
     #[arg(long)]
     min_nodes: Option<u32>,
-    /// Most hosts the job takes: hosts that join while it runs are admitted
-    /// at its next committed checkpoint (default: --nodes).
+    /// Most hosts the job takes, running and pending: hosts that join while
+    /// it runs are admitted at the first committed checkpoint after which a
+    /// larger world can run with them (default: --nodes).
     #[arg(long)]
     max_nodes: Option<u32>,
-    /// How long a job left with fewer than --min-nodes hosts waits for joins
-    /// before it fails, naming the lost hosts.
+    /// How long a job left with fewer than --min-nodes hosts (or with hosts
+    /// no --min-nodes of which can split the batch) waits for joins before
+    /// it fails, naming the lost hosts.
     #[arg(
         long,
         default_value_t = 300,
@@ -257,9 +259,7 @@ struct UpArgs {
     #[arg(
         long,
         default_value_t = rsb_coordinator::incoming::MAX_CONNECTIONS_PER_PEER,
-        value_parser = clap::value_parser!(u64)
-            .range(1..=rsb_coordinator::incoming::MAX_CONNECTIONS as u64)
-            .map(|n| n as usize)
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20).map(|n| n as usize)
     )]
     max_connections_per_address: usize,
     /// Connections open at once, from every address; more are closed at
@@ -281,8 +281,10 @@ struct UpArgs {
 /// coordinator's own files, saying so, or warning where the hard limit is
 /// lower: connections past it would fail to be accepted.
 fn room_for_connections(max_connections: usize) {
-    use rsb_coordinator::incoming::{raise_open_files_limit, FILES_BESIDES_CONNECTIONS};
-    let wanted = max_connections as u64 + FILES_BESIDES_CONNECTIONS;
+    use rsb_coordinator::incoming::{
+        descriptors_for, raise_open_files_limit, FILES_BESIDES_CONNECTIONS,
+    };
+    let wanted = descriptors_for(max_connections) as u64 + FILES_BESIDES_CONNECTIONS;
     match raise_open_files_limit(wanted) {
         Ok(limit) if limit.soft >= wanted => tracing::info!(
             open_files = limit.soft,
@@ -294,7 +296,8 @@ fn room_for_connections(max_connections: usize) {
              {}: connections past about {} are refused; raise it (ulimit -Hn, LimitNOFILE=, a \
              container's nofile ulimit) or lower --max-connections",
             limit.hard,
-            limit.soft.saturating_sub(FILES_BESIDES_CONNECTIONS)
+            // Connections c hold up to c + c/8 descriptors (those closing).
+            limit.soft.saturating_sub(FILES_BESIDES_CONNECTIONS) * 8 / 9
         ),
         Err(e) => tracing::warn!(
             "cannot raise the open-files limit for {max_connections} connections \

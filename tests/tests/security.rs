@@ -869,37 +869,59 @@ fn open_files_limits(pid: u32) -> (u64, u64) {
 /// A job of 100 hosts: 1,600 connections by default (16 a host), where a
 /// fixed 512 refused the ranks of hosts past about 50 of 8 GPUs. Started
 /// with a soft open-files limit of 64 (`prlimit`), the coordinator raises
-/// it to hold them and its files (1,856); under a hard limit of 900 it
-/// raises it that far and says that connections past about 644 are
-/// refused, naming the limits and what to do.
+/// it to hold them, those closing (an eighth more) and its files (2,056);
+/// under a hard limit of 900 it raises it that far and says that
+/// connections past about 572 are refused, naming the limits and what to
+/// do. The limit is the server's: with `--max-connections 2`, a third idle
+/// connection is closed as soon as it is accepted.
 #[test]
 fn the_connection_limit_grows_with_the_hosts_and_the_open_files_limit_with_it() {
+    use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     assert!(on_path("prlimit"), "prlimit (util-linux) is needed");
-    let up = |hard: u64, name: &str| {
+    let up = |hard: u64, name: &str, extra: &[&str]| {
         let mut cmd = Command::new("prlimit");
         cmd.arg(format!("--nofile=64:{hard}"))
             .arg(binary("coordinator"))
             .args(coordinator_on_loopback("100", &tmp.path().join(name)).get_args())
+            .args(extra)
             .env(TOKEN_ENV, "connections-test-token-2b7e4c19");
         spawn_logged(&mut cmd, &logs.join(name))
     };
-    let roomy = up(8192, "roomy");
+    let roomy = up(8192, "roomy", &[]);
     listening_address(&logs.join("roomy.out"));
-    assert_eq!(open_files_limits(roomy.0.id()), (1600 + 256, 8192));
+    assert_eq!(open_files_limits(roomy.0.id()), (1600 + 200 + 256, 8192));
     let said = read(&logs.join("roomy.err"));
     assert!(said.contains("up to 1600 connections at once (--max-connections)"), "{said}");
-    let tight = up(900, "tight");
+    let tight = up(900, "tight", &[]);
     listening_address(&logs.join("tight.out"));
     assert_eq!(open_files_limits(tight.0.id()), (900, 900));
     let said = read(&logs.join("tight.err"));
     assert!(
         said.contains(
-            "need 1856 open files, but the hard limit (RLIMIT_NOFILE) is 900: \
-                       connections past about 644 are refused"
+            "need 2056 open files, but the hard limit (RLIMIT_NOFILE) is 900: \
+                       connections past about 572 are refused"
         ),
         "{said}"
     );
+    let two = up(8192, "two", &["--max-connections", "2"]);
+    let bound = listening_address(&logs.join("two.out"));
+    let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = std::net::TcpStream::connect(bound).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let opened = Instant::now();
+    let closed = third.read(&mut [0u8; 64]);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the third connection was answered: {closed:?}"
+    );
+    assert!(opened.elapsed() < Duration::from_secs(5), "closed after {:?}", opened.elapsed());
+    wait_until(Duration::from_secs(10), "the refusal in the coordinator's log", || {
+        read(&logs.join("two.err")).contains("2 connections are open already").then_some(())
+    });
+    drop(two);
 }
