@@ -131,6 +131,20 @@ fn report(up: &Output, workers: Vec<Child>, out: &Path) -> String {
     text
 }
 
+/// Waits (at most 400 s) for the job of `up` to end, which must succeed
+/// (else the failure `after` what, with every output, is the test's), then
+/// for each of `workers`, which must succeed too.
+fn assert_job_and_workers_succeed(up: Child, workers: Vec<Child>, out: &Path, after: &str) {
+    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
+    if !output.status.success() {
+        panic!("the job failed{after}:\n{}", report(&output, workers, out));
+    }
+    for (i, w) in workers.into_iter().enumerate() {
+        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
+        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
 fn setup(tag: &str) -> (tempfile::TempDir, PathBuf, PathBuf, u16) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = fashion_subset(tmp.path(), 4, 1);
@@ -345,16 +359,9 @@ fn a_killed_host_is_dropped_and_the_job_finishes_from_its_last_checkpoint() {
     let killed_at = Instant::now();
     wait_until_shrunk(&out, &mut up);
     let recovery = killed_at.elapsed();
-    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
     let mut workers = workers;
     let _killed = workers.remove(2).wait();
-    if !output.status.success() {
-        panic!("the job failed after losing a host:\n{}", report(&output, workers, &out));
-    }
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
-    }
+    assert_job_and_workers_succeed(up, workers, &out, " after losing a host");
     let lost = assert_shrunk_without(&out, "c", CHECKPOINT_INTERVAL, u64::from(KILL_EPOCHS));
     let redone = assert_every_sample_as_planned(&out, &data, planned_updates(&out));
     // Trained twice: the lost updates and the one (or, if host c's rank had
@@ -406,20 +413,13 @@ fn a_stopped_host_leaves_at_once_and_the_job_resumes_from_its_stop_checkpoint() 
     wait_until_shrunk(&out, &mut up);
     let recovery = stopped_at.elapsed();
     let stopped = wait_with_timeout(workers.remove(index), Duration::from_secs(60), "its worker");
-    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
-    if !output.status.success() {
-        panic!("the job failed after a host stopped:\n{}", report(&output, workers, &out));
-    }
+    assert_job_and_workers_succeed(up, workers, &out, " after a host stopped");
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert!(
         !stopped.status.success() && stderr.contains("worker stopped by SIGTERM"),
         "worker {stopped_host} ({}): {stderr}",
         stopped.status
     );
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
-    }
     let lost =
         assert_shrunk_without(&out, &stopped_host, CHECKPOINT_INTERVAL, u64::from(KILL_EPOCHS));
     assert_eq!(lost, 0, "the new generation resumed from before the stop checkpoint");
@@ -454,14 +454,7 @@ fn grow_by_host_c(mut up: Child, mut workers: Vec<Child>, port: u16, out: &Path)
         records.iter().any(|r| r["kind"] == "step")
     });
     workers.push(worker(port, "c"));
-    let output = wait_with_timeout(up, Duration::from_secs(400), "the growing job");
-    if !output.status.success() {
-        panic!("the job failed after a join:\n{}", report(&output, workers, out));
-    }
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
-    }
+    assert_job_and_workers_succeed(up, workers, out, " after a join");
 }
 
 #[test]
@@ -635,14 +628,7 @@ fn hosts_left_that_cannot_split_the_batch_go_on_without_one_that_stands_by() {
     });
     assert_eq!(grown["hosts"], serde_json::json!([order[0], order[1], order[2], "e"]), "{grown}");
     assert!(grown["resume_from"].as_str().is_some(), "{grown}");
-    let output = wait_with_timeout(up, Duration::from_secs(400), "the elastic job");
-    if !output.status.success() {
-        panic!("the job failed:\n{}", report(&output, workers, &out));
-    }
-    for (i, w) in workers.into_iter().enumerate() {
-        let o = wait_with_timeout(w, Duration::from_secs(60), "worker join");
-        assert!(o.status.success(), "worker {i}: {}", String::from_utf8_lossy(&o.stderr));
-    }
+    assert_job_and_workers_succeed(up, workers, &out, "");
     let records = all_records(&out);
     // No regroup while c stood by: the generation after the shrink is the grown one.
     let generation = |g: &serde_json::Value| g["generation"].as_u64().unwrap();

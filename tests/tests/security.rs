@@ -818,9 +818,34 @@ fn a_members_connection_whose_peer_stopped_answering_frees_its_slot() {
     drop((member, gone));
 }
 
+/// Two idle connections to `bound` are held (until their deadline for a
+/// call with the token, 10 s); a third is closed as soon as it is
+/// accepted, and the coordinator's log `err_log` says why (`refusal`).
+fn assert_a_third_connection_is_closed_at_once(
+    bound: std::net::SocketAddr,
+    err_log: &Path,
+    refusal: &str,
+) {
+    use std::io::Read;
+    let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = std::net::TcpStream::connect(bound).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let opened = Instant::now();
+    let closed = third.read(&mut [0u8; 64]);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the third connection was answered: {closed:?}"
+    );
+    assert!(opened.elapsed() < Duration::from_secs(5), "closed after {:?}", opened.elapsed());
+    wait_until(Duration::from_secs(10), "the refusal in the coordinator's log", || {
+        read(err_log).contains(refusal).then_some(())
+    });
+}
+
 #[test]
 fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
-    use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -839,23 +864,11 @@ fn one_address_holds_at_most_its_share_of_the_coordinators_connections() {
     // Two idle connections from this address are held (until their
     // deadline for a call with the token, 10 s); a third is closed as soon
     // as it is accepted.
-    let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let mut third = std::net::TcpStream::connect(bound).unwrap();
-    third.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let opened = Instant::now();
-    let closed = third.read(&mut [0u8; 64]);
-    assert!(
-        matches!(closed, Ok(0))
-            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
-        "the third connection was answered: {closed:?}"
+    assert_a_third_connection_is_closed_at_once(
+        bound,
+        &logs.join("coordinator.err"),
+        "2 connections from its address are open already",
     );
-    assert!(opened.elapsed() < Duration::from_secs(5), "closed after {:?}", opened.elapsed());
-    wait_until(Duration::from_secs(10), "the refusal in the coordinator's log", || {
-        read(&logs.join("coordinator.err"))
-            .contains("2 connections from its address are open already")
-            .then_some(())
-    });
 }
 
 /// The soft and hard "Max open files" of process `pid`.
@@ -876,7 +889,6 @@ fn open_files_limits(pid: u32) -> (u64, u64) {
 /// connection is closed as soon as it is accepted.
 #[test]
 fn the_connection_limit_grows_with_the_hosts_and_the_open_files_limit_with_it() {
-    use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -908,20 +920,10 @@ fn the_connection_limit_grows_with_the_hosts_and_the_open_files_limit_with_it() 
     );
     let two = up(8192, "two", &["--max-connections", "2"]);
     let bound = listening_address(&logs.join("two.out"));
-    let _held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(bound).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let mut third = std::net::TcpStream::connect(bound).unwrap();
-    third.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let opened = Instant::now();
-    let closed = third.read(&mut [0u8; 64]);
-    assert!(
-        matches!(closed, Ok(0))
-            || closed.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
-        "the third connection was answered: {closed:?}"
+    assert_a_third_connection_is_closed_at_once(
+        bound,
+        &logs.join("two.err"),
+        "2 connections are open already",
     );
-    assert!(opened.elapsed() < Duration::from_secs(5), "closed after {:?}", opened.elapsed());
-    wait_until(Duration::from_secs(10), "the refusal in the coordinator's log", || {
-        read(&logs.join("two.err")).contains("2 connections are open already").then_some(())
-    });
     drop(two);
 }
