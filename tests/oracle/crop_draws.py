@@ -37,7 +37,6 @@ uint8 HxWx3 arrays: `input-K.npy` and `<case>.npy` [N, size, size, 3], with
 from __future__ import annotations
 
 import json
-import random as python_random
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision.transforms import RandomHorizontalFlip
 
+import rand_augment_draws
 from rand_augment_draws import exact
 
 # (width, height) of each input, made from the photos in name order.
@@ -66,28 +66,15 @@ CASES = [
 ]
 
 
-class RecordingRandom:
-    """The part of Python's `random` module timm's crop uses, logging results."""
-
-    def __init__(self, seed: int, log: list):
-        self._rng = python_random.Random(seed)
-        self._log = log
-
-    def uniform(self, a, b):
-        v = self._rng.uniform(a, b)
-        self._log.append(["uniform", exact(v), v])
-        return v
+class RecordingRandom(rand_augment_draws.RecordingRandom):
+    """The part of Python's `random` module timm's crop uses, logging results:
+    RandAugment's recorder (`uniform`, `choice` of an interpolation) and
+    `randint`."""
 
     def randint(self, a, b):
         v = self._rng.randint(a, b)
         self._log.append(["randint", v])
         return v
-
-    def choice(self, seq):
-        # Same consumption as `self._rng.choice(seq)`; the index is what matters.
-        i = self._rng.choice(range(len(seq)))
-        self._log.append(["interp", i])
-        return seq[i]
 
 
 def inputs() -> list[np.ndarray]:
