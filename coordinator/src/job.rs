@@ -1440,7 +1440,7 @@ impl Job {
         );
         let mut standing_by = Vec::new();
         for (i, m) in std::mem::take(&mut self.members).into_iter().enumerate() {
-            match chosen.contains(&i) {
+            match chosen.binary_search(&i).is_ok() {
                 true => self.members.push(m),
                 false => standing_by.push(m),
             }
@@ -2671,11 +2671,24 @@ pub(crate) mod tests {
     /// An elastic job of `nodes` hosts within `min..=max`, with 6 sampler
     /// streams (worlds of 1, 2, 3 and 6 ranks).
     fn elastic(nodes: u32, min: u32, max: u32) -> Job {
+        elastic_with_streams(nodes, min, max, 6)
+    }
+
+    /// An elastic job of `nodes` hosts within `min..=max`, with `streams`
+    /// sampler streams (micro-batches of 8).
+    fn elastic_with_streams(nodes: u32, min: u32, max: u32, streams: u32) -> Job {
         let mut j = job(nodes);
-        j.recipe.batch.global_size = 48;
+        j.recipe.batch.global_size = streams * 8;
         j.recipe.batch.micro_size = 8;
         j.set_node_bounds(min, max).unwrap();
         j
+    }
+
+    /// Lets the rejoin timeout of a waiting job pass, and looks.
+    fn past_the_rejoin_timeout(j: &mut Job) {
+        j.rejoin_timeout = Duration::from_millis(1);
+        std::thread::sleep(Duration::from_millis(5));
+        j.check_liveness();
     }
 
     /// Makes member `id` look silent past the heartbeat timeout.
@@ -2874,9 +2887,7 @@ pub(crate) mod tests {
         silence(&mut j, &c);
         j.check_liveness();
         assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 3));
-        j.rejoin_timeout = Duration::from_millis(1);
-        std::thread::sleep(Duration::from_millis(5));
-        j.check_liveness();
+        past_the_rejoin_timeout(&mut j);
         assert!(
             matches!(&j.phase, Phase::Failed(r) if r.contains("c (missed heartbeats") && r.contains("--min-nodes")),
             "{:?}",
@@ -2979,18 +2990,10 @@ pub(crate) mod tests {
         assert_eq!(g["hosts"], serde_json::json!(["a", "c"]));
     }
 
-    /// An elastic job of 4 sampler streams (worlds of 1, 2 and 4 ranks).
-    fn four_streams(nodes: u32, min: u32, max: u32) -> Job {
-        let mut j = job(nodes);
-        j.recipe.batch.global_size = 32;
-        j.recipe.batch.micro_size = 8;
-        j.set_node_bounds(min, max).unwrap();
-        j
-    }
-
     #[test]
     fn hosts_left_that_cannot_split_the_batch_run_on_the_largest_set_that_can() {
-        let mut j = four_streams(4, 2, 4);
+        // 4 sampler streams: worlds of 1, 2 and 4 ranks.
+        let mut j = elastic_with_streams(4, 2, 4, 4);
         let ids: Vec<String> =
             ["a", "b", "c", "d"].iter().map(|h| join(&mut j, h, 1).unwrap()).collect();
         assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 4));
@@ -3044,8 +3047,7 @@ pub(crate) mod tests {
     fn hosts_whose_ranks_cannot_split_the_batch_on_min_nodes_wait_then_fail_saying_so() {
         // 32 streams over hosts of 8 ranks, at least 3 hosts: 3 hosts (24
         // ranks) cannot, and 2 are too few.
-        let mut j = four_streams(4, 3, 4);
-        j.recipe.batch.global_size = 256;
+        let mut j = elastic_with_streams(4, 3, 4, 32);
         let ids: Vec<String> =
             ["a", "b", "c", "d"].iter().map(|h| join(&mut j, h, 8).unwrap()).collect();
         assert_eq!((j.phase.clone(), j.world_size()), (Phase::Running, 32));
@@ -3053,9 +3055,7 @@ pub(crate) mod tests {
         j.check_liveness();
         assert_eq!((j.phase.clone(), j.generation), (Phase::Waiting, 2));
         assert_eq!(j.assignment(&ids[0], 0).unwrap(), RankShare::Wait);
-        j.rejoin_timeout = Duration::from_millis(1);
-        std::thread::sleep(Duration::from_millis(5));
-        j.check_liveness();
+        past_the_rejoin_timeout(&mut j);
         assert!(
             matches!(&j.phase, Phase::Failed(r) if r.contains("the ranks of the 3 host(s) left (8 + 8 + 8) cannot split the global batch's 32 micro-batches on 3 or more of them (--min-nodes)") && r.contains("d (missed heartbeats")),
             "{:?}",
